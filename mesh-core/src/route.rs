@@ -1,0 +1,394 @@
+//! Route matching, as Envoy and gRPC (gRFC A28) do it.
+//!
+//! A request is matched in two steps: its host selects one virtual host (the
+//! best domain match: exact, then the longest `*.suffix` / `prefix*` wildcard,
+//! then `*`), then the first route of that host whose every condition holds
+//! wins, which is Istio's "first match wins" over `http[]`. Nothing here
+//! allocates: the request is seen through [`RequestView`].
+
+use http::HeaderMap;
+
+use crate::model::{
+    HeaderMatch, PathMatch, QueryParamMatch, Route, RouteConfig, RouteMatch, ValueMatch,
+    VirtualHost,
+};
+
+/// The parts of a request that routing reads.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    /// The method (`GET`).
+    pub method: &'a str,
+    /// The authority as sent (`catalog:8080`), used for `:authority` matches.
+    pub authority: &'a str,
+    /// The path without the query string.
+    pub path: &'a str,
+    /// The raw query string, without `?`.
+    pub query: Option<&'a str>,
+    /// The headers.
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a> RequestView<'a> {
+    /// A view of an `http` request's head; `authority` is what routing
+    /// should treat as the host (the URI's, else the `host` header).
+    pub fn new(
+        method: &'a http::Method,
+        uri: &'a http::Uri,
+        headers: &'a HeaderMap,
+        authority: &'a str,
+    ) -> Self {
+        RequestView {
+            method: method.as_str(),
+            authority,
+            path: uri.path(),
+            query: uri.query(),
+            headers,
+        }
+    }
+}
+
+impl RouteConfig {
+    /// The virtual host that serves `host` (port ignored), or `None`.
+    pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        let host = strip_port(host);
+        let mut best: Option<(&VirtualHost, DomainScore)> = None;
+        for vh in self.virtual_hosts.iter() {
+            for d in vh.domains.iter() {
+                if let Some(score) = domain_score(d, host) {
+                    if best.as_ref().is_none_or(|(_, s)| score > *s) {
+                        best = Some((vh, score));
+                    }
+                }
+            }
+        }
+        best.map(|(vh, _)| vh)
+    }
+
+    /// The first route of the matching virtual host that matches `req`.
+    pub fn find(&self, host: &str, req: &RequestView<'_>) -> Option<&Route> {
+        self.virtual_host(host)?.find(req)
+    }
+}
+
+impl VirtualHost {
+    /// The first route whose conditions all hold.
+    pub fn find(&self, req: &RequestView<'_>) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matcher.matches(req))
+    }
+}
+
+impl RouteMatch {
+    /// Whether every condition holds for `req`.
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        path_matches(&self.path, req.path)
+            && self.headers.iter().all(|h| h.matches(req))
+            && self.query_params.iter().all(|q| q.matches(req.query))
+    }
+}
+
+fn path_matches(m: &PathMatch, path: &str) -> bool {
+    match m {
+        PathMatch::Prefix(p) => path.starts_with(&**p),
+        PathMatch::Exact(p) => path == &**p,
+        PathMatch::Regex(re) => re.is_match(path),
+    }
+}
+
+impl HeaderMatch {
+    /// Whether this condition holds. Pseudo-headers `:method`, `:authority`
+    /// and `:path` read the request line, as in Envoy. Several values of one
+    /// header are matched joined by `,`, as Envoy does.
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        let result = match &*self.name {
+            ":method" => self.value.matches(Some(req.method)),
+            ":authority" | "host" => self.value.matches(Some(req.authority)),
+            ":path" => self.value.matches(Some(req.path)),
+            name => {
+                let mut values = req.headers.get_all(name).iter();
+                match (values.next(), values.next()) {
+                    (None, _) => self.value.matches(None),
+                    (Some(v), None) => self.value.matches(Some(v.to_str().unwrap_or(""))),
+                    (Some(first), Some(second)) => {
+                        let mut joined = String::new();
+                        for v in [first, second].into_iter().chain(values) {
+                            if !joined.is_empty() {
+                                joined.push(',');
+                            }
+                            joined.push_str(v.to_str().unwrap_or(""));
+                        }
+                        self.value.matches(Some(&joined))
+                    }
+                }
+            }
+        };
+        result != self.invert
+    }
+}
+
+impl QueryParamMatch {
+    /// Whether this condition holds for the raw query string. Values are
+    /// compared as sent (no percent-decoding), as Envoy does.
+    pub fn matches(&self, query: Option<&str>) -> bool {
+        let value = query.and_then(|q| {
+            q.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (k == &*self.name).then_some(v)
+            })
+        });
+        self.value.matches(value)
+    }
+}
+
+impl ValueMatch {
+    /// Whether `value` (None = absent) satisfies this condition.
+    pub fn matches(&self, value: Option<&str>) -> bool {
+        match (self, value) {
+            (ValueMatch::Present(want), v) => v.is_some() == *want,
+            (_, None) => false,
+            (ValueMatch::Exact(e), Some(v)) => v == &**e,
+            (ValueMatch::Prefix(p), Some(v)) => v.starts_with(&**p),
+            (ValueMatch::Regex(re), Some(v)) => re.is_match(v),
+        }
+    }
+}
+
+/// `host:port` → `host`; leaves IPv6 literals (`[::1]:80`) as `[::1]`.
+pub fn strip_port(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return match rest.find(']') {
+            Some(i) => &authority[..i + 2],
+            None => authority,
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+/// How well a domain pattern matches: exact beats wildcard, longer wildcard
+/// beats shorter, suffix beats prefix at equal length, `*` is last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct DomainScore {
+    class: u8,
+    len: usize,
+}
+
+fn domain_score(pattern: &str, host: &str) -> Option<DomainScore> {
+    if pattern == "*" {
+        return Some(DomainScore { class: 0, len: 0 });
+    }
+    let host_matches_ci = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+    if let Some(suffix) = pattern.strip_prefix('*') {
+        let ok = host.len() > suffix.len()
+            && host_matches_ci(&host[host.len() - suffix.len()..], suffix);
+        return ok.then_some(DomainScore {
+            class: 2,
+            len: pattern.len(),
+        });
+    }
+    if let Some(prefix) = pattern.strip_suffix('*') {
+        let ok = host.len() > prefix.len()
+            && host.is_char_boundary(prefix.len())
+            && host_matches_ci(&host[..prefix.len()], prefix);
+        return ok.then_some(DomainScore {
+            class: 1,
+            len: pattern.len(),
+        });
+    }
+    host_matches_ci(pattern, host).then_some(DomainScore {
+        class: 3,
+        len: pattern.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::{Pattern, WeightedClusters};
+
+    fn route(name: &str, matcher: RouteMatch) -> Route {
+        Route {
+            name: name.into(),
+            matcher,
+            action: WeightedClusters::single(name),
+        }
+    }
+
+    fn vh(name: &str, domains: &[&str], routes: Vec<Route>) -> VirtualHost {
+        VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|d| Arc::from(*d)).collect(),
+            routes: routes.into(),
+        }
+    }
+
+    fn header(name: &str, value: ValueMatch, invert: bool) -> HeaderMatch {
+        HeaderMatch {
+            name: name.into(),
+            value,
+            invert,
+        }
+    }
+
+    fn req<'a>(
+        method: &'a str,
+        path: &'a str,
+        query: Option<&'a str>,
+        headers: &'a HeaderMap,
+    ) -> RequestView<'a> {
+        RequestView {
+            method,
+            authority: "catalog",
+            path,
+            query,
+            headers,
+        }
+    }
+
+    #[test]
+    fn virtual_host_prefers_exact_then_longest_wildcard_then_star() {
+        let rc = RouteConfig {
+            name: "r".into(),
+            virtual_hosts: vec![
+                vh("star", &["*"], vec![]),
+                vh("suffix", &["*.shop.svc"], vec![]),
+                vh("longsuffix", &["*.catalog.shop.svc"], vec![]),
+                vh("exact", &["catalog.shop.svc"], vec![]),
+                vh("prefix", &["catalog.*"], vec![]),
+            ]
+            .into(),
+        };
+        let name = |h| rc.virtual_host(h).map(|v| v.name.to_string());
+        assert_eq!(name("catalog.shop.svc:8080").as_deref(), Some("exact"));
+        assert_eq!(name("CATALOG.shop.svc").as_deref(), Some("exact"));
+        assert_eq!(name("a.catalog.shop.svc").as_deref(), Some("longsuffix"));
+        assert_eq!(name("cart.shop.svc").as_deref(), Some("suffix"));
+        assert_eq!(name("catalog.other").as_deref(), Some("prefix"));
+        assert_eq!(name("other").as_deref(), Some("star"));
+    }
+
+    #[test]
+    fn first_matching_route_wins() {
+        let beta = RouteMatch {
+            headers: vec![header("x-user", ValueMatch::Exact("beta".into()), false)].into(),
+            ..RouteMatch::any()
+        };
+        let api = RouteMatch {
+            path: PathMatch::Prefix("/api".into()),
+            ..RouteMatch::any()
+        };
+        let host = vh(
+            "h",
+            &["*"],
+            vec![
+                route("beta", beta),
+                route("api", api),
+                route("all", RouteMatch::any()),
+            ],
+        );
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            &*host.find(&req("GET", "/api/x", None, &h)).unwrap().name,
+            "api"
+        );
+        assert_eq!(
+            &*host.find(&req("GET", "/other", None, &h)).unwrap().name,
+            "all"
+        );
+        h.insert("x-user", "beta".parse().unwrap());
+        assert_eq!(
+            &*host.find(&req("GET", "/api/x", None, &h)).unwrap().name,
+            "beta"
+        );
+        h.insert("x-user", "gamma".parse().unwrap());
+        assert_eq!(
+            &*host.find(&req("GET", "/api/x", None, &h)).unwrap().name,
+            "api"
+        );
+    }
+
+    #[test]
+    fn path_kinds() {
+        let h = HeaderMap::new();
+        assert!(path_matches(&PathMatch::Exact("/a".into()), "/a"));
+        assert!(!path_matches(&PathMatch::Exact("/a".into()), "/a/"));
+        assert!(path_matches(&PathMatch::Prefix("/a".into()), "/ab"));
+        let re = PathMatch::Regex(Pattern::new("/items/[0-9]+").unwrap());
+        assert!(path_matches(&re, "/items/42"));
+        assert!(!path_matches(&re, "/items/42/x"), "regex is a full match");
+        assert!(RouteMatch::any().matches(&req("GET", "/anything", None, &h)));
+    }
+
+    #[test]
+    fn header_kinds_and_invert() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", "hello".parse().unwrap());
+        h.append("x-multi", "a".parse().unwrap());
+        h.append("x-multi", "b".parse().unwrap());
+        let r = req("POST", "/", None, &h);
+        let cases = [
+            (
+                header("x-a", ValueMatch::Exact("hello".into()), false),
+                true,
+            ),
+            (header("x-a", ValueMatch::Prefix("he".into()), false), true),
+            (header("x-a", ValueMatch::Prefix("lo".into()), false), false),
+            (
+                header(
+                    "x-a",
+                    ValueMatch::Regex(Pattern::new("h.*o").unwrap()),
+                    false,
+                ),
+                true,
+            ),
+            (header("x-a", ValueMatch::Present(true), false), true),
+            (header("x-b", ValueMatch::Present(true), false), false),
+            (header("x-b", ValueMatch::Present(false), false), true),
+            (header("x-b", ValueMatch::Exact("x".into()), true), true),
+            (
+                header("x-a", ValueMatch::Exact("hello".into()), true),
+                false,
+            ),
+            (
+                header(":method", ValueMatch::Exact("POST".into()), false),
+                true,
+            ),
+            (
+                header(":method", ValueMatch::Exact("GET".into()), false),
+                false,
+            ),
+            (
+                header("x-multi", ValueMatch::Exact("a,b".into()), false),
+                true,
+            ),
+        ];
+        for (i, (m, want)) in cases.iter().enumerate() {
+            assert_eq!(m.matches(&r), *want, "case {i}: {m:?}");
+        }
+    }
+
+    #[test]
+    fn query_params() {
+        let m = |v| QueryParamMatch {
+            name: "tier".into(),
+            value: v,
+        };
+        assert!(m(ValueMatch::Exact("gold".into())).matches(Some("a=1&tier=gold")));
+        assert!(!m(ValueMatch::Exact("gold".into())).matches(Some("tier=silver")));
+        assert!(!m(ValueMatch::Exact("gold".into())).matches(None));
+        assert!(m(ValueMatch::Present(true)).matches(Some("tier")));
+        assert!(m(ValueMatch::Present(false)).matches(Some("other=1")));
+        assert!(m(ValueMatch::Prefix("go".into())).matches(Some("tier=gold")));
+    }
+
+    #[test]
+    fn strip_port_handles_ipv6() {
+        assert_eq!(strip_port("catalog:8080"), "catalog");
+        assert_eq!(strip_port("catalog"), "catalog");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}

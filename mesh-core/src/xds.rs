@@ -1,0 +1,1 @@
+//! placeholder (conversion to and from Envoy v3 protos)
