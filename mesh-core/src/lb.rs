@@ -168,7 +168,10 @@ mod tests {
     use super::*;
     use crate::model::{Endpoint, Locality, LocalityEndpoints};
 
-    fn cla(localities: &[(u32, u32, &[(u16, u32)])]) -> ClusterLoadAssignment {
+    /// (locality weight, priority, [(port, endpoint weight)]) per locality.
+    type Spec<'a> = [(u32, u32, &'a [(u16, u32)])];
+
+    fn cla(localities: &Spec<'_>) -> ClusterLoadAssignment {
         let ls = localities
             .iter()
             .enumerate()

@@ -384,3 +384,78 @@ impl ClusterLoadAssignment {
         self.localities.iter().map(|l| l.endpoints.len()).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Each destination is picked with probability weight / total: the
+        /// observed counts stay within z = 5 standard deviations of the
+        /// binomial mean (plus z² of slack for small expected counts).
+        #[test]
+        fn weighted_pick_frequencies_match_weights(
+            weights in proptest::collection::vec(1u32..1000, 2..6),
+            seed in any::<u64>(),
+        ) {
+            const SAMPLES: u32 = 100_000;
+            const Z: f64 = 5.0;
+            let clusters = weights
+                .iter()
+                .enumerate()
+                .map(|(i, &weight)| WeightedCluster { name: Name::from(i.to_string()), weight })
+                .collect();
+            let wc = WeightedClusters::new(clusters).unwrap();
+            let total = f64::from(weights.iter().sum::<u32>());
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut counts = vec![0u32; weights.len()];
+            for _ in 0..SAMPLES {
+                let picked = wc.pick(rng.random::<u64>());
+                let i: usize = picked.name.parse().unwrap();
+                counts[i] += 1;
+            }
+            for (i, (&w, &count)) in weights.iter().zip(&counts).enumerate() {
+                let p = f64::from(w) / total;
+                let mean = f64::from(SAMPLES) * p;
+                let sd = (mean * (1.0 - p)).sqrt();
+                let deviation = (f64::from(count) - mean).abs();
+                prop_assert!(
+                    deviation <= Z * sd + Z * Z,
+                    "cluster {i} weight {w}/{total}: {count} picks, expected {mean:.1} ± {sd:.1}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_single_destination_takes_everything() {
+        let wc = WeightedClusters::single("a");
+        assert_eq!(wc.total_weight(), 0);
+        for r in [0, 1, u64::MAX / 2, u64::MAX] {
+            assert_eq!(&*wc.pick(r).name, "a");
+        }
+    }
+
+    #[test]
+    fn zero_weight_destinations_are_never_picked() {
+        let wc = WeightedClusters::new(vec![
+            WeightedCluster {
+                name: "never".into(),
+                weight: 0,
+            },
+            WeightedCluster {
+                name: "always".into(),
+                weight: 3,
+            },
+        ])
+        .unwrap();
+        for r in [0, 1, u64::MAX / 3, u64::MAX / 2, u64::MAX] {
+            assert_eq!(&*wc.pick(r).name, "always");
+        }
+    }
+}

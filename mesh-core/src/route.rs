@@ -54,10 +54,10 @@ impl RouteConfig {
         let mut best: Option<(&VirtualHost, DomainScore)> = None;
         for vh in self.virtual_hosts.iter() {
             for d in vh.domains.iter() {
-                if let Some(score) = domain_score(d, host) {
-                    if best.as_ref().is_none_or(|(_, s)| score > *s) {
-                        best = Some((vh, score));
-                    }
+                if let Some(score) = domain_score(d, host)
+                    && best.as_ref().is_none_or(|(_, s)| score > *s)
+                {
+                    best = Some((vh, score));
                 }
             }
         }

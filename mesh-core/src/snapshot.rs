@@ -77,10 +77,10 @@ impl Snapshot {
             return ListenerLookup::Found(l);
         }
         let host = strip_port(authority);
-        if host.len() != authority.len() {
-            if let Some(l) = self.listeners.get(host) {
-                return ListenerLookup::Found(l);
-            }
+        if host.len() != authority.len()
+            && let Some(l) = self.listeners.get(host)
+        {
+            return ListenerLookup::Found(l);
         }
         if self.missing_listeners.contains(authority) {
             ListenerLookup::Missing

@@ -1,1 +1,0 @@
-//! placeholder (conversion to and from Envoy v3 protos)

@@ -1,0 +1,132 @@
+//! LDS: a client-side (API) listener whose HttpConnectionManager fetches its
+//! routes over RDS and ends with the router filter (gRFC A27, A39).
+
+use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener as ListenerProto};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier,
+    http_filter::ConfigType,
+};
+use prost::Name as _;
+
+use super::{
+    At, Decoded, FieldError, ResourceType, ads_config_source, check_config_source, missing, named,
+    pack, required_name, type_name, unpack,
+};
+use crate::Error;
+use crate::model::Listener;
+
+/// The router filter's conventional name (gRPC identifies it by type URL).
+pub(crate) const ROUTER_FILTER_NAME: &str = "envoy.filters.http.router";
+
+/// The proto for a listener.
+pub fn listener_to_proto(listener: &Listener) -> ListenerProto {
+    let hcm = HttpConnectionManager {
+        stat_prefix: listener.name.to_string(),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_config_source()),
+            route_config_name: listener.route_config_name.to_string(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: ROUTER_FILTER_NAME.to_string(),
+            config_type: Some(ConfigType::TypedConfig(pack(&Router::default()))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    ListenerProto {
+        name: listener.name.to_string(),
+        api_listener: Some(ApiListener {
+            api_listener: Some(pack(&hcm)),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The listener a proto describes. Only API listeners whose connection
+/// manager uses RDS are accepted: an inline `route_config` is rejected as
+/// unsupported (the model names its route config), and so is a listener
+/// without `api_listener` (a server listener, gRFC A36).
+pub fn listener_from_proto(proto: &ListenerProto) -> Result<Listener, Error> {
+    listener_fields(proto).map_err(named(ResourceType::Listener, &proto.name))
+}
+
+fn listener_fields(proto: &ListenerProto) -> Decoded<Listener> {
+    let name = required_name(&proto.name, "name")?;
+    let api = proto.api_listener.as_ref().ok_or_else(|| {
+        FieldError::unsupported(
+            "missing: only client (API) listeners are supported, not server listeners",
+        )
+        .at("api_listener")
+    })?;
+    let any = api
+        .api_listener
+        .as_ref()
+        .ok_or_else(|| missing("api_listener.api_listener"))?;
+    let hcm: HttpConnectionManager = unpack(any).at("api_listener.api_listener")?;
+    let route_config_name = hcm_route_config_name(&hcm).at("api_listener.api_listener")?;
+    Ok(Listener {
+        name,
+        route_config_name,
+    })
+}
+
+fn hcm_route_config_name(hcm: &HttpConnectionManager) -> Decoded<crate::model::Name> {
+    check_http_filters(&hcm.http_filters)?;
+    match &hcm.route_specifier {
+        Some(RouteSpecifier::Rds(rds)) => {
+            check_config_source(rds.config_source.as_ref()).at("rds.config_source")?;
+            required_name(&rds.route_config_name, "rds.route_config_name")
+        }
+        Some(RouteSpecifier::RouteConfig(_)) => Err(FieldError::unsupported(
+            "inline route configurations are not supported: use rds",
+        )
+        .at("route_config")),
+        Some(RouteSpecifier::ScopedRoutes(_)) => Err(FieldError::unsupported(
+            "scoped routes are not supported: use rds",
+        )
+        .at("scoped_routes")),
+        None => Err(missing("rds")),
+    }
+}
+
+/// The router must be the last filter (gRPC NACKs otherwise); other filters
+/// change what happens to a request, so they are rejected unless optional.
+fn check_http_filters(filters: &[HttpFilter]) -> Decoded<()> {
+    let Some(last) = filters.len().checked_sub(1) else {
+        return Err(FieldError::invalid("empty: the router filter must be last").at("http_filters"));
+    };
+    let router = Router::full_name();
+    for (i, f) in filters.iter().enumerate() {
+        let url = match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+            Some(ConfigType::ConfigDiscovery(_)) => {
+                return Err(
+                    FieldError::unsupported("filter config discovery is not supported")
+                        .at("config_discovery")
+                        .at_index("http_filters", i),
+                );
+            }
+            None => {
+                return Err(missing("typed_config").at_index("http_filters", i));
+            }
+        };
+        let is_router = type_name(url) == router;
+        if is_router != (i == last) {
+            return Err(FieldError::invalid(format!(
+                "the router filter must be the last filter (found {:?} at {i} of {})",
+                f.name,
+                filters.len()
+            ))
+            .at_index("http_filters", i));
+        }
+        if !is_router && !f.is_optional {
+            return Err(FieldError::unsupported(format!(
+                "HTTP filter {:?} ({url}) is not supported",
+                f.name
+            ))
+            .at_index("http_filters", i));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,424 @@
+//! The one place that converts between the mesh-core model and Envoy v3 xDS
+//! protos (`envoy-types`), both ways.
+//!
+//! The control server encodes what it serves with the `encode_*` functions;
+//! the client decodes what it receives with the `decode_*` functions, and
+//! NACKs with the error's message, which names the resource and the field
+//! (`RouteConfiguration "x": virtual_hosts[0].routes[2].match.safe_regex:
+//! invalid regex ...`).
+//!
+//! # The shape
+//!
+//! What is encoded is the shape gRPC proxyless clients read (gRFC A27 xDS
+//! load balancing, A28 routing, A52 custom LB policies), so a grpcio client
+//! pointed at our control server routes as our own client does:
+//!
+//! - LDS: an `api_listener` holding an `HttpConnectionManager` with
+//!   `rds { config_source { ads {} } }` and the router as its last filter.
+//! - RDS: virtual hosts, routes matching on prefix / path / `safe_regex`,
+//!   headers and query parameters, with a `cluster` or `weighted_clusters`
+//!   action.
+//! - CDS: `type: EDS` clusters with `eds_config { ads {} }`. Round robin is the
+//!   `lb_policy` enum; least-request and random are `load_balancing_policy`
+//!   `wrr_locality { [least_request | random, round_robin] }`, because grpcio
+//!   NACKs `lb_policy: LEAST_REQUEST` and takes the first child policy it
+//!   knows (it does not know `random`). The upstream protocol is in the
+//!   `HttpProtocolOptions` extension and, since gRPC is not distinguishable
+//!   from HTTP/2 there, in `metadata.filter_metadata["proxyless"].protocol`.
+//! - EDS: every locality has a `locality` and a `load_balancing_weight`
+//!   (grpcio ignores localities without a weight); endpoints are `HEALTHY`
+//!   and carry their labels in `metadata.filter_metadata["proxyless"].labels`.
+//!
+//! # What decoding rejects
+//!
+//! The design rule is that config this mesh cannot honor is rejected (NACK),
+//! never silently ignored. Decoding therefore returns
+//! [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) for anything
+//! that would change which route matches, which cluster or endpoint is picked,
+//! or what is sent upstream: case-insensitive, suffix, contains and range
+//! matchers, runtime fractions, redirects, direct responses, rewrites, header
+//! mutations, mirrors, per-filter overrides, HTTP filters other than the
+//! router (unless `is_optional`), subset load balancing, upstream TLS, lb
+//! policies other than round robin / least request / random, non-EDS
+//! clusters, hostnames in endpoints (no DNS resolution yet), drop overloads.
+//!
+//! Fields that do not change routing are ignored until the model carries them:
+//! timeouts and `max_stream_duration`, retry and hedge policies, hash
+//! policies (only read by ring hash, which is rejected), circuit breakers,
+//! outlier detection, connect timeouts, stats and tracing names, metadata
+//! other than ours.
+//!
+//! References: the xDS protocol (<https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol>),
+//! gRFC A27 (<https://github.com/grpc/proposal/blob/master/A27-xds-global-load-balancing.md>),
+//! A28 (<https://github.com/grpc/proposal/blob/master/A28-xds-traffic-splitting-and-routing.md>),
+//! A52 (<https://github.com/grpc/proposal/blob/master/A52-xds-custom-lb-policies.md>).
+//!
+//! Note: `envoy-types` generates its own `google.protobuf` well-known types,
+//! so the [`Any`] here is `envoy_types::pb::google::protobuf::Any` (what
+//! `DiscoveryResponse.resources` holds), not `prost_types::Any`.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as ClusterProto;
+use envoy_types::pb::envoy::config::core::v3::{
+    AggregatedConfigSource, ApiVersion, ConfigSource, config_source::ConfigSourceSpecifier,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment as ClaProto;
+use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use prost::Message;
+
+use crate::model::{Cluster, ClusterLoadAssignment, Listener, RouteConfig};
+use crate::{Error, ErrorKind};
+
+mod cluster;
+mod endpoints;
+mod listener;
+mod routes;
+#[cfg(test)]
+mod tests;
+mod wire;
+
+/// The `google.protobuf.Any` of envoy-types: what `DiscoveryResponse.resources` holds.
+pub use envoy_types::pb::google::protobuf::Any;
+
+pub use cluster::{cluster_from_proto, cluster_to_proto};
+pub use endpoints::{endpoints_from_proto, endpoints_to_proto};
+pub use listener::{listener_from_proto, listener_to_proto};
+pub use routes::{route_config_from_proto, route_config_to_proto};
+
+/// LDS type URL.
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+/// RDS type URL.
+pub const ROUTE_CONFIG_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// CDS type URL.
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// EDS type URL.
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// The `filter_metadata` namespace that carries what only this mesh reads
+/// (cluster protocol, endpoint labels).
+pub const METADATA_NAMESPACE: &str = "proxyless";
+
+/// The four xDS resource kinds, for code that handles them generically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResourceType {
+    /// LDS: [`Listener`].
+    Listener,
+    /// RDS: [`RouteConfig`].
+    RouteConfig,
+    /// CDS: [`Cluster`].
+    Cluster,
+    /// EDS: [`ClusterLoadAssignment`].
+    Endpoints,
+}
+
+impl ResourceType {
+    /// All four, in cascade order (LDS → RDS → CDS → EDS).
+    pub const ALL: [ResourceType; 4] = [
+        ResourceType::Listener,
+        ResourceType::RouteConfig,
+        ResourceType::Cluster,
+        ResourceType::Endpoints,
+    ];
+
+    /// The v3 type URL (`type.googleapis.com/envoy.config.listener.v3.Listener`, ...).
+    pub fn type_url(self) -> &'static str {
+        match self {
+            ResourceType::Listener => LISTENER_TYPE,
+            ResourceType::RouteConfig => ROUTE_CONFIG_TYPE,
+            ResourceType::Cluster => CLUSTER_TYPE,
+            ResourceType::Endpoints => ENDPOINT_TYPE,
+        }
+    }
+
+    /// The kind for a type URL (exact match, as ADS compares them), or `None`.
+    pub fn from_type_url(url: &str) -> Option<Self> {
+        ResourceType::ALL.into_iter().find(|t| t.type_url() == url)
+    }
+
+    /// `"LDS"`, `"RDS"`, `"CDS"` or `"EDS"`.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            ResourceType::Listener => "LDS",
+            ResourceType::RouteConfig => "RDS",
+            ResourceType::Cluster => "CDS",
+            ResourceType::Endpoints => "EDS",
+        }
+    }
+
+    /// The proto message name (`Listener`, `RouteConfiguration`, `Cluster`,
+    /// `ClusterLoadAssignment`), as used in error messages.
+    pub fn message_name(self) -> &'static str {
+        match self {
+            ResourceType::Listener => "Listener",
+            ResourceType::RouteConfig => "RouteConfiguration",
+            ResourceType::Cluster => "Cluster",
+            ResourceType::Endpoints => "ClusterLoadAssignment",
+        }
+    }
+}
+
+impl fmt::Display for ResourceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.short_name())
+    }
+}
+
+/// Encodes a listener (LDS resource).
+pub fn encode_listener(listener: &Listener) -> Any {
+    pack(&listener_to_proto(listener))
+}
+
+/// Encodes a route configuration (RDS resource).
+pub fn encode_route_config(route_config: &RouteConfig) -> Any {
+    pack(&route_config_to_proto(route_config))
+}
+
+/// Encodes a cluster (CDS resource).
+pub fn encode_cluster(cluster: &Cluster) -> Any {
+    pack(&cluster_to_proto(cluster))
+}
+
+/// Encodes endpoints (EDS resource).
+///
+/// The bytes are a deterministic function of the model (labels are written
+/// in the model's order), so a server can compare encodings to decide
+/// whether a resource changed; [`endpoints_to_proto`] goes through
+/// `HashMap`s and would not be.
+pub fn encode_endpoints(endpoints: &ClusterLoadAssignment) -> Any {
+    Any {
+        type_url: ENDPOINT_TYPE.to_string(),
+        value: wire::cluster_load_assignment(endpoints).encode_to_vec(),
+    }
+}
+
+/// Decodes a listener; the error names the listener and the field.
+pub fn decode_listener(any: &Any) -> Result<Listener, Error> {
+    listener_from_proto(&unpack_resource::<ListenerProto>(
+        any,
+        ResourceType::Listener,
+    )?)
+}
+
+/// Decodes a route configuration; the error names it and the field.
+pub fn decode_route_config(any: &Any) -> Result<RouteConfig, Error> {
+    route_config_from_proto(&unpack_resource::<RouteConfiguration>(
+        any,
+        ResourceType::RouteConfig,
+    )?)
+}
+
+/// Decodes a cluster; the error names it and the field.
+pub fn decode_cluster(any: &Any) -> Result<Cluster, Error> {
+    cluster_from_proto(&unpack_resource::<ClusterProto>(
+        any,
+        ResourceType::Cluster,
+    )?)
+}
+
+/// Decodes endpoints; the error names the cluster and the field.
+pub fn decode_endpoints(any: &Any) -> Result<ClusterLoadAssignment, Error> {
+    endpoints_from_proto(&unpack_resource::<ClaProto>(any, ResourceType::Endpoints)?)
+}
+
+/// The resource name inside an `Any` of one of the four types, even when
+/// the rest of it is invalid (so a NACK can name it); `None` for another
+/// type, or bytes that are not even well-formed protobuf.
+pub fn resource_name(any: &Any) -> Option<String> {
+    ResourceType::ALL
+        .into_iter()
+        .find(|t| type_name(t.type_url()) == type_name(&any.type_url))?;
+    // All four messages carry their name in field 1 (`name`, or
+    // `cluster_name` for ClusterLoadAssignment).
+    wire::NameOnly::decode(any.value.as_slice())
+        .ok()
+        .map(|n| n.name)
+}
+
+// ---------------------------------------------------------------------------
+// Shared plumbing for the submodules.
+
+/// A decoding problem and the field path where it is, built inside-out.
+#[derive(Debug)]
+pub(crate) struct FieldError {
+    kind: ErrorKind,
+    /// Innermost segment first.
+    path: Vec<Cow<'static, str>>,
+    message: String,
+}
+
+pub(crate) type Decoded<T> = Result<T, FieldError>;
+
+impl FieldError {
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        FieldError {
+            kind: ErrorKind::InvalidConfig,
+            path: Vec::new(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn unsupported(message: impl Into<String>) -> Self {
+        FieldError {
+            kind: ErrorKind::Unsupported,
+            path: Vec::new(),
+            message: message.into(),
+        }
+    }
+
+    /// Adds the enclosing field (`match`, `headers[0]`, `api_listener.api_listener`).
+    pub(crate) fn at(mut self, segment: impl Into<Cow<'static, str>>) -> Self {
+        self.path.push(segment.into());
+        self
+    }
+
+    /// Adds the enclosing repeated field and index (`routes[2]`).
+    pub(crate) fn at_index(self, field: &'static str, index: usize) -> Self {
+        self.at(format!("{field}[{index}]"))
+    }
+
+    /// The public error, prefixed with the resource (`Cluster "x": `).
+    fn into_error(self, what: ResourceType, name: Option<&str>) -> Error {
+        let mut message = String::new();
+        for (i, seg) in self.path.iter().rev().enumerate() {
+            if i > 0 {
+                message.push('.');
+            }
+            message.push_str(seg);
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&self.message);
+        let error = match self.kind {
+            ErrorKind::Unsupported => Error::unsupported(message),
+            _ => Error::invalid(message),
+        };
+        match name {
+            Some(name) => error.context(format_args!("{} {name:?}", what.message_name())),
+            None => error.context(what.message_name()),
+        }
+    }
+}
+
+impl From<Error> for FieldError {
+    fn from(e: Error) -> Self {
+        FieldError {
+            kind: e.kind(),
+            path: Vec::new(),
+            message: e.message().to_string(),
+        }
+    }
+}
+
+/// Field-path helpers on results.
+pub(crate) trait At<T> {
+    /// See [`FieldError::at`].
+    fn at(self, segment: &'static str) -> Decoded<T>;
+    /// See [`FieldError::at_index`].
+    fn at_index(self, field: &'static str, index: usize) -> Decoded<T>;
+}
+
+impl<T, E: Into<FieldError>> At<T> for Result<T, E> {
+    fn at(self, segment: &'static str) -> Decoded<T> {
+        self.map_err(|e| e.into().at(segment))
+    }
+    fn at_index(self, field: &'static str, index: usize) -> Decoded<T> {
+        self.map_err(|e| e.into().at_index(field, index))
+    }
+}
+
+/// `Err(Unsupported)` at `field` when `present`: for fields this mesh
+/// cannot honor.
+pub(crate) fn reject_if(present: bool, field: &'static str) -> Decoded<()> {
+    if present {
+        Err(
+            FieldError::unsupported("not supported by this mesh (rejected rather than ignored)")
+                .at(field),
+        )
+    } else {
+        Ok(())
+    }
+}
+
+/// An `Err(Invalid)` saying the field is missing.
+pub(crate) fn missing(field: &'static str) -> FieldError {
+    FieldError::invalid("missing").at(field)
+}
+
+/// The part of a type URL after the last `/` (the message's full name).
+pub(crate) fn type_name(url: &str) -> &str {
+    url.rsplit_once('/').map_or(url, |(_, name)| name)
+}
+
+/// Packs a message into an `Any` with its `type.googleapis.com/` URL.
+pub(crate) fn pack<M: Message + prost::Name>(message: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: message.encode_to_vec(),
+    }
+}
+
+/// Unpacks an `Any` that must hold an `M` (any type URL prefix).
+pub(crate) fn unpack<M: Message + prost::Name + Default>(any: &Any) -> Decoded<M> {
+    if type_name(&any.type_url) != M::full_name() {
+        return Err(FieldError::invalid(format!(
+            "expected {} but got type {:?}",
+            M::type_url(),
+            any.type_url
+        )));
+    }
+    M::decode(any.value.as_slice())
+        .map_err(|e| FieldError::invalid(format!("cannot decode {}: {e}", M::full_name())))
+}
+
+/// Unpacks a top-level resource; the error names the resource when it can.
+fn unpack_resource<M: Message + prost::Name + Default>(
+    any: &Any,
+    what: ResourceType,
+) -> Result<M, Error> {
+    unpack::<M>(any).map_err(|e| {
+        let name = wire::NameOnly::decode(any.value.as_slice())
+            .ok()
+            .map(|n| n.name);
+        e.into_error(what, name.as_deref())
+    })
+}
+
+/// Wraps a field error for a named resource.
+pub(crate) fn named(what: ResourceType, name: &str) -> impl FnOnce(FieldError) -> Error + '_ {
+    move |e| e.into_error(what, Some(name))
+}
+
+/// `ads {}` with `resource_api_version: V3`: fetch over the same ADS stream.
+pub(crate) fn ads_config_source() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+/// Accepts `ads {}` or `self {}` (both mean "this ADS stream" to a client
+/// with one xDS server); rejects other sources.
+pub(crate) fn check_config_source(source: Option<&ConfigSource>) -> Decoded<()> {
+    match source.and_then(|s| s.config_source_specifier.as_ref()) {
+        Some(ConfigSourceSpecifier::Ads(_) | ConfigSourceSpecifier::Self_(_)) => Ok(()),
+        Some(_) => Err(FieldError::unsupported(
+            "only `ads {}` (or `self {}`) config sources are supported",
+        )),
+        None => Err(FieldError::invalid("missing: set `ads {}`")),
+    }
+}
+
+/// A non-empty name, or an error at `field`.
+pub(crate) fn required_name(name: &str, field: &'static str) -> Decoded<crate::model::Name> {
+    if name.is_empty() {
+        Err(FieldError::invalid("empty").at(field))
+    } else {
+        Ok(name.into())
+    }
+}

@@ -1,0 +1,529 @@
+//! RDS: route configurations, virtual hosts, route matches and weighted
+//! cluster actions (gRFC A28).
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::route::v3::{
+    HeaderMatcher, QueryParameterMatcher, Route as RouteProto, RouteAction, RouteConfiguration,
+    RouteMatch as RouteMatchProto, VirtualHost as VirtualHostProto, WeightedCluster as WcProto,
+    header_matcher::HeaderMatchSpecifier, query_parameter_matcher::QueryParameterMatchSpecifier,
+    route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier,
+    virtual_host::TlsRequirementType, weighted_cluster::ClusterWeight,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    RegexMatcher, StringMatcher, string_matcher::MatchPattern,
+};
+use envoy_types::pb::google::protobuf::UInt32Value;
+
+use super::{At, Decoded, FieldError, ResourceType, missing, named, reject_if, required_name};
+use crate::Error;
+use crate::model::{
+    HeaderMatch, Name, PathMatch, Pattern, QueryParamMatch, Route, RouteConfig, RouteMatch,
+    ValueMatch, VirtualHost, WeightedCluster, WeightedClusters,
+};
+
+/// The proto for a route configuration.
+///
+/// A route to one cluster of weight 0 (see [`WeightedClusters::single`]) is
+/// encoded as `cluster`; anything else as `weighted_clusters` (no
+/// `total_weight`: weights are relative).
+pub fn route_config_to_proto(route_config: &RouteConfig) -> RouteConfiguration {
+    RouteConfiguration {
+        name: route_config.name.to_string(),
+        virtual_hosts: route_config
+            .virtual_hosts
+            .iter()
+            .map(|vh| VirtualHostProto {
+                name: vh.name.to_string(),
+                domains: vh.domains.iter().map(|d| d.to_string()).collect(),
+                routes: vh.routes.iter().map(route_to_proto).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn route_to_proto(route: &Route) -> RouteProto {
+    RouteProto {
+        name: route.name.to_string(),
+        r#match: Some(match_to_proto(&route.matcher)),
+        action: Some(Action::Route(RouteAction {
+            cluster_specifier: Some(cluster_specifier(&route.action)),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn cluster_specifier(action: &WeightedClusters) -> ClusterSpecifier {
+    match action.clusters() {
+        [one] if one.weight == 0 => ClusterSpecifier::Cluster(one.name.to_string()),
+        clusters => ClusterSpecifier::WeightedClusters(WcProto {
+            clusters: clusters
+                .iter()
+                .map(|c| ClusterWeight {
+                    name: c.name.to_string(),
+                    weight: Some(UInt32Value { value: c.weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    }
+}
+
+fn match_to_proto(m: &RouteMatch) -> RouteMatchProto {
+    RouteMatchProto {
+        path_specifier: Some(match &m.path {
+            PathMatch::Prefix(p) => PathSpecifier::Prefix(p.to_string()),
+            PathMatch::Exact(p) => PathSpecifier::Path(p.to_string()),
+            PathMatch::Regex(p) => PathSpecifier::SafeRegex(regex_to_proto(p)),
+        }),
+        headers: m
+            .headers
+            .iter()
+            .map(|h| HeaderMatcher {
+                name: h.name.to_string(),
+                invert_match: h.invert,
+                header_match_specifier: Some(match value_to_proto(&h.value) {
+                    Ok(sm) => HeaderMatchSpecifier::StringMatch(sm),
+                    Err(present) => HeaderMatchSpecifier::PresentMatch(present),
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        query_parameters: m
+            .query_params
+            .iter()
+            .map(|q| QueryParameterMatcher {
+                name: q.name.to_string(),
+                query_parameter_match_specifier: Some(match value_to_proto(&q.value) {
+                    Ok(sm) => QueryParameterMatchSpecifier::StringMatch(sm),
+                    Err(present) => QueryParameterMatchSpecifier::PresentMatch(present),
+                }),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// A string matcher, or `Err(present)` for a presence condition
+/// (`present_match: false` means "absent", as in Envoy).
+fn value_to_proto(v: &ValueMatch) -> Result<StringMatcher, bool> {
+    let pattern = match v {
+        ValueMatch::Exact(s) => MatchPattern::Exact(s.to_string()),
+        ValueMatch::Prefix(s) => MatchPattern::Prefix(s.to_string()),
+        ValueMatch::Regex(p) => MatchPattern::SafeRegex(regex_to_proto(p)),
+        ValueMatch::Present(present) => return Err(*present),
+    };
+    Ok(StringMatcher {
+        ignore_case: false,
+        match_pattern: Some(pattern),
+    })
+}
+
+/// `safe_regex` without `engine_type`: RE2 is the default (and only) engine.
+fn regex_to_proto(p: &Pattern) -> RegexMatcher {
+    RegexMatcher {
+        regex: p.as_str().to_string(),
+        engine_type: None,
+    }
+}
+
+/// The route configuration a proto describes; everything that would change
+/// routing and the model cannot represent is rejected as unsupported.
+pub fn route_config_from_proto(proto: &RouteConfiguration) -> Result<RouteConfig, Error> {
+    route_config_fields(proto).map_err(named(ResourceType::RouteConfig, &proto.name))
+}
+
+fn route_config_fields(p: &RouteConfiguration) -> Decoded<RouteConfig> {
+    let name = required_name(&p.name, "name")?;
+    reject_if(p.vhds.is_some(), "vhds")?;
+    reject_if(
+        !p.request_headers_to_add.is_empty(),
+        "request_headers_to_add",
+    )?;
+    reject_if(
+        !p.request_headers_to_remove.is_empty(),
+        "request_headers_to_remove",
+    )?;
+    reject_if(
+        !p.response_headers_to_add.is_empty(),
+        "response_headers_to_add",
+    )?;
+    reject_if(
+        !p.response_headers_to_remove.is_empty(),
+        "response_headers_to_remove",
+    )?;
+    reject_if(
+        !p.request_mirror_policies.is_empty(),
+        "request_mirror_policies",
+    )?;
+    reject_if(
+        p.ignore_port_in_host_matching,
+        "ignore_port_in_host_matching",
+    )?;
+    reject_if(!p.vhost_header.is_empty(), "vhost_header")?;
+    reject_if(
+        p.ignore_path_parameters_in_path_matching,
+        "ignore_path_parameters_in_path_matching",
+    )?;
+    reject_if(
+        !p.typed_per_filter_config.is_empty(),
+        "typed_per_filter_config",
+    )?;
+    reject_if(!p.route_specifiers.is_empty(), "route_specifiers")?;
+    let virtual_hosts = p
+        .virtual_hosts
+        .iter()
+        .enumerate()
+        .map(|(i, vh)| virtual_host_from_proto(vh).at_index("virtual_hosts", i))
+        .collect::<Decoded<Vec<_>>>()?;
+    Ok(RouteConfig {
+        name,
+        virtual_hosts: virtual_hosts.into(),
+    })
+}
+
+fn virtual_host_from_proto(vh: &VirtualHostProto) -> Decoded<VirtualHost> {
+    reject_if(vh.matcher.is_some(), "matcher")?;
+    reject_if(
+        vh.require_tls != TlsRequirementType::None as i32,
+        "require_tls",
+    )?;
+    reject_if(
+        !vh.request_headers_to_add.is_empty(),
+        "request_headers_to_add",
+    )?;
+    reject_if(
+        !vh.request_headers_to_remove.is_empty(),
+        "request_headers_to_remove",
+    )?;
+    reject_if(
+        !vh.response_headers_to_add.is_empty(),
+        "response_headers_to_add",
+    )?;
+    reject_if(
+        !vh.response_headers_to_remove.is_empty(),
+        "response_headers_to_remove",
+    )?;
+    reject_if(
+        !vh.request_mirror_policies.is_empty(),
+        "request_mirror_policies",
+    )?;
+    reject_if(
+        !vh.typed_per_filter_config.is_empty(),
+        "typed_per_filter_config",
+    )?;
+    reject_if(!vh.route_specifiers.is_empty(), "route_specifiers")?;
+    if vh.domains.is_empty() {
+        return Err(
+            FieldError::invalid("empty: a virtual host needs at least one domain").at("domains"),
+        );
+    }
+    let domains: Arc<[Name]> = vh
+        .domains
+        .iter()
+        .map(|d| Name::from(d.to_ascii_lowercase()))
+        .collect();
+    let routes = vh
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| route_from_proto(r).at_index("routes", i))
+        .collect::<Decoded<Vec<_>>>()?;
+    Ok(VirtualHost {
+        name: vh.name.as_str().into(),
+        domains,
+        routes: routes.into(),
+    })
+}
+
+fn route_from_proto(r: &RouteProto) -> Decoded<Route> {
+    reject_if(
+        !r.typed_per_filter_config.is_empty(),
+        "typed_per_filter_config",
+    )?;
+    reject_if(
+        !r.request_headers_to_add.is_empty(),
+        "request_headers_to_add",
+    )?;
+    reject_if(
+        !r.request_headers_to_remove.is_empty(),
+        "request_headers_to_remove",
+    )?;
+    reject_if(
+        !r.response_headers_to_add.is_empty(),
+        "response_headers_to_add",
+    )?;
+    reject_if(
+        !r.response_headers_to_remove.is_empty(),
+        "response_headers_to_remove",
+    )?;
+    reject_if(!r.route_specifiers.is_empty(), "route_specifiers")?;
+    let matcher =
+        match_from_proto(r.r#match.as_ref().ok_or_else(|| missing("match"))?).at("match")?;
+    let action = match &r.action {
+        Some(Action::Route(action)) => route_action_from_proto(action).at("route")?,
+        Some(Action::Redirect(_)) => return Err(unsupported_action("redirect")),
+        Some(Action::DirectResponse(_)) => return Err(unsupported_action("direct_response")),
+        Some(Action::FilterAction(_)) => return Err(unsupported_action("filter_action")),
+        Some(Action::NonForwardingAction(_)) => {
+            return Err(unsupported_action("non_forwarding_action"));
+        }
+        None => return Err(missing("route")),
+    };
+    Ok(Route {
+        name: r.name.as_str().into(),
+        matcher,
+        action,
+    })
+}
+
+fn unsupported_action(field: &'static str) -> FieldError {
+    FieldError::unsupported("only `route` actions to clusters are supported").at(field)
+}
+
+fn route_action_from_proto(a: &RouteAction) -> Decoded<WeightedClusters> {
+    reject_if(a.metadata_match.is_some(), "metadata_match")?;
+    reject_if(!a.prefix_rewrite.is_empty(), "prefix_rewrite")?;
+    reject_if(a.regex_rewrite.is_some(), "regex_rewrite")?;
+    reject_if(a.path_rewrite_policy.is_some(), "path_rewrite_policy")?;
+    reject_if(!a.path_rewrite.is_empty(), "path_rewrite")?;
+    reject_if(a.host_rewrite_specifier.is_some(), "host_rewrite_specifier")?;
+    reject_if(
+        !a.request_mirror_policies.is_empty(),
+        "request_mirror_policies",
+    )?;
+    match &a.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(name)) => {
+            Ok(WeightedClusters::single(required_name(name, "cluster")?))
+        }
+        Some(ClusterSpecifier::WeightedClusters(wc)) => {
+            weighted_clusters_from_proto(wc).at("weighted_clusters")
+        }
+        Some(ClusterSpecifier::ClusterHeader(_)) => Err(FieldError::unsupported(
+            "choosing the cluster from a header is not supported",
+        )
+        .at("cluster_header")),
+        Some(ClusterSpecifier::ClusterSpecifierPlugin(_)) => Err(FieldError::unsupported(
+            "cluster specifier plugins are not supported",
+        )
+        .at("cluster_specifier_plugin")),
+        Some(ClusterSpecifier::InlineClusterSpecifierPlugin(_)) => Err(FieldError::unsupported(
+            "cluster specifier plugins are not supported",
+        )
+        .at("inline_cluster_specifier_plugin")),
+        None => Err(missing("cluster")),
+    }
+}
+
+#[allow(deprecated)] // total_weight: still sent by some servers, checked when present
+fn weighted_clusters_from_proto(wc: &WcProto) -> Decoded<WeightedClusters> {
+    reject_if(
+        wc.random_value_specifier.is_some(),
+        "random_value_specifier",
+    )?;
+    let mut clusters = Vec::with_capacity(wc.clusters.len());
+    for (i, c) in wc.clusters.iter().enumerate() {
+        let cluster = (|| {
+            reject_if(!c.cluster_header.is_empty(), "cluster_header")?;
+            reject_if(c.metadata_match.is_some(), "metadata_match")?;
+            reject_if(
+                !c.request_headers_to_add.is_empty(),
+                "request_headers_to_add",
+            )?;
+            reject_if(
+                !c.request_headers_to_remove.is_empty(),
+                "request_headers_to_remove",
+            )?;
+            reject_if(
+                !c.response_headers_to_add.is_empty(),
+                "response_headers_to_add",
+            )?;
+            reject_if(
+                !c.response_headers_to_remove.is_empty(),
+                "response_headers_to_remove",
+            )?;
+            reject_if(
+                !c.typed_per_filter_config.is_empty(),
+                "typed_per_filter_config",
+            )?;
+            reject_if(c.host_rewrite_specifier.is_some(), "host_rewrite_literal")?;
+            Ok::<_, FieldError>(WeightedCluster {
+                name: required_name(&c.name, "name")?,
+                // An unset weight is 0, as in proto3.
+                weight: c.weight.as_ref().map_or(0, |w| w.value),
+            })
+        })()
+        .at_index("clusters", i)?;
+        clusters.push(cluster);
+    }
+    if let Some(total) = &wc.total_weight {
+        let sum: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
+        if u64::from(total.value) != sum {
+            return Err(FieldError::invalid(format!(
+                "{} is not the sum of the weights ({sum})",
+                total.value
+            ))
+            .at("total_weight"));
+        }
+    }
+    WeightedClusters::new(clusters).map_err(FieldError::from)
+}
+
+fn match_from_proto(m: &RouteMatchProto) -> Decoded<RouteMatch> {
+    if m.case_sensitive.as_ref().is_some_and(|c| !c.value) {
+        return Err(
+            FieldError::unsupported("case-insensitive path matching is not supported")
+                .at("case_sensitive"),
+        );
+    }
+    reject_if(m.runtime_fraction.is_some(), "runtime_fraction")?;
+    reject_if(!m.cookies.is_empty(), "cookies")?;
+    reject_if(m.grpc.is_some(), "grpc")?;
+    reject_if(m.tls_context.is_some(), "tls_context")?;
+    reject_if(!m.dynamic_metadata.is_empty(), "dynamic_metadata")?;
+    reject_if(!m.filter_state.is_empty(), "filter_state")?;
+    let path = match &m.path_specifier {
+        Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.as_str().into()),
+        Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.as_str().into()),
+        Some(PathSpecifier::SafeRegex(r)) => {
+            PathMatch::Regex(regex_from_proto(r).at("safe_regex")?)
+        }
+        Some(PathSpecifier::ConnectMatcher(_)) => {
+            return Err(
+                FieldError::unsupported("CONNECT matching is not supported").at("connect_matcher")
+            );
+        }
+        Some(PathSpecifier::PathSeparatedPrefix(_)) => {
+            return Err(
+                FieldError::unsupported("path-separated prefixes are not supported")
+                    .at("path_separated_prefix"),
+            );
+        }
+        Some(PathSpecifier::PathMatchPolicy(_)) => {
+            return Err(
+                FieldError::unsupported("path match policies are not supported")
+                    .at("path_match_policy"),
+            );
+        }
+        None => {
+            return Err(FieldError::invalid(
+                "missing path specifier: set prefix, path or safe_regex",
+            ));
+        }
+    };
+    let headers = m
+        .headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| header_from_proto(h).at_index("headers", i))
+        .collect::<Decoded<Vec<_>>>()?;
+    let query_params = m
+        .query_parameters
+        .iter()
+        .enumerate()
+        .map(|(i, q)| query_param_from_proto(q).at_index("query_parameters", i))
+        .collect::<Decoded<Vec<_>>>()?;
+    Ok(RouteMatch {
+        path,
+        headers: headers.into(),
+        query_params: query_params.into(),
+    })
+}
+
+#[allow(deprecated)] // the old `*_match` fields are still accepted, as Envoy and gRPC do
+fn header_from_proto(h: &HeaderMatcher) -> Decoded<HeaderMatch> {
+    let name = required_name(&h.name.to_ascii_lowercase(), "name")?;
+    reject_if(
+        h.treat_missing_header_as_empty,
+        "treat_missing_header_as_empty",
+    )?;
+    let value = match &h.header_match_specifier {
+        Some(HeaderMatchSpecifier::StringMatch(sm)) => {
+            string_matcher_from_proto(sm).at("string_match")?
+        }
+        Some(HeaderMatchSpecifier::PresentMatch(present)) => ValueMatch::Present(*present),
+        Some(HeaderMatchSpecifier::ExactMatch(s)) => ValueMatch::Exact(s.as_str().into()),
+        Some(HeaderMatchSpecifier::PrefixMatch(s)) => ValueMatch::Prefix(s.as_str().into()),
+        Some(HeaderMatchSpecifier::SafeRegexMatch(r)) => {
+            ValueMatch::Regex(regex_from_proto(r).at("safe_regex_match")?)
+        }
+        Some(HeaderMatchSpecifier::SuffixMatch(_)) => {
+            return Err(
+                FieldError::unsupported("suffix matching is not supported").at("suffix_match")
+            );
+        }
+        Some(HeaderMatchSpecifier::ContainsMatch(_)) => {
+            return Err(
+                FieldError::unsupported("contains matching is not supported").at("contains_match"),
+            );
+        }
+        Some(HeaderMatchSpecifier::RangeMatch(_)) => {
+            return Err(
+                FieldError::unsupported("range matching is not supported").at("range_match")
+            );
+        }
+        None => {
+            return Err(FieldError::invalid(
+                "no condition: set string_match or present_match",
+            ));
+        }
+    };
+    Ok(HeaderMatch {
+        name,
+        value,
+        invert: h.invert_match,
+    })
+}
+
+fn query_param_from_proto(q: &QueryParameterMatcher) -> Decoded<QueryParamMatch> {
+    let name = required_name(&q.name, "name")?;
+    let value = match &q.query_parameter_match_specifier {
+        Some(QueryParameterMatchSpecifier::StringMatch(sm)) => {
+            string_matcher_from_proto(sm).at("string_match")?
+        }
+        Some(QueryParameterMatchSpecifier::PresentMatch(present)) => ValueMatch::Present(*present),
+        None => {
+            return Err(FieldError::invalid(
+                "no condition: set string_match or present_match",
+            ));
+        }
+    };
+    Ok(QueryParamMatch { name, value })
+}
+
+fn string_matcher_from_proto(sm: &StringMatcher) -> Decoded<ValueMatch> {
+    // `ignore_case` has no effect on `safe_regex` in Envoy.
+    let is_regex = matches!(sm.match_pattern, Some(MatchPattern::SafeRegex(_)));
+    if sm.ignore_case && !is_regex {
+        return Err(
+            FieldError::unsupported("case-insensitive matching is not supported").at("ignore_case"),
+        );
+    }
+    match &sm.match_pattern {
+        Some(MatchPattern::Exact(s)) => Ok(ValueMatch::Exact(s.as_str().into())),
+        Some(MatchPattern::Prefix(s)) => Ok(ValueMatch::Prefix(s.as_str().into())),
+        Some(MatchPattern::SafeRegex(r)) => {
+            Ok(ValueMatch::Regex(regex_from_proto(r).at("safe_regex")?))
+        }
+        Some(MatchPattern::Suffix(_)) => {
+            Err(FieldError::unsupported("suffix matching is not supported").at("suffix"))
+        }
+        Some(MatchPattern::Contains(_)) => {
+            Err(FieldError::unsupported("contains matching is not supported").at("contains"))
+        }
+        Some(MatchPattern::Custom(_)) => {
+            Err(FieldError::unsupported("custom matchers are not supported").at("custom"))
+        }
+        None => Err(FieldError::invalid(
+            "no pattern: set exact, prefix or safe_regex",
+        )),
+    }
+}
+
+fn regex_from_proto(r: &RegexMatcher) -> Decoded<Pattern> {
+    Pattern::new(&r.regex).map_err(FieldError::from)
+}
