@@ -48,13 +48,25 @@ impl<'a> RequestView<'a> {
 }
 
 impl RouteConfig {
-    /// The virtual host that serves `host` (port ignored), or `None`.
+    /// The virtual host that serves `host`: a domain equal to the authority
+    /// as sent (`catalog:8080`, as gRPC matches its target) wins; otherwise
+    /// the best match for the host without its port, or `None`.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
-        let host = strip_port(host);
+        let bare = strip_port(host);
+        if bare.len() != host.len()
+            && let Some(vh) = self.best_virtual_host(host, true)
+        {
+            return Some(vh);
+        }
+        self.best_virtual_host(bare, false)
+    }
+
+    fn best_virtual_host(&self, host: &str, exact_only: bool) -> Option<&VirtualHost> {
         let mut best: Option<(&VirtualHost, DomainScore)> = None;
         for vh in self.virtual_hosts.iter() {
             for d in vh.domains.iter() {
                 if let Some(score) = domain_score(d, host)
+                    && (!exact_only || score.class == 3)
                     && best.as_ref().is_none_or(|(_, s)| score > *s)
                 {
                     best = Some((vh, score));
@@ -268,6 +280,22 @@ mod tests {
         assert_eq!(name("cart.shop.svc").as_deref(), Some("suffix"));
         assert_eq!(name("catalog.other").as_deref(), Some("prefix"));
         assert_eq!(name("other").as_deref(), Some("star"));
+    }
+
+    #[test]
+    fn a_port_in_the_authority_selects_that_ports_domains() {
+        let rc = RouteConfig {
+            name: "r".into(),
+            virtual_hosts: vec![
+                vh("p8080", &["catalog:8080"], vec![]),
+                vh("default", &["catalog"], vec![]),
+            ]
+            .into(),
+        };
+        let name = |h| rc.virtual_host(h).map(|v| v.name.to_string());
+        assert_eq!(name("catalog:8080").as_deref(), Some("p8080"));
+        assert_eq!(name("catalog").as_deref(), Some("default"));
+        assert_eq!(name("catalog:9090").as_deref(), Some("default"));
     }
 
     #[test]

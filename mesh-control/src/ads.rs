@@ -1,0 +1,343 @@
+//! The aggregated discovery service: state-of-the-world ADS over gRPC.
+//!
+//! One task per stream. It answers every subscription (so a client learns at
+//! once that a name does not exist: a SotW LDS or CDS response without the
+//! name means exactly that), pushes a type again only when what this client
+//! subscribed to changed, and records each ACK and NACK per type for
+//! `/status` (a CSDS-like view). Short names (`catalog`, `catalog:80`) are
+//! resolved relative to the client's namespace, read from
+//! `node.metadata.NAMESPACE`, as Istio resolves them relative to the
+//! workload's namespace; the listener is served under the name asked for,
+//! because gRPC clients require the resource name to equal the target.
+//!
+//! References: the xDS REST and gRPC protocol (ACK/NACK, nonces, SotW
+//! semantics), gRFC A27 (xDS-based global load balancing).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::value::Kind;
+use futures_util::{Stream, StreamExt};
+use mesh_core::model::Listener;
+use mesh_core::xds::Any;
+use mesh_core::xds::{self, ResourceType};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::state::{ClientStatus, NackInfo, Served, Shared, TypeStatus};
+
+/// The tonic service; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Ads {
+    pub(crate) shared: Arc<Shared>,
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = ResponseStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let id = shared.next_client_id();
+            let mut stream = AdsStream::new(id, shared.clone(), tx);
+            if let Err(status) = stream.run(inbound).await {
+                tracing::debug!(client = id, ?peer, %status, "ADS stream ended");
+            }
+            shared.clients.lock().remove(&id);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "incremental (delta) xDS is not served yet; use state-of-the-world ADS",
+        ))
+    }
+}
+
+/// What one stream has asked for and been sent, per type.
+#[derive(Default)]
+struct TypeState {
+    names: BTreeSet<String>,
+    subscribed: bool,
+    sent: Option<Vec<Any>>,
+    nonce: String,
+}
+
+struct AdsStream {
+    id: u64,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    namespace: String,
+    types: [TypeState; 4],
+    nonce: u64,
+}
+
+const TYPES: [ResourceType; 4] = [
+    ResourceType::Listener,
+    ResourceType::RouteConfig,
+    ResourceType::Cluster,
+    ResourceType::Endpoints,
+];
+
+fn index(t: ResourceType) -> usize {
+    match t {
+        ResourceType::Listener => 0,
+        ResourceType::RouteConfig => 1,
+        ResourceType::Cluster => 2,
+        ResourceType::Endpoints => 3,
+    }
+}
+
+impl AdsStream {
+    fn new(
+        id: u64,
+        shared: Arc<Shared>,
+        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) -> Self {
+        AdsStream {
+            id,
+            shared,
+            tx,
+            namespace: "default".into(),
+            types: Default::default(),
+            nonce: 0,
+        }
+    }
+
+    async fn run(&mut self, mut inbound: Streaming<DiscoveryRequest>) -> Result<(), Status> {
+        let mut served_rx = self.shared.served.subscribe();
+        loop {
+            tokio::select! {
+                msg = inbound.next() => match msg {
+                    Some(Ok(req)) => {
+                        let served = served_rx.borrow().clone();
+                        self.on_request(req, &served).await?
+                    }
+                    Some(Err(status)) => return Err(status),
+                    None => return Ok(()),
+                },
+                changed = served_rx.changed() => {
+                    if changed.is_err() {
+                        return Err(Status::unavailable("control server shutting down"));
+                    }
+                    let served = served_rx.borrow_and_update().clone();
+                    for t in TYPES {
+                        if self.types[index(t)].subscribed {
+                            self.push(t, &served, false).await?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest, served: &Served) -> Result<(), Status> {
+        if let Some(node) = &req.node {
+            self.on_node(node);
+        }
+        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            tracing::warn!(client = self.id, type_url = %req.type_url, "request for a type this server does not serve");
+            return Ok(());
+        };
+        let i = index(t);
+        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        let names_changed = !self.types[i].subscribed || names != self.types[i].names;
+        if !req.response_nonce.is_empty() && req.response_nonce == self.types[i].nonce {
+            self.record_ack_or_nack(t, &req);
+        }
+        if names_changed {
+            self.types[i].names = names;
+            self.types[i].subscribed = true;
+            self.update_status(t, |s, st| s.subscribed = st.names.iter().cloned().collect());
+            self.push(t, served, true).await?;
+        }
+        Ok(())
+    }
+
+    fn on_node(&mut self, node: &Node) {
+        let namespace = node
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get("NAMESPACE"))
+            .and_then(|v| match &v.kind {
+                Some(Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| "default".into());
+        self.namespace = namespace.clone();
+        let mut clients = self.shared.clients.lock();
+        let status = clients.entry(self.id).or_insert_with(|| ClientStatus {
+            connected_at: Some(SystemTime::now()),
+            ..ClientStatus::default()
+        });
+        status.node_id = node.id.clone();
+        status.namespace = namespace;
+        status.user_agent = match &node.user_agent_version_type {
+            Some(envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(v)) => {
+                format!("{} {v}", node.user_agent_name)
+            }
+            _ => node.user_agent_name.clone(),
+        };
+    }
+
+    fn record_ack_or_nack(&mut self, t: ResourceType, req: &DiscoveryRequest) {
+        match &req.error_detail {
+            Some(err) => {
+                tracing::warn!(
+                    client = self.id,
+                    r#type = t.short_name(),
+                    nonce = %req.response_nonce,
+                    error = %err.message,
+                    "client NACKed a response"
+                );
+                self.shared
+                    .metrics
+                    .nacks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let nack = NackInfo {
+                    version: req.version_info.clone(),
+                    nonce: req.response_nonce.clone(),
+                    message: err.message.clone(),
+                    at: SystemTime::now(),
+                };
+                self.update_status(t, |s, _| {
+                    s.acked_version = req.version_info.clone();
+                    s.last_nack = Some(nack);
+                });
+            }
+            None => self.update_status(t, |s, _| s.acked_version = req.version_info.clone()),
+        }
+    }
+
+    fn update_status(&self, t: ResourceType, f: impl FnOnce(&mut TypeStatus, &TypeState)) {
+        let mut clients = self.shared.clients.lock();
+        let status = clients.entry(self.id).or_insert_with(|| ClientStatus {
+            connected_at: Some(SystemTime::now()),
+            ..ClientStatus::default()
+        });
+        let ts = status.types.entry(t.short_name().to_string()).or_default();
+        f(ts, &self.types[index(t)]);
+    }
+
+    /// Sends type `t` if what this client subscribed to differs from what it
+    /// was last sent, or always when `force` (a subscription change must be
+    /// answered even when nothing exists, so the client learns that).
+    async fn push(&mut self, t: ResourceType, served: &Served, force: bool) -> Result<(), Status> {
+        let resources = self.resources_for(t, served);
+        let i = index(t);
+        if !force && self.types[i].sent.as_ref() == Some(&resources) {
+            return Ok(());
+        }
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let version = served.version.to_string();
+        let response = DiscoveryResponse {
+            version_info: version.clone(),
+            resources: resources.clone(),
+            type_url: t.type_url().to_string(),
+            nonce: nonce.clone(),
+            ..DiscoveryResponse::default()
+        };
+        self.types[i].sent = Some(resources);
+        self.types[i].nonce = nonce;
+        let pushed_at = Instant::now();
+        self.update_status(t, |s, _| {
+            s.sent_version = version;
+            s.last_push = Some(pushed_at);
+        });
+        self.shared
+            .metrics
+            .pushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.tx
+            .send(Ok(response))
+            .await
+            .map_err(|_| Status::cancelled("client went away"))
+    }
+
+    fn resources_for(&self, t: ResourceType, served: &Served) -> Vec<Any> {
+        let i = index(t);
+        let all = &served.resources[i];
+        let names = &self.types[i].names;
+        if names.is_empty() {
+            // Wildcard subscription (Envoy style): everything of this type.
+            return all.values().cloned().collect();
+        }
+        names
+            .iter()
+            .filter_map(|name| match all.get(name.as_str()) {
+                Some(any) => Some(any.clone()),
+                None if t == ResourceType::Listener => self
+                    .short_listener(name, served)
+                    .map(|l| xds::encode_listener(&l)),
+                None => None,
+            })
+            .collect()
+    }
+
+    /// `catalog` / `catalog:80` asked by a client in namespace `shop` is
+    /// served as the listener `catalog.shop` / `catalog.shop:80`, renamed.
+    fn short_listener(&self, name: &str, served: &Served) -> Option<Listener> {
+        let (host, port) = match name.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
+            _ => (name, None),
+        };
+        if host.contains('.') || host.is_empty() {
+            return None;
+        }
+        let qualified = match port {
+            Some(p) => format!("{host}.{}:{p}", self.namespace),
+            None => format!("{host}.{}", self.namespace),
+        };
+        let target = served.snapshot.listeners.get(qualified.as_str())?;
+        Some(Listener {
+            name: name.into(),
+            route_config_name: target.route_config_name.clone(),
+        })
+    }
+}
+
+/// Encodes every resource of a snapshot, by type and name.
+pub(crate) fn encode_all(snapshot: &mesh_core::Snapshot) -> [BTreeMap<String, Any>; 4] {
+    let mut out: [BTreeMap<String, Any>; 4] = Default::default();
+    for (name, l) in &snapshot.listeners {
+        out[0].insert(name.to_string(), xds::encode_listener(l));
+    }
+    for (name, rc) in &snapshot.route_configs {
+        out[1].insert(name.to_string(), xds::encode_route_config(rc));
+    }
+    for (name, c) in &snapshot.clusters {
+        out[2].insert(name.to_string(), xds::encode_cluster(c));
+    }
+    for (name, e) in &snapshot.endpoints {
+        out[3].insert(name.to_string(), xds::encode_endpoints(e));
+    }
+    out
+}
+
+pub(crate) fn type_index(t: ResourceType) -> usize {
+    index(t)
+}

@@ -1,0 +1,345 @@
+//! The Istio YAML front end: a directory of VirtualService, DestinationRule,
+//! ServiceEntry and WorkloadEntry resources, plus self-registered endpoints,
+//! in; a [`mesh_core::Snapshot`] out.
+//!
+//! # What is read
+//!
+//! Every `*.yaml` / `*.yml` file directly in the directory (not recursively),
+//! in file-name order, each holding one or more `---`-separated documents of
+//! `apiVersion: networking.istio.io/v1` (or `v1beta1`, `v1alpha3`). Resources
+//! follow the Istio reference
+//! (<https://istio.io/latest/docs/reference/config/networking/>) for the
+//! fields this mesh implements; a field it does not implement yet (`retries`,
+//! `timeout`, `trafficPolicy.connectionPool`, ...) is an error, as is an
+//! unknown field: config is rejected, never silently ignored.
+//!
+//! # Names
+//!
+//! `metadata.namespace` defaults to `default`. A host without a dot is
+//! resolved in the resource's namespace (`catalog` in `shop` is
+//! `catalog.shop.svc.cluster.local`), a host with one dot is `<name>.<ns>`
+//! (`catalog.shop` → `catalog.shop.svc.cluster.local`), anything else is
+//! taken as written (the suffix is [`MeshOptions::domain_suffix`]).
+//!
+//! # Order and conflicts
+//!
+//! Istio orders VirtualServices by creation time, which files do not have:
+//! here the order is file name, then document order within the file. A host
+//! is routed by the first VirtualService that names it; a later one naming
+//! the same host is an error ("host X already routed by VirtualService
+//! ns/name at file:line") — Istio merges VirtualServices only for gateways.
+//! Likewise the first DestinationRule and the first ServiceEntry for a host
+//! win and later ones are reported. Within a VirtualService, the first
+//! matching `http[]` route wins; the conditions of one `match[]` entry are
+//! ANDed and several entries are ORed (each becomes its own route, named
+//! after `http[].name` or `<vs-name>.<index>`).
+//!
+//! # Errors keep the last good config
+//!
+//! Every problem is a [`Diagnostic`] pointing at the line of the offending
+//! field. [`ConfigStore::load_dir`] replaces each resource that parses
+//! cleanly, keeps the previous good version of one that does not (and every
+//! resource of a file with a YAML syntax error), and forgets resources gone
+//! from disk. Problems that involve several resources (a destination host or
+//! subset that does not exist, a second VirtualService for a host) are found
+//! by [`ConfigStore::snapshot`]: the offending VirtualService is left out
+//! whole (its hosts get the default route) until it is fixed.
+//!
+//! # Hosts that only registrations provide
+//!
+//! At run time a destination host is known when a ServiceEntry declares it or
+//! an endpoint registered for it, so [`ConfigStore::snapshot`] accepts a route
+//! to a host that only registrations provide. [`check_dir`] works offline,
+//! without registrations, so there a host that no ServiceEntry declares is an
+//! error: declare such hosts with a ServiceEntry without endpoints (the
+//! registrations fill it).
+//!
+//! # Smaller rules
+//!
+//! - A ServiceEntry without `resolution` is `STATIC` (the only one
+//!   implemented; Istio's default, `NONE`, is passthrough); a port without
+//!   `protocol` takes it from its name as Istio does (`grpc-*`, `http2-*`),
+//!   else HTTP/1.
+//! - An empty header or query-parameter match (`x-user: {}`) means "present".
+//! - An http route whose `match` entries all name another port does not apply
+//!   to that port; a port a VirtualService yields no route for gets the
+//!   default route (`/` → `outbound|<port>||<fqdn>`).
+//! - A registration for a port its ServiceEntry does not declare is reported
+//!   at the ServiceEntry's `ports` and not used. An implicit service's ports
+//!   are sorted, so its default port is its lowest.
+//! - An endpoint address seen twice in one cluster is kept once (the first).
+//! - A DestinationRule for a host nothing declares is reported; it takes
+//!   effect as soon as the host appears.
+
+mod resources;
+mod translate;
+mod yaml;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use mesh_core::Snapshot;
+use mesh_core::model::{Locality, Protocol};
+
+use resources::{Resource, ResourceKey};
+
+/// A problem with the config, at a line of a file.
+///
+/// Sorted by file, then line, then message.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Diagnostic {
+    /// The file (as found in the directory, i.e. `DIR/name.yaml`).
+    pub file: PathBuf,
+    /// The 1-based line of the offending field.
+    pub line: usize,
+    /// What is wrong, naming the resource and the field.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.file.display(), self.line, self.message)
+    }
+}
+
+/// Mesh-wide naming settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshOptions {
+    /// The suffix of cluster-local hosts: `catalog.shop.<suffix>`.
+    /// Default `svc.cluster.local`.
+    pub domain_suffix: String,
+    /// The namespace of mesh-wide policy (Istio's root namespace). Default
+    /// `istio-system`. Not used by the resources read so far.
+    pub root_namespace: String,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        MeshOptions {
+            domain_suffix: "svc.cluster.local".to_string(),
+            root_namespace: "istio-system".to_string(),
+        }
+    }
+}
+
+/// An endpoint that registered itself (the admin API's `POST /v1/endpoints`).
+///
+/// It joins the service `service`, resolved like a host in `namespace`. If a
+/// ServiceEntry declares that host, the endpoint joins its port
+/// `service_port`, or every port of it when absent; otherwise the service
+/// exists implicitly with the port `service_port` (default 80) and the
+/// protocol `protocol` (default HTTP/1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// Service name (`catalog`, `catalog.shop`, or a full host).
+    pub service: String,
+    /// Namespace the name is resolved in.
+    pub namespace: String,
+    /// Address clients connect to.
+    pub address: IpAddr,
+    /// Port clients connect to.
+    pub port: u16,
+    /// The service port this endpoint serves.
+    pub service_port: Option<u16>,
+    /// Protocol of an implicit service.
+    pub protocol: Option<Protocol>,
+    /// Labels, matched by DestinationRule subsets.
+    pub labels: BTreeMap<String, String>,
+    /// Where the endpoint runs.
+    pub locality: Locality,
+}
+
+/// A service as clients see it, for status pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// The fully qualified host.
+    pub host: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its ports, the default (first) one first, with their protocols.
+    pub ports: Vec<(u16, Protocol)>,
+    /// Every name an app in the service's namespace may dial for it.
+    pub dial_names: Vec<String>,
+    /// Number of distinct endpoint addresses across its ports.
+    pub endpoints: usize,
+}
+
+/// The current good resources of a config directory.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigStore {
+    options: MeshOptions,
+    resources: BTreeMap<ResourceKey, Resource>,
+}
+
+impl ConfigStore {
+    /// An empty store.
+    pub fn new(options: MeshOptions) -> Self {
+        ConfigStore {
+            options,
+            resources: BTreeMap::new(),
+        }
+    }
+
+    /// The naming settings.
+    pub fn options(&self) -> &MeshOptions {
+        &self.options
+    }
+
+    /// Number of resources currently held.
+    pub fn len(&self) -> usize {
+        self.resources.len()
+    }
+
+    /// Whether no resource is held.
+    pub fn is_empty(&self) -> bool {
+        self.resources.is_empty()
+    }
+
+    /// Re-reads `dir`. Each resource that is invalid keeps its previous good
+    /// version (if any) and yields diagnostics; valid ones replace theirs;
+    /// resources gone from disk are removed. A file with a YAML syntax error
+    /// (or that cannot be read) keeps all the resources it held. If `dir`
+    /// itself cannot be read, nothing changes.
+    pub fn load_dir(&mut self, dir: &Path) -> Vec<Diagnostic> {
+        let mut diagnostics = Vec::new();
+        let files = match list_files(dir) {
+            Ok(files) => files,
+            Err(e) => {
+                diagnostics.push(Diagnostic {
+                    file: dir.to_path_buf(),
+                    line: 1,
+                    message: format!("cannot read the config directory: {e}"),
+                });
+                return diagnostics;
+            }
+        };
+        let mut next: BTreeMap<ResourceKey, Resource> = BTreeMap::new();
+        let mut seen: BTreeMap<ResourceKey, (PathBuf, usize)> = BTreeMap::new();
+        let mut keep: Vec<ResourceKey> = Vec::new();
+        let mut broken_files: BTreeSet<PathBuf> = BTreeSet::new();
+        for file in files {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    diagnostics.push(Diagnostic {
+                        file: file.clone(),
+                        line: 1,
+                        message: format!("cannot read the file: {e}"),
+                    });
+                    broken_files.insert(file);
+                    continue;
+                }
+            };
+            let docs = match yaml::parse_documents(&text) {
+                Ok(docs) => docs,
+                Err((line, message)) => {
+                    diagnostics.push(Diagnostic {
+                        file: file.clone(),
+                        line,
+                        message,
+                    });
+                    broken_files.insert(file);
+                    continue;
+                }
+            };
+            for (i, doc) in docs.iter().enumerate() {
+                let parsed = resources::parse_document(&file, i, doc);
+                diagnostics.extend(parsed.diagnostics);
+                let Some(key) = parsed.key else { continue };
+                if let Some((first_file, first_line)) = seen.get(&key) {
+                    diagnostics.push(Diagnostic {
+                        file: file.clone(),
+                        line: parsed.line,
+                        message: format!(
+                            "duplicate {} {}/{}: already defined at {}:{first_line}",
+                            key.0,
+                            key.1,
+                            key.2,
+                            first_file.display()
+                        ),
+                    });
+                    continue;
+                }
+                seen.insert(key.clone(), (file.clone(), parsed.line));
+                match parsed.resource {
+                    Some(r) => {
+                        next.insert(key, r);
+                    }
+                    None => keep.push(key),
+                }
+            }
+        }
+        for key in keep {
+            if let Some(old) = self.resources.get(&key) {
+                next.insert(key, old.clone());
+            }
+        }
+        for (key, old) in &self.resources {
+            if broken_files.contains(&old.meta.file) && !seen.contains_key(key) {
+                next.insert(key.clone(), old.clone());
+            }
+        }
+        self.resources = next;
+        diagnostics
+    }
+
+    /// The resources in file order (file name, then document), which is the
+    /// order VirtualServices are applied in.
+    fn ordered(&self) -> Vec<&Resource> {
+        let mut all: Vec<&Resource> = self.resources.values().collect();
+        all.sort_by(|a, b| {
+            (&a.meta.file, a.meta.doc, a.meta.key()).cmp(&(&b.meta.file, b.meta.doc, b.meta.key()))
+        });
+        all
+    }
+
+    /// Translates the current good resources plus `registrations` into a full
+    /// snapshot: for each port of each service, listeners for the names an app
+    /// dials, a route config `<fqdn>:<port>`, clusters
+    /// `outbound|<port>|<subset>|<fqdn>` and their endpoints. Problems between
+    /// resources are reported here, and the offending VirtualService is left
+    /// out (its hosts get the default route) until it is fixed.
+    pub fn snapshot(&self, registrations: &[Registration]) -> (Snapshot, Vec<Diagnostic>) {
+        let t = translate::translate(&self.options, &self.ordered(), registrations);
+        (t.snapshot, t.diagnostics)
+    }
+
+    /// The services the resources and `registrations` define, by host.
+    pub fn services(&self, registrations: &[Registration]) -> Vec<ServiceInfo> {
+        translate::services(&self.options, &self.ordered(), registrations)
+    }
+}
+
+/// The `*.yaml` / `*.yml` files directly in `dir`, by file name.
+fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_yaml = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+        if is_yaml && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(files)
+}
+
+/// Offline validation for `mesh-control check DIR`: every problem of the
+/// files and between them, sorted by file then line. Without registrations, a
+/// host that no ServiceEntry declares is an error.
+pub fn check_dir(dir: &Path, options: &MeshOptions) -> Vec<Diagnostic> {
+    let mut store = ConfigStore::new(options.clone());
+    let mut diagnostics = store.load_dir(dir);
+    diagnostics.extend(store.snapshot(&[]).1);
+    diagnostics.sort();
+    diagnostics.dedup();
+    diagnostics
+}

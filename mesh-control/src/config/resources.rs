@@ -1,0 +1,1209 @@
+//! The Istio resources this mesh implements, parsed and checked one document
+//! at a time.
+//!
+//! Each parser accepts exactly the fields it implements
+//! (<https://istio.io/latest/docs/reference/config/networking/>): the fields
+//! Istio defines that this mesh does not implement yet are reported as "not
+//! supported yet", anything else as unknown (a typo). Problems that need
+//! other resources (a destination host, a subset) are checked at translation
+//! time, in `translate.rs`. Regular expressions are compiled here, so an
+//! invalid one is reported at its line.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mesh_core::model::{
+    HeaderMatch, LbPolicy, Locality, PathMatch, Pattern, Protocol, QueryParamMatch, ValueMatch,
+};
+
+use super::Diagnostic;
+use super::yaml::{Field, Fields, Node, Sink, Spanned, join, line_of};
+
+/// The API versions accepted for every kind (Istio serves the same schema under each).
+const API_VERSIONS: [&str; 3] = [
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
+
+/// Istio kinds this mesh does not implement yet (anything else is unknown).
+const UNSUPPORTED_KINDS: [&str; 11] = [
+    "Gateway",
+    "Sidecar",
+    "EnvoyFilter",
+    "WorkloadGroup",
+    "ProxyConfig",
+    "PeerAuthentication",
+    "AuthorizationPolicy",
+    "RequestAuthentication",
+    "Telemetry",
+    "WasmPlugin",
+    "ServiceEntryGroup",
+];
+
+/// The kinds of resource this mesh reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Kind {
+    VirtualService,
+    DestinationRule,
+    ServiceEntry,
+    WorkloadEntry,
+}
+
+impl Kind {
+    fn from_name(name: &str) -> Option<Kind> {
+        Some(match name {
+            "VirtualService" => Kind::VirtualService,
+            "DestinationRule" => Kind::DestinationRule,
+            "ServiceEntry" => Kind::ServiceEntry,
+            "WorkloadEntry" => Kind::WorkloadEntry,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::WorkloadEntry => "WorkloadEntry",
+        })
+    }
+}
+
+/// Identity of a resource: kind, namespace, name.
+pub(crate) type ResourceKey = (Kind, String, String);
+
+/// Where a resource came from and what it is called.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub(crate) kind: Kind,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) file: PathBuf,
+    /// Line of `metadata.name`.
+    pub(crate) line: usize,
+    /// Index of the document in its file (the order of VirtualServices).
+    pub(crate) doc: usize,
+}
+
+impl Meta {
+    pub(crate) fn key(&self) -> ResourceKey {
+        (self.kind, self.namespace.clone(), self.name.clone())
+    }
+
+    /// A diagnostic about this resource at `line` of its file.
+    pub(crate) fn diagnostic(&self, line: usize, message: impl fmt::Display) -> Diagnostic {
+        Diagnostic {
+            file: self.file.clone(),
+            line,
+            message: format!("{self}: {message}"),
+        }
+    }
+
+    /// `file:line` of the resource, for messages that point at it.
+    pub(crate) fn location(&self) -> String {
+        format!("{}:{}", self.file.display(), self.line)
+    }
+}
+
+impl fmt::Display for Meta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// A parsed, valid resource.
+#[derive(Debug, Clone)]
+pub(crate) struct Resource {
+    pub(crate) meta: Meta,
+    pub(crate) spec: Spec,
+}
+
+/// The spec of a resource, by kind.
+#[derive(Debug, Clone)]
+pub(crate) enum Spec {
+    VirtualService(VirtualService),
+    DestinationRule(DestinationRule),
+    ServiceEntry(ServiceEntry),
+    WorkloadEntry(Workload),
+}
+
+/// `VirtualService.spec`.
+#[derive(Debug, Clone)]
+pub(crate) struct VirtualService {
+    /// Hosts as written (lower-cased), resolved at translation.
+    pub(crate) hosts: Vec<Spanned<String>>,
+    pub(crate) http: Vec<HttpRoute>,
+}
+
+/// One `http[]` entry.
+#[derive(Debug, Clone)]
+pub(crate) struct HttpRoute {
+    pub(crate) name: Option<String>,
+    /// ORed conditions; empty means "every request".
+    pub(crate) matches: Vec<HttpMatch>,
+    pub(crate) route: Vec<Destination>,
+    pub(crate) line: usize,
+}
+
+/// One `match[]` entry: ANDed conditions, already in model form.
+#[derive(Debug, Clone)]
+pub(crate) struct HttpMatch {
+    pub(crate) path: PathMatch,
+    pub(crate) headers: Vec<HeaderMatch>,
+    pub(crate) query_params: Vec<QueryParamMatch>,
+    /// `match.port`: the route applies only to this port of the host.
+    pub(crate) port: Option<Spanned<u16>>,
+}
+
+/// One `route[]` entry.
+#[derive(Debug, Clone)]
+pub(crate) struct Destination {
+    /// Host as written (lower-cased).
+    pub(crate) host: Spanned<String>,
+    pub(crate) subset: Option<Spanned<String>>,
+    pub(crate) port: Option<Spanned<u16>>,
+    /// Relative weight (0 when absent).
+    pub(crate) weight: u32,
+    /// Line of the destination, for problems about it as a whole.
+    pub(crate) line: usize,
+}
+
+/// `DestinationRule.spec`.
+#[derive(Debug, Clone)]
+pub(crate) struct DestinationRule {
+    pub(crate) host: Spanned<String>,
+    pub(crate) lb: Option<LbPolicy>,
+    pub(crate) subsets: Vec<Subset>,
+}
+
+/// One `subsets[]` entry.
+#[derive(Debug, Clone)]
+pub(crate) struct Subset {
+    pub(crate) name: Spanned<String>,
+    pub(crate) labels: BTreeMap<String, String>,
+    /// Overrides the rule's policy.
+    pub(crate) lb: Option<LbPolicy>,
+}
+
+/// `ServiceEntry.spec`.
+#[derive(Debug, Clone)]
+pub(crate) struct ServiceEntry {
+    pub(crate) hosts: Vec<Spanned<String>>,
+    pub(crate) ports: Vec<ServicePort>,
+    /// Line of `ports`, for problems about the ports as a whole.
+    pub(crate) ports_line: usize,
+    pub(crate) endpoints: Vec<Workload>,
+    pub(crate) selector: Option<BTreeMap<String, String>>,
+}
+
+/// One `ports[]` entry of a ServiceEntry.
+#[derive(Debug, Clone)]
+pub(crate) struct ServicePort {
+    pub(crate) number: u16,
+    pub(crate) name: Option<String>,
+    pub(crate) protocol: Protocol,
+    pub(crate) target_port: Option<u16>,
+}
+
+/// A workload: a `WorkloadEntry.spec` or a `ServiceEntry.endpoints[]` entry.
+#[derive(Debug, Clone)]
+pub(crate) struct Workload {
+    pub(crate) address: IpAddr,
+    pub(crate) ports: BTreeMap<String, u16>,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) locality: Locality,
+    pub(crate) weight: u32,
+}
+
+/// What one document yielded.
+pub(crate) struct Parsed {
+    /// The identity, when kind and name could be read.
+    pub(crate) key: Option<ResourceKey>,
+    /// Line of `metadata.name` (or of the document).
+    pub(crate) line: usize,
+    /// The resource, when it has no problem at all.
+    pub(crate) resource: Option<Resource>,
+    pub(crate) diagnostics: Vec<Diagnostic>,
+}
+
+/// Parses one document of `file`.
+pub(crate) fn parse_document(file: &Path, doc: usize, node: &Node<'_>) -> Parsed {
+    let mut sink = Sink::new(file);
+    let mut parsed = Parsed {
+        key: None,
+        line: line_of(node),
+        resource: None,
+        diagnostics: Vec::new(),
+    };
+    let Some(top) = Fields::read(
+        &mut sink,
+        node,
+        "",
+        &["apiVersion", "kind", "metadata", "spec"],
+        &["status"],
+    ) else {
+        parsed.diagnostics = sink.into_diagnostics();
+        return parsed;
+    };
+    let kind = match top
+        .require(&mut sink, "kind")
+        .and_then(|f| f.string(&mut sink))
+    {
+        Some(k) => match Kind::from_name(&k.value) {
+            Some(kind) => kind,
+            None => {
+                if UNSUPPORTED_KINDS.contains(&k.value.as_str()) {
+                    sink.error(k.line, format!("kind '{}' is not supported yet", k.value));
+                } else {
+                    sink.error(
+                        k.line,
+                        format!(
+                            "unknown kind '{}' (expected VirtualService, DestinationRule, ServiceEntry or WorkloadEntry)",
+                            k.value
+                        ),
+                    );
+                }
+                parsed.diagnostics = sink.into_diagnostics();
+                return parsed;
+            }
+        },
+        None => {
+            parsed.diagnostics = sink.into_diagnostics();
+            return parsed;
+        }
+    };
+    sink.about(kind.to_string());
+    if let Some(v) = top
+        .require(&mut sink, "apiVersion")
+        .and_then(|f| f.string(&mut sink))
+        && !API_VERSIONS.contains(&v.value.as_str())
+    {
+        sink.error(
+            v.line,
+            format!(
+                "unknown apiVersion '{}' for kind {kind} (expected networking.istio.io/v1, v1beta1 or v1alpha3)",
+                v.value
+            ),
+        );
+    }
+    let meta = top
+        .require(&mut sink, "metadata")
+        .and_then(|m| parse_metadata(&mut sink, m, kind, file, doc));
+    if let Some(meta) = &meta {
+        parsed.key = Some(meta.key());
+        parsed.line = meta.line;
+        sink.about(meta.to_string());
+    }
+    let spec = top.require(&mut sink, "spec").and_then(|s| match kind {
+        Kind::VirtualService => parse_virtual_service(&mut sink, s).map(Spec::VirtualService),
+        Kind::DestinationRule => parse_destination_rule(&mut sink, s).map(Spec::DestinationRule),
+        Kind::ServiceEntry => parse_service_entry(&mut sink, s).map(Spec::ServiceEntry),
+        Kind::WorkloadEntry => Fields::read(
+            &mut sink,
+            s.node,
+            "",
+            &WORKLOAD_FIELDS,
+            &WORKLOAD_UNSUPPORTED,
+        )
+        .and_then(|mut f| {
+            f.line = s.key_line;
+            parse_workload(&mut sink, &f)
+        })
+        .map(Spec::WorkloadEntry),
+    });
+    if sink.count() == 0
+        && let (Some(meta), Some(spec)) = (meta, spec)
+    {
+        parsed.resource = Some(Resource { meta, spec });
+    }
+    parsed.diagnostics = sink.into_diagnostics();
+    parsed
+}
+
+fn parse_metadata(
+    sink: &mut Sink<'_>,
+    field: Field<'_, '_, '_>,
+    kind: Kind,
+    file: &Path,
+    doc: usize,
+) -> Option<Meta> {
+    let m = Fields::of(
+        sink,
+        field,
+        &["name", "namespace", "labels", "annotations"],
+        &[],
+    )?;
+    // Labels and annotations do not change routing; they are checked for shape only.
+    for key in ["labels", "annotations"] {
+        if let Some(f) = m.get(key) {
+            f.string_map(sink);
+        }
+    }
+    let namespace = match m.get("namespace") {
+        Some(f) => {
+            let ns = f.string(sink)?;
+            if !is_dns_label(&ns.value) {
+                sink.error(
+                    ns.line,
+                    format!(
+                        "metadata.namespace '{}' must be a DNS label (lower-case letters, digits and '-')",
+                        ns.value
+                    ),
+                );
+                return None;
+            }
+            ns.value
+        }
+        None => "default".to_string(),
+    };
+    let Some(name) = m.get("name") else {
+        sink.error(m.line, "missing field 'metadata.name'");
+        return None;
+    };
+    let name = name.string(sink)?;
+    if name.value.is_empty()
+        || name.value.len() > 253
+        || !name
+            .value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        sink.error(
+            name.line,
+            format!(
+                "metadata.name '{}' must be a DNS name (lower-case letters, digits, '-' and '.')",
+                name.value
+            ),
+        );
+        return None;
+    }
+    Some(Meta {
+        kind,
+        namespace,
+        name: name.value,
+        file: file.to_path_buf(),
+        line: name.line,
+        doc,
+    })
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Reads a host as written: lower-cased, checked for shape.
+fn parse_host(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Spanned<String>> {
+    let host = field.string(sink)?;
+    let value = host.value.to_ascii_lowercase();
+    if value.starts_with('*') || value.contains('*') {
+        sink.error(
+            host.line,
+            format!(
+                "'{}': wildcard host '{value}' is not supported yet",
+                field.path
+            ),
+        );
+        return None;
+    }
+    let valid = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !value.starts_with('.')
+        && !value.ends_with('.')
+        && !value.contains("..");
+    if !valid {
+        sink.error(
+            host.line,
+            format!(
+                "'{}': '{}' is not a valid host name (letters, digits, '-' and '.', no port)",
+                field.path, host.value
+            ),
+        );
+        return None;
+    }
+    Some(Spanned {
+        value,
+        line: host.line,
+    })
+}
+
+/// A non-empty list of hosts.
+fn parse_hosts(sink: &mut Sink<'_>, f: &Fields<'_, '_>) -> Option<Vec<Spanned<String>>> {
+    let field = f.require(sink, "hosts")?;
+    let items = field.list(sink)?;
+    if items.is_empty() {
+        sink.error(field.key_line, "'hosts' must not be empty");
+        return None;
+    }
+    let mut hosts: Vec<Spanned<String>> = Vec::new();
+    for (path, node) in &items {
+        let item = Field {
+            path,
+            key_line: line_of(node),
+            node,
+        };
+        if let Some(h) = parse_host(sink, item) {
+            if hosts.iter().any(|x| x.value == h.value) {
+                sink.error(
+                    h.line,
+                    format!("'{path}': host '{}' is listed twice", h.value),
+                );
+            } else {
+                hosts.push(h);
+            }
+        }
+    }
+    Some(hosts)
+}
+
+fn parse_virtual_service(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<VirtualService> {
+    let mut f = Fields::read(
+        sink,
+        spec.node,
+        "",
+        &["hosts", "http"],
+        &["gateways", "tls", "tcp", "exportTo"],
+    )?;
+    f.line = spec.key_line;
+    let hosts = parse_hosts(sink, &f);
+    let http = match f.get("http") {
+        Some(field) => {
+            let items = field.list(sink)?;
+            if items.is_empty() {
+                sink.error(field.key_line, "'http' must not be empty");
+            }
+            items
+                .iter()
+                .filter_map(|(path, node)| parse_http_route(sink, path, node))
+                .collect()
+        }
+        None => {
+            sink.error(
+                f.line,
+                "missing field 'http' (tcp and tls routes are not supported yet)",
+            );
+            Vec::new()
+        }
+    };
+    Some(VirtualService {
+        hosts: hosts?,
+        http,
+    })
+}
+
+fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<HttpRoute> {
+    let f = Fields::read(
+        sink,
+        node,
+        path,
+        &["name", "match", "route"],
+        &[
+            "redirect",
+            "directResponse",
+            "delegate",
+            "rewrite",
+            "timeout",
+            "retries",
+            "fault",
+            "mirror",
+            "mirrors",
+            "mirrorPercentage",
+            "mirrorPercent",
+            "mirror_percent",
+            "corsPolicy",
+            "headers",
+        ],
+    )?;
+    let name = f.get("name").and_then(|n| n.string(sink)).map(|s| s.value);
+    let mut matches = Vec::new();
+    if let Some(m) = f.get("match") {
+        for (p, n) in m.list(sink)? {
+            matches.push(parse_match(sink, &p, n));
+        }
+    }
+    let route_field = f.require(sink, "route")?;
+    let items = route_field.list(sink)?;
+    if items.is_empty() {
+        sink.error(
+            route_field.key_line,
+            format!("'{}' needs at least one destination", route_field.path),
+        );
+        return None;
+    }
+    let route: Vec<Option<Destination>> = items
+        .iter()
+        .map(|(p, n)| parse_destination(sink, p, n))
+        .collect();
+    let route: Vec<Destination> = route.into_iter().collect::<Option<_>>()?;
+    let matches: Vec<HttpMatch> = matches.into_iter().collect::<Option<_>>()?;
+    if route.len() > 1 && route.iter().all(|d| d.weight == 0) {
+        sink.error(
+            route_field.key_line,
+            format!(
+                "all weights of '{}' are zero (set a positive weight on at least one destination)",
+                route_field.path
+            ),
+        );
+        return None;
+    }
+    Some(HttpRoute {
+        name,
+        matches,
+        route,
+        line: line_of(node),
+    })
+}
+
+fn parse_match(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<HttpMatch> {
+    let before = sink.count();
+    let f = Fields::read(
+        sink,
+        node,
+        path,
+        &[
+            "name",
+            "uri",
+            "headers",
+            "withoutHeaders",
+            "method",
+            "queryParams",
+            "port",
+            "ignoreUriCase",
+        ],
+        &[
+            "scheme",
+            "authority",
+            "sourceLabels",
+            "gateways",
+            "sourceNamespace",
+            "statPrefix",
+        ],
+    )?;
+    // `name` only labels the match in Istio's generated config: nothing to honor.
+    if let Some(n) = f.get("name") {
+        n.string(sink);
+    }
+    if let Some(i) = f.get("ignoreUriCase")
+        && i.boolean(sink) == Some(true)
+    {
+        sink.error(i.line(), format!("'{}: true' is not supported yet", i.path));
+    }
+    let path_match = match f.get("uri") {
+        Some(u) => match parse_string_match(sink, u, false)? {
+            ValueMatch::Exact(s) => PathMatch::Exact(s),
+            ValueMatch::Prefix(s) => PathMatch::Prefix(s),
+            ValueMatch::Regex(p) => PathMatch::Regex(p),
+            ValueMatch::Present(_) => PathMatch::Prefix(Arc::from("/")),
+        },
+        None => PathMatch::Prefix(Arc::from("/")),
+    };
+    let mut headers = Vec::new();
+    for (key, invert) in [("headers", false), ("withoutHeaders", true)] {
+        if let Some(h) = f.get(key) {
+            for e in h.entries(sink).unwrap_or_default() {
+                let name = e.key.to_ascii_lowercase();
+                if name.is_empty() || !name.bytes().all(is_header_name_byte) {
+                    sink.error(e.line, format!("'{}': invalid header name", e.path));
+                    continue;
+                }
+                if let Some(value) = parse_string_match(sink, e.field(), true) {
+                    headers.push(HeaderMatch {
+                        name: Arc::from(name),
+                        value,
+                        invert,
+                    });
+                }
+            }
+        }
+    }
+    if let Some(m) = f.get("method")
+        && let Some(value) = parse_string_match(sink, m, false)
+    {
+        headers.push(HeaderMatch {
+            name: Arc::from(":method"),
+            value,
+            invert: false,
+        });
+    }
+    let mut query_params = Vec::new();
+    if let Some(q) = f.get("queryParams") {
+        for e in q.entries(sink).unwrap_or_default() {
+            if e.key.is_empty() {
+                sink.error(e.line, format!("'{}': empty query parameter name", e.path));
+                continue;
+            }
+            if let Some(value) = parse_string_match(sink, e.field(), true) {
+                query_params.push(QueryParamMatch {
+                    name: Arc::from(e.key.as_str()),
+                    value,
+                });
+            }
+        }
+    }
+    let port = f.get("port").and_then(|p| {
+        p.port(sink).map(|value| Spanned {
+            value,
+            line: p.line(),
+        })
+    });
+    (sink.count() == before).then_some(HttpMatch {
+        path: path_match,
+        headers,
+        query_params,
+        port,
+    })
+}
+
+/// RFC 9110 token characters (`tchar`), plus `:` for pseudo-headers.
+fn is_header_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:".contains(&b)
+}
+
+/// Istio's `StringMatch`: one of `exact`, `prefix`, `regex`. An empty mapping
+/// means "present" where Istio allows it (headers, query parameters).
+fn parse_string_match(
+    sink: &mut Sink<'_>,
+    field: Field<'_, '_, '_>,
+    empty_means_present: bool,
+) -> Option<ValueMatch> {
+    if empty_means_present && field.node.data.is_null() {
+        return Some(ValueMatch::Present(true));
+    }
+    let before = sink.count();
+    let f = Fields::of(sink, field, &["exact", "prefix", "regex"], &[])?;
+    let mut set = f.present();
+    let Some(first) = set.next() else {
+        if empty_means_present {
+            return Some(ValueMatch::Present(true));
+        }
+        if sink.count() != before {
+            // A typo'd kind was reported as an unknown field: say it once.
+            return None;
+        }
+        sink.error(
+            field.key_line,
+            format!("'{}' needs one of exact, prefix or regex", field.path),
+        );
+        return None;
+    };
+    if let Some(second) = set.next() {
+        sink.error(
+            second.key_line,
+            format!(
+                "'{}': only one of exact, prefix or regex may be set",
+                field.path
+            ),
+        );
+        return None;
+    }
+    let value = first.string(sink)?;
+    match first.path.rsplit('.').next() {
+        Some("exact") => Some(ValueMatch::Exact(Arc::from(value.value))),
+        Some("prefix") => Some(ValueMatch::Prefix(Arc::from(value.value))),
+        _ => match Pattern::new(&value.value) {
+            Ok(p) => Some(ValueMatch::Regex(p)),
+            Err(e) => {
+                sink.error(value.line, format!("'{}': {e}", first.path));
+                None
+            }
+        },
+    }
+}
+
+fn parse_destination(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<Destination> {
+    let before = sink.count();
+    let f = Fields::read(sink, node, path, &["destination", "weight"], &["headers"])?;
+    let weight = match f.get("weight") {
+        Some(w) => match w.integer(sink) {
+            Some(n) if n < 0 => {
+                sink.error(
+                    w.line(),
+                    format!("'{}': weight {n} must not be negative", w.path),
+                );
+                None
+            }
+            Some(n) => match u32::try_from(n) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    sink.error(
+                        w.line(),
+                        format!("'{}': weight {n} is out of range", w.path),
+                    );
+                    None
+                }
+            },
+            None => None,
+        },
+        None => Some(0),
+    };
+    let d = f.require(sink, "destination")?;
+    let d = Fields::of(sink, d, &["host", "subset", "port"], &[])?;
+    let host = d.require(sink, "host").and_then(|h| parse_host(sink, h));
+    let subset = d.get("subset").and_then(|s| {
+        let s = s.string(sink)?;
+        check_subset_name(sink, &s, &join(&d.path, "subset"))?;
+        Some(s)
+    });
+    let port = match d.get("port") {
+        Some(p) => {
+            let pf = Fields::of(sink, p, &["number"], &[])?;
+            let n = pf.require(sink, "number")?;
+            let line = n.line();
+            Some(Spanned {
+                value: n.port(sink)?,
+                line,
+            })
+        }
+        None => None,
+    };
+    if sink.count() != before {
+        return None;
+    }
+    Some(Destination {
+        host: host?,
+        subset,
+        port,
+        weight: weight?,
+        line: d.line,
+    })
+}
+
+/// Subset names become part of cluster names (`outbound|80|v1|host`).
+fn check_subset_name(sink: &mut Sink<'_>, name: &Spanned<String>, path: &str) -> Option<()> {
+    let ok = !name.value.is_empty()
+        && name
+            .value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Some(())
+    } else {
+        sink.error(
+            name.line,
+            format!(
+                "'{path}': subset name '{}' may only hold letters, digits, '-', '_' and '.'",
+                name.value
+            ),
+        );
+        None
+    }
+}
+
+fn parse_destination_rule(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<DestinationRule> {
+    let before = sink.count();
+    let mut f = Fields::read(
+        sink,
+        spec.node,
+        "",
+        &["host", "trafficPolicy", "subsets"],
+        &["exportTo", "workloadSelector"],
+    )?;
+    f.line = spec.key_line;
+    let host = f.require(sink, "host").and_then(|h| parse_host(sink, h));
+    let lb = f
+        .get("trafficPolicy")
+        .and_then(|t| parse_traffic_policy(sink, t));
+    let mut subsets: Vec<Subset> = Vec::new();
+    if let Some(s) = f.get("subsets") {
+        for (path, node) in s.list(sink).unwrap_or_default() {
+            let Some(sf) =
+                Fields::read(sink, node, &path, &["name", "labels", "trafficPolicy"], &[])
+            else {
+                continue;
+            };
+            let Some(name) = sf.require(sink, "name").and_then(|n| n.string(sink)) else {
+                continue;
+            };
+            if check_subset_name(sink, &name, &join(&path, "name")).is_none() {
+                continue;
+            }
+            if let Some(first) = subsets.iter().find(|s| s.name.value == name.value) {
+                sink.error(
+                    name.line,
+                    format!(
+                        "'{path}': subset '{}' is already defined at line {}",
+                        name.value, first.name.line
+                    ),
+                );
+                continue;
+            }
+            let labels = sf
+                .get("labels")
+                .and_then(|l| l.string_map(sink))
+                .unwrap_or_default();
+            let lb = sf
+                .get("trafficPolicy")
+                .and_then(|t| parse_traffic_policy(sink, t));
+            subsets.push(Subset { name, labels, lb });
+        }
+    }
+    if sink.count() != before {
+        return None;
+    }
+    Some(DestinationRule {
+        host: host?,
+        lb,
+        subsets,
+    })
+}
+
+/// `trafficPolicy`: only `loadBalancer.simple` is implemented.
+fn parse_traffic_policy(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<LbPolicy> {
+    let t = Fields::of(
+        sink,
+        field,
+        &["loadBalancer"],
+        &[
+            "connectionPool",
+            "outlierDetection",
+            "tls",
+            "portLevelSettings",
+            "tunnel",
+            "proxyProtocol",
+            "retryBudget",
+        ],
+    )?;
+    let lb = t.get("loadBalancer")?;
+    let lbf = Fields::of(
+        sink,
+        lb,
+        &["simple"],
+        &[
+            "consistentHash",
+            "localityLbSetting",
+            "warmupDurationSecs",
+            "warmup",
+        ],
+    )?;
+    let simple = lbf.get("simple")?;
+    let s = simple.string(sink)?;
+    match s.value.as_str() {
+        "ROUND_ROBIN" => Some(LbPolicy::RoundRobin),
+        // LEAST_CONN is Istio's deprecated name for LEAST_REQUEST.
+        "LEAST_REQUEST" | "LEAST_CONN" | "UNSPECIFIED" => Some(LbPolicy::LeastRequest),
+        "RANDOM" => Some(LbPolicy::Random),
+        "PASSTHROUGH" => {
+            sink.error(
+                s.line,
+                format!("'{}: PASSTHROUGH' is not supported yet", simple.path),
+            );
+            None
+        }
+        other => {
+            sink.error(
+                s.line,
+                format!(
+                    "'{}': unknown load balancer '{other}' (expected ROUND_ROBIN, LEAST_REQUEST or RANDOM)",
+                    simple.path
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn parse_service_entry(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<ServiceEntry> {
+    let before = sink.count();
+    let mut f = Fields::read(
+        sink,
+        spec.node,
+        "",
+        &[
+            "hosts",
+            "ports",
+            "endpoints",
+            "workloadSelector",
+            "resolution",
+            "location",
+        ],
+        &["addresses", "exportTo", "subjectAltNames"],
+    )?;
+    f.line = spec.key_line;
+    let hosts = parse_hosts(sink, &f);
+    if let Some(r) = f.get("resolution").and_then(|r| r.string(sink)) {
+        match r.value.as_str() {
+            "STATIC" => {}
+            "NONE" | "DNS" | "DNS_ROUND_ROBIN" => sink.error(
+                r.line,
+                format!(
+                    "'resolution: {}' is not supported yet (only STATIC)",
+                    r.value
+                ),
+            ),
+            other => sink.error(
+                r.line,
+                format!("unknown resolution '{other}' (expected STATIC)"),
+            ),
+        }
+    }
+    if let Some(l) = f.get("location").and_then(|l| l.string(sink)) {
+        match l.value.as_str() {
+            "MESH_INTERNAL" => {}
+            "MESH_EXTERNAL" => sink.error(
+                l.line,
+                "'location: MESH_EXTERNAL' is not supported yet (only MESH_INTERNAL)",
+            ),
+            other => sink.error(
+                l.line,
+                format!("unknown location '{other}' (expected MESH_INTERNAL)"),
+            ),
+        }
+    }
+    let mut ports: Vec<ServicePort> = Vec::new();
+    let ports_line;
+    match f.require(sink, "ports") {
+        Some(p) => {
+            ports_line = p.key_line;
+            let items = p.list(sink).unwrap_or_default();
+            if items.is_empty() {
+                sink.error(p.key_line, "'ports' must not be empty");
+            }
+            for (path, node) in items {
+                let Some(port) = parse_service_port(sink, &path, node) else {
+                    continue;
+                };
+                if ports.iter().any(|q| q.number == port.number) {
+                    sink.error(
+                        line_of(node),
+                        format!("'{path}': port {} is declared twice", port.number),
+                    );
+                } else if port.name.is_some() && ports.iter().any(|q| q.name == port.name) {
+                    sink.error(
+                        line_of(node),
+                        format!(
+                            "'{path}': port name '{}' is used twice",
+                            port.name.as_deref().unwrap_or_default()
+                        ),
+                    );
+                } else {
+                    ports.push(port);
+                }
+            }
+        }
+        None => ports_line = f.line,
+    }
+    let port_names: BTreeSet<&str> = ports.iter().filter_map(|p| p.name.as_deref()).collect();
+    let mut endpoints = Vec::new();
+    if let Some(e) = f.get("endpoints") {
+        for (path, node) in e.list(sink).unwrap_or_default() {
+            let Some(wf) = Fields::read(sink, node, &path, &WORKLOAD_FIELDS, &WORKLOAD_UNSUPPORTED)
+            else {
+                continue;
+            };
+            if let Some(w) = parse_workload(sink, &wf) {
+                if let Some(ports_field) = wf.get("ports") {
+                    for name in w.ports.keys() {
+                        if !port_names.contains(name.as_str()) {
+                            sink.error(
+                                ports_field.key_line,
+                                format!(
+                                    "'{}.{name}': the ServiceEntry has no port named '{name}'",
+                                    ports_field.path
+                                ),
+                            );
+                        }
+                    }
+                }
+                endpoints.push(w);
+            }
+        }
+    }
+    let selector = match f.get("workloadSelector") {
+        Some(ws) => {
+            let wsf = Fields::of(sink, ws, &["labels"], &[])?;
+            let labels = wsf
+                .get("labels")
+                .and_then(|l| l.string_map(sink))
+                .unwrap_or_default();
+            if f.get("endpoints").is_some() {
+                sink.error(
+                    ws.key_line,
+                    "'workloadSelector' and 'endpoints' cannot both be set",
+                );
+            }
+            Some(labels)
+        }
+        None => None,
+    };
+    if sink.count() != before {
+        return None;
+    }
+    Some(ServiceEntry {
+        hosts: hosts?,
+        ports,
+        ports_line,
+        endpoints,
+        selector,
+    })
+}
+
+fn parse_service_port(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<ServicePort> {
+    let before = sink.count();
+    let f = Fields::read(
+        sink,
+        node,
+        path,
+        &["number", "name", "protocol", "targetPort"],
+        &[],
+    )?;
+    let number = f.require(sink, "number").and_then(|n| n.port(sink));
+    let name = f.get("name").and_then(|n| n.string(sink)).map(|s| s.value);
+    let protocol = match f.get("protocol") {
+        Some(p) => p
+            .string(sink)
+            .and_then(|s| match s.value.to_ascii_uppercase().as_str() {
+                "HTTP" => Some(Protocol::Http1),
+                "HTTP2" => Some(Protocol::Http2),
+                "GRPC" => Some(Protocol::Grpc),
+                "HTTPS" | "TCP" | "TLS" | "UDP" | "MONGO" | "REDIS" | "MYSQL" | "GRPC-WEB" => {
+                    sink.error(
+                        s.line,
+                        format!(
+                            "'{}: {}' is not supported yet (HTTP, HTTP2 or GRPC)",
+                            p.path, s.value
+                        ),
+                    );
+                    None
+                }
+                _ => {
+                    sink.error(
+                        s.line,
+                        format!(
+                            "'{}': unknown protocol '{}' (expected HTTP, HTTP2 or GRPC)",
+                            p.path, s.value
+                        ),
+                    );
+                    None
+                }
+            }),
+        // Istio's protocol selection by port name (`grpc-api`, `http2`, ...).
+        None => Some(protocol_from_port_name(name.as_deref().unwrap_or(""))),
+    };
+    let target_port = f.get("targetPort").and_then(|t| t.port(sink));
+    if sink.count() != before {
+        return None;
+    }
+    Some(ServicePort {
+        number: number?,
+        name,
+        protocol: protocol?,
+        target_port,
+    })
+}
+
+/// Istio's explicit protocol selection: a port named `<protocol>[-<suffix>]`.
+/// Anything else is HTTP/1 here (Istio would sniff or fall back to TCP, which
+/// this mesh does not route).
+fn protocol_from_port_name(name: &str) -> Protocol {
+    let prefix = name.split('-').next().unwrap_or("").to_ascii_lowercase();
+    match prefix.as_str() {
+        "grpc" => Protocol::Grpc,
+        "http2" => Protocol::Http2,
+        _ => Protocol::Http1,
+    }
+}
+
+const WORKLOAD_FIELDS: [&str; 5] = ["address", "labels", "ports", "locality", "weight"];
+const WORKLOAD_UNSUPPORTED: [&str; 2] = ["network", "serviceAccount"];
+
+fn parse_workload(sink: &mut Sink<'_>, f: &Fields<'_, '_>) -> Option<Workload> {
+    let before = sink.count();
+    let address = f.require(sink, "address").and_then(|a| {
+        let s = a.string(sink)?;
+        match s.value.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                sink.error(
+                    s.line,
+                    format!(
+                        "'{}': '{}' is not an IP address (DNS names and Unix sockets are not supported yet)",
+                        a.path, s.value
+                    ),
+                );
+                None
+            }
+        }
+    });
+    let mut ports = BTreeMap::new();
+    if let Some(p) = f.get("ports") {
+        for e in p.entries(sink).unwrap_or_default() {
+            if let Some(n) = e.field().port(sink) {
+                ports.insert(e.key.clone(), n);
+            }
+        }
+    }
+    let labels = f
+        .get("labels")
+        .and_then(|l| l.string_map(sink))
+        .unwrap_or_default();
+    let locality = match f.get("locality") {
+        Some(l) => l.string(sink).and_then(|s| {
+            let parsed = parse_locality(&s.value);
+            if parsed.is_none() {
+                sink.error(
+                    s.line,
+                    format!(
+                        "'{}': '{}' is not a locality (region/zone/subzone)",
+                        l.path, s.value
+                    ),
+                );
+            }
+            parsed
+        }),
+        None => Some(Locality::default()),
+    };
+    let weight = match f.get("weight") {
+        Some(w) => w.integer(sink).and_then(|n| match u32::try_from(n) {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                sink.error(
+                    w.line(),
+                    format!(
+                        "'{}': endpoint weight {n} must be between 1 and {}",
+                        w.path,
+                        u32::MAX
+                    ),
+                );
+                None
+            }
+        }),
+        None => Some(1),
+    };
+    if sink.count() != before {
+        return None;
+    }
+    Some(Workload {
+        address: address?,
+        ports,
+        labels,
+        locality: locality?,
+        weight: weight?,
+    })
+}
+
+/// `region/zone/subzone`, each part optional from the right.
+pub(crate) fn parse_locality(s: &str) -> Option<Locality> {
+    let parts: Vec<&str> = s.split('/').collect();
+    if parts.len() > 3 {
+        return None;
+    }
+    let part = |i: usize| Arc::from(parts.get(i).copied().unwrap_or(""));
+    Some(Locality {
+        region: part(0),
+        zone: part(1),
+        sub_zone: part(2),
+    })
+}

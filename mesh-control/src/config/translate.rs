@@ -1,0 +1,734 @@
+//! From resources and registrations to a snapshot of listeners, route
+//! configs, clusters and endpoints.
+//!
+//! The shape follows what Istio generates for a sidecar
+//! (<https://istio.io/latest/docs/ops/configuration/traffic-management/>),
+//! cut down to what a gRPC proxyless client reads (gRFC A27/A28): a service
+//! is a host with ports; each port gets a route config `<fqdn>:<port>` with
+//! one virtual host, clusters `outbound|<port>|<subset>|<fqdn>` (one for the
+//! whole port, one per DestinationRule subset) and their endpoints, grouped
+//! by locality. Listeners are the names an app dials.
+//!
+//! Problems that involve more than one resource are found here, so they are
+//! judged against the current set (and, at run time, the registrations): a
+//! VirtualService with such a problem is left out whole, and its hosts get
+//! the default route, rather than routing half of what the user wrote.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mesh_core::Snapshot;
+use mesh_core::model::{
+    Cluster, ClusterLoadAssignment, Endpoint, LbPolicy, Listener, Locality, LocalityEndpoints,
+    Name, Protocol, Route, RouteConfig, RouteMatch, VirtualHost, WeightedCluster, WeightedClusters,
+};
+
+use super::resources::{DestinationRule, Meta, Resource, Spec, VirtualService, Workload};
+use super::{Diagnostic, MeshOptions, Registration, ServiceInfo};
+
+/// The host a name stands for, seen from `namespace`: no dot →
+/// `<host>.<namespace>.<suffix>`; one dot (`<name>.<ns>`) → `<host>.<suffix>`;
+/// otherwise the name as is (Istio's short-name rule).
+pub(crate) fn resolve_host(host: &str, namespace: &str, suffix: &str) -> String {
+    let host = host.to_ascii_lowercase();
+    match host.matches('.').count() {
+        0 => format!("{host}.{namespace}.{suffix}"),
+        1 => format!("{host}.{suffix}"),
+        _ => host,
+    }
+}
+
+/// `(name, namespace)` of a `<name>.<ns>.<suffix>` host.
+pub(crate) fn cluster_local<'h>(fqdn: &'h str, suffix: &str) -> Option<(&'h str, &'h str)> {
+    let rest = fqdn.strip_suffix(suffix)?.strip_suffix('.')?;
+    let (name, ns) = rest.split_once('.')?;
+    (!name.is_empty() && !ns.is_empty() && !ns.contains('.')).then_some((name, ns))
+}
+
+/// The cluster name of a service port or one of its subsets.
+pub(crate) fn cluster_name(port: u16, subset: &str, fqdn: &str) -> String {
+    format!("outbound|{port}|{subset}|{fqdn}")
+}
+
+/// A port of a service.
+#[derive(Debug, Clone)]
+struct Port {
+    number: u16,
+    name: Option<String>,
+    protocol: Protocol,
+    target_port: Option<u16>,
+}
+
+/// One endpoint of one port of a service.
+#[derive(Debug, Clone)]
+struct Member {
+    port: u16,
+    address: SocketAddr,
+    labels: BTreeMap<String, String>,
+    locality: Locality,
+    weight: u32,
+}
+
+/// A host with ports and endpoints: declared by a ServiceEntry, or implied by
+/// registrations.
+#[derive(Debug, Clone)]
+struct Service {
+    fqdn: String,
+    namespace: String,
+    /// In declaration order; the first is the default port.
+    ports: Vec<Port>,
+    members: Vec<Member>,
+    /// The ServiceEntry and the line of its `ports`; `None` when implicit.
+    declared_by: Option<(Meta, usize)>,
+}
+
+impl Service {
+    fn has_port(&self, number: u16) -> bool {
+        self.ports.iter().any(|p| p.number == number)
+    }
+
+    fn port_list(&self) -> String {
+        let list: Vec<String> = self.ports.iter().map(|p| p.number.to_string()).collect();
+        list.join(", ")
+    }
+}
+
+fn unknown_host(fqdn: &str) -> String {
+    format!(
+        "host '{fqdn}' is not declared by any ServiceEntry or registered endpoint (declare it with a ServiceEntry, even without endpoints)"
+    )
+}
+
+/// Collects the services: ServiceEntry hosts (with their static endpoints and
+/// selected WorkloadEntries), then registrations.
+fn collect_services(
+    options: &MeshOptions,
+    resources: &[&Resource],
+    registrations: &[Registration],
+    diagnostics: &mut Vec<Diagnostic>,
+) -> BTreeMap<String, Service> {
+    let suffix = options.domain_suffix.as_str();
+    let mut services: BTreeMap<String, Service> = BTreeMap::new();
+    let workload_entries: Vec<(&Meta, &Workload)> = resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            Spec::WorkloadEntry(w) => Some((&r.meta, w)),
+            _ => None,
+        })
+        .collect();
+    for r in resources {
+        let Spec::ServiceEntry(se) = &r.spec else {
+            continue;
+        };
+        let ports: Vec<Port> = se
+            .ports
+            .iter()
+            .map(|p| Port {
+                number: p.number,
+                name: p.name.clone(),
+                protocol: p.protocol,
+                target_port: p.target_port,
+            })
+            .collect();
+        let mut workloads: Vec<&Workload> = se.endpoints.iter().collect();
+        if let Some(selector) = &se.selector {
+            workloads.extend(
+                workload_entries
+                    .iter()
+                    .filter(|(m, w)| {
+                        m.namespace == r.meta.namespace
+                            && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                    })
+                    .map(|(_, w)| *w),
+            );
+        }
+        let mut members = Vec::new();
+        for w in &workloads {
+            for p in &ports {
+                let target = p
+                    .name
+                    .as_ref()
+                    .and_then(|n| w.ports.get(n).copied())
+                    .or(p.target_port)
+                    .unwrap_or(p.number);
+                members.push(Member {
+                    port: p.number,
+                    address: SocketAddr::new(w.address, target),
+                    labels: w.labels.clone(),
+                    locality: w.locality.clone(),
+                    weight: w.weight,
+                });
+            }
+        }
+        for host in &se.hosts {
+            let fqdn = resolve_host(&host.value, &r.meta.namespace, suffix);
+            if let Some(existing) = services.get(&fqdn) {
+                let by = existing
+                    .declared_by
+                    .as_ref()
+                    .map(|(m, _)| format!("{m} at {}", m.location()))
+                    .unwrap_or_default();
+                diagnostics.push(r.meta.diagnostic(
+                    host.line,
+                    format!(
+                        "host '{fqdn}' is already declared by {by}; this declaration is ignored"
+                    ),
+                ));
+                continue;
+            }
+            let namespace = cluster_local(&fqdn, suffix)
+                .map(|(_, ns)| ns.to_string())
+                .unwrap_or_else(|| r.meta.namespace.clone());
+            services.insert(
+                fqdn.clone(),
+                Service {
+                    fqdn,
+                    namespace,
+                    ports: ports.clone(),
+                    members: members.clone(),
+                    declared_by: Some((r.meta.clone(), se.ports_line)),
+                },
+            );
+        }
+    }
+    let mut implicit = BTreeSet::new();
+    for reg in registrations {
+        let fqdn = resolve_host(&reg.service, &reg.namespace, suffix);
+        let member = |port: u16| Member {
+            port,
+            address: SocketAddr::new(reg.address, reg.port),
+            labels: reg.labels.clone(),
+            locality: reg.locality.clone(),
+            weight: 1,
+        };
+        match services.get_mut(&fqdn) {
+            Some(svc) if svc.declared_by.is_some() => match reg.service_port {
+                Some(sp) if svc.has_port(sp) => svc.members.push(member(sp)),
+                Some(sp) => {
+                    if let Some((meta, line)) = &svc.declared_by {
+                        diagnostics.push(meta.diagnostic(
+                            *line,
+                            format!(
+                                "endpoint {} registered for port {sp} of host '{fqdn}', which has only port(s) {}; it is not used",
+                                SocketAddr::new(reg.address, reg.port),
+                                svc.port_list()
+                            ),
+                        ));
+                    }
+                }
+                None => {
+                    let ports: Vec<u16> = svc.ports.iter().map(|p| p.number).collect();
+                    svc.members.extend(ports.into_iter().map(member));
+                }
+            },
+            Some(svc) => {
+                let port = reg.service_port.unwrap_or(80);
+                if !svc.has_port(port) {
+                    svc.ports.push(Port {
+                        number: port,
+                        name: None,
+                        protocol: reg.protocol.unwrap_or(Protocol::Http1),
+                        target_port: None,
+                    });
+                }
+                svc.members.push(member(port));
+            }
+            None => {
+                let port = reg.service_port.unwrap_or(80);
+                let namespace = cluster_local(&fqdn, suffix)
+                    .map(|(_, ns)| ns.to_string())
+                    .unwrap_or_else(|| reg.namespace.clone());
+                implicit.insert(fqdn.clone());
+                services.insert(
+                    fqdn.clone(),
+                    Service {
+                        fqdn,
+                        namespace,
+                        ports: vec![Port {
+                            number: port,
+                            name: None,
+                            protocol: reg.protocol.unwrap_or(Protocol::Http1),
+                            target_port: None,
+                        }],
+                        members: vec![member(port)],
+                        declared_by: None,
+                    },
+                );
+            }
+        }
+    }
+    // Registrations come in no particular order: an implicit service's ports
+    // are sorted so that its default port does not depend on it.
+    for fqdn in implicit {
+        if let Some(svc) = services.get_mut(&fqdn) {
+            svc.ports.sort_by_key(|p| p.number);
+        }
+    }
+    services
+}
+
+/// The DestinationRule of each host: the first one (in file order) wins.
+fn collect_rules<'r>(
+    options: &MeshOptions,
+    resources: &[&'r Resource],
+    services: &BTreeMap<String, Service>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> BTreeMap<String, (&'r Meta, &'r DestinationRule)> {
+    let mut rules: BTreeMap<String, (&Meta, &DestinationRule)> = BTreeMap::new();
+    for r in resources {
+        let Spec::DestinationRule(dr) = &r.spec else {
+            continue;
+        };
+        let fqdn = resolve_host(&dr.host.value, &r.meta.namespace, &options.domain_suffix);
+        if let Some((first, _)) = rules.get(&fqdn) {
+            diagnostics.push(r.meta.diagnostic(
+                dr.host.line,
+                format!(
+                    "host '{fqdn}' already has DestinationRule {}/{} at {}; this one is ignored",
+                    first.namespace,
+                    first.name,
+                    first.location()
+                ),
+            ));
+            continue;
+        }
+        if !services.contains_key(&fqdn) {
+            diagnostics.push(r.meta.diagnostic(dr.host.line, unknown_host(&fqdn)));
+        }
+        rules.insert(fqdn, (&r.meta, dr));
+    }
+    rules
+}
+
+/// Routes of one VirtualService for each (host, port) it serves.
+type RouteTable = BTreeMap<(String, u16), Vec<Route>>;
+
+/// Checks a VirtualService against the services and rules and, when it has no
+/// problem, translates its routes for each port of each of its hosts.
+fn translate_virtual_service(
+    options: &MeshOptions,
+    meta: &Meta,
+    vs: &VirtualService,
+    hosts: &[String],
+    services: &BTreeMap<String, Service>,
+    rules: &BTreeMap<String, (&Meta, &DestinationRule)>,
+    problems: &mut Vec<Diagnostic>,
+) -> RouteTable {
+    let suffix = options.domain_suffix.as_str();
+    let before = problems.len();
+    for (i, http) in vs.http.iter().enumerate() {
+        for (j, d) in http.route.iter().enumerate() {
+            let path = format!("http[{i}].route[{j}].destination");
+            let fqdn = resolve_host(&d.host.value, &meta.namespace, suffix);
+            let Some(svc) = services.get(&fqdn) else {
+                problems.push(meta.diagnostic(
+                    d.host.line,
+                    format!("'{path}.host': {}", unknown_host(&fqdn)),
+                ));
+                continue;
+            };
+            if let Some(p) = &d.port
+                && !svc.has_port(p.value)
+            {
+                problems.push(meta.diagnostic(
+                    p.line,
+                    format!(
+                        "'{path}.port.number': host '{fqdn}' has no port {} (its ports: {})",
+                        p.value,
+                        svc.port_list()
+                    ),
+                ));
+            }
+            if let Some(s) = &d.subset {
+                let message = match rules.get(&fqdn) {
+                    None => Some(format!(
+                        "'{path}.subset': subset '{}' is not defined: no DestinationRule for host '{fqdn}'",
+                        s.value
+                    )),
+                    Some((rm, rule)) if !rule.subsets.iter().any(|x| x.name.value == s.value) => {
+                        Some(format!(
+                            "'{path}.subset': subset '{}' is not defined by DestinationRule {}/{} at {}",
+                            s.value,
+                            rm.namespace,
+                            rm.name,
+                            rm.location()
+                        ))
+                    }
+                    Some(_) => None,
+                };
+                if let Some(m) = message {
+                    problems.push(meta.diagnostic(s.line, m));
+                }
+            }
+        }
+        for (k, m) in http.matches.iter().enumerate() {
+            if let Some(p) = &m.port {
+                let served = hosts
+                    .iter()
+                    .filter_map(|h| services.get(h))
+                    .any(|s| s.has_port(p.value));
+                if !served {
+                    problems.push(meta.diagnostic(
+                        p.line,
+                        format!(
+                            "'http[{i}].match[{k}].port': no host of this VirtualService has port {}",
+                            p.value
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    let mut table = RouteTable::new();
+    if problems.len() != before {
+        return table;
+    }
+    for fqdn in hosts {
+        let Some(svc) = services.get(fqdn) else {
+            continue;
+        };
+        for port in &svc.ports {
+            let routes = routes_for_port(options, meta, vs, port.number, services, problems);
+            table.insert((fqdn.clone(), port.number), routes);
+        }
+    }
+    table
+}
+
+/// The routes of `vs` that apply to `port` of its hosts, in order.
+fn routes_for_port(
+    options: &MeshOptions,
+    meta: &Meta,
+    vs: &VirtualService,
+    port: u16,
+    services: &BTreeMap<String, Service>,
+    problems: &mut Vec<Diagnostic>,
+) -> Vec<Route> {
+    let mut routes = Vec::new();
+    for (i, http) in vs.http.iter().enumerate() {
+        let matchers: Vec<RouteMatch> = if http.matches.is_empty() {
+            vec![RouteMatch::any()]
+        } else {
+            http.matches
+                .iter()
+                .filter(|m| m.port.as_ref().is_none_or(|p| p.value == port))
+                .map(|m| RouteMatch {
+                    path: m.path.clone(),
+                    headers: m.headers.clone().into(),
+                    query_params: m.query_params.clone().into(),
+                })
+                .collect()
+        };
+        if matchers.is_empty() {
+            continue;
+        }
+        let mut clusters = Vec::new();
+        for (j, d) in http.route.iter().enumerate() {
+            let fqdn = resolve_host(&d.host.value, &meta.namespace, &options.domain_suffix);
+            let Some(svc) = services.get(&fqdn) else {
+                continue;
+            };
+            let dest_port = match (&d.port, svc.ports.as_slice()) {
+                (Some(p), _) => p.value,
+                (None, [only]) => only.number,
+                (None, _) if svc.has_port(port) => port,
+                (None, _) => {
+                    problems.push(meta.diagnostic(
+                        d.line,
+                        format!(
+                            "'http[{i}].route[{j}].destination': host '{fqdn}' has several ports ({}) and none is {port}; set 'port.number'",
+                            svc.port_list()
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            let subset = d.subset.as_ref().map(|s| s.value.as_str()).unwrap_or("");
+            clusters.push(WeightedCluster {
+                name: Name::from(cluster_name(dest_port, subset, &fqdn)),
+                weight: d.weight,
+            });
+        }
+        let action = match clusters.as_slice() {
+            [] => continue,
+            [one] => WeightedClusters::single(one.name.clone()),
+            _ => match WeightedClusters::new(clusters) {
+                Ok(w) => w,
+                Err(e) => {
+                    problems.push(meta.diagnostic(http.line, format!("'http[{i}].route': {e}")));
+                    continue;
+                }
+            },
+        };
+        let name: Name = match &http.name {
+            Some(n) => Name::from(n.as_str()),
+            None => Name::from(format!("{}.{i}", meta.name)),
+        };
+        for matcher in matchers {
+            routes.push(Route {
+                name: name.clone(),
+                matcher,
+                action: action.clone(),
+            });
+        }
+    }
+    routes
+}
+
+/// The result of a translation.
+pub(crate) struct Translation {
+    pub(crate) snapshot: Snapshot,
+    pub(crate) diagnostics: Vec<Diagnostic>,
+}
+
+/// Translates `resources` (in file order) and `registrations`.
+pub(crate) fn translate(
+    options: &MeshOptions,
+    resources: &[&Resource],
+    registrations: &[Registration],
+) -> Translation {
+    let suffix = options.domain_suffix.as_str();
+    let mut diagnostics = Vec::new();
+    let services = collect_services(options, resources, registrations, &mut diagnostics);
+    let rules = collect_rules(options, resources, &services, &mut diagnostics);
+
+    // VirtualServices, in file order: the first to name a host routes it.
+    let mut claims: BTreeMap<String, &Meta> = BTreeMap::new();
+    let mut routed = RouteTable::new();
+    for r in resources {
+        let Spec::VirtualService(vs) = &r.spec else {
+            continue;
+        };
+        let mut problems = Vec::new();
+        let mut hosts = Vec::new();
+        for h in &vs.hosts {
+            let fqdn = resolve_host(&h.value, &r.meta.namespace, suffix);
+            if let Some(first) = claims.get(&fqdn) {
+                problems.push(r.meta.diagnostic(
+                    h.line,
+                    format!(
+                        "host '{fqdn}' already routed by VirtualService {}/{} at {}",
+                        first.namespace,
+                        first.name,
+                        first.location()
+                    ),
+                ));
+                continue;
+            }
+            claims.insert(fqdn.clone(), &r.meta);
+            if services.contains_key(&fqdn) {
+                hosts.push(fqdn);
+            } else {
+                problems.push(r.meta.diagnostic(h.line, unknown_host(&fqdn)));
+            }
+        }
+        let table = translate_virtual_service(
+            options,
+            &r.meta,
+            vs,
+            &hosts,
+            &services,
+            &rules,
+            &mut problems,
+        );
+        if problems.is_empty() {
+            routed.extend(table);
+        } else {
+            diagnostics.extend(problems);
+        }
+    }
+
+    let mut snapshot = Snapshot::default();
+    for svc in services.values() {
+        let fqdn = svc.fqdn.as_str();
+        let local = cluster_local(fqdn, suffix);
+        let rule = rules.get(fqdn).map(|(_, r)| *r);
+        let rule_lb = rule.and_then(|r| r.lb);
+        let Some(default_port) = svc.ports.first().map(|p| p.number) else {
+            continue;
+        };
+        for port in &svc.ports {
+            let p = port.number;
+            let is_default = p == default_port;
+            let rc_name = Name::from(format!("{fqdn}:{p}"));
+
+            let mut listener_names = vec![format!("{fqdn}:{p}")];
+            let mut domains = Vec::new();
+            if is_default {
+                listener_names.push(fqdn.to_string());
+                domains.push(fqdn.to_string());
+            }
+            domains.push(format!("{fqdn}:{p}"));
+            if let Some((name, ns)) = local {
+                listener_names.push(format!("{name}.{ns}:{p}"));
+                if is_default {
+                    listener_names.push(format!("{name}.{ns}"));
+                    domains.push(format!("{name}.{ns}"));
+                }
+                domains.push(format!("{name}.{ns}:{p}"));
+                if is_default {
+                    domains.push(name.to_string());
+                }
+                domains.push(format!("{name}:{p}"));
+            }
+            for l in listener_names {
+                let name = Name::from(l);
+                snapshot.listeners.insert(
+                    name.clone(),
+                    Arc::new(Listener {
+                        name,
+                        route_config_name: rc_name.clone(),
+                    }),
+                );
+            }
+
+            let base = cluster_name(p, "", fqdn);
+            let routes = match routed.get(&(fqdn.to_string(), p)) {
+                Some(r) if !r.is_empty() => r.clone(),
+                _ => vec![Route {
+                    name: Name::from("default"),
+                    matcher: RouteMatch::any(),
+                    action: WeightedClusters::single(base.as_str()),
+                }],
+            };
+            snapshot.route_configs.insert(
+                rc_name.clone(),
+                Arc::new(RouteConfig {
+                    name: rc_name.clone(),
+                    virtual_hosts: Arc::from([VirtualHost {
+                        name: rc_name.clone(),
+                        domains: domains.into_iter().map(Name::from).collect(),
+                        routes: routes.into(),
+                    }]),
+                }),
+            );
+
+            let members: Vec<&Member> = svc.members.iter().filter(|m| m.port == p).collect();
+            let mut add_cluster =
+                |name: String, lb: LbPolicy, labels: &BTreeMap<String, String>| {
+                    let name = Name::from(name);
+                    snapshot.clusters.insert(
+                        name.clone(),
+                        Arc::new(Cluster {
+                            name: name.clone(),
+                            eds_service_name: name.clone(),
+                            lb_policy: lb,
+                            protocol: port.protocol,
+                        }),
+                    );
+                    let selected = members
+                        .iter()
+                        .filter(|m| labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)))
+                        .copied();
+                    snapshot
+                        .endpoints
+                        .insert(name.clone(), Arc::new(load_assignment(name, selected)));
+                };
+            add_cluster(
+                base,
+                rule_lb.unwrap_or(LbPolicy::LeastRequest),
+                &BTreeMap::new(),
+            );
+            for subset in rule.map(|r| r.subsets.as_slice()).unwrap_or_default() {
+                add_cluster(
+                    cluster_name(p, &subset.name.value, fqdn),
+                    subset.lb.or(rule_lb).unwrap_or(LbPolicy::LeastRequest),
+                    &subset.labels,
+                );
+            }
+        }
+    }
+    diagnostics.sort();
+    diagnostics.dedup();
+    Translation {
+        snapshot,
+        diagnostics,
+    }
+}
+
+/// Endpoints grouped by locality; a locality weighs the sum of its endpoints'
+/// weights, as Istio computes it. An address seen twice is kept once (the
+/// first), since gRPC rejects duplicates.
+fn load_assignment<'m>(
+    name: Name,
+    members: impl Iterator<Item = &'m Member>,
+) -> ClusterLoadAssignment {
+    let mut seen = HashSet::new();
+    let mut by_locality: BTreeMap<Locality, Vec<Endpoint>> = BTreeMap::new();
+    for m in members {
+        if !seen.insert(m.address) {
+            continue;
+        }
+        by_locality
+            .entry(m.locality.clone())
+            .or_default()
+            .push(Endpoint {
+                address: m.address,
+                weight: m.weight.max(1),
+                labels: m
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (Name::from(k.as_str()), Name::from(v.as_str())))
+                    .collect(),
+            });
+    }
+    let localities: Vec<LocalityEndpoints> = by_locality
+        .into_iter()
+        .map(|(locality, endpoints)| {
+            let sum: u64 = endpoints.iter().map(|e| u64::from(e.weight)).sum();
+            LocalityEndpoints {
+                locality,
+                weight: u32::try_from(sum).unwrap_or(u32::MAX),
+                priority: 0,
+                endpoints: endpoints.into(),
+            }
+        })
+        .collect();
+    match ClusterLoadAssignment::new(name.clone(), localities) {
+        Ok(cla) => cla,
+        // Unreachable: weights are positive and addresses unique by construction.
+        Err(_) => ClusterLoadAssignment {
+            cluster_name: name,
+            localities: Arc::from([]),
+        },
+    }
+}
+
+/// The services known from `resources` and `registrations`, by host.
+pub(crate) fn services(
+    options: &MeshOptions,
+    resources: &[&Resource],
+    registrations: &[Registration],
+) -> Vec<ServiceInfo> {
+    let suffix = options.domain_suffix.as_str();
+    let mut ignored = Vec::new();
+    let services = collect_services(options, resources, registrations, &mut ignored);
+    services
+        .values()
+        .map(|svc| {
+            let fqdn = svc.fqdn.as_str();
+            let local = cluster_local(fqdn, suffix);
+            let mut dial_names = vec![fqdn.to_string()];
+            if let Some((name, ns)) = local {
+                dial_names.push(format!("{name}.{ns}"));
+                dial_names.push(name.to_string());
+            }
+            for p in &svc.ports {
+                dial_names.push(format!("{fqdn}:{}", p.number));
+                if let Some((name, ns)) = local {
+                    dial_names.push(format!("{name}.{ns}:{}", p.number));
+                    dial_names.push(format!("{name}:{}", p.number));
+                }
+            }
+            let endpoints: HashSet<SocketAddr> = svc.members.iter().map(|m| m.address).collect();
+            ServiceInfo {
+                host: svc.fqdn.clone(),
+                namespace: svc.namespace.clone(),
+                ports: svc.ports.iter().map(|p| (p.number, p.protocol)).collect(),
+                dial_names,
+                endpoints: endpoints.len(),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,277 @@
+//! Self-registered endpoints and their leases.
+//!
+//! Without Kubernetes there is no endpoint controller: a workload announces
+//! itself (`POST /v1/endpoints`), keeps its lease alive with heartbeats, and
+//! disappears from EDS when it deregisters or stops renewing. Like Consul's
+//! TTL checks, an expired lease removes the endpoint; the time is passed in so
+//! the rules are tested without a clock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use mesh_core::model::{Locality, Protocol};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Registration;
+
+/// Longest lease a workload may ask for; a dead workload must not linger for long.
+pub(crate) const MAX_TTL: Duration = Duration::from_secs(300);
+
+/// The JSON body of `POST /v1/endpoints`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RegisterRequest {
+    pub(crate) service: String,
+    #[serde(default)]
+    pub(crate) namespace: Option<String>,
+    pub(crate) address: String,
+    pub(crate) port: u16,
+    #[serde(default)]
+    pub(crate) service_port: Option<u16>,
+    #[serde(default)]
+    pub(crate) protocol: Option<String>,
+    #[serde(default)]
+    pub(crate) labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) locality: Option<String>,
+    pub(crate) ttl_seconds: u64,
+}
+
+/// The answer to a registration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Lease {
+    pub(crate) lease_id: String,
+    pub(crate) ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    registration: Registration,
+    ttl: Duration,
+    expires: Instant,
+}
+
+/// Registered endpoints by lease id.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    leases: HashMap<String, Entry>,
+    next_id: u64,
+}
+
+impl Registry {
+    /// Validates and records a registration; returns its lease. Errors are
+    /// the 400 message.
+    pub(crate) fn register(
+        &mut self,
+        req: RegisterRequest,
+        now: Instant,
+        lease_salt: u64,
+    ) -> Result<Lease, String> {
+        let registration = validate(req.clone())?;
+        if req.ttl_seconds == 0 {
+            return Err("ttl_seconds must be at least 1".into());
+        }
+        let ttl = Duration::from_secs(req.ttl_seconds).min(MAX_TTL);
+        if let Some((id, _)) = self.leases.iter().find(|(_, e)| {
+            e.registration.address == registration.address
+                && e.registration.port == registration.port
+                && e.registration.service == registration.service
+                && e.registration.namespace == registration.namespace
+        }) {
+            return Err(format!(
+                "{}:{} is already registered for service {:?} under lease {id}; renew or delete that lease",
+                registration.address, registration.port, registration.service
+            ));
+        }
+        self.next_id += 1;
+        let lease_id = format!("{:x}-{:x}", self.next_id, lease_salt & 0xffff_ffff);
+        self.leases.insert(
+            lease_id.clone(),
+            Entry {
+                registration,
+                ttl,
+                expires: now + ttl,
+            },
+        );
+        Ok(Lease {
+            lease_id,
+            ttl_seconds: ttl.as_secs(),
+        })
+    }
+
+    /// Extends a lease by its TTL. False when unknown (expired or deleted).
+    pub(crate) fn renew(&mut self, lease_id: &str, now: Instant) -> bool {
+        match self.leases.get_mut(lease_id) {
+            Some(e) => {
+                e.expires = now + e.ttl;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes a lease. False when unknown.
+    pub(crate) fn remove(&mut self, lease_id: &str) -> bool {
+        self.leases.remove(lease_id).is_some()
+    }
+
+    /// Drops expired leases; true when any was dropped.
+    pub(crate) fn expire(&mut self, now: Instant) -> bool {
+        let before = self.leases.len();
+        self.leases.retain(|_, e| e.expires > now);
+        self.leases.len() != before
+    }
+
+    /// The live registrations, in a stable order.
+    pub(crate) fn registrations(&self) -> Vec<Registration> {
+        let mut ids: Vec<&String> = self.leases.keys().collect();
+        ids.sort();
+        ids.into_iter()
+            .filter_map(|id| self.leases.get(id))
+            .map(|e| e.registration.clone())
+            .collect()
+    }
+}
+
+fn validate(req: RegisterRequest) -> Result<Registration, String> {
+    if req.service.is_empty() {
+        return Err("service must not be empty".into());
+    }
+    if !req
+        .service
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Err(format!(
+            "service {:?}: only letters, digits, '-' and '.' are allowed",
+            req.service
+        ));
+    }
+    let address: IpAddr = req.address.parse().map_err(|_| {
+        format!(
+            "address {:?} is not an IP address (hostnames are not resolved)",
+            req.address
+        )
+    })?;
+    if address.is_unspecified() {
+        return Err(format!(
+            "address {address} is unspecified; register the address clients should dial"
+        ));
+    }
+    if req.port == 0 {
+        return Err("port must be between 1 and 65535".into());
+    }
+    if req.service_port == Some(0) {
+        return Err("service_port must be between 1 and 65535".into());
+    }
+    let protocol = match req
+        .protocol
+        .as_deref()
+        .map(str::to_ascii_uppercase)
+        .as_deref()
+    {
+        None => None,
+        Some("HTTP") | Some("HTTP1") => Some(Protocol::Http1),
+        Some("HTTP2") => Some(Protocol::Http2),
+        Some("GRPC") => Some(Protocol::Grpc),
+        Some(other) => {
+            return Err(format!(
+                "protocol {other:?} is not supported; use HTTP, HTTP2 or GRPC"
+            ));
+        }
+    };
+    let locality = match req.locality.as_deref() {
+        None | Some("") => Locality::default(),
+        Some(s) => {
+            let mut parts = s.split('/');
+            let mut next = || parts.next().unwrap_or("").into();
+            Locality {
+                region: next(),
+                zone: next(),
+                sub_zone: next(),
+            }
+        }
+    };
+    Ok(Registration {
+        service: req.service,
+        namespace: req
+            .namespace
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        address,
+        port: req.port,
+        service_port: req.service_port,
+        protocol,
+        labels: req.labels,
+        locality,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(port: u16, ttl: u64) -> RegisterRequest {
+        RegisterRequest {
+            service: "catalog".into(),
+            namespace: Some("shop".into()),
+            address: "127.0.0.1".into(),
+            port,
+            service_port: None,
+            protocol: Some("grpc".into()),
+            labels: BTreeMap::from([("version".into(), "v1".into())]),
+            locality: Some("eu/z1".into()),
+            ttl_seconds: ttl,
+        }
+    }
+
+    #[test]
+    fn lease_lifecycle() {
+        let t0 = Instant::now();
+        let mut r = Registry::default();
+        let lease = r.register(req(1000, 2), t0, 7).unwrap();
+        assert_eq!(lease.ttl_seconds, 2);
+        let regs = r.registrations();
+        assert_eq!(regs.len(), 1);
+        assert_eq!(regs[0].protocol, Some(Protocol::Grpc));
+        assert_eq!(&*regs[0].locality.zone, "z1");
+        // Renewed at 1.5 s: still alive at 3 s, gone at 3.6 s.
+        assert!(r.renew(&lease.lease_id, t0 + Duration::from_millis(1500)));
+        assert!(!r.expire(t0 + Duration::from_secs(3)));
+        assert!(r.expire(t0 + Duration::from_millis(3600)));
+        assert!(r.registrations().is_empty());
+        assert!(
+            !r.renew(&lease.lease_id, t0),
+            "an expired lease cannot be renewed"
+        );
+    }
+
+    #[test]
+    fn duplicates_and_bad_input_are_refused_with_reasons() {
+        let t0 = Instant::now();
+        let mut r = Registry::default();
+        let lease = r.register(req(1000, 5), t0, 1).unwrap();
+        let dup = r.register(req(1000, 5), t0, 2).unwrap_err();
+        assert!(dup.contains("already registered"), "{dup}");
+        assert!(r.remove(&lease.lease_id));
+        assert!(!r.remove(&lease.lease_id));
+
+        let mut bad = req(1000, 5);
+        bad.address = "catalog.local".into();
+        assert!(r.register(bad, t0, 3).unwrap_err().contains("not an IP"));
+        let mut bad = req(1000, 5);
+        bad.protocol = Some("tcp".into());
+        assert!(
+            r.register(bad, t0, 3)
+                .unwrap_err()
+                .contains("not supported")
+        );
+        assert!(
+            r.register(req(0, 5), t0, 3)
+                .unwrap_err()
+                .contains("port must be")
+        );
+        assert!(r.register(req(1, 0), t0, 3).unwrap_err().contains("ttl"));
+    }
+}

@@ -1,0 +1,159 @@
+//! The control server's shared state: the YAML store, the registry, the
+//! snapshot being served and what each connected client has acknowledged.
+//!
+//! Everything that changes config funnels through [`Shared::rebuild`], which
+//! translates, encodes and publishes one new immutable [`Served`] value on a
+//! watch channel; ADS streams only read it. Locks here are held briefly and
+//! never across an await.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
+
+use mesh_core::Snapshot;
+use mesh_core::xds::Any;
+use mesh_core::xds::ResourceType;
+use tokio::sync::watch;
+
+use crate::ads::{encode_all, type_index};
+use crate::config::{ConfigStore, Diagnostic};
+use crate::registry::Registry;
+
+/// A mutex whose poisoning is ignored: the data behind it is replaced
+/// wholesale, so a panic elsewhere cannot leave it half-written.
+#[derive(Debug, Default)]
+pub(crate) struct Locked<T>(Mutex<T>);
+
+impl<T> Locked<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Locked(Mutex::new(value))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One published config: the model, and each resource encoded once.
+#[derive(Debug, Default)]
+pub(crate) struct Served {
+    pub(crate) version: u64,
+    pub(crate) snapshot: Snapshot,
+    pub(crate) resources: [BTreeMap<String, Any>; 4],
+}
+
+/// Counters for `/metrics`-style reporting in `/status`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) pushes: AtomicU64,
+    pub(crate) nacks: AtomicU64,
+    pub(crate) registrations: AtomicU64,
+    pub(crate) reloads: AtomicU64,
+}
+
+/// What `/status` shows for one ADS client.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ClientStatus {
+    pub(crate) node_id: String,
+    pub(crate) namespace: String,
+    pub(crate) user_agent: String,
+    pub(crate) connected_at: Option<SystemTime>,
+    pub(crate) types: BTreeMap<String, TypeStatus>,
+}
+
+/// Per client and type: versions sent and acknowledged, the last NACK.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TypeStatus {
+    pub(crate) subscribed: Vec<String>,
+    pub(crate) sent_version: String,
+    pub(crate) acked_version: String,
+    pub(crate) last_nack: Option<NackInfo>,
+    pub(crate) last_push: Option<Instant>,
+}
+
+/// A rejected response.
+#[derive(Debug, Clone)]
+pub(crate) struct NackInfo {
+    pub(crate) version: String,
+    pub(crate) nonce: String,
+    pub(crate) message: String,
+    pub(crate) at: SystemTime,
+}
+
+/// Everything the tasks of one control server share.
+pub(crate) struct Shared {
+    pub(crate) served: watch::Sender<Arc<Served>>,
+    pub(crate) clients: Locked<BTreeMap<u64, ClientStatus>>,
+    pub(crate) store: Locked<ConfigStore>,
+    pub(crate) registry: Locked<Registry>,
+    /// Problems of the last YAML load and of the last translation.
+    pub(crate) diagnostics: Locked<(Vec<Diagnostic>, Vec<Diagnostic>)>,
+    /// Raw resources served instead of the translated ones (test hook).
+    pub(crate) raw: Locked<Vec<(ResourceType, String, Any)>>,
+    pub(crate) config_dir: Option<PathBuf>,
+    pub(crate) metrics: Counters,
+    next_client: AtomicU64,
+    rebuild_lock: Mutex<()>,
+}
+
+impl Shared {
+    pub(crate) fn new(store: ConfigStore, config_dir: Option<PathBuf>) -> Self {
+        let (served, _) = watch::channel(Arc::new(Served::default()));
+        Shared {
+            served,
+            clients: Locked::default(),
+            store: Locked::new(store),
+            registry: Locked::default(),
+            diagnostics: Locked::default(),
+            raw: Locked::default(),
+            config_dir,
+            metrics: Counters::default(),
+            next_client: AtomicU64::new(1),
+            rebuild_lock: Mutex::new(()),
+        }
+    }
+
+    pub(crate) fn next_client_id(&self) -> u64 {
+        self.next_client.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Re-reads the config directory (if any); logs each problem as
+    /// `file:line: message`. Invalid resources keep their last good version.
+    pub(crate) fn reload(&self) {
+        let Some(dir) = &self.config_dir else { return };
+        let diagnostics = self.store.lock().load_dir(dir);
+        for d in &diagnostics {
+            tracing::warn!("{d}");
+        }
+        self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+        self.diagnostics.lock().0 = diagnostics;
+        self.rebuild();
+    }
+
+    /// Translates the current resources and registrations and publishes the
+    /// result, with a new version, if anything a client can see changed.
+    pub(crate) fn rebuild(&self) {
+        let _serialized = self.rebuild_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let registrations = self.registry.lock().registrations();
+        let (snapshot, diagnostics) = self.store.lock().snapshot(&registrations);
+        for d in &diagnostics {
+            tracing::warn!("{d}");
+        }
+        self.diagnostics.lock().1 = diagnostics;
+        let mut resources = encode_all(&snapshot);
+        for (t, name, any) in self.raw.lock().iter() {
+            resources[type_index(*t)].insert(name.clone(), any.clone());
+        }
+        let current = self.served.borrow().clone();
+        if current.version > 0 && current.resources == resources {
+            return;
+        }
+        self.served.send_replace(Arc::new(Served {
+            version: current.version + 1,
+            snapshot,
+            resources,
+        }));
+    }
+}

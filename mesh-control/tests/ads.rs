@@ -1,0 +1,399 @@
+//! The ADS server as a raw xDS client sees it: SotW answers for every
+//! subscription, short-name resolution by namespace, ACK/NACK bookkeeping in
+//! `/status`, and EDS pushes driven by registrations and lease expiry.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use mesh_core::xds;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+const CONFIG: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: catalog, namespace: shop}
+spec:
+  hosts: [catalog]
+  resolution: STATIC
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  endpoints:
+  - address: 127.0.0.1
+    ports: {http: 9001}
+    labels: {version: v1}
+"#;
+
+struct Ads {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    rx: tonic::Streaming<DiscoveryResponse>,
+    node: Node,
+}
+
+impl Ads {
+    async fn connect(addr: SocketAddr, node_id: &str, namespace: &str) -> Ads {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect to ADS");
+        let (tx, rx) = mpsc::channel(8);
+        let stream = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .expect("open ADS stream")
+            .into_inner();
+        let metadata = Struct {
+            fields: [(
+                "NAMESPACE".to_string(),
+                Value {
+                    kind: Some(Kind::StringValue(namespace.into())),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        Ads {
+            tx,
+            rx: stream,
+            node: Node {
+                id: node_id.into(),
+                user_agent_name: "raw-test".into(),
+                metadata: Some(metadata),
+                ..Node::default()
+            },
+        }
+    }
+
+    async fn send(
+        &self,
+        type_url: &str,
+        names: &[&str],
+        version: &str,
+        nonce: &str,
+        error: Option<&str>,
+    ) {
+        self.tx
+            .send(DiscoveryRequest {
+                node: Some(self.node.clone()),
+                type_url: type_url.into(),
+                resource_names: names.iter().map(|s| s.to_string()).collect(),
+                version_info: version.into(),
+                response_nonce: nonce.into(),
+                error_detail: error.map(|m| RpcStatus {
+                    code: 3,
+                    message: m.into(),
+                    details: vec![],
+                }),
+                ..DiscoveryRequest::default()
+            })
+            .await
+            .expect("send request");
+    }
+
+    async fn recv(&mut self) -> DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.next())
+            .await
+            .expect("a response within 10 s")
+            .expect("stream open")
+            .expect("no error")
+    }
+}
+
+async fn admin(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+async fn start(config: &str) -> (tempfile::TempDir, mesh_control::ServerHandle) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), config).unwrap();
+    let server = mesh_control::Server::builder()
+        .config_dir(dir.path())
+        .lease_check_interval(Duration::from_millis(20))
+        .start()
+        .await
+        .expect("start control server");
+    (dir, server)
+}
+
+#[tokio::test]
+async fn every_subscription_is_answered_and_short_names_follow_the_namespace() {
+    let (_dir, server) = start(CONFIG).await;
+    let mut ads = Ads::connect(server.xds_addr(), "t-1", "shop").await;
+    ads.send(
+        xds::LISTENER_TYPE,
+        &["catalog", "nope", "catalog.shop.svc.cluster.local:80"],
+        "",
+        "",
+        None,
+    )
+    .await;
+    let lds = ads.recv().await;
+    let names: Vec<String> = lds
+        .resources
+        .iter()
+        .filter_map(xds::resource_name)
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "the missing name is absent, so it does not exist: {names:?}"
+    );
+    assert!(names.contains(&"catalog".to_string()));
+    let short = lds
+        .resources
+        .iter()
+        .map(|a| xds::decode_listener(a).unwrap())
+        .find(|l| &*l.name == "catalog")
+        .unwrap();
+    assert_eq!(
+        &*short.route_config_name,
+        "catalog.shop.svc.cluster.local:80"
+    );
+
+    // A client in another namespace does not see `catalog` by its short name.
+    let mut other = Ads::connect(server.xds_addr(), "t-2", "default").await;
+    other
+        .send(xds::LISTENER_TYPE, &["catalog"], "", "", None)
+        .await;
+    assert!(other.recv().await.resources.is_empty());
+
+    // ACK, then the status shows it.
+    ads.send(
+        xds::LISTENER_TYPE,
+        &["catalog", "nope", "catalog.shop.svc.cluster.local:80"],
+        &lds.version_info,
+        &lds.nonce,
+        None,
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = server.status();
+        let client = status["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["node_id"] == "t-1")
+            .cloned();
+        if let Some(c) = client
+            && c["types"]["LDS"]["acked"] == true
+        {
+            assert_eq!(c["namespace"], "shop");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ACK in status: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_nack_is_recorded_with_its_reason() {
+    let (_dir, server) = start(CONFIG).await;
+    let mut ads = Ads::connect(server.xds_addr(), "nacker", "shop").await;
+    ads.send(
+        xds::CLUSTER_TYPE,
+        &["outbound|80||catalog.shop.svc.cluster.local"],
+        "",
+        "",
+        None,
+    )
+    .await;
+    let cds = ads.recv().await;
+    assert_eq!(cds.resources.len(), 1);
+    ads.send(
+        xds::CLUSTER_TYPE,
+        &["outbound|80||catalog.shop.svc.cluster.local"],
+        "",
+        &cds.nonce,
+        Some("cluster x: lb policy not supported"),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, status) = admin(server.admin_addr(), "GET", "/status", "").await;
+        assert_eq!(code, 200);
+        let nack = status["clients"][0]["types"]["CDS"]["last_nack"]["message"].clone();
+        if nack == "cluster x: lb policy not supported" {
+            assert_eq!(status["clients"][0]["types"]["CDS"]["acked"], false);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no NACK in status: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn registrations_and_expired_leases_drive_eds() {
+    let (_dir, server) = start(CONFIG).await;
+    let cluster = "outbound|80||catalog.shop.svc.cluster.local";
+    let mut ads = Ads::connect(server.xds_addr(), "eds", "shop").await;
+    ads.send(xds::ENDPOINT_TYPE, &[cluster], "", "", None).await;
+    let first = ads.recv().await;
+    let cla = xds::decode_endpoints(&first.resources[0]).unwrap();
+    assert_eq!(
+        cla.endpoint_count(),
+        1,
+        "the ServiceEntry's static endpoint"
+    );
+    ads.send(
+        xds::ENDPOINT_TYPE,
+        &[cluster],
+        &first.version_info,
+        &first.nonce,
+        None,
+    )
+    .await;
+
+    let (code, lease) = admin(
+        server.admin_addr(),
+        "POST",
+        "/v1/endpoints",
+        r#"{"service":"catalog","namespace":"shop","address":"127.0.0.2","port":9002,"labels":{"version":"v2"},"ttl_seconds":1}"#,
+    )
+    .await;
+    assert_eq!(code, 201, "{lease}");
+    let pushed = ads.recv().await;
+    assert_eq!(
+        xds::decode_endpoints(&pushed.resources[0])
+            .unwrap()
+            .endpoint_count(),
+        2
+    );
+    ads.send(
+        xds::ENDPOINT_TYPE,
+        &[cluster],
+        &pushed.version_info,
+        &pushed.nonce,
+        None,
+    )
+    .await;
+
+    // Not renewed: the lease expires after 1 s and EDS drops the endpoint.
+    let expired = ads.recv().await;
+    assert_eq!(
+        xds::decode_endpoints(&expired.resources[0])
+            .unwrap()
+            .endpoint_count(),
+        1
+    );
+    let id = lease["lease_id"].as_str().unwrap();
+    let (code, body) = admin(
+        server.admin_addr(),
+        "PUT",
+        &format!("/v1/endpoints/{id}"),
+        "",
+    )
+    .await;
+    assert_eq!(code, 404, "an expired lease cannot be renewed: {body}");
+
+    // Malformed registrations get a 4xx with the reason.
+    let (code, body) = admin(
+        server.admin_addr(),
+        "POST",
+        "/v1/endpoints",
+        r#"{"service":"catalog"}"#,
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("address"),
+        "{body}"
+    );
+    let (code, body) = admin(
+        server.admin_addr(),
+        "POST",
+        "/v1/endpoints",
+        r#"{"service":"catalog","address":"not-an-ip","port":1,"ttl_seconds":5}"#,
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("not an IP"),
+        "{body}"
+    );
+
+    // /v1/services lists the service and its dial names.
+    let (code, services) = admin(server.admin_addr(), "GET", "/v1/services", "").await;
+    assert_eq!(code, 200);
+    let catalog = services["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["host"] == "catalog.shop.svc.cluster.local")
+        .cloned()
+        .unwrap_or_else(|| panic!("catalog not listed: {services}"));
+    let names: Vec<&str> = catalog["dial_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(names.contains(&"catalog.shop"), "{names:?}");
+}
+
+#[tokio::test]
+async fn an_invalid_file_change_keeps_the_last_good_config() {
+    let (dir, server) = start(CONFIG).await;
+    let good = server.version();
+    let mut ads = Ads::connect(server.xds_addr(), "w", "shop").await;
+    ads.send(xds::LISTENER_TYPE, &["catalog.shop"], "", "", None)
+        .await;
+    let lds = ads.recv().await;
+    assert_eq!(lds.resources.len(), 1);
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        CONFIG.replace("hosts: [catalog]", "hosts: [catalog]\n  bogus: 1"),
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = server.status();
+        let diags = status["diagnostics"].as_array().unwrap();
+        if diags
+            .iter()
+            .any(|d| d.as_str().unwrap_or("").contains("bogus"))
+        {
+            assert!(
+                diags[0].as_str().unwrap().contains("mesh.yaml:"),
+                "{diags:?}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "invalid change not reported: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.version(), good, "nothing a client sees changed");
+}

@@ -1,0 +1,681 @@
+//! The ADS state machine, sans-io: subscriptions, versions, nonces, ACK/NACK
+//! and the LDS → RDS → CDS → EDS cascade of state-of-the-world aggregated xDS.
+//!
+//! No tokio and no sockets here: the driver ([`crate::XdsClient`]) feeds events
+//! in ([`AdsState::on_connected`], [`AdsState::on_response`],
+//! [`AdsState::subscribe`]) and sends the requests they return, so every
+//! protocol rule is unit-tested without a runtime (the shape of grpc-rust's
+//! `xds-client` worker and junction-core's ADS state).
+//!
+//! The rules, from the xDS REST and gRPC protocol document
+//! (<https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol>) and
+//! gRFC A27 / A46:
+//! - The first request of a type on a stream carries no nonce; on a new stream
+//!   it carries the last accepted `version_info` of that type.
+//! - ACK: `version_info` of the accepted response and its nonce. NACK: the last
+//!   accepted `version_info`, the rejected nonce, and `error_detail`
+//!   (google.rpc.Status INVALID_ARGUMENT naming each bad resource and why).
+//! - gRFC A46: a response with some invalid resources is NACKed as a whole, yet
+//!   its valid resources are used; an invalid resource keeps its previously
+//!   accepted version.
+//! - SotW: an LDS or CDS response lists every subscribed resource that exists,
+//!   so a subscribed name it lacks does not exist (a listener becomes
+//!   "missing" at once; a cluster is removed). RDS and EDS responses may carry
+//!   a subset: absence deletes nothing. With the `ignore_resource_deletion`
+//!   server feature (gRFC A53) previously received resources are kept.
+//! - Subscriptions cascade: RDS names are the route configs of the accepted
+//!   listeners, CDS the clusters of the accepted route configs, EDS the EDS
+//!   service names of the accepted clusters. A change of a set is a new request
+//!   of that type; resources no longer subscribed are dropped.
+//!
+//! A response lacking a name only proves the name does not exist if the server
+//! had seen the name when it answered. SotW responses do not say which request
+//! they answer, so the subscription sets sent and not yet answered are queued
+//! and matched to responses in order (a server answers every change of
+//! `resource_names`); a response naming something newer than the queue head
+//! answers a later request.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::rpc::Status;
+use mesh_core::Snapshot;
+use mesh_core::model::{Cluster, ClusterLoadAssignment, Listener, Name, RouteConfig};
+use mesh_core::snapshot::ListenerLookup;
+use mesh_core::xds::{self, Any, ResourceType};
+
+/// google.rpc.Code INVALID_ARGUMENT, the code of a NACK's `error_detail`.
+const INVALID_ARGUMENT: i32 = 3;
+/// Bound on remembered unanswered subscription changes per type.
+const MAX_UNANSWERED: usize = 32;
+
+const TYPES: [ResourceType; 4] = [
+    ResourceType::Listener,
+    ResourceType::RouteConfig,
+    ResourceType::Cluster,
+    ResourceType::Endpoints,
+];
+
+fn index(t: ResourceType) -> usize {
+    match t {
+        ResourceType::Listener => 0,
+        ResourceType::RouteConfig => 1,
+        ResourceType::Cluster => 2,
+        ResourceType::Endpoints => 3,
+    }
+}
+
+/// What the client knows beyond the snapshot: clusters the server said do
+/// not exist, and resources it rejected without an earlier valid version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncStatus {
+    missing_clusters: BTreeSet<Name>,
+    rejected: [BTreeMap<Name, Arc<str>>; 4],
+}
+
+impl SyncStatus {
+    /// Whether the last CDS response said this subscribed cluster does not exist.
+    pub fn is_cluster_missing(&self, name: &str) -> bool {
+        self.missing_clusters.contains(name)
+    }
+
+    /// Why the resource was rejected (NACKed), if its last version was.
+    pub fn rejection(&self, kind: ResourceType, name: &str) -> Option<&str> {
+        self.rejected[index(kind)].get(name).map(|s| &**s)
+    }
+
+    /// Every rejected resource: kind, name, reason.
+    pub fn rejected(&self) -> impl Iterator<Item = (ResourceType, &str, &str)> {
+        TYPES
+            .iter()
+            .zip(self.rejected.iter())
+            .flat_map(|(t, m)| m.iter().map(move |(name, why)| (*t, &**name, &**why)))
+    }
+}
+
+/// Whether a listener and everything it needs to route have arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// The listener, its route config, and every cluster it names (with its
+    /// endpoints) are present; clusters the server said do not exist or
+    /// rejected count as settled.
+    Ready,
+    /// The control server said the listener does not exist.
+    Missing,
+    /// The listener or its route config was rejected and no valid version exists.
+    Rejected(String),
+    /// Still waiting for the server.
+    Pending,
+}
+
+/// The readiness of listener `name` in a published snapshot and status.
+pub fn readiness(snapshot: &Snapshot, status: &SyncStatus, name: &str) -> Readiness {
+    let listener = match snapshot.listener_for(name) {
+        ListenerLookup::Missing => return Readiness::Missing,
+        ListenerLookup::Unknown => {
+            return match status.rejection(ResourceType::Listener, name) {
+                Some(why) => Readiness::Rejected(why.to_owned()),
+                None => Readiness::Pending,
+            };
+        }
+        ListenerLookup::Found(l) => l,
+    };
+    let Some(rc) = snapshot.route_configs.get(&*listener.route_config_name) else {
+        return match status.rejection(ResourceType::RouteConfig, &listener.route_config_name) {
+            Some(why) => Readiness::Rejected(why.to_owned()),
+            None => Readiness::Pending,
+        };
+    };
+    let clusters = rc
+        .virtual_hosts
+        .iter()
+        .flat_map(|vh| vh.routes.iter())
+        .flat_map(|r| r.action.clusters().iter());
+    for wc in clusters {
+        match snapshot.clusters.get(&*wc.name) {
+            Some(c) => {
+                if !snapshot.endpoints.contains_key(&*c.eds_service_name)
+                    && status
+                        .rejection(ResourceType::Endpoints, &c.eds_service_name)
+                        .is_none()
+                {
+                    return Readiness::Pending;
+                }
+            }
+            None => {
+                if !status.is_cluster_missing(&wc.name)
+                    && status.rejection(ResourceType::Cluster, &wc.name).is_none()
+                {
+                    return Readiness::Pending;
+                }
+            }
+        }
+    }
+    Readiness::Ready
+}
+
+/// Per-type protocol state.
+#[derive(Debug, Default)]
+struct TypeState {
+    /// Names subscribed now.
+    subscribed: BTreeSet<Name>,
+    /// Last accepted `version_info` (kept across streams).
+    version: String,
+    /// Nonce of the latest response on this stream.
+    nonce: String,
+    /// Names of the last request sent on this stream; `None` before the first.
+    sent: Option<BTreeSet<Name>>,
+    /// Subscription sets sent on this stream and not yet answered, oldest first.
+    unanswered: VecDeque<BTreeSet<Name>>,
+}
+
+enum Decoded {
+    Listener(Listener),
+    RouteConfig(RouteConfig),
+    Cluster(Cluster),
+    Endpoints(ClusterLoadAssignment),
+}
+
+fn decode(kind: ResourceType, any: &Any) -> Result<(Name, Decoded), mesh_core::Error> {
+    Ok(match kind {
+        ResourceType::Listener => {
+            let l = xds::decode_listener(any)?;
+            (l.name.clone(), Decoded::Listener(l))
+        }
+        ResourceType::RouteConfig => {
+            let r = xds::decode_route_config(any)?;
+            (r.name.clone(), Decoded::RouteConfig(r))
+        }
+        ResourceType::Cluster => {
+            let c = xds::decode_cluster(any)?;
+            (c.name.clone(), Decoded::Cluster(c))
+        }
+        ResourceType::Endpoints => {
+            let e = xds::decode_endpoints(any)?;
+            (e.cluster_name.clone(), Decoded::Endpoints(e))
+        }
+    })
+}
+
+/// Inserts `value` under `name` unless an equal value is there; true if it changed.
+fn upsert<T: PartialEq>(map: &mut BTreeMap<Name, Arc<T>>, name: Name, value: T) -> bool {
+    match map.get(&name) {
+        Some(old) if **old == value => false,
+        _ => {
+            map.insert(name, Arc::new(value));
+            true
+        }
+    }
+}
+
+/// The ADS client state machine for one node.
+#[derive(Debug)]
+pub struct AdsState {
+    node: Node,
+    send_node: bool,
+    connected: bool,
+    ignore_resource_deletion: bool,
+    keep_raw: bool,
+    received: bool,
+    types: [TypeState; 4],
+    snapshot: Snapshot,
+    status: SyncStatus,
+    raw: [BTreeMap<Name, Any>; 4],
+    changed: bool,
+    pending: Vec<DiscoveryRequest>,
+}
+
+impl AdsState {
+    /// A state machine for `node` (sent in the first request of each stream),
+    /// with nothing subscribed and no stream.
+    pub fn new(node: Node) -> Self {
+        AdsState {
+            node,
+            send_node: true,
+            connected: false,
+            ignore_resource_deletion: false,
+            keep_raw: false,
+            received: false,
+            types: Default::default(),
+            snapshot: Snapshot::default(),
+            status: SyncStatus::default(),
+            raw: Default::default(),
+            changed: false,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Keeps previously received listeners and clusters that a response
+    /// lacks (the `ignore_resource_deletion` server feature, gRFC A53).
+    pub fn ignore_resource_deletion(mut self, ignore: bool) -> Self {
+        self.ignore_resource_deletion = ignore;
+        self
+    }
+
+    /// Keeps the raw accepted resources, for [`AdsState::cached_responses`].
+    pub fn keep_raw(mut self, keep: bool) -> Self {
+        self.keep_raw = keep;
+        self
+    }
+
+    /// Subscribes to a listener name. Returns whether it is new; when a stream
+    /// is up, the LDS request with the new name is queued for
+    /// [`AdsState::pending_requests`].
+    pub fn subscribe(&mut self, listener_name: &str) -> bool {
+        let i = index(ResourceType::Listener);
+        if self.types[i].subscribed.contains(listener_name) {
+            return false;
+        }
+        self.types[i].subscribed.insert(Name::from(listener_name));
+        if self.connected {
+            let req = self.request(i, None);
+            self.pending.push(req);
+        }
+        true
+    }
+
+    /// The listener names subscribed.
+    pub fn listener_names(&self) -> &BTreeSet<Name> {
+        &self.types[index(ResourceType::Listener)].subscribed
+    }
+
+    /// The names subscribed for a type.
+    pub fn subscription(&self, kind: ResourceType) -> &BTreeSet<Name> {
+        &self.types[index(kind)].subscribed
+    }
+
+    /// The last accepted `version_info` of a type.
+    pub fn version(&self, kind: ResourceType) -> &str {
+        &self.types[index(kind)].version
+    }
+
+    /// A new stream is up: the initial request of every type with a non-empty
+    /// subscription (no nonce, the last accepted version), LDS first.
+    pub fn on_connected(&mut self) -> Vec<DiscoveryRequest> {
+        self.connected = true;
+        self.send_node = true;
+        self.pending.clear();
+        let mut out = Vec::new();
+        for i in 0..TYPES.len() {
+            let ts = &mut self.types[i];
+            ts.nonce.clear();
+            ts.sent = None;
+            ts.unanswered.clear();
+            if !ts.subscribed.is_empty() {
+                out.push(self.request(i, None));
+            }
+        }
+        out
+    }
+
+    /// The stream ended: nothing is sent until [`AdsState::on_connected`].
+    /// Accepted resources stay (they are the best config there is).
+    pub fn on_disconnected(&mut self) {
+        self.connected = false;
+        self.pending.clear();
+    }
+
+    /// Requests queued by [`AdsState::subscribe`] since the last call.
+    pub fn pending_requests(&mut self) -> Vec<DiscoveryRequest> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Whether any response was received (on any stream).
+    pub fn has_received(&self) -> bool {
+        self.received
+    }
+
+    /// Handles a response: the ACK or NACK of it, then a request for every
+    /// type whose subscription changed as a result.
+    pub fn on_response(&mut self, resp: DiscoveryResponse) -> Vec<DiscoveryRequest> {
+        let Some(kind) = ResourceType::from_type_url(&resp.type_url) else {
+            tracing::warn!(type_url = %resp.type_url, "ignoring a response of a type never asked for");
+            return Vec::new();
+        };
+        let i = index(kind);
+        if self.types[i].sent.is_none() {
+            tracing::warn!(type_url = %resp.type_url, "ignoring a response to no request on this stream");
+            return Vec::new();
+        }
+        self.received = true;
+        self.types[i].nonce = resp.nonce.clone();
+        let short = kind.short_name();
+
+        let mut errors: Vec<String> = Vec::new();
+        let mut valid: Vec<(Name, Decoded, Any)> = Vec::new();
+        let mut invalid: Vec<(Name, String)> = Vec::new();
+        let mut seen: BTreeSet<Name> = BTreeSet::new();
+        let mut unnamed = false;
+        for (pos, any) in resp.resources.into_iter().enumerate() {
+            if any.type_url != resp.type_url {
+                unnamed = true;
+                errors.push(format!(
+                    "{short} resources[{pos}]: type {:?} in a response of type {:?}",
+                    any.type_url, resp.type_url
+                ));
+                continue;
+            }
+            match decode(kind, &any) {
+                Ok((name, res)) => {
+                    if !seen.insert(name.clone()) {
+                        errors.push(format!("{short} resource {name:?}: listed twice"));
+                        continue;
+                    }
+                    valid.push((name, res, any));
+                }
+                Err(e) => match xds::resource_name(&any) {
+                    Some(name) => {
+                        let name = Name::from(name);
+                        let why = format!("{short} resource {name:?}: {e}");
+                        errors.push(why.clone());
+                        seen.insert(name.clone());
+                        invalid.push((name, why));
+                    }
+                    None => {
+                        unnamed = true;
+                        errors.push(format!("{short} resources[{pos}]: {e}"));
+                    }
+                },
+            }
+        }
+
+        let known = self.answered_names(i, &seen);
+        for (name, res, any) in valid {
+            if !self.types[i].subscribed.contains(&name) {
+                continue;
+            }
+            self.store(i, name, res, Some(any));
+        }
+        for (name, why) in invalid {
+            if self.types[i].subscribed.contains(&name) {
+                self.status.rejected[i].insert(name, why.into());
+                self.changed = true;
+            }
+        }
+        // SotW: a subscribed LDS/CDS name the server knew of and left out does
+        // not exist. With an unnamed bad resource, absence proves nothing.
+        if matches!(kind, ResourceType::Listener | ResourceType::Cluster) && !unnamed {
+            let absent: Vec<Name> = self.types[i]
+                .subscribed
+                .iter()
+                .filter(|n| known.contains(*n) && !seen.contains(*n))
+                .cloned()
+                .collect();
+            for name in absent {
+                self.on_absent(kind, name);
+            }
+        }
+
+        let error_detail = if errors.is_empty() {
+            if self.types[i].version != resp.version_info {
+                self.set_version(kind, &resp.version_info);
+            }
+            None
+        } else {
+            tracing::warn!(
+                type_url = %resp.type_url,
+                nonce = %resp.nonce,
+                "NACK: {}",
+                errors.join("; ")
+            );
+            Some(Status {
+                code: INVALID_ARGUMENT,
+                message: format!(
+                    "{} rejected (version {:?}): {}",
+                    short,
+                    resp.version_info,
+                    errors.join("; ")
+                ),
+                details: Vec::new(),
+            })
+        };
+        let mut out = vec![self.request(i, error_detail)];
+        self.cascade(&mut out);
+        out
+    }
+
+    /// The names the server had seen when it sent this response.
+    fn answered_names(&mut self, i: usize, seen: &BTreeSet<Name>) -> BTreeSet<Name> {
+        let ts = &mut self.types[i];
+        let Some(mut known) = ts.unanswered.pop_front() else {
+            return ts.sent.clone().unwrap_or_default();
+        };
+        // A response naming a subscribed name the oldest request lacked
+        // answers a later request.
+        while seen
+            .iter()
+            .any(|n| !known.contains(n) && ts.subscribed.contains(n))
+        {
+            match ts.unanswered.pop_front() {
+                Some(next) => known = next,
+                None => {
+                    known = ts.sent.clone().unwrap_or_default();
+                    break;
+                }
+            }
+        }
+        known
+    }
+
+    fn set_version(&mut self, kind: ResourceType, version: &str) {
+        self.types[index(kind)].version = version.to_owned();
+        let v = Name::from(version);
+        let versions = &mut self.snapshot.versions;
+        match kind {
+            ResourceType::Listener => versions.listeners = v,
+            ResourceType::RouteConfig => versions.route_configs = v,
+            ResourceType::Cluster => versions.clusters = v,
+            ResourceType::Endpoints => versions.endpoints = v,
+        }
+        self.changed = true;
+    }
+
+    fn store(&mut self, i: usize, name: Name, res: Decoded, any: Option<Any>) {
+        let changed = match res {
+            Decoded::Listener(l) => {
+                let gone = self.snapshot.missing_listeners.remove(&name);
+                upsert(&mut self.snapshot.listeners, name.clone(), l) || gone
+            }
+            Decoded::RouteConfig(r) => upsert(&mut self.snapshot.route_configs, name.clone(), r),
+            Decoded::Cluster(c) => {
+                let gone = self.status.missing_clusters.remove(&name);
+                upsert(&mut self.snapshot.clusters, name.clone(), c) || gone
+            }
+            Decoded::Endpoints(e) => upsert(&mut self.snapshot.endpoints, name.clone(), e),
+        };
+        let unrejected = self.status.rejected[i].remove(&name).is_some();
+        if self.keep_raw
+            && let Some(any) = any
+        {
+            self.raw[i].insert(name, any);
+        }
+        self.changed |= changed || unrejected;
+    }
+
+    fn on_absent(&mut self, kind: ResourceType, name: Name) {
+        let i = index(kind);
+        let present = match kind {
+            ResourceType::Listener => self.snapshot.listeners.contains_key(&name),
+            _ => self.snapshot.clusters.contains_key(&name),
+        };
+        if present && self.ignore_resource_deletion {
+            tracing::warn!(
+                resource = %name,
+                "{} resource left out of a response; kept (ignore_resource_deletion)",
+                kind.short_name()
+            );
+            return;
+        }
+        self.raw[i].remove(&name);
+        self.status.rejected[i].remove(&name);
+        let newly_missing = match kind {
+            ResourceType::Listener => {
+                self.snapshot.listeners.remove(&name);
+                self.snapshot.missing_listeners.insert(name)
+            }
+            _ => {
+                self.snapshot.clusters.remove(&name);
+                self.status.missing_clusters.insert(name)
+            }
+        };
+        self.changed |= newly_missing || present;
+    }
+
+    /// Recomputes the RDS, CDS and EDS subscriptions from what is accepted,
+    /// drops what is no longer subscribed, and queues a request for each
+    /// changed set.
+    fn cascade(&mut self, out: &mut Vec<DiscoveryRequest>) {
+        let rds = self.snapshot.referenced_route_configs();
+        self.set_subscription(ResourceType::RouteConfig, rds, out);
+        let cds = self.snapshot.referenced_clusters();
+        self.set_subscription(ResourceType::Cluster, cds, out);
+        let eds = self.snapshot.referenced_endpoints();
+        self.set_subscription(ResourceType::Endpoints, eds, out);
+    }
+
+    fn set_subscription(
+        &mut self,
+        kind: ResourceType,
+        names: BTreeSet<Name>,
+        out: &mut Vec<DiscoveryRequest>,
+    ) {
+        let i = index(kind);
+        if self.types[i].subscribed == names {
+            return;
+        }
+        match kind {
+            ResourceType::RouteConfig => {
+                let n = self.snapshot.route_configs.len();
+                self.snapshot.route_configs.retain(|k, _| names.contains(k));
+                self.changed |= n != self.snapshot.route_configs.len();
+            }
+            ResourceType::Cluster => {
+                let n = self.snapshot.clusters.len() + self.status.missing_clusters.len();
+                self.snapshot.clusters.retain(|k, _| names.contains(k));
+                self.status.missing_clusters.retain(|k| names.contains(k));
+                self.changed |=
+                    n != self.snapshot.clusters.len() + self.status.missing_clusters.len();
+            }
+            ResourceType::Endpoints => {
+                let n = self.snapshot.endpoints.len();
+                self.snapshot.endpoints.retain(|k, _| names.contains(k));
+                self.changed |= n != self.snapshot.endpoints.len();
+            }
+            ResourceType::Listener => {}
+        }
+        let n = self.status.rejected[i].len();
+        self.status.rejected[i].retain(|k, _| names.contains(k));
+        self.changed |= n != self.status.rejected[i].len();
+        self.raw[i].retain(|k, _| names.contains(k));
+        self.types[i].subscribed = names;
+        // An empty LDS/CDS list would read as a wildcard: only say "nothing"
+        // to a server that was told names on this stream.
+        if self.connected && (!self.types[i].subscribed.is_empty() || self.types[i].sent.is_some())
+        {
+            out.push(self.request(i, None));
+        }
+    }
+
+    fn request(&mut self, i: usize, error_detail: Option<Status>) -> DiscoveryRequest {
+        let node = if self.send_node {
+            self.send_node = false;
+            Some(self.node.clone())
+        } else {
+            None
+        };
+        let ts = &mut self.types[i];
+        if ts.sent.as_ref() != Some(&ts.subscribed) {
+            if ts.unanswered.len() >= MAX_UNANSWERED {
+                ts.unanswered.pop_front();
+            }
+            ts.unanswered.push_back(ts.subscribed.clone());
+            ts.sent = Some(ts.subscribed.clone());
+        }
+        DiscoveryRequest {
+            version_info: ts.version.clone(),
+            node,
+            resource_names: ts.subscribed.iter().map(|n| n.to_string()).collect(),
+            type_url: TYPES[i].type_url().to_owned(),
+            response_nonce: ts.nonce.clone(),
+            error_detail,
+            ..DiscoveryRequest::default()
+        }
+    }
+
+    /// The accepted resources as a snapshot (versions included).
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// Missing clusters and rejected resources.
+    pub fn status(&self) -> &SyncStatus {
+        &self.status
+    }
+
+    /// The snapshot and status to publish, if anything changed since the last call.
+    pub fn take_changes(&mut self) -> Option<(Arc<Snapshot>, Arc<SyncStatus>)> {
+        if !self.changed {
+            return None;
+        }
+        self.changed = false;
+        Some((
+            Arc::new(self.snapshot.clone()),
+            Arc::new(self.status.clone()),
+        ))
+    }
+
+    /// The accepted resources in raw form, one response per type that has any
+    /// (needs [`AdsState::keep_raw`]): what the static-stability cache stores.
+    pub fn cached_responses(&self) -> Vec<DiscoveryResponse> {
+        TYPES
+            .iter()
+            .zip(self.raw.iter())
+            .zip(self.types.iter())
+            .filter(|((_, raw), _)| !raw.is_empty())
+            .map(|((t, raw), ts)| DiscoveryResponse {
+                version_info: ts.version.clone(),
+                type_url: t.type_url().to_owned(),
+                resources: raw.values().cloned().collect(),
+                ..DiscoveryResponse::default()
+            })
+            .collect()
+    }
+
+    /// Loads resources saved by [`AdsState::cached_responses`] (static
+    /// stability: the last good config when no control server answers).
+    /// Cached listeners are subscribed; versions are not taken over, so the
+    /// server sends everything once it answers. Invalid entries are skipped.
+    pub fn load_cached(&mut self, responses: Vec<DiscoveryResponse>) -> usize {
+        let mut by_type: [Vec<Any>; 4] = Default::default();
+        for r in responses {
+            if let Some(t) = ResourceType::from_type_url(&r.type_url) {
+                by_type[index(t)].extend(r.resources);
+            }
+        }
+        let mut loaded = 0;
+        let mut out = Vec::new();
+        for (i, resources) in by_type.into_iter().enumerate() {
+            let kind = TYPES[i];
+            for any in resources {
+                let Ok((name, res)) = decode(kind, &any) else {
+                    continue;
+                };
+                if kind == ResourceType::Listener {
+                    self.subscribe(&name);
+                } else if !self.types[i].subscribed.contains(&name) {
+                    continue;
+                }
+                self.store(i, name, res, Some(any));
+                loaded += 1;
+            }
+            self.cascade(&mut out);
+        }
+        self.pending.extend(out);
+        loaded
+    }
+}
+
+#[cfg(test)]
+mod tests;

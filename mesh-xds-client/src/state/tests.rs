@@ -1,0 +1,642 @@
+//! Unit tests of the ADS state machine: no runtime, no sockets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
+use mesh_core::model::{
+    Cluster, ClusterLoadAssignment, Endpoint, LbPolicy, Listener, Locality, LocalityEndpoints,
+    Protocol, Route, RouteConfig, RouteMatch, VirtualHost, WeightedCluster, WeightedClusters,
+};
+use mesh_core::route::RequestView;
+use prost::Message;
+
+use super::*;
+
+fn listener(name: &str, rc: &str) -> Any {
+    xds::encode_listener(&Listener {
+        name: name.into(),
+        route_config_name: rc.into(),
+    })
+}
+
+/// A listener that names itself but is invalid (no api_listener).
+fn bad_listener(name: &str) -> Any {
+    Any {
+        type_url: xds::LISTENER_TYPE.to_owned(),
+        value: ListenerProto {
+            name: name.to_owned(),
+            ..ListenerProto::default()
+        }
+        .encode_to_vec(),
+    }
+}
+
+fn route_config(name: &str, clusters: &[&str]) -> Any {
+    let action = WeightedClusters::new(
+        clusters
+            .iter()
+            .map(|c| WeightedCluster {
+                name: (*c).into(),
+                weight: 1,
+            })
+            .collect(),
+    )
+    .unwrap();
+    xds::encode_route_config(&RouteConfig {
+        name: name.into(),
+        virtual_hosts: Arc::from([VirtualHost {
+            name: name.into(),
+            domains: Arc::from([Name::from("*")]),
+            routes: Arc::from([Route {
+                name: "default".into(),
+                matcher: RouteMatch::any(),
+                action,
+            }]),
+        }]),
+    })
+}
+
+fn cluster(name: &str, eds: &str) -> Any {
+    xds::encode_cluster(&Cluster {
+        name: name.into(),
+        eds_service_name: eds.into(),
+        lb_policy: LbPolicy::RoundRobin,
+        protocol: Protocol::Http1,
+    })
+}
+
+fn endpoints(name: &str, port: u16) -> Any {
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    xds::encode_endpoints(
+        &ClusterLoadAssignment::new(
+            name.into(),
+            vec![LocalityEndpoints {
+                locality: Locality::default(),
+                weight: 1,
+                priority: 0,
+                endpoints: Arc::from([Endpoint {
+                    address,
+                    weight: 1,
+                    labels: Arc::from([]),
+                }]),
+            }],
+        )
+        .unwrap(),
+    )
+}
+
+fn response(
+    kind: ResourceType,
+    version: &str,
+    nonce: &str,
+    resources: Vec<Any>,
+) -> DiscoveryResponse {
+    DiscoveryResponse {
+        version_info: version.to_owned(),
+        type_url: kind.type_url().to_owned(),
+        nonce: nonce.to_owned(),
+        resources,
+        ..DiscoveryResponse::default()
+    }
+}
+
+fn node() -> Node {
+    crate::Bootstrap::builder("127.0.0.1:1", "test-node")
+        .build()
+        .unwrap()
+        .node()
+}
+
+fn names(req: &DiscoveryRequest) -> Vec<&str> {
+    req.resource_names.iter().map(String::as_str).collect()
+}
+
+fn kind_of(req: &DiscoveryRequest) -> ResourceType {
+    ResourceType::from_type_url(&req.type_url).unwrap()
+}
+
+/// Drives a full cascade for listener `a` → `rc-a` → `c1` → `c1` (EDS).
+fn synced() -> AdsState {
+    let mut s = AdsState::new(node()).keep_raw(true);
+    s.subscribe("a");
+    s.on_connected();
+    s.on_response(response(
+        ResourceType::Listener,
+        "l1",
+        "n1",
+        vec![listener("a", "rc-a")],
+    ));
+    s.on_response(response(
+        ResourceType::RouteConfig,
+        "r1",
+        "n2",
+        vec![route_config("rc-a", &["c1"])],
+    ));
+    s.on_response(response(
+        ResourceType::Cluster,
+        "c1",
+        "n3",
+        vec![cluster("c1", "c1")],
+    ));
+    s.on_response(response(
+        ResourceType::Endpoints,
+        "e1",
+        "n4",
+        vec![endpoints("c1", 8080)],
+    ));
+    s
+}
+
+#[test]
+fn nothing_is_sent_before_a_stream_and_initial_requests_have_no_nonce() {
+    let mut s = AdsState::new(node());
+    assert!(s.subscribe("a"));
+    assert!(!s.subscribe("a"), "subscribing twice is a no-op");
+    assert!(s.pending_requests().is_empty(), "no stream yet");
+    let reqs = s.on_connected();
+    assert_eq!(reqs.len(), 1, "only LDS has a subscription");
+    let r = &reqs[0];
+    assert_eq!(kind_of(r), ResourceType::Listener);
+    assert_eq!(names(r), ["a"]);
+    assert_eq!(r.response_nonce, "");
+    assert_eq!(r.version_info, "");
+    assert!(r.error_detail.is_none());
+    let n = r
+        .node
+        .as_ref()
+        .expect("the first request of a stream carries the node");
+    assert_eq!(n.id, "test-node");
+    assert_eq!(n.user_agent_name, "proxyless-rust");
+
+    assert!(s.subscribe("b"));
+    let reqs = s.pending_requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(names(&reqs[0]), ["a", "b"]);
+    assert!(reqs[0].node.is_none(), "node only on the first request");
+    assert!(s.pending_requests().is_empty(), "drained");
+}
+
+#[test]
+fn ack_carries_the_accepted_version_and_nonce_and_the_cascade_follows() {
+    let mut s = AdsState::new(node());
+    s.subscribe("a");
+    s.on_connected();
+    let reqs = s.on_response(response(
+        ResourceType::Listener,
+        "l1",
+        "n1",
+        vec![listener("a", "rc-a")],
+    ));
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    let ack = &reqs[0];
+    assert_eq!(kind_of(ack), ResourceType::Listener);
+    assert_eq!(ack.version_info, "l1");
+    assert_eq!(ack.response_nonce, "n1");
+    assert_eq!(names(ack), ["a"]);
+    assert!(ack.error_detail.is_none());
+    let rds = &reqs[1];
+    assert_eq!(kind_of(rds), ResourceType::RouteConfig);
+    assert_eq!(names(rds), ["rc-a"]);
+    assert_eq!(rds.response_nonce, "", "first RDS request of the stream");
+    assert_eq!(rds.version_info, "");
+
+    let reqs = s.on_response(response(
+        ResourceType::RouteConfig,
+        "r1",
+        "n2",
+        vec![route_config("rc-a", &["c1", "c2"])],
+    ));
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(
+        (
+            reqs[0].version_info.as_str(),
+            reqs[0].response_nonce.as_str()
+        ),
+        ("r1", "n2")
+    );
+    assert_eq!(kind_of(&reqs[1]), ResourceType::Cluster);
+    assert_eq!(names(&reqs[1]), ["c1", "c2"]);
+
+    let reqs = s.on_response(response(
+        ResourceType::Cluster,
+        "c1",
+        "n3",
+        vec![cluster("c1", "eds-1"), cluster("c2", "eds-2")],
+    ));
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(kind_of(&reqs[1]), ResourceType::Endpoints);
+    assert_eq!(names(&reqs[1]), ["eds-1", "eds-2"]);
+    assert_eq!(readiness(s.snapshot(), s.status(), "a"), Readiness::Pending);
+
+    let reqs = s.on_response(response(
+        ResourceType::Endpoints,
+        "e1",
+        "n4",
+        vec![endpoints("eds-1", 1)],
+    ));
+    assert_eq!(reqs.len(), 1, "an EDS ACK, no new subscription");
+    assert_eq!(
+        readiness(s.snapshot(), s.status(), "a"),
+        Readiness::Pending,
+        "eds-2 not yet"
+    );
+    let reqs = s.on_response(response(
+        ResourceType::Endpoints,
+        "e2",
+        "n5",
+        vec![endpoints("eds-2", 2)],
+    ));
+    assert_eq!(
+        (
+            reqs[0].version_info.as_str(),
+            reqs[0].response_nonce.as_str()
+        ),
+        ("e2", "n5")
+    );
+    assert_eq!(readiness(s.snapshot(), s.status(), "a"), Readiness::Ready);
+    assert!(
+        s.snapshot().endpoints.contains_key("eds-1"),
+        "EDS absence deletes nothing"
+    );
+
+    let (snap, _) = s.take_changes().expect("changes to publish");
+    assert!(s.take_changes().is_none(), "published once");
+    assert_eq!(&*snap.versions.listeners, "l1");
+    assert_eq!(&*snap.versions.route_configs, "r1");
+    assert_eq!(&*snap.versions.clusters, "c1");
+    assert_eq!(&*snap.versions.endpoints, "e2");
+    let ListenerLookup::Found(l) = snap.listener_for("a") else {
+        panic!("listener a not found");
+    };
+    let (method, uri, headers) = (http_get(), "/x".parse().unwrap(), Default::default());
+    let req = RequestView::new(&method, &uri, &headers, "a");
+    let resolved = snap.resolve(l, &req, 0).unwrap();
+    assert_eq!(&*resolved.cluster.name, "c1");
+    assert_eq!(resolved.endpoints.endpoint_count(), 1);
+}
+
+fn http_get() -> http::Method {
+    http::Method::GET
+}
+
+#[test]
+fn a_partly_invalid_response_is_nacked_but_its_valid_resources_are_used() {
+    let mut s = AdsState::new(node());
+    s.subscribe("good");
+    s.subscribe("bad");
+    s.on_connected();
+    let reqs = s.on_response(response(
+        ResourceType::Listener,
+        "l1",
+        "n1",
+        vec![listener("good", "rc"), bad_listener("bad")],
+    ));
+    let nack = &reqs[0];
+    assert_eq!(kind_of(nack), ResourceType::Listener);
+    assert_eq!(
+        nack.version_info, "",
+        "nothing accepted before: version stays empty"
+    );
+    assert_eq!(nack.response_nonce, "n1");
+    let status = nack.error_detail.as_ref().expect("a NACK has error_detail");
+    assert_eq!(status.code, 3, "INVALID_ARGUMENT");
+    assert!(status.message.contains("\"bad\""), "{}", status.message);
+    assert!(!status.message.contains("\"good\""), "{}", status.message);
+    // A46: the good listener is used and its cascade starts.
+    assert!(s.snapshot().listeners.contains_key("good"));
+    assert_eq!(names(&reqs[1]), ["rc"]);
+    // The bad one is neither present nor missing: it is rejected.
+    assert!(!s.snapshot().missing_listeners.contains("bad"));
+    let Readiness::Rejected(why) = readiness(s.snapshot(), s.status(), "bad") else {
+        panic!("bad listener should be rejected");
+    };
+    assert!(why.contains("\"bad\""), "{why}");
+    assert_eq!(&*s.snapshot().versions.listeners, "");
+
+    // Later: both valid → ACK v2; then an invalid update of "good" keeps its old version.
+    let reqs = s.on_response(response(
+        ResourceType::Listener,
+        "l2",
+        "n2",
+        vec![listener("good", "rc"), listener("bad", "rc")],
+    ));
+    assert!(reqs[0].error_detail.is_none());
+    assert_eq!(reqs[0].version_info, "l2");
+    assert!(
+        s.status()
+            .rejection(ResourceType::Listener, "bad")
+            .is_none()
+    );
+    let reqs = s.on_response(response(
+        ResourceType::Listener,
+        "l3",
+        "n3",
+        vec![bad_listener("good"), listener("bad", "rc")],
+    ));
+    assert_eq!(
+        reqs[0].version_info, "l2",
+        "NACK carries the last accepted version"
+    );
+    assert_eq!(reqs[0].response_nonce, "n3");
+    assert!(reqs[0].error_detail.is_some());
+    assert_eq!(
+        &*s.snapshot().listeners["good"].route_config_name,
+        "rc",
+        "old version kept"
+    );
+    assert!(
+        !s.snapshot().missing_listeners.contains("good"),
+        "invalid is not absent"
+    );
+    assert_eq!(&*s.snapshot().versions.listeners, "l2");
+}
+
+#[test]
+fn an_undecodable_resource_is_named_by_position_and_blocks_deletion() {
+    let mut s = synced();
+    let garbage = Any {
+        type_url: xds::LISTENER_TYPE.to_owned(),
+        value: vec![0xff, 0xff, 0xff],
+    };
+    let reqs = s.on_response(response(ResourceType::Listener, "l2", "n9", vec![garbage]));
+    let status = reqs[0].error_detail.as_ref().unwrap();
+    assert!(
+        status.message.contains("resources[0]"),
+        "{}",
+        status.message
+    );
+    assert!(
+        s.snapshot().listeners.contains_key("a"),
+        "absence proves nothing here"
+    );
+    assert_eq!(reqs[0].version_info, "l1");
+}
+
+#[test]
+fn a_listener_left_out_of_an_lds_response_is_missing_at_once() {
+    let mut s = AdsState::new(node());
+    s.subscribe("a");
+    s.subscribe("nope");
+    s.on_connected();
+    s.on_response(response(
+        ResourceType::Listener,
+        "l1",
+        "n1",
+        vec![listener("a", "rc")],
+    ));
+    assert!(s.snapshot().missing_listeners.contains("nope"));
+    assert_eq!(
+        readiness(s.snapshot(), s.status(), "nope"),
+        Readiness::Missing
+    );
+    assert_eq!(readiness(s.snapshot(), s.status(), "a"), Readiness::Pending);
+    // It appears later: no longer missing.
+    s.on_response(response(
+        ResourceType::Listener,
+        "l2",
+        "n2",
+        vec![listener("a", "rc"), listener("nope", "rc")],
+    ));
+    assert!(!s.snapshot().missing_listeners.contains("nope"));
+    // And is deleted again, with its route config when nothing else uses it.
+    s.on_response(response(ResourceType::Listener, "l3", "n3", vec![]));
+    assert!(s.snapshot().listeners.is_empty());
+    assert!(s.snapshot().missing_listeners.contains("a"));
+    assert!(s.subscription(ResourceType::RouteConfig).is_empty());
+}
+
+#[test]
+fn a_name_subscribed_after_the_answered_request_is_not_declared_missing() {
+    let mut s = AdsState::new(node());
+    s.subscribe("a");
+    s.on_connected();
+    s.subscribe("b"); // sent before the server answered the first request
+    assert_eq!(s.pending_requests().len(), 1);
+    // The answer to the first request ({a}) lacks b: proves nothing about b.
+    s.on_response(response(
+        ResourceType::Listener,
+        "l1",
+        "n1",
+        vec![listener("a", "rc")],
+    ));
+    assert!(!s.snapshot().missing_listeners.contains("b"));
+    // The answer to the second request ({a, b}) lacks b: b does not exist.
+    s.on_response(response(
+        ResourceType::Listener,
+        "l1",
+        "n2",
+        vec![listener("a", "rc")],
+    ));
+    assert!(s.snapshot().missing_listeners.contains("b"));
+}
+
+#[test]
+fn a_response_naming_the_newer_subscription_answers_it() {
+    let mut s = AdsState::new(node());
+    s.subscribe("a");
+    s.subscribe("c");
+    s.on_connected();
+    s.subscribe("b");
+    // The server coalesced both requests: it names b, so it saw {a, b, c}.
+    s.on_response(response(
+        ResourceType::Listener,
+        "l1",
+        "n1",
+        vec![listener("b", "rc")],
+    ));
+    assert!(s.snapshot().missing_listeners.contains("a"));
+    assert!(s.snapshot().missing_listeners.contains("c"));
+}
+
+#[test]
+fn a_cluster_left_out_of_a_cds_response_is_removed_and_settled() {
+    let mut s = synced();
+    let reqs = s.on_response(response(
+        ResourceType::RouteConfig,
+        "r2",
+        "n5",
+        vec![route_config("rc-a", &["c1", "c2"])],
+    ));
+    assert_eq!(names(&reqs[1]), ["c1", "c2"]);
+    let reqs = s.on_response(response(
+        ResourceType::Cluster,
+        "c2",
+        "n6",
+        vec![cluster("c1", "c1")],
+    ));
+    assert!(reqs[0].error_detail.is_none());
+    assert!(s.status().is_cluster_missing("c2"));
+    assert_eq!(readiness(s.snapshot(), s.status(), "a"), Readiness::Ready);
+    // c1 now left out too: removed, and its endpoints unsubscribed and dropped.
+    let reqs = s.on_response(response(ResourceType::Cluster, "c3", "n7", vec![]));
+    assert!(s.snapshot().clusters.is_empty());
+    assert!(s.snapshot().endpoints.is_empty());
+    let eds = reqs
+        .iter()
+        .find(|r| kind_of(r) == ResourceType::Endpoints)
+        .unwrap();
+    assert!(eds.resource_names.is_empty(), "unsubscribe all EDS");
+}
+
+#[test]
+fn rds_absence_deletes_nothing() {
+    let mut s = synced();
+    s.on_response(response(ResourceType::RouteConfig, "r2", "n5", vec![]));
+    assert!(s.snapshot().route_configs.contains_key("rc-a"));
+    assert_eq!(readiness(s.snapshot(), s.status(), "a"), Readiness::Ready);
+}
+
+#[test]
+fn ignore_resource_deletion_keeps_received_listeners() {
+    let mut s = AdsState::new(node()).ignore_resource_deletion(true);
+    s.subscribe("a");
+    s.subscribe("never");
+    s.on_connected();
+    s.on_response(response(
+        ResourceType::Listener,
+        "l1",
+        "n1",
+        vec![listener("a", "rc")],
+    ));
+    s.on_response(response(ResourceType::Listener, "l2", "n2", vec![]));
+    assert!(s.snapshot().listeners.contains_key("a"));
+    assert!(
+        s.snapshot().missing_listeners.contains("never"),
+        "never received: missing"
+    );
+}
+
+#[test]
+fn reconnect_resends_every_subscription_with_its_version_and_no_nonce() {
+    let mut s = synced();
+    s.on_disconnected();
+    assert!(!s.subscribe("a"));
+    s.subscribe("z");
+    assert!(s.pending_requests().is_empty(), "no stream");
+    let reqs = s.on_connected();
+    let got: Vec<(ResourceType, Vec<&str>, &str, &str)> = reqs
+        .iter()
+        .map(|r| {
+            (
+                kind_of(r),
+                names(r),
+                r.version_info.as_str(),
+                r.response_nonce.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (ResourceType::Listener, vec!["a", "z"], "l1", ""),
+            (ResourceType::RouteConfig, vec!["rc-a"], "r1", ""),
+            (ResourceType::Cluster, vec!["c1"], "c1", ""),
+            (ResourceType::Endpoints, vec!["c1"], "e1", ""),
+        ]
+    );
+    assert!(reqs[0].node.is_some());
+    assert!(reqs[1..].iter().all(|r| r.node.is_none()));
+    // The old config is still served while reconnecting.
+    assert_eq!(readiness(s.snapshot(), s.status(), "a"), Readiness::Ready);
+}
+
+#[test]
+fn resources_no_longer_referenced_are_unsubscribed_and_dropped() {
+    let mut s = synced();
+    let reqs = s.on_response(response(
+        ResourceType::Listener,
+        "l2",
+        "n5",
+        vec![listener("a", "rc-b")],
+    ));
+    let rds = &reqs[1];
+    assert_eq!(kind_of(rds), ResourceType::RouteConfig);
+    assert_eq!(names(rds), ["rc-b"]);
+    assert_eq!(
+        rds.version_info, "r1",
+        "a subscription change carries the current version"
+    );
+    assert_eq!(rds.response_nonce, "n2", "and the latest nonce of its type");
+    assert!(s.snapshot().route_configs.is_empty(), "rc-a dropped");
+    // Its clusters and endpoints go with it.
+    let kinds: Vec<ResourceType> = reqs.iter().map(kind_of).collect();
+    assert_eq!(
+        kinds,
+        [
+            ResourceType::Listener,
+            ResourceType::RouteConfig,
+            ResourceType::Cluster,
+            ResourceType::Endpoints
+        ]
+    );
+    assert!(reqs[2].resource_names.is_empty() && reqs[3].resource_names.is_empty());
+    assert!(s.snapshot().clusters.is_empty() && s.snapshot().endpoints.is_empty());
+    // Resources of names not subscribed are ignored.
+    s.on_response(response(
+        ResourceType::RouteConfig,
+        "r2",
+        "n6",
+        vec![route_config("rc-b", &["c9"]), route_config("rc-a", &["c1"])],
+    ));
+    assert!(s.snapshot().route_configs.contains_key("rc-b"));
+    assert!(!s.snapshot().route_configs.contains_key("rc-a"));
+}
+
+#[test]
+fn unknown_types_and_unasked_responses_are_ignored() {
+    let mut s = AdsState::new(node());
+    s.subscribe("a");
+    s.on_connected();
+    let mut r = response(ResourceType::Listener, "x", "n", vec![]);
+    r.type_url = "type.googleapis.com/envoy.Nope".into();
+    assert!(s.on_response(r).is_empty());
+    assert!(
+        s.on_response(response(ResourceType::Cluster, "x", "n", vec![]))
+            .is_empty()
+    );
+    assert!(!s.has_received());
+}
+
+#[test]
+fn a_resource_of_the_wrong_type_is_nacked() {
+    let mut s = AdsState::new(node());
+    s.subscribe("a");
+    s.on_connected();
+    let reqs = s.on_response(response(
+        ResourceType::Listener,
+        "l1",
+        "n1",
+        vec![cluster("a", "a")],
+    ));
+    let msg = &reqs[0].error_detail.as_ref().unwrap().message;
+    assert!(msg.contains("envoy.config.cluster.v3.Cluster"), "{msg}");
+}
+
+#[test]
+fn the_cache_round_trips_accepted_resources() {
+    let s = synced();
+    let cached = s.cached_responses();
+    assert_eq!(cached.len(), 4);
+    let mut fresh = AdsState::new(node());
+    assert_eq!(fresh.load_cached(cached), 4);
+    assert_eq!(
+        readiness(fresh.snapshot(), fresh.status(), "a"),
+        Readiness::Ready
+    );
+    assert_eq!(
+        fresh
+            .listener_names()
+            .iter()
+            .map(|n| &**n)
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
+    let reqs = fresh.on_connected();
+    assert_eq!(reqs.len(), 4);
+    assert!(
+        reqs.iter().all(|r| r.version_info.is_empty()),
+        "the server sends everything"
+    );
+    assert!(fresh.take_changes().is_some());
+}
