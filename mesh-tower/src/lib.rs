@@ -1,1 +1,63 @@
-//! placeholder
+//! The tower layers of the proxyless mesh.
+//!
+//! Client side: [`MeshClient`] routes every request by the name it is
+//! addressed to (`http://catalog/items`), against the configuration the
+//! control server pushes over xDS, and sends it over pooled hyper
+//! connections to the chosen endpoint, keeping the original authority. The
+//! pieces are public for custom stacks: [`MeshLayer`] (routing over any HTTP
+//! client) and [`Pool`] (connections keyed by endpoint).
+//!
+//! Server side: [`ServerLayer`] (request context for the app; the place for
+//! mTLS, authorization and spans) and [`serve()`] (register with the control
+//! server, serve HTTP/1.1 and HTTP/2, deregister and drain on shutdown).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), mesh_tower::BoxError> {
+//! use bytes::Bytes;
+//! use http_body_util::{BodyExt, Full};
+//! use mesh_tower::{MeshClient, Registration, ServerLayer, serve};
+//! use mesh_xds_client::{Bootstrap, XdsClient};
+//! use tower::{Service, ServiceExt};
+//!
+//! let xds = XdsClient::start(Bootstrap::from_env()?);
+//!
+//! // Call a service by its mesh name; the mesh picks route and endpoint.
+//! let mut client: MeshClient<Full<Bytes>> = MeshClient::new(xds.clone());
+//! let request = http::Request::get("http://catalog/items").body(Full::default())?;
+//! let response = client.ready().await?.call(request).await?;
+//! let _items = response.into_body().collect().await?.to_bytes();
+//!
+//! // Serve a service: registered while up, drained on ctrl-c.
+//! let app = axum::Router::new()
+//!     .route("/items", axum::routing::get(|| async { "[]" }))
+//!     .layer(ServerLayer::from_bootstrap(xds.bootstrap(), "catalog"));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! let registration = Registration::from_bootstrap(xds.bootstrap(), "catalog")?;
+//! serve(listener, registration, app)
+//!     .await?
+//!     .shutdown_on(tokio::signal::ctrl_c())
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod balance;
+mod body;
+mod client;
+mod error;
+mod grpc;
+pub mod mesh;
+pub mod pool;
+pub mod serve;
+pub mod server;
+mod source;
+
+pub use body::ResponseBody;
+pub use client::MeshClient;
+pub use error::{BoxError, Error, ErrorKind};
+pub use grpc::grpc_status;
+pub use mesh::{Mesh, MeshLayer, TargetEndpoint};
+pub use pool::Pool;
+pub use serve::{ConnectionInfo, Registration, Serving, serve};
+pub use server::{ServerContext, ServerLayer};
+pub use source::{ConfigSource, StaticSource};

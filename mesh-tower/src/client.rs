@@ -1,0 +1,127 @@
+//! The mesh client: routing plus pooled connections, in one service.
+//!
+//! [`MeshClient`] is [`Mesh`] over [`Pool`] with URIs kept as written, so
+//! endpoints see the original `:authority` / `Host` (Envoy and gRPC keep
+//! it, and servers route virtual hosts by it). It is a
+//! `tower::Service<http::Request<B>>` for any streaming body `B`, so it is
+//! also a tonic channel:
+//!
+//! ```no_run
+//! # use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_client::ClientStatusDiscoveryServiceClient as CatalogClient;
+//! # async fn demo(xds_client: mesh_xds_client::XdsClient) -> Result<(), mesh_tower::BoxError> {
+//! let channel: mesh_tower::MeshClient<tonic::body::Body> = mesh_tower::MeshClient::new(xds_client);
+//! // tonic writes each request's URI from the client's origin: name the
+//! // service there (`CatalogClient::new(channel)` sends no name and fails
+//! // with `ErrorKind::InvalidRequest`).
+//! let mut catalog = CatalogClient::with_origin(channel, "http://catalog".parse()?);
+//! # let _ = &mut catalog;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Errors reach tonic as the service error, which tonic reports as a
+//! `Status` with code `Unknown` and this crate's message; gRPC statuses from
+//! the server (headers or trailers) pass through untouched.
+
+use std::fmt;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tower::{Layer, Service};
+
+use crate::body::ResponseBody;
+use crate::error::{BoxError, Error};
+use crate::mesh::{self, Mesh, MeshLayer};
+use crate::pool::Pool;
+use crate::source::ConfigSource;
+
+/// Sends requests through the mesh: `client.call(Request::get("http://catalog/items")...)`.
+///
+/// - Routing, balancing and the original authority: see [`crate::mesh`].
+/// - Connections: see [`crate::pool`].
+/// - A request that cannot be routed fails with [`Error`] (kind `NotFound`,
+///   `NoRoute`, `NoEndpoints`, `Timeout`, ...), never with a made-up status.
+/// - Bodies stream both ways; response trailers pass through.
+///
+/// Cheap to clone; clones share the configuration, the balancing state and
+/// the connections. One client sends one request body type `B`
+/// (`tonic::body::Body` for tonic, [`Full<Bytes>`] by default).
+pub struct MeshClient<B = Full<Bytes>, Src = mesh_xds_client::XdsClient> {
+    inner: Mesh<Pool<B>, Src>,
+}
+
+impl<B, Src: ConfigSource> MeshClient<B, Src> {
+    /// A client routing with `source`'s configuration, with default
+    /// settings (10 s listener wait, 10 s connect timeout).
+    pub fn new(source: Src) -> Self {
+        Self::from_parts(MeshLayer::new(source), Pool::new())
+    }
+
+    /// A client from a configured layer and pool. The layer's URI rewriting
+    /// is turned off: the pool dials the chosen endpoint itself.
+    pub fn from_parts(layer: MeshLayer<Src>, pool: Pool<B>) -> Self {
+        MeshClient {
+            inner: layer.rewrite_uri(false).layer(pool),
+        }
+    }
+
+    /// The configuration source.
+    pub fn source(&self) -> &Src {
+        self.inner.source()
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &Pool<B> {
+        self.inner.get_ref()
+    }
+}
+
+impl<B> MeshClient<B, mesh_xds_client::XdsClient> {
+    /// A client for the mesh described by the gRPC xDS bootstrap in the
+    /// environment (`GRPC_XDS_BOOTSTRAP` / `GRPC_XDS_BOOTSTRAP_CONFIG`):
+    /// starts the xDS client (needs a tokio runtime).
+    pub fn from_env() -> Result<Self, Error> {
+        let bootstrap = mesh_xds_client::Bootstrap::from_env().map_err(|e| {
+            Error::new(crate::ErrorKind::Discovery, "cannot read the xDS bootstrap").with_source(e)
+        })?;
+        Ok(Self::new(mesh_xds_client::XdsClient::start(bootstrap)))
+    }
+}
+
+impl<B, Src: Clone> Clone for MeshClient<B, Src> {
+    fn clone(&self) -> Self {
+        MeshClient {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<B, Src> fmt::Debug for MeshClient<B, Src> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshClient")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl<B, Src> Service<Request<B>> for MeshClient<B, Src>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+    Src: ConfigSource,
+{
+    type Response = Response<ResponseBody<Incoming>>;
+    type Error = Error;
+    type Future = mesh::ResponseFuture<crate::pool::ResponseFuture, Incoming>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        self.inner.call(req)
+    }
+}

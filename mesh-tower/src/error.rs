@@ -1,0 +1,191 @@
+//! The one error type of mesh-tower.
+//!
+//! A request the mesh cannot route fails with an [`Error`] (an `Err` from the
+//! service), never with a synthesized `503` response: the caller can tell
+//! "the mesh has no such service" from "the service answered 503", and tonic
+//! turns the error into a `Status` whose message is this error's message.
+
+use std::fmt;
+
+/// A boxed error, as tower and hyper use.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a request could not be sent, or why serving failed.
+///
+/// Opaque by design (hyper's style): match on [`Error::kind`]. `Display`
+/// prints the message, which names the target, route, cluster or endpoint
+/// involved, followed by the underlying cause when there is one (also
+/// available through [`std::error::Error::source`]).
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    message: String,
+    source: Option<BoxError>,
+}
+
+/// What kind of problem an [`Error`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The request itself cannot be routed: no authority (neither in the URI
+    /// nor in a `Host` header), or a malformed one.
+    InvalidRequest,
+    /// The mesh has no service by the requested name: the control server
+    /// said the listener does not exist.
+    NotFound,
+    /// The service exists but nothing routes this request: no virtual host
+    /// or route matches, or the config names a cluster that was not received.
+    NoRoute,
+    /// The request was routed to a cluster that has no endpoints.
+    NoEndpoints,
+    /// The configuration for the target did not arrive in time.
+    Timeout,
+    /// The configuration source failed while waiting for the target.
+    Discovery,
+    /// The endpoint could not be connected to (refused, unreachable, timed out).
+    Connect,
+    /// The request failed on an established connection to the endpoint.
+    Upstream,
+    /// The mesh-control admin API refused or failed a registration call.
+    Registration,
+    /// Serving failed (the listener, the local address).
+    Io,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            inner: Box::new(Inner {
+                kind,
+                message: message.into(),
+                source: None,
+            }),
+        }
+    }
+
+    pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.inner.source = Some(source.into());
+        self
+    }
+
+    /// Prefixes the message with where the problem happened.
+    pub(crate) fn with_context(mut self, what: impl fmt::Display) -> Self {
+        self.inner.message = format!("{what}: {}", self.inner.message);
+        self
+    }
+
+    /// The kind of problem.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The message, without the underlying cause.
+    pub fn message(&self) -> &str {
+        &self.inner.message
+    }
+
+    /// Whether this is a timeout (configuration wait or connect timeout).
+    pub fn is_timeout(&self) -> bool {
+        if self.inner.kind == ErrorKind::Timeout {
+            return true;
+        }
+        let mut source = self
+            .inner
+            .source
+            .as_deref()
+            .map(|e| e as &dyn std::error::Error);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::TimedOut
+            {
+                return true;
+            }
+            if e.is::<tokio::time::error::Elapsed>() {
+                return true;
+            }
+            source = e.source();
+        }
+        false
+    }
+
+    /// Turns any boxed error into an `Error`: a boxed `Error` is unboxed as
+    /// is, anything else becomes the source of a new error.
+    pub(crate) fn from_boxed(e: BoxError, kind: ErrorKind, message: impl fmt::Display) -> Self {
+        match e.downcast::<Error>() {
+            Ok(e) => *e,
+            Err(e) => Error::new(kind, message.to_string()).with_source(e),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.inner.message)?;
+        if let Some(source) = &self.inner.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.inner.kind)
+            .field("message", &self.inner.message);
+        if let Some(source) = &self.inner.source {
+            d.field("source", source);
+        }
+        d.finish()
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_the_cause_and_source_is_kept() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = Error::new(ErrorKind::Connect, "cannot connect to 127.0.0.1:1").with_source(io);
+        assert_eq!(e.to_string(), "cannot connect to 127.0.0.1:1: refused");
+        assert_eq!(e.message(), "cannot connect to 127.0.0.1:1");
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(e.kind(), ErrorKind::Connect);
+        assert!(!e.is_timeout());
+    }
+
+    #[test]
+    fn boxed_errors_are_unboxed() {
+        let boxed: BoxError = Box::new(Error::new(ErrorKind::NoRoute, "x"));
+        let e = Error::from_boxed(boxed, ErrorKind::Upstream, "y");
+        assert_eq!(e.kind(), ErrorKind::NoRoute);
+        let other: BoxError = "plain".into();
+        let e = Error::from_boxed(other, ErrorKind::Upstream, "y");
+        assert_eq!(e.kind(), ErrorKind::Upstream);
+        assert_eq!(e.to_string(), "y: plain");
+    }
+
+    #[test]
+    fn timeouts_are_found_in_the_chain() {
+        let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "slow");
+        assert!(
+            Error::new(ErrorKind::Connect, "c")
+                .with_source(io)
+                .is_timeout()
+        );
+        assert!(Error::new(ErrorKind::Timeout, "t").is_timeout());
+    }
+}

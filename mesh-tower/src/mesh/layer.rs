@@ -1,0 +1,65 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::Layer;
+
+use super::Mesh;
+use super::service::{Config, Shared};
+use crate::balance::ClusterStates;
+use crate::source::ConfigSource;
+
+/// Routes each request through the mesh, then hands it to the inner service
+/// (see the [module docs](crate::mesh)).
+///
+/// Every service built from one layer (and its clones) shares the balancing
+/// state: round-robin counters and requests in flight.
+#[derive(Debug, Clone)]
+pub struct MeshLayer<Src> {
+    shared: Shared<Src>,
+}
+
+impl<Src: ConfigSource> MeshLayer<Src> {
+    /// A layer reading its config from `source`, rewriting URIs to the
+    /// chosen endpoint, waiting up to 10 s for an unknown name's config.
+    pub fn new(source: Src) -> Self {
+        MeshLayer {
+            shared: Shared {
+                source,
+                states: Arc::new(ClusterStates::default()),
+                config: Config {
+                    listener_timeout: Duration::from_secs(10),
+                    rewrite_uri: true,
+                },
+            },
+        }
+    }
+
+    /// How long a request to a name the process has not seen before waits
+    /// for its configuration (listener, routes, clusters, endpoints).
+    pub fn listener_timeout(mut self, timeout: Duration) -> Self {
+        self.shared.config.listener_timeout = timeout;
+        self
+    }
+
+    /// `true` (default): rewrite the URI to `http://<endpoint>/...` and keep
+    /// the original authority in `Host`, for inner services that dial the
+    /// URI. `false`: keep the URI; the inner service must dial
+    /// [`TargetEndpoint`](super::TargetEndpoint) (as [`Pool`](crate::Pool) does).
+    pub fn rewrite_uri(mut self, rewrite: bool) -> Self {
+        self.shared.config.rewrite_uri = rewrite;
+        self
+    }
+
+    /// The config source.
+    pub fn source(&self) -> &Src {
+        &self.shared.source
+    }
+}
+
+impl<S, Src: Clone> Layer<S> for MeshLayer<Src> {
+    type Service = Mesh<S, Src>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Mesh::from_shared(inner, self.shared.clone())
+    }
+}

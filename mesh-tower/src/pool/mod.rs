@@ -1,0 +1,225 @@
+//! Pooled hyper connections, keyed by endpoint address and protocol.
+//!
+//! The mesh chooses the endpoint, so the pool must not derive the address
+//! from the URI (that would lose the service name): it dials the
+//! [`TargetEndpoint`] the routing layer put on the request and sends the
+//! request with its URI as written, so the endpoint sees the original
+//! `:authority` (HTTP/2) or `Host` (HTTP/1.1), as Envoy's upstream
+//! connections do. The pool key is (endpoint address, HTTP/2 or not); later
+//! the TLS identity joins it (DESIGN.md: pooled hyper connection keyed by
+//! endpoint, protocol and TLS identity).
+//!
+//! - HTTP/2 (clusters of protocol `HTTP2` / `GRPC`): one shared connection
+//!   per endpoint, multiplexing every request, as gRPC's subchannels do;
+//!   re-dialed when it closes (GOAWAY, reset). Getting it is a lock-free
+//!   load; a request the closed connection never took is re-sent once on a
+//!   fresh one.
+//! - HTTP/1.1: a small stack of idle connections per endpoint (a short
+//!   critical section under an uncontended mutex); a connection returns to
+//!   it when its response has been read to the end.
+//!
+//! The response future is boxed, as hyper-util's `Client`'s is.
+
+mod host;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tower::Service;
+
+use self::host::Host;
+use crate::error::{BoxError, Error, ErrorKind};
+use crate::mesh::TargetEndpoint;
+
+/// The connection pool: a `tower::Service` sending each request to the
+/// [`TargetEndpoint`] in its extensions (see the [module docs](self)).
+/// Cheap to clone; clones share the connections.
+pub struct Pool<B> {
+    hosts: Arc<Hosts<B>>,
+    config: PoolConfig,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolConfig {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_idle_per_host: usize,
+    pub(crate) http2_keep_alive: Option<Duration>,
+}
+
+/// (endpoint address, HTTP/2).
+type Key = (SocketAddr, bool);
+
+struct Hosts<B> {
+    map: ArcSwap<HashMap<Key, Arc<Host<B>>>>,
+    insert: Mutex<()>,
+}
+
+impl<B> Pool<B> {
+    /// An empty pool: connect timeout 10 s (Istio's default), up to 32 idle
+    /// HTTP/1.1 connections per endpoint, no HTTP/2 keep-alive pings.
+    pub fn new() -> Self {
+        Pool {
+            hosts: Arc::new(Hosts {
+                map: ArcSwap::default(),
+                insert: Mutex::new(()),
+            }),
+            config: PoolConfig {
+                connect_timeout: Duration::from_secs(10),
+                max_idle_per_host: 32,
+                http2_keep_alive: None,
+            },
+        }
+    }
+
+    /// How long dialing an endpoint may take.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// How many idle HTTP/1.1 connections to keep per endpoint.
+    pub fn max_idle_per_host(mut self, max: usize) -> Self {
+        self.config.max_idle_per_host = max;
+        self
+    }
+
+    /// Sends HTTP/2 PING frames at this interval (and closes a connection
+    /// whose peer stops answering), detecting dead peers without traffic.
+    pub fn http2_keep_alive(mut self, interval: Duration) -> Self {
+        self.config.http2_keep_alive = Some(interval);
+        self
+    }
+
+    /// Number of endpoints with an open connection (idle or busy).
+    pub fn open_endpoints(&self) -> usize {
+        self.hosts
+            .map
+            .load()
+            .values()
+            .filter(|h| h.is_alive())
+            .count()
+    }
+
+    fn host(&self, addr: SocketAddr, http2: bool) -> Arc<Host<B>> {
+        let key = (addr, http2);
+        if let Some(host) = self.hosts.map.load().get(&key) {
+            return host.clone();
+        }
+        self.insert_host(key)
+    }
+
+    #[cold]
+    fn insert_host(&self, key: Key) -> Arc<Host<B>> {
+        let _writer = self
+            .hosts
+            .insert
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = self.hosts.map.load_full();
+        if let Some(host) = current.get(&key) {
+            return host.clone();
+        }
+        let mut map = HashMap::clone(&current);
+        // Forget endpoints without connections that no request is using.
+        map.retain(|_, h| h.is_alive() || Arc::strong_count(h) > 1);
+        let host = Arc::new(Host::new(key.0));
+        map.insert(key, host.clone());
+        self.hosts.map.store(Arc::new(map));
+        host
+    }
+}
+
+impl<B> Default for Pool<B> {
+    fn default() -> Self {
+        Pool::new()
+    }
+}
+
+impl<B> Clone for Pool<B> {
+    fn clone(&self) -> Self {
+        Pool {
+            hosts: self.hosts.clone(),
+            config: self.config,
+        }
+    }
+}
+
+impl<B> fmt::Debug for Pool<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("config", &self.config)
+            .field("endpoints", &self.hosts.map.load().len())
+            .finish()
+    }
+}
+
+impl<B> Service<Request<B>> for Pool<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Incoming>;
+    type Error = Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(target) = req.extensions().get::<TargetEndpoint>().cloned() else {
+            return ResponseFuture::new(std::future::ready(Err(Error::new(
+                ErrorKind::InvalidRequest,
+                "the request has no TargetEndpoint: put the pool under the mesh layer \
+                 (MeshLayer::new(source).rewrite_uri(false))",
+            ))));
+        };
+        let http2 = target.protocol().is_http2();
+        let host = self.host(target.addr(), http2);
+        let config = self.config;
+        if http2 {
+            ResponseFuture::new(async move { host.send_http2(req, &target, config).await })
+        } else {
+            ResponseFuture::new(async move { host.send_http1(req, &target, config).await })
+        }
+    }
+}
+
+/// The response future of [`Pool`].
+pub struct ResponseFuture {
+    inner: Pin<Box<dyn Future<Output = Result<Response<Incoming>, Error>> + Send + 'static>>,
+}
+
+impl ResponseFuture {
+    fn new(
+        future: impl Future<Output = Result<Response<Incoming>, Error>> + Send + 'static,
+    ) -> Self {
+        ResponseFuture {
+            inner: Box::pin(future),
+        }
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Incoming>, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,88 @@
+//! The server stack: what every request of a mesh service passes through
+//! before the application.
+//!
+//! DESIGN.md's order is TLS accept → peer identity → telemetry span →
+//! deadline → authorization → the app. TLS, identity and authorization
+//! arrive with the mTLS and RBAC work (gRFC A29, A41); this layer is where
+//! they will run. Today it gives the application its place in the mesh: a
+//! [`ServerContext`] request extension (the service, namespace and node id,
+//! readable with axum's `Extension<ServerContext>` or tonic's
+//! `request.extensions()`), and optionally an `x-proxyless-served-by`
+//! response header naming the node, which makes balancing visible from a
+//! client (`curl -i`) without tracing, much as Envoy's
+//! `x-envoy-upstream-service-time` makes the proxy visible.
+//!
+//! [`serve`](crate::serve()) adds a [`ConnectionInfo`](crate::serve::ConnectionInfo)
+//! extension (peer and local address) before this layer runs.
+
+mod future;
+mod layer;
+mod service;
+
+use std::fmt;
+use std::sync::Arc;
+
+use mesh_core::model::Name;
+
+pub use self::future::ResponseFuture;
+pub use self::layer::ServerLayer;
+pub use self::service::Server;
+
+/// The response header naming the node that served a request, when
+/// [`ServerLayer::served_by_header`] is on.
+pub const SERVED_BY: &str = "x-proxyless-served-by";
+
+/// Who is serving: a request extension set by [`ServerLayer`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerContext {
+    inner: Arc<ContextInner>,
+}
+
+#[derive(PartialEq, Eq)]
+struct ContextInner {
+    service: Name,
+    namespace: Name,
+    node_id: Name,
+}
+
+impl ServerContext {
+    /// The context of `node_id`, serving `service` in `namespace`.
+    pub fn new(
+        service: impl Into<Name>,
+        namespace: impl Into<Name>,
+        node_id: impl Into<Name>,
+    ) -> Self {
+        ServerContext {
+            inner: Arc::new(ContextInner {
+                service: service.into(),
+                namespace: namespace.into(),
+                node_id: node_id.into(),
+            }),
+        }
+    }
+
+    /// The mesh service this process serves (`catalog`).
+    pub fn service(&self) -> &str {
+        &self.inner.service
+    }
+
+    /// Its namespace (`shop`; `default` when unset).
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// This process's xDS node id.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+}
+
+impl fmt::Debug for ServerContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerContext")
+            .field("service", &self.service())
+            .field("namespace", &self.namespace())
+            .field("node_id", &self.node_id())
+            .finish()
+    }
+}
