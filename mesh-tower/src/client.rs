@@ -87,7 +87,15 @@ impl<B> MeshClient<B, mesh_xds_client::XdsClient> {
         let bootstrap = mesh_xds_client::Bootstrap::from_env().map_err(|e| {
             Error::new(crate::ErrorKind::Discovery, "cannot read the xDS bootstrap").with_source(e)
         })?;
-        Ok(Self::new(mesh_xds_client::XdsClient::start(bootstrap)))
+        Ok(Self::from_bootstrap(bootstrap))
+    }
+
+    /// A client for the mesh described by `bootstrap` (built in code, or
+    /// read with [`mesh_xds_client::Bootstrap::from_json`]): starts the xDS
+    /// client (needs a tokio runtime). Several clients of one process should
+    /// share one [`mesh_xds_client::XdsClient`] through [`MeshClient::new`].
+    pub fn from_bootstrap(bootstrap: mesh_xds_client::Bootstrap) -> Self {
+        Self::new(mesh_xds_client::XdsClient::start(bootstrap))
     }
 }
 

@@ -12,6 +12,7 @@ in step with that file.
 
 Usage:
     grpc_xds_client.py TARGET N [--deadline SECONDS] [--header KEY=VALUE ...]
+                       [--linger SECONDS]
 
 Prints exactly one JSON line on stdout and exits 0, whatever happened:
     {"ok": n_ok, "errors": {"UNAVAILABLE": 2}, "by_version": {"v1": a, "v2": b},
@@ -21,6 +22,9 @@ Errors are keyed by gRPC status code name (plus NO_BOOTSTRAP and SCRIPT_ERROR).
 When the channel does not become ready in time, `ready` is false and one probe
 call reports the channel's own error (its code and details) in `first_error`.
 Exit 2 means bad arguments (argparse).
+With --linger, the line is printed as soon as the calls are done and the channel
+(with its xDS stream) stays open that long before the exit, so a test can read
+the control server's view of this client (e.g. /status) meanwhile and then kill it.
 """
 
 import argparse
@@ -112,7 +116,15 @@ def decode_pay_reply(data):
 
 # --- the client ------------------------------------------------------------------
 
+_emitted = False
+
+
 def _emit(report):
+    """Prints the report line, once (a lingering run prints it before it lingers)."""
+    global _emitted
+    if _emitted:
+        return
+    _emitted = True
     sys.stdout.write(json.dumps(report, sort_keys=True) + "\n")
     sys.stdout.flush()
     sys.stderr.flush()
@@ -190,6 +202,10 @@ def run(args, report):
             served_by = reply["served_by"]
             report["by_served_by"][served_by] = report["by_served_by"].get(served_by, 0) + 1
     finally:
+        if args.linger > 0 and sys.exc_info()[0] is None:  # not while raising
+            report["elapsed_ms"] = int((time.monotonic() - start) * 1000)
+            _emit(report)
+            time.sleep(args.linger)
         channel.close()
         report["elapsed_ms"] = int((time.monotonic() - start) * 1000)
 
@@ -209,6 +225,8 @@ def main():
                         help="seconds for everything (ready wait and calls)")
     parser.add_argument("--header", type=_header, action="append", default=[],
                         help="KEY=VALUE metadata sent with every call (repeatable)")
+    parser.add_argument("--linger", type=float, default=0.0,
+                        help="seconds to keep the channel open after printing the report")
     args = parser.parse_args()
 
     report = {

@@ -12,11 +12,13 @@
 //! - [`assert_split`]: weighted routing is random; a binomial z-score at z ≥ 4.5 keeps a
 //!   correct split from failing more than once in ~300,000 runs while still catching a
 //!   wrong weight.
+//! - [`admin`]: requests to mesh-control's admin HTTP API (registration, status).
 //! - [`python`]: the grpcio venv and the xDS interop client (gRPC proxyless, A27/A28).
 //!
 //! Each test binary uses a subset of these helpers, hence `dead_code` is allowed here.
 #![allow(dead_code)]
 
+pub(crate) mod admin;
 pub(crate) mod python;
 
 use std::future::Future;
