@@ -113,7 +113,8 @@ impl EndpointSet {
             } else {
                 self.weighted_in(slot, counter % slot.endpoint_weight)
             }),
-            LbPolicy::Random => Some(self.random_in(slot, random())),
+            // Ring hash is picked by key elsewhere; without a key it is random.
+            LbPolicy::Random | LbPolicy::RingHash { .. } => Some(self.random_in(slot, random())),
             LbPolicy::LeastRequest => {
                 let a = self.random_in(slot, random());
                 if slot.len == 1 {

@@ -16,6 +16,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::Error;
 
@@ -62,6 +63,255 @@ pub struct Route {
     pub matcher: RouteMatch,
     /// Where it goes.
     pub action: WeightedClusters,
+    /// Timeout, retries, fault injection and hashing for requests on this route.
+    pub policy: RoutePolicy,
+}
+
+/// What Istio's `http[]` says about a route besides where it goes: timeout,
+/// retries and fault injection (VirtualService), and the consistent-hash key
+/// (DestinationRule `consistentHash`, which Envoy carries on the route).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutePolicy {
+    /// Overall timeout of a request, retries included (Istio `timeout`);
+    /// `None` = no timeout (Istio's default: disabled).
+    pub timeout: Option<Duration>,
+    /// Retry policy; `None` = no retries.
+    pub retry: Option<RetryPolicy>,
+    /// Fault injection; `None` = none.
+    pub fault: Option<FaultPolicy>,
+    /// How to compute the hash of a request for ring-hash clusters; the
+    /// first policy that yields a key wins (Envoy semantics).
+    pub hash_policy: Arc<[HashPolicy]>,
+}
+
+/// Istio `retries` / Envoy `RetryPolicy` (gRFC A44 for gRPC clients).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Number of retries after the first attempt (Istio `attempts`).
+    pub num_retries: u32,
+    /// Timeout of each attempt (Istio `perTryTimeout`); `None` = the route timeout.
+    pub per_try_timeout: Option<Duration>,
+    /// The conditions that allow a retry.
+    pub retry_on: RetryOn,
+    /// Status codes retried under [`RetryOn::RETRIABLE_STATUS_CODES`].
+    pub retriable_status_codes: Arc<[u16]>,
+    /// Exponential backoff base (Envoy default 25 ms).
+    pub backoff_base: Duration,
+    /// Backoff cap (Envoy default 10 × base = 250 ms).
+    pub backoff_max: Duration,
+    /// Istio `retryRemoteLocalities`: a retry may leave the original locality.
+    pub retry_remote_localities: bool,
+}
+
+impl RetryPolicy {
+    /// Istio's default when a route says nothing: 2 retries on
+    /// connect-failure, refused-stream, unavailable, cancelled and
+    /// retriable-status-codes (503).
+    pub fn istio_default() -> Self {
+        RetryPolicy {
+            num_retries: 2,
+            per_try_timeout: None,
+            retry_on: RetryOn::CONNECT_FAILURE
+                | RetryOn::REFUSED_STREAM
+                | RetryOn::UNAVAILABLE
+                | RetryOn::CANCELLED
+                | RetryOn::RETRIABLE_STATUS_CODES,
+            retriable_status_codes: Arc::from([503u16]),
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            retry_remote_localities: false,
+        }
+    }
+}
+
+/// A set of retry conditions (Envoy `x-envoy-retry-on` / `x-envoy-retry-grpc-on`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct RetryOn(u32);
+
+impl RetryOn {
+    /// Any 5xx, or a reset / connect failure.
+    pub const FIVE_XX: RetryOn = RetryOn(1);
+    /// 502, 503, 504, or a reset / connect failure.
+    pub const GATEWAY_ERROR: RetryOn = RetryOn(1 << 1);
+    /// The connection was reset / closed before a response.
+    pub const RESET: RetryOn = RetryOn(1 << 2);
+    /// The connection could not be established.
+    pub const CONNECT_FAILURE: RetryOn = RetryOn(1 << 3);
+    /// HTTP/2 REFUSED_STREAM.
+    pub const REFUSED_STREAM: RetryOn = RetryOn(1 << 4);
+    /// 409 (Envoy `retriable-4xx`).
+    pub const RETRIABLE_4XX: RetryOn = RetryOn(1 << 5);
+    /// The codes in [`RetryPolicy::retriable_status_codes`].
+    pub const RETRIABLE_STATUS_CODES: RetryOn = RetryOn(1 << 6);
+    /// gRPC CANCELLED.
+    pub const CANCELLED: RetryOn = RetryOn(1 << 7);
+    /// gRPC DEADLINE_EXCEEDED.
+    pub const DEADLINE_EXCEEDED: RetryOn = RetryOn(1 << 8);
+    /// gRPC INTERNAL.
+    pub const INTERNAL: RetryOn = RetryOn(1 << 9);
+    /// gRPC RESOURCE_EXHAUSTED.
+    pub const RESOURCE_EXHAUSTED: RetryOn = RetryOn(1 << 10);
+    /// gRPC UNAVAILABLE.
+    pub const UNAVAILABLE: RetryOn = RetryOn(1 << 11);
+
+    /// Every condition with its Envoy/Istio name, in a stable order.
+    pub const NAMES: [(&'static str, RetryOn); 12] = [
+        ("5xx", Self::FIVE_XX),
+        ("gateway-error", Self::GATEWAY_ERROR),
+        ("reset", Self::RESET),
+        ("connect-failure", Self::CONNECT_FAILURE),
+        ("refused-stream", Self::REFUSED_STREAM),
+        ("retriable-4xx", Self::RETRIABLE_4XX),
+        ("retriable-status-codes", Self::RETRIABLE_STATUS_CODES),
+        ("cancelled", Self::CANCELLED),
+        ("deadline-exceeded", Self::DEADLINE_EXCEEDED),
+        ("internal", Self::INTERNAL),
+        ("resource-exhausted", Self::RESOURCE_EXHAUSTED),
+        ("unavailable", Self::UNAVAILABLE),
+    ];
+
+    /// No condition.
+    pub const fn empty() -> Self {
+        RetryOn(0)
+    }
+
+    /// Whether every condition of `other` is in `self`.
+    pub const fn contains(self, other: RetryOn) -> bool {
+        self.0 & other.0 == other.0 && other.0 != 0
+    }
+
+    /// Whether no condition is set.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The raw bits (for compact storage).
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// The condition named `name` (Envoy/Istio spelling), if known.
+    pub fn from_name(name: &str) -> Option<RetryOn> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+    }
+
+    /// The names of the conditions set, in [`RetryOn::NAMES`] order.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Self::NAMES
+            .iter()
+            .filter(move |(_, v)| self.contains(*v))
+            .map(|(n, _)| *n)
+    }
+}
+
+impl std::ops::BitOr for RetryOn {
+    type Output = RetryOn;
+    fn bitor(self, rhs: RetryOn) -> RetryOn {
+        RetryOn(self.0 | rhs.0)
+    }
+}
+
+impl std::ops::BitOrAssign for RetryOn {
+    fn bitor_assign(&mut self, rhs: RetryOn) {
+        self.0 |= rhs.0;
+    }
+}
+
+/// A fraction in millionths (Envoy `FractionalPercent` with MILLION), so
+/// config compares exactly: 20% is `Fraction::from_per_million(200_000)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fraction(u32);
+
+impl Fraction {
+    /// The whole: 100%.
+    pub const ALL: Fraction = Fraction(1_000_000);
+
+    /// A fraction of `n` millionths, clamped to 100%.
+    pub fn from_per_million(n: u32) -> Self {
+        Fraction(n.min(1_000_000))
+    }
+
+    /// A percentage (Istio's `percentage.value`, 0–100, fractional allowed),
+    /// rounded to the nearest millionth; `None` if out of range or not finite.
+    pub fn from_percent(p: f64) -> Option<Self> {
+        (p.is_finite() && (0.0..=100.0).contains(&p))
+            .then(|| Fraction((p * 10_000.0).round() as u32))
+    }
+
+    /// Millionths.
+    pub fn per_million(self) -> u32 {
+        self.0
+    }
+
+    /// As a percentage.
+    pub fn percent(self) -> f64 {
+        f64::from(self.0) / 10_000.0
+    }
+
+    /// Whether a uniform `random` falls inside this fraction.
+    pub fn hit(self, random: u64) -> bool {
+        ((u128::from(random) * 1_000_000) >> 64) < u128::from(self.0)
+    }
+}
+
+/// Istio `fault` / Envoy's fault filter (gRFC A33).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultPolicy {
+    /// Delay a fraction of requests.
+    pub delay: Option<FaultDelay>,
+    /// Fail a fraction of requests without sending them.
+    pub abort: Option<FaultAbort>,
+}
+
+/// A fixed delay for a fraction of requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultDelay {
+    /// Which share of requests.
+    pub fraction: Fraction,
+    /// How long.
+    pub delay: Duration,
+}
+
+/// An injected failure for a fraction of requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultAbort {
+    /// Which share of requests.
+    pub fraction: Fraction,
+    /// What they fail with.
+    pub status: AbortStatus,
+}
+
+/// The status of an injected failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortStatus {
+    /// An HTTP status (Istio `httpStatus`).
+    Http(u16),
+    /// A gRPC status code (Istio `grpcStatus`).
+    Grpc(u32),
+}
+
+/// A source of the consistent-hash key (Envoy `RouteAction.HashPolicy`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashPolicy {
+    /// The value of a header (lower-case name).
+    Header(Name),
+    /// The value of a cookie (Istio `httpCookie`); `ttl` set means generate
+    /// one when absent (not supported by gRPC clients).
+    Cookie {
+        /// Cookie name.
+        name: Name,
+        /// Lifetime of a generated cookie.
+        ttl: Option<Duration>,
+        /// Path of a generated cookie.
+        path: Option<Name>,
+    },
+    /// The client's IP address (Istio `useSourceIp`).
+    SourceIp,
+    /// A query parameter (Istio `httpQueryParameterName`).
+    QueryParameter(Name),
 }
 
 /// The conditions of a route; all must hold.
@@ -287,6 +537,12 @@ pub enum LbPolicy {
     LeastRequest,
     /// Uniformly random (weighted).
     Random,
+    /// Consistent hashing on a ring (Istio `consistentHash`, gRFC A42); the
+    /// key comes from the route's [`RoutePolicy::hash_policy`].
+    RingHash {
+        /// Minimum number of ring entries (Istio `minimumRingSize`, Envoy default 1024).
+        minimum_ring_size: u64,
+    },
 }
 
 /// An upstream cluster: a service port, or one subset of it.
@@ -300,6 +556,108 @@ pub struct Cluster {
     pub lb_policy: LbPolicy,
     /// Upstream protocol.
     pub protocol: Protocol,
+    /// Limits (Istio `connectionPool`, `retryBudget`; Envoy `circuit_breakers`).
+    pub circuit_breakers: CircuitBreakers,
+    /// Passive health checking; `None` = off.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Connection settings (Istio `connectionPool.tcp.connectTimeout`,
+    /// `http.idleTimeout`, `http.maxRequestsPerConnection`).
+    pub connection: ConnectionSettings,
+    /// Prefer the client's own locality and fail over to others only when it
+    /// has no healthy endpoint (Istio `localityLbSetting.enabled`).
+    pub locality_failover: bool,
+}
+
+/// Envoy `circuit_breakers` thresholds (default priority), from Istio's
+/// `connectionPool` and `retryBudget`. Defaults are Envoy's (1024 each,
+/// 3 retries), which Istio raises to effectively unlimited
+/// (`u32::MAX`) — this mesh uses Istio's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitBreakers {
+    /// `tcp.maxConnections`: beyond it requests wait as pending.
+    pub max_connections: u32,
+    /// `http.http1MaxPendingRequests`: pending overflow fails at once.
+    pub max_pending_requests: u32,
+    /// `http.http2MaxRequests`: active-request overflow fails at once.
+    pub max_requests: u32,
+    /// `http.maxRetries`: concurrent retries beyond it are skipped.
+    pub max_retries: u32,
+    /// `retryBudget`; when set it replaces `max_retries` as the retry limit
+    /// (Envoy semantics), and `max_retries` still caps it.
+    pub retry_budget: Option<RetryBudget>,
+}
+
+impl Default for CircuitBreakers {
+    fn default() -> Self {
+        CircuitBreakers {
+            max_connections: u32::MAX,
+            max_pending_requests: u32::MAX,
+            max_requests: u32::MAX,
+            max_retries: u32::MAX,
+            retry_budget: None,
+        }
+    }
+}
+
+/// Envoy `RetryBudget` (Istio 1.27 `trafficPolicy.retryBudget`): concurrent
+/// retries ≤ max(budget × active requests, min_retry_concurrency).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryBudget {
+    /// Share of active requests that may be retries (Envoy default 20%).
+    pub budget: Fraction,
+    /// Retries always allowed (Envoy default 3).
+    pub min_retry_concurrency: u32,
+}
+
+/// Envoy `OutlierDetection` as Istio sets it (consecutive errors; success-rate
+/// ejection off, `enforcing_success_rate: 0`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// Eject after this many consecutive 5xx (Istio `consecutive5xxErrors`);
+    /// `None` = off.
+    pub consecutive_5xx: Option<u32>,
+    /// Eject after this many consecutive 502/503/504 or connect failures
+    /// (Istio `consecutiveGatewayErrors`); `None` = off.
+    pub consecutive_gateway_errors: Option<u32>,
+    /// How often ejections are reconsidered (Istio `interval`, default 10 s).
+    pub interval: Duration,
+    /// Ejection time, multiplied by the number of times ejected (Istio
+    /// `baseEjectionTime`, default 30 s).
+    pub base_ejection_time: Duration,
+    /// At most this share of endpoints ejected (Istio `maxEjectionPercent`, default 10%).
+    pub max_ejection_percent: u32,
+    /// Below this share of healthy endpoints, ejection is ignored (panic mode;
+    /// Istio `minHealthPercent`, default 0 = never).
+    pub min_health_percent: u32,
+}
+
+/// Per-connection settings of a cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    /// TCP connect timeout (Istio default 10 s when `None`).
+    pub connect_timeout: Option<Duration>,
+    /// Close a connection idle this long (`None` = Envoy's 1 h default).
+    pub idle_timeout: Option<Duration>,
+    /// Close a connection after this many requests (`None` = unlimited).
+    pub max_requests_per_connection: Option<u32>,
+}
+
+impl Cluster {
+    /// A cluster with Istio's defaults: least-request balancing, no limits,
+    /// no outlier detection.
+    pub fn new(name: impl Into<Name>, protocol: Protocol) -> Self {
+        let name = name.into();
+        Cluster {
+            eds_service_name: name.clone(),
+            name,
+            lb_policy: LbPolicy::LeastRequest,
+            protocol,
+            circuit_breakers: CircuitBreakers::default(),
+            outlier_detection: None,
+            connection: ConnectionSettings::default(),
+            locality_failover: false,
+        }
+    }
 }
 
 /// Where an endpoint runs, for locality-weighted balancing.

@@ -226,6 +226,7 @@ mod tests {
             name: name.into(),
             matcher,
             action: WeightedClusters::single(name),
+            policy: Default::default(),
         }
     }
 

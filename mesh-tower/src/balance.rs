@@ -135,7 +135,7 @@ impl ClusterState {
     ) -> Option<ActiveGuard> {
         let counter = match policy {
             LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed),
-            LbPolicy::LeastRequest | LbPolicy::Random => 0,
+            LbPolicy::LeastRequest | LbPolicy::Random | LbPolicy::RingHash { .. } => 0,
         };
         let index = self
             .set

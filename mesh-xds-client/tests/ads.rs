@@ -60,6 +60,7 @@ fn resources(endpoint: SocketAddr) -> Resources {
                     name: "default".into(),
                     matcher: RouteMatch::any(),
                     action: WeightedClusters::single(CLUSTER),
+                    policy: Default::default(),
                 }]),
             }]),
         }),
@@ -67,10 +68,9 @@ fn resources(endpoint: SocketAddr) -> Resources {
     r.entry(xds::CLUSTER_TYPE).or_default().insert(
         CLUSTER.into(),
         xds::encode_cluster(&Cluster {
-            name: CLUSTER.into(),
             eds_service_name: CLUSTER.into(),
             lb_policy: LbPolicy::RoundRobin,
-            protocol: Protocol::Http1,
+            ..Cluster::new(CLUSTER, Protocol::Http1)
         }),
     );
     r.entry(xds::ENDPOINT_TYPE).or_default().insert(

@@ -470,6 +470,7 @@ fn routes_for_port(
                 name: name.clone(),
                 matcher,
                 action: action.clone(),
+                policy: Default::default(),
             });
         }
     }
@@ -590,6 +591,7 @@ pub(crate) fn translate(
                     name: Name::from("default"),
                     matcher: RouteMatch::any(),
                     action: WeightedClusters::single(base.as_str()),
+                    policy: Default::default(),
                 }],
             };
             snapshot.route_configs.insert(
@@ -611,10 +613,8 @@ pub(crate) fn translate(
                     snapshot.clusters.insert(
                         name.clone(),
                         Arc::new(Cluster {
-                            name: name.clone(),
-                            eds_service_name: name.clone(),
                             lb_policy: lb,
-                            protocol: port.protocol,
+                            ..Cluster::new(name.clone(), port.protocol)
                         }),
                     );
                     let selected = members

@@ -67,6 +67,8 @@ pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
             RANDOM_NAME,
             pack(&Random::default()),
         ))),
+        // Placeholder until ring hash conversion lands (issue 4).
+        LbPolicy::RingHash { .. } => None,
     };
     let protocol_config = if cluster.protocol.is_http2() {
         ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())
@@ -226,10 +228,9 @@ fn cluster_fields(c: &ClusterProto) -> Decoded<Cluster> {
         None => lb_enum_from_proto(c)?,
     };
     Ok(Cluster {
-        name,
         eds_service_name,
         lb_policy,
-        protocol: protocol_from_proto(c)?,
+        ..Cluster::new(name, protocol_from_proto(c)?)
     })
 }
 

@@ -278,6 +278,7 @@ fn route_from_proto(r: &RouteProto) -> Decoded<Route> {
         name: r.name.as_str().into(),
         matcher,
         action,
+        policy: Default::default(),
     })
 }
 

@@ -136,6 +136,7 @@ fn route() -> impl Strategy<Value = Route> {
         weighted_clusters(),
     )
         .prop_map(|(name, matcher, action)| Route {
+            policy: Default::default(),
             name,
             matcher,
             action,
@@ -187,10 +188,9 @@ fn cluster() -> impl Strategy<Value = Cluster> {
     ];
     (cluster_name(), cluster_name(), lb, protocol).prop_map(
         |(name, eds_service_name, lb_policy, protocol)| Cluster {
-            name,
             eds_service_name,
             lb_policy,
-            protocol,
+            ..Cluster::new(name, protocol)
         },
     )
 }
@@ -338,6 +338,7 @@ fn sample_route_config() -> RouteConfig {
                     query_params: Arc::from([]),
                 },
                 action: WeightedClusters::single("outbound|80||catalog"),
+                policy: Default::default(),
             }]),
         }]),
     }
@@ -345,10 +346,8 @@ fn sample_route_config() -> RouteConfig {
 
 fn sample_cluster(lb_policy: LbPolicy) -> Cluster {
     Cluster {
-        name: "outbound|80||catalog".into(),
-        eds_service_name: "outbound|80||catalog".into(),
         lb_policy,
-        protocol: Protocol::Grpc,
+        ..Cluster::new("outbound|80||catalog", Protocol::Grpc)
     }
 }
 

@@ -428,6 +428,7 @@ mod tests {
                         name: "all".into(),
                         matcher: RouteMatch::any(),
                         action: WeightedClusters::single("c"),
+                        policy: Default::default(),
                     }]
                     .into(),
                 }]
@@ -437,10 +438,9 @@ mod tests {
         s.clusters.insert(
             "c".into(),
             Arc::new(Cluster {
-                name: "c".into(),
                 eds_service_name: "c".into(),
                 lb_policy: LbPolicy::LeastRequest,
-                protocol: Protocol::Http1,
+                ..Cluster::new("c", Protocol::Http1)
             }),
         );
         let endpoints = ports

@@ -158,6 +158,7 @@ fn route(name: &str, matcher: RouteMatch, cluster: &str) -> Route {
         name: name.into(),
         matcher,
         action: WeightedClusters::single(cluster),
+        policy: Default::default(),
     }
 }
 
@@ -219,10 +220,8 @@ pub fn add_service(s: &mut Snapshot, name: &str, a: SocketAddr, b: SocketAddr, p
         s.clusters.insert(
             cluster.as_str().into(),
             Arc::new(Cluster {
-                name: cluster.as_str().into(),
-                eds_service_name: cluster.as_str().into(),
                 lb_policy: LbPolicy::RoundRobin,
-                protocol,
+                ..Cluster::new(cluster.as_str(), protocol)
             }),
         );
         s.endpoints

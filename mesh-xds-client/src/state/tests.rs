@@ -52,6 +52,7 @@ fn route_config(name: &str, clusters: &[&str]) -> Any {
                 name: "default".into(),
                 matcher: RouteMatch::any(),
                 action,
+                policy: Default::default(),
             }]),
         }]),
     })
@@ -59,10 +60,9 @@ fn route_config(name: &str, clusters: &[&str]) -> Any {
 
 fn cluster(name: &str, eds: &str) -> Any {
     xds::encode_cluster(&Cluster {
-        name: name.into(),
         eds_service_name: eds.into(),
         lb_policy: LbPolicy::RoundRobin,
-        protocol: Protocol::Http1,
+        ..Cluster::new(name, Protocol::Http1)
     })
 }
 
