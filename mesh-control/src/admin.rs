@@ -5,7 +5,6 @@
 //! something actionable.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
 use axum::Router;
@@ -16,13 +15,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde_json::{Value, json};
 
+use std::collections::BTreeSet;
+
+use crate::compat::{ClientKind, grpc_ignored};
 use crate::registry::RegisterRequest;
+
 use crate::state::Shared;
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .route("/v1/services", get(services))
         .route("/v1/endpoints", post(register))
         .route("/v1/endpoints/{lease_id}", put(renew).delete(deregister))
@@ -53,7 +57,7 @@ async fn register(
     let result = shared.registry.lock().register(req, Instant::now(), salt);
     match result {
         Ok(lease) => {
-            shared.metrics.registrations.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.registrations.inc();
             shared.rebuild();
             (StatusCode::CREATED, axum::Json(lease)).into_response()
         }
@@ -137,10 +141,34 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
                     )
                 })
                 .collect();
+            let kind = ClientKind::from_user_agent(&c.user_agent_name);
+            let subscribed = |t: &str| -> BTreeSet<String> {
+                c.types
+                    .get(t)
+                    .map(|s| s.subscribed.iter().cloned().collect())
+                    .unwrap_or_default()
+            };
+            let ignored = match kind {
+                ClientKind::Grpc => grpc_ignored(
+                    &served.snapshot,
+                    Some(&subscribed("RDS")),
+                    Some(&subscribed("CDS")),
+                ),
+                _ => Vec::new(),
+            };
+            // Stale: a response it has not acknowledged (nor rejected) for a while.
+            let stale = c.types.values().any(|s| {
+                s.sent_version != s.acked_version
+                    && s.last_nack.as_ref().is_none_or(|n| n.version != s.sent_version)
+                    && s.last_push.is_some_and(|t| now.duration_since(t) > shared.stale_after)
+            });
             json!({
                 "node_id": c.node_id,
                 "namespace": c.namespace,
                 "user_agent": c.user_agent,
+                "kind": kind.as_str(),
+                "stale": stale,
+                "ignored": ignored,
                 "connected_seconds": c.connected_at.and_then(|t| SystemTime::now().duration_since(t).ok()).map(|d| d.as_secs()),
                 "types": types,
             })
@@ -164,14 +192,25 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
         "clients": clients,
         "diagnostics": diagnostics,
         "counters": {
-            "pushes": shared.metrics.pushes.load(Ordering::Relaxed),
-            "nacks": shared.metrics.nacks.load(Ordering::Relaxed),
-            "registrations": shared.metrics.registrations.load(Ordering::Relaxed),
-            "reloads": shared.metrics.reloads.load(Ordering::Relaxed),
+            "pushes": shared.metrics.pushes.get(),
+            "nacks": shared.metrics.nacks.get(),
+            "registrations": shared.metrics.registrations.get(),
+            "reloads": shared.metrics.reloads.get(),
         },
     })
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(status_json(&shared)).into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+        .into_response()
 }

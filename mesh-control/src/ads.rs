@@ -61,9 +61,11 @@ impl AggregatedDiscoveryService for Ads {
         tokio::spawn(async move {
             let id = shared.next_client_id();
             let mut stream = AdsStream::new(id, shared.clone(), tx);
+            shared.metrics.clients.inc();
             if let Err(status) = stream.run(inbound).await {
                 tracing::debug!(client = id, ?peer, %status, "ADS stream ended");
             }
+            shared.metrics.clients.dec();
             shared.clients.lock().remove(&id);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -196,6 +198,8 @@ impl AdsStream {
             ..ClientStatus::default()
         });
         status.node_id = node.id.clone();
+        status.node = Some(node.clone());
+        status.user_agent_name = node.user_agent_name.clone();
         status.namespace = namespace;
         status.user_agent = match &node.user_agent_version_type {
             Some(envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(v)) => {
@@ -215,19 +219,17 @@ impl AdsStream {
                     error = %err.message,
                     "client NACKed a response"
                 );
-                self.shared
-                    .metrics
-                    .nacks
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let nack = NackInfo {
-                    version: req.version_info.clone(),
-                    nonce: req.response_nonce.clone(),
-                    message: err.message.clone(),
-                    at: SystemTime::now(),
-                };
+                self.shared.metrics.nacks.inc();
                 self.update_status(t, |s, _| {
+                    // The nonce is that of the latest response: its version
+                    // is the one rejected; version_info is the last accepted.
+                    s.last_nack = Some(NackInfo {
+                        version: s.sent_version.clone(),
+                        nonce: req.response_nonce.clone(),
+                        message: err.message.clone(),
+                        at: SystemTime::now(),
+                    });
                     s.acked_version = req.version_info.clone();
-                    s.last_nack = Some(nack);
                 });
             }
             None => self.update_status(t, |s, _| s.acked_version = req.version_info.clone()),
@@ -265,17 +267,22 @@ impl AdsStream {
             resource_errors,
             ..DiscoveryResponse::default()
         };
+        let sent: Arc<[Any]> = Arc::from(resources.as_slice());
         self.types[i].sent = Some(resources);
         self.types[i].nonce = nonce;
         let pushed_at = Instant::now();
+        if !force && let Some(published) = served.published_at {
+            self.shared
+                .metrics
+                .observe_push_latency(pushed_at.saturating_duration_since(published));
+        }
         self.update_status(t, |s, _| {
             s.sent_version = version;
             s.last_push = Some(pushed_at);
+            s.last_push_wall = Some(SystemTime::now());
+            s.sent_resources = sent;
         });
-        self.shared
-            .metrics
-            .pushes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.metrics.pushes.inc();
         self.tx
             .send(Ok(response))
             .await

@@ -12,11 +12,24 @@
 
 mod admin;
 mod ads;
+mod compat;
 pub mod config;
+mod csds;
 mod error;
+mod metrics;
 mod registry;
 mod server;
 mod state;
 
 pub use error::{Error, ErrorKind};
 pub use server::{Server, ServerBuilder, ServerHandle, bootstrap_json};
+
+/// What gRPC proxyless clients would ignore of the config in `dir`, one
+/// sentence per finding (`mesh-control check --for grpc`). The same report
+/// appears per connected gRPC client in `/status`.
+pub fn grpc_compatibility(dir: &std::path::Path, options: &config::MeshOptions) -> Vec<String> {
+    let mut store = config::ConfigStore::new(options.clone());
+    let _ = store.load_dir(dir);
+    let (snapshot, _) = store.snapshot(&[]);
+    compat::grpc_ignored(&snapshot, None, None)
+}

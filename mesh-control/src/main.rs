@@ -46,6 +46,9 @@ enum Command {
     Check {
         /// Directory of *.yaml / *.yml files.
         dir: PathBuf,
+        /// Also report what a kind of client ignores of this config (`grpc`).
+        #[arg(long = "for", value_name = "CLIENT")]
+        for_client: Option<String>,
         /// Domain suffix of short service names.
         #[arg(long, default_value = "svc.cluster.local")]
         domain_suffix: String,
@@ -64,7 +67,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { dir, domain_suffix } => check(&dir, domain_suffix),
+        Command::Check {
+            dir,
+            for_client,
+            domain_suffix,
+        } => check(&dir, for_client.as_deref(), domain_suffix),
         Command::Serve {
             config,
             xds,
@@ -138,7 +145,7 @@ fn run(fut: impl Future<Output = Result<(), String>>) -> ExitCode {
     }
 }
 
-fn check(dir: &std::path::Path, domain_suffix: String) -> ExitCode {
+fn check(dir: &std::path::Path, for_client: Option<&str>, domain_suffix: String) -> ExitCode {
     if !dir.is_dir() {
         eprintln!("{}: not a directory", dir.display());
         return ExitCode::FAILURE;
@@ -147,6 +154,18 @@ fn check(dir: &std::path::Path, domain_suffix: String) -> ExitCode {
         domain_suffix,
         ..MeshOptions::default()
     };
+    match for_client {
+        None => {}
+        Some("grpc") => {
+            for finding in mesh_control::grpc_compatibility(dir, &options) {
+                println!("grpc: {finding}");
+            }
+        }
+        Some(other) => {
+            eprintln!("--for {other:?}: the only client kind with known gaps is `grpc`");
+            return ExitCode::FAILURE;
+        }
+    }
     let diagnostics = check_dir(dir, &options);
     for d in &diagnostics {
         eprintln!("{d}");
@@ -200,8 +219,8 @@ fn status_table(status: &Value) -> String {
         status["resources"]["EDS"]
     );
     out.push_str(&format!(
-        "{:<28} {:<12} {:<22} {:<5} {:<9} {:<9} {}\n",
-        "NODE", "NAMESPACE", "CLIENT", "TYPE", "SENT", "ACKED", "LAST NACK"
+        "{:<28} {:<12} {:<10} {:<5} {:<9} {:<9} {:<6} {}\n",
+        "NODE", "NAMESPACE", "KIND", "TYPE", "SENT", "ACKED", "STALE", "LAST NACK"
     ));
     let empty = Vec::new();
     for c in status["clients"].as_array().unwrap_or(&empty) {
@@ -209,14 +228,23 @@ fn status_table(status: &Value) -> String {
         for (t, s) in types.into_iter().flatten() {
             let nack = s["last_nack"]["message"].as_str().unwrap_or("-");
             out.push_str(&format!(
-                "{:<28} {:<12} {:<22} {:<5} {:<9} {:<9} {}\n",
+                "{:<28} {:<12} {:<10} {:<5} {:<9} {:<9} {:<6} {}\n",
                 c["node_id"].as_str().unwrap_or(""),
                 c["namespace"].as_str().unwrap_or(""),
-                c["user_agent"].as_str().unwrap_or(""),
+                c["kind"].as_str().unwrap_or(""),
                 t,
                 s["sent_version"].as_str().unwrap_or(""),
                 s["acked_version"].as_str().unwrap_or(""),
+                if c["stale"] == true { "yes" } else { "no" },
                 nack
+            ));
+        }
+        for ignored in c["ignored"].as_array().unwrap_or(&empty) {
+            out.push_str(&format!(
+                "  {} ({}) ignores: {}\n",
+                c["node_id"].as_str().unwrap_or(""),
+                c["user_agent"].as_str().unwrap_or(""),
+                ignored.as_str().unwrap_or("")
             ));
         }
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
 use notify::Watcher;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -31,6 +32,7 @@ impl Server {
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             debounce: Duration::from_millis(10),
             lease_check: Duration::from_millis(100),
+            stale_after: Duration::from_secs(5),
             options: MeshOptions::default(),
         }
     }
@@ -44,6 +46,7 @@ pub struct ServerBuilder {
     admin_addr: SocketAddr,
     debounce: Duration,
     lease_check: Duration,
+    stale_after: Duration,
     options: MeshOptions,
 }
 
@@ -79,6 +82,13 @@ impl ServerBuilder {
         self
     }
 
+    /// How long a client may leave a response unacknowledged before
+    /// `/status` calls it stale. Default 5 s.
+    pub fn stale_after(mut self, after: Duration) -> Self {
+        self.stale_after = after;
+        self
+    }
+
     /// Domain suffix and root namespace.
     pub fn options(mut self, options: MeshOptions) -> Self {
         self.options = options;
@@ -110,10 +120,12 @@ impl ServerBuilder {
             .local_addr()
             .map_err(|e| Error::io("admin listener address", e))?;
 
-        let shared = Arc::new(Shared::new(
+        let mut shared = Shared::new(
             ConfigStore::new(self.options.clone()),
             self.config_dir.clone(),
-        ));
+        );
+        shared.stale_after = self.stale_after;
+        let shared = Arc::new(shared);
         shared.reload();
         shared.rebuild();
 
@@ -124,12 +136,16 @@ impl ServerBuilder {
             shared: shared.clone(),
         })
         .max_decoding_message_size(16 << 20);
+        let csds = ClientStatusDiscoveryServiceServer::new(crate::csds::Csds {
+            shared: shared.clone(),
+        });
         let mut stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
             let result = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .add_service(ads)
+                .add_service(csds)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::ads::{encode_all, type_index};
 use crate::config::{ConfigStore, Diagnostic};
+use crate::metrics::Counters;
 use crate::registry::Registry;
 
 /// A mutex whose poisoning is ignored: the data behind it is replaced
@@ -40,22 +41,19 @@ impl<T> Locked<T> {
 #[derive(Debug, Default)]
 pub(crate) struct Served {
     pub(crate) version: u64,
+    /// When this version was published (push latency is measured from here).
+    pub(crate) published_at: Option<Instant>,
     pub(crate) snapshot: Snapshot,
     pub(crate) resources: [BTreeMap<String, Any>; 4],
-}
-
-/// Counters for `/metrics`-style reporting in `/status`.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) pushes: AtomicU64,
-    pub(crate) nacks: AtomicU64,
-    pub(crate) registrations: AtomicU64,
-    pub(crate) reloads: AtomicU64,
 }
 
 /// What `/status` shows for one ADS client.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ClientStatus {
+    /// The node as the client sent it (CSDS echoes it).
+    pub(crate) node: Option<envoy_types::pb::envoy::config::core::v3::Node>,
+    /// `node.user_agent_name` alone (client kind detection).
+    pub(crate) user_agent_name: String,
     pub(crate) node_id: String,
     pub(crate) namespace: String,
     pub(crate) user_agent: String,
@@ -71,6 +69,9 @@ pub(crate) struct TypeStatus {
     pub(crate) acked_version: String,
     pub(crate) last_nack: Option<NackInfo>,
     pub(crate) last_push: Option<Instant>,
+    /// The resources of the last response sent (CSDS reports them).
+    pub(crate) sent_resources: Arc<[Any]>,
+    pub(crate) last_push_wall: Option<SystemTime>,
 }
 
 /// A rejected response.
@@ -93,6 +94,8 @@ pub(crate) struct Shared {
     /// Raw resources served instead of the translated ones (test hook).
     pub(crate) raw: Locked<Vec<(ResourceType, String, Any)>>,
     pub(crate) config_dir: Option<PathBuf>,
+    /// A client that has not acknowledged a response this long is stale.
+    pub(crate) stale_after: std::time::Duration,
     pub(crate) metrics: Counters,
     next_client: AtomicU64,
     rebuild_lock: Mutex<()>,
@@ -109,6 +112,7 @@ impl Shared {
             diagnostics: Locked::default(),
             raw: Locked::default(),
             config_dir,
+            stale_after: std::time::Duration::from_secs(5),
             metrics: Counters::default(),
             next_client: AtomicU64::new(1),
             rebuild_lock: Mutex::new(()),
@@ -127,7 +131,7 @@ impl Shared {
         for d in &diagnostics {
             tracing::warn!("{d}");
         }
-        self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+        self.metrics.reloads.inc();
         self.diagnostics.lock().0 = diagnostics;
         self.rebuild();
     }
@@ -150,8 +154,12 @@ impl Shared {
         if current.version > 0 && current.resources == resources {
             return;
         }
+        self.metrics
+            .config_version
+            .set((current.version + 1) as i64);
         self.served.send_replace(Arc::new(Served {
             version: current.version + 1,
+            published_at: Some(Instant::now()),
             snapshot,
             resources,
         }));

@@ -122,3 +122,21 @@ fn a_missing_directory_is_reported() {
     assert_eq!(code, 1);
     assert!(stderr.contains("not a directory"), "{stderr}");
 }
+
+#[test]
+fn check_for_grpc_reports_what_grpc_clients_ignore() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mesh");
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-control"))
+        .args(["check", "--for", "grpc"])
+        .arg(&dir)
+        .output()
+        .expect("run mesh-control");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("grpc: cluster \"outbound|50051|")),
+        "payment's clusters are reported:\n{stdout}"
+    );
+}

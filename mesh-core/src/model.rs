@@ -175,6 +175,11 @@ impl RetryOn {
         RetryOn(0)
     }
 
+    /// Both sets of conditions (a `const` form of `|`).
+    pub const fn union(self, other: RetryOn) -> RetryOn {
+        RetryOn(self.0 | other.0)
+    }
+
     /// Whether every condition of `other` is in `self`.
     pub const fn contains(self, other: RetryOn) -> bool {
         self.0 & other.0 == other.0 && other.0 != 0

@@ -1,0 +1,239 @@
+//! What each kind of xDS client does not honor of the config it is served.
+//!
+//! gRPC's proxyless clients implement a subset of Envoy's xDS (gRFC A27 and
+//! the feature gRFCs). Serving them Istio config is still right — they follow
+//! routing, splits, fault injection, gRPC retries — but some fields change
+//! nothing for them. Pretending otherwise hides outages ("we set
+//! consecutive5xxErrors, why was the bad pod not ejected?"), so
+//! mesh-control says it: per connected client in `/status`, and offline in
+//! `mesh-control check --for grpc`.
+//!
+//! The client kind comes from `node.user_agent_name`: grpc-core based clients
+//! (grpcio, C++, Ruby, PHP) send `gRPC C-core …`, grpc-go `gRPC Go`, grpc-java
+//! `gRPC Java`; this mesh's own client sends `proxyless-rust`.
+
+use std::collections::BTreeSet;
+
+use mesh_core::Snapshot;
+use mesh_core::model::{CircuitBreakers, ConnectionSettings, HashPolicy, LbPolicy, RetryOn};
+
+/// Who is on the other end of an ADS stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientKind {
+    /// This mesh's Rust client: honors everything it accepts.
+    Proxyless,
+    /// A gRPC proxyless client (any language).
+    Grpc,
+    /// Envoy.
+    Envoy,
+    /// Anything else.
+    Unknown,
+}
+
+impl ClientKind {
+    pub(crate) fn from_user_agent(name: &str) -> Self {
+        let lower = name.to_ascii_lowercase();
+        if lower.starts_with("proxyless") {
+            ClientKind::Proxyless
+        } else if lower.starts_with("grpc") {
+            ClientKind::Grpc
+        } else if lower == "envoy" {
+            ClientKind::Envoy
+        } else {
+            ClientKind::Unknown
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ClientKind::Proxyless => "proxyless",
+            ClientKind::Grpc => "grpc",
+            ClientKind::Envoy => "envoy",
+            ClientKind::Unknown => "unknown",
+        }
+    }
+}
+
+/// The retry conditions gRPC clients read (gRFC A44).
+const GRPC_RETRY_ON: RetryOn = RetryOn::CANCELLED
+    .union(RetryOn::DEADLINE_EXCEEDED)
+    .union(RetryOn::INTERNAL)
+    .union(RetryOn::RESOURCE_EXHAUSTED)
+    .union(RetryOn::UNAVAILABLE);
+
+/// What a gRPC client ignores of the route configs and clusters named
+/// (all of them when `None`), one sentence per finding, stable order.
+pub(crate) fn grpc_ignored(
+    snapshot: &Snapshot,
+    route_configs: Option<&BTreeSet<String>>,
+    clusters: Option<&BTreeSet<String>>,
+) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    for (name, rc) in &snapshot.route_configs {
+        if route_configs.is_some_and(|names| !names.contains(&**name)) {
+            continue;
+        }
+        for route in rc.virtual_hosts.iter().flat_map(|vh| vh.routes.iter()) {
+            let at = format!("route {:?} of {name:?}", route.name);
+            if let Some(retry) = &route.policy.retry {
+                let ignored: Vec<&str> = retry
+                    .retry_on
+                    .names()
+                    .filter(|n| {
+                        RetryOn::from_name(n).is_some_and(|flag| !GRPC_RETRY_ON.contains(flag))
+                    })
+                    .collect();
+                if !ignored.is_empty() {
+                    out.insert(format!(
+                        "{at}: retryOn {} ignored; gRPC retries only on gRPC status codes (gRFC A44)",
+                        ignored.join(",")
+                    ));
+                }
+                if retry.per_try_timeout.is_some() {
+                    out.insert(format!("{at}: perTryTimeout ignored (gRFC A44)"));
+                }
+                if retry.num_retries > 4 {
+                    out.insert(format!(
+                        "{at}: {} retries clamped to 4 (gRFC A44: at most 5 attempts)",
+                        retry.num_retries
+                    ));
+                }
+            }
+            for policy in route.policy.hash_policy.iter() {
+                let kind = match policy {
+                    HashPolicy::Header(_) => continue,
+                    HashPolicy::Cookie { .. } => "httpCookie",
+                    HashPolicy::SourceIp => "useSourceIp",
+                    HashPolicy::QueryParameter(_) => "httpQueryParameterName",
+                };
+                out.insert(format!(
+                    "{at}: consistentHash {kind} falls back to a random hash (gRFC A42 reads header hashing only)"
+                ));
+            }
+        }
+    }
+    for (name, cluster) in &snapshot.clusters {
+        if clusters.is_some_and(|names| !names.contains(&**name)) {
+            continue;
+        }
+        let at = format!("cluster {name:?}");
+        if let Some(od) = &cluster.outlier_detection
+            && (od.consecutive_5xx.is_some() || od.consecutive_gateway_errors.is_some())
+        {
+            out.insert(format!(
+                "{at}: outlierDetection consecutive5xxErrors/consecutiveGatewayErrors ignored (gRFC A50 implements success-rate and failure-percentage ejection only)"
+            ));
+        }
+        let cb = &cluster.circuit_breakers;
+        let defaults = CircuitBreakers::default();
+        if cb.max_connections != defaults.max_connections
+            || cb.max_pending_requests != defaults.max_pending_requests
+            || cb.max_retries != defaults.max_retries
+            || cb.retry_budget.is_some()
+        {
+            out.insert(format!(
+                "{at}: connectionPool limits other than http2MaxRequests (and retryBudget) ignored (gRFC A32 reads max_requests only)"
+            ));
+        }
+        if cluster.connection != ConnectionSettings::default() {
+            out.insert(format!(
+                "{at}: connectTimeout / idleTimeout / maxRequestsPerConnection ignored"
+            ));
+        }
+        if cluster.locality_failover {
+            out.insert(format!(
+                "{at}: localityLbSetting failover is a proxyless extension; gRPC clients ignore it"
+            ));
+        }
+        if cluster.lb_policy == LbPolicy::LeastRequest {
+            out.insert(format!(
+                "{at}: LEAST_REQUEST is served inside wrr_locality with round_robin as fallback; gRPC clients without least_request support (gRFC A48) use round robin"
+            ));
+        }
+    }
+    out.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use mesh_core::model::{
+        Cluster, OutlierDetection, Protocol, RetryPolicy, Route, RouteConfig, RouteMatch,
+        RoutePolicy, VirtualHost, WeightedClusters,
+    };
+
+    use super::*;
+
+    #[test]
+    fn client_kinds() {
+        assert_eq!(
+            ClientKind::from_user_agent("gRPC C-core linux Python"),
+            ClientKind::Grpc
+        );
+        assert_eq!(ClientKind::from_user_agent("gRPC Go"), ClientKind::Grpc);
+        assert_eq!(
+            ClientKind::from_user_agent("proxyless-rust"),
+            ClientKind::Proxyless
+        );
+        assert_eq!(ClientKind::from_user_agent("envoy"), ClientKind::Envoy);
+    }
+
+    #[test]
+    fn reports_what_grpc_ignores_and_only_that() {
+        let mut snapshot = Snapshot::default();
+        let mut retry = RetryPolicy::istio_default();
+        retry.per_try_timeout = Some(Duration::from_millis(100));
+        retry.num_retries = 6;
+        snapshot.route_configs.insert(
+            "rc".into(),
+            Arc::new(RouteConfig {
+                name: "rc".into(),
+                virtual_hosts: Arc::from([VirtualHost {
+                    name: "vh".into(),
+                    domains: Arc::from([]),
+                    routes: Arc::from([Route {
+                        name: "r".into(),
+                        matcher: RouteMatch::any(),
+                        action: WeightedClusters::single("c"),
+                        policy: RoutePolicy {
+                            retry: Some(retry),
+                            hash_policy: Arc::from([
+                                HashPolicy::Header("x-user".into()),
+                                HashPolicy::SourceIp,
+                            ]),
+                            ..RoutePolicy::default()
+                        },
+                    }]),
+                }]),
+            }),
+        );
+        let mut cluster = Cluster::new("c", Protocol::Grpc);
+        cluster.lb_policy = LbPolicy::RoundRobin;
+        cluster.outlier_detection = Some(OutlierDetection {
+            consecutive_5xx: Some(5),
+            consecutive_gateway_errors: None,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 10,
+            min_health_percent: 0,
+        });
+        snapshot.clusters.insert("c".into(), Arc::new(cluster));
+        let found = grpc_ignored(&snapshot, None, None);
+        let text = found.join("\n");
+        assert!(
+            text.contains("retryOn connect-failure,refused-stream,retriable-status-codes ignored"),
+            "{text}"
+        );
+        assert!(text.contains("perTryTimeout ignored"), "{text}");
+        assert!(text.contains("6 retries clamped to 4"), "{text}");
+        assert!(text.contains("useSourceIp falls back"), "{text}");
+        assert!(!text.contains("httpHeaderName"), "{text}");
+        assert!(text.contains("consecutive5xxErrors"), "{text}");
+        assert_eq!(found.len(), 5, "{text}");
+        // Filtering by what the client subscribed to.
+        let none = BTreeSet::new();
+        assert!(grpc_ignored(&snapshot, Some(&none), Some(&none)).is_empty());
+    }
+}

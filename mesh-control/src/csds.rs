@@ -1,0 +1,132 @@
+//! Client Status Discovery Service (CSDS, `envoy.service.status.v3`): the
+//! config each connected client was sent, its version, and whether it ACKed
+//! or NACKed it — what `istioctl proxy-status`-style and grpcdebug-style
+//! tools ask a control plane (gRFC A40 describes the client side).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use envoy_types::pb::envoy::admin::v3::{ClientResourceStatus, UpdateFailureState};
+use envoy_types::pb::envoy::service::status::v3::client_config::GenericXdsConfig;
+use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryService;
+use envoy_types::pb::envoy::service::status::v3::{
+    ClientConfig, ClientStatusRequest, ClientStatusResponse, ConfigStatus,
+};
+use envoy_types::pb::google::protobuf::Timestamp;
+use futures_util::{Stream, StreamExt};
+use mesh_core::xds::{self, ResourceType};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::state::Shared;
+
+/// The tonic service; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Csds {
+    pub(crate) shared: Arc<Shared>,
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<ClientStatusResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ClientStatusDiscoveryService for Csds {
+    type StreamClientStatusStream = StatusStream;
+
+    async fn stream_client_status(
+        &self,
+        request: Request<Streaming<ClientStatusRequest>>,
+    ) -> Result<Response<Self::StreamClientStatusStream>, Status> {
+        let shared = self.shared.clone();
+        let stream = request.into_inner().map(move |req| match req {
+            Ok(req) => Ok(client_status(&shared, &req)),
+            Err(status) => Err(status),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn fetch_client_status(
+        &self,
+        request: Request<ClientStatusRequest>,
+    ) -> Result<Response<ClientStatusResponse>, Status> {
+        Ok(Response::new(client_status(
+            &self.shared,
+            request.get_ref(),
+        )))
+    }
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// Every connected client matching the request's node matchers (exact node
+/// id matchers are honored; without matchers, all clients).
+pub(crate) fn client_status(shared: &Shared, req: &ClientStatusRequest) -> ClientStatusResponse {
+    let wanted: Vec<String> = req
+        .node_matchers
+        .iter()
+        .filter_map(|m| m.node_id.as_ref())
+        .filter_map(|s| match &s.match_pattern {
+            Some(
+                envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern::Exact(e),
+            ) => Some(e.clone()),
+            _ => None,
+        })
+        .collect();
+    let clients = shared.clients.lock();
+    let config = clients
+        .values()
+        .filter(|c| wanted.is_empty() || wanted.contains(&c.node_id))
+        .map(|c| {
+            let mut generic = Vec::new();
+            for t in ResourceType::ALL {
+                let Some(s) = c.types.get(t.short_name()) else {
+                    continue;
+                };
+                let nacked = s
+                    .last_nack
+                    .as_ref()
+                    .is_some_and(|n| n.version == s.sent_version);
+                let acked =
+                    !nacked && !s.sent_version.is_empty() && s.sent_version == s.acked_version;
+                let (config_status, client_status) = if nacked {
+                    (ConfigStatus::Error, ClientResourceStatus::Nacked)
+                } else if acked {
+                    (ConfigStatus::Synced, ClientResourceStatus::Acked)
+                } else {
+                    (ConfigStatus::Stale, ClientResourceStatus::Requested)
+                };
+                for any in s.sent_resources.iter() {
+                    generic.push(GenericXdsConfig {
+                        type_url: t.type_url().to_string(),
+                        name: xds::resource_name(any).unwrap_or_default(),
+                        version_info: s.sent_version.clone(),
+                        xds_config: (!req.exclude_resource_contents).then(|| any.clone()),
+                        last_updated: s.last_push_wall.map(timestamp),
+                        config_status: config_status as i32,
+                        client_status: client_status as i32,
+                        error_state: s.last_nack.as_ref().filter(|_| nacked).map(|n| {
+                            UpdateFailureState {
+                                details: n.message.clone(),
+                                version_info: n.version.clone(),
+                                last_update_attempt: Some(timestamp(n.at)),
+                                ..UpdateFailureState::default()
+                            }
+                        }),
+                        ..GenericXdsConfig::default()
+                    });
+                }
+            }
+            ClientConfig {
+                node: c.node.clone(),
+                generic_xds_configs: generic,
+                ..ClientConfig::default()
+            }
+        })
+        .collect();
+    ClientStatusResponse { config }
+}

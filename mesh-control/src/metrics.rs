@@ -1,0 +1,99 @@
+//! mesh-control's own Prometheus metrics (`GET /metrics` on the admin API).
+//!
+//! What an operator of the control plane watches: how many clients are
+//! connected, how often and how fast config reaches them, how many responses
+//! they rejected, and registration churn. Counters are the prometheus-client
+//! types, so `/status` reads the same numbers `/metrics` exports.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The control server's metrics.
+#[derive(Debug)]
+pub(crate) struct Counters {
+    pub(crate) pushes: Counter,
+    pub(crate) nacks: Counter,
+    pub(crate) registrations: Counter,
+    pub(crate) reloads: Counter,
+    pub(crate) clients: Gauge,
+    pub(crate) config_version: Gauge,
+    push_latency: Histogram,
+    registry: Registry,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        let pushes = Counter::default();
+        let nacks = Counter::default();
+        let registrations = Counter::default();
+        let reloads = Counter::default();
+        let clients = Gauge::default();
+        let config_version = Gauge::default();
+        // 100 µs .. ~3 s.
+        let push_latency = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
+        );
+        let mut registry = Registry::with_prefix("mesh_control");
+        registry.register(
+            "xds_pushes",
+            "xDS responses sent to clients",
+            pushes.clone(),
+        );
+        registry.register(
+            "xds_nacks",
+            "xDS responses rejected by clients (NACK)",
+            nacks.clone(),
+        );
+        registry.register(
+            "registrations",
+            "endpoint registrations accepted",
+            registrations.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "reloads of the config directory",
+            reloads.clone(),
+        );
+        registry.register("xds_clients", "connected ADS streams", clients.clone());
+        registry.register(
+            "config_version",
+            "version of the config being served",
+            config_version.clone(),
+        );
+        registry.register(
+            "xds_push_latency_seconds",
+            "time from a config change being published to a client's response being sent",
+            push_latency.clone(),
+        );
+        Counters {
+            pushes,
+            nacks,
+            registrations,
+            reloads,
+            clients,
+            config_version,
+            push_latency,
+            registry,
+        }
+    }
+}
+
+impl Counters {
+    pub(crate) fn observe_push_latency(&self, latency: Duration) {
+        self.push_latency.observe(latency.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition (OpenMetrics flavour).
+    pub(crate) fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
