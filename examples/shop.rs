@@ -10,7 +10,10 @@
 //!
 //! - `catalog` v1 and v2 (HTTP/1.1, axum): a canary split 90/10, and beta
 //!   users (`x-user: beta`) always on v2;
-//! - `payment` v1 and v2 (gRPC, tonic): split 70/30;
+//! - `payment` v1 and v2 (gRPC, tonic): split 70/30; a second v1 instance is
+//!   flaky (about 30 % of its calls fail with UNAVAILABLE) and the payment
+//!   VirtualService retries `unavailable`, preferring another endpoint, so
+//!   checkouts still succeed — the summary shows how many calls were retried;
 //! - `frontend` (axum), which calls catalog over HTTP and payment over gRPC
 //!   through `proxyless::Client`, by name, with no addresses anywhere.
 //!
@@ -19,13 +22,17 @@
 //! apply it, and prints the new split. Exit code 0 when every call succeeded.
 
 use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use proxyless::layers::MeshStats;
 use proxyless::{Bootstrap, Client, Registration, ServerLayer, Serving, XdsClient};
 use tower::ServiceExt;
 
@@ -41,6 +48,8 @@ use shop::{PayReply, PayRequest, StreamReply, StreamRequest};
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const CHECKOUTS: usize = 1000;
+/// Share of calls the flaky payment instance fails, in percent.
+const FLAKY_PERCENT: u64 = 30;
 const DEADLINE: Duration = Duration::from_secs(10);
 
 #[tokio::main]
@@ -77,15 +86,26 @@ async fn run() -> Result<(), BoxError> {
     let mut serving = Vec::new();
     for version in ["v1", "v2"] {
         serving.push(catalog(bootstrap(&format!("catalog-{version}"))?, version).await?);
-        serving.push(payment(bootstrap(&format!("payment-{version}"))?, version).await?);
+        serving.push(payment(bootstrap(&format!("payment-{version}"))?, version, None).await?);
     }
+    // A second payment v1 that fails some calls: the VirtualService's retries hide it.
+    let flaky = Arc::new(Flaky::new(FLAKY_PERCENT));
+    serving.push(
+        payment(
+            bootstrap("payment-v1-flaky")?,
+            "v1",
+            Some(Arc::clone(&flaky)),
+        )
+        .await?,
+    );
     // The frontend pre-warms the names it calls, so its first request does
     // not wait for discovery.
     let frontend_xds = XdsClient::start_with(
         bootstrap("frontend")?,
         proxyless::xds::ClientOptions::default().listeners(["catalog", "payment"]),
     );
-    serving.push(frontend(frontend_xds.clone()).await?);
+    let (frontend_serving, payment_stats) = frontend(frontend_xds.clone()).await?;
+    serving.push(frontend_serving);
 
     // 3. A user's client, also in the mesh, calls the frontend by name.
     let user_xds = XdsClient::start(bootstrap("shopper")?);
@@ -102,7 +122,7 @@ async fn run() -> Result<(), BoxError> {
             && endpoints(
                 &frontend_xds,
                 "outbound|50051|v1|payment.shop.svc.cluster.local",
-            ) == 1
+            ) == 2
             && endpoints(
                 &frontend_xds,
                 "outbound|50051|v2|payment.shop.svc.cluster.local",
@@ -113,8 +133,12 @@ async fn run() -> Result<(), BoxError> {
     checkout(&shopper, None).await?;
 
     println!("\n== canary: catalog 90/10, payment 70/30 ({CHECKOUTS} checkouts)");
+    let before = (flaky.failures(), payment_stats.retries());
     let first = tally(&shopper, CHECKOUTS, None).await?;
     first.print();
+    let first_failed = flaky.failures() - before.0;
+    let first_retried = payment_stats.retries() - before.1;
+    flaky.print(first_failed, first_retried);
     let beta = tally(&shopper, 50, Some("beta")).await?;
     println!(
         "   beta users (x-user: beta, 50 checkouts): catalog {:?}",
@@ -142,8 +166,13 @@ async fn run() -> Result<(), BoxError> {
         "   applied by the frontend {:.1} ms after the file was written (10 ms debounce included)",
         changed.elapsed().as_secs_f64() * 1e3
     );
+    let before = (flaky.failures(), payment_stats.retries());
     let second = tally(&shopper, CHECKOUTS, None).await?;
     second.print();
+    flaky.print(
+        flaky.failures() - before.0,
+        payment_stats.retries() - before.1,
+    );
 
     // 5. What the control server knows about its clients.
     let status = control.status();
@@ -166,17 +195,22 @@ async fn run() -> Result<(), BoxError> {
         && second.errors == 0
         && beta.catalog.get("v2").copied() == Some(50)
         && share(&first.catalog, "v1") > 0.8
-        && (0.35..0.65).contains(&share(&second.catalog, "v1"));
+        && (0.35..0.65).contains(&share(&second.catalog, "v1"))
+        && first_failed > 0
+        && first_retried >= first_failed;
     for s in serving {
         s.shutdown().await?;
     }
     if ok {
         println!(
-            "\nsummary: all checkouts succeeded; the canary split and its promotion were observed"
+            "\nsummary: all checkouts succeeded; the canary split and its promotion were observed; \
+             {} payment calls failed at the flaky instance, and the frontend retried {}",
+            flaky.failures(),
+            payment_stats.retries()
         );
         Ok(())
     } else {
-        Err("the observed splits do not match the configuration (see above)".into())
+        Err("the observed splits or retries do not match the configuration (see above)".into())
     }
 }
 
@@ -285,6 +319,52 @@ async fn catalog(bootstrap: Bootstrap, version: &'static str) -> Result<Serving,
 
 struct PaymentService {
     version: &'static str,
+    /// Set on the flaky instance.
+    flaky: Option<Arc<Flaky>>,
+}
+
+/// A payment instance that fails a share of its calls with UNAVAILABLE, at random
+/// (a process with a bad dependency, say).
+struct Flaky {
+    percent: u64,
+    calls: AtomicU64,
+    failures: AtomicU64,
+    random: RandomState,
+}
+
+impl Flaky {
+    fn new(percent: u64) -> Flaky {
+        Flaky {
+            percent,
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            random: RandomState::new(),
+        }
+    }
+
+    /// Whether this call fails (`percent` % of them, at random).
+    fn fails(&self) -> bool {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        let fails = self.random.hash_one(n) % 100 < self.percent;
+        if fails {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        fails
+    }
+
+    fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The retries line of a tally: the calls the flaky instance failed, and the
+    /// retries the frontend's payment client sent (its `MeshStats`).
+    fn print(&self, failed: u64, retried: u64) {
+        println!(
+            "   payment retries: the flaky v1 instance failed {failed} calls with UNAVAILABLE \
+             ({}% of its calls); the frontend's mesh client retried {retried}",
+            self.percent
+        );
+    }
 }
 
 #[tonic::async_trait]
@@ -293,6 +373,14 @@ impl Payment for PaymentService {
         &self,
         request: tonic::Request<PayRequest>,
     ) -> Result<tonic::Response<PayReply>, tonic::Status> {
+        if let Some(flaky) = &self.flaky
+            && flaky.fails()
+        {
+            return Err(tonic::Status::unavailable(format!(
+                "payment-{}-flaky: simulated outage",
+                self.version
+            )));
+        }
         let req = request.into_inner();
         if req.cents <= 0 {
             return Err(tonic::Status::invalid_argument("cents must be positive"));
@@ -322,8 +410,12 @@ impl Payment for PaymentService {
     }
 }
 
-async fn payment(bootstrap: Bootstrap, version: &'static str) -> Result<Serving, BoxError> {
-    let routes = tonic::service::Routes::new(PaymentServer::new(PaymentService { version }));
+async fn payment(
+    bootstrap: Bootstrap,
+    version: &'static str,
+    flaky: Option<Arc<Flaky>>,
+) -> Result<Serving, BoxError> {
+    let routes = tonic::service::Routes::new(PaymentServer::new(PaymentService { version, flaky }));
     let registration =
         Registration::from_bootstrap(&bootstrap, "payment")?.label("version", version);
     Ok(proxyless::serve(listen().await?, registration, routes).await?)
@@ -335,17 +427,21 @@ struct Frontend {
     grpc: PaymentClient<Client<tonic::body::Body>>,
 }
 
-async fn frontend(xds: XdsClient) -> Result<Serving, BoxError> {
+/// The frontend service, and the counters of its payment client (retries, ...).
+async fn frontend(xds: XdsClient) -> Result<(Serving, MeshStats), BoxError> {
+    let payment_channel: Client<tonic::body::Body> = Client::new(xds.clone());
+    let payment_stats = payment_channel.stats().clone();
     let state = Frontend {
         http: Client::new(xds.clone()),
-        grpc: PaymentClient::with_origin(Client::new(xds.clone()), "http://payment".parse()?),
+        grpc: PaymentClient::with_origin(payment_channel, "http://payment".parse()?),
     };
     let app = axum::Router::new()
         .route("/checkout", axum::routing::get(checkout_handler))
         .with_state(state)
         .layer(ServerLayer::from_bootstrap(xds.bootstrap(), "frontend"));
     let registration = Registration::from_bootstrap(xds.bootstrap(), "frontend")?;
-    Ok(proxyless::serve(listen().await?, registration, app).await?)
+    let serving = proxyless::serve(listen().await?, registration, app).await?;
+    Ok((serving, payment_stats))
 }
 
 async fn checkout_handler(

@@ -26,6 +26,7 @@ pub use mesh_tower::{
     ConfigSource, Error, ErrorKind, MeshLayer, Registration, ResponseBody, ServerContext,
     ServerLayer, Serving, TargetEndpoint, grpc_status, serve,
 };
+pub use mesh_tower::{Deadline, MeshStats};
 pub use mesh_xds_client::{Bootstrap, XdsClient};
 
 /// The mesh HTTP client: a `tower::Service<http::Request<B>>` that routes by

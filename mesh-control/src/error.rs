@@ -18,12 +18,33 @@ pub enum ErrorKind {
     Config,
     /// A socket or file operation failed.
     Io,
+    /// The caller may not do this: an unknown join token, or a certificate
+    /// or registration for an identity its token does not grant.
+    Denied,
+    /// A malformed request: a bad CSR, a lifetime out of range.
+    InvalidRequest,
 }
 
 impl Error {
     pub(crate) fn config(message: impl Into<String>) -> Self {
         Error {
             kind: ErrorKind::Config,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn denied(message: impl Into<String>) -> Self {
+        Error {
+            kind: ErrorKind::Denied,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn invalid_request(message: impl Into<String>) -> Self {
+        Error {
+            kind: ErrorKind::InvalidRequest,
             message: message.into(),
             source: None,
         }

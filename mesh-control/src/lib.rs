@@ -12,6 +12,7 @@
 
 mod admin;
 mod ads;
+pub mod ca;
 mod compat;
 pub mod config;
 mod csds;

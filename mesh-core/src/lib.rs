@@ -2,16 +2,32 @@
 //! endpoint picks, and (feature `xds`) the conversion between the model and
 //! Envoy v3 xDS protos.
 //!
+//! The resilience decisions live here too, as functions and small state
+//! machines the client stack drives: retry conditions, backoff and the retry
+//! budget ([`retry`]), circuit breaking ([`breaker`]), outlier detection
+//! ([`outlier`]), fault injection ([`fault`]), ring hash ([`ring_hash`]) and
+//! deadline headers ([`deadline`]).
+//!
 //! Nothing here does I/O or depends on a runtime: every decision takes its
 //! inputs (the snapshot, a random number, a counter, the current load)
 //! explicitly, so it can be unit- and property-tested and reused by both the
 //! control server and the client stack.
 
+pub mod breaker;
+pub mod deadline;
 mod error;
+pub mod fault;
 pub mod lb;
 pub mod model;
+pub mod outlier;
+pub mod rbac;
+#[cfg(feature = "xds")]
+pub mod rbac_xds;
+pub mod retry;
+pub mod ring_hash;
 pub mod route;
 pub mod snapshot;
+pub mod spiffe;
 #[cfg(feature = "xds")]
 pub mod xds;
 

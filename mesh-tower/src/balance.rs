@@ -1,37 +1,48 @@
-//! Per-cluster balancing state: what the pure pick in
-//! [`mesh_core::lb::EndpointSet`] needs from the process.
+//! Per-cluster state: what the pure decisions of `mesh_core` need from the
+//! process.
 //!
-//! The pick itself is a function of the endpoint set, a random number, a
-//! round-robin counter and the number of requests in flight per endpoint
-//! (Envoy's least-request and round-robin balancers keep the same state). The
-//! state lives here, one [`ClusterState`] per received
-//! `ClusterLoadAssignment`, in a read-mostly map: requests load the map
-//! through an atomic pointer and compare the assignment by pointer identity;
-//! only the first request after an EDS update rebuilds the entry. In-flight
-//! counts start at zero for a new assignment; requests still in flight
-//! decrement the counters of the state they were picked from.
+//! An endpoint pick ([`mesh_core::lb::EndpointSet::pick_with`]) is a
+//! function of the endpoint set, random numbers, a round-robin counter, the
+//! requests in flight per endpoint, which endpoints are ejected and which a
+//! request already tried (Envoy's balancers keep the same state). The
+//! circuit breaker, the retry limiter and the outlier detector are counters
+//! and small state machines from `mesh_core` too. They all live here, one
+//! [`ClusterState`] per cluster, in a read-mostly map: requests load the map
+//! through an atomic pointer and compare the cluster and its assignment by
+//! pointer identity; only the first request after a CDS or EDS update
+//! rebuilds the entry. In-flight counts start at zero for a new assignment
+//! (requests still in flight decrement the counters of the state they were
+//! picked from); breaker and retry counts carry over, and outlier detection
+//! keeps each endpoint that is still there, with its ejection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
 use mesh_core::Snapshot;
-use mesh_core::lb::EndpointSet;
-use mesh_core::model::{ClusterLoadAssignment, LbPolicy, Name};
+use mesh_core::breaker::CircuitBreaker;
+use mesh_core::lb::{EndpointSet, PickFilter};
+use mesh_core::model::{Cluster, ClusterLoadAssignment, Locality, Name};
+use mesh_core::outlier::{Ejection, OutlierDetector, ResultClass};
+use mesh_core::retry::RetryLimiter;
 use rand::Rng;
 
-/// The balancing state of every cluster the process has sent to.
+use crate::pool::{ClusterConnections, ConnectionPolicy};
+
+/// The state of every cluster the process has sent to.
 #[derive(Debug, Default)]
 pub(crate) struct ClusterStates {
     map: ArcSwap<HashMap<Name, Arc<ClusterState>>>,
 }
 
-/// The balancing state of one `ClusterLoadAssignment`.
+/// The state of one cluster, for one version of its config and endpoints.
 #[derive(Debug)]
 pub(crate) struct ClusterState {
+    cluster: Arc<Cluster>,
     cla: Arc<ClusterLoadAssignment>,
     set: EndpointSet,
     /// Each address as a URI authority, built once (for URI rewriting).
@@ -40,56 +51,74 @@ pub(crate) struct ClusterState {
     active: Box<[AtomicU32]>,
     /// The round-robin counter.
     next: AtomicU64,
+    outlier: Option<OutlierDetector>,
+    breaker: CircuitBreaker,
+    retries: RetryLimiter,
+    connections: ClusterConnections,
 }
 
 impl ClusterStates {
-    /// The state for `cla`, the assignment of EDS name `eds_name` in
-    /// `snapshot`; built on first use and after every change.
+    /// The state for `cluster` with endpoints `cla`, both in `snapshot`;
+    /// built on first use and after every change. `local` is the client's
+    /// own locality (for locality failover).
     pub(crate) fn get(
         &self,
         snapshot: &Snapshot,
-        eds_name: &Name,
+        cluster: &Cluster,
         cla: &ClusterLoadAssignment,
+        local: impl FnOnce() -> Option<Locality>,
     ) -> Arc<ClusterState> {
-        if let Some(state) = self.map.load().get(&**eds_name)
+        if let Some(state) = self.map.load().get(&*cluster.name)
             && std::ptr::eq(Arc::as_ptr(&state.cla), cla)
+            && std::ptr::eq(Arc::as_ptr(&state.cluster), cluster)
         {
             return state.clone();
         }
-        self.rebuild(snapshot, eds_name, cla)
+        self.rebuild(snapshot, cluster, cla, local())
     }
 
     #[cold]
     fn rebuild(
         &self,
         snapshot: &Snapshot,
-        eds_name: &Name,
+        cluster: &Cluster,
         cla: &ClusterLoadAssignment,
+        local: Option<Locality>,
     ) -> Arc<ClusterState> {
-        let shared = snapshot
+        let cluster = snapshot
+            .clusters
+            .get(&*cluster.name)
+            .filter(|c| std::ptr::eq(Arc::as_ptr(c), cluster))
+            .cloned()
+            .unwrap_or_else(|| Arc::new(cluster.clone()));
+        let cla = snapshot
             .endpoints
-            .get(&**eds_name)
+            .get(&*cla.cluster_name)
             .filter(|c| std::ptr::eq(Arc::as_ptr(c), cla))
             .cloned()
             .unwrap_or_else(|| Arc::new(cla.clone()));
-        let start = self
-            .map
-            .load()
-            .get(&**eds_name)
-            .map_or(0, |old| old.next.load(Ordering::Relaxed));
-        let fresh = Arc::new(ClusterState::new(shared, start));
+        let old = self.map.load().get(&*cluster.name).cloned();
+        let fresh = Arc::new(ClusterState::new(
+            cluster,
+            cla,
+            local.as_ref(),
+            old.as_deref(),
+        ));
         let mut winner = fresh.clone();
         self.map.rcu(|map| {
             let mut map = HashMap::clone(map);
             // Forget clusters the current snapshot no longer has.
-            map.retain(|name, _| snapshot.endpoints.contains_key(name));
-            match map.get(&**eds_name) {
-                Some(current) if Arc::ptr_eq(&current.cla, &fresh.cla) => {
+            map.retain(|name, _| snapshot.clusters.contains_key(name));
+            match map.get(&*fresh.cluster.name) {
+                Some(current)
+                    if Arc::ptr_eq(&current.cla, &fresh.cla)
+                        && Arc::ptr_eq(&current.cluster, &fresh.cluster) =>
+                {
                     winner = current.clone();
                 }
                 _ => {
                     winner = fresh.clone();
-                    map.insert(eds_name.clone(), fresh.clone());
+                    map.insert(fresh.cluster.name.clone(), fresh.clone());
                 }
             }
             map
@@ -104,42 +133,126 @@ impl ClusterStates {
 }
 
 impl ClusterState {
-    fn new(cla: Arc<ClusterLoadAssignment>, start: u64) -> Self {
-        let set = EndpointSet::new(&cla);
+    fn new(
+        cluster: Arc<Cluster>,
+        cla: Arc<ClusterLoadAssignment>,
+        local: Option<&Locality>,
+        old: Option<&ClusterState>,
+    ) -> Self {
+        let set = EndpointSet::new_for(&cla, local, cluster.locality_failover);
         let authorities = set
             .addresses()
             .iter()
             .map(|a| Authority::try_from(a.to_string()).ok())
             .collect::<Box<[_]>>();
         let active = set.addresses().iter().map(|_| AtomicU32::new(0)).collect();
+        let now = Instant::now();
+        let outlier = cluster.outlier_detection.as_ref().map(|config| {
+            match old.and_then(|o| o.outlier.as_ref()) {
+                Some(previous) => previous.rebuild(config, set.addresses(), now),
+                None => OutlierDetector::new(config, set.addresses(), now),
+            }
+        });
+        let breaker = old.map(|o| o.breaker.clone()).unwrap_or_default();
+        let retries = old.map(|o| o.retries.clone()).unwrap_or_default();
+        let connections = ClusterConnections(Arc::new(ConnectionPolicy {
+            breaker: breaker.clone(),
+            limits: cluster.circuit_breakers.clone(),
+            settings: cluster.connection.clone(),
+        }));
         ClusterState {
+            next: AtomicU64::new(old.map_or(0, |o| o.next.load(Ordering::Relaxed))),
+            cluster,
             cla,
             set,
             authorities,
             active,
-            next: AtomicU64::new(start),
+            outlier,
+            breaker,
+            retries,
+            connections,
         }
     }
 
-    /// The EDS resource name.
-    pub(crate) fn name(&self) -> &str {
-        &self.cla.cluster_name
+    /// The cluster's config.
+    pub(crate) fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// The cluster name.
+    pub(crate) fn name(&self) -> &Name {
+        &self.cluster.name
+    }
+
+    /// Number of endpoints.
+    pub(crate) fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    pub(crate) fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+
+    pub(crate) fn retries(&self) -> &RetryLimiter {
+        &self.retries
+    }
+
+    pub(crate) fn connections(&self) -> &ClusterConnections {
+        &self.connections
+    }
+
+    /// Endpoints ejected now.
+    pub(crate) fn ejected(&self) -> u32 {
+        self.outlier
+            .as_ref()
+            .map_or(0, |o| o.ejected_count(Instant::now()))
     }
 
     /// Picks an endpoint and counts a request in flight to it until the
-    /// returned guard is dropped. `None` when the cluster has no endpoints.
+    /// returned guard is dropped. Ejected endpoints are skipped (unless in
+    /// panic mode); endpoints for which `avoid` is true are picked only when
+    /// no other is eligible (`spill`: in another locality tier first).
+    /// `None` when no endpoint is eligible.
     pub(crate) fn pick(
         self: &Arc<Self>,
-        policy: LbPolicy,
+        hash: Option<u64>,
         rng: &mut impl Rng,
+        avoid: Option<&dyn Fn(usize) -> bool>,
+        spill: bool,
     ) -> Option<ActiveGuard> {
+        let policy = self.cluster.lb_policy;
         let counter = match policy {
-            LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed),
-            LbPolicy::LeastRequest | LbPolicy::Random | LbPolicy::RingHash { .. } => 0,
+            mesh_core::model::LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
         };
-        let index = self
-            .set
-            .pick(policy, &mut || rng.random(), counter, |i| self.in_flight(i))?;
+        let active = |i: usize| self.in_flight(i);
+        let index = match (&self.outlier, avoid) {
+            (None, None) => self.set.pick_with(
+                policy,
+                hash,
+                &mut || rng.random(),
+                counter,
+                active,
+                &PickFilter::ALL,
+            ),
+            (outlier, avoid) => {
+                let now = Instant::now();
+                let never = |_: usize| false;
+                let eligible_all = |_: usize| true;
+                let ejections = outlier.as_ref().map(|o| o.eligible(now));
+                let eligible: &dyn Fn(usize) -> bool = match &ejections {
+                    Some(e) => e,
+                    None => &eligible_all,
+                };
+                let filter = PickFilter {
+                    eligible,
+                    avoid: avoid.unwrap_or(&never),
+                    spill,
+                };
+                self.set
+                    .pick_with(policy, hash, &mut || rng.random(), counter, active, &filter)
+            }
+        }?;
         let address = *self.set.addresses().get(index)?;
         let authority = self.authorities.get(index).cloned().flatten();
         self.active.get(index)?.fetch_add(1, Ordering::Relaxed);
@@ -149,6 +262,14 @@ impl ClusterState {
             address,
             authority,
         })
+    }
+
+    /// Reports the result of an attempt on endpoint `index` to outlier
+    /// detection; returns the ejection it caused.
+    pub(crate) fn report(&self, index: usize, result: ResultClass) -> Option<Ejection> {
+        self.outlier
+            .as_ref()?
+            .on_result(index, result, Instant::now())
     }
 
     /// Requests in flight to endpoint `i`.
@@ -171,13 +292,18 @@ impl ActiveGuard {
         self.address
     }
 
+    /// The endpoint's index in its cluster state.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
     /// The address as a URI authority (`None` only for an address a URI
     /// cannot carry, such as an IPv6 literal with a zone).
     pub(crate) fn authority(&self) -> Option<&Authority> {
         self.authority.as_ref()
     }
 
-    pub(crate) fn cluster_state(&self) -> &ClusterState {
+    pub(crate) fn cluster_state(&self) -> &Arc<ClusterState> {
         &self.state
     }
 }
@@ -193,7 +319,7 @@ impl Drop for ActiveGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_core::model::{Endpoint, Locality, LocalityEndpoints};
+    use mesh_core::model::{Endpoint, LbPolicy, LocalityEndpoints, Protocol};
 
     fn cla(name: &str, ports: &[u16]) -> Arc<ClusterLoadAssignment> {
         let endpoints = ports
@@ -218,55 +344,61 @@ mod tests {
         )
     }
 
-    fn snapshot(clas: &[Arc<ClusterLoadAssignment>]) -> Snapshot {
+    fn snapshot(clas: &[Arc<ClusterLoadAssignment>], policy: LbPolicy) -> Snapshot {
         let mut s = Snapshot::default();
         for c in clas {
             s.endpoints.insert(c.cluster_name.clone(), c.clone());
+            s.clusters.insert(
+                c.cluster_name.clone(),
+                Arc::new(Cluster {
+                    lb_policy: policy,
+                    ..Cluster::new(c.cluster_name.clone(), Protocol::Http1)
+                }),
+            );
         }
         s
+    }
+
+    fn state(states: &ClusterStates, snap: &Snapshot, name: &str) -> Arc<ClusterState> {
+        let cluster = snap.clusters.get(name).unwrap();
+        let cla = snap.endpoints.get(name).unwrap();
+        states.get(snap, cluster, cla, || None)
     }
 
     #[test]
     fn state_is_reused_until_the_assignment_changes() {
         let states = ClusterStates::default();
-        let a = cla("a", &[1, 2]);
-        let snap = snapshot(std::slice::from_ref(&a));
-        let name: Name = "a".into();
-        let s1 = states.get(&snap, &name, &a);
-        let s2 = states.get(&snap, &name, &a);
+        let snap = snapshot(&[cla("a", &[1, 2])], LbPolicy::LeastRequest);
+        let s1 = state(&states, &snap, "a");
+        let s2 = state(&states, &snap, "a");
         assert!(Arc::ptr_eq(&s1, &s2));
 
-        let a2 = cla("a", &[1, 2, 3]);
-        let snap2 = snapshot(std::slice::from_ref(&a2));
-        let s3 = states.get(&snap2, &name, &a2);
+        let snap2 = snapshot(&[cla("a", &[1, 2, 3])], LbPolicy::LeastRequest);
+        let s3 = state(&states, &snap2, "a");
         assert!(!Arc::ptr_eq(&s1, &s3));
-        assert_eq!(s3.set.len(), 3);
+        assert_eq!(s3.len(), 3);
     }
 
     #[test]
     fn clusters_gone_from_the_snapshot_are_forgotten() {
         let states = ClusterStates::default();
-        let a = cla("a", &[1]);
-        let b = cla("b", &[2]);
-        let snap = snapshot(&[a.clone(), b.clone()]);
-        states.get(&snap, &"a".into(), &a);
-        states.get(&snap, &"b".into(), &b);
+        let snap = snapshot(&[cla("a", &[1]), cla("b", &[2])], LbPolicy::LeastRequest);
+        state(&states, &snap, "a");
+        state(&states, &snap, "b");
         assert_eq!(states.len(), 2);
-        let a2 = cla("a", &[3]);
-        let snap2 = snapshot(std::slice::from_ref(&a2));
-        states.get(&snap2, &"a".into(), &a2);
+        let snap2 = snapshot(&[cla("a", &[3])], LbPolicy::LeastRequest);
+        state(&states, &snap2, "a");
         assert_eq!(states.len(), 1);
     }
 
     #[test]
     fn guards_count_requests_in_flight() {
         let states = ClusterStates::default();
-        let a = cla("a", &[1]);
-        let snap = snapshot(std::slice::from_ref(&a));
-        let state = states.get(&snap, &"a".into(), &a);
+        let snap = snapshot(&[cla("a", &[1])], LbPolicy::LeastRequest);
+        let state = state(&states, &snap, "a");
         let mut rng = rand::rng();
-        let g1 = state.pick(LbPolicy::LeastRequest, &mut rng).unwrap();
-        let g2 = state.pick(LbPolicy::LeastRequest, &mut rng).unwrap();
+        let g1 = state.pick(None, &mut rng, None, false).unwrap();
+        let g2 = state.pick(None, &mut rng, None, false).unwrap();
         assert_eq!(state.in_flight(0), 2);
         assert_eq!(g1.authority().unwrap().as_str(), "127.0.0.1:1");
         drop(g1);
@@ -277,19 +409,49 @@ mod tests {
     #[test]
     fn round_robin_alternates() {
         let states = ClusterStates::default();
-        let a = cla("a", &[1, 2]);
-        let snap = snapshot(std::slice::from_ref(&a));
-        let state = states.get(&snap, &"a".into(), &a);
+        let snap = snapshot(&[cla("a", &[1, 2])], LbPolicy::RoundRobin);
+        let state = state(&states, &snap, "a");
         let mut rng = rand::rng();
         let ports: Vec<u16> = (0..4)
             .map(|_| {
                 state
-                    .pick(LbPolicy::RoundRobin, &mut rng)
+                    .pick(None, &mut rng, None, false)
                     .unwrap()
                     .address()
                     .port()
             })
             .collect();
         assert_eq!(ports, vec![1, 2, 1, 2]);
+    }
+
+    #[test]
+    fn avoided_endpoints_are_picked_only_when_nothing_else_is_left() {
+        let states = ClusterStates::default();
+        let snap = snapshot(&[cla("a", &[1, 2, 3])], LbPolicy::Random);
+        let state = state(&states, &snap, "a");
+        let mut rng = rand::rng();
+        for _ in 0..100 {
+            let tried = |i: usize| i != 2;
+            let g = state.pick(None, &mut rng, Some(&tried), false).unwrap();
+            assert_eq!(g.address().port(), 3);
+        }
+        let all = |_: usize| true;
+        assert!(state.pick(None, &mut rng, Some(&all), false).is_some());
+    }
+
+    #[test]
+    fn breaker_counts_survive_an_endpoint_update() {
+        let states = ClusterStates::default();
+        let snap = snapshot(&[cla("a", &[1])], LbPolicy::RoundRobin);
+        let s1 = state(&states, &snap, "a");
+        let permit = s1
+            .breaker()
+            .try_request(&s1.cluster().circuit_breakers)
+            .unwrap();
+        let snap2 = snapshot(&[cla("a", &[1, 2])], LbPolicy::RoundRobin);
+        let s2 = state(&states, &snap2, "a");
+        assert_eq!(s2.breaker().active_requests(), 1);
+        drop(permit);
+        assert_eq!(s2.breaker().active_requests(), 0);
     }
 }

@@ -21,7 +21,13 @@
 //!
 //! Errors reach tonic as the service error, which tonic reports as a
 //! `Status` with code `Unknown` and this crate's message; gRPC statuses from
-//! the server (headers or trailers) pass through untouched.
+//! the server (headers or trailers) pass through untouched, and so do the
+//! mesh's own answers (breaker overflow `UNAVAILABLE`, deadline
+//! `DEADLINE_EXCEEDED`, fault aborts), which are Trailers-Only responses.
+//!
+//! Resilience (retries, timeouts, deadlines, circuit breaking, outlier
+//! detection, fault injection, ring hash, locality failover) is the mesh
+//! layer's: see [`crate::mesh`]. [`MeshClient::stats`] counts what it did.
 
 use std::fmt;
 use std::task::{Context, Poll};
@@ -32,11 +38,12 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tower::{Layer, Service};
 
-use crate::body::ResponseBody;
+use crate::body::{MeshBody, ResponseBody};
 use crate::error::{BoxError, Error};
 use crate::mesh::{self, Mesh, MeshLayer};
 use crate::pool::Pool;
 use crate::source::ConfigSource;
+use crate::stats::MeshStats;
 
 /// Sends requests through the mesh: `client.call(Request::get("http://catalog/items")...)`.
 ///
@@ -44,13 +51,16 @@ use crate::source::ConfigSource;
 /// - Connections: see [`crate::pool`].
 /// - A request that cannot be routed fails with [`Error`] (kind `NotFound`,
 ///   `NoRoute`, `NoEndpoints`, `Timeout`, ...), never with a made-up status.
-/// - Bodies stream both ways; response trailers pass through.
+/// - Bodies stream both ways; response trailers pass through. A request
+///   body is kept for retries only when it is whole and small when sent
+///   (see [`MeshBody`]).
 ///
-/// Cheap to clone; clones share the configuration, the balancing state and
-/// the connections. One client sends one request body type `B`
+/// Cheap to clone; clones share the configuration, the cluster state
+/// (balancing, breakers, outlier detection), the stats and the
+/// connections. One client sends one request body type `B`
 /// (`tonic::body::Body` for tonic, [`Full<Bytes>`] by default).
 pub struct MeshClient<B = Full<Bytes>, Src = mesh_xds_client::XdsClient> {
-    inner: Mesh<Pool<B>, Src>,
+    inner: Mesh<Pool<MeshBody<B>>, Src>,
 }
 
 impl<B, Src: ConfigSource> MeshClient<B, Src> {
@@ -62,7 +72,7 @@ impl<B, Src: ConfigSource> MeshClient<B, Src> {
 
     /// A client from a configured layer and pool. The layer's URI rewriting
     /// is turned off: the pool dials the chosen endpoint itself.
-    pub fn from_parts(layer: MeshLayer<Src>, pool: Pool<B>) -> Self {
+    pub fn from_parts(layer: MeshLayer<Src>, pool: Pool<MeshBody<B>>) -> Self {
         MeshClient {
             inner: layer.rewrite_uri(false).layer(pool),
         }
@@ -74,8 +84,14 @@ impl<B, Src: ConfigSource> MeshClient<B, Src> {
     }
 
     /// The connection pool.
-    pub fn pool(&self) -> &Pool<B> {
+    pub fn pool(&self) -> &Pool<MeshBody<B>> {
         self.inner.get_ref()
+    }
+
+    /// What the client did to requests (retries, overflows, ejections,
+    /// timeouts, faults), shared by its clones.
+    pub fn stats(&self) -> &MeshStats {
+        self.inner.stats()
     }
 }
 
@@ -117,7 +133,7 @@ impl<B, Src> fmt::Debug for MeshClient<B, Src> {
 
 impl<B, Src> Service<Request<B>> for MeshClient<B, Src>
 where
-    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B: http_body::Body + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
     Src: ConfigSource,
 {

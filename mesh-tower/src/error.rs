@@ -4,6 +4,8 @@
 //! service), never with a synthesized `503` response: the caller can tell
 //! "the mesh has no such service" from "the service answered 503", and tonic
 //! turns the error into a `Status` whose message is this error's message.
+//! (What the mesh decides about a request it could send, such as a breaker
+//! overflow or a timeout, is a response instead: see [`crate::mesh`].)
 
 use std::fmt;
 
@@ -49,10 +51,18 @@ pub enum ErrorKind {
     Connect,
     /// The request failed on an established connection to the endpoint.
     Upstream,
+    /// A circuit breaker refused the request (a connection pool's
+    /// `http1MaxPendingRequests`). The mesh client answers such requests
+    /// with a `503` response; this kind reaches callers of a bare
+    /// [`Pool`](crate::Pool).
+    Overflow,
     /// The mesh-control admin API refused or failed a registration call.
     Registration,
     /// Serving failed (the listener, the local address).
     Io,
+    /// mTLS: certificates or keys that cannot be used (unreadable files,
+    /// bad PEM, no SPIFFE identity), or a failed TLS handshake.
+    Tls,
 }
 
 impl Error {

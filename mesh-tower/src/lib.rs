@@ -3,13 +3,17 @@
 //! Client side: [`MeshClient`] routes every request by the name it is
 //! addressed to (`http://catalog/items`), against the configuration the
 //! control server pushes over xDS, and sends it over pooled hyper
-//! connections to the chosen endpoint, keeping the original authority. The
-//! pieces are public for custom stacks: [`MeshLayer`] (routing over any HTTP
-//! client) and [`Pool`] (connections keyed by endpoint).
+//! connections to the chosen endpoint, keeping the original authority, with
+//! the resilience Istio configures (retries with budgets, timeouts and
+//! deadline propagation, circuit breaking, outlier detection, fault
+//! injection, ring hash, locality failover: see [`mesh`]). The pieces are
+//! public for custom stacks: [`MeshLayer`] (routing over any HTTP client)
+//! and [`Pool`] (connections keyed by cluster and endpoint).
 //!
-//! Server side: [`ServerLayer`] (request context for the app; the place for
-//! mTLS, authorization and spans) and [`serve()`] (register with the control
-//! server, serve HTTP/1.1 and HTTP/2, deregister and drain on shutdown).
+//! Server side: [`ServerLayer`] (request context and incoming deadline for
+//! the app; the place for mTLS, authorization and spans) and [`serve()`]
+//! (register with the control server, serve HTTP/1.1 and HTTP/2, deregister
+//! and drain on shutdown).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), mesh_tower::BoxError> {
@@ -44,16 +48,21 @@
 mod balance;
 mod body;
 mod client;
+pub mod deadline;
 mod error;
 mod grpc;
+pub mod local_reply;
 pub mod mesh;
 pub mod pool;
 pub mod serve;
 pub mod server;
 mod source;
+mod stats;
+pub mod tls;
 
-pub use body::ResponseBody;
+pub use body::{DEFAULT_RETRY_BUFFER_LIMIT, MeshBody, ResponseBody};
 pub use client::MeshClient;
+pub use deadline::Deadline;
 pub use error::{BoxError, Error, ErrorKind};
 pub use grpc::grpc_status;
 pub use mesh::{Mesh, MeshLayer, TargetEndpoint};
@@ -61,3 +70,4 @@ pub use pool::Pool;
 pub use serve::{ConnectionInfo, Registration, Serving, serve};
 pub use server::{ServerContext, ServerLayer};
 pub use source::{ConfigSource, StaticSource};
+pub use stats::MeshStats;

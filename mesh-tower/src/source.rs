@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use mesh_core::Snapshot;
+use mesh_core::model::Locality;
 use mesh_core::snapshot::ListenerLookup;
 use tokio::sync::watch;
 
@@ -31,6 +32,13 @@ pub trait ConfigSource: Clone + Send + Sync + 'static {
     /// Why configuration may not be arriving (the last connection error to
     /// the control server), to explain a wait that timed out.
     fn last_error(&self) -> Option<BoxError> {
+        None
+    }
+
+    /// Where this process runs, for locality failover (Istio
+    /// `localityLbSetting`): endpoints of the same region, zone and
+    /// sub-zone are preferred. `None` (the default): no preference.
+    fn locality(&self) -> Option<Locality> {
         None
     }
 }
@@ -66,6 +74,12 @@ impl ConfigSource for mesh_xds_client::XdsClient {
     fn last_error(&self) -> Option<BoxError> {
         mesh_xds_client::XdsClient::last_error(self).map(|e| Box::new(e) as BoxError)
     }
+
+    /// The bootstrap's `node.locality`, unless it is empty.
+    fn locality(&self) -> Option<Locality> {
+        let locality = self.bootstrap().locality();
+        (locality != Locality::default()).then_some(locality)
+    }
 }
 
 /// A snapshot set by hand, with change notification: for tests, examples
@@ -77,6 +91,7 @@ impl ConfigSource for mesh_xds_client::XdsClient {
 pub struct StaticSource {
     snapshot: Arc<ArcSwap<Snapshot>>,
     version: Arc<watch::Sender<u64>>,
+    locality: Option<Locality>,
 }
 
 impl StaticSource {
@@ -85,7 +100,14 @@ impl StaticSource {
         StaticSource {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             version: Arc::new(watch::Sender::new(0)),
+            locality: None,
         }
+    }
+
+    /// Says this process runs in `locality` (see [`ConfigSource::locality`]).
+    pub fn with_locality(mut self, locality: Locality) -> Self {
+        self.locality = Some(locality);
+        self
     }
 
     /// Replaces the snapshot and wakes every waiter.
@@ -109,6 +131,10 @@ impl StaticSource {
 impl ConfigSource for StaticSource {
     fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.snapshot.load()
+    }
+
+    fn locality(&self) -> Option<Locality> {
+        self.locality.clone()
     }
 
     fn wait_for_listener(&self, name: &str) -> impl Future<Output = Result<(), BoxError>> + Send {

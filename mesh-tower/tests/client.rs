@@ -285,7 +285,10 @@ async fn mesh_layer_rewrites_uris_for_any_http_client() {
 
     let a = backend("a").await;
     let b = backend("b").await;
-    let hyper = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    // The inner client takes the mesh's body type (the caller's body, or a
+    // copy kept for retries).
+    let hyper = HyperClient::builder(TokioExecutor::new())
+        .build_http::<mesh_tower::MeshBody<Full<Bytes>>>();
     let mut svc = tower::Layer::layer(
         &MeshLayer::new(source(snapshot(a.addr, b.addr, Protocol::Http1))),
         hyper,

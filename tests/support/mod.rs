@@ -13,6 +13,9 @@
 //!   correct split from failing more than once in ~300,000 runs while still catching a
 //!   wrong weight.
 //! - [`admin`]: requests to mesh-control's admin HTTP API (registration, status).
+//! - [`Coin`]: a seeded-from-the-OS random source for backends that fail a share of
+//!   their calls at random (retries are checked against `1 - p^(attempts)`); the
+//!   root package has no `rand` dependency and a test needs nothing stronger.
 //! - [`python`]: the grpcio venv and the xDS interop client (gRPC proxyless, A27/A28).
 //!
 //! Each test binary uses a subset of these helpers, hence `dead_code` is allowed here.
@@ -22,6 +25,7 @@ pub(crate) mod admin;
 pub(crate) mod python;
 
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -95,6 +99,8 @@ where
 pub(crate) struct PaymentStats {
     /// `Pay` calls answered (successfully or with the configured failure).
     pub(crate) pays: AtomicU64,
+    /// `Pay` calls answered with the configured failure.
+    pub(crate) failures: AtomicU64,
     /// `Stream` messages handed to the response stream, over all streams.
     pub(crate) stream_messages_sent: AtomicU32,
     /// `Stream` calls whose last message has been handed to the response stream.
@@ -105,6 +111,11 @@ impl PaymentStats {
     /// `Pay` calls answered so far.
     pub(crate) fn pays(&self) -> u64 {
         self.pays.load(Ordering::SeqCst)
+    }
+
+    /// `Pay` calls failed on purpose so far.
+    pub(crate) fn failures(&self) -> u64 {
+        self.failures.load(Ordering::SeqCst)
     }
 
     /// `Stream` messages sent so far, over all streams.
@@ -135,6 +146,11 @@ pub(crate) struct PaymentServer {
     pub(crate) stream_interval: Duration,
     /// When set, `Pay` fails with this code instead of answering (retries, ejection).
     pub(crate) fail_with: Option<tonic::Code>,
+    /// When set, `Pay` fails with this code in this share of calls, at random
+    /// (independently per call), and answers the others.
+    pub(crate) fail_randomly: Option<(tonic::Code, f64)>,
+    /// The random source of `fail_randomly` (shared by clones).
+    pub(crate) coin: Coin,
     /// What this instance has done so far.
     pub(crate) stats: Arc<PaymentStats>,
 }
@@ -147,6 +163,8 @@ impl PaymentServer {
             version: version.into(),
             stream_interval: Duration::ZERO,
             fail_with: None,
+            fail_randomly: None,
+            coin: Coin::new(),
             stats: Arc::default(),
         }
     }
@@ -162,6 +180,17 @@ impl PaymentServer {
         self.fail_with = Some(code);
         self
     }
+
+    /// Fails each `Pay` with `code` with probability `share` (0..=1), independently
+    /// per call: a flaky instance.
+    pub(crate) fn failing_randomly(mut self, code: tonic::Code, share: f64) -> Self {
+        assert!(
+            (0.0..=1.0).contains(&share),
+            "share {share} is not a probability"
+        );
+        self.fail_randomly = Some((code, share));
+        self
+    }
 }
 
 #[tonic::async_trait]
@@ -171,7 +200,13 @@ impl shop::payment_server::Payment for PaymentServer {
         _request: Request<shop::PayRequest>,
     ) -> Result<Response<shop::PayReply>, Status> {
         self.stats.pays.fetch_add(1, Ordering::SeqCst);
-        if let Some(code) = self.fail_with {
+        let fail = match (self.fail_with, self.fail_randomly) {
+            (Some(code), _) => Some(code),
+            (None, Some((code, share))) if self.coin.flip(share) => Some(code),
+            _ => None,
+        };
+        if let Some(code) = fail {
+            self.stats.failures.fetch_add(1, Ordering::SeqCst);
             return Err(Status::new(
                 code,
                 format!("{} is configured to fail", self.served_by),
@@ -215,10 +250,58 @@ impl shop::payment_server::Payment for PaymentServer {
     }
 }
 
+/// A random source for tests: SplitMix64 over an atomic counter seeded from the OS
+/// (through `RandomState`), so every run differs and clones share one sequence.
+/// SplitMix64 passes BigCrush; a test comparing a failure share with a binomial at
+/// z = 4.5 needs nothing more.
+#[derive(Debug, Clone)]
+pub(crate) struct Coin {
+    state: Arc<AtomicU64>,
+}
+
+impl Coin {
+    /// A fresh random source.
+    pub(crate) fn new() -> Self {
+        Self {
+            state: Arc::new(AtomicU64::new(RandomState::new().hash_one(Instant::now()))),
+        }
+    }
+
+    /// The next 64 random bits.
+    pub(crate) fn next_u64(&self) -> u64 {
+        let mut z = self
+            .state
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// True with probability `p` (0..=1).
+    pub(crate) fn flip(&self, p: f64) -> bool {
+        // 53 random bits → a uniform float in [0, 1).
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+}
+
+impl Default for Coin {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The Payment service as tonic `Routes`, for `proxyless::serve` or any server that takes
 /// a tower service (`routes.into_axum_router()` gives an axum `Router`).
 pub(crate) fn payment_routes(server: PaymentServer) -> tonic::service::Routes {
-    tonic::service::Routes::new(shop::payment_server::PaymentServer::new(server))
+    payment_routes_of(server)
+}
+
+/// [`payment_routes`] for any implementation of the Payment service (a test's own).
+pub(crate) fn payment_routes_of<P: shop::payment_server::Payment>(
+    service: P,
+) -> tonic::service::Routes {
+    tonic::service::Routes::new(shop::payment_server::PaymentServer::new(service))
 }
 
 /// A Payment server running on a local port (see [`spawn_payment`]).

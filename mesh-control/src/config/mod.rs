@@ -9,9 +9,14 @@
 //! `apiVersion: networking.istio.io/v1` (or `v1beta1`, `v1alpha3`). Resources
 //! follow the Istio reference
 //! (<https://istio.io/latest/docs/reference/config/networking/>) for the
-//! fields this mesh implements; a field it does not implement yet (`retries`,
-//! `timeout`, `trafficPolicy.connectionPool`, ...) is an error, as is an
-//! unknown field: config is rejected, never silently ignored.
+//! fields this mesh implements; a field it does not implement yet (`mirror`,
+//! `rewrite`, `corsPolicy`, `trafficPolicy.tls`, `portLevelSettings`, ...)
+//! is an error, as is an unknown field: config is rejected, never silently
+//! ignored. The resilience fields (`timeout`, `retries`, `fault`,
+//! `connectionPool`, `outlierDetection`, `consistentHash`,
+//! `localityLbSetting.enabled`, `retryBudget`) and the Istio defaults they
+//! keep are described in `policy.rs`; in short, a route without `retries`
+//! gets Istio's default retry policy, the default route included.
 //!
 //! # Names
 //!
@@ -71,10 +76,13 @@
 //! - A DestinationRule for a host nothing declares is reported; it takes
 //!   effect as soon as the host appears.
 
+mod policy;
 mod resources;
 mod translate;
 mod yaml;
 
+#[cfg(test)]
+mod resilience_tests;
 #[cfg(test)]
 mod tests;
 

@@ -16,10 +16,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mesh_core::model::{
-    HeaderMatch, LbPolicy, Locality, PathMatch, Pattern, Protocol, QueryParamMatch, ValueMatch,
+    HeaderMatch, Locality, PathMatch, Pattern, Protocol, QueryParamMatch, RetryPolicy, RoutePolicy,
+    ValueMatch,
 };
 
 use super::Diagnostic;
+use super::policy::{self, TrafficPolicy};
 use super::yaml::{Field, Fields, Node, Sink, Spanned, join, line_of};
 
 /// The API versions accepted for every kind (Istio serves the same schema under each).
@@ -149,6 +151,9 @@ pub(crate) struct HttpRoute {
     /// ORed conditions; empty means "every request".
     pub(crate) matches: Vec<HttpMatch>,
     pub(crate) route: Vec<Destination>,
+    /// Timeout, retries and fault injection; the hash policy is added at
+    /// translation, from the DestinationRule of the first destination.
+    pub(crate) policy: RoutePolicy,
     pub(crate) line: usize,
 }
 
@@ -179,7 +184,7 @@ pub(crate) struct Destination {
 #[derive(Debug, Clone)]
 pub(crate) struct DestinationRule {
     pub(crate) host: Spanned<String>,
-    pub(crate) lb: Option<LbPolicy>,
+    pub(crate) policy: TrafficPolicy,
     pub(crate) subsets: Vec<Subset>,
 }
 
@@ -188,8 +193,8 @@ pub(crate) struct DestinationRule {
 pub(crate) struct Subset {
     pub(crate) name: Spanned<String>,
     pub(crate) labels: BTreeMap<String, String>,
-    /// Overrides the rule's policy.
-    pub(crate) lb: Option<LbPolicy>,
+    /// Merged over the rule's policy, one top-level field at a time.
+    pub(crate) policy: TrafficPolicy,
 }
 
 /// `ServiceEntry.spec`.
@@ -509,15 +514,12 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
         sink,
         node,
         path,
-        &["name", "match", "route"],
+        &["name", "match", "route", "timeout", "retries", "fault"],
         &[
             "redirect",
             "directResponse",
             "delegate",
             "rewrite",
-            "timeout",
-            "retries",
-            "fault",
             "mirror",
             "mirrors",
             "mirrorPercentage",
@@ -528,6 +530,18 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
         ],
     )?;
     let name = f.get("name").and_then(|n| n.string(sink)).map(|s| s.value);
+    let policy = RoutePolicy {
+        timeout: f
+            .get("timeout")
+            .and_then(|t| policy::parse_timeout(sink, t)),
+        // Istio's default when a route says nothing; `attempts: 0` disables.
+        retry: match f.get("retries") {
+            Some(r) => policy::parse_retries(sink, r),
+            None => Some(RetryPolicy::istio_default()),
+        },
+        fault: f.get("fault").and_then(|x| policy::parse_fault(sink, x)),
+        hash_policy: Arc::from([]),
+    };
     let mut matches = Vec::new();
     if let Some(m) = f.get("match") {
         for (p, n) in m.list(sink)? {
@@ -563,6 +577,7 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
         name,
         matches,
         route,
+        policy,
         line: line_of(node),
     })
 }
@@ -668,7 +683,7 @@ fn parse_match(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<HttpM
 }
 
 /// RFC 9110 token characters (`tchar`), plus `:` for pseudo-headers.
-fn is_header_name_byte(b: u8) -> bool {
+pub(crate) fn is_header_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:".contains(&b)
 }
 
@@ -813,9 +828,10 @@ fn parse_destination_rule(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Optio
     )?;
     f.line = spec.key_line;
     let host = f.require(sink, "host").and_then(|h| parse_host(sink, h));
-    let lb = f
+    let policy = f
         .get("trafficPolicy")
-        .and_then(|t| parse_traffic_policy(sink, t));
+        .and_then(|t| policy::parse_traffic_policy(sink, t))
+        .unwrap_or_default();
     let mut subsets: Vec<Subset> = Vec::new();
     if let Some(s) = f.get("subsets") {
         for (path, node) in s.list(sink).unwrap_or_default() {
@@ -844,10 +860,15 @@ fn parse_destination_rule(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Optio
                 .get("labels")
                 .and_then(|l| l.string_map(sink))
                 .unwrap_or_default();
-            let lb = sf
+            let policy = sf
                 .get("trafficPolicy")
-                .and_then(|t| parse_traffic_policy(sink, t));
-            subsets.push(Subset { name, labels, lb });
+                .and_then(|t| policy::parse_traffic_policy(sink, t))
+                .unwrap_or_default();
+            subsets.push(Subset {
+                name,
+                labels,
+                policy,
+            });
         }
     }
     if sink.count() != before {
@@ -855,64 +876,9 @@ fn parse_destination_rule(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Optio
     }
     Some(DestinationRule {
         host: host?,
-        lb,
+        policy,
         subsets,
     })
-}
-
-/// `trafficPolicy`: only `loadBalancer.simple` is implemented.
-fn parse_traffic_policy(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<LbPolicy> {
-    let t = Fields::of(
-        sink,
-        field,
-        &["loadBalancer"],
-        &[
-            "connectionPool",
-            "outlierDetection",
-            "tls",
-            "portLevelSettings",
-            "tunnel",
-            "proxyProtocol",
-            "retryBudget",
-        ],
-    )?;
-    let lb = t.get("loadBalancer")?;
-    let lbf = Fields::of(
-        sink,
-        lb,
-        &["simple"],
-        &[
-            "consistentHash",
-            "localityLbSetting",
-            "warmupDurationSecs",
-            "warmup",
-        ],
-    )?;
-    let simple = lbf.get("simple")?;
-    let s = simple.string(sink)?;
-    match s.value.as_str() {
-        "ROUND_ROBIN" => Some(LbPolicy::RoundRobin),
-        // LEAST_CONN is Istio's deprecated name for LEAST_REQUEST.
-        "LEAST_REQUEST" | "LEAST_CONN" | "UNSPECIFIED" => Some(LbPolicy::LeastRequest),
-        "RANDOM" => Some(LbPolicy::Random),
-        "PASSTHROUGH" => {
-            sink.error(
-                s.line,
-                format!("'{}: PASSTHROUGH' is not supported yet", simple.path),
-            );
-            None
-        }
-        other => {
-            sink.error(
-                s.line,
-                format!(
-                    "'{}': unknown load balancer '{other}' (expected ROUND_ROBIN, LEAST_REQUEST or RANDOM)",
-                    simple.path
-                ),
-            );
-            None
-        }
-    }
 }
 
 fn parse_service_entry(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<ServiceEntry> {

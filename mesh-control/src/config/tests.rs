@@ -17,10 +17,10 @@ use tempfile::TempDir;
 
 use super::*;
 
-const FQDN: &str = "catalog.shop.svc.cluster.local";
+pub(super) const FQDN: &str = "catalog.shop.svc.cluster.local";
 
 /// A directory holding `files`.
-fn dir(files: &[(&str, &str)]) -> TempDir {
+pub(super) fn dir(files: &[(&str, &str)]) -> TempDir {
     let d = tempfile::tempdir().unwrap();
     for (name, text) in files {
         std::fs::write(d.path().join(name), text).unwrap();
@@ -33,7 +33,7 @@ fn write(d: &TempDir, name: &str, text: &str) {
 }
 
 /// `check_dir` on one file.
-fn check(text: &str) -> Vec<Diagnostic> {
+pub(super) fn check(text: &str) -> Vec<Diagnostic> {
     let d = dir(&[("a.yaml", text)]);
     check_dir(d.path(), &MeshOptions::default())
 }
@@ -41,7 +41,7 @@ fn check(text: &str) -> Vec<Diagnostic> {
 /// Asserts that exactly one diagnostic is reported, at `line`, and that its
 /// message contains `needle`.
 #[track_caller]
-fn assert_one(diags: &[Diagnostic], line: usize, needle: &str) {
+pub(super) fn assert_one(diags: &[Diagnostic], line: usize, needle: &str) {
     assert_eq!(diags.len(), 1, "expected one diagnostic, got {diags:#?}");
     let d = &diags[0];
     assert!(
@@ -53,7 +53,7 @@ fn assert_one(diags: &[Diagnostic], line: usize, needle: &str) {
 }
 
 /// A store loaded from `files`, asserting no diagnostics.
-fn store(files: &[(&str, &str)]) -> (ConfigStore, TempDir) {
+pub(super) fn store(files: &[(&str, &str)]) -> (ConfigStore, TempDir) {
     let d = dir(files);
     let mut s = ConfigStore::new(MeshOptions::default());
     let diags = s.load_dir(d.path());
@@ -61,7 +61,13 @@ fn store(files: &[(&str, &str)]) -> (ConfigStore, TempDir) {
     (s, d)
 }
 
-fn reg(service: &str, ns: &str, ip: &str, port: u16, labels: &[(&str, &str)]) -> Registration {
+pub(super) fn reg(
+    service: &str,
+    ns: &str,
+    ip: &str,
+    port: u16,
+    labels: &[(&str, &str)],
+) -> Registration {
     Registration {
         service: service.into(),
         namespace: ns.into(),
@@ -80,7 +86,7 @@ fn reg(service: &str, ns: &str, ip: &str, port: u16, labels: &[(&str, &str)]) ->
 /// The listener an app in namespace `shop` gets for `authority`: the ADS
 /// server resolves short names (`catalog`, `catalog:80`) in the client's
 /// namespace.
-fn listener<'s>(snap: &'s Snapshot, authority: &str) -> &'s mesh_core::model::Listener {
+pub(super) fn listener<'s>(snap: &'s Snapshot, authority: &str) -> &'s mesh_core::model::Listener {
     let name = match authority.split_once(':') {
         _ if snap.listeners.contains_key(authority) => authority.to_string(),
         Some((host, port)) if !host.contains('.') => format!("{host}.shop:{port}"),
@@ -94,7 +100,7 @@ fn listener<'s>(snap: &'s Snapshot, authority: &str) -> &'s mesh_core::model::Li
 }
 
 /// The cluster a request goes to, with a fixed random number.
-fn route_to(
+pub(super) fn route_to(
     snap: &Snapshot,
     authority: &str,
     method: &str,
@@ -124,7 +130,7 @@ fn names<T>(map: &BTreeMap<mesh_core::model::Name, T>) -> Vec<String> {
     map.keys().map(|k| k.to_string()).collect()
 }
 
-const SE_CATALOG: &str = "\
+pub(super) const SE_CATALOG: &str = "\
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata:
@@ -139,7 +145,7 @@ spec:
   resolution: STATIC
 ";
 
-const DR_CATALOG: &str = "\
+pub(super) const DR_CATALOG: &str = "\
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata:
@@ -311,18 +317,18 @@ spec:
   - route:
     - destination:
         host: catalog
-    retries:
-      attempts: 3
+    mirror:
+      host: catalog
 "
     );
     let diags = check(&text);
     assert_one(&diags, 25, "");
     assert_eq!(
         diags[0].message,
-        "VirtualService shop/catalog: field 'http[0].retries' is not supported yet"
+        "VirtualService shop/catalog: field 'http[0].mirror' is not supported yet"
     );
     assert!(diags[0].to_string().ends_with(
-        "a.yaml:25: VirtualService shop/catalog: field 'http[0].retries' is not supported yet"
+        "a.yaml:25: VirtualService shop/catalog: field 'http[0].mirror' is not supported yet"
     ));
 }
 
@@ -367,17 +373,17 @@ spec:
 fn unsupported_traffic_policy_fields() {
     let cases = [
         (
-            "    connectionPool:\n      tcp: {maxConnections: 1}\n",
-            "trafficPolicy.connectionPool",
+            "    portLevelSettings:\n    - port: {number: 80}\n",
+            "trafficPolicy.portLevelSettings",
         ),
         (
-            "    outlierDetection: {consecutive5xxErrors: 1}\n",
-            "trafficPolicy.outlierDetection",
+            "    tunnel: {targetHost: x, targetPort: 1}\n",
+            "trafficPolicy.tunnel",
         ),
         ("    tls: {mode: ISTIO_MUTUAL}\n", "trafficPolicy.tls"),
         (
-            "    loadBalancer:\n      consistentHash: {useSourceIp: true}\n",
-            "trafficPolicy.loadBalancer.consistentHash",
+            "    loadBalancer:\n      warmupDurationSecs: 10s\n",
+            "trafficPolicy.loadBalancer.warmupDurationSecs",
         ),
     ];
     for (policy, path) in cases {
@@ -1365,10 +1371,10 @@ spec:
     write(
         &d,
         "c.yaml",
-        &vs_good.replace("subset: v2}}]", "subset: v1}}]\n    timeout: 1s"),
+        &vs_good.replace("subset: v2}}]", "subset: v1}}]\n    rewrite: {uri: /v1}"),
     );
     let diags = s.load_dir(d.path());
-    assert_one(&diags, 8, "field 'http[0].timeout' is not supported yet");
+    assert_one(&diags, 8, "field 'http[0].rewrite' is not supported yet");
     assert_eq!(routes(&s), v2);
 
     // A syntax error keeps every resource of the file.

@@ -20,10 +20,12 @@ use std::sync::Arc;
 
 use mesh_core::Snapshot;
 use mesh_core::model::{
-    Cluster, ClusterLoadAssignment, Endpoint, LbPolicy, Listener, Locality, LocalityEndpoints,
-    Name, Protocol, Route, RouteConfig, RouteMatch, VirtualHost, WeightedCluster, WeightedClusters,
+    Cluster, ClusterLoadAssignment, Endpoint, HashPolicy, Listener, Locality, LocalityEndpoints,
+    Name, Protocol, RetryPolicy, Route, RouteConfig, RouteMatch, RoutePolicy, VirtualHost,
+    WeightedCluster, WeightedClusters,
 };
 
+use super::policy::TrafficPolicy;
 use super::resources::{DestinationRule, Meta, Resource, Spec, VirtualService, Workload};
 use super::{Diagnostic, MeshOptions, Registration, ServiceInfo};
 
@@ -301,6 +303,36 @@ fn collect_rules<'r>(
     rules
 }
 
+/// The traffic policy of the cluster for `subset` (`""` for the whole
+/// service): the rule's, with the subset's merged over it.
+fn cluster_policy(rule: Option<&DestinationRule>, subset: &str) -> TrafficPolicy {
+    let Some(rule) = rule else {
+        return TrafficPolicy::default();
+    };
+    match rule
+        .subsets
+        .iter()
+        .find(|s| !subset.is_empty() && s.name.value == subset)
+    {
+        Some(s) => rule.policy.merged(&s.policy),
+        None => rule.policy.clone(),
+    }
+}
+
+/// The consistent-hash key of requests sent to `subset` of `fqdn`, from its
+/// DestinationRule (Envoy carries it on the route, Istio puts it there).
+fn hash_policy_for(
+    rules: &BTreeMap<String, (&Meta, &DestinationRule)>,
+    fqdn: &str,
+    subset: &str,
+) -> Arc<[HashPolicy]> {
+    let rule = rules.get(fqdn).map(|(_, r)| *r);
+    match cluster_policy(rule, subset).hash_policy() {
+        Some(h) => Arc::from([h.clone()]),
+        None => Arc::from([]),
+    }
+}
+
 /// Routes of one VirtualService for each (host, port) it serves.
 type RouteTable = BTreeMap<(String, u16), Vec<Route>>;
 
@@ -389,20 +421,22 @@ fn translate_virtual_service(
             continue;
         };
         for port in &svc.ports {
-            let routes = routes_for_port(options, meta, vs, port.number, services, problems);
+            let routes = routes_for_port(options, meta, vs, port.number, services, rules, problems);
             table.insert((fqdn.clone(), port.number), routes);
         }
     }
     table
 }
 
-/// The routes of `vs` that apply to `port` of its hosts, in order.
+/// The routes of `vs` that apply to `port` of its hosts, in order. A route
+/// gets the hash policy of its first destination's cluster.
 fn routes_for_port(
     options: &MeshOptions,
     meta: &Meta,
     vs: &VirtualService,
     port: u16,
     services: &BTreeMap<String, Service>,
+    rules: &BTreeMap<String, (&Meta, &DestinationRule)>,
     problems: &mut Vec<Diagnostic>,
 ) -> Vec<Route> {
     let mut routes = Vec::new();
@@ -424,6 +458,7 @@ fn routes_for_port(
             continue;
         }
         let mut clusters = Vec::new();
+        let mut hash_policy: Arc<[HashPolicy]> = Arc::from([]);
         for (j, d) in http.route.iter().enumerate() {
             let fqdn = resolve_host(&d.host.value, &meta.namespace, &options.domain_suffix);
             let Some(svc) = services.get(&fqdn) else {
@@ -445,6 +480,9 @@ fn routes_for_port(
                 }
             };
             let subset = d.subset.as_ref().map(|s| s.value.as_str()).unwrap_or("");
+            if clusters.is_empty() {
+                hash_policy = hash_policy_for(rules, &fqdn, subset);
+            }
             clusters.push(WeightedCluster {
                 name: Name::from(cluster_name(dest_port, subset, &fqdn)),
                 weight: d.weight,
@@ -465,12 +503,16 @@ fn routes_for_port(
             Some(n) => Name::from(n.as_str()),
             None => Name::from(format!("{}.{i}", meta.name)),
         };
+        let policy = RoutePolicy {
+            hash_policy,
+            ..http.policy.clone()
+        };
         for matcher in matchers {
             routes.push(Route {
                 name: name.clone(),
                 matcher,
                 action: action.clone(),
-                policy: Default::default(),
+                policy: policy.clone(),
             });
         }
     }
@@ -545,7 +587,6 @@ pub(crate) fn translate(
         let fqdn = svc.fqdn.as_str();
         let local = cluster_local(fqdn, suffix);
         let rule = rules.get(fqdn).map(|(_, r)| *r);
-        let rule_lb = rule.and_then(|r| r.lb);
         let Some(default_port) = svc.ports.first().map(|p| p.number) else {
             continue;
         };
@@ -587,11 +628,17 @@ pub(crate) fn translate(
             let base = cluster_name(p, "", fqdn);
             let routes = match routed.get(&(fqdn.to_string(), p)) {
                 Some(r) if !r.is_empty() => r.clone(),
+                // Istio's default route: default retries, no timeout, and
+                // the service's consistent-hash key if its rule sets one.
                 _ => vec![Route {
                     name: Name::from("default"),
                     matcher: RouteMatch::any(),
                     action: WeightedClusters::single(base.as_str()),
-                    policy: Default::default(),
+                    policy: RoutePolicy {
+                        retry: Some(RetryPolicy::istio_default()),
+                        hash_policy: hash_policy_for(&rules, fqdn, ""),
+                        ..RoutePolicy::default()
+                    },
                 }],
             };
             snapshot.route_configs.insert(
@@ -608,15 +655,11 @@ pub(crate) fn translate(
 
             let members: Vec<&Member> = svc.members.iter().filter(|m| m.port == p).collect();
             let mut add_cluster =
-                |name: String, lb: LbPolicy, labels: &BTreeMap<String, String>| {
+                |name: String, policy: TrafficPolicy, labels: &BTreeMap<String, String>| {
                     let name = Name::from(name);
-                    snapshot.clusters.insert(
-                        name.clone(),
-                        Arc::new(Cluster {
-                            lb_policy: lb,
-                            ..Cluster::new(name.clone(), port.protocol)
-                        }),
-                    );
+                    let mut cluster = Cluster::new(name.clone(), port.protocol);
+                    policy.apply(&mut cluster);
+                    snapshot.clusters.insert(name.clone(), Arc::new(cluster));
                     let selected = members
                         .iter()
                         .filter(|m| labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)))
@@ -625,15 +668,11 @@ pub(crate) fn translate(
                         .endpoints
                         .insert(name.clone(), Arc::new(load_assignment(name, selected)));
                 };
-            add_cluster(
-                base,
-                rule_lb.unwrap_or(LbPolicy::LeastRequest),
-                &BTreeMap::new(),
-            );
+            add_cluster(base, cluster_policy(rule, ""), &BTreeMap::new());
             for subset in rule.map(|r| r.subsets.as_slice()).unwrap_or_default() {
                 add_cluster(
                     cluster_name(p, &subset.name.value, fqdn),
-                    subset.lb.or(rule_lb).unwrap_or(LbPolicy::LeastRequest),
+                    cluster_policy(rule, &subset.name.value),
                     &subset.labels,
                 );
             }

@@ -308,6 +308,46 @@ impl<'n, 'a> Field<'_, 'n, 'a> {
         }
     }
 
+    /// A number, integer or not (`20`, `0.5`).
+    pub(crate) fn number(&self, sink: &mut Sink<'_>) -> Option<f64> {
+        match &self.node.data {
+            YamlData::Value(Scalar::Integer(i)) => Some(*i as f64),
+            YamlData::Value(Scalar::FloatingPoint(f)) => Some(f.0),
+            _ => {
+                self.wrong(sink, "a number");
+                None
+            }
+        }
+    }
+
+    /// An integer between `min` and `max`; out of range is reported with
+    /// `hint` appended (e.g. "leave the field out for no limit").
+    pub(crate) fn integer_in(
+        &self,
+        sink: &mut Sink<'_>,
+        min: i64,
+        max: i64,
+        hint: &str,
+    ) -> Option<i64> {
+        let n = self.integer(sink)?;
+        if (min..=max).contains(&n) {
+            return Some(n);
+        }
+        let hint = if hint.is_empty() {
+            String::new()
+        } else {
+            format!(" ({hint})")
+        };
+        sink.error(
+            self.line(),
+            format!(
+                "'{}' must be between {min} and {max}, found {n}{hint}",
+                self.path
+            ),
+        );
+        None
+    }
+
     /// A port number, 1 to 65535.
     pub(crate) fn port(&self, sink: &mut Sink<'_>) -> Option<u16> {
         let n = self.integer(sink)?;

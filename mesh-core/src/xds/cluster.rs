@@ -1,5 +1,10 @@
-//! CDS: EDS clusters, their load-balancing policy (gRFC A27, A48, A52) and
-//! upstream protocol.
+//! CDS: EDS clusters, their load-balancing policy (gRFC A27, A42, A48, A52)
+//! and upstream protocol. Circuit breakers, outlier detection and
+//! connection settings are in the `cluster_policy` module.
+//!
+//! Ring hash is the `lb_policy: RING_HASH` enum with `ring_hash_lb_config
+//! { minimum_ring_size, hash_function: XX_HASH }`, as Istio writes it and
+//! gRPC reads it (A42); the `RingHash` extension policy is read too.
 
 use std::collections::HashMap;
 
@@ -7,6 +12,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     Cluster as ClusterProto, LoadBalancingPolicy,
     cluster::{
         ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbConfig, LbPolicy as LbEnum,
+        RingHashLbConfig, ring_hash_lb_config::HashFunction,
     },
     load_balancing_policy::Policy,
 };
@@ -14,7 +20,10 @@ use envoy_types::pb::envoy::config::core::v3::{
     Http1ProtocolOptions, Http2ProtocolOptions, Metadata, TypedExtensionConfig,
 };
 use envoy_types::pb::envoy::extensions::load_balancing_policies::{
-    least_request::v3::LeastRequest, random::v3::Random, round_robin::v3::RoundRobin,
+    least_request::v3::LeastRequest,
+    random::v3::Random,
+    ring_hash::v3::{RingHash, ring_hash::HashFunction as ExtHashFunction},
+    round_robin::v3::RoundRobin,
     wrr_locality::v3::WrrLocality,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
@@ -23,12 +32,17 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
         ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
     },
 };
-use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value::Kind};
+use envoy_types::pb::google::protobuf::{Struct, UInt32Value, UInt64Value, Value, value::Kind};
 use prost::Name as _;
 
+use super::cluster_policy::{
+    breakers_from_proto, breakers_to_proto, common_http_to_proto, connection_from_proto,
+    outlier_from_proto, outlier_to_proto,
+};
 use super::{
     At, Decoded, FieldError, METADATA_NAMESPACE, ResourceType, ads_config_source,
-    check_config_source, missing, named, pack, reject_if, required_name, type_name, unpack,
+    check_config_source, duration_to_proto, missing, named, pack, reject_if, required_name,
+    type_name, unpack,
 };
 use crate::Error;
 use crate::model::{Cluster, LbPolicy, Protocol};
@@ -37,7 +51,14 @@ use crate::model::{Cluster, LbPolicy, Protocol};
 pub(crate) const HTTP_PROTOCOL_OPTIONS_KEY: &str =
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
-const PROTOCOL_KEY: &str = "protocol";
+/// Our metadata key of the upstream protocol.
+pub(crate) const PROTOCOL_KEY: &str = "protocol";
+/// Our metadata key of `locality_failover` (written only when true).
+pub(crate) const LOCALITY_FAILOVER_KEY: &str = "locality_failover";
+/// Envoy's and gRPC's default `minimum_ring_size`.
+const DEFAULT_MIN_RING_SIZE: u64 = 1024;
+/// The largest ring gRPC (A42) and Envoy's proto validation accept.
+const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
 const WRR_LOCALITY_NAME: &str = "envoy.load_balancing_policies.wrr_locality";
 const ROUND_ROBIN_NAME: &str = "envoy.load_balancing_policies.round_robin";
 const LEAST_REQUEST_NAME: &str = "envoy.load_balancing_policies.least_request";
@@ -47,7 +68,6 @@ const RANDOM_NAME: &str = "envoy.load_balancing_policies.random";
 /// names one of them before one we know would be served by it, so it is
 /// rejected rather than skipped.
 const KNOWN_UNSUPPORTED_POLICIES: &[&str] = &[
-    "envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash",
     "envoy.extensions.load_balancing_policies.maglev.v3.Maglev",
     "envoy.extensions.load_balancing_policies.pick_first.v3.PickFirst",
     "envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3.ClientSideWeightedRoundRobin",
@@ -55,20 +75,38 @@ const KNOWN_UNSUPPORTED_POLICIES: &[&str] = &[
 
 /// The proto for a cluster: `type: EDS` over ADS, its lb policy (see the
 /// module docs of [`crate::xds`] for why least-request is not the
-/// `lb_policy` enum), and its protocol.
+/// `lb_policy` enum), its protocol, limits, outlier detection and
+/// connection settings.
 pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
-    let load_balancing_policy = match cluster.lb_policy {
-        LbPolicy::RoundRobin => None,
-        LbPolicy::LeastRequest => Some(wrr_locality(typed_policy(
-            LEAST_REQUEST_NAME,
-            pack(&LeastRequest::default()),
-        ))),
-        LbPolicy::Random => Some(wrr_locality(typed_policy(
-            RANDOM_NAME,
-            pack(&Random::default()),
-        ))),
-        // Placeholder until ring hash conversion lands (issue 4).
-        LbPolicy::RingHash { .. } => None,
+    let (lb_policy, lb_config, load_balancing_policy) = match cluster.lb_policy {
+        LbPolicy::RoundRobin => (LbEnum::RoundRobin, None, None),
+        LbPolicy::LeastRequest => (
+            LbEnum::RoundRobin,
+            None,
+            Some(wrr_locality(typed_policy(
+                LEAST_REQUEST_NAME,
+                pack(&LeastRequest::default()),
+            ))),
+        ),
+        LbPolicy::Random => (
+            LbEnum::RoundRobin,
+            None,
+            Some(wrr_locality(typed_policy(
+                RANDOM_NAME,
+                pack(&Random::default()),
+            ))),
+        ),
+        LbPolicy::RingHash { minimum_ring_size } => (
+            LbEnum::RingHash,
+            Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+                minimum_ring_size: Some(UInt64Value {
+                    value: minimum_ring_size,
+                }),
+                hash_function: HashFunction::XxHash as i32,
+                maximum_ring_size: None,
+            })),
+            None,
+        ),
     };
     let protocol_config = if cluster.protocol.is_http2() {
         ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())
@@ -76,6 +114,7 @@ pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
         ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default())
     };
     let options = HttpProtocolOptions {
+        common_http_protocol_options: common_http_to_proto(&cluster.connection),
         upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
             ExplicitHttpConfig {
                 protocol_config: Some(protocol_config),
@@ -83,6 +122,27 @@ pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
         )),
         ..Default::default()
     };
+    let (outlier_detection, common_lb_config) = match &cluster.outlier_detection {
+        Some(o) => {
+            let (outlier, common) = outlier_to_proto(o);
+            (Some(outlier), Some(common))
+        }
+        None => (None, None),
+    };
+    let mut ours = HashMap::from([(
+        PROTOCOL_KEY.to_string(),
+        Value {
+            kind: Some(Kind::StringValue(protocol_name(cluster.protocol).into())),
+        },
+    )]);
+    if cluster.locality_failover {
+        ours.insert(
+            LOCALITY_FAILOVER_KEY.to_string(),
+            Value {
+                kind: Some(Kind::BoolValue(true)),
+            },
+        );
+    }
     ClusterProto {
         name: cluster.name.to_string(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
@@ -90,8 +150,13 @@ pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
             eds_config: Some(ads_config_source()),
             service_name: cluster.eds_service_name.to_string(),
         }),
-        lb_policy: LbEnum::RoundRobin as i32,
+        lb_policy: lb_policy as i32,
+        lb_config,
         load_balancing_policy,
+        connect_timeout: cluster.connection.connect_timeout.map(duration_to_proto),
+        circuit_breakers: Some(breakers_to_proto(&cluster.circuit_breakers)),
+        outlier_detection,
+        common_lb_config,
         typed_extension_protocol_options: HashMap::from([(
             HTTP_PROTOCOL_OPTIONS_KEY.to_string(),
             pack(&options),
@@ -99,14 +164,7 @@ pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
         metadata: Some(Metadata {
             filter_metadata: HashMap::from([(
                 METADATA_NAMESPACE.to_string(),
-                Struct {
-                    fields: HashMap::from([(
-                        PROTOCOL_KEY.to_string(),
-                        Value {
-                            kind: Some(Kind::StringValue(protocol_name(cluster.protocol).into())),
-                        },
-                    )]),
-                },
+                Struct { fields: ours },
             )]),
             ..Default::default()
         }),
@@ -114,7 +172,8 @@ pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
     }
 }
 
-fn protocol_name(p: Protocol) -> &'static str {
+/// Our metadata's name of a protocol.
+pub(crate) fn protocol_name(p: Protocol) -> &'static str {
     match p {
         Protocol::Http1 => "http1",
         Protocol::Http2 => "http2",
@@ -155,11 +214,13 @@ fn wrr_locality(first: Policy) -> LoadBalancingPolicy {
 /// policy comes from `load_balancing_policy` when set (the first policy this
 /// mesh knows wins, as in gRPC), else from the `lb_policy` enum. The protocol
 /// comes from our metadata when present, else from the upstream
-/// `HttpProtocolOptions`, else HTTP/1.1.
+/// `HttpProtocolOptions`, else HTTP/1.1. Circuit breakers, outlier detection
+/// and connection settings: see the `cluster_policy` module.
 pub fn cluster_from_proto(proto: &ClusterProto) -> Result<Cluster, Error> {
     cluster_fields(proto).map_err(named(ResourceType::Cluster, &proto.name))
 }
 
+#[allow(deprecated)] // common_http_protocol_options, max_requests_per_connection: read as fallbacks
 fn cluster_fields(c: &ClusterProto) -> Decoded<Cluster> {
     let name = required_name(&c.name, "name")?;
     match &c.cluster_discovery_type {
@@ -227,11 +288,77 @@ fn cluster_fields(c: &ClusterProto) -> Decoded<Cluster> {
         Some(policy) => policy_from_list(policy).at("load_balancing_policy")?,
         None => lb_enum_from_proto(c)?,
     };
+    let options = http_options(c).at(OPTIONS_AT)?;
+    let protocol = protocol_from_proto(c, options.as_ref())?;
+    let typed_common = options
+        .as_ref()
+        .and_then(|o| o.common_http_protocol_options.as_ref());
+    let mut connection = match typed_common {
+        Some(common) => connection_from_proto(Some(common))
+            .at("common_http_protocol_options")
+            .at(OPTIONS_AT)?,
+        None => connection_from_proto(c.common_http_protocol_options.as_ref())
+            .at("common_http_protocol_options")?,
+    };
+    connection.connect_timeout = opt_positive(c.connect_timeout.as_ref(), "connect_timeout")?;
+    if connection.max_requests_per_connection.is_none() {
+        connection.max_requests_per_connection = c.max_requests_per_connection.map(|v| v.value);
+    }
+    let circuit_breakers =
+        breakers_from_proto(c.circuit_breakers.as_ref()).at("circuit_breakers")?;
+    let outlier_detection = c
+        .outlier_detection
+        .as_ref()
+        .map(|o| outlier_from_proto(o, c.common_lb_config.as_ref()))
+        .transpose()
+        .at("outlier_detection")?;
     Ok(Cluster {
         eds_service_name,
         lb_policy,
-        ..Cluster::new(name, protocol_from_proto(c)?)
+        circuit_breakers,
+        outlier_detection,
+        connection,
+        locality_failover: locality_failover_from_proto(c)?,
+        ..Cluster::new(name, protocol)
     })
+}
+
+/// `typed_extension_protocol_options[...HttpProtocolOptions]`, the path of
+/// errors in the upstream HTTP options.
+const OPTIONS_AT: &str =
+    "typed_extension_protocol_options[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"]";
+
+/// An optional positive duration (zero is invalid, as Envoy's `gt: 0s`).
+fn opt_positive(
+    d: Option<&envoy_types::pb::google::protobuf::Duration>,
+    field: &'static str,
+) -> Decoded<Option<std::time::Duration>> {
+    match super::opt_duration(d, field)? {
+        Some(d) if d.is_zero() => Err(FieldError::invalid("must be positive").at(field)),
+        other => Ok(other),
+    }
+}
+
+/// The upstream HTTP options, if present; its features that would change
+/// what is sent upstream (upstream filters, cluster-level retry, hash,
+/// mirror and outlier policies) are unsupported.
+fn http_options(c: &ClusterProto) -> Decoded<Option<HttpProtocolOptions>> {
+    let Some(any) = c
+        .typed_extension_protocol_options
+        .get(HTTP_PROTOCOL_OPTIONS_KEY)
+    else {
+        return Ok(None);
+    };
+    let options: HttpProtocolOptions = unpack(any)?;
+    reject_if(!options.http_filters.is_empty(), "http_filters")?;
+    reject_if(options.outlier_detection.is_some(), "outlier_detection")?;
+    reject_if(
+        !options.request_mirror_policies.is_empty(),
+        "request_mirror_policies",
+    )?;
+    reject_if(!options.hash_policy.is_empty(), "hash_policy")?;
+    reject_if(options.retry_policy.is_some(), "retry_policy")?;
+    Ok(Some(options))
 }
 
 fn lb_enum_from_proto(c: &ClusterProto) -> Decoded<LbPolicy> {
@@ -245,8 +372,38 @@ fn lb_enum_from_proto(c: &ClusterProto) -> Decoded<LbPolicy> {
             Ok(LbPolicy::LeastRequest)
         }
         Ok(LbEnum::Random) => Ok(LbPolicy::Random),
+        Ok(LbEnum::RingHash) => {
+            if let Some(common) = c
+                .common_lb_config
+                .as_ref()
+                .and_then(|common| common.consistent_hashing_lb_config.as_ref())
+            {
+                check_consistent_hashing(
+                    common.use_hostname_for_hashing,
+                    common.hash_balance_factor.is_some(),
+                )
+                .at("common_lb_config.consistent_hashing_lb_config")?;
+            }
+            let config = match &c.lb_config {
+                Some(LbConfig::RingHashLbConfig(config)) => *config,
+                _ => RingHashLbConfig::default(),
+            };
+            let murmur = match HashFunction::try_from(config.hash_function) {
+                Ok(HashFunction::XxHash) => false,
+                Ok(HashFunction::MurmurHash2) => true,
+                Err(_) => {
+                    return Err(FieldError::invalid(format!(
+                        "unknown value {}",
+                        config.hash_function
+                    ))
+                    .at("ring_hash_lb_config.hash_function"));
+                }
+            };
+            ring_hash(murmur, config.minimum_ring_size, config.maximum_ring_size)
+                .at("ring_hash_lb_config")
+        }
         Ok(other) => Err(FieldError::unsupported(format!(
-            "{} is not supported: use ROUND_ROBIN, LEAST_REQUEST or RANDOM",
+            "{} is not supported: use ROUND_ROBIN, LEAST_REQUEST, RANDOM or RING_HASH",
             other.as_str_name()
         ))
         .at("lb_policy")),
@@ -254,6 +411,46 @@ fn lb_enum_from_proto(c: &ClusterProto) -> Decoded<LbPolicy> {
             Err(FieldError::invalid(format!("unknown value {}", c.lb_policy)).at("lb_policy"))
         }
     }
+}
+
+/// A ring hash of XX_HASH (gRPC NACKs anything else, A42) whose minimum
+/// size is in [1, 8M] (default 1024) and whose maximum, if set, is not
+/// below it. The maximum is otherwise not modeled: rings are sized from
+/// the minimum.
+fn ring_hash(
+    murmur: bool,
+    minimum: Option<UInt64Value>,
+    maximum: Option<UInt64Value>,
+) -> Decoded<LbPolicy> {
+    if murmur {
+        return Err(FieldError::unsupported(
+            "MURMUR_HASH_2 is not supported: only XX_HASH (as gRPC, gRFC A42)",
+        )
+        .at("hash_function"));
+    }
+    let minimum_ring_size = minimum.map_or(DEFAULT_MIN_RING_SIZE, |v| v.value);
+    if !(1..=MAX_RING_SIZE).contains(&minimum_ring_size) {
+        return Err(FieldError::invalid(format!(
+            "{minimum_ring_size} is not in [1, {MAX_RING_SIZE}]"
+        ))
+        .at("minimum_ring_size"));
+    }
+    if let Some(max) = maximum
+        && !(minimum_ring_size..=MAX_RING_SIZE).contains(&max.value)
+    {
+        return Err(FieldError::invalid(format!(
+            "{} is not in [minimum_ring_size ({minimum_ring_size}), {MAX_RING_SIZE}]",
+            max.value
+        ))
+        .at("maximum_ring_size"));
+    }
+    Ok(LbPolicy::RingHash { minimum_ring_size })
+}
+
+/// Hashing by hostname and bounded loads are not supported.
+fn check_consistent_hashing(use_hostname: bool, balance_factor: bool) -> Decoded<()> {
+    reject_if(use_hostname, "use_hostname_for_hashing")?;
+    reject_if(balance_factor, "hash_balance_factor")
 }
 
 /// Power of two choices is what we implement; other choice counts are rejected.
@@ -278,7 +475,8 @@ fn policy_from_list(list: &LoadBalancingPolicy) -> Decoded<LbPolicy> {
         }
     }
     Err(FieldError::unsupported(
-        "no supported policy: use round_robin, least_request or random (optionally inside wrr_locality)",
+        "no supported policy: use round_robin, least_request, random (optionally inside \
+         wrr_locality) or ring_hash",
     ))
 }
 
@@ -315,6 +513,9 @@ fn policy_from_proto(policy: &Policy) -> Decoded<Option<LbPolicy>> {
     } else if name == Random::full_name() {
         unpack::<Random>(any).at(at)?;
         Ok(Some(LbPolicy::Random))
+    } else if name == RingHash::full_name() {
+        let rh: RingHash = unpack(any).at(at)?;
+        ring_hash_extension(&rh).at(at).map(Some)
     } else if KNOWN_UNSUPPORTED_POLICIES.contains(&name) {
         Err(FieldError::unsupported(format!("{name} is not supported")).at(at))
     } else {
@@ -322,8 +523,52 @@ fn policy_from_proto(policy: &Policy) -> Decoded<Option<LbPolicy>> {
     }
 }
 
+/// The `RingHash` extension (gRFC A52 form of A42). Its
+/// `locality_weighted_lb_config` is ignored: how locality weights enter
+/// the ring is the client's choice (gRPC always uses them).
+#[allow(deprecated)] // use_hostname_for_hashing, hash_balance_factor: still rejected by name
+fn ring_hash_extension(rh: &RingHash) -> Decoded<LbPolicy> {
+    let murmur = match ExtHashFunction::try_from(rh.hash_function) {
+        Ok(ExtHashFunction::DefaultHash | ExtHashFunction::XxHash) => false,
+        Ok(ExtHashFunction::MurmurHash2) => true,
+        Err(_) => {
+            return Err(
+                FieldError::invalid(format!("unknown value {}", rh.hash_function))
+                    .at("hash_function"),
+            );
+        }
+    };
+    check_consistent_hashing(
+        rh.use_hostname_for_hashing,
+        rh.hash_balance_factor.is_some(),
+    )?;
+    if let Some(c) = &rh.consistent_hashing_lb_config {
+        check_consistent_hashing(c.use_hostname_for_hashing, c.hash_balance_factor.is_some())
+            .at("consistent_hashing_lb_config")?;
+    }
+    ring_hash(murmur, rh.minimum_ring_size, rh.maximum_ring_size)
+}
+
+/// `metadata.filter_metadata["proxyless"].locality_failover`, false when absent.
+fn locality_failover_from_proto(c: &ClusterProto) -> Decoded<bool> {
+    let value = c
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(METADATA_NAMESPACE))
+        .and_then(|s| s.fields.get(LOCALITY_FAILOVER_KEY));
+    match value.map(|v| &v.kind) {
+        None => Ok(false),
+        Some(Some(Kind::BoolValue(b))) => Ok(*b),
+        Some(_) => Err(FieldError::invalid("not a bool")
+            .at("metadata.filter_metadata[\"proxyless\"].locality_failover")),
+    }
+}
+
 #[allow(deprecated)] // the old `http2_protocol_options` field still selects HTTP/2
-fn protocol_from_proto(c: &ClusterProto) -> Decoded<Protocol> {
+fn protocol_from_proto(
+    c: &ClusterProto,
+    options: Option<&HttpProtocolOptions>,
+) -> Decoded<Protocol> {
     let ours = c
         .metadata
         .as_ref()
@@ -344,13 +589,9 @@ fn protocol_from_proto(c: &ClusterProto) -> Decoded<Protocol> {
             _ => Err(FieldError::invalid("not a string").at(at)),
         };
     }
-    if let Some(any) = c
-        .typed_extension_protocol_options
-        .get(HTTP_PROTOCOL_OPTIONS_KEY)
-    {
-        let at = "typed_extension_protocol_options[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"]";
-        let options: HttpProtocolOptions = unpack(any).at(at)?;
-        return match options.upstream_protocol_options {
+    if let Some(options) = options {
+        let at = OPTIONS_AT;
+        return match &options.upstream_protocol_options {
             Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) => {
                 match explicit.protocol_config {
                     Some(ProtocolConfig::HttpProtocolOptions(_)) => Ok(Protocol::Http1),

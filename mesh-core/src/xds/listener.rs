@@ -1,7 +1,14 @@
 //! LDS: a client-side (API) listener whose HttpConnectionManager fetches its
-//! routes over RDS and ends with the router filter (gRFC A27, A39).
+//! routes over RDS and whose HTTP filters are the fault filter then the
+//! router (gRFC A27, A39, A33).
+//!
+//! The fault filter is always there, with an empty `HTTPFault {}`: it
+//! injects nothing by itself, and routes that carry a fault say so in their
+//! `typed_per_filter_config["envoy.filters.http.fault"]`, which Envoy and
+//! gRPC (A33) apply only when the filter is in the chain.
 
 use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener as ListenerProto};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager::RouteSpecifier,
@@ -18,6 +25,9 @@ use crate::model::Listener;
 
 /// The router filter's conventional name (gRPC identifies it by type URL).
 pub(crate) const ROUTER_FILTER_NAME: &str = "envoy.filters.http.router";
+/// The fault filter's name, which is also the key of a route's fault in
+/// `typed_per_filter_config` (per-route configs are keyed by filter name).
+pub(crate) const FAULT_FILTER_NAME: &str = "envoy.filters.http.fault";
 
 /// The proto for a listener.
 pub fn listener_to_proto(listener: &Listener) -> ListenerProto {
@@ -27,11 +37,18 @@ pub fn listener_to_proto(listener: &Listener) -> ListenerProto {
             config_source: Some(ads_config_source()),
             route_config_name: listener.route_config_name.to_string(),
         })),
-        http_filters: vec![HttpFilter {
-            name: ROUTER_FILTER_NAME.to_string(),
-            config_type: Some(ConfigType::TypedConfig(pack(&Router::default()))),
-            ..Default::default()
-        }],
+        http_filters: vec![
+            HttpFilter {
+                name: FAULT_FILTER_NAME.to_string(),
+                config_type: Some(ConfigType::TypedConfig(pack(&HttpFault::default()))),
+                ..Default::default()
+            },
+            HttpFilter {
+                name: ROUTER_FILTER_NAME.to_string(),
+                config_type: Some(ConfigType::TypedConfig(pack(&Router::default()))),
+                ..Default::default()
+            },
+        ],
         ..Default::default()
     };
     ListenerProto {
@@ -90,8 +107,10 @@ fn hcm_route_config_name(hcm: &HttpConnectionManager) -> Decoded<crate::model::N
     }
 }
 
-/// The router must be the last filter (gRPC NACKs otherwise); other filters
-/// change what happens to a request, so they are rejected unless optional.
+/// The router must be the last filter (gRPC NACKs otherwise). The fault
+/// filter may precede it, with a config that injects nothing by itself
+/// (faults are per route). Other filters change what happens to a
+/// request, so they are rejected unless optional.
 fn check_http_filters(filters: &[HttpFilter]) -> Decoded<()> {
     let Some(last) = filters.len().checked_sub(1) else {
         return Err(FieldError::invalid("empty: the router filter must be last").at("http_filters"));
@@ -112,6 +131,7 @@ fn check_http_filters(filters: &[HttpFilter]) -> Decoded<()> {
             }
         };
         let is_router = type_name(url) == router;
+        let is_fault = type_name(url) == HttpFault::full_name();
         if is_router != (i == last) {
             return Err(FieldError::invalid(format!(
                 "the router filter must be the last filter (found {:?} at {i} of {})",
@@ -120,6 +140,10 @@ fn check_http_filters(filters: &[HttpFilter]) -> Decoded<()> {
             ))
             .at_index("http_filters", i));
         }
+        if is_fault {
+            check_fault_filter(f).at_index("http_filters", i)?;
+            continue;
+        }
         if !is_router && !f.is_optional {
             return Err(FieldError::unsupported(format!(
                 "HTTP filter {:?} ({url}) is not supported",
@@ -127,6 +151,30 @@ fn check_http_filters(filters: &[HttpFilter]) -> Decoded<()> {
             ))
             .at_index("http_filters", i));
         }
+    }
+    Ok(())
+}
+
+/// The listener-wide fault config must inject nothing: the model carries
+/// faults per route only.
+fn check_fault_filter(f: &HttpFilter) -> Decoded<()> {
+    if f.disabled {
+        return Err(FieldError::unsupported(
+            "a disabled fault filter (enabled per route) is not supported",
+        )
+        .at("disabled"));
+    }
+    let Some(ConfigType::TypedConfig(any)) = &f.config_type else {
+        return Err(missing("typed_config"));
+    };
+    let fault: HttpFault = unpack(any).at("typed_config")?;
+    let policy = super::route_policy::fault_from_proto(&fault).at("typed_config")?;
+    if policy.delay.is_some() || policy.abort.is_some() {
+        return Err(FieldError::unsupported(
+            "listener-wide fault injection is not supported: put the fault in the route's \
+             typed_per_filter_config",
+        )
+        .at("typed_config"));
     }
     Ok(())
 }

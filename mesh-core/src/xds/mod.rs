@@ -10,21 +10,46 @@
 //! # The shape
 //!
 //! What is encoded is the shape gRPC proxyless clients read (gRFC A27 xDS
-//! load balancing, A28 routing, A52 custom LB policies), so a grpcio client
-//! pointed at our control server routes as our own client does:
+//! load balancing, A28 routing, A52 custom LB policies, and for resilience
+//! A31 timeouts, A32 circuit breaking, A33 fault injection, A42 ring hash,
+//! A44 retries, A50 outlier detection), which is also what Istio sends
+//! Envoy, so a grpcio client pointed at our control server routes as our
+//! own client does:
 //!
 //! - LDS: an `api_listener` holding an `HttpConnectionManager` with
-//!   `rds { config_source { ads {} } }` and the router as its last filter.
+//!   `rds { config_source { ads {} } }` and the HTTP filters
+//!   `[envoy.filters.http.fault (HTTPFault {}), envoy.filters.http.router]`.
 //! - RDS: virtual hosts, routes matching on prefix / path / `safe_regex`,
 //!   headers and query parameters, with a `cluster` or `weighted_clusters`
-//!   action.
+//!   action. The route timeout is `timeout` and
+//!   `max_stream_duration.max_stream_duration` (gRPC reads only the latter;
+//!   no timeout is `timeout: 0s`); retries are `retry_policy` as Istio
+//!   writes it (`retry_on` names, `num_retries`, `per_try_timeout`,
+//!   `retry_back_off`, `retriable_status_codes`, the `previous_hosts`
+//!   predicate, `previous_priorities` for remote localities; zero retries
+//!   are no policy, as gRPC NACKs `num_retries: 0`); hash keys are
+//!   `hash_policy`; a fault is
+//!   `typed_per_filter_config["envoy.filters.http.fault"]` = `HTTPFault`
+//!   with `MILLION` denominators.
 //! - CDS: `type: EDS` clusters with `eds_config { ads {} }`. Round robin is the
 //!   `lb_policy` enum; least-request and random are `load_balancing_policy`
 //!   `wrr_locality { [least_request | random, round_robin] }`, because grpcio
 //!   NACKs `lb_policy: LEAST_REQUEST` and takes the first child policy it
-//!   knows (it does not know `random`). The upstream protocol is in the
-//!   `HttpProtocolOptions` extension and, since gRPC is not distinguishable
-//!   from HTTP/2 there, in `metadata.filter_metadata["proxyless"].protocol`.
+//!   knows (it does not know `random`); ring hash is `lb_policy: RING_HASH`
+//!   with `ring_hash_lb_config { minimum_ring_size, hash_function: XX_HASH }`.
+//!   The upstream protocol is in the `HttpProtocolOptions` extension and,
+//!   since gRPC is not distinguishable from HTTP/2 there, in
+//!   `metadata.filter_metadata["proxyless"].protocol`; the idle timeout and
+//!   requests per connection are its `common_http_protocol_options`, the
+//!   connect timeout is `connect_timeout`. Limits are
+//!   `circuit_breakers.thresholds[0]` (priority DEFAULT, all four limits and
+//!   the retry budget); outlier detection enforces consecutive 5xx / gateway
+//!   failures at 100% (0% when off) with `enforcing_success_rate: 0`, and
+//!   `minHealthPercent` is `common_lb_config.healthy_panic_threshold`
+//!   (Istio's mapping). Locality failover is
+//!   `metadata.filter_metadata["proxyless"].locality_failover: true` (Envoy
+//!   expresses it with EDS priorities; our client applies it from its own
+//!   locality).
 //! - EDS: every locality has a `locality` and a `load_balancing_weight`
 //!   (grpcio ignores localities without a weight); endpoints are `HEALTHY`
 //!   and carry their labels in `metadata.filter_metadata["proxyless"].labels`.
@@ -37,21 +62,65 @@
 //! that would change which route matches, which cluster or endpoint is picked,
 //! or what is sent upstream: case-insensitive, suffix, contains and range
 //! matchers, runtime fractions, redirects, direct responses, rewrites, header
-//! mutations, mirrors, per-filter overrides, HTTP filters other than the
-//! router (unless `is_optional`), subset load balancing, upstream TLS, lb
-//! policies other than round robin / least request / random, non-EDS
-//! clusters, hostnames in endpoints (no DNS resolution yet), drop overloads.
+//! mutations, mirrors, per-filter configs other than the fault filter's,
+//! HTTP filters other than the fault filter and the router (unless
+//! `is_optional`), subset load balancing, upstream TLS, lb policies other
+//! than round robin / least request / random / ring hash, non-EDS clusters,
+//! hostnames in endpoints (no DNS resolution yet), drop overloads; and for
+//! resilience: `retry_on` names outside [`RetryOn::NAMES`](crate::model::RetryOn::NAMES),
+//! retry host predicates other than `previous_hosts`, retry priorities
+//! other than `previous_priorities`, retriable headers, rate-limited
+//! backoff, per-try idle timeouts, hedging, stream idle timeouts,
+//! grpc-timeout caps or offsets that differ from the route timeout, HIGH
+//! routing priority, hash policies on filter state or with a regex
+//! rewrite, non-terminal hash policies followed by others, cookie
+//! attributes, header-driven or listener-wide faults, fault
+//! `max_active_faults` / rate limits / header and node conditions,
+//! MURMUR_HASH_2 rings, hashing by hostname or with bounded load, circuit
+//! breaker thresholds of HIGH priority only, per-host thresholds,
+//! `max_connection_pools`, retry budgets over an interval, success-rate or
+//! failure-percentage ejection (enforcement above 0), enforcement
+//! percentages other than 0 and 100, `max_ejection_time` and its jitter,
+//! split local-origin errors, outlier monitors, maximum connection and
+//! stream durations, and cluster-level retry / hash / mirror policies and
+//! upstream filters in the HTTP options.
 //!
-//! Fields that do not change routing are ignored until the model carries them:
-//! timeouts and `max_stream_duration`, retry and hedge policies, hash
-//! policies (only read by ring hash, which is rejected), circuit breakers,
-//! outlier detection, connect timeouts, stats and tracing names, metadata
+//! Decoded with Envoy's defaults when absent: `num_retries` 1, backoff
+//! 25 ms / 10 × base, circuit breaker limits 1024 (3 retries), retry budget
+//! 20% / 3, outlier detection 5 consecutive errors (5xx enforced, gateway
+//! not), 10 s interval, 30 s base ejection, 10% max ejection, 50% panic
+//! threshold, ring size 1024. An unset `timeout` is no timeout (gRPC's
+//! reading; Envoy's 15 s default is a proxy default), and zero timeouts are
+//! no timeout, as in Envoy. A virtual host's `retry_policy` applies to its
+//! routes that have none.
+//!
+//! Accepted and ignored because they change nothing for this mesh (Istio
+//! or gRPC send them): the `previous_priorities` `update_frequency` and
+//! `host_selection_retry_max_attempts` (a retry always prefers an untried
+//! endpoint), `terminal` on the last hash policy, circuit breaker
+//! `track_remaining` and HIGH thresholds next to DEFAULT ones, the
+//! success-rate / failure-percentage parameters when not enforced, local-
+//! origin knobs when not split, `successful_active_health_check_uneject_host`,
+//! the fault filter's runtime key names, `filter_metadata` and
+//! `disable_downstream_cluster_stats`, the ring's `maximum_ring_size` (when
+//! not below the minimum) and `locality_weighted_lb_config`,
+//! `healthy_panic_threshold` without outlier detection (nothing is ever
+//! unhealthy then), `max_headers_count`, `max_response_headers_kb` and
+//! `headers_with_underscores_action`, stats and tracing names, metadata
 //! other than ours.
 //!
 //! References: the xDS protocol (<https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol>),
 //! gRFC A27 (<https://github.com/grpc/proposal/blob/master/A27-xds-global-load-balancing.md>),
 //! A28 (<https://github.com/grpc/proposal/blob/master/A28-xds-traffic-splitting-and-routing.md>),
-//! A52 (<https://github.com/grpc/proposal/blob/master/A52-xds-custom-lb-policies.md>).
+//! A31 (<https://github.com/grpc/proposal/blob/master/A31-xds-timeout-support-and-config-selector.md>),
+//! A32 (<https://github.com/grpc/proposal/blob/master/A32-xds-circuit-breaking.md>),
+//! A33 (<https://github.com/grpc/proposal/blob/master/A33-Fault-Injection.md>),
+//! A42 (<https://github.com/grpc/proposal/blob/master/A42-xds-ring-hash-lb-policy.md>),
+//! A44 (<https://github.com/grpc/proposal/blob/master/A44-xds-retry.md>),
+//! A50 (<https://github.com/grpc/proposal/blob/master/A50-xds-outlier-detection.md>),
+//! A52 (<https://github.com/grpc/proposal/blob/master/A52-xds-custom-lb-policies.md>),
+//! Istio's retry and traffic policy translation
+//! (<https://github.com/istio/istio/tree/master/pilot/pkg/networking/core>).
 //!
 //! Note: `envoy-types` generates its own `google.protobuf` well-known types,
 //! so the [`Any`] here is `envoy_types::pb::google::protobuf::Any` (what
@@ -59,6 +128,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as ClusterProto;
 use envoy_types::pb::envoy::config::core::v3::{
@@ -67,14 +137,20 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment as ClaProto;
 use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::r#type::v3::{
+    FractionalPercent, Percent, fractional_percent::DenominatorType,
+};
+use envoy_types::pb::google::protobuf::Duration as DurationProto;
 use prost::Message;
 
-use crate::model::{Cluster, ClusterLoadAssignment, Listener, RouteConfig};
+use crate::model::{Cluster, ClusterLoadAssignment, Fraction, Listener, RouteConfig};
 use crate::{Error, ErrorKind};
 
 mod cluster;
+mod cluster_policy;
 mod endpoints;
 mod listener;
+mod route_policy;
 mod routes;
 #[cfg(test)]
 mod tests;
@@ -178,8 +254,20 @@ pub fn encode_route_config(route_config: &RouteConfig) -> Any {
 }
 
 /// Encodes a cluster (CDS resource).
+///
+/// The bytes are a deterministic function of the model: the cluster's
+/// metadata (a `Struct` with up to two fields, held in `HashMap`s by the
+/// generated types) is written last, in a fixed order, by a wire-compatible
+/// mirror; protobuf parsers read a field wherever it appears.
 pub fn encode_cluster(cluster: &Cluster) -> Any {
-    pack(&cluster_to_proto(cluster))
+    let mut proto = cluster_to_proto(cluster);
+    proto.metadata = None;
+    let mut value = proto.encode_to_vec();
+    value.extend_from_slice(&wire::cluster_metadata(cluster).encode_to_vec());
+    Any {
+        type_url: CLUSTER_TYPE.to_string(),
+        value,
+    }
 }
 
 /// Encodes endpoints (EDS resource).
@@ -412,6 +500,107 @@ pub(crate) fn check_config_source(source: Option<&ConfigSource>) -> Decoded<()> 
         )),
         None => Err(FieldError::invalid("missing: set `ads {}`")),
     }
+}
+
+/// The largest `google.protobuf.Duration` (10,000 years); gRPC rejects
+/// larger ones.
+const MAX_PROTO_SECONDS: u64 = 315_576_000_000;
+
+/// A model duration as a `google.protobuf.Duration`, saturating at the
+/// largest valid one (10,000 years: "forever" for any timeout).
+pub(crate) fn duration_to_proto(d: Duration) -> DurationProto {
+    if d.as_secs() >= MAX_PROTO_SECONDS {
+        return DurationProto {
+            seconds: MAX_PROTO_SECONDS as i64,
+            nanos: 0,
+        };
+    }
+    DurationProto {
+        // Below MAX_PROTO_SECONDS, and nanos below 10^9: both fit.
+        seconds: i64::try_from(d.as_secs()).unwrap_or(0),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A `google.protobuf.Duration` as a model duration; negative or malformed
+/// durations are invalid.
+pub(crate) fn duration_from_proto(d: &DurationProto) -> Decoded<Duration> {
+    let seconds = u64::try_from(d.seconds)
+        .map_err(|_| FieldError::invalid(format!("negative duration ({}s)", d.seconds)))?;
+    let nanos = u32::try_from(d.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .ok_or_else(|| FieldError::invalid(format!("invalid nanos {}", d.nanos)))?;
+    Ok(Duration::new(seconds, nanos))
+}
+
+/// An optional duration field, decoded (`None` stays `None`).
+pub(crate) fn opt_duration(
+    d: Option<&DurationProto>,
+    field: &'static str,
+) -> Decoded<Option<Duration>> {
+    d.map(duration_from_proto).transpose().at(field)
+}
+
+/// A positive duration, or `default` when absent; zero is invalid (Envoy's
+/// `gt: 0s` rule for intervals and timeouts).
+pub(crate) fn positive_duration(
+    d: Option<&DurationProto>,
+    default: Duration,
+    field: &'static str,
+) -> Decoded<Duration> {
+    match opt_duration(d, field)? {
+        None => Ok(default),
+        Some(d) if d.is_zero() => Err(FieldError::invalid("must be positive").at(field)),
+        Some(d) => Ok(d),
+    }
+}
+
+/// A fraction as `FractionalPercent { numerator, denominator: MILLION }`,
+/// the exact form of the model's millionths (gRFC A33 reads it).
+pub(crate) fn fraction_to_proto(f: Fraction) -> FractionalPercent {
+    FractionalPercent {
+        numerator: f.per_million(),
+        denominator: DenominatorType::Million as i32,
+    }
+}
+
+/// A `FractionalPercent` of any denominator in millionths; a numerator
+/// above its denominator means 100%, as in Envoy.
+pub(crate) fn fraction_from_proto(p: &FractionalPercent) -> Decoded<Fraction> {
+    let scale: u64 = match DenominatorType::try_from(p.denominator) {
+        Ok(DenominatorType::Hundred) => 10_000,
+        Ok(DenominatorType::TenThousand) => 100,
+        Ok(DenominatorType::Million) => 1,
+        Err(_) => {
+            return Err(
+                FieldError::invalid(format!("unknown value {}", p.denominator)).at("denominator"),
+            );
+        }
+    };
+    let per_million = (u64::from(p.numerator) * scale).min(1_000_000);
+    Ok(Fraction::from_per_million(
+        u32::try_from(per_million).unwrap_or(1_000_000),
+    ))
+}
+
+/// An `envoy.type.v3.Percent` (0–100) as a whole number of percent, for
+/// the model fields that are integers; fractional or out-of-range values
+/// are errors.
+pub(crate) fn whole_percent(p: &Percent) -> Decoded<u32> {
+    let v = p.value;
+    if !(v.is_finite() && (0.0..=100.0).contains(&v)) {
+        return Err(FieldError::invalid(format!(
+            "{v} is not a percentage (0 to 100)"
+        )));
+    }
+    if v.fract() != 0.0 {
+        return Err(FieldError::unsupported(format!(
+            "{v}: only whole percentages are supported"
+        )));
+    }
+    // In 0..=100 and whole: exact.
+    Ok(v as u32)
 }
 
 /// A non-empty name, or an error at `field`.

@@ -1,5 +1,6 @@
 //! RDS: route configurations, virtual hosts, route matches and weighted
-//! cluster actions (gRFC A28).
+//! cluster actions (gRFC A28). A route's policy (timeout, retries, fault,
+//! hash) is in the `route_policy` module.
 
 use std::sync::Arc;
 
@@ -15,8 +16,12 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
 
+use super::route_policy::{
+    per_filter_config, policy_from_proto, policy_to_action, virtual_host_retry,
+};
 use super::{At, Decoded, FieldError, ResourceType, missing, named, reject_if, required_name};
 use crate::Error;
+use crate::model::RetryPolicy;
 use crate::model::{
     HeaderMatch, Name, PathMatch, Pattern, QueryParamMatch, Route, RouteConfig, RouteMatch,
     ValueMatch, VirtualHost, WeightedCluster, WeightedClusters,
@@ -45,13 +50,16 @@ pub fn route_config_to_proto(route_config: &RouteConfig) -> RouteConfiguration {
 }
 
 fn route_to_proto(route: &Route) -> RouteProto {
+    let mut action = RouteAction {
+        cluster_specifier: Some(cluster_specifier(&route.action)),
+        ..Default::default()
+    };
+    policy_to_action(&route.policy, &mut action);
     RouteProto {
         name: route.name.to_string(),
         r#match: Some(match_to_proto(&route.matcher)),
-        action: Some(Action::Route(RouteAction {
-            cluster_specifier: Some(cluster_specifier(&route.action)),
-            ..Default::default()
-        })),
+        action: Some(Action::Route(action)),
+        typed_per_filter_config: per_filter_config(&route.policy),
         ..Default::default()
     }
 }
@@ -217,6 +225,7 @@ fn virtual_host_from_proto(vh: &VirtualHostProto) -> Decoded<VirtualHost> {
         "typed_per_filter_config",
     )?;
     reject_if(!vh.route_specifiers.is_empty(), "route_specifiers")?;
+    let vh_retry = virtual_host_retry(vh)?;
     if vh.domains.is_empty() {
         return Err(
             FieldError::invalid("empty: a virtual host needs at least one domain").at("domains"),
@@ -231,7 +240,7 @@ fn virtual_host_from_proto(vh: &VirtualHostProto) -> Decoded<VirtualHost> {
         .routes
         .iter()
         .enumerate()
-        .map(|(i, r)| route_from_proto(r).at_index("routes", i))
+        .map(|(i, r)| route_from_proto(r, vh_retry.as_ref()).at_index("routes", i))
         .collect::<Decoded<Vec<_>>>()?;
     Ok(VirtualHost {
         name: vh.name.as_str().into(),
@@ -240,11 +249,7 @@ fn virtual_host_from_proto(vh: &VirtualHostProto) -> Decoded<VirtualHost> {
     })
 }
 
-fn route_from_proto(r: &RouteProto) -> Decoded<Route> {
-    reject_if(
-        !r.typed_per_filter_config.is_empty(),
-        "typed_per_filter_config",
-    )?;
+fn route_from_proto(r: &RouteProto, vh_retry: Option<&RetryPolicy>) -> Decoded<Route> {
     reject_if(
         !r.request_headers_to_add.is_empty(),
         "request_headers_to_add",
@@ -264,8 +269,11 @@ fn route_from_proto(r: &RouteProto) -> Decoded<Route> {
     reject_if(!r.route_specifiers.is_empty(), "route_specifiers")?;
     let matcher =
         match_from_proto(r.r#match.as_ref().ok_or_else(|| missing("match"))?).at("match")?;
-    let action = match &r.action {
-        Some(Action::Route(action)) => route_action_from_proto(action).at("route")?,
+    let (action, policy) = match &r.action {
+        Some(Action::Route(action)) => (
+            route_action_from_proto(action).at("route")?,
+            policy_from_proto(r, action, vh_retry)?,
+        ),
         Some(Action::Redirect(_)) => return Err(unsupported_action("redirect")),
         Some(Action::DirectResponse(_)) => return Err(unsupported_action("direct_response")),
         Some(Action::FilterAction(_)) => return Err(unsupported_action("filter_action")),
@@ -278,7 +286,7 @@ fn route_from_proto(r: &RouteProto) -> Decoded<Route> {
         name: r.name.as_str().into(),
         matcher,
         action,
-        policy: Default::default(),
+        policy,
     })
 }
 

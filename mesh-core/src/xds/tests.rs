@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
     Cluster as ClusterProto, LoadBalancingPolicy, cluster::LbPolicy as LbEnum,
@@ -18,6 +19,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager::RouteSpecifier, http_filter::ConfigType,
 };
+use envoy_types::pb::envoy::extensions::load_balancing_policies::maglev::v3::Maglev;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::RingHash;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::r#type::matcher::v3::{
@@ -31,8 +33,10 @@ use prost::Message;
 use super::*;
 use crate::ErrorKind;
 use crate::model::{
-    Endpoint, HeaderMatch, LbPolicy, Locality, LocalityEndpoints, Name, PathMatch, Pattern,
-    Protocol, QueryParamMatch, Route, RouteMatch, ValueMatch, VirtualHost, WeightedCluster,
+    AbortStatus, CircuitBreakers, ConnectionSettings, Endpoint, FaultAbort, FaultDelay,
+    FaultPolicy, Fraction, HashPolicy, HeaderMatch, LbPolicy, Locality, LocalityEndpoints, Name,
+    OutlierDetection, PathMatch, Pattern, Protocol, QueryParamMatch, RetryBudget, RetryOn,
+    RetryPolicy, Route, RouteMatch, RoutePolicy, ValueMatch, VirtualHost, WeightedCluster,
     WeightedClusters,
 };
 
@@ -129,14 +133,106 @@ fn weighted_clusters() -> impl Strategy<Value = WeightedClusters> {
     ]
 }
 
+/// A positive duration in whole milliseconds (up to ~28 h).
+fn millis() -> impl Strategy<Value = Duration> {
+    prop_oneof![1u64..1_000, 1u64..100_000_000].prop_map(Duration::from_millis)
+}
+
+/// A fraction in millionths, with the edges.
+fn fraction() -> impl Strategy<Value = Fraction> {
+    prop_oneof![Just(0u32), Just(1_000_000u32), 0u32..=1_000_000]
+        .prop_map(Fraction::from_per_million)
+}
+
+/// Any subset of the 12 known conditions.
+fn retry_on() -> impl Strategy<Value = RetryOn> {
+    any::<u16>().prop_map(|bits| {
+        RetryOn::NAMES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| bits & (1 << i) != 0)
+            .fold(RetryOn::empty(), |acc, (_, (_, flag))| acc | *flag)
+    })
+}
+
+fn retry_policy() -> impl Strategy<Value = RetryPolicy> {
+    (
+        1u32..=10,
+        proptest::option::of(millis()),
+        retry_on(),
+        vec(100u16..=599, 0..3),
+        (1u64..2_000, 0u64..10_000),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(num_retries, per_try_timeout, retry_on, codes, (base, extra), remote)| RetryPolicy {
+                num_retries,
+                per_try_timeout,
+                retry_on,
+                retriable_status_codes: codes.into(),
+                backoff_base: Duration::from_millis(base),
+                backoff_max: Duration::from_millis(base + extra),
+                retry_remote_localities: remote,
+            },
+        )
+}
+
+fn fault_policy() -> impl Strategy<Value = FaultPolicy> {
+    let delay = (fraction(), 0u64..10_000).prop_map(|(fraction, ms)| FaultDelay {
+        fraction,
+        delay: Duration::from_millis(ms),
+    });
+    let status = prop_oneof![
+        (200u16..=599).prop_map(AbortStatus::Http),
+        (0u32..=16).prop_map(AbortStatus::Grpc),
+    ];
+    let abort = (fraction(), status).prop_map(|(fraction, status)| FaultAbort { fraction, status });
+    (proptest::option::of(delay), proptest::option::of(abort))
+        .prop_map(|(delay, abort)| FaultPolicy { delay, abort })
+}
+
+fn hash_policy() -> impl Strategy<Value = HashPolicy> {
+    prop_oneof![
+        "[a-z][a-z0-9-]{0,10}".prop_map(|h| HashPolicy::Header(h.into())),
+        (
+            "[a-zA-Z][a-zA-Z0-9_-]{0,8}",
+            proptest::option::of(prop_oneof![Just(Duration::ZERO), millis()]),
+            proptest::option::of("/[a-z0-9/]{0,8}"),
+        )
+            .prop_map(|(name, ttl, path)| HashPolicy::Cookie {
+                name: name.into(),
+                ttl,
+                path: path.map(Name::from),
+            }),
+        Just(HashPolicy::SourceIp),
+        "[a-zA-Z][a-zA-Z0-9_]{0,8}".prop_map(|q| HashPolicy::QueryParameter(q.into())),
+    ]
+}
+
+fn route_policy() -> impl Strategy<Value = RoutePolicy> {
+    (
+        proptest::option::of(millis()),
+        proptest::option::of(retry_policy()),
+        proptest::option::of(fault_policy()),
+        vec(hash_policy(), 0..3),
+    )
+        .prop_map(|(timeout, retry, fault, hash_policy)| RoutePolicy {
+            timeout,
+            retry,
+            fault,
+            hash_policy: hash_policy.into(),
+        })
+}
+
 fn route() -> impl Strategy<Value = Route> {
     (
         prop_oneof![Just(Name::from("")), name()],
         route_match(),
         weighted_clusters(),
+        prop_oneof![Just(RoutePolicy::default()), route_policy()],
     )
-        .prop_map(|(name, matcher, action)| Route {
-            policy: Default::default(),
+        .prop_map(|(name, matcher, action, policy)| Route {
+            policy,
             name,
             matcher,
             action,
@@ -175,21 +271,112 @@ fn listener() -> impl Strategy<Value = Listener> {
     })
 }
 
+/// A limit: Istio's "unlimited" (`u32::MAX`) or a small number.
+fn limit() -> impl Strategy<Value = u32> {
+    prop_oneof![Just(u32::MAX), 0u32..100]
+}
+
+fn circuit_breakers() -> impl Strategy<Value = CircuitBreakers> {
+    let budget = (fraction(), limit()).prop_map(|(budget, min_retry_concurrency)| RetryBudget {
+        budget,
+        min_retry_concurrency,
+    });
+    (
+        limit(),
+        limit(),
+        limit(),
+        limit(),
+        proptest::option::of(budget),
+    )
+        .prop_map(
+            |(max_connections, max_pending_requests, max_requests, max_retries, retry_budget)| {
+                CircuitBreakers {
+                    max_connections,
+                    max_pending_requests,
+                    max_requests,
+                    max_retries,
+                    retry_budget,
+                }
+            },
+        )
+}
+
+fn outlier_detection() -> impl Strategy<Value = OutlierDetection> {
+    (
+        proptest::option::of(0u32..20),
+        proptest::option::of(0u32..20),
+        millis(),
+        millis(),
+        0u32..=100,
+        0u32..=100,
+    )
+        .prop_map(
+            |(
+                consecutive_5xx,
+                consecutive_gateway_errors,
+                interval,
+                base_ejection_time,
+                max_ejection_percent,
+                min_health_percent,
+            )| OutlierDetection {
+                consecutive_5xx,
+                consecutive_gateway_errors,
+                interval,
+                base_ejection_time,
+                max_ejection_percent,
+                min_health_percent,
+            },
+        )
+}
+
+fn connection_settings() -> impl Strategy<Value = ConnectionSettings> {
+    (
+        proptest::option::of(millis()),
+        proptest::option::of(millis()),
+        proptest::option::of(prop_oneof![Just(u32::MAX), 1u32..1_000]),
+    )
+        .prop_map(
+            |(connect_timeout, idle_timeout, max_requests_per_connection)| ConnectionSettings {
+                connect_timeout,
+                idle_timeout,
+                max_requests_per_connection,
+            },
+        )
+}
+
 fn cluster() -> impl Strategy<Value = Cluster> {
     let lb = prop_oneof![
         Just(LbPolicy::RoundRobin),
         Just(LbPolicy::LeastRequest),
         Just(LbPolicy::Random),
+        prop_oneof![Just(1024u64), 1u64..=8_388_608]
+            .prop_map(|minimum_ring_size| LbPolicy::RingHash { minimum_ring_size }),
     ];
     let protocol = prop_oneof![
         Just(Protocol::Http1),
         Just(Protocol::Http2),
         Just(Protocol::Grpc),
     ];
-    (cluster_name(), cluster_name(), lb, protocol).prop_map(
-        |(name, eds_service_name, lb_policy, protocol)| Cluster {
+    let policy = (
+        prop_oneof![Just(CircuitBreakers::default()), circuit_breakers()],
+        proptest::option::of(outlier_detection()),
+        prop_oneof![Just(ConnectionSettings::default()), connection_settings()],
+        any::<bool>(),
+    );
+    (cluster_name(), cluster_name(), lb, protocol, policy).prop_map(
+        |(
+            name,
             eds_service_name,
             lb_policy,
+            protocol,
+            (circuit_breakers, outlier_detection, connection, locality_failover),
+        )| Cluster {
+            eds_service_name,
+            lb_policy,
+            circuit_breakers,
+            outlier_detection,
+            connection,
+            locality_failover,
             ..Cluster::new(name, protocol)
         },
     )
@@ -294,6 +481,8 @@ proptest! {
         prop_assert_eq!(&decode_cluster(&any).unwrap(), &c);
         prop_assert_eq!(&decode_cluster(&over_the_wire(&any)).unwrap(), &c);
         prop_assert_eq!(&cluster_from_proto(&cluster_to_proto(&c)).unwrap(), &c);
+        // The deterministic encoding is the generated message.
+        prop_assert_eq!(ClusterProto::decode(any.value.as_slice()).unwrap(), cluster_to_proto(&c));
     }
 
     #[test]
@@ -802,12 +991,20 @@ fn lb_policy_enum_least_request_decodes() {
         cluster_from_proto(&proto).unwrap().lb_policy,
         LbPolicy::Random
     );
+    // RING_HASH without ring_hash_lb_config: Envoy's default ring.
     proto.lb_policy = LbEnum::RingHash as i32;
+    assert_eq!(
+        cluster_from_proto(&proto).unwrap().lb_policy,
+        LbPolicy::RingHash {
+            minimum_ring_size: 1024
+        }
+    );
+    proto.lb_policy = LbEnum::Maglev as i32;
     let err = cluster_from_proto(&proto).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported);
     assert!(
         err.to_string()
-            .contains("lb_policy: RING_HASH is not supported"),
+            .contains("lb_policy: MAGLEV is not supported"),
         "{err}"
     );
 }
@@ -830,9 +1027,23 @@ fn load_balancing_policy_takes_the_first_known() {
         LbPolicy::RoundRobin
     );
 
+    // Ring hash is known (default ring of 1024).
     proto.load_balancing_policy = Some(LoadBalancingPolicy {
         policies: vec![
             typed("ring", pack(&RingHash::default())),
+            typed("rr", pack(&RoundRobin::default())),
+        ],
+    });
+    assert_eq!(
+        cluster_from_proto(&proto).unwrap().lb_policy,
+        LbPolicy::RingHash {
+            minimum_ring_size: 1024
+        }
+    );
+
+    proto.load_balancing_policy = Some(LoadBalancingPolicy {
+        policies: vec![
+            typed("maglev", pack(&Maglev::default())),
             typed("rr", pack(&RoundRobin::default())),
         ],
     });
@@ -921,4 +1132,624 @@ fn listener_without_api_listener_or_router_is_rejected() {
             .contains("api_listener.api_listener.http_filters: empty"),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Resilience: the shape Envoy and gRPC read (A31, A32, A33, A42, A44, A50)
+
+fn route_config_with(policy: RoutePolicy) -> RouteConfig {
+    let mut rc = sample_route_config();
+    let mut vh = rc.virtual_hosts[0].clone();
+    let mut route = vh.routes[0].clone();
+    route.policy = policy;
+    vh.routes = Arc::from([route]);
+    rc.virtual_hosts = Arc::from([vh]);
+    rc
+}
+
+fn route_action_of(
+    rc: &RouteConfiguration,
+) -> &envoy_types::pb::envoy::config::route::v3::RouteAction {
+    let Some(Action::Route(action)) = &rc.virtual_hosts[0].routes[0].action else {
+        panic!("not a route action");
+    };
+    action
+}
+
+fn route_action_mut(
+    rc: &mut RouteConfiguration,
+) -> &mut envoy_types::pb::envoy::config::route::v3::RouteAction {
+    let Some(Action::Route(action)) = &mut route_proto_mut(rc).action else {
+        panic!("not a route action");
+    };
+    action
+}
+
+fn proto_duration(ms: u64) -> envoy_types::pb::google::protobuf::Duration {
+    duration_to_proto(Duration::from_millis(ms))
+}
+
+fn sample_retry() -> RetryPolicy {
+    RetryPolicy {
+        num_retries: 3,
+        per_try_timeout: Some(Duration::from_millis(100)),
+        retry_on: RetryOn::FIVE_XX | RetryOn::UNAVAILABLE | RetryOn::CANCELLED,
+        retriable_status_codes: Arc::from([503u16]),
+        backoff_base: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(10),
+        retry_remote_localities: true,
+    }
+}
+
+#[test]
+fn retry_policy_has_the_fields_grpc_reads() {
+    let rc = route_config_with(RoutePolicy {
+        retry: Some(sample_retry()),
+        ..Default::default()
+    });
+    let proto = route_config_to_proto(&rc);
+    let retry = route_action_of(&proto).retry_policy.as_ref().unwrap();
+    assert_eq!(retry.retry_on, "5xx,cancelled,unavailable");
+    assert_eq!(retry.num_retries.map(|n| n.value), Some(3));
+    assert_eq!(retry.per_try_timeout, Some(proto_duration(100)));
+    let backoff = retry.retry_back_off.unwrap();
+    assert_eq!(backoff.base_interval, Some(proto_duration(1)));
+    assert_eq!(backoff.max_interval, Some(proto_duration(10)));
+    assert_eq!(retry.retriable_status_codes, [503]);
+    // What Istio adds: prefer untried hosts; remote localities on retry.
+    assert_eq!(
+        retry.retry_host_predicate[0].name,
+        "envoy.retry_host_predicates.previous_hosts"
+    );
+    assert_eq!(retry.host_selection_retry_max_attempts, 5);
+    assert_eq!(
+        retry.retry_priority.as_ref().unwrap().name,
+        "envoy.retry_priorities.previous_priorities"
+    );
+    assert_eq!(decode_route_config(&encode_route_config(&rc)).unwrap(), rc);
+}
+
+#[test]
+fn zero_retries_are_no_retry_policy() {
+    // gRPC NACKs `num_retries: 0`; Istio writes no policy for `attempts: 0`.
+    let rc = route_config_with(RoutePolicy {
+        retry: Some(RetryPolicy {
+            num_retries: 0,
+            ..sample_retry()
+        }),
+        ..Default::default()
+    });
+    let proto = route_config_to_proto(&rc);
+    assert_eq!(route_action_of(&proto).retry_policy, None);
+    let decoded = route_config_from_proto(&proto).unwrap();
+    assert_eq!(decoded.virtual_hosts[0].routes[0].policy.retry, None);
+}
+
+#[test]
+fn route_timeout_is_timeout_and_max_stream_duration() {
+    let rc = route_config_with(RoutePolicy {
+        timeout: Some(Duration::from_millis(1500)),
+        ..Default::default()
+    });
+    let proto = route_config_to_proto(&rc);
+    let action = route_action_of(&proto);
+    assert_eq!(action.timeout, Some(proto_duration(1500)));
+    let msd = action.max_stream_duration.unwrap();
+    assert_eq!(msd.max_stream_duration, Some(proto_duration(1500)));
+    assert_eq!(msd.grpc_timeout_header_max, None);
+    assert_eq!(decode_route_config(&encode_route_config(&rc)).unwrap(), rc);
+
+    // No timeout: `timeout: 0s` (disabled in Envoy), no max_stream_duration.
+    let proto = route_config_to_proto(&sample_route_config());
+    let action = route_action_of(&proto);
+    assert_eq!(action.timeout, Some(proto_duration(0)));
+    assert_eq!(action.max_stream_duration, None);
+}
+
+#[test]
+fn timeouts_from_other_servers() {
+    let mut proto = route_config_to_proto(&sample_route_config());
+    // Envoy style: only `timeout` (and Istio's max_grpc_timeout equal to it).
+    let action = route_action_mut(&mut proto);
+    action.timeout = Some(proto_duration(300));
+    #[allow(deprecated)]
+    {
+        action.max_grpc_timeout = Some(proto_duration(300));
+    }
+    let rc = route_config_from_proto(&proto).unwrap();
+    assert_eq!(
+        rc.virtual_hosts[0].routes[0].policy.timeout,
+        Some(Duration::from_millis(300))
+    );
+    // Both limits: the smaller wins (Envoy applies both).
+    route_action_mut(&mut proto).max_stream_duration = Some(
+        envoy_types::pb::envoy::config::route::v3::route_action::MaxStreamDuration {
+            max_stream_duration: Some(proto_duration(200)),
+            ..Default::default()
+        },
+    );
+    #[allow(deprecated)]
+    {
+        route_action_mut(&mut proto).max_grpc_timeout = None;
+    }
+    let rc = route_config_from_proto(&proto).unwrap();
+    assert_eq!(
+        rc.virtual_hosts[0].routes[0].policy.timeout,
+        Some(Duration::from_millis(200))
+    );
+    // A grpc-timeout cap that is not the route timeout changes behavior.
+    route_action_mut(&mut proto)
+        .max_stream_duration
+        .as_mut()
+        .unwrap()
+        .grpc_timeout_header_max = Some(proto_duration(0));
+    let err = route_config_from_proto(&proto).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    assert!(
+        err.to_string()
+            .contains("routes[0].route.max_stream_duration.grpc_timeout_header_max"),
+        "{err}"
+    );
+}
+
+#[test]
+fn fault_is_typed_per_filter_config_with_million_denominators() {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier;
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
+        HttpFault, fault_abort::ErrorType,
+    };
+    use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
+    let rc = route_config_with(RoutePolicy {
+        fault: Some(FaultPolicy {
+            delay: Some(FaultDelay {
+                fraction: Fraction::from_per_million(100_000),
+                delay: Duration::from_millis(50),
+            }),
+            abort: Some(FaultAbort {
+                fraction: Fraction::from_per_million(200_000),
+                status: AbortStatus::Grpc(14),
+            }),
+        }),
+        ..Default::default()
+    });
+    let proto = route_config_to_proto(&rc);
+    let per_filter = &proto.virtual_hosts[0].routes[0].typed_per_filter_config;
+    assert_eq!(
+        per_filter.keys().collect::<Vec<_>>(),
+        ["envoy.filters.http.fault"]
+    );
+    let any = &per_filter["envoy.filters.http.fault"];
+    assert_eq!(
+        any.type_url,
+        "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+    );
+    let fault = HttpFault::decode(any.value.as_slice()).unwrap();
+    let delay = fault.delay.unwrap();
+    let pct = delay.percentage.unwrap();
+    assert_eq!(
+        (pct.numerator, pct.denominator),
+        (100_000, DenominatorType::Million as i32)
+    );
+    assert_eq!(
+        delay.fault_delay_secifier,
+        Some(FaultDelaySecifier::FixedDelay(proto_duration(50)))
+    );
+    let abort = fault.abort.unwrap();
+    let pct = abort.percentage.unwrap();
+    assert_eq!(
+        (pct.numerator, pct.denominator),
+        (200_000, DenominatorType::Million as i32)
+    );
+    assert_eq!(abort.error_type, Some(ErrorType::GrpcStatus(14)));
+    assert_eq!(decode_route_config(&encode_route_config(&rc)).unwrap(), rc);
+
+    // Other denominators decode to millionths: 20/100 = 200,000 ppm.
+    let mut proto = proto;
+    let mut fault = HttpFault::decode(
+        proto.virtual_hosts[0].routes[0].typed_per_filter_config["envoy.filters.http.fault"]
+            .value
+            .as_slice(),
+    )
+    .unwrap();
+    fault.abort.as_mut().unwrap().percentage =
+        Some(envoy_types::pb::envoy::r#type::v3::FractionalPercent {
+            numerator: 20,
+            denominator: DenominatorType::Hundred as i32,
+        });
+    fault.abort.as_mut().unwrap().error_type = Some(ErrorType::HttpStatus(700));
+    route_proto_mut(&mut proto)
+        .typed_per_filter_config
+        .insert("envoy.filters.http.fault".into(), pack(&fault));
+    let err = route_config_from_proto(&proto).unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "routes[0].typed_per_filter_config[\"envoy.filters.http.fault\"].abort.http_status: 700"
+        ),
+        "{err}"
+    );
+    fault.abort.as_mut().unwrap().error_type = Some(ErrorType::HttpStatus(503));
+    route_proto_mut(&mut proto)
+        .typed_per_filter_config
+        .insert("envoy.filters.http.fault".into(), pack(&fault));
+    let decoded = route_config_from_proto(&proto).unwrap();
+    let abort = decoded.virtual_hosts[0].routes[0]
+        .policy
+        .fault
+        .as_ref()
+        .unwrap()
+        .abort
+        .clone()
+        .unwrap();
+    assert_eq!(abort.fraction, Fraction::from_per_million(200_000));
+    assert_eq!(abort.status, AbortStatus::Http(503));
+}
+
+#[test]
+fn listener_filters_are_fault_then_router() {
+    let proto = listener_to_proto(&Listener {
+        name: "catalog".into(),
+        route_config_name: "rc".into(),
+    });
+    let hcm = hcm_of(&proto);
+    let names: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["envoy.filters.http.fault", "envoy.filters.http.router"]
+    );
+    let Some(ConfigType::TypedConfig(fault)) = &hcm.http_filters[0].config_type else {
+        panic!("fault filter without typed_config");
+    };
+    assert_eq!(
+        fault.type_url,
+        "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+    );
+
+    let with_filters = |filters| {
+        let mut proto = proto.clone();
+        let mut hcm = hcm_of(&proto);
+        hcm.http_filters = filters;
+        proto.api_listener.as_mut().unwrap().api_listener = Some(pack(&hcm));
+        listener_from_proto(&proto)
+    };
+    // [router] alone is accepted, as before.
+    assert!(with_filters(vec![hcm.http_filters[1].clone()]).is_ok());
+    // [router, fault] is not.
+    let err = with_filters(vec![
+        hcm.http_filters[1].clone(),
+        hcm.http_filters[0].clone(),
+    ])
+    .unwrap_err();
+    assert!(err.to_string().contains("http_filters[0]"), "{err}");
+    // A listener-wide fault is not supported: faults are per route.
+    let mut wide = hcm.http_filters[0].clone();
+    let noisy = envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault {
+        abort: Some(
+            envoy_types::pb::envoy::extensions::filters::http::fault::v3::FaultAbort {
+                error_type: Some(envoy_types::pb::envoy::extensions::filters::http::fault::v3::fault_abort::ErrorType::HttpStatus(503)),
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
+    };
+    wide.config_type = Some(ConfigType::TypedConfig(pack(&noisy)));
+    let err = with_filters(vec![wide, hcm.http_filters[1].clone()]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    assert!(
+        err.to_string()
+            .contains("api_listener.api_listener.http_filters[0].typed_config: listener-wide"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_retry_on_name_is_rejected_and_named() {
+    let rc = route_config_with(RoutePolicy {
+        retry: Some(sample_retry()),
+        ..Default::default()
+    });
+    let mut proto = route_config_to_proto(&rc);
+    route_action_mut(&mut proto)
+        .retry_policy
+        .as_mut()
+        .unwrap()
+        .retry_on = "5xx, envoy-ratelimited".into();
+    let err = decode_route_config(&pack(&proto)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with(
+            "RouteConfiguration \"rc\": virtual_hosts[0].routes[0].route.retry_policy.retry_on: \
+             unknown retry condition \"envoy-ratelimited\""
+        ),
+        "{msg}"
+    );
+}
+
+#[test]
+fn retry_policy_defaults_and_virtual_host_policy() {
+    use envoy_types::pb::envoy::config::route::v3::RetryPolicy as RetryProto;
+    let mut proto = route_config_to_proto(&sample_route_config());
+    // Envoy's defaults: 1 retry, 25 ms / 250 ms backoff.
+    proto.virtual_hosts[0].retry_policy = Some(RetryProto {
+        retry_on: "unavailable".into(),
+        ..Default::default()
+    });
+    let rc = route_config_from_proto(&proto).unwrap();
+    let retry = rc.virtual_hosts[0].routes[0].policy.retry.clone().unwrap();
+    assert_eq!(retry.num_retries, 1);
+    assert_eq!(retry.retry_on, RetryOn::UNAVAILABLE);
+    assert_eq!(
+        (retry.backoff_base, retry.backoff_max),
+        (Duration::from_millis(25), Duration::from_millis(250))
+    );
+    assert!(!retry.retry_remote_localities);
+    // A route's own policy wins over the virtual host's.
+    route_action_mut(&mut proto).retry_policy = Some(RetryProto {
+        retry_on: "reset".into(),
+        num_retries: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 4 }),
+        ..Default::default()
+    });
+    let rc = route_config_from_proto(&proto).unwrap();
+    let retry = rc.virtual_hosts[0].routes[0].policy.retry.clone().unwrap();
+    assert_eq!((retry.num_retries, retry.retry_on), (4, RetryOn::RESET));
+    // max_interval below base_interval is invalid (Envoy, gRPC).
+    route_action_mut(&mut proto)
+        .retry_policy
+        .as_mut()
+        .unwrap()
+        .retry_back_off = Some(
+        envoy_types::pb::envoy::config::route::v3::retry_policy::RetryBackOff {
+            base_interval: Some(proto_duration(100)),
+            max_interval: Some(proto_duration(10)),
+        },
+    );
+    let err = route_config_from_proto(&proto).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    assert!(
+        err.to_string()
+            .contains("route.retry_policy.retry_back_off.max_interval"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hash_policies_keep_their_order_and_first_key_rule() {
+    use envoy_types::pb::envoy::config::route::v3::route_action::hash_policy::{
+        FilterState, PolicySpecifier,
+    };
+    let rc = route_config_with(RoutePolicy {
+        hash_policy: Arc::from([HashPolicy::Header("x-user".into()), HashPolicy::SourceIp]),
+        ..Default::default()
+    });
+    let mut proto = route_config_to_proto(&rc);
+    let hash = &route_action_of(&proto).hash_policy;
+    assert!(matches!(
+        &hash[0].policy_specifier,
+        Some(PolicySpecifier::Header(h)) if h.header_name == "x-user"
+    ));
+    // Every policy but the last is terminal: the first key found decides.
+    assert_eq!(
+        hash.iter().map(|h| h.terminal).collect::<Vec<_>>(),
+        [true, false]
+    );
+    assert!(matches!(
+        &hash[1].policy_specifier,
+        Some(PolicySpecifier::ConnectionProperties(c)) if c.source_ip
+    ));
+    route_action_mut(&mut proto).hash_policy[1].policy_specifier =
+        Some(PolicySpecifier::FilterState(FilterState {
+            key: "io.grpc.channel_id".into(),
+        }));
+    let err = route_config_from_proto(&proto).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    assert!(
+        err.to_string()
+            .contains("route.hash_policy[1].filter_state"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ring_hash_cluster_uses_the_ring_hash_enum_and_config() {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        LbConfig, ring_hash_lb_config::HashFunction,
+    };
+    let c = sample_cluster(LbPolicy::RingHash {
+        minimum_ring_size: 4096,
+    });
+    let mut proto = cluster_to_proto(&c);
+    assert_eq!(proto.lb_policy, LbEnum::RingHash as i32);
+    assert_eq!(proto.load_balancing_policy, None);
+    let Some(LbConfig::RingHashLbConfig(config)) = &mut proto.lb_config else {
+        panic!("no ring_hash_lb_config: {:?}", proto.lb_config);
+    };
+    assert_eq!(config.minimum_ring_size.map(|v| v.value), Some(4096));
+    assert_eq!(config.hash_function, HashFunction::XxHash as i32);
+    assert_eq!(decode_cluster(&encode_cluster(&c)).unwrap(), c);
+    // gRPC NACKs other hash functions; so do we.
+    config.hash_function = HashFunction::MurmurHash2 as i32;
+    let err = cluster_from_proto(&proto).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    assert!(
+        err.to_string()
+            .contains("ring_hash_lb_config.hash_function: MURMUR_HASH_2"),
+        "{err}"
+    );
+}
+
+fn sample_outlier() -> OutlierDetection {
+    OutlierDetection {
+        consecutive_5xx: Some(3),
+        consecutive_gateway_errors: None,
+        interval: Duration::from_millis(200),
+        base_ejection_time: Duration::from_millis(200),
+        max_ejection_percent: 50,
+        min_health_percent: 0,
+    }
+}
+
+#[test]
+fn outlier_detection_is_istio_shaped_with_success_rate_off() {
+    let c = Cluster {
+        outlier_detection: Some(sample_outlier()),
+        ..sample_cluster(LbPolicy::RoundRobin)
+    };
+    let mut proto = cluster_to_proto(&c);
+    let od = proto.outlier_detection.clone().unwrap();
+    let v = |x: Option<envoy_types::pb::google::protobuf::UInt32Value>| x.map(|x| x.value);
+    assert_eq!(v(od.enforcing_success_rate), Some(0));
+    assert_eq!(v(od.consecutive_5xx), Some(3));
+    assert_eq!(v(od.enforcing_consecutive_5xx), Some(100));
+    assert_eq!(v(od.enforcing_consecutive_gateway_failure), Some(0));
+    assert_eq!(v(od.max_ejection_percent), Some(50));
+    assert_eq!(od.interval, Some(proto_duration(200)));
+    assert_eq!(od.base_ejection_time, Some(proto_duration(200)));
+    assert_eq!(
+        proto
+            .common_lb_config
+            .as_ref()
+            .and_then(|c| c.healthy_panic_threshold)
+            .map(|p| p.value),
+        Some(0.0)
+    );
+    assert_eq!(decode_cluster(&encode_cluster(&c)).unwrap(), c);
+
+    // Envoy's default enforcing_success_rate (100) would run success-rate
+    // ejection, which this mesh does not do.
+    proto
+        .outlier_detection
+        .as_mut()
+        .unwrap()
+        .enforcing_success_rate = None;
+    let err = cluster_from_proto(&proto).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    assert!(
+        err.to_string()
+            .contains("outlier_detection.enforcing_success_rate: 100%"),
+        "{err}"
+    );
+    let mut proto = cluster_to_proto(&c);
+    proto.outlier_detection.as_mut().unwrap().max_ejection_time = Some(proto_duration(1000));
+    let err = cluster_from_proto(&proto).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("outlier_detection.max_ejection_time"),
+        "{err}"
+    );
+}
+
+#[test]
+fn circuit_breakers_are_one_default_threshold_with_every_limit() {
+    use envoy_types::pb::envoy::config::core::v3::RoutingPriority;
+    let c = Cluster {
+        circuit_breakers: CircuitBreakers {
+            max_connections: u32::MAX,
+            max_pending_requests: 7,
+            max_requests: 10,
+            max_retries: 2,
+            retry_budget: Some(RetryBudget {
+                budget: Fraction::from_per_million(250_000),
+                min_retry_concurrency: 5,
+            }),
+        },
+        ..sample_cluster(LbPolicy::LeastRequest)
+    };
+    let mut proto = cluster_to_proto(&c);
+    let cb = proto.circuit_breakers.clone().unwrap();
+    assert_eq!(cb.thresholds.len(), 1);
+    let t = cb.thresholds[0];
+    assert_eq!(t.priority, RoutingPriority::Default as i32);
+    let v = |x: Option<envoy_types::pb::google::protobuf::UInt32Value>| x.map(|x| x.value);
+    assert_eq!(
+        [
+            v(t.max_connections),
+            v(t.max_pending_requests),
+            v(t.max_requests),
+            v(t.max_retries)
+        ],
+        [Some(u32::MAX), Some(7), Some(10), Some(2)]
+    );
+    let budget = t.retry_budget.unwrap();
+    assert_eq!(budget.budget_percent.map(|p| p.value), Some(25.0));
+    assert_eq!(v(budget.min_retry_concurrency), Some(5));
+    assert_eq!(decode_cluster(&encode_cluster(&c)).unwrap(), c);
+
+    // Envoy's defaults when a server sends no limits.
+    proto.circuit_breakers = None;
+    let decoded = cluster_from_proto(&proto).unwrap().circuit_breakers;
+    assert_eq!(
+        (
+            decoded.max_connections,
+            decoded.max_pending_requests,
+            decoded.max_requests,
+            decoded.max_retries
+        ),
+        (1024, 1024, 1024, 3)
+    );
+    // HIGH thresholds alone: unsupported.
+    let mut high = cb.clone();
+    high.thresholds[0].priority = RoutingPriority::High as i32;
+    proto.circuit_breakers = Some(high);
+    let err = cluster_from_proto(&proto).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    assert!(
+        err.to_string()
+            .contains("circuit_breakers.thresholds: only HIGH"),
+        "{err}"
+    );
+}
+
+#[test]
+fn connection_settings_and_locality_failover_are_encoded() {
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    let c = Cluster {
+        connection: ConnectionSettings {
+            connect_timeout: Some(Duration::from_millis(250)),
+            idle_timeout: Some(Duration::from_secs(30)),
+            max_requests_per_connection: Some(100),
+        },
+        locality_failover: true,
+        ..sample_cluster(LbPolicy::RoundRobin)
+    };
+    let proto = cluster_to_proto(&c);
+    assert_eq!(proto.connect_timeout, Some(proto_duration(250)));
+    let options = HttpProtocolOptions::decode(
+        proto.typed_extension_protocol_options[cluster::HTTP_PROTOCOL_OPTIONS_KEY]
+            .value
+            .as_slice(),
+    )
+    .unwrap();
+    let common = options.common_http_protocol_options.unwrap();
+    assert_eq!(common.idle_timeout, Some(proto_duration(30_000)));
+    assert_eq!(
+        common.max_requests_per_connection.map(|v| v.value),
+        Some(100)
+    );
+    let ours = &proto.metadata.as_ref().unwrap().filter_metadata["proxyless"];
+    assert_eq!(
+        ours.fields["locality_failover"].kind,
+        Some(Kind::BoolValue(true))
+    );
+    // The deterministic encoding decodes to the same message, every time.
+    let any = encode_cluster(&c);
+    assert_eq!(ClusterProto::decode(any.value.as_slice()).unwrap(), proto);
+    assert_eq!(encode_cluster(&c), any);
+    assert_eq!(decode_cluster(&any).unwrap(), c);
+}
+
+#[test]
+fn durations_saturate_at_the_largest_valid_proto_duration() {
+    let forever = duration_to_proto(Duration::MAX);
+    assert_eq!((forever.seconds, forever.nanos), (315_576_000_000, 0));
+    let d = duration_to_proto(Duration::from_millis(1_500));
+    assert_eq!((d.seconds, d.nanos), (1, 500_000_000));
+    assert_eq!(
+        duration_from_proto(&d).unwrap(),
+        Duration::from_millis(1_500)
+    );
+    let negative = envoy_types::pb::google::protobuf::Duration {
+        seconds: -1,
+        nanos: 0,
+    };
+    assert!(duration_from_proto(&negative).is_err());
 }

@@ -3,7 +3,8 @@
 //!
 //! - reading only a resource's name (field 1 of all four resource messages)
 //!   when the rest may be invalid;
-//! - encoding a ClusterLoadAssignment deterministically. The generated
+//! - encoding a ClusterLoadAssignment, and a Cluster's metadata,
+//!   deterministically. The generated
 //!   `Metadata` and `Struct` hold `HashMap`s, whose iteration order (and so
 //!   the encoded bytes) changes from one map to the next; a protobuf map is
 //!   on the wire a repeated `{1: key, 2: value}` entry, which a `Vec` of
@@ -90,19 +91,58 @@ struct StructEntry {
     value: Option<Value>,
 }
 
-/// `google.protobuf.Value` (the two kinds we write).
+/// `google.protobuf.Value` (the three kinds we write).
 #[derive(Clone, PartialEq, prost::Message)]
 struct Value {
-    #[prost(oneof = "Kind", tags = "3, 5")]
+    #[prost(oneof = "Kind", tags = "3, 4, 5")]
     kind: Option<Kind>,
 }
 
 #[derive(Clone, PartialEq, prost::Oneof)]
 enum Kind {
     #[prost(string, tag = "3")]
-    StringValue(String),
+    String(String),
+    #[prost(bool, tag = "4")]
+    Bool(bool),
     #[prost(message, tag = "5")]
-    StructValue(Struct),
+    Struct(Struct),
+}
+
+/// `envoy.config.cluster.v3.Cluster` reduced to its `metadata` (field 25):
+/// appended to the bytes of the rest of the cluster, it sets that field.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct ClusterMetadataOnly {
+    #[prost(message, optional, tag = "25")]
+    metadata: Option<Metadata>,
+}
+
+/// The deterministic twin of the metadata [`super::cluster_to_proto`]
+/// writes: `filter_metadata["proxyless"] { protocol, locality_failover? }`.
+pub(crate) fn cluster_metadata(cluster: &model::Cluster) -> ClusterMetadataOnly {
+    let mut fields = vec![StructEntry {
+        key: super::cluster::PROTOCOL_KEY.to_string(),
+        value: Some(Value {
+            kind: Some(Kind::String(
+                super::cluster::protocol_name(cluster.protocol).to_string(),
+            )),
+        }),
+    }];
+    if cluster.locality_failover {
+        fields.push(StructEntry {
+            key: super::cluster::LOCALITY_FAILOVER_KEY.to_string(),
+            value: Some(Value {
+                kind: Some(Kind::Bool(true)),
+            }),
+        });
+    }
+    ClusterMetadataOnly {
+        metadata: Some(Metadata {
+            filter_metadata: vec![MetadataEntry {
+                key: super::METADATA_NAMESPACE.to_string(),
+                value: Some(Struct { fields }),
+            }],
+        }),
+    }
 }
 
 /// The deterministic twin of [`super::endpoints_to_proto`].
@@ -142,7 +182,7 @@ fn labels_metadata(labels: &[(Name, Name)]) -> Metadata {
             .map(|(k, v)| StructEntry {
                 key: k.to_string(),
                 value: Some(Value {
-                    kind: Some(Kind::StringValue(v.to_string())),
+                    kind: Some(Kind::String(v.to_string())),
                 }),
             })
             .collect(),
@@ -154,7 +194,7 @@ fn labels_metadata(labels: &[(Name, Name)]) -> Metadata {
                 fields: vec![StructEntry {
                     key: super::endpoints::LABELS_KEY.to_string(),
                     value: Some(Value {
-                        kind: Some(Kind::StructValue(labels)),
+                        kind: Some(Kind::Struct(labels)),
                     }),
                 }],
             }),

@@ -8,17 +8,22 @@ use std::task::{Context, Poll, ready};
 use http::Response;
 use pin_project_lite::pin_project;
 
-use super::service::upstream_error;
-use crate::balance::ActiveGuard;
+use super::attempt::{
+    Attempt, Finish, outcome_of, outcome_of_error, overflow_message, status_in_trailers,
+};
+use super::service::{local, upstream_error};
 use crate::body::ResponseBody;
-use crate::error::{BoxError, Error};
+use crate::error::{BoxError, Error, ErrorKind};
+use crate::local_reply::LocalReply;
+use crate::stats::MeshStats;
 
-type Waiting<RB> =
+type Boxed<RB> =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody<RB>>, Error>> + Send + 'static>>;
 
 pin_project! {
-    /// The future of a routed request. Requests to a known service are sent
-    /// without boxing; only a request that waits for configuration is boxed.
+    /// The future of a routed request. A request with nothing to retry,
+    /// time or inject is sent without boxing; the others run the full
+    /// request flow in a boxed future.
     pub struct ResponseFuture<F, RB> {
         #[pin]
         state: State<F, RB>,
@@ -31,36 +36,46 @@ pin_project! {
         Sending {
             #[pin]
             future: F,
-            active: Option<ActiveGuard>,
+            attempt: Option<Attempt>,
+            grpc: bool,
+            stats: MeshStats,
         },
-        Failed {
-            error: Option<Error>,
+        Ready {
+            result: Option<Result<Response<ResponseBody<RB>>, Error>>,
         },
-        Waiting {
-            future: Waiting<RB>,
+        Boxed {
+            future: Boxed<RB>,
         },
     }
 }
 
 impl<F, RB> ResponseFuture<F, RB> {
-    pub(crate) fn sending(future: F, active: ActiveGuard) -> Self {
+    pub(crate) fn sending(future: F, attempt: Attempt, grpc: bool, stats: MeshStats) -> Self {
         ResponseFuture {
             state: State::Sending {
                 future,
-                active: Some(active),
+                attempt: Some(attempt),
+                grpc,
+                stats,
+            },
+        }
+    }
+
+    pub(crate) fn ready(result: Result<Response<ResponseBody<RB>>, Error>) -> Self {
+        ResponseFuture {
+            state: State::Ready {
+                result: Some(result),
             },
         }
     }
 
     pub(crate) fn failed(error: Error) -> Self {
-        ResponseFuture {
-            state: State::Failed { error: Some(error) },
-        }
+        Self::ready(Err(error))
     }
 
-    pub(crate) fn waiting(future: Waiting<RB>) -> Self {
+    pub(crate) fn waiting(future: Boxed<RB>) -> Self {
         ResponseFuture {
-            state: State::Waiting { future },
+            state: State::Boxed { future },
         }
     }
 }
@@ -75,29 +90,49 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Sending { future, active } => {
+            StateProj::Sending {
+                future,
+                attempt,
+                grpc,
+                stats,
+            } => {
                 let result = ready!(future.poll(cx));
-                Poll::Ready(match (result, active.take()) {
-                    (Ok(response), active) => {
-                        Ok(response.map(|body| ResponseBody::new(body, active)))
+                let Some(attempt) = attempt.take() else {
+                    return Poll::Ready(Err(polled_after_completion()));
+                };
+                Poll::Ready(match result {
+                    Ok(response) => {
+                        let in_trailers = status_in_trailers(&response);
+                        if !in_trailers {
+                            attempt.report(&outcome_of(&response), stats);
+                        }
+                        let finish = Finish::new(attempt, in_trailers, stats.clone());
+                        Ok(response.map(|body| ResponseBody::new(body, Some(finish), None)))
                     }
-                    (Err(e), Some(active)) => Err(upstream_error(e.into(), &active)),
-                    (Err(e), None) => Err(Error::from_boxed(
-                        e.into(),
-                        crate::ErrorKind::Upstream,
-                        "the request failed",
-                    )),
+                    Err(e) => {
+                        let e: BoxError = e.into();
+                        if let Some(message) = overflow_message(&e) {
+                            stats.add_overflow();
+                            Ok(local(LocalReply::overflow(message), *grpc))
+                        } else {
+                            attempt.report(&outcome_of_error(&*e), stats);
+                            Err(upstream_error(e, &attempt.active))
+                        }
+                    }
                 })
             }
-            StateProj::Failed { error } => Poll::Ready(Err(error.take().unwrap_or_else(|| {
-                Error::new(
-                    crate::ErrorKind::InvalidRequest,
-                    "future polled after completion",
-                )
-            }))),
-            StateProj::Waiting { future } => future.as_mut().poll(cx),
+            StateProj::Ready { result } => Poll::Ready(
+                result
+                    .take()
+                    .unwrap_or_else(|| Err(polled_after_completion())),
+            ),
+            StateProj::Boxed { future } => future.as_mut().poll(cx),
         }
     }
+}
+
+fn polled_after_completion() -> Error {
+    Error::new(ErrorKind::InvalidRequest, "future polled after completion")
 }
 
 impl<F, RB> fmt::Debug for ResponseFuture<F, RB> {

@@ -6,13 +6,16 @@ use tower::Layer;
 use super::Mesh;
 use super::service::{Config, Shared};
 use crate::balance::ClusterStates;
+use crate::body::DEFAULT_RETRY_BUFFER_LIMIT;
 use crate::source::ConfigSource;
+use crate::stats::MeshStats;
 
 /// Routes each request through the mesh, then hands it to the inner service
 /// (see the [module docs](crate::mesh)).
 ///
-/// Every service built from one layer (and its clones) shares the balancing
-/// state: round-robin counters and requests in flight.
+/// Every service built from one layer (and its clones) shares the cluster
+/// state: round-robin counters, requests in flight, circuit breakers, retry
+/// budgets, outlier detection, and the [`MeshStats`].
 #[derive(Debug, Clone)]
 pub struct MeshLayer<Src> {
     shared: Shared<Src>,
@@ -20,7 +23,8 @@ pub struct MeshLayer<Src> {
 
 impl<Src: ConfigSource> MeshLayer<Src> {
     /// A layer reading its config from `source`, rewriting URIs to the
-    /// chosen endpoint, waiting up to 10 s for an unknown name's config.
+    /// chosen endpoint, waiting up to 10 s for an unknown name's config,
+    /// keeping request bodies up to 64 KiB for retries.
     pub fn new(source: Src) -> Self {
         MeshLayer {
             shared: Shared {
@@ -29,7 +33,9 @@ impl<Src: ConfigSource> MeshLayer<Src> {
                 config: Config {
                     listener_timeout: Duration::from_secs(10),
                     rewrite_uri: true,
+                    retry_buffer_limit: DEFAULT_RETRY_BUFFER_LIMIT,
                 },
+                stats: MeshStats::default(),
             },
         }
     }
@@ -50,9 +56,25 @@ impl<Src: ConfigSource> MeshLayer<Src> {
         self
     }
 
+    /// The largest request body kept so a request can be retried (64 KiB
+    /// by default; Envoy's equivalent is `per_request_buffer_limit_bytes`).
+    /// Requests with bigger bodies, or bodies still being produced when
+    /// they are sent, stream and are not retried (see
+    /// [`MeshBody`](crate::MeshBody)). `0` keeps only empty bodies.
+    pub fn retry_buffer_limit(mut self, bytes: usize) -> Self {
+        self.shared.config.retry_buffer_limit = bytes;
+        self
+    }
+
     /// The config source.
     pub fn source(&self) -> &Src {
         &self.shared.source
+    }
+
+    /// What the stack did to requests (retries, overflows, ejections, ...),
+    /// shared by every service this layer builds.
+    pub fn stats(&self) -> &MeshStats {
+        &self.shared.stats
     }
 }
 

@@ -1,25 +1,82 @@
-//! The routing middleware: from the name an application dials to one
-//! endpoint of one cluster.
+//! The client stack: from the name an application dials to a response,
+//! with Envoy's resilience semantics.
 //!
-//! Per request, as gRPC's xDS client does it (gRFC A27/A28) and in the order
-//! Envoy's router applies it:
+//! Per request, in the order Envoy's filters and router apply them
+//! (DESIGN.md's client stack; gRPC's xDS client reads the same config,
+//! gRFC A27/A28/A31/A32/A33/A42/A44/A50):
 //!
-//! 1. the authority (the URI's, else the `Host` header) selects a listener
-//!    of the current [`Snapshot`](mesh_core::Snapshot); a name never asked
-//!    about is subscribed to and waited for (bounded by
+//! 1. **Route match.** The authority (the URI's, else the `Host` header)
+//!    selects a listener of the current [`Snapshot`](mesh_core::Snapshot); a
+//!    name never asked about is subscribed to and waited for (bounded by
 //!    [`MeshLayer::listener_timeout`], 10 s by default), a name the control
 //!    server said does not exist fails at once with
-//!    [`ErrorKind::NotFound`](crate::ErrorKind::NotFound);
-//! 2. the listener's route table picks the first matching route and one of
-//!    its weighted clusters;
-//! 3. the cluster's balancer picks an endpoint (round robin, random, or
-//!    power-of-two-choices least-request over requests in flight, counted
-//!    until the response body ends);
-//! 4. the request goes to the inner service with a [`TargetEndpoint`]
-//!    extension saying where it must go.
+//!    [`ErrorKind::NotFound`](crate::ErrorKind::NotFound). The listener's
+//!    route table picks the first matching route.
+//! 2. **Weighted cluster**, picked once per request: retries stay in it.
+//! 3. **Fault injection** (Istio `fault`, Envoy's fault filter): a delay
+//!    (a `tokio` sleep), then possibly an abort, answered by the mesh
+//!    itself; never retried.
+//! 4. **Overall timeout / deadline**: the route `timeout`, the request's
+//!    [`Deadline`](crate::Deadline) extension and, for gRPC, a
+//!    `grpc-timeout` the app set: the earliest wins. It covers the retries
+//!    and the response body (as Envoy's route timeout does). A deadline that
+//!    has passed fails at once, without a network call. Each attempt tells
+//!    the endpoint how long it has: `grpc-timeout` for gRPC requests,
+//!    `x-envoy-expected-rq-timeout-ms` otherwise (see [`crate::deadline`]).
+//! 5. **Retries** (Istio `retries`, gRFC A44): a failure named by `retryOn`
+//!    (HTTP status; gRPC status in the response headers, that is a
+//!    Trailers-Only response; connect failure; reset; HTTP/2
+//!    `REFUSED_STREAM`; per-try timeout) is retried up to `attempts` times,
+//!    after a full-jitter exponential backoff, on an endpoint not tried yet
+//!    when there is one, if the cluster's retry budget and `maxRetries`
+//!    allow (a refused retry is not sent: the last result is returned, and
+//!    counted in [`MeshStats::retries_refused`](crate::MeshStats)). A gRPC
+//!    status that arrives in trailers after a `200` is not retried (the
+//!    response has begun), as in Envoy. Every attempt carries
+//!    `x-envoy-attempt-count: <n>`, as Envoy's does.
+//! 6. **Per-try timeout** (`perTryTimeout`), until the response head.
+//! 7. **Circuit breaker** (Istio `connectionPool`): `http2MaxRequests`
+//!    active requests per cluster (every attempt counts, until its response
+//!    body ends); one more is answered at once with `503` and
+//!    `x-envoy-overloaded: true` (gRPC: `UNAVAILABLE`), naming the limit.
+//!    `maxConnections` and `http1MaxPendingRequests` are applied by the
+//!    connection pool (see [`crate::pool`]).
+//! 8. **Endpoint pick**: the cluster's balancer (round robin, random,
+//!    least-request with two choices over requests in flight, ring hash on
+//!    the route's hash policy), over the endpoints outlier detection has
+//!    not ejected (all of them in panic mode, below `minHealthPercent`),
+//!    localities ordered by closeness to the client when the cluster has
+//!    locality failover. Every attempt's result is reported to outlier
+//!    detection (Istio `outlierDetection`).
+//! 9. **Connection**: the request goes to the inner service with a
+//!    [`TargetEndpoint`] extension saying where it must go (the
+//!    [`Pool`](crate::Pool) dials it with the cluster's connection
+//!    settings).
 //!
-//! A request that cannot be routed returns `Err` (never a made-up `503`), so
-//! "no such service" and "the service said 503" stay distinct.
+//! Errors. Failures the mesh decides for a request that could be sent
+//! (breaker overflow, fault abort, timeout) are **responses**, as a sidecar
+//! would give them (see [`crate::local_reply`]): `503`/`UNAVAILABLE`,
+//! the abort status, `504`/`DEADLINE_EXCEEDED`. A request that cannot be
+//! routed (no such service, no route, no endpoint) returns `Err`, and so
+//! does one whose last attempt failed without a response (connect failure,
+//! reset): "no such service", "could not reach it" and "the service said
+//! 503" stay distinct.
+//!
+//! Request bodies. A request that may be retried has its body kept (up to
+//! [`MeshLayer::retry_buffer_limit`], 64 KiB by default) when the whole
+//! body is available as it is sent; bigger bodies and bodies still being
+//! produced (a client stream) are streamed once and **not retried** (see
+//! [`MeshBody`](crate::MeshBody)). The inner service therefore receives
+//! `Request<MeshBody<B>>`.
+//!
+//! Ring hash keys: headers, cookies and query parameters come from the
+//! request; `useSourceIp` uses the peer address of a
+//! [`ConnectionInfo`](crate::ConnectionInfo) extension when the request
+//! carries one (a request built from an incoming one, extensions copied),
+//! else the request has no key and lands at a random point of the ring.
+//!
+//! A request with no fault, timeout, deadline or retry policy takes a fast
+//! path: one attempt, no boxing, no body handling.
 //!
 //! Two ways to hand the request on, chosen with [`MeshLayer::rewrite_uri`]:
 //!
@@ -32,6 +89,7 @@
 //!   as written and the inner service dials [`TargetEndpoint::addr`]; the
 //!   endpoint sees the original `:authority` (HTTP/2) or `Host` (HTTP/1.1).
 
+mod attempt;
 mod future;
 mod layer;
 mod service;
@@ -40,10 +98,15 @@ use std::net::SocketAddr;
 
 use mesh_core::model::{Name, Protocol};
 
+pub(crate) use self::attempt::Finish;
 pub use self::future::ResponseFuture;
 pub use self::layer::MeshLayer;
 pub use self::service::Mesh;
 pub(crate) use self::service::ensure_authority_in_uri;
+
+/// The header that numbers the attempts of a request (1 for the first),
+/// as Envoy's `include_request_attempt_count` sends it.
+pub const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
 
 /// Where the mesh decided a request goes: a request extension set by
 /// [`Mesh`] for the services under it (the connection pool dials it;
@@ -77,6 +140,10 @@ impl TargetEndpoint {
 
     /// The cluster name (`outbound|8080|v1|catalog.shop.svc.cluster.local`).
     pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    pub(crate) fn cluster_name(&self) -> &Name {
         &self.cluster
     }
 }

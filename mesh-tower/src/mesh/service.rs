@@ -6,22 +6,36 @@ use std::time::Duration;
 use http::header::HOST;
 use http::uri::{Authority, Parts, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
+use http_body::Body;
 use mesh_core::Snapshot;
-use mesh_core::model::Listener;
+use mesh_core::breaker::Overflow;
+use mesh_core::fault;
+use mesh_core::model::{LbPolicy, Listener, Name, RoutePolicy};
+use mesh_core::retry::{Outcome, RetryPermit, backoff, retry_reason};
+use mesh_core::ring_hash::request_hash;
 use mesh_core::route::RequestView;
 use mesh_core::snapshot::ListenerLookup;
 use rand::Rng;
+use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
+use super::attempt::{
+    Attempt, Finish, outcome_of, outcome_of_error, overflow_message, status_in_trailers,
+};
 use super::future::ResponseFuture;
-use super::{MeshLayer, TargetEndpoint};
-use crate::balance::{ActiveGuard, ClusterStates};
-use crate::body::ResponseBody;
+use super::{ATTEMPT_COUNT, MeshLayer, TargetEndpoint};
+use crate::balance::{ActiveGuard, ClusterState, ClusterStates};
+use crate::body::{BodyTimeout, MeshBody, Prepared, ResponseBody, prepare};
+use crate::deadline::{Deadline, grpc_timeout_header, write_timeout_header};
 use crate::error::{BoxError, Error, ErrorKind};
+use crate::local_reply::{LocalReply, is_grpc};
+use crate::serve::ConnectionInfo;
 use crate::source::ConfigSource;
+use crate::stats::MeshStats;
 
-/// The routing service built by [`MeshLayer`]: picks the endpoint, then
-/// calls the inner service `S`.
+/// The routing service built by [`MeshLayer`]: routes each request, then
+/// calls the inner service `S` with a `Request<MeshBody<B>>` once per
+/// attempt (see the [module docs](crate::mesh)).
 pub struct Mesh<S, Src> {
     inner: S,
     shared: Shared<Src>,
@@ -32,18 +46,21 @@ pub(crate) struct Shared<Src> {
     pub(crate) source: Src,
     pub(crate) states: Arc<ClusterStates>,
     pub(crate) config: Config,
+    pub(crate) stats: MeshStats,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Config {
     pub(crate) listener_timeout: Duration,
     pub(crate) rewrite_uri: bool,
+    pub(crate) retry_buffer_limit: usize,
 }
 
 impl<Src> fmt::Debug for Shared<Src> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Shared")
             .field("config", &self.config)
+            .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
 }
@@ -93,28 +110,41 @@ impl<S, Src> Mesh<S, Src> {
     pub fn source(&self) -> &Src {
         &self.shared.source
     }
+
+    /// What the stack did to requests (retries, overflows, ejections, ...).
+    pub fn stats(&self) -> &MeshStats {
+        &self.shared.stats
+    }
 }
 
-/// A routing decision, made against one snapshot.
-pub(crate) struct Routed {
-    pub(crate) active: ActiveGuard,
-    pub(crate) target: TargetEndpoint,
+/// A routing decision, made against one snapshot: the route and cluster of
+/// a request. The endpoint is picked per attempt.
+pub(crate) struct Plan {
+    state: Arc<ClusterState>,
+    route: Name,
+    /// The route's policy when it asks for work beyond one plain attempt
+    /// (fault, timeout, retries) or the request has a deadline; `None`
+    /// takes the fast path.
+    policy: Option<RoutePolicy>,
+    /// The request's hash, for ring-hash clusters.
+    hash: Option<u64>,
 }
 
 enum Decision {
-    Routed(Routed),
+    Routed(Plan),
     Wait(String),
     Fail(Error),
 }
 
 impl<S, Src, B, RB> Service<Request<B>> for Mesh<S, Src>
 where
-    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S: Service<Request<MeshBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     Src: ConfigSource,
-    B: Send + 'static,
-    RB: http_body::Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+    RB: Body + Send + 'static,
 {
     type Response = Response<ResponseBody<RB>>;
     type Error = Error;
@@ -126,15 +156,15 @@ where
         })
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         let decision = {
             let snapshot = self.shared.source.snapshot();
             match authority_of(&req) {
                 None => Decision::Fail(no_authority()),
                 Some(authority) => match snapshot.listener_for(authority) {
                     ListenerLookup::Found(listener) => {
-                        match self.shared.route(&snapshot, listener, &req, authority) {
-                            Ok(routed) => Decision::Routed(routed),
+                        match self.shared.plan(&snapshot, listener, &req, authority) {
+                            Ok(plan) => Decision::Routed(plan),
                             Err(e) => Decision::Fail(e),
                         }
                     }
@@ -144,19 +174,15 @@ where
             }
         };
         match decision {
-            Decision::Routed(routed) => {
-                if let Err(e) = self.shared.prepare(&mut req, &routed) {
-                    return ResponseFuture::failed(e);
-                }
-                let future = self.inner.call(req);
-                ResponseFuture::sending(future, routed.active)
+            Decision::Routed(plan) if plan.policy.is_none() => self.send_once(req, plan),
+            Decision::Routed(plan) => {
+                let inner = self.take_ready();
+                let shared = self.shared.clone();
+                ResponseFuture::waiting(Box::pin(async move { shared.run(inner, req, plan).await }))
             }
             Decision::Fail(e) => ResponseFuture::failed(e),
             Decision::Wait(authority) => {
-                // The readied service goes to the waiting request; this one
-                // keeps a clone (tower's guidance for services used later).
-                let clone = self.inner.clone();
-                let inner = std::mem::replace(&mut self.inner, clone);
+                let inner = self.take_ready();
                 let shared = self.shared.clone();
                 ResponseFuture::waiting(Box::pin(async move {
                     shared.send_after_wait(inner, req, authority).await
@@ -166,19 +192,73 @@ where
     }
 }
 
+impl<S: Clone, Src> Mesh<S, Src> {
+    /// The readied service goes to a request that uses it later; this one
+    /// keeps a clone (tower's guidance for services used in a future).
+    fn take_ready(&mut self) -> S {
+        let clone = self.inner.clone();
+        std::mem::replace(&mut self.inner, clone)
+    }
+}
+
+impl<S, Src: ConfigSource> Mesh<S, Src> {
+    /// The fast path: one attempt, nothing to time, keep or retry. No
+    /// allocation beyond the inner service's.
+    fn send_once<B, RB>(&mut self, req: Request<B>, plan: Plan) -> ResponseFuture<S::Future, RB>
+    where
+        S: Service<Request<MeshBody<B>>, Response = Response<RB>>,
+    {
+        let grpc = is_grpc(req.headers());
+        let state = &plan.state;
+        let request = match state
+            .breaker()
+            .try_request(&state.cluster().circuit_breakers)
+        {
+            Ok(permit) => permit,
+            Err(overflow) => {
+                self.shared.stats.add_overflow();
+                return ResponseFuture::ready(Ok(local(overflow_reply(state, overflow), grpc)));
+            }
+        };
+        let Some(active) = state.pick(plan.hash, &mut rand::rng(), None, false) else {
+            return ResponseFuture::failed(no_eligible_endpoint(state, &plan.route));
+        };
+        let mut req = req.map(MeshBody::new);
+        req.headers_mut()
+            .insert(ATTEMPT_COUNT, HeaderValue::from_static("1"));
+        if let Err(e) = self.shared.prepare(&mut req, &active, state) {
+            return ResponseFuture::failed(e);
+        }
+        let future = self.inner.call(req);
+        let attempt = Attempt {
+            active,
+            _request: request,
+            _retry: None,
+        };
+        ResponseFuture::sending(future, attempt, grpc, self.shared.stats.clone())
+    }
+}
+
+/// What one attempt came to.
+enum Tried<RB> {
+    Response(Response<RB>),
+    Failed(BoxError),
+    PerTryTimeout(Duration),
+}
+
 impl<Src: ConfigSource> Shared<Src> {
-    /// Routes `req` to an endpoint of `listener`'s route table.
-    pub(crate) fn route<B>(
+    /// Routes `req` against `listener`'s route table: the route, and once
+    /// per request the weighted cluster (retries stay in it).
+    pub(crate) fn plan<B>(
         &self,
         snapshot: &Snapshot,
         listener: &Listener,
         req: &Request<B>,
         authority: &str,
-    ) -> Result<Routed, Error> {
+    ) -> Result<Plan, Error> {
         let view = RequestView::new(req.method(), req.uri(), req.headers(), authority);
-        let mut rng = rand::rng();
         let resolved = snapshot
-            .resolve(listener, &view, rng.random())
+            .resolve(listener, &view, rand::rng().random())
             .map_err(|e| {
                 Error::new(
                     ErrorKind::NoRoute,
@@ -191,35 +271,56 @@ impl<Src: ConfigSource> Shared<Src> {
                 .with_source(e)
             })?;
         let cluster = resolved.cluster;
-        let state = self
-            .states
-            .get(snapshot, &cluster.eds_service_name, resolved.endpoints);
-        let active = state.pick(cluster.lb_policy, &mut rng).ok_or_else(|| {
-            Error::new(
+        let state = self.states.get(snapshot, cluster, resolved.endpoints, || {
+            self.source.locality()
+        });
+        if state.len() == 0 {
+            return Err(Error::new(
                 ErrorKind::NoEndpoints,
                 format!(
                     "cluster {:?} has no endpoints (request to {authority:?}, route {:?})",
                     cluster.name, resolved.route.name
                 ),
-            )
-        })?;
-        let target = TargetEndpoint {
-            addr: active.address(),
-            protocol: cluster.protocol,
-            cluster: cluster.name.clone(),
+            ));
+        }
+        let policy = &resolved.route.policy;
+        let hash = match cluster.lb_policy {
+            LbPolicy::RingHash { .. } if !policy.hash_policy.is_empty() => {
+                let source_ip = req
+                    .extensions()
+                    .get::<ConnectionInfo>()
+                    .map(|c| c.peer_addr().ip());
+                request_hash(&policy.hash_policy, &view, source_ip)
+            }
+            _ => None,
         };
-        Ok(Routed { active, target })
+        let needs_work = policy.fault.is_some()
+            || policy.timeout.is_some()
+            || retry_of(policy).is_some()
+            || req.extensions().get::<Deadline>().is_some();
+        Ok(Plan {
+            state,
+            route: resolved.route.name.clone(),
+            policy: needs_work.then(|| policy.clone()),
+            hash,
+        })
     }
 
     /// Marks `req` with its target and, in rewrite mode, points its URI at it.
-    pub(crate) fn prepare<B>(&self, req: &mut Request<B>, routed: &Routed) -> Result<(), Error> {
+    pub(crate) fn prepare<B>(
+        &self,
+        req: &mut Request<B>,
+        active: &ActiveGuard,
+        state: &ClusterState,
+    ) -> Result<(), Error> {
         if self.config.rewrite_uri {
-            let endpoint = routed.active.authority().cloned().ok_or_else(|| {
+            let endpoint = active.authority().cloned().ok_or_else(|| {
                 Error::new(
                     ErrorKind::InvalidRequest,
                     format!(
                         "endpoint {} of cluster {:?} cannot be written as a URI authority",
-                        routed.target.addr, routed.target.cluster
+                        active.address(),
+                        state.name()
                     ),
                 )
             })?;
@@ -227,33 +328,316 @@ impl<Src: ConfigSource> Shared<Src> {
         } else {
             ensure_authority_in_uri(req)?;
         }
-        req.extensions_mut().insert(routed.target.clone());
+        let extensions = req.extensions_mut();
+        extensions.insert(TargetEndpoint {
+            addr: active.address(),
+            protocol: state.cluster().protocol,
+            cluster: state.name().clone(),
+        });
+        extensions.insert(state.connections().clone());
         Ok(())
+    }
+
+    /// The full request flow (see the [module docs](crate::mesh)): fault
+    /// injection, then the overall timeout / deadline around the attempts.
+    async fn run<S, B, RB>(
+        self,
+        inner: S,
+        req: Request<B>,
+        mut plan: Plan,
+    ) -> Result<Response<ResponseBody<RB>>, Error>
+    where
+        S: Service<Request<MeshBody<B>>, Response = Response<RB>> + Clone,
+        S::Error: Into<BoxError>,
+        B: Body + Unpin,
+        B::Error: Into<BoxError>,
+        RB: Body,
+    {
+        let policy = plan.policy.take().unwrap_or_default();
+        let grpc = is_grpc(req.headers());
+        if let Some(fault) = &policy.fault {
+            let decision = {
+                let mut rng = rand::rng();
+                fault::decide(fault, rng.random(), rng.random())
+            };
+            if let Some(delay) = decision.delay {
+                self.stats.add_fault_delay();
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(status) = decision.abort {
+                self.stats.add_fault_abort();
+                return Ok(local(LocalReply::fault_abort(status), grpc));
+            }
+        }
+        let start = Instant::now();
+        let deadline = [
+            policy.timeout.and_then(|t| start.checked_add(t)),
+            Deadline::from_request(&req).map(|d| d.at()),
+            grpc.then(|| grpc_timeout_header(req.headers(), start))
+                .flatten(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let Some(at) = deadline else {
+            return self.attempts(inner, req, &plan, &policy, grpc, None).await;
+        };
+        if at <= start {
+            self.stats.add_timeout();
+            return Ok(local(
+                LocalReply::timeout(format!(
+                    "the deadline of the request had passed before it was sent to cluster {:?}",
+                    plan.state.name()
+                )),
+                grpc,
+            ));
+        }
+        let attempts = self.attempts(inner, req, &plan, &policy, grpc, Some((at, start)));
+        match tokio::time::timeout_at(at, attempts).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.stats.add_timeout();
+                Ok(local(
+                    LocalReply::timeout(format!(
+                        "upstream request timeout: cluster {:?} did not answer within {:?} \
+                         (route {:?})",
+                        plan.state.name(),
+                        at.saturating_duration_since(start),
+                        plan.route
+                    )),
+                    grpc,
+                ))
+            }
+        }
+    }
+
+    /// The retry loop: each attempt takes a circuit-breaker slot, an
+    /// endpoint (an untried one if there is one), the per-try timeout; a
+    /// failure the policy names is retried after a backoff when the
+    /// cluster's retry budget allows.
+    async fn attempts<S, B, RB>(
+        &self,
+        inner: S,
+        req: Request<B>,
+        plan: &Plan,
+        policy: &RoutePolicy,
+        grpc: bool,
+        deadline: Option<(Instant, Instant)>,
+    ) -> Result<Response<ResponseBody<RB>>, Error>
+    where
+        S: Service<Request<MeshBody<B>>, Response = Response<RB>> + Clone,
+        S::Error: Into<BoxError>,
+        B: Body + Unpin,
+        B::Error: Into<BoxError>,
+        RB: Body,
+    {
+        let state = &plan.state;
+        let limits = &state.cluster().circuit_breakers;
+        let retry = retry_of(policy);
+        let (parts, body) = req.into_parts();
+        let prepared = prepare(body, retry.is_some(), self.config.retry_buffer_limit)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidRequest,
+                    "reading the request body failed before sending it",
+                )
+                .with_source(e)
+            })?;
+        let (kept, mut once) = match prepared {
+            Prepared::Kept(kept) => (Some(kept), None),
+            Prepared::Once(body) => (None, Some(body)),
+        };
+        let attempts = match (&kept, retry) {
+            (Some(_), Some(retry)) => retry.num_retries.saturating_add(1),
+            _ => 1,
+        };
+        let template = (attempts > 1).then(|| inner.clone());
+        let mut first = Some(inner);
+        let mut parts = Some(parts);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut retry_permit: Option<RetryPermit> = None;
+        let per_try = retry.and_then(|r| r.per_try_timeout);
+        let spill = retry.is_some_and(|r| r.retry_remote_localities);
+        let mut number = 1u32;
+        loop {
+            let last = number >= attempts;
+            let request = match state.breaker().try_request(limits) {
+                Ok(permit) => permit,
+                Err(overflow) => {
+                    self.stats.add_overflow();
+                    return Ok(local(overflow_reply(state, overflow), grpc));
+                }
+            };
+            let picked = {
+                let mut rng = rand::rng();
+                let avoid = |i: usize| tried.contains(&i);
+                let avoid: Option<&dyn Fn(usize) -> bool> =
+                    if tried.is_empty() { None } else { Some(&avoid) };
+                state.pick(plan.hash, &mut rng, avoid, spill)
+            };
+            let Some(active) = picked else {
+                return Err(no_eligible_endpoint(state, &plan.route));
+            };
+            let index = active.index();
+            let body = match (&kept, once.take()) {
+                (Some(kept), _) => MeshBody::replay(kept),
+                (None, Some(body)) => body,
+                (None, None) => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidRequest,
+                        "the request body was already sent and cannot be replayed",
+                    ));
+                }
+            };
+            let mut req = match (last, &parts) {
+                (false, Some(head)) => request_like(head, body),
+                _ => match parts.take() {
+                    Some(head) => Request::from_parts(head, body),
+                    None => {
+                        return Err(Error::new(
+                            ErrorKind::InvalidRequest,
+                            "the request was already sent",
+                        ));
+                    }
+                },
+            };
+            req.headers_mut()
+                .insert(ATTEMPT_COUNT, HeaderValue::from(number));
+            let now = Instant::now();
+            let left = deadline.map(|(at, _)| at.saturating_duration_since(now));
+            if let Some(timeout) = min_some(left, per_try) {
+                write_timeout_header(req.headers_mut(), grpc, timeout);
+            }
+            self.prepare(&mut req, &active, state)?;
+            let mut svc = match first.take() {
+                Some(svc) => svc,
+                None => match &template {
+                    Some(template) => template.clone().ready_oneshot().await.map_err(|e| {
+                        Error::from_boxed(e.into(), ErrorKind::Upstream, "the inner service failed")
+                    })?,
+                    None => {
+                        return Err(Error::new(ErrorKind::Upstream, "no service for a retry"));
+                    }
+                },
+            };
+            let call = svc.call(req);
+            let tried_now = match per_try {
+                Some(timeout) => match tokio::time::timeout(timeout, call).await {
+                    Ok(Ok(response)) => Tried::Response(response),
+                    Ok(Err(e)) => Tried::Failed(e.into()),
+                    Err(_) => Tried::PerTryTimeout(timeout),
+                },
+                None => match call.await {
+                    Ok(response) => Tried::Response(response),
+                    Err(e) => Tried::Failed(e.into()),
+                },
+            };
+            let attempt = Attempt {
+                active,
+                _request: request,
+                _retry: retry_permit.take(),
+            };
+            let outcome = match &tried_now {
+                Tried::Response(response) => outcome_of(response),
+                Tried::Failed(e) => match overflow_message(e) {
+                    Some(message) => {
+                        self.stats.add_overflow();
+                        return Ok(local(LocalReply::overflow(message), grpc));
+                    }
+                    None => outcome_of_error(&**e),
+                },
+                Tried::PerTryTimeout(_) => Outcome::PerTryTimeout,
+            };
+            let in_trailers = matches!(&tried_now, Tried::Response(r) if status_in_trailers(r));
+            if !in_trailers {
+                attempt.report(&outcome, &self.stats);
+            }
+            let mut attempt = attempt;
+            if !last
+                && let Some(retry) = retry
+                && retry_reason(retry, &outcome).is_some()
+            {
+                // This attempt's own retry slot is given back before asking
+                // for the next one.
+                drop(attempt._retry.take());
+                match state
+                    .retries()
+                    .try_acquire(limits, state.breaker().budget_base())
+                {
+                    Ok(permit) => {
+                        self.stats.add_retry();
+                        // Release this attempt's slots (and its response)
+                        // before waiting.
+                        drop(attempt);
+                        drop(tried_now);
+                        retry_permit = Some(permit);
+                        tried.push(index);
+                        let wait = backoff(retry, number, rand::rng().random());
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                        number += 1;
+                        continue;
+                    }
+                    Err(refusal) => {
+                        self.stats.add_retry_refused();
+                        tracing::debug!(cluster = %state.name(), %refusal, "retry refused");
+                    }
+                }
+            }
+            return match tried_now {
+                Tried::Response(response) => {
+                    let timeout = deadline.map(|(at, start)| BodyTimeout {
+                        sleep: Box::pin(tokio::time::sleep_until(at)),
+                        grpc,
+                        limit: at.saturating_duration_since(start),
+                    });
+                    let finish = Finish::new(attempt, in_trailers, self.stats.clone());
+                    Ok(response.map(|body| ResponseBody::new(body, Some(finish), timeout)))
+                }
+                Tried::Failed(e) => Err(upstream_error(e, &attempt.active)),
+                Tried::PerTryTimeout(timeout) => {
+                    self.stats.add_timeout();
+                    Ok(local(
+                        LocalReply::timeout(format!(
+                            "upstream request timeout: endpoint {} of cluster {:?} did not answer \
+                             within the per-try timeout of {timeout:?}",
+                            attempt.active.address(),
+                            state.name()
+                        )),
+                        grpc,
+                    ))
+                }
+            };
+        }
     }
 
     /// The slow path: wait for `authority`'s config, then route and send.
     async fn send_after_wait<S, B, RB>(
         self,
-        mut inner: S,
-        mut req: Request<B>,
+        inner: S,
+        req: Request<B>,
         authority: String,
     ) -> Result<Response<ResponseBody<RB>>, Error>
     where
-        S: Service<Request<B>, Response = Response<RB>>,
+        S: Service<Request<MeshBody<B>>, Response = Response<RB>> + Clone,
         S::Error: Into<BoxError>,
-        RB: http_body::Body,
+        B: Body + Unpin,
+        B::Error: Into<BoxError>,
+        RB: Body,
     {
         let waited = tokio::time::timeout(
             self.config.listener_timeout,
             self.source.wait_for_listener(&authority),
         )
         .await;
-        let routed = {
+        let plan = {
             let snapshot = self.source.snapshot();
             let lookup = snapshot.listener_for(&authority);
             match (waited, lookup) {
                 (_, ListenerLookup::Found(listener)) => {
-                    self.route(&snapshot, listener, &req, &authority)?
+                    self.plan(&snapshot, listener, &req, &authority)?
                 }
                 (_, ListenerLookup::Missing) | (Ok(Ok(())), ListenerLookup::Unknown) => {
                     return Err(not_found(&authority));
@@ -284,15 +668,60 @@ impl<Src: ConfigSource> Shared<Src> {
                 }
             }
         };
-        self.prepare(&mut req, &routed)?;
-        let svc = inner.ready().await.map_err(|e| {
+        let inner = inner.ready_oneshot().await.map_err(|e| {
             Error::from_boxed(e.into(), ErrorKind::Upstream, "the inner service failed")
         })?;
-        match svc.call(req).await {
-            Ok(response) => Ok(response.map(|body| ResponseBody::new(body, Some(routed.active)))),
-            Err(e) => Err(upstream_error(e.into(), &routed.active)),
-        }
+        self.run(inner, req, plan).await
     }
+}
+
+/// The retry policy of a route, when it can retry at all.
+fn retry_of(policy: &RoutePolicy) -> Option<&mesh_core::model::RetryPolicy> {
+    policy
+        .retry
+        .as_ref()
+        .filter(|r| r.num_retries > 0 && !r.retry_on.is_empty())
+}
+
+fn min_some(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// A copy of a request head with another body.
+fn request_like<T>(head: &http::request::Parts, body: T) -> Request<T> {
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers.clone();
+    *req.extensions_mut() = head.extensions.clone();
+    req
+}
+
+/// A response the mesh makes itself.
+pub(crate) fn local<RB>(reply: LocalReply, grpc: bool) -> Response<ResponseBody<RB>> {
+    let (head, body) = reply.into_parts(grpc);
+    head.map(|()| ResponseBody::local(body))
+}
+
+fn overflow_reply(state: &ClusterState, overflow: Overflow) -> LocalReply {
+    LocalReply::overflow(format!("cluster {:?}: {overflow}", state.name()))
+}
+
+fn no_eligible_endpoint(state: &ClusterState, route: &Name) -> Error {
+    Error::new(
+        ErrorKind::NoEndpoints,
+        format!(
+            "cluster {:?} has no healthy endpoint: {} of {} ejected by outlier detection \
+             (route {route:?})",
+            state.name(),
+            state.ejected(),
+            state.len()
+        ),
+    )
 }
 
 /// The authority a request is addressed to: the URI's, else `Host`.
@@ -392,10 +821,10 @@ mod tests {
 
     use bytes::Bytes;
     use http_body::Frame;
-    use http_body_util::{BodyExt, StreamBody};
+    use http_body_util::{BodyExt, Empty, StreamBody};
     use mesh_core::model::{
-        Cluster, ClusterLoadAssignment, Endpoint, LbPolicy, Locality, LocalityEndpoints, Protocol,
-        Route, RouteConfig, RouteMatch, VirtualHost, WeightedClusters,
+        Cluster, ClusterLoadAssignment, Endpoint, Locality, LocalityEndpoints, Protocol, Route,
+        RouteConfig, RouteMatch, VirtualHost, WeightedClusters,
     };
     use tokio::sync::mpsc;
     use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -406,9 +835,14 @@ mod tests {
 
     type Chunk = Result<Frame<Bytes>, Infallible>;
     type Body = StreamBody<UnboundedReceiverStream<Chunk>>;
-    type Seen = (Uri, Option<HeaderValue>, TargetEndpoint);
+    type Seen = (
+        Uri,
+        Option<HeaderValue>,
+        TargetEndpoint,
+        Option<HeaderValue>,
+    );
 
-    fn snapshot(ports: &[u16]) -> Snapshot {
+    fn snapshot(ports: &[u16], policy: RoutePolicy) -> Snapshot {
         let mut s = Snapshot::default();
         s.listeners.insert(
             "svc".into(),
@@ -428,7 +862,7 @@ mod tests {
                         name: "all".into(),
                         matcher: RouteMatch::any(),
                         action: WeightedClusters::single("c"),
-                        policy: Default::default(),
+                        policy,
                     }]
                     .into(),
                 }]
@@ -438,7 +872,6 @@ mod tests {
         s.clusters.insert(
             "c".into(),
             Arc::new(Cluster {
-                eds_service_name: "c".into(),
                 lb_policy: LbPolicy::LeastRequest,
                 ..Cluster::new("c", Protocol::Http1)
             }),
@@ -473,7 +906,7 @@ mod tests {
         open: Arc<Mutex<Vec<mpsc::UnboundedSender<Chunk>>>>,
     }
 
-    impl Service<Request<()>> for Recorder {
+    impl Service<Request<MeshBody<Empty<Bytes>>>> for Recorder {
         type Response = Response<Body>;
         type Error = Infallible;
         type Future = std::future::Ready<Result<Response<Body>, Infallible>>;
@@ -482,14 +915,16 @@ mod tests {
             Poll::Ready(Ok(()))
         }
 
-        fn call(&mut self, req: Request<()>) -> Self::Future {
+        fn call(&mut self, req: Request<MeshBody<Empty<Bytes>>>) -> Self::Future {
             let target = req.extensions().get::<TargetEndpoint>().cloned().unwrap();
             let host = req.headers().get(HOST).cloned();
+            let timeout = req.headers().get("x-envoy-expected-rq-timeout-ms").cloned();
             self.seen
                 .lock()
                 .unwrap()
-                .push((req.uri().clone(), host, target));
+                .push((req.uri().clone(), host, target, timeout));
             let (tx, rx) = mpsc::unbounded_channel();
+            let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"x"))));
             self.open.lock().unwrap().push(tx);
             std::future::ready(Ok(Response::new(StreamBody::new(
                 UnboundedReceiverStream::new(rx),
@@ -502,16 +937,20 @@ mod tests {
         uri: &str,
     ) -> Result<Response<ResponseBody<Body>>, Error> {
         mesh.ready().await?;
-        mesh.call(Request::get(uri).body(()).unwrap()).await
+        mesh.call(Request::get(uri).body(Empty::new()).unwrap())
+            .await
     }
 
     #[tokio::test]
     async fn rewrite_mode_points_the_uri_at_the_endpoint_and_keeps_the_name_in_host() {
         let recorder = Recorder::default();
-        let layer = MeshLayer::new(StaticSource::new(snapshot(&[41000])));
+        let layer = MeshLayer::new(StaticSource::new(snapshot(
+            &[41000],
+            RoutePolicy::default(),
+        )));
         let mut mesh = layer.layer(recorder.clone());
         let _response = send(&mut mesh, "http://svc/items?page=2").await.unwrap();
-        let (uri, host, target) = recorder.seen.lock().unwrap().pop().unwrap();
+        let (uri, host, target, _) = recorder.seen.lock().unwrap().pop().unwrap();
         assert_eq!(uri, "http://127.0.0.1:41000/items?page=2");
         assert_eq!(host.unwrap(), "svc");
         assert_eq!(target.addr(), SocketAddr::from(([127, 0, 0, 1], 41000)));
@@ -522,18 +961,37 @@ mod tests {
     #[tokio::test]
     async fn keep_mode_leaves_the_uri_alone() {
         let recorder = Recorder::default();
-        let layer = MeshLayer::new(StaticSource::new(snapshot(&[41000]))).rewrite_uri(false);
+        let layer = MeshLayer::new(StaticSource::new(snapshot(
+            &[41000],
+            RoutePolicy::default(),
+        )))
+        .rewrite_uri(false);
         let mut mesh = layer.layer(recorder.clone());
         let _response = send(&mut mesh, "http://svc/items").await.unwrap();
-        let (uri, host, _) = recorder.seen.lock().unwrap().pop().unwrap();
+        let (uri, host, _, _) = recorder.seen.lock().unwrap().pop().unwrap();
         assert_eq!(uri, "http://svc/items");
         assert_eq!(host, None);
     }
 
     #[tokio::test]
+    async fn a_route_timeout_is_announced_to_the_endpoint() {
+        let recorder = Recorder::default();
+        let policy = RoutePolicy {
+            timeout: Some(Duration::from_secs(2)),
+            ..RoutePolicy::default()
+        };
+        let layer = MeshLayer::new(StaticSource::new(snapshot(&[41000], policy)));
+        let mut mesh = layer.layer(recorder.clone());
+        let _response = send(&mut mesh, "http://svc/").await.unwrap();
+        let (_, _, _, timeout) = recorder.seen.lock().unwrap().pop().unwrap();
+        let ms: u64 = timeout.unwrap().to_str().unwrap().parse().unwrap();
+        assert!(ms <= 2000 && ms > 1500, "{ms}");
+    }
+
+    #[tokio::test]
     async fn least_request_avoids_the_endpoint_whose_response_is_still_streaming() {
         let recorder = Recorder::default();
-        let layer = MeshLayer::new(StaticSource::new(snapshot(&[1, 2])));
+        let layer = MeshLayer::new(StaticSource::new(snapshot(&[1, 2], RoutePolicy::default())));
         let mut mesh = layer.layer(recorder.clone());
         // The first response stays open: its endpoint is busy.
         let busy_response = send(&mut mesh, "http://svc/").await.unwrap();
@@ -551,15 +1009,18 @@ mod tests {
         busy_response.into_body().collect().await.unwrap();
         let state = {
             let snapshot = mesh.shared.source.snapshot();
+            let cluster = snapshot.clusters.get("c").unwrap().clone();
             let cla = snapshot.endpoints.get("c").unwrap().clone();
-            mesh.shared.states.get(&snapshot, &"c".into(), &cla)
+            mesh.shared.states.get(&snapshot, &cluster, &cla, || None)
         };
         assert_eq!((state.in_flight(0), state.in_flight(1)), (0, 0));
+        assert_eq!(state.breaker().active_requests(), 0);
     }
 
     #[tokio::test]
     async fn a_cluster_without_endpoints_is_an_error_naming_it() {
-        let mut mesh = MeshLayer::new(StaticSource::new(snapshot(&[]))).layer(Recorder::default());
+        let mut mesh = MeshLayer::new(StaticSource::new(snapshot(&[], RoutePolicy::default())))
+            .layer(Recorder::default());
         let e = send(&mut mesh, "http://svc/").await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NoEndpoints);
         assert!(e.to_string().contains("cluster \"c\""), "{e}");

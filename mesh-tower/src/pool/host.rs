@@ -1,9 +1,9 @@
-//! The connections to one endpoint.
+//! The connections of one cluster to one endpoint.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -13,9 +13,11 @@ use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_core::breaker::{ConnectionPermit, Overflow};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
-use super::PoolConfig;
+use super::{ConnectionPolicy, PoolConfig};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::mesh::TargetEndpoint;
 
@@ -25,59 +27,186 @@ const HTTP1_ATTEMPTS: usize = 3;
 
 pub(super) struct Host<B> {
     addr: SocketAddr,
-    http2: ArcSwapOption<http2::SendRequest<B>>,
+    /// The origin of `last_used` stamps.
+    epoch: Instant,
+    http2: ArcSwapOption<Http2Conn<B>>,
     dialing: tokio::sync::Mutex<()>,
     /// HTTP/2 dial attempts so far, to tell a request that waited on another
     /// request's failed dial.
     dials: AtomicU64,
-    idle: Mutex<Vec<http1::SendRequest<B>>>,
+    idle: Mutex<Vec<Idle<B>>>,
+    /// Connections open or being dialed.
+    open: AtomicUsize,
+    /// Signalled when a connection comes back idle or closes: what pending
+    /// requests wait for.
+    freed: Notify,
+    /// Whether a task is closing idle HTTP/1.1 connections.
+    reaping: AtomicBool,
+}
+
+struct Http2Conn<B> {
+    sender: http2::SendRequest<B>,
+    /// Requests sent on it so far (counted when the cluster limits them).
+    requests: AtomicU32,
+    /// When it last took a request (millis since the host's epoch).
+    last_used: AtomicU64,
+}
+
+struct Idle<B> {
+    sender: http1::SendRequest<B>,
+    /// Requests it has carried.
+    uses: u32,
+    since: Instant,
+}
+
+fn millis_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 impl<B> Host<B> {
     pub(super) fn new(addr: SocketAddr) -> Self {
         Host {
             addr,
+            epoch: Instant::now(),
             http2: ArcSwapOption::empty(),
             dialing: tokio::sync::Mutex::new(()),
             dials: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
+            open: AtomicUsize::new(0),
+            freed: Notify::new(),
+            reaping: AtomicBool::new(false),
         }
     }
 
     /// Whether any connection to this endpoint is open.
     pub(super) fn is_alive(&self) -> bool {
-        let http2 = self.http2.load().as_ref().is_some_and(|s| !s.is_closed());
-        http2
-            || self
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .any(|s| !s.is_closed())
+        let http2 = self
+            .http2
+            .load()
+            .as_ref()
+            .is_some_and(|c| !c.sender.is_closed());
+        http2 || self.open.load(Ordering::Acquire) > 0
     }
 
-    fn open_http2(&self) -> Option<http2::SendRequest<B>> {
-        match &*self.http2.load() {
-            Some(sender) if !sender.is_closed() => Some(http2::SendRequest::clone(sender)),
-            _ => None,
+    /// Connections open or being dialed.
+    pub(super) fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// The shared HTTP/2 connection, if open and willing to take one more
+    /// request (it is retired once it carried `max_requests`).
+    fn open_http2(
+        &self,
+        max_requests: Option<u32>,
+        track_idle: bool,
+    ) -> Option<http2::SendRequest<B>> {
+        let current = self.http2.load();
+        let conn = current.as_ref()?;
+        if conn.sender.is_closed() {
+            return None;
         }
+        if let Some(max) = max_requests
+            && conn.requests.fetch_add(1, Ordering::AcqRel) >= max
+        {
+            self.retire_http2(conn);
+            return None;
+        }
+        if track_idle {
+            conn.last_used
+                .store(millis_since(self.epoch), Ordering::Relaxed);
+        }
+        Some(http2::SendRequest::clone(&conn.sender))
     }
 
-    fn idle_http1(&self) -> Option<http1::SendRequest<B>> {
+    /// Takes `conn` out of service: new requests dial a fresh connection;
+    /// this one closes once its streams are done.
+    fn retire_http2(&self, conn: &Arc<Http2Conn<B>>) {
+        self.http2.compare_and_swap(conn, None::<Arc<Http2Conn<B>>>);
+    }
+
+    fn idle_http1(&self, idle_timeout: Option<Duration>) -> Option<(http1::SendRequest<B>, u32)> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(sender) = idle.pop() {
-            if sender.is_ready() {
-                return Some(sender);
+        while let Some(entry) = idle.pop() {
+            let fresh = idle_timeout.is_none_or(|t| entry.since.elapsed() < t);
+            if fresh && entry.sender.is_ready() {
+                return Some((entry.sender, entry.uses));
             }
         }
         None
     }
 
-    fn put_idle(&self, sender: http1::SendRequest<B>, max: usize) {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < max && !sender.is_closed() {
-            idle.push(sender);
+    /// A connection whose response was read: back to the idle stack, or
+    /// closed (by dropping it) when it carried its maximum of requests or
+    /// the stack is full.
+    fn put_idle(self: &Arc<Self>, sender: http1::SendRequest<B>, uses: u32, policy: IdlePolicy)
+    where
+        B: Send + 'static,
+    {
+        if policy.max_requests.is_some_and(|max| uses >= max) || sender.is_closed() {
+            return;
         }
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() >= policy.max_idle {
+                return;
+            }
+            idle.push(Idle {
+                sender,
+                uses,
+                since: Instant::now(),
+            });
+        }
+        self.freed.notify_one();
+        if let Some(timeout) = policy.idle_timeout
+            && !self.reaping.swap(true, Ordering::AcqRel)
+        {
+            tokio::spawn(reap_idle(Arc::downgrade(self), timeout));
+        }
+    }
+
+    fn connection_closed(&self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.freed.notify_one();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct IdlePolicy {
+    max_requests: Option<u32>,
+    idle_timeout: Option<Duration>,
+    max_idle: usize,
+}
+
+/// Closes HTTP/1.1 connections idle longer than `timeout`, until none is
+/// left idle.
+async fn reap_idle<B>(host: Weak<Host<B>>, timeout: Duration) {
+    loop {
+        tokio::time::sleep(timeout).await;
+        let Some(host) = host.upgrade() else { return };
+        let mut idle = host.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|entry| entry.since.elapsed() < timeout && !entry.sender.is_closed());
+        if idle.is_empty() {
+            host.reaping.store(false, Ordering::Release);
+            return;
+        }
+    }
+}
+
+/// Closes (retires) an HTTP/2 connection once it has taken no request for
+/// `timeout`.
+async fn watch_http2_idle<B>(host: &Host<B>, conn: Weak<Http2Conn<B>>, timeout: Duration) {
+    let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    let mut wait = timeout;
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(conn) = conn.upgrade() else { return };
+        let idle_for =
+            millis_since(host.epoch).saturating_sub(conn.last_used.load(Ordering::Relaxed));
+        if idle_for >= limit {
+            host.retire_http2(&conn);
+            return;
+        }
+        wait = Duration::from_millis(limit - idle_for);
     }
 }
 
@@ -91,16 +220,17 @@ where
         mut req: Request<B>,
         target: &TargetEndpoint,
         config: PoolConfig,
+        policy: Option<&ConnectionPolicy>,
     ) -> Result<Response<Incoming>, Error> {
         prepare_http2(&mut req)?;
-        let mut sender = self.http2_sender(target, config).await?;
+        let mut sender = self.http2_sender(target, config, policy).await?;
         match sender.try_send_request(req).await {
             Ok(response) => Ok(response),
             Err(mut e) => match e.take_message() {
                 // The connection closed before taking the request: send it
                 // once more on a fresh connection.
                 Some(req) => {
-                    let mut sender = self.http2_sender(target, config).await?;
+                    let mut sender = self.http2_sender(target, config, policy).await?;
                     sender
                         .send_request(req)
                         .await
@@ -112,16 +242,29 @@ where
     }
 
     async fn http2_sender(
-        &self,
+        self: &Arc<Self>,
         target: &TargetEndpoint,
         config: PoolConfig,
+        policy: Option<&ConnectionPolicy>,
     ) -> Result<http2::SendRequest<B>, Error> {
-        if let Some(sender) = self.open_http2() {
+        let settings = policy.map(|p| &p.settings);
+        let max_requests = settings.and_then(|s| s.max_requests_per_connection);
+        let idle_timeout = settings.and_then(|s| s.idle_timeout);
+        if let Some(sender) = self.open_http2(max_requests, idle_timeout.is_some()) {
             return Ok(sender);
         }
+        // Waiting for a connection being dialed: a pending request.
+        let _pending = match policy {
+            Some(p) => Some(
+                p.breaker
+                    .try_pend(&p.limits)
+                    .map_err(|o| overflow(target, o))?,
+            ),
+            None => None,
+        };
         let attempts = self.dials.load(Ordering::Acquire);
         let _dialing = self.dialing.lock().await;
-        if let Some(sender) = self.open_http2() {
+        if let Some(sender) = self.open_http2(max_requests, idle_timeout.is_some()) {
             return Ok(sender);
         }
         if self.dials.load(Ordering::Acquire) != attempts {
@@ -138,7 +281,10 @@ where
             ));
         }
         self.dials.fetch_add(1, Ordering::AcqRel);
-        let io = connect(target, config.connect_timeout).await?;
+        // One connection per endpoint: dialed even past maxConnections, as
+        // Envoy does for an endpoint without any connection.
+        let permit = policy.and_then(|p| p.breaker.try_connect(&p.limits));
+        let io = self.connect(target, config, policy).await?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new());
         if let Some(interval) = config.http2_keep_alive {
@@ -147,17 +293,40 @@ where
                 .keep_alive_timeout(interval.max(Duration::from_secs(1)))
                 .keep_alive_while_idle(true);
         }
-        let (sender, connection) = builder
-            .handshake(io)
-            .await
-            .map_err(|e| handshake_error(target, e))?;
-        let addr = self.addr;
+        let (sender, connection) = match builder.handshake(io).await {
+            Ok(handshake) => handshake,
+            Err(e) => {
+                self.connection_closed();
+                return Err(handshake_error(target, e));
+            }
+        };
+        let conn = Arc::new(Http2Conn {
+            sender: sender.clone(),
+            requests: AtomicU32::new(1),
+            last_used: AtomicU64::new(millis_since(self.epoch)),
+        });
+        self.http2.store(Some(conn.clone()));
+        let host = self.clone();
+        let watched = Arc::downgrade(&conn);
+        drop(conn);
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let _permit: Option<ConnectionPermit> = permit;
+            let addr = host.addr;
+            tokio::pin!(connection);
+            let result = match idle_timeout {
+                Some(timeout) => {
+                    tokio::select! {
+                        result = &mut connection => result,
+                        () = watch_http2_idle(&host, watched, timeout) => connection.await,
+                    }
+                }
+                None => connection.await,
+            };
+            if let Err(e) = result {
                 tracing::debug!(%addr, error = %e, "HTTP/2 connection closed");
             }
+            host.connection_closed();
         });
-        self.http2.store(Some(Arc::new(sender.clone())));
         Ok(sender)
     }
 
@@ -166,20 +335,26 @@ where
         mut req: Request<B>,
         target: &TargetEndpoint,
         config: PoolConfig,
+        policy: Option<&ConnectionPolicy>,
     ) -> Result<Response<Incoming>, Error> {
         prepare_http1(&mut req)?;
+        let settings = policy.map(|p| &p.settings);
+        let idle_policy = IdlePolicy {
+            max_requests: settings.and_then(|s| s.max_requests_per_connection),
+            idle_timeout: settings.and_then(|s| s.idle_timeout),
+            max_idle: config.max_idle_per_host,
+        };
         let mut last = None;
         for _ in 0..HTTP1_ATTEMPTS {
-            let mut sender = match self.idle_http1() {
-                Some(sender) => sender,
-                None => self.dial_http1(target, config).await?,
-            };
+            let (mut sender, uses) = self
+                .http1_sender(target, config, policy, idle_policy)
+                .await?;
             let sent = sender.try_send_request(req);
             // Back to the idle stack once this response has been read.
             let host = self.clone();
             tokio::spawn(async move {
                 if sender.ready().await.is_ok() {
-                    host.put_idle(sender, config.max_idle_per_host);
+                    host.put_idle(sender, uses, idle_policy);
                 }
             });
             match sent.await {
@@ -199,22 +374,94 @@ where
         })
     }
 
+    /// An idle connection, a new one, or (at `maxConnections`) the first
+    /// one to come back, waiting as a pending request. Returns the
+    /// connection and how many requests it will have carried.
+    async fn http1_sender(
+        self: &Arc<Self>,
+        target: &TargetEndpoint,
+        config: PoolConfig,
+        policy: Option<&ConnectionPolicy>,
+        idle_policy: IdlePolicy,
+    ) -> Result<(http1::SendRequest<B>, u32), Error> {
+        let mut pending = None;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some((sender, uses)) = self.idle_http1(idle_policy.idle_timeout) {
+                return Ok((sender, uses.saturating_add(1)));
+            }
+            let dial = match policy {
+                None => Some(None),
+                Some(p) => match p.breaker.try_connect(&p.limits) {
+                    Some(permit) => Some(Some(permit)),
+                    // An endpoint without connections may always open one.
+                    None if self.open.load(Ordering::Acquire) == 0 => Some(None),
+                    None => None,
+                },
+            };
+            if let Some(permit) = dial {
+                drop(pending);
+                let sender = self.dial_http1(target, config, policy, permit).await?;
+                return Ok((sender, 1));
+            }
+            if pending.is_none()
+                && let Some(p) = policy
+            {
+                pending = Some(
+                    p.breaker
+                        .try_pend(&p.limits)
+                        .map_err(|o| overflow(target, o))?,
+                );
+            }
+            freed.await;
+        }
+    }
+
     async fn dial_http1(
+        self: &Arc<Self>,
+        target: &TargetEndpoint,
+        config: PoolConfig,
+        policy: Option<&ConnectionPolicy>,
+        permit: Option<ConnectionPermit>,
+    ) -> Result<http1::SendRequest<B>, Error> {
+        let io = self.connect(target, config, policy).await?;
+        let (sender, connection) = match http1::handshake(io).await {
+            Ok(handshake) => handshake,
+            Err(e) => {
+                self.connection_closed();
+                return Err(handshake_error(target, e));
+            }
+        };
+        let host = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = connection.await {
+                tracing::debug!(addr = %host.addr, error = %e, "HTTP/1.1 connection closed");
+            }
+            host.connection_closed();
+        });
+        Ok(sender)
+    }
+
+    /// Dials the endpoint, counting the connection as open from now on (the
+    /// caller calls `connection_closed` when it fails later).
+    async fn connect(
         &self,
         target: &TargetEndpoint,
         config: PoolConfig,
-    ) -> Result<http1::SendRequest<B>, Error> {
-        let io = connect(target, config.connect_timeout).await?;
-        let (sender, connection) = http1::handshake(io)
-            .await
-            .map_err(|e| handshake_error(target, e))?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%addr, error = %e, "HTTP/1.1 connection closed");
-            }
-        });
-        Ok(sender)
+        policy: Option<&ConnectionPolicy>,
+    ) -> Result<TokioIo<TcpStream>, Error> {
+        let timeout = policy
+            .and_then(|p| p.settings.connect_timeout)
+            .unwrap_or(config.connect_timeout);
+        self.open.fetch_add(1, Ordering::AcqRel);
+        let result = connect(target, timeout).await;
+        if result.is_err() {
+            self.connection_closed();
+        }
+        result
     }
 }
 
@@ -243,6 +490,19 @@ async fn connect(target: &TargetEndpoint, timeout: Duration) -> Result<TokioIo<T
         )
         .with_source(std::io::Error::from(std::io::ErrorKind::TimedOut))),
     }
+}
+
+fn overflow(target: &TargetEndpoint, o: Overflow) -> Error {
+    Error::new(
+        ErrorKind::Overflow,
+        format!(
+            "cluster {:?}: circuit breaker {} limit of {} reached",
+            target.cluster(),
+            o.limit,
+            o.value
+        ),
+    )
+    .with_source(o)
 }
 
 fn handshake_error(target: &TargetEndpoint, e: hyper::Error) -> Error {

@@ -1,13 +1,14 @@
-//! Pooled hyper connections, keyed by endpoint address and protocol.
+//! Pooled hyper connections, keyed by cluster, endpoint address and protocol.
 //!
 //! The mesh chooses the endpoint, so the pool must not derive the address
 //! from the URI (that would lose the service name): it dials the
 //! [`TargetEndpoint`] the routing layer put on the request and sends the
 //! request with its URI as written, so the endpoint sees the original
 //! `:authority` (HTTP/2) or `Host` (HTTP/1.1), as Envoy's upstream
-//! connections do. The pool key is (endpoint address, HTTP/2 or not); later
-//! the TLS identity joins it (DESIGN.md: pooled hyper connection keyed by
-//! endpoint, protocol and TLS identity).
+//! connections do. Connections belong to a cluster, as Envoy's connection
+//! pools do, so each cluster's limits and settings apply to its own
+//! connections; later the TLS identity joins the key (DESIGN.md: pooled
+//! hyper connection keyed by endpoint, protocol and TLS identity).
 //!
 //! - HTTP/2 (clusters of protocol `HTTP2` / `GRPC`): one shared connection
 //!   per endpoint, multiplexing every request, as gRPC's subchannels do;
@@ -17,6 +18,27 @@
 //! - HTTP/1.1: a small stack of idle connections per endpoint (a short
 //!   critical section under an uncontended mutex); a connection returns to
 //!   it when its response has been read to the end.
+//!
+//! The cluster's settings (from the request, set by the mesh layer; Istio
+//! `connectionPool`) apply as Envoy applies them:
+//!
+//! - `tcp.connectTimeout`: how long a dial may take (else the pool's
+//!   [`Pool::connect_timeout`], 10 s).
+//! - `tcp.maxConnections`: beyond it a request needing a new HTTP/1.1
+//!   connection waits, as *pending*, for one of the endpoint's connections
+//!   to come back or close (an endpoint without any connection may always
+//!   open one, as in Envoy, so no request waits forever on other
+//!   endpoints' connections). HTTP/2 needs one connection per endpoint.
+//! - `http.http1MaxPendingRequests`: requests waiting for a connection
+//!   (for a free HTTP/1.1 connection, or for an HTTP/2 connection being
+//!   dialed); one more fails at once with [`ErrorKind::Overflow`] naming
+//!   the limit.
+//! - `http.maxRequestsPerConnection`: a connection that has carried that
+//!   many requests takes no more (HTTP/1.1: it is closed after its
+//!   response; HTTP/2: the next request dials a fresh one while the old one
+//!   finishes its streams).
+//! - `http.idleTimeout`: a connection without requests that long is closed
+//!   (HTTP/2: once its streams are done).
 //!
 //! The response future is boxed, as hyper-util's `Client`'s is.
 
@@ -35,6 +57,8 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use mesh_core::breaker::CircuitBreaker;
+use mesh_core::model::{CircuitBreakers, ConnectionSettings, Name};
 use tower::Service;
 
 use self::host::Host;
@@ -56,8 +80,21 @@ pub(crate) struct PoolConfig {
     pub(crate) http2_keep_alive: Option<Duration>,
 }
 
-/// (endpoint address, HTTP/2).
-type Key = (SocketAddr, bool);
+/// A cluster's connection limits and settings, put on each request by the
+/// mesh layer for the pool.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterConnections(pub(crate) Arc<ConnectionPolicy>);
+
+/// What a cluster says about its connections.
+#[derive(Debug)]
+pub(crate) struct ConnectionPolicy {
+    pub(crate) breaker: CircuitBreaker,
+    pub(crate) limits: CircuitBreakers,
+    pub(crate) settings: ConnectionSettings,
+}
+
+/// (cluster, endpoint address, HTTP/2).
+type Key = (Name, SocketAddr, bool);
 
 struct Hosts<B> {
     map: ArcSwap<HashMap<Key, Arc<Host<B>>>>,
@@ -81,7 +118,8 @@ impl<B> Pool<B> {
         }
     }
 
-    /// How long dialing an endpoint may take.
+    /// How long dialing an endpoint may take, unless its cluster says
+    /// (`connectionPool.tcp.connectTimeout`).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.config.connect_timeout = timeout;
         self
@@ -100,7 +138,8 @@ impl<B> Pool<B> {
         self
     }
 
-    /// Number of endpoints with an open connection (idle or busy).
+    /// Number of endpoints with an open connection (idle or busy), counted
+    /// once per cluster they serve.
     pub fn open_endpoints(&self) -> usize {
         self.hosts
             .map
@@ -110,8 +149,18 @@ impl<B> Pool<B> {
             .count()
     }
 
-    fn host(&self, addr: SocketAddr, http2: bool) -> Arc<Host<B>> {
-        let key = (addr, http2);
+    /// Connections open now, across endpoints and clusters.
+    pub fn open_connections(&self) -> usize {
+        self.hosts
+            .map
+            .load()
+            .values()
+            .map(|h| h.open_connections())
+            .sum()
+    }
+
+    fn host(&self, target: &TargetEndpoint, http2: bool) -> Arc<Host<B>> {
+        let key = (target.cluster_name().clone(), target.addr(), http2);
         if let Some(host) = self.hosts.map.load().get(&key) {
             return host.clone();
         }
@@ -132,7 +181,7 @@ impl<B> Pool<B> {
         let mut map = HashMap::clone(&current);
         // Forget endpoints without connections that no request is using.
         map.retain(|_, h| h.is_alive() || Arc::strong_count(h) > 1);
-        let host = Arc::new(Host::new(key.0));
+        let host = Arc::new(Host::new(key.1));
         map.insert(key, host.clone());
         self.hosts.map.store(Arc::new(map));
         host
@@ -184,13 +233,23 @@ where
                  (MeshLayer::new(source).rewrite_uri(false))",
             ))));
         };
+        let policy = req
+            .extensions()
+            .get::<ClusterConnections>()
+            .map(|c| c.0.clone());
         let http2 = target.protocol().is_http2();
-        let host = self.host(target.addr(), http2);
+        let host = self.host(&target, http2);
         let config = self.config;
         if http2 {
-            ResponseFuture::new(async move { host.send_http2(req, &target, config).await })
+            ResponseFuture::new(async move {
+                host.send_http2(req, &target, config, policy.as_deref())
+                    .await
+            })
         } else {
-            ResponseFuture::new(async move { host.send_http1(req, &target, config).await })
+            ResponseFuture::new(async move {
+                host.send_http1(req, &target, config, policy.as_deref())
+                    .await
+            })
         }
     }
 }

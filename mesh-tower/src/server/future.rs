@@ -4,36 +4,75 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::Bytes;
 use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 
 use super::SERVED_BY;
+use crate::body::ResponseBody;
 
 pin_project! {
-    /// The app's response future, adding the server stack's response headers.
+    /// The app's response future, adding the server stack's response
+    /// headers; or the server stack's own answer (an expired deadline).
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: F,
+        state: State<F>,
         served_by: Option<HeaderValue>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    #[derive(Debug)]
+    enum State<F> {
+        App {
+            #[pin]
+            inner: F,
+        },
+        Local {
+            reply: Option<(Response<()>, Option<Bytes>)>,
+        },
     }
 }
 
 impl<F> ResponseFuture<F> {
     pub(crate) fn new(inner: F, served_by: Option<HeaderValue>) -> Self {
-        ResponseFuture { inner, served_by }
+        ResponseFuture {
+            state: State::App { inner },
+            served_by,
+        }
+    }
+
+    pub(crate) fn local(
+        reply: (Response<()>, Option<Bytes>),
+        served_by: Option<HeaderValue>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Local { reply: Some(reply) },
+            served_by,
+        }
     }
 }
 
 impl<F, RB, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<RB>, E>>,
+    RB: http_body::Body,
 {
-    type Output = Result<Response<RB>, E>;
+    type Output = Result<Response<ResponseBody<RB>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut response = ready!(this.inner.poll(cx))?;
+        let mut response = match this.state.project() {
+            StateProj::App { inner } => {
+                ready!(inner.poll(cx))?.map(|body| ResponseBody::new(body, None, None))
+            }
+            StateProj::Local { reply } => match reply.take() {
+                Some((head, body)) => head.map(|()| ResponseBody::local(body)),
+                None => Response::new(ResponseBody::local(None)),
+            },
+        };
         if let Some(value) = this.served_by.take() {
             response.headers_mut().insert(SERVED_BY, value);
         }

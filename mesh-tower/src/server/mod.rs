@@ -7,10 +7,20 @@
 //! they will run. Today it gives the application its place in the mesh: a
 //! [`ServerContext`] request extension (the service, namespace and node id,
 //! readable with axum's `Extension<ServerContext>` or tonic's
-//! `request.extensions()`), and optionally an `x-proxyless-served-by`
-//! response header naming the node, which makes balancing visible from a
-//! client (`curl -i`) without tracing, much as Envoy's
-//! `x-envoy-upstream-service-time` makes the proxy visible.
+//! `request.extensions()`), the request's [`Deadline`](crate::Deadline)
+//! (from `grpc-timeout`, else `x-envoy-expected-rq-timeout-ms`; see
+//! [`crate::deadline`]) as an extension for the app to propagate, and
+//! optionally an `x-proxyless-served-by` response header naming the node,
+//! which makes balancing visible from a client (`curl -i`) without
+//! tracing, much as Envoy's `x-envoy-upstream-service-time` makes the proxy
+//! visible.
+//!
+//! A request whose deadline had already passed when it arrived is answered
+//! by the layer (`504`, or `DEADLINE_EXCEEDED` for gRPC) without calling
+//! the app. The deadline is not enforced on a running app: the app reads
+//! it and passes it on (a gRPC server built with tonic's own transport
+//! enforces `grpc-timeout` itself). Responses are wrapped in
+//! [`ResponseBody`](crate::ResponseBody) so the layer can answer itself.
 //!
 //! [`serve`](crate::serve()) adds a [`ConnectionInfo`](crate::serve::ConnectionInfo)
 //! extension (peer and local address) before this layer runs.

@@ -4,6 +4,9 @@ use http::{HeaderValue, Request, Response};
 use tower::Service;
 
 use super::{ResponseFuture, ServerContext};
+use crate::body::ResponseBody;
+use crate::deadline::Deadline;
+use crate::local_reply::{LocalReply, is_grpc};
 
 /// The service built by [`ServerLayer`](super::ServerLayer).
 #[derive(Debug, Clone)]
@@ -41,8 +44,9 @@ impl<S> Server<S> {
 impl<S, B, RB> Service<Request<B>> for Server<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
+    RB: http_body::Body,
 {
-    type Response = Response<RB>;
+    type Response = Response<ResponseBody<RB>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
@@ -52,6 +56,21 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         req.extensions_mut().insert(self.context.clone());
+        if let Some(deadline) = Deadline::from_headers(req.headers()) {
+            if deadline.is_expired() {
+                // Nobody waits for the answer any more: do not run the app.
+                let reply = LocalReply::timeout(
+                    "the request's deadline had passed when it arrived (grpc-timeout / \
+                     x-envoy-expected-rq-timeout-ms of 0)"
+                        .into(),
+                );
+                return ResponseFuture::local(
+                    reply.into_parts(is_grpc(req.headers())),
+                    self.served_by.clone(),
+                );
+            }
+            req.extensions_mut().insert(deadline);
+        }
         ResponseFuture::new(self.inner.call(req), self.served_by.clone())
     }
 }

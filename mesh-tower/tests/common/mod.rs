@@ -18,8 +18,8 @@ use http_body_util::{BodyExt, StreamBody};
 use mesh_core::Snapshot;
 use mesh_core::model::{
     Cluster, ClusterLoadAssignment, Endpoint, HeaderMatch, LbPolicy, Listener, Locality,
-    LocalityEndpoints, PathMatch, Protocol, Route, RouteConfig, RouteMatch, ValueMatch,
-    VirtualHost, WeightedClusters,
+    LocalityEndpoints, PathMatch, Protocol, Route, RouteConfig, RouteMatch, RoutePolicy,
+    ValueMatch, VirtualHost, WeightedClusters,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -233,4 +233,171 @@ pub fn add_service(s: &mut Snapshot, name: &str, a: SocketAddr, b: SocketAddr, p
 pub async fn closed_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap()
+}
+
+/// A backend answering every request with `handler`, on 127.0.0.1:0
+/// (HTTP/1.1 and h2c). The handler sees the peer address in a
+/// `ConnectInfo<SocketAddr>` extension.
+pub async fn serve_fn<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
+{
+    let app = Router::new().fallback(move |req: Request| {
+        let handler = handler.clone();
+        async move { handler(req).await }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    addr
+}
+
+/// A snapshot with one service `name` (listener `name`), one route with
+/// `policy` to one cluster (`cluster`, renamed `outbound|80||<name>`) whose
+/// endpoints are `endpoints` (each with its locality, weight 1).
+pub fn one_service(
+    name: &str,
+    cluster: Cluster,
+    policy: RoutePolicy,
+    endpoints: &[(SocketAddr, Locality)],
+) -> Snapshot {
+    let mut s = Snapshot::default();
+    add_one_service(&mut s, name, cluster, policy, endpoints);
+    s
+}
+
+/// Adds what [`one_service`] builds to `s`.
+pub fn add_one_service(
+    s: &mut Snapshot,
+    name: &str,
+    cluster: Cluster,
+    policy: RoutePolicy,
+    endpoints: &[(SocketAddr, Locality)],
+) {
+    let rc_name = format!("{name}:80");
+    let cluster_name = format!("outbound|80||{name}");
+    s.listeners.insert(
+        name.into(),
+        Arc::new(Listener {
+            name: name.into(),
+            route_config_name: rc_name.as_str().into(),
+        }),
+    );
+    s.route_configs.insert(
+        rc_name.as_str().into(),
+        Arc::new(RouteConfig {
+            name: rc_name.as_str().into(),
+            virtual_hosts: vec![VirtualHost {
+                name: rc_name.as_str().into(),
+                domains: vec![name.into(), rc_name.as_str().into()].into(),
+                routes: vec![Route {
+                    name: "all".into(),
+                    matcher: RouteMatch::any(),
+                    action: WeightedClusters::single(cluster_name.as_str()),
+                    policy,
+                }]
+                .into(),
+            }]
+            .into(),
+        }),
+    );
+    s.clusters.insert(
+        cluster_name.as_str().into(),
+        Arc::new(Cluster {
+            name: cluster_name.as_str().into(),
+            eds_service_name: cluster_name.as_str().into(),
+            ..cluster
+        }),
+    );
+    let mut localities: Vec<LocalityEndpoints> = Vec::new();
+    for (addr, locality) in endpoints {
+        let endpoint = Endpoint {
+            address: *addr,
+            weight: 1,
+            labels: Arc::from([]),
+        };
+        match localities.iter_mut().find(|l| &l.locality == locality) {
+            Some(l) => {
+                let mut all = l.endpoints.to_vec();
+                all.push(endpoint);
+                l.endpoints = all.into();
+                l.weight += 1;
+            }
+            None => localities.push(LocalityEndpoints {
+                locality: locality.clone(),
+                weight: 1,
+                priority: 0,
+                endpoints: vec![endpoint].into(),
+            }),
+        }
+    }
+    s.endpoints.insert(
+        cluster_name.as_str().into(),
+        Arc::new(ClusterLoadAssignment::new(cluster_name.as_str().into(), localities).unwrap()),
+    );
+}
+
+/// Counts requests in flight and remembers the most seen at once.
+#[derive(Debug, Default)]
+pub struct Gauge {
+    now: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+}
+
+impl Gauge {
+    /// One more in flight until the guard drops.
+    pub fn enter(self: &Arc<Self>) -> GaugeGuard {
+        use std::sync::atomic::Ordering;
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(n, Ordering::SeqCst);
+        GaugeGuard(self.clone())
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn now(&self) -> usize {
+        self.now.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+pub struct GaugeGuard(Arc<Gauge>);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Waits (at most 10 s) until `condition` holds, checking every millisecond.
+pub async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    within(what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+}
+
+/// The attempt number Envoy-style clients put on a request.
+pub fn attempt_of(req: &Request) -> u32 {
+    req.headers()
+        .get("x-envoy-attempt-count")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A plain response with `status` and `body`.
+pub fn reply(status: u16, body: impl Into<String>) -> Response {
+    (StatusCode::from_u16(status).unwrap(), body.into()).into_response()
 }

@@ -1,0 +1,635 @@
+//! The mesh's certificate authority: X.509-SVIDs for workloads.
+//!
+//! Istio's istiod signs a workload's CSR after checking its Kubernetes
+//! service-account token; without Kubernetes, a workload presents a join
+//! token bound to a service account ([`JoinTokens`]). The CA then issues an
+//! X.509-SVID (<https://github.com/spiffe/spiffe/blob/main/standards/X509-SVID.md>)
+//! whose only subject alternative name is the URI
+//! `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`, with
+//! `serverAuth` and `clientAuth` extended key usages, `CA:FALSE`, an empty
+//! subject (so the SAN extension is critical) and a short lifetime (24 h by
+//! default, as Istio's). The identity always comes from the caller's
+//! authenticated claim (the token), never from the CSR: a CSR's subject and
+//! extensions are ignored, only its public key is used, after its signature
+//! proves the caller holds the private key. Private keys never leave the
+//! workload.
+//!
+//! The signing CA is either generated on first start and persisted to a
+//! directory (`root-cert.pem`, `root-key.pem` with mode 0600), or supplied
+//! by the operator (a root, or an intermediate with its chain up to the
+//! root; the PKCS#8 key).
+//!
+//! Root rotation follows the overlap procedure of SPIRE and Istio's
+//! plug-in CA rotation: [`CertificateAuthority::rotate_root`] puts the new
+//! root into the trust bundle at once but keeps signing with the old one
+//! for the rotation overlap (default: the default certificate lifetime, in
+//! which every workload renews at half-life and so learns the new bundle);
+//! then the new root signs, and the old root stays in the bundle until the
+//! last certificate it issued has expired. No peer ever sees a certificate
+//! from a root it does not trust yet.
+//!
+//! Methods ending in `_at` take the current time as an argument, for tests
+//! and for callers with a clock of their own.
+
+mod signer;
+mod tokens;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mesh_core::model::Name;
+use mesh_core::spiffe::SpiffeId;
+use rcgen::{
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
+    SubjectPublicKeyInfo,
+};
+use serde::{Deserialize, Serialize};
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::prelude::FromDer;
+
+use self::signer::{
+    BACKDATE, Signer, parse_pems, random_serial, to_offset, truncate_to_seconds, write_file,
+};
+pub use self::tokens::{JoinTokens, MIN_TOKEN_LEN, ServiceAccount};
+use crate::error::Error;
+
+/// Istio's default workload certificate lifetime.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest lifetime a caller may ask for by default.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The lifetime of a generated root (Istio's self-signed root: 10 years).
+pub const DEFAULT_ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The shortest lifetime a caller may ask for.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
+
+const STATE_FILE: &str = "ca-state.json";
+const ROOT_STEM: &str = "root";
+const PENDING_STEM: &str = "pending-root";
+
+/// A certificate the CA issued.
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    /// The leaf certificate followed by any intermediates (PEM), what a
+    /// workload presents in handshakes. The root is not included.
+    pub chain_pem: String,
+    /// The roots to trust (PEM): during a rotation, old and new.
+    pub trust_bundle_pem: String,
+    /// The identity in the certificate.
+    pub spiffe_id: SpiffeId,
+    /// The serial number, hex.
+    pub serial: String,
+    /// Valid from (backdated a little for clock skew).
+    pub not_before: SystemTime,
+    /// Valid until; renew at half the lifetime.
+    pub not_after: SystemTime,
+}
+
+/// The certificate authority (see the [module docs](self)). Thread-safe;
+/// share it behind an `Arc`.
+pub struct CertificateAuthority {
+    trust_domain: Name,
+    tokens: JoinTokens,
+    default_lifetime: Duration,
+    max_lifetime: Duration,
+    root_lifetime: Duration,
+    rotation_overlap: Duration,
+    dir: Option<PathBuf>,
+    state: Mutex<State>,
+}
+
+struct State {
+    active: Signer,
+    pending: Option<Pending>,
+    retired: Vec<Retired>,
+}
+
+struct Pending {
+    signer: Signer,
+    activate_at: SystemTime,
+}
+
+/// A root that no longer signs but is trusted until `drop_after`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Retired {
+    cert_pem: String,
+    drop_after_unix: u64,
+}
+
+/// What the directory's `ca-state.json` holds besides the PEM files.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PersistedState {
+    #[serde(default)]
+    pending_activate_at_unix: Option<u64>,
+    #[serde(default)]
+    retired: Vec<Retired>,
+}
+
+/// Where the signing CA comes from.
+enum Source {
+    /// Generated in memory; lost on restart (tests, demos).
+    Ephemeral,
+    /// Generated on first start and persisted to (or read from) a directory.
+    Directory(PathBuf),
+    /// Supplied by the operator.
+    Pem { chain: String, key: String },
+}
+
+/// Builds a [`CertificateAuthority`].
+pub struct CaBuilder {
+    trust_domain: String,
+    source: Source,
+    tokens: JoinTokens,
+    default_lifetime: Duration,
+    max_lifetime: Duration,
+    root_lifetime: Duration,
+    rotation_overlap: Option<Duration>,
+}
+
+impl CertificateAuthority {
+    /// A builder for a CA of `trust_domain` (`cluster.local`). Without a
+    /// source it generates an in-memory root.
+    pub fn builder(trust_domain: impl Into<String>) -> CaBuilder {
+        CaBuilder {
+            trust_domain: trust_domain.into(),
+            source: Source::Ephemeral,
+            tokens: JoinTokens::new(),
+            default_lifetime: DEFAULT_LIFETIME,
+            max_lifetime: DEFAULT_MAX_LIFETIME,
+            root_lifetime: DEFAULT_ROOT_LIFETIME,
+            rotation_overlap: None,
+        }
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The lifetime of a certificate when the caller does not ask for one.
+    pub fn default_lifetime(&self) -> Duration {
+        self.default_lifetime
+    }
+
+    /// The identity a join token grants; `Denied` for an unknown token.
+    pub fn authenticate(&self, token: &str) -> Result<SpiffeId, Error> {
+        let account = self
+            .tokens
+            .lookup(token)
+            .ok_or_else(|| Error::denied("unknown join token"))?;
+        account.spiffe_id(&self.trust_domain)
+    }
+
+    /// Issues a certificate for the identity `token` grants. `requested`,
+    /// when given, must be that identity: a workload can obtain
+    /// certificates only for its own service account. `lifetime` defaults
+    /// to [`CertificateAuthority::default_lifetime`].
+    pub fn issue_with_token(
+        &self,
+        token: &str,
+        csr_pem: &str,
+        requested: Option<&SpiffeId>,
+        lifetime: Option<Duration>,
+    ) -> Result<IssuedCertificate, Error> {
+        let identity = self.authenticate(token)?;
+        if let Some(requested) = requested
+            && *requested != identity
+        {
+            return Err(Error::denied(format!(
+                "the join token is for {identity}; it cannot obtain a certificate for {requested}"
+            )));
+        }
+        self.sign_csr(csr_pem, &identity, lifetime)
+    }
+
+    /// Signs `csr_pem` (PKCS#10) as an X.509-SVID for `identity`, which must
+    /// be an authenticated claim of the caller (see [`Self::authenticate`]):
+    /// the CSR's subject and extensions are ignored.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        lifetime: Option<Duration>,
+    ) -> Result<IssuedCertificate, Error> {
+        self.sign_csr_at(csr_pem, identity, lifetime, SystemTime::now())
+    }
+
+    /// [`Self::sign_csr`] at time `now`.
+    pub fn sign_csr_at(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, Error> {
+        if identity.trust_domain() != &*self.trust_domain {
+            return Err(Error::denied(format!(
+                "{identity} is not in the trust domain {}",
+                self.trust_domain
+            )));
+        }
+        let lifetime = lifetime.unwrap_or(self.default_lifetime);
+        if lifetime < MIN_LIFETIME || lifetime > self.max_lifetime {
+            return Err(Error::invalid_request(format!(
+                "a certificate lifetime of {lifetime:?} is outside {MIN_LIFETIME:?}..={:?}",
+                self.max_lifetime
+            )));
+        }
+        let public_key = csr_public_key(csr_pem)?;
+        let mut state = self.lock_at(now);
+        let signer = &mut state.active;
+        let mut not_after = now.checked_add(lifetime).unwrap_or(now);
+        if not_after > signer.not_after {
+            tracing::warn!(
+                %identity,
+                "the CA certificate expires before the requested lifetime ends; the certificate \
+                 ends with it"
+            );
+            not_after = signer.not_after;
+        }
+        let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names =
+            vec![SanType::URI(identity.as_str().try_into().map_err(|e| {
+                Error::invalid_request(format!("{identity}: {e}"))
+            })?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = to_offset(not_before);
+        params.not_after = to_offset(not_after);
+        let serial = random_serial();
+        params.serial_number = Some(serial.clone());
+        let cert = params
+            .signed_by(&public_key, &signer.issuer)
+            .map_err(|e| Error::invalid_request(format!("cannot sign the CSR: {e}")))?;
+        let not_after = truncate_to_seconds(not_after);
+        signer.last_issued_expiry = signer.last_issued_expiry.max(not_after);
+        let chain_pem = format!("{}{}", cert.pem(), signer.intermediates_pem);
+        let trust_bundle_pem = state.bundle();
+        Ok(IssuedCertificate {
+            chain_pem,
+            trust_bundle_pem,
+            spiffe_id: identity.clone(),
+            serial: serial
+                .to_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            not_before: truncate_to_seconds(not_before),
+            not_after,
+        })
+    }
+
+    /// The roots workloads must trust (PEM): the signing root, plus during
+    /// a rotation the incoming or the retiring one.
+    pub fn trust_bundle_pem(&self) -> String {
+        self.trust_bundle_pem_at(SystemTime::now())
+    }
+
+    /// [`Self::trust_bundle_pem`] at time `now`.
+    pub fn trust_bundle_pem_at(&self, now: SystemTime) -> String {
+        self.lock_at(now).bundle()
+    }
+
+    /// The root that currently signs (PEM).
+    pub fn signing_root_pem(&self) -> String {
+        self.lock_at(SystemTime::now()).active.root_pem.clone()
+    }
+
+    /// Starts a rotation to a newly generated root (see the
+    /// [module docs](self)). Fails while another rotation is under way.
+    pub fn rotate_root(&self) -> Result<(), Error> {
+        self.rotate_root_at(SystemTime::now())
+    }
+
+    /// [`Self::rotate_root`] at time `now`.
+    pub fn rotate_root_at(&self, now: SystemTime) -> Result<(), Error> {
+        let signer = Signer::generate(&self.trust_domain, self.root_lifetime, now)?;
+        self.begin_rotation(signer, now)
+    }
+
+    /// Starts a rotation to an operator-supplied CA (`chain_pem`: the
+    /// signing certificate first, ending with its root; `key_pem`: PKCS#8).
+    pub fn rotate_to_pem(&self, chain_pem: &str, key_pem: &str) -> Result<(), Error> {
+        let now = SystemTime::now();
+        let mut signer = Signer::from_pem(chain_pem, key_pem, now, self.max_lifetime)?;
+        signer.last_issued_expiry = now;
+        self.begin_rotation(signer, now)
+    }
+
+    fn begin_rotation(&self, signer: Signer, now: SystemTime) -> Result<(), Error> {
+        let mut state = self.lock_at(now);
+        if let Some(pending) = &state.pending {
+            return Err(Error::config(format!(
+                "a root rotation is under way until {}; start the next one after it",
+                unix(pending.activate_at)
+            )));
+        }
+        let activate_at = now.checked_add(self.rotation_overlap).unwrap_or(now);
+        if let Some(dir) = &self.dir {
+            signer.save(dir, PENDING_STEM)?;
+        }
+        state.pending = Some(Pending {
+            signer,
+            activate_at,
+        });
+        if let Some(dir) = &self.dir {
+            state.persist(dir)?;
+        }
+        drop(state);
+        tracing::info!(
+            trust_domain = %self.trust_domain,
+            activate_at = unix(activate_at),
+            "root rotation started: the new root is in the trust bundle and signs after the overlap"
+        );
+        // Activation at once when there is no overlap.
+        drop(self.lock_at(now));
+        Ok(())
+    }
+
+    /// The state, with any due activation done and expired roots dropped.
+    fn lock_at(&self, now: SystemTime) -> MutexGuard<'_, State> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.advance(now)
+            && let Some(dir) = &self.dir
+        {
+            let result = state
+                .active
+                .save(dir, ROOT_STEM)
+                .and_then(|()| state.persist(dir))
+                .and_then(|()| remove_signer_files(dir, PENDING_STEM));
+            if let Err(e) = result {
+                // The files still say "pending, due": a restart redoes this.
+                tracing::warn!(error = %e, "cannot persist the CA state");
+            }
+        }
+        state
+    }
+}
+
+impl State {
+    /// Activates a due pending root and drops expired retired roots.
+    /// Returns whether the persisted state changed.
+    fn advance(&mut self, now: SystemTime) -> bool {
+        let mut changed = false;
+        if self.pending.as_ref().is_some_and(|p| p.activate_at <= now)
+            && let Some(pending) = self.pending.take()
+        {
+            let old = std::mem::replace(&mut self.active, pending.signer);
+            self.active.last_issued_expiry = self.active.last_issued_expiry.max(now);
+            self.retired.push(Retired {
+                cert_pem: old.root_pem,
+                drop_after_unix: unix(old.last_issued_expiry.max(now)),
+            });
+            tracing::info!("root rotation: the new root signs now");
+            changed = true;
+        }
+        let before = self.retired.len();
+        let now_unix = unix(now);
+        self.retired.retain(|r| r.drop_after_unix >= now_unix);
+        changed || self.retired.len() != before
+    }
+
+    fn bundle(&self) -> String {
+        let mut roots = vec![self.active.root_pem.as_str()];
+        if let Some(pending) = &self.pending {
+            roots.push(pending.signer.root_pem.as_str());
+        }
+        roots.extend(self.retired.iter().map(|r| r.cert_pem.as_str()));
+        let mut bundle = String::new();
+        for root in roots {
+            if !bundle.contains(root) {
+                bundle.push_str(root);
+            }
+        }
+        bundle
+    }
+
+    fn persist(&self, dir: &Path) -> Result<(), Error> {
+        let state = PersistedState {
+            pending_activate_at_unix: self.pending.as_ref().map(|p| unix(p.activate_at)),
+            retired: self.retired.clone(),
+        };
+        let json = serde_json::to_string_pretty(&state)
+            .map_err(|e| Error::config(format!("cannot encode the CA state: {e}")))?;
+        write_file(&dir.join(STATE_FILE), &json, false)
+    }
+}
+
+impl CaBuilder {
+    /// Persist the CA in `dir`: a root is generated on first start and read
+    /// back on later ones (an operator may also put `root-cert.pem` and
+    /// `root-key.pem` there).
+    pub fn directory(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.source = Source::Directory(dir.into());
+        self
+    }
+
+    /// Use an operator-supplied CA: `chain_pem` holds the signing
+    /// certificate (root or intermediate) first and ends with the root;
+    /// `key_pem` is its PKCS#8 private key.
+    pub fn signing_pem(mut self, chain_pem: impl Into<String>, key_pem: impl Into<String>) -> Self {
+        self.source = Source::Pem {
+            chain: chain_pem.into(),
+            key: key_pem.into(),
+        };
+        self
+    }
+
+    /// The join tokens the CA accepts (none by default: every token is denied).
+    pub fn join_tokens(mut self, tokens: JoinTokens) -> Self {
+        self.tokens = tokens;
+        self
+    }
+
+    /// The lifetime of certificates whose caller does not ask for one
+    /// (default 24 h).
+    pub fn default_lifetime(mut self, lifetime: Duration) -> Self {
+        self.default_lifetime = lifetime;
+        self
+    }
+
+    /// The longest lifetime a caller may ask for (default 7 days).
+    pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.max_lifetime = lifetime;
+        self
+    }
+
+    /// The lifetime of generated roots (default 10 years).
+    pub fn root_lifetime(mut self, lifetime: Duration) -> Self {
+        self.root_lifetime = lifetime;
+        self
+    }
+
+    /// How long a new root is trusted before it signs (default: the default
+    /// lifetime, so every workload has renewed, and learned the new bundle,
+    /// before it meets a certificate from the new root).
+    pub fn rotation_overlap(mut self, overlap: Duration) -> Self {
+        self.rotation_overlap = Some(overlap);
+        self
+    }
+
+    /// Generates, loads or checks the signing CA.
+    pub fn build(mut self) -> Result<CertificateAuthority, Error> {
+        let now = SystemTime::now();
+        SpiffeId::new(&self.trust_domain, "ns", "sa")
+            .map_err(|e| Error::config(format!("CA: {e}")))?;
+        if self.default_lifetime < MIN_LIFETIME || self.default_lifetime > self.max_lifetime {
+            return Err(Error::config(format!(
+                "CA: the default lifetime {:?} must be within {MIN_LIFETIME:?}..={:?}",
+                self.default_lifetime, self.max_lifetime
+            )));
+        }
+        let mut dir = None;
+        let source = std::mem::replace(&mut self.source, Source::Ephemeral);
+        let state = match source {
+            Source::Ephemeral => State {
+                active: Signer::generate(&self.trust_domain, self.root_lifetime, now)?,
+                pending: None,
+                retired: Vec::new(),
+            },
+            Source::Pem { chain, key } => State {
+                active: Signer::from_pem(&chain, &key, now, self.max_lifetime)?,
+                pending: None,
+                retired: Vec::new(),
+            },
+            Source::Directory(path) => {
+                let state = load_or_generate(&path, &self, now)?;
+                dir = Some(path);
+                state
+            }
+        };
+        let ca = CertificateAuthority {
+            trust_domain: Name::from(self.trust_domain),
+            tokens: self.tokens,
+            default_lifetime: self.default_lifetime,
+            max_lifetime: self.max_lifetime,
+            root_lifetime: self.root_lifetime,
+            rotation_overlap: self.rotation_overlap.unwrap_or(self.default_lifetime),
+            dir,
+            state: Mutex::new(state),
+        };
+        // A rotation that came due while the control server was down.
+        drop(ca.lock_at(now));
+        Ok(ca)
+    }
+}
+
+fn load_or_generate(dir: &Path, b: &CaBuilder, now: SystemTime) -> Result<State, Error> {
+    create_private_dir(dir)?;
+    let active = match Signer::load(dir, ROOT_STEM, now, b.max_lifetime)? {
+        Some(signer) => {
+            tracing::info!(dir = %dir.display(), "CA: using the root in the directory");
+            signer
+        }
+        None => {
+            let signer = Signer::generate(&b.trust_domain, b.root_lifetime, now)?;
+            signer.save(dir, ROOT_STEM)?;
+            tracing::info!(dir = %dir.display(), "CA: generated a new root");
+            signer
+        }
+    };
+    let state_path = dir.join(STATE_FILE);
+    let persisted: PersistedState = match std::fs::read_to_string(&state_path) {
+        Ok(json) => serde_json::from_str(&json)
+            .map_err(|e| Error::config(format!("{}: {e}", state_path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => PersistedState::default(),
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot read {}", state_path.display()),
+                e,
+            ));
+        }
+    };
+    let pending = match persisted.pending_activate_at_unix {
+        Some(at) => {
+            let signer =
+                Signer::load(dir, PENDING_STEM, now, b.max_lifetime)?.ok_or_else(|| {
+                    Error::config(format!(
+                        "{} names a pending root, but {PENDING_STEM}-cert.pem is missing",
+                        state_path.display()
+                    ))
+                })?;
+            Some(Pending {
+                signer,
+                activate_at: UNIX_EPOCH + Duration::from_secs(at),
+            })
+        }
+        None => None,
+    };
+    Ok(State {
+        active,
+        pending,
+        retired: persisted.retired,
+    })
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), Error> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))
+}
+
+fn remove_signer_files(dir: &Path, stem: &str) -> Result<(), Error> {
+    for suffix in ["key", "cert"] {
+        let path = dir.join(format!("{stem}-{suffix}.pem"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("cannot remove {}", path.display()), e)),
+        }
+    }
+    Ok(())
+}
+
+/// The public key of a PKCS#10 CSR whose signature verifies (the caller
+/// holds the private key).
+fn csr_public_key(csr_pem: &str) -> Result<SubjectPublicKeyInfo, Error> {
+    let mut blocks = parse_pems(csr_pem, "CERTIFICATE REQUEST")
+        .map_err(|e| Error::invalid_request(format!("CSR: {e}")))?;
+    if blocks.is_empty() {
+        blocks = parse_pems(csr_pem, "NEW CERTIFICATE REQUEST")
+            .map_err(|e| Error::invalid_request(format!("CSR: {e}")))?;
+    }
+    let [block] = blocks.as_slice() else {
+        return Err(Error::invalid_request(
+            "expected one PEM \"CERTIFICATE REQUEST\" block",
+        ));
+    };
+    let (_, csr) = X509CertificationRequest::from_der(&block.contents)
+        .map_err(|e| Error::invalid_request(format!("CSR: not a PKCS#10 request: {e}")))?;
+    csr.verify_signature().map_err(|e| {
+        Error::invalid_request(format!(
+            "CSR: the signature does not verify (the request must be signed with its key): {e}"
+        ))
+    })?;
+    SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+        .map_err(|e| Error::invalid_request(format!("CSR: unsupported public key: {e}")))
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests;

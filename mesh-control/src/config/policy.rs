@@ -1,0 +1,1051 @@
+//! The resilience fields of VirtualService and DestinationRule, read into
+//! the mesh-core model.
+//!
+//! VirtualService `http[]` (<https://istio.io/latest/docs/reference/config/networking/virtual-service/>):
+//! `timeout`, `retries` and `fault`. DestinationRule `trafficPolicy`
+//! (<https://istio.io/latest/docs/reference/config/networking/destination-rule/>):
+//! `loadBalancer` (`simple`, `consistentHash`, `localityLbSetting.enabled`),
+//! `connectionPool`, `outlierDetection` and `retryBudget` (Istio 1.27).
+//!
+//! # Istio semantics kept
+//!
+//! - A route without `retries` gets Istio's default policy
+//!   ([`RetryPolicy::istio_default`]: 2 retries on connect-failure,
+//!   refused-stream, unavailable, cancelled and 503). `retries.attempts` is
+//!   the number of retries; `attempts: 0` (or absent) disables retries, and
+//!   then setting `perTryTimeout`, `retryOn`, `retryRemoteLocalities` or
+//!   `backoff` is an error, as Istio's validation says. Fields left out of a
+//!   `retries` block keep the default's values (Istio's `ConvertPolicy`
+//!   starts from the default policy). `retryOn` is a comma-separated list of
+//!   Envoy conditions and HTTP status codes; a code (`"503"`) adds it to the
+//!   retriable status codes and turns on `retriable-status-codes`.
+//!   `backoff` sets the base interval; the cap is Envoy's 10 × base.
+//! - `timeout: 0s` means no timeout, Istio's default.
+//! - A fault `percentage` left out means no request is affected (Istio's
+//!   documented default); `fixedDelay` is required for a delay, and an abort
+//!   needs exactly one of `httpStatus` (200–599) or `grpcStatus` (a name such
+//!   as `UNAVAILABLE`, or a code 0–16).
+//! - A subset's `trafficPolicy` overrides the rule's one top-level field at a
+//!   time (`loadBalancer`, `connectionPool`, `outlierDetection`,
+//!   `retryBudget`), each replaced whole, as Istio's `MergeTrafficPolicy`
+//!   does.
+//! - `outlierDetection`: `consecutive5xxErrors` defaults to 5 (0 disables
+//!   it), `consecutiveGatewayErrors` is off unless set, `interval` 10 s,
+//!   `baseEjectionTime` 30 s, `maxEjectionPercent` 10 (0 means the default,
+//!   as in Istio), `minHealthPercent` 0.
+//! - Locality failover: `localityLbSetting.enabled` decides; when it is not
+//!   set, failover follows Istio's mesh default (locality load balancing
+//!   enabled), which takes effect only with `outlierDetection` — so a
+//!   cluster with outlier detection fails over by locality unless
+//!   `localityLbSetting.enabled: false` says otherwise.
+//! - `consistentHash` makes the cluster ring-hash
+//!   (`minimumRingSize`, or `ringHash.minimumRingSize`, default 1024) and
+//!   gives its hash key to the routes that send to it (see `translate.rs`).
+//! - `retryBudget.percent` defaults to 20 and `minRetryConcurrency` to 3
+//!   (Envoy's defaults, which Istio keeps).
+//!
+//! # Stricter than Istio
+//!
+//! - `connectionPool` numbers must be positive: Istio reads 0 as "unset",
+//!   which looks like "none allowed"; leave the field out instead.
+//! - Durations have millisecond precision, as Istio validates them, and are
+//!   written as Go/Istio duration strings (`1s`, `100ms`, `1.5s`, `2m`,
+//!   `1h`, `1m30s`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::model::{
+    AbortStatus, Cluster, FaultAbort, FaultDelay, FaultPolicy, Fraction, HashPolicy, LbPolicy,
+    OutlierDetection, RetryBudget, RetryOn, RetryPolicy,
+};
+use saphyr::{Scalar, YamlData};
+
+use super::resources::is_header_name_byte;
+use super::yaml::{Field, Fields, Sink};
+
+// ------------------------------------------------------------------ durations
+
+/// The smallest value a duration field accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Floor {
+    /// `0s` is allowed (and usually means "disabled").
+    Zero,
+    /// At least `1ms` (Istio: "MUST be >=1ms").
+    OneMs,
+}
+
+/// Parses a Go / Istio duration string: one or more `<number><unit>` parts
+/// (`1h30m`, `1.5s`, `100ms`), units `ns`, `us` (`µs`), `ms`, `s`, `m`, `h`;
+/// `0` alone is zero. On failure: why.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, &'static str> {
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if text.starts_with('-') {
+        return Err("it is negative");
+    }
+    if text.is_empty() {
+        return Err("it is empty");
+    }
+    let mut rest = text;
+    let mut nanos: u128 = 0;
+    while !rest.is_empty() {
+        let int_len = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let (int, after) = rest.split_at(int_len);
+        let (frac, after) = match after.strip_prefix('.') {
+            Some(f) => f.split_at(f.bytes().take_while(u8::is_ascii_digit).count()),
+            None => ("", after),
+        };
+        if int.is_empty() && frac.is_empty() {
+            return Err("a number is expected before each unit");
+        }
+        // Units are ASCII letters, or `µ`/`μ` followed by `s`: the split
+        // point is a digit, a dot, or the end, so it is a char boundary.
+        let unit_len = after
+            .bytes()
+            .take_while(|b| !b.is_ascii_digit() && *b != b'.')
+            .count();
+        let (unit, after) = after.split_at(unit_len);
+        let unit_nanos: u128 = match unit {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "" => return Err("a unit is missing"),
+            _ => return Err("the unit is not one of ns, us, ms, s, m, h"),
+        };
+        if int.len() > 20 {
+            return Err("it is too large");
+        }
+        let whole: u128 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| "it is too large")?
+        };
+        // Digits past nanosecond precision do not matter (Go drops them too).
+        let frac = &frac[..frac.len().min(18)];
+        let frac_nanos: u128 = if frac.is_empty() {
+            0
+        } else {
+            let digits: u128 = frac.parse().map_err(|_| "it is not a number")?;
+            let scale = 10u128.pow(u32::try_from(frac.len()).unwrap_or(18));
+            digits * unit_nanos / scale
+        };
+        nanos = nanos
+            .checked_add(whole.checked_mul(unit_nanos).ok_or("it is too large")?)
+            .and_then(|n| n.checked_add(frac_nanos))
+            .ok_or("it is too large")?;
+        rest = after;
+    }
+    let nanos = u64::try_from(nanos).map_err(|_| "it is too large")?;
+    Ok(Duration::from_nanos(nanos))
+}
+
+/// Reads a duration field; problems are reported at the value's line.
+fn duration(sink: &mut Sink<'_>, field: Field<'_, '_, '_>, floor: Floor) -> Option<Duration> {
+    let text = match &field.node.data {
+        YamlData::Value(Scalar::String(s)) => s.to_string(),
+        YamlData::Value(Scalar::Integer(0)) => "0".to_string(),
+        _ => {
+            sink.error(
+                field.line(),
+                format!(
+                    "'{}' must be a duration such as 1s, 100ms, 1.5s, 2m or 1h",
+                    field.path
+                ),
+            );
+            return None;
+        }
+    };
+    let d = match parse_duration(&text) {
+        Ok(d) => d,
+        Err(why) => {
+            sink.error(
+                field.line(),
+                format!(
+                    "'{}': '{text}' is not a duration: {why} (write e.g. 1s, 100ms, 1.5s, 2m or 1h)",
+                    field.path
+                ),
+            );
+            return None;
+        }
+    };
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        sink.error(
+            field.line(),
+            format!(
+                "'{}': '{text}' is finer than a millisecond (durations have millisecond precision)",
+                field.path
+            ),
+        );
+        return None;
+    }
+    if floor == Floor::OneMs && d < Duration::from_millis(1) {
+        sink.error(
+            field.line(),
+            format!("'{}' must be at least 1ms, found '{text}'", field.path),
+        );
+        return None;
+    }
+    Some(d)
+}
+
+/// The last segment of a field path: its key.
+fn key_of<'p>(field: &Field<'p, '_, '_>) -> &'p str {
+    field.path.rsplit('.').next().unwrap_or(field.path)
+}
+
+/// Of several mutually exclusive fields, the ones present, in document order.
+fn present_of<'f, 'n, 'a>(f: &'f Fields<'n, 'a>, keys: &[&str]) -> Vec<Field<'f, 'n, 'a>> {
+    f.present()
+        .filter(|field| keys.contains(&key_of(field)))
+        .collect()
+}
+
+/// Istio's `Percent` (`{value: 20}`): a fraction; absent means 0%.
+fn percentage(sink: &mut Sink<'_>, field: Option<Field<'_, '_, '_>>) -> Option<Fraction> {
+    let Some(field) = field else {
+        return Some(Fraction::default());
+    };
+    let p = Fields::of(sink, field, &["value"], &[])?;
+    match p.get("value") {
+        Some(v) => percent_number(sink, v),
+        None => Some(Fraction::default()),
+    }
+}
+
+/// A number 0–100, fractions allowed.
+fn percent_number(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Fraction> {
+    let n = field.number(sink)?;
+    let fraction = Fraction::from_percent(n);
+    if fraction.is_none() {
+        sink.error(
+            field.line(),
+            format!("'{}': {n} is not a percentage (0 to 100)", field.path),
+        );
+    }
+    fraction
+}
+
+// ---------------------------------------------------------- VirtualService
+
+/// `http[].timeout`: `None` for `0s` (no timeout).
+pub(crate) fn parse_timeout(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Duration> {
+    duration(sink, field, Floor::Zero).filter(|d| !d.is_zero())
+}
+
+/// The `retryOn` conditions Envoy defines that this mesh does not implement.
+const UNSUPPORTED_RETRY_ON: [&str; 4] = [
+    "retriable-headers",
+    "envoy-ratelimited",
+    "http3-post-connect-failure",
+    "reset-before-request",
+];
+
+/// `retries.retryOn`: conditions, plus status codes (which imply
+/// `retriable-status-codes`).
+fn parse_retry_on(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<(RetryOn, Vec<u16>)> {
+    let text = match &field.node.data {
+        YamlData::Value(Scalar::String(s)) => s.to_string(),
+        // `retryOn: 503` is read by YAML as a number.
+        YamlData::Value(Scalar::Integer(i)) => i.to_string(),
+        _ => {
+            field.string(sink)?;
+            return None;
+        }
+    };
+    let before = sink.count();
+    let mut on = RetryOn::empty();
+    let mut codes: Vec<u16> = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        if part.is_empty() {
+            sink.error(
+                field.line(),
+                format!("'{}': empty condition in '{text}'", field.path),
+            );
+        } else if part.bytes().all(|b| b.is_ascii_digit()) {
+            match part.parse::<u16>() {
+                Ok(code) if (100..=599).contains(&code) => {
+                    if !codes.contains(&code) {
+                        codes.push(code);
+                    }
+                }
+                _ => sink.error(
+                    field.line(),
+                    format!(
+                        "'{}': '{part}' is not an HTTP status code (100-599)",
+                        field.path
+                    ),
+                ),
+            }
+        } else if let Some(flag) = RetryOn::from_name(part) {
+            on |= flag;
+        } else if UNSUPPORTED_RETRY_ON.contains(&part) {
+            sink.error(
+                field.line(),
+                format!(
+                    "'{}': retry condition '{part}' is not supported yet",
+                    field.path
+                ),
+            );
+        } else {
+            let known: Vec<&str> = RetryOn::NAMES.iter().map(|(n, _)| *n).collect();
+            sink.error(
+                field.line(),
+                format!(
+                    "'{}': unknown retry condition '{part}' (expected {}, or an HTTP status code)",
+                    field.path,
+                    known.join(", ")
+                ),
+            );
+        }
+    }
+    if !codes.is_empty() {
+        on |= RetryOn::RETRIABLE_STATUS_CODES;
+    }
+    (sink.count() == before).then_some((on, codes))
+}
+
+/// `http[].retries`: `None` when retries are disabled (`attempts` 0 or
+/// absent) or on a problem (reported).
+pub(crate) fn parse_retries(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<RetryPolicy> {
+    let f = Fields::of(
+        sink,
+        field,
+        &[
+            "attempts",
+            "perTryTimeout",
+            "retryOn",
+            "retryRemoteLocalities",
+            "retryIgnorePreviousHosts",
+            "backoff",
+        ],
+        &[],
+    )?;
+    let mut policy = RetryPolicy::istio_default();
+    let attempts_field = f.get("attempts");
+    let attempts = match attempts_field {
+        Some(a) => a.integer_in(sink, 0, i64::from(i32::MAX), "")?,
+        None => 0,
+    };
+    policy.num_retries = u32::try_from(attempts).unwrap_or(0);
+    if let Some(t) = f.get("perTryTimeout") {
+        policy.per_try_timeout = duration(sink, t, Floor::OneMs);
+    }
+    if let Some(r) = f.get("retryOn")
+        && let Some((on, codes)) = parse_retry_on(sink, r)
+    {
+        policy.retry_on = on;
+        policy.retriable_status_codes = Arc::from(codes);
+    }
+    if let Some(r) = f.get("retryRemoteLocalities") {
+        policy.retry_remote_localities = r.boolean(sink).unwrap_or(false);
+    }
+    if let Some(r) = f.get("retryIgnorePreviousHosts")
+        && r.boolean(sink) == Some(false)
+    {
+        sink.error(
+            r.line(),
+            format!(
+                "'{}: false' is not supported yet (a retry always prefers another endpoint)",
+                r.path
+            ),
+        );
+    }
+    if let Some(b) = f.get("backoff")
+        && let Some(base) = duration(sink, b, Floor::OneMs)
+    {
+        policy.backoff_base = base;
+        policy.backoff_max = base.saturating_mul(10);
+    }
+    if attempts == 0 {
+        let set: Vec<&str> = [
+            "perTryTimeout",
+            "retryOn",
+            "retryRemoteLocalities",
+            "backoff",
+        ]
+        .into_iter()
+        .filter(|k| f.get(k).is_some())
+        .collect();
+        if !set.is_empty() {
+            sink.error(
+                attempts_field.map_or(f.line, |a| a.line()),
+                format!(
+                    "'{}': retries are disabled (attempts is 0) but {} is set; set attempts to the number of retries",
+                    f.path,
+                    set.join(", ")
+                ),
+            );
+        }
+        return None;
+    }
+    Some(policy)
+}
+
+/// gRPC status names (<https://grpc.github.io/grpc/core/md_doc_statuscodes.html>), by code.
+const GRPC_STATUS_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// `abort.grpcStatus`: a name (`UNAVAILABLE`) or a code (`14`).
+fn grpc_status(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<u32> {
+    let text = match &field.node.data {
+        YamlData::Value(Scalar::String(s)) => s.to_string(),
+        YamlData::Value(Scalar::Integer(i)) => i.to_string(),
+        _ => {
+            field.string(sink)?;
+            return None;
+        }
+    };
+    let code = match text.parse::<u32>() {
+        Ok(n) => (n <= 16).then_some(n),
+        Err(_) => GRPC_STATUS_NAMES
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(&text))
+            .and_then(|i| u32::try_from(i).ok()),
+    };
+    if code.is_none() {
+        sink.error(
+            field.line(),
+            format!(
+                "'{}': unknown gRPC status '{text}' (expected a name such as UNAVAILABLE, or a code 0-16)",
+                field.path
+            ),
+        );
+    }
+    code
+}
+
+/// `http[].fault`.
+pub(crate) fn parse_fault(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<FaultPolicy> {
+    let f = Fields::of(sink, field, &["delay", "abort"], &[])?;
+    let delay = f.get("delay").and_then(|d| {
+        let d = Fields::of(
+            sink,
+            d,
+            &["fixedDelay", "percentage"],
+            &["exponentialDelay", "percent"],
+        )?;
+        let fraction = percentage(sink, d.get("percentage"));
+        let delay = d
+            .require(sink, "fixedDelay")
+            .and_then(|x| duration(sink, x, Floor::OneMs));
+        Some(FaultDelay {
+            fraction: fraction?,
+            delay: delay?,
+        })
+    });
+    let abort = f.get("abort").and_then(|a| {
+        let a = Fields::of(
+            sink,
+            a,
+            &["httpStatus", "grpcStatus", "percentage"],
+            &["http2Error"],
+        )?;
+        let fraction = percentage(sink, a.get("percentage"));
+        let status = match present_of(&a, &["httpStatus", "grpcStatus"]).as_slice() {
+            [] => {
+                sink.error(
+                    a.line,
+                    format!("'{}' needs httpStatus or grpcStatus", a.path),
+                );
+                None
+            }
+            [one] if key_of(one) == "httpStatus" => one
+                .integer_in(sink, 200, 599, "")
+                .and_then(|n| u16::try_from(n).ok())
+                .map(AbortStatus::Http),
+            [one] => grpc_status(sink, *one).map(AbortStatus::Grpc),
+            [_, second, ..] => {
+                sink.error(
+                    second.key_line,
+                    format!(
+                        "'{}': only one of httpStatus or grpcStatus may be set",
+                        a.path
+                    ),
+                );
+                None
+            }
+        };
+        Some(FaultAbort {
+            fraction: fraction?,
+            status: status?,
+        })
+    });
+    if f.get("delay").is_none() && f.get("abort").is_none() {
+        sink.error(
+            f.line,
+            format!("'{}' needs a delay, an abort or both", f.path),
+        );
+        return None;
+    }
+    Some(FaultPolicy { delay, abort })
+}
+
+// ---------------------------------------------------------- DestinationRule
+
+/// A DestinationRule's (or subset's) `trafficPolicy`: each top-level field
+/// is `None` when not set, so that a subset's policy can be merged over the
+/// rule's one field at a time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct TrafficPolicy {
+    pub(crate) load_balancer: Option<LoadBalancer>,
+    pub(crate) connection_pool: Option<ConnectionPool>,
+    pub(crate) outlier_detection: Option<OutlierDetection>,
+    pub(crate) retry_budget: Option<RetryBudget>,
+}
+
+/// `trafficPolicy.loadBalancer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LoadBalancer {
+    /// `simple`, or ring hash for `consistentHash`; least request when neither.
+    pub(crate) policy: LbPolicy,
+    /// The `consistentHash` key.
+    pub(crate) hash: Option<HashPolicy>,
+    /// `localityLbSetting.enabled`.
+    pub(crate) locality_enabled: Option<bool>,
+}
+
+/// `trafficPolicy.connectionPool`; `None` = Istio's default (no limit).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ConnectionPool {
+    pub(crate) max_connections: Option<u32>,
+    pub(crate) connect_timeout: Option<Duration>,
+    pub(crate) max_pending_requests: Option<u32>,
+    pub(crate) max_requests: Option<u32>,
+    pub(crate) max_retries: Option<u32>,
+    pub(crate) max_requests_per_connection: Option<u32>,
+    pub(crate) idle_timeout: Option<Duration>,
+}
+
+impl TrafficPolicy {
+    /// `subset` over `self`, one top-level field at a time (Istio's
+    /// `MergeTrafficPolicy`: a field the subset sets replaces the rule's whole).
+    pub(crate) fn merged(&self, subset: &TrafficPolicy) -> TrafficPolicy {
+        TrafficPolicy {
+            load_balancer: subset
+                .load_balancer
+                .clone()
+                .or_else(|| self.load_balancer.clone()),
+            connection_pool: subset
+                .connection_pool
+                .clone()
+                .or_else(|| self.connection_pool.clone()),
+            outlier_detection: subset
+                .outlier_detection
+                .clone()
+                .or_else(|| self.outlier_detection.clone()),
+            retry_budget: subset
+                .retry_budget
+                .clone()
+                .or_else(|| self.retry_budget.clone()),
+        }
+    }
+
+    /// The consistent-hash key of requests to a cluster with this policy.
+    pub(crate) fn hash_policy(&self) -> Option<&HashPolicy> {
+        self.load_balancer.as_ref().and_then(|lb| lb.hash.as_ref())
+    }
+
+    /// Sets the fields of `cluster` (built with [`Cluster::new`]'s defaults)
+    /// that this policy says something about.
+    pub(crate) fn apply(&self, cluster: &mut Cluster) {
+        if let Some(lb) = &self.load_balancer {
+            cluster.lb_policy = lb.policy;
+        }
+        if let Some(cp) = &self.connection_pool {
+            let cb = &mut cluster.circuit_breakers;
+            let limits = [
+                (&mut cb.max_connections, cp.max_connections),
+                (&mut cb.max_pending_requests, cp.max_pending_requests),
+                (&mut cb.max_requests, cp.max_requests),
+                (&mut cb.max_retries, cp.max_retries),
+            ];
+            for (slot, value) in limits {
+                if let Some(v) = value {
+                    *slot = v;
+                }
+            }
+            cluster.connection.connect_timeout = cp.connect_timeout;
+            cluster.connection.idle_timeout = cp.idle_timeout;
+            cluster.connection.max_requests_per_connection = cp.max_requests_per_connection;
+        }
+        cluster.circuit_breakers.retry_budget = self.retry_budget.clone();
+        cluster.outlier_detection = self.outlier_detection.clone();
+        // Istio's mesh default enables locality load balancing, and Istio
+        // turns it into failover only when outlier detection is set.
+        cluster.locality_failover = self
+            .load_balancer
+            .as_ref()
+            .and_then(|lb| lb.locality_enabled)
+            .unwrap_or(self.outlier_detection.is_some());
+    }
+}
+
+/// `trafficPolicy` of a DestinationRule or of one of its subsets.
+pub(crate) fn parse_traffic_policy(
+    sink: &mut Sink<'_>,
+    field: Field<'_, '_, '_>,
+) -> Option<TrafficPolicy> {
+    let t = Fields::of(
+        sink,
+        field,
+        &[
+            "loadBalancer",
+            "connectionPool",
+            "outlierDetection",
+            "retryBudget",
+        ],
+        &["tls", "portLevelSettings", "tunnel", "proxyProtocol"],
+    )?;
+    Some(TrafficPolicy {
+        load_balancer: t
+            .get("loadBalancer")
+            .and_then(|f| parse_load_balancer(sink, f)),
+        connection_pool: t
+            .get("connectionPool")
+            .and_then(|f| parse_connection_pool(sink, f)),
+        outlier_detection: t
+            .get("outlierDetection")
+            .and_then(|f| parse_outlier_detection(sink, f)),
+        retry_budget: t
+            .get("retryBudget")
+            .and_then(|f| parse_retry_budget(sink, f)),
+    })
+}
+
+fn parse_load_balancer(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<LoadBalancer> {
+    let lb = Fields::of(
+        sink,
+        field,
+        &["simple", "consistentHash", "localityLbSetting"],
+        &["warmupDurationSecs", "warmup", "zoneAwareLbSetting"],
+    )?;
+    let locality_enabled = lb.get("localityLbSetting").and_then(|l| {
+        let l = Fields::of(
+            sink,
+            l,
+            &["enabled"],
+            &["distribute", "failover", "failoverPriority"],
+        )?;
+        l.get("enabled").and_then(|e| e.boolean(sink))
+    });
+    let (policy, hash) = match present_of(&lb, &["simple", "consistentHash"]).as_slice() {
+        [] => (LbPolicy::LeastRequest, None),
+        [one] if key_of(one) == "simple" => (parse_simple(sink, *one)?, None),
+        [one] => {
+            let (hash, minimum_ring_size) = parse_consistent_hash(sink, *one)?;
+            (LbPolicy::RingHash { minimum_ring_size }, Some(hash))
+        }
+        [_, second, ..] => {
+            sink.error(
+                second.key_line,
+                format!(
+                    "'{}': only one of simple or consistentHash may be set",
+                    lb.path
+                ),
+            );
+            return None;
+        }
+    };
+    Some(LoadBalancer {
+        policy,
+        hash,
+        locality_enabled,
+    })
+}
+
+fn parse_simple(sink: &mut Sink<'_>, simple: Field<'_, '_, '_>) -> Option<LbPolicy> {
+    let s = simple.string(sink)?;
+    match s.value.as_str() {
+        "ROUND_ROBIN" => Some(LbPolicy::RoundRobin),
+        // LEAST_CONN is Istio's deprecated name for LEAST_REQUEST.
+        "LEAST_REQUEST" | "LEAST_CONN" | "UNSPECIFIED" => Some(LbPolicy::LeastRequest),
+        "RANDOM" => Some(LbPolicy::Random),
+        "PASSTHROUGH" => {
+            sink.error(
+                s.line,
+                format!("'{}: PASSTHROUGH' is not supported yet", simple.path),
+            );
+            None
+        }
+        other => {
+            sink.error(
+                s.line,
+                format!(
+                    "'{}': unknown load balancer '{other}' (expected ROUND_ROBIN, LEAST_REQUEST or RANDOM)",
+                    simple.path
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Envoy's default and largest `minimum_ring_size`.
+const DEFAULT_RING_SIZE: u64 = 1024;
+const MAX_RING_SIZE: i64 = 8_388_608;
+
+const HASH_KEYS: [&str; 4] = [
+    "httpHeaderName",
+    "httpCookie",
+    "useSourceIp",
+    "httpQueryParameterName",
+];
+
+/// `loadBalancer.consistentHash`: the hash key and the minimum ring size.
+fn parse_consistent_hash(
+    sink: &mut Sink<'_>,
+    field: Field<'_, '_, '_>,
+) -> Option<(HashPolicy, u64)> {
+    let c = Fields::of(
+        sink,
+        field,
+        &[
+            "httpHeaderName",
+            "httpCookie",
+            "useSourceIp",
+            "httpQueryParameterName",
+            "ringHash",
+            "minimumRingSize",
+        ],
+        &["maglev"],
+    )?;
+    let ring = match present_of(&c, &["ringHash", "minimumRingSize"]).as_slice() {
+        [] => Some(DEFAULT_RING_SIZE),
+        [one] if key_of(one) == "ringHash" => Fields::of(sink, *one, &["minimumRingSize"], &[])
+            .and_then(|r| r.get("minimumRingSize").map(|f| ring_size(sink, f)))
+            .unwrap_or(Some(DEFAULT_RING_SIZE)),
+        [one] => ring_size(sink, *one),
+        [_, second, ..] => {
+            sink.error(
+                second.key_line,
+                format!(
+                    "'{}': only one of ringHash or minimumRingSize may be set",
+                    c.path
+                ),
+            );
+            None
+        }
+    };
+    let hash = match present_of(&c, &HASH_KEYS).as_slice() {
+        [] => {
+            sink.error(
+                c.line,
+                format!("'{}' needs one of {}", c.path, or_list(&HASH_KEYS)),
+            );
+            None
+        }
+        [one] => parse_hash_key(sink, *one),
+        [_, second, ..] => {
+            sink.error(
+                second.key_line,
+                format!(
+                    "'{}': only one of {} may be set",
+                    c.path,
+                    or_list(&HASH_KEYS)
+                ),
+            );
+            None
+        }
+    };
+    Some((hash?, ring?))
+}
+
+/// `a, b, c or d`.
+fn or_list(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
+}
+
+/// `minimumRingSize`: 0 means the default.
+fn ring_size(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<u64> {
+    let n = field.integer_in(sink, 0, MAX_RING_SIZE, "")?;
+    Some(match u64::try_from(n) {
+        Ok(0) | Err(_) => DEFAULT_RING_SIZE,
+        Ok(n) => n,
+    })
+}
+
+fn parse_hash_key(sink: &mut Sink<'_>, key: Field<'_, '_, '_>) -> Option<HashPolicy> {
+    match key_of(&key) {
+        "httpHeaderName" => {
+            let name = key.string(sink)?;
+            let lower = name.value.to_ascii_lowercase();
+            if lower.is_empty() || !lower.bytes().all(is_header_name_byte) {
+                sink.error(
+                    name.line,
+                    format!("'{}': '{}' is not a header name", key.path, name.value),
+                );
+                return None;
+            }
+            Some(HashPolicy::Header(Arc::from(lower)))
+        }
+        "httpCookie" => {
+            let c = Fields::of(sink, key, &["name", "path", "ttl"], &["attributes"])?;
+            let name = c.require(sink, "name").and_then(|n| {
+                let s = n.string(sink)?;
+                if s.value.is_empty() {
+                    sink.error(s.line, format!("'{}' must not be empty", n.path));
+                    return None;
+                }
+                Some(s.value)
+            });
+            let path = c.get("path").and_then(|p| p.string(sink)).map(|p| p.value);
+            let ttl = match c.get("ttl") {
+                Some(t) => Some(duration(sink, t, Floor::Zero)?),
+                None => None,
+            };
+            Some(HashPolicy::Cookie {
+                name: Arc::from(name?),
+                ttl,
+                path: path.map(Arc::from),
+            })
+        }
+        "useSourceIp" => match key.boolean(sink)? {
+            true => Some(HashPolicy::SourceIp),
+            false => {
+                sink.error(
+                    key.line(),
+                    format!(
+                        "'{}: false' selects no hash key (set it to true, or use another key)",
+                        key.path
+                    ),
+                );
+                None
+            }
+        },
+        _ => {
+            let name = key.string(sink)?;
+            if name.value.is_empty() {
+                sink.error(name.line, format!("'{}' must not be empty", key.path));
+                return None;
+            }
+            Some(HashPolicy::QueryParameter(Arc::from(name.value)))
+        }
+    }
+}
+
+/// A `connectionPool` limit: positive (leave it out for no limit).
+fn limit(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<u32> {
+    field
+        .integer_in(
+            sink,
+            1,
+            i64::from(u32::MAX),
+            "leave the field out for no limit",
+        )
+        .and_then(|n| u32::try_from(n).ok())
+}
+
+fn parse_connection_pool(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<ConnectionPool> {
+    let cp = Fields::of(sink, field, &["tcp", "http"], &[])?;
+    let mut pool = ConnectionPool::default();
+    if let Some(tcp) = cp.get("tcp")
+        && let Some(t) = Fields::of(
+            sink,
+            tcp,
+            &["maxConnections", "connectTimeout"],
+            &["tcpKeepalive", "maxConnectionDuration", "idleTimeout"],
+        )
+    {
+        pool.max_connections = t.get("maxConnections").and_then(|f| limit(sink, f));
+        pool.connect_timeout = t
+            .get("connectTimeout")
+            .and_then(|f| duration(sink, f, Floor::OneMs));
+    }
+    if let Some(http) = cp.get("http")
+        && let Some(h) = Fields::of(
+            sink,
+            http,
+            &[
+                "http1MaxPendingRequests",
+                "http2MaxRequests",
+                "maxRetries",
+                "maxRequestsPerConnection",
+                "idleTimeout",
+            ],
+            &[
+                "h2UpgradePolicy",
+                "useClientProtocol",
+                "maxConcurrentStreams",
+                "http2KeepAlive",
+            ],
+        )
+    {
+        pool.max_pending_requests = h
+            .get("http1MaxPendingRequests")
+            .and_then(|f| limit(sink, f));
+        pool.max_requests = h.get("http2MaxRequests").and_then(|f| limit(sink, f));
+        pool.max_retries = h.get("maxRetries").and_then(|f| limit(sink, f));
+        pool.max_requests_per_connection = h
+            .get("maxRequestsPerConnection")
+            .and_then(|f| limit(sink, f));
+        pool.idle_timeout = h
+            .get("idleTimeout")
+            .and_then(|f| duration(sink, f, Floor::OneMs));
+    }
+    Some(pool)
+}
+
+fn parse_outlier_detection(
+    sink: &mut Sink<'_>,
+    field: Field<'_, '_, '_>,
+) -> Option<OutlierDetection> {
+    let o = Fields::of(
+        sink,
+        field,
+        &[
+            "consecutive5xxErrors",
+            "consecutiveGatewayErrors",
+            "interval",
+            "baseEjectionTime",
+            "maxEjectionPercent",
+            "minHealthPercent",
+        ],
+        &[
+            "consecutiveErrors",
+            "splitExternalLocalOriginErrors",
+            "consecutiveLocalOriginFailures",
+            "outlierDetectionHttpErrorCodes",
+        ],
+    )?;
+    let before = sink.count();
+    // 0 disables a counter; `consecutive5xxErrors` defaults to 5 (Envoy's
+    // default, which Istio keeps), `consecutiveGatewayErrors` to off.
+    let count = |sink: &mut Sink<'_>, key: &str, default: Option<u32>| match o.get(key) {
+        Some(f) => f
+            .integer_in(sink, 0, i64::from(u32::MAX), "0 disables it")
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0),
+        None => default,
+    };
+    let consecutive_5xx = count(sink, "consecutive5xxErrors", Some(5));
+    let consecutive_gateway_errors = count(sink, "consecutiveGatewayErrors", None);
+    let interval = match o.get("interval") {
+        Some(f) => duration(sink, f, Floor::OneMs),
+        None => Some(Duration::from_secs(10)),
+    };
+    let base_ejection_time = match o.get("baseEjectionTime") {
+        Some(f) => duration(sink, f, Floor::OneMs),
+        None => Some(Duration::from_secs(30)),
+    };
+    let percent = |sink: &mut Sink<'_>, key: &str| match o.get(key) {
+        Some(f) => f
+            .integer_in(sink, 0, 100, "")
+            .and_then(|n| u32::try_from(n).ok()),
+        None => Some(0),
+    };
+    // Istio sets Envoy's max_ejection_percent only when positive: 0 is Envoy's 10%.
+    let max_ejection_percent = percent(sink, "maxEjectionPercent").map(|p| match p {
+        0 => 10,
+        p => p,
+    });
+    let min_health_percent = percent(sink, "minHealthPercent");
+    if sink.count() != before {
+        return None;
+    }
+    Some(OutlierDetection {
+        consecutive_5xx,
+        consecutive_gateway_errors,
+        interval: interval?,
+        base_ejection_time: base_ejection_time?,
+        max_ejection_percent: max_ejection_percent?,
+        min_health_percent: min_health_percent?,
+    })
+}
+
+/// `trafficPolicy.retryBudget` (Istio 1.27): `percent` is a number (as
+/// Istio's CRD has it) or `{value: N}`.
+fn parse_retry_budget(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<RetryBudget> {
+    let rb = Fields::of(
+        sink,
+        field,
+        &["percent", "minRetryConcurrency"],
+        &["budgetInterval"],
+    )?;
+    let budget = match rb.get("percent") {
+        Some(p) if matches!(p.node.data, YamlData::Mapping(_)) => {
+            let pf = Fields::of(sink, p, &["value"], &[])?;
+            let v = pf.require(sink, "value")?;
+            percent_number(sink, v)
+        }
+        Some(p) => percent_number(sink, p),
+        None => Fraction::from_percent(20.0),
+    };
+    let min_retry_concurrency = match rb.get("minRetryConcurrency") {
+        Some(m) => m
+            .integer_in(sink, 0, i64::from(u32::MAX), "")
+            .and_then(|n| u32::try_from(n).ok()),
+        None => Some(3),
+    };
+    Some(RetryBudget {
+        budget: budget?,
+        min_retry_concurrency: min_retry_concurrency?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_istio_form() {
+        let ok = [
+            ("1s", Duration::from_secs(1)),
+            ("100ms", Duration::from_millis(100)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("2m", Duration::from_secs(120)),
+            ("1h", Duration::from_secs(3600)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("0", Duration::ZERO),
+            ("0s", Duration::ZERO),
+            (".5s", Duration::from_millis(500)),
+            ("250us", Duration::from_micros(250)),
+            ("1µs", Duration::from_micros(1)),
+            ("7ns", Duration::from_nanos(7)),
+            ("0.001s", Duration::from_millis(1)),
+        ];
+        for (text, want) in ok {
+            assert_eq!(parse_duration(text), Ok(want), "{text}");
+        }
+        for bad in [
+            "",
+            "1",
+            "s",
+            "1x",
+            "-1s",
+            "1.s.",
+            "1 s",
+            "1sec",
+            "abc",
+            "1..5s",
+            "99999999999999999999999h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+}

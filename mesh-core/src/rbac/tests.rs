@@ -1,0 +1,644 @@
+//! Table tests: examples from Istio's AuthorizationPolicy reference and its
+//! security tasks (authorization for HTTP traffic, explicit deny, ingress
+//! allow-nothing / deny-all), with the results Istio documents.
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+
+use super::*;
+use crate::ErrorKind;
+
+const SLEEP: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
+const TEST_NS: &str = "spiffe://cluster.local/ns/test/sa/client";
+const FOO_NS: &str = "spiffe://cluster.local/ns/foo/sa/httpbin";
+const BAR_NS: &str = "spiffe://cluster.local/ns/bar/sa/curl";
+
+fn sm(list: &[&str]) -> Arc<[StringMatch]> {
+    list.iter()
+        .map(|s| StringMatch::parse(s).unwrap())
+        .collect()
+}
+
+fn ips(list: &[&str]) -> Arc<[IpBlock]> {
+    list.iter().map(|s| IpBlock::parse(s).unwrap()).collect()
+}
+
+fn policy(name: &str, action: Action, rules: Vec<Rule>) -> AuthorizationPolicy {
+    AuthorizationPolicy::new("foo", name, action, rules).unwrap()
+}
+
+fn when(key: &str, values: &[&str], not_values: &[&str]) -> Condition {
+    Condition::parse(key, values, not_values).unwrap()
+}
+
+/// A request, owned, for building [`RequestAttributes`].
+struct Req {
+    peer: Option<SpiffeId>,
+    ip: IpAddr,
+    host: String,
+    port: u16,
+    method: String,
+    path: String,
+    headers: HeaderMap,
+}
+
+fn req(method: &str, path: &str) -> Req {
+    Req {
+        peer: None,
+        ip: "10.0.0.1".parse().unwrap(),
+        host: "httpbin.foo:8000".into(),
+        port: 8000,
+        method: method.into(),
+        path: path.into(),
+        headers: HeaderMap::new(),
+    }
+}
+
+impl Req {
+    fn from(mut self, peer: &str) -> Self {
+        self.peer = Some(SpiffeId::parse(peer).unwrap());
+        self
+    }
+    fn ip(mut self, ip: &str) -> Self {
+        self.ip = ip.parse().unwrap();
+        self
+    }
+    fn host(mut self, host: &str) -> Self {
+        self.host = host.into();
+        self
+    }
+    fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+    fn header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.append(name, value.parse().unwrap());
+        self
+    }
+    fn attrs(&self) -> RequestAttributes<'_> {
+        RequestAttributes {
+            peer: self.peer.as_ref(),
+            source_ip: self.ip,
+            host: &self.host,
+            destination_port: self.port,
+            method: &self.method,
+            path: &self.path,
+            headers: &self.headers,
+        }
+    }
+}
+
+/// Asserts each `(request, allowed)` of a table against `policies`.
+fn check(policies: &[AuthorizationPolicy], table: &[(Req, bool)]) {
+    for (i, (r, allowed)) in table.iter().enumerate() {
+        let d = evaluate(policies, &r.attrs());
+        assert_eq!(
+            d.allowed, *allowed,
+            "case {i}: {} {} from {:?} ({:?}, host {}, port {}): {d:?}",
+            r.method, r.path, r.peer, r.ip, r.host, r.port
+        );
+    }
+}
+
+#[test]
+fn no_policy_allows() {
+    let d = evaluate(&[], &req("GET", "/").attrs());
+    assert!(d.allowed);
+    assert_eq!(d.reason, Reason::NoAllowPolicies);
+    assert_eq!(d.policy, None);
+    assert!(!d.audit);
+}
+
+/// Istio: "allow-nothing" — an ALLOW policy without rules denies everything.
+#[test]
+fn allow_nothing() {
+    let p = [policy("allow-nothing", Action::Allow, vec![])];
+    let d = evaluate(&p, &req("GET", "/").from(SLEEP).attrs());
+    assert!(!d.allowed);
+    assert_eq!(d.reason, Reason::NoAllowPolicyMatched);
+    assert_eq!(d.policy, None);
+}
+
+/// Istio: "allow-all" — one empty rule matches every request.
+#[test]
+fn allow_all() {
+    let p = [
+        policy("allow-nothing", Action::Allow, vec![]),
+        policy("allow-all", Action::Allow, vec![Rule::default()]),
+    ];
+    let d = evaluate(&p, &req("DELETE", "/x").attrs());
+    assert!(d.allowed);
+    assert_eq!(d.policy.as_deref(), Some("foo/allow-all"));
+    assert_eq!(d.reason, Reason::AllowedByPolicy);
+}
+
+/// Istio: "deny-all" — DENY with one empty rule denies even when an ALLOW
+/// policy allows all (DENY first).
+#[test]
+fn deny_all_beats_allow_all() {
+    let p = [
+        policy("allow-all", Action::Allow, vec![Rule::default()]),
+        policy("deny-all", Action::Deny, vec![Rule::default()]),
+    ];
+    let d = evaluate(&p, &req("GET", "/").from(SLEEP).attrs());
+    assert!(!d.allowed);
+    assert_eq!(d.policy.as_deref(), Some("foo/deny-all"));
+    assert_eq!(d.reason, Reason::DeniedByPolicy);
+    // A DENY policy without rules matches nothing.
+    let p = [policy("deny-nothing", Action::Deny, vec![])];
+    assert!(evaluate(&p, &req("GET", "/").attrs()).allowed);
+}
+
+/// The reference page's first example (without its JWT condition): two
+/// sources (a principal or a namespace) × two operations (GET /info* or
+/// POST /data).
+#[test]
+fn reference_example_sources_and_operations() {
+    let rule = Rule {
+        from: vec![
+            Source {
+                principals: sm(&["cluster.local/ns/default/sa/sleep"]),
+                ..Default::default()
+            },
+            Source {
+                namespaces: sm(&["test"]),
+                ..Default::default()
+            },
+        ]
+        .into(),
+        to: vec![
+            Operation {
+                methods: sm(&["GET"]),
+                paths: sm(&["/info*"]),
+                ..Default::default()
+            },
+            Operation {
+                methods: sm(&["POST"]),
+                paths: sm(&["/data"]),
+                ..Default::default()
+            },
+        ]
+        .into(),
+        when: Arc::from([]),
+    };
+    let p = [policy("httpbin", Action::Allow, vec![rule])];
+    check(
+        &p,
+        &[
+            (req("GET", "/info").from(SLEEP), true),
+            (req("GET", "/info/details?x=1").from(SLEEP), true),
+            (req("POST", "/data").from(TEST_NS), true),
+            (req("POST", "/data/more").from(TEST_NS), false),
+            (req("DELETE", "/data").from(SLEEP), false),
+            (req("GET", "/info").from(PRODUCTPAGE), false),
+            (req("GET", "/info"), false),
+        ],
+    );
+}
+
+/// Istio: DENY requests from any namespace but `foo` (notNamespaces). A
+/// plaintext request has no namespace, so it is denied too.
+#[test]
+fn deny_not_namespaces() {
+    let p = [policy(
+        "deny-other-namespaces",
+        Action::Deny,
+        vec![Rule {
+            from: vec![Source {
+                not_namespaces: sm(&["foo"]),
+                ..Default::default()
+            }]
+            .into(),
+            ..Default::default()
+        }],
+    )];
+    check(
+        &p,
+        &[
+            (req("GET", "/").from(FOO_NS), true),
+            (req("GET", "/").from(BAR_NS), false),
+            (req("GET", "/"), false),
+        ],
+    );
+}
+
+/// Istio's explicit-deny task: DENY GET unless `x-token: admin`, then an
+/// ALLOW for `/ip` only.
+#[test]
+fn explicit_deny_with_header_condition_then_allow_path() {
+    let deny = policy(
+        "deny-method-get",
+        Action::Deny,
+        vec![Rule {
+            to: vec![Operation {
+                methods: sm(&["GET"]),
+                ..Default::default()
+            }]
+            .into(),
+            when: vec![when("request.headers[x-token]", &[], &["admin"])].into(),
+            ..Default::default()
+        }],
+    );
+    check(
+        std::slice::from_ref(&deny),
+        &[
+            (req("GET", "/get").header("x-token", "guest"), false),
+            (req("GET", "/get"), false),
+            (req("GET", "/get").header("x-token", "admin"), true),
+            (req("POST", "/post").header("x-token", "guest"), true),
+        ],
+    );
+    let allow = policy(
+        "allow-path-ip",
+        Action::Allow,
+        vec![Rule {
+            to: vec![Operation {
+                paths: sm(&["/ip"]),
+                ..Default::default()
+            }]
+            .into(),
+            ..Default::default()
+        }],
+    );
+    let both = [deny, allow];
+    check(
+        &both,
+        &[
+            (req("GET", "/ip").header("x-token", "admin"), true),
+            (req("GET", "/headers").header("x-token", "admin"), false),
+            (req("GET", "/ip").header("x-token", "guest"), false),
+        ],
+    );
+    let d = evaluate(&both, &req("GET", "/ip").header("x-token", "guest").attrs());
+    assert_eq!(d.policy.as_deref(), Some("foo/deny-method-get"));
+}
+
+/// Istio: DENY requests without a peer identity (`notPrincipals: ["*"]`),
+/// and ALLOW with `principals: ["*"]` (any authenticated peer).
+#[test]
+fn require_mtls_two_ways() {
+    let deny = [policy(
+        "require-mtls",
+        Action::Deny,
+        vec![Rule {
+            from: vec![Source {
+                not_principals: sm(&["*"]),
+                ..Default::default()
+            }]
+            .into(),
+            ..Default::default()
+        }],
+    )];
+    let allow = [policy(
+        "any-authenticated",
+        Action::Allow,
+        vec![Rule {
+            from: vec![Source {
+                principals: sm(&["*"]),
+                ..Default::default()
+            }]
+            .into(),
+            ..Default::default()
+        }],
+    )];
+    for p in [&deny[..], &allow[..]] {
+        check(
+            p,
+            &[
+                (req("GET", "/").from(SLEEP), true),
+                (req("GET", "/").from(BAR_NS), true),
+                (req("GET", "/"), false),
+            ],
+        );
+    }
+}
+
+/// Istio's value matching: prefix (`abc*`), suffix (`*abc`) and presence
+/// (`*`) on principals and namespaces.
+#[test]
+fn principal_and_namespace_wildcards() {
+    let p = [policy(
+        "wildcards",
+        Action::Allow,
+        vec![Rule {
+            from: vec![
+                Source {
+                    principals: sm(&["cluster.local/ns/default/*"]),
+                    ..Default::default()
+                },
+                Source {
+                    principals: sm(&["*/sa/curl"]),
+                    ..Default::default()
+                },
+                Source {
+                    namespaces: sm(&["te*"]),
+                    ..Default::default()
+                },
+            ]
+            .into(),
+            ..Default::default()
+        }],
+    )];
+    check(
+        &p,
+        &[
+            (req("GET", "/").from(SLEEP), true),
+            (req("GET", "/").from(PRODUCTPAGE), true),
+            (req("GET", "/").from(BAR_NS), true),
+            (req("GET", "/").from(TEST_NS), true),
+            (req("GET", "/").from(FOO_NS), false),
+            (req("GET", "/"), false),
+        ],
+    );
+}
+
+/// Hosts compare case-insensitively with the `:authority` as sent (Istio
+/// documents that a port in the host must be matched explicitly); paths,
+/// methods with prefix and suffix wildcards.
+#[test]
+fn hosts_paths_methods() {
+    let p = [policy(
+        "hosts",
+        Action::Allow,
+        vec![Rule {
+            to: vec![
+                Operation {
+                    hosts: sm(&["*.example.com", "httpbin.foo:8000"]),
+                    not_paths: sm(&["*/secret"]),
+                    ..Default::default()
+                },
+                Operation {
+                    methods: sm(&["PU*"]),
+                    ..Default::default()
+                },
+            ]
+            .into(),
+            ..Default::default()
+        }],
+    )];
+    check(
+        &p,
+        &[
+            (req("GET", "/a").host("api.EXAMPLE.com"), true),
+            (req("GET", "/a").host("HTTPBIN.foo:8000"), true),
+            (req("GET", "/a").host("httpbin.foo"), false),
+            (req("GET", "/a/secret").host("api.example.com"), false),
+            (req("GET", "/a/secret?q").host("api.example.com"), false),
+            (req("PUT", "/a/secret").host("other"), true),
+            (req("PATCH", "/a").host("other"), false),
+            (req("GET", "/a").host(""), false),
+        ],
+    );
+}
+
+/// `ipBlocks` / `notIpBlocks` with single addresses and CIDR blocks, IPv4
+/// and IPv6, and an IPv4-mapped peer address.
+#[test]
+fn ip_blocks() {
+    let p = [policy(
+        "ip",
+        Action::Allow,
+        vec![Rule {
+            from: vec![Source {
+                ip_blocks: ips(&["1.2.3.4", "5.6.7.0/24", "2001:db8::/32"]),
+                not_ip_blocks: ips(&["5.6.7.8"]),
+                ..Default::default()
+            }]
+            .into(),
+            ..Default::default()
+        }],
+    )];
+    check(
+        &p,
+        &[
+            (req("GET", "/").ip("1.2.3.4"), true),
+            (req("GET", "/").ip("1.2.3.5"), false),
+            (req("GET", "/").ip("5.6.7.200"), true),
+            (req("GET", "/").ip("5.6.7.8"), false),
+            (req("GET", "/").ip("::ffff:5.6.7.9"), true),
+            (req("GET", "/").ip("2001:db8:1::1"), true),
+            (req("GET", "/").ip("2001:db9::1"), false),
+        ],
+    );
+}
+
+/// `when` on a header (values with wildcards; several values of one header
+/// are joined with `,` as Envoy does), source.namespace, source.principal,
+/// source.ip and destination.port; `to.ports`.
+#[test]
+fn when_conditions_and_ports() {
+    let p = [policy(
+        "conditions",
+        Action::Allow,
+        vec![
+            Rule {
+                when: vec![when(
+                    "request.headers[Version]",
+                    &["v1", "v2*"],
+                    &["v2-beta"],
+                )]
+                .into(),
+                ..Default::default()
+            },
+            Rule {
+                when: vec![
+                    when("source.namespace", &["test"], &[]),
+                    when("destination.port", &["9000"], &[]),
+                ]
+                .into(),
+                ..Default::default()
+            },
+            Rule {
+                when: vec![
+                    when("source.principal", &["*/sa/sleep"], &[]),
+                    when("source.ip", &["10.0.0.0/8"], &["10.9.9.9"]),
+                ]
+                .into(),
+                ..Default::default()
+            },
+            Rule {
+                to: vec![Operation {
+                    ports: Arc::from([7000u16]),
+                    not_methods: sm(&["DELETE"]),
+                    ..Default::default()
+                }]
+                .into(),
+                ..Default::default()
+            },
+        ],
+    )];
+    check(
+        &p,
+        &[
+            (req("GET", "/").header("version", "v1"), true),
+            (req("GET", "/").header("version", "v2-rc1"), true),
+            (req("GET", "/").header("version", "v2-beta"), false),
+            (
+                req("GET", "/")
+                    .header("version", "v1")
+                    .header("version", "v3"),
+                false,
+            ),
+            (
+                req("GET", "/")
+                    .header("version", "v3")
+                    .header("version", "v1"),
+                false,
+            ),
+            (req("GET", "/").from(TEST_NS).port(9000), true),
+            (req("GET", "/").from(TEST_NS).port(8000), false),
+            (req("GET", "/").from(SLEEP), true),
+            (req("GET", "/").from(SLEEP).ip("10.9.9.9"), false),
+            (req("GET", "/").from(SLEEP).ip("192.168.0.1"), false),
+            (req("GET", "/").port(7000), true),
+            (req("DELETE", "/").port(7000), false),
+        ],
+    );
+}
+
+/// AUDIT marks requests but never changes the decision.
+#[test]
+fn audit_only_marks() {
+    let audit = policy(
+        "audit-headers",
+        Action::Audit,
+        vec![Rule {
+            to: vec![Operation {
+                paths: sm(&["/headers"]),
+                ..Default::default()
+            }]
+            .into(),
+            ..Default::default()
+        }],
+    );
+    let d = evaluate(
+        std::slice::from_ref(&audit),
+        &req("GET", "/headers").attrs(),
+    );
+    assert!(d.allowed);
+    assert!(d.audit);
+    assert_eq!(d.reason, Reason::NoAllowPolicies);
+    let d = evaluate(std::slice::from_ref(&audit), &req("GET", "/ip").attrs());
+    assert!(d.allowed && !d.audit);
+    let p = [audit, policy("allow-nothing", Action::Allow, vec![])];
+    let d = evaluate(&p, &req("GET", "/headers").attrs());
+    assert!(!d.allowed && d.audit);
+}
+
+#[test]
+fn string_match_syntax() {
+    assert_eq!(StringMatch::parse("*").unwrap(), StringMatch::Any);
+    assert_eq!(
+        StringMatch::parse("/a*").unwrap(),
+        StringMatch::Prefix("/a".into())
+    );
+    assert_eq!(
+        StringMatch::parse("*.b").unwrap(),
+        StringMatch::Suffix(".b".into())
+    );
+    for s in ["/a*", "*.b", "x", "*"] {
+        assert_eq!(StringMatch::parse(s).unwrap().to_string(), s);
+    }
+    for bad in ["", "a*b", "**", "*a*", "a**"] {
+        assert_eq!(
+            StringMatch::parse(bad).unwrap_err().kind(),
+            ErrorKind::InvalidConfig,
+            "{bad:?}"
+        );
+    }
+    let e = StringMatch::parse_path("/a/{*}/b").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert!(StringMatch::Suffix("AbC".into()).matches_ignore_case("xxabc"));
+    assert!(!StringMatch::Suffix("AbC".into()).matches_ignore_case("bc"));
+    assert!(StringMatch::Prefix("AbC".into()).matches_ignore_case("abcd"));
+}
+
+#[test]
+fn unsupported_and_invalid_config_is_reported() {
+    assert_eq!(
+        Action::parse("CUSTOM").unwrap_err().kind(),
+        ErrorKind::Unsupported
+    );
+    assert_eq!(
+        Action::parse("allow").unwrap_err().kind(),
+        ErrorKind::InvalidConfig
+    );
+    let e = Condition::parse("request.auth.claims[iss]", &["x"], &[]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert!(e.to_string().contains("request.auth.claims[iss]"), "{e}");
+    let e = Condition::parse("connection.sni", &["x"], &[]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    for (key, values) in [
+        ("request.headers[x", &["a"][..]),
+        ("request.headers[bad header]", &["a"][..]),
+        ("source.ip", &["300.1.1.1"][..]),
+        ("source.ip", &["1.2.3.4/33"][..]),
+        ("destination.port", &["0"][..]),
+        ("destination.port", &["http"][..]),
+        ("source.principal", &[][..]),
+    ] {
+        let e = Condition::parse(key, values, &[]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{key} {values:?}: {e}");
+    }
+    let e = AuthorizationPolicy::new(
+        "foo",
+        "p",
+        Action::Allow,
+        vec![Rule {
+            from: vec![Source::default()].into(),
+            ..Default::default()
+        }],
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("foo/p: rules[0]: a from.source"),
+        "{e}"
+    );
+    assert!(AuthorizationPolicy::new("foo", "p[0]", Action::Allow, vec![]).is_err());
+    assert!(AuthorizationPolicy::new("", "p", Action::Allow, vec![]).is_err());
+}
+
+#[test]
+fn ip_block_edges() {
+    let all = IpBlock::parse("0.0.0.0/0").unwrap();
+    assert!(all.contains("255.1.2.3".parse().unwrap()));
+    assert!(!all.contains("::1".parse().unwrap()));
+    let all6 = IpBlock::parse("::/0").unwrap();
+    assert!(all6.contains("::1".parse().unwrap()));
+    let host = IpBlock::parse("10.1.2.3").unwrap();
+    assert_eq!(host.prefix_len(), 32);
+    assert_eq!(host.to_string(), "10.1.2.3/32");
+    assert!(IpBlock::parse("10.1.2.3/x").is_err());
+    assert!(IpBlock::parse("::1/129").is_err());
+}
+
+#[test]
+fn attributes_of_an_http_request() {
+    let peer = SpiffeId::parse(SLEEP).unwrap();
+    let ip: IpAddr = "10.1.1.1".parse().unwrap();
+    let h2 = http::Request::post("http://catalog.shop:8080/pkg.Svc/Get?x=1")
+        .header("x-user", "beta")
+        .body(())
+        .unwrap();
+    let a = RequestAttributes::from_request(&h2, Some(&peer), ip, 8080);
+    assert_eq!(a.host, "catalog.shop:8080");
+    assert_eq!(a.method, "POST");
+    assert_eq!(a.path, "/pkg.Svc/Get");
+    assert_eq!(a.destination_port, 8080);
+    assert_eq!(a.peer, Some(&peer));
+    assert_eq!(a.header("x-user").as_deref(), Some("beta"));
+    let h1 = http::Request::get("/items")
+        .header("host", "catalog")
+        .body(())
+        .unwrap();
+    let a = RequestAttributes::from_request(&h1, None, ip, 80);
+    assert_eq!(a.host, "catalog");
+    assert_eq!(a.header(":authority").as_deref(), Some("catalog"));
+    let bare = http::Request::get("/items").body(()).unwrap();
+    assert_eq!(
+        RequestAttributes::from_request(&bare, None, ip, 80).host,
+        ""
+    );
+}

@@ -1,0 +1,231 @@
+//! The response body of the client stack.
+//!
+//! The body is passed through frame by frame (data and trailers, so gRPC
+//! status trailers arrive untouched); the wrapper only notices when the
+//! response is over, which is when
+//!
+//! - a least-request balancer stops counting the request as in flight and
+//!   the circuit breaker's active-request count drops (Envoy counts a
+//!   request active until its response stream ends, not until its headers
+//!   arrive);
+//! - a gRPC status that arrives in trailers after a `200` is reported to
+//!   outlier detection (it cannot be retried any more: the response has
+//!   begun, as in Envoy);
+//! - the route timeout, which covers the whole response as Envoy's does,
+//!   stops running. A timeout that fires while the body streams ends a gRPC
+//!   response with `grpc-status: 4` (DEADLINE_EXCEEDED) in trailers, and an
+//!   HTTP response with a body error.
+//!
+//! Responses the mesh makes itself (see [`crate::mesh`]: overflow, fault
+//! abort, timeout) are this type too, with a short text body or none.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+
+use crate::error::{BoxError, Error, ErrorKind};
+use crate::local_reply::{code, insert_grpc_status};
+use crate::mesh::Finish;
+
+pin_project! {
+    /// A response body from the mesh: the endpoint's body (by default
+    /// [`hyper::body::Incoming`]), streamed as it arrives, trailers
+    /// included; or the short body of a response the mesh made itself.
+    pub struct ResponseBody<B = hyper::body::Incoming> {
+        #[pin]
+        inner: Inner<B>,
+        finish: Option<Finish>,
+        timeout: Option<BodyTimeout>,
+    }
+}
+
+pin_project! {
+    #[project = InnerProj]
+    enum Inner<B> {
+        Upstream {
+            #[pin]
+            body: B,
+        },
+        Local {
+            data: Option<Bytes>,
+            trailers: Option<HeaderMap>,
+        },
+    }
+}
+
+/// The rest of the route timeout, running while the body streams.
+pub(crate) struct BodyTimeout {
+    pub(crate) sleep: Pin<Box<Sleep>>,
+    pub(crate) grpc: bool,
+    pub(crate) limit: Duration,
+}
+
+impl<B: Body> ResponseBody<B> {
+    pub(crate) fn new(body: B, finish: Option<Finish>, timeout: Option<BodyTimeout>) -> Self {
+        let mut this = ResponseBody {
+            inner: Inner::Upstream { body },
+            finish,
+            timeout,
+        };
+        if this.inner_ended() {
+            if let Some(finish) = this.finish.take() {
+                finish.end();
+            }
+            this.timeout = None;
+        }
+        this
+    }
+}
+
+impl<B: Body> ResponseBody<B> {
+    fn inner_ended(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream { body } => body.is_end_stream(),
+            Inner::Local { data, trailers } => data.is_none() && trailers.is_none(),
+        }
+    }
+}
+
+impl<B> ResponseBody<B> {
+    /// A body the mesh made: `data` then the end.
+    pub(crate) fn local(data: Option<Bytes>) -> Self {
+        ResponseBody {
+            inner: Inner::Local {
+                data: data.filter(|d| !d.is_empty()),
+                trailers: None,
+            },
+            finish: None,
+            timeout: None,
+        }
+    }
+
+    /// The endpoint's body, unless the mesh made this response.
+    pub fn get_ref(&self) -> Option<&B> {
+        match &self.inner {
+            Inner::Upstream { body } => Some(body),
+            Inner::Local { .. } => None,
+        }
+    }
+
+    /// Whether the mesh made this response itself (a local reply) rather
+    /// than the endpoint.
+    pub fn is_local(&self) -> bool {
+        matches!(self.inner, Inner::Local { .. })
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let body = match this.inner.as_mut().project() {
+            InnerProj::Local { data, trailers } => {
+                return Poll::Ready(match (data.take(), trailers.take()) {
+                    (Some(data), _) => Some(Ok(Frame::data(data))),
+                    (None, Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
+                    (None, None) => None,
+                });
+            }
+            InnerProj::Upstream { body } => body,
+        };
+        let polled = body.poll_frame(cx);
+        let frame = match (polled, this.timeout.as_mut()) {
+            (Poll::Ready(frame), _) => frame,
+            (Poll::Pending, None) => return Poll::Pending,
+            (Poll::Pending, Some(timeout)) => {
+                ready!(timeout.sleep.as_mut().poll(cx));
+                let grpc = timeout.grpc;
+                let message = format!(
+                    "the route timeout of {:?} expired while the response streamed",
+                    timeout.limit
+                );
+                *this.timeout = None;
+                // Forget the endpoint's stream (an HTTP/2 reset).
+                this.inner.set(Inner::Local {
+                    data: None,
+                    trailers: None,
+                });
+                if let Some(finish) = this.finish.take() {
+                    finish.end();
+                }
+                return Poll::Ready(Some(if grpc {
+                    let mut trailers = HeaderMap::new();
+                    insert_grpc_status(&mut trailers, code::DEADLINE_EXCEEDED, &message);
+                    Ok(Frame::trailers(trailers))
+                } else {
+                    Err(Box::new(Error::new(ErrorKind::Timeout, message)))
+                }));
+            }
+        };
+        let ended = match &frame {
+            Some(Ok(frame)) => {
+                if let (Some(trailers), Some(finish)) = (frame.trailers_ref(), this.finish.as_mut())
+                {
+                    finish.trailers(trailers);
+                }
+                match this.inner.as_ref().get_ref() {
+                    Inner::Upstream { body } => body.is_end_stream(),
+                    Inner::Local { .. } => true,
+                }
+            }
+            None => true,
+            Some(Err(_)) => {
+                if let Some(finish) = this.finish.as_mut() {
+                    finish.failed();
+                }
+                true
+            }
+        };
+        if ended {
+            *this.timeout = None;
+            if let Some(finish) = this.finish.take() {
+                finish.end();
+            }
+        }
+        Poll::Ready(frame.map(|f| match f {
+            Ok(frame) => Ok(frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))),
+            Err(e) => Err(e.into()),
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream { body } => body.is_end_stream(),
+            Inner::Local { data, trailers } => data.is_none() && trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream { body } => body.size_hint(),
+            Inner::Local { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("local", &self.is_local())
+            .field("in_flight", &self.finish.is_some())
+            .finish_non_exhaustive()
+    }
+}

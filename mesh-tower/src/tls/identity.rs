@@ -1,0 +1,106 @@
+//! Identities in certificates: the SPIFFE ID of an X.509-SVID, the
+//! identities a cluster may have, the identity of a connection's peer.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use mesh_core::spiffe::SpiffeId;
+use rustls::pki_types::CertificateDer;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// The SPIFFE ID of an X.509-SVID: its one URI subject alternative name
+/// (the X509-SVID standard allows exactly one). The message says what is
+/// wrong otherwise.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
+    let (_, cert) = X509Certificate::from_der(cert)
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    let mut uris = Vec::new();
+    for ext in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for name in &san.general_names {
+                if let GeneralName::URI(uri) = name {
+                    uris.push(*uri);
+                }
+            }
+        }
+    }
+    match uris.as_slice() {
+        [uri] => SpiffeId::parse(uri).map_err(|e| e.to_string()),
+        [] => Err("the certificate has no URI SAN (no SPIFFE ID)".into()),
+        _ => Err(format!(
+            "the certificate has {} URI SANs; an X.509-SVID has exactly one",
+            uris.len()
+        )),
+    }
+}
+
+/// The identity a peer proved with its certificate on this connection: a
+/// request extension set by `serve` on mTLS connections (absent on
+/// plaintext ones and on TLS connections without a client certificate).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct PeerIdentity(SpiffeId);
+
+impl PeerIdentity {
+    /// Wraps a verified identity.
+    pub fn new(id: SpiffeId) -> Self {
+        PeerIdentity(id)
+    }
+
+    /// The peer's SPIFFE ID.
+    pub fn spiffe_id(&self) -> &SpiffeId {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PeerIdentity({})", self.0)
+    }
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// The identities a server of a cluster may present (from CDS: the
+/// UpstreamTlsContext's SAN matchers, Istio's service accounts of the
+/// service). Empty means any identity of the mesh's trust domain.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct ServerIdentities(Arc<BTreeSet<SpiffeId>>);
+
+impl ServerIdentities {
+    /// Any identity of the trust domain.
+    pub fn any() -> Self {
+        ServerIdentities::default()
+    }
+
+    /// Exactly these identities (none given: any identity of the trust domain).
+    pub fn new(ids: impl IntoIterator<Item = SpiffeId>) -> Self {
+        ServerIdentities(Arc::new(ids.into_iter().collect()))
+    }
+
+    /// Whether `id` may serve (the trust domain is checked separately).
+    pub fn allows(&self, id: &SpiffeId) -> bool {
+        self.0.is_empty() || self.0.contains(id)
+    }
+
+    /// The identities, empty for "any".
+    pub fn iter(&self) -> impl Iterator<Item = &SpiffeId> {
+        self.0.iter()
+    }
+}
+
+impl fmt::Debug for ServerIdentities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("ServerIdentities(any)");
+        }
+        f.debug_set()
+            .entries(self.0.iter().map(|id| id.as_str()))
+            .finish()
+    }
+}
