@@ -58,6 +58,7 @@ pub mod serve;
 pub mod server;
 mod source;
 mod stats;
+pub mod telemetry;
 pub mod tls;
 
 pub use body::{DEFAULT_RETRY_BUFFER_LIMIT, MeshBody, ResponseBody};

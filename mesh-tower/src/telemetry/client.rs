@@ -1,0 +1,232 @@
+//! The client side: a span, trace headers and a decision record per call.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll, ready};
+use std::time::Instant;
+
+use http::{Request, Response};
+use http_body::Body;
+use opentelemetry::Context;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span as _, SpanBuilder, SpanKind, TraceContextExt as _, Tracer as _};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use super::Telemetry;
+use super::exchange::{
+    self, End, Exchange, Side, TelemetryBody, request_attributes, server_address, span_name,
+};
+use super::identity::{PEER_HEADER_NAME, strip_port};
+use super::propagation;
+use super::record::{DecisionRecord, Trace};
+
+/// Puts [`ClientTelemetry`] over a client (see the
+/// [module docs](super)): the outermost layer of the client stack.
+#[derive(Debug, Clone)]
+pub struct ClientTelemetryLayer {
+    telemetry: Telemetry,
+}
+
+impl ClientTelemetryLayer {
+    /// A layer reporting as `telemetry`'s service.
+    pub fn new(telemetry: Telemetry) -> Self {
+        ClientTelemetryLayer { telemetry }
+    }
+}
+
+impl<S> Layer<S> for ClientTelemetryLayer {
+    type Service = ClientTelemetry<S>;
+
+    fn layer(&self, inner: S) -> ClientTelemetry<S> {
+        ClientTelemetry {
+            inner,
+            telemetry: self.telemetry.clone(),
+        }
+    }
+}
+
+/// A client under telemetry: per request a CLIENT span, `traceparent` /
+/// `tracestate` / `baggage` headers, a [`DecisionRecord`] extension for the
+/// layers below, and at the end of the response Istio metrics
+/// (`reporter="source"`) and an access log line.
+///
+/// The span's parent is the `opentelemetry::Context` in the request's
+/// extensions (put there by [`propagate`](super::propagate)), else the
+/// current context.
+#[derive(Clone)]
+pub struct ClientTelemetry<S> {
+    inner: S,
+    telemetry: Telemetry,
+}
+
+impl<S> ClientTelemetry<S> {
+    /// The wrapped client.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped client.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for ClientTelemetry<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTelemetry")
+            .field("inner", &self.inner)
+            .field("telemetry", &self.telemetry)
+            .finish()
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for ClientTelemetry<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: fmt::Display + 'static,
+    B: Body,
+    RB: Body,
+{
+    type Response = Response<TelemetryBody<RB>>;
+    type Error = S::Error;
+    type Future = ClientResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let t = self.telemetry.inner();
+        let grpc = is_grpc(req.headers());
+        let parent = req
+            .extensions_mut()
+            .remove::<Context>()
+            .unwrap_or_else(Context::current);
+        let trace = match &t.tracer {
+            Some(tracer) => {
+                let span = tracer.build_with_context(
+                    SpanBuilder::from_name("").with_kind(SpanKind::Client),
+                    &parent,
+                );
+                propagation::inject(span.span_context(), &parent, req.headers_mut());
+                span.is_recording().then(|| {
+                    let name = span_name(req.method(), req.uri().path(), grpc);
+                    let mut span = span;
+                    span.update_name(name.clone());
+                    span.set_attributes(client_attributes(&req, grpc));
+                    Trace {
+                        tracer: tracer.clone(),
+                        cx: parent.with_span(span),
+                        name,
+                    }
+                })
+            }
+            None => {
+                // No tracer of our own: pass the caller's context on.
+                propagation::inject(parent.span().span_context(), &parent, req.headers_mut());
+                None
+            }
+        };
+        let record = DecisionRecord::with_trace(trace);
+        if let Some(peer) = &t.peer_header {
+            req.headers_mut().insert(PEER_HEADER_NAME, peer.clone());
+        }
+        let access = t.access_log.then(|| exchange::access_info(&req, None));
+        let dialed = t.metrics.as_ref().and_then(|m| {
+            let host = match req.uri().host() {
+                Some(host) => host,
+                None => strip_port(req.headers().get(http::header::HOST)?.to_str().ok()?),
+            };
+            Some(m.istio().service_of_host(host))
+        });
+        let request_size_hint = req.body().size_hint().exact().unwrap_or(0);
+        req.extensions_mut().insert(record.clone());
+        let exchange = Exchange::new(
+            self.telemetry.clone(),
+            record,
+            started,
+            Side::Client { dialed },
+            grpc,
+            request_size_hint,
+            access,
+        );
+        ClientResponseFuture {
+            inner: self.inner.call(req),
+            exchange: Some(exchange),
+        }
+    }
+}
+
+fn client_attributes<B>(req: &Request<B>, grpc: bool) -> Vec<KeyValue> {
+    let mut attributes = request_attributes(req, grpc);
+    if let Some(authority) = authority_of(req) {
+        let https = req.uri().scheme_str() == Some("https");
+        let (host, port) = server_address(&authority, https);
+        attributes.push(KeyValue::new("server.address", host));
+        attributes.push(KeyValue::new("server.port", port));
+    }
+    if req.uri().authority().is_some() {
+        attributes.push(KeyValue::new("url.full", req.uri().to_string()));
+    }
+    attributes
+}
+
+/// The authority a request is addressed to: the URI's, else `Host`.
+fn authority_of<B>(req: &Request<B>) -> Option<http::uri::Authority> {
+    req.uri().authority().cloned().or_else(|| {
+        let host = req.headers().get(http::header::HOST)?;
+        http::uri::Authority::try_from(host.as_bytes()).ok()
+    })
+}
+
+/// Whether a request is gRPC (by its `content-type`, as Envoy decides).
+pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+pin_project! {
+    /// The response future of [`ClientTelemetry`].
+    pub struct ClientResponseFuture<F> {
+        #[pin]
+        inner: F,
+        exchange: Option<Exchange>,
+    }
+}
+
+impl<F, RB, E> Future for ClientResponseFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+    E: fmt::Display + 'static,
+    RB: Body,
+{
+    type Output = Result<Response<TelemetryBody<RB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        Poll::Ready(match (result, this.exchange.take()) {
+            (Ok(response), Some(exchange)) => Ok(exchange::wrap_response(exchange, response)),
+            (Ok(response), None) => Ok(response.map(|b| TelemetryBody::new(b, None))),
+            (Err(e), Some(mut exchange)) => {
+                exchange.finish(End::Failed {
+                    flags: exchange::error_flags(&e),
+                    message: &e,
+                });
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+        })
+    }
+}
+
+impl<F> fmt::Debug for ClientResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientResponseFuture")
+            .finish_non_exhaustive()
+    }
+}

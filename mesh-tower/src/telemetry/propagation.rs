@@ -1,0 +1,417 @@
+//! Trace context on the wire: W3C Trace Context and Baggage out and in,
+//! Zipkin B3 in.
+//!
+//! - Out (every client request): `traceparent` / `tracestate`
+//!   ([W3C Trace Context](https://www.w3.org/TR/trace-context/)) and
+//!   `baggage` ([W3C Baggage](https://www.w3.org/TR/baggage/)), what
+//!   OpenTelemetry SDKs, Envoy's OpenTelemetry tracer and Jaeger read.
+//!   `traceparent` is written straight from the span context into a fixed
+//!   55-byte buffer (byte-for-byte what the SDK's `TraceContextPropagator`
+//!   writes, tested below), so a request whose span is not sampled needs no
+//!   `Context` built for it.
+//! - In (every server request): W3C first (`traceparent` parsed here
+//!   without allocating, as the SDK's `TraceContextPropagator` accepts it,
+//!   tested against it below; baggage through the SDK's
+//!   `BaggagePropagator`); when there is no
+//!   valid `traceparent`, B3 as Envoy/Zipkin/Istio sidecars send it, single
+//!   header (`b3: {trace}-{span}-{sampled}-{parent}`) or multi header
+//!   (`x-b3-traceid`, `x-b3-spanid`, `x-b3-sampled`, `x-b3-flags`)
+//!   ([B3 propagation](https://github.com/openzipkin/b3-propagation)).
+//!   B3 is read by the small parser here rather than `opentelemetry-zipkin`,
+//!   which would bring the whole Zipkin exporter and an HTTP client for one
+//!   function. A B3 context without a sampling decision ("deferred") is
+//!   read as not sampled, as OpenTelemetry's Zipkin propagator reads it.
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::Context;
+use opentelemetry::baggage::BaggageExt as _;
+use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_sdk::propagation::BaggagePropagator;
+
+/// The W3C trace context header.
+pub const TRACEPARENT: &str = "traceparent";
+/// The W3C vendor trace state header.
+pub const TRACESTATE: &str = "tracestate";
+/// The W3C baggage header.
+pub const BAGGAGE: &str = "baggage";
+
+const TRACEPARENT_NAME: HeaderName = HeaderName::from_static(TRACEPARENT);
+const TRACESTATE_NAME: HeaderName = HeaderName::from_static(TRACESTATE);
+const BAGGAGE_NAME: HeaderName = HeaderName::from_static(BAGGAGE);
+const B3: HeaderName = HeaderName::from_static("b3");
+const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
+/// The trace context of an incoming request: W3C (with baggage), else B3,
+/// else an empty context. The span context found is marked remote.
+pub fn extract(headers: &HeaderMap) -> Context {
+    let sc = headers
+        .get(TRACEPARENT_NAME)
+        .and_then(|v| parse_traceparent(v.as_bytes()))
+        .map(|sc| with_trace_state(sc, headers))
+        .or_else(|| extract_b3(headers));
+    let mut cx = match sc {
+        Some(sc) => Context::new().with_remote_span_context(sc),
+        None => Context::new(),
+    };
+    if headers.contains_key(BAGGAGE_NAME) {
+        cx = BaggagePropagator::new().extract_with_context(&cx, &HeaderExtractor(headers));
+    }
+    cx
+}
+
+/// A W3C `traceparent` (what the SDK's `TraceContextPropagator` accepts,
+/// parsed without allocating): version `00` is exactly
+/// `00-{32 hex}-{16 hex}-{2 hex}`; a later version may append
+/// `-{more}`; `ff`, uppercase hex and all-zero ids are invalid.
+fn parse_traceparent(v: &[u8]) -> Option<SpanContext> {
+    let version = v.get(0..2)?;
+    let hex = |b: &[u8]| -> Option<u128> {
+        if b.is_empty() || b.len() > 32 {
+            return None;
+        }
+        let mut acc = 0u128;
+        for &c in b {
+            let digit = match c {
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'f' => c - b'a' + 10,
+                _ => return None,
+            };
+            acc = (acc << 4) | u128::from(digit);
+        }
+        Some(acc)
+    };
+    let version = hex(version)?;
+    if version == 0xff
+        || v.get(2) != Some(&b'-')
+        || v.get(35) != Some(&b'-')
+        || v.get(52) != Some(&b'-')
+    {
+        return None;
+    }
+    match (version, v.len()) {
+        (0, 55) => {}
+        (0, _) => return None,
+        (_, 55) => {}
+        (_, n) if n > 55 && v.get(55) == Some(&b'-') => {}
+        _ => return None,
+    }
+    let trace_id = TraceId::from(hex(v.get(3..35)?)?);
+    let span_id = SpanId::from(u64::try_from(hex(v.get(36..52)?)?).ok()?);
+    let flags = u8::try_from(hex(v.get(53..55)?)?).ok()?;
+    if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
+        return None;
+    }
+    let flags = TraceFlags::new(flags) & TraceFlags::SAMPLED;
+    Some(SpanContext::new(
+        trace_id,
+        span_id,
+        flags,
+        true,
+        TraceState::NONE,
+    ))
+}
+
+/// Adds the request's `tracestate` (ignored when malformed).
+fn with_trace_state(sc: SpanContext, headers: &HeaderMap) -> SpanContext {
+    let Some(state) = headers.get(TRACESTATE_NAME).and_then(|v| v.to_str().ok()) else {
+        return sc;
+    };
+    match state.parse::<TraceState>() {
+        Ok(state) => SpanContext::new(sc.trace_id(), sc.span_id(), sc.trace_flags(), true, state),
+        Err(_) => sc,
+    }
+}
+
+/// Writes `traceparent` (and `tracestate` when not empty) for `sc`, and
+/// `baggage` from `cx` when it has any. An invalid span context writes no
+/// trace headers.
+pub(crate) fn inject(sc: &SpanContext, cx: &Context, headers: &mut HeaderMap) {
+    inject_span_context(sc, headers);
+    if !cx.baggage().is_empty() {
+        BaggagePropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+    }
+}
+
+/// Writes `traceparent` / `tracestate` for `sc` (nothing if invalid).
+pub(crate) fn inject_span_context(sc: &SpanContext, headers: &mut HeaderMap) {
+    if !sc.is_valid() {
+        return;
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&traceparent(sc)) {
+        headers.insert(TRACEPARENT_NAME, value);
+    }
+    if *sc.trace_state() == TraceState::NONE {
+        if headers.contains_key(TRACESTATE_NAME) {
+            headers.remove(TRACESTATE_NAME);
+        }
+        return;
+    }
+    let state = sc.trace_state().header();
+    if state.is_empty() {
+        headers.remove(TRACESTATE_NAME);
+    } else if let Ok(value) = HeaderValue::from_str(&state) {
+        headers.insert(TRACESTATE_NAME, value);
+    }
+}
+
+/// `00-{trace id}-{span id}-{flags}`, lowercase hex.
+fn traceparent(sc: &SpanContext) -> [u8; 55] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [b'-'; 55];
+    out[0] = b'0';
+    out[1] = b'0';
+    let mut at = 3;
+    for b in sc.trace_id().to_bytes() {
+        out[at] = HEX[usize::from(b >> 4)];
+        out[at + 1] = HEX[usize::from(b & 0xf)];
+        at += 2;
+    }
+    at += 1;
+    for b in sc.span_id().to_bytes() {
+        out[at] = HEX[usize::from(b >> 4)];
+        out[at + 1] = HEX[usize::from(b & 0xf)];
+        at += 2;
+    }
+    at += 1;
+    let flags = sc.trace_flags().to_u8() & TraceFlags::SAMPLED.to_u8();
+    out[at] = HEX[usize::from(flags >> 4)];
+    out[at + 1] = HEX[usize::from(flags & 0xf)];
+    out
+}
+
+/// A B3 span context (single header first, then multi header), marked
+/// remote; `None` when absent or malformed.
+pub fn extract_b3(headers: &HeaderMap) -> Option<SpanContext> {
+    if let Some(single) = headers.get(B3).and_then(|v| v.to_str().ok()) {
+        return b3_single(single);
+    }
+    let get = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let trace_id = b3_trace_id(get(B3_TRACE_ID)?)?;
+    let span_id = b3_span_id(get(B3_SPAN_ID)?)?;
+    let debug = get(B3_FLAGS) == Some("1");
+    let sampled = match get(B3_SAMPLED) {
+        Some("1" | "true") => true,
+        Some("0" | "false") | None => false,
+        Some(_) => return None,
+    };
+    Some(remote(trace_id, span_id, debug || sampled))
+}
+
+fn b3_single(value: &str) -> Option<SpanContext> {
+    let mut parts = value.trim().split('-');
+    let trace_id = b3_trace_id(parts.next()?)?;
+    let span_id = b3_span_id(parts.next()?)?;
+    let sampled = match parts.next() {
+        None => false,
+        Some("1" | "d") => true,
+        Some("0") => false,
+        Some(_) => return None,
+    };
+    if let Some(parent) = parts.next() {
+        b3_span_id(parent)?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(remote(trace_id, span_id, sampled))
+}
+
+fn remote(trace_id: TraceId, span_id: SpanId, sampled: bool) -> SpanContext {
+    let flags = if sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    SpanContext::new(trace_id, span_id, flags, true, TraceState::NONE)
+}
+
+/// 16 or 32 lowercase hex digits (64-bit ids are left-padded), not zero.
+fn b3_trace_id(s: &str) -> Option<TraceId> {
+    if !(s.len() == 16 || s.len() == 32) || !is_lower_hex(s) {
+        return None;
+    }
+    let id = TraceId::from_hex(s).ok()?;
+    (id != TraceId::INVALID).then_some(id)
+}
+
+/// 16 lowercase hex digits, not zero.
+fn b3_span_id(s: &str) -> Option<SpanId> {
+    if s.len() != 16 || !is_lower_hex(s) {
+        return None;
+    }
+    let id = SpanId::from_hex(s).ok()?;
+    (id != SpanId::INVALID).then_some(id)
+}
+
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::KeyValue;
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+
+    use super::*;
+
+    #[test]
+    fn traceparent_parsing_agrees_with_the_sdk() {
+        for input in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(TRACEPARENT, input.parse().unwrap());
+            h.insert(TRACESTATE, "a=1,b=2".parse().unwrap());
+            let sdk = TraceContextPropagator::new().extract(&HeaderExtractor(&h));
+            let ours = extract(&h);
+            let (sdk, ours) = (
+                sdk.span().span_context().clone(),
+                ours.span().span_context().clone(),
+            );
+            assert_eq!(ours.is_valid(), sdk.is_valid(), "{input:?}");
+            if sdk.is_valid() {
+                assert_eq!(ours, sdk, "{input:?}");
+            }
+        }
+    }
+
+    fn sc(sampled: bool, state: TraceState) -> SpanContext {
+        SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            if sampled {
+                TraceFlags::SAMPLED
+            } else {
+                TraceFlags::default()
+            },
+            false,
+            state,
+        )
+    }
+
+    #[test]
+    fn traceparent_is_what_the_sdk_writes() {
+        let state = TraceState::from_key_value([("vendor", "x")]).unwrap();
+        for sampled in [true, false] {
+            let sc = sc(sampled, state.clone());
+            let cx = Context::new().with_remote_span_context(sc.clone());
+            let mut ours = HeaderMap::new();
+            inject(&sc, &cx, &mut ours);
+            let mut sdk = HeaderMap::new();
+            TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(&mut sdk));
+            assert_eq!(ours[TRACEPARENT], sdk[TRACEPARENT]);
+            assert_eq!(ours[TRACESTATE], sdk[TRACESTATE]);
+        }
+        assert_eq!(
+            &traceparent(&sc(true, TraceState::NONE))[..],
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+    }
+
+    #[test]
+    fn w3c_and_baggage_round_trip() {
+        let cx = Context::new()
+            .with_remote_span_context(sc(true, TraceState::NONE))
+            .with_baggage([KeyValue::new("user", "beta")]);
+        let mut headers = HeaderMap::new();
+        inject(cx.span().span_context(), &cx, &mut headers);
+        let back = extract(&headers);
+        assert_eq!(
+            back.span().span_context().trace_id(),
+            cx.span().span_context().trace_id()
+        );
+        assert!(back.span().span_context().is_remote());
+        assert!(back.span().span_context().is_sampled());
+        assert_eq!(
+            back.baggage().get("user").map(|v| v.to_string()),
+            Some("beta".into())
+        );
+    }
+
+    #[test]
+    fn b3_single_and_multi_are_accepted() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "b3",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90"
+                .parse()
+                .unwrap(),
+        );
+        let cx = extract(&h);
+        let sc = cx.span().span_context().clone();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "80f198ee56343ba864fe8b2a57d3eff7"
+        );
+        assert_eq!(sc.span_id().to_string(), "e457b5a2e4d86bd1");
+        assert!(sc.is_sampled() && sc.is_remote());
+
+        let mut h = HeaderMap::new();
+        h.insert("x-b3-traceid", "a3ce929d0e0e4736".parse().unwrap());
+        h.insert("x-b3-spanid", "00f067aa0ba902b7".parse().unwrap());
+        h.insert("x-b3-sampled", "0".parse().unwrap());
+        let sc = extract_b3(&h).unwrap();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "0000000000000000a3ce929d0e0e4736"
+        );
+        assert!(!sc.is_sampled());
+        h.insert("x-b3-flags", "1".parse().unwrap());
+        assert!(extract_b3(&h).unwrap().is_sampled());
+    }
+
+    #[test]
+    fn w3c_wins_over_b3_and_garbage_is_ignored() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            TRACEPARENT,
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        h.insert(
+            "b3",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            extract(&h).span().span_context().trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        for bad in [
+            "zz",
+            "80f198ee56343ba864fe8b2a57d3eff7",
+            "80F198EE56343BA864FE8B2A57D3EFF7-e457b5a2e4d86bd1",
+            "00000000000000000000000000000000-e457b5a2e4d86bd1-1",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-x",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90-extra",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("b3", bad.parse().unwrap());
+            assert!(extract_b3(&h).is_none(), "{bad}");
+            assert!(!extract(&h).span().span_context().is_valid(), "{bad}");
+        }
+    }
+}

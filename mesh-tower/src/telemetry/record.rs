@@ -1,0 +1,863 @@
+//! The decision record: what the mesh decided for one request, and why.
+//!
+//! A sidecar can only be asked "what happened" through its access log and
+//! its span tags; an in-process mesh can say more. Every request through
+//! [`ClientTelemetry`](super::ClientTelemetry) (and
+//! [`ServerTelemetry`](super::ServerTelemetry)) carries a [`DecisionRecord`]
+//! request extension that the layers below fill in as they decide: the
+//! config version, listener and route, the cluster and its balancer, each
+//! attempt with its endpoint and outcome, why it was retried, the timeout
+//! and the remaining deadline, circuit breaker and outlier decisions, faults
+//! injected, the peer's SPIFFE ID and the authorization decision. When the
+//! response ends, the telemetry layer turns the record into span attributes
+//! (gRFC A44 and Envoy's router put the same facts into Envoy's access log
+//! and span tags: `upstream_cluster`, `response_flags`, `%UPSTREAM_HOST%`,
+//! `x-envoy-attempt-count`), Istio metric labels and an access log line.
+//!
+//! Cost: the record is one allocation (an `Arc`) per request. Facts are
+//! written lock-free (`OnceLock`s and atomics; names are `Arc<str>` clones,
+//! no copies). Only a *sampled* request gets more: a child span per attempt
+//! and span events for breaker and outlier decisions.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use http::{HeaderMap, StatusCode};
+use mesh_core::model::{LbPolicy, Name, RetryOn};
+use mesh_core::snapshot::Versions;
+use opentelemetry::trace::{
+    Span as _, SpanBuilder, SpanKind, Status, TraceContextExt as _, Tracer as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::SdkTracer;
+
+use super::flags::ResponseFlags;
+use super::metrics::{BreakerLimit, RetryRefusal};
+use super::propagation;
+
+/// An endpoint's labels, as EDS carries them (`version: v1`).
+pub type EndpointLabels = Arc<[(Name, Name)]>;
+
+/// How many attempts a record keeps individually (the first try and three
+/// retries); later attempts are counted, and still get their own span when
+/// sampled.
+pub const MAX_RECORDED_ATTEMPTS: usize = 4;
+
+/// The mesh's decisions for one request: a request extension, cheap to
+/// clone (an `Arc`), written by the layers that decide and read by the
+/// telemetry layer when the response ends: as `mesh.*` span attributes,
+/// Istio metric labels, the mesh's own counters and the access log.
+///
+/// Cost: one allocation (the `Arc`) per request, a second one only on the
+/// first retry. Facts are written lock-free (`OnceLock`s and atomics; names
+/// are `Arc<str>` clones). Only a sampled request gets more: a child span
+/// per attempt and span events for breaker and outlier decisions.
+///
+/// Every method takes `&self` and is lock-free unless the request is
+/// sampled; calling one twice keeps the first value for set-once facts
+/// (route, cluster) and the latest for per-attempt ones.
+#[derive(Clone)]
+pub struct DecisionRecord {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Present when the request's span is sampled (boxed: only sampled
+    /// requests pay for it).
+    trace: Option<Box<Trace>>,
+    versions: OnceLock<Versions>,
+    listener: OnceLock<Name>,
+    route: OnceLock<Name>,
+    cluster: OnceLock<Name>,
+    lb_policy: OnceLock<LbPolicy>,
+    route_timeout: Nanos,
+    per_try_timeout: Nanos,
+    deadline: Nanos,
+    fault_delay: Nanos,
+    /// 0: none; an HTTP status; or `GRPC_ABORT | code`.
+    fault_abort: AtomicU32,
+    flags: AtomicU32,
+    attempts: AtomicU32,
+    retry_on: AtomicU32,
+    /// Retries per retry condition (indexed by the condition's bit).
+    retries: [AtomicU8; RETRY_CONDITIONS],
+    /// Why retries were refused: bit 0 budget, bit 1 max_retries.
+    refusals: AtomicU8,
+    /// Which breaker limits overflowed (`BreakerLimit` bits).
+    overflows: AtomicU8,
+    /// Endpoints this request's responses got ejected.
+    ejections: AtomicU8,
+    request_bytes: AtomicU64,
+    /// The first attempt (most requests have only one).
+    first: OnceLock<Attempt>,
+    /// Later attempts, allocated on the first retry.
+    retried: OnceLock<Box<[OnceLock<Attempt>; MAX_RECORDED_ATTEMPTS - 1]>>,
+    peer_principal: OnceLock<Name>,
+    authorization: OnceLock<Authorization>,
+}
+
+const GRPC_ABORT: u32 = 1 << 31;
+
+/// How many retry conditions [`RetryOn`] has.
+const RETRY_CONDITIONS: usize = RetryOn::NAMES.len();
+
+/// The span side of a sampled request: the context holding its span (the
+/// parent of attempt spans) and the tracer that makes them.
+pub(crate) struct Trace {
+    pub(crate) tracer: SdkTracer,
+    pub(crate) cx: Context,
+    /// The request span's name, which attempt spans share (OpenTelemetry
+    /// names every physical HTTP request like its logical one).
+    pub(crate) name: String,
+}
+
+/// A duration stored as nanoseconds; `u64::MAX` means unset.
+struct Nanos(AtomicU64);
+
+impl Nanos {
+    const fn unset() -> Self {
+        Nanos(AtomicU64::new(u64::MAX))
+    }
+
+    fn set(&self, d: Duration) {
+        let n = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX - 1);
+        self.0.store(n, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            n => Some(Duration::from_nanos(n)),
+        }
+    }
+}
+
+/// One attempt as recorded: where it went and how it ended.
+#[derive(Debug)]
+pub(crate) struct Attempt {
+    pub(crate) endpoint: SocketAddr,
+    pub(crate) labels: EndpointLabels,
+    pub(crate) outcome: OnceLock<AttemptOutcome>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The endpoint answered with this status (and, for gRPC, this status
+    /// code when it came in the response headers).
+    Response {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The `grpc-status` of a Trailers-Only response.
+        grpc_status: Option<i32>,
+    },
+    /// No response: the flag says why (`UF` connect failure, `UC`/`UR`
+    /// reset, `UT` per-try timeout, `UO` overflow, `LR` local reset).
+    Failed(ResponseFlags),
+}
+
+/// An authorization decision (RBAC, gRFC A41).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Authorization {
+    pub(crate) allowed: bool,
+    pub(crate) policy: Option<Name>,
+}
+
+impl DecisionRecord {
+    /// A record for a request that is not sampled: facts only, no spans.
+    pub fn new() -> Self {
+        DecisionRecord::with_trace(None)
+    }
+
+    pub(crate) fn with_trace(trace: Option<Trace>) -> Self {
+        DecisionRecord {
+            inner: Arc::new(Inner {
+                trace: trace.map(Box::new),
+                versions: OnceLock::new(),
+                listener: OnceLock::new(),
+                route: OnceLock::new(),
+                cluster: OnceLock::new(),
+                lb_policy: OnceLock::new(),
+                route_timeout: Nanos::unset(),
+                per_try_timeout: Nanos::unset(),
+                deadline: Nanos::unset(),
+                fault_delay: Nanos::unset(),
+                fault_abort: AtomicU32::new(0),
+                flags: AtomicU32::new(0),
+                attempts: AtomicU32::new(0),
+                retry_on: AtomicU32::new(0),
+                retries: [const { AtomicU8::new(0) }; RETRY_CONDITIONS],
+                refusals: AtomicU8::new(0),
+                overflows: AtomicU8::new(0),
+                ejections: AtomicU8::new(0),
+                request_bytes: AtomicU64::new(0),
+                first: OnceLock::new(),
+                retried: OnceLock::new(),
+                peer_principal: OnceLock::new(),
+                authorization: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// The record a request carries, if a telemetry layer put one there.
+    pub fn of<B>(request: &http::Request<B>) -> Option<&DecisionRecord> {
+        request.extensions().get::<DecisionRecord>()
+    }
+
+    /// Whether the request's span is sampled (attempt spans and events are
+    /// recorded only then).
+    pub fn is_sampled(&self) -> bool {
+        self.inner.trace.is_some()
+    }
+
+    pub(crate) fn trace(&self) -> Option<&Trace> {
+        self.inner.trace.as_deref()
+    }
+
+    // ----- what the routing layer decided -----
+
+    /// The route was chosen: the snapshot's versions, the listener (the
+    /// name dialed) and the matched route's name.
+    pub fn route(&self, versions: &Versions, listener: &Name, route: &Name) {
+        let _ = self.inner.versions.set(versions.clone());
+        let _ = self.inner.listener.set(listener.clone());
+        let _ = self.inner.route.set(route.clone());
+    }
+
+    /// The cluster was picked (once per request: retries stay in it), with
+    /// the balancer that picks its endpoints.
+    pub fn cluster(&self, cluster: &Name, lb_policy: LbPolicy) {
+        let _ = self.inner.cluster.set(cluster.clone());
+        let _ = self.inner.lb_policy.set(lb_policy);
+    }
+
+    /// The route timeout and per-try timeout in force (`None`: none).
+    pub fn timeouts(&self, route: Option<Duration>, per_try: Option<Duration>) {
+        if let Some(d) = route {
+            self.inner.route_timeout.set(d);
+        }
+        if let Some(d) = per_try {
+            self.inner.per_try_timeout.set(d);
+        }
+    }
+
+    /// What was left of the request's deadline when it was sent.
+    pub fn deadline_remaining(&self, remaining: Duration) {
+        self.inner.deadline.set(remaining);
+    }
+
+    /// Fault injection delayed the request (response flag `DI`).
+    pub fn fault_delay(&self, delay: Duration) {
+        self.inner.fault_delay.set(delay);
+        self.flag(ResponseFlags::DELAY_INJECTED);
+    }
+
+    /// Fault injection aborted the request with an HTTP status (response
+    /// flag `FI`).
+    pub fn fault_abort_http(&self, status: StatusCode) {
+        self.inner
+            .fault_abort
+            .store(u32::from(status.as_u16()), Ordering::Relaxed);
+        self.flag(ResponseFlags::FAULT_INJECTED);
+    }
+
+    /// Fault injection aborted the request with a gRPC status code
+    /// (response flag `FI`).
+    pub fn fault_abort_grpc(&self, code: u32) {
+        self.inner
+            .fault_abort
+            .store(GRPC_ABORT | (code & 0xffff), Ordering::Relaxed);
+        self.flag(ResponseFlags::FAULT_INJECTED);
+    }
+
+    /// Adds Envoy response flags (`UO`, `URX`, `UT`, `UH`, ...).
+    pub fn flag(&self, flags: ResponseFlags) {
+        self.inner.flags.fetch_or(flags.bits(), Ordering::Relaxed);
+    }
+
+    /// Counts request body bytes sent upstream (the body wrapper calls
+    /// this per frame; without it the body's exact size hint is used).
+    pub fn add_request_bytes(&self, n: u64) {
+        self.inner.request_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    // ----- attempts -----
+
+    /// An attempt starts, to `endpoint` (its address and labels, as in
+    /// the EDS `Endpoint`). Returns a guard to report the outcome with;
+    /// when the request is sampled the guard holds the attempt's child
+    /// span (OpenTelemetry: one span per physical HTTP request, with
+    /// `http.request.resend_count` on retries).
+    pub fn attempt_started(&self, endpoint: SocketAddr, labels: &EndpointLabels) -> AttemptGuard {
+        let index = self.inner.attempts.fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = self.slot_for_write(index as usize) {
+            let _ = slot.set(Attempt {
+                endpoint,
+                labels: labels.clone(),
+                outcome: OnceLock::new(),
+            });
+        }
+        let span = self.inner.trace.as_ref().map(|trace| {
+            let mut attributes = vec![
+                KeyValue::new("network.peer.address", endpoint.ip().to_string()),
+                KeyValue::new("network.peer.port", i64::from(endpoint.port())),
+                KeyValue::new("mesh.attempt", i64::from(index) + 1),
+            ];
+            if index > 0 {
+                attributes.push(KeyValue::new("http.request.resend_count", i64::from(index)));
+            }
+            if let Some(cluster) = self.inner.cluster.get() {
+                attributes.push(KeyValue::new("mesh.cluster", cluster.to_string()));
+            }
+            let builder = SpanBuilder::from_name(trace.name.clone())
+                .with_kind(SpanKind::Client)
+                .with_attributes(attributes);
+            trace.tracer.build_with_context(builder, &trace.cx)
+        });
+        AttemptGuard {
+            record: self.clone(),
+            index,
+            span,
+            finished: false,
+        }
+    }
+
+    /// The request will be retried because of `reason` (one condition of
+    /// the route's `retry_on`), after `backoff`.
+    pub fn retrying(&self, reason: RetryOn, backoff: Duration) {
+        self.inner
+            .retry_on
+            .fetch_or(reason.bits(), Ordering::Relaxed);
+        for (i, (_, condition)) in RetryOn::NAMES.iter().enumerate() {
+            if reason.contains(*condition)
+                && let Some(count) = self.inner.retries.get(i)
+            {
+                let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_add(1))
+                });
+            }
+        }
+        self.event(|| {
+            (
+                "retry",
+                vec![
+                    KeyValue::new("mesh.retry.reason", retry_names(reason)),
+                    KeyValue::new("mesh.retry.backoff_ms", backoff.as_secs_f64() * 1000.0),
+                ],
+            )
+        });
+    }
+
+    /// A retry was wanted but the retry budget or `max_retries` refused
+    /// it: response flag `URX`.
+    pub fn retry_refused(&self, why: RetryRefusal) {
+        self.flag(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+        self.inner.refusals.fetch_or(why.bit(), Ordering::Relaxed);
+        self.event(|| {
+            (
+                "retry refused",
+                vec![KeyValue::new("mesh.reason", why.name())],
+            )
+        });
+    }
+
+    /// The route's retries were all used and the last attempt failed:
+    /// response flag `URX`.
+    pub fn retries_exhausted(&self) {
+        self.flag(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+    }
+
+    /// A circuit breaker limit refused the request: response flag `UO`.
+    pub fn breaker_overflow(&self, limit: BreakerLimit) {
+        self.flag(ResponseFlags::UPSTREAM_OVERFLOW);
+        self.inner
+            .overflows
+            .fetch_or(limit.bit(), Ordering::Relaxed);
+        self.event(|| {
+            (
+                "circuit breaker overflow",
+                vec![KeyValue::new("mesh.limit", limit.name())],
+            )
+        });
+    }
+
+    /// A response to this request made outlier detection eject `endpoint`.
+    pub fn outlier_ejected(&self, endpoint: SocketAddr) {
+        let _ = self
+            .inner
+            .ejections
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_add(1))
+            });
+        self.event(|| {
+            (
+                "outlier ejection",
+                vec![KeyValue::new("network.peer.address", endpoint.to_string())],
+            )
+        });
+    }
+
+    /// Outlier detection affected the pick: `decision` says how
+    /// (`"skipped ejected endpoint"`, `"all endpoints ejected"`, ...).
+    pub fn outlier(&self, decision: &'static str, endpoint: Option<SocketAddr>) {
+        self.event(|| {
+            let mut attributes = vec![KeyValue::new("mesh.decision", decision)];
+            if let Some(endpoint) = endpoint {
+                attributes.push(KeyValue::new("network.peer.address", endpoint.to_string()));
+            }
+            ("outlier detection", attributes)
+        });
+    }
+
+    /// A span event built only when the request is sampled (`make` returns
+    /// the event's name and attributes).
+    pub fn event(&self, make: impl FnOnce() -> (&'static str, Vec<KeyValue>)) {
+        if let Some(trace) = &self.inner.trace {
+            let (name, attributes) = make();
+            trace.cx.span().add_event(name, attributes);
+        }
+    }
+
+    // ----- the server side -----
+
+    /// The peer's verified SPIFFE ID (mTLS).
+    pub fn peer_principal(&self, spiffe_id: &Name) {
+        let _ = self.inner.peer_principal.set(spiffe_id.clone());
+    }
+
+    /// The authorization decision and the policy that made it.
+    pub fn authorization(&self, allowed: bool, policy: Option<&Name>) {
+        let _ = self.inner.authorization.set(Authorization {
+            allowed,
+            policy: policy.cloned(),
+        });
+    }
+
+    // ----- reading -----
+
+    /// The response flags so far.
+    pub fn flags(&self) -> ResponseFlags {
+        ResponseFlags::from_bits(self.inner.flags.load(Ordering::Relaxed))
+    }
+
+    /// How many attempts started.
+    pub fn attempts(&self) -> u32 {
+        self.inner.attempts.load(Ordering::Relaxed)
+    }
+
+    /// The retry conditions that caused retries.
+    pub fn retry_reasons(&self) -> RetryOn {
+        let bits = self.inner.retry_on.load(Ordering::Relaxed);
+        RetryOn::NAMES
+            .iter()
+            .filter(|(_, v)| v.bits() & bits != 0)
+            .fold(RetryOn::empty(), |acc, (_, v)| acc | *v)
+    }
+
+    /// Retries per retry condition.
+    pub(crate) fn retries_by_reason(&self) -> impl Iterator<Item = (&'static str, u8)> + '_ {
+        RetryOn::NAMES
+            .iter()
+            .zip(self.inner.retries.iter())
+            .map(|((name, _), n)| (*name, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+    }
+
+    /// The refusal reasons seen.
+    pub(crate) fn refusals(&self) -> impl Iterator<Item = RetryRefusal> {
+        let bits = self.inner.refusals.load(Ordering::Relaxed);
+        RetryRefusal::ALL
+            .into_iter()
+            .filter(move |r| bits & r.bit() != 0)
+    }
+
+    /// The breaker limits that overflowed.
+    pub(crate) fn overflows(&self) -> impl Iterator<Item = BreakerLimit> {
+        let bits = self.inner.overflows.load(Ordering::Relaxed);
+        BreakerLimit::ALL
+            .into_iter()
+            .filter(move |l| bits & l.bit() != 0)
+    }
+
+    /// How many ejections this request caused.
+    pub(crate) fn ejections(&self) -> u8 {
+        self.inner.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Whether anything beyond one plain attempt happened (retries,
+    /// refusals, overflows, ejections, flags).
+    pub(crate) fn is_eventful(&self) -> bool {
+        self.attempts() > 1
+            || self.inner.flags.load(Ordering::Relaxed) != 0
+            || self.inner.ejections.load(Ordering::Relaxed) != 0
+    }
+
+    /// The cluster picked, if any.
+    pub fn cluster_name(&self) -> Option<&Name> {
+        self.inner.cluster.get()
+    }
+
+    /// The matched route's name, if any.
+    pub fn route_name(&self) -> Option<&Name> {
+        self.inner.route.get()
+    }
+
+    /// The listener (the name dialed), if routed.
+    pub fn listener_name(&self) -> Option<&Name> {
+        self.inner.listener.get()
+    }
+
+    /// The peer's SPIFFE ID, if verified.
+    pub fn peer_principal_id(&self) -> Option<&Name> {
+        self.inner.peer_principal.get()
+    }
+
+    /// The endpoint of the latest recorded attempt, with its labels.
+    pub fn endpoint(&self) -> Option<(SocketAddr, &EndpointLabels)> {
+        self.last_attempt().map(|a| (a.endpoint, &a.labels))
+    }
+
+    /// Attempt `i`'s slot, if it exists.
+    fn slot(&self, i: usize) -> Option<&OnceLock<Attempt>> {
+        match i {
+            0 => Some(&self.inner.first),
+            _ => self.inner.retried.get()?.get(i - 1),
+        }
+    }
+
+    /// Attempt `i`'s slot, allocating the retry slots on the first retry.
+    fn slot_for_write(&self, i: usize) -> Option<&OnceLock<Attempt>> {
+        match i {
+            0 => Some(&self.inner.first),
+            _ => self
+                .inner
+                .retried
+                .get_or_init(|| Box::new([const { OnceLock::new() }; MAX_RECORDED_ATTEMPTS - 1]))
+                .get(i - 1),
+        }
+    }
+
+    pub(crate) fn last_attempt(&self) -> Option<&Attempt> {
+        let n = (self.attempts() as usize).min(MAX_RECORDED_ATTEMPTS);
+        (0..n).rev().find_map(|i| self.slot(i)?.get())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn recorded_attempts(&self) -> impl Iterator<Item = &Attempt> {
+        (0..MAX_RECORDED_ATTEMPTS).map_while(|i| self.slot(i)?.get())
+    }
+
+    pub(crate) fn request_bytes(&self) -> u64 {
+        self.inner.request_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The decision record as span attributes (`mesh.*`; the response
+    /// flags are added by the caller, with the final ones).
+    pub(crate) fn attributes(&self) -> Vec<KeyValue> {
+        let i = &*self.inner;
+        let mut out = Vec::with_capacity(16);
+        if let Some(v) = i.versions.get() {
+            out.push(KeyValue::new(
+                "mesh.config.version.lds",
+                v.listeners.to_string(),
+            ));
+            out.push(KeyValue::new(
+                "mesh.config.version.rds",
+                v.route_configs.to_string(),
+            ));
+            out.push(KeyValue::new(
+                "mesh.config.version.cds",
+                v.clusters.to_string(),
+            ));
+            out.push(KeyValue::new(
+                "mesh.config.version.eds",
+                v.endpoints.to_string(),
+            ));
+        }
+        if let Some(l) = i.listener.get() {
+            out.push(KeyValue::new("mesh.listener", l.to_string()));
+        }
+        if let Some(r) = i.route.get() {
+            out.push(KeyValue::new("mesh.route", r.to_string()));
+        }
+        if let Some(c) = i.cluster.get() {
+            out.push(KeyValue::new("mesh.cluster", c.to_string()));
+        }
+        if let Some(p) = i.lb_policy.get() {
+            out.push(KeyValue::new("mesh.lb_policy", lb_policy_name(p)));
+        }
+        if let Some(a) = self.last_attempt() {
+            out.push(KeyValue::new("mesh.endpoint", a.endpoint.to_string()));
+        }
+        let attempts = self.attempts();
+        if attempts > 0 {
+            out.push(KeyValue::new("mesh.attempts", i64::from(attempts)));
+        }
+        let reasons = self.retry_reasons();
+        if !reasons.is_empty() {
+            out.push(KeyValue::new("mesh.retry.reasons", retry_names(reasons)));
+        }
+        for (key, value) in [
+            ("mesh.timeout_ms", i.route_timeout.get()),
+            ("mesh.per_try_timeout_ms", i.per_try_timeout.get()),
+            ("mesh.deadline.remaining_ms", i.deadline.get()),
+            ("mesh.fault.delay_ms", i.fault_delay.get()),
+        ] {
+            if let Some(d) = value {
+                out.push(KeyValue::new(key, d.as_secs_f64() * 1000.0));
+            }
+        }
+        match i.fault_abort.load(Ordering::Relaxed) {
+            0 => {}
+            n if n & GRPC_ABORT != 0 => {
+                out.push(KeyValue::new(
+                    "mesh.fault.abort_grpc_status",
+                    i64::from(n & 0xffff),
+                ));
+            }
+            n => out.push(KeyValue::new("mesh.fault.abort_http_status", i64::from(n))),
+        }
+        if let Some(p) = i.peer_principal.get() {
+            out.push(KeyValue::new("mesh.peer.principal", p.to_string()));
+        }
+        if let Some(a) = i.authorization.get() {
+            let decision = if a.allowed { "allow" } else { "deny" };
+            out.push(KeyValue::new("mesh.authz.decision", decision));
+            if let Some(policy) = &a.policy {
+                out.push(KeyValue::new("mesh.authz.policy", policy.to_string()));
+            }
+        }
+        out
+    }
+}
+
+impl Default for DecisionRecord {
+    fn default() -> Self {
+        DecisionRecord::new()
+    }
+}
+
+impl std::fmt::Debug for DecisionRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecisionRecord")
+            .field("sampled", &self.is_sampled())
+            .field("route", &self.route_name())
+            .field("cluster", &self.cluster_name())
+            .field("attempts", &self.attempts())
+            .field("flags", &self.flags())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One attempt in flight: report how it ended with
+/// [`AttemptGuard::finish`]. Dropping it unfinished records the attempt as
+/// cancelled (its span ends with an error status).
+pub struct AttemptGuard {
+    record: DecisionRecord,
+    index: u32,
+    span: Option<opentelemetry_sdk::trace::Span>,
+    finished: bool,
+}
+
+impl AttemptGuard {
+    /// Points the request's `traceparent` at this attempt's span, so the
+    /// endpoint's server span is its child (a no-op unless sampled).
+    pub fn inject(&self, headers: &mut HeaderMap) {
+        if let Some(span) = &self.span {
+            propagation::inject_span_context(span.span_context(), headers);
+        }
+    }
+
+    /// Which attempt this is: 1 for the first try.
+    pub fn number(&self) -> u32 {
+        self.index + 1
+    }
+
+    /// Records how the attempt ended and ends its span.
+    pub fn finish(mut self, outcome: AttemptOutcome) {
+        self.finished = true;
+        if let Some(slot) = self.record.slot(self.index as usize)
+            && let Some(attempt) = slot.get()
+        {
+            let _ = attempt.outcome.set(outcome);
+        }
+        if let Some(mut span) = self.span.take() {
+            match outcome {
+                AttemptOutcome::Response {
+                    status,
+                    grpc_status,
+                } => {
+                    span.set_attribute(KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(status.as_u16()),
+                    ));
+                    if let Some(code) = grpc_status {
+                        span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+                    }
+                    if status.as_u16() >= 400 || grpc_status.is_some_and(|c| c != 0) {
+                        span.set_status(Status::error(""));
+                    }
+                }
+                AttemptOutcome::Failed(flags) => {
+                    span.set_attribute(KeyValue::new("mesh.response_flags", flags.to_string()));
+                    span.set_status(Status::error(flags.to_string()));
+                }
+            }
+            span.end();
+        }
+    }
+
+    /// [`AttemptGuard::finish`] with a failure and the error that caused it
+    /// (its message goes into the span).
+    pub fn fail(mut self, flags: ResponseFlags, error: &dyn std::error::Error) {
+        if let Some(span) = &mut self.span {
+            span.record_error(error);
+        }
+        self.finish(AttemptOutcome::Failed(flags));
+    }
+}
+
+impl Drop for AttemptGuard {
+    fn drop(&mut self) {
+        if !self.finished
+            && let Some(mut span) = self.span.take()
+        {
+            span.set_status(Status::error("attempt cancelled"));
+            span.end();
+        }
+    }
+}
+
+impl std::fmt::Debug for AttemptGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttemptGuard")
+            .field("attempt", &self.number())
+            .field("sampled", &self.span.is_some())
+            .finish()
+    }
+}
+
+pub(crate) fn lb_policy_name(p: &LbPolicy) -> &'static str {
+    match p {
+        LbPolicy::RoundRobin => "ROUND_ROBIN",
+        LbPolicy::LeastRequest => "LEAST_REQUEST",
+        LbPolicy::Random => "RANDOM",
+        LbPolicy::RingHash { .. } => "RING_HASH",
+    }
+}
+
+pub(crate) fn retry_names(r: RetryOn) -> String {
+    let names: Vec<&str> = r.names().collect();
+    names.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facts_are_kept_and_attempts_counted_without_a_span() {
+        let record = DecisionRecord::new();
+        assert!(!record.is_sampled());
+        let cluster: Name = "outbound|80|v1|catalog.shop.svc.cluster.local".into();
+        record.cluster(&cluster, LbPolicy::LeastRequest);
+        record.cluster(&"other".into(), LbPolicy::Random);
+        assert_eq!(record.cluster_name(), Some(&cluster));
+        let labels: Arc<[(Name, Name)]> = Arc::from([("version".into(), "v1".into())]);
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        record
+            .attempt_started(a, &labels)
+            .finish(AttemptOutcome::Failed(
+                ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+            ));
+        record.retrying(RetryOn::CONNECT_FAILURE, Duration::from_millis(25));
+        let guard = record.attempt_started(b, &labels);
+        assert_eq!(guard.number(), 2);
+        guard.finish(AttemptOutcome::Response {
+            status: StatusCode::OK,
+            grpc_status: None,
+        });
+        assert_eq!(record.attempts(), 2);
+        assert_eq!(record.endpoint().map(|(addr, _)| addr), Some(b));
+        assert_eq!(record.retry_reasons(), RetryOn::CONNECT_FAILURE);
+        let outcomes: Vec<_> = record
+            .recorded_attempts()
+            .map(|a| *a.outcome.get().unwrap())
+            .collect();
+        assert_eq!(
+            outcomes[0],
+            AttemptOutcome::Failed(ResponseFlags::UPSTREAM_CONNECTION_FAILURE)
+        );
+        record.breaker_overflow(BreakerLimit::MaxRequests);
+        record.retry_refused(RetryRefusal::Budget);
+        assert_eq!(record.flags().to_string(), "UO,URX");
+        assert_eq!(
+            record.retries_by_reason().collect::<Vec<_>>(),
+            [("connect-failure", 1)]
+        );
+        assert_eq!(
+            record.overflows().collect::<Vec<_>>(),
+            [BreakerLimit::MaxRequests]
+        );
+        assert_eq!(
+            record.refusals().collect::<Vec<_>>(),
+            [RetryRefusal::Budget]
+        );
+        assert!(record.is_eventful());
+    }
+
+    #[test]
+    fn attempts_beyond_the_slots_are_counted_and_the_last_recorded_one_is_kept() {
+        let record = DecisionRecord::new();
+        let labels: Arc<[(Name, Name)]> = Arc::from([]);
+        for port in 1..=6u16 {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            drop(record.attempt_started(addr, &labels));
+        }
+        assert_eq!(record.attempts(), 6);
+        assert_eq!(
+            record.endpoint().map(|(a, _)| a.port()),
+            Some(MAX_RECORDED_ATTEMPTS as u16)
+        );
+    }
+
+    #[test]
+    fn attributes_name_every_decision() {
+        let record = DecisionRecord::new();
+        let versions = Versions {
+            listeners: "1".into(),
+            route_configs: "2".into(),
+            clusters: "3".into(),
+            endpoints: "4".into(),
+        };
+        record.route(&versions, &"catalog".into(), &"split".into());
+        record.cluster(&"c".into(), LbPolicy::RoundRobin);
+        record.timeouts(Some(Duration::from_secs(1)), None);
+        record.deadline_remaining(Duration::from_millis(500));
+        record.fault_abort_grpc(14);
+        record.authorization(false, Some(&"deny-all".into()));
+        let attrs: Vec<(String, String)> = record
+            .attributes()
+            .into_iter()
+            .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+            .collect();
+        let get = |k: &str| {
+            attrs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("mesh.config.version.cds"), Some("3"));
+        assert_eq!(get("mesh.route"), Some("split"));
+        assert_eq!(get("mesh.lb_policy"), Some("ROUND_ROBIN"));
+        assert_eq!(get("mesh.timeout_ms"), Some("1000"));
+        assert_eq!(get("mesh.deadline.remaining_ms"), Some("500"));
+        assert_eq!(get("mesh.fault.abort_grpc_status"), Some("14"));
+        assert_eq!(record.flags().to_string(), "FI");
+        assert_eq!(get("mesh.authz.decision"), Some("deny"));
+        assert_eq!(get("mesh.authz.policy"), Some("deny-all"));
+    }
+}
