@@ -20,6 +20,16 @@
 //! It sends a bounded number of checkouts through the frontend, prints the
 //! split it observed, rewrites the YAML to 50/50, waits for the frontend to
 //! apply it, and prints the new split. Exit code 0 when every call succeeded.
+//!
+//! Observability: every service has its own `Telemetry` (its own
+//! `service.name`), built from the standard `OTEL_*` variables. With
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` set (for example `http://localhost:4318`,
+//! Jaeger's OTLP/HTTP port; `OTEL_EXPORTER_OTLP_PROTOCOL=grpc` for 4317) each
+//! checkout is one trace: frontend → catalog and frontend → payment, with
+//! the mesh's decision record on the client spans and a child span per
+//! attempt (the flaky payment instance's retries show up there). Without it
+//! nothing is exported. Istio's standard metrics of all services are served
+//! on an ephemeral port (printed at the end with a sample).
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, RandomState};
@@ -33,8 +43,9 @@ use axum::http::HeaderMap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use proxyless::layers::MeshStats;
-use proxyless::{Bootstrap, Client, Registration, ServerLayer, Serving, XdsClient};
-use tower::ServiceExt;
+use proxyless::telemetry::{Identity, MetricsRegistry, Telemetry};
+use proxyless::{Bootstrap, Client, Registration, ServerLayer, Serving, TracedClient, XdsClient};
+use tower::{Layer, ServiceExt};
 
 mod shop {
     #![allow(missing_docs, unreachable_pub, clippy::all)]
@@ -81,31 +92,51 @@ async fn run() -> Result<(), BoxError> {
         examples.display()
     );
     let bootstrap = |node: &str| Bootstrap::from_json(&control.bootstrap_json(node, "shop"));
+    match std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    {
+        Ok(endpoint) => println!(
+            "traces: OTLP to {endpoint} (service.name frontend, catalog, payment; one trace per checkout)"
+        ),
+        Err(_) => println!(
+            "traces: not exported (set OTEL_EXPORTER_OTLP_ENDPOINT, e.g. http://localhost:4318 for Jaeger)"
+        ),
+    }
 
-    // 2. The services. Each registers itself; nobody knows an address.
-    let mut serving = Vec::new();
+    // 2. The services. Each registers itself; nobody knows an address. Each
+    // has its own telemetry (service.name, OTEL_* settings); they count
+    // Istio's metrics into one registry, as one process.
+    let registry = MetricsRegistry::new();
+    let mut services = Services {
+        serving: Vec::new(),
+        telemetry: Vec::new(),
+        registry: registry.clone(),
+    };
     for version in ["v1", "v2"] {
-        serving.push(catalog(bootstrap(&format!("catalog-{version}"))?, version).await?);
-        serving.push(payment(bootstrap(&format!("payment-{version}"))?, version, None).await?);
+        let name = format!("catalog-{version}");
+        catalog(&mut services, bootstrap(&name)?, version).await?;
+        let name = format!("payment-{version}");
+        payment(&mut services, bootstrap(&name)?, version, None).await?;
     }
     // A second payment v1 that fails some calls: the VirtualService's retries hide it.
     let flaky = Arc::new(Flaky::new(FLAKY_PERCENT));
-    serving.push(
-        payment(
-            bootstrap("payment-v1-flaky")?,
-            "v1",
-            Some(Arc::clone(&flaky)),
-        )
-        .await?,
-    );
+    payment(
+        &mut services,
+        bootstrap("payment-v1-flaky")?,
+        "v1",
+        Some(Arc::clone(&flaky)),
+    )
+    .await?;
     // The frontend pre-warms the names it calls, so its first request does
     // not wait for discovery.
     let frontend_xds = XdsClient::start_with(
         bootstrap("frontend")?,
         proxyless::xds::ClientOptions::default().listeners(["catalog", "payment"]),
     );
-    let (frontend_serving, payment_stats) = frontend(frontend_xds.clone()).await?;
-    serving.push(frontend_serving);
+    let payment_stats = frontend(&mut services, frontend_xds.clone()).await?;
+    registry.watch_xds(&frontend_xds);
+    let metrics =
+        proxyless::telemetry::serve_metrics("127.0.0.1:0".parse()?, registry.clone()).await?;
 
     // 3. A user's client, also in the mesh, calls the frontend by name.
     let user_xds = XdsClient::start(bootstrap("shopper")?);
@@ -191,6 +222,9 @@ async fn run() -> Result<(), BoxError> {
         status["version"], status["counters"]["nacks"]
     );
 
+    // 6. Istio's standard metrics, as Prometheus scrapes them.
+    print_metrics(metrics.local_addr(), &registry.render());
+
     let ok = first.errors == 0
         && second.errors == 0
         && beta.catalog.get("v2").copied() == Some(50)
@@ -198,8 +232,16 @@ async fn run() -> Result<(), BoxError> {
         && (0.35..0.65).contains(&share(&second.catalog, "v1"))
         && first_failed > 0
         && first_retried >= first_failed;
-    for s in serving {
+    for s in services.serving {
         s.shutdown().await?;
+    }
+    metrics.shutdown().await;
+    // Export the spans still buffered (a no-op when nothing is exported).
+    let flushes = services.telemetry.iter().map(Telemetry::shutdown);
+    for result in futures_util::future::join_all(flushes).await {
+        if let Err(e) = result {
+            eprintln!("   exporting spans failed: {e}");
+        }
     }
     if ok {
         println!(
@@ -308,13 +350,51 @@ async fn listen() -> Result<tokio::net::TcpListener, BoxError> {
     Ok(tokio::net::TcpListener::bind("127.0.0.1:0").await?)
 }
 
-async fn catalog(bootstrap: Bootstrap, version: &'static str) -> Result<Serving, BoxError> {
+/// What the demo runs: the services, their telemetry, the shared metrics registry.
+struct Services {
+    serving: Vec<Serving>,
+    telemetry: Vec<Telemetry>,
+    registry: MetricsRegistry,
+}
+
+impl Services {
+    /// The telemetry of `service` (version `version`) on the node of
+    /// `bootstrap`: tracing as the `OTEL_*` variables say, Istio's metrics
+    /// into the shared registry.
+    fn telemetry(
+        &mut self,
+        bootstrap: &Bootstrap,
+        service: &str,
+        version: &str,
+    ) -> Result<Telemetry, BoxError> {
+        let identity = Identity::from_bootstrap(bootstrap, service)
+            .with_workload(format!("{service}-{version}"))
+            .with_label("app", service)
+            .with_version(version);
+        let telemetry = Telemetry::builder(identity)
+            .otel_env()?
+            .metrics(&self.registry)
+            .build();
+        self.telemetry.push(telemetry.clone());
+        Ok(telemetry)
+    }
+}
+
+async fn catalog(
+    services: &mut Services,
+    bootstrap: Bootstrap,
+    version: &'static str,
+) -> Result<(), BoxError> {
+    let telemetry = services.telemetry(&bootstrap, "catalog", version)?;
     let app = axum::Router::new()
         .route("/items", axum::routing::get(move || async move { version }))
-        .layer(ServerLayer::from_bootstrap(&bootstrap, "catalog"));
+        .layer(ServerLayer::from_bootstrap(&bootstrap, "catalog").telemetry(telemetry));
     let registration =
         Registration::from_bootstrap(&bootstrap, "catalog")?.label("version", version);
-    Ok(proxyless::serve(listen().await?, registration, app).await?)
+    services
+        .serving
+        .push(proxyless::serve(listen().await?, registration, app).await?);
+    Ok(())
 }
 
 struct PaymentService {
@@ -411,37 +491,103 @@ impl Payment for PaymentService {
 }
 
 async fn payment(
+    services: &mut Services,
     bootstrap: Bootstrap,
     version: &'static str,
     flaky: Option<Arc<Flaky>>,
-) -> Result<Serving, BoxError> {
+) -> Result<(), BoxError> {
+    let telemetry = services.telemetry(&bootstrap, "payment", version)?;
     let routes = tonic::service::Routes::new(PaymentServer::new(PaymentService { version, flaky }));
+    let app = ServerLayer::from_bootstrap(&bootstrap, "payment")
+        .telemetry(telemetry)
+        .layer(routes);
     let registration =
         Registration::from_bootstrap(&bootstrap, "payment")?.label("version", version);
-    Ok(proxyless::serve(listen().await?, registration, routes).await?)
+    services
+        .serving
+        .push(proxyless::serve(listen().await?, registration, app).await?);
+    Ok(())
 }
 
 #[derive(Clone)]
 struct Frontend {
-    http: Client,
-    grpc: PaymentClient<Client<tonic::body::Body>>,
+    http: TracedClient,
+    grpc: PaymentClient<TracedClient<tonic::body::Body>>,
 }
 
-/// The frontend service, and the counters of its payment client (retries, ...).
-async fn frontend(xds: XdsClient) -> Result<(Serving, MeshStats), BoxError> {
+/// The frontend service; returns the counters of its payment client
+/// (retries, ...).
+async fn frontend(services: &mut Services, xds: XdsClient) -> Result<MeshStats, BoxError> {
+    let telemetry = services.telemetry(xds.bootstrap(), "frontend", "v1")?;
     let payment_channel: Client<tonic::body::Body> = Client::new(xds.clone());
     let payment_stats = payment_channel.stats().clone();
+    // Client telemetry around the mesh clients: a span per call (children of
+    // the frontend's server span), a child span per attempt.
     let state = Frontend {
-        http: Client::new(xds.clone()),
-        grpc: PaymentClient::with_origin(payment_channel, "http://payment".parse()?),
+        http: Client::new(xds.clone()).with_telemetry(telemetry.clone()),
+        grpc: PaymentClient::with_origin(
+            payment_channel.with_telemetry(telemetry.clone()),
+            "http://payment".parse()?,
+        ),
     };
     let app = axum::Router::new()
         .route("/checkout", axum::routing::get(checkout_handler))
         .with_state(state)
-        .layer(ServerLayer::from_bootstrap(xds.bootstrap(), "frontend"));
+        .layer(ServerLayer::from_bootstrap(xds.bootstrap(), "frontend").telemetry(telemetry));
     let registration = Registration::from_bootstrap(xds.bootstrap(), "frontend")?;
-    let serving = proxyless::serve(listen().await?, registration, app).await?;
-    Ok((serving, payment_stats))
+    services
+        .serving
+        .push(proxyless::serve(listen().await?, registration, app).await?);
+    Ok(payment_stats)
+}
+
+/// Prints where the metrics are served and a few `istio_requests_total`
+/// series (the frontend's calls as it reports them), abridged to the labels
+/// that tell them apart (every series has Istio's 25 labels).
+fn print_metrics(addr: std::net::SocketAddr, text: &str) {
+    println!("\n== metrics: http://{addr}/metrics (Istio's standard metrics, Prometheus format)");
+    const SHOWN: [&str; 6] = [
+        "reporter",
+        "source_workload",
+        "destination_workload",
+        "response_code",
+        "grpc_response_status",
+        "response_flags",
+    ];
+    let mut series: Vec<(u64, String)> = text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("istio_requests_total{")?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let labels: BTreeMap<&str, &str> = labels
+                .split("\",")
+                .filter_map(|pair| {
+                    let (k, v) = pair.split_once("=\"")?;
+                    Some((k, v.trim_end_matches('"')))
+                })
+                .collect();
+            if labels.get("reporter") != Some(&"source")
+                || labels.get("source_workload") != Some(&"frontend-v1")
+            {
+                return None;
+            }
+            let shown: Vec<String> = SHOWN
+                .iter()
+                .filter_map(|k| Some(format!("{k}=\"{}\"", labels.get(k)?)))
+                .collect();
+            Some((value.parse().ok()?, shown.join(",")))
+        })
+        .collect();
+    series.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    for (value, labels) in series.iter().take(4) {
+        println!("   istio_requests_total{{{labels},...}} {value}");
+    }
+    let retries: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("proxyless_retries_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum();
+    println!("   proxyless_retries_total (all clusters) {retries}");
 }
 
 async fn checkout_handler(

@@ -12,6 +12,40 @@
 //!   heartbeat and drain.
 //! - Run the control server: `mesh-control serve --config DIR`, or embed it
 //!   ([`control::Server::builder`]).
+//! - Observe: [`telemetry`] — an OpenTelemetry span per call and per
+//!   request served, with the mesh's decision record (`mesh.route`,
+//!   `mesh.cluster`, `mesh.endpoint`, `mesh.lb_policy`, config versions,
+//!   retries, timeouts, breaker and outlier decisions, faults) and a child
+//!   span per attempt; Istio's standard Prometheus metrics; access logs.
+//!   Each service gets its own [`Telemetry`] (its own `service.name`, no
+//!   global provider), usually from the standard `OTEL_*` variables:
+//!
+//! ```no_run
+//! # async fn demo(xds: proxyless::XdsClient) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use proxyless::telemetry::{Identity, MetricsRegistry, Telemetry, serve_metrics};
+//! use proxyless::{Client, ServerLayer, TracedClient};
+//!
+//! let registry = MetricsRegistry::new();
+//! let telemetry = Telemetry::builder(Identity::from_bootstrap(xds.bootstrap(), "frontend"))
+//!     .otel_env()?              // exports when OTEL_EXPORTER_OTLP_ENDPOINT is set
+//!     .metrics(&registry)
+//!     .build();
+//! // Calls: a CLIENT span per call, a child span per attempt, traceparent sent on.
+//! let client: TracedClient = Client::new(xds.clone()).with_telemetry(telemetry.clone());
+//! // (the same: `ClientTelemetryLayer::new(telemetry.clone()).layer(Client::new(xds.clone()))`)
+//! // Serving: telemetry span → deadline → app; the handler's calls are children.
+//! let server = ServerLayer::from_bootstrap(xds.bootstrap(), "frontend");
+//! let app: axum::Router = axum::Router::new()
+//!     .route("/checkout", axum::routing::get(|| async { "ok" }))
+//!     .layer(server.telemetry(telemetry.clone()));
+//! registry.watch_xds(&xds);
+//! let metrics = serve_metrics("127.0.0.1:9090".parse()?, registry).await?; // GET /metrics
+//! // ... before exiting: export what is left.
+//! telemetry.shutdown().await?;
+//! # let _ = (client, app, metrics);
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! The four crates are re-exported whole for custom stacks:
 //! [`core`] (model, matching, balancing, xDS conversion), [`xds`] (the ADS
@@ -22,6 +56,9 @@ pub use mesh_core as core;
 pub use mesh_tower as layers;
 pub use mesh_xds_client as xds;
 
+pub use mesh_tower::admin::{AdminEndpoints, AdminServer, serve_admin};
+pub use mesh_tower::telemetry;
+pub use mesh_tower::telemetry::{ClientTelemetryLayer, ServerTelemetryLayer, Telemetry};
 pub use mesh_tower::{
     ConfigSource, Error, ErrorKind, MeshLayer, Registration, ResponseBody, ServerContext,
     ServerLayer, Serving, TargetEndpoint, grpc_status, serve,
@@ -39,3 +76,9 @@ pub use mesh_xds_client::{Bootstrap, XdsClient};
 /// `GRPC_XDS_BOOTSTRAP` (or inline in `GRPC_XDS_BOOTSTRAP_CONFIG`);
 /// `Client::new(xds_client)` shares one xDS client between several clients.
 pub type Client<B = http_body_util::Full<bytes::Bytes>> = mesh_tower::MeshClient<B>;
+
+/// A [`Client`] under telemetry (`Client::new(xds).with_telemetry(t)`): a
+/// CLIENT span per call carrying the mesh's decision record, a child span
+/// per attempt, Istio's metrics with `reporter="source"`.
+pub type TracedClient<B = http_body_util::Full<bytes::Bytes>> =
+    mesh_tower::telemetry::ClientTelemetry<Client<B>>;

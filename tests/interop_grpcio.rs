@@ -352,7 +352,25 @@ async fn grpcio_follows_the_weighted_split_and_acks_every_resource() {
         .and_then(|client| client["user_agent"].as_str())
         .unwrap_or_default()
         .to_owned();
+    // Issue 6, criterion 4, read while the client is still connected: `/status` knows it
+    // is a gRPC client and lists the served config it ignores, and CSDS returns its
+    // config, every resource ACKed.
+    let entry = grpcio_client_status(&status).cloned().unwrap_or_default();
+    let ignored_config = grpcio_ignored(&entry);
+    let csds = csds_config_of(&mesh.server, NODE_ID).await;
     let stderr = client.stop().await;
+    assert_eq!(entry["kind"], "grpc", "{entry}");
+    assert_eq!(entry["stale"], false, "{entry}");
+    // The payment route retries on `unavailable,cancelled,connect-failure,refused-stream`;
+    // gRPC retries on gRPC status codes only (gRFC A44).
+    assert!(
+        ignored_config.iter().any(|i| i.contains("payment")
+            && i.contains("retryOn")
+            && i.contains("connect-failure")
+            && i.contains("refused-stream")),
+        "/status does not list the retry conditions grpcio ignores: {ignored_config:?}"
+    );
+    assert_csds_acked(&csds);
     eprintln!(
         "grpcio ({user_agent}): {} ok, by version {:?}, {} errors",
         report.ok,
@@ -592,4 +610,99 @@ async fn grpcio_honors_injected_aborts() {
     );
     backend.shutdown().await;
     mesh.server.shutdown().await;
+}
+
+/// The `ignored` list of a client's `/status` entry.
+fn grpcio_ignored(entry: &serde_json::Value) -> Vec<String> {
+    entry["ignored"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The config CSDS (`envoy.service.status.v3`, on mesh-control's xDS port) reports for
+/// the client `node_id`.
+async fn csds_config_of(
+    server: &ServerHandle,
+    node_id: &str,
+) -> envoy_types::pb::envoy::service::status::v3::ClientConfig {
+    use envoy_types::pb::envoy::service::status::v3::ClientStatusRequest;
+    use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_client::ClientStatusDiscoveryServiceClient;
+    let mut csds =
+        match ClientStatusDiscoveryServiceClient::connect(format!("http://{}", server.xds_addr()))
+            .await
+        {
+            Ok(client) => client,
+            Err(error) => panic!("connecting to CSDS at {}: {error}", server.xds_addr()),
+        };
+    let response = match csds
+        .fetch_client_status(ClientStatusRequest::default())
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => panic!("CSDS FetchClientStatus: {status}"),
+    };
+    let ids: Vec<String> = response
+        .config
+        .iter()
+        .map(|c| c.node.as_ref().map(|n| n.id.clone()).unwrap_or_default())
+        .collect();
+    match response
+        .config
+        .into_iter()
+        .find(|c| c.node.as_ref().is_some_and(|n| n.id == node_id))
+    {
+        Some(config) => config,
+        None => panic!("{node_id} missing from CSDS (clients: {ids:?})"),
+    }
+}
+
+/// Asserts that a CSDS client config holds the payment listener and its whole cascade
+/// (one resource of each xDS type at least), every resource ACKed, with its contents.
+fn assert_csds_acked(config: &envoy_types::pb::envoy::service::status::v3::ClientConfig) {
+    use envoy_types::pb::envoy::admin::v3::ClientResourceStatus;
+    let resources = &config.generic_xds_configs;
+    let summary: Vec<String> = resources
+        .iter()
+        .map(|r| format!("{} {} status {}", r.type_url, r.name, r.client_status))
+        .collect();
+    for short in [
+        "Listener",
+        "RouteConfiguration",
+        "Cluster",
+        "ClusterLoadAssignment",
+    ] {
+        assert!(
+            resources
+                .iter()
+                .any(|r| r.type_url.ends_with(&format!(".{short}"))),
+            "no {short} in CSDS for {NODE_ID}: {summary:?}"
+        );
+    }
+    assert!(
+        resources
+            .iter()
+            .any(|r| r.type_url.ends_with(".Listener") && r.name == "payment"),
+        "{summary:?}"
+    );
+    for r in resources {
+        assert_eq!(
+            r.client_status,
+            ClientResourceStatus::Acked as i32,
+            "{} {} is not ACKed: {summary:?}",
+            r.type_url,
+            r.name
+        );
+        assert!(
+            r.xds_config.is_some(),
+            "{} {} has no contents",
+            r.type_url,
+            r.name
+        );
+        assert!(!r.version_info.is_empty(), "{} {}", r.type_url, r.name);
+    }
 }

@@ -32,6 +32,7 @@ use mesh_core::retry::RetryLimiter;
 use rand::Rng;
 
 use crate::pool::{ClusterConnections, ConnectionPolicy};
+use crate::telemetry::EndpointLabels;
 
 /// The state of every cluster the process has sent to.
 #[derive(Debug, Default)]
@@ -47,6 +48,11 @@ pub(crate) struct ClusterState {
     set: EndpointSet,
     /// Each address as a URI authority, built once (for URI rewriting).
     authorities: Box<[Option<Authority>]>,
+    /// Each endpoint's EDS labels (`version: v1`), aligned with the
+    /// addresses, for the decision record and Istio's metric labels.
+    labels: Box<[EndpointLabels]>,
+    /// What an endpoint without labels has.
+    no_labels: EndpointLabels,
     /// Requests in flight per endpoint (least-request).
     active: Box<[AtomicU32]>,
     /// The round-robin counter.
@@ -146,6 +152,22 @@ impl ClusterState {
             .map(|a| Authority::try_from(a.to_string()).ok())
             .collect::<Box<[_]>>();
         let active = set.addresses().iter().map(|_| AtomicU32::new(0)).collect();
+        let no_labels: EndpointLabels = Arc::from([]);
+        let by_address: HashMap<SocketAddr, &EndpointLabels> = cla
+            .localities
+            .iter()
+            .flat_map(|l| l.endpoints.iter())
+            .map(|e| (e.address, &e.labels))
+            .collect();
+        let labels = set
+            .addresses()
+            .iter()
+            .map(|a| {
+                by_address
+                    .get(a)
+                    .map_or_else(|| no_labels.clone(), |l| Arc::clone(l))
+            })
+            .collect();
         let now = Instant::now();
         let outlier = cluster.outlier_detection.as_ref().map(|config| {
             match old.and_then(|o| o.outlier.as_ref()) {
@@ -166,6 +188,8 @@ impl ClusterState {
             cla,
             set,
             authorities,
+            labels,
+            no_labels,
             active,
             outlier,
             breaker,
@@ -305,6 +329,14 @@ impl ActiveGuard {
 
     pub(crate) fn cluster_state(&self) -> &Arc<ClusterState> {
         &self.state
+    }
+
+    /// The endpoint's EDS labels.
+    pub(crate) fn labels(&self) -> &EndpointLabels {
+        self.state
+            .labels
+            .get(self.index)
+            .unwrap_or(&self.state.no_labels)
     }
 }
 

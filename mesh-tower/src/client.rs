@@ -44,6 +44,7 @@ use crate::mesh::{self, Mesh, MeshLayer};
 use crate::pool::Pool;
 use crate::source::ConfigSource;
 use crate::stats::MeshStats;
+use crate::telemetry::{ClientTelemetry, ClientTelemetryLayer, Telemetry};
 
 /// Sends requests through the mesh: `client.call(Request::get("http://catalog/items")...)`.
 ///
@@ -92,6 +93,28 @@ impl<B, Src: ConfigSource> MeshClient<B, Src> {
     /// timeouts, faults), shared by its clones.
     pub fn stats(&self) -> &MeshStats {
         self.inner.stats()
+    }
+
+    /// This client under [`ClientTelemetry`] reporting as `telemetry`'s
+    /// service (the same as `ClientTelemetryLayer::new(telemetry).layer(client)`):
+    /// a CLIENT span per call with the mesh's decision record as `mesh.*`
+    /// attributes and a child span per attempt, `traceparent` sent on,
+    /// Istio's metrics with `reporter="source"`, an access log line; see
+    /// [`crate::telemetry`].
+    ///
+    /// ```no_run
+    /// # async fn demo(xds: mesh_xds_client::XdsClient) -> Result<(), mesh_tower::BoxError> {
+    /// use mesh_tower::MeshClient;
+    /// use mesh_tower::telemetry::{Identity, Telemetry};
+    ///
+    /// let telemetry = Telemetry::from_env(Identity::from_bootstrap(xds.bootstrap(), "frontend"))?;
+    /// let client = MeshClient::<http_body_util::Full<bytes::Bytes>>::new(xds).with_telemetry(telemetry);
+    /// # let _ = client;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_telemetry(self, telemetry: Telemetry) -> ClientTelemetry<Self> {
+        ClientTelemetryLayer::new(telemetry).layer(self)
     }
 }
 

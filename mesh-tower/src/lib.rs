@@ -15,6 +15,12 @@
 //! (register with the control server, serve HTTP/1.1 and HTTP/2, deregister
 //! and drain on shutdown).
 //!
+//! Observability: [`telemetry`] — OpenTelemetry spans with the mesh's
+//! decision record (`mesh.*` attributes, a child span per attempt), Istio's
+//! standard metrics, access logs. `MeshClient::with_telemetry(t)` (or
+//! `ClientTelemetryLayer`) on the client, `ServerLayer::telemetry(t)` on
+//! the server.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), mesh_tower::BoxError> {
 //! use bytes::Bytes;
@@ -45,6 +51,7 @@
 //! # }
 //! ```
 
+pub mod admin;
 mod balance;
 mod body;
 mod client;

@@ -39,7 +39,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::bootstrap::{Bootstrap, XdsServer};
 use crate::error::{Error, ErrorKind};
-use crate::state::{AdsState, Readiness, SyncStatus, readiness};
+use crate::state::{AdsState, Readiness, ResourceReport, SyncStatus, readiness};
 
 /// Largest ADS response accepted (tonic's default of 4 MiB is small for a big mesh).
 const MAX_MESSAGE_SIZE: usize = 64 << 20;
@@ -124,6 +124,8 @@ struct Inner {
 struct Published {
     snapshot: ArcSwap<Snapshot>,
     status: ArcSwap<SyncStatus>,
+    /// Per-resource status and raw forms, for CSDS and the config dump.
+    report: ArcSwap<ResourceReport>,
     last_error: Mutex<Option<Error>>,
     server: Mutex<Option<String>>,
 }
@@ -167,9 +169,11 @@ impl XdsClient {
             .xds_servers()
             .first()
             .is_some_and(XdsServer::ignores_resource_deletion);
+        // Raw resources are kept for the cache file and for CSDS
+        // (`client_status`), which reports each as received.
         let mut state = AdsState::new(bootstrap.node())
             .ignore_resource_deletion(ignore_deletion)
-            .keep_raw(options.cache_file.is_some());
+            .keep_raw(true);
         let mut subscribed = HashSet::new();
         for name in &options.listeners {
             state.subscribe(name);
@@ -178,6 +182,7 @@ impl XdsClient {
         let published = Arc::new(Published {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             status: ArcSwap::from_pointee(SyncStatus::default()),
+            report: ArcSwap::from_pointee(state.resource_report()),
             last_error: Mutex::new(None),
             server: Mutex::new(None),
         });
@@ -212,6 +217,13 @@ impl XdsClient {
     /// Missing clusters and rejected resources, published with each snapshot.
     pub fn sync_status(&self) -> Arc<SyncStatus> {
         self.inner.published.status.load_full()
+    }
+
+    /// Every resource subscribed or held with its ACK/NACK status, raw form
+    /// and rejection, published with each snapshot: what
+    /// [`XdsClient::client_status`] (CSDS) reports.
+    pub fn resource_report(&self) -> Arc<ResourceReport> {
+        self.inner.published.report.load_full()
     }
 
     /// Subscribes to a listener name (an authority an app dials). Idempotent
@@ -399,7 +411,12 @@ impl Driver {
         match cmd {
             None => Err(Shutdown),
             Some(Command::Subscribe(name)) => {
-                self.state.subscribe(&name);
+                if self.state.subscribe(&name) {
+                    // CSDS shows the new name as REQUESTED right away.
+                    self.published
+                        .report
+                        .store(Arc::new(self.state.resource_report()));
+                }
                 Ok(())
             }
         }
@@ -544,6 +561,9 @@ impl Driver {
         let Some((snapshot, status)) = self.state.take_changes() else {
             return;
         };
+        self.published
+            .report
+            .store(Arc::new(self.state.resource_report()));
         self.published.status.store(status);
         self.published.snapshot.store(snapshot);
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
@@ -567,6 +587,9 @@ impl Driver {
                     "no xDS server answered: serving the cached last good config"
                 );
                 if let Some((snapshot, status)) = self.state.take_changes() {
+                    self.published
+                        .report
+                        .store(Arc::new(self.state.resource_report()));
                     self.published.status.store(status);
                     self.published.snapshot.store(snapshot);
                     self.changes.send_modify(|v| *v = v.wrapping_add(1));

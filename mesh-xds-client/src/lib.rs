@@ -8,6 +8,9 @@
 //! - [`XdsClient`]: the tokio task that drives it over tonic, reconnects
 //!   with backoff across the bootstrap's servers, and publishes complete
 //!   [`mesh_core::Snapshot`]s that requests read lock-free.
+//! - Debugging (gRFC A40): [`XdsClient::client_status`] and [`CsdsService`]
+//!   answer CSDS about this client; [`XdsClient::config_dump_json`] renders
+//!   the snapshot it runs as JSON.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), mesh_xds_client::Error> {
@@ -28,9 +31,12 @@
 
 pub mod bootstrap;
 mod client;
+mod csds;
+mod dump;
 mod error;
 pub mod state;
 
 pub use bootstrap::{Bootstrap, BootstrapBuilder, XdsServer};
 pub use client::{ClientOptions, XdsClient};
+pub use csds::CsdsService;
 pub use error::{Error, ErrorKind};

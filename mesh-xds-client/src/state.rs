@@ -37,6 +37,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
@@ -92,6 +93,110 @@ impl SyncStatus {
             .iter()
             .zip(self.rejected.iter())
             .flat_map(|(t, m)| m.iter().map(move |(name, why)| (*t, &**name, &**why)))
+    }
+}
+
+/// A resource as last accepted, in the form it arrived (kept with
+/// [`AdsState::keep_raw`]): what CSDS reports as its `xds_config`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawResource {
+    /// The resource as received.
+    pub any: Any,
+    /// `version_info` of the latest response that carried it.
+    pub version: String,
+    /// When its content or version last changed.
+    pub updated: SystemTime,
+}
+
+/// A rejected update (NACK): of one resource, or of a whole response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    /// `version_info` of the rejected response.
+    pub version: String,
+    /// Why it was rejected (what the NACK's `error_detail` said about it).
+    pub details: String,
+    /// When it was rejected.
+    pub at: SystemTime,
+    /// The rejected resource as received, when it could be named.
+    pub failed: Option<Any>,
+}
+
+/// A resource's status on the client, as CSDS reports it (gRFC A40,
+/// `envoy.admin.v3.ClientResourceStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResourceStatus {
+    /// Subscribed; the server has not sent it (yet).
+    Requested,
+    /// The server said it does not exist (left out of an LDS or CDS response).
+    DoesNotExist,
+    /// Accepted.
+    Acked,
+    /// Its last update was rejected; a previously accepted version may still be in use.
+    Nacked,
+}
+
+impl ResourceStatus {
+    /// The CSDS spelling: `REQUESTED`, `DOES_NOT_EXIST`, `ACKED`, `NACKED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceStatus::Requested => "REQUESTED",
+            ResourceStatus::DoesNotExist => "DOES_NOT_EXIST",
+            ResourceStatus::Acked => "ACKED",
+            ResourceStatus::Nacked => "NACKED",
+        }
+    }
+}
+
+/// One resource the client holds, waits for, or was told does not exist.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceEntry {
+    /// Its type.
+    pub kind: ResourceType,
+    /// Its xDS resource name.
+    pub name: Name,
+    /// ACK/NACK/requested/does not exist.
+    pub status: ResourceStatus,
+    /// The accepted version in raw form (`None` without
+    /// [`AdsState::keep_raw`], or when nothing valid was received).
+    pub accepted: Option<Arc<RawResource>>,
+    /// The rejection of its latest update, when [`ResourceStatus::Nacked`].
+    pub rejection: Option<Arc<Rejection>>,
+}
+
+/// Every resource a client holds or waits for, with each type's accepted
+/// version and last NACK: what CSDS and the config dump report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResourceReport {
+    entries: Vec<ResourceEntry>,
+    versions: [String; 4],
+    type_rejections: [Option<Arc<Rejection>>; 4],
+}
+
+impl ResourceReport {
+    /// Every resource, by type (LDS, RDS, CDS, EDS) then name.
+    pub fn entries(&self) -> &[ResourceEntry] {
+        &self.entries
+    }
+
+    /// The resource of a type and name, if subscribed or held.
+    pub fn get(&self, kind: ResourceType, name: &str) -> Option<&ResourceEntry> {
+        // Entries are sorted: types in cascade order (`ResourceType`'s
+        // `Ord`), names in order within a type.
+        self.entries
+            .binary_search_by(|e| (e.kind, &*e.name).cmp(&(kind, name)))
+            .ok()
+            .and_then(|i| self.entries.get(i))
+    }
+
+    /// The last accepted `version_info` of a type (empty before any).
+    pub fn version(&self, kind: ResourceType) -> &str {
+        &self.versions[index(kind)]
+    }
+
+    /// The last NACK of a type, if no response of it was accepted since:
+    /// the whole message, including errors no resource could be named for.
+    pub fn type_rejection(&self, kind: ResourceType) -> Option<&Rejection> {
+        self.type_rejections[index(kind)].as_deref()
     }
 }
 
@@ -222,7 +327,11 @@ pub struct AdsState {
     types: [TypeState; 4],
     snapshot: Snapshot,
     status: SyncStatus,
-    raw: [BTreeMap<Name, Any>; 4],
+    raw: [BTreeMap<Name, Arc<RawResource>>; 4],
+    /// Why each rejected resource was rejected (parallel to `status.rejected`).
+    rejections: [BTreeMap<Name, Arc<Rejection>>; 4],
+    /// The last NACK of each type, until a response of it is accepted.
+    type_rejections: [Option<Arc<Rejection>>; 4],
     changed: bool,
     pending: Vec<DiscoveryRequest>,
 }
@@ -242,6 +351,8 @@ impl AdsState {
             snapshot: Snapshot::default(),
             status: SyncStatus::default(),
             raw: Default::default(),
+            rejections: Default::default(),
+            type_rejections: Default::default(),
             changed: false,
             pending: Vec::new(),
         }
@@ -254,7 +365,9 @@ impl AdsState {
         self
     }
 
-    /// Keeps the raw accepted resources, for [`AdsState::cached_responses`].
+    /// Keeps the raw accepted resources, for [`AdsState::cached_responses`]
+    /// and the `xds_config` of [`AdsState::resource_report`] (CSDS). Only
+    /// what is held is kept: one copy of each accepted resource.
     pub fn keep_raw(mut self, keep: bool) -> Self {
         self.keep_raw = keep;
         self
@@ -330,6 +443,16 @@ impl AdsState {
     /// Handles a response: the ACK or NACK of it, then a request for every
     /// type whose subscription changed as a result.
     pub fn on_response(&mut self, resp: DiscoveryResponse) -> Vec<DiscoveryRequest> {
+        self.on_response_at(resp, SystemTime::now())
+    }
+
+    /// [`AdsState::on_response`] received at `now` (the time CSDS reports
+    /// as `last_updated` and a rejection's `last_update_attempt`).
+    pub fn on_response_at(
+        &mut self,
+        resp: DiscoveryResponse,
+        now: SystemTime,
+    ) -> Vec<DiscoveryRequest> {
         let Some(kind) = ResourceType::from_type_url(&resp.type_url) else {
             tracing::warn!(type_url = %resp.type_url, "ignoring a response of a type never asked for");
             return Vec::new();
@@ -345,7 +468,7 @@ impl AdsState {
 
         let mut errors: Vec<String> = Vec::new();
         let mut valid: Vec<(Name, Decoded, Any)> = Vec::new();
-        let mut invalid: Vec<(Name, String)> = Vec::new();
+        let mut invalid: Vec<(Name, String, Any)> = Vec::new();
         let mut seen: BTreeSet<Name> = BTreeSet::new();
         let mut unnamed = false;
         for (pos, any) in resp.resources.into_iter().enumerate() {
@@ -371,7 +494,7 @@ impl AdsState {
                         let why = format!("{short} resource {name:?}: {e}");
                         errors.push(why.clone());
                         seen.insert(name.clone());
-                        invalid.push((name, why));
+                        invalid.push((name, why, any));
                     }
                     None => {
                         unnamed = true;
@@ -386,10 +509,19 @@ impl AdsState {
             if !self.types[i].subscribed.contains(&name) {
                 continue;
             }
-            self.store(i, name, res, Some(any));
+            self.store(i, name, res, Some((any, &resp.version_info, now)));
         }
-        for (name, why) in invalid {
+        for (name, why, any) in invalid {
             if self.types[i].subscribed.contains(&name) {
+                self.rejections[i].insert(
+                    name.clone(),
+                    Arc::new(Rejection {
+                        version: resp.version_info.clone(),
+                        details: why.clone(),
+                        at: now,
+                        failed: Some(any),
+                    }),
+                );
                 self.status.rejected[i].insert(name, why.into());
                 self.changed = true;
             }
@@ -412,6 +544,9 @@ impl AdsState {
             if self.types[i].version != resp.version_info {
                 self.set_version(kind, &resp.version_info);
             }
+            if self.type_rejections[i].take().is_some() {
+                self.changed = true;
+            }
             None
         } else {
             tracing::warn!(
@@ -420,14 +555,22 @@ impl AdsState {
                 "NACK: {}",
                 errors.join("; ")
             );
+            let message = format!(
+                "{} rejected (version {:?}): {}",
+                short,
+                resp.version_info,
+                errors.join("; ")
+            );
+            self.type_rejections[i] = Some(Arc::new(Rejection {
+                version: resp.version_info.clone(),
+                details: message.clone(),
+                at: now,
+                failed: None,
+            }));
+            self.changed = true;
             Some(Status {
                 code: INVALID_ARGUMENT,
-                message: format!(
-                    "{} rejected (version {:?}): {}",
-                    short,
-                    resp.version_info,
-                    errors.join("; ")
-                ),
+                message,
                 details: Vec::new(),
             })
         };
@@ -472,7 +615,9 @@ impl AdsState {
         self.changed = true;
     }
 
-    fn store(&mut self, i: usize, name: Name, res: Decoded, any: Option<Any>) {
+    /// Stores an accepted resource; `raw` is its received form, the
+    /// response's version and the time it arrived.
+    fn store(&mut self, i: usize, name: Name, res: Decoded, raw: Option<(Any, &str, SystemTime)>) {
         let changed = match res {
             Decoded::Listener(l) => {
                 let gone = self.snapshot.missing_listeners.remove(&name);
@@ -486,10 +631,24 @@ impl AdsState {
             Decoded::Endpoints(e) => upsert(&mut self.snapshot.endpoints, name.clone(), e),
         };
         let unrejected = self.status.rejected[i].remove(&name).is_some();
+        self.rejections[i].remove(&name);
         if self.keep_raw
-            && let Some(any) = any
+            && let Some((any, version, now)) = raw
         {
-            self.raw[i].insert(name, any);
+            let same = self.raw[i]
+                .get(&name)
+                .is_some_and(|r| r.any == any && r.version == version);
+            if !same {
+                self.raw[i].insert(
+                    name,
+                    Arc::new(RawResource {
+                        any,
+                        version: version.to_owned(),
+                        updated: now,
+                    }),
+                );
+                self.changed = true;
+            }
         }
         self.changed |= changed || unrejected;
     }
@@ -509,6 +668,7 @@ impl AdsState {
             return;
         }
         self.raw[i].remove(&name);
+        self.rejections[i].remove(&name);
         self.status.rejected[i].remove(&name);
         let newly_missing = match kind {
             ResourceType::Listener => {
@@ -569,6 +729,7 @@ impl AdsState {
         self.status.rejected[i].retain(|k, _| names.contains(k));
         self.changed |= n != self.status.rejected[i].len();
         self.raw[i].retain(|k, _| names.contains(k));
+        self.rejections[i].retain(|k, _| names.contains(k));
         self.types[i].subscribed = names;
         // An empty LDS/CDS list would read as a wildcard: only say "nothing"
         // to a server that was told names on this stream.
@@ -626,6 +787,55 @@ impl AdsState {
         ))
     }
 
+    /// Every resource subscribed or held, with its status, raw form and
+    /// rejection, and each type's version and last NACK (gRFC A40's CSDS
+    /// view). Missing listeners and clusters are `DOES_NOT_EXIST`; an RDS or
+    /// EDS name the server has not sent stays `REQUESTED` (SotW cannot tell).
+    pub fn resource_report(&self) -> ResourceReport {
+        let mut entries = Vec::new();
+        for (i, kind) in TYPES.iter().enumerate() {
+            let mut names: BTreeSet<&Name> = self.types[i].subscribed.iter().collect();
+            names.extend(self.raw[i].keys());
+            names.extend(self.rejections[i].keys());
+            let held: Vec<&Name> = match kind {
+                ResourceType::Listener => self.snapshot.listeners.keys().collect(),
+                ResourceType::RouteConfig => self.snapshot.route_configs.keys().collect(),
+                ResourceType::Cluster => self.snapshot.clusters.keys().collect(),
+                ResourceType::Endpoints => self.snapshot.endpoints.keys().collect(),
+            };
+            names.extend(held.iter().copied());
+            for name in names {
+                let rejection = self.rejections[i].get(name).cloned();
+                let missing = match kind {
+                    ResourceType::Listener => self.snapshot.missing_listeners.contains(name),
+                    ResourceType::Cluster => self.status.missing_clusters.contains(name),
+                    _ => false,
+                };
+                let status = if rejection.is_some() {
+                    ResourceStatus::Nacked
+                } else if held.binary_search(&name).is_ok() {
+                    ResourceStatus::Acked
+                } else if missing {
+                    ResourceStatus::DoesNotExist
+                } else {
+                    ResourceStatus::Requested
+                };
+                entries.push(ResourceEntry {
+                    kind: *kind,
+                    name: name.clone(),
+                    status,
+                    accepted: self.raw[i].get(name).cloned(),
+                    rejection,
+                });
+            }
+        }
+        ResourceReport {
+            entries,
+            versions: std::array::from_fn(|i| self.types[i].version.clone()),
+            type_rejections: self.type_rejections.clone(),
+        }
+    }
+
     /// The accepted resources in raw form, one response per type that has any
     /// (needs [`AdsState::keep_raw`]): what the static-stability cache stores.
     pub fn cached_responses(&self) -> Vec<DiscoveryResponse> {
@@ -637,7 +847,7 @@ impl AdsState {
             .map(|((t, raw), ts)| DiscoveryResponse {
                 version_info: ts.version.clone(),
                 type_url: t.type_url().to_owned(),
-                resources: raw.values().cloned().collect(),
+                resources: raw.values().map(|r| r.any.clone()).collect(),
                 ..DiscoveryResponse::default()
             })
             .collect()
@@ -648,17 +858,19 @@ impl AdsState {
     /// Cached listeners are subscribed; versions are not taken over, so the
     /// server sends everything once it answers. Invalid entries are skipped.
     pub fn load_cached(&mut self, responses: Vec<DiscoveryResponse>) -> usize {
-        let mut by_type: [Vec<Any>; 4] = Default::default();
+        let now = SystemTime::now();
+        let mut by_type: [Vec<(Any, String)>; 4] = Default::default();
         for r in responses {
             if let Some(t) = ResourceType::from_type_url(&r.type_url) {
-                by_type[index(t)].extend(r.resources);
+                let version = r.version_info;
+                by_type[index(t)].extend(r.resources.into_iter().map(|a| (a, version.clone())));
             }
         }
         let mut loaded = 0;
         let mut out = Vec::new();
         for (i, resources) in by_type.into_iter().enumerate() {
             let kind = TYPES[i];
-            for any in resources {
+            for (any, version) in resources {
                 let Ok((name, res)) = decode(kind, &any) else {
                     continue;
                 };
@@ -667,7 +879,7 @@ impl AdsState {
                 } else if !self.types[i].subscribed.contains(&name) {
                     continue;
                 }
-                self.store(i, name, res, Some(any));
+                self.store(i, name, res, Some((any, &version, now)));
                 loaded += 1;
             }
             self.cascade(&mut out);

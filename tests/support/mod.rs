@@ -17,11 +17,14 @@
 //!   their calls at random (retries are checked against `1 - p^(attempts)`); the
 //!   root package has no `rand` dependency and a test needs nothing stronger.
 //! - [`python`]: the grpcio venv and the xDS interop client (gRPC proxyless, A27/A28).
+//! - [`otlp`]: a real OTLP trace receiver (the collector's gRPC trace service and
+//!   `POST /v1/traces`) that flattens the spans it gets, for trace assertions.
 //!
 //! Each test binary uses a subset of these helpers, hence `dead_code` is allowed here.
 #![allow(dead_code)]
 
 pub(crate) mod admin;
+pub(crate) mod otlp;
 pub(crate) mod python;
 
 use std::future::Future;

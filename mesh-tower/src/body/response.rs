@@ -161,7 +161,8 @@ where
                     data: None,
                     trailers: None,
                 });
-                if let Some(finish) = this.finish.take() {
+                if let Some(mut finish) = this.finish.take() {
+                    finish.timed_out();
                     finish.end();
                 }
                 return Poll::Ready(Some(if grpc {

@@ -1,7 +1,14 @@
 //! One attempt of a request: what it holds while in flight, how its result
 //! is classified, and what its response body releases when it ends.
+//!
+//! When a telemetry layer is above the mesh (the request carries a
+//! [`DecisionRecord`]), an attempt also holds its entry in the record (an
+//! [`AttemptGuard`]: the attempt's child span when sampled), finished with
+//! the attempt's outcome: at once for an attempt that failed or is
+//! retried, at the end of the response body for the one whose response
+//! goes back to the caller (with the gRPC status of its trailers).
 
-use http::Response;
+use http::{Response, StatusCode};
 use mesh_core::breaker::RequestPermit;
 use mesh_core::outlier::ResultClass;
 use mesh_core::retry::{Outcome, RetryPermit};
@@ -10,10 +17,12 @@ use crate::balance::ActiveGuard;
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::local_reply::is_grpc;
 use crate::stats::MeshStats;
+use crate::telemetry::{AttemptGuard, AttemptOutcome, DecisionRecord, ResponseFlags};
 
 /// What an attempt holds while in flight: the endpoint's in-flight count,
 /// the cluster's active-request slot (circuit breaker) and, for a retry,
-/// the cluster's retry slot.
+/// the cluster's retry slot; under telemetry, the request's decision
+/// record and this attempt's entry in it.
 #[derive(Debug)]
 pub(crate) struct Attempt {
     pub(crate) active: ActiveGuard,
@@ -21,18 +30,79 @@ pub(crate) struct Attempt {
     pub(crate) _request: RequestPermit,
     /// Held for its drop: the retry slot.
     pub(crate) _retry: Option<RetryPermit>,
+    /// The request's decision record (`None` without a telemetry layer).
+    pub(crate) record: Option<DecisionRecord>,
+    /// This attempt's entry in the record, until its outcome is known.
+    pub(crate) guard: Option<AttemptGuard>,
 }
 
 impl Attempt {
+    /// An attempt to `active`; under telemetry, records it as started and
+    /// points the request's `traceparent` at its span.
+    pub(crate) fn start(
+        active: ActiveGuard,
+        request: RequestPermit,
+        retry: Option<RetryPermit>,
+        record: Option<&DecisionRecord>,
+        headers: &mut http::HeaderMap,
+    ) -> Self {
+        let guard = record.map(|r| {
+            let guard = r.attempt_started(active.address(), active.labels());
+            guard.inject(headers);
+            guard
+        });
+        Attempt {
+            active,
+            _request: request,
+            _retry: retry,
+            record: record.cloned(),
+            guard,
+        }
+    }
+
     /// Reports `outcome` to the cluster's outlier detection.
     pub(crate) fn report(&self, outcome: &Outcome, stats: &MeshStats) {
-        report(&self.active, ResultClass::of(outcome), stats);
+        report(
+            &self.active,
+            ResultClass::of(outcome),
+            stats,
+            self.record.as_ref(),
+        );
+    }
+
+    /// The attempt is over with a response (a retried one, or a local
+    /// answer in its place).
+    pub(crate) fn answered(&mut self, status: StatusCode, grpc_status: Option<i32>) {
+        if let Some(guard) = self.guard.take() {
+            guard.finish(AttemptOutcome::Response {
+                status,
+                grpc_status,
+            });
+        }
+    }
+
+    /// The attempt is over without a response: `flags` say why.
+    pub(crate) fn failed(&mut self, flags: ResponseFlags, error: Option<&BoxError>) {
+        if let Some(guard) = self.guard.take() {
+            match error {
+                Some(e) => guard.fail(flags, &**e),
+                None => guard.finish(AttemptOutcome::Failed(flags)),
+            }
+        }
     }
 }
 
-fn report(active: &ActiveGuard, class: ResultClass, stats: &MeshStats) {
+fn report(
+    active: &ActiveGuard,
+    class: ResultClass,
+    stats: &MeshStats,
+    record: Option<&DecisionRecord>,
+) {
     if let Some(ejection) = active.cluster_state().report(active.index(), class) {
         stats.add_ejection();
+        if let Some(record) = record {
+            record.outlier_ejected(active.address());
+        }
         tracing::info!(
             cluster = %active.cluster_state().name(),
             endpoint = %active.address(),
@@ -43,9 +113,21 @@ fn report(active: &ActiveGuard, class: ResultClass, stats: &MeshStats) {
     }
 }
 
+/// Envoy's response flag for an attempt that got no response.
+pub(crate) fn outcome_flags(outcome: &Outcome) -> ResponseFlags {
+    match outcome {
+        Outcome::Status { .. } => ResponseFlags::empty(),
+        Outcome::ConnectFailure => ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+        Outcome::RefusedStream => ResponseFlags::UPSTREAM_REMOTE_RESET,
+        Outcome::Reset => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+        Outcome::PerTryTimeout => ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+    }
+}
+
 /// What a response body releases when the response ends: the attempt's
 /// slots, and for a gRPC response whose status comes in trailers, the
-/// outlier report.
+/// outlier report; under telemetry, the attempt's entry in the decision
+/// record is finished then (its span covers the response body).
 #[derive(Debug)]
 pub(crate) struct Finish {
     attempt: Attempt,
@@ -53,19 +135,40 @@ pub(crate) struct Finish {
     /// in the trailers.
     grpc_pending: bool,
     stats: MeshStats,
+    /// The response's status, for the attempt's record.
+    status: StatusCode,
+    /// Its gRPC status, from the headers or, later, the trailers.
+    grpc_status: Option<i32>,
 }
 
 impl Finish {
-    pub(crate) fn new(attempt: Attempt, grpc_pending: bool, stats: MeshStats) -> Self {
+    pub(crate) fn new<B>(
+        attempt: Attempt,
+        response: &Response<B>,
+        grpc_pending: bool,
+        stats: MeshStats,
+    ) -> Self {
+        let grpc_status = if attempt.guard.is_some() {
+            crate::grpc::grpc_status(response.headers())
+        } else {
+            None
+        };
         Finish {
             attempt,
             grpc_pending,
             stats,
+            status: response.status(),
+            grpc_status,
         }
     }
 
     /// Trailers arrived: a gRPC status there is the attempt's result.
     pub(crate) fn trailers(&mut self, trailers: &http::HeaderMap) {
+        if self.attempt.guard.is_some()
+            && let Some(code) = crate::grpc::grpc_status(trailers)
+        {
+            self.grpc_status = Some(code);
+        }
         if !self.grpc_pending {
             return;
         }
@@ -81,10 +184,24 @@ impl Finish {
             self.grpc_pending = false;
             self.attempt.report(&Outcome::Reset, &self.stats);
         }
+        self.attempt
+            .failed(ResponseFlags::UPSTREAM_REMOTE_RESET, None);
+    }
+
+    /// The route timeout expired while the body streamed (response flag
+    /// `UT`).
+    pub(crate) fn timed_out(&mut self) {
+        if let Some(record) = &self.attempt.record {
+            record.flag(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT);
+        }
+        self.attempt
+            .failed(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, None);
     }
 
     /// The response is over; dropping releases the slots.
-    pub(crate) fn end(self) {}
+    pub(crate) fn end(mut self) {
+        self.attempt.answered(self.status, self.grpc_status);
+    }
 }
 
 /// The `grpc-status` of a header map, as an unsigned code.

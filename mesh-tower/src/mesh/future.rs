@@ -9,13 +9,15 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use super::attempt::{
-    Attempt, Finish, outcome_of, outcome_of_error, overflow_message, status_in_trailers,
+    Attempt, Finish, outcome_flags, outcome_of, outcome_of_error, overflow_message,
+    status_in_trailers,
 };
 use super::service::{local, upstream_error};
 use crate::body::ResponseBody;
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::local_reply::LocalReply;
 use crate::stats::MeshStats;
+use crate::telemetry::{BreakerLimit, ResponseFlags};
 
 type Boxed<RB> =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody<RB>>, Error>> + Send + 'static>>;
@@ -97,7 +99,7 @@ where
                 stats,
             } => {
                 let result = ready!(future.poll(cx));
-                let Some(attempt) = attempt.take() else {
+                let Some(mut attempt) = attempt.take() else {
                     return Poll::Ready(Err(polled_after_completion()));
                 };
                 Poll::Ready(match result {
@@ -106,16 +108,22 @@ where
                         if !in_trailers {
                             attempt.report(&outcome_of(&response), stats);
                         }
-                        let finish = Finish::new(attempt, in_trailers, stats.clone());
+                        let finish = Finish::new(attempt, &response, in_trailers, stats.clone());
                         Ok(response.map(|body| ResponseBody::new(body, Some(finish), None)))
                     }
                     Err(e) => {
                         let e: BoxError = e.into();
                         if let Some(message) = overflow_message(&e) {
                             stats.add_overflow();
+                            if let Some(record) = &attempt.record {
+                                record.breaker_overflow(BreakerLimit::MaxPendingRequests);
+                            }
+                            attempt.failed(ResponseFlags::UPSTREAM_OVERFLOW, None);
                             Ok(local(LocalReply::overflow(message), *grpc))
                         } else {
-                            attempt.report(&outcome_of_error(&*e), stats);
+                            let outcome = outcome_of_error(&*e);
+                            attempt.report(&outcome, stats);
+                            attempt.failed(outcome_flags(&outcome), Some(&e));
                             Err(upstream_error(e, &attempt.active))
                         }
                     }

@@ -78,6 +78,24 @@
 //! A request with no fault, timeout, deadline or retry policy takes a fast
 //! path: one attempt, no boxing, no body handling.
 //!
+//! Telemetry. Under [`ClientTelemetry`](crate::telemetry::ClientTelemetry)
+//! a request carries a [`DecisionRecord`](crate::telemetry::DecisionRecord),
+//! and every step above writes what it decided into it: the snapshot's
+//! versions, the listener and route (1), the cluster and its balancer (2),
+//! a delay or abort injected (3, flags `DI` / `FI`), the route and per-try
+//! timeouts, what was left of the caller's deadline, a deadline already
+//! passed (flag `DT`) or the timeout firing (flag `UT`) (4), each retry
+//! with its condition and backoff, a retry refused by the budget or
+//! `maxRetries`, retries used up (flag `URX`) (5), a per-try timeout (6),
+//! a breaker overflow with its limit (flag `UO`) (7), each attempt with
+//! its endpoint, labels and outcome, an ejection it caused, no endpoint
+//! left (flag `UH`) (8). Each attempt points the request's `traceparent`
+//! at its own child span when the request is sampled, so the endpoint's
+//! server span is the attempt's child. The telemetry layer turns the
+//! record into `mesh.*` span attributes, metric labels and the mesh's own
+//! counters. A request without a record (no telemetry layer) records
+//! nothing and pays nothing beyond one extension lookup.
+//!
 //! Two ways to hand the request on, chosen with [`MeshLayer::rewrite_uri`]:
 //!
 //! - **rewrite** (the default of [`MeshLayer`]): the URI becomes

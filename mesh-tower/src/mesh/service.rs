@@ -10,7 +10,7 @@ use http_body::Body;
 use mesh_core::Snapshot;
 use mesh_core::breaker::Overflow;
 use mesh_core::fault;
-use mesh_core::model::{LbPolicy, Listener, Name, RoutePolicy};
+use mesh_core::model::{AbortStatus, LbPolicy, Listener, Name, RoutePolicy};
 use mesh_core::retry::{Outcome, RetryPermit, backoff, retry_reason};
 use mesh_core::ring_hash::request_hash;
 use mesh_core::route::RequestView;
@@ -20,7 +20,8 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use super::attempt::{
-    Attempt, Finish, outcome_of, outcome_of_error, overflow_message, status_in_trailers,
+    Attempt, Finish, outcome_flags, outcome_of, outcome_of_error, overflow_message,
+    status_in_trailers,
 };
 use super::future::ResponseFuture;
 use super::{ATTEMPT_COUNT, MeshLayer, TargetEndpoint};
@@ -32,6 +33,7 @@ use crate::local_reply::{LocalReply, is_grpc};
 use crate::serve::ConnectionInfo;
 use crate::source::ConfigSource;
 use crate::stats::MeshStats;
+use crate::telemetry::{BreakerLimit, DecisionRecord, ResponseFlags, RetryRefusal};
 
 /// The routing service built by [`MeshLayer`]: routes each request, then
 /// calls the inner service `S` with a `Request<MeshBody<B>>` once per
@@ -128,6 +130,9 @@ pub(crate) struct Plan {
     policy: Option<RoutePolicy>,
     /// The request's hash, for ring-hash clusters.
     hash: Option<u64>,
+    /// The request's decision record, when a telemetry layer is above
+    /// (`None`: nothing is recorded, at no cost).
+    record: Option<DecisionRecord>,
 }
 
 enum Decision {
@@ -217,10 +222,14 @@ impl<S, Src: ConfigSource> Mesh<S, Src> {
             Ok(permit) => permit,
             Err(overflow) => {
                 self.shared.stats.add_overflow();
+                if let Some(record) = &plan.record {
+                    record.breaker_overflow(breaker_limit(&overflow));
+                }
                 return ResponseFuture::ready(Ok(local(overflow_reply(state, overflow), grpc)));
             }
         };
         let Some(active) = state.pick(plan.hash, &mut rand::rng(), None, false) else {
+            record_no_endpoint(plan.record.as_ref(), state);
             return ResponseFuture::failed(no_eligible_endpoint(state, &plan.route));
         };
         let mut req = req.map(MeshBody::new);
@@ -229,12 +238,14 @@ impl<S, Src: ConfigSource> Mesh<S, Src> {
         if let Err(e) = self.shared.prepare(&mut req, &active, state) {
             return ResponseFuture::failed(e);
         }
-        let future = self.inner.call(req);
-        let attempt = Attempt {
+        let attempt = Attempt::start(
             active,
-            _request: request,
-            _retry: None,
-        };
+            request,
+            None,
+            plan.record.as_ref(),
+            req.headers_mut(),
+        );
+        let future = self.inner.call(req);
         ResponseFuture::sending(future, attempt, grpc, self.shared.stats.clone())
     }
 }
@@ -298,11 +309,21 @@ impl<Src: ConfigSource> Shared<Src> {
             || policy.timeout.is_some()
             || retry_of(policy).is_some()
             || req.extensions().get::<Deadline>().is_some();
+        let record = req.extensions().get::<DecisionRecord>().cloned();
+        if let Some(r) = &record {
+            r.route(&snapshot.versions, &listener.name, &resolved.route.name);
+            r.cluster(&cluster.name, cluster.lb_policy);
+            r.timeouts(
+                policy.timeout,
+                retry_of(policy).and_then(|p| p.per_try_timeout),
+            );
+        }
         Ok(Plan {
             state,
             route: resolved.route.name.clone(),
             policy: needs_work.then(|| policy.clone()),
             hash,
+            record,
         })
     }
 
@@ -362,16 +383,29 @@ impl<Src: ConfigSource> Shared<Src> {
             };
             if let Some(delay) = decision.delay {
                 self.stats.add_fault_delay();
+                if let Some(record) = &plan.record {
+                    record.fault_delay(delay);
+                }
                 tokio::time::sleep(delay).await;
             }
             if let Some(status) = decision.abort {
                 self.stats.add_fault_abort();
+                if let Some(record) = &plan.record {
+                    match status {
+                        AbortStatus::Http(code) => record.fault_abort_http(
+                            http::StatusCode::from_u16(code)
+                                .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
+                        ),
+                        AbortStatus::Grpc(code) => record.fault_abort_grpc(code),
+                    }
+                }
                 return Ok(local(LocalReply::fault_abort(status), grpc));
             }
         }
         let start = Instant::now();
-        let deadline = [
-            policy.timeout.and_then(|t| start.checked_add(t)),
+        // The caller's deadline: the `Deadline` extension or a gRPC
+        // `grpc-timeout`; the route timeout may end the request earlier.
+        let caller = [
             Deadline::from_request(&req).map(|d| d.at()),
             grpc.then(|| grpc_timeout_header(req.headers(), start))
                 .flatten(),
@@ -379,11 +413,21 @@ impl<Src: ConfigSource> Shared<Src> {
         .into_iter()
         .flatten()
         .min();
+        let deadline = [policy.timeout.and_then(|t| start.checked_add(t)), caller]
+            .into_iter()
+            .flatten()
+            .min();
         let Some(at) = deadline else {
             return self.attempts(inner, req, &plan, &policy, grpc, None).await;
         };
+        if let (Some(record), Some(caller)) = (&plan.record, caller) {
+            record.deadline_remaining(caller.saturating_duration_since(start));
+        }
         if at <= start {
             self.stats.add_timeout();
+            if let Some(record) = &plan.record {
+                record.flag(ResponseFlags::DURATION_TIMEOUT);
+            }
             return Ok(local(
                 LocalReply::timeout(format!(
                     "the deadline of the request had passed before it was sent to cluster {:?}",
@@ -397,6 +441,9 @@ impl<Src: ConfigSource> Shared<Src> {
             Ok(result) => result,
             Err(_) => {
                 self.stats.add_timeout();
+                if let Some(record) = &plan.record {
+                    record.flag(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT);
+                }
                 Ok(local(
                     LocalReply::timeout(format!(
                         "upstream request timeout: cluster {:?} did not answer within {:?} \
@@ -466,6 +513,9 @@ impl<Src: ConfigSource> Shared<Src> {
                 Ok(permit) => permit,
                 Err(overflow) => {
                     self.stats.add_overflow();
+                    if let Some(record) = &plan.record {
+                        record.breaker_overflow(breaker_limit(&overflow));
+                    }
                     return Ok(local(overflow_reply(state, overflow), grpc));
                 }
             };
@@ -477,6 +527,7 @@ impl<Src: ConfigSource> Shared<Src> {
                 state.pick(plan.hash, &mut rng, avoid, spill)
             };
             let Some(active) = picked else {
+                record_no_endpoint(plan.record.as_ref(), state);
                 return Err(no_eligible_endpoint(state, &plan.route));
             };
             let index = active.index();
@@ -510,6 +561,13 @@ impl<Src: ConfigSource> Shared<Src> {
                 write_timeout_header(req.headers_mut(), grpc, timeout);
             }
             self.prepare(&mut req, &active, state)?;
+            let mut attempt = Attempt::start(
+                active,
+                request,
+                retry_permit.take(),
+                plan.record.as_ref(),
+                req.headers_mut(),
+            );
             let mut svc = match first.take() {
                 Some(svc) => svc,
                 None => match &template {
@@ -533,16 +591,15 @@ impl<Src: ConfigSource> Shared<Src> {
                     Err(e) => Tried::Failed(e.into()),
                 },
             };
-            let attempt = Attempt {
-                active,
-                _request: request,
-                _retry: retry_permit.take(),
-            };
             let outcome = match &tried_now {
                 Tried::Response(response) => outcome_of(response),
                 Tried::Failed(e) => match overflow_message(e) {
                     Some(message) => {
                         self.stats.add_overflow();
+                        if let Some(record) = &plan.record {
+                            record.breaker_overflow(BreakerLimit::MaxPendingRequests);
+                        }
+                        attempt.failed(ResponseFlags::UPSTREAM_OVERFLOW, None);
                         return Ok(local(LocalReply::overflow(message), grpc));
                     }
                     None => outcome_of_error(&**e),
@@ -553,36 +610,50 @@ impl<Src: ConfigSource> Shared<Src> {
             if !in_trailers {
                 attempt.report(&outcome, &self.stats);
             }
-            let mut attempt = attempt;
-            if !last
-                && let Some(retry) = retry
-                && retry_reason(retry, &outcome).is_some()
-            {
-                // This attempt's own retry slot is given back before asking
-                // for the next one.
-                drop(attempt._retry.take());
-                match state
-                    .retries()
-                    .try_acquire(limits, state.breaker().budget_base())
-                {
-                    Ok(permit) => {
-                        self.stats.add_retry();
-                        // Release this attempt's slots (and its response)
-                        // before waiting.
-                        drop(attempt);
-                        drop(tried_now);
-                        retry_permit = Some(permit);
-                        tried.push(index);
-                        let wait = backoff(retry, number, rand::rng().random());
-                        if !wait.is_zero() {
-                            tokio::time::sleep(wait).await;
-                        }
-                        number += 1;
-                        continue;
+            let reason = retry.and_then(|retry| Some((retry, retry_reason(retry, &outcome)?)));
+            if let Some((retry, reason)) = reason {
+                if last {
+                    if attempts > 1
+                        && let Some(record) = &plan.record
+                    {
+                        record.retries_exhausted();
                     }
-                    Err(refusal) => {
-                        self.stats.add_retry_refused();
-                        tracing::debug!(cluster = %state.name(), %refusal, "retry refused");
+                } else {
+                    // This attempt's own retry slot is given back before
+                    // asking for the next one.
+                    drop(attempt._retry.take());
+                    match state
+                        .retries()
+                        .try_acquire(limits, state.breaker().budget_base())
+                    {
+                        Ok(permit) => {
+                            self.stats.add_retry();
+                            let wait = backoff(retry, number, rand::rng().random());
+                            if plan.record.is_some() {
+                                end_attempt(&mut attempt, &tried_now, &outcome);
+                                if let Some(record) = &plan.record {
+                                    record.retrying(reason, wait);
+                                }
+                            }
+                            // Release this attempt's slots (and its response)
+                            // before waiting.
+                            drop(attempt);
+                            drop(tried_now);
+                            retry_permit = Some(permit);
+                            tried.push(index);
+                            if !wait.is_zero() {
+                                tokio::time::sleep(wait).await;
+                            }
+                            number += 1;
+                            continue;
+                        }
+                        Err(refusal) => {
+                            self.stats.add_retry_refused();
+                            if let Some(record) = &plan.record {
+                                record.retry_refused(retry_refusal(&refusal));
+                            }
+                            tracing::debug!(cluster = %state.name(), %refusal, "retry refused");
+                        }
                     }
                 }
             }
@@ -593,12 +664,19 @@ impl<Src: ConfigSource> Shared<Src> {
                         grpc,
                         limit: at.saturating_duration_since(start),
                     });
-                    let finish = Finish::new(attempt, in_trailers, self.stats.clone());
+                    let finish = Finish::new(attempt, &response, in_trailers, self.stats.clone());
                     Ok(response.map(|body| ResponseBody::new(body, Some(finish), timeout)))
                 }
-                Tried::Failed(e) => Err(upstream_error(e, &attempt.active)),
+                Tried::Failed(e) => {
+                    attempt.failed(outcome_flags(&outcome), Some(&e));
+                    Err(upstream_error(e, &attempt.active))
+                }
                 Tried::PerTryTimeout(timeout) => {
                     self.stats.add_timeout();
+                    attempt.failed(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, None);
+                    if let Some(record) = &plan.record {
+                        record.flag(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT);
+                    }
                     Ok(local(
                         LocalReply::timeout(format!(
                             "upstream request timeout: endpoint {} of cluster {:?} did not answer \
@@ -705,6 +783,47 @@ fn request_like<T>(head: &http::request::Parts, body: T) -> Request<T> {
 pub(crate) fn local<RB>(reply: LocalReply, grpc: bool) -> Response<ResponseBody<RB>> {
     let (head, body) = reply.into_parts(grpc);
     head.map(|()| ResponseBody::local(body))
+}
+
+/// Ends a retried attempt's entry in the decision record.
+fn end_attempt<RB>(attempt: &mut Attempt, tried: &Tried<RB>, outcome: &Outcome) {
+    match tried {
+        Tried::Response(response) => attempt.answered(
+            response.status(),
+            crate::grpc::grpc_status(response.headers()),
+        ),
+        Tried::Failed(e) => attempt.failed(outcome_flags(outcome), Some(e)),
+        Tried::PerTryTimeout(_) => attempt.failed(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, None),
+    }
+}
+
+/// The decision record's name of a circuit breaker limit.
+fn breaker_limit(overflow: &Overflow) -> BreakerLimit {
+    if overflow.limit == mesh_core::breaker::MAX_PENDING_REQUESTS {
+        BreakerLimit::MaxPendingRequests
+    } else {
+        BreakerLimit::MaxRequests
+    }
+}
+
+/// The decision record's name of the limit that refused a retry.
+fn retry_refusal(refusal: &mesh_core::retry::RetryRefusal) -> RetryRefusal {
+    if refusal.limit == "retryBudget" {
+        RetryRefusal::Budget
+    } else {
+        RetryRefusal::MaxRetries
+    }
+}
+
+/// Records that no endpoint could be picked (and why, when outlier
+/// detection ejected them).
+fn record_no_endpoint(record: Option<&DecisionRecord>, state: &ClusterState) {
+    if let Some(record) = record {
+        record.flag(ResponseFlags::NO_HEALTHY_UPSTREAM);
+        if state.ejected() > 0 {
+            record.outlier("all endpoints ejected", None);
+        }
+    }
 }
 
 fn overflow_reply(state: &ClusterState, overflow: Overflow) -> LocalReply {
@@ -821,7 +940,7 @@ mod tests {
 
     use bytes::Bytes;
     use http_body::Frame;
-    use http_body_util::{BodyExt, Empty, StreamBody};
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
     use mesh_core::model::{
         Cluster, ClusterLoadAssignment, Endpoint, Locality, LocalityEndpoints, Protocol, Route,
         RouteConfig, RouteMatch, VirtualHost, WeightedClusters,
@@ -832,6 +951,7 @@ mod tests {
 
     use super::*;
     use crate::source::StaticSource;
+    use crate::telemetry::AttemptOutcome;
 
     type Chunk = Result<Frame<Bytes>, Infallible>;
     type Body = StreamBody<UnboundedReceiverStream<Chunk>>;
@@ -1024,5 +1144,294 @@ mod tests {
         let e = send(&mut mesh, "http://svc/").await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NoEndpoints);
         assert!(e.to_string().contains("cluster \"c\""), "{e}");
+    }
+
+    /// An inner service answering each request with the next scripted
+    /// status (200 once the script is over), with a one-frame body.
+    #[derive(Clone, Default)]
+    struct Scripted {
+        statuses: Arc<Mutex<Vec<u16>>>,
+        /// Per call: the endpoint and the `traceparent` sent.
+        seen: Arc<Mutex<Vec<Sent>>>,
+    }
+
+    type Sent = (SocketAddr, Option<HeaderValue>);
+
+    impl Service<Request<MeshBody<Empty<Bytes>>>> for Scripted {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: Request<MeshBody<Empty<Bytes>>>) -> Self::Future {
+            let target = req.extensions().get::<TargetEndpoint>().unwrap().addr();
+            let traceparent = req.headers().get("traceparent").cloned();
+            self.seen.lock().unwrap().push((target, traceparent));
+            let status = {
+                let mut statuses = self.statuses.lock().unwrap();
+                if statuses.is_empty() {
+                    200
+                } else {
+                    statuses.remove(0)
+                }
+            };
+            let mut response = Response::new(Full::new(Bytes::from_static(b"x")));
+            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            std::future::ready(Ok(response))
+        }
+    }
+
+    async fn send_recorded<S>(
+        mesh: &mut Mesh<S, StaticSource>,
+        uri: &str,
+    ) -> (http::StatusCode, DecisionRecord)
+    where
+        S: Service<Request<MeshBody<Empty<Bytes>>>, Response = Response<Full<Bytes>>>
+            + Clone
+            + Send
+            + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let record = DecisionRecord::new();
+        let mut req = Request::get(uri).body(Empty::new()).unwrap();
+        req.extensions_mut().insert(record.clone());
+        mesh.ready().await.unwrap();
+        let response = mesh.call(req).await.unwrap();
+        let status = response.status();
+        response.into_body().collect().await.unwrap();
+        (status, record)
+    }
+
+    fn outcomes(record: &DecisionRecord) -> Vec<AttemptOutcome> {
+        record
+            .recorded_attempts()
+            .map(|a| *a.outcome.get().expect("every attempt is finished"))
+            .collect()
+    }
+
+    fn answered(status: u16) -> AttemptOutcome {
+        AttemptOutcome::Response {
+            status: http::StatusCode::from_u16(status).unwrap(),
+            grpc_status: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_fast_path_records_route_cluster_balancer_and_the_attempt() {
+        let inner = Scripted::default();
+        let mut mesh = MeshLayer::new(StaticSource::new(snapshot(
+            &[41000],
+            RoutePolicy::default(),
+        )))
+        .layer(inner.clone());
+        let (status, record) = send_recorded(&mut mesh, "http://svc/").await;
+        assert_eq!(status, 200);
+        assert_eq!(record.listener_name().map(|n| &**n), Some("svc"));
+        assert_eq!(record.route_name().map(|n| &**n), Some("all"));
+        assert_eq!(record.cluster_name().map(|n| &**n), Some("c"));
+        assert_eq!(record.attempts(), 1);
+        assert_eq!(
+            record.endpoint().map(|(a, _)| a),
+            Some(SocketAddr::from(([127, 0, 0, 1], 41000)))
+        );
+        assert_eq!(outcomes(&record), [answered(200)]);
+        assert!(record.flags().is_empty());
+        let attributes: Vec<String> = record
+            .attributes()
+            .iter()
+            .map(|kv| format!("{}={}", kv.key, kv.value))
+            .collect();
+        assert!(
+            attributes.contains(&"mesh.lb_policy=LEAST_REQUEST".to_owned()),
+            "{attributes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_attempt_is_recorded_with_its_outcome_and_the_retry_reason() {
+        let inner = Scripted::default();
+        inner.statuses.lock().unwrap().extend([503, 503]);
+        let policy = RoutePolicy {
+            timeout: Some(Duration::from_secs(5)),
+            retry: Some(mesh_core::model::RetryPolicy {
+                num_retries: 3,
+                backoff_base: Duration::ZERO,
+                backoff_max: Duration::ZERO,
+                ..mesh_core::model::RetryPolicy::istio_default()
+            }),
+            ..RoutePolicy::default()
+        };
+        let mut mesh =
+            MeshLayer::new(StaticSource::new(snapshot(&[1, 2, 3], policy))).layer(inner.clone());
+        let (status, record) = send_recorded(&mut mesh, "http://svc/").await;
+        assert_eq!(status, 200);
+        assert_eq!(record.attempts(), 3);
+        assert_eq!(
+            outcomes(&record),
+            [answered(503), answered(503), answered(200)]
+        );
+        assert_eq!(
+            record.retry_reasons(),
+            mesh_core::model::RetryOn::RETRIABLE_STATUS_CODES
+        );
+        assert_eq!(
+            record.retries_by_reason().collect::<Vec<_>>(),
+            [("retriable-status-codes", 2)]
+        );
+        // Retries went to endpoints not tried yet.
+        let endpoints: std::collections::BTreeSet<_> =
+            inner.seen.lock().unwrap().iter().map(|(a, _)| *a).collect();
+        assert_eq!(endpoints.len(), 3);
+        assert!(record.flags().is_empty());
+    }
+
+    #[tokio::test]
+    async fn retries_used_up_are_flagged_urx() {
+        let inner = Scripted::default();
+        inner.statuses.lock().unwrap().extend([503, 503]);
+        let policy = RoutePolicy {
+            retry: Some(mesh_core::model::RetryPolicy {
+                num_retries: 1,
+                backoff_base: Duration::ZERO,
+                backoff_max: Duration::ZERO,
+                ..mesh_core::model::RetryPolicy::istio_default()
+            }),
+            ..RoutePolicy::default()
+        };
+        let mut mesh =
+            MeshLayer::new(StaticSource::new(snapshot(&[1, 2], policy))).layer(inner.clone());
+        let (status, record) = send_recorded(&mut mesh, "http://svc/").await;
+        assert_eq!(status, 503);
+        assert_eq!(record.attempts(), 2);
+        assert_eq!(record.flags().to_string(), "URX");
+    }
+
+    #[tokio::test]
+    async fn an_injected_abort_is_recorded_without_an_attempt() {
+        let policy = RoutePolicy {
+            fault: Some(mesh_core::model::FaultPolicy {
+                delay: None,
+                abort: Some(mesh_core::model::FaultAbort {
+                    fraction: mesh_core::model::Fraction::ALL,
+                    status: AbortStatus::Http(418),
+                }),
+            }),
+            ..RoutePolicy::default()
+        };
+        let mut mesh =
+            MeshLayer::new(StaticSource::new(snapshot(&[1], policy))).layer(Scripted::default());
+        let (status, record) = send_recorded(&mut mesh, "http://svc/").await;
+        assert_eq!(status, 418);
+        assert_eq!(record.attempts(), 0);
+        assert_eq!(record.flags().to_string(), "FI");
+        let attributes: Vec<String> = record
+            .attributes()
+            .iter()
+            .map(|kv| format!("{}={}", kv.key, kv.value))
+            .collect();
+        assert!(
+            attributes.contains(&"mesh.fault.abort_http_status=418".to_owned()),
+            "{attributes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_breaker_overflow_is_recorded_with_its_limit() {
+        let recorder = Recorder::default();
+        let mut s = snapshot(&[1], RoutePolicy::default());
+        let cluster = Arc::new(Cluster {
+            lb_policy: LbPolicy::RoundRobin,
+            circuit_breakers: mesh_core::model::CircuitBreakers {
+                max_requests: 1,
+                ..Default::default()
+            },
+            ..Cluster::new("c", Protocol::Http1)
+        });
+        s.clusters.insert("c".into(), cluster);
+        let mut mesh = MeshLayer::new(StaticSource::new(s)).layer(recorder.clone());
+        // The first response stays open: it holds the only request slot.
+        let _busy = send(&mut mesh, "http://svc/").await.unwrap();
+        let record = DecisionRecord::new();
+        let mut req = Request::get("http://svc/").body(Empty::new()).unwrap();
+        req.extensions_mut().insert(record.clone());
+        mesh.ready().await.unwrap();
+        let response = mesh.call(req).await.unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(record.flags().to_string(), "UO");
+        assert_eq!(
+            record.overflows().collect::<Vec<_>>(),
+            [BreakerLimit::MaxRequests]
+        );
+        assert_eq!(record.attempts(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_passed_deadline_is_flagged_and_a_live_one_recorded() {
+        let inner = Scripted::default();
+        let mut mesh = MeshLayer::new(StaticSource::new(snapshot(&[1], RoutePolicy::default())))
+            .layer(inner.clone());
+        for (left, flags) in [(Duration::ZERO, "DT"), (Duration::from_secs(30), "")] {
+            let record = DecisionRecord::new();
+            let mut req = Request::get("http://svc/").body(Empty::new()).unwrap();
+            req.extensions_mut().insert(record.clone());
+            req.extensions_mut().insert(Deadline::after(left));
+            mesh.ready().await.unwrap();
+            let response = mesh.call(req).await.unwrap();
+            response.into_body().collect().await.unwrap();
+            assert!(record.flags().to_string().starts_with(flags));
+            if flags.is_empty() {
+                assert!(record.flags().is_empty());
+                let remaining = record
+                    .attributes()
+                    .into_iter()
+                    .find(|kv| kv.key.as_str() == "mesh.deadline.remaining_ms")
+                    .map(|kv| kv.value.to_string().parse::<f64>().unwrap())
+                    .unwrap();
+                assert!(remaining > 29_000.0 && remaining <= 30_000.0, "{remaining}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ejection_caused_by_the_response_is_recorded() {
+        let inner = Scripted::default();
+        inner.statuses.lock().unwrap().push(500);
+        let mut s = snapshot(&[1, 2], RoutePolicy::default());
+        let cluster = Arc::new(Cluster {
+            outlier_detection: Some(mesh_core::model::OutlierDetection {
+                consecutive_5xx: Some(1),
+                consecutive_gateway_errors: None,
+                interval: Duration::from_secs(10),
+                base_ejection_time: Duration::from_secs(30),
+                max_ejection_percent: 100,
+                min_health_percent: 0,
+            }),
+            ..Cluster::new("c", Protocol::Http1)
+        });
+        s.clusters.insert("c".into(), cluster);
+        let mut mesh = MeshLayer::new(StaticSource::new(s)).layer(inner.clone());
+        let (status, record) = send_recorded(&mut mesh, "http://svc/").await;
+        assert_eq!(status, 500);
+        assert_eq!(record.ejections(), 1);
+        let (_, record) = send_recorded(&mut mesh, "http://svc/").await;
+        assert_eq!(record.ejections(), 0);
+    }
+
+    #[tokio::test]
+    async fn without_a_record_nothing_is_recorded_and_no_header_is_added() {
+        let inner = Scripted::default();
+        let mut mesh = MeshLayer::new(StaticSource::new(snapshot(&[1], RoutePolicy::default())))
+            .layer(inner.clone());
+        mesh.ready().await.unwrap();
+        let response = mesh
+            .call(Request::get("http://svc/").body(Empty::new()).unwrap())
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap();
+        assert_eq!(inner.seen.lock().unwrap()[0].1, None);
     }
 }

@@ -1,7 +1,9 @@
 use http::HeaderValue;
 use tower::Layer;
+use tower::layer::util::Stack;
 
 use super::{Server, ServerContext};
+use crate::telemetry::{ServerTelemetryLayer, Telemetry};
 
 /// The server stack as a tower layer (see the [module docs](crate::server)).
 #[derive(Debug, Clone)]
@@ -43,6 +45,27 @@ impl ServerLayer {
     /// The context given to requests.
     pub fn context(&self) -> &ServerContext {
         &self.context
+    }
+
+    /// This layer under a [`ServerTelemetryLayer`] reporting as
+    /// `telemetry`'s service: the stack becomes telemetry span → deadline
+    /// → (authorization) → the app, DESIGN.md's order, so a request the
+    /// server stack answers itself (an expired deadline: response flag
+    /// `DT`; later a denied one) is still traced, counted and logged.
+    ///
+    /// ```no_run
+    /// # fn demo(bootstrap: &mesh_xds_client::Bootstrap, t: mesh_tower::telemetry::Telemetry) {
+    /// use mesh_tower::ServerLayer;
+    /// let app: axum::Router = axum::Router::new()
+    ///     .route("/items", axum::routing::get(|| async { "[]" }))
+    ///     .layer(ServerLayer::from_bootstrap(bootstrap, "catalog").telemetry(t));
+    /// # }
+    /// ```
+    ///
+    /// The same as `.layer(ServerLayer::..).layer(ServerTelemetryLayer::new(t))`
+    /// (with axum and tower's `ServiceBuilder`, a later layer is an outer one).
+    pub fn telemetry(self, telemetry: Telemetry) -> Stack<ServerLayer, ServerTelemetryLayer> {
+        Stack::new(self, ServerTelemetryLayer::new(telemetry))
     }
 }
 

@@ -4,8 +4,12 @@
 //! DESIGN.md's order is TLS accept → peer identity → telemetry span →
 //! deadline → authorization → the app. TLS, identity and authorization
 //! arrive with the mTLS and RBAC work (gRFC A29, A41); this layer is where
-//! they will run. Today it gives the application its place in the mesh: a
-//! [`ServerContext`] request extension (the service, namespace and node id,
+//! they will run. The telemetry span is
+//! [`ServerTelemetryLayer`](crate::telemetry::ServerTelemetryLayer), put
+//! outside this layer by [`ServerLayer::telemetry`], so that a request this
+//! layer answers itself is traced and counted too. Today it gives the
+//! application its place in the mesh: a [`ServerContext`] request
+//! extension (the service, namespace and node id,
 //! readable with axum's `Extension<ServerContext>` or tonic's
 //! `request.extensions()`), the request's [`Deadline`](crate::Deadline)
 //! (from `grpc-timeout`, else `x-envoy-expected-rq-timeout-ms`; see
@@ -17,8 +21,9 @@
 //!
 //! A request whose deadline had already passed when it arrived is answered
 //! by the layer (`504`, or `DEADLINE_EXCEEDED` for gRPC) without calling
-//! the app. The deadline is not enforced on a running app: the app reads
-//! it and passes it on (a gRPC server built with tonic's own transport
+//! the app (under telemetry, with response flag `DT` on the server span,
+//! the metrics and the access log). The deadline is not enforced on a
+//! running app: the app reads it and passes it on (a gRPC server built with tonic's own transport
 //! enforces `grpc-timeout` itself). Responses are wrapped in
 //! [`ResponseBody`](crate::ResponseBody) so the layer can answer itself.
 //!

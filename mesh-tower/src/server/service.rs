@@ -7,6 +7,7 @@ use super::{ResponseFuture, ServerContext};
 use crate::body::ResponseBody;
 use crate::deadline::Deadline;
 use crate::local_reply::{LocalReply, is_grpc};
+use crate::telemetry::{DecisionRecord, ResponseFlags};
 
 /// The service built by [`ServerLayer`](super::ServerLayer).
 #[derive(Debug, Clone)]
@@ -59,6 +60,9 @@ where
         if let Some(deadline) = Deadline::from_headers(req.headers()) {
             if deadline.is_expired() {
                 // Nobody waits for the answer any more: do not run the app.
+                if let Some(record) = req.extensions().get::<DecisionRecord>() {
+                    record.flag(ResponseFlags::DURATION_TIMEOUT);
+                }
                 let reply = LocalReply::timeout(
                     "the request's deadline had passed when it arrived (grpc-timeout / \
                      x-envoy-expected-rq-timeout-ms of 0)"

@@ -280,22 +280,22 @@ impl IstioMetrics {
         // `istio_requests_total`.
         registry.register(
             "istio_requests",
-            "Requests, as Istio counts them (one per request per reporter).",
+            "Requests, as Istio counts them (one per request per reporter)",
             metrics.requests.clone(),
         );
         registry.register(
             "istio_request_duration_milliseconds",
-            "Request duration in milliseconds, until the response ended.",
+            "Request duration in milliseconds, until the response ended",
             metrics.duration.clone(),
         );
         registry.register(
             "istio_request_bytes",
-            "Request body sizes in bytes.",
+            "Request body sizes in bytes",
             metrics.request_bytes.clone(),
         );
         registry.register(
             "istio_response_bytes",
-            "Response body sizes in bytes.",
+            "Response body sizes in bytes",
             metrics.response_bytes.clone(),
         );
         metrics
@@ -685,37 +685,37 @@ impl MeshMetrics {
         };
         registry.register(
             "proxyless_retries",
-            "Retries sent, by cluster and retry condition.",
+            "Retries sent, by cluster and retry condition",
             m.retries.clone(),
         );
         registry.register(
             "proxyless_retry_refusals",
-            "Retries wanted but refused by the retry budget or max_retries (flag URX).",
+            "Retries wanted but refused by the retry budget or max_retries (flag URX)",
             m.retry_refusals.clone(),
         );
         registry.register(
             "proxyless_breaker_overflows",
-            "Requests refused by a circuit breaker limit (flag UO).",
+            "Requests refused by a circuit breaker limit (flag UO)",
             m.overflows.clone(),
         );
         registry.register(
             "proxyless_outlier_ejections",
-            "Endpoints ejected by outlier detection.",
+            "Endpoints ejected by outlier detection",
             m.ejections.clone(),
         );
         registry.register(
             "proxyless_timeouts",
-            "Requests ended by their route or per-try timeout (flag UT).",
+            "Requests ended by their route or per-try timeout (flag UT)",
             m.timeouts.clone(),
         );
         registry.register(
             "proxyless_faults_injected",
-            "Faults injected (delays: flag DI, aborts: flag FI).",
+            "Faults injected (delays: flag DI, aborts: flag FI)",
             m.faults.clone(),
         );
         registry.register(
             "proxyless_deadline_drops",
-            "Requests dropped because their deadline had passed (flag DT).",
+            "Requests dropped because their deadline had passed (flag DT)",
             m.deadline_drops.clone(),
         );
         m
