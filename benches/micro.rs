@@ -1,0 +1,613 @@
+//! `cargo bench --bench micro`: the per-request decisions and layers of the mesh, in
+//! isolation, with criterion.
+//!
+//! - `route_lookup`: [`RouteConfig::find`] over 100 routes in 10 virtual hosts
+//!   (exact-domain lookup, then first-match over prefix, header, regex conditions),
+//!   and the whole [`Snapshot::resolve`] (listener → routes → weighted cluster →
+//!   endpoints).
+//! - `lb_pick_1000`: [`EndpointSet::pick`] over 1,000 endpoints in 10 localities for
+//!   each policy, and building the set (once per EDS update).
+//! - `client_stack` / `server_stack`: one call through [`MeshLayer`] (routing, LB,
+//!   in-flight accounting, the response body wrapper) and through [`ServerLayer`],
+//!   against the bare inner service, both over an instant in-process service and
+//!   over a real hyper HTTP/2 connection on an in-memory transport
+//!   (`tokio::io::duplex`). The difference of each pair is what the layer costs
+//!   per call.
+//! - `resilience_per_call`: the bookkeeping every call (or failed attempt) pays:
+//!   admitting a request through the circuit breaker and releasing it, deciding a
+//!   retry and taking it from the retry budget, reporting a result to outlier
+//!   detection over 1,000 endpoints.
+//!
+//! `cargo test --benches` (CI) runs each benchmark once, as criterion does.
+
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use proxyless::core::Snapshot;
+use proxyless::core::lb::EndpointSet;
+use proxyless::core::model::{
+    Cluster, ClusterLoadAssignment, Endpoint, HeaderMatch, LbPolicy, Listener, Locality,
+    LocalityEndpoints, PathMatch, Pattern, Protocol, Route, RouteConfig, RouteMatch, ValueMatch,
+    VirtualHost, WeightedCluster, WeightedClusters,
+};
+use proxyless::core::route::RequestView;
+use proxyless::layers::{MeshBody, StaticSource};
+use proxyless::{MeshLayer, ServerContext, ServerLayer};
+use tower::{Layer, Service, ServiceExt};
+
+const VHOSTS: usize = 10;
+const ROUTES_PER_VHOST: usize = 10;
+const ENDPOINTS: usize = 1000;
+const LOCALITIES: usize = 10;
+
+/// xorshift64*: a fast, deterministic random source, so the benches measure the
+/// pick and not the generator.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+fn names(items: &[String]) -> Arc<[Arc<str>]> {
+    items.iter().map(|s| Arc::from(s.as_str())).collect()
+}
+
+/// Virtual host `v` of the route table: domains in every form an app dials, 10
+/// routes: prefix + header matches, one regex path, a catch-all last.
+fn virtual_host(v: usize) -> VirtualHost {
+    let fqdn = format!("svc-{v}.bench.svc.cluster.local");
+    let domains = [
+        fqdn.clone(),
+        format!("{fqdn}:80"),
+        format!("svc-{v}.bench"),
+        format!("svc-{v}.bench:80"),
+        format!("svc-{v}"),
+        format!("svc-{v}:80"),
+    ];
+    let routes: Vec<Route> = (0..ROUTES_PER_VHOST)
+        .map(|r| {
+            let matcher = if r + 1 == ROUTES_PER_VHOST {
+                RouteMatch::any()
+            } else if r == ROUTES_PER_VHOST / 2 {
+                RouteMatch {
+                    path: PathMatch::Regex(
+                        Pattern::new(&format!("/api/v{r}/[0-9]+")).expect("a valid regex"),
+                    ),
+                    headers: Arc::from([]),
+                    query_params: Arc::from([]),
+                }
+            } else {
+                RouteMatch {
+                    path: PathMatch::Prefix(Arc::from(format!("/api/v{r}/").as_str())),
+                    headers: Arc::from([HeaderMatch {
+                        name: Arc::from("x-user"),
+                        value: ValueMatch::Exact(Arc::from(format!("user-{r}").as_str())),
+                        invert: false,
+                    }]),
+                    query_params: Arc::from([]),
+                }
+            };
+            Route {
+                name: Arc::from(format!("r{r}").as_str()),
+                matcher,
+                action: WeightedClusters::new(vec![
+                    WeightedCluster {
+                        name: Arc::from(format!("outbound|80|v1|{fqdn}").as_str()),
+                        weight: 90,
+                    },
+                    WeightedCluster {
+                        name: Arc::from(format!("outbound|80|v2|{fqdn}").as_str()),
+                        weight: 10,
+                    },
+                ])
+                .expect("valid weights"),
+                policy: Default::default(),
+            }
+        })
+        .collect();
+    VirtualHost {
+        name: Arc::from(format!("{fqdn}:80").as_str()),
+        domains: names(&domains),
+        routes: routes.into(),
+    }
+}
+
+fn route_config() -> RouteConfig {
+    RouteConfig {
+        name: Arc::from("bench"),
+        virtual_hosts: (0..VHOSTS).map(virtual_host).collect(),
+    }
+}
+
+fn cla(name: &str, n: usize, localities: usize) -> ClusterLoadAssignment {
+    let per = n / localities.max(1);
+    let localities = (0..localities)
+        .map(|l| LocalityEndpoints {
+            locality: Locality {
+                region: Arc::from("region"),
+                zone: Arc::from(format!("zone-{l}").as_str()),
+                sub_zone: Arc::from(""),
+            },
+            weight: per as u32,
+            priority: 0,
+            endpoints: (0..per)
+                .map(|e| Endpoint {
+                    address: SocketAddr::from((
+                        [10, l as u8, (e / 250) as u8, (e % 250) as u8],
+                        8080,
+                    )),
+                    weight: 1,
+                    labels: Arc::from([]),
+                })
+                .collect(),
+        })
+        .collect();
+    ClusterLoadAssignment::new(Arc::from(name), localities).expect("a valid assignment")
+}
+
+fn route_lookup(c: &mut Criterion) {
+    let rc = route_config();
+    let mut group = c.benchmark_group("route_lookup");
+    let headers_for = |user: &str| {
+        let mut h = HeaderMap::new();
+        h.insert("x-user", HeaderValue::from_str(user).expect("header"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        h
+    };
+    let cases = [
+        (
+            "first_vhost_first_route",
+            "svc-0",
+            "/api/v0/items",
+            "user-0",
+        ),
+        (
+            "middle_regex_route",
+            "svc-4.bench:80",
+            "/api/v5/12345",
+            "nobody",
+        ),
+        (
+            "last_vhost_catch_all",
+            "svc-9.bench.svc.cluster.local",
+            "/other",
+            "nobody",
+        ),
+    ];
+    for (name, host, path, user) in cases {
+        let uri: Uri = format!("http://{host}{path}").parse().expect("uri");
+        let headers = headers_for(user);
+        let method = Method::GET;
+        let view = RequestView::new(&method, &uri, &headers, host);
+        assert!(rc.find(host, &view).is_some(), "{name} must match a route");
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(rc.find(black_box(host), black_box(&view))))
+        });
+    }
+
+    // The whole decision a request makes against a snapshot.
+    let mut snapshot = Snapshot::default();
+    let listener = Arc::new(Listener {
+        name: Arc::from("svc-9"),
+        route_config_name: Arc::from("bench"),
+    });
+    snapshot
+        .listeners
+        .insert(Arc::from("svc-9"), listener.clone());
+    snapshot
+        .route_configs
+        .insert(Arc::from("bench"), Arc::new(rc.clone()));
+    for v in ["v1", "v2"] {
+        let name = format!("outbound|80|{v}|svc-9.bench.svc.cluster.local");
+        snapshot.clusters.insert(
+            Arc::from(name.as_str()),
+            Arc::new(Cluster::new(name.as_str(), Protocol::Http1)),
+        );
+        snapshot
+            .endpoints
+            .insert(Arc::from(name.as_str()), Arc::new(cla(&name, 100, 1)));
+    }
+    let uri: Uri = "http://svc-9/other".parse().expect("uri");
+    let headers = headers_for("nobody");
+    let method = Method::GET;
+    let view = RequestView::new(&method, &uri, &headers, "svc-9");
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    assert!(snapshot.resolve(&listener, &view, 1).is_ok());
+    group.bench_function("snapshot_resolve_last_vhost", |b| {
+        b.iter(|| {
+            black_box(
+                snapshot
+                    .resolve(&listener, black_box(&view), rng.next())
+                    .is_ok(),
+            )
+        })
+    });
+    group.finish();
+}
+
+fn lb_pick(c: &mut Criterion) {
+    let set = EndpointSet::new(&cla("c", ENDPOINTS, LOCALITIES));
+    assert_eq!(set.len(), ENDPOINTS);
+    let active: Vec<u32> = (0..ENDPOINTS).map(|i| (i % 7) as u32).collect();
+    let mut group = c.benchmark_group("lb_pick_1000");
+    let policies = [
+        ("round_robin", LbPolicy::RoundRobin),
+        ("least_request_p2c", LbPolicy::LeastRequest),
+        ("random", LbPolicy::Random),
+        (
+            "ring_hash_without_key",
+            LbPolicy::RingHash {
+                minimum_ring_size: 1024,
+            },
+        ),
+    ];
+    for (name, policy) in policies {
+        let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+        let mut counter = 0u64;
+        group.bench_function(BenchmarkId::new("pick", name), |b| {
+            b.iter(|| {
+                counter = counter.wrapping_add(1);
+                black_box(set.pick(policy, &mut || rng.next(), counter, |i| {
+                    active.get(i).copied().unwrap_or(0)
+                }))
+            })
+        });
+    }
+    let assignment = cla("c", ENDPOINTS, LOCALITIES);
+    group.bench_function("build_endpoint_set", |b| {
+        b.iter(|| black_box(EndpointSet::new(black_box(&assignment))))
+    });
+    group.finish();
+}
+
+fn resilience(c: &mut Criterion) {
+    use proxyless::core::breaker::CircuitBreaker;
+    use proxyless::core::model::{CircuitBreakers, OutlierDetection, RetryBudget, RetryPolicy};
+    use proxyless::core::outlier::{OutlierDetector, ResultClass};
+    use proxyless::core::retry::{Outcome, RetryLimiter, retry_reason};
+
+    let mut group = c.benchmark_group("resilience_per_call");
+    let limits = CircuitBreakers {
+        max_requests: 1024,
+        max_pending_requests: 1024,
+        max_retries: 3,
+        retry_budget: Some(RetryBudget {
+            budget: proxyless::core::model::Fraction::from_per_million(200_000),
+            min_retry_concurrency: 3,
+        }),
+        ..CircuitBreakers::default()
+    };
+    // Admitting a request and releasing it when it ends: every call pays this.
+    let breaker = CircuitBreaker::new();
+    group.bench_function("breaker_admit_release", |b| {
+        b.iter(|| black_box(breaker.try_request(black_box(&limits)).is_ok()))
+    });
+    // A failed attempt: is it retriable, and may a retry be taken from the budget?
+    let policy = RetryPolicy::istio_default();
+    let limiter = RetryLimiter::new();
+    let outcome = Outcome::http(503);
+    group.bench_function("retry_decision_and_budget", |b| {
+        b.iter(|| {
+            let reason = retry_reason(black_box(&policy), black_box(&outcome));
+            let permit = limiter.try_acquire(&limits, black_box(10));
+            black_box((reason, permit.is_ok()))
+        })
+    });
+    // Reporting an attempt's result to outlier detection over 1,000 endpoints.
+    let addresses: Vec<SocketAddr> = (0..ENDPOINTS)
+        .map(|i| SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8], 8080)))
+        .collect();
+    let config = OutlierDetection {
+        consecutive_5xx: Some(5),
+        consecutive_gateway_errors: Some(5),
+        interval: Duration::from_secs(10),
+        base_ejection_time: Duration::from_secs(30),
+        max_ejection_percent: 10,
+        min_health_percent: 0,
+    };
+    let detector = OutlierDetector::new(&config, &addresses, Instant::now());
+    let now = Instant::now();
+    let mut i = 0usize;
+    group.bench_function("outlier_on_result_success_1000", |b| {
+        b.iter(|| {
+            i = (i + 1) % ENDPOINTS;
+            black_box(detector.on_result(i, ResultClass::Success, now))
+        })
+    });
+    group.finish();
+}
+
+/// An inner service that answers at once with 1 KiB: what remains of a call when
+/// the network is taken away.
+#[derive(Clone)]
+struct Instant1k;
+
+static BODY: [u8; 1024] = [b'x'; 1024];
+
+impl<B> Service<Request<B>> for Instant1k {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<B>) -> Self::Future {
+        std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(&BODY)))))
+    }
+}
+
+/// One service named `svc` (HTTP/2, one endpoint) as a client's snapshot.
+fn stack_snapshot() -> Snapshot {
+    let mut s = Snapshot::default();
+    s.listeners.insert(
+        Arc::from("svc"),
+        Arc::new(Listener {
+            name: Arc::from("svc"),
+            route_config_name: Arc::from("svc:80"),
+        }),
+    );
+    s.route_configs.insert(
+        Arc::from("svc:80"),
+        Arc::new(RouteConfig {
+            name: Arc::from("svc:80"),
+            virtual_hosts: Arc::from([VirtualHost {
+                name: Arc::from("svc:80"),
+                domains: names(&["svc".into(), "svc:80".into()]),
+                routes: Arc::from([Route {
+                    name: Arc::from("all"),
+                    matcher: RouteMatch::any(),
+                    action: WeightedClusters::single("c"),
+                    policy: Default::default(),
+                }]),
+            }]),
+        }),
+    );
+    s.clusters
+        .insert(Arc::from("c"), Arc::new(Cluster::new("c", Protocol::Http2)));
+    s.endpoints.insert(Arc::from("c"), Arc::new(cla("c", 1, 1)));
+    s
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+fn request(uri: &Uri) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::default());
+    *req.uri_mut() = uri.clone();
+    req
+}
+
+/// Times `iters` sequential calls of `svc` inside one runtime, reading each
+/// response body to the end.
+fn time_calls<S, RB>(rt: &tokio::runtime::Runtime, svc: &mut S, uri: &Uri, iters: u64) -> Duration
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<RB>>,
+    S::Error: std::fmt::Debug,
+    RB: hyper::body::Body,
+    RB::Error: std::fmt::Debug,
+{
+    rt.block_on(async {
+        let start = Instant::now();
+        for _ in 0..iters {
+            let ready = svc.ready().await.expect("ready");
+            let response = ready.call(request(uri)).await.expect("a response");
+            let body = response.into_body().collect().await.expect("a body");
+            black_box(body);
+        }
+        start.elapsed()
+    })
+}
+
+/// A hyper HTTP/2 client connection (request bodies `B`) to a hyper server
+/// running `app`, over an in-memory pipe.
+async fn h2_over_duplex<B, App, RB>(app: App) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    App: Service<Request<hyper::body::Incoming>, Response = Response<RB>> + Clone + Send + 'static,
+    App::Future: Send + 'static,
+    App::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    RB: hyper::body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let service = hyper_util::service::TowerToHyperService::new(app);
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(server_io), service)
+            .await;
+    });
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(client_io))
+        .await
+        .expect("an HTTP/2 handshake over the pipe");
+    tokio::spawn(conn);
+    sender
+}
+
+/// The sender as a tower service (what a pool hands the mesh layer).
+fn h2_service<B>(
+    sender: hyper::client::conn::http2::SendRequest<B>,
+) -> impl Service<
+    Request<B>,
+    Response = Response<hyper::body::Incoming>,
+    Error = hyper::Error,
+    Future = impl Send + 'static,
+> + Clone
++ Send
++ 'static
+where
+    B: hyper::body::Body + Send + 'static,
+{
+    tower::service_fn(move |req: Request<B>| {
+        let mut sender = sender.clone();
+        async move { sender.send_request(req).await }
+    })
+}
+
+fn client_stack(c: &mut Criterion) {
+    let rt = runtime();
+    let uri: Uri = "http://svc/items".parse().expect("uri");
+    let layer = || MeshLayer::new(StaticSource::new(stack_snapshot())).rewrite_uri(false);
+    let mut group = c.benchmark_group("client_stack");
+
+    let mut bare = Instant1k;
+    group.bench_function("instant/bare", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut bare, &uri, iters))
+    });
+    let mut meshed = layer().layer(Instant1k);
+    group.bench_function("instant/mesh_layer", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut meshed, &uri, iters))
+    });
+
+    let sender = rt.block_on(h2_over_duplex::<Full<Bytes>, _, _>(Instant1k));
+    let mut bare = h2_service(sender);
+    group.bench_function("h2_in_memory/bare", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut bare, &uri, iters))
+    });
+    // The mesh layer hands its inner service replayable bodies (retries).
+    let sender = rt.block_on(h2_over_duplex::<MeshBody<Full<Bytes>>, _, _>(Instant1k));
+    let mut meshed = layer().layer(h2_service(sender));
+    group.bench_function("h2_in_memory/mesh_layer", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut meshed, &uri, iters))
+    });
+    group.finish();
+}
+
+fn server_stack(c: &mut Criterion) {
+    let rt = runtime();
+    let uri: Uri = "http://svc/items".parse().expect("uri");
+    let layer = ServerLayer::new(ServerContext::new("svc", "bench", "bench-node"));
+    let mut group = c.benchmark_group("server_stack");
+
+    let mut bare = Instant1k;
+    group.bench_function("instant/bare", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut bare, &uri, iters))
+    });
+    let mut layered = layer.layer(Instant1k);
+    group.bench_function("instant/server_layer", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut layered, &uri, iters))
+    });
+
+    let mut bare = h2_service(rt.block_on(h2_over_duplex::<Full<Bytes>, _, _>(Instant1k)));
+    group.bench_function("h2_in_memory/bare", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut bare, &uri, iters))
+    });
+    let mut layered =
+        h2_service(rt.block_on(h2_over_duplex::<Full<Bytes>, _, _>(layer.layer(Instant1k))));
+    group.bench_function("h2_in_memory/server_layer", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut layered, &uri, iters))
+    });
+    group.finish();
+}
+
+/// Issue 6, acceptance 5: the span and metric work with sampling off.
+/// Compare "client"/"server" with "no telemetry" (the difference is the cost).
+fn telemetry_sampling_off(c: &mut Criterion) {
+    use futures_util::FutureExt as _;
+    use http_body_util::Empty;
+    use proxyless::telemetry::{
+        ClientTelemetryLayer, Identity, MetricsRegistry, OtelConfig, OtlpProtocol, Sampling,
+        ServerTelemetryLayer, Telemetry,
+    };
+    use tower::service_fn;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let registry = MetricsRegistry::new();
+    // A real OTLP tracer provider whose sampler drops every trace (nothing
+    // is ever exported, so the endpoint is never dialed).
+    let otel = OtelConfig::default()
+        .with_protocol(OtlpProtocol::Grpc)
+        .with_endpoint("http://127.0.0.1:9")
+        .unwrap()
+        .with_sampling(Sampling::AlwaysOff);
+    let telemetry = Telemetry::builder(Identity::new("frontend", "shop").with_version("v1"))
+        .otel(&otel)
+        .unwrap()
+        .metrics(&registry)
+        .build();
+    let app = service_fn(|_: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+    });
+    let request = || {
+        Request::get("http://catalog/items")
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap()
+    };
+    let traced = || {
+        let mut r = request();
+        r.headers_mut().insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+        );
+        r
+    };
+    let mut group = c.benchmark_group("telemetry, sampling off");
+    let mut plain = app;
+    group.bench_function("no telemetry", |b| {
+        b.iter(|| {
+            let response = plain.call(traced()).now_or_never().unwrap().unwrap();
+            let _ = response.into_body().collect().now_or_never();
+        })
+    });
+    let mut client = ClientTelemetryLayer::new(telemetry.clone()).layer(app);
+    group.bench_function("client span + Istio metrics", |b| {
+        b.iter(|| {
+            let response = client.call(request()).now_or_never().unwrap().unwrap();
+            let _ = response.into_body().collect().now_or_never();
+        })
+    });
+    let mut server = ServerTelemetryLayer::new(telemetry).layer(app);
+    group.bench_function("server span + Istio metrics", |b| {
+        b.iter(|| {
+            let response = server.call(traced()).now_or_never().unwrap().unwrap();
+            let _ = response.into_body().collect().now_or_never();
+        })
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args()
+}
+
+/// criterion's generated entry points (undocumented `pub fn`s).
+mod harness {
+    #![allow(missing_docs, unreachable_pub)]
+    use super::*;
+
+    criterion_group! {
+        name = benches;
+        config = config();
+        targets = route_lookup, lb_pick, resilience, client_stack, server_stack, telemetry_sampling_off
+    }
+}
+
+criterion_main!(harness::benches);

