@@ -129,7 +129,7 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
                             "subscribed": s.subscribed,
                             "sent_version": s.sent_version,
                             "acked_version": s.acked_version,
-                            "acked": !s.sent_version.is_empty() && s.sent_version == s.acked_version && s.last_nack.as_ref().is_none_or(|n| n.version != s.sent_version),
+                            "acked": s.acked_latest(),
                             "last_nack": s.last_nack.as_ref().map(|n| json!({
                                 "version": n.version,
                                 "nonce": n.nonce,
@@ -159,7 +159,7 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
             // Stale: a response it has not acknowledged (nor rejected) for a while.
             let stale = c.types.values().any(|s| {
                 s.sent_version != s.acked_version
-                    && s.last_nack.as_ref().is_none_or(|n| n.version != s.sent_version)
+                    && !s.nacked_latest()
                     && s.last_push.is_some_and(|t| now.duration_since(t) > shared.stale_after)
             });
             json!({

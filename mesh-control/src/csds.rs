@@ -87,12 +87,8 @@ pub(crate) fn client_status(shared: &Shared, req: &ClientStatusRequest) -> Clien
                 let Some(s) = c.types.get(t.short_name()) else {
                     continue;
                 };
-                let nacked = s
-                    .last_nack
-                    .as_ref()
-                    .is_some_and(|n| n.version == s.sent_version);
-                let acked =
-                    !nacked && !s.sent_version.is_empty() && s.sent_version == s.acked_version;
+                let nacked = s.nacked_latest();
+                let acked = s.acked_latest();
                 let (config_status, client_status) = if nacked {
                     (ConfigStatus::Error, ClientResourceStatus::Nacked)
                 } else if acked {

@@ -74,6 +74,22 @@ pub(crate) struct TypeStatus {
     pub(crate) last_push_wall: Option<SystemTime>,
 }
 
+impl TypeStatus {
+    /// Whether the client rejected the latest response it was sent.
+    pub(crate) fn nacked_latest(&self) -> bool {
+        self.last_nack
+            .as_ref()
+            .is_some_and(|n| n.version == self.sent_version)
+    }
+
+    /// Whether the client accepted the latest response it was sent.
+    pub(crate) fn acked_latest(&self) -> bool {
+        !self.sent_version.is_empty()
+            && self.sent_version == self.acked_version
+            && !self.nacked_latest()
+    }
+}
+
 /// A rejected response.
 #[derive(Debug, Clone)]
 pub(crate) struct NackInfo {
