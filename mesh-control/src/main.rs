@@ -84,6 +84,7 @@ fn main() -> ExitCode {
             let options = MeshOptions {
                 domain_suffix,
                 root_namespace,
+                ..MeshOptions::default()
             };
             run(async move {
                 let handle = mesh_control::Server::builder()

@@ -571,6 +571,83 @@ pub struct Cluster {
     /// Prefer the client's own locality and fail over to others only when it
     /// has no healthy endpoint (Istio `localityLbSetting.enabled`).
     pub locality_failover: bool,
+    /// mTLS to the endpoints (DestinationRule `trafficPolicy.tls`
+    /// ISTIO_MUTUAL; gRFC A29 `UpstreamTlsContext`); `None` = plaintext.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How a client secures connections to a cluster's endpoints: mutual TLS
+/// with the workload's own certificate (the `mesh` certificate provider
+/// instance), the server's certificate verified against the mesh trust
+/// bundle and its SPIFFE ID against `server_identities`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// The SPIFFE IDs the cluster's servers may present (A29
+    /// `match_subject_alt_names`, exact URIs): the service accounts allowed
+    /// to back the service. Empty accepts any identity of the trust domain.
+    pub server_identities: Arc<[crate::spiffe::SpiffeId]>,
+    /// The SNI to send (Istio's `outbound_.<port>_.<subset>_.<host>`);
+    /// empty sends none. Not what is verified: the SPIFFE ID is.
+    pub sni: Name,
+}
+
+/// Istio's PeerAuthentication `mtls.mode` for a server port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MtlsMode {
+    /// mTLS only: a client certificate of the trust domain is required.
+    Strict,
+    /// mTLS and plaintext on the same port (a TLS client without a
+    /// certificate is accepted too, unauthenticated). Istio's default.
+    Permissive,
+    /// Plaintext only.
+    Disable,
+}
+
+impl MtlsMode {
+    /// Parses Istio's spelling (`STRICT`, `PERMISSIVE`, `DISABLE`).
+    pub fn parse(s: &str) -> Option<MtlsMode> {
+        match s {
+            "STRICT" => Some(MtlsMode::Strict),
+            "PERMISSIVE" => Some(MtlsMode::Permissive),
+            "DISABLE" => Some(MtlsMode::Disable),
+            _ => None,
+        }
+    }
+
+    /// Istio's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Disable => "DISABLE",
+        }
+    }
+}
+
+impl fmt::Display for MtlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An inbound (server) listener, gRFC A36: how the server listening on
+/// `address` accepts connections and which requests it authorizes. The
+/// control server builds it from the PeerAuthentication and
+/// AuthorizationPolicy resources that select the workload and port; the
+/// server asks for it by the name its bootstrap's
+/// `server_listener_resource_name_template` gives its address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerListener {
+    /// LDS resource name (`grpc/server?xds.resource.listening_address=10.0.0.7:8080`).
+    pub name: Name,
+    /// The address the server listens on.
+    pub address: SocketAddr,
+    /// The PeerAuthentication mode for this port.
+    pub mtls: MtlsMode,
+    /// The authorization policies that apply, in evaluation order for
+    /// [`crate::rbac::evaluate`] (DENY, then ALLOW, then AUDIT). Empty
+    /// allows every request.
+    pub policies: Arc<[crate::rbac::AuthorizationPolicy]>,
 }
 
 /// Envoy `circuit_breakers` thresholds (default priority), from Istio's
@@ -661,6 +738,7 @@ impl Cluster {
             outlier_detection: None,
             connection: ConnectionSettings::default(),
             locality_failover: false,
+            tls: None,
         }
     }
 }

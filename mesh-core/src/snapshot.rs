@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::Error;
-use crate::model::{Cluster, ClusterLoadAssignment, Listener, Name, Route, RouteConfig};
+use crate::model::{
+    Cluster, ClusterLoadAssignment, Listener, Name, Route, RouteConfig, ServerListener,
+};
 use crate::route::{RequestView, strip_port};
 
 /// The resources of one config version, keyed by xDS resource name.
@@ -20,6 +22,8 @@ use crate::route::{RequestView, strip_port};
 pub struct Snapshot {
     /// LDS: listeners by the name an app dials.
     pub listeners: BTreeMap<Name, Arc<Listener>>,
+    /// LDS: server (inbound, gRFC A36) listeners by resource name.
+    pub server_listeners: BTreeMap<Name, Arc<ServerListener>>,
     /// RDS: route configurations by name.
     pub route_configs: BTreeMap<Name, Arc<RouteConfig>>,
     /// CDS: clusters by name.

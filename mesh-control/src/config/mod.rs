@@ -78,8 +78,11 @@
 
 mod policy;
 mod resources;
+mod security;
 mod translate;
 mod yaml;
+
+pub use security::{SecurityPolicies, Workload};
 
 #[cfg(test)]
 mod resilience_tests;
@@ -122,8 +125,12 @@ pub struct MeshOptions {
     /// Default `svc.cluster.local`.
     pub domain_suffix: String,
     /// The namespace of mesh-wide policy (Istio's root namespace). Default
-    /// `istio-system`. Not used by the resources read so far.
+    /// `istio-system`: PeerAuthentication and AuthorizationPolicy there
+    /// without a selector apply to the whole mesh.
     pub root_namespace: String,
+    /// The SPIFFE trust domain of workload identities
+    /// (`spiffe://<trust_domain>/ns/<ns>/sa/<sa>`). Default `cluster.local`.
+    pub trust_domain: String,
 }
 
 impl Default for MeshOptions {
@@ -131,6 +138,7 @@ impl Default for MeshOptions {
         MeshOptions {
             domain_suffix: "svc.cluster.local".to_string(),
             root_namespace: "istio-system".to_string(),
+            trust_domain: "cluster.local".to_string(),
         }
     }
 }
@@ -315,6 +323,26 @@ impl ConfigStore {
     pub fn snapshot(&self, registrations: &[Registration]) -> (Snapshot, Vec<Diagnostic>) {
         let t = translate::translate(&self.options, &self.ordered(), registrations);
         (t.snapshot, t.diagnostics)
+    }
+
+    /// The PeerAuthentication and AuthorizationPolicy resources, ready to
+    /// be resolved for one workload's server listener (gRFC A36).
+    pub fn security(&self) -> SecurityPolicies {
+        security::resolve(&self.options, &self.ordered())
+    }
+
+    /// Whether a workload running as `identity` may register `registration`:
+    /// its namespace must be the registration's, and its service account
+    /// one the service allows (WorkloadGroup `template.serviceAccount`,
+    /// WorkloadEntry `serviceAccount`, ServiceEntry `subjectAltNames`; by
+    /// default the service account named like the service). The error
+    /// says why not, naming the identity and the service.
+    pub fn authorize_registration(
+        &self,
+        registration: &Registration,
+        identity: &mesh_core::spiffe::SpiffeId,
+    ) -> Result<(), String> {
+        security::authorize_registration(&self.options, &self.ordered(), registration, identity)
     }
 
     /// The services the resources and `registrations` define, by host.

@@ -371,6 +371,7 @@ fn traffic_policy_translates_to_the_cluster() {
             max_requests_per_connection: Some(100),
         },
         locality_failover: true,
+        tls: None,
         ..Cluster::new(name, mesh_core::model::Protocol::Http1)
     };
     // Subsets without a policy of their own inherit the rule's.

@@ -319,6 +319,7 @@ fn cluster_fields(c: &ClusterProto) -> Decoded<Cluster> {
         outlier_detection,
         connection,
         locality_failover: locality_failover_from_proto(c)?,
+        tls: None,
         ..Cluster::new(name, protocol)
     })
 }

@@ -1709,6 +1709,7 @@ fn connection_settings_and_locality_failover_are_encoded() {
             max_requests_per_connection: Some(100),
         },
         locality_failover: true,
+        tls: None,
         ..sample_cluster(LbPolicy::RoundRobin)
     };
     let proto = cluster_to_proto(&c);

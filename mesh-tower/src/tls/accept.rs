@@ -13,48 +13,10 @@ use super::config::server_config;
 use super::identity::{PeerIdentity, spiffe_id_of};
 use super::store::{CertStore, tls};
 use crate::error::{Error, ErrorKind};
+pub use mesh_core::model::MtlsMode;
 
 /// The first byte of a TLS handshake record (content type 22).
 const TLS_HANDSHAKE: u8 = 0x16;
-
-/// Istio's PeerAuthentication `mtls.mode` for a server port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MtlsMode {
-    /// mTLS only: a client certificate of the trust domain is required.
-    Strict,
-    /// mTLS and plaintext on the same port (a TLS client without a
-    /// certificate is accepted too, unauthenticated).
-    Permissive,
-    /// Plaintext only.
-    Disable,
-}
-
-impl MtlsMode {
-    /// Parses Istio's spelling (`STRICT`, `PERMISSIVE`, `DISABLE`).
-    pub fn parse(s: &str) -> Option<MtlsMode> {
-        match s {
-            "STRICT" => Some(MtlsMode::Strict),
-            "PERMISSIVE" => Some(MtlsMode::Permissive),
-            "DISABLE" => Some(MtlsMode::Disable),
-            _ => None,
-        }
-    }
-
-    /// Istio's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MtlsMode::Strict => "STRICT",
-            MtlsMode::Permissive => "PERMISSIVE",
-            MtlsMode::Disable => "DISABLE",
-        }
-    }
-}
-
-impl fmt::Display for MtlsMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Accepts connections under an [`MtlsMode`]: TLS handshake, plaintext, or
 /// (PERMISSIVE) whichever the client's first byte says. Cheap to clone.
