@@ -8,6 +8,14 @@
 //! mesh-control says it: per connected client in `/status`, and offline in
 //! `mesh-control check --for grpc`.
 //!
+//! Security config has gaps of the same kind on gRPC *servers* (gRFC A36,
+//! A41): PERMISSIVE cannot be served (a gRPC server's filter chains match
+//! `raw_buffer` only, so it gets the plaintext chain and accepts no TLS),
+//! AUDIT policies become RBAC `LOG`, which gRPC does not act on, and xDS
+//! security is honored only by servers and channels built with xDS
+//! credentials. [`grpc_security_ignored`] says so for a config, and
+//! [`grpc_ignored`] for the server listeners a client was served.
+//!
 //! The client kind comes from `node.user_agent_name`: grpc-core based clients
 //! (grpcio, C++, Ruby, PHP) send `gRPC C-core …`, grpc-go `gRPC Go`, grpc-java
 //! `gRPC Java`; this mesh's own client sends `proxyless-rust`.
@@ -15,7 +23,12 @@
 use std::collections::BTreeSet;
 
 use mesh_core::Snapshot;
-use mesh_core::model::{CircuitBreakers, ConnectionSettings, HashPolicy, LbPolicy, RetryOn};
+use mesh_core::model::{
+    CircuitBreakers, ConnectionSettings, HashPolicy, LbPolicy, MtlsMode, RetryOn,
+};
+use mesh_core::rbac::Action;
+
+use crate::config::SecurityPolicies;
 
 /// Who is on the other end of an ADS stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +163,81 @@ pub(crate) fn grpc_ignored(
                 "{at}: LEAST_REQUEST is served inside wrr_locality with round_robin as fallback; gRPC clients without least_request support (gRFC A48) use round robin"
             ));
         }
+    }
+    for (name, listener) in &snapshot.server_listeners {
+        let at = format!("server listener {name:?}");
+        if listener.mtls == MtlsMode::Permissive {
+            out.insert(format!("{at}: {PERMISSIVE}"));
+        }
+        for p in listener
+            .policies
+            .iter()
+            .filter(|p| p.action() == Action::Audit)
+        {
+            out.insert(format!("{at}: AUDIT policy {} {AUDIT}", p.id()));
+        }
+    }
+    out.into_iter().collect()
+}
+
+const PERMISSIVE: &str = "PERMISSIVE cannot be served to gRPC servers: they match filter chains on raw_buffer only, so they serve the plaintext chain and accept no mTLS (gRFC A36); use STRICT or DISABLE for gRPC servers";
+const AUDIT: &str = "is ignored by gRPC servers (it is served as RBAC action LOG, which gRPC does not act on, gRFC A41)";
+const CREDENTIALS: &str = "gRPC enforces it only on servers built with xDS server credentials (with insecure credentials they serve plaintext and skip the mTLS requirement)";
+
+/// What gRPC servers ignore of the PeerAuthentication and
+/// AuthorizationPolicy resources (`mesh-control check --for grpc`), one
+/// sentence per finding, stable order. The default mode (PERMISSIVE when no
+/// mesh-wide PeerAuthentication says otherwise) is reported when the config
+/// uses mTLS at all: a security resource, or a cluster with TLS in
+/// `snapshot`.
+pub(crate) fn grpc_security_ignored(
+    policies: &SecurityPolicies,
+    snapshot: &Snapshot,
+) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    let uses_mtls = !policies.peers().is_empty()
+        || !policies.authorization_policies().is_empty()
+        || snapshot.clusters.values().any(|c| c.tls.is_some());
+    let root = policies.root_namespace();
+    let mesh_wide = policies
+        .peers()
+        .iter()
+        .find(|p| p.namespace == root && p.selector.is_none())
+        .and_then(|p| p.mode);
+    if uses_mtls && mesh_wide.is_none_or(|m| m == MtlsMode::Permissive) {
+        out.insert(format!(
+            "workloads no STRICT or DISABLE PeerAuthentication covers are PERMISSIVE (Istio's default; no mesh-wide STRICT or DISABLE PeerAuthentication in namespace '{root}'): {PERMISSIVE}"
+        ));
+    }
+    for p in policies.peers() {
+        let at = format!("PeerAuthentication {}/{}", p.namespace, p.name);
+        if p.mode == Some(MtlsMode::Permissive) {
+            out.insert(format!("{at}: {PERMISSIVE}"));
+        }
+        for (port, mode) in &p.ports {
+            if *mode == Some(MtlsMode::Permissive) {
+                out.insert(format!("{at}: portLevelMtls {port}: {PERMISSIVE}"));
+            }
+        }
+        if p.mode == Some(MtlsMode::Strict)
+            || p.ports.values().any(|m| *m == Some(MtlsMode::Strict))
+        {
+            out.insert(format!("{at}: STRICT: {CREDENTIALS}"));
+        }
+    }
+    for a in policies.authorization_policies() {
+        if a.policy.action() == Action::Audit {
+            out.insert(format!(
+                "AuthorizationPolicy {}: AUDIT {AUDIT}",
+                a.policy.id()
+            ));
+        }
+    }
+    if snapshot.clusters.values().any(|c| c.tls.is_some()) {
+        out.insert(format!(
+            "clusters with mTLS (DestinationRule tls ISTIO_MUTUAL or auto mTLS): {}",
+            CREDENTIALS.replace("servers built with xDS server", "channels built with xDS")
+        ));
     }
     out.into_iter().collect()
 }

@@ -12,7 +12,7 @@ in step with that file.
 
 Usage:
     grpc_xds_client.py TARGET N [--deadline SECONDS] [--header KEY=VALUE ...]
-                       [--linger SECONDS]
+                       [--linger SECONDS] [--xds-creds]
 
 Prints exactly one JSON line on stdout and exits 0, whatever happened:
     {"ok": n_ok, "errors": {"UNAVAILABLE": 2}, "by_version": {"v1": a, "v2": b},
@@ -160,7 +160,14 @@ def run(args, report):
         if report["first_error"] is None:
             report["first_error"] = text
 
-    channel = grpc.insecure_channel(args.target)
+    if args.xds_creds:
+        # gRFC A29: security from the cluster's UpstreamTlsContext and the bootstrap's
+        # certificate providers; plaintext only where xDS configures none.
+        creds = grpc.xds_channel_credentials(
+            fallback_credentials=grpc.insecure_channel_credentials())
+        channel = grpc.secure_channel(args.target, creds)
+    else:
+        channel = grpc.insecure_channel(args.target)
     try:
         pay = channel.unary_unary(
             PAY_METHOD,
@@ -225,6 +232,8 @@ def main():
                         help="seconds for everything (ready wait and calls)")
     parser.add_argument("--header", type=_header, action="append", default=[],
                         help="KEY=VALUE metadata sent with every call (repeatable)")
+    parser.add_argument("--xds-creds", action="store_true",
+                        help="use xDS channel credentials (mTLS as CDS says, gRFC A29)")
     parser.add_argument("--linger", type=float, default=0.0,
                         help="seconds to keep the channel open after printing the report")
     args = parser.parse_args()

@@ -264,6 +264,9 @@ pub(crate) struct ClientOptions {
     /// `("GRPC_VERBOSITY", "debug")` to see grpc-core's xDS traffic in
     /// [`ClientReport::stderr`].
     pub(crate) env: Vec<(String, String)>,
+    /// Use xDS channel credentials (gRFC A29): mTLS where CDS configures it, with
+    /// the certificates of the bootstrap's `certificate_providers`.
+    pub(crate) xds_creds: bool,
 }
 
 /// What the grpcio client saw (its JSON line, see grpc_xds_client.py).
@@ -406,6 +409,9 @@ pub(crate) async fn run_grpc_xds_client_with(
     }
     for (key, value) in &options.env {
         command.env(key, value);
+    }
+    if options.xds_creds {
+        command.arg("--xds-creds");
     }
     let mut child = command
         .spawn()

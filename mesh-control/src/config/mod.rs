@@ -1,22 +1,56 @@
 //! The Istio YAML front end: a directory of VirtualService, DestinationRule,
-//! ServiceEntry and WorkloadEntry resources, plus self-registered endpoints,
-//! in; a [`mesh_core::Snapshot`] out.
+//! ServiceEntry, WorkloadEntry and WorkloadGroup resources, PeerAuthentication
+//! and AuthorizationPolicy, plus self-registered endpoints, in; a
+//! [`mesh_core::Snapshot`] out, and the server listeners
+//! ([`SecurityPolicies::server_listener`]) and registration rights
+//! ([`ConfigStore::authorize_registration`]) the security resources give.
 //!
 //! # What is read
 //!
 //! Every `*.yaml` / `*.yml` file directly in the directory (not recursively),
-//! in file-name order, each holding one or more `---`-separated documents of
-//! `apiVersion: networking.istio.io/v1` (or `v1beta1`, `v1alpha3`). Resources
-//! follow the Istio reference
-//! (<https://istio.io/latest/docs/reference/config/networking/>) for the
+//! in file-name order, each holding one or more `---`-separated documents:
+//!
+//! - `apiVersion: networking.istio.io/v1` (or `v1beta1`, `v1alpha3`):
+//!   VirtualService, DestinationRule, ServiceEntry, WorkloadEntry and
+//!   WorkloadGroup (its `metadata.labels` and `template.serviceAccount`);
+//! - `apiVersion: security.istio.io/v1` (or `v1beta1`): PeerAuthentication
+//!   (`selector`, `mtls.mode`, `portLevelMtls`) and AuthorizationPolicy
+//!   (`selector`, `action` ALLOW / DENY / AUDIT, `rules` with `from.source`,
+//!   `to.operation` and `when`).
+//!
+//! Resources follow the Istio reference
+//! (<https://istio.io/latest/docs/reference/config/networking/>,
+//! <https://istio.io/latest/docs/reference/config/security/>) for the
 //! fields this mesh implements; a field it does not implement yet (`mirror`,
-//! `rewrite`, `corsPolicy`, `trafficPolicy.tls`, `portLevelSettings`, ...)
-//! is an error, as is an unknown field: config is rejected, never silently
-//! ignored. The resilience fields (`timeout`, `retries`, `fault`,
-//! `connectionPool`, `outlierDetection`, `consistentHash`,
+//! `rewrite`, `corsPolicy`, `portLevelSettings`, ...) is an error, as is an
+//! unknown field: config is rejected, never silently ignored. In particular
+//! the AuthorizationPolicy features a proxyless server cannot enforce — the
+//! CUSTOM action, request authentication (`requestPrincipals`,
+//! `request.auth.*`), `targetRef(s)`, `remoteIpBlocks` — are reported as not
+//! supported at their line. The resilience fields (`timeout`, `retries`,
+//! `fault`, `connectionPool`, `outlierDetection`, `consistentHash`,
 //! `localityLbSetting.enabled`, `retryBudget`) and the Istio defaults they
 //! keep are described in `policy.rs`; in short, a route without `retries`
 //! gets Istio's default retry policy, the default route included.
+//!
+//! # Security
+//!
+//! How PeerAuthentication and AuthorizationPolicy select workloads and
+//! combine (selector > namespace > root namespace > PERMISSIVE; DENY, then
+//! ALLOW, AUDIT only marks), and which service accounts may back a service
+//! (WorkloadGroup, WorkloadEntry `serviceAccount`, ServiceEntry
+//! `subjectAltNames`, by default the one named like the service), is
+//! described in `security.rs`. A cluster gets mutual TLS
+//! ([`mesh_core::model::Cluster::tls`]) from DestinationRule
+//! `trafficPolicy.tls.mode: ISTIO_MUTUAL` (a subset's `tls` replaces the
+//! rule's; `DISABLE` turns it off; `MUTUAL` and `SIMPLE` are not supported
+//! yet), or, when `tls` is not set, by Istio's auto mTLS: when the
+//! destination namespace is STRICT (its namespace-wide PeerAuthentication,
+//! else the mesh-wide one) or every endpoint of the cluster is STRICT by its
+//! own workload's policy. The client verifies the server's SPIFFE ID against
+//! the service's allowed identities (or the rule's `subjectAltNames`) and
+//! sends Istio's SNI, `outbound_.<port>_.<subset>_.<host>`, unless `sni` is
+//! set.
 //!
 //! # Names
 //!
@@ -76,6 +110,7 @@
 //! - A DestinationRule for a host nothing declares is reported; it takes
 //!   effect as soon as the host appears.
 
+mod auth;
 mod policy;
 mod resources;
 mod security;
@@ -86,6 +121,8 @@ pub use security::{SecurityPolicies, Workload};
 
 #[cfg(test)]
 mod resilience_tests;
+#[cfg(test)]
+mod security_tests;
 #[cfg(test)]
 mod tests;
 
@@ -343,6 +380,15 @@ impl ConfigStore {
         identity: &mesh_core::spiffe::SpiffeId,
     ) -> Result<(), String> {
         security::authorize_registration(&self.options, &self.ordered(), registration, identity)
+    }
+
+    /// What gRPC servers and channels would not honor of the security
+    /// config (PERMISSIVE, explicit or by default; AUDIT policies; mTLS
+    /// without xDS credentials), one sentence per finding, for
+    /// `mesh-control check --for grpc`. `snapshot` is this store's
+    /// [`ConfigStore::snapshot`] (its clusters with TLS count as mTLS use).
+    pub fn grpc_security_gaps(&self, snapshot: &Snapshot) -> Vec<String> {
+        crate::compat::grpc_security_ignored(&self.security(), snapshot)
     }
 
     /// The services the resources and `registrations` define, by host.

@@ -27,8 +27,11 @@
 //!   as `UNAVAILABLE`, or a code 0–16).
 //! - A subset's `trafficPolicy` overrides the rule's one top-level field at a
 //!   time (`loadBalancer`, `connectionPool`, `outlierDetection`,
-//!   `retryBudget`), each replaced whole, as Istio's `MergeTrafficPolicy`
-//!   does.
+//!   `retryBudget`, `tls`), each replaced whole, as Istio's
+//!   `MergeTrafficPolicy` does.
+//! - `tls.mode` defaults to `DISABLE`, as in Istio; only `ISTIO_MUTUAL`
+//!   (the mesh's own certificates) and `DISABLE` are implemented, and
+//!   `sni` / `subjectAltNames` (SPIFFE IDs) need `ISTIO_MUTUAL`.
 //! - `outlierDetection`: `consecutive5xxErrors` defaults to 5 (0 disables
 //!   it), `consecutiveGatewayErrors` is off unless set, `interval` 10 s,
 //!   `baseEjectionTime` 30 s, `maxEjectionPercent` 10 (0 means the default,
@@ -59,6 +62,7 @@ use mesh_core::model::{
     AbortStatus, Cluster, FaultAbort, FaultDelay, FaultPolicy, Fraction, HashPolicy, LbPolicy,
     OutlierDetection, RetryBudget, RetryOn, RetryPolicy,
 };
+use mesh_core::spiffe::SpiffeId;
 use saphyr::{Scalar, YamlData};
 
 use super::resources::is_header_name_byte;
@@ -513,6 +517,20 @@ pub(crate) struct TrafficPolicy {
     pub(crate) connection_pool: Option<ConnectionPool>,
     pub(crate) outlier_detection: Option<OutlierDetection>,
     pub(crate) retry_budget: Option<RetryBudget>,
+    /// `tls`: `None` when not set (auto mTLS decides, see `translate.rs`).
+    pub(crate) tls: Option<ClientTls>,
+}
+
+/// `trafficPolicy.tls`: how clients secure connections to the service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClientTls {
+    /// `ISTIO_MUTUAL` (true) or `DISABLE` (false).
+    pub(crate) istio_mutual: bool,
+    /// `sni`: replaces Istio's `outbound_.<port>_.<subset>_.<host>`.
+    pub(crate) sni: Option<String>,
+    /// `subjectAltNames`: the SPIFFE IDs the servers may present, replacing
+    /// the service's allowed service accounts.
+    pub(crate) subject_alt_names: Vec<SpiffeId>,
 }
 
 /// `trafficPolicy.loadBalancer`.
@@ -559,6 +577,7 @@ impl TrafficPolicy {
                 .retry_budget
                 .clone()
                 .or_else(|| self.retry_budget.clone()),
+            tls: subset.tls.clone().or_else(|| self.tls.clone()),
         }
     }
 
@@ -615,8 +634,9 @@ pub(crate) fn parse_traffic_policy(
             "connectionPool",
             "outlierDetection",
             "retryBudget",
+            "tls",
         ],
-        &["tls", "portLevelSettings", "tunnel", "proxyProtocol"],
+        &["portLevelSettings", "tunnel", "proxyProtocol"],
     )?;
     Some(TrafficPolicy {
         load_balancer: t
@@ -631,6 +651,114 @@ pub(crate) fn parse_traffic_policy(
         retry_budget: t
             .get("retryBudget")
             .and_then(|f| parse_retry_budget(sink, f)),
+        tls: t.get("tls").and_then(|f| parse_client_tls(sink, f)),
+    })
+}
+
+/// `trafficPolicy.tls` (Istio's `ClientTLSSettings`). `mode` defaults to
+/// `DISABLE`, as in Istio. Only the mesh's own mTLS is implemented: the
+/// fields of `MUTUAL` / `SIMPLE` (files, credential names) are reported.
+fn parse_client_tls(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<ClientTls> {
+    let before = sink.count();
+    let f = Fields::of(
+        sink,
+        field,
+        &["mode", "sni", "subjectAltNames"],
+        &[
+            "clientCertificate",
+            "privateKey",
+            "caCertificates",
+            "credentialName",
+            "insecureSkipVerify",
+            "caCrl",
+        ],
+    )?;
+    let istio_mutual = match f.get("mode") {
+        None => false,
+        Some(m) => {
+            let mode = m.string(sink)?;
+            match mode.value.as_str() {
+                "ISTIO_MUTUAL" => true,
+                "DISABLE" => false,
+                "MUTUAL" | "SIMPLE" => {
+                    sink.error(
+                        mode.line,
+                        format!(
+                            "'{}: {}' is not supported yet: use ISTIO_MUTUAL (the mesh's own certificates)",
+                            m.path, mode.value
+                        ),
+                    );
+                    return None;
+                }
+                other => {
+                    sink.error(
+                        mode.line,
+                        format!(
+                            "'{}': unknown TLS mode '{other}' (expected ISTIO_MUTUAL or DISABLE)",
+                            m.path
+                        ),
+                    );
+                    return None;
+                }
+            }
+        }
+    };
+    let sni = f.get("sni").and_then(|s| {
+        let v = s.string(sink)?;
+        let ok = !v.value.is_empty()
+            && v.value.len() <= 255
+            && v.value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !ok {
+            sink.error(
+                v.line,
+                format!(
+                    "'{}': '{}' is not a server name (letters, digits, '-', '_' and '.')",
+                    s.path, v.value
+                ),
+            );
+            return None;
+        }
+        Some((v.value, s.key_line))
+    });
+    let mut subject_alt_names = Vec::new();
+    let mut sans_line = None;
+    if let Some(sans) = f.get("subjectAltNames") {
+        sans_line = Some(sans.key_line);
+        for (path, san) in sans.string_list(sink).unwrap_or_default() {
+            match SpiffeId::parse(&san.value) {
+                Ok(id) => subject_alt_names.push(id),
+                Err(e) => sink.error(
+                    san.line,
+                    format!("'{path}': {e} (only SPIFFE IDs are verified)"),
+                ),
+            }
+        }
+    }
+    if !istio_mutual {
+        for (what, line) in [
+            ("sni", sni.as_ref().map(|(_, l)| *l)),
+            ("subjectAltNames", sans_line),
+        ] {
+            if let Some(line) = line {
+                sink.error(
+                    line,
+                    format!(
+                        "'{}.{what}' needs 'mode: ISTIO_MUTUAL' (TLS is disabled)",
+                        f.path
+                    ),
+                );
+            }
+        }
+    }
+    if sink.count() != before {
+        return None;
+    }
+    Some(ClientTls {
+        istio_mutual,
+        sni: sni.map(|(s, _)| s),
+        subject_alt_names,
     })
 }
 

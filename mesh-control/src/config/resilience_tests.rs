@@ -903,7 +903,11 @@ fn still_unsupported_fields_are_rejected_with_their_path() {
 
     let tp = "trafficPolicy";
     let dr_cases = [
-        ("    tls: {mode: SIMPLE}\n", "tls", format!("{tp}.tls")),
+        (
+            "    tls: {mode: ISTIO_MUTUAL, caCertificates: /x.pem}\n",
+            "tls",
+            format!("{tp}.tls.caCertificates"),
+        ),
         (
             "    portLevelSettings: []\n",
             "portLevelSettings",

@@ -20,26 +20,29 @@ use mesh_core::model::{
     ValueMatch,
 };
 
+use mesh_core::spiffe::SpiffeId;
+
 use super::Diagnostic;
+use super::auth;
 use super::policy::{self, TrafficPolicy};
 use super::yaml::{Field, Fields, Node, Sink, Spanned, join, line_of};
 
-/// The API versions accepted for every kind (Istio serves the same schema under each).
-const API_VERSIONS: [&str; 3] = [
+/// The API versions accepted for the networking kinds (Istio serves the same schema under each).
+const NETWORKING_API_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1",
     "networking.istio.io/v1beta1",
     "networking.istio.io/v1alpha3",
 ];
 
+/// The API versions accepted for PeerAuthentication and AuthorizationPolicy.
+const SECURITY_API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+
 /// Istio kinds this mesh does not implement yet (anything else is unknown).
-const UNSUPPORTED_KINDS: [&str; 11] = [
+const UNSUPPORTED_KINDS: [&str; 8] = [
     "Gateway",
     "Sidecar",
     "EnvoyFilter",
-    "WorkloadGroup",
     "ProxyConfig",
-    "PeerAuthentication",
-    "AuthorizationPolicy",
     "RequestAuthentication",
     "Telemetry",
     "WasmPlugin",
@@ -53,6 +56,9 @@ pub(crate) enum Kind {
     DestinationRule,
     ServiceEntry,
     WorkloadEntry,
+    WorkloadGroup,
+    PeerAuthentication,
+    AuthorizationPolicy,
 }
 
 impl Kind {
@@ -62,8 +68,19 @@ impl Kind {
             "DestinationRule" => Kind::DestinationRule,
             "ServiceEntry" => Kind::ServiceEntry,
             "WorkloadEntry" => Kind::WorkloadEntry,
+            "WorkloadGroup" => Kind::WorkloadGroup,
+            "PeerAuthentication" => Kind::PeerAuthentication,
+            "AuthorizationPolicy" => Kind::AuthorizationPolicy,
             _ => return None,
         })
+    }
+
+    /// The `apiVersion`s the kind is served under.
+    fn api_versions(self) -> &'static [&'static str] {
+        match self {
+            Kind::PeerAuthentication | Kind::AuthorizationPolicy => &SECURITY_API_VERSIONS,
+            _ => &NETWORKING_API_VERSIONS,
+        }
     }
 }
 
@@ -74,6 +91,9 @@ impl fmt::Display for Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::ServiceEntry => "ServiceEntry",
             Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::WorkloadGroup => "WorkloadGroup",
+            Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         })
     }
 }
@@ -134,6 +154,20 @@ pub(crate) enum Spec {
     DestinationRule(DestinationRule),
     ServiceEntry(ServiceEntry),
     WorkloadEntry(Workload),
+    WorkloadGroup(WorkloadGroup),
+    PeerAuthentication(auth::PeerAuthentication),
+    AuthorizationPolicy(auth::AuthorizationPolicy),
+}
+
+/// `WorkloadGroup.spec`: what the workloads registering for the service
+/// named like the group have in common.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkloadGroup {
+    /// `metadata.labels`: given to every endpoint registered for the service
+    /// (a registration's own labels win).
+    pub(crate) labels: BTreeMap<String, String>,
+    /// `template.serviceAccount`, `default` when empty (as in Istio).
+    pub(crate) service_account: String,
 }
 
 /// `VirtualService.spec`.
@@ -206,6 +240,8 @@ pub(crate) struct ServiceEntry {
     pub(crate) ports_line: usize,
     pub(crate) endpoints: Vec<Workload>,
     pub(crate) selector: Option<BTreeMap<String, String>>,
+    /// `subjectAltNames`: SPIFFE IDs the service's servers may present.
+    pub(crate) subject_alt_names: Vec<SpiffeId>,
 }
 
 /// One `ports[]` entry of a ServiceEntry.
@@ -225,6 +261,9 @@ pub(crate) struct Workload {
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) locality: Locality,
     pub(crate) weight: u32,
+    /// `serviceAccount`: the identity the workload runs as (in the
+    /// resource's namespace).
+    pub(crate) service_account: Option<String>,
 }
 
 /// What one document yielded.
@@ -270,7 +309,7 @@ pub(crate) fn parse_document(file: &Path, doc: usize, node: &Node<'_>) -> Parsed
                     sink.error(
                         k.line,
                         format!(
-                            "unknown kind '{}' (expected VirtualService, DestinationRule, ServiceEntry or WorkloadEntry)",
+                            "unknown kind '{}' (expected VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, WorkloadGroup, PeerAuthentication or AuthorizationPolicy)",
                             k.value
                         ),
                     );
@@ -288,12 +327,22 @@ pub(crate) fn parse_document(file: &Path, doc: usize, node: &Node<'_>) -> Parsed
     if let Some(v) = top
         .require(&mut sink, "apiVersion")
         .and_then(|f| f.string(&mut sink))
-        && !API_VERSIONS.contains(&v.value.as_str())
+        && !kind.api_versions().contains(&v.value.as_str())
     {
+        let expected = match kind.api_versions() {
+            [first, rest @ ..] => {
+                let others: Vec<&str> = rest
+                    .iter()
+                    .map(|r| r.rsplit('/').next().unwrap_or(r))
+                    .collect();
+                format!("{first}, {}", others.join(" or "))
+            }
+            [] => String::new(),
+        };
         sink.error(
             v.line,
             format!(
-                "unknown apiVersion '{}' for kind {kind} (expected networking.istio.io/v1, v1beta1 or v1alpha3)",
+                "unknown apiVersion '{}' for kind {kind} (expected {expected})",
                 v.value
             ),
         );
@@ -322,6 +371,17 @@ pub(crate) fn parse_document(file: &Path, doc: usize, node: &Node<'_>) -> Parsed
             parse_workload(&mut sink, &f)
         })
         .map(Spec::WorkloadEntry),
+        Kind::WorkloadGroup => parse_workload_group(&mut sink, s).map(Spec::WorkloadGroup),
+        Kind::PeerAuthentication => {
+            auth::parse_peer_authentication(&mut sink, s).map(Spec::PeerAuthentication)
+        }
+        Kind::AuthorizationPolicy => {
+            let (ns, name) = meta
+                .as_ref()
+                .map(|m| (m.namespace.as_str(), m.name.as_str()))
+                .unwrap_or(("default", "unnamed"));
+            auth::parse_authorization_policy(&mut sink, s, ns, name).map(Spec::AuthorizationPolicy)
+        }
     });
     if sink.count() == 0
         && let (Some(meta), Some(spec)) = (meta, spec)
@@ -894,8 +954,9 @@ fn parse_service_entry(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<S
             "workloadSelector",
             "resolution",
             "location",
+            "subjectAltNames",
         ],
-        &["addresses", "exportTo", "subjectAltNames"],
+        &["addresses", "exportTo"],
     )?;
     f.line = spec.key_line;
     let hosts = parse_hosts(sink, &f);
@@ -1004,6 +1065,18 @@ fn parse_service_entry(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<S
         }
         None => None,
     };
+    let mut subject_alt_names = Vec::new();
+    if let Some(sans) = f.get("subjectAltNames") {
+        for (path, san) in sans.string_list(sink).unwrap_or_default() {
+            match SpiffeId::parse(&san.value) {
+                Ok(id) => subject_alt_names.push(id),
+                Err(e) => sink.error(
+                    san.line,
+                    format!("'{path}': {e} (only SPIFFE IDs are verified)"),
+                ),
+            }
+        }
+    }
     if sink.count() != before {
         return None;
     }
@@ -1013,6 +1086,7 @@ fn parse_service_entry(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<S
         ports_line,
         endpoints,
         selector,
+        subject_alt_names,
     })
 }
 
@@ -1082,8 +1156,90 @@ fn protocol_from_port_name(name: &str) -> Protocol {
     }
 }
 
-const WORKLOAD_FIELDS: [&str; 5] = ["address", "labels", "ports", "locality", "weight"];
-const WORKLOAD_UNSUPPORTED: [&str; 2] = ["network", "serviceAccount"];
+const WORKLOAD_FIELDS: [&str; 6] = [
+    "address",
+    "labels",
+    "ports",
+    "locality",
+    "weight",
+    "serviceAccount",
+];
+const WORKLOAD_UNSUPPORTED: [&str; 1] = ["network"];
+
+/// A Kubernetes service account name (a DNS subdomain), which becomes the
+/// last segment of a SPIFFE ID.
+fn service_account(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<String> {
+    let sa = field.string(sink)?;
+    let ok = !sa.value.is_empty()
+        && sa.value.len() <= 253
+        && sa
+            .value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !ok {
+        sink.error(
+            sa.line,
+            format!(
+                "'{}': '{}' is not a service account name (lower-case letters, digits, '-' and '.')",
+                field.path, sa.value
+            ),
+        );
+        return None;
+    }
+    Some(sa.value)
+}
+
+/// `WorkloadGroup.spec`: `metadata` (labels and annotations) and the
+/// `template`'s `serviceAccount`. Istio says the template's `address` and
+/// `labels` should not be set (labels belong in `metadata.labels`); the
+/// other template fields are not implemented yet.
+fn parse_workload_group(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<WorkloadGroup> {
+    let before = sink.count();
+    let mut f = Fields::read(sink, spec.node, "", &["metadata", "template"], &["probe"])?;
+    f.line = spec.key_line;
+    let mut labels = BTreeMap::new();
+    if let Some(m) = f.get("metadata") {
+        let mf = Fields::of(sink, m, &["labels", "annotations"], &[])?;
+        if let Some(l) = mf.get("labels") {
+            labels = l.string_map(sink).unwrap_or_default();
+        }
+        if let Some(a) = mf.get("annotations") {
+            a.string_map(sink);
+        }
+    }
+    let template = f.require(sink, "template")?;
+    let t = Fields::of(
+        sink,
+        template,
+        &["serviceAccount", "address", "labels"],
+        &["ports", "network", "locality", "weight"],
+    )?;
+    for (key, why) in [
+        ("address", "the address comes from each registration"),
+        ("labels", "set them in 'metadata.labels'"),
+    ] {
+        if let Some(field) = t.get(key) {
+            sink.error(
+                field.key_line,
+                format!(
+                    "'{}' should not be set in a WorkloadGroup template ({why})",
+                    field.path
+                ),
+            );
+        }
+    }
+    let service_account = match t.get("serviceAccount") {
+        Some(sa) => service_account(sink, sa),
+        None => Some("default".to_string()),
+    };
+    if sink.count() != before {
+        return None;
+    }
+    Some(WorkloadGroup {
+        labels,
+        service_account: service_account?,
+    })
+}
 
 fn parse_workload(sink: &mut Sink<'_>, f: &Fields<'_, '_>) -> Option<Workload> {
     let before = sink.count();
@@ -1148,6 +1304,9 @@ fn parse_workload(sink: &mut Sink<'_>, f: &Fields<'_, '_>) -> Option<Workload> {
         }),
         None => Some(1),
     };
+    let service_account = f
+        .get("serviceAccount")
+        .and_then(|sa| service_account(sink, sa));
     if sink.count() != before {
         return None;
     }
@@ -1157,6 +1316,7 @@ fn parse_workload(sink: &mut Sink<'_>, f: &Fields<'_, '_>) -> Option<Workload> {
         labels,
         locality: locality?,
         weight: weight?,
+        service_account,
     })
 }
 

@@ -1,17 +1,51 @@
 //! PeerAuthentication and AuthorizationPolicy, resolved per workload into
 //! server listeners (gRFC A36), and the service accounts a service allows.
 //!
-//! CONTRACT STUB (issue 5): the config helper replaces the bodies.
+//! # PeerAuthentication
+//!
+//! The mode of a workload's port is taken from, in order
+//! (<https://istio.io/latest/docs/concepts/security/#peer-authentication>):
+//! the PeerAuthentication of the workload's namespace whose
+//! `selector.matchLabels` match its labels (the most specific one, i.e. the
+//! one with the most labels; ties go to the first name), its
+//! `portLevelMtls` entry for the port first; then the namespace-wide one (no
+//! selector; the first name if several, the others are reported); then the
+//! mesh-wide one (no selector, in the root namespace); then PERMISSIVE,
+//! Istio's default. A mode of `UNSET` (or none) inherits from the next in
+//! that order.
+//!
+//! # AuthorizationPolicy
+//!
+//! A policy applies to a workload when it is in the root namespace without a
+//! selector (every workload of the mesh), in the root namespace with a
+//! selector matching the workload's labels (in every namespace), in the
+//! workload's namespace without a selector, or in the workload's namespace
+//! with a matching selector. The server listener carries them DENY first,
+//! then ALLOW, then AUDIT, root namespace before others, then by namespace
+//! and name, so the DENY policy a decision names is predictable.
+//!
+//! # Service identities
+//!
+//! The service accounts allowed to back service S in namespace N (what
+//! clients verify, `Cluster.tls.server_identities`, and who may register
+//! endpoints of S): the WorkloadGroup named S in N (`template.serviceAccount`,
+//! `default` when empty, as in Istio), the `serviceAccount` of S's static
+//! endpoints (ServiceEntry `endpoints` and the WorkloadEntries it selects), and
+//! the ServiceEntry's `subjectAltNames`. When none is configured, the service
+//! account named S (the Kubernetes convention of one service account per
+//! service).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_core::model::{MtlsMode, ServerListener};
+use mesh_core::rbac::{Action, AuthorizationPolicy};
 use mesh_core::spiffe::SpiffeId;
 
-use super::resources::Resource;
-use super::{MeshOptions, Registration};
+use super::resources::{Meta, Resource, Spec};
+use super::translate::{cluster_local, resolve_host};
+use super::{Diagnostic, MeshOptions, Registration};
 
 /// The workload a server listener is built for, as its xDS node describes
 /// it: `node.metadata.NAMESPACE` and `node.metadata.LABELS`.
@@ -23,9 +57,46 @@ pub struct Workload<'a> {
     pub labels: &'a BTreeMap<String, String>,
 }
 
+/// One PeerAuthentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Peer {
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    /// `None` = namespace-wide (mesh-wide in the root namespace).
+    pub(crate) selector: Option<BTreeMap<String, String>>,
+    /// `None` = UNSET.
+    pub(crate) mode: Option<MtlsMode>,
+    pub(crate) ports: BTreeMap<u16, Option<MtlsMode>>,
+}
+
+/// One AuthorizationPolicy and the workloads it selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Authz {
+    pub(crate) selector: Option<BTreeMap<String, String>>,
+    pub(crate) policy: AuthorizationPolicy,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Inner {
+    root_namespace: String,
+    /// By namespace, then name.
+    peers: Vec<Peer>,
+    /// In evaluation order (see the module docs).
+    authz: Vec<Authz>,
+}
+
 /// The security resources of a config, resolved for lookups per workload.
+///
+/// Cheap to clone (one `Arc`): the ADS server resolves a server listener
+/// per client from the same value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SecurityPolicies {}
+pub struct SecurityPolicies {
+    inner: Arc<Inner>,
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
 
 impl SecurityPolicies {
     /// The server listener named `name` for `workload` listening on
@@ -39,25 +110,302 @@ impl SecurityPolicies {
         address: SocketAddr,
         workload: Workload<'_>,
     ) -> ServerListener {
-        let _ = workload;
         ServerListener {
             name: name.into(),
             address,
-            mtls: MtlsMode::Permissive,
-            policies: Arc::from(Vec::new()),
+            mtls: self.mode(workload.namespace, workload.labels, address.port()),
+            policies: self.policies(workload.namespace, workload.labels),
         }
+    }
+
+    /// The PeerAuthentication mode of `port` of a workload with `labels` in
+    /// `namespace`.
+    pub fn mode(&self, namespace: &str, labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
+        let selected = self
+            .inner
+            .peers
+            .iter()
+            .filter(|p| {
+                p.namespace == namespace && p.selector.as_ref().is_some_and(|s| selects(s, labels))
+            })
+            // Most labels wins; on a tie, the first name (peers are sorted).
+            .max_by(|a, b| {
+                let len = |p: &Peer| p.selector.as_ref().map_or(0, BTreeMap::len);
+                len(a).cmp(&len(b)).then_with(|| b.name.cmp(&a.name))
+            });
+        selected
+            .and_then(|p| p.ports.get(&port).copied().flatten().or(p.mode))
+            .unwrap_or_else(|| self.namespace_mode(namespace))
+    }
+
+    /// The mode of a namespace as a whole: its namespace-wide
+    /// PeerAuthentication, else the mesh-wide one, else PERMISSIVE.
+    pub fn namespace_mode(&self, namespace: &str) -> MtlsMode {
+        let wide = |ns: &str| {
+            self.inner
+                .peers
+                .iter()
+                .find(|p| p.namespace == ns && p.selector.is_none())
+                .and_then(|p| p.mode)
+        };
+        wide(namespace)
+            .or_else(|| wide(&self.inner.root_namespace))
+            .unwrap_or(MtlsMode::Permissive)
+    }
+
+    /// The AuthorizationPolicies that apply to a workload with `labels` in
+    /// `namespace`, in evaluation order.
+    pub fn policies(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Arc<[AuthorizationPolicy]> {
+        let root = self.inner.root_namespace.as_str();
+        self.inner
+            .authz
+            .iter()
+            .filter(|a| {
+                let ns = a.policy.namespace();
+                (**ns == *root || **ns == *namespace)
+                    && a.selector.as_ref().is_none_or(|s| selects(s, labels))
+            })
+            .map(|a| a.policy.clone())
+            .collect()
+    }
+
+    /// The root namespace (mesh-wide policy).
+    pub(crate) fn root_namespace(&self) -> &str {
+        &self.inner.root_namespace
+    }
+
+    /// Every PeerAuthentication, by namespace and name.
+    pub(crate) fn peers(&self) -> &[Peer] {
+        &self.inner.peers
+    }
+
+    /// Every AuthorizationPolicy, in evaluation order.
+    pub(crate) fn authorization_policies(&self) -> &[Authz] {
+        &self.inner.authz
     }
 }
 
-pub(super) fn resolve(_options: &MeshOptions, _resources: &[&Resource]) -> SecurityPolicies {
-    SecurityPolicies::default()
+fn action_rank(a: Action) -> u8 {
+    match a {
+        Action::Deny => 0,
+        Action::Allow => 1,
+        Action::Audit => 2,
+    }
+}
+
+pub(super) fn resolve(options: &MeshOptions, resources: &[&Resource]) -> SecurityPolicies {
+    let root = options.root_namespace.as_str();
+    let mut peers = Vec::new();
+    let mut authz = Vec::new();
+    for r in resources {
+        match &r.spec {
+            Spec::PeerAuthentication(pa) => peers.push(Peer {
+                namespace: r.meta.namespace.clone(),
+                name: r.meta.name.clone(),
+                selector: pa.selector.clone(),
+                mode: pa.mode,
+                ports: pa.ports.clone(),
+            }),
+            Spec::AuthorizationPolicy(ap) => authz.push(Authz {
+                selector: ap.selector.clone(),
+                policy: ap.policy.clone(),
+            }),
+            _ => {}
+        }
+    }
+    peers.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    authz.sort_by(|a, b| {
+        let key = |x: &Authz| {
+            let ns = x.policy.namespace().to_string();
+            (
+                action_rank(x.policy.action()),
+                ns != root,
+                ns,
+                x.policy.name().to_string(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    SecurityPolicies {
+        inner: Arc::new(Inner {
+            root_namespace: root.to_string(),
+            peers,
+            authz,
+        }),
+    }
+}
+
+/// Problems between security resources, for `ConfigStore::snapshot`: a
+/// second namespace-wide PeerAuthentication in a namespace (the first by
+/// name applies).
+pub(super) fn check(resources: &[&Resource]) -> Vec<Diagnostic> {
+    let mut wide: BTreeMap<&str, Vec<&Meta>> = BTreeMap::new();
+    for r in resources {
+        if let Spec::PeerAuthentication(pa) = &r.spec
+            && pa.selector.is_none()
+        {
+            wide.entry(r.meta.namespace.as_str())
+                .or_default()
+                .push(&r.meta);
+        }
+    }
+    let mut out = Vec::new();
+    for metas in wide.values_mut() {
+        metas.sort_by(|a, b| a.name.cmp(&b.name));
+        if let [first, rest @ ..] = metas.as_slice() {
+            for m in rest {
+                out.push(m.diagnostic(
+                    m.line,
+                    format!(
+                        "namespace '{}' already has the namespace-wide PeerAuthentication '{}' at {}; this one is ignored (give it a selector, or merge them)",
+                        m.namespace,
+                        first.name,
+                        first.location()
+                    ),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The service accounts each service allows (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct Identities {
+    /// WorkloadGroups by (namespace, name): service account and labels.
+    groups: BTreeMap<(String, String), (String, BTreeMap<String, String>)>,
+    /// Per host: the SPIFFE IDs its first ServiceEntry names (subjectAltNames
+    /// and its endpoints' service accounts).
+    by_host: BTreeMap<String, BTreeSet<SpiffeId>>,
+    trust_domain: String,
+}
+
+impl Identities {
+    pub(crate) fn new(options: &MeshOptions, resources: &[&Resource]) -> Identities {
+        let suffix = options.domain_suffix.as_str();
+        let td = options.trust_domain.as_str();
+        let mut ids = Identities {
+            trust_domain: td.to_string(),
+            ..Identities::default()
+        };
+        let mut entries = Vec::new();
+        for r in resources {
+            match &r.spec {
+                Spec::WorkloadGroup(g) => {
+                    ids.groups.insert(
+                        (r.meta.namespace.clone(), r.meta.name.clone()),
+                        (g.service_account.clone(), g.labels.clone()),
+                    );
+                }
+                Spec::WorkloadEntry(w) => entries.push((&r.meta, w)),
+                _ => {}
+            }
+        }
+        for r in resources {
+            let Spec::ServiceEntry(se) = &r.spec else {
+                continue;
+            };
+            let ns = r.meta.namespace.as_str();
+            let mut set: BTreeSet<SpiffeId> = se.subject_alt_names.iter().cloned().collect();
+            let selected = se.selector.as_ref().map(|sel| {
+                entries
+                    .iter()
+                    .filter(move |(m, w)| m.namespace == ns && selects(sel, &w.labels))
+                    .map(|(_, w)| *w)
+            });
+            let workloads = se.endpoints.iter().chain(selected.into_iter().flatten());
+            for w in workloads {
+                if let Some(sa) = &w.service_account
+                    && let Ok(id) = SpiffeId::new(td, ns, sa)
+                {
+                    set.insert(id);
+                }
+            }
+            for host in &se.hosts {
+                let fqdn = resolve_host(&host.value, ns, suffix);
+                // The first ServiceEntry for a host wins, as for routing.
+                ids.by_host.entry(fqdn).or_insert_with(|| set.clone());
+            }
+        }
+        ids
+    }
+
+    /// The short name of a host: `catalog` of `catalog.shop.svc.cluster.local`
+    /// (the first label of any other host).
+    fn short_name<'h>(fqdn: &'h str, suffix: &str) -> &'h str {
+        cluster_local(fqdn, suffix)
+            .map(|(name, _)| name)
+            .unwrap_or_else(|| fqdn.split('.').next().unwrap_or(fqdn))
+    }
+
+    /// The WorkloadGroup's labels for the service `fqdn` in `namespace`.
+    pub(crate) fn group_labels(
+        &self,
+        fqdn: &str,
+        namespace: &str,
+        suffix: &str,
+    ) -> Option<&BTreeMap<String, String>> {
+        let short = Self::short_name(fqdn, suffix);
+        self.groups
+            .get(&(namespace.to_string(), short.to_string()))
+            .map(|(_, labels)| labels)
+    }
+
+    /// The SPIFFE IDs allowed to serve `fqdn` (a service of `namespace`),
+    /// sorted; never empty unless the names make no valid SPIFFE ID.
+    pub(crate) fn allowed(&self, fqdn: &str, namespace: &str, suffix: &str) -> Vec<SpiffeId> {
+        let short = Self::short_name(fqdn, suffix);
+        let mut set: BTreeSet<SpiffeId> = self.by_host.get(fqdn).cloned().unwrap_or_default();
+        if let Some((sa, _)) = self.groups.get(&(namespace.to_string(), short.to_string()))
+            && let Ok(id) = SpiffeId::new(&self.trust_domain, namespace, sa)
+        {
+            set.insert(id);
+        }
+        if set.is_empty()
+            && let Ok(id) = SpiffeId::new(&self.trust_domain, namespace, short)
+        {
+            set.insert(id);
+        }
+        set.into_iter().collect()
+    }
 }
 
 pub(super) fn authorize_registration(
-    _options: &MeshOptions,
-    _resources: &[&Resource],
-    _registration: &Registration,
-    _identity: &SpiffeId,
+    options: &MeshOptions,
+    resources: &[&Resource],
+    registration: &Registration,
+    identity: &SpiffeId,
 ) -> Result<(), String> {
-    Ok(())
+    let suffix = options.domain_suffix.as_str();
+    let fqdn = resolve_host(&registration.service, &registration.namespace, suffix);
+    if identity.namespace() != registration.namespace {
+        return Err(format!(
+            "identity {identity} may not register endpoints in namespace '{}': a workload registers only in its own namespace ('{}')",
+            registration.namespace,
+            identity.namespace()
+        ));
+    }
+    let namespace = cluster_local(&fqdn, suffix)
+        .map(|(_, ns)| ns.to_string())
+        .unwrap_or_else(|| registration.namespace.clone());
+    let identities = Identities::new(options, resources);
+    let allowed = identities.allowed(&fqdn, &namespace, suffix);
+    if allowed.contains(identity) {
+        return Ok(());
+    }
+    let list: Vec<&str> = allowed.iter().map(SpiffeId::as_str).collect();
+    let short = Identities::short_name(&fqdn, suffix);
+    Err(format!(
+        "identity {identity} may not register endpoints of service {fqdn}, which allows {}; to allow it, add a WorkloadGroup named '{short}' in namespace '{namespace}' with spec.template.serviceAccount: {}, or list {identity} in the subjectAltNames of the ServiceEntry for {fqdn}",
+        if list.is_empty() {
+            "no identity".to_string()
+        } else {
+            list.join(", ")
+        },
+        identity.service_account()
+    ))
 }

@@ -380,7 +380,10 @@ fn unsupported_traffic_policy_fields() {
             "    tunnel: {targetHost: x, targetPort: 1}\n",
             "trafficPolicy.tunnel",
         ),
-        ("    tls: {mode: ISTIO_MUTUAL}\n", "trafficPolicy.tls"),
+        (
+            "    tls: {mode: ISTIO_MUTUAL, credentialName: x}\n",
+            "trafficPolicy.tls.credentialName",
+        ),
         (
             "    loadBalancer:\n      warmupDurationSecs: 10s\n",
             "trafficPolicy.loadBalancer.warmupDurationSecs",

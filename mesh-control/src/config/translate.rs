@@ -21,12 +21,14 @@ use std::sync::Arc;
 use mesh_core::Snapshot;
 use mesh_core::model::{
     Cluster, ClusterLoadAssignment, Endpoint, HashPolicy, Listener, Locality, LocalityEndpoints,
-    Name, Protocol, RetryPolicy, Route, RouteConfig, RouteMatch, RoutePolicy, VirtualHost,
-    WeightedCluster, WeightedClusters,
+    MtlsMode, Name, Protocol, RetryPolicy, Route, RouteConfig, RouteMatch, RoutePolicy,
+    UpstreamTls, VirtualHost, WeightedCluster, WeightedClusters,
 };
+use mesh_core::spiffe::SpiffeId;
 
 use super::policy::TrafficPolicy;
 use super::resources::{DestinationRule, Meta, Resource, Spec, VirtualService, Workload};
+use super::security::{self, Identities, SecurityPolicies};
 use super::{Diagnostic, MeshOptions, Registration, ServiceInfo};
 
 /// The host a name stands for, seen from `namespace`: no dot →
@@ -70,6 +72,8 @@ struct Member {
     labels: BTreeMap<String, String>,
     locality: Locality,
     weight: u32,
+    /// The namespace of the workload (its PeerAuthentication's).
+    namespace: String,
 }
 
 /// A host with ports and endpoints: declared by a ServiceEntry, or implied by
@@ -160,6 +164,7 @@ fn collect_services(
                     labels: w.labels.clone(),
                     locality: w.locality.clone(),
                     weight: w.weight,
+                    namespace: r.meta.namespace.clone(),
                 });
             }
         }
@@ -195,14 +200,25 @@ fn collect_services(
         }
     }
     let mut implicit = BTreeSet::new();
+    let identities = Identities::new(options, resources);
     for reg in registrations {
         let fqdn = resolve_host(&reg.service, &reg.namespace, suffix);
+        let service_ns = cluster_local(&fqdn, suffix)
+            .map(|(_, ns)| ns)
+            .unwrap_or(&reg.namespace);
+        // The WorkloadGroup's labels, under the registration's own.
+        let mut labels = identities
+            .group_labels(&fqdn, service_ns, suffix)
+            .cloned()
+            .unwrap_or_default();
+        labels.extend(reg.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
         let member = |port: u16| Member {
             port,
             address: SocketAddr::new(reg.address, reg.port),
-            labels: reg.labels.clone(),
+            labels: labels.clone(),
             locality: reg.locality.clone(),
             weight: 1,
+            namespace: reg.namespace.clone(),
         };
         match services.get_mut(&fqdn) {
             Some(svc) if svc.declared_by.is_some() => match reg.service_port {
@@ -535,6 +551,9 @@ pub(crate) fn translate(
     let mut diagnostics = Vec::new();
     let services = collect_services(options, resources, registrations, &mut diagnostics);
     let rules = collect_rules(options, resources, &services, &mut diagnostics);
+    diagnostics.extend(security::check(resources));
+    let security = security::resolve(options, resources);
+    let identities = Identities::new(options, resources);
 
     // VirtualServices, in file order: the first to name a host routes it.
     let mut claims: BTreeMap<String, &Meta> = BTreeMap::new();
@@ -654,24 +673,55 @@ pub(crate) fn translate(
             );
 
             let members: Vec<&Member> = svc.members.iter().filter(|m| m.port == p).collect();
+            let mut allowed: Option<Arc<[SpiffeId]>> = None;
             let mut add_cluster =
-                |name: String, policy: TrafficPolicy, labels: &BTreeMap<String, String>| {
+                |name: String,
+                 subset: &str,
+                 policy: TrafficPolicy,
+                 labels: &BTreeMap<String, String>| {
                     let name = Name::from(name);
                     let mut cluster = Cluster::new(name.clone(), port.protocol);
                     policy.apply(&mut cluster);
-                    snapshot.clusters.insert(name.clone(), Arc::new(cluster));
-                    let selected = members
+                    let selected: Vec<&Member> = members
                         .iter()
                         .filter(|m| labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)))
-                        .copied();
-                    snapshot
-                        .endpoints
-                        .insert(name.clone(), Arc::new(load_assignment(name, selected)));
+                        .copied()
+                        .collect();
+                    let mutual = match &policy.tls {
+                        Some(tls) => tls.istio_mutual,
+                        None => auto_mtls(&security, &svc.namespace, &selected),
+                    };
+                    if mutual {
+                        let tls = policy.tls.as_ref();
+                        let server_identities =
+                            match tls.filter(|t| !t.subject_alt_names.is_empty()) {
+                                Some(t) => Arc::from(t.subject_alt_names.as_slice()),
+                                None => allowed
+                                    .get_or_insert_with(|| {
+                                        identities.allowed(fqdn, &svc.namespace, suffix).into()
+                                    })
+                                    .clone(),
+                            };
+                        let sni = match tls.and_then(|t| t.sni.as_deref()) {
+                            Some(sni) => Name::from(sni),
+                            None => Name::from(format!("outbound_.{p}_.{subset}_.{fqdn}")),
+                        };
+                        cluster.tls = Some(UpstreamTls {
+                            server_identities,
+                            sni,
+                        });
+                    }
+                    snapshot.clusters.insert(name.clone(), Arc::new(cluster));
+                    snapshot.endpoints.insert(
+                        name.clone(),
+                        Arc::new(load_assignment(name, selected.into_iter())),
+                    );
                 };
-            add_cluster(base, cluster_policy(rule, ""), &BTreeMap::new());
+            add_cluster(base, "", cluster_policy(rule, ""), &BTreeMap::new());
             for subset in rule.map(|r| r.subsets.as_slice()).unwrap_or_default() {
                 add_cluster(
                     cluster_name(p, &subset.name.value, fqdn),
+                    &subset.name.value,
                     cluster_policy(rule, &subset.name.value),
                     &subset.labels,
                 );
@@ -684,6 +734,20 @@ pub(crate) fn translate(
         snapshot,
         diagnostics,
     }
+}
+
+/// Istio's auto mTLS for a cluster whose DestinationRule does not set
+/// `tls`: mutual TLS when the destination namespace is STRICT (its
+/// namespace-wide PeerAuthentication, else the mesh-wide one), or when every
+/// endpoint of the cluster (at least one) is STRICT by its own workload's
+/// PeerAuthentication (selector and port). Otherwise plaintext, which
+/// PERMISSIVE and DISABLE servers accept.
+fn auto_mtls(security: &SecurityPolicies, namespace: &str, members: &[&Member]) -> bool {
+    security.namespace_mode(namespace) == MtlsMode::Strict
+        || (!members.is_empty()
+            && members.iter().all(|m| {
+                security.mode(&m.namespace, &m.labels, m.address.port()) == MtlsMode::Strict
+            }))
 }
 
 /// Endpoints grouped by locality; a locality weighs the sum of its endpoints'

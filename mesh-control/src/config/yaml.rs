@@ -413,6 +413,63 @@ impl<'n, 'a> Field<'_, 'n, 'a> {
         ok.then_some(out)
     }
 
+    /// A list of strings, each with its path and line.
+    pub(crate) fn string_list(
+        &self,
+        sink: &mut Sink<'_>,
+    ) -> Option<Vec<(String, Spanned<String>)>> {
+        let items = self.list(sink)?;
+        let before = sink.count();
+        let mut out = Vec::new();
+        for (path, node) in &items {
+            let item = Field {
+                path,
+                key_line: line_of(node),
+                node,
+            };
+            if let Some(s) = item.string(sink) {
+                out.push((path.clone(), s));
+            }
+        }
+        (sink.count() == before).then_some(out)
+    }
+
+    /// A mapping whose keys are strings or integers (Istio's
+    /// `portLevelMtls: {8080: ...}`): each entry with the key as written.
+    pub(crate) fn scalar_key_entries(&self, sink: &mut Sink<'_>) -> Option<Vec<MapEntry<'n, 'a>>> {
+        let YamlData::Mapping(map) = &self.node.data else {
+            self.wrong(sink, "a mapping");
+            return None;
+        };
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (k, v) in map.iter() {
+            let key = match &k.data {
+                YamlData::Value(Scalar::String(key)) => key.to_string(),
+                YamlData::Value(Scalar::Integer(i)) => i.to_string(),
+                _ => {
+                    sink.error(
+                        line_of(k),
+                        format!(
+                            "keys of '{}' must be strings or numbers, found {}",
+                            self.path,
+                            describe(k)
+                        ),
+                    );
+                    ok = false;
+                    continue;
+                }
+            };
+            out.push(MapEntry {
+                path: join(self.path, &key),
+                key,
+                line: line_of(k),
+                node: v,
+            });
+        }
+        ok.then_some(out)
+    }
+
     /// A mapping of strings to strings (labels).
     pub(crate) fn string_map(&self, sink: &mut Sink<'_>) -> Option<BTreeMap<String, String>> {
         let entries = self.entries(sink)?;

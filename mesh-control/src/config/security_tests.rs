@@ -1,0 +1,1357 @@
+//! Tests of the security resources: what a user writes (PeerAuthentication,
+//! AuthorizationPolicy, WorkloadGroup, DestinationRule `tls`), what `check`
+//! says about it (with the line), and what servers and clients get — the
+//! mode and the decisions of `mesh_core::rbac::evaluate` for requests.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use http::HeaderMap;
+use mesh_core::model::{MtlsMode, ServerListener};
+use mesh_core::rbac::{Reason, RequestAttributes, evaluate};
+use mesh_core::spiffe::SpiffeId;
+
+use super::tests::{DR_CATALOG, FQDN, SE_CATALOG, assert_one, check, reg, store};
+use super::*;
+
+// ------------------------------------------------------------------ helpers
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The server listener of a workload in `ns` with `labels` listening on `port`.
+fn server(files: &[(&str, &str)], ns: &str, labels: &[(&str, &str)], port: u16) -> ServerListener {
+    let (s, _d) = store(files);
+    let labels = self::labels(labels);
+    let addr = SocketAddr::new(IpAddr::from([10, 0, 0, 7]), port);
+    s.security().server_listener(
+        &format!("grpc/server?xds.resource.listening_address={addr}"),
+        addr,
+        Workload {
+            namespace: ns,
+            labels: &labels,
+        },
+    )
+}
+
+/// A request as the server on port 8000 sees it.
+struct Req<'a> {
+    peer: Option<&'a str>,
+    ip: &'a str,
+    method: &'a str,
+    path: &'a str,
+    headers: &'a [(&'a str, &'a str)],
+}
+
+const GET: Req<'static> = Req {
+    peer: None,
+    ip: "10.1.2.3",
+    method: "GET",
+    path: "/",
+    headers: &[],
+};
+
+fn from(peer: &'static str) -> Req<'static> {
+    Req {
+        peer: Some(peer),
+        ..GET
+    }
+}
+
+impl<'a> Req<'a> {
+    fn method(self, method: &'a str, path: &'a str) -> Self {
+        Req {
+            method,
+            path,
+            ..self
+        }
+    }
+}
+
+/// Whether `listener` allows `req`, and the decision.
+fn decide(listener: &ServerListener, req: &Req<'_>) -> mesh_core::rbac::Decision {
+    let peer = req
+        .peer
+        .map(|p| SpiffeId::parse(&format!("spiffe://{p}")).unwrap_or_else(|e| panic!("{p}: {e}")));
+    let mut headers = HeaderMap::new();
+    for (k, v) in req.headers {
+        headers.append(
+            http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let attrs = RequestAttributes {
+        peer: peer.as_ref(),
+        source_ip: req.ip.parse().unwrap(),
+        host: "httpbin.foo:8000",
+        destination_port: listener.address.port(),
+        method: req.method,
+        path: req.path,
+        headers: &headers,
+    };
+    evaluate(&listener.policies, &attrs)
+}
+
+#[track_caller]
+fn allowed(listener: &ServerListener, req: Req<'_>) -> bool {
+    decide(listener, &req).allowed
+}
+
+const SLEEP: &str = "cluster.local/ns/default/sa/sleep";
+const SLEEP_FOO: &str = "cluster.local/ns/foo/sa/sleep";
+
+// ------------------------------------------------ authorization, Istio's examples
+
+/// The reference's first example (ALLOW from the `sleep` service account or
+/// namespace `test`, GET on `/info*` or POST on `/data`):
+/// <https://istio.io/latest/docs/reference/config/security/authorization-policy/>.
+/// The example's `when request.auth.claims[iss]` (JWT) is left out: request
+/// authentication is reported as unsupported (see the diagnostics tests).
+const REFERENCE_ALLOW: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: httpbin
+  namespace: foo
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/sleep"]
+    - source:
+        namespaces: ["test"]
+    to:
+    - operation:
+        methods: ["GET"]
+        paths: ["/info*"]
+    - operation:
+        methods: ["POST"]
+        paths: ["/data"]
+"#;
+
+#[test]
+fn authz_01_allow_by_principal_or_namespace_with_method_and_path() {
+    let l = server(&[("ap.yaml", REFERENCE_ALLOW)], "foo", &[], 8000);
+    assert!(allowed(&l, from(SLEEP).method("GET", "/info/users")));
+    assert!(allowed(
+        &l,
+        from("cluster.local/ns/test/sa/any").method("POST", "/data")
+    ));
+    // Right source, wrong method for the path.
+    assert!(!allowed(&l, from(SLEEP).method("POST", "/info")));
+    assert!(!allowed(&l, from(SLEEP).method("DELETE", "/data")));
+    // Another service account of another namespace: no ALLOW matches.
+    let d = decide(
+        &l,
+        &from("cluster.local/ns/prod/sa/sleep").method("GET", "/info"),
+    );
+    assert!(!d.allowed);
+    assert_eq!(d.reason, Reason::NoAllowPolicyMatched);
+    // Plaintext: no principal, no namespace.
+    assert!(!allowed(&l, GET.method("GET", "/info")));
+    let d = decide(&l, &from(SLEEP).method("GET", "/info"));
+    assert_eq!(d.policy.as_deref(), Some("foo/httpbin"));
+}
+
+/// The reference's DENY example: requests from namespace `dev` to POST on
+/// every workload of `foo` (no selector).
+/// <https://istio.io/latest/docs/reference/config/security/authorization-policy/>
+#[test]
+fn authz_02_deny_post_from_a_namespace() {
+    let ap = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: httpbin
+  namespace: foo
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        namespaces: ["dev"]
+    to:
+    - operation:
+        methods: ["POST"]
+"#;
+    let l = server(&[("ap.yaml", ap)], "foo", &[("app", "any")], 8000);
+    let d = decide(
+        &l,
+        &from("cluster.local/ns/dev/sa/x").method("POST", "/data"),
+    );
+    assert!(!d.allowed);
+    assert_eq!(d.policy.as_deref(), Some("foo/httpbin"));
+    assert!(allowed(
+        &l,
+        from("cluster.local/ns/dev/sa/x").method("GET", "/data")
+    ));
+    assert!(allowed(
+        &l,
+        from("cluster.local/ns/prod/sa/x").method("POST", "/data")
+    ));
+    // Another namespace's workload is not governed by it.
+    let other = server(&[("ap.yaml", ap)], "bar", &[], 8000);
+    assert!(allowed(
+        &other,
+        from("cluster.local/ns/dev/sa/x").method("POST", "/")
+    ));
+}
+
+/// allow-nothing (`spec: {}`), deny-all (`DENY` with `rules: [{}]`) and
+/// allow-all (`rules: [{}]`) from the reference: an ALLOW policy without
+/// rules denies everything; DENY wins over an allow-all.
+/// <https://istio.io/latest/docs/reference/config/security/authorization-policy/>
+#[test]
+fn authz_03_allow_nothing_deny_all_and_allow_all() {
+    let allow_nothing = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-nothing\n  namespace: foo\nspec: {}\n";
+    let allow_all = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-all\n  namespace: foo\nspec:\n  action: ALLOW\n  rules:\n  - {}\n";
+    let deny_all = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-all\n  namespace: foo\nspec:\n  action: DENY\n  rules:\n  - {}\n";
+    let l = server(&[("a.yaml", allow_nothing)], "foo", &[], 8000);
+    assert!(!allowed(&l, from(SLEEP_FOO)));
+    assert!(!allowed(&l, GET));
+    let l = server(&[("a.yaml", allow_all)], "foo", &[], 8000);
+    assert!(allowed(&l, from(SLEEP_FOO)));
+    assert!(allowed(&l, GET.method("DELETE", "/x")));
+    let l = server(
+        &[("a.yaml", allow_all), ("b.yaml", deny_all)],
+        "foo",
+        &[],
+        8000,
+    );
+    let d = decide(&l, &from(SLEEP_FOO));
+    assert!(!d.allowed);
+    assert_eq!(d.policy.as_deref(), Some("foo/deny-all"));
+}
+
+/// Explicit deny task: `deny-method-get` denies GET unless header
+/// `x-token: admin` (a `when` on `request.headers[x-token]` with
+/// `notValues`); then `allow-path-ip` allows only `/ip`, so the rest is
+/// denied by default. <https://istio.io/latest/docs/tasks/security/authorization/authz-deny/>
+const DENY_METHOD_GET: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-method-get
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        methods: ["GET"]
+    when:
+    - key: request.headers[x-token]
+      notValues: ["admin"]
+"#;
+
+#[test]
+fn authz_04_header_condition_with_not_values() {
+    let l = server(
+        &[("d.yaml", DENY_METHOD_GET)],
+        "foo",
+        &[("app", "httpbin")],
+        8000,
+    );
+    let d = decide(&l, &from(SLEEP_FOO).method("GET", "/get"));
+    assert!(!d.allowed);
+    assert_eq!(d.policy.as_deref(), Some("foo/deny-method-get"));
+    let admin = Req {
+        headers: &[("x-token", "admin")],
+        ..from(SLEEP_FOO).method("GET", "/get")
+    };
+    assert!(allowed(&l, admin));
+    let guest = Req {
+        headers: &[("x-token", "guest")],
+        ..from(SLEEP_FOO).method("GET", "/get")
+    };
+    assert!(!allowed(&l, guest));
+    assert!(allowed(&l, from(SLEEP_FOO).method("POST", "/post")));
+}
+
+#[test]
+fn authz_05_default_deny_once_an_allow_policy_exists() {
+    let allow_path_ip = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-path-ip
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        paths: ["/ip"]
+"#;
+    let files = [("a.yaml", allow_path_ip), ("d.yaml", DENY_METHOD_GET)];
+    let l = server(&files, "foo", &[("app", "httpbin")], 8000);
+    let admin = &[("x-token", "admin")][..];
+    assert!(allowed(
+        &l,
+        Req {
+            headers: admin,
+            ..from(SLEEP_FOO).method("GET", "/ip")
+        }
+    ));
+    // Not denied by the DENY policy, but no ALLOW policy matches.
+    let d = decide(
+        &l,
+        &Req {
+            headers: admin,
+            ..from(SLEEP_FOO).method("GET", "/headers")
+        },
+    );
+    assert!(!d.allowed);
+    assert_eq!(d.reason, Reason::NoAllowPolicyMatched);
+    // DENY is evaluated first: GET /ip without the token is denied.
+    let d = decide(&l, &from(SLEEP_FOO).method("GET", "/ip"));
+    assert_eq!(d.policy.as_deref(), Some("foo/deny-method-get"));
+}
+
+/// Explicit deny task, `deny-path-headers`: DENY on path `/headers` beats
+/// an ALLOW that matches everything.
+/// <https://istio.io/latest/docs/tasks/security/authorization/authz-deny/>
+#[test]
+fn authz_06_deny_by_path_beats_allow() {
+    let ap = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-path-headers
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/headers"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-all
+  namespace: foo
+spec:
+  rules:
+  - {}
+"#;
+    let l = server(&[("a.yaml", ap)], "foo", &[("app", "httpbin")], 8000);
+    assert!(!allowed(&l, from(SLEEP_FOO).method("GET", "/headers")));
+    // The query string is not part of the path.
+    assert!(!allowed(&l, from(SLEEP_FOO).method("GET", "/headers?x=1")));
+    assert!(allowed(&l, from(SLEEP_FOO).method("GET", "/ip")));
+}
+
+/// Value matching from the security concepts: prefix (`/test/*`), suffix
+/// (`*/info`) and presence (`principals: ["*"]`, any authenticated peer).
+/// <https://istio.io/latest/docs/concepts/security/#authorization-policies>
+#[test]
+fn authz_07_prefix_suffix_and_presence_matching() {
+    let ap = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: tester
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: products
+  rules:
+  - from:
+    - source:
+        principals: ["*"]
+    to:
+    - operation:
+        paths: ["/test/*", "*/info"]
+"#;
+    let l = server(&[("a.yaml", ap)], "default", &[("app", "products")], 8000);
+    assert!(allowed(&l, from(SLEEP).method("GET", "/test/foo")));
+    assert!(allowed(&l, from(SLEEP).method("GET", "/v1/info")));
+    assert!(!allowed(&l, from(SLEEP).method("GET", "/other")));
+    // Presence: a plaintext peer has no principal.
+    assert!(!allowed(&l, GET.method("GET", "/test/foo")));
+}
+
+/// Namespace wildcards (prefix and suffix, as the concepts' value matching
+/// allows in every string field):
+/// <https://istio.io/latest/docs/concepts/security/#authorization-policies>
+#[test]
+fn authz_08_namespace_wildcards() {
+    let ap = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: from-prod
+  namespace: foo
+spec:
+  rules:
+  - from:
+    - source:
+        namespaces: ["prod-*", "*-canary"]
+        notNamespaces: ["prod-legacy"]
+"#;
+    let l = server(&[("a.yaml", ap)], "foo", &[], 8000);
+    assert!(allowed(&l, from("cluster.local/ns/prod-eu/sa/web")));
+    assert!(allowed(&l, from("cluster.local/ns/shop-canary/sa/web")));
+    assert!(!allowed(&l, from("cluster.local/ns/prod-legacy/sa/web")));
+    assert!(!allowed(&l, from("cluster.local/ns/staging/sa/web")));
+}
+
+/// Exclusion matching from the concepts: deny every path but `/healthz` to
+/// peers without an identity. The page's example uses
+/// `notRequestPrincipals` (JWT); its mTLS counterpart is `notPrincipals`.
+/// <https://istio.io/latest/docs/concepts/security/#exclusion-matching>
+#[test]
+fn authz_09_not_paths_and_not_principals() {
+    let ap = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: disable-jwt-for-healthz
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: products
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        notPaths: ["/healthz"]
+    from:
+    - source:
+        notPrincipals: ["*"]
+"#;
+    let l = server(&[("a.yaml", ap)], "default", &[("app", "products")], 8000);
+    assert!(allowed(&l, GET.method("GET", "/healthz")));
+    assert!(!allowed(&l, GET.method("GET", "/orders")));
+    assert!(allowed(&l, from(SLEEP).method("GET", "/orders")));
+}
+
+/// IP-based allow list of the ingress task (`ipBlocks` with an address and
+/// a CIDR block), and a DENY on `notIpBlocks`.
+/// <https://istio.io/latest/docs/tasks/security/authorization/authz-ingress/>
+#[test]
+fn authz_10_ip_blocks() {
+    let ap = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: ingress-policy
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        ipBlocks: ["1.2.3.4", "5.6.7.0/24"]
+"#;
+    let l = server(&[("a.yaml", ap)], "foo", &[("app", "httpbin")], 8000);
+    assert!(allowed(
+        &l,
+        Req {
+            ip: "1.2.3.4",
+            ..GET
+        }
+    ));
+    assert!(allowed(
+        &l,
+        Req {
+            ip: "5.6.7.200",
+            ..GET
+        }
+    ));
+    // A dual-stack socket reports IPv4 peers as mapped addresses.
+    assert!(allowed(
+        &l,
+        Req {
+            ip: "::ffff:5.6.7.8",
+            ..GET
+        }
+    ));
+    assert!(!allowed(
+        &l,
+        Req {
+            ip: "5.6.8.1",
+            ..GET
+        }
+    ));
+    let deny = ap
+        .replace("action: ALLOW", "action: DENY")
+        .replace("ipBlocks:", "notIpBlocks:");
+    let l = server(&[("a.yaml", &deny)], "foo", &[("app", "httpbin")], 8000);
+    assert!(!allowed(
+        &l,
+        Req {
+            ip: "10.0.0.1",
+            ..GET
+        }
+    ));
+    assert!(allowed(
+        &l,
+        Req {
+            ip: "1.2.3.4",
+            ..GET
+        }
+    ));
+}
+
+/// The reference's AUDIT example (GET on `/user/profile/*`): it marks the
+/// request for audit and never changes the decision.
+/// <https://istio.io/latest/docs/reference/config/security/authorization-policy/>
+#[test]
+fn authz_11_audit_does_not_change_the_decision() {
+    let audit = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: audit-profile
+  namespace: ns1
+spec:
+  selector:
+    matchLabels:
+      app: myapi
+  action: AUDIT
+  rules:
+  - to:
+    - operation:
+        methods: ["GET"]
+        paths: ["/user/profile/*"]
+"#;
+    let l = server(&[("a.yaml", audit)], "ns1", &[("app", "myapi")], 8000);
+    let d = decide(&l, &from(SLEEP).method("GET", "/user/profile/7"));
+    assert!(d.allowed);
+    assert!(d.audit);
+    assert_eq!(d.reason, Reason::NoAllowPolicies);
+    let d = decide(&l, &from(SLEEP).method("GET", "/other"));
+    assert!(d.allowed && !d.audit);
+    // With an allow-nothing next to it, the audited request is still denied.
+    let nothing = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: none, namespace: ns1}\nspec: {}\n";
+    let l = server(
+        &[("a.yaml", audit), ("b.yaml", nothing)],
+        "ns1",
+        &[("app", "myapi")],
+        8000,
+    );
+    let d = decide(&l, &from(SLEEP).method("GET", "/user/profile/7"));
+    assert!(!d.allowed && d.audit);
+    // The listener carries DENY, ALLOW, AUDIT in that order.
+    let actions: Vec<_> = l.policies.iter().map(|p| p.action()).collect();
+    assert_eq!(
+        actions,
+        [
+            mesh_core::rbac::Action::Allow,
+            mesh_core::rbac::Action::Audit
+        ]
+    );
+}
+
+/// A policy in the root namespace applies to every workload of the mesh;
+/// with a selector, to the matching workloads of every namespace.
+/// <https://istio.io/latest/docs/reference/config/security/authorization-policy/>
+/// (the `istio-system` examples) and the concepts' policy target.
+#[test]
+fn authz_12_root_namespace_policy_applies_everywhere() {
+    let ap = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-admin
+  namespace: istio-system
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/admin*"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: payments-from-shop
+  namespace: istio-system
+spec:
+  selector:
+    matchLabels:
+      app: payments
+  rules:
+  - from:
+    - source:
+        namespaces: ["shop"]
+"#;
+    for ns in ["foo", "bar", "istio-system"] {
+        let l = server(&[("a.yaml", ap)], ns, &[("app", "web")], 8000);
+        let d = decide(&l, &from(SLEEP).method("GET", "/admin/users"));
+        assert!(!d.allowed, "{ns}");
+        assert_eq!(d.policy.as_deref(), Some("istio-system/deny-admin"));
+        assert!(allowed(&l, from(SLEEP).method("GET", "/")), "{ns}");
+    }
+    let payments = server(&[("a.yaml", ap)], "billing", &[("app", "payments")], 8000);
+    assert!(allowed(&payments, from("cluster.local/ns/shop/sa/web")));
+    assert!(!allowed(&payments, from(SLEEP)));
+}
+
+/// A selector applies only to workloads with the labels; the other
+/// workloads of the namespace are not governed by it.
+/// <https://istio.io/latest/docs/reference/config/security/authorization-policy/>
+#[test]
+fn authz_13_selector_applies_only_to_matching_labels() {
+    let ap = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: httpbin-v1
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+      version: v1
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/foo/sa/sleep"]
+"#;
+    let v1 = server(
+        &[("a.yaml", ap)],
+        "foo",
+        &[("app", "httpbin"), ("version", "v1")],
+        8000,
+    );
+    assert_eq!(v1.policies.len(), 1);
+    assert!(allowed(&v1, from(SLEEP_FOO)));
+    assert!(!allowed(&v1, from(SLEEP)));
+    let v2 = server(
+        &[("a.yaml", ap)],
+        "foo",
+        &[("app", "httpbin"), ("version", "v2")],
+        8000,
+    );
+    assert!(v2.policies.is_empty());
+    assert!(allowed(&v2, from(SLEEP)));
+}
+
+/// Conditions on the source and the port (`when` keys of
+/// <https://istio.io/latest/docs/reference/config/security/conditions/>),
+/// and `ports` / `notMethods` of an operation.
+#[test]
+fn authz_14_conditions_on_source_and_port() {
+    let ap = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: conditions
+  namespace: foo
+spec:
+  rules:
+  - to:
+    - operation:
+        ports: ["8000"]
+        notMethods: ["DELETE"]
+    when:
+    - key: source.namespace
+      values: ["foo"]
+    - key: destination.port
+      values: ["8000"]
+"#;
+    let l = server(&[("a.yaml", ap)], "foo", &[], 8000);
+    assert!(allowed(&l, from(SLEEP_FOO)));
+    assert!(!allowed(&l, from(SLEEP_FOO).method("DELETE", "/")));
+    assert!(!allowed(&l, from(SLEEP)));
+    let other_port = server(&[("a.yaml", ap)], "foo", &[], 9000);
+    assert!(!allowed(&other_port, from(SLEEP_FOO)));
+}
+
+// ------------------------------------------------------- PeerAuthentication
+
+fn pa(ns: &str, name: &str, body: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{body}"
+    )
+}
+
+#[test]
+fn peer_authentication_default_is_permissive() {
+    let l = server(&[("a.yaml", SE_CATALOG)], "shop", &[], 8080);
+    assert_eq!(l.mtls, MtlsMode::Permissive);
+    assert!(l.policies.is_empty());
+    assert_eq!(l.address.port(), 8080);
+    assert_eq!(
+        &*l.name,
+        "grpc/server?xds.resource.listening_address=10.0.0.7:8080"
+    );
+}
+
+#[test]
+fn peer_authentication_precedence_selector_namespace_root() {
+    let root = pa("istio-system", "default", "  mtls: {mode: STRICT}\n");
+    let ns = pa("shop", "default", "  mtls: {mode: PERMISSIVE}\n");
+    let workload = pa(
+        "shop",
+        "catalog",
+        "  selector:\n    matchLabels: {app: catalog}\n  mtls: {mode: DISABLE}\n",
+    );
+    // Root only: STRICT everywhere.
+    let files = [("root.yaml", root.as_str())];
+    assert_eq!(server(&files, "shop", &[], 80).mtls, MtlsMode::Strict);
+    assert_eq!(server(&files, "web", &[], 80).mtls, MtlsMode::Strict);
+    // The namespace's own wins over the root's.
+    let files = [("root.yaml", root.as_str()), ("ns.yaml", ns.as_str())];
+    assert_eq!(server(&files, "shop", &[], 80).mtls, MtlsMode::Permissive);
+    assert_eq!(server(&files, "web", &[], 80).mtls, MtlsMode::Strict);
+    // The workload's wins over both, for its labels only.
+    let files = [
+        ("root.yaml", root.as_str()),
+        ("ns.yaml", ns.as_str()),
+        ("w.yaml", workload.as_str()),
+    ];
+    assert_eq!(
+        server(&files, "shop", &[("app", "catalog")], 80).mtls,
+        MtlsMode::Disable
+    );
+    assert_eq!(
+        server(&files, "shop", &[("app", "cart")], 80).mtls,
+        MtlsMode::Permissive
+    );
+    // A selector in another namespace does not apply.
+    assert_eq!(
+        server(&files, "web", &[("app", "catalog")], 80).mtls,
+        MtlsMode::Strict
+    );
+}
+
+#[test]
+fn peer_authentication_port_level_and_unset_inherit() {
+    let ns = pa("shop", "default", "  mtls: {mode: STRICT}\n");
+    let workload = pa(
+        "shop",
+        "catalog",
+        "  selector:\n    matchLabels: {app: catalog}\n  mtls:\n    mode: UNSET\n  portLevelMtls:\n    8080:\n      mode: DISABLE\n    \"9090\": {mode: PERMISSIVE}\n    7070: {mode: UNSET}\n",
+    );
+    let files = [("ns.yaml", ns.as_str()), ("w.yaml", workload.as_str())];
+    let app = [("app", "catalog")];
+    assert_eq!(server(&files, "shop", &app, 8080).mtls, MtlsMode::Disable);
+    assert_eq!(
+        server(&files, "shop", &app, 9090).mtls,
+        MtlsMode::Permissive
+    );
+    // UNSET at the port inherits the workload's, UNSET there the namespace's.
+    assert_eq!(server(&files, "shop", &app, 7070).mtls, MtlsMode::Strict);
+    assert_eq!(server(&files, "shop", &app, 80).mtls, MtlsMode::Strict);
+    // An UNSET namespace-wide policy inherits the mesh-wide one, else PERMISSIVE.
+    let unset = pa("shop", "default", "  mtls: {mode: UNSET}\n");
+    let root = pa("istio-system", "default", "  mtls: {mode: DISABLE}\n");
+    let files = [("ns.yaml", unset.as_str())];
+    assert_eq!(server(&files, "shop", &[], 80).mtls, MtlsMode::Permissive);
+    let files = [("ns.yaml", unset.as_str()), ("root.yaml", root.as_str())];
+    assert_eq!(server(&files, "shop", &[], 80).mtls, MtlsMode::Disable);
+}
+
+#[test]
+fn most_specific_selector_wins_then_name() {
+    let broad = pa(
+        "shop",
+        "a-broad",
+        "  selector:\n    matchLabels: {app: catalog}\n  mtls: {mode: DISABLE}\n",
+    );
+    let narrow = pa(
+        "shop",
+        "z-narrow",
+        "  selector:\n    matchLabels: {app: catalog, version: v2}\n  mtls: {mode: STRICT}\n",
+    );
+    let tie = pa(
+        "shop",
+        "b-tie",
+        "  selector:\n    matchLabels: {app: catalog}\n  mtls: {mode: PERMISSIVE}\n",
+    );
+    let files = [
+        ("1.yaml", broad.as_str()),
+        ("2.yaml", narrow.as_str()),
+        ("3.yaml", tie.as_str()),
+    ];
+    assert_eq!(
+        server(&files, "shop", &[("app", "catalog"), ("version", "v2")], 80).mtls,
+        MtlsMode::Strict
+    );
+    assert_eq!(
+        server(&files, "shop", &[("app", "catalog"), ("version", "v1")], 80).mtls,
+        MtlsMode::Disable
+    );
+}
+
+#[test]
+fn second_namespace_wide_peer_authentication_is_reported() {
+    let a = pa("shop", "a", "  mtls: {mode: STRICT}\n");
+    let b = pa("shop", "b", "  mtls: {mode: DISABLE}\n");
+    let text = format!("{a}---\n{b}");
+    assert_one(
+        &check(&text),
+        12,
+        "namespace 'shop' already has the namespace-wide PeerAuthentication 'a'",
+    );
+    let l = server(&[("a.yaml", &text)], "shop", &[], 80);
+    assert_eq!(l.mtls, MtlsMode::Strict);
+}
+
+// ---------------------------------------------------------------- diagnostics
+
+/// The 1-based line of the first line of `text` containing `needle`.
+fn line_with(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not in {text}"))
+        + 1
+}
+
+#[track_caller]
+fn assert_rejected(text: &str, at: &str, needle: &str) {
+    assert_one(&check(text), line_with(text, at), needle);
+}
+
+fn authz(body: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: foo\nspec:\n{body}"
+    )
+}
+
+#[test]
+fn authorization_policy_problems_point_at_their_line() {
+    let cases = [
+        (
+            "  action: CUSTOM\n  rules: [{}]\n",
+            "action: CUSTOM",
+            "action CUSTOM (an external authorizer) is not supported",
+        ),
+        (
+            "  action: MAYBE\n",
+            "MAYBE",
+            "action \"MAYBE\" is not one of ALLOW, DENY, AUDIT",
+        ),
+        (
+            "  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"*\"]\n",
+            "requestPrincipals",
+            "request authentication (JWT) is not supported",
+        ),
+        (
+            "  rules:\n  - when:\n    - key: request.auth.claims[iss]\n      values: [\"https://accounts.google.com\"]\n",
+            "key: request",
+            "request authentication (JWT) conditions are not supported",
+        ),
+        (
+            "  targetRefs:\n  - kind: Gateway\n    name: gw\n",
+            "targetRefs",
+            "'targetRefs' (Gateway API attachment) is not supported",
+        ),
+        (
+            "  rules:\n  - from:\n    - source:\n        ipBlocks:\n        - 10.0.0.0/8\n        - 10.0.0.0/40\n",
+            "/40",
+            "the prefix length is at most 32",
+        ),
+        (
+            "  rules:\n  - to:\n    - operation:\n        paths: [\"/a/{*}/b\"]\n",
+            "paths",
+            "path templates",
+        ),
+        (
+            "  rules:\n  - to:\n    - operation:\n        methods: [\"G*T\"]\n",
+            "methods",
+            "a wildcard '*' is only allowed at the start or the end",
+        ),
+        (
+            "  rules:\n  - to:\n    - operation:\n        ports: [\"http\"]\n",
+            "ports",
+            "is not a port number",
+        ),
+        (
+            "  rules:\n  - from:\n    - source: {}\n",
+            "source",
+            "'rules[0].from[0].source' must set at least one field",
+        ),
+        (
+            "  rules:\n  - when:\n    - key: source.ip\n      values: [\"10.0.0.1\", \"ten\"]\n",
+            "\"ten\"",
+            "is not an IP address",
+        ),
+        (
+            "  rules:\n  - from:\n    - source:\n        remoteIpBlocks: [\"1.2.3.4\"]\n",
+            "remoteIpBlocks",
+            "X-Forwarded-For",
+        ),
+    ];
+    for (body, at, needle) in cases {
+        assert_rejected(&authz(body), at, needle);
+    }
+    // CUSTOM also reports its provider, each at its own line.
+    let text = authz("  action: CUSTOM\n  provider: {name: ext-authz}\n");
+    let diags = check(&text);
+    assert_eq!(diags.len(), 2, "{diags:#?}");
+    assert_eq!(diags[0].line, 7);
+    assert_eq!(diags[1].line, 8);
+    assert!(
+        diags[0]
+            .to_string()
+            .ends_with("a.yaml:7: AuthorizationPolicy foo/p: 'action': action CUSTOM (an external authorizer) is not supported; use ALLOW, DENY or AUDIT"),
+        "{}",
+        diags[0]
+    );
+}
+
+#[test]
+fn peer_authentication_problems_point_at_their_line() {
+    let cases = [
+        (
+            "  mtls: {mode: STRICTER}\n",
+            "STRICTER",
+            "unknown mode 'STRICTER' (expected STRICT, PERMISSIVE, DISABLE or UNSET)",
+        ),
+        (
+            "  portLevelMtls:\n    8080: {mode: DISABLE}\n",
+            "portLevelMtls",
+            "'portLevelMtls' requires a 'selector'",
+        ),
+        (
+            "  selector:\n    matchLabels: {app: a}\n  portLevelMtls:\n    http: {mode: DISABLE}\n",
+            "http",
+            "'portLevelMtls': 'http' is not a port number",
+        ),
+        (
+            "  selector:\n    matchLabels: {app: a}\n  portLevelMtls:\n    80: {mode: strict}\n",
+            "strict",
+            "unknown mode 'strict'",
+        ),
+        (
+            "  mtls: {mode: STRICT}\n  mttls: {}\n",
+            "mttls",
+            "unknown field 'mttls'",
+        ),
+    ];
+    for (body, at, needle) in cases {
+        assert_rejected(&pa("shop", "p", body), at, needle);
+    }
+    // The networking group is not the security group.
+    let text = pa("shop", "p", "  mtls: {mode: STRICT}\n")
+        .replace("security.istio.io/v1beta1", "networking.istio.io/v1");
+    assert_rejected(
+        &text,
+        "apiVersion",
+        "unknown apiVersion 'networking.istio.io/v1' for kind PeerAuthentication (expected security.istio.io/v1, v1beta1)",
+    );
+}
+
+#[test]
+fn a_broken_policy_keeps_its_last_good_version() {
+    let d = super::tests::dir(&[("ap.yaml", REFERENCE_ALLOW)]);
+    let mut s = ConfigStore::new(MeshOptions::default());
+    assert!(s.load_dir(d.path()).is_empty());
+    std::fs::write(
+        d.path().join("ap.yaml"),
+        REFERENCE_ALLOW.replace("action: ALLOW", "action: CUSTOM"),
+    )
+    .unwrap();
+    assert_eq!(s.load_dir(d.path()).len(), 1);
+    let empty = BTreeMap::new();
+    let l = s.security().server_listener(
+        "l",
+        "10.0.0.7:8000".parse().unwrap(),
+        Workload {
+            namespace: "foo",
+            labels: &empty,
+        },
+    );
+    assert_eq!(l.policies.len(), 1);
+    assert_eq!(l.policies[0].action(), mesh_core::rbac::Action::Allow);
+}
+
+// ------------------------------------------------- client TLS and identities
+
+fn dr_tls(policy: &str, v1: &str) -> String {
+    let v1 = if v1.is_empty() {
+        String::new()
+    } else {
+        format!("    trafficPolicy:\n      tls:\n{v1}")
+    };
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: catalog, namespace: shop}}
+spec:
+  host: catalog
+  trafficPolicy:
+    tls:
+{policy}  subsets:
+  - name: v1
+    labels: {{version: v1}}
+{v1}  - name: v2
+    labels: {{version: v2}}
+"
+    )
+}
+
+fn cluster_tls(files: &[(&str, &str)], subset: &str) -> Option<mesh_core::model::UpstreamTls> {
+    let (s, _d) = store(files);
+    let (snap, diags) = s.snapshot(&[reg(
+        "catalog",
+        "shop",
+        "10.0.0.1",
+        8080,
+        &[("version", "v1")],
+    )]);
+    assert!(diags.is_empty(), "{diags:#?}");
+    let name = format!("outbound|80|{subset}|{FQDN}");
+    snap.clusters
+        .get(name.as_str())
+        .unwrap_or_else(|| panic!("no cluster {name}"))
+        .tls
+        .clone()
+}
+
+fn ids(tls: &mesh_core::model::UpstreamTls) -> Vec<&str> {
+    tls.server_identities.iter().map(SpiffeId::as_str).collect()
+}
+
+#[test]
+fn istio_mutual_gives_clusters_tls_with_the_service_identity_and_sni() {
+    let dr = dr_tls("      mode: ISTIO_MUTUAL\n", "        mode: DISABLE\n");
+    let files = [("se.yaml", SE_CATALOG), ("dr.yaml", dr.as_str())];
+    let tls = cluster_tls(&files, "").expect("ISTIO_MUTUAL");
+    assert_eq!(ids(&tls), ["spiffe://cluster.local/ns/shop/sa/catalog"]);
+    assert_eq!(&*tls.sni, format!("outbound_.80_._.{FQDN}"));
+    let v2 = cluster_tls(&files, "v2").expect("inherits the rule's tls");
+    assert_eq!(&*v2.sni, format!("outbound_.80_.v2_.{FQDN}"));
+    // The subset overrides.
+    assert_eq!(cluster_tls(&files, "v1"), None);
+    // DISABLE at the top, ISTIO_MUTUAL with sni and subjectAltNames on v1.
+    let dr = dr_tls(
+        "      mode: DISABLE\n",
+        "        mode: ISTIO_MUTUAL\n        sni: catalog.internal\n        subjectAltNames: [\"spiffe://cluster.local/ns/shop/sa/catalog-v1\"]\n",
+    );
+    let files = [("se.yaml", SE_CATALOG), ("dr.yaml", dr.as_str())];
+    assert_eq!(cluster_tls(&files, ""), None);
+    let v1 = cluster_tls(&files, "v1").unwrap();
+    assert_eq!(&*v1.sni, "catalog.internal");
+    assert_eq!(ids(&v1), ["spiffe://cluster.local/ns/shop/sa/catalog-v1"]);
+}
+
+#[test]
+fn service_identities_come_from_workload_groups_entries_and_subject_alt_names() {
+    let dr = dr_tls("      mode: ISTIO_MUTUAL\n", "");
+    let wg = "apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: catalog, namespace: shop}
+spec:
+  metadata:
+    labels: {app: catalog, version: v1}
+  template:
+    serviceAccount: catalog-sa
+";
+    let files = [
+        ("se.yaml", SE_CATALOG),
+        ("dr.yaml", dr.as_str()),
+        ("wg.yaml", wg),
+    ];
+    let tls = cluster_tls(&files, "").unwrap();
+    assert_eq!(ids(&tls), ["spiffe://cluster.local/ns/shop/sa/catalog-sa"]);
+    // The group's labels reach the registered endpoint (subset v1 selects it).
+    let (s, _d) = store(&files);
+    let (snap, _) = s.snapshot(&[reg("catalog", "shop", "10.0.0.1", 8080, &[])]);
+    let v1 = snap
+        .endpoints
+        .get(format!("outbound|80|v1|{FQDN}").as_str())
+        .unwrap();
+    assert_eq!(v1.localities[0].endpoints.len(), 1);
+
+    let se = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: catalog, namespace: shop}
+spec:
+  hosts: [catalog]
+  ports:
+  - {number: 80, name: http}
+  subjectAltNames: [\"spiffe://other.domain/ns/shop/sa/legacy\"]
+  endpoints:
+  - address: 10.0.0.2
+    serviceAccount: catalog-static
+";
+    let files = [("se.yaml", se), ("dr.yaml", dr.as_str()), ("wg.yaml", wg)];
+    let tls = cluster_tls(&files, "").unwrap();
+    assert_eq!(
+        ids(&tls),
+        [
+            "spiffe://cluster.local/ns/shop/sa/catalog-sa",
+            "spiffe://cluster.local/ns/shop/sa/catalog-static",
+            "spiffe://other.domain/ns/shop/sa/legacy",
+        ]
+    );
+}
+
+#[test]
+fn auto_mtls_follows_the_destination_namespace() {
+    let strict = pa("shop", "default", "  mtls: {mode: STRICT}\n");
+    let root_strict = pa("istio-system", "default", "  mtls: {mode: STRICT}\n");
+    let ns_permissive = pa("shop", "default", "  mtls: {mode: PERMISSIVE}\n");
+    let none: [(&str, &str); 1] = [("se.yaml", SE_CATALOG)];
+    assert_eq!(cluster_tls(&none, ""), None);
+    let tls = cluster_tls(&[("se.yaml", SE_CATALOG), ("pa.yaml", &strict)], "").unwrap();
+    assert_eq!(ids(&tls), ["spiffe://cluster.local/ns/shop/sa/catalog"]);
+    assert_eq!(&*tls.sni, format!("outbound_.80_._.{FQDN}"));
+    assert!(cluster_tls(&[("se.yaml", SE_CATALOG), ("pa.yaml", &root_strict)], "").is_some());
+    assert_eq!(
+        cluster_tls(
+            &[
+                ("se.yaml", SE_CATALOG),
+                ("pa.yaml", &root_strict),
+                ("ns.yaml", &ns_permissive)
+            ],
+            ""
+        ),
+        None
+    );
+    // An explicit DISABLE wins over auto mTLS.
+    let dr = dr_tls("      mode: DISABLE\n", "");
+    assert_eq!(
+        cluster_tls(
+            &[
+                ("se.yaml", SE_CATALOG),
+                ("pa.yaml", &strict),
+                ("dr.yaml", &dr)
+            ],
+            ""
+        ),
+        None
+    );
+    // Every endpoint STRICT by its workload's policy (and port): mTLS too.
+    let workload = pa(
+        "shop",
+        "catalog",
+        "  selector:\n    matchLabels: {version: v1}\n  mtls: {mode: STRICT}\n",
+    );
+    assert!(cluster_tls(&[("se.yaml", SE_CATALOG), ("w.yaml", &workload)], "").is_some());
+}
+
+#[test]
+fn client_tls_problems_point_at_their_line() {
+    let cases = [
+        (
+            "      mode: MUTUAL\n",
+            "MUTUAL",
+            "'trafficPolicy.tls.mode: MUTUAL' is not supported yet: use ISTIO_MUTUAL",
+        ),
+        (
+            "      mode: SIMPLE\n",
+            "SIMPLE",
+            "not supported yet: use ISTIO_MUTUAL",
+        ),
+        ("      mode: ISTIO\n", "ISTIO", "unknown TLS mode 'ISTIO'"),
+        (
+            "      mode: DISABLE\n      sni: x\n",
+            "sni",
+            "'trafficPolicy.tls.sni' needs 'mode: ISTIO_MUTUAL'",
+        ),
+        (
+            "      mode: ISTIO_MUTUAL\n      subjectAltNames: [catalog.shop]\n",
+            "subjectAltNames",
+            "only SPIFFE IDs are verified",
+        ),
+        (
+            "      mode: ISTIO_MUTUAL\n      clientCertificate: /c.pem\n",
+            "clientCertificate",
+            "field 'trafficPolicy.tls.clientCertificate' is not supported yet",
+        ),
+    ];
+    for (tls, at, needle) in cases {
+        let text = format!("{SE_CATALOG}---\n{}", dr_tls(tls, ""));
+        assert_rejected(&text, at, needle);
+    }
+}
+
+#[test]
+fn workload_group_and_entry_problems() {
+    let wg = |template: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {{name: catalog, namespace: shop}}\nspec:\n  template:\n{template}"
+        )
+    };
+    assert!(check(&wg("    serviceAccount: catalog\n")).is_empty());
+    assert_rejected(
+        &wg("    serviceAccount: catalog\n    labels: {app: x}\n"),
+        "labels",
+        "should not be set in a WorkloadGroup template (set them in 'metadata.labels')",
+    );
+    assert_rejected(
+        &wg("    serviceAccount: Catalog_SA\n"),
+        "Catalog_SA",
+        "is not a service account name",
+    );
+    assert_rejected(
+        &wg("    serviceAccount: catalog\n    network: n1\n"),
+        "network: n1",
+        "field 'template.network' is not supported yet",
+    );
+    let text = SE_CATALOG.replace(
+        "  resolution: STATIC\n",
+        "  resolution: STATIC\n  subjectAltNames: [\"spiffe://cluster.local/catalog\"]\n",
+    );
+    assert_rejected(&text, "subjectAltNames", "only SPIFFE IDs are verified");
+}
+
+// ------------------------------------------------------ registration access
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+#[test]
+fn registration_needs_an_allowed_service_account_of_the_namespace() {
+    let (s, _d) = store(&[("se.yaml", SE_CATALOG), ("dr.yaml", DR_CATALOG)]);
+    let r = reg("catalog", "shop", "10.0.0.1", 8080, &[]);
+    // By default the service account named like the service.
+    assert_eq!(
+        s.authorize_registration(&r, &id("spiffe://cluster.local/ns/shop/sa/catalog")),
+        Ok(())
+    );
+    let err = s
+        .authorize_registration(&r, &id("spiffe://cluster.local/ns/shop/sa/frontend"))
+        .unwrap_err();
+    assert!(
+        err.contains("spiffe://cluster.local/ns/shop/sa/frontend"),
+        "{err}"
+    );
+    assert!(err.contains(FQDN), "{err}");
+    assert!(
+        err.contains("allows spiffe://cluster.local/ns/shop/sa/catalog"),
+        "{err}"
+    );
+    assert!(
+        err.contains("add a WorkloadGroup named 'catalog' in namespace 'shop' with spec.template.serviceAccount: frontend"),
+        "{err}"
+    );
+    // Another namespace's identity, even with the right name.
+    let err = s
+        .authorize_registration(&r, &id("spiffe://cluster.local/ns/web/sa/catalog"))
+        .unwrap_err();
+    assert!(err.contains("only in its own namespace"), "{err}");
+    // Another trust domain.
+    assert!(
+        s.authorize_registration(&r, &id("spiffe://evil.example/ns/shop/sa/catalog"))
+            .is_err()
+    );
+    // An implicit service (registrations only) follows the same rule.
+    let r = reg("cart", "shop", "10.0.0.2", 8080, &[]);
+    assert!(
+        s.authorize_registration(&r, &id("spiffe://cluster.local/ns/shop/sa/cart"))
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_workload_group_names_who_may_register() {
+    let wg = "apiVersion: networking.istio.io/v1beta1
+kind: WorkloadGroup
+metadata: {name: catalog, namespace: shop}
+spec:
+  template:
+    serviceAccount: catalog-vm
+";
+    let (s, _d) = store(&[("se.yaml", SE_CATALOG), ("wg.yaml", wg)]);
+    for service in ["catalog", "catalog.shop", FQDN] {
+        let r = reg(service, "shop", "10.0.0.1", 8080, &[]);
+        assert_eq!(
+            s.authorize_registration(&r, &id("spiffe://cluster.local/ns/shop/sa/catalog-vm")),
+            Ok(()),
+            "{service}"
+        );
+        assert!(
+            s.authorize_registration(&r, &id("spiffe://cluster.local/ns/shop/sa/catalog"))
+                .is_err(),
+            "the group replaces the default"
+        );
+    }
+    // A group without a service account means `default`, as in Istio.
+    let wg = wg.replace("    serviceAccount: catalog-vm\n", "    {}\n");
+    let (s, _d) = store(&[("se.yaml", SE_CATALOG), ("wg.yaml", &wg)]);
+    let r = reg("catalog", "shop", "10.0.0.1", 8080, &[]);
+    assert_eq!(
+        s.authorize_registration(&r, &id("spiffe://cluster.local/ns/shop/sa/default")),
+        Ok(())
+    );
+}
+
+// --------------------------------------------------------- gRPC compatibility
+
+#[test]
+fn check_for_grpc_reports_permissive_audit_and_credentials() {
+    let (s, _d) = store(&[("se.yaml", SE_CATALOG)]);
+    let (snap, _) = s.snapshot(&[]);
+    // No mTLS in use: nothing to say.
+    assert!(s.grpc_security_gaps(&snap).is_empty());
+
+    let ns = pa("shop", "default", "  mtls: {mode: PERMISSIVE}\n");
+    let audit = authz("  action: AUDIT\n  rules: [{}]\n");
+    let strict = pa(
+        "shop",
+        "catalog",
+        "  selector:\n    matchLabels: {app: catalog}\n  mtls: {mode: STRICT}\n",
+    );
+    let (s, _d) = store(&[
+        ("se.yaml", SE_CATALOG),
+        ("ns.yaml", &ns),
+        ("ap.yaml", &audit),
+        ("w.yaml", &strict),
+    ]);
+    let (snap, _) = s.snapshot(&[]);
+    let found = s.grpc_security_gaps(&snap);
+    let text = found.join("\n");
+    assert!(text.contains("PERMISSIVE (Istio's default; no mesh-wide STRICT or DISABLE PeerAuthentication in namespace 'istio-system')"), "{text}");
+    assert!(
+        text.contains(
+            "PeerAuthentication shop/default: PERMISSIVE cannot be served to gRPC servers"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("AuthorizationPolicy foo/p: AUDIT is ignored by gRPC servers"),
+        "{text}"
+    );
+    assert!(text.contains("PeerAuthentication shop/catalog: STRICT: gRPC enforces it only on servers built with xDS server credentials"), "{text}");
+    assert_eq!(found.len(), 4, "{text}");
+
+    // A mesh-wide STRICT: no default warning; served listeners are judged too.
+    let root = pa("istio-system", "default", "  mtls: {mode: STRICT}\n");
+    let (s, _d) = store(&[("se.yaml", SE_CATALOG), ("root.yaml", &root)]);
+    let (mut snap, _) = s.snapshot(&[]);
+    let text = s.grpc_security_gaps(&snap).join("\n");
+    assert!(!text.contains("Istio's default"), "{text}");
+    assert!(text.contains("clusters with mTLS"), "{text}");
+    let l = server(&[("ns.yaml", &ns), ("ap.yaml", &audit)], "foo", &[], 8000);
+    snap.server_listeners
+        .insert(l.name.clone(), std::sync::Arc::new(l));
+    let served =
+        crate::compat::grpc_ignored(&snap, Some(&Default::default()), Some(&Default::default()));
+    assert_eq!(served.len(), 2, "{served:#?}");
+    assert!(
+        served[0].contains("AUDIT policy foo/p is ignored"),
+        "{served:#?}"
+    );
+    assert!(
+        served[1].contains("PERMISSIVE cannot be served"),
+        "{served:#?}"
+    );
+}
