@@ -194,7 +194,7 @@ fn parse_policy_name(key: &str) -> Option<(&str, &str, Option<usize>)> {
 /// The RBAC HTTP filter config (`typed_config` of the filter named
 /// [`RBAC_FILTER_NAME`]) holding `rbac`, encoded with its policies in name
 /// order so equal inputs give equal bytes.
-pub fn rbac_filter_config(rbac: &Rbac) -> prost_types::Any {
+pub fn rbac_filter_config(rbac: &Rbac) -> crate::xds::Any {
     let mut entries: Vec<(&String, &Policy)> = rbac.policies.iter().collect();
     entries.sort_by(|a, b| a.0.cmp(b.0));
     let wire = wire::RbacFilter {
@@ -209,7 +209,7 @@ pub fn rbac_filter_config(rbac: &Rbac) -> prost_types::Any {
                 .collect(),
         }),
     };
-    prost_types::Any {
+    crate::xds::Any {
         type_url: RBAC_FILTER_TYPE.to_owned(),
         value: wire.encode_to_vec(),
     }
@@ -218,8 +218,8 @@ pub fn rbac_filter_config(rbac: &Rbac) -> prost_types::Any {
 /// The RBAC message inside an RBAC HTTP filter config; `None` when the
 /// filter has no `rules` (it then allows everything). Matcher-based and
 /// shadow configurations are unsupported.
-pub fn rbac_from_filter_config(any: &prost_types::Any) -> Result<Option<Rbac>, Error> {
-    if any.type_url != RBAC_FILTER_TYPE {
+pub fn rbac_from_filter_config(any: &crate::xds::Any) -> Result<Option<Rbac>, Error> {
+    if crate::xds::type_name(&any.type_url) != crate::xds::type_name(RBAC_FILTER_TYPE) {
         return Err(Error::invalid(format!(
             "RBAC filter: type {:?} is not {RBAC_FILTER_TYPE}",
             any.type_url

@@ -12,11 +12,21 @@
 //! unsafe, so tests pass a closure instead of mutating the process
 //! environment.
 //!
-//! Only `insecure` channel credentials are supported for now; any other type
-//! is rejected with a clear error rather than silently downgraded.
+//! Channel credentials: `insecure`, or `tls` with gRFC A65's config
+//! (`ca_certificate_file`, and `certificate_file` / `private_key_file` for a
+//! client certificate): the ADS stream is then TLS, the control server's
+//! certificate verified against that CA for the host of `server_uri`. Any
+//! other type is rejected with a clear error rather than silently
+//! downgraded. The same CA file verifies mesh-control's admin API.
+//!
+//! Node metadata this mesh reads, with Istio's names: `NAMESPACE`,
+//! `SERVICE_ACCOUNT`, `LABELS` (an object of strings: the workload's labels,
+//! which select its PeerAuthentication and AuthorizationPolicies) and
+//! `PROXYLESS_ADMIN` (mesh-control's admin API).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
 use envoy_types::pb::envoy::config::core::v3::{Locality as LocalityProto, Node, node};
 use envoy_types::pb::google::protobuf::{ListValue, NullValue, Struct, Value as ProtoValue, value};
@@ -32,12 +42,21 @@ pub const BOOTSTRAP_PATH_VAR: &str = "GRPC_XDS_BOOTSTRAP";
 pub const BOOTSTRAP_CONFIG_VAR: &str = "GRPC_XDS_BOOTSTRAP_CONFIG";
 /// The `node.metadata` key naming the workload's namespace (default `default`).
 pub const NAMESPACE_KEY: &str = "NAMESPACE";
+/// The `node.metadata` key naming the workload's service account (its
+/// SPIFFE identity `spiffe://<td>/ns/<NAMESPACE>/sa/<SERVICE_ACCOUNT>`).
+pub const SERVICE_ACCOUNT_KEY: &str = "SERVICE_ACCOUNT";
+/// The `node.metadata` key holding the workload's labels (a JSON object of
+/// strings).
+pub const LABELS_KEY: &str = "LABELS";
 /// The `node.metadata` key naming mesh-control's admin API (`host:port`).
 pub const ADMIN_KEY: &str = "PROXYLESS_ADMIN";
 /// The `node.user_agent_name` this client sends.
 pub const USER_AGENT_NAME: &str = "proxyless-rust";
 /// The server feature that makes a control server's deletions ignorable (gRFC A53).
 pub const IGNORE_RESOURCE_DELETION: &str = "ignore_resource_deletion";
+
+const TLS_EXAMPLE: &str = r#"{"type": "tls", "config": {"ca_certificate_file": "/etc/mesh/root-cert.pem",
+  "certificate_file": "/etc/mesh/cert.pem", "private_key_file": "/etc/mesh/key.pem"}}"#;
 
 const EXAMPLE: &str = r#"{
   "xds_servers": [{"server_uri": "127.0.0.1:15010",
@@ -60,6 +79,115 @@ pub struct XdsServer {
     server_uri: String,
     endpoint: String,
     features: Vec<String>,
+    tls: Option<ChannelTls>,
+}
+
+/// `channel_creds` `{"type": "tls", "config": {...}}` (gRFC A65): how to
+/// reach a control server over TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelTls {
+    ca_certificate_file: PathBuf,
+    certificate_file: Option<PathBuf>,
+    private_key_file: Option<PathBuf>,
+}
+
+impl ChannelTls {
+    /// Server-authenticated TLS verified with the CA certificates (PEM) in
+    /// `ca_certificate_file`.
+    pub fn new(ca_certificate_file: impl Into<PathBuf>) -> Self {
+        ChannelTls {
+            ca_certificate_file: ca_certificate_file.into(),
+            certificate_file: None,
+            private_key_file: None,
+        }
+    }
+
+    /// Also presents a client certificate (PEM chain and key files).
+    pub fn with_identity(
+        mut self,
+        certificate_file: impl Into<PathBuf>,
+        private_key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.certificate_file = Some(certificate_file.into());
+        self.private_key_file = Some(private_key_file.into());
+        self
+    }
+
+    /// `ca_certificate_file`: the roots the server certificate must chain to.
+    pub fn ca_certificate_file(&self) -> &Path {
+        &self.ca_certificate_file
+    }
+
+    /// `certificate_file`: the client certificate chain, if one is presented.
+    pub fn certificate_file(&self) -> Option<&Path> {
+        self.certificate_file.as_deref()
+    }
+
+    /// `private_key_file`: the client certificate's key, if one is presented.
+    pub fn private_key_file(&self) -> Option<&Path> {
+        self.private_key_file.as_deref()
+    }
+
+    fn to_raw(&self) -> RawCreds {
+        let mut config = Map::new();
+        let path = |p: &Path| Value::String(p.to_string_lossy().into_owned());
+        config.insert(
+            "ca_certificate_file".to_owned(),
+            path(&self.ca_certificate_file),
+        );
+        if let Some(p) = &self.certificate_file {
+            config.insert("certificate_file".to_owned(), path(p));
+        }
+        if let Some(p) = &self.private_key_file {
+            config.insert("private_key_file".to_owned(), path(p));
+        }
+        RawCreds {
+            kind: "tls".to_owned(),
+            config: Some(Value::Object(config)),
+        }
+    }
+
+    /// Reads the A65 `config` object of a `tls` credential.
+    fn from_config(config: Option<&Value>, at: &str) -> Result<ChannelTls, String> {
+        let missing = || {
+            format!(
+                "{at}.config.ca_certificate_file is missing: name the PEM file of the CA that                  issued the control server's certificate, e.g.\n{TLS_EXAMPLE}"
+            )
+        };
+        let map = match config {
+            None => return Err(missing()),
+            Some(Value::Object(map)) => map,
+            Some(other) => {
+                return Err(format!(
+                    "{at}.config must be an object, found {other}; e.g.\n{TLS_EXAMPLE}"
+                ));
+            }
+        };
+        let file = |key: &str| -> Result<Option<PathBuf>, String> {
+            match map.get(key) {
+                None => Ok(None),
+                Some(Value::String(s)) if s.is_empty() => Ok(None),
+                Some(Value::String(s)) => Ok(Some(PathBuf::from(s))),
+                Some(other) => Err(format!(
+                    "{at}.config.{key} must be a file path string, found {other}; e.g.\n{TLS_EXAMPLE}"
+                )),
+            }
+        };
+        let ca_certificate_file = file("ca_certificate_file")?.ok_or_else(missing)?;
+        let certificate_file = file("certificate_file")?;
+        let private_key_file = file("private_key_file")?;
+        if certificate_file.is_some() != private_key_file.is_some() {
+            return Err(format!(
+                "{at}.config: certificate_file and private_key_file go together (a client \
+                 certificate needs its key); e.g.\n{TLS_EXAMPLE}"
+            ));
+        }
+        Ok(ChannelTls {
+            ca_certificate_file,
+            certificate_file,
+            private_key_file,
+        })
+    }
 }
 
 impl XdsServer {
@@ -71,6 +199,26 @@ impl XdsServer {
     /// The URI tonic connects to (`http://host:port`).
     pub fn endpoint_uri(&self) -> &str {
         &self.endpoint
+    }
+
+    /// The host of `server_uri` (brackets of an IPv6 address removed): the
+    /// name the server's TLS certificate must be valid for.
+    pub fn host(&self) -> &str {
+        let authority = self
+            .endpoint
+            .strip_prefix("http://")
+            .unwrap_or(&self.endpoint);
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host);
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+    }
+
+    /// The TLS settings when `channel_creds` is `tls`; `None` for `insecure`.
+    pub fn tls(&self) -> Option<&ChannelTls> {
+        self.tls.as_ref()
     }
 
     /// The `server_features` list.
@@ -191,27 +339,33 @@ impl Bootstrap {
         let mut servers = Vec::with_capacity(raw.xds_servers.len());
         for (i, s) in raw.xds_servers.iter().enumerate() {
             let at = format!("xds_servers[{i}]");
-            match s.channel_creds.first() {
+            let tls = match s.channel_creds.first() {
                 None => {
                     return Err(format!(
-                        "{at}.channel_creds is empty: add {{\"type\": \"insecure\"}}"
+                        "{at}.channel_creds is empty: add {{\"type\": \"insecure\"}} or \
+                         {TLS_EXAMPLE}"
                     ));
                 }
-                Some(c) if c.kind == "insecure" => {}
+                Some(c) if c.kind == "insecure" => None,
+                Some(c) if c.kind == "tls" => Some(ChannelTls::from_config(
+                    c.config.as_ref(),
+                    &format!("{at}.channel_creds[0]"),
+                )?),
                 Some(c) => {
                     return Err(format!(
-                        "{at}.channel_creds[0].type {:?} is not supported yet: only \"insecure\" is \
-                         (TLS to the control server is planned)",
+                        "{at}.channel_creds[0].type {:?} is not supported: use \"insecure\" or \
+                         \"tls\", e.g.\n{TLS_EXAMPLE}",
                         c.kind
                     ));
                 }
-            }
+            };
             let endpoint =
                 endpoint_uri(&s.server_uri).map_err(|e| format!("{at}.server_uri: {e}"))?;
             servers.push(XdsServer {
                 server_uri: s.server_uri.clone(),
                 endpoint,
                 features: s.server_features.clone(),
+                tls,
             });
         }
         let namespace = match raw.node.metadata.get(NAMESPACE_KEY) {
@@ -224,6 +378,31 @@ impl Bootstrap {
                 ));
             }
         };
+        if let Some(v) = raw.node.metadata.get(SERVICE_ACCOUNT_KEY)
+            && !v.is_string()
+        {
+            return Err(format!(
+                "node.metadata.{SERVICE_ACCOUNT_KEY} must be a string (the service account \
+                 name, e.g. \"payment\"), found {v}"
+            ));
+        }
+        match raw.node.metadata.get(LABELS_KEY) {
+            None => {}
+            Some(Value::Object(labels)) => {
+                if let Some((k, v)) = labels.iter().find(|(_, v)| !v.is_string()) {
+                    return Err(format!(
+                        "node.metadata.{LABELS_KEY}.{k} must be a string, found {v}; e.g. \
+                         \"{LABELS_KEY}\": {{\"app\": \"payment\", \"version\": \"v1\"}}"
+                    ));
+                }
+            }
+            Some(other) => {
+                return Err(format!(
+                    "node.metadata.{LABELS_KEY} must be an object of strings, found {other}; \
+                     e.g. \"{LABELS_KEY}\": {{\"app\": \"payment\", \"version\": \"v1\"}}"
+                ));
+            }
+        }
         if let Some(v) = raw.node.metadata.get(ADMIN_KEY)
             && !v.is_string()
         {
@@ -245,7 +424,8 @@ impl Bootstrap {
         })
     }
 
-    /// Starts a bootstrap in code: one control server (insecure, `xds_v3`) and the node id.
+    /// Starts a bootstrap in code: one control server (insecure unless
+    /// [`BootstrapBuilder::channel_tls`], `xds_v3`) and the node id.
     pub fn builder(server_uri: impl Into<String>, node_id: impl Into<String>) -> BootstrapBuilder {
         BootstrapBuilder {
             servers: vec![server_uri.into()],
@@ -256,6 +436,7 @@ impl Bootstrap {
             certificate_providers: Map::new(),
             template: None,
             features: vec!["xds_v3".to_owned()],
+            tls: None,
         }
     }
 
@@ -277,6 +458,35 @@ impl Bootstrap {
     /// The workload's namespace: `node.metadata.NAMESPACE`, default `default`.
     pub fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    /// `node.metadata.SERVICE_ACCOUNT`: the workload's service account
+    /// (`None` when absent or empty).
+    pub fn service_account(&self) -> Option<&str> {
+        self.raw
+            .node
+            .metadata
+            .get(SERVICE_ACCOUNT_KEY)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// `node.metadata.LABELS`: the workload's labels (empty when absent).
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        match self.raw.node.metadata.get(LABELS_KEY) {
+            Some(Value::Object(labels)) => labels
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect(),
+            _ => BTreeMap::new(),
+        }
+    }
+
+    /// The TLS settings of the first control server (`xds_servers[0]`)
+    /// when its `channel_creds` is `tls`: also what verifies mesh-control's
+    /// admin API.
+    pub fn xds_server_tls(&self) -> Option<&ChannelTls> {
+        self.servers.first().and_then(XdsServer::tls)
     }
 
     /// `node.metadata.PROXYLESS_ADMIN`: `host:port` of mesh-control's admin API.
@@ -370,9 +580,51 @@ pub struct BootstrapBuilder {
     certificate_providers: Map<String, Value>,
     template: Option<String>,
     features: Vec<String>,
+    tls: Option<ChannelTls>,
 }
 
 impl BootstrapBuilder {
+    /// Sets `node.metadata.SERVICE_ACCOUNT`.
+    pub fn service_account(self, service_account: impl Into<String>) -> Self {
+        self.metadata(SERVICE_ACCOUNT_KEY, service_account.into())
+    }
+
+    /// Adds one label to `node.metadata.LABELS`.
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        let labels = self
+            .node
+            .metadata
+            .entry(LABELS_KEY)
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !labels.is_object() {
+            *labels = Value::Object(Map::new());
+        }
+        if let Value::Object(map) = labels {
+            map.insert(key.into(), Value::String(value.into()));
+        }
+        self
+    }
+
+    /// Connects to every control server over TLS, verified with the CA
+    /// certificates in `ca_certificate_file` (`channel_creds` `tls`).
+    pub fn channel_tls(self, ca_certificate_file: impl Into<PathBuf>) -> Self {
+        self.channel_credentials(ChannelTls::new(ca_certificate_file))
+    }
+
+    /// Connects to every control server over TLS with these settings (a
+    /// client certificate too, with [`ChannelTls::with_identity`]).
+    pub fn channel_credentials(mut self, tls: ChannelTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Sets `server_listener_resource_name_template` (gRFC A36); it must
+    /// contain `%s`. Same as
+    /// [`BootstrapBuilder::server_listener_resource_name_template`].
+    pub fn server_listener_template(self, template: impl Into<String>) -> Self {
+        self.server_listener_resource_name_template(template)
+    }
+
     /// Adds a fallback control server, tried after the ones before it.
     pub fn server(mut self, server_uri: impl Into<String>) -> Self {
         self.servers.push(server_uri.into());
@@ -449,10 +701,13 @@ impl BootstrapBuilder {
                 .into_iter()
                 .map(|server_uri| RawServer {
                     server_uri,
-                    channel_creds: vec![RawCreds {
-                        kind: "insecure".to_owned(),
-                        config: None,
-                    }],
+                    channel_creds: vec![self.tls.as_ref().map_or_else(
+                        || RawCreds {
+                            kind: "insecure".to_owned(),
+                            config: None,
+                        },
+                        ChannelTls::to_raw,
+                    )],
                     server_features: features.clone(),
                 })
                 .collect(),
@@ -474,7 +729,7 @@ fn endpoint_uri(target: &str) -> Result<String, String> {
     }
     if target.starts_with("https://") {
         return Err(format!(
-            "{target:?}: TLS to the control server is not supported yet; use an insecure host:port"
+            "{target:?}: write host:port; TLS is chosen by channel_creds {{\"type\": \"tls\"}}, not by the URI"
         ));
     }
     if target.starts_with("unix:") {
@@ -665,6 +920,7 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("insecure"), "{msg}");
+        assert!(msg.contains("\"tls\""), "{msg}");
         let json = r#"{"xds_servers":[{"server_uri":"a:1"}]}"#;
         let msg = Bootstrap::from_json(json).unwrap_err().to_string();
         assert!(msg.contains("channel_creds is empty"), "{msg}");
@@ -744,5 +1000,153 @@ mod tests {
             serde_json::json!(["xds_v3"])
         );
         assert!(v["authorities"].is_object());
+    }
+
+    #[test]
+    fn tls_channel_creds_in_the_a65_shape() {
+        let json = r#"{"xds_servers":[{"server_uri":"127.0.0.1:15010","channel_creds":[{"type":"tls",
+            "config":{"ca_certificate_file":"/x/root-cert.pem","certificate_file":"/x/cert.pem",
+            "private_key_file":"/x/key.pem","refresh_interval":"60s"}}]}],
+          "node":{"id":"n","metadata":{"NAMESPACE":"shop","SERVICE_ACCOUNT":"payment",
+            "LABELS":{"app":"payment","version":"v1"}}}}"#;
+        let b = Bootstrap::from_json(json).unwrap();
+        let tls = b.xds_server_tls().unwrap();
+        assert_eq!(tls.ca_certificate_file(), Path::new("/x/root-cert.pem"));
+        assert_eq!(tls.certificate_file(), Some(Path::new("/x/cert.pem")));
+        assert_eq!(tls.private_key_file(), Some(Path::new("/x/key.pem")));
+        assert_eq!(b.xds_servers()[0].host(), "127.0.0.1");
+        assert_eq!(b.service_account(), Some("payment"));
+        assert_eq!(
+            b.labels(),
+            BTreeMap::from([
+                ("app".to_owned(), "payment".to_owned()),
+                ("version".to_owned(), "v1".to_owned())
+            ])
+        );
+        // Server-auth only.
+        let json = r#"{"xds_servers":[{"server_uri":"[::1]:15010","channel_creds":[{"type":"tls",
+            "config":{"ca_certificate_file":"/x/root-cert.pem"}}]}]}"#;
+        let b = Bootstrap::from_json(json).unwrap();
+        assert_eq!(
+            b.xds_server_tls(),
+            Some(&ChannelTls::new("/x/root-cert.pem"))
+        );
+        assert_eq!(b.xds_servers()[0].host(), "::1");
+        assert_eq!(b.service_account(), None);
+        assert!(b.labels().is_empty());
+        // Insecure has none.
+        assert_eq!(Bootstrap::from_json(GOOD).unwrap().xds_server_tls(), None);
+    }
+
+    #[test]
+    fn bad_tls_creds_and_node_metadata_name_the_field_with_an_example() {
+        let creds = |c: &str| {
+            let json =
+                format!(r#"{{"xds_servers":[{{"server_uri":"a:1","channel_creds":[{c}]}}]}}"#);
+            Bootstrap::from_json(&json).unwrap_err().to_string()
+        };
+        for (c, needle) in [
+            (
+                r#"{"type":"tls"}"#,
+                "xds_servers[0].channel_creds[0].config.ca_certificate_file is missing",
+            ),
+            (
+                r#"{"type":"tls","config":{}}"#,
+                "xds_servers[0].channel_creds[0].config.ca_certificate_file is missing",
+            ),
+            (
+                r#"{"type":"tls","config":"x"}"#,
+                "xds_servers[0].channel_creds[0].config must be an object",
+            ),
+            (
+                r#"{"type":"tls","config":{"ca_certificate_file":7}}"#,
+                "config.ca_certificate_file must be a file path string",
+            ),
+            (
+                r#"{"type":"tls","config":{"ca_certificate_file":"/ca","certificate_file":"/c"}}"#,
+                "certificate_file and private_key_file go together",
+            ),
+            (
+                r#"{"type":"google_default"}"#,
+                "channel_creds[0].type \"google_default\" is not supported: use \"insecure\" or \"tls\"",
+            ),
+        ] {
+            let msg = creds(c);
+            assert!(msg.contains(needle), "{c}: {msg}");
+            assert!(
+                msg.contains("\"ca_certificate_file\": \"/etc/mesh/root-cert.pem\""),
+                "example in {msg}"
+            );
+        }
+        let meta = |m: &str| {
+            let json = format!(
+                r#"{{"xds_servers":[{{"server_uri":"a:1","channel_creds":[{{"type":"insecure"}}]}}],
+                   "node":{{"id":"n","metadata":{m}}}}}"#
+            );
+            Bootstrap::from_json(&json).unwrap_err().to_string()
+        };
+        let msg = meta(r#"{"SERVICE_ACCOUNT":3}"#);
+        assert!(
+            msg.contains("node.metadata.SERVICE_ACCOUNT must be a string"),
+            "{msg}"
+        );
+        let msg = meta(r#"{"LABELS":"app=payment"}"#);
+        assert!(
+            msg.contains("node.metadata.LABELS must be an object of strings"),
+            "{msg}"
+        );
+        assert!(msg.contains(r#""LABELS": {"app": "payment""#), "{msg}");
+        let msg = meta(r#"{"LABELS":{"app":1}}"#);
+        assert!(
+            msg.contains("node.metadata.LABELS.app must be a string"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_builder_writes_tls_creds_identity_and_labels() {
+        let b = Bootstrap::builder("127.0.0.1:15010", "n")
+            .namespace("shop")
+            .service_account("payment")
+            .label("app", "payment")
+            .label("version", "v2")
+            .channel_tls("/x/root-cert.pem")
+            .certificate_provider(
+                "mesh",
+                serde_json::json!({"plugin_name": "mesh_ca", "config": {"token": "t"}}),
+            )
+            .server_listener_template("grpc/server?xds.resource.listening_address=%s")
+            .build()
+            .unwrap();
+        assert_eq!(b.service_account(), Some("payment"));
+        assert_eq!(b.labels()["version"], "v2");
+        assert_eq!(
+            b.xds_server_tls(),
+            Some(&ChannelTls::new("/x/root-cert.pem"))
+        );
+        assert_eq!(
+            b.server_listener_name("10.0.0.7:8080").as_deref(),
+            Some("grpc/server?xds.resource.listening_address=10.0.0.7:8080")
+        );
+        // The JSON is what gRPC reads, and reads back the same.
+        let json = b.to_json();
+        let v: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["xds_servers"][0]["channel_creds"][0]["type"], "tls");
+        assert_eq!(
+            v["xds_servers"][0]["channel_creds"][0]["config"]["ca_certificate_file"],
+            "/x/root-cert.pem"
+        );
+        assert_eq!(v["node"]["metadata"]["LABELS"]["app"], "payment");
+        assert_eq!(v["node"]["metadata"]["SERVICE_ACCOUNT"], "payment");
+        assert_eq!(v["certificate_providers"]["mesh"]["plugin_name"], "mesh_ca");
+        assert_eq!(Bootstrap::from_json(&json).unwrap(), b);
+        // With a client certificate.
+        let b = Bootstrap::builder("127.0.0.1:15010", "n")
+            .channel_credentials(ChannelTls::new("/ca.pem").with_identity("/c.pem", "/k.pem"))
+            .build()
+            .unwrap();
+        let tls = b.xds_server_tls().unwrap();
+        assert_eq!(tls.private_key_file(), Some(Path::new("/k.pem")));
+        assert_eq!(Bootstrap::from_json(&b.to_json()).unwrap(), b);
     }
 }

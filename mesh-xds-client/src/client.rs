@@ -11,6 +11,12 @@
 //! 1.6, jitter ±20 %), reset once a stream has delivered a response. On every
 //! new stream it re-sends every subscription with the last accepted versions.
 //!
+//! With `channel_creds` `tls` in the bootstrap the channel is TLS (rustls,
+//! ALPN h2, the server verified against `ca_certificate_file` for the host
+//! of `server_uri`, a client certificate when configured; see the `tls`
+//! module): a verification failure is the connection error
+//! [`XdsClient::last_error`] reports, naming the CA file.
+//!
 //! Static stability: with [`ClientOptions::cache_file`] the raw resources of
 //! the last accepted config are written to disk after each change, and loaded
 //! when no control server answers, so a restarted service routes with the last
@@ -444,8 +450,27 @@ impl Driver {
                 return Ok(None);
             }
         };
-        let connecting = endpoint.connect();
-        tokio::pin!(connecting);
+        let mut connecting: std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = Result<Channel, tonic::transport::Error>>
+                    + Send
+                    + '_,
+            >,
+        > = match server.tls() {
+            None => Box::pin(endpoint.connect()),
+            Some(tls) => {
+                match crate::tls::TlsConnector::new(server, tls, self.options.connect_timeout) {
+                    Ok(connector) => Box::pin(endpoint.connect_with_connector(connector)),
+                    Err(e) => {
+                        self.record_error(Error::connect(format!(
+                            "cannot connect to xDS server {}: {e}",
+                            server.server_uri()
+                        )));
+                        return Ok(None);
+                    }
+                }
+            }
+        };
         loop {
             tokio::select! {
                 result = &mut connecting => return Ok(match result {

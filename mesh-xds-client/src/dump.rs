@@ -10,7 +10,8 @@
 //! `/debug/mesh/config`.
 //!
 //! The layout: `node`, `control_server`, `versions` (per type, the last
-//! accepted `version_info`), then `listeners`, `route_configs`, `clusters`,
+//! accepted `version_info`), then `listeners`, `server_listeners` (gRFC
+//! A36: address, mTLS mode, policies), `route_configs`, `clusters`,
 //! `endpoints` (each resource with `version`, `last_updated` and `status`),
 //! `missing_listeners` / `missing_clusters` (the server said they do not
 //! exist), `requested` (subscribed, not received), `rejections` (resources
@@ -23,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use mesh_core::Snapshot;
 use mesh_core::model::{
     AbortStatus, Cluster, ClusterLoadAssignment, HashPolicy, LbPolicy, Listener, PathMatch,
-    Protocol, Route, RouteConfig, ValueMatch,
+    Protocol, Route, RouteConfig, ServerListener, ValueMatch,
 };
 use mesh_core::xds::ResourceType;
 use serde_json::{Map, Value, json};
@@ -124,6 +125,11 @@ pub(crate) fn config_dump(snapshot: &Snapshot, report: &ResourceReport) -> Value
         .iter()
         .map(|(name, l)| with_meta(ResourceType::Listener, name, listener(l)))
         .collect();
+    let server_listeners: Vec<Value> = snapshot
+        .server_listeners
+        .iter()
+        .map(|(name, l)| with_meta(ResourceType::Listener, name, server_listener(l)))
+        .collect();
     let route_configs: Vec<Value> = snapshot
         .route_configs
         .iter()
@@ -184,6 +190,7 @@ pub(crate) fn config_dump(snapshot: &Snapshot, report: &ResourceReport) -> Value
             "EDS": &*v.endpoints,
         },
         "listeners": listeners,
+        "server_listeners": server_listeners,
         "missing_listeners": snapshot.missing_listeners.iter().map(|n| &**n).collect::<Vec<_>>(),
         "route_configs": route_configs,
         "clusters": clusters,
@@ -207,6 +214,20 @@ fn listener(l: &Listener) -> Value {
     json!({
         "name": &*l.name,
         "route_config_name": &*l.route_config_name,
+    })
+}
+
+/// A server listener: its address, mTLS mode and the policies by id and
+/// action (their rules are in the RBAC filters CSDS reports).
+fn server_listener(l: &ServerListener) -> Value {
+    json!({
+        "name": &*l.name,
+        "address": l.address.to_string(),
+        "mtls": l.mtls.as_str(),
+        "policies": l.policies.iter().map(|p| json!({
+            "id": &**p.id(),
+            "action": p.action().as_str(),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -369,6 +390,10 @@ fn cluster(c: &Cluster) -> Value {
             })),
         },
         "outlier_detection": outlier,
+        "tls": c.tls.as_ref().map(|t| json!({
+            "server_identities": t.server_identities.iter().map(|id| id.as_str()).collect::<Vec<_>>(),
+            "sni": &*t.sni,
+        })),
         "connection": {
             "connect_timeout": c.connection.connect_timeout.map(duration),
             "idle_timeout": c.connection.idle_timeout.map(duration),

@@ -35,8 +35,9 @@ mod csds;
 mod dump;
 mod error;
 pub mod state;
+mod tls;
 
-pub use bootstrap::{Bootstrap, BootstrapBuilder, XdsServer};
+pub use bootstrap::{Bootstrap, BootstrapBuilder, ChannelTls, XdsServer};
 pub use client::{ClientOptions, XdsClient};
 pub use csds::CsdsService;
 pub use error::{Error, ErrorKind};

@@ -23,6 +23,12 @@
 //!   "missing" at once; a cluster is removed). RDS and EDS responses may carry
 //!   a subset: absence deletes nothing. With the `ignore_resource_deletion`
 //!   server feature (gRFC A53) previously received resources are kept.
+//! - Server listeners (gRFC A36) are LDS resources too, subscribed by name
+//!   like any listener ([`AdsState::subscribe`]) and told apart by their
+//!   shape ([`mesh_core::xds::decode_lds`]); they land in
+//!   `Snapshot::server_listeners`, a name the server leaves out of an LDS
+//!   response is in `Snapshot::missing_listeners` as for client listeners,
+//!   and they reference no RDS or CDS resource.
 //! - Subscriptions cascade: RDS names are the route configs of the accepted
 //!   listeners, CDS the clusters of the accepted route configs, EDS the EDS
 //!   service names of the accepted clusters. A change of a set is a new request
@@ -43,7 +49,9 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::rpc::Status;
 use mesh_core::Snapshot;
-use mesh_core::model::{Cluster, ClusterLoadAssignment, Listener, Name, RouteConfig};
+use mesh_core::model::{
+    Cluster, ClusterLoadAssignment, Listener, Name, RouteConfig, ServerListener,
+};
 use mesh_core::snapshot::ListenerLookup;
 use mesh_core::xds::{self, Any, ResourceType};
 
@@ -216,7 +224,11 @@ pub enum Readiness {
 }
 
 /// The readiness of listener `name` in a published snapshot and status.
+/// A server listener (gRFC A36) needs nothing else: it is ready once held.
 pub fn readiness(snapshot: &Snapshot, status: &SyncStatus, name: &str) -> Readiness {
+    if snapshot.server_listeners.contains_key(name) {
+        return Readiness::Ready;
+    }
     let listener = match snapshot.listener_for(name) {
         ListenerLookup::Missing => return Readiness::Missing,
         ListenerLookup::Unknown => {
@@ -278,6 +290,7 @@ struct TypeState {
 
 enum Decoded {
     Listener(Listener),
+    ServerListener(ServerListener),
     RouteConfig(RouteConfig),
     Cluster(Cluster),
     Endpoints(ClusterLoadAssignment),
@@ -285,10 +298,10 @@ enum Decoded {
 
 fn decode(kind: ResourceType, any: &Any) -> Result<(Name, Decoded), mesh_core::Error> {
     Ok(match kind {
-        ResourceType::Listener => {
-            let l = xds::decode_listener(any)?;
-            (l.name.clone(), Decoded::Listener(l))
-        }
+        ResourceType::Listener => match xds::decode_lds(any)? {
+            xds::LdsResource::Client(l) => (l.name.clone(), Decoded::Listener(l)),
+            xds::LdsResource::Server(l) => (l.name.clone(), Decoded::ServerListener(l)),
+        },
         ResourceType::RouteConfig => {
             let r = xds::decode_route_config(any)?;
             (r.name.clone(), Decoded::RouteConfig(r))
@@ -621,7 +634,13 @@ impl AdsState {
         let changed = match res {
             Decoded::Listener(l) => {
                 let gone = self.snapshot.missing_listeners.remove(&name);
-                upsert(&mut self.snapshot.listeners, name.clone(), l) || gone
+                let other = self.snapshot.server_listeners.remove(&name).is_some();
+                upsert(&mut self.snapshot.listeners, name.clone(), l) || gone || other
+            }
+            Decoded::ServerListener(l) => {
+                let gone = self.snapshot.missing_listeners.remove(&name);
+                let other = self.snapshot.listeners.remove(&name).is_some();
+                upsert(&mut self.snapshot.server_listeners, name.clone(), l) || gone || other
             }
             Decoded::RouteConfig(r) => upsert(&mut self.snapshot.route_configs, name.clone(), r),
             Decoded::Cluster(c) => {
@@ -656,7 +675,10 @@ impl AdsState {
     fn on_absent(&mut self, kind: ResourceType, name: Name) {
         let i = index(kind);
         let present = match kind {
-            ResourceType::Listener => self.snapshot.listeners.contains_key(&name),
+            ResourceType::Listener => {
+                self.snapshot.listeners.contains_key(&name)
+                    || self.snapshot.server_listeners.contains_key(&name)
+            }
             _ => self.snapshot.clusters.contains_key(&name),
         };
         if present && self.ignore_resource_deletion {
@@ -673,6 +695,7 @@ impl AdsState {
         let newly_missing = match kind {
             ResourceType::Listener => {
                 self.snapshot.listeners.remove(&name);
+                self.snapshot.server_listeners.remove(&name);
                 self.snapshot.missing_listeners.insert(name)
             }
             _ => {
@@ -798,7 +821,16 @@ impl AdsState {
             names.extend(self.raw[i].keys());
             names.extend(self.rejections[i].keys());
             let held: Vec<&Name> = match kind {
-                ResourceType::Listener => self.snapshot.listeners.keys().collect(),
+                ResourceType::Listener => {
+                    let mut both: Vec<&Name> = self
+                        .snapshot
+                        .listeners
+                        .keys()
+                        .chain(self.snapshot.server_listeners.keys())
+                        .collect();
+                    both.sort_unstable();
+                    both
+                }
                 ResourceType::RouteConfig => self.snapshot.route_configs.keys().collect(),
                 ResourceType::Cluster => self.snapshot.clusters.keys().collect(),
                 ResourceType::Endpoints => self.snapshot.endpoints.keys().collect(),

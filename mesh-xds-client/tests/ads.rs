@@ -507,3 +507,278 @@ async fn the_task_ends_with_the_last_handle() {
         "the task should end when the last handle is dropped"
     );
 }
+
+// ---------------------------------------------------------------------------
+// TLS to the control server (channel_creds "tls").
+
+mod tls {
+    use std::io;
+    use std::path::Path;
+    use std::task::{Context, Poll};
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio_rustls::TlsAcceptor;
+    use tokio_rustls::server::TlsStream;
+
+    use super::*;
+    use mesh_xds_client::ChannelTls;
+
+    /// A CA, and PEM files of it and of certificates it issued.
+    struct Pki {
+        issuer: Issuer<'static, KeyPair>,
+        ca_pem: String,
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca_pem = params.self_signed(&key).unwrap().pem();
+            Pki {
+                issuer: Issuer::new(params, key),
+                ca_pem,
+            }
+        }
+
+        /// (certificate PEM, key PEM) for `names` (IP addresses become IP SANs).
+        fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
+            let key = KeyPair::generate().unwrap();
+            let mut params =
+                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                    .unwrap();
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        }
+    }
+
+    /// A TLS connection tonic can serve on.
+    struct Conn(TlsStream<tokio::net::TcpStream>);
+
+    impl tonic::transport::server::Connected for Conn {
+        type ConnectInfo = ();
+        fn connect_info(&self) {}
+    }
+
+    impl AsyncRead for Conn {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Conn {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// The test ADS server over TLS with `cert`/`key`; with `client_ca`,
+    /// a client certificate of that CA is required.
+    async fn serve_tls(
+        resources: Resources,
+        cert: &str,
+        key: &str,
+        client_ca: Option<&str>,
+    ) -> (SocketAddr, mpsc::UnboundedReceiver<DiscoveryRequest>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                    roots.add(c.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    roots.into(),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let mut config = builder.with_single_cert(chain, key).unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (conns_tx, conns_rx) = mpsc::channel::<Result<Conn, io::Error>>(4);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                let conns = conns_tx.clone();
+                tokio::spawn(async move {
+                    // Failed handshakes are the client's to report.
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ = conns.send(Ok(Conn(tls))).await;
+                    }
+                });
+            }
+        });
+        let (log_tx, log) = mpsc::unbounded_channel();
+        let (_kill, kill_rx) = watch::channel(false);
+        let svc = TestAds {
+            resources: Arc::new(resources),
+            version: "tls-v1".into(),
+            log: log_tx,
+            kill: kill_rx,
+        };
+        tokio::spawn(async move {
+            let _kill = _kill;
+            let _ = tonic::transport::Server::builder()
+                .add_service(AggregatedDiscoveryServiceServer::new(svc))
+                .serve_with_incoming(ReceiverStream::new(conns_rx))
+                .await;
+        });
+        (addr, log)
+    }
+
+    fn write(dir: &Path, name: &str, pem: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn the_client_syncs_over_tls_verifying_the_server_by_ip_san() {
+        let pki = Pki::new();
+        let (cert, key) = pki.leaf(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+        let (addr, mut log) = serve_tls(resources(backend()), &cert, &key, None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = write(dir.path(), "root-cert.pem", &pki.ca_pem);
+        let bootstrap = Bootstrap::builder(addr.to_string(), "tls-client")
+            .channel_tls(&ca)
+            .build()
+            .unwrap();
+        let client = XdsClient::start_with(bootstrap, options());
+        timeout(DEADLINE, client.wait_for_listener(LISTENER))
+            .await
+            .expect("timed out")
+            .expect("listener should sync over TLS");
+        assert!(client.snapshot().clusters.contains_key(CLUSTER));
+        let first = timeout(DEADLINE, log.recv()).await.unwrap().unwrap();
+        assert_eq!(first.node.unwrap().id, "tls-client");
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_is_presented_when_configured() {
+        let pki = Pki::new();
+        let (cert, key) = pki.leaf(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+        let (addr, _log) = serve_tls(resources(backend()), &cert, &key, Some(&pki.ca_pem)).await;
+        let (client_cert, client_key) =
+            pki.leaf(&["workload"], ExtendedKeyUsagePurpose::ClientAuth);
+        let dir = tempfile::tempdir().unwrap();
+        let ca = write(dir.path(), "root-cert.pem", &pki.ca_pem);
+        let cert_file = write(dir.path(), "cert.pem", &client_cert);
+        let key_file = write(dir.path(), "key.pem", &client_key);
+        let bootstrap = Bootstrap::builder(addr.to_string(), "tls-client")
+            .channel_credentials(ChannelTls::new(&ca).with_identity(&cert_file, &key_file))
+            .build()
+            .unwrap();
+        let client = XdsClient::start_with(bootstrap, options());
+        timeout(DEADLINE, client.wait_for_listener(LISTENER))
+            .await
+            .expect("timed out")
+            .expect("listener should sync with a client certificate");
+    }
+
+    /// Waits for the client's last error to contain `needle`.
+    async fn error_containing(client: &XdsClient, needle: &str) -> String {
+        timeout(DEADLINE, async {
+            loop {
+                if let Some(e) = client.last_error() {
+                    let msg = e.to_string();
+                    if msg.contains(needle) {
+                        assert_eq!(e.kind(), ErrorKind::Connect, "{msg}");
+                        return msg;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no error with {needle:?}: {:?}", client.last_error()))
+    }
+
+    #[tokio::test]
+    async fn a_server_certificate_of_another_ca_fails_verification() {
+        let pki = Pki::new();
+        let (cert, key) = pki.leaf(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+        let (addr, _log) = serve_tls(resources(backend()), &cert, &key, None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let other = write(dir.path(), "other-root.pem", &Pki::new().ca_pem);
+        let bootstrap = Bootstrap::builder(addr.to_string(), "tls-client")
+            .channel_tls(&other)
+            .build()
+            .unwrap();
+        let client = XdsClient::start_with(bootstrap, options());
+        let msg = error_containing(&client, "certificate verification failed").await;
+        assert!(msg.contains(&addr.to_string()), "{msg}");
+        assert!(msg.contains("other-root.pem"), "{msg}");
+        assert!(client.snapshot().listeners.is_empty());
+
+        // A certificate of the right CA for another name fails too.
+        let (cert, key) = pki.leaf(&["10.9.9.9"], ExtendedKeyUsagePurpose::ServerAuth);
+        let (addr, _log) = serve_tls(resources(backend()), &cert, &key, None).await;
+        let ca = write(dir.path(), "root-cert.pem", &pki.ca_pem);
+        let bootstrap = Bootstrap::builder(addr.to_string(), "tls-client")
+            .channel_tls(&ca)
+            .build()
+            .unwrap();
+        let client = XdsClient::start_with(bootstrap, options());
+        let msg = error_containing(&client, "certificate verification failed").await;
+        assert!(msg.contains("valid for 127.0.0.1"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_ca_file_is_a_clear_error() {
+        let addr = dead_port().await;
+        let bootstrap = Bootstrap::builder(addr.to_string(), "tls-client")
+            .channel_tls("/nonexistent/root-cert.pem")
+            .build()
+            .unwrap();
+        let client = XdsClient::start_with(bootstrap, options());
+        let msg = error_containing(&client, "cannot read ca_certificate_file").await;
+        assert!(msg.contains("/nonexistent/root-cert.pem"), "{msg}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let empty = write(dir.path(), "empty.pem", "not a certificate\n");
+        let bootstrap = Bootstrap::builder(addr.to_string(), "tls-client")
+            .channel_tls(&empty)
+            .build()
+            .unwrap();
+        let client = XdsClient::start_with(bootstrap, options());
+        error_containing(&client, "holds no PEM CERTIFICATE block").await;
+    }
+}

@@ -130,7 +130,7 @@ fn filter_config_is_deterministic_and_round_trips() {
     assert_eq!(rbac_filter_config(&rebuilt).value, any.value);
     let back = rbac_from_filter_config(&any).unwrap().unwrap();
     assert_eq!(&back, rbac);
-    let wrong = prost_types::Any {
+    let wrong = crate::xds::Any {
         type_url: "type.googleapis.com/x".into(),
         value: vec![],
     };
@@ -138,7 +138,7 @@ fn filter_config_is_deterministic_and_round_trips() {
         rbac_from_filter_config(&wrong).unwrap_err().kind(),
         ErrorKind::InvalidConfig
     );
-    let empty = prost_types::Any {
+    let empty = crate::xds::Any {
         type_url: RBAC_FILTER_TYPE.into(),
         value: vec![],
     };

@@ -26,6 +26,7 @@ use envoy_types::pb::envoy::extensions::load_balancing_policies::{
     round_robin::v3::RoundRobin,
     wrr_locality::v3::WrrLocality,
 };
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
     http_protocol_options::{
@@ -39,6 +40,7 @@ use super::cluster_policy::{
     breakers_from_proto, breakers_to_proto, common_http_to_proto, connection_from_proto,
     outlier_from_proto, outlier_to_proto,
 };
+use super::tls::Transport;
 use super::{
     At, Decoded, FieldError, METADATA_NAMESPACE, ResourceType, ads_config_source,
     check_config_source, duration_to_proto, missing, named, pack, reject_if, required_name,
@@ -75,8 +77,8 @@ const KNOWN_UNSUPPORTED_POLICIES: &[&str] = &[
 
 /// The proto for a cluster: `type: EDS` over ADS, its lb policy (see the
 /// module docs of [`crate::xds`] for why least-request is not the
-/// `lb_policy` enum), its protocol, limits, outlier detection and
-/// connection settings.
+/// `lb_policy` enum), its protocol, limits, outlier detection,
+/// connection settings and, with `tls`, the A29 `UpstreamTlsContext`.
 pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
     let (lb_policy, lb_config, load_balancing_policy) = match cluster.lb_policy {
         LbPolicy::RoundRobin => (LbEnum::RoundRobin, None, None),
@@ -156,6 +158,7 @@ pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
         connect_timeout: cluster.connection.connect_timeout.map(duration_to_proto),
         circuit_breakers: Some(breakers_to_proto(&cluster.circuit_breakers)),
         outlier_detection,
+        transport_socket: cluster.tls.as_ref().map(super::tls::upstream_to_proto),
         common_lb_config,
         typed_extension_protocol_options: HashMap::from([(
             HTTP_PROTOCOL_OPTIONS_KEY.to_string(),
@@ -264,26 +267,17 @@ fn cluster_fields(c: &ClusterProto) -> Decoded<Cluster> {
         c.transport_socket_matcher.is_some(),
         "transport_socket_matcher",
     )?;
-    if let Some(ts) = &c.transport_socket {
-        let plaintext = match &ts.config_type {
-            Some(
-                envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
-                    any,
-                ),
-            ) => {
-                type_name(&any.type_url)
-                    == "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
-            }
-            None => ts.name == "envoy.transport_sockets.raw_buffer",
+    let tls =
+        match super::tls::transport_from_proto::<UpstreamTlsContext>(c.transport_socket.as_ref())
+            .at("transport_socket")?
+        {
+            Transport::Plaintext => None,
+            Transport::Tls(context) => Some(
+                super::tls::upstream_from_proto(&context)
+                    .at("typed_config")
+                    .at("transport_socket")?,
+            ),
         };
-        if !plaintext {
-            return Err(FieldError::unsupported(format!(
-                "transport socket {:?} is not supported (upstream TLS is not implemented yet)",
-                ts.name
-            ))
-            .at("transport_socket"));
-        }
-    }
     let lb_policy = match &c.load_balancing_policy {
         Some(policy) => policy_from_list(policy).at("load_balancing_policy")?,
         None => lb_enum_from_proto(c)?,
@@ -319,7 +313,7 @@ fn cluster_fields(c: &ClusterProto) -> Decoded<Cluster> {
         outlier_detection,
         connection,
         locality_failover: locality_failover_from_proto(c)?,
-        tls: None,
+        tls,
         ..Cluster::new(name, protocol)
     })
 }

@@ -50,6 +50,15 @@
 //!   `metadata.filter_metadata["proxyless"].locality_failover: true` (Envoy
 //!   expresses it with EDS priorities; our client applies it from its own
 //!   locality).
+//! - CDS mTLS (gRFC A29): `transport_socket` `envoy.transport_sockets.tls`
+//!   with an `UpstreamTlsContext` naming the bootstrap's `mesh` certificate
+//!   provider instance for the workload certificate and the trust bundle,
+//!   the allowed server SPIFFE IDs as exact `match_subject_alt_names`, and
+//!   the SNI (see the `tls` module).
+//! - LDS for servers (gRFC A36, A41): a listener with an `address` and
+//!   filter chains for the PeerAuthentication mode, each with an inline,
+//!   non-forwarding route and the RBAC filters ([`server_listener_to_proto`]);
+//!   [`decode_lds`] tells both kinds apart.
 //! - EDS: every locality has a `locality` and a `load_balancing_weight`
 //!   (grpcio ignores localities without a weight); endpoints are `HEALTHY`
 //!   and carry their labels in `metadata.filter_metadata["proxyless"].labels`.
@@ -64,7 +73,9 @@
 //! matchers, runtime fractions, redirects, direct responses, rewrites, header
 //! mutations, mirrors, per-filter configs other than the fault filter's,
 //! HTTP filters other than the fault filter and the router (unless
-//! `is_optional`), subset load balancing, upstream TLS, lb policies other
+//! `is_optional`), subset load balancing, upstream TLS other than A29 mTLS
+//! with the `mesh` certificate provider and exact SPIFFE ID matchers, lb
+//! policies other
 //! than round robin / least request / random / ring hash, non-EDS clusters,
 //! hostnames in endpoints (no DNS resolution yet), drop overloads; and for
 //! resilience: `retry_on` names outside [`RetryOn::NAMES`](crate::model::RetryOn::NAMES),
@@ -143,7 +154,9 @@ use envoy_types::pb::envoy::r#type::v3::{
 use envoy_types::pb::google::protobuf::Duration as DurationProto;
 use prost::Message;
 
-use crate::model::{Cluster, ClusterLoadAssignment, Fraction, Listener, RouteConfig};
+use crate::model::{
+    Cluster, ClusterLoadAssignment, Fraction, Listener, RouteConfig, ServerListener,
+};
 use crate::{Error, ErrorKind};
 
 mod cluster;
@@ -152,8 +165,10 @@ mod endpoints;
 mod listener;
 mod route_policy;
 mod routes;
+mod server_listener;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod wire;
 
 /// The `google.protobuf.Any` of envoy-types: what `DiscoveryResponse.resources` holds.
@@ -163,6 +178,12 @@ pub use cluster::{cluster_from_proto, cluster_to_proto};
 pub use endpoints::{endpoints_from_proto, endpoints_to_proto};
 pub use listener::{listener_from_proto, listener_to_proto};
 pub use routes::{route_config_from_proto, route_config_to_proto};
+pub use server_listener::{
+    is_server_listener, server_listener_from_proto, server_listener_to_proto,
+};
+pub use tls::{
+    IDENTITY_CERTIFICATE_NAME, MESH_PROVIDER_INSTANCE, ROOT_CERTIFICATE_NAME, TLS_TRANSPORT_SOCKET,
+};
 
 /// LDS type URL.
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -248,6 +269,17 @@ pub fn encode_listener(listener: &Listener) -> Any {
     pack(&listener_to_proto(listener))
 }
 
+/// Encodes a server listener (LDS resource, gRFC A36), for the ADS server
+/// to serve next to the client listeners (same type URL).
+///
+/// The bytes are a deterministic function of the model: the RBAC filter
+/// configs are written with their policies in name order (see
+/// [`crate::rbac_xds::rbac_filter_config`]), and nothing else in it is a
+/// map.
+pub fn encode_server_listener(listener: &ServerListener) -> Any {
+    pack(&server_listener_to_proto(listener))
+}
+
 /// Encodes a route configuration (RDS resource).
 pub fn encode_route_config(route_config: &RouteConfig) -> Any {
     pack(&route_config_to_proto(route_config))
@@ -286,6 +318,49 @@ pub fn encode_endpoints(endpoints: &ClusterLoadAssignment) -> Any {
 /// Decodes a listener; the error names the listener and the field.
 pub fn decode_listener(any: &Any) -> Result<Listener, Error> {
     listener_from_proto(&unpack_resource::<ListenerProto>(
+        any,
+        ResourceType::Listener,
+    )?)
+}
+
+/// An LDS resource: a client (API) listener or a server listener. Both
+/// come with the same type URL; which one it is follows from its fields
+/// ([`is_server_listener`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LdsResource {
+    /// A listener an app dials (`api_listener`).
+    Client(Listener),
+    /// A server's inbound listener (address and filter chains, gRFC A36).
+    Server(ServerListener),
+}
+
+impl LdsResource {
+    /// The resource name.
+    pub fn name(&self) -> &crate::model::Name {
+        match self {
+            LdsResource::Client(l) => &l.name,
+            LdsResource::Server(l) => &l.name,
+        }
+    }
+}
+
+/// Decodes an LDS resource of either kind: with an `api_listener` it is a
+/// client listener (as [`decode_listener`]); without one but with an
+/// address or filter chains, a server listener
+/// ([`server_listener_from_proto`]); otherwise the client listener error
+/// (`api_listener: missing`). The error names the listener and the field.
+pub fn decode_lds(any: &Any) -> Result<LdsResource, Error> {
+    let proto = unpack_resource::<ListenerProto>(any, ResourceType::Listener)?;
+    if is_server_listener(&proto) {
+        server_listener_from_proto(&proto).map(LdsResource::Server)
+    } else {
+        listener_from_proto(&proto).map(LdsResource::Client)
+    }
+}
+
+/// Decodes a server listener; the error names it and the field.
+pub fn decode_server_listener(any: &Any) -> Result<ServerListener, Error> {
+    server_listener_from_proto(&unpack_resource::<ListenerProto>(
         any,
         ResourceType::Listener,
     )?)

@@ -36,9 +36,10 @@ use crate::model::{
     AbortStatus, CircuitBreakers, ConnectionSettings, Endpoint, FaultAbort, FaultDelay,
     FaultPolicy, Fraction, HashPolicy, HeaderMatch, LbPolicy, Locality, LocalityEndpoints, Name,
     OutlierDetection, PathMatch, Pattern, Protocol, QueryParamMatch, RetryBudget, RetryOn,
-    RetryPolicy, Route, RouteMatch, RoutePolicy, ValueMatch, VirtualHost, WeightedCluster,
-    WeightedClusters,
+    RetryPolicy, Route, RouteMatch, RoutePolicy, UpstreamTls, ValueMatch, VirtualHost,
+    WeightedCluster, WeightedClusters,
 };
+use crate::spiffe::SpiffeId;
 
 // ---------------------------------------------------------------------------
 // Strategies
@@ -362,6 +363,7 @@ fn cluster() -> impl Strategy<Value = Cluster> {
         proptest::option::of(outlier_detection()),
         prop_oneof![Just(ConnectionSettings::default()), connection_settings()],
         any::<bool>(),
+        proptest::option::of(upstream_tls()),
     );
     (cluster_name(), cluster_name(), lb, protocol, policy).prop_map(
         |(
@@ -369,7 +371,7 @@ fn cluster() -> impl Strategy<Value = Cluster> {
             eds_service_name,
             lb_policy,
             protocol,
-            (circuit_breakers, outlier_detection, connection, locality_failover),
+            (circuit_breakers, outlier_detection, connection, locality_failover, tls),
         )| Cluster {
             eds_service_name,
             lb_policy,
@@ -377,9 +379,30 @@ fn cluster() -> impl Strategy<Value = Cluster> {
             outlier_detection,
             connection,
             locality_failover,
+            tls,
             ..Cluster::new(name, protocol)
         },
     )
+}
+
+fn spiffe_id() -> impl Strategy<Value = SpiffeId> {
+    (
+        prop_oneof![Just("cluster.local"), Just("example.org")],
+        "[a-z][a-z0-9-]{0,8}",
+        "[a-z][a-z0-9-]{0,8}",
+    )
+        .prop_map(|(td, ns, sa)| SpiffeId::new(td, &ns, &sa).unwrap())
+}
+
+fn upstream_tls() -> impl Strategy<Value = UpstreamTls> {
+    (
+        vec(spiffe_id(), 0..4),
+        prop_oneof![Just(String::new()), "[a-z_.|0-9]{1,30}"],
+    )
+        .prop_map(|(ids, sni)| UpstreamTls {
+            server_identities: ids.into(),
+            sni: sni.into(),
+        })
 }
 
 fn ip() -> impl Strategy<Value = IpAddr> {
@@ -1753,4 +1776,962 @@ fn durations_saturate_at_the_largest_valid_proto_duration() {
         nanos: 0,
     };
     assert!(duration_from_proto(&negative).is_err());
+}
+
+// ---------------------------------------------------------------------------
+// Zero trust: cluster mTLS (gRFC A29) and server listeners (A36, A41).
+
+mod zero_trust {
+    use envoy_types::pb::envoy::config::core::v3::TransportSocket;
+    use envoy_types::pb::envoy::config::core::v3::address;
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType as TsConfig;
+    use envoy_types::pb::envoy::config::listener::v3::{
+        FilterChain, FilterChainMatch, filter::ConfigType as FilterConfig,
+    };
+    use envoy_types::pb::envoy::config::route::v3::Route as RouteProto;
+    use envoy_types::pb::envoy::config::route::v3::{
+        NonForwardingAction, RouteAction, route_action::ClusterSpecifier,
+    };
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter;
+    use envoy_types::pb::envoy::extensions::transport_sockets::alts::v3::Alts;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateProviderPluginInstance, CertificateValidationContext, DownstreamTlsContext,
+        SubjectAltNameMatcher, UpstreamTlsContext,
+        common_tls_context::{
+            CertificateProviderInstance, CombinedCertificateValidationContext,
+            ValidationContextType,
+        },
+        subject_alt_name_matcher::SanType,
+    };
+    use envoy_types::pb::google::protobuf::BoolValue;
+
+    use super::*;
+    use crate::model::{MtlsMode, ServerListener};
+    use crate::rbac::{
+        Action as RbacAction, AuthorizationPolicy, Operation, Rule, Source, StringMatch,
+    };
+    use crate::rbac_xds::{RBAC_FILTER_NAME, rbac_filter_config, rbac_to_proto};
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "shop", sa).unwrap()
+    }
+
+    fn tls_cluster() -> Cluster {
+        Cluster {
+            tls: Some(UpstreamTls {
+                server_identities: vec![id("payment"), id("payment-canary")].into(),
+                sni: "outbound_.8080_._.payment.shop.svc.cluster.local".into(),
+            }),
+            ..sample_cluster(LbPolicy::RoundRobin)
+        }
+    }
+
+    fn upstream_context(proto: &ClusterProto) -> UpstreamTlsContext {
+        let ts = proto.transport_socket.as_ref().unwrap();
+        let Some(TsConfig::TypedConfig(any)) = &ts.config_type else {
+            panic!("no typed_config: {ts:?}")
+        };
+        UpstreamTlsContext::decode(any.value.as_slice()).unwrap()
+    }
+
+    fn set_upstream_context(proto: &mut ClusterProto, context: &UpstreamTlsContext) {
+        proto.transport_socket = Some(TransportSocket {
+            name: TLS_TRANSPORT_SOCKET.into(),
+            config_type: Some(TsConfig::TypedConfig(pack(context))),
+        });
+    }
+
+    fn validation_mut(context: &mut UpstreamTlsContext) -> &mut CertificateValidationContext {
+        match context
+            .common_tls_context
+            .as_mut()
+            .unwrap()
+            .validation_context_type
+            .as_mut()
+        {
+            Some(ValidationContextType::ValidationContext(v)) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The cluster error for a modified UpstreamTlsContext.
+    fn tls_error(modify: impl FnOnce(&mut UpstreamTlsContext)) -> Error {
+        let mut proto = cluster_to_proto(&tls_cluster());
+        let mut context = upstream_context(&proto);
+        modify(&mut context);
+        set_upstream_context(&mut proto, &context);
+        cluster_from_proto(&proto).unwrap_err()
+    }
+
+    #[test]
+    #[allow(deprecated)] // match_subject_alt_names: what gRPC enforces
+    fn cluster_tls_is_an_a29_upstream_tls_context() {
+        let c = tls_cluster();
+        let proto = cluster_to_proto(&c);
+        assert_eq!(
+            proto.transport_socket.as_ref().unwrap().name,
+            "envoy.transport_sockets.tls"
+        );
+        let context = upstream_context(&proto);
+        assert_eq!(
+            context.sni,
+            "outbound_.8080_._.payment.shop.svc.cluster.local"
+        );
+        let common = context.common_tls_context.as_ref().unwrap();
+        assert_eq!(
+            common.tls_certificate_provider_instance,
+            Some(CertificateProviderPluginInstance {
+                instance_name: "mesh".into(),
+                certificate_name: "default".into(),
+            })
+        );
+        let Some(ValidationContextType::ValidationContext(v)) = &common.validation_context_type
+        else {
+            panic!("{common:?}")
+        };
+        assert_eq!(
+            v.ca_certificate_provider_instance,
+            Some(CertificateProviderPluginInstance {
+                instance_name: "mesh".into(),
+                certificate_name: "ROOTCA".into(),
+            })
+        );
+        let sans: Vec<_> = v
+            .match_subject_alt_names
+            .iter()
+            .map(|m| (m.match_pattern.clone(), m.ignore_case))
+            .collect();
+        assert_eq!(
+            sans,
+            [
+                (
+                    Some(MatchPattern::Exact(
+                        "spiffe://cluster.local/ns/shop/sa/payment".into()
+                    )),
+                    false
+                ),
+                (
+                    Some(MatchPattern::Exact(
+                        "spiffe://cluster.local/ns/shop/sa/payment-canary".into()
+                    )),
+                    false
+                ),
+            ]
+        );
+        // Round trip, through the deterministic encoding and the wire.
+        let any = encode_cluster(&c);
+        assert_eq!(decode_cluster(&over_the_wire(&any)).unwrap(), c);
+        // Plaintext clusters have no transport socket.
+        let plain = sample_cluster(LbPolicy::RoundRobin);
+        assert!(cluster_to_proto(&plain).transport_socket.is_none());
+        assert_eq!(decode_cluster(&encode_cluster(&plain)).unwrap().tls, None);
+    }
+
+    #[test]
+    #[allow(deprecated)] // the older A29 fields
+    fn cluster_tls_in_the_older_a29_form_decodes() {
+        let mut proto = cluster_to_proto(&tls_cluster());
+        let mut context = upstream_context(&proto);
+        let common = context.common_tls_context.as_mut().unwrap();
+        common.tls_certificate_provider_instance = None;
+        common.tls_certificate_certificate_provider_instance = Some(CertificateProviderInstance {
+            instance_name: "mesh".into(),
+            certificate_name: "default".into(),
+        });
+        let Some(ValidationContextType::ValidationContext(mut v)) =
+            common.validation_context_type.take()
+        else {
+            panic!()
+        };
+        v.ca_certificate_provider_instance = None;
+        common.validation_context_type = Some(ValidationContextType::CombinedValidationContext(
+            CombinedCertificateValidationContext {
+                default_validation_context: Some(v),
+                validation_context_certificate_provider_instance: Some(
+                    CertificateProviderInstance {
+                        instance_name: "mesh".into(),
+                        certificate_name: "ROOTCA".into(),
+                    },
+                ),
+                ..Default::default()
+            },
+        ));
+        set_upstream_context(&mut proto, &context);
+        assert_eq!(cluster_from_proto(&proto).unwrap(), tls_cluster());
+
+        // URI-typed SAN matchers (Envoy's newer form) read the same.
+        let mut proto = cluster_to_proto(&tls_cluster());
+        let mut context = upstream_context(&proto);
+        let v = validation_mut(&mut context);
+        v.match_typed_subject_alt_names = v
+            .match_subject_alt_names
+            .drain(..)
+            .map(|m| SubjectAltNameMatcher {
+                san_type: SanType::Uri as i32,
+                matcher: Some(m),
+                oid: String::new(),
+            })
+            .collect();
+        set_upstream_context(&mut proto, &context);
+        assert_eq!(cluster_from_proto(&proto).unwrap(), tls_cluster());
+    }
+
+    #[test]
+    #[allow(deprecated)] // match_subject_alt_names
+    fn cluster_tls_that_cannot_be_honored_is_rejected_with_the_field() {
+        let at =
+            "Cluster \"outbound|80||catalog\": transport_socket.typed_config.common_tls_context.";
+        let cases: Vec<(Error, ErrorKind, String)> = vec![
+            (
+                tls_error(|c| {
+                    validation_mut(c).match_subject_alt_names[1].match_pattern =
+                        Some(MatchPattern::Prefix("spiffe://cluster.local/".into()));
+                }),
+                ErrorKind::Unsupported,
+                format!("{at}validation_context.match_subject_alt_names[1]: only exact SPIFFE ID"),
+            ),
+            (
+                tls_error(|c| validation_mut(c).match_subject_alt_names[0].ignore_case = true),
+                ErrorKind::Unsupported,
+                format!("{at}validation_context.match_subject_alt_names[0]: ignore_case"),
+            ),
+            (
+                tls_error(|c| {
+                    validation_mut(c).match_subject_alt_names[0].match_pattern =
+                        Some(MatchPattern::Exact("payment.shop.svc".into()));
+                }),
+                ErrorKind::InvalidConfig,
+                format!(
+                    "{at}validation_context.match_subject_alt_names[0].exact: \"payment.shop.svc\" is not a SPIFFE ID"
+                ),
+            ),
+            (
+                tls_error(|c| {
+                    validation_mut(c).match_typed_subject_alt_names.push(SubjectAltNameMatcher {
+                        san_type: SanType::Dns as i32,
+                        matcher: None,
+                        oid: String::new(),
+                    });
+                }),
+                ErrorKind::Unsupported,
+                format!(
+                    "{at}validation_context.match_typed_subject_alt_names[0].san_type: SAN type DNS"
+                ),
+            ),
+            (
+                tls_error(|c| {
+                    c.common_tls_context
+                        .as_mut()
+                        .unwrap()
+                        .tls_certificate_provider_instance
+                        .as_mut()
+                        .unwrap()
+                        .instance_name = "default".into();
+                }),
+                ErrorKind::Unsupported,
+                format!(
+                    "{at}tls_certificate_provider_instance.instance_name: certificate provider instance \"default\" is not supported"
+                ),
+            ),
+            (
+                tls_error(|c| {
+                    validation_mut(c)
+                        .ca_certificate_provider_instance
+                        .as_mut()
+                        .unwrap()
+                        .instance_name = "other".into();
+                }),
+                ErrorKind::Unsupported,
+                format!("{at}validation_context.ca_certificate_provider_instance.instance_name"),
+            ),
+            (
+                tls_error(|c| {
+                    c.common_tls_context.as_mut().unwrap().tls_certificate_provider_instance =
+                        None;
+                }),
+                ErrorKind::Unsupported,
+                format!("{at}tls_certificate_provider_instance: missing: only mutual TLS"),
+            ),
+            (
+                tls_error(|c| {
+                    c.common_tls_context.as_mut().unwrap().validation_context_type = None;
+                }),
+                ErrorKind::InvalidConfig,
+                format!("{at}validation_context: missing: peer certificates must be verified"),
+            ),
+            (
+                tls_error(|c| validation_mut(c).ca_certificate_provider_instance = None),
+                ErrorKind::InvalidConfig,
+                format!("{at}validation_context.ca_certificate_provider_instance: missing"),
+            ),
+            (
+                tls_error(|c| validation_mut(c).allow_expired_certificate = true),
+                ErrorKind::Unsupported,
+                format!("{at}validation_context.allow_expired_certificate: not supported"),
+            ),
+            (
+                tls_error(|c| c.auto_host_sni = true),
+                ErrorKind::Unsupported,
+                "Cluster \"outbound|80||catalog\": transport_socket.typed_config.auto_host_sni: not supported"
+                    .to_string(),
+            ),
+        ];
+        for (err, kind, prefix) in cases {
+            assert_eq!(err.kind(), kind, "{err}");
+            assert!(
+                err.to_string().starts_with(&prefix),
+                "{err}\n  expected: {prefix}"
+            );
+        }
+        // Another transport socket altogether.
+        let mut proto = cluster_to_proto(&tls_cluster());
+        proto.transport_socket = Some(TransportSocket {
+            name: "envoy.transport_sockets.alts".into(),
+            config_type: Some(TsConfig::TypedConfig(pack(&Alts::default()))),
+        });
+        let err = cluster_from_proto(&proto).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        assert!(
+            err.to_string().starts_with(
+                "Cluster \"outbound|80||catalog\": transport_socket.typed_config: transport socket \"envoy.transport_sockets.alts\""
+            ),
+            "{err}"
+        );
+    }
+
+    // ----------------------------------------------------------- server side
+
+    fn sm(s: &str) -> Arc<[StringMatch]> {
+        vec![StringMatch::parse(s).unwrap()].into()
+    }
+
+    /// DENY, ALLOW and AUDIT policies, in the decoded order (by action,
+    /// then namespace and name).
+    fn policies() -> Vec<AuthorizationPolicy> {
+        vec![
+            AuthorizationPolicy::new(
+                "shop",
+                "deny-admin",
+                RbacAction::Deny,
+                vec![Rule {
+                    to: vec![Operation {
+                        paths: sm("/admin*"),
+                        ..Default::default()
+                    }]
+                    .into(),
+                    ..Default::default()
+                }],
+            )
+            .unwrap(),
+            AuthorizationPolicy::new(
+                "istio-system",
+                "allow-frontend",
+                RbacAction::Allow,
+                vec![Rule {
+                    from: vec![Source {
+                        principals: sm("cluster.local/ns/shop/sa/frontend"),
+                        ..Default::default()
+                    }]
+                    .into(),
+                    ..Default::default()
+                }],
+            )
+            .unwrap(),
+            AuthorizationPolicy::new(
+                "shop",
+                "allow-get",
+                RbacAction::Allow,
+                vec![Rule {
+                    to: vec![Operation {
+                        methods: sm("GET"),
+                        ..Default::default()
+                    }]
+                    .into(),
+                    ..Default::default()
+                }],
+            )
+            .unwrap(),
+            AuthorizationPolicy::new(
+                "shop",
+                "audit-all",
+                RbacAction::Audit,
+                vec![Rule::default()],
+            )
+            .unwrap(),
+        ]
+    }
+
+    fn server(mtls: MtlsMode, policies: Vec<AuthorizationPolicy>) -> ServerListener {
+        ServerListener {
+            name: "grpc/server?xds.resource.listening_address=10.0.0.7:8080".into(),
+            address: "10.0.0.7:8080".parse().unwrap(),
+            mtls,
+            policies: policies.into(),
+        }
+    }
+
+    fn decode_server(any: &Any) -> ServerListener {
+        match decode_lds(any).unwrap() {
+            LdsResource::Server(s) => s,
+            other => panic!("not a server listener: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn server_listeners_round_trip_in_every_mode() {
+        let only_deny = vec![policies().remove(0)];
+        for mtls in [MtlsMode::Strict, MtlsMode::Permissive, MtlsMode::Disable] {
+            for p in [vec![], only_deny.clone(), policies()] {
+                let l = server(mtls, p);
+                let any = encode_server_listener(&l);
+                assert_eq!(any.type_url, LISTENER_TYPE);
+                assert_eq!(resource_name(&any), Some(l.name.to_string()));
+                assert_eq!(encode_server_listener(&l), any, "deterministic");
+                assert_eq!(decode_server(&any), l);
+                assert_eq!(decode_server(&over_the_wire(&any)), l);
+                assert_eq!(decode_server_listener(&any).unwrap(), l);
+                let proto = server_listener_to_proto(&l);
+                assert!(is_server_listener(&proto));
+                assert_eq!(server_listener_from_proto(&proto).unwrap(), l);
+                assert_eq!(decode_lds(&any).unwrap().name(), &l.name);
+            }
+        }
+        // IPv6 addresses too.
+        let mut l = server(MtlsMode::Strict, vec![]);
+        l.address = "[::]:50051".parse().unwrap();
+        assert_eq!(decode_server(&encode_server_listener(&l)), l);
+    }
+
+    fn hcm_of(chain: &FilterChain) -> HttpConnectionManager {
+        let Some(FilterConfig::TypedConfig(any)) = &chain.filters[0].config_type else {
+            panic!()
+        };
+        HttpConnectionManager::decode(any.value.as_slice()).unwrap()
+    }
+
+    fn downstream_of(chain: &FilterChain) -> Option<DownstreamTlsContext> {
+        let ts = chain.transport_socket.as_ref()?;
+        assert_eq!(ts.name, "envoy.transport_sockets.tls");
+        let Some(TsConfig::TypedConfig(any)) = &ts.config_type else {
+            panic!()
+        };
+        Some(DownstreamTlsContext::decode(any.value.as_slice()).unwrap())
+    }
+
+    #[test]
+    fn server_listener_has_the_a36_shape() {
+        let strict = server_listener_to_proto(&server(MtlsMode::Strict, policies()));
+        let Some(address::Address::SocketAddress(sa)) =
+            strict.address.as_ref().and_then(|a| a.address.clone())
+        else {
+            panic!()
+        };
+        assert_eq!(sa.address, "10.0.0.7");
+        assert_eq!(
+            sa.port_specifier,
+            Some(
+                envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
+                    8080
+                )
+            )
+        );
+        assert!(strict.api_listener.is_none());
+        let [chain] = strict.filter_chains.as_slice() else {
+            panic!()
+        };
+        let tls = downstream_of(chain).unwrap();
+        assert_eq!(
+            tls.require_client_certificate,
+            Some(BoolValue { value: true })
+        );
+        let common = tls.common_tls_context.unwrap();
+        assert_eq!(
+            common
+                .tls_certificate_provider_instance
+                .unwrap()
+                .instance_name,
+            "mesh"
+        );
+        let Some(ValidationContextType::ValidationContext(v)) = common.validation_context_type
+        else {
+            panic!()
+        };
+        assert_eq!(
+            v.ca_certificate_provider_instance.unwrap().certificate_name,
+            "ROOTCA"
+        );
+        assert_eq!(
+            chain.filters[0].name,
+            "envoy.filters.network.http_connection_manager"
+        );
+        let hcm = hcm_of(chain);
+        let Some(RouteSpecifier::RouteConfig(rc)) = &hcm.route_specifier else {
+            panic!()
+        };
+        assert_eq!(rc.name, "inbound|8080");
+        assert_eq!(rc.virtual_hosts[0].domains, ["*"]);
+        let route = &rc.virtual_hosts[0].routes[0];
+        assert_eq!(
+            route.r#match.as_ref().unwrap().path_specifier,
+            Some(PathSpecifier::Prefix("/".into()))
+        );
+        assert_eq!(
+            route.action,
+            Some(Action::NonForwardingAction(NonForwardingAction {}))
+        );
+        let names: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                RBAC_FILTER_NAME,
+                RBAC_FILTER_NAME,
+                RBAC_FILTER_NAME,
+                "envoy.filters.http.router"
+            ]
+        );
+        // DENY, ALLOW, LOG: the filter configs are rbac_xds's, in order.
+        let expected: Vec<Any> = rbac_to_proto(&policies())
+            .iter()
+            .map(rbac_filter_config)
+            .collect();
+        let configs: Vec<Any> = hcm.http_filters[..3]
+            .iter()
+            .map(|f| match &f.config_type {
+                Some(ConfigType::TypedConfig(any)) => any.clone(),
+                _ => panic!(),
+            })
+            .collect();
+        assert_eq!(configs, expected);
+
+        let permissive = server_listener_to_proto(&server(MtlsMode::Permissive, vec![]));
+        let protocols: Vec<(String, Option<bool>)> = permissive
+            .filter_chains
+            .iter()
+            .map(|c| {
+                (
+                    c.filter_chain_match
+                        .clone()
+                        .unwrap_or_default()
+                        .transport_protocol,
+                    downstream_of(c).map(|t| t.require_client_certificate.unwrap().value),
+                )
+            })
+            .collect();
+        assert_eq!(
+            protocols,
+            [("tls".into(), Some(false)), ("raw_buffer".into(), None)]
+        );
+        // Without policies: only the router.
+        assert_eq!(hcm_of(&permissive.filter_chains[1]).http_filters.len(), 1);
+
+        let disable = server_listener_to_proto(&server(MtlsMode::Disable, vec![]));
+        let [chain] = disable.filter_chains.as_slice() else {
+            panic!()
+        };
+        assert!(chain.transport_socket.is_none());
+    }
+
+    /// What a gRPC control plane sends a gRPC server: a plaintext chain
+    /// matching raw_buffer, a route with non_forwarding_action.
+    fn grpc_style_listener() -> ListenerProto {
+        let hcm = HttpConnectionManager {
+            route_specifier: Some(RouteSpecifier::RouteConfig(RouteConfiguration {
+                name: "inbound|50051".into(),
+                virtual_hosts: vec![envoy_types::pb::envoy::config::route::v3::VirtualHost {
+                    name: "inbound|http|50051".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![RouteProto {
+                        r#match: Some(envoy_types::pb::envoy::config::route::v3::RouteMatch {
+                            path_specifier: Some(PathSpecifier::Prefix(String::new())),
+                            ..Default::default()
+                        }),
+                        action: Some(Action::NonForwardingAction(NonForwardingAction {})),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+            http_filters: vec![HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(ConfigType::TypedConfig(pack(
+                    &envoy_types::pb::envoy::extensions::filters::http::router::v3::Router::default(
+                    ),
+                ))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        ListenerProto {
+            name: "grpc/server?xds.resource.listening_address=0.0.0.0:50051".into(),
+            address: Some(envoy_types::pb::envoy::config::core::v3::Address {
+                address: Some(address::Address::SocketAddress(
+                    envoy_types::pb::envoy::config::core::v3::SocketAddress {
+                        address: "0.0.0.0".into(),
+                        port_specifier: Some(
+                            envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(50051),
+                        ),
+                        ..Default::default()
+                    },
+                )),
+            }),
+            filter_chains: vec![FilterChain {
+                filter_chain_match: Some(FilterChainMatch {
+                    transport_protocol: "raw_buffer".into(),
+                    destination_port: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                        value: 50051,
+                    }),
+                    ..Default::default()
+                }),
+                filters: vec![envoy_types::pb::envoy::config::listener::v3::Filter {
+                    name: "envoy.filters.network.http_connection_manager".into(),
+                    config_type: Some(FilterConfig::TypedConfig(pack(&hcm))),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn hcm_mut(proto: &mut ListenerProto, edit: impl FnOnce(&mut HttpConnectionManager)) {
+        let chain = &mut proto.filter_chains[0];
+        let mut hcm = hcm_of(chain);
+        edit(&mut hcm);
+        chain.filters[0].config_type = Some(FilterConfig::TypedConfig(pack(&hcm)));
+    }
+
+    fn route_mut(proto: &mut ListenerProto, edit: impl FnOnce(&mut RouteProto)) {
+        hcm_mut(proto, |hcm| {
+            let Some(RouteSpecifier::RouteConfig(rc)) = &mut hcm.route_specifier else {
+                panic!()
+            };
+            edit(&mut rc.virtual_hosts[0].routes[0]);
+        });
+    }
+
+    #[test]
+    #[allow(deprecated)] // the older A29 fields
+    fn a_grpc_style_server_listener_decodes() {
+        let proto = grpc_style_listener();
+        let l = server_listener_from_proto(&proto).unwrap();
+        assert_eq!(l.mtls, MtlsMode::Disable);
+        assert_eq!(l.address, "0.0.0.0:50051".parse().unwrap());
+        assert!(l.policies.is_empty());
+        assert!(matches!(
+            decode_lds(&pack(&proto)).unwrap(),
+            LdsResource::Server(_)
+        ));
+
+        // STRICT in the older A29 form, with an ALLOW RBAC filter.
+        let mut strict = grpc_style_listener();
+        let chain = &mut strict.filter_chains[0];
+        chain.filter_chain_match = None;
+        chain.transport_socket = Some(TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(TsConfig::TypedConfig(pack(&DownstreamTlsContext {
+                require_client_certificate: Some(BoolValue { value: true }),
+                common_tls_context: Some(
+                    envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CommonTlsContext {
+                        tls_certificate_certificate_provider_instance: Some(
+                            CertificateProviderInstance {
+                                instance_name: "mesh".into(),
+                                certificate_name: "default".into(),
+                            },
+                        ),
+                        validation_context_type: Some(
+                            ValidationContextType::CombinedValidationContext(
+                                CombinedCertificateValidationContext {
+                                    default_validation_context: Some(Default::default()),
+                                    validation_context_certificate_provider_instance: Some(
+                                        CertificateProviderInstance {
+                                            instance_name: "mesh".into(),
+                                            certificate_name: "ROOTCA".into(),
+                                        },
+                                    ),
+                                    ..Default::default()
+                                },
+                            ),
+                        ),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            }))),
+        });
+        let allow = vec![policies().remove(1)];
+        hcm_mut(&mut strict, |hcm| {
+            hcm.http_filters.insert(
+                0,
+                HttpFilter {
+                    name: RBAC_FILTER_NAME.into(),
+                    config_type: Some(ConfigType::TypedConfig(rbac_filter_config(
+                        &rbac_to_proto(&allow)[0],
+                    ))),
+                    ..Default::default()
+                },
+            );
+        });
+        let l = server_listener_from_proto(&strict).unwrap();
+        assert_eq!(l.mtls, MtlsMode::Strict);
+        assert_eq!(&*l.policies, allow.as_slice());
+
+        // Filters in another order (ALLOW before DENY) decode in evaluation order.
+        let mut swapped =
+            server_listener_to_proto(&server(MtlsMode::Disable, policies()[..3].to_vec()));
+        hcm_mut(&mut swapped, |hcm| hcm.http_filters.swap(0, 1));
+        assert_eq!(
+            &*server_listener_from_proto(&swapped).unwrap().policies,
+            &policies()[..3]
+        );
+    }
+
+    #[test]
+    fn client_listeners_decode_as_before() {
+        let l = Listener {
+            name: "payment".into(),
+            route_config_name: "payment-routes".into(),
+        };
+        match decode_lds(&encode_listener(&l)).unwrap() {
+            LdsResource::Client(c) => assert_eq!(c, l),
+            other => panic!("{other:?}"),
+        }
+        // Neither api_listener nor filter chains: the client listener error.
+        let bare = ListenerProto {
+            name: "x".into(),
+            ..Default::default()
+        };
+        assert!(!is_server_listener(&bare));
+        let err = decode_lds(&pack(&bare)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("Listener \"x\": api_listener: missing: only client (API) listeners"),
+            "{err}"
+        );
+        // The client decoder still refuses server listeners.
+        let any = encode_server_listener(&server(MtlsMode::Strict, vec![]));
+        assert!(decode_listener(&any).is_err());
+    }
+
+    /// The error decoding `proto` as a server listener, which must start
+    /// with `prefix` (after `Listener "<name>": `).
+    fn assert_server_error(proto: &ListenerProto, kind: ErrorKind, prefix: &str) {
+        let err = decode_lds(&pack(proto)).unwrap_err();
+        let msg = err.to_string();
+        let rest = msg
+            .strip_prefix(&format!("Listener {:?}: ", proto.name))
+            .unwrap_or_else(|| panic!("unnamed: {msg}"));
+        assert!(rest.starts_with(prefix), "{msg}\n  expected: {prefix}");
+        assert_eq!(err.kind(), kind, "{msg}");
+    }
+
+    #[test]
+    fn malformed_server_listeners_are_rejected_with_the_field() {
+        let hcm_at = "filter_chains[0].filters[0].typed_config.";
+        let mut p = grpc_style_listener();
+        route_mut(&mut p, |r| {
+            r.action = Some(Action::Route(RouteAction {
+                cluster_specifier: Some(ClusterSpecifier::Cluster("backend".into())),
+                ..Default::default()
+            }));
+        });
+        assert_server_error(
+            &p,
+            ErrorKind::Unsupported,
+            &format!(
+                "{hcm_at}route_config.virtual_hosts[0].routes[0].action: routes of a server listener must have non_forwarding_action"
+            ),
+        );
+
+        let mut p = grpc_style_listener();
+        route_mut(&mut p, |r| {
+            r.r#match.as_mut().unwrap().path_specifier = Some(PathSpecifier::Prefix("/api".into()));
+        });
+        assert_server_error(
+            &p,
+            ErrorKind::Unsupported,
+            &format!(
+                "{hcm_at}route_config.virtual_hosts[0].routes: no route matches every request"
+            ),
+        );
+
+        let mut p = grpc_style_listener();
+        hcm_mut(&mut p, |hcm| {
+            hcm.route_specifier = Some(RouteSpecifier::Rds(Default::default()));
+        });
+        assert_server_error(
+            &p,
+            ErrorKind::Unsupported,
+            &format!("{hcm_at}rds: RDS is not supported"),
+        );
+
+        let mut p = grpc_style_listener();
+        hcm_mut(&mut p, |hcm| {
+            hcm.http_filters.insert(
+                0,
+                HttpFilter {
+                    name: "envoy.filters.http.fault".into(),
+                    config_type: Some(ConfigType::TypedConfig(pack(&HttpFault::default()))),
+                    ..Default::default()
+                },
+            );
+        });
+        assert_server_error(
+            &p,
+            ErrorKind::Unsupported,
+            &format!("{hcm_at}http_filters[0]: HTTP filter \"envoy.filters.http.fault\""),
+        );
+
+        let mut p = grpc_style_listener();
+        hcm_mut(&mut p, |hcm| hcm.http_filters.clear());
+        assert_server_error(
+            &p,
+            ErrorKind::InvalidConfig,
+            &format!("{hcm_at}http_filters: empty"),
+        );
+
+        let mut p = grpc_style_listener();
+        p.filter_chains[0]
+            .filter_chain_match
+            .as_mut()
+            .unwrap()
+            .transport_protocol = "quic".into();
+        assert_server_error(
+            &p,
+            ErrorKind::Unsupported,
+            "filter_chains[0].filter_chain_match.transport_protocol: \"quic\"",
+        );
+
+        let mut p = grpc_style_listener();
+        p.filter_chains[0]
+            .filter_chain_match
+            .as_mut()
+            .unwrap()
+            .server_names = vec!["a".into()];
+        assert_server_error(
+            &p,
+            ErrorKind::Unsupported,
+            "filter_chains[0].filter_chain_match.server_names: only transport_protocol",
+        );
+
+        let mut p = grpc_style_listener();
+        p.address = None;
+        assert_server_error(
+            &p,
+            ErrorKind::InvalidConfig,
+            "address.socket_address: missing",
+        );
+
+        let mut p = grpc_style_listener();
+        if let Some(address::Address::SocketAddress(sa)) =
+            p.address.as_mut().and_then(|a| a.address.as_mut())
+        {
+            sa.address = "server.local".into();
+        }
+        assert_server_error(
+            &p,
+            ErrorKind::InvalidConfig,
+            "address.socket_address.address: \"server.local\" is not an IP address",
+        );
+
+        // Two chains for the same connections.
+        let mut p = grpc_style_listener();
+        p.filter_chains.push(p.filter_chains[0].clone());
+        assert_server_error(
+            &p,
+            ErrorKind::InvalidConfig,
+            "filter_chains[1]: the same filter_chain_match",
+        );
+
+        // Chains that authorize differently.
+        let mut p = server_listener_to_proto(&server(MtlsMode::Permissive, policies()));
+        let other = server_listener_to_proto(&server(MtlsMode::Permissive, vec![]));
+        p.filter_chains[1].filters = other.filter_chains[1].filters.clone();
+        assert_server_error(
+            &p,
+            ErrorKind::Unsupported,
+            "filter_chains[1]: its RBAC policies differ from those of filter_chains[0]",
+        );
+
+        // PERMISSIVE whose TLS chain requires a client certificate.
+        let mut p = server_listener_to_proto(&server(MtlsMode::Permissive, vec![]));
+        p.filter_chains[0].transport_socket =
+            server_listener_to_proto(&server(MtlsMode::Strict, vec![])).filter_chains[0]
+                .transport_socket
+                .clone();
+        assert_server_error(
+            &p,
+            ErrorKind::Unsupported,
+            "filter_chains[0].transport_socket.typed_config.require_client_certificate: a TLS chain next to a plaintext chain",
+        );
+
+        // TLS without a client certificate and no plaintext chain.
+        let mut p = server_listener_to_proto(&server(MtlsMode::Permissive, vec![]));
+        p.filter_chains.pop();
+        assert_server_error(
+            &p,
+            ErrorKind::Unsupported,
+            "filter_chains[0]: TLS without a required client certificate",
+        );
+
+        // A "tls" chain without TLS.
+        let mut p = server_listener_to_proto(&server(MtlsMode::Permissive, vec![]));
+        p.filter_chains[0].transport_socket = None;
+        assert_server_error(
+            &p,
+            ErrorKind::InvalidConfig,
+            "filter_chains[0].transport_socket: a chain matching transport_protocol \"tls\"",
+        );
+
+        // Server-side SAN matching.
+        let mut p = server_listener_to_proto(&server(MtlsMode::Strict, vec![]));
+        let mut tls = downstream_of(&p.filter_chains[0]).unwrap();
+        #[allow(deprecated)]
+        if let Some(ValidationContextType::ValidationContext(v)) = &mut tls
+            .common_tls_context
+            .as_mut()
+            .unwrap()
+            .validation_context_type
+        {
+            v.match_subject_alt_names.push(StringMatcher {
+                match_pattern: Some(MatchPattern::Exact(id("frontend").as_str().into())),
+                ignore_case: false,
+            });
+        }
+        p.filter_chains[0].transport_socket = Some(TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(TsConfig::TypedConfig(pack(&tls))),
+        });
+        assert_server_error(
+            &p,
+            ErrorKind::Unsupported,
+            "filter_chains[0].transport_socket.typed_config.common_tls_context.validation_context.match_subject_alt_names: matching client certificates by SAN",
+        );
+
+        // No chains at all, but an address: a server listener without chains.
+        let mut p = grpc_style_listener();
+        p.filter_chains.clear();
+        assert_server_error(&p, ErrorKind::InvalidConfig, "filter_chains: missing");
+
+        // Two ALLOW filters.
+        let mut p = grpc_style_listener();
+        let allow = rbac_filter_config(&rbac_to_proto(&policies()[1..2])[0]);
+        hcm_mut(&mut p, |hcm| {
+            for _ in 0..2 {
+                hcm.http_filters.insert(
+                    0,
+                    HttpFilter {
+                        name: RBAC_FILTER_NAME.into(),
+                        config_type: Some(ConfigType::TypedConfig(allow.clone())),
+                        ..Default::default()
+                    },
+                );
+            }
+        });
+        assert_server_error(
+            &p,
+            ErrorKind::Unsupported,
+            &format!("{hcm_at}http_filters[1]: a second ALLOW RBAC filter"),
+        );
+    }
 }

@@ -640,3 +640,185 @@ fn the_cache_round_trips_accepted_resources() {
     );
     assert!(fresh.take_changes().is_some());
 }
+
+// ---------------------------------------------------------------------------
+// Server listeners (gRFC A36).
+
+const SERVER: &str = "grpc/server?xds.resource.listening_address=10.0.0.7:8080";
+
+fn server_model(mtls: mesh_core::model::MtlsMode) -> ServerListener {
+    use mesh_core::rbac::{Action, AuthorizationPolicy, Operation, Rule};
+    let deny = AuthorizationPolicy::new(
+        "shop",
+        "deny-admin",
+        Action::Deny,
+        vec![Rule {
+            to: vec![Operation {
+                paths: vec![mesh_core::rbac::StringMatch::parse("/admin*").unwrap()].into(),
+                ..Default::default()
+            }]
+            .into(),
+            ..Default::default()
+        }],
+    )
+    .unwrap();
+    ServerListener {
+        name: SERVER.into(),
+        address: "10.0.0.7:8080".parse().unwrap(),
+        mtls,
+        policies: vec![deny].into(),
+    }
+}
+
+fn server_listener(mtls: mesh_core::model::MtlsMode) -> Any {
+    xds::encode_server_listener(&server_model(mtls))
+}
+
+#[test]
+fn server_listeners_are_held_apart_and_reference_nothing() {
+    use mesh_core::model::MtlsMode;
+    let mut s = AdsState::new(node()).keep_raw(true);
+    s.subscribe("a");
+    s.subscribe(SERVER);
+    let reqs = s.on_connected();
+    assert_eq!(names(&reqs[0]), ["a", SERVER]);
+    let reqs = s.on_response(response(
+        ResourceType::Listener,
+        "l1",
+        "n1",
+        vec![listener("a", "rc-a"), server_listener(MtlsMode::Strict)],
+    ));
+    // ACK, and RDS only for the client listener's route config.
+    assert!(reqs[0].error_detail.is_none(), "{reqs:?}");
+    assert_eq!(s.subscription(ResourceType::RouteConfig).len(), 1);
+    assert!(s.subscription(ResourceType::RouteConfig).contains("rc-a"));
+    let snap = s.snapshot();
+    assert_eq!(
+        snap.server_listeners.get(SERVER).map(|l| (**l).clone()),
+        Some(server_model(MtlsMode::Strict))
+    );
+    assert!(!snap.listeners.contains_key(SERVER));
+    assert!(snap.listeners.contains_key("a"));
+    assert_eq!(readiness(snap, s.status(), SERVER), Readiness::Ready);
+    assert!(s.take_changes().is_some());
+
+    // The report (CSDS, dump) has it, ACKED, in raw form.
+    let report = s.resource_report();
+    let entry = report.get(ResourceType::Listener, SERVER).unwrap();
+    assert_eq!(entry.status, ResourceStatus::Acked);
+    assert_eq!(
+        entry.accepted.as_ref().unwrap().any,
+        server_listener(MtlsMode::Strict)
+    );
+    let dump = crate::dump::config_dump(s.snapshot(), &report);
+    assert_eq!(dump["server_listeners"][0]["mtls"], "STRICT");
+    assert_eq!(dump["server_listeners"][0]["address"], "10.0.0.7:8080");
+    assert_eq!(
+        dump["server_listeners"][0]["policies"][0]["id"],
+        "shop/deny-admin"
+    );
+    assert_eq!(dump["server_listeners"][0]["status"], "ACKED");
+
+    // An update changes the mode; the same content is no change.
+    s.on_response(response(
+        ResourceType::Listener,
+        "l2",
+        "n2",
+        vec![listener("a", "rc-a"), server_listener(MtlsMode::Permissive)],
+    ));
+    assert_eq!(
+        s.snapshot().server_listeners[SERVER].mtls,
+        MtlsMode::Permissive
+    );
+    assert!(s.take_changes().is_some());
+    s.on_response(response(
+        ResourceType::Listener,
+        "l2",
+        "n3",
+        vec![listener("a", "rc-a"), server_listener(MtlsMode::Permissive)],
+    ));
+    assert!(s.take_changes().is_none());
+
+    // The cache round trips it.
+    let mut fresh = AdsState::new(node());
+    fresh.load_cached(s.cached_responses());
+    assert_eq!(
+        fresh.snapshot().server_listeners[SERVER].mtls,
+        MtlsMode::Permissive
+    );
+    assert!(fresh.listener_names().contains(SERVER));
+}
+
+#[test]
+fn a_server_listener_left_out_is_missing_and_a_bad_one_is_nacked() {
+    use mesh_core::model::MtlsMode;
+    let mut s = AdsState::new(node());
+    s.subscribe(SERVER);
+    s.on_connected();
+    // Not there: does not exist.
+    s.on_response(response(ResourceType::Listener, "l1", "n1", vec![]));
+    assert!(s.snapshot().missing_listeners.contains(SERVER));
+    assert_eq!(
+        readiness(s.snapshot(), s.status(), SERVER),
+        Readiness::Missing
+    );
+    assert_eq!(
+        s.resource_report()
+            .get(ResourceType::Listener, SERVER)
+            .unwrap()
+            .status,
+        ResourceStatus::DoesNotExist
+    );
+    // Arrives.
+    s.on_response(response(
+        ResourceType::Listener,
+        "l2",
+        "n2",
+        vec![server_listener(MtlsMode::Disable)],
+    ));
+    assert!(!s.snapshot().missing_listeners.contains(SERVER));
+    assert_eq!(
+        s.snapshot().server_listeners[SERVER].mtls,
+        MtlsMode::Disable
+    );
+    // An update it cannot honor: NACKed naming the field; the last good
+    // version stays in use.
+    let mut bad = xds::server_listener_to_proto(&server_model(MtlsMode::Strict));
+    bad.filter_chains[0]
+        .filter_chain_match
+        .get_or_insert_with(Default::default)
+        .server_names = vec!["x".into()];
+    let reqs = s.on_response(response(
+        ResourceType::Listener,
+        "l3",
+        "n3",
+        vec![Any {
+            type_url: xds::LISTENER_TYPE.into(),
+            value: bad.encode_to_vec(),
+        }],
+    ));
+    let nack = reqs[0].error_detail.as_ref().expect("a NACK");
+    assert_eq!(reqs[0].version_info, "l2");
+    assert!(
+        nack.message.contains(&format!(
+            "LDS resource {SERVER:?}: Listener {SERVER:?}: filter_chains[0].filter_chain_match.server_names"
+        )),
+        "{}",
+        nack.message
+    );
+    assert_eq!(
+        s.snapshot().server_listeners[SERVER].mtls,
+        MtlsMode::Disable
+    );
+    assert_eq!(
+        s.resource_report()
+            .get(ResourceType::Listener, SERVER)
+            .unwrap()
+            .status,
+        ResourceStatus::Nacked
+    );
+    // Deleted: gone and missing.
+    s.on_response(response(ResourceType::Listener, "l4", "n4", vec![]));
+    assert!(s.snapshot().server_listeners.is_empty());
+    assert!(s.snapshot().missing_listeners.contains(SERVER));
+}

@@ -1,0 +1,608 @@
+//! LDS for servers (gRFC A36): the inbound listener a server asks for by
+//! the name its bootstrap's `server_listener_resource_name_template` gives
+//! its address, carrying the PeerAuthentication mode as filter chains and
+//! the AuthorizationPolicies as RBAC HTTP filters (gRFC A41).
+//!
+//! The shape (see [`server_listener_to_proto`]):
+//!
+//! - `address`: the socket address (ip, port) the server listens on;
+//! - STRICT: one filter chain whose transport socket is TLS with a
+//!   `DownstreamTlsContext { require_client_certificate: true }`;
+//!   PERMISSIVE: a chain matching `transport_protocol: "tls"` with a
+//!   `DownstreamTlsContext` that verifies a client certificate when one is
+//!   presented, and a plaintext chain matching `"raw_buffer"` (gRPC
+//!   servers know only `raw_buffer`, so they serve plaintext); DISABLE:
+//!   one plaintext chain;
+//! - every chain has one network filter, an `HttpConnectionManager` with an
+//!   inline route configuration `inbound|<port>` whose one virtual host
+//!   (`domains: ["*"]`) has one route, prefix `/` with
+//!   `non_forwarding_action` (without it gRPC servers fail every RPC), and
+//!   whose HTTP filters are the RBAC filters (DENY, ALLOW, LOG) then the
+//!   router.
+//!
+//! Decoding accepts that shape and what is equivalent to it (the older
+//! A29 TLS fields, chains in either order, a `default_filter_chain`, more
+//! routes as long as every one is non-forwarding and every virtual host
+//! serves every path), and rejects the rest with a field error: routes
+//! that forward or answer directly, RDS, per-route filter configs, filter
+//! chain matches on anything but the transport protocol, other network or
+//! HTTP filters, chains whose policies differ, and TLS settings a
+//! PeerAuthentication mode cannot express.
+
+use std::net::{IpAddr, SocketAddr};
+
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, SocketAddress, TrafficDirection, address, socket_address::PortSpecifier,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, FilterChainMatch, Listener as ListenerProto, filter,
+};
+use envoy_types::pb::envoy::config::rbac::v3::{Rbac, rbac::Action as RbacAction};
+use envoy_types::pb::envoy::config::route::v3::{
+    NonForwardingAction, Route, RouteConfiguration, RouteMatch, VirtualHost, route,
+    route_match::PathSpecifier,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, http_connection_manager::RouteSpecifier,
+    http_filter::ConfigType,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
+use prost::Name as _;
+
+use super::listener::ROUTER_FILTER_NAME;
+use super::tls::{Transport, downstream_from_proto, downstream_to_proto, transport_from_proto};
+use super::{
+    At, Decoded, FieldError, ResourceType, missing, named, pack, required_name, type_name, unpack,
+};
+use crate::Error;
+use crate::model::{MtlsMode, ServerListener};
+use crate::rbac::AuthorizationPolicy;
+use crate::rbac_xds::{
+    RBAC_FILTER_NAME, rbac_filter_config, rbac_from_filter_config, rbac_from_proto, rbac_to_proto,
+};
+
+/// The network filter name of the HTTP connection manager.
+pub(crate) const HCM_FILTER_NAME: &str = "envoy.filters.network.http_connection_manager";
+/// `filter_chain_match.transport_protocol` of TLS connections.
+const TLS_PROTOCOL: &str = "tls";
+/// `filter_chain_match.transport_protocol` of plaintext connections.
+const RAW_BUFFER_PROTOCOL: &str = "raw_buffer";
+
+/// The proto for a server listener (the module docs describe the shape).
+pub fn server_listener_to_proto(listener: &ServerListener) -> ListenerProto {
+    let port = listener.address.port();
+    let filters = vec![hcm_filter(listener, port)];
+    let chain = |name: &str, protocol: &str, tls: Option<bool>| FilterChain {
+        name: format!("inbound|{port}|{name}"),
+        filter_chain_match: (!protocol.is_empty()).then(|| FilterChainMatch {
+            transport_protocol: protocol.to_string(),
+            ..Default::default()
+        }),
+        filters: filters.clone(),
+        transport_socket: tls.map(downstream_to_proto),
+        ..Default::default()
+    };
+    let filter_chains = match listener.mtls {
+        MtlsMode::Strict => vec![chain("mtls", "", Some(true))],
+        MtlsMode::Permissive => vec![
+            chain("tls", TLS_PROTOCOL, Some(false)),
+            chain("plaintext", RAW_BUFFER_PROTOCOL, None),
+        ],
+        MtlsMode::Disable => vec![chain("plaintext", "", None)],
+    };
+    ListenerProto {
+        name: listener.name.to_string(),
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: listener.address.ip().to_string(),
+                port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
+                ..Default::default()
+            })),
+        }),
+        filter_chains,
+        traffic_direction: TrafficDirection::Inbound as i32,
+        ..Default::default()
+    }
+}
+
+fn hcm_filter(listener: &ServerListener, port: u16) -> Filter {
+    let route_name = format!("inbound|{port}");
+    let mut http_filters: Vec<HttpFilter> = rbac_to_proto(&listener.policies)
+        .iter()
+        .map(|rbac| HttpFilter {
+            name: RBAC_FILTER_NAME.to_string(),
+            config_type: Some(ConfigType::TypedConfig(rbac_filter_config(rbac))),
+            ..Default::default()
+        })
+        .collect();
+    http_filters.push(HttpFilter {
+        name: ROUTER_FILTER_NAME.to_string(),
+        config_type: Some(ConfigType::TypedConfig(pack(&Router::default()))),
+        ..Default::default()
+    });
+    let hcm = HttpConnectionManager {
+        stat_prefix: route_name.clone(),
+        route_specifier: Some(RouteSpecifier::RouteConfig(RouteConfiguration {
+            name: route_name.clone(),
+            virtual_hosts: vec![VirtualHost {
+                name: format!("inbound|http|{port}"),
+                domains: vec!["*".to_string()],
+                routes: vec![Route {
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(PathSpecifier::Prefix("/".to_string())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::NonForwardingAction(NonForwardingAction {})),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        http_filters,
+        ..Default::default()
+    };
+    Filter {
+        name: HCM_FILTER_NAME.to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack(&hcm))),
+    }
+}
+
+/// Whether an LDS resource is a server listener (no `api_listener`, but
+/// an address or filter chains) rather than a client one.
+pub fn is_server_listener(proto: &ListenerProto) -> bool {
+    proto.api_listener.is_none()
+        && (proto.address.is_some()
+            || !proto.filter_chains.is_empty()
+            || proto.default_filter_chain.is_some())
+}
+
+/// The server listener a proto describes; the error names the listener
+/// and the field, for a NACK.
+pub fn server_listener_from_proto(proto: &ListenerProto) -> Result<ServerListener, Error> {
+    server_fields(proto).map_err(named(ResourceType::Listener, &proto.name))
+}
+
+/// What one filter chain says.
+struct Chain {
+    /// `filter_chain_match.transport_protocol` ("" when not matched on).
+    protocol: String,
+    /// `None`: plaintext; `Some(require_client_certificate)`: TLS.
+    tls: Option<bool>,
+    policies: Vec<AuthorizationPolicy>,
+    /// Where it is, for errors (`filter_chains[1]`).
+    at: String,
+}
+
+fn server_fields(proto: &ListenerProto) -> Decoded<ServerListener> {
+    let name = required_name(&proto.name, "name")?;
+    if proto.api_listener.is_some() {
+        return Err(FieldError::invalid(
+            "a server listener has no api_listener (this is a client listener)",
+        )
+        .at("api_listener"));
+    }
+    let address = socket_address(proto.address.as_ref()).at("address")?;
+    if proto.filter_chain_matcher.is_some() {
+        return Err(FieldError::unsupported(
+            "filter_chain_matcher is not supported: match on filter_chain_match.transport_protocol",
+        )
+        .at("filter_chain_matcher"));
+    }
+    if let Some(i) = proto
+        .listener_filters
+        .iter()
+        .position(|f| !is_tls_inspector(f))
+    {
+        return Err(FieldError::unsupported(format!(
+            "listener filter {:?} is not supported (only the TLS inspector)",
+            proto.listener_filters[i].name
+        ))
+        .at_index("listener_filters", i));
+    }
+    let mut chains = Vec::new();
+    for (i, c) in proto.filter_chains.iter().enumerate() {
+        let at = format!("filter_chains[{i}]");
+        chains.push(chain_from_proto(c, address.port(), at.clone()).map_err(|e| e.at(at))?);
+    }
+    if let Some(c) = &proto.default_filter_chain {
+        let at = "default_filter_chain".to_string();
+        chains.push(chain_from_proto(c, address.port(), at).at("default_filter_chain")?);
+    }
+    let mtls = mode_from_chains(&chains)?;
+    let Some((first, rest)) = chains.split_first() else {
+        return Err(missing("filter_chains"));
+    };
+    if let Some(other) = rest.iter().find(|c| c.policies != first.policies) {
+        return Err(FieldError::unsupported(format!(
+            "its RBAC policies differ from those of {}: every filter chain must authorize alike",
+            first.at
+        ))
+        .at(other.at.clone()));
+    }
+    Ok(ServerListener {
+        name,
+        address,
+        mtls,
+        policies: first.policies.clone().into(),
+    })
+}
+
+fn is_tls_inspector(f: &envoy_types::pb::envoy::config::listener::v3::ListenerFilter) -> bool {
+    use envoy_types::pb::envoy::config::listener::v3::listener_filter::ConfigType as Lf;
+    match &f.config_type {
+        Some(Lf::TypedConfig(any)) => {
+            type_name(&any.type_url)
+                == "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+        }
+        _ => f.name == "envoy.filters.listener.tls_inspector",
+    }
+}
+
+fn socket_address(address: Option<&Address>) -> Decoded<SocketAddr> {
+    let Some(address::Address::SocketAddress(sa)) = address.and_then(|a| a.address.as_ref()) else {
+        return Err(FieldError::invalid(
+            "missing: a server listener needs socket_address { address, port_value }",
+        )
+        .at("socket_address"));
+    };
+    let ip: IpAddr = sa.address.parse().map_err(|_| {
+        FieldError::invalid(format!("{:?} is not an IP address", sa.address))
+            .at("socket_address.address")
+    })?;
+    let port = match sa.port_specifier {
+        Some(PortSpecifier::PortValue(p)) => u16::try_from(p).map_err(|_| {
+            FieldError::invalid(format!("{p} is not a port")).at("socket_address.port_value")
+        })?,
+        Some(PortSpecifier::NamedPort(_)) => {
+            return Err(FieldError::unsupported("named ports are not supported")
+                .at("socket_address.named_port"));
+        }
+        None => return Err(missing("socket_address.port_value")),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// The PeerAuthentication mode the chains implement.
+fn mode_from_chains(chains: &[Chain]) -> Decoded<MtlsMode> {
+    for (i, a) in chains.iter().enumerate() {
+        if let Some(b) = chains[..i].iter().find(|b| b.protocol == a.protocol) {
+            return Err(FieldError::invalid(format!(
+                "the same filter_chain_match (transport_protocol {:?}) as {}",
+                a.protocol, b.at
+            ))
+            .at(a.at.clone()));
+        }
+    }
+    let tls: Vec<&Chain> = chains.iter().filter(|c| c.tls.is_some()).collect();
+    let plain: Vec<&Chain> = chains.iter().filter(|c| c.tls.is_none()).collect();
+    match (tls.as_slice(), plain.as_slice()) {
+        ([], []) => Err(missing("filter_chains")),
+        ([], [_]) => Ok(MtlsMode::Disable),
+        ([t], []) if t.tls == Some(true) => Ok(MtlsMode::Strict),
+        ([t], []) => Err(FieldError::unsupported(
+            "TLS without a required client certificate and no plaintext chain is not a \
+             PeerAuthentication mode: require_client_certificate (STRICT) or add a raw_buffer \
+             chain (PERMISSIVE)",
+        )
+        .at(t.at.clone())),
+        ([t], [_]) if t.tls == Some(true) => Err(FieldError::unsupported(
+            "a TLS chain next to a plaintext chain (PERMISSIVE) must not require a client \
+             certificate: this mesh's PERMISSIVE accepts TLS clients without one",
+        )
+        .at("require_client_certificate")
+        .at("typed_config")
+        .at("transport_socket")
+        .at(t.at.clone())),
+        ([_], [_]) => Ok(MtlsMode::Permissive),
+        (_, _) => Err(FieldError::unsupported(format!(
+            "{} TLS and {} plaintext filter chains: a server listener has at most one of each",
+            tls.len(),
+            plain.len()
+        ))
+        .at("filter_chains")),
+    }
+}
+
+fn chain_from_proto(c: &FilterChain, port: u16, at: String) -> Decoded<Chain> {
+    let protocol = match &c.filter_chain_match {
+        Some(m) => match_from_proto(m, port).at("filter_chain_match")?,
+        None => String::new(),
+    };
+    reject_deprecated_proxy_proto(c)?;
+    let tls = match transport_from_proto::<DownstreamTlsContext>(c.transport_socket.as_ref())
+        .at("transport_socket")?
+    {
+        Transport::Plaintext => None,
+        Transport::Tls(context) => Some(
+            downstream_from_proto(&context)
+                .at("typed_config")
+                .at("transport_socket")?,
+        ),
+    };
+    match (protocol.as_str(), tls) {
+        (TLS_PROTOCOL, None) => {
+            return Err(FieldError::invalid(
+                "a chain matching transport_protocol \"tls\" needs a TLS transport_socket",
+            )
+            .at("transport_socket"));
+        }
+        (RAW_BUFFER_PROTOCOL, Some(_)) => {
+            return Err(FieldError::invalid(
+                "a chain matching transport_protocol \"raw_buffer\" cannot have a TLS \
+                 transport_socket",
+            )
+            .at("transport_socket"));
+        }
+        _ => {}
+    }
+    let [filter] = c.filters.as_slice() else {
+        return Err(FieldError::unsupported(format!(
+            "{} network filters: a server filter chain must have exactly one, {HCM_FILTER_NAME}",
+            c.filters.len()
+        ))
+        .at("filters"));
+    };
+    let policies = hcm_policies(filter).at_index("filters", 0)?;
+    Ok(Chain {
+        protocol,
+        tls,
+        policies,
+        at,
+    })
+}
+
+#[allow(deprecated)] // use_proxy_proto: rejected by name
+fn reject_deprecated_proxy_proto(c: &FilterChain) -> Decoded<()> {
+    super::reject_if(
+        c.use_proxy_proto.as_ref().is_some_and(|b| b.value),
+        "use_proxy_proto",
+    )
+}
+
+/// The transport protocol a chain matches on; a destination port equal to
+/// the listener's is accepted (it matches every connection), other
+/// criteria are not.
+fn match_from_proto(m: &FilterChainMatch, port: u16) -> Decoded<String> {
+    if let Some(p) = &m.destination_port
+        && p.value != u32::from(port)
+    {
+        return Err(FieldError::unsupported(format!(
+            "{} differs from the listener's port {port}: only transport_protocol matching is \
+             supported",
+            p.value
+        ))
+        .at("destination_port"));
+    }
+    let other = [
+        (!m.prefix_ranges.is_empty(), "prefix_ranges"),
+        (!m.address_suffix.is_empty(), "address_suffix"),
+        (m.suffix_len.is_some(), "suffix_len"),
+        (
+            !m.direct_source_prefix_ranges.is_empty(),
+            "direct_source_prefix_ranges",
+        ),
+        (m.source_type != 0, "source_type"),
+        (!m.source_prefix_ranges.is_empty(), "source_prefix_ranges"),
+        (!m.source_ports.is_empty(), "source_ports"),
+        (!m.server_names.is_empty(), "server_names"),
+        (!m.application_protocols.is_empty(), "application_protocols"),
+    ];
+    if let Some((_, field)) = other.iter().find(|(set, _)| *set) {
+        return Err(
+            FieldError::unsupported("only transport_protocol matching is supported").at(*field),
+        );
+    }
+    match m.transport_protocol.as_str() {
+        "" | TLS_PROTOCOL | RAW_BUFFER_PROTOCOL => Ok(m.transport_protocol.clone()),
+        other => Err(FieldError::unsupported(format!(
+            "{other:?} is not supported: use \"tls\" or \"raw_buffer\""
+        ))
+        .at("transport_protocol")),
+    }
+}
+
+/// The policies of the chain's HCM, which must serve every request
+/// locally (non-forwarding routes that match everything).
+fn hcm_policies(f: &Filter) -> Decoded<Vec<AuthorizationPolicy>> {
+    let any = match &f.config_type {
+        Some(filter::ConfigType::TypedConfig(any)) => any,
+        Some(filter::ConfigType::ConfigDiscovery(_)) => {
+            return Err(
+                FieldError::unsupported("filter config discovery is not supported")
+                    .at("config_discovery"),
+            );
+        }
+        None => return Err(missing("typed_config")),
+    };
+    if type_name(&any.type_url) != HttpConnectionManager::full_name() {
+        return Err(FieldError::unsupported(format!(
+            "network filter {:?} ({}) is not supported: only {HCM_FILTER_NAME}",
+            f.name, any.type_url
+        ))
+        .at("typed_config"));
+    }
+    let hcm: HttpConnectionManager = unpack(any).at("typed_config")?;
+    match &hcm.route_specifier {
+        Some(RouteSpecifier::RouteConfig(rc)) => {
+            check_routes(rc).at("route_config").at("typed_config")?
+        }
+        Some(RouteSpecifier::Rds(_)) => {
+            return Err(FieldError::unsupported(
+                "RDS is not supported on server listeners: use an inline route_config",
+            )
+            .at("rds")
+            .at("typed_config"));
+        }
+        Some(RouteSpecifier::ScopedRoutes(_)) => {
+            return Err(FieldError::unsupported("scoped routes are not supported")
+                .at("scoped_routes")
+                .at("typed_config"));
+        }
+        None => return Err(missing("route_config").at("typed_config")),
+    }
+    policies_from_filters(&hcm.http_filters).at("typed_config")
+}
+
+/// Every route must be non-forwarding (the server handles the request),
+/// per-filter overrides are not supported, and every virtual host must
+/// serve every path, one of them every authority: then serving
+/// everything, as the model does, is what the routes say.
+fn check_routes(rc: &RouteConfiguration) -> Decoded<()> {
+    super::reject_if(rc.vhds.is_some(), "vhds")?;
+    super::reject_if(
+        !rc.typed_per_filter_config.is_empty(),
+        "typed_per_filter_config",
+    )?;
+    if rc.virtual_hosts.is_empty() {
+        return Err(missing("virtual_hosts"));
+    }
+    for (v, vh) in rc.virtual_hosts.iter().enumerate() {
+        check_virtual_host(vh).at_index("virtual_hosts", v)?;
+    }
+    if !rc
+        .virtual_hosts
+        .iter()
+        .any(|vh| vh.domains.iter().any(|d| d == "*"))
+    {
+        return Err(FieldError::unsupported(
+            "no virtual host with domains [\"*\"]: requests for other authorities would be \
+             refused, which this mesh does not model",
+        )
+        .at("virtual_hosts"));
+    }
+    Ok(())
+}
+
+fn check_virtual_host(vh: &VirtualHost) -> Decoded<()> {
+    super::reject_if(
+        !vh.typed_per_filter_config.is_empty(),
+        "typed_per_filter_config",
+    )?;
+    super::reject_if(vh.matcher.is_some(), "matcher")?;
+    for (r, route) in vh.routes.iter().enumerate() {
+        check_route(route).at_index("routes", r)?;
+    }
+    if !vh
+        .routes
+        .iter()
+        .any(|r| r.r#match.as_ref().is_some_and(matches_everything))
+    {
+        return Err(FieldError::unsupported(
+            "no route matches every request (prefix \"/\" with non_forwarding_action): \
+             requests matching no route would be refused, which this mesh does not model",
+        )
+        .at("routes"));
+    }
+    Ok(())
+}
+
+fn check_route(route: &Route) -> Decoded<()> {
+    super::reject_if(
+        !route.typed_per_filter_config.is_empty(),
+        "typed_per_filter_config",
+    )?;
+    match &route.action {
+        Some(route::Action::NonForwardingAction(_)) => Ok(()),
+        Some(_) => Err(FieldError::unsupported(
+            "routes of a server listener must have non_forwarding_action (the server handles \
+             the request itself)",
+        )
+        .at("action")),
+        None => Err(missing("non_forwarding_action")),
+    }
+}
+
+fn matches_everything(m: &RouteMatch) -> bool {
+    let all_paths =
+        matches!(&m.path_specifier, Some(PathSpecifier::Prefix(p)) if p.is_empty() || p == "/");
+    all_paths
+        && m.headers.is_empty()
+        && m.query_parameters.is_empty()
+        && m.cookies.is_empty()
+        && m.runtime_fraction.is_none()
+        && m.grpc.is_none()
+        && m.tls_context.is_none()
+        && m.dynamic_metadata.is_empty()
+        && m.filter_state.is_empty()
+}
+
+/// RBAC filters then the router; the RBAC messages are read in DENY,
+/// ALLOW, LOG order (the result of a request does not depend on the order
+/// of the filters, only the evaluation order does). Two ALLOW filters
+/// would require a request to match both, which the model cannot say.
+fn policies_from_filters(filters: &[HttpFilter]) -> Decoded<Vec<AuthorizationPolicy>> {
+    let Some(last) = filters.len().checked_sub(1) else {
+        return Err(FieldError::invalid("empty: the router filter must be last").at("http_filters"));
+    };
+    let mut rbacs: Vec<Rbac> = Vec::new();
+    let mut allow_at: Option<usize> = None;
+    for (i, f) in filters.iter().enumerate() {
+        let any = match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) => any,
+            Some(ConfigType::ConfigDiscovery(_)) => {
+                return Err(
+                    FieldError::unsupported("filter config discovery is not supported")
+                        .at("config_discovery")
+                        .at_index("http_filters", i),
+                );
+            }
+            None => return Err(missing("typed_config").at_index("http_filters", i)),
+        };
+        let name = type_name(&any.type_url);
+        let is_router = name == Router::full_name();
+        if is_router != (i == last) {
+            return Err(FieldError::invalid(format!(
+                "the router filter must be the last filter (found {:?} at {i} of {})",
+                f.name,
+                filters.len()
+            ))
+            .at_index("http_filters", i));
+        }
+        if is_router {
+            continue;
+        }
+        if name != super::type_name(crate::rbac_xds::RBAC_FILTER_TYPE) {
+            if f.is_optional {
+                continue;
+            }
+            return Err(FieldError::unsupported(format!(
+                "HTTP filter {:?} ({}) is not supported on server listeners: only RBAC and the \
+                 router",
+                f.name, any.type_url
+            ))
+            .at_index("http_filters", i));
+        }
+        if f.disabled {
+            return Err(FieldError::unsupported(
+                "a disabled RBAC filter (enabled per route) is not supported",
+            )
+            .at("disabled")
+            .at_index("http_filters", i));
+        }
+        let Some(rbac) = rbac_from_filter_config(any)
+            .at("typed_config")
+            .at_index("http_filters", i)?
+        else {
+            continue; // no rules: allows everything
+        };
+        if rbac.action == RbacAction::Allow as i32 {
+            if let Some(first) = allow_at {
+                return Err(FieldError::unsupported(format!(
+                    "a second ALLOW RBAC filter (the first is http_filters[{first}]): requests \
+                     would have to match both, which is not supported"
+                ))
+                .at_index("http_filters", i));
+            }
+            allow_at = Some(i);
+        }
+        rbacs.push(rbac);
+    }
+    rbacs.sort_by_key(|r| match RbacAction::try_from(r.action) {
+        Ok(RbacAction::Deny) => 0,
+        Ok(RbacAction::Allow) => 1,
+        _ => 2,
+    });
+    rbac_from_proto(&rbacs).at("http_filters")
+}

@@ -1,0 +1,386 @@
+//! TLS transport sockets (gRFC A29): the `UpstreamTlsContext` of a
+//! cluster with mTLS and the `DownstreamTlsContext` of a server listener's
+//! filter chain (A36).
+//!
+//! Certificates are never in the resources: they name certificate provider
+//! instances of the client's bootstrap. This mesh's bootstrap has one,
+//! `mesh` (its workload certificate, `certificate_name` `default`, and its
+//! trust bundle, `ROOTCA`), so that is what is encoded and the only
+//! instance decoding accepts: a resource naming another instance asks for
+//! certificates this client does not have, and is rejected rather than
+//! served with the `mesh` ones.
+//!
+//! Decoding reads the current form (`tls_certificate_provider_instance`,
+//! `validation_context.ca_certificate_provider_instance`) and the older A29
+//! form gRPC still reads and Istio still sends
+//! (`tls_certificate_certificate_provider_instance`,
+//! `combined_validation_context { default_validation_context,
+//! validation_context_certificate_provider_instance }`). Peer certificates
+//! are checked by SPIFFE ID: `match_subject_alt_names` with `exact`
+//! matchers only (a SPIFFE ID is an exact identity; prefix, suffix,
+//! regex and case-insensitive matches are rejected, as are typed SAN
+//! matchers). Anything else that would change what is presented or
+//! verified (static certificates, SDS, SPKI/hash pinning, CRLs, expired
+//! certificates allowed, custom validators, `auto_host_sni`, ...) is
+//! rejected.
+
+use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket::ConfigType};
+use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateProviderPluginInstance, CertificateValidationContext, CommonTlsContext,
+    DownstreamTlsContext, UpstreamTlsContext,
+    certificate_validation_context::TrustChainVerification,
+    common_tls_context::ValidationContextType, subject_alt_name_matcher::SanType,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
+use envoy_types::pb::google::protobuf::BoolValue;
+use prost::Name as _;
+
+use super::{At, Decoded, FieldError, missing, pack, reject_if, type_name, unpack};
+use crate::model::UpstreamTls;
+use crate::spiffe::SpiffeId;
+
+/// The transport socket name of TLS (Envoy's and gRPC's).
+pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
+/// The transport socket name of plaintext.
+pub(crate) const RAW_BUFFER_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.raw_buffer";
+/// The certificate provider instance of the bootstrap that holds the
+/// workload's certificate and the mesh trust bundle.
+pub const MESH_PROVIDER_INSTANCE: &str = "mesh";
+/// The `certificate_name` of the workload certificate.
+pub const IDENTITY_CERTIFICATE_NAME: &str = "default";
+/// The `certificate_name` of the trust bundle (Istio's name).
+pub const ROOT_CERTIFICATE_NAME: &str = "ROOTCA";
+
+/// What a transport socket asks for.
+pub(crate) enum Transport<T> {
+    /// Plaintext (absent, or `raw_buffer`).
+    Plaintext,
+    /// TLS with this context.
+    Tls(T),
+}
+
+/// The cluster's `transport_socket` for `tls`.
+pub(crate) fn upstream_to_proto(tls: &UpstreamTls) -> TransportSocket {
+    let context = UpstreamTlsContext {
+        common_tls_context: Some(common_to_proto(&tls.server_identities)),
+        sni: tls.sni.to_string(),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: TLS_TRANSPORT_SOCKET.to_string(),
+        config_type: Some(ConfigType::TypedConfig(pack(&context))),
+    }
+}
+
+/// A filter chain's `transport_socket` for mTLS; the client certificate is
+/// required or only verified when presented.
+pub(crate) fn downstream_to_proto(require_client_certificate: bool) -> TransportSocket {
+    let context = DownstreamTlsContext {
+        common_tls_context: Some(common_to_proto(&[])),
+        require_client_certificate: Some(BoolValue {
+            value: require_client_certificate,
+        }),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: TLS_TRANSPORT_SOCKET.to_string(),
+        config_type: Some(ConfigType::TypedConfig(pack(&context))),
+    }
+}
+
+#[allow(deprecated)] // match_subject_alt_names: what gRPC enforces (A29)
+fn common_to_proto(identities: &[SpiffeId]) -> CommonTlsContext {
+    CommonTlsContext {
+        tls_certificate_provider_instance: Some(CertificateProviderPluginInstance {
+            instance_name: MESH_PROVIDER_INSTANCE.to_string(),
+            certificate_name: IDENTITY_CERTIFICATE_NAME.to_string(),
+        }),
+        validation_context_type: Some(ValidationContextType::ValidationContext(
+            CertificateValidationContext {
+                ca_certificate_provider_instance: Some(CertificateProviderPluginInstance {
+                    instance_name: MESH_PROVIDER_INSTANCE.to_string(),
+                    certificate_name: ROOT_CERTIFICATE_NAME.to_string(),
+                }),
+                match_subject_alt_names: identities
+                    .iter()
+                    .map(|id| StringMatcher {
+                        match_pattern: Some(MatchPattern::Exact(id.as_str().to_string())),
+                        ignore_case: false,
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// Reads a transport socket: plaintext, or TLS with a `C` context (by the
+/// type URL of its `typed_config`, as gRPC identifies it); other transport
+/// sockets are unsupported.
+pub(crate) fn transport_from_proto<C: prost::Message + prost::Name + Default>(
+    ts: Option<&TransportSocket>,
+) -> Decoded<Transport<C>> {
+    let Some(ts) = ts else {
+        return Ok(Transport::Plaintext);
+    };
+    match &ts.config_type {
+        Some(ConfigType::TypedConfig(any)) => {
+            let name = type_name(&any.type_url);
+            if name == RawBuffer::full_name() {
+                Ok(Transport::Plaintext)
+            } else if name == C::full_name() {
+                unpack::<C>(any).at("typed_config").map(Transport::Tls)
+            } else {
+                Err(FieldError::unsupported(format!(
+                    "transport socket {:?} ({name}) is not supported: only {} ({}) and raw_buffer",
+                    ts.name,
+                    TLS_TRANSPORT_SOCKET,
+                    C::full_name()
+                ))
+                .at("typed_config"))
+            }
+        }
+        None if ts.name == RAW_BUFFER_TRANSPORT_SOCKET => Ok(Transport::Plaintext),
+        None => Err(missing("typed_config")),
+    }
+}
+
+/// The model of an `UpstreamTlsContext`.
+pub(crate) fn upstream_from_proto(context: &UpstreamTlsContext) -> Decoded<UpstreamTls> {
+    reject_if(context.auto_host_sni, "auto_host_sni")?;
+    reject_if(context.auto_sni_san_validation, "auto_sni_san_validation")?;
+    let common = context
+        .common_tls_context
+        .as_ref()
+        .ok_or_else(|| missing("common_tls_context"))?;
+    let identities = common_from_proto(common, true).at("common_tls_context")?;
+    Ok(UpstreamTls {
+        server_identities: identities.into(),
+        sni: context.sni.as_str().into(),
+    })
+}
+
+/// Whether a `DownstreamTlsContext` requires a client certificate. The
+/// server verifies a presented certificate against the trust bundle, so a
+/// validation context is required whenever client certificates are.
+/// Peer SAN matching on the server is not supported (authorization is
+/// RBAC's job, by principal).
+pub(crate) fn downstream_from_proto(context: &DownstreamTlsContext) -> Decoded<bool> {
+    reject_if(
+        context.require_sni.as_ref().is_some_and(|b| b.value),
+        "require_sni",
+    )?;
+    let require = context
+        .require_client_certificate
+        .as_ref()
+        .is_some_and(|b| b.value);
+    let common = context
+        .common_tls_context
+        .as_ref()
+        .ok_or_else(|| missing("common_tls_context"))?;
+    let identities = common_from_proto(common, require).at("common_tls_context")?;
+    if !identities.is_empty() {
+        return Err(FieldError::unsupported(
+            "matching client certificates by SAN is not supported on servers: authorize \
+             principals with RBAC",
+        )
+        .at("validation_context.match_subject_alt_names")
+        .at("common_tls_context"));
+    }
+    Ok(require)
+}
+
+/// Checks a `CommonTlsContext` and returns the SANs the peer must match
+/// (empty: any certificate the trust bundle verifies). The own
+/// certificate must come from the `mesh` instance; a validation context
+/// is required when `validate` is set.
+#[allow(deprecated)] // the older A29 fields are read, as gRPC does
+fn common_from_proto(c: &CommonTlsContext, validate: bool) -> Decoded<Vec<SpiffeId>> {
+    reject_if(!c.tls_certificates.is_empty(), "tls_certificates")?;
+    reject_if(
+        !c.tls_certificate_sds_secret_configs.is_empty(),
+        "tls_certificate_sds_secret_configs",
+    )?;
+    reject_if(
+        c.tls_certificate_certificate_provider.is_some(),
+        "tls_certificate_certificate_provider",
+    )?;
+    reject_if(
+        c.custom_tls_certificate_selector.is_some(),
+        "custom_tls_certificate_selector",
+    )?;
+    reject_if(c.custom_handshaker.is_some(), "custom_handshaker")?;
+    match (
+        &c.tls_certificate_provider_instance,
+        &c.tls_certificate_certificate_provider_instance,
+    ) {
+        (Some(p), _) => check_instance(&p.instance_name).at("tls_certificate_provider_instance")?,
+        (None, Some(p)) => {
+            check_instance(&p.instance_name).at("tls_certificate_certificate_provider_instance")?
+        }
+        (None, None) => {
+            return Err(FieldError::unsupported(
+                "missing: only mutual TLS with the workload certificate of the certificate \
+                 provider instance \"mesh\" is supported",
+            )
+            .at("tls_certificate_provider_instance"));
+        }
+    }
+    match &c.validation_context_type {
+        Some(ValidationContextType::ValidationContext(v)) => {
+            validation_from_proto(v, None).at("validation_context")
+        }
+        Some(ValidationContextType::CombinedValidationContext(combined)) => {
+            reject_if(
+                combined.validation_context_sds_secret_config.is_some(),
+                "validation_context_sds_secret_config",
+            )
+            .at("combined_validation_context")?;
+            reject_if(
+                combined.validation_context_certificate_provider.is_some(),
+                "validation_context_certificate_provider",
+            )
+            .at("combined_validation_context")?;
+            let instance = combined
+                .validation_context_certificate_provider_instance
+                .as_ref()
+                .map(|p| p.instance_name.as_str());
+            if let Some(name) = instance {
+                check_instance(name)
+                    .at("validation_context_certificate_provider_instance")
+                    .at("combined_validation_context")?;
+            }
+            let default = combined
+                .default_validation_context
+                .clone()
+                .unwrap_or_default();
+            validation_from_proto(&default, instance)
+                .at("default_validation_context")
+                .at("combined_validation_context")
+        }
+        Some(ValidationContextType::ValidationContextCertificateProviderInstance(p)) => {
+            check_instance(&p.instance_name)
+                .at("validation_context_certificate_provider_instance")?;
+            Ok(Vec::new())
+        }
+        Some(ValidationContextType::ValidationContextSdsSecretConfig(_)) => {
+            reject_if(true, "validation_context_sds_secret_config").map(|()| Vec::new())
+        }
+        Some(ValidationContextType::ValidationContextCertificateProvider(_)) => {
+            reject_if(true, "validation_context_certificate_provider").map(|()| Vec::new())
+        }
+        None if validate => Err(FieldError::invalid(
+            "missing: peer certificates must be verified (set ca_certificate_provider_instance \
+             to the \"mesh\" instance)",
+        )
+        .at("validation_context")),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// A validation context; `outer_instance` is the CA instance named next to
+/// it (the combined form), which stands for its own
+/// `ca_certificate_provider_instance`. SANs may come as
+/// `match_subject_alt_names` (what gRPC enforces) or as URI-typed
+/// `match_typed_subject_alt_names` (Envoy's newer form), exact only.
+#[allow(deprecated)] // match_subject_alt_names: what gRPC enforces (A29)
+fn validation_from_proto(
+    v: &CertificateValidationContext,
+    outer_instance: Option<&str>,
+) -> Decoded<Vec<SpiffeId>> {
+    match (&v.ca_certificate_provider_instance, outer_instance) {
+        (Some(p), _) => check_instance(&p.instance_name).at("ca_certificate_provider_instance")?,
+        (None, Some(_)) => {}
+        (None, None) => {
+            return Err(FieldError::invalid(
+                "missing: the trust bundle must come from the certificate provider instance \
+                 \"mesh\"",
+            )
+            .at("ca_certificate_provider_instance"));
+        }
+    }
+    reject_if(v.trusted_ca.is_some(), "trusted_ca")?;
+    reject_if(v.system_root_certs.is_some(), "system_root_certs")?;
+    reject_if(v.watched_directory.is_some(), "watched_directory")?;
+    reject_if(
+        !v.verify_certificate_spki.is_empty(),
+        "verify_certificate_spki",
+    )?;
+    reject_if(
+        !v.verify_certificate_hash.is_empty(),
+        "verify_certificate_hash",
+    )?;
+    reject_if(
+        v.require_signed_certificate_timestamp
+            .as_ref()
+            .is_some_and(|b| b.value),
+        "require_signed_certificate_timestamp",
+    )?;
+    reject_if(v.crl.is_some(), "crl")?;
+    reject_if(v.allow_expired_certificate, "allow_expired_certificate")?;
+    reject_if(
+        v.trust_chain_verification != TrustChainVerification::VerifyTrustChain as i32,
+        "trust_chain_verification",
+    )?;
+    reject_if(
+        v.custom_validator_config.is_some(),
+        "custom_validator_config",
+    )?;
+    reject_if(v.max_verify_depth.is_some(), "max_verify_depth")?;
+    let mut ids = v
+        .match_subject_alt_names
+        .iter()
+        .enumerate()
+        .map(|(i, m)| san_from_proto(m).at_index("match_subject_alt_names", i))
+        .collect::<Decoded<Vec<_>>>()?;
+    for (i, typed) in v.match_typed_subject_alt_names.iter().enumerate() {
+        let at = "match_typed_subject_alt_names";
+        if typed.san_type != SanType::Uri as i32 {
+            let kind = SanType::try_from(typed.san_type).map_or("unknown", |t| t.as_str_name());
+            return Err(FieldError::unsupported(format!(
+                "SAN type {kind} is not supported: only URI (SPIFFE IDs)"
+            ))
+            .at("san_type")
+            .at_index(at, i));
+        }
+        let m = typed
+            .matcher
+            .as_ref()
+            .ok_or_else(|| missing("matcher").at_index(at, i))?;
+        ids.push(san_from_proto(m).at("matcher").at_index(at, i)?);
+    }
+    Ok(ids)
+}
+
+/// An `exact`, case-sensitive matcher of a SPIFFE ID.
+fn san_from_proto(m: &StringMatcher) -> Decoded<SpiffeId> {
+    if m.ignore_case {
+        return Err(FieldError::unsupported(
+            "ignore_case is not supported: SPIFFE IDs are matched exactly",
+        ));
+    }
+    match &m.match_pattern {
+        Some(MatchPattern::Exact(uri)) => SpiffeId::parse(uri)
+            .map_err(|e| FieldError::invalid(format!("{uri:?} is not a SPIFFE ID: {e}")))
+            .at("exact"),
+        Some(_) => Err(FieldError::unsupported(
+            "only exact SPIFFE ID matchers are supported (prefix, suffix, contains and regex \
+             are not)",
+        )),
+        None => Err(missing("match_pattern")),
+    }
+}
+
+fn check_instance(name: &str) -> Decoded<()> {
+    if name == MESH_PROVIDER_INSTANCE {
+        Ok(())
+    } else {
+        Err(FieldError::unsupported(format!(
+            "certificate provider instance {name:?} is not supported: only \
+             {MESH_PROVIDER_INSTANCE:?} (the bootstrap's certificate_providers.mesh)"
+        ))
+        .at("instance_name"))
+    }
+}
