@@ -14,6 +14,11 @@
 //! (requests still in flight decrement the counters of the state they were
 //! picked from); breaker and retry counts carry over, and outlier detection
 //! keeps each endpoint that is still there, with its ejection.
+//!
+//! A cluster with `tls` (Istio ISTIO_MUTUAL) gets its mTLS connector here,
+//! built once per cluster version from the client's certificate store; a
+//! client without certificates marks the cluster unusable with the reason,
+//! which the mesh layer answers with a local reply.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,13 +36,16 @@ use mesh_core::outlier::{Ejection, OutlierDetector, ResultClass};
 use mesh_core::retry::RetryLimiter;
 use rand::Rng;
 
-use crate::pool::{ClusterConnections, ConnectionPolicy};
+use crate::pool::{ClusterConnections, ClusterTls, ConnectionPolicy};
 use crate::telemetry::EndpointLabels;
+use crate::tls::CertStore;
 
 /// The state of every cluster the process has sent to.
 #[derive(Debug, Default)]
 pub(crate) struct ClusterStates {
     map: ArcSwap<HashMap<Name, Arc<ClusterState>>>,
+    /// The workload's certificates, for clusters that require mTLS.
+    certificates: Option<CertStore>,
 }
 
 /// The state of one cluster, for one version of its config and endpoints.
@@ -61,9 +69,21 @@ pub(crate) struct ClusterState {
     breaker: CircuitBreaker,
     retries: RetryLimiter,
     connections: ClusterConnections,
+    /// Why requests to this cluster cannot be sent (it requires mTLS and
+    /// the client cannot do it); `None` for usable clusters.
+    unusable: Option<Arc<str>>,
 }
 
 impl ClusterStates {
+    /// States for a client presenting `store`'s certificate to clusters
+    /// that require mTLS.
+    pub(crate) fn with_certificates(store: CertStore) -> Self {
+        ClusterStates {
+            map: ArcSwap::default(),
+            certificates: Some(store),
+        }
+    }
+
     /// The state for `cluster` with endpoints `cla`, both in `snapshot`;
     /// built on first use and after every change. `local` is the client's
     /// own locality (for locality failover).
@@ -109,6 +129,7 @@ impl ClusterStates {
             cla,
             local.as_ref(),
             old.as_deref(),
+            self.certificates.as_ref(),
         ));
         let mut winner = fresh.clone();
         self.map.rcu(|map| {
@@ -144,6 +165,7 @@ impl ClusterState {
         cla: Arc<ClusterLoadAssignment>,
         local: Option<&Locality>,
         old: Option<&ClusterState>,
+        certificates: Option<&CertStore>,
     ) -> Self {
         let set = EndpointSet::new_for(&cla, local, cluster.locality_failover);
         let authorities = set
@@ -177,10 +199,35 @@ impl ClusterState {
         });
         let breaker = old.map(|o| o.breaker.clone()).unwrap_or_default();
         let retries = old.map(|o| o.retries.clone()).unwrap_or_default();
+        let (tls, unusable) = match (&cluster.tls, certificates) {
+            (None, _) => (None, None),
+            (Some(upstream), Some(store)) => {
+                match ClusterTls::new(store, upstream, cluster.protocol) {
+                    Ok(tls) => (Some(tls), None),
+                    Err(e) => (
+                        None,
+                        Some(Arc::from(format!(
+                            "cluster {} requires mTLS (ISTIO_MUTUAL) but the TLS client \
+                             cannot be set up: {e}",
+                            cluster.name
+                        ))),
+                    ),
+                }
+            }
+            (Some(_), None) => (
+                None,
+                Some(Arc::from(format!(
+                    "cluster {} requires mTLS (ISTIO_MUTUAL) but this client has no workload \
+                     certificate: configure certificate_providers.mesh in the bootstrap",
+                    cluster.name
+                ))),
+            ),
+        };
         let connections = ClusterConnections(Arc::new(ConnectionPolicy {
             breaker: breaker.clone(),
             limits: cluster.circuit_breakers.clone(),
             settings: cluster.connection.clone(),
+            tls,
         }));
         ClusterState {
             next: AtomicU64::new(old.map_or(0, |o| o.next.load(Ordering::Relaxed))),
@@ -195,6 +242,7 @@ impl ClusterState {
             breaker,
             retries,
             connections,
+            unusable,
         }
     }
 
@@ -223,6 +271,12 @@ impl ClusterState {
 
     pub(crate) fn connections(&self) -> &ClusterConnections {
         &self.connections
+    }
+
+    /// Why requests to this cluster cannot be sent: it requires mTLS and
+    /// the client has no certificate (or no usable TLS config).
+    pub(crate) fn unusable(&self) -> Option<&Arc<str>> {
+        self.unusable.as_ref()
     }
 
     /// Endpoints ejected now.

@@ -79,6 +79,18 @@ impl<B, Src: ConfigSource> MeshClient<B, Src> {
         }
     }
 
+    /// This client with the workload's certificates: clusters that require
+    /// mTLS (DestinationRule `tls.mode: ISTIO_MUTUAL`, CDS `tls`) are
+    /// reached over mTLS presenting `store`'s certificate (rotations apply
+    /// to new connections), the server's SPIFFE ID checked against the
+    /// cluster's identities. Without it such clusters are answered `503`
+    /// naming the fix. Plaintext clusters are unaffected. Get the store
+    /// from [`WorkloadCertificates`](crate::tls::WorkloadCertificates).
+    pub fn with_certificates(mut self, store: crate::tls::CertStore) -> Self {
+        self.inner.set_certificates(store);
+        self
+    }
+
     /// The configuration source.
     pub fn source(&self) -> &Src {
         self.inner.source()

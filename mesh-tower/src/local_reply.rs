@@ -10,6 +10,10 @@
 //! body), which every gRPC client reads as a status. A breaker overflow also
 //! carries `x-envoy-overloaded: true`, as Envoy's does (response flag UO).
 //!
+//! The server stack answers itself too: a request denied by an
+//! AuthorizationPolicy gets Envoy's RBAC answer (`403` with a body starting
+//! `RBAC: access denied`, or gRPC `PERMISSION_DENIED`), naming the policy.
+//!
 //! Every local reply carries `x-proxyless-local-reply: <cause>` so tests and
 //! operators can tell it from an answer of the service.
 
@@ -37,6 +41,12 @@ pub(crate) enum Cause {
     FaultAbort,
     /// The route timeout or the request's deadline expired.
     Timeout,
+    /// An authorization policy (or STRICT mTLS without a verified peer)
+    /// refused the request: Envoy's RBAC filter's 403.
+    Denied,
+    /// The server's inbound policy (its gRFC A36 listener) has not arrived
+    /// from the control server, so the server cannot decide yet.
+    NotServing,
 }
 
 impl Cause {
@@ -45,6 +55,8 @@ impl Cause {
             Cause::Overflow => "overflow",
             Cause::FaultAbort => "fault-abort",
             Cause::Timeout => "timeout",
+            Cause::Denied => "rbac-denied",
+            Cause::NotServing => "not-serving",
         }
     }
 }
@@ -77,6 +89,29 @@ impl LocalReply {
             cause: Cause::Timeout,
             http: StatusCode::GATEWAY_TIMEOUT,
             grpc: Some(code::DEADLINE_EXCEEDED),
+            message,
+        }
+    }
+
+    /// An authorization denial: 403 / PERMISSION_DENIED. The message
+    /// starts with Envoy's `RBAC: access denied` so tools and people who
+    /// know Envoy recognise it, and names the policy.
+    pub(crate) fn denied(message: String) -> Self {
+        LocalReply {
+            cause: Cause::Denied,
+            http: StatusCode::FORBIDDEN,
+            grpc: Some(code::PERMISSION_DENIED),
+            message,
+        }
+    }
+
+    /// The server cannot authorize yet (its inbound policy has not
+    /// arrived): 503 / UNAVAILABLE, which clients may retry elsewhere.
+    pub(crate) fn not_serving(message: String) -> Self {
+        LocalReply {
+            cause: Cause::NotServing,
+            http: StatusCode::SERVICE_UNAVAILABLE,
+            grpc: Some(code::UNAVAILABLE),
             message,
         }
     }
@@ -187,6 +222,23 @@ mod tests {
         assert!(body.is_none());
         assert_eq!(grpc_status(response.headers()), Some(4));
         assert_eq!(response.headers()["grpc-message"], "deadline 5%25 gone");
+    }
+
+    #[test]
+    fn denials_are_403_or_permission_denied() {
+        let message = "RBAC: access denied (policy shop/deny-all)".to_string();
+        let (response, body) = LocalReply::denied(message.clone()).into_parts(false);
+        assert_eq!(response.status(), 403);
+        assert_eq!(response.headers()[LOCAL_REPLY_HEADER], "rbac-denied");
+        assert_eq!(&body.unwrap()[..], format!("{message}\n").as_bytes());
+        let (response, body) = LocalReply::denied(message).into_parts(true);
+        assert_eq!(response.status(), 200);
+        assert!(body.is_none());
+        assert_eq!(grpc_status(response.headers()), Some(7));
+        assert_eq!(
+            response.headers()["grpc-message"],
+            "RBAC: access denied (policy shop/deny-all)"
+        );
     }
 
     #[test]

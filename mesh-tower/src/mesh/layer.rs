@@ -66,6 +66,16 @@ impl<Src: ConfigSource> MeshLayer<Src> {
         self
     }
 
+    /// The workload's certificates, for clusters that require mTLS (CDS
+    /// `tls`, Istio ISTIO_MUTUAL): their state carries the TLS client the
+    /// [`Pool`](crate::Pool) connects with. Without certificates a request
+    /// to such a cluster is answered `503` naming the cluster and the fix.
+    /// Call it before building services: the cluster state starts afresh.
+    pub fn certificates(mut self, store: crate::tls::CertStore) -> Self {
+        self.shared.states = Arc::new(ClusterStates::with_certificates(store));
+        self
+    }
+
     /// The config source.
     pub fn source(&self) -> &Src {
         &self.shared.source

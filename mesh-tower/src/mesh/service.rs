@@ -98,6 +98,12 @@ impl<S, Src> Mesh<S, Src> {
         Mesh { inner, shared }
     }
 
+    /// Presents `store`'s certificate to clusters that require mTLS (see
+    /// [`MeshLayer::certificates`]); the cluster state starts afresh.
+    pub(crate) fn set_certificates(&mut self, store: crate::tls::CertStore) {
+        self.shared.states = Arc::new(ClusterStates::with_certificates(store));
+    }
+
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -137,6 +143,8 @@ pub(crate) struct Plan {
 
 enum Decision {
     Routed(Plan),
+    /// The cluster requires mTLS this client cannot do: a local reply.
+    Unusable(Arc<str>),
     Wait(String),
     Fail(Error),
 }
@@ -169,7 +177,10 @@ where
                 Some(authority) => match snapshot.listener_for(authority) {
                     ListenerLookup::Found(listener) => {
                         match self.shared.plan(&snapshot, listener, &req, authority) {
-                            Ok(plan) => Decision::Routed(plan),
+                            Ok(plan) => match plan.state.unusable() {
+                                None => Decision::Routed(plan),
+                                Some(reason) => Decision::Unusable(reason.clone()),
+                            },
                             Err(e) => Decision::Fail(e),
                         }
                     }
@@ -186,6 +197,9 @@ where
                 ResponseFuture::waiting(Box::pin(async move { shared.run(inner, req, plan).await }))
             }
             Decision::Fail(e) => ResponseFuture::failed(e),
+            Decision::Unusable(reason) => {
+                ResponseFuture::ready(Ok(mtls_unavailable(&reason, is_grpc(req.headers()))))
+            }
             Decision::Wait(authority) => {
                 let inner = self.take_ready();
                 let shared = self.shared.clone();
@@ -746,6 +760,9 @@ impl<Src: ConfigSource> Shared<Src> {
                 }
             }
         };
+        if let Some(reason) = plan.state.unusable() {
+            return Ok(mtls_unavailable(reason, is_grpc(req.headers())));
+        }
         let inner = inner.ready_oneshot().await.map_err(|e| {
             Error::from_boxed(e.into(), ErrorKind::Upstream, "the inner service failed")
         })?;
@@ -783,6 +800,24 @@ fn request_like<T>(head: &http::request::Parts, body: T) -> Request<T> {
 pub(crate) fn local<RB>(reply: LocalReply, grpc: bool) -> Response<ResponseBody<RB>> {
     let (head, body) = reply.into_parts(grpc);
     head.map(|()| ResponseBody::local(body))
+}
+
+/// The local reply to a request for a cluster that requires mTLS this
+/// client cannot do: 503 / UNAVAILABLE naming the cluster and the fix,
+/// marked `x-proxyless-local-reply: mtls-unavailable`.
+fn mtls_unavailable<RB>(reason: &str, grpc: bool) -> Response<ResponseBody<RB>> {
+    let reply = LocalReply {
+        cause: crate::local_reply::Cause::FaultAbort,
+        http: http::StatusCode::SERVICE_UNAVAILABLE,
+        grpc: Some(crate::local_reply::code::UNAVAILABLE),
+        message: reason.to_owned(),
+    };
+    let mut response = local(reply, grpc);
+    response.headers_mut().insert(
+        crate::local_reply::LOCAL_REPLY_HEADER,
+        HeaderValue::from_static("mtls-unavailable"),
+    );
+    response
 }
 
 /// Ends a retried attempt's entry in the decision record.

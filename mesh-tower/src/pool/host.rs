@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -16,8 +16,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::breaker::{ConnectionPermit, Overflow};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_rustls::client::TlsStream;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{ConnectionPolicy, PoolConfig};
+use super::{ClusterTls, ConnectionPolicy, PoolConfig};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::mesh::TargetEndpoint;
 
@@ -57,6 +59,16 @@ struct Idle<B> {
     /// Requests it has carried.
     uses: u32,
     since: Instant,
+    /// When its certificates expire (mTLS); it is not used after.
+    expires: Option<Instant>,
+}
+
+/// An HTTP/1.1 connection handed to a request: the sender, how many
+/// requests it will have carried, when its certificates expire (mTLS).
+struct Http1Lease<B> {
+    sender: http1::SendRequest<B>,
+    uses: u32,
+    expires: Option<Instant>,
 }
 
 fn millis_since(epoch: Instant) -> u64 {
@@ -124,12 +136,17 @@ impl<B> Host<B> {
         self.http2.compare_and_swap(conn, None::<Arc<Http2Conn<B>>>);
     }
 
-    fn idle_http1(&self, idle_timeout: Option<Duration>) -> Option<(http1::SendRequest<B>, u32)> {
+    fn idle_http1(&self, idle_timeout: Option<Duration>) -> Option<Http1Lease<B>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(entry) = idle.pop() {
-            let fresh = idle_timeout.is_none_or(|t| entry.since.elapsed() < t);
+            let fresh = idle_timeout.is_none_or(|t| entry.since.elapsed() < t)
+                && entry.expires.is_none_or(|at| Instant::now() < at);
             if fresh && entry.sender.is_ready() {
-                return Some((entry.sender, entry.uses));
+                return Some(Http1Lease {
+                    sender: entry.sender,
+                    uses: entry.uses,
+                    expires: entry.expires,
+                });
             }
         }
         None
@@ -138,11 +155,19 @@ impl<B> Host<B> {
     /// A connection whose response was read: back to the idle stack, or
     /// closed (by dropping it) when it carried its maximum of requests or
     /// the stack is full.
-    fn put_idle(self: &Arc<Self>, sender: http1::SendRequest<B>, uses: u32, policy: IdlePolicy)
+    fn put_idle(self: &Arc<Self>, lease: Http1Lease<B>, policy: IdlePolicy)
     where
         B: Send + 'static,
     {
-        if policy.max_requests.is_some_and(|max| uses >= max) || sender.is_closed() {
+        let Http1Lease {
+            sender,
+            uses,
+            expires,
+        } = lease;
+        if policy.max_requests.is_some_and(|max| uses >= max)
+            || sender.is_closed()
+            || expires.is_some_and(|at| Instant::now() >= at)
+        {
             return;
         }
         {
@@ -154,6 +179,7 @@ impl<B> Host<B> {
                 sender,
                 uses,
                 since: Instant::now(),
+                expires,
             });
         }
         self.freed.notify_one();
@@ -184,7 +210,11 @@ async fn reap_idle<B>(host: Weak<Host<B>>, timeout: Duration) {
         tokio::time::sleep(timeout).await;
         let Some(host) = host.upgrade() else { return };
         let mut idle = host.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|entry| entry.since.elapsed() < timeout && !entry.sender.is_closed());
+        idle.retain(|entry| {
+            entry.since.elapsed() < timeout
+                && !entry.sender.is_closed()
+                && entry.expires.is_none_or(|at| Instant::now() < at)
+        });
         if idle.is_empty() {
             host.reaping.store(false, Ordering::Release);
             return;
@@ -285,6 +315,33 @@ where
         // Envoy does for an endpoint without any connection.
         let permit = policy.and_then(|p| p.breaker.try_connect(&p.limits));
         let io = self.connect(target, config, policy).await?;
+        match policy.and_then(|p| p.tls.as_ref()) {
+            None => {
+                self.start_http2(io, target, config, permit, idle_timeout, None)
+                    .await
+            }
+            Some(tls) => {
+                let (io, expires) = self.handshake_tls(io, tls, target, config, policy).await?;
+                self.start_http2(io, target, config, permit, idle_timeout, Some(expires))
+                    .await
+            }
+        }
+    }
+
+    /// The HTTP/2 handshake over a dialed connection (plaintext or TLS);
+    /// the connection becomes the endpoint's shared one.
+    async fn start_http2<IO>(
+        self: &Arc<Self>,
+        io: IO,
+        target: &TargetEndpoint,
+        config: PoolConfig,
+        permit: Option<ConnectionPermit>,
+        idle_timeout: Option<Duration>,
+        expires: Option<Instant>,
+    ) -> Result<http2::SendRequest<B>, Error>
+    where
+        IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new());
         if let Some(interval) = config.http2_keep_alive {
@@ -313,14 +370,37 @@ where
             let _permit: Option<ConnectionPermit> = permit;
             let addr = host.addr;
             tokio::pin!(connection);
-            let result = match idle_timeout {
-                Some(timeout) => {
+            let result = match (idle_timeout, expires) {
+                (None, None) => connection.await,
+                (idle_timeout, expires) => {
+                    let idle = async {
+                        match idle_timeout {
+                            Some(timeout) => {
+                                watch_http2_idle(&host, watched.clone(), timeout).await;
+                            }
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let expiry = async {
+                        match expires {
+                            // Retired when its certificates expire: new
+                            // requests dial a connection with the current
+                            // certificate; this one finishes its streams.
+                            Some(at) => {
+                                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                                if let Some(conn) = watched.upgrade() {
+                                    host.retire_http2(&conn);
+                                }
+                            }
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         result = &mut connection => result,
-                        () = watch_http2_idle(&host, watched, timeout) => connection.await,
+                        () = idle => connection.await,
+                        () = expiry => connection.await,
                     }
                 }
-                None => connection.await,
             };
             if let Err(e) = result {
                 tracing::debug!(%addr, error = %e, "HTTP/2 connection closed");
@@ -346,15 +426,15 @@ where
         };
         let mut last = None;
         for _ in 0..HTTP1_ATTEMPTS {
-            let (mut sender, uses) = self
+            let mut lease = self
                 .http1_sender(target, config, policy, idle_policy)
                 .await?;
-            let sent = sender.try_send_request(req);
+            let sent = lease.sender.try_send_request(req);
             // Back to the idle stack once this response has been read.
             let host = self.clone();
             tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    host.put_idle(sender, uses, idle_policy);
+                if lease.sender.ready().await.is_ok() {
+                    host.put_idle(lease, idle_policy);
                 }
             });
             match sent.await {
@@ -375,22 +455,22 @@ where
     }
 
     /// An idle connection, a new one, or (at `maxConnections`) the first
-    /// one to come back, waiting as a pending request. Returns the
-    /// connection and how many requests it will have carried.
+    /// one to come back, waiting as a pending request.
     async fn http1_sender(
         self: &Arc<Self>,
         target: &TargetEndpoint,
         config: PoolConfig,
         policy: Option<&ConnectionPolicy>,
         idle_policy: IdlePolicy,
-    ) -> Result<(http1::SendRequest<B>, u32), Error> {
+    ) -> Result<Http1Lease<B>, Error> {
         let mut pending = None;
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some((sender, uses)) = self.idle_http1(idle_policy.idle_timeout) {
-                return Ok((sender, uses.saturating_add(1)));
+            if let Some(mut lease) = self.idle_http1(idle_policy.idle_timeout) {
+                lease.uses = lease.uses.saturating_add(1);
+                return Ok(lease);
             }
             let dial = match policy {
                 None => Some(None),
@@ -403,8 +483,7 @@ where
             };
             if let Some(permit) = dial {
                 drop(pending);
-                let sender = self.dial_http1(target, config, policy, permit).await?;
-                return Ok((sender, 1));
+                return self.dial_http1(target, config, policy, permit).await;
             }
             if pending.is_none()
                 && let Some(p) = policy
@@ -425,8 +504,32 @@ where
         config: PoolConfig,
         policy: Option<&ConnectionPolicy>,
         permit: Option<ConnectionPermit>,
-    ) -> Result<http1::SendRequest<B>, Error> {
+    ) -> Result<Http1Lease<B>, Error> {
         let io = self.connect(target, config, policy).await?;
+        let (sender, expires) = match policy.and_then(|p| p.tls.as_ref()) {
+            None => (self.start_http1(io, target, permit).await?, None),
+            Some(tls) => {
+                let (io, expires) = self.handshake_tls(io, tls, target, config, policy).await?;
+                (self.start_http1(io, target, permit).await?, Some(expires))
+            }
+        };
+        Ok(Http1Lease {
+            sender,
+            uses: 1,
+            expires,
+        })
+    }
+
+    /// The HTTP/1.1 handshake over a dialed connection (plaintext or TLS).
+    async fn start_http1<IO>(
+        self: &Arc<Self>,
+        io: IO,
+        target: &TargetEndpoint,
+        permit: Option<ConnectionPermit>,
+    ) -> Result<http1::SendRequest<B>, Error>
+    where
+        IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let (sender, connection) = match http1::handshake(io).await {
             Ok(handshake) => handshake,
             Err(e) => {
@@ -453,9 +556,7 @@ where
         config: PoolConfig,
         policy: Option<&ConnectionPolicy>,
     ) -> Result<TokioIo<TcpStream>, Error> {
-        let timeout = policy
-            .and_then(|p| p.settings.connect_timeout)
-            .unwrap_or(config.connect_timeout);
+        let timeout = connect_timeout(config, policy);
         self.open.fetch_add(1, Ordering::AcqRel);
         let result = connect(target, timeout).await;
         if result.is_err() {
@@ -463,6 +564,80 @@ where
         }
         result
     }
+}
+
+impl<B> Host<B> {
+    /// The mTLS handshake over a dialed connection (bounded by the connect
+    /// timeout too, as Envoy's covers the TLS handshake): the stream and
+    /// when the certificates it was established with expire. On failure
+    /// the connection is counted closed.
+    async fn handshake_tls(
+        &self,
+        io: TokioIo<TcpStream>,
+        tls: &ClusterTls,
+        target: &TargetEndpoint,
+        config: PoolConfig,
+        policy: Option<&ConnectionPolicy>,
+    ) -> Result<(TokioIo<TlsStream<TcpStream>>, Instant), Error> {
+        let timeout = connect_timeout(config, policy);
+        // Read before the handshake: a rotation during it can only make
+        // the certificate used later-expiring than this.
+        let client_expiry = tls.store.not_after();
+        let ip;
+        let server_name = match &tls.sni {
+            Some(sni) => &**sni,
+            None => {
+                ip = target.addr().ip().to_string();
+                &ip
+            }
+        };
+        let handshake = tls.connector.connect(server_name, io.into_inner());
+        let stream = match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok((stream, _peer))) => stream,
+            Ok(Err(e)) => {
+                self.connection_closed();
+                return Err(Error::new(
+                    ErrorKind::Connect,
+                    format!(
+                        "mTLS handshake with endpoint {} of cluster {:?} failed",
+                        target.addr(),
+                        target.cluster()
+                    ),
+                )
+                .with_source(e));
+            }
+            Err(_) => {
+                self.connection_closed();
+                return Err(Error::new(
+                    ErrorKind::Connect,
+                    format!(
+                        "the mTLS handshake with endpoint {} of cluster {:?} timed out after \
+                         {timeout:?}",
+                        target.addr(),
+                        target.cluster()
+                    ),
+                )
+                .with_source(std::io::Error::from(std::io::ErrorKind::TimedOut)));
+            }
+        };
+        let server_expiry = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|leaf| X509Certificate::from_der(leaf).ok())
+            .and_then(|(_, cert)| u64::try_from(cert.validity().not_after.timestamp()).ok())
+            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+        let expiry = server_expiry.map_or(client_expiry, |s| s.min(client_expiry));
+        let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+        Ok((TokioIo::new(stream), Instant::now() + left))
+    }
+}
+
+fn connect_timeout(config: PoolConfig, policy: Option<&ConnectionPolicy>) -> Duration {
+    policy
+        .and_then(|p| p.settings.connect_timeout)
+        .unwrap_or(config.connect_timeout)
 }
 
 async fn connect(target: &TargetEndpoint, timeout: Duration) -> Result<TokioIo<TcpStream>, Error> {

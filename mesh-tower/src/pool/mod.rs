@@ -7,8 +7,22 @@
 //! `:authority` (HTTP/2) or `Host` (HTTP/1.1), as Envoy's upstream
 //! connections do. Connections belong to a cluster, as Envoy's connection
 //! pools do, so each cluster's limits and settings apply to its own
-//! connections; later the TLS identity joins the key (DESIGN.md: pooled
-//! hyper connection keyed by endpoint, protocol and TLS identity).
+//! connections, and they are keyed by endpoint, protocol and TLS identity
+//! set (DESIGN.md): a plaintext and an mTLS connection to one address, or
+//! two mTLS connections verified for different server identities, are
+//! different pool entries.
+//!
+//! mTLS (clusters with `tls`, Istio ISTIO_MUTUAL; gRFC A29): the pool runs
+//! the TLS handshake with [`MeshConnector`](crate::tls::MeshConnector) over
+//! the TCP connection, presenting the workload's certificate and checking
+//! the server's SPIFFE ID against the cluster's identities; ALPN `h2` for
+//! HTTP/2 clusters, `http/1.1` for HTTP/1.1 ones; SNI from the cluster,
+//! else none. A connection is not used past the expiry of the certificates
+//! it was established with (the client's or the server's, whichever ends
+//! first): an HTTP/2 connection is retired then (it closes once its
+//! streams are done), an idle HTTP/1.1 one is dropped. New connections use
+//! the current certificate, so a rotation reaches them without touching
+//! live ones. Plaintext clusters take exactly the path they took before.
 //!
 //! - HTTP/2 (clusters of protocol `HTTP2` / `GRPC`): one shared connection
 //!   per endpoint, multiplexing every request, as gRPC's subchannels do;
@@ -58,12 +72,13 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use mesh_core::breaker::CircuitBreaker;
-use mesh_core::model::{CircuitBreakers, ConnectionSettings, Name};
+use mesh_core::model::{CircuitBreakers, ConnectionSettings, Name, Protocol, UpstreamTls};
 use tower::Service;
 
 use self::host::Host;
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::mesh::TargetEndpoint;
+use crate::tls::{CertStore, MeshConnector, ServerIdentities};
 
 /// The connection pool: a `tower::Service` sending each request to the
 /// [`TargetEndpoint`] in its extensions (see the [module docs](self)).
@@ -91,10 +106,54 @@ pub(crate) struct ConnectionPolicy {
     pub(crate) breaker: CircuitBreaker,
     pub(crate) limits: CircuitBreakers,
     pub(crate) settings: ConnectionSettings,
+    /// mTLS to the cluster's endpoints; `None`: plaintext.
+    pub(crate) tls: Option<ClusterTls>,
 }
 
-/// (cluster, endpoint address, HTTP/2).
-type Key = (Name, SocketAddr, bool);
+/// How the pool secures a cluster's connections.
+pub(crate) struct ClusterTls {
+    connector: MeshConnector,
+    identities: ServerIdentities,
+    /// The SNI to send; `None` sends none.
+    sni: Option<Box<str>>,
+    store: CertStore,
+}
+
+impl ClusterTls {
+    /// The TLS client of a cluster of `protocol` that `tls` says requires
+    /// mTLS, presenting `store`'s certificate.
+    pub(crate) fn new(
+        store: &CertStore,
+        tls: &UpstreamTls,
+        protocol: Protocol,
+    ) -> Result<Self, Error> {
+        let identities = ServerIdentities::new(tls.server_identities.iter().cloned());
+        let alpn: &[&[u8]] = if protocol.is_http2() {
+            &[b"h2"]
+        } else {
+            &[b"http/1.1"]
+        };
+        Ok(ClusterTls {
+            connector: MeshConnector::new(store, identities.clone(), alpn)?,
+            identities,
+            sni: (!tls.sni.is_empty()).then(|| Box::from(&*tls.sni)),
+            store: store.clone(),
+        })
+    }
+}
+
+impl fmt::Debug for ClusterTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterTls")
+            .field("identities", &self.identities)
+            .field("sni", &self.sni)
+            .finish_non_exhaustive()
+    }
+}
+
+/// (cluster, endpoint address, HTTP/2, the server identities an mTLS
+/// connection was verified for; `None`: plaintext).
+type Key = (Name, SocketAddr, bool, Option<ServerIdentities>);
 
 struct Hosts<B> {
     map: ArcSwap<HashMap<Key, Arc<Host<B>>>>,
@@ -159,8 +218,18 @@ impl<B> Pool<B> {
             .sum()
     }
 
-    fn host(&self, target: &TargetEndpoint, http2: bool) -> Arc<Host<B>> {
-        let key = (target.cluster_name().clone(), target.addr(), http2);
+    fn host(
+        &self,
+        target: &TargetEndpoint,
+        http2: bool,
+        tls: Option<&ServerIdentities>,
+    ) -> Arc<Host<B>> {
+        let key = (
+            target.cluster_name().clone(),
+            target.addr(),
+            http2,
+            tls.cloned(),
+        );
         if let Some(host) = self.hosts.map.load().get(&key) {
             return host.clone();
         }
@@ -238,7 +307,11 @@ where
             .get::<ClusterConnections>()
             .map(|c| c.0.clone());
         let http2 = target.protocol().is_http2();
-        let host = self.host(&target, http2);
+        let tls = policy
+            .as_deref()
+            .and_then(|p| p.tls.as_ref())
+            .map(|t| &t.identities);
+        let host = self.host(&target, http2, tls);
         let config = self.config;
         if http2 {
             ResponseFuture::new(async move {

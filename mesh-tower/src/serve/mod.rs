@@ -19,6 +19,24 @@
 //! Every request carries a [`ConnectionInfo`] extension (peer and local
 //! address); put [`ServerLayer`](crate::ServerLayer) on the app for the mesh
 //! context.
+//!
+//! [`serve_with`] adds zero-trust transport security ([`Security`]): it
+//! accepts connections under the mTLS mode of an
+//! [`InboundPolicy`] (Istio's PeerAuthentication:
+//! STRICT requires a client certificate of the mesh's trust domain,
+//! PERMISSIVE takes mTLS and plaintext on one port, DISABLE plaintext),
+//! with the workload certificate of a [`CertStore`]. The TLS handshake runs
+//! in the connection's task under a timeout (10 s by default), never in
+//! the accept loop. When the mode changes, connections accepted from then
+//! on use the new one; live ones keep theirs. Requests on an mTLS
+//! connection carry the client's verified
+//! [`PeerIdentity`] next to [`ConnectionInfo`],
+//! and every request the `InboundPolicy`, which
+//! [`ServerLayer`](crate::ServerLayer) authorizes with. A TLS connection
+//! is closed gracefully (HTTP/2 GOAWAY, HTTP/1.1 `connection: close` after
+//! the request in flight) when the server certificate it was established
+//! with expires: a maximum connection age, so no connection outlives its
+//! certificate, while requests in flight finish.
 
 mod registration;
 
@@ -31,17 +49,155 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 pub use self::registration::Registration;
 use self::registration::{Admin, Lease};
 use crate::error::{BoxError, Error, ErrorKind};
+use crate::server::InboundPolicy;
+use crate::tls::{ALPN_H2_HTTP11, CertStore, MeshAcceptor, MtlsMode, PeerIdentity};
 
 /// How long shutdown waits for requests in flight by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a client has to complete the TLS handshake by default.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`serve_with`] waits for an xDS inbound policy by default.
+pub const DEFAULT_POLICY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The transport security and authorization [`serve_with`] serves under:
+/// an [`InboundPolicy`] (mTLS mode and AuthorizationPolicies) and the
+/// workload's certificates.
+///
+/// ```no_run
+/// # async fn demo(
+/// #     xds: mesh_xds_client::XdsClient,
+/// #     store: mesh_tower::tls::CertStore,
+/// #     app: axum::Router,
+/// # ) -> Result<(), mesh_tower::BoxError> {
+/// use mesh_tower::{InboundPolicy, Registration, Security, ServerLayer, ServerContext, serve_with};
+/// let address: std::net::SocketAddr = "10.0.0.7:8080".parse()?;
+/// let listener = tokio::net::TcpListener::bind(address).await?;
+/// // The mode and policies mesh-control computes for this workload and port.
+/// let policy = InboundPolicy::from_xds(&xds, address)?;
+/// let app = app.layer(ServerLayer::from_bootstrap(xds.bootstrap(), "catalog"));
+/// let registration = Registration::from_bootstrap(xds.bootstrap(), "catalog")?;
+/// let security = Security::new(policy).certificates(store);
+/// let serving = serve_with(listener, registration, app, security).await?;
+/// serving.shutdown_on(tokio::signal::ctrl_c()).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Security {
+    inbound: InboundPolicy,
+    certificates: Option<CertStore>,
+    handshake_timeout: Duration,
+    policy_timeout: Duration,
+}
+
+impl Security {
+    /// Serving under `inbound`'s mode and policies. Any mode but DISABLE
+    /// also needs [`Security::certificates`].
+    pub fn new(inbound: InboundPolicy) -> Self {
+        Security {
+            inbound,
+            certificates: None,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            policy_timeout: DEFAULT_POLICY_TIMEOUT,
+        }
+    }
+
+    /// The workload's certificate, key and trust bundle (rotated in place:
+    /// new handshakes use the current ones).
+    pub fn certificates(mut self, store: CertStore) -> Self {
+        self.certificates = Some(store);
+        self
+    }
+
+    /// How long a client may take to complete the TLS handshake
+    /// ([`DEFAULT_HANDSHAKE_TIMEOUT`]); a slower one is disconnected.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// How long [`serve_with`] waits for an xDS inbound policy to arrive
+    /// before failing ([`DEFAULT_POLICY_TIMEOUT`]).
+    pub fn policy_timeout(mut self, timeout: Duration) -> Self {
+        self.policy_timeout = timeout;
+        self
+    }
+
+    /// The inbound policy.
+    pub fn inbound(&self) -> &InboundPolicy {
+        &self.inbound
+    }
+}
+
+/// What the accept loop of a secure server holds.
+struct Secure {
+    inbound: InboundPolicy,
+    certificates: Option<CertStore>,
+    handshake_timeout: Duration,
+    /// The acceptor for `mode`; `None` when the mode needs certificates
+    /// the server does not have (connections are refused then).
+    acceptor: Option<MeshAcceptor>,
+    mode: MtlsMode,
+}
+
+impl Secure {
+    fn new(security: Security) -> Result<Self, Error> {
+        let mode = security.inbound.mode();
+        let acceptor = acceptor_for(mode, security.certificates.as_ref())?;
+        Ok(Secure {
+            inbound: security.inbound,
+            certificates: security.certificates,
+            handshake_timeout: security.handshake_timeout,
+            acceptor: Some(acceptor),
+            mode,
+        })
+    }
+
+    /// The acceptor for the current mode, rebuilt when the mode changed.
+    fn acceptor(&mut self) -> Option<&MeshAcceptor> {
+        let mode = self.inbound.mode();
+        if mode != self.mode {
+            self.mode = mode;
+            self.acceptor = match acceptor_for(mode, self.certificates.as_ref()) {
+                Ok(acceptor) => {
+                    tracing::info!(%mode, "mTLS mode changed; new connections use it");
+                    Some(acceptor)
+                }
+                Err(e) => {
+                    tracing::error!(%mode, error = %e, "cannot serve under the new mTLS mode; refusing connections");
+                    None
+                }
+            };
+        }
+        self.acceptor.as_ref()
+    }
+}
+
+fn acceptor_for(mode: MtlsMode, certificates: Option<&CertStore>) -> Result<MeshAcceptor, Error> {
+    if mode != MtlsMode::Disable && certificates.is_none() {
+        return Err(Error::new(
+            ErrorKind::Tls,
+            format!(
+                "the server's mTLS mode is {mode} but it has no workload certificate: configure \
+                 certificate_providers.mesh in the bootstrap (file_watcher or mesh_ca) and pass \
+                 its store with Security::certificates"
+            ),
+        ));
+    }
+    MeshAcceptor::new(mode, certificates, ALPN_H2_HTTP11)
+}
 
 /// The connection a request arrived on: a request extension set by [`serve()`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +249,51 @@ where
     RB::Data: Send,
     RB::Error: Into<BoxError>,
 {
+    start(listener, registration, app, None).await
+}
+
+/// [`serve()`] under `security`: mTLS under the inbound policy's mode,
+/// the peer's identity and the policy on every request (see the
+/// [module docs](self)). Put [`ServerLayer`](crate::ServerLayer) on `app`
+/// for authorization: it uses the policy this passes along.
+///
+/// Waits for an xDS policy to arrive first (gRFC A36: a server does not
+/// serve before its listener arrives; up to [`Security::policy_timeout`]).
+/// Fails without registering when it does not, or when the mode is STRICT
+/// or PERMISSIVE and there are no certificates.
+pub async fn serve_with<S, RB>(
+    listener: TcpListener,
+    registration: Registration,
+    app: S,
+    security: Security,
+) -> Result<Serving, Error>
+where
+    S: Service<Request<Incoming>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    RB: http_body::Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Into<BoxError>,
+{
+    security.inbound.ready(security.policy_timeout).await?;
+    let secure = Secure::new(security)?;
+    start(listener, registration, app, Some(secure)).await
+}
+
+async fn start<S, RB>(
+    listener: TcpListener,
+    registration: Registration,
+    app: S,
+    secure: Option<Secure>,
+) -> Result<Serving, Error>
+where
+    S: Service<Request<Incoming>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    RB: http_body::Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Into<BoxError>,
+{
     let local_addr = listener.local_addr().map_err(|e| {
         Error::new(ErrorKind::Io, "cannot read the listener's local address").with_source(e)
     })?;
@@ -114,7 +315,7 @@ where
 
     // Accept before registering: once clients learn the endpoint, it answers.
     let (drain_tx, drain_rx) = watch::channel(None);
-    let accept = tokio::spawn(accept_loop(listener, app, drain_rx));
+    let accept = tokio::spawn(accept_loop(listener, app, drain_rx, secure));
 
     let lease = match admin.register(&body).await {
         Ok(lease) => lease,
@@ -249,6 +450,7 @@ async fn accept_loop<S, RB>(
     listener: TcpListener,
     app: S,
     mut drain: watch::Receiver<Option<Duration>>,
+    mut secure: Option<Secure>,
 ) where
     S: Service<Request<Incoming>, Response = Response<RB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -275,17 +477,46 @@ async fn accept_loop<S, RB>(
             },
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer_addr)) => {
+                    let _ = stream.set_nodelay(true);
                     let info = ConnectionInfo {
                         peer_addr,
                         local_addr: local_addr.unwrap_or(peer_addr),
                     };
-                    connections.spawn(serve_connection(
-                        builder.clone(),
-                        stream,
-                        info,
-                        app.clone(),
-                        closing_rx.clone(),
-                    ));
+                    match &mut secure {
+                        None => {
+                            connections.spawn(serve_connection(
+                                builder.clone(),
+                                stream,
+                                Conn {
+                                    info,
+                                    peer: None,
+                                    inbound: None,
+                                    max_age: None,
+                                },
+                                app.clone(),
+                                closing_rx.clone(),
+                            ));
+                        }
+                        Some(secure) => {
+                            let Some(acceptor) = secure.acceptor().cloned() else {
+                                // Fail closed: the mode needs certificates
+                                // this server does not have.
+                                drop(stream);
+                                continue;
+                            };
+                            connections.spawn(serve_secure(
+                                builder.clone(),
+                                stream,
+                                acceptor,
+                                secure.handshake_timeout,
+                                secure.certificates.clone(),
+                                secure.inbound.clone(),
+                                info,
+                                app.clone(),
+                                closing_rx.clone(),
+                            ));
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly
@@ -312,12 +543,19 @@ async fn accept_loop<S, RB>(
     }
 }
 
-async fn serve_connection<S, RB>(
+/// Runs the TLS handshake (under a timeout, in the connection's own task),
+/// then serves the connection.
+#[allow(clippy::too_many_arguments)]
+async fn serve_secure<S, RB>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
+    acceptor: MeshAcceptor,
+    handshake_timeout: Duration,
+    certificates: Option<CertStore>,
+    inbound: InboundPolicy,
     info: ConnectionInfo,
     app: S,
-    mut closing: watch::Receiver<bool>,
+    closing: watch::Receiver<bool>,
 ) where
     S: Service<Request<Incoming>, Response = Response<RB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -326,13 +564,88 @@ async fn serve_connection<S, RB>(
     RB::Data: Send,
     RB::Error: Into<BoxError>,
 {
-    let _ = stream.set_nodelay(true);
+    // Read before the handshake: if the store rotates during it, the
+    // connection's age is bounded by the older (earlier) expiry.
+    let not_after = certificates.as_ref().map(CertStore::not_after);
+    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %info.peer_addr, mode = %acceptor.mode(), error = %e, "connection refused");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %info.peer_addr, timeout = ?handshake_timeout, "TLS handshake timed out");
+            return;
+        }
+    };
+    let max_age = match not_after {
+        Some(not_after) if stream.is_tls() => {
+            let left = not_after
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            Some(Instant::now() + left)
+        }
+        _ => None,
+    };
+    let conn = Conn {
+        info,
+        peer: stream.peer_identity().cloned(),
+        inbound: Some(inbound),
+        max_age,
+    };
+    serve_connection(builder, stream, conn, app, closing).await;
+}
+
+/// What the requests of one connection are given, and how long it may live.
+struct Conn {
+    info: ConnectionInfo,
+    peer: Option<PeerIdentity>,
+    inbound: Option<InboundPolicy>,
+    /// When the server certificate the connection was established with
+    /// expires.
+    max_age: Option<Instant>,
+}
+
+async fn serve_connection<IO, S, RB>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: IO,
+    conn: Conn,
+    app: S,
+    mut closing: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    RB: http_body::Body + Send + 'static,
+    RB::Data: Send,
+    RB::Error: Into<BoxError>,
+{
+    let Conn {
+        info,
+        peer,
+        inbound,
+        max_age,
+    } = conn;
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(info);
+        let extensions = req.extensions_mut();
+        extensions.insert(info);
+        if let Some(peer) = &peer {
+            extensions.insert(peer.clone());
+        }
+        if let Some(inbound) = &inbound {
+            extensions.insert(inbound.clone());
+        }
         app.clone().oneshot(req)
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(connection);
+    let expired = async {
+        match max_age {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         result = connection.as_mut() => {
             if let Err(e) = result {
@@ -343,6 +656,13 @@ async fn serve_connection<S, RB>(
             let _ = closing.wait_for(|closing| *closing).await;
         } => {
             connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+        () = expired => {
+            tracing::debug!(peer = %info.peer_addr, "the certificate this connection was established with expired; closing it gracefully");
+            connection.as_mut().graceful_shutdown();
+            // Still drains on shutdown: the accept loop's drain timeout
+            // ends it.
             let _ = connection.await;
         }
     }

@@ -7,24 +7,26 @@
 //! removes it. A lease not renewed within its TTL expires, so a process that
 //! dies without deregistering leaves the mesh on its own (Consul's TTL
 //! checks and Istio's WorkloadEntry auto-registration work the same way).
+//!
+//! When mesh-control runs its CA (issue 5), the admin API is https and
+//! registration is authenticated: the client verifies mesh-control's
+//! certificate against the CA root of the bootstrap's control channel
+//! (`xds_servers[0].channel_creds[0].config.ca_certificate_file`) and sends
+//! the workload's join token as `Authorization: Bearer <token>`; the
+//! control server allows the identity to register only endpoints of
+//! services it may back (401 without credentials, 403 with the reason).
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HOST};
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http::{Method, StatusCode};
 use mesh_core::model::Protocol;
 use serde_json::{Map, Value, json};
-use tokio::net::TcpStream;
 
 use crate::error::{Error, ErrorKind};
-
-/// How long one admin API call may take.
-const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::tls::AdminClient;
 
 /// What [`serve`](crate::serve()) registers: the service this process serves and
 /// where clients should reach it.
@@ -40,6 +42,37 @@ pub struct Registration {
     labels: BTreeMap<String, String>,
     locality: Option<String>,
     ttl: Duration,
+    /// PEM roots to verify mesh-control with: https when set.
+    admin_ca: Option<Vec<u8>>,
+    token: Option<Token>,
+}
+
+/// A join token: kept out of `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+struct Token(String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(redacted)")
+    }
+}
+
+/// Where and how to reach the admin API: what [`Admin::new`] takes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdminTarget<'a> {
+    address: &'a str,
+    ca_pem: Option<&'a [u8]>,
+    token: Option<&'a str>,
+}
+
+impl<'a> From<&'a str> for AdminTarget<'a> {
+    fn from(address: &'a str) -> Self {
+        AdminTarget {
+            address,
+            ca_pem: None,
+            token: None,
+        }
+    }
 }
 
 impl Registration {
@@ -59,11 +92,17 @@ impl Registration {
             labels: BTreeMap::new(),
             locality: None,
             ttl: Duration::from_secs(10),
+            admin_ca: None,
+            token: None,
         }
     }
 
     /// Registers with the admin API named in `bootstrap`
     /// (`node.metadata.PROXYLESS_ADMIN`), in the bootstrap's namespace.
+    /// When the bootstrap's control channel is TLS (`channel_creds` type
+    /// `"tls"`), over https verified with its `ca_certificate_file`; when
+    /// `certificate_providers.mesh` is `mesh_ca`, authenticated with its
+    /// join token (`token` or `token_file`). Errors name the field.
     pub fn from_bootstrap(
         bootstrap: &mesh_xds_client::Bootstrap,
         service: impl Into<String>,
@@ -75,7 +114,28 @@ impl Registration {
                  mesh-control's admin address (\"host:port\")",
             )
         })?;
-        Ok(Registration::new(admin, service).namespace(bootstrap.namespace()))
+        let mut registration = Registration::new(admin, service).namespace(bootstrap.namespace());
+        registration.admin_ca = crate::tls::control_ca_pem(bootstrap, ErrorKind::Registration)?;
+        registration.token = crate::tls::bootstrap_token(bootstrap)
+            .map_err(|e| Error::new(ErrorKind::Registration, e.message().to_owned()))?
+            .map(Token);
+        Ok(registration)
+    }
+
+    /// The join token to authenticate with (`Authorization: Bearer`):
+    /// mesh-control requires one when it runs its CA, and lets the token's
+    /// service account register only the services it may back.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(Token(token.into()));
+        self
+    }
+
+    /// https to the admin API, verifying mesh-control's certificate against
+    /// these PEM roots (its CA root, the bootstrap's
+    /// `channel_creds[0].config.ca_certificate_file`).
+    pub fn admin_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.admin_ca = Some(pem.into());
+        self
     }
 
     /// The namespace of the service (mesh-control's default: `default`).
@@ -134,8 +194,13 @@ impl Registration {
         &self.service
     }
 
-    pub(crate) fn admin(&self) -> &str {
-        &self.admin
+    /// Where and how to reach the admin API.
+    pub(crate) fn admin(&self) -> AdminTarget<'_> {
+        AdminTarget {
+            address: &self.admin,
+            ca_pem: self.admin_ca.as_deref(),
+            token: self.token.as_ref().map(|t| t.0.as_str()),
+        }
     }
 
     pub(crate) fn advertised_address(&self) -> Option<IpAddr> {
@@ -197,34 +262,22 @@ impl Lease {
 /// A client of mesh-control's admin API.
 #[derive(Debug, Clone)]
 pub(crate) struct Admin {
-    authority: String,
+    client: AdminClient,
 }
 
 impl Admin {
-    /// `host:port`, `http://host:port` or `http://host:port/`.
-    pub(crate) fn new(address: &str) -> Result<Self, Error> {
-        let trimmed = address.trim();
-        if trimmed.starts_with("https://") {
-            return Err(Error::new(
-                ErrorKind::Registration,
-                format!("admin address {address:?}: https is not supported, use host:port"),
-            ));
-        }
-        let authority = trimmed
-            .strip_prefix("http://")
-            .unwrap_or(trimmed)
-            .trim_end_matches('/');
-        if authority.is_empty()
-            || authority.contains('/')
-            || http::uri::Authority::try_from(authority).is_err()
-        {
-            return Err(Error::new(
-                ErrorKind::Registration,
-                format!("admin address {address:?} is not host:port"),
-            ));
-        }
+    /// The admin API at a target: `host:port`, `http://host:port` or
+    /// `http://host:port/` (a `&str`), or a registration's
+    /// [`Registration::admin`] (https and the token included).
+    pub(crate) fn new<'a>(target: impl Into<AdminTarget<'a>>) -> Result<Self, Error> {
+        let target = target.into();
         Ok(Admin {
-            authority: authority.to_owned(),
+            client: AdminClient::new(
+                target.address,
+                target.ca_pem,
+                target.token,
+                ErrorKind::Registration,
+            )?,
         })
     }
 
@@ -239,7 +292,7 @@ impl Admin {
                 ErrorKind::Registration,
                 format!(
                     "admin API at {}: POST /v1/endpoints: the answer is not JSON",
-                    self.authority
+                    self.client.base()
                 ),
             )
             .with_source(e)
@@ -253,7 +306,7 @@ impl Admin {
                     ErrorKind::Registration,
                     format!(
                         "admin API at {}: POST /v1/endpoints answered no usable lease_id: {value}",
-                        self.authority
+                        self.client.base()
                     ),
                 )
             })?;
@@ -296,14 +349,7 @@ impl Admin {
     }
 
     fn refused(&self, what: &str, status: StatusCode, reply: &[u8]) -> Error {
-        Error::new(
-            ErrorKind::Registration,
-            format!(
-                "admin API at {}: {what} answered {status}: {}",
-                self.authority,
-                String::from_utf8_lossy(reply).trim()
-            ),
-        )
+        self.client.refused(what, status, reply)
     }
 
     async fn call(
@@ -311,40 +357,8 @@ impl Admin {
         method: Method,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<(StatusCode, Bytes), Error> {
-        let what = format!("admin API at {}: {method} {path}", self.authority);
-        let exchange = async {
-            let stream = TcpStream::connect(&self.authority).await?;
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            let bytes = match body {
-                Some(v) => Bytes::from(v.to_string()),
-                None => Bytes::new(),
-            };
-            let req = Request::builder()
-                .method(method.clone())
-                .uri(path)
-                .header(HOST, &self.authority)
-                .header(CONTENT_TYPE, "application/json")
-                .body(Full::new(bytes))?;
-            let response = sender.send_request(req).await?;
-            let status = response.status();
-            let reply = response.into_body().collect().await?.to_bytes();
-            Ok::<_, crate::BoxError>((status, reply))
-        };
-        match tokio::time::timeout(ADMIN_TIMEOUT, exchange).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(e)) => {
-                Err(Error::new(ErrorKind::Registration, format!("{what} failed")).with_source(e))
-            }
-            Err(_) => Err(Error::new(
-                ErrorKind::Registration,
-                format!("{what}: no answer within {ADMIN_TIMEOUT:?}"),
-            )),
-        }
+    ) -> Result<(StatusCode, bytes::Bytes), Error> {
+        self.client.call(method, path, body).await
     }
 }
 
@@ -362,12 +376,12 @@ mod tests {
     #[test]
     fn admin_addresses() {
         assert_eq!(
-            Admin::new("127.0.0.1:9000").unwrap().authority,
-            "127.0.0.1:9000"
+            Admin::new("127.0.0.1:9000").unwrap().client.base(),
+            "http://127.0.0.1:9000"
         );
         assert_eq!(
-            Admin::new("http://control:9000/").unwrap().authority,
-            "control:9000"
+            Admin::new("http://control:9000/").unwrap().client.base(),
+            "http://control:9000"
         );
         assert!(Admin::new("https://control:9000").is_err());
         assert!(Admin::new("control:9000/x").is_err());
@@ -401,7 +415,8 @@ mod tests {
             .build()
             .unwrap();
         let r = Registration::from_bootstrap(&bootstrap, "catalog").unwrap();
-        assert_eq!(r.admin(), "127.0.0.1:9000");
+        assert_eq!(r.admin().address, "127.0.0.1:9000");
+        assert!(r.admin().token.is_none() && r.admin().ca_pem.is_none());
         let body = r.to_json("10.0.0.7".parse().unwrap(), 1);
         assert_eq!(body["namespace"], "shop");
 
@@ -411,6 +426,26 @@ mod tests {
         let e = Registration::from_bootstrap(&bare, "catalog").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Registration);
         assert!(e.to_string().contains("PROXYLESS_ADMIN"), "{e}");
+    }
+
+    #[test]
+    fn registration_takes_the_token_of_the_mesh_ca_provider() {
+        let bootstrap = mesh_xds_client::Bootstrap::builder("http://127.0.0.1:1", "node-1")
+            .admin_address("127.0.0.1:9000")
+            .certificate_provider(
+                "mesh",
+                json!({"plugin_name": "mesh_ca", "config": {"token": "join-1"}}),
+            )
+            .build()
+            .unwrap();
+        let r = Registration::from_bootstrap(&bootstrap, "catalog").unwrap();
+        assert_eq!(r.admin().token, Some("join-1"));
+        assert!(
+            !format!("{r:?}").contains("join-1"),
+            "the token is redacted"
+        );
+        let explicit = Registration::new("a:1", "catalog").token("t2");
+        assert_eq!(explicit.admin().token, Some("t2"));
     }
 
     #[test]

@@ -2,7 +2,7 @@ use http::HeaderValue;
 use tower::Layer;
 use tower::layer::util::Stack;
 
-use super::{Server, ServerContext};
+use super::{InboundPolicy, Server, ServerContext};
 use crate::telemetry::{ServerTelemetryLayer, Telemetry};
 
 /// The server stack as a tower layer (see the [module docs](crate::server)).
@@ -10,6 +10,7 @@ use crate::telemetry::{ServerTelemetryLayer, Telemetry};
 pub struct ServerLayer {
     context: ServerContext,
     served_by: Option<HeaderValue>,
+    inbound: Option<InboundPolicy>,
 }
 
 impl ServerLayer {
@@ -18,6 +19,7 @@ impl ServerLayer {
         ServerLayer {
             context,
             served_by: None,
+            inbound: None,
         }
     }
 
@@ -39,6 +41,19 @@ impl ServerLayer {
         } else {
             None
         };
+        self
+    }
+
+    /// Authorizes every request under `policy` (see the
+    /// [module docs](crate::server)): under STRICT a request without a
+    /// verified [`PeerIdentity`](crate::tls::PeerIdentity) is denied, and
+    /// the policy's AuthorizationPolicies decide the rest; denied requests
+    /// get 403 / `PERMISSION_DENIED` naming the policy and never reach the
+    /// app. Without this, the layer uses the policy
+    /// [`serve_with`](crate::serve::serve_with) passes in the request's
+    /// extensions, if any; with neither, nothing is checked (no cost).
+    pub fn inbound(mut self, policy: InboundPolicy) -> Self {
+        self.inbound = Some(policy);
         self
     }
 
@@ -73,6 +88,11 @@ impl<S> Layer<S> for ServerLayer {
     type Service = Server<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Server::new(inner, self.context.clone(), self.served_by.clone())
+        Server::new(
+            inner,
+            self.context.clone(),
+            self.served_by.clone(),
+            self.inbound.clone(),
+        )
     }
 }

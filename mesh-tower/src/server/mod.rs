@@ -2,12 +2,13 @@
 //! before the application.
 //!
 //! DESIGN.md's order is TLS accept → peer identity → telemetry span →
-//! deadline → authorization → the app. TLS, identity and authorization
-//! arrive with the mTLS and RBAC work (gRFC A29, A41); this layer is where
-//! they will run. The telemetry span is
+//! deadline → authorization → the app. TLS and the peer identity are
+//! [`serve_with`](crate::serve::serve_with)'s (a [`PeerIdentity`](crate::tls::PeerIdentity)
+//! request extension on mTLS connections); the telemetry span is
 //! [`ServerTelemetryLayer`](crate::telemetry::ServerTelemetryLayer), put
 //! outside this layer by [`ServerLayer::telemetry`], so that a request this
-//! layer answers itself is traced and counted too. Today it gives the
+//! layer answers itself (an expired deadline, a denial) is traced, counted
+//! and logged too. This layer gives the
 //! application its place in the mesh: a [`ServerContext`] request
 //! extension (the service, namespace and node id,
 //! readable with axum's `Extension<ServerContext>` or tonic's
@@ -27,10 +28,25 @@
 //! enforces `grpc-timeout` itself). Responses are wrapped in
 //! [`ResponseBody`](crate::ResponseBody) so the layer can answer itself.
 //!
+//! Authorization ([`ServerLayer::inbound`], or the [`InboundPolicy`] that
+//! `serve_with` passes along): Istio's AuthorizationPolicy semantics
+//! ([`mesh_core::rbac`]) on the peer's SPIFFE ID, source address, host,
+//! port, method, path and headers, as Envoy's RBAC filter (gRFC A41). A
+//! denied request gets `403` with a body `RBAC: access denied (policy
+//! <ns>/<name>)`, or for gRPC a Trailers-Only `PERMISSION_DENIED` naming the
+//! policy; the app is not called. Under STRICT mTLS a request without a
+//! verified peer identity is denied whatever the policies say, so an app
+//! served without TLS by mistake fails closed. The decision goes on the
+//! request's [`DecisionRecord`](crate::telemetry::DecisionRecord)
+//! (`mesh.authz.*` span attributes, the access log's
+//! `response_code_details`), the 403 into Istio's metrics, and a `tracing`
+//! INFO line names the policy.
+//!
 //! [`serve`](crate::serve()) adds a [`ConnectionInfo`](crate::serve::ConnectionInfo)
 //! extension (peer and local address) before this layer runs.
 
 mod future;
+mod inbound;
 mod layer;
 mod service;
 
@@ -40,6 +56,7 @@ use std::sync::Arc;
 use mesh_core::model::Name;
 
 pub use self::future::ResponseFuture;
+pub use self::inbound::{InboundConfig, InboundPolicy};
 pub use self::layer::ServerLayer;
 pub use self::service::Server;
 

@@ -3,7 +3,8 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Request, Response};
 use tower::Service;
 
-use super::{ResponseFuture, ServerContext};
+use super::inbound::authorize;
+use super::{InboundPolicy, ResponseFuture, ServerContext};
 use crate::body::ResponseBody;
 use crate::deadline::Deadline;
 use crate::local_reply::{LocalReply, is_grpc};
@@ -15,14 +16,21 @@ pub struct Server<S> {
     inner: S,
     context: ServerContext,
     served_by: Option<HeaderValue>,
+    inbound: Option<InboundPolicy>,
 }
 
 impl<S> Server<S> {
-    pub(crate) fn new(inner: S, context: ServerContext, served_by: Option<HeaderValue>) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        context: ServerContext,
+        served_by: Option<HeaderValue>,
+        inbound: Option<InboundPolicy>,
+    ) -> Self {
         Server {
             inner,
             context,
             served_by,
+            inbound,
         }
     }
 
@@ -74,6 +82,16 @@ where
                 );
             }
             req.extensions_mut().insert(deadline);
+        }
+        let policy = self
+            .inbound
+            .as_ref()
+            .or_else(|| req.extensions().get::<InboundPolicy>());
+        if let Some(reply) = policy.and_then(|policy| authorize(policy, &req)) {
+            return ResponseFuture::local(
+                reply.into_parts(is_grpc(req.headers())),
+                self.served_by.clone(),
+            );
         }
         ResponseFuture::new(self.inner.call(req), self.served_by.clone())
     }

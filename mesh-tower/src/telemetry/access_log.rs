@@ -8,7 +8,12 @@
 //! `upstream_host`, `upstream_cluster`, `route_name`, `authority`,
 //! `user_agent`, `request_id` (`x-request-id`), `trace_id`, plus
 //! `direction` (`outbound` from the client stack, `inbound` from the server
-//! stack), `grpc_status`, `attempts` and `downstream_remote_address`.
+//! stack), `grpc_status`, `attempts` and `downstream_remote_address`. On
+//! the server side, `downstream_peer_principal` (the client's verified
+//! SPIFFE ID), and for a request authorization denied
+//! `response_code_details` as Envoy's RBAC filter writes it:
+//! `rbac_access_denied_matched_policy[<namespace>/<name>]` (`[none]` when
+//! no ALLOW policy matched).
 //!
 //! Each line is the message of an INFO event with target
 //! [`ACCESS_LOG_TARGET`]; route it with a `tracing_subscriber` filter
@@ -102,6 +107,20 @@ fn to_json(line: &Line<'_>) -> Value {
         "downstream_remote_address".into(),
         json!(info.downstream.map(|a| a.to_string())),
     );
+    if !line.outbound {
+        m.insert(
+            "downstream_peer_principal".into(),
+            json!(line.record.peer_principal_id().map(|p| p.to_string())),
+        );
+        let details = match line.record.authorization_decision() {
+            Some((false, policy)) => Some(format!(
+                "rbac_access_denied_matched_policy[{}]",
+                policy.map_or("none", |p| &**p)
+            )),
+            _ => None,
+        };
+        m.insert("response_code_details".into(), json!(details));
+    }
     let trace_id = line
         .record
         .trace()
@@ -207,5 +226,42 @@ mod tests {
         assert_eq!(v["duration"], 12);
         assert_eq!(v["direction"], "outbound");
         assert!(v["trace_id"].is_null());
+        assert!(v.get("response_code_details").is_none());
+    }
+
+    #[test]
+    fn inbound_denials_name_the_policy() {
+        let record = DecisionRecord::new();
+        record.peer_principal(&"spiffe://cluster.local/ns/shop/sa/frontend".into());
+        record.authorization(false, Some(&"shop/deny-payments".into()));
+        let info = AccessInfo {
+            start_time: UNIX_EPOCH,
+            method: Method::POST,
+            path: "/pay".into(),
+            authority: Some("payment".into()),
+            protocol: Version::HTTP_2,
+            request_id: None,
+            user_agent: None,
+            downstream: None,
+        };
+        let v = to_json(&Line {
+            info: &info,
+            outbound: false,
+            record: &record,
+            response_code: 403,
+            grpc_status: None,
+            flags: ResponseFlags::empty(),
+            bytes_received: 0,
+            bytes_sent: 19,
+            duration: Duration::from_millis(1),
+        });
+        assert_eq!(
+            v["response_code_details"],
+            "rbac_access_denied_matched_policy[shop/deny-payments]"
+        );
+        assert_eq!(
+            v["downstream_peer_principal"],
+            "spiffe://cluster.local/ns/shop/sa/frontend"
+        );
     }
 }

@@ -514,6 +514,17 @@ impl DecisionRecord {
         self.inner.peer_principal.get()
     }
 
+    /// The authorization decision, if one was made: whether the request
+    /// was allowed, and the deciding policy (`<namespace>/<name>`; `None`
+    /// when no policy matched, or STRICT mTLS refused a request without a
+    /// verified peer).
+    pub fn authorization_decision(&self) -> Option<(bool, Option<&Name>)> {
+        self.inner
+            .authorization
+            .get()
+            .map(|a| (a.allowed, a.policy.as_ref()))
+    }
+
     /// The endpoint of the latest recorded attempt, with its labels.
     pub fn endpoint(&self) -> Option<(SocketAddr, &EndpointLabels)> {
         self.last_attempt().map(|a| (a.endpoint, &a.labels))

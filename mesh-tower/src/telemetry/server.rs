@@ -24,6 +24,7 @@ use super::identity::PEER_HEADER_NAME;
 use super::propagation;
 use super::record::{DecisionRecord, Trace};
 use crate::serve::ConnectionInfo;
+use crate::tls::PeerIdentity;
 
 /// Puts [`ServerTelemetry`] over an application (see the
 /// [module docs](super)). Works as `axum::Router::layer(...)` (it keeps the
@@ -144,6 +145,11 @@ where
             None => (parent, None),
         };
         let record = DecisionRecord::with_trace(trace);
+        if let Some(peer) = req.extensions().get::<PeerIdentity>() {
+            // Istio's `source_principal`; the app and authorization read
+            // the `PeerIdentity` extension itself.
+            record.peer_principal(&mesh_core::model::Name::from(peer.spiffe_id().as_str()));
+        }
         let connection = req.extensions().get::<ConnectionInfo>().copied();
         let access = t
             .access_log

@@ -159,6 +159,15 @@ impl<IO> MeshStream<IO> {
         self.peer.as_ref()
     }
 
+    /// The client's certificate (leaf), when it sent one over TLS: for
+    /// logs and audits (its serial, its expiry).
+    pub fn peer_certificate(&self) -> Option<&rustls::pki_types::CertificateDer<'static>> {
+        match &self.inner {
+            Inner::Tls(s) => s.get_ref().1.peer_certificates()?.first(),
+            Inner::Plain(_) => None,
+        }
+    }
+
     /// Whether the connection is TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self.inner, Inner::Tls(_))

@@ -28,23 +28,34 @@
 //!   provider (certificate, key and CA files re-read every
 //!   `refresh_interval`), so certificates from SPIRE, cert-manager or any
 //!   tool that writes files are rotated without a restart.
+//! - [`WorkloadCertificates`]: the bootstrap's `mesh` certificate provider
+//!   made live: `file_watcher` files, or `mesh_ca` (a key generated here, a
+//!   CSR to mesh-control's CA, renewal at half-life).
 //!
 //! TLS session resumption is off on both sides: every connection does a
 //! full handshake, so a rotated bundle or identity applies to every new
 //! connection. The crypto provider is rustls' `ring`.
 
 mod accept;
+mod admin_client;
 mod config;
 mod file_watcher;
 mod identity;
 mod store;
 mod verify;
+mod workload;
 
 pub use self::accept::{MeshAcceptor, MeshStream, MtlsMode};
 pub use self::config::{MeshConnector, client_config, server_config};
 pub use self::file_watcher::{DEFAULT_REFRESH_INTERVAL, FileWatcher, FileWatcherConfig};
 pub use self::identity::{PeerIdentity, ServerIdentities, spiffe_id_of};
 pub use self::store::{CertStore, Credentials};
+pub use self::workload::{
+    MESH_CA_PLUGIN, MESH_PROVIDER_INSTANCE, MeshCaConfig, WorkloadCertificates,
+};
+
+pub(crate) use self::admin_client::{AdminClient, control_ca_pem};
+pub(crate) use self::workload::bootstrap_token;
 
 /// The ALPN protocols `serve` and the pool speak: HTTP/2, then HTTP/1.1.
 pub const ALPN_H2_HTTP11: &[&[u8]] = &[b"h2", b"http/1.1"];
