@@ -10,6 +10,15 @@
 //! - Call services: [`Client`] (or [`MeshLayer`] over your own HTTP client).
 //! - Serve: [`ServerLayer`] on your axum/tonic app, [`serve`] to register,
 //!   heartbeat and drain.
+//! - Zero trust: [`WorkloadCertificates`] gets the workload's SPIFFE
+//!   certificate (mesh-control's CA with a join token, or files written by
+//!   SPIRE or cert-manager) and renews it; [`Client::with_certificates`]
+//!   speaks mTLS to the clusters whose DestinationRule (or STRICT
+//!   PeerAuthentication) asks for it; [`serve_with`] accepts under the
+//!   PeerAuthentication mode mesh-control sends for the listening port
+//!   ([`InboundPolicy`], gRFC A36), and [`ServerLayer::inbound`] enforces
+//!   the AuthorizationPolicies (403 / `PERMISSION_DENIED`). The verified
+//!   caller is the request's [`PeerIdentity`] extension.
 //! - Run the control server: `mesh-control serve --config DIR`, or embed it
 //!   ([`control::Server::builder`]).
 //! - Observe: [`telemetry`] — an OpenTelemetry span per call and per
@@ -59,9 +68,11 @@ pub use mesh_xds_client as xds;
 pub use mesh_tower::admin::{AdminEndpoints, AdminServer, serve_admin};
 pub use mesh_tower::telemetry;
 pub use mesh_tower::telemetry::{ClientTelemetryLayer, ServerTelemetryLayer, Telemetry};
+pub use mesh_tower::tls::{CertStore, PeerIdentity, WorkloadCertificates};
 pub use mesh_tower::{
-    ConfigSource, Error, ErrorKind, MeshLayer, Registration, ResponseBody, ServerContext,
-    ServerLayer, Serving, TargetEndpoint, grpc_status, serve,
+    ConfigSource, ConnectionInfo, Error, ErrorKind, InboundConfig, InboundPolicy, MeshLayer,
+    Registration, ResponseBody, Security, ServerContext, ServerLayer, Serving, TargetEndpoint,
+    grpc_status, serve, serve_with,
 };
 pub use mesh_tower::{Deadline, MeshStats};
 pub use mesh_xds_client::{Bootstrap, XdsClient};

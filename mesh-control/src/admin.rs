@@ -1,24 +1,46 @@
-//! The admin HTTP API: status, service listing and self-registration.
+//! The admin HTTP API: status, service listing, self-registration and,
+//! with a CA, workload certificates.
 //!
-//! JSON over HTTP/1.1 (axum). Malformed requests get a 4xx whose body says
-//! what was wrong: a workload whose registration fails must be able to log
-//! something actionable.
+//! JSON over HTTP/1.1 or HTTP/2 (axum). Malformed requests get a 4xx whose
+//! body says what was wrong: a workload whose registration fails must be
+//! able to log something actionable.
+//!
+//! With a CA (the control server then serves this API over TLS):
+//! `POST /v1/certificates` signs a CSR for the identity a join token
+//! grants (401 for a missing or unknown token, 403 for a CSR asking for
+//! another identity); `GET /v1/trust-bundle` returns the roots; and
+//! registration is authenticated — `Authorization: Bearer <join token>`,
+//! or the client certificate of the connection — and authorized: the
+//! identity must be one the service allows
+//! ([`crate::config::ConfigStore::authorize_registration`]), and only the
+//! identity that registered a lease may renew or delete it. Without a CA
+//! registration is open, as on a trusted network.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use axum::serve::IncomingStream;
+use mesh_core::spiffe::SpiffeId;
+use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::net::TcpListener;
 
 use std::collections::BTreeSet;
 
+use crate::ErrorKind;
+use crate::ads::listening_address;
+use crate::ca::CertificateAuthority;
+use crate::ca::serving::{AdminTlsListener, PeerInfo};
 use crate::compat::{ClientKind, grpc_ignored};
-use crate::registry::RegisterRequest;
+use crate::config::Workload;
+use crate::registry::{RegisterRequest, validate};
 
 use crate::state::Shared;
 
@@ -30,6 +52,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/services", get(services))
         .route("/v1/endpoints", post(register))
         .route("/v1/endpoints/{lease_id}", put(renew).delete(deregister))
+        .route("/v1/certificates", post(certificates))
+        .route("/v1/trust-bundle", get(trust_bundle))
         .with_state(shared)
 }
 
@@ -37,10 +61,104 @@ fn error(code: StatusCode, message: impl Into<String>) -> Response {
     (code, axum::Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// The connection's peer, as the accept loop saw it.
+type Peer = ConnectInfo<PeerInfo>;
+
+impl Connected<IncomingStream<'_, TcpListener>> for PeerInfo {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        PeerInfo {
+            addr: *stream.remote_addr(),
+            identity: None,
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, AdminTlsListener>> for PeerInfo {
+    fn connect_info(stream: IncomingStream<'_, AdminTlsListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+/// The join token of an `Authorization: Bearer <token>` header. `Err` is
+/// a malformed header (another scheme, not text).
+/// A refusal: the status and the message of its `{"error"}` body (small,
+/// unlike a `Response`, for `Result`s).
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Refusal> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value.to_str().map_err(|_| {
+        Refusal(
+            StatusCode::UNAUTHORIZED,
+            "the Authorization header is not text; send `Authorization: Bearer <join token>`"
+                .into(),
+        )
+    })?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Some(token.trim()))
+        }
+        _ => Err(Refusal(
+            StatusCode::UNAUTHORIZED,
+            "the Authorization header must be `Bearer <join token>`".into(),
+        )),
+    }
+}
+
+/// Who is calling a registration endpoint: `Ok(None)` when registration is
+/// open (no CA), the identity of the join token or else of the client
+/// certificate when it is authenticated, or the 401 to answer.
+fn caller(
+    shared: &Shared,
+    headers: &HeaderMap,
+    peer: &PeerInfo,
+) -> Result<Option<SpiffeId>, Refusal> {
+    let Some(ca) = &shared.ca else {
+        return Ok(None);
+    };
+    let denied = |message: String| {
+        shared.metrics.registrations_denied.inc();
+        Refusal(StatusCode::UNAUTHORIZED, message)
+    };
+    let token = bearer(headers).inspect_err(|_| {
+        shared.metrics.registrations_denied.inc();
+    })?;
+    match token {
+        Some(token) => ca
+            .authenticate(token)
+            .map(Some)
+            .map_err(|e| denied(format!("registration: {e}"))),
+        None => match &peer.identity {
+            Some(id) => Ok(Some(id.clone())),
+            None => Err(denied(
+                "registration requires credentials: an `Authorization: Bearer <join token>` \
+                 header, or a client certificate from the mesh CA"
+                    .into(),
+            )),
+        },
+    }
+}
+
 async fn register(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
     body: Result<axum::Json<RegisterRequest>, JsonRejection>,
 ) -> Response {
+    let owner = match caller(&shared, &headers, &peer) {
+        Ok(owner) => owner,
+        Err(refusal) => return refusal.into_response(),
+    };
     let axum::Json(req) = match body {
         Ok(b) => b,
         Err(rejection) => {
@@ -53,8 +171,27 @@ async fn register(
             );
         }
     };
+    let ttl_seconds = req.ttl_seconds;
+    let registration = match validate(req) {
+        Ok(r) => r,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    if let Some(identity) = &owner
+        && let Err(reason) = shared
+            .store
+            .lock()
+            .authorize_registration(&registration, identity)
+    {
+        shared.metrics.registrations_denied.inc();
+        tracing::warn!(%identity, service = %registration.service, %reason, "registration refused");
+        return error(StatusCode::FORBIDDEN, reason);
+    }
     let salt = rand::random::<u64>();
-    let result = shared.registry.lock().register(req, Instant::now(), salt);
+    let result =
+        shared
+            .registry
+            .lock()
+            .insert(registration, ttl_seconds, owner, Instant::now(), salt);
     match result {
         Ok(lease) => {
             shared.metrics.registrations.inc();
@@ -68,7 +205,46 @@ async fn register(
     }
 }
 
-async fn renew(State(shared): State<Arc<Shared>>, Path(lease_id): Path<String>) -> Response {
+/// Whether `caller` may renew or delete `lease_id`: the identity that
+/// registered it (anyone when registration is open). `Err` is the answer
+/// (404 for an unknown lease, 403 for another identity).
+fn check_owner(shared: &Shared, lease_id: &str, caller: Option<&SpiffeId>) -> Result<(), Refusal> {
+    let registry = shared.registry.lock();
+    match registry.owner(lease_id) {
+        None => Err(Refusal(
+            StatusCode::NOT_FOUND,
+            format!("lease {lease_id:?} is unknown or expired; register again"),
+        )),
+        Some(Some(owner)) if Some(owner) != caller => {
+            shared.metrics.registrations_denied.inc();
+            Err(Refusal(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "lease {lease_id:?} was registered by {owner}; {} may not change it",
+                    caller.map_or_else(
+                        || "an unauthenticated caller".to_string(),
+                        |c| c.to_string()
+                    )
+                ),
+            ))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+async fn renew(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+    Path(lease_id): Path<String>,
+) -> Response {
+    let caller = match caller(&shared, &headers, &peer) {
+        Ok(c) => c,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if let Err(refusal) = check_owner(&shared, &lease_id, caller.as_ref()) {
+        return refusal.into_response();
+    }
     if shared.registry.lock().renew(&lease_id, Instant::now()) {
         (StatusCode::OK, axum::Json(json!({ "lease_id": lease_id }))).into_response()
     } else {
@@ -79,7 +255,19 @@ async fn renew(State(shared): State<Arc<Shared>>, Path(lease_id): Path<String>) 
     }
 }
 
-async fn deregister(State(shared): State<Arc<Shared>>, Path(lease_id): Path<String>) -> Response {
+async fn deregister(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+    Path(lease_id): Path<String>,
+) -> Response {
+    let caller = match caller(&shared, &headers, &peer) {
+        Ok(c) => c,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if let Err(refusal) = check_owner(&shared, &lease_id, caller.as_ref()) {
+        return refusal.into_response();
+    }
     let removed = shared.registry.lock().remove(&lease_id);
     if removed {
         shared.rebuild();
@@ -89,6 +277,105 @@ async fn deregister(State(shared): State<Arc<Shared>>, Path(lease_id): Path<Stri
             StatusCode::NOT_FOUND,
             format!("lease {lease_id:?} is unknown or expired"),
         )
+    }
+}
+
+/// The body of `POST /v1/certificates`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertificateRequest {
+    /// PKCS#10, PEM; only its public key is used.
+    csr: String,
+    /// The join token (or an `Authorization: Bearer` header).
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    lifetime_seconds: Option<u64>,
+}
+
+fn no_ca() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "this control server has no CA (start it with --ca-dir, --join-tokens and --trust-domain)",
+    )
+}
+
+async fn certificates(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<axum::Json<CertificateRequest>, JsonRejection>,
+) -> Response {
+    let Some(ca) = &shared.ca else {
+        return no_ca();
+    };
+    let axum::Json(req) = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "invalid certificate request: {}; expected {{\"csr\": \"<PEM PKCS#10>\", \"token\": \"<join token>\", optional \"lifetime_seconds\"}}",
+                    rejection.body_text()
+                ),
+            );
+        }
+    };
+    let denied = |code: StatusCode, message: String| {
+        shared.metrics.certificates_denied.inc();
+        tracing::warn!(status = code.as_u16(), %message, "certificate refused");
+        error(code, message)
+    };
+    let header_token = match bearer(&headers) {
+        Ok(t) => t,
+        Err(refusal) => {
+            shared.metrics.certificates_denied.inc();
+            return refusal.into_response();
+        }
+    };
+    let Some(token) = req.token.as_deref().or(header_token) else {
+        return denied(
+            StatusCode::UNAUTHORIZED,
+            "a certificate request needs a join token (\"token\" in the body or              `Authorization: Bearer <token>`)"
+                .into(),
+        );
+    };
+    if let Err(e) = ca.authenticate(token) {
+        return denied(StatusCode::UNAUTHORIZED, e.to_string());
+    }
+    let requested = match CertificateAuthority::csr_requested_identity(&req.csr) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let lifetime = req.lifetime_seconds.map(Duration::from_secs);
+    match ca.issue_with_token(token, &req.csr, requested.as_ref(), lifetime) {
+        Ok(issued) => {
+            shared.metrics.certificates_issued.inc();
+            tracing::info!(identity = %issued.spiffe_id, serial = %issued.serial, "issued a certificate");
+            let not_after = issued
+                .not_after
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            axum::Json(json!({
+                "certificate_chain": issued.chain_pem,
+                "trust_bundle": issued.trust_bundle_pem,
+                "spiffe_id": issued.spiffe_id.as_str(),
+                "serial": issued.serial,
+                "not_after_unix": not_after,
+            }))
+            .into_response()
+        }
+        Err(e) => match e.kind() {
+            ErrorKind::Denied => denied(StatusCode::FORBIDDEN, e.to_string()),
+            ErrorKind::InvalidRequest => error(StatusCode::BAD_REQUEST, e.to_string()),
+            _ => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+    }
+}
+
+async fn trust_bundle(State(shared): State<Arc<Shared>>) -> Response {
+    match &shared.ca {
+        Some(ca) => axum::Json(json!({ "trust_bundle": ca.trust_bundle_pem() })).into_response(),
+        None => no_ca(),
     }
 }
 
@@ -149,11 +436,38 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
                     .unwrap_or_default()
             };
             let ignored = match kind {
-                ClientKind::Grpc => grpc_ignored(
-                    &served.snapshot,
-                    Some(&subscribed("RDS")),
-                    Some(&subscribed("CDS")),
-                ),
+                ClientKind::Grpc => {
+                    let mut ignored = grpc_ignored(
+                        &served.snapshot,
+                        Some(&subscribed("RDS")),
+                        Some(&subscribed("CDS")),
+                    );
+                    // The server listeners it asked for, as it was served them.
+                    let server_listeners = subscribed("LDS")
+                        .iter()
+                        .filter_map(|name| {
+                            let address = listening_address(name)?;
+                            let listener = served.security.server_listener(
+                                name,
+                                address,
+                                Workload {
+                                    namespace: &c.namespace,
+                                    labels: &c.labels,
+                                },
+                            );
+                            Some((name.as_str().into(), Arc::new(listener)))
+                        })
+                        .collect::<std::collections::BTreeMap<_, _>>();
+                    if !server_listeners.is_empty() {
+                        let servers = mesh_core::Snapshot {
+                            server_listeners,
+                            ..mesh_core::Snapshot::default()
+                        };
+                        let none = BTreeSet::new();
+                        ignored.extend(grpc_ignored(&servers, Some(&none), Some(&none)));
+                    }
+                    ignored
+                }
                 _ => Vec::new(),
             };
             // Stale: a response it has not acknowledged (nor rejected) for a while.
@@ -196,7 +510,13 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
             "nacks": shared.metrics.nacks.get(),
             "registrations": shared.metrics.registrations.get(),
             "reloads": shared.metrics.reloads.get(),
+            "registrations_denied": shared.metrics.registrations_denied.get(),
+            "certificates_issued": shared.metrics.certificates_issued.get(),
+            "certificates_denied": shared.metrics.certificates_denied.get(),
         },
+        "security": shared.ca.as_ref().map(|ca| json!({
+            "trust_domain": ca.trust_domain(),
+        })),
     })
 }
 

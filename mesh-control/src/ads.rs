@@ -10,10 +10,20 @@
 //! workload's namespace; the listener is served under the name asked for,
 //! because gRPC clients require the resource name to equal the target.
 //!
+//! Servers ask LDS for their own inbound listener by the name their
+//! bootstrap's `server_listener_resource_name_template` makes of the
+//! address they listen on (`grpc/server?xds.resource.listening_address=
+//! 10.0.0.5:8080`, gRFC A36). Such a name is answered with a server
+//! listener resolved for the client's workload — `node.metadata.NAMESPACE`
+//! and `node.metadata.LABELS` select its PeerAuthentication mode and
+//! AuthorizationPolicies — in the same SotW LDS response as the client
+//! listeners it subscribed to. A change of those policies is a new version.
+//!
 //! References: the xDS REST and gRPC protocol (ACK/NACK, nonces, SotW
 //! semantics), gRFC A27 (xDS-based global load balancing).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -34,6 +44,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::config::Workload;
 use crate::state::{ClientStatus, NackInfo, Served, Shared, TypeStatus};
 
 /// The tonic service; cheap to clone.
@@ -95,6 +106,9 @@ struct AdsStream {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     namespace: String,
+    /// `node.metadata.LABELS`: the workload's labels, which select its
+    /// PeerAuthentication and AuthorizationPolicies.
+    labels: BTreeMap<String, String>,
     types: [TypeState; 4],
     nonce: u64,
 }
@@ -126,6 +140,7 @@ impl AdsStream {
             shared,
             tx,
             namespace: "default".into(),
+            labels: BTreeMap::new(),
             types: Default::default(),
             nonce: 0,
         }
@@ -192,6 +207,24 @@ impl AdsStream {
             })
             .unwrap_or_else(|| "default".into());
         self.namespace = namespace.clone();
+        self.labels = node
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get("LABELS"))
+            .and_then(|v| match &v.kind {
+                Some(Kind::StructValue(labels)) => Some(
+                    labels
+                        .fields
+                        .iter()
+                        .filter_map(|(k, v)| match &v.kind {
+                            Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default();
         let mut clients = self.shared.clients.lock();
         let status = clients.entry(self.id).or_insert_with(|| ClientStatus {
             connected_at: Some(SystemTime::now()),
@@ -201,6 +234,7 @@ impl AdsStream {
         status.node = Some(node.clone());
         status.user_agent_name = node.user_agent_name.clone();
         status.namespace = namespace;
+        status.labels = self.labels.clone();
         status.user_agent = match &node.user_agent_version_type {
             Some(envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(v)) => {
                 format!("{} {v}", node.user_agent_name)
@@ -333,12 +367,34 @@ impl AdsStream {
             .iter()
             .filter_map(|name| match all.get(name.as_str()) {
                 Some(any) => Some(any.clone()),
-                None if t == ResourceType::Listener => self
-                    .short_listener(name, served)
-                    .map(|l| xds::encode_listener(&l)),
+                None if t == ResourceType::Listener => {
+                    self.server_listener(name, served).or_else(|| {
+                        self.short_listener(name, served)
+                            .map(|l| xds::encode_listener(&l))
+                    })
+                }
                 None => None,
             })
             .collect()
+    }
+
+    /// A server listener (gRFC A36): a name made from the bootstrap's
+    /// `server_listener_resource_name_template`
+    /// (`grpc/server?xds.resource.listening_address=%s`) is answered with
+    /// the listener for that address, resolved for this client's workload
+    /// (namespace and labels) from PeerAuthentication and
+    /// AuthorizationPolicy.
+    fn server_listener(&self, name: &str, served: &Served) -> Option<Any> {
+        let address = listening_address(name)?;
+        let listener = served.security.server_listener(
+            name,
+            address,
+            Workload {
+                namespace: &self.namespace,
+                labels: &self.labels,
+            },
+        );
+        Some(xds::encode_server_listener(&listener))
     }
 
     /// `catalog` / `catalog:80` asked by a client in namespace `shop` is
@@ -363,6 +419,17 @@ impl AdsStream {
     }
 }
 
+/// The parameter A36 server listener names carry the address in.
+const LISTENING_ADDRESS: &str = "xds.resource.listening_address=";
+
+/// The `ip:port` of a server listener name, if `name` is one.
+pub(crate) fn listening_address(name: &str) -> Option<SocketAddr> {
+    let start = name.find(LISTENING_ADDRESS)? + LISTENING_ADDRESS.len();
+    let rest = name.get(start..)?;
+    let value = rest.split('&').next().unwrap_or(rest);
+    value.parse().ok()
+}
+
 /// Encodes every resource of a snapshot, by type and name.
 pub(crate) fn encode_all(snapshot: &mesh_core::Snapshot) -> [BTreeMap<String, Any>; 4] {
     let mut out: [BTreeMap<String, Any>; 4] = Default::default();
@@ -383,4 +450,26 @@ pub(crate) fn encode_all(snapshot: &mesh_core::Snapshot) -> [BTreeMap<String, An
 
 pub(crate) fn type_index(t: ResourceType) -> usize {
     index(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listening_address;
+
+    #[test]
+    fn listening_addresses_are_read_from_a36_names() {
+        assert_eq!(
+            listening_address("grpc/server?xds.resource.listening_address=127.0.0.1:8080"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            listening_address("grpc/server?xds.resource.listening_address=[::1]:443&x=y"),
+            Some("[::1]:443".parse().unwrap())
+        );
+        assert_eq!(listening_address("catalog.shop:80"), None);
+        assert_eq!(
+            listening_address("grpc/server?xds.resource.listening_address=nope"),
+            None
+        );
+    }
 }

@@ -1,13 +1,14 @@
 //! `mesh-control`: serve Istio YAML as xDS, check it offline, show client status.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
+use mesh_control::ca::CertificateAuthority;
 use mesh_control::config::{MeshOptions, check_dir};
 use serde_json::Value;
 
@@ -19,29 +20,56 @@ struct Cli {
     command: Command,
 }
 
+/// `mesh-control serve`.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Directory of *.yaml / *.yml files (watched for changes).
+    #[arg(long)]
+    config: PathBuf,
+    /// ADS (gRPC) listen address.
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    xds: SocketAddr,
+    /// Admin HTTP API listen address (/status, /v1/endpoints, /v1/services).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Milliseconds to wait for more file changes before reloading.
+    #[arg(long, default_value_t = 10)]
+    debounce_ms: u64,
+    /// Domain suffix of short service names.
+    #[arg(long, default_value = "svc.cluster.local")]
+    domain_suffix: String,
+    /// Namespace whose policies apply mesh-wide.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// Run the mesh CA with its root persisted in this directory
+    /// (generated on first start; or put root-cert.pem and
+    /// root-key.pem there). Turns on TLS for ADS and the admin API and
+    /// authenticated registration.
+    #[arg(long, requires = "join_tokens")]
+    ca_dir: Option<PathBuf>,
+    /// JSON file of join tokens: {"tokens": [{"token", "namespace", "service_account"}]}.
+    #[arg(long, requires = "ca_dir")]
+    join_tokens: Option<PathBuf>,
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Default lifetime of workload certificates (`24h`, `30m`, `90s`).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_lifetime: Duration,
+    /// Where to write the trust bundle for bootstraps' ca_certificate_file
+    /// (default: DIR/trust-bundle.pem of --ca-dir).
+    #[arg(long)]
+    trust_bundle_file: Option<PathBuf>,
+    /// Another DNS name for mesh-control's serving certificate (repeatable);
+    /// `localhost` and the listen IPs are always in it.
+    #[arg(long = "tls-dns-name")]
+    tls_dns_names: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve a directory of Istio YAML over xDS (ADS) and run the admin API.
-    Serve {
-        /// Directory of *.yaml / *.yml files (watched for changes).
-        #[arg(long)]
-        config: PathBuf,
-        /// ADS (gRPC) listen address.
-        #[arg(long, default_value = "127.0.0.1:15010")]
-        xds: SocketAddr,
-        /// Admin HTTP API listen address (/status, /v1/endpoints, /v1/services).
-        #[arg(long, default_value = "127.0.0.1:15000")]
-        admin: SocketAddr,
-        /// Milliseconds to wait for more file changes before reloading.
-        #[arg(long, default_value_t = 10)]
-        debounce_ms: u64,
-        /// Domain suffix of short service names.
-        #[arg(long, default_value = "svc.cluster.local")]
-        domain_suffix: String,
-        /// Namespace whose policies apply mesh-wide.
-        #[arg(long, default_value = "istio-system")]
-        root_namespace: String,
-    },
+    Serve(Box<ServeArgs>),
     /// Validate a directory of Istio YAML; prints `file:line: message` per problem.
     Check {
         /// Directory of *.yaml / *.yml files.
@@ -61,7 +89,33 @@ enum Command {
         /// Print the raw JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Connect over https, trusting the roots in this PEM file (the
+        /// control server's trust bundle).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
+}
+
+/// `24h`, `30m`, `90s`, `2d` or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 24h, 30m or 90s"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(scale)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 fn main() -> ExitCode {
@@ -72,33 +126,59 @@ fn main() -> ExitCode {
             for_client,
             domain_suffix,
         } => check(&dir, for_client.as_deref(), domain_suffix),
-        Command::Serve {
-            config,
-            xds,
-            admin,
-            debounce_ms,
-            domain_suffix,
-            root_namespace,
-        } => {
+        Command::Serve(args) => {
+            let ServeArgs {
+                config,
+                xds,
+                admin,
+                debounce_ms,
+                domain_suffix,
+                root_namespace,
+                ca_dir,
+                join_tokens,
+                trust_domain,
+                cert_lifetime,
+                trust_bundle_file,
+                tls_dns_names,
+            } = *args;
             init_logging();
             let options = MeshOptions {
                 domain_suffix,
                 root_namespace,
-                ..MeshOptions::default()
+                trust_domain: trust_domain.clone(),
             };
             run(async move {
-                let handle = mesh_control::Server::builder()
+                let mut builder = mesh_control::Server::builder()
                     .config_dir(config)
                     .xds_addr(xds)
                     .admin_addr(admin)
                     .debounce(Duration::from_millis(debounce_ms))
-                    .options(options)
-                    .start()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .options(options);
+                if let (Some(dir), Some(tokens)) = (ca_dir, join_tokens) {
+                    let ca = CertificateAuthority::builder(&trust_domain)
+                        .directory(&dir)
+                        .join_tokens_file(&tokens)
+                        .and_then(|b| {
+                            b.default_lifetime(cert_lifetime)
+                                .max_lifetime(
+                                    cert_lifetime.max(mesh_control::ca::DEFAULT_MAX_LIFETIME),
+                                )
+                                .build()
+                        })
+                        .map_err(|e| format!("CA: {e}"))?;
+                    builder = builder
+                        .ca(ca)
+                        .trust_bundle_file(
+                            trust_bundle_file.unwrap_or_else(|| dir.join("trust-bundle.pem")),
+                        )
+                        .tls_dns_names(tls_dns_names);
+                }
+                let handle = builder.start().await.map_err(|e| e.to_string())?;
                 tracing::info!(
                     xds = %handle.xds_addr(),
                     admin = %handle.admin_addr(),
+                    tls = handle.ca().is_some(),
+                    trust_bundle = ?handle.trust_bundle_file(),
                     "mesh-control serving"
                 );
                 tokio::signal::ctrl_c()
@@ -108,8 +188,12 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
-        Command::Status { admin, json } => run(async move {
-            let status = fetch_status(admin).await?;
+        Command::Status {
+            admin,
+            json,
+            ca_file,
+        } => run(async move {
+            let status = fetch_status(admin, ca_file.as_deref()).await?;
             if json {
                 println!(
                     "{}",
@@ -180,15 +264,29 @@ fn check(dir: &std::path::Path, for_client: Option<&str>, domain_suffix: String)
     }
 }
 
-async fn fetch_status(admin: SocketAddr) -> Result<Value, String> {
+async fn fetch_status(admin: SocketAddr, ca_file: Option<&Path>) -> Result<Value, String> {
     let stream = tokio::net::TcpStream::connect(admin).await.map_err(|e| {
         format!("cannot reach the admin API at {admin}: {e} (is `mesh-control serve` running?)")
     })?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("admin API at {admin}: {e}"))?;
-    tokio::spawn(conn);
+    let mut sender = match ca_file {
+        None => {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| format!("admin API at {admin}: {e}"))?;
+            tokio::spawn(conn);
+            sender
+        }
+        Some(ca_file) => {
+            let stream = tls_connect(stream, admin, ca_file).await?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| format!("admin API at {admin}: {e}"))?;
+            tokio::spawn(conn);
+            sender
+        }
+    };
     let req = http::Request::get("/status")
         .header("host", admin.to_string())
         .body(Empty::<Bytes>::new())
@@ -208,6 +306,39 @@ async fn fetch_status(admin: SocketAddr) -> Result<Value, String> {
         return Err(format!("admin API at {admin} answered {status}"));
     }
     serde_json::from_slice(&body).map_err(|e| format!("admin API at {admin}: bad JSON: {e}"))
+}
+
+/// TLS to the admin API, verifying its certificate against `ca_file` for
+/// the IP dialled (mesh-control's certificate holds its listen IPs).
+async fn tls_connect(
+    stream: tokio::net::TcpStream,
+    admin: SocketAddr,
+    ca_file: &Path,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    connector
+        .connect(ServerName::IpAddress(admin.ip().into()), stream)
+        .await
+        .map_err(|e| format!("admin API at {admin}: TLS: {e}"))
 }
 
 fn status_table(status: &Value) -> String {

@@ -20,6 +20,9 @@ pub(crate) struct Counters {
     pub(crate) nacks: Counter,
     pub(crate) registrations: Counter,
     pub(crate) reloads: Counter,
+    pub(crate) registrations_denied: Counter,
+    pub(crate) certificates_issued: Counter,
+    pub(crate) certificates_denied: Counter,
     pub(crate) clients: Gauge,
     pub(crate) config_version: Gauge,
     push_latency: Histogram,
@@ -32,6 +35,9 @@ impl Default for Counters {
         let nacks = Counter::default();
         let registrations = Counter::default();
         let reloads = Counter::default();
+        let registrations_denied = Counter::default();
+        let certificates_issued = Counter::default();
+        let certificates_denied = Counter::default();
         let clients = Gauge::default();
         let config_version = Gauge::default();
         // 100 µs .. ~3 s.
@@ -59,6 +65,22 @@ impl Default for Counters {
             "reloads of the config directory",
             reloads.clone(),
         );
+        registry.register(
+            "registrations_denied",
+            "endpoint registrations, renewals and deletions refused for lack of credentials or \
+             of permission",
+            registrations_denied.clone(),
+        );
+        registry.register(
+            "certificates_issued",
+            "workload certificates issued by the CA",
+            certificates_issued.clone(),
+        );
+        registry.register(
+            "certificates_denied",
+            "certificate requests refused (unknown join token, another identity)",
+            certificates_denied.clone(),
+        );
         registry.register("xds_clients", "connected ADS streams", clients.clone());
         registry.register(
             "config_version",
@@ -75,6 +97,9 @@ impl Default for Counters {
             nacks,
             registrations,
             reloads,
+            registrations_denied,
+            certificates_issued,
+            certificates_denied,
             clients,
             config_version,
             push_latency,

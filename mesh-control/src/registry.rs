@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use mesh_core::model::{Locality, Protocol};
+use mesh_core::spiffe::SpiffeId;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Registration;
@@ -48,6 +49,9 @@ pub(crate) struct Lease {
 #[derive(Debug, Clone)]
 struct Entry {
     registration: Registration,
+    /// Who registered it (when registration is authenticated): only the
+    /// same identity may renew or delete the lease.
+    owner: Option<SpiffeId>,
     ttl: Duration,
     expires: Instant,
 }
@@ -61,21 +65,42 @@ pub(crate) struct Registry {
 
 impl Registry {
     /// Validates and records a registration; returns its lease. Errors are
-    /// the 400 message.
+    /// the 400 message (409 when they say "already registered").
+    #[cfg(test)]
     pub(crate) fn register(
         &mut self,
         req: RegisterRequest,
         now: Instant,
         lease_salt: u64,
     ) -> Result<Lease, String> {
-        let registration = validate(req.clone())?;
-        if req.ttl_seconds == 0 {
+        let ttl_seconds = req.ttl_seconds;
+        let registration = validate(req)?;
+        self.insert(registration, ttl_seconds, None, now, lease_salt)
+    }
+
+    /// Records a validated registration made by `owner` (None when
+    /// registration is open). Refused when the same endpoint of the same
+    /// service is registered already, or when another identity registered
+    /// its ip:port (one workload may back several services on one port;
+    /// two workloads cannot share an address).
+    pub(crate) fn insert(
+        &mut self,
+        registration: Registration,
+        ttl_seconds: u64,
+        owner: Option<SpiffeId>,
+        now: Instant,
+        lease_salt: u64,
+    ) -> Result<Lease, String> {
+        if ttl_seconds == 0 {
             return Err("ttl_seconds must be at least 1".into());
         }
-        let ttl = Duration::from_secs(req.ttl_seconds).min(MAX_TTL);
-        if let Some((id, _)) = self.leases.iter().find(|(_, e)| {
+        let ttl = Duration::from_secs(ttl_seconds).min(MAX_TTL);
+        let same_address = |e: &&Entry| {
             e.registration.address == registration.address
                 && e.registration.port == registration.port
+        };
+        if let Some((id, _)) = self.leases.iter().find(|(_, e)| {
+            same_address(e)
                 && e.registration.service == registration.service
                 && e.registration.namespace == registration.namespace
         }) {
@@ -84,12 +109,30 @@ impl Registry {
                 registration.address, registration.port, registration.service
             ));
         }
+        if let Some((id, e)) = self
+            .leases
+            .iter()
+            .find(|(_, e)| same_address(e) && e.owner != owner)
+        {
+            return Err(format!(
+                "{}:{} is already registered by {} (service {:?}, lease {id}); two workloads \
+                 cannot share an address",
+                registration.address,
+                registration.port,
+                e.owner.as_ref().map_or_else(
+                    || "an unauthenticated workload".to_string(),
+                    |o| o.to_string()
+                ),
+                e.registration.service
+            ));
+        }
         self.next_id += 1;
         let lease_id = format!("{:x}-{:x}", self.next_id, lease_salt & 0xffff_ffff);
         self.leases.insert(
             lease_id.clone(),
             Entry {
                 registration,
+                owner,
                 ttl,
                 expires: now + ttl,
             },
@@ -98,6 +141,12 @@ impl Registry {
             lease_id,
             ttl_seconds: ttl.as_secs(),
         })
+    }
+
+    /// Who registered a lease: `None` when the lease is unknown,
+    /// `Some(None)` when it was registered without authentication.
+    pub(crate) fn owner(&self, lease_id: &str) -> Option<Option<&SpiffeId>> {
+        self.leases.get(lease_id).map(|e| e.owner.as_ref())
     }
 
     /// Extends a lease by its TTL. False when unknown (expired or deleted).
@@ -134,7 +183,8 @@ impl Registry {
     }
 }
 
-fn validate(req: RegisterRequest) -> Result<Registration, String> {
+/// Checks a registration request; errors are the 400 message.
+pub(crate) fn validate(req: RegisterRequest) -> Result<Registration, String> {
     if req.service.is_empty() {
         return Err("service must not be empty".into());
     }
@@ -245,6 +295,34 @@ mod tests {
             !r.renew(&lease.lease_id, t0),
             "an expired lease cannot be renewed"
         );
+    }
+
+    #[test]
+    fn two_identities_cannot_share_an_address() {
+        let t0 = Instant::now();
+        let mut r = Registry::default();
+        let catalog = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/catalog").unwrap();
+        let payment = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/payment").unwrap();
+        let reg = |service: &str| {
+            let mut req = req(1000, 5);
+            req.service = service.into();
+            validate(req).unwrap()
+        };
+        let lease = r
+            .insert(reg("catalog"), 5, Some(catalog.clone()), t0, 1)
+            .unwrap();
+        assert_eq!(r.owner(&lease.lease_id), Some(Some(&catalog)));
+        let taken = r
+            .insert(reg("payment"), 5, Some(payment), t0, 2)
+            .unwrap_err();
+        assert!(
+            taken.contains("already registered by spiffe://cluster.local/ns/shop/sa/catalog"),
+            "{taken}"
+        );
+        // One workload may back two services on one port.
+        r.insert(reg("catalog-v2"), 5, Some(catalog), t0, 3)
+            .unwrap();
+        assert_eq!(r.owner("nope"), None);
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! Running a control server: in a process of its own (`mesh-control serve`)
 //! or embedded in tests and demos ([`Server::builder`]).
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
+use futures_util::StreamExt;
 use notify::Watcher;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -15,6 +17,8 @@ use tokio::task::JoinHandle;
 
 use crate::Error;
 use crate::ads::Ads;
+use crate::ca::CertificateAuthority;
+use crate::ca::serving::{AdminTlsListener, PeerInfo, ServingTls};
 use crate::config::{ConfigStore, MeshOptions};
 use crate::state::Shared;
 
@@ -34,6 +38,9 @@ impl Server {
             lease_check: Duration::from_millis(100),
             stale_after: Duration::from_secs(5),
             options: MeshOptions::default(),
+            ca: None,
+            trust_bundle_file: None,
+            tls_dns_names: Vec::new(),
         }
     }
 }
@@ -48,6 +55,9 @@ pub struct ServerBuilder {
     lease_check: Duration,
     stale_after: Duration,
     options: MeshOptions,
+    ca: Option<Arc<CertificateAuthority>>,
+    trust_bundle_file: Option<PathBuf>,
+    tls_dns_names: Vec<String>,
 }
 
 impl ServerBuilder {
@@ -95,6 +105,33 @@ impl ServerBuilder {
         self
     }
 
+    /// Turns security on: the CA issues workload certificates over the
+    /// admin API (`POST /v1/certificates`), registration requires a join
+    /// token or a client certificate and an identity allowed to back the
+    /// service, and ADS and the admin API are served over TLS with a
+    /// certificate from this CA (renewed at half-life). The mesh's trust
+    /// domain becomes the CA's.
+    pub fn ca(mut self, ca: impl Into<Arc<CertificateAuthority>>) -> Self {
+        self.ca = Some(ca.into());
+        self
+    }
+
+    /// Where the trust bundle (PEM roots) is written for bootstraps'
+    /// `ca_certificate_file`, and rewritten on a root rotation. Default: a
+    /// file in a fresh directory under the system's temporary directory,
+    /// removed when the server stops.
+    pub fn trust_bundle_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.trust_bundle_file = Some(path.into());
+        self
+    }
+
+    /// DNS names the serving certificate holds besides `localhost` (the
+    /// names clients dial mesh-control by when it is not on their host).
+    pub fn tls_dns_names(mut self, names: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.tls_dns_names = names.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// Binds both ports, loads the config directory and starts serving.
     /// A config with problems still starts (the problems are logged and shown
     /// in `/status`); a missing directory is an error.
@@ -120,11 +157,48 @@ impl ServerBuilder {
             .local_addr()
             .map_err(|e| Error::io("admin listener address", e))?;
 
-        let mut shared = Shared::new(
-            ConfigStore::new(self.options.clone()),
-            self.config_dir.clone(),
-        );
+        let mut options = self.options.clone();
+        if let Some(ca) = &self.ca {
+            options.trust_domain = ca.trust_domain().to_string();
+        }
+        let mut owned_dir = None;
+        let tls = match &self.ca {
+            None => None,
+            Some(ca) => {
+                let identity = mesh_core::spiffe::SpiffeId::new(
+                    ca.trust_domain(),
+                    &options.root_namespace,
+                    "mesh-control",
+                )
+                .map_err(|e| Error::config(format!("mesh-control's identity: {e}")))?;
+                let mut dns_names = vec!["localhost".to_string()];
+                dns_names.extend(self.tls_dns_names.iter().cloned());
+                let bundle_file = match &self.trust_bundle_file {
+                    Some(path) => path.clone(),
+                    None => {
+                        let dir = std::env::temp_dir().join(format!(
+                            "mesh-control-{}-{:x}",
+                            std::process::id(),
+                            rand::random::<u64>()
+                        ));
+                        owned_dir = Some(dir.clone());
+                        dir.join("root-cert.pem")
+                    }
+                };
+                let tls = ServingTls::new(
+                    ca.clone(),
+                    identity,
+                    dns_names,
+                    serving_ips(&[xds_addr, admin_addr]),
+                    bundle_file,
+                )?;
+                Some(Arc::new(tls))
+            }
+        };
+
+        let mut shared = Shared::new(ConfigStore::new(options), self.config_dir.clone());
         shared.stale_after = self.stale_after;
+        shared.ca = self.ca.clone();
         let shared = Arc::new(shared);
         shared.reload();
         shared.rebuild();
@@ -140,33 +214,86 @@ impl ServerBuilder {
             shared: shared.clone(),
         });
         let mut stop = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
-            let result = tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .add_service(ads)
-                .add_service(csds)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "xDS server failed");
+        let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(ads)
+            .add_service(csds);
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        match &tls {
+            None => tasks.push(tokio::spawn(async move {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
+                if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, shutdown).await {
+                    tracing::error!(error = %e, "xDS server failed");
+                }
+            })),
+            Some(tls) => {
+                let (rx, accept) =
+                    crate::ca::serving::incoming(xds_listener, tls.ads.clone(), "xDS");
+                tasks.push(accept);
+                tasks.push(tokio::spawn(async move {
+                    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx)
+                        .map(Ok::<_, std::io::Error>);
+                    if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, shutdown).await {
+                        tracing::error!(error = %e, "xDS server failed");
+                    }
+                }));
             }
-        }));
+        }
 
-        let app = crate::admin::router(shared.clone());
+        let app =
+            crate::admin::router(shared.clone()).into_make_service_with_connect_info::<PeerInfo>();
         let mut stop = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let result = axum::serve(admin_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "admin server failed");
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        match &tls {
+            None => tasks.push(tokio::spawn(async move {
+                let result = axum::serve(admin_listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "admin server failed");
+                }
+            })),
+            Some(tls) => {
+                let (rx, accept) =
+                    crate::ca::serving::incoming(admin_listener, tls.admin.clone(), "admin");
+                tasks.push(accept);
+                let listener = AdminTlsListener {
+                    rx,
+                    local: admin_addr,
+                };
+                tasks.push(tokio::spawn(async move {
+                    let result = axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await;
+                    if let Err(e) = result {
+                        tracing::error!(error = %e, "admin server failed");
+                    }
+                }));
             }
-        }));
+        }
+
+        // Renews the serving certificate at half-life and picks up trust
+        // bundle changes (root rotations started through the CA directly).
+        if let Some(tls) = &tls {
+            let tls = tls.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut wait = crate::ca::serving::POLL;
+                loop {
+                    tokio::time::sleep(wait).await;
+                    wait = match tls.refresh() {
+                        Ok(next) => next,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot refresh mesh-control's TLS material");
+                            crate::ca::serving::POLL
+                        }
+                    };
+                }
+            }));
+        }
 
         let sweeper = shared.clone();
         let every = self.lease_check;
@@ -191,6 +318,8 @@ impl ServerBuilder {
             xds_addr,
             admin_addr,
             shared,
+            tls,
+            owned_dir,
             stop: stop_tx,
             tasks,
             _watcher: watcher,
@@ -233,11 +362,32 @@ fn watch_dir(
     Ok(watcher)
 }
 
+/// The IP SANs of the serving certificate: the listen addresses, with
+/// loopback standing in for an unspecified one (`0.0.0.0` is dialled as
+/// `127.0.0.1` on the same host).
+fn serving_ips(addrs: &[SocketAddr]) -> Vec<IpAddr> {
+    let mut ips = Vec::new();
+    for addr in addrs {
+        let ip = match addr.ip() {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    ips
+}
+
 /// A running control server. Dropping it stops it.
 pub struct ServerHandle {
     xds_addr: SocketAddr,
     admin_addr: SocketAddr,
     shared: Arc<Shared>,
+    tls: Option<Arc<ServingTls>>,
+    /// The temporary directory of the trust bundle file, removed on drop.
+    owned_dir: Option<PathBuf>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     _watcher: Option<notify::RecommendedWatcher>,
@@ -280,8 +430,27 @@ impl ServerHandle {
 
     /// A gRPC bootstrap (JSON) for a workload of this mesh: Rust clients and
     /// gRPC proxyless clients (grpc-go, grpc-java, grpcio) read the same file.
+    /// With a CA, the same as [`ServerHandle::bootstrap`] with only a node id
+    /// and namespace (TLS to the control server, no workload certificates).
     pub fn bootstrap_json(&self, node_id: &str, namespace: &str) -> String {
-        bootstrap_json(self.xds_addr, self.admin_addr, node_id, namespace)
+        match &self.tls {
+            Some(_) => self.bootstrap(&BootstrapSpec::new(node_id, namespace)),
+            None => bootstrap_json(self.xds_addr, self.admin_addr, node_id, namespace),
+        }
+    }
+
+    /// A bootstrap (JSON) for the workload `spec` describes: its identity
+    /// and labels in `node.metadata`, TLS to this control server when it
+    /// has a CA (verified with [`ServerHandle::trust_bundle_file`]), where
+    /// its certificates come from, and the server listener name template
+    /// (gRFC A36).
+    pub fn bootstrap(&self, spec: &BootstrapSpec) -> String {
+        bootstrap_json_for(
+            self.xds_addr,
+            self.admin_addr,
+            self.trust_bundle_file().as_deref(),
+            spec,
+        )
     }
 
     /// Serves `resource` (already encoded, possibly invalid) under `name`
@@ -309,6 +478,43 @@ impl ServerHandle {
         self.shared.rebuild();
     }
 
+    /// The CA, when security is on ([`ServerBuilder::ca`]).
+    pub fn ca(&self) -> Option<&Arc<CertificateAuthority>> {
+        self.shared.ca.as_ref()
+    }
+
+    /// The trust bundle (PEM roots) on disk, when security is on: what
+    /// bootstraps name as `ca_certificate_file`. Rewritten on a root
+    /// rotation.
+    pub fn trust_bundle_file(&self) -> Option<PathBuf> {
+        self.tls.as_ref().map(|t| t.bundle_file().to_path_buf())
+    }
+
+    /// The certificate chain ADS and the admin API present now (PEM), when
+    /// security is on.
+    pub fn serving_certificate_pem(&self) -> Option<String> {
+        self.tls.as_ref().map(|t| {
+            t.serving_chain()
+                .iter()
+                .map(|c| crate::ca::pem_encode("CERTIFICATE", c.as_ref()))
+                .collect()
+        })
+    }
+
+    /// Starts a root rotation of the CA (see [`CertificateAuthority::rotate_root`])
+    /// and, before returning, makes new handshakes trust the new bundle and
+    /// rewrites the trust bundle file.
+    pub fn rotate_root(&self) -> Result<(), Error> {
+        let (Some(ca), Some(tls)) = (&self.shared.ca, &self.tls) else {
+            return Err(Error::config(
+                "this control server has no CA; configure one with ServerBuilder::ca",
+            ));
+        };
+        ca.rotate_root()?;
+        tls.refresh()?;
+        Ok(())
+    }
+
     /// Stops accepting, closes streams and waits for the tasks to end.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
@@ -324,6 +530,9 @@ impl Drop for ServerHandle {
         let _ = self.stop.send(true);
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(dir) = self.owned_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -352,5 +561,203 @@ pub fn bootstrap_json(
             },
         },
     });
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
+}
+
+/// The gRFC A36 template of server listener names.
+pub const SERVER_LISTENER_TEMPLATE: &str = "grpc/server?xds.resource.listening_address=%s";
+
+/// What a workload's bootstrap says about it ([`ServerHandle::bootstrap`],
+/// [`bootstrap_json_for`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BootstrapSpec {
+    node_id: String,
+    namespace: String,
+    service_account: Option<String>,
+    labels: BTreeMap<String, String>,
+    certificates: Option<CertificateSource>,
+}
+
+/// Where a workload's certificates come from (`certificate_providers.mesh`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CertificateSource {
+    /// mesh-control's CA (`mesh_ca`): the workload generates a key, sends a
+    /// CSR with this join token, and renews at half-life.
+    JoinToken {
+        /// The join token.
+        token: String,
+        /// The certificate lifetime to ask for (the CA's default if absent).
+        lifetime: Option<Duration>,
+    },
+    /// Files another issuer keeps current (`file_watcher`, gRFC A29):
+    /// SPIRE, cert-manager.
+    Files {
+        /// The certificate chain (PEM), leaf first.
+        certificate_file: PathBuf,
+        /// Its private key (PEM).
+        private_key_file: PathBuf,
+        /// The roots to trust (PEM).
+        ca_certificate_file: PathBuf,
+        /// How often the files are re-read (the provider's default if absent).
+        refresh_interval: Option<Duration>,
+    },
+}
+
+impl BootstrapSpec {
+    /// A workload `node_id` in `namespace`, without certificates.
+    pub fn new(node_id: impl Into<String>, namespace: impl Into<String>) -> Self {
+        BootstrapSpec {
+            node_id: node_id.into(),
+            namespace: namespace.into(),
+            ..BootstrapSpec::default()
+        }
+    }
+
+    /// `node.metadata.SERVICE_ACCOUNT`: the service account it runs as.
+    pub fn service_account(mut self, service_account: impl Into<String>) -> Self {
+        self.service_account = Some(service_account.into());
+        self
+    }
+
+    /// One of `node.metadata.LABELS` (selected by PeerAuthentication and
+    /// AuthorizationPolicy selectors, and by DestinationRule subsets).
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Certificates from mesh-control's CA, obtained with `token`.
+    pub fn join_token(mut self, token: impl Into<String>) -> Self {
+        self.certificates = Some(CertificateSource::JoinToken {
+            token: token.into(),
+            lifetime: None,
+        });
+        self
+    }
+
+    /// Certificates from mesh-control's CA with `token`, asking for
+    /// `lifetime` (short lifetimes in rotation tests).
+    pub fn join_token_with_lifetime(
+        mut self,
+        token: impl Into<String>,
+        lifetime: Duration,
+    ) -> Self {
+        self.certificates = Some(CertificateSource::JoinToken {
+            token: token.into(),
+            lifetime: Some(lifetime),
+        });
+        self
+    }
+
+    /// Certificates from files another issuer keeps current.
+    pub fn file_watcher(
+        mut self,
+        certificate_file: impl Into<PathBuf>,
+        private_key_file: impl Into<PathBuf>,
+        ca_certificate_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.certificates = Some(CertificateSource::Files {
+            certificate_file: certificate_file.into(),
+            private_key_file: private_key_file.into(),
+            ca_certificate_file: ca_certificate_file.into(),
+            refresh_interval: None,
+        });
+        self
+    }
+
+    /// Any certificate source.
+    pub fn certificates(mut self, source: CertificateSource) -> Self {
+        self.certificates = Some(source);
+        self
+    }
+}
+
+/// A duration as the bootstrap writes it: whole seconds, `"90s"` (the
+/// protobuf JSON form of `google.protobuf.Duration`, which gRPC reads).
+fn duration_json(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}.{:09}s", d.as_secs(), d.subsec_nanos())
+    }
+}
+
+/// A bootstrap's JSON for the workload `spec` describes, pointing at the
+/// given control server; `trust_bundle_file` (the control server's CA
+/// roots) turns on TLS to it.
+pub fn bootstrap_json_for(
+    xds_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    trust_bundle_file: Option<&std::path::Path>,
+    spec: &BootstrapSpec,
+) -> String {
+    let channel_creds = match trust_bundle_file {
+        Some(file) => serde_json::json!([{
+            "type": "tls",
+            "config": { "ca_certificate_file": file.display().to_string() },
+        }]),
+        None => serde_json::json!([{ "type": "insecure" }]),
+    };
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("NAMESPACE".into(), spec.namespace.clone().into());
+    metadata.insert("PROXYLESS_ADMIN".into(), admin_addr.to_string().into());
+    if let Some(sa) = &spec.service_account {
+        metadata.insert("SERVICE_ACCOUNT".into(), sa.clone().into());
+    }
+    if !spec.labels.is_empty() {
+        metadata.insert(
+            "LABELS".into(),
+            serde_json::Value::Object(
+                spec.labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone().into()))
+                    .collect(),
+            ),
+        );
+    }
+    let mut doc = serde_json::json!({
+        "xds_servers": [{
+            "server_uri": xds_addr.to_string(),
+            "channel_creds": channel_creds,
+            "server_features": ["xds_v3"],
+        }],
+        "node": {
+            "id": spec.node_id,
+            "cluster": spec.node_id,
+            "locality": {},
+            "metadata": metadata,
+        },
+        "server_listener_resource_name_template": SERVER_LISTENER_TEMPLATE,
+    });
+    let provider = match &spec.certificates {
+        None => None,
+        Some(CertificateSource::JoinToken { token, lifetime }) => {
+            let mut config = serde_json::json!({ "token": token });
+            if let Some(lifetime) = lifetime {
+                config["lifetime"] = duration_json(*lifetime).into();
+            }
+            Some(serde_json::json!({ "plugin_name": "mesh_ca", "config": config }))
+        }
+        Some(CertificateSource::Files {
+            certificate_file,
+            private_key_file,
+            ca_certificate_file,
+            refresh_interval,
+        }) => {
+            let mut config = serde_json::json!({
+                "certificate_file": certificate_file.display().to_string(),
+                "private_key_file": private_key_file.display().to_string(),
+                "ca_certificate_file": ca_certificate_file.display().to_string(),
+            });
+            if let Some(every) = refresh_interval {
+                config["refresh_interval"] = duration_json(*every).into();
+            }
+            Some(serde_json::json!({ "plugin_name": "file_watcher", "config": config }))
+        }
+    };
+    if let Some(provider) = provider {
+        doc["certificate_providers"] = serde_json::json!({ "mesh": provider });
+    }
     serde_json::to_string_pretty(&doc).unwrap_or_default()
 }

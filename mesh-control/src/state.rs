@@ -18,7 +18,8 @@ use mesh_core::xds::ResourceType;
 use tokio::sync::watch;
 
 use crate::ads::{encode_all, type_index};
-use crate::config::{ConfigStore, Diagnostic};
+use crate::ca::CertificateAuthority;
+use crate::config::{ConfigStore, Diagnostic, SecurityPolicies};
 use crate::metrics::Counters;
 use crate::registry::Registry;
 
@@ -45,6 +46,9 @@ pub(crate) struct Served {
     pub(crate) published_at: Option<Instant>,
     pub(crate) snapshot: Snapshot,
     pub(crate) resources: [BTreeMap<String, Any>; 4],
+    /// PeerAuthentication and AuthorizationPolicy, resolved per workload
+    /// into server listeners when a client asks for one (gRFC A36).
+    pub(crate) security: SecurityPolicies,
 }
 
 /// What `/status` shows for one ADS client.
@@ -56,6 +60,8 @@ pub(crate) struct ClientStatus {
     pub(crate) user_agent_name: String,
     pub(crate) node_id: String,
     pub(crate) namespace: String,
+    /// `node.metadata.LABELS` (server listeners are resolved for them).
+    pub(crate) labels: BTreeMap<String, String>,
     pub(crate) user_agent: String,
     pub(crate) connected_at: Option<SystemTime>,
     pub(crate) types: BTreeMap<String, TypeStatus>,
@@ -113,6 +119,9 @@ pub(crate) struct Shared {
     /// A client that has not acknowledged a response this long is stale.
     pub(crate) stale_after: std::time::Duration,
     pub(crate) metrics: Counters,
+    /// The CA, when security is on: certificates and authenticated
+    /// registration.
+    pub(crate) ca: Option<Arc<CertificateAuthority>>,
     next_client: AtomicU64,
     rebuild_lock: Mutex<()>,
 }
@@ -130,6 +139,7 @@ impl Shared {
             config_dir,
             stale_after: std::time::Duration::from_secs(5),
             metrics: Counters::default(),
+            ca: None,
             next_client: AtomicU64::new(1),
             rebuild_lock: Mutex::new(()),
         }
@@ -157,7 +167,11 @@ impl Shared {
     pub(crate) fn rebuild(&self) {
         let _serialized = self.rebuild_lock.lock().unwrap_or_else(|e| e.into_inner());
         let registrations = self.registry.lock().registrations();
-        let (snapshot, diagnostics) = self.store.lock().snapshot(&registrations);
+        let (snapshot, diagnostics, security) = {
+            let store = self.store.lock();
+            let (snapshot, diagnostics) = store.snapshot(&registrations);
+            (snapshot, diagnostics, store.security())
+        };
         for d in &diagnostics {
             tracing::warn!("{d}");
         }
@@ -167,7 +181,9 @@ impl Shared {
             resources[type_index(*t)].insert(name.clone(), any.clone());
         }
         let current = self.served.borrow().clone();
-        if current.version > 0 && current.resources == resources {
+        // Server listeners are built per client from `security`: a change
+        // there is a new version even when no shared resource changed.
+        if current.version > 0 && current.resources == resources && current.security == security {
             return;
         }
         self.metrics
@@ -178,6 +194,7 @@ impl Shared {
             published_at: Some(Instant::now()),
             snapshot,
             resources,
+            security,
         }));
     }
 }

@@ -31,9 +31,11 @@
 //! Methods ending in `_at` take the current time as an argument, for tests
 //! and for callers with a clock of their own.
 
+pub(crate) mod serving;
 mod signer;
 mod tokens;
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -48,6 +50,7 @@ use serde::{Deserialize, Serialize};
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer;
 
+pub(crate) use self::signer::pem_encode;
 use self::signer::{
     BACKDATE, Signer, parse_pems, random_serial, to_offset, truncate_to_seconds, write_file,
 };
@@ -150,6 +153,18 @@ pub struct CaBuilder {
     rotation_overlap: Option<Duration>,
 }
 
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys nor the tokens.
+        f.debug_struct("CertificateAuthority")
+            .field("trust_domain", &self.trust_domain)
+            .field("join_tokens", &self.tokens.len())
+            .field("default_lifetime", &self.default_lifetime)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl CertificateAuthority {
     /// A builder for a CA of `trust_domain` (`cluster.local`). Without a
     /// source it generates an in-memory root.
@@ -163,6 +178,20 @@ impl CertificateAuthority {
             root_lifetime: DEFAULT_ROOT_LIFETIME,
             rotation_overlap: None,
         }
+    }
+
+    /// The CA of `mesh-control serve --ca-dir DIR --join-tokens FILE
+    /// --trust-domain TD`: persisted in `dir` (a root is generated on first
+    /// start), accepting the join tokens of `join_tokens_file`.
+    pub fn open(
+        dir: &Path,
+        join_tokens_file: &Path,
+        trust_domain: &str,
+    ) -> Result<CertificateAuthority, Error> {
+        CertificateAuthority::builder(trust_domain)
+            .directory(dir)
+            .join_tokens_file(join_tokens_file)?
+            .build()
     }
 
     /// The trust domain.
@@ -226,6 +255,55 @@ impl CertificateAuthority {
         lifetime: Option<Duration>,
         now: SystemTime,
     ) -> Result<IssuedCertificate, Error> {
+        self.check_identity_and_lifetime(identity, lifetime)?;
+        let public_key = csr_public_key(csr_pem)?;
+        self.sign_key_at(&public_key, identity, &[], lifetime, now)
+    }
+
+    /// Issues mesh-control's own serving certificate: a fresh key (it never
+    /// leaves the process) and a certificate for `identity` that also names
+    /// `dns_names` and `ips`, so clients that verify a host name (the
+    /// bootstrap's `ca_certificate_file`, `mesh-control status --ca-file`)
+    /// accept it as well as SPIFFE-aware ones. Returns the certificate and
+    /// the PKCS#8 key (PEM).
+    pub fn issue_serving_certificate(
+        &self,
+        identity: &SpiffeId,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        lifetime: Option<Duration>,
+    ) -> Result<(IssuedCertificate, String), Error> {
+        self.issue_serving_certificate_at(identity, dns_names, ips, lifetime, SystemTime::now())
+    }
+
+    /// [`Self::issue_serving_certificate`] at time `now`.
+    pub fn issue_serving_certificate_at(
+        &self,
+        identity: &SpiffeId,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<(IssuedCertificate, String), Error> {
+        self.check_identity_and_lifetime(identity, lifetime)?;
+        let key = rcgen::KeyPair::generate()
+            .map_err(|e| Error::config(format!("cannot generate a serving key: {e}")))?;
+        let mut sans = Vec::with_capacity(dns_names.len() + ips.len());
+        for name in dns_names {
+            sans.push(SanType::DnsName(name.as_str().try_into().map_err(|e| {
+                Error::config(format!("serving certificate: DNS name {name:?}: {e}"))
+            })?));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let issued = self.sign_key_at(&key, identity, &sans, lifetime, now)?;
+        Ok((issued, key.serialize_pem()))
+    }
+
+    fn check_identity_and_lifetime(
+        &self,
+        identity: &SpiffeId,
+        lifetime: Option<Duration>,
+    ) -> Result<(), Error> {
         if identity.trust_domain() != &*self.trust_domain {
             return Err(Error::denied(format!(
                 "{identity} is not in the trust domain {}",
@@ -239,7 +317,21 @@ impl CertificateAuthority {
                 self.max_lifetime
             )));
         }
-        let public_key = csr_public_key(csr_pem)?;
+        Ok(())
+    }
+
+    /// Signs `public_key` for `identity` (the URI SAN, first) plus
+    /// `extra_sans`.
+    fn sign_key_at(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        identity: &SpiffeId,
+        extra_sans: &[SanType],
+        lifetime: Option<Duration>,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, Error> {
+        self.check_identity_and_lifetime(identity, lifetime)?;
+        let lifetime = lifetime.unwrap_or(self.default_lifetime);
         let mut state = self.lock_at(now);
         let signer = &mut state.active;
         let mut not_after = now.checked_add(lifetime).unwrap_or(now);
@@ -258,6 +350,7 @@ impl CertificateAuthority {
             vec![SanType::URI(identity.as_str().try_into().map_err(|e| {
                 Error::invalid_request(format!("{identity}: {e}"))
             })?)];
+        params.subject_alt_names.extend_from_slice(extra_sans);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -273,7 +366,7 @@ impl CertificateAuthority {
         let serial = random_serial();
         params.serial_number = Some(serial.clone());
         let cert = params
-            .signed_by(&public_key, &signer.issuer)
+            .signed_by(public_key, &signer.issuer)
             .map_err(|e| Error::invalid_request(format!("cannot sign the CSR: {e}")))?;
         let not_after = truncate_to_seconds(not_after);
         signer.last_issued_expiry = signer.last_issued_expiry.max(not_after);
@@ -291,6 +384,36 @@ impl CertificateAuthority {
             not_before: truncate_to_seconds(not_before),
             not_after,
         })
+    }
+
+    /// The SPIFFE ID a CSR asks for in its subject alternative names, if
+    /// any. The CA never takes the identity from a CSR; this lets the
+    /// certificate API refuse, naming both, a CSR that asks for another
+    /// identity than the caller's token grants instead of silently
+    /// issuing a certificate the workload did not expect.
+    pub fn csr_requested_identity(csr_pem: &str) -> Result<Option<SpiffeId>, Error> {
+        let der = csr_der(csr_pem)?;
+        let (_, csr) = X509CertificationRequest::from_der(&der)
+            .map_err(|e| Error::invalid_request(format!("CSR: not a PKCS#10 request: {e}")))?;
+        for ext in csr.requested_extensions().into_iter().flatten() {
+            if let x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) = ext {
+                for name in &san.general_names {
+                    if let x509_parser::extensions::GeneralName::URI(uri) = name
+                        && uri.starts_with("spiffe://")
+                    {
+                        return SpiffeId::parse(uri)
+                            .map(Some)
+                            .map_err(|e| Error::invalid_request(format!("CSR: {e}")));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The join tokens this CA accepts (registration authenticates with them too).
+    pub fn join_tokens(&self) -> &JoinTokens {
+        &self.tokens
     }
 
     /// The roots workloads must trust (PEM): the signing root, plus during
@@ -455,6 +578,12 @@ impl CaBuilder {
         self
     }
 
+    /// The join tokens from a JSON file (see [`JoinTokens::from_json`]);
+    /// the error names the file.
+    pub fn join_tokens_file(self, path: &Path) -> Result<Self, Error> {
+        Ok(self.join_tokens(JoinTokens::load(path)?))
+    }
+
     /// The lifetime of certificates whose caller does not ask for one
     /// (default 24 h).
     pub fn default_lifetime(mut self, lifetime: Duration) -> Self {
@@ -605,6 +734,20 @@ fn remove_signer_files(dir: &Path, stem: &str) -> Result<(), Error> {
 /// The public key of a PKCS#10 CSR whose signature verifies (the caller
 /// holds the private key).
 fn csr_public_key(csr_pem: &str) -> Result<SubjectPublicKeyInfo, Error> {
+    let der = csr_der(csr_pem)?;
+    let (_, csr) = X509CertificationRequest::from_der(&der)
+        .map_err(|e| Error::invalid_request(format!("CSR: not a PKCS#10 request: {e}")))?;
+    csr.verify_signature().map_err(|e| {
+        Error::invalid_request(format!(
+            "CSR: the signature does not verify (the request must be signed with its key): {e}"
+        ))
+    })?;
+    SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+        .map_err(|e| Error::invalid_request(format!("CSR: unsupported public key: {e}")))
+}
+
+/// The DER of the one CSR block in `csr_pem`.
+fn csr_der(csr_pem: &str) -> Result<Vec<u8>, Error> {
     let mut blocks = parse_pems(csr_pem, "CERTIFICATE REQUEST")
         .map_err(|e| Error::invalid_request(format!("CSR: {e}")))?;
     if blocks.is_empty() {
@@ -616,15 +759,7 @@ fn csr_public_key(csr_pem: &str) -> Result<SubjectPublicKeyInfo, Error> {
             "expected one PEM \"CERTIFICATE REQUEST\" block",
         ));
     };
-    let (_, csr) = X509CertificationRequest::from_der(&block.contents)
-        .map_err(|e| Error::invalid_request(format!("CSR: not a PKCS#10 request: {e}")))?;
-    csr.verify_signature().map_err(|e| {
-        Error::invalid_request(format!(
-            "CSR: the signature does not verify (the request must be signed with its key): {e}"
-        ))
-    })?;
-    SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
-        .map_err(|e| Error::invalid_request(format!("CSR: unsupported public key: {e}")))
+    Ok(block.contents.clone())
 }
 
 fn unix(t: SystemTime) -> u64 {

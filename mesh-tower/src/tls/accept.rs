@@ -106,10 +106,9 @@ impl MeshAcceptor {
             .1
             .peer_certificates()
             .and_then(|certs| certs.first())
-            .map(spiffe_id_of)
+            .map(|leaf| spiffe_id_of(leaf).map(|id| PeerIdentity::of_certificate(id, leaf)))
             .transpose()
-            .map_err(|e| Error::new(ErrorKind::Tls, format!("the client certificate: {e}")))?
-            .map(PeerIdentity::new);
+            .map_err(|e| Error::new(ErrorKind::Tls, format!("the client certificate: {e}")))?;
         Ok(MeshStream {
             inner: Inner::Tls(Box::new(stream)),
             peer,

@@ -107,8 +107,12 @@ impl MeshConnector {
             .peer_certificates()
             .and_then(|certs| certs.first())
             .ok_or_else(|| tls(format!("{server_name} sent no certificate")))
-            .and_then(|leaf| spiffe_id_of(leaf).map_err(|e| tls(format!("{server_name}: {e}"))))?;
-        Ok((stream, PeerIdentity::new(peer)))
+            .and_then(|leaf| {
+                spiffe_id_of(leaf)
+                    .map(|id| PeerIdentity::of_certificate(id, leaf))
+                    .map_err(|e| tls(format!("{server_name}: {e}")))
+            })?;
+        Ok((stream, peer))
     }
 }
 

@@ -40,18 +40,44 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
 /// request extension set by `serve` on mTLS connections (absent on
 /// plaintext ones and on TLS connections without a client certificate).
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct PeerIdentity(SpiffeId);
+pub struct PeerIdentity(SpiffeId, Option<Arc<str>>);
 
 impl PeerIdentity {
     /// Wraps a verified identity.
     pub fn new(id: SpiffeId) -> Self {
-        PeerIdentity(id)
+        PeerIdentity(id, None)
+    }
+
+    /// The identity of a verified leaf certificate, with its serial number:
+    /// what a handshake yields.
+    pub fn of_certificate(id: SpiffeId, leaf: &CertificateDer<'_>) -> Self {
+        PeerIdentity(id, serial_of(leaf).map(Arc::from))
     }
 
     /// The peer's SPIFFE ID.
     pub fn spiffe_id(&self) -> &SpiffeId {
         &self.0
     }
+
+    /// The serial number (lowercase hex, as [`CertStore::serial`]
+    /// (super::CertStore::serial) prints it) of the certificate the peer
+    /// presented on this connection: which of its rotating certificates
+    /// it used. `None` when built with [`PeerIdentity::new`].
+    pub fn serial(&self) -> Option<&str> {
+        self.1.as_deref()
+    }
+}
+
+/// The serial number of a certificate, lowercase hex.
+pub(crate) fn serial_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = X509Certificate::from_der(cert).ok()?;
+    Some(
+        parsed
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 impl fmt::Debug for PeerIdentity {

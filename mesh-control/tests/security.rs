@@ -1,0 +1,1073 @@
+//! mesh-control with a CA, over real sockets: certificates only for the
+//! identity a join token grants, authenticated and authorized
+//! registration, ADS and the admin API over TLS verified with the trust
+//! bundle file, and server listeners (gRFC A36) resolved from
+//! PeerAuthentication for the client's workload.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use mesh_control::ca::{CertificateAuthority, JoinTokens};
+use mesh_core::model::MtlsMode;
+use mesh_core::xds;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+const CATALOG_TOKEN: &str = "catalog-token-0123456789";
+const PAYMENT_TOKEN: &str = "payment-token-0123456789";
+const ORDERS_TOKEN: &str = "orders-token-01234567890";
+
+/// `catalog` is backed by the service account `catalog-sa` (WorkloadGroup);
+/// `payment` by the default, the service account named `payment`.
+const CONFIG: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: catalog, namespace: shop}
+spec:
+  template:
+    serviceAccount: catalog-sa
+"#;
+
+fn tokens() -> JoinTokens {
+    let mut tokens = JoinTokens::new();
+    tokens
+        .insert(CATALOG_TOKEN, "shop", "catalog-sa")
+        .unwrap()
+        .insert(PAYMENT_TOKEN, "shop", "payment")
+        .unwrap()
+        .insert(ORDERS_TOKEN, "shop", "orders")
+        .unwrap();
+    tokens
+}
+
+async fn start(config: &str) -> (tempfile::TempDir, mesh_control::ServerHandle) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), config).unwrap();
+    let ca = CertificateAuthority::builder("cluster.local")
+        .join_tokens(tokens())
+        .build()
+        .unwrap();
+    let server = mesh_control::Server::builder()
+        .config_dir(dir.path())
+        .ca(ca)
+        .start()
+        .await
+        .expect("start control server");
+    (dir, server)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(bundle_file: &Path) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(bundle_file).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    roots
+}
+
+/// A client config trusting the server's bundle file, optionally
+/// presenting a client certificate.
+fn client_config(
+    server: &mesh_control::ServerHandle,
+    client_cert: Option<(&str, &str)>,
+    alpn: &[u8],
+) -> Arc<rustls::ClientConfig> {
+    let bundle = server.trust_bundle_file().expect("a trust bundle file");
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots(&bundle));
+    let mut config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(chain.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(config)
+}
+
+/// One request to the admin API over https (server name: the IP dialled).
+async fn admin(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .expect("TLS to the admin API");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin")
+        .header("content-type", "application/json");
+    if let Some(token) = bearer {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+/// A CSR (PEM) with a new key, asking for `san` when given.
+fn csr(san: Option<&str>) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    if let Some(san) = san {
+        params.subject_alt_names = vec![rcgen::SanType::URI(san.try_into().unwrap())];
+    }
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    (csr, key.serialize_pem())
+}
+
+fn uri_sans(pem: &str) -> Vec<String> {
+    let der = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn registration(service: &str, port: u16) -> serde_json::Value {
+    json!({
+        "service": service,
+        "namespace": "shop",
+        "address": "127.0.0.1",
+        "port": port,
+        "protocol": "grpc",
+        "ttl_seconds": 30,
+    })
+}
+
+#[tokio::test]
+async fn a_join_token_obtains_certificates_for_its_own_identity_only() {
+    let (_dir, server) = start(CONFIG).await;
+    let tls = client_config(&server, None, b"http/1.1");
+    let addr = server.admin_addr();
+
+    // A's token, a CSR asking for B: refused, naming both.
+    let (b_csr, _) = csr(Some("spiffe://cluster.local/ns/shop/sa/payment"));
+    let (code, body) = admin(
+        addr,
+        tls.clone(),
+        "POST",
+        "/v1/certificates",
+        None,
+        json!({"csr": b_csr, "token": CATALOG_TOKEN}),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("spiffe://cluster.local/ns/shop/sa/catalog-sa")
+            && error.contains("spiffe://cluster.local/ns/shop/sa/payment"),
+        "{error}"
+    );
+
+    // A's token and a CSR without a SAN: a certificate for A, whatever
+    // the CSR's subject says.
+    let (a_csr, _) = csr(None);
+    let (code, body) = admin(
+        addr,
+        tls.clone(),
+        "POST",
+        "/v1/certificates",
+        None,
+        json!({"csr": a_csr, "token": CATALOG_TOKEN, "lifetime_seconds": 600}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body["spiffe_id"],
+        "spiffe://cluster.local/ns/shop/sa/catalog-sa"
+    );
+    let chain = body["certificate_chain"].as_str().unwrap();
+    assert_eq!(
+        uri_sans(chain),
+        vec!["spiffe://cluster.local/ns/shop/sa/catalog-sa".to_string()]
+    );
+    assert!(!body["serial"].as_str().unwrap().is_empty());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let not_after = body["not_after_unix"].as_u64().unwrap();
+    assert!(
+        not_after > now + 500 && not_after <= now + 601,
+        "{not_after}"
+    );
+    let bundle = std::fs::read_to_string(server.trust_bundle_file().unwrap()).unwrap();
+    assert_eq!(body["trust_bundle"], bundle.as_str());
+
+    // The token in an Authorization header works too.
+    let (code, body) = admin(
+        addr,
+        tls.clone(),
+        "POST",
+        "/v1/certificates",
+        Some(PAYMENT_TOKEN),
+        json!({"csr": csr(None).0}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body["spiffe_id"],
+        "spiffe://cluster.local/ns/shop/sa/payment"
+    );
+
+    // An unknown token and no token: 401.
+    let (code, body) = admin(
+        addr,
+        tls.clone(),
+        "POST",
+        "/v1/certificates",
+        None,
+        json!({"csr": csr(None).0, "token": "not-a-known-token-at-all"}),
+    )
+    .await;
+    assert_eq!(code, 401, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown join token"),
+        "{body}"
+    );
+    let (code, body) = admin(
+        addr,
+        tls.clone(),
+        "POST",
+        "/v1/certificates",
+        None,
+        json!({"csr": csr(None).0}),
+    )
+    .await;
+    assert_eq!(code, 401, "{body}");
+    // A CSR that is not one: 400.
+    let (code, body) = admin(
+        addr,
+        tls.clone(),
+        "POST",
+        "/v1/certificates",
+        None,
+        json!({"csr": "garbage", "token": CATALOG_TOKEN}),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+
+    // The trust bundle is public.
+    let (code, body) = admin(
+        addr,
+        tls.clone(),
+        "GET",
+        "/v1/trust-bundle",
+        None,
+        json!(null),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["trust_bundle"], bundle.as_str());
+
+    let status = server.status();
+    assert_eq!(status["counters"]["certificates_issued"], 2, "{status}");
+    assert_eq!(status["counters"]["certificates_denied"], 3, "{status}");
+}
+
+#[tokio::test]
+async fn registration_needs_an_identity_allowed_to_back_the_service() {
+    let (_dir, server) = start(CONFIG).await;
+    let tls = client_config(&server, None, b"http/1.1");
+    let addr = server.admin_addr();
+    let register = |bearer: Option<&'static str>, body: serde_json::Value| {
+        let tls = tls.clone();
+        async move { admin(addr, tls, "POST", "/v1/endpoints", bearer, body).await }
+    };
+
+    // No credentials, an unknown token: 401.
+    let (code, body) = register(None, registration("catalog", 9001)).await;
+    assert_eq!(code, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
+    let (code, body) = register(
+        Some("not-a-known-token-at-all"),
+        registration("catalog", 9001),
+    )
+    .await;
+    assert_eq!(code, 401, "{body}");
+
+    // payment's identity may not back catalog (its WorkloadGroup says catalog-sa).
+    let (code, body) = register(Some(PAYMENT_TOKEN), registration("catalog", 9001)).await;
+    assert_eq!(code, 403, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("spiffe://cluster.local/ns/shop/sa/payment") && error.contains("catalog"),
+        "{error}"
+    );
+    // orders may not back payment (default: the service account named like the service).
+    let (code, body) = register(Some(ORDERS_TOKEN), registration("payment", 9002)).await;
+    assert_eq!(code, 403, "{body}");
+
+    // catalog-sa may.
+    let (code, lease) = register(Some(CATALOG_TOKEN), registration("catalog", 9001)).await;
+    assert_eq!(code, 201, "{lease}");
+    let lease_id = lease["lease_id"].as_str().unwrap().to_string();
+
+    // Another identity cannot take the same ip:port, even for its own service.
+    let (code, body) = register(Some(PAYMENT_TOKEN), registration("payment", 9001)).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("already registered"),
+        "{body}"
+    );
+    // Nor can the same identity register the same endpoint twice.
+    let (code, body) = register(Some(CATALOG_TOKEN), registration("catalog", 9001)).await;
+    assert_eq!(code, 409, "{body}");
+
+    // Only the identity that registered may renew or delete the lease.
+    let path = format!("/v1/endpoints/{lease_id}");
+    let (code, body) = admin(
+        addr,
+        tls.clone(),
+        "PUT",
+        &path,
+        Some(PAYMENT_TOKEN),
+        json!(null),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("catalog-sa"),
+        "{body}"
+    );
+    let (code, body) = admin(addr, tls.clone(), "PUT", &path, None, json!(null)).await;
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = admin(
+        addr,
+        tls.clone(),
+        "DELETE",
+        &path,
+        Some(PAYMENT_TOKEN),
+        json!(null),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = admin(
+        addr,
+        tls.clone(),
+        "PUT",
+        &path,
+        Some(CATALOG_TOKEN),
+        json!(null),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+
+    // A client certificate from the mesh CA identifies the caller without
+    // a token: payment registers payment with its certificate.
+    let (csr_pem, key_pem) = csr(None);
+    let (code, cert) = admin(
+        addr,
+        tls.clone(),
+        "POST",
+        "/v1/certificates",
+        None,
+        json!({"csr": csr_pem, "token": PAYMENT_TOKEN}),
+    )
+    .await;
+    assert_eq!(code, 200, "{cert}");
+    let mtls = client_config(
+        &server,
+        Some((cert["certificate_chain"].as_str().unwrap(), &key_pem)),
+        b"http/1.1",
+    );
+    let (code, body) = admin(
+        addr,
+        mtls.clone(),
+        "POST",
+        "/v1/endpoints",
+        None,
+        registration("payment", 9002),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = admin(
+        addr,
+        mtls.clone(),
+        "POST",
+        "/v1/endpoints",
+        None,
+        registration("catalog", 9003),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    // ... and cannot delete catalog's lease with it.
+    let (code, body) = admin(addr, mtls, "DELETE", &path, None, json!(null)).await;
+    assert_eq!(code, 403, "{body}");
+
+    let (code, body) = admin(
+        addr,
+        tls.clone(),
+        "DELETE",
+        &path,
+        Some(CATALOG_TOKEN),
+        json!(null),
+    )
+    .await;
+    assert_eq!(code, 204, "{body}");
+    let status = server.status();
+    assert_eq!(status["counters"]["registrations"], 2, "{status}");
+    assert!(
+        status["counters"]["registrations_denied"].as_u64().unwrap() >= 7,
+        "{status}"
+    );
+}
+
+/// A raw ADS client, over TLS or plaintext.
+struct Ads {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    rx: tonic::Streaming<DiscoveryResponse>,
+    node: Node,
+}
+
+fn node(namespace: &str, labels: &[(&str, &str)]) -> Node {
+    let string = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.into())),
+    };
+    let labels = Struct {
+        fields: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), string(v)))
+            .collect(),
+    };
+    Node {
+        id: "test-node".into(),
+        user_agent_name: "raw-test".into(),
+        metadata: Some(Struct {
+            fields: [
+                ("NAMESPACE".to_string(), string(namespace)),
+                (
+                    "LABELS".to_string(),
+                    Value {
+                        kind: Some(Kind::StructValue(labels)),
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        }),
+        ..Node::default()
+    }
+}
+
+async fn tls_channel(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    server_name: &'static str,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let config = config.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let name = ServerName::try_from(server_name)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+}
+
+impl Ads {
+    async fn open(channel: tonic::transport::Channel, node: Node) -> Result<Ads, tonic::Status> {
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel(8);
+        let stream = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Ads {
+            tx,
+            rx: stream,
+            node,
+        })
+    }
+
+    async fn subscribe(&self, type_url: &str, names: &[&str], version: &str, nonce: &str) {
+        self.tx
+            .send(DiscoveryRequest {
+                node: Some(self.node.clone()),
+                type_url: type_url.into(),
+                resource_names: names.iter().map(|s| s.to_string()).collect(),
+                version_info: version.into(),
+                response_nonce: nonce.into(),
+                ..DiscoveryRequest::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn recv(&mut self) -> DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.next())
+            .await
+            .expect("a response within 10 s")
+            .expect("stream open")
+            .expect("no error")
+    }
+}
+
+const SERVICE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: catalog, namespace: shop}
+spec:
+  hosts: [catalog]
+  resolution: STATIC
+  ports:
+  - {number: 80, name: grpc, protocol: GRPC}
+  endpoints:
+  - address: 127.0.0.1
+    ports: {grpc: 9001}
+"#;
+
+fn peer_authentication(mode: &str) -> String {
+    format!(
+        r#"{SERVICE}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: catalog, namespace: shop}}
+spec:
+  selector:
+    matchLabels: {{app: catalog}}
+  mtls: {{mode: {mode}}}
+"#
+    )
+}
+
+const SERVER_NAME: &str = "grpc/server?xds.resource.listening_address=127.0.0.1:9001";
+
+#[tokio::test]
+async fn ads_is_served_over_tls_to_clients_that_verify_the_ca() {
+    let (_dir, server) = start(SERVICE).await;
+    let addr = server.xds_addr();
+
+    // The serving certificate: mesh-control's SPIFFE ID, localhost, the IP.
+    let serving = server.serving_certificate_pem().unwrap();
+    assert_eq!(
+        uri_sans(&serving),
+        vec!["spiffe://cluster.local/ns/istio-system/sa/mesh-control".to_string()]
+    );
+
+    // Verified by name (localhost) and by IP.
+    for name in ["localhost", "127.0.0.1"] {
+        let channel = tls_channel(addr, client_config(&server, None, b"h2"), name)
+            .await
+            .expect("TLS connection to ADS");
+        let mut ads = Ads::open(channel, node("shop", &[]))
+            .await
+            .expect("ADS stream");
+        ads.subscribe(xds::LISTENER_TYPE, &["catalog:80"], "", "")
+            .await;
+        let response = ads.recv().await;
+        assert_eq!(response.resources.len(), 1, "{response:?}");
+        let listener = xds::decode_listener(&response.resources[0]).unwrap();
+        assert_eq!(&*listener.name, "catalog:80");
+    }
+
+    // A client that does not trust this CA fails the handshake.
+    let other = CertificateAuthority::builder("cluster.local")
+        .build()
+        .unwrap();
+    let other_bundle = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(other_bundle.path(), other.trust_bundle_pem()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots(other_bundle.path()))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    assert!(
+        tls_channel(addr, Arc::new(config), "localhost")
+            .await
+            .is_err()
+    );
+
+    // Plaintext gRPC gets nothing.
+    let plaintext = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut ads = Ads::open(channel, node("shop", &[]))
+            .await
+            .map_err(|e| e.to_string())?;
+        ads.subscribe(xds::LISTENER_TYPE, &["catalog:80"], "", "")
+            .await;
+        match tokio::time::timeout(Duration::from_secs(5), ads.rx.next()).await {
+            Ok(Some(Ok(_))) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    };
+    assert!(
+        plaintext.await.is_err(),
+        "a plaintext client must not be served"
+    );
+
+    // Plaintext HTTP to the admin API gets nothing either.
+    let tcp = tokio::net::TcpStream::connect(server.admin_addr())
+        .await
+        .unwrap();
+    let plain = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::get("/status")
+            .header("host", "admin")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        sender.send_request(req).await
+    };
+    let result = tokio::time::timeout(Duration::from_secs(15), plain).await;
+    assert!(
+        !matches!(result, Ok(Ok(ref r)) if r.status().is_success()),
+        "plaintext admin: {result:?}"
+    );
+}
+
+#[tokio::test]
+async fn server_listeners_carry_the_peer_authentication_of_the_workload() {
+    let (dir, server) = start(&peer_authentication("STRICT")).await;
+    let channel = tls_channel(
+        server.xds_addr(),
+        client_config(&server, None, b"h2"),
+        "localhost",
+    )
+    .await
+    .unwrap();
+    let mut ads = Ads::open(channel, node("shop", &[("app", "catalog")]))
+        .await
+        .unwrap();
+    // One SotW subscription with a client and a server listener.
+    ads.subscribe(xds::LISTENER_TYPE, &["catalog:80", SERVER_NAME], "", "")
+        .await;
+    let first = ads.recv().await;
+    assert_eq!(first.resources.len(), 2, "{first:?}");
+    let names: Vec<String> = first
+        .resources
+        .iter()
+        .filter_map(xds::resource_name)
+        .collect();
+    assert!(names.contains(&"catalog:80".to_string()), "{names:?}");
+    let server_listener = first
+        .resources
+        .iter()
+        .find(|r| xds::resource_name(r).as_deref() == Some(SERVER_NAME))
+        .unwrap();
+    let decoded = xds::decode_server_listener(server_listener).unwrap();
+    assert_eq!(decoded.mtls, MtlsMode::Strict);
+    assert_eq!(decoded.address, "127.0.0.1:9001".parse().unwrap());
+    ads.subscribe(
+        xds::LISTENER_TYPE,
+        &["catalog:80", SERVER_NAME],
+        &first.version_info,
+        &first.nonce,
+    )
+    .await;
+
+    // A workload the selector does not match: PERMISSIVE (the default).
+    let channel = tls_channel(
+        server.xds_addr(),
+        client_config(&server, None, b"h2"),
+        "localhost",
+    )
+    .await
+    .unwrap();
+    // It is a gRPC server: /status says what it cannot honor of it.
+    let mut grpc_node = node("shop", &[("app", "orders")]);
+    grpc_node.user_agent_name = "gRPC Go".into();
+    let mut other = Ads::open(channel, grpc_node).await.unwrap();
+    other
+        .subscribe(xds::LISTENER_TYPE, &[SERVER_NAME], "", "")
+        .await;
+    let response = other.recv().await;
+    let decoded = xds::decode_server_listener(&response.resources[0]).unwrap();
+    assert_eq!(decoded.mtls, MtlsMode::Permissive);
+    let status = server.status();
+    let grpc = status["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "grpc")
+        .expect("the gRPC client in /status");
+    assert!(
+        grpc["ignored"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().contains("PERMISSIVE")),
+        "{grpc}"
+    );
+
+    // Changing only the PeerAuthentication is a new LDS version with the
+    // new mode.
+    std::fs::write(dir.path().join("mesh.yaml"), peer_authentication("DISABLE")).unwrap();
+    server.reload();
+    let second = ads.recv().await;
+    assert_ne!(second.version_info, first.version_info);
+    let server_listener = second
+        .resources
+        .iter()
+        .find(|r| xds::resource_name(r).as_deref() == Some(SERVER_NAME))
+        .unwrap();
+    let decoded = xds::decode_server_listener(server_listener).unwrap();
+    assert_eq!(decoded.mtls, MtlsMode::Disable);
+    assert_eq!(
+        second.resources.len(),
+        2,
+        "client and server listeners together"
+    );
+}
+
+#[tokio::test]
+async fn a_root_rotation_reaches_the_bundle_file_and_new_handshakes() {
+    // No overlap: the new root signs at once, so the next certificate
+    // comes from it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), SERVICE).unwrap();
+    let ca = CertificateAuthority::builder("cluster.local")
+        .join_tokens(tokens())
+        .rotation_overlap(Duration::ZERO)
+        .build()
+        .unwrap();
+    let server = mesh_control::Server::builder()
+        .config_dir(dir.path())
+        .ca(ca)
+        .start()
+        .await
+        .unwrap();
+    let bundle_file = server.trust_bundle_file().unwrap();
+    let count = |pem: &str| pem.matches("BEGIN CERTIFICATE").count();
+    assert_eq!(count(&std::fs::read_to_string(&bundle_file).unwrap()), 1);
+    let old_roots = client_config(&server, None, b"http/1.1");
+
+    server.rotate_root().unwrap();
+    let rotated = std::fs::read_to_string(&bundle_file).unwrap();
+    assert_eq!(
+        count(&rotated),
+        2,
+        "the old root stays while certificates it signed live"
+    );
+    let tls = client_config(&server, None, b"http/1.1");
+    let (code, body) = admin(
+        server.admin_addr(),
+        tls.clone(),
+        "GET",
+        "/v1/trust-bundle",
+        None,
+        json!(null),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(body["trust_bundle"], rotated.as_str());
+    // Clients that know only the old root still connect: the serving
+    // certificate it signed is still valid.
+    let (code, _) = admin(
+        server.admin_addr(),
+        old_roots,
+        "GET",
+        "/healthz",
+        None,
+        json!(null),
+    )
+    .await;
+    assert_eq!(code, 200);
+
+    // A certificate from the new root is accepted as a client certificate
+    // by new handshakes.
+    let (csr_pem, key_pem) = csr(None);
+    let (code, cert) = admin(
+        server.admin_addr(),
+        tls,
+        "POST",
+        "/v1/certificates",
+        None,
+        json!({"csr": csr_pem, "token": PAYMENT_TOKEN}),
+    )
+    .await;
+    assert_eq!(code, 200, "{cert}");
+    let chain = cert["certificate_chain"].as_str().unwrap();
+    let mtls = client_config(&server, Some((chain, &key_pem)), b"http/1.1");
+    let (code, body) = admin(
+        server.admin_addr(),
+        mtls,
+        "POST",
+        "/v1/endpoints",
+        None,
+        registration("payment", 9002),
+    )
+    .await;
+    assert_eq!(
+        code, 201,
+        "the new root's certificate identifies the caller: {body}"
+    );
+}
+
+#[tokio::test]
+async fn the_serving_certificate_is_renewed_at_half_life() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), SERVICE).unwrap();
+    let ca = CertificateAuthority::builder("cluster.local")
+        .default_lifetime(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let server = mesh_control::Server::builder()
+        .config_dir(dir.path())
+        .ca(ca)
+        .start()
+        .await
+        .unwrap();
+    let first = server.serving_certificate_pem().unwrap();
+    let tls = client_config(&server, None, b"http/1.1");
+    let mut renewed = None;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = server.serving_certificate_pem().unwrap();
+        if now != first {
+            renewed = Some(now);
+            break;
+        }
+    }
+    assert!(renewed.is_some(), "renewed within 4 s of a 2 s lifetime");
+    // New handshakes get the new certificate, and succeed after the first
+    // one has expired.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (code, _) = admin(
+        server.admin_addr(),
+        tls,
+        "GET",
+        "/healthz",
+        None,
+        json!(null),
+    )
+    .await;
+    assert_eq!(code, 200);
+}
+
+#[tokio::test]
+async fn the_cli_serves_with_a_ca_and_status_reads_it_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(config.join("mesh.yaml"), SERVICE).unwrap();
+    let tokens = dir.path().join("tokens.json");
+    std::fs::write(
+        &tokens,
+        json!({"tokens": [{"token": CATALOG_TOKEN, "namespace": "shop", "service_account": "catalog-sa"}]})
+            .to_string(),
+    )
+    .unwrap();
+    let ca_dir = dir.path().join("ca");
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (xds_addr, admin_addr) = (free(), free());
+    let bin = env!("CARGO_BIN_EXE_mesh-control");
+    let mut child = tokio::process::Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args([
+            "--xds",
+            &xds_addr.to_string(),
+            "--admin",
+            &admin_addr.to_string(),
+        ])
+        .arg("--ca-dir")
+        .arg(&ca_dir)
+        .arg("--join-tokens")
+        .arg(&tokens)
+        .args(["--trust-domain", "example.org", "--cert-lifetime", "1h"])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let bundle = ca_dir.join("trust-bundle.pem");
+    let mut output = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !bundle.exists() {
+            continue;
+        }
+        let out = tokio::process::Command::new(bin)
+            .args([
+                "status",
+                "--json",
+                "--admin",
+                &admin_addr.to_string(),
+                "--ca-file",
+            ])
+            .arg(&bundle)
+            .output()
+            .await
+            .unwrap();
+        if out.status.success() {
+            output = Some(out);
+            break;
+        }
+    }
+    let output = output.expect("status over https");
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        status["security"]["trust_domain"], "example.org",
+        "{status}"
+    );
+    // Without --ca-file (plaintext), status fails.
+    let out = tokio::process::Command::new(bin)
+        .args(["status", "--admin", &admin_addr.to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    // The CA is persisted.
+    assert!(ca_dir.join("root-cert.pem").exists() && ca_dir.join("root-key.pem").exists());
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn bootstraps_name_the_trust_bundle_and_the_certificate_provider() {
+    let (_dir, server) = start(SERVICE).await;
+    let spec = mesh_control::BootstrapSpec::new("catalog-1", "shop")
+        .service_account("catalog-sa")
+        .label("app", "catalog")
+        .join_token_with_lifetime(CATALOG_TOKEN, Duration::from_secs(4));
+    let doc: serde_json::Value = serde_json::from_str(&server.bootstrap(&spec)).unwrap();
+    let bundle = server.trust_bundle_file().unwrap();
+    assert_eq!(
+        doc["xds_servers"][0]["channel_creds"][0],
+        json!({"type": "tls", "config": {"ca_certificate_file": bundle.display().to_string()}})
+    );
+    assert_eq!(
+        doc["xds_servers"][0]["server_uri"],
+        server.xds_addr().to_string()
+    );
+    let metadata = &doc["node"]["metadata"];
+    assert_eq!(metadata["NAMESPACE"], "shop");
+    assert_eq!(metadata["SERVICE_ACCOUNT"], "catalog-sa");
+    assert_eq!(metadata["LABELS"], json!({"app": "catalog"}));
+    assert_eq!(metadata["PROXYLESS_ADMIN"], server.admin_addr().to_string());
+    assert_eq!(
+        doc["certificate_providers"]["mesh"],
+        json!({"plugin_name": "mesh_ca", "config": {"token": CATALOG_TOKEN, "lifetime": "4s"}})
+    );
+    assert_eq!(
+        doc["server_listener_resource_name_template"],
+        mesh_control::SERVER_LISTENER_TEMPLATE
+    );
+
+    // file_watcher certificates (SPIRE, cert-manager).
+    let spec = mesh_control::BootstrapSpec::new("payment-1", "shop").file_watcher(
+        "/certs/cert.pem",
+        "/certs/key.pem",
+        "/certs/ca.pem",
+    );
+    let doc: serde_json::Value = serde_json::from_str(&server.bootstrap(&spec)).unwrap();
+    assert_eq!(
+        doc["certificate_providers"]["mesh"],
+        json!({"plugin_name": "file_watcher", "config": {
+            "certificate_file": "/certs/cert.pem",
+            "private_key_file": "/certs/key.pem",
+            "ca_certificate_file": "/certs/ca.pem",
+        }})
+    );
+
+    // Without a CA: insecure, no certificate API.
+    let open = mesh_control::Server::builder().start().await.unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&open.bootstrap(&mesh_control::BootstrapSpec::new("n", "shop")))
+            .unwrap();
+    assert_eq!(
+        doc["xds_servers"][0]["channel_creds"],
+        json!([{"type": "insecure"}])
+    );
+    assert!(open.trust_bundle_file().is_none() && open.ca().is_none());
+    let tcp = tokio::net::TcpStream::connect(open.admin_addr())
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            http::Request::get("/v1/trust-bundle")
+                .header("host", "admin")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}
