@@ -1,12 +1,15 @@
-//! The proxyless demo: a small shop running on an in-process mesh.
+//! The proxyless demo: a small shop running on an in-process, zero-trust mesh.
 //!
 //! ```text
 //! cargo run --example shop
 //! ```
 //!
-//! It starts mesh-control on a copy of `examples/mesh/` (Istio YAML), then
-//! five services on loopback, each registered with the control server by
-//! `proxyless::serve`:
+//! It starts mesh-control with its certificate authority (trust domain
+//! `cluster.local`, a random join token per service account) on a copy of
+//! `examples/mesh/` (traffic: Istio YAML) and `examples/mesh-security/`
+//! (PeerAuthentication STRICT for the namespace, AuthorizationPolicy per
+//! workload), then five services on loopback, each registered with the
+//! control server by `proxyless::serve_with`:
 //!
 //! - `catalog` v1 and v2 (HTTP/1.1, axum): a canary split 90/10, and beta
 //!   users (`x-user: beta`) always on v2;
@@ -17,9 +20,26 @@
 //! - `frontend` (axum), which calls catalog over HTTP and payment over gRPC
 //!   through `proxyless::Client`, by name, with no addresses anywhere.
 //!
+//! Zero trust: every workload's bootstrap names its service account, its
+//! labels (which AuthorizationPolicy selectors match) and its join token;
+//! the workload generates a key, gets an X.509 SVID
+//! (`spiffe://cluster.local/ns/shop/sa/<account>`) from mesh-control for its
+//! CSR, renews it at half-life, and registers with the token. Servers only
+//! accept mutual TLS (STRICT) and authorize each request by the caller's
+//! SPIFFE ID: catalog and payment (`tier: backend`) answer only the
+//! frontend, the frontend only the shopper (the demo's user client) on
+//! `GET /checkout`. Clients switch to mTLS on their own (auto mTLS: the
+//! namespace is STRICT) and check the server's identity. Each server counts
+//! the peer identities it served; an `intruder` workload with a valid mesh
+//! identity calls catalog (HTTP 403) and payment (gRPC PERMISSION_DENIED),
+//! and a plaintext HTTP/1.1 request to catalog's port gets no HTTP answer.
+//!
 //! It sends a bounded number of checkouts through the frontend, prints the
 //! split it observed, rewrites the YAML to 50/50, waits for the frontend to
-//! apply it, and prints the new split. Exit code 0 when every call succeeded.
+//! apply it, prints the new split, then the zero-trust record: each
+//! workload's identity and certificate, the peers each server saw, the
+//! intruder's denials. Exit code 0 when every legitimate call succeeded and
+//! every illegitimate one was refused.
 //!
 //! Observability: every service has its own `Telemetry` (its own
 //! `service.name`), built from the standard `OTEL_*` variables. With
@@ -33,18 +53,25 @@
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, RandomState};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use proxyless::control::BootstrapSpec;
+use proxyless::control::ServerHandle;
+use proxyless::control::ca::{CertificateAuthority, JoinTokens};
 use proxyless::layers::MeshStats;
 use proxyless::telemetry::{Identity, MetricsRegistry, Telemetry};
-use proxyless::{Bootstrap, Client, Registration, ServerLayer, Serving, TracedClient, XdsClient};
+use proxyless::{
+    Bootstrap, Client, InboundPolicy, PeerIdentity, Registration, Security, ServerLayer, Serving,
+    TracedClient, WorkloadCertificates, XdsClient,
+};
 use tower::{Layer, ServiceExt};
 
 mod shop {
@@ -62,6 +89,11 @@ const CHECKOUTS: usize = 1000;
 /// Share of calls the flaky payment instance fails, in percent.
 const FLAKY_PERCENT: u64 = 30;
 const DEADLINE: Duration = Duration::from_secs(10);
+const TRUST_DOMAIN: &str = "cluster.local";
+const NAMESPACE: &str = "shop";
+/// The demo's service accounts, each with a random join token: one per
+/// service, the user's client (`shopper`) and a workload no policy allows.
+const ACCOUNTS: [&str; 5] = ["frontend", "catalog", "payment", "shopper", "intruder"];
 
 #[tokio::main]
 async fn main() {
@@ -72,26 +104,55 @@ async fn main() {
 }
 
 async fn run() -> Result<(), BoxError> {
-    // 1. The control server, on a copy of the demo config we can edit.
+    // 1. The control server with its CA, on a copy of the demo config we can
+    // edit: traffic (examples/mesh) and security (examples/mesh-security).
     let config = tempfile::tempdir()?;
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mesh");
-    for entry in std::fs::read_dir(&examples)? {
-        let path = entry?.path();
-        if let Some(name) = path.file_name() {
-            std::fs::copy(&path, config.path().join(name))?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    for dir in ["mesh", "mesh-security"] {
+        for entry in std::fs::read_dir(root.join(dir))? {
+            let path = entry?.path();
+            if let Some(name) = path.file_name() {
+                std::fs::copy(&path, config.path().join(name))?;
+            }
         }
     }
+    let mut join = JoinTokens::new();
+    let mut tokens = BTreeMap::new();
+    for account in ACCOUNTS {
+        let token = random_token(account);
+        join.insert(token.clone(), NAMESPACE, account)?;
+        tokens.insert(account, token);
+    }
+    let ca = CertificateAuthority::builder(TRUST_DOMAIN)
+        .join_tokens(join)
+        .build()?;
     let control = proxyless::control::Server::builder()
         .config_dir(config.path())
+        .ca(ca)
         .start()
         .await?;
     println!(
-        "mesh-control: xDS on {}, admin on {} (config: {})",
+        "mesh-control: xDS on {}, admin on {} (TLS; config: {} + {})",
         control.xds_addr(),
         control.admin_addr(),
-        examples.display()
+        root.join("mesh").display(),
+        root.join("mesh-security").display()
     );
-    let bootstrap = |node: &str| Bootstrap::from_json(&control.bootstrap_json(node, "shop"));
+    println!(
+        "   CA: trust domain {TRUST_DOMAIN}, join tokens for {}, trust bundle {}",
+        ACCOUNTS.join(", "),
+        control
+            .trust_bundle_file()
+            .map_or_else(|| "-".to_owned(), |f| f.display().to_string())
+    );
+    if let Some(problems) = control.status()["diagnostics"].as_array()
+        && !problems.is_empty()
+    {
+        for problem in problems {
+            println!("   config problem: {problem}");
+        }
+    }
+    let mesh = Mesh { control, tokens };
     match std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT"))
     {
@@ -103,44 +164,59 @@ async fn run() -> Result<(), BoxError> {
         ),
     }
 
-    // 2. The services. Each registers itself; nobody knows an address. Each
-    // has its own telemetry (service.name, OTEL_* settings); they count
-    // Istio's metrics into one registry, as one process.
+    // 2. The services. Each gets its certificate and registers itself;
+    // nobody knows an address. Each has its own telemetry (service.name,
+    // OTEL_* settings); they count Istio's metrics into one registry, as one
+    // process.
     let registry = MetricsRegistry::new();
     let mut services = Services {
         serving: Vec::new(),
         telemetry: Vec::new(),
         registry: registry.clone(),
+        workloads: Vec::new(),
+        inbound: Vec::new(),
+        peers: Arc::new(Peers::default()),
     };
+    let mut catalog_addr = None;
     for version in ["v1", "v2"] {
         let name = format!("catalog-{version}");
-        catalog(&mut services, bootstrap(&name)?, version).await?;
+        let addr = catalog(
+            &mut services,
+            mesh.workload(&name, "catalog").await?,
+            version,
+        )
+        .await?;
+        catalog_addr.get_or_insert(addr);
         let name = format!("payment-{version}");
-        payment(&mut services, bootstrap(&name)?, version, None).await?;
+        let workload = mesh.workload(&name, "payment").await?;
+        payment(&mut services, workload, version, None).await?;
     }
+    let catalog_addr = catalog_addr.ok_or("no catalog instance")?;
     // A second payment v1 that fails some calls: the VirtualService's retries hide it.
     let flaky = Arc::new(Flaky::new(FLAKY_PERCENT));
     payment(
         &mut services,
-        bootstrap("payment-v1-flaky")?,
+        mesh.workload("payment-v1-flaky", "payment").await?,
         "v1",
         Some(Arc::clone(&flaky)),
     )
     .await?;
     // The frontend pre-warms the names it calls, so its first request does
     // not wait for discovery.
-    let frontend_xds = XdsClient::start_with(
-        bootstrap("frontend")?,
-        proxyless::xds::ClientOptions::default().listeners(["catalog", "payment"]),
-    );
-    let payment_stats = frontend(&mut services, frontend_xds.clone()).await?;
+    let frontend_workload = mesh
+        .workload_with("frontend", "frontend", ["catalog", "payment"])
+        .await?;
+    let frontend_xds = frontend_workload.xds.clone();
+    let payment_stats = frontend(&mut services, frontend_workload).await?;
     registry.watch_xds(&frontend_xds);
     let metrics =
         proxyless::telemetry::serve_metrics("127.0.0.1:0".parse()?, registry.clone()).await?;
 
-    // 3. A user's client, also in the mesh, calls the frontend by name.
-    let user_xds = XdsClient::start(bootstrap("shopper")?);
-    let shopper: Client = Client::new(user_xds.clone());
+    // 3. A user's client, also in the mesh (the frontend only answers its
+    // identity), calls the frontend by name.
+    let user = mesh.workload("shopper", "shopper").await?;
+    let shopper: Client = user.client();
+    services.workloads.push(("shopper".into(), user));
     wait_until("the mesh is ready", || {
         endpoints(
             &frontend_xds,
@@ -205,8 +281,15 @@ async fn run() -> Result<(), BoxError> {
         payment_stats.retries() - before.1,
     );
 
-    // 5. What the control server knows about its clients.
-    let status = control.status();
+    // 5. Zero trust: who is who, who called whom, who was turned away.
+    let intruder = mesh.workload("intruder", "intruder").await?;
+    let denials = Denials::attempt(&intruder).await?;
+    services.workloads.push(("intruder".into(), intruder));
+    let plaintext = plaintext_probe(catalog_addr).await?;
+    let trust = services.print_zero_trust(&denials, &plaintext);
+
+    // 6. What the control server knows about its clients.
+    let status = mesh.control.status();
     let clients = status["clients"].as_array().map_or(0, Vec::len);
     let acked = status["clients"].as_array().map_or(0, |cs| {
         cs.iter()
@@ -222,10 +305,10 @@ async fn run() -> Result<(), BoxError> {
         status["version"], status["counters"]["nacks"]
     );
 
-    // 6. Istio's standard metrics, as Prometheus scrapes them.
+    // 7. Istio's standard metrics, as Prometheus scrapes them.
     print_metrics(metrics.local_addr(), &registry.render());
 
-    let ok = first.errors == 0
+    let traffic_ok = first.errors == 0
         && second.errors == 0
         && beta.catalog.get("v2").copied() == Some(50)
         && share(&first.catalog, "v1") > 0.8
@@ -243,17 +326,250 @@ async fn run() -> Result<(), BoxError> {
             eprintln!("   exporting spans failed: {e}");
         }
     }
-    if ok {
-        println!(
-            "\nsummary: all checkouts succeeded; the canary split and its promotion were observed; \
-             {} payment calls failed at the flaky instance, and the frontend retried {}",
-            flaky.failures(),
-            payment_stats.retries()
-        );
-        Ok(())
-    } else {
-        Err("the observed splits or retries do not match the configuration (see above)".into())
+    match (traffic_ok, trust) {
+        (true, Ok(())) => {
+            println!(
+                "\nsummary: all checkouts succeeded over mTLS; the canary split and its promotion were observed; \
+                 {} payment calls failed at the flaky instance, and the frontend retried {}; \
+                 every server saw only the identities its policy allows, the intruder was denied \
+                 and plaintext was refused",
+                flaky.failures(),
+                payment_stats.retries()
+            );
+            Ok(())
+        }
+        (false, _) => {
+            Err("the observed splits or retries do not match the configuration (see above)".into())
+        }
+        (true, Err(e)) => Err(format!("zero trust: {e} (see above)").into()),
     }
+}
+
+/// The embedded control server and the join token of every service account.
+struct Mesh {
+    control: ServerHandle,
+    tokens: BTreeMap<&'static str, String>,
+}
+
+/// One workload of the shop: its bootstrap (service account, labels, join
+/// token, TLS to mesh-control), its xDS client and its certificates.
+struct Workload {
+    bootstrap: Bootstrap,
+    xds: XdsClient,
+    certificates: WorkloadCertificates,
+}
+
+impl Mesh {
+    /// The workload `node` running as `account`.
+    async fn workload(&self, node: &str, account: &'static str) -> Result<Workload, BoxError> {
+        self.workload_with(node, account, std::iter::empty::<&str>())
+            .await
+    }
+
+    /// The workload `node` running as `account`, its xDS client subscribing
+    /// to `listeners` at once. Its node labels are what AuthorizationPolicy
+    /// selectors match: `app: <account>`, and `tier: backend` for catalog and
+    /// payment.
+    async fn workload_with(
+        &self,
+        node: &str,
+        account: &'static str,
+        listeners: impl IntoIterator<Item = &str>,
+    ) -> Result<Workload, BoxError> {
+        let token = self
+            .tokens
+            .get(account)
+            .ok_or_else(|| format!("no join token for service account {account}"))?;
+        let mut spec = BootstrapSpec::new(node, NAMESPACE)
+            .service_account(account)
+            .label("app", account)
+            .join_token(token.clone());
+        if matches!(account, "catalog" | "payment") {
+            spec = spec.label("tier", "backend");
+        }
+        let bootstrap = Bootstrap::from_json(&self.control.bootstrap(&spec))?;
+        let certificates = WorkloadCertificates::from_bootstrap(&bootstrap)
+            .await?
+            .ok_or_else(|| format!("the bootstrap of {node} names no certificate provider"))?;
+        let xds = XdsClient::start_with(
+            bootstrap.clone(),
+            proxyless::xds::ClientOptions::default().listeners(listeners),
+        );
+        Ok(Workload {
+            bootstrap,
+            xds,
+            certificates,
+        })
+    }
+}
+
+impl Workload {
+    /// A mesh client presenting this workload's certificate.
+    fn client<B>(&self) -> Client<B> {
+        Client::new(self.xds.clone()).with_certificates(self.certificates.store().clone())
+    }
+
+    /// The serve options of a server of this workload: the mode and
+    /// policies of `inbound`, this workload's certificate.
+    fn security(&self, inbound: InboundPolicy) -> Security {
+        Security::new(inbound).certificates(self.certificates.store().clone())
+    }
+}
+
+/// A join token for `account`: long and random (the CA refuses short ones).
+/// Good enough for a demo that lives for seconds; a deployment generates its
+/// tokens with a real secret generator and gives each workload its own.
+fn random_token(account: &str) -> String {
+    let random = RandomState::new();
+    format!(
+        "{account}-{:016x}{:016x}",
+        random.hash_one((account, 1u8)),
+        random.hash_one((Instant::now(), 2u8))
+    )
+}
+
+/// The peer identities each server served: server → caller SPIFFE ID →
+/// requests. Filled by the apps from the `PeerIdentity` request extension
+/// (the verified client certificate), so it counts only requests the
+/// authorization let through.
+#[derive(Default)]
+struct Peers(Mutex<BTreeMap<&'static str, BTreeMap<String, u64>>>);
+
+/// What a request without a verified peer is counted as (never expected
+/// under STRICT).
+const NO_PEER: &str = "(no verified peer)";
+
+impl Peers {
+    fn record(&self, server: &'static str, peer: Option<&PeerIdentity>) {
+        let id = peer.map_or(NO_PEER, |p| p.spiffe_id().as_str());
+        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let by_peer = seen.entry(server).or_default();
+        match by_peer.get_mut(id) {
+            Some(n) => *n += 1,
+            None => {
+                by_peer.insert(id.to_owned(), 1);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> BTreeMap<&'static str, BTreeMap<String, u64>> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The SPIFFE ID of `account` in the shop's namespace.
+fn spiffe(account: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{account}")
+}
+
+/// What the intruder got: a valid mesh identity that no policy allows.
+struct Denials {
+    /// catalog over HTTP: status and body.
+    catalog: (u16, String),
+    /// payment over gRPC: the status code and message (or the reply).
+    payment: (tonic::Code, String),
+}
+
+impl Denials {
+    /// The intruder calls catalog (`GET /items`) and payment (`Pay`), by
+    /// name and over mTLS like any workload.
+    async fn attempt(intruder: &Workload) -> Result<Denials, BoxError> {
+        let http: Client = intruder.client();
+        let request = http::Request::get("http://catalog/items").body(Full::new(Bytes::new()))?;
+        let response = http.oneshot(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        let catalog = (status, String::from_utf8_lossy(&body).into_owned());
+        let mut grpc = PaymentClient::with_origin(
+            intruder.client::<tonic::body::Body>(),
+            "http://payment".parse()?,
+        );
+        let payment = match grpc
+            .pay(PayRequest {
+                order_id: "o-intruder".into(),
+                cents: 1,
+            })
+            .await
+        {
+            Ok(reply) => (
+                tonic::Code::Ok,
+                format!("paid by {}", reply.into_inner().served_by),
+            ),
+            Err(status) => (status.code(), status.message().to_owned()),
+        };
+        Ok(Denials { catalog, payment })
+    }
+}
+
+/// What a plaintext HTTP/1.1 request to a STRICT port got back.
+struct Plaintext {
+    addr: SocketAddr,
+    reply: Vec<u8>,
+    /// How the connection ended: "closed", "reset", or "still open".
+    end: &'static str,
+}
+
+impl Plaintext {
+    /// Refused: whatever came back, it was not an HTTP answer.
+    fn refused(&self) -> bool {
+        !self.reply.starts_with(b"HTTP/")
+    }
+
+    fn describe(&self) -> String {
+        let what = match self.reply.first() {
+            None => "no bytes".to_owned(),
+            // A TLS record of type alert (21): the handshake failed.
+            Some(21) => format!("a TLS alert ({} bytes)", self.reply.len()),
+            Some(_) if !self.refused() => {
+                let text = String::from_utf8_lossy(&self.reply);
+                format!("an HTTP answer: {:?}", text.lines().next().unwrap_or(""))
+            }
+            Some(_) => format!("{} bytes that are not HTTP", self.reply.len()),
+        };
+        format!("{what}, connection {}", self.end)
+    }
+}
+
+/// Sends `GET /items` in plaintext HTTP/1.1 straight to `addr`'s socket.
+async fn plaintext_probe(addr: SocketAddr) -> Result<Plaintext, BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /items HTTP/1.1\r\nhost: catalog\r\n\r\n")
+        .await?;
+    let mut reply = Vec::new();
+    let end =
+        match tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut reply)).await {
+            Ok(Ok(_)) => "closed",
+            Ok(Err(_)) => "reset",
+            Err(_) => "still open after 2 s",
+        };
+    Ok(Plaintext { addr, reply, end })
+}
+
+/// `t` as a UTC date and time (`2025-01-31 23:59:59 UTC`).
+fn utc(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, time) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        time / 3600,
+        time % 3600 / 60,
+        time % 60
+    )
 }
 
 /// Checkouts observed per version.
@@ -264,7 +580,6 @@ struct Tally {
     errors: usize,
     elapsed: Duration,
 }
-
 impl Tally {
     fn print(&self) {
         let n = self.catalog.values().sum::<usize>().max(1);
@@ -350,11 +665,18 @@ async fn listen() -> Result<tokio::net::TcpListener, BoxError> {
     Ok(tokio::net::TcpListener::bind("127.0.0.1:0").await?)
 }
 
-/// What the demo runs: the services, their telemetry, the shared metrics registry.
+/// What the demo runs: the services, their telemetry, the shared metrics
+/// registry, and for the zero-trust record every workload (its identity),
+/// every server's inbound policy (its denials) and the peers they saw.
 struct Services {
     serving: Vec<Serving>,
     telemetry: Vec<Telemetry>,
     registry: MetricsRegistry,
+    /// Every workload by node name; kept so certificates keep renewing.
+    workloads: Vec<(String, Workload)>,
+    /// Every server's inbound policy, by service.
+    inbound: Vec<(&'static str, InboundPolicy)>,
+    peers: Arc<Peers>,
 }
 
 impl Services {
@@ -378,29 +700,178 @@ impl Services {
         self.telemetry.push(telemetry.clone());
         Ok(telemetry)
     }
+
+    /// Serves `app` as `service` of `workload` under the inbound policy
+    /// mesh-control gives its listener (STRICT mTLS, the authorization
+    /// policies), then keeps the workload. Returns the address served.
+    async fn serve<S, RB>(
+        &mut self,
+        service: &'static str,
+        workload: Workload,
+        listener: tokio::net::TcpListener,
+        inbound: InboundPolicy,
+        registration: Registration,
+        app: S,
+    ) -> Result<SocketAddr, BoxError>
+    where
+        S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<RB>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        RB: hyper::body::Body + Send + 'static,
+        RB::Data: Send,
+        RB::Error: Into<BoxError>,
+    {
+        let security = workload.security(inbound.clone());
+        let serving = proxyless::serve_with(listener, registration, app, security).await?;
+        let addr = serving.local_addr();
+        self.serving.push(serving);
+        self.inbound.push((service, inbound));
+        let node = workload.bootstrap.node_id().to_owned();
+        self.workloads.push((node, workload));
+        Ok(addr)
+    }
+
+    /// Prints the zero-trust record; an error names what did not hold.
+    fn print_zero_trust(&self, denials: &Denials, plaintext: &Plaintext) -> Result<(), String> {
+        println!(
+            "\n== zero trust: PeerAuthentication STRICT in namespace {NAMESPACE} (clients use mTLS on their own), \
+             identities from mesh-control's CA"
+        );
+        println!(
+            "   workload certificates (X.509 SVIDs; keys generated in the workload, renewed at half-life):"
+        );
+        let now = SystemTime::now();
+        for (node, workload) in &self.workloads {
+            let store = workload.certificates.store();
+            let left = store
+                .not_after()
+                .duration_since(now)
+                .map_or(0.0, |d| d.as_secs_f64() / 3600.0);
+            println!(
+                "     {node:<17} {:<44} serial {}  expires {} (in {left:.1} h)",
+                workload.certificates.spiffe_id().as_str(),
+                store.serial(),
+                utc(store.not_after()),
+            );
+        }
+        let mut problems = Vec::new();
+        println!(
+            "   peer identities each server saw (verified client certificates; requests that reached the app, retries included):"
+        );
+        let seen = self.peers.snapshot();
+        let allowed = [
+            ("catalog", "frontend"),
+            ("frontend", "shopper"),
+            ("payment", "frontend"),
+        ];
+        for (server, caller) in allowed {
+            let peers = seen.get(server).cloned().unwrap_or_default();
+            if peers.is_empty() {
+                println!("     {server:<8} ← (nobody)");
+            }
+            for (peer, n) in &peers {
+                println!("     {server:<8} ← {peer} × {n}");
+            }
+            let expected = spiffe(caller);
+            if peers.keys().any(|p| *p != expected) || !peers.contains_key(&expected) {
+                problems.push(format!("{server} should have served {expected} only"));
+            }
+        }
+        println!(
+            "   intruder ({}, a valid mesh identity no policy allows):",
+            spiffe("intruder")
+        );
+        let (status, body) = &denials.catalog;
+        println!("     → catalog, HTTP GET /items: {status} {}", body.trim());
+        if *status != 403 {
+            problems.push(format!("the intruder got {status} from catalog, not 403"));
+        }
+        let (code, message) = &denials.payment;
+        println!(
+            "     → payment, gRPC shop.Payment/Pay: {} {message}",
+            grpc_code_name(*code)
+        );
+        if *code != tonic::Code::PermissionDenied {
+            problems.push(format!(
+                "the intruder got {code:?} from payment, not PERMISSION_DENIED"
+            ));
+        }
+        let mut denied: BTreeMap<&str, u64> = BTreeMap::new();
+        for (service, inbound) in &self.inbound {
+            *denied.entry(service).or_default() += inbound.denied();
+        }
+        let denied: Vec<String> = denied.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        println!(
+            "   requests denied by the servers' authorization: {}",
+            denied.join(", ")
+        );
+        println!(
+            "   plaintext HTTP/1.1 GET /items straight to catalog's port {}: {} — {}",
+            plaintext.addr,
+            if plaintext.refused() {
+                "no HTTP answer"
+            } else {
+                "SERVED"
+            },
+            plaintext.describe()
+        );
+        if !plaintext.refused() {
+            problems.push("catalog answered plaintext".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+/// gRPC's name of `code` (`PERMISSION_DENIED`), as grpc-status tools print it.
+fn grpc_code_name(code: tonic::Code) -> String {
+    let mut name = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
 }
 
 async fn catalog(
     services: &mut Services,
-    bootstrap: Bootstrap,
+    workload: Workload,
     version: &'static str,
-) -> Result<(), BoxError> {
-    let telemetry = services.telemetry(&bootstrap, "catalog", version)?;
+) -> Result<SocketAddr, BoxError> {
+    let telemetry = services.telemetry(&workload.bootstrap, "catalog", version)?;
+    let listener = listen().await?;
+    let inbound = InboundPolicy::from_xds(&workload.xds, listener.local_addr()?)?;
+    let peers = Arc::clone(&services.peers);
+    let items = move |peer: Option<Extension<PeerIdentity>>| async move {
+        peers.record("catalog", peer.as_ref().map(|Extension(p)| p));
+        version
+    };
     let app = axum::Router::new()
-        .route("/items", axum::routing::get(move || async move { version }))
-        .layer(ServerLayer::from_bootstrap(&bootstrap, "catalog").telemetry(telemetry));
+        .route("/items", axum::routing::get(items))
+        .layer(
+            ServerLayer::from_bootstrap(&workload.bootstrap, "catalog")
+                .inbound(inbound.clone())
+                .telemetry(telemetry),
+        );
     let registration =
-        Registration::from_bootstrap(&bootstrap, "catalog")?.label("version", version);
+        Registration::from_bootstrap(&workload.bootstrap, "catalog")?.label("version", version);
     services
-        .serving
-        .push(proxyless::serve(listen().await?, registration, app).await?);
-    Ok(())
+        .serve("catalog", workload, listener, inbound, registration, app)
+        .await
 }
-
 struct PaymentService {
     version: &'static str,
     /// Set on the flaky instance.
     flaky: Option<Arc<Flaky>>,
+    peers: Arc<Peers>,
 }
 
 /// A payment instance that fails a share of its calls with UNAVAILABLE, at random
@@ -453,6 +924,9 @@ impl Payment for PaymentService {
         &self,
         request: tonic::Request<PayRequest>,
     ) -> Result<tonic::Response<PayReply>, tonic::Status> {
+        // tonic keeps the HTTP request's extensions: the caller's identity.
+        self.peers
+            .record("payment", request.extensions().get::<PeerIdentity>());
         if let Some(flaky) = &self.flaky
             && flaky.fails()
         {
@@ -492,52 +966,67 @@ impl Payment for PaymentService {
 
 async fn payment(
     services: &mut Services,
-    bootstrap: Bootstrap,
+    workload: Workload,
     version: &'static str,
     flaky: Option<Arc<Flaky>>,
-) -> Result<(), BoxError> {
-    let telemetry = services.telemetry(&bootstrap, "payment", version)?;
-    let routes = tonic::service::Routes::new(PaymentServer::new(PaymentService { version, flaky }));
-    let app = ServerLayer::from_bootstrap(&bootstrap, "payment")
+) -> Result<SocketAddr, BoxError> {
+    let telemetry = services.telemetry(&workload.bootstrap, "payment", version)?;
+    let listener = listen().await?;
+    let inbound = InboundPolicy::from_xds(&workload.xds, listener.local_addr()?)?;
+    let routes = tonic::service::Routes::new(PaymentServer::new(PaymentService {
+        version,
+        flaky,
+        peers: Arc::clone(&services.peers),
+    }));
+    let app = ServerLayer::from_bootstrap(&workload.bootstrap, "payment")
+        .inbound(inbound.clone())
         .telemetry(telemetry)
         .layer(routes);
     let registration =
-        Registration::from_bootstrap(&bootstrap, "payment")?.label("version", version);
+        Registration::from_bootstrap(&workload.bootstrap, "payment")?.label("version", version);
     services
-        .serving
-        .push(proxyless::serve(listen().await?, registration, app).await?);
-    Ok(())
+        .serve("payment", workload, listener, inbound, registration, app)
+        .await
 }
 
 #[derive(Clone)]
 struct Frontend {
     http: TracedClient,
     grpc: PaymentClient<TracedClient<tonic::body::Body>>,
+    peers: Arc<Peers>,
 }
 
 /// The frontend service; returns the counters of its payment client
-/// (retries, ...).
-async fn frontend(services: &mut Services, xds: XdsClient) -> Result<MeshStats, BoxError> {
-    let telemetry = services.telemetry(xds.bootstrap(), "frontend", "v1")?;
-    let payment_channel: Client<tonic::body::Body> = Client::new(xds.clone());
+/// (retries, ...). Its clients present its certificate: catalog and
+/// payment only answer its identity.
+async fn frontend(services: &mut Services, workload: Workload) -> Result<MeshStats, BoxError> {
+    let telemetry = services.telemetry(&workload.bootstrap, "frontend", "v1")?;
+    let payment_channel: Client<tonic::body::Body> = workload.client();
     let payment_stats = payment_channel.stats().clone();
     // Client telemetry around the mesh clients: a span per call (children of
     // the frontend's server span), a child span per attempt.
     let state = Frontend {
-        http: Client::new(xds.clone()).with_telemetry(telemetry.clone()),
+        http: workload.client().with_telemetry(telemetry.clone()),
         grpc: PaymentClient::with_origin(
             payment_channel.with_telemetry(telemetry.clone()),
             "http://payment".parse()?,
         ),
+        peers: Arc::clone(&services.peers),
     };
+    let listener = listen().await?;
+    let inbound = InboundPolicy::from_xds(&workload.xds, listener.local_addr()?)?;
     let app = axum::Router::new()
         .route("/checkout", axum::routing::get(checkout_handler))
         .with_state(state)
-        .layer(ServerLayer::from_bootstrap(xds.bootstrap(), "frontend").telemetry(telemetry));
-    let registration = Registration::from_bootstrap(xds.bootstrap(), "frontend")?;
+        .layer(
+            ServerLayer::from_bootstrap(&workload.bootstrap, "frontend")
+                .inbound(inbound.clone())
+                .telemetry(telemetry),
+        );
+    let registration = Registration::from_bootstrap(&workload.bootstrap, "frontend")?;
     services
-        .serving
-        .push(proxyless::serve(listen().await?, registration, app).await?);
+        .serve("frontend", workload, listener, inbound, registration, app)
+        .await?;
     Ok(payment_stats)
 }
 
@@ -592,8 +1081,11 @@ fn print_metrics(addr: std::net::SocketAddr, text: &str) {
 
 async fn checkout_handler(
     State(mut fe): State<Frontend>,
+    peer: Option<Extension<PeerIdentity>>,
     headers: HeaderMap,
 ) -> Result<String, (http::StatusCode, String)> {
+    fe.peers
+        .record("frontend", peer.as_ref().map(|Extension(p)| p));
     let bad_gateway = |what: &str, e: &dyn std::fmt::Display| {
         (http::StatusCode::BAD_GATEWAY, format!("{what}: {e}"))
     };
