@@ -16,7 +16,12 @@
 //!   that test);
 //! - grpcio honors the resilience config mesh-control serves: a VirtualService's
 //!   `retries` on gRPC status conditions (gRFC A44; its success rate over a flaky
-//!   backend is 1 − 0.5⁴) and `fault.abort` (A33; the share of aborted calls).
+//!   backend is 1 − 0.5⁴) and `fault.abort` (A33; the share of aborted calls);
+//! - zero trust (issue 5): with certificates our CA issued, handed to grpcio as files
+//!   (`file_watcher`, gRFC A29) and xDS channel credentials, grpcio talks TLS to
+//!   mesh-control (A65 `tls` channel creds), does mTLS to a STRICT Rust server because
+//!   CDS says so, checks the server's SPIFFE ID, and the server's RBAC (A36 + A41)
+//!   admits exactly the identity an AuthorizationPolicy names.
 //!
 //! The venv with grpcio is created under the target dir on first use (that run needs
 //! PyPI); later runs reuse it. To see grpc-core's xDS traffic in a failure message, run
@@ -25,17 +30,29 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use mesh_control::ServerHandle;
-use support::admin::admin_request;
+use mesh_control::ca::{CertificateAuthority, JoinTokens};
+use proxyless::control::BootstrapSpec;
+use proxyless::core::model::Protocol;
+use proxyless::{
+    Bootstrap, InboundPolicy, PeerIdentity, Registration, Security, ServerLayer, Serving,
+    WorkloadCertificates, XdsClient,
+};
+use support::admin::{admin_request, admin_request_https};
 use support::python::{
     ClientOptions, ClientReport, grpc_xds_client_script, grpcio_python, run_grpc_xds_client,
     run_grpc_xds_client_with,
 };
-use support::{PaymentHandle, PaymentServer, assert_split, eventually_named, spawn_payment_with};
+use support::{
+    PaymentHandle, PaymentServer, assert_split, eventually_named, payment_routes,
+    spawn_payment_with,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 /// The node id of the grpcio client in its bootstrap (and so in `/status`).
@@ -217,6 +234,18 @@ impl LingeringClient {
         target: &str,
         calls: u32,
     ) -> (ClientReport, LingeringClient) {
+        LingeringClient::start_with(python, bootstrap, target, calls, &ClientOptions::default())
+            .await
+    }
+
+    /// [`LingeringClient::start`] with headers, extra environment and xDS credentials.
+    async fn start_with(
+        python: &Path,
+        bootstrap: &Path,
+        target: &str,
+        calls: u32,
+        options: &ClientOptions,
+    ) -> (ClientReport, LingeringClient) {
         let script = grpc_xds_client_script();
         let mut command = tokio::process::Command::new(python);
         command
@@ -233,6 +262,15 @@ impl LingeringClient {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        for (key, value) in &options.headers {
+            command.arg("--header").arg(format!("{key}={value}"));
+        }
+        for (key, value) in &options.env {
+            command.env(key, value);
+        }
+        if options.xds_creds {
+            command.arg("--xds-creds");
+        }
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => panic!(
@@ -305,10 +343,32 @@ impl LingeringClient {
 
 /// The `/status` entry of the client with node id [`NODE_ID`], if connected.
 fn grpcio_client_status(status: &serde_json::Value) -> Option<&serde_json::Value> {
+    client_status_of(status, NODE_ID)
+}
+
+/// The `/status` entry of the client with node id `node_id`, if connected.
+fn client_status_of<'a>(
+    status: &'a serde_json::Value,
+    node_id: &str,
+) -> Option<&'a serde_json::Value> {
     status["clients"]
         .as_array()?
         .iter()
-        .find(|client| client["node_id"] == NODE_ID)
+        .find(|client| client["node_id"] == node_id)
+}
+
+/// The node ids of the clients connected, as `/status` lists them.
+fn node_ids(status: &serde_json::Value) -> String {
+    let ids: Vec<&str> = status["clients"]
+        .as_array()
+        .map(|clients| {
+            clients
+                .iter()
+                .filter_map(|c| c["node_id"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    format!("{ids:?}")
 }
 
 /// Whether every type of [`XDS_TYPES`] is ACKed and none has a NACK on record.
@@ -705,4 +765,509 @@ fn assert_csds_acked(config: &envoy_types::pb::envoy::service::status::v3::Clien
         );
         assert!(!r.version_info.is_empty(), "{} {}", r.type_url, r.name);
     }
+}
+
+// --- Zero trust (issue 5, acceptance 5) -------------------------------------------
+
+/// The service accounts of the secured mesh, each given a join token.
+const SECURE_ACCOUNTS: [&str; 3] = ["payment", "grpc-client", "intruder"];
+/// The SPIFFE ID of the grpcio client allowed to call payment.
+const GRPC_CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/grpc-client";
+/// The AuthorizationPolicy that lets only that identity call payment.
+const ALLOW_POLICY: &str = "payment-allow-grpc-client";
+/// Pay calls of each grpcio client in the zero-trust test.
+const SECURE_CALLS: u32 = 50;
+
+/// payment (gRPC) in `shop`, STRICT mTLS for the namespace, and one ALLOW policy on
+/// the workloads labelled `app: payment`: only the grpc-client service account may
+/// call them.
+fn secure_mesh_yaml() -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: payment
+  namespace: {NAMESPACE}
+spec:
+  hosts:
+  - payment
+  ports:
+  - number: 50051
+    name: grpc
+    protocol: GRPC
+  resolution: STATIC
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: {NAMESPACE}
+spec:
+  mtls:
+    mode: STRICT
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: {ALLOW_POLICY}
+  namespace: {NAMESPACE}
+spec:
+  selector:
+    matchLabels:
+      app: payment
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: [\"cluster.local/ns/{NAMESPACE}/sa/grpc-client\"]
+"
+    )
+}
+
+/// mesh-control with a CA (join tokens for [`SECURE_ACCOUNTS`]) on
+/// [`secure_mesh_yaml`]: ADS and the admin API speak TLS.
+struct SecureMesh {
+    server: ServerHandle,
+    tokens: BTreeMap<&'static str, String>,
+    /// Holds the config, the certificate files and the bootstraps; removed on drop.
+    dir: tempfile::TempDir,
+}
+
+impl SecureMesh {
+    async fn start() -> SecureMesh {
+        let dir = match tempfile::tempdir() {
+            Ok(dir) => dir,
+            Err(error) => panic!("creating a temporary directory: {error}"),
+        };
+        let config_dir = dir.path().join("mesh");
+        if let Err(error) = std::fs::create_dir_all(&config_dir)
+            .and_then(|()| std::fs::write(config_dir.join("mesh.yaml"), secure_mesh_yaml()))
+        {
+            panic!(
+                "writing the mesh config in {}: {error}",
+                config_dir.display()
+            );
+        }
+        let mut join = JoinTokens::new();
+        let mut tokens = BTreeMap::new();
+        let salt = support::Coin::new().next_u64();
+        for account in SECURE_ACCOUNTS {
+            let token = format!("{account}-join-token-{salt:016x}");
+            if let Err(error) = join.insert(token.clone(), NAMESPACE, account) {
+                panic!("join token for {account}: {error}");
+            }
+            tokens.insert(account, token);
+        }
+        let ca = match CertificateAuthority::builder("cluster.local")
+            .join_tokens(join)
+            .build()
+        {
+            Ok(ca) => ca,
+            Err(error) => panic!("building the CA: {error}"),
+        };
+        let server = match mesh_control::Server::builder()
+            .config_dir(&config_dir)
+            .ca(ca)
+            .start()
+            .await
+        {
+            Ok(server) => server,
+            Err(error) => panic!("starting mesh-control on {}: {error}", config_dir.display()),
+        };
+        let status = server.status();
+        assert_eq!(
+            status["diagnostics"],
+            serde_json::json!([]),
+            "the secured mesh config has problems: {status}"
+        );
+        SecureMesh {
+            server,
+            tokens,
+            dir,
+        }
+    }
+
+    /// The join token of `account`.
+    fn token(&self, account: &str) -> &str {
+        match self.tokens.get(account) {
+            Some(token) => token,
+            None => panic!("no join token for {account}"),
+        }
+    }
+
+    /// The roots mesh-control's own certificate chains to (PEM).
+    fn trust_bundle(&self) -> Vec<u8> {
+        let Some(file) = self.server.trust_bundle_file() else {
+            panic!("mesh-control has a CA but no trust bundle file");
+        };
+        match std::fs::read(&file) {
+            Ok(pem) => pem,
+            Err(error) => panic!("reading {}: {error}", file.display()),
+        }
+    }
+
+    /// A certificate for `account` from our CA, obtained as a workload does (a key
+    /// that never leaves it, a CSR and its join token over the admin API, https),
+    /// written as files for the grpcio client's `file_watcher` provider (gRFC A29),
+    /// and a bootstrap naming them for node `node_id`. Returns the bootstrap's path.
+    async fn grpcio_bootstrap(&self, account: &str, node_id: &str) -> PathBuf {
+        let key = match rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256) {
+            Ok(key) => key,
+            Err(error) => panic!("generating a key for {account}: {error}"),
+        };
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let csr = match params.serialize_request(&key).and_then(|csr| csr.pem()) {
+            Ok(csr) => csr,
+            Err(error) => panic!("a CSR for {account}: {error}"),
+        };
+        let body = serde_json::json!({"csr": csr, "token": self.token(account)});
+        let (code, reply) = admin_request_https(
+            self.server.admin_addr(),
+            &self.trust_bundle(),
+            "POST",
+            "/v1/certificates",
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(code, 200, "POST /v1/certificates for {account}: {reply}");
+        assert_eq!(
+            reply["spiffe_id"],
+            format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{account}"),
+            "{reply}"
+        );
+        let (Some(chain), Some(bundle)) = (
+            reply["certificate_chain"].as_str(),
+            reply["trust_bundle"].as_str(),
+        ) else {
+            panic!("the certificate reply lacks the chain or the trust bundle: {reply}");
+        };
+
+        let files = self.dir.path().join(account);
+        let cert_file = files.join("cert-chain.pem");
+        let key_file = files.join("key.pem");
+        let ca_file = files.join("root-cert.pem");
+        let bootstrap_file = files.join("bootstrap.json");
+        let spec = BootstrapSpec::new(node_id, NAMESPACE)
+            .service_account(account)
+            .file_watcher(&cert_file, &key_file, &ca_file);
+        let bootstrap = self.server.bootstrap(&spec);
+        let written = std::fs::create_dir_all(&files)
+            .and_then(|()| std::fs::write(&cert_file, chain))
+            .and_then(|()| std::fs::write(&key_file, key.serialize_pem()))
+            .and_then(|()| std::fs::write(&ca_file, bundle))
+            .and_then(|()| std::fs::write(&bootstrap_file, &bootstrap));
+        if let Err(error) = written {
+            panic!(
+                "writing the files of {account} in {}: {error}",
+                files.display()
+            );
+        }
+        bootstrap_file
+    }
+}
+
+/// The Rust payment server, a real workload of the secured mesh.
+struct SecurePayment {
+    serving: Serving,
+    /// What the Payment service answered.
+    stats: Arc<support::PaymentStats>,
+    /// Calls that reached the app, by the caller's verified SPIFFE ID
+    /// (`PeerIdentity`), or `anonymous`.
+    callers: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// Kept alive: it feeds the inbound policy (A36 listener).
+    _xds: XdsClient,
+    _certificates: WorkloadCertificates,
+}
+
+impl SecurePayment {
+    /// Runs as service account payment with the label `app: payment`, certificates
+    /// from the CA for its join token, the mTLS mode and authorization of the A36
+    /// listener mesh-control sends, registered as an endpoint of payment (gRPC).
+    async fn start(mesh: &SecureMesh) -> SecurePayment {
+        SecurePayment::start_presenting(mesh, "payment-1", "payment").await
+    }
+
+    /// [`SecurePayment::start`] as node `node_id`, presenting a certificate of the
+    /// service account `presenting` (obtained with its join token): with anything but
+    /// `payment`, an impostor at an endpoint of payment that clients must refuse.
+    async fn start_presenting(mesh: &SecureMesh, node_id: &str, presenting: &str) -> SecurePayment {
+        let spec = BootstrapSpec::new(node_id, NAMESPACE)
+            .service_account("payment")
+            .label("app", "payment")
+            .join_token(mesh.token("payment"));
+        let bootstrap = match Bootstrap::from_json(&mesh.server.bootstrap(&spec)) {
+            Ok(bootstrap) => bootstrap,
+            Err(error) => panic!("the payment workload's bootstrap: {error}"),
+        };
+        let certificate_spec = BootstrapSpec::new(node_id, NAMESPACE)
+            .service_account(presenting)
+            .join_token(mesh.token(presenting));
+        let certificates = match Bootstrap::from_json(&mesh.server.bootstrap(&certificate_spec)) {
+            Ok(certificate_bootstrap) => {
+                WorkloadCertificates::from_bootstrap(&certificate_bootstrap).await
+            }
+            Err(error) => panic!("the bootstrap of {presenting}: {error}"),
+        };
+        let certificates = match certificates {
+            Ok(Some(certificates)) => certificates,
+            Ok(None) => panic!("the {presenting} bootstrap names no certificate provider"),
+            Err(error) => panic!("certificates for {presenting} from the CA: {error}"),
+        };
+        let xds = XdsClient::start(bootstrap.clone());
+        let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+            Ok(listener) => listener,
+            Err(error) => panic!("binding the payment server: {error}"),
+        };
+        let addr = match listener.local_addr() {
+            Ok(addr) => addr,
+            Err(error) => panic!("the payment server's address: {error}"),
+        };
+        let inbound = match InboundPolicy::from_xds(&xds, addr) {
+            Ok(inbound) => inbound,
+            Err(error) => panic!("the payment server's inbound policy: {error}"),
+        };
+
+        let server = PaymentServer::new(addr.to_string(), "v1");
+        let stats = Arc::clone(&server.stats);
+        let callers = Arc::new(Mutex::new(BTreeMap::new()));
+        let record = {
+            let callers = Arc::clone(&callers);
+            tower::util::MapRequestLayer::new(move |request: http::Request<axum::body::Body>| {
+                let caller = request
+                    .extensions()
+                    .get::<PeerIdentity>()
+                    .map_or_else(|| "anonymous".to_owned(), |p| p.spiffe_id().to_string());
+                *callers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(caller)
+                    .or_insert(0) += 1;
+                request
+            })
+        };
+        let app = payment_routes(server)
+            .into_axum_router()
+            .layer(record)
+            .layer(ServerLayer::from_bootstrap(&bootstrap, "payment").inbound(inbound.clone()));
+        let registration = match Registration::from_bootstrap(&bootstrap, "payment") {
+            Ok(registration) => registration.protocol(Protocol::Grpc),
+            Err(error) => panic!("the payment registration: {error}"),
+        };
+        let security = Security::new(inbound).certificates(certificates.store().clone());
+        let serving = match proxyless::serve_with(listener, registration, app, security).await {
+            Ok(serving) => serving,
+            Err(error) => panic!("serving payment under STRICT mTLS: {error}"),
+        };
+        SecurePayment {
+            serving,
+            stats,
+            callers,
+            _xds: xds,
+            _certificates: certificates,
+        }
+    }
+
+    fn callers(&self) -> BTreeMap<String, u64> {
+        self.callers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Issue 5, acceptance 5: a grpcio client whose certificates come from files
+/// (`file_watcher`, gRFC A29) issued by our CA reaches a Rust server over mTLS, all
+/// driven by mesh-control: CDS tells grpcio to use mTLS and which SPIFFE ID the server
+/// must present (A29, `match_subject_alt_names`), the A36 listener tells the server
+/// to require client certificates and whom to let in (A41 RBAC).
+///
+/// - grpc-client: every call succeeds and the Rust server saw exactly its SPIFFE ID;
+///   grpcio ACKs LDS, RDS, CDS and EDS (over TLS to mesh-control, A65 channel creds).
+/// - intruder, a valid mesh identity no ALLOW policy names: every call fails
+///   PERMISSION_DENIED naming the policy, and the app is never called.
+/// - grpcio without xDS credentials speaks plaintext: the STRICT server never answers.
+#[tokio::test]
+async fn grpcio_reaches_a_strict_rust_server_over_mtls_with_certificates_from_our_ca() {
+    const CLIENT_NODE: &str = "grpc-client-1";
+    let python = python().await;
+    let mesh = SecureMesh::start().await;
+    let payment = SecurePayment::start(&mesh).await;
+    // GRPC_TRACE from the test's environment reaches the client (see the module docs).
+    let xds_creds = ClientOptions {
+        xds_creds: true,
+        ..ClientOptions::default()
+    };
+
+    // The allowed client: mTLS both ways, its identity seen by the app.
+    let bootstrap = mesh.grpcio_bootstrap("grpc-client", CLIENT_NODE).await;
+    let (report, client) = LingeringClient::start_with(
+        &python,
+        &bootstrap,
+        "xds:///payment",
+        SECURE_CALLS,
+        &xds_creds,
+    )
+    .await;
+    // Read while the client's ADS stream is open; every distinct view is printed, so a
+    // failure shows the last one (with any NACK).
+    let mut last_view = String::new();
+    let waited = std::time::Instant::now();
+    let acked = loop {
+        let status = mesh.server.status();
+        let entry = client_status_of(&status, CLIENT_NODE);
+        let view = entry.map_or_else(
+            || format!("not connected; clients {}", node_ids(&status)),
+            ToString::to_string,
+        );
+        if view != last_view {
+            eprintln!("/status for {CLIENT_NODE}: {view}");
+            last_view = view;
+        }
+        if entry.is_some_and(all_acked) {
+            break true;
+        }
+        if waited.elapsed() > STATUS_DEADLINE {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let stderr = client.stop().await;
+    assert!(
+        acked,
+        "/status never showed {CLIENT_NODE} with LDS, RDS, CDS and EDS ACKed in \
+         {STATUS_DEADLINE:?}\nreport: {report:?}\nstderr:\n{stderr}"
+    );
+    eprintln!(
+        "grpcio as grpc-client over mTLS: {} ok, errors {:?}; the Rust server saw {:?}",
+        report.ok,
+        report.errors,
+        payment.callers()
+    );
+    assert!(
+        report.ready && report.error_count() == 0,
+        "the allowed grpcio client failed: {:?}\nreport: {report:?}\nstderr:\n{stderr}",
+        report.first_error
+    );
+    assert_eq!(report.ok, u64::from(SECURE_CALLS), "{report:?}");
+    assert_eq!(
+        payment.callers(),
+        BTreeMap::from([(GRPC_CLIENT_ID.to_owned(), u64::from(SECURE_CALLS))]),
+        "the Rust server must see exactly the grpcio client's SPIFFE ID on every call"
+    );
+    assert_eq!(payment.stats.pays(), u64::from(SECURE_CALLS));
+
+    // A valid mesh identity that no ALLOW policy names: the handshake succeeds, the
+    // RBAC of the A36 listener answers PERMISSION_DENIED, the app never runs.
+    let bootstrap = mesh.grpcio_bootstrap("intruder", "intruder-1").await;
+    let report = match run_grpc_xds_client_with(
+        &python,
+        &bootstrap,
+        "xds:///payment",
+        SECURE_CALLS,
+        CLIENT_DEADLINE,
+        &xds_creds,
+    )
+    .await
+    {
+        Ok(report) => report,
+        Err(message) => panic!("{message}"),
+    };
+    eprintln!(
+        "grpcio as intruder over mTLS: {} ok, errors {:?}, first {:?}",
+        report.ok, report.errors, report.first_error
+    );
+    assert!(report.ready, "{report:?}");
+    assert_eq!(
+        report.errors,
+        BTreeMap::from([("PERMISSION_DENIED".to_owned(), u64::from(SECURE_CALLS))]),
+        "every intruder call must be denied: {report:?}"
+    );
+    let first_error = report.first_error.as_deref().unwrap_or_default();
+    assert!(
+        first_error.contains("RBAC: access denied") && first_error.contains(ALLOW_POLICY),
+        "the denial does not name the policy: {first_error}"
+    );
+    assert_eq!(
+        payment.stats.pays(),
+        u64::from(SECURE_CALLS),
+        "a denied call reached the app"
+    );
+    assert_eq!(
+        payment.callers().keys().collect::<Vec<_>>(),
+        [GRPC_CLIENT_ID],
+        "a denied call reached the app"
+    );
+
+    // Without xDS credentials grpcio speaks plaintext, which a STRICT server refuses.
+    let report = match run_grpc_xds_client(
+        &python,
+        &bootstrap,
+        "xds:///payment",
+        1,
+        Duration::from_secs(5),
+    )
+    .await
+    {
+        Ok(report) => report,
+        Err(message) => panic!("{message}"),
+    };
+    eprintln!(
+        "grpcio in plaintext: {} ok, errors {:?}, first {:?}",
+        report.ok, report.errors, report.first_error
+    );
+    assert_eq!(
+        report.ok, 0,
+        "plaintext reached a STRICT server: {report:?}"
+    );
+    assert_eq!(
+        payment.stats.pays(),
+        u64::from(SECURE_CALLS),
+        "a plaintext call reached the app"
+    );
+
+    // An endpoint of payment that presents another identity (intruder's certificate,
+    // from the same CA): grpcio checks the server's SPIFFE ID against what CDS says
+    // payment may be (A29 match_subject_alt_names) and never sends it a call.
+    if let Err(error) = payment.serving.shutdown().await {
+        panic!("shutting the payment server down: {error}");
+    }
+    let impostor = SecurePayment::start_presenting(&mesh, "payment-2", "intruder").await;
+    let bootstrap = mesh.grpcio_bootstrap("grpc-client", "grpc-client-2").await;
+    let report = match run_grpc_xds_client_with(
+        &python,
+        &bootstrap,
+        "xds:///payment",
+        1,
+        Duration::from_secs(5),
+        &xds_creds,
+    )
+    .await
+    {
+        Ok(report) => report,
+        Err(message) => panic!("{message}"),
+    };
+    eprintln!(
+        "grpcio to a payment endpoint presenting intruder's identity: {} ok, errors {:?}, \
+         first {:?}",
+        report.ok, report.errors, report.first_error
+    );
+    assert_eq!(report.ok, 0, "grpcio called an impostor: {report:?}");
+    assert_eq!(
+        report.errors.keys().collect::<Vec<_>>(),
+        ["UNAVAILABLE"],
+        "{report:?}"
+    );
+    let first_error = report.first_error.as_deref().unwrap_or_default();
+    assert!(
+        first_error.contains("SANs from certificate did not match"),
+        "grpcio did not refuse the server's identity: {first_error}"
+    );
+    assert_eq!(impostor.stats.pays(), 0, "the impostor was called");
+    assert!(impostor.callers().is_empty(), "the impostor was called");
+
+    if let Err(error) = impostor.serving.shutdown().await {
+        panic!("shutting the impostor down: {error}");
+    }
+    mesh.server.shutdown().await;
 }

@@ -163,8 +163,12 @@ def run(args, report):
     if args.xds_creds:
         # gRFC A29: security from the cluster's UpstreamTlsContext and the bootstrap's
         # certificate providers; plaintext only where xDS configures none.
+        # (insecure credentials as an object are still under grpc.experimental in
+        # grpcio 1.85.)
+        import grpc.experimental  # noqa: PLC0415 - only needed here
+
         creds = grpc.xds_channel_credentials(
-            fallback_credentials=grpc.insecure_channel_credentials())
+            fallback_credentials=grpc.experimental.insecure_channel_credentials())
         channel = grpc.secure_channel(args.target, creds)
     else:
         channel = grpc.insecure_channel(args.target)
