@@ -205,10 +205,18 @@ async fn register(
     }
 }
 
-/// Whether `caller` may renew or delete `lease_id`: the identity that
-/// registered it (anyone when registration is open). `Err` is the answer
-/// (404 for an unknown lease, 403 for another identity).
-fn check_owner(shared: &Shared, lease_id: &str, caller: Option<&SpiffeId>) -> Result<(), Refusal> {
+/// Whether the caller (see [`caller`]) may renew or delete `lease_id`:
+/// the identity that registered it (anyone when registration is open).
+/// `Err` is the answer (401 without credentials, 404 for an unknown lease,
+/// 403 for another identity).
+fn check_owner(
+    shared: &Shared,
+    headers: &HeaderMap,
+    peer: &PeerInfo,
+    lease_id: &str,
+) -> Result<(), Refusal> {
+    let caller = caller(shared, headers, peer)?;
+    let caller = caller.as_ref();
     let registry = shared.registry.lock();
     match registry.owner(lease_id) {
         None => Err(Refusal(
@@ -238,11 +246,7 @@ async fn renew(
     headers: HeaderMap,
     Path(lease_id): Path<String>,
 ) -> Response {
-    let caller = match caller(&shared, &headers, &peer) {
-        Ok(c) => c,
-        Err(refusal) => return refusal.into_response(),
-    };
-    if let Err(refusal) = check_owner(&shared, &lease_id, caller.as_ref()) {
+    if let Err(refusal) = check_owner(&shared, &headers, &peer, &lease_id) {
         return refusal.into_response();
     }
     if shared.registry.lock().renew(&lease_id, Instant::now()) {
@@ -261,11 +265,7 @@ async fn deregister(
     headers: HeaderMap,
     Path(lease_id): Path<String>,
 ) -> Response {
-    let caller = match caller(&shared, &headers, &peer) {
-        Ok(c) => c,
-        Err(refusal) => return refusal.into_response(),
-    };
-    if let Err(refusal) = check_owner(&shared, &lease_id, caller.as_ref()) {
+    if let Err(refusal) = check_owner(&shared, &headers, &peer, &lease_id) {
         return refusal.into_response();
     }
     let removed = shared.registry.lock().remove(&lease_id);

@@ -15,6 +15,10 @@
 //! security is honored only by servers and channels built with xDS
 //! credentials. [`grpc_security_ignored`] says so for a config, and
 //! [`grpc_ignored`] for the server listeners a client was served.
+//! DestinationRule `tls` SIMPLE / MUTUAL (certificate files) is worse than
+//! ignored: gRPC clients NACK a cluster naming files (A29 reads only
+//! certificate provider instances), which [`grpc_ignored`] reports per
+//! cluster.
 //!
 //! The client kind comes from `node.user_agent_name`: grpc-core based clients
 //! (grpcio, C++, Ruby, PHP) send `gRPC C-core …`, grpc-go `gRPC Go`, grpc-java
@@ -24,7 +28,7 @@ use std::collections::BTreeSet;
 
 use mesh_core::Snapshot;
 use mesh_core::model::{
-    CircuitBreakers, ConnectionSettings, HashPolicy, LbPolicy, MtlsMode, RetryOn,
+    CircuitBreakers, ConnectionSettings, HashPolicy, LbPolicy, MtlsMode, RetryOn, TlsOrigination,
 };
 use mesh_core::rbac::Action;
 
@@ -158,6 +162,15 @@ pub(crate) fn grpc_ignored(
                 "{at}: localityLbSetting failover is a proxyless extension; gRPC clients ignore it"
             ));
         }
+        if let Some(TlsOrigination::Files(files)) = cluster.tls.as_ref().map(|t| &t.origination) {
+            out.insert(format!(
+                "{at}: DestinationRule tls mode {} (certificate files) is rejected by gRPC clients: \
+                 they NACK the whole CDS update, since gRFC A29 supports only certificate provider \
+                 instances (use ISTIO_MUTUAL with the bootstrap's certificate_providers for gRPC \
+                 clients)",
+                files.mode()
+            ));
+        }
         if cluster.lb_policy == LbPolicy::LeastRequest {
             out.insert(format!(
                 "{at}: LEAST_REQUEST is served inside wrr_locality with round_robin as fallback; gRPC clients without least_request support (gRFC A48) use round robin"
@@ -233,7 +246,11 @@ pub(crate) fn grpc_security_ignored(
             ));
         }
     }
-    if snapshot.clusters.values().any(|c| c.tls.is_some()) {
+    if snapshot.clusters.values().any(|c| {
+        c.tls
+            .as_ref()
+            .is_some_and(|t| t.origination == TlsOrigination::IstioMutual)
+    }) {
         out.insert(format!(
             "clusters with mTLS (DestinationRule tls ISTIO_MUTUAL or auto mTLS): {}",
             CREDENTIALS.replace("servers built with xDS server", "channels built with xDS")
@@ -323,5 +340,39 @@ mod tests {
         // Filtering by what the client subscribed to.
         let none = BTreeSet::new();
         assert!(grpc_ignored(&snapshot, Some(&none), Some(&none)).is_empty());
+    }
+
+    #[test]
+    fn file_based_client_tls_is_reported_as_nacked_by_grpc() {
+        use mesh_core::model::{FileTls, UpstreamTls};
+        let mut snapshot = Snapshot::default();
+        let mut cluster = Cluster::new("ext", Protocol::Grpc);
+        cluster.lb_policy = LbPolicy::RoundRobin;
+        cluster.tls = Some(UpstreamTls {
+            sni: "api.example.com".into(),
+            origination: TlsOrigination::Files(FileTls {
+                ca_certificates: "/etc/ca.pem".into(),
+                subject_alt_names: Arc::from([]),
+                client_certificate: None,
+            }),
+            ..UpstreamTls::default()
+        });
+        snapshot.clusters.insert("ext".into(), Arc::new(cluster));
+        let found = grpc_ignored(&snapshot, None, None);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].starts_with(
+                "cluster \"ext\": DestinationRule tls mode SIMPLE (certificate files) is rejected \
+                 by gRPC clients: they NACK the whole CDS update"
+            ),
+            "{}",
+            found[0]
+        );
+        // Not an mTLS finding: the xDS-credentials note is about ISTIO_MUTUAL.
+        let security = grpc_security_ignored(&SecurityPolicies::default(), &snapshot);
+        assert!(
+            !security.iter().any(|f| f.contains("clusters with mTLS")),
+            "{security:#?}"
+        );
     }
 }

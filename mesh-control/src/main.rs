@@ -45,10 +45,18 @@ struct ServeArgs {
     /// (generated on first start; or put root-cert.pem and
     /// root-key.pem there). Turns on TLS for ADS and the admin API and
     /// authenticated registration.
-    #[arg(long, requires = "join_tokens")]
+    #[arg(long, requires = "join_tokens", conflicts_with = "ca_cert_chain")]
     ca_dir: Option<PathBuf>,
+    /// Run the mesh CA with an operator-supplied signing certificate (a root,
+    /// or an intermediate followed by its chain up to the root; PEM), as
+    /// Istio's plugged-in CA certificates. Needs --ca-key.
+    #[arg(long, requires_all = ["join_tokens", "ca_key"])]
+    ca_cert_chain: Option<PathBuf>,
+    /// The PKCS#8 private key (PEM) of --ca-cert-chain's first certificate.
+    #[arg(long, requires = "ca_cert_chain")]
+    ca_key: Option<PathBuf>,
     /// JSON file of join tokens: {"tokens": [{"token", "namespace", "service_account"}]}.
-    #[arg(long, requires = "ca_dir")]
+    #[arg(long)]
     join_tokens: Option<PathBuf>,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, default_value = "cluster.local")]
@@ -57,7 +65,7 @@ struct ServeArgs {
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_lifetime: Duration,
     /// Where to write the trust bundle for bootstraps' ca_certificate_file
-    /// (default: DIR/trust-bundle.pem of --ca-dir).
+    /// (default: trust-bundle.pem in --ca-dir, or next to --ca-cert-chain).
     #[arg(long)]
     trust_bundle_file: Option<PathBuf>,
     /// Another DNS name for mesh-control's serving certificate (repeatable);
@@ -135,6 +143,8 @@ fn main() -> ExitCode {
                 domain_suffix,
                 root_namespace,
                 ca_dir,
+                ca_cert_chain,
+                ca_key,
                 join_tokens,
                 trust_domain,
                 cert_lifetime,
@@ -154,9 +164,30 @@ fn main() -> ExitCode {
                     .admin_addr(admin)
                     .debounce(Duration::from_millis(debounce_ms))
                     .options(options);
-                if let (Some(dir), Some(tokens)) = (ca_dir, join_tokens) {
-                    let ca = CertificateAuthority::builder(&trust_domain)
-                        .directory(&dir)
+                if let Some(tokens) = join_tokens {
+                    let ca = CertificateAuthority::builder(&trust_domain);
+                    let (ca, bundle_dir) = match (ca_dir, ca_cert_chain, ca_key) {
+                        (Some(dir), _, _) => (ca.directory(&dir), dir),
+                        (None, Some(chain), Some(key)) => {
+                            let read = |path: &PathBuf| {
+                                std::fs::read_to_string(path)
+                                    .map_err(|e| format!("CA: cannot read {}: {e}", path.display()))
+                            };
+                            let bundle_dir = chain
+                                .parent()
+                                .map(PathBuf::from)
+                                .unwrap_or_else(|| PathBuf::from("."));
+                            (ca.signing_pem(read(&chain)?, read(&key)?), bundle_dir)
+                        }
+                        _ => {
+                            return Err(
+                                "--join-tokens needs the CA: --ca-dir DIR, or --ca-cert-chain \
+                                 FILE with --ca-key FILE"
+                                    .to_string(),
+                            );
+                        }
+                    };
+                    let ca = ca
                         .join_tokens_file(&tokens)
                         .and_then(|b| {
                             b.default_lifetime(cert_lifetime)
@@ -169,7 +200,8 @@ fn main() -> ExitCode {
                     builder = builder
                         .ca(ca)
                         .trust_bundle_file(
-                            trust_bundle_file.unwrap_or_else(|| dir.join("trust-bundle.pem")),
+                            trust_bundle_file
+                                .unwrap_or_else(|| bundle_dir.join("trust-bundle.pem")),
                         )
                         .tls_dns_names(tls_dns_names);
                 }
@@ -264,28 +296,29 @@ fn check(dir: &std::path::Path, for_client: Option<&str>, domain_suffix: String)
     }
 }
 
+/// An HTTP/1.1 client on `io`, a connection to the admin API at `admin`
+/// (plaintext or TLS), driven in the background.
+async fn http1<IO>(
+    io: IO,
+    admin: SocketAddr,
+) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| format!("admin API at {admin}: {e}"))?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 async fn fetch_status(admin: SocketAddr, ca_file: Option<&Path>) -> Result<Value, String> {
     let stream = tokio::net::TcpStream::connect(admin).await.map_err(|e| {
         format!("cannot reach the admin API at {admin}: {e} (is `mesh-control serve` running?)")
     })?;
     let mut sender = match ca_file {
-        None => {
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| format!("admin API at {admin}: {e}"))?;
-            tokio::spawn(conn);
-            sender
-        }
-        Some(ca_file) => {
-            let stream = tls_connect(stream, admin, ca_file).await?;
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| format!("admin API at {admin}: {e}"))?;
-            tokio::spawn(conn);
-            sender
-        }
+        None => http1(stream, admin).await?,
+        Some(ca_file) => http1(tls_connect(stream, admin, ca_file).await?, admin).await?,
     };
     let req = http::Request::get("/status")
         .header("host", admin.to_string())

@@ -54,13 +54,22 @@ fn tokens() -> JoinTokens {
     tokens
 }
 
+/// A control server with `config` and a CA honouring [`tokens`].
 async fn start(config: &str) -> (tempfile::TempDir, mesh_control::ServerHandle) {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("mesh.yaml"), config).unwrap();
     let ca = CertificateAuthority::builder("cluster.local")
         .join_tokens(tokens())
         .build()
         .unwrap();
+    start_with(config, ca).await
+}
+
+/// A control server with `config` (its mesh.yaml) and `ca`.
+async fn start_with(
+    config: &str,
+    ca: CertificateAuthority,
+) -> (tempfile::TempDir, mesh_control::ServerHandle) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), config).unwrap();
     let server = mesh_control::Server::builder()
         .config_dir(dir.path())
         .ca(ca)
@@ -109,46 +118,73 @@ fn client_config(
     Arc::new(config)
 }
 
-/// One request to the admin API over https (server name: the IP dialled).
-async fn admin(
+/// The admin API over https as one client sees it: what it trusts and the
+/// client certificate it presents.
+struct AdminClient {
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
-    method: &str,
-    path: &str,
-    bearer: Option<&str>,
-    body: serde_json::Value,
-) -> (u16, serde_json::Value) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-        .await
-        .expect("TLS to the admin API");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+}
+
+impl AdminClient {
+    /// Trusting the server's bundle file as it is now.
+    fn new(server: &mesh_control::ServerHandle, client_cert: Option<(&str, &str)>) -> AdminClient {
+        AdminClient {
+            addr: server.admin_addr(),
+            tls: client_config(server, client_cert, b"http/1.1"),
+        }
+    }
+
+    /// `POST /v1/certificates`.
+    async fn issue(
+        &self,
+        bearer: Option<&str>,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        self.call("POST", "/v1/certificates", bearer, body).await
+    }
+
+    /// One request on a new connection (server name: the IP dialled).
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let addr = self.addr;
+        let tls = self.tls.clone();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .expect("TLS to the admin API");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "admin")
+            .header("content-type", "application/json");
+        if let Some(token) = bearer {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let body = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        let resp = sender
+            .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
             .await
             .unwrap();
-    tokio::spawn(conn);
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "admin")
-        .header("content-type", "application/json");
-    if let Some(token) = bearer {
-        req = req.header("authorization", format!("Bearer {token}"));
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, json)
     }
-    let body = if body.is_null() {
-        String::new()
-    } else {
-        body.to_string()
-    };
-    let resp = sender
-        .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    (status, json)
 }
 
 /// A CSR (PEM) with a new key, asking for `san` when given.
@@ -193,20 +229,13 @@ fn registration(service: &str, port: u16) -> serde_json::Value {
 #[tokio::test]
 async fn a_join_token_obtains_certificates_for_its_own_identity_only() {
     let (_dir, server) = start(CONFIG).await;
-    let tls = client_config(&server, None, b"http/1.1");
-    let addr = server.admin_addr();
+    let tls = AdminClient::new(&server, None);
 
     // A's token, a CSR asking for B: refused, naming both.
     let (b_csr, _) = csr(Some("spiffe://cluster.local/ns/shop/sa/payment"));
-    let (code, body) = admin(
-        addr,
-        tls.clone(),
-        "POST",
-        "/v1/certificates",
-        None,
-        json!({"csr": b_csr, "token": CATALOG_TOKEN}),
-    )
-    .await;
+    let (code, body) = tls
+        .issue(None, json!({"csr": b_csr, "token": CATALOG_TOKEN}))
+        .await;
     assert_eq!(code, 403, "{body}");
     let error = body["error"].as_str().unwrap();
     assert!(
@@ -218,15 +247,12 @@ async fn a_join_token_obtains_certificates_for_its_own_identity_only() {
     // A's token and a CSR without a SAN: a certificate for A, whatever
     // the CSR's subject says.
     let (a_csr, _) = csr(None);
-    let (code, body) = admin(
-        addr,
-        tls.clone(),
-        "POST",
-        "/v1/certificates",
-        None,
-        json!({"csr": a_csr, "token": CATALOG_TOKEN, "lifetime_seconds": 600}),
-    )
-    .await;
+    let (code, body) = tls
+        .issue(
+            None,
+            json!({"csr": a_csr, "token": CATALOG_TOKEN, "lifetime_seconds": 600}),
+        )
+        .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(
         body["spiffe_id"],
@@ -251,15 +277,9 @@ async fn a_join_token_obtains_certificates_for_its_own_identity_only() {
     assert_eq!(body["trust_bundle"], bundle.as_str());
 
     // The token in an Authorization header works too.
-    let (code, body) = admin(
-        addr,
-        tls.clone(),
-        "POST",
-        "/v1/certificates",
-        Some(PAYMENT_TOKEN),
-        json!({"csr": csr(None).0}),
-    )
-    .await;
+    let (code, body) = tls
+        .issue(Some(PAYMENT_TOKEN), json!({"csr": csr(None).0}))
+        .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(
         body["spiffe_id"],
@@ -267,15 +287,12 @@ async fn a_join_token_obtains_certificates_for_its_own_identity_only() {
     );
 
     // An unknown token and no token: 401.
-    let (code, body) = admin(
-        addr,
-        tls.clone(),
-        "POST",
-        "/v1/certificates",
-        None,
-        json!({"csr": csr(None).0, "token": "not-a-known-token-at-all"}),
-    )
-    .await;
+    let (code, body) = tls
+        .issue(
+            None,
+            json!({"csr": csr(None).0, "token": "not-a-known-token-at-all"}),
+        )
+        .await;
     assert_eq!(code, 401, "{body}");
     assert!(
         body["error"]
@@ -284,38 +301,16 @@ async fn a_join_token_obtains_certificates_for_its_own_identity_only() {
             .contains("unknown join token"),
         "{body}"
     );
-    let (code, body) = admin(
-        addr,
-        tls.clone(),
-        "POST",
-        "/v1/certificates",
-        None,
-        json!({"csr": csr(None).0}),
-    )
-    .await;
+    let (code, body) = tls.issue(None, json!({"csr": csr(None).0})).await;
     assert_eq!(code, 401, "{body}");
     // A CSR that is not one: 400.
-    let (code, body) = admin(
-        addr,
-        tls.clone(),
-        "POST",
-        "/v1/certificates",
-        None,
-        json!({"csr": "garbage", "token": CATALOG_TOKEN}),
-    )
-    .await;
+    let (code, body) = tls
+        .issue(None, json!({"csr": "garbage", "token": CATALOG_TOKEN}))
+        .await;
     assert_eq!(code, 400, "{body}");
 
     // The trust bundle is public.
-    let (code, body) = admin(
-        addr,
-        tls.clone(),
-        "GET",
-        "/v1/trust-bundle",
-        None,
-        json!(null),
-    )
-    .await;
+    let (code, body) = tls.call("GET", "/v1/trust-bundle", None, json!(null)).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["trust_bundle"], bundle.as_str());
 
@@ -327,11 +322,9 @@ async fn a_join_token_obtains_certificates_for_its_own_identity_only() {
 #[tokio::test]
 async fn registration_needs_an_identity_allowed_to_back_the_service() {
     let (_dir, server) = start(CONFIG).await;
-    let tls = client_config(&server, None, b"http/1.1");
-    let addr = server.admin_addr();
+    let tls = AdminClient::new(&server, None);
     let register = |bearer: Option<&'static str>, body: serde_json::Value| {
-        let tls = tls.clone();
-        async move { admin(addr, tls, "POST", "/v1/endpoints", bearer, body).await }
+        tls.call("POST", "/v1/endpoints", bearer, body)
     };
 
     // No credentials, an unknown token: 401.
@@ -378,94 +371,51 @@ async fn registration_needs_an_identity_allowed_to_back_the_service() {
 
     // Only the identity that registered may renew or delete the lease.
     let path = format!("/v1/endpoints/{lease_id}");
-    let (code, body) = admin(
-        addr,
-        tls.clone(),
-        "PUT",
-        &path,
-        Some(PAYMENT_TOKEN),
-        json!(null),
-    )
-    .await;
+    let (code, body) = tls
+        .call("PUT", &path, Some(PAYMENT_TOKEN), json!(null))
+        .await;
     assert_eq!(code, 403, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("catalog-sa"),
         "{body}"
     );
-    let (code, body) = admin(addr, tls.clone(), "PUT", &path, None, json!(null)).await;
+    let (code, body) = tls.call("PUT", &path, None, json!(null)).await;
     assert_eq!(code, 401, "{body}");
-    let (code, body) = admin(
-        addr,
-        tls.clone(),
-        "DELETE",
-        &path,
-        Some(PAYMENT_TOKEN),
-        json!(null),
-    )
-    .await;
+    let (code, body) = tls
+        .call("DELETE", &path, Some(PAYMENT_TOKEN), json!(null))
+        .await;
     assert_eq!(code, 403, "{body}");
-    let (code, body) = admin(
-        addr,
-        tls.clone(),
-        "PUT",
-        &path,
-        Some(CATALOG_TOKEN),
-        json!(null),
-    )
-    .await;
+    let (code, body) = tls
+        .call("PUT", &path, Some(CATALOG_TOKEN), json!(null))
+        .await;
     assert_eq!(code, 200, "{body}");
 
     // A client certificate from the mesh CA identifies the caller without
     // a token: payment registers payment with its certificate.
     let (csr_pem, key_pem) = csr(None);
-    let (code, cert) = admin(
-        addr,
-        tls.clone(),
-        "POST",
-        "/v1/certificates",
-        None,
-        json!({"csr": csr_pem, "token": PAYMENT_TOKEN}),
-    )
-    .await;
+    let (code, cert) = tls
+        .issue(None, json!({"csr": csr_pem, "token": PAYMENT_TOKEN}))
+        .await;
     assert_eq!(code, 200, "{cert}");
-    let mtls = client_config(
+    let mtls = AdminClient::new(
         &server,
         Some((cert["certificate_chain"].as_str().unwrap(), &key_pem)),
-        b"http/1.1",
     );
-    let (code, body) = admin(
-        addr,
-        mtls.clone(),
-        "POST",
-        "/v1/endpoints",
-        None,
-        registration("payment", 9002),
-    )
-    .await;
+    let (code, body) = mtls
+        .call("POST", "/v1/endpoints", None, registration("payment", 9002))
+        .await;
     assert_eq!(code, 201, "{body}");
-    let (code, body) = admin(
-        addr,
-        mtls.clone(),
-        "POST",
-        "/v1/endpoints",
-        None,
-        registration("catalog", 9003),
-    )
-    .await;
+    let (code, body) = mtls
+        .call("POST", "/v1/endpoints", None, registration("catalog", 9003))
+        .await;
     assert_eq!(code, 403, "{body}");
     // ... and cannot delete catalog's lease with it.
-    let (code, body) = admin(addr, mtls, "DELETE", &path, None, json!(null)).await;
+    let (code, body) = mtls.call("DELETE", &path, None, json!(null)).await;
     assert_eq!(code, 403, "{body}");
 
-    let (code, body) = admin(
-        addr,
-        tls.clone(),
-        "DELETE",
-        &path,
-        Some(CATALOG_TOKEN),
-        json!(null),
-    )
-    .await;
+    let (code, body) = tls
+        .call("DELETE", &path, Some(CATALOG_TOKEN), json!(null))
+        .await;
     assert_eq!(code, 204, "{body}");
     let status = server.status();
     assert_eq!(status["counters"]["registrations"], 2, "{status}");
@@ -533,6 +483,18 @@ async fn tls_channel(
         .unwrap()
         .connect_with_connector(connector)
         .await
+}
+
+/// A TLS channel to the server's ADS port, verified with its bundle file
+/// under the name `localhost`.
+async fn ads_channel(server: &mesh_control::ServerHandle) -> tonic::transport::Channel {
+    tls_channel(
+        server.xds_addr(),
+        client_config(server, None, b"h2"),
+        "localhost",
+    )
+    .await
+    .unwrap()
 }
 
 impl Ads {
@@ -603,6 +565,16 @@ spec:
 }
 
 const SERVER_NAME: &str = "grpc/server?xds.resource.listening_address=127.0.0.1:9001";
+
+/// The server listener [`SERVER_NAME`] of an LDS response, decoded.
+fn server_listener(response: &DiscoveryResponse) -> mesh_core::model::ServerListener {
+    let resource = response
+        .resources
+        .iter()
+        .find(|r| xds::resource_name(r).as_deref() == Some(SERVER_NAME))
+        .expect("the server listener in the response");
+    xds::decode_server_listener(resource).unwrap()
+}
 
 #[tokio::test]
 async fn ads_is_served_over_tls_to_clients_that_verify_the_ca() {
@@ -696,13 +668,7 @@ async fn ads_is_served_over_tls_to_clients_that_verify_the_ca() {
 #[tokio::test]
 async fn server_listeners_carry_the_peer_authentication_of_the_workload() {
     let (dir, server) = start(&peer_authentication("STRICT")).await;
-    let channel = tls_channel(
-        server.xds_addr(),
-        client_config(&server, None, b"h2"),
-        "localhost",
-    )
-    .await
-    .unwrap();
+    let channel = ads_channel(&server).await;
     let mut ads = Ads::open(channel, node("shop", &[("app", "catalog")]))
         .await
         .unwrap();
@@ -717,12 +683,7 @@ async fn server_listeners_carry_the_peer_authentication_of_the_workload() {
         .filter_map(xds::resource_name)
         .collect();
     assert!(names.contains(&"catalog:80".to_string()), "{names:?}");
-    let server_listener = first
-        .resources
-        .iter()
-        .find(|r| xds::resource_name(r).as_deref() == Some(SERVER_NAME))
-        .unwrap();
-    let decoded = xds::decode_server_listener(server_listener).unwrap();
+    let decoded = server_listener(&first);
     assert_eq!(decoded.mtls, MtlsMode::Strict);
     assert_eq!(decoded.address, "127.0.0.1:9001".parse().unwrap());
     ads.subscribe(
@@ -734,13 +695,7 @@ async fn server_listeners_carry_the_peer_authentication_of_the_workload() {
     .await;
 
     // A workload the selector does not match: PERMISSIVE (the default).
-    let channel = tls_channel(
-        server.xds_addr(),
-        client_config(&server, None, b"h2"),
-        "localhost",
-    )
-    .await
-    .unwrap();
+    let channel = ads_channel(&server).await;
     // It is a gRPC server: /status says what it cannot honor of it.
     let mut grpc_node = node("shop", &[("app", "orders")]);
     grpc_node.user_agent_name = "gRPC Go".into();
@@ -773,12 +728,7 @@ async fn server_listeners_carry_the_peer_authentication_of_the_workload() {
     server.reload();
     let second = ads.recv().await;
     assert_ne!(second.version_info, first.version_info);
-    let server_listener = second
-        .resources
-        .iter()
-        .find(|r| xds::resource_name(r).as_deref() == Some(SERVER_NAME))
-        .unwrap();
-    let decoded = xds::decode_server_listener(server_listener).unwrap();
+    let decoded = server_listener(&second);
     assert_eq!(decoded.mtls, MtlsMode::Disable);
     assert_eq!(
         second.resources.len(),
@@ -791,23 +741,16 @@ async fn server_listeners_carry_the_peer_authentication_of_the_workload() {
 async fn a_root_rotation_reaches_the_bundle_file_and_new_handshakes() {
     // No overlap: the new root signs at once, so the next certificate
     // comes from it.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("mesh.yaml"), SERVICE).unwrap();
     let ca = CertificateAuthority::builder("cluster.local")
         .join_tokens(tokens())
         .rotation_overlap(Duration::ZERO)
         .build()
         .unwrap();
-    let server = mesh_control::Server::builder()
-        .config_dir(dir.path())
-        .ca(ca)
-        .start()
-        .await
-        .unwrap();
+    let (_dir, server) = start_with(SERVICE, ca).await;
     let bundle_file = server.trust_bundle_file().unwrap();
     let count = |pem: &str| pem.matches("BEGIN CERTIFICATE").count();
     assert_eq!(count(&std::fs::read_to_string(&bundle_file).unwrap()), 1);
-    let old_roots = client_config(&server, None, b"http/1.1");
+    let old_roots = AdminClient::new(&server, None);
 
     server.rotate_root().unwrap();
     let rotated = std::fs::read_to_string(&bundle_file).unwrap();
@@ -816,55 +759,27 @@ async fn a_root_rotation_reaches_the_bundle_file_and_new_handshakes() {
         2,
         "the old root stays while certificates it signed live"
     );
-    let tls = client_config(&server, None, b"http/1.1");
-    let (code, body) = admin(
-        server.admin_addr(),
-        tls.clone(),
-        "GET",
-        "/v1/trust-bundle",
-        None,
-        json!(null),
-    )
-    .await;
+    let tls = AdminClient::new(&server, None);
+    let (code, body) = tls.call("GET", "/v1/trust-bundle", None, json!(null)).await;
     assert_eq!(code, 200);
     assert_eq!(body["trust_bundle"], rotated.as_str());
     // Clients that know only the old root still connect: the serving
     // certificate it signed is still valid.
-    let (code, _) = admin(
-        server.admin_addr(),
-        old_roots,
-        "GET",
-        "/healthz",
-        None,
-        json!(null),
-    )
-    .await;
+    let (code, _) = old_roots.call("GET", "/healthz", None, json!(null)).await;
     assert_eq!(code, 200);
 
     // A certificate from the new root is accepted as a client certificate
     // by new handshakes.
     let (csr_pem, key_pem) = csr(None);
-    let (code, cert) = admin(
-        server.admin_addr(),
-        tls,
-        "POST",
-        "/v1/certificates",
-        None,
-        json!({"csr": csr_pem, "token": PAYMENT_TOKEN}),
-    )
-    .await;
+    let (code, cert) = tls
+        .issue(None, json!({"csr": csr_pem, "token": PAYMENT_TOKEN}))
+        .await;
     assert_eq!(code, 200, "{cert}");
     let chain = cert["certificate_chain"].as_str().unwrap();
-    let mtls = client_config(&server, Some((chain, &key_pem)), b"http/1.1");
-    let (code, body) = admin(
-        server.admin_addr(),
-        mtls,
-        "POST",
-        "/v1/endpoints",
-        None,
-        registration("payment", 9002),
-    )
-    .await;
+    let mtls = AdminClient::new(&server, Some((chain, &key_pem)));
+    let (code, body) = mtls
+        .call("POST", "/v1/endpoints", None, registration("payment", 9002))
+        .await;
     assert_eq!(
         code, 201,
         "the new root's certificate identifies the caller: {body}"
@@ -873,20 +788,13 @@ async fn a_root_rotation_reaches_the_bundle_file_and_new_handshakes() {
 
 #[tokio::test]
 async fn the_serving_certificate_is_renewed_at_half_life() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("mesh.yaml"), SERVICE).unwrap();
     let ca = CertificateAuthority::builder("cluster.local")
         .default_lifetime(Duration::from_secs(2))
         .build()
         .unwrap();
-    let server = mesh_control::Server::builder()
-        .config_dir(dir.path())
-        .ca(ca)
-        .start()
-        .await
-        .unwrap();
+    let (_dir, server) = start_with(SERVICE, ca).await;
     let first = server.serving_certificate_pem().unwrap();
-    let tls = client_config(&server, None, b"http/1.1");
+    let tls = AdminClient::new(&server, None);
     let mut renewed = None;
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -900,32 +808,29 @@ async fn the_serving_certificate_is_renewed_at_half_life() {
     // New handshakes get the new certificate, and succeed after the first
     // one has expired.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let (code, _) = admin(
-        server.admin_addr(),
-        tls,
-        "GET",
-        "/healthz",
-        None,
-        json!(null),
-    )
-    .await;
+    let (code, _) = tls.call("GET", "/healthz", None, json!(null)).await;
     assert_eq!(code, 200);
 }
 
-#[tokio::test]
-async fn the_cli_serves_with_a_ca_and_status_reads_it_over_https() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config");
+/// Runs `mesh-control serve` with `ca_args` (and a join tokens file), waits for
+/// `bundle` to appear and returns `status --json` read over https with it as the
+/// CA file; also checks that plaintext `status` fails. The server is killed on
+/// return.
+async fn cli_status_over_https(
+    dir: &Path,
+    ca_args: &[&std::ffi::OsStr],
+    bundle: &Path,
+) -> serde_json::Value {
+    let config = dir.join("config");
     std::fs::create_dir(&config).unwrap();
     std::fs::write(config.join("mesh.yaml"), SERVICE).unwrap();
-    let tokens = dir.path().join("tokens.json");
+    let tokens = dir.join("tokens.json");
     std::fs::write(
         &tokens,
         json!({"tokens": [{"token": CATALOG_TOKEN, "namespace": "shop", "service_account": "catalog-sa"}]})
             .to_string(),
     )
     .unwrap();
-    let ca_dir = dir.path().join("ca");
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -943,8 +848,7 @@ async fn the_cli_serves_with_a_ca_and_status_reads_it_over_https() {
             "--admin",
             &admin_addr.to_string(),
         ])
-        .arg("--ca-dir")
-        .arg(&ca_dir)
+        .args(ca_args)
         .arg("--join-tokens")
         .arg(&tokens)
         .args(["--trust-domain", "example.org", "--cert-lifetime", "1h"])
@@ -953,7 +857,6 @@ async fn the_cli_serves_with_a_ca_and_status_reads_it_over_https() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let bundle = ca_dir.join("trust-bundle.pem");
     let mut output = None;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -968,7 +871,7 @@ async fn the_cli_serves_with_a_ca_and_status_reads_it_over_https() {
                 &admin_addr.to_string(),
                 "--ca-file",
             ])
-            .arg(&bundle)
+            .arg(bundle)
             .output()
             .await
             .unwrap();
@@ -979,10 +882,6 @@ async fn the_cli_serves_with_a_ca_and_status_reads_it_over_https() {
     }
     let output = output.expect("status over https");
     let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(
-        status["security"]["trust_domain"], "example.org",
-        "{status}"
-    );
     // Without --ca-file (plaintext), status fails.
     let out = tokio::process::Command::new(bin)
         .args(["status", "--admin", &admin_addr.to_string()])
@@ -990,9 +889,78 @@ async fn the_cli_serves_with_a_ca_and_status_reads_it_over_https() {
         .await
         .unwrap();
     assert!(!out.status.success());
+    child.kill().await.unwrap();
+    status
+}
+
+#[tokio::test]
+async fn the_cli_serves_with_a_ca_and_status_reads_it_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    let status = cli_status_over_https(
+        dir.path(),
+        &["--ca-dir".as_ref(), ca_dir.as_os_str()],
+        &ca_dir.join("trust-bundle.pem"),
+    )
+    .await;
+    assert_eq!(
+        status["security"]["trust_domain"], "example.org",
+        "{status}"
+    );
     // The CA is persisted.
     assert!(ca_dir.join("root-cert.pem").exists() && ca_dir.join("root-key.pem").exists());
-    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_cli_signs_with_an_operator_supplied_intermediate() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_params = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root = ca_params("operator root").self_signed(&root_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params("operator root"), &root_key);
+    let intermediate_key = KeyPair::generate().unwrap();
+    let intermediate = ca_params("operator intermediate")
+        .signed_by(&intermediate_key, &issuer)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    let (chain, key) = (pki.join("cert-chain.pem"), pki.join("ca-key.pem"));
+    std::fs::write(&chain, intermediate.pem() + &root.pem()).unwrap();
+    std::fs::write(&key, intermediate_key.serialize_pem()).unwrap();
+    // The trust bundle lands next to the chain and holds the operator's root only:
+    // status verifies mesh-control's serving certificate (issued by the
+    // intermediate, which the server sends along) against it.
+    let bundle = pki.join("trust-bundle.pem");
+    let status = cli_status_over_https(
+        dir.path(),
+        &[
+            "--ca-cert-chain".as_ref(),
+            chain.as_os_str(),
+            "--ca-key".as_ref(),
+            key.as_os_str(),
+        ],
+        &bundle,
+    )
+    .await;
+    assert_eq!(
+        status["security"]["trust_domain"], "example.org",
+        "{status}"
+    );
+    let bundle = std::fs::read_to_string(&bundle).unwrap();
+    assert_eq!(
+        bundle.trim(),
+        root.pem().trim(),
+        "the bundle is the operator's root"
+    );
 }
 
 #[tokio::test]

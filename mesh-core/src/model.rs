@@ -571,24 +571,88 @@ pub struct Cluster {
     /// Prefer the client's own locality and fail over to others only when it
     /// has no healthy endpoint (Istio `localityLbSetting.enabled`).
     pub locality_failover: bool,
-    /// mTLS to the endpoints (DestinationRule `trafficPolicy.tls`
-    /// ISTIO_MUTUAL; gRFC A29 `UpstreamTlsContext`); `None` = plaintext.
+    /// TLS to the endpoints (DestinationRule `trafficPolicy.tls`
+    /// ISTIO_MUTUAL, SIMPLE or MUTUAL; gRFC A29 `UpstreamTlsContext`);
+    /// `None` = plaintext.
     pub tls: Option<UpstreamTls>,
 }
 
-/// How a client secures connections to a cluster's endpoints: mutual TLS
-/// with the workload's own certificate (the `mesh` certificate provider
-/// instance), the server's certificate verified against the mesh trust
-/// bundle and its SPIFFE ID against `server_identities`.
+/// How a client secures connections to a cluster's endpoints. By default
+/// ([`TlsOrigination::IstioMutual`]): mutual TLS with the workload's own
+/// certificate (the `mesh` certificate provider instance), the server's
+/// certificate verified against the mesh trust bundle and its SPIFFE ID
+/// against `server_identities`. With certificate files
+/// ([`TlsOrigination::Files`], Istio's SIMPLE and MUTUAL): TLS to servers
+/// outside the mesh's identity system, verified like any TLS client does.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpstreamTls {
     /// The SPIFFE IDs the cluster's servers may present (A29
     /// `match_subject_alt_names`, exact URIs): the service accounts allowed
     /// to back the service. Empty accepts any identity of the trust domain.
+    /// ISTIO_MUTUAL only: empty with files (their SAN list is in
+    /// [`FileTls::subject_alt_names`]).
     pub server_identities: Arc<[crate::spiffe::SpiffeId]>,
-    /// The SNI to send (Istio's `outbound_.<port>_.<subset>_.<host>`);
-    /// empty sends none. Not what is verified: the SPIFFE ID is.
+    /// The SNI to send (Istio's `outbound_.<port>_.<subset>_.<host>` for
+    /// ISTIO_MUTUAL; the DestinationRule's `sni`, else the service host,
+    /// for SIMPLE / MUTUAL); empty sends none. With ISTIO_MUTUAL it is not
+    /// what is verified (the SPIFFE ID is); with files it is, unless
+    /// `subject_alt_names` are given.
     pub sni: Name,
+    /// Where the certificates come from and how the server is verified.
+    pub origination: TlsOrigination,
+}
+
+/// Where a TLS client's certificates come from (Istio's
+/// `ClientTLSSettings.mode` other than DISABLE).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum TlsOrigination {
+    /// ISTIO_MUTUAL: the workload certificate and the mesh trust bundle
+    /// (the bootstrap's `mesh` certificate provider instance).
+    #[default]
+    IstioMutual,
+    /// SIMPLE (no client certificate) or MUTUAL (with one): PEM files on
+    /// the client's filesystem, as Istio's sidecar reads them, re-read when
+    /// they change.
+    Files(FileTls),
+}
+
+/// TLS from files (Istio's SIMPLE and MUTUAL modes; Envoy's
+/// `tls_certificates` / `validation_context.trusted_ca` with `filename`s).
+/// The server's chain must verify against `ca_certificates`; its name
+/// must be one of `subject_alt_names` (DNS or URI SANs, exact; any one
+/// matching is enough) or, when that is empty, valid for the SNI. Verifying
+/// against the system's roots is not supported (no root store is built
+/// in), so `ca_certificates` is required.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FileTls {
+    /// The trusted roots (PEM file; Istio `caCertificates`).
+    pub ca_certificates: Name,
+    /// The names the server's certificate may carry (Istio
+    /// `subjectAltNames`); empty checks it against the SNI.
+    pub subject_alt_names: Arc<[Name]>,
+    /// The client certificate (MUTUAL); `None` for SIMPLE.
+    pub client_certificate: Option<ClientCertificateFiles>,
+}
+
+impl FileTls {
+    /// Istio's mode name: `MUTUAL` with a client certificate, else `SIMPLE`.
+    pub fn mode(&self) -> &'static str {
+        if self.client_certificate.is_some() {
+            "MUTUAL"
+        } else {
+            "SIMPLE"
+        }
+    }
+}
+
+/// A client certificate and its key, as PEM files (Istio
+/// `clientCertificate` and `privateKey`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientCertificateFiles {
+    /// The certificate chain, leaf first.
+    pub certificate_chain: Name,
+    /// The private key of the leaf.
+    pub private_key: Name,
 }
 
 /// Istio's PeerAuthentication `mtls.mode` for a server port.

@@ -31,7 +31,7 @@ use http::uri::Authority;
 use mesh_core::Snapshot;
 use mesh_core::breaker::CircuitBreaker;
 use mesh_core::lb::{EndpointSet, PickFilter};
-use mesh_core::model::{Cluster, ClusterLoadAssignment, Locality, Name};
+use mesh_core::model::{Cluster, ClusterLoadAssignment, Locality, Name, TlsOrigination};
 use mesh_core::outlier::{Ejection, OutlierDetector, ResultClass};
 use mesh_core::retry::RetryLimiter;
 use rand::Rng;
@@ -201,20 +201,27 @@ impl ClusterState {
         let retries = old.map(|o| o.retries.clone()).unwrap_or_default();
         let (tls, unusable) = match (&cluster.tls, certificates) {
             (None, _) => (None, None),
-            (Some(upstream), Some(store)) => {
+            // SIMPLE / MUTUAL (certificate files) need no workload certificate.
+            (Some(upstream), store)
+                if store.is_some() || upstream.origination != TlsOrigination::IstioMutual =>
+            {
                 match ClusterTls::new(store, upstream, cluster.protocol) {
                     Ok(tls) => (Some(tls), None),
                     Err(e) => (
                         None,
                         Some(Arc::from(format!(
-                            "cluster {} requires mTLS (ISTIO_MUTUAL) but the TLS client \
-                             cannot be set up: {e}",
-                            cluster.name
+                            "cluster {} requires TLS ({}) but the TLS client cannot be set \
+                             up: {e}",
+                            cluster.name,
+                            match &upstream.origination {
+                                TlsOrigination::IstioMutual => "ISTIO_MUTUAL",
+                                TlsOrigination::Files(files) => files.mode(),
+                            }
                         ))),
                     ),
                 }
             }
-            (Some(_), None) => (
+            (Some(_), _) => (
                 None,
                 Some(Arc::from(format!(
                     "cluster {} requires mTLS (ISTIO_MUTUAL) but this client has no workload \

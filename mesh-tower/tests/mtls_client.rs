@@ -29,78 +29,25 @@ use mesh_tower::tls::{
     ALPN_H2_HTTP11, CertStore, Credentials, MeshAcceptor, MeshCaConfig, WorkloadCertificates,
 };
 use mesh_tower::{ErrorKind, MeshClient, StaticSource};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::{CertificateSigningRequestParams, KeyPair, SanType};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tower::ServiceExt;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use common::{add_one_service, one_service, serve_fn, within};
+use common::pki::{CATALOG, FRONTEND, PAYMENT, TestCa, Validity};
+use common::{add_one_service, chain, one_service, serve_fn, within};
 
-const CATALOG: &str = "spiffe://cluster.local/ns/shop/sa/catalog";
-const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
-const PAYMENT: &str = "spiffe://cluster.local/ns/shop/sa/payment";
-
-/// A test CA (a self-signed root).
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
+/// A store with a one-hour certificate for `uri`, as mesh-control's CA
+/// issues them.
+fn store(ca: &TestCa, uri: &str) -> CertStore {
+    CertStore::new(credentials(ca, uri, Duration::from_secs(3600))).unwrap()
 }
 
-impl TestCa {
-    fn new(name: &str) -> TestCa {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).unwrap();
-        TestCa {
-            issuer: Issuer::new(params, key),
-            pem: cert.pem(),
-        }
-    }
-
-    /// Leaf parameters: a SPIFFE ID (or DNS/IP names), valid for `lifetime`.
-    fn params(&self, sans: Vec<SanType>, lifetime: Duration) -> CertificateParams {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(1);
-        params.not_after =
-            now + time::Duration::milliseconds(i64::try_from(lifetime.as_millis()).unwrap());
-        params
-    }
-
-    fn credentials(&self, uri: &str, lifetime: Duration) -> Credentials {
-        let key = KeyPair::generate().unwrap();
-        let cert = self
-            .params(vec![SanType::URI(uri.try_into().unwrap())], lifetime)
-            .signed_by(&key, &self.issuer)
-            .unwrap();
-        Credentials::from_pem(
-            cert.pem().as_bytes(),
-            key.serialize_pem().as_bytes(),
-            self.pem.as_bytes(),
-        )
-        .unwrap()
-    }
-
-    fn store(&self, uri: &str) -> CertStore {
-        CertStore::new(self.credentials(uri, Duration::from_secs(3600))).unwrap()
-    }
+/// Credentials for `uri` valid for `lifetime` from now.
+fn credentials(ca: &TestCa, uri: &str, lifetime: Duration) -> Credentials {
+    ca.credentials(&ca.leaf_with(uri, Validity::For(lifetime)))
 }
 
 fn hex_serial(der: &[u8]) -> String {
@@ -124,7 +71,7 @@ struct MtlsServer {
 }
 
 async fn mtls_server(ca: &TestCa, identity: &str) -> MtlsServer {
-    let acceptor = MeshAcceptor::strict(&ca.store(identity), ALPN_H2_HTTP11).unwrap();
+    let acceptor = MeshAcceptor::strict(&store(ca, identity), ALPN_H2_HTTP11).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = MtlsServer {
         addr: listener.local_addr().unwrap(),
@@ -194,6 +141,7 @@ fn mtls_cluster(protocol: Protocol, identities: &[&str]) -> Cluster {
                 .map(|id| SpiffeId::parse(id).unwrap())
                 .collect(),
             sni: "".into(),
+            origination: Default::default(),
         }),
         ..Cluster::new("x", protocol)
     }
@@ -216,17 +164,6 @@ async fn get(client: &Client, uri: &str) -> Result<http::Response<Bytes>, mesh_t
     let (head, body) = response.into_parts();
     let body = within("the body", body.collect()).await.unwrap().to_bytes();
     Ok(http::Response::from_parts(head, body))
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(e) = next {
-        out.push_str(" / ");
-        out.push_str(&e.to_string());
-        next = e.source();
-    }
-    out
 }
 
 #[tokio::test]
@@ -254,7 +191,7 @@ async fn a_client_with_certificates_reaches_mtls_clusters_and_plaintext_ones() {
         RoutePolicy::default(),
         &[(plain, Locality::default())],
     );
-    let client = Client::new(StaticSource::new(snap)).with_certificates(ca.store(FRONTEND));
+    let client = Client::new(StaticSource::new(snap)).with_certificates(store(&ca, FRONTEND));
 
     for uri in ["http://catalog/items", "http://catalog-grpc/items"] {
         let response = get(&client, uri).await.unwrap();
@@ -282,7 +219,7 @@ async fn a_server_with_another_identity_fails_the_request_before_any_data() {
     let impostor = mtls_server(&ca, PAYMENT).await;
     for protocol in [Protocol::Http1, Protocol::Http2] {
         let snap = snapshot("catalog", mtls_cluster(protocol, &[CATALOG]), impostor.addr);
-        let client = Client::new(StaticSource::new(snap)).with_certificates(ca.store(FRONTEND));
+        let client = Client::new(StaticSource::new(snap)).with_certificates(store(&ca, FRONTEND));
         let e = get(&client, "http://catalog/items").await.unwrap_err();
         let text = chain(&e);
         assert!(
@@ -354,7 +291,7 @@ async fn after_a_rotation_new_connections_present_the_new_certificate_and_live_o
         mtls_cluster(Protocol::Http1, &[CATALOG]),
         server.addr,
     );
-    let store = ca.store(FRONTEND);
+    let store = store(&ca, FRONTEND);
     let client = Client::new(StaticSource::new(snap)).with_certificates(store.clone());
     let old = store.serial();
 
@@ -369,7 +306,7 @@ async fn after_a_rotation_new_connections_present_the_new_certificate_and_live_o
     .await;
 
     store
-        .update(ca.credentials(FRONTEND, Duration::from_secs(3600)))
+        .update(credentials(&ca, FRONTEND, Duration::from_secs(3600)))
         .unwrap();
     let new = store.serial();
     assert_ne!(old, new);
@@ -395,7 +332,7 @@ async fn a_connection_is_not_used_past_the_expiry_of_its_certificate() {
         server.addr,
     );
     let lifetime = Duration::from_secs(3);
-    let store = CertStore::new(ca.credentials(FRONTEND, lifetime)).unwrap();
+    let store = CertStore::new(credentials(&ca, FRONTEND, lifetime)).unwrap();
     let client = Client::new(StaticSource::new(snap)).with_certificates(store.clone());
     let old = store.serial();
 
@@ -412,7 +349,7 @@ async fn a_connection_is_not_used_past_the_expiry_of_its_certificate() {
     .await;
     // Rotated at "half-life": the shared HTTP/2 connection stays in use...
     store
-        .update(ca.credentials(FRONTEND, Duration::from_secs(3600)))
+        .update(credentials(&ca, FRONTEND, Duration::from_secs(3600)))
         .unwrap();
     let new = store.serial();
     let response = get(&client, "http://catalog/b").await.unwrap();
@@ -489,7 +426,10 @@ async fn issue(
     let lifetime = Duration::from_secs(body["lifetime_seconds"].as_u64().unwrap_or(3600));
     let cert = stub
         .ca
-        .params(vec![SanType::URI(FRONTEND.try_into().unwrap())], lifetime)
+        .params(
+            vec![SanType::URI(FRONTEND.try_into().unwrap())],
+            Validity::For(lifetime),
+        )
         .signed_by(&csr.public_key, &stub.ca.issuer)
         .unwrap();
     let serial = hex_serial(cert.der());
@@ -542,7 +482,7 @@ async fn https_stub(stub: &StubCa, admin_ca: &TestCa) -> SocketAddr {
     let cert = admin_ca
         .params(
             vec![SanType::IpAddress("127.0.0.1".parse().unwrap())],
-            Duration::from_secs(3600),
+            Validity::For(Duration::from_secs(3600)),
         )
         .signed_by(&key, &admin_ca.issuer)
         .unwrap();

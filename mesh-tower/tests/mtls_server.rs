@@ -3,7 +3,7 @@
 //! `ServerLayer` (403 / PERMISSION_DENIED naming the policy), policy changes
 //! without a restart, and the maximum connection age (a connection is
 //! GOAWAY'd when the certificate it was established with expires).
-//! Certificates come from rcgen CAs made here.
+//! Certificates come from rcgen CAs made in the test (`common::pki`).
 
 mod common;
 
@@ -13,13 +13,16 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::Request as AxumRequest;
 use bytes::Bytes;
 use common::admin::fake_admin;
-use common::within;
+use common::pki::{
+    CATALOG, FRONTEND, Leaf, PAYMENT, TestCa, Validity, server_name, trust_any_server,
+};
+use common::{chain, within};
 use http::{HeaderMap, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -28,118 +31,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::model::MtlsMode;
 use mesh_core::rbac::{Action, AuthorizationPolicy, Operation, Rule, Source, StringMatch};
 use mesh_tower::telemetry::{Identity, MetricsRegistry, Telemetry};
-use mesh_tower::tls::{CertStore, Credentials, PeerIdentity};
+use mesh_tower::tls::{CertStore, PeerIdentity};
 use mesh_tower::{
     ConnectionInfo, ErrorKind, InboundPolicy, Registration, Security, ServerContext, ServerLayer,
     Serving, serve_with,
 };
 use mesh_xds_client::{Bootstrap, XdsClient};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, date_time_ymd,
-};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::ClientConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-const CATALOG: &str = "spiffe://cluster.local/ns/shop/sa/catalog";
-const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
-const PAYMENT: &str = "spiffe://cluster.local/ns/shop/sa/payment";
-
-// ----- certificates -----
-
-/// A test CA (a self-signed root).
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-/// A PEM certificate chain and key.
-#[derive(Clone)]
-struct Leaf {
-    chain: String,
-    key: String,
-}
-
-/// When a leaf is valid.
-enum Validity {
-    Current,
-    Expired,
-    /// From a minute ago until this long from now.
-    For(Duration),
-}
-
-fn unix_now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap()
-}
-
-impl TestCa {
-    fn new(name: &str) -> TestCa {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).unwrap();
-        TestCa {
-            issuer: Issuer::new(params, key),
-            pem: cert.pem(),
-        }
-    }
-
-    fn leaf_with(&self, uri: &str, validity: Validity) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        match validity {
-            Validity::Current => {}
-            Validity::Expired => {
-                params.not_before = date_time_ymd(2020, 1, 1);
-                params.not_after = date_time_ymd(2021, 1, 1);
-            }
-            Validity::For(lifetime) => {
-                let epoch = date_time_ymd(1970, 1, 1);
-                params.not_before = epoch + (unix_now() - Duration::from_secs(60));
-                params.not_after = epoch + (unix_now() + lifetime);
-            }
-        }
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            chain: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-
-    fn leaf(&self, uri: &str) -> Leaf {
-        self.leaf_with(uri, Validity::Current)
-    }
-
-    fn credentials(&self, leaf: &Leaf) -> Credentials {
-        Credentials::from_pem(
-            leaf.chain.as_bytes(),
-            leaf.key.as_bytes(),
-            self.pem.as_bytes(),
-        )
-        .unwrap()
-    }
-
-    fn store(&self, uri: &str) -> CertStore {
-        CertStore::new(self.credentials(&self.leaf(uri))).unwrap()
-    }
-}
 
 // ----- policies -----
 
@@ -268,77 +170,9 @@ enum Tls {
 /// A client TLS config that trusts any server (these tests check the
 /// server) and presents `cert`, if any.
 fn client_config(cert: Option<&Leaf>, alpn: &[u8]) -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
-    let mut config = match cert {
-        Some(leaf) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(leaf.chain.as_bytes())
-                    .collect::<Result<_, _>>()
-                    .unwrap(),
-                PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
+    let mut config = trust_any_server(cert);
     config.alpn_protocols = vec![alpn.to_vec()];
     Arc::new(config)
-}
-
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-fn server_name() -> ServerName<'static> {
-    ServerName::try_from("catalog.shop.svc.cluster.local").unwrap()
 }
 
 /// A response, read whole.
@@ -421,6 +255,22 @@ fn get(path: &str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// GET `path`, which must be answered (any status).
+async fn get_reply(addr: SocketAddr, tls: &Tls, h2: bool, path: &str) -> Reply {
+    send(addr, tls, h2, get(path)).await.unwrap()
+}
+
+/// GET `path` is served (200) and the app sees `peer`: the client's
+/// SPIFFE ID, or `none` without a verified one.
+async fn assert_served_as(addr: SocketAddr, tls: &Tls, h2: bool, path: &str, peer: &str) {
+    let reply = get_reply(addr, tls, h2, path).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(
+        reply.body.starts_with(&format!("peer={peer} ")),
+        "{reply:?}"
+    );
+}
+
 /// A unary gRPC call's request (the body is not looked at).
 fn grpc(path: &str) -> Request<Full<Bytes>> {
     Request::post(format!("http://catalog{path}"))
@@ -428,17 +278,6 @@ fn grpc(path: &str) -> Request<Full<Bytes>> {
         .header("te", "trailers")
         .body(Full::from(Bytes::from_static(&[0, 0, 0, 0, 0])))
         .unwrap()
-}
-
-/// The whole error chain, for messages.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(&format!(" / {s}"));
-        source = s.source();
-    }
-    out
 }
 
 // ----- tests -----
@@ -457,19 +296,14 @@ async fn strict_accepts_only_valid_mesh_identities() {
     // A valid mesh identity: accepted, over HTTP/1.1 and HTTP/2, and the
     // app sees who called.
     for h2 in [false, true] {
-        let reply = send(
+        assert_served_as(
             server.addr,
             &Tls::Cert(ca.leaf(FRONTEND)),
             h2,
-            get("/items"),
+            "/items",
+            FRONTEND,
         )
-        .await
-        .unwrap();
-        assert_eq!(reply.status, 200, "{reply:?}");
-        assert!(
-            reply.body.starts_with(&format!("peer={FRONTEND} ")),
-            "{reply:?}"
-        );
+        .await;
     }
     let seen = server.calls.load(Ordering::SeqCst);
 
@@ -518,9 +352,7 @@ async fn an_allow_policy_admits_its_principal_and_denies_others_with_403_or_perm
     let payment = Tls::Cert(ca.leaf(PAYMENT));
 
     // A (frontend) is allowed.
-    let reply = send(server.addr, &frontend, false, get("/items"))
-        .await
-        .unwrap();
+    let reply = get_reply(server.addr, &frontend, false, "/items").await;
     assert_eq!(reply.status, 200, "{reply:?}");
     let reply = send(server.addr, &frontend, true, grpc("/shop.Catalog/List"))
         .await
@@ -532,9 +364,7 @@ async fn an_allow_policy_admits_its_principal_and_denies_others_with_403_or_perm
 
     // B (payment) is denied: 403 naming the policy, the app not called.
     for h2 in [false, true] {
-        let reply = send(server.addr, &payment, h2, get("/items"))
-            .await
-            .unwrap();
+        let reply = get_reply(server.addr, &payment, h2, "/items").await;
         assert_eq!(reply.status, 403, "{reply:?}");
         assert!(reply.body.starts_with("RBAC: access denied"), "{reply:?}");
         assert!(reply.body.contains("shop/allow-frontend"), "{reply:?}");
@@ -564,17 +394,13 @@ async fn a_deny_policy_names_itself_and_other_paths_pass() {
         .await
         .unwrap();
     let frontend = Tls::Cert(ca.leaf(FRONTEND));
-    let reply = send(server.addr, &frontend, false, get("/admin/users"))
-        .await
-        .unwrap();
+    let reply = get_reply(server.addr, &frontend, false, "/admin/users").await;
     assert_eq!(reply.status, 403);
     assert_eq!(
         reply.body.trim_end(),
         "RBAC: access denied (policy shop/deny-admin)"
     );
-    let reply = send(server.addr, &frontend, false, get("/items"))
-        .await
-        .unwrap();
+    let reply = get_reply(server.addr, &frontend, false, "/items").await;
     assert_eq!(reply.status, 200);
     assert_eq!(policy.denied(), 1);
 }
@@ -589,32 +415,19 @@ async fn permissive_accepts_plaintext_and_mtls_and_only_mtls_has_an_identity() {
     .await
     .unwrap();
     for h2 in [false, true] {
-        let reply = send(server.addr, &Tls::Plaintext, h2, get("/items"))
-            .await
-            .unwrap();
-        assert_eq!(reply.status, 200);
-        assert!(reply.body.starts_with("peer=none "), "{reply:?}");
+        assert_served_as(server.addr, &Tls::Plaintext, h2, "/items", "none").await;
 
-        let reply = send(
+        assert_served_as(
             server.addr,
             &Tls::Cert(ca.leaf(FRONTEND)),
             h2,
-            get("/items"),
+            "/items",
+            FRONTEND,
         )
-        .await
-        .unwrap();
-        assert_eq!(reply.status, 200);
-        assert!(
-            reply.body.starts_with(&format!("peer={FRONTEND} ")),
-            "{reply:?}"
-        );
+        .await;
 
         // TLS without a client certificate: served, unauthenticated.
-        let reply = send(server.addr, &Tls::Anonymous, h2, get("/items"))
-            .await
-            .unwrap();
-        assert_eq!(reply.status, 200);
-        assert!(reply.body.starts_with("peer=none "), "{reply:?}");
+        assert_served_as(server.addr, &Tls::Anonymous, h2, "/items", "none").await;
     }
 }
 
@@ -625,11 +438,7 @@ async fn disable_serves_plaintext_without_certificates() {
         .await
         .unwrap();
     for h2 in [false, true] {
-        let reply = send(server.addr, &Tls::Plaintext, h2, get("/items"))
-            .await
-            .unwrap();
-        assert_eq!(reply.status, 200);
-        assert!(reply.body.starts_with("peer=none "), "{reply:?}");
+        assert_served_as(server.addr, &Tls::Plaintext, h2, "/items", "none").await;
     }
     let tls = send(
         server.addr,
@@ -665,9 +474,7 @@ async fn server_layer_under_strict_fails_closed_without_the_secure_serve() {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     for h2 in [false, true] {
-        let reply = send(addr, &Tls::Plaintext, h2, get("/items"))
-            .await
-            .unwrap();
+        let reply = get_reply(addr, &Tls::Plaintext, h2, "/items").await;
         assert_eq!(reply.status, 403, "{reply:?}");
         assert!(reply.body.starts_with("RBAC: access denied"), "{reply:?}");
         assert!(reply.body.contains("STRICT"), "{reply:?}");
@@ -681,9 +488,7 @@ async fn server_layer_under_strict_fails_closed_without_the_secure_serve() {
 
     // PERMISSIVE with no policies lets plaintext through.
     policy.set(MtlsMode::Permissive, Vec::new());
-    let reply = send(addr, &Tls::Plaintext, false, get("/items"))
-        .await
-        .unwrap();
+    let reply = get_reply(addr, &Tls::Plaintext, false, "/items").await;
     assert_eq!(reply.status, 200);
 }
 
@@ -701,10 +506,7 @@ async fn policy_and_mode_changes_apply_without_a_restart() {
     let frontend = Tls::Cert(ca.leaf(FRONTEND));
     let payment = Tls::Cert(ca.leaf(PAYMENT));
     assert_eq!(
-        send(server.addr, &payment, false, get("/pay"))
-            .await
-            .unwrap()
-            .status,
+        get_reply(server.addr, &payment, false, "/pay").await.status,
         403
     );
 
@@ -715,15 +517,10 @@ async fn policy_and_mode_changes_apply_without_a_restart() {
     );
     assert!(!modes.has_changed().unwrap());
     assert_eq!(
-        send(server.addr, &payment, false, get("/pay"))
-            .await
-            .unwrap()
-            .status,
+        get_reply(server.addr, &payment, false, "/pay").await.status,
         200
     );
-    let reply = send(server.addr, &frontend, false, get("/pay"))
-        .await
-        .unwrap();
+    let reply = get_reply(server.addr, &frontend, false, "/pay").await;
     assert_eq!(reply.status, 403);
     assert!(reply.body.contains("shop/allow-payment"), "{reply:?}");
     assert!(
@@ -736,16 +533,9 @@ async fn policy_and_mode_changes_apply_without_a_restart() {
     policy.set(MtlsMode::Permissive, Vec::new());
     assert!(modes.has_changed().unwrap());
     assert_eq!(*modes.borrow_and_update(), MtlsMode::Permissive);
-    let reply = send(server.addr, &Tls::Plaintext, false, get("/pay"))
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200);
-    assert!(reply.body.starts_with("peer=none "), "{reply:?}");
+    assert_served_as(server.addr, &Tls::Plaintext, false, "/pay", "none").await;
     assert_eq!(
-        send(server.addr, &frontend, true, get("/pay"))
-            .await
-            .unwrap()
-            .status,
+        get_reply(server.addr, &frontend, true, "/pay").await.status,
         200
     );
 
@@ -757,9 +547,8 @@ async fn policy_and_mode_changes_apply_without_a_restart() {
             .is_err()
     );
     assert_eq!(
-        send(server.addr, &frontend, false, get("/pay"))
+        get_reply(server.addr, &frontend, false, "/pay")
             .await
-            .unwrap()
             .status,
         200
     );
@@ -969,9 +758,7 @@ async fn from_xds_needs_the_server_listener_template_and_waits_for_the_listener(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let reply = send(addr, &Tls::Plaintext, false, get("/items"))
-        .await
-        .unwrap();
+    let reply = get_reply(addr, &Tls::Plaintext, false, "/items").await;
     assert_eq!(reply.status, 503, "{reply:?}");
     let reply = send(addr, &Tls::Plaintext, true, grpc("/shop.Catalog/List"))
         .await
@@ -1033,13 +820,9 @@ fn a_denial_is_counted_logged_and_recorded_with_the_policy() {
         .await
         .unwrap();
         let payment = Tls::Cert(ca.leaf(PAYMENT));
-        let reply = send(server.addr, &payment, false, get("/admin/keys"))
-            .await
-            .unwrap();
+        let reply = get_reply(server.addr, &payment, false, "/admin/keys").await;
         assert_eq!(reply.status, 403);
-        let reply = send(server.addr, &payment, false, get("/items"))
-            .await
-            .unwrap();
+        let reply = get_reply(server.addr, &payment, false, "/items").await;
         assert_eq!(reply.status, 200);
         // The access log line is written when the response body ends.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -1282,10 +1065,7 @@ async fn an_xds_policy_arrives_before_serving_and_updates_in_place() {
     let frontend = Tls::Cert(ca.leaf(FRONTEND));
     let payment = Tls::Cert(ca.leaf(PAYMENT));
     assert_eq!(
-        send(addr, &frontend, false, get("/items"))
-            .await
-            .unwrap()
-            .status,
+        get_reply(addr, &frontend, false, "/items").await.status,
         200
     );
     let reply = send(addr, &payment, true, grpc("/shop.Catalog/List"))
@@ -1316,17 +1096,9 @@ async fn an_xds_policy_arrives_before_serving_and_updates_in_place() {
     .await
     .unwrap();
     assert!(policy.current().policies().is_empty());
-    let reply = send(addr, &Tls::Plaintext, false, get("/items"))
-        .await
-        .unwrap();
+    let reply = get_reply(addr, &Tls::Plaintext, false, "/items").await;
     assert_eq!(reply.status, 200);
-    assert_eq!(
-        send(addr, &payment, false, get("/items"))
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    assert_eq!(get_reply(addr, &payment, false, "/items").await.status, 200);
 
     // A listener the control server does not have: ready() says so.
     let other: SocketAddr = "127.0.0.1:1".parse().unwrap();

@@ -1,25 +1,23 @@
 //! mTLS over real loopback sockets: STRICT, PERMISSIVE and DISABLE servers,
 //! the client's check of server identities, hot rotation, and the
-//! `file_watcher` provider. Certificates come from rcgen CAs made here.
+//! `file_watcher` provider. Certificates come from rcgen CAs made in the test (`common::pki`).
+
+mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::chain;
+use common::pki::{
+    CATALOG, FRONTEND, Leaf, PAYMENT, TestCa, Validity, server_name, trust_any_server,
+};
 use mesh_core::spiffe::SpiffeId;
 use mesh_tower::tls::{
-    CertStore, Credentials, FileWatcher, FileWatcherConfig, MeshAcceptor, MeshConnector, MtlsMode,
-    PeerIdentity, ServerIdentities,
+    FileWatcher, FileWatcherConfig, MeshAcceptor, MeshConnector, MtlsMode, PeerIdentity,
+    ServerIdentities,
 };
 use mesh_tower::{Error, ErrorKind};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, date_time_ymd,
-};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -27,83 +25,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-const CATALOG: &str = "spiffe://cluster.local/ns/shop/sa/catalog";
-const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
-const PAYMENT: &str = "spiffe://cluster.local/ns/shop/sa/payment";
 const DEADLINE: Duration = Duration::from_secs(10);
-
-/// A test CA (a self-signed root).
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-/// A PEM certificate chain and key.
-#[derive(Clone)]
-struct Leaf {
-    chain: String,
-    key: String,
-}
-
-enum Validity {
-    Current,
-    Expired,
-}
-
-impl TestCa {
-    fn new(name: &str) -> TestCa {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).unwrap();
-        TestCa {
-            issuer: Issuer::new(params, key),
-            pem: cert.pem(),
-        }
-    }
-
-    fn leaf_with(&self, uri: &str, validity: Validity) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        if let Validity::Expired = validity {
-            params.not_before = date_time_ymd(2020, 1, 1);
-            params.not_after = date_time_ymd(2021, 1, 1);
-        }
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            chain: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-
-    fn leaf(&self, uri: &str) -> Leaf {
-        self.leaf_with(uri, Validity::Current)
-    }
-
-    fn credentials(&self, leaf: &Leaf, bundle: &str) -> Credentials {
-        Credentials::from_pem(
-            leaf.chain.as_bytes(),
-            leaf.key.as_bytes(),
-            bundle.as_bytes(),
-        )
-        .unwrap()
-    }
-
-    fn store(&self, uri: &str) -> CertStore {
-        CertStore::new(self.credentials(&self.leaf(uri), &self.pem)).unwrap()
-    }
-}
 
 /// What the server saw of each connection: TLS or not, the peer identity,
 /// or why accepting failed.
@@ -195,81 +117,12 @@ fn server_serial<IO>(stream: &tokio_rustls::client::TlsStream<IO>) -> Vec<u8> {
 /// A client that trusts any server and presents `cert` (or nothing): it
 /// tests the server's checks alone.
 fn raw_client(cert: Option<&Leaf>) -> TlsConnector {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
-    let config = match cert {
-        Some(leaf) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(leaf.chain.as_bytes())
-                    .collect::<Result<_, _>>()
-                    .unwrap(),
-                PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    TlsConnector::from(Arc::new(config))
-}
-
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-fn name() -> ServerName<'static> {
-    ServerName::try_from("catalog.shop.svc.cluster.local").unwrap()
+    TlsConnector::from(Arc::new(trust_any_server(cert)))
 }
 
 /// Connects with `client`, pings; `Ok(answer)` only if all of it worked.
 async fn raw_ping(client: &TlsConnector, addr: SocketAddr) -> std::io::Result<String> {
-    let mut stream = client.connect(name(), tcp(addr).await).await?;
+    let mut stream = client.connect(server_name(), tcp(addr).await).await?;
     ping(&mut stream).await
 }
 
@@ -281,17 +134,6 @@ fn expect_rejected(seen: Seen, why: &str) -> Error {
         }
         Ok(ok) => panic!("{why}: the server accepted: {ok:?}"),
     }
-}
-
-/// The whole error chain, for asserting on the reason.
-fn chain(e: &Error) -> String {
-    let mut out = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        out.push_str(&format!(" / {s}"));
-        source = s.source();
-    }
-    out
 }
 
 #[tokio::test]
@@ -524,7 +366,7 @@ async fn rotation_applies_to_new_connections_and_keeps_live_ones() {
     // to a new root, with old and new trusted during the overlap.
     let mut changes = server_store.changes();
     server_store
-        .update(ca.credentials(&ca.leaf(CATALOG), &ca.pem))
+        .update(ca.credentials(&ca.leaf(CATALOG)))
         .unwrap();
     timeout(DEADLINE, changes.changed()).await.unwrap().unwrap();
     assert_ne!(server_store.serial(), serial_before);
@@ -550,10 +392,10 @@ async fn rotation_applies_to_new_connections_and_keeps_live_ones() {
     let next_ca = TestCa::new("next root");
     let both = format!("{}{}", ca.pem, next_ca.pem);
     client_store
-        .update(ca.credentials(&ca.leaf(FRONTEND), &both))
+        .update(ca.leaf(FRONTEND).credentials(&both))
         .unwrap();
     server_store
-        .update(next_ca.credentials(&next_ca.leaf(CATALOG), &both))
+        .update(next_ca.leaf(CATALOG).credentials(&both))
         .unwrap();
     let (mut third, _) = connector
         .connect("catalog", tcp(srv.addr).await)
@@ -572,7 +414,7 @@ async fn rotation_applies_to_new_connections_and_keeps_live_ones() {
         key: ca.leaf(CATALOG).key,
     };
     let e = server_store
-        .update(ca.credentials(&mismatched, &both))
+        .update(mismatched.credentials(&both))
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Tls);
     assert_eq!(server_store.serial(), serial);

@@ -664,6 +664,16 @@ mod tls {
         (addr, log)
     }
 
+    /// A client of the ADS server at `addr` over TLS verified with the CA
+    /// file `ca_file` (no client certificate).
+    fn tls_client(addr: SocketAddr, ca_file: impl AsRef<Path>) -> XdsClient {
+        let bootstrap = Bootstrap::builder(addr.to_string(), "tls-client")
+            .channel_tls(ca_file.as_ref())
+            .build()
+            .unwrap();
+        XdsClient::start_with(bootstrap, options())
+    }
+
     fn write(dir: &Path, name: &str, pem: &str) -> std::path::PathBuf {
         let path = dir.join(name);
         std::fs::write(&path, pem).unwrap();
@@ -677,11 +687,7 @@ mod tls {
         let (addr, mut log) = serve_tls(resources(backend()), &cert, &key, None).await;
         let dir = tempfile::tempdir().unwrap();
         let ca = write(dir.path(), "root-cert.pem", &pki.ca_pem);
-        let bootstrap = Bootstrap::builder(addr.to_string(), "tls-client")
-            .channel_tls(&ca)
-            .build()
-            .unwrap();
-        let client = XdsClient::start_with(bootstrap, options());
+        let client = tls_client(addr, &ca);
         timeout(DEADLINE, client.wait_for_listener(LISTENER))
             .await
             .expect("timed out")
@@ -738,11 +744,7 @@ mod tls {
         let (addr, _log) = serve_tls(resources(backend()), &cert, &key, None).await;
         let dir = tempfile::tempdir().unwrap();
         let other = write(dir.path(), "other-root.pem", &Pki::new().ca_pem);
-        let bootstrap = Bootstrap::builder(addr.to_string(), "tls-client")
-            .channel_tls(&other)
-            .build()
-            .unwrap();
-        let client = XdsClient::start_with(bootstrap, options());
+        let client = tls_client(addr, &other);
         let msg = error_containing(&client, "certificate verification failed").await;
         assert!(msg.contains(&addr.to_string()), "{msg}");
         assert!(msg.contains("other-root.pem"), "{msg}");
@@ -752,11 +754,7 @@ mod tls {
         let (cert, key) = pki.leaf(&["10.9.9.9"], ExtendedKeyUsagePurpose::ServerAuth);
         let (addr, _log) = serve_tls(resources(backend()), &cert, &key, None).await;
         let ca = write(dir.path(), "root-cert.pem", &pki.ca_pem);
-        let bootstrap = Bootstrap::builder(addr.to_string(), "tls-client")
-            .channel_tls(&ca)
-            .build()
-            .unwrap();
-        let client = XdsClient::start_with(bootstrap, options());
+        let client = tls_client(addr, &ca);
         let msg = error_containing(&client, "certificate verification failed").await;
         assert!(msg.contains("valid for 127.0.0.1"), "{msg}");
     }
@@ -764,21 +762,13 @@ mod tls {
     #[tokio::test]
     async fn a_missing_ca_file_is_a_clear_error() {
         let addr = dead_port().await;
-        let bootstrap = Bootstrap::builder(addr.to_string(), "tls-client")
-            .channel_tls("/nonexistent/root-cert.pem")
-            .build()
-            .unwrap();
-        let client = XdsClient::start_with(bootstrap, options());
+        let client = tls_client(addr, "/nonexistent/root-cert.pem");
         let msg = error_containing(&client, "cannot read ca_certificate_file").await;
         assert!(msg.contains("/nonexistent/root-cert.pem"), "{msg}");
 
         let dir = tempfile::tempdir().unwrap();
         let empty = write(dir.path(), "empty.pem", "not a certificate\n");
-        let bootstrap = Bootstrap::builder(addr.to_string(), "tls-client")
-            .channel_tls(&empty)
-            .build()
-            .unwrap();
-        let client = XdsClient::start_with(bootstrap, options());
+        let client = tls_client(addr, &empty);
         error_containing(&client, "holds no PEM CERTIFICATE block").await;
     }
 }

@@ -43,8 +43,10 @@
 //! described in `security.rs`. A cluster gets mutual TLS
 //! ([`mesh_core::model::Cluster::tls`]) from DestinationRule
 //! `trafficPolicy.tls.mode: ISTIO_MUTUAL` (a subset's `tls` replaces the
-//! rule's; `DISABLE` turns it off; `MUTUAL` and `SIMPLE` are not supported
-//! yet), or, when `tls` is not set, by Istio's auto mTLS: when the
+//! rule's; `DISABLE` turns it off; `SIMPLE` and `MUTUAL` originate TLS with
+//! certificate files read by the client, [`mesh_core::model::FileTls`],
+//! verified against `caCertificates` for `subjectAltNames` or the SNI, which
+//! is `sni` or the service host), or, when `tls` is not set, by Istio's auto mTLS: when the
 //! destination namespace is STRICT (its namespace-wide PeerAuthentication,
 //! else the mesh-wide one) or every endpoint of the cluster is STRICT by its
 //! own workload's policy. The client verifies the server's SPIFFE ID against

@@ -29,9 +29,14 @@
 //!   time (`loadBalancer`, `connectionPool`, `outlierDetection`,
 //!   `retryBudget`, `tls`), each replaced whole, as Istio's
 //!   `MergeTrafficPolicy` does.
-//! - `tls.mode` defaults to `DISABLE`, as in Istio; only `ISTIO_MUTUAL`
-//!   (the mesh's own certificates) and `DISABLE` are implemented, and
-//!   `sni` / `subjectAltNames` (SPIFFE IDs) need `ISTIO_MUTUAL`.
+//! - `tls.mode` defaults to `DISABLE`, as in Istio. `ISTIO_MUTUAL` uses the
+//!   mesh's own certificates (`subjectAltNames` are SPIFFE IDs); `SIMPLE`
+//!   and `MUTUAL` use PEM files on the client (`caCertificates`,
+//!   `clientCertificate`, `privateKey`; `subjectAltNames` are DNS names or
+//!   URIs). Stricter than Istio: `caCertificates` is required (no system
+//!   roots), file fields a mode does not use are errors, `credentialName`
+//!   (Kubernetes secrets), `insecureSkipVerify: true` and `caCrl` are
+//!   reported as not supported.
 //! - `outlierDetection`: `consecutive5xxErrors` defaults to 5 (0 disables
 //!   it), `consecutiveGatewayErrors` is off unless set, `interval` 10 s,
 //!   `baseEjectionTime` 30 s, `maxEjectionPercent` 10 (0 means the default,
@@ -59,8 +64,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::model::{
-    AbortStatus, Cluster, FaultAbort, FaultDelay, FaultPolicy, Fraction, HashPolicy, LbPolicy,
-    OutlierDetection, RetryBudget, RetryOn, RetryPolicy,
+    AbortStatus, ClientCertificateFiles, Cluster, FaultAbort, FaultDelay, FaultPolicy, FileTls,
+    Fraction, HashPolicy, LbPolicy, Name, OutlierDetection, RetryBudget, RetryOn, RetryPolicy,
 };
 use mesh_core::spiffe::SpiffeId;
 use saphyr::{Scalar, YamlData};
@@ -524,13 +529,24 @@ pub(crate) struct TrafficPolicy {
 /// `trafficPolicy.tls`: how clients secure connections to the service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ClientTls {
-    /// `ISTIO_MUTUAL` (true) or `DISABLE` (false).
-    pub(crate) istio_mutual: bool,
-    /// `sni`: replaces Istio's `outbound_.<port>_.<subset>_.<host>`.
+    /// `mode` and the fields that go with it.
+    pub(crate) mode: ClientTlsMode,
+    /// `sni`: replaces Istio's `outbound_.<port>_.<subset>_.<host>`
+    /// (ISTIO_MUTUAL) or the service host (SIMPLE / MUTUAL).
     pub(crate) sni: Option<String>,
-    /// `subjectAltNames`: the SPIFFE IDs the servers may present, replacing
-    /// the service's allowed service accounts.
-    pub(crate) subject_alt_names: Vec<SpiffeId>,
+}
+
+/// `trafficPolicy.tls.mode`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClientTlsMode {
+    /// `DISABLE`: plaintext.
+    Disable,
+    /// `ISTIO_MUTUAL`; `subjectAltNames`: the SPIFFE IDs the servers may
+    /// present, replacing the service's allowed service accounts.
+    IstioMutual { subject_alt_names: Vec<SpiffeId> },
+    /// `SIMPLE` (no client certificate) or `MUTUAL`: certificate files
+    /// (boxed: rare, and it would make every DestinationRule bigger).
+    Files(Box<FileTls>),
 }
 
 /// `trafficPolicy.loadBalancer`.
@@ -656,45 +672,52 @@ pub(crate) fn parse_traffic_policy(
 }
 
 /// `trafficPolicy.tls` (Istio's `ClientTLSSettings`). `mode` defaults to
-/// `DISABLE`, as in Istio. Only the mesh's own mTLS is implemented: the
-/// fields of `MUTUAL` / `SIMPLE` (files, credential names) are reported.
+/// `DISABLE`, as in Istio. `ISTIO_MUTUAL` uses the mesh's own certificates
+/// (`subjectAltNames` are SPIFFE IDs); `SIMPLE` and `MUTUAL` take PEM files
+/// on the client's filesystem (`caCertificates`, and for `MUTUAL`
+/// `clientCertificate` + `privateKey`), as Istio's sidecar reads them.
+/// Stricter than Istio: `caCertificates` is required (verifying against
+/// the system's roots is not supported), and file fields a mode does not
+/// use are errors rather than ignored.
 fn parse_client_tls(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<ClientTls> {
     let before = sink.count();
     let f = Fields::of(
         sink,
         field,
-        &["mode", "sni", "subjectAltNames"],
         &[
+            "mode",
+            "sni",
+            "subjectAltNames",
             "clientCertificate",
             "privateKey",
             "caCertificates",
             "credentialName",
             "insecureSkipVerify",
-            "caCrl",
         ],
+        &["caCrl"],
     )?;
-    let istio_mutual = match f.get("mode") {
-        None => false,
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Mode {
+        Disable,
+        IstioMutual,
+        Simple,
+        Mutual,
+    }
+    let mode = match f.get("mode") {
+        None => Mode::Disable,
         Some(m) => {
             let mode = m.string(sink)?;
             match mode.value.as_str() {
-                "ISTIO_MUTUAL" => true,
-                "DISABLE" => false,
-                "MUTUAL" | "SIMPLE" => {
-                    sink.error(
-                        mode.line,
-                        format!(
-                            "'{}: {}' is not supported yet: use ISTIO_MUTUAL (the mesh's own certificates)",
-                            m.path, mode.value
-                        ),
-                    );
-                    return None;
-                }
+                "ISTIO_MUTUAL" => Mode::IstioMutual,
+                "DISABLE" => Mode::Disable,
+                "SIMPLE" => Mode::Simple,
+                "MUTUAL" => Mode::Mutual,
                 other => {
                     sink.error(
                         mode.line,
                         format!(
-                            "'{}': unknown TLS mode '{other}' (expected ISTIO_MUTUAL or DISABLE)",
+                            "'{}': unknown TLS mode '{other}' (expected DISABLE, SIMPLE, MUTUAL \
+                             or ISTIO_MUTUAL)",
                             m.path
                         ),
                     );
@@ -703,6 +726,28 @@ fn parse_client_tls(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Cli
             }
         }
     };
+    let files = matches!(mode, Mode::Simple | Mode::Mutual);
+    if let Some(c) = f.get("credentialName") {
+        sink.error(
+            c.key_line,
+            format!(
+                "'{}' is not supported (no Kubernetes secrets): use clientCertificate/privateKey \
+                 (and caCertificates) files",
+                c.path
+            ),
+        );
+    }
+    if let Some(skip) = f.get("insecureSkipVerify")
+        && skip.boolean(sink) == Some(true)
+    {
+        sink.error(
+            skip.key_line,
+            format!(
+                "'{}: true' is not supported: the server's certificate is always verified",
+                skip.path
+            ),
+        );
+    }
     let sni = f.get("sni").and_then(|s| {
         let v = s.string(sink)?;
         let ok = !v.value.is_empty()
@@ -722,30 +767,117 @@ fn parse_client_tls(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Cli
         }
         Some((v.value, s.key_line))
     });
-    let mut subject_alt_names = Vec::new();
+    let mut spiffe_ids = Vec::new();
+    let mut names: Vec<Name> = Vec::new();
     let mut sans_line = None;
     if let Some(sans) = f.get("subjectAltNames") {
         sans_line = Some(sans.key_line);
         for (path, san) in sans.string_list(sink).unwrap_or_default() {
+            if files {
+                if san.value.is_empty() || san.value.chars().any(char::is_whitespace) {
+                    sink.error(
+                        san.line,
+                        format!("'{path}': '{}' is not a DNS name or URI", san.value),
+                    );
+                } else {
+                    names.push(Name::from(san.value));
+                }
+                continue;
+            }
             match SpiffeId::parse(&san.value) {
-                Ok(id) => subject_alt_names.push(id),
+                Ok(id) => spiffe_ids.push(id),
                 Err(e) => sink.error(
                     san.line,
-                    format!("'{path}': {e} (only SPIFFE IDs are verified)"),
+                    format!(
+                        "'{path}': {e} (ISTIO_MUTUAL verifies SPIFFE IDs; use SIMPLE or MUTUAL \
+                         for DNS names)"
+                    ),
                 ),
             }
         }
     }
-    if !istio_mutual {
-        for (what, line) in [
-            ("sni", sni.as_ref().map(|(_, l)| *l)),
-            ("subjectAltNames", sans_line),
+    // A file path: a non-empty string (read by the client).
+    let mut file = |name: &str| -> Option<(Name, usize)> {
+        let field = f.get(name)?;
+        let v = field.string(sink)?;
+        if v.value.trim().is_empty() {
+            sink.error(v.line, format!("'{}' must be a file path", field.path));
+            return None;
+        }
+        Some((Name::from(v.value), field.key_line))
+    };
+    let client_certificate = file("clientCertificate");
+    let private_key = file("privateKey");
+    let ca_certificates = file("caCertificates");
+    let mode_line = f.get("mode").map_or(f.line, |m| m.key_line);
+    let needs = |what: &str| match mode {
+        Mode::Disable => format!("'{}.{what}' needs TLS (TLS is disabled)", f.path),
+        _ => format!(
+            "'{}.{what}' is not used with 'mode: {}'",
+            f.path,
+            match mode {
+                Mode::IstioMutual => "ISTIO_MUTUAL",
+                Mode::Simple => "SIMPLE",
+                _ => "MUTUAL",
+            }
+        ),
+    };
+    let mut unused = Vec::new();
+    if mode == Mode::Disable {
+        unused.push(("sni", sni.as_ref().map(|(_, l)| *l)));
+        unused.push(("subjectAltNames", sans_line));
+    }
+    if mode != Mode::Mutual {
+        unused.push((
+            "clientCertificate",
+            client_certificate.as_ref().map(|c| c.1),
+        ));
+        unused.push(("privateKey", private_key.as_ref().map(|c| c.1)));
+    }
+    if !files {
+        unused.push(("caCertificates", ca_certificates.as_ref().map(|c| c.1)));
+    }
+    for (what, line) in unused {
+        if let Some(line) = line {
+            let hint = if matches!(what, "clientCertificate" | "privateKey") {
+                " (a client certificate needs 'mode: MUTUAL')"
+            } else if what == "caCertificates" {
+                " (CA files need 'mode: SIMPLE' or 'MUTUAL')"
+            } else {
+                ""
+            };
+            sink.error(line, format!("{}{hint}", needs(what)));
+        }
+    }
+    // With credentialName (reported above), the files it stands for are
+    // not asked for too.
+    let credential = f.get("credentialName").is_some();
+    if files && f.get("caCertificates").is_none() && !credential {
+        sink.error(
+            mode_line,
+            format!(
+                "'{}': mode {} needs 'caCertificates' (a PEM file of the CAs that sign the \
+                 server's certificate): verifying against the system's roots is not supported",
+                f.path,
+                if mode == Mode::Simple {
+                    "SIMPLE"
+                } else {
+                    "MUTUAL"
+                }
+            ),
+        );
+    }
+    if mode == Mode::Mutual && !credential {
+        for (what, present) in [
+            ("clientCertificate", client_certificate.is_some()),
+            ("privateKey", private_key.is_some()),
         ] {
-            if let Some(line) = line {
+            // A field that is present but invalid was reported already.
+            if !present && f.get(what).is_none() {
                 sink.error(
-                    line,
+                    mode_line,
                     format!(
-                        "'{}.{what}' needs 'mode: ISTIO_MUTUAL' (TLS is disabled)",
+                        "'{}': mode MUTUAL needs '{what}' (a PEM file on the client)",
                         f.path
                     ),
                 );
@@ -755,10 +887,26 @@ fn parse_client_tls(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Cli
     if sink.count() != before {
         return None;
     }
+    let mode = match mode {
+        Mode::Disable => ClientTlsMode::Disable,
+        Mode::IstioMutual => ClientTlsMode::IstioMutual {
+            subject_alt_names: spiffe_ids,
+        },
+        Mode::Simple | Mode::Mutual => ClientTlsMode::Files(Box::new(FileTls {
+            ca_certificates: ca_certificates?.0,
+            subject_alt_names: names.into(),
+            client_certificate: match (client_certificate, private_key) {
+                (Some((chain, _)), Some((key, _))) => Some(ClientCertificateFiles {
+                    certificate_chain: chain,
+                    private_key: key,
+                }),
+                _ => None,
+            },
+        })),
+    };
     Some(ClientTls {
-        istio_mutual,
+        mode,
         sni: sni.map(|(s, _)| s),
-        subject_alt_names,
     })
 }
 

@@ -904,9 +904,9 @@ fn still_unsupported_fields_are_rejected_with_their_path() {
     let tp = "trafficPolicy";
     let dr_cases = [
         (
-            "    tls: {mode: ISTIO_MUTUAL, caCertificates: /x.pem}\n",
+            "    tls: {mode: SIMPLE, caCertificates: /x.pem, caCrl: /crl.pem}\n",
             "tls",
-            format!("{tp}.tls.caCertificates"),
+            format!("{tp}.tls.caCrl"),
         ),
         (
             "    portLevelSettings: []\n",

@@ -1149,37 +1149,134 @@ fn auto_mtls_follows_the_destination_namespace() {
 #[test]
 fn client_tls_problems_point_at_their_line() {
     let cases = [
-        (
-            "      mode: MUTUAL\n",
-            "MUTUAL",
-            "'trafficPolicy.tls.mode: MUTUAL' is not supported yet: use ISTIO_MUTUAL",
-        ),
-        (
-            "      mode: SIMPLE\n",
-            "SIMPLE",
-            "not supported yet: use ISTIO_MUTUAL",
-        ),
         ("      mode: ISTIO\n", "ISTIO", "unknown TLS mode 'ISTIO'"),
         (
             "      mode: DISABLE\n      sni: x\n",
             "sni",
-            "'trafficPolicy.tls.sni' needs 'mode: ISTIO_MUTUAL'",
+            "'trafficPolicy.tls.sni' needs TLS (TLS is disabled)",
         ),
         (
             "      mode: ISTIO_MUTUAL\n      subjectAltNames: [catalog.shop]\n",
             "subjectAltNames",
-            "only SPIFFE IDs are verified",
+            "ISTIO_MUTUAL verifies SPIFFE IDs; use SIMPLE or MUTUAL for DNS names",
         ),
         (
             "      mode: ISTIO_MUTUAL\n      clientCertificate: /c.pem\n",
             "clientCertificate",
-            "field 'trafficPolicy.tls.clientCertificate' is not supported yet",
+            "'trafficPolicy.tls.clientCertificate' is not used with 'mode: ISTIO_MUTUAL' (a \
+             client certificate needs 'mode: MUTUAL')",
+        ),
+        (
+            "      mode: ISTIO_MUTUAL\n      caCertificates: /ca.pem\n",
+            "caCertificates",
+            "'trafficPolicy.tls.caCertificates' is not used with 'mode: ISTIO_MUTUAL' (CA files \
+             need 'mode: SIMPLE' or 'MUTUAL')",
+        ),
+        (
+            "      mode: SIMPLE\n      caCertificates: /ca.pem\n      privateKey: /k.pem\n",
+            "privateKey",
+            "'trafficPolicy.tls.privateKey' is not used with 'mode: SIMPLE'",
+        ),
+        (
+            "      mode: SIMPLE\n",
+            "SIMPLE",
+            "'trafficPolicy.tls': mode SIMPLE needs 'caCertificates' (a PEM file of the CAs \
+             that sign the server's certificate): verifying against the system's roots is not \
+             supported",
+        ),
+        (
+            "      mode: MUTUAL\n      caCertificates: /ca.pem\n      privateKey: /k.pem\n",
+            "MUTUAL",
+            "'trafficPolicy.tls': mode MUTUAL needs 'clientCertificate' (a PEM file on the client)",
+        ),
+        (
+            "      mode: MUTUAL\n      caCertificates: /ca.pem\n      clientCertificate: /c.pem\n",
+            "MUTUAL",
+            "mode MUTUAL needs 'privateKey'",
+        ),
+        (
+            "      mode: MUTUAL\n      credentialName: client-credential\n",
+            "credentialName",
+            "'trafficPolicy.tls.credentialName' is not supported (no Kubernetes secrets): use \
+             clientCertificate/privateKey (and caCertificates) files",
+        ),
+        (
+            "      mode: SIMPLE\n      caCertificates: /ca.pem\n      insecureSkipVerify: true\n",
+            "insecureSkipVerify",
+            "'trafficPolicy.tls.insecureSkipVerify: true' is not supported: the server's \
+             certificate is always verified",
+        ),
+        (
+            "      mode: SIMPLE\n      caCertificates: \"\"\n",
+            "caCertificates",
+            "'trafficPolicy.tls.caCertificates' must be a file path",
+        ),
+        (
+            "      mode: SIMPLE\n      caCertificates: /ca.pem\n      subjectAltNames: [\"a b\"]\n",
+            "a b",
+            "'trafficPolicy.tls.subjectAltNames[0]': 'a b' is not a DNS name or URI",
+        ),
+        (
+            "      mode: SIMPLE\n      caCertificates: /ca.pem\n      caCrl: /crl.pem\n",
+            "caCrl",
+            "field 'trafficPolicy.tls.caCrl' is not supported yet",
         ),
     ];
     for (tls, at, needle) in cases {
         let text = format!("{SE_CATALOG}---\n{}", dr_tls(tls, ""));
         assert_rejected(&text, at, needle);
     }
+}
+
+fn files(tls: &mesh_core::model::UpstreamTls) -> &mesh_core::model::FileTls {
+    match &tls.origination {
+        mesh_core::model::TlsOrigination::Files(files) => files,
+        other => panic!("not file TLS: {other:?}"),
+    }
+}
+
+#[test]
+fn simple_and_mutual_give_clusters_file_tls_with_the_host_as_sni() {
+    let dr = dr_tls(
+        "      mode: SIMPLE\n      caCertificates: /etc/certs/ca.pem\n",
+        "        mode: MUTUAL\n        clientCertificate: /etc/certs/client.pem\n        privateKey: /etc/certs/client.key\n        caCertificates: /etc/certs/ca.pem\n        sni: catalog.example.com\n        subjectAltNames: [catalog.example.com, \"spiffe://example.com/catalog\"]\n        insecureSkipVerify: false\n",
+    );
+    let text = [("se.yaml", SE_CATALOG), ("dr.yaml", dr.as_str())];
+    let simple = cluster_tls(&text, "").expect("SIMPLE");
+    assert_eq!(&*simple.sni, FQDN, "the service host is the SNI");
+    assert!(simple.server_identities.is_empty());
+    let f = files(&simple);
+    assert_eq!(f.mode(), "SIMPLE");
+    assert_eq!(&*f.ca_certificates, "/etc/certs/ca.pem");
+    assert!(f.subject_alt_names.is_empty());
+    assert_eq!(f.client_certificate, None);
+    // Subsets inherit the rule's tls, or override it.
+    assert_eq!(cluster_tls(&text, "v2"), Some(simple));
+    let mutual = cluster_tls(&text, "v1").expect("MUTUAL");
+    assert_eq!(&*mutual.sni, "catalog.example.com");
+    let f = files(&mutual);
+    assert_eq!(f.mode(), "MUTUAL");
+    let sans: Vec<&str> = f.subject_alt_names.iter().map(|n| &**n).collect();
+    assert_eq!(
+        sans,
+        ["catalog.example.com", "spiffe://example.com/catalog"]
+    );
+    let client = f.client_certificate.as_ref().unwrap();
+    assert_eq!(&*client.certificate_chain, "/etc/certs/client.pem");
+    assert_eq!(&*client.private_key, "/etc/certs/client.key");
+
+    // An explicit SIMPLE wins over auto mTLS (a STRICT namespace).
+    let strict = pa("shop", "default", "  mtls: {mode: STRICT}\n");
+    let dr = dr_tls(
+        "      mode: SIMPLE\n      caCertificates: /etc/certs/ca.pem\n",
+        "",
+    );
+    let text = [
+        ("se.yaml", SE_CATALOG),
+        ("dr.yaml", dr.as_str()),
+        ("pa.yaml", strict.as_str()),
+    ];
+    assert_eq!(files(&cluster_tls(&text, "").unwrap()).mode(), "SIMPLE");
 }
 
 #[test]
@@ -1295,6 +1392,25 @@ spec:
 }
 
 // --------------------------------------------------------- gRPC compatibility
+
+#[test]
+fn check_for_grpc_says_grpc_clients_nack_file_tls() {
+    let dr = dr_tls(
+        "      mode: MUTUAL\n      caCertificates: /ca.pem\n      clientCertificate: /c.pem\n      privateKey: /k.pem\n",
+        "",
+    );
+    let d = super::tests::dir(&[("se.yaml", SE_CATALOG), ("dr.yaml", dr.as_str())]);
+    let found = crate::grpc_compatibility(d.path(), &MeshOptions::default());
+    let text = found.join("\n");
+    assert!(
+        text.contains(&format!(
+            "cluster \"outbound|80||{FQDN}\": DestinationRule tls mode MUTUAL (certificate files) \
+             is rejected by gRPC clients: they NACK the whole CDS update, since gRFC A29 supports \
+             only certificate provider instances"
+        )),
+        "{text}"
+    );
+}
 
 #[test]
 fn check_for_grpc_reports_permissive_audit_and_credentials() {

@@ -381,8 +381,8 @@ fn unsupported_traffic_policy_fields() {
             "trafficPolicy.tunnel",
         ),
         (
-            "    tls: {mode: ISTIO_MUTUAL, credentialName: x}\n",
-            "trafficPolicy.tls.credentialName",
+            "    tls: {mode: SIMPLE, caCertificates: /ca.pem, caCrl: /crl.pem}\n",
+            "trafficPolicy.tls.caCrl",
         ),
         (
             "    loadBalancer:\n      warmupDurationSecs: 10s\n",

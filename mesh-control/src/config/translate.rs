@@ -20,13 +20,13 @@ use std::sync::Arc;
 
 use mesh_core::Snapshot;
 use mesh_core::model::{
-    Cluster, ClusterLoadAssignment, Endpoint, HashPolicy, Listener, Locality, LocalityEndpoints,
-    MtlsMode, Name, Protocol, RetryPolicy, Route, RouteConfig, RouteMatch, RoutePolicy,
-    UpstreamTls, VirtualHost, WeightedCluster, WeightedClusters,
+    Cluster, ClusterLoadAssignment, Endpoint, FileTls, HashPolicy, Listener, Locality,
+    LocalityEndpoints, MtlsMode, Name, Protocol, RetryPolicy, Route, RouteConfig, RouteMatch,
+    RoutePolicy, TlsOrigination, UpstreamTls, VirtualHost, WeightedCluster, WeightedClusters,
 };
 use mesh_core::spiffe::SpiffeId;
 
-use super::policy::TrafficPolicy;
+use super::policy::{ClientTls, ClientTlsMode, TrafficPolicy};
 use super::resources::{DestinationRule, Meta, Resource, Spec, VirtualService, Workload};
 use super::security::{self, Identities, SecurityPolicies};
 use super::{Diagnostic, MeshOptions, Registration, ServiceInfo};
@@ -687,28 +687,45 @@ pub(crate) fn translate(
                         .filter(|m| labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)))
                         .copied()
                         .collect();
-                    let mutual = match &policy.tls {
-                        Some(tls) => tls.istio_mutual,
-                        None => auto_mtls(&security, &svc.namespace, &selected),
+                    // ISTIO_MUTUAL (explicit, or auto mTLS): its SANs and SNI.
+                    let istio_mutual = match policy.tls.as_ref() {
+                        None => auto_mtls(&security, &svc.namespace, &selected)
+                            .then_some((&[][..], None)),
+                        Some(ClientTls { mode, sni }) => match mode {
+                            ClientTlsMode::Disable => None,
+                            ClientTlsMode::IstioMutual { subject_alt_names } => {
+                                Some((subject_alt_names.as_slice(), sni.as_deref()))
+                            }
+                            ClientTlsMode::Files(files) => {
+                                cluster.tls = Some(UpstreamTls {
+                                    server_identities: Arc::from([]),
+                                    // The host the client addresses, as
+                                    // Istio's sidecar sends it (auto SNI).
+                                    sni: Name::from(sni.as_deref().unwrap_or(fqdn)),
+                                    origination: TlsOrigination::Files(FileTls::clone(files)),
+                                });
+                                None
+                            }
+                        },
                     };
-                    if mutual {
-                        let tls = policy.tls.as_ref();
-                        let server_identities =
-                            match tls.filter(|t| !t.subject_alt_names.is_empty()) {
-                                Some(t) => Arc::from(t.subject_alt_names.as_slice()),
-                                None => allowed
-                                    .get_or_insert_with(|| {
-                                        identities.allowed(fqdn, &svc.namespace, suffix).into()
-                                    })
-                                    .clone(),
-                            };
-                        let sni = match tls.and_then(|t| t.sni.as_deref()) {
+                    if let Some((sans, sni)) = istio_mutual {
+                        let server_identities = if sans.is_empty() {
+                            allowed
+                                .get_or_insert_with(|| {
+                                    identities.allowed(fqdn, &svc.namespace, suffix).into()
+                                })
+                                .clone()
+                        } else {
+                            Arc::from(sans)
+                        };
+                        let sni = match sni {
                             Some(sni) => Name::from(sni),
                             None => Name::from(format!("outbound_.{p}_.{subset}_.{fqdn}")),
                         };
                         cluster.tls = Some(UpstreamTls {
                             server_identities,
                             sni,
+                            origination: TlsOrigination::IstioMutual,
                         });
                     }
                     snapshot.clusters.insert(name.clone(), Arc::new(cluster));

@@ -33,11 +33,11 @@ use prost::Message;
 use super::*;
 use crate::ErrorKind;
 use crate::model::{
-    AbortStatus, CircuitBreakers, ConnectionSettings, Endpoint, FaultAbort, FaultDelay,
-    FaultPolicy, Fraction, HashPolicy, HeaderMatch, LbPolicy, Locality, LocalityEndpoints, Name,
-    OutlierDetection, PathMatch, Pattern, Protocol, QueryParamMatch, RetryBudget, RetryOn,
-    RetryPolicy, Route, RouteMatch, RoutePolicy, UpstreamTls, ValueMatch, VirtualHost,
-    WeightedCluster, WeightedClusters,
+    AbortStatus, CircuitBreakers, ClientCertificateFiles, ConnectionSettings, Endpoint, FaultAbort,
+    FaultDelay, FaultPolicy, FileTls, Fraction, HashPolicy, HeaderMatch, LbPolicy, Locality,
+    LocalityEndpoints, Name, OutlierDetection, PathMatch, Pattern, Protocol, QueryParamMatch,
+    RetryBudget, RetryOn, RetryPolicy, Route, RouteMatch, RoutePolicy, TlsOrigination, UpstreamTls,
+    ValueMatch, VirtualHost, WeightedCluster, WeightedClusters,
 };
 use crate::spiffe::SpiffeId;
 
@@ -395,14 +395,42 @@ fn spiffe_id() -> impl Strategy<Value = SpiffeId> {
 }
 
 fn upstream_tls() -> impl Strategy<Value = UpstreamTls> {
-    (
+    let mesh = (
         vec(spiffe_id(), 0..4),
         prop_oneof![Just(String::new()), "[a-z_.|0-9]{1,30}"],
     )
         .prop_map(|(ids, sni)| UpstreamTls {
             server_identities: ids.into(),
             sni: sni.into(),
-        })
+            origination: TlsOrigination::IstioMutual,
+        });
+    // SIMPLE / MUTUAL: an SNI or SANs (or both) to check the name against.
+    let files = (
+        "/[a-z/]{1,20}\\.pem",
+        vec(
+            prop_oneof!["[a-z]{1,8}\\.example\\.com", "spiffe://[a-z]{1,8}/x"],
+            0..3,
+        ),
+        proptest::option::of(("/[a-z]{1,10}\\.pem", "/[a-z]{1,10}\\.key")),
+        "[a-z.]{1,20}",
+        any::<bool>(),
+    )
+        .prop_map(|(ca, sans, client, sni, send_sni)| {
+            let keep_sni = send_sni || sans.is_empty();
+            UpstreamTls {
+                server_identities: Arc::from([]),
+                sni: if keep_sni { sni.into() } else { "".into() },
+                origination: TlsOrigination::Files(FileTls {
+                    ca_certificates: ca.into(),
+                    subject_alt_names: sans.into_iter().map(Name::from).collect(),
+                    client_certificate: client.map(|(chain, key)| ClientCertificateFiles {
+                        certificate_chain: chain.into(),
+                        private_key: key.into(),
+                    }),
+                }),
+            }
+        });
+    prop_oneof![mesh, files]
 }
 
 fn ip() -> impl Strategy<Value = IpAddr> {
@@ -1782,9 +1810,10 @@ fn durations_saturate_at_the_largest_valid_proto_duration() {
 // Zero trust: cluster mTLS (gRFC A29) and server listeners (A36, A41).
 
 mod zero_trust {
-    use envoy_types::pb::envoy::config::core::v3::TransportSocket;
     use envoy_types::pb::envoy::config::core::v3::address;
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier as DataSourceSpecifier;
     use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType as TsConfig;
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, TransportSocket};
     use envoy_types::pb::envoy::config::listener::v3::{
         FilterChain, FilterChainMatch, filter::ConfigType as FilterConfig,
     };
@@ -1822,6 +1851,7 @@ mod zero_trust {
             tls: Some(UpstreamTls {
                 server_identities: vec![id("payment"), id("payment-canary")].into(),
                 sni: "outbound_.8080_._.payment.shop.svc.cluster.local".into(),
+                origination: TlsOrigination::IstioMutual,
             }),
             ..sample_cluster(LbPolicy::RoundRobin)
         }
@@ -1926,6 +1956,186 @@ mod zero_trust {
         let plain = sample_cluster(LbPolicy::RoundRobin);
         assert!(cluster_to_proto(&plain).transport_socket.is_none());
         assert_eq!(decode_cluster(&encode_cluster(&plain)).unwrap().tls, None);
+    }
+
+    fn file_tls_cluster(mutual: bool, sans: &[&str]) -> Cluster {
+        Cluster {
+            tls: Some(UpstreamTls {
+                server_identities: Arc::from([]),
+                sni: "api.example.com".into(),
+                origination: TlsOrigination::Files(FileTls {
+                    ca_certificates: "/etc/certs/ca.pem".into(),
+                    subject_alt_names: sans.iter().map(|s| Name::from(*s)).collect(),
+                    client_certificate: mutual.then(|| ClientCertificateFiles {
+                        certificate_chain: "/etc/certs/client.pem".into(),
+                        private_key: "/etc/certs/client.key".into(),
+                    }),
+                }),
+            }),
+            ..sample_cluster(LbPolicy::RoundRobin)
+        }
+    }
+
+    fn filename(source: Option<&DataSource>) -> Option<&str> {
+        match source.and_then(|s| s.specifier.as_ref()) {
+            Some(DataSourceSpecifier::Filename(f)) => Some(f),
+            _ => None,
+        }
+    }
+
+    #[test]
+    #[allow(deprecated)] // match_subject_alt_names
+    fn simple_and_mutual_are_encoded_in_envoys_file_shape_and_round_trip() {
+        let mutual = file_tls_cluster(true, &["api.example.com", "spiffe://example.com/api"]);
+        let context = upstream_context(&cluster_to_proto(&mutual));
+        assert_eq!(context.sni, "api.example.com");
+        let common = context.common_tls_context.as_ref().unwrap();
+        assert_eq!(common.tls_certificate_provider_instance, None);
+        assert_eq!(common.tls_certificates.len(), 1);
+        let cert = &common.tls_certificates[0];
+        assert_eq!(
+            filename(cert.certificate_chain.as_ref()),
+            Some("/etc/certs/client.pem")
+        );
+        assert_eq!(
+            filename(cert.private_key.as_ref()),
+            Some("/etc/certs/client.key")
+        );
+        let Some(ValidationContextType::ValidationContext(v)) = &common.validation_context_type
+        else {
+            panic!("{common:?}")
+        };
+        assert_eq!(v.ca_certificate_provider_instance, None);
+        assert_eq!(filename(v.trusted_ca.as_ref()), Some("/etc/certs/ca.pem"));
+        let sans: Vec<_> = v
+            .match_subject_alt_names
+            .iter()
+            .map(|m| m.match_pattern.clone())
+            .collect();
+        assert_eq!(
+            sans,
+            [
+                Some(MatchPattern::Exact("api.example.com".into())),
+                Some(MatchPattern::Exact("spiffe://example.com/api".into())),
+            ]
+        );
+        let simple = file_tls_cluster(false, &[]);
+        let context = upstream_context(&cluster_to_proto(&simple));
+        assert!(
+            context
+                .common_tls_context
+                .unwrap()
+                .tls_certificates
+                .is_empty()
+        );
+        for c in [mutual, simple] {
+            let any = encode_cluster(&c);
+            assert_eq!(decode_cluster(&over_the_wire(&any)).unwrap(), c);
+        }
+        // DNS- and URI-typed SAN matchers read the same.
+        let c = file_tls_cluster(false, &["api.example.com", "spiffe://example.com/api"]);
+        let mut proto = cluster_to_proto(&c);
+        let mut context = upstream_context(&proto);
+        let v = validation_mut(&mut context);
+        v.match_typed_subject_alt_names = v
+            .match_subject_alt_names
+            .drain(..)
+            .zip([SanType::Dns, SanType::Uri])
+            .map(|(m, t)| SubjectAltNameMatcher {
+                san_type: t as i32,
+                matcher: Some(m),
+                oid: String::new(),
+            })
+            .collect();
+        set_upstream_context(&mut proto, &context);
+        assert_eq!(cluster_from_proto(&proto).unwrap(), c);
+    }
+
+    #[test]
+    fn file_tls_that_cannot_be_honored_is_rejected_with_the_field() {
+        let at =
+            "Cluster \"outbound|80||catalog\": transport_socket.typed_config.common_tls_context.";
+        let file_error = |mutual: bool, modify: &dyn Fn(&mut UpstreamTlsContext)| {
+            let mut proto = cluster_to_proto(&file_tls_cluster(mutual, &[]));
+            let mut context = upstream_context(&proto);
+            modify(&mut context);
+            set_upstream_context(&mut proto, &context);
+            cluster_from_proto(&proto).unwrap_err()
+        };
+        let cases: Vec<(Error, ErrorKind, String)> = vec![
+            (
+                file_error(false, &|c| validation_mut(c).trusted_ca = None),
+                // Neither a client certificate nor a CA file: not the file
+                // shape, so A29's rules answer.
+                ErrorKind::Unsupported,
+                format!("{at}tls_certificate_provider_instance: missing"),
+            ),
+            (
+                file_error(true, &|c| validation_mut(c).trusted_ca = None),
+                ErrorKind::Unsupported,
+                format!(
+                    "{at}validation_context.trusted_ca: missing: verifying against the system's roots is not supported"
+                ),
+            ),
+            (
+                file_error(false, &|c| {
+                    validation_mut(c).trusted_ca = Some(DataSource {
+                        specifier: Some(DataSourceSpecifier::InlineString("PEM".into())),
+                        ..Default::default()
+                    })
+                }),
+                ErrorKind::Unsupported,
+                format!(
+                    "{at}validation_context.trusted_ca: only filename data sources are supported"
+                ),
+            ),
+            (
+                file_error(true, &|c| {
+                    c.common_tls_context.as_mut().unwrap().tls_certificates[0].private_key = None;
+                }),
+                ErrorKind::InvalidConfig,
+                format!("{at}tls_certificates[0].private_key: missing"),
+            ),
+            (
+                file_error(true, &|c| {
+                    let certs = &mut c.common_tls_context.as_mut().unwrap().tls_certificates;
+                    certs.push(certs[0].clone());
+                }),
+                ErrorKind::Unsupported,
+                format!("{at}tls_certificates: 2 certificates"),
+            ),
+            (
+                file_error(false, &|c| validation_mut(c).allow_expired_certificate = true),
+                ErrorKind::Unsupported,
+                format!("{at}validation_context.allow_expired_certificate"),
+            ),
+            (
+                file_error(false, &|c| {
+                    validation_mut(c).match_typed_subject_alt_names.push(SubjectAltNameMatcher {
+                        san_type: SanType::Email as i32,
+                        matcher: None,
+                        oid: String::new(),
+                    })
+                }),
+                ErrorKind::Unsupported,
+                format!(
+                    "{at}validation_context.match_typed_subject_alt_names[0].san_type: SAN type EMAIL"
+                ),
+            ),
+            (
+                file_error(false, &|c| c.sni.clear()),
+                ErrorKind::InvalidConfig,
+                "Cluster \"outbound|80||catalog\": transport_socket.typed_config.sni: missing: TLS from files needs an sni"
+                    .to_string(),
+            ),
+        ];
+        for (err, kind, prefix) in cases {
+            assert_eq!(err.kind(), kind, "{err}");
+            assert!(
+                err.to_string().starts_with(&prefix),
+                "{err}\n  expected: {prefix}"
+            );
+        }
     }
 
     #[test]

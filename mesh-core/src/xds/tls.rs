@@ -23,12 +23,28 @@
 //! verified (static certificates, SDS, SPKI/hash pinning, CRLs, expired
 //! certificates allowed, custom validators, `auto_host_sni`, ...) is
 //! rejected.
+//!
+//! Istio's SIMPLE and MUTUAL modes (certificates from files on the
+//! client's filesystem, [`TlsOrigination::Files`]) are encoded in the
+//! standard Envoy shape: `common_tls_context.tls_certificates` with one
+//! `certificate_chain` / `private_key` by `filename` (MUTUAL only) and
+//! `validation_context { trusted_ca { filename }, match_subject_alt_names }`
+//! (exact DNS names or URIs). A context with neither certificate provider
+//! instance but `tls_certificates` or a `trusted_ca` is read that way; a
+//! file context without `trusted_ca` (system roots) is rejected, as is one
+//! with neither SANs nor an `sni` (nothing to check the server's name
+//! against). gRPC clients do not read this shape (A29 supports certificate
+//! provider instances only) and NACK it.
 
-use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket::ConfigType};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, TransportSocket, data_source::Specifier, transport_socket::ConfigType,
+};
 use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateProviderPluginInstance, CertificateValidationContext, CommonTlsContext,
-    DownstreamTlsContext, UpstreamTlsContext,
+    DownstreamTlsContext, TlsCertificate, UpstreamTlsContext,
     certificate_validation_context::TrustChainVerification,
     common_tls_context::ValidationContextType, subject_alt_name_matcher::SanType,
 };
@@ -37,7 +53,7 @@ use envoy_types::pb::google::protobuf::BoolValue;
 use prost::Name as _;
 
 use super::{At, Decoded, FieldError, missing, pack, reject_if, type_name, unpack};
-use crate::model::UpstreamTls;
+use crate::model::{ClientCertificateFiles, FileTls, Name, TlsOrigination, UpstreamTls};
 use crate::spiffe::SpiffeId;
 
 /// The transport socket name of TLS (Envoy's and gRPC's).
@@ -62,8 +78,12 @@ pub(crate) enum Transport<T> {
 
 /// The cluster's `transport_socket` for `tls`.
 pub(crate) fn upstream_to_proto(tls: &UpstreamTls) -> TransportSocket {
+    let common = match &tls.origination {
+        TlsOrigination::IstioMutual => common_to_proto(&tls.server_identities),
+        TlsOrigination::Files(files) => files_to_proto(files),
+    };
     let context = UpstreamTlsContext {
-        common_tls_context: Some(common_to_proto(&tls.server_identities)),
+        common_tls_context: Some(common),
         sni: tls.sni.to_string(),
         ..Default::default()
     };
@@ -116,6 +136,41 @@ fn common_to_proto(identities: &[SpiffeId]) -> CommonTlsContext {
     }
 }
 
+/// The standard Envoy shape of TLS from files (SIMPLE / MUTUAL).
+#[allow(deprecated)] // match_subject_alt_names: the form Envoy and gRPC read
+fn files_to_proto(files: &FileTls) -> CommonTlsContext {
+    let file = |path: &Name| DataSource {
+        specifier: Some(Specifier::Filename(path.to_string())),
+        ..Default::default()
+    };
+    CommonTlsContext {
+        tls_certificates: files
+            .client_certificate
+            .iter()
+            .map(|c| TlsCertificate {
+                certificate_chain: Some(file(&c.certificate_chain)),
+                private_key: Some(file(&c.private_key)),
+                ..Default::default()
+            })
+            .collect(),
+        validation_context_type: Some(ValidationContextType::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: Some(file(&files.ca_certificates)),
+                match_subject_alt_names: files
+                    .subject_alt_names
+                    .iter()
+                    .map(|name| StringMatcher {
+                        match_pattern: Some(MatchPattern::Exact(name.to_string())),
+                        ignore_case: false,
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
 /// Reads a transport socket: plaintext, or TLS with a `C` context (by the
 /// type URL of its `typed_config`, as gRPC identifies it); other transport
 /// sockets are unsupported.
@@ -155,11 +210,184 @@ pub(crate) fn upstream_from_proto(context: &UpstreamTlsContext) -> Decoded<Upstr
         .common_tls_context
         .as_ref()
         .ok_or_else(|| missing("common_tls_context"))?;
+    if is_file_based(common) {
+        let files = files_from_proto(common).at("common_tls_context")?;
+        if files.subject_alt_names.is_empty() && context.sni.is_empty() {
+            return Err(FieldError::invalid(
+                "missing: TLS from files needs an sni or match_subject_alt_names to verify \
+                 the server's name against",
+            )
+            .at("sni"));
+        }
+        return Ok(UpstreamTls {
+            server_identities: Arc::from([]),
+            sni: context.sni.as_str().into(),
+            origination: TlsOrigination::Files(files),
+        });
+    }
     let identities = common_from_proto(common, true).at("common_tls_context")?;
     Ok(UpstreamTls {
         server_identities: identities.into(),
         sni: context.sni.as_str().into(),
+        origination: TlsOrigination::IstioMutual,
     })
+}
+
+/// Whether a context is the file shape (SIMPLE / MUTUAL): no certificate
+/// provider instance for the own certificate, and certificate files or a
+/// `trusted_ca`. Anything else is read as A29 (and gets its errors).
+#[allow(deprecated)] // the older A29 field is part of the test
+fn is_file_based(c: &CommonTlsContext) -> bool {
+    let instances = c.tls_certificate_provider_instance.is_some()
+        || c.tls_certificate_certificate_provider_instance.is_some();
+    let trusted_ca = matches!(
+        &c.validation_context_type,
+        Some(ValidationContextType::ValidationContext(v)) if v.trusted_ca.is_some()
+    );
+    !instances && (!c.tls_certificates.is_empty() || trusted_ca)
+}
+
+/// The files of a SIMPLE / MUTUAL context: at most one client certificate
+/// (both files by `filename`), the trusted CA by `filename`, exact SANs.
+#[allow(deprecated)] // match_subject_alt_names: what Envoy and gRPC read
+fn files_from_proto(c: &CommonTlsContext) -> Decoded<FileTls> {
+    reject_if(
+        !c.tls_certificate_sds_secret_configs.is_empty(),
+        "tls_certificate_sds_secret_configs",
+    )?;
+    reject_if(
+        c.tls_certificate_certificate_provider.is_some(),
+        "tls_certificate_certificate_provider",
+    )?;
+    reject_if(
+        c.custom_tls_certificate_selector.is_some(),
+        "custom_tls_certificate_selector",
+    )?;
+    reject_if(c.custom_handshaker.is_some(), "custom_handshaker")?;
+    let client_certificate = match c.tls_certificates.as_slice() {
+        [] => None,
+        [cert] => Some(client_certificate_from_proto(cert).at_index("tls_certificates", 0)?),
+        more => {
+            return Err(FieldError::unsupported(format!(
+                "{} certificates: only one client certificate is supported",
+                more.len()
+            ))
+            .at("tls_certificates"));
+        }
+    };
+    let v = match &c.validation_context_type {
+        Some(ValidationContextType::ValidationContext(v)) => v,
+        Some(_) => {
+            return Err(FieldError::unsupported(
+                "with certificate files, only a validation_context with a trusted_ca file is \
+                 supported",
+            )
+            .at("validation_context_type"));
+        }
+        None => {
+            return Err(FieldError::unsupported(
+                "missing: the server's certificate must be verified (set trusted_ca to a CA \
+                 file; skipping verification is not supported)",
+            )
+            .at("validation_context"));
+        }
+    };
+    files_validation_from_proto(v, client_certificate).at("validation_context")
+}
+
+fn client_certificate_from_proto(cert: &TlsCertificate) -> Decoded<ClientCertificateFiles> {
+    reject_if(cert.pkcs12.is_some(), "pkcs12")?;
+    reject_if(cert.watched_directory.is_some(), "watched_directory")?;
+    reject_if(cert.private_key_provider.is_some(), "private_key_provider")?;
+    reject_if(cert.password.is_some(), "password")?;
+    reject_if(cert.ocsp_staple.is_some(), "ocsp_staple")?;
+    reject_if(
+        !cert.signed_certificate_timestamp.is_empty(),
+        "signed_certificate_timestamp",
+    )?;
+    reject_if(cert.tls_params.is_some(), "tls_params")?;
+    Ok(ClientCertificateFiles {
+        certificate_chain: filename(cert.certificate_chain.as_ref()).at("certificate_chain")?,
+        private_key: filename(cert.private_key.as_ref()).at("private_key")?,
+    })
+}
+
+/// A `DataSource` naming a file (inline data and environment variables
+/// are not supported: the files are what gets re-read on rotation).
+fn filename(source: Option<&DataSource>) -> Decoded<Name> {
+    let source = source.ok_or_else(|| FieldError::invalid("missing"))?;
+    reject_if(source.watched_directory.is_some(), "watched_directory")?;
+    match &source.specifier {
+        Some(Specifier::Filename(path)) if !path.is_empty() => Ok(path.as_str().into()),
+        Some(Specifier::Filename(_)) | None => Err(missing("filename")),
+        Some(_) => Err(FieldError::unsupported(
+            "only filename data sources are supported (not inline bytes, strings or \
+             environment variables)",
+        )),
+    }
+}
+
+#[allow(deprecated)] // match_subject_alt_names: what Envoy and gRPC read
+fn files_validation_from_proto(
+    v: &CertificateValidationContext,
+    client_certificate: Option<ClientCertificateFiles>,
+) -> Decoded<FileTls> {
+    reject_if(
+        v.ca_certificate_provider_instance.is_some(),
+        "ca_certificate_provider_instance",
+    )?;
+    if v.trusted_ca.is_none() {
+        return Err(FieldError::unsupported(
+            "missing: verifying against the system's roots is not supported: name a CA file",
+        )
+        .at("trusted_ca"));
+    }
+    let ca_certificates = filename(v.trusted_ca.as_ref()).at("trusted_ca")?;
+    reject_validation_extras(v)?;
+    let mut subject_alt_names: Vec<Name> = v
+        .match_subject_alt_names
+        .iter()
+        .enumerate()
+        .map(|(i, m)| name_from_proto(m).at_index("match_subject_alt_names", i))
+        .collect::<Decoded<_>>()?;
+    for (i, typed) in v.match_typed_subject_alt_names.iter().enumerate() {
+        let at = "match_typed_subject_alt_names";
+        if typed.san_type != SanType::Dns as i32 && typed.san_type != SanType::Uri as i32 {
+            let kind = SanType::try_from(typed.san_type).map_or("unknown", |t| t.as_str_name());
+            return Err(FieldError::unsupported(format!(
+                "SAN type {kind} is not supported: only DNS and URI"
+            ))
+            .at("san_type")
+            .at_index(at, i));
+        }
+        let m = typed
+            .matcher
+            .as_ref()
+            .ok_or_else(|| missing("matcher").at_index(at, i))?;
+        subject_alt_names.push(name_from_proto(m).at("matcher").at_index(at, i)?);
+    }
+    Ok(FileTls {
+        ca_certificates,
+        subject_alt_names: subject_alt_names.into(),
+        client_certificate,
+    })
+}
+
+/// An `exact`, case-sensitive SAN matcher (a DNS name or a URI).
+fn name_from_proto(m: &StringMatcher) -> Decoded<Name> {
+    if m.ignore_case {
+        return Err(FieldError::unsupported(
+            "ignore_case is not supported: names are matched exactly",
+        ));
+    }
+    match &m.match_pattern {
+        Some(MatchPattern::Exact(name)) if !name.is_empty() => Ok(name.as_str().into()),
+        Some(MatchPattern::Exact(_)) => Err(FieldError::invalid("empty name").at("exact")),
+        Some(_) => Err(FieldError::unsupported(
+            "only exact SAN matchers are supported (prefix, suffix, contains and regex are not)",
+        )),
+        None => Err(missing("match_pattern")),
+    }
 }
 
 /// Whether a `DownstreamTlsContext` requires a client certificate. The
@@ -302,6 +530,35 @@ fn validation_from_proto(
         }
     }
     reject_if(v.trusted_ca.is_some(), "trusted_ca")?;
+    reject_validation_extras(v)?;
+    let mut ids = v
+        .match_subject_alt_names
+        .iter()
+        .enumerate()
+        .map(|(i, m)| san_from_proto(m).at_index("match_subject_alt_names", i))
+        .collect::<Decoded<Vec<_>>>()?;
+    for (i, typed) in v.match_typed_subject_alt_names.iter().enumerate() {
+        let at = "match_typed_subject_alt_names";
+        if typed.san_type != SanType::Uri as i32 {
+            let kind = SanType::try_from(typed.san_type).map_or("unknown", |t| t.as_str_name());
+            return Err(FieldError::unsupported(format!(
+                "SAN type {kind} is not supported: only URI (SPIFFE IDs)"
+            ))
+            .at("san_type")
+            .at_index(at, i));
+        }
+        let m = typed
+            .matcher
+            .as_ref()
+            .ok_or_else(|| missing("matcher").at_index(at, i))?;
+        ids.push(san_from_proto(m).at("matcher").at_index(at, i)?);
+    }
+    Ok(ids)
+}
+
+/// What neither validation form supports: anything that changes how a
+/// chain is checked besides its roots and SANs.
+fn reject_validation_extras(v: &CertificateValidationContext) -> Decoded<()> {
     reject_if(v.system_root_certs.is_some(), "system_root_certs")?;
     reject_if(v.watched_directory.is_some(), "watched_directory")?;
     reject_if(
@@ -329,29 +586,7 @@ fn validation_from_proto(
         "custom_validator_config",
     )?;
     reject_if(v.max_verify_depth.is_some(), "max_verify_depth")?;
-    let mut ids = v
-        .match_subject_alt_names
-        .iter()
-        .enumerate()
-        .map(|(i, m)| san_from_proto(m).at_index("match_subject_alt_names", i))
-        .collect::<Decoded<Vec<_>>>()?;
-    for (i, typed) in v.match_typed_subject_alt_names.iter().enumerate() {
-        let at = "match_typed_subject_alt_names";
-        if typed.san_type != SanType::Uri as i32 {
-            let kind = SanType::try_from(typed.san_type).map_or("unknown", |t| t.as_str_name());
-            return Err(FieldError::unsupported(format!(
-                "SAN type {kind} is not supported: only URI (SPIFFE IDs)"
-            ))
-            .at("san_type")
-            .at_index(at, i));
-        }
-        let m = typed
-            .matcher
-            .as_ref()
-            .ok_or_else(|| missing("matcher").at_index(at, i))?;
-        ids.push(san_from_proto(m).at("matcher").at_index(at, i)?);
-    }
-    Ok(ids)
+    Ok(())
 }
 
 /// An `exact`, case-sensitive matcher of a SPIFFE ID.

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio_rustls::client::TlsStream;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{ClusterTls, ConnectionPolicy, PoolConfig};
+use super::{ClusterTls, ConnectionPolicy, Connector, PoolConfig};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::mesh::TargetEndpoint;
 
@@ -567,7 +567,7 @@ where
 }
 
 impl<B> Host<B> {
-    /// The mTLS handshake over a dialed connection (bounded by the connect
+    /// The TLS handshake over a dialed connection (bounded by the connect
     /// timeout too, as Envoy's covers the TLS handshake): the stream and
     /// when the certificates it was established with expire. On failure
     /// the connection is counted closed.
@@ -580,9 +580,6 @@ impl<B> Host<B> {
         policy: Option<&ConnectionPolicy>,
     ) -> Result<(TokioIo<TlsStream<TcpStream>>, Instant), Error> {
         let timeout = connect_timeout(config, policy);
-        // Read before the handshake: a rotation during it can only make
-        // the certificate used later-expiring than this.
-        let client_expiry = tls.store.not_after();
         let ip;
         let server_name = match &tls.sni {
             Some(sni) => &**sni,
@@ -591,15 +588,28 @@ impl<B> Host<B> {
                 &ip
             }
         };
-        let handshake = tls.connector.connect(server_name, io.into_inner());
-        let stream = match tokio::time::timeout(timeout, handshake).await {
-            Ok(Ok((stream, _peer))) => stream,
+        let tcp = io.into_inner();
+        let handshake = async {
+            match &tls.connector {
+                Connector::Mesh { connector, store } => {
+                    // Read before the handshake: a rotation during it can
+                    // only make the certificate used later-expiring than this.
+                    let client_expiry = store.not_after();
+                    let (stream, _peer) = connector.connect(server_name, tcp).await?;
+                    Ok((stream, Some(client_expiry)))
+                }
+                Connector::Files(connector) => connector.connect(server_name, tcp).await,
+            }
+        };
+        let (stream, client_expiry) = match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
                 self.connection_closed();
                 return Err(Error::new(
                     ErrorKind::Connect,
                     format!(
-                        "mTLS handshake with endpoint {} of cluster {:?} failed",
+                        "{} handshake with endpoint {} of cluster {:?} failed",
+                        tls.mode(),
                         target.addr(),
                         target.cluster()
                     ),
@@ -611,8 +621,9 @@ impl<B> Host<B> {
                 return Err(Error::new(
                     ErrorKind::Connect,
                     format!(
-                        "the mTLS handshake with endpoint {} of cluster {:?} timed out after \
+                        "the {} handshake with endpoint {} of cluster {:?} timed out after \
                          {timeout:?}",
+                        tls.mode(),
                         target.addr(),
                         target.cluster()
                     ),
@@ -628,8 +639,16 @@ impl<B> Host<B> {
             .and_then(|leaf| X509Certificate::from_der(leaf).ok())
             .and_then(|(_, cert)| u64::try_from(cert.validity().not_after.timestamp()).ok())
             .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
-        let expiry = server_expiry.map_or(client_expiry, |s| s.min(client_expiry));
-        let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+        let expiry = match (server_expiry, client_expiry) {
+            (Some(s), Some(c)) => Some(s.min(c)),
+            (s, c) => s.or(c),
+        };
+        let left = match expiry {
+            Some(expiry) => expiry.duration_since(SystemTime::now()).unwrap_or_default(),
+            // No expiry known (SIMPLE, and a server certificate that does
+            // not parse): a day, re-dialed and re-verified then.
+            None => Duration::from_secs(24 * 3600),
+        };
         Ok((TokioIo::new(stream), Instant::now() + left))
     }
 }

@@ -24,6 +24,12 @@
 //! the current certificate, so a rotation reaches them without touching
 //! live ones. Plaintext clusters take exactly the path they took before.
 //!
+//! TLS from files (Istio's SIMPLE and MUTUAL, [`FileTlsConnector`]
+//! (crate::tls::FileTlsConnector)): the same, with the cluster's CA file,
+//! names and (MUTUAL) client certificate; connections are keyed by those
+//! settings and retired when the server's (or the client's) certificate
+//! expires.
+//!
 //! - HTTP/2 (clusters of protocol `HTTP2` / `GRPC`): one shared connection
 //!   per endpoint, multiplexing every request, as gRPC's subchannels do;
 //!   re-dialed when it closes (GOAWAY, reset). Getting it is a lock-free
@@ -72,13 +78,15 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use mesh_core::breaker::CircuitBreaker;
-use mesh_core::model::{CircuitBreakers, ConnectionSettings, Name, Protocol, UpstreamTls};
+use mesh_core::model::{
+    CircuitBreakers, ConnectionSettings, FileTls, Name, Protocol, TlsOrigination, UpstreamTls,
+};
 use tower::Service;
 
 use self::host::Host;
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::mesh::TargetEndpoint;
-use crate::tls::{CertStore, MeshConnector, ServerIdentities};
+use crate::tls::{CertStore, FileTlsConnector, MeshConnector, ServerIdentities};
 
 /// The connection pool: a `tower::Service` sending each request to the
 /// [`TargetEndpoint`] in its extensions (see the [module docs](self)).
@@ -112,48 +120,101 @@ pub(crate) struct ConnectionPolicy {
 
 /// How the pool secures a cluster's connections.
 pub(crate) struct ClusterTls {
-    connector: MeshConnector,
-    identities: ServerIdentities,
+    connector: Connector,
+    /// What the connections were verified for (part of the pool key).
+    key: TlsKey,
     /// The SNI to send; `None` sends none.
     sni: Option<Box<str>>,
-    store: CertStore,
+}
+
+/// The TLS client of a cluster.
+enum Connector {
+    /// ISTIO_MUTUAL: the workload certificate of `store`.
+    Mesh {
+        connector: MeshConnector,
+        store: CertStore,
+    },
+    /// SIMPLE / MUTUAL: certificate files.
+    Files(FileTlsConnector),
+}
+
+/// What a TLS connection was verified for: connections verified under
+/// different settings are different pool entries.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) enum TlsKey {
+    /// ISTIO_MUTUAL, for these server identities.
+    Mesh(ServerIdentities),
+    /// SIMPLE / MUTUAL with these files and names.
+    Files(Arc<FileTls>),
 }
 
 impl ClusterTls {
-    /// The TLS client of a cluster of `protocol` that `tls` says requires
-    /// mTLS, presenting `store`'s certificate.
-    pub(crate) fn new(
-        store: &CertStore,
+    /// The TLS client of a cluster of `protocol` whose `tls` says how
+    /// connections are secured. ISTIO_MUTUAL presents `store`'s
+    /// certificate (an error without one); SIMPLE and MUTUAL use their
+    /// files and need no store. Accepts `&CertStore` or
+    /// `Option<&CertStore>`.
+    pub(crate) fn new<'s>(
+        store: impl Into<Option<&'s CertStore>>,
         tls: &UpstreamTls,
         protocol: Protocol,
     ) -> Result<Self, Error> {
-        let identities = ServerIdentities::new(tls.server_identities.iter().cloned());
         let alpn: &[&[u8]] = if protocol.is_http2() {
             &[b"h2"]
         } else {
             &[b"http/1.1"]
         };
-        Ok(ClusterTls {
-            connector: MeshConnector::new(store, identities.clone(), alpn)?,
-            identities,
-            sni: (!tls.sni.is_empty()).then(|| Box::from(&*tls.sni)),
-            store: store.clone(),
-        })
+        let sni = (!tls.sni.is_empty()).then(|| Box::from(&*tls.sni));
+        match &tls.origination {
+            TlsOrigination::IstioMutual => {
+                let store = store.into().ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Tls,
+                        "ISTIO_MUTUAL needs a workload certificate: configure \
+                         certificate_providers.mesh in the bootstrap",
+                    )
+                })?;
+                let identities = ServerIdentities::new(tls.server_identities.iter().cloned());
+                Ok(ClusterTls {
+                    connector: Connector::Mesh {
+                        connector: MeshConnector::new(store, identities.clone(), alpn)?,
+                        store: store.clone(),
+                    },
+                    key: TlsKey::Mesh(identities),
+                    sni,
+                })
+            }
+            TlsOrigination::Files(files) => Ok(ClusterTls {
+                connector: Connector::Files(FileTlsConnector::new(files, alpn)),
+                key: TlsKey::Files(Arc::new(files.clone())),
+                sni,
+            }),
+        }
+    }
+
+    /// Istio's name of the mode, for messages.
+    fn mode(&self) -> &'static str {
+        match &self.connector {
+            Connector::Mesh { .. } => "mTLS",
+            Connector::Files(files) => files.files().mode(),
+        }
     }
 }
 
 impl fmt::Debug for ClusterTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClusterTls")
-            .field("identities", &self.identities)
-            .field("sni", &self.sni)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("ClusterTls");
+        match &self.key {
+            TlsKey::Mesh(identities) => d.field("identities", identities),
+            TlsKey::Files(files) => d.field("files", files),
+        };
+        d.field("sni", &self.sni).finish_non_exhaustive()
     }
 }
 
-/// (cluster, endpoint address, HTTP/2, the server identities an mTLS
-/// connection was verified for; `None`: plaintext).
-type Key = (Name, SocketAddr, bool, Option<ServerIdentities>);
+/// (cluster, endpoint address, HTTP/2, what a TLS connection was verified
+/// for; `None`: plaintext).
+type Key = (Name, SocketAddr, bool, Option<TlsKey>);
 
 struct Hosts<B> {
     map: ArcSwap<HashMap<Key, Arc<Host<B>>>>,
@@ -218,12 +279,7 @@ impl<B> Pool<B> {
             .sum()
     }
 
-    fn host(
-        &self,
-        target: &TargetEndpoint,
-        http2: bool,
-        tls: Option<&ServerIdentities>,
-    ) -> Arc<Host<B>> {
+    fn host(&self, target: &TargetEndpoint, http2: bool, tls: Option<&TlsKey>) -> Arc<Host<B>> {
         let key = (
             target.cluster_name().clone(),
             target.addr(),
@@ -310,7 +366,7 @@ where
         let tls = policy
             .as_deref()
             .and_then(|p| p.tls.as_ref())
-            .map(|t| &t.identities);
+            .map(|t| &t.key);
         let host = self.host(&target, http2, tls);
         let config = self.config;
         if http2 {

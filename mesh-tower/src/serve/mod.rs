@@ -280,6 +280,39 @@ where
     start(listener, registration, app, Some(secure)).await
 }
 
+/// The bounds [`serve()`] puts on `app`, named once for the functions
+/// behind it.
+trait App<RB>:
+    Service<
+        Request<Incoming>,
+        Response = Response<RB>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, RB> App<RB> for S
+where
+    S: Service<Request<Incoming>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+}
+
+/// The bounds [`serve()`] puts on the response body of `app`.
+trait AppBody: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> AppBody for B
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+}
+
 async fn start<S, RB>(
     listener: TcpListener,
     registration: Registration,
@@ -287,12 +320,8 @@ async fn start<S, RB>(
     secure: Option<Secure>,
 ) -> Result<Serving, Error>
 where
-    S: Service<Request<Incoming>, Response = Response<RB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    RB: http_body::Body + Send + 'static,
-    RB::Data: Send,
-    RB::Error: Into<BoxError>,
+    S: App<RB>,
+    RB: AppBody,
 {
     let local_addr = listener.local_addr().map_err(|e| {
         Error::new(ErrorKind::Io, "cannot read the listener's local address").with_source(e)
@@ -452,12 +481,8 @@ async fn accept_loop<S, RB>(
     mut drain: watch::Receiver<Option<Duration>>,
     mut secure: Option<Secure>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<RB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    RB: http_body::Body + Send + 'static,
-    RB::Data: Send,
-    RB::Error: Into<BoxError>,
+    S: App<RB>,
+    RB: AppBody,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
@@ -557,12 +582,8 @@ async fn serve_secure<S, RB>(
     app: S,
     closing: watch::Receiver<bool>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<RB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    RB: http_body::Body + Send + 'static,
-    RB::Data: Send,
-    RB::Error: Into<BoxError>,
+    S: App<RB>,
+    RB: AppBody,
 {
     // Read before the handshake: if the store rotates during it, the
     // connection's age is bounded by the older (earlier) expiry.
@@ -614,12 +635,8 @@ async fn serve_connection<IO, S, RB>(
     mut closing: watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<RB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    RB: http_body::Body + Send + 'static,
-    RB::Data: Send,
-    RB::Error: Into<BoxError>,
+    S: App<RB>,
+    RB: AppBody,
 {
     let Conn {
         info,

@@ -28,6 +28,10 @@
 //!   provider (certificate, key and CA files re-read every
 //!   `refresh_interval`), so certificates from SPIRE, cert-manager or any
 //!   tool that writes files are rotated without a restart.
+//! - [`FileTlsConnector`]: Istio's SIMPLE and MUTUAL modes (DestinationRule
+//!   `tls` with `caCertificates`, `clientCertificate`, `privateKey` files):
+//!   TLS to servers outside the mesh's identities, verified against the CA
+//!   file for the SNI or the configured SANs, files re-read when changed.
 //! - [`WorkloadCertificates`]: the bootstrap's `mesh` certificate provider
 //!   made live: `file_watcher` files, or `mesh_ca` (a key generated here, a
 //!   CSR to mesh-control's CA, renewal at half-life).
@@ -41,6 +45,7 @@ mod admin_client;
 mod config;
 mod file_watcher;
 mod identity;
+mod origination;
 mod store;
 mod verify;
 mod workload;
@@ -49,6 +54,7 @@ pub use self::accept::{MeshAcceptor, MeshStream, MtlsMode};
 pub use self::config::{MeshConnector, client_config, server_config};
 pub use self::file_watcher::{DEFAULT_REFRESH_INTERVAL, FileWatcher, FileWatcherConfig};
 pub use self::identity::{PeerIdentity, ServerIdentities, spiffe_id_of};
+pub use self::origination::FileTlsConnector;
 pub use self::store::{CertStore, Credentials};
 pub use self::workload::{
     MESH_CA_PLUGIN, MESH_PROVIDER_INSTANCE, MeshCaConfig, WorkloadCertificates,

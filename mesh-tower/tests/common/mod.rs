@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 pub mod admin;
+pub mod pki;
 
 /// Waits for `f` at most 10 s: the deadline every test wait uses.
 pub async fn within<F: Future>(what: &str, f: F) -> F::Output {
@@ -400,4 +401,17 @@ pub fn attempt_of(req: &Request) -> u32 {
 /// A plain response with `status` and `body`.
 pub fn reply(status: u16, body: impl Into<String>) -> Response {
     (StatusCode::from_u16(status).unwrap(), body.into()).into_response()
+}
+
+/// The whole error chain, ` / ` between the sources: what tests assert on
+/// when the reason is a source of the error they get.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(" / ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
