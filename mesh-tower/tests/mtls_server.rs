@@ -387,6 +387,47 @@ async fn an_allow_policy_admits_its_principal_and_denies_others_with_403_or_perm
 }
 
 #[tokio::test]
+async fn serve_with_enforces_the_policy_when_the_app_has_no_server_layer() {
+    // The app forgot ServerLayer: serve_with authorizes itself, so the policy
+    // still holds (an app served under a policy is never left unchecked).
+    let ca = TestCa::new("mesh root");
+    let policy = InboundPolicy::fixed(
+        MtlsMode::Strict,
+        vec![allow_principal("allow-frontend", FRONTEND)],
+    );
+    let server = secure_server_with(policy.clone(), Some(ca.store(CATALOG)), |app| app)
+        .await
+        .unwrap();
+    let reply = get_reply(server.addr, &Tls::Cert(ca.leaf(PAYMENT)), true, "/items").await;
+    assert_eq!(reply.status, 403, "{reply:?}");
+    assert!(reply.body.contains("shop/allow-frontend"), "{reply:?}");
+    let reply = send(
+        server.addr,
+        &Tls::Cert(ca.leaf(PAYMENT)),
+        true,
+        grpc("/shop.Catalog/List"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.grpc_status(), Some("7"), "{reply:?}");
+    assert_eq!(
+        server.calls.load(Ordering::SeqCst),
+        0,
+        "a denied request ran the app"
+    );
+    assert_eq!(policy.denied(), 2);
+    assert_served_as(
+        server.addr,
+        &Tls::Cert(ca.leaf(FRONTEND)),
+        false,
+        "/items",
+        FRONTEND,
+    )
+    .await;
+    assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn a_deny_policy_names_itself_and_other_paths_pass() {
     let ca = TestCa::new("mesh root");
     let policy = InboundPolicy::fixed(MtlsMode::Strict, vec![deny_path("deny-admin", "/admin")]);
@@ -812,11 +853,16 @@ fn a_denial_is_counted_logged_and_recorded_with_the_policy() {
                 .metrics(&registry)
                 .access_log(true)
                 .build();
-        let server = secure_server_with(
-            InboundPolicy::fixed(MtlsMode::Strict, vec![deny_path("deny-admin", "/admin")]),
-            Some(ca.store(CATALOG)),
-            |app| app.layer(ServerLayer::new(context()).telemetry(telemetry)),
-        )
+        // The layer enforces the policy inside its telemetry: denials are traced.
+        let policy =
+            InboundPolicy::fixed(MtlsMode::Strict, vec![deny_path("deny-admin", "/admin")]);
+        let server = secure_server_with(policy.clone(), Some(ca.store(CATALOG)), |app| {
+            app.layer(
+                ServerLayer::new(context())
+                    .inbound(policy)
+                    .telemetry(telemetry),
+            )
+        })
         .await
         .unwrap();
         let payment = Tls::Cert(ca.leaf(PAYMENT));

@@ -31,8 +31,12 @@
 //! on use the new one; live ones keep theirs. Requests on an mTLS
 //! connection carry the client's verified
 //! [`PeerIdentity`] next to [`ConnectionInfo`],
-//! and every request the `InboundPolicy`, which
-//! [`ServerLayer`](crate::ServerLayer) authorizes with. A TLS connection
+//! and the `InboundPolicy` authorizes every request: in
+//! [`ServerLayer::inbound`](crate::ServerLayer::inbound) when the app has
+//! one with this policy (inside its telemetry, so denials are traced and
+//! counted in Istio's metrics), otherwise in `serve_with` itself (denials
+//! logged and counted by [`InboundPolicy::denied`]), so an app served under
+//! a policy is never left unchecked. A TLS connection
 //! is closed gracefully (HTTP/2 GOAWAY, HTTP/1.1 `connection: close` after
 //! the request in flight) when the server certificate it was established
 //! with expires: a maximum connection age, so no connection outlives its
@@ -59,7 +63,7 @@ use tower::{Service, ServiceExt};
 pub use self::registration::Registration;
 use self::registration::{Admin, Lease};
 use crate::error::{BoxError, Error, ErrorKind};
-use crate::server::InboundPolicy;
+use crate::server::{Guard, InboundPolicy};
 use crate::tls::{ALPN_H2_HTTP11, CertStore, MeshAcceptor, MtlsMode, PeerIdentity};
 
 /// How long shutdown waits for requests in flight by default.
@@ -644,14 +648,12 @@ async fn serve_connection<IO, S, RB>(
         inbound,
         max_age,
     } = conn;
+    let app = Guard::new(app, inbound);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let extensions = req.extensions_mut();
         extensions.insert(info);
         if let Some(peer) = &peer {
             extensions.insert(peer.clone());
-        }
-        if let Some(inbound) = &inbound {
-            extensions.insert(inbound.clone());
         }
         app.clone().oneshot(req)
     });

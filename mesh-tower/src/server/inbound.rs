@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -55,6 +55,11 @@ struct Shared {
     /// The A36 listener name, for xDS policies.
     listener: Option<Name>,
     denied: AtomicU64,
+    /// Whether a [`ServerLayer`](crate::ServerLayer) authorizes with this
+    /// policy (set when a layer built with it wraps a service, or when a
+    /// layer authorized a request with it); until then `serve_with`
+    /// authorizes itself, so no app served under a policy goes unchecked.
+    layered: AtomicBool,
     /// The task following xDS, ended when the last handle goes.
     task: Option<AbortHandle>,
 }
@@ -144,6 +149,7 @@ impl InboundPolicy {
                 status: watch::Sender::new(status),
                 listener,
                 denied: AtomicU64::new(0),
+                layered: AtomicBool::new(false),
                 task,
             }),
         }
@@ -296,6 +302,17 @@ impl InboundPolicy {
                 ),
             )),
         }
+    }
+
+    /// Records that a [`ServerLayer`](crate::ServerLayer) wrapping the app
+    /// enforces this policy (inside its telemetry, so denials are traced).
+    pub(crate) fn mark_layered(&self) {
+        self.shared.layered.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a [`ServerLayer`](crate::ServerLayer) enforces this policy.
+    pub(crate) fn is_layered(&self) -> bool {
+        self.shared.layered.load(Ordering::Relaxed)
     }
 
     /// Requests denied so far (Envoy's `rbac.denied`), by a policy, by

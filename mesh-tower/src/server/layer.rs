@@ -53,6 +53,9 @@ impl ServerLayer {
     /// [`serve_with`](crate::serve::serve_with) passes in the request's
     /// extensions, if any; with neither, nothing is checked (no cost).
     pub fn inbound(mut self, policy: InboundPolicy) -> Self {
+        // Marked here, not only in `layer`: routers such as axum's may wrap
+        // their handlers lazily, after `serve_with` sees the first request.
+        policy.mark_layered();
         self.inbound = Some(policy);
         self
     }
@@ -88,6 +91,9 @@ impl<S> Layer<S> for ServerLayer {
     type Service = Server<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        if let Some(policy) = &self.inbound {
+            policy.mark_layered();
+        }
         Server::new(
             inner,
             self.context.clone(),

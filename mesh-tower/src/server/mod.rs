@@ -58,6 +58,7 @@ use mesh_core::model::Name;
 pub use self::future::ResponseFuture;
 pub use self::inbound::{InboundConfig, InboundPolicy};
 pub use self::layer::ServerLayer;
+pub(crate) use self::service::Guard;
 pub use self::service::Server;
 
 /// The response header naming the node that served a request, when

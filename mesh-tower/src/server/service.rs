@@ -87,6 +87,10 @@ where
             .inbound
             .as_ref()
             .or_else(|| req.extensions().get::<InboundPolicy>());
+        if let Some(policy) = policy {
+            // From now on `serve_with` leaves authorization to this layer.
+            policy.mark_layered();
+        }
         if let Some(reply) = policy.and_then(|policy| authorize(policy, &req)) {
             return ResponseFuture::local(
                 reply.into_parts(is_grpc(req.headers())),
@@ -94,5 +98,52 @@ where
             );
         }
         ResponseFuture::new(self.inner.call(req), self.served_by.clone())
+    }
+}
+
+/// What `serve` runs every request through. Until a
+/// [`ServerLayer`](super::ServerLayer) is known to enforce the policy (one
+/// built with [`ServerLayer::inbound`](super::ServerLayer::inbound), or one
+/// that has authorized a request with the policy this passes on as a
+/// request extension), it authorizes each request itself, so an app served
+/// under a policy is never left unchecked; those denials are logged and
+/// counted, but not traced. Then it only passes the policy on.
+#[derive(Debug, Clone)]
+pub(crate) struct Guard<S> {
+    inner: S,
+    policy: Option<InboundPolicy>,
+}
+
+impl<S> Guard<S> {
+    pub(crate) fn new(inner: S, policy: Option<InboundPolicy>) -> Self {
+        Guard { inner, policy }
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for Guard<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    RB: http_body::Body,
+{
+    type Response = Response<ResponseBody<RB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if let Some(policy) = &self.policy {
+            if !policy.is_layered()
+                && let Some(reply) = authorize(policy, &req)
+            {
+                return ResponseFuture::local(reply.into_parts(is_grpc(req.headers())), None);
+            }
+            // A ServerLayer without a policy of its own authorizes with this
+            // one (and from then on, only it does).
+            req.extensions_mut().insert(policy.clone());
+        }
+        ResponseFuture::new(self.inner.call(req), None)
     }
 }
