@@ -13,6 +13,18 @@
 //!   over a real hyper HTTP/2 connection on an in-memory transport
 //!   (`tokio::io::duplex`). The difference of each pair is what the layer costs
 //!   per call.
+//! - `server_authorization`: one call through [`ServerLayer`] with a verified peer
+//!   identity on the request (what `serve_with` puts there after an mTLS
+//!   handshake): without an inbound policy, with `InboundPolicy::fixed(STRICT, one
+//!   ALLOW principal policy)`, with 10 policies (5 DENY that do not match, 5 ALLOW,
+//!   the matching one last) and a caller that policy denies (403). In process, no
+//!   sockets, like `server_stack/instant`.
+//! - `mtls_handshake`: a full mutual-TLS handshake, client and server over an
+//!   in-memory pipe (`tokio::io::duplex`), with the mesh's configs
+//!   (`MeshConnector` + `MeshAcceptor::strict` over `CertStore`s: SPIFFE ID checks,
+//!   the peer identity extracted) and with plain rustls configs
+//!   (`WebPkiServerVerifier` / `WebPkiClientVerifier`) and the same certificates,
+//!   issued by the mesh CA's code (ECDSA P-256, TLS 1.3, ring, no resumption).
 //! - `resilience_per_call`: the bookkeeping every call (or failed attempt) pays:
 //!   admitting a request through the circuit breaker and releasing it, deciding a
 //!   retry and taking it from the retry budget, reporting a result to outlier
@@ -494,6 +506,345 @@ fn client_stack(c: &mut Criterion) {
     group.finish();
 }
 
+/// Inserts the verified peer identity `serve_with` would, then calls `inner`.
+#[derive(Clone)]
+struct WithPeer<S> {
+    peer: proxyless::PeerIdentity,
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for WithPeer<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        req.extensions_mut().insert(self.peer.clone());
+        self.inner.call(req)
+    }
+}
+
+/// The AuthorizationPolicies of the `server_authorization` rows: `one` ALLOW for
+/// the client's principal, or ten (five DENY that do not match the bench request,
+/// then five ALLOW of which only the last matches).
+fn authorization_policies(ten: bool) -> Vec<proxyless::core::rbac::AuthorizationPolicy> {
+    use proxyless::core::rbac::{
+        Action, AuthorizationPolicy, Condition, Operation, Rule, Source, StringMatch,
+    };
+    let s = |v: &str| StringMatch::parse(v).expect("string match");
+    let p = |v: &str| StringMatch::parse_path(v).expect("path match");
+    let from = |principals: &[&str]| Source {
+        principals: principals.iter().map(|v| s(v)).collect::<Vec<_>>().into(),
+        ..Source::default()
+    };
+    let policy = |name: &str, action: Action, rule: Rule| {
+        AuthorizationPolicy::new("bench", name, action, vec![rule]).expect("policy")
+    };
+    let allow_client = policy(
+        "allow-client",
+        Action::Allow,
+        Rule {
+            from: vec![from(&["cluster.local/ns/bench/sa/bench-client"])].into(),
+            ..Rule::default()
+        },
+    );
+    if !ten {
+        return vec![allow_client];
+    }
+    vec![
+        policy(
+            "deny-admin-paths",
+            Action::Deny,
+            Rule {
+                to: vec![Operation {
+                    paths: vec![p("/admin/*"), p("/debug/*")].into(),
+                    ..Operation::default()
+                }]
+                .into(),
+                ..Rule::default()
+            },
+        ),
+        policy(
+            "deny-other-namespaces",
+            Action::Deny,
+            Rule {
+                from: vec![Source {
+                    not_namespaces: vec![s("bench"), s("istio-system")].into(),
+                    ..Source::default()
+                }]
+                .into(),
+                ..Rule::default()
+            },
+        ),
+        policy(
+            "deny-intruder",
+            Action::Deny,
+            Rule {
+                from: vec![from(&["cluster.local/ns/bench/sa/intruder", "*/sa/legacy"])].into(),
+                ..Rule::default()
+            },
+        ),
+        policy(
+            "deny-debug-header",
+            Action::Deny,
+            Rule {
+                when: vec![
+                    Condition::parse("request.headers[x-debug]", &["1", "true"], &[])
+                        .expect("condition"),
+                ]
+                .into(),
+                ..Rule::default()
+            },
+        ),
+        policy(
+            "deny-delete",
+            Action::Deny,
+            Rule {
+                to: vec![Operation {
+                    methods: vec![s("DELETE"), s("PATCH")].into(),
+                    ..Operation::default()
+                }]
+                .into(),
+                ..Rule::default()
+            },
+        ),
+        policy(
+            "allow-frontend",
+            Action::Allow,
+            Rule {
+                from: vec![from(&["cluster.local/ns/shop/sa/frontend"])].into(),
+                ..Rule::default()
+            },
+        ),
+        policy(
+            "allow-monitoring",
+            Action::Allow,
+            Rule {
+                from: vec![Source {
+                    namespaces: vec![s("monitoring")].into(),
+                    ..Source::default()
+                }]
+                .into(),
+                to: vec![Operation {
+                    paths: vec![p("/metrics")].into(),
+                    ..Operation::default()
+                }]
+                .into(),
+                ..Rule::default()
+            },
+        ),
+        policy(
+            "allow-health",
+            Action::Allow,
+            Rule {
+                to: vec![Operation {
+                    paths: vec![p("/healthz"), p("/ready")].into(),
+                    methods: vec![s("GET")].into(),
+                    ..Operation::default()
+                }]
+                .into(),
+                ..Rule::default()
+            },
+        ),
+        policy(
+            "allow-admin-sa",
+            Action::Allow,
+            Rule {
+                from: vec![from(&["*/sa/admin"])].into(),
+                to: vec![Operation {
+                    paths: vec![p("/admin/*")].into(),
+                    ..Operation::default()
+                }]
+                .into(),
+                ..Rule::default()
+            },
+        ),
+        allow_client,
+    ]
+}
+
+fn server_authorization(c: &mut Criterion) {
+    use proxyless::InboundPolicy;
+    use proxyless::core::model::MtlsMode;
+    use proxyless::core::spiffe::SpiffeId;
+    let rt = runtime();
+    let uri: Uri = "http://svc/items".parse().expect("uri");
+    let peer = |sa: &str| {
+        proxyless::PeerIdentity::new(
+            SpiffeId::new("cluster.local", "bench", sa).expect("spiffe id"),
+        )
+    };
+    let layer = || ServerLayer::new(ServerContext::new("svc", "bench", "bench-node"));
+    let stack = |layer: ServerLayer, sa: &str| WithPeer {
+        peer: peer(sa),
+        inner: layer.layer(Instant1k),
+    };
+    let mut group = c.benchmark_group("server_authorization");
+    let mut none = stack(layer(), "bench-client");
+    group.bench_function("no_policy", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut none, &uri, iters))
+    });
+    let one = InboundPolicy::fixed(MtlsMode::Strict, authorization_policies(false));
+    let mut allowed = stack(layer().inbound(one.clone()), "bench-client");
+    group.bench_function("strict_1_allow_policy", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut allowed, &uri, iters))
+    });
+    let ten = InboundPolicy::fixed(MtlsMode::Strict, authorization_policies(true));
+    let mut ten_allowed = stack(layer().inbound(ten.clone()), "bench-client");
+    group.bench_function("strict_10_policies_deny_allow", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut ten_allowed, &uri, iters))
+    });
+    let mut ten_denied = stack(layer().inbound(ten.clone()), "stranger");
+    group.bench_function("strict_10_policies_denied_403", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut ten_denied, &uri, iters))
+    });
+    group.finish();
+    // The rows measure what they say: the allowed ones were allowed.
+    assert_eq!(one.denied(), 0, "the one-policy row was denied");
+    assert!(ten.denied() > 0, "the denied row was not denied");
+}
+
+/// Certificates for the handshake rows: a server (SPIFFE ID + DNS `localhost`, so
+/// plain rustls can verify it by name) and a client, from the mesh CA's code.
+struct HandshakeCerts {
+    root: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn handshake_certs() -> HandshakeCerts {
+    use proxyless::control::ca::CertificateAuthority;
+    use proxyless::core::spiffe::SpiffeId;
+    let ca = CertificateAuthority::builder("cluster.local")
+        .build()
+        .expect("CA");
+    let issue = |sa: &str, dns: &[String]| {
+        let id = SpiffeId::new("cluster.local", "bench", sa).expect("spiffe id");
+        let (issued, key) = ca
+            .issue_serving_certificate(&id, dns, &[], None)
+            .expect("certificate");
+        (issued.chain_pem, key)
+    };
+    HandshakeCerts {
+        root: ca.trust_bundle_pem(),
+        server: issue("bench-server", &["localhost".to_owned()]),
+        client: issue("bench-client", &[]),
+    }
+}
+
+fn mtls_handshake(c: &mut Criterion) {
+    use proxyless::core::spiffe::SpiffeId;
+    use proxyless::layers::tls::{
+        ALPN_H2_HTTP11, CertStore, Credentials, MeshAcceptor, MeshConnector, ServerIdentities,
+    };
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let certs = handshake_certs();
+    let store = |(chain, key): &(String, String)| {
+        CertStore::new(
+            Credentials::from_pem(chain.as_bytes(), key.as_bytes(), certs.root.as_bytes())
+                .expect("credentials"),
+        )
+        .expect("store")
+    };
+    let (server_store, client_store) = (store(&certs.server), store(&certs.client));
+    let server_id = SpiffeId::new("cluster.local", "bench", "bench-server").expect("id");
+    let connector = MeshConnector::new(
+        &client_store,
+        ServerIdentities::new([server_id]),
+        ALPN_H2_HTTP11,
+    )
+    .expect("connector");
+    let acceptor = MeshAcceptor::strict(&server_store, ALPN_H2_HTTP11).expect("acceptor");
+
+    let der = |pem: &str| {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certificates")
+    };
+    let key = |pem: &str| PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("key");
+    let mut roots = rustls::RootCertStore::empty();
+    for root in der(&certs.root) {
+        roots.add(root).expect("root");
+    }
+    let roots = Arc::new(roots);
+    let alpn: Vec<Vec<u8>> = ALPN_H2_HTTP11.iter().map(|p| p.to_vec()).collect();
+    let mut server_config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder(roots.clone())
+                .build()
+                .expect("client verifier"),
+        )
+        .with_single_cert(der(&certs.server.0), key(&certs.server.1))
+        .expect("server config");
+    server_config.alpn_protocols = alpn.clone();
+    server_config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    server_config.send_tls13_tickets = 0;
+    let mut client_config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(der(&certs.client.0), key(&certs.client.1))
+        .expect("client config");
+    client_config.alpn_protocols = alpn;
+    client_config.resumption = rustls::client::Resumption::disabled();
+    let plain_acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let plain_connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+
+    let mut group = c.benchmark_group("mtls_handshake");
+    group.bench_function("mesh_certstore_configs", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+                    let (client, server) = tokio::join!(
+                        connector.connect("localhost", client_io),
+                        acceptor.accept(server_io)
+                    );
+                    let (_stream, peer) = client.expect("client handshake");
+                    let server = server.expect("server handshake");
+                    black_box((peer, server.peer_identity().is_some()));
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.bench_function("plain_rustls_configs", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+                    let name = ServerName::try_from("localhost").expect("name");
+                    let (client, server) = tokio::join!(
+                        plain_connector.connect(name, client_io),
+                        plain_acceptor.accept(server_io)
+                    );
+                    let client = client.expect("client handshake");
+                    let server = server.expect("server handshake");
+                    black_box((
+                        client.get_ref().1.alpn_protocol().is_some(),
+                        server.get_ref().1.peer_certificates().is_some(),
+                    ));
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.finish();
+}
+
 fn server_stack(c: &mut Criterion) {
     let rt = runtime();
     let uri: Uri = "http://svc/items".parse().expect("uri");
@@ -606,7 +957,7 @@ mod harness {
     criterion_group! {
         name = benches;
         config = config();
-        targets = route_lookup, lb_pick, resilience, client_stack, server_stack, telemetry_sampling_off
+        targets = route_lookup, lb_pick, resilience, client_stack, server_stack, server_authorization, mtls_handshake, telemetry_sampling_off
     }
 }
 

@@ -13,9 +13,12 @@
 //! | b | `proxyless::Client` → `ServerLayer` + `proxyless::serve` (HTTP/1.1), mesh-control in its own process |
 //! | b-otel | (b) with telemetry on both sides: Istio metrics recorded, tracing sampled off |
 //! | c-plain | (a) over mutual TLS, plain rustls on both sides |
-//! | c-mesh | (b) with the mesh's mTLS: not available until issue 5 lands |
+//! | c-mesh | (b) with the mesh's zero trust: mTLS from mesh-control's CA, STRICT, an ALLOW policy |
+//! | c-mesh-rot | (c-mesh) with 10 s certificates: renewed every 5 s, connections end at expiry |
 //! | d-plain | tonic `Channel` → tonic server (gRPC) |
 //! | d-mesh | tonic over `proxyless::Client` → `ServerLayer` + `proxyless::serve` (gRPC) |
+//! | d-plain-tls | (d-plain) over mutual TLS, plain rustls on both sides |
+//! | d-mesh-tls | (d-mesh) with the mesh's zero trust, as c-mesh |
 //! | e | (a) through Envoy → Envoy (HTTP/2 between them, `--concurrency 1` each) |
 //!
 //! Each row gets a closed-loop phase (fixed concurrency: throughput at saturation,
@@ -77,7 +80,10 @@ fn main() {
     match std::env::var(common::ROLE_ENV).as_deref() {
         Ok("server") => apps::server_main(),
         Ok("client") => apps::client_main(),
-        Ok("control") => common::control_main(1),
+        Ok("control") => match tls::control_ca_from_env() {
+            Ok(ca) => common::control_main_with(1, ca),
+            Err(e) => common::fail_role(e),
+        },
         Ok("memory-probe") => memory_probe_main(),
         Ok(other) => {
             eprintln!("error: unknown {} {other:?}", common::ROLE_ENV);
@@ -148,15 +154,22 @@ struct RowSpec {
     envoy: bool,
     /// The row this one is the mesh (or sidecar) version of.
     twin: Option<&'static str>,
+    /// Other rows to report the difference to (what one feature adds).
+    also: &'static [&'static str],
+    /// The lifetime of the workload certificates of a zero-trust mesh row, in
+    /// seconds (0: the CA's default, 24 h).
+    cert_lifetime_secs: u64,
 }
 
-const ROWS: [RowSpec; 9] = [
+const ROWS: [RowSpec; 12] = [
     RowSpec {
         id: "a",
         description: "plain hyper → plain hyper (HTTP/1.1)",
         kind: Ok(AppKind::PlainHttp),
         envoy: false,
         twin: None,
+        also: &[],
+        cert_lifetime_secs: 0,
     },
     RowSpec {
         id: "a-again",
@@ -164,6 +177,8 @@ const ROWS: [RowSpec; 9] = [
         kind: Ok(AppKind::PlainHttp),
         envoy: false,
         twin: Some("a"),
+        also: &[],
+        cert_lifetime_secs: 0,
     },
     RowSpec {
         id: "b",
@@ -171,6 +186,8 @@ const ROWS: [RowSpec; 9] = [
         kind: Ok(AppKind::MeshHttp),
         envoy: false,
         twin: Some("a"),
+        also: &[],
+        cert_lifetime_secs: 0,
     },
     RowSpec {
         id: "b-otel",
@@ -178,6 +195,8 @@ const ROWS: [RowSpec; 9] = [
         kind: Ok(AppKind::MeshHttpTelemetry),
         envoy: false,
         twin: Some("a"),
+        also: &[],
+        cert_lifetime_secs: 0,
     },
     RowSpec {
         id: "c-plain",
@@ -185,15 +204,26 @@ const ROWS: [RowSpec; 9] = [
         kind: Ok(AppKind::PlainTls),
         envoy: false,
         twin: None,
+        also: &["a"],
+        cert_lifetime_secs: 0,
     },
     RowSpec {
         id: "c-mesh",
-        description: "(b) with the mesh's mTLS",
-        // When issue 5 lands: an `AppKind::MeshTls` (client and server arms in
-        // overhead/apps.rs) and `Ok(AppKind::MeshTls)` here.
-        kind: Err("mesh mTLS lands with issue 5"),
+        description: "(b) with zero trust: mTLS (mesh CA), STRICT, an ALLOW policy",
+        kind: Ok(AppKind::MeshTls),
         envoy: false,
         twin: Some("c-plain"),
+        also: &["b", "a"],
+        cert_lifetime_secs: 0,
+    },
+    RowSpec {
+        id: "c-mesh-rot",
+        description: "(c-mesh) with 10 s certificates: renewal every 5 s, connections end at expiry",
+        kind: Ok(AppKind::MeshTls),
+        envoy: false,
+        twin: Some("c-mesh"),
+        also: &[],
+        cert_lifetime_secs: 10,
     },
     RowSpec {
         id: "d-plain",
@@ -201,6 +231,8 @@ const ROWS: [RowSpec; 9] = [
         kind: Ok(AppKind::PlainGrpc),
         envoy: false,
         twin: None,
+        also: &[],
+        cert_lifetime_secs: 0,
     },
     RowSpec {
         id: "d-mesh",
@@ -208,6 +240,26 @@ const ROWS: [RowSpec; 9] = [
         kind: Ok(AppKind::MeshGrpc),
         envoy: false,
         twin: Some("d-plain"),
+        also: &[],
+        cert_lifetime_secs: 0,
+    },
+    RowSpec {
+        id: "d-plain-tls",
+        description: "(d-plain) over mTLS, plain rustls both sides (h2)",
+        kind: Ok(AppKind::PlainGrpcTls),
+        envoy: false,
+        twin: None,
+        also: &["d-plain"],
+        cert_lifetime_secs: 0,
+    },
+    RowSpec {
+        id: "d-mesh-tls",
+        description: "(d-mesh) with zero trust: mTLS (mesh CA), STRICT, an ALLOW policy",
+        kind: Ok(AppKind::MeshGrpcTls),
+        envoy: false,
+        twin: Some("d-plain-tls"),
+        also: &["d-mesh", "d-plain"],
+        cert_lifetime_secs: 0,
     },
     RowSpec {
         id: "e",
@@ -215,6 +267,8 @@ const ROWS: [RowSpec; 9] = [
         kind: Ok(AppKind::PlainHttp),
         envoy: true,
         twin: Some("a"),
+        also: &[],
+        cert_lifetime_secs: 0,
     },
 ];
 
@@ -362,6 +416,8 @@ struct Running {
     /// (process, on the request path)
     processes: Vec<(RoleProcess, bool)>,
     client_addr: SocketAddr,
+    /// The config directory and trust bundle of a zero-trust row's mesh-control.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 impl Running {
@@ -382,18 +438,70 @@ fn start_row(spec: &RowSpec, kind: AppKind) -> Result<Running, String> {
     let mut processes = Vec::new();
     let mut server_env: Vec<(String, String)> = Vec::new();
     let mut client_env: Vec<(String, String)> = Vec::new();
+    let material = kind.is_tls().then(tls::TlsMaterial::generate).transpose()?;
+    let mut scratch = None;
     if kind.is_mesh() {
-        let mut control = RoleProcess::spawn_role("mesh-control", "control", &[], &[])?;
+        // Zero trust: mesh-control's CA signs with the root of the plain rows'
+        // certificates, its config is STRICT with an ALLOW policy for the client.
+        let mut control_env = Vec::new();
+        let mut secure = None;
+        if let Some(material) = &material {
+            let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+            let config_dir = dir.path().join("config");
+            std::fs::create_dir(&config_dir)
+                .and_then(|()| std::fs::write(config_dir.join("mesh.yaml"), zero_trust_yaml()))
+                .map_err(|e| format!("writing the zero-trust mesh config: {e}"))?;
+            let bundle = dir.path().join("trust-bundle.pem");
+            let tokens = [
+                (join_token(tls::CLIENT_ACCOUNT), tls::CLIENT_ACCOUNT),
+                (join_token(kind.service()), kind.service()),
+            ];
+            control_env.extend(material.control_env(&tokens, &bundle));
+            control_env.push((
+                "MESH_BENCH_CONFIG_DIR".to_owned(),
+                config_dir.display().to_string(),
+            ));
+            secure = Some((bundle, tokens));
+            scratch = Some(dir);
+        }
+        let mut control = RoleProcess::spawn_role("mesh-control", "control", &[], &control_env)?;
         let (xds, admin) = common::parse_control_ready(&control.wait_ready(READY)?)?;
-        server_env.push((apps::ADMIN_ENV.into(), admin.to_string()));
-        client_env.push((
-            apps::BOOTSTRAP_ENV.into(),
-            proxyless::control::bootstrap_json(xds, admin, "bench-client-app", apps::NAMESPACE),
-        ));
         processes.push((control, false));
-    }
-    if kind.is_tls() {
-        let material = tls::TlsMaterial::generate()?;
+        match secure {
+            None => {
+                server_env.push((apps::ADMIN_ENV.into(), admin.to_string()));
+                client_env.push((
+                    apps::BOOTSTRAP_ENV.into(),
+                    proxyless::control::bootstrap_json(
+                        xds,
+                        admin,
+                        "bench-client-app",
+                        apps::NAMESPACE,
+                    ),
+                ));
+            }
+            Some((bundle, [(client_token, client_sa), (server_token, server_sa)])) => {
+                let bootstrap = |node: &str, account: &str, token: String| {
+                    let workload = proxyless::control::BootstrapSpec::new(node, apps::NAMESPACE)
+                        .service_account(account)
+                        .label("app", account);
+                    let workload = match spec.cert_lifetime_secs {
+                        0 => workload.join_token(token),
+                        secs => workload.join_token_with_lifetime(token, Duration::from_secs(secs)),
+                    };
+                    proxyless::control::bootstrap_json_for(xds, admin, Some(&bundle), &workload)
+                };
+                server_env.push((
+                    apps::BOOTSTRAP_ENV.into(),
+                    bootstrap("bench-server-app", server_sa, server_token),
+                ));
+                client_env.push((
+                    apps::BOOTSTRAP_ENV.into(),
+                    bootstrap("bench-client-app", client_sa, client_token),
+                ));
+            }
+        }
+    } else if let Some(material) = &material {
         server_env.extend(material.to_env());
         client_env.extend(material.to_env());
     }
@@ -437,6 +545,7 @@ fn start_row(spec: &RowSpec, kind: AppKind) -> Result<Running, String> {
     let running = Running {
         processes,
         client_addr,
+        _scratch: scratch,
     };
     // One request end to end before measuring anything.
     let mut probe = loadgen::HttpConn::new(client_addr);
@@ -450,6 +559,26 @@ fn start_row(spec: &RowSpec, kind: AppKind) -> Result<Running, String> {
         ));
     }
     Ok(running)
+}
+
+/// The mesh config of the zero-trust rows: mTLS STRICT for the bench namespace,
+/// and only the client app's service account may call its servers (Istio
+/// resources, as an operator writes them).
+fn zero_trust_yaml() -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: {ns}}}\nspec:\n  mtls: {{mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: allow-bench-client, namespace: {ns}}}\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"{td}/ns/{ns}/sa/{sa}\"]\n",
+        ns = apps::NAMESPACE,
+        td = tls::TRUST_DOMAIN,
+        sa = tls::CLIENT_ACCOUNT,
+    )
+}
+
+/// A fresh join token for `account` (long and unguessable enough for a bench).
+fn join_token(account: &str) -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let a = RandomState::new().hash_one((account, std::time::Instant::now()));
+    let b = RandomState::new().hash_one((a, std::process::id()));
+    format!("{account}-{a:016x}{b:016x}")
 }
 
 fn cpu_delta(before: &[Option<ProcSample>], after: &[Option<ProcSample>], i: usize) -> Duration {
@@ -968,96 +1097,115 @@ fn report_markdown(
 
     // What the mesh (or the sidecars) add, pair by pair.
     let mut pairs = Vec::new();
+    let others = |spec: &RowSpec| -> Vec<(&'static str, bool)> {
+        spec.twin
+            .map(|t| (t, true))
+            .into_iter()
+            .chain(spec.also.iter().map(|t| (*t, false)))
+            .collect()
+    };
+    let is_mesh_row = |id: &str| {
+        ROWS.iter()
+            .any(|r| r.id == id && r.kind.is_ok_and(AppKind::is_mesh))
+    };
     for (spec, r) in results {
-        let Some(twin) = spec.twin else { continue };
-        let label = format!("{} − {twin}", spec.id);
-        match (r, find(twin)) {
-            (Ok(d), Some(t)) => {
-                let (o, b) = (&d.open.latency, &t.open.latency);
-                let cpu = d.closed.cpu_us_per_req - t.closed.cpu_us_per_req;
-                let rps = if t.closed.rps > 0.0 {
-                    d.closed.rps / t.closed.rps
-                } else {
-                    0.0
-                };
-                let verdict = if spec.envoy {
-                    "sidecar pair (reference)".to_owned()
-                } else if spec.kind == Ok(AppKind::PlainHttp) {
-                    "A/A: what noise alone gives".to_owned()
-                } else {
-                    // Paired differences where there are slices (more robust).
-                    let p50 = paired_median(&d.open.reps, &t.open.reps, |s| s.p50)
-                        .unwrap_or(o.p50 - b.p50);
-                    let p99 = paired_median(&d.open.reps, &t.open.reps, |s| s.p99)
-                        .unwrap_or(o.p99 - b.p99);
-                    let cpu = paired_median(&d.closed.reps, &t.closed.reps, |s| s.cpu_us_per_req)
-                        .unwrap_or(cpu);
-                    let ok = |b: bool| if b { "✓" } else { "✗" };
-                    format!(
-                        "p50≤2 {} · p99≤5 {} · CPU≤2 {} · rps≥0.9 {}",
-                        ok(p50 <= 2.0),
-                        ok(p99 <= 5.0),
-                        ok(cpu <= 2.0),
-                        ok(rps >= 0.9)
-                    )
-                };
-                let paired = |f: fn(&Slice) -> f64, phase: fn(&RowData) -> &PhaseStats| {
-                    paired_median(&phase(d).reps, &phase(t).reps, f)
-                        .map_or_else(|| "–".to_owned(), signed)
-                };
-                pairs.push(vec![
+        for (twin, is_twin) in others(spec) {
+            let label = format!("{} − {twin}", spec.id);
+            match (r, find(twin)) {
+                (Ok(d), Some(t)) => {
+                    let (o, b) = (&d.open.latency, &t.open.latency);
+                    let cpu = d.closed.cpu_us_per_req - t.closed.cpu_us_per_req;
+                    let rps = if t.closed.rps > 0.0 {
+                        d.closed.rps / t.closed.rps
+                    } else {
+                        0.0
+                    };
+                    let verdict = if spec.envoy {
+                        "sidecar pair (reference)".to_owned()
+                    } else if spec.kind == Ok(AppKind::PlainHttp) {
+                        "A/A: what noise alone gives".to_owned()
+                    } else if !is_twin || is_mesh_row(twin) {
+                        "(what one feature adds)".to_owned()
+                    } else {
+                        // Paired differences where there are slices (more robust).
+                        let p50 = paired_median(&d.open.reps, &t.open.reps, |s| s.p50)
+                            .unwrap_or(o.p50 - b.p50);
+                        let p99 = paired_median(&d.open.reps, &t.open.reps, |s| s.p99)
+                            .unwrap_or(o.p99 - b.p99);
+                        let cpu =
+                            paired_median(&d.closed.reps, &t.closed.reps, |s| s.cpu_us_per_req)
+                                .unwrap_or(cpu);
+                        let ok = |b: bool| if b { "✓" } else { "✗" };
+                        format!(
+                            "p50≤2 {} · p99≤5 {} · CPU≤2 {} · rps≥0.9 {}",
+                            ok(p50 <= 2.0),
+                            ok(p99 <= 5.0),
+                            ok(cpu <= 2.0),
+                            ok(rps >= 0.9)
+                        )
+                    };
+                    let paired = |f: fn(&Slice) -> f64, phase: fn(&RowData) -> &PhaseStats| {
+                        paired_median(&phase(d).reps, &phase(t).reps, f)
+                            .map_or_else(|| "–".to_owned(), signed)
+                    };
+                    pairs.push(vec![
+                        label,
+                        paired(|s| s.p50, |r| &r.open),
+                        paired(|s| s.p99, |r| &r.open),
+                        paired(|s| s.cpu_us_per_req, |r| &r.closed),
+                        signed(o.p50 - b.p50),
+                        signed(o.p90 - b.p90),
+                        signed(o.p99 - b.p99),
+                        signed(o.p999 - b.p999),
+                        signed(cpu),
+                        signed(d.open.cpu_us_per_req - t.open.cpu_us_per_req),
+                        format!("{rps:.2}"),
+                        signed(d.rss_mb() - t.rss_mb()),
+                        verdict,
+                    ]);
+                }
+                (Err(reason), _) => pairs.push(vec![
                     label,
-                    paired(|s| s.p50, |r| &r.open),
-                    paired(|s| s.cpu_us_per_req, |r| &r.closed),
-                    signed(o.p50 - b.p50),
-                    signed(o.p90 - b.p90),
-                    signed(o.p99 - b.p99),
-                    signed(o.p999 - b.p999),
-                    signed(cpu),
-                    signed(d.open.cpu_us_per_req - t.open.cpu_us_per_req),
-                    format!("{rps:.2}"),
-                    signed(d.rss_mb() - t.rss_mb()),
-                    verdict,
-                ]);
+                    format!("**not available: {reason}**"),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ]),
+                (Ok(_), None) => pairs.push(vec![
+                    label,
+                    format!("(row {twin} did not run)"),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ]),
             }
-            (Err(reason), _) => pairs.push(vec![
-                label,
-                format!("**not available: {reason}**"),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-            ]),
-            (Ok(_), None) => pairs.push(vec![
-                label,
-                format!("(row {twin} did not run)"),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-            ]),
         }
     }
     if !pairs.is_empty() {
         out.push_str(
-            "\nAdded per hop (row minus its plain twin; latency open loop). \"paired\": the median over slices of the difference between adjacent slices of the two rows, which cancels most of the machine's drift; the other columns compare the pooled distributions:\n\n",
+            "\nAdded per hop (row minus its plain twin, or minus another row where one feature is the difference; latency open loop). \"paired\": the median over slices of the difference between adjacent slices of the two rows, which cancels most of the machine's drift; the other columns compare the pooled distributions:\n\n",
         );
         out.push_str(&markdown_table(
             &[
                 "pair",
                 "Δp50 µs (paired)",
+                "Δp99 µs (paired)",
                 "ΔCPU µs/req (paired, closed)",
                 "Δp50 µs",
                 "Δp90 µs",

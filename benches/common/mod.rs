@@ -538,6 +538,16 @@ pub(crate) fn json_object(pairs: BTreeMap<String, serde_json::Value>) -> serde_j
 /// unset) on ephemeral loopback ports. Prints `READY <xds address> <admin address>`.
 /// `threads` tokio workers (1: current-thread).
 pub(crate) fn control_main(threads: usize) -> ! {
+    control_main_with(threads, None)
+}
+
+/// [`control_main`] with security on: `ca` (the CA, and the file its trust bundle
+/// is written to for bootstraps) makes mesh-control issue workload certificates,
+/// authenticate registrations and serve ADS and the admin API over TLS.
+pub(crate) fn control_main_with(
+    threads: usize,
+    ca: Option<(proxyless::control::ca::CertificateAuthority, PathBuf)>,
+) -> ! {
     exit_when_stdin_closes();
     let _scratch;
     let dir = match std::env::var_os("MESH_BENCH_CONFIG_DIR") {
@@ -553,11 +563,11 @@ pub(crate) fn control_main(threads: usize) -> ! {
     };
     let rt = runtime(threads);
     rt.block_on(async move {
-        match proxyless::control::Server::builder()
-            .config_dir(&dir)
-            .start()
-            .await
-        {
+        let mut builder = proxyless::control::Server::builder().config_dir(&dir);
+        if let Some((ca, bundle)) = ca {
+            builder = builder.ca(ca).trust_bundle_file(bundle);
+        }
+        match builder.start().await {
             Ok(handle) => {
                 announce_ready(format!("{} {}", handle.xds_addr(), handle.admin_addr()));
                 std::future::pending::<()>().await;

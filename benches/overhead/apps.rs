@@ -20,16 +20,19 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use proxyless::core::model::Protocol;
+use proxyless::core::model::{MtlsMode, Protocol};
 use proxyless::layers::telemetry::{ClientTelemetry, Identity, MetricsRegistry, Telemetry};
-use proxyless::{Bootstrap, Registration, ServerContext, ServerLayer, XdsClient};
+use proxyless::{
+    Bootstrap, InboundPolicy, Registration, Security, ServerContext, ServerLayer,
+    WorkloadCertificates, XdsClient,
+};
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
 
 use super::shop::payment_client::PaymentClient;
 use super::shop::payment_server::{Payment, PaymentServer};
 use super::shop::{PayReply, PayRequest, StreamReply, StreamRequest};
-use super::tls::{TlsConnector, TlsMaterial};
+use super::tls::{TlsConnector, TlsMaterial, TlsServerConn};
 use crate::common::{announce_ready, env_usize, exit_when_stdin_closes, fail_role, runtime};
 
 /// The size of every answer.
@@ -63,10 +66,19 @@ pub(crate) enum AppKind {
     MeshHttpTelemetry,
     /// As `PlainHttp`, over mutual TLS with rustls.
     PlainTls,
+    /// As `MeshHttp` with the mesh's zero trust on: certificates from
+    /// mesh-control's CA (join tokens, CSRs), the client's cluster ISTIO_MUTUAL,
+    /// the server's A36 listener STRICT with an ALLOW policy naming the client's
+    /// principal (`serve_with` + `Security`, `ServerLayer::inbound`).
+    MeshTls,
     /// A tonic `Channel` → tonic's server, gRPC.
     PlainGrpc,
+    /// As `PlainGrpc`, over mutual TLS with rustls (ALPN h2).
+    PlainGrpcTls,
     /// tonic over `proxyless::Client` → `ServerLayer` + `proxyless::serve`, gRPC.
     MeshGrpc,
+    /// As `MeshGrpc` with the mesh's zero trust on, as `MeshTls`.
+    MeshGrpcTls,
 }
 
 impl AppKind {
@@ -77,8 +89,11 @@ impl AppKind {
             AppKind::MeshHttp => "mesh-http",
             AppKind::MeshHttpTelemetry => "mesh-http-otel",
             AppKind::PlainTls => "plain-tls",
+            AppKind::MeshTls => "mesh-tls",
             AppKind::PlainGrpc => "plain-grpc",
+            AppKind::PlainGrpcTls => "plain-grpc-tls",
             AppKind::MeshGrpc => "mesh-grpc",
+            AppKind::MeshGrpcTls => "mesh-grpc-tls",
         }
     }
 
@@ -89,8 +104,11 @@ impl AppKind {
             AppKind::MeshHttp,
             AppKind::MeshHttpTelemetry,
             AppKind::PlainTls,
+            AppKind::MeshTls,
             AppKind::PlainGrpc,
+            AppKind::PlainGrpcTls,
             AppKind::MeshGrpc,
+            AppKind::MeshGrpcTls,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -100,13 +118,32 @@ impl AppKind {
     pub(crate) fn is_mesh(self) -> bool {
         matches!(
             self,
-            AppKind::MeshHttp | AppKind::MeshHttpTelemetry | AppKind::MeshGrpc
+            AppKind::MeshHttp
+                | AppKind::MeshHttpTelemetry
+                | AppKind::MeshTls
+                | AppKind::MeshGrpc
+                | AppKind::MeshGrpcTls
         )
     }
 
-    /// Whether the apps need TLS material.
+    /// Whether the apps need TLS material (the plain rows: PEM in the
+    /// environment; the mesh rows: mesh-control's CA under the same root).
     pub(crate) fn is_tls(self) -> bool {
-        matches!(self, AppKind::PlainTls)
+        matches!(
+            self,
+            AppKind::PlainTls | AppKind::PlainGrpcTls | AppKind::MeshTls | AppKind::MeshGrpcTls
+        )
+    }
+
+    /// The mesh service the apps use.
+    pub(crate) fn service(self) -> &'static str {
+        match self {
+            AppKind::PlainGrpc
+            | AppKind::PlainGrpcTls
+            | AppKind::MeshGrpc
+            | AppKind::MeshGrpcTls => GRPC_SERVICE,
+            _ => HTTP_SERVICE,
+        }
     }
 }
 
@@ -182,9 +219,45 @@ pub(crate) fn server_main() -> ! {
                 serve_plain(listener, None).await
             }
             AppKind::PlainTls => {
-                let config = TlsMaterial::from_env()?.server_config()?;
+                let config = TlsMaterial::from_env()?.server_config(&[b"http/1.1"])?;
                 announce_ready(addr);
                 serve_plain(listener, Some(tokio_rustls::TlsAcceptor::from(config))).await
+            }
+            AppKind::PlainGrpcTls => {
+                let config = TlsMaterial::from_env()?.server_config(&[b"h2"])?;
+                announce_ready(addr);
+                serve_grpc_tls(listener, tokio_rustls::TlsAcceptor::from(config)).await
+            }
+            AppKind::MeshTls => {
+                let secure = SecureServer::start(addr).await?;
+                let layer = server_layer(HTTP_SERVICE).inbound(secure.inbound.clone());
+                let app = layer.layer(tower::service_fn(answer::<Incoming>));
+                let registration = secure.registration(HTTP_SERVICE, Protocol::Http1)?;
+                let serving = proxyless::serve_with(listener, registration, app, secure.security())
+                    .await
+                    .map_err(|e| format!("proxyless::serve_with: {e}"))?;
+                announce_ready(addr);
+                std::future::pending::<()>().await;
+                drop((serving, secure));
+                Ok(())
+            }
+            AppKind::MeshGrpcTls => {
+                let secure = SecureServer::start(addr).await?;
+                let layer = server_layer(GRPC_SERVICE).inbound(secure.inbound.clone());
+                let routes = tonic::service::Routes::new(PaymentServer::new(bench_payment()));
+                let registration = secure.registration(GRPC_SERVICE, Protocol::Grpc)?;
+                let serving = proxyless::serve_with(
+                    listener,
+                    registration,
+                    layer.layer(routes),
+                    secure.security(),
+                )
+                .await
+                .map_err(|e| format!("proxyless::serve_with: {e}"))?;
+                announce_ready(addr);
+                std::future::pending::<()>().await;
+                drop((serving, secure));
+                Ok(())
             }
             AppKind::PlainGrpc => {
                 announce_ready(addr);
@@ -238,6 +311,86 @@ pub(crate) fn server_main() -> ! {
         Ok(()) => std::process::exit(0),
         Err(e) => fail_role(e),
     }
+}
+
+/// What a zero-trust mesh server app holds: its certificates (renewed at
+/// half-life by a task these keep alive), its xDS client and its inbound policy
+/// (the A36 listener mesh-control sends for it).
+struct SecureServer {
+    bootstrap: Bootstrap,
+    certificates: WorkloadCertificates,
+    _xds: XdsClient,
+    inbound: InboundPolicy,
+}
+
+impl SecureServer {
+    /// Certificates from mesh-control's CA, then the inbound policy; fails unless
+    /// the policy is STRICT with at least one authorization policy in force, so
+    /// the row measures what it says.
+    async fn start(addr: SocketAddr) -> Result<SecureServer, String> {
+        let bootstrap = Bootstrap::from_env().map_err(|e| format!("xDS bootstrap: {e}"))?;
+        let certificates = WorkloadCertificates::from_bootstrap(&bootstrap)
+            .await
+            .map_err(|e| format!("server certificates: {e}"))?
+            .ok_or("the server's bootstrap names no certificate provider")?;
+        let xds = XdsClient::start(bootstrap.clone());
+        let inbound = InboundPolicy::from_xds(&xds, addr).map_err(|e| format!("inbound: {e}"))?;
+        inbound
+            .ready(Duration::from_secs(30))
+            .await
+            .map_err(|e| format!("inbound policy: {e}"))?;
+        let current = inbound.current();
+        if current.mode() != MtlsMode::Strict || current.policies().is_empty() {
+            return Err(format!(
+                "the server listener is {} with {} authorization policies; the row needs \
+                 STRICT and an ALLOW policy",
+                current.mode(),
+                current.policies().len()
+            ));
+        }
+        drop(current);
+        Ok(SecureServer {
+            bootstrap,
+            certificates,
+            _xds: xds,
+            inbound,
+        })
+    }
+
+    fn registration(&self, service: &str, protocol: Protocol) -> Result<Registration, String> {
+        Registration::from_bootstrap(&self.bootstrap, service)
+            .map(|r| r.protocol(protocol))
+            .map_err(|e| format!("registration: {e}"))
+    }
+
+    fn security(&self) -> Security {
+        Security::new(self.inbound.clone()).certificates(self.certificates.store().clone())
+    }
+}
+
+/// tonic's server behind rustls: handshakes run in tasks of their own, finished
+/// connections are handed to tonic.
+async fn serve_grpc_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> Result<(), String> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<TlsServerConn, std::io::Error>>(64);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(stream).await {
+                    let _ = tx.send(Ok(TlsServerConn(tls))).await;
+                }
+            });
+        }
+    });
+    tonic::transport::Server::builder()
+        .add_service(PaymentServer::new(bench_payment()))
+        .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("tonic server: {e}"))
 }
 
 fn http_registration() -> Registration {
@@ -403,7 +556,12 @@ where
     }
 }
 
-async fn upstream(kind: AppKind) -> Result<Upstream, String> {
+/// The client app's upstream; `certificates` receives the workload certificates
+/// of a zero-trust row, which must live as long as the client (their renewal).
+async fn upstream(
+    kind: AppKind,
+    certificates: &mut Option<WorkloadCertificates>,
+) -> Result<Upstream, String> {
     let plain_uri = |scheme: &str| {
         let addr: SocketAddr = env(UPSTREAM_ENV)
             .parse()
@@ -422,11 +580,38 @@ async fn upstream(kind: AppKind) -> Result<Upstream, String> {
             Upstream::Plain(client, plain_uri("http")?)
         }
         AppKind::PlainTls => {
-            let config = TlsMaterial::from_env()?.client_config()?;
+            let config = TlsMaterial::from_env()?.client_config(&[b"http/1.1"])?;
             let client = HyperClient::builder(TokioExecutor::new())
                 .pool_max_idle_per_host(32)
                 .build(TlsConnector::new(config));
             Upstream::Tls(client, plain_uri("https")?)
+        }
+        AppKind::PlainGrpcTls => {
+            let config = TlsMaterial::from_env()?.client_config(&[b"h2"])?;
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(format!("http://{}", env(UPSTREAM_ENV)))
+                    .map_err(|e| format!("grpc endpoint: {e}"))?;
+            let channel = endpoint
+                .connect_with_connector(TlsConnector::new(config))
+                .await
+                .map_err(|e| format!("connecting the grpc channel over TLS: {e}"))?;
+            Upstream::PlainGrpc(PaymentClient::new(channel))
+        }
+        AppKind::MeshTls => {
+            let (xds, store) = mesh_xds_tls(HTTP_SERVICE, certificates).await?;
+            let uri = format!("http://{HTTP_SERVICE}/bench")
+                .parse::<Uri>()
+                .map_err(|e| format!("mesh URI: {e}"))?;
+            Upstream::Mesh(proxyless::Client::new(xds).with_certificates(store), uri)
+        }
+        AppKind::MeshGrpcTls => {
+            let (xds, store) = mesh_xds_tls(GRPC_SERVICE, certificates).await?;
+            let origin = format!("http://{GRPC_SERVICE}")
+                .parse::<Uri>()
+                .map_err(|e| format!("mesh origin: {e}"))?;
+            let channel: proxyless::Client<tonic::body::Body> =
+                proxyless::Client::new(xds).with_certificates(store);
+            Upstream::MeshGrpc(PaymentClient::with_origin(channel, origin))
         }
         AppKind::PlainGrpc => {
             let endpoint =
@@ -465,10 +650,44 @@ async fn upstream(kind: AppKind) -> Result<Upstream, String> {
     })
 }
 
+/// [`mesh_xds`] for a zero-trust row: the client's certificates from mesh-control's
+/// CA first; fails unless `service`'s cluster is mTLS (ISTIO_MUTUAL), so the row
+/// measures what it says.
+async fn mesh_xds_tls(
+    service: &str,
+    certificates: &mut Option<WorkloadCertificates>,
+) -> Result<(XdsClient, proxyless::CertStore), String> {
+    let bootstrap = Bootstrap::from_env().map_err(|e| format!("xDS bootstrap: {e}"))?;
+    let certs = WorkloadCertificates::from_bootstrap(&bootstrap)
+        .await
+        .map_err(|e| format!("client certificates: {e}"))?
+        .ok_or("the client's bootstrap names no certificate provider")?;
+    let xds = mesh_xds_from(bootstrap, service).await?;
+    let snapshot = xds.snapshot();
+    let mut clusters = snapshot
+        .clusters
+        .values()
+        .filter(|c| c.name.contains(service))
+        .peekable();
+    let tls = clusters.peek().is_some() && clusters.all(|c| c.tls.is_some());
+    if !tls {
+        return Err(format!(
+            "the cluster of {service} is not mTLS (Cluster.tls is unset)"
+        ));
+    }
+    let store = certs.store().clone();
+    *certificates = Some(certs);
+    Ok((xds, store))
+}
+
 /// An xDS client (bootstrap from the environment, as a deployed app reads it) that
 /// has `service`'s listener, routes, cluster and at least one endpoint.
 async fn mesh_xds(service: &str) -> Result<XdsClient, String> {
     let bootstrap = Bootstrap::from_env().map_err(|e| format!("xDS bootstrap: {e}"))?;
+    mesh_xds_from(bootstrap, service).await
+}
+
+async fn mesh_xds_from(bootstrap: Bootstrap, service: &str) -> Result<XdsClient, String> {
     let xds = XdsClient::start(bootstrap);
     let ready = async {
         xds.wait_for_listener(service)
@@ -502,7 +721,8 @@ pub(crate) fn client_main() -> ! {
     exit_when_stdin_closes();
     let rt = runtime(app_threads());
     let result: Result<(), String> = rt.block_on(async move {
-        let upstream = upstream(kind).await?;
+        let mut certificates = None;
+        let upstream = upstream(kind, &mut certificates).await?;
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| format!("binding the client app: {e}"))?;
