@@ -429,5 +429,12 @@ async fn certificates_and_roots_rotate_under_load_without_a_failed_request() {
         ca.signing_root_pem() != first_root
     })
     .await;
+    println!(
+        "rotation under load: {ok} requests over {LOAD:?}, 0 failed; {} renewals of the \
+         frontend's {LIFETIME:?} certificate, each presented on a new connection; catalog saw \
+         {} client serials; root rotated at 4 s with a 3 s overlap",
+        renewals.len(),
+        served.len()
+    );
     serving.shutdown().await.expect("shutdown");
 }

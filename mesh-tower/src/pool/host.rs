@@ -644,7 +644,13 @@ impl<B> Host<B> {
             (s, c) => s.or(c),
         };
         let left = match expiry {
-            Some(expiry) => expiry.duration_since(SystemTime::now()).unwrap_or_default(),
+            // Retired a little before the certificates expire: the server
+            // closes its side at its certificate's expiry, and a request
+            // sent on an HTTP/1.1 connection as it closes would be lost.
+            Some(expiry) => {
+                let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+                left - (left / 4).min(RETIRE_MARGIN)
+            }
             // No expiry known (SIMPLE, and a server certificate that does
             // not parse): a day, re-dialed and re-verified then.
             None => Duration::from_secs(24 * 3600),
@@ -652,6 +658,10 @@ impl<B> Host<B> {
         Ok((TokioIo::new(stream), Instant::now() + left))
     }
 }
+
+/// How long before its certificates expire a connection is retired (at
+/// most a quarter of what is left).
+const RETIRE_MARGIN: Duration = Duration::from_secs(1);
 
 fn connect_timeout(config: PoolConfig, policy: Option<&ConnectionPolicy>) -> Duration {
     policy
