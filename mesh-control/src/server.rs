@@ -214,10 +214,15 @@ impl ServerBuilder {
             shared: shared.clone(),
         });
         let mut stop = stop_rx.clone();
-        let grpc = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .add_service(ads)
-            .add_service(csds);
+        let mut grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)));
+        if let Some(ca) = &self.ca {
+            // No ADS stream outlives the serving certificate it was opened
+            // with by more than half its lifetime (it is renewed at
+            // half-life): GOAWAY, and the client reconnects under the new one.
+            grpc = grpc.max_connection_age(ca.default_lifetime());
+        }
+        let grpc = grpc.add_service(ads).add_service(csds);
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
