@@ -109,6 +109,11 @@ struct AdsStream {
     /// `node.metadata.LABELS`: the workload's labels, which select its
     /// PeerAuthentication and AuthorizationPolicies.
     labels: BTreeMap<String, String>,
+    /// A gRPC proxyless client (by its user agent): it NACKs a whole CDS
+    /// response that holds one cluster with file-based TLS (gRFC A29 knows
+    /// only certificate provider instances), so such clusters are left out
+    /// of its responses and only routes to them fail.
+    grpc: bool,
     types: [TypeState; 4],
     nonce: u64,
 }
@@ -141,6 +146,7 @@ impl AdsStream {
             tx,
             namespace: "default".into(),
             labels: BTreeMap::new(),
+            grpc: false,
             types: Default::default(),
             nonce: 0,
         }
@@ -207,6 +213,8 @@ impl AdsStream {
             })
             .unwrap_or_else(|| "default".into());
         self.namespace = namespace.clone();
+        self.grpc = crate::compat::ClientKind::from_user_agent(&node.user_agent_name)
+            == crate::compat::ClientKind::Grpc;
         self.labels = node
             .metadata
             .as_ref()
@@ -285,7 +293,7 @@ impl AdsStream {
     /// answered even when nothing exists, so the client learns that).
     async fn push(&mut self, t: ResourceType, served: &Served, force: bool) -> Result<(), Status> {
         let resources = self.resources_for(t, served);
-        let resource_errors = self.missing(t, &resources);
+        let resource_errors = self.missing(t, &resources, served);
         let i = index(t);
         if !force && self.types[i].sent.as_ref() == Some(&resources) {
             return Ok(());
@@ -328,7 +336,7 @@ impl AdsStream {
     /// grpc-go) that a name it never received does not exist: it waits out its
     /// 15 s timer. With `resource_errors` (xDS TP3, gRFC A88) it fails at once;
     /// clients that do not read the field ignore it.
-    fn missing(&self, t: ResourceType, resources: &[Any]) -> Vec<ResourceError> {
+    fn missing(&self, t: ResourceType, resources: &[Any], served: &Served) -> Vec<ResourceError> {
         let names = &self.types[index(t)].names;
         if names.is_empty() {
             return Vec::new();
@@ -344,11 +352,20 @@ impl AdsStream {
                 }),
                 error_detail: Some(RpcStatus {
                     code: 5,
-                    message: format!(
-                        "{} resource {n:?} does not exist on mesh-control (client namespace {:?})",
-                        t.short_name(),
-                        self.namespace
-                    ),
+                    message: if t == ResourceType::Cluster && file_tls(served, n) {
+                        format!(
+                            "cluster {n:?} originates TLS with certificate files (DestinationRule \
+                             tls SIMPLE / MUTUAL), which gRPC clients cannot load (gRFC A29 \
+                             knows only certificate provider instances): not sent to this client"
+                        )
+                    } else {
+                        format!(
+                            "{} resource {n:?} does not exist on mesh-control (client namespace \
+                             {:?})",
+                            t.short_name(),
+                            self.namespace
+                        )
+                    },
                     details: Vec::new(),
                 }),
             })
@@ -366,6 +383,9 @@ impl AdsStream {
         names
             .iter()
             .filter_map(|name| match all.get(name.as_str()) {
+                Some(_) if self.grpc && t == ResourceType::Cluster && file_tls(served, name) => {
+                    None
+                }
                 Some(any) => Some(any.clone()),
                 None if t == ResourceType::Listener => {
                     self.server_listener(name, served).or_else(|| {
@@ -421,6 +441,16 @@ impl AdsStream {
 
 /// The parameter A36 server listener names carry the address in.
 const LISTENING_ADDRESS: &str = "xds.resource.listening_address=";
+
+/// Whether cluster `name` originates TLS with certificate files
+/// (DestinationRule SIMPLE / MUTUAL).
+fn file_tls(served: &Served, name: &str) -> bool {
+    served.snapshot.clusters.get(name).is_some_and(|c| {
+        c.tls.as_ref().is_some_and(|t| {
+            !matches!(t.origination, mesh_core::model::TlsOrigination::IstioMutual)
+        })
+    })
+}
 
 /// The `ip:port` of a server listener name, if `name` is one.
 pub(crate) fn listening_address(name: &str) -> Option<SocketAddr> {

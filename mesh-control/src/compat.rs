@@ -16,9 +16,10 @@
 //! credentials. [`grpc_security_ignored`] says so for a config, and
 //! [`grpc_ignored`] for the server listeners a client was served.
 //! DestinationRule `tls` SIMPLE / MUTUAL (certificate files) is worse than
-//! ignored: gRPC clients NACK a cluster naming files (A29 reads only
-//! certificate provider instances), which [`grpc_ignored`] reports per
-//! cluster.
+//! ignored: gRPC clients would NACK a whole CDS update with a cluster naming
+//! files (A29 reads only certificate provider instances), so the ADS server
+//! leaves such clusters out of gRPC clients' responses (with a NOT_FOUND
+//! resource error naming why), and [`grpc_ignored`] reports them per cluster.
 //!
 //! The client kind comes from `node.user_agent_name`: grpc-core based clients
 //! (grpcio, C++, Ruby, PHP) send `gRPC C-core …`, grpc-go `gRPC Go`, grpc-java
@@ -164,10 +165,11 @@ pub(crate) fn grpc_ignored(
         }
         if let Some(TlsOrigination::Files(files)) = cluster.tls.as_ref().map(|t| &t.origination) {
             out.insert(format!(
-                "{at}: DestinationRule tls mode {} (certificate files) is rejected by gRPC clients: \
-                 they NACK the whole CDS update, since gRFC A29 supports only certificate provider \
-                 instances (use ISTIO_MUTUAL with the bootstrap's certificate_providers for gRPC \
-                 clients)",
+                "{at}: DestinationRule tls mode {} (certificate files) cannot be used by gRPC \
+                 clients: gRFC A29 supports only certificate provider instances, so mesh-control \
+                 leaves the cluster out of their CDS (a whole CDS update would be NACKed) and \
+                 routes to it fail (use ISTIO_MUTUAL with the bootstrap's certificate_providers for \
+                 gRPC clients)",
                 files.mode()
             ));
         }
@@ -362,8 +364,8 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:#?}");
         assert!(
             found[0].starts_with(
-                "cluster \"ext\": DestinationRule tls mode SIMPLE (certificate files) is rejected \
-                 by gRPC clients: they NACK the whole CDS update"
+                "cluster \"ext\": DestinationRule tls mode SIMPLE (certificate files) cannot be \
+                 used by gRPC clients"
             ),
             "{}",
             found[0]

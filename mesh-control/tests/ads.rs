@@ -397,3 +397,76 @@ async fn an_invalid_file_change_keeps_the_last_good_config() {
     }
     assert_eq!(server.version(), good, "nothing a client sees changed");
 }
+
+/// catalog over plaintext HTTP, and `api.example.com` reached with TLS
+/// from certificate files (DestinationRule SIMPLE).
+const FILE_TLS_CONFIG: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: catalog, namespace: shop}
+spec:
+  hosts: [catalog]
+  resolution: STATIC
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: shop}
+spec:
+  hosts: [api.example.com]
+  resolution: STATIC
+  ports:
+  - {number: 443, name: http, protocol: HTTP}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: shop}
+spec:
+  host: api.example.com
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+      caCertificates: /etc/certs/api-ca.pem
+"#;
+
+#[tokio::test]
+async fn grpc_clients_are_not_sent_clusters_with_file_tls_but_others_are() {
+    const CATALOG: &str = "outbound|80||catalog.shop.svc.cluster.local";
+    const API: &str = "outbound|443||api.example.com";
+    let (_dir, server) = start(FILE_TLS_CONFIG).await;
+    // A gRPC client would NACK the whole response for the one file-TLS
+    // cluster (gRFC A29), so it gets the other cluster and a NOT_FOUND naming
+    // why for that one.
+    let mut grpc = Ads::connect(server.xds_addr(), "grpc-1", "shop").await;
+    grpc.node.user_agent_name = "gRPC C-core linux Python".into();
+    grpc.send(xds::CLUSTER_TYPE, &[CATALOG, API], "", "", None)
+        .await;
+    let cds = grpc.recv().await;
+    let names: Vec<String> = cds
+        .resources
+        .iter()
+        .filter_map(xds::resource_name)
+        .collect();
+    assert_eq!(names, vec![CATALOG.to_string()]);
+    let error = cds
+        .resource_errors
+        .iter()
+        .find(|e| e.resource_name.as_ref().is_some_and(|n| n.name == API))
+        .expect("a resource error for the file-TLS cluster");
+    let message = &error.error_detail.as_ref().expect("detail").message;
+    assert!(message.contains("certificate files"), "{message}");
+    // This mesh's own client gets both.
+    let mut rust = Ads::connect(server.xds_addr(), "rust-1", "shop").await;
+    rust.node.user_agent_name = "proxyless".into();
+    rust.send(xds::CLUSTER_TYPE, &[CATALOG, API], "", "", None)
+        .await;
+    let cds = rust.recv().await;
+    let mut names: Vec<String> = cds
+        .resources
+        .iter()
+        .filter_map(xds::resource_name)
+        .collect();
+    names.sort();
+    assert_eq!(names, vec![API.to_string(), CATALOG.to_string()]);
+}
