@@ -429,6 +429,20 @@ async fn certificates_and_roots_rotate_under_load_without_a_failed_request() {
         ca.signing_root_pem() != first_root
     })
     .await;
+    // Workloads keep renewing once the new root signs (mesh-control's own
+    // certificate, which they verify on every renewal, now comes from it too).
+    let after_root = frontend.certificates.store().serial();
+    eventually_named("two renewals under the new root", DEADLINE, || {
+        changes.has_changed().unwrap_or(false) && {
+            changes.borrow_and_update();
+            frontend.certificates.store().serial() != after_root
+        }
+    })
+    .await;
+    let (status, body) = get_items(&frontend.client())
+        .await
+        .expect("after the new root");
+    assert_eq!(status, 200, "{body}");
     println!(
         "rotation under load: {ok} requests over {LOAD:?}, 0 failed; {} renewals of the \
          frontend's {LIFETIME:?} certificate, each presented on a new connection; catalog saw \
@@ -436,5 +450,72 @@ async fn certificates_and_roots_rotate_under_load_without_a_failed_request() {
         renewals.len(),
         served.len()
     );
+    serving.shutdown().await.expect("shutdown");
+}
+
+/// A workload on another host: its bootstrap names a copy of the trust bundle
+/// that nobody updates when the root rotates. It keeps renewing its
+/// certificate and heartbeating its registration after the new root signs
+/// mesh-control's own certificate, because it also trusts the bundle the CA
+/// sends with every certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_whose_ca_file_is_not_updated_survives_a_root_rotation() {
+    // The overlap covers half a lifetime, so every workload has renewed (and
+    // received the new root in its bundle) before the new root signs.
+    let mesh = Mesh::start(Duration::from_secs(4), Duration::from_secs(3)).await;
+    let copy = mesh._dir.path().join("stale-root.pem");
+    let bundle_file = mesh.server.trust_bundle_file().expect("trust bundle file");
+    std::fs::copy(&bundle_file, &copy).expect("copy the bundle");
+    let spec = BootstrapSpec::new("catalog-remote", "shop")
+        .service_account("catalog")
+        .label("app", "catalog")
+        .join_token(mesh.tokens["catalog"].clone());
+    let json = mesh
+        .server
+        .bootstrap(&spec)
+        .replace(&*bundle_file.to_string_lossy(), &copy.to_string_lossy());
+    let bootstrap = Bootstrap::from_json(&json).expect("bootstrap");
+    let certificates = WorkloadCertificates::from_bootstrap(&bootstrap)
+        .await
+        .expect("certificates")
+        .expect("a provider");
+    let workload = Workload {
+        xds: XdsClient::start(bootstrap.clone()),
+        bootstrap,
+        certificates,
+    };
+    let (serving, _seen) = serve_catalog(&workload).await;
+
+    let ca = mesh.server.ca().expect("CA").clone();
+    let first_root = ca.signing_root_pem();
+    mesh.server.rotate_root().expect("rotate");
+    eventually_named("the new root signs", DEADLINE, || {
+        ca.signing_root_pem() != first_root
+    })
+    .await;
+    // Certificates issued from now on come from the new root, mesh-control's
+    // serving certificate included (it renews at half-life).
+    let mut changes = workload.certificates.store().changes();
+    changes.borrow_and_update();
+    let mut renewals = 0;
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        if tokio::time::timeout(Duration::from_millis(500), changes.changed())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            renewals += 1;
+        }
+    }
+    assert!(
+        renewals >= 2,
+        "the workload renewed {renewals} times in 6 s after the new root took over"
+    );
+    // The lease is still held: heartbeats verified mesh-control all along.
+    let status = mesh.server.status();
+    let registered = status
+        .to_string()
+        .contains(&serving.local_addr().to_string());
+    assert!(registered, "the registration was lost: {status}");
     serving.shutdown().await.expect("shutdown");
 }

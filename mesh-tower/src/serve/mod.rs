@@ -343,7 +343,11 @@ where
         ));
     }
     let port = registration.advertised_port().unwrap_or(local_addr.port());
-    let admin = Admin::new(registration.admin())?;
+    let mut admin = Admin::new(registration.admin())?;
+    if let Some(store) = secure.as_ref().and_then(|s| s.certificates.as_ref()) {
+        // Heartbeats keep verifying mesh-control after a root rotation.
+        admin = admin.trusting(store);
+    }
     let body = registration.to_json(address, port);
 
     // Accept before registering: once clients learn the endpoint, it answers.

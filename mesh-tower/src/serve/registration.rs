@@ -281,6 +281,14 @@ impl Admin {
         })
     }
 
+    /// Also trusts the trust bundle `store` holds, so heartbeats still
+    /// verify mesh-control after a root rotation.
+    pub(crate) fn trusting(self, store: &crate::tls::CertStore) -> Self {
+        Admin {
+            client: self.client.trusting(store),
+        }
+    }
+
     /// `POST /v1/endpoints`.
     pub(crate) async fn register(&self, body: &Value) -> Result<Lease, Error> {
         let (status, reply) = self.call(Method::POST, "/v1/endpoints", Some(body)).await?;

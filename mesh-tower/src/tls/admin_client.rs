@@ -27,6 +27,7 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::store::CertStore;
 use crate::error::{BoxError, Error, ErrorKind};
 
 /// How long one admin API call may take.
@@ -38,6 +39,11 @@ pub(crate) struct AdminClient {
     /// `host:port`.
     authority: String,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// The configured roots (https).
+    base_roots: Option<Arc<RootCertStore>>,
+    /// The workload's certificate store whose trust bundle is trusted too
+    /// (see [`AdminClient::trusting`]).
+    store: Option<CertStore>,
     /// `Bearer <token>`, built once.
     authorization: Option<HeaderValue>,
     /// The kind of the errors this client returns.
@@ -67,6 +73,7 @@ impl AdminClient {
         else {
             return Err(fail(format!("admin address {address:?} is not host:port")));
         };
+        let mut base_roots = None;
         let tls = match ca_pem {
             Some(pem) => {
                 let host = parsed.host().trim_start_matches('[').trim_end_matches(']');
@@ -76,7 +83,9 @@ impl AdminClient {
                          to verify mesh-control's certificate against: {e}"
                     ))
                 })?;
-                Some((TlsConnector::from(client_config(pem, kind)?), name))
+                let (config, roots) = client_config(pem, kind)?;
+                base_roots = Some(Arc::new(roots));
+                Some((TlsConnector::from(config), name))
             }
             None if https => {
                 return Err(fail(format!(
@@ -100,9 +109,33 @@ impl AdminClient {
         Ok(AdminClient {
             authority: authority.to_owned(),
             tls,
+            base_roots,
+            store: None,
             authorization,
             kind,
         })
+    }
+
+    /// This client, also trusting the trust bundle `store` holds at each
+    /// call: the bundle a workload receives with its certificates carries a
+    /// rotated root from the start of the rotation's overlap, so calls
+    /// still verify mesh-control once the new root signs mesh-control's own
+    /// certificate, even where the configured CA file is not updated.
+    pub(crate) fn trusting(mut self, store: &CertStore) -> Self {
+        self.store = Some(store.clone());
+        self
+    }
+
+    fn connector_trusting(
+        &self,
+        base: &RootCertStore,
+        store: &CertStore,
+    ) -> Result<TlsConnector, BoxError> {
+        let mut roots = base.clone();
+        roots
+            .roots
+            .extend(store.material().roots.roots.iter().cloned());
+        Ok(TlsConnector::from(config_with_roots(roots, self.kind)?))
     }
 
     /// Whether the calls go over https.
@@ -141,6 +174,10 @@ impl AdminClient {
             }
             match &self.tls {
                 Some((connector, name)) => {
+                    let connector = match (&self.base_roots, &self.store) {
+                        (Some(base), Some(store)) => self.connector_trusting(base, store)?,
+                        _ => connector.clone(),
+                    };
                     let stream = connector.connect(name.clone(), stream).await?;
                     exchange(TokioIo::new(stream), req).await
                 }
@@ -208,7 +245,10 @@ fn bearer(token: &str) -> Result<HeaderValue, ()> {
 
 /// A rustls client config trusting the PEM roots `ca_pem` (standard WebPKI
 /// verification of mesh-control's server certificate and name).
-fn client_config(ca_pem: &[u8], kind: ErrorKind) -> Result<Arc<ClientConfig>, Error> {
+fn client_config(
+    ca_pem: &[u8],
+    kind: ErrorKind,
+) -> Result<(Arc<ClientConfig>, RootCertStore), Error> {
     let mut roots = RootCertStore::empty();
     let mut found = 0;
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
@@ -232,12 +272,19 @@ fn client_config(ca_pem: &[u8], kind: ErrorKind) -> Result<Arc<ClientConfig>, Er
             "the CA certificate for mesh-control holds no PEM certificate",
         ));
     }
+    Ok((config_with_roots(roots.clone(), kind)?, roots))
+}
+
+fn config_with_roots(roots: RootCertStore, kind: ErrorKind) -> Result<Arc<ClientConfig>, Error> {
     let mut config = ClientConfig::builder_with_provider(super::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::new(kind, format!("TLS client config: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Every call verifies mesh-control's current certificate (a resumed
+    // session would skip that, e.g. across a root rotation).
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 

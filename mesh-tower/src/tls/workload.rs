@@ -208,6 +208,7 @@ impl WorkloadCertificates {
         )?;
         let credentials = request_certificate(&client, &token, config.lifetime).await?;
         let store = CertStore::new(credentials)?;
+        let client = client.trusting(&store);
         tracing::info!(
             identity = %store.identity(),
             serial = %store.serial(),
