@@ -48,8 +48,8 @@ use proxyless::core::Snapshot;
 use proxyless::core::lb::EndpointSet;
 use proxyless::core::model::{
     Cluster, ClusterLoadAssignment, Endpoint, HeaderMatch, LbPolicy, Listener, Locality,
-    LocalityEndpoints, PathMatch, Pattern, Protocol, Route, RouteConfig, RouteMatch, ValueMatch,
-    VirtualHost, WeightedCluster, WeightedClusters,
+    LocalityEndpoints, PathMatch, Pattern, Protocol, RetryPolicy, Route, RouteConfig, RouteMatch,
+    RoutePolicy, ValueMatch, VirtualHost, WeightedCluster, WeightedClusters,
 };
 use proxyless::core::route::RequestView;
 use proxyless::layers::{MeshBody, StaticSource};
@@ -366,6 +366,20 @@ impl<B> Service<Request<B>> for Instant1k {
 
 /// One service named `svc` (HTTP/2, one endpoint) as a client's snapshot.
 fn stack_snapshot() -> Snapshot {
+    stack_snapshot_with(Default::default())
+}
+
+/// [`stack_snapshot`] with Istio's default retry policy on the route (what
+/// mesh-control gives every route without `retries`): the full request
+/// flow instead of the fast path.
+fn stack_snapshot_default_retries() -> Snapshot {
+    stack_snapshot_with(RoutePolicy {
+        retry: Some(RetryPolicy::istio_default()),
+        ..Default::default()
+    })
+}
+
+fn stack_snapshot_with(policy: RoutePolicy) -> Snapshot {
     let mut s = Snapshot::default();
     s.listeners.insert(
         Arc::from("svc"),
@@ -385,7 +399,7 @@ fn stack_snapshot() -> Snapshot {
                     name: Arc::from("all"),
                     matcher: RouteMatch::any(),
                     action: WeightedClusters::single("c"),
-                    policy: Default::default(),
+                    policy,
                 }]),
             }]),
         }),
@@ -490,6 +504,12 @@ fn client_stack(c: &mut Criterion) {
     let mut meshed = layer().layer(Instant1k);
     group.bench_function("instant/mesh_layer", |b| {
         b.iter_custom(|iters| time_calls(&rt, &mut meshed, &uri, iters))
+    });
+    let mut retrying = MeshLayer::new(StaticSource::new(stack_snapshot_default_retries()))
+        .rewrite_uri(false)
+        .layer(Instant1k);
+    group.bench_function("instant/mesh_layer_default_retries", |b| {
+        b.iter_custom(|iters| time_calls(&rt, &mut retrying, &uri, iters))
     });
 
     let sender = rt.block_on(h2_over_duplex::<Full<Bytes>, _, _>(Instant1k));

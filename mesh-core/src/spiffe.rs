@@ -142,6 +142,13 @@ impl SpiffeId {
         &self.uri
     }
 
+    /// The whole URI as the shared string this ID holds: a caller that
+    /// keeps the URI (telemetry labels, per request) clones it instead of
+    /// allocating a copy.
+    pub fn uri(&self) -> &Arc<str> {
+        &self.uri
+    }
+
     /// The ID without the scheme, as Istio's AuthorizationPolicy writes
     /// principals (`cluster.local/ns/shop/sa/catalog`).
     pub fn principal(&self) -> &str {

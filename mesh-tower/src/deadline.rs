@@ -51,7 +51,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, Request};
+use http::{HeaderMap, HeaderName, Request};
 use mesh_core::deadline::{
     EXPECTED_RQ_TIMEOUT_MS, GRPC_TIMEOUT, format_expected_rq_timeout_ms, format_grpc_timeout,
     parse_expected_rq_timeout_ms, parse_grpc_timeout,
@@ -125,34 +125,39 @@ impl Deadline {
     /// `x-envoy-expected-rq-timeout-ms`, counted from now. Malformed values
     /// are ignored (as gRPC servers do).
     pub fn from_headers(headers: &HeaderMap) -> Option<Deadline> {
-        let timeout = header(headers, GRPC_TIMEOUT)
+        let timeout = header(headers, &GRPC_TIMEOUT_NAME)
             .and_then(parse_grpc_timeout)
             .or_else(|| {
-                header(headers, EXPECTED_RQ_TIMEOUT_MS).and_then(parse_expected_rq_timeout_ms)
+                header(headers, &EXPECTED_RQ_TIMEOUT_MS_NAME).and_then(parse_expected_rq_timeout_ms)
             })?;
         // A timeout too large to add is as good as none.
         Instant::now().checked_add(timeout).map(Deadline::new)
     }
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The deadline headers as header names, built at compile time: looking up
+/// by `&str` would parse the name for every request.
+const GRPC_TIMEOUT_NAME: HeaderName = HeaderName::from_static(GRPC_TIMEOUT);
+const EXPECTED_RQ_TIMEOUT_MS_NAME: HeaderName = HeaderName::from_static(EXPECTED_RQ_TIMEOUT_MS);
+
+fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     headers.get(name)?.to_str().ok()
 }
 
 /// The `grpc-timeout` an outgoing gRPC request already carries (set by the
 /// app, tonic's `Request::set_timeout`), as a deadline from `now`.
 pub(crate) fn grpc_timeout_header(headers: &HeaderMap, now: Instant) -> Option<Instant> {
-    let timeout = header(headers, GRPC_TIMEOUT).and_then(parse_grpc_timeout)?;
+    let timeout = header(headers, &GRPC_TIMEOUT_NAME).and_then(parse_grpc_timeout)?;
     now.checked_add(timeout)
 }
 
 /// Writes `timeout` into the deadline header of the request's kind.
 pub(crate) fn write_timeout_header(headers: &mut HeaderMap, grpc: bool, timeout: Duration) {
     let (name, value) = if grpc {
-        (GRPC_TIMEOUT, format_grpc_timeout(timeout))
+        (GRPC_TIMEOUT_NAME, format_grpc_timeout(timeout))
     } else {
         (
-            EXPECTED_RQ_TIMEOUT_MS,
+            EXPECTED_RQ_TIMEOUT_MS_NAME,
             format_expected_rq_timeout_ms(timeout),
         )
     };

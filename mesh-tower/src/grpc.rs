@@ -6,18 +6,16 @@
 //! The client stack passes both through untouched; retry and outlier
 //! detection read them with [`grpc_status`].
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
+
+/// Built at compile time: looking `grpc-status` up by `&str` would parse
+/// the name for every response.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The `grpc-status` code in `headers` (response headers or trailers), or
 /// `None` when absent or not a number.
 pub fn grpc_status(headers: &HeaderMap) -> Option<i32> {
-    headers
-        .get("grpc-status")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    headers.get(GRPC_STATUS)?.to_str().ok()?.trim().parse().ok()
 }
 
 #[cfg(test)]

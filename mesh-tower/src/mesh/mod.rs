@@ -116,6 +116,8 @@ use std::net::SocketAddr;
 
 use mesh_core::model::{Name, Protocol};
 
+use crate::pool::ClusterConnections;
+
 pub(crate) use self::attempt::Finish;
 pub use self::future::ResponseFuture;
 pub use self::layer::MeshLayer;
@@ -126,14 +128,27 @@ pub(crate) use self::service::ensure_authority_in_uri;
 /// as Envoy's `include_request_attempt_count` sends it.
 pub const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
 
+/// [`ATTEMPT_COUNT`] as a header name, built at compile time: inserting by
+/// `&str` would parse and validate the name on every request.
+pub(crate) const ATTEMPT_COUNT_NAME: http::HeaderName =
+    http::HeaderName::from_static(ATTEMPT_COUNT);
+
 /// Where the mesh decided a request goes: a request extension set by
 /// [`Mesh`] for the services under it (the connection pool dials it;
 /// telemetry can read it).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Two targets are equal when they name the same address, protocol and
+/// cluster.
+#[derive(Clone)]
 pub struct TargetEndpoint {
     addr: SocketAddr,
     protocol: Protocol,
     cluster: Name,
+    /// The cluster's connection limits and settings for the pool, carried
+    /// here rather than in an extension of their own (one extension insert
+    /// and lookup per request instead of two). `None` when built with
+    /// [`TargetEndpoint::new`]: the pool's defaults, plaintext.
+    connections: Option<ClusterConnections>,
 }
 
 impl TargetEndpoint {
@@ -143,7 +158,30 @@ impl TargetEndpoint {
             addr,
             protocol,
             cluster: cluster.into(),
+            connections: None,
         }
+    }
+
+    /// The target the mesh layer sets: with its cluster's connection
+    /// settings for the pool.
+    pub(crate) fn with_connections(
+        addr: SocketAddr,
+        protocol: Protocol,
+        cluster: Name,
+        connections: ClusterConnections,
+    ) -> Self {
+        TargetEndpoint {
+            addr,
+            protocol,
+            cluster,
+            connections: Some(connections),
+        }
+    }
+
+    /// The cluster's connection limits and settings, when the mesh layer
+    /// set them.
+    pub(crate) fn connections(&self) -> Option<&ClusterConnections> {
+        self.connections.as_ref()
     }
 
     /// The endpoint's address.
@@ -163,5 +201,23 @@ impl TargetEndpoint {
 
     pub(crate) fn cluster_name(&self) -> &Name {
         &self.cluster
+    }
+}
+
+impl PartialEq for TargetEndpoint {
+    fn eq(&self, other: &Self) -> bool {
+        self.addr == other.addr && self.protocol == other.protocol && self.cluster == other.cluster
+    }
+}
+
+impl Eq for TargetEndpoint {}
+
+impl std::fmt::Debug for TargetEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetEndpoint")
+            .field("addr", &self.addr)
+            .field("protocol", &self.protocol)
+            .field("cluster", &self.cluster)
+            .finish()
     }
 }

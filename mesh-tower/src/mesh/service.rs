@@ -24,7 +24,7 @@ use super::attempt::{
     status_in_trailers,
 };
 use super::future::ResponseFuture;
-use super::{ATTEMPT_COUNT, MeshLayer, TargetEndpoint};
+use super::{ATTEMPT_COUNT_NAME, MeshLayer, TargetEndpoint};
 use crate::balance::{ActiveGuard, ClusterState, ClusterStates};
 use crate::body::{BodyTimeout, MeshBody, Prepared, ResponseBody, prepare};
 use crate::deadline::{Deadline, grpc_timeout_header, write_timeout_header};
@@ -194,7 +194,11 @@ where
             Decision::Routed(plan) => {
                 let inner = self.take_ready();
                 let shared = self.shared.clone();
-                ResponseFuture::waiting(Box::pin(async move { shared.run(inner, req, plan).await }))
+                // The flow's future itself, boxed where it is built: an
+                // `async` block around it would be moved into the box and
+                // then move the (large) flow future into itself when first
+                // polled.
+                ResponseFuture::waiting(Box::pin(shared.run(inner, req, plan)))
             }
             Decision::Fail(e) => ResponseFuture::failed(e),
             Decision::Unusable(reason) => {
@@ -248,7 +252,7 @@ impl<S, Src: ConfigSource> Mesh<S, Src> {
         };
         let mut req = req.map(MeshBody::new);
         req.headers_mut()
-            .insert(ATTEMPT_COUNT, HeaderValue::from_static("1"));
+            .insert(ATTEMPT_COUNT_NAME, HeaderValue::from_static("1"));
         if let Err(e) = self.shared.prepare(&mut req, &active, state) {
             return ResponseFuture::failed(e);
         }
@@ -363,13 +367,13 @@ impl<Src: ConfigSource> Shared<Src> {
         } else {
             ensure_authority_in_uri(req)?;
         }
-        let extensions = req.extensions_mut();
-        extensions.insert(TargetEndpoint {
-            addr: active.address(),
-            protocol: state.cluster().protocol,
-            cluster: state.name().clone(),
-        });
-        extensions.insert(state.connections().clone());
+        req.extensions_mut()
+            .insert(TargetEndpoint::with_connections(
+                active.address(),
+                state.cluster().protocol,
+                state.name().clone(),
+                state.connections().clone(),
+            ));
         Ok(())
     }
 
@@ -568,7 +572,7 @@ impl<Src: ConfigSource> Shared<Src> {
                 },
             };
             req.headers_mut()
-                .insert(ATTEMPT_COUNT, HeaderValue::from(number));
+                .insert(ATTEMPT_COUNT_NAME, HeaderValue::from(number));
             let now = Instant::now();
             let left = deadline.map(|(at, _)| at.saturating_duration_since(now));
             if let Some(timeout) = min_some(left, per_try) {

@@ -463,6 +463,13 @@ where
         policy: Option<&ConnectionPolicy>,
         idle_policy: IdlePolicy,
     ) -> Result<Http1Lease<B>, Error> {
+        // The common case under keep-alive: an idle connection, taken
+        // without registering for `freed` (which locks the notifier's
+        // waiter list twice). The loop below re-checks after registering.
+        if let Some(mut lease) = self.idle_http1(idle_policy.idle_timeout) {
+            lease.uses = lease.uses.saturating_add(1);
+            return Ok(lease);
+        }
         let mut pending = None;
         loop {
             let freed = self.freed.notified();

@@ -140,12 +140,30 @@ enum Connector {
 
 /// What a TLS connection was verified for: connections verified under
 /// different settings are different pool entries.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) enum TlsKey {
     /// ISTIO_MUTUAL, for these server identities.
     Mesh(ServerIdentities),
     /// SIMPLE / MUTUAL with these files and names.
     Files(Arc<FileTls>),
+}
+
+/// Hashes only what is cheap (the kind, the number of identities): every
+/// request looks its connection up by a key holding this, and hashing the
+/// identity URIs or file names each time would cost more than the rest of
+/// the lookup. Consistent with `Eq` (equal keys hash alike); keys that
+/// differ only in what is not hashed are told apart by `Eq`, which takes a
+/// pointer comparison for the shared identity set of a cluster.
+impl std::hash::Hash for TlsKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        match self {
+            TlsKey::Mesh(identities) => {
+                state.write_u8(0);
+                state.write_usize(identities.len());
+            }
+            TlsKey::Files(_) => state.write_u8(1),
+        }
+    }
 }
 
 impl ClusterTls {
@@ -358,10 +376,7 @@ where
                  (MeshLayer::new(source).rewrite_uri(false))",
             ))));
         };
-        let policy = req
-            .extensions()
-            .get::<ClusterConnections>()
-            .map(|c| c.0.clone());
+        let policy = target.connections().map(|c| c.0.clone());
         let http2 = target.protocol().is_http2();
         let tls = policy
             .as_deref()

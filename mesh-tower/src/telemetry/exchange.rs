@@ -195,12 +195,11 @@ impl Exchange {
                         let cluster = self.record.cluster_name().unwrap_or(&unknown);
                         metrics.mesh().client_request(cluster, &self.record, flags);
                     }
-                    let own_principal =
-                        inner.identity.principal().map(mesh_core::model::Name::from);
+                    let own_principal = inner.identity.principal_name();
                     istio.observe(&Observation {
                         reporter: Reporter::Source,
                         source: &inner.peer,
-                        source_principal: own_principal.as_ref(),
+                        source_principal: own_principal,
                         destination: &destination,
                         destination_principal: self.record.peer_principal_id(),
                         service: &service,
@@ -219,15 +218,14 @@ impl Exchange {
                         metrics.mesh().server_request(flags);
                     }
                     let source = source.as_ref().unwrap_or_else(|| istio.unknown_peer());
-                    let own_principal =
-                        inner.identity.principal().map(mesh_core::model::Name::from);
+                    let own_principal = inner.identity.principal_name();
                     let peer_principal = self.record.peer_principal_id();
                     istio.observe(&Observation {
                         reporter: Reporter::Destination,
                         source,
                         source_principal: peer_principal,
                         destination: &inner.peer,
-                        destination_principal: own_principal.as_ref(),
+                        destination_principal: own_principal,
                         service: &inner.service,
                         protocol,
                         response_code: self.status,

@@ -205,6 +205,12 @@ impl Identity {
         self.principal.as_deref()
     }
 
+    /// The SPIFFE ID as the shared string, for labels kept per request
+    /// (cloned, not copied).
+    pub(crate) fn principal_name(&self) -> Option<&Name> {
+        self.principal.as_ref()
+    }
+
     /// The service's host: `<service>.<namespace>.<domain suffix>`.
     pub fn service_host(&self) -> String {
         format!("{}.{}.{}", self.service, self.namespace, self.domain_suffix)

@@ -148,7 +148,7 @@ where
         if let Some(peer) = req.extensions().get::<PeerIdentity>() {
             // Istio's `source_principal`; the app and authorization read
             // the `PeerIdentity` extension itself.
-            record.peer_principal(&mesh_core::model::Name::from(peer.spiffe_id().as_str()));
+            record.peer_principal(peer.spiffe_id().uri());
         }
         let connection = req.extensions().get::<ConnectionInfo>().copied();
         let access = t

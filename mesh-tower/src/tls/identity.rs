@@ -39,24 +39,26 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
 /// The identity a peer proved with its certificate on this connection: a
 /// request extension set by `serve` on mTLS connections (absent on
 /// plaintext ones and on TLS connections without a client certificate).
+/// One shared allocation per connection: every request's extension is a
+/// pointer copy.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct PeerIdentity(SpiffeId, Option<Arc<str>>);
+pub struct PeerIdentity(Arc<(SpiffeId, Option<Arc<str>>)>);
 
 impl PeerIdentity {
     /// Wraps a verified identity.
     pub fn new(id: SpiffeId) -> Self {
-        PeerIdentity(id, None)
+        PeerIdentity(Arc::new((id, None)))
     }
 
     /// The identity of a verified leaf certificate, with its serial number:
     /// what a handshake yields.
     pub fn of_certificate(id: SpiffeId, leaf: &CertificateDer<'_>) -> Self {
-        PeerIdentity(id, serial_of(leaf).map(Arc::from))
+        PeerIdentity(Arc::new((id, serial_of(leaf).map(Arc::from))))
     }
 
     /// The peer's SPIFFE ID.
     pub fn spiffe_id(&self) -> &SpiffeId {
-        &self.0
+        &self.0.0
     }
 
     /// The serial number (lowercase hex, as [`CertStore::serial`]
@@ -64,7 +66,7 @@ impl PeerIdentity {
     /// presented on this connection: which of its rotating certificates
     /// it used. `None` when built with [`PeerIdentity::new`].
     pub fn serial(&self) -> Option<&str> {
-        self.1.as_deref()
+        self.0.1.as_deref()
     }
 }
 
@@ -82,13 +84,13 @@ pub(crate) fn serial_of(cert: &CertificateDer<'_>) -> Option<String> {
 
 impl fmt::Debug for PeerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PeerIdentity({})", self.0)
+        write!(f, "PeerIdentity({})", self.0.0)
     }
 }
 
 impl fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
+        fmt::Display::fmt(&self.0.0, f)
     }
 }
 
@@ -117,6 +119,11 @@ impl ServerIdentities {
     /// The identities, empty for "any".
     pub fn iter(&self) -> impl Iterator<Item = &SpiffeId> {
         self.0.iter()
+    }
+
+    /// How many identities (0 for "any").
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
     }
 }
 
