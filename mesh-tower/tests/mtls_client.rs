@@ -33,6 +33,7 @@ use rcgen::{CertificateSigningRequestParams, KeyPair, SanType};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tower::ServiceExt;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -132,6 +133,37 @@ async fn mtls_server(ca: &TestCa, identity: &str) -> MtlsServer {
     server
 }
 
+type Fetched = Result<http::Response<Bytes>, mesh_tower::Error>;
+
+impl MtlsServer {
+    /// A GET of `/slow` through `client`, once the server holds it.
+    async fn start_slow(&self, client: &Client) -> JoinHandle<Fetched> {
+        let slow = tokio::spawn({
+            let client = client.clone();
+            async move { get(&client, "http://catalog/slow").await }
+        });
+        common::until("the slow request to arrive", || {
+            self.in_slow.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        slow
+    }
+
+    /// Releases the request of `start_slow`: its response.
+    async fn finish_slow(&self, slow: JoinHandle<Fetched>) -> http::Response<Bytes> {
+        self.release.notify_waiters();
+        within("the slow request", slow).await.unwrap().unwrap()
+    }
+}
+
+/// Rotates `store` to a new one-hour certificate of the frontend: its serial.
+fn renew(store: &CertStore, ca: &TestCa) -> String {
+    store
+        .update(credentials(ca, FRONTEND, Duration::from_secs(3600)))
+        .unwrap();
+    store.serial()
+}
+
 /// A cluster requiring mTLS with servers `identities`.
 fn mtls_cluster(protocol: Protocol, identities: &[&str]) -> Cluster {
     Cluster {
@@ -158,6 +190,18 @@ fn snapshot(name: &str, cluster: Cluster, addr: SocketAddr) -> Snapshot {
 
 type Client = MeshClient<Full<Bytes>, StaticSource>;
 
+/// Adds the service `legacy`: a plaintext server answering "plaintext".
+async fn add_plaintext_legacy(snap: &mut Snapshot) {
+    let plain = serve_fn(|_| async { common::reply(200, "plaintext") }).await;
+    add_one_service(
+        snap,
+        "legacy",
+        Cluster::new("x", Protocol::Http1),
+        RoutePolicy::default(),
+        &[(plain, Locality::default())],
+    );
+}
+
 async fn get(client: &Client, uri: &str) -> Result<http::Response<Bytes>, mesh_tower::Error> {
     let request = Request::get(uri).body(Full::default()).unwrap();
     let response = within(uri, client.clone().oneshot(request)).await?;
@@ -171,7 +215,6 @@ async fn a_client_with_certificates_reaches_mtls_clusters_and_plaintext_ones() {
     let ca = TestCa::new("mesh root");
     let h1 = mtls_server(&ca, CATALOG).await;
     let h2 = mtls_server(&ca, CATALOG).await;
-    let plain = serve_fn(|_| async { common::reply(200, "plaintext") }).await;
     let mut snap = snapshot(
         "catalog",
         mtls_cluster(Protocol::Http1, &[CATALOG]),
@@ -184,13 +227,7 @@ async fn a_client_with_certificates_reaches_mtls_clusters_and_plaintext_ones() {
         RoutePolicy::default(),
         &[(h2.addr, Locality::default())],
     );
-    add_one_service(
-        &mut snap,
-        "legacy",
-        Cluster::new("x", Protocol::Http1),
-        RoutePolicy::default(),
-        &[(plain, Locality::default())],
-    );
+    add_plaintext_legacy(&mut snap).await;
     let client = Client::new(StaticSource::new(snap)).with_certificates(store(&ca, FRONTEND));
 
     for uri in ["http://catalog/items", "http://catalog-grpc/items"] {
@@ -241,19 +278,12 @@ async fn a_server_with_another_identity_fails_the_request_before_any_data() {
 async fn a_client_without_certificates_gets_a_503_naming_the_fix() {
     let ca = TestCa::new("mesh root");
     let server = mtls_server(&ca, CATALOG).await;
-    let plain = serve_fn(|_| async { common::reply(200, "plaintext") }).await;
     let mut snap = snapshot(
         "catalog",
         mtls_cluster(Protocol::Http1, &[CATALOG]),
         server.addr,
     );
-    add_one_service(
-        &mut snap,
-        "legacy",
-        Cluster::new("x", Protocol::Http1),
-        RoutePolicy::default(),
-        &[(plain, Locality::default())],
-    );
+    add_plaintext_legacy(&mut snap).await;
     let client = Client::new(StaticSource::new(snap));
     let response = get(&client, "http://catalog/items").await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -296,27 +326,16 @@ async fn after_a_rotation_new_connections_present_the_new_certificate_and_live_o
     let old = store.serial();
 
     // A request in flight on the first connection.
-    let slow = tokio::spawn({
-        let client = client.clone();
-        async move { get(&client, "http://catalog/slow").await }
-    });
-    common::until("the slow request to arrive", || {
-        server.in_slow.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    let slow = server.start_slow(&client).await;
 
-    store
-        .update(credentials(&ca, FRONTEND, Duration::from_secs(3600)))
-        .unwrap();
-    let new = store.serial();
+    let new = renew(&store, &ca);
     assert_ne!(old, new);
 
     // The first connection is busy: this one is new, with the new serial.
     let response = get(&client, "http://catalog/fast").await.unwrap();
     assert_eq!(response.headers()["x-serial"], new.as_str());
 
-    server.release.notify_waiters();
-    let response = within("the slow request", slow).await.unwrap().unwrap();
+    let response = server.finish_slow(slow).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["x-serial"], old.as_str());
     assert_eq!(*server.serials.lock().unwrap(), vec![old, new]);
@@ -339,19 +358,9 @@ async fn a_connection_is_not_used_past_the_expiry_of_its_certificate() {
     let response = get(&client, "http://catalog/a").await.unwrap();
     assert_eq!(response.headers()["x-serial"], old.as_str());
     // A stream open across the expiry.
-    let slow = tokio::spawn({
-        let client = client.clone();
-        async move { get(&client, "http://catalog/slow").await }
-    });
-    common::until("the slow request to arrive", || {
-        server.in_slow.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    let slow = server.start_slow(&client).await;
     // Rotated at "half-life": the shared HTTP/2 connection stays in use...
-    store
-        .update(credentials(&ca, FRONTEND, Duration::from_secs(3600)))
-        .unwrap();
-    let new = store.serial();
+    let new = renew(&store, &ca);
     let response = get(&client, "http://catalog/b").await.unwrap();
     assert_eq!(response.headers()["x-serial"], old.as_str());
     // ...until the certificate it was established with expires.
@@ -360,8 +369,7 @@ async fn a_connection_is_not_used_past_the_expiry_of_its_certificate() {
     let response = get(&client, "http://catalog/c").await.unwrap();
     assert_eq!(response.headers()["x-serial"], new.as_str());
 
-    server.release.notify_waiters();
-    let response = within("the slow request", slow).await.unwrap().unwrap();
+    let response = server.finish_slow(slow).await;
     assert_eq!(
         response.status(),
         StatusCode::OK,
@@ -564,6 +572,37 @@ async fn mesh_ca_issues_the_first_certificate_and_renews_at_half_life_with_a_new
     assert_eq!(stub.issued.lock().unwrap().len(), count);
 }
 
+/// The app of the registration tests.
+async fn ok(
+    _req: Request<hyper::body::Incoming>,
+) -> Result<http::Response<Full<Bytes>>, Infallible> {
+    Ok(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+}
+
+/// Serves with `registration`, which registers with the stub by the join
+/// token of the frontend, then shuts down.
+async fn registers_with_the_join_token(stub: &StubCa, registration: mesh_tower::Registration) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let serving = mesh_tower::serve(listener, registration, tower::service_fn(ok))
+        .await
+        .unwrap();
+    assert_eq!(
+        *stub.registrations.lock().unwrap(),
+        vec!["Bearer join-frontend".to_owned()]
+    );
+    serving.shutdown().await.unwrap();
+}
+
+/// The certificates of the `mesh` provider of `bootstrap`: the frontend's.
+async fn frontend_certificates(bootstrap: &mesh_xds_client::Bootstrap) -> WorkloadCertificates {
+    let certs = WorkloadCertificates::from_bootstrap(bootstrap)
+        .await
+        .unwrap()
+        .expect("certificate_providers.mesh is set");
+    assert_eq!(certs.spiffe_id().as_str(), FRONTEND);
+    certs
+}
+
 #[tokio::test]
 async fn mesh_ca_over_https_and_a_refused_token() {
     let stub = stub_ca();
@@ -624,11 +663,7 @@ async fn mesh_ca_from_the_bootstrap_with_a_token_file() {
         )
         .build()
         .unwrap();
-    let certs = WorkloadCertificates::from_bootstrap(&bootstrap)
-        .await
-        .unwrap()
-        .expect("certificate_providers.mesh is set");
-    assert_eq!(certs.spiffe_id().as_str(), FRONTEND);
+    let certs = frontend_certificates(&bootstrap).await;
     assert_eq!(certs.token(), Some("join-frontend"));
     let not_after = certs.store().not_after();
     let left = not_after
@@ -645,28 +680,19 @@ async fn registration_over_https_sends_the_join_token_and_shows_a_refusal() {
     let stub = stub_ca();
     let admin_ca = TestCa::new("mesh-control root");
     let addr = https_stub(&stub, &admin_ca).await;
-    let app = tower::service_fn(|_req: Request<hyper::body::Incoming>| async {
-        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
-    });
 
     let registration = mesh_tower::Registration::new(addr.to_string(), "catalog")
         .admin_ca_pem(admin_ca.pem.as_bytes())
         .token("join-frontend");
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let serving = mesh_tower::serve(listener, registration, app)
-        .await
-        .unwrap();
-    assert_eq!(
-        *stub.registrations.lock().unwrap(),
-        vec!["Bearer join-frontend".to_owned()]
-    );
-    serving.shutdown().await.unwrap();
+    registers_with_the_join_token(&stub, registration).await;
 
     let refused = mesh_tower::Registration::new(addr.to_string(), "catalog")
         .admin_ca_pem(admin_ca.pem.as_bytes())
         .token("stolen");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let e = mesh_tower::serve(listener, refused, app).await.unwrap_err();
+    let e = mesh_tower::serve(listener, refused, tower::service_fn(ok))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Registration);
     let text = chain(&e);
     assert!(
@@ -684,46 +710,27 @@ async fn mesh_ca_from_a_tls_bootstrap_uses_https_verified_with_its_ca_file() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root-cert.pem");
     std::fs::write(&root, &admin_ca.pem).unwrap();
-    let bootstrap = mesh_xds_client::Bootstrap::builder("http://127.0.0.1:1", "frontend-1")
-        .channel_tls(&root)
-        .admin_address(addr.to_string())
-        .certificate_provider(
-            "mesh",
-            json!({"plugin_name": "mesh_ca", "config": {"token": "join-frontend"}}),
-        )
-        .build()
-        .unwrap();
-    let certs = WorkloadCertificates::from_bootstrap(&bootstrap)
-        .await
-        .unwrap()
-        .expect("certificate_providers.mesh is set");
-    assert_eq!(certs.spiffe_id().as_str(), FRONTEND);
+    // A TLS bootstrap naming `ca_file`, the mesh_ca provider with a token.
+    let tls_bootstrap = |ca_file: std::path::PathBuf| {
+        mesh_xds_client::Bootstrap::builder("http://127.0.0.1:1", "frontend-1")
+            .channel_tls(ca_file)
+            .admin_address(addr.to_string())
+            .certificate_provider(
+                "mesh",
+                json!({"plugin_name": "mesh_ca", "config": {"token": "join-frontend"}}),
+            )
+            .build()
+            .unwrap()
+    };
+    let bootstrap = tls_bootstrap(root);
+    let _certs = frontend_certificates(&bootstrap).await;
 
     // Registration from the same bootstrap: https, and the join token.
     let registration = mesh_tower::Registration::from_bootstrap(&bootstrap, "catalog").unwrap();
-    let app = tower::service_fn(|_req: Request<hyper::body::Incoming>| async {
-        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let serving = mesh_tower::serve(listener, registration, app)
-        .await
-        .unwrap();
-    assert_eq!(
-        *stub.registrations.lock().unwrap(),
-        vec!["Bearer join-frontend".to_owned()]
-    );
-    serving.shutdown().await.unwrap();
+    registers_with_the_join_token(&stub, registration).await;
 
     // A CA file that cannot be read is named.
-    let missing = mesh_xds_client::Bootstrap::builder("http://127.0.0.1:1", "frontend-1")
-        .channel_tls(dir.path().join("nope.pem"))
-        .admin_address(addr.to_string())
-        .certificate_provider(
-            "mesh",
-            json!({"plugin_name": "mesh_ca", "config": {"token": "join-frontend"}}),
-        )
-        .build()
-        .unwrap();
+    let missing = tls_bootstrap(dir.path().join("nope.pem"));
     let e = WorkloadCertificates::from_bootstrap(&missing)
         .await
         .unwrap_err();

@@ -280,30 +280,34 @@ fn grpc(path: &str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// A server with the catalog's certificate from `ca`, `mode` and `policies`.
+async fn catalog_server(ca: &TestCa, mode: MtlsMode, policies: Vec<AuthorizationPolicy>) -> Server {
+    secure_server(
+        InboundPolicy::fixed(mode, policies),
+        Some(ca.store(CATALOG)),
+    )
+    .await
+    .unwrap()
+}
+
+/// A GET of `/items` with a frontend certificate from `ca` is served, and
+/// the app sees the frontend.
+async fn assert_served_as_frontend(addr: SocketAddr, ca: &TestCa, h2: bool) {
+    assert_served_as(addr, &Tls::Cert(ca.leaf(FRONTEND)), h2, "/items", FRONTEND).await;
+}
+
 // ----- tests -----
 
 #[tokio::test]
 async fn strict_accepts_only_valid_mesh_identities() {
     let ca = TestCa::new("mesh root");
     let other_ca = TestCa::new("another root");
-    let server = secure_server(
-        InboundPolicy::fixed(MtlsMode::Strict, Vec::new()),
-        Some(ca.store(CATALOG)),
-    )
-    .await
-    .unwrap();
+    let server = catalog_server(&ca, MtlsMode::Strict, Vec::new()).await;
 
     // A valid mesh identity: accepted, over HTTP/1.1 and HTTP/2, and the
     // app sees who called.
     for h2 in [false, true] {
-        assert_served_as(
-            server.addr,
-            &Tls::Cert(ca.leaf(FRONTEND)),
-            h2,
-            "/items",
-            FRONTEND,
-        )
-        .await;
+        assert_served_as_frontend(server.addr, &ca, h2).await;
     }
     let seen = server.calls.load(Ordering::SeqCst);
 
@@ -339,15 +343,12 @@ async fn strict_accepts_only_valid_mesh_identities() {
 #[tokio::test]
 async fn an_allow_policy_admits_its_principal_and_denies_others_with_403_or_permission_denied() {
     let ca = TestCa::new("mesh root");
-    let server = secure_server(
-        InboundPolicy::fixed(
-            MtlsMode::Strict,
-            vec![allow_principal("allow-frontend", FRONTEND)],
-        ),
-        Some(ca.store(CATALOG)),
+    let server = catalog_server(
+        &ca,
+        MtlsMode::Strict,
+        vec![allow_principal("allow-frontend", FRONTEND)],
     )
-    .await
-    .unwrap();
+    .await;
     let frontend = Tls::Cert(ca.leaf(FRONTEND));
     let payment = Tls::Cert(ca.leaf(PAYMENT));
 
@@ -416,14 +417,7 @@ async fn serve_with_enforces_the_policy_when_the_app_has_no_server_layer() {
         "a denied request ran the app"
     );
     assert_eq!(policy.denied(), 2);
-    assert_served_as(
-        server.addr,
-        &Tls::Cert(ca.leaf(FRONTEND)),
-        false,
-        "/items",
-        FRONTEND,
-    )
-    .await;
+    assert_served_as_frontend(server.addr, &ca, false).await;
     assert_eq!(server.calls.load(Ordering::SeqCst), 1);
 }
 
@@ -449,23 +443,11 @@ async fn a_deny_policy_names_itself_and_other_paths_pass() {
 #[tokio::test]
 async fn permissive_accepts_plaintext_and_mtls_and_only_mtls_has_an_identity() {
     let ca = TestCa::new("mesh root");
-    let server = secure_server(
-        InboundPolicy::fixed(MtlsMode::Permissive, Vec::new()),
-        Some(ca.store(CATALOG)),
-    )
-    .await
-    .unwrap();
+    let server = catalog_server(&ca, MtlsMode::Permissive, Vec::new()).await;
     for h2 in [false, true] {
         assert_served_as(server.addr, &Tls::Plaintext, h2, "/items", "none").await;
 
-        assert_served_as(
-            server.addr,
-            &Tls::Cert(ca.leaf(FRONTEND)),
-            h2,
-            "/items",
-            FRONTEND,
-        )
-        .await;
+        assert_served_as_frontend(server.addr, &ca, h2).await;
 
         // TLS without a client certificate: served, unauthenticated.
         assert_served_as(server.addr, &Tls::Anonymous, h2, "/items", "none").await;

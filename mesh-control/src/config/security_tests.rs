@@ -106,6 +106,14 @@ const SLEEP_FOO: &str = "cluster.local/ns/foo/sa/sleep";
 
 // ------------------------------------------------ authorization, Istio's examples
 
+/// An AuthorizationPolicy `name` in `ns`; `spec` goes on the `spec:` line
+/// (a newline, then the indented fields).
+fn authz_policy(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:{spec}"
+    )
+}
+
 /// The reference's first example (ALLOW from the `sleep` service account or
 /// namespace `test`, GET on `/info*` or POST on `/data`):
 /// <https://istio.io/latest/docs/reference/config/security/authorization-policy/>.
@@ -163,13 +171,10 @@ fn authz_01_allow_by_principal_or_namespace_with_method_and_path() {
 /// <https://istio.io/latest/docs/reference/config/security/authorization-policy/>
 #[test]
 fn authz_02_deny_post_from_a_namespace() {
-    let ap = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: httpbin
-  namespace: foo
-spec:
+    let ap: &str = &authz_policy(
+        "foo",
+        "httpbin",
+        r#"
   action: DENY
   rules:
   - from:
@@ -178,7 +183,8 @@ spec:
     to:
     - operation:
         methods: ["POST"]
-"#;
+"#,
+    );
     let l = server(&[("ap.yaml", ap)], "foo", &[("app", "any")], 8000);
     let d = decide(
         &l,
@@ -278,13 +284,10 @@ fn authz_04_header_condition_with_not_values() {
 
 #[test]
 fn authz_05_default_deny_once_an_allow_policy_exists() {
-    let allow_path_ip = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: allow-path-ip
-  namespace: foo
-spec:
+    let allow_path_ip: &str = &authz_policy(
+        "foo",
+        "allow-path-ip",
+        r#"
   selector:
     matchLabels:
       app: httpbin
@@ -293,7 +296,8 @@ spec:
   - to:
     - operation:
         paths: ["/ip"]
-"#;
+"#,
+    );
     let files = [("a.yaml", allow_path_ip), ("d.yaml", DENY_METHOD_GET)];
     let l = server(&files, "foo", &[("app", "httpbin")], 8000);
     let admin = &[("x-token", "admin")][..];
@@ -324,13 +328,12 @@ spec:
 /// <https://istio.io/latest/docs/tasks/security/authorization/authz-deny/>
 #[test]
 fn authz_06_deny_by_path_beats_allow() {
-    let ap = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: deny-path-headers
-  namespace: foo
-spec:
+    let ap: &str = &format!(
+        "{}---\n{}",
+        authz_policy(
+            "foo",
+            "deny-path-headers",
+            r#"
   selector:
     matchLabels:
       app: httpbin
@@ -339,16 +342,17 @@ spec:
   - to:
     - operation:
         paths: ["/headers"]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: allow-all
-  namespace: foo
-spec:
+"#,
+        ),
+        authz_policy(
+            "foo",
+            "allow-all",
+            r#"
   rules:
   - {}
-"#;
+"#,
+        ),
+    );
     let l = server(&[("a.yaml", ap)], "foo", &[("app", "httpbin")], 8000);
     assert!(!allowed(&l, from(SLEEP_FOO).method("GET", "/headers")));
     // The query string is not part of the path.
@@ -361,13 +365,10 @@ spec:
 /// <https://istio.io/latest/docs/concepts/security/#authorization-policies>
 #[test]
 fn authz_07_prefix_suffix_and_presence_matching() {
-    let ap = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: tester
-  namespace: default
-spec:
+    let ap: &str = &authz_policy(
+        "default",
+        "tester",
+        r#"
   selector:
     matchLabels:
       app: products
@@ -378,7 +379,8 @@ spec:
     to:
     - operation:
         paths: ["/test/*", "*/info"]
-"#;
+"#,
+    );
     let l = server(&[("a.yaml", ap)], "default", &[("app", "products")], 8000);
     assert!(allowed(&l, from(SLEEP).method("GET", "/test/foo")));
     assert!(allowed(&l, from(SLEEP).method("GET", "/v1/info")));
@@ -392,19 +394,17 @@ spec:
 /// <https://istio.io/latest/docs/concepts/security/#authorization-policies>
 #[test]
 fn authz_08_namespace_wildcards() {
-    let ap = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: from-prod
-  namespace: foo
-spec:
+    let ap: &str = &authz_policy(
+        "foo",
+        "from-prod",
+        r#"
   rules:
   - from:
     - source:
         namespaces: ["prod-*", "*-canary"]
         notNamespaces: ["prod-legacy"]
-"#;
+"#,
+    );
     let l = server(&[("a.yaml", ap)], "foo", &[], 8000);
     assert!(allowed(&l, from("cluster.local/ns/prod-eu/sa/web")));
     assert!(allowed(&l, from("cluster.local/ns/shop-canary/sa/web")));
@@ -418,13 +418,10 @@ spec:
 /// <https://istio.io/latest/docs/concepts/security/#exclusion-matching>
 #[test]
 fn authz_09_not_paths_and_not_principals() {
-    let ap = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: disable-jwt-for-healthz
-  namespace: default
-spec:
+    let ap: &str = &authz_policy(
+        "default",
+        "disable-jwt-for-healthz",
+        r#"
   selector:
     matchLabels:
       app: products
@@ -436,7 +433,8 @@ spec:
     from:
     - source:
         notPrincipals: ["*"]
-"#;
+"#,
+    );
     let l = server(&[("a.yaml", ap)], "default", &[("app", "products")], 8000);
     assert!(allowed(&l, GET.method("GET", "/healthz")));
     assert!(!allowed(&l, GET.method("GET", "/orders")));
@@ -448,13 +446,10 @@ spec:
 /// <https://istio.io/latest/docs/tasks/security/authorization/authz-ingress/>
 #[test]
 fn authz_10_ip_blocks() {
-    let ap = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: ingress-policy
-  namespace: foo
-spec:
+    let ap: &str = &authz_policy(
+        "foo",
+        "ingress-policy",
+        r#"
   selector:
     matchLabels:
       app: httpbin
@@ -463,7 +458,8 @@ spec:
   - from:
     - source:
         ipBlocks: ["1.2.3.4", "5.6.7.0/24"]
-"#;
+"#,
+    );
     let l = server(&[("a.yaml", ap)], "foo", &[("app", "httpbin")], 8000);
     assert!(allowed(
         &l,
@@ -519,13 +515,10 @@ spec:
 /// <https://istio.io/latest/docs/reference/config/security/authorization-policy/>
 #[test]
 fn authz_11_audit_does_not_change_the_decision() {
-    let audit = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: audit-profile
-  namespace: ns1
-spec:
+    let audit: &str = &authz_policy(
+        "ns1",
+        "audit-profile",
+        r#"
   selector:
     matchLabels:
       app: myapi
@@ -535,7 +528,8 @@ spec:
     - operation:
         methods: ["GET"]
         paths: ["/user/profile/*"]
-"#;
+"#,
+    );
     let l = server(&[("a.yaml", audit)], "ns1", &[("app", "myapi")], 8000);
     let d = decide(&l, &from(SLEEP).method("GET", "/user/profile/7"));
     assert!(d.allowed);
@@ -570,25 +564,23 @@ spec:
 /// (the `istio-system` examples) and the concepts' policy target.
 #[test]
 fn authz_12_root_namespace_policy_applies_everywhere() {
-    let ap = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: deny-admin
-  namespace: istio-system
-spec:
+    let ap: &str = &format!(
+        "{}---\n{}",
+        authz_policy(
+            "istio-system",
+            "deny-admin",
+            r#"
   action: DENY
   rules:
   - to:
     - operation:
         paths: ["/admin*"]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: payments-from-shop
-  namespace: istio-system
-spec:
+"#,
+        ),
+        authz_policy(
+            "istio-system",
+            "payments-from-shop",
+            r#"
   selector:
     matchLabels:
       app: payments
@@ -596,7 +588,9 @@ spec:
   - from:
     - source:
         namespaces: ["shop"]
-"#;
+"#,
+        ),
+    );
     for ns in ["foo", "bar", "istio-system"] {
         let l = server(&[("a.yaml", ap)], ns, &[("app", "web")], 8000);
         let d = decide(&l, &from(SLEEP).method("GET", "/admin/users"));
@@ -614,13 +608,10 @@ spec:
 /// <https://istio.io/latest/docs/reference/config/security/authorization-policy/>
 #[test]
 fn authz_13_selector_applies_only_to_matching_labels() {
-    let ap = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: httpbin-v1
-  namespace: foo
-spec:
+    let ap: &str = &authz_policy(
+        "foo",
+        "httpbin-v1",
+        r#"
   selector:
     matchLabels:
       app: httpbin
@@ -629,7 +620,8 @@ spec:
   - from:
     - source:
         principals: ["cluster.local/ns/foo/sa/sleep"]
-"#;
+"#,
+    );
     let v1 = server(
         &[("a.yaml", ap)],
         "foo",
@@ -654,13 +646,10 @@ spec:
 /// and `ports` / `notMethods` of an operation.
 #[test]
 fn authz_14_conditions_on_source_and_port() {
-    let ap = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: conditions
-  namespace: foo
-spec:
+    let ap: &str = &authz_policy(
+        "foo",
+        "conditions",
+        r#"
   rules:
   - to:
     - operation:
@@ -671,7 +660,8 @@ spec:
       values: ["foo"]
     - key: destination.port
       values: ["8000"]
-"#;
+"#,
+    );
     let l = server(&[("a.yaml", ap)], "foo", &[], 8000);
     assert!(allowed(&l, from(SLEEP_FOO)));
     assert!(!allowed(&l, from(SLEEP_FOO).method("DELETE", "/")));

@@ -1885,13 +1885,30 @@ mod zero_trust {
         }
     }
 
-    /// The cluster error for a modified UpstreamTlsContext.
-    fn tls_error(modify: impl FnOnce(&mut UpstreamTlsContext)) -> Error {
-        let mut proto = cluster_to_proto(&tls_cluster());
+    /// The error for `cluster` with a modified UpstreamTlsContext.
+    fn context_error(cluster: &Cluster, modify: impl FnOnce(&mut UpstreamTlsContext)) -> Error {
+        let mut proto = cluster_to_proto(cluster);
         let mut context = upstream_context(&proto);
         modify(&mut context);
         set_upstream_context(&mut proto, &context);
         cluster_from_proto(&proto).unwrap_err()
+    }
+
+    /// The cluster error for a modified UpstreamTlsContext.
+    fn tls_error(modify: impl FnOnce(&mut UpstreamTlsContext)) -> Error {
+        context_error(&tls_cluster(), modify)
+    }
+
+    /// Each error is of its kind and its message starts with its prefix.
+    #[track_caller]
+    fn assert_errors(cases: Vec<(Error, ErrorKind, String)>) {
+        for (err, kind, prefix) in cases {
+            assert_eq!(err.kind(), kind, "{err}");
+            assert!(
+                err.to_string().starts_with(&prefix),
+                "{err}\n  expected: {prefix}"
+            );
+        }
     }
 
     #[test]
@@ -2056,11 +2073,7 @@ mod zero_trust {
         let at =
             "Cluster \"outbound|80||catalog\": transport_socket.typed_config.common_tls_context.";
         let file_error = |mutual: bool, modify: &dyn Fn(&mut UpstreamTlsContext)| {
-            let mut proto = cluster_to_proto(&file_tls_cluster(mutual, &[]));
-            let mut context = upstream_context(&proto);
-            modify(&mut context);
-            set_upstream_context(&mut proto, &context);
-            cluster_from_proto(&proto).unwrap_err()
+            context_error(&file_tls_cluster(mutual, &[]), modify)
         };
         let cases: Vec<(Error, ErrorKind, String)> = vec![
             (
@@ -2129,13 +2142,7 @@ mod zero_trust {
                     .to_string(),
             ),
         ];
-        for (err, kind, prefix) in cases {
-            assert_eq!(err.kind(), kind, "{err}");
-            assert!(
-                err.to_string().starts_with(&prefix),
-                "{err}\n  expected: {prefix}"
-            );
-        }
+        assert_errors(cases);
     }
 
     #[test]
@@ -2287,13 +2294,7 @@ mod zero_trust {
                     .to_string(),
             ),
         ];
-        for (err, kind, prefix) in cases {
-            assert_eq!(err.kind(), kind, "{err}");
-            assert!(
-                err.to_string().starts_with(&prefix),
-                "{err}\n  expected: {prefix}"
-            );
-        }
+        assert_errors(cases);
         // Another transport socket altogether.
         let mut proto = cluster_to_proto(&tls_cluster());
         proto.transport_socket = Some(TransportSocket {

@@ -247,10 +247,11 @@ fn is_file_based(c: &CommonTlsContext) -> bool {
     !instances && (!c.tls_certificates.is_empty() || trusted_ca)
 }
 
-/// The files of a SIMPLE / MUTUAL context: at most one client certificate
-/// (both files by `filename`), the trusted CA by `filename`, exact SANs.
-#[allow(deprecated)] // match_subject_alt_names: what Envoy and gRPC read
-fn files_from_proto(c: &CommonTlsContext) -> Decoded<FileTls> {
+/// What neither form of `CommonTlsContext` (file-based or the `mesh`
+/// instance) supports: SDS, the older certificate provider, a custom
+/// certificate selector or handshaker.
+#[allow(deprecated)] // tls_certificate_certificate_provider: rejected, as gRPC does
+fn reject_other_certificate_sources(c: &CommonTlsContext) -> Decoded<()> {
     reject_if(
         !c.tls_certificate_sds_secret_configs.is_empty(),
         "tls_certificate_sds_secret_configs",
@@ -264,6 +265,14 @@ fn files_from_proto(c: &CommonTlsContext) -> Decoded<FileTls> {
         "custom_tls_certificate_selector",
     )?;
     reject_if(c.custom_handshaker.is_some(), "custom_handshaker")?;
+    Ok(())
+}
+
+/// The files of a SIMPLE / MUTUAL context: at most one client certificate
+/// (both files by `filename`), the trusted CA by `filename`, exact SANs.
+#[allow(deprecated)] // match_subject_alt_names: what Envoy and gRPC read
+fn files_from_proto(c: &CommonTlsContext) -> Decoded<FileTls> {
+    reject_other_certificate_sources(c)?;
     let client_certificate = match c.tls_certificates.as_slice() {
         [] => None,
         [cert] => Some(client_certificate_from_proto(cert).at_index("tls_certificates", 0)?),
@@ -327,7 +336,6 @@ fn filename(source: Option<&DataSource>) -> Decoded<Name> {
     }
 }
 
-#[allow(deprecated)] // match_subject_alt_names: what Envoy and gRPC read
 fn files_validation_from_proto(
     v: &CertificateValidationContext,
     client_certificate: Option<ClientCertificateFiles>,
@@ -344,28 +352,12 @@ fn files_validation_from_proto(
     }
     let ca_certificates = filename(v.trusted_ca.as_ref()).at("trusted_ca")?;
     reject_validation_extras(v)?;
-    let mut subject_alt_names: Vec<Name> = v
-        .match_subject_alt_names
-        .iter()
-        .enumerate()
-        .map(|(i, m)| name_from_proto(m).at_index("match_subject_alt_names", i))
-        .collect::<Decoded<_>>()?;
-    for (i, typed) in v.match_typed_subject_alt_names.iter().enumerate() {
-        let at = "match_typed_subject_alt_names";
-        if typed.san_type != SanType::Dns as i32 && typed.san_type != SanType::Uri as i32 {
-            let kind = SanType::try_from(typed.san_type).map_or("unknown", |t| t.as_str_name());
-            return Err(FieldError::unsupported(format!(
-                "SAN type {kind} is not supported: only DNS and URI"
-            ))
-            .at("san_type")
-            .at_index(at, i));
-        }
-        let m = typed
-            .matcher
-            .as_ref()
-            .ok_or_else(|| missing("matcher").at_index(at, i))?;
-        subject_alt_names.push(name_from_proto(m).at("matcher").at_index(at, i)?);
-    }
+    let subject_alt_names = sans_from_proto(
+        v,
+        &[SanType::Dns, SanType::Uri],
+        "DNS and URI",
+        name_from_proto,
+    )?;
     Ok(FileTls {
         ca_certificates,
         subject_alt_names: subject_alt_names.into(),
@@ -427,19 +419,7 @@ pub(crate) fn downstream_from_proto(context: &DownstreamTlsContext) -> Decoded<b
 #[allow(deprecated)] // the older A29 fields are read, as gRPC does
 fn common_from_proto(c: &CommonTlsContext, validate: bool) -> Decoded<Vec<SpiffeId>> {
     reject_if(!c.tls_certificates.is_empty(), "tls_certificates")?;
-    reject_if(
-        !c.tls_certificate_sds_secret_configs.is_empty(),
-        "tls_certificate_sds_secret_configs",
-    )?;
-    reject_if(
-        c.tls_certificate_certificate_provider.is_some(),
-        "tls_certificate_certificate_provider",
-    )?;
-    reject_if(
-        c.custom_tls_certificate_selector.is_some(),
-        "custom_tls_certificate_selector",
-    )?;
-    reject_if(c.custom_handshaker.is_some(), "custom_handshaker")?;
+    reject_other_certificate_sources(c)?;
     match (
         &c.tls_certificate_provider_instance,
         &c.tls_certificate_certificate_provider_instance,
@@ -513,7 +493,6 @@ fn common_from_proto(c: &CommonTlsContext, validate: bool) -> Decoded<Vec<Spiffe
 /// `ca_certificate_provider_instance`. SANs may come as
 /// `match_subject_alt_names` (what gRPC enforces) or as URI-typed
 /// `match_typed_subject_alt_names` (Envoy's newer form), exact only.
-#[allow(deprecated)] // match_subject_alt_names: what gRPC enforces (A29)
 fn validation_from_proto(
     v: &CertificateValidationContext,
     outer_instance: Option<&str>,
@@ -531,18 +510,31 @@ fn validation_from_proto(
     }
     reject_if(v.trusted_ca.is_some(), "trusted_ca")?;
     reject_validation_extras(v)?;
-    let mut ids = v
+    sans_from_proto(v, &[SanType::Uri], "URI (SPIFFE IDs)", san_from_proto)
+}
+
+/// The SANs of `match_subject_alt_names`, then those of
+/// `match_typed_subject_alt_names` (of the `types` only, which `only`
+/// names in the error), each read by `san`.
+#[allow(deprecated)] // match_subject_alt_names: what Envoy and gRPC read
+fn sans_from_proto<T>(
+    v: &CertificateValidationContext,
+    types: &[SanType],
+    only: &str,
+    san: fn(&StringMatcher) -> Decoded<T>,
+) -> Decoded<Vec<T>> {
+    let mut sans = v
         .match_subject_alt_names
         .iter()
         .enumerate()
-        .map(|(i, m)| san_from_proto(m).at_index("match_subject_alt_names", i))
+        .map(|(i, m)| san(m).at_index("match_subject_alt_names", i))
         .collect::<Decoded<Vec<_>>>()?;
     for (i, typed) in v.match_typed_subject_alt_names.iter().enumerate() {
         let at = "match_typed_subject_alt_names";
-        if typed.san_type != SanType::Uri as i32 {
+        if !types.iter().any(|&t| typed.san_type == t as i32) {
             let kind = SanType::try_from(typed.san_type).map_or("unknown", |t| t.as_str_name());
             return Err(FieldError::unsupported(format!(
-                "SAN type {kind} is not supported: only URI (SPIFFE IDs)"
+                "SAN type {kind} is not supported: only {only}"
             ))
             .at("san_type")
             .at_index(at, i));
@@ -551,9 +543,9 @@ fn validation_from_proto(
             .matcher
             .as_ref()
             .ok_or_else(|| missing("matcher").at_index(at, i))?;
-        ids.push(san_from_proto(m).at("matcher").at_index(at, i)?);
+        sans.push(san(m).at("matcher").at_index(at, i)?);
     }
-    Ok(ids)
+    Ok(sans)
 }
 
 /// What neither validation form supports: anything that changes how a

@@ -24,16 +24,13 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use mesh_core::model::{FileTls, Name};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, verify_server_cert_signed_by_trust_anchor, verify_server_name};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
-    SignatureScheme,
-};
+use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -41,6 +38,7 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::store::tls;
+use super::verify::{rejected, signature_checks_by};
 use crate::error::Error;
 
 /// Opens TLS connections to the servers of one cluster with SIMPLE or
@@ -282,26 +280,6 @@ impl fmt::Debug for FileTlsConnector {
     }
 }
 
-/// A certificate error carrying our message (shown in handshake errors).
-fn rejected(message: String) -> rustls::Error {
-    struct Rejected(String);
-    // rustls prints the error with `Debug`: keep the message readable.
-    impl fmt::Debug for Rejected {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(&self.0)
-        }
-    }
-    impl fmt::Display for Rejected {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(&self.0)
-        }
-    }
-    impl std::error::Error for Rejected {}
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Rejected(
-        message,
-    )))))
-}
-
 /// The check of a server: chain to the CA file's roots, then its name
 /// (the configured SANs, else the server name).
 struct FileServerVerifier {
@@ -347,39 +325,7 @@ impl ServerCertVerifier for FileServerVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    signature_checks_by!(self => self.provider);
 }
 
 impl fmt::Debug for FileServerVerifier {

@@ -5,20 +5,52 @@ use std::fmt;
 use std::sync::Arc;
 
 use mesh_core::spiffe::SpiffeId;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
-};
+use rustls::{CertificateError, DistinguishedName, OtherError};
 
 use super::identity::{ServerIdentities, spiffe_id_of};
 use super::store::CertStore;
 
+/// The handshake-signature methods of a rustls `ServerCertVerifier` or
+/// `ClientCertVerifier` (`verify_tls12_signature`, `verify_tls13_signature`,
+/// `supported_verify_schemes`), checked with the signature algorithms of
+/// the `CryptoProvider` that `$provider` gives (an expression in `$self`,
+/// written `self` by the caller).
+macro_rules! signature_checks_by {
+    ($self:ident => $provider:expr) => {
+        // rustls's functions have the names of the trait's methods.
+        signature_checks_by!(
+            @verify $self => $provider; verify_tls12_signature verify_tls13_signature
+        );
+
+        fn supported_verify_schemes(&$self) -> Vec<::rustls::SignatureScheme> {
+            $provider.signature_verification_algorithms.supported_schemes()
+        }
+    };
+    (@verify $self:ident => $provider:expr; $($verify:ident)*) => {$(
+        fn $verify(
+            &$self,
+            message: &[u8],
+            cert: &::rustls::pki_types::CertificateDer<'_>,
+            dss: &::rustls::DigitallySignedStruct,
+        ) -> Result<::rustls::client::danger::HandshakeSignatureValid, ::rustls::Error> {
+            ::rustls::crypto::$verify(
+                message,
+                cert,
+                dss,
+                &$provider.signature_verification_algorithms,
+            )
+        }
+    )*};
+}
+pub(super) use signature_checks_by;
+
 /// A certificate error carrying our message (shown in handshake errors).
-fn rejected(message: String) -> rustls::Error {
+pub(super) fn rejected(message: String) -> rustls::Error {
     struct Rejected(String);
     // rustls prints the error with `Debug`: keep the message readable.
     impl fmt::Debug for Rejected {
@@ -88,40 +120,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.store.crypto().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.store.crypto().signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.store
-            .crypto()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    signature_checks_by!(self => self.store.crypto());
 }
 
 impl fmt::Debug for MeshServerVerifier {
@@ -169,40 +168,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.store.crypto().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.store.crypto().signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.store
-            .crypto()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    signature_checks_by!(self => self.store.crypto());
 }
 
 impl fmt::Debug for MeshClientVerifier {
