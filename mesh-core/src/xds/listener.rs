@@ -17,8 +17,8 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use prost::Name as _;
 
 use super::{
-    At, Decoded, FieldError, ResourceType, ads_config_source, check_config_source, missing, named,
-    pack, required_name, type_name, unpack,
+    Any, At, Decoded, FieldError, ResourceType, ads_config_source, check_config_source, missing,
+    named, pack, required_name, type_name, unpack,
 };
 use crate::Error;
 use crate::model::Listener;
@@ -112,13 +112,35 @@ fn hcm_route_config_name(hcm: &HttpConnectionManager) -> Decoded<crate::model::N
 /// (faults are per route). Other filters change what happens to a
 /// request, so they are rejected unless optional.
 fn check_http_filters(filters: &[HttpFilter]) -> Decoded<()> {
+    for_each_http_filter(filters, |i, f, any| {
+        if type_name(&any.type_url) == HttpFault::full_name() {
+            return check_fault_filter(f).at_index("http_filters", i);
+        }
+        if f.is_optional {
+            return Ok(());
+        }
+        Err(FieldError::unsupported(format!(
+            "HTTP filter {:?} ({}) is not supported",
+            f.name, any.type_url
+        ))
+        .at_index("http_filters", i))
+    })
+}
+
+/// Walks an HttpConnectionManager's HTTP filters, client or server side:
+/// each must carry a `typed_config` (no config discovery), and the router
+/// must be the last one (gRPC NACKs otherwise). `filter` sees every filter
+/// before the router, with its index and config.
+pub(super) fn for_each_http_filter(
+    filters: &[HttpFilter],
+    mut filter: impl FnMut(usize, &HttpFilter, &Any) -> Decoded<()>,
+) -> Decoded<()> {
     let Some(last) = filters.len().checked_sub(1) else {
         return Err(FieldError::invalid("empty: the router filter must be last").at("http_filters"));
     };
-    let router = Router::full_name();
     for (i, f) in filters.iter().enumerate() {
-        let url = match &f.config_type {
-            Some(ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+        let any = match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) => any,
             Some(ConfigType::ConfigDiscovery(_)) => {
                 return Err(
                     FieldError::unsupported("filter config discovery is not supported")
@@ -130,8 +152,7 @@ fn check_http_filters(filters: &[HttpFilter]) -> Decoded<()> {
                 return Err(missing("typed_config").at_index("http_filters", i));
             }
         };
-        let is_router = type_name(url) == router;
-        let is_fault = type_name(url) == HttpFault::full_name();
+        let is_router = type_name(&any.type_url) == Router::full_name();
         if is_router != (i == last) {
             return Err(FieldError::invalid(format!(
                 "the router filter must be the last filter (found {:?} at {i} of {})",
@@ -140,16 +161,8 @@ fn check_http_filters(filters: &[HttpFilter]) -> Decoded<()> {
             ))
             .at_index("http_filters", i));
         }
-        if is_fault {
-            check_fault_filter(f).at_index("http_filters", i)?;
-            continue;
-        }
-        if !is_router && !f.is_optional {
-            return Err(FieldError::unsupported(format!(
-                "HTTP filter {:?} ({url}) is not supported",
-                f.name
-            ))
-            .at_index("http_filters", i));
+        if !is_router {
+            filter(i, f, any)?;
         }
     }
     Ok(())

@@ -50,7 +50,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
 use prost::Name as _;
 
-use super::listener::ROUTER_FILTER_NAME;
+use super::listener::{ROUTER_FILTER_NAME, for_each_http_filter};
 use super::tls::{Transport, downstream_from_proto, downstream_to_proto, transport_from_proto};
 use super::{
     At, Decoded, FieldError, ResourceType, missing, named, pack, required_name, type_name, unpack,
@@ -533,39 +533,12 @@ fn matches_everything(m: &RouteMatch) -> bool {
 /// of the filters, only the evaluation order does). Two ALLOW filters
 /// would require a request to match both, which the model cannot say.
 fn policies_from_filters(filters: &[HttpFilter]) -> Decoded<Vec<AuthorizationPolicy>> {
-    let Some(last) = filters.len().checked_sub(1) else {
-        return Err(FieldError::invalid("empty: the router filter must be last").at("http_filters"));
-    };
     let mut rbacs: Vec<Rbac> = Vec::new();
     let mut allow_at: Option<usize> = None;
-    for (i, f) in filters.iter().enumerate() {
-        let any = match &f.config_type {
-            Some(ConfigType::TypedConfig(any)) => any,
-            Some(ConfigType::ConfigDiscovery(_)) => {
-                return Err(
-                    FieldError::unsupported("filter config discovery is not supported")
-                        .at("config_discovery")
-                        .at_index("http_filters", i),
-                );
-            }
-            None => return Err(missing("typed_config").at_index("http_filters", i)),
-        };
-        let name = type_name(&any.type_url);
-        let is_router = name == Router::full_name();
-        if is_router != (i == last) {
-            return Err(FieldError::invalid(format!(
-                "the router filter must be the last filter (found {:?} at {i} of {})",
-                f.name,
-                filters.len()
-            ))
-            .at_index("http_filters", i));
-        }
-        if is_router {
-            continue;
-        }
-        if name != super::type_name(crate::rbac_xds::RBAC_FILTER_TYPE) {
+    for_each_http_filter(filters, |i, f, any| {
+        if type_name(&any.type_url) != type_name(crate::rbac_xds::RBAC_FILTER_TYPE) {
             if f.is_optional {
-                continue;
+                return Ok(());
             }
             return Err(FieldError::unsupported(format!(
                 "HTTP filter {:?} ({}) is not supported on server listeners: only RBAC and the \
@@ -585,7 +558,7 @@ fn policies_from_filters(filters: &[HttpFilter]) -> Decoded<Vec<AuthorizationPol
             .at("typed_config")
             .at_index("http_filters", i)?
         else {
-            continue; // no rules: allows everything
+            return Ok(()); // no rules: allows everything
         };
         if rbac.action == RbacAction::Allow as i32 {
             if let Some(first) = allow_at {
@@ -598,7 +571,8 @@ fn policies_from_filters(filters: &[HttpFilter]) -> Decoded<Vec<AuthorizationPol
             allow_at = Some(i);
         }
         rbacs.push(rbac);
-    }
+        Ok(())
+    })?;
     rbacs.sort_by_key(|r| match RbacAction::try_from(r.action) {
         Ok(RbacAction::Deny) => 0,
         Ok(RbacAction::Allow) => 1,
