@@ -35,11 +35,10 @@ use tokio::net::TcpListener;
 use std::collections::BTreeSet;
 
 use crate::ErrorKind;
-use crate::ads::listening_address;
+use crate::ads::server_listener_for;
 use crate::ca::CertificateAuthority;
 use crate::ca::serving::{AdminTlsListener, PeerInfo};
 use crate::compat::{ClientKind, grpc_ignored};
-use crate::config::Workload;
 use crate::registry::{RegisterRequest, validate};
 
 use crate::state::Shared;
@@ -446,15 +445,8 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
                     let server_listeners = subscribed("LDS")
                         .iter()
                         .filter_map(|name| {
-                            let address = listening_address(name)?;
-                            let listener = served.security.server_listener(
-                                name,
-                                address,
-                                Workload {
-                                    namespace: &c.namespace,
-                                    labels: &c.labels,
-                                },
-                            );
+                            let listener =
+                                server_listener_for(&served, name, &c.namespace, &c.labels)?;
                             Some((name.as_str().into(), Arc::new(listener)))
                         })
                         .collect::<std::collections::BTreeMap<_, _>>();

@@ -37,7 +37,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures_util::{Stream, StreamExt};
-use mesh_core::model::Listener;
+use mesh_core::model::{Listener, ServerListener};
 use mesh_core::xds::Any;
 use mesh_core::xds::{self, ResourceType};
 use tokio::sync::mpsc;
@@ -405,16 +405,8 @@ impl AdsStream {
     /// (namespace and labels) from PeerAuthentication and
     /// AuthorizationPolicy.
     fn server_listener(&self, name: &str, served: &Served) -> Option<Any> {
-        let address = listening_address(name)?;
-        let listener = served.security.server_listener(
-            name,
-            address,
-            Workload {
-                namespace: &self.namespace,
-                labels: &self.labels,
-            },
-        );
-        Some(xds::encode_server_listener(&listener))
+        server_listener_for(served, name, &self.namespace, &self.labels)
+            .map(|listener| xds::encode_server_listener(&listener))
     }
 
     /// `catalog` / `catalog:80` asked by a client in namespace `shop` is
@@ -450,6 +442,23 @@ fn file_tls(served: &Served, name: &str) -> bool {
             !matches!(t.origination, mesh_core::model::TlsOrigination::IstioMutual)
         })
     })
+}
+
+/// The server listener `name` resolves to for a workload in `namespace`
+/// with `labels`, if `name` is a server listener name (gRFC A36): what the
+/// ADS stream sends and what `/status` checks for gRPC compatibility.
+pub(crate) fn server_listener_for(
+    served: &Served,
+    name: &str,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> Option<ServerListener> {
+    let address = listening_address(name)?;
+    Some(
+        served
+            .security
+            .server_listener(name, address, Workload { namespace, labels }),
+    )
 }
 
 /// The `ip:port` of a server listener name, if `name` is one.
