@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -55,11 +55,11 @@ struct Shared {
     /// The A36 listener name, for xDS policies.
     listener: Option<Name>,
     denied: AtomicU64,
-    /// Whether a [`ServerLayer`](crate::ServerLayer) authorizes with this
-    /// policy (set when a layer built with it wraps a service, or when a
-    /// layer authorized a request with it); until then `serve_with`
-    /// authorizes itself, so no app served under a policy goes unchecked.
-    layered: AtomicBool,
+    /// Who authorizes with this policy besides `serve_with`: [`UNLAYERED`],
+    /// [`LAYERED_BY_EXTENSION`] or [`LAYERED_OWN`]. Until a
+    /// [`ServerLayer`](crate::ServerLayer) does, `serve_with` authorizes
+    /// itself, so no app served under a policy goes unchecked.
+    layered: AtomicU8,
     /// The task following xDS, ended when the last handle goes.
     task: Option<AbortHandle>,
 }
@@ -149,7 +149,7 @@ impl InboundPolicy {
                 status: watch::Sender::new(status),
                 listener,
                 denied: AtomicU64::new(0),
-                layered: AtomicBool::new(false),
+                layered: AtomicU8::new(UNLAYERED),
                 task,
             }),
         }
@@ -304,14 +304,29 @@ impl InboundPolicy {
         }
     }
 
-    /// Records that a [`ServerLayer`](crate::ServerLayer) wrapping the app
-    /// enforces this policy (inside its telemetry, so denials are traced).
-    pub(crate) fn mark_layered(&self) {
-        self.shared.layered.store(true, Ordering::Relaxed);
+    /// Records that a [`ServerLayer`](crate::ServerLayer) built with this
+    /// policy ([`ServerLayer::inbound`](crate::ServerLayer::inbound))
+    /// enforces it, inside its telemetry, so denials are traced.
+    pub(crate) fn mark_layered_own(&self) {
+        self.shared.layered.store(LAYERED_OWN, Ordering::Relaxed);
     }
 
-    /// Whether a [`ServerLayer`](crate::ServerLayer) enforces this policy.
-    pub(crate) fn is_layered(&self) -> bool {
+    /// Records that a [`ServerLayer`](crate::ServerLayer) without a policy
+    /// of its own enforces this one, found in the request's extensions.
+    /// Writes only the first time: this runs per request.
+    pub(crate) fn mark_layered_by_extension(&self) {
+        if self.shared.layered.load(Ordering::Relaxed) == UNLAYERED {
+            let _ = self.shared.layered.compare_exchange(
+                UNLAYERED,
+                LAYERED_BY_EXTENSION,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Who enforces this policy besides `serve_with`.
+    pub(crate) fn layering(&self) -> u8 {
         self.shared.layered.load(Ordering::Relaxed)
     }
 
@@ -408,6 +423,15 @@ impl fmt::Debug for InboundPolicy {
             .finish()
     }
 }
+
+/// No [`ServerLayer`](crate::ServerLayer) enforces the policy (yet).
+pub(crate) const UNLAYERED: u8 = 0;
+/// A `ServerLayer` without a policy of its own enforces the one `serve_with`
+/// passes as a request extension.
+pub(crate) const LAYERED_BY_EXTENSION: u8 = 1;
+/// A `ServerLayer` built with the policy enforces it: `serve_with` need not
+/// pass it on.
+pub(crate) const LAYERED_OWN: u8 = 2;
 
 /// Authorizes `req` under `policy`: `None` to let it through, or the local
 /// reply refusing it. Records the decision on the request's

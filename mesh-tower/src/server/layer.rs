@@ -55,7 +55,7 @@ impl ServerLayer {
     pub fn inbound(mut self, policy: InboundPolicy) -> Self {
         // Marked here, not only in `layer`: routers such as axum's may wrap
         // their handlers lazily, after `serve_with` sees the first request.
-        policy.mark_layered();
+        policy.mark_layered_own();
         self.inbound = Some(policy);
         self
     }
@@ -92,7 +92,7 @@ impl<S> Layer<S> for ServerLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         if let Some(policy) = &self.inbound {
-            policy.mark_layered();
+            policy.mark_layered_own();
         }
         Server::new(
             inner,

@@ -3,7 +3,7 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Request, Response};
 use tower::Service;
 
-use super::inbound::authorize;
+use super::inbound::{LAYERED_OWN, UNLAYERED, authorize};
 use super::{InboundPolicy, ResponseFuture, ServerContext};
 use crate::body::ResponseBody;
 use crate::deadline::Deadline;
@@ -83,14 +83,17 @@ where
             }
             req.extensions_mut().insert(deadline);
         }
-        let policy = self
-            .inbound
-            .as_ref()
-            .or_else(|| req.extensions().get::<InboundPolicy>());
-        if let Some(policy) = policy {
-            // From now on `serve_with` leaves authorization to this layer.
-            policy.mark_layered();
-        }
+        let policy = match &self.inbound {
+            Some(own) => Some(own),
+            None => {
+                let passed = req.extensions().get::<InboundPolicy>();
+                if let Some(policy) = passed {
+                    // From now on `serve_with` leaves authorization to this layer.
+                    policy.mark_layered_by_extension();
+                }
+                passed
+            }
+        };
         if let Some(reply) = policy.and_then(|policy| authorize(policy, &req)) {
             return ResponseFuture::local(
                 reply.into_parts(is_grpc(req.headers())),
@@ -135,14 +138,17 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         if let Some(policy) = &self.policy {
-            if !policy.is_layered()
+            let layering = policy.layering();
+            if layering == UNLAYERED
                 && let Some(reply) = authorize(policy, &req)
             {
                 return ResponseFuture::local(reply.into_parts(is_grpc(req.headers())), None);
             }
-            // A ServerLayer without a policy of its own authorizes with this
-            // one (and from then on, only it does).
-            req.extensions_mut().insert(policy.clone());
+            if layering != LAYERED_OWN {
+                // A ServerLayer without a policy of its own authorizes with
+                // this one (and from then on, only it does).
+                req.extensions_mut().insert(policy.clone());
+            }
         }
         ResponseFuture::new(self.inner.call(req), None)
     }
