@@ -58,10 +58,7 @@ mod plot;
 mod tls;
 
 /// The generated `shop` gRPC code (proto/shop.proto).
-mod shop {
-    #![allow(missing_docs, unreachable_pub, clippy::all)]
-    tonic::include_proto!("shop");
-}
+use shop_proto as shop;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

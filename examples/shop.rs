@@ -74,10 +74,7 @@ use proxyless::{
 };
 use tower::{Layer, ServiceExt};
 
-mod shop {
-    #![allow(missing_docs, unreachable_pub, clippy::all)]
-    tonic::include_proto!("shop");
-}
+use shop_proto as shop;
 
 use shop::payment_client::PaymentClient;
 use shop::payment_server::{Payment, PaymentServer};

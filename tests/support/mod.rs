@@ -41,10 +41,7 @@ use tonic::{Request, Response, Status};
 
 /// The generated `shop` messages, clients (`shop::payment_client::PaymentClient`) and
 /// servers (`shop::payment_server::{Payment, PaymentServer}`).
-pub(crate) mod shop {
-    #![allow(missing_docs, unreachable_pub, clippy::all)]
-    tonic::include_proto!("shop");
-}
+pub(crate) use shop_proto as shop;
 
 /// How often [`eventually`] re-checks its condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);

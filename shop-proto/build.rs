@@ -1,5 +1,5 @@
-//! Generates the `shop` gRPC code (proto/shop.proto) used by the examples and the
-//! integration tests through `tonic::include_proto!("shop")`.
+//! Generates the `shop` gRPC code (proto/shop.proto) that this crate exposes to
+//! proxyless's examples, integration tests and benches.
 //!
 //! The proto is parsed by `protox`, a protobuf compiler written in Rust, so a fresh
 //! machine needs no `protoc` binary; tonic-prost-build turns the descriptor set into

@@ -1,0 +1,1 @@
+//! Test helpers shared by proxyless's test crates (see docs/ARCHITECTURE.md).

@@ -1,0 +1,2 @@
+//! Placeholder: filled by the errors work (issue 11, acceptance 5).
+fn main() {}
