@@ -171,7 +171,7 @@ struct FirstCallFails {
 }
 
 #[tonic::async_trait]
-impl Payment for Arc<FirstCallFails> {
+impl Payment for FirstCallFails {
     async fn pay(
         &self,
         request: tonic::Request<PayRequest>,
@@ -345,7 +345,9 @@ impl Shop {
         let app = tower::Layer::layer(
             &ServerLayer::new(ServerContext::new("payment", NAMESPACE, "payment-1"))
                 .telemetry(payment_t.clone()),
-            support::payment_routes_of(Arc::clone(&payment)),
+            tonic::service::Routes::new(support::shop::payment_server::PaymentServer::from_arc(
+                Arc::clone(&payment),
+            )),
         );
         let registration = Registration::new(&admin, "payment")
             .namespace(NAMESPACE)

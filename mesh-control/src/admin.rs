@@ -39,7 +39,7 @@ use crate::ads::server_listener_for;
 use crate::ca::CertificateAuthority;
 use crate::ca::serving::{AdminTlsListener, PeerInfo};
 use crate::compat::{ClientKind, grpc_ignored};
-use crate::registry::{RegisterRequest, validate};
+use crate::registry::{RegisterRequest, Registered, validate};
 
 use crate::state::Shared;
 
@@ -164,13 +164,14 @@ async fn register(
             return error(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "invalid registration: {}; expected {{\"service\", \"address\", \"port\", \"ttl_seconds\", optional \"namespace\", \"service_port\", \"protocol\", \"labels\", \"locality\"}}",
+                    "invalid registration: {}; expected {{\"service\", \"address\", \"port\", \"ttl_seconds\", optional \"namespace\", \"service_port\", \"protocol\", \"labels\", \"locality\", \"node_id\"}}",
                     rejection.body_text()
                 ),
             );
         }
     };
     let ttl_seconds = req.ttl_seconds;
+    let node_id = req.node_id.clone().filter(|id| !id.is_empty());
     let registration = match validate(req) {
         Ok(r) => r,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
@@ -186,11 +187,15 @@ async fn register(
         return error(StatusCode::FORBIDDEN, reason);
     }
     let salt = rand::random::<u64>();
-    let result =
-        shared
-            .registry
-            .lock()
-            .insert(registration, ttl_seconds, owner, Instant::now(), salt);
+    let registered = Registered {
+        registration,
+        owner,
+        node_id,
+    };
+    let result = shared
+        .registry
+        .lock()
+        .insert(registered, ttl_seconds, Instant::now(), salt);
     match result {
         Ok(lease) => {
             shared.metrics.registrations.inc();
@@ -446,7 +451,7 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
                         .iter()
                         .filter_map(|name| {
                             let listener =
-                                server_listener_for(&served, name, &c.namespace, &c.labels)?;
+                                server_listener_for(&served, name, &c.workload)?;
                             Some((name.as_str().into(), Arc::new(listener)))
                         })
                         .collect::<std::collections::BTreeMap<_, _>>();
@@ -470,7 +475,7 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
             });
             json!({
                 "node_id": c.node_id,
-                "namespace": c.namespace,
+                "namespace": c.workload.namespace,
                 "user_agent": c.user_agent,
                 "kind": kind.as_str(),
                 "stale": stale,

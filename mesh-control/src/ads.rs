@@ -14,10 +14,13 @@
 //! bootstrap's `server_listener_resource_name_template` makes of the
 //! address they listen on (`grpc/server?xds.resource.listening_address=
 //! 10.0.0.5:8080`, gRFC A36). Such a name is answered with a server
-//! listener resolved for the client's workload — `node.metadata.NAMESPACE`
-//! and `node.metadata.LABELS` select its PeerAuthentication mode and
-//! AuthorizationPolicies — in the same SotW LDS response as the client
-//! listeners it subscribed to. A change of those policies is a new version.
+//! listener resolved for the client's workload — its namespace
+//! (`node.metadata.NAMESPACE`) and its one label set select its
+//! PeerAuthentication mode and AuthorizationPolicies: the labels of its
+//! registration at that address, the ones its EDS endpoint carries for
+//! subsets, or else its node's `LABELS` (see [`workload_labels`]) — in the
+//! same SotW LDS response as the client listeners it subscribed to. A change
+//! of those policies, or of the registrations, is a new version.
 //!
 //! References: the xDS REST and gRPC protocol (ACK/NACK, nonces, SotW
 //! semantics), gRFC A27 (xDS-based global load balancing).
@@ -34,7 +37,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
     ResourceError, ResourceName,
 };
-use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures_util::{Stream, StreamExt};
 use mesh_core::model::{Listener, ServerListener};
@@ -45,7 +47,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Workload;
-use crate::state::{ClientStatus, NackInfo, Served, Shared, TypeStatus};
+use crate::registry::Registered;
+use crate::state::{ClientStatus, NackInfo, NodeWorkload, Served, Shared, TypeStatus};
 
 /// The tonic service; cheap to clone.
 #[derive(Clone)]
@@ -105,10 +108,9 @@ struct AdsStream {
     id: u64,
     shared: Arc<Shared>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    namespace: String,
-    /// `node.metadata.LABELS`: the workload's labels, which select its
-    /// PeerAuthentication and AuthorizationPolicies.
-    labels: BTreeMap<String, String>,
+    /// What the node says about its workload: its namespace (short names
+    /// resolve in it) and what its server listeners are resolved for.
+    workload: NodeWorkload,
     /// A gRPC proxyless client (by its user agent): it NACKs a whole CDS
     /// response that holds one cluster with file-based TLS (gRFC A29 knows
     /// only certificate provider instances), so such clusters are left out
@@ -144,8 +146,10 @@ impl AdsStream {
             id,
             shared,
             tx,
-            namespace: "default".into(),
-            labels: BTreeMap::new(),
+            workload: NodeWorkload {
+                namespace: "default".into(),
+                ..NodeWorkload::default()
+            },
             grpc: false,
             types: Default::default(),
             nonce: 0,
@@ -203,36 +207,9 @@ impl AdsStream {
     }
 
     fn on_node(&mut self, node: &Node) {
-        let namespace = node
-            .metadata
-            .as_ref()
-            .and_then(|m| m.fields.get("NAMESPACE"))
-            .and_then(|v| match &v.kind {
-                Some(Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
-                _ => None,
-            })
-            .unwrap_or_else(|| "default".into());
-        self.namespace = namespace.clone();
+        self.workload = NodeWorkload::from_node(node);
         self.grpc = crate::compat::ClientKind::from_user_agent(&node.user_agent_name)
             == crate::compat::ClientKind::Grpc;
-        self.labels = node
-            .metadata
-            .as_ref()
-            .and_then(|m| m.fields.get("LABELS"))
-            .and_then(|v| match &v.kind {
-                Some(Kind::StructValue(labels)) => Some(
-                    labels
-                        .fields
-                        .iter()
-                        .filter_map(|(k, v)| match &v.kind {
-                            Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
-                            _ => None,
-                        })
-                        .collect(),
-                ),
-                _ => None,
-            })
-            .unwrap_or_default();
         let mut clients = self.shared.clients.lock();
         let status = clients.entry(self.id).or_insert_with(|| ClientStatus {
             connected_at: Some(SystemTime::now()),
@@ -241,8 +218,7 @@ impl AdsStream {
         status.node_id = node.id.clone();
         status.node = Some(node.clone());
         status.user_agent_name = node.user_agent_name.clone();
-        status.namespace = namespace;
-        status.labels = self.labels.clone();
+        status.workload = self.workload.clone();
         status.user_agent = match &node.user_agent_version_type {
             Some(envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(v)) => {
                 format!("{} {v}", node.user_agent_name)
@@ -363,7 +339,7 @@ impl AdsStream {
                             "{} resource {n:?} does not exist on mesh-control (client namespace \
                              {:?})",
                             t.short_name(),
-                            self.namespace
+                            self.workload.namespace
                         )
                     },
                     details: Vec::new(),
@@ -402,10 +378,9 @@ impl AdsStream {
     /// `server_listener_resource_name_template`
     /// (`grpc/server?xds.resource.listening_address=%s`) is answered with
     /// the listener for that address, resolved for this client's workload
-    /// (namespace and labels) from PeerAuthentication and
-    /// AuthorizationPolicy.
+    /// (see [`server_listener_for`]).
     fn server_listener(&self, name: &str, served: &Served) -> Option<Any> {
-        server_listener_for(served, name, &self.namespace, &self.labels)
+        server_listener_for(served, name, &self.workload)
             .map(|listener| xds::encode_server_listener(&listener))
     }
 
@@ -420,8 +395,8 @@ impl AdsStream {
             return None;
         }
         let qualified = match port {
-            Some(p) => format!("{host}.{}:{p}", self.namespace),
-            None => format!("{host}.{}", self.namespace),
+            Some(p) => format!("{host}.{}:{p}", self.workload.namespace),
+            None => format!("{host}.{}", self.workload.namespace),
         };
         let target = served.snapshot.listeners.get(qualified.as_str())?;
         Some(Listener {
@@ -444,21 +419,97 @@ fn file_tls(served: &Served, name: &str) -> bool {
     })
 }
 
-/// The server listener `name` resolves to for a workload in `namespace`
-/// with `labels`, if `name` is a server listener name (gRFC A36): what the
+/// The server listener `name` resolves to for the workload `node`
+/// describes, if `name` is a server listener name (gRFC A36): what the
 /// ADS stream sends and what `/status` checks for gRPC compatibility.
+/// PeerAuthentication and AuthorizationPolicy select it by the labels of
+/// [`workload_labels`].
 pub(crate) fn server_listener_for(
     served: &Served,
     name: &str,
-    namespace: &str,
-    labels: &BTreeMap<String, String>,
+    node: &NodeWorkload,
 ) -> Option<ServerListener> {
     let address = listening_address(name)?;
-    Some(
-        served
+    let labels = workload_labels(served, address, node);
+    Some(served.security.server_listener(
+        name,
+        address,
+        Workload {
+            namespace: &node.namespace,
+            labels: &labels,
+        },
+    ))
+}
+
+/// The one label set of the workload `node` describes, listening on
+/// `address`: the labels of its registration there, so the selectors of
+/// its policies see the labels its EDS endpoint carries for subsets (the
+/// WorkloadGroup's, under the bootstrap's `LABELS`, under `.label()`s).
+///
+/// The registration is one of this workload's — in its namespace and,
+/// when registration is authenticated, made by the identity the node
+/// names (`SERVICE_ACCOUNT`), so no other workload can choose the labels
+/// this one's policies see — found, in order:
+///
+/// 1. registered at the listening `ip:port` itself;
+/// 2. registered with the node's id on the listening port: a listener on
+///    `0.0.0.0:8080` (or bound to another address than it advertises) is
+///    the workload that registered port 8080 from this bootstrap.
+///
+/// When one endpoint backs several services, their label sets are merged,
+/// the first service by name winning a conflict. A workload with no such
+/// registration (not registered yet, or not through `proxyless`) gets its
+/// node's `LABELS` over the labels of the WorkloadGroup its `node.cluster`
+/// names.
+pub(crate) fn workload_labels(
+    served: &Served,
+    address: SocketAddr,
+    node: &NodeWorkload,
+) -> BTreeMap<String, String> {
+    let ours = |r: &&Registered| {
+        r.registration.namespace == node.namespace
+            && r.owner.as_ref().is_none_or(|owner| {
+                owner.namespace() == node.namespace
+                    && node.service_account.as_deref() == Some(owner.service_account())
+            })
+    };
+    let at_address = |r: &&Registered| {
+        !address.ip().is_unspecified()
+            && r.registration.address == address.ip()
+            && r.registration.port == address.port()
+    };
+    let by_node = |r: &&Registered| {
+        !node.id.is_empty()
+            && r.node_id.as_deref() == Some(node.id.as_str())
+            && r.registration.port == address.port()
+    };
+    let mut found: Vec<&Registered> = served
+        .registered
+        .iter()
+        .filter(ours)
+        .filter(at_address)
+        .collect();
+    if found.is_empty() {
+        found = served
+            .registered
+            .iter()
+            .filter(ours)
+            .filter(by_node)
+            .collect();
+    }
+    if found.is_empty() {
+        return served
             .security
-            .server_listener(name, address, Workload { namespace, labels }),
-    )
+            .node_labels(&node.cluster, &node.namespace, &node.labels);
+    }
+    found.sort_by(|a, b| a.registration.service.cmp(&b.registration.service));
+    let mut labels = BTreeMap::new();
+    for r in found {
+        for (k, v) in &r.registration.labels {
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    labels
 }
 
 /// The `ip:port` of a server listener name, if `name` is one.
@@ -493,7 +544,251 @@ pub(crate) fn type_index(t: ResourceType) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::listening_address;
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+
+    use mesh_core::spiffe::SpiffeId;
+
+    use super::{listening_address, server_listener_for, workload_labels};
+    use crate::config::{ConfigStore, MeshOptions, Registration};
+    use crate::registry::Registered;
+    use crate::state::{NodeWorkload, Served};
+
+    /// catalog's WorkloadGroup gives `tier: backend, version: v0`; a DENY
+    /// policy selects `version: v2`.
+    const MESH: &str = "apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: catalog, namespace: shop}
+spec:
+  metadata:
+    labels: {tier: backend, version: v0}
+  template: {serviceAccount: catalog}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-v2, namespace: shop}
+spec:
+  selector: {matchLabels: {version: v2}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [\"/canary\"]}}]
+";
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// A registration of `service` in shop at `address`, made from node
+    /// `node_id` by `owner`, with its own `labels`.
+    fn registered(
+        service: &str,
+        address: &str,
+        node_id: Option<&str>,
+        owner: Option<&str>,
+        own: &[(&str, &str)],
+    ) -> Registered {
+        let address: SocketAddr = address.parse().unwrap();
+        Registered {
+            registration: Registration {
+                service: service.into(),
+                namespace: "shop".into(),
+                address: address.ip(),
+                port: address.port(),
+                service_port: None,
+                protocol: None,
+                labels: labels(own),
+                locality: Default::default(),
+            },
+            owner: owner.map(|o| SpiffeId::parse(o).unwrap()),
+            node_id: node_id.map(str::to_owned),
+        }
+    }
+
+    /// What the control server serves for `registrations`: each with its
+    /// labels merged over its WorkloadGroup's, as `Shared::rebuild` does.
+    fn served(registrations: Vec<Registered>) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mesh.yaml"), MESH).unwrap();
+        let mut store = ConfigStore::new(MeshOptions::default());
+        assert!(store.load_dir(dir.path()).is_empty());
+        let security = store.security();
+        let registered = registrations
+            .into_iter()
+            .map(|mut r| {
+                r.registration.labels = security.registered_labels(&r.registration);
+                r
+            })
+            .collect();
+        Served {
+            security,
+            registered,
+            ..Served::default()
+        }
+    }
+
+    /// Node `id` in shop (cluster `cluster`) claiming `node_labels`.
+    fn node(id: &str, cluster: &str, node_labels: &[(&str, &str)]) -> NodeWorkload {
+        NodeWorkload {
+            id: id.into(),
+            cluster: cluster.into(),
+            namespace: "shop".into(),
+            service_account: None,
+            labels: labels(node_labels),
+        }
+    }
+
+    fn at(address: &str) -> SocketAddr {
+        address.parse().unwrap()
+    }
+
+    #[test]
+    fn a_listener_at_a_registered_address_gets_that_registration_s_labels() {
+        let served = served(vec![registered(
+            "catalog",
+            "10.0.0.7:8080",
+            None,
+            None,
+            &[("version", "v2")],
+        )]);
+        let node = node("catalog-1", "catalog-1", &[("version", "v1")]);
+        assert_eq!(
+            workload_labels(&served, at("10.0.0.7:8080"), &node),
+            labels(&[("tier", "backend"), ("version", "v2")]),
+            "the registration's labels (over the group's), not the node's"
+        );
+        // The policy selecting version: v2 is in its server listener.
+        let name = "grpc/server?xds.resource.listening_address=10.0.0.7:8080";
+        let listener = server_listener_for(&served, name, &node).unwrap();
+        assert_eq!(listener.policies.len(), 1);
+        assert_eq!(&**listener.policies[0].name(), "deny-v2");
+        // Another port of the same host is another workload.
+        assert_eq!(
+            workload_labels(&served, at("10.0.0.7:9090"), &node),
+            labels(&[("version", "v1")])
+        );
+    }
+
+    #[test]
+    fn a_listener_on_an_unspecified_address_finds_its_registration_by_node_id_and_port() {
+        let served = served(vec![
+            registered(
+                "catalog",
+                "10.0.0.7:8080",
+                Some("catalog-1"),
+                None,
+                &[("version", "v2")],
+            ),
+            registered(
+                "catalog",
+                "10.0.0.8:8080",
+                Some("catalog-2"),
+                None,
+                &[("version", "v3")],
+            ),
+        ]);
+        let mine = node("catalog-1", "catalog-1", &[("version", "v1")]);
+        assert_eq!(
+            workload_labels(&served, at("0.0.0.0:8080"), &mine),
+            labels(&[("tier", "backend"), ("version", "v2")])
+        );
+        assert_eq!(
+            workload_labels(&served, at("[::]:8080"), &mine),
+            labels(&[("tier", "backend"), ("version", "v2")])
+        );
+        // Bound to another address than the one it advertises: still its own.
+        assert_eq!(
+            workload_labels(&served, at("127.0.0.1:8080"), &mine),
+            labels(&[("tier", "backend"), ("version", "v2")])
+        );
+        // Another port, or a node that registered nothing: the node's labels.
+        assert_eq!(
+            workload_labels(&served, at("0.0.0.0:9090"), &mine),
+            labels(&[("version", "v1")])
+        );
+        let stranger = node("catalog-9", "catalog-9", &[("version", "v1")]);
+        assert_eq!(
+            workload_labels(&served, at("0.0.0.0:8080"), &stranger),
+            labels(&[("version", "v1")]),
+            "the port alone does not pick another node's registration"
+        );
+    }
+
+    #[test]
+    fn only_registrations_of_the_node_s_namespace_and_identity_count() {
+        let owner = "spiffe://cluster.local/ns/shop/sa/catalog";
+        let served = served(vec![registered(
+            "catalog",
+            "10.0.0.7:8080",
+            Some("catalog-1"),
+            Some(owner),
+            &[("version", "v2")],
+        )]);
+        let mut node = node("catalog-1", "catalog-1", &[("version", "v1")]);
+        // Registered by an identity: used only by a node claiming it.
+        assert_eq!(
+            workload_labels(&served, at("10.0.0.7:8080"), &node),
+            labels(&[("version", "v1")])
+        );
+        node.service_account = Some("frontend".into());
+        assert_eq!(
+            workload_labels(&served, at("10.0.0.7:8080"), &node),
+            labels(&[("version", "v1")]),
+            "another identity's registration cannot choose this workload's labels"
+        );
+        node.service_account = Some("catalog".into());
+        assert_eq!(
+            workload_labels(&served, at("10.0.0.7:8080"), &node),
+            labels(&[("tier", "backend"), ("version", "v2")])
+        );
+        node.namespace = "web".into();
+        assert_eq!(
+            workload_labels(&served, at("10.0.0.7:8080"), &node),
+            labels(&[("version", "v1")]),
+            "a node of another namespace"
+        );
+    }
+
+    #[test]
+    fn without_a_registration_the_node_s_labels_win_over_its_cluster_s_group() {
+        let served = served(Vec::new());
+        assert_eq!(
+            workload_labels(
+                &served,
+                at("10.0.0.7:8080"),
+                &node("c-1", "catalog", &[("version", "v1")])
+            ),
+            labels(&[("tier", "backend"), ("version", "v1")])
+        );
+        assert_eq!(
+            workload_labels(
+                &served,
+                at("10.0.0.7:8080"),
+                &node("c-1", "c-1", &[("version", "v1")])
+            ),
+            labels(&[("version", "v1")])
+        );
+    }
+
+    #[test]
+    fn an_endpoint_backing_two_services_has_both_label_sets_first_service_winning() {
+        let served = served(vec![
+            registered(
+                "catalog-admin",
+                "10.0.0.7:8080",
+                None,
+                None,
+                &[("version", "v9"), ("admin", "yes")],
+            ),
+            registered("catalog", "10.0.0.7:8080", None, None, &[("version", "v2")]),
+        ]);
+        assert_eq!(
+            workload_labels(&served, at("10.0.0.7:8080"), &node("c-1", "c-1", &[])),
+            labels(&[("admin", "yes"), ("tier", "backend"), ("version", "v2")])
+        );
+    }
 
     #[test]
     fn listening_addresses_are_read_from_a36_names() {

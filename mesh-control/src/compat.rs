@@ -21,19 +21,31 @@
 //! leaves such clusters out of gRPC clients' responses (with a NOT_FOUND
 //! resource error naming why), and [`grpc_ignored`] reports them per cluster.
 //!
+//! Offline, `check --for grpc` ([`grpc_report`]) separates two things a
+//! served config mixes: what gRPC ignores of what the YAML *says* (each at
+//! the line of the field, read from the YAML itself), and the mesh's own
+//! defaults — Istio's default retry conditions on a route without
+//! `retryOn`, LEAST_REQUEST for a cluster without `loadBalancer.simple`,
+//! PERMISSIVE, auto mTLS — which gRPC clients handle differently but which
+//! are nobody's mistake, so they get one summary line each.
+//!
 //! The client kind comes from `node.user_agent_name`: grpc-core based clients
 //! (grpcio, C++, Ruby, PHP) send `gRPC C-core …`, grpc-go `gRPC Go`, grpc-java
 //! `gRPC Java`; this mesh's own client sends `proxyless-rust`.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 
 use mesh_core::Snapshot;
 use mesh_core::model::{
-    CircuitBreakers, ConnectionSettings, HashPolicy, LbPolicy, MtlsMode, RetryOn, TlsOrigination,
+    CircuitBreakers, ConnectionSettings, HashPolicy, LbPolicy, MtlsMode, RetryOn, RetryPolicy,
+    TlsOrigination,
 };
 use mesh_core::rbac::Action;
 
-use crate::config::SecurityPolicies;
+use crate::config::{
+    ConfigStore, Diagnostic, Look, SecurityPolicies, parse_documents, resolve_host,
+};
 
 /// Who is on the other end of an ADS stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,16 +225,8 @@ pub(crate) fn grpc_security_ignored(
     let uses_mtls = !policies.peers().is_empty()
         || !policies.authorization_policies().is_empty()
         || snapshot.clusters.values().any(|c| c.tls.is_some());
-    let root = policies.root_namespace();
-    let mesh_wide = policies
-        .peers()
-        .iter()
-        .find(|p| p.namespace == root && p.selector.is_none())
-        .and_then(|p| p.mode);
-    if uses_mtls && mesh_wide.is_none_or(|m| m == MtlsMode::Permissive) {
-        out.insert(format!(
-            "workloads no STRICT or DISABLE PeerAuthentication covers are PERMISSIVE (Istio's default; no mesh-wide STRICT or DISABLE PeerAuthentication in namespace '{root}'): {PERMISSIVE}"
-        ));
+    if uses_mtls && let Some(default) = default_permissive(policies) {
+        out.insert(default);
     }
     for p in policies.peers() {
         let at = format!("PeerAuthentication {}/{}", p.namespace, p.name);
@@ -259,6 +263,424 @@ pub(crate) fn grpc_security_ignored(
         ));
     }
     out.into_iter().collect()
+}
+
+/// The PERMISSIVE default, when no mesh-wide PeerAuthentication replaces it.
+fn default_permissive(policies: &SecurityPolicies) -> Option<String> {
+    let root = policies.root_namespace();
+    let mesh_wide = policies
+        .peers()
+        .iter()
+        .find(|p| p.namespace == root && p.selector.is_none())
+        .and_then(|p| p.mode);
+    mesh_wide.is_none_or(|m| m == MtlsMode::Permissive).then(|| {
+        format!(
+            "workloads no STRICT or DISABLE PeerAuthentication covers are PERMISSIVE (Istio's default; no mesh-wide STRICT or DISABLE PeerAuthentication in namespace '{root}'): {PERMISSIVE}"
+        )
+    })
+}
+
+/// What `mesh-control check --for grpc` reports about a config
+/// ([`crate::grpc_report`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GrpcReport {
+    /// What gRPC clients (or xDS-enabled gRPC servers) ignore or handle
+    /// differently of what the YAML says, one per field, at the line of the
+    /// field, sorted by file and line.
+    pub written: Vec<Diagnostic>,
+    /// The mesh's own defaults — what applies where the YAML says nothing —
+    /// that gRPC clients handle differently: one sentence each, starting
+    /// with what it is about (`retries: ...`). Not problems of the YAML.
+    pub defaults: Vec<String>,
+}
+
+/// The [`GrpcReport`] of the config `store` holds (read from its files),
+/// `snapshot` being its translation (the defaults are counted there).
+pub(crate) fn grpc_report(store: &ConfigStore, snapshot: &Snapshot) -> GrpcReport {
+    let mut walk = Walk::default();
+    for file in store.files() {
+        // A file that cannot be read or parsed is reported by `check` itself.
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        let Ok(docs) = parse_documents(&text) else {
+            continue;
+        };
+        for doc in &docs {
+            walk.document(file, Look::document(doc), &store.options().domain_suffix);
+        }
+    }
+    let mut defaults = Vec::new();
+
+    let istio = RetryPolicy::istio_default();
+    let default_routes = snapshot
+        .route_configs
+        .values()
+        .flat_map(|rc| rc.virtual_hosts.iter())
+        .flat_map(|vh| vh.routes.iter())
+        .filter(|r| &*r.name == "default" && r.policy.retry.as_ref() == Some(&istio))
+        .count();
+    let routes = walk.default_retry_on + default_routes;
+    if routes > 0 {
+        let conditions: Vec<String> = istio
+            .retry_on
+            .names()
+            .filter(|n| *n != "retriable-status-codes")
+            .map(str::to_string)
+            .chain(istio.retriable_status_codes.iter().map(u16::to_string))
+            .collect();
+        let honored: Vec<&str> = istio
+            .retry_on
+            .names()
+            .filter(|n| RetryOn::from_name(n).is_some_and(|f| GRPC_RETRY_ON.contains(f)))
+            .collect();
+        defaults.push(format!(
+            "retries: {routes} route(s) with no retries.retryOn (a service's default route \
+             included) retry on Istio's default conditions {}; gRPC clients act only on {} \
+             of them (gRFC A44)",
+            conditions.join(","),
+            honored.join(" and ")
+        ));
+    }
+
+    let written = |set: &BTreeSet<(String, String)>, fqdn: &str, subset: &str| {
+        set.contains(&(fqdn.to_string(), subset.to_string()))
+            || set.contains(&(fqdn.to_string(), String::new()))
+    };
+    let mut least_request = 0;
+    let mut auto_mtls = 0;
+    for (name, cluster) in &snapshot.clusters {
+        // `outbound|<port>|<subset>|<fqdn>`
+        let mut parts = name.split('|').skip(2);
+        let (Some(subset), Some(fqdn)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if cluster.lb_policy == LbPolicy::LeastRequest && !written(&walk.lb, fqdn, subset) {
+            least_request += 1;
+        }
+        let istio_mutual = cluster
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.origination == TlsOrigination::IstioMutual);
+        if istio_mutual && !written(&walk.tls, fqdn, subset) {
+            auto_mtls += 1;
+        }
+    }
+    if least_request > 0 {
+        defaults.push(format!(
+            "load balancing: {least_request} cluster(s) with no loadBalancer.simple use \
+             LEAST_REQUEST (Istio's default), served inside wrr_locality with round_robin as \
+             fallback; gRPC clients without least_request support (gRFC A48) use round robin"
+        ));
+    }
+    if auto_mtls > 0 {
+        defaults.push(format!(
+            "mTLS: {auto_mtls} cluster(s) with no tls in their DestinationRule get ISTIO_MUTUAL \
+             from Istio's auto mTLS (their destinations are STRICT): {}",
+            CREDENTIALS.replace("servers built with xDS server", "channels built with xDS")
+        ));
+    }
+    let uses_mtls = walk.uses_mtls || snapshot.clusters.values().any(|c| c.tls.is_some());
+    if uses_mtls && let Some(default) = default_permissive(&store.security()) {
+        defaults.push(format!("mTLS mode: {default}"));
+    }
+
+    walk.written.sort();
+    walk.written.dedup();
+    GrpcReport {
+        written: walk.written,
+        defaults,
+    }
+}
+
+/// The walk of the YAML behind [`grpc_report`]: findings at their lines,
+/// and what the defaults are measured against.
+#[derive(Default)]
+struct Walk {
+    written: Vec<Diagnostic>,
+    /// `http[]` routes with retries that say no `retryOn` (or no `retries`).
+    default_retry_on: usize,
+    /// `(fqdn, subset)` whose DestinationRule sets a load balancer
+    /// (`simple` or `consistentHash`); subset `""` is the rule's own policy.
+    lb: BTreeSet<(String, String)>,
+    /// `(fqdn, subset)` whose DestinationRule sets `tls` (no auto mTLS).
+    tls: BTreeSet<(String, String)>,
+    /// Whether the YAML asks for mTLS anywhere (a `tls` or a security resource).
+    uses_mtls: bool,
+}
+
+/// One resource's findings: `{what}: '{path}': {text}` at a line.
+struct Notes<'w> {
+    walk: &'w mut Walk,
+    file: &'w Path,
+    what: String,
+}
+
+impl Notes<'_> {
+    fn note(&mut self, line: usize, path: &str, text: impl std::fmt::Display) {
+        self.walk.written.push(Diagnostic {
+            file: self.file.to_path_buf(),
+            line,
+            message: format!("{}: '{path}': {text}", self.what),
+        });
+    }
+}
+
+impl Walk {
+    fn document(&mut self, file: &Path, doc: Look<'_, '_>, suffix: &str) {
+        let text = |path: &str| doc.get(path).and_then(|l| l.text());
+        let kind = text("kind").unwrap_or_default();
+        let namespace = text("metadata.namespace").unwrap_or_else(|| "default".to_string());
+        let name = text("metadata.name").unwrap_or_default();
+        let mut notes = Notes {
+            walk: self,
+            file,
+            what: format!("{kind} {namespace}/{name}"),
+        };
+        match kind.as_str() {
+            "VirtualService" => notes.virtual_service(doc),
+            "DestinationRule" => {
+                let Some(host) = text("spec.host") else {
+                    return;
+                };
+                let fqdn = resolve_host(&host, &namespace, suffix);
+                if let Some(policy) = doc.get("spec.trafficPolicy") {
+                    notes.traffic_policy("trafficPolicy", &fqdn, "", policy);
+                }
+                let subsets = doc.get("spec.subsets").map(|s| s.items());
+                for (j, subset) in subsets.unwrap_or_default().into_iter().enumerate() {
+                    let name = subset
+                        .get("name")
+                        .and_then(|n| n.text())
+                        .unwrap_or_default();
+                    if let Some(policy) = subset.get("trafficPolicy") {
+                        let path = format!("subsets[{j}].trafficPolicy");
+                        notes.traffic_policy(&path, &fqdn, &name, policy);
+                    }
+                }
+            }
+            "PeerAuthentication" => notes.peer_authentication(doc),
+            "AuthorizationPolicy" => {
+                notes.walk.uses_mtls = true;
+                if let Some(action) = doc.get("spec.action")
+                    && action.text().as_deref() == Some("AUDIT")
+                {
+                    notes.note(action.line, "action", format!("AUDIT {AUDIT}"));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Notes<'_> {
+    fn virtual_service(&mut self, doc: Look<'_, '_>) {
+        let http = doc.get("spec.http").map(|h| h.items()).unwrap_or_default();
+        for (i, route) in http.into_iter().enumerate() {
+            let Some(retries) = route.get("retries") else {
+                self.walk.default_retry_on += 1;
+                continue;
+            };
+            // `attempts` absent or 0 disables retries: nothing is served.
+            let attempts = retries.get("attempts");
+            let n = attempts.and_then(|a| a.integer()).unwrap_or(0);
+            if n <= 0 {
+                continue;
+            }
+            match retries.get("retryOn") {
+                None => self.walk.default_retry_on += 1,
+                Some(on) => {
+                    let text = on.text().unwrap_or_default();
+                    let ignored: Vec<&str> = text
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|c| {
+                            !c.is_empty()
+                                && !RetryOn::from_name(c).is_some_and(|f| GRPC_RETRY_ON.contains(f))
+                        })
+                        .collect();
+                    if !ignored.is_empty() {
+                        self.note(
+                            on.line,
+                            &format!("http[{i}].retries.retryOn"),
+                            format!(
+                                "{} ignored by gRPC clients, which retry only on gRPC status \
+                                 codes (cancelled, deadline-exceeded, internal, \
+                                 resource-exhausted, unavailable; gRFC A44)",
+                                ignored.join(",")
+                            ),
+                        );
+                    }
+                }
+            }
+            if let Some(t) = retries.get("perTryTimeout") {
+                let path = format!("http[{i}].retries.perTryTimeout");
+                self.note(t.line, &path, "ignored by gRPC clients (gRFC A44)");
+            }
+            if let Some(a) = attempts.filter(|_| n > 4) {
+                self.note(
+                    a.line,
+                    &format!("http[{i}].retries.attempts"),
+                    format!("{n} retries are clamped to 4 by gRPC clients (gRFC A44: at most 5 attempts)"),
+                );
+            }
+        }
+    }
+
+    /// A DestinationRule's (`subset` `""`) or one subset's `trafficPolicy`.
+    fn traffic_policy(&mut self, path: &str, fqdn: &str, subset: &str, p: Look<'_, '_>) {
+        let scope = (fqdn.to_string(), subset.to_string());
+        let at = |field: &str| format!("{path}.{field}");
+        let lb = p.get("loadBalancer");
+        if lb.is_some_and(|lb| lb.get("simple").is_some() || lb.get("consistentHash").is_some()) {
+            self.walk.lb.insert(scope.clone());
+        }
+        if let Some(simple) = lb.and_then(|lb| lb.get("simple"))
+            && let Some(name @ ("LEAST_REQUEST" | "LEAST_CONN" | "UNSPECIFIED")) =
+                simple.text().as_deref()
+        {
+            self.note(
+                simple.line,
+                &at("loadBalancer.simple"),
+                format!(
+                    "{name} is served inside wrr_locality with round_robin as fallback; gRPC \
+                     clients without least_request support (gRFC A48) use round robin"
+                ),
+            );
+        }
+        for key in ["httpCookie", "useSourceIp", "httpQueryParameterName"] {
+            let field = format!("loadBalancer.consistentHash.{key}");
+            if let Some(h) = p.get(&field) {
+                self.note(
+                    h.line,
+                    &at(&field),
+                    "gRPC clients fall back to a random hash (gRFC A42 reads header hashing only)",
+                );
+            }
+        }
+        let locality = p.get("loadBalancer.localityLbSetting.enabled");
+        if let Some(enabled) = locality.filter(|e| e.boolean() == Some(true)) {
+            self.note(
+                enabled.line,
+                &at("loadBalancer.localityLbSetting.enabled"),
+                "locality failover is a proxyless extension; gRPC clients ignore it",
+            );
+        }
+        if let Some(od) = p.get("outlierDetection") {
+            let counter = |key: &str| od.get(key).map(|c| (c.line, c.integer().unwrap_or(0)));
+            match counter("consecutive5xxErrors") {
+                Some((line, n)) if n > 0 => self.note(
+                    line,
+                    &at("outlierDetection.consecutive5xxErrors"),
+                    "ignored by gRPC clients (gRFC A50 ejects on success rate and failure \
+                     percentage only)",
+                ),
+                Some(_) => {}
+                None => self.note(
+                    od.line,
+                    &at("outlierDetection"),
+                    "ejects after 5 consecutive 5xx errors (Envoy's default, kept by Istio), \
+                     which gRPC clients ignore (gRFC A50 ejects on success rate and failure \
+                     percentage only)",
+                ),
+            }
+            if let Some((line, n)) = counter("consecutiveGatewayErrors")
+                && n > 0
+            {
+                self.note(
+                    line,
+                    &at("outlierDetection.consecutiveGatewayErrors"),
+                    "ignored by gRPC clients (gRFC A50 ejects on success rate and failure \
+                     percentage only)",
+                );
+            }
+            if locality.is_none() {
+                self.note(
+                    od.line,
+                    &at("outlierDetection"),
+                    "also turns on locality failover (Istio does, unless \
+                     localityLbSetting.enabled says otherwise), a proxyless extension gRPC \
+                     clients ignore",
+                );
+            }
+        }
+        for field in [
+            "connectionPool.tcp.maxConnections",
+            "connectionPool.http.http1MaxPendingRequests",
+            "connectionPool.http.maxRetries",
+            "retryBudget",
+        ] {
+            if let Some(f) = p.get(field) {
+                self.note(
+                    f.line,
+                    &at(field),
+                    "ignored by gRPC clients (gRFC A32 reads http2MaxRequests only)",
+                );
+            }
+        }
+        for field in [
+            "connectionPool.tcp.connectTimeout",
+            "connectionPool.http.idleTimeout",
+            "connectionPool.http.maxRequestsPerConnection",
+        ] {
+            if let Some(f) = p.get(field) {
+                self.note(f.line, &at(field), "ignored by gRPC clients");
+            }
+        }
+        if let Some(tls) = p.get("tls") {
+            self.walk.tls.insert(scope);
+            let mode = tls.get("mode");
+            match mode.and_then(|m| m.text()).as_deref() {
+                Some(files @ ("SIMPLE" | "MUTUAL")) => self.note(
+                    mode.map_or(tls.line, |m| m.line),
+                    &at("tls.mode"),
+                    format!(
+                        "{files} (certificate files) cannot be used by gRPC clients: gRFC A29 \
+                         supports only certificate provider instances, so mesh-control leaves \
+                         the cluster out of their CDS (a whole CDS update would be NACKed) and \
+                         routes to it fail (use ISTIO_MUTUAL with the bootstrap's \
+                         certificate_providers for gRPC clients)"
+                    ),
+                ),
+                Some("ISTIO_MUTUAL") => {
+                    self.walk.uses_mtls = true;
+                    self.note(
+                        mode.map_or(tls.line, |m| m.line),
+                        &at("tls.mode"),
+                        format!(
+                            "ISTIO_MUTUAL: {}",
+                            CREDENTIALS.replace(
+                                "servers built with xDS server",
+                                "channels built with xDS"
+                            )
+                        ),
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn peer_authentication(&mut self, doc: Look<'_, '_>) {
+        self.walk.uses_mtls = true;
+        let mut modes = Vec::new();
+        if let Some(mode) = doc.get("spec.mtls.mode") {
+            modes.push(("mtls.mode".to_string(), mode));
+        }
+        let ports = doc.get("spec.portLevelMtls").map(|p| p.entries());
+        for (port, setting) in ports.unwrap_or_default() {
+            if let Some(mode) = setting.get("mode") {
+                modes.push((format!("portLevelMtls.{port}.mode"), mode));
+            }
+        }
+        for (path, mode) in modes {
+            match mode.text().as_deref() {
+                Some("PERMISSIVE") => self.note(mode.line, &path, PERMISSIVE),
+                Some("STRICT") => self.note(mode.line, &path, format!("STRICT: {CREDENTIALS}")),
+                _ => {}
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -375,6 +797,106 @@ mod tests {
         assert!(
             !security.iter().any(|f| f.contains("clusters with mTLS")),
             "{security:#?}"
+        );
+    }
+
+    const WRITTEN: &str = "\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: catalog, namespace: shop}
+spec:
+  hosts: [catalog]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: catalog, namespace: shop}
+spec:
+  hosts: [catalog]
+  http:
+  - retries:
+      attempts: 6
+      perTryTimeout: 1s
+      retryOn: unavailable,5xx
+    route: [{destination: {host: catalog}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: catalog, namespace: shop}
+spec:
+  host: catalog
+  trafficPolicy:
+    loadBalancer:
+      consistentHash: {useSourceIp: true}
+    outlierDetection: {interval: 5s}
+    connectionPool:
+      tcp: {maxConnections: 10}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec:
+  mtls: {mode: PERMISSIVE}
+";
+
+    /// Each field gRPC ignores is reported at its own line, named by its
+    /// path; what the YAML did not write (the 5xx counter, failover) is
+    /// said at the line of the block that brings it.
+    #[test]
+    fn the_report_points_at_the_fields_written() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mesh.yaml"), WRITTEN).unwrap();
+        let report = crate::grpc_report(&[dir.path()], &crate::config::MeshOptions::default());
+        let found: Vec<(usize, String)> = report
+            .written
+            .iter()
+            .map(|d| (d.line, d.message.clone()))
+            .collect();
+        let at = |line: usize, needle: &str| {
+            assert!(
+                found.iter().any(|(l, m)| *l == line && m.contains(needle)),
+                "{needle:?} at line {line}, in {found:#?}"
+            );
+        };
+        at(
+            15,
+            "VirtualService shop/catalog: 'http[0].retries.attempts': 6 retries are clamped to 4",
+        );
+        at(
+            16,
+            "'http[0].retries.perTryTimeout': ignored by gRPC clients",
+        );
+        at(17, "'http[0].retries.retryOn': 5xx ignored by gRPC clients");
+        at(
+            27,
+            "'trafficPolicy.loadBalancer.consistentHash.useSourceIp': gRPC clients fall back",
+        );
+        at(
+            28,
+            "'trafficPolicy.outlierDetection': ejects after 5 consecutive 5xx errors",
+        );
+        at(
+            28,
+            "'trafficPolicy.outlierDetection': also turns on locality failover",
+        );
+        at(
+            30,
+            "'trafficPolicy.connectionPool.tcp.maxConnections': ignored by gRPC clients",
+        );
+        at(
+            36,
+            "PeerAuthentication shop/default: 'mtls.mode': PERMISSIVE cannot be served",
+        );
+        assert_eq!(found.len(), 8, "{found:#?}");
+        // Retries and the load balancer are written: no default for them.
+        // A PeerAuthentication puts mTLS in use, so the default mode of the
+        // workloads it does not cover is summarized.
+        let defaults = report.defaults.join("\n");
+        assert!(!defaults.contains("retries:"), "{defaults}");
+        assert!(!defaults.contains("load balancing:"), "{defaults}");
+        assert!(
+            defaults.contains("mTLS mode: workloads no STRICT"),
+            "{defaults}"
         );
     }
 }

@@ -15,8 +15,10 @@
 //! PeerAuthentication mode and AuthorizationPolicies (gRFC A41) that apply
 //! to it.
 //!
-//! Run it as a binary (`mesh-control serve --config DIR`), validate YAML
-//! offline (`mesh-control check DIR`), or embed it ([`Server::builder`]).
+//! Run it as a binary (`mesh-control serve --config DIR...`), validate YAML
+//! offline (`mesh-control check DIR...`), or embed it ([`Server::builder`]).
+//! Several config directories are read as one config (their files, not
+//! their subdirectories; see [`config`]).
 
 mod admin;
 mod ads;
@@ -30,6 +32,7 @@ mod registry;
 mod server;
 mod state;
 
+pub use compat::GrpcReport;
 pub use error::{Error, ErrorKind};
 pub use server::{
     BootstrapSpec, CertificateSource, SERVER_LISTENER_TEMPLATE, Server, ServerBuilder,
@@ -37,9 +40,11 @@ pub use server::{
 };
 
 /// What gRPC proxyless clients and xDS-enabled gRPC servers would ignore
-/// of the config in `dir`, one sentence per finding (`mesh-control check
-/// --for grpc`). The same report appears per connected gRPC client in
-/// `/status`, for what that client was served.
+/// of the config in `dir` as it is served, defaults included, one sentence
+/// per finding about a route, cluster or policy. The same report appears
+/// per connected gRPC client in `/status`, for what that client was served.
+/// `mesh-control check --for grpc` prints [`grpc_report`] instead, which
+/// points at the YAML's lines and keeps the mesh's defaults apart.
 pub fn grpc_compatibility(dir: &std::path::Path, options: &config::MeshOptions) -> Vec<String> {
     let mut store = config::ConfigStore::new(options.clone());
     let _ = store.load_dir(dir);
@@ -47,4 +52,21 @@ pub fn grpc_compatibility(dir: &std::path::Path, options: &config::MeshOptions) 
     let mut findings = compat::grpc_ignored(&snapshot, None, None);
     findings.extend(compat::grpc_security_ignored(&store.security(), &snapshot));
     findings
+}
+
+/// What `mesh-control check --for grpc DIR...` reports: what gRPC clients
+/// and servers ignore of what the YAML in `dirs` says, at the line of each
+/// field, and, apart from it, the mesh's defaults that gRPC clients handle
+/// differently (Istio's default retry conditions, LEAST_REQUEST, PERMISSIVE,
+/// auto mTLS), which are not problems of the YAML. Unlike
+/// [`grpc_compatibility`], a default is never reported as if the YAML had
+/// written it.
+pub fn grpc_report(
+    dirs: &[impl AsRef<std::path::Path>],
+    options: &config::MeshOptions,
+) -> GrpcReport {
+    let mut store = config::ConfigStore::new(options.clone());
+    let _ = store.load_dirs(dirs);
+    let (snapshot, _) = store.snapshot(&[]);
+    compat::grpc_report(&store, &snapshot)
 }

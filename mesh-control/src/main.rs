@@ -2,15 +2,19 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use mesh_control::ca::CertificateAuthority;
-use mesh_control::config::{MeshOptions, check_dir};
+use mesh_control::config::{MeshOptions, check_dirs};
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The control server of the proxyless in-process service mesh.
 #[derive(Parser)]
@@ -23,9 +27,14 @@ struct Cli {
 /// `mesh-control serve`.
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Directory of *.yaml / *.yml files (watched for changes).
-    #[arg(long)]
-    config: PathBuf,
+    /// Directories of Istio YAML, read as one config and watched for
+    /// changes: `--config A B` or `--config A --config B`. Only the *.yaml /
+    /// *.yml files directly in each directory are read, not subdirectories.
+    /// VirtualServices apply in directory order (as given), then file name;
+    /// a resource defined in two directories is an error at its second
+    /// definition.
+    #[arg(long, value_name = "DIR", required = true, num_args = 1..)]
+    config: Vec<PathBuf>,
     /// ADS (gRPC) listen address.
     #[arg(long, default_value = "127.0.0.1:15010")]
     xds: SocketAddr,
@@ -76,13 +85,17 @@ struct ServeArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve a directory of Istio YAML over xDS (ADS) and run the admin API.
+    /// Serve directories of Istio YAML over xDS (ADS) and run the admin API.
     Serve(Box<ServeArgs>),
-    /// Validate a directory of Istio YAML; prints `file:line: message` per problem.
+    /// Validate directories of Istio YAML; prints `file:line: message` per problem.
     Check {
-        /// Directory of *.yaml / *.yml files.
-        dir: PathBuf,
-        /// Also report what a kind of client ignores of this config (`grpc`).
+        /// Directories of *.yaml / *.yml files, read as one config as `serve
+        /// --config` reads them (not their subdirectories).
+        #[arg(value_name = "DIR", required = true)]
+        dirs: Vec<PathBuf>,
+        /// Also report what a kind of client ignores (`grpc`): of what the
+        /// YAML says, at `file:line`; then, separately, the mesh's defaults
+        /// that such clients handle differently.
         #[arg(long = "for", value_name = "CLIENT")]
         for_client: Option<String>,
         /// Domain suffix of short service names.
@@ -130,10 +143,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check {
-            dir,
+            dirs,
             for_client,
             domain_suffix,
-        } => check(&dir, for_client.as_deref(), domain_suffix),
+        } => check(&dirs, for_client.as_deref(), domain_suffix),
         Command::Serve(args) => {
             let ServeArgs {
                 config,
@@ -159,7 +172,7 @@ fn main() -> ExitCode {
             };
             run(async move {
                 let mut builder = mesh_control::Server::builder()
-                    .config_dir(config)
+                    .config_dirs(config)
                     .xds_addr(xds)
                     .admin_addr(admin)
                     .debounce(Duration::from_millis(debounce_ms))
@@ -262,8 +275,13 @@ fn run(fut: impl Future<Output = Result<(), String>>) -> ExitCode {
     }
 }
 
-fn check(dir: &std::path::Path, for_client: Option<&str>, domain_suffix: String) -> ExitCode {
-    if !dir.is_dir() {
+/// `mesh-control check [--for grpc] DIR...`: problems on stderr
+/// (`file:line: message`), exit status 1 if any; with `--for grpc`, first on
+/// stdout what gRPC would ignore of what the YAML says (`file:line: grpc:
+/// ...`), then, under their own heading, the mesh's defaults that gRPC
+/// clients handle differently.
+fn check(dirs: &[PathBuf], for_client: Option<&str>, domain_suffix: String) -> ExitCode {
+    if let Some(dir) = dirs.iter().find(|d| !d.is_dir()) {
         eprintln!("{}: not a directory", dir.display());
         return ExitCode::FAILURE;
     }
@@ -274,8 +292,23 @@ fn check(dir: &std::path::Path, for_client: Option<&str>, domain_suffix: String)
     match for_client {
         None => {}
         Some("grpc") => {
-            for finding in mesh_control::grpc_compatibility(dir, &options) {
-                println!("grpc: {finding}");
+            let report = mesh_control::grpc_report(dirs, &options);
+            for finding in &report.written {
+                println!(
+                    "{}:{}: grpc: {}",
+                    finding.file.display(),
+                    finding.line,
+                    finding.message
+                );
+            }
+            if !report.defaults.is_empty() {
+                println!(
+                    "grpc defaults (what the mesh applies where the YAML says nothing; not \
+                     problems in it, but gRPC clients handle them differently):"
+                );
+                for default in &report.defaults {
+                    println!("  {default}");
+                }
             }
         }
         Some(other) => {
@@ -283,12 +316,13 @@ fn check(dir: &std::path::Path, for_client: Option<&str>, domain_suffix: String)
             return ExitCode::FAILURE;
         }
     }
-    let diagnostics = check_dir(dir, &options);
+    let diagnostics = check_dirs(dirs, &options);
     for d in &diagnostics {
         eprintln!("{d}");
     }
+    let names: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
     if diagnostics.is_empty() {
-        println!("{}: ok", dir.display());
+        println!("{}: ok", names.join(", "));
         ExitCode::SUCCESS
     } else {
         eprintln!("{} problem(s)", diagnostics.len());
@@ -316,6 +350,42 @@ async fn fetch_status(admin: SocketAddr, ca_file: Option<&Path>) -> Result<Value
     let stream = tokio::net::TcpStream::connect(admin).await.map_err(|e| {
         format!("cannot reach the admin API at {admin}: {e} (is `mesh-control serve` running?)")
     })?;
+    let (stream, first_byte) = Sniff::new(stream);
+    let result = request_status(stream, admin, ca_file).await;
+    result.map_err(|e| match (ca_file, first_byte.get().copied()) {
+        // The server answered with a TLS record (an alert, or a handshake
+        // message) to plaintext HTTP.
+        (None, Some(TLS_ALERT | TLS_HANDSHAKE)) => format!(
+            "the admin API at {admin} speaks TLS (mesh-control runs with a CA): pass --ca-file \
+             with its trust bundle, e.g. `mesh-control status --admin {admin} --ca-file \
+             DIR/trust-bundle.pem`, DIR being serve's --ca-dir or the directory of its \
+             --ca-cert-chain (or pass the file given to serve's --trust-bundle-file)"
+        ),
+        // The server answered the TLS handshake with something else: plaintext.
+        (Some(_), Some(byte))
+            if !(TLS_CHANGE_CIPHER_SPEC..=TLS_APPLICATION_DATA).contains(&byte) =>
+        {
+            format!(
+                "the admin API at {admin} does not speak TLS (mesh-control runs without a CA): \
+                 drop --ca-file"
+            )
+        }
+        _ => e,
+    })
+}
+
+/// The first byte of the TLS record types: what a TLS server sends first
+/// (a handshake record, or an alert when what it got was not TLS).
+const TLS_CHANGE_CIPHER_SPEC: u8 = 0x14;
+const TLS_ALERT: u8 = 0x15;
+const TLS_HANDSHAKE: u8 = 0x16;
+const TLS_APPLICATION_DATA: u8 = 0x17;
+
+async fn request_status(
+    stream: Sniff<tokio::net::TcpStream>,
+    admin: SocketAddr,
+    ca_file: Option<&Path>,
+) -> Result<Value, String> {
     let mut sender = match ca_file {
         None => http1(stream, admin).await?,
         Some(ca_file) => http1(tls_connect(stream, admin, ca_file).await?, admin).await?,
@@ -341,13 +411,72 @@ async fn fetch_status(admin: SocketAddr, ca_file: Option<&Path>) -> Result<Value
     serde_json::from_slice(&body).map_err(|e| format!("admin API at {admin}: bad JSON: {e}"))
 }
 
+/// A connection that remembers the first byte the server sent: a client
+/// speaking the wrong protocol gets only a parse error from hyper
+/// ("invalid HTTP version parsed") or rustls, while this byte tells a TLS
+/// server (a TLS record type) from an HTTP one (a letter).
+struct Sniff<IO> {
+    io: IO,
+    first: Arc<OnceLock<u8>>,
+}
+
+impl<IO> Sniff<IO> {
+    fn new(io: IO) -> (Self, Arc<OnceLock<u8>>) {
+        let first = Arc::new(OnceLock::new());
+        (
+            Sniff {
+                io,
+                first: first.clone(),
+            },
+            first,
+        )
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Sniff<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Some(byte) = buf.filled().get(before) {
+            let _ = this.first.set(*byte);
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Sniff<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 /// TLS to the admin API, verifying its certificate against `ca_file` for
 /// the IP dialled (mesh-control's certificate holds its listen IPs).
-async fn tls_connect(
-    stream: tokio::net::TcpStream,
+async fn tls_connect<IO>(
+    stream: IO,
     admin: SocketAddr,
     ca_file: &Path,
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+) -> Result<tokio_rustls::client::TlsStream<IO>, String>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
 

@@ -37,6 +37,11 @@ pub(crate) struct RegisterRequest {
     #[serde(default)]
     pub(crate) locality: Option<String>,
     pub(crate) ttl_seconds: u64,
+    /// The xDS node id of the workload (its bootstrap's `node.id`): how the
+    /// server listener of a workload listening on an unspecified address
+    /// (`0.0.0.0:8080`) finds its registration.
+    #[serde(default)]
+    pub(crate) node_id: Option<String>,
 }
 
 /// The answer to a registration.
@@ -48,12 +53,21 @@ pub(crate) struct Lease {
 
 #[derive(Debug, Clone)]
 struct Entry {
-    registration: Registration,
-    /// Who registered it (when registration is authenticated): only the
-    /// same identity may renew or delete the lease.
-    owner: Option<SpiffeId>,
+    registered: Registered,
     ttl: Duration,
     expires: Instant,
+}
+
+/// A live registration and who made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Registered {
+    pub(crate) registration: Registration,
+    /// Who registered it (when registration is authenticated): only the
+    /// same identity may renew or delete the lease, and only a workload
+    /// running as it gets its labels for its server listener.
+    pub(crate) owner: Option<SpiffeId>,
+    /// The xDS node id it was registered for, if the workload said.
+    pub(crate) node_id: Option<String>,
 }
 
 /// Registered endpoints by lease id.
@@ -74,20 +88,25 @@ impl Registry {
         lease_salt: u64,
     ) -> Result<Lease, String> {
         let ttl_seconds = req.ttl_seconds;
+        let node_id = req.node_id.clone();
         let registration = validate(req)?;
-        self.insert(registration, ttl_seconds, None, now, lease_salt)
+        let registered = Registered {
+            registration,
+            owner: None,
+            node_id,
+        };
+        self.insert(registered, ttl_seconds, now, lease_salt)
     }
 
-    /// Records a validated registration made by `owner` (None when
+    /// Records a validated registration made by its `owner` (None when
     /// registration is open). Refused when the same endpoint of the same
     /// service is registered already, or when another identity registered
     /// its ip:port (one workload may back several services on one port;
     /// two workloads cannot share an address).
     pub(crate) fn insert(
         &mut self,
-        registration: Registration,
+        registered: Registered,
         ttl_seconds: u64,
-        owner: Option<SpiffeId>,
         now: Instant,
         lease_salt: u64,
     ) -> Result<Lease, String> {
@@ -95,14 +114,17 @@ impl Registry {
             return Err("ttl_seconds must be at least 1".into());
         }
         let ttl = Duration::from_secs(ttl_seconds).min(MAX_TTL);
+        let registration = &registered.registration;
+        let owner = &registered.owner;
         let same_address = |e: &&Entry| {
-            e.registration.address == registration.address
-                && e.registration.port == registration.port
+            let r = &e.registered.registration;
+            r.address == registration.address && r.port == registration.port
         };
         if let Some((id, _)) = self.leases.iter().find(|(_, e)| {
+            let r = &e.registered.registration;
             same_address(e)
-                && e.registration.service == registration.service
-                && e.registration.namespace == registration.namespace
+                && r.service == registration.service
+                && r.namespace == registration.namespace
         }) {
             return Err(format!(
                 "{}:{} is already registered for service {:?} under lease {id}; renew or delete that lease",
@@ -112,18 +134,18 @@ impl Registry {
         if let Some((id, e)) = self
             .leases
             .iter()
-            .find(|(_, e)| same_address(e) && e.owner != owner)
+            .find(|(_, e)| same_address(e) && e.registered.owner != *owner)
         {
             return Err(format!(
                 "{}:{} is already registered by {} (service {:?}, lease {id}); two workloads \
                  cannot share an address",
                 registration.address,
                 registration.port,
-                e.owner.as_ref().map_or_else(
+                e.registered.owner.as_ref().map_or_else(
                     || "an unauthenticated workload".to_string(),
                     |o| o.to_string()
                 ),
-                e.registration.service
+                e.registered.registration.service
             ));
         }
         self.next_id += 1;
@@ -131,8 +153,7 @@ impl Registry {
         self.leases.insert(
             lease_id.clone(),
             Entry {
-                registration,
-                owner,
+                registered,
                 ttl,
                 expires: now + ttl,
             },
@@ -146,7 +167,9 @@ impl Registry {
     /// Who registered a lease: `None` when the lease is unknown,
     /// `Some(None)` when it was registered without authentication.
     pub(crate) fn owner(&self, lease_id: &str) -> Option<Option<&SpiffeId>> {
-        self.leases.get(lease_id).map(|e| e.owner.as_ref())
+        self.leases
+            .get(lease_id)
+            .map(|e| e.registered.owner.as_ref())
     }
 
     /// Extends a lease by its TTL. False when unknown (expired or deleted).
@@ -174,11 +197,20 @@ impl Registry {
 
     /// The live registrations, in a stable order.
     pub(crate) fn registrations(&self) -> Vec<Registration> {
+        self.registered()
+            .into_iter()
+            .map(|r| r.registration)
+            .collect()
+    }
+
+    /// The live registrations with who made them, in a stable order (by
+    /// lease id).
+    pub(crate) fn registered(&self) -> Vec<Registered> {
         let mut ids: Vec<&String> = self.leases.keys().collect();
         ids.sort();
         ids.into_iter()
             .filter_map(|id| self.leases.get(id))
-            .map(|e| e.registration.clone())
+            .map(|e| e.registered.clone())
             .collect()
     }
 }
@@ -273,6 +305,7 @@ mod tests {
             labels: BTreeMap::from([("version".into(), "v1".into())]),
             locality: Some("eu/z1".into()),
             ttl_seconds: ttl,
+            node_id: None,
         }
     }
 
@@ -303,25 +336,24 @@ mod tests {
         let mut r = Registry::default();
         let catalog = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/catalog").unwrap();
         let payment = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/payment").unwrap();
-        let reg = |service: &str| {
+        let reg = |service: &str, owner: &SpiffeId| {
             let mut req = req(1000, 5);
             req.service = service.into();
-            validate(req).unwrap()
+            Registered {
+                registration: validate(req).unwrap(),
+                owner: Some(owner.clone()),
+                node_id: None,
+            }
         };
-        let lease = r
-            .insert(reg("catalog"), 5, Some(catalog.clone()), t0, 1)
-            .unwrap();
+        let lease = r.insert(reg("catalog", &catalog), 5, t0, 1).unwrap();
         assert_eq!(r.owner(&lease.lease_id), Some(Some(&catalog)));
-        let taken = r
-            .insert(reg("payment"), 5, Some(payment), t0, 2)
-            .unwrap_err();
+        let taken = r.insert(reg("payment", &payment), 5, t0, 2).unwrap_err();
         assert!(
             taken.contains("already registered by spiffe://cluster.local/ns/shop/sa/catalog"),
             "{taken}"
         );
         // One workload may back two services on one port.
-        r.insert(reg("catalog-v2"), 5, Some(catalog), t0, 3)
-            .unwrap();
+        r.insert(reg("catalog-v2", &catalog), 5, t0, 3).unwrap();
         assert_eq!(r.owner("nope"), None);
     }
 

@@ -31,7 +31,7 @@ impl Server {
     /// addresses default to ephemeral loopback ports (tests, demos).
     pub fn builder() -> ServerBuilder {
         ServerBuilder {
-            config_dir: None,
+            config_dirs: Vec::new(),
             xds_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             debounce: Duration::from_millis(10),
@@ -48,7 +48,7 @@ impl Server {
 /// Settings of a control server.
 #[derive(Debug, Clone)]
 pub struct ServerBuilder {
-    config_dir: Option<PathBuf>,
+    config_dirs: Vec<PathBuf>,
     xds_addr: SocketAddr,
     admin_addr: SocketAddr,
     debounce: Duration,
@@ -61,9 +61,19 @@ pub struct ServerBuilder {
 }
 
 impl ServerBuilder {
-    /// The directory of Istio YAML to serve and watch.
+    /// A directory of Istio YAML to serve and watch. Calling it again adds
+    /// another: the directories are read as one config, in the order given
+    /// (which orders VirtualServices, see [`crate::config`]), each one's
+    /// `*.yaml` / `*.yml` files but not its subdirectories. A resource
+    /// defined in two of them is reported like one defined twice in one.
     pub fn config_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.config_dir = Some(dir.into());
+        self.config_dirs.push(dir.into());
+        self
+    }
+
+    /// Several directories at once: [`ServerBuilder::config_dir`] for each.
+    pub fn config_dirs(mut self, dirs: impl IntoIterator<Item = impl Into<PathBuf>>) -> Self {
+        self.config_dirs.extend(dirs.into_iter().map(Into::into));
         self
     }
 
@@ -132,13 +142,11 @@ impl ServerBuilder {
         self
     }
 
-    /// Binds both ports, loads the config directory and starts serving.
+    /// Binds both ports, loads the config directories and starts serving.
     /// A config with problems still starts (the problems are logged and shown
     /// in `/status`); a missing directory is an error.
     pub async fn start(self) -> Result<ServerHandle, Error> {
-        if let Some(dir) = &self.config_dir
-            && !dir.is_dir()
-        {
+        if let Some(dir) = self.config_dirs.iter().find(|dir| !dir.is_dir()) {
             return Err(Error::config(format!(
                 "config directory {} does not exist or is not a directory",
                 dir.display()
@@ -196,11 +204,12 @@ impl ServerBuilder {
             }
         };
 
-        let mut shared = Shared::new(ConfigStore::new(options), self.config_dir.clone());
+        let mut shared = Shared::new(ConfigStore::new(options));
         shared.stale_after = self.stale_after;
         shared.ca = self.ca.clone();
         let shared = Arc::new(shared);
-        shared.reload();
+        let config_dirs: Arc<[PathBuf]> = self.config_dirs.clone().into();
+        reload(&shared, &config_dirs);
         shared.rebuild();
 
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -314,9 +323,15 @@ impl ServerBuilder {
             }
         }));
 
-        let watcher = match &self.config_dir {
-            Some(dir) => Some(watch_dir(dir, shared.clone(), self.debounce, &mut tasks)?),
-            None => None,
+        let watcher = if config_dirs.is_empty() {
+            None
+        } else {
+            Some(watch_dirs(
+                config_dirs.clone(),
+                shared.clone(),
+                self.debounce,
+                &mut tasks,
+            )?)
         };
 
         Ok(ServerHandle {
@@ -327,13 +342,63 @@ impl ServerBuilder {
             owned_dir,
             stop: stop_tx,
             tasks,
+            config_dirs,
             _watcher: watcher,
         })
     }
 }
 
-fn watch_dir(
-    dir: &std::path::Path,
+/// Re-reads the config directories: logs each problem as `file:line:
+/// message` (invalid resources keep their last good version), publishes,
+/// and logs at INFO what the reload changed and the version it became
+/// (`config v7 applied: changed VirtualService shop/catalog; added
+/// DestinationRule shop/payment`). The comparison is of one fingerprint per
+/// resource, taken as the documents are read.
+fn reload(shared: &Shared, dirs: &[PathBuf]) {
+    if dirs.is_empty() {
+        return;
+    }
+    let (diagnostics, changes) = {
+        let mut store = shared.store.lock();
+        let before = store.versions().clone();
+        let diagnostics = store.load_dirs(dirs);
+        (diagnostics, before.changes_to(store.versions()))
+    };
+    for d in &diagnostics {
+        tracing::warn!("{d}");
+    }
+    shared.metrics.reloads.inc();
+    let problems = diagnostics.len();
+    shared.diagnostics.lock().0 = diagnostics;
+    let before = shared.served.borrow().version;
+    shared.rebuild();
+    let after = shared.served.borrow().version;
+    let problems = match problems {
+        0 => String::new(),
+        n => format!(" ({n} problem(s), logged above)"),
+    };
+    if changes.is_empty() {
+        tracing::debug!(
+            version = after,
+            "config reloaded: no resource changed{problems}"
+        );
+    } else if after != before {
+        tracing::info!(
+            version = after,
+            "config v{after} applied: {changes}{problems}"
+        );
+    } else {
+        tracing::info!(
+            version = after,
+            "config reloaded, xDS unchanged at v{after}: {changes}{problems}"
+        );
+    }
+}
+
+/// Watches every config directory (not its subdirectories, which are not
+/// read) and reloads them all once the changes settle.
+fn watch_dirs(
+    dirs: Arc<[PathBuf]>,
     shared: Arc<Shared>,
     debounce: Duration,
     tasks: &mut Vec<JoinHandle<()>>,
@@ -346,10 +411,12 @@ fn watch_dir(
             let _ = tx.send(());
         }
     })
-    .map_err(|e| Error::config(format!("cannot watch {}: {e}", dir.display())))?;
-    watcher
-        .watch(dir, notify::RecursiveMode::NonRecursive)
-        .map_err(|e| Error::config(format!("cannot watch {}: {e}", dir.display())))?;
+    .map_err(|e| Error::config(format!("cannot watch the config directories: {e}")))?;
+    for dir in dirs.iter() {
+        watcher
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|e| Error::config(format!("cannot watch {}: {e}", dir.display())))?;
+    }
     tasks.push(tokio::spawn(async move {
         while rx.recv().await.is_some() {
             // Debounce: keep absorbing events until the directory is quiet.
@@ -361,7 +428,8 @@ fn watch_dir(
                 }
             }
             let shared = shared.clone();
-            let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
+            let dirs = dirs.clone();
+            let _ = tokio::task::spawn_blocking(move || reload(&shared, &dirs)).await;
         }
     }));
     Ok(watcher)
@@ -395,6 +463,8 @@ pub struct ServerHandle {
     owned_dir: Option<PathBuf>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The config directories, re-read by [`ServerHandle::reload`].
+    config_dirs: Arc<[PathBuf]>,
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -428,9 +498,9 @@ impl ServerHandle {
         crate::admin::status_json(&self.shared)
     }
 
-    /// Re-reads the config directory now, without waiting for the watcher.
+    /// Re-reads the config directories now, without waiting for the watcher.
     pub fn reload(&self) {
-        self.shared.reload();
+        reload(&self.shared, &self.config_dirs);
     }
 
     /// A gRPC bootstrap (JSON) for a workload of this mesh: Rust clients and

@@ -7,11 +7,12 @@
 //! never across an await.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::value::Kind;
 use mesh_core::Snapshot;
 use mesh_core::xds::Any;
 use mesh_core::xds::ResourceType;
@@ -21,7 +22,7 @@ use crate::ads::{encode_all, type_index};
 use crate::ca::CertificateAuthority;
 use crate::config::{ConfigStore, Diagnostic, SecurityPolicies};
 use crate::metrics::Counters;
-use crate::registry::Registry;
+use crate::registry::{Registered, Registry};
 
 /// A mutex whose poisoning is ignored: the data behind it is replaced
 /// wholesale, so a panic elsewhere cannot leave it half-written.
@@ -49,6 +50,62 @@ pub(crate) struct Served {
     /// PeerAuthentication and AuthorizationPolicy, resolved per workload
     /// into server listeners when a client asks for one (gRFC A36).
     pub(crate) security: SecurityPolicies,
+    /// The live registrations, each with its one label set (its
+    /// WorkloadGroup's labels under its own, as its EDS endpoints carry
+    /// them): a server listener is resolved with the labels of the
+    /// registration at its address.
+    pub(crate) registered: Arc<[Registered]>,
+}
+
+/// What a client's xDS node says about its workload: who it is, and the
+/// labels it claims (`node.metadata`, Istio's names).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct NodeWorkload {
+    /// `node.id`.
+    pub(crate) id: String,
+    /// `node.cluster`: the service the workload runs (the WorkloadGroup of
+    /// that name gives it labels until it registers).
+    pub(crate) cluster: String,
+    /// `node.metadata.NAMESPACE`, `default` when absent.
+    pub(crate) namespace: String,
+    /// `node.metadata.SERVICE_ACCOUNT`.
+    pub(crate) service_account: Option<String>,
+    /// `node.metadata.LABELS` (string values only).
+    pub(crate) labels: BTreeMap<String, String>,
+}
+
+impl NodeWorkload {
+    /// Reads a node as a client sent it.
+    pub(crate) fn from_node(node: &Node) -> Self {
+        let field = |key: &str| {
+            node.metadata
+                .as_ref()
+                .and_then(|m| m.fields.get(key))
+                .and_then(|v| v.kind.as_ref())
+        };
+        let string = |key: &str| match field(key) {
+            Some(Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
+            _ => None,
+        };
+        let labels = match field("LABELS") {
+            Some(Kind::StructValue(labels)) => labels
+                .fields
+                .iter()
+                .filter_map(|(k, v)| match &v.kind {
+                    Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
+                    _ => None,
+                })
+                .collect(),
+            _ => BTreeMap::new(),
+        };
+        NodeWorkload {
+            id: node.id.clone(),
+            cluster: node.cluster.clone(),
+            namespace: string("NAMESPACE").unwrap_or_else(|| "default".into()),
+            service_account: string("SERVICE_ACCOUNT"),
+            labels,
+        }
+    }
 }
 
 /// What `/status` shows for one ADS client.
@@ -59,9 +116,9 @@ pub(crate) struct ClientStatus {
     /// `node.user_agent_name` alone (client kind detection).
     pub(crate) user_agent_name: String,
     pub(crate) node_id: String,
-    pub(crate) namespace: String,
-    /// `node.metadata.LABELS` (server listeners are resolved for them).
-    pub(crate) labels: BTreeMap<String, String>,
+    /// What the node says about its workload (server listeners are
+    /// resolved for it).
+    pub(crate) workload: NodeWorkload,
     pub(crate) user_agent: String,
     pub(crate) connected_at: Option<SystemTime>,
     pub(crate) types: BTreeMap<String, TypeStatus>,
@@ -115,7 +172,6 @@ pub(crate) struct Shared {
     pub(crate) diagnostics: Locked<(Vec<Diagnostic>, Vec<Diagnostic>)>,
     /// Raw resources served instead of the translated ones (test hook).
     pub(crate) raw: Locked<Vec<(ResourceType, String, Any)>>,
-    pub(crate) config_dir: Option<PathBuf>,
     /// A client that has not acknowledged a response this long is stale.
     pub(crate) stale_after: std::time::Duration,
     pub(crate) metrics: Counters,
@@ -127,7 +183,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(store: ConfigStore, config_dir: Option<PathBuf>) -> Self {
+    pub(crate) fn new(store: ConfigStore) -> Self {
         let (served, _) = watch::channel(Arc::new(Served::default()));
         Shared {
             served,
@@ -136,7 +192,6 @@ impl Shared {
             registry: Locked::default(),
             diagnostics: Locked::default(),
             raw: Locked::default(),
-            config_dir,
             stale_after: std::time::Duration::from_secs(5),
             metrics: Counters::default(),
             ca: None,
@@ -149,29 +204,24 @@ impl Shared {
         self.next_client.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Re-reads the config directory (if any); logs each problem as
-    /// `file:line: message`. Invalid resources keep their last good version.
-    pub(crate) fn reload(&self) {
-        let Some(dir) = &self.config_dir else { return };
-        let diagnostics = self.store.lock().load_dir(dir);
-        for d in &diagnostics {
-            tracing::warn!("{d}");
-        }
-        self.metrics.reloads.inc();
-        self.diagnostics.lock().0 = diagnostics;
-        self.rebuild();
-    }
-
     /// Translates the current resources and registrations and publishes the
     /// result, with a new version, if anything a client can see changed.
     pub(crate) fn rebuild(&self) {
         let _serialized = self.rebuild_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let registrations = self.registry.lock().registrations();
+        let mut registered = self.registry.lock().registered();
         let (snapshot, diagnostics, security) = {
             let store = self.store.lock();
+            let security = store.security();
+            // One label set per workload: the EDS endpoints carry the
+            // labels server listeners are resolved with.
+            for r in &mut registered {
+                r.registration.labels = security.registered_labels(&r.registration);
+            }
+            let registrations: Vec<_> = registered.iter().map(|r| r.registration.clone()).collect();
             let (snapshot, diagnostics) = store.snapshot(&registrations);
-            (snapshot, diagnostics, store.security())
+            (snapshot, diagnostics, security)
         };
+        let registered: Arc<[Registered]> = registered.into();
         for d in &diagnostics {
             tracing::warn!("{d}");
         }
@@ -181,9 +231,14 @@ impl Shared {
             resources[type_index(*t)].insert(name.clone(), any.clone());
         }
         let current = self.served.borrow().clone();
-        // Server listeners are built per client from `security`: a change
-        // there is a new version even when no shared resource changed.
-        if current.version > 0 && current.resources == resources && current.security == security {
+        // Server listeners are built per client from `security` and the
+        // registrations: a change there is a new version even when no
+        // shared resource changed.
+        if current.version > 0
+            && current.resources == resources
+            && current.security == security
+            && current.registered == registered
+        {
             return;
         }
         self.metrics
@@ -195,6 +250,7 @@ impl Shared {
             snapshot,
             resources,
             security,
+            registered,
         }));
     }
 }

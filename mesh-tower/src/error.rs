@@ -18,6 +18,17 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// prints the message, which names the target, route, cluster or endpoint
 /// involved, followed by the underlying cause when there is one (also
 /// available through [`std::error::Error::source`]).
+///
+/// `Debug` is written for people, as anyhow's is, because `Debug` is what
+/// Rust prints when `main` returns an error (`Error: {err:?}`): the message
+/// with its real line breaks, then each underlying cause on a `Caused by:`
+/// line. `{:#?}` prints the fields (kind, message, source) for debugging
+/// the error itself, as anyhow's `{:#?}` does.
+///
+/// An [`mesh_xds_client::Error`] converts into it (`?` works on
+/// `Bootstrap::from_env()` in a function returning this error), keeping its
+/// message; its kind maps to [`ErrorKind::Bootstrap`],
+/// [`ErrorKind::NotFound`] or [`ErrorKind::Discovery`].
 pub struct Error {
     inner: Box<Inner>,
 }
@@ -63,6 +74,10 @@ pub enum ErrorKind {
     /// mTLS: certificates or keys that cannot be used (unreadable files,
     /// bad PEM, no SPIFFE identity), or a failed TLS handshake.
     Tls,
+    /// The xDS bootstrap is absent, unreadable or malformed (from
+    /// [`mesh_xds_client::Error`]; the message names both environment
+    /// variables and shows a bootstrap to start from).
+    Bootstrap,
 }
 
 impl Error {
@@ -143,13 +158,63 @@ impl fmt::Display for Error {
 
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut d = f.debug_struct("Error");
-        d.field("kind", &self.inner.kind)
-            .field("message", &self.inner.message);
-        if let Some(source) = &self.inner.source {
-            d.field("source", source);
+        if f.alternate() {
+            let mut d = f.debug_struct("Error");
+            d.field("kind", &self.inner.kind)
+                .field("message", &self.inner.message);
+            if let Some(source) = &self.inner.source {
+                d.field("source", source);
+            }
+            return d.finish();
         }
-        d.finish()
+        f.write_str(&self.inner.message)?;
+        write_causes(f, std::error::Error::source(self))
+    }
+}
+
+/// anyhow's layout of the causes of an error under its message: a blank
+/// line, `Caused by:`, then each cause indented by four spaces (numbered
+/// `    0: ` when there are several), its own line breaks kept and indented.
+/// A cause that is itself an [`Error`] prints its message alone: its own
+/// cause follows on the next line rather than twice.
+fn write_causes(
+    f: &mut fmt::Formatter<'_>,
+    first: Option<&(dyn std::error::Error + 'static)>,
+) -> fmt::Result {
+    let Some(first) = first else { return Ok(()) };
+    f.write_str("\n\nCaused by:")?;
+    let numbered = first.source().is_some();
+    let mut cause = Some(first);
+    let mut n = 0;
+    while let Some(e) = cause {
+        let text = match e.downcast_ref::<Error>() {
+            Some(ours) => ours.inner.message.clone(),
+            None => e.to_string(),
+        };
+        for (i, line) in text.split('\n').enumerate() {
+            match (i, numbered) {
+                (0, true) => write!(f, "\n{n: >5}: {line}")?,
+                (0, false) => write!(f, "\n    {line}")?,
+                (_, true) => write!(f, "\n       {line}")?,
+                (_, false) => write!(f, "\n    {line}")?,
+            }
+        }
+        cause = e.source();
+        n += 1;
+    }
+    Ok(())
+}
+
+impl From<mesh_xds_client::Error> for Error {
+    /// Keeps the message (which says what to do about it); the source is
+    /// not kept, as it would only repeat the message.
+    fn from(e: mesh_xds_client::Error) -> Self {
+        let kind = match e.kind() {
+            mesh_xds_client::ErrorKind::Bootstrap => ErrorKind::Bootstrap,
+            mesh_xds_client::ErrorKind::NotFound => ErrorKind::NotFound,
+            _ => ErrorKind::Discovery,
+        };
+        Error::new(kind, e.message())
     }
 }
 
@@ -186,6 +251,41 @@ mod tests {
         let e = Error::from_boxed(other, ErrorKind::Upstream, "y");
         assert_eq!(e.kind(), ErrorKind::Upstream);
         assert_eq!(e.to_string(), "y: plain");
+    }
+
+    /// What `fn main() -> Result<(), Error>` prints after `Error: `.
+    #[test]
+    fn debug_reads_like_anyhow_with_real_line_breaks() {
+        let e = Error::new(ErrorKind::Bootstrap, "no bootstrap\n{\n  \"a\": 1\n}");
+        assert_eq!(format!("{e:?}"), "no bootstrap\n{\n  \"a\": 1\n}");
+
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = Error::new(ErrorKind::Connect, "cannot connect to 127.0.0.1:1").with_source(io);
+        assert_eq!(
+            format!("{e:?}"),
+            "cannot connect to 127.0.0.1:1\n\nCaused by:\n    refused"
+        );
+
+        // Several causes are numbered; a cause's own lines stay aligned.
+        let inner = Error::new(ErrorKind::Tls, "handshake\nfailed")
+            .with_source(std::io::Error::other("eof"));
+        let e = Error::new(ErrorKind::Connect, "outer").with_source(inner);
+        assert_eq!(
+            format!("{e:?}"),
+            "outer\n\nCaused by:\n    0: handshake\n       failed\n    1: eof"
+        );
+        // `{:#?}` shows the fields, for debugging the error itself.
+        let alt = format!("{e:#?}");
+        assert!(alt.starts_with("Error {\n    kind: Connect,"), "{alt}");
+    }
+
+    #[test]
+    fn xds_client_errors_convert_with_their_message_and_kind() {
+        let missing = mesh_xds_client::Bootstrap::from_lookup(|_| None).unwrap_err();
+        let e = Error::from(missing.clone());
+        assert_eq!(e.kind(), ErrorKind::Bootstrap);
+        assert_eq!(e.to_string(), missing.to_string());
+        assert!(std::error::Error::source(&e).is_none());
     }
 
     #[test]

@@ -58,12 +58,21 @@ pub const IGNORE_RESOURCE_DELETION: &str = "ignore_resource_deletion";
 const TLS_EXAMPLE: &str = r#"{"type": "tls", "config": {"ca_certificate_file": "/etc/mesh/root-cert.pem",
   "certificate_file": "/etc/mesh/cert.pem", "private_key_file": "/etc/mesh/key.pem"}}"#;
 
+/// The bootstrap the errors show: the README's, for a workload of the
+/// example mesh (`examples/mesh`, namespace `shop`) with mesh-control on its
+/// default ports. `NAMESPACE` is where short names resolve, `PROXYLESS_ADMIN`
+/// is where servers register, and `xds_v3` is what gRPC clients need to
+/// speak xDS v3.
 const EXAMPLE: &str = r#"{
-  "xds_servers": [{"server_uri": "127.0.0.1:15010",
-                   "channel_creds": [{"type": "insecure"}],
+  "xds_servers": [{"server_uri": "127.0.0.1:15010", "channel_creds": [{"type": "insecure"}],
                    "server_features": ["xds_v3"]}],
-  "node": {"id": "my-app-1", "metadata": {"NAMESPACE": "default"}}
+  "node": {"id": "frontend-1", "cluster": "frontend",
+           "metadata": {"NAMESPACE": "shop", "PROXYLESS_ADMIN": "127.0.0.1:15000"}}
 }"#;
+
+/// What the example's fields mean, printed above it.
+const EXAMPLE_INTRO: &str = "A minimal bootstrap (NAMESPACE: the namespace short service names \
+     resolve in; PROXYLESS_ADMIN: mesh-control's admin API, where servers register):";
 
 /// A parsed, validated gRPC xDS bootstrap.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,7 +160,8 @@ impl ChannelTls {
     fn from_config(config: Option<&Value>, at: &str) -> Result<ChannelTls, String> {
         let missing = || {
             format!(
-                "{at}.config.ca_certificate_file is missing: name the PEM file of the CA that                  issued the control server's certificate, e.g.\n{TLS_EXAMPLE}"
+                "{at}.config.ca_certificate_file is missing: name the PEM file of the CA that \
+                 issued the control server's certificate, e.g.\n{TLS_EXAMPLE}"
             )
         };
         let map = match config {
@@ -310,7 +320,7 @@ impl Bootstrap {
         }
         Err(Error::bootstrap(format!(
             "no xDS bootstrap: set {BOOTSTRAP_PATH_VAR} to the path of a bootstrap JSON file, \
-             or {BOOTSTRAP_CONFIG_VAR} to the JSON itself. A minimal bootstrap:\n{EXAMPLE}"
+             or {BOOTSTRAP_CONFIG_VAR} to the JSON itself.\n{EXAMPLE_INTRO}\n{EXAMPLE}"
         )))
     }
 
@@ -321,8 +331,12 @@ impl Bootstrap {
 
     fn parse(json: &str, origin: &str) -> Result<Bootstrap, Error> {
         let raw: RawBootstrap = serde_json::from_str(json).map_err(|e| {
+            // serde_json ends its message with the position, said once here.
+            let text = e.to_string();
+            let position = format!(" at line {} column {}", e.line(), e.column());
+            let what = text.strip_suffix(&position).unwrap_or(&text);
             Error::bootstrap(format!(
-                "{origin}: invalid xDS bootstrap at line {}, column {}: {e}\nA minimal bootstrap:\n{EXAMPLE}",
+                "{origin}: invalid xDS bootstrap at line {}, column {}: {what}\n{EXAMPLE_INTRO}\n{EXAMPLE}",
                 e.line(),
                 e.column()
             ))
@@ -877,8 +891,46 @@ mod tests {
         assert!(msg.contains("GRPC_XDS_BOOTSTRAP_CONFIG"), "{msg}");
         assert!(msg.contains("\"xds_servers\""), "{msg}");
         assert!(msg.contains("\"insecure\""), "{msg}");
-        // The example itself is a valid bootstrap.
-        Bootstrap::from_json(EXAMPLE).unwrap();
+    }
+
+    /// The JSON a user copies out of the error works as it is: cut from the
+    /// message (from its first line starting with `{` to the end), it parses
+    /// as a bootstrap for the example mesh.
+    #[test]
+    fn the_example_in_the_error_is_a_working_bootstrap() {
+        for (what, err) in [
+            ("missing", Bootstrap::from_lookup(|_| None).unwrap_err()),
+            (
+                "malformed",
+                Bootstrap::from_lookup(env(&[(BOOTSTRAP_CONFIG_VAR, "{")])).unwrap_err(),
+            ),
+        ] {
+            let msg = err.to_string();
+            let start = msg
+                .find("\n{")
+                .unwrap_or_else(|| panic!("{what}: no JSON in {msg}"));
+            let example = &msg[start + 1..];
+            assert!(
+                example.lines().count() > 3,
+                "{what}: on several lines: {example}"
+            );
+            let b = Bootstrap::from_json(example)
+                .unwrap_or_else(|e| panic!("{what}: the example does not parse: {e}\n{example}"));
+            assert_eq!(b.namespace(), "shop", "the example mesh's namespace");
+            assert_eq!(b.admin_address(), Some("127.0.0.1:15000"));
+            assert_eq!(b.node_id(), "frontend-1");
+            assert_eq!(b.cluster(), "frontend");
+            let server = &b.xds_servers()[0];
+            assert_eq!(server.server_uri(), "127.0.0.1:15010");
+            assert_eq!(server.server_features(), ["xds_v3"]);
+            assert!(server.tls().is_none());
+            // What the fields are for is said above the example.
+            assert!(msg.contains("NAMESPACE: the namespace"), "{msg}");
+            assert!(
+                msg.contains("PROXYLESS_ADMIN: mesh-control's admin API"),
+                "{msg}"
+            );
+        }
     }
 
     #[test]
@@ -899,6 +951,9 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with("GRPC_XDS_BOOTSTRAP_CONFIG:"), "{msg}");
         assert!(msg.contains("line 3, column"), "{msg}");
+        // The position is said once, not again at the end of serde's text.
+        let first = msg.lines().next().unwrap_or_default();
+        assert_eq!(first.matches("column").count(), 1, "{msg}");
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.json");

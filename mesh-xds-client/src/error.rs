@@ -7,7 +7,12 @@
 use std::fmt;
 
 /// Why the xDS client could not start, connect, or deliver a listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Debug` prints the message as `Display` does, with its real line breaks
+/// (the bootstrap error shows a JSON example on several lines), because
+/// `Debug` is what Rust prints when `main` returns the error. `{:#?}`
+/// prints the fields, as anyhow's `{:#?}` does.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
@@ -75,4 +80,34 @@ impl fmt::Display for Error {
     }
 }
 
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.alternate() {
+            return f
+                .debug_struct("Error")
+                .field("kind", &self.kind)
+                .field("message", &self.message)
+                .finish();
+        }
+        f.write_str(&self.message)
+    }
+}
+
 impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_is_the_message_with_real_line_breaks() {
+        let e = Error::bootstrap("no bootstrap:\n{\n  \"xds_servers\": []\n}");
+        assert_eq!(
+            format!("{e:?}"),
+            "no bootstrap:\n{\n  \"xds_servers\": []\n}"
+        );
+        assert_eq!(format!("{e:?}"), e.to_string());
+        let alt = format!("{e:#?}");
+        assert!(alt.starts_with("Error {\n    kind: Bootstrap,"), "{alt}");
+    }
+}

@@ -1,4 +1,4 @@
-//! The Istio YAML front end: a directory of VirtualService, DestinationRule,
+//! The Istio YAML front end: directories of VirtualService, DestinationRule,
 //! ServiceEntry, WorkloadEntry and WorkloadGroup resources, PeerAuthentication
 //! and AuthorizationPolicy, plus self-registered endpoints, in; a
 //! [`mesh_core::Snapshot`] out, and the server listeners
@@ -7,8 +7,16 @@
 //!
 //! # What is read
 //!
-//! Every `*.yaml` / `*.yml` file directly in the directory (not recursively),
-//! in file-name order, each holding one or more `---`-separated documents:
+//! Every `*.yaml` / `*.yml` file directly in each config directory (not in
+//! its subdirectories), each holding one or more `---`-separated documents.
+//! Several directories ([`ConfigStore::load_dirs`], `serve --config A
+//! --config B`) are read as one config: the directories in the order given,
+//! each one's files in file-name order. Subdirectories are not read, so a
+//! directory of drafts or backups next to the live files stays out of the
+//! mesh, and a team's directory is added by naming it. The same directory
+//! named twice is read once. Paths in diagnostics are as given (`A/x.yaml`).
+//!
+//! The kinds:
 //!
 //! - `apiVersion: networking.istio.io/v1` (or `v1beta1`, `v1alpha3`):
 //!   VirtualService, DestinationRule, ServiceEntry, WorkloadEntry and
@@ -65,12 +73,15 @@
 //! # Order and conflicts
 //!
 //! Istio orders VirtualServices by creation time, which files do not have:
-//! here the order is file name, then document order within the file. A host
+//! here the order is directory (as given), then file name, then document
+//! order within the file. A host
 //! is routed by the first VirtualService that names it; a later one naming
 //! the same host is an error ("host X already routed by VirtualService
 //! ns/name at file:line") — Istio merges VirtualServices only for gateways.
 //! Likewise the first DestinationRule and the first ServiceEntry for a host
-//! win and later ones are reported. Within a VirtualService, the first
+//! win and later ones are reported. A resource (kind, namespace, name)
+//! defined twice, in one directory or across two, is an error at the second
+//! definition's line naming the first; the first is used. Within a VirtualService, the first
 //! matching `http[]` route wins; the conditions of one `match[]` entry are
 //! ANDed and several entries are ORed (each becomes its own route, named
 //! after `http[].name` or `<vs-name>.<index>`).
@@ -120,6 +131,9 @@ mod translate;
 mod yaml;
 
 pub use security::{SecurityPolicies, Workload};
+
+pub(crate) use translate::resolve_host;
+pub(crate) use yaml::{Look, parse_documents};
 
 #[cfg(test)]
 mod resilience_tests;
@@ -224,11 +238,95 @@ pub struct ServiceInfo {
     pub endpoints: usize,
 }
 
-/// The current good resources of a config directory.
+/// The current good resources of the config directories.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigStore {
     options: MeshOptions,
     resources: BTreeMap<ResourceKey, Resource>,
+    /// The position of each file read (directory order, then file name):
+    /// the order VirtualServices are applied in.
+    file_order: BTreeMap<PathBuf, usize>,
+    /// A fingerprint of each held resource's document (its YAML content,
+    /// not its lines or comments), to tell a reload what it changed.
+    versions: ResourceVersions,
+}
+
+/// A fingerprint of each resource a [`ConfigStore`] holds, as of one load;
+/// [`ResourceVersions::changes_to`] says what a later load changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ResourceVersions(BTreeMap<ResourceKey, u64>);
+
+/// What a reload changed, by resource (`VirtualService shop/catalog`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ConfigChanges {
+    pub(crate) added: Vec<String>,
+    pub(crate) changed: Vec<String>,
+    pub(crate) removed: Vec<String>,
+}
+
+impl ResourceVersions {
+    /// The resources added, changed (a different document) and removed
+    /// between `self` and `after`, each in kind, namespace, name order.
+    /// Linear in the number of resources; only fingerprints are compared.
+    pub(crate) fn changes_to(&self, after: &ResourceVersions) -> ConfigChanges {
+        let name = |(kind, ns, name): &ResourceKey| format!("{kind} {ns}/{name}");
+        let mut changes = ConfigChanges::default();
+        for (key, fp) in &after.0 {
+            match self.0.get(key) {
+                None => changes.added.push(name(key)),
+                Some(old) if old != fp => changes.changed.push(name(key)),
+                Some(_) => {}
+            }
+        }
+        for key in self.0.keys() {
+            if !after.0.contains_key(key) {
+                changes.removed.push(name(key));
+            }
+        }
+        changes
+    }
+}
+
+impl ConfigChanges {
+    /// Whether nothing was added, changed or removed.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// At most this many resources are named in a log line; the rest are counted.
+const CHANGES_NAMED: usize = 10;
+
+impl fmt::Display for ConfigChanges {
+    /// `changed VirtualService shop/catalog; added DestinationRule
+    /// shop/payment`, naming at most ten resources in all (`... and 3 more`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut budget = CHANGES_NAMED;
+        let mut first = true;
+        for (verb, names) in [
+            ("changed", &self.changed),
+            ("added", &self.added),
+            ("removed", &self.removed),
+        ] {
+            if names.is_empty() {
+                continue;
+            }
+            if !first {
+                f.write_str("; ")?;
+            }
+            first = false;
+            let shown = names.len().min(budget).max(1);
+            budget = budget.saturating_sub(shown);
+            write!(f, "{verb} {}", names[..shown].join(", "))?;
+            if shown < names.len() {
+                write!(f, " and {} more", names.len() - shown)?;
+            }
+        }
+        if first {
+            f.write_str("no resource changed")?;
+        }
+        Ok(())
+    }
 }
 
 impl ConfigStore {
@@ -236,7 +334,7 @@ impl ConfigStore {
     pub fn new(options: MeshOptions) -> Self {
         ConfigStore {
             options,
-            resources: BTreeMap::new(),
+            ..ConfigStore::default()
         }
     }
 
@@ -255,28 +353,45 @@ impl ConfigStore {
         self.resources.is_empty()
     }
 
-    /// Re-reads `dir`. Each resource that is invalid keeps its previous good
-    /// version (if any) and yields diagnostics; valid ones replace theirs;
-    /// resources gone from disk are removed. A file with a YAML syntax error
-    /// (or that cannot be read) keeps all the resources it held. If `dir`
-    /// itself cannot be read, nothing changes.
+    /// Re-reads `dir`: [`ConfigStore::load_dirs`] with one directory.
     pub fn load_dir(&mut self, dir: &Path) -> Vec<Diagnostic> {
+        self.load_dirs(&[dir])
+    }
+
+    /// Re-reads `dirs` as one config (each directory's YAML files, not its
+    /// subdirectories; the same directory named twice is read once). Each
+    /// resource that is invalid keeps its previous good version (if any)
+    /// and yields diagnostics; valid ones replace theirs; resources gone
+    /// from disk are removed; a resource defined twice is reported at the
+    /// second definition. A file with a YAML syntax error (or that cannot be
+    /// read) keeps all the resources it held. If a directory itself cannot
+    /// be read, nothing changes.
+    pub fn load_dirs(&mut self, dirs: &[impl AsRef<Path>]) -> Vec<Diagnostic> {
         let mut diagnostics = Vec::new();
-        let files = match list_files(dir) {
-            Ok(files) => files,
-            Err(e) => {
-                diagnostics.push(Diagnostic {
+        let mut files = Vec::new();
+        for dir in distinct_dirs(dirs) {
+            match list_files(dir) {
+                Ok(found) => files.extend(found),
+                Err(e) => diagnostics.push(Diagnostic {
                     file: dir.to_path_buf(),
                     line: 1,
                     message: format!("cannot read the config directory: {e}"),
-                });
-                return diagnostics;
+                }),
             }
-        };
+        }
+        if !diagnostics.is_empty() {
+            return diagnostics;
+        }
         let mut next: BTreeMap<ResourceKey, Resource> = BTreeMap::new();
+        let mut versions: BTreeMap<ResourceKey, u64> = BTreeMap::new();
         let mut seen: BTreeMap<ResourceKey, (PathBuf, usize)> = BTreeMap::new();
         let mut keep: Vec<ResourceKey> = Vec::new();
         let mut broken_files: BTreeSet<PathBuf> = BTreeSet::new();
+        let file_order: BTreeMap<PathBuf, usize> = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.clone(), i))
+            .collect();
         for file in files {
             let text = match std::fs::read_to_string(&file) {
                 Ok(t) => t,
@@ -323,33 +438,58 @@ impl ConfigStore {
                 seen.insert(key.clone(), (file.clone(), parsed.line));
                 match parsed.resource {
                     Some(r) => {
+                        versions.insert(key.clone(), yaml::fingerprint(doc));
                         next.insert(key, r);
                     }
                     None => keep.push(key),
                 }
             }
         }
+        let mut restore = |key: &ResourceKey, old: &Resource| {
+            next.insert(key.clone(), old.clone());
+            if let Some(v) = self.versions.0.get(key) {
+                versions.insert(key.clone(), *v);
+            }
+        };
         for key in keep {
             if let Some(old) = self.resources.get(&key) {
-                next.insert(key, old.clone());
+                restore(&key, old);
             }
         }
         for (key, old) in &self.resources {
             if broken_files.contains(&old.meta.file) && !seen.contains_key(key) {
-                next.insert(key.clone(), old.clone());
+                restore(key, old);
             }
         }
         self.resources = next;
+        self.versions = ResourceVersions(versions);
+        self.file_order = file_order;
         diagnostics
     }
 
-    /// The resources in file order (file name, then document), which is the
-    /// order VirtualServices are applied in.
+    /// The files read by the last load, in reading order (directory as
+    /// given, then file name).
+    pub(crate) fn files(&self) -> Vec<&Path> {
+        let mut files: Vec<(&PathBuf, &usize)> = self.file_order.iter().collect();
+        files.sort_by_key(|(_, position)| **position);
+        files.into_iter().map(|(f, _)| f.as_path()).collect()
+    }
+
+    /// The fingerprints of the resources held now, to compare with after a
+    /// reload ([`ResourceVersions::changes_to`]).
+    pub(crate) fn versions(&self) -> &ResourceVersions {
+        &self.versions
+    }
+
+    /// The resources in file order (directory as given, file name, then
+    /// document), which is the order VirtualServices are applied in.
     fn ordered(&self) -> Vec<&Resource> {
         let mut all: Vec<&Resource> = self.resources.values().collect();
-        all.sort_by(|a, b| {
-            (&a.meta.file, a.meta.doc, a.meta.key()).cmp(&(&b.meta.file, b.meta.doc, b.meta.key()))
-        });
+        let position = |r: &Resource| {
+            let file = self.file_order.get(&r.meta.file).copied();
+            (file.unwrap_or(usize::MAX), r.meta.file.clone(), r.meta.doc)
+        };
+        all.sort_by_cached_key(|r| (position(r), r.meta.key()));
         all
     }
 
@@ -386,8 +526,9 @@ impl ConfigStore {
 
     /// What gRPC servers and channels would not honor of the security
     /// config (PERMISSIVE, explicit or by default; AUDIT policies; mTLS
-    /// without xDS credentials), one sentence per finding, for
-    /// `mesh-control check --for grpc`. `snapshot` is this store's
+    /// without xDS credentials), one sentence per finding, as served
+    /// (`mesh-control check --for grpc` reports the same at the YAML's lines,
+    /// see [`crate::grpc_report`]). `snapshot` is this store's
     /// [`ConfigStore::snapshot`] (its clusters with TLS count as mTLS use).
     pub fn grpc_security_gaps(&self, snapshot: &Snapshot) -> Vec<String> {
         crate::compat::grpc_security_ignored(&self.security(), snapshot)
@@ -399,8 +540,18 @@ impl ConfigStore {
     }
 }
 
+/// `dirs` without repeats: a directory named twice (even spelled
+/// differently, `mesh` and `./mesh`) is read once, where it first appears.
+fn distinct_dirs<P: AsRef<Path>>(dirs: &[P]) -> Vec<&Path> {
+    let mut seen = BTreeSet::new();
+    dirs.iter()
+        .map(AsRef::as_ref)
+        .filter(|dir| seen.insert(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf())))
+        .collect()
+}
+
 /// The `*.yaml` / `*.yml` files directly in `dir`, by file name.
-fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+pub(crate) fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -416,12 +567,19 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Offline validation for `mesh-control check DIR`: every problem of the
-/// files and between them, sorted by file then line. Without registrations, a
-/// host that no ServiceEntry declares is an error.
+/// Offline validation for `mesh-control check DIR`: [`check_dirs`] with one
+/// directory.
 pub fn check_dir(dir: &Path, options: &MeshOptions) -> Vec<Diagnostic> {
+    check_dirs(&[dir], options)
+}
+
+/// Offline validation for `mesh-control check DIR...`: every problem of the
+/// files of `dirs` (read as one config, as [`ConfigStore::load_dirs`] does)
+/// and between them, sorted by file then line. Without registrations, a
+/// host that no ServiceEntry declares is an error.
+pub fn check_dirs(dirs: &[impl AsRef<Path>], options: &MeshOptions) -> Vec<Diagnostic> {
     let mut store = ConfigStore::new(options.clone());
-    let mut diagnostics = store.load_dir(dir);
+    let mut diagnostics = store.load_dirs(dirs);
     diagnostics.extend(store.snapshot(&[]).1);
     diagnostics.sort();
     diagnostics.dedup();

@@ -24,6 +24,21 @@
 //! then ALLOW, then AUDIT, root namespace before others, then by namespace
 //! and name, so the DENY policy a decision names is predictable.
 //!
+//! # Workload labels
+//!
+//! A workload has one label set, used both for DestinationRule subsets (the
+//! labels of its EDS endpoints) and for the selectors above. From lowest to
+//! highest precedence: the `metadata.labels` of the WorkloadGroup named like
+//! the service in the service's namespace (Istio's WorkloadGroup template
+//! gives its labels to every workload of the group), then the labels the
+//! workload registered with (`proxyless::Registration` sends the bootstrap's
+//! `node.metadata.LABELS` overridden by its own `.label()`s).
+//! [`SecurityPolicies::registered_labels`] merges them for a registration;
+//! the control server resolves a server listener with the merged labels of
+//! the registration at the listening address, and with the node's `LABELS`
+//! over the WorkloadGroup's ([`SecurityPolicies::node_labels`]) for a
+//! workload that has not registered.
+//!
 //! # Service identities
 //!
 //! The service accounts allowed to back service S in namespace N (what
@@ -46,6 +61,9 @@ use mesh_core::spiffe::SpiffeId;
 use super::resources::{Meta, Resource, Spec};
 use super::translate::{cluster_local, resolve_host};
 use super::{Diagnostic, MeshOptions, Registration};
+
+/// Labels by key.
+type Labels = BTreeMap<String, String>;
 
 /// The workload a server listener is built for, as its xDS node describes
 /// it: `node.metadata.NAMESPACE` and `node.metadata.LABELS`.
@@ -79,10 +97,14 @@ pub(crate) struct Authz {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Inner {
     root_namespace: String,
+    /// The suffix of cluster-local hosts (service names resolve with it).
+    domain_suffix: String,
     /// By namespace, then name.
     peers: Vec<Peer>,
     /// In evaluation order (see the module docs).
     authz: Vec<Authz>,
+    /// WorkloadGroup `metadata.labels` by (namespace, name).
+    groups: BTreeMap<(String, String), Labels>,
 }
 
 /// The security resources of a config, resolved for lookups per workload.
@@ -173,6 +195,46 @@ impl SecurityPolicies {
             .collect()
     }
 
+    /// The labels of the WorkloadGroup of `service` (a name as registered:
+    /// `catalog`, `catalog.shop` or a full host, resolved in `namespace`):
+    /// the group named like the service, in the service's namespace.
+    pub fn group_labels(
+        &self,
+        service: &str,
+        namespace: &str,
+    ) -> Option<&BTreeMap<String, String>> {
+        self.inner
+            .groups
+            .get(&group_of(service, namespace, &self.inner.domain_suffix))
+    }
+
+    /// The one label set of a registered endpoint (see the module docs):
+    /// its WorkloadGroup's labels, overridden by the labels it registered
+    /// with. Its EDS endpoint carries these, and its server listener is
+    /// resolved with them.
+    pub fn registered_labels(&self, registration: &Registration) -> BTreeMap<String, String> {
+        over(
+            self.group_labels(&registration.service, &registration.namespace),
+            &registration.labels,
+        )
+    }
+
+    /// The labels of a workload that has not registered, for its server
+    /// listener: its node's `LABELS` over the labels of the WorkloadGroup
+    /// of `service` (the node's `cluster`, which names its service), as
+    /// [`SecurityPolicies::registered_labels`] merges them.
+    pub fn node_labels(
+        &self,
+        service: &str,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
+        let group = (!service.is_empty())
+            .then(|| self.group_labels(service, namespace))
+            .flatten();
+        over(group, labels)
+    }
+
     /// The root namespace (mesh-wide policy).
     pub(crate) fn root_namespace(&self) -> &str {
         &self.inner.root_namespace
@@ -189,6 +251,26 @@ impl SecurityPolicies {
     }
 }
 
+/// `own` over `base`: a key in both takes `own`'s value.
+fn over(base: Option<&Labels>, own: &Labels) -> Labels {
+    let mut labels = base.cloned().unwrap_or_default();
+    labels.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+    labels
+}
+
+/// The (namespace, name) of the WorkloadGroup of `service` resolved in
+/// `namespace`: named like the service (its short name), in the service's
+/// namespace (`catalog.shop` from any namespace is the group `catalog` of
+/// `shop`).
+fn group_of(service: &str, namespace: &str, suffix: &str) -> (String, String) {
+    let fqdn = resolve_host(service, namespace, suffix);
+    let group_namespace = cluster_local(&fqdn, suffix).map_or(namespace, |(_, ns)| ns);
+    (
+        group_namespace.to_string(),
+        Identities::short_name(&fqdn, suffix).to_string(),
+    )
+}
+
 fn action_rank(a: Action) -> u8 {
     match a {
         Action::Deny => 0,
@@ -201,8 +283,15 @@ pub(super) fn resolve(options: &MeshOptions, resources: &[&Resource]) -> Securit
     let root = options.root_namespace.as_str();
     let mut peers = Vec::new();
     let mut authz = Vec::new();
+    let mut groups = BTreeMap::new();
     for r in resources {
         match &r.spec {
+            Spec::WorkloadGroup(g) => {
+                groups.insert(
+                    (r.meta.namespace.clone(), r.meta.name.clone()),
+                    g.labels.clone(),
+                );
+            }
             Spec::PeerAuthentication(pa) => peers.push(Peer {
                 namespace: r.meta.namespace.clone(),
                 name: r.meta.name.clone(),
@@ -233,8 +322,10 @@ pub(super) fn resolve(options: &MeshOptions, resources: &[&Resource]) -> Securit
     SecurityPolicies {
         inner: Arc::new(Inner {
             root_namespace: root.to_string(),
+            domain_suffix: options.domain_suffix.clone(),
             peers,
             authz,
+            groups,
         }),
     }
 }

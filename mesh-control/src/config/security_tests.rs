@@ -1299,6 +1299,116 @@ fn workload_group_and_entry_problems() {
     assert_rejected(&text, "subjectAltNames", "only SPIFFE IDs are verified");
 }
 
+// ----------------------------------------------------------- workload labels
+
+/// The WorkloadGroup of catalog in shop, with labels.
+const WG_LABELS: &str = "apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: catalog, namespace: shop}
+spec:
+  metadata:
+    labels: {app: catalog, version: v0, tier: backend}
+  template:
+    serviceAccount: catalog
+";
+
+#[test]
+fn a_registration_s_labels_win_over_its_workload_group_s() {
+    let (s, _d) = store(&[("se.yaml", SE_CATALOG), ("wg.yaml", WG_LABELS)]);
+    let security = s.security();
+    // However the service is named, from its own namespace or another.
+    for (service, ns) in [
+        ("catalog", "shop"),
+        ("catalog.shop", "shop"),
+        (FQDN, "shop"),
+        ("catalog.shop", "web"),
+    ] {
+        let r = reg(
+            service,
+            ns,
+            "10.0.0.1",
+            8080,
+            &[("version", "v1"), ("track", "canary")],
+        );
+        assert_eq!(
+            security.registered_labels(&r),
+            labels(&[
+                ("app", "catalog"),
+                ("tier", "backend"),
+                ("version", "v1"),
+                ("track", "canary"),
+            ]),
+            "{service} from {ns}: the group's labels, its own on top"
+        );
+    }
+    // Without labels of its own, the group's.
+    let bare = reg("catalog", "shop", "10.0.0.1", 8080, &[]);
+    assert_eq!(
+        security.registered_labels(&bare),
+        labels(&[("app", "catalog"), ("tier", "backend"), ("version", "v0")])
+    );
+    // `catalog` of another namespace is another service: not this group.
+    let other = reg("catalog", "web", "10.0.0.1", 8080, &[("version", "v1")]);
+    assert_eq!(
+        security.registered_labels(&other),
+        labels(&[("version", "v1")])
+    );
+}
+
+#[test]
+fn an_unregistered_node_s_labels_win_over_the_group_its_cluster_names() {
+    let (s, _d) = store(&[("se.yaml", SE_CATALOG), ("wg.yaml", WG_LABELS)]);
+    let security = s.security();
+    let node = labels(&[("version", "v1")]);
+    let merged = labels(&[("app", "catalog"), ("tier", "backend"), ("version", "v1")]);
+    // `node.cluster` as gRPC bootstraps write it, or Istio's `<app>.<ns>`.
+    assert_eq!(security.node_labels("catalog", "shop", &node), merged);
+    assert_eq!(security.node_labels("catalog.shop", "shop", &node), merged);
+    // A cluster naming no group (a node id, or nothing): the node's own.
+    assert_eq!(security.node_labels("catalog-1", "shop", &node), node);
+    assert_eq!(security.node_labels("", "shop", &node), node);
+}
+
+#[test]
+fn subsets_and_policies_see_the_one_merged_label_set() {
+    let deny_backend = authz_policy(
+        "shop",
+        "deny-backend",
+        "\n  selector: {matchLabels: {tier: backend}}\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [\"/internal\"]}}]\n",
+    );
+    let (s, _d) = store(&[
+        ("se.yaml", SE_CATALOG),
+        ("dr.yaml", DR_CATALOG),
+        ("wg.yaml", WG_LABELS),
+        ("authz.yaml", &deny_backend),
+    ]);
+    let security = s.security();
+    let r = reg("catalog", "shop", "10.0.0.1", 8080, &[("version", "v1")]);
+    let merged = security.registered_labels(&r);
+    // Subset v1 (version: v1) holds the endpoint: its own version beat the
+    // group's v0.
+    let (snap, diags) = s.snapshot(std::slice::from_ref(&r));
+    assert!(diags.is_empty(), "{diags:#?}");
+    let v1 = &snap.endpoints[format!("outbound|80|v1|{FQDN}").as_str()];
+    assert_eq!(v1.endpoint_count(), 1);
+    assert_eq!(
+        snap.endpoints[format!("outbound|80|v2|{FQDN}").as_str()].endpoint_count(),
+        0
+    );
+    // The policy selecting the group's `tier: backend` applies to it.
+    let addr = SocketAddr::new(r.address, r.port);
+    let listener = security.server_listener(
+        "grpc/server?xds.resource.listening_address=10.0.0.1:8080",
+        addr,
+        Workload {
+            namespace: "shop",
+            labels: &merged,
+        },
+    );
+    assert!(!allowed(&listener, GET.method("GET", "/internal")));
+    assert!(allowed(&listener, GET.method("GET", "/items")));
+}
+
 // ------------------------------------------------------ registration access
 
 fn id(s: &str) -> SpiffeId {

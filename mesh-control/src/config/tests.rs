@@ -1460,3 +1460,127 @@ fn diagnostics_are_sorted_by_file_then_line() {
         ]
     );
 }
+
+// ------------------------------------------------- several config directories
+
+/// A VirtualService for catalog routing to `subset`.
+fn vs_to(name: &str, subset: &str) -> String {
+    format!(
+        "\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  hosts: [catalog]
+  http:
+  - route: [{{destination: {{host: catalog, subset: {subset}}}}}]
+"
+    )
+}
+
+/// Directories are read in the order given, whatever their names: the
+/// first directory's VirtualService routes the host, and the later one is
+/// reported at its line as a second VirtualService for it.
+#[test]
+fn directories_apply_in_the_order_given() {
+    let z = dir(&[
+        ("a.yaml", SE_CATALOG),
+        ("b.yaml", DR_CATALOG),
+        ("vs.yaml", &vs_to("first", "v2")),
+    ]);
+    let a = dir(&[("vs.yaml", &vs_to("second", "v1"))]);
+    let mut s = ConfigStore::new(MeshOptions::default());
+    assert!(s.load_dirs(&[z.path(), a.path()]).is_empty());
+    let (snap, diags) = s.snapshot(&[]);
+    assert_eq!(
+        route_to(&snap, "catalog", "GET", "/", &[], 0),
+        format!("outbound|80|v2|{FQDN}"),
+        "the first directory's VirtualService wins"
+    );
+    assert_one(&diags, 5, "already routed by VirtualService shop/first");
+    assert_eq!(diags[0].file, a.path().join("vs.yaml"), "the path as given");
+
+    // The other order, the other winner.
+    let mut s = ConfigStore::new(MeshOptions::default());
+    assert!(s.load_dirs(&[a.path(), z.path()]).is_empty());
+    let (snap, _) = s.snapshot(&[]);
+    assert_eq!(
+        route_to(&snap, "catalog", "GET", "/", &[], 0),
+        format!("outbound|80|v1|{FQDN}")
+    );
+}
+
+#[test]
+fn a_directory_named_twice_is_read_once_and_a_missing_one_changes_nothing() {
+    let d = dir(&[("a.yaml", SE_CATALOG), ("b.yaml", DR_CATALOG)]);
+    let again = d.path().join(".");
+    let mut s = ConfigStore::new(MeshOptions::default());
+    assert!(s.load_dirs(&[d.path(), &again]).is_empty(), "no duplicates");
+    assert_eq!(s.len(), 2);
+    let missing = d.path().join("missing");
+    let diags = s.load_dirs(&[d.path(), &missing]);
+    assert_one(&diags, 1, "cannot read the config directory");
+    assert_eq!(diags[0].file, missing);
+    assert_eq!(s.len(), 2, "the resources stay");
+}
+
+/// What a reload logs: resources added, changed (their content, not their
+/// layout) and removed, by kind, namespace and name.
+#[test]
+fn reloads_know_what_changed() {
+    let d = dir(&[("a.yaml", SE_CATALOG), ("vs.yaml", &vs_to("catalog", "v1"))]);
+    let mut s = ConfigStore::new(MeshOptions::default());
+    let empty = s.versions().clone();
+    assert!(s.load_dir(d.path()).is_empty());
+    let first = s.versions().clone();
+    assert_eq!(
+        empty.changes_to(&first).to_string(),
+        "added VirtualService shop/catalog, ServiceEntry shop/catalog"
+    );
+
+    // A comment and a re-indented document: nothing changed.
+    write(&d, "a.yaml", &format!("# the catalog\n{SE_CATALOG}"));
+    assert!(s.load_dir(d.path()).is_empty());
+    let changes = first.changes_to(s.versions());
+    assert!(changes.is_empty(), "{changes}");
+
+    // A new subset target, a new rule, a removed file.
+    write(&d, "vs.yaml", &vs_to("catalog", "v2"));
+    write(&d, "b.yaml", DR_CATALOG);
+    std::fs::remove_file(d.path().join("a.yaml")).unwrap();
+    let _ = s.load_dir(d.path());
+    let changes = first.changes_to(s.versions());
+    assert_eq!(
+        changes.to_string(),
+        "changed VirtualService shop/catalog; added DestinationRule shop/catalog; \
+         removed ServiceEntry shop/catalog"
+    );
+
+    // An invalid edit keeps the last good version: not a change.
+    let before = s.versions().clone();
+    write(
+        &d,
+        "vs.yaml",
+        &vs_to("catalog", "v2").replace("hosts:", "hostz:"),
+    );
+    assert!(!s.load_dir(d.path()).is_empty());
+    assert!(before.changes_to(s.versions()).is_empty());
+}
+
+#[test]
+fn a_long_list_of_changes_is_cut_short() {
+    let changes = ConfigChanges {
+        added: (0..12)
+            .map(|i| format!("ServiceEntry shop/s{i:02}"))
+            .collect(),
+        changed: vec!["VirtualService shop/catalog".into()],
+        removed: vec!["DestinationRule shop/old".into()],
+    };
+    assert_eq!(
+        changes.to_string(),
+        "changed VirtualService shop/catalog; added ServiceEntry shop/s00, ServiceEntry shop/s01, \
+         ServiceEntry shop/s02, ServiceEntry shop/s03, ServiceEntry shop/s04, ServiceEntry \
+         shop/s05, ServiceEntry shop/s06, ServiceEntry shop/s07, ServiceEntry shop/s08 and 3 \
+         more; removed DestinationRule shop/old"
+    );
+}

@@ -32,6 +32,18 @@ pub(crate) fn line_of(node: &Node<'_>) -> usize {
     node.span.start.line().max(1)
 }
 
+/// A fingerprint of what a document says: its keys and values, not where
+/// they are written (lines, comments, quoting style), so that a reload
+/// reports a resource as changed only when its content changed. A key order
+/// change counts as a change (mappings hash in order).
+pub(crate) fn fingerprint(node: &Node<'_>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // saphyr hashes a node's data and not its span.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    node.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// Parses a file into its documents, skipping empty ones (`---` with nothing
 /// after it, or a file of comments). On a syntax error: the parser's line and
 /// message.
@@ -504,9 +516,150 @@ impl<'n, 'a> MapEntry<'n, 'a> {
     }
 }
 
+/// A read-only look at a loaded document, for reports about what it says
+/// (`check --for grpc`) rather than for validation: an absent, null or
+/// mistyped value reads as absent (validation reports those).
+#[derive(Clone, Copy)]
+pub(crate) struct Look<'n, 'a> {
+    /// The line of the key this value is under (the node's own line for
+    /// the document and for list items): where a report about it points.
+    pub(crate) line: usize,
+    node: &'n Node<'a>,
+}
+
+impl<'n, 'a> Look<'n, 'a> {
+    /// The whole document.
+    pub(crate) fn document(node: &'n Node<'a>) -> Self {
+        Look {
+            line: line_of(node),
+            node,
+        }
+    }
+
+    /// The value at a dotted path of mapping keys (`spec.trafficPolicy`).
+    pub(crate) fn get(&self, path: &str) -> Option<Look<'n, 'a>> {
+        let mut at = *self;
+        for key in path.split('.') {
+            let YamlData::Mapping(map) = &at.node.data else {
+                return None;
+            };
+            let (k, v) = map
+                .iter()
+                .find(|(k, _)| matches!(&k.data, YamlData::Value(Scalar::String(s)) if s == key))?;
+            if matches!(v.data, YamlData::Value(Scalar::Null)) {
+                return None;
+            }
+            at = Look {
+                line: line_of(k),
+                node: v,
+            };
+        }
+        Some(at)
+    }
+
+    /// The items of a list (none if it is not one).
+    pub(crate) fn items(&self) -> Vec<Look<'n, 'a>> {
+        match &self.node.data {
+            YamlData::Sequence(items) => items
+                .iter()
+                .map(|node| Look {
+                    line: line_of(node),
+                    node,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The string-keyed entries of a mapping, in document order.
+    pub(crate) fn entries(&self) -> Vec<(String, Look<'n, 'a>)> {
+        let YamlData::Mapping(map) = &self.node.data else {
+            return Vec::new();
+        };
+        map.iter()
+            .filter_map(|(k, v)| match &k.data {
+                YamlData::Value(Scalar::String(key)) => Some((
+                    key.to_string(),
+                    Look {
+                        line: line_of(k),
+                        node: v,
+                    },
+                )),
+                YamlData::Value(Scalar::Integer(key)) => Some((
+                    key.to_string(),
+                    Look {
+                        line: line_of(k),
+                        node: v,
+                    },
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A scalar as text: a string, or a number or boolean as written
+    /// (`retryOn: 503` is an integer to YAML).
+    pub(crate) fn text(&self) -> Option<String> {
+        match &self.node.data {
+            YamlData::Value(Scalar::String(s)) => Some(s.to_string()),
+            YamlData::Value(Scalar::Integer(i)) => Some(i.to_string()),
+            YamlData::Value(Scalar::Boolean(b)) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+
+    /// An integer.
+    pub(crate) fn integer(&self) -> Option<i64> {
+        match &self.node.data {
+            YamlData::Value(Scalar::Integer(i)) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// A boolean.
+    pub(crate) fn boolean(&self) -> Option<bool> {
+        match &self.node.data {
+            YamlData::Value(Scalar::Boolean(b)) => Some(*b),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_look_finds_values_and_the_lines_of_their_keys() {
+        let text = "kind: X\nspec:\n  http:\n  - retries:\n      attempts: 3\n      \
+                    retryOn: 503\n  - {}\n  gone: null\n";
+        let docs = parse_documents(text).unwrap();
+        let doc = Look::document(&docs[0]);
+        assert_eq!(doc.get("kind").and_then(|k| k.text()).as_deref(), Some("X"));
+        let http = doc.get("spec.http").unwrap().items();
+        assert_eq!(http.len(), 2);
+        assert_eq!(http[0].line, 4);
+        let retry_on = http[0].get("retries.retryOn").unwrap();
+        assert_eq!(
+            (retry_on.line, retry_on.text().as_deref()),
+            (6, Some("503"))
+        );
+        assert_eq!(http[0].get("retries.attempts").unwrap().integer(), Some(3));
+        assert!(http[1].get("retries").is_none());
+        assert!(doc.get("spec.gone").is_none(), "null reads as absent");
+        assert!(doc.get("kind.deeper").is_none());
+    }
+
+    #[test]
+    fn fingerprints_follow_content_not_layout() {
+        let fp = |text: &str| fingerprint(&parse_documents(text).unwrap()[0]);
+        let a = fp("kind: X\nspec: {a: 1, b: [x, y]}\n");
+        assert_eq!(
+            a,
+            fp("# a comment\n\nkind: X\nspec:\n  a: 1\n  b:\n  - x\n  - y\n")
+        );
+        assert_ne!(a, fp("kind: X\nspec: {a: 2, b: [x, y]}\n"));
+    }
 
     #[test]
     fn lines_are_those_of_keys_and_values() {

@@ -8,9 +8,9 @@
 //! connections do. Connections belong to a cluster, as Envoy's connection
 //! pools do, so each cluster's limits and settings apply to its own
 //! connections, and they are keyed by endpoint, protocol and TLS identity
-//! set (DESIGN.md): a plaintext and an mTLS connection to one address, or
-//! two mTLS connections verified for different server identities, are
-//! different pool entries.
+//! set (docs/ARCHITECTURE.md, "Client stack"): a plaintext and an mTLS
+//! connection to one address, or two mTLS connections verified for
+//! different server identities, are different pool entries.
 //!
 //! mTLS (clusters with `tls`, Istio ISTIO_MUTUAL; gRFC A29): the pool runs
 //! the TLS handshake with [`MeshConnector`](crate::tls::MeshConnector) over

@@ -16,6 +16,16 @@
 //!    after which the remaining connections are closed). This is the order
 //!    Envoy's and Kubernetes' graceful termination use.
 //!
+//! Shutdown waits only for what needs waiting for, so an idle server stops
+//! at once (Ctrl-C answers in milliseconds): deregistration is one call
+//! bounded by [`DEREGISTER_TIMEOUT`] (a control server that does not answer
+//! costs that much, and the lease then expires on its own), a heartbeat
+//! under way is abandoned (a re-registration gets that same bound, so the
+//! lease it made is the one removed), idle keep-alive connections and
+//! connections still in their TLS handshake (no request on them yet) are
+//! closed at once, and there is no fixed drain delay: the drain ends when
+//! the last request in flight has been answered.
+//!
 //! Every request carries a [`ConnectionInfo`] extension (peer and local
 //! address); put [`ServerLayer`](crate::ServerLayer) on the app for the mesh
 //! context.
@@ -68,6 +78,12 @@ use crate::tls::{ALPN_H2_HTTP11, CertStore, MeshAcceptor, MtlsMode, PeerIdentity
 
 /// How long shutdown waits for requests in flight by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long shutdown waits for mesh-control to acknowledge the
+/// deregistration before it stops accepting anyway (a healthy control
+/// server answers in milliseconds; an unreachable or hung one must not
+/// hold a Ctrl-C up, and the lease expires on its own within its TTL).
+pub const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a client has to complete the TLS handshake by default.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -416,9 +432,11 @@ impl Serving {
         self.lease.borrow().clone()
     }
 
-    /// Deregisters, stops accepting, and waits for requests in flight (up to
-    /// [`DEFAULT_DRAIN_TIMEOUT`]). Fails if deregistration failed (the lease
-    /// then expires on its own); the server is stopped either way.
+    /// Deregisters (within [`DEREGISTER_TIMEOUT`]), stops accepting, closes
+    /// idle connections, and waits for requests in flight (up to
+    /// [`DEFAULT_DRAIN_TIMEOUT`]); with nothing in flight it returns as soon
+    /// as mesh-control has acknowledged. Fails if deregistration failed (the
+    /// lease then expires on its own); the server is stopped either way.
     pub async fn shutdown(self) -> Result<(), Error> {
         self.shutdown_within(DEFAULT_DRAIN_TIMEOUT).await
     }
@@ -445,7 +463,12 @@ impl Serving {
     }
 }
 
-/// Renews the lease until told to stop, then deregisters.
+/// Renews the lease until told to stop, then deregisters (within
+/// [`DEREGISTER_TIMEOUT`]). A heartbeat under way when the stop comes is
+/// abandoned; a re-registration under way is given up to
+/// [`DEREGISTER_TIMEOUT`] to finish, because the control server may already
+/// hold the new lease: that lease is the one to remove, or the endpoint
+/// would stay in EDS until it expires.
 async fn keep_registered(
     admin: Admin,
     body: serde_json::Value,
@@ -453,7 +476,8 @@ async fn keep_registered(
     lease_tx: watch::Sender<String>,
     mut stop: oneshot::Receiver<()>,
 ) -> Result<(), Error> {
-    loop {
+    let mut stopping = false;
+    while !stopping {
         let interval = lease.heartbeat_interval();
         let renewed = tokio::select! {
             _ = &mut stop => break,
@@ -466,20 +490,47 @@ async fn keep_registered(
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(lease = %lease.id, "the control server forgot this endpoint; registering again");
-                match admin.register(&body).await {
-                    Ok(fresh) => {
+                let register = admin.register(&body);
+                tokio::pin!(register);
+                let registered = tokio::select! {
+                    registered = &mut register => Some(registered),
+                    _ = &mut stop => {
+                        stopping = true;
+                        tokio::time::timeout(DEREGISTER_TIMEOUT, &mut register).await.ok()
+                    }
+                };
+                match registered {
+                    Some(Ok(fresh)) => {
                         lease = fresh;
                         lease_tx.send_replace(lease.id.clone());
                     }
-                    Err(e) => tracing::warn!(error = %e, "registering again failed; retrying"),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "registering again failed; retrying");
+                    }
+                    None => tracing::warn!(
+                        "registering again got no answer before shutdown; a lease it made \
+                         expires on its own"
+                    ),
                 }
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed; retrying"),
         }
     }
-    admin.deregister(&lease).await?;
-    tracing::info!(lease = %lease.id, "deregistered from the mesh");
-    Ok(())
+    match tokio::time::timeout(DEREGISTER_TIMEOUT, admin.deregister(&lease)).await {
+        Ok(Ok(())) => {
+            tracing::info!(lease = %lease.id, "deregistered from the mesh");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::new(
+            ErrorKind::Registration,
+            format!(
+                "deregistering lease {} got no answer within {DEREGISTER_TIMEOUT:?}; the \
+                 endpoint leaves the mesh when its lease expires",
+                lease.id
+            ),
+        )),
+    }
 }
 
 /// Accepts connections until told to drain, then drains them.
@@ -588,7 +639,7 @@ async fn serve_secure<S, RB>(
     inbound: InboundPolicy,
     info: ConnectionInfo,
     app: S,
-    closing: watch::Receiver<bool>,
+    mut closing: watch::Receiver<bool>,
 ) where
     S: App<RB>,
     RB: AppBody,
@@ -596,14 +647,25 @@ async fn serve_secure<S, RB>(
     // Read before the handshake: if the store rotates during it, the
     // connection's age is bounded by the older (earlier) expiry.
     let not_after = certificates.as_ref().map(CertStore::not_after);
-    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            tracing::debug!(peer = %info.peer_addr, mode = %acceptor.mode(), error = %e, "connection refused");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(peer = %info.peer_addr, timeout = ?handshake_timeout, "TLS handshake timed out");
+    let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+    let stream = tokio::select! {
+        accepted = handshake => match accepted {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %info.peer_addr, mode = %acceptor.mode(), error = %e, "connection refused");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %info.peer_addr, timeout = ?handshake_timeout, "TLS handshake timed out");
+                return;
+            }
+        },
+        // No request can be in flight before the handshake: a draining
+        // server closes the connection instead of waiting it out.
+        () = async {
+            let _ = closing.wait_for(|closing| *closing).await;
+        } => {
+            tracing::debug!(peer = %info.peer_addr, "closed during its TLS handshake: the server is shutting down");
             return;
         }
     };

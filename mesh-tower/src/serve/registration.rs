@@ -30,6 +30,35 @@ use crate::tls::AdminClient;
 
 /// What [`serve`](crate::serve()) registers: the service this process serves and
 /// where clients should reach it.
+///
+/// # Labels
+///
+/// A workload has one label set: DestinationRule subsets pick its endpoint
+/// by it, and PeerAuthentication and AuthorizationPolicy selectors select
+/// its server by it. From lowest to highest precedence:
+///
+/// 1. the `metadata.labels` of the WorkloadGroup named like the service, in
+///    the service's namespace (mesh-control adds them, as Istio's
+///    WorkloadGroup template gives its labels to its workloads);
+/// 2. the bootstrap's `node.metadata.LABELS` ([`Registration::from_bootstrap`]);
+/// 3. [`Registration::label`].
+///
+/// So a bootstrap with `"LABELS": {"app": "catalog", "version": "v1"}` is
+/// enough for a server to receive the traffic of subset `v1` and be
+/// selected by `matchLabels: {app: catalog}`; `.label("version", "v2")`
+/// overrides the bootstrap's `version` for this registration.
+///
+/// mesh-control resolves the server listener of the workload (its policies,
+/// see [`InboundPolicy::from_xds`](crate::InboundPolicy::from_xds)) with the
+/// labels of its registration at the address it listens on — for a listener
+/// on `0.0.0.0`, the registration this bootstrap's node made for that port —
+/// so both uses see the same set. Until the registration exists
+/// ([`serve_with`](crate::serve_with) waits for the listener before it
+/// registers), the listener is resolved with the bootstrap's `LABELS` over
+/// the WorkloadGroup's, and it is updated when the registration lands. With
+/// authenticated registration, the bootstrap must name the service account
+/// it registers as (`node.metadata.SERVICE_ACCOUNT`) for its registration to
+/// count: no other identity can choose the labels a workload's policies see.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
     admin: String,
@@ -41,6 +70,9 @@ pub struct Registration {
     protocol: Option<Protocol>,
     labels: BTreeMap<String, String>,
     locality: Option<String>,
+    /// The bootstrap's `node.id`: mesh-control finds the registration of
+    /// a server listening on `0.0.0.0` by it.
+    node_id: Option<String>,
     ttl: Duration,
     /// PEM roots to verify mesh-control with: https when set.
     admin_ca: Option<Vec<u8>>,
@@ -91,6 +123,7 @@ impl Registration {
             protocol: None,
             labels: BTreeMap::new(),
             locality: None,
+            node_id: None,
             ttl: Duration::from_secs(10),
             admin_ca: None,
             token: None,
@@ -98,11 +131,15 @@ impl Registration {
     }
 
     /// Registers with the admin API named in `bootstrap`
-    /// (`node.metadata.PROXYLESS_ADMIN`), in the bootstrap's namespace.
-    /// When the bootstrap's control channel is TLS (`channel_creds` type
-    /// `"tls"`), over https verified with its `ca_certificate_file`; when
-    /// `certificate_providers.mesh` is `mesh_ca`, authenticated with its
-    /// join token (`token` or `token_file`). Errors name the field.
+    /// (`node.metadata.PROXYLESS_ADMIN`), in the bootstrap's namespace,
+    /// with the bootstrap's labels (`node.metadata.LABELS`; a
+    /// [`Registration::label`] overrides one) and its node id (so the
+    /// workload's server listener finds this registration even when it
+    /// listens on `0.0.0.0`). When the bootstrap's control channel is TLS
+    /// (`channel_creds` type `"tls"`), over https verified with its
+    /// `ca_certificate_file`; when `certificate_providers.mesh` is
+    /// `mesh_ca`, authenticated with its join token (`token` or
+    /// `token_file`). Errors name the field.
     pub fn from_bootstrap(
         bootstrap: &mesh_xds_client::Bootstrap,
         service: impl Into<String>,
@@ -115,6 +152,8 @@ impl Registration {
             )
         })?;
         let mut registration = Registration::new(admin, service).namespace(bootstrap.namespace());
+        registration.labels = bootstrap.labels();
+        registration.node_id = Some(bootstrap.node_id().to_owned()).filter(|id| !id.is_empty());
         registration.admin_ca = crate::tls::control_ca_pem(bootstrap, ErrorKind::Registration)?;
         registration.token = crate::tls::bootstrap_token(bootstrap)
             .map_err(|e| Error::new(ErrorKind::Registration, e.message().to_owned()))?
@@ -170,7 +209,10 @@ impl Registration {
         self
     }
 
-    /// A label (`version` → `v1`), which DestinationRule subsets select on.
+    /// A label (`version` → `v1`), which DestinationRule subsets and policy
+    /// selectors select on. It wins over the same key of the bootstrap's
+    /// `node.metadata.LABELS` and of the service's WorkloadGroup (see
+    /// [Labels](Registration#labels)).
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.insert(key.into(), value.into());
         self
@@ -239,6 +281,9 @@ impl Registration {
         body.insert("labels".into(), json!(self.labels));
         if let Some(l) = &self.locality {
             body.insert("locality".into(), json!(l));
+        }
+        if let Some(id) = &self.node_id {
+            body.insert("node_id".into(), json!(id));
         }
         body.insert("ttl_seconds".into(), json!(self.ttl_seconds()));
         Value::Object(body)
@@ -427,6 +472,8 @@ mod tests {
         assert!(r.admin().token.is_none() && r.admin().ca_pem.is_none());
         let body = r.to_json("10.0.0.7".parse().unwrap(), 1);
         assert_eq!(body["namespace"], "shop");
+        assert_eq!(body["node_id"], "node-1");
+        assert_eq!(body["labels"], json!({}));
 
         let bare = mesh_xds_client::Bootstrap::builder("http://127.0.0.1:1", "node-1")
             .build()
@@ -434,6 +481,30 @@ mod tests {
         let e = Registration::from_bootstrap(&bare, "catalog").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Registration);
         assert!(e.to_string().contains("PROXYLESS_ADMIN"), "{e}");
+    }
+
+    #[test]
+    fn registration_labels_are_the_bootstrap_labels_overridden_by_label() {
+        let bootstrap = mesh_xds_client::Bootstrap::builder("http://127.0.0.1:1", "catalog-1")
+            .admin_address("127.0.0.1:9000")
+            .label("app", "catalog")
+            .label("version", "v1")
+            .build()
+            .unwrap();
+        let from_bootstrap = Registration::from_bootstrap(&bootstrap, "catalog").unwrap();
+        assert_eq!(
+            from_bootstrap.to_json("10.0.0.7".parse().unwrap(), 1)["labels"],
+            json!({"app": "catalog", "version": "v1"}),
+            "a registration from a bootstrap carries its LABELS"
+        );
+        let overridden = from_bootstrap
+            .label("version", "v2")
+            .label("track", "canary");
+        assert_eq!(
+            overridden.to_json("10.0.0.7".parse().unwrap(), 1)["labels"],
+            json!({"app": "catalog", "version": "v2", "track": "canary"}),
+            ".label() wins over the bootstrap's label of the same key"
+        );
     }
 
     #[test]
