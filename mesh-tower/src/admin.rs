@@ -11,7 +11,8 @@
 //!   ([`XdsClient::config_dump_json`]): listeners, route configs, clusters,
 //!   endpoints, per-type versions, missing and rejected resources.
 //! - `GET /metrics`: the Prometheus / OpenMetrics text of a
-//!   [`MetricsRegistry`], when one is given.
+//!   [`telemetry::MetricsRegistry`](crate::telemetry::MetricsRegistry),
+//!   when one is given (feature `telemetry`).
 //! - gRPC `envoy.service.status.v3.ClientStatusDiscoveryService` (CSDS,
 //!   [`CsdsService`]) on the same port: `grpcdebug <addr> xds status` and
 //!   `xds config` work against it (HTTP/2 cleartext, as grpcdebug dials).
@@ -19,6 +20,13 @@
 //! Nothing listens unless the application calls [`serve_admin`]. The
 //! endpoint shows the full routing config: bind it to a loopback or
 //! otherwise private address.
+//!
+//! Feature `admin` (it brings axum). It does not need the `telemetry`
+//! feature: the config dump and CSDS answer "which config does this
+//! workload run", the first debugging question, and need nothing from
+//! OpenTelemetry or Prometheus. Without `telemetry` there is no registry
+//! to render, so [`AdminEndpoints::metrics`] does not exist and
+//! `/metrics` answers 404 naming the feature.
 
 use std::net::SocketAddr;
 
@@ -33,6 +41,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, ErrorKind};
+#[cfg(feature = "telemetry")]
 use crate::telemetry::MetricsRegistry;
 
 /// The path of the JSON config dump.
@@ -41,27 +50,41 @@ pub const CONFIG_PATH: &str = "/debug/mesh/config";
 pub const METRICS_PATH: &str = "/metrics";
 
 /// The content type of the OpenMetrics text format.
+#[cfg(feature = "telemetry")]
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// What the admin endpoint serves.
+/// What the admin endpoint serves. Built with [`AdminEndpoints::new`]
+/// (the fields are private so that turning the `telemetry` feature on,
+/// which adds the metrics registry, breaks no code).
 #[derive(Debug, Clone)]
 pub struct AdminEndpoints {
     /// The xDS client whose config `/debug/mesh/config` and CSDS report.
-    pub xds: XdsClient,
+    xds: XdsClient,
     /// The registry `/metrics` renders; `None` answers `/metrics` with 404.
-    pub metrics: Option<MetricsRegistry>,
+    #[cfg(feature = "telemetry")]
+    metrics: Option<MetricsRegistry>,
 }
 
 impl AdminEndpoints {
     /// The config dump and CSDS of `xds`, no metrics.
     pub fn new(xds: XdsClient) -> Self {
-        AdminEndpoints { xds, metrics: None }
+        AdminEndpoints {
+            xds,
+            #[cfg(feature = "telemetry")]
+            metrics: None,
+        }
     }
 
-    /// Also serves `/metrics` from `registry`.
+    /// Also serves `/metrics` from `registry`. Feature `telemetry`.
+    #[cfg(feature = "telemetry")]
     pub fn metrics(mut self, registry: MetricsRegistry) -> Self {
         self.metrics = Some(registry);
         self
+    }
+
+    /// The xDS client whose config the endpoint reports.
+    pub fn xds(&self) -> &XdsClient {
+        &self.xds
     }
 
     /// The endpoints as an axum router, for an application that serves them
@@ -70,11 +93,16 @@ impl AdminEndpoints {
         let csds = tonic::service::Routes::new(CsdsService::new(self.xds.clone()).into_server())
             .into_axum_router();
         let xds = self.xds;
+        #[cfg(feature = "telemetry")]
         let metrics = self.metrics;
+        #[cfg(feature = "telemetry")]
+        let metrics = move || render_metrics(metrics.clone());
+        #[cfg(not(feature = "telemetry"))]
+        let metrics = no_metrics;
         let http = Router::new()
             .route("/", get(index))
             .route(CONFIG_PATH, get(move || config(xds.clone())))
-            .route(METRICS_PATH, get(move || render_metrics(metrics.clone())));
+            .route(METRICS_PATH, get(metrics));
         // tonic's routes carry a fallback (gRPC UNIMPLEMENTED); ours replaces
         // it so a browser gets a 404 and a gRPC client still its status.
         csds.merge(http).fallback(fallback)
@@ -111,6 +139,7 @@ async fn config(xds: XdsClient) -> Response {
     }
 }
 
+#[cfg(feature = "telemetry")]
 async fn render_metrics(metrics: Option<MetricsRegistry>) -> Response {
     match metrics {
         Some(registry) => (
@@ -127,6 +156,15 @@ async fn render_metrics(metrics: Option<MetricsRegistry>) -> Response {
         )
             .into_response(),
     }
+}
+
+#[cfg(not(feature = "telemetry"))]
+async fn no_metrics() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "metrics need proxyless's (or mesh-tower's) `telemetry` feature, which this build leaves out\n",
+    )
+        .into_response()
 }
 
 async fn fallback(req: Request<Body>) -> Response {

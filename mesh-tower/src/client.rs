@@ -44,6 +44,7 @@ use crate::mesh::{self, Mesh, MeshLayer};
 use crate::pool::Pool;
 use crate::source::ConfigSource;
 use crate::stats::MeshStats;
+#[cfg(feature = "telemetry")]
 use crate::telemetry::{ClientTelemetry, ClientTelemetryLayer, Telemetry};
 
 /// Sends requests through the mesh: `client.call(Request::get("http://catalog/items")...)`.
@@ -112,7 +113,7 @@ impl<B, Src: ConfigSource> MeshClient<B, Src> {
     /// a CLIENT span per call with the mesh's decision record as `mesh.*`
     /// attributes and a child span per attempt, `traceparent` sent on,
     /// Istio's metrics with `reporter="source"`, an access log line; see
-    /// [`crate::telemetry`].
+    /// [`crate::telemetry`]. Feature `telemetry`.
     ///
     /// ```no_run
     /// # async fn demo(xds: mesh_xds_client::XdsClient) -> Result<(), mesh_tower::BoxError> {
@@ -125,6 +126,7 @@ impl<B, Src: ConfigSource> MeshClient<B, Src> {
     /// # Ok(())
     /// # }
     /// ```
+    #[cfg(feature = "telemetry")]
     pub fn with_telemetry(self, telemetry: Telemetry) -> ClientTelemetry<Self> {
         ClientTelemetryLayer::new(telemetry).layer(self)
     }

@@ -19,7 +19,7 @@
 //! decision record (`mesh.*` attributes, a child span per attempt), Istio's
 //! standard metrics, access logs. `MeshClient::with_telemetry(t)` (or
 //! `ClientTelemetryLayer`) on the client, `ServerLayer::telemetry(t)` on
-//! the server.
+//! the server. Debugging: [`admin`] — the config a workload runs, and CSDS.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), mesh_tower::BoxError> {
@@ -50,7 +50,29 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Features
+//!
+//! Both are on by default; the `proxyless` facade turns them off and on
+//! again through its own features of the same names, so that a service that
+//! does not export telemetry does not compile OpenTelemetry and Prometheus.
+//!
+//! | feature | what it adds | what it brings |
+//! |---|---|---|
+//! | `telemetry` | the [`telemetry`] layers and exporters: `Telemetry`, `ClientTelemetryLayer`, `ServerTelemetryLayer`, `MetricsRegistry`, OTLP export, access logs, trace context propagation; `MeshClient::with_telemetry`, `ServerLayer::telemetry` | `opentelemetry`, `opentelemetry_sdk`, `opentelemetry-otlp`, `opentelemetry-http`, `prometheus-client` |
+//! | `admin` | [`admin`]: `AdminEndpoints`, `serve_admin` (config dump, CSDS; `/metrics` too with `telemetry`) | `axum` |
+//!
+//! With neither, everything else is here and behaves the same: the client
+//! stack (routing, balancing, retries, timeouts, deadlines, breakers,
+//! outlier detection, faults), pools, mTLS, the server stack (deadlines,
+//! authorization) and `serve`. The request engine reports its decisions
+//! into a [`telemetry::DecisionRecord`] in both builds (that type is
+//! always compiled; only its span side is not); a request carries one only
+//! when a layer above put it there, so a build without the feature pays
+//! nothing more per request, and one with it pays nothing more without a
+//! telemetry layer.
 
+#[cfg(feature = "admin")]
 pub mod admin;
 mod balance;
 mod body;

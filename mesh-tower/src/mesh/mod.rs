@@ -1,9 +1,9 @@
 //! The client stack: from the name an application dials to a response,
 //! with Envoy's resilience semantics.
 //!
-//! Per request, in the order Envoy's filters and router apply them
-//! (DESIGN.md's client stack; gRPC's xDS client reads the same config,
-//! gRFC A27/A28/A31/A32/A33/A42/A44/A50):
+//! Per request, in the order Envoy's filters and router apply them (the
+//! client stack of docs/ARCHITECTURE.md; gRPC's xDS client reads the same
+//! config, gRFC A27/A28/A31/A32/A33/A42/A44/A50):
 //!
 //! 1. **Route match.** The authority (the URI's, else the `Host` header)
 //!    selects a listener of the current [`Snapshot`](mesh_core::Snapshot); a
@@ -79,8 +79,9 @@
 //! path: one attempt, no boxing, no body handling.
 //!
 //! Telemetry. Under [`ClientTelemetry`](crate::telemetry::ClientTelemetry)
-//! a request carries a [`DecisionRecord`](crate::telemetry::DecisionRecord),
-//! and every step above writes what it decided into it: the snapshot's
+//! (feature `telemetry`), or below any layer of the application's own that
+//! puts one there, a request carries a
+//! [`DecisionRecord`](crate::telemetry::DecisionRecord), and every step above writes what it decided into it: the snapshot's
 //! versions, the listener and route (1), the cluster and its balancer (2),
 //! a delay or abort injected (3, flags `DI` / `FI`), the route and per-try
 //! timeouts, what was left of the caller's deadline, a deadline already
@@ -94,7 +95,9 @@
 //! server span is the attempt's child. The telemetry layer turns the
 //! record into `mesh.*` span attributes, metric labels and the mesh's own
 //! counters. A request without a record (no telemetry layer) records
-//! nothing and pays nothing beyond one extension lookup.
+//! nothing and pays nothing beyond one extension lookup, with or without
+//! the feature: the record is the same type in both builds, and only its
+//! span side is compiled out.
 //!
 //! Two ways to hand the request on, chosen with [`MeshLayer::rewrite_uri`]:
 //!

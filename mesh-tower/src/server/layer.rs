@@ -1,8 +1,10 @@
 use http::HeaderValue;
 use tower::Layer;
+#[cfg(feature = "telemetry")]
 use tower::layer::util::Stack;
 
 use super::{InboundPolicy, Server, ServerContext};
+#[cfg(feature = "telemetry")]
 use crate::telemetry::{ServerTelemetryLayer, Telemetry};
 
 /// The server stack as a tower layer (see the [module docs](crate::server)).
@@ -67,9 +69,10 @@ impl ServerLayer {
 
     /// This layer under a [`ServerTelemetryLayer`] reporting as
     /// `telemetry`'s service: the stack becomes telemetry span → deadline
-    /// → (authorization) → the app, DESIGN.md's order, so a request the
-    /// server stack answers itself (an expired deadline: response flag
-    /// `DT`; later a denied one) is still traced, counted and logged.
+    /// → (authorization) → the app, the order of docs/ARCHITECTURE.md, so a
+    /// request the server stack answers itself (an expired deadline:
+    /// response flag `DT`; a denied one) is still traced, counted and
+    /// logged. Feature `telemetry`.
     ///
     /// ```no_run
     /// # fn demo(bootstrap: &mesh_xds_client::Bootstrap, t: mesh_tower::telemetry::Telemetry) {
@@ -82,6 +85,7 @@ impl ServerLayer {
     ///
     /// The same as `.layer(ServerLayer::..).layer(ServerTelemetryLayer::new(t))`
     /// (with axum and tower's `ServiceBuilder`, a later layer is an outer one).
+    #[cfg(feature = "telemetry")]
     pub fn telemetry(self, telemetry: Telemetry) -> Stack<ServerLayer, ServerTelemetryLayer> {
         Stack::new(self, ServerTelemetryLayer::new(telemetry))
     }

@@ -1,14 +1,16 @@
 //! The server stack: what every request of a mesh service passes through
 //! before the application.
 //!
-//! DESIGN.md's order is TLS accept → peer identity → telemetry span →
-//! deadline → authorization → the app. TLS and the peer identity are
-//! [`serve_with`](crate::serve::serve_with)'s (a [`PeerIdentity`](crate::tls::PeerIdentity)
-//! request extension on mTLS connections); the telemetry span is
+//! The order (docs/ARCHITECTURE.md) is TLS accept → peer identity →
+//! telemetry span → deadline → authorization → the app. TLS and the peer
+//! identity are [`serve_with`](crate::serve::serve_with)'s (a
+//! [`PeerIdentity`](crate::tls::PeerIdentity) request extension on mTLS
+//! connections); the telemetry span (feature `telemetry`) is
 //! [`ServerTelemetryLayer`](crate::telemetry::ServerTelemetryLayer), put
 //! outside this layer by [`ServerLayer::telemetry`], so that a request this
 //! layer answers itself (an expired deadline, a denial) is traced, counted
-//! and logged too. This layer gives the
+//! and logged too. Without the feature the stack is the same minus the
+//! span, at the same cost per request. This layer gives the
 //! application its place in the mesh: a [`ServerContext`] request
 //! extension (the service, namespace and node id,
 //! readable with axum's `Extension<ServerContext>` or tonic's

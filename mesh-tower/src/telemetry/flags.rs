@@ -6,10 +6,16 @@
 //! Envoy's order
 //! ([Envoy access log: response flags](https://www.envoyproxy.io/docs/envoy/latest/configuration/observability/access_log/usage#config-access-log-format-response-flags)).
 //! Dashboards and alerts written for Istio read them unchanged.
+//!
+//! Two flags have a finer reason the mesh knows and Envoy's flag does not
+//! say: which circuit breaker limit overflowed (`UO`: [`BreakerLimit`])
+//! and why a retry was refused (`URX`: [`RetryRefusal`]). The decision
+//! record keeps them, and the mesh's own metrics label by them.
+//!
+//! Pure data, compiled without the `telemetry` feature too: the request
+//! engine reports in these terms whether or not anything exports them.
 
 use std::fmt;
-
-use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 
 /// A set of Envoy response flags.
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -149,10 +155,72 @@ impl fmt::Debug for ResponseFlags {
     }
 }
 
-impl EncodeLabelValue for ResponseFlags {
-    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
-        use fmt::Write as _;
-        write!(encoder, "{self}")
+/// Why a retry was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetryRefusal {
+    /// The cluster's retry budget (Istio `retryBudget`) had no room.
+    Budget,
+    /// The cluster's `max_retries` concurrent retries were in flight.
+    MaxRetries,
+}
+
+impl RetryRefusal {
+    pub(crate) const ALL: [RetryRefusal; 2] = [RetryRefusal::Budget, RetryRefusal::MaxRetries];
+
+    pub(crate) fn bit(self) -> u8 {
+        match self {
+            RetryRefusal::Budget => 1,
+            RetryRefusal::MaxRetries => 2,
+        }
+    }
+
+    /// The metric label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            RetryRefusal::Budget => "retry_budget",
+            RetryRefusal::MaxRetries => "max_retries",
+        }
+    }
+}
+
+/// Which circuit breaker limit overflowed (Envoy `circuit_breakers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BreakerLimit {
+    /// `max_connections` (Istio `tcp.maxConnections`).
+    MaxConnections,
+    /// `max_pending_requests` (Istio `http.http1MaxPendingRequests`).
+    MaxPendingRequests,
+    /// `max_requests` (Istio `http.http2MaxRequests`).
+    MaxRequests,
+    /// `max_retries` (Istio `http.maxRetries`).
+    MaxRetries,
+}
+
+impl BreakerLimit {
+    pub(crate) const ALL: [BreakerLimit; 4] = [
+        BreakerLimit::MaxConnections,
+        BreakerLimit::MaxPendingRequests,
+        BreakerLimit::MaxRequests,
+        BreakerLimit::MaxRetries,
+    ];
+
+    pub(crate) fn bit(self) -> u8 {
+        match self {
+            BreakerLimit::MaxConnections => 1,
+            BreakerLimit::MaxPendingRequests => 2,
+            BreakerLimit::MaxRequests => 4,
+            BreakerLimit::MaxRetries => 8,
+        }
+    }
+
+    /// The metric label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            BreakerLimit::MaxConnections => "max_connections",
+            BreakerLimit::MaxPendingRequests => "max_pending_requests",
+            BreakerLimit::MaxRequests => "max_requests",
+            BreakerLimit::MaxRetries => "max_retries",
+        }
     }
 }
 

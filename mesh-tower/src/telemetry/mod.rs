@@ -1,6 +1,21 @@
 //! Observability: OpenTelemetry spans with a decision record, Istio's
 //! standard metrics, access logs.
 //!
+//! **Feature `telemetry`** (on by default; the `proxyless` facade's
+//! `telemetry` feature turns it on). Without it this module holds only the
+//! decision record's vocabulary — [`DecisionRecord`], [`AttemptGuard`],
+//! [`AttemptOutcome`], [`ResponseFlags`], [`BreakerLimit`],
+//! [`RetryRefusal`], [`EndpointLabels`] — because the request engine
+//! (`mesh`, `server`) reports its decisions in these terms in both builds;
+//! a layer of the application's own can put a record on a request and read
+//! it when the response ends. Everything that exports the record
+//! (the layers, [`Telemetry`], OpenTelemetry spans and OTLP export, the
+//! Prometheus metrics, access logs, trace context propagation) needs the
+//! feature, which brings `opentelemetry`, `opentelemetry_sdk`,
+//! `opentelemetry-otlp`, `opentelemetry-http` and `prometheus-client`.
+//! The engine costs the same in both builds: a request with no record
+//! (no telemetry layer above) records nothing.
+//!
 //! A sidecar mesh sees a request twice, as a proxy; this one sees it from
 //! inside the process and can say *why* things happened. Two tower layers
 //! do the work, and the mesh's own layers report their decisions to them
@@ -59,269 +74,56 @@
 //! conventions, [Istio standard metrics](https://istio.io/latest/docs/reference/config/metrics/),
 //! [Envoy response flags](https://www.envoyproxy.io/docs/envoy/latest/configuration/observability/access_log/usage).
 
-mod access_log;
-mod client;
-mod exchange;
+// The decision record: always compiled (the request engine writes it).
 mod flags;
-mod identity;
-mod metrics;
-mod otel;
-mod propagation;
 mod record;
+
+// What exports it: feature `telemetry`.
+#[cfg(feature = "telemetry")]
+mod access_log;
+#[cfg(feature = "telemetry")]
+mod client;
+#[cfg(feature = "telemetry")]
+mod exchange;
+#[cfg(feature = "telemetry")]
+mod identity;
+#[cfg(feature = "telemetry")]
+mod metrics;
+#[cfg(feature = "telemetry")]
+mod otel;
+#[cfg(feature = "telemetry")]
+mod propagation;
+#[cfg(feature = "telemetry")]
 mod serve_metrics;
+#[cfg(feature = "telemetry")]
 mod server;
+#[cfg(feature = "telemetry")]
+mod settings;
 
-use std::sync::Arc;
-
-use http::{Extensions, HeaderValue, Request};
-use opentelemetry::Context;
-use opentelemetry::InstrumentationScope;
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
-
-pub use self::access_log::ACCESS_LOG_TARGET;
-pub use self::client::{ClientResponseFuture, ClientTelemetry, ClientTelemetryLayer};
-pub use self::exchange::TelemetryBody;
-pub use self::flags::ResponseFlags;
-pub use self::identity::{Identity, PEER_HEADER};
-pub use self::metrics::{
-    BreakerLimit, DURATION_BUCKETS_MS, ISTIO_LABELS, MetricsRegistry, RetryRefusal,
-    SIZE_BUCKETS_BYTES,
-};
-pub use self::otel::{OtelConfig, OtlpProtocol, Sampling};
-pub use self::propagation::{BAGGAGE, TRACEPARENT, TRACESTATE, extract, extract_b3};
+pub use self::flags::{BreakerLimit, ResponseFlags, RetryRefusal};
 pub use self::record::{
     AttemptGuard, AttemptOutcome, DecisionRecord, EndpointLabels, MAX_RECORDED_ATTEMPTS,
 };
+
+#[cfg(feature = "telemetry")]
+pub use self::access_log::ACCESS_LOG_TARGET;
+#[cfg(feature = "telemetry")]
+pub use self::client::{ClientResponseFuture, ClientTelemetry, ClientTelemetryLayer};
+#[cfg(feature = "telemetry")]
+pub use self::exchange::TelemetryBody;
+#[cfg(feature = "telemetry")]
+pub use self::identity::{Identity, PEER_HEADER};
+#[cfg(feature = "telemetry")]
+pub use self::metrics::{DURATION_BUCKETS_MS, ISTIO_LABELS, MetricsRegistry, SIZE_BUCKETS_BYTES};
+#[cfg(feature = "telemetry")]
+pub use self::otel::{OtelConfig, OtlpProtocol, Sampling};
+#[cfg(feature = "telemetry")]
+pub use self::propagation::{
+    BAGGAGE, HasExtensions, TRACEPARENT, TRACESTATE, context_of, extract, extract_b3, propagate,
+};
+#[cfg(feature = "telemetry")]
 pub use self::serve_metrics::{MetricsServer, serve_metrics};
+#[cfg(feature = "telemetry")]
 pub use self::server::{ServerResponseFuture, ServerTelemetry, ServerTelemetryLayer};
-
-use self::identity::{PeerRef, ServiceLabels};
-use crate::error::Error;
-
-/// A service's telemetry settings, shared by its client and server layers:
-/// who it is, where its spans go, where its metrics are counted, whether it
-/// logs requests. Cheap to clone.
-#[derive(Clone)]
-pub struct Telemetry {
-    inner: Arc<Inner>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) identity: Identity,
-    pub(crate) peer: PeerRef,
-    pub(crate) service: Arc<ServiceLabels>,
-    pub(crate) peer_header: Option<HeaderValue>,
-    pub(crate) provider: Option<SdkTracerProvider>,
-    pub(crate) tracer: Option<SdkTracer>,
-    pub(crate) metrics: Option<MetricsRegistry>,
-    pub(crate) access_log: bool,
-}
-
-/// Builds a [`Telemetry`].
-#[derive(Debug)]
-pub struct TelemetryBuilder {
-    identity: Identity,
-    provider: Option<SdkTracerProvider>,
-    metrics: Option<MetricsRegistry>,
-    access_log: bool,
-    peer_metadata: bool,
-}
-
-impl Telemetry {
-    /// Starts a builder for the service `identity`. Without more, the
-    /// telemetry only propagates trace context.
-    pub fn builder(identity: Identity) -> TelemetryBuilder {
-        TelemetryBuilder {
-            identity,
-            provider: None,
-            metrics: None,
-            access_log: false,
-            peer_metadata: true,
-        }
-    }
-
-    /// Tracing configured by the `OTEL_*` variables (see [`OtelConfig`]);
-    /// no metrics, no access log. Needs a tokio runtime when an endpoint is
-    /// set.
-    pub fn from_env(identity: Identity) -> Result<Telemetry, Error> {
-        Ok(Telemetry::builder(identity).otel_env()?.build())
-    }
-
-    /// The service's identity.
-    pub fn identity(&self) -> &Identity {
-        &self.inner.identity
-    }
-
-    /// The tracer provider, when tracing is on.
-    pub fn tracer_provider(&self) -> Option<&SdkTracerProvider> {
-        self.inner.provider.as_ref()
-    }
-
-    /// The metrics registry, when metrics are on.
-    pub fn metrics(&self) -> Option<&MetricsRegistry> {
-        self.inner.metrics.as_ref()
-    }
-
-    /// Exports every span ended so far (blocks a blocking-pool thread, not
-    /// the runtime). Call before a process exits.
-    pub async fn flush(&self) -> Result<(), Error> {
-        let Some(provider) = self.inner.provider.clone() else {
-            return Ok(());
-        };
-        let flushed = tokio::task::spawn_blocking(move || provider.force_flush())
-            .await
-            .map_err(|e| otel::config_error("the span flush task failed").with_source(e))?;
-        flushed.map_err(|e| otel::config_error("exporting spans failed").with_source(e))
-    }
-
-    /// Flushes and stops the tracer provider (later spans are dropped).
-    pub async fn shutdown(&self) -> Result<(), Error> {
-        let Some(provider) = self.inner.provider.clone() else {
-            return Ok(());
-        };
-        let stopped = tokio::task::spawn_blocking(move || provider.shutdown())
-            .await
-            .map_err(|e| otel::config_error("the tracer shutdown task failed").with_source(e))?;
-        stopped.map_err(|e| otel::config_error("shutting the tracer down failed").with_source(e))
-    }
-
-    pub(crate) fn inner(&self) -> &Inner {
-        &self.inner
-    }
-}
-
-impl std::fmt::Debug for Telemetry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Telemetry")
-            .field("identity", &self.inner.identity)
-            .field("tracing", &self.inner.tracer.is_some())
-            .field("metrics", &self.inner.metrics.is_some())
-            .field("access_log", &self.inner.access_log)
-            .finish()
-    }
-}
-
-impl TelemetryBuilder {
-    /// Exports spans through `provider` (build it with
-    /// [`Identity::resource`] as its resource).
-    pub fn tracer_provider(mut self, provider: SdkTracerProvider) -> Self {
-        self.provider = Some(provider);
-        self
-    }
-
-    /// Exports spans as the `OTEL_*` variables say, if they name an
-    /// endpoint (see [`OtelConfig`]).
-    pub fn otel_env(self) -> Result<Self, Error> {
-        let config = OtelConfig::from_env()?;
-        self.otel(&config)
-    }
-
-    /// Exports spans as `config` says, if it names an endpoint.
-    pub fn otel(mut self, config: &OtelConfig) -> Result<Self, Error> {
-        if let Some(provider) = config.tracer_provider(&self.identity)? {
-            self.provider = Some(provider);
-        }
-        Ok(self)
-    }
-
-    /// Counts Istio's request metrics into `registry`.
-    pub fn metrics(mut self, registry: &MetricsRegistry) -> Self {
-        self.metrics = Some(registry.clone());
-        self
-    }
-
-    /// Logs one JSON line per request (target [`ACCESS_LOG_TARGET`], level
-    /// INFO).
-    pub fn access_log(mut self, on: bool) -> Self {
-        self.access_log = on;
-        self
-    }
-
-    /// Whether to announce this workload to its peers in the
-    /// `x-proxyless-peer` header (default on), so their metrics can name
-    /// it. Turn off for a client that talks to services outside the mesh.
-    pub fn peer_metadata(mut self, on: bool) -> Self {
-        self.peer_metadata = on;
-        self
-    }
-
-    /// The telemetry.
-    pub fn build(self) -> Telemetry {
-        let tracer = self.provider.as_ref().map(|p| {
-            p.tracer_with_scope(
-                InstrumentationScope::builder("proxyless")
-                    .with_version(env!("CARGO_PKG_VERSION"))
-                    .build(),
-            )
-        });
-        let peer = self.identity.peer();
-        let peer_header = self.peer_metadata.then(|| peer.to_header());
-        Telemetry {
-            inner: Arc::new(Inner {
-                service: Arc::new(self.identity.service_labels()),
-                peer: Arc::new(peer),
-                peer_header,
-                identity: self.identity,
-                provider: self.provider,
-                tracer,
-                metrics: self.metrics,
-                access_log: self.access_log,
-            }),
-        }
-    }
-}
-
-/// What carries request extensions: an `http::Request`, its `Parts`, or
-/// the `Extensions` themselves.
-pub trait HasExtensions {
-    /// The extensions.
-    fn extensions(&self) -> &Extensions;
-}
-
-impl HasExtensions for Extensions {
-    fn extensions(&self) -> &Extensions {
-        self
-    }
-}
-
-impl HasExtensions for http::request::Parts {
-    fn extensions(&self) -> &Extensions {
-        &self.extensions
-    }
-}
-
-impl<B> HasExtensions for Request<B> {
-    fn extensions(&self) -> &Extensions {
-        Request::extensions(self)
-    }
-}
-
-/// Carries what an incoming request's context means for the calls made
-/// while serving it onto `outgoing`: the trace context that
-/// [`ServerTelemetry`] stored (so the outgoing call's span is a child of
-/// the server span) and the request's [`Deadline`](crate::Deadline) (so
-/// the outgoing call gets what is left of it).
-///
-/// Inside a handler served through [`ServerTelemetryLayer`] this is only
-/// needed when the call is made outside the handler's future (a spawned
-/// task): there the context is not current.
-pub fn propagate<B>(incoming: &impl HasExtensions, outgoing: &mut Request<B>) {
-    let extensions = incoming.extensions();
-    if let Some(cx) = extensions.get::<Context>() {
-        outgoing.extensions_mut().insert(cx.clone());
-    }
-    if let Some(deadline) = extensions.get::<crate::Deadline>() {
-        outgoing.extensions_mut().insert(*deadline);
-    }
-}
-
-/// The trace context of an incoming request (set by [`ServerTelemetry`]),
-/// or an empty context.
-pub fn context_of(incoming: &impl HasExtensions) -> Context {
-    incoming
-        .extensions()
-        .get::<Context>()
-        .cloned()
-        .unwrap_or_default()
-}
+#[cfg(feature = "telemetry")]
+pub use self::settings::{Telemetry, TelemetryBuilder};

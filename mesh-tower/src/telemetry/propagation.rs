@@ -22,7 +22,7 @@
 //!   function. A B3 context without a sampling decision ("deferred") is
 //!   read as not sampled, as OpenTelemetry's Zipkin propagator reads it.
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Request};
 use opentelemetry::Context;
 use opentelemetry::baggage::BaggageExt as _;
 use opentelemetry::propagation::TextMapPropagator as _;
@@ -253,6 +253,62 @@ fn b3_span_id(s: &str) -> Option<SpanId> {
 fn is_lower_hex(s: &str) -> bool {
     s.bytes()
         .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// What carries request extensions: an `http::Request`, its `Parts`, or
+/// the `Extensions` themselves.
+pub trait HasExtensions {
+    /// The extensions.
+    fn extensions(&self) -> &Extensions;
+}
+
+impl HasExtensions for Extensions {
+    fn extensions(&self) -> &Extensions {
+        self
+    }
+}
+
+impl HasExtensions for http::request::Parts {
+    fn extensions(&self) -> &Extensions {
+        &self.extensions
+    }
+}
+
+impl<B> HasExtensions for Request<B> {
+    fn extensions(&self) -> &Extensions {
+        Request::extensions(self)
+    }
+}
+
+/// Carries what an incoming request's context means for the calls made
+/// while serving it onto `outgoing`: the trace context that
+/// [`ServerTelemetry`](super::ServerTelemetry) stored (so the outgoing
+/// call's span is a child of the server span) and the request's
+/// [`Deadline`](crate::Deadline) (so the outgoing call gets what is left of
+/// it).
+///
+/// Inside a handler served through
+/// [`ServerTelemetryLayer`](super::ServerTelemetryLayer) this is only
+/// needed when the call is made outside the handler's future (a spawned
+/// task): there the context is not current.
+pub fn propagate<B>(incoming: &impl HasExtensions, outgoing: &mut Request<B>) {
+    let extensions = incoming.extensions();
+    if let Some(cx) = extensions.get::<Context>() {
+        outgoing.extensions_mut().insert(cx.clone());
+    }
+    if let Some(deadline) = extensions.get::<crate::Deadline>() {
+        outgoing.extensions_mut().insert(*deadline);
+    }
+}
+
+/// The trace context of an incoming request (set by
+/// [`ServerTelemetry`](super::ServerTelemetry)), or an empty context.
+pub fn context_of(incoming: &impl HasExtensions) -> Context {
+    incoming
+        .extensions()
+        .get::<Context>()
+        .cloned()
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

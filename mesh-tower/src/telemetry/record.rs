@@ -18,6 +18,17 @@
 //! written lock-free (`OnceLock`s and atomics; names are `Arc<str>` clones,
 //! no copies). Only a *sampled* request gets more: a child span per attempt
 //! and span events for breaker and outlier decisions.
+//!
+//! The record itself is pure data and is compiled without the `telemetry`
+//! feature too: the request engine (`mesh`, `server`) writes to it in both
+//! builds, so it has one code path. The OpenTelemetry side (the span of a
+//! sampled request, attempt spans, span events, `mesh.*` attributes) is in
+//! `record/span.rs` and exists only with the feature; without it the span types
+//! have no values, so every "if sampled" branch compiles to nothing. A
+//! request carries a record only when a layer above the engine put one
+//! there (the telemetry layers, or a layer of the application's own); the
+//! engine's cost for a request without one is an extension lookup, in both
+//! builds.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -27,15 +38,76 @@ use std::time::Duration;
 use http::{HeaderMap, StatusCode};
 use mesh_core::model::{LbPolicy, Name, RetryOn};
 use mesh_core::snapshot::Versions;
-use opentelemetry::trace::{
-    Span as _, SpanBuilder, SpanKind, Status, TraceContextExt as _, Tracer as _,
-};
-use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::trace::SdkTracer;
 
-use super::flags::ResponseFlags;
-use super::metrics::{BreakerLimit, RetryRefusal};
-use super::propagation;
+use super::flags::{BreakerLimit, ResponseFlags, RetryRefusal};
+
+#[cfg(feature = "telemetry")]
+mod span;
+
+/// Without the `telemetry` feature nothing makes spans: the span side of a
+/// record is a pair of types with no values, so `Option<Box<Trace>>` and
+/// `Option<AttemptSpan>` are always `None` and the code that would use a
+/// span is unreachable (and removed by the compiler).
+#[cfg(not(feature = "telemetry"))]
+mod span {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use http::HeaderMap;
+    use mesh_core::model::{Name, RetryOn};
+
+    use super::super::flags::{BreakerLimit, RetryRefusal};
+    use super::AttemptOutcome;
+
+    /// A sampled request's span: never, without the feature.
+    pub(crate) enum Trace {}
+
+    /// A sampled attempt's span: never, without the feature.
+    pub(super) enum AttemptSpan {}
+
+    impl Trace {
+        pub(super) fn attempt_span(
+            &self,
+            _endpoint: SocketAddr,
+            _index: u32,
+            _cluster: Option<&Name>,
+        ) -> AttemptSpan {
+            match *self {}
+        }
+        pub(super) fn retrying(&self, _reason: RetryOn, _backoff: Duration) {
+            match *self {}
+        }
+        pub(super) fn retry_refused(&self, _why: RetryRefusal) {
+            match *self {}
+        }
+        pub(super) fn breaker_overflow(&self, _limit: BreakerLimit) {
+            match *self {}
+        }
+        pub(super) fn outlier_ejected(&self, _endpoint: SocketAddr) {
+            match *self {}
+        }
+        pub(super) fn outlier(&self, _decision: &'static str, _endpoint: Option<SocketAddr>) {
+            match *self {}
+        }
+    }
+
+    impl AttemptSpan {
+        pub(super) fn inject(&self, _headers: &mut HeaderMap) {
+            match *self {}
+        }
+        pub(super) fn record_error(&mut self, _error: &dyn std::error::Error) {
+            match *self {}
+        }
+        pub(super) fn end(self, _outcome: AttemptOutcome) {
+            match self {}
+        }
+        pub(super) fn cancel(self) {
+            match self {}
+        }
+    }
+}
+use self::span::AttemptSpan;
+pub(crate) use self::span::Trace;
 
 /// An endpoint's labels, as EDS carries them (`version: v1`).
 pub type EndpointLabels = Arc<[(Name, Name)]>;
@@ -103,16 +175,6 @@ const GRPC_ABORT: u32 = 1 << 31;
 /// How many retry conditions [`RetryOn`] has.
 const RETRY_CONDITIONS: usize = RetryOn::NAMES.len();
 
-/// The span side of a sampled request: the context holding its span (the
-/// parent of attempt spans) and the tracer that makes them.
-pub(crate) struct Trace {
-    pub(crate) tracer: SdkTracer,
-    pub(crate) cx: Context,
-    /// The request span's name, which attempt spans share (OpenTelemetry
-    /// names every physical HTTP request like its logical one).
-    pub(crate) name: String,
-}
-
 /// A duration stored as nanoseconds; `u64::MAX` means unset.
 struct Nanos(AtomicU64);
 
@@ -126,6 +188,8 @@ impl Nanos {
         self.0.store(n, Ordering::Relaxed);
     }
 
+    /// Read by the span attributes only.
+    #[cfg(feature = "telemetry")]
     fn get(&self) -> Option<Duration> {
         match self.0.load(Ordering::Relaxed) {
             u64::MAX => None,
@@ -299,23 +363,9 @@ impl DecisionRecord {
                 outcome: OnceLock::new(),
             });
         }
-        let span = self.inner.trace.as_ref().map(|trace| {
-            let mut attributes = vec![
-                KeyValue::new("network.peer.address", endpoint.ip().to_string()),
-                KeyValue::new("network.peer.port", i64::from(endpoint.port())),
-                KeyValue::new("mesh.attempt", i64::from(index) + 1),
-            ];
-            if index > 0 {
-                attributes.push(KeyValue::new("http.request.resend_count", i64::from(index)));
-            }
-            if let Some(cluster) = self.inner.cluster.get() {
-                attributes.push(KeyValue::new("mesh.cluster", cluster.to_string()));
-            }
-            let builder = SpanBuilder::from_name(trace.name.clone())
-                .with_kind(SpanKind::Client)
-                .with_attributes(attributes);
-            trace.tracer.build_with_context(builder, &trace.cx)
-        });
+        let span = self
+            .trace()
+            .map(|trace| trace.attempt_span(endpoint, index, self.inner.cluster.get()));
         AttemptGuard {
             record: self.clone(),
             index,
@@ -339,15 +389,9 @@ impl DecisionRecord {
                 });
             }
         }
-        self.event(|| {
-            (
-                "retry",
-                vec![
-                    KeyValue::new("mesh.retry.reason", retry_names(reason)),
-                    KeyValue::new("mesh.retry.backoff_ms", backoff.as_secs_f64() * 1000.0),
-                ],
-            )
-        });
+        if let Some(trace) = self.trace() {
+            trace.retrying(reason, backoff);
+        }
     }
 
     /// A retry was wanted but the retry budget or `max_retries` refused
@@ -355,12 +399,9 @@ impl DecisionRecord {
     pub fn retry_refused(&self, why: RetryRefusal) {
         self.flag(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
         self.inner.refusals.fetch_or(why.bit(), Ordering::Relaxed);
-        self.event(|| {
-            (
-                "retry refused",
-                vec![KeyValue::new("mesh.reason", why.name())],
-            )
-        });
+        if let Some(trace) = self.trace() {
+            trace.retry_refused(why);
+        }
     }
 
     /// The route's retries were all used and the last attempt failed:
@@ -375,12 +416,9 @@ impl DecisionRecord {
         self.inner
             .overflows
             .fetch_or(limit.bit(), Ordering::Relaxed);
-        self.event(|| {
-            (
-                "circuit breaker overflow",
-                vec![KeyValue::new("mesh.limit", limit.name())],
-            )
-        });
+        if let Some(trace) = self.trace() {
+            trace.breaker_overflow(limit);
+        }
     }
 
     /// A response to this request made outlier detection eject `endpoint`.
@@ -391,32 +429,16 @@ impl DecisionRecord {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 Some(n.saturating_add(1))
             });
-        self.event(|| {
-            (
-                "outlier ejection",
-                vec![KeyValue::new("network.peer.address", endpoint.to_string())],
-            )
-        });
+        if let Some(trace) = self.trace() {
+            trace.outlier_ejected(endpoint);
+        }
     }
 
     /// Outlier detection affected the pick: `decision` says how
     /// (`"skipped ejected endpoint"`, `"all endpoints ejected"`, ...).
     pub fn outlier(&self, decision: &'static str, endpoint: Option<SocketAddr>) {
-        self.event(|| {
-            let mut attributes = vec![KeyValue::new("mesh.decision", decision)];
-            if let Some(endpoint) = endpoint {
-                attributes.push(KeyValue::new("network.peer.address", endpoint.to_string()));
-            }
-            ("outlier detection", attributes)
-        });
-    }
-
-    /// A span event built only when the request is sampled (`make` returns
-    /// the event's name and attributes).
-    pub fn event(&self, make: impl FnOnce() -> (&'static str, Vec<KeyValue>)) {
-        if let Some(trace) = &self.inner.trace {
-            let (name, attributes) = make();
-            trace.cx.span().add_event(name, attributes);
+        if let Some(trace) = self.trace() {
+            trace.outlier(decision, endpoint);
         }
     }
 
@@ -456,8 +478,10 @@ impl DecisionRecord {
             .fold(RetryOn::empty(), |acc, (_, v)| acc | *v)
     }
 
-    /// Retries per retry condition.
-    pub(crate) fn retries_by_reason(&self) -> impl Iterator<Item = (&'static str, u8)> + '_ {
+    /// Retries per retry condition: the condition's name (as in the
+    /// route's `retry_on`) and how many retries it caused (saturating at
+    /// 255), for the conditions that caused any.
+    pub fn retries_by_reason(&self) -> impl Iterator<Item = (&'static str, u8)> + '_ {
         RetryOn::NAMES
             .iter()
             .zip(self.inner.retries.iter())
@@ -465,29 +489,32 @@ impl DecisionRecord {
             .filter(|(_, n)| *n > 0)
     }
 
-    /// The refusal reasons seen.
-    pub(crate) fn refusals(&self) -> impl Iterator<Item = RetryRefusal> {
+    /// Why retries were refused, each reason once.
+    pub fn refusals(&self) -> impl Iterator<Item = RetryRefusal> {
         let bits = self.inner.refusals.load(Ordering::Relaxed);
         RetryRefusal::ALL
             .into_iter()
             .filter(move |r| bits & r.bit() != 0)
     }
 
-    /// The breaker limits that overflowed.
-    pub(crate) fn overflows(&self) -> impl Iterator<Item = BreakerLimit> {
+    /// The circuit breaker limits that overflowed, each once.
+    pub fn overflows(&self) -> impl Iterator<Item = BreakerLimit> {
         let bits = self.inner.overflows.load(Ordering::Relaxed);
         BreakerLimit::ALL
             .into_iter()
             .filter(move |l| bits & l.bit() != 0)
     }
 
-    /// How many ejections this request caused.
-    pub(crate) fn ejections(&self) -> u8 {
+    /// How many outlier ejections this request's responses caused
+    /// (saturating at 255).
+    pub fn ejections(&self) -> u8 {
         self.inner.ejections.load(Ordering::Relaxed)
     }
 
     /// Whether anything beyond one plain attempt happened (retries,
-    /// refusals, overflows, ejections, flags).
+    /// refusals, overflows, ejections, flags): the mesh's own metrics are
+    /// counted only then.
+    #[cfg(feature = "telemetry")]
     pub(crate) fn is_eventful(&self) -> bool {
         self.attempts() > 1
             || self.inner.flags.load(Ordering::Relaxed) != 0
@@ -560,87 +587,10 @@ impl DecisionRecord {
         (0..MAX_RECORDED_ATTEMPTS).map_while(|i| self.slot(i)?.get())
     }
 
-    pub(crate) fn request_bytes(&self) -> u64 {
+    /// The request body bytes counted with
+    /// [`add_request_bytes`](Self::add_request_bytes).
+    pub fn request_bytes(&self) -> u64 {
         self.inner.request_bytes.load(Ordering::Relaxed)
-    }
-
-    /// The decision record as span attributes (`mesh.*`; the response
-    /// flags are added by the caller, with the final ones).
-    pub(crate) fn attributes(&self) -> Vec<KeyValue> {
-        let i = &*self.inner;
-        let mut out = Vec::with_capacity(16);
-        if let Some(v) = i.versions.get() {
-            out.push(KeyValue::new(
-                "mesh.config.version.lds",
-                v.listeners.to_string(),
-            ));
-            out.push(KeyValue::new(
-                "mesh.config.version.rds",
-                v.route_configs.to_string(),
-            ));
-            out.push(KeyValue::new(
-                "mesh.config.version.cds",
-                v.clusters.to_string(),
-            ));
-            out.push(KeyValue::new(
-                "mesh.config.version.eds",
-                v.endpoints.to_string(),
-            ));
-        }
-        if let Some(l) = i.listener.get() {
-            out.push(KeyValue::new("mesh.listener", l.to_string()));
-        }
-        if let Some(r) = i.route.get() {
-            out.push(KeyValue::new("mesh.route", r.to_string()));
-        }
-        if let Some(c) = i.cluster.get() {
-            out.push(KeyValue::new("mesh.cluster", c.to_string()));
-        }
-        if let Some(p) = i.lb_policy.get() {
-            out.push(KeyValue::new("mesh.lb_policy", lb_policy_name(p)));
-        }
-        if let Some(a) = self.last_attempt() {
-            out.push(KeyValue::new("mesh.endpoint", a.endpoint.to_string()));
-        }
-        let attempts = self.attempts();
-        if attempts > 0 {
-            out.push(KeyValue::new("mesh.attempts", i64::from(attempts)));
-        }
-        let reasons = self.retry_reasons();
-        if !reasons.is_empty() {
-            out.push(KeyValue::new("mesh.retry.reasons", retry_names(reasons)));
-        }
-        for (key, value) in [
-            ("mesh.timeout_ms", i.route_timeout.get()),
-            ("mesh.per_try_timeout_ms", i.per_try_timeout.get()),
-            ("mesh.deadline.remaining_ms", i.deadline.get()),
-            ("mesh.fault.delay_ms", i.fault_delay.get()),
-        ] {
-            if let Some(d) = value {
-                out.push(KeyValue::new(key, d.as_secs_f64() * 1000.0));
-            }
-        }
-        match i.fault_abort.load(Ordering::Relaxed) {
-            0 => {}
-            n if n & GRPC_ABORT != 0 => {
-                out.push(KeyValue::new(
-                    "mesh.fault.abort_grpc_status",
-                    i64::from(n & 0xffff),
-                ));
-            }
-            n => out.push(KeyValue::new("mesh.fault.abort_http_status", i64::from(n))),
-        }
-        if let Some(p) = i.peer_principal.get() {
-            out.push(KeyValue::new("mesh.peer.principal", p.to_string()));
-        }
-        if let Some(a) = i.authorization.get() {
-            let decision = if a.allowed { "allow" } else { "deny" };
-            out.push(KeyValue::new("mesh.authz.decision", decision));
-            if let Some(policy) = &a.policy {
-                out.push(KeyValue::new("mesh.authz.policy", policy.to_string()));
-            }
-        }
-        out
     }
 }
 
@@ -668,7 +618,8 @@ impl std::fmt::Debug for DecisionRecord {
 pub struct AttemptGuard {
     record: DecisionRecord,
     index: u32,
-    span: Option<opentelemetry_sdk::trace::Span>,
+    /// The attempt's span, when the request is sampled.
+    span: Option<AttemptSpan>,
     finished: bool,
 }
 
@@ -677,7 +628,7 @@ impl AttemptGuard {
     /// endpoint's server span is its child (a no-op unless sampled).
     pub fn inject(&self, headers: &mut HeaderMap) {
         if let Some(span) = &self.span {
-            propagation::inject_span_context(span.span_context(), headers);
+            span.inject(headers);
         }
     }
 
@@ -694,29 +645,8 @@ impl AttemptGuard {
         {
             let _ = attempt.outcome.set(outcome);
         }
-        if let Some(mut span) = self.span.take() {
-            match outcome {
-                AttemptOutcome::Response {
-                    status,
-                    grpc_status,
-                } => {
-                    span.set_attribute(KeyValue::new(
-                        "http.response.status_code",
-                        i64::from(status.as_u16()),
-                    ));
-                    if let Some(code) = grpc_status {
-                        span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
-                    }
-                    if status.as_u16() >= 400 || grpc_status.is_some_and(|c| c != 0) {
-                        span.set_status(Status::error(""));
-                    }
-                }
-                AttemptOutcome::Failed(flags) => {
-                    span.set_attribute(KeyValue::new("mesh.response_flags", flags.to_string()));
-                    span.set_status(Status::error(flags.to_string()));
-                }
-            }
-            span.end();
+        if let Some(span) = self.span.take() {
+            span.end(outcome);
         }
     }
 
@@ -733,10 +663,9 @@ impl AttemptGuard {
 impl Drop for AttemptGuard {
     fn drop(&mut self) {
         if !self.finished
-            && let Some(mut span) = self.span.take()
+            && let Some(span) = self.span.take()
         {
-            span.set_status(Status::error("attempt cancelled"));
-            span.end();
+            span.cancel();
         }
     }
 }
@@ -748,20 +677,6 @@ impl std::fmt::Debug for AttemptGuard {
             .field("sampled", &self.span.is_some())
             .finish()
     }
-}
-
-pub(crate) fn lb_policy_name(p: &LbPolicy) -> &'static str {
-    match p {
-        LbPolicy::RoundRobin => "ROUND_ROBIN",
-        LbPolicy::LeastRequest => "LEAST_REQUEST",
-        LbPolicy::Random => "RANDOM",
-        LbPolicy::RingHash { .. } => "RING_HASH",
-    }
-}
-
-pub(crate) fn retry_names(r: RetryOn) -> String {
-    let names: Vec<&str> = r.names().collect();
-    names.join(",")
 }
 
 #[cfg(test)]
@@ -817,6 +732,7 @@ mod tests {
             record.refusals().collect::<Vec<_>>(),
             [RetryRefusal::Budget]
         );
+        #[cfg(feature = "telemetry")]
         assert!(record.is_eventful());
     }
 
@@ -833,42 +749,5 @@ mod tests {
             record.endpoint().map(|(a, _)| a.port()),
             Some(MAX_RECORDED_ATTEMPTS as u16)
         );
-    }
-
-    #[test]
-    fn attributes_name_every_decision() {
-        let record = DecisionRecord::new();
-        let versions = Versions {
-            listeners: "1".into(),
-            route_configs: "2".into(),
-            clusters: "3".into(),
-            endpoints: "4".into(),
-        };
-        record.route(&versions, &"catalog".into(), &"split".into());
-        record.cluster(&"c".into(), LbPolicy::RoundRobin);
-        record.timeouts(Some(Duration::from_secs(1)), None);
-        record.deadline_remaining(Duration::from_millis(500));
-        record.fault_abort_grpc(14);
-        record.authorization(false, Some(&"deny-all".into()));
-        let attrs: Vec<(String, String)> = record
-            .attributes()
-            .into_iter()
-            .map(|kv| (kv.key.to_string(), kv.value.to_string()))
-            .collect();
-        let get = |k: &str| {
-            attrs
-                .iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.as_str())
-        };
-        assert_eq!(get("mesh.config.version.cds"), Some("3"));
-        assert_eq!(get("mesh.route"), Some("split"));
-        assert_eq!(get("mesh.lb_policy"), Some("ROUND_ROBIN"));
-        assert_eq!(get("mesh.timeout_ms"), Some("1000"));
-        assert_eq!(get("mesh.deadline.remaining_ms"), Some("500"));
-        assert_eq!(get("mesh.fault.abort_grpc_status"), Some("14"));
-        assert_eq!(record.flags().to_string(), "FI");
-        assert_eq!(get("mesh.authz.decision"), Some("deny"));
-        assert_eq!(get("mesh.authz.policy"), Some("deny-all"));
     }
 }
