@@ -1,11 +1,6 @@
-//! # proxyless — a service mesh that lives in your process
+#![doc = include_str!("../README.md")]
 //!
-//! Istio's routing (canary splits, header and path matches, subsets, load
-//! balancing) for Rust services, without a sidecar: a tower client stack
-//! routes every call in-process, configured over Envoy v3 xDS by a small
-//! control server that reads the Istio YAML you already know. gRPC's
-//! proxyless clients (`xds:///` targets in grpc-go, grpc-java, grpcio) read
-//! the same config from the same control server.
+//! # The API at a glance
 //!
 //! - Call services: [`Client`] (or [`MeshLayer`] over your own HTTP client).
 //! - Serve: [`ServerLayer`] on your axum/tonic app, [`serve()`] to register,
@@ -26,37 +21,8 @@
 //!   (`mesh.route`, `mesh.cluster`, `mesh.endpoint`, `mesh.lb_policy`,
 //!   config versions, retries, timeouts, breaker and outlier decisions,
 //!   faults) and a child span per attempt; Istio's standard Prometheus
-//!   metrics; access logs.
-//!   Each service gets its own [`Telemetry`] (its own `service.name`, no
-//!   global provider), usually from the standard `OTEL_*` variables:
-//!
-//! ```no_run
-//! # async fn demo(xds: proxyless::XdsClient) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-//! use proxyless::telemetry::{Identity, MetricsRegistry, Telemetry, serve_metrics};
-//! use proxyless::{Client, ServerLayer, TracedClient};
-//!
-//! let registry = MetricsRegistry::new();
-//! let telemetry = Telemetry::builder(Identity::from_bootstrap(xds.bootstrap(), "frontend"))
-//!     .otel_env()?              // exports when OTEL_EXPORTER_OTLP_ENDPOINT is set
-//!     .metrics(&registry)
-//!     .build();
-//! // Calls: a CLIENT span per call, a child span per attempt, traceparent sent on.
-//! let client: TracedClient = Client::new(xds.clone()).with_telemetry(telemetry.clone());
-//! // (the same: `ClientTelemetryLayer::new(telemetry.clone()).layer(Client::new(xds.clone()))`)
-//! // Serving: telemetry span → deadline → app; the handler's calls are children.
-//! let server = ServerLayer::from_bootstrap(xds.bootstrap(), "frontend");
-//! let app: axum::Router = axum::Router::new()
-//!     .route("/checkout", axum::routing::get(|| async { "ok" }))
-//!     .layer(server.telemetry(telemetry.clone()));
-//! registry.watch_xds(&xds);
-//! let metrics = serve_metrics("127.0.0.1:9090".parse()?, registry).await?; // GET /metrics
-//! // ... before exiting: export what is left.
-//! telemetry.shutdown().await?;
-//! # let _ = (client, app, metrics);
-//! # Ok(())
-//! # }
-//! ```
-//!
+//!   metrics; access logs. Each service gets its own [`Telemetry`] (its
+//!   own `service.name`, no global provider).
 //! - Debug (feature `admin`): [`serve_admin`] serves the config the service
 //!   runs (`/debug/mesh/config`), CSDS for `grpcdebug`, and `/metrics` when
 //!   given a registry (which needs `telemetry`).
@@ -65,7 +31,7 @@
 //! [`core`] (model, matching, balancing, xDS conversion), [`xds`] (the ADS
 //! client and bootstrap), [`layers`] (the tower layers) and [`control`].
 //!
-//! # Features
+//! # Features, with links to the API
 //!
 //! All on by default. A service that only calls and serves through the mesh
 //! can depend on `proxyless = { version = "0.1", default-features = false }`
