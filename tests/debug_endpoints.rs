@@ -9,7 +9,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::admin::v3::ClientResourceStatus;
@@ -35,11 +34,7 @@ const CATALOG_ROUTES: &str = "catalog.shop.svc.cluster.local:80";
 /// Starts mesh-control on a copy of the demo config (examples/mesh).
 async fn start_mesh() -> (tempfile::TempDir, ServerHandle) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mesh");
-    for entry in std::fs::read_dir(examples).expect("examples/mesh") {
-        let path = entry.expect("entry").path();
-        std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
-    }
+    support::copy_demo_mesh(dir.path());
     let server = mesh_control::Server::builder()
         .config_dir(dir.path())
         .start()

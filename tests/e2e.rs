@@ -5,7 +5,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -36,11 +35,7 @@ impl Mesh {
     /// Starts mesh-control on the demo config (examples/mesh).
     async fn start() -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
-        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mesh");
-        for entry in std::fs::read_dir(examples).expect("examples/mesh") {
-            let path = entry.expect("entry").path();
-            std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
-        }
+        support::copy_demo_mesh(dir.path());
         let server = mesh_control::Server::builder()
             .config_dir(dir.path())
             .lease_check_interval(Duration::from_millis(20))

@@ -32,7 +32,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -46,14 +45,14 @@ use proxyless::{
 };
 use support::admin::{admin_request, admin_request_https};
 use support::python::{
-    ClientOptions, ClientReport, grpc_xds_client_script, grpcio_python, run_grpc_xds_client,
-    run_grpc_xds_client_with,
+    ClientOptions, ClientReport, client_command, grpc_xds_client_script, read_all,
+    require_grpcio_python, run_grpc_xds_client, run_grpc_xds_client_with,
 };
 use support::{
-    PaymentHandle, PaymentServer, assert_split, eventually_named, payment_routes,
+    PaymentHandle, PaymentServer, assert_split, copy_demo_mesh, eventually_named, payment_routes,
     spawn_payment_with,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// The node id of the grpcio client in its bootstrap (and so in `/status`).
 const NODE_ID: &str = "grpc-python-1";
@@ -74,15 +73,6 @@ const STATUS_DEADLINE: Duration = Duration::from_secs(10);
 /// The xDS types a gRPC client subscribes to for a client channel.
 const XDS_TYPES: [&str; 4] = ["LDS", "RDS", "CDS", "EDS"];
 
-/// The venv's Python, installing it on first use (pip runs outside the runtime's thread).
-async fn python() -> PathBuf {
-    match tokio::task::spawn_blocking(grpcio_python).await {
-        Ok(Ok(python)) => python,
-        Ok(Err(message)) => panic!("{message}"),
-        Err(error) => panic!("installing grpcio panicked: {error}"),
-    }
-}
-
 /// An embedded mesh-control serving a copy of `examples/mesh`, with a bootstrap file for
 /// the grpcio client next to the config.
 struct Mesh {
@@ -95,13 +85,7 @@ struct Mesh {
 impl Mesh {
     /// mesh-control on a copy of the demo mesh (`examples/mesh`).
     async fn start() -> Mesh {
-        Mesh::start_with(|config_dir| {
-            copy_yaml(
-                &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mesh"),
-                config_dir,
-            );
-        })
-        .await
+        Mesh::start_with(copy_demo_mesh).await
     }
 
     /// mesh-control on a config directory holding just `yaml` (a test's own mesh).
@@ -189,35 +173,6 @@ impl Mesh {
     }
 }
 
-/// Copies every `*.yaml` / `*.yml` file of `from` into `to` (created).
-fn copy_yaml(from: &Path, to: &Path) {
-    if let Err(error) = std::fs::create_dir_all(to) {
-        panic!("creating {}: {error}", to.display());
-    }
-    let entries = match std::fs::read_dir(from) {
-        Ok(entries) => entries,
-        Err(error) => panic!("listing {}: {error}", from.display()),
-    };
-    let mut copied = 0;
-    for entry in entries {
-        let path = match entry {
-            Ok(entry) => entry.path(),
-            Err(error) => panic!("listing {}: {error}", from.display()),
-        };
-        let is_yaml = path
-            .extension()
-            .is_some_and(|ext| ext == "yaml" || ext == "yml");
-        let Some(name) = path.file_name().filter(|_| is_yaml) else {
-            continue;
-        };
-        if let Err(error) = std::fs::copy(&path, to.join(name)) {
-            panic!("copying {}: {error}", path.display());
-        }
-        copied += 1;
-    }
-    assert!(copied > 0, "no YAML files in {}", from.display());
-}
-
 /// A grpcio client run with `--linger`: it has printed its report and keeps its channel
 /// (and so its ADS stream) open until [`LingeringClient::stop`].
 struct LingeringClient {
@@ -247,30 +202,11 @@ impl LingeringClient {
         options: &ClientOptions,
     ) -> (ClientReport, LingeringClient) {
         let script = grpc_xds_client_script();
-        let mut command = tokio::process::Command::new(python);
+        let mut command =
+            client_command(python, bootstrap, target, calls, CLIENT_DEADLINE, options);
         command
-            .arg(&script)
-            .arg(target)
-            .arg(calls.to_string())
-            .arg("--deadline")
-            .arg(format!("{:.3}", CLIENT_DEADLINE.as_secs_f64()))
             .arg("--linger")
-            .arg(format!("{:.3}", LINGER.as_secs_f64()))
-            .env("GRPC_XDS_BOOTSTRAP", bootstrap)
-            .env_remove("GRPC_XDS_BOOTSTRAP_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (key, value) in &options.headers {
-            command.arg("--header").arg(format!("{key}={value}"));
-        }
-        for (key, value) in &options.env {
-            command.env(key, value);
-        }
-        if options.xds_creds {
-            command.arg("--xds-creds");
-        }
+            .arg(format!("{:.3}", LINGER.as_secs_f64()));
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => panic!(
@@ -279,14 +215,7 @@ impl LingeringClient {
                 script.display()
             ),
         };
-        let stderr_pipe = child.stderr.take();
-        let stderr = tokio::spawn(async move {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = stderr_pipe {
-                let _ = pipe.read_to_end(&mut bytes).await;
-            }
-            String::from_utf8_lossy(&bytes).into_owned()
-        });
+        let stderr = read_all(child.stderr.take());
         let mut client = LingeringClient { child, stderr };
         let Some(stdout) = client.child.stdout.take() else {
             let stderr = client.stop().await;
@@ -381,7 +310,7 @@ fn all_acked(client: &serde_json::Value) -> bool {
 
 #[tokio::test]
 async fn grpcio_follows_the_weighted_split_and_acks_every_resource() {
-    let python = python().await;
+    let python = require_grpcio_python().await;
     let mesh = Mesh::start().await;
     let v1 = mesh.add_payment_backend("v1").await;
     let v2 = mesh.add_payment_backend("v2").await;
@@ -473,7 +402,7 @@ async fn grpcio_follows_the_weighted_split_and_acks_every_resource() {
 /// grpcio 1.85 reads when `GRPC_EXPERIMENTAL_XDS_DATA_ERROR_HANDLING=true` (gRFC A88).
 #[tokio::test]
 async fn grpcio_learns_at_once_that_an_unknown_listener_does_not_exist() {
-    let python = python().await;
+    let python = require_grpcio_python().await;
     let mesh = Mesh::start().await;
 
     // Shorter than grpc-core's 15 s does-not-exist timer: an UNAVAILABLE that names the
@@ -570,7 +499,7 @@ spec:
 #[tokio::test]
 async fn grpcio_retries_as_the_virtual_service_says() {
     const RETRY_CALLS: u32 = 1000;
-    let python = python().await;
+    let python = require_grpcio_python().await;
     let mesh = Mesh::start_yaml(&payment_mesh_yaml(
         "retries:\n  attempts: 3\n  retryOn: unavailable\n  backoff: 2ms\n",
     ))
@@ -628,7 +557,7 @@ async fn grpcio_retries_as_the_virtual_service_says() {
 #[tokio::test]
 async fn grpcio_honors_injected_aborts() {
     const FAULT_CALLS: u32 = 1000;
-    let python = python().await;
+    let python = require_grpcio_python().await;
     let mesh = Mesh::start_yaml(&payment_mesh_yaml(
         "fault:\n  abort:\n    percentage:\n      value: 30\n    grpcStatus: UNAVAILABLE\n",
     ))
@@ -911,16 +840,7 @@ impl SecureMesh {
     /// written as files for the grpcio client's `file_watcher` provider (gRFC A29),
     /// and a bootstrap naming them for node `node_id`. Returns the bootstrap's path.
     async fn grpcio_bootstrap(&self, account: &str, node_id: &str) -> PathBuf {
-        let key = match rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256) {
-            Ok(key) => key,
-            Err(error) => panic!("generating a key for {account}: {error}"),
-        };
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        let csr = match params.serialize_request(&key).and_then(|csr| csr.pem()) {
-            Ok(csr) => csr,
-            Err(error) => panic!("a CSR for {account}: {error}"),
-        };
+        let (csr, key) = mesh_testkit::pki::csr(None);
         let body = serde_json::json!({"csr": csr, "token": self.token(account)});
         let (code, reply) = admin_request_https(
             self.server.admin_addr(),
@@ -954,7 +874,7 @@ impl SecureMesh {
         let bootstrap = self.server.bootstrap(&spec);
         let written = std::fs::create_dir_all(&files)
             .and_then(|()| std::fs::write(&cert_file, chain))
-            .and_then(|()| std::fs::write(&key_file, key.serialize_pem()))
+            .and_then(|()| std::fs::write(&key_file, &key))
             .and_then(|()| std::fs::write(&ca_file, bundle))
             .and_then(|()| std::fs::write(&bootstrap_file, &bootstrap));
         if let Err(error) = written {
@@ -1090,7 +1010,7 @@ impl SecurePayment {
 #[tokio::test]
 async fn grpcio_reaches_a_strict_rust_server_over_mtls_with_certificates_from_our_ca() {
     const CLIENT_NODE: &str = "grpc-client-1";
-    let python = python().await;
+    let python = require_grpcio_python().await;
     let mesh = SecureMesh::start().await;
     let payment = SecurePayment::start(&mesh).await;
     // GRPC_TRACE from the test's environment reaches the client (see the module docs).

@@ -8,19 +8,10 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::python::{ClientReport, GRPCIO_VERSION, grpcio_python, run_grpc_xds_client};
+use support::python::{ClientReport, GRPCIO_VERSION, require_grpcio_python, run_grpc_xds_client};
 use support::shop::payment_client::PaymentClient;
 use support::shop::{PayRequest, StreamRequest};
 use support::{assert_split, eventually, spawn_payment};
-
-/// The venv's Python, installing it on first use (pip runs outside the runtime's thread).
-async fn python() -> PathBuf {
-    match tokio::task::spawn_blocking(grpcio_python).await {
-        Ok(Ok(python)) => python,
-        Ok(Err(message)) => panic!("{message}"),
-        Err(error) => panic!("installing grpcio panicked: {error}"),
-    }
-}
 
 /// A bootstrap naming `server_uri` as the only xDS server, written into `dir`.
 fn write_bootstrap(dir: &Path, server_uri: &str) -> PathBuf {
@@ -66,7 +57,7 @@ fn temp_dir() -> tempfile::TempDir {
 
 #[tokio::test]
 async fn grpcio_client_reports_an_unreachable_control_server_as_an_error() {
-    let python = python().await;
+    let python = require_grpcio_python().await;
     // A port nothing listens on: bind, note it, close it.
     let closed = match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
         Ok(addr) => addr,
@@ -115,7 +106,7 @@ async fn grpcio_client_reports_an_unreachable_control_server_as_an_error() {
 
 #[tokio::test]
 async fn grpcio_client_and_tonic_server_agree_on_the_shop_messages() {
-    let python = python().await;
+    let python = require_grpcio_python().await;
     let (addr, server) = spawn_payment("v1").await;
     let dir = temp_dir();
     // The bootstrap is required by the script but unused for a plain address target.

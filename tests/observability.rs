@@ -31,11 +31,13 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use mesh_control::ServerHandle;
+use mesh_testkit::otlp::{SpanKind, sdk_tracer_provider};
+use mesh_testkit::prometheus::{
+    ISTIO_STANDARD_LABELS, ISTIO_STANDARD_SAMPLES, Sample, parse, total,
+};
 use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::trace::{SpanKind as OtelSpanKind, TraceContextExt as _, Tracer as _};
-use opentelemetry_otlp::WithExportConfig as _;
-use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use proxyless::telemetry::{
     ISTIO_LABELS, Identity, MetricsRegistry, MetricsServer, OtelConfig, OtlpProtocol, Telemetry,
     serve_metrics,
@@ -56,36 +58,6 @@ const NAMESPACE: &str = "shop";
 const PAYMENT_CLUSTER: &str = "outbound|50051||payment.shop.svc.cluster.local";
 const CATALOG_CLUSTER: &str = "outbound|80||catalog.shop.svc.cluster.local";
 const FRONTEND_CLUSTER: &str = "outbound|80||frontend.shop.svc.cluster.local";
-
-/// Istio's standard metric labels, as the Istio documentation lists them
-/// (https://istio.io/latest/docs/reference/config/metrics/#labels), in issue 6's order.
-const ISTIO_STANDARD_LABELS: [&str; 25] = [
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_cluster",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_cluster",
-    "request_protocol",
-    "response_code",
-    "grpc_response_status",
-    "response_flags",
-    "connection_security_policy",
-];
 
 // ---------------------------------------------------------------------------------------
 // The mesh config.
@@ -345,9 +317,7 @@ impl Shop {
         let app = tower::Layer::layer(
             &ServerLayer::new(ServerContext::new("payment", NAMESPACE, "payment-1"))
                 .telemetry(payment_t.clone()),
-            tonic::service::Routes::new(support::shop::payment_server::PaymentServer::from_arc(
-                Arc::clone(&payment),
-            )),
+            support::payment_routes_of_arc(Arc::clone(&payment)),
         );
         let registration = Registration::new(&admin, "payment")
             .namespace(NAMESPACE)
@@ -665,20 +635,7 @@ async fn a_non_mesh_hop_with_the_opentelemetry_sdk_keeps_the_trace_one_tree() {
     // legacy: not in the mesh (plain hyper, plain OpenTelemetry SDK, W3C propagation);
     // declared to the mesh by a ServiceEntry with its address. It calls catalog by
     // address, passing the trace context on.
-    let legacy_provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_resource(
-            opentelemetry_sdk::Resource::builder_empty()
-                .with_service_name("legacy")
-                .build(),
-        )
-        .with_batch_exporter(
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(format!("http://{grpc}"))
-                .build()
-                .expect("exporter"),
-        )
-        .build();
+    let legacy_provider = sdk_tracer_provider("legacy", grpc);
     let tracer = legacy_provider.tracer("legacy");
     let catalog_at: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
     let target = Arc::clone(&catalog_at);
@@ -784,59 +741,6 @@ async fn a_non_mesh_hop_with_the_opentelemetry_sdk_keeps_the_trace_one_tree() {
 // ---------------------------------------------------------------------------------------
 // Criterion 3: /metrics after a known workload.
 // ---------------------------------------------------------------------------------------
-
-/// One sample line of the Prometheus text format: name, labels, value.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-fn parse_samples(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|line| {
-            let (series, value) = line
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("not a sample: {line}"));
-            let value: f64 = value
-                .parse()
-                .unwrap_or_else(|_| panic!("not a sample: {line}"));
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => (name, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let mut map = BTreeMap::new();
-            // Label values here never contain `",`: split on it.
-            for pair in labels.split("\",").filter(|p| !p.is_empty()) {
-                let (k, v) = pair
-                    .split_once("=\"")
-                    .unwrap_or_else(|| panic!("bad label {pair:?} in {line}"));
-                map.insert(k.to_owned(), v.trim_end_matches('"').to_owned());
-            }
-            Sample {
-                name: name.to_owned(),
-                labels: map,
-                value,
-            }
-        })
-        .collect()
-}
-
-/// The sum of `name` over the series whose labels include every pair of `filter`.
-fn total(samples: &[Sample], name: &str, filter: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name)
-        .filter(|s| {
-            filter
-                .iter()
-                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|s| s.value)
-        .sum()
-}
 
 async fn scrape(metrics: &MetricsServer) -> String {
     let (status, body) = plain_get(&format!("http://{}/metrics", metrics.local_addr()), &[]).await;
@@ -962,14 +866,14 @@ async fn metrics_count_the_workload_exactly_with_istios_names_and_labels() {
         let scraped = Arc::clone(&scraped);
         async move {
             let text = scrape(metrics).await;
-            let done = total(&parse_samples(&text), requests, &[]) >= all_requests;
+            let done = total(&parse(&text), requests, &[]) >= all_requests;
             *scraped.lock().expect("scraped") = text;
             done
         }
     })
     .await;
     let text = scraped.lock().expect("scraped").clone();
-    let samples = parse_samples(&text);
+    let samples = parse(&text);
     for (filter, want) in &expected {
         assert_eq!(
             total(&samples, requests, filter),
@@ -1008,19 +912,7 @@ async fn metrics_count_the_workload_exactly_with_istios_names_and_labels() {
             .collect();
         assert_eq!(keys, istio_labels, "labels of {s:?}");
         assert!(
-            [
-                "istio_requests_total",
-                "istio_request_duration_milliseconds_bucket",
-                "istio_request_duration_milliseconds_sum",
-                "istio_request_duration_milliseconds_count",
-                "istio_request_bytes_bucket",
-                "istio_request_bytes_sum",
-                "istio_request_bytes_count",
-                "istio_response_bytes_bucket",
-                "istio_response_bytes_sum",
-                "istio_response_bytes_count",
-            ]
-            .contains(&s.name.as_str()),
+            ISTIO_STANDARD_SAMPLES.contains(&s.name.as_str()),
             "unexpected metric {}",
             s.name
         );

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use mesh_control::ServerHandle;
 use mesh_control::ca::{CertificateAuthority, JoinTokens};
+use mesh_testkit::wait::eventually_ok_async;
 use proxyless::control::BootstrapSpec;
 use proxyless::{
     Bootstrap, Client, InboundPolicy, PeerIdentity, Registration, Security, ServerLayer, Serving,
@@ -85,7 +86,10 @@ impl Mesh {
         let mut join = JoinTokens::new();
         let mut tokens = BTreeMap::new();
         for (i, account) in ACCOUNTS.iter().enumerate() {
-            let token = format!("{account}-join-token-{i}-{:016x}", rand_u64());
+            let token = format!(
+                "{account}-join-token-{i}-{:016x}",
+                support::Coin::new().next_u64()
+            );
             join.insert(token.clone(), "shop", account)
                 .expect("join token");
             tokens.insert(*account, token);
@@ -227,24 +231,20 @@ async fn get_items(client: &Client) -> Result<(u16, String), String> {
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(Instant::now())
-}
-
 /// Waits until `client` gets a 200 from catalog (discovery, registration and the
 /// first certificates all take a moment).
 async fn wait_for_catalog(client: &Client) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        match get_items(client).await {
-            Ok((200, _)) => return,
-            other if Instant::now() > deadline => {
-                panic!("catalog did not answer the frontend in {DEADLINE:?}: {other:?}")
+    eventually_ok_async(
+        "catalog to answer the frontend",
+        DEADLINE,
+        move || async move {
+            match get_items(client).await {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
             }
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

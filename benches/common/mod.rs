@@ -14,8 +14,8 @@
 //! - **Costs.** CPU time (`utime + stime` of `/proc/<pid>/stat`, in clock ticks of
 //!   10 ms, and the same time in nanoseconds from `/proc/<pid>/task/*/schedstat`,
 //!   which a window of a few thousand requests needs) and resident memory (`VmRSS`,
-//!   `VmHWM`, `RssAnon` of `/proc/<pid>/status`), read from `/proc` (DESIGN.md: no
-//!   libc).
+//!   `VmHWM`, `RssAnon` of `/proc/<pid>/status`), read from `/proc` (docs/ARCHITECTURE.md,
+//!   Conventions: no libc).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -55,22 +55,9 @@ pub(crate) fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Cargo's target directory (where `target/bench/*.json` and the Envoy venv go).
-pub(crate) fn target_dir() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
-        return manifest_dir.join(dir);
-    }
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(dir) = exe
-            .ancestors()
-            .skip(1)
-            .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-    {
-        return dir.to_path_buf();
-    }
-    manifest_dir.join("target")
-}
+/// Cargo's target directory (where `target/bench/*.json` and the Envoy venv go), as
+/// the tests find it.
+pub(crate) use mesh_testkit::install::target_dir;
 
 /// `target/bench`, created.
 pub(crate) fn out_dir() -> PathBuf {

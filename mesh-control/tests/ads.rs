@@ -2,20 +2,12 @@
 //! subscription, short-name resolution by namespace, ACK/NACK bookkeeping in
 //! `/status`, and EDS pushes driven by registrations and lease expiry.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use envoy_types::pb::google::rpc::Status as RpcStatus;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use mesh_core::xds;
-use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
+use mesh_testkit::ads::{AdsClient, node};
+use mesh_testkit::http::json_request as admin;
+use mesh_testkit::wait::{DEADLINE, eventually_ok, eventually_ok_async};
 
 const CONFIG: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -32,99 +24,9 @@ spec:
     labels: {version: v1}
 "#;
 
-struct Ads {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: tonic::Streaming<DiscoveryResponse>,
-    node: Node,
-}
-
-impl Ads {
-    async fn connect(addr: SocketAddr, node_id: &str, namespace: &str) -> Ads {
-        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-            .await
-            .expect("connect to ADS");
-        let (tx, rx) = mpsc::channel(8);
-        let stream = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .expect("open ADS stream")
-            .into_inner();
-        let metadata = Struct {
-            fields: [(
-                "NAMESPACE".to_string(),
-                Value {
-                    kind: Some(Kind::StringValue(namespace.into())),
-                },
-            )]
-            .into_iter()
-            .collect(),
-        };
-        Ads {
-            tx,
-            rx: stream,
-            node: Node {
-                id: node_id.into(),
-                user_agent_name: "raw-test".into(),
-                metadata: Some(metadata),
-                ..Node::default()
-            },
-        }
-    }
-
-    async fn send(
-        &self,
-        type_url: &str,
-        names: &[&str],
-        version: &str,
-        nonce: &str,
-        error: Option<&str>,
-    ) {
-        self.tx
-            .send(DiscoveryRequest {
-                node: Some(self.node.clone()),
-                type_url: type_url.into(),
-                resource_names: names.iter().map(|s| s.to_string()).collect(),
-                version_info: version.into(),
-                response_nonce: nonce.into(),
-                error_detail: error.map(|m| RpcStatus {
-                    code: 3,
-                    message: m.into(),
-                    details: vec![],
-                }),
-                ..DiscoveryRequest::default()
-            })
-            .await
-            .expect("send request");
-    }
-
-    async fn recv(&mut self) -> DiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.next())
-            .await
-            .expect("a response within 10 s")
-            .expect("stream open")
-            .expect("no error")
-    }
-}
-
-async fn admin(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "admin")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    (status, json)
+/// A raw ADS stream of the node `id` in `namespace`.
+async fn connect(server: &mesh_control::ServerHandle, id: &str, namespace: &str) -> AdsClient {
+    AdsClient::connect(server.xds_addr(), node(id).namespace(namespace).build()).await
 }
 
 async fn start(config: &str) -> (tempfile::TempDir, mesh_control::ServerHandle) {
@@ -142,7 +44,7 @@ async fn start(config: &str) -> (tempfile::TempDir, mesh_control::ServerHandle) 
 #[tokio::test]
 async fn every_subscription_is_answered_and_short_names_follow_the_namespace() {
     let (_dir, server) = start(CONFIG).await;
-    let mut ads = Ads::connect(server.xds_addr(), "t-1", "shop").await;
+    let mut ads = connect(&server, "t-1", "shop").await;
     ads.send(
         xds::LISTENER_TYPE,
         &["catalog", "nope", "catalog.shop.svc.cluster.local:80"],
@@ -175,7 +77,7 @@ async fn every_subscription_is_answered_and_short_names_follow_the_namespace() {
     );
 
     // A client in another namespace does not see `catalog` by its short name.
-    let mut other = Ads::connect(server.xds_addr(), "t-2", "default").await;
+    let mut other = connect(&server, "t-2", "default").await;
     other
         .send(xds::LISTENER_TYPE, &["catalog"], "", "", None)
         .await;
@@ -190,33 +92,24 @@ async fn every_subscription_is_answered_and_short_names_follow_the_namespace() {
         None,
     )
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let client = eventually_ok("the ACK of t-1 in /status", DEADLINE, || {
         let status = server.status();
-        let client = status["clients"]
+        status["clients"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|c| c["node_id"] == "t-1")
-            .cloned();
-        if let Some(c) = client
-            && c["types"]["LDS"]["acked"] == true
-        {
-            assert_eq!(c["namespace"], "shop");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no ACK in status: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+            .find(|c| c["node_id"] == "t-1" && c["types"]["LDS"]["acked"] == true)
+            .cloned()
+            .ok_or(status)
+    })
+    .await;
+    assert_eq!(client["namespace"], "shop");
 }
 
 #[tokio::test]
 async fn a_nack_is_recorded_with_its_reason() {
     let (_dir, server) = start(CONFIG).await;
-    let mut ads = Ads::connect(server.xds_addr(), "nacker", "shop").await;
+    let mut ads = connect(&server, "nacker", "shop").await;
     ads.send(
         xds::CLUSTER_TYPE,
         &["outbound|80||catalog.shop.svc.cluster.local"],
@@ -235,28 +128,25 @@ async fn a_nack_is_recorded_with_its_reason() {
         Some("cluster x: lb policy not supported"),
     )
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let status = eventually_ok_async("the NACK in /status", DEADLINE, || async {
         let (code, status) = admin(server.admin_addr(), "GET", "/status", "").await;
         assert_eq!(code, 200);
-        let nack = status["clients"][0]["types"]["CDS"]["last_nack"]["message"].clone();
+        let nack = &status["clients"][0]["types"]["CDS"]["last_nack"]["message"];
         if nack == "cluster x: lb policy not supported" {
-            assert_eq!(status["clients"][0]["types"]["CDS"]["acked"], false);
-            break;
+            Ok(status)
+        } else {
+            Err(status)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no NACK in status: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
+    assert_eq!(status["clients"][0]["types"]["CDS"]["acked"], false);
 }
 
 #[tokio::test]
 async fn registrations_and_expired_leases_drive_eds() {
     let (_dir, server) = start(CONFIG).await;
     let cluster = "outbound|80||catalog.shop.svc.cluster.local";
-    let mut ads = Ads::connect(server.xds_addr(), "eds", "shop").await;
+    let mut ads = connect(&server, "eds", "shop").await;
     ads.send(xds::ENDPOINT_TYPE, &[cluster], "", "", None).await;
     let first = ads.recv().await;
     let cla = xds::decode_endpoints(&first.resources[0]).unwrap();
@@ -365,7 +255,7 @@ async fn registrations_and_expired_leases_drive_eds() {
 async fn an_invalid_file_change_keeps_the_last_good_config() {
     let (dir, server) = start(CONFIG).await;
     let good = server.version();
-    let mut ads = Ads::connect(server.xds_addr(), "w", "shop").await;
+    let mut ads = connect(&server, "w", "shop").await;
     ads.send(xds::LISTENER_TYPE, &["catalog.shop"], "", "", None)
         .await;
     let lds = ads.recv().await;
@@ -375,26 +265,23 @@ async fn an_invalid_file_change_keeps_the_last_good_config() {
         CONFIG.replace("hosts: [catalog]", "hosts: [catalog]\n  bogus: 1"),
     )
     .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let diags = eventually_ok("the invalid change in /status", DEADLINE, || {
         let status = server.status();
-        let diags = status["diagnostics"].as_array().unwrap();
+        let diags = status["diagnostics"].as_array().unwrap().clone();
         if diags
             .iter()
             .any(|d| d.as_str().unwrap_or("").contains("bogus"))
         {
-            assert!(
-                diags[0].as_str().unwrap().contains("mesh.yaml:"),
-                "{diags:?}"
-            );
-            break;
+            Ok(diags)
+        } else {
+            Err(status)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "invalid change not reported: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
+    assert!(
+        diags[0].as_str().unwrap().contains("mesh.yaml:"),
+        "{diags:?}"
+    );
     assert_eq!(server.version(), good, "nothing a client sees changed");
 }
 
@@ -438,8 +325,10 @@ async fn grpc_clients_are_not_sent_clusters_with_file_tls_but_others_are() {
     // A gRPC client would NACK the whole response for the one file-TLS
     // cluster (gRFC A29), so it gets the other cluster and a NOT_FOUND naming
     // why for that one.
-    let mut grpc = Ads::connect(server.xds_addr(), "grpc-1", "shop").await;
-    grpc.node.user_agent_name = "gRPC C-core linux Python".into();
+    let grpc_node = node("grpc-1")
+        .namespace("shop")
+        .user_agent("gRPC C-core linux Python");
+    let mut grpc = AdsClient::connect(server.xds_addr(), grpc_node.build()).await;
     grpc.send(xds::CLUSTER_TYPE, &[CATALOG, API], "", "", None)
         .await;
     let cds = grpc.recv().await;
@@ -457,8 +346,8 @@ async fn grpc_clients_are_not_sent_clusters_with_file_tls_but_others_are() {
     let message = &error.error_detail.as_ref().expect("detail").message;
     assert!(message.contains("certificate files"), "{message}");
     // This mesh's own client gets both.
-    let mut rust = Ads::connect(server.xds_addr(), "rust-1", "shop").await;
-    rust.node.user_agent_name = "proxyless".into();
+    let rust_node = node("rust-1").namespace("shop").user_agent("proxyless");
+    let mut rust = AdsClient::connect(server.xds_addr(), rust_node.build()).await;
     rust.send(xds::CLUSTER_TYPE, &[CATALOG, API], "", "", None)
         .await;
     let cds = rust.recv().await;

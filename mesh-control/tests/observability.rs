@@ -1,20 +1,16 @@
 //! What an operator sees of the clients: CSDS, stale clients, NACK reasons,
 //! what a gRPC client ignores, and the control server's own /metrics.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::admin::v3::ClientResourceStatus;
-use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::envoy::service::status::v3::ClientStatusRequest;
 use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_client::ClientStatusDiscoveryServiceClient;
-use envoy_types::pb::google::rpc::Status as RpcStatus;
 use mesh_core::xds;
-use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
+use mesh_testkit::ads::{AdsClient, node};
+use mesh_testkit::http::get_text;
+use mesh_testkit::wait::until;
 
 const CONFIG: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -31,73 +27,25 @@ spec:
 "#;
 const CLUSTER: &str = "outbound|80||catalog.shop.svc.cluster.local";
 
-struct Raw {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: tonic::Streaming<DiscoveryResponse>,
-    node: Node,
+/// A raw ADS stream of the node `id` with `user_agent`.
+async fn connect(addr: std::net::SocketAddr, id: &str, user_agent: &str) -> AdsClient {
+    AdsClient::connect(addr, node(id).user_agent(user_agent).build()).await
 }
 
-impl Raw {
-    async fn connect(addr: SocketAddr, id: &str, user_agent: &str) -> Raw {
-        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-            .await
-            .expect("connect");
-        let (tx, rx) = mpsc::channel(8);
-        let stream = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .expect("stream")
-            .into_inner();
-        Raw {
-            tx,
-            rx: stream,
-            node: Node {
-                id: id.into(),
-                user_agent_name: user_agent.into(),
-                ..Node::default()
-            },
-        }
-    }
-
-    async fn cds(
-        &mut self,
-        version: &str,
-        nonce: &str,
-        nack: Option<&str>,
-    ) -> Option<DiscoveryResponse> {
-        self.tx
-            .send(DiscoveryRequest {
-                node: Some(self.node.clone()),
-                type_url: xds::CLUSTER_TYPE.into(),
-                resource_names: vec![CLUSTER.into()],
-                version_info: version.into(),
-                response_nonce: nonce.into(),
-                error_detail: nack.map(|m| RpcStatus {
-                    code: 3,
-                    message: m.into(),
-                    details: vec![],
-                }),
-                ..DiscoveryRequest::default()
-            })
-            .await
-            .expect("send");
-        if !nonce.is_empty() {
-            return None;
-        }
-        let resp = tokio::time::timeout(Duration::from_secs(10), self.rx.next())
-            .await
-            .expect("response within 10 s")
-            .expect("open")
-            .expect("ok");
-        Some(resp)
-    }
-}
-
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// Sends a CDS request for [`CLUSTER`] with `version`, `nonce` and, for a NACK, its
+/// reason; a first request (no nonce) gets its response back.
+async fn cds(
+    ads: &mut AdsClient,
+    version: &str,
+    nonce: &str,
+    nack: Option<&str>,
+) -> Option<DiscoveryResponse> {
+    ads.send(xds::CLUSTER_TYPE, &[CLUSTER], version, nonce, nack)
+        .await;
+    if nonce.is_empty() {
+        Some(ads.recv().await)
+    } else {
+        None
     }
 }
 
@@ -113,16 +61,20 @@ async fn status_and_csds_show_acked_nacked_stale_and_ignored_config() {
         .unwrap();
 
     // A grpc-go client that ACKs, one that NACKs, one that never answers.
-    let mut good = Raw::connect(server.xds_addr(), "good", "gRPC Go").await;
-    let r = good.cds("", "", None).await.unwrap();
-    good.cds(&r.version_info, &r.nonce, None).await;
-    let mut nacker = Raw::connect(server.xds_addr(), "nacker", "proxyless-rust").await;
-    let r = nacker.cds("", "", None).await.unwrap();
-    nacker
-        .cds("", &r.nonce, Some("cluster: lb policy not supported"))
-        .await;
-    let mut silent = Raw::connect(server.xds_addr(), "silent", "proxyless-rust").await;
-    silent.cds("", "", None).await.unwrap();
+    let mut good = connect(server.xds_addr(), "good", "gRPC Go").await;
+    let r = cds(&mut good, "", "", None).await.unwrap();
+    cds(&mut good, &r.version_info, &r.nonce, None).await;
+    let mut nacker = connect(server.xds_addr(), "nacker", "proxyless-rust").await;
+    let r = cds(&mut nacker, "", "", None).await.unwrap();
+    cds(
+        &mut nacker,
+        "",
+        &r.nonce,
+        Some("cluster: lb policy not supported"),
+    )
+    .await;
+    let mut silent = connect(server.xds_addr(), "silent", "proxyless-rust").await;
+    cds(&mut silent, "", "", None).await.unwrap();
 
     let client = |id: &str| {
         let status = server.status();
@@ -131,7 +83,7 @@ async fn status_and_csds_show_acked_nacked_stale_and_ignored_config() {
             .and_then(|cs| cs.iter().find(|c| c["node_id"] == id).cloned())
             .unwrap_or_default()
     };
-    eventually("three clients with their states", || {
+    until("three clients with their states", || {
         client("good")["types"]["CDS"]["acked"] == true
             && client("nacker")["types"]["CDS"]["last_nack"]["message"]
                 == "cluster: lb policy not supported"
@@ -181,7 +133,7 @@ async fn status_and_csds_show_acked_nacked_stale_and_ignored_config() {
     );
 
     // The control server's own metrics.
-    let metrics = admin_get(server.admin_addr(), "/metrics").await;
+    let (_, metrics) = get_text(server.admin_addr(), "/metrics").await;
     for name in [
         "mesh_control_xds_clients 3",
         "mesh_control_xds_nacks_total 1",
@@ -194,21 +146,4 @@ async fn status_and_csds_show_acked_nacked_stale_and_ignored_config() {
             "{name} missing from /metrics:\n{metrics}"
         );
     }
-}
-
-async fn admin_get(addr: SocketAddr, path: &str) -> String {
-    use http_body_util::{BodyExt, Empty};
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header("host", "admin")
-        .body(Empty::<hyper::body::Bytes>::new())
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8_lossy(&body).into_owned()
 }

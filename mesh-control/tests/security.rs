@@ -10,22 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use http_body_util::{BodyExt, Full};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+use http_body_util::Full;
 use hyper::body::Bytes;
 use mesh_control::ca::{CertificateAuthority, JoinTokens};
 use mesh_core::model::MtlsMode;
 use mesh_core::xds;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use mesh_testkit::ads::AdsClient;
+use mesh_testkit::http::{json_request, json_request_tls};
+use mesh_testkit::pki::{self, Leaf, TestCa, csr, uri_sans};
+use rustls::pki_types::ServerName;
 use serde_json::json;
-use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 const CATALOG_TOKEN: &str = "catalog-token-0123456789";
 const PAYMENT_TOKEN: &str = "payment-token-0123456789";
@@ -79,18 +74,6 @@ async fn start_with(
     (dir, server)
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn roots(bundle_file: &Path) -> rustls::RootCertStore {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(bundle_file).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    roots
-}
-
 /// A client config trusting the server's bundle file, optionally
 /// presenting a client certificate.
 fn client_config(
@@ -99,21 +82,12 @@ fn client_config(
     alpn: &[u8],
 ) -> Arc<rustls::ClientConfig> {
     let bundle = server.trust_bundle_file().expect("a trust bundle file");
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots(&bundle));
-    let mut config = match client_cert {
-        None => builder.with_no_client_auth(),
-        Some((chain, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(chain.as_bytes())
-                    .collect::<Result<Vec<_>, _>>()
-                    .unwrap(),
-                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
+    let bundle = std::fs::read_to_string(&bundle).unwrap();
+    let cert = client_cert.map(|(chain, key)| Leaf {
+        chain: chain.to_owned(),
+        key: key.to_owned(),
+    });
+    let mut config = pki::client_config(&bundle, cert.as_ref());
     config.alpn_protocols = vec![alpn.to_vec()];
     Arc::new(config)
 }
@@ -151,68 +125,18 @@ impl AdminClient {
         bearer: Option<&str>,
         body: serde_json::Value,
     ) -> (u16, serde_json::Value) {
-        let addr = self.addr;
-        let tls = self.tls.clone();
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-            .await
-            .expect("TLS to the admin API");
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "admin")
-            .header("content-type", "application/json");
-        if let Some(token) = bearer {
-            req = req.header("authorization", format!("Bearer {token}"));
-        }
+        let authorization = bearer.map(|token| format!("Bearer {token}"));
+        let headers: Vec<(&str, &str)> = authorization
+            .iter()
+            .map(|value| ("authorization", value.as_str()))
+            .collect();
         let body = if body.is_null() {
             String::new()
         } else {
             body.to_string()
         };
-        let resp = sender
-            .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-        (status, json)
+        json_request_tls(self.addr, self.tls.clone(), method, path, &headers, &body).await
     }
-}
-
-/// A CSR (PEM) with a new key, asking for `san` when given.
-fn csr(san: Option<&str>) -> (String, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    if let Some(san) = san {
-        params.subject_alt_names = vec![rcgen::SanType::URI(san.try_into().unwrap())];
-    }
-    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-    (csr, key.serialize_pem())
-}
-
-fn uri_sans(pem: &str) -> Vec<String> {
-    let der = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .next()
-        .unwrap()
-        .unwrap();
-    let (_, cert) = X509Certificate::from_der(der.as_ref()).unwrap();
-    let san = cert.subject_alternative_name().unwrap().unwrap();
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(u.to_string()),
-            _ => None,
-        })
-        .collect()
 }
 
 fn registration(service: &str, port: u16) -> serde_json::Value {
@@ -425,41 +349,12 @@ async fn registration_needs_an_identity_allowed_to_back_the_service() {
     );
 }
 
-/// A raw ADS client, over TLS or plaintext.
-struct Ads {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: tonic::Streaming<DiscoveryResponse>,
-    node: Node,
-}
-
+/// The node of a workload in `namespace` with `labels`.
 fn node(namespace: &str, labels: &[(&str, &str)]) -> Node {
-    let string = |s: &str| Value {
-        kind: Some(Kind::StringValue(s.into())),
-    };
-    let labels = Struct {
-        fields: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), string(v)))
-            .collect(),
-    };
-    Node {
-        id: "test-node".into(),
-        user_agent_name: "raw-test".into(),
-        metadata: Some(Struct {
-            fields: [
-                ("NAMESPACE".to_string(), string(namespace)),
-                (
-                    "LABELS".to_string(),
-                    Value {
-                        kind: Some(Kind::StructValue(labels)),
-                    },
-                ),
-            ]
-            .into_iter()
-            .collect(),
-        }),
-        ..Node::default()
-    }
+    mesh_testkit::ads::node("test-node")
+        .namespace(namespace)
+        .labels(labels)
+        .build()
 }
 
 async fn tls_channel(
@@ -495,44 +390,6 @@ async fn ads_channel(server: &mesh_control::ServerHandle) -> tonic::transport::C
     )
     .await
     .unwrap()
-}
-
-impl Ads {
-    async fn open(channel: tonic::transport::Channel, node: Node) -> Result<Ads, tonic::Status> {
-        let mut client = AggregatedDiscoveryServiceClient::new(channel);
-        let (tx, rx) = mpsc::channel(8);
-        let stream = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        Ok(Ads {
-            tx,
-            rx: stream,
-            node,
-        })
-    }
-
-    async fn subscribe(&self, type_url: &str, names: &[&str], version: &str, nonce: &str) {
-        self.tx
-            .send(DiscoveryRequest {
-                node: Some(self.node.clone()),
-                type_url: type_url.into(),
-                resource_names: names.iter().map(|s| s.to_string()).collect(),
-                version_info: version.into(),
-                response_nonce: nonce.into(),
-                ..DiscoveryRequest::default()
-            })
-            .await
-            .unwrap();
-    }
-
-    async fn recv(&mut self) -> DiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.next())
-            .await
-            .expect("a response within 10 s")
-            .expect("stream open")
-            .expect("no error")
-    }
 }
 
 const SERVICE: &str = r#"
@@ -593,11 +450,10 @@ async fn ads_is_served_over_tls_to_clients_that_verify_the_ca() {
         let channel = tls_channel(addr, client_config(&server, None, b"h2"), name)
             .await
             .expect("TLS connection to ADS");
-        let mut ads = Ads::open(channel, node("shop", &[]))
+        let mut ads = AdsClient::open(channel, node("shop", &[]))
             .await
             .expect("ADS stream");
-        ads.subscribe(xds::LISTENER_TYPE, &["catalog:80"], "", "")
-            .await;
+        ads.subscribe(xds::LISTENER_TYPE, &["catalog:80"]).await;
         let response = ads.recv().await;
         assert_eq!(response.resources.len(), 1, "{response:?}");
         let listener = xds::decode_listener(&response.resources[0]).unwrap();
@@ -608,13 +464,7 @@ async fn ads_is_served_over_tls_to_clients_that_verify_the_ca() {
     let other = CertificateAuthority::builder("cluster.local")
         .build()
         .unwrap();
-    let other_bundle = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(other_bundle.path(), other.trust_bundle_pem()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots(other_bundle.path()))
-        .with_no_client_auth();
+    let mut config = pki::client_config(&other.trust_bundle_pem(), None);
     config.alpn_protocols = vec![b"h2".to_vec()];
     assert!(
         tls_channel(addr, Arc::new(config), "localhost")
@@ -629,15 +479,11 @@ async fn ads_is_served_over_tls_to_clients_that_verify_the_ca() {
             .connect()
             .await
             .map_err(|e| e.to_string())?;
-        let mut ads = Ads::open(channel, node("shop", &[]))
+        let mut ads = AdsClient::open(channel, node("shop", &[]))
             .await
             .map_err(|e| e.to_string())?;
-        ads.subscribe(xds::LISTENER_TYPE, &["catalog:80"], "", "")
-            .await;
-        match tokio::time::timeout(Duration::from_secs(5), ads.rx.next()).await {
-            Ok(Some(Ok(_))) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
+        ads.subscribe(xds::LISTENER_TYPE, &["catalog:80"]).await;
+        ads.try_recv(Duration::from_secs(5)).await.map(|_| ())
     };
     assert!(
         plaintext.await.is_err(),
@@ -669,11 +515,11 @@ async fn ads_is_served_over_tls_to_clients_that_verify_the_ca() {
 async fn server_listeners_carry_the_peer_authentication_of_the_workload() {
     let (dir, server) = start(&peer_authentication("STRICT")).await;
     let channel = ads_channel(&server).await;
-    let mut ads = Ads::open(channel, node("shop", &[("app", "catalog")]))
+    let mut ads = AdsClient::open(channel, node("shop", &[("app", "catalog")]))
         .await
         .unwrap();
     // One SotW subscription with a client and a server listener.
-    ads.subscribe(xds::LISTENER_TYPE, &["catalog:80", SERVER_NAME], "", "")
+    ads.subscribe(xds::LISTENER_TYPE, &["catalog:80", SERVER_NAME])
         .await;
     let first = ads.recv().await;
     assert_eq!(first.resources.len(), 2, "{first:?}");
@@ -686,23 +532,25 @@ async fn server_listeners_carry_the_peer_authentication_of_the_workload() {
     let decoded = server_listener(&first);
     assert_eq!(decoded.mtls, MtlsMode::Strict);
     assert_eq!(decoded.address, "127.0.0.1:9001".parse().unwrap());
-    ads.subscribe(
+    ads.send(
         xds::LISTENER_TYPE,
         &["catalog:80", SERVER_NAME],
         &first.version_info,
         &first.nonce,
+        None,
     )
     .await;
 
     // A workload the selector does not match: PERMISSIVE (the default).
     let channel = ads_channel(&server).await;
     // It is a gRPC server: /status says what it cannot honor of it.
-    let mut grpc_node = node("shop", &[("app", "orders")]);
-    grpc_node.user_agent_name = "gRPC Go".into();
-    let mut other = Ads::open(channel, grpc_node).await.unwrap();
-    other
-        .subscribe(xds::LISTENER_TYPE, &[SERVER_NAME], "", "")
-        .await;
+    let grpc_node = mesh_testkit::ads::node("test-node")
+        .namespace("shop")
+        .labels(&[("app", "orders")])
+        .user_agent("gRPC Go")
+        .build();
+    let mut other = AdsClient::open(channel, grpc_node).await.unwrap();
+    other.subscribe(xds::LISTENER_TYPE, &[SERVER_NAME]).await;
     let response = other.recv().await;
     let decoded = xds::decode_server_listener(&response.resources[0]).unwrap();
     assert_eq!(decoded.mtls, MtlsMode::Permissive);
@@ -913,29 +761,14 @@ async fn the_cli_serves_with_a_ca_and_status_reads_it_over_https() {
 
 #[tokio::test]
 async fn the_cli_signs_with_an_operator_supplied_intermediate() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
-    let ca_params = |name: &str| {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params
-    };
-    let root_key = KeyPair::generate().unwrap();
-    let root = ca_params("operator root").self_signed(&root_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params("operator root"), &root_key);
-    let intermediate_key = KeyPair::generate().unwrap();
-    let intermediate = ca_params("operator intermediate")
-        .signed_by(&intermediate_key, &issuer)
-        .unwrap();
+    let root = TestCa::new("operator root");
+    let intermediate = root.intermediate("operator intermediate");
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     std::fs::create_dir(&pki).unwrap();
     let (chain, key) = (pki.join("cert-chain.pem"), pki.join("ca-key.pem"));
-    std::fs::write(&chain, intermediate.pem() + &root.pem()).unwrap();
-    std::fs::write(&key, intermediate_key.serialize_pem()).unwrap();
+    std::fs::write(&chain, format!("{}{}", intermediate.pem, root.pem)).unwrap();
+    std::fs::write(&key, intermediate.key_pem()).unwrap();
     // The trust bundle lands next to the chain and holds the operator's root only:
     // status verifies mesh-control's serving certificate (issued by the
     // intermediate, which the server sends along) against it.
@@ -958,7 +791,7 @@ async fn the_cli_signs_with_an_operator_supplied_intermediate() {
     let bundle = std::fs::read_to_string(&bundle).unwrap();
     assert_eq!(
         bundle.trim(),
-        root.pem().trim(),
+        root.pem.trim(),
         "the bundle is the operator's root"
     );
 }
@@ -1020,22 +853,6 @@ async fn bootstraps_name_the_trust_bundle_and_the_certificate_provider() {
         json!([{"type": "insecure"}])
     );
     assert!(open.trust_bundle_file().is_none() && open.ca().is_none());
-    let tcp = tokio::net::TcpStream::connect(open.admin_addr())
-        .await
-        .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let resp = sender
-        .send_request(
-            http::Request::get("/v1/trust-bundle")
-                .header("host", "admin")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 404);
+    let (code, _) = json_request(open.admin_addr(), "GET", "/v1/trust-bundle", "").await;
+    assert_eq!(code, 404);
 }

@@ -9,12 +9,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use common::{Seen, backend, closed_port, snapshot, within};
+use common::{Seen, backend, closed_port};
 use http::Request;
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
 use mesh_core::Snapshot;
 use mesh_core::model::Protocol;
+use mesh_testkit::snapshot::two_backends;
+use mesh_testkit::wait::within;
 use mesh_tower::{ErrorKind, MeshClient, MeshLayer, Pool, StaticSource, grpc_status};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -57,7 +59,7 @@ where
 async fn routes_by_path_and_header() {
     let a = backend("a").await;
     let b = backend("b").await;
-    let mut client: Client = MeshClient::new(source(snapshot(a.addr, b.addr, Protocol::Http1)));
+    let mut client: Client = MeshClient::new(source(two_backends(a.addr, b.addr, Protocol::Http1)));
 
     assert_eq!(
         get(&mut client, "http://catalog/items", &[])
@@ -92,7 +94,7 @@ async fn routes_by_path_and_header() {
 async fn endpoint_sees_the_original_authority_over_http1() {
     let a = backend("a").await;
     let b = backend("b").await;
-    let mut client: Client = MeshClient::new(source(snapshot(a.addr, b.addr, Protocol::Http1)));
+    let mut client: Client = MeshClient::new(source(two_backends(a.addr, b.addr, Protocol::Http1)));
     let seen = get(&mut client, "http://catalog/x?y=1", &[]).await.unwrap();
     assert_eq!(seen.version, "HTTP/1.1");
     assert_eq!(seen.host.as_deref(), Some("catalog"));
@@ -103,12 +105,12 @@ async fn endpoint_sees_the_original_authority_over_http1() {
 async fn endpoint_sees_the_original_authority_over_http2() {
     let a = backend("a").await;
     let b = backend("b").await;
-    let mut client: Client = MeshClient::new(source(snapshot(a.addr, b.addr, Protocol::Http2)));
+    let mut client: Client = MeshClient::new(source(two_backends(a.addr, b.addr, Protocol::Http2)));
     let seen = get(&mut client, "http://catalog/x", &[]).await.unwrap();
     assert_eq!(seen.version, "HTTP/2.0");
     assert_eq!(seen.uri_authority.as_deref(), Some("catalog"));
     // A request addressed by Host only still carries it as :authority.
-    let mut client: Client = MeshClient::new(source(snapshot(a.addr, b.addr, Protocol::Http2)));
+    let mut client: Client = MeshClient::new(source(two_backends(a.addr, b.addr, Protocol::Http2)));
     let seen = get(&mut client, "/x", &[("host", "catalog")])
         .await
         .unwrap();
@@ -120,7 +122,7 @@ async fn round_robin_spreads_across_endpoints() {
     let a = backend("a").await;
     let b = backend("b").await;
     for protocol in [Protocol::Http1, Protocol::Http2] {
-        let client: Client = MeshClient::new(source(snapshot(a.addr, b.addr, protocol)));
+        let client: Client = MeshClient::new(source(two_backends(a.addr, b.addr, protocol)));
         let mut counts = BTreeMap::new();
         for _ in 0..20 {
             // Clones share the round-robin counter.
@@ -139,7 +141,7 @@ async fn round_robin_spreads_across_endpoints() {
 #[tokio::test]
 async fn a_service_the_mesh_lacks_is_an_error_naming_it() {
     let a = backend("a").await;
-    let mut client: Client = MeshClient::new(source(snapshot(a.addr, a.addr, Protocol::Http1)));
+    let mut client: Client = MeshClient::new(source(two_backends(a.addr, a.addr, Protocol::Http1)));
     // Said missing by the control server.
     let e = get(&mut client, "http://nope/x", &[]).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
@@ -159,7 +161,7 @@ async fn a_service_the_mesh_lacks_is_an_error_naming_it() {
 #[tokio::test]
 async fn a_route_that_does_not_match_is_an_error_naming_the_route_table() {
     let a = backend("a").await;
-    let mut s = snapshot(a.addr, a.addr, Protocol::Http1);
+    let mut s = two_backends(a.addr, a.addr, Protocol::Http1);
     // Listener `shop` points at catalog's route table, whose domains do not
     // include `shop`: no virtual host.
     s.listeners.insert(
@@ -192,7 +194,7 @@ async fn an_unknown_service_is_waited_for() {
         }
     })
     .await;
-    source.publish(snapshot(a.addr, b.addr, Protocol::Http1));
+    source.publish(two_backends(a.addr, b.addr, Protocol::Http1));
     let seen = within("the response", pending).await.unwrap().unwrap();
     assert_eq!(seen.backend, "b");
 }
@@ -216,7 +218,7 @@ async fn waiting_for_an_unknown_service_is_bounded() {
 async fn an_endpoint_that_refuses_is_a_connect_error_naming_it() {
     let dead = closed_port().await;
     for protocol in [Protocol::Http1, Protocol::Http2] {
-        let mut client: Client = MeshClient::new(source(snapshot(dead, dead, protocol)));
+        let mut client: Client = MeshClient::new(source(two_backends(dead, dead, protocol)));
         let e = get(&mut client, "http://catalog/x", &[]).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Connect, "{e}");
         let text = e.to_string();
@@ -233,7 +235,7 @@ async fn request_bodies_stream_without_buffering() {
         let mut a = backend("a").await;
         let b = backend("b").await;
         let mut client: MeshClient<ChannelBody, _> =
-            MeshClient::new(source(snapshot(a.addr, b.addr, protocol)));
+            MeshClient::new(source(two_backends(a.addr, b.addr, protocol)));
         let (tx, rx) = mpsc::unbounded_channel();
         let req = Request::post("http://catalog/stream")
             .body(StreamBody::new(UnboundedReceiverStream::new(rx)))
@@ -258,7 +260,7 @@ async fn request_bodies_stream_without_buffering() {
 async fn response_trailers_pass_through() {
     let a = backend("a").await;
     let b = backend("b").await;
-    let mut client: Client = MeshClient::new(source(snapshot(a.addr, b.addr, Protocol::Grpc)));
+    let mut client: Client = MeshClient::new(source(two_backends(a.addr, b.addr, Protocol::Grpc)));
     let response = client
         .ready()
         .await
@@ -290,7 +292,7 @@ async fn mesh_layer_rewrites_uris_for_any_http_client() {
     let hyper = HyperClient::builder(TokioExecutor::new())
         .build_http::<mesh_tower::MeshBody<Full<Bytes>>>();
     let mut svc = tower::Layer::layer(
-        &MeshLayer::new(source(snapshot(a.addr, b.addr, Protocol::Http1))),
+        &MeshLayer::new(source(two_backends(a.addr, b.addr, Protocol::Http1))),
         hyper,
     );
     let seen = get(&mut svc, "http://catalog/b/x", &[]).await.unwrap();
@@ -358,7 +360,7 @@ async fn requests_keep_working_while_an_endpoint_drains_a_connection() {
             }
         });
     }
-    let client: Client = MeshClient::new(source(snapshot(addr, addr, Protocol::Http2)));
+    let client: Client = MeshClient::new(source(two_backends(addr, addr, Protocol::Http2)));
     let call = |uri: &'static str| {
         let mut client = client.clone();
         async move {

@@ -19,6 +19,7 @@ use envoy_types::pb::envoy::service::status::v3::{
 };
 use mesh_core::Snapshot;
 use mesh_core::model::Protocol;
+use mesh_testkit::snapshot::add_two_backends;
 use mesh_tower::{MeshClient, Registration, Serving, serve};
 use tokio::net::TcpListener;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -83,7 +84,7 @@ async fn tonic_clients_use_the_mesh_client_as_their_channel() {
     let (a, serving_a) = grpc_server(admin, "a").await;
     let (b, serving_b) = grpc_server(admin, "b").await;
     let mut snapshot = Snapshot::default();
-    common::add_service(&mut snapshot, "csds", a, b, Protocol::Grpc);
+    add_two_backends(&mut snapshot, "csds", a, b, Protocol::Grpc);
     let source = Arc::new(ArcSwap::from_pointee(snapshot));
     let channel: MeshClient<tonic::body::Body, _> = MeshClient::new(source);
 

@@ -29,7 +29,7 @@ use mesh_tower::tls::{
     ALPN_H2_HTTP11, CertStore, Credentials, MeshAcceptor, MeshCaConfig, WorkloadCertificates,
 };
 use mesh_tower::{ErrorKind, MeshClient, StaticSource};
-use rcgen::{CertificateSigningRequestParams, KeyPair, SanType};
+use rcgen::CertificateSigningRequestParams;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -37,8 +37,11 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use common::pki::{CATALOG, FRONTEND, PAYMENT, TestCa, Validity};
-use common::{add_one_service, chain, one_service, serve_fn, within};
+use common::pki::TestCaExt as _;
+use common::{chain, serve_fn};
+use mesh_testkit::pki::{self, CATALOG, FRONTEND, PAYMENT, TestCa, Validity, host_san, uri_san};
+use mesh_testkit::snapshot::{add_one_service, one_service};
+use mesh_testkit::wait::{until, within};
 
 /// A store with a one-hour certificate for `uri`, as mesh-control's CA
 /// issues them.
@@ -142,7 +145,7 @@ impl MtlsServer {
             let client = client.clone();
             async move { get(&client, "http://catalog/slow").await }
         });
-        common::until("the slow request to arrive", || {
+        until("the slow request to arrive", || {
             self.in_slow.load(Ordering::SeqCst) == 1
         })
         .await;
@@ -434,10 +437,7 @@ async fn issue(
     let lifetime = Duration::from_secs(body["lifetime_seconds"].as_u64().unwrap_or(3600));
     let cert = stub
         .ca
-        .params(
-            vec![SanType::URI(FRONTEND.try_into().unwrap())],
-            Validity::For(lifetime),
-        )
+        .params(vec![uri_san(FRONTEND)], Validity::For(lifetime))
         .signed_by(&csr.public_key, &stub.ca.issuer)
         .unwrap();
     let serial = hex_serial(cert.der());
@@ -486,25 +486,11 @@ async fn plaintext_stub(stub: &StubCa) -> SocketAddr {
 /// The stub over https with a certificate for 127.0.0.1 from `admin_ca`
 /// (as mesh-control's admin API, certified by its own CA).
 async fn https_stub(stub: &StubCa, admin_ca: &TestCa) -> SocketAddr {
-    let key = KeyPair::generate().unwrap();
-    let cert = admin_ca
-        .params(
-            vec![SanType::IpAddress("127.0.0.1".parse().unwrap())],
-            Validity::For(Duration::from_secs(3600)),
-        )
-        .signed_by(&key, &admin_ca.issuer)
-        .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-    )
-    .unwrap();
+    let cert = admin_ca.issue(
+        vec![host_san("127.0.0.1")],
+        Validity::For(Duration::from_secs(3600)),
+    );
+    let config = pki::server_config(&cert, None);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -3,15 +3,15 @@
 //! `ServerLayer` (403 / PERMISSION_DENIED naming the policy), policy changes
 //! without a restart, and the maximum connection age (a connection is
 //! GOAWAY'd when the certificate it was established with expires).
-//! Certificates come from rcgen CAs made in the test (`common::pki`).
+//! Certificates come from rcgen CAs made in the test (`mesh_testkit::pki`).
 
 mod common;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -19,10 +19,8 @@ use axum::Router;
 use axum::extract::Request as AxumRequest;
 use bytes::Bytes;
 use common::admin::fake_admin;
-use common::pki::{
-    CATALOG, FRONTEND, Leaf, PAYMENT, TestCa, Validity, server_name, trust_any_server,
-};
-use common::{chain, within};
+use common::chain;
+use common::pki::TestCaExt as _;
 use http::{HeaderMap, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -30,6 +28,12 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::model::MtlsMode;
 use mesh_core::rbac::{Action, AuthorizationPolicy, Operation, Rule, Source, StringMatch};
+use mesh_testkit::ads::{AdsServer, Resources};
+use mesh_testkit::logs::Lines;
+use mesh_testkit::pki::{
+    CATALOG, FRONTEND, Leaf, PAYMENT, TestCa, Validity, server_name, trust_any_server,
+};
+use mesh_testkit::wait::within;
 use mesh_tower::telemetry::{Identity, MetricsRegistry, Telemetry};
 use mesh_tower::tls::{CertStore, PeerIdentity};
 use mesh_tower::{
@@ -789,26 +793,6 @@ async fn from_xds_needs_the_server_listener_template_and_waits_for_the_listener(
     assert_eq!(reply.grpc_status(), Some("14"), "{reply:?}");
 }
 
-/// Everything `tracing` writes, for asserting on log lines.
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Lines {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 #[test]
 fn a_denial_is_counted_logged_and_recorded_with_the_policy() {
     let lines = Lines::default();
@@ -912,127 +896,7 @@ fn a_denial_is_counted_logged_and_recorded_with_the_policy() {
     assert!(denied_series.ends_with(" 1"), "{denied_series}");
 }
 
-// ----- the policy over xDS (gRFC A36), from a tiny in-test ADS server -----
-
-/// The server listeners the fake ADS server holds: name → resource.
-type Held = std::collections::BTreeMap<String, mesh_core::xds::Any>;
-
-type AdsStream = Pin<
-    Box<
-        dyn futures_util::Stream<
-                Item = Result<
-                    envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse,
-                    tonic::Status,
-                >,
-            > + Send,
-    >,
->;
-
-type DeltaAdsStream = Pin<
-    Box<
-        dyn futures_util::Stream<
-                Item = Result<
-                    envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse,
-                    tonic::Status,
-                >,
-            > + Send,
-    >,
->;
-
-/// Serves LDS only: the subscribed names it holds, again on every change.
-#[derive(Clone)]
-struct FakeAds {
-    held: tokio::sync::watch::Receiver<Held>,
-}
-
-#[tonic::async_trait]
-impl envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService
-    for FakeAds
-{
-    type StreamAggregatedResourcesStream = AdsStream;
-    type DeltaAggregatedResourcesStream = DeltaAdsStream;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: tonic::Request<
-            tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest>,
-        >,
-    ) -> Result<tonic::Response<AdsStream>, tonic::Status> {
-        use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
-        let mut inbound = request.into_inner();
-        let mut held = self.held.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut names: Option<Vec<String>> = None;
-            let mut version = 0u64;
-            loop {
-                tokio::select! {
-                    msg = inbound.message() => {
-                        let Ok(Some(req)) = msg else { return };
-                        if req.type_url != mesh_core::xds::LISTENER_TYPE {
-                            continue;
-                        }
-                        let mut asked = req.resource_names.clone();
-                        asked.sort();
-                        if names.as_ref() == Some(&asked) {
-                            continue; // an ACK or NACK
-                        }
-                        names = Some(asked);
-                    }
-                    changed = held.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                    }
-                }
-                let Some(names) = &names else { continue };
-                version += 1;
-                let resources = {
-                    let held = held.borrow_and_update();
-                    names.iter().filter_map(|n| held.get(n).cloned()).collect()
-                };
-                let response = DiscoveryResponse {
-                    version_info: version.to_string(),
-                    resources,
-                    type_url: mesh_core::xds::LISTENER_TYPE.to_string(),
-                    nonce: version.to_string(),
-                    ..DiscoveryResponse::default()
-                };
-                if tx.send(Ok(response)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(tonic::Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        _: tonic::Request<
-            tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest>,
-        >,
-    ) -> Result<tonic::Response<DeltaAdsStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented("delta"))
-    }
-}
-
-/// Starts the fake ADS server; returns its address and the sender of
-/// what it holds.
-async fn fake_ads() -> (SocketAddr, tokio::sync::watch::Sender<Held>) {
-    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
-    let (held_tx, held) = tokio::sync::watch::channel(Held::new());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(AggregatedDiscoveryServiceServer::new(FakeAds { held }))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await;
-    });
-    (addr, held_tx)
-}
+// ----- the policy over xDS (gRFC A36), from an ADS server of canned resources -----
 
 fn server_listener(
     name: &str,
@@ -1052,9 +916,9 @@ fn server_listener(
 async fn an_xds_policy_arrives_before_serving_and_updates_in_place() {
     const TEMPLATE: &str = "grpc/server?xds.resource.listening_address=%s";
     let ca = TestCa::new("mesh root");
-    let (ads, held) = fake_ads().await;
+    let ads = AdsServer::start(Resources::new(), "1").await;
     let xds = XdsClient::start(
-        Bootstrap::builder(format!("http://{ads}"), "catalog-1")
+        Bootstrap::builder(format!("http://{}", ads.addr()), "catalog-1")
             .server_listener_resource_name_template(TEMPLATE)
             .build()
             .unwrap(),
@@ -1062,8 +926,8 @@ async fn an_xds_policy_arrives_before_serving_and_updates_in_place() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let name = TEMPLATE.replace("%s", &addr.to_string());
-    held.send_modify(|h| {
-        h.insert(
+    ads.update(|r| {
+        r.insert(
             name.clone(),
             server_listener(
                 &name,
@@ -1111,8 +975,8 @@ async fn an_xds_policy_arrives_before_serving_and_updates_in_place() {
     );
 
     // The control server changes the listener: PERMISSIVE, no policies.
-    held.send_modify(|h| {
-        h.insert(
+    ads.update(|r| {
+        r.insert(
             name.clone(),
             server_listener(&name, addr, MtlsMode::Permissive, Vec::new()),
         );

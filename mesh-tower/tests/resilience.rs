@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use common::{
-    Gauge, add_one_service, attempt_of, closed_port, one_service, reply, serve_fn, until, within,
-};
+use common::{Gauge, attempt_of, closed_port, reply, serve_fn};
 use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode};
 use http_body::Frame;
@@ -28,6 +26,9 @@ use mesh_core::model::{
     Fraction, HashPolicy, LbPolicy, Locality, OutlierDetection, Protocol, RetryBudget, RetryOn,
     RetryPolicy, RoutePolicy,
 };
+use mesh_testkit::snapshot::{add_one_service, one_service};
+use mesh_testkit::stats::assert_binomial;
+use mesh_testkit::wait::{until, within};
 use mesh_tower::local_reply::{LOCAL_REPLY_HEADER, OVERLOADED_HEADER};
 use mesh_tower::server::ServerContext;
 use mesh_tower::{
@@ -39,8 +40,6 @@ use tower::ServiceExt;
 
 type Client = MeshClient<Full<Bytes>, StaticSource>;
 type ChannelBody = StreamBody<UnboundedReceiverStream<Result<Frame<Bytes>, Infallible>>>;
-
-const Z: f64 = 4.5;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -97,17 +96,6 @@ where
     let (parts, body) = response.into_parts();
     let body = within("the body", body.collect()).await.unwrap().to_bytes();
     (parts.status, parts.headers, body)
-}
-
-/// Within z standard deviations of a binomial(n, p) mean.
-fn assert_binomial(what: &str, count: usize, n: usize, p: f64) {
-    let mean = n as f64 * p;
-    let sd = (n as f64 * p * (1.0 - p)).sqrt();
-    assert!(
-        (count as f64 - mean).abs() <= Z * sd,
-        "{what}: {count} of {n}, expected {mean:.1} ± {:.1}",
-        Z * sd
-    );
 }
 
 // ---------------------------------------------------------------- retries

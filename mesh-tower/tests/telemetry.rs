@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::routing::{any, post};
+use axum::routing::any;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -27,6 +27,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use mesh_core::model::{LbPolicy, Name, RetryOn};
 use mesh_core::snapshot::Versions;
+use mesh_testkit::logs::Lines;
+use mesh_testkit::otlp::{Receiver, SpanKind, find, one, sdk_tracer_provider};
+use mesh_testkit::prometheus::{ISTIO_STANDARD_LABELS, ISTIO_STANDARD_SAMPLES, parse, total};
+use mesh_testkit::wait::until;
 use mesh_tower::BoxError;
 use mesh_tower::telemetry::{
     self, AttemptOutcome, ClientTelemetry, ClientTelemetryLayer, DecisionRecord, Identity,
@@ -37,7 +41,6 @@ use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::{
     SpanKind as OtelSpanKind, TraceContextExt as _, Tracer as _, TracerProvider as _,
 };
-use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -45,157 +48,19 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::KeyValue as ProtoKeyValue;
-use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
-use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-use prost::Message as _;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tower::{Layer, Service, ServiceExt};
 
 // ---------------------------------------------------------------------------
-// The OTLP receiver: the collector's TraceService over gRPC, and
-// `POST /v1/traces` for OTLP/HTTP, both on 127.0.0.1:0.
+// The OTLP receiver (mesh_testkit::otlp) and its configs.
 
-/// One received span, flattened.
-#[derive(Debug, Clone)]
-struct Got {
-    service: String,
-    name: String,
-    kind: i32,
-    trace_id: Vec<u8>,
-    span_id: Vec<u8>,
-    parent: Vec<u8>,
-    attributes: HashMap<String, String>,
-    error: bool,
-}
+const DEADLINE: Duration = Duration::from_secs(10);
 
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<Got>>>,
-    arrived: Arc<Notify>,
-}
-
-fn text(kv: &ProtoKeyValue) -> String {
-    match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-        Some(AnyValue::StringValue(s)) => s.clone(),
-        Some(AnyValue::IntValue(i)) => i.to_string(),
-        Some(AnyValue::DoubleValue(d)) => d.to_string(),
-        Some(AnyValue::BoolValue(b)) => b.to_string(),
-        other => format!("{other:?}"),
+/// Flushes the span batches of `telemetries` to their exporters.
+async fn flush(telemetries: &[&Telemetry]) {
+    for t in telemetries {
+        t.flush().await.unwrap();
     }
-}
-
-impl Receiver {
-    fn take(&self, request: ExportTraceServiceRequest) {
-        let mut spans = self.spans.lock().unwrap();
-        for rs in request.resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| r.attributes.iter())
-                .find(|kv| kv.key == "service.name")
-                .map(text)
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    spans.push(Got {
-                        service: service.clone(),
-                        name: s.name,
-                        kind: s.kind,
-                        trace_id: s.trace_id,
-                        span_id: s.span_id,
-                        parent: s.parent_span_id,
-                        attributes: s
-                            .attributes
-                            .iter()
-                            .map(|kv| (kv.key.clone(), text(kv)))
-                            .collect(),
-                        error: s.status.is_some_and(|st| st.code == 2),
-                    });
-                }
-            }
-        }
-        drop(spans);
-        self.arrived.notify_waiters();
-    }
-
-    fn spans(&self) -> Vec<Got> {
-        self.spans.lock().unwrap().clone()
-    }
-
-    /// Flushes `telemetries` until `done` holds for the received spans (10 s).
-    async fn wait_for(
-        &self,
-        telemetries: &[&Telemetry],
-        done: impl Fn(&[Got]) -> bool,
-    ) -> Vec<Got> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let arrived = self.arrived.notified();
-            for t in telemetries {
-                t.flush().await.unwrap();
-            }
-            let spans = self.spans();
-            if done(&spans) {
-                return spans;
-            }
-            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                panic!("spans did not arrive; got {spans:#?}");
-            }
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.take(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-/// Starts the receiver: (gRPC address, HTTP address).
-async fn receiver() -> (Receiver, SocketAddr, SocketAddr) {
-    let receiver = Receiver::default();
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = grpc.local_addr().unwrap();
-    let service = TraceServiceServer::new(receiver.clone());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)),
-    );
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_addr = http.local_addr().unwrap();
-    let app = Router::new()
-        .route(
-            "/v1/traces",
-            post(|State(r): State<Receiver>, body: Bytes| async move {
-                match ExportTraceServiceRequest::decode(body) {
-                    Ok(request) => {
-                        r.take(request);
-                        let ok = ExportTraceServiceResponse::default().encode_to_vec();
-                        (
-                            StatusCode::OK,
-                            [("content-type", "application/x-protobuf")],
-                            ok,
-                        )
-                    }
-                    Err(_) => (
-                        StatusCode::BAD_REQUEST,
-                        [("content-type", "text/plain")],
-                        Vec::new(),
-                    ),
-                }
-            }),
-        )
-        .with_state(receiver.clone());
-    tokio::spawn(async move { axum::serve(http, app).await });
-    (receiver, grpc_addr, http_addr)
 }
 
 fn otlp(addr: SocketAddr, protocol: OtlpProtocol) -> OtelConfig {
@@ -402,24 +267,11 @@ fn identity(name: &str) -> Identity {
         .with_version("v1")
 }
 
-fn find<'a>(spans: &'a [Got], service: &str, kind: SpanKind) -> Vec<&'a Got> {
-    spans
-        .iter()
-        .filter(|s| s.service == service && s.kind == kind as i32)
-        .collect()
-}
-
-fn one<'a>(spans: &'a [Got], service: &str, kind: SpanKind) -> &'a Got {
-    let found = find(spans, service, kind);
-    assert_eq!(found.len(), 1, "{service} {kind:?}: {spans:#?}");
-    found[0]
-}
-
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_through_three_services_with_attempt_spans_and_decisions() {
-    let (receiver, grpc, http) = receiver().await;
+    let (receiver, grpc, http) = Receiver::start().await;
     let mk = |name: &'static str, protocol, addr| {
         let config = otlp(addr, protocol);
         Telemetry::builder(identity(name))
@@ -474,16 +326,20 @@ async fn one_trace_through_three_services_with_attempt_spans_and_decisions() {
 
     let all = [&frontend_t, &catalog_t, &payment_t];
     let spans = receiver
-        .wait_for(&all, |s| {
-            s.iter()
-                .filter(|g| g.kind == SpanKind::Server as i32)
-                .count()
-                == 3
-                && s.iter()
-                    .filter(|g| g.kind == SpanKind::Client as i32)
+        .wait_for(
+            DEADLINE,
+            async || flush(&all).await,
+            |s| {
+                s.iter()
+                    .filter(|g| g.kind == SpanKind::Server as i32)
                     .count()
-                    == 5
-        })
+                    == 3
+                    && s.iter()
+                        .filter(|g| g.kind == SpanKind::Client as i32)
+                        .count()
+                        == 5
+            },
+        )
         .await;
     // One trace.
     let traces: BTreeSet<_> = spans.iter().map(|s| s.trace_id.clone()).collect();
@@ -550,7 +406,7 @@ async fn one_trace_through_three_services_with_attempt_spans_and_decisions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_opentelemetry_hop_keeps_the_trace_one_tree() {
-    let (receiver, grpc, _) = receiver().await;
+    let (receiver, grpc, _) = Receiver::start().await;
     let frontend_t = Telemetry::builder(identity("frontend"))
         .otel(&otlp(grpc, OtlpProtocol::Grpc))
         .unwrap()
@@ -572,20 +428,7 @@ async fn a_foreign_opentelemetry_hop_keeps_the_trace_one_tree() {
     .await;
 
     // The foreign service: the plain OpenTelemetry SDK, W3C propagation.
-    let legacy_provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_resource(
-            opentelemetry_sdk::Resource::builder_empty()
-                .with_service_name("legacy")
-                .build(),
-        )
-        .with_batch_exporter(
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(format!("http://{grpc}"))
-                .build()
-                .unwrap(),
-        )
-        .build();
+    let legacy_provider = sdk_tracer_provider("legacy", grpc);
     let tracer = legacy_provider.tracer("legacy");
     let plain: HyperClient = Client::builder(TokioExecutor::new()).build_http();
     let legacy_app = Router::new().route(
@@ -643,11 +486,15 @@ async fn a_foreign_opentelemetry_hop_keeps_the_trace_one_tree() {
         .unwrap()
         .unwrap();
     let spans = receiver
-        .wait_for(&[&frontend_t, &payment_t], |s| {
-            s.iter().any(|g| g.service == "payment")
-                && s.iter().any(|g| g.service == "legacy")
-                && s.iter().filter(|g| g.service == "frontend").count() == 3
-        })
+        .wait_for(
+            DEADLINE,
+            async || flush(&[&frontend_t, &payment_t]).await,
+            |s| {
+                s.iter().any(|g| g.service == "payment")
+                    && s.iter().any(|g| g.service == "legacy")
+                    && s.iter().filter(|g| g.service == "frontend").count() == 3
+            },
+        )
         .await;
     let traces: BTreeSet<_> = spans.iter().map(|s| s.trace_id.clone()).collect();
     assert_eq!(traces.len(), 1, "{spans:#?}");
@@ -667,7 +514,7 @@ async fn a_foreign_opentelemetry_hop_keeps_the_trace_one_tree() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b3_input_is_continued_and_w3c_is_sent_on() {
-    let (receiver, grpc, _) = receiver().await;
+    let (receiver, grpc, _) = Receiver::start().await;
     let payment_t = Telemetry::builder(identity("payment"))
         .otel(&otlp(grpc, OtlpProtocol::Grpc))
         .unwrap()
@@ -699,7 +546,13 @@ async fn b3_input_is_continued_and_w3c_is_sent_on() {
         ],
     )
     .await;
-    let spans = receiver.wait_for(&[&payment_t], |s| s.len() == 2).await;
+    let spans = receiver
+        .wait_for(
+            DEADLINE,
+            async || flush(&[&payment_t]).await,
+            |s| s.len() == 2,
+        )
+        .await;
     let by_path = |p: &str| {
         spans
             .iter()
@@ -720,7 +573,7 @@ fn hex(b: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsampled_requests_still_propagate_and_export_nothing() {
-    let (receiver, grpc, _) = receiver().await;
+    let (receiver, grpc, _) = Receiver::start().await;
     let t = Telemetry::builder(identity("frontend"))
         .otel(&otlp(grpc, OtlpProtocol::Grpc).with_sampling(Sampling::AlwaysOff))
         .unwrap()
@@ -763,88 +616,6 @@ async fn unsampled_requests_still_propagate_and_export_nothing() {
 
 // ---------------------------------------------------------------------------
 // Metrics
-
-/// Istio's standard label names, as Istio documents them.
-const ISTIO: [&str; 25] = [
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_cluster",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_cluster",
-    "request_protocol",
-    "response_code",
-    "grpc_response_status",
-    "response_flags",
-    "connection_security_policy",
-];
-
-/// A sample line: name, labels, value.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: Vec<(String, String)>,
-    value: f64,
-}
-
-fn parse(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').unwrap();
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let mut out = Vec::new();
-            let mut rest = labels;
-            while let Some((key, after)) = rest.split_once("=\"") {
-                let end = after.find('"').unwrap();
-                out.push((
-                    key.trim_start_matches(',').to_owned(),
-                    after[..end].to_owned(),
-                ));
-                rest = &after[end + 1..];
-            }
-            Sample {
-                name: name.to_owned(),
-                labels: out,
-                value: value.parse().unwrap(),
-            }
-        })
-        .collect()
-}
-
-impl Sample {
-    fn label(&self, key: &str) -> &str {
-        self.labels
-            .iter()
-            .find(|(k, _)| k == key)
-            .map_or("", |(_, v)| v)
-    }
-}
-
-fn total(samples: &[Sample], name: &str, matching: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name && matching.iter().all(|(k, v)| s.label(k) == *v))
-        .map(|s| s.value)
-        .sum()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_workload_exactly_with_istios_names_and_labels() {
@@ -950,12 +721,12 @@ async fn metrics_count_a_known_workload_exactly_with_istios_names_and_labels() {
         assert_eq!(sum, 35.0, "{reporter}");
     }
     // Every istio_* series has exactly Istio's labels (histogram buckets add `le`).
-    let istio: BTreeSet<&str> = ISTIO.into_iter().collect();
+    let istio: BTreeSet<&str> = ISTIO_STANDARD_LABELS.into_iter().collect();
     for s in samples.iter().filter(|s| s.name.starts_with("istio_")) {
         let keys: BTreeSet<&str> = s
             .labels
-            .iter()
-            .map(|(k, _)| k.as_str())
+            .keys()
+            .map(String::as_str)
             .filter(|k| *k != "le")
             .collect();
         assert_eq!(keys, istio, "{}", s.name);
@@ -965,20 +736,7 @@ async fn metrics_count_a_known_workload_exactly_with_istios_names_and_labels() {
         .map(|s| s.name.as_str())
         .filter(|n| n.starts_with("istio_"))
         .collect();
-    let expected: BTreeSet<&str> = [
-        "istio_requests_total",
-        "istio_request_duration_milliseconds_bucket",
-        "istio_request_duration_milliseconds_sum",
-        "istio_request_duration_milliseconds_count",
-        "istio_request_bytes_bucket",
-        "istio_request_bytes_sum",
-        "istio_request_bytes_count",
-        "istio_response_bytes_bucket",
-        "istio_response_bytes_sum",
-        "istio_response_bytes_count",
-    ]
-    .into_iter()
-    .collect();
+    let expected: BTreeSet<&str> = ISTIO_STANDARD_SAMPLES.into_iter().collect();
     assert_eq!(names, expected);
     // Both sides name both workloads (the peer metadata exchange).
     let ok = samples
@@ -1095,17 +853,6 @@ async fn grpc_statuses_are_counted_on_both_sides() {
 
 #[test]
 fn the_access_log_is_one_json_line_per_request() {
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Lines {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
     let lines = Lines::default();
     let writer = lines.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -1149,24 +896,12 @@ fn the_access_log_is_one_json_line_per_request() {
             .unwrap();
         response.into_body().collect().await.unwrap();
         // The inbound line is written when catalog's body ends.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while lines
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|b| **b == b'\n')
-            .count()
-            < 2
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no access log lines"
-            );
-            tokio::task::yield_now().await;
-        }
+        until("two access log lines", || {
+            lines.text().matches('\n').count() >= 2
+        })
+        .await;
     });
-    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    let text = lines.text();
     let parsed: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l.trim()).unwrap_or_else(|e| panic!("{e}: {l}")))

@@ -1,6 +1,6 @@
 //! mTLS over real loopback sockets: STRICT, PERMISSIVE and DISABLE servers,
 //! the client's check of server identities, hot rotation, and the
-//! `file_watcher` provider. Certificates come from rcgen CAs made in the test (`common::pki`).
+//! `file_watcher` provider. Certificates come from rcgen CAs made in the test (`mesh_testkit::pki`).
 
 mod common;
 
@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::chain;
-use common::pki::{
+use common::pki::{LeafExt as _, TestCaExt as _};
+use mesh_core::spiffe::SpiffeId;
+use mesh_testkit::pki::{
     CATALOG, FRONTEND, Leaf, PAYMENT, TestCa, Validity, server_name, trust_any_server,
 };
-use mesh_core::spiffe::SpiffeId;
 use mesh_tower::tls::{
     FileWatcher, FileWatcherConfig, MeshAcceptor, MeshConnector, MtlsMode, PeerIdentity,
     ServerIdentities,

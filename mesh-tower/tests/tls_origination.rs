@@ -25,35 +25,17 @@ use mesh_core::model::{
 };
 use mesh_tower::tls::CertStore;
 use mesh_tower::{MeshClient, StaticSource};
-use rcgen::{KeyPair, SanType};
-use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use common::pki::{FRONTEND, Leaf, TestCa, Validity};
-use common::{chain, one_service, within};
+use common::chain;
+use common::pki::TestCaExt as _;
+use mesh_testkit::pki::{self, FRONTEND, Leaf, TestCa, write_pem};
+use mesh_testkit::snapshot::one_service;
+use mesh_testkit::wait::within;
 
 const API: &str = "api.example.com";
-
-/// A leaf of `ca` for DNS name `dns` (server and client auth).
-fn dns_leaf(ca: &TestCa, dns: &str) -> Leaf {
-    let key = KeyPair::generate().unwrap();
-    let cert = ca
-        .params(
-            vec![SanType::DnsName(dns.try_into().unwrap())],
-            Validity::Current,
-        )
-        .signed_by(&key, &ca.issuer)
-        .unwrap();
-    Leaf {
-        chain: cert.pem(),
-        key: key.serialize_pem(),
-    }
-}
 
 /// A TLS server (HTTP/1.1 and h2 by ALPN) presenting `leaf`; with
 /// `client_ca`, it requires a client certificate of that CA. It answers
@@ -64,32 +46,7 @@ struct TlsServer {
 }
 
 async fn tls_server(leaf: &Leaf, client_ca: Option<&TestCa>) -> TlsServer {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap();
-    let builder = match client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            roots
-                .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
-                .unwrap();
-            builder.with_client_cert_verifier(
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .unwrap(),
-            )
-        }
-    };
-    let mut config = builder
-        .with_single_cert(
-            CertificateDer::pem_slice_iter(leaf.chain.as_bytes())
-                .collect::<Result<_, _>>()
-                .unwrap(),
-            PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap(),
-        )
-        .unwrap();
+    let mut config = pki::server_config(leaf, client_ca.map(|ca| ca.pem.as_str()));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -127,9 +84,7 @@ async fn tls_server(leaf: &Leaf, client_ca: Option<&TestCa>) -> TlsServer {
 
 /// Writes `contents` to `dir/name` and returns the path.
 fn write(dir: &Path, name: &str, contents: &str) -> Name {
-    let path = dir.join(name);
-    std::fs::write(&path, contents).unwrap();
-    Name::from(path.to_str().unwrap())
+    Name::from(write_pem(dir, name, contents).to_str().unwrap())
 }
 
 fn file_cluster(protocol: Protocol, sni: &str, files: FileTls) -> Cluster {
@@ -195,7 +150,7 @@ async fn get(client: &Client) -> Result<(StatusCode, String), String> {
 async fn simple_verifies_the_server_against_the_ca_file_for_the_sni() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("external root");
-    let server = tls_server(&dns_leaf(&ca, API), None).await;
+    let server = tls_server(&ca.leaf_for(&[API]), None).await;
     let ca_file = write(dir.path(), "ca.pem", &ca.pem);
     let other_ca_file = write(dir.path(), "other.pem", &TestCa::new("other root").pem);
 
@@ -236,7 +191,7 @@ async fn simple_verifies_the_server_against_the_ca_file_for_the_sni() {
 async fn subject_alt_names_replace_the_sni_check_and_any_one_matches() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("external root");
-    let server = tls_server(&dns_leaf(&ca, API), None).await;
+    let server = tls_server(&ca.leaf_for(&[API]), None).await;
     let ca_file = write(dir.path(), "ca.pem", &ca.pem);
 
     let any_of = client(
@@ -265,9 +220,9 @@ async fn mutual_presents_the_client_certificate_and_fails_without_it() {
     let dir = tempfile::tempdir().unwrap();
     let server_ca = TestCa::new("external root");
     let client_ca = TestCa::new("client root");
-    let server = tls_server(&dns_leaf(&server_ca, API), Some(&client_ca)).await;
+    let server = tls_server(&server_ca.leaf_for(&[API]), Some(&client_ca)).await;
     let ca_file = write(dir.path(), "ca.pem", &server_ca.pem);
-    let leaf = dns_leaf(&client_ca, "shop-frontend.example.com");
+    let leaf = client_ca.leaf_for(&["shop-frontend.example.com"]);
     let mutual = FileTls {
         client_certificate: Some(ClientCertificateFiles {
             certificate_chain: write(dir.path(), "client.pem", &leaf.chain),
@@ -296,7 +251,7 @@ async fn mutual_presents_the_client_certificate_and_fails_without_it() {
     }
 
     // A client certificate of another CA is refused too.
-    let stranger = dns_leaf(&TestCa::new("stranger"), "shop-frontend.example.com");
+    let stranger = TestCa::new("stranger").leaf_for(&["shop-frontend.example.com"]);
     let files = FileTls {
         client_certificate: Some(ClientCertificateFiles {
             certificate_chain: write(dir.path(), "stranger.pem", &stranger.chain),
@@ -313,7 +268,7 @@ async fn mutual_presents_the_client_certificate_and_fails_without_it() {
 async fn files_are_read_by_the_client_and_re_read_when_they_change() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("external root");
-    let server = tls_server(&dns_leaf(&ca, API), None).await;
+    let server = tls_server(&ca.leaf_for(&[API]), None).await;
     let ca_path = dir.path().join("ca.pem");
     let ca_file = Name::from(ca_path.to_str().unwrap());
     // HTTP/1.1 with one idle connection per request: every request after a
@@ -350,7 +305,7 @@ async fn files_are_read_by_the_client_and_re_read_when_they_change() {
 async fn file_tls_needs_no_workload_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("external root");
-    let server = tls_server(&dns_leaf(&ca, API), None).await;
+    let server = tls_server(&ca.leaf_for(&[API]), None).await;
     let ca_file = write(dir.path(), "ca.pem", &ca.pem);
     let c = Client::new(StaticSource::new(api(
         file_cluster(Protocol::Http2, API, simple(&ca_file, &[])),

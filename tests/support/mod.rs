@@ -1,24 +1,26 @@
-//! Helpers shared by the integration tests (`mod support;` in each test file).
+//! Helpers shared by the facade's integration tests (`mod support;` in each test
+//! file). What other test crates need too lives in mesh-testkit; this module keeps
+//! what needs the facade's own types (the `shop` service, `proxyless::telemetry`)
+//! and the names these tests have always used for the kit's helpers.
 //!
 //! What is here and why:
 //! - [`eventually`]: tests wait on a condition with a deadline, never on a sleep
-//!   (DESIGN.md, house style 10). Polling a cheap condition every few milliseconds is
-//!   waiting; a panic names the condition and how long it waited.
+//!   (docs/ARCHITECTURE.md, Testing); `mesh_testkit::wait` polls and panics naming
+//!   the condition and how long it waited.
 //! - [`shop`]: the generated `shop` gRPC code (proto/shop.proto), and [`PaymentServer`],
 //!   a Payment service whose replies name the instance (`served_by`) and its `version`
 //!   label, so a test sees where the mesh routed every call. [`spawn_payment`] runs one
 //!   on 127.0.0.1 with tonic's own server; [`payment_routes`] hands the same service to
 //!   `proxyless::serve` (or any axum/tower server).
-//! - [`assert_split`]: weighted routing is random; a binomial z-score at z ≥ 4.5 keeps a
-//!   correct split from failing more than once in ~300,000 runs while still catching a
-//!   wrong weight.
+//! - [`assert_split`]: weighted routing is random; `mesh_testkit::stats` checks a
+//!   binomial z-score at z ≥ 4.5.
 //! - [`admin`]: requests to mesh-control's admin HTTP API (registration, status).
+//! - [`copy_demo_mesh`]: the demo's config (`examples/mesh`) in a test's own directory.
 //! - [`Coin`]: a seeded-from-the-OS random source for backends that fail a share of
 //!   their calls at random (retries are checked against `1 - p^(attempts)`); the
 //!   root package has no `rand` dependency and a test needs nothing stronger.
 //! - [`python`]: the grpcio venv and the xDS interop client (gRPC proxyless, A27/A28).
-//! - [`otlp`]: a real OTLP trace receiver (the collector's gRPC trace service and
-//!   `POST /v1/traces`) that flattens the spans it gets, for trace assertions.
+//! - [`otlp`]: the kit's OTLP trace receiver, flushed through `Telemetry`.
 //!
 //! Each test binary uses a subset of these helpers, hence `dead_code` is allowed here.
 #![allow(dead_code)]
@@ -27,9 +29,9 @@ pub(crate) mod admin;
 pub(crate) mod otlp;
 pub(crate) mod python;
 
-use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -43,8 +45,12 @@ use tonic::{Request, Response, Status};
 /// servers (`shop::payment_server::{Payment, PaymentServer}`).
 pub(crate) use shop_proto as shop;
 
-/// How often [`eventually`] re-checks its condition.
-const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// Statistical assertions (binomial z-scores) for weighted splits and retry rates.
+#[allow(unused_imports)] // each test binary uses some
+pub(crate) use mesh_testkit::stats::{SPLIT_Z, assert_split, assert_split_z, split_z_score};
+/// Waits on a condition that needs `.await`, naming it on failure.
+#[allow(unused_imports)] // each test binary uses some
+pub(crate) use mesh_testkit::wait::eventually_async;
 
 /// Waits until `condition()` is true, checking every few milliseconds; panics when it is
 /// still false after `deadline`.
@@ -53,45 +59,46 @@ const POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// eventually(Duration::from_secs(5), || client.snapshot().listeners.contains_key("payment")).await;
 /// ```
 pub(crate) async fn eventually(deadline: Duration, condition: impl FnMut() -> bool) {
-    eventually_named("condition", deadline, condition).await;
+    mesh_testkit::wait::eventually("a condition", deadline, condition).await;
 }
 
 /// [`eventually`] whose panic message says what was awaited.
 pub(crate) async fn eventually_named(
     what: &str,
     deadline: Duration,
-    mut condition: impl FnMut() -> bool,
+    condition: impl FnMut() -> bool,
 ) {
-    let start = Instant::now();
-    loop {
-        if condition() {
-            return;
-        }
-        if start.elapsed() >= deadline {
-            panic!("{what} still false after {deadline:?}");
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
+    mesh_testkit::wait::eventually(what, deadline, condition).await;
 }
 
-/// [`eventually`] for a condition that needs `.await` (an RPC, an HTTP call): each check
-/// is one call of `condition`; a check still running at the deadline is abandoned.
-pub(crate) async fn eventually_async<F, Fut>(what: &str, deadline: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        let left = deadline.saturating_sub(start.elapsed());
-        match tokio::time::timeout(left, condition()).await {
-            Ok(true) => return,
-            Ok(false) if start.elapsed() < deadline => {
-                tokio::time::sleep(POLL_INTERVAL).await;
-            }
-            _ => panic!("{what} still false after {deadline:?}"),
-        }
+/// Copies the demo's config (every YAML file of `examples/mesh`) into `to`, created.
+pub(crate) fn copy_demo_mesh(to: &Path) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mesh");
+    if let Err(error) = std::fs::create_dir_all(to) {
+        panic!("creating {}: {error}", to.display());
     }
+    let entries = match std::fs::read_dir(&from) {
+        Ok(entries) => entries,
+        Err(error) => panic!("listing {}: {error}", from.display()),
+    };
+    let mut copied = 0;
+    for entry in entries {
+        let path = match entry {
+            Ok(entry) => entry.path(),
+            Err(error) => panic!("listing {}: {error}", from.display()),
+        };
+        let is_yaml = path
+            .extension()
+            .is_some_and(|ext| ext == "yaml" || ext == "yml");
+        let Some(name) = path.file_name().filter(|_| is_yaml) else {
+            continue;
+        };
+        if let Err(error) = std::fs::copy(&path, to.join(name)) {
+            panic!("copying {}: {error}", path.display());
+        }
+        copied += 1;
+    }
+    assert!(copied > 0, "no YAML files in {}", from.display());
 }
 
 /// Counters a test reads to see what a [`PaymentServer`] has done (shared by its clones).
@@ -304,6 +311,14 @@ pub(crate) fn payment_routes_of<P: shop::payment_server::Payment>(
     tonic::service::Routes::new(shop::payment_server::PaymentServer::new(service))
 }
 
+/// [`payment_routes_of`] for a service the test keeps a handle on (to read what it
+/// counted).
+pub(crate) fn payment_routes_of_arc<P: shop::payment_server::Payment>(
+    service: Arc<P>,
+) -> tonic::service::Routes {
+    tonic::service::Routes::new(shop::payment_server::PaymentServer::from_arc(service))
+}
+
 /// A Payment server running on a local port (see [`spawn_payment`]).
 #[derive(Debug)]
 pub(crate) struct PaymentHandle {
@@ -379,49 +394,4 @@ pub(crate) async fn spawn_payment_with(
         task: Some(task),
     };
     (addr, handle)
-}
-
-/// Default z for [`assert_split`]: a correct split fails about once in 300,000 runs.
-pub(crate) const SPLIT_Z: f64 = 4.5;
-
-/// How many standard deviations `count` out of `total` lies from the binomial mean
-/// `total * expected_p` (0 when it is exactly the mean; infinite when `expected_p` is 0
-/// or 1 and the count differs from the mean).
-pub(crate) fn split_z_score(count: u64, total: u64, expected_p: f64) -> f64 {
-    let n = total as f64;
-    let mean = n * expected_p;
-    let sd = (n * expected_p * (1.0 - expected_p)).sqrt();
-    let diff = count as f64 - mean;
-    if diff == 0.0 {
-        0.0
-    } else if sd == 0.0 {
-        f64::INFINITY
-    } else {
-        diff.abs() / sd
-    }
-}
-
-/// Asserts that `count` hits out of `total` tries are consistent with probability
-/// `expected_p`, at z = [`SPLIT_Z`] (4.5).
-#[track_caller]
-pub(crate) fn assert_split(count: u64, total: u64, expected_p: f64) {
-    assert_split_z(count, total, expected_p, SPLIT_Z);
-}
-
-/// [`assert_split`] with an explicit z.
-#[track_caller]
-pub(crate) fn assert_split_z(count: u64, total: u64, expected_p: f64, z: f64) {
-    assert!(
-        (0.0..=1.0).contains(&expected_p),
-        "expected_p {expected_p} is not a probability"
-    );
-    assert!(count <= total, "count {count} is larger than total {total}");
-    let score = split_z_score(count, total, expected_p);
-    assert!(
-        score <= z,
-        "{count} of {total} ({:.2}%) is {score:.2} standard deviations from the expected \
-         {:.2}% (limit z = {z})",
-        100.0 * count as f64 / total.max(1) as f64,
-        100.0 * expected_p,
-    );
 }

@@ -3,19 +3,18 @@
 //! one-line JSON report becomes a [`ClientReport`].
 //!
 //! The venv lives in `<target dir>/interop-venv` so `cargo clean` removes it and a second
-//! run reuses it. It is created on first use (`python3 -m venv`, then `pip install`);
-//! a marker file written last says it is complete, and a lock file keeps two test
-//! processes (e.g. under cargo-nextest) from building it at once. Within one process a
-//! `OnceLock` does the same for concurrent tests. Linux/macOS layout (`bin/python`).
+//! run reuses it. `mesh_testkit::install::Venv` creates it on first use (`python3 -m
+//! venv`, then `pip install`) under a file lock, so two test processes never build it at
+//! once; within one process a `OnceLock` keeps the outcome, so concurrent tests wait for
+//! one install and a failed install is not retried by every test.
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
+use mesh_testkit::install::Venv;
 use tokio::io::AsyncReadExt;
 
 /// The grpcio release the interop tests pin (XDS-NOTES facts were checked against it).
@@ -23,31 +22,13 @@ pub(crate) const GRPCIO_VERSION: &str = "1.85.1";
 
 /// The venv directory's name inside the target dir.
 const VENV_DIR: &str = "interop-venv";
-/// Written last into a complete venv; names the pinned version so a bump rebuilds it.
-const MARKER: &str = ".proxyless-grpcio-1.85.1-ready";
-/// How long to wait for another process that is building the venv.
-const LOCK_WAIT: Duration = Duration::from_secs(600);
 /// How long the client may overrun its own deadline (Python start-up, grpc shutdown)
 /// before it is killed.
 const CLIENT_GRACE: Duration = Duration::from_secs(15);
 
-/// The cargo target directory: `CARGO_TARGET_DIR`, else the directory holding this test
-/// executable's `CACHEDIR.TAG` (cargo writes one at the target root), else `./target`
-/// of the root package.
+/// The cargo target directory (`mesh_testkit::install::target_dir`).
 pub(crate) fn target_dir() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
-        return manifest_dir.join(dir);
-    }
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(dir) = exe
-            .ancestors()
-            .skip(1)
-            .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-    {
-        return dir.to_path_buf();
-    }
-    manifest_dir.join("target")
+    mesh_testkit::install::target_dir()
 }
 
 /// The Python interpreter of a venv with grpcio [`GRPCIO_VERSION`] installed, creating the
@@ -58,196 +39,21 @@ pub(crate) fn target_dir() -> PathBuf {
 pub(crate) fn grpcio_python() -> Result<PathBuf, String> {
     static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     PYTHON
-        .get_or_init(|| ensure_venv(&target_dir().join(VENV_DIR)))
+        .get_or_init(|| {
+            let pin = format!("grpcio=={GRPCIO_VERSION}");
+            Venv::in_target_dir(VENV_DIR, &[pin.as_str()], &["grpc"]).ensure()
+        })
         .clone()
 }
 
-fn venv_python(venv: &Path) -> PathBuf {
-    venv.join("bin").join("python")
-}
-
-/// What to run by hand when the automatic set-up fails.
-fn manual_commands(venv: &Path) -> String {
-    format!(
-        "python3 -m venv {venv} && {venv}/bin/pip install grpcio=={GRPCIO_VERSION}",
-        venv = venv.display()
-    )
-}
-
-fn ensure_venv(venv: &Path) -> Result<PathBuf, String> {
-    let python = venv_python(venv);
-    let marker = venv.join(MARKER);
-    if marker.is_file() && python.is_file() {
-        return Ok(python);
+/// [`grpcio_python`] from an async test: pip runs outside the runtime's thread, and
+/// a failed install panics with what to run by hand (the interop tests never skip).
+pub(crate) async fn require_grpcio_python() -> PathBuf {
+    match tokio::task::spawn_blocking(grpcio_python).await {
+        Ok(Ok(python)) => python,
+        Ok(Err(message)) => panic!("{message}"),
+        Err(error) => panic!("installing grpcio panicked: {error}"),
     }
-    let parent = venv.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(parent)
-        .map_err(|e| format!("creating {} for the grpcio venv: {e}", parent.display()))?;
-    let _lock = LockFile::acquire(&parent.join(format!("{VENV_DIR}.lock")))?;
-    if marker.is_file() && python.is_file() {
-        // Another process finished it while we waited.
-        return Ok(python);
-    }
-    // A venv made by hand (the commands of `manual_commands`) is fine as it is.
-    if python.is_file() && installed_grpcio(&python).as_deref() == Ok(GRPCIO_VERSION) {
-        write_marker(&marker)?;
-        return Ok(python);
-    }
-    if venv.exists() {
-        fs::remove_dir_all(venv).map_err(|e| {
-            format!(
-                "removing the incomplete venv {}: {e}; remove it by hand",
-                venv.display()
-            )
-        })?;
-    }
-
-    let mut create = Command::new("python3");
-    create.arg("-m").arg("venv").arg(venv);
-    let output = run_captured(&mut create).map_err(|e| {
-        format!(
-            "running `python3 -m venv {}`: {e}\nInstall Python 3 (with its venv module: \
-             `apt-get install python3-venv` on Debian/Ubuntu), then run:\n  {}",
-            venv.display(),
-            manual_commands(venv)
-        )
-    })?;
-    if !output.status.success() || !python.is_file() {
-        return Err(format!(
-            "`python3 -m venv {}` failed ({}):\n{}\nOn Debian/Ubuntu the venv module is a \
-             separate package: `apt-get install python3-venv`. Then run:\n  {}",
-            venv.display(),
-            output.status,
-            output_tail(&output),
-            manual_commands(venv)
-        ));
-    }
-
-    let mut install = Command::new(&python);
-    install.args([
-        "-m",
-        "pip",
-        "install",
-        "--disable-pip-version-check",
-        "--no-input",
-        &format!("grpcio=={GRPCIO_VERSION}"),
-    ]);
-    let output = run_captured(&mut install)
-        .map_err(|e| format!("running pip in {}: {e}", venv.display()))?;
-    if !output.status.success() {
-        return Err(format!(
-            "`pip install grpcio=={GRPCIO_VERSION}` failed ({}):\n{}\nIt needs PyPI (or a \
-             pip index/proxy configured) and a grpcio wheel for this Python. Run by hand:\n  {}",
-            output.status,
-            output_tail(&output),
-            manual_commands(venv)
-        ));
-    }
-    match installed_grpcio(&python) {
-        Ok(version) if version == GRPCIO_VERSION => {}
-        Ok(version) => {
-            return Err(format!(
-                "the venv {} has grpcio {version}, not {GRPCIO_VERSION}",
-                venv.display()
-            ));
-        }
-        Err(e) => return Err(format!("grpcio does not import after pip install: {e}")),
-    }
-    write_marker(&marker)?;
-    Ok(python)
-}
-
-/// `grpc.__version__` as the venv's Python sees it.
-fn installed_grpcio(python: &Path) -> Result<String, String> {
-    let output = run_captured(
-        Command::new(python).args(["-c", "import grpc, sys; sys.stdout.write(grpc.__version__)"]),
-    )
-    .map_err(|e| format!("running {}: {e}", python.display()))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    } else {
-        Err(output_tail(&output))
-    }
-}
-
-fn write_marker(marker: &Path) -> Result<(), String> {
-    fs::write(marker, GRPCIO_VERSION).map_err(|e| format!("writing {}: {e}", marker.display()))
-}
-
-fn run_captured(command: &mut Command) -> io::Result<Output> {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-}
-
-/// The last lines of a command's stdout and stderr, for error messages.
-fn output_tail(output: &Output) -> String {
-    const LINES: usize = 30;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(LINES)..].join("\n")
-}
-
-/// A lock held by creating a file exclusively; removed on drop. A lock whose holder
-/// process is gone (checked through /proc) or that is older than [`LOCK_WAIT`] is stale
-/// and taken over.
-struct LockFile(PathBuf);
-
-impl LockFile {
-    fn acquire(path: &Path) -> Result<Self, String> {
-        let start = Instant::now();
-        loop {
-            match OpenOptions::new().write(true).create_new(true).open(path) {
-                Ok(mut file) => {
-                    let _ = write!(file, "{}", std::process::id());
-                    return Ok(Self(path.to_path_buf()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    if lock_is_stale(path) {
-                        let _ = fs::remove_file(path);
-                        continue;
-                    }
-                    if start.elapsed() > LOCK_WAIT {
-                        return Err(format!(
-                            "{} is still locked after {LOCK_WAIT:?}; if no test is running, \
-                             remove it",
-                            path.display()
-                        ));
-                    }
-                    // Waiting for another process's pip install to finish.
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => return Err(format!("creating {}: {e}", path.display())),
-            }
-        }
-    }
-}
-
-impl Drop for LockFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
-}
-
-fn lock_is_stale(path: &Path) -> bool {
-    let holder_gone = fs::read_to_string(path)
-        .ok()
-        .and_then(|pid| pid.trim().parse::<u32>().ok())
-        .is_some_and(|pid| {
-            Path::new("/proc/self").exists() && !Path::new(&format!("/proc/{pid}")).exists()
-        });
-    let too_old = fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|modified| SystemTime::now().duration_since(modified).ok())
-        .is_some_and(|age| age > LOCK_WAIT);
-    holder_gone || too_old
 }
 
 /// The path of the Python interop client script.
@@ -391,28 +197,7 @@ pub(crate) async fn run_grpc_xds_client_with(
     options: &ClientOptions,
 ) -> Result<ClientReport, String> {
     let script = grpc_xds_client_script();
-    let mut command = tokio::process::Command::new(python);
-    command
-        .arg(&script)
-        .arg(target)
-        .arg(calls.to_string())
-        .arg("--deadline")
-        .arg(format!("{:.3}", timeout.as_secs_f64()))
-        .env("GRPC_XDS_BOOTSTRAP", bootstrap)
-        .env_remove("GRPC_XDS_BOOTSTRAP_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (key, value) in &options.headers {
-        command.arg("--header").arg(format!("{key}={value}"));
-    }
-    for (key, value) in &options.env {
-        command.env(key, value);
-    }
-    if options.xds_creds {
-        command.arg("--xds-creds");
-    }
+    let mut command = client_command(python, bootstrap, target, calls, timeout, options);
     let mut child = command
         .spawn()
         .map_err(|e| format!("starting {} {}: {e}", python.display(), script.display()))?;
@@ -439,8 +224,44 @@ pub(crate) async fn run_grpc_xds_client_with(
     ClientReport::parse(&stdout, &stderr)
 }
 
+/// The command that runs the grpcio xDS client: `calls` Pay calls to `target` within
+/// `deadline`, with `GRPC_XDS_BOOTSTRAP=bootstrap` and the `options`; its stdio is piped
+/// and it is killed when dropped. Callers add flags of their own (`--linger`).
+pub(crate) fn client_command(
+    python: &Path,
+    bootstrap: &Path,
+    target: &str,
+    calls: u32,
+    deadline: Duration,
+    options: &ClientOptions,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(python);
+    command
+        .arg(grpc_xds_client_script())
+        .arg(target)
+        .arg(calls.to_string())
+        .arg("--deadline")
+        .arg(format!("{:.3}", deadline.as_secs_f64()))
+        .env("GRPC_XDS_BOOTSTRAP", bootstrap)
+        .env_remove("GRPC_XDS_BOOTSTRAP_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (key, value) in &options.headers {
+        command.arg("--header").arg(format!("{key}={value}"));
+    }
+    for (key, value) in &options.env {
+        command.env(key, value);
+    }
+    if options.xds_creds {
+        command.arg("--xds-creds");
+    }
+    command
+}
+
 /// Reads a child's pipe to the end in a task (so a full pipe never blocks the child).
-fn read_all<R>(pipe: Option<R>) -> tokio::task::JoinHandle<String>
+pub(crate) fn read_all<R>(pipe: Option<R>) -> tokio::task::JoinHandle<String>
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
 {

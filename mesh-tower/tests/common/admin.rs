@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::within;
+use mesh_testkit::wait::within;
 
 /// One call the admin API received.
 #[derive(Debug, Clone, PartialEq)]

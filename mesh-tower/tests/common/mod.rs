@@ -1,11 +1,13 @@
-//! Shared fixtures: axum backends on real sockets and hand-built snapshots.
+//! Fixtures of mesh-tower's tests: axum backends on real sockets, the fake
+//! mesh-control admin API, and the test PKI as mesh-tower's types. What other test
+//! crates share (snapshot builders, polling helpers, the PKI itself) is in
+//! mesh-testkit.
 #![allow(dead_code, unreachable_pub)]
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -15,25 +17,11 @@ use axum::routing::{any, post};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
-use mesh_core::Snapshot;
-use mesh_core::model::{
-    Cluster, ClusterLoadAssignment, Endpoint, HeaderMatch, LbPolicy, Listener, Locality,
-    LocalityEndpoints, PathMatch, Protocol, Route, RouteConfig, RouteMatch, RoutePolicy,
-    ValueMatch, VirtualHost, WeightedClusters,
-};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 pub mod admin;
 pub mod pki;
-
-/// Waits for `f` at most 10 s: the deadline every test wait uses.
-pub async fn within<F: Future>(what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(Duration::from_secs(10), f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out waiting for {what}"),
-    }
-}
 
 /// What a backend saw of a request.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -129,107 +117,6 @@ async fn trailers() -> Response {
     (StatusCode::OK, [("content-type", "application/grpc")], body).into_response()
 }
 
-fn cla(name: &str, addrs: &[SocketAddr]) -> Arc<ClusterLoadAssignment> {
-    let mut unique = addrs.to_vec();
-    unique.dedup();
-    let endpoints = unique
-        .iter()
-        .map(|a| Endpoint {
-            address: *a,
-            weight: 1,
-            labels: Arc::from([]),
-        })
-        .collect();
-    Arc::new(
-        ClusterLoadAssignment::new(
-            name.into(),
-            vec![LocalityEndpoints {
-                locality: Locality::default(),
-                weight: 1,
-                priority: 0,
-                endpoints,
-            }],
-        )
-        .unwrap(),
-    )
-}
-
-fn route(name: &str, matcher: RouteMatch, cluster: &str) -> Route {
-    Route {
-        name: name.into(),
-        matcher,
-        action: WeightedClusters::single(cluster),
-        policy: Default::default(),
-    }
-}
-
-/// Service `catalog` (listener `catalog`): header `x-version: v2` or path
-/// `/b...` → backend b; `/both...` → round robin over a and b; anything
-/// else → a. The control server said `nope` does not exist.
-pub fn snapshot(a: SocketAddr, b: SocketAddr, protocol: Protocol) -> Snapshot {
-    let mut s = Snapshot::default();
-    add_service(&mut s, "catalog", a, b, protocol);
-    s.missing_listeners.insert("nope".into());
-    s
-}
-
-pub fn add_service(s: &mut Snapshot, name: &str, a: SocketAddr, b: SocketAddr, protocol: Protocol) {
-    let rc_name = format!("{name}:80");
-    s.listeners.insert(
-        name.into(),
-        Arc::new(Listener {
-            name: name.into(),
-            route_config_name: rc_name.as_str().into(),
-        }),
-    );
-    let v2 = RouteMatch {
-        headers: vec![HeaderMatch {
-            name: "x-version".into(),
-            value: ValueMatch::Exact("v2".into()),
-            invert: false,
-        }]
-        .into(),
-        ..RouteMatch::any()
-    };
-    let prefix = |p: &str| RouteMatch {
-        path: PathMatch::Prefix(p.into()),
-        ..RouteMatch::any()
-    };
-    let ca = format!("outbound|80|a|{name}");
-    let cb = format!("outbound|80|b|{name}");
-    let cboth = format!("outbound|80||{name}");
-    s.route_configs.insert(
-        rc_name.as_str().into(),
-        Arc::new(RouteConfig {
-            name: rc_name.as_str().into(),
-            virtual_hosts: vec![VirtualHost {
-                name: rc_name.as_str().into(),
-                domains: vec![name.into(), rc_name.as_str().into()].into(),
-                routes: vec![
-                    route("v2", v2, &cb),
-                    route("both", prefix("/both"), &cboth),
-                    route("b", prefix("/b"), &cb),
-                    route("stream", prefix("/stream"), &ca),
-                    route("default", RouteMatch::any(), &ca),
-                ]
-                .into(),
-            }]
-            .into(),
-        }),
-    );
-    for (cluster, addrs) in [(&ca, vec![a]), (&cb, vec![b]), (&cboth, vec![a, b])] {
-        s.clusters.insert(
-            cluster.as_str().into(),
-            Arc::new(Cluster {
-                lb_policy: LbPolicy::RoundRobin,
-                ..Cluster::new(cluster.as_str(), protocol)
-            }),
-        );
-        s.endpoints
-            .insert(cluster.as_str().into(), cla(cluster, &addrs));
-    }
-}
-
 /// An address nothing listens on.
 pub async fn closed_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -259,91 +146,6 @@ where
         .unwrap();
     });
     addr
-}
-
-/// A snapshot with one service `name` (listener `name`), one route with
-/// `policy` to one cluster (`cluster`, renamed `outbound|80||<name>`) whose
-/// endpoints are `endpoints` (each with its locality, weight 1).
-pub fn one_service(
-    name: &str,
-    cluster: Cluster,
-    policy: RoutePolicy,
-    endpoints: &[(SocketAddr, Locality)],
-) -> Snapshot {
-    let mut s = Snapshot::default();
-    add_one_service(&mut s, name, cluster, policy, endpoints);
-    s
-}
-
-/// Adds what [`one_service`] builds to `s`.
-pub fn add_one_service(
-    s: &mut Snapshot,
-    name: &str,
-    cluster: Cluster,
-    policy: RoutePolicy,
-    endpoints: &[(SocketAddr, Locality)],
-) {
-    let rc_name = format!("{name}:80");
-    let cluster_name = format!("outbound|80||{name}");
-    s.listeners.insert(
-        name.into(),
-        Arc::new(Listener {
-            name: name.into(),
-            route_config_name: rc_name.as_str().into(),
-        }),
-    );
-    s.route_configs.insert(
-        rc_name.as_str().into(),
-        Arc::new(RouteConfig {
-            name: rc_name.as_str().into(),
-            virtual_hosts: vec![VirtualHost {
-                name: rc_name.as_str().into(),
-                domains: vec![name.into(), rc_name.as_str().into()].into(),
-                routes: vec![Route {
-                    name: "all".into(),
-                    matcher: RouteMatch::any(),
-                    action: WeightedClusters::single(cluster_name.as_str()),
-                    policy,
-                }]
-                .into(),
-            }]
-            .into(),
-        }),
-    );
-    s.clusters.insert(
-        cluster_name.as_str().into(),
-        Arc::new(Cluster {
-            name: cluster_name.as_str().into(),
-            eds_service_name: cluster_name.as_str().into(),
-            ..cluster
-        }),
-    );
-    let mut localities: Vec<LocalityEndpoints> = Vec::new();
-    for (addr, locality) in endpoints {
-        let endpoint = Endpoint {
-            address: *addr,
-            weight: 1,
-            labels: Arc::from([]),
-        };
-        match localities.iter_mut().find(|l| &l.locality == locality) {
-            Some(l) => {
-                let mut all = l.endpoints.to_vec();
-                all.push(endpoint);
-                l.endpoints = all.into();
-                l.weight += 1;
-            }
-            None => localities.push(LocalityEndpoints {
-                locality: locality.clone(),
-                weight: 1,
-                priority: 0,
-                endpoints: vec![endpoint].into(),
-            }),
-        }
-    }
-    s.endpoints.insert(
-        cluster_name.as_str().into(),
-        Arc::new(ClusterLoadAssignment::new(cluster_name.as_str().into(), localities).unwrap()),
-    );
 }
 
 /// Counts requests in flight and remembers the most seen at once.
@@ -377,16 +179,6 @@ impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
-}
-
-/// Waits (at most 10 s) until `condition` holds, checking every millisecond.
-pub async fn until(what: &str, mut condition: impl FnMut() -> bool) {
-    within(what, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await;
 }
 
 /// The attempt number Envoy-style clients put on a request.

@@ -1,19 +1,13 @@
 //! CSDS and the config dump, driven through the sans-io state machine.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::envoy::service::status::v3::client_config::GenericXdsConfig;
 use envoy_types::pb::envoy::r#type::matcher::v3::NodeMatcher;
-use mesh_core::model::{
-    Cluster, ClusterLoadAssignment, Endpoint, LbPolicy, Listener, Locality, LocalityEndpoints,
-    Name, Protocol, Route, RouteConfig, RouteMatch, VirtualHost, WeightedCluster, WeightedClusters,
-};
-use mesh_core::xds::{self, Any, ResourceType};
-use prost::Message;
+use mesh_core::model::Locality;
+use mesh_core::xds::{Any, ResourceType};
+use mesh_testkit::snapshot::xds::{bad_listener, cluster, listener, response, route_config};
 use serde_json::json;
 
 use super::*;
@@ -25,96 +19,22 @@ fn at(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
 }
 
-fn listener(name: &str, rc: &str) -> Any {
-    xds::encode_listener(&Listener {
-        name: name.into(),
-        route_config_name: rc.into(),
-    })
-}
-
-/// A listener that names itself but is invalid (no api_listener).
-fn bad_listener(name: &str) -> Any {
-    Any {
-        type_url: xds::LISTENER_TYPE.to_owned(),
-        value: ListenerProto {
-            name: name.to_owned(),
-            ..ListenerProto::default()
-        }
-        .encode_to_vec(),
-    }
-}
-
-/// One route splitting between weighted clusters.
-fn route_config(name: &str, clusters: &[(&str, u32)]) -> Any {
-    let action = WeightedClusters::new(
-        clusters
-            .iter()
-            .map(|(c, w)| WeightedCluster {
-                name: (*c).into(),
-                weight: *w,
-            })
-            .collect(),
-    )
-    .unwrap();
-    xds::encode_route_config(&RouteConfig {
-        name: name.into(),
-        virtual_hosts: Arc::from([VirtualHost {
-            name: name.into(),
-            domains: Arc::from([Name::from("*")]),
-            routes: Arc::from([Route {
-                name: "split".into(),
-                matcher: RouteMatch::any(),
-                action,
-                policy: Default::default(),
-            }]),
-        }]),
-    })
-}
-
-fn cluster(name: &str) -> Any {
-    xds::encode_cluster(&Cluster {
-        lb_policy: LbPolicy::RoundRobin,
-        ..Cluster::new(name, Protocol::Http1)
-    })
-}
-
+/// One endpoint on 127.0.0.1:`port` in `eu`/`eu-1`, labelled `version: v1` (what
+/// the dump shows of an endpoint).
 fn endpoints(name: &str, port: u16) -> Any {
+    let locality = Locality {
+        region: "eu".into(),
+        zone: "eu-1".into(),
+        sub_zone: "".into(),
+    };
     let address: SocketAddr = ([127, 0, 0, 1], port).into();
-    xds::encode_endpoints(
-        &ClusterLoadAssignment::new(
-            name.into(),
-            vec![LocalityEndpoints {
-                locality: Locality {
-                    region: "eu".into(),
-                    zone: "eu-1".into(),
-                    sub_zone: "".into(),
-                },
-                weight: 1,
-                priority: 0,
-                endpoints: Arc::from([Endpoint {
-                    address,
-                    weight: 1,
-                    labels: Arc::from([(Name::from("version"), Name::from("v1"))]),
-                }]),
-            }],
-        )
-        .unwrap(),
-    )
+    mesh_testkit::snapshot::xds::endpoints(name, address, locality, &[("version", "v1")])
 }
 
-fn response(
-    kind: ResourceType,
-    version: &str,
-    nonce: &str,
-    resources: Vec<Any>,
-) -> DiscoveryResponse {
-    DiscoveryResponse {
-        version_info: version.to_owned(),
-        type_url: kind.type_url().to_owned(),
-        nonce: nonce.to_owned(),
-        resources,
-        ..DiscoveryResponse::default()
-    }
+/// Route config `name`: one route `split` for any host over the weighted
+/// `clusters`.
+fn split(name: &str, clusters: &[(&str, u32)]) -> Any {
+    route_config(name, &["*"], "split", clusters)
 }
 
 fn node() -> Node {
@@ -144,7 +64,7 @@ fn synced() -> AdsState {
             ResourceType::RouteConfig,
             "r1",
             "n2",
-            vec![route_config("rc-a", &[("c1", 90), ("c2", 10)])],
+            vec![split("rc-a", &[("c1", 90), ("c2", 10)])],
         ),
         at(101),
     );
@@ -153,7 +73,7 @@ fn synced() -> AdsState {
             ResourceType::Cluster,
             "c1",
             "n3",
-            vec![cluster("c1"), cluster("c2")],
+            vec![cluster("c1", "c1"), cluster("c2", "c2")],
         ),
         at(102),
     );
@@ -201,9 +121,9 @@ fn accepted_resources_are_acked_with_their_raw_form_version_and_time() {
             "rc-a",
             "r1",
             101,
-            route_config("rc-a", &[("c1", 90), ("c2", 10)]),
+            split("rc-a", &[("c1", 90), ("c2", 10)]),
         ),
-        (ResourceType::Cluster, "c2", "c1", 102, cluster("c2")),
+        (ResourceType::Cluster, "c2", "c1", 102, cluster("c2", "c2")),
         (
             ResourceType::Endpoints,
             "c1",
@@ -343,12 +263,12 @@ fn missing_names_do_not_exist_and_unanswered_ones_are_requested() {
             ResourceType::RouteConfig,
             "r1",
             "n2",
-            vec![route_config("rc-a", &[("c1", 90), ("c2", 10)])],
+            vec![split("rc-a", &[("c1", 90), ("c2", 10)])],
         ),
         at(101),
     );
     s.on_response_at(
-        response(ResourceType::Cluster, "c1", "n3", vec![cluster("c1")]),
+        response(ResourceType::Cluster, "c1", "n3", vec![cluster("c1", "c1")]),
         at(102),
     );
     let report = s.resource_report();

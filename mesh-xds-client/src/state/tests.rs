@@ -1,104 +1,25 @@
 //! Unit tests of the ADS state machine: no runtime, no sockets.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
-use mesh_core::model::{
-    Cluster, ClusterLoadAssignment, Endpoint, LbPolicy, Listener, Locality, LocalityEndpoints,
-    Protocol, Route, RouteConfig, RouteMatch, VirtualHost, WeightedCluster, WeightedClusters,
-};
+use mesh_core::model::Locality;
 use mesh_core::route::RequestView;
-use prost::Message;
+use mesh_testkit::snapshot::xds::{bad_listener, cluster, listener, response};
+use prost::Message as _;
 
 use super::*;
 
-fn listener(name: &str, rc: &str) -> Any {
-    xds::encode_listener(&Listener {
-        name: name.into(),
-        route_config_name: rc.into(),
-    })
-}
-
-/// A listener that names itself but is invalid (no api_listener).
-fn bad_listener(name: &str) -> Any {
-    Any {
-        type_url: xds::LISTENER_TYPE.to_owned(),
-        value: ListenerProto {
-            name: name.to_owned(),
-            ..ListenerProto::default()
-        }
-        .encode_to_vec(),
-    }
-}
-
+/// Route config `name`: one route `default` for any host, split evenly over
+/// `clusters`.
 fn route_config(name: &str, clusters: &[&str]) -> Any {
-    let action = WeightedClusters::new(
-        clusters
-            .iter()
-            .map(|c| WeightedCluster {
-                name: (*c).into(),
-                weight: 1,
-            })
-            .collect(),
-    )
-    .unwrap();
-    xds::encode_route_config(&RouteConfig {
-        name: name.into(),
-        virtual_hosts: Arc::from([VirtualHost {
-            name: name.into(),
-            domains: Arc::from([Name::from("*")]),
-            routes: Arc::from([Route {
-                name: "default".into(),
-                matcher: RouteMatch::any(),
-                action,
-                policy: Default::default(),
-            }]),
-        }]),
-    })
+    let weighted: Vec<(&str, u32)> = clusters.iter().map(|c| (*c, 1)).collect();
+    mesh_testkit::snapshot::xds::route_config(name, &["*"], "default", &weighted)
 }
 
-fn cluster(name: &str, eds: &str) -> Any {
-    xds::encode_cluster(&Cluster {
-        eds_service_name: eds.into(),
-        lb_policy: LbPolicy::RoundRobin,
-        ..Cluster::new(name, Protocol::Http1)
-    })
-}
-
+/// One endpoint on 127.0.0.1:`port`, no locality, no labels.
 fn endpoints(name: &str, port: u16) -> Any {
     let address: SocketAddr = ([127, 0, 0, 1], port).into();
-    xds::encode_endpoints(
-        &ClusterLoadAssignment::new(
-            name.into(),
-            vec![LocalityEndpoints {
-                locality: Locality::default(),
-                weight: 1,
-                priority: 0,
-                endpoints: Arc::from([Endpoint {
-                    address,
-                    weight: 1,
-                    labels: Arc::from([]),
-                }]),
-            }],
-        )
-        .unwrap(),
-    )
-}
-
-fn response(
-    kind: ResourceType,
-    version: &str,
-    nonce: &str,
-    resources: Vec<Any>,
-) -> DiscoveryResponse {
-    DiscoveryResponse {
-        version_info: version.to_owned(),
-        type_url: kind.type_url().to_owned(),
-        nonce: nonce.to_owned(),
-        resources,
-        ..DiscoveryResponse::default()
-    }
+    mesh_testkit::snapshot::xds::endpoints(name, address, Locality::default(), &[])
 }
 
 fn node() -> Node {
