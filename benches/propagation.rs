@@ -205,7 +205,10 @@ async fn run_clients(env: ClientsEnv) -> Result<Value, String> {
                 &format!("bench-client-{i}"),
                 NAMESPACE,
             );
-            Bootstrap::from_json(&json).map(XdsClient::start)
+            // No disk cache: the bench measures propagation, not 1,000 fsyncs.
+            Bootstrap::from_json(&json).map(|b| {
+                XdsClient::start_with(b, proxyless::xds::ClientOptions::default().no_cache())
+            })
         })
         .collect::<Result<_, _>>()
         .map_err(|e| format!("bootstrap: {e}"))?;

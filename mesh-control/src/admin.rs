@@ -15,6 +15,17 @@
 //! ([`crate::config::ConfigStore::authorize_registration`]), and only the
 //! identity that registered a lease may renew or delete it. Without a CA
 //! registration is open, as on a trusted network.
+//!
+//! With a data directory, a registration or deregistration is written there
+//! before it is answered (a restart keeps it); renewals are written in
+//! batches (see `persist.rs`). Replicas sharing an etcd make every
+//! registration, renewal and deregistration in etcd instead (an etcd lease
+//! per registration) and answer once it is there; while etcd cannot be
+//! reached they answer 503 with a message naming etcd, and routing goes on
+//! from the last state seen. `/status` lists under `rejected` each change
+//! of the config directories that is not in force, at its `file:line`, with
+//! its problems and the version kept in force (`kept`, null for a new
+//! resource left out).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,7 +50,8 @@ use crate::ads::server_listener_for;
 use crate::ca::CertificateAuthority;
 use crate::ca::serving::{AdminTlsListener, PeerInfo};
 use crate::compat::{ClientKind, grpc_ignored};
-use crate::registry::{RegisterRequest, Registered, validate};
+use crate::persist::SharedError;
+use crate::registry::{RegisterRequest, Registered, lease_ttl, validate};
 
 use crate::state::Shared;
 
@@ -186,12 +198,25 @@ async fn register(
         tracing::warn!(%identity, service = %registration.service, %reason, "registration refused");
         return error(StatusCode::FORBIDDEN, reason);
     }
-    let salt = rand::random::<u64>();
     let registered = Registered {
         registration,
         owner,
         node_id,
     };
+    if let Some(state) = &shared.shared_state {
+        let ttl = match lease_ttl(ttl_seconds) {
+            Ok(ttl) => ttl,
+            Err(message) => return error(StatusCode::BAD_REQUEST, message),
+        };
+        return match state.register(registered, ttl).await {
+            Ok(lease) => {
+                shared.metrics.registrations.inc();
+                (StatusCode::CREATED, axum::Json(lease)).into_response()
+            }
+            Err(e) => shared_error(e),
+        };
+    }
+    let salt = rand::random::<u64>();
     let result = shared
         .registry
         .lock()
@@ -200,6 +225,8 @@ async fn register(
         Ok(lease) => {
             shared.metrics.registrations.inc();
             shared.rebuild();
+            // On disk before it is answered: a restart keeps the lease.
+            shared.persist_leases().await;
             (StatusCode::CREATED, axum::Json(lease)).into_response()
         }
         Err(message) if message.contains("already registered") => {
@@ -209,11 +236,24 @@ async fn register(
     }
 }
 
+/// The answer to a failed [`crate::persist::SharedState`] call: 503 when
+/// the store is unreachable, 409 or 400 for a refused registration.
+fn shared_error(e: SharedError) -> Response {
+    match e {
+        SharedError::Unavailable(message) => error(StatusCode::SERVICE_UNAVAILABLE, message),
+        SharedError::Refused(message) if message.contains("already registered") => {
+            error(StatusCode::CONFLICT, message)
+        }
+        SharedError::Refused(message) => error(StatusCode::BAD_REQUEST, message),
+    }
+}
+
 /// Whether the caller (see [`caller`]) may renew or delete `lease_id`:
 /// the identity that registered it (anyone when registration is open).
 /// `Err` is the answer (401 without credentials, 404 for an unknown lease,
-/// 403 for another identity).
-fn check_owner(
+/// 403 for another identity, 503 when a shared store that must be asked
+/// cannot be reached).
+async fn check_owner(
     shared: &Shared,
     headers: &HeaderMap,
     peer: &PeerInfo,
@@ -221,13 +261,27 @@ fn check_owner(
 ) -> Result<(), Refusal> {
     let caller = caller(shared, headers, peer)?;
     let caller = caller.as_ref();
-    let registry = shared.registry.lock();
-    match registry.owner(lease_id) {
+    let mirrored = shared
+        .registry
+        .lock()
+        .owner(lease_id)
+        .map(|owner| owner.cloned());
+    let owner = match (mirrored, &shared.shared_state) {
+        (Some(owner), _) => Some(owner),
+        // Registered through another replica a moment ago: this one's
+        // mirror may not have it yet, the store has.
+        (None, Some(state)) => state.owner(lease_id).await.map_err(|e| match e {
+            SharedError::Unavailable(message) => Refusal(StatusCode::SERVICE_UNAVAILABLE, message),
+            SharedError::Refused(message) => Refusal(StatusCode::BAD_REQUEST, message),
+        })?,
+        (None, None) => None,
+    };
+    match owner {
         None => Err(Refusal(
             StatusCode::NOT_FOUND,
             format!("lease {lease_id:?} is unknown or expired; register again"),
         )),
-        Some(Some(owner)) if Some(owner) != caller => {
+        Some(Some(owner)) if Some(&owner) != caller => {
             shared.metrics.registrations_denied.inc();
             Err(Refusal(
                 StatusCode::FORBIDDEN,
@@ -250,10 +304,24 @@ async fn renew(
     headers: HeaderMap,
     Path(lease_id): Path<String>,
 ) -> Response {
-    if let Err(refusal) = check_owner(&shared, &headers, &peer, &lease_id) {
+    if let Err(refusal) = check_owner(&shared, &headers, &peer, &lease_id).await {
         return refusal.into_response();
     }
+    if let Some(state) = &shared.shared_state {
+        return match state.renew(&lease_id).await {
+            Ok(true) => {
+                (StatusCode::OK, axum::Json(json!({ "lease_id": lease_id }))).into_response()
+            }
+            Ok(false) => error(
+                StatusCode::NOT_FOUND,
+                format!("lease {lease_id:?} is unknown or expired; register again"),
+            ),
+            Err(e) => shared_error(e),
+        };
+    }
     if shared.registry.lock().renew(&lease_id, Instant::now()) {
+        // Renewals are frequent: written in the next batch.
+        shared.leases_changed();
         (StatusCode::OK, axum::Json(json!({ "lease_id": lease_id }))).into_response()
     } else {
         error(
@@ -269,12 +337,23 @@ async fn deregister(
     headers: HeaderMap,
     Path(lease_id): Path<String>,
 ) -> Response {
-    if let Err(refusal) = check_owner(&shared, &headers, &peer, &lease_id) {
+    if let Err(refusal) = check_owner(&shared, &headers, &peer, &lease_id).await {
         return refusal.into_response();
+    }
+    if let Some(state) = &shared.shared_state {
+        return match state.remove(&lease_id).await {
+            Ok(true) => StatusCode::NO_CONTENT.into_response(),
+            Ok(false) => error(
+                StatusCode::NOT_FOUND,
+                format!("lease {lease_id:?} is unknown or expired"),
+            ),
+            Err(e) => shared_error(e),
+        };
     }
     let removed = shared.registry.lock().remove(&lease_id);
     if removed {
         shared.rebuild();
+        shared.persist_leases().await;
         StatusCode::NO_CONTENT.into_response()
     } else {
         error(
@@ -485,12 +564,33 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
             })
         })
         .collect();
-    let diagnostics = shared.diagnostics.lock();
-    let diagnostics: Vec<String> = diagnostics
-        .0
+    let rejections = shared.store.lock().rejections().to_vec();
+    let diagnostics: Vec<String> = {
+        let diagnostics = shared.diagnostics.lock();
+        let mut all: Vec<&crate::config::Diagnostic> = diagnostics
+            .0
+            .iter()
+            .chain(diagnostics.1.iter())
+            .chain(rejections.iter().flat_map(|r| r.problems.iter()))
+            .collect();
+        all.sort();
+        all.dedup();
+        all.into_iter().map(|d| d.to_string()).collect()
+    };
+    let rejected: Vec<Value> = rejections
         .iter()
-        .chain(diagnostics.1.iter())
-        .map(|d| d.to_string())
+        .map(|r| {
+            json!({
+                "resource": r.resource,
+                "change": r.change.as_str(),
+                "at": format!("{}:{}", r.file.display(), r.line),
+                "problems": r.problems.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+                "kept": r.kept.as_ref().map(|k| json!({
+                    "at": format!("{}:{}", k.file.display(), k.line),
+                    "fingerprint": format!("{:016x}", k.fingerprint),
+                })),
+            })
+        })
         .collect();
     json!({
         "version": served.version,
@@ -502,6 +602,7 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
         },
         "clients": clients,
         "diagnostics": diagnostics,
+        "rejected": rejected,
         "counters": {
             "pushes": shared.metrics.pushes.get(),
             "nacks": shared.metrics.nacks.get(),
@@ -510,10 +611,13 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
             "registrations_denied": shared.metrics.registrations_denied.get(),
             "certificates_issued": shared.metrics.certificates_issued.get(),
             "certificates_denied": shared.metrics.certificates_denied.get(),
+            "config_rejections": shared.metrics.config_rejections.get(),
+            "persist_errors": shared.metrics.persist_errors.get(),
         },
         "security": shared.ca.as_ref().map(|ca| json!({
             "trust_domain": ca.trust_domain(),
         })),
+        "shared": shared.shared_state.as_ref().map(|s| s.status()),
     })
 }
 

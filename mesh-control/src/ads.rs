@@ -22,6 +22,11 @@
 //! same SotW LDS response as the client listeners it subscribed to. A change
 //! of those policies, or of the registrations, is a new version.
 //!
+//! When the control server stops, every stream ends with `UNAVAILABLE`
+//! ("shutting down") after the GOAWAY of its connection: a status the client
+//! reads, not a reset, so that it reconnects at once (to another replica, or
+//! to this one restarted) instead of waiting out a keepalive.
+//!
 //! References: the xDS REST and gRPC protocol (ACK/NACK, nonces, SotW
 //! semantics), gRFC A27 (xDS-based global load balancing).
 
@@ -74,10 +79,14 @@ impl AggregatedDiscoveryService for Ads {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let id = shared.next_client_id();
+            let ending = tx.clone();
             let mut stream = AdsStream::new(id, shared.clone(), tx);
             shared.metrics.clients.inc();
             if let Err(status) = stream.run(inbound).await {
                 tracing::debug!(client = id, ?peer, %status, "ADS stream ended");
+                // The stream's status, for the client to read (a client
+                // that went away reads nothing).
+                let _ = ending.send(Err(status)).await;
             }
             shared.metrics.clients.dec();
             shared.clients.lock().remove(&id);
@@ -158,8 +167,18 @@ impl AdsStream {
 
     async fn run(&mut self, mut inbound: Streaming<DiscoveryRequest>) -> Result<(), Status> {
         let mut served_rx = self.shared.served.subscribe();
+        let mut stop = self.shared.stop.subscribe();
+        let stopping = async move {
+            let _ = stop.wait_for(|stopping| *stopping).await;
+        };
+        tokio::pin!(stopping);
         loop {
             tokio::select! {
+                () = &mut stopping => {
+                    return Err(Status::unavailable(
+                        "mesh-control is shutting down; reconnect",
+                    ));
+                }
                 msg = inbound.next() => match msg {
                     Some(Ok(req)) => {
                         let served = served_rx.borrow().clone();

@@ -19,6 +19,13 @@
 //! offline (`mesh-control check DIR...`), or embed it ([`Server::builder`]).
 //! Several config directories are read as one config (their files, not
 //! their subdirectories; see [`config`]).
+//!
+//! With the feature `etcd`, several replicas share one etcd
+//! (`mesh-control serve --etcd URL...`, [`ServerBuilder::etcd`]): the config
+//! is applied to etcd (`mesh-control apply DIR... --etcd URL...`,
+//! [`replica::apply`]), registrations are etcd keys with etcd leases, the
+//! CA root is shared, and every replica serves the same content under the
+//! same version; see [`replica`].
 
 mod admin;
 mod ads;
@@ -27,16 +34,21 @@ mod compat;
 pub mod config;
 mod csds;
 mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 mod metrics;
+mod persist;
 mod registry;
+#[cfg(feature = "etcd")]
+pub mod replica;
 mod server;
 mod state;
 
 pub use compat::GrpcReport;
 pub use error::{Error, ErrorKind};
 pub use server::{
-    BootstrapSpec, CertificateSource, SERVER_LISTENER_TEMPLATE, Server, ServerBuilder,
-    ServerHandle, bootstrap_json, bootstrap_json_for,
+    BootstrapSpec, CertificateSource, SERVER_LISTENER_TEMPLATE, SHUTDOWN_GRACE, Server,
+    ServerBuilder, ServerHandle, bootstrap_json, bootstrap_json_for,
 };
 
 /// What gRPC proxyless clients and xDS-enabled gRPC servers would ignore

@@ -1,4 +1,6 @@
-//! `mesh-control`: serve Istio YAML as xDS, check it offline, show client status.
+//! `mesh-control`: serve Istio YAML as xDS, check it offline, show client status;
+//! with the feature `etcd`, run as one of several replicas sharing an etcd
+//! (`serve --etcd`) and apply config to it (`apply`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,8 +34,14 @@ struct ServeArgs {
     /// *.yml files directly in each directory are read, not subdirectories.
     /// VirtualServices apply in directory order (as given), then file name;
     /// a resource defined in two directories is an error at its second
-    /// definition.
-    #[arg(long, value_name = "DIR", required = true, num_args = 1..)]
+    /// definition. Not with --etcd: replicas read the config from etcd.
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "etcd",
+        conflicts_with = "etcd",
+        num_args = 1..
+    )]
     config: Vec<PathBuf>,
     /// ADS (gRPC) listen address.
     #[arg(long, default_value = "127.0.0.1:15010")]
@@ -54,7 +62,11 @@ struct ServeArgs {
     /// (generated on first start; or put root-cert.pem and
     /// root-key.pem there). Turns on TLS for ADS and the admin API and
     /// authenticated registration.
-    #[arg(long, requires = "join_tokens", conflicts_with = "ca_cert_chain")]
+    #[arg(
+        long,
+        requires = "join_tokens",
+        conflicts_with_all = ["ca_cert_chain", "etcd"]
+    )]
     ca_dir: Option<PathBuf>,
     /// Run the mesh CA with an operator-supplied signing certificate (a root,
     /// or an intermediate followed by its chain up to the root; PEM), as
@@ -81,12 +93,137 @@ struct ServeArgs {
     /// `localhost` and the listen IPs are always in it.
     #[arg(long = "tls-dns-name")]
     tls_dns_names: Vec<String>,
+    /// Keep what must survive a restart here (created, mode 0700): the last
+    /// good version of every resource, the registrations with their leases,
+    /// and the xDS version counter. A restarted mesh-control then serves
+    /// the config that was in force (not an edit still on disk that was
+    /// rejected) and every registered endpoint at once, and never reuses a
+    /// version. Without it all of that lives in memory only: after a
+    /// restart the YAML on disk is served as it is and every server
+    /// registers again on its next heartbeat. Put it on persistent storage,
+    /// e.g. /var/lib/mesh-control/data. Not with --etcd: etcd keeps all of it.
+    #[arg(long, value_name = "DIR", conflicts_with = "etcd")]
+    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// With --etcd and --join-tokens: the replicas share one CA root, kept
+    /// in etcd with its private key sealed (AES-256-GCM) under the key in
+    /// this file: 32 bytes, raw or as 64 hex digits (make one with `openssl
+    /// rand -hex 32`). The first replica generates the root; the others
+    /// read it. Give every replica the same file, and keep it out of etcd.
+    #[cfg(feature = "etcd")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires_all = ["etcd", "join_tokens"],
+        conflicts_with_all = ["ca_dir", "ca_cert_chain"]
+    )]
+    ca_key_encryption_key: Option<PathBuf>,
+}
+
+/// etcd, for replicas sharing their state (`serve --etcd`, `apply`).
+#[cfg(feature = "etcd")]
+#[derive(clap::Args)]
+struct EtcdArgs {
+    /// etcd's client URLs (`http://10.0.0.1:2379,http://10.0.0.2:2379`, or
+    /// the flag repeated): this replica shares the config, the
+    /// registrations and the CA root with every other one started with the
+    /// same etcd and prefix, and serves the config applied there with
+    /// `mesh-control apply` (not config directories).
+    #[arg(long = "etcd", value_name = "URL", value_delimiter = ',', num_args = 1..)]
+    etcd: Vec<String>,
+    /// The CA certificate (PEM) that verifies etcd's, for `https://` URLs.
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    etcd_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for an etcd run with --client-cert-auth.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_ca", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// The prefix of the mesh's keys in etcd (meshes sharing an etcd use
+    /// different ones).
+    #[arg(long, value_name = "PREFIX", default_value = mesh_control::replica::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+}
+
+/// Without the feature `etcd`, `--etcd` is only recognized to say how to
+/// get a build with it.
+#[cfg(not(feature = "etcd"))]
+#[derive(clap::Args)]
+struct EtcdArgs {
+    #[arg(long = "etcd", hide = true, value_name = "URL")]
+    etcd: Vec<String>,
+}
+
+/// What a build without etcd says to `--etcd` and `apply`.
+#[cfg(not(feature = "etcd"))]
+const NO_ETCD: &str = "this mesh-control was built without the `etcd` feature: install it with \
+                       `cargo install --path mesh-control --features etcd` (or run it with \
+                       `cargo run -p mesh-control --features etcd -- ...`)";
+
+#[cfg(feature = "etcd")]
+impl EtcdArgs {
+    /// A client of the etcd named, checked to answer; `None` without --etcd.
+    async fn client(&self) -> Result<Option<mesh_control::etcd::Etcd>, String> {
+        if self.etcd.is_empty() {
+            return Ok(None);
+        }
+        let tls = self.etcd_ca.as_ref().map(|ca| mesh_control::etcd::EtcdTls {
+            ca: ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+        });
+        mesh_control::etcd::Etcd::connect(&self.etcd, tls)
+            .await
+            .map(Some)
+            .map_err(|e| format!("etcd: {e}"))
+    }
+}
+
+/// `mesh-control apply`.
+#[cfg(feature = "etcd")]
+#[derive(clap::Args)]
+struct ApplyArgs {
+    /// Directories of *.yaml / *.yml files, read as one config as `serve
+    /// --config` reads them.
+    #[arg(value_name = "DIR", required = true)]
+    dirs: Vec<PathBuf>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Domain suffix of short service names (as the replicas are run with).
+    #[arg(long, default_value = "svc.cluster.local")]
+    domain_suffix: String,
+    /// Namespace whose policies apply mesh-wide (as the replicas are run with).
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// SPIFFE trust domain (as the replicas are run with).
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Serve directories of Istio YAML over xDS (ADS) and run the admin API.
+    /// SIGTERM or SIGINT stops it gracefully: no new connections, every ADS
+    /// stream ends with UNAVAILABLE after a GOAWAY, admin requests in
+    /// flight finish, the state is written to --data-dir, exit status 0.
     Serve(Box<ServeArgs>),
+    /// Validate directories of Istio YAML and make them the config of the
+    /// replicas sharing an etcd, in one transaction: every problem is
+    /// printed as `file:line: message` and nothing is written; otherwise the
+    /// changed resources are written and the ones gone deleted, at once.
+    /// Fails without writing when another apply wrote meanwhile, or etcd
+    /// cannot be reached.
+    #[cfg(feature = "etcd")]
+    Apply(Box<ApplyArgs>),
+    /// (Needs a build with the `etcd` feature.)
+    #[cfg(not(feature = "etcd"))]
+    #[command(hide = true)]
+    Apply {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Validate directories of Istio YAML; prints `file:line: message` per problem.
     Check {
         /// Directories of *.yaml / *.yml files, read as one config as `serve
@@ -163,7 +300,16 @@ fn main() -> ExitCode {
                 cert_lifetime,
                 trust_bundle_file,
                 tls_dns_names,
+                data_dir,
+                etcd,
+                #[cfg(feature = "etcd")]
+                ca_key_encryption_key,
             } = *args;
+            #[cfg(not(feature = "etcd"))]
+            if !etcd.etcd.is_empty() {
+                eprintln!("mesh-control: --etcd: {NO_ETCD}");
+                return ExitCode::FAILURE;
+            }
             init_logging();
             let options = MeshOptions {
                 domain_suffix,
@@ -171,17 +317,60 @@ fn main() -> ExitCode {
                 trust_domain: trust_domain.clone(),
             };
             run(async move {
+                // Listening before anything else: a SIGTERM during the start
+                // is a graceful stop too, not the default (an abrupt exit).
+                let mut stop = StopSignals::new()?;
                 let mut builder = mesh_control::Server::builder()
                     .config_dirs(config)
                     .xds_addr(xds)
                     .admin_addr(admin)
                     .debounce(Duration::from_millis(debounce_ms))
                     .options(options);
+                #[cfg(feature = "etcd")]
+                let replica = etcd.client().await?;
+                #[cfg(feature = "etcd")]
+                if let Some(client) = &replica {
+                    builder = builder.etcd(client.clone()).etcd_prefix(&etcd.etcd_prefix);
+                }
+                #[cfg(not(feature = "etcd"))]
+                let replica: Option<()> = {
+                    let _ = etcd;
+                    None
+                };
+                match data_dir {
+                    Some(dir) => builder = builder.data_dir(dir),
+                    None if replica.is_some() => {}
+                    None => tracing::warn!(
+                        "serving without --data-dir: the last good config and the \
+                         registrations live in memory only; after a restart the YAML on \
+                         disk is served as it is (a rejected edit included) and every server \
+                         registers again on its next heartbeat"
+                    ),
+                }
                 if let Some(tokens) = join_tokens {
                     let ca = CertificateAuthority::builder(&trust_domain);
-                    let (ca, bundle_dir) = match (ca_dir, ca_cert_chain, ca_key) {
-                        (Some(dir), _, _) => (ca.directory(&dir), dir),
-                        (None, Some(chain), Some(key)) => {
+                    #[cfg(feature = "etcd")]
+                    let shared_root = match (&replica, ca_key_encryption_key) {
+                        (Some(client), Some(file)) => {
+                            let key = mesh_control::ca::CaKeyEncryptionKey::from_file(&file)
+                                .map_err(|e| format!("CA: {e}"))?;
+                            let (cert, key) = mesh_control::replica::shared_ca_root(
+                                client,
+                                &etcd.etcd_prefix,
+                                &trust_domain,
+                                &key,
+                            )
+                            .await
+                            .map_err(|e| format!("CA: {e}"))?;
+                            Some((cert, key))
+                        }
+                        _ => None,
+                    };
+                    #[cfg(not(feature = "etcd"))]
+                    let shared_root: Option<(String, String)> = None;
+                    let (ca, bundle_dir) = match (ca_dir, ca_cert_chain, ca_key, shared_root) {
+                        (Some(dir), _, _, _) => (ca.directory(&dir), Some(dir)),
+                        (None, Some(chain), Some(key), _) => {
                             let read = |path: &PathBuf| {
                                 std::fs::read_to_string(path)
                                     .map_err(|e| format!("CA: cannot read {}: {e}", path.display()))
@@ -190,7 +379,17 @@ fn main() -> ExitCode {
                                 .parent()
                                 .map(PathBuf::from)
                                 .unwrap_or_else(|| PathBuf::from("."));
-                            (ca.signing_pem(read(&chain)?, read(&key)?), bundle_dir)
+                            (ca.signing_pem(read(&chain)?, read(&key)?), Some(bundle_dir))
+                        }
+                        (None, None, None, Some((cert, key))) => (ca.signing_pem(cert, key), None),
+                        _ if replica.is_some() => {
+                            return Err(
+                                "--join-tokens with --etcd needs the CA root every replica \
+                                 shares: --ca-key-encryption-key FILE (a root the first replica \
+                                 generates, kept in etcd with its key sealed), or --ca-cert-chain \
+                                 FILE with --ca-key FILE (the same files on every replica)"
+                                    .to_string(),
+                            );
                         }
                         _ => {
                             return Err(
@@ -210,13 +409,14 @@ fn main() -> ExitCode {
                                 .build()
                         })
                         .map_err(|e| format!("CA: {e}"))?;
-                    builder = builder
-                        .ca(ca)
-                        .trust_bundle_file(
-                            trust_bundle_file
-                                .unwrap_or_else(|| bundle_dir.join("trust-bundle.pem")),
-                        )
-                        .tls_dns_names(tls_dns_names);
+                    builder = builder.ca(ca).tls_dns_names(tls_dns_names);
+                    // Without a CA directory (a root shared through etcd), the
+                    // bundle goes to a temporary file unless one is named.
+                    let bundle = trust_bundle_file
+                        .or_else(|| bundle_dir.map(|dir| dir.join("trust-bundle.pem")));
+                    if let Some(bundle) = bundle {
+                        builder = builder.trust_bundle_file(bundle);
+                    }
                 }
                 let handle = builder.start().await.map_err(|e| e.to_string())?;
                 tracing::info!(
@@ -226,12 +426,23 @@ fn main() -> ExitCode {
                     trust_bundle = ?handle.trust_bundle_file(),
                     "mesh-control serving"
                 );
-                tokio::signal::ctrl_c()
-                    .await
-                    .map_err(|e| format!("waiting for Ctrl-C: {e}"))?;
+                let signal = stop.recv().await;
+                tracing::info!(
+                    "{signal}: stopping (no new connections, ADS streams told to go, admin \
+                     requests in flight finished, state written)"
+                );
+                let started = std::time::Instant::now();
                 handle.shutdown().await;
+                tracing::info!(took = ?started.elapsed(), "mesh-control stopped");
                 Ok(())
             })
+        }
+        #[cfg(feature = "etcd")]
+        Command::Apply(args) => apply(*args),
+        #[cfg(not(feature = "etcd"))]
+        Command::Apply { .. } => {
+            eprintln!("mesh-control: apply: {NO_ETCD}");
+            ExitCode::FAILURE
         }
         Command::Status {
             admin,
@@ -249,6 +460,49 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+    }
+}
+
+/// SIGTERM (what service managers and Kubernetes send) and SIGINT
+/// (Ctrl-C): either stops `serve` gracefully.
+struct StopSignals {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> Result<StopSignals, String> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| {
+                signal(kind).map_err(|e| format!("cannot listen for {name}: {e}"))
+            };
+            Ok(StopSignals {
+                terminate: listen(SignalKind::terminate(), "SIGTERM")?,
+                interrupt: listen(SignalKind::interrupt(), "SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
+    }
+
+    /// The name of the first stop signal received.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.terminate.recv() => "SIGTERM",
+                _ = self.interrupt.recv() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
     }
 }
 
@@ -328,6 +582,55 @@ fn check(dirs: &[PathBuf], for_client: Option<&str>, domain_suffix: String) -> E
         eprintln!("{} problem(s)", diagnostics.len());
         ExitCode::FAILURE
     }
+}
+
+/// `mesh-control apply DIR... --etcd URL...`: what was applied on stdout;
+/// each problem of an invalid config on stderr (`file:line: message`),
+/// exit status 1 when nothing was written.
+#[cfg(feature = "etcd")]
+fn apply(args: ApplyArgs) -> ExitCode {
+    let ApplyArgs {
+        dirs,
+        etcd,
+        domain_suffix,
+        root_namespace,
+        trust_domain,
+    } = args;
+    if etcd.etcd.is_empty() {
+        eprintln!(
+            "mesh-control: apply: --etcd URL is required: the etcd the replicas share \
+             (`mesh-control serve --etcd URL`)"
+        );
+        return ExitCode::FAILURE;
+    }
+    let options = MeshOptions {
+        domain_suffix,
+        root_namespace,
+        trust_domain,
+    };
+    run(async move {
+        let client = etcd
+            .client()
+            .await
+            .map_err(|e| format!("apply: {e}; nothing was written"))?
+            .ok_or("apply: --etcd URL is required")?;
+        match mesh_control::replica::apply(&client, &etcd.etcd_prefix, &dirs, &options).await {
+            Ok(applied) => {
+                println!("{applied}");
+                Ok(())
+            }
+            Err(e) if e.kind() == mesh_control::replica::ApplyErrorKind::Invalid => {
+                for d in e.diagnostics() {
+                    eprintln!("{d}");
+                }
+                Err(format!(
+                    "apply: {} problem(s); nothing was written to etcd",
+                    e.diagnostics().len()
+                ))
+            }
+            Err(e) => Err(format!("apply: {e}")),
+        }
+    })
 }
 
 /// An HTTP/1.1 client on `io`, a connection to the admin API at `admin`

@@ -2,7 +2,9 @@
 //!
 //! What an operator of the control plane watches: how many clients are
 //! connected, how often and how fast config reaches them, how many responses
-//! they rejected, and registration churn. Counters are the prometheus-client
+//! they rejected, registration churn, config changes rejected (an edit that
+//! is not in force: the mesh runs its last good version), and failed writes
+//! of the data directory. Counters are the prometheus-client
 //! types, so `/status` reads the same numbers `/metrics` exports.
 
 use std::time::Duration;
@@ -25,6 +27,12 @@ pub(crate) struct Counters {
     pub(crate) certificates_denied: Counter,
     pub(crate) clients: Gauge,
     pub(crate) config_version: Gauge,
+    /// Changes read from disk not in force now (by resource or document).
+    pub(crate) config_rejected: Gauge,
+    /// Rejections reported (each distinct one once).
+    pub(crate) config_rejections: Counter,
+    /// Failed writes to the data directory.
+    pub(crate) persist_errors: Counter,
     push_latency: Histogram,
     registry: Registry,
 }
@@ -40,6 +48,9 @@ impl Default for Counters {
         let certificates_denied = Counter::default();
         let clients = Gauge::default();
         let config_version = Gauge::default();
+        let config_rejected = Gauge::default();
+        let config_rejections = Counter::default();
+        let persist_errors = Counter::default();
         // 100 µs .. ~3 s.
         let push_latency = Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
@@ -88,6 +99,22 @@ impl Default for Counters {
             config_version.clone(),
         );
         registry.register(
+            "config_rejected_resources",
+            "changes read from the config directories that are not in force (the resource \
+             keeps its last good version, or a new one is left out); see /status `rejected`",
+            config_rejected.clone(),
+        );
+        registry.register(
+            "config_rejections",
+            "changes to the config rejected (each distinct rejection counted once)",
+            config_rejections.clone(),
+        );
+        registry.register(
+            "persist_errors",
+            "failed writes to the data directory (config in force, leases, version ceiling)",
+            persist_errors.clone(),
+        );
+        registry.register(
             "xds_push_latency_seconds",
             "time from a config change being published to a client's response being sent",
             push_latency.clone(),
@@ -102,6 +129,9 @@ impl Default for Counters {
             certificates_denied,
             clients,
             config_version,
+            config_rejected,
+            config_rejections,
+            persist_errors,
             push_latency,
             registry,
         }

@@ -5,16 +5,29 @@
 //! disappears from EDS when it deregisters or stops renewing. Like Consul's
 //! TTL checks, an expired lease removes the endpoint; the time is passed in so
 //! the rules are tested without a clock.
+//!
+//! Leases survive a restart through [`Registry::export`] and
+//! [`Registry::import`]: an expiry is an `Instant`, meaningless in another
+//! process, so it is stored as wall-clock time and turned back into the TTL
+//! left (never more than the lease's TTL, should the clock have jumped).
+//!
+//! Replicas sharing an etcd (feature `etcd`, `replica.rs`) keep no leases of
+//! their own: each registration is an etcd key attached to an etcd lease,
+//! and every replica mirrors the keys it watches into a registry of entries
+//! without a local expiry ([`Registry::mirror`]); etcd deletes a key when
+//! its lease ends, and the watch removes the entry. The rules about who may
+//! register what ([`Registry::check`]) are the same either way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mesh_core::model::{Locality, Protocol};
 use mesh_core::spiffe::SpiffeId;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Registration;
+use crate::persist::{StoredLease, StoredLeases};
 
 /// Longest lease a workload may ask for; a dead workload must not linger for long.
 pub(crate) const MAX_TTL: Duration = Duration::from_secs(300);
@@ -55,7 +68,8 @@ pub(crate) struct Lease {
 struct Entry {
     registered: Registered,
     ttl: Duration,
-    expires: Instant,
+    /// `None` for a mirrored entry: etcd ends it, not this process.
+    expires: Option<Instant>,
 }
 
 /// A live registration and who made it.
@@ -99,10 +113,7 @@ impl Registry {
     }
 
     /// Records a validated registration made by its `owner` (None when
-    /// registration is open). Refused when the same endpoint of the same
-    /// service is registered already, or when another identity registered
-    /// its ip:port (one workload may back several services on one port;
-    /// two workloads cannot share an address).
+    /// registration is open). Refused as [`Registry::check`] refuses.
     pub(crate) fn insert(
         &mut self,
         registered: Registered,
@@ -110,17 +121,44 @@ impl Registry {
         now: Instant,
         lease_salt: u64,
     ) -> Result<Lease, String> {
-        if ttl_seconds == 0 {
-            return Err("ttl_seconds must be at least 1".into());
-        }
-        let ttl = Duration::from_secs(ttl_seconds).min(MAX_TTL);
+        let ttl = lease_ttl(ttl_seconds)?;
+        self.check(&registered)?;
+        self.next_id += 1;
+        let lease_id = format!("{:x}-{:x}", self.next_id, lease_salt & 0xffff_ffff);
+        self.leases.insert(
+            lease_id.clone(),
+            Entry {
+                registered,
+                ttl,
+                expires: Some(now + ttl),
+            },
+        );
+        Ok(Lease {
+            lease_id,
+            ttl_seconds: ttl.as_secs(),
+        })
+    }
+
+    /// Whether `registered` may join the registrations: refused when the
+    /// same endpoint of the same service is registered already, or when
+    /// another identity registered its ip:port (one workload may back
+    /// several services on one port; two workloads cannot share an
+    /// address). The error is the 409 message (it says "already
+    /// registered").
+    pub(crate) fn check(&self, registered: &Registered) -> Result<(), String> {
         let registration = &registered.registration;
         let owner = &registered.owner;
         let same_address = |e: &&Entry| {
             let r = &e.registered.registration;
             r.address == registration.address && r.port == registration.port
         };
-        if let Some((id, _)) = self.leases.iter().find(|(_, e)| {
+        let mut ids: Vec<&String> = self.leases.keys().collect();
+        ids.sort();
+        let entries = || {
+            ids.iter()
+                .filter_map(|id| self.leases.get(*id).map(|e| (*id, e)))
+        };
+        if let Some((id, _)) = entries().find(|(_, e)| {
             let r = &e.registered.registration;
             same_address(e)
                 && r.service == registration.service
@@ -131,10 +169,8 @@ impl Registry {
                 registration.address, registration.port, registration.service
             ));
         }
-        if let Some((id, e)) = self
-            .leases
-            .iter()
-            .find(|(_, e)| same_address(e) && e.registered.owner != *owner)
+        if let Some((id, e)) =
+            entries().find(|(_, e)| same_address(e) && e.registered.owner != *owner)
         {
             return Err(format!(
                 "{}:{} is already registered by {} (service {:?}, lease {id}); two workloads \
@@ -148,20 +184,7 @@ impl Registry {
                 e.registered.registration.service
             ));
         }
-        self.next_id += 1;
-        let lease_id = format!("{:x}-{:x}", self.next_id, lease_salt & 0xffff_ffff);
-        self.leases.insert(
-            lease_id.clone(),
-            Entry {
-                registered,
-                ttl,
-                expires: now + ttl,
-            },
-        );
-        Ok(Lease {
-            lease_id,
-            ttl_seconds: ttl.as_secs(),
-        })
+        Ok(())
     }
 
     /// Who registered a lease: `None` when the lease is unknown,
@@ -176,7 +199,9 @@ impl Registry {
     pub(crate) fn renew(&mut self, lease_id: &str, now: Instant) -> bool {
         match self.leases.get_mut(lease_id) {
             Some(e) => {
-                e.expires = now + e.ttl;
+                if e.expires.is_some() {
+                    e.expires = Some(now + e.ttl);
+                }
                 true
             }
             None => false,
@@ -191,7 +216,7 @@ impl Registry {
     /// Drops expired leases; true when any was dropped.
     pub(crate) fn expire(&mut self, now: Instant) -> bool {
         let before = self.leases.len();
-        self.leases.retain(|_, e| e.expires > now);
+        self.leases.retain(|_, e| e.expires.is_none_or(|t| t > now));
         self.leases.len() != before
     }
 
@@ -213,6 +238,187 @@ impl Registry {
             .map(|e| e.registered.clone())
             .collect()
     }
+
+    /// The live leases, to persist: expiries as wall-clock time (`now` and
+    /// `wall` are the same moment on both clocks).
+    pub(crate) fn export(&self, now: Instant, wall: SystemTime) -> StoredLeases {
+        let mut leases: Vec<StoredLease> = self
+            .leases
+            .iter()
+            .map(|(id, e)| {
+                let left = e
+                    .expires
+                    .map_or(e.ttl, |t| t.saturating_duration_since(now));
+                let mut stored = to_stored(id, &e.registered, e.ttl);
+                stored.expires_unix_ms = unix_ms(wall.checked_add(left).unwrap_or(wall));
+                stored
+            })
+            .collect();
+        leases.sort_by(|a, b| a.lease_id.cmp(&b.lease_id));
+        StoredLeases {
+            format: crate::persist::format(),
+            next_id: self.next_id,
+            leases,
+        }
+    }
+
+    /// The registry `stored` describes, at `now` (`wall` on the wall
+    /// clock): each lease with the time it has left; one expired since is
+    /// dropped. A lease that does not validate (a damaged file) is left out
+    /// and named in the returned problems.
+    pub(crate) fn import(
+        stored: &StoredLeases,
+        now: Instant,
+        wall: SystemTime,
+    ) -> (Registry, Vec<String>) {
+        let wall_ms = unix_ms(wall);
+        let mut registry = Registry {
+            leases: HashMap::new(),
+            next_id: stored.next_id,
+        };
+        let mut problems = Vec::new();
+        for lease in &stored.leases {
+            let Some(left) = lease
+                .expires_unix_ms
+                .checked_sub(wall_ms)
+                .filter(|l| *l > 0)
+            else {
+                continue;
+            };
+            let (registered, ttl) = match from_stored(lease) {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    problems.push(format!("lease {}: {e}", lease.lease_id));
+                    continue;
+                }
+            };
+            registry.leases.insert(
+                lease.lease_id.clone(),
+                Entry {
+                    registered,
+                    ttl,
+                    expires: Some(now + Duration::from_millis(left).min(ttl)),
+                },
+            );
+        }
+        (registry, problems)
+    }
+
+    /// A registry mirroring registrations another store keeps (etcd): each
+    /// `(lease id, registration)` as it is stored, with no local expiry.
+    /// One that does not validate is left out and named in the returned
+    /// problems; the first of two for one endpoint wins, as
+    /// [`Registry::check`] would have refused the second.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn mirror<'a>(
+        stored: impl IntoIterator<Item = (&'a str, &'a StoredLease)>,
+    ) -> (Registry, Vec<String>) {
+        let mut registry = Registry::default();
+        let mut problems = Vec::new();
+        for (lease_id, lease) in stored {
+            let (registered, ttl) = match from_stored(lease) {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    problems.push(format!("lease {lease_id}: {e}"));
+                    continue;
+                }
+            };
+            if let Err(e) = registry.check(&registered) {
+                problems.push(format!("lease {lease_id}: {e}"));
+                continue;
+            }
+            registry.leases.insert(
+                lease_id.to_string(),
+                Entry {
+                    registered,
+                    ttl,
+                    expires: None,
+                },
+            );
+        }
+        (registry, problems)
+    }
+}
+
+/// A lease's TTL as asked for: at least a second, at most [`MAX_TTL`].
+pub(crate) fn lease_ttl(ttl_seconds: u64) -> Result<Duration, String> {
+    if ttl_seconds == 0 {
+        return Err("ttl_seconds must be at least 1".into());
+    }
+    Ok(Duration::from_secs(ttl_seconds).min(MAX_TTL))
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A registration as it is stored (the expiry left at 0: a data directory
+/// sets it, etcd keeps its own).
+pub(crate) fn to_stored(lease_id: &str, registered: &Registered, ttl: Duration) -> StoredLease {
+    let r = &registered.registration;
+    StoredLease {
+        lease_id: lease_id.to_string(),
+        service: r.service.clone(),
+        namespace: r.namespace.clone(),
+        address: r.address.to_string(),
+        port: r.port,
+        service_port: r.service_port,
+        protocol: r.protocol.map(|p| {
+            match p {
+                Protocol::Http1 => "HTTP",
+                Protocol::Http2 => "HTTP2",
+                Protocol::Grpc => "GRPC",
+            }
+            .to_string()
+        }),
+        labels: r.labels.clone(),
+        locality: locality_string(&r.locality),
+        owner: registered.owner.as_ref().map(|o| o.to_string()),
+        node_id: registered.node_id.clone(),
+        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        expires_unix_ms: 0,
+    }
+}
+
+/// A stored registration, validated as a new one would be, and its TTL
+/// (at most [`MAX_TTL`]).
+fn from_stored(lease: &StoredLease) -> Result<(Registered, Duration), String> {
+    let ttl = Duration::from_millis(lease.ttl_ms).min(MAX_TTL);
+    let owner = match lease.owner.as_deref().map(SpiffeId::parse) {
+        None => None,
+        Some(Ok(owner)) => Some(owner),
+        Some(Err(e)) => return Err(format!("owner: {e}")),
+    };
+    let request = RegisterRequest {
+        service: lease.service.clone(),
+        namespace: Some(lease.namespace.clone()),
+        address: lease.address.clone(),
+        port: lease.port,
+        service_port: lease.service_port,
+        protocol: lease.protocol.clone(),
+        labels: lease.labels.clone(),
+        locality: Some(lease.locality.clone()),
+        ttl_seconds: ttl.as_secs().max(1),
+        node_id: lease.node_id.clone(),
+    };
+    let registration = validate(request)?;
+    Ok((
+        Registered {
+            registration,
+            owner,
+            node_id: lease.node_id.clone(),
+        },
+        ttl,
+    ))
+}
+
+/// `region/zone/subzone` (what a registration's `locality` says).
+fn locality_string(l: &Locality) -> String {
+    if l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty() {
+        return String::new();
+    }
+    format!("{}/{}/{}", l.region, l.zone, l.sub_zone)
 }
 
 /// Checks a registration request; errors are the 400 message.
@@ -383,5 +589,96 @@ mod tests {
                 .contains("port must be")
         );
         assert!(r.register(req(1, 0), t0, 3).unwrap_err().contains("ttl"));
+    }
+
+    #[test]
+    fn leases_survive_an_export_and_import_with_the_time_they_have_left() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut r = Registry::default();
+        let owner = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/catalog").unwrap();
+        let mut request = req(1000, 30);
+        request.node_id = Some("catalog-1".into());
+        let registered = Registered {
+            node_id: request.node_id.clone(),
+            registration: validate(request).unwrap(),
+            owner: Some(owner.clone()),
+        };
+        let lease = r.insert(registered.clone(), 30, t0, 7).unwrap();
+        let short = r.register(req(1001, 2), t0, 8).unwrap();
+        let stored = r.export(t0 + Duration::from_secs(10), wall);
+        assert_eq!(stored.leases.len(), 2);
+
+        // Restarted 5 s later (another process: another Instant origin).
+        let t1 = Instant::now() + Duration::from_secs(100);
+        let (mut back, problems) = Registry::import(&stored, t1, wall + Duration::from_secs(5));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            back.registered(),
+            vec![registered],
+            "the expired one is gone"
+        );
+        assert_eq!(back.owner(&lease.lease_id), Some(Some(&owner)));
+        assert_eq!(back.owner(&short.lease_id), None);
+        // 30 - 10 - 5 = 15 s left: alive at 14.9 s, gone at 15.1 s.
+        assert!(!back.expire(t1 + Duration::from_millis(14_900)));
+        assert!(back.renew(&lease.lease_id, t1), "the same lease renews");
+        assert!(!back.expire(t1 + Duration::from_millis(29_900)));
+        assert!(back.expire(t1 + Duration::from_millis(30_100)));
+        // Lease ids go on from where they were.
+        let next = back.register(req(1002, 5), t1, 9).unwrap();
+        assert!(next.lease_id.starts_with("3-"), "{}", next.lease_id);
+    }
+
+    #[test]
+    fn a_mirror_has_no_expiry_of_its_own_and_keeps_the_first_of_two_claims() {
+        let t0 = Instant::now();
+        let owner =
+            |sa: &str| SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{sa}")).unwrap();
+        let registered = |sa: &str| Registered {
+            registration: validate(req(1000, 5)).unwrap(),
+            owner: Some(owner(sa)),
+            node_id: None,
+        };
+        let catalog = to_stored("1a", &registered("catalog"), Duration::from_secs(5));
+        let intruder = to_stored("1b", &registered("intruder"), Duration::from_secs(5));
+        let mut broken = catalog.clone();
+        broken.address = "nowhere".into();
+        let (mut mirror, problems) =
+            Registry::mirror([("1a", &catalog), ("1b", &intruder), ("1c", &broken)]);
+        assert_eq!(mirror.registered(), vec![registered("catalog")]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("lease 1b: "), "{problems:?}");
+        assert!(problems[1].contains("not an IP address"), "{problems:?}");
+        assert!(
+            !mirror.expire(t0 + Duration::from_secs(3600)),
+            "etcd ends mirrored leases, not time here"
+        );
+        assert!(
+            mirror.renew("1a", t0),
+            "a renewal of a mirrored lease is etcd's"
+        );
+        assert_eq!(lease_ttl(0).unwrap_err(), "ttl_seconds must be at least 1");
+        assert_eq!(lease_ttl(3600).unwrap(), MAX_TTL);
+    }
+
+    #[test]
+    fn an_imported_lease_never_outlives_its_ttl_and_a_damaged_one_is_named() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut r = Registry::default();
+        r.register(req(1000, 10), t0, 1).unwrap();
+        let mut stored = r.export(t0, wall);
+        // The wall clock went back an hour between the runs.
+        let (mut back, _) = Registry::import(&stored, t0, wall - Duration::from_secs(3600));
+        assert!(
+            back.expire(t0 + Duration::from_millis(10_100)),
+            "at most its TTL"
+        );
+
+        stored.leases[0].address = "not an ip".into();
+        let (back, problems) = Registry::import(&stored, t0, wall);
+        assert!(back.registrations().is_empty());
+        assert!(problems[0].contains("not an IP address"), "{problems:?}");
     }
 }

@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_server::ClientStatusDiscoveryServiceServer;
 use futures_util::StreamExt;
 use notify::Watcher;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::Error;
@@ -20,7 +20,14 @@ use crate::ads::Ads;
 use crate::ca::CertificateAuthority;
 use crate::ca::serving::{AdminTlsListener, PeerInfo, ServingTls};
 use crate::config::{ConfigStore, MeshOptions};
-use crate::state::Shared;
+use crate::persist::{LEASE_FLUSH, LocalDir, Store, Stored, Versions};
+use crate::registry::Registry;
+use crate::state::{Locked, Shared};
+
+/// How long [`ServerHandle::shutdown`] lets connections drain (admin
+/// requests in flight, ADS streams that ignore their end) before closing
+/// them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Entry point for an embedded control server.
 #[derive(Debug)]
@@ -41,6 +48,11 @@ impl Server {
             ca: None,
             trust_bundle_file: None,
             tls_dns_names: Vec::new(),
+            data_dir: None,
+            #[cfg(feature = "etcd")]
+            etcd: None,
+            #[cfg(feature = "etcd")]
+            etcd_prefix: crate::replica::DEFAULT_PREFIX.to_string(),
         }
     }
 }
@@ -58,6 +70,11 @@ pub struct ServerBuilder {
     ca: Option<Arc<CertificateAuthority>>,
     trust_bundle_file: Option<PathBuf>,
     tls_dns_names: Vec<String>,
+    data_dir: Option<PathBuf>,
+    #[cfg(feature = "etcd")]
+    etcd: Option<crate::etcd::Etcd>,
+    #[cfg(feature = "etcd")]
+    etcd_prefix: String,
 }
 
 impl ServerBuilder {
@@ -142,16 +159,72 @@ impl ServerBuilder {
         self
     }
 
-    /// Binds both ports, loads the config directories and starts serving.
-    /// A config with problems still starts (the problems are logged and shown
-    /// in `/status`); a missing directory is an error.
+    /// Keeps what must survive a restart in `dir` (created, mode 0700;
+    /// each file replaced atomically, mode 0600): the last good version of
+    /// every resource, the leases (with their owners and expiries) and the
+    /// xDS version ceiling. A server restarted on it serves the config that
+    /// was in force — not an edit still on disk that was rejected — and
+    /// every endpoint registered, at once, with the TTL its lease has left
+    /// (a heartbeat renews the same lease), and never sends a version
+    /// number it sent before with other content. Default: none, everything
+    /// in memory (after a restart the YAML on disk is served as it is and
+    /// workloads register again on their next heartbeat).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Makes this server a replica of the mesh whose state `etcd` holds
+    /// (feature `etcd`; see [`crate::replica`]): the config is read from
+    /// etcd (written by `mesh-control apply`), not from config directories;
+    /// registrations are made in etcd; versions are etcd's revisions, so
+    /// every replica serves the same content under the same version. Not
+    /// with [`ServerBuilder::config_dir`] nor [`ServerBuilder::data_dir`]
+    /// (etcd keeps what they would). For a CA every replica shares, build
+    /// it from [`crate::replica::shared_ca_root`].
+    #[cfg(feature = "etcd")]
+    pub fn etcd(mut self, etcd: crate::etcd::Etcd) -> Self {
+        self.etcd = Some(etcd);
+        self
+    }
+
+    /// The prefix of the mesh's keys in etcd (default
+    /// [`crate::replica::DEFAULT_PREFIX`]): several meshes can share one
+    /// etcd under different prefixes.
+    #[cfg(feature = "etcd")]
+    pub fn etcd_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.etcd_prefix = prefix.into();
+        self
+    }
+
+    /// Binds both ports, loads what the data directory holds (if any) and
+    /// the config directories, and starts serving; no ADS request is
+    /// answered before both are loaded. A config with problems still starts
+    /// (the problems are logged and shown in `/status`); a missing
+    /// directory, or a data directory that cannot be read, is an error.
     pub async fn start(self) -> Result<ServerHandle, Error> {
+        #[cfg(feature = "etcd")]
+        if self.etcd.is_some() && (!self.config_dirs.is_empty() || self.data_dir.is_some()) {
+            return Err(Error::config(
+                "a replica sharing etcd reads its config from etcd and keeps its state there: \
+                 give it no config directory (apply the YAML with `mesh-control apply DIR... \
+                 --etcd URL`) and no data directory",
+            ));
+        }
         if let Some(dir) = self.config_dirs.iter().find(|dir| !dir.is_dir()) {
             return Err(Error::config(format!(
                 "config directory {} does not exist or is not a directory",
                 dir.display()
             )));
         }
+        let persistence: Option<Arc<dyn Store>> = match &self.data_dir {
+            Some(dir) => Some(Arc::new(LocalDir::open(dir)?)),
+            None => None,
+        };
+        let stored = match &persistence {
+            Some(store) => store.load()?,
+            None => Stored::default(),
+        };
         let xds_listener = TcpListener::bind(self.xds_addr)
             .await
             .map_err(|e| Error::io(format!("cannot bind xDS address {}", self.xds_addr), e))?;
@@ -204,16 +277,84 @@ impl ServerBuilder {
             }
         };
 
-        let mut shared = Shared::new(ConfigStore::new(options));
+        let mut store = ConfigStore::new(options);
+        let mut shared = match &persistence {
+            None => Shared::new(store),
+            Some(_) => {
+                if let Some(config) = &stored.config {
+                    for problem in store.restore(config) {
+                        tracing::warn!("data directory: a stored resource is left out: {problem}");
+                    }
+                }
+                let resources = store.len();
+                let mut shared = Shared::new(store);
+                let mut leases = 0;
+                if let Some(stored) = &stored.leases {
+                    let (registry, problems) =
+                        Registry::import(stored, Instant::now(), SystemTime::now());
+                    for problem in problems {
+                        tracing::warn!("data directory: a stored lease is left out: {problem}");
+                    }
+                    leases = registry.registrations().len();
+                    shared.registry = Locked::new(registry);
+                }
+                shared.versions = Locked::new(Versions::after(stored.version_ceiling));
+                tracing::info!(
+                    data_dir = ?self.data_dir,
+                    resources,
+                    leases,
+                    versions_above = stored.version_ceiling,
+                    "restored the last good config and the leases"
+                );
+                shared
+            }
+        };
+        shared.persistence = persistence;
         shared.stale_after = self.stale_after;
         shared.ca = self.ca.clone();
+        #[cfg(feature = "etcd")]
+        let replica = match &self.etcd {
+            Some(etcd) => {
+                let (replica, state) =
+                    crate::replica::Replica::new(etcd.clone(), &self.etcd_prefix)?;
+                shared.shared_state = Some(state);
+                shared.versions = Locked::new(crate::replica::Replica::versions());
+                Some(replica)
+            }
+            None => None,
+        };
         let shared = Arc::new(shared);
         let config_dirs: Arc<[PathBuf]> = self.config_dirs.clone().into();
-        reload(&shared, &config_dirs);
-        shared.rebuild();
-
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut servers = Vec::new();
         let mut tasks = Vec::new();
+        #[cfg(feature = "etcd")]
+        let replicated = replica.is_some();
+        #[cfg(not(feature = "etcd"))]
+        let replicated = false;
+        #[cfg(feature = "etcd")]
+        if let Some(replica) = replica {
+            // Loaded from etcd before anything is served.
+            tasks.push(replica.start(shared.clone()).await?);
+        }
+        // Watching before the first read, and before anything is served: an
+        // edit made once a client has its first response (or during the
+        // read) is never missed.
+        let watcher = if config_dirs.is_empty() {
+            None
+        } else {
+            Some(watch_dirs(
+                config_dirs.clone(),
+                shared.clone(),
+                self.debounce,
+                &mut tasks,
+            )?)
+        };
+        if !replicated {
+            reload(&shared, &config_dirs);
+            shared.rebuild();
+            // A first start persists its (empty) leases file too.
+            shared.persist_leases().await;
+        }
 
         let ads = AggregatedDiscoveryServiceServer::new(Ads {
             shared: shared.clone(),
@@ -222,7 +363,7 @@ impl ServerBuilder {
         let csds = ClientStatusDiscoveryServiceServer::new(crate::csds::Csds {
             shared: shared.clone(),
         });
-        let mut stop = stop_rx.clone();
+        let mut stop = shared.stop.subscribe();
         let mut grpc = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)));
         if let Some(ca) = &self.ca {
@@ -235,8 +376,11 @@ impl ServerBuilder {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
+        // Graceful: on stop, tonic stops accepting and sends GOAWAY on every
+        // connection, each ADS stream ends with UNAVAILABLE (ads.rs), and
+        // serving ends when the connections have closed.
         match &tls {
-            None => tasks.push(tokio::spawn(async move {
+            None => servers.push(tokio::spawn(async move {
                 let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
                 if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, shutdown).await {
                     tracing::error!(error = %e, "xDS server failed");
@@ -246,7 +390,7 @@ impl ServerBuilder {
                 let (rx, accept) =
                     crate::ca::serving::incoming(xds_listener, tls.ads.clone(), "xDS");
                 tasks.push(accept);
-                tasks.push(tokio::spawn(async move {
+                servers.push(tokio::spawn(async move {
                     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx)
                         .map(Ok::<_, std::io::Error>);
                     if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, shutdown).await {
@@ -258,12 +402,13 @@ impl ServerBuilder {
 
         let app =
             crate::admin::router(shared.clone()).into_make_service_with_connect_info::<PeerInfo>();
-        let mut stop = stop_rx.clone();
+        // Graceful too: requests in flight are answered.
+        let mut stop = shared.stop.subscribe();
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
         match &tls {
-            None => tasks.push(tokio::spawn(async move {
+            None => servers.push(tokio::spawn(async move {
                 let result = axum::serve(admin_listener, app)
                     .with_graceful_shutdown(shutdown)
                     .await;
@@ -279,7 +424,7 @@ impl ServerBuilder {
                     rx,
                     local: admin_addr,
                 };
-                tasks.push(tokio::spawn(async move {
+                servers.push(tokio::spawn(async move {
                     let result = axum::serve(listener, app)
                         .with_graceful_shutdown(shutdown)
                         .await;
@@ -309,6 +454,8 @@ impl ServerBuilder {
             }));
         }
 
+        // Expired leases go. (A replica's registrations mirror etcd's and
+        // have no local expiry: etcd ends them, and this sweeps nothing.)
         let sweeper = shared.clone();
         let every = self.lease_check;
         tasks.push(tokio::spawn(async move {
@@ -318,21 +465,26 @@ impl ServerBuilder {
                 tick.tick().await;
                 let expired = sweeper.registry.lock().expire(Instant::now());
                 if expired {
+                    sweeper.leases_changed();
                     sweeper.rebuild();
                 }
             }
         }));
 
-        let watcher = if config_dirs.is_empty() {
-            None
-        } else {
-            Some(watch_dirs(
-                config_dirs.clone(),
-                shared.clone(),
-                self.debounce,
-                &mut tasks,
-            )?)
-        };
+        // Renewals are written in batches, at most every LEASE_FLUSH.
+        if shared.persistence.is_some() {
+            let flusher = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(LEASE_FLUSH);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if flusher.leases_dirty() {
+                        flusher.persist_leases().await;
+                    }
+                }
+            }));
+        }
 
         Ok(ServerHandle {
             xds_addr,
@@ -340,7 +492,7 @@ impl ServerBuilder {
             shared,
             tls,
             owned_dir,
-            stop: stop_tx,
+            servers,
             tasks,
             config_dirs,
             _watcher: watcher,
@@ -348,34 +500,33 @@ impl ServerBuilder {
     }
 }
 
-/// Re-reads the config directories: logs each problem as `file:line:
-/// message` (invalid resources keep their last good version), publishes,
-/// and logs at INFO what the reload changed and the version it became
-/// (`config v7 applied: changed VirtualService shop/catalog; added
-/// DestinationRule shop/payment`). The comparison is of one fingerprint per
-/// resource, taken as the documents are read.
+/// Re-reads the config directories and applies what can be applied
+/// (`Shared::rebuild`): each rejected change is logged at WARN once, at its
+/// line, with the version kept in force; what the reload applied is logged
+/// at INFO with the version it became (`config v7 applied: changed
+/// VirtualService shop/catalog; added DestinationRule shop/payment`). The
+/// comparison is of one fingerprint per resource, taken as the documents
+/// are read.
 fn reload(shared: &Shared, dirs: &[PathBuf]) {
     if dirs.is_empty() {
         return;
     }
-    let (diagnostics, changes) = {
-        let mut store = shared.store.lock();
-        let before = store.versions().clone();
-        let diagnostics = store.load_dirs(dirs);
-        (diagnostics, before.changes_to(store.versions()))
-    };
-    for d in &diagnostics {
-        tracing::warn!("{d}");
-    }
+    let diagnostics = shared.store.lock().read_dirs(dirs);
     shared.metrics.reloads.inc();
-    let problems = diagnostics.len();
-    shared.diagnostics.lock().0 = diagnostics;
+    shared.diagnostics.lock().0 = diagnostics.clone();
     let before = shared.served.borrow().version;
-    shared.rebuild();
+    let changes = shared.rebuild();
     let after = shared.served.borrow().version;
-    let problems = match problems {
+    let rejected = shared.store.lock().rejections().to_vec();
+    // A problem that is no rejection (a directory that cannot be read).
+    for d in &diagnostics {
+        if !rejected.iter().any(|r| r.problems.contains(d)) {
+            tracing::warn!("{d}");
+        }
+    }
+    let problems = match rejected.len() {
         0 => String::new(),
-        n => format!(" ({n} problem(s), logged above)"),
+        n => format!(" ({n} change(s) rejected, kept the last good version; see /status)"),
     };
     if changes.is_empty() {
         tracing::debug!(
@@ -461,7 +612,9 @@ pub struct ServerHandle {
     tls: Option<Arc<ServingTls>>,
     /// The temporary directory of the trust bundle file, removed on drop.
     owned_dir: Option<PathBuf>,
-    stop: watch::Sender<bool>,
+    /// The xDS and admin servers: drained on shutdown.
+    servers: Vec<JoinHandle<()>>,
+    /// Everything else (accept loops, sweeper, watcher, flusher): stopped.
     tasks: Vec<JoinHandle<()>>,
     /// The config directories, re-read by [`ServerHandle::reload`].
     config_dirs: Arc<[PathBuf]>,
@@ -585,25 +738,66 @@ impl ServerHandle {
                 "this control server has no CA; configure one with ServerBuilder::ca",
             ));
         };
+        if self.shared.shared_state.is_some() {
+            return Err(Error::config(
+                "this replica shares its CA root with the others through etcd, and a rotation is \
+                 not shared yet: it would leave the replicas signing with different roots",
+            ));
+        }
         ca.rotate_root()?;
         tls.refresh()?;
         Ok(())
     }
 
-    /// Stops accepting, closes streams and waits for the tasks to end.
+    /// What the config directories hold that is not in force: each
+    /// rejected change as `file:line: ...` (as `/status` lists them under
+    /// `rejected`), empty when everything on disk is applied.
+    pub fn rejected(&self) -> Vec<String> {
+        self.shared
+            .store
+            .lock()
+            .rejections()
+            .iter()
+            .map(|r| r.to_string())
+            .collect()
+    }
+
+    /// Stops gracefully, as `mesh-control serve` does on SIGTERM: stops
+    /// accepting, sends GOAWAY on every connection and ends each ADS stream
+    /// with `UNAVAILABLE` (clients reconnect at once: elsewhere, or here
+    /// after a restart), lets admin requests in flight finish, then stops
+    /// the background tasks and writes the leases a last time. Connections
+    /// still open after [`SHUTDOWN_GRACE`] are closed. Returns at once when
+    /// nothing is connected.
     pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
+        self.shared.stop.send_replace(true);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        for mut server in self.servers.drain(..) {
+            if tokio::time::timeout_at(deadline, &mut server)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "connections still open {SHUTDOWN_GRACE:?} after the stop: closing them"
+                );
+                server.abort();
+                let _ = server.await;
+            }
+        }
         for t in self.tasks.drain(..) {
             t.abort();
             let _ = t.await;
         }
+        self.shared.persist_leases().await;
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.write_config()).await;
     }
 }
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        for t in &self.tasks {
+        self.shared.stop.send_replace(true);
+        for t in self.servers.iter().chain(&self.tasks) {
             t.abort();
         }
         if let Some(dir) = self.owned_dir.take() {
@@ -624,7 +818,7 @@ pub fn bootstrap_json(
         "xds_servers": [{
             "server_uri": xds_addr.to_string(),
             "channel_creds": [{ "type": "insecure" }],
-            "server_features": ["xds_v3"],
+            "server_features": SERVER_FEATURES,
         }],
         "node": {
             "id": node_id,
@@ -639,11 +833,34 @@ pub fn bootstrap_json(
     serde_json::to_string_pretty(&doc).unwrap_or_default()
 }
 
+/// The `server_features` of every bootstrap mesh-control writes: `xds_v3`
+/// (gRPC speaks xDS v3 only with it), `ignore_resource_deletion` (gRFC A53:
+/// a listener or cluster a response leaves out is kept, so a control plane
+/// bug or a half-loaded config cannot take routes away from running
+/// clients) and `resource_timer_is_transient_error` (gRFC A88: mesh-control
+/// names missing resources in `resource_errors`, xRFC TP3, so the
+/// does-not-exist timer only has to catch a slow server: 30 s, reported as
+/// a transient error).
+const SERVER_FEATURES: [&str; 3] = [
+    "xds_v3",
+    "ignore_resource_deletion",
+    "resource_timer_is_transient_error",
+];
+
 /// The gRFC A36 template of server listener names.
 pub const SERVER_LISTENER_TEMPLATE: &str = "grpc/server?xds.resource.listening_address=%s";
 
 /// What a workload's bootstrap says about it ([`ServerHandle::bootstrap`],
 /// [`bootstrap_json_for`]).
+///
+/// Every bootstrap written lists the server features `xds_v3`,
+/// `ignore_resource_deletion` (gRFC A53) and
+/// `resource_timer_is_transient_error` (gRFC A88). Under A88
+/// (gRPC with `GRPC_EXPERIMENTAL_XDS_DATA_ERROR_HANDLING=true`) ignoring
+/// deletions is the default and `ignore_resource_deletion` is ignored; a
+/// workload that would rather drop a deleted or NACKed resource and fail
+/// its calls opts out with the `fail_on_data_errors` server feature. Older
+/// gRPC (A53) honors `ignore_resource_deletion` as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BootstrapSpec {
     node_id: String,
@@ -795,7 +1012,7 @@ pub fn bootstrap_json_for(
         "xds_servers": [{
             "server_uri": xds_addr.to_string(),
             "channel_creds": channel_creds,
-            "server_features": ["xds_v3"],
+            "server_features": SERVER_FEATURES,
         }],
         "node": {
             "id": spec.node_id,

@@ -2,12 +2,16 @@
 //! snapshot being served and what each connected client has acknowledged.
 //!
 //! Everything that changes config funnels through [`Shared::rebuild`], which
-//! translates, encodes and publishes one new immutable [`Served`] value on a
-//! watch channel; ADS streams only read it. Locks here are held briefly and
-//! never across an await.
+//! applies what can be applied of the files read (`ConfigStore::settle`,
+//! judged with the registrations of the moment), persists the config in
+//! force when it changed, translates, encodes and publishes one new
+//! immutable [`Served`] value on a watch channel; ADS streams only read it.
+//! Locks here are held briefly and never across an await; the blocking
+//! writes of a data directory happen under the rebuild lock only (config,
+//! version ceiling) or on blocking threads (leases).
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
@@ -20,8 +24,9 @@ use tokio::sync::watch;
 
 use crate::ads::{encode_all, type_index};
 use crate::ca::CertificateAuthority;
-use crate::config::{ConfigStore, Diagnostic, SecurityPolicies};
+use crate::config::{ConfigChanges, ConfigStore, Diagnostic, Rejection, SecurityPolicies};
 use crate::metrics::Counters;
+use crate::persist::{SharedState, Store, Versions};
 use crate::registry::{Registered, Registry};
 
 /// A mutex whose poisoning is ignored: the data behind it is replaced
@@ -168,7 +173,7 @@ pub(crate) struct Shared {
     pub(crate) clients: Locked<BTreeMap<u64, ClientStatus>>,
     pub(crate) store: Locked<ConfigStore>,
     pub(crate) registry: Locked<Registry>,
-    /// Problems of the last YAML load and of the last translation.
+    /// Problems of the last YAML read and of the last translation.
     pub(crate) diagnostics: Locked<(Vec<Diagnostic>, Vec<Diagnostic>)>,
     /// Raw resources served instead of the translated ones (test hook).
     pub(crate) raw: Locked<Vec<(ResourceType, String, Any)>>,
@@ -178,13 +183,43 @@ pub(crate) struct Shared {
     /// The CA, when security is on: certificates and authenticated
     /// registration.
     pub(crate) ca: Option<Arc<CertificateAuthority>>,
+    /// Where the config in force, the leases and the version ceiling are
+    /// kept across restarts (`--data-dir`); `None`: in memory only.
+    pub(crate) persistence: Option<Arc<dyn Store>>,
+    /// Where registrations are made when replicas share them (etcd): the
+    /// admin API goes there, and `registry` only mirrors it.
+    pub(crate) shared_state: Option<Arc<dyn SharedState>>,
+    /// The xDS version counter (reserved in the store, with one; a shared
+    /// store's revisions, with one).
+    pub(crate) versions: Locked<Versions>,
+    /// True once the server stops: the servers drain, ADS streams end.
+    pub(crate) stop: watch::Sender<bool>,
+    /// Renewals not yet written (they are batched).
+    leases_dirty: AtomicBool,
+    /// One lease write at a time, each of the registry as it is then.
+    lease_writes: Mutex<()>,
+    /// The config generation last written to the store.
+    persisted_generation: AtomicU64,
+    /// One config write at a time, each of the config as it is then.
+    config_writes: Mutex<()>,
+    /// What was last logged and counted, so that a rebuild reports only
+    /// what is new (a rejected edit is judged again at every registration).
+    reported: Locked<Reported>,
     next_client: AtomicU64,
     rebuild_lock: Mutex<()>,
+}
+
+/// The rejections and translation problems last reported.
+#[derive(Debug, Default)]
+struct Reported {
+    rejections: Vec<Rejection>,
+    problems: BTreeSet<Diagnostic>,
 }
 
 impl Shared {
     pub(crate) fn new(store: ConfigStore) -> Self {
         let (served, _) = watch::channel(Arc::new(Served::default()));
+        let (stop, _) = watch::channel(false);
         Shared {
             served,
             clients: Locked::default(),
@@ -195,6 +230,15 @@ impl Shared {
             stale_after: std::time::Duration::from_secs(5),
             metrics: Counters::default(),
             ca: None,
+            persistence: None,
+            shared_state: None,
+            versions: Locked::new(Versions::in_memory()),
+            stop,
+            leases_dirty: AtomicBool::new(false),
+            lease_writes: Mutex::new(()),
+            persisted_generation: AtomicU64::new(0),
+            config_writes: Mutex::new(()),
+            reported: Locked::default(),
             next_client: AtomicU64::new(1),
             rebuild_lock: Mutex::new(()),
         }
@@ -204,13 +248,19 @@ impl Shared {
         self.next_client.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Translates the current resources and registrations and publishes the
-    /// result, with a new version, if anything a client can see changed.
-    pub(crate) fn rebuild(&self) {
+    /// Applies what can be applied of the files read, persists the config
+    /// in force if it changed, translates it and the registrations and
+    /// publishes the result, with a new version, if anything a client can
+    /// see changed. Returns what the resources in force changed by.
+    pub(crate) fn rebuild(&self) -> ConfigChanges {
         let _serialized = self.rebuild_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut registered = self.registry.lock().registered();
-        let (snapshot, diagnostics, security) = {
-            let store = self.store.lock();
+        let registrations: Vec<_> = registered.iter().map(|r| r.registration.clone()).collect();
+        let (snapshot, diagnostics, security, changes, rejections) = {
+            let mut store = self.store.lock();
+            let before = store.versions();
+            store.settle(&registrations);
+            let changes = before.changes_to(&store.versions());
             let security = store.security();
             // One label set per workload: the EDS endpoints carry the
             // labels server listeners are resolved with.
@@ -219,12 +269,14 @@ impl Shared {
             }
             let registrations: Vec<_> = registered.iter().map(|r| r.registration.clone()).collect();
             let (snapshot, diagnostics) = store.snapshot(&registrations);
-            (snapshot, diagnostics, security)
+            let rejections = store.rejections().to_vec();
+            (snapshot, diagnostics, security, changes, rejections)
         };
+        // The config in force is on disk before it is served: a restart
+        // never serves less than what clients were sent.
+        self.write_config();
+        self.report(&rejections, &diagnostics);
         let registered: Arc<[Registered]> = registered.into();
-        for d in &diagnostics {
-            tracing::warn!("{d}");
-        }
         self.diagnostics.lock().1 = diagnostics;
         let mut resources = encode_all(&snapshot);
         for (t, name, any) in self.raw.lock().iter() {
@@ -239,18 +291,134 @@ impl Shared {
             && current.security == security
             && current.registered == registered
         {
-            return;
+            return changes;
         }
+        let version = self.next_version();
         self.metrics
             .config_version
-            .set((current.version + 1) as i64);
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
         self.served.send_replace(Arc::new(Served {
-            version: current.version + 1,
+            version,
             published_at: Some(Instant::now()),
             snapshot,
             resources,
             security,
             registered,
         }));
+        changes
+    }
+
+    /// The next xDS version; with a store, reserved there before it is
+    /// used, so that no version is ever sent with two contents across
+    /// restarts.
+    fn next_version(&self) -> u64 {
+        let mut versions = self.versions.lock();
+        let version = versions.next();
+        if let (Some(store), Some(ceiling)) = (&self.persistence, versions.reservation()) {
+            match store.save_version_ceiling(ceiling) {
+                Ok(()) => versions.reserved(ceiling),
+                Err(e) => self.persist_failed("the version ceiling", &e),
+            }
+        }
+        version
+    }
+
+    /// Logs and counts the rejections and translation problems not
+    /// reported before.
+    fn report(&self, rejections: &[Rejection], problems: &[Diagnostic]) {
+        let mut reported = self.reported.lock();
+        for r in rejections {
+            if !reported.rejections.contains(r) {
+                tracing::warn!("{r}");
+                self.metrics.config_rejections.inc();
+            }
+        }
+        for d in problems {
+            if !reported.problems.contains(d) {
+                tracing::warn!("{d}");
+            }
+        }
+        self.metrics
+            .config_rejected
+            .set(i64::try_from(rejections.len()).unwrap_or(i64::MAX));
+        reported.rejections = rejections.to_vec();
+        reported.problems = problems.iter().cloned().collect();
+    }
+
+    fn persist_failed(&self, what: &str, error: &crate::Error) {
+        self.metrics.persist_errors.inc();
+        tracing::error!(
+            %error,
+            "cannot persist {what}: it lives in memory only until a write succeeds"
+        );
+    }
+
+    /// Writes the config in force if it changed since it was last written
+    /// (or the last write failed). Blocking: the rebuild calls it before it
+    /// publishes, and a stop once more.
+    pub(crate) fn write_config(&self) {
+        let Some(store) = &self.persistence else {
+            return;
+        };
+        // Exported and written under one lock: a later write never carries
+        // an older config than an earlier one.
+        let _one = self.config_writes.lock().unwrap_or_else(|e| e.into_inner());
+        let export = {
+            let config = self.store.lock();
+            let generation = config.generation();
+            (generation != self.persisted_generation.load(Ordering::SeqCst))
+                .then(|| (generation, config.export()))
+        };
+        if let Some((generation, config)) = export {
+            match store.save_config(&config) {
+                Ok(()) => self
+                    .persisted_generation
+                    .store(generation, Ordering::SeqCst),
+                Err(e) => self.persist_failed("the config in force", &e),
+            }
+        }
+    }
+
+    /// Marks the leases as changed (a renewal, an expiry): written within
+    /// [`crate::persist::LEASE_FLUSH`].
+    pub(crate) fn leases_changed(&self) {
+        if self.persistence.is_some() {
+            self.leases_dirty.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether renewals wait to be written.
+    pub(crate) fn leases_dirty(&self) -> bool {
+        self.leases_dirty.load(Ordering::SeqCst)
+    }
+
+    /// Writes the leases as they are now. Blocking (an fsync): call it from
+    /// a blocking thread ([`Shared::persist_leases`]).
+    pub(crate) fn write_leases(&self) {
+        let Some(store) = &self.persistence else {
+            return;
+        };
+        let _one = self.lease_writes.lock().unwrap_or_else(|e| e.into_inner());
+        // Cleared before the registry is read: a renewal after this point
+        // marks it again and is written by the next flush.
+        self.leases_dirty.store(false, Ordering::SeqCst);
+        let leases = self
+            .registry
+            .lock()
+            .export(Instant::now(), SystemTime::now());
+        if let Err(e) = store.save_leases(&leases) {
+            self.leases_dirty.store(true, Ordering::SeqCst);
+            self.persist_failed("the leases", &e);
+        }
+    }
+
+    /// [`Shared::write_leases`] on a blocking thread, awaited: a
+    /// registration is on disk before it is answered.
+    pub(crate) async fn persist_leases(self: &Arc<Self>) {
+        if self.persistence.is_none() {
+            return;
+        }
+        let shared = self.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.write_leases()).await;
     }
 }

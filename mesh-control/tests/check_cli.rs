@@ -315,6 +315,44 @@ fn a_resource_in_two_directories_is_an_error_at_its_second_line() {
     assert!(stderr.contains(&expected), "{expected}\nnot in:\n{stderr}");
 }
 
+/// `check` judges a directory as a first start would (nothing in force
+/// yet): each change it would reject is printed at its line. A
+/// VirtualService with a subset typo is rejected at the subset, and it does
+/// not hold its host either: a second VirtualService for the host, valid,
+/// applies, and the rejected one says so at its host.
+#[test]
+fn check_prints_each_rejected_change_at_its_line() {
+    let root = tempfile::tempdir().unwrap();
+    let (se, vs) = SE_AND_VS.split_once("---\n").unwrap();
+    std::fs::write(root.path().join("a.yaml"), format!("{se}---\n{}", dr(""))).unwrap();
+    let typo = vs.replace("subset: v1", "subset: v9");
+    std::fs::write(root.path().join("b.yaml"), &typo).unwrap();
+    let second = vs.replace("name: catalog,", "name: catalog-canary,");
+    std::fs::write(root.path().join("c.yaml"), &second).unwrap();
+    let (code, _, stderr) = check(root.path());
+    assert_eq!(code, 1, "{stderr}");
+    let b = root.path().join("b.yaml");
+    let expected = [
+        format!(
+            "{}:{}: VirtualService shop/catalog: host 'catalog.shop.svc.cluster.local' already \
+             routed by VirtualService shop/catalog-canary at {}:3",
+            b.display(),
+            line_of(&typo, "hosts:"),
+            root.path().join("c.yaml").display()
+        ),
+        format!(
+            "{}:{}: VirtualService shop/catalog: 'http[0].route[0].destination.subset': subset \
+             'v9' is not defined",
+            b.display(),
+            line_of(&typo, "subset: v9")
+        ),
+    ];
+    for line in &expected {
+        assert!(stderr.contains(line.as_str()), "{line}\nnot in:\n{stderr}");
+    }
+    assert!(stderr.contains("2 problem(s)"), "{stderr}");
+}
+
 /// Removes terminal colour codes from a log line.
 fn plain(line: &str) -> String {
     let mut out = String::new();

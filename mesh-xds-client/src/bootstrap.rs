@@ -54,6 +54,11 @@ pub const ADMIN_KEY: &str = "PROXYLESS_ADMIN";
 pub const USER_AGENT_NAME: &str = "proxyless-rust";
 /// The server feature that makes a control server's deletions ignorable (gRFC A53).
 pub const IGNORE_RESOURCE_DELETION: &str = "ignore_resource_deletion";
+/// The top-level bootstrap field holding this implementation's own settings
+/// (`{"cache_file": ...}`, see [`crate::cache::cache_file_for`]). gRPC's
+/// bootstrap parsers ignore top-level fields they do not know, so the same
+/// file still serves gRPC clients.
+pub const PROXYLESS_KEY: &str = "proxyless";
 
 const TLS_EXAMPLE: &str = r#"{"type": "tls", "config": {"ca_certificate_file": "/etc/mesh/root-cert.pem",
   "certificate_file": "/etc/mesh/cert.pem", "private_key_file": "/etc/mesh/key.pem"}}"#;
@@ -431,6 +436,9 @@ impl Bootstrap {
                 "server_listener_resource_name_template {t:?} lacks the %s placeholder for ip:port"
             ));
         }
+        if let Some(settings) = raw.other.get(PROXYLESS_KEY) {
+            crate::client::check_settings(settings)?;
+        }
         Ok(Bootstrap {
             raw,
             servers,
@@ -526,6 +534,12 @@ impl Bootstrap {
     /// `node.metadata`, as JSON.
     pub fn metadata(&self) -> &Map<String, Value> {
         &self.raw.node.metadata
+    }
+
+    /// The top-level `proxyless` object (this implementation's settings,
+    /// which gRPC ignores), as validated JSON; `None` when absent.
+    pub fn proxyless_settings(&self) -> Option<&Value> {
+        self.raw.other.get(PROXYLESS_KEY)
     }
 
     /// `certificate_providers` as raw JSON (instance name → `{plugin_name, config}`), gRFC A29.

@@ -17,18 +17,32 @@
 //! module): a verification failure is the connection error
 //! [`XdsClient::last_error`] reports, naming the CA file.
 //!
-//! Static stability: with [`ClientOptions::cache_file`] the raw resources of
-//! the last accepted config are written to disk after each change, and loaded
-//! when no control server answers, so a restarted service routes with the last
-//! good config while the control server is down.
+//! Static stability (a workload must be able to start while the control
+//! plane is down): the raw resources of the last accepted config are written
+//! to a cache file after every change (coalesced, off the task, 0600,
+//! fsynced and renamed into place), and a client that starts while no
+//! control server answers serves from it. When no server has answered within
+//! [`ClientOptions::cache_wait`] (1 s by default: far below the 20 s connect
+//! timeout, so a black-holed control plane costs a second, not twenty), the
+//! cached config is loaded and published, a WARN names the file and its age,
+//! and the client says it is stale ([`XdsClient::stale_since`],
+//! [`XdsClient::cache_status`], the config dump's `control_server`) while it
+//! keeps reconnecting. The first response of a control server clears the mark,
+//! and its config replaces the cached one as it arrives. The cache is on by
+//! default; [`cache_file_for`] says where it lives and how to move or turn it
+//! off. A cache that cannot be used (corrupt, truncated, written by a newer
+//! version, for another node, writable by others) is reported and ignored:
+//! the client then waits for a control server as it would without one.
 //!
 //! The task ends when the last [`XdsClient`] clone is dropped: it owns no
 //! handle to itself, only the receiving end of the command channel.
 
 use std::collections::HashSet;
+use std::ffi::OsString;
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
@@ -36,8 +50,8 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use mesh_core::Snapshot;
 use mesh_core::model::Name;
 use prost::Message;
-use prost::bytes::Buf;
 use rand::Rng;
+use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -50,6 +64,44 @@ use crate::state::{AdsState, Readiness, ResourceReport, SyncStatus, readiness};
 /// Largest ADS response accepted (tonic's default of 4 MiB is small for a big mesh).
 const MAX_MESSAGE_SIZE: usize = 64 << 20;
 
+/// The environment variable that moves or turns off the xDS cache (see
+/// [`cache_file_for`]): `off`, a directory, or a file.
+pub const CACHE_ENV_VAR: &str = "PROXYLESS_XDS_CACHE";
+
+/// The key of the cache file in the bootstrap's `proxyless` object (see
+/// [`cache_file_for`]).
+pub const CACHE_FILE_KEY: &str = "cache_file";
+
+/// How long a starting client waits for a control server before it serves
+/// the cached config.
+pub const DEFAULT_CACHE_WAIT: Duration = Duration::from_secs(1);
+
+/// The extension of xDS cache files named after their node.
+const CACHE_EXTENSION: &str = "xds";
+
+/// A cache file larger than this is reported and ignored (a mesh's whole
+/// config is far smaller; the bound keeps a misnamed path such as a device
+/// from being read without end).
+const MAX_CACHE_BYTES: u64 = 256 << 20;
+
+/// Cache files named after their node that nobody has written for this long
+/// are removed from their directory (a node gone for a month, or one of the
+/// throwaway nodes of tests and demos), so the default directory does not
+/// grow without bound.
+const PRUNE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The first bytes of a cache file: a line `head -1` shows.
+const CACHE_MAGIC: &[u8] = b"proxyless xds cache\n";
+/// The layout this client writes and reads; a file of a later layout is
+/// reported and ignored rather than misread.
+const CACHE_FORMAT: u32 = 1;
+/// Magic, format (u32), written at (u64 ms), payload length (u64),
+/// checksum (u64), all big-endian.
+const CACHE_HEADER_LEN: usize = CACHE_MAGIC.len() + 4 + 8 + 8 + 8;
+
+/// An example of the bootstrap's `proxyless` object, for errors.
+const SETTINGS_EXAMPLE: &str = r#""proxyless": {"cache_file": "/var/cache/app/xds.cache"} (or "cache_file": false to turn the cache off)"#;
+
 /// Tuning of an [`XdsClient`]; the defaults suit production, tests shrink the backoff.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -58,7 +110,32 @@ pub struct ClientOptions {
     connect_timeout: Duration,
     keepalive: Duration,
     listeners: Vec<String>,
-    cache_file: Option<PathBuf>,
+    cache: CacheChoice,
+    cache_wait: Duration,
+    lookup: Option<Lookup>,
+}
+
+/// Where the cache goes, as the options say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CacheChoice {
+    /// As [`cache_file_for`] says (environment, bootstrap, default).
+    Resolve,
+    File(PathBuf),
+    Off,
+}
+
+/// An environment stand-in (edition 2024 makes `set_var` unsafe, so tests
+/// pass a function instead).
+#[derive(Clone)]
+struct Lookup(Arc<LookupFn>);
+
+/// What [`ClientOptions::env_lookup`] takes.
+type LookupFn = dyn Fn(&str) -> Option<String> + Send + Sync;
+
+impl std::fmt::Debug for Lookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lookup(..)")
+    }
 }
 
 impl Default for ClientOptions {
@@ -69,7 +146,9 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(20),
             keepalive: Duration::from_secs(30),
             listeners: Vec::new(),
-            cache_file: None,
+            cache: CacheChoice::Resolve,
+            cache_wait: DEFAULT_CACHE_WAIT,
+            lookup: None,
         }
     }
 }
@@ -104,15 +183,453 @@ impl ClientOptions {
         self
     }
 
-    /// Where to keep the last good config (static stability); loaded when
-    /// no control server answers.
+    /// Keeps the last good config in `path` (static stability), whatever
+    /// the environment and the bootstrap say (see [`cache_file_for`]).
     pub fn cache_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.cache_file = Some(path.into());
+        self.cache = CacheChoice::File(path.into());
         self
+    }
+
+    /// Keeps no cache file, whatever the environment and the bootstrap say:
+    /// a client that starts while no control server answers has no config
+    /// until one does.
+    pub fn no_cache(mut self) -> Self {
+        self.cache = CacheChoice::Off;
+        self
+    }
+
+    /// How long a starting client waits for a control server to answer
+    /// before it serves the cached config ([`DEFAULT_CACHE_WAIT`], 1 s). A
+    /// round of connection attempts that all fail (connection refused)
+    /// ends the wait sooner.
+    pub fn cache_wait(mut self, wait: Duration) -> Self {
+        self.cache_wait = wait;
+        self
+    }
+
+    /// Reads the variables that place the cache ([`CACHE_ENV_VAR`],
+    /// `XDG_CACHE_HOME`, `HOME`, `TMPDIR`) through `lookup` instead of the
+    /// process environment, as [`Bootstrap::from_lookup`] does.
+    pub fn env_lookup(
+        mut self,
+        lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.lookup = Some(Lookup(Arc::new(lookup)));
+        self
+    }
+
+    /// The cache file these options choose for `bootstrap`.
+    fn resolve_cache_file(&self, bootstrap: &Bootstrap) -> Option<PathBuf> {
+        match (&self.cache, &self.lookup) {
+            (CacheChoice::Off, _) => None,
+            (CacheChoice::File(path), _) => Some(path.clone()),
+            (CacheChoice::Resolve, Some(lookup)) => cache_file_for(bootstrap, |k| (lookup.0)(k)),
+            (CacheChoice::Resolve, None) => cache_file_for(bootstrap, |k| std::env::var(k).ok()),
+        }
     }
 }
 
+/// Where the xDS cache of `bootstrap`'s node lives, reading the environment
+/// through `lookup`; `None` when the cache is off.
+///
+/// The first of these that says something wins:
+///
+/// 1. [`CACHE_ENV_VAR`] (`PROXYLESS_XDS_CACHE`): `off` (or `false`, `0`,
+///    `none`) turns the cache off; a value ending in `/`, or naming an
+///    existing directory, puts the node's file (named as below) in that
+///    directory; any other value is the file itself. Empty counts as unset.
+/// 2. The bootstrap's `proxyless` object, a top-level field that gRPC's
+///    bootstrap parsers ignore, so the file still serves gRPC clients:
+///    `"proxyless": {"cache_file": "/var/cache/app/xds.cache"}` (same
+///    forms: a file, or a directory ending in `/`); `"cache_file": false`
+///    or `null` turns the cache off, `true` or no key means the default.
+/// 3. The default directory ([`default_cache_dir`]):
+///    `$XDG_CACHE_HOME/proxyless/`, else `$HOME/.cache/proxyless/`, else
+///    `proxyless-cache/` in the temporary directory.
+///
+/// The environment wins over the bootstrap because a bootstrap is often
+/// shared by every replica of a service (one ConfigMap), while the
+/// environment is per process: an operator can move or turn off one
+/// process's cache without touching the shared file.
+///
+/// In a directory, the node's file is `<node id>-<hash>.xds`: the node id
+/// with every character but `A-Z a-z 0-9 . _ -` replaced by `_` (at most 64
+/// of them), and 12 hex digits of a hash of the node id and the
+/// `server_uri`s, so two nodes, or one node id in two meshes, never share a
+/// file. The workload certificate cache of the `mesh_ca` provider sits next
+/// to it ([`sibling_file`], `.svid`). [`ClientOptions::cache_file`] and
+/// [`ClientOptions::no_cache`] override all of this.
+pub fn cache_file_for(
+    bootstrap: &Bootstrap,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Option<PathBuf> {
+    let from_env = lookup(CACHE_ENV_VAR).and_then(|v| env_placement(&v));
+    let placement = match from_env {
+        Some(placement) => placement,
+        None => match bootstrap.proxyless_settings() {
+            None => Placement::Default,
+            // Bootstrap validation has checked the settings already.
+            Some(settings) => settings_placement(settings).unwrap_or_else(|e| {
+                tracing::warn!("{e}; the xDS cache stays in its default place");
+                Placement::Default
+            }),
+        },
+    };
+    let name = || format!("{}.{CACHE_EXTENSION}", cache_file_stem(bootstrap));
+    match placement {
+        Placement::Off => None,
+        Placement::File(path) => Some(path),
+        Placement::Dir(dir) => Some(dir.join(name())),
+        Placement::Default => Some(default_cache_dir(lookup).join(name())),
+    }
+}
+
+/// The directory caches go to when nothing else is said:
+/// `$XDG_CACHE_HOME/proxyless/` (when `XDG_CACHE_HOME` is absolute, as the
+/// XDG spec asks), else `$HOME/.cache/proxyless/`, else `proxyless-cache/`
+/// in the temporary directory (`$TMPDIR`, else the platform's). Created
+/// 0700 when the first cache is written.
+pub fn default_cache_dir(lookup: impl Fn(&str) -> Option<String>) -> PathBuf {
+    let absolute = |name: &str| lookup(name).map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(xdg) = absolute("XDG_CACHE_HOME") {
+        return xdg.join("proxyless");
+    }
+    if let Some(home) = absolute("HOME") {
+        return home.join(".cache").join("proxyless");
+    }
+    absolute("TMPDIR")
+        .unwrap_or_else(std::env::temp_dir)
+        .join("proxyless-cache")
+}
+
+/// The file next to `cache_file` with the same name and another extension:
+/// `svid` holds the workload certificate of the `mesh_ca` provider.
+pub fn sibling_file(cache_file: &Path, extension: &str) -> PathBuf {
+    let sibling = cache_file.with_extension(extension);
+    if sibling == cache_file {
+        let mut name = cache_file.as_os_str().to_owned();
+        name.push(".");
+        name.push(extension);
+        PathBuf::from(name)
+    } else {
+        sibling
+    }
+}
+
+/// Where one setting puts the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Placement {
+    Off,
+    Default,
+    /// The node's file in this directory.
+    Dir(PathBuf),
+    File(PathBuf),
+}
+
+fn path_placement(value: &str) -> Placement {
+    let path = PathBuf::from(value);
+    if value.ends_with('/') || value.ends_with(std::path::MAIN_SEPARATOR) || path.is_dir() {
+        Placement::Dir(path)
+    } else {
+        Placement::File(path)
+    }
+}
+
+/// `PROXYLESS_XDS_CACHE`; `None` when empty.
+fn env_placement(value: &str) -> Option<Placement> {
+    let value = value.trim();
+    if value.is_empty() {
+        return None;
+    }
+    let off = ["off", "false", "0", "none", "disabled"];
+    if off.iter().any(|o| value.eq_ignore_ascii_case(o)) {
+        return Some(Placement::Off);
+    }
+    Some(path_placement(value))
+}
+
+/// Checks the bootstrap's `proxyless` object: bootstrap validation calls it,
+/// so a typo is an error at start rather than a cache silently elsewhere.
+pub(crate) fn check_settings(settings: &Value) -> Result<(), String> {
+    settings_shape(settings).map(|_| ())
+}
+
+fn settings_placement(settings: &Value) -> Result<Placement, String> {
+    Ok(match settings_shape(settings)? {
+        Some(Value::Bool(true)) | None => Placement::Default,
+        Some(Value::String(path)) => path_placement(path.trim()),
+        Some(_) => Placement::Off,
+    })
+}
+
+/// The `cache_file` value of a well-formed `proxyless` object.
+fn settings_shape(settings: &Value) -> Result<Option<&Value>, String> {
+    let Value::Object(map) = settings else {
+        return Err(format!(
+            "proxyless must be an object, found {settings}; e.g. {SETTINGS_EXAMPLE}"
+        ));
+    };
+    if let Some(key) = map.keys().find(|k| *k != CACHE_FILE_KEY) {
+        return Err(format!(
+            "proxyless.{key} is not a proxyless setting (the one there is: {CACHE_FILE_KEY}); \
+             e.g. {SETTINGS_EXAMPLE}"
+        ));
+    }
+    match map.get(CACHE_FILE_KEY) {
+        None => Ok(None),
+        Some(v @ (Value::Null | Value::Bool(_))) => Ok(Some(v)),
+        Some(v @ Value::String(s)) if !s.trim().is_empty() => Ok(Some(v)),
+        Some(other) => Err(format!(
+            "proxyless.{CACHE_FILE_KEY} must be a file path, a directory ending in '/', or \
+             false (no cache), found {other}; e.g. {SETTINGS_EXAMPLE}"
+        )),
+    }
+}
+
+/// `<sanitized node id>-<12 hex digits>`: see [`cache_file_for`].
+fn cache_file_stem(bootstrap: &Bootstrap) -> String {
+    let id = bootstrap.node_id();
+    let mut name: String = id
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.is_empty() {
+        name.push_str("node");
+    }
+    if name.starts_with('.') {
+        // Not a hidden file.
+        name.replace_range(0..1, "_");
+    }
+    let mut hash = Fnv::new();
+    hash.write(id.as_bytes());
+    for server in bootstrap.xds_servers() {
+        hash.write(&[0]);
+        hash.write(server.server_uri().as_bytes());
+    }
+    format!("{name}-{:012x}", hash.finish() & 0xffff_ffff_ffff)
+}
+
+/// FNV-1a, 64 bits: the stable hash of cache file names and the checksum
+/// of their contents (std's `DefaultHasher` may change between Rust
+/// releases, which would rename every cache).
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// The FNV-1a hash of `bytes`, as 16 hex digits: a checksum for cache
+/// files (the certificate cache records its join token's this way).
+pub fn fnv1a_hex(bytes: &[u8]) -> String {
+    let mut hash = Fnv::new();
+    hash.write(bytes);
+    format!("{:016x}", hash.finish())
+}
+
+/// Writes `contents` to `path` so that a reader sees the old file or the
+/// new one, never a part, and a crash leaves one of them: a temporary file
+/// in the same directory (mode 0600, created exclusively), written and
+/// fsynced, renamed over `path`, then the directory fsynced so the rename
+/// itself is durable. Missing parent directories are created 0700. What
+/// the caches of this crate and mesh-tower's certificate cache use.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
+    })?;
+    create_private_dir(dir)?;
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(
+        ".{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let tmp = dir.join(tmp_name);
+    let written = (|| {
+        let mut file = create_private(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    sync_dir(dir)
+}
+
+/// Reads a file written by [`write_private_file`]: `Ok(None)` when there
+/// is none. Refuses (an `InvalidData` or `PermissionDenied` error saying
+/// why) what is not a regular file, what is larger than `limit`, and, on
+/// Unix, a file others may write or (where `/proc` tells this process's
+/// user) that another user owns: a cache is trusted config, so one that
+/// someone else could have written is not used.
+pub fn read_private_file(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    if !meta.is_file() {
+        return Err(invalid("it is not a regular file".to_owned()));
+    }
+    if meta.len() > limit {
+        return Err(invalid(format!(
+            "it is {} bytes, more than the {limit} a cache may have",
+            meta.len()
+        )));
+    }
+    check_private(&meta)?;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(invalid(format!(
+            "it grew past the {limit} bytes a cache may have while being read"
+        )));
+    }
+    Ok(Some(bytes))
+}
+
+#[cfg(unix)]
+fn check_private(meta: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let denied = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+    let mode = meta.mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(denied(format!(
+            "its mode {mode:o} lets others write it (a cache is written 0600)"
+        )));
+    }
+    // /proc/self belongs to this process's user (Linux).
+    if let Ok(me) = std::fs::metadata("/proc/self")
+        && me.uid() != meta.uid()
+    {
+        return Err(denied(format!(
+            "it belongs to uid {}, not to this process's uid {}",
+            meta.uid(),
+            me.uid()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_private(_meta: &std::fs::Metadata) -> std::io::Result<()> {
+    Ok(())
+}
+
+#[cfg(unix)]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+#[cfg(not(unix))]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)
+}
+
+#[cfg(unix)]
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
+/// Makes a rename in `dir` durable (Unix: fsync the directory).
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// What an [`XdsClient`] knows about its cache file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStatus {
+    /// The cache file; `None` when the cache is off.
+    pub file: Option<PathBuf>,
+    /// `Some(t)` while the config in use came from the cache file and no
+    /// control server has answered since: `t` is when the file was
+    /// written, the last time a control server stood behind that config.
+    pub stale_since: Option<SystemTime>,
+    /// When this client last wrote the file.
+    pub saved_at: Option<SystemTime>,
+    /// The [`XdsClient::changes`] value whose config the file holds, once
+    /// this client has written it (0 before).
+    pub saved_version: u64,
+    /// The last problem reading or writing the file (cleared by a
+    /// successful write): what the WARN said.
+    pub problem: Option<String>,
+}
+
 /// A handle to the xDS client task. Cheap to clone; the task ends with the last clone.
+///
+/// # Static stability
+///
+/// A workload must be able to start while the control plane is down. The
+/// client writes the last config a control server sent to a cache file
+/// (on by default; [`cache_file_for`] says where, and how to move it or
+/// turn it off), after every change: coalesced, off the runtime's threads,
+/// mode 0600, fsynced and renamed into place. A client that starts and
+/// hears from no control server within [`ClientOptions::cache_wait`] (1 s,
+/// far below the 20 s connect timeout, so a black-holed control plane
+/// costs a second; sooner when every server refuses the connection) loads
+/// the cache and routes with it. It says so: a WARN naming the file and
+/// the config's age, [`XdsClient::stale_since`] and
+/// [`XdsClient::cache_status`], and the config dump's
+/// `control_server.cache.stale`. It keeps reconnecting; the first response
+/// of a control server clears the mark, and that server's config replaces
+/// the cached one as it arrives. A cache that cannot be used (corrupt,
+/// truncated, written by a newer version, for another node, writable by
+/// others) is reported in the log and in [`CacheStatus::problem`] and
+/// ignored: the client then waits for a control server as if it had none.
 #[derive(Clone)]
 pub struct XdsClient {
     inner: Arc<Inner>,
@@ -134,6 +651,7 @@ struct Published {
     report: ArcSwap<ResourceReport>,
     last_error: Mutex<Option<Error>>,
     server: Mutex<Option<String>>,
+    cache: Mutex<CacheStatus>,
 }
 
 enum Command {
@@ -157,7 +675,9 @@ impl std::fmt::Debug for XdsClient {
 }
 
 impl XdsClient {
-    /// Starts the client with default options.
+    /// Starts the client with default options: the cache file where
+    /// [`cache_file_for`] says (the process environment, then the
+    /// bootstrap, then the default directory).
     ///
     /// # Panics
     /// Outside a tokio runtime (it spawns the client task).
@@ -166,7 +686,8 @@ impl XdsClient {
     }
 
     /// Starts the client: spawns the task that connects, subscribes to
-    /// `options`' listeners, and keeps the snapshot current.
+    /// `options`' listeners, and keeps the snapshot current (and the cache
+    /// file: see [`XdsClient`]).
     ///
     /// # Panics
     /// Outside a tokio runtime (it spawns the client task).
@@ -185,15 +706,43 @@ impl XdsClient {
             state.subscribe(name);
             subscribed.insert(Name::from(name.as_str()));
         }
+        let cache_file = options.resolve_cache_file(&bootstrap);
         let published = Arc::new(Published {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             status: ArcSwap::from_pointee(SyncStatus::default()),
             report: ArcSwap::from_pointee(state.resource_report()),
             last_error: Mutex::new(None),
             server: Mutex::new(None),
+            cache: Mutex::new(CacheStatus {
+                file: cache_file.clone(),
+                ..CacheStatus::default()
+            }),
         });
+        let node_id = bootstrap.node_id().to_owned();
+        let cache = cache_file.map(|path| {
+            let (jobs, receiver) = watch::channel(None);
+            // Files named after their node may be pruned around them.
+            let own_name = format!("{}.{CACHE_EXTENSION}", cache_file_stem(&bootstrap));
+            let prune = path.file_name().is_some_and(|n| *n == *own_name);
+            tokio::spawn(write_cache(
+                CacheWriter {
+                    path: path.clone(),
+                    node_id: node_id.clone(),
+                    prune,
+                    published: published.clone(),
+                },
+                receiver,
+            ));
+            CacheFile { path, jobs }
+        });
+        tracing::debug!(
+            node = %node_id,
+            cache = ?cache.as_ref().map(|c| &c.path),
+            "xDS client starting"
+        );
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
         let (changes_tx, changes_rx) = watch::channel(0u64);
+        let cache_due = cache.as_ref().map(|_| Instant::now() + options.cache_wait);
         let driver = Driver {
             state,
             servers: bootstrap.xds_servers().to_vec(),
@@ -201,7 +750,10 @@ impl XdsClient {
             published: published.clone(),
             changes: changes_tx,
             commands: commands_rx,
-            cache_loaded: false,
+            node_id,
+            cache,
+            cache_due,
+            stale: false,
         };
         tokio::spawn(driver.run());
         XdsClient {
@@ -213,6 +765,20 @@ impl XdsClient {
                 changes: changes_rx,
             }),
         }
+    }
+
+    /// What this client knows about its cache file: where it is, whether
+    /// the config in use came from it (stale), when it was last written,
+    /// and the last problem with it.
+    pub fn cache_status(&self) -> CacheStatus {
+        lock(&self.inner.published.cache).clone()
+    }
+
+    /// `Some(t)` while this client serves the config of its cache file
+    /// because no control server has answered since it started: `t` is
+    /// when that config was written (see [`CacheStatus::stale_since`]).
+    pub fn stale_since(&self) -> Option<SystemTime> {
+        lock(&self.inner.published.cache).stale_since
     }
 
     /// The current snapshot: one lock-free atomic load.
@@ -373,7 +939,34 @@ struct Driver {
     published: Arc<Published>,
     changes: watch::Sender<u64>,
     commands: mpsc::UnboundedReceiver<Command>,
-    cache_loaded: bool,
+    node_id: String,
+    cache: Option<CacheFile>,
+    /// When to give up waiting for a control server and load the cache;
+    /// `None` once that is decided (loaded, tried, or a server answered).
+    cache_due: Option<Instant>,
+    /// The config in use came from the cache and no server has answered.
+    stale: bool,
+}
+
+/// The cache file and the channel to its writer.
+struct CacheFile {
+    path: PathBuf,
+    jobs: watch::Sender<Option<Arc<SaveJob>>>,
+}
+
+/// A config to write: the raw resources and the `changes` value they are.
+struct SaveJob {
+    version: u64,
+    responses: Vec<DiscoveryResponse>,
+}
+
+/// Resolves when the start-up wait for a control server is over; never
+/// once there is nothing left to decide.
+async fn cache_due(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Driver {
@@ -396,8 +989,9 @@ impl Driver {
                     break;
                 }
             }
-            if !self.state.has_received() && !self.cache_loaded {
-                self.cache_loaded = true;
+            // Every server failed (refused, most likely): no point waiting
+            // out the rest of the cache wait.
+            if !self.state.has_received() && self.cache_due.is_some() {
                 self.load_cache();
             }
             if delivered {
@@ -408,6 +1002,7 @@ impl Driver {
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => break,
                     cmd = self.commands.recv() => self.on_command(cmd)?,
+                    () = cache_due(self.cache_due) => self.load_cache(),
                 }
             }
         }
@@ -488,6 +1083,9 @@ impl Driver {
                     }
                 }),
                 cmd = self.commands.recv() => self.on_command(cmd)?,
+                // A server that neither accepts nor refuses (a black hole)
+                // holds the connection attempt up to the connect timeout.
+                () = cache_due(self.cache_due) => self.load_cache(),
             }
         }
     }
@@ -540,6 +1138,13 @@ impl Driver {
                         let _ = tx.send(req);
                     }
                 }
+                () = cache_due(self.cache_due) => {
+                    self.load_cache();
+                    // The cached listeners are subscribed on this stream too.
+                    for req in self.state.pending_requests() {
+                        let _ = tx.send(req);
+                    }
+                }
             }
         };
         let mut delivered = false;
@@ -549,8 +1154,7 @@ impl Driver {
                     Ok(Some(response)) => {
                         if !delivered {
                             delivered = true;
-                            *lock(&self.published.last_error) = None;
-                            *lock(&self.published.server) = Some(uri.to_owned());
+                            self.on_answered(uri);
                         }
                         for req in self.state.on_response(response) {
                             let _ = tx.send(req);
@@ -578,7 +1182,29 @@ impl Driver {
                         let _ = tx.send(req);
                     }
                 }
+                () = cache_due(self.cache_due) => {
+                    self.load_cache();
+                    for req in self.state.pending_requests() {
+                        let _ = tx.send(req);
+                    }
+                }
             }
+        }
+    }
+
+    /// The first response of a stream: the server is there, the cache is
+    /// not needed (any more).
+    fn on_answered(&mut self, uri: &str) {
+        *lock(&self.published.last_error) = None;
+        *lock(&self.published.server) = Some(uri.to_owned());
+        self.cache_due = None;
+        if self.stale {
+            self.stale = false;
+            lock(&self.published.cache).stale_since = None;
+            tracing::info!(
+                server = uri,
+                "xDS server answered: its config replaces the cached one; no longer stale"
+            );
         }
     }
 
@@ -592,83 +1218,362 @@ impl Driver {
         self.published.status.store(status);
         self.published.snapshot.store(snapshot);
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
-        if let Some(path) = &self.options.cache_file
-            && let Err(e) = save_cache(path, &self.state.cached_responses())
+        // Only config a control server sent is written: the cache's own
+        // config is on disk already.
+        if let Some(cache) = &self.cache
+            && self.state.has_received()
         {
-            tracing::warn!("{e}");
+            let version = *self.changes.borrow();
+            cache.jobs.send_replace(Some(Arc::new(SaveJob {
+                version,
+                responses: self.state.cached_responses(),
+            })));
         }
     }
 
+    /// The start-up wait is over and no server has answered: serve the
+    /// cached config, if there is a usable one.
     fn load_cache(&mut self) {
-        let Some(path) = self.options.cache_file.clone() else {
+        self.cache_due = None;
+        let Some(path) = self.cache.as_ref().map(|c| c.path.clone()) else {
             return;
         };
-        match load_cache(&path) {
-            Ok(Some(responses)) => {
-                let n = self.state.load_cached(responses);
-                tracing::warn!(
+        if self.state.has_received() {
+            return;
+        }
+        let contents = match load_cache(&path, &self.node_id) {
+            Ok(Some(contents)) => contents,
+            Ok(None) => {
+                tracing::info!(
                     path = %path.display(),
-                    resources = n,
-                    "no xDS server answered: serving the cached last good config"
+                    "no xDS server has answered yet and there is no cached config: waiting for one"
                 );
-                if let Some((snapshot, status)) = self.state.take_changes() {
-                    self.published
-                        .report
-                        .store(Arc::new(self.state.resource_report()));
-                    self.published.status.store(status);
-                    self.published.snapshot.store(snapshot);
-                    self.changes.send_modify(|v| *v = v.wrapping_add(1));
-                }
+                return;
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!("{e}"),
+            Err(e) => {
+                tracing::warn!("{e}");
+                lock(&self.published.cache).problem = Some(e.to_string());
+                return;
+            }
+        };
+        let written = contents.written_at;
+        let age = SystemTime::now()
+            .duration_since(written)
+            .unwrap_or_default();
+        let loaded = self.state.load_cached(contents.responses);
+        let last_error = lock(&self.published.last_error)
+            .as_ref()
+            .map_or_else(|| "none yet".to_owned(), ToString::to_string);
+        tracing::warn!(
+            path = %path.display(),
+            resources = loaded,
+            written = %crate::dump::rfc3339(written),
+            "no xDS server answered within {:?}: serving the cached config written {} ago \
+             (stale); reconnecting in the background (last error: {last_error})",
+            self.options.cache_wait,
+            human_duration(age),
+        );
+        self.stale = true;
+        lock(&self.published.cache).stale_since = Some(written);
+        if let Some((snapshot, status)) = self.state.take_changes() {
+            self.published
+                .report
+                .store(Arc::new(self.state.resource_report()));
+            self.published.status.store(status);
+            self.published.snapshot.store(snapshot);
+            self.changes.send_modify(|v| *v = v.wrapping_add(1));
         }
     }
 }
 
-/// Writes the cache atomically: length-delimited `DiscoveryResponse`s, one per type.
-fn save_cache(path: &Path, responses: &[DiscoveryResponse]) -> Result<(), Error> {
-    let mut buf = Vec::new();
-    for r in responses {
-        buf.extend_from_slice(&r.encode_length_delimited_to_vec());
+/// A duration for people: `42s`, `3m05s`, `2h10m`, `4d03h`.
+pub(crate) fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, &buf)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Cache,
-                format!("cannot write the xDS cache {}: {e}", path.display()),
-            )
-        })
 }
 
-/// Reads the cache; `None` when there is none.
-fn load_cache(path: &Path) -> Result<Option<Vec<DiscoveryResponse>>, Error> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(Error::new(
+/// What the cache writer needs.
+struct CacheWriter {
+    path: PathBuf,
+    node_id: String,
+    /// The file is named after its node: stale files of other nodes around
+    /// it may be removed.
+    prune: bool,
+    published: Arc<Published>,
+}
+
+/// Writes the latest config handed over, one write at a time off the
+/// runtime's threads (fsync may take a while): configs that arrive during a
+/// write are coalesced into the next one. Ends when the client task does,
+/// after writing what it was last given.
+async fn write_cache(writer: CacheWriter, mut jobs: watch::Receiver<Option<Arc<SaveJob>>>) {
+    let mut last_problem: Option<String> = None;
+    let mut pruned = !writer.prune;
+    while jobs.changed().await.is_ok() {
+        let Some(job) = jobs.borrow_and_update().clone() else {
+            continue;
+        };
+        let (path, node_id) = (writer.path.clone(), writer.node_id.clone());
+        let responses = job.clone();
+        let prune = !pruned;
+        let written = tokio::task::spawn_blocking(move || {
+            let written = save_cache(&path, &node_id, &responses.responses)?;
+            if prune && let Some(dir) = path.parent() {
+                prune_stale_caches(dir, &path);
+            }
+            Ok(written)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(Error::new(
                 ErrorKind::Cache,
-                format!("cannot read the xDS cache {}: {e}", path.display()),
+                format!(
+                    "cannot write the xDS cache {}: the writing thread failed: {e}",
+                    writer.path.display()
+                ),
+            ))
+        });
+        let mut status = lock(&writer.published.cache);
+        match written {
+            Ok(at) => {
+                pruned = true;
+                status.saved_at = Some(at);
+                status.saved_version = job.version;
+                status.problem = None;
+                last_problem = None;
+                tracing::debug!(path = %writer.path.display(), version = job.version, "xDS cache written");
+            }
+            Err(e) => {
+                let message = e.to_string();
+                // Once per distinct problem, not once per config change.
+                if last_problem.as_deref() != Some(message.as_str()) {
+                    tracing::warn!("{message}");
+                }
+                status.problem = Some(message.clone());
+                last_problem = Some(message);
+            }
+        }
+    }
+}
+
+/// Whether `name` is a cache file named after its node
+/// (`<node>-<12 hex>.xds` or `.svid`).
+fn is_node_cache_name(name: &str) -> bool {
+    let Some((stem, extension)) = name.rsplit_once('.') else {
+        return false;
+    };
+    if extension != CACHE_EXTENSION && extension != "svid" {
+        return false;
+    }
+    let Some((node, hash)) = stem.rsplit_once('-') else {
+        return false;
+    };
+    !node.is_empty()
+        && hash.len() == 12
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Removes the node-named cache files in `dir` nobody has written for
+/// [`PRUNE_AFTER`] (never `keep`). Best effort: a file that cannot be read
+/// or removed stays.
+fn prune_stale_caches(dir: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let stale = entry.file_name().to_str().is_some_and(is_node_cache_name)
+            && path != keep
+            && entry
+                .metadata()
+                .ok()
+                .filter(std::fs::Metadata::is_file)
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age > PRUNE_AFTER);
+        if stale && std::fs::remove_file(&path).is_ok() {
+            tracing::debug!(path = %path.display(), "removed a cache file unused for 30 days");
+        }
+    }
+}
+
+/// A cache file's contents.
+#[derive(Debug, Clone, PartialEq)]
+struct CacheContents {
+    written_at: SystemTime,
+    node_id: String,
+    responses: Vec<DiscoveryResponse>,
+}
+
+/// The cache file's bytes: the header (magic line, format, when written,
+/// payload length, FNV-1a checksum of the payload), then the payload: the
+/// node id (u32 length, UTF-8) and one length-delimited `DiscoveryResponse`
+/// per resource type. The length and checksum catch a truncated or damaged
+/// file that protobuf alone would half-read.
+fn encode_cache(node_id: &str, written_at: SystemTime, responses: &[DiscoveryResponse]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    let id = node_id.as_bytes();
+    payload.extend_from_slice(&u32::try_from(id.len()).unwrap_or(u32::MAX).to_be_bytes());
+    payload.extend_from_slice(id);
+    for r in responses {
+        payload.extend_from_slice(&r.encode_length_delimited_to_vec());
+    }
+    let millis = written_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let mut checksum = Fnv::new();
+    checksum.write(&payload);
+    let mut out = Vec::with_capacity(CACHE_HEADER_LEN + payload.len());
+    out.extend_from_slice(CACHE_MAGIC);
+    out.extend_from_slice(&CACHE_FORMAT.to_be_bytes());
+    out.extend_from_slice(&millis.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    out.extend_from_slice(&checksum.finish().to_be_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Reads the bytes [`encode_cache`] wrote; the error says what is wrong
+/// with them.
+fn decode_cache(bytes: &[u8]) -> Result<CacheContents, String> {
+    if !bytes.starts_with(CACHE_MAGIC) {
+        if bytes.is_empty() || CACHE_MAGIC.starts_with(bytes) {
+            return Err(format!(
+                "it is truncated: {} bytes, not even its header",
+                bytes.len()
             ));
         }
-    };
-    let mut buf = bytes.as_slice();
-    let mut out = Vec::new();
-    while buf.has_remaining() {
-        let r = DiscoveryResponse::decode_length_delimited(&mut buf).map_err(|e| {
-            Error::new(
-                ErrorKind::Cache,
-                format!("the xDS cache {} is corrupt: {e}", path.display()),
-            )
-        })?;
-        out.push(r);
+        return Err(
+            "it is not a proxyless xDS cache (it lacks the cache's first line; a file of an \
+             older proxyless, or something else)"
+                .to_owned(),
+        );
     }
-    Ok(Some(out))
+    if bytes.len() < CACHE_HEADER_LEN {
+        return Err(format!(
+            "it is truncated: {} bytes, shorter than its {CACHE_HEADER_LEN}-byte header",
+            bytes.len()
+        ));
+    }
+    let mut at = CACHE_MAGIC.len();
+    let mut take = |n: usize| {
+        let field = &bytes[at..at + n];
+        at += n;
+        field
+    };
+    let format = u32::from_be_bytes(take(4).try_into().unwrap_or_default());
+    let millis = u64::from_be_bytes(take(8).try_into().unwrap_or_default());
+    let length = u64::from_be_bytes(take(8).try_into().unwrap_or_default());
+    let checksum = u64::from_be_bytes(take(8).try_into().unwrap_or_default());
+    if format > CACHE_FORMAT {
+        return Err(format!(
+            "it was written by a newer proxyless (cache format {format}; this one reads format \
+             {CACHE_FORMAT})"
+        ));
+    }
+    if format == 0 {
+        return Err("it is corrupt: its header names format 0".to_owned());
+    }
+    let payload = &bytes[CACHE_HEADER_LEN..];
+    let have = payload.len() as u64;
+    if have < length {
+        return Err(format!(
+            "it is truncated: its header announces {length} bytes of config, {have} follow"
+        ));
+    }
+    if have > length {
+        return Err(format!(
+            "it is corrupt: {} bytes follow the {length} bytes of config its header announces",
+            have - length
+        ));
+    }
+    let mut sum = Fnv::new();
+    sum.write(payload);
+    if sum.finish() != checksum {
+        return Err(
+            "it is corrupt: its checksum does not match (the config changed after it was written)"
+                .to_owned(),
+        );
+    }
+    let written_at = UNIX_EPOCH
+        .checked_add(Duration::from_millis(millis))
+        .ok_or_else(|| format!("it is corrupt: its write time ({millis} ms) is out of range"))?;
+    let corrupt = |what: &str| format!("it is corrupt: {what}");
+    let id_len = payload
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| corrupt("no node id"))? as usize;
+    let id = payload
+        .get(4..4 + id_len)
+        .ok_or_else(|| corrupt("the node id runs past the end"))?;
+    let node_id =
+        String::from_utf8(id.to_vec()).map_err(|_| corrupt("the node id is not UTF-8"))?;
+    let mut rest = &payload[4 + id_len..];
+    let mut responses = Vec::new();
+    while !rest.is_empty() {
+        let response = DiscoveryResponse::decode_length_delimited(&mut rest).map_err(|e| {
+            corrupt(&format!(
+                "response {} does not decode: {e}",
+                responses.len() + 1
+            ))
+        })?;
+        responses.push(response);
+    }
+    Ok(CacheContents {
+        written_at,
+        node_id,
+        responses,
+    })
+}
+
+/// Writes the cache for `node_id` atomically (see [`write_private_file`]);
+/// returns when it was written.
+fn save_cache(
+    path: &Path,
+    node_id: &str,
+    responses: &[DiscoveryResponse],
+) -> Result<SystemTime, Error> {
+    let now = SystemTime::now();
+    write_private_file(path, &encode_cache(node_id, now, responses)).map_err(|e| {
+        Error::new(
+            ErrorKind::Cache,
+            format!("cannot write the xDS cache {}: {e}", path.display()),
+        )
+    })?;
+    Ok(now)
+}
+
+/// Reads the cache of `node_id`; `None` when there is none. The error names
+/// the file and says what is wrong with it.
+fn load_cache(path: &Path, node_id: &str) -> Result<Option<CacheContents>, Error> {
+    let ignored = |why: String| {
+        Error::new(
+            ErrorKind::Cache,
+            format!("ignoring the xDS cache {}: {why}", path.display()),
+        )
+    };
+    let bytes = match read_private_file(path, MAX_CACHE_BYTES) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(ignored(format!("cannot read it: {e}"))),
+    };
+    let contents = decode_cache(&bytes).map_err(ignored)?;
+    if contents.node_id != node_id {
+        return Err(ignored(format!(
+            "it was written for node {:?}, and this client is node {node_id:?}",
+            contents.node_id
+        )));
+    }
+    Ok(Some(contents))
 }
 
 /// An error and its sources, `: `-separated (tonic's transport errors say
@@ -717,27 +1622,362 @@ mod tests {
         assert_eq!(b.current, Duration::from_millis(100));
     }
 
+    fn response(version: &str, type_url: &str) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: version.into(),
+            type_url: type_url.into(),
+            ..DiscoveryResponse::default()
+        }
+    }
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    fn bootstrap_json(extra: &str) -> Bootstrap {
+        Bootstrap::from_json(&format!(
+            r#"{{"xds_servers": [{{"server_uri": "127.0.0.1:15010",
+                "channel_creds": [{{"type": "insecure"}}]}}],
+              "node": {{"id": "catalog-v1"}}{extra}}}"#
+        ))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     #[test]
-    fn the_cache_file_round_trips_and_a_corrupt_one_is_an_error() {
+    fn the_cache_file_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("xds.cache");
+        assert!(load_cache(&path, "n").unwrap().is_none());
+        let responses = vec![response("1", "t"), response("2", "")];
+        let written = save_cache(&path, "n", &responses).unwrap();
+        let loaded = load_cache(&path, "n").unwrap().unwrap();
+        assert_eq!(loaded.responses, responses);
+        assert_eq!(loaded.node_id, "n");
+        let drift = written
+            .duration_since(loaded.written_at)
+            .unwrap_or_default();
+        assert!(drift < Duration::from_millis(1), "{drift:?}");
+        // Written again in place; no temporary file is left behind.
+        save_cache(&path, "n", &responses[..1]).unwrap();
+        assert_eq!(load_cache(&path, "n").unwrap().unwrap().responses.len(), 1);
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["xds.cache"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn cache_files_are_private_and_others_files_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new").join("xds.cache");
+        save_cache(&path, "n", &[response("1", "t")]).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        // Writable by others: someone else could have written the config.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = load_cache(&path, "n").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Cache);
+        let msg = e.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("mode 666 lets others write it"), "{msg}");
+        // A directory is not a cache.
+        let e = load_cache(dir.path(), "n").unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    /// Each way a cache can be unusable is an error naming the file and the
+    /// problem (the client logs it and carries on without the cache), never
+    /// a panic.
+    #[test]
+    fn corrupt_truncated_foreign_and_future_caches_are_reported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("xds.cache");
-        assert!(load_cache(&path).unwrap().is_none());
-        let responses = vec![
-            DiscoveryResponse {
-                version_info: "1".into(),
-                type_url: "t".into(),
-                ..DiscoveryResponse::default()
-            },
-            DiscoveryResponse {
-                version_info: "2".into(),
-                ..DiscoveryResponse::default()
-            },
-        ];
-        save_cache(&path, &responses).unwrap();
-        assert_eq!(load_cache(&path).unwrap().unwrap(), responses);
-        std::fs::write(&path, [0x7f, 1, 2]).unwrap();
-        let err = load_cache(&path).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Cache);
-        assert!(err.to_string().contains("corrupt"), "{err}");
+        let good = encode_cache(
+            "n",
+            SystemTime::now(),
+            &[response(
+                "1",
+                "type.googleapis.com/envoy.config.listener.v3.Listener",
+            )],
+        );
+        let check = |bytes: &[u8], needle: &str| {
+            std::fs::write(&path, bytes).unwrap();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+            let e = load_cache(&path, "n").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Cache);
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with(&format!("ignoring the xDS cache {}: ", path.display())),
+                "{msg}"
+            );
+            assert!(msg.contains(needle), "{needle:?} in {msg}");
+        };
+        // Truncated anywhere: inside the magic line, the header, the payload.
+        for cut in [
+            0,
+            5,
+            CACHE_MAGIC.len() + 3,
+            CACHE_HEADER_LEN,
+            good.len() - 1,
+        ] {
+            check(&good[..cut], "truncated");
+        }
+        // Damaged: a flipped payload byte, trailing garbage, a foreign file
+        // (the previous, headerless format among them).
+        let mut flipped = good.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x40;
+        check(&flipped, "checksum does not match");
+        let mut longer = good.clone();
+        longer.extend_from_slice(b"junk");
+        check(&longer, "4 bytes follow");
+        check(&[0x7f, 1, 2], "not a proxyless xDS cache");
+        check(b"{\"json\": true}", "not a proxyless xDS cache");
+        // A payload whose checksum matches but whose protobuf does not decode.
+        let mut payload = 1u32.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"n\x0a\xff");
+        let mut sum = Fnv::new();
+        sum.write(&payload);
+        let mut bad = CACHE_MAGIC.to_vec();
+        bad.extend_from_slice(&1u32.to_be_bytes());
+        bad.extend_from_slice(&0u64.to_be_bytes());
+        bad.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        bad.extend_from_slice(&sum.finish().to_be_bytes());
+        bad.extend_from_slice(&payload);
+        check(&bad, "response 1 does not decode");
+        // Written by a newer proxyless: not misread.
+        let mut future = good.clone();
+        future[CACHE_MAGIC.len()..CACHE_MAGIC.len() + 4].copy_from_slice(&7u32.to_be_bytes());
+        check(
+            &future,
+            "newer proxyless (cache format 7; this one reads format 1)",
+        );
+        let mut zero = good.clone();
+        zero[CACHE_MAGIC.len()..CACHE_MAGIC.len() + 4].copy_from_slice(&0u32.to_be_bytes());
+        check(&zero, "format 0");
+        // Another node's.
+        check(
+            &encode_cache("other", SystemTime::now(), &[]),
+            "written for node \"other\", and this client is node \"n\"",
+        );
+        // Arbitrary bytes after a valid magic line never panic.
+        for n in 0..64u8 {
+            let mut noise = CACHE_MAGIC.to_vec();
+            noise.extend((0..n).map(|i| i.wrapping_mul(37).wrapping_add(n)));
+            let _ = decode_cache(&noise);
+        }
+    }
+
+    #[test]
+    fn the_cache_location_is_env_then_bootstrap_then_default() {
+        let plain = bootstrap_json("");
+        let stem = cache_file_stem(&plain);
+        assert!(stem.starts_with("catalog-v1-"), "{stem}");
+        let home = [("HOME", "/home/app")];
+        assert_eq!(
+            cache_file_for(&plain, env(&home)),
+            Some(PathBuf::from(format!(
+                "/home/app/.cache/proxyless/{stem}.xds"
+            )))
+        );
+        let xdg = [("HOME", "/home/app"), ("XDG_CACHE_HOME", "/xdg")];
+        assert_eq!(
+            cache_file_for(&plain, env(&xdg)),
+            Some(PathBuf::from(format!("/xdg/proxyless/{stem}.xds")))
+        );
+        // A relative XDG_CACHE_HOME is ignored, as the XDG spec says.
+        let relative = [("HOME", "/home/app"), ("XDG_CACHE_HOME", "cache")];
+        assert_eq!(
+            default_cache_dir(env(&relative)),
+            PathBuf::from("/home/app/.cache/proxyless")
+        );
+        assert_eq!(
+            default_cache_dir(env(&[("TMPDIR", "/scratch")])),
+            PathBuf::from("/scratch/proxyless-cache")
+        );
+
+        // The bootstrap's proxyless.cache_file.
+        let file = bootstrap_json(r#", "proxyless": {"cache_file": "/var/cache/app/xds.cache"}"#);
+        assert_eq!(
+            cache_file_for(&file, env(&home)),
+            Some(PathBuf::from("/var/cache/app/xds.cache"))
+        );
+        let dir = bootstrap_json(r#", "proxyless": {"cache_file": "/var/cache/app/"}"#);
+        assert_eq!(
+            cache_file_for(&dir, env(&home)),
+            Some(PathBuf::from(format!("/var/cache/app/{stem}.xds")))
+        );
+        for off in ["false", "null"] {
+            let b = bootstrap_json(&format!(r#", "proxyless": {{"cache_file": {off}}}"#));
+            assert_eq!(cache_file_for(&b, env(&home)), None, "{off}");
+        }
+        let on = bootstrap_json(r#", "proxyless": {"cache_file": true}"#);
+        assert_eq!(
+            cache_file_for(&on, env(&home)),
+            cache_file_for(&plain, env(&home))
+        );
+
+        // The environment wins over the bootstrap.
+        let tmp = tempfile::tempdir().unwrap();
+        let existing = tmp.path().to_str().unwrap();
+        for (value, expected) in [
+            ("off", None),
+            ("OFF", None),
+            ("0", None),
+            ("/x/y.cache", Some(PathBuf::from("/x/y.cache"))),
+            ("/x/dir/", Some(PathBuf::from(format!("/x/dir/{stem}.xds")))),
+            (existing, Some(tmp.path().join(format!("{stem}.xds")))),
+        ] {
+            let vars = [("HOME", "/home/app"), (CACHE_ENV_VAR, value)];
+            assert_eq!(cache_file_for(&file, env(&vars)), expected, "{value}");
+        }
+        // Empty counts as unset.
+        let vars = [("HOME", "/home/app"), (CACHE_ENV_VAR, " ")];
+        assert_eq!(
+            cache_file_for(&file, env(&vars)),
+            Some(PathBuf::from("/var/cache/app/xds.cache"))
+        );
+
+        // Options override everything.
+        let options = ClientOptions::default().env_lookup(|_| Some("off".to_owned()));
+        assert_eq!(options.resolve_cache_file(&plain), None);
+        let options = options.cache_file("/explicit");
+        assert_eq!(
+            options.resolve_cache_file(&plain),
+            Some(PathBuf::from("/explicit"))
+        );
+        assert_eq!(options.no_cache().resolve_cache_file(&file), None);
+    }
+
+    #[test]
+    fn cache_file_names_are_per_node_and_per_mesh() {
+        let named = |id: &str, servers: &[&str]| {
+            let mut b = Bootstrap::builder(servers[0], id);
+            for s in &servers[1..] {
+                b = b.server(*s);
+            }
+            cache_file_stem(&b.build().unwrap())
+        };
+        let a = named("catalog-v1", &["127.0.0.1:15010"]);
+        assert_eq!(a.len(), "catalog-v1-".len() + 12);
+        assert!(is_node_cache_name(&format!("{a}.xds")), "{a}");
+        assert!(is_node_cache_name(&format!("{a}.svid")), "{a}");
+        assert_ne!(a, named("catalog-v2", &["127.0.0.1:15010"]));
+        assert_ne!(a, named("catalog-v1", &["127.0.0.1:15011"]));
+        assert_ne!(
+            a,
+            named("catalog-v1", &["127.0.0.1:15010", "127.0.0.1:15011"])
+        );
+        assert_eq!(a, named("catalog-v1", &["127.0.0.1:15010"]), "stable");
+        // Sanitized, yet ids that sanitize alike keep apart by the hash.
+        let slash = named("ns/pod:1", &["h:1"]);
+        assert!(slash.starts_with("ns_pod_1-"), "{slash}");
+        assert_ne!(slash, named("ns_pod_1", &["h:1"]));
+        assert!(named(".hidden", &["h:1"]).starts_with("_hidden-"));
+        assert!(named("", &["h:1"]).starts_with("node-"));
+        assert_eq!(
+            named(&"x".repeat(300), &["h:1"]).len(),
+            64 + 1 + 12,
+            "long ids are cut"
+        );
+        assert!(!is_node_cache_name("xds.cache"));
+        assert!(!is_node_cache_name("a-0123456789ab.txt"));
+        assert!(!is_node_cache_name("a-0123456789AB.xds"));
+        assert_eq!(
+            sibling_file(Path::new("/c/catalog-v1-0123456789ab.xds"), "svid"),
+            PathBuf::from("/c/catalog-v1-0123456789ab.svid")
+        );
+        assert_eq!(
+            sibling_file(Path::new("/c/xds"), "svid"),
+            PathBuf::from("/c/xds.svid")
+        );
+        assert_eq!(
+            sibling_file(Path::new("/c/x.svid"), "svid"),
+            PathBuf::from("/c/x.svid.svid")
+        );
+    }
+
+    #[test]
+    fn bad_proxyless_settings_name_the_field() {
+        for (settings, needle) in [
+            (r#""cache"#, "proxyless must be an object"),
+            (
+                r#"{"cache_fil": "/x"}"#,
+                "proxyless.cache_fil is not a proxyless setting",
+            ),
+            (
+                r#"{"cache_file": 3}"#,
+                "proxyless.cache_file must be a file path",
+            ),
+            (
+                r#"{"cache_file": ""}"#,
+                "proxyless.cache_file must be a file path",
+            ),
+        ] {
+            let settings: Value = serde_json::from_str(settings)
+                .unwrap_or_else(|_| Value::String("cache".to_owned()));
+            let e = check_settings(&settings).unwrap_err();
+            assert!(e.contains(needle), "{needle:?} in {e}");
+            assert!(
+                e.contains(r#""proxyless": {"cache_file": "#),
+                "example in {e}"
+            );
+        }
+        for good in [
+            r#"{}"#,
+            r#"{"cache_file": null}"#,
+            r#"{"cache_file": "/x"}"#,
+        ] {
+            let settings: Value = serde_json::from_str(good).unwrap();
+            assert!(check_settings(&settings).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn node_named_caches_unused_for_a_month_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = dir.path().join("me-0123456789ab.xds");
+        let old = dir.path().join("gone-0123456789ab.xds");
+        let old_cert = dir.path().join("gone-0123456789ab.svid");
+        let young = dir.path().join("other-0123456789ab.xds");
+        let foreign = dir.path().join("notes.txt");
+        for p in [&keep, &old, &old_cert, &young, &foreign] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        let long_ago = SystemTime::now() - PRUNE_AFTER - Duration::from_secs(3600);
+        for p in [&keep, &old, &old_cert, &foreign] {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        prune_stale_caches(dir.path(), &keep);
+        assert!(keep.exists() && young.exists() && foreign.exists());
+        assert!(!old.exists() && !old_cert.exists());
+    }
+
+    #[test]
+    fn ages_read_like_people_write_them() {
+        assert_eq!(human_duration(Duration::from_secs(42)), "42s");
+        assert_eq!(human_duration(Duration::from_secs(185)), "3m05s");
+        assert_eq!(human_duration(Duration::from_secs(7800)), "2h10m");
+        assert_eq!(
+            human_duration(Duration::from_secs(4 * 86400 + 3 * 3600)),
+            "4d03h"
+        );
     }
 }

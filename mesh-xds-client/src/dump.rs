@@ -9,8 +9,11 @@
 //! rather than from the wire form. mesh-tower serves it at
 //! `/debug/mesh/config`.
 //!
-//! The layout: `node`, `control_server`, `versions` (per type, the last
-//! accepted `version_info`), then `listeners`, `server_listeners` (gRFC
+//! The layout: `node`, `control_server` (the servers, which one delivered
+//! the config, the last error, and the cache file: `cache.stale_since` and
+//! a one-line `cache.stale` when the config in use is the cached one
+//! because no control server has answered since start), `versions` (per
+//! type, the last accepted `version_info`), then `listeners`, `server_listeners` (gRFC
 //! A36: address, mTLS mode, policies), `route_configs`, `clusters`,
 //! `endpoints` (each resource with `version`, `last_updated` and `status`),
 //! `missing_listeners` / `missing_clusters` (the server said they do not
@@ -29,8 +32,9 @@ use mesh_core::model::{
 use mesh_core::xds::ResourceType;
 use serde_json::{Map, Value, json};
 
-use crate::XdsClient;
+use crate::client::human_duration;
 use crate::state::{Rejection, ResourceReport, ResourceStatus};
+use crate::{CacheStatus, XdsClient};
 
 impl XdsClient {
     /// The config this client runs, as JSON for people and `jq` (what
@@ -38,7 +42,9 @@ impl XdsClient {
     /// its requests use.
     ///
     /// Keys: `node`, `control_server` (`servers`, `connected`,
-    /// `last_error`), `versions` (`LDS`/`RDS`/`CDS`/`EDS`: the last accepted
+    /// `last_error`, `cache`: `file`, `saved_at`, `problem`, and while the
+    /// config in use came from the cache file, `stale_since` (when it was
+    /// written) and `stale`, a sentence with its age), `versions` (`LDS`/`RDS`/`CDS`/`EDS`: the last accepted
     /// `version_info`), `listeners`, `route_configs` (virtual hosts, routes
     /// with their match, weighted `clusters` and `policy`), `clusters` (LB
     /// policy, protocol, circuit breakers, outlier detection), `endpoints`
@@ -78,11 +84,33 @@ impl XdsClient {
                         .collect::<Vec<_>>(),
                     "connected": self.connected_server(),
                     "last_error": self.last_error().map(|e| e.to_string()),
+                    "cache": cache_json(&self.cache_status(), SystemTime::now()),
                 }),
             );
         }
         dump
     }
+}
+
+/// The `control_server.cache` part of the dump.
+fn cache_json(cache: &CacheStatus, now: SystemTime) -> Value {
+    let stale = match (&cache.file, cache.stale_since) {
+        (Some(file), Some(since)) => Value::String(format!(
+            "stale since {}: serving the config cached in {} (written {} ago) because no \
+             control server has answered since this client started",
+            rfc3339(since),
+            file.display(),
+            human_duration(now.duration_since(since).unwrap_or_default())
+        )),
+        _ => Value::Null,
+    };
+    json!({
+        "file": cache.file.as_ref().map(|f| f.display().to_string()),
+        "stale_since": cache.stale_since.map(rfc3339),
+        "stale": stale,
+        "saved_at": cache.saved_at.map(rfc3339),
+        "problem": cache.problem,
+    })
 }
 
 /// The dump of a snapshot and the report published with it (no node or
@@ -473,6 +501,37 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn a_stale_cache_says_so_with_its_age() {
+        let since = UNIX_EPOCH + Duration::from_secs(1_767_225_599);
+        let cache = CacheStatus {
+            file: Some("/c/catalog-v1-0123456789ab.xds".into()),
+            stale_since: Some(since),
+            ..CacheStatus::default()
+        };
+        let v = cache_json(&cache, since + Duration::from_secs(185));
+        assert_eq!(v["file"], "/c/catalog-v1-0123456789ab.xds");
+        assert_eq!(v["stale_since"], "2025-12-31T23:59:59.000Z");
+        assert_eq!(
+            v["stale"],
+            "stale since 2025-12-31T23:59:59.000Z: serving the config cached in \
+             /c/catalog-v1-0123456789ab.xds (written 3m05s ago) because no control server has \
+             answered since this client started"
+        );
+        assert_eq!(v["saved_at"], Value::Null);
+        let fresh = CacheStatus {
+            file: cache.file.clone(),
+            saved_at: Some(since),
+            ..CacheStatus::default()
+        };
+        let v = cache_json(&fresh, since);
+        assert_eq!(v["stale"], Value::Null);
+        assert_eq!(v["stale_since"], Value::Null);
+        assert_eq!(v["saved_at"], "2025-12-31T23:59:59.000Z");
+        let off = cache_json(&CacheStatus::default(), since);
+        assert_eq!(off["file"], Value::Null);
+    }
 
     #[test]
     fn durations_are_written_as_protobuf_json_does() {

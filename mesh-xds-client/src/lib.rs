@@ -8,6 +8,10 @@
 //! - [`XdsClient`]: the tokio task that drives it over tonic, reconnects
 //!   with backoff across the bootstrap's servers, and publishes complete
 //!   [`mesh_core::Snapshot`]s that requests read lock-free.
+//! - Static stability: the last good config is kept in a cache file (on by
+//!   default, per node; [`cache`] says where and how), and a client that
+//!   starts while no control server answers serves it, marked stale
+//!   ([`XdsClient::stale_since`]), until one does.
 //! - Debugging (gRFC A40): [`XdsClient::client_status`] and [`CsdsService`]
 //!   answer CSDS about this client; [`XdsClient::config_dump_json`] renders
 //!   the snapshot it runs as JSON.
@@ -38,6 +42,25 @@ pub mod state;
 mod tls;
 
 pub use bootstrap::{Bootstrap, BootstrapBuilder, ChannelTls, XdsServer};
-pub use client::{ClientOptions, XdsClient};
+pub use client::{CacheStatus, ClientOptions, XdsClient};
 pub use csds::CsdsService;
 pub use error::{Error, ErrorKind};
+
+pub mod cache {
+    //! The static-stability cache files: where they live and how they are
+    //! written (what the xDS client uses, and mesh-tower's workload
+    //! certificate cache next to it).
+    //!
+    //! [`cache_file_for`] gives a node's xDS cache file (the environment
+    //! variable [`CACHE_ENV_VAR`] over the bootstrap's `proxyless.cache_file`
+    //! over [`default_cache_dir`]); [`sibling_file`] the files kept next to
+    //! it; [`write_private_file`] and [`read_private_file`] write atomically
+    //! and durably with mode 0600, and refuse to read what others could have
+    //! written. The [`XdsClient`](crate::XdsClient) docs say what the client
+    //! does with its cache.
+
+    pub use crate::client::{
+        CACHE_ENV_VAR, CACHE_FILE_KEY, CacheStatus, DEFAULT_CACHE_WAIT, cache_file_for,
+        default_cache_dir, fnv1a_hex, read_private_file, sibling_file, write_private_file,
+    };
+}

@@ -32,7 +32,9 @@ fn resources(endpoint: SocketAddr) -> Resources {
 }
 
 fn options() -> ClientOptions {
+    // No cache unless a test names one (`.cache_file` after this overrides).
     ClientOptions::default()
+        .no_cache()
         .backoff(Duration::from_millis(1), Duration::from_millis(20))
         .connect_timeout(Duration::from_secs(2))
 }
@@ -238,6 +240,11 @@ async fn the_cache_serves_the_last_good_config_when_no_server_answers() {
         .await
         .unwrap()
         .unwrap();
+    // The cache is written off the client's task: wait until it holds this config.
+    mesh_testkit::wait::until("the config in the cache file", || {
+        client.cache_status().saved_version == *client.changes().borrow()
+    })
+    .await;
     drop(client);
     server.kill().await;
 

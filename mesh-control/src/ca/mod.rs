@@ -28,10 +28,17 @@
 //! last certificate it issued has expired. No peer ever sees a certificate
 //! from a root it does not trust yet.
 //!
+//! Replicas sharing an etcd (feature `etcd`) share one root too: the
+//! first to start generates it and stores it in etcd with its key sealed
+//! (`shared.rs`), the others read it; each builds its CA from it as from an
+//! operator-supplied one.
+//!
 //! Methods ending in `_at` take the current time as an argument, for tests
 //! and for callers with a clock of their own.
 
 pub(crate) mod serving;
+#[cfg(feature = "etcd")]
+pub(crate) mod shared;
 mod signer;
 mod tokens;
 
@@ -50,6 +57,8 @@ use serde::{Deserialize, Serialize};
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer;
 
+#[cfg(feature = "etcd")]
+pub use self::shared::{CaKeyEncryptionKey, ENCRYPTION_KEY_LEN};
 pub(crate) use self::signer::pem_encode;
 use self::signer::{
     BACKDATE, Signer, parse_pems, random_serial, to_offset, truncate_to_seconds, write_file,

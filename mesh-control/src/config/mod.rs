@@ -86,17 +86,39 @@
 //! ANDed and several entries are ORed (each becomes its own route, named
 //! after `http[].name` or `<vs-name>.<index>`).
 //!
-//! # Errors keep the last good config
+//! # Last good config, per resource
 //!
 //! Every problem is a [`Diagnostic`] pointing at the line of the offending
-//! field. [`ConfigStore::load_dir`] replaces each resource that parses
-//! cleanly, keeps the previous good version of one that does not (and every
-//! resource of a file with a YAML syntax error), and forgets resources gone
-//! from disk. Problems that involve several resources (a destination host or
-//! subset that does not exist, a second VirtualService for a host) are found
-//! by [`ConfigStore::snapshot`]: the offending VirtualService is left out
-//! whole (its hosts get the default route) until it is fixed.
+//! field. A running mesh must not change its routing because of a wrong
+//! edit, so the store keeps the *last good version* of each resource (kind,
+//! namespace, name) and applies a change read from disk only when it is
+//! valid — on its own, and together with everything else in force:
 //!
+//! - an edit with a problem of its own (a typo, an unsupported field, a
+//!   subset that no DestinationRule defines) is rejected: the resource keeps
+//!   its last good version; a new resource with a problem is left out;
+//! - an edit that would make *another* resource invalid (a DestinationRule
+//!   dropping a subset a VirtualService routes to) is rejected too, and both
+//!   lines are reported: the edit's, and the problem it would cause;
+//! - a new file never displaces a resource in force: a second
+//!   VirtualService for a host (in a file sorting first, say) is the one
+//!   rejected, and so is a second definition of a resource in another file;
+//! - removing a resource (its document or its whole file) is a change like
+//!   any other: applied unless it would make another resource invalid;
+//! - a file with a YAML syntax error (or that cannot be read, or holding a
+//!   document whose kind or name cannot be read) keeps every resource it
+//!   had, since what it holds cannot be told.
+//!
+//! Changes valid only together (a subset renamed in the DestinationRule and
+//! the VirtualService at once) are applied together; the decision is pure
+//! and deterministic (`last_good.rs`). Each rejection is shown at its line
+//! by `mesh-control check`, in `/status` (`rejected`, with the version kept),
+//! in the log and in the metrics. A rejected change is judged again at every
+//! reload and registration change, so it applies once the rest allows it.
+//! [`ConfigStore::load_dir`] judges offline (without registrations); the
+//! server reads (`ConfigStore::read_dirs`) and then settles with the
+//! registrations of the moment.
+
 //! # Hosts that only registrations provide
 //!
 //! At run time a destination host is known when a ServiceEntry declares it or
@@ -124,6 +146,7 @@
 //!   effect as soon as the host appears.
 
 mod auth;
+mod last_good;
 mod policy;
 mod resources;
 mod security;
@@ -136,21 +159,29 @@ pub(crate) use translate::resolve_host;
 pub(crate) use yaml::{Look, parse_documents};
 
 #[cfg(test)]
+mod documents_tests;
+#[cfg(test)]
+mod last_good_tests;
+#[cfg(test)]
 mod resilience_tests;
 #[cfg(test)]
 mod security_tests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use mesh_core::Snapshot;
 use mesh_core::model::{Locality, Protocol};
 
+use last_good::{Change, Refusal};
 use resources::{Resource, ResourceKey};
+
+use crate::persist::{StoredConfig, StoredResource};
 
 /// A problem with the config, at a line of a file.
 ///
@@ -238,17 +269,283 @@ pub struct ServiceInfo {
     pub endpoints: usize,
 }
 
-/// The current good resources of the config directories.
+/// The config in force, per resource, and what the config directories held
+/// at the last read (see "Last good config, per resource" above).
 #[derive(Debug, Clone, Default)]
 pub struct ConfigStore {
     options: MeshOptions,
-    resources: BTreeMap<ResourceKey, Resource>,
+    /// The last good version of each resource: what is served.
+    good: BTreeMap<ResourceKey, Held>,
+    /// What the files held at the last read.
+    disk: Disk,
     /// The position of each file read (directory order, then file name):
     /// the order VirtualServices are applied in.
     file_order: BTreeMap<PathBuf, usize>,
-    /// A fingerprint of each held resource's document (its YAML content,
-    /// not its lines or comments), to tell a reload what it changed.
-    versions: ResourceVersions,
+    /// What the last [`ConfigStore::settle`] did not apply, and why.
+    rejections: Vec<Rejection>,
+    /// Bumped whenever `good` changes: what is persisted follows it.
+    generation: u64,
+}
+
+/// A resource in force, or proposed by a file: the parsed resource, a
+/// fingerprint of its document (its content, not its layout), and the text
+/// of the file it was read from, which is what is persisted to parse it
+/// again exactly as it was accepted.
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    resource: Resource,
+    fingerprint: u64,
+    source: Arc<str>,
+}
+
+/// One text resources are read from: a file of a config directory, or a
+/// document kept in a shared store.
+struct Source {
+    file: PathBuf,
+    /// The index of its first document among its file's documents.
+    first_doc: usize,
+    /// Its text, or why it cannot be read.
+    text: Result<Arc<str>, String>,
+}
+
+/// One resource as a shared store keeps it (`mesh-control apply` writes
+/// them to etcd): its document's text, and where it was read from, so that
+/// replicas report problems at the line of the file that was applied and
+/// order VirtualServices as the files were ordered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SourceDocument {
+    /// The file it was applied from, as given to `apply`.
+    pub(crate) file: PathBuf,
+    /// The position of that file in the reading order of the apply
+    /// (directory as given, then file name).
+    pub(crate) position: usize,
+    /// The index of the document among its file's non-empty documents.
+    pub(crate) doc: usize,
+    /// The line its text starts on in the file.
+    pub(crate) line: usize,
+    /// The document's text (one YAML document).
+    pub(crate) yaml: String,
+}
+
+/// The longest file, in lines, a stored document may say it came from: a
+/// document is read at its line by putting that many newlines before it.
+const MAX_LINE: usize = 1_000_000;
+
+/// One document cut out of its file ([`split_documents`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Piece {
+    /// The line it starts on.
+    line: usize,
+    /// Its text, from that line to the next document.
+    text: String,
+    /// [`yaml::fingerprint`] of the document.
+    fingerprint: u64,
+}
+
+/// A resource in force as a shared store keeps it
+/// ([`ConfigStore::export_documents`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ResourceDocument {
+    pub(crate) kind: String,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) document: SourceDocument,
+}
+
+/// `yaml` preceded by the newlines that put its first line at `line`, so
+/// its problems are reported at the lines of the file it came from.
+fn at_line(line: usize, yaml: &str) -> Result<String, String> {
+    if line == 0 || line > MAX_LINE {
+        return Err(format!(
+            "the stored document says it starts at line {line}, outside 1..={MAX_LINE}"
+        ));
+    }
+    let mut text = "\n".repeat(line - 1);
+    text.push_str(yaml);
+    Ok(text)
+}
+
+/// Each non-empty document of `text` as a text of its own: its first line,
+/// and the lines from there to the next document (the `---` separating
+/// them included, and any comment before it). Each piece is checked to
+/// read back, at its line, as the same document; a file whose documents
+/// cannot be told apart by lines is an error at the document's line.
+fn split_documents(text: &str) -> Result<Vec<Piece>, (usize, String)> {
+    let docs = yaml::parse_documents(text)?;
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let starts: Vec<usize> = docs.iter().map(yaml::line_of).collect();
+    let mut pieces = Vec::with_capacity(docs.len());
+    for (i, doc) in docs.iter().enumerate() {
+        let start = starts.get(i).copied().unwrap_or(1);
+        let end = starts
+            .get(i + 1)
+            .map_or(lines.len(), |next| next.saturating_sub(1));
+        let piece: String = lines
+            .get(start - 1..end.max(start - 1))
+            .unwrap_or_default()
+            .concat();
+        let fingerprint = yaml::fingerprint(doc);
+        let same = at_line(start, &piece).is_ok_and(|text| {
+            yaml::parse_documents(&text).is_ok_and(|back| {
+                matches!(back.as_slice(), [one] if yaml::fingerprint(one) == fingerprint
+                    && yaml::line_of(one) == start)
+            })
+        });
+        if !same {
+            return Err((
+                start,
+                "this document cannot be stored apart from the rest of its file (start each \
+                 document on a line of its own after a `---` line)"
+                    .to_string(),
+            ));
+        }
+        pieces.push(Piece {
+            line: start,
+            text: piece,
+            fingerprint,
+        });
+    }
+    Ok(pieces)
+}
+
+/// What the config directories held at one read.
+#[derive(Debug, Clone, Default)]
+struct Disk {
+    /// Whether they were read at all (before, nothing is proposed).
+    read: bool,
+    /// Each resource found, by identity: the one definition that counts.
+    resources: BTreeMap<ResourceKey, OnDisk>,
+    /// Files whose resources cannot all be told — unreadable, a YAML
+    /// syntax error, a document whose kind or name cannot be read — with
+    /// their first problem, and whether the whole file is unreadable. A
+    /// resource in force that came from such a file and is not found
+    /// elsewhere is kept: it may be the document that cannot be read.
+    unsure: BTreeMap<PathBuf, (Diagnostic, bool)>,
+    /// Documents rejected as such: second definitions of a resource, and
+    /// documents without a readable identity.
+    documents: Vec<(Option<ResourceKey>, Diagnostic)>,
+}
+
+/// One resource as a file defines it.
+#[derive(Debug, Clone)]
+enum OnDisk {
+    /// Valid on its own.
+    Valid(Box<Held>),
+    /// With problems of its own, at their lines.
+    Invalid {
+        file: PathBuf,
+        line: usize,
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+/// A change read from disk that is not applied, shown at the line of the
+/// rejected version (`check`, `/status`, the log, a metric).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Rejection {
+    /// `VirtualService shop/payment`; `None` for a document whose kind or
+    /// name cannot be read, or a file none of whose resources is in force.
+    pub(crate) resource: Option<String>,
+    pub(crate) change: RejectedChange,
+    /// Where the rejected version is (for a removal: where the removed
+    /// version was).
+    pub(crate) file: PathBuf,
+    pub(crate) line: usize,
+    /// Each at its line: the rejected version's own problems, and those it
+    /// would cause in other resources.
+    pub(crate) problems: Vec<Diagnostic>,
+    /// The version still in force, if any (none: a new resource left out).
+    pub(crate) kept: Option<Kept>,
+}
+
+/// What kind of change a [`Rejection`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum RejectedChange {
+    /// A new resource.
+    Added,
+    /// A new version of a resource in force.
+    Changed,
+    /// The removal of a resource in force.
+    Removed,
+    /// A file that cannot be read or parsed: what it holds is unknown.
+    Unreadable,
+    /// A second definition of a resource.
+    Duplicate,
+    /// A document whose kind or name cannot be read.
+    Unidentified,
+}
+
+impl RejectedChange {
+    /// How `/status` names it.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            RejectedChange::Added => "added",
+            RejectedChange::Changed => "changed",
+            RejectedChange::Removed => "removed",
+            RejectedChange::Unreadable => "unreadable",
+            RejectedChange::Duplicate => "duplicate",
+            RejectedChange::Unidentified => "unidentified",
+        }
+    }
+}
+
+/// The version of a resource in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Kept {
+    /// Where it was read from (its `metadata.name` line).
+    pub(crate) file: PathBuf,
+    pub(crate) line: usize,
+    /// A fingerprint of its content.
+    pub(crate) fingerprint: u64,
+}
+
+impl Kept {
+    fn of(held: &Held) -> Kept {
+        Kept {
+            file: held.resource.meta.file.clone(),
+            line: held.resource.meta.line,
+            fingerprint: held.fingerprint,
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    /// One line for the log: `file:line: VirtualService shop/payment:
+    /// change rejected, its last good version (file:line) stays in force:
+    /// file:line: problem; ...`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.file.display(), self.line)?;
+        if let Some(resource) = &self.resource {
+            write!(f, "{resource}: ")?;
+        }
+        let what = match self.change {
+            RejectedChange::Added => "new resource rejected",
+            RejectedChange::Changed => "change rejected",
+            RejectedChange::Removed => "removal rejected",
+            RejectedChange::Unreadable => "file unreadable",
+            RejectedChange::Duplicate => "second definition rejected",
+            RejectedChange::Unidentified => "document rejected",
+        };
+        match &self.kept {
+            Some(k) => write!(
+                f,
+                "{what}, its last good version ({}:{}) stays in force",
+                k.file.display(),
+                k.line
+            )?,
+            None if self.resource.is_some() => write!(f, "{what}, left out")?,
+            None => f.write_str(what)?,
+        }
+        for (i, d) in self.problems.iter().enumerate() {
+            f.write_str(if i == 0 { ": " } else { "; " })?;
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+fn resource_name((kind, namespace, name): &ResourceKey) -> String {
+    format!("{kind} {namespace}/{name}")
 }
 
 /// A fingerprint of each resource a [`ConfigStore`] holds, as of one load;
@@ -343,14 +640,14 @@ impl ConfigStore {
         &self.options
     }
 
-    /// Number of resources currently held.
+    /// Number of resources in force.
     pub fn len(&self) -> usize {
-        self.resources.len()
+        self.good.len()
     }
 
-    /// Whether no resource is held.
+    /// Whether no resource is in force.
     pub fn is_empty(&self) -> bool {
-        self.resources.is_empty()
+        self.good.is_empty()
     }
 
     /// Re-reads `dir`: [`ConfigStore::load_dirs`] with one directory.
@@ -359,14 +656,32 @@ impl ConfigStore {
     }
 
     /// Re-reads `dirs` as one config (each directory's YAML files, not its
-    /// subdirectories; the same directory named twice is read once). Each
-    /// resource that is invalid keeps its previous good version (if any)
-    /// and yields diagnostics; valid ones replace theirs; resources gone
-    /// from disk are removed; a resource defined twice is reported at the
-    /// second definition. A file with a YAML syntax error (or that cannot be
-    /// read) keeps all the resources it held. If a directory itself cannot
-    /// be read, nothing changes.
+    /// subdirectories; the same directory named twice is read once) and
+    /// applies what can be applied of it, judged without registrations
+    /// (offline, as `check` does): each change that is valid replaces or
+    /// removes the version in force, and each one that is not is rejected
+    /// — the resource keeps its last good version, a new one is left out
+    /// (see the module docs). Returns every problem, of the files and of
+    /// the rejected changes, sorted by file and line. If a directory
+    /// itself cannot be read, nothing changes.
     pub fn load_dirs(&mut self, dirs: &[impl AsRef<Path>]) -> Vec<Diagnostic> {
+        let mut diagnostics = self.read_dirs(dirs);
+        self.settle(&[]);
+        diagnostics.extend(
+            self.rejections
+                .iter()
+                .flat_map(|r| r.problems.iter().cloned()),
+        );
+        diagnostics.sort();
+        diagnostics.dedup();
+        diagnostics
+    }
+
+    /// Reads `dirs` (see [`ConfigStore::load_dirs`]) without applying
+    /// anything: [`ConfigStore::settle`] does, with the registrations of
+    /// the moment. Returns the problems of the files themselves. If a
+    /// directory cannot be read, what was read before stays.
+    pub(crate) fn read_dirs(&mut self, dirs: &[impl AsRef<Path>]) -> Vec<Diagnostic> {
         let mut diagnostics = Vec::new();
         let mut files = Vec::new();
         for dir in distinct_dirs(dirs) {
@@ -382,89 +697,435 @@ impl ConfigStore {
         if !diagnostics.is_empty() {
             return diagnostics;
         }
-        let mut next: BTreeMap<ResourceKey, Resource> = BTreeMap::new();
-        let mut versions: BTreeMap<ResourceKey, u64> = BTreeMap::new();
-        let mut seen: BTreeMap<ResourceKey, (PathBuf, usize)> = BTreeMap::new();
-        let mut keep: Vec<ResourceKey> = Vec::new();
-        let mut broken_files: BTreeSet<PathBuf> = BTreeSet::new();
         let file_order: BTreeMap<PathBuf, usize> = files
             .iter()
             .enumerate()
             .map(|(i, f)| (f.clone(), i))
             .collect();
-        for file in files {
-            let text = match std::fs::read_to_string(&file) {
+        let sources = files
+            .into_iter()
+            .map(|file| {
+                let text = std::fs::read_to_string(&file)
+                    .map(Arc::from)
+                    .map_err(|e| format!("cannot read the file: {e}"));
+                Source {
+                    file,
+                    first_doc: 0,
+                    text,
+                }
+            })
+            .collect();
+        self.read_sources(file_order, sources)
+    }
+
+    /// Reads documents kept elsewhere than in files (the resources replicas
+    /// share in etcd, each written by `mesh-control apply` with the file
+    /// and line it came from) as [`ConfigStore::read_dirs`] reads files:
+    /// without applying anything, each document at the line it had in its
+    /// file, files in the order of their `position`. Returns the problems
+    /// of the documents themselves.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn read_documents(&mut self, documents: &[SourceDocument]) -> Vec<Diagnostic> {
+        let mut documents: Vec<&SourceDocument> = documents.iter().collect();
+        documents.sort_by(|a, b| (a.position, &a.file, a.doc).cmp(&(b.position, &b.file, b.doc)));
+        let mut file_order = BTreeMap::new();
+        for d in &documents {
+            file_order.entry(d.file.clone()).or_insert(d.position);
+        }
+        let sources = documents
+            .into_iter()
+            .map(|d| Source {
+                file: d.file.clone(),
+                first_doc: d.doc,
+                text: at_line(d.line, &d.yaml).map(Arc::from),
+            })
+            .collect();
+        self.read_sources(file_order, sources)
+    }
+
+    /// Reads `sources` as the files of the config, `file_order` giving the
+    /// position of each file.
+    fn read_sources(
+        &mut self,
+        file_order: BTreeMap<PathBuf, usize>,
+        sources: Vec<Source>,
+    ) -> Vec<Diagnostic> {
+        let mut diagnostics = Vec::new();
+        let mut disk = Disk {
+            read: true,
+            ..Disk::default()
+        };
+        // Every definition of each resource, in reading order.
+        let mut definitions: BTreeMap<ResourceKey, Vec<(PathBuf, usize, OnDisk)>> = BTreeMap::new();
+        for Source {
+            file,
+            first_doc,
+            text,
+        } in sources
+        {
+            let source = match text {
                 Ok(t) => t,
-                Err(e) => {
-                    diagnostics.push(Diagnostic {
+                Err(message) => {
+                    let d = Diagnostic {
                         file: file.clone(),
                         line: 1,
-                        message: format!("cannot read the file: {e}"),
-                    });
-                    broken_files.insert(file);
+                        message,
+                    };
+                    diagnostics.push(d.clone());
+                    disk.unsure.insert(file, (d, true));
                     continue;
                 }
             };
-            let docs = match yaml::parse_documents(&text) {
+            let docs = match yaml::parse_documents(&source) {
                 Ok(docs) => docs,
                 Err((line, message)) => {
-                    diagnostics.push(Diagnostic {
+                    let d = Diagnostic {
                         file: file.clone(),
                         line,
                         message,
-                    });
-                    broken_files.insert(file);
+                    };
+                    diagnostics.push(d.clone());
+                    disk.unsure.insert(file, (d, true));
                     continue;
                 }
             };
             for (i, doc) in docs.iter().enumerate() {
-                let parsed = resources::parse_document(&file, i, doc);
-                diagnostics.extend(parsed.diagnostics);
-                let Some(key) = parsed.key else { continue };
-                if let Some((first_file, first_line)) = seen.get(&key) {
-                    diagnostics.push(Diagnostic {
+                let parsed = resources::parse_document(&file, first_doc.saturating_add(i), doc);
+                diagnostics.extend(parsed.diagnostics.iter().cloned());
+                let Some(key) = parsed.key else {
+                    for d in &parsed.diagnostics {
+                        disk.unsure
+                            .entry(file.clone())
+                            .or_insert_with(|| (d.clone(), false));
+                        disk.documents.push((None, d.clone()));
+                    }
+                    continue;
+                };
+                let on_disk = match parsed.resource {
+                    Some(resource) => OnDisk::Valid(Box::new(Held {
+                        resource,
+                        fingerprint: yaml::fingerprint(doc),
+                        source: source.clone(),
+                    })),
+                    None => OnDisk::Invalid {
                         file: file.clone(),
                         line: parsed.line,
-                        message: format!(
-                            "duplicate {} {}/{}: already defined at {}:{first_line}",
-                            key.0,
-                            key.1,
-                            key.2,
-                            first_file.display()
-                        ),
-                    });
-                    continue;
-                }
-                seen.insert(key.clone(), (file.clone(), parsed.line));
-                match parsed.resource {
-                    Some(r) => {
-                        versions.insert(key.clone(), yaml::fingerprint(doc));
-                        next.insert(key, r);
-                    }
-                    None => keep.push(key),
-                }
+                        diagnostics: parsed.diagnostics,
+                    },
+                };
+                definitions
+                    .entry(key)
+                    .or_default()
+                    .push((file.clone(), parsed.line, on_disk));
             }
         }
-        let mut restore = |key: &ResourceKey, old: &Resource| {
-            next.insert(key.clone(), old.clone());
-            if let Some(v) = self.versions.0.get(key) {
-                versions.insert(key.clone(), *v);
+        for (key, mut found) in definitions {
+            // The definition in the file the version in force came from
+            // counts (a new file never displaces a resource), else the
+            // first one read.
+            let counts = self
+                .good
+                .get(&key)
+                .and_then(|g| found.iter().position(|(f, ..)| *f == g.resource.meta.file))
+                .unwrap_or(0);
+            let (first_file, first_line, on_disk) = found.remove(counts);
+            for (file, line, _) in found {
+                let d = Diagnostic {
+                    file,
+                    line,
+                    message: format!(
+                        "duplicate {} {}/{}: already defined at {}:{first_line}",
+                        key.0,
+                        key.1,
+                        key.2,
+                        first_file.display()
+                    ),
+                };
+                diagnostics.push(d.clone());
+                disk.documents.push((Some(key.clone()), d));
             }
-        };
-        for key in keep {
-            if let Some(old) = self.resources.get(&key) {
-                restore(&key, old);
-            }
+            disk.resources.insert(key, on_disk);
         }
-        for (key, old) in &self.resources {
-            if broken_files.contains(&old.meta.file) && !seen.contains_key(key) {
-                restore(key, old);
-            }
-        }
-        self.resources = next;
-        self.versions = ResourceVersions(versions);
+        self.disk = disk;
         self.file_order = file_order;
         diagnostics
+    }
+
+    /// Applies what can be applied of the last read to the resources in
+    /// force, judging each change with `registrations` (a route to a host
+    /// only registrations provide is valid while one is registered), and
+    /// records what is rejected ([`ConfigStore::rejections`]). A change
+    /// rejected now is tried again at the next call, so it applies once the
+    /// rest allows it. Returns whether the resources in force changed.
+    /// Cheap when the files propose nothing new.
+    pub(crate) fn settle(&mut self, registrations: &[Registration]) -> bool {
+        if !self.disk.read {
+            self.rejections.clear();
+            return false;
+        }
+        let mut changed = false;
+        let mut changes: BTreeMap<ResourceKey, Change<Held>> = BTreeMap::new();
+        let mut rejections = Vec::new();
+        let mut moved = Vec::new();
+        for (key, on_disk) in &self.disk.resources {
+            let kept = self.good.get(key);
+            match on_disk {
+                OnDisk::Valid(held) => match kept {
+                    // The same content, maybe elsewhere (another file, other
+                    // lines): nothing to judge, only where it is changes.
+                    Some(g) if g.fingerprint == held.fingerprint => {
+                        if g.resource.meta != held.resource.meta {
+                            moved.push((key.clone(), Held::clone(held)));
+                        }
+                    }
+                    _ => {
+                        changes.insert(key.clone(), Change::Put(Held::clone(held)));
+                    }
+                },
+                OnDisk::Invalid {
+                    file,
+                    line,
+                    diagnostics,
+                } => rejections.push(Rejection {
+                    resource: Some(resource_name(key)),
+                    change: if kept.is_some() {
+                        RejectedChange::Changed
+                    } else {
+                        RejectedChange::Added
+                    },
+                    file: file.clone(),
+                    line: *line,
+                    problems: diagnostics.clone(),
+                    kept: kept.map(Kept::of),
+                }),
+            }
+        }
+        let mut explained = BTreeSet::new();
+        for (key, held) in &self.good {
+            if self.disk.resources.contains_key(key) {
+                continue;
+            }
+            match self.disk.unsure.get(&held.resource.meta.file) {
+                Some((problem, _)) => {
+                    explained.insert(held.resource.meta.file.clone());
+                    rejections.push(Rejection {
+                        resource: Some(resource_name(key)),
+                        change: RejectedChange::Unreadable,
+                        file: problem.file.clone(),
+                        line: problem.line,
+                        problems: vec![problem.clone()],
+                        kept: Some(Kept::of(held)),
+                    });
+                }
+                None => {
+                    changes.insert(key.clone(), Change::Remove);
+                }
+            }
+        }
+        for (file, (problem, whole_file)) in &self.disk.unsure {
+            if *whole_file && !explained.contains(file) {
+                rejections.push(Rejection {
+                    resource: None,
+                    change: RejectedChange::Unreadable,
+                    file: problem.file.clone(),
+                    line: problem.line,
+                    problems: vec![problem.clone()],
+                    kept: None,
+                });
+            }
+        }
+        for (key, problem) in &self.disk.documents {
+            rejections.push(Rejection {
+                resource: key.as_ref().map(resource_name),
+                change: if key.is_some() {
+                    RejectedChange::Duplicate
+                } else {
+                    RejectedChange::Unidentified
+                },
+                file: problem.file.clone(),
+                line: problem.line,
+                problems: vec![problem.clone()],
+                kept: key.as_ref().and_then(|k| self.good.get(k)).map(Kept::of),
+            });
+        }
+        for (key, held) in moved {
+            self.good.insert(key, held);
+            changed = true;
+        }
+
+        let options = &self.options;
+        let file_order = &self.file_order;
+        let outcome = last_good::settle(&self.good, &changes, |set, changed| {
+            // Unchanged resources first: where the first of two wins (a
+            // host routed by two VirtualServices), the one in force wins
+            // and the newcomer is the one rejected.
+            let mut resources: Vec<&Resource> = set.values().map(|h| &h.resource).collect();
+            resources.sort_by_cached_key(|r| {
+                let key = r.meta.key();
+                (changed.contains(&key), position(file_order, r), key)
+            });
+            translate::translate(options, &resources, registrations).invalid
+        });
+        for (key, refusal) in &outcome.refused {
+            let Some(change) = changes.get(key) else {
+                continue;
+            };
+            rejections.push(explain(key, change, self.good.get(key), refusal));
+        }
+        if !outcome.accepted.is_empty() {
+            changed = true;
+        }
+        self.good = outcome.good;
+        rejections.sort_by(|a, b| {
+            (&a.file, a.line, &a.resource, a.change).cmp(&(&b.file, b.line, &b.resource, b.change))
+        });
+        rejections.dedup();
+        self.rejections = rejections;
+        if changed {
+            self.generation += 1;
+        }
+        changed
+    }
+
+    /// What the last [`ConfigStore::settle`] did not apply, by file and
+    /// line.
+    pub(crate) fn rejections(&self) -> &[Rejection] {
+        &self.rejections
+    }
+
+    /// Changes whenever the resources in force change.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The resources in force, to persist: each as its document in the
+    /// text of the file it was read from.
+    pub(crate) fn export(&self) -> StoredConfig {
+        let mut texts: Vec<String> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut resources = Vec::new();
+        for held in self.good.values() {
+            let text = *index.entry(&held.source).or_insert_with(|| {
+                texts.push(held.source.to_string());
+                texts.len() - 1
+            });
+            resources.push(StoredResource {
+                file: held.resource.meta.file.clone(),
+                doc: held.resource.meta.doc,
+                text,
+            });
+        }
+        StoredConfig {
+            format: crate::persist::format(),
+            texts,
+            resources,
+        }
+    }
+
+    /// The resources in force as a shared store keeps them (see
+    /// [`SourceDocument`]), each with its kind, namespace and name: what
+    /// `mesh-control apply` writes. A document that cannot be cut out of
+    /// its file is a problem at its line.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn export_documents(&self) -> Result<Vec<ResourceDocument>, Vec<Diagnostic>> {
+        let mut split: HashMap<*const u8, Vec<Piece>> = HashMap::new();
+        let mut documents = Vec::new();
+        let mut problems = Vec::new();
+        for ((kind, namespace, name), held) in &self.good {
+            let meta = &held.resource.meta;
+            let pieces = match split.get(&held.source.as_ptr()) {
+                Some(pieces) => pieces,
+                None => match split_documents(&held.source) {
+                    Ok(pieces) => split.entry(held.source.as_ptr()).or_insert(pieces),
+                    Err((line, message)) => {
+                        problems.push(meta.diagnostic(line, message));
+                        continue;
+                    }
+                },
+            };
+            // The document of this resource: the one with its content.
+            let Some(piece) = pieces.iter().find(|p| p.fingerprint == held.fingerprint) else {
+                problems.push(meta.diagnostic(
+                    meta.line,
+                    "its document cannot be found again in the text it was read from",
+                ));
+                continue;
+            };
+            let position = self
+                .file_order
+                .get(&meta.file)
+                .copied()
+                .unwrap_or(usize::MAX);
+            documents.push(ResourceDocument {
+                kind: kind.to_string(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                document: SourceDocument {
+                    file: meta.file.clone(),
+                    position,
+                    doc: meta.doc,
+                    line: piece.line,
+                    yaml: piece.text.clone(),
+                },
+            });
+        }
+        if problems.is_empty() {
+            Ok(documents)
+        } else {
+            problems.sort();
+            Err(problems)
+        }
+    }
+
+    /// Puts the persisted resources in force, as before a restart (before
+    /// the config directories are read). A persisted resource that no
+    /// longer parses (a field this version does not implement) is left
+    /// out; each such problem is returned.
+    pub(crate) fn restore(&mut self, stored: &StoredConfig) -> Vec<String> {
+        let mut problems = Vec::new();
+        let texts: Vec<Arc<str>> = stored.texts.iter().map(|t| Arc::from(t.as_str())).collect();
+        let parsed: Vec<_> = texts.iter().map(|t| yaml::parse_documents(t)).collect();
+        for r in &stored.resources {
+            let (Some(source), Some(docs)) = (texts.get(r.text), parsed.get(r.text)) else {
+                problems.push(format!(
+                    "{}: the stored text {} is missing",
+                    r.file.display(),
+                    r.text
+                ));
+                continue;
+            };
+            let doc = match docs {
+                Ok(docs) => docs.get(r.doc),
+                Err((line, message)) => {
+                    problems.push(format!("{}:{line}: {message}", r.file.display()));
+                    continue;
+                }
+            };
+            let Some(doc) = doc else {
+                problems.push(format!(
+                    "{}: the stored text has no document {}",
+                    r.file.display(),
+                    r.doc
+                ));
+                continue;
+            };
+            let parsed = resources::parse_document(&r.file, r.doc, doc);
+            match (parsed.key, parsed.resource) {
+                (Some(key), Some(resource)) => {
+                    self.good.insert(
+                        key,
+                        Held {
+                            resource,
+                            fingerprint: yaml::fingerprint(doc),
+                            source: source.clone(),
+                        },
+                    );
+                }
+                _ => problems.extend(parsed.diagnostics.iter().map(|d| d.to_string())),
+            }
+        }
+        self.generation += 1;
+        problems
     }
 
     /// The files read by the last load, in reading order (directory as
@@ -475,30 +1136,34 @@ impl ConfigStore {
         files.into_iter().map(|(f, _)| f.as_path()).collect()
     }
 
-    /// The fingerprints of the resources held now, to compare with after a
+    /// The fingerprints of the resources in force, to compare with after a
     /// reload ([`ResourceVersions::changes_to`]).
-    pub(crate) fn versions(&self) -> &ResourceVersions {
-        &self.versions
+    pub(crate) fn versions(&self) -> ResourceVersions {
+        ResourceVersions(
+            self.good
+                .iter()
+                .map(|(k, h)| (k.clone(), h.fingerprint))
+                .collect(),
+        )
     }
 
-    /// The resources in file order (directory as given, file name, then
-    /// document), which is the order VirtualServices are applied in.
+    /// The resources in force in file order (directory as given, file
+    /// name, then document), which is the order VirtualServices are
+    /// applied in.
     fn ordered(&self) -> Vec<&Resource> {
-        let mut all: Vec<&Resource> = self.resources.values().collect();
-        let position = |r: &Resource| {
-            let file = self.file_order.get(&r.meta.file).copied();
-            (file.unwrap_or(usize::MAX), r.meta.file.clone(), r.meta.doc)
-        };
-        all.sort_by_cached_key(|r| (position(r), r.meta.key()));
+        let mut all: Vec<&Resource> = self.good.values().map(|h| &h.resource).collect();
+        all.sort_by_cached_key(|r| (position(&self.file_order, r), r.meta.key()));
         all
     }
 
-    /// Translates the current good resources plus `registrations` into a full
+    /// Translates the resources in force plus `registrations` into a full
     /// snapshot: for each port of each service, listeners for the names an app
     /// dials, a route config `<fqdn>:<port>`, clusters
-    /// `outbound|<port>|<subset>|<fqdn>` and their endpoints. Problems between
-    /// resources are reported here, and the offending VirtualService is left
-    /// out (its hosts get the default route) until it is fixed.
+    /// `outbound|<port>|<subset>|<fqdn>` and their endpoints. A resource in
+    /// force can still have a problem here when it depends on registrations
+    /// that are gone (a route to a host only registrations provide): such a
+    /// VirtualService is left out (its hosts get the default route) until
+    /// the host is back; the problems are returned.
     pub fn snapshot(&self, registrations: &[Registration]) -> (Snapshot, Vec<Diagnostic>) {
         let t = translate::translate(&self.options, &self.ordered(), registrations);
         (t.snapshot, t.diagnostics)
@@ -537,6 +1202,70 @@ impl ConfigStore {
     /// The services the resources and `registrations` define, by host.
     pub fn services(&self, registrations: &[Registration]) -> Vec<ServiceInfo> {
         translate::services(&self.options, &self.ordered(), registrations)
+    }
+}
+
+/// Where a resource is in reading order: its file's position (a file no
+/// longer read last), then its document.
+fn position(file_order: &BTreeMap<PathBuf, usize>, r: &Resource) -> (usize, PathBuf, usize) {
+    let file = file_order.get(&r.meta.file).copied();
+    (file.unwrap_or(usize::MAX), r.meta.file.clone(), r.meta.doc)
+}
+
+/// The rejection of a change `last_good` refused: at the rejected
+/// version's line (a removal: the removed version's), its own problems,
+/// then, for each resource it would make invalid, a line saying so and
+/// that resource's problems at their lines.
+fn explain(
+    key: &ResourceKey,
+    change: &Change<Held>,
+    kept: Option<&Held>,
+    refusal: &Refusal<ResourceKey, Diagnostic>,
+) -> Rejection {
+    let what = resource_name(key);
+    let (meta, kind) = match (change, kept) {
+        (Change::Put(new), Some(_)) => (&new.resource.meta, RejectedChange::Changed),
+        (Change::Put(new), None) => (&new.resource.meta, RejectedChange::Added),
+        (Change::Remove, Some(old)) => (&old.resource.meta, RejectedChange::Removed),
+        // Unreachable: only a resource in force can be removed.
+        (Change::Remove, None) => {
+            return Rejection {
+                resource: Some(what),
+                change: RejectedChange::Removed,
+                file: PathBuf::new(),
+                line: 1,
+                problems: refusal.own.clone(),
+                kept: None,
+            };
+        }
+    };
+    let mut problems = refusal.own.clone();
+    let (verb, outcome) = match kind {
+        RejectedChange::Added => ("adding it", "it is left out"),
+        RejectedChange::Removed => ("removing it", "it stays in force"),
+        _ => ("this change", "its last good version stays in force"),
+    };
+    for (other, diagnostics) in &refusal.breaks {
+        let other = resource_name(other);
+        problems.push(meta.diagnostic(
+            meta.line,
+            format!("{verb} would make {other} invalid, so {outcome}"),
+        ));
+        for d in diagnostics {
+            problems.push(Diagnostic {
+                file: d.file.clone(),
+                line: d.line,
+                message: format!("{} (with the rejected change to {what})", d.message),
+            });
+        }
+    }
+    Rejection {
+        resource: Some(what),
+        change: kind,
+        file: meta.file.clone(),
+        line: meta.line,
+        problems,
+        kept: kept.map(Kept::of),
     }
 }
 

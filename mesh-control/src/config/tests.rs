@@ -52,12 +52,16 @@ pub(super) fn assert_one(diags: &[Diagnostic], line: usize, needle: &str) {
     assert_eq!(d.line, line, "wrong line for {d}");
 }
 
-/// A store loaded from `files`, asserting no diagnostics.
+/// A store loaded from `files`, asserting that the files themselves have
+/// no problem; what is applied is judged without registrations, so a
+/// change with a problem between resources is rejected (see
+/// [`ConfigStore::rejections`]).
 pub(super) fn store(files: &[(&str, &str)]) -> (ConfigStore, TempDir) {
     let d = dir(files);
     let mut s = ConfigStore::new(MeshOptions::default());
-    let diags = s.load_dir(d.path());
+    let diags = s.read_dirs(&[d.path()]);
     assert!(diags.is_empty(), "{diags:#?}");
+    s.settle(&[]);
     (s, d)
 }
 
@@ -1207,23 +1211,32 @@ spec:
   http:
   - route: [{destination: {host: catalog}}]
 ";
-    let (s, d) = store(&[("a.yaml", vs)]);
-    // Offline, neither host is declared: both are errors.
+    let (mut s, d) = store(&[("a.yaml", vs)]);
+    // Offline, neither host is declared: both are errors, and the
+    // VirtualService is not applied.
     let diags = check_dir(d.path(), &MeshOptions::default());
     assert_eq!(diags.len(), 2, "{diags:#?}");
     assert!(diags.iter().all(|d| d.message.contains("is not declared")));
-    // At run time both are registered.
+    assert!(s.is_empty());
+    assert_eq!(s.rejections().len(), 1);
+    // At run time both are registered: judged again, it applies.
     let regs = [
         reg("front", "shop", "10.0.0.9", 80, &[]),
         reg("catalog", "shop", "10.0.0.1", 80, &[]),
     ];
+    assert!(s.settle(&regs), "applied once its hosts exist");
+    assert!(s.rejections().is_empty());
     let (snap, diags) = s.snapshot(&regs);
     assert!(diags.is_empty(), "{diags:#?}");
     assert_eq!(
         route_to(&snap, "front", "GET", "/", &[], 0),
         format!("outbound|80||{FQDN}")
     );
-    // Without the destination, the VirtualService is left out: default route.
+    // Without the destination (its registration gone), the VirtualService
+    // stays in force but is left out of what is served: default route. No
+    // config change, so nothing is rejected.
+    assert!(!s.settle(&regs[..1]));
+    assert!(s.rejections().is_empty());
     let (snap, diags) = s.snapshot(&regs[..1]);
     assert_one(
         &diags,
@@ -1490,8 +1503,9 @@ fn directories_apply_in_the_order_given() {
     ]);
     let a = dir(&[("vs.yaml", &vs_to("second", "v1"))]);
     let mut s = ConfigStore::new(MeshOptions::default());
-    assert!(s.load_dirs(&[z.path(), a.path()]).is_empty());
-    let (snap, diags) = s.snapshot(&[]);
+    let diags = s.load_dirs(&[z.path(), a.path()]);
+    let (snap, problems) = s.snapshot(&[]);
+    assert!(problems.is_empty(), "{problems:#?}");
     assert_eq!(
         route_to(&snap, "catalog", "GET", "/", &[], 0),
         format!("outbound|80|v2|{FQDN}"),
@@ -1502,7 +1516,7 @@ fn directories_apply_in_the_order_given() {
 
     // The other order, the other winner.
     let mut s = ConfigStore::new(MeshOptions::default());
-    assert!(s.load_dirs(&[a.path(), z.path()]).is_empty());
+    assert_eq!(s.load_dirs(&[a.path(), z.path()]).len(), 1);
     let (snap, _) = s.snapshot(&[]);
     assert_eq!(
         route_to(&snap, "catalog", "GET", "/", &[], 0),
@@ -1528,43 +1542,55 @@ fn a_directory_named_twice_is_read_once_and_a_missing_one_changes_nothing() {
 /// layout) and removed, by kind, namespace and name.
 #[test]
 fn reloads_know_what_changed() {
-    let d = dir(&[("a.yaml", SE_CATALOG), ("vs.yaml", &vs_to("catalog", "v1"))]);
+    let dr_v1 = DR_CATALOG.replace("  - name: v2\n    labels: {version: v2}\n", "");
+    let d = dir(&[
+        ("a.yaml", SE_CATALOG),
+        ("b.yaml", &dr_v1),
+        ("vs.yaml", &vs_to("catalog", "v1")),
+    ]);
     let mut s = ConfigStore::new(MeshOptions::default());
-    let empty = s.versions().clone();
+    let empty = s.versions();
     assert!(s.load_dir(d.path()).is_empty());
-    let first = s.versions().clone();
+    let first = s.versions();
     assert_eq!(
         empty.changes_to(&first).to_string(),
-        "added VirtualService shop/catalog, ServiceEntry shop/catalog"
+        "added VirtualService shop/catalog, DestinationRule shop/catalog, ServiceEntry shop/catalog"
     );
 
     // A comment and a re-indented document: nothing changed.
     write(&d, "a.yaml", &format!("# the catalog\n{SE_CATALOG}"));
     assert!(s.load_dir(d.path()).is_empty());
-    let changes = first.changes_to(s.versions());
+    let changes = first.changes_to(&s.versions());
     assert!(changes.is_empty(), "{changes}");
 
-    // A new subset target, a new rule, a removed file.
+    // A new subset target and the subset it needs, a new file.
     write(&d, "vs.yaml", &vs_to("catalog", "v2"));
     write(&d, "b.yaml", DR_CATALOG);
-    std::fs::remove_file(d.path().join("a.yaml")).unwrap();
-    let _ = s.load_dir(d.path());
-    let changes = first.changes_to(s.versions());
+    write(&d, "c.yaml", &SE_CATALOG.replace("catalog", "reviews"));
+    assert!(s.load_dir(d.path()).is_empty());
+    let second = s.versions();
     assert_eq!(
-        changes.to_string(),
-        "changed VirtualService shop/catalog; added DestinationRule shop/catalog; \
-         removed ServiceEntry shop/catalog"
+        first.changes_to(&second).to_string(),
+        "changed VirtualService shop/catalog, DestinationRule shop/catalog; \
+         added ServiceEntry shop/reviews"
+    );
+    // A removed file.
+    std::fs::remove_file(d.path().join("c.yaml")).unwrap();
+    assert!(s.load_dir(d.path()).is_empty());
+    assert_eq!(
+        second.changes_to(&s.versions()).to_string(),
+        "removed ServiceEntry shop/reviews"
     );
 
     // An invalid edit keeps the last good version: not a change.
-    let before = s.versions().clone();
+    let before = s.versions();
     write(
         &d,
         "vs.yaml",
         &vs_to("catalog", "v2").replace("hosts:", "hostz:"),
     );
     assert!(!s.load_dir(d.path()).is_empty());
-    assert!(before.changes_to(s.versions()).is_empty());
+    assert!(before.changes_to(&s.versions()).is_empty());
 }
 
 #[test]

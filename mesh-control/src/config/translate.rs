@@ -10,9 +10,15 @@
 //! by locality. Listeners are the names an app dials.
 //!
 //! Problems that involve more than one resource are found here, so they are
-//! judged against the current set (and, at run time, the registrations): a
-//! VirtualService with such a problem is left out whole, and its hosts get
-//! the default route, rather than routing half of what the user wrote.
+//! judged against a whole set (and, at run time, the registrations). Each
+//! such problem is attributed to the resource it makes invalid
+//! ([`Translation::invalid`]): the later of two ServiceEntries or
+//! DestinationRules for a host, the VirtualService whose destination does not
+//! exist. That is what `last_good` decides changes with: a change after
+//! which some resource is invalid is not applied. A resource of the set
+//! being served can still be invalid when the registrations it depends on
+//! are gone; then a VirtualService is left out whole, and its hosts get the
+//! default route, rather than routing half of what the user wrote.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -27,7 +33,9 @@ use mesh_core::model::{
 use mesh_core::spiffe::SpiffeId;
 
 use super::policy::{ClientTls, ClientTlsMode, TrafficPolicy};
-use super::resources::{DestinationRule, Meta, Resource, Spec, VirtualService, Workload};
+use super::resources::{
+    DestinationRule, Meta, Resource, ResourceKey, Spec, VirtualService, Workload,
+};
 use super::security::{self, Identities, SecurityPolicies};
 use super::{Diagnostic, MeshOptions, Registration, ServiceInfo};
 
@@ -106,13 +114,37 @@ fn unknown_host(fqdn: &str) -> String {
     )
 }
 
+/// The problems a translation finds: every one, in the order found, and
+/// those that make a resource invalid, by resource.
+#[derive(Debug, Default)]
+pub(crate) struct Problems {
+    all: Vec<Diagnostic>,
+    invalid: BTreeMap<ResourceKey, Vec<Diagnostic>>,
+}
+
+impl Problems {
+    /// A problem that makes the resource `meta` names invalid.
+    fn of(&mut self, meta: &Meta, diagnostic: Diagnostic) {
+        self.invalid
+            .entry(meta.key())
+            .or_default()
+            .push(diagnostic.clone());
+        self.all.push(diagnostic);
+    }
+
+    /// A problem of something else than a resource (a registration).
+    fn other(&mut self, diagnostic: Diagnostic) {
+        self.all.push(diagnostic);
+    }
+}
+
 /// Collects the services: ServiceEntry hosts (with their static endpoints and
 /// selected WorkloadEntries), then registrations.
 fn collect_services(
     options: &MeshOptions,
     resources: &[&Resource],
     registrations: &[Registration],
-    diagnostics: &mut Vec<Diagnostic>,
+    problems: &mut Problems,
 ) -> BTreeMap<String, Service> {
     let suffix = options.domain_suffix.as_str();
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
@@ -176,12 +208,15 @@ fn collect_services(
                     .as_ref()
                     .map(|(m, _)| format!("{m} at {}", m.location()))
                     .unwrap_or_default();
-                diagnostics.push(r.meta.diagnostic(
-                    host.line,
-                    format!(
-                        "host '{fqdn}' is already declared by {by}; this declaration is ignored"
+                problems.of(
+                    &r.meta,
+                    r.meta.diagnostic(
+                        host.line,
+                        format!(
+                            "host '{fqdn}' is already declared by {by}; this declaration is ignored"
+                        ),
                     ),
-                ));
+                );
                 continue;
             }
             let namespace = cluster_local(&fqdn, suffix)
@@ -224,8 +259,9 @@ fn collect_services(
             Some(svc) if svc.declared_by.is_some() => match reg.service_port {
                 Some(sp) if svc.has_port(sp) => svc.members.push(member(sp)),
                 Some(sp) => {
+                    // The registration's problem, not the ServiceEntry's.
                     if let Some((meta, line)) = &svc.declared_by {
-                        diagnostics.push(meta.diagnostic(
+                        problems.other(meta.diagnostic(
                             *line,
                             format!(
                                 "endpoint {} registered for port {sp} of host '{fqdn}', which has only port(s) {}; it is not used",
@@ -291,7 +327,7 @@ fn collect_rules<'r>(
     options: &MeshOptions,
     resources: &[&'r Resource],
     services: &BTreeMap<String, Service>,
-    diagnostics: &mut Vec<Diagnostic>,
+    problems: &mut Problems,
 ) -> BTreeMap<String, (&'r Meta, &'r DestinationRule)> {
     let mut rules: BTreeMap<String, (&Meta, &DestinationRule)> = BTreeMap::new();
     for r in resources {
@@ -300,19 +336,26 @@ fn collect_rules<'r>(
         };
         let fqdn = resolve_host(&dr.host.value, &r.meta.namespace, &options.domain_suffix);
         if let Some((first, _)) = rules.get(&fqdn) {
-            diagnostics.push(r.meta.diagnostic(
-                dr.host.line,
-                format!(
-                    "host '{fqdn}' already has DestinationRule {}/{} at {}; this one is ignored",
-                    first.namespace,
-                    first.name,
-                    first.location()
+            problems.of(
+                &r.meta,
+                r.meta.diagnostic(
+                    dr.host.line,
+                    format!(
+                        "host '{fqdn}' already has DestinationRule {}/{} at {}; this one is ignored",
+                        first.namespace,
+                        first.name,
+                        first.location()
+                    ),
                 ),
-            ));
+            );
             continue;
         }
         if !services.contains_key(&fqdn) {
-            diagnostics.push(r.meta.diagnostic(dr.host.line, unknown_host(&fqdn)));
+            // Still the host's rule: it takes effect when the host appears.
+            problems.of(
+                &r.meta,
+                r.meta.diagnostic(dr.host.line, unknown_host(&fqdn)),
+            );
         }
         rules.insert(fqdn, (&r.meta, dr));
     }
@@ -538,7 +581,12 @@ fn routes_for_port(
 /// The result of a translation.
 pub(crate) struct Translation {
     pub(crate) snapshot: Snapshot,
+    /// Every problem found, sorted by file and line.
     pub(crate) diagnostics: Vec<Diagnostic>,
+    /// The resources these problems make invalid, with theirs: what a
+    /// change must not add to (see `last_good`). A registration's problem
+    /// (a port its ServiceEntry lacks) is in `diagnostics` only.
+    pub(crate) invalid: BTreeMap<ResourceKey, Vec<Diagnostic>>,
 }
 
 /// Translates `resources` (in file order) and `registrations`.
@@ -548,10 +596,20 @@ pub(crate) fn translate(
     registrations: &[Registration],
 ) -> Translation {
     let suffix = options.domain_suffix.as_str();
-    let mut diagnostics = Vec::new();
-    let services = collect_services(options, resources, registrations, &mut diagnostics);
-    let rules = collect_rules(options, resources, &services, &mut diagnostics);
-    diagnostics.extend(security::check(resources));
+    let mut found = Problems::default();
+    let services = collect_services(options, resources, registrations, &mut found);
+    let rules = collect_rules(options, resources, &services, &mut found);
+    // security.rs reports at the line of the resource it ignores (its
+    // `metadata.name`): that is how its problems are attributed.
+    for d in security::check(resources) {
+        match resources
+            .iter()
+            .find(|r| r.meta.file == d.file && r.meta.line == d.line)
+        {
+            Some(r) => found.of(&r.meta, d),
+            None => found.other(d),
+        }
+    }
     let security = security::resolve(options, resources);
     let identities = Identities::new(options, resources);
 
@@ -597,7 +655,9 @@ pub(crate) fn translate(
         if problems.is_empty() {
             routed.extend(table);
         } else {
-            diagnostics.extend(problems);
+            for d in problems {
+                found.of(&r.meta, d);
+            }
         }
     }
 
@@ -745,11 +805,16 @@ pub(crate) fn translate(
             }
         }
     }
+    let Problems {
+        all: mut diagnostics,
+        invalid,
+    } = found;
     diagnostics.sort();
     diagnostics.dedup();
     Translation {
         snapshot,
         diagnostics,
+        invalid,
     }
 }
 
@@ -822,7 +887,7 @@ pub(crate) fn services(
     registrations: &[Registration],
 ) -> Vec<ServiceInfo> {
     let suffix = options.domain_suffix.as_str();
-    let mut ignored = Vec::new();
+    let mut ignored = Problems::default();
     let services = collect_services(options, resources, registrations, &mut ignored);
     services
         .values()

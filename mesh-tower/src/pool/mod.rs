@@ -321,9 +321,15 @@ impl<B> Pool<B> {
         if let Some(host) = current.get(&key) {
             return host.clone();
         }
-        let mut map = HashMap::clone(&current);
         // Forget endpoints without connections that no request is using.
-        map.retain(|_, h| h.is_alive() || Arc::strong_count(h) > 1);
+        // Counted in `current`, whose own reference is the only one the map
+        // holds: in a clone every host would be held twice and never forgotten
+        // (an endpoint that left, with its dead connections, kept forever).
+        let mut map: HashMap<_, _> = current
+            .iter()
+            .filter(|(_, h)| h.is_alive() || Arc::strong_count(h) > 1)
+            .map(|(k, h)| (k.clone(), h.clone()))
+            .collect();
         let host = Arc::new(Host::new(key.1));
         map.insert(key, host.clone());
         self.hosts.map.store(Arc::new(map));
@@ -424,5 +430,55 @@ impl Future for ResponseFuture {
 impl fmt::Debug for ResponseFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An endpoint that left the mesh, with no connection and no request
+    /// using it, is forgotten when the next endpoint is added: a pool under
+    /// endpoint churn stays the size of the live endpoint set (found by the
+    /// soak example as live heap growing with every replaced server).
+    #[test]
+    fn endpoints_nobody_uses_are_forgotten() {
+        let pool: Pool<http_body_util::Full<bytes::Bytes>> = Pool::new();
+        for port in 1..=5u16 {
+            let target = TargetEndpoint::new(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                Protocol::Http1,
+                "c",
+            );
+            drop(pool.host(&target, false, None));
+        }
+        assert_eq!(
+            pool.hosts.map.load().len(),
+            1,
+            "only the newest entry is kept"
+        );
+
+        // One in use is kept.
+        let held = pool.host(
+            &TargetEndpoint::new(SocketAddr::from(([127, 0, 0, 1], 10)), Protocol::Http1, "c"),
+            false,
+            None,
+        );
+        let _ = pool.host(
+            &TargetEndpoint::new(SocketAddr::from(([127, 0, 0, 1], 11)), Protocol::Http1, "c"),
+            false,
+            None,
+        );
+        let _ = pool.host(
+            &TargetEndpoint::new(SocketAddr::from(([127, 0, 0, 1], 12)), Protocol::Http1, "c"),
+            false,
+            None,
+        );
+        let keys: Vec<u16> = pool.hosts.map.load().keys().map(|k| k.1.port()).collect();
+        assert!(
+            keys.contains(&10) && keys.contains(&12) && !keys.contains(&11),
+            "{keys:?}"
+        );
+        drop(held);
     }
 }

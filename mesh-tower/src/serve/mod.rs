@@ -7,24 +7,34 @@
 //!    gRPC and HTTP clients share one port);
 //! 2. register the endpoint with mesh-control's admin API (see
 //!    [`Registration`]) and renew the lease every third of its TTL,
-//!    registering again if the control server forgot it;
+//!    registering again if the control server forgot it. mesh-control
+//!    being down does not keep the service from starting: when the first
+//!    attempt cannot reach it (or has no answer within [`REGISTER_WAIT`]),
+//!    [`serve()`] returns a serving [`Serving`] anyway and registers in the
+//!    background, retrying with jittered exponential backoff (250 ms growing
+//!    by 1.6 up to 10 s, as gRPC's connection backoff) until it is
+//!    registered, then heartbeats as usual. Clients that already know the
+//!    endpoint (from their own cached config, see
+//!    `mesh_xds_client::cache`) reach it meanwhile. Only a refusal fails
+//!    `serve` (mesh-control answered 4xx: an unknown namespace, an identity
+//!    not allowed to back the service), since retrying cannot fix it;
 //! 3. on [`Serving::shutdown`] (or when the [`Serving`] handle is dropped):
-//!    deregister first, so clients stop picking this endpoint, while still
-//!    accepting connections from clients that have not heard yet; then stop
-//!    accepting and drain: HTTP/2 connections get GOAWAY, idle HTTP/1.1
+//!    deregister first, so clients stop picking this endpoint, and keep
+//!    serving for [`PROPAGATION_GRACE`] while the change reaches them; then
+//!    stop accepting and drain: HTTP/2 connections get GOAWAY, idle HTTP/1.1
 //!    connections close, requests in flight finish (up to a drain timeout,
 //!    after which the remaining connections are closed). This is the order
 //!    Envoy's and Kubernetes' graceful termination use.
 //!
 //! Shutdown waits only for what needs waiting for, so an idle server stops
-//! at once (Ctrl-C answers in milliseconds): deregistration is one call
-//! bounded by [`DEREGISTER_TIMEOUT`] (a control server that does not answer
-//! costs that much, and the lease then expires on its own), a heartbeat
-//! under way is abandoned (a re-registration gets that same bound, so the
-//! lease it made is the one removed), idle keep-alive connections and
-//! connections still in their TLS handshake (no request on them yet) are
-//! closed at once, and there is no fixed drain delay: the drain ends when
-//! the last request in flight has been answered.
+//! in a quarter of a second: deregistration is one call bounded by
+//! [`DEREGISTER_TIMEOUT`] (a control server that does not answer costs that
+//! much, and the lease then expires on its own), then the propagation
+//! grace; a heartbeat under way is abandoned (a re-registration gets the
+//! deregistration's bound, so the lease it made is the one removed), idle
+//! keep-alive connections and connections still in their TLS handshake (no
+//! request on them yet) are closed at once, and the drain ends when the
+//! last request in flight has been answered.
 //!
 //! Every request carries a [`ConnectionInfo`] extension (peer and local
 //! address); put [`ServerLayer`](crate::ServerLayer) on the app for the mesh
@@ -71,7 +81,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 pub use self::registration::Registration;
-use self::registration::{Admin, Lease};
+use self::registration::{Admin, RegisterFailure};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::server::{Guard, InboundPolicy};
 use crate::tls::{ALPN_H2_HTTP11, CertStore, MeshAcceptor, MtlsMode, PeerIdentity};
@@ -85,11 +95,37 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// hold a Ctrl-C up, and the lease expires on its own within its TTL).
 pub const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a deregistered server keeps serving normally before it drains:
+/// the time mesh-control's push takes to reach its clients (milliseconds;
+/// this leaves room for a loaded machine). Until a client has applied the
+/// new endpoint list it may still pick this endpoint, even on an idle
+/// keep-alive connection, and a request written on a connection the server
+/// has just closed fails without a response (Envoy's `UC`), which no retry
+/// policy that leaves out `reset` retries. Draining only after the grace
+/// costs an idle server this much at shutdown, and a busy one loses no
+/// request (found by `examples/soak.rs`: 5-11 failed requests a minute
+/// under endpoint churn without it). Like Kubernetes' `preStop` delay, but
+/// started by the deregistration itself.
+pub const PROPAGATION_GRACE: Duration = Duration::from_millis(250);
+
 /// How long a client has to complete the TLS handshake by default.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long [`serve_with`] waits for an xDS inbound policy by default.
 pub const DEFAULT_POLICY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long [`serve()`] waits for the first registration attempt before it
+/// returns and leaves the registration to the background (a healthy
+/// mesh-control answers in milliseconds, a down one refuses at once; this
+/// bounds the wait on one that does neither).
+pub const REGISTER_WAIT: Duration = Duration::from_secs(1);
+
+/// The first delay between registration attempts while mesh-control is
+/// unreachable, its growth and its cap: gRPC's connection backoff
+/// (multiplier 1.6, jitter ±20 %), capped low enough that an endpoint joins
+/// within seconds of mesh-control's return.
+const REGISTER_BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const REGISTER_BACKOFF_CAP: Duration = Duration::from_secs(10);
 
 /// The transport security and authorization [`serve_with`] serves under:
 /// an [`InboundPolicy`] (mTLS mode and AuthorizationPolicies) and the
@@ -251,7 +287,10 @@ pub struct Serving {
 
 /// Serves `app` on `listener` as an endpoint of the mesh service named by
 /// `registration` (see the [module docs](self)). Returns once the endpoint
-/// is registered; fails if registration does (the listener is closed then).
+/// is registered, or, when mesh-control cannot be reached (or does not
+/// answer within [`REGISTER_WAIT`]), once serving, with the registration
+/// retried in the background ([`Serving::is_registered`]). Fails when
+/// mesh-control refuses the registration (the listener is closed then).
 ///
 /// `app` is any cloneable `tower::Service<Request<Incoming>>`: an axum
 /// `Router`, tonic's `Routes` (or `Routes::into_axum_router()`), or either
@@ -279,8 +318,12 @@ where
 ///
 /// Waits for an xDS policy to arrive first (gRFC A36: a server does not
 /// serve before its listener arrives; up to [`Security::policy_timeout`]).
-/// Fails without registering when it does not, or when the mode is STRICT
-/// or PERMISSIVE and there are no certificates.
+/// While mesh-control is down, the policy of the xDS client's cache file
+/// counts (it arrives within the client's cache wait, 1 s), so a workload
+/// that served before restarts under the policy it last had, and
+/// registers in the background as [`serve()`] does. Fails without
+/// registering when no policy arrives, or when the mode is STRICT or
+/// PERMISSIVE and there are no certificates.
 pub async fn serve_with<S, RB>(
     listener: TcpListener,
     registration: Registration,
@@ -370,34 +413,47 @@ where
     let (drain_tx, drain_rx) = watch::channel(None);
     let accept = tokio::spawn(accept_loop(listener, app, drain_rx, secure));
 
-    let lease = match admin.register(&body).await {
-        Ok(lease) => lease,
-        Err(e) => {
-            let _ = drain_tx.send(Some(Duration::ZERO));
-            let _ = accept.await;
-            return Err(e.with_context(format!(
-                "registering {:?} at {address}:{port}",
-                registration.service()
-            )));
-        }
-    };
-    tracing::info!(
-        service = registration.service(),
-        %address,
-        port,
-        lease = %lease.id,
-        "registered with the mesh"
-    );
-    let (lease_tx, lease_rx) = watch::channel(lease.id.clone());
+    let (lease_tx, lease_rx) = watch::channel(String::new());
+    let (first_tx, first_rx) = oneshot::channel();
     let (heartbeat_stop, heartbeat_stopped) = oneshot::channel();
+    let endpoint = Endpoint {
+        service: registration.service().to_owned(),
+        address,
+        port,
+    };
     let heartbeat = tokio::spawn(keep_registered(
-        admin,
-        body,
-        lease,
+        Registrar {
+            admin,
+            body,
+            endpoint: endpoint.clone(),
+        },
         lease_tx,
+        first_tx,
         heartbeat_stopped,
     ));
+    match tokio::time::timeout(REGISTER_WAIT, first_rx).await {
+        Ok(Ok(First::Refused(e))) => {
+            let _ = drain_tx.send(Some(Duration::ZERO));
+            let _ = accept.await;
+            let _ = heartbeat.await;
+            return Err(e.with_context(format!(
+                "registering {:?} at {address}:{port}",
+                endpoint.service
+            )));
+        }
+        Ok(Ok(First::Registered | First::Retrying)) => {}
+        Ok(Err(_)) | Err(_) => {
+            tracing::warn!(
+                service = %endpoint.service,
+                %address,
+                port,
+                "mesh-control's admin API has not answered within {REGISTER_WAIT:?}: serving, \
+                 registering in the background"
+            );
+        }
+    }
     let (stop, stopped) = oneshot::channel();
+    let registered = lease_rx.clone();
     let task = tokio::spawn(async move {
         // A dropped handle means: shut down with the default timeout.
         let drain_timeout = stopped.await.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
@@ -408,6 +464,12 @@ where
                 Err(Error::new(ErrorKind::Registration, "the heartbeat task failed").with_source(e))
             }
         };
+        // Clients that knew the endpoint learn it left before it drains;
+        // one never registered was never known, and a zero drain asks for
+        // no delay.
+        if deregistered.is_ok() && !registered.borrow().is_empty() && !drain_timeout.is_zero() {
+            tokio::time::sleep(PROPAGATION_GRACE).await;
+        }
         let _ = drain_tx.send(Some(drain_timeout));
         let _ = accept.await;
         deregistered
@@ -427,9 +489,17 @@ impl Serving {
     }
 
     /// The current lease id (a new one after the control server forgot the
-    /// endpoint and it registered again).
+    /// endpoint and it registered again); empty while the endpoint is not
+    /// registered yet (mesh-control unreachable since the start).
     pub fn lease_id(&self) -> String {
         self.lease.borrow().clone()
+    }
+
+    /// Whether the endpoint has been registered: false while mesh-control
+    /// has been unreachable since [`serve()`] returned (the registration is
+    /// retried in the background).
+    pub fn is_registered(&self) -> bool {
+        !self.lease.borrow().is_empty()
     }
 
     /// Deregisters (within [`DEREGISTER_TIMEOUT`]), stops accepting, closes
@@ -463,60 +533,169 @@ impl Serving {
     }
 }
 
-/// Renews the lease until told to stop, then deregisters (within
-/// [`DEREGISTER_TIMEOUT`]). A heartbeat under way when the stop comes is
-/// abandoned; a re-registration under way is given up to
-/// [`DEREGISTER_TIMEOUT`] to finish, because the control server may already
-/// hold the new lease: that lease is the one to remove, or the endpoint
-/// would stay in EDS until it expires.
-async fn keep_registered(
+/// The endpoint a registration is for, for logs and errors.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    service: String,
+    address: std::net::IpAddr,
+    port: u16,
+}
+
+/// What registering and heartbeating need.
+struct Registrar {
     admin: Admin,
     body: serde_json::Value,
-    mut lease: Lease,
+    endpoint: Endpoint,
+}
+
+/// How the first registration attempt went, for [`serve()`] to decide
+/// whether to return serving.
+enum First {
+    Registered,
+    /// mesh-control could not take it; the background retries.
+    Retrying,
+    /// mesh-control refused it: `serve` fails.
+    Refused(Error),
+}
+
+/// Jittered exponential backoff between registration attempts.
+struct RegisterBackoff {
+    next: Duration,
+}
+
+impl RegisterBackoff {
+    fn new() -> Self {
+        RegisterBackoff {
+            next: REGISTER_BACKOFF_FIRST,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = self.next.mul_f64(1.6).min(REGISTER_BACKOFF_CAP);
+        delay.mul_f64(rand::random_range(0.8..=1.2))
+    }
+}
+
+/// Registers (retrying with backoff until it is done), then renews the
+/// lease until told to stop, then deregisters. Reports the first attempt
+/// through `first`; a first attempt that is refused ends the task.
+///
+/// Shutdown takes at most [`DEREGISTER_TIMEOUT`] here: a heartbeat or a
+/// backoff wait under way is abandoned, but a registration under way is
+/// given what is left of that time to finish, so a lease it creates is the
+/// one deregistered instead of one left to expire while clients still pick
+/// a stopping endpoint. A stop before any registration deregisters nothing.
+async fn keep_registered(
+    registrar: Registrar,
     lease_tx: watch::Sender<String>,
+    first: oneshot::Sender<First>,
     mut stop: oneshot::Receiver<()>,
 ) -> Result<(), Error> {
-    let mut stopping = false;
-    while !stopping {
-        let interval = lease.heartbeat_interval();
+    let Registrar {
+        admin,
+        body,
+        endpoint,
+    } = registrar;
+    let Endpoint {
+        service,
+        address,
+        port,
+    } = &endpoint;
+    let mut first = Some(first);
+    let mut backoff = RegisterBackoff::new();
+    let mut attempts = 0u32;
+    let mut last_problem: Option<String> = None;
+    let (mut lease, mut stopping) = loop {
+        attempts += 1;
+        let (attempt, stopping) = register_or_stop(&admin, &body, &mut stop).await;
+        let failure = match attempt {
+            Some(Ok(lease)) => break (lease, stopping),
+            // Stopped, and no registration landed that we know of.
+            None => return Ok(()),
+            Some(Err(_)) if stopping.is_some() => return Ok(()),
+            Some(Err(RegisterFailure::Refused(e))) if first.is_some() => {
+                if let Some(first) = first.take() {
+                    let _ = first.send(First::Refused(e));
+                }
+                return Ok(());
+            }
+            Some(Err(failure)) => failure,
+        };
+        let delay = backoff.next_delay();
+        let refused = matches!(failure, RegisterFailure::Refused(_));
+        let problem = failure.into_error().to_string();
+        if let Some(first) = first.take() {
+            tracing::warn!(
+                %service, %address, port,
+                retry_in = ?delay,
+                "cannot register with mesh-control: serving anyway, registering in the \
+                 background until it answers: {problem}"
+            );
+            let _ = first.send(First::Retrying);
+        } else if refused {
+            // The config changed under a running endpoint: say so each time.
+            tracing::error!(%service, %address, port, retry_in = ?delay, "mesh-control refuses to register this endpoint: {problem}");
+        } else if last_problem.as_deref() != Some(problem.as_str()) {
+            tracing::warn!(%service, %address, port, retry_in = ?delay, "registering with mesh-control failed again: {problem}");
+        } else {
+            tracing::debug!(%service, %address, port, retry_in = ?delay, attempts, "registering with mesh-control failed again: {problem}");
+        }
+        last_problem = Some(problem);
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+    };
+    // The lease first: `serve` returns on the report, and the `Serving` it
+    // returns must say it is registered.
+    lease_tx.send_replace(lease.id.clone());
+    if let Some(first) = first.take() {
+        let _ = first.send(First::Registered);
+    }
+    tracing::info!(
+        %service,
+        %address,
+        port,
+        lease = %lease.id,
+        attempts,
+        "registered with the mesh"
+    );
+    let deadline = loop {
+        if let Some(deadline) = stopping {
+            break deadline;
+        }
         let renewed = tokio::select! {
-            _ = &mut stop => break,
+            _ = &mut stop => break Instant::now() + DEREGISTER_TIMEOUT,
             renewed = async {
-                tokio::time::sleep(interval).await;
+                tokio::time::sleep(lease.heartbeat_interval()).await;
                 admin.renew(&lease).await
             } => renewed,
         };
         match renewed {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(lease = %lease.id, "the control server forgot this endpoint; registering again");
-                let register = admin.register(&body);
-                tokio::pin!(register);
-                let registered = tokio::select! {
-                    registered = &mut register => Some(registered),
-                    _ = &mut stop => {
-                        stopping = true;
-                        tokio::time::timeout(DEREGISTER_TIMEOUT, &mut register).await.ok()
-                    }
-                };
-                match registered {
-                    Some(Ok(fresh)) => {
-                        lease = fresh;
-                        lease_tx.send_replace(lease.id.clone());
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "registering again failed; retrying");
-                    }
-                    None => tracing::warn!(
-                        "registering again got no answer before shutdown; a lease it made \
-                         expires on its own"
-                    ),
-                }
+            Ok(true) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed; retrying");
+                continue;
             }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed; retrying"),
+            Ok(false) => {}
         }
-    }
-    match tokio::time::timeout(DEREGISTER_TIMEOUT, admin.deregister(&lease)).await {
+        tracing::warn!(lease = %lease.id, "the control server forgot this endpoint; registering again");
+        let (fresh, stop_at) = register_or_stop(&admin, &body, &mut stop).await;
+        stopping = stop_at;
+        match fresh {
+            Some(Ok(fresh)) => {
+                lease = fresh;
+                lease_tx.send_replace(lease.id.clone());
+            }
+            Some(Err(failure)) => {
+                let e = failure.into_error();
+                tracing::warn!(error = %e, "registering again failed; retrying");
+            }
+            None => {}
+        }
+    };
+    match tokio::time::timeout_at(deadline, admin.deregister(&lease)).await {
         Ok(Ok(())) => {
             tracing::info!(lease = %lease.id, "deregistered from the mesh");
             Ok(())
@@ -530,6 +709,29 @@ async fn keep_registered(
                 lease.id
             ),
         )),
+    }
+}
+
+/// One registration attempt. When the stop comes first, the attempt gets
+/// until [`DEREGISTER_TIMEOUT`] from then to finish (its lease must be
+/// deregistered, not left behind); that deadline is returned with the
+/// outcome (`None`: it did not finish in time).
+async fn register_or_stop(
+    admin: &Admin,
+    body: &serde_json::Value,
+    stop: &mut oneshot::Receiver<()>,
+) -> (
+    Option<Result<registration::Lease, RegisterFailure>>,
+    Option<Instant>,
+) {
+    let attempt = admin.register(body);
+    tokio::pin!(attempt);
+    tokio::select! {
+        outcome = &mut attempt => (Some(outcome), None),
+        _ = stop => {
+            let deadline = Instant::now() + DEREGISTER_TIMEOUT;
+            (tokio::time::timeout_at(deadline, attempt).await.ok(), Some(deadline))
+        }
     }
 }
 
@@ -750,5 +952,157 @@ async fn serve_connection<IO, S, RB>(
             // ends it.
             let _ = connection.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use axum::routing::{delete, post, put};
+    use mesh_testkit::wait::{DEADLINE, eventually, within};
+    use serde_json::json;
+
+    use super::*;
+
+    /// The admin API calls seen, as `METHOD path`.
+    type Calls = Arc<Mutex<Vec<String>>>;
+
+    fn seen(calls: &Calls) -> Vec<String> {
+        calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A minimal mesh-control admin API on `listener`: every registration
+    /// gets lease `lease-1` (TTL 1 s).
+    fn admin_api(listener: TcpListener, calls: Calls) -> JoinHandle<()> {
+        let record = move |call: &str| {
+            calls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(call.to_owned());
+        };
+        let (r1, r2, r3) = (record.clone(), record.clone(), record);
+        let app = Router::new()
+            .route(
+                "/v1/endpoints",
+                post(move || async move {
+                    r1("POST /v1/endpoints");
+                    axum::Json(json!({"lease_id": "lease-1", "ttl_seconds": 1}))
+                }),
+            )
+            .route(
+                "/v1/endpoints/{lease}",
+                put(move || async move { r2("PUT /v1/endpoints/lease-1") }),
+            )
+            .route(
+                "/v1/endpoints/{lease}",
+                delete(move || async move { r3("DELETE /v1/endpoints/lease-1") }),
+            );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        })
+    }
+
+    /// A free port on 127.0.0.1 (bound, then released).
+    async fn free_port() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    }
+
+    /// mesh-control down: `serve` returns serving, unregistered, and the
+    /// endpoint answers; once the admin API comes up, the background
+    /// registration lands (with backoff, within seconds), heartbeats follow,
+    /// and shutdown deregisters.
+    #[tokio::test]
+    async fn serve_starts_without_mesh_control_and_registers_when_it_comes_up() {
+        let admin = free_port().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().fallback(|| async { "served" });
+        let serving = within(
+            "serve with mesh-control down",
+            serve(
+                listener,
+                Registration::new(admin.to_string(), "catalog").ttl(Duration::from_secs(1)),
+                app,
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("serve must not fail while mesh-control is down: {e}"));
+        assert!(!serving.is_registered());
+        assert_eq!(serving.lease_id(), "");
+        let reply = http_get(addr).await;
+        assert!(reply.ends_with("served"), "the endpoint answers: {reply}");
+
+        let calls = Calls::default();
+        let _api = admin_api(TcpListener::bind(admin).await.unwrap(), calls.clone());
+        eventually("the background registration", DEADLINE, || {
+            serving.is_registered()
+        })
+        .await;
+        assert_eq!(serving.lease_id(), "lease-1");
+        eventually("a heartbeat", DEADLINE, || {
+            seen(&calls).iter().any(|c| c.starts_with("PUT "))
+        })
+        .await;
+        within("shutdown", serving.shutdown()).await.unwrap();
+        assert_eq!(
+            seen(&calls).last().map(String::as_str),
+            Some("DELETE /v1/endpoints/lease-1")
+        );
+        assert_eq!(
+            seen(&calls)
+                .iter()
+                .filter(|c| c.starts_with("POST "))
+                .count(),
+            1
+        );
+    }
+
+    /// Never registered: shutdown has nothing to deregister and stops at once.
+    #[tokio::test]
+    async fn an_unregistered_server_shuts_down_without_deregistering() {
+        let admin = free_port().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = serve(
+            listener,
+            Registration::new(admin.to_string(), "catalog"),
+            axum::Router::new(),
+        )
+        .await
+        .unwrap();
+        assert!(!serving.is_registered());
+        within("shutdown", serving.shutdown()).await.unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "stopped");
+    }
+
+    #[test]
+    fn registration_backoff_grows_with_jitter_to_its_cap() {
+        let mut b = RegisterBackoff::new();
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(200) && first <= Duration::from_millis(300));
+        for _ in 0..30 {
+            let d = b.next_delay();
+            assert!(d <= REGISTER_BACKOFF_CAP.mul_f64(1.2), "{d:?}");
+        }
+        assert_eq!(b.next, REGISTER_BACKOFF_CAP);
+    }
+
+    /// One plaintext HTTP/1.1 GET of `/`: the raw reply.
+    async fn http_get(addr: SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        within("the reply", stream.read_to_string(&mut reply))
+            .await
+            .unwrap();
+        reply
     }
 }

@@ -304,6 +304,27 @@ impl Lease {
     }
 }
 
+/// Why a registration did not happen.
+#[derive(Debug)]
+pub(crate) enum RegisterFailure {
+    /// mesh-control answered and refused it (a 4xx other than 408 and 429:
+    /// an unknown namespace, an identity not allowed to back the service):
+    /// trying again as it is cannot help.
+    Refused(Error),
+    /// mesh-control could not take it: unreachable, no answer in time, a
+    /// server error, an answer that makes no sense. Worth trying again.
+    Unavailable(Error),
+}
+
+impl RegisterFailure {
+    /// The error, whichever kind of failure.
+    pub(crate) fn into_error(self) -> Error {
+        match self {
+            RegisterFailure::Refused(e) | RegisterFailure::Unavailable(e) => e,
+        }
+    }
+}
+
 /// A client of mesh-control's admin API.
 #[derive(Debug, Clone)]
 pub(crate) struct Admin {
@@ -334,34 +355,49 @@ impl Admin {
         }
     }
 
-    /// `POST /v1/endpoints`.
-    pub(crate) async fn register(&self, body: &Value) -> Result<Lease, Error> {
-        let (status, reply) = self.call(Method::POST, "/v1/endpoints", Some(body)).await?;
+    /// `POST /v1/endpoints`. The failure says whether mesh-control refused
+    /// the registration or could not take it.
+    pub(crate) async fn register(&self, body: &Value) -> Result<Lease, RegisterFailure> {
+        let (status, reply) = self
+            .call(Method::POST, "/v1/endpoints", Some(body))
+            .await
+            .map_err(RegisterFailure::Unavailable)?;
         if !status.is_success() {
-            return Err(self.refused("POST /v1/endpoints", status, &reply));
+            let error = self.refused("POST /v1/endpoints", status, &reply);
+            // 408 and 429 say "not now", not "no".
+            let refused = status.is_client_error()
+                && status != StatusCode::REQUEST_TIMEOUT
+                && status != StatusCode::TOO_MANY_REQUESTS;
+            return Err(if refused {
+                RegisterFailure::Refused(error)
+            } else {
+                RegisterFailure::Unavailable(error)
+            });
         }
         let value: Value = serde_json::from_slice(&reply).map_err(|e| {
-            Error::new(
-                ErrorKind::Registration,
-                format!(
-                    "admin API at {}: POST /v1/endpoints: the answer is not JSON",
-                    self.client.base()
-                ),
+            RegisterFailure::Unavailable(
+                Error::new(
+                    ErrorKind::Registration,
+                    format!(
+                        "admin API at {}: POST /v1/endpoints: the answer is not JSON",
+                        self.client.base()
+                    ),
+                )
+                .with_source(e),
             )
-            .with_source(e)
         })?;
         let id = value
             .get("lease_id")
             .and_then(Value::as_str)
             .filter(|id| is_path_safe(id))
             .ok_or_else(|| {
-                Error::new(
+                RegisterFailure::Unavailable(Error::new(
                     ErrorKind::Registration,
                     format!(
                         "admin API at {}: POST /v1/endpoints answered no usable lease_id: {value}",
                         self.client.base()
                     ),
-                )
+                ))
             })?;
         let requested = body
             .get("ttl_seconds")

@@ -19,8 +19,10 @@
 //! The mesh's own metrics (`proxyless_*`) count what the client stack
 //! decides — retries, retry-budget refusals, circuit breaker overflows,
 //! outlier ejections, deadline drops, faults — through [`MeshMetrics`], and
-//! read each [`XdsClient`]'s state at scrape time: connected or not, the
-//! applied version per resource type, resources rejected (NACKed).
+//! read each [`XdsClient`]'s state at scrape time: connected or not, stale
+//! or not (serving the cached config because no control server has answered
+//! since start, and since when), the applied version per resource type,
+//! resources rejected (NACKed).
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -771,6 +773,35 @@ impl Collector for XdsCollector {
                     client.connected_server().is_some() && client.last_error().is_none();
                 let labels = [("node_id", client.bootstrap().node_id())];
                 ConstGauge::new(i64::from(connected)).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "proxyless_xds_stale",
+                "1 while the config in use came from the cache file (no control server has answered since start), else 0.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for client in &clients {
+                let labels = [("node_id", client.bootstrap().node_id())];
+                ConstGauge::new(i64::from(client.stale_since().is_some()))
+                    .encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "proxyless_xds_stale_since_timestamp_seconds",
+                "When the cached config in use was written (Unix seconds); 0 when not stale.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for client in &clients {
+                let since = client
+                    .stale_since()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                let labels = [("node_id", client.bootstrap().node_id())];
+                ConstGauge::new(since).encode(metric.encode_family(&labels)?)?;
             }
         }
         {

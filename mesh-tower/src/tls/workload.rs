@@ -16,11 +16,24 @@
 //! failed renewal is logged and retried with backoff while the current
 //! certificate keeps serving. Each renewal also brings the current trust
 //! bundle, so a root rotation reaches the workload within half a lifetime.
+//!
+//! Static stability: the certificate, its key and the trust bundle are kept
+//! in a cache file next to the xDS cache (the same directory and per-node
+//! name, extension `.svid`: see `mesh_xds_client::cache`), written 0600,
+//! fsynced and renamed into place after every issue. At start, when
+//! mesh-control's CA cannot be reached (or has not answered within 1 s), a
+//! cached certificate that is valid for at least another minute is used,
+//! with a WARN, and a new one is asked for in the background right away
+//! (retried with backoff until the CA answers), so a root that rotated
+//! meanwhile is picked up as soon as it can be. The cache never stands in for a refusal: when the CA answers no
+//! (an unknown or revoked token), starting fails as it always did. A cache
+//! that is corrupt, truncated, written by a newer version, issued for
+//! another join token, or writable by others is reported and ignored.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{Method, StatusCode};
 use mesh_core::spiffe::SpiffeId;
@@ -49,6 +62,23 @@ const MIN_RENEWAL_WAIT: Duration = Duration::from_millis(200);
 /// Backoff after a failed renewal: starts here, doubles, up to the cap.
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_CAP: Duration = Duration::from_secs(30);
+
+/// How long a starting workload with a usable cached certificate waits for
+/// mesh-control's CA before it starts with the cached one (as the xDS
+/// client waits for its control server before using its cache).
+const CA_WAIT: Duration = Duration::from_secs(1);
+
+/// A cached certificate is used at start only if it is valid for at least
+/// this much longer: enough to serve while the CA comes back, not one that
+/// is about to expire under the first connections.
+const CACHED_MIN_VALIDITY: Duration = Duration::from_secs(60);
+
+/// The extension of the certificate cache file next to the xDS cache.
+const CERT_CACHE_EXTENSION: &str = "svid";
+/// The certificate cache's layout; a later one is reported and ignored.
+const CERT_CACHE_FORMAT: u64 = 1;
+/// A certificate cache larger than this is not a certificate cache.
+const CERT_CACHE_MAX_BYTES: u64 = 1 << 20;
 
 /// The workload's certificates, kept current: a [`CertStore`] for the
 /// client and the server, fed by the `mesh` certificate provider (see the
@@ -82,6 +112,7 @@ pub struct MeshCaConfig {
     token: TokenSource,
     ca_pem: Option<Vec<u8>>,
     lifetime: Option<Duration>,
+    cache_file: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -100,7 +131,18 @@ impl MeshCaConfig {
             token: TokenSource::Inline(token.into()),
             ca_pem: None,
             lifetime: None,
+            cache_file: None,
         }
+    }
+
+    /// Keeps the certificate, its key and the trust bundle in `path` (0600,
+    /// rewritten atomically at every issue), and starts from it when the CA
+    /// cannot be reached (see [`WorkloadCertificates::from_mesh_ca`]).
+    /// [`WorkloadCertificates::from_bootstrap`] sets it next to the xDS
+    /// cache; without it nothing is cached.
+    pub fn cache_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.cache_file = Some(path.into());
+        self
     }
 
     /// https to the admin API, verified against these PEM roots
@@ -136,6 +178,7 @@ impl fmt::Debug for MeshCaConfig {
             .field("token", &token)
             .field("https", &self.ca_pem.is_some())
             .field("lifetime", &self.lifetime)
+            .field("cache_file", &self.cache_file)
             .finish()
     }
 }
@@ -144,7 +187,12 @@ impl WorkloadCertificates {
     /// The certificates the bootstrap's `certificate_providers.mesh` names;
     /// `Ok(None)` when it names none (plaintext workload). The first
     /// certificate is obtained before this returns, so a misconfiguration
-    /// fails here, naming the bootstrap field. Needs a tokio runtime.
+    /// fails here, naming the bootstrap field. Needs a tokio runtime. With
+    /// `mesh_ca`, the certificate is cached next to the xDS cache (placed
+    /// by `PROXYLESS_XDS_CACHE`, the bootstrap's `proxyless.cache_file`,
+    /// or the default directory: `mesh_xds_client::cache::cache_file_for`),
+    /// so a restart while mesh-control is down starts with it (see
+    /// [`WorkloadCertificates::from_mesh_ca`]).
     pub async fn from_bootstrap(
         bootstrap: &mesh_xds_client::Bootstrap,
     ) -> Result<Option<Self>, Error> {
@@ -198,6 +246,18 @@ impl WorkloadCertificates {
 
     /// Certificates from mesh-control's CA as `config` says: the first one
     /// now, renewals at half-life in the background.
+    ///
+    /// With a [cache file](MeshCaConfig::cache_file) (what
+    /// [`WorkloadCertificates::from_bootstrap`] sets up: the xDS cache's
+    /// sibling, `<node>-<hash>.svid`), a workload that starts while the CA
+    /// is unreachable, or has not answered within 1 s, starts with its
+    /// cached certificate if that is valid for at least another minute
+    /// (with a WARN), and asks for a new one in the background right away,
+    /// retrying with backoff. A CA that refuses (an unknown or revoked join
+    /// token) is obeyed: the cache bridges outages, it does not overrule an
+    /// answer. A cache that is corrupt, truncated, written by a newer
+    /// version, for another token or writable by others is reported and
+    /// ignored.
     pub async fn from_mesh_ca(config: MeshCaConfig) -> Result<Self, Error> {
         let token = config.token()?;
         let client = AdminClient::new(
@@ -206,16 +266,76 @@ impl WorkloadCertificates {
             None,
             ErrorKind::Tls,
         )?;
-        let credentials = request_certificate(&client, &token, config.lifetime).await?;
-        let store = CertStore::new(credentials)?;
+        let cached = match &config.cache_file {
+            Some(path) => load_cached_certificate(path, &token).await,
+            None => None,
+        };
+        let issued = match cached {
+            None => Some(
+                request_certificate(&client, &token, config.lifetime)
+                    .await
+                    .map_err(CaFailure::into_error)?,
+            ),
+            Some(_) => {
+                let asked = tokio::time::timeout(
+                    CA_WAIT,
+                    request_certificate(&client, &token, config.lifetime),
+                )
+                .await;
+                match asked {
+                    Ok(Ok(issued)) => Some(issued),
+                    // A refusal is an answer: the cache does not overrule it.
+                    Ok(Err(CaFailure::Refused(e))) => return Err(e),
+                    Ok(Err(CaFailure::Unavailable(e))) => {
+                        tracing::warn!(error = %e, "mesh-control's CA is unreachable");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::warn!("mesh-control's CA has not answered within {CA_WAIT:?}");
+                        None
+                    }
+                }
+            }
+        };
+        let (store, from_cache) = match (issued, cached) {
+            (Some(issued), _) => {
+                let store = CertStore::new(issued.credentials)?;
+                if let Some(path) = &config.cache_file {
+                    save_certificate(path.clone(), &token, issued.pem).await;
+                }
+                tracing::info!(
+                    identity = %store.identity(),
+                    serial = %store.serial(),
+                    ca = %client.base(),
+                    "workload certificate issued by mesh-control"
+                );
+                (store, false)
+            }
+            (None, Some(store)) => {
+                let left = store
+                    .not_after()
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                tracing::warn!(
+                    identity = %store.identity(),
+                    serial = %store.serial(),
+                    path = ?config.cache_file,
+                    "starting with the cached workload certificate (valid {}s more); asking \
+                     mesh-control's CA for a new one in the background",
+                    left.as_secs()
+                );
+                (store, true)
+            }
+            // Unreachable: no cache means the request above was awaited.
+            (None, None) => return Err(tls("no workload certificate: the CA did not answer")),
+        };
         let client = client.trusting(&store);
-        tracing::info!(
-            identity = %store.identity(),
-            serial = %store.serial(),
-            ca = %client.base(),
-            "workload certificate issued by mesh-control"
-        );
-        let task = tokio::spawn(renew(client, config.clone(), store.clone()));
+        let first_wait = if from_cache {
+            Duration::ZERO
+        } else {
+            renewal_wait(store.not_after())
+        };
+        let task = tokio::spawn(renew(client, config.clone(), store.clone(), first_wait));
         Ok(WorkloadCertificates {
             store,
             token: Some(Arc::from(token)),
@@ -320,11 +440,15 @@ fn mesh_ca_config(
              \"node\": {\"metadata\": {\"PROXYLESS_ADMIN\": \"127.0.0.1:15000\"}}",
         )
     })?;
+    // Next to the xDS cache, as the environment and the bootstrap place it.
+    let cache_file = mesh_xds_client::cache::cache_file_for(bootstrap, |k| std::env::var(k).ok())
+        .map(|xds| mesh_xds_client::cache::sibling_file(&xds, CERT_CACHE_EXTENSION));
     Ok(MeshCaConfig {
         admin: admin.to_owned(),
         token,
         ca_pem: control_ca_pem(bootstrap, ErrorKind::Tls)?,
         lifetime,
+        cache_file,
     })
 }
 
@@ -386,14 +510,48 @@ fn parse_lifetime(s: &str) -> Option<Duration> {
     (secs.is_finite() && secs > 0.0 && secs < 1e9).then(|| Duration::from_secs_f64(secs))
 }
 
+/// A certificate mesh-control issued: what the store takes, and the PEM
+/// the cache keeps.
+struct Issued {
+    credentials: Credentials,
+    pem: CertificatePem,
+}
+
+/// A certificate chain, its key and the trust bundle, as PEM text.
+#[derive(Clone, PartialEq, Eq)]
+struct CertificatePem {
+    chain: String,
+    key: String,
+    bundle: String,
+}
+
+/// Why no certificate was issued.
+enum CaFailure {
+    /// The CA answered no (4xx but 408 and 429): the token is unknown or
+    /// not allowed; a cached certificate must not stand in.
+    Refused(Error),
+    /// The CA could not be asked: unreachable, no answer in time, a server
+    /// error, an answer that makes no sense.
+    Unavailable(Error),
+}
+
+impl CaFailure {
+    fn into_error(self) -> Error {
+        match self {
+            CaFailure::Refused(e) | CaFailure::Unavailable(e) => e,
+        }
+    }
+}
+
 /// A new key, a CSR for it, `POST /v1/certificates`: the credentials.
 async fn request_certificate(
     client: &AdminClient,
     token: &str,
     lifetime: Option<Duration>,
-) -> Result<Credentials, Error> {
+) -> Result<Issued, CaFailure> {
+    let unavailable = CaFailure::Unavailable;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| tls(format!("cannot generate the workload key: {e}")))?;
+        .map_err(|e| unavailable(tls(format!("cannot generate the workload key: {e}"))))?;
     let mut params = CertificateParams::default();
     // The CA puts the identity the token proves into the certificate; the
     // CSR only carries the key.
@@ -401,23 +559,40 @@ async fn request_certificate(
     let csr = params
         .serialize_request(&key)
         .and_then(|csr| csr.pem())
-        .map_err(|e| tls(format!("cannot build the certificate signing request: {e}")))?;
+        .map_err(|e| {
+            unavailable(tls(format!(
+                "cannot build the certificate signing request: {e}"
+            )))
+        })?;
     let mut body = json!({"csr": csr, "token": token});
     if let Some(lifetime) = lifetime {
         let secs = lifetime.as_secs() + u64::from(lifetime.subsec_nanos() > 0);
         body["lifetime_seconds"] = json!(secs.max(1));
     }
     let path = "/v1/certificates";
-    let (status, reply) = client.call(Method::POST, path, Some(&body)).await?;
+    let (status, reply) = client
+        .call(Method::POST, path, Some(&body))
+        .await
+        .map_err(unavailable)?;
     if status != StatusCode::OK {
-        return Err(client.refused(&format!("POST {path}"), status, &reply));
+        let error = client.refused(&format!("POST {path}"), status, &reply);
+        let refused = status.is_client_error()
+            && status != StatusCode::REQUEST_TIMEOUT
+            && status != StatusCode::TOO_MANY_REQUESTS;
+        return Err(if refused {
+            CaFailure::Refused(error)
+        } else {
+            CaFailure::Unavailable(error)
+        });
     }
     let reply: Value = serde_json::from_slice(&reply).map_err(|e| {
-        tls(format!(
-            "admin API at {}: POST {path}: the answer is not JSON",
-            client.base()
-        ))
-        .with_source(e)
+        unavailable(
+            tls(format!(
+                "admin API at {}: POST {path}: the answer is not JSON",
+                client.base()
+            ))
+            .with_source(e),
+        )
     })?;
     let field = |name: &str| {
         reply
@@ -425,26 +600,151 @@ async fn request_certificate(
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| {
-                tls(format!(
+                unavailable(tls(format!(
                     "admin API at {}: POST {path}: the answer has no {name}",
                     client.base()
-                ))
+                )))
             })
     };
-    let chain = field("certificate_chain")?;
-    let bundle = field("trust_bundle")?;
-    Credentials::from_pem(
-        chain.as_bytes(),
-        key.serialize_pem().as_bytes(),
-        bundle.as_bytes(),
+    let pem = CertificatePem {
+        chain: field("certificate_chain")?.to_owned(),
+        key: key.serialize_pem(),
+        bundle: field("trust_bundle")?.to_owned(),
+    };
+    let credentials = Credentials::from_pem(
+        pem.chain.as_bytes(),
+        pem.key.as_bytes(),
+        pem.bundle.as_bytes(),
     )
     .map_err(|e| {
-        tls(format!(
+        unavailable(tls(format!(
             "admin API at {}: POST {path}: the certificate is unusable: {}",
             client.base(),
             e.message()
-        ))
+        )))
+    })?;
+    Ok(Issued { credentials, pem })
+}
+
+/// The certificate cache file's JSON: the layout version, when it was
+/// written (Unix seconds), a hash of the join token it was issued for, and
+/// the PEM. JSON, so a truncated file fails to parse instead of yielding
+/// half a chain.
+fn encode_cached(token: &str, pem: &CertificatePem, now: SystemTime) -> Vec<u8> {
+    let written = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let doc = json!({
+        "format": CERT_CACHE_FORMAT,
+        "written_at": written,
+        "token_hash": mesh_xds_client::cache::fnv1a_hex(token.as_bytes()),
+        "certificate_chain": pem.chain,
+        "private_key": pem.key,
+        "trust_bundle": pem.bundle,
+    });
+    doc.to_string().into_bytes()
+}
+
+/// Why a cached certificate is not used: a problem with the file (reported
+/// as a WARN) or a certificate that is fine but not for now (an INFO).
+#[derive(Debug, PartialEq, Eq)]
+enum NotUsed {
+    Unusable(String),
+    Unsuitable(String),
+}
+
+/// Reads a certificate cache: the store it makes, if it is for `token` and
+/// valid for at least [`CACHED_MIN_VALIDITY`] after `now`.
+fn decode_cached(bytes: &[u8], token: &str, now: SystemTime) -> Result<CertStore, NotUsed> {
+    let unusable = |why: String| NotUsed::Unusable(why);
+    let doc: Value = serde_json::from_slice(bytes)
+        .map_err(|e| unusable(format!("it is corrupt or truncated: {e}")))?;
+    let format = doc
+        .get("format")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| unusable("it is corrupt: it has no format number".to_owned()))?;
+    if format > CERT_CACHE_FORMAT {
+        return Err(unusable(format!(
+            "it was written by a newer proxyless (format {format}; this one reads format \
+             {CERT_CACHE_FORMAT})"
+        )));
+    }
+    let text = |name: &str| {
+        doc.get(name)
+            .and_then(Value::as_str)
+            .ok_or_else(|| unusable(format!("it is corrupt: it has no {name}")))
+    };
+    if text("token_hash")? != mesh_xds_client::cache::fnv1a_hex(token.as_bytes()) {
+        return Err(NotUsed::Unsuitable(
+            "it was issued for another join token".to_owned(),
+        ));
+    }
+    let credentials = Credentials::from_pem(
+        text("certificate_chain")?.as_bytes(),
+        text("private_key")?.as_bytes(),
+        text("trust_bundle")?.as_bytes(),
+    )
+    .map_err(|e| unusable(format!("its certificate is unusable: {}", e.message())))?;
+    let store = CertStore::new(credentials)
+        .map_err(|e| unusable(format!("its certificate is unusable: {}", e.message())))?;
+    let left = store.not_after().duration_since(now).unwrap_or_default();
+    if left < CACHED_MIN_VALIDITY {
+        return Err(NotUsed::Unsuitable(format!(
+            "its certificate expires in {}s, less than the {}s a cached one must have left",
+            left.as_secs(),
+            CACHED_MIN_VALIDITY.as_secs()
+        )));
+    }
+    Ok(store)
+}
+
+/// The cached certificate at `path` for `token`, if it can be used (off the
+/// runtime's threads: a file read).
+async fn load_cached_certificate(path: &Path, token: &str) -> Option<CertStore> {
+    let (file, token_owned) = (path.to_path_buf(), token.to_owned());
+    let read = tokio::task::spawn_blocking(move || {
+        let bytes = mesh_xds_client::cache::read_private_file(&file, CERT_CACHE_MAX_BYTES)
+            .map_err(|e| NotUsed::Unusable(format!("cannot read it: {e}")))?;
+        match bytes {
+            None => Ok(None),
+            Some(bytes) => decode_cached(&bytes, &token_owned, SystemTime::now()).map(Some),
+        }
     })
+    .await
+    .unwrap_or_else(|e| Err(NotUsed::Unusable(format!("reading it failed: {e}"))));
+    match read {
+        Ok(store) => store,
+        Err(NotUsed::Unusable(why)) => {
+            tracing::warn!(
+                "ignoring the cached workload certificate {}: {why}",
+                path.display()
+            );
+            None
+        }
+        Err(NotUsed::Unsuitable(why)) => {
+            tracing::info!(
+                "not using the cached workload certificate {}: {why}",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+/// Writes the certificate cache (0600, atomically); a failure is a WARN,
+/// never an error: the workload has its certificate either way.
+async fn save_certificate(path: PathBuf, token: &str, pem: CertificatePem) {
+    let bytes = encode_cached(token, &pem, SystemTime::now());
+    let file = path.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        mesh_xds_client::cache::write_private_file(&file, &bytes)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    if let Err(e) = written {
+        tracing::warn!(
+            "cannot write the workload certificate cache {}: {e}",
+            path.display()
+        );
+    }
 }
 
 /// Half of what is left of the certificate's life (at least
@@ -456,21 +756,34 @@ fn renewal_wait(not_after: SystemTime) -> Duration {
     (left / 2).max(MIN_RENEWAL_WAIT)
 }
 
-/// The renewal loop: at half-life a new key and certificate; on failure,
-/// backoff and retry while the current certificate serves.
-async fn renew(client: AdminClient, config: MeshCaConfig, store: CertStore) {
-    let mut wait = renewal_wait(store.not_after());
+/// The renewal loop: the first attempt after `first_wait` (at once when the
+/// workload started from its cached certificate), then at half-life a new
+/// key and certificate, written to the cache; on failure, backoff and retry
+/// while the current certificate serves.
+async fn renew(client: AdminClient, config: MeshCaConfig, store: CertStore, first_wait: Duration) {
+    let mut wait = first_wait;
     let mut backoff = RETRY_FIRST;
     loop {
         tokio::time::sleep(wait).await;
-        let result = match config.token() {
-            Ok(token) => request_certificate(&client, &token, config.lifetime)
-                .await
-                .and_then(|credentials| store.update(credentials)),
-            Err(e) => Err(e),
+        // The token is read again at every renewal (it may rotate on disk).
+        let token = match config.token() {
+            Ok(token) => token,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot renew the workload certificate; keeping the current one");
+                wait = backoff;
+                backoff = (backoff * 2).min(RETRY_CAP);
+                continue;
+            }
+        };
+        let result = match request_certificate(&client, &token, config.lifetime).await {
+            Ok(issued) => store.update(issued.credentials).map(|()| issued.pem),
+            Err(failure) => Err(failure.into_error()),
         };
         match result {
-            Ok(()) => {
+            Ok(pem) => {
+                if let Some(path) = &config.cache_file {
+                    save_certificate(path.clone(), &token, pem).await;
+                }
                 backoff = RETRY_FIRST;
                 wait = renewal_wait(store.not_after());
                 tracing::debug!(
@@ -600,5 +913,158 @@ mod tests {
         assert_eq!(bootstrap_token(&file).unwrap().as_deref(), Some("t2"));
         let files = bootstrap(json!({"mesh": {"plugin_name": "file_watcher", "config": {}}}));
         assert_eq!(bootstrap_token(&files).unwrap(), None);
+    }
+
+    /// A cached certificate's PEM: an SVID of a test CA valid for `lifetime`.
+    fn svid(lifetime: Duration) -> CertificatePem {
+        use mesh_testkit::pki::{CATALOG, TestCa, Validity};
+        let ca = TestCa::new("cache test root");
+        let leaf = ca.leaf_with(CATALOG, Validity::For(lifetime));
+        CertificatePem {
+            chain: leaf.chain,
+            key: leaf.key,
+            bundle: ca.pem,
+        }
+    }
+
+    #[test]
+    fn a_cached_certificate_round_trips_for_its_token_only() {
+        let pem = svid(Duration::from_secs(3600));
+        let now = SystemTime::now();
+        let bytes = encode_cached("join-1", &pem, now);
+        let store = decode_cached(&bytes, "join-1", now).unwrap();
+        assert_eq!(
+            store.identity().to_string(),
+            mesh_testkit::pki::CATALOG,
+            "the cached identity"
+        );
+        assert_eq!(
+            decode_cached(&bytes, "join-2", now).err(),
+            Some(NotUsed::Unsuitable(
+                "it was issued for another join token".to_owned()
+            ))
+        );
+        // Too close to expiry to start with.
+        let short = encode_cached("join-1", &svid(Duration::from_secs(30)), now);
+        match decode_cached(&short, "join-1", now) {
+            Err(NotUsed::Unsuitable(why)) => assert!(why.contains("expires in"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Each way a certificate cache can be broken is reported (a WARN by
+    /// the caller) and the cache not used; nothing panics.
+    #[test]
+    fn broken_certificate_caches_say_what_is_wrong() {
+        let pem = svid(Duration::from_secs(3600));
+        let now = SystemTime::now();
+        let good = encode_cached("t", &pem, now);
+        let unusable = |bytes: &[u8], needle: &str| match decode_cached(bytes, "t", now) {
+            Err(NotUsed::Unusable(why)) => assert!(why.contains(needle), "{needle:?} in {why}"),
+            other => panic!("{needle}: {other:?}"),
+        };
+        for cut in [0, 1, good.len() / 2, good.len() - 1] {
+            unusable(&good[..cut], "corrupt or truncated");
+        }
+        let mut doc: Value = serde_json::from_slice(&good).unwrap();
+        doc["format"] = json!(2);
+        unusable(
+            doc.to_string().as_bytes(),
+            "newer proxyless (format 2; this one reads format 1)",
+        );
+        let mut doc: Value = serde_json::from_slice(&good).unwrap();
+        doc.as_object_mut().unwrap().remove("private_key");
+        unusable(doc.to_string().as_bytes(), "it has no private_key");
+        let mut doc: Value = serde_json::from_slice(&good).unwrap();
+        doc.as_object_mut().unwrap().remove("format");
+        unusable(doc.to_string().as_bytes(), "no format number");
+        let mut doc: Value = serde_json::from_slice(&good).unwrap();
+        doc["certificate_chain"] = json!("-----BEGIN CERTIFICATE-----\nAAAA\n");
+        unusable(doc.to_string().as_bytes(), "unusable");
+        // Another key than the certificate's.
+        let mut doc: Value = serde_json::from_slice(&good).unwrap();
+        doc["private_key"] = json!(svid(Duration::from_secs(3600)).key);
+        unusable(doc.to_string().as_bytes(), "unusable");
+        unusable(b"[1, 2, 3]", "no format number");
+    }
+
+    #[tokio::test]
+    async fn the_cache_file_is_private_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node-0123456789ab.svid");
+        assert!(
+            load_cached_certificate(&path, "t").await.is_none(),
+            "none yet"
+        );
+        save_certificate(path.clone(), "t", svid(Duration::from_secs(3600))).await;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        assert!(load_cached_certificate(&path, "t").await.is_some());
+        assert!(load_cached_certificate(&path, "other").await.is_none());
+        std::fs::write(&path, b"{\"format\": 1, \"token_h").unwrap();
+        assert!(load_cached_certificate(&path, "t").await.is_none());
+    }
+
+    /// mesh-control down: a workload with a valid cached certificate starts
+    /// with it (within the CA wait, not the admin timeout); without one it
+    /// fails as before.
+    #[tokio::test]
+    async fn an_unreachable_ca_falls_back_to_the_cached_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog-0123456789ab.svid");
+        let dead = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let config = MeshCaConfig::new(&dead, "join-1").cache_file(&path);
+        let e = WorkloadCertificates::from_mesh_ca(config.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Tls);
+
+        save_certificate(path.clone(), "join-1", svid(Duration::from_secs(3600))).await;
+        let certificates = mesh_testkit::wait::within(
+            "certificates from the cache",
+            WorkloadCertificates::from_mesh_ca(config),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            certificates.spiffe_id().to_string(),
+            mesh_testkit::pki::CATALOG
+        );
+        assert_eq!(certificates.token(), Some("join-1"));
+    }
+
+    /// A CA that answers no is obeyed even with a valid cached certificate:
+    /// the cache bridges outages, it does not overrule a revoked token.
+    #[tokio::test]
+    async fn a_refusing_ca_is_not_overruled_by_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog-0123456789ab.svid");
+        save_certificate(path.clone(), "revoked", svid(Duration::from_secs(3600))).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = listener.local_addr().unwrap().to_string();
+        let app = axum::Router::new().route(
+            "/v1/certificates",
+            axum::routing::post(|| async {
+                (
+                    axum::http::StatusCode::UNAUTHORIZED,
+                    axum::Json(json!({"error": "unknown join token"})),
+                )
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let config = MeshCaConfig::new(&admin, "revoked").cache_file(&path);
+        let e = WorkloadCertificates::from_mesh_ca(config)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown join token"), "{e}");
     }
 }
