@@ -480,6 +480,16 @@ async fn services(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(json!({ "services": list })).into_response()
 }
 
+/// Why `deleted_but_kept` matters, in `/status` next to a non-empty list.
+const DELETED_BUT_KEPT_NOTE: &str = "mesh-control deleted these resources (a state-of-the-world \
+     response without them) after this client accepted them, and the client still subscribes \
+     to them. A gRPC client running with ignore_resource_deletion in its bootstrap's \
+     server_features (gRFC A53; the bootstraps mesh-control writes set it), or with \
+     GRPC_EXPERIMENTAL_XDS_DATA_ERROR_HANDLING=true (gRFC A88, where ignoring deletions is the \
+     default), keeps using them until they come back, it unsubscribes or it restarts; one \
+     with neither dropped them. Flagged for every gRPC user agent: server_features are not \
+     sent to the control server.";
+
 /// The `/status` document (also used by `mesh-control status`).
 pub(crate) fn status_json(shared: &Shared) -> Value {
     let served = shared.served.borrow().clone();
@@ -552,6 +562,23 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
                     && !s.nacked_latest()
                     && s.last_push.is_some_and(|t| now.duration_since(t) > shared.stale_after)
             });
+            // Only gRPC clients keep what was deleted (A53 / A88); this
+            // mesh's client and Envoy drop it, as SotW says.
+            let deleted: Vec<Value> = match kind {
+                ClientKind::Grpc => c
+                    .deleted_but_kept
+                    .iter()
+                    .map(|d| {
+                        json!({
+                            "type": d.type_name,
+                            "name": d.name,
+                            "deleted_at_version": d.deleted_at_version,
+                        })
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let deleted_note = (!deleted.is_empty()).then_some(DELETED_BUT_KEPT_NOTE);
             json!({
                 "node_id": c.node_id,
                 "namespace": c.workload.namespace,
@@ -559,6 +586,8 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
                 "kind": kind.as_str(),
                 "stale": stale,
                 "ignored": ignored,
+                "deleted_but_kept": deleted,
+                "deleted_but_kept_note": deleted_note,
                 "connected_seconds": c.connected_at.and_then(|t| SystemTime::now().duration_since(t).ok()).map(|d| d.as_secs()),
                 "types": types,
             })

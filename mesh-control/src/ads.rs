@@ -30,7 +30,7 @@
 //! References: the xDS REST and gRPC protocol (ACK/NACK, nonces, SotW
 //! semantics), gRFC A27 (xDS-based global load balancing).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -111,7 +111,22 @@ struct TypeState {
     subscribed: bool,
     sent: Option<Vec<Any>>,
     nonce: String,
+    /// The names and version of the last response sent.
+    sent_names: BTreeSet<String>,
+    sent_version: String,
+    /// The names of the last few responses sent, by nonce: an ACK of one
+    /// of them (even of an older one) says the client holds those.
+    recent: VecDeque<(String, BTreeSet<String>)>,
+    /// LDS and CDS: names the client accepted (ACKed a response holding
+    /// them) and still subscribes to.
+    held: BTreeSet<String>,
+    /// Of `held`, those the server stopped sending since: name → the
+    /// version of the first response without it.
+    deleted: BTreeMap<String, String>,
 }
+
+/// How many sent responses per type an ACK is matched against.
+const RECENT: usize = 4;
 
 struct AdsStream {
     id: u64,
@@ -216,9 +231,13 @@ impl AdsStream {
         if !req.response_nonce.is_empty() && req.response_nonce == self.types[i].nonce {
             self.record_ack_or_nack(t, &req);
         }
+        if !req.response_nonce.is_empty() && req.error_detail.is_none() {
+            self.held_acked(t, &req.response_nonce);
+        }
         if names_changed {
             self.types[i].names = names;
             self.types[i].subscribed = true;
+            self.track_deleted(t);
             self.update_status(t, |s, st| s.subscribed = st.names.iter().cloned().collect());
             self.push(t, served, true).await?;
         }
@@ -305,8 +324,18 @@ impl AdsStream {
             ..DiscoveryResponse::default()
         };
         let sent: Arc<[Any]> = Arc::from(resources.as_slice());
-        self.types[i].sent = Some(resources);
-        self.types[i].nonce = nonce;
+        let sent_names: BTreeSet<String> =
+            resources.iter().filter_map(xds::resource_name).collect();
+        let ts = &mut self.types[i];
+        ts.recent.push_back((nonce.clone(), sent_names.clone()));
+        if ts.recent.len() > RECENT {
+            ts.recent.pop_front();
+        }
+        ts.sent_names = sent_names;
+        ts.sent_version = version.clone();
+        ts.sent = Some(resources);
+        ts.nonce = nonce;
+        self.track_deleted(t);
         let pushed_at = Instant::now();
         if !force && let Some(published) = served.published_at {
             self.shared
@@ -324,6 +353,66 @@ impl AdsStream {
             .send(Ok(response))
             .await
             .map_err(|_| Status::cancelled("client went away"))
+    }
+
+    /// The client ACKed the response `nonce` of type `t`: it holds what
+    /// that response carried.
+    fn held_acked(&mut self, t: ResourceType, nonce: &str) {
+        if !tracks_deletions(t) {
+            return;
+        }
+        let ts = &mut self.types[index(t)];
+        let Some(pos) = ts.recent.iter().position(|(n, _)| n == nonce) else {
+            return;
+        };
+        let (_, names) = &ts.recent[pos];
+        ts.held.extend(names.iter().cloned());
+        // An ACK of a response acknowledges the ones before it too.
+        ts.recent.drain(..=pos);
+        self.track_deleted(t);
+    }
+
+    /// Updates which LDS / CDS resources this client holds that the server
+    /// deleted (see [`DeletedKept`]): a name it accepted, still subscribes
+    /// to, and the last response left out. A name comes off the list when
+    /// it is sent again or the client unsubscribes (which drops it from its
+    /// cache). An empty subscription is a wildcard, except from a gRPC
+    /// client, for which it means none.
+    fn track_deleted(&mut self, t: ResourceType) {
+        if !tracks_deletions(t) {
+            return;
+        }
+        let grpc = self.grpc;
+        let TypeState {
+            names,
+            held,
+            deleted,
+            sent_names,
+            sent_version,
+            ..
+        } = &mut self.types[index(t)];
+        held.retain(|n| names.contains(n) || (names.is_empty() && !grpc));
+        deleted.retain(|n, _| held.contains(n) && !sent_names.contains(n));
+        for n in held.iter().filter(|n| !sent_names.contains(*n)) {
+            deleted
+                .entry(n.clone())
+                .or_insert_with(|| sent_version.clone());
+        }
+        let all = TYPES
+            .into_iter()
+            .filter(|t| tracks_deletions(*t))
+            .flat_map(|t| {
+                self.types[index(t)]
+                    .deleted
+                    .iter()
+                    .map(move |(name, version)| DeletedKept {
+                        type_name: t.short_name(),
+                        name: name.clone(),
+                        deleted_at_version: version.clone(),
+                    })
+            })
+            .collect();
+        publish_deleted(&self.shared, self.id, all);
     }
 
     /// A NOT_FOUND `resource_errors` entry for every subscribed name not in
@@ -422,6 +511,34 @@ impl AdsStream {
             name: name.into(),
             route_config_name: target.route_config_name.clone(),
         })
+    }
+}
+
+/// Whether deletions of type `t` are tracked per client: the types whose
+/// SotW responses carry every resource subscribed, so an absence is a
+/// deletion (gRFC A53 ignores deletions of these).
+fn tracks_deletions(t: ResourceType) -> bool {
+    matches!(t, ResourceType::Listener | ResourceType::Cluster)
+}
+
+/// A listener or cluster a client was sent and accepted that the server
+/// has since deleted (a SotW response without it) while the client still
+/// subscribes to it. A client that honors deletions dropped it; a gRPC
+/// client running with `ignore_resource_deletion` (gRFC A53) or with
+/// gRFC A88's data error handling keeps using it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeletedKept {
+    /// `LDS` or `CDS`.
+    pub(crate) type_name: &'static str,
+    pub(crate) name: String,
+    /// The version of the first response without it.
+    pub(crate) deleted_at_version: String,
+}
+
+/// Records what [`DeletedKept`] client `client` holds, in its status.
+fn publish_deleted(shared: &Shared, client: u64, deleted: Vec<DeletedKept>) {
+    if let Some(status) = shared.clients.lock().get_mut(&client) {
+        status.deleted_but_kept = deleted;
     }
 }
 

@@ -127,6 +127,9 @@ pub(crate) struct ClientStatus {
     pub(crate) user_agent: String,
     pub(crate) connected_at: Option<SystemTime>,
     pub(crate) types: BTreeMap<String, TypeStatus>,
+    /// Listeners and clusters it accepted that were deleted since, while it
+    /// still subscribes to them (`/status` shows them for gRPC clients).
+    pub(crate) deleted_but_kept: Vec<crate::ads::DeletedKept>,
 }
 
 /// Per client and type: versions sent and acknowledged, the last NACK.
