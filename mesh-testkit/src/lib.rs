@@ -15,6 +15,7 @@
 //! - [`logs`]: an in-memory sink for log lines.
 //! - [`prometheus`]: samples of a `/metrics` scrape, and Istio's standard labels.
 //! - [`stats`]: binomial assertions for random behaviour.
+//! - [`etcd`]: a real etcd process on loopback ports (the replica tests).
 //! - [`install`]: Debian packages and Python venvs the tests need, installed under
 //!   a lock, never skipped.
 //!
@@ -23,6 +24,7 @@
 //! copy of its types. Helpers needing their types stay in their test crates.
 
 pub mod ads;
+pub mod etcd;
 pub mod http;
 pub mod install;
 pub mod logs;

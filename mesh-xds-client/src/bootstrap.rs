@@ -301,6 +301,24 @@ struct RawLocality {
     sub_zone: String,
 }
 
+/// Checks a `PROXYLESS_ADMIN` list: an empty value is "not set", but a
+/// list with an empty entry (`"a:1,,b:2"`, a trailing comma) is a mistake.
+fn check_admin_list(list: &str) -> Result<(), String> {
+    if list.trim().is_empty() {
+        return Ok(());
+    }
+    for (i, entry) in list.split(',').enumerate() {
+        if entry.trim().is_empty() {
+            return Err(format!(
+                "node.metadata.{ADMIN_KEY} {list:?}: entry {} is empty; list mesh-control's \
+                 admin addresses separated by commas, e.g. \"10.0.0.2:15000,10.0.0.3:15000\"",
+                i + 1
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Bootstrap {
     /// Reads the bootstrap named by the process environment
     /// (`GRPC_XDS_BOOTSTRAP`, else `GRPC_XDS_BOOTSTRAP_CONFIG`).
@@ -422,12 +440,15 @@ impl Bootstrap {
                 ));
             }
         }
-        if let Some(v) = raw.node.metadata.get(ADMIN_KEY)
-            && !v.is_string()
-        {
-            return Err(format!(
-                "node.metadata.{ADMIN_KEY} must be a \"host:port\" string, found {v}"
-            ));
+        match raw.node.metadata.get(ADMIN_KEY) {
+            None => {}
+            Some(Value::String(list)) => check_admin_list(list)?,
+            Some(v) => {
+                return Err(format!(
+                    "node.metadata.{ADMIN_KEY} must be a \"host:port\" string (or a \
+                     comma-separated list of them), found {v}"
+                ));
+            }
         }
         if let Some(t) = &raw.server_listener_resource_name_template
             && !t.contains("%s")
@@ -511,14 +532,29 @@ impl Bootstrap {
         self.servers.first().and_then(XdsServer::tls)
     }
 
-    /// `node.metadata.PROXYLESS_ADMIN`: `host:port` of mesh-control's admin API.
+    /// `node.metadata.PROXYLESS_ADMIN`: `host:port` of mesh-control's admin
+    /// API; the first entry when it lists several (see
+    /// [`Bootstrap::admin_addresses`]).
     pub fn admin_address(&self) -> Option<&str> {
-        self.raw
+        self.admin_addresses().into_iter().next()
+    }
+
+    /// Every address `node.metadata.PROXYLESS_ADMIN` names, in order: one
+    /// `host:port` (an IP, or a DNS name resolving to every replica), or a
+    /// comma-separated list (`"10.0.0.2:15000,10.0.0.3:15000"`), each entry
+    /// trimmed. Empty when the field is absent or empty. The admin client
+    /// uses the first that answers.
+    pub fn admin_addresses(&self) -> Vec<&str> {
+        match self
+            .raw
             .node
             .metadata
             .get(ADMIN_KEY)
             .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
+        {
+            Some(list) if !list.trim().is_empty() => list.split(',').map(str::trim).collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// `node.locality` (empty strings where absent).
@@ -691,7 +727,8 @@ impl BootstrapBuilder {
         self
     }
 
-    /// Sets `node.metadata.PROXYLESS_ADMIN` (`host:port` of mesh-control's admin API).
+    /// Sets `node.metadata.PROXYLESS_ADMIN` (`host:port` of mesh-control's
+    /// admin API, or a comma-separated list of its replicas' addresses).
     pub fn admin_address(self, address: impl Into<String>) -> Self {
         self.metadata(ADMIN_KEY, address.into())
     }
@@ -846,6 +883,37 @@ mod tests {
       "certificate_file":"cert.pem","private_key_file":"key.pem",
       "ca_certificate_file":"ca.pem","refresh_interval":"60s"}}},
      "server_listener_resource_name_template":"grpc/server?xds.resource.listening_address=%s"}"#;
+
+    #[test]
+    fn admin_addresses_are_a_list_without_empty_entries() {
+        let with = |admin: &str| {
+            Bootstrap::builder("127.0.0.1:15010", "n")
+                .admin_address(admin)
+                .build()
+        };
+        let b = with("10.0.0.2:15000, 10.0.0.3:15000").unwrap();
+        assert_eq!(b.admin_addresses(), ["10.0.0.2:15000", "10.0.0.3:15000"]);
+        assert_eq!(b.admin_address(), Some("10.0.0.2:15000"));
+        let one = with("mesh-control.internal:15000").unwrap();
+        assert_eq!(one.admin_addresses(), ["mesh-control.internal:15000"]);
+        let unset = with("").unwrap();
+        assert!(unset.admin_addresses().is_empty());
+        assert_eq!(unset.admin_address(), None);
+        for bad in ["a:1,,b:2", "a:1,", ",a:1", "a:1, "] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("node.metadata.PROXYLESS_ADMIN") && e.contains("is empty"),
+                "{bad:?}: {e}"
+            );
+        }
+        let e = Bootstrap::from_json(
+            r#"{"xds_servers":[{"server_uri":"a:1","channel_creds":[{"type":"insecure"}]}],
+               "node":{"id":"n","metadata":{"PROXYLESS_ADMIN":["a:1"]}}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("node.metadata.PROXYLESS_ADMIN must be"), "{e}");
+    }
 
     #[test]
     fn parses_the_documented_bootstrap() {

@@ -109,7 +109,9 @@ impl<'a> From<&'a str> for AdminTarget<'a> {
 
 impl Registration {
     /// Registers with the admin API at `admin` (`host:port`, or
-    /// `http://host:port`) as an endpoint of `service`. The TTL is 10 s;
+    /// `http://host:port`; replicas as a comma-separated list, tried in
+    /// order from the last that answered, see [`Registration::from_bootstrap`])
+    /// as an endpoint of `service`. The TTL is 10 s;
     /// the advertised address is the listener's (set one when it is bound
     /// to an unspecified address such as `0.0.0.0`).
     pub fn new(admin: impl Into<String>, service: impl Into<String>) -> Self {
@@ -131,7 +133,10 @@ impl Registration {
     }
 
     /// Registers with the admin API named in `bootstrap`
-    /// (`node.metadata.PROXYLESS_ADMIN`), in the bootstrap's namespace,
+    /// (`node.metadata.PROXYLESS_ADMIN`: one address, or the replicas'
+    /// separated by commas; registration, heartbeats and deregistration
+    /// move to the next when one is unreachable, silent or answers 503),
+    /// in the bootstrap's namespace,
     /// with the bootstrap's labels (`node.metadata.LABELS`; a
     /// [`Registration::label`] overrides one) and its node id (so the
     /// workload's server listener finds this registration even when it
@@ -144,14 +149,17 @@ impl Registration {
         bootstrap: &mesh_xds_client::Bootstrap,
         service: impl Into<String>,
     ) -> Result<Self, Error> {
-        let admin = bootstrap.admin_address().ok_or_else(|| {
-            Error::new(
+        let admin = bootstrap.admin_addresses();
+        if admin.is_empty() {
+            return Err(Error::new(
                 ErrorKind::Registration,
                 "the xDS bootstrap names no admin API: set node.metadata.PROXYLESS_ADMIN to \
-                 mesh-control's admin address (\"host:port\")",
-            )
-        })?;
-        let mut registration = Registration::new(admin, service).namespace(bootstrap.namespace());
+                 mesh-control's admin address (\"host:port\", or its replicas' separated by \
+                 commas)",
+            ));
+        }
+        let mut registration =
+            Registration::new(admin.join(","), service).namespace(bootstrap.namespace());
         registration.labels = bootstrap.labels();
         registration.node_id = Some(bootstrap.node_id().to_owned()).filter(|id| !id.is_empty());
         registration.admin_ca = crate::tls::control_ca_pem(bootstrap, ErrorKind::Registration)?;
@@ -475,6 +483,18 @@ mod tests {
         assert!(Admin::new("https://control:9000").is_err());
         assert!(Admin::new("control:9000/x").is_err());
         assert!(Admin::new("").is_err());
+    }
+
+    #[test]
+    fn registration_from_a_bootstrap_listing_replicas() {
+        let bootstrap = mesh_xds_client::Bootstrap::builder("http://127.0.0.1:1", "node-1")
+            .admin_address("127.0.0.1:9000, 127.0.0.1:9001")
+            .build()
+            .unwrap();
+        let r = Registration::from_bootstrap(&bootstrap, "catalog").unwrap();
+        assert_eq!(r.admin().address, "127.0.0.1:9000,127.0.0.1:9001");
+        let admin = Admin::new(r.admin()).unwrap();
+        assert_eq!(admin.client.base(), "http://127.0.0.1:9000");
     }
 
     #[test]

@@ -9,10 +9,19 @@
 //! name (mesh-control's certificate carries its listen IPs and `localhost`).
 //! One connection per call: the calls are rare (a registration heartbeat
 //! every few seconds, a certificate every few hours).
+//!
+//! Replicas: `PROXYLESS_ADMIN` may list several addresses
+//! (`"10.0.0.2:15000,10.0.0.3:15000"`), or be one DNS name (each connect
+//! tries every address it resolves to). A call tries the addresses in
+//! order, starting from the last one that answered, and moves on to the
+//! next when one cannot be reached, does not answer in time, or answers
+//! 503 (a replica cut off from etcd); any other answer, a 4xx included, is
+//! the answer.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,12 +42,23 @@ use crate::error::{BoxError, Error, ErrorKind};
 /// How long one admin API call may take.
 pub(crate) const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A client of the admin API at one address.
-#[derive(Clone)]
-pub(crate) struct AdminClient {
+/// One address of the admin API.
+#[derive(Debug)]
+struct Target {
     /// `host:port`.
     authority: String,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// The name mesh-control's certificate must be valid for (https).
+    name: Option<ServerName<'static>>,
+}
+
+/// A client of the admin API at one address, or at the first answering
+/// one of several (replicas).
+#[derive(Clone)]
+pub(crate) struct AdminClient {
+    targets: Arc<[Target]>,
+    /// The index of the target that answered last: where calls start.
+    current: Arc<AtomicUsize>,
+    tls: Option<TlsConnector>,
     /// The configured roots (https).
     base_roots: Option<Arc<RootCertStore>>,
     /// The workload's certificate store whose trust bundle is trusted too
@@ -52,7 +72,8 @@ pub(crate) struct AdminClient {
 
 impl AdminClient {
     /// A client of `address` (`host:port`, `http://host:port`,
-    /// `https://host:port`): https verified with `ca_pem` (PEM roots) when
+    /// `https://host:port`, or a comma-separated list of them: replicas,
+    /// tried in order): https verified with `ca_pem` (PEM roots) when
     /// given, plaintext otherwise; `token` is sent as a bearer token.
     pub(crate) fn new(
         address: &str,
@@ -61,38 +82,50 @@ impl AdminClient {
         kind: ErrorKind,
     ) -> Result<Self, Error> {
         let fail = |message: String| Error::new(kind, message);
-        let trimmed = address.trim();
-        let (https, rest) = if let Some(rest) = trimmed.strip_prefix("https://") {
-            (true, rest)
-        } else {
-            (false, trimmed.strip_prefix("http://").unwrap_or(trimmed))
-        };
-        let authority = rest.trim_end_matches('/');
-        let parsed = http::uri::Authority::try_from(authority).ok();
-        let Some(parsed) = parsed.filter(|_| !authority.is_empty() && !authority.contains('/'))
-        else {
-            return Err(fail(format!("admin address {address:?} is not host:port")));
-        };
+        let mut targets = Vec::new();
+        for one in address.split(',') {
+            let trimmed = one.trim();
+            let (https, rest) = if let Some(rest) = trimmed.strip_prefix("https://") {
+                (true, rest)
+            } else {
+                (false, trimmed.strip_prefix("http://").unwrap_or(trimmed))
+            };
+            let authority = rest.trim_end_matches('/');
+            let parsed = http::uri::Authority::try_from(authority).ok();
+            let Some(parsed) = parsed.filter(|_| !authority.is_empty() && !authority.contains('/'))
+            else {
+                return Err(fail(format!("admin address {one:?} is not host:port")));
+            };
+            let name = match ca_pem {
+                Some(_) => {
+                    let host = parsed.host().trim_start_matches('[').trim_end_matches(']');
+                    Some(ServerName::try_from(host.to_owned()).map_err(|e| {
+                        fail(format!(
+                            "admin address {one:?}: {host:?} is not a DNS name or IP address \
+                             to verify mesh-control's certificate against: {e}"
+                        ))
+                    })?)
+                }
+                None if https => {
+                    return Err(fail(format!(
+                        "admin address {one:?} is https, but no CA certificate was given to \
+                         verify mesh-control with (the bootstrap's \
+                         xds_servers[0].channel_creds[0].config.ca_certificate_file)"
+                    )));
+                }
+                None => None,
+            };
+            targets.push(Target {
+                authority: authority.to_owned(),
+                name,
+            });
+        }
         let mut base_roots = None;
         let tls = match ca_pem {
             Some(pem) => {
-                let host = parsed.host().trim_start_matches('[').trim_end_matches(']');
-                let name = ServerName::try_from(host.to_owned()).map_err(|e| {
-                    fail(format!(
-                        "admin address {address:?}: {host:?} is not a DNS name or IP address \
-                         to verify mesh-control's certificate against: {e}"
-                    ))
-                })?;
                 let (config, roots) = client_config(pem, kind)?;
                 base_roots = Some(Arc::new(roots));
-                Some((TlsConnector::from(config), name))
-            }
-            None if https => {
-                return Err(fail(format!(
-                    "admin address {address:?} is https, but no CA certificate was given to \
-                     verify mesh-control with (the bootstrap's \
-                     xds_servers[0].channel_creds[0].config.ca_certificate_file)"
-                )));
+                Some(TlsConnector::from(config))
             }
             None => None,
         };
@@ -107,7 +140,8 @@ impl AdminClient {
             None => None,
         };
         Ok(AdminClient {
-            authority: authority.to_owned(),
+            targets: targets.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             tls,
             base_roots,
             store: None,
@@ -143,22 +177,87 @@ impl AdminClient {
         self.tls.is_some()
     }
 
-    /// `https://host:port` or `http://host:port`, for messages.
+    /// `https://host:port` or `http://host:port` of the address calls
+    /// start from (the one that answered last), for messages.
     pub(crate) fn base(&self) -> String {
-        let scheme = if self.is_https() { "https" } else { "http" };
-        format!("{scheme}://{}", self.authority)
+        self.base_of(&self.targets[self.start()])
     }
 
-    /// One call: the status and the whole reply body.
+    fn base_of(&self, target: &Target) -> String {
+        let scheme = if self.is_https() { "https" } else { "http" };
+        format!("{scheme}://{}", target.authority)
+    }
+
+    fn start(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.targets.len()
+    }
+
+    /// One call: the status and the whole reply body of the first address
+    /// that answers, trying them in order from the one that answered last
+    /// (see the module docs). When none answers but with 503, the last 503;
+    /// when none answers at all, an error naming each address.
     pub(crate) async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Bytes), Error> {
-        let what = format!("admin API at {}: {method} {path}", self.base());
+        let mut unanswered = Vec::new();
+        let mut unavailable = None;
+        for i in attempt_order(self.targets.len(), self.start()) {
+            let target = &self.targets[i];
+            let result = self.call_one(target, method.clone(), path, body).await;
+            let outcome = match &result {
+                Ok((status, _)) => Outcome::Answered(*status),
+                Err(_) => Outcome::Unreachable,
+            };
+            if !fails_over(outcome) {
+                self.current.store(i, Ordering::Relaxed);
+                return result;
+            }
+            match result {
+                Ok(answer) => {
+                    tracing::debug!(
+                        "admin API at {}: {method} {path} answered {}; trying the next address",
+                        self.base_of(target),
+                        answer.0
+                    );
+                    unavailable = Some((i, answer));
+                }
+                Err(e) => {
+                    tracing::debug!("{e}; trying the next admin API address");
+                    unanswered.push(e);
+                }
+            }
+        }
+        if let Some((i, answer)) = unavailable {
+            self.current.store(i, Ordering::Relaxed);
+            return Ok(answer);
+        }
+        if unanswered.len() == 1 {
+            return Err(unanswered.remove(0));
+        }
+        let each: Vec<String> = unanswered.iter().map(ToString::to_string).collect();
+        Err(Error::new(
+            self.kind,
+            format!(
+                "{method} {path}: no admin API address answered ({})",
+                each.join("; ")
+            ),
+        ))
+    }
+
+    /// One call to one address.
+    async fn call_one(
+        &self,
+        target: &Target,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Bytes), Error> {
+        let what = format!("admin API at {}: {method} {path}", self.base_of(target));
         let exchange = async {
-            let stream = TcpStream::connect(&self.authority).await?;
+            let stream = TcpStream::connect(&target.authority).await?;
             let bytes = match body {
                 Some(v) => Bytes::from(v.to_string()),
                 None => Bytes::new(),
@@ -166,14 +265,14 @@ impl AdminClient {
             let mut req = Request::builder()
                 .method(method.clone())
                 .uri(path)
-                .header(HOST, &self.authority)
+                .header(HOST, &target.authority)
                 .header(CONTENT_TYPE, "application/json")
                 .body(Full::new(bytes))?;
             if let Some(value) = &self.authorization {
                 req.headers_mut().insert(AUTHORIZATION, value.clone());
             }
-            match &self.tls {
-                Some((connector, name)) => {
+            match (&self.tls, &target.name) {
+                (Some(connector), Some(name)) => {
                     let connector = match (&self.base_roots, &self.store) {
                         (Some(base), Some(store)) => self.connector_trusting(base, store)?,
                         _ => connector.clone(),
@@ -181,7 +280,7 @@ impl AdminClient {
                     let stream = connector.connect(name.clone(), stream).await?;
                     exchange(TokioIo::new(stream), req).await
                 }
-                None => exchange(TokioIo::new(stream), req).await,
+                _ => exchange(TokioIo::new(stream), req).await,
             }
         };
         match tokio::time::timeout(ADMIN_TIMEOUT, exchange).await {
@@ -218,6 +317,30 @@ impl AdminClient {
             ),
         )
     }
+}
+
+/// What one address did with a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// No answer: the connection failed, or no answer within the timeout.
+    Unreachable,
+    /// An HTTP answer.
+    Answered(StatusCode),
+}
+
+/// Whether a call moves on to the next address after `outcome`: when the
+/// address did not answer, or answered 503 (a replica that lost etcd).
+/// Every other answer is final, a refusal (4xx) included.
+fn fails_over(outcome: Outcome) -> bool {
+    match outcome {
+        Outcome::Unreachable => true,
+        Outcome::Answered(status) => status == StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// The order to try `len` addresses in, starting at `start`, wrapping around.
+fn attempt_order(len: usize, start: usize) -> impl Iterator<Item = usize> {
+    (0..len).map(move |i| (start + i) % len)
 }
 
 async fn exchange<IO>(
@@ -342,6 +465,131 @@ mod tests {
         assert!(AdminClient::new("", None, None, ErrorKind::Tls).is_err());
         let e = AdminClient::new("a:1", Some(b"nope"), None, ErrorKind::Tls).unwrap_err();
         assert!(e.to_string().contains("no PEM certificate"), "{e}");
+    }
+
+    #[test]
+    fn several_addresses() {
+        let c = AdminClient::new(" a:1 , http://b:2/ ", None, None, ErrorKind::Tls).unwrap();
+        assert_eq!(c.targets.len(), 2);
+        assert_eq!(c.base(), "http://a:1");
+        assert_eq!(c.base_of(&c.targets[1]), "http://b:2");
+        let e = AdminClient::new("a:1,,b:2", None, None, ErrorKind::Tls).unwrap_err();
+        assert!(e.to_string().contains("\"\" is not host:port"), "{e}");
+        let e = AdminClient::new("a:1,https://b:2", None, None, ErrorKind::Tls).unwrap_err();
+        assert!(e.to_string().contains("ca_certificate_file"), "{e}");
+    }
+
+    #[test]
+    fn addresses_are_tried_from_the_last_that_answered_wrapping_around() {
+        assert_eq!(attempt_order(3, 0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(attempt_order(3, 2).collect::<Vec<_>>(), [2, 0, 1]);
+        assert_eq!(attempt_order(1, 0).collect::<Vec<_>>(), [0]);
+    }
+
+    #[test]
+    fn unreachable_and_503_fail_over_other_answers_are_final() {
+        assert!(fails_over(Outcome::Unreachable));
+        assert!(fails_over(Outcome::Answered(
+            StatusCode::SERVICE_UNAVAILABLE
+        )));
+        for final_answer in [
+            StatusCode::OK,
+            StatusCode::CREATED,
+            StatusCode::NOT_FOUND,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::FORBIDDEN,
+            StatusCode::BAD_REQUEST,
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ] {
+            assert!(
+                !fails_over(Outcome::Answered(final_answer)),
+                "{final_answer}"
+            );
+        }
+    }
+
+    /// A loopback HTTP/1.1 server answering every request with `status`;
+    /// counts the requests.
+    async fn answering(status: u16) -> (String, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    let body = format!("{{\"error\": \"status {status}\"}}");
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        (address, count)
+    }
+
+    /// A loopback address nothing listens on.
+    fn refusing() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_call_fails_over_past_unreachable_and_503_and_sticks_to_what_answered() {
+        let dead = refusing();
+        let (lost_etcd, lost_count) = answering(503).await;
+        let (good, good_count) = answering(200).await;
+        let list = format!("{dead},{lost_etcd},{good}");
+        let c = AdminClient::new(&list, None, None, ErrorKind::Registration).unwrap();
+        let (status, _) = c.call(Method::PUT, "/v1/endpoints/x", None).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(lost_count.load(Ordering::SeqCst), 1);
+        assert_eq!(c.base(), format!("http://{good}"));
+        // The next call starts from the address that answered.
+        let (status, _) = c.call(Method::PUT, "/v1/endpoints/x", None).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(lost_count.load(Ordering::SeqCst), 1, "not asked again");
+        assert_eq!(good_count.load(Ordering::SeqCst), 2);
+
+        // A refusal (4xx) is final: the next address is not asked.
+        let (forbidding, _) = answering(403).await;
+        let (other, other_count) = answering(200).await;
+        let c =
+            AdminClient::new(&format!("{forbidding},{other}"), None, None, ErrorKind::Tls).unwrap();
+        let (status, _) = c
+            .call(Method::POST, "/v1/certificates", None)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(other_count.load(Ordering::SeqCst), 0);
+
+        // Every replica 503: the 503 is the answer (callers retry later).
+        let c =
+            AdminClient::new(&format!("{dead},{lost_etcd}"), None, None, ErrorKind::Tls).unwrap();
+        let (status, _) = c.call(Method::POST, "/v1/endpoints", None).await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+        // Nothing answers: the error names every address.
+        let other_dead = refusing();
+        let c =
+            AdminClient::new(&format!("{dead},{other_dead}"), None, None, ErrorKind::Tls).unwrap();
+        let e = c
+            .call(Method::POST, "/v1/endpoints", None)
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("no admin API address answered")
+                && text.contains(&dead)
+                && text.contains(&other_dead),
+            "{text}"
+        );
     }
 
     #[test]

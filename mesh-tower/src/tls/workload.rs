@@ -433,13 +433,15 @@ fn mesh_ca_config(
             )));
         }
     };
-    let admin = bootstrap.admin_address().ok_or_else(|| {
-        tls(
-            "certificate_providers.mesh (mesh_ca) needs mesh-control's admin API: set \
+    let admin = Some(bootstrap.admin_addresses().join(","))
+        .filter(|list| !list.is_empty())
+        .ok_or_else(|| {
+            tls(
+                "certificate_providers.mesh (mesh_ca) needs mesh-control's admin API: set \
              node.metadata.PROXYLESS_ADMIN to its \"host:port\", e.g. \
              \"node\": {\"metadata\": {\"PROXYLESS_ADMIN\": \"127.0.0.1:15000\"}}",
-        )
-    })?;
+            )
+        })?;
     // Next to the xDS cache, as the environment and the bootstrap place it.
     let cache_file = mesh_xds_client::cache::cache_file_for(bootstrap, |k| std::env::var(k).ok())
         .map(|xds| mesh_xds_client::cache::sibling_file(&xds, CERT_CACHE_EXTENSION));
