@@ -21,8 +21,6 @@
 
 #![cfg(feature = "etcd")]
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -31,9 +29,9 @@ use std::sync::{Arc, Mutex};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use mesh_core::xds::{self, Any};
 use mesh_testkit::ads::{AdsClient, node};
+use mesh_testkit::etcd::EtcdProcess;
 use mesh_testkit::http::json_request as admin;
 use mesh_testkit::wait::{DEADLINE, eventually_ok_async, within};
-use support::etcd_process::EtcdProcess;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 

@@ -22,16 +22,14 @@
 
 #![cfg(feature = "etcd")]
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use mesh_testkit::etcd::EtcdProcess;
 use mesh_testkit::http::json_request as admin;
 use mesh_testkit::install::Venv;
 use mesh_testkit::wait::{DEADLINE, eventually_ok_async, within};
-use support::etcd_process::EtcdProcess;
 use tokio::io::AsyncBufReadExt;
 
 /// The grpcio the facade's interop tests pin (tests/support/python.rs), in
