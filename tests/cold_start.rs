@@ -205,12 +205,20 @@ async fn a_cold_start_with_mesh_control_down_serves_the_cached_config_then_the_n
         cache_file.display()
     );
 
-    // 2. Everything stops: the frontend, the server (it deregisters), and
-    //    mesh-control, whose ports are then free.
+    // 2. Everything stops: mesh-control first (its ports are then free),
+    //    then the frontend and the server. In this order no push reaches
+    //    the frontend after mesh-control is gone: were the server to
+    //    deregister first, the frontend (whose xDS task outlives the
+    //    handles dropped here) could cache the endpoint list without v1.
+    mesh.shutdown().await;
     drop(client);
     drop(xds);
-    v1.shutdown().await.expect("v1 shutdown");
-    mesh.shutdown().await;
+    let deregistered = v1.shutdown().await;
+    assert_eq!(
+        deregistered.map_err(|e| e.kind()),
+        Err(proxyless::ErrorKind::Registration),
+        "with mesh-control down, v1 cannot deregister (its lease goes with mesh-control)"
+    );
 
     // 3. Cold start while mesh-control is down.
     let v1_listener = tokio::net::TcpListener::bind(v1_addr)
