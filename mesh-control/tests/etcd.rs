@@ -6,7 +6,7 @@
 //! failover across endpoints, failing fast when etcd is down, and TLS with
 //! client certificates.
 //!
-//! Each test runs its own etcd on loopback ports ([`etcd_process`]).
+//! Each test runs its own etcd on loopback ports (`mesh_testkit::etcd`).
 //!
 //! Run: `cargo test -p mesh-control --features etcd --test etcd`.
 
@@ -16,229 +16,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_process::{EtcdProcess, ServerTls};
 use mesh_control::etcd::{
     Compare, CompareOp, Error, ErrorKind, Etcd, EtcdOptions, EtcdTls, Event, EventKind, Op,
     OpResponse, Txn, Watch,
 };
+use mesh_testkit::etcd::{EtcdProcess, ServerTls};
 use mesh_testkit::pki::{TestCa, write_pem};
 use mesh_testkit::wait::{DEADLINE, eventually_ok_async, within};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-
-/// A real etcd for tests: started on free loopback ports with its own data
-/// directory, stopped and restarted on the same ports and data, killed on
-/// drop. Self-contained (std, tokio, tempfile and `mesh_testkit::install`)
-/// so it can move to mesh-testkit as it is (with `pub` for `pub(crate)`).
-mod etcd_process {
-    use std::fs::File;
-    use std::net::TcpListener;
-    use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
-
-    /// How long etcd may take to be ready (a first start on a slow disk).
-    const READY_WITHIN: Duration = Duration::from_secs(30);
-    /// What etcd logs once it serves clients (3.4 and later).
-    const READY_LINE: &str = "ready to serve client requests";
-
-    /// The files of an etcd serving clients over TLS with client
-    /// certificates: `--cert-file`, `--key-file`, `--trusted-ca-file`.
-    #[derive(Debug, Clone)]
-    pub(crate) struct ServerTls {
-        /// etcd's certificate (valid for 127.0.0.1).
-        pub(crate) cert: PathBuf,
-        /// Its key.
-        pub(crate) key: PathBuf,
-        /// The CA client certificates must chain to.
-        pub(crate) client_ca: PathBuf,
-    }
-
-    /// A running (or stopped) etcd.
-    pub(crate) struct EtcdProcess {
-        binary: PathBuf,
-        dir: tempfile::TempDir,
-        client_port: u16,
-        peer_port: u16,
-        tls: Option<ServerTls>,
-        child: Option<Child>,
-        starts: u32,
-    }
-
-    /// The `etcd` binary, installed from Debian's `etcd-server` when it is not
-    /// on PATH (or the command to run, as a panic, without root).
-    pub(crate) fn binary() -> PathBuf {
-        mesh_testkit::install::ensure_deb(&["etcd-server"], "etcd")
-            .unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// What `etcd --version` prints first (`etcd Version: 3.4.23`).
-    pub(crate) fn version(binary: &Path) -> String {
-        let output = Command::new(binary)
-            .arg("--version")
-            .output()
-            .unwrap_or_else(|e| panic!("running {} --version: {e}", binary.display()));
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned()
-    }
-
-    fn free_port() -> u16 {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .unwrap_or_else(|e| panic!("binding a free loopback port: {e}"));
-        listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("reading a bound port: {e}"))
-            .port()
-    }
-
-    impl EtcdProcess {
-        /// Starts a plaintext etcd and waits until it serves clients.
-        pub(crate) async fn start() -> EtcdProcess {
-            EtcdProcess::start_with(None).await
-        }
-
-        /// Starts an etcd serving clients over TLS, requiring client
-        /// certificates issued by `tls.client_ca`.
-        pub(crate) async fn start_tls(tls: ServerTls) -> EtcdProcess {
-            EtcdProcess::start_with(Some(tls)).await
-        }
-
-        async fn start_with(tls: Option<ServerTls>) -> EtcdProcess {
-            let binary = tokio::task::spawn_blocking(binary)
-                .await
-                .unwrap_or_else(|e| panic!("installing etcd: {e}"));
-            let dir = tempfile::Builder::new()
-                .prefix("proxyless-etcd-")
-                .tempdir()
-                .unwrap_or_else(|e| panic!("creating etcd's data directory: {e}"));
-            let mut etcd = EtcdProcess {
-                binary,
-                dir,
-                client_port: free_port(),
-                peer_port: free_port(),
-                tls,
-                child: None,
-                starts: 0,
-            };
-            etcd.spawn_and_wait().await;
-            etcd
-        }
-
-        /// The client URL (`http://127.0.0.1:P`, `https://` with TLS).
-        pub(crate) fn endpoint(&self) -> String {
-            let scheme = if self.tls.is_some() { "https" } else { "http" };
-            format!("{scheme}://127.0.0.1:{}", self.client_port)
-        }
-
-        /// Kills etcd (SIGKILL: a crash, which etcd's WAL survives) and waits
-        /// for it to exit. Its ports are free afterwards.
-        pub(crate) fn stop(&mut self) {
-            if let Some(mut child) = self.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-
-        /// Stops etcd if it runs, then starts it again on the same ports with
-        /// the same data, and waits until it serves clients.
-        pub(crate) async fn restart(&mut self) {
-            self.stop();
-            self.spawn_and_wait().await;
-        }
-
-        fn log_path(&self) -> PathBuf {
-            self.dir.path().join(format!("etcd-{}.log", self.starts))
-        }
-
-        /// The last lines etcd logged, for failure messages.
-        pub(crate) fn log_tail(&self) -> String {
-            let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        }
-
-        async fn spawn_and_wait(&mut self) {
-            self.starts += 1;
-            let log = self.log_path();
-            let log_file =
-                File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
-            let stderr = log_file
-                .try_clone()
-                .unwrap_or_else(|e| panic!("opening {}: {e}", log.display()));
-            let client = self.endpoint();
-            let peer = format!("http://127.0.0.1:{}", self.peer_port);
-            let mut command = Command::new(&self.binary);
-            // Settings from the environment (ETCD_*) would override the flags.
-            for (name, _) in std::env::vars_os() {
-                if name.to_string_lossy().starts_with("ETCD_") {
-                    command.env_remove(name);
-                }
-            }
-            command
-                .env("ETCDCTL_API", "3")
-                .arg("--name=test")
-                .arg(format!(
-                    "--data-dir={}",
-                    self.dir.path().join("data").display()
-                ))
-                .arg(format!("--listen-client-urls={client}"))
-                .arg(format!("--advertise-client-urls={client}"))
-                .arg(format!("--listen-peer-urls={peer}"))
-                .arg(format!("--initial-advertise-peer-urls={peer}"))
-                .arg(format!("--initial-cluster=test={peer}"))
-                // A fast raft clock: a single member elects itself in
-                // milliseconds, and the minimum lease TTL (1.5 election
-                // timeouts, rounded up to seconds) is 1 s instead of 2 s.
-                .arg("--heartbeat-interval=10")
-                .arg("--election-timeout=50");
-            if let Some(tls) = &self.tls {
-                command
-                    .arg(format!("--cert-file={}", tls.cert.display()))
-                    .arg(format!("--key-file={}", tls.key.display()))
-                    .arg(format!("--trusted-ca-file={}", tls.client_ca.display()))
-                    .arg("--client-cert-auth");
-            }
-            let child = command
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log_file))
-                .stderr(Stdio::from(stderr))
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {}: {e}", self.binary.display()));
-            self.child = Some(child);
-            let start = Instant::now();
-            loop {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                if text.contains(READY_LINE) {
-                    return;
-                }
-                if let Some(child) = &mut self.child
-                    && let Ok(Some(status)) = child.try_wait()
-                {
-                    panic!(
-                        "etcd exited ({status}) before serving clients on {client}; its log:\n{}",
-                        self.log_tail()
-                    );
-                }
-                if start.elapsed() > READY_WITHIN {
-                    panic!(
-                        "etcd did not log {READY_LINE:?} within {READY_WITHIN:?}; its log:\n{}",
-                        self.log_tail()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-
-    impl Drop for EtcdProcess {
-        fn drop(&mut self) {
-            self.stop();
-        }
-    }
-}
 
 /// A TCP proxy in front of etcd, which a test cuts (every connection closed,
 /// new ones refused) and restores on the same port: a client's connection
@@ -379,7 +165,7 @@ async fn keys_and_prefixes() {
     assert_ne!(status.leader, 0, "{status:?}");
     eprintln!(
         "etcd: {} (server says {})",
-        etcd_process::version(&etcd_process::binary()),
+        mesh_testkit::etcd::version(&mesh_testkit::etcd::binary()),
         status.version
     );
 

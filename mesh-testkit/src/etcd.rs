@@ -4,8 +4,9 @@
 //! `etcd-server`, installed by [`crate::install::ensure_deb`] when it is
 //! not on PATH.
 //!
-//! The same harness as mesh-control's `tests/support/etcd_process.rs`, for
-//! the test crates that cannot share that file (the facade's).
+//! [`EtcdProcess::start_tls`] starts one that serves clients over TLS and
+//! requires client certificates (`--client-cert-auth`), as a production
+//! etcd shared by mesh-control replicas should.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -19,6 +20,18 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 /// What etcd logs once it serves clients (3.4 and later).
 const READY_LINE: &str = "ready to serve client requests";
 
+/// The files of an etcd serving clients over TLS with client
+/// certificates: `--cert-file`, `--key-file`, `--trusted-ca-file`.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// etcd's certificate chain (valid for 127.0.0.1).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The CA client certificates must chain to.
+    pub client_ca: PathBuf,
+}
+
 /// A running (or stopped) etcd.
 #[derive(Debug)]
 pub struct EtcdProcess {
@@ -26,8 +39,28 @@ pub struct EtcdProcess {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    tls: Option<ServerTls>,
     child: Option<Child>,
     starts: u32,
+}
+
+/// The `etcd` binary, installed from Debian's `etcd-server` when it is not
+/// on PATH (or, without root, a panic naming the command to run).
+pub fn binary() -> PathBuf {
+    crate::install::ensure_deb(&["etcd-server"], "etcd").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// What `etcd --version` prints first (`etcd Version: 3.4.23`).
+pub fn version(binary: &Path) -> String {
+    let output = Command::new(binary)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("running {} --version: {e}", binary.display()));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn free_port() -> u16 {
@@ -58,16 +91,25 @@ fn fresh_dir() -> PathBuf {
 impl EtcdProcess {
     /// Starts a plaintext etcd and waits until it serves clients.
     pub async fn start() -> EtcdProcess {
-        let binary = tokio::task::spawn_blocking(|| {
-            crate::install::ensure_deb(&["etcd-server"], "etcd").unwrap_or_else(|e| panic!("{e}"))
-        })
-        .await
-        .unwrap_or_else(|e| panic!("installing etcd: {e}"));
+        EtcdProcess::start_with(None).await
+    }
+
+    /// Starts an etcd serving clients over TLS, requiring client
+    /// certificates issued by `tls.client_ca`.
+    pub async fn start_tls(tls: ServerTls) -> EtcdProcess {
+        EtcdProcess::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<ServerTls>) -> EtcdProcess {
+        let binary = tokio::task::spawn_blocking(binary)
+            .await
+            .unwrap_or_else(|e| panic!("installing etcd: {e}"));
         let mut etcd = EtcdProcess {
             binary,
             dir: fresh_dir(),
             client_port: free_port(),
             peer_port: free_port(),
+            tls,
             child: None,
             starts: 0,
         };
@@ -75,9 +117,10 @@ impl EtcdProcess {
         etcd
     }
 
-    /// The client URL (`http://127.0.0.1:PORT`).
+    /// The client URL (`http://127.0.0.1:PORT`, `https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The directory holding etcd's data and logs.
@@ -123,6 +166,7 @@ impl EtcdProcess {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut command = Command::new(&self.binary);
+        command.env("ETCDCTL_API", "3");
         // Settings from the environment (ETCD_*) would override the flags.
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("ETCD_") {
@@ -141,6 +185,13 @@ impl EtcdProcess {
             // milliseconds, and the minimum lease TTL is 1 s.
             .arg("--heartbeat-interval=10")
             .arg("--election-timeout=50");
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", tls.cert.display()))
+                .arg(format!("--key-file={}", tls.key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.client_ca.display()))
+                .arg("--client-cert-auth");
+        }
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file))
