@@ -709,6 +709,12 @@ impl Services {
         RB::Error: Into<BoxError>,
     {
         let security = workload.security(inbound.clone());
+        // The service's telemetry (made just before serving): requests that
+        // serve_with refuses itself are traced and counted like the rest.
+        let security = match self.telemetry.last() {
+            Some(telemetry) => security.telemetry(telemetry.clone()),
+            None => security,
+        };
         let serving = proxyless::serve_with(listener, registration, app, security).await?;
         let addr = serving.local_addr();
         self.serving.push(serving);

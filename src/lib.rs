@@ -67,9 +67,9 @@ pub use mesh_tower::telemetry;
 pub use mesh_tower::telemetry::{ClientTelemetryLayer, ServerTelemetryLayer, Telemetry};
 pub use mesh_tower::tls::{CertStore, PeerIdentity, WorkloadCertificates};
 pub use mesh_tower::{
-    ConfigSource, ConnectionInfo, Error, ErrorKind, InboundConfig, InboundPolicy, MeshLayer,
-    Registration, ResponseBody, Security, ServerContext, ServerLayer, Serving, TargetEndpoint,
-    grpc_status, serve, serve_with,
+    Authorized, ConfigSource, ConnectionInfo, Error, ErrorKind, InboundConfig, InboundPolicy,
+    MeshLayer, Registration, ResponseBody, Security, ServerContext, ServerLayer, Serving,
+    TargetEndpoint, grpc_status, serve, serve_with,
 };
 pub use mesh_tower::{Deadline, MeshStats};
 pub use mesh_xds_client::{Bootstrap, XdsClient};

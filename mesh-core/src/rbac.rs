@@ -560,6 +560,9 @@ pub struct AuthorizationPolicy {
     id: Name,
     action: Action,
     rules: Arc<[Rule]>,
+    /// Istio's `istio.io/dry-run: "true"`: evaluated beside the enforced
+    /// policies by [`evaluate_dry_run`], never by [`evaluate`].
+    dry_run: bool,
 }
 
 impl AuthorizationPolicy {
@@ -602,7 +605,22 @@ impl AuthorizationPolicy {
             id,
             action,
             rules: rules.into(),
+            dry_run: false,
         })
+    }
+
+    /// This policy in dry-run mode (Istio's `istio.io/dry-run: "true"`
+    /// annotation) or not: a dry-run policy is evaluated and reported
+    /// ([`evaluate_dry_run`]) but never enforced ([`evaluate`] skips it).
+    /// Over xDS it travels as RBAC `shadow_rules`.
+    pub fn with_dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
+    }
+
+    /// Whether this policy is only evaluated and reported, never enforced.
+    pub fn is_dry_run(&self) -> bool {
+        self.dry_run
     }
 
     /// The policy's namespace (the root namespace for mesh-wide policies).
@@ -766,13 +784,16 @@ pub struct Decision {
 /// first matching one, in the given order, is named), then ALLOW policies
 /// (when any exists, one must match), AUDIT policies only mark. See the
 /// [module docs](self).
+///
+/// Dry-run policies ([`AuthorizationPolicy::is_dry_run`]) are skipped: they
+/// never change a decision (see [`evaluate_dry_run`]).
 pub fn evaluate(policies: &[AuthorizationPolicy], attrs: &RequestAttributes<'_>) -> Decision {
     let audit = policies
         .iter()
-        .any(|p| p.action == Action::Audit && p.matches(attrs));
+        .any(|p| !p.dry_run && p.action == Action::Audit && p.matches(attrs));
     if let Some(deny) = policies
         .iter()
-        .find(|p| p.action == Action::Deny && p.matches(attrs))
+        .find(|p| !p.dry_run && p.action == Action::Deny && p.matches(attrs))
     {
         return Decision {
             allowed: false,
@@ -781,7 +802,9 @@ pub fn evaluate(policies: &[AuthorizationPolicy], attrs: &RequestAttributes<'_>)
             reason: Reason::DeniedByPolicy,
         };
     }
-    let mut allow_policies = policies.iter().filter(|p| p.action == Action::Allow);
+    let mut allow_policies = policies
+        .iter()
+        .filter(|p| !p.dry_run && p.action == Action::Allow);
     let Some(first) = allow_policies.next() else {
         return Decision {
             allowed: true,
@@ -807,6 +830,78 @@ pub fn evaluate(policies: &[AuthorizationPolicy], attrs: &RequestAttributes<'_>)
             reason: Reason::NoAllowPolicyMatched,
         },
     }
+}
+
+/// What the dry-run policies of one action would have decided: Istio's
+/// `istio.authorization.dry_run.{allow,deny}_policy.{name,result}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowResult {
+    /// Whether the request would have been allowed by the dry-run policies
+    /// of this action alone.
+    pub allowed: bool,
+    /// The matching dry-run policy as `<namespace>/<name>` (the first, in
+    /// the given order), `None` when none matched.
+    pub policy: Option<Name>,
+}
+
+/// The result of [`evaluate_dry_run`]: one [`ShadowResult`] per action
+/// that has dry-run policies (Envoy's RBAC `shadow_rules` of the ALLOW and
+/// the DENY filter that Istio generates).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DryRun {
+    /// The dry-run ALLOW policies: allowed when one matches, denied (no
+    /// policy) when none does. `None` without dry-run ALLOW policies.
+    pub allow: Option<ShadowResult>,
+    /// The dry-run DENY policies: denied when one matches (named), allowed
+    /// otherwise. `None` without dry-run DENY policies.
+    pub deny: Option<ShadowResult>,
+}
+
+impl DryRun {
+    /// Whether there was nothing to evaluate.
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_none() && self.deny.is_none()
+    }
+
+    /// Whether the dry-run policies would have denied the request.
+    pub fn would_deny(&self) -> bool {
+        self.allow.as_ref().is_some_and(|r| !r.allowed)
+            || self.deny.as_ref().is_some_and(|r| !r.allowed)
+    }
+}
+
+/// Evaluates the dry-run policies only, as Envoy evaluates `shadow_rules`:
+/// the dry-run DENY policies as one engine, the dry-run ALLOW policies as
+/// another; enforced policies play no part. Returns an empty [`DryRun`]
+/// (no work beyond one pass over `policies`) when none is in dry-run.
+pub fn evaluate_dry_run(policies: &[AuthorizationPolicy], attrs: &RequestAttributes<'_>) -> DryRun {
+    let mut result = DryRun::default();
+    for action in [Action::Deny, Action::Allow] {
+        let mut any = false;
+        let mut matched = None;
+        for p in policies.iter().filter(|p| p.dry_run && p.action == action) {
+            any = true;
+            if p.matches(attrs) {
+                matched = Some(p.id.clone());
+                break;
+            }
+        }
+        if !any {
+            continue;
+        }
+        let shadow = ShadowResult {
+            allowed: match action {
+                Action::Deny => matched.is_none(),
+                _ => matched.is_some(),
+            },
+            policy: matched,
+        };
+        match action {
+            Action::Deny => result.deny = Some(shadow),
+            _ => result.allow = Some(shadow),
+        }
+    }
+    result
 }
 
 /// `values` / `not_values` semantics: one of `values` (if any), none of

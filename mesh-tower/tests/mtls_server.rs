@@ -137,6 +137,17 @@ async fn secure_server_with(
     store: Option<CertStore>,
     layer: impl FnOnce(Router) -> Router,
 ) -> Result<Server, mesh_tower::Error> {
+    secure_server_reporting(policy, store, layer, None).await
+}
+
+/// [`secure_server_with`], with `serve_with` reporting the requests it
+/// refuses itself under `telemetry`.
+async fn secure_server_reporting(
+    policy: InboundPolicy,
+    store: Option<CertStore>,
+    layer: impl FnOnce(Router) -> Router,
+    telemetry: Option<Telemetry>,
+) -> Result<Server, mesh_tower::Error> {
     let (admin, _) = fake_admin(0, None).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -144,6 +155,9 @@ async fn secure_server_with(
     let mut security = Security::new(policy);
     if let Some(store) = store {
         security = security.certificates(store);
+    }
+    if let Some(telemetry) = telemetry {
+        security = security.telemetry(telemetry);
     }
     let serving = serve_with(
         listener,
@@ -819,16 +833,23 @@ fn a_denial_is_counted_logged_and_recorded_with_the_policy() {
                 .metrics(&registry)
                 .access_log(true)
                 .build();
-        // The layer enforces the policy inside its telemetry: denials are traced.
+        // serve_with denies before the app: under the same telemetry as the
+        // app's, its denials are traced, counted and logged as the app's
+        // requests are (each request by one of the two, never both).
         let policy =
             InboundPolicy::fixed(MtlsMode::Strict, vec![deny_path("deny-admin", "/admin")]);
-        let server = secure_server_with(policy.clone(), Some(ca.store(CATALOG)), |app| {
-            app.layer(
-                ServerLayer::new(context())
-                    .inbound(policy)
-                    .telemetry(telemetry),
-            )
-        })
+        let server = secure_server_reporting(
+            policy.clone(),
+            Some(ca.store(CATALOG)),
+            |app| {
+                app.layer(
+                    ServerLayer::new(context())
+                        .inbound(policy)
+                        .telemetry(telemetry.clone()),
+                )
+            },
+            Some(telemetry.clone()),
+        )
         .await
         .unwrap();
         let payment = Tls::Cert(ca.leaf(PAYMENT));

@@ -527,6 +527,142 @@ fn audit_only_marks() {
     assert!(!d.allowed && d.audit);
 }
 
+fn path_rule(prefix: &str) -> Rule {
+    Rule {
+        to: vec![Operation {
+            paths: sm(&[prefix]),
+            ..Default::default()
+        }]
+        .into(),
+        ..Default::default()
+    }
+}
+
+/// Istio's dry-run task: a dry-run DENY policy on `/headers` denies
+/// nothing, and what it would have done is reported ("denied", named) for
+/// the requests it matches, "allowed" for the others.
+#[test]
+fn a_dry_run_deny_policy_denies_nothing_and_reports_what_it_would_deny() {
+    let deny = policy(
+        "deny-path-headers",
+        Action::Deny,
+        vec![path_rule("/headers")],
+    )
+    .with_dry_run(true);
+    assert!(deny.is_dry_run());
+    assert!(!deny.clone().with_dry_run(false).is_dry_run());
+    let p = [deny];
+    let headers = req("GET", "/headers").from(SLEEP);
+    let d = evaluate(&p, &headers.attrs());
+    assert!(d.allowed, "{d:?}");
+    assert_eq!(d.policy, None);
+    assert_eq!(d.reason, Reason::NoAllowPolicies);
+    let dry = evaluate_dry_run(&p, &headers.attrs());
+    assert_eq!(
+        dry.deny,
+        Some(ShadowResult {
+            allowed: false,
+            policy: Some("foo/deny-path-headers".into()),
+        })
+    );
+    assert_eq!(dry.allow, None);
+    assert!(dry.would_deny() && !dry.is_empty());
+    // A request it does not match: would have been allowed, no policy named.
+    let dry = evaluate_dry_run(&p, &req("GET", "/ip").attrs());
+    assert_eq!(
+        dry.deny,
+        Some(ShadowResult {
+            allowed: true,
+            policy: None,
+        })
+    );
+    assert!(!dry.would_deny());
+}
+
+/// A dry-run ALLOW policy does not turn the workload into "deny what no
+/// ALLOW policy matches": enforcement is that of the enforced policies
+/// alone. Its own result is "allowed" when it matches, "denied" (no policy
+/// named) when it does not.
+#[test]
+fn a_dry_run_allow_policy_changes_no_decision() {
+    let allow = policy(
+        "allow-sleep",
+        Action::Allow,
+        vec![Rule {
+            from: vec![Source {
+                principals: sm(&["cluster.local/ns/default/sa/sleep"]),
+                ..Default::default()
+            }]
+            .into(),
+            ..Default::default()
+        }],
+    )
+    .with_dry_run(true);
+    let p = [allow.clone()];
+    let other = req("GET", "/").from(PRODUCTPAGE);
+    let d = evaluate(&p, &other.attrs());
+    assert!(d.allowed, "{d:?}");
+    assert_eq!(d.reason, Reason::NoAllowPolicies);
+    let dry = evaluate_dry_run(&p, &other.attrs());
+    assert_eq!(
+        dry.allow,
+        Some(ShadowResult {
+            allowed: false,
+            policy: None,
+        })
+    );
+    assert!(dry.would_deny());
+    let sleep = req("GET", "/").from(SLEEP);
+    let dry = evaluate_dry_run(&p, &sleep.attrs());
+    assert_eq!(
+        dry.allow,
+        Some(ShadowResult {
+            allowed: true,
+            policy: Some("foo/allow-sleep".into()),
+        })
+    );
+    // Beside an enforced ALLOW policy, the decision is the enforced one's.
+    let p = [allow, policy("allow-nothing", Action::Allow, vec![])];
+    let d = evaluate(&p, &sleep.attrs());
+    assert!(!d.allowed, "the enforced allow-nothing decides: {d:?}");
+    assert_eq!(d.reason, Reason::NoAllowPolicyMatched);
+}
+
+/// Enforced policies play no part in the dry run, dry-run ones none in the
+/// decision; the first matching dry-run policy (in order) is the one named;
+/// dry-run AUDIT policies neither mark nor report.
+#[test]
+fn enforced_and_dry_run_policies_are_evaluated_apart() {
+    let p = [
+        policy("deny-admin", Action::Deny, vec![path_rule("/admin*")]),
+        policy("deny-all-a", Action::Deny, vec![Rule::default()]).with_dry_run(true),
+        policy("deny-all-b", Action::Deny, vec![Rule::default()]).with_dry_run(true),
+        policy("audit-all", Action::Audit, vec![Rule::default()]).with_dry_run(true),
+    ];
+    let admin = req("GET", "/admin/x");
+    let d = evaluate(&p, &admin.attrs());
+    assert!(!d.allowed);
+    assert_eq!(d.policy.as_deref(), Some("foo/deny-admin"));
+    assert!(!d.audit, "a dry-run AUDIT policy marks nothing");
+    let dry = evaluate_dry_run(&p, &admin.attrs());
+    assert_eq!(
+        dry.deny.and_then(|r| r.policy).as_deref(),
+        Some("foo/deny-all-a")
+    );
+    assert_eq!(dry.allow, None);
+    let d = evaluate(&p, &req("GET", "/ok").attrs());
+    assert!(d.allowed && d.policy.is_none(), "{d:?}");
+    // Without dry-run policies there is nothing to report.
+    let enforced = [policy(
+        "deny-admin",
+        Action::Deny,
+        vec![path_rule("/admin*")],
+    )];
+    let dry = evaluate_dry_run(&enforced, &admin.attrs());
+    assert!(dry.is_empty() && !dry.would_deny());
+    assert_eq!(dry, DryRun::default());
+}
+
 #[test]
 fn string_match_syntax() {
     assert_eq!(StringMatch::parse("*").unwrap(), StringMatch::Any);

@@ -51,12 +51,13 @@
 //! on use the new one; live ones keep theirs. Requests on an mTLS
 //! connection carry the client's verified
 //! [`PeerIdentity`] next to [`ConnectionInfo`],
-//! and the `InboundPolicy` authorizes every request: in
-//! [`ServerLayer::inbound`](crate::ServerLayer::inbound) when the app has
-//! one with this policy (inside its telemetry, so denials are traced and
-//! counted in Istio's metrics), otherwise in `serve_with` itself (denials
-//! logged and counted by [`InboundPolicy::denied`]), so an app served under
-//! a policy is never left unchecked. A TLS connection
+//! and `serve_with` authorizes every request under the `InboundPolicy`
+//! itself, once, before the app sees it, whatever the app is made of (see
+//! [the server stack](crate::server) for why, and how a
+//! [`ServerLayer`](crate::ServerLayer) reuses the decision): denials are
+//! logged and counted by [`InboundPolicy::denied`], and with
+//! [`Security::telemetry`] also traced and counted in Istio's metrics. A
+//! TLS connection
 //! is closed gracefully (HTTP/2 GOAWAY, HTTP/1.1 `connection: close` after
 //! the request in flight) when the server certificate it was established
 //! with expires: a maximum connection age, so no connection outlives its
@@ -84,6 +85,8 @@ pub use self::registration::Registration;
 use self::registration::{Admin, RegisterFailure};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::server::{Guard, InboundPolicy};
+#[cfg(feature = "telemetry")]
+use crate::telemetry::Telemetry;
 use crate::tls::{ALPN_H2_HTTP11, CertStore, MeshAcceptor, MtlsMode, PeerIdentity};
 
 /// How long shutdown waits for requests in flight by default.
@@ -156,6 +159,8 @@ pub struct Security {
     certificates: Option<CertStore>,
     handshake_timeout: Duration,
     policy_timeout: Duration,
+    #[cfg(feature = "telemetry")]
+    telemetry: Option<Telemetry>,
 }
 
 impl Security {
@@ -167,6 +172,8 @@ impl Security {
             certificates: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             policy_timeout: DEFAULT_POLICY_TIMEOUT,
+            #[cfg(feature = "telemetry")]
+            telemetry: None,
         }
     }
 
@@ -191,6 +198,24 @@ impl Security {
         self
     }
 
+    /// Reports the requests [`serve_with`] refuses itself (denied by the
+    /// inbound policy, or refused before the policy arrived) under
+    /// `telemetry`: a SERVER span continuing the caller's trace, with the
+    /// decision (`mesh.authz.*`, `istio.authorization.dry_run.*`), Istio's
+    /// metrics (`response_code="403"`), the dry-run counter and an access
+    /// log line, as the app's
+    /// [`ServerTelemetryLayer`](crate::telemetry::ServerTelemetryLayer)
+    /// reports the requests it sees. Without it those requests are only
+    /// logged (`tracing` INFO) and counted by [`InboundPolicy::denied`].
+    /// Pass the app's telemetry: requests that reach the app are reported
+    /// by the app's layer, never here, so nothing is counted twice.
+    /// Feature `telemetry`.
+    #[cfg(feature = "telemetry")]
+    pub fn telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = Some(telemetry);
+        self
+    }
+
     /// The inbound policy.
     pub fn inbound(&self) -> &InboundPolicy {
         &self.inbound
@@ -202,6 +227,8 @@ struct Secure {
     inbound: InboundPolicy,
     certificates: Option<CertStore>,
     handshake_timeout: Duration,
+    #[cfg(feature = "telemetry")]
+    telemetry: Option<Telemetry>,
     /// The acceptor for `mode`; `None` when the mode needs certificates
     /// the server does not have (connections are refused then).
     acceptor: Option<MeshAcceptor>,
@@ -216,9 +243,20 @@ impl Secure {
             inbound: security.inbound,
             certificates: security.certificates,
             handshake_timeout: security.handshake_timeout,
+            #[cfg(feature = "telemetry")]
+            telemetry: security.telemetry,
             acceptor: Some(acceptor),
             mode,
         })
+    }
+
+    /// What each request of a connection is checked under.
+    fn checks(&self) -> Checks {
+        Checks {
+            policy: self.inbound.clone(),
+            #[cfg(feature = "telemetry")]
+            telemetry: self.telemetry.clone(),
+        }
     }
 
     /// The acceptor for the current mode, rebuilt when the mode changed.
@@ -239,6 +277,14 @@ impl Secure {
         }
         self.acceptor.as_ref()
     }
+}
+
+/// What [`serve_with`] checks every request of a connection under: the
+/// inbound policy, and the telemetry its refusals are reported under.
+struct Checks {
+    policy: InboundPolicy,
+    #[cfg(feature = "telemetry")]
+    telemetry: Option<Telemetry>,
 }
 
 fn acceptor_for(mode: MtlsMode, certificates: Option<&CertStore>) -> Result<MeshAcceptor, Error> {
@@ -313,8 +359,9 @@ where
 
 /// [`serve()`] under `security`: mTLS under the inbound policy's mode,
 /// the peer's identity and the policy on every request (see the
-/// [module docs](self)). Put [`ServerLayer`](crate::ServerLayer) on `app`
-/// for authorization: it uses the policy this passes along.
+/// [module docs](self)). Every request is authorized here before `app`
+/// sees it; a [`ServerLayer`](crate::ServerLayer) on `app` records the
+/// decision (and one given the same policy does not evaluate it again).
 ///
 /// Waits for an xDS policy to arrive first (gRFC A36: a server does not
 /// serve before its listener arrives; up to [`Security::policy_timeout`]).
@@ -796,7 +843,7 @@ async fn accept_loop<S, RB>(
                                 acceptor,
                                 secure.handshake_timeout,
                                 secure.certificates.clone(),
-                                secure.inbound.clone(),
+                                secure.checks(),
                                 info,
                                 app.clone(),
                                 closing_rx.clone(),
@@ -838,7 +885,7 @@ async fn serve_secure<S, RB>(
     acceptor: MeshAcceptor,
     handshake_timeout: Duration,
     certificates: Option<CertStore>,
-    inbound: InboundPolicy,
+    inbound: Checks,
     info: ConnectionInfo,
     app: S,
     mut closing: watch::Receiver<bool>,
@@ -893,7 +940,7 @@ async fn serve_secure<S, RB>(
 struct Conn {
     info: ConnectionInfo,
     peer: Option<PeerIdentity>,
-    inbound: Option<InboundPolicy>,
+    inbound: Option<Checks>,
     /// When the server certificate the connection was established with
     /// expires.
     max_age: Option<Instant>,
@@ -916,7 +963,15 @@ async fn serve_connection<IO, S, RB>(
         inbound,
         max_age,
     } = conn;
-    let app = Guard::new(app, inbound);
+    let app = match inbound {
+        None => Guard::new(app, None),
+        Some(checks) => {
+            let guard = Guard::new(app, Some(checks.policy));
+            #[cfg(feature = "telemetry")]
+            let guard = guard.with_telemetry(checks.telemetry);
+            guard
+        }
+    };
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let extensions = req.extensions_mut();
         extensions.insert(info);

@@ -3,14 +3,14 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::Request;
 use mesh_core::model::{MtlsMode, Name, ServerListener};
-use mesh_core::rbac::{self, AuthorizationPolicy, Reason, RequestAttributes};
+use mesh_core::rbac::{self, AuthorizationPolicy, DryRun, Reason, RequestAttributes};
 use mesh_core::xds::ResourceType;
 use mesh_xds_client::XdsClient;
 use tokio::sync::watch;
@@ -38,11 +38,12 @@ const TEMPLATE_EXAMPLE: &str = "grpc/server?xds.resource.listening_address=%s";
 ///
 /// Cheap to clone (an `Arc`); clones share the policy. The request path
 /// reads it with one lock-free atomic load ([`InboundPolicy::current`]).
-/// Give it to [`serve_with`](crate::serve::serve_with) (TLS under the mode)
-/// and to [`ServerLayer::inbound`](crate::ServerLayer::inbound)
-/// (authorization), or only to `serve_with`: a `ServerLayer` without a
-/// policy of its own authorizes with the one `serve_with` puts into the
-/// request's extensions.
+/// Give it to [`serve_with`](crate::serve::serve_with), which accepts
+/// connections under its mode and authorizes every request with it, and,
+/// if the app should also be checked where it is not served by
+/// `serve_with`, to [`ServerLayer::inbound`](crate::ServerLayer::inbound):
+/// a layer given the policy `serve_with` already decided a request with
+/// reuses that decision ([`Authorized`]) instead of evaluating it twice.
 #[derive(Clone)]
 pub struct InboundPolicy {
     shared: Arc<Shared>,
@@ -55,11 +56,6 @@ struct Shared {
     /// The A36 listener name, for xDS policies.
     listener: Option<Name>,
     denied: AtomicU64,
-    /// Who authorizes with this policy besides `serve_with`: [`UNLAYERED`],
-    /// [`LAYERED_BY_EXTENSION`] or [`LAYERED_OWN`]. Until a
-    /// [`ServerLayer`](crate::ServerLayer) does, `serve_with` authorizes
-    /// itself, so no app served under a policy goes unchecked.
-    layered: AtomicU8,
     /// The task following xDS, ended when the last handle goes.
     task: Option<AbortHandle>,
 }
@@ -87,12 +83,38 @@ enum Status {
 pub struct InboundConfig {
     mode: MtlsMode,
     policies: Arc<[AuthorizationPolicy]>,
+    /// Whether any policy is in dry-run (computed once per config, so a
+    /// request under a config without one pays nothing for dry-run).
+    dry_run: bool,
     listener: Option<Name>,
     version: u64,
     ready: bool,
 }
 
 impl InboundConfig {
+    fn new(
+        mode: MtlsMode,
+        policies: Arc<[AuthorizationPolicy]>,
+        listener: Option<Name>,
+        version: u64,
+        ready: bool,
+    ) -> Self {
+        InboundConfig {
+            mode,
+            dry_run: policies.iter().any(AuthorizationPolicy::is_dry_run),
+            policies,
+            listener,
+            version,
+            ready,
+        }
+    }
+
+    /// Whether any of the policies is in dry-run (`istio.io/dry-run`):
+    /// evaluated beside the enforced ones and reported, never enforced.
+    pub fn has_dry_run(&self) -> bool {
+        self.dry_run
+    }
+
     /// The mTLS mode for new connections. STRICT until an xDS policy has
     /// arrived (fail closed).
     pub fn mode(&self) -> MtlsMode {
@@ -126,13 +148,7 @@ impl InboundPolicy {
     /// A policy the app sets: `mode` for connections, `policies` for
     /// requests (empty: every request is allowed).
     pub fn fixed(mode: MtlsMode, policies: Vec<AuthorizationPolicy>) -> Self {
-        let config = InboundConfig {
-            mode,
-            policies: policies.into(),
-            listener: None,
-            version: 1,
-            ready: true,
-        };
+        let config = InboundConfig::new(mode, policies.into(), None, 1, true);
         InboundPolicy::with(config, None, Status::Ready, None)
     }
 
@@ -149,7 +165,6 @@ impl InboundPolicy {
                 status: watch::Sender::new(status),
                 listener,
                 denied: AtomicU64::new(0),
-                layered: AtomicU8::new(UNLAYERED),
                 task,
             }),
         }
@@ -188,13 +203,13 @@ impl InboundPolicy {
             .with_source(e)
         })?;
         let name = Name::from(name);
-        let pending = InboundConfig {
-            mode: MtlsMode::Strict,
-            policies: Arc::from([]),
-            listener: Some(name.clone()),
-            version: 0,
-            ready: false,
-        };
+        let pending = InboundConfig::new(
+            MtlsMode::Strict,
+            Arc::from([]),
+            Some(name.clone()),
+            0,
+            false,
+        );
         // The task needs the shared state and the state the task's handle:
         // build the state, then hand the task a weak reference.
         let (weak_tx, weak_rx) = tokio::sync::oneshot::channel::<Weak<Shared>>();
@@ -241,13 +256,13 @@ impl InboundPolicy {
 
     fn store(&self, mode: MtlsMode, policies: Arc<[AuthorizationPolicy]>, ready: bool) {
         let version = self.shared.current.load().version + 1;
-        self.shared.current.store(Arc::new(InboundConfig {
+        self.shared.current.store(Arc::new(InboundConfig::new(
             mode,
             policies,
-            listener: self.shared.listener.clone(),
+            self.shared.listener.clone(),
             version,
             ready,
-        }));
+        )));
         self.shared.mode.send_if_modified(|m| {
             let changed = *m != mode;
             *m = mode;
@@ -304,30 +319,10 @@ impl InboundPolicy {
         }
     }
 
-    /// Records that a [`ServerLayer`](crate::ServerLayer) built with this
-    /// policy ([`ServerLayer::inbound`](crate::ServerLayer::inbound))
-    /// enforces it, inside its telemetry, so denials are traced.
-    pub(crate) fn mark_layered_own(&self) {
-        self.shared.layered.store(LAYERED_OWN, Ordering::Relaxed);
-    }
-
-    /// Records that a [`ServerLayer`](crate::ServerLayer) without a policy
-    /// of its own enforces this one, found in the request's extensions.
-    /// Writes only the first time: this runs per request.
-    pub(crate) fn mark_layered_by_extension(&self) {
-        if self.shared.layered.load(Ordering::Relaxed) == UNLAYERED {
-            let _ = self.shared.layered.compare_exchange(
-                UNLAYERED,
-                LAYERED_BY_EXTENSION,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-        }
-    }
-
-    /// Who enforces this policy besides `serve_with`.
-    pub(crate) fn layering(&self) -> u8 {
-        self.shared.layered.load(Ordering::Relaxed)
+    /// Whether `self` and `other` are handles of the same policy (clones
+    /// of one [`InboundPolicy::fixed`] or [`InboundPolicy::from_xds`]).
+    pub fn same_as(&self, other: &InboundPolicy) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// Requests denied so far (Envoy's `rbac.denied`), by a policy, by
@@ -424,22 +419,121 @@ impl fmt::Debug for InboundPolicy {
     }
 }
 
-/// No [`ServerLayer`](crate::ServerLayer) enforces the policy (yet).
-pub(crate) const UNLAYERED: u8 = 0;
-/// A `ServerLayer` without a policy of its own enforces the one `serve_with`
-/// passes as a request extension.
-pub(crate) const LAYERED_BY_EXTENSION: u8 = 1;
-/// A `ServerLayer` built with the policy enforces it: `serve_with` need not
-/// pass it on.
-pub(crate) const LAYERED_OWN: u8 = 2;
-
-/// Authorizes `req` under `policy`: `None` to let it through, or the local
-/// reply refusing it. Records the decision on the request's
-/// [`DecisionRecord`] and logs denials (`tracing` INFO, naming the policy).
+/// A request's authorization decision: the request extension with which
+/// [`serve_with`](crate::serve::serve_with) (or a
+/// [`ServerLayer`](crate::ServerLayer) that authorized by itself) passes an
+/// allowed request on.
 ///
-/// Cost when allowed: one atomic load; with policies, what
-/// [`rbac::evaluate`] needs (header conditions may allocate).
-pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Option<LocalReply> {
+/// It says which [`InboundPolicy`] decided, with which policy and why, and
+/// what the dry-run policies would have decided. A `ServerLayer` records it
+/// on the request's [`DecisionRecord`] (span attributes, metrics, access
+/// log); a `ServerLayer` given the same policy
+/// ([`ServerLayer::inbound`](crate::ServerLayer::inbound)) takes it as the
+/// decision for this request instead of evaluating the policy again. It is
+/// never a switch: a layer whose policy did not make this decision
+/// authorizes by itself.
+///
+/// Only this crate makes one (there is no public constructor); an app
+/// that copies a request's extensions into another request passes the
+/// decision on along with the [`PeerIdentity`] it was made for.
+#[derive(Clone)]
+pub struct Authorized {
+    policy: InboundPolicy,
+    decided_by: Option<Name>,
+    reason: Reason,
+    dry_run: DryRun,
+}
+
+impl Authorized {
+    /// Whether `policy` (the same instance, or a clone of it) made this
+    /// decision.
+    pub fn is_decided_by(&self, policy: &InboundPolicy) -> bool {
+        self.policy.same_as(policy)
+    }
+
+    /// The AuthorizationPolicy that allowed the request, as
+    /// `<namespace>/<name>`; `None` when no ALLOW policy applies.
+    pub fn policy(&self) -> Option<&Name> {
+        self.decided_by.as_ref()
+    }
+
+    /// Why the request was allowed.
+    pub fn reason(&self) -> Reason {
+        self.reason
+    }
+
+    /// What the dry-run policies would have decided (empty without any).
+    pub fn dry_run(&self) -> &DryRun {
+        &self.dry_run
+    }
+
+    /// Writes the decision on `record`.
+    pub(crate) fn record(&self, record: &DecisionRecord) {
+        record.authorization(true, self.decided_by.as_ref());
+        if !self.dry_run.is_empty() {
+            record.dry_run(&self.dry_run);
+        }
+    }
+}
+
+impl fmt::Debug for Authorized {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authorized")
+            .field("policy", &self.decided_by)
+            .field("reason", &self.reason)
+            .field("dry_run", &self.dry_run)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`authorize`] decided.
+pub(crate) enum Outcome {
+    /// Let the request through, with the decision to pass on in its
+    /// extensions (`None`: the config has no policies, so there was nothing
+    /// to decide beyond the mTLS mode, and nothing to pass on).
+    Allowed(Option<Authorized>),
+    /// Refuse it.
+    Denied(Denial),
+}
+
+/// A refused request: the reply, and what to record about it.
+pub(crate) struct Denial {
+    pub(crate) reply: LocalReply,
+    pub(crate) decision: Refusal,
+}
+
+/// What refused a request, for a record made after the decision.
+pub(crate) struct Refusal {
+    /// `false` when the policy had not arrived (503): no authorization
+    /// decision was made.
+    decided: bool,
+    policy: Option<Name>,
+    dry_run: DryRun,
+}
+
+impl Refusal {
+    /// Writes the decision on `record` (which `authorize` could not, when
+    /// the record is made after the decision: `serve_with`'s telemetry).
+    #[cfg_attr(not(feature = "telemetry"), allow(dead_code))]
+    pub(crate) fn record(&self, record: &DecisionRecord) {
+        if self.decided {
+            record.authorization(false, self.policy.as_ref());
+        }
+        if !self.dry_run.is_empty() {
+            record.dry_run(&self.dry_run);
+        }
+    }
+}
+
+/// Authorizes `req` under `policy`. Records the decision on the request's
+/// [`DecisionRecord`], if it has one, and logs denials (`tracing` INFO,
+/// naming the policy) and dry-run policies that would have denied.
+///
+/// Cost when allowed: one atomic load, and without policies nothing more;
+/// with policies, what [`rbac::evaluate`] needs (header conditions may
+/// allocate) and the [`Authorized`] to pass on; dry-run policies are
+/// evaluated only when the config has some ([`InboundConfig::has_dry_run`]).
+pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Outcome {
     let config = policy.current();
     let peer = req
         .extensions()
@@ -453,10 +547,17 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Option<L
             path = req.uri().path(),
             "request refused: the server listener has not arrived from the control server"
         );
-        return Some(LocalReply::not_serving(format!(
-            "the server's inbound policy (xDS listener {listener}) has not arrived from the \
-             control server yet"
-        )));
+        return Outcome::Denied(Denial {
+            reply: LocalReply::not_serving(format!(
+                "the server's inbound policy (xDS listener {listener}) has not arrived from the \
+                 control server yet"
+            )),
+            decision: Refusal {
+                decided: false,
+                policy: None,
+                dry_run: DryRun::default(),
+            },
+        });
     }
     let record = req.extensions().get::<DecisionRecord>();
     if config.mode == MtlsMode::Strict && peer.is_none() {
@@ -469,14 +570,21 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Option<L
             "request denied: mTLS mode STRICT and the connection has no verified client \
              certificate"
         );
-        return Some(LocalReply::denied(
-            "RBAC: access denied (mTLS mode STRICT: the connection has no verified client \
-             certificate; serve the app with serve_with and certificates)"
-                .into(),
-        ));
+        return Outcome::Denied(Denial {
+            reply: LocalReply::denied(
+                "RBAC: access denied (mTLS mode STRICT: the connection has no verified client \
+                 certificate; serve the app with serve_with and certificates)"
+                    .into(),
+            ),
+            decision: Refusal {
+                decided: true,
+                policy: None,
+                dry_run: DryRun::default(),
+            },
+        });
     }
     if config.policies.is_empty() {
-        return None;
+        return Outcome::Allowed(None);
     }
     let connection = req.extensions().get::<ConnectionInfo>();
     let (source_ip, port) = match connection {
@@ -487,8 +595,39 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Option<L
     };
     let attributes = RequestAttributes::from_request(req, peer, source_ip, port);
     let decision = rbac::evaluate(&config.policies, &attributes);
+    let dry_run = if config.dry_run {
+        let dry_run = rbac::evaluate_dry_run(&config.policies, &attributes);
+        if dry_run.would_deny() {
+            fn named(r: &Option<rbac::ShadowResult>) -> Option<&str> {
+                r.as_ref().filter(|r| !r.allowed).map(|r| {
+                    r.policy
+                        .as_deref()
+                        .unwrap_or("no dry-run ALLOW policy matched")
+                })
+            }
+            tracing::info!(
+                deny_policy = named(&dry_run.deny),
+                allow_policy = named(&dry_run.allow),
+                enforced = if decision.allowed {
+                    "allowed"
+                } else {
+                    "denied"
+                },
+                peer = peer.map(|p| p.as_str()),
+                method = req.method().as_str(),
+                path = req.uri().path(),
+                "a dry-run authorization policy would have denied this request (not enforced)"
+            );
+        }
+        dry_run
+    } else {
+        DryRun::default()
+    };
     if let Some(record) = record {
         record.authorization(decision.allowed, decision.policy.as_ref());
+        if !dry_run.is_empty() {
+            record.dry_run(&dry_run);
+        }
     }
     if decision.audit {
         tracing::info!(
@@ -500,7 +639,12 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Option<L
         );
     }
     if decision.allowed {
-        return None;
+        return Outcome::Allowed(Some(Authorized {
+            policy: policy.clone(),
+            decided_by: decision.policy,
+            reason: decision.reason,
+            dry_run,
+        }));
     }
     policy.shared.denied.fetch_add(1, Ordering::Relaxed);
     let named = match (&decision.policy, decision.reason) {
@@ -509,7 +653,7 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Option<L
             let allow: Vec<&str> = config
                 .policies
                 .iter()
-                .filter(|p| p.action() == rbac::Action::Allow)
+                .filter(|p| p.action() == rbac::Action::Allow && !p.is_dry_run())
                 .map(|p| &**p.id())
                 .collect();
             format!("no ALLOW policy matched: {}", allow.join(", "))
@@ -524,5 +668,12 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Option<L
         path = req.uri().path(),
         "request denied by authorization ({named})"
     );
-    Some(LocalReply::denied(format!("RBAC: access denied ({named})")))
+    Outcome::Denied(Denial {
+        reply: LocalReply::denied(format!("RBAC: access denied ({named})")),
+        decision: Refusal {
+            decided: true,
+            policy: decision.policy,
+            dry_run,
+        },
+    })
 }

@@ -51,13 +51,12 @@ impl ServerLayer {
     /// verified [`PeerIdentity`](crate::tls::PeerIdentity) is denied, and
     /// the policy's AuthorizationPolicies decide the rest; denied requests
     /// get 403 / `PERMISSION_DENIED` naming the policy and never reach the
-    /// app. Without this, the layer uses the policy
-    /// [`serve_with`](crate::serve::serve_with) passes in the request's
-    /// extensions, if any; with neither, nothing is checked (no cost).
+    /// app. A request that [`serve_with`](crate::serve::serve_with) already
+    /// authorized under this same policy is not evaluated again (its
+    /// [`Authorized`](crate::Authorized) decision is recorded); any other
+    /// request is authorized here. Without this the layer checks nothing
+    /// itself and records the decision `serve_with` made, if any.
     pub fn inbound(mut self, policy: InboundPolicy) -> Self {
-        // Marked here, not only in `layer`: routers such as axum's may wrap
-        // their handlers lazily, after `serve_with` sees the first request.
-        policy.mark_layered_own();
         self.inbound = Some(policy);
         self
     }
@@ -95,9 +94,6 @@ impl<S> Layer<S> for ServerLayer {
     type Service = Server<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        if let Some(policy) = &self.inbound {
-            policy.mark_layered_own();
-        }
         Server::new(
             inner,
             self.context.clone(),

@@ -30,8 +30,7 @@
 //! enforces `grpc-timeout` itself). Responses are wrapped in
 //! [`ResponseBody`](crate::ResponseBody) so the layer can answer itself.
 //!
-//! Authorization ([`ServerLayer::inbound`], or the [`InboundPolicy`] that
-//! `serve_with` passes along): Istio's AuthorizationPolicy semantics
+//! Authorization: Istio's AuthorizationPolicy semantics
 //! ([`mesh_core::rbac`]) on the peer's SPIFFE ID, source address, host,
 //! port, method, path and headers, as Envoy's RBAC filter (gRFC A41). A
 //! denied request gets `403` with a body `RBAC: access denied (policy
@@ -43,6 +42,53 @@
 //! (`mesh.authz.*` span attributes, the access log's
 //! `response_code_details`), the 403 into Istio's metrics, and a `tracing`
 //! INFO line names the policy.
+//!
+//! # Who authorizes: fail closed by construction
+//!
+//! [`serve_with`](crate::serve::serve_with) authorizes **every** request
+//! itself, once, under its [`InboundPolicy`], before the app (whatever the
+//! app is made of) sees it. A request it allows carries the decision as an
+//! [`Authorized`] extension (which policy instance decided, the deciding
+//! AuthorizationPolicy, why, and the dry-run result); a `ServerLayer`
+//! records that decision on the request's record, span and metrics, and
+//! never turns a check off. A `ServerLayer` with a policy of its own
+//! ([`ServerLayer::inbound`]) uses the decision only when that same policy
+//! made it for this very request; otherwise (no `serve_with`, a different
+//! policy, a plain `serve`) it authorizes by itself. So a request reaches
+//! the app only if a check ran for it:
+//!
+//! - routes merged after `.layer(...)`, nested routers, a second tonic
+//!   service, a layer built but never applied: `serve_with` checked them;
+//! - a `ServerLayer` served without `serve_with`: it checked them.
+//!
+//! Why not let one layer switch the other off (a "layered" flag on the
+//! policy, as before)? Because whether a layer wraps a given route is a
+//! property of how the app was assembled, not of the policy: a flag set by
+//! one wrapped route (or by building a layer) turned authorization off for
+//! every unwrapped one. A per-request extension answers the only question
+//! that matters, "was *this* request checked?", and costs one extension
+//! insert per allowed request (none without policies); evaluating once
+//! also keeps `InboundPolicy::denied` and the logs exact.
+//!
+//! Requests `serve_with` refuses never reach the app's
+//! [`ServerTelemetryLayer`](crate::telemetry::ServerTelemetryLayer): give
+//! `serve_with` the same telemetry (`Security::telemetry`, feature
+//! `telemetry`) and they get the same span, metrics and access log line.
+//! Each request is reported by exactly one of the two, so nothing is
+//! counted twice and no marker is needed.
+//!
+//! # Dry-run policies
+//!
+//! An AuthorizationPolicy in dry-run (`istio.io/dry-run: "true"`,
+//! [`AuthorizationPolicy::is_dry_run`](mesh_core::rbac::AuthorizationPolicy::is_dry_run))
+//! is evaluated beside the enforced ones, as Envoy evaluates RBAC
+//! `shadow_rules`, and never changes a response. What it would have
+//! decided is reported: on the span with Istio's tags
+//! `istio.authorization.dry_run.{allow,deny}_policy.{name,result}` (result
+//! `allowed` / `denied`), in the counter `mesh_authz_dry_run_total{action,
+//! result, policy}`, in the access log, and as a `tracing` INFO line when it
+//! would have denied. A config without dry-run policies pays nothing for
+//! this ([`InboundConfig::has_dry_run`] is computed once per config).
 //!
 //! [`serve`](crate::serve()) adds a [`ConnectionInfo`](crate::serve::ConnectionInfo)
 //! extension (peer and local address) before this layer runs.
@@ -58,7 +104,7 @@ use std::sync::Arc;
 use mesh_core::model::Name;
 
 pub use self::future::ResponseFuture;
-pub use self::inbound::{InboundConfig, InboundPolicy};
+pub use self::inbound::{Authorized, InboundConfig, InboundPolicy};
 pub use self::layer::ServerLayer;
 pub(crate) use self::service::Guard;
 pub use self::service::Server;

@@ -3,11 +3,13 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Request, Response};
 use tower::Service;
 
-use super::inbound::{LAYERED_OWN, UNLAYERED, authorize};
+use super::inbound::{Authorized, Denial, Outcome, authorize};
 use super::{InboundPolicy, ResponseFuture, ServerContext};
 use crate::body::ResponseBody;
 use crate::deadline::Deadline;
 use crate::local_reply::{LocalReply, is_grpc};
+#[cfg(feature = "telemetry")]
+use crate::telemetry::Telemetry;
 use crate::telemetry::{DecisionRecord, ResponseFlags};
 
 /// The service built by [`ServerLayer`](super::ServerLayer).
@@ -83,49 +85,86 @@ where
             }
             req.extensions_mut().insert(deadline);
         }
-        let policy = match &self.inbound {
-            Some(own) => Some(own),
-            None => {
-                let passed = req.extensions().get::<InboundPolicy>();
-                if let Some(policy) = passed {
-                    // From now on `serve_with` leaves authorization to this layer.
-                    policy.mark_layered_by_extension();
-                }
-                passed
+        let decided = req.extensions().get::<Authorized>();
+        match (&self.inbound, decided) {
+            // `serve_with` (or an outer layer) decided this request under
+            // this very policy: record that decision, do not evaluate twice.
+            (Some(own), Some(decided)) if decided.is_decided_by(own) => {
+                record(decided, &req);
             }
-        };
-        if let Some(reply) = policy.and_then(|policy| authorize(policy, &req)) {
-            return ResponseFuture::local(
-                reply.into_parts(is_grpc(req.headers())),
-                self.served_by.clone(),
-            );
+            // A policy of our own that nobody applied to this request yet:
+            // decide it here (the layer alone, or under another policy).
+            (Some(own), _) => match authorize(own, &req) {
+                Outcome::Allowed(Some(authorized)) => {
+                    req.extensions_mut().insert(authorized);
+                }
+                Outcome::Allowed(None) => {}
+                Outcome::Denied(Denial { reply, .. }) => {
+                    // `authorize` wrote the decision on the record.
+                    return ResponseFuture::local(
+                        reply.into_parts(is_grpc(req.headers())),
+                        self.served_by.clone(),
+                    );
+                }
+            },
+            (None, Some(decided)) => record(decided, &req),
+            (None, None) => {}
         }
         ResponseFuture::new(self.inner.call(req), self.served_by.clone())
     }
 }
 
-/// What `serve` runs every request through. Until a
-/// [`ServerLayer`](super::ServerLayer) is known to enforce the policy (one
-/// built with [`ServerLayer::inbound`](super::ServerLayer::inbound), or one
-/// that has authorized a request with the policy this passes on as a
-/// request extension), it authorizes each request itself, so an app served
-/// under a policy is never left unchecked; those denials are logged and
-/// counted, but not traced. Then it only passes the policy on.
+/// Writes a decision made before this layer on the request's record, if
+/// a telemetry layer put one there.
+fn record<B>(decided: &Authorized, req: &Request<B>) {
+    if let Some(record) = req.extensions().get::<DecisionRecord>() {
+        decided.record(record);
+    }
+}
+
+/// What [`serve_with`](crate::serve::serve_with) runs every request
+/// through, outside the app: it authorizes each request under the server's
+/// [`InboundPolicy`], once, and either refuses it (the app never sees it)
+/// or passes it on with the decision as an [`Authorized`] extension. There
+/// is no state shared between requests beyond the policy itself: whatever
+/// the app is made of (routes outside a `ServerLayer`, nested routers,
+/// several tonic services), no request reaches it unchecked.
+///
+/// With telemetry (`Security::telemetry`, feature `telemetry`), a request
+/// it refuses gets a SERVER span, Istio metrics and an access log line, as
+/// the app's telemetry would have given it. Allowed requests are the app's
+/// telemetry's to report, so nothing is recorded twice: the two never see
+/// the same request.
 #[derive(Debug, Clone)]
 pub(crate) struct Guard<S> {
     inner: S,
     policy: Option<InboundPolicy>,
+    #[cfg(feature = "telemetry")]
+    telemetry: Option<Telemetry>,
 }
 
 impl<S> Guard<S> {
     pub(crate) fn new(inner: S, policy: Option<InboundPolicy>) -> Self {
-        Guard { inner, policy }
+        Guard {
+            inner,
+            policy,
+            #[cfg(feature = "telemetry")]
+            telemetry: None,
+        }
+    }
+
+    /// Reports the requests this refuses under `telemetry`.
+    #[cfg(feature = "telemetry")]
+    pub(crate) fn with_telemetry(mut self, telemetry: Option<Telemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 }
 
 impl<S, B, RB> Service<Request<B>> for Guard<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
+    B: http_body::Body,
     RB: http_body::Body,
 {
     type Response = Response<ResponseBody<RB>>;
@@ -138,18 +177,39 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         if let Some(policy) = &self.policy {
-            let layering = policy.layering();
-            if layering == UNLAYERED
-                && let Some(reply) = authorize(policy, &req)
-            {
-                return ResponseFuture::local(reply.into_parts(is_grpc(req.headers())), None);
-            }
-            if layering != LAYERED_OWN {
-                // A ServerLayer without a policy of its own authorizes with
-                // this one (and from then on, only it does).
-                req.extensions_mut().insert(policy.clone());
+            match authorize(policy, &req) {
+                Outcome::Allowed(Some(authorized)) => {
+                    req.extensions_mut().insert(authorized);
+                }
+                Outcome::Allowed(None) => {}
+                Outcome::Denied(denial) => return self.refuse(req, denial),
             }
         }
         ResponseFuture::new(self.inner.call(req), None)
+    }
+}
+
+impl<S> Guard<S> {
+    /// The local reply refusing `req`, reported under the telemetry, if any.
+    fn refuse<B, F>(&self, req: Request<B>, denial: Denial) -> ResponseFuture<F>
+    where
+        B: http_body::Body,
+    {
+        let Denial { reply, decision } = denial;
+        #[cfg_attr(not(feature = "telemetry"), allow(unused_mut))]
+        let (mut head, body) = reply.into_parts(is_grpc(req.headers()));
+        #[cfg(feature = "telemetry")]
+        if let Some(telemetry) = &self.telemetry {
+            crate::telemetry::local_reply(
+                telemetry,
+                req,
+                |record| decision.record(record),
+                &mut head,
+                body.as_ref(),
+            );
+        }
+        #[cfg(not(feature = "telemetry"))]
+        let _ = (req, decision);
+        ResponseFuture::local((head, body), None)
     }
 }

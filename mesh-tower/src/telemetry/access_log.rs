@@ -13,7 +13,13 @@
 //! SPIFFE ID), and for a request authorization denied
 //! `response_code_details` as Envoy's RBAC filter writes it:
 //! `rbac_access_denied_matched_policy[<namespace>/<name>]` (`[none]` when
-//! no ALLOW policy matched).
+//! no ALLOW policy matched). When dry-run authorization policies
+//! (`istio.io/dry-run`) were evaluated, what they would have decided, under
+//! the names of the dynamic metadata Envoy's RBAC filter writes for the
+//! shadow rules Istio generates (stat prefixes `istio_dry_run_allow_` and
+//! `istio_dry_run_deny_`): `istio_dry_run_{allow,deny}_shadow_effective_policy_id`
+//! (the matching dry-run policy, `<namespace>/<name>`, or `null`) and
+//! `istio_dry_run_{allow,deny}_shadow_engine_result` (`allowed` / `denied`).
 //!
 //! Each line is the message of an INFO event with target
 //! [`ACCESS_LOG_TARGET`]; route it with a `tracing_subscriber` filter
@@ -28,7 +34,7 @@ use opentelemetry::trace::TraceContextExt as _;
 use serde_json::{Map, Value, json};
 
 use super::flags::ResponseFlags;
-use super::record::DecisionRecord;
+use super::record::{DecisionRecord, shadow_result};
 
 /// The `tracing` target of access log events.
 pub const ACCESS_LOG_TARGET: &str = "proxyless::access";
@@ -120,6 +126,22 @@ fn to_json(line: &Line<'_>) -> Value {
             _ => None,
         };
         m.insert("response_code_details".into(), json!(details));
+        if let Some(dry_run) = line.record.dry_run_result() {
+            for (prefix, result) in [
+                ("istio_dry_run_allow_", &dry_run.allow),
+                ("istio_dry_run_deny_", &dry_run.deny),
+            ] {
+                let Some(result) = result else { continue };
+                m.insert(
+                    format!("{prefix}shadow_effective_policy_id"),
+                    json!(result.policy.as_deref()),
+                );
+                m.insert(
+                    format!("{prefix}shadow_engine_result"),
+                    json!(shadow_result(result.allowed)),
+                );
+            }
+        }
     }
     let trace_id = line
         .record

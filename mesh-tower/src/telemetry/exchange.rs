@@ -133,6 +133,16 @@ impl Exchange {
         }
     }
 
+    /// The record the request's decisions are written on.
+    pub(crate) fn record(&self) -> &DecisionRecord {
+        &self.record
+    }
+
+    /// A response body of `n` bytes, sent whole (a local reply).
+    pub(crate) fn local_body(&mut self, n: u64) {
+        self.response_bytes += n;
+    }
+
     fn on_frame<D: bytes::Buf>(&mut self, frame: &Frame<D>) {
         if let Some(data) = frame.data_ref() {
             self.response_bytes += data.remaining() as u64;
@@ -216,6 +226,9 @@ impl Exchange {
                 Side::Server { source, .. } => {
                     if !flags.is_empty() {
                         metrics.mesh().server_request(flags);
+                    }
+                    if let Some(dry_run) = self.record.dry_run_result() {
+                        metrics.mesh().dry_run(dry_run);
                     }
                     let source = source.as_ref().unwrap_or_else(|| istio.unknown_peer());
                     let own_principal = inner.identity.principal_name();

@@ -584,6 +584,23 @@ struct DirectionLabels {
     direction: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DryRunLabels {
+    action: &'static str,
+    result: &'static str,
+    policy: PolicyLabel,
+}
+
+/// A policy as `<namespace>/<name>`, or `""` when none matched.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PolicyLabel(Option<Name>);
+
+impl EncodeLabelValue for PolicyLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.0.as_deref().unwrap_or(""), encoder)
+    }
+}
+
 /// The mesh's own counters, derived from each request's
 /// [`DecisionRecord`] when its response ends (so the layers that decide
 /// only fill the record):
@@ -597,12 +614,20 @@ struct DirectionLabels {
 /// | `proxyless_timeouts_total` | `cluster_name` | response flag `UT` |
 /// | `proxyless_faults_injected_total` | `cluster_name`, `kind` (`delay`, `abort`) | flags `DI`, `FI` |
 /// | `proxyless_deadline_drops_total` | `direction` (`outbound`, `inbound`) | flag `DT` |
+/// | `mesh_authz_dry_run_total` | `action` (`allow`, `deny`), `result` (`allowed`, `denied`), `policy` (`<ns>/<name>` of the matching dry-run policy, `""` when none matched) | [`DecisionRecord::dry_run`] |
 ///
 /// [`DecisionRecord`]: super::DecisionRecord
 /// [`DecisionRecord::retrying`]: super::DecisionRecord::retrying
 /// [`DecisionRecord::retry_refused`]: super::DecisionRecord::retry_refused
 /// [`DecisionRecord::breaker_overflow`]: super::DecisionRecord::breaker_overflow
 /// [`DecisionRecord::outlier_ejected`]: super::DecisionRecord::outlier_ejected
+/// [`DecisionRecord::dry_run`]: super::DecisionRecord::dry_run
+///
+/// The dry-run counter (Envoy's RBAC `shadow_allowed` / `shadow_denied`
+/// statistics, with the policy as a label) goes up once per request and
+/// per action that has dry-run policies, on the server that evaluated them.
+/// Its name is part of the mesh's interface (dashboards and the
+/// control-plane tests read it), so it keeps its `mesh_` prefix.
 #[derive(Debug, Clone)]
 pub(crate) struct MeshMetrics {
     retries: Family<ReasonLabels, Counter>,
@@ -612,6 +637,7 @@ pub(crate) struct MeshMetrics {
     timeouts: Family<ClusterLabels, Counter>,
     faults: Family<KindLabels, Counter>,
     deadline_drops: Family<DirectionLabels, Counter>,
+    dry_run: Family<DryRunLabels, Counter>,
 }
 
 impl MeshMetrics {
@@ -624,6 +650,7 @@ impl MeshMetrics {
             timeouts: Family::default(),
             faults: Family::default(),
             deadline_drops: Family::default(),
+            dry_run: Family::default(),
         };
         registry.register(
             "proxyless_retries",
@@ -659,6 +686,12 @@ impl MeshMetrics {
             "proxyless_deadline_drops",
             "Requests dropped because their deadline had passed (flag DT)",
             m.deadline_drops.clone(),
+        );
+        registry.register(
+            "mesh_authz_dry_run",
+            "What dry-run authorization policies (istio.io/dry-run) would have decided, by \
+             action, result and matching policy; never enforced",
+            m.dry_run.clone(),
         );
         m
     }
@@ -731,6 +764,21 @@ impl MeshMetrics {
     pub(crate) fn server_request(&self, flags: ResponseFlags) {
         if flags.contains(ResponseFlags::DURATION_TIMEOUT) {
             self.deadline_drop("inbound");
+        }
+    }
+
+    /// Counts what the dry-run policies would have decided for one request.
+    pub(crate) fn dry_run(&self, result: &mesh_core::rbac::DryRun) {
+        for (action, shadow) in [("allow", &result.allow), ("deny", &result.deny)] {
+            if let Some(shadow) = shadow {
+                self.dry_run
+                    .get_or_create(&DryRunLabels {
+                        action,
+                        result: super::record::shadow_result(shadow.allowed),
+                        policy: PolicyLabel(shadow.policy.clone()),
+                    })
+                    .inc();
+            }
         }
     }
 

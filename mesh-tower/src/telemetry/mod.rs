@@ -124,6 +124,8 @@ pub use self::propagation::{
 #[cfg(feature = "telemetry")]
 pub use self::serve_metrics::{MetricsServer, serve_metrics};
 #[cfg(feature = "telemetry")]
+pub(crate) use self::server::local_reply;
+#[cfg(feature = "telemetry")]
 pub use self::server::{ServerResponseFuture, ServerTelemetry, ServerTelemetryLayer};
 #[cfg(feature = "telemetry")]
 pub use self::settings::{Telemetry, TelemetryBuilder};

@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 use mesh_core::model::{LbPolicy, Name, RetryOn};
+use mesh_core::rbac::DryRun;
 use mesh_core::snapshot::Versions;
 
 use super::flags::{BreakerLimit, ResponseFlags, RetryRefusal};
@@ -109,6 +110,12 @@ mod span {
 use self::span::AttemptSpan;
 pub(crate) use self::span::Trace;
 
+/// `allowed` / `denied`: a dry-run result, as Istio writes it.
+#[cfg(feature = "telemetry")]
+pub(crate) fn shadow_result(allowed: bool) -> &'static str {
+    if allowed { "allowed" } else { "denied" }
+}
+
 /// An endpoint's labels, as EDS carries them (`version: v1`).
 pub type EndpointLabels = Arc<[(Name, Name)]>;
 
@@ -167,7 +174,13 @@ struct Inner {
     /// Later attempts, allocated on the first retry.
     retried: OnceLock<Box<[OnceLock<Attempt>; MAX_RECORDED_ATTEMPTS - 1]>>,
     peer_principal: OnceLock<Name>,
+    /// The first decision that allowed the request, and the first that
+    /// denied it: a denial wins, so a layer that denies after an outer one
+    /// allowed (two policies) is what the record says.
     authorization: OnceLock<Authorization>,
+    denial: OnceLock<Authorization>,
+    /// What the dry-run authorization policies would have decided.
+    dry_run: OnceLock<DryRun>,
 }
 
 const GRPC_ABORT: u32 = 1 << 31;
@@ -261,6 +274,8 @@ impl DecisionRecord {
                 retried: OnceLock::new(),
                 peer_principal: OnceLock::new(),
                 authorization: OnceLock::new(),
+                denial: OnceLock::new(),
+                dry_run: OnceLock::new(),
             }),
         }
     }
@@ -449,12 +464,30 @@ impl DecisionRecord {
         let _ = self.inner.peer_principal.set(spiffe_id.clone());
     }
 
-    /// The authorization decision and the policy that made it.
+    /// The authorization decision and the policy that made it. The first
+    /// denial wins over any allow (a request checked by two policies is
+    /// denied if either denies it); otherwise the first allow is kept.
     pub fn authorization(&self, allowed: bool, policy: Option<&Name>) {
-        let _ = self.inner.authorization.set(Authorization {
+        let slot = if allowed {
+            &self.inner.authorization
+        } else {
+            &self.inner.denial
+        };
+        let _ = slot.set(Authorization {
             allowed,
             policy: policy.cloned(),
         });
+    }
+
+    /// What the dry-run authorization policies (`istio.io/dry-run`) would
+    /// have decided; the first result is kept. Never changes the request's
+    /// fate: it is reported (span attributes
+    /// `istio.authorization.dry_run.*`, the `mesh_authz_dry_run_total`
+    /// metric, the access log).
+    pub fn dry_run(&self, result: &DryRun) {
+        if self.inner.dry_run.get().is_none() {
+            let _ = self.inner.dry_run.set(result.clone());
+        }
     }
 
     // ----- reading -----
@@ -547,9 +580,16 @@ impl DecisionRecord {
     /// verified peer).
     pub fn authorization_decision(&self) -> Option<(bool, Option<&Name>)> {
         self.inner
-            .authorization
+            .denial
             .get()
+            .or_else(|| self.inner.authorization.get())
             .map(|a| (a.allowed, a.policy.as_ref()))
+    }
+
+    /// What the dry-run authorization policies would have decided, if the
+    /// request was evaluated under any.
+    pub fn dry_run_result(&self) -> Option<&DryRun> {
+        self.inner.dry_run.get()
     }
 
     /// The endpoint of the latest recorded attempt, with its labels.

@@ -24,6 +24,7 @@ use super::identity::PEER_HEADER_NAME;
 use super::propagation;
 use super::record::{DecisionRecord, Trace};
 use crate::serve::ConnectionInfo;
+use crate::server::Authorized;
 use crate::tls::PeerIdentity;
 
 /// Puts [`ServerTelemetry`] over an application (see the
@@ -106,73 +107,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let started = Instant::now();
-        let t = self.telemetry.inner();
-        let grpc = is_grpc(req.headers());
-        let parent = propagation::extract(req.headers());
-        let announced = req.headers_mut().remove(PEER_HEADER_NAME);
-        let source = match (&announced, &t.metrics) {
-            (Some(value), Some(metrics)) => Some(metrics.istio().peer_from_header(value)),
-            _ => None,
-        };
-        let (cx, trace) = match &t.tracer {
-            Some(tracer) => {
-                let span = tracer.build_with_context(
-                    SpanBuilder::from_name("").with_kind(SpanKind::Server),
-                    &parent,
-                );
-                if span.is_recording() {
-                    let name = span_name(req.method(), req.uri().path(), grpc);
-                    let mut span = span;
-                    span.update_name(name.clone());
-                    span.set_attributes(server_attributes(&req, grpc));
-                    let cx = parent.with_span(span);
-                    let trace = Trace {
-                        tracer: tracer.clone(),
-                        cx: cx.clone(),
-                        name,
-                    };
-                    (cx, Some(trace))
-                } else {
-                    // Not sampled: children only need the span context
-                    // (one allocation instead of boxing the span).
-                    (
-                        parent.with_remote_span_context(span.span_context().clone()),
-                        None,
-                    )
-                }
-            }
-            None => (parent, None),
-        };
-        let record = DecisionRecord::with_trace(trace);
-        if let Some(peer) = req.extensions().get::<PeerIdentity>() {
-            // Istio's `source_principal`; the app and authorization read
-            // the `PeerIdentity` extension itself.
-            record.peer_principal(peer.spiffe_id().uri());
-        }
-        let connection = req.extensions().get::<ConnectionInfo>().copied();
-        let access = t
-            .access_log
-            .then(|| exchange::access_info(&req, connection.map(|c| c.peer_addr())));
-        let request_size_hint = req.body().size_hint().exact().unwrap_or_else(|| {
-            exchange::header_text(req.headers(), "content-length")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        });
-        req.extensions_mut().insert(cx.clone());
-        req.extensions_mut().insert(record.clone());
-        let exchange = Exchange::new(
-            self.telemetry.clone(),
-            record,
-            started,
-            Side::Server {
-                source,
-                answer_peer: announced.is_some(),
-            },
-            grpc,
-            request_size_hint,
-            access,
-        );
+        let (cx, exchange) = begin(&self.telemetry, &mut req);
         let future = {
             let _current = cx.clone().attach();
             self.inner.call(req)
@@ -182,6 +117,113 @@ where
             exchange: Some(exchange),
         }
     }
+}
+
+/// Starts a request's server-side telemetry: continues the caller's trace,
+/// starts the SERVER span (when sampled), puts the trace context and a
+/// fresh [`DecisionRecord`] into the request's extensions (with the peer's
+/// principal, and the decision of an authorization made before, see
+/// [`Authorized`]), and returns the context and the exchange to finish when
+/// the response ends.
+fn begin<B: Body>(
+    telemetry: &Telemetry,
+    req: &mut Request<B>,
+) -> (opentelemetry::Context, Exchange) {
+    let started = Instant::now();
+    let t = telemetry.inner();
+    let grpc = is_grpc(req.headers());
+    let parent = propagation::extract(req.headers());
+    let announced = req.headers_mut().remove(PEER_HEADER_NAME);
+    let source = match (&announced, &t.metrics) {
+        (Some(value), Some(metrics)) => Some(metrics.istio().peer_from_header(value)),
+        _ => None,
+    };
+    let (cx, trace) = match &t.tracer {
+        Some(tracer) => {
+            let span = tracer.build_with_context(
+                SpanBuilder::from_name("").with_kind(SpanKind::Server),
+                &parent,
+            );
+            if span.is_recording() {
+                let name = span_name(req.method(), req.uri().path(), grpc);
+                let mut span = span;
+                span.update_name(name.clone());
+                span.set_attributes(server_attributes(req, grpc));
+                let cx = parent.with_span(span);
+                let trace = Trace {
+                    tracer: tracer.clone(),
+                    cx: cx.clone(),
+                    name,
+                };
+                (cx, Some(trace))
+            } else {
+                // Not sampled: children only need the span context
+                // (one allocation instead of boxing the span).
+                (
+                    parent.with_remote_span_context(span.span_context().clone()),
+                    None,
+                )
+            }
+        }
+        None => (parent, None),
+    };
+    let record = DecisionRecord::with_trace(trace);
+    if let Some(peer) = req.extensions().get::<PeerIdentity>() {
+        // Istio's `source_principal`; the app and authorization read
+        // the `PeerIdentity` extension itself.
+        record.peer_principal(peer.spiffe_id().uri());
+    }
+    if let Some(authorized) = req.extensions().get::<Authorized>() {
+        // `serve_with` authorized the request before it reached this layer:
+        // its decision (and dry-run result) is this request's, whether or
+        // not a `ServerLayer` below records it too.
+        authorized.record(&record);
+    }
+    let connection = req.extensions().get::<ConnectionInfo>().copied();
+    let access = t
+        .access_log
+        .then(|| exchange::access_info(req, connection.map(|c| c.peer_addr())));
+    let request_size_hint = req.body().size_hint().exact().unwrap_or_else(|| {
+        exchange::header_text(req.headers(), "content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    req.extensions_mut().insert(cx.clone());
+    req.extensions_mut().insert(record.clone());
+    let exchange = Exchange::new(
+        telemetry.clone(),
+        record,
+        started,
+        Side::Server {
+            source,
+            answer_peer: announced.is_some(),
+        },
+        grpc,
+        request_size_hint,
+        access,
+    );
+    (cx, exchange)
+}
+
+/// Reports a request that the server answers itself before any app (and
+/// so any [`ServerTelemetry`] of the app) sees it: `serve_with` refusing
+/// it under its inbound policy. The request gets the same SERVER span,
+/// Istio metrics and access log line as one the app's telemetry reports;
+/// `decide` writes the decision on its record. The reply's head gets the
+/// peer metadata answer, if the caller asked; `body` is the whole body.
+pub(crate) fn local_reply<B: Body>(
+    telemetry: &Telemetry,
+    mut req: Request<B>,
+    decide: impl FnOnce(&DecisionRecord),
+    head: &mut Response<()>,
+    body: Option<&bytes::Bytes>,
+) {
+    let (_cx, mut exchange) = begin(telemetry, &mut req);
+    drop(req);
+    decide(exchange.record());
+    exchange.on_response(head);
+    exchange.local_body(body.map_or(0, |b| b.len() as u64));
+    exchange.finish(End::Complete);
 }
 
 fn server_attributes<B>(req: &Request<B>, grpc: bool) -> Vec<KeyValue> {

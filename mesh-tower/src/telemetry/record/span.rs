@@ -19,7 +19,7 @@ use opentelemetry_sdk::trace::SdkTracer;
 
 use super::super::flags::{BreakerLimit, RetryRefusal};
 use super::super::propagation;
-use super::{AttemptOutcome, DecisionRecord, GRPC_ABORT};
+use super::{AttemptOutcome, DecisionRecord, GRPC_ABORT, shadow_result};
 
 /// The span side of a sampled request: the context holding its span (the
 /// parent of attempt spans) and the tracer that makes them.
@@ -229,16 +229,45 @@ impl DecisionRecord {
         if let Some(p) = i.peer_principal.get() {
             out.push(KeyValue::new("mesh.peer.principal", p.to_string()));
         }
-        if let Some(a) = i.authorization.get() {
+        if let Some(a) = i.denial.get().or_else(|| i.authorization.get()) {
             let decision = if a.allowed { "allow" } else { "deny" };
             out.push(KeyValue::new("mesh.authz.decision", decision));
             if let Some(policy) = &a.policy {
                 out.push(KeyValue::new("mesh.authz.policy", policy.to_string()));
             }
         }
+        if let Some(dry_run) = i.dry_run.get() {
+            for (result, name_key, result_key) in [
+                (
+                    &dry_run.allow,
+                    DRY_RUN_ALLOW_POLICY_NAME,
+                    DRY_RUN_ALLOW_POLICY_RESULT,
+                ),
+                (
+                    &dry_run.deny,
+                    DRY_RUN_DENY_POLICY_NAME,
+                    DRY_RUN_DENY_POLICY_RESULT,
+                ),
+            ] {
+                let Some(result) = result else { continue };
+                if let Some(policy) = &result.policy {
+                    out.push(KeyValue::new(name_key, policy.to_string()));
+                }
+                out.push(KeyValue::new(result_key, shadow_result(result.allowed)));
+            }
+        }
         out
     }
 }
+
+/// Istio's span tags for dry-run authorization policies (Envoy's RBAC
+/// `shadow_rules` of the ALLOW and the DENY filter): the matching dry-run
+/// policy (`<namespace>/<name>`; absent when none matched) and what the
+/// dry-run policies of that action would have decided.
+const DRY_RUN_ALLOW_POLICY_NAME: &str = "istio.authorization.dry_run.allow_policy.name";
+const DRY_RUN_ALLOW_POLICY_RESULT: &str = "istio.authorization.dry_run.allow_policy.result";
+const DRY_RUN_DENY_POLICY_NAME: &str = "istio.authorization.dry_run.deny_policy.name";
+const DRY_RUN_DENY_POLICY_RESULT: &str = "istio.authorization.dry_run.deny_policy.result";
 
 fn lb_policy_name(p: &LbPolicy) -> &'static str {
     match p {
@@ -295,5 +324,72 @@ mod tests {
         assert_eq!(record.flags().to_string(), "FI");
         assert_eq!(get("mesh.authz.decision"), Some("deny"));
         assert_eq!(get("mesh.authz.policy"), Some("deny-all"));
+    }
+
+    #[test]
+    fn a_denial_wins_and_dry_run_results_use_istios_tags() {
+        use mesh_core::rbac::{DryRun, ShadowResult};
+
+        let attrs = |record: &DecisionRecord| -> Vec<(String, String)> {
+            record
+                .attributes()
+                .into_iter()
+                .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+                .collect()
+        };
+        let get = |attrs: &[(String, String)], k: &str| {
+            attrs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let record = DecisionRecord::new();
+        // serve_with allowed under one policy, a layer's own policy denied.
+        record.authorization(true, Some(&"shop/allow-frontend".into()));
+        record.authorization(false, Some(&"shop/deny-admin".into()));
+        record.authorization(true, None);
+        assert_eq!(
+            record.authorization_decision(),
+            Some((false, Some(&"shop/deny-admin".into())))
+        );
+        record.dry_run(&DryRun {
+            allow: Some(ShadowResult {
+                allowed: false,
+                policy: None,
+            }),
+            deny: Some(ShadowResult {
+                allowed: false,
+                policy: Some("shop/deny-all".into()),
+            }),
+        });
+        // The first dry-run result is kept.
+        record.dry_run(&DryRun::default());
+        let a = attrs(&record);
+        assert_eq!(get(&a, "mesh.authz.decision").as_deref(), Some("deny"));
+        assert_eq!(
+            get(&a, "istio.authorization.dry_run.deny_policy.name").as_deref(),
+            Some("shop/deny-all")
+        );
+        assert_eq!(
+            get(&a, "istio.authorization.dry_run.deny_policy.result").as_deref(),
+            Some("denied")
+        );
+        assert_eq!(
+            get(&a, "istio.authorization.dry_run.allow_policy.result").as_deref(),
+            Some("denied")
+        );
+        assert_eq!(
+            get(&a, "istio.authorization.dry_run.allow_policy.name"),
+            None
+        );
+
+        // Without dry-run policies: no dry-run tags.
+        let plain = DecisionRecord::new();
+        plain.authorization(true, None);
+        assert!(
+            attrs(&plain)
+                .iter()
+                .all(|(k, _)| !k.starts_with("istio.authorization"))
+        );
     }
 }
