@@ -11,9 +11,12 @@
 //! Security config has gaps of the same kind on gRPC *servers* (gRFC A36,
 //! A41): PERMISSIVE cannot be served (a gRPC server's filter chains match
 //! `raw_buffer` only, so it gets the plaintext chain and accepts no TLS),
-//! AUDIT policies become RBAC `LOG`, which gRPC does not act on, and xDS
-//! security is honored only by servers and channels built with xDS
-//! credentials. [`grpc_security_ignored`] says so for a config, and
+//! AUDIT policies become RBAC `LOG`, which gRPC does not act on, dry-run
+//! policies (`istio.io/dry-run: "true"`) become RBAC `shadow_rules`, which
+//! gRPC does not read (so a gRPC server neither enforces them, which is
+//! right, nor reports what they would have done, which the author of a dry
+//! run is waiting for), and xDS security is honored only by servers and
+//! channels built with xDS credentials. [`grpc_security_ignored`] says so for a config, and
 //! [`grpc_ignored`] for the server listeners a client was served.
 //! DestinationRule `tls` SIMPLE / MUTUAL (certificate files) is worse than
 //! ignored: gRPC clients would NACK a whole CDS update with a cluster naming
@@ -203,12 +206,22 @@ pub(crate) fn grpc_ignored(
         {
             out.insert(format!("{at}: AUDIT policy {} {AUDIT}", p.id()));
         }
+        for p in listener.policies.iter().filter(|p| p.is_dry_run()) {
+            out.insert(format!(
+                "{at}: the shadow_rules of dry-run AuthorizationPolicy {} {DRY_RUN}",
+                p.id()
+            ));
+        }
     }
     out.into_iter().collect()
 }
 
 const PERMISSIVE: &str = "PERMISSIVE cannot be served to gRPC servers: they match filter chains on raw_buffer only, so they serve the plaintext chain and accept no mTLS (gRFC A36); use STRICT or DISABLE for gRPC servers";
 const AUDIT: &str = "is ignored by gRPC servers (it is served as RBAC action LOG, which gRPC does not act on, gRFC A41)";
+/// Istio's annotation for dry-run AuthorizationPolicies (the YAML front end
+/// reads it in `config/auth.rs`).
+const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+const DRY_RUN: &str = "are ignored by gRPC servers (gRFC A41 reads an RBAC filter's rules only): they enforce nothing, as intended, but report nothing either (no dry-run span attributes, metrics or logs); only this mesh's servers report what a dry-run policy would have done";
 const CREDENTIALS: &str = "gRPC enforces it only on servers built with xDS server credentials (with insecure credentials they serve plaintext and skip the mTLS requirement)";
 
 /// What gRPC servers ignore of the PeerAuthentication and
@@ -248,6 +261,12 @@ pub(crate) fn grpc_security_ignored(
         if a.policy.action() == Action::Audit {
             out.insert(format!(
                 "AuthorizationPolicy {}: AUDIT {AUDIT}",
+                a.policy.id()
+            ));
+        }
+        if a.policy.is_dry_run() {
+            out.insert(format!(
+                "AuthorizationPolicy {}: dry-run: its shadow_rules {DRY_RUN}",
                 a.policy.id()
             ));
         }
@@ -466,6 +485,20 @@ impl Walk {
                     && action.text().as_deref() == Some("AUDIT")
                 {
                     notes.note(action.line, "action", format!("AUDIT {AUDIT}"));
+                }
+                let dry_run = doc.get("metadata.annotations").and_then(|a| {
+                    a.entries()
+                        .into_iter()
+                        .find(|(k, _)| k == DRY_RUN_ANNOTATION)
+                });
+                if let Some((key, value)) = dry_run
+                    && value.text().as_deref() == Some("true")
+                {
+                    notes.note(
+                        value.line,
+                        &format!("metadata.annotations.{key}"),
+                        format!("the policy's shadow_rules {DRY_RUN}"),
+                    );
                 }
             }
             _ => {}
@@ -796,6 +829,111 @@ mod tests {
         let security = grpc_security_ignored(&SecurityPolicies::default(), &snapshot);
         assert!(
             !security.iter().any(|f| f.contains("clusters with mTLS")),
+            "{security:#?}"
+        );
+    }
+
+    /// A dry-run policy a gRPC server was served is reported by name: gRPC
+    /// ignores shadow_rules (A41), so it will never say what the policy
+    /// would have done. Enforced policies are not reported.
+    #[test]
+    fn dry_run_policies_served_to_grpc_servers_are_reported() {
+        use mesh_core::model::ServerListener;
+        use mesh_core::rbac::{AuthorizationPolicy, Rule};
+        let policy = |name: &str, action, dry_run| {
+            AuthorizationPolicy::new("shop", name, action, vec![Rule::default()])
+                .unwrap()
+                .with_dry_run(dry_run)
+        };
+        let mut snapshot = Snapshot::default();
+        snapshot.server_listeners.insert(
+            "grpc/server".into(),
+            Arc::new(ServerListener {
+                name: "grpc/server".into(),
+                address: "10.0.0.7:8080".parse().unwrap(),
+                mtls: MtlsMode::Strict,
+                policies: vec![
+                    policy("deny-admin", Action::Deny, false),
+                    policy("deny-all", Action::Deny, true),
+                ]
+                .into(),
+            }),
+        );
+        let found = grpc_ignored(&snapshot, None, None);
+        assert_eq!(
+            found,
+            [format!(
+                "server listener \"grpc/server\": the shadow_rules of dry-run \
+                 AuthorizationPolicy shop/deny-all {DRY_RUN}"
+            )]
+        );
+        assert!(
+            found[0].contains("are ignored by gRPC servers (gRFC A41"),
+            "{}",
+            found[0]
+        );
+    }
+
+    /// `check --for grpc` points at the annotation that makes a policy
+    /// dry-run; `"false"` is not reported.
+    #[test]
+    fn the_report_points_at_the_dry_run_annotation() {
+        let yaml = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-all
+  namespace: shop
+  annotations:
+    istio.io/dry-run: \"true\"
+spec:
+  action: DENY
+  rules:
+  - {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-admin
+  namespace: shop
+  annotations:
+    istio.io/dry-run: \"false\"
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/admin]}}]
+";
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("authz.yaml"), yaml).unwrap();
+        let report = crate::grpc_report(&[dir.path()], &crate::config::MeshOptions::default());
+        let found: Vec<(usize, String)> = report
+            .written
+            .iter()
+            .map(|d| (d.line, d.message.clone()))
+            .collect();
+        assert_eq!(
+            found,
+            [(
+                7,
+                format!(
+                    "AuthorizationPolicy shop/deny-all: 'metadata.annotations.istio.io/dry-run': \
+                     the policy's shadow_rules {DRY_RUN}"
+                )
+            )]
+        );
+        // The served view says the same, by policy.
+        let mut store = crate::config::ConfigStore::new(crate::config::MeshOptions::default());
+        assert!(store.load_dir(dir.path()).is_empty());
+        let (snapshot, _) = store.snapshot(&[]);
+        let security = grpc_security_ignored(&store.security(), &snapshot);
+        assert!(
+            security.contains(&format!(
+                "AuthorizationPolicy shop/deny-all: dry-run: its shadow_rules {DRY_RUN}"
+            )),
+            "{security:#?}"
+        );
+        assert!(
+            !security.iter().any(|f| f.contains("deny-admin")),
             "{security:#?}"
         );
     }

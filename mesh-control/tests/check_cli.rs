@@ -258,6 +258,59 @@ fn check_for_grpc_tells_the_yaml_from_the_mesh_defaults() {
     );
 }
 
+// ------------------------------------------------------------ dry-run
+
+fn dry_run_policy(value: &str) -> String {
+    format!(
+        "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-all
+  namespace: shop
+  annotations:
+    istio.io/dry-run: \"{value}\"
+spec:
+  action: DENY
+  rules:
+  - {{}}
+"
+    )
+}
+
+/// A dry-run AuthorizationPolicy is valid config, and `check --for grpc`
+/// says at the annotation's line that gRPC servers ignore its
+/// shadow_rules; a value other than "true" or "false" is an error at its
+/// line.
+#[test]
+fn check_reports_the_dry_run_annotation() {
+    let d = tempfile::tempdir().unwrap();
+    let yaml = dry_run_policy("true");
+    std::fs::write(d.path().join("authz.yaml"), &yaml).unwrap();
+    let (code, stdout, stderr) = check(d.path());
+    assert_eq!(code, 0, "a dry-run policy is valid:\n{stdout}\n{stderr}");
+
+    let stdout = check_for_grpc(d.path());
+    let expected = format!(
+        "authz.yaml:{}: grpc: AuthorizationPolicy shop/deny-all: \
+         'metadata.annotations.istio.io/dry-run': the policy's shadow_rules are ignored by \
+         gRPC servers (gRFC A41 reads an RBAC filter's rules only)",
+        line_of(&yaml, "istio.io/dry-run")
+    );
+    assert!(stdout.contains(&expected), "{expected}\nnot in:\n{stdout}");
+
+    let yaml = dry_run_policy("yes");
+    std::fs::write(d.path().join("authz.yaml"), &yaml).unwrap();
+    let (code, _stdout, stderr) = check(d.path());
+    assert_eq!(code, 1, "{stderr}");
+    let expected = format!(
+        "authz.yaml:{}: AuthorizationPolicy shop/deny-all: \
+         'metadata.annotations.istio.io/dry-run': \"yes\" is neither \"true\"",
+        line_of(&yaml, "istio.io/dry-run")
+    );
+    assert!(stderr.contains(&expected), "{expected}\nnot in:\n{stderr}");
+}
+
 // ------------------------------------------------------ several directories
 
 /// `base` declares catalog and its subsets; `routes` routes it. Neither is

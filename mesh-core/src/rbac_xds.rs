@@ -1,13 +1,29 @@
 //! AuthorizationPolicy ⇄ Envoy RBAC, in the shape gRPC servers read (gRFC A41).
 //!
 //! A server listener (gRFC A36) carries one RBAC HTTP filter per action, in
-//! Istio's order: DENY, then ALLOW, then LOG (Istio's AUDIT). [`rbac_to_proto`]
-//! makes those `envoy.config.rbac.v3.RBAC` messages from the policies that
-//! apply to a workload, [`rbac_from_proto`] reads them back into the model
-//! that [`crate::rbac::evaluate`] decides with, and [`rbac_filter_config`]
-//! wraps one as the filter's `typed_config` with a deterministic encoding
-//! (the generated `RBAC.policies` is a `HashMap`, whose order would change
-//! the bytes from one encoding to the next).
+//! Istio's order: DENY, then ALLOW, then LOG (Istio's AUDIT).
+//! [`rbac_filters_to_proto`] makes those filters' configs from the policies
+//! that apply to a workload, [`rbac_filters_from_proto`] reads them back
+//! into the model that [`crate::rbac::evaluate`] decides with, and
+//! [`rbac_http_filter_config`] wraps one as the filter's `typed_config` with
+//! a deterministic encoding (the generated `RBAC.policies` is a `HashMap`,
+//! whose order would change the bytes from one encoding to the next).
+//! [`rbac_to_proto`] / [`rbac_from_proto`] do the same for the enforced
+//! `envoy.config.rbac.v3.RBAC` messages alone.
+//!
+//! Dry-run policies (Istio's `istio.io/dry-run: "true"`,
+//! [`AuthorizationPolicy::is_dry_run`]) go where Istio's authz builder
+//! puts them: into the `shadow_rules` of the filter of their action, with
+//! `shadow_rules_stat_prefix` `istio_dry_run_allow_` or
+//! `istio_dry_run_deny_`. Envoy evaluates shadow rules and reports the
+//! result (stats, dynamic metadata) without acting on it; gRPC servers
+//! ignore them (gRFC A41 reads `rules` only). A filter whose policies are
+//! all dry-run has **no** `rules` field, again as Istio emits it: Envoy and
+//! gRPC treat an absent `rules` as "no enforcement", whereas a present but
+//! empty ALLOW `rules` denies every request, so a workload whose only ALLOW
+//! policy is a dry-run one would otherwise be cut off. Our own client reads
+//! shadow rules back as dry-run policies, which its server evaluates with
+//! [`crate::rbac::evaluate_dry_run`] and reports.
 //!
 //! The translation is Istio's (`pilot/pkg/security/authz/model`), restricted
 //! to what gRFC A41 implements:
@@ -72,38 +88,98 @@ const NS_REGEX_SUFFIX: &str = "/sa/[^/]+";
 const SEGMENT_ANY: &str = "[^/]+";
 const SEGMENT_REST: &str = "[^/]*";
 
-/// The RBAC messages for `policies`: one per action present, DENY first,
-/// then ALLOW, then LOG (AUDIT). Put them, in this order, into a server
-/// listener's HTTP filters (see [`rbac_filter_config`]). Without any ALLOW
-/// policy no ALLOW filter is emitted, which allows what DENY does not deny.
+/// Istio's `shadow_rules_stat_prefix` of the dry-run ALLOW policies.
+pub const DRY_RUN_ALLOW_STAT_PREFIX: &str = "istio_dry_run_allow_";
+/// Istio's `shadow_rules_stat_prefix` of the dry-run DENY policies.
+pub const DRY_RUN_DENY_STAT_PREFIX: &str = "istio_dry_run_deny_";
+
+/// The enforced RBAC messages for `policies`: one per action that has an
+/// enforced policy, DENY first, then ALLOW, then LOG (AUDIT). Dry-run
+/// policies are left out (they are shadow rules, see
+/// [`rbac_filters_to_proto`]). Without any enforced ALLOW policy no ALLOW
+/// message is emitted, which allows what DENY does not deny.
 pub fn rbac_to_proto(policies: &[AuthorizationPolicy]) -> Vec<Rbac> {
+    [Action::Deny, Action::Allow, Action::Audit]
+        .into_iter()
+        .filter_map(|action| {
+            rbac_of(
+                action,
+                policies
+                    .iter()
+                    .filter(|p| p.action() == action && !p.is_dry_run()),
+            )
+        })
+        .collect()
+}
+
+/// The RBAC HTTP filter configs for `policies`: one per action that has a
+/// policy, DENY first, then ALLOW, then LOG (AUDIT), as Istio's authz
+/// builder makes them. The enforced policies of the action are the
+/// filter's `rules`, absent when there are none (an absent `rules` enforces
+/// nothing, in Envoy and in gRPC; a present but empty ALLOW one would deny
+/// everything); its dry-run policies are the `shadow_rules`, with Istio's
+/// `shadow_rules_stat_prefix` ([`DRY_RUN_ALLOW_STAT_PREFIX`],
+/// [`DRY_RUN_DENY_STAT_PREFIX`]; none for LOG, as Istio). Put them, in this
+/// order, into a server listener's HTTP filters (see
+/// [`rbac_http_filter_config`]).
+pub fn rbac_filters_to_proto(policies: &[AuthorizationPolicy]) -> Vec<RbacFilter> {
     let mut out = Vec::new();
     for action in [Action::Deny, Action::Allow, Action::Audit] {
-        let mut rbac = Rbac {
-            action: action_to_proto(action) as i32,
-            ..Default::default()
+        let of = |dry_run: bool| {
+            rbac_of(
+                action,
+                policies
+                    .iter()
+                    .filter(|p| p.action() == action && p.is_dry_run() == dry_run),
+            )
         };
-        let mut any = false;
-        for policy in policies.iter().filter(|p| p.action() == action) {
-            any = true;
-            if policy.rules().is_empty() {
-                rbac.policies.insert(
-                    policy_name(policy.namespace(), policy.name(), None),
-                    matches_nothing(),
-                );
-            }
-            for (i, rule) in policy.rules().iter().enumerate() {
-                rbac.policies.insert(
-                    policy_name(policy.namespace(), policy.name(), Some(i)),
-                    rule_to_proto(rule),
-                );
-            }
+        let rules = of(false);
+        let shadow_rules = of(true);
+        if rules.is_none() && shadow_rules.is_none() {
+            continue;
         }
-        if any {
-            out.push(rbac);
-        }
+        let shadow_rules_stat_prefix = match (&shadow_rules, action) {
+            (None, _) | (Some(_), Action::Audit) => String::new(),
+            (Some(_), Action::Allow) => DRY_RUN_ALLOW_STAT_PREFIX.to_owned(),
+            (Some(_), Action::Deny) => DRY_RUN_DENY_STAT_PREFIX.to_owned(),
+        };
+        out.push(RbacFilter {
+            rules,
+            shadow_rules,
+            shadow_rules_stat_prefix,
+            ..Default::default()
+        });
     }
     out
+}
+
+/// One RBAC message of `action` holding `policies`; `None` when there is
+/// no policy.
+fn rbac_of<'a>(
+    action: Action,
+    policies: impl Iterator<Item = &'a AuthorizationPolicy>,
+) -> Option<Rbac> {
+    let mut rbac = Rbac {
+        action: action_to_proto(action) as i32,
+        ..Default::default()
+    };
+    let mut any = false;
+    for policy in policies {
+        any = true;
+        if policy.rules().is_empty() {
+            rbac.policies.insert(
+                policy_name(policy.namespace(), policy.name(), None),
+                matches_nothing(),
+            );
+        }
+        for (i, rule) in policy.rules().iter().enumerate() {
+            rbac.policies.insert(
+                policy_name(policy.namespace(), policy.name(), Some(i)),
+                rule_to_proto(rule),
+            );
+        }
+    }
+    any.then_some(rbac)
 }
 
 /// The policies in RBAC messages made by [`rbac_to_proto`]: policies of
@@ -125,6 +201,15 @@ pub fn rbac_from_proto(rbacs: &[Rbac]) -> Result<Vec<AuthorizationPolicy>, Error
         if rbac.audit_logging_options.is_some() {
             return Err(Error::unsupported(
                 "RBAC: audit_logging_options are not supported",
+            ));
+        }
+        if action == Action::Allow && rbac.policies.is_empty() {
+            // Envoy and gRPC deny every request here; the model has no
+            // policy to say it with, and reading it as "no ALLOW policy"
+            // would allow everything.
+            return Err(Error::unsupported(
+                "RBAC: an ALLOW RBAC without policies (denies every request) is not supported; \
+                 leave `rules` out to enforce nothing, or name a policy that matches nothing",
             ));
         }
         // (namespace, name) → rule index (None: the no-rules marker) → rule.
@@ -191,23 +276,76 @@ fn parse_policy_name(key: &str) -> Option<(&str, &str, Option<usize>)> {
     Some((namespace, name, index))
 }
 
+/// The policies of RBAC HTTP filter configs made by
+/// [`rbac_filters_to_proto`] (or read by [`rbac_from_filter_config`]): for
+/// each action, DENY, ALLOW then LOG, the policies of the filters' `rules`,
+/// then those of their `shadow_rules` as dry-run policies
+/// ([`AuthorizationPolicy::with_dry_run`]); inside each, as
+/// [`rbac_from_proto`] orders them. A filter with neither adds nothing.
+///
+/// The result means what the filters do only if no two of them hold
+/// `rules` (or no two hold `shadow_rules`) of action ALLOW: Envoy requires
+/// a request to match each ALLOW filter, the model one ALLOW policy (the
+/// caller refuses such listeners, see `xds::server_listener`).
+pub fn rbac_filters_from_proto(filters: &[RbacFilter]) -> Result<Vec<AuthorizationPolicy>, Error> {
+    let rank = |rbac: &Rbac| match RbacAction::try_from(rbac.action) {
+        Ok(RbacAction::Deny) => 0,
+        Ok(RbacAction::Allow) => 1,
+        _ => 2,
+    };
+    let mut all: Vec<(u8, bool, &Rbac)> = Vec::new();
+    for filter in filters {
+        if let Some(rules) = &filter.rules {
+            all.push((rank(rules), false, rules));
+        }
+        if let Some(shadow) = &filter.shadow_rules {
+            all.push((rank(shadow), true, shadow));
+        }
+    }
+    // Stable: filters of one kind keep their order.
+    all.sort_by_key(|(rank, dry_run, _)| (*rank, *dry_run));
+    let mut out = Vec::new();
+    for (_, dry_run, rbac) in all {
+        let policies = rbac_from_proto(std::slice::from_ref(rbac));
+        if !dry_run {
+            out.extend(policies?);
+            continue;
+        }
+        let policies = policies.map_err(|e| e.context("shadow_rules"))?;
+        out.extend(policies.into_iter().map(|p| p.with_dry_run(true)));
+    }
+    Ok(out)
+}
+
 /// The RBAC HTTP filter config (`typed_config` of the filter named
-/// [`RBAC_FILTER_NAME`]) holding `rbac`, encoded with its policies in name
-/// order so equal inputs give equal bytes.
+/// [`RBAC_FILTER_NAME`]) enforcing `rbac` (its `rules`), encoded with its
+/// policies in name order so equal inputs give equal bytes.
 pub fn rbac_filter_config(rbac: &Rbac) -> crate::xds::Any {
-    let mut entries: Vec<(&String, &Policy)> = rbac.policies.iter().collect();
-    entries.sort_by(|a, b| a.0.cmp(b.0));
+    encode_filter(Some(rbac), None, "")
+}
+
+/// The RBAC HTTP filter config of `filter` (one of
+/// [`rbac_filters_to_proto`]): its `rules`, `shadow_rules` and
+/// `shadow_rules_stat_prefix`, with the policies in name order so equal
+/// inputs give equal bytes. Other fields of the filter (matchers, per-rule
+/// stats) are not encoded: this module never sets them.
+pub fn rbac_http_filter_config(filter: &RbacFilter) -> crate::xds::Any {
+    encode_filter(
+        filter.rules.as_ref(),
+        filter.shadow_rules.as_ref(),
+        &filter.shadow_rules_stat_prefix,
+    )
+}
+
+fn encode_filter(
+    rules: Option<&Rbac>,
+    shadow_rules: Option<&Rbac>,
+    shadow_rules_stat_prefix: &str,
+) -> crate::xds::Any {
     let wire = wire::RbacFilter {
-        rules: Some(wire::Rbac {
-            action: rbac.action,
-            policies: entries
-                .into_iter()
-                .map(|(key, value)| wire::PolicyEntry {
-                    key: key.clone(),
-                    value: Some(value.clone()),
-                })
-                .collect(),
-        }),
+        rules: rules.map(wire_rbac),
+        shadow_rules: shadow_rules.map(wire_rbac),
+        shadow_rules_stat_prefix: shadow_rules_stat_prefix.to_owned(),
     };
     crate::xds::Any {
         type_url: RBAC_FILTER_TYPE.to_owned(),
@@ -215,10 +353,27 @@ pub fn rbac_filter_config(rbac: &Rbac) -> crate::xds::Any {
     }
 }
 
-/// The RBAC message inside an RBAC HTTP filter config; `None` when the
-/// filter has no `rules` (it then allows everything). Matcher-based and
-/// shadow configurations are unsupported.
-pub fn rbac_from_filter_config(any: &crate::xds::Any) -> Result<Option<Rbac>, Error> {
+fn wire_rbac(rbac: &Rbac) -> wire::Rbac {
+    let mut entries: Vec<(&String, &Policy)> = rbac.policies.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    wire::Rbac {
+        action: rbac.action,
+        policies: entries
+            .into_iter()
+            .map(|(key, value)| wire::PolicyEntry {
+                key: key.clone(),
+                value: Some(value.clone()),
+            })
+            .collect(),
+    }
+}
+
+/// The RBAC HTTP filter config inside a filter's `typed_config`: its
+/// `rules` (absent: the filter enforces nothing) and `shadow_rules` (never
+/// enforced), to read with [`rbac_filters_from_proto`]. Matcher-based
+/// configurations (`matcher`, `shadow_matcher`) are unsupported; the stat
+/// prefixes only name Envoy statistics and are accepted as they are.
+pub fn rbac_from_filter_config(any: &crate::xds::Any) -> Result<RbacFilter, Error> {
     if crate::xds::type_name(&any.type_url) != crate::xds::type_name(RBAC_FILTER_TYPE) {
         return Err(Error::invalid(format!(
             "RBAC filter: type {:?} is not {RBAC_FILTER_TYPE}",
@@ -232,12 +387,7 @@ pub fn rbac_from_filter_config(any: &crate::xds::Any) -> Result<Option<Rbac>, Er
             "RBAC filter: matcher-based RBAC is not supported",
         ));
     }
-    if filter.shadow_rules.is_some() {
-        return Err(Error::unsupported(
-            "RBAC filter: shadow_rules are not supported",
-        ));
-    }
-    Ok(filter.rules)
+    Ok(filter)
 }
 
 fn action_to_proto(action: Action) -> RbacAction {
@@ -1024,11 +1174,16 @@ fn cidr_block(cidr: &CidrRange) -> Result<IpBlock, Error> {
 mod wire {
     use envoy_types::pb::envoy::config::rbac::v3::Policy;
 
-    /// `envoy.extensions.filters.http.rbac.v3.RBAC` (`rules` only).
+    /// `envoy.extensions.filters.http.rbac.v3.RBAC`: `rules`,
+    /// `shadow_rules` and `shadow_rules_stat_prefix`.
     #[derive(Clone, PartialEq, prost::Message)]
     pub(super) struct RbacFilter {
         #[prost(message, optional, tag = "1")]
         pub(super) rules: Option<Rbac>,
+        #[prost(message, optional, tag = "2")]
+        pub(super) shadow_rules: Option<Rbac>,
+        #[prost(string, tag = "3")]
+        pub(super) shadow_rules_stat_prefix: String,
     }
 
     /// `envoy.config.rbac.v3.RBAC` without audit options.

@@ -11,13 +11,24 @@
 //! server has no trusted hop to read). Values are checked with mesh-core's
 //! own parsers ([`mesh_core::rbac`]), so a bad wildcard, CIDR block or port
 //! is reported at the value's line.
+//!
+//! Istio's `istio.io/dry-run` annotation on an AuthorizationPolicy is read
+//! too ([`parse_dry_run`]): `"true"` makes the policy a dry-run one
+//! (evaluated and reported, never enforced; served as RBAC `shadow_rules`),
+//! `"false"` or no annotation an enforced one. Any other value is an error
+//! at its line rather than a guess: reading a typo as "enforce" could cut
+//! off traffic the author meant only to observe, reading it as "dry-run"
+//! would silently not enforce.
 
 use std::collections::BTreeMap;
 
 use mesh_core::model::MtlsMode;
 use mesh_core::rbac::{self, Action, Condition, IpBlock, Operation, Rule, Source, StringMatch};
 
-use super::yaml::{Field, Fields, Sink, Spanned, join, line_of};
+use super::yaml::{Field, Fields, Look, Sink, Spanned, join, line_of};
+
+/// Istio's annotation for dry-run AuthorizationPolicies.
+pub(crate) const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
 /// `PeerAuthentication.spec`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,11 +150,50 @@ pub(crate) fn parse_peer_authentication(
     })
 }
 
+/// The `istio.io/dry-run` annotation of the document `doc`: `Some(true)`
+/// for `"true"`, `Some(false)` for `"false"` or no annotation, `None` (and
+/// an error at the value's line) for any other value. A value that is not
+/// a string at all is left to the metadata check, which reports it.
+pub(crate) fn parse_dry_run(sink: &mut Sink<'_>, doc: Look<'_, '_>) -> Option<bool> {
+    let Some(value) = doc
+        .get("metadata.annotations")
+        .and_then(|a| {
+            a.entries()
+                .into_iter()
+                .find(|(k, _)| k == DRY_RUN_ANNOTATION)
+        })
+        .map(|(_, v)| v)
+    else {
+        return Some(false);
+    };
+    if value.boolean().is_some() || value.integer().is_some() {
+        return None; // "must be a string (quote it)", said by the metadata check
+    }
+    match value.text().as_deref() {
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            sink.error(
+                value.line,
+                format!(
+                    "'metadata.annotations.{DRY_RUN_ANNOTATION}': {other:?} is neither \"true\" \
+                     (evaluate and report the policy, never enforce it) nor \"false\" (enforce it)"
+                ),
+            );
+            None
+        }
+        None => None,
+    }
+}
+
+/// An AuthorizationPolicy's `spec`; `dry_run` is what its
+/// `istio.io/dry-run` annotation says ([`parse_dry_run`]).
 pub(crate) fn parse_authorization_policy(
     sink: &mut Sink<'_>,
     spec: Field<'_, '_, '_>,
     namespace: &str,
     name: &str,
+    dry_run: bool,
 ) -> Option<AuthorizationPolicy> {
     let before = sink.count();
     let mut f = Fields::read(
@@ -213,7 +263,10 @@ pub(crate) fn parse_authorization_policy(
         return None;
     }
     match rbac::AuthorizationPolicy::new(namespace, name, action?, rules) {
-        Ok(policy) => Some(AuthorizationPolicy { selector, policy }),
+        Ok(policy) => Some(AuthorizationPolicy {
+            selector,
+            policy: policy.with_dry_run(dry_run),
+        }),
         Err(e) => {
             sink.error(rules_line, e);
             None
@@ -484,5 +537,131 @@ fn parse_condition(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Cond
             sink.error(line, format!("'{}': {e}", join(field.path, "key")));
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::{IpAddr, SocketAddr};
+
+    use mesh_core::rbac::{RequestAttributes, evaluate, evaluate_dry_run};
+
+    use super::super::Workload;
+    use super::super::tests::{assert_one, check, store};
+
+    fn policy(annotations: &str) -> String {
+        format!(
+            "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-all
+  namespace: shop
+{annotations}spec:
+  action: DENY
+  rules:
+  - {{}}
+"
+        )
+    }
+
+    const ALLOW_FRONTEND: &str = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-frontend
+  namespace: shop
+spec:
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]
+";
+
+    /// The policies a workload of `shop` gets from `files`, as served.
+    fn served(files: &[(&str, &str)]) -> Vec<mesh_core::rbac::AuthorizationPolicy> {
+        let (s, _d) = store(files);
+        let addr = SocketAddr::new(IpAddr::from([10, 0, 0, 7]), 8080);
+        let labels = BTreeMap::new();
+        s.security()
+            .server_listener(
+                &format!("grpc/server?xds.resource.listening_address={addr}"),
+                addr,
+                Workload {
+                    namespace: "shop",
+                    labels: &labels,
+                },
+            )
+            .policies
+            .to_vec()
+    }
+
+    /// `"true"` makes the policy dry-run: it travels with the enforced ones
+    /// to the workload's server listener, denies nothing, and the dry run
+    /// says it would have denied.
+    #[test]
+    fn dry_run_true_is_served_but_not_enforced() {
+        let yaml = policy("  annotations:\n    istio.io/dry-run: \"true\"\n");
+        assert!(check(&yaml).is_empty(), "{:#?}", check(&yaml));
+        let policies = served(&[("a.yaml", &yaml), ("b.yaml", ALLOW_FRONTEND)]);
+        let ids: Vec<(&str, bool)> = policies
+            .iter()
+            .map(|p| (&**p.id(), p.is_dry_run()))
+            .collect();
+        assert_eq!(
+            ids,
+            [("shop/deny-all", true), ("shop/allow-frontend", false)]
+        );
+        let frontend =
+            mesh_core::spiffe::SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/frontend")
+                .unwrap();
+        let headers = http::HeaderMap::new();
+        let attrs = RequestAttributes {
+            peer: Some(&frontend),
+            source_ip: IpAddr::from([10, 0, 0, 1]),
+            host: "catalog",
+            destination_port: 8080,
+            method: "GET",
+            path: "/",
+            headers: &headers,
+        };
+        let decision = evaluate(&policies, &attrs);
+        assert!(decision.allowed, "{decision:?}");
+        assert_eq!(decision.policy.as_deref(), Some("shop/allow-frontend"));
+        let dry = evaluate_dry_run(&policies, &attrs);
+        assert_eq!(
+            dry.deny.map(|d| (d.allowed, d.policy)),
+            Some((false, Some("shop/deny-all".into())))
+        );
+    }
+
+    /// `"false"`, no annotation, or other annotations only: enforced.
+    #[test]
+    fn dry_run_false_or_absent_is_enforced() {
+        for annotations in [
+            "  annotations:\n    istio.io/dry-run: \"false\"\n",
+            "  annotations:\n    owner: team-a\n",
+            "",
+        ] {
+            let yaml = policy(annotations);
+            let policies = served(&[("a.yaml", &yaml)]);
+            assert_eq!(policies.len(), 1, "{annotations:?}");
+            assert!(!policies[0].is_dry_run(), "{annotations:?}");
+        }
+    }
+
+    /// Any other value is an error at its line: neither a silent
+    /// enforcement nor a silent dry run.
+    #[test]
+    fn another_dry_run_value_is_an_error_at_its_line() {
+        let yaml = policy("  annotations:\n    owner: team-a\n    istio.io/dry-run: \"yes\"\n");
+        assert_one(
+            &check(&yaml),
+            8,
+            "AuthorizationPolicy shop/deny-all: 'metadata.annotations.istio.io/dry-run': \
+             \"yes\" is neither \"true\"",
+        );
+        // Unquoted, it is a YAML boolean, which annotations cannot be.
+        let yaml = policy("  annotations:\n    istio.io/dry-run: true\n");
+        assert_one(&check(&yaml), 7, "quote it");
     }
 }

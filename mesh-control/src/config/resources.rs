@@ -25,7 +25,7 @@ use mesh_core::spiffe::SpiffeId;
 use super::Diagnostic;
 use super::auth;
 use super::policy::{self, TrafficPolicy};
-use super::yaml::{Field, Fields, Node, Sink, Spanned, join, line_of};
+use super::yaml::{Field, Fields, Look, Node, Sink, Spanned, join, line_of};
 
 /// The API versions accepted for the networking kinds (Istio serves the same schema under each).
 const NETWORKING_API_VERSIONS: [&str; 3] = [
@@ -380,7 +380,10 @@ pub(crate) fn parse_document(file: &Path, doc: usize, node: &Node<'_>) -> Parsed
                 .as_ref()
                 .map(|m| (m.namespace.as_str(), m.name.as_str()))
                 .unwrap_or(("default", "unnamed"));
-            auth::parse_authorization_policy(&mut sink, s, ns, name).map(Spec::AuthorizationPolicy)
+            // `None`: a bad value, already reported (the resource is refused).
+            let dry_run = auth::parse_dry_run(&mut sink, Look::document(node)).unwrap_or(false);
+            auth::parse_authorization_policy(&mut sink, s, ns, name, dry_run)
+                .map(Spec::AuthorizationPolicy)
         }
     });
     if sink.count() == 0

@@ -128,8 +128,9 @@ fn filter_config_is_deterministic_and_round_trips() {
         rebuilt.policies.insert(k.clone(), v.clone());
     }
     assert_eq!(rbac_filter_config(&rebuilt).value, any.value);
-    let back = rbac_from_filter_config(&any).unwrap().unwrap();
-    assert_eq!(&back, rbac);
+    let back = rbac_from_filter_config(&any).unwrap();
+    assert_eq!(back.rules.as_ref(), Some(rbac));
+    assert_eq!(back.shadow_rules, None);
     let wrong = crate::xds::Any {
         type_url: "type.googleapis.com/x".into(),
         value: vec![],
@@ -142,7 +143,184 @@ fn filter_config_is_deterministic_and_round_trips() {
         type_url: RBAC_FILTER_TYPE.into(),
         value: vec![],
     };
-    assert_eq!(rbac_from_filter_config(&empty).unwrap(), None);
+    let empty = rbac_from_filter_config(&empty).unwrap();
+    assert_eq!((empty.rules, empty.shadow_rules), (None, None));
+    assert!(
+        rbac_filters_from_proto(&[RbacFilter::default()])
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// How Envoy and gRPC read an RBAC filter config (gRFC A41; grpc-go's
+/// `parseConfig`): an absent `rules` (or a LOG one) enforces nothing,
+/// `shadow_rules` never enforce; otherwise ALLOW lets through what matches
+/// a policy, DENY what matches none. `true`: the filter lets the request through.
+fn enforced_by_grpc(filter: &RbacFilter, matches: impl Fn(&str) -> bool) -> bool {
+    let Some(rules) = &filter.rules else {
+        return true;
+    };
+    let hit = rules.policies.keys().any(|k| matches(k));
+    match RbacAction::try_from(rules.action) {
+        Ok(RbacAction::Allow) => hit,
+        Ok(RbacAction::Deny) => !hit,
+        _ => true,
+    }
+}
+
+fn dry(name: &str, action: Action) -> AuthorizationPolicy {
+    AuthorizationPolicy::new("shop", name, action, vec![Rule::default()])
+        .unwrap()
+        .with_dry_run(true)
+}
+
+/// A workload whose only ALLOW policy is a dry-run one keeps every request
+/// flowing: its ALLOW filter has shadow rules and no `rules` at all (a
+/// present but empty ALLOW `rules` would deny everything in Envoy and gRPC).
+#[test]
+fn a_dry_run_only_allow_policy_enforces_nothing() {
+    let filters = rbac_filters_to_proto(&[dry("allow-frontend", Action::Allow)]);
+    let [filter] = filters.as_slice() else {
+        panic!("one filter for the ALLOW action: {filters:?}")
+    };
+    assert_eq!(filter.rules, None);
+    let shadow = filter.shadow_rules.as_ref().expect("shadow rules");
+    assert_eq!(shadow.action, RbacAction::Allow as i32);
+    assert!(
+        shadow
+            .policies
+            .contains_key("ns[shop]-policy[allow-frontend]-rule[0]")
+    );
+    assert_eq!(filter.shadow_rules_stat_prefix, "istio_dry_run_allow_");
+    // gRPC and Envoy allow a request that matches no policy at all.
+    assert!(enforced_by_grpc(filter, |_| false));
+    // No enforced message exists for it.
+    assert!(rbac_to_proto(&[dry("allow-frontend", Action::Allow)]).is_empty());
+    // Our own client reads it back as a dry-run policy, which `evaluate`
+    // skips and `evaluate_dry_run` reports.
+    let any = rbac_http_filter_config(filter);
+    let back = rbac_filters_from_proto(&[rbac_from_filter_config(&any).unwrap()]).unwrap();
+    assert_eq!(back, vec![dry("allow-frontend", Action::Allow)]);
+    assert!(back[0].is_dry_run());
+}
+
+/// Enforced and dry-run policies of one action share its filter: the
+/// enforced ones are `rules` (so enforcement does not change), the dry-run
+/// ones `shadow_rules` with Istio's stat prefix per action.
+#[test]
+fn dry_run_policies_are_the_shadow_rules_of_their_actions_filter() {
+    let enforced =
+        AuthorizationPolicy::new("shop", "deny-admin", Action::Deny, vec![Rule::default()])
+            .unwrap();
+    let policies = vec![
+        enforced.clone(),
+        dry("deny-all", Action::Deny),
+        dry("allow-some", Action::Allow),
+        dry("audit-all", Action::Audit),
+    ];
+    let filters = rbac_filters_to_proto(&policies);
+    let summary: Vec<(Option<i32>, Option<i32>, &str)> = filters
+        .iter()
+        .map(|f| {
+            (
+                f.rules.as_ref().map(|r| r.action),
+                f.shadow_rules.as_ref().map(|r| r.action),
+                f.shadow_rules_stat_prefix.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                Some(RbacAction::Deny as i32),
+                Some(RbacAction::Deny as i32),
+                "istio_dry_run_deny_"
+            ),
+            (None, Some(RbacAction::Allow as i32), "istio_dry_run_allow_"),
+            // Istio gives LOG shadow rules no prefix.
+            (None, Some(RbacAction::Log as i32), ""),
+        ]
+    );
+    let deny = &filters[0];
+    assert_eq!(
+        deny.rules
+            .as_ref()
+            .unwrap()
+            .policies
+            .keys()
+            .collect::<Vec<_>>(),
+        ["ns[shop]-policy[deny-admin]-rule[0]"]
+    );
+    assert_eq!(
+        deny.shadow_rules
+            .as_ref()
+            .unwrap()
+            .policies
+            .keys()
+            .collect::<Vec<_>>(),
+        ["ns[shop]-policy[deny-all]-rule[0]"]
+    );
+    // Enforcement is exactly that of the enforced policy alone.
+    assert_eq!(
+        rbac_to_proto(&policies),
+        rbac_to_proto(std::slice::from_ref(&enforced))
+    );
+    // Without dry-run policies the bytes are those of the enforced message.
+    let plain = rbac_filters_to_proto(std::slice::from_ref(&enforced));
+    assert_eq!(
+        rbac_http_filter_config(&plain[0]).value,
+        rbac_filter_config(&rbac_to_proto(&[enforced])[0]).value
+    );
+    // Decoded: per action, enforced first, then dry-run.
+    let back = rbac_filters_from_proto(&filters).unwrap();
+    let ids: Vec<(&str, bool)> = back.iter().map(|p| (&**p.id(), p.is_dry_run())).collect();
+    assert_eq!(
+        ids,
+        [
+            ("shop/deny-admin", false),
+            ("shop/deny-all", true),
+            ("shop/allow-some", true),
+            ("shop/audit-all", true),
+        ]
+    );
+}
+
+/// A foreign config with an ALLOW `rules` that has no policy denies every
+/// request in Envoy and gRPC; the model cannot say it, and reading it as
+/// "no ALLOW policy" would fail open, so it is refused (the client NACKs).
+#[test]
+fn an_empty_allow_rules_is_refused_not_read_as_allow_all() {
+    let filter = RbacFilter {
+        rules: Some(Rbac {
+            action: RbacAction::Allow as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert!(!enforced_by_grpc(&filter, |_| true));
+    let err = rbac_filters_from_proto(&[filter]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("denies every request"), "{err}");
+    // An empty DENY denies nothing: that one the model can say.
+    let deny = Rbac {
+        action: RbacAction::Deny as i32,
+        ..Default::default()
+    };
+    assert_eq!(rbac_from_proto(&[deny]).unwrap(), vec![]);
+}
+
+/// A shadow rule that cannot be read is an error naming `shadow_rules`.
+#[test]
+fn a_bad_shadow_rule_is_refused_naming_shadow_rules() {
+    let mut filter = rbac_filters_to_proto(&[dry("deny-all", Action::Deny)]).remove(0);
+    if let Some(shadow) = &mut filter.shadow_rules {
+        let p = shadow.policies.values_mut().next().unwrap();
+        p.condition = Some(Default::default());
+    }
+    let err = rbac_filters_from_proto(&[filter]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("shadow_rules"), "{err}");
 }
 
 #[test]
@@ -368,25 +546,38 @@ fn rule() -> impl Strategy<Value = Rule> {
 fn policies() -> impl Strategy<Value = Vec<AuthorizationPolicy>> {
     let action = prop_oneof![Just(Action::Allow), Just(Action::Deny), Just(Action::Audit)];
     prop::collection::vec(
-        ("[a-z]{1,3}", action, prop::collection::vec(rule(), 0..3)),
+        (
+            "[a-z]{1,3}",
+            action,
+            prop::collection::vec(rule(), 0..3),
+            prop::bool::weighted(0.3),
+        ),
         0..5,
     )
     .prop_map(|list| {
         list.into_iter()
             .enumerate()
-            .map(|(i, (ns, action, rules))| {
-                AuthorizationPolicy::new(ns.as_str(), format!("p{i}"), action, rules).unwrap()
+            .map(|(i, (ns, action, rules, dry_run))| {
+                AuthorizationPolicy::new(ns.as_str(), format!("p{i}"), action, rules)
+                    .unwrap()
+                    .with_dry_run(dry_run)
             })
             .collect()
     })
 }
 
 /// The order decoding produces: policies by action (DENY, ALLOW, AUDIT),
-/// namespace and name; in each rule the principal-side conditions before
-/// `destination.port` ones (`when` is an AND: order carries no meaning).
+/// enforced before dry-run, then namespace and name; in each rule the
+/// principal-side conditions before `destination.port` ones (`when` is an
+/// AND: order carries no meaning).
 fn normalized(mut policies: Vec<AuthorizationPolicy>) -> Vec<AuthorizationPolicy> {
     policies.sort_by(|a, b| {
-        (a.action(), a.namespace(), a.name()).cmp(&(b.action(), b.namespace(), b.name()))
+        (a.action(), a.is_dry_run(), a.namespace(), a.name()).cmp(&(
+            b.action(),
+            b.is_dry_run(),
+            b.namespace(),
+            b.name(),
+        ))
     });
     policies
         .into_iter()
@@ -405,6 +596,7 @@ fn normalized(mut policies: Vec<AuthorizationPolicy>) -> Vec<AuthorizationPolicy
                 .collect();
             AuthorizationPolicy::new(p.namespace().clone(), p.name().clone(), p.action(), rules)
                 .unwrap()
+                .with_dry_run(p.is_dry_run())
         })
         .collect()
 }
@@ -414,15 +606,30 @@ proptest! {
 
     #[test]
     fn model_to_proto_to_model(policies in policies()) {
+        // The enforced messages carry the enforced policies only.
         let rbacs = rbac_to_proto(&policies);
         let back = rbac_from_proto(&rbacs).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert_eq!(&back, &normalized(policies));
-        // Through the filter config's bytes, too.
-        let through_any: Vec<Rbac> = rbacs
+        let enforced: Vec<AuthorizationPolicy> =
+            policies.iter().filter(|p| !p.is_dry_run()).cloned().collect();
+        prop_assert_eq!(&back, &normalized(enforced));
+        // The filters carry all of them, dry-run ones as shadow rules.
+        let filters = rbac_filters_to_proto(&policies);
+        let back = rbac_filters_from_proto(&filters)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(&back, &normalized(policies.clone()));
+        // Through the filter configs' bytes, too.
+        let through_any: Vec<RbacFilter> = filters
             .iter()
-            .map(|r| rbac_from_filter_config(&rbac_filter_config(r)).unwrap().unwrap())
+            .map(|f| rbac_from_filter_config(&rbac_http_filter_config(f)).unwrap())
             .collect();
-        prop_assert_eq!(through_any, rbacs);
+        prop_assert_eq!(&through_any, &filters);
+        // No filter's `rules` is present without a policy: an empty ALLOW
+        // `rules` would deny everything.
+        for f in &filters {
+            prop_assert!(f.rules.as_ref().is_none_or(|r| !r.policies.is_empty()));
+        }
+        // And enforcement is what it is without the dry-run policies.
+        prop_assert_eq!(rbac_to_proto(&policies), filters.iter().filter_map(|f| f.rules.clone()).collect::<Vec<_>>());
     }
 
     #[test]
@@ -443,4 +650,87 @@ fn escaping_round_trips() {
     }
     assert_eq!(unescape("a.b"), None);
     assert_eq!(unescape("a\\"), None);
+}
+
+/// Through a whole server listener (gRFC A36), as mesh-control serves it
+/// and our client reads it: dry-run policies come back as dry-run, the
+/// ALLOW filter of a workload with only a dry-run ALLOW policy has no
+/// `rules`, and a second filter with ALLOW shadow rules is refused.
+#[test]
+fn server_listeners_carry_dry_run_policies_as_shadow_rules() {
+    use envoy_types::pb::envoy::config::listener::v3::filter;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_filter::ConfigType,
+    };
+
+    use crate::model::{MtlsMode, ServerListener};
+    use crate::xds::{decode_server_listener, encode_server_listener, server_listener_to_proto};
+
+    let enforced =
+        AuthorizationPolicy::new("shop", "deny-admin", Action::Deny, vec![Rule::default()])
+            .unwrap();
+    let listener = ServerListener {
+        name: "grpc/server?xds.resource.listening_address=10.0.0.7:8080".into(),
+        address: "10.0.0.7:8080".parse().unwrap(),
+        mtls: MtlsMode::Strict,
+        policies: vec![
+            enforced,
+            dry("deny-all", Action::Deny),
+            dry("allow-frontend", Action::Allow),
+        ]
+        .into(),
+    };
+    let back = decode_server_listener(&encode_server_listener(&listener)).unwrap();
+    assert_eq!(back, listener);
+    assert_eq!(
+        back.policies.iter().filter(|p| p.is_dry_run()).count(),
+        2,
+        "{back:?}"
+    );
+
+    let mut proto = server_listener_to_proto(&listener);
+    let hcm_of = |proto: &envoy_types::pb::envoy::config::listener::v3::Listener| {
+        let Some(filter::ConfigType::TypedConfig(any)) =
+            &proto.filter_chains[0].filters[0].config_type
+        else {
+            panic!("no HCM")
+        };
+        HttpConnectionManager::decode(any.value.as_slice()).unwrap()
+    };
+    let hcm = hcm_of(&proto);
+    let rbac_filters: Vec<RbacFilter> = hcm
+        .http_filters
+        .iter()
+        .filter_map(|f| match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) if any.type_url == RBAC_FILTER_TYPE => {
+                Some(RbacFilter::decode(any.value.as_slice()).unwrap())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rbac_filters.len(), 2, "{rbac_filters:?}");
+    let allow = &rbac_filters[1];
+    assert_eq!(allow.rules, None, "no ALLOW rules: nothing is denied");
+    assert_eq!(allow.shadow_rules_stat_prefix, DRY_RUN_ALLOW_STAT_PREFIX);
+    assert_eq!(
+        rbac_filters[0].shadow_rules_stat_prefix,
+        DRY_RUN_DENY_STAT_PREFIX
+    );
+
+    // A second filter with ALLOW shadow rules: refused, naming it.
+    let mut hcm = hcm;
+    let second = hcm.http_filters[1].clone();
+    hcm.http_filters.insert(2, second);
+    if let Some(filter::ConfigType::TypedConfig(any)) =
+        &mut proto.filter_chains[0].filters[0].config_type
+    {
+        any.value = hcm.encode_to_vec();
+    }
+    let err = crate::xds::server_listener_from_proto(&proto).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(
+        err.to_string()
+            .contains("http_filters[2]: a second ALLOW RBAC filter with ALLOW shadow_rules"),
+        "{err}"
+    );
 }

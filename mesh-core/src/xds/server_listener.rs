@@ -18,7 +18,9 @@
 //!   (`domains: ["*"]`) has one route, prefix `/` with
 //!   `non_forwarding_action` (without it gRPC servers fail every RPC), and
 //!   whose HTTP filters are the RBAC filters (DENY, ALLOW, LOG) then the
-//!   router.
+//!   router; dry-run policies are those filters' `shadow_rules`, and a
+//!   filter with only dry-run policies has no `rules` (see
+//!   [`crate::rbac_xds`]).
 //!
 //! Decoding accepts that shape and what is equivalent to it (the older
 //! A29 TLS fields, chains in either order, a `default_filter_chain`, more
@@ -59,7 +61,8 @@ use crate::Error;
 use crate::model::{MtlsMode, ServerListener};
 use crate::rbac::AuthorizationPolicy;
 use crate::rbac_xds::{
-    RBAC_FILTER_NAME, rbac_filter_config, rbac_from_filter_config, rbac_from_proto, rbac_to_proto,
+    RBAC_FILTER_NAME, rbac_filters_from_proto, rbac_filters_to_proto, rbac_from_filter_config,
+    rbac_http_filter_config,
 };
 
 /// The network filter name of the HTTP connection manager.
@@ -108,11 +111,11 @@ pub fn server_listener_to_proto(listener: &ServerListener) -> ListenerProto {
 
 fn hcm_filter(listener: &ServerListener, port: u16) -> Filter {
     let route_name = format!("inbound|{port}");
-    let mut http_filters: Vec<HttpFilter> = rbac_to_proto(&listener.policies)
+    let mut http_filters: Vec<HttpFilter> = rbac_filters_to_proto(&listener.policies)
         .iter()
         .map(|rbac| HttpFilter {
             name: RBAC_FILTER_NAME.to_string(),
-            config_type: Some(ConfigType::TypedConfig(rbac_filter_config(rbac))),
+            config_type: Some(ConfigType::TypedConfig(rbac_http_filter_config(rbac))),
             ..Default::default()
         })
         .collect();
@@ -529,12 +532,15 @@ fn matches_everything(m: &RouteMatch) -> bool {
 }
 
 /// RBAC filters then the router; the RBAC messages are read in DENY,
-/// ALLOW, LOG order (the result of a request does not depend on the order
+/// ALLOW, LOG order, each action's `rules` before its `shadow_rules` (the
+/// dry-run policies; the result of a request does not depend on the order
 /// of the filters, only the evaluation order does). Two ALLOW filters
-/// would require a request to match both, which the model cannot say.
+/// would require a request to match both, which the model cannot say: a
+/// second ALLOW `rules` (or a second ALLOW `shadow_rules`) is refused.
 fn policies_from_filters(filters: &[HttpFilter]) -> Decoded<Vec<AuthorizationPolicy>> {
-    let mut rbacs: Vec<Rbac> = Vec::new();
+    let mut rbacs = Vec::new();
     let mut allow_at: Option<usize> = None;
+    let mut shadow_allow_at: Option<usize> = None;
     for_each_http_filter(filters, |i, f, any| {
         if type_name(&any.type_url) != type_name(crate::rbac_xds::RBAC_FILTER_TYPE) {
             if f.is_optional {
@@ -554,29 +560,35 @@ fn policies_from_filters(filters: &[HttpFilter]) -> Decoded<Vec<AuthorizationPol
             .at("disabled")
             .at_index("http_filters", i));
         }
-        let Some(rbac) = rbac_from_filter_config(any)
+        let filter = rbac_from_filter_config(any)
             .at("typed_config")
-            .at_index("http_filters", i)?
-        else {
-            return Ok(()); // no rules: allows everything
+            .at_index("http_filters", i)?;
+        let is_allow = |r: &Option<Rbac>| {
+            r.as_ref()
+                .is_some_and(|r| r.action == RbacAction::Allow as i32)
         };
-        if rbac.action == RbacAction::Allow as i32 {
-            if let Some(first) = allow_at {
+        for (present, seen, what) in [
+            (is_allow(&filter.rules), &mut allow_at, ""),
+            (
+                is_allow(&filter.shadow_rules),
+                &mut shadow_allow_at,
+                " with ALLOW shadow_rules",
+            ),
+        ] {
+            if !present {
+                continue;
+            }
+            if let Some(first) = *seen {
                 return Err(FieldError::unsupported(format!(
-                    "a second ALLOW RBAC filter (the first is http_filters[{first}]): requests \
-                     would have to match both, which is not supported"
+                    "a second ALLOW RBAC filter{what} (the first is http_filters[{first}]): \
+                     requests would have to match both, which is not supported"
                 ))
                 .at_index("http_filters", i));
             }
-            allow_at = Some(i);
+            *seen = Some(i);
         }
-        rbacs.push(rbac);
+        rbacs.push(filter);
         Ok(())
     })?;
-    rbacs.sort_by_key(|r| match RbacAction::try_from(r.action) {
-        Ok(RbacAction::Deny) => 0,
-        Ok(RbacAction::Allow) => 1,
-        _ => 2,
-    });
-    rbac_from_proto(&rbacs).at("http_filters")
+    rbac_filters_from_proto(&rbacs).at("http_filters")
 }
