@@ -764,19 +764,27 @@ struct SecureMesh {
 
 impl SecureMesh {
     async fn start() -> SecureMesh {
+        SecureMesh::start_with(|config_dir| {
+            if let Err(error) = std::fs::create_dir_all(config_dir)
+                .and_then(|()| std::fs::write(config_dir.join("mesh.yaml"), secure_mesh_yaml()))
+            {
+                panic!(
+                    "writing the mesh config in {}: {error}",
+                    config_dir.display()
+                );
+            }
+        })
+        .await
+    }
+
+    /// mesh-control with the CA on a config directory that `fill` writes.
+    async fn start_with(fill: impl FnOnce(&Path)) -> SecureMesh {
         let dir = match tempfile::tempdir() {
             Ok(dir) => dir,
             Err(error) => panic!("creating a temporary directory: {error}"),
         };
         let config_dir = dir.path().join("mesh");
-        if let Err(error) = std::fs::create_dir_all(&config_dir)
-            .and_then(|()| std::fs::write(config_dir.join("mesh.yaml"), secure_mesh_yaml()))
-        {
-            panic!(
-                "writing the mesh config in {}: {error}",
-                config_dir.display()
-            );
-        }
+        fill(&config_dir);
         let mut join = JoinTokens::new();
         let mut tokens = BTreeMap::new();
         let salt = support::Coin::new().next_u64();
@@ -885,6 +893,97 @@ impl SecureMesh {
         }
         bootstrap_file
     }
+}
+
+/// Issue 13, acceptance 3: with the CA on, mesh-control serves ADS only to
+/// authenticated clients, and grpcio, with the bootstrap mesh-control writes for a
+/// workload whose certificate is in files, still follows the demo mesh's 70/30 split:
+/// the bootstrap names the certificate and key as gRFC A65 `tls` channel credentials,
+/// so grpcio presents the certificate to mesh-control, which reads the client's
+/// namespace from it.
+#[tokio::test]
+async fn grpcio_follows_the_split_under_the_ca_with_the_bootstrap_mesh_control_writes() {
+    const CLIENT_NODE: &str = "grpc-client-split";
+    let python = require_grpcio_python().await;
+    let mesh = SecureMesh::start_with(copy_demo_mesh).await;
+    let bundle = mesh.trust_bundle();
+
+    // Two plaintext backends (the demo mesh is PERMISSIVE), registered with the
+    // payment service account's join token over https.
+    let mut backends = Vec::new();
+    for version in ["v1", "v2"] {
+        let (addr, backend) =
+            spawn_payment_with(|addr| PaymentServer::new(addr.to_string(), version)).await;
+        let body = serde_json::json!({
+            "service": "payment",
+            "namespace": NAMESPACE,
+            "address": addr.ip().to_string(),
+            "port": addr.port(),
+            "protocol": "GRPC",
+            "labels": {"version": version},
+            "ttl_seconds": 60,
+        });
+        let config = Arc::new(mesh_testkit::pki::client_config(
+            &String::from_utf8_lossy(&bundle),
+            None,
+        ));
+        let authorization = format!("Bearer {}", mesh.token("payment"));
+        let (code, reply) = mesh_testkit::http::json_request_tls(
+            mesh.server.admin_addr(),
+            config,
+            "POST",
+            "/v1/endpoints",
+            &[("authorization", authorization.as_str())],
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(code, 201, "registering {addr} ({version}): {reply}");
+        backends.push(backend);
+    }
+
+    let bootstrap = mesh.grpcio_bootstrap("grpc-client", CLIENT_NODE).await;
+    let written: serde_json::Value = match std::fs::read_to_string(&bootstrap)
+        .map_err(|e| e.to_string())
+        .and_then(|json| serde_json::from_str(&json).map_err(|e| e.to_string()))
+    {
+        Ok(json) => json,
+        Err(error) => panic!("reading {}: {error}", bootstrap.display()),
+    };
+    let creds = &written["xds_servers"][0]["channel_creds"][0];
+    assert_eq!(creds["type"], "tls", "{written}");
+    assert!(
+        creds["config"]["certificate_file"].is_string()
+            && creds["config"]["private_key_file"].is_string(),
+        "the bootstrap must present the workload's certificate to mesh-control (A65): {creds}"
+    );
+
+    let (report, client) =
+        LingeringClient::start(&python, &bootstrap, "xds:///payment", CALLS).await;
+    let status = mesh.server.status();
+    let entry = client_status_of(&status, CLIENT_NODE).cloned();
+    let stderr = client.stop().await;
+    eprintln!(
+        "grpcio under the CA: {} ok, by version {:?}, {} errors; /status: {entry:?}",
+        report.ok,
+        report.by_version,
+        report.error_count()
+    );
+    assert!(
+        report.ready && report.error_count() == 0,
+        "the grpcio client failed: {:?}\nreport: {report:?}\nstderr:\n{stderr}",
+        report.first_error
+    );
+    assert_eq!(report.ok, u64::from(CALLS), "{report:?}");
+    assert_eq!(
+        report.version_count("v1") + report.version_count("v2"),
+        report.ok,
+        "calls served by neither subset: {report:?}"
+    );
+    assert_split(report.version_count("v1"), report.ok, 0.7);
+    for backend in backends {
+        backend.shutdown().await;
+    }
+    mesh.server.shutdown().await;
 }
 
 /// The Rust payment server, a real workload of the secured mesh.

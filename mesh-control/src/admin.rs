@@ -14,7 +14,23 @@
 //! identity must be one the service allows
 //! ([`crate::config::ConfigStore::authorize_registration`]), and only the
 //! identity that registered a lease may renew or delete it. Without a CA
-//! registration is open, as on a trusted network.
+//! registration is open, as on a trusted network, and a lease is renewed
+//! or deleted only with the secret its registration answered
+//! (`lease_secret`, sent back in an `X-Lease-Secret` header; see
+//! `registry.rs`). No error body names a lease id.
+//!
+//! With a CA, reads need credentials too: `/status`, `/v1/services` and
+//! `/metrics` answer 401 without a client certificate from the mesh CA, a
+//! join token, or a read-only operator token (`Authorization: Bearer`;
+//! `serve --operator-token-file`), since they map the whole mesh.
+//! `/healthz` and `/v1/trust-bundle` (public roots, needed to bootstrap)
+//! stay open. An operator token can only read: anything else answers 403.
+//!
+//! Limits, each a 4xx with a message saying which: what one registration
+//! may hold (`registry.rs`), leases per identity (429), certificates per
+//! identity and failed token attempts per source address (429 with
+//! `Retry-After`; `ca/limits.rs`), each refusal counted in `/metrics`
+//! (`mesh_control_rate_limited_total`).
 //!
 //! With a data directory, a registration or deregistration is written there
 //! before it is answered (a restart keeps it); renewals are written in
@@ -31,27 +47,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::serve::IncomingStream;
 use mesh_core::spiffe::SpiffeId;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 use std::collections::BTreeSet;
 
 use crate::ErrorKind;
 use crate::ads::server_listener_for;
-use crate::ca::CertificateAuthority;
-use crate::ca::serving::{AdminTlsListener, PeerInfo};
+use crate::ca::serving::PeerInfo;
+use crate::ca::{CertificateAuthority, TokenRefusal, retry_after_seconds};
 use crate::compat::{ClientKind, grpc_ignored};
 use crate::persist::SharedError;
-use crate::registry::{RegisterRequest, Registered, lease_ttl, validate};
+use crate::registry::{
+    KeeperRefusal, LEASE_SECRET_HEADER, LeaseKeeper, RegisterRequest, Registered, lease_ttl,
+    validate_with,
+};
 
 use crate::state::Shared;
 
@@ -75,42 +92,38 @@ fn error(code: StatusCode, message: impl Into<String>) -> Response {
 /// The connection's peer, as the accept loop saw it.
 type Peer = ConnectInfo<PeerInfo>;
 
-impl Connected<IncomingStream<'_, TcpListener>> for PeerInfo {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        PeerInfo {
-            addr: *stream.remote_addr(),
-            identity: None,
-        }
-    }
-}
-
-impl Connected<IncomingStream<'_, AdminTlsListener>> for PeerInfo {
-    fn connect_info(stream: IncomingStream<'_, AdminTlsListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-/// The join token of an `Authorization: Bearer <token>` header. `Err` is
-/// a malformed header (another scheme, not text).
 /// A refusal: the status and the message of its `{"error"}` body (small,
-/// unlike a `Response`, for `Result`s).
-struct Refusal(StatusCode, String);
+/// unlike a `Response`, for `Result`s), and for a 429 when to come back.
+struct Refusal(StatusCode, String, Option<Duration>);
+
+impl Refusal {
+    fn new(code: StatusCode, message: impl Into<String>) -> Self {
+        Refusal(code, message.into(), None)
+    }
+}
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        error(self.0, self.1)
+        let mut response = error(self.0, self.1);
+        if let Some(wait) = self.2
+            && let Ok(value) = header::HeaderValue::try_from(retry_after_seconds(wait).to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header. `Err` is a
+/// malformed header (another scheme, not text).
 fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Refusal> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
     let value = value.to_str().map_err(|_| {
-        Refusal(
+        Refusal::new(
             StatusCode::UNAUTHORIZED,
-            "the Authorization header is not text; send `Authorization: Bearer <join token>`"
-                .into(),
+            "the Authorization header is not text; send `Authorization: Bearer <join token>`",
         )
     })?;
     match value.split_once(' ') {
@@ -119,16 +132,40 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Refusal> {
         {
             Ok(Some(token.trim()))
         }
-        _ => Err(Refusal(
+        _ => Err(Refusal::new(
             StatusCode::UNAUTHORIZED,
-            "the Authorization header must be `Bearer <join token>`".into(),
+            "the Authorization header must be `Bearer <join token>`",
         )),
+    }
+}
+
+/// The refusal for a token that was not accepted (see
+/// [`CertificateAuthority::authenticate_from`]); `what` names the request.
+fn token_refusal(what: &str, refusal: TokenRefusal) -> Refusal {
+    match refusal {
+        TokenRefusal::Unknown(e) => Refusal::new(StatusCode::UNAUTHORIZED, format!("{what}: {e}")),
+        TokenRefusal::Throttled(wait) => Refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{what}: too many unknown tokens from this address; try again in {} s",
+                retry_after_seconds(wait)
+            ),
+            Some(wait),
+        ),
+        TokenRefusal::Operator => Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{what}: an operator token may only read (/status, /v1/services, /metrics); \
+                 use the workload's join token"
+            ),
+        ),
     }
 }
 
 /// Who is calling a registration endpoint: `Ok(None)` when registration is
 /// open (no CA), the identity of the join token or else of the client
-/// certificate when it is authenticated, or the 401 to answer.
+/// certificate when it is authenticated, or the 401 (403 for an operator
+/// token, 429 for an address out of token attempts) to answer.
 fn caller(
     shared: &Shared,
     headers: &HeaderMap,
@@ -137,26 +174,48 @@ fn caller(
     let Some(ca) = &shared.ca else {
         return Ok(None);
     };
-    let denied = |message: String| {
+    let denied = |refusal: Refusal| {
         shared.metrics.registrations_denied.inc();
-        Refusal(StatusCode::UNAUTHORIZED, message)
+        refusal
     };
-    let token = bearer(headers).inspect_err(|_| {
-        shared.metrics.registrations_denied.inc();
-    })?;
+    let token = bearer(headers).map_err(denied)?;
     match token {
         Some(token) => ca
-            .authenticate(token)
+            .authenticate_from(token, peer.addr.ip())
             .map(Some)
-            .map_err(|e| denied(format!("registration: {e}"))),
+            .map_err(|e| denied(token_refusal("registration", e))),
         None => match &peer.identity {
             Some(id) => Ok(Some(id.clone())),
-            None => Err(denied(
+            None => Err(denied(Refusal::new(
+                StatusCode::UNAUTHORIZED,
                 "registration requires credentials: an `Authorization: Bearer <join token>` \
-                 header, or a client certificate from the mesh CA"
-                    .into(),
-            )),
+                 header, or a client certificate from the mesh CA",
+            ))),
         },
+    }
+}
+
+/// Whether the caller may read the mesh's state (`/status`,
+/// `/v1/services`, `/metrics`): anyone without a CA; with one, a client
+/// certificate from the mesh CA (the TLS layer verified it), a join token
+/// or an operator token. `Err` is the 401 (429) to answer.
+fn reader(shared: &Shared, headers: &HeaderMap, peer: &PeerInfo) -> Result<(), Refusal> {
+    let Some(ca) = &shared.ca else {
+        return Ok(());
+    };
+    match bearer(headers)? {
+        Some(token) => match ca.authenticate_from(token, peer.addr.ip()) {
+            Ok(_) | Err(TokenRefusal::Operator) => Ok(()),
+            Err(e) => Err(token_refusal("reading the mesh's state", e)),
+        },
+        None if peer.identity.is_some() => Ok(()),
+        None => Err(Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "this control server runs a CA: reading the mesh's state needs credentials, a \
+             client certificate from the mesh CA, a join token, or a read-only operator token \
+             (serve --operator-token-file; `mesh-control status --token-file FILE`) as \
+             `Authorization: Bearer <token>`",
+        )),
     }
 }
 
@@ -184,9 +243,22 @@ async fn register(
     };
     let ttl_seconds = req.ttl_seconds;
     let node_id = req.node_id.clone().filter(|id| !id.is_empty());
-    let registration = match validate(req) {
+    let (allow_link_local, max_leases) = {
+        let store = shared.store.lock();
+        let options = store.options();
+        (
+            options.allow_link_local_endpoints,
+            options.max_leases_per_identity,
+        )
+    };
+    let registration = match validate_with(req, allow_link_local) {
         Ok(r) => r,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+        Err(message) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid registration: {message}"),
+            );
+        }
     };
     if let Some(identity) = &owner
         && let Err(reason) = shared
@@ -198,6 +270,17 @@ async fn register(
         tracing::warn!(%identity, service = %registration.service, %reason, "registration refused");
         return error(StatusCode::FORBIDDEN, reason);
     }
+    let too_many = |identity: &SpiffeId| {
+        shared.metrics.registrations_denied.inc();
+        tracing::warn!(%identity, max_leases, "registration refused: too many leases");
+        error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{identity} holds {max_leases} leases, the most one identity may hold (serve \
+                 --max-leases-per-identity); delete some or let them expire"
+            ),
+        )
+    };
     let registered = Registered {
         registration,
         owner,
@@ -208,6 +291,13 @@ async fn register(
             Ok(ttl) => ttl,
             Err(message) => return error(StatusCode::BAD_REQUEST, message),
         };
+        // The mirror may lag the store by a moment: the limit holds up to
+        // the registrations this replica has seen.
+        if let Some(identity) = &registered.owner
+            && shared.registry.lock().leases_of(identity) >= max_leases
+        {
+            return too_many(identity);
+        }
         return match state.register(registered, ttl).await {
             Ok(lease) => {
                 shared.metrics.registrations.inc();
@@ -217,14 +307,19 @@ async fn register(
         };
     }
     let salt = rand::random::<u64>();
-    let result = shared
-        .registry
-        .lock()
-        .insert(registered, ttl_seconds, Instant::now(), salt);
+    let result = {
+        let mut registry = shared.registry.lock();
+        match &registered.owner {
+            Some(identity) if registry.leases_of(identity) >= max_leases => {
+                return too_many(identity);
+            }
+            _ => registry.insert(registered, ttl_seconds, Instant::now(), salt),
+        }
+    };
     match result {
         Ok(lease) => {
             shared.metrics.registrations.inc();
-            shared.rebuild();
+            shared.rebuild_soon().await;
             // On disk before it is answered: a restart keeps the lease.
             shared.persist_leases().await;
             (StatusCode::CREATED, axum::Json(lease)).into_response()
@@ -248,53 +343,58 @@ fn shared_error(e: SharedError) -> Response {
     }
 }
 
-/// Whether the caller (see [`caller`]) may renew or delete `lease_id`:
-/// the identity that registered it (anyone when registration is open).
-/// `Err` is the answer (401 without credentials, 404 for an unknown lease,
-/// 403 for another identity, 503 when a shared store that must be asked
-/// cannot be reached).
-async fn check_owner(
+/// What a renewal or deletion answers for a lease nobody may change.
+const LEGACY_LEASE: &str = "this lease was stored by an older mesh-control, without an owner or \
+     a secret: nobody can prove it is theirs, so it cannot be renewed or deleted and ends with \
+     its TTL; register the endpoint again (a registration of the same endpoint replaces it)";
+
+/// What a renewal or deletion of an unknown lease answers.
+const UNKNOWN_LEASE: &str = "this lease is unknown or expired; register again";
+
+/// Whether the caller (see [`caller`]) may renew or delete `lease_id`: the
+/// identity that registered it, or without a CA whoever sends its secret
+/// (`X-Lease-Secret`). `Err` is the answer (401 without credentials, 404
+/// for an unknown lease, 403 for another identity or a missing or wrong
+/// secret, 503 when a shared store that must be asked cannot be reached).
+/// `renewal` says which: a lease nobody may change answers a renewal 404
+/// (so the workload registers again) and a deletion 403.
+async fn check_keeper(
     shared: &Shared,
     headers: &HeaderMap,
     peer: &PeerInfo,
     lease_id: &str,
+    renewal: bool,
 ) -> Result<(), Refusal> {
     let caller = caller(shared, headers, peer)?;
-    let caller = caller.as_ref();
-    let mirrored = shared
-        .registry
-        .lock()
-        .owner(lease_id)
-        .map(|owner| owner.cloned());
-    let owner = match (mirrored, &shared.shared_state) {
-        (Some(owner), _) => Some(owner),
+    let mirrored = shared.registry.lock().keeper(lease_id);
+    let keeper: Option<LeaseKeeper> = match (mirrored, &shared.shared_state) {
+        (Some(keeper), _) => Some(keeper),
         // Registered through another replica a moment ago: this one's
         // mirror may not have it yet, the store has.
-        (None, Some(state)) => state.owner(lease_id).await.map_err(|e| match e {
-            SharedError::Unavailable(message) => Refusal(StatusCode::SERVICE_UNAVAILABLE, message),
-            SharedError::Refused(message) => Refusal(StatusCode::BAD_REQUEST, message),
+        (None, Some(state)) => state.keeper(lease_id).await.map_err(|e| match e {
+            SharedError::Unavailable(message) => {
+                Refusal::new(StatusCode::SERVICE_UNAVAILABLE, message)
+            }
+            SharedError::Refused(message) => Refusal::new(StatusCode::BAD_REQUEST, message),
         })?,
         (None, None) => None,
     };
-    match owner {
-        None => Err(Refusal(
-            StatusCode::NOT_FOUND,
-            format!("lease {lease_id:?} is unknown or expired; register again"),
-        )),
-        Some(Some(owner)) if Some(&owner) != caller => {
-            shared.metrics.registrations_denied.inc();
-            Err(Refusal(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "lease {lease_id:?} was registered by {owner}; {} may not change it",
-                    caller.map_or_else(
-                        || "an unauthenticated caller".to_string(),
-                        |c| c.to_string()
-                    )
-                ),
-            ))
+    let Some(keeper) = keeper else {
+        return Err(Refusal::new(StatusCode::NOT_FOUND, UNKNOWN_LEASE));
+    };
+    let secret = headers
+        .get(LEASE_SECRET_HEADER)
+        .and_then(|v| v.to_str().ok());
+    match keeper.permits(caller.as_ref(), secret) {
+        Ok(()) => Ok(()),
+        Err(KeeperRefusal::Legacy) if renewal => {
+            Err(Refusal::new(StatusCode::NOT_FOUND, LEGACY_LEASE))
         }
-        Some(_) => Ok(()),
+        Err(KeeperRefusal::Legacy) => Err(Refusal::new(StatusCode::FORBIDDEN, LEGACY_LEASE)),
+        Err(KeeperRefusal::Forbidden(message)) => {
+            shared.metrics.registrations_denied.inc();
+            Err(Refusal::new(StatusCode::FORBIDDEN, message))
+        }
     }
 }
 
@@ -304,7 +404,7 @@ async fn renew(
     headers: HeaderMap,
     Path(lease_id): Path<String>,
 ) -> Response {
-    if let Err(refusal) = check_owner(&shared, &headers, &peer, &lease_id).await {
+    if let Err(refusal) = check_keeper(&shared, &headers, &peer, &lease_id, true).await {
         return refusal.into_response();
     }
     if let Some(state) = &shared.shared_state {
@@ -312,10 +412,7 @@ async fn renew(
             Ok(true) => {
                 (StatusCode::OK, axum::Json(json!({ "lease_id": lease_id }))).into_response()
             }
-            Ok(false) => error(
-                StatusCode::NOT_FOUND,
-                format!("lease {lease_id:?} is unknown or expired; register again"),
-            ),
+            Ok(false) => error(StatusCode::NOT_FOUND, UNKNOWN_LEASE),
             Err(e) => shared_error(e),
         };
     }
@@ -324,10 +421,7 @@ async fn renew(
         shared.leases_changed();
         (StatusCode::OK, axum::Json(json!({ "lease_id": lease_id }))).into_response()
     } else {
-        error(
-            StatusCode::NOT_FOUND,
-            format!("lease {lease_id:?} is unknown or expired; register again"),
-        )
+        error(StatusCode::NOT_FOUND, UNKNOWN_LEASE)
     }
 }
 
@@ -337,29 +431,23 @@ async fn deregister(
     headers: HeaderMap,
     Path(lease_id): Path<String>,
 ) -> Response {
-    if let Err(refusal) = check_owner(&shared, &headers, &peer, &lease_id).await {
+    if let Err(refusal) = check_keeper(&shared, &headers, &peer, &lease_id, false).await {
         return refusal.into_response();
     }
     if let Some(state) = &shared.shared_state {
         return match state.remove(&lease_id).await {
             Ok(true) => StatusCode::NO_CONTENT.into_response(),
-            Ok(false) => error(
-                StatusCode::NOT_FOUND,
-                format!("lease {lease_id:?} is unknown or expired"),
-            ),
+            Ok(false) => error(StatusCode::NOT_FOUND, UNKNOWN_LEASE),
             Err(e) => shared_error(e),
         };
     }
     let removed = shared.registry.lock().remove(&lease_id);
     if removed {
-        shared.rebuild();
+        shared.rebuild_soon().await;
         shared.persist_leases().await;
         StatusCode::NO_CONTENT.into_response()
     } else {
-        error(
-            StatusCode::NOT_FOUND,
-            format!("lease {lease_id:?} is unknown or expired"),
-        )
+        error(StatusCode::NOT_FOUND, UNKNOWN_LEASE)
     }
 }
 
@@ -385,6 +473,7 @@ fn no_ca() -> Response {
 
 async fn certificates(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): Peer,
     headers: HeaderMap,
     body: Result<axum::Json<CertificateRequest>, JsonRejection>,
 ) -> Response {
@@ -422,8 +511,28 @@ async fn certificates(
                 .into(),
         );
     };
-    if let Err(e) = ca.authenticate(token) {
-        return denied(StatusCode::UNAUTHORIZED, e.to_string());
+    let identity = match ca.authenticate_from(token, peer.addr.ip()) {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            shared.metrics.certificates_denied.inc();
+            let refusal = token_refusal("certificate request", refusal);
+            tracing::warn!(status = refusal.0.as_u16(), message = %refusal.1, "certificate refused");
+            return refusal.into_response();
+        }
+    };
+    if let Err(wait) = ca.admit_signing(&identity) {
+        shared.metrics.certificates_denied.inc();
+        tracing::warn!(%identity, "certificate refused: signing rate limit");
+        return Refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{identity} asked for more certificates than its signing rate limit allows; \
+                 try again in {} s",
+                retry_after_seconds(wait)
+            ),
+            Some(wait),
+        )
+        .into_response();
     }
     let requested = match CertificateAuthority::csr_requested_identity(&req.csr) {
         Ok(r) => r,
@@ -462,7 +571,14 @@ async fn trust_bundle(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn services(State(shared): State<Arc<Shared>>) -> Response {
+async fn services(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = reader(&shared, &headers, &peer) {
+        return refusal.into_response();
+    }
     let registrations = shared.registry.lock().registrations();
     let services = shared.store.lock().services(&registrations);
     let list: Vec<Value> = services
@@ -643,24 +759,67 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
             "config_rejections": shared.metrics.config_rejections.get(),
             "persist_errors": shared.metrics.persist_errors.get(),
         },
-        "security": shared.ca.as_ref().map(|ca| json!({
-            "trust_domain": ca.trust_domain(),
-        })),
+        "security": shared.ca.as_ref().map(|ca| {
+            let (signing, tokens) = ca.throttled();
+            json!({
+                "trust_domain": ca.trust_domain(),
+                "rate_limited": {
+                    "certificate_signing": signing,
+                    "failed_token_attempts": tokens,
+                },
+            })
+        }),
         "shared": shared.shared_state.as_ref().map(|s| s.status()),
     })
 }
 
-async fn status(State(shared): State<Arc<Shared>>) -> Response {
+async fn status(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = reader(&shared, &headers, &peer) {
+        return refusal.into_response();
+    }
     axum::Json(status_json(&shared)).into_response()
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+async fn metrics(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = reader(&shared, &headers, &peer) {
+        return refusal.into_response();
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        shared.metrics.render(),
+        with_rate_limits(shared.metrics.render(), shared.ca.as_deref()),
     )
         .into_response()
+}
+
+/// The exposition with the CA's rate-limit counters added before its
+/// `# EOF` (the CA keeps them: it enforces the limits, for ADS too).
+fn with_rate_limits(mut text: String, ca: Option<&CertificateAuthority>) -> String {
+    let Some(ca) = ca else {
+        return text;
+    };
+    let (signing, tokens) = ca.throttled();
+    let eof = text.rfind("# EOF").unwrap_or(text.len());
+    let tail = text.split_off(eof);
+    text.push_str(
+        "# HELP mesh_control_rate_limited requests refused with 429 by a rate limit: \
+         certificate_signing (per identity), failed_token_attempts (per source address)\n\
+         # TYPE mesh_control_rate_limited counter\n",
+    );
+    text.push_str(&format!(
+        "mesh_control_rate_limited_total{{limit=\"certificate_signing\"}} {signing}\n\
+         mesh_control_rate_limited_total{{limit=\"failed_token_attempts\"}} {tokens}\n"
+    ));
+    text.push_str(&tail);
+    text
 }

@@ -27,6 +27,25 @@
 //! reads, not a reset, so that it reconnects at once (to another replica, or
 //! to this one restarted) instead of waiting out a keepalive.
 //!
+//! With a CA ([`crate::ServerBuilder::ca`]) every stream is authenticated
+//! before it is served ([`authenticate`]): a client certificate the mesh CA
+//! issued (gRFC A65 `certificate_file` / `private_key_file` in the
+//! bootstrap's `tls` channel credentials), or a join token as
+//! `authorization: Bearer <token>` metadata (what an Envoy puts in its
+//! `initial_metadata`, and what mesh-xds-client sends for a `mesh_ca`
+//! bootstrap). Anything else is refused with `UNAUTHENTICATED`. The
+//! node's namespace and service account then come from that identity:
+//! `node.metadata.NAMESPACE` / `SERVICE_ACCOUNT`, when given, must agree
+//! with it (else `PERMISSION_DENIED` naming both), so a workload cannot
+//! claim another namespace to read that namespace's server listeners and
+//! their RBAC. Both refusals are logged at WARN with the peer's address.
+//!
+//! Limits: a subscription of more than
+//! [`crate::ServerBuilder::ads_max_names_per_subscription`] names (10,000
+//! by default) ends the stream with `RESOURCE_EXHAUSTED` saying so, before
+//! anything is built from it; streams per connection and reset floods are
+//! bounded by the HTTP/2 settings in `server.rs`.
+//!
 //! References: the xDS REST and gRPC protocol (ACK/NACK, nonces, SotW
 //! semantics), gRFC A27 (xDS-based global load balancing).
 
@@ -45,12 +64,15 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures_util::{Stream, StreamExt};
 use mesh_core::model::{Listener, ServerListener};
+use mesh_core::spiffe::SpiffeId;
 use mesh_core::xds::Any;
 use mesh_core::xds::{self, ResourceType};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::ca::TokenRefusal;
+use crate::ca::serving::PeerInfo;
 use crate::config::Workload;
 use crate::registry::Registered;
 use crate::state::{ClientStatus, NackInfo, NodeWorkload, Served, Shared, TypeStatus};
@@ -59,6 +81,134 @@ use crate::state::{ClientStatus, NackInfo, NodeWorkload, Served, Shared, TypeSta
 #[derive(Clone)]
 pub(crate) struct Ads {
     pub(crate) shared: Arc<Shared>,
+    /// The most names one subscription (one type of one stream) may hold.
+    pub(crate) max_names: usize,
+}
+
+/// The default of [`crate::ServerBuilder::ads_max_names_per_subscription`]:
+/// far more than a workload asks for (Istio's largest meshes have a few
+/// thousand services), far less than what would let one request make the
+/// server build and hold megabytes per stream.
+pub(crate) const DEFAULT_MAX_NAMES_PER_SUBSCRIPTION: usize = 10_000;
+
+/// Who opened a gRPC call to ADS or CSDS, with a CA.
+#[derive(Debug, Clone)]
+pub(crate) enum Caller {
+    /// No CA: the ports are as open as the network.
+    Open,
+    /// A workload: the identity of its join token or client certificate.
+    Workload(SpiffeId),
+    /// A read-only operator token (CSDS takes it, ADS does not).
+    Operator,
+}
+
+/// Who opened a gRPC call to ADS or CSDS (`what` names it in messages):
+/// [`Caller::Open`] without a CA; else a join token (or an operator token)
+/// sent as `authorization: Bearer <token>` metadata, or the client
+/// certificate the connection presented (verified against the CA's bundle
+/// by the TLS handshake). Anything else is `UNAUTHENTICATED`, logged with
+/// the peer's address. Tokens are checked as the admin API checks them
+/// ([`crate::ca::CertificateAuthority::authenticate_from`]): an address
+/// past its failed attempts gets `RESOURCE_EXHAUSTED` before its token is
+/// looked up.
+pub(crate) fn authenticate<T>(
+    shared: &Shared,
+    request: &Request<T>,
+    what: &str,
+) -> Result<Caller, Status> {
+    let Some(ca) = &shared.ca else {
+        return Ok(Caller::Open);
+    };
+    let peer = request.extensions().get::<PeerInfo>();
+    let addr = peer.map(|p| p.addr).or_else(|| request.remote_addr());
+    let refuse = |status: Status| {
+        tracing::warn!(peer = ?addr, "{what} refused: {}", status.message());
+        Err(status)
+    };
+    if let Some(value) = request.metadata().get("authorization") {
+        let Ok(value) = value.to_str() else {
+            return refuse(Status::unauthenticated(format!(
+                "{what}: the authorization metadata is not text; send `authorization: Bearer \
+                 <join token>`"
+            )));
+        };
+        let token = match value.split_once(' ') {
+            Some((scheme, token))
+                if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+            {
+                token.trim()
+            }
+            _ => {
+                return refuse(Status::unauthenticated(format!(
+                    "{what}: the authorization metadata must be `Bearer <join token>`"
+                )));
+            }
+        };
+        let from = addr.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        return match ca.authenticate_from(token, from) {
+            Ok(identity) => Ok(Caller::Workload(identity)),
+            Err(TokenRefusal::Operator) => Ok(Caller::Operator),
+            Err(TokenRefusal::Throttled(wait)) => refuse(Status::resource_exhausted(format!(
+                "{what}: too many unknown tokens from this address; retry in {}s",
+                wait.as_secs().max(1)
+            ))),
+            Err(TokenRefusal::Unknown(e)) => {
+                refuse(Status::unauthenticated(format!("{what}: {e}")))
+            }
+        };
+    }
+    match peer.and_then(|p| p.identity.clone()) {
+        Some(identity) => Ok(Caller::Workload(identity)),
+        None => refuse(Status::unauthenticated(format!(
+            "{what} requires credentials when mesh-control runs a CA: a client certificate \
+             from the mesh CA (certificate_file and private_key_file in the bootstrap's tls \
+             channel_creds, gRFC A65) or `authorization: Bearer <join token>` metadata"
+        ))),
+    }
+}
+
+/// A string of `node.metadata`, if set and not empty.
+fn node_string<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match node.metadata.as_ref()?.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
+/// Checks what `node` says about itself against the identity that
+/// authenticated its stream: a `NAMESPACE` or `SERVICE_ACCOUNT` other than
+/// the identity's is `PERMISSION_DENIED` naming both. `Ok` is the
+/// workload with the identity's namespace and service account (filled in
+/// when the node left them out).
+fn verified_workload(node: &Node, identity: &SpiffeId) -> Result<NodeWorkload, Status> {
+    let mut workload = NodeWorkload::from_node(node);
+    for (key, claimed, actual) in [
+        (
+            "NAMESPACE",
+            node_string(node, "NAMESPACE"),
+            identity.namespace(),
+        ),
+        (
+            "SERVICE_ACCOUNT",
+            node_string(node, "SERVICE_ACCOUNT"),
+            identity.service_account(),
+        ),
+    ] {
+        if let Some(claimed) = claimed
+            && claimed != actual
+        {
+            return Err(Status::permission_denied(format!(
+                "node {:?} claims {key} {claimed:?} in node.metadata, but its credentials are \
+                 for {identity} ({key} {actual:?}): a workload gets the config of its own \
+                 namespace and service account only",
+                node.id
+            )));
+        }
+    }
+    workload.namespace = identity.namespace().to_owned();
+    workload.service_account = Some(identity.service_account().to_owned());
+    Ok(workload)
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
@@ -73,14 +223,33 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr();
+        let identity = match authenticate(&self.shared, &request, "ADS")? {
+            Caller::Open => None,
+            Caller::Workload(identity) => Some(identity),
+            Caller::Operator => {
+                tracing::warn!("ADS refused: an operator token");
+                return Err(Status::permission_denied(
+                    "ADS: an operator token may only read status (CSDS, /status); a workload \
+                     authenticates with its join token or its certificate from the mesh CA",
+                ));
+            }
+        };
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|p| p.addr)
+            .or_else(|| request.remote_addr());
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let shared = self.shared.clone();
+        let max_names = self.max_names;
         tokio::spawn(async move {
             let id = shared.next_client_id();
             let ending = tx.clone();
             let mut stream = AdsStream::new(id, shared.clone(), tx);
+            stream.identity = identity;
+            stream.peer = peer;
+            stream.max_names = max_names;
             shared.metrics.clients.inc();
             if let Err(status) = stream.run(inbound).await {
                 tracing::debug!(client = id, ?peer, %status, "ADS stream ended");
@@ -142,6 +311,13 @@ struct AdsStream {
     grpc: bool,
     types: [TypeState; 4],
     nonce: u64,
+    /// Who authenticated the stream (with a CA): the node's namespace and
+    /// service account are this identity's.
+    identity: Option<SpiffeId>,
+    /// The client's address, for logs.
+    peer: Option<SocketAddr>,
+    /// The most names one subscription may hold.
+    max_names: usize,
 }
 
 const TYPES: [ResourceType; 4] = [
@@ -177,6 +353,9 @@ impl AdsStream {
             grpc: false,
             types: Default::default(),
             nonce: 0,
+            identity: None,
+            peer: None,
+            max_names: DEFAULT_MAX_NAMES_PER_SUBSCRIPTION,
         }
     }
 
@@ -219,7 +398,24 @@ impl AdsStream {
 
     async fn on_request(&mut self, req: DiscoveryRequest, served: &Served) -> Result<(), Status> {
         if let Some(node) = &req.node {
-            self.on_node(node);
+            self.on_node(node)?;
+        }
+        if req.resource_names.len() > self.max_names {
+            tracing::warn!(
+                client = self.id,
+                peer = ?self.peer,
+                type_url = %req.type_url,
+                names = req.resource_names.len(),
+                limit = self.max_names,
+                "ADS subscription over the limit of names: stream ended"
+            );
+            return Err(Status::resource_exhausted(format!(
+                "a subscription to {} names of {} is over mesh-control's limit of {} names per \
+                 type and stream: subscribe to fewer names, or to all with an empty list",
+                req.resource_names.len(),
+                req.type_url,
+                self.max_names
+            )));
         }
         let Some(t) = ResourceType::from_type_url(&req.type_url) else {
             tracing::warn!(client = self.id, type_url = %req.type_url, "request for a type this server does not serve");
@@ -244,8 +440,18 @@ impl AdsStream {
         Ok(())
     }
 
-    fn on_node(&mut self, node: &Node) {
-        self.workload = NodeWorkload::from_node(node);
+    fn on_node(&mut self, node: &Node) -> Result<(), Status> {
+        self.workload = match &self.identity {
+            None => NodeWorkload::from_node(node),
+            Some(identity) => verified_workload(node, identity).inspect_err(|status| {
+                tracing::warn!(
+                    client = self.id,
+                    peer = ?self.peer,
+                    "ADS refused: {}",
+                    status.message()
+                );
+            })?,
+        };
         self.grpc = crate::compat::ClientKind::from_user_agent(&node.user_agent_name)
             == crate::compat::ClientKind::Grpc;
         let mut clients = self.shared.clients.lock();
@@ -263,6 +469,7 @@ impl AdsStream {
             }
             _ => node.user_agent_name.clone(),
         };
+        Ok(())
     }
 
     fn record_ack_or_nack(&mut self, t: ResourceType, req: &DiscoveryRequest) {

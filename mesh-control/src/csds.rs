@@ -2,6 +2,11 @@
 //! config each connected client was sent, its version, and whether it ACKed
 //! or NACKed it — what `istioctl proxy-status`-style and grpcdebug-style
 //! tools ask a control plane (gRFC A40 describes the client side).
+//!
+//! It shows every client's config, so with a CA it takes the credentials
+//! ADS takes (a client certificate from the mesh CA or a join token as
+//! `authorization: Bearer` metadata, see `ads::authenticate`); without
+//! them the call is `UNAUTHENTICATED`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,6 +41,7 @@ impl ClientStatusDiscoveryService for Csds {
         &self,
         request: Request<Streaming<ClientStatusRequest>>,
     ) -> Result<Response<Self::StreamClientStatusStream>, Status> {
+        crate::ads::authenticate(&self.shared, &request, "CSDS")?;
         let shared = self.shared.clone();
         let stream = request.into_inner().map(move |req| match req {
             Ok(req) => Ok(client_status(&shared, &req)),
@@ -48,6 +54,7 @@ impl ClientStatusDiscoveryService for Csds {
         &self,
         request: Request<ClientStatusRequest>,
     ) -> Result<Response<ClientStatusResponse>, Status> {
+        crate::ads::authenticate(&self.shared, &request, "CSDS")?;
         Ok(Response::new(client_status(
             &self.shared,
             request.get_ref(),

@@ -82,3 +82,58 @@ pub fn grpc_report(
     let (snapshot, _) = store.snapshot(&[]);
     compat::grpc_report(&store, &snapshot)
 }
+
+#[doc(hidden)]
+pub mod fuzzing {
+    //! Entry points for the fuzz targets in `fuzz/` (outside the
+    //! workspace), which reach decoders that are crate-private here. Not
+    //! part of the API: each is a thin call into the code the server runs
+    //! on untrusted or operator input, so that a fuzzer finds what a
+    //! request or a file could make it do.
+
+    use std::path::PathBuf;
+
+    use crate::config::{ConfigStore, MeshOptions, Registration, SourceDocument};
+
+    /// Reads `files` (file name, text; each text may hold several YAML
+    /// documents) as `serve --config` reads a directory, applies them with
+    /// `registrations`, and returns the store (for the caller to translate)
+    /// and the number of problems reported.
+    pub fn load_config(
+        files: &[(String, String)],
+        registrations: &[Registration],
+    ) -> (ConfigStore, usize) {
+        let mut store = ConfigStore::new(MeshOptions::default());
+        let documents: Vec<SourceDocument> = files
+            .iter()
+            .enumerate()
+            .map(|(position, (file, yaml))| SourceDocument {
+                file: PathBuf::from(file),
+                position,
+                doc: 0,
+                line: 1,
+                yaml: yaml.clone(),
+            })
+            .collect();
+        let problems = store.read_documents(&documents).len();
+        store.settle(registrations);
+        (store, problems)
+    }
+
+    /// The body of `POST /v1/endpoints` as the admin API reads it: JSON
+    /// into the request, then the request's validation (the 400 message on
+    /// error).
+    pub fn register_request(body: &[u8]) -> Result<Registration, String> {
+        let req: crate::registry::RegisterRequest =
+            serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        crate::registry::validate(req)
+    }
+
+    /// What `gRPC` clients would ignore of `snapshot` (the `/status`
+    /// report), so the fuzz targets reach the compatibility checks too.
+    pub fn grpc_ignored(store: &ConfigStore, snapshot: &mesh_core::Snapshot) -> usize {
+        let mut n = crate::compat::grpc_ignored(snapshot, None, None).len();
+        n += crate::compat::grpc_security_ignored(&store.security(), snapshot).len();
+        n
+    }
+}

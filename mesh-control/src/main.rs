@@ -49,9 +49,19 @@ struct ServeArgs {
     /// Admin HTTP API listen address (/status, /v1/endpoints, /v1/services).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// Serve the admin API on an address beyond loopback without a CA:
+    /// anyone who can reach it may then register endpoints and read the
+    /// mesh. Without it, such an --admin address is refused unless a CA is
+    /// configured.
+    #[arg(long)]
+    insecure_admin: bool,
     /// Milliseconds to wait for more file changes before reloading.
     #[arg(long, default_value_t = 10)]
     debounce_ms: u64,
+    /// Least milliseconds between two full translations asked for by
+    /// registrations: a storm of registrations shares translations.
+    #[arg(long, default_value_t = 20)]
+    registration_debounce_ms: u64,
     /// Domain suffix of short service names.
     #[arg(long, default_value = "svc.cluster.local")]
     domain_suffix: String,
@@ -77,8 +87,31 @@ struct ServeArgs {
     #[arg(long, requires = "ca_cert_chain")]
     ca_key: Option<PathBuf>,
     /// JSON file of join tokens: {"tokens": [{"token", "namespace", "service_account"}]}.
+    /// Read again whenever it changes (its modification time, size or
+    /// inode), so a token is revoked by removing it from the file, without
+    /// a restart; write the file atomically (a copy renamed over it). A
+    /// file that does not parse keeps the tokens in force, with a warning.
     #[arg(long)]
     join_tokens: Option<PathBuf>,
+    /// With a CA: a file of read-only operator tokens, one per line (`#`
+    /// comments; at least 16 bytes each). `/status`, `/v1/services` and
+    /// `/metrics` need credentials when the CA is on (a client certificate
+    /// from the mesh CA, a join token, or one of these as `Authorization:
+    /// Bearer`); an operator token can read them and do nothing else.
+    /// `mesh-control status --token-file FILE` sends one. Reloaded like
+    /// --join-tokens.
+    #[arg(long, value_name = "FILE", requires = "join_tokens")]
+    operator_token_file: Option<PathBuf>,
+    /// Accept registrations of link-local addresses (169.254.0.0/16,
+    /// fe80::/10). Off by default: link-local is where cloud metadata
+    /// services answer (169.254.169.254), and such an endpoint would send
+    /// mesh traffic to whatever answers on each client's own host.
+    #[arg(long)]
+    allow_link_local_endpoints: bool,
+    /// How many leases one identity may hold at once (with a CA, where
+    /// registrations are authenticated); beyond it a registration gets 429.
+    #[arg(long, value_name = "N", default_value_t = mesh_control::config::DEFAULT_MAX_LEASES_PER_IDENTITY)]
+    max_leases_per_identity: usize,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -251,6 +284,13 @@ enum Command {
         /// control server's trust bundle).
         #[arg(long)]
         ca_file: Option<PathBuf>,
+        /// Send the token in this file as `Authorization: Bearer`: a
+        /// read-only operator token (serve's --operator-token-file; the
+        /// first token in the file) or a join token. Needed when
+        /// mesh-control runs a CA (so it needs --ca-file: the token never
+        /// travels in plaintext).
+        #[arg(long, value_name = "FILE", requires = "ca_file")]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -289,13 +329,18 @@ fn main() -> ExitCode {
                 config,
                 xds,
                 admin,
+                insecure_admin,
                 debounce_ms,
+                registration_debounce_ms,
                 domain_suffix,
                 root_namespace,
                 ca_dir,
                 ca_cert_chain,
                 ca_key,
                 join_tokens,
+                operator_token_file,
+                allow_link_local_endpoints,
+                max_leases_per_identity,
                 trust_domain,
                 cert_lifetime,
                 trust_bundle_file,
@@ -315,6 +360,8 @@ fn main() -> ExitCode {
                 domain_suffix,
                 root_namespace,
                 trust_domain: trust_domain.clone(),
+                allow_link_local_endpoints,
+                max_leases_per_identity,
             };
             run(async move {
                 // Listening before anything else: a SIGTERM during the start
@@ -324,7 +371,9 @@ fn main() -> ExitCode {
                     .config_dirs(config)
                     .xds_addr(xds)
                     .admin_addr(admin)
+                    .insecure_admin(insecure_admin)
                     .debounce(Duration::from_millis(debounce_ms))
+                    .registration_debounce(Duration::from_millis(registration_debounce_ms))
                     .options(options);
                 #[cfg(feature = "etcd")]
                 let replica = etcd.client().await?;
@@ -401,6 +450,10 @@ fn main() -> ExitCode {
                     };
                     let ca = ca
                         .join_tokens_file(&tokens)
+                        .and_then(|b| match &operator_token_file {
+                            Some(file) => b.operator_tokens_file(file),
+                            None => Ok(b),
+                        })
                         .and_then(|b| {
                             b.default_lifetime(cert_lifetime)
                                 .max_lifetime(
@@ -448,8 +501,13 @@ fn main() -> ExitCode {
             admin,
             json,
             ca_file,
+            token_file,
         } => run(async move {
-            let status = fetch_status(admin, ca_file.as_deref()).await?;
+            let token = match &token_file {
+                Some(file) => Some(read_token_file(file)?),
+                None => None,
+            };
+            let status = fetch_status(admin, ca_file.as_deref(), token.as_deref()).await?;
             if json {
                 println!(
                     "{}",
@@ -607,6 +665,7 @@ fn apply(args: ApplyArgs) -> ExitCode {
         domain_suffix,
         root_namespace,
         trust_domain,
+        ..MeshOptions::default()
     };
     run(async move {
         let client = etcd
@@ -649,12 +708,28 @@ where
     Ok(sender)
 }
 
-async fn fetch_status(admin: SocketAddr, ca_file: Option<&Path>) -> Result<Value, String> {
+/// The first token of a token file: its first line that is neither blank
+/// nor a `#` comment, trimmed.
+fn read_token_file(file: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("--token-file {}: {e}", file.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .ok_or_else(|| format!("--token-file {}: no token in it", file.display()))
+}
+
+async fn fetch_status(
+    admin: SocketAddr,
+    ca_file: Option<&Path>,
+    token: Option<&str>,
+) -> Result<Value, String> {
     let stream = tokio::net::TcpStream::connect(admin).await.map_err(|e| {
         format!("cannot reach the admin API at {admin}: {e} (is `mesh-control serve` running?)")
     })?;
     let (stream, first_byte) = Sniff::new(stream);
-    let result = request_status(stream, admin, ca_file).await;
+    let result = request_status(stream, admin, ca_file, token).await;
     result.map_err(|e| match (ca_file, first_byte.get().copied()) {
         // The server answered with a TLS record (an alert, or a handshake
         // message) to plaintext HTTP.
@@ -688,15 +763,19 @@ async fn request_status(
     stream: Sniff<tokio::net::TcpStream>,
     admin: SocketAddr,
     ca_file: Option<&Path>,
+    token: Option<&str>,
 ) -> Result<Value, String> {
     let mut sender = match ca_file {
         None => http1(stream, admin).await?,
         Some(ca_file) => http1(tls_connect(stream, admin, ca_file).await?, admin).await?,
     };
-    let req = http::Request::get("/status")
-        .header("host", admin.to_string())
+    let mut req = http::Request::get("/status").header("host", admin.to_string());
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let req = req
         .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("--token-file: the token is not a valid header value: {e}"))?;
     let resp = sender
         .send_request(req)
         .await
@@ -708,6 +787,16 @@ async fn request_status(
         .await
         .map_err(|e| format!("admin API at {admin}: {e}"))?
         .to_bytes();
+    if status == http::StatusCode::UNAUTHORIZED {
+        let hint = if token.is_some() {
+            "the token in --token-file is not an operator token nor a join token of this \
+             mesh-control"
+        } else {
+            "mesh-control runs a CA and its /status needs credentials: pass --token-file with \
+             a read-only operator token (serve's --operator-token-file)"
+        };
+        return Err(format!("admin API at {admin} answered {status}: {hint}"));
+    }
     if !status.is_success() {
         return Err(format!("admin API at {admin} answered {status}"));
     }

@@ -4,9 +4,12 @@
 //! connected, how often and how fast config reaches them, how many responses
 //! they rejected, registration churn, config changes rejected (an edit that
 //! is not in force: the mesh runs its last good version), and failed writes
-//! of the data directory. Counters are the prometheus-client
+//! of the data directory, and how much translating the mesh costs (a
+//! registration storm must cost a bounded number of full translations, see
+//! `Shared::rebuild_soon`). Counters are the prometheus-client
 //! types, so `/status` reads the same numbers `/metrics` exports.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -33,6 +36,14 @@ pub(crate) struct Counters {
     pub(crate) config_rejections: Counter,
     /// Failed writes to the data directory.
     pub(crate) persist_errors: Counter,
+    /// Full translations of the mesh (config and registrations into
+    /// encoded xDS), whatever asked for them.
+    pub(crate) translations: Counter,
+    translation_seconds: Histogram,
+    /// The minimum interval between two translations asked for by
+    /// registrations (`Shared::rebuild_soon`), so that an operator can
+    /// tell `translations` per second from its ceiling.
+    registration_debounce: Gauge<f64, AtomicU64>,
     push_latency: Histogram,
     registry: Registry,
 }
@@ -51,6 +62,13 @@ impl Default for Counters {
         let config_rejected = Gauge::default();
         let config_rejections = Counter::default();
         let persist_errors = Counter::default();
+        let translations = Counter::default();
+        // 100 µs .. ~3 s: one translation of a small mesh is well under a
+        // millisecond, of 10,000 endpoints tens of milliseconds.
+        let translation_seconds = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
+        );
+        let registration_debounce = Gauge::<f64, AtomicU64>::default();
         // 100 µs .. ~3 s.
         let push_latency = Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 15),
@@ -115,6 +133,23 @@ impl Default for Counters {
             persist_errors.clone(),
         );
         registry.register(
+            "translations",
+            "full translations of the config and registrations into xDS (startup, reloads, \
+             expiries, batches of registrations)",
+            translations.clone(),
+        );
+        registry.register(
+            "translation_duration_seconds",
+            "time one full translation took (translate, encode, publish)",
+            translation_seconds.clone(),
+        );
+        registry.register(
+            "registration_debounce_seconds",
+            "minimum interval between two translations asked for by registrations: a storm of \
+             registrations costs at most one translation per interval",
+            registration_debounce.clone(),
+        );
+        registry.register(
             "xds_push_latency_seconds",
             "time from a config change being published to a client's response being sent",
             push_latency.clone(),
@@ -132,6 +167,9 @@ impl Default for Counters {
             config_rejected,
             config_rejections,
             persist_errors,
+            translations,
+            translation_seconds,
+            registration_debounce,
             push_latency,
             registry,
         }
@@ -141,6 +179,16 @@ impl Default for Counters {
 impl Counters {
     pub(crate) fn observe_push_latency(&self, latency: Duration) {
         self.push_latency.observe(latency.as_secs_f64());
+    }
+
+    /// Counts one full translation that took `took`.
+    pub(crate) fn observe_translation(&self, took: Duration) {
+        self.translations.inc();
+        self.translation_seconds.observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn set_registration_debounce(&self, debounce: Duration) {
+        self.registration_debounce.set(debounce.as_secs_f64());
     }
 
     /// The Prometheus text exposition (OpenMetrics flavour).

@@ -13,7 +13,8 @@
 //!   again exactly as it was accepted (lines included). Written whenever
 //!   the set in force changes, before it is served.
 //! - **the leases**: each registration with its owner (the identity that
-//!   registered it: only it may renew or delete it), its node id, its TTL
+//!   registered it: only it may renew or delete it) or, registered without
+//!   a CA, its secret (only its holder may), its node id, its TTL
 //!   and its expiry as wall-clock time, so that a restarted server serves
 //!   the endpoint at once with the TTL it has left and the next heartbeat
 //!   renews the same lease. A registration or deregistration is written
@@ -57,11 +58,10 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use mesh_core::spiffe::SpiffeId;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::registry::{Lease, Registered};
+use crate::registry::{Lease, LeaseKeeper, Registered};
 
 /// How often renewals are written at most.
 pub(crate) const LEASE_FLUSH: Duration = Duration::from_millis(100);
@@ -123,6 +123,12 @@ pub(crate) struct StoredLease {
     /// The SPIFFE ID that registered it, when registration is authenticated.
     #[serde(default)]
     pub(crate) owner: Option<String>,
+    /// The lease's secret, when registration is open (see "Who may renew
+    /// or delete a lease" in `registry.rs`). Absent in files written before
+    /// leases had secrets: such a lease can be neither renewed nor deleted
+    /// and ends with its TTL (the registry says why that is safe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) secret: Option<String>,
     #[serde(default)]
     pub(crate) node_id: Option<String>,
     pub(crate) ttl_ms: u64,
@@ -179,12 +185,15 @@ pub(crate) type Pending<'a, T> = Pin<Box<dyn Future<Output = Result<T, SharedErr
 pub(crate) trait SharedState: Send + Sync + fmt::Debug {
     /// Records `registered` with a lease of `ttl` (already clamped by the
     /// registry's rules), refused as [`crate::registry::Registry::check`]
-    /// refuses against the registrations the store holds now.
+    /// refuses against the registrations the store holds now. A lease
+    /// registered without an owner gets a secret, stored with it and
+    /// returned in the [`Lease`].
     fn register(&self, registered: Registered, ttl: Duration) -> Pending<'_, Lease>;
 
-    /// Who registered `lease_id`, asking the store itself (for a lease this
-    /// replica's mirror does not hold yet): `None` when it does not exist.
-    fn owner(&self, lease_id: &str) -> Pending<'_, Option<Option<SpiffeId>>>;
+    /// Who may change `lease_id` (its owner or its secret), asking the
+    /// store itself (for a lease this replica's mirror does not hold yet):
+    /// `None` when it does not exist.
+    fn keeper(&self, lease_id: &str) -> Pending<'_, Option<LeaseKeeper>>;
 
     /// Renews a lease; `false` when it does not exist (expired, deleted).
     fn renew(&self, lease_id: &str) -> Pending<'_, bool>;
@@ -537,6 +546,7 @@ mod tests {
                 labels: BTreeMap::from([("version".into(), "v1".into())]),
                 locality: "eu/z1/".into(),
                 owner: Some("spiffe://cluster.local/ns/shop/sa/payment".into()),
+                secret: None,
                 node_id: None,
                 ttl_ms: 30_000,
                 expires_unix_ms: 1_700_000_000_000,

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use crate::Error;
 use crate::ads::Ads;
 use crate::ca::CertificateAuthority;
-use crate::ca::serving::{AdminTlsListener, PeerInfo, ServingTls};
+use crate::ca::serving::ServingTls;
 use crate::config::{ConfigStore, MeshOptions};
 use crate::persist::{LEASE_FLUSH, LocalDir, Store, Stored, Versions};
 use crate::registry::Registry;
@@ -42,6 +42,7 @@ impl Server {
             xds_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             debounce: Duration::from_millis(10),
+            registration_debounce: crate::state::REGISTRATION_DEBOUNCE,
             lease_check: Duration::from_millis(100),
             stale_after: Duration::from_secs(5),
             options: MeshOptions::default(),
@@ -49,6 +50,11 @@ impl Server {
             trust_bundle_file: None,
             tls_dns_names: Vec::new(),
             data_dir: None,
+            insecure_admin: false,
+            admin_max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+            admin_header_timeout: DEFAULT_ADMIN_HEADER_TIMEOUT,
+            ads_max_concurrent_streams: DEFAULT_ADS_MAX_CONCURRENT_STREAMS,
+            ads_max_names: crate::ads::DEFAULT_MAX_NAMES_PER_SUBSCRIPTION,
             #[cfg(feature = "etcd")]
             etcd: None,
             #[cfg(feature = "etcd")]
@@ -64,6 +70,7 @@ pub struct ServerBuilder {
     xds_addr: SocketAddr,
     admin_addr: SocketAddr,
     debounce: Duration,
+    registration_debounce: Duration,
     lease_check: Duration,
     stale_after: Duration,
     options: MeshOptions,
@@ -71,11 +78,38 @@ pub struct ServerBuilder {
     trust_bundle_file: Option<PathBuf>,
     tls_dns_names: Vec<String>,
     data_dir: Option<PathBuf>,
+    insecure_admin: bool,
+    admin_max_connections: usize,
+    admin_header_timeout: Duration,
+    ads_max_concurrent_streams: u32,
+    ads_max_names: usize,
     #[cfg(feature = "etcd")]
     etcd: Option<crate::etcd::Etcd>,
     #[cfg(feature = "etcd")]
     etcd_prefix: String,
 }
+
+/// The default of [`ServerBuilder::admin_max_connections`].
+const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 1024;
+/// The default of [`ServerBuilder::admin_header_timeout`].
+const DEFAULT_ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an admin connection may stay idle after a request (keep-alive)
+/// before it is closed: longer than the header timeout, so that a workload
+/// heartbeating its lease keeps its connection, still bounded.
+const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The default of [`ServerBuilder::ads_max_concurrent_streams`]: a client
+/// needs one ADS stream, a CSDS tool one more; gRPC's own servers default to
+/// 100 too.
+const DEFAULT_ADS_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// HTTP/2 streams a client may open and reset before its requests are
+/// accepted (h2's default, made explicit): the "rapid reset" flood
+/// (CVE-2023-44487) ends in GOAWAY.
+const ADS_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams the server may reset for a client's protocol errors on one
+/// connection before it sends GOAWAY (hyper's own default, which tonic
+/// leaves off unless set: CVE-2023-44487's variants that make the server
+/// reset).
+const ADS_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 impl ServerBuilder {
     /// A directory of Istio YAML to serve and watch. Calling it again adds
@@ -106,10 +140,66 @@ impl ServerBuilder {
         self
     }
 
+    /// Allows the admin API on an address beyond loopback without a CA
+    /// (`--insecure-admin`): registration is then open to anyone who can
+    /// reach the port. Without this, `start` refuses such an address.
+    pub fn insecure_admin(mut self, insecure: bool) -> Self {
+        self.insecure_admin = insecure;
+        self
+    }
+
+    /// The most connections the admin API holds open at once (default
+    /// 1024). A connection over the cap closes the oldest one that has no
+    /// request in progress (one still handshaking or sending its headers, or
+    /// idle between requests), so that a flood of half-open connections
+    /// cannot lock out `/healthz` or a registration; when every connection
+    /// has a request in progress, new ones wait in the listen backlog.
+    pub fn admin_max_connections(mut self, max: usize) -> Self {
+        self.admin_max_connections = max.max(1);
+        self
+    }
+
+    /// How long an admin connection may take from accept (TLS handshake
+    /// included) to the end of its first request's headers, default 10 s;
+    /// a slower one is closed (slowloris). After a request it may idle 60 s
+    /// before the next one.
+    pub fn admin_header_timeout(mut self, timeout: Duration) -> Self {
+        self.admin_header_timeout = timeout;
+        self
+    }
+
+    /// The most concurrent HTTP/2 streams (ADS, CSDS calls) one client
+    /// connection may open, default 100 (`SETTINGS_MAX_CONCURRENT_STREAMS`):
+    /// a stream over it is refused with `REFUSED_STREAM`.
+    pub fn ads_max_concurrent_streams(mut self, max: u32) -> Self {
+        self.ads_max_concurrent_streams = max.max(1);
+        self
+    }
+
+    /// The most resource names one ADS subscription (one type on one stream)
+    /// may hold, default 10,000: a request over it ends the stream with
+    /// `RESOURCE_EXHAUSTED` saying so.
+    pub fn ads_max_names_per_subscription(mut self, max: usize) -> Self {
+        self.ads_max_names = max.max(1);
+        self
+    }
+
     /// How long to wait after a file change for more changes before
     /// reloading (editors write files in several steps). Default 10 ms.
     pub fn debounce(mut self, debounce: Duration) -> Self {
         self.debounce = debounce;
+        self
+    }
+
+    /// The least time between two full translations asked for by
+    /// registrations and deregistrations (default 20 ms): during a storm of
+    /// registrations, each translation covers every registration that
+    /// arrived while the previous one ran, so n registrations in a burst of
+    /// d cost at most d / debounce + 2 translations instead of n. A lone
+    /// registration is not delayed; under load one waits at most this much
+    /// longer for its 201. Zero still coalesces (one translation at a time).
+    pub fn registration_debounce(mut self, debounce: Duration) -> Self {
+        self.registration_debounce = debounce;
         self
     }
 
@@ -211,6 +301,15 @@ impl ServerBuilder {
                  --etcd URL`) and no data directory",
             ));
         }
+        if self.ca.is_none() && !self.admin_addr.ip().is_loopback() && !self.insecure_admin {
+            return Err(Error::config(format!(
+                "the admin API would listen on {} without a CA: anyone who can reach that \
+                 address could register endpoints into the mesh and read its state. Listen on \
+                 loopback (127.0.0.1), configure a CA (--ca-dir) so that callers need \
+                 credentials, or pass --insecure-admin on a network you trust",
+                self.admin_addr
+            )));
+        }
         if let Some(dir) = self.config_dirs.iter().find(|dir| !dir.is_dir()) {
             return Err(Error::config(format!(
                 "config directory {} does not exist or is not a directory",
@@ -311,6 +410,7 @@ impl ServerBuilder {
         };
         shared.persistence = persistence;
         shared.stale_after = self.stale_after;
+        shared.set_registration_debounce(self.registration_debounce);
         shared.ca = self.ca.clone();
         #[cfg(feature = "etcd")]
         let replica = match &self.etcd {
@@ -358,6 +458,7 @@ impl ServerBuilder {
 
         let ads = AggregatedDiscoveryServiceServer::new(Ads {
             shared: shared.clone(),
+            max_names: self.ads_max_names,
         })
         .max_decoding_message_size(16 << 20);
         let csds = ClientStatusDiscoveryServiceServer::new(crate::csds::Csds {
@@ -365,7 +466,10 @@ impl ServerBuilder {
         });
         let mut stop = shared.stop.subscribe();
         let mut grpc = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)));
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .max_concurrent_streams(Some(self.ads_max_concurrent_streams))
+            .http2_max_pending_accept_reset_streams(Some(ADS_MAX_PENDING_ACCEPT_RESETS))
+            .http2_max_local_error_reset_streams(Some(ADS_MAX_LOCAL_ERROR_RESETS));
         if let Some(ca) = &self.ca {
             // No ADS stream outlives the serving certificate it was opened
             // with by more than half its lifetime (it is renewed at
@@ -400,40 +504,22 @@ impl ServerBuilder {
             }
         }
 
-        let app =
-            crate::admin::router(shared.clone()).into_make_service_with_connect_info::<PeerInfo>();
-        // Graceful too: requests in flight are answered.
-        let mut stop = shared.stop.subscribe();
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        match &tls {
-            None => servers.push(tokio::spawn(async move {
-                let result = axum::serve(admin_listener, app)
-                    .with_graceful_shutdown(shutdown)
-                    .await;
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "admin server failed");
-                }
-            })),
-            Some(tls) => {
-                let (rx, accept) =
-                    crate::ca::serving::incoming(admin_listener, tls.admin.clone(), "admin");
-                tasks.push(accept);
-                let listener = AdminTlsListener {
-                    rx,
-                    local: admin_addr,
-                };
-                servers.push(tokio::spawn(async move {
-                    let result = axum::serve(listener, app)
-                        .with_graceful_shutdown(shutdown)
-                        .await;
-                    if let Err(e) = result {
-                        tracing::error!(error = %e, "admin server failed");
-                    }
-                }));
-            }
-        }
+        // Served through hyper-util directly, not `axum::serve`, for the
+        // limits it cannot set: a connection cap and a header-read timeout
+        // (see `admin_conn`). Graceful too: on stop, no new connections, and
+        // requests in flight are answered.
+        let admin = Arc::new(admin_conn::AdminServing::new(
+            crate::admin::router(shared.clone()),
+            tls.as_ref()
+                .map(|tls| tokio_rustls::TlsAcceptor::from(tls.admin.clone())),
+            self.admin_max_connections,
+            self.admin_header_timeout,
+        ));
+        servers.push(tokio::spawn(admin_conn::serve(
+            admin_listener,
+            admin,
+            shared.stop.subscribe(),
+        )));
 
         // Renews the serving certificate at half-life and picks up trust
         // bundle changes (root rotations started through the CA directly).
@@ -466,7 +552,7 @@ impl ServerBuilder {
                 let expired = sweeper.registry.lock().expire(Instant::now());
                 if expired {
                     sweeper.leases_changed();
-                    sweeper.rebuild();
+                    sweeper.rebuild_soon().await;
                 }
             }
         }));
@@ -977,7 +1063,10 @@ fn duration_json(d: Duration) -> String {
 
 /// A bootstrap's JSON for the workload `spec` describes, pointing at the
 /// given control server; `trust_bundle_file` (the control server's CA
-/// roots) turns on TLS to it.
+/// roots) turns on TLS to it, with the workload's certificate files (when
+/// [`CertificateSource::Files`]) as the client certificate of gRFC A65's
+/// `tls` channel credentials: mesh-control with a CA serves ADS only to
+/// authenticated clients.
 pub fn bootstrap_json_for(
     xds_addr: SocketAddr,
     admin_addr: SocketAddr,
@@ -985,10 +1074,25 @@ pub fn bootstrap_json_for(
     spec: &BootstrapSpec,
 ) -> String {
     let channel_creds = match trust_bundle_file {
-        Some(file) => serde_json::json!([{
-            "type": "tls",
-            "config": { "ca_certificate_file": file.display().to_string() },
-        }]),
+        Some(file) => {
+            let mut config =
+                serde_json::json!({ "ca_certificate_file": file.display().to_string() });
+            // With a CA, mesh-control refuses anonymous ADS streams. A
+            // workload whose certificate is in files presents it to
+            // mesh-control too (gRFC A65's client certificate, which gRPC
+            // clients read); a `mesh_ca` workload sends its join token
+            // instead (mesh-xds-client does; gRPC clients cannot).
+            if let Some(CertificateSource::Files {
+                certificate_file,
+                private_key_file,
+                ..
+            }) = &spec.certificates
+            {
+                config["certificate_file"] = certificate_file.display().to_string().into();
+                config["private_key_file"] = private_key_file.display().to_string().into();
+            }
+            serde_json::json!([{ "type": "tls", "config": config }])
+        }
         None => serde_json::json!([{ "type": "insecure" }]),
     };
     let mut metadata = serde_json::Map::new();
@@ -1052,4 +1156,353 @@ pub fn bootstrap_json_for(
         doc["certificate_providers"] = serde_json::json!({ "mesh": provider });
     }
     serde_json::to_string_pretty(&doc).unwrap_or_default()
+}
+
+/// The admin API's connections: TLS when there is a CA, HTTP/1.1 and
+/// HTTP/2, with the limits a port open to a network needs (issue 13):
+///
+/// - a connection cap: at the cap, a new connection closes the oldest one
+///   that has no request in progress (still handshaking, still sending its
+///   headers, or idle between requests). Half-open connections therefore
+///   cannot lock anyone out, and a request in progress is never cut; when
+///   every connection has one, new connections wait in the listen backlog.
+///   (nginx's `worker_connections` refuses instead, which is what lets a
+///   slowloris take a server down.)
+/// - a header-read timeout: a connection that has not delivered a complete
+///   request head within it of being accepted (TLS handshake and HTTP/2
+///   preface included) is closed; between requests it may idle
+///   [`ADMIN_IDLE_TIMEOUT`]. hyper's own HTTP/1 `header_read_timeout` is
+///   set too, for the heads of later requests.
+mod admin_conn {
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, MutexGuard};
+    use std::time::{Duration, Instant};
+
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+    use tokio::io::{AsyncRead, AsyncWrite};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::{Notify, watch};
+
+    use super::ADMIN_IDLE_TIMEOUT;
+    use crate::ca::serving::PeerInfo;
+
+    /// What every admin connection is served with.
+    pub(super) struct AdminServing {
+        router: TowerToHyperService<axum::Router>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        builder: auto::Builder<TokioExecutor>,
+        table: Arc<ConnTable>,
+        header_timeout: Duration,
+    }
+
+    impl AdminServing {
+        pub(super) fn new(
+            router: axum::Router,
+            tls: Option<tokio_rustls::TlsAcceptor>,
+            max_connections: usize,
+            header_timeout: Duration,
+        ) -> AdminServing {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            builder.http2().timer(TokioTimer::new());
+            AdminServing {
+                router: TowerToHyperService::new(router),
+                tls,
+                builder,
+                table: Arc::new(ConnTable {
+                    max: max_connections.max(1),
+                    inner: Mutex::new(TableInner::default()),
+                    freed: Arc::new(Notify::new()),
+                }),
+                header_timeout,
+            }
+        }
+    }
+
+    /// The accept loop; returns once stopped and every connection has
+    /// ended (`ServerHandle::shutdown` aborts it after its grace, which
+    /// drops the connections).
+    pub(super) async fn serve(
+        listener: TcpListener,
+        serving: Arc<AdminServing>,
+        stop: watch::Receiver<bool>,
+    ) {
+        let mut conns = tokio::task::JoinSet::new();
+        let mut stopping = stop.clone();
+        loop {
+            let accepted = tokio::select! {
+                () = async { let _ = stopping.wait_for(|s| *s).await; } => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, addr) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "admin: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let guard = tokio::select! {
+                () = async { let _ = stopping.wait_for(|s| *s).await; } => break,
+                guard = serving.table.admit() => guard,
+            };
+            conns.spawn(connection(tcp, addr, guard, serving.clone(), stop.clone()));
+        }
+        while conns.join_next().await.is_some() {}
+    }
+
+    /// One connection, from accept to close.
+    async fn connection(
+        tcp: TcpStream,
+        addr: SocketAddr,
+        guard: ConnGuard,
+        serving: Arc<AdminServing>,
+        stop: watch::Receiver<bool>,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let slot = guard.slot.clone();
+        match &serving.tls {
+            None => {
+                let peer = PeerInfo {
+                    addr,
+                    identity: None,
+                };
+                serve_io(tcp, peer, &slot, &serving, stop).await;
+            }
+            Some(acceptor) => {
+                let handshake = crate::ca::serving::handshake(acceptor, tcp, addr, "admin");
+                let conn = tokio::select! {
+                    conn = handshake => conn,
+                    why = closed(&slot, serving.header_timeout) => {
+                        tracing::debug!(peer = %addr, "admin connection closed: {why}");
+                        None
+                    }
+                };
+                if let Some(conn) = conn {
+                    let peer = conn.peer.clone();
+                    serve_io(conn, peer, &slot, &serving, stop).await;
+                }
+            }
+        }
+        drop(guard);
+    }
+
+    async fn serve_io<I>(
+        io: I,
+        peer: PeerInfo,
+        slot: &Arc<ConnSlot>,
+        serving: &AdminServing,
+        mut stop: watch::Receiver<bool>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let addr = peer.addr;
+        let router = serving.router.clone();
+        let tracked = slot.clone();
+        let service =
+            hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+                // What the handlers read as `ConnectInfo<PeerInfo>`.
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer.clone()));
+                let busy = Busy::start(tracked.clone());
+                let call = hyper::service::Service::call(&router, request);
+                async move {
+                    let response = call.await;
+                    drop(busy);
+                    response
+                }
+            });
+        let conn = serving.builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %addr, error = %e, "admin connection ended");
+                }
+            }
+            why = closed(slot, serving.header_timeout) => {
+                tracing::debug!(peer = %addr, "admin connection closed: {why}");
+            }
+            () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    /// Completes when the connection must close: evicted at the cap, or
+    /// idle past its timeout. Says why.
+    async fn closed(slot: &ConnSlot, header_timeout: Duration) -> &'static str {
+        tokio::select! {
+            () = slot.evict.notified() => {
+                "the connection cap was reached and it had no request in progress"
+            }
+            why = idle_timeout(slot, header_timeout) => why,
+        }
+    }
+
+    async fn idle_timeout(slot: &ConnSlot, header_timeout: Duration) -> &'static str {
+        loop {
+            let (busy, since, served) = slot.activity();
+            let (limit, why) = if served {
+                (ADMIN_IDLE_TIMEOUT, "idle past the keep-alive timeout")
+            } else {
+                (
+                    header_timeout,
+                    "no complete request head within the header timeout",
+                )
+            };
+            if busy {
+                tokio::time::sleep(limit).await;
+                continue;
+            }
+            let due = since + limit;
+            if Instant::now() >= due {
+                return why;
+            }
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+
+    /// The open connections, oldest first.
+    struct ConnTable {
+        max: usize,
+        inner: Mutex<TableInner>,
+        /// Signalled when a connection ends or finishes a request: a slot
+        /// may be free or evictable.
+        freed: Arc<Notify>,
+    }
+
+    #[derive(Default)]
+    struct TableInner {
+        next_id: u64,
+        open: BTreeMap<u64, Arc<ConnSlot>>,
+        /// Whether reaching the cap was logged (once per episode).
+        saturated: bool,
+    }
+
+    impl ConnTable {
+        fn lock(&self) -> MutexGuard<'_, TableInner> {
+            self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// A slot for a new connection: a free one, or the oldest
+        /// connection's without a request in progress (told to close), or
+        /// else waits for one.
+        async fn admit(self: &Arc<Self>) -> ConnGuard {
+            loop {
+                let freed = self.freed.notified();
+                if let Some(guard) = self.try_admit() {
+                    return guard;
+                }
+                freed.await;
+            }
+        }
+
+        fn try_admit(self: &Arc<Self>) -> Option<ConnGuard> {
+            let mut inner = self.lock();
+            if inner.open.len() >= self.max {
+                let victim = inner
+                    .open
+                    .iter()
+                    .find(|(_, slot)| slot.in_flight.load(Ordering::Acquire) == 0)
+                    .map(|(id, _)| *id)?;
+                if let Some(slot) = inner.open.remove(&victim) {
+                    slot.evict.notify_one();
+                }
+                if !inner.saturated {
+                    inner.saturated = true;
+                    tracing::warn!(
+                        max = self.max,
+                        "admin API at its connection cap: closing the oldest connections \
+                         without a request in progress to admit new ones"
+                    );
+                }
+            }
+            let id = inner.next_id;
+            inner.next_id += 1;
+            let slot = Arc::new(ConnSlot {
+                in_flight: AtomicUsize::new(0),
+                activity: Mutex::new((Instant::now(), false)),
+                evict: Notify::new(),
+                freed: self.freed.clone(),
+            });
+            inner.open.insert(id, slot.clone());
+            Some(ConnGuard {
+                table: self.clone(),
+                id,
+                slot,
+            })
+        }
+    }
+
+    /// One connection's state, as the table sees it.
+    struct ConnSlot {
+        in_flight: AtomicUsize,
+        /// When the last request started or ended (or the accept), and
+        /// whether any request has started.
+        activity: Mutex<(Instant, bool)>,
+        evict: Notify,
+        freed: Arc<Notify>,
+    }
+
+    impl ConnSlot {
+        /// (a request in progress, since when idle, any request yet)
+        fn activity(&self) -> (bool, Instant, bool) {
+            let (since, served) = *self.activity.lock().unwrap_or_else(|e| e.into_inner());
+            (self.in_flight.load(Ordering::Acquire) > 0, since, served)
+        }
+
+        fn touch(&self) {
+            *self.activity.lock().unwrap_or_else(|e| e.into_inner()) = (Instant::now(), true);
+        }
+    }
+
+    /// A request in progress on a connection.
+    struct Busy(Arc<ConnSlot>);
+
+    impl Busy {
+        fn start(slot: Arc<ConnSlot>) -> Busy {
+            slot.in_flight.fetch_add(1, Ordering::AcqRel);
+            slot.touch();
+            Busy(slot)
+        }
+    }
+
+    impl Drop for Busy {
+        fn drop(&mut self) {
+            self.0.touch();
+            self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.0.freed.notify_one();
+        }
+    }
+
+    /// Holds a connection's place in the table until it ends.
+    struct ConnGuard {
+        table: Arc<ConnTable>,
+        id: u64,
+        slot: Arc<ConnSlot>,
+    }
+
+    impl Drop for ConnGuard {
+        fn drop(&mut self) {
+            let mut inner = self.table.lock();
+            inner.open.remove(&self.id);
+            if inner.open.len() < self.table.max {
+                inner.saturated = false;
+            }
+            drop(inner);
+            self.table.freed.notify_one();
+        }
+    }
 }

@@ -9,11 +9,21 @@
 //! Locks here are held briefly and never across an await; the blocking
 //! writes of a data directory happen under the rebuild lock only (config,
 //! version ceiling) or on blocking threads (leases).
+//!
+//! Registrations do not rebuild themselves: [`Shared::rebuild_soon`] asks
+//! for a rebuild and waits for one that covers it. One task at a time runs
+//! the rebuilds asked for, on a blocking thread (a full translation of
+//! 10,000 endpoints takes tens of milliseconds: it must not hold a runtime
+//! worker, nor the locks the admin handlers take, once per registration),
+//! and starts them at least [`REGISTRATION_DEBOUNCE`] apart. A storm of n
+//! registrations arriving over a time T thus costs at most T / debounce + 1
+//! translations of O(n) each, instead of n of them (O(n²)); every
+//! registration is still in the snapshot served when it is answered.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::value::Kind;
@@ -28,6 +38,32 @@ use crate::config::{ConfigChanges, ConfigStore, Diagnostic, Rejection, SecurityP
 use crate::metrics::Counters;
 use crate::persist::{SharedState, Store, Versions};
 use crate::registry::{Registered, Registry};
+
+/// The default minimum interval between the starts of two rebuilds asked
+/// for by registrations ([`Shared::rebuild_soon`]).
+///
+/// What it costs: a registration that arrives right after a rebuild started
+/// waits up to this long (plus one translation) for its answer. What it
+/// buys: however fast registrations come, at most one full translation per
+/// interval. Istio's istiod debounces the same way (`PILOT_DEBOUNCE_AFTER`,
+/// 100 ms, waiting for a quiet period); here the first change of a quiet
+/// period is translated at once and the interval only spaces the next ones,
+/// so a lone registration is not delayed, and a burst cannot postpone its
+/// own translation indefinitely.
+pub(crate) const REGISTRATION_DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// The rebuilds asked for by [`Shared::rebuild_soon`]: tickets handed out,
+/// and whether a task is running them.
+#[derive(Debug, Default)]
+struct Batch {
+    /// The last ticket handed out (each call takes the next one).
+    requested: u64,
+    /// Whether a task runs the rebuilds asked for (at most one does).
+    running: bool,
+    /// When the last of these rebuilds started (the next starts a debounce
+    /// later at the earliest, even in a new task).
+    last_start: Option<tokio::time::Instant>,
+}
 
 /// A mutex whose poisoning is ignored: the data behind it is replaced
 /// wholesale, so a panic elsewhere cannot leave it half-written.
@@ -201,6 +237,11 @@ pub(crate) struct Shared {
     leases_dirty: AtomicBool,
     /// One lease write at a time, each of the registry as it is then.
     lease_writes: Mutex<()>,
+    /// The last ticket of a lease write asked for (taken after the registry
+    /// change it must hold).
+    lease_requested: AtomicU64,
+    /// The highest ticket a successful lease write holds.
+    leases_written: AtomicU64,
     /// The config generation last written to the store.
     persisted_generation: AtomicU64,
     /// One config write at a time, each of the config as it is then.
@@ -210,6 +251,36 @@ pub(crate) struct Shared {
     reported: Locked<Reported>,
     next_client: AtomicU64,
     rebuild_lock: Mutex<()>,
+    /// The minimum interval between two rebuilds asked for by
+    /// registrations ([`REGISTRATION_DEBOUNCE`] unless set).
+    registration_debounce: Duration,
+    batch: Locked<Batch>,
+    /// The highest ticket of [`Shared::rebuild_soon`] covered: a rebuild
+    /// that began after that ticket was taken has been published (or the
+    /// rebuilds were given up: a panic, the server stopping).
+    covered: watch::Sender<u64>,
+}
+
+/// Ends a [`Shared::run_rebuilds`] task that did not finish its work:
+/// marks it gone and releases every waiter, under the batch lock, so that
+/// a later call starts a new task for a ticket above those released.
+struct Release(Option<Arc<Shared>>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            let mut batch = shared.batch.lock();
+            batch.running = false;
+            let requested = batch.requested;
+            shared.covered.send_if_modified(|covered| {
+                let newer = requested > *covered;
+                if newer {
+                    *covered = requested;
+                }
+                newer
+            });
+        }
+    }
 }
 
 /// The rejections and translation problems last reported.
@@ -239,16 +310,124 @@ impl Shared {
             stop,
             leases_dirty: AtomicBool::new(false),
             lease_writes: Mutex::new(()),
+            lease_requested: AtomicU64::new(0),
+            leases_written: AtomicU64::new(0),
             persisted_generation: AtomicU64::new(0),
             config_writes: Mutex::new(()),
             reported: Locked::default(),
             next_client: AtomicU64::new(1),
             rebuild_lock: Mutex::new(()),
+            registration_debounce: REGISTRATION_DEBOUNCE,
+            batch: Locked::default(),
+            covered: watch::channel(0).0,
         }
+        .with_metrics()
+    }
+
+    fn with_metrics(self) -> Self {
+        self.metrics
+            .set_registration_debounce(self.registration_debounce);
+        self
+    }
+
+    /// Sets the minimum interval between two rebuilds asked for by
+    /// registrations (see [`REGISTRATION_DEBOUNCE`] for the trade-off).
+    /// Zero spaces them by nothing but the translation itself, which still
+    /// coalesces: the registrations that arrive during one translation
+    /// share the next.
+    pub(crate) fn set_registration_debounce(&mut self, debounce: Duration) {
+        self.registration_debounce = debounce;
+        self.metrics.set_registration_debounce(debounce);
     }
 
     pub(crate) fn next_client_id(&self) -> u64 {
         self.next_client.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Asks for a [`Shared::rebuild`] and waits until one that began after
+    /// this call has been published: what the registration paths call
+    /// (after changing the registry), so that a registration answered is in
+    /// the snapshot clients get, and a storm of registrations costs a
+    /// bounded number of full translations instead of one each.
+    ///
+    /// The rebuilds run on a blocking thread, driven by one task at a time
+    /// ([`Shared::run_rebuilds`]), at least the registration debounce
+    /// apart; the registrations that arrive meanwhile share the next one.
+    /// Returns early, without waiting for a publication, when the server
+    /// stops (a stop is not delayed by a registration) or when the rebuilds
+    /// were given up (a rebuild that panicked is logged; the registration
+    /// stays in the registry and is published by the next rebuild).
+    pub(crate) async fn rebuild_soon(self: &Arc<Self>) {
+        let mut covered = self.covered.subscribe();
+        let mut stop = self.stop.subscribe();
+        let (ticket, start) = {
+            let mut batch = self.batch.lock();
+            batch.requested += 1;
+            let start = !batch.running;
+            batch.running = true;
+            (batch.requested, start)
+        };
+        if start {
+            tokio::spawn(self.clone().run_rebuilds());
+        }
+        tokio::select! {
+            _ = covered.wait_for(|c| *c >= ticket) => {}
+            _ = stop.wait_for(|stopped| *stopped) => {}
+        }
+    }
+
+    /// Runs the rebuilds asked for by [`Shared::rebuild_soon`] until none
+    /// is pending, then ends (a new call starts a new task). Each rebuild
+    /// covers the tickets handed out before it began.
+    async fn run_rebuilds(self: Arc<Self>) {
+        // However this task ends (the server stopping, the runtime dropping
+        // it, a panic), nobody is left waiting on it.
+        let mut release = Release(Some(self.clone()));
+        let mut stop = self.stop.subscribe();
+        loop {
+            let not_before = self
+                .batch
+                .lock()
+                .last_start
+                .map(|last| last + self.registration_debounce);
+            if let Some(not_before) = not_before {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(not_before) => {}
+                    _ = stop.wait_for(|stopped| *stopped) => return,
+                }
+            }
+            if *stop.borrow() {
+                return;
+            }
+            // Read before the rebuild reads the registry: every ticket up
+            // to here was taken after its registry change.
+            let ticket = {
+                let mut batch = self.batch.lock();
+                batch.last_start = Some(tokio::time::Instant::now());
+                batch.requested
+            };
+            let shared = self.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || shared.rebuild()).await {
+                tracing::error!(
+                    error = %e,
+                    "rebuilding the config after a registration failed: the registrations \
+                     waiting are answered, and served from the next rebuild"
+                );
+            }
+            let mut batch = self.batch.lock();
+            self.covered.send_if_modified(|covered| {
+                let newer = ticket > *covered;
+                if newer {
+                    *covered = ticket;
+                }
+                newer
+            });
+            if batch.requested == ticket {
+                batch.running = false;
+                release.0 = None;
+                return;
+            }
+        }
     }
 
     /// Applies what can be applied of the files read, persists the config
@@ -257,6 +436,7 @@ impl Shared {
     /// see changed. Returns what the resources in force changed by.
     pub(crate) fn rebuild(&self) -> ConfigChanges {
         let _serialized = self.rebuild_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
         let mut registered = self.registry.lock().registered();
         let registrations: Vec<_> = registered.iter().map(|r| r.registration.clone()).collect();
         let (snapshot, diagnostics, security, changes, rejections) = {
@@ -285,6 +465,7 @@ impl Shared {
         for (t, name, any) in self.raw.lock().iter() {
             resources[type_index(*t)].insert(name.clone(), any.clone());
         }
+        self.metrics.observe_translation(started.elapsed());
         let current = self.served.borrow().clone();
         // Server listeners are built per client from `security` and the
         // registrations: a change there is a new version even when no
@@ -395,13 +576,23 @@ impl Shared {
         self.leases_dirty.load(Ordering::SeqCst)
     }
 
-    /// Writes the leases as they are now. Blocking (an fsync): call it from
-    /// a blocking thread ([`Shared::persist_leases`]).
-    pub(crate) fn write_leases(&self) {
+    /// Writes the leases as they are now, unless a write that began after `ticket` was
+    /// taken has succeeded already: callers that queued behind one write
+    /// share the next (a group commit), so that a storm of registrations
+    /// writes the lease file about once per fsync instead of once per
+    /// registration, each time whole. Blocking (an fsync): called on a
+    /// blocking thread by [`Shared::persist_leases`].
+    fn write_leases_covering(&self, ticket: u64) {
         let Some(store) = &self.persistence else {
             return;
         };
         let _one = self.lease_writes.lock().unwrap_or_else(|e| e.into_inner());
+        if self.leases_written.load(Ordering::SeqCst) >= ticket {
+            return;
+        }
+        // Read before the registry is: every ticket up to here was taken
+        // after its change, which this write therefore holds.
+        let covering = self.lease_requested.load(Ordering::SeqCst);
         // Cleared before the registry is read: a renewal after this point
         // marks it again and is written by the next flush.
         self.leases_dirty.store(false, Ordering::SeqCst);
@@ -409,19 +600,98 @@ impl Shared {
             .registry
             .lock()
             .export(Instant::now(), SystemTime::now());
-        if let Err(e) = store.save_leases(&leases) {
-            self.leases_dirty.store(true, Ordering::SeqCst);
-            self.persist_failed("the leases", &e);
+        match store.save_leases(&leases) {
+            Ok(()) => self.leases_written.store(covering, Ordering::SeqCst),
+            Err(e) => {
+                self.leases_dirty.store(true, Ordering::SeqCst);
+                self.persist_failed("the leases", &e);
+            }
         }
     }
 
-    /// [`Shared::write_leases`] on a blocking thread, awaited: a
-    /// registration is on disk before it is answered.
+    /// Writes the leases on a blocking thread, awaited: a
+    /// registration is on disk before it is answered (call it after the
+    /// registry changed).
     pub(crate) async fn persist_leases(self: &Arc<Self>) {
         if self.persistence.is_none() {
             return;
         }
+        let ticket = self.lease_requested.fetch_add(1, Ordering::SeqCst) + 1;
         let shared = self.clone();
-        let _ = tokio::task::spawn_blocking(move || shared.write_leases()).await;
+        let _ = tokio::task::spawn_blocking(move || shared.write_leases_covering(ticket)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MeshOptions;
+
+    fn shared(debounce: Duration) -> Arc<Shared> {
+        let mut shared = Shared::new(ConfigStore::new(MeshOptions::default()));
+        shared.set_registration_debounce(debounce);
+        Arc::new(shared)
+    }
+
+    /// A registration waiting for its rebuild is answered when the server
+    /// stops, instead of holding the stop (the admin server drains its
+    /// requests) until the debounce has passed.
+    #[tokio::test]
+    async fn a_stop_releases_a_registration_waiting_for_its_rebuild() {
+        let shared = shared(Duration::from_secs(3600));
+        // The first of a quiet period is translated at once.
+        shared.rebuild_soon().await;
+        assert_eq!(shared.metrics.translations.get(), 1);
+        assert_eq!(shared.served.borrow().version, 1);
+        // The next waits for the debounce: an hour.
+        let waiting = tokio::spawn({
+            let shared = shared.clone();
+            async move { shared.rebuild_soon().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        shared.stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(30), waiting)
+            .await
+            .expect("released by the stop")
+            .unwrap();
+        assert_eq!(shared.metrics.translations.get(), 1);
+        // And a call after the stop does not wait either, nor translate.
+        tokio::time::timeout(Duration::from_secs(30), shared.rebuild_soon())
+            .await
+            .expect("not held after the stop");
+        assert_eq!(shared.metrics.translations.get(), 1);
+    }
+
+    /// Concurrent callers share translations: each returns once one that
+    /// began after its call is published, and there are at most one per
+    /// debounce (plus the first).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_share_translations() {
+        let debounce = Duration::from_millis(50);
+        let shared = shared(debounce);
+        let started = Instant::now();
+        let callers: Vec<_> = (0..500)
+            .map(|_| {
+                let shared = shared.clone();
+                tokio::spawn(async move { shared.rebuild_soon().await })
+            })
+            .collect();
+        for caller in callers {
+            tokio::time::timeout(Duration::from_secs(30), caller)
+                .await
+                .expect("every caller is answered")
+                .unwrap();
+        }
+        let elapsed = started.elapsed();
+        let translations = shared.metrics.translations.get();
+        let bound = elapsed.as_millis() / debounce.as_millis() + 2;
+        assert!(
+            (1..=u64::try_from(bound).unwrap()).contains(&translations),
+            "{translations} translations for 500 callers in {elapsed:?}"
+        );
+        let batch = shared.batch.lock();
+        assert!(!batch.running, "the task ends when nothing is pending");
+        assert_eq!(*shared.covered.borrow(), batch.requested);
     }
 }

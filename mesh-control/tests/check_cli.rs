@@ -541,13 +541,20 @@ fn serve_reads_and_watches_several_directories_and_logs_each_change() {
 
 // ----------------------------------------------------------------- status
 
-/// Runs `mesh-control status --admin ADDR [--ca-file FILE]` off the runtime
-/// (the control server under test runs on it).
-async fn status(admin: std::net::SocketAddr, ca_file: Option<PathBuf>) -> (i32, String, String) {
+/// Runs `mesh-control status --admin ADDR [--ca-file FILE] [--token-file
+/// FILE]` off the runtime (the control server under test runs on it).
+async fn status(
+    admin: std::net::SocketAddr,
+    ca_file: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+) -> (i32, String, String) {
     tokio::task::spawn_blocking(move || {
         let mut args = vec!["status".to_string(), "--admin".into(), admin.to_string()];
         if let Some(file) = ca_file {
             args.extend(["--ca-file".into(), file.display().to_string()]);
+        }
+        if let Some(file) = token_file {
+            args.extend(["--token-file".into(), file.display().to_string()]);
         }
         mesh_control(args)
     })
@@ -560,7 +567,11 @@ async fn status(admin: std::net::SocketAddr, ca_file: Option<PathBuf>) -> (i32, 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_against_a_tls_admin_port_says_to_pass_ca_file() {
     let dir = tempfile::tempdir().unwrap();
+    let token = "operator-token-0123456789";
+    let token_file = dir.path().join("operator-token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let ca = mesh_control::ca::CertificateAuthority::builder("cluster.local")
+        .operator_tokens(mesh_control::ca::OperatorTokens::from_text(token).unwrap())
         .build()
         .unwrap();
     let server = mesh_control::Server::builder()
@@ -571,7 +582,7 @@ async fn status_against_a_tls_admin_port_says_to_pass_ca_file() {
         .expect("start a control server with a CA");
     let admin = server.admin_addr();
 
-    let (code, stdout, stderr) = status(admin, None).await;
+    let (code, stdout, stderr) = status(admin, None, None).await;
     assert_eq!(code, 1, "{stdout}\n{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -582,9 +593,16 @@ async fn status_against_a_tls_admin_port_says_to_pass_ca_file() {
     assert!(stderr.contains("trust-bundle.pem"), "{stderr}");
     assert!(!stderr.contains("invalid HTTP"), "{stderr}");
 
-    // As told: with the trust bundle, the table.
+    // With the trust bundle but no credentials: what to pass next.
     let bundle = server.trust_bundle_file().expect("a trust bundle");
-    let (code, stdout, stderr) = status(admin, Some(bundle.clone())).await;
+    let (code, _, stderr) = status(admin, Some(bundle.clone()), None).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("401") && stderr.contains("--token-file"),
+        "{stderr}"
+    );
+    // As told: with the trust bundle and the operator token, the table.
+    let (code, stdout, stderr) = status(admin, Some(bundle.clone()), Some(token_file)).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.starts_with("config version"), "{stdout}");
 
@@ -594,7 +612,7 @@ async fn status_against_a_tls_admin_port_says_to_pass_ca_file() {
         .start()
         .await
         .expect("start a control server without a CA");
-    let (code, _, stderr) = status(plain.admin_addr(), Some(bundle)).await;
+    let (code, _, stderr) = status(plain.admin_addr(), Some(bundle), None).await;
     assert_eq!(code, 1, "{stderr}");
     assert!(
         stderr.contains("does not speak TLS (mesh-control runs without a CA): drop --ca-file"),

@@ -31,6 +31,23 @@ use mesh_core::xds::{self, Any};
 use mesh_testkit::ads::{AdsClient, node};
 use mesh_testkit::etcd::EtcdProcess;
 use mesh_testkit::http::json_request as admin;
+
+/// `PUT` or `DELETE` of a lease with its secret, as the workload that
+/// registered it does (mesh-control without a CA changes a lease only for
+/// the holder of its secret): the status code and the JSON body.
+async fn lease_call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    lease_id: &str,
+    secret: &str,
+) -> (u16, serde_json::Value) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let path = format!("/v1/endpoints/{lease_id}");
+    let (code, body) =
+        mesh_testkit::http::exchange(tcp, addr, method, &path, &[("x-lease-secret", secret)], "")
+            .await;
+    (code, serde_json::from_slice(&body).unwrap_or_default())
+}
 use mesh_testkit::wait::{DEADLINE, eventually_ok_async, within};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -457,6 +474,10 @@ async fn a_registration_through_one_replica_is_served_by_all_until_its_lease_end
     let (code, lease) = admin(a.admin, "POST", "/v1/endpoints", &register_body(9101, 2)).await;
     assert_eq!(code, 201, "{lease}");
     let lease_id = lease["lease_id"].as_str().expect("a lease id").to_string();
+    let secret = lease["lease_secret"]
+        .as_str()
+        .expect("a lease secret")
+        .to_string();
     let mut seen = Vec::new();
     for client in [&mut on_b, &mut on_c] {
         seen.push(
@@ -471,9 +492,12 @@ async fn a_registration_through_one_replica_is_served_by_all_until_its_lease_end
     // The same endpoint again, through another replica: a conflict.
     let (code, body) = admin(c.admin, "POST", "/v1/endpoints", &register_body(9101, 2)).await;
     assert_eq!(code, 409, "{body}");
-    // Renewed through b, which did not take the registration.
+    // Renewed through b, which did not take the registration; not without
+    // the lease's secret.
     let path = format!("/v1/endpoints/{lease_id}");
     let (code, body) = admin(b.admin, "PUT", &path, "").await;
+    assert_eq!(code, 403, "renewing without the secret: {body}");
+    let (code, body) = lease_call(b.admin, "PUT", &lease_id, &secret).await;
     assert_eq!(
         code, 200,
         "renewing {lease_id} through another replica: {body}"
@@ -485,10 +509,11 @@ async fn a_registration_through_one_replica_is_served_by_all_until_its_lease_end
     let (code, other) = admin(b.admin, "POST", "/v1/endpoints", &register_body(9102, 30)).await;
     assert_eq!(code, 201, "{other}");
     let other_id = other["lease_id"].as_str().expect("a lease id");
+    let other_secret = other["lease_secret"].as_str().expect("a lease secret");
     for client in [&mut on_b, &mut on_c] {
         next_where(client, &[V1], "both endpoints", |r| endpoints(r).len() == 2).await;
     }
-    let (code, body) = admin(c.admin, "DELETE", &format!("/v1/endpoints/{other_id}"), "").await;
+    let (code, body) = lease_call(c.admin, "DELETE", other_id, other_secret).await;
     assert_eq!(code, 204, "{body}");
 
     // The first stops renewing: its etcd lease ends, and every replica
@@ -518,6 +543,10 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_writes() {
     .await;
     assert_eq!(code, 201, "{lease}");
     let lease_id = lease["lease_id"].as_str().expect("a lease id").to_string();
+    let secret = lease["lease_secret"]
+        .as_str()
+        .expect("a lease secret")
+        .to_string();
     let mut before = Vec::new();
     for (i, replica) in cluster.replicas.iter().enumerate() {
         let mut client = replica.ads(&format!("before-{i}")).await;
@@ -566,10 +595,9 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_writes() {
     assert_eq!(code, 503, "{body}");
     let message = body["error"].as_str().unwrap_or_default();
     assert!(message.contains("etcd"), "{message}");
-    let path = format!("/v1/endpoints/{lease_id}");
-    let (code, body) = admin(replica.admin, "PUT", &path, "").await;
+    let (code, body) = lease_call(replica.admin, "PUT", &lease_id, &secret).await;
     assert_eq!(code, 503, "{body}");
-    let (code, body) = admin(replica.admin, "DELETE", &path, "").await;
+    let (code, body) = lease_call(replica.admin, "DELETE", &lease_id, &secret).await;
     assert_eq!(code, 503, "{body}");
     cluster.write("vs.yaml", &vs(10, 90));
     let out = cluster.apply();
@@ -612,7 +640,7 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_writes() {
     )
     .await;
     assert_eq!(code, 201, "{body}");
-    let (code, body) = admin(replica.admin, "PUT", &path, "").await;
+    let (code, body) = lease_call(replica.admin, "PUT", &lease_id, &secret).await;
     assert_eq!(code, 200, "the lease made before the outage: {body}");
 }
 

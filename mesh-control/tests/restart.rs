@@ -14,6 +14,23 @@ use std::time::{Duration, Instant};
 use mesh_core::xds::{self, Any};
 use mesh_testkit::ads::{AdsClient, node};
 use mesh_testkit::http::{get_text, json_request as admin};
+
+/// `PUT` or `DELETE` of a lease with its secret, as the workload that
+/// registered it does (mesh-control without a CA changes a lease only for
+/// the holder of its secret): the status code and the JSON body.
+async fn lease_call(
+    addr: SocketAddr,
+    method: &str,
+    lease_id: &str,
+    secret: &str,
+) -> (u16, serde_json::Value) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let path = format!("/v1/endpoints/{lease_id}");
+    let (code, body) =
+        mesh_testkit::http::exchange(tcp, addr, method, &path, &[("x-lease-secret", secret)], "")
+            .await;
+    (code, serde_json::from_slice(&body).unwrap_or_default())
+}
 use mesh_testkit::wait::{DEADLINE, eventually_ok, eventually_ok_async};
 
 const MESH: &str = "\
@@ -290,6 +307,10 @@ async fn a_sigkilled_server_restarts_with_its_leases_and_never_reuses_a_version(
     .await;
     assert_eq!(code, 201, "{lease}");
     let lease_id = lease["lease_id"].as_str().expect("a lease id").to_string();
+    let secret = lease["lease_secret"]
+        .as_str()
+        .expect("a lease secret")
+        .to_string();
     let mut ads = control.ads("client-1").await;
     let eds = fetch(&mut ads, xds::ENDPOINT_TYPE, &[V1], &mut sent).await;
     assert_eq!(
@@ -308,13 +329,8 @@ async fn a_sigkilled_server_restarts_with_its_leases_and_never_reuses_a_version(
     assert_eq!(code, 201, "{second}");
     record(&mut sent, &ads.recv().await);
     let second_id = second["lease_id"].as_str().expect("a lease id");
-    let (code, _) = admin(
-        control.admin,
-        "DELETE",
-        &format!("/v1/endpoints/{second_id}"),
-        "",
-    )
-    .await;
+    let second_secret = second["lease_secret"].as_str().expect("a lease secret");
+    let (code, _) = lease_call(control.admin, "DELETE", second_id, second_secret).await;
     assert_eq!(code, 204);
     record(&mut sent, &ads.recv().await);
     let last_before: u64 = control.status().await["version"]
@@ -367,31 +383,13 @@ async fn a_sigkilled_server_restarts_with_its_leases_and_never_reuses_a_version(
     }
 
     // The workload's next heartbeat renews the same lease.
-    let (code, body) = admin(
-        control.admin,
-        "PUT",
-        &format!("/v1/endpoints/{lease_id}"),
-        "",
-    )
-    .await;
+    let (code, body) = lease_call(control.admin, "PUT", &lease_id, &secret).await;
     assert_eq!(code, 200, "renewing {lease_id} after the restart: {body}");
-    let (code, _) = admin(
-        control.admin,
-        "PUT",
-        &format!("/v1/endpoints/{second_id}"),
-        "",
-    )
-    .await;
+    let (code, _) = lease_call(control.admin, "PUT", second_id, second_secret).await;
     assert_eq!(code, 404, "the deregistered lease stays gone");
 
     // Deregistered after the restart: gone from EDS, and after another crash.
-    let (code, _) = admin(
-        control.admin,
-        "DELETE",
-        &format!("/v1/endpoints/{lease_id}"),
-        "",
-    )
-    .await;
+    let (code, _) = lease_call(control.admin, "DELETE", &lease_id, &secret).await;
     assert_eq!(code, 204);
     assert!(endpoints(&ads.recv().await).is_empty());
     control.kill();

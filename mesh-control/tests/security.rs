@@ -380,12 +380,27 @@ async fn tls_channel(
         .await
 }
 
+/// A workload certificate of `shop/catalog-sa` from the server's CA (chain,
+/// key): with the CA on, ADS needs a client certificate (or a join token).
+fn workload_cert(server: &mesh_control::ServerHandle) -> (String, String) {
+    let id =
+        mesh_core::spiffe::SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/catalog-sa").unwrap();
+    let (issued, key) = server
+        .ca()
+        .expect("a CA")
+        .issue_serving_certificate(&id, &[], &[], None)
+        .unwrap();
+    (issued.chain_pem, key)
+}
+
 /// A TLS channel to the server's ADS port, verified with its bundle file
-/// under the name `localhost`.
+/// under the name `localhost`, presenting a workload certificate of the
+/// namespace `shop`.
 async fn ads_channel(server: &mesh_control::ServerHandle) -> tonic::transport::Channel {
+    let (chain, key) = workload_cert(server);
     tls_channel(
         server.xds_addr(),
-        client_config(server, None, b"h2"),
+        client_config(server, Some((&chain, &key)), b"h2"),
         "localhost",
     )
     .await
@@ -446,10 +461,15 @@ async fn ads_is_served_over_tls_to_clients_that_verify_the_ca() {
     );
 
     // Verified by name (localhost) and by IP.
+    let (chain, key) = workload_cert(&server);
     for name in ["localhost", "127.0.0.1"] {
-        let channel = tls_channel(addr, client_config(&server, None, b"h2"), name)
-            .await
-            .expect("TLS connection to ADS");
+        let channel = tls_channel(
+            addr,
+            client_config(&server, Some((&chain, &key)), b"h2"),
+            name,
+        )
+        .await
+        .expect("TLS connection to ADS");
         let mut ads = AdsClient::open(channel, node("shop", &[]))
             .await
             .expect("ADS stream");
@@ -660,10 +680,12 @@ async fn the_serving_certificate_is_renewed_at_half_life() {
     assert_eq!(code, 200);
 }
 
-/// Runs `mesh-control serve` with `ca_args` (and a join tokens file), waits for
-/// `bundle` to appear and returns `status --json` read over https with it as the
-/// CA file; also checks that plaintext `status` fails. The server is killed on
-/// return.
+/// Runs `mesh-control serve` with `ca_args` (and a join tokens file and a
+/// read-only operator token file), waits for `bundle` to appear and returns
+/// `status --json` read over https with it as the CA file and the operator
+/// token; also checks that plaintext `status` fails, and that `status`
+/// without the token is refused (with the CA on, reads need credentials). The
+/// server is killed on return.
 async fn cli_status_over_https(
     dir: &Path,
     ca_args: &[&std::ffi::OsStr],
@@ -677,6 +699,12 @@ async fn cli_status_over_https(
         &tokens,
         json!({"tokens": [{"token": CATALOG_TOKEN, "namespace": "shop", "service_account": "catalog-sa"}]})
             .to_string(),
+    )
+    .unwrap();
+    let operator = dir.join("operator-token");
+    std::fs::write(
+        &operator,
+        "# read-only, for status\noperator-token-0123456789\n",
     )
     .unwrap();
     let free = || {
@@ -699,6 +727,8 @@ async fn cli_status_over_https(
         .args(ca_args)
         .arg("--join-tokens")
         .arg(&tokens)
+        .arg("--operator-token-file")
+        .arg(&operator)
         .args(["--trust-domain", "example.org", "--cert-lifetime", "1h"])
         .kill_on_drop(true)
         .stdout(std::process::Stdio::null())
@@ -720,6 +750,8 @@ async fn cli_status_over_https(
                 "--ca-file",
             ])
             .arg(bundle)
+            .arg("--token-file")
+            .arg(&operator)
             .output()
             .await
             .unwrap();
@@ -730,6 +762,19 @@ async fn cli_status_over_https(
     }
     let output = output.expect("status over https");
     let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // Without the operator token: refused, saying what to pass.
+    let out = tokio::process::Command::new(bin)
+        .args(["status", "--admin", &admin_addr.to_string(), "--ca-file"])
+        .arg(bundle)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("401") && stderr.contains("--token-file"),
+        "{stderr}"
+    );
     // Without --ca-file (plaintext), status fails.
     let out = tokio::process::Command::new(bin)
         .args(["status", "--admin", &admin_addr.to_string()])

@@ -83,6 +83,13 @@ impl NodeBuilder {
         self
     }
 
+    /// The `SERVICE_ACCOUNT` metadata (Istio's): the account it says it runs as.
+    pub fn service_account(mut self, service_account: &str) -> Self {
+        self.metadata
+            .push(("SERVICE_ACCOUNT".into(), string(service_account)));
+        self
+    }
+
     /// The `LABELS` metadata (Istio's): what workload selectors match.
     pub fn labels(mut self, labels: &[(&str, &str)]) -> Self {
         let labels = Struct {
@@ -142,10 +149,38 @@ impl AdsClient {
         channel: tonic::transport::Channel,
         node: Node,
     ) -> Result<AdsClient, tonic::Status> {
-        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        AdsClient::open_with(channel, node, None).await
+    }
+
+    /// [`AdsClient::open`] with `authorization: Bearer <token>` metadata, as an
+    /// Envoy sends a join token in its `initial_metadata`.
+    pub async fn open_with_token(
+        channel: tonic::transport::Channel,
+        node: Node,
+        token: &str,
+    ) -> Result<AdsClient, tonic::Status> {
+        AdsClient::open_with(channel, node, Some(token)).await
+    }
+
+    async fn open_with(
+        channel: tonic::transport::Channel,
+        node: Node,
+        token: Option<&str>,
+    ) -> Result<AdsClient, tonic::Status> {
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(channel).max_encoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(8);
+        let mut request = Request::new(ReceiverStream::new(rx));
+        if let Some(token) = token {
+            match format!("Bearer {token}").parse() {
+                Ok(value) => {
+                    request.metadata_mut().insert("authorization", value);
+                }
+                Err(_) => return Err(Status::invalid_argument("the token is not header text")),
+            }
+        }
         let stream = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .stream_aggregated_resources(request)
             .await?
             .into_inner();
         Ok(AdsClient {
@@ -180,6 +215,34 @@ impl AdsClient {
         };
         if self.tx.send(request).await.is_err() {
             panic!("the ADS stream is closed: cannot send a {type_url} request");
+        }
+    }
+
+    /// Sends one subscription to `names` (owned: a test of limits sends many).
+    pub async fn subscribe_owned(&self, type_url: &str, names: Vec<String>) {
+        let request = DiscoveryRequest {
+            node: Some(self.node.clone()),
+            type_url: type_url.into(),
+            resource_names: names,
+            ..DiscoveryRequest::default()
+        };
+        if self.tx.send(request).await.is_err() {
+            panic!("the ADS stream is closed: cannot send a {type_url} request");
+        }
+    }
+
+    /// The status that ended the stream, waiting up to `wait`; Err says what
+    /// came instead (a response, the end of the stream without a status, nothing).
+    pub async fn ended_with(&mut self, wait: Duration) -> Result<Status, String> {
+        match tokio::time::timeout(wait, self.rx.next()).await {
+            Ok(Some(Err(status))) => Ok(status),
+            Ok(Some(Ok(response))) => Err(format!(
+                "a response instead of the end of the stream: {} resources of {}",
+                response.resources.len(),
+                response.type_url
+            )),
+            Ok(None) => Err("the ADS stream ended without a status".to_owned()),
+            Err(_) => Err(format!("the ADS stream still open after {wait:?}")),
         }
     }
 

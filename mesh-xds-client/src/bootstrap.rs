@@ -54,6 +54,12 @@ pub const ADMIN_KEY: &str = "PROXYLESS_ADMIN";
 pub const USER_AGENT_NAME: &str = "proxyless-rust";
 /// The server feature that makes a control server's deletions ignorable (gRFC A53).
 pub const IGNORE_RESOURCE_DELETION: &str = "ignore_resource_deletion";
+/// The certificate provider instance the mesh's workloads use
+/// (`certificate_providers.mesh`).
+const MESH_PROVIDER_INSTANCE: &str = "mesh";
+/// The plugin of certificates from mesh-control's CA, obtained with a join
+/// token.
+const MESH_CA_PLUGIN: &str = "mesh_ca";
 /// The top-level bootstrap field holding this implementation's own settings
 /// (`{"cache_file": ...}`, see [`crate::cache::cache_file_for`]). gRPC's
 /// bootstrap parsers ignore top-level fields they do not know, so the same
@@ -581,6 +587,53 @@ impl Bootstrap {
     /// `certificate_providers` as raw JSON (instance name → `{plugin_name, config}`), gRFC A29.
     pub fn certificate_providers(&self) -> &Map<String, Value> {
         &self.raw.certificate_providers
+    }
+
+    /// The join token of the `mesh_ca` certificate provider
+    /// (`certificate_providers.mesh.config.token`, or the contents of
+    /// `token_file`, read now so that a token rotated on disk is picked up),
+    /// `Ok(None)` when the bootstrap has no `mesh_ca` provider or it names
+    /// no token. Over a TLS channel to the control server the client sends
+    /// it as `authorization: Bearer <token>` metadata on every ADS stream:
+    /// that is how a workload that gets its certificate from mesh-control's
+    /// CA authenticates before it has one. `Err` says which file cannot be
+    /// read.
+    pub fn join_token(&self) -> Result<Option<String>, Error> {
+        let Some(provider) = self.raw.certificate_providers.get(MESH_PROVIDER_INSTANCE) else {
+            return Ok(None);
+        };
+        if provider.get("plugin_name").and_then(Value::as_str) != Some(MESH_CA_PLUGIN) {
+            return Ok(None);
+        }
+        let config = provider.get("config");
+        if let Some(token) = config
+            .and_then(|c| c.get("token"))
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            return Ok(Some(token.to_owned()));
+        }
+        let Some(file) = config
+            .and_then(|c| c.get("token_file"))
+            .and_then(Value::as_str)
+        else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(file).map_err(|e| {
+            Error::connect(format!(
+                "cannot read the join token file {file} \
+                 (certificate_providers.{MESH_PROVIDER_INSTANCE}.config.token_file): {e}"
+            ))
+        })?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(Error::connect(format!(
+                "the join token file {file} \
+                 (certificate_providers.{MESH_PROVIDER_INSTANCE}.config.token_file) is empty"
+            )));
+        }
+        Ok(Some(token.to_owned()))
     }
 
     /// `server_listener_resource_name_template` (gRFC A36).

@@ -746,6 +746,7 @@ impl XdsClient {
         let driver = Driver {
             state,
             servers: bootstrap.xds_servers().to_vec(),
+            bootstrap: bootstrap.clone(),
             options,
             published: published.clone(),
             changes: changes_tx,
@@ -935,6 +936,8 @@ type AdsClient = AggregatedDiscoveryServiceClient<Channel>;
 struct Driver {
     state: AdsState,
     servers: Vec<XdsServer>,
+    /// The bootstrap (its join token is read at every stream).
+    bootstrap: Bootstrap,
     options: ClientOptions,
     published: Arc<Published>,
     changes: watch::Sender<u64>,
@@ -1117,7 +1120,30 @@ impl Driver {
         server: &XdsServer,
     ) -> Result<bool, Shutdown> {
         let uri = server.server_uri();
-        let call = client.stream_aggregated_resources(UnboundedReceiverStream::new(rx));
+        let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx));
+        // A `mesh_ca` workload authenticates with its join token (mesh-control
+        // with a CA refuses anonymous streams). Over TLS only: over plaintext
+        // the token would be readable on the wire, and a control server
+        // without TLS has no CA to check it. Read at every stream, so that a
+        // token rotated on disk is sent at the next reconnect.
+        if server.tls().is_some() {
+            match self.bootstrap.join_token() {
+                Ok(None) => {}
+                Ok(Some(token)) => match format!("Bearer {token}").parse() {
+                    Ok(value) => {
+                        request.metadata_mut().insert("authorization", value);
+                    }
+                    Err(_) => {
+                        self.record_error(Error::connect(
+                            "the join token of certificate_providers.mesh is not valid in a \
+                             gRPC header (printable ASCII only); sent without it",
+                        ));
+                    }
+                },
+                Err(e) => self.record_error(e),
+            }
+        }
+        let call = client.stream_aggregated_resources(request);
         tokio::pin!(call);
         let mut inbound = loop {
             tokio::select! {

@@ -255,6 +255,7 @@ fn server_listener(l: &ServerListener) -> Value {
         "policies": l.policies.iter().map(|p| json!({
             "id": &**p.id(),
             "action": p.action().as_str(),
+            "dry_run": p.is_dry_run(),
         })).collect::<Vec<_>>(),
     })
 }

@@ -36,6 +36,7 @@
 //! Methods ending in `_at` take the current time as an argument, for tests
 //! and for callers with a clock of their own.
 
+mod limits;
 pub(crate) mod serving;
 #[cfg(feature = "etcd")]
 pub(crate) mod shared;
@@ -44,8 +45,9 @@ mod tokens;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mesh_core::model::Name;
 use mesh_core::spiffe::SpiffeId;
@@ -57,13 +59,18 @@ use serde::{Deserialize, Serialize};
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer;
 
+use self::limits::Limiter;
+pub use self::limits::RateLimit;
+pub(crate) use self::limits::retry_after_seconds;
 #[cfg(feature = "etcd")]
 pub use self::shared::{CaKeyEncryptionKey, ENCRYPTION_KEY_LEN};
 pub(crate) use self::signer::pem_encode;
 use self::signer::{
     BACKDATE, Signer, parse_pems, random_serial, to_offset, truncate_to_seconds, write_file,
 };
-pub use self::tokens::{JoinTokens, MIN_TOKEN_LEN, ServiceAccount};
+use self::tokens::Credentials;
+pub(crate) use self::tokens::constant_time_eq;
+pub use self::tokens::{JoinTokens, MIN_TOKEN_LEN, OperatorTokens, ServiceAccount};
 use crate::error::Error;
 
 /// Istio's default workload certificate lifetime.
@@ -81,6 +88,19 @@ pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
 const STATE_FILE: &str = "ca-state.json";
 const ROOT_STEM: &str = "root";
 const PENDING_STEM: &str = "pending-root";
+
+/// Why a token presented from an address was not accepted
+/// ([`CertificateAuthority::authenticate_from`]).
+#[derive(Debug)]
+pub(crate) enum TokenRefusal {
+    /// Not a join token (a 401).
+    Unknown(Error),
+    /// The address is out of failed attempts: try again after this (a
+    /// 429 with `Retry-After`).
+    Throttled(Duration),
+    /// A read-only operator token, where a workload's is needed (a 403).
+    Operator,
+}
 
 /// A certificate the CA issued.
 #[derive(Debug, Clone)]
@@ -104,7 +124,14 @@ pub struct IssuedCertificate {
 /// share it behind an `Arc`.
 pub struct CertificateAuthority {
     trust_domain: Name,
-    tokens: JoinTokens,
+    credentials: Credentials,
+    /// Certificates signed, per identity.
+    signing: Limiter<SpiffeId>,
+    /// Failed token attempts, per source address.
+    failed_tokens: Limiter<IpAddr>,
+    /// Requests refused by each limit (`/metrics`).
+    signing_throttled: AtomicU64,
+    tokens_throttled: AtomicU64,
     default_lifetime: Duration,
     max_lifetime: Duration,
     root_lifetime: Duration,
@@ -156,6 +183,11 @@ pub struct CaBuilder {
     trust_domain: String,
     source: Source,
     tokens: JoinTokens,
+    tokens_file: Option<PathBuf>,
+    operators: OperatorTokens,
+    operators_file: Option<PathBuf>,
+    signing_limit: RateLimit,
+    failed_token_limit: RateLimit,
     default_lifetime: Duration,
     max_lifetime: Duration,
     root_lifetime: Duration,
@@ -167,7 +199,7 @@ impl std::fmt::Debug for CertificateAuthority {
         // Never the keys nor the tokens.
         f.debug_struct("CertificateAuthority")
             .field("trust_domain", &self.trust_domain)
-            .field("join_tokens", &self.tokens.len())
+            .field("join_tokens", &self.credentials.join().len())
             .field("default_lifetime", &self.default_lifetime)
             .field("dir", &self.dir)
             .finish_non_exhaustive()
@@ -182,6 +214,11 @@ impl CertificateAuthority {
             trust_domain: trust_domain.into(),
             source: Source::Ephemeral,
             tokens: JoinTokens::new(),
+            tokens_file: None,
+            operators: OperatorTokens::default(),
+            operators_file: None,
+            signing_limit: RateLimit::SIGNING,
+            failed_token_limit: RateLimit::FAILED_TOKENS,
             default_lifetime: DEFAULT_LIFETIME,
             max_lifetime: DEFAULT_MAX_LIFETIME,
             root_lifetime: DEFAULT_ROOT_LIFETIME,
@@ -215,11 +252,63 @@ impl CertificateAuthority {
 
     /// The identity a join token grants; `Denied` for an unknown token.
     pub fn authenticate(&self, token: &str) -> Result<SpiffeId, Error> {
-        let account = self
-            .tokens
+        let tokens = self.credentials.join();
+        let account = tokens
             .lookup(token)
             .ok_or_else(|| Error::denied("unknown join token"))?;
         account.spiffe_id(&self.trust_domain)
+    }
+
+    /// [`CertificateAuthority::authenticate`] for a token presented from
+    /// `from`, with the failed-attempts limit of that address (see
+    /// `limits.rs`): an address out of attempts gets
+    /// [`TokenRefusal::Throttled`] before its token is looked up, an
+    /// unknown token costs it one attempt. An operator token is
+    /// [`TokenRefusal::Operator`]: it may only read.
+    pub(crate) fn authenticate_from(
+        &self,
+        token: &str,
+        from: IpAddr,
+    ) -> Result<SpiffeId, TokenRefusal> {
+        let now = Instant::now();
+        if let Err(wait) = self.failed_tokens.check(&from, now) {
+            self.tokens_throttled.fetch_add(1, Ordering::Relaxed);
+            return Err(TokenRefusal::Throttled(wait));
+        }
+        match self.authenticate(token) {
+            Ok(id) => Ok(id),
+            Err(_) if self.is_operator(token) => Err(TokenRefusal::Operator),
+            Err(e) => {
+                // Counted now; the next attempt past the limit is refused.
+                let _ = self.failed_tokens.take(&from, now);
+                Err(TokenRefusal::Unknown(e))
+            }
+        }
+    }
+
+    /// Whether `token` is a read-only operator token (see
+    /// [`OperatorTokens`]).
+    pub(crate) fn is_operator(&self, token: &str) -> bool {
+        self.credentials.operators().contains(token)
+    }
+
+    /// Takes one certificate of `identity`'s signing limit: `Err` is how
+    /// long until it may have another (a 429).
+    pub(crate) fn admit_signing(&self, identity: &SpiffeId) -> Result<(), Duration> {
+        self.signing
+            .take(identity, Instant::now())
+            .inspect_err(|_| {
+                self.signing_throttled.fetch_add(1, Ordering::Relaxed);
+            })
+    }
+
+    /// How many requests each limit refused: (certificate signing, failed
+    /// token attempts).
+    pub(crate) fn throttled(&self) -> (u64, u64) {
+        (
+            self.signing_throttled.load(Ordering::Relaxed),
+            self.tokens_throttled.load(Ordering::Relaxed),
+        )
     }
 
     /// Issues a certificate for the identity `token` grants. `requested`,
@@ -421,8 +510,8 @@ impl CertificateAuthority {
     }
 
     /// The join tokens this CA accepts (registration authenticates with them too).
-    pub fn join_tokens(&self) -> &JoinTokens {
-        &self.tokens
+    pub fn join_tokens(&self) -> Arc<JoinTokens> {
+        self.credentials.join()
     }
 
     /// The roots workloads must trust (PEM): the signing root, plus during
@@ -584,13 +673,50 @@ impl CaBuilder {
     /// The join tokens the CA accepts (none by default: every token is denied).
     pub fn join_tokens(mut self, tokens: JoinTokens) -> Self {
         self.tokens = tokens;
+        self.tokens_file = None;
         self
     }
 
     /// The join tokens from a JSON file (see [`JoinTokens::from_json`]);
     /// the error names the file.
     pub fn join_tokens_file(self, path: &Path) -> Result<Self, Error> {
-        Ok(self.join_tokens(JoinTokens::load(path)?))
+        let mut builder = self.join_tokens(JoinTokens::load(path)?);
+        builder.tokens_file = Some(path.to_path_buf());
+        Ok(builder)
+    }
+
+    /// Read-only operator tokens: `/status`, `/v1/services` and `/metrics`
+    /// accept them as `Authorization: Bearer`, nothing else does (see
+    /// [`OperatorTokens`]).
+    pub fn operator_tokens(mut self, tokens: OperatorTokens) -> Self {
+        self.operators = tokens;
+        self.operators_file = None;
+        self
+    }
+
+    /// Operator tokens from a file (one per line), read again whenever it
+    /// changes (`serve --operator-token-file`).
+    pub fn operator_tokens_file(self, path: &Path) -> Result<Self, Error> {
+        let mut builder = self.operator_tokens(OperatorTokens::load(path)?);
+        builder.operators_file = Some(path.to_path_buf());
+        Ok(builder)
+    }
+
+    /// How many certificates one identity may have signed: a burst, then a
+    /// rate (default [`RateLimit::SIGNING`]). Beyond it `POST
+    /// /v1/certificates` answers 429 with `Retry-After`.
+    pub fn signing_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.signing_limit = limit;
+        self
+    }
+
+    /// How many unknown tokens one source address may try: a burst, then
+    /// a rate (default [`RateLimit::FAILED_TOKENS`]). Beyond it every
+    /// token from that address gets 429 with `Retry-After`, before it is
+    /// looked up.
+    pub fn failed_token_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.failed_token_limit = limit;
+        self
     }
 
     /// The lifetime of certificates whose caller does not ask for one
@@ -652,7 +778,16 @@ impl CaBuilder {
         };
         let ca = CertificateAuthority {
             trust_domain: Name::from(self.trust_domain),
-            tokens: self.tokens,
+            credentials: Credentials::new(
+                std::mem::take(&mut self.tokens),
+                self.tokens_file.take(),
+                std::mem::take(&mut self.operators),
+                self.operators_file.take(),
+            ),
+            signing: Limiter::new(self.signing_limit),
+            failed_tokens: Limiter::new(self.failed_token_limit),
+            signing_throttled: AtomicU64::new(0),
+            tokens_throttled: AtomicU64::new(0),
             default_lifetime: self.default_lifetime,
             max_lifetime: self.max_lifetime,
             root_lifetime: self.root_lifetime,

@@ -305,7 +305,6 @@ pub(crate) struct PeerInfo {
 pub(crate) struct TlsConn {
     stream: TlsStream<TcpStream>,
     pub(crate) peer: PeerInfo,
-    local: Option<SocketAddr>,
 }
 
 impl AsyncRead for TlsConn {
@@ -349,12 +348,45 @@ impl AsyncWrite for TlsConn {
 }
 
 impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    /// The peer with its verified identity: ADS and CSDS read it from the
+    /// request's extensions to authenticate the stream (`ads::authenticate`).
+    type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        tonic::transport::server::TcpConnectInfo {
-            local_addr: self.local,
-            remote_addr: Some(self.peer.addr),
+        self.peer.clone()
+    }
+}
+
+/// Runs the TLS handshake of an accepted connection under
+/// [`HANDSHAKE_TIMEOUT`]: the connection, with the SPIFFE ID of a verified
+/// client certificate, or `None` (logged at debug: a plaintext client, a
+/// port scanner, a client that does not trust this CA, a silent one).
+pub(crate) async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    what: &'static str,
+) -> Option<TlsConn> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            let identity = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|leaf| spiffe_id_of(leaf));
+            Some(TlsConn {
+                stream,
+                peer: PeerInfo { addr, identity },
+            })
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %addr, error = %e, "{what}: TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(peer = %addr, "{what}: TLS handshake timed out");
+            None
         }
     }
 }
@@ -385,31 +417,11 @@ pub(crate) fn incoming(
                 return;
             }
             let _ = tcp.set_nodelay(true);
-            let local = tcp.local_addr().ok();
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let identity = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|certs| certs.first())
-                            .and_then(|leaf| spiffe_id_of(leaf));
-                        let conn = TlsConn {
-                            stream,
-                            peer: PeerInfo { addr, identity },
-                            local,
-                        };
-                        let _ = tx.send(conn).await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(peer = %addr, error = %e, "{what}: TLS handshake failed");
-                    }
-                    Err(_) => {
-                        tracing::debug!(peer = %addr, "{what}: TLS handshake timed out");
-                    }
+                if let Some(conn) = handshake(&acceptor, tcp, addr, what).await {
+                    let _ = tx.send(conn).await;
                 }
             });
         }
@@ -425,33 +437,4 @@ fn spiffe_id_of(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
         GeneralName::URI(uri) if uri.starts_with("spiffe://") => SpiffeId::parse(uri).ok(),
         _ => None,
     })
-}
-
-/// The admin API's listener over TLS (axum's accept loop reads it).
-pub(crate) struct AdminTlsListener {
-    pub(crate) rx: mpsc::Receiver<TlsConn>,
-    pub(crate) local: SocketAddr,
-}
-
-impl axum::serve::Listener for AdminTlsListener {
-    type Io = TlsConn;
-    type Addr = PeerInfo;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(conn) => {
-                let peer = conn.peer.clone();
-                (conn, peer)
-            }
-            // The accept task ended (shutdown): accept nothing more.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(PeerInfo {
-            addr: self.local,
-            identity: None,
-        })
-    }
 }

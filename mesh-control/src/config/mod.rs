@@ -215,7 +215,23 @@ pub struct MeshOptions {
     /// The SPIFFE trust domain of workload identities
     /// (`spiffe://<trust_domain>/ns/<ns>/sa/<sa>`). Default `cluster.local`.
     pub trust_domain: String,
+    /// Whether a registration may name a link-local address
+    /// (169.254.0.0/16, fe80::/10; `serve --allow-link-local-endpoints`).
+    /// Default false: link-local is where cloud metadata services answer
+    /// (169.254.169.254), and an endpoint there would send the mesh's
+    /// traffic, credentials included, to whatever answers on each client's
+    /// own host. Unspecified, multicast and broadcast addresses are refused
+    /// regardless.
+    pub allow_link_local_endpoints: bool,
+    /// How many leases one identity may hold at once (authenticated
+    /// registration; `serve --max-leases-per-identity`). Default
+    /// [`DEFAULT_MAX_LEASES_PER_IDENTITY`]. A registration beyond it gets
+    /// 429: a leaked join token cannot fill the mesh's EDS.
+    pub max_leases_per_identity: usize,
 }
+
+/// The default of [`MeshOptions::max_leases_per_identity`].
+pub const DEFAULT_MAX_LEASES_PER_IDENTITY: usize = 256;
 
 impl Default for MeshOptions {
     fn default() -> Self {
@@ -223,6 +239,8 @@ impl Default for MeshOptions {
             domain_suffix: "svc.cluster.local".to_string(),
             root_namespace: "istio-system".to_string(),
             trust_domain: "cluster.local".to_string(),
+            allow_link_local_endpoints: false,
+            max_leases_per_identity: DEFAULT_MAX_LEASES_PER_IDENTITY,
         }
     }
 }

@@ -369,9 +369,10 @@ pub(super) fn check(resources: &[&Resource]) -> Vec<Diagnostic> {
 pub(crate) struct Identities {
     /// WorkloadGroups by (namespace, name): service account and labels.
     groups: BTreeMap<(String, String), (String, BTreeMap<String, String>)>,
-    /// Per host: the SPIFFE IDs its first ServiceEntry names (subjectAltNames
-    /// and its endpoints' service accounts).
-    by_host: BTreeMap<String, BTreeSet<SpiffeId>>,
+    /// Per host: the namespace of the first ServiceEntry declaring it, and
+    /// the SPIFFE IDs that ServiceEntry names (subjectAltNames and its
+    /// endpoints' service accounts).
+    by_host: BTreeMap<String, (String, BTreeSet<SpiffeId>)>,
     trust_domain: String,
 }
 
@@ -419,7 +420,9 @@ impl Identities {
             for host in &se.hosts {
                 let fqdn = resolve_host(&host.value, ns, suffix);
                 // The first ServiceEntry for a host wins, as for routing.
-                ids.by_host.entry(fqdn).or_insert_with(|| set.clone());
+                ids.by_host
+                    .entry(fqdn)
+                    .or_insert_with(|| (ns.to_string(), set.clone()));
             }
         }
         ids
@@ -431,6 +434,17 @@ impl Identities {
         cluster_local(fqdn, suffix)
             .map(|(name, _)| name)
             .unwrap_or_else(|| fqdn.split('.').next().unwrap_or(fqdn))
+    }
+
+    /// The namespace a host belongs to (see [`authorize_registration`]):
+    /// the one its name says for a cluster-local host, else the namespace
+    /// of the ServiceEntry declaring it; `None` for an external host no
+    /// ServiceEntry declares.
+    pub(crate) fn host_namespace<'a>(&'a self, fqdn: &'a str, suffix: &str) -> Option<&'a str> {
+        match cluster_local(fqdn, suffix) {
+            Some((_, ns)) => Some(ns),
+            None => self.by_host.get(fqdn).map(|(ns, _)| ns.as_str()),
+        }
     }
 
     /// The WorkloadGroup's labels for the service `fqdn` in `namespace`.
@@ -450,7 +464,11 @@ impl Identities {
     /// sorted; never empty unless the names make no valid SPIFFE ID.
     pub(crate) fn allowed(&self, fqdn: &str, namespace: &str, suffix: &str) -> Vec<SpiffeId> {
         let short = Self::short_name(fqdn, suffix);
-        let mut set: BTreeSet<SpiffeId> = self.by_host.get(fqdn).cloned().unwrap_or_default();
+        let mut set: BTreeSet<SpiffeId> = self
+            .by_host
+            .get(fqdn)
+            .map(|(_, ids)| ids.clone())
+            .unwrap_or_default();
         if let Some((sa, _)) = self.groups.get(&(namespace.to_string(), short.to_string()))
             && let Ok(id) = SpiffeId::new(&self.trust_domain, namespace, sa)
         {
@@ -465,6 +483,27 @@ impl Identities {
     }
 }
 
+/// Whether `identity` may back the service `registration` names (the
+/// admin API asks this of every authenticated registration).
+///
+/// Names belong to namespaces, and only the configuration of the host's
+/// own namespace says who may back it: a WorkloadGroup named like the
+/// service there (`template.serviceAccount`), the service accounts of the
+/// declaring ServiceEntry's endpoints and WorkloadEntries, its
+/// `subjectAltNames`, or, when none of these is configured, the service
+/// account named like the service *in the host's namespace*. The host's
+/// namespace is the one its name says for a cluster-local host
+/// (`catalog.shop.svc.cluster.local` is `shop`'s); any other host
+/// (`payments.example.com`) belongs to the namespace of the ServiceEntry
+/// that declares it (the first one, as for routing), and one that no
+/// ServiceEntry declares cannot be registered at all: otherwise the first
+/// namespace to register a name would own it, and any namespace could
+/// claim `payments.example.com` by registering first. The caller's own
+/// namespace never stands in for the host's.
+///
+/// A workload also registers only in its own namespace (the namespace a
+/// registration's name is resolved in), so that what it registers reads
+/// the same from its namespace as from the host's.
 pub(super) fn authorize_registration(
     options: &MeshOptions,
     resources: &[&Resource],
@@ -475,23 +514,38 @@ pub(super) fn authorize_registration(
     let fqdn = resolve_host(&registration.service, &registration.namespace, suffix);
     if identity.namespace() != registration.namespace {
         return Err(format!(
-            "identity {identity} may not register endpoints in namespace '{}': a workload registers only in its own namespace ('{}')",
+            "identity {identity} may not register endpoints in namespace '{}': a workload \
+             registers only in its own namespace ('{}')",
             registration.namespace,
             identity.namespace()
         ));
     }
-    let namespace = cluster_local(&fqdn, suffix)
-        .map(|(_, ns)| ns.to_string())
-        .unwrap_or_else(|| registration.namespace.clone());
     let identities = Identities::new(options, resources);
-    let allowed = identities.allowed(&fqdn, &namespace, suffix);
+    let Some(namespace) = identities.host_namespace(&fqdn, suffix) else {
+        return Err(format!(
+            "identity {identity} may not register endpoints of {fqdn}: a host outside the \
+             cluster domain '{suffix}' belongs to the namespace of the ServiceEntry that \
+             declares it, and no ServiceEntry declares {fqdn}; declare it in the namespace \
+             that owns it (with subjectAltNames naming who may back it)"
+        ));
+    };
+    let allowed = identities.allowed(&fqdn, namespace, suffix);
     if allowed.contains(identity) {
         return Ok(());
     }
     let list: Vec<&str> = allowed.iter().map(SpiffeId::as_str).collect();
     let short = Identities::short_name(&fqdn, suffix);
+    let declared = if cluster_local(&fqdn, suffix).is_some() {
+        String::new()
+    } else {
+        format!(" (declared by a ServiceEntry of namespace '{namespace}')")
+    };
     Err(format!(
-        "identity {identity} may not register endpoints of service {fqdn}, which allows {}; to allow it, add a WorkloadGroup named '{short}' in namespace '{namespace}' with spec.template.serviceAccount: {}, or list {identity} in the subjectAltNames of the ServiceEntry for {fqdn}",
+        "identity {identity} may not register endpoints of service {fqdn}{declared}, which \
+         allows {}: only identities the configuration of namespace '{namespace}' names may \
+         back its hosts; to allow it, add a WorkloadGroup named '{short}' in namespace \
+         '{namespace}' with spec.template.serviceAccount: {}, or list {identity} in the \
+         subjectAltNames of the ServiceEntry for {fqdn}",
         if list.is_empty() {
             "no identity".to_string()
         } else {

@@ -1491,6 +1491,68 @@ spec:
     );
 }
 
+#[test]
+fn an_external_host_belongs_to_the_namespace_of_its_service_entry() {
+    let se = "apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: payments, namespace: shop}
+spec:
+  hosts: [payments.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+";
+    let (s, _d) = store(&[("se.yaml", se)]);
+    // The hijack of issue 13: another namespace's same-named account,
+    // registering from its own namespace.
+    let r = reg("payments.example.com", "evil", "127.0.0.9", 80, &[]);
+    let err = s
+        .authorize_registration(&r, &id("spiffe://cluster.local/ns/evil/sa/payments"))
+        .unwrap_err();
+    assert!(
+        err.contains(
+            "only identities the configuration of namespace 'shop' names may back its hosts"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("declared by a ServiceEntry of namespace 'shop'"),
+        "{err}"
+    );
+    // The same-named account of the host's namespace may.
+    let r = reg("payments.example.com", "shop", "127.0.0.9", 80, &[]);
+    assert_eq!(
+        s.authorize_registration(&r, &id("spiffe://cluster.local/ns/shop/sa/payments")),
+        Ok(())
+    );
+    // subjectAltNames may name an account of another namespace, which then
+    // registers from its own namespace.
+    let with_san = se.replace(
+        "  resolution: STATIC\n",
+        "  resolution: STATIC\n  subjectAltNames: [spiffe://cluster.local/ns/billing/sa/pay]\n",
+    );
+    let (s, _d) = store(&[("se.yaml", &with_san)]);
+    let r = reg("payments.example.com", "billing", "127.0.0.9", 80, &[]);
+    assert_eq!(
+        s.authorize_registration(&r, &id("spiffe://cluster.local/ns/billing/sa/pay")),
+        Ok(())
+    );
+    let r = reg("payments.example.com", "shop", "127.0.0.9", 80, &[]);
+    assert!(
+        s.authorize_registration(&r, &id("spiffe://cluster.local/ns/shop/sa/payments"))
+            .is_err(),
+        "subjectAltNames replace the default"
+    );
+    // An external host no ServiceEntry declares belongs to no namespace.
+    let r = reg("ledger.example.com", "evil", "127.0.0.9", 80, &[]);
+    let err = s
+        .authorize_registration(&r, &id("spiffe://cluster.local/ns/evil/sa/ledger"))
+        .unwrap_err();
+    assert!(
+        err.contains("no ServiceEntry declares ledger.example.com"),
+        "{err}"
+    );
+}
+
 // --------------------------------------------------------- gRPC compatibility
 
 #[test]

@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::spiffe::SpiffeId;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -14,7 +13,7 @@ use super::{Layout, lease_of};
 use crate::Error;
 use crate::etcd::{self, Etcd, Op, Watch};
 use crate::persist::{Pending, SharedError, SharedState, Versions};
-use crate::registry::{Lease, Registered, Registry, to_stored};
+use crate::registry::{Lease, LeaseKeeper, LeaseSecret, Registered, Registry, to_stored};
 use crate::state::Shared;
 
 /// How long a write waits for this replica's own view to show it before
@@ -262,9 +261,10 @@ impl EtcdLeases {
             }
         };
         let lease_id = granted.id.to_string();
+        let secret = registered.owner.is_none().then(LeaseSecret::generate);
         let value = serde_json::to_vec(&StoredRegistration {
             format: FORMAT,
-            lease: to_stored(&lease_id, registered, granted.ttl),
+            lease: to_stored(&lease_id, registered, secret.as_ref(), granted.ttl),
         })
         .map_err(|e| SharedError::Refused(format!("cannot encode the registration: {e}")))?;
         let put = Op::put(
@@ -282,6 +282,7 @@ impl EtcdLeases {
                 Ok(Some(Lease {
                     lease_id,
                     ttl_seconds: granted.ttl.as_secs().max(1),
+                    lease_secret: secret.map(|s| s.as_str().to_string()),
                 }))
             }
             Err(e) if e.kind() == etcd::ErrorKind::Conflict => Ok(None),
@@ -318,7 +319,7 @@ impl SharedState for EtcdLeases {
         })
     }
 
-    fn owner(&self, lease_id: &str) -> Pending<'_, Option<Option<SpiffeId>>> {
+    fn keeper(&self, lease_id: &str) -> Pending<'_, Option<LeaseKeeper>> {
         let lease = lease_of(lease_id);
         Box::pin(async move {
             let Some(lease) = lease else {
@@ -332,16 +333,22 @@ impl SharedState for EtcdLeases {
             let Some(kv) = kv else {
                 return Ok(None);
             };
-            let stored: StoredRegistration = serde_json::from_slice(&kv.value).map_err(|e| {
-                SharedError::Refused(format!(
-                    "lease {lease}: its registration in etcd cannot be read ({e})"
-                ))
-            })?;
+            // The answers name no lease id (see `registry.rs`); the log does.
+            let damaged = |why: String| {
+                tracing::warn!(%lease, "etcd: a damaged registration: {why}");
+                SharedError::Refused(
+                    "this lease's registration in etcd cannot be read (see mesh-control's log); \
+                     register again"
+                        .into(),
+                )
+            };
+            let stored: StoredRegistration =
+                serde_json::from_slice(&kv.value).map_err(|e| damaged(format!("not JSON: {e}")))?;
             let lease_id = lease.to_string();
             let (registry, problems) = Registry::mirror([(lease_id.as_str(), &stored.lease)]);
-            match registry.owner(&lease_id) {
-                Some(owner) => Ok(Some(owner.cloned())),
-                None => Err(SharedError::Refused(problems.join("; "))),
+            match registry.keeper(&lease_id) {
+                Some(keeper) => Ok(Some(keeper)),
+                None => Err(damaged(problems.join("; "))),
             }
         })
     }

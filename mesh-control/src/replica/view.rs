@@ -243,6 +243,7 @@ mod tests {
                 labels: BTreeMap::new(),
                 locality: String::new(),
                 owner: None,
+                secret: None,
                 node_id: None,
                 ttl_ms: 5000,
                 expires_unix_ms: 0,

@@ -15,13 +15,19 @@
 //! the workload's join token as `Authorization: Bearer <token>`; the
 //! control server allows the identity to register only endpoints of
 //! services it may back (401 without credentials, 403 with the reason).
+//!
+//! Without a CA, a registration's answer carries the lease's secret
+//! (`lease_secret`): renewals and the deregistration send it back in an
+//! `X-Lease-Secret` header, since mesh-control changes a lease only for
+//! whoever holds it (a lease id alone is not proof). It is kept in memory
+//! only, out of `Debug` output.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use http::{Method, StatusCode};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
 use mesh_core::model::Protocol;
 use serde_json::{Map, Value, json};
 
@@ -303,6 +309,32 @@ impl Registration {
 pub(crate) struct Lease {
     pub(crate) id: String,
     pub(crate) ttl: Duration,
+    /// The secret that renews and deletes it (registration without a CA).
+    pub(crate) secret: Option<LeaseSecret>,
+}
+
+/// The header that carries a lease's secret.
+const LEASE_SECRET_HEADER: &str = "x-lease-secret";
+
+/// A lease's secret: kept out of `Debug` output, sent as a sensitive
+/// header value.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct LeaseSecret(HeaderValue);
+
+impl fmt::Debug for LeaseSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LeaseSecret(redacted)")
+    }
+}
+
+impl Lease {
+    /// The headers that prove the caller holds this lease.
+    fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        self.secret
+            .iter()
+            .map(|s| (HeaderName::from_static(LEASE_SECRET_HEADER), s.0.clone()))
+            .collect()
+    }
 }
 
 impl Lease {
@@ -416,9 +448,27 @@ impl Admin {
             .and_then(Value::as_u64)
             .unwrap_or(requested)
             .max(1);
+        let secret = match value.get("lease_secret").and_then(Value::as_str) {
+            None => None,
+            Some(secret) => {
+                let mut header = HeaderValue::from_str(secret).map_err(|_| {
+                    RegisterFailure::Unavailable(Error::new(
+                        ErrorKind::Registration,
+                        format!(
+                            "admin API at {}: POST /v1/endpoints answered a lease_secret that \
+                             is not a valid header value",
+                            self.client.base()
+                        ),
+                    ))
+                })?;
+                header.set_sensitive(true);
+                Some(LeaseSecret(header))
+            }
+        };
         Ok(Lease {
             id: id.to_owned(),
             ttl: Duration::from_secs(ttl),
+            secret,
         })
     }
 
@@ -426,7 +476,10 @@ impl Admin {
     /// (expired, or the control server restarted).
     pub(crate) async fn renew(&self, lease: &Lease) -> Result<bool, Error> {
         let path = format!("/v1/endpoints/{}", lease.id);
-        let (status, reply) = self.call(Method::PUT, &path, None).await?;
+        let (status, reply) = self
+            .client
+            .call_with_headers(Method::PUT, &path, None, &lease.headers())
+            .await?;
         match status {
             s if s.is_success() => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
@@ -437,7 +490,10 @@ impl Admin {
     /// `DELETE /v1/endpoints/{lease}`; an unknown lease is already gone.
     pub(crate) async fn deregister(&self, lease: &Lease) -> Result<(), Error> {
         let path = format!("/v1/endpoints/{}", lease.id);
-        let (status, reply) = self.call(Method::DELETE, &path, None).await?;
+        let (status, reply) = self
+            .client
+            .call_with_headers(Method::DELETE, &path, None, &lease.headers())
+            .await?;
         if status.is_success() || status == StatusCode::NOT_FOUND {
             Ok(())
         } else {
@@ -581,6 +637,63 @@ mod tests {
         );
         let explicit = Registration::new("a:1", "catalog").token("t2");
         assert_eq!(explicit.admin().token, Some("t2"));
+    }
+
+    /// A real admin API on a socket that grants a lease with a secret and
+    /// records the `X-Lease-Secret` of each later call.
+    #[tokio::test]
+    async fn renewals_and_the_deregistration_send_the_lease_s_secret() {
+        use axum::routing::{post, put};
+        use std::sync::{Arc, Mutex};
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let record = |seen: Arc<Mutex<Vec<String>>>, method: &'static str| {
+            move |headers: http::HeaderMap| async move {
+                let secret = headers
+                    .get("x-lease-secret")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_owned();
+                seen.lock().unwrap().push(format!("{method} {secret}"));
+                StatusCode::OK
+            }
+        };
+        let app = axum::Router::new()
+            .route(
+                "/v1/endpoints",
+                post(|| async {
+                    (
+                        StatusCode::CREATED,
+                        axum::Json(json!({
+                            "lease_id": "1-a", "ttl_seconds": 9, "lease_secret": "s3cr3t-0123"
+                        })),
+                    )
+                }),
+            )
+            .route(
+                "/v1/endpoints/{id}",
+                put(record(seen.clone(), "PUT")).delete(record(seen.clone(), "DELETE")),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let admin = Admin::new(addr.as_str()).unwrap();
+        let body =
+            Registration::new(addr.as_str(), "catalog").to_json("10.0.0.7".parse().unwrap(), 1);
+        let lease = admin
+            .register(&body)
+            .await
+            .map_err(|f| f.into_error())
+            .unwrap();
+        assert!(
+            !format!("{lease:?}").contains("s3cr3t"),
+            "the secret is redacted: {lease:?}"
+        );
+        assert!(admin.renew(&lease).await.unwrap());
+        admin.deregister(&lease).await.unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["PUT s3cr3t-0123", "DELETE s3cr3t-0123"]
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
-use http::{HeaderValue, Method, Request, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
@@ -202,11 +202,24 @@ impl AdminClient {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Bytes), Error> {
+        self.call_with_headers(method, path, body, &[]).await
+    }
+
+    /// [`AdminClient::call`] with more request headers (a lease's secret).
+    pub(crate) async fn call_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(HeaderName, HeaderValue)],
+    ) -> Result<(StatusCode, Bytes), Error> {
         let mut unanswered = Vec::new();
         let mut unavailable = None;
         for i in attempt_order(self.targets.len(), self.start()) {
             let target = &self.targets[i];
-            let result = self.call_one(target, method.clone(), path, body).await;
+            let result = self
+                .call_one(target, method.clone(), path, body, headers)
+                .await;
             let outcome = match &result {
                 Ok((status, _)) => Outcome::Answered(*status),
                 Err(_) => Outcome::Unreachable,
@@ -254,6 +267,7 @@ impl AdminClient {
         method: Method,
         path: &str,
         body: Option<&Value>,
+        headers: &[(HeaderName, HeaderValue)],
     ) -> Result<(StatusCode, Bytes), Error> {
         let what = format!("admin API at {}: {method} {path}", self.base_of(target));
         let exchange = async {
@@ -270,6 +284,9 @@ impl AdminClient {
                 .body(Full::new(bytes))?;
             if let Some(value) = &self.authorization {
                 req.headers_mut().insert(AUTHORIZATION, value.clone());
+            }
+            for (name, value) in headers {
+                req.headers_mut().insert(name.clone(), value.clone());
             }
             match (&self.tls, &target.name) {
                 (Some(connector), Some(name)) => {
@@ -306,7 +323,9 @@ impl AdminClient {
                  certificate_providers.mesh {\"plugin_name\": \"mesh_ca\", \"config\": \
                  {\"token_file\": \"/etc/mesh/token\"}})"
             }
-            StatusCode::FORBIDDEN => " (the workload's identity is not allowed to do this)",
+            StatusCode::FORBIDDEN => {
+                " (the workload's identity, or the lease's secret, does not allow this)"
+            }
             _ => "",
         };
         Error::new(
