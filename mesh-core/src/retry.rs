@@ -226,10 +226,24 @@ pub fn backoff(policy: &RetryPolicy, retry: u32, random: u64) -> Duration {
 /// The upper bound of [`backoff`] for retry number `retry`:
 /// `min(backoff_max, backoff_base · 2^(retry−1))`.
 pub fn backoff_ceiling(policy: &RetryPolicy, retry: u32) -> Duration {
-    let factor = 1u32.checked_shl(retry.max(1) - 1);
-    match factor.and_then(|f| policy.backoff_base.checked_mul(f)) {
-        Some(d) => d.min(policy.backoff_max),
-        None => policy.backoff_max,
+    // In nanoseconds, u128: `base · 2^(retry−1)` computed exactly as long as
+    // it fits, so a zero base stays zero at any retry number (a shift that
+    // overflows a u32 factor is not "as large as the maximum").
+    let base = policy.backoff_base.as_nanos();
+    let shift = retry.max(1) - 1;
+    let scaled = if base == 0 {
+        0
+    } else if shift >= base.leading_zeros() {
+        u128::MAX
+    } else {
+        base << shift
+    };
+    if scaled >= policy.backoff_max.as_nanos() {
+        policy.backoff_max
+    } else {
+        // Below backoff_max, which is a Duration: fits in u64 nanoseconds
+        // unless backoff_max is above 584 years.
+        u64::try_from(scaled).map_or(policy.backoff_max, Duration::from_nanos)
     }
 }
 

@@ -192,7 +192,11 @@ fn domain_score(pattern: &str, host: &str) -> Option<DomainScore> {
     }
     let host_matches_ci = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
     if let Some(suffix) = pattern.strip_prefix('*') {
+        // A host whose suffix of that byte length starts inside a
+        // character cannot equal an ASCII-case-insensitive suffix (and
+        // slicing there would panic).
         let ok = host.len() > suffix.len()
+            && host.is_char_boundary(host.len() - suffix.len())
             && host_matches_ci(&host[host.len() - suffix.len()..], suffix);
         return ok.then_some(DomainScore {
             class: 2,

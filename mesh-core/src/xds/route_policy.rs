@@ -193,11 +193,13 @@ pub(crate) fn virtual_host_retry(vh: &VirtualHostProto) -> Decoded<Option<RetryP
         "retry_policy_typed_config",
     )?;
     check_hedge(vh.hedge_policy.as_ref()).at("hedge_policy")?;
-    vh.retry_policy
+    Ok(vh
+        .retry_policy
         .as_ref()
         .map(retry_from_proto)
         .transpose()
-        .at("retry_policy")
+        .at("retry_policy")?
+        .filter(|r| r.num_retries > 0))
 }
 
 /// The policy of a route whose action is `action`; `vh_retry` is the
@@ -238,8 +240,11 @@ fn action_policy(a: &RouteAction, vh_retry: Option<&RetryPolicy>) -> Decoded<Act
         );
     }
     let timeout = timeout_from_proto(a)?;
+    // Zero retries is no retry policy, as the encoder writes it (a route's
+    // still overrides its virtual host's); keeping `num_retries: 0` apart
+    // would make a decoded route differ from its own re-encoding.
     let retry = match &a.retry_policy {
-        Some(r) => Some(retry_from_proto(r).at("retry_policy")?),
+        Some(r) => Some(retry_from_proto(r).at("retry_policy")?).filter(|r| r.num_retries > 0),
         None => vh_retry.cloned(),
     };
     let last = a.hash_policy.len().saturating_sub(1);

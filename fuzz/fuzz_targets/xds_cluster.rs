@@ -1,0 +1,11 @@
+//! The bytes of a CDS resource (Cluster), as the ADS client gets them in
+//! `DiscoveryResponse.resources[].value`: decoding must never panic, and what
+//! it accepts must survive an encode/decode round trip unchanged.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mesh_core::xds::ResourceType;
+
+fuzz_target!(|data: &[u8]| {
+    proxyless_fuzz::check_resource(ResourceType::Cluster, data);
+});
