@@ -28,7 +28,8 @@
 //!
 //! Where it is kept is behind [`Store`]: [`LocalDir`] writes three small
 //! JSON files, each replaced atomically (a temporary file, fsync, rename,
-//! fsync of the directory; mode 0600), so a crash at any point leaves the
+//! fsync of the directory; mode 0600: `mesh_fs::write_private_file`, the
+//! code the workloads' caches use too), so a crash at any point leaves the
 //! previous or the new version. The state machines (`config::last_good`,
 //! the registry) never see it: they export and import plain values.
 //!
@@ -52,7 +53,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -231,7 +231,8 @@ impl fmt::Display for SharedError {
 #[derive(Debug)]
 pub(crate) struct LocalDir {
     dir: PathBuf,
-    /// One writer at a time per file (they share a temporary name).
+    /// One writer at a time per file, so that the last to lock is the last
+    /// on disk (each write has a temporary file of its own).
     writing: [Mutex<()>; 3],
 }
 
@@ -244,7 +245,7 @@ impl LocalDir {
     pub(crate) fn open(dir: impl Into<PathBuf>) -> Result<LocalDir, Error> {
         let dir = dir.into();
         if !dir.is_dir() {
-            create_private_dir(&dir).map_err(|e| {
+            mesh_fs::create_private_dir(&dir).map_err(|e| {
                 Error::io(
                     format!("cannot create the data directory {}", dir.display()),
                     e,
@@ -280,8 +281,9 @@ impl LocalDir {
             .writing
             .get(slot)
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
-        write_atomic(&self.dir, name, &bytes)
-            .map_err(|e| Error::io(format!("cannot write {}", self.dir.join(name).display()), e))
+        let path = self.dir.join(name);
+        mesh_fs::write_private_file(&path, &bytes)
+            .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
     }
 }
 
@@ -338,56 +340,6 @@ impl Store for LocalDir {
 /// The format written now (the exporters set it).
 pub(crate) fn format() -> u32 {
     FORMAT
-}
-
-#[cfg(unix)]
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
-#[cfg(not(unix))]
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)
-}
-
-#[cfg(unix)]
-fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-}
-
-#[cfg(not(unix))]
-fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-}
-
-/// Replaces `dir/name` with `bytes` so that a crash at any point leaves the
-/// old or the new content: write a temporary file and fsync it, rename it
-/// over the old one, fsync the directory (the rename itself is durable only
-/// then).
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut file = create_private_file(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, dir.join(name))?;
-    #[cfg(unix)]
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
 }
 
 /// The xDS version counter and its reserved ceiling (see the module docs).

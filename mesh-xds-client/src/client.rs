@@ -35,13 +35,21 @@
 //! the client then waits for a control server as it would without one.
 //!
 //! The task ends when the last [`XdsClient`] clone is dropped: it owns no
-//! handle to itself, only the receiving end of the command channel.
+//! handle to itself (nor does the cache writer it spawns), only the
+//! receiving end of the command channel whose senders live in the handles.
+//! Dropping the last one closes the channel, and the task returns from
+//! whatever it awaits (a connection attempt, a stream, a backoff): its ADS
+//! stream and connection close, the cache writer finishes the write in
+//! hand and stops, and [`XdsClient::changes`] receivers see the end. What
+//! holds a handle keeps the client running while it lives: a
+//! `CsdsService`, mesh-tower's admin endpoint, client stack and
+//! `InboundPolicy::from_xds` (whose follower holds one until the policy's
+//! last clone is dropped); an observer that must not (a metrics collector)
+//! holds a [`WeakXdsClient`] instead.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
-use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -446,148 +454,10 @@ pub fn fnv1a_hex(bytes: &[u8]) -> String {
     format!("{:016x}", hash.finish())
 }
 
-/// Writes `contents` to `path` so that a reader sees the old file or the
-/// new one, never a part, and a crash leaves one of them: a temporary file
-/// in the same directory (mode 0600, created exclusively), written and
-/// fsynced, renamed over `path`, then the directory fsynced so the rename
-/// itself is durable. Missing parent directories are created 0700. What
-/// the caches of this crate and mesh-tower's certificate cache use.
-pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
-    })?;
-    create_private_dir(dir)?;
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(
-        ".{}.{:016x}.tmp",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    let tmp = dir.join(tmp_name);
-    let written = (|| {
-        let mut file = create_private(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
-    sync_dir(dir)
-}
-
-/// Reads a file written by [`write_private_file`]: `Ok(None)` when there
-/// is none. Refuses (an `InvalidData` or `PermissionDenied` error saying
-/// why) what is not a regular file, what is larger than `limit`, and, on
-/// Unix, a file others may write or (where `/proc` tells this process's
-/// user) that another user owns: a cache is trusted config, so one that
-/// someone else could have written is not used.
-pub fn read_private_file(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
-    let meta = match std::fs::metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
-    if !meta.is_file() {
-        return Err(invalid("it is not a regular file".to_owned()));
-    }
-    if meta.len() > limit {
-        return Err(invalid(format!(
-            "it is {} bytes, more than the {limit} a cache may have",
-            meta.len()
-        )));
-    }
-    check_private(&meta)?;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(limit + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > limit {
-        return Err(invalid(format!(
-            "it grew past the {limit} bytes a cache may have while being read"
-        )));
-    }
-    Ok(Some(bytes))
-}
-
-#[cfg(unix)]
-fn check_private(meta: &std::fs::Metadata) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let denied = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
-    let mode = meta.mode() & 0o777;
-    if mode & 0o022 != 0 {
-        return Err(denied(format!(
-            "its mode {mode:o} lets others write it (a cache is written 0600)"
-        )));
-    }
-    // /proc/self belongs to this process's user (Linux).
-    if let Ok(me) = std::fs::metadata("/proc/self")
-        && me.uid() != meta.uid()
-    {
-        return Err(denied(format!(
-            "it belongs to uid {}, not to this process's uid {}",
-            meta.uid(),
-            me.uid()
-        )));
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_private(_meta: &std::fs::Metadata) -> std::io::Result<()> {
-    Ok(())
-}
-
-#[cfg(unix)]
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
-#[cfg(not(unix))]
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)
-}
-
-#[cfg(unix)]
-fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-}
-
-#[cfg(not(unix))]
-fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-}
-
-/// Makes a rename in `dir` durable (Unix: fsync the directory).
-#[cfg(unix)]
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-#[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> std::io::Result<()> {
-    Ok(())
-}
+/// The private, atomic, durable files of the caches (the xDS cache here,
+/// mesh-tower's certificate cache next to it), from mesh-fs: the same code
+/// writes mesh-control's data directory.
+pub use mesh_fs::{read_private_file, write_private_file};
 
 /// What an [`XdsClient`] knows about its cache file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -609,7 +479,10 @@ pub struct CacheStatus {
     pub problem: Option<String>,
 }
 
-/// A handle to the xDS client task. Cheap to clone; the task ends with the last clone.
+/// A handle to the xDS client task. Cheap to clone; the task ends with the
+/// last clone (its ADS stream closes and its cache file is no longer
+/// written). [`XdsClient::downgrade`] gives a handle that does not keep it
+/// running.
 ///
 /// # Static stability
 ///
@@ -635,6 +508,35 @@ pub struct XdsClient {
     inner: Arc<Inner>,
 }
 
+/// A handle that does not keep the client running: what an observer of a
+/// client holds (a metrics collector reading it at scrape time), so that
+/// dropping the application's last [`XdsClient`] still ends the task.
+/// [`WeakXdsClient::upgrade`] gives the client back while it runs.
+#[derive(Clone)]
+pub struct WeakXdsClient {
+    inner: Weak<Inner>,
+}
+
+impl WeakXdsClient {
+    /// The client, while some [`XdsClient`] handle still keeps it running;
+    /// `None` once the last one was dropped (the task has ended or is
+    /// ending).
+    pub fn upgrade(&self) -> Option<XdsClient> {
+        self.inner.upgrade().map(|inner| XdsClient { inner })
+    }
+}
+
+impl std::fmt::Debug for WeakXdsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.upgrade() {
+            Some(client) => f.debug_tuple("WeakXdsClient").field(&client).finish(),
+            None => f.write_str("WeakXdsClient(ended)"),
+        }
+    }
+}
+
+/// What the handles share; the task holds none of it but the receiving end
+/// of `commands`, so dropping the last `Inner` ends the task.
 struct Inner {
     bootstrap: Bootstrap,
     published: Arc<Published>,
@@ -765,6 +667,14 @@ impl XdsClient {
                 subscribed: Mutex::new(subscribed),
                 changes: changes_rx,
             }),
+        }
+    }
+
+    /// A handle that does not keep this client running (see
+    /// [`WeakXdsClient`]).
+    pub fn downgrade(&self) -> WeakXdsClient {
+        WeakXdsClient {
+            inner: Arc::downgrade(&self.inner),
         }
     }
 

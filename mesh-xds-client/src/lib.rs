@@ -42,7 +42,7 @@ pub mod state;
 mod tls;
 
 pub use bootstrap::{Bootstrap, BootstrapBuilder, ChannelTls, XdsServer};
-pub use client::{CacheStatus, ClientOptions, XdsClient};
+pub use client::{CacheStatus, ClientOptions, WeakXdsClient, XdsClient};
 pub use csds::CsdsService;
 pub use error::{Error, ErrorKind};
 
@@ -54,8 +54,9 @@ pub mod cache {
     //! [`cache_file_for`] gives a node's xDS cache file (the environment
     //! variable [`CACHE_ENV_VAR`] over the bootstrap's `proxyless.cache_file`
     //! over [`default_cache_dir`]); [`sibling_file`] the files kept next to
-    //! it; [`write_private_file`] and [`read_private_file`] write atomically
-    //! and durably with mode 0600, and refuse to read what others could have
+    //! it; [`write_private_file`] and [`read_private_file`] (mesh-fs's, the
+    //! code mesh-control's data directory uses too) write atomically and
+    //! durably with mode 0600, and refuse to read what others could have
     //! written. The [`XdsClient`](crate::XdsClient) docs say what the client
     //! does with its cache.
 

@@ -789,10 +789,12 @@ impl MeshMetrics {
     }
 }
 
-/// Reads the state of xDS clients at scrape time.
+/// Reads the state of xDS clients at scrape time. Holds them weakly:
+/// metrics must not keep a client (its ADS stream, its cache writes) alive
+/// after the app dropped its last handle; a dead one leaves the scrape.
 #[derive(Debug, Default)]
 struct XdsCollector {
-    clients: Mutex<Vec<XdsClient>>,
+    clients: Mutex<Vec<mesh_xds_client::WeakXdsClient>>,
 }
 
 const TYPES: [(&str, mesh_core::xds::ResourceType); 4] = [
@@ -804,11 +806,11 @@ const TYPES: [(&str, mesh_core::xds::ResourceType); 4] = [
 
 impl Collector for XdsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let clients: Vec<XdsClient> = {
+            let mut held = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+            held.retain(|weak| weak.upgrade().is_some());
+            held.iter().filter_map(|weak| weak.upgrade()).collect()
+        };
         {
             let mut metric = encoder.encode_descriptor(
                 "proxyless_xds_connected",
@@ -942,14 +944,16 @@ impl MetricsRegistry {
     }
 
     /// Reports `client`'s connection state, applied versions and rejected
-    /// resources on every scrape (`proxyless_xds_*`, labelled by node id).
+    /// resources on every scrape (`proxyless_xds_*`, labelled by node id),
+    /// for as long as the app holds the client: the registry keeps only a
+    /// weak handle, so it never keeps a dropped client running.
     pub fn watch_xds(&self, client: &XdsClient) {
         self.inner
             .xds
             .clients
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(client.clone());
+            .push(client.downgrade());
     }
 
     /// Registers the application's own metrics.

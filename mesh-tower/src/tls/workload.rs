@@ -20,7 +20,8 @@
 //! Static stability: the certificate, its key and the trust bundle are kept
 //! in a cache file next to the xDS cache (the same directory and per-node
 //! name, extension `.svid`: see `mesh_xds_client::cache`), written 0600,
-//! fsynced and renamed into place after every issue. At start, when
+//! fsynced and renamed into place after every issue (`mesh_fs`, as the
+//! xDS cache is). At start, when
 //! mesh-control's CA cannot be reached (or has not answered within 1 s), a
 //! cached certificate that is valid for at least another minute is used,
 //! with a WARN, and a new one is asked for in the background right away
@@ -703,7 +704,7 @@ fn decode_cached(bytes: &[u8], token: &str, now: SystemTime) -> Result<CertStore
 async fn load_cached_certificate(path: &Path, token: &str) -> Option<CertStore> {
     let (file, token_owned) = (path.to_path_buf(), token.to_owned());
     let read = tokio::task::spawn_blocking(move || {
-        let bytes = mesh_xds_client::cache::read_private_file(&file, CERT_CACHE_MAX_BYTES)
+        let bytes = mesh_fs::read_private_file(&file, CERT_CACHE_MAX_BYTES)
             .map_err(|e| NotUsed::Unusable(format!("cannot read it: {e}")))?;
         match bytes {
             None => Ok(None),
@@ -736,11 +737,9 @@ async fn load_cached_certificate(path: &Path, token: &str) -> Option<CertStore> 
 async fn save_certificate(path: PathBuf, token: &str, pem: CertificatePem) {
     let bytes = encode_cached(token, &pem, SystemTime::now());
     let file = path.clone();
-    let written = tokio::task::spawn_blocking(move || {
-        mesh_xds_client::cache::write_private_file(&file, &bytes)
-    })
-    .await
-    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    let written = tokio::task::spawn_blocking(move || mesh_fs::write_private_file(&file, &bytes))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
     if let Err(e) = written {
         tracing::warn!(
             "cannot write the workload certificate cache {}: {e}",
