@@ -44,15 +44,15 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use proxyless::core::Snapshot;
-use proxyless::core::lb::EndpointSet;
-use proxyless::core::model::{
+use proxyless::layers::{MeshBody, StaticSource};
+use proxyless::mesh_core::Snapshot;
+use proxyless::mesh_core::lb::EndpointSet;
+use proxyless::mesh_core::model::{
     Cluster, ClusterLoadAssignment, Endpoint, HeaderMatch, LbPolicy, Listener, Locality,
     LocalityEndpoints, PathMatch, Pattern, Protocol, RetryPolicy, Route, RouteConfig, RouteMatch,
     RoutePolicy, ValueMatch, VirtualHost, WeightedCluster, WeightedClusters,
 };
-use proxyless::core::route::RequestView;
-use proxyless::layers::{MeshBody, StaticSource};
+use proxyless::mesh_core::route::RequestView;
 use proxyless::{MeshLayer, ServerContext, ServerLayer};
 use tower::{Layer, Service, ServiceExt};
 
@@ -287,10 +287,12 @@ fn lb_pick(c: &mut Criterion) {
 }
 
 fn resilience(c: &mut Criterion) {
-    use proxyless::core::breaker::CircuitBreaker;
-    use proxyless::core::model::{CircuitBreakers, OutlierDetection, RetryBudget, RetryPolicy};
-    use proxyless::core::outlier::{OutlierDetector, ResultClass};
-    use proxyless::core::retry::{Outcome, RetryLimiter, retry_reason};
+    use proxyless::mesh_core::breaker::CircuitBreaker;
+    use proxyless::mesh_core::model::{
+        CircuitBreakers, OutlierDetection, RetryBudget, RetryPolicy,
+    };
+    use proxyless::mesh_core::outlier::{OutlierDetector, ResultClass};
+    use proxyless::mesh_core::retry::{Outcome, RetryLimiter, retry_reason};
 
     let mut group = c.benchmark_group("resilience_per_call");
     let limits = CircuitBreakers {
@@ -298,7 +300,7 @@ fn resilience(c: &mut Criterion) {
         max_pending_requests: 1024,
         max_retries: 3,
         retry_budget: Some(RetryBudget {
-            budget: proxyless::core::model::Fraction::from_per_million(200_000),
+            budget: proxyless::mesh_core::model::Fraction::from_per_million(200_000),
             min_retry_concurrency: 3,
         }),
         ..CircuitBreakers::default()
@@ -554,8 +556,8 @@ where
 /// The AuthorizationPolicies of the `server_authorization` rows: `one` ALLOW for
 /// the client's principal, or ten (five DENY that do not match the bench request,
 /// then five ALLOW of which only the last matches).
-fn authorization_policies(ten: bool) -> Vec<proxyless::core::rbac::AuthorizationPolicy> {
-    use proxyless::core::rbac::{
+fn authorization_policies(ten: bool) -> Vec<proxyless::mesh_core::rbac::AuthorizationPolicy> {
+    use proxyless::mesh_core::rbac::{
         Action, AuthorizationPolicy, Condition, Operation, Rule, Source, StringMatch,
     };
     let s = |v: &str| StringMatch::parse(v).expect("string match");
@@ -692,8 +694,8 @@ fn authorization_policies(ten: bool) -> Vec<proxyless::core::rbac::Authorization
 
 fn server_authorization(c: &mut Criterion) {
     use proxyless::InboundPolicy;
-    use proxyless::core::model::MtlsMode;
-    use proxyless::core::spiffe::SpiffeId;
+    use proxyless::mesh_core::model::MtlsMode;
+    use proxyless::mesh_core::spiffe::SpiffeId;
     let rt = runtime();
     let uri: Uri = "http://svc/items".parse().expect("uri");
     let peer = |sa: &str| {
@@ -744,7 +746,7 @@ struct HandshakeCerts {
 
 fn handshake_certs() -> HandshakeCerts {
     use proxyless::control::ca::CertificateAuthority;
-    use proxyless::core::spiffe::SpiffeId;
+    use proxyless::mesh_core::spiffe::SpiffeId;
     let ca = CertificateAuthority::builder("cluster.local")
         .build()
         .expect("CA");
@@ -763,10 +765,10 @@ fn handshake_certs() -> HandshakeCerts {
 }
 
 fn mtls_handshake(c: &mut Criterion) {
-    use proxyless::core::spiffe::SpiffeId;
     use proxyless::layers::tls::{
         ALPN_H2_HTTP11, CertStore, Credentials, MeshAcceptor, MeshConnector, ServerIdentities,
     };
+    use proxyless::mesh_core::spiffe::SpiffeId;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 

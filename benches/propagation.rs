@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use proxyless::core::Snapshot;
+use proxyless::mesh_core::Snapshot;
 use proxyless::{Bootstrap, XdsClient};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};

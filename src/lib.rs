@@ -28,8 +28,10 @@
 //!   given a registry (which needs `telemetry`).
 //!
 //! The four crates are re-exported whole for custom stacks:
-//! [`core`] (model, matching, balancing, xDS conversion), [`xds`] (the ADS
-//! client and bootstrap), [`layers`] (the tower layers) and [`control`].
+//! [`mesh_core`] (model, matching, balancing, xDS conversion; under its own
+//! name so that `use proxyless::*` does not shadow Rust's `core`), [`xds`]
+//! (the ADS client and bootstrap), [`layers`] (the tower layers) and
+//! [`control`].
 //!
 //! # Features, with links to the API
 //!
@@ -55,7 +57,7 @@
 
 #[cfg(feature = "control")]
 pub use mesh_control as control;
-pub use mesh_core as core;
+pub use mesh_core;
 pub use mesh_tower as layers;
 pub use mesh_xds_client as xds;
 

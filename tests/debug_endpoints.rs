@@ -18,8 +18,8 @@ use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service
 use envoy_types::pb::envoy::service::status::v3::{ClientConfig, ClientStatusRequest};
 use envoy_types::pb::envoy::r#type::matcher::v3::{NodeMatcher, StringMatcher, string_matcher};
 use mesh_control::ServerHandle;
-use proxyless::core::xds::{self, ResourceType};
 use proxyless::layers::telemetry::MetricsRegistry;
+use proxyless::mesh_core::xds::{self, ResourceType};
 use proxyless::{AdminEndpoints, Bootstrap, XdsClient, serve_admin};
 use serde_json::{Value, json};
 use support::admin::admin_request;

@@ -249,10 +249,10 @@ async fn status_tells_grpc_servers_ignore_the_dry_run_policy() {
         .user_agent("gRPC Go")
         .build();
     let mut ads = AdsClient::connect(control.xds_addr(), node).await;
-    ads.subscribe(proxyless::core::xds::LISTENER_TYPE, &[server_name])
+    ads.subscribe(proxyless::mesh_core::xds::LISTENER_TYPE, &[server_name])
         .await;
     let response = ads.recv().await;
-    let served = proxyless::core::xds::decode_server_listener(&response.resources[0])
+    let served = proxyless::mesh_core::xds::decode_server_listener(&response.resources[0])
         .expect("a server listener");
     assert!(
         served

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use mesh_control::ServerHandle;
 use prost::Message;
-use proxyless::core::xds;
+use proxyless::mesh_core::xds;
 use proxyless::{Bootstrap, Client, Registration, Serving, XdsClient};
 use support::shop::payment_client::PaymentClient;
 use support::shop::{PayRequest, StreamRequest};

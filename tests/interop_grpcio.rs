@@ -38,7 +38,7 @@ use std::time::Duration;
 use mesh_control::ServerHandle;
 use mesh_control::ca::{CertificateAuthority, JoinTokens};
 use proxyless::control::BootstrapSpec;
-use proxyless::core::model::Protocol;
+use proxyless::mesh_core::model::Protocol;
 use proxyless::{
     Bootstrap, InboundPolicy, PeerIdentity, Registration, Security, ServerLayer, Serving,
     WorkloadCertificates, XdsClient,

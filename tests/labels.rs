@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use mesh_control::ServerHandle;
 use proxyless::control::BootstrapSpec;
-use proxyless::core::model::MtlsMode;
+use proxyless::mesh_core::model::MtlsMode;
 use proxyless::{Bootstrap, Client, InboundPolicy, Registration, ServerLayer, Serving, XdsClient};
 use support::admin::admin_request;
 use support::eventually_named;

@@ -106,7 +106,7 @@ impl Mesh {
     }
 
     /// The first route of `service`'s route config (port `port`), as the client has it.
-    fn route(&self, service: &str, port: u16) -> proxyless::core::model::Route {
+    fn route(&self, service: &str, port: u16) -> proxyless::mesh_core::model::Route {
         let snapshot = self.xds.snapshot();
         let name = route_config_name(service, port);
         let rc = snapshot
@@ -121,7 +121,7 @@ impl Mesh {
     }
 
     /// `service`'s whole-service cluster (port `port`), as the client has it.
-    fn cluster(&self, service: &str, port: u16) -> proxyless::core::model::Cluster {
+    fn cluster(&self, service: &str, port: u16) -> proxyless::mesh_core::model::Cluster {
         let name = cluster_name(service, port);
         self.xds
             .snapshot()
@@ -675,7 +675,7 @@ async fn retries_hide_an_endpoint_that_always_fails() {
     assert!(
         retry
             .retry_on
-            .contains(proxyless::core::model::RetryOn::FIVE_XX),
+            .contains(proxyless::mesh_core::model::RetryOn::FIVE_XX),
         "{retry:?}"
     );
 
@@ -728,7 +728,7 @@ async fn retries_of_a_flaky_endpoint_succeed_one_minus_half_to_the_fourth() {
     assert!(
         retry
             .retry_on
-            .contains(proxyless::core::model::RetryOn::FIVE_XX),
+            .contains(proxyless::mesh_core::model::RetryOn::FIVE_XX),
         "{retry:?}"
     );
 
@@ -1604,7 +1604,7 @@ async fn consistent_hash_keeps_keys_and_moves_few_when_an_endpoint_joins() {
     assert!(
         matches!(
             mesh.cluster("sessions", 80).lb_policy,
-            proxyless::core::model::LbPolicy::RingHash { .. }
+            proxyless::mesh_core::model::LbPolicy::RingHash { .. }
         ),
         "the cluster is not ring hash"
     );

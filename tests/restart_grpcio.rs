@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use mesh_testkit::wait::eventually_ok_async;
-use proxyless::core::model::Protocol;
+use proxyless::mesh_core::model::Protocol;
 use proxyless::xds::ClientOptions;
 use proxyless::{Bootstrap, Client, Registration, Serving, XdsClient};
 use support::admin::admin_request;

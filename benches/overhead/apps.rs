@@ -20,8 +20,8 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use proxyless::core::model::{MtlsMode, Protocol};
 use proxyless::layers::telemetry::{ClientTelemetry, Identity, MetricsRegistry, Telemetry};
+use proxyless::mesh_core::model::{MtlsMode, Protocol};
 use proxyless::{
     Bootstrap, InboundPolicy, Registration, Security, ServerContext, ServerLayer,
     WorkloadCertificates, XdsClient,

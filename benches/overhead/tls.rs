@@ -25,7 +25,7 @@ use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use proxyless::control::ca::{CertificateAuthority, JoinTokens};
-use proxyless::core::spiffe::SpiffeId;
+use proxyless::mesh_core::spiffe::SpiffeId;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};

@@ -75,7 +75,9 @@ use crate::ca::TokenRefusal;
 use crate::ca::serving::PeerInfo;
 use crate::config::Workload;
 use crate::registry::Registered;
-use crate::state::{ClientStatus, NackInfo, NodeWorkload, Served, Shared, TypeStatus};
+use crate::state::{
+    ClientStatus, DeletedKept, NackInfo, NodeWorkload, Served, Shared, TypeStatus, type_index,
+};
 
 /// The tonic service; cheap to clone.
 #[derive(Clone)]
@@ -327,15 +329,6 @@ const TYPES: [ResourceType; 4] = [
     ResourceType::Endpoints,
 ];
 
-fn index(t: ResourceType) -> usize {
-    match t {
-        ResourceType::Listener => 0,
-        ResourceType::RouteConfig => 1,
-        ResourceType::Cluster => 2,
-        ResourceType::Endpoints => 3,
-    }
-}
-
 impl AdsStream {
     fn new(
         id: u64,
@@ -387,7 +380,7 @@ impl AdsStream {
                     }
                     let served = served_rx.borrow_and_update().clone();
                     for t in TYPES {
-                        if self.types[index(t)].subscribed {
+                        if self.types[type_index(t)].subscribed {
                             self.push(t, &served, false).await?;
                         }
                     }
@@ -421,7 +414,7 @@ impl AdsStream {
             tracing::warn!(client = self.id, type_url = %req.type_url, "request for a type this server does not serve");
             return Ok(());
         };
-        let i = index(t);
+        let i = type_index(t);
         let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
         let names_changed = !self.types[i].subscribed || names != self.types[i].names;
         if !req.response_nonce.is_empty() && req.response_nonce == self.types[i].nonce {
@@ -506,7 +499,7 @@ impl AdsStream {
             ..ClientStatus::default()
         });
         let ts = status.types.entry(t.short_name().to_string()).or_default();
-        f(ts, &self.types[index(t)]);
+        f(ts, &self.types[type_index(t)]);
     }
 
     /// Sends type `t` if what this client subscribed to differs from what it
@@ -515,7 +508,7 @@ impl AdsStream {
     async fn push(&mut self, t: ResourceType, served: &Served, force: bool) -> Result<(), Status> {
         let resources = self.resources_for(t, served);
         let resource_errors = self.missing(t, &resources, served);
-        let i = index(t);
+        let i = type_index(t);
         if !force && self.types[i].sent.as_ref() == Some(&resources) {
             return Ok(());
         }
@@ -568,7 +561,7 @@ impl AdsStream {
         if !tracks_deletions(t) {
             return;
         }
-        let ts = &mut self.types[index(t)];
+        let ts = &mut self.types[type_index(t)];
         let Some(pos) = ts.recent.iter().position(|(n, _)| n == nonce) else {
             return;
         };
@@ -597,7 +590,7 @@ impl AdsStream {
             sent_names,
             sent_version,
             ..
-        } = &mut self.types[index(t)];
+        } = &mut self.types[type_index(t)];
         held.retain(|n| names.contains(n) || (names.is_empty() && !grpc));
         deleted.retain(|n, _| held.contains(n) && !sent_names.contains(n));
         for n in held.iter().filter(|n| !sent_names.contains(*n)) {
@@ -609,7 +602,7 @@ impl AdsStream {
             .into_iter()
             .filter(|t| tracks_deletions(*t))
             .flat_map(|t| {
-                self.types[index(t)]
+                self.types[type_index(t)]
                     .deleted
                     .iter()
                     .map(move |(name, version)| DeletedKept {
@@ -628,7 +621,7 @@ impl AdsStream {
     /// 15 s timer. With `resource_errors` (xDS TP3, gRFC A88) it fails at once;
     /// clients that do not read the field ignore it.
     fn missing(&self, t: ResourceType, resources: &[Any], served: &Served) -> Vec<ResourceError> {
-        let names = &self.types[index(t)].names;
+        let names = &self.types[type_index(t)].names;
         if names.is_empty() {
             return Vec::new();
         }
@@ -664,7 +657,7 @@ impl AdsStream {
     }
 
     fn resources_for(&self, t: ResourceType, served: &Served) -> Vec<Any> {
-        let i = index(t);
+        let i = type_index(t);
         let all = &served.resources[i];
         let names = &self.types[i].names;
         if names.is_empty() {
@@ -726,20 +719,6 @@ impl AdsStream {
 /// deletion (gRFC A53 ignores deletions of these).
 fn tracks_deletions(t: ResourceType) -> bool {
     matches!(t, ResourceType::Listener | ResourceType::Cluster)
-}
-
-/// A listener or cluster a client was sent and accepted that the server
-/// has since deleted (a SotW response without it) while the client still
-/// subscribes to it. A client that honors deletions dropped it; a gRPC
-/// client running with `ignore_resource_deletion` (gRFC A53) or with
-/// gRFC A88's data error handling keeps using it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct DeletedKept {
-    /// `LDS` or `CDS`.
-    pub(crate) type_name: &'static str,
-    pub(crate) name: String,
-    /// The version of the first response without it.
-    pub(crate) deleted_at_version: String,
 }
 
 /// Records what [`DeletedKept`] client `client` holds, in its status.
@@ -861,28 +840,6 @@ pub(crate) fn listening_address(name: &str) -> Option<SocketAddr> {
     let rest = name.get(start..)?;
     let value = rest.split('&').next().unwrap_or(rest);
     value.parse().ok()
-}
-
-/// Encodes every resource of a snapshot, by type and name.
-pub(crate) fn encode_all(snapshot: &mesh_core::Snapshot) -> [BTreeMap<String, Any>; 4] {
-    let mut out: [BTreeMap<String, Any>; 4] = Default::default();
-    for (name, l) in &snapshot.listeners {
-        out[0].insert(name.to_string(), xds::encode_listener(l));
-    }
-    for (name, rc) in &snapshot.route_configs {
-        out[1].insert(name.to_string(), xds::encode_route_config(rc));
-    }
-    for (name, c) in &snapshot.clusters {
-        out[2].insert(name.to_string(), xds::encode_cluster(c));
-    }
-    for (name, e) in &snapshot.endpoints {
-        out[3].insert(name.to_string(), xds::encode_endpoints(e));
-    }
-    out
-}
-
-pub(crate) fn type_index(t: ResourceType) -> usize {
-    index(t)
 }
 
 #[cfg(test)]

@@ -28,11 +28,9 @@ use std::time::{Duration, Instant, SystemTime};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::value::Kind;
 use mesh_core::Snapshot;
-use mesh_core::xds::Any;
-use mesh_core::xds::ResourceType;
+use mesh_core::xds::{self, Any, ResourceType};
 use tokio::sync::watch;
 
-use crate::ads::{encode_all, type_index};
 use crate::ca::CertificateAuthority;
 use crate::config::{ConfigChanges, ConfigStore, Diagnostic, Rejection, SecurityPolicies};
 use crate::metrics::Counters;
@@ -165,7 +163,21 @@ pub(crate) struct ClientStatus {
     pub(crate) types: BTreeMap<String, TypeStatus>,
     /// Listeners and clusters it accepted that were deleted since, while it
     /// still subscribes to them (`/status` shows them for gRPC clients).
-    pub(crate) deleted_but_kept: Vec<crate::ads::DeletedKept>,
+    pub(crate) deleted_but_kept: Vec<DeletedKept>,
+}
+
+/// A listener or cluster a client was sent and accepted that the server
+/// has since deleted (a SotW response without it) while the client still
+/// subscribes to it. A client that honors deletions dropped it; a gRPC
+/// client running with `ignore_resource_deletion` (gRFC A53) or with
+/// gRFC A88's data error handling keeps using it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeletedKept {
+    /// `LDS` or `CDS`.
+    pub(crate) type_name: &'static str,
+    pub(crate) name: String,
+    /// The version of the first response without it.
+    pub(crate) deleted_at_version: String,
 }
 
 /// Per client and type: versions sent and acknowledged, the last NACK.
@@ -619,6 +631,35 @@ impl Shared {
         let ticket = self.lease_requested.fetch_add(1, Ordering::SeqCst) + 1;
         let shared = self.clone();
         let _ = tokio::task::spawn_blocking(move || shared.write_leases_covering(ticket)).await;
+    }
+}
+
+/// Encodes every resource of a snapshot, by type and name.
+pub(crate) fn encode_all(snapshot: &mesh_core::Snapshot) -> [BTreeMap<String, Any>; 4] {
+    let mut out: [BTreeMap<String, Any>; 4] = Default::default();
+    for (name, l) in &snapshot.listeners {
+        out[0].insert(name.to_string(), xds::encode_listener(l));
+    }
+    for (name, rc) in &snapshot.route_configs {
+        out[1].insert(name.to_string(), xds::encode_route_config(rc));
+    }
+    for (name, c) in &snapshot.clusters {
+        out[2].insert(name.to_string(), xds::encode_cluster(c));
+    }
+    for (name, e) in &snapshot.endpoints {
+        out[3].insert(name.to_string(), xds::encode_endpoints(e));
+    }
+    out
+}
+
+/// The position of resource type `t` in the per-type arrays: those of
+/// [`encode_all`], and an ADS stream's per-type state.
+pub(crate) fn type_index(t: ResourceType) -> usize {
+    match t {
+        ResourceType::Listener => 0,
+        ResourceType::RouteConfig => 1,
+        ResourceType::Cluster => 2,
+        ResourceType::Endpoints => 3,
     }
 }
 

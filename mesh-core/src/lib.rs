@@ -19,6 +19,7 @@ mod error;
 pub mod fault;
 pub mod lb;
 pub mod model;
+mod name;
 pub mod outlier;
 pub mod rbac;
 #[cfg(feature = "xds")]

@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use crate::Error;
 
-/// A shared, immutable string: names are cloned into many places of a snapshot.
-pub type Name = Arc<str>;
+// Defined below the model, since `rbac` (which the model's server listener
+// holds) names things too; re-exported here, where it has always been.
+pub use crate::name::Name;
 
 /// A listener: one name an application dials (`catalog`, `catalog:8080`,
 /// `catalog.shop.svc.cluster.local:8080`) and the route table that serves it.

@@ -39,7 +39,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::Error;
-use crate::model::Name;
+use crate::name::Name;
 use crate::spiffe::SpiffeId;
 
 /// What a policy does with the requests it matches.

@@ -77,6 +77,7 @@ pub mod admin;
 mod balance;
 mod body;
 mod client;
+mod connection;
 pub mod deadline;
 mod error;
 mod grpc;

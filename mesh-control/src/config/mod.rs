@@ -147,6 +147,7 @@
 
 mod auth;
 mod last_good;
+mod names;
 mod policy;
 mod resources;
 mod security;
@@ -155,7 +156,7 @@ mod yaml;
 
 pub use security::{SecurityPolicies, Workload};
 
-pub(crate) use translate::resolve_host;
+pub(crate) use names::resolve_host;
 pub(crate) use yaml::{Look, parse_documents};
 
 #[cfg(test)]

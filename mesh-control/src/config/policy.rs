@@ -70,7 +70,6 @@ use mesh_core::model::{
 use mesh_core::spiffe::SpiffeId;
 use saphyr::{Scalar, YamlData};
 
-use super::resources::is_header_name_byte;
 use super::yaml::{Field, Fields, Sink};
 
 // ------------------------------------------------------------------ durations
@@ -1282,6 +1281,14 @@ fn parse_retry_budget(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<R
         budget: budget?,
         min_retry_concurrency: min_retry_concurrency?,
     })
+}
+
+/// RFC 9110 token characters (`tchar`), plus `:` for pseudo-headers.
+///
+/// Here, below `resources` (which checks route header matches with it too),
+/// so that imports run one way.
+pub(crate) fn is_header_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:".contains(&b)
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use mesh_core::spiffe::SpiffeId;
 
 use super::Diagnostic;
 use super::auth;
-use super::policy::{self, TrafficPolicy};
+use super::policy::{self, TrafficPolicy, is_header_name_byte};
 use super::yaml::{Field, Fields, Look, Node, Sink, Spanned, join, line_of};
 
 /// The API versions accepted for the networking kinds (Istio serves the same schema under each).
@@ -743,11 +743,6 @@ fn parse_match(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<HttpM
         query_params,
         port,
     })
-}
-
-/// RFC 9110 token characters (`tchar`), plus `:` for pseudo-headers.
-pub(crate) fn is_header_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:".contains(&b)
 }
 
 /// Istio's `StringMatch`: one of `exact`, `prefix`, `regex`. An empty mapping

@@ -58,8 +58,8 @@ use mesh_core::model::{MtlsMode, ServerListener};
 use mesh_core::rbac::{Action, AuthorizationPolicy};
 use mesh_core::spiffe::SpiffeId;
 
+use super::names::{cluster_local, resolve_host};
 use super::resources::{Meta, Resource, Spec};
-use super::translate::{cluster_local, resolve_host};
 use super::{Diagnostic, MeshOptions, Registration};
 
 /// Labels by key.

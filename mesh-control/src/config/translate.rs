@@ -32,31 +32,13 @@ use mesh_core::model::{
 };
 use mesh_core::spiffe::SpiffeId;
 
+use super::names::{cluster_local, resolve_host};
 use super::policy::{ClientTls, ClientTlsMode, TrafficPolicy};
 use super::resources::{
     DestinationRule, Meta, Resource, ResourceKey, Spec, VirtualService, Workload,
 };
 use super::security::{self, Identities, SecurityPolicies};
 use super::{Diagnostic, MeshOptions, Registration, ServiceInfo};
-
-/// The host a name stands for, seen from `namespace`: no dot →
-/// `<host>.<namespace>.<suffix>`; one dot (`<name>.<ns>`) → `<host>.<suffix>`;
-/// otherwise the name as is (Istio's short-name rule).
-pub(crate) fn resolve_host(host: &str, namespace: &str, suffix: &str) -> String {
-    let host = host.to_ascii_lowercase();
-    match host.matches('.').count() {
-        0 => format!("{host}.{namespace}.{suffix}"),
-        1 => format!("{host}.{suffix}"),
-        _ => host,
-    }
-}
-
-/// `(name, namespace)` of a `<name>.<ns>.<suffix>` host.
-pub(crate) fn cluster_local<'h>(fqdn: &'h str, suffix: &str) -> Option<(&'h str, &'h str)> {
-    let rest = fqdn.strip_suffix(suffix)?.strip_suffix('.')?;
-    let (name, ns) = rest.split_once('.')?;
-    (!name.is_empty() && !ns.is_empty() && !ns.contains('.')).then_some((name, ns))
-}
 
 /// The cluster name of a service port or one of its subsets.
 pub(crate) fn cluster_name(port: u16, subset: &str, fqdn: &str) -> String {

@@ -16,6 +16,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use prost::Name as _;
 
+use super::route_policy::{FAULT_FILTER_NAME, fault_from_proto};
 use super::{
     Any, At, Decoded, FieldError, ResourceType, ads_config_source, check_config_source, missing,
     named, pack, required_name, type_name, unpack,
@@ -25,9 +26,6 @@ use crate::model::Listener;
 
 /// The router filter's conventional name (gRPC identifies it by type URL).
 pub(crate) const ROUTER_FILTER_NAME: &str = "envoy.filters.http.router";
-/// The fault filter's name, which is also the key of a route's fault in
-/// `typed_per_filter_config` (per-route configs are keyed by filter name).
-pub(crate) const FAULT_FILTER_NAME: &str = "envoy.filters.http.fault";
 
 /// The proto for a listener.
 pub fn listener_to_proto(listener: &Listener) -> ListenerProto {
@@ -181,7 +179,7 @@ fn check_fault_filter(f: &HttpFilter) -> Decoded<()> {
         return Err(missing("typed_config"));
     };
     let fault: HttpFault = unpack(any).at("typed_config")?;
-    let policy = super::route_policy::fault_from_proto(&fault).at("typed_config")?;
+    let policy = fault_from_proto(&fault).at("typed_config")?;
     if policy.delay.is_some() || policy.abort.is_some() {
         return Err(FieldError::unsupported(
             "listener-wide fault injection is not supported: put the fault in the route's \

@@ -46,7 +46,6 @@ use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3
 use envoy_types::pb::google::protobuf::{Duration as DurationProto, UInt32Value};
 use prost::Name as _;
 
-use super::listener::FAULT_FILTER_NAME;
 use super::{
     Any, At, Decoded, FieldError, duration_to_proto, fraction_from_proto, fraction_to_proto,
     missing, opt_duration, pack, positive_duration, reject_if, required_name, type_name, unpack,
@@ -55,6 +54,10 @@ use crate::model::{
     AbortStatus, FaultAbort, FaultDelay, FaultPolicy, Fraction, HashPolicy, Name, RetryOn,
     RetryPolicy, RoutePolicy,
 };
+
+/// The fault filter's name, which is also the key of a route's fault in
+/// `typed_per_filter_config` (per-route configs are keyed by filter name).
+pub(crate) const FAULT_FILTER_NAME: &str = "envoy.filters.http.fault";
 
 /// Istio's retry host predicate: prefer hosts not tried yet.
 const PREVIOUS_HOSTS_NAME: &str = "envoy.retry_host_predicates.previous_hosts";

@@ -115,17 +115,13 @@ mod future;
 mod layer;
 mod service;
 
-use std::net::SocketAddr;
-
-use mesh_core::model::{Name, Protocol};
-
-use crate::pool::ClusterConnections;
-
 pub(crate) use self::attempt::Finish;
 pub use self::future::ResponseFuture;
 pub use self::layer::MeshLayer;
 pub use self::service::Mesh;
-pub(crate) use self::service::ensure_authority_in_uri;
+// Defined with the pool, the layer below that dials it; re-exported here,
+// where the mesh layer sets it.
+pub use crate::pool::TargetEndpoint;
 
 /// The header that numbers the attempts of a request (1 for the first),
 /// as Envoy's `include_request_attempt_count` sends it.
@@ -135,92 +131,3 @@ pub const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
 /// `&str` would parse and validate the name on every request.
 pub(crate) const ATTEMPT_COUNT_NAME: http::HeaderName =
     http::HeaderName::from_static(ATTEMPT_COUNT);
-
-/// Where the mesh decided a request goes: a request extension set by
-/// [`Mesh`] for the services under it (the connection pool dials it;
-/// telemetry can read it).
-///
-/// Two targets are equal when they name the same address, protocol and
-/// cluster.
-#[derive(Clone)]
-pub struct TargetEndpoint {
-    addr: SocketAddr,
-    protocol: Protocol,
-    cluster: Name,
-    /// The cluster's connection limits and settings for the pool, carried
-    /// here rather than in an extension of their own (one extension insert
-    /// and lookup per request instead of two). `None` when built with
-    /// [`TargetEndpoint::new`]: the pool's defaults, plaintext.
-    connections: Option<ClusterConnections>,
-}
-
-impl TargetEndpoint {
-    /// An endpoint `addr` of `cluster`, spoken to with `protocol`.
-    pub fn new(addr: SocketAddr, protocol: Protocol, cluster: impl Into<Name>) -> Self {
-        TargetEndpoint {
-            addr,
-            protocol,
-            cluster: cluster.into(),
-            connections: None,
-        }
-    }
-
-    /// The target the mesh layer sets: with its cluster's connection
-    /// settings for the pool.
-    pub(crate) fn with_connections(
-        addr: SocketAddr,
-        protocol: Protocol,
-        cluster: Name,
-        connections: ClusterConnections,
-    ) -> Self {
-        TargetEndpoint {
-            addr,
-            protocol,
-            cluster,
-            connections: Some(connections),
-        }
-    }
-
-    /// The cluster's connection limits and settings, when the mesh layer
-    /// set them.
-    pub(crate) fn connections(&self) -> Option<&ClusterConnections> {
-        self.connections.as_ref()
-    }
-
-    /// The endpoint's address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// The protocol of the cluster.
-    pub fn protocol(&self) -> Protocol {
-        self.protocol
-    }
-
-    /// The cluster name (`outbound|8080|v1|catalog.shop.svc.cluster.local`).
-    pub fn cluster(&self) -> &str {
-        &self.cluster
-    }
-
-    pub(crate) fn cluster_name(&self) -> &Name {
-        &self.cluster
-    }
-}
-
-impl PartialEq for TargetEndpoint {
-    fn eq(&self, other: &Self) -> bool {
-        self.addr == other.addr && self.protocol == other.protocol && self.cluster == other.cluster
-    }
-}
-
-impl Eq for TargetEndpoint {}
-
-impl std::fmt::Debug for TargetEndpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TargetEndpoint")
-            .field("addr", &self.addr)
-            .field("protocol", &self.protocol)
-            .field("cluster", &self.cluster)
-            .finish()
-    }
-}

@@ -27,10 +27,11 @@ use super::future::ResponseFuture;
 use super::{ATTEMPT_COUNT_NAME, MeshLayer, TargetEndpoint};
 use crate::balance::{ActiveGuard, ClusterState, ClusterStates};
 use crate::body::{BodyTimeout, MeshBody, Prepared, ResponseBody, prepare};
+use crate::connection::ConnectionInfo;
 use crate::deadline::{Deadline, grpc_timeout_header, write_timeout_header};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::local_reply::{LocalReply, is_grpc};
-use crate::serve::ConnectionInfo;
+use crate::pool::{ensure_authority_in_uri, no_authority};
 use crate::source::ConfigSource;
 use crate::stats::MeshStats;
 use crate::telemetry::{BreakerLimit, DecisionRecord, ResponseFlags, RetryRefusal};
@@ -896,14 +897,6 @@ fn is_not_found(e: &(dyn std::error::Error + 'static)) -> bool {
         .is_some_and(|e| e.kind() == mesh_xds_client::ErrorKind::NotFound)
 }
 
-fn no_authority() -> Error {
-    Error::new(
-        ErrorKind::InvalidRequest,
-        "the request names no service: call `http://<service>/<path>` (with tonic, build the \
-         client with `with_origin(client, \"http://<service>\".parse()?)`)",
-    )
-}
-
 fn not_found(authority: &str) -> Error {
     Error::new(
         ErrorKind::NotFound,
@@ -945,28 +938,6 @@ fn rewrite_to_endpoint<B>(req: &mut Request<B>, endpoint: Authority) -> Result<(
     parts.path_and_query = Some(path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/")));
     *req.uri_mut() = Uri::from_parts(parts).map_err(|e| {
         Error::new(ErrorKind::InvalidRequest, "cannot rewrite the URI").with_source(e)
-    })?;
-    Ok(())
-}
-
-/// A request addressed by `Host` only gets `http://<host>` in its URI, so
-/// HTTP/2 sends it as `:authority`.
-pub(crate) fn ensure_authority_in_uri<B>(req: &mut Request<B>) -> Result<(), Error> {
-    if req.uri().authority().is_some() {
-        return Ok(());
-    }
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-        .ok_or_else(no_authority)?;
-    let Parts { path_and_query, .. } = std::mem::take(req.uri_mut()).into_parts();
-    let mut parts = Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(host);
-    parts.path_and_query = Some(path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/")));
-    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| {
-        Error::new(ErrorKind::InvalidRequest, "cannot rebuild the URI").with_source(e)
     })?;
     Ok(())
 }

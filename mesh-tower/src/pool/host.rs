@@ -19,9 +19,8 @@ use tokio::sync::Notify;
 use tokio_rustls::client::TlsStream;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{ClusterTls, ConnectionPolicy, Connector, PoolConfig};
+use super::{ClusterTls, ConnectionPolicy, Connector, PoolConfig, TargetEndpoint};
 use crate::error::{BoxError, Error, ErrorKind};
-use crate::mesh::TargetEndpoint;
 
 /// How many HTTP/1.1 connections a request tries when they turn out to be
 /// closed before taking it.
@@ -743,7 +742,7 @@ fn upstream(target: &TargetEndpoint, e: hyper::Error) -> Error {
 /// HTTP/2: the URI carries `:scheme` and `:authority`; a `Host` header
 /// would repeat the authority, so it is dropped.
 fn prepare_http2<B>(req: &mut Request<B>) -> Result<(), Error> {
-    crate::mesh::ensure_authority_in_uri(req)?;
+    super::ensure_authority_in_uri(req)?;
     req.headers_mut().remove(HOST);
     *req.version_mut() = Version::HTTP_2;
     Ok(())

@@ -63,6 +63,7 @@
 //! The response future is boxed, as hyper-util's `Client`'s is.
 
 mod host;
+mod target;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -75,7 +76,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Request, Response};
+use http::header::HOST;
+use http::uri::{Authority, Parts, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use mesh_core::breaker::CircuitBreaker;
 use mesh_core::model::{
@@ -84,8 +87,8 @@ use mesh_core::model::{
 use tower::Service;
 
 use self::host::Host;
+pub use self::target::TargetEndpoint;
 use crate::error::{BoxError, Error, ErrorKind};
-use crate::mesh::TargetEndpoint;
 use crate::tls::{CertStore, FileTlsConnector, MeshConnector, ServerIdentities};
 
 /// The connection pool: a `tower::Service` sending each request to the
@@ -431,6 +434,41 @@ impl fmt::Debug for ResponseFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
+}
+
+/// A request addressed by `Host` only gets `http://<host>` in its URI, so
+/// HTTP/2 sends it as `:authority`.
+///
+/// Here rather than in the mesh layer, which calls it too when it keeps the
+/// URI: the pool is the lower of the two.
+pub(crate) fn ensure_authority_in_uri<B>(req: &mut Request<B>) -> Result<(), Error> {
+    if req.uri().authority().is_some() {
+        return Ok(());
+    }
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        .ok_or_else(no_authority)?;
+    let Parts { path_and_query, .. } = std::mem::take(req.uri_mut()).into_parts();
+    let mut parts = Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(host);
+    parts.path_and_query = Some(path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/")));
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| {
+        Error::new(ErrorKind::InvalidRequest, "cannot rebuild the URI").with_source(e)
+    })?;
+    Ok(())
+}
+
+/// The error for a request that names no service (no authority in its URI
+/// nor a `Host` header).
+pub(crate) fn no_authority() -> Error {
+    Error::new(
+        ErrorKind::InvalidRequest,
+        "the request names no service: call `http://<service>/<path>` (with tonic, build the \
+         client with `with_origin(client, \"http://<service>\".parse()?)`)",
+    )
 }
 
 #[cfg(test)]

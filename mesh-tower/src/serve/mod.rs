@@ -83,6 +83,9 @@ use tower::{Service, ServiceExt};
 
 pub use self::registration::Registration;
 use self::registration::{Admin, RegisterFailure};
+// Defined below both the server stack and the client stack, which read it;
+// re-exported here, where `serve` sets it.
+pub use crate::connection::ConnectionInfo;
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::server::{Guard, InboundPolicy};
 #[cfg(feature = "telemetry")]
@@ -299,25 +302,6 @@ fn acceptor_for(mode: MtlsMode, certificates: Option<&CertStore>) -> Result<Mesh
         ));
     }
     MeshAcceptor::new(mode, certificates, ALPN_H2_HTTP11)
-}
-
-/// The connection a request arrived on: a request extension set by [`serve()`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionInfo {
-    peer_addr: SocketAddr,
-    local_addr: SocketAddr,
-}
-
-impl ConnectionInfo {
-    /// The client's address.
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.peer_addr
-    }
-
-    /// The local address the connection was accepted on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
 }
 
 /// A running service: registered, heartbeating, serving. Shut it down with
@@ -811,10 +795,7 @@ async fn accept_loop<S, RB>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer_addr)) => {
                     let _ = stream.set_nodelay(true);
-                    let info = ConnectionInfo {
-                        peer_addr,
-                        local_addr: local_addr.unwrap_or(peer_addr),
-                    };
+                    let info = ConnectionInfo::new(peer_addr, local_addr.unwrap_or(peer_addr));
                     match &mut secure {
                         None => {
                             connections.spawn(serve_connection(
@@ -901,11 +882,11 @@ async fn serve_secure<S, RB>(
         accepted = handshake => match accepted {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
-                tracing::debug!(peer = %info.peer_addr, mode = %acceptor.mode(), error = %e, "connection refused");
+                tracing::debug!(peer = %info.peer_addr(), mode = %acceptor.mode(), error = %e, "connection refused");
                 return;
             }
             Err(_) => {
-                tracing::debug!(peer = %info.peer_addr, timeout = ?handshake_timeout, "TLS handshake timed out");
+                tracing::debug!(peer = %info.peer_addr(), timeout = ?handshake_timeout, "TLS handshake timed out");
                 return;
             }
         },
@@ -914,7 +895,7 @@ async fn serve_secure<S, RB>(
         () = async {
             let _ = closing.wait_for(|closing| *closing).await;
         } => {
-            tracing::debug!(peer = %info.peer_addr, "closed during its TLS handshake: the server is shutting down");
+            tracing::debug!(peer = %info.peer_addr(), "closed during its TLS handshake: the server is shutting down");
             return;
         }
     };
@@ -991,7 +972,7 @@ async fn serve_connection<IO, S, RB>(
     tokio::select! {
         result = connection.as_mut() => {
             if let Err(e) = result {
-                tracing::debug!(peer = %info.peer_addr, error = %e, "connection ended with an error");
+                tracing::debug!(peer = %info.peer_addr(), error = %e, "connection ended with an error");
             }
         }
         () = async {
@@ -1001,7 +982,7 @@ async fn serve_connection<IO, S, RB>(
             let _ = connection.await;
         }
         () = expired => {
-            tracing::debug!(peer = %info.peer_addr, "the certificate this connection was established with expired; closing it gracefully");
+            tracing::debug!(peer = %info.peer_addr(), "the certificate this connection was established with expired; closing it gracefully");
             connection.as_mut().graceful_shutdown();
             // Still drains on shutdown: the accept loop's drain timeout
             // ends it.

@@ -16,9 +16,9 @@ use mesh_xds_client::XdsClient;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use crate::connection::ConnectionInfo;
 use crate::error::{Error, ErrorKind};
 use crate::local_reply::LocalReply;
-use crate::serve::ConnectionInfo;
 use crate::telemetry::DecisionRecord;
 use crate::tls::PeerIdentity;
 

@@ -23,7 +23,7 @@ use super::flags::ResponseFlags;
 use super::identity::PEER_HEADER_NAME;
 use super::propagation;
 use super::record::{DecisionRecord, Trace};
-use crate::serve::ConnectionInfo;
+use crate::connection::ConnectionInfo;
 use crate::server::Authorized;
 use crate::tls::PeerIdentity;
 
