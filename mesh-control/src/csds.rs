@@ -42,11 +42,37 @@ impl ClientStatusDiscoveryService for Csds {
         request: Request<Streaming<ClientStatusRequest>>,
     ) -> Result<Response<Self::StreamClientStatusStream>, Status> {
         crate::ads::authenticate(&self.shared, &request, "CSDS")?;
-        let shared = self.shared.clone();
-        let stream = request.into_inner().map(move |req| match req {
-            Ok(req) => Ok(client_status(&shared, &req)),
-            Err(status) => Err(status),
-        });
+        // Like ADS streams, a CSDS stream ends with UNAVAILABLE when the
+        // control server stops, so a graceful stop does not wait out its
+        // grace for a debugging client that keeps its stream open.
+        let mut stop = self.shared.stop.subscribe();
+        let stopping: Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(async move {
+                let _ = stop.wait_for(|stopping| *stopping).await;
+            });
+        let state = (request.into_inner(), stopping, self.shared.clone(), false);
+        let stream = futures_util::stream::unfold(
+            state,
+            |(mut inbound, mut stopping, shared, ended)| async move {
+                if ended {
+                    return None;
+                }
+                tokio::select! {
+                    () = &mut stopping => Some((
+                        Err(Status::unavailable("mesh-control is shutting down; reconnect")),
+                        (inbound, stopping, shared, true),
+                    )),
+                    req = inbound.next() => match req {
+                        Some(Ok(req)) => {
+                            let status = client_status(&shared, &req);
+                            Some((Ok(status), (inbound, stopping, shared, false)))
+                        }
+                        Some(Err(status)) => Some((Err(status), (inbound, stopping, shared, true))),
+                        None => None,
+                    },
+                }
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 

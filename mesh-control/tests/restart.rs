@@ -441,6 +441,26 @@ async fn sigterm_ends_ads_streams_with_a_status_and_exits_zero() {
     assert!(logs.contains("SIGTERM: stopping"), "{logs}");
     assert!(logs.contains("mesh-control stopped"), "{logs}");
 
+    // With a CSDS stream open (a debugging client that keeps it): it ends
+    // with UNAVAILABLE too, and the stop does not wait out its grace.
+    control.start(true).await;
+    let (mut csds, _requests) = csds_stream(control.xds).await;
+    let (exit, took) = control.stop("TERM").await;
+    assert_eq!(exit.code(), Some(0), "{}", control.logs());
+    assert!(
+        took < mesh_control::SHUTDOWN_GRACE,
+        "stopping took {took:?}: the CSDS stream was not ended"
+    );
+    let ended = tokio::time::timeout(DEADLINE, csds.message())
+        .await
+        .expect("the CSDS stream ends")
+        .expect_err("the CSDS stream ends with a status");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended}");
+    assert!(
+        ended.message().contains("mesh-control is shutting down"),
+        "{ended}"
+    );
+
     // SIGINT too; and the registration written at the stop is served again.
     control.start(true).await;
     let mut ads = control.ads("client-int").await;
@@ -557,4 +577,34 @@ async fn a_broken_edit_on_disk_at_restart_serves_the_last_good_config() {
     std::fs::write(control.config.join("vs.yaml"), vs("v1", 0, "v2", 100)).expect("fix");
     let response = ads.recv().await;
     assert_eq!(weights(&response)[0].1, 0);
+}
+
+/// A CSDS stream to `xds` that has had one answer, and the sender of its
+/// requests: the stream stays open while the sender lives.
+async fn csds_stream(
+    xds: SocketAddr,
+) -> (
+    tonic::Streaming<envoy_types::pb::envoy::service::status::v3::ClientStatusResponse>,
+    tokio::sync::mpsc::Sender<envoy_types::pb::envoy::service::status::v3::ClientStatusRequest>,
+) {
+    use envoy_types::pb::envoy::service::status::v3::ClientStatusRequest;
+    use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_client::ClientStatusDiscoveryServiceClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{xds}"))
+        .expect("an endpoint")
+        .connect()
+        .await
+        .expect("connect to CSDS");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(ClientStatusRequest::default()).await.expect("send");
+    let mut stream = ClientStatusDiscoveryServiceClient::new(channel)
+        .stream_client_status(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("a CSDS stream")
+        .into_inner();
+    stream
+        .message()
+        .await
+        .expect("a CSDS answer")
+        .expect("one message");
+    (stream, tx)
 }
