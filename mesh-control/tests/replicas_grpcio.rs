@@ -115,8 +115,8 @@ while True:
 
 /// A proxyless client calling `xds:///payment` in a loop until the file
 /// STOP exists and holds a version it has since had WANT replies from (or
-/// the deadline passes). Prints one JSON line: ok, errors by code,
-/// by_version, first_error.
+/// the deadline passes). Writes STOP.called after its first reply. Prints
+/// one JSON line: ok, errors by code, by_version, first_error.
 const CLIENT: &str = r#"
 import json, os, sys, time
 import grpc
@@ -153,6 +153,10 @@ try:
                 report["first_error"] = "%s: %s" % (name, error.details())
             continue
         report["ok"] += 1
+        if report["ok"] == 1:
+            # Tells the test that calls are flowing (STOP.called).
+            with open(stop + ".called", "w") as called:
+                called.write(version)
         report["by_version"][version] = report["by_version"].get(version, 0) + 1
         if wanted is not None and version == wanted:
             since += 1
@@ -376,6 +380,18 @@ async fn a_grpcio_client_naming_the_replicas_by_one_name_survives_a_kill() {
         .kill_on_drop(true)
         .spawn()
         .expect("start the grpcio client under unshare");
+
+    // Calls flow (v1, before any change) before anything is killed: on a
+    // fast machine the kill, the reconnect and the change could otherwise
+    // all happen before the client's first call.
+    let called = dir.path().join("stop.called");
+    eventually_ok_async("the client's first reply", DEADLINE, || async {
+        std::fs::read_to_string(&called)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .ok_or("no reply yet")
+    })
+    .await;
 
     // Which replica serves it: kill that one while it calls.
     let serving = eventually_ok_async("the client to sync with a replica", DEADLINE, || async {
