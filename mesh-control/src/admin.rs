@@ -126,13 +126,9 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Refusal> {
             "the Authorization header is not text; send `Authorization: Bearer <join token>`",
         )
     })?;
-    match value.split_once(' ') {
-        Some((scheme, token))
-            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
-        {
-            Ok(Some(token.trim()))
-        }
-        _ => Err(Refusal::new(
+    match crate::ca::bearer_token(value) {
+        Some(token) => Ok(Some(token)),
+        None => Err(Refusal::new(
             StatusCode::UNAUTHORIZED,
             "the Authorization header must be `Bearer <join token>`",
         )),

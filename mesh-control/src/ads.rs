@@ -134,17 +134,10 @@ pub(crate) fn authenticate<T>(
                  <join token>`"
             )));
         };
-        let token = match value.split_once(' ') {
-            Some((scheme, token))
-                if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
-            {
-                token.trim()
-            }
-            _ => {
-                return refuse(Status::unauthenticated(format!(
-                    "{what}: the authorization metadata must be `Bearer <join token>`"
-                )));
-            }
+        let Some(token) = crate::ca::bearer_token(value) else {
+            return refuse(Status::unauthenticated(format!(
+                "{what}: the authorization metadata must be `Bearer <join token>`"
+            )));
         };
         let from = addr.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
         return match ca.authenticate_from(token, from) {

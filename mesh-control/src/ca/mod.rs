@@ -69,8 +69,8 @@ use self::signer::{
     BACKDATE, Signer, parse_pems, random_serial, to_offset, truncate_to_seconds, write_file,
 };
 use self::tokens::Credentials;
-pub(crate) use self::tokens::constant_time_eq;
 pub use self::tokens::{JoinTokens, MIN_TOKEN_LEN, OperatorTokens, ServiceAccount};
+pub(crate) use self::tokens::{bearer_token, constant_time_eq};
 use crate::error::Error;
 
 /// Istio's default workload certificate lifetime.

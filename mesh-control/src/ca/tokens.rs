@@ -369,6 +369,21 @@ impl Credentials {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value (an HTTP header
+/// of the admin API, or gRPC metadata on ADS and CSDS): `None` for another
+/// scheme or an empty token. One parser, so both ports accept exactly the
+/// same credentials.
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Some(token.trim())
+        }
+        _ => None,
+    }
+}
+
 /// Equality whose time depends only on the lengths.
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
