@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use mesh_control::ca::{CertificateAuthority, JoinTokens, OperatorTokens, RateLimit};
 use mesh_control::config::MeshOptions;
-use mesh_testkit::http::{exchange, json_request, json_request_tls};
+use mesh_testkit::http::{exchange, json_request, json_request_tls, json_request_with};
 use mesh_testkit::pki::{self, Leaf, csr};
 use serde_json::{Value, json};
 
@@ -331,21 +331,6 @@ async fn reads_need_credentials_under_the_ca_and_the_operator_token_only_reads()
     assert_eq!(endpoints_of(&services, "payments.example.com"), 0);
 }
 
-/// A plaintext request with extra headers: the status and the JSON body.
-async fn plain(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, Value) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut all = vec![("content-type", "application/json")];
-    all.extend_from_slice(headers);
-    let (code, bytes) = exchange(tcp, addr, method, path, &all, body).await;
-    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-}
-
 #[tokio::test]
 async fn malformed_registrations_get_a_4xx_that_says_why() {
     let (_dir, server) = start(PAYMENTS_SE, MeshOptions::default(), None).await;
@@ -446,7 +431,7 @@ async fn malformed_registrations_get_a_4xx_that_says_why() {
 
     // Without the secret, or with another, the lease cannot be touched.
     let path = format!("/v1/endpoints/{id}");
-    let (code, body) = plain(admin, "DELETE", &path, &[], "").await;
+    let (code, body) = json_request_with(admin, "DELETE", &path, &[], "").await;
     assert_eq!(code, 403, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("X-Lease-Secret"),
@@ -454,16 +439,20 @@ async fn malformed_registrations_get_a_4xx_that_says_why() {
     );
     assert!(!body.to_string().contains(&id), "{body}");
     let wrong = "0".repeat(64);
-    let (code, body) = plain(admin, "PUT", &path, &[("x-lease-secret", &wrong)], "").await;
+    let (code, body) =
+        json_request_with(admin, "PUT", &path, &[("x-lease-secret", &wrong)], "").await;
     assert_eq!(code, 403, "{body}");
-    let (code, _) = plain(admin, "GET", "/v1/services", &[], "").await;
+    let (code, _) = json_request_with(admin, "GET", "/v1/services", &[], "").await;
     assert_eq!(code, 200);
     // With it: renewed, then deleted.
-    let (code, body) = plain(admin, "PUT", &path, &[("x-lease-secret", &secret)], "").await;
+    let (code, body) =
+        json_request_with(admin, "PUT", &path, &[("x-lease-secret", &secret)], "").await;
     assert_eq!(code, 200, "{body}");
-    let (code, body) = plain(admin, "DELETE", &path, &[("x-lease-secret", &secret)], "").await;
+    let (code, body) =
+        json_request_with(admin, "DELETE", &path, &[("x-lease-secret", &secret)], "").await;
     assert_eq!(code, 204, "{body}");
-    let (code, body) = plain(admin, "PUT", &path, &[("x-lease-secret", &secret)], "").await;
+    let (code, body) =
+        json_request_with(admin, "PUT", &path, &[("x-lease-secret", &secret)], "").await;
     assert_eq!(code, 404, "{body}");
     assert!(!body.to_string().contains(&id), "{body}");
 }

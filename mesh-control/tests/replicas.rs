@@ -30,24 +30,8 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use mesh_core::xds::{self, Any};
 use mesh_testkit::ads::{AdsClient, node};
 use mesh_testkit::etcd::EtcdProcess;
-use mesh_testkit::http::json_request as admin;
+use mesh_testkit::http::{json_request as admin, lease_request};
 
-/// `PUT` or `DELETE` of a lease with its secret, as the workload that
-/// registered it does (mesh-control without a CA changes a lease only for
-/// the holder of its secret): the status code and the JSON body.
-async fn lease_call(
-    addr: std::net::SocketAddr,
-    method: &str,
-    lease_id: &str,
-    secret: &str,
-) -> (u16, serde_json::Value) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let path = format!("/v1/endpoints/{lease_id}");
-    let (code, body) =
-        mesh_testkit::http::exchange(tcp, addr, method, &path, &[("x-lease-secret", secret)], "")
-            .await;
-    (code, serde_json::from_slice(&body).unwrap_or_default())
-}
 use mesh_testkit::wait::{DEADLINE, eventually_ok_async, within};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -497,7 +481,7 @@ async fn a_registration_through_one_replica_is_served_by_all_until_its_lease_end
     let path = format!("/v1/endpoints/{lease_id}");
     let (code, body) = admin(b.admin, "PUT", &path, "").await;
     assert_eq!(code, 403, "renewing without the secret: {body}");
-    let (code, body) = lease_call(b.admin, "PUT", &lease_id, &secret).await;
+    let (code, body) = lease_request(b.admin, "PUT", &lease_id, &secret).await;
     assert_eq!(
         code, 200,
         "renewing {lease_id} through another replica: {body}"
@@ -513,7 +497,7 @@ async fn a_registration_through_one_replica_is_served_by_all_until_its_lease_end
     for client in [&mut on_b, &mut on_c] {
         next_where(client, &[V1], "both endpoints", |r| endpoints(r).len() == 2).await;
     }
-    let (code, body) = lease_call(c.admin, "DELETE", other_id, other_secret).await;
+    let (code, body) = lease_request(c.admin, "DELETE", other_id, other_secret).await;
     assert_eq!(code, 204, "{body}");
 
     // The first stops renewing: its etcd lease ends, and every replica
@@ -595,9 +579,9 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_writes() {
     assert_eq!(code, 503, "{body}");
     let message = body["error"].as_str().unwrap_or_default();
     assert!(message.contains("etcd"), "{message}");
-    let (code, body) = lease_call(replica.admin, "PUT", &lease_id, &secret).await;
+    let (code, body) = lease_request(replica.admin, "PUT", &lease_id, &secret).await;
     assert_eq!(code, 503, "{body}");
-    let (code, body) = lease_call(replica.admin, "DELETE", &lease_id, &secret).await;
+    let (code, body) = lease_request(replica.admin, "DELETE", &lease_id, &secret).await;
     assert_eq!(code, 503, "{body}");
     cluster.write("vs.yaml", &vs(10, 90));
     let out = cluster.apply();
@@ -640,7 +624,7 @@ async fn with_etcd_down_replicas_serve_the_last_state_and_refuse_writes() {
     )
     .await;
     assert_eq!(code, 201, "{body}");
-    let (code, body) = lease_call(replica.admin, "PUT", &lease_id, &secret).await;
+    let (code, body) = lease_request(replica.admin, "PUT", &lease_id, &secret).await;
     assert_eq!(code, 200, "the lease made before the outage: {body}");
 }
 

@@ -13,24 +13,8 @@ use std::time::{Duration, Instant};
 
 use mesh_core::xds::{self, Any};
 use mesh_testkit::ads::{AdsClient, node};
-use mesh_testkit::http::{get_text, json_request as admin};
+use mesh_testkit::http::{get_text, json_request as admin, lease_request};
 
-/// `PUT` or `DELETE` of a lease with its secret, as the workload that
-/// registered it does (mesh-control without a CA changes a lease only for
-/// the holder of its secret): the status code and the JSON body.
-async fn lease_call(
-    addr: SocketAddr,
-    method: &str,
-    lease_id: &str,
-    secret: &str,
-) -> (u16, serde_json::Value) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let path = format!("/v1/endpoints/{lease_id}");
-    let (code, body) =
-        mesh_testkit::http::exchange(tcp, addr, method, &path, &[("x-lease-secret", secret)], "")
-            .await;
-    (code, serde_json::from_slice(&body).unwrap_or_default())
-}
 use mesh_testkit::wait::{DEADLINE, eventually_ok, eventually_ok_async};
 
 const MESH: &str = "\
@@ -330,7 +314,7 @@ async fn a_sigkilled_server_restarts_with_its_leases_and_never_reuses_a_version(
     record(&mut sent, &ads.recv().await);
     let second_id = second["lease_id"].as_str().expect("a lease id");
     let second_secret = second["lease_secret"].as_str().expect("a lease secret");
-    let (code, _) = lease_call(control.admin, "DELETE", second_id, second_secret).await;
+    let (code, _) = lease_request(control.admin, "DELETE", second_id, second_secret).await;
     assert_eq!(code, 204);
     record(&mut sent, &ads.recv().await);
     let last_before: u64 = control.status().await["version"]
@@ -383,13 +367,13 @@ async fn a_sigkilled_server_restarts_with_its_leases_and_never_reuses_a_version(
     }
 
     // The workload's next heartbeat renews the same lease.
-    let (code, body) = lease_call(control.admin, "PUT", &lease_id, &secret).await;
+    let (code, body) = lease_request(control.admin, "PUT", &lease_id, &secret).await;
     assert_eq!(code, 200, "renewing {lease_id} after the restart: {body}");
-    let (code, _) = lease_call(control.admin, "PUT", second_id, second_secret).await;
+    let (code, _) = lease_request(control.admin, "PUT", second_id, second_secret).await;
     assert_eq!(code, 404, "the deregistered lease stays gone");
 
     // Deregistered after the restart: gone from EDS, and after another crash.
-    let (code, _) = lease_call(control.admin, "DELETE", &lease_id, &secret).await;
+    let (code, _) = lease_request(control.admin, "DELETE", &lease_id, &secret).await;
     assert_eq!(code, 204);
     assert!(endpoints(&ads.recv().await).is_empty());
     control.kill();

@@ -75,9 +75,35 @@ pub async fn json_request(
     path: &str,
     body: &str,
 ) -> (u16, serde_json::Value) {
-    let headers = [("content-type", "application/json")];
-    let (status, bytes) = exchange(connect(addr).await, addr, method, path, &headers, body).await;
+    json_request_with(addr, method, path, &[], body).await
+}
+
+/// [`json_request`] with `headers` too (`authorization`, `x-lease-secret`).
+pub async fn json_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    let (status, bytes) = exchange(connect(addr).await, addr, method, path, &all, body).await;
     (status, json(&bytes))
+}
+
+/// `PUT` or `DELETE` of the lease `lease_id` on mesh-control's plaintext
+/// admin API at `addr`, with the lease's secret, as the workload that
+/// registered it does (without a CA, only the holder of the secret may
+/// change a lease): the status code and the JSON body.
+pub async fn lease_request(
+    addr: SocketAddr,
+    method: &str,
+    lease_id: &str,
+    secret: &str,
+) -> (u16, serde_json::Value) {
+    let path = format!("/v1/endpoints/{lease_id}");
+    json_request_with(addr, method, &path, &[("x-lease-secret", secret)], "").await
 }
 
 /// [`json_request`] over TLS with `config` (its roots, and a client certificate
