@@ -50,39 +50,6 @@ use tower::ServiceExt;
 const DEADLINE: Duration = Duration::from_secs(30);
 const CATALOG_V1: &str = "outbound|80|v1|catalog.shop.svc.cluster.local";
 
-/// catalog in `shop`, subsets v1 and v2 by `version`, all traffic to
-/// `subset`.
-fn mesh_yaml(subset: &str) -> String {
-    format!(
-        r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: catalog, namespace: shop}}
-spec:
-  hosts: [catalog]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  resolution: STATIC
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: catalog, namespace: shop}}
-spec:
-  host: catalog
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: catalog, namespace: shop}}
-spec:
-  hosts: [catalog]
-  http:
-  - route: [{{destination: {{host: catalog, subset: {subset}}}, weight: 100}}]
-"#
-    )
-}
-
 /// mesh-control on `config` at the given addresses (port 0: any).
 async fn control(config: &Path, xds: SocketAddr, admin: SocketAddr) -> ServerHandle {
     mesh_control::Server::builder()
@@ -165,7 +132,11 @@ fn v1_endpoints(xds: &XdsClient) -> usize {
 async fn a_cold_start_with_mesh_control_down_serves_the_cached_config_then_the_new_one() {
     let cache_dir = tempfile::tempdir().expect("tempdir");
     let config_dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(config_dir.path().join("mesh.yaml"), mesh_yaml("v1")).expect("write config");
+    std::fs::write(
+        config_dir.path().join("mesh.yaml"),
+        mesh_testkit::yaml::catalog_routed_to("v1"),
+    )
+    .expect("write config");
     let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
     let frontend_spec = BootstrapSpec::new("frontend", "shop");
     let v1_spec = BootstrapSpec::new("catalog-v1", "shop").label("version", "v1");
@@ -261,7 +232,11 @@ async fn a_cold_start_with_mesh_control_down_serves_the_cached_config_then_the_n
 
     // 4. mesh-control is back on its ports with a new config: 100 % to v2,
     //    and a v2 server registered.
-    std::fs::write(config_dir.path().join("mesh.yaml"), mesh_yaml("v2")).expect("write config");
+    std::fs::write(
+        config_dir.path().join("mesh.yaml"),
+        mesh_testkit::yaml::catalog_routed_to("v2"),
+    )
+    .expect("write config");
     let mesh = control(config_dir.path(), xds_addr, admin_addr).await;
     let v2_bootstrap = bootstrap(&mesh, &v2_spec, cache_dir.path());
     let v2 = catalog(

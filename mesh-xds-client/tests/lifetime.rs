@@ -16,42 +16,13 @@ use mesh_xds_client::{Bootstrap, ClientOptions, XdsClient};
 /// Generous: a loaded CI machine; a client that never lets go fails here.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// catalog in `shop`, subsets v1 and v2 by `version`, all traffic to
-/// `subset`: switching `subset` changes the route config mesh-control pushes.
-fn mesh_yaml(subset: &str) -> String {
-    format!(
-        r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: catalog, namespace: shop}}
-spec:
-  hosts: [catalog]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  resolution: STATIC
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: catalog, namespace: shop}}
-spec:
-  host: catalog
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: catalog, namespace: shop}}
-spec:
-  hosts: [catalog]
-  http:
-  - route: [{{destination: {{host: catalog, subset: {subset}}}, weight: 100}}]
-"#
-    )
-}
-
 /// Serves `subset` from now on (mesh-control re-reads its directory).
 fn route_to(control: &ServerHandle, config: &Path, subset: &str) {
-    std::fs::write(config.join("mesh.yaml"), mesh_yaml(subset)).expect("write the mesh config");
+    std::fs::write(
+        config.join("mesh.yaml"),
+        mesh_testkit::yaml::catalog_routed_to(subset),
+    )
+    .expect("write the mesh config");
     control.reload();
 }
 
@@ -112,7 +83,11 @@ async fn pushed_after(xds: &XdsClient, version: u64) -> u64 {
 async fn the_stream_and_the_cache_writes_end_with_the_last_handle() {
     let config = tempfile::tempdir().expect("tempdir");
     let caches = tempfile::tempdir().expect("tempdir");
-    std::fs::write(config.path().join("mesh.yaml"), mesh_yaml("v1")).expect("write config");
+    std::fs::write(
+        config.path().join("mesh.yaml"),
+        mesh_testkit::yaml::catalog_routed_to("v1"),
+    )
+    .expect("write config");
     let control = mesh_control::Server::builder()
         .config_dir(config.path())
         .start()
