@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use mesh_control::ca::{CertificateAuthority, JoinTokens, OperatorTokens, RateLimit};
 use mesh_control::config::MeshOptions;
-use mesh_testkit::http::{exchange, json_request, json_request_tls, json_request_with};
+use mesh_testkit::http::{exchange, json_request, json_request_tls_bearer, json_request_with};
 use mesh_testkit::pki::{self, Leaf, csr};
 use serde_json::{Value, json};
 
@@ -90,17 +90,7 @@ impl Https {
         bearer: Option<&str>,
         body: &Value,
     ) -> (u16, Value) {
-        let authorization = bearer.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> = authorization
-            .iter()
-            .map(|v| ("authorization", v.as_str()))
-            .collect();
-        let body = if body.is_null() {
-            String::new()
-        } else {
-            body.to_string()
-        };
-        json_request_tls(self.addr, self.tls.clone(), method, path, &headers, &body).await
+        json_request_tls_bearer(self.addr, self.tls.clone(), method, path, bearer, body).await
     }
 
     /// The status, the `Retry-After` header and the body of one request.

@@ -17,7 +17,7 @@ use mesh_control::ca::{CertificateAuthority, JoinTokens};
 use mesh_core::model::MtlsMode;
 use mesh_core::xds;
 use mesh_testkit::ads::AdsClient;
-use mesh_testkit::http::{json_request, json_request_tls};
+use mesh_testkit::http::{json_request, json_request_tls_bearer};
 use mesh_testkit::pki::{self, Leaf, TestCa, csr, uri_sans};
 use rustls::pki_types::ServerName;
 use serde_json::json;
@@ -125,17 +125,7 @@ impl AdminClient {
         bearer: Option<&str>,
         body: serde_json::Value,
     ) -> (u16, serde_json::Value) {
-        let authorization = bearer.map(|token| format!("Bearer {token}"));
-        let headers: Vec<(&str, &str)> = authorization
-            .iter()
-            .map(|value| ("authorization", value.as_str()))
-            .collect();
-        let body = if body.is_null() {
-            String::new()
-        } else {
-            body.to_string()
-        };
-        json_request_tls(self.addr, self.tls.clone(), method, path, &headers, &body).await
+        json_request_tls_bearer(self.addr, self.tls.clone(), method, path, bearer, &body).await
     }
 }
 

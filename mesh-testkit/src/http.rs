@@ -130,6 +130,30 @@ pub async fn json_request_tls(
     (status, json(&bytes))
 }
 
+/// [`json_request_tls`] as a workload or an operator calls mesh-control's
+/// admin API: an optional `Authorization: Bearer <token>`, and a JSON value
+/// as the body (`Value::Null` for none).
+pub async fn json_request_tls_bearer(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let authorization = bearer.map(|token| format!("Bearer {token}"));
+    let headers: Vec<(&str, &str)> = authorization
+        .iter()
+        .map(|value| ("authorization", value.as_str()))
+        .collect();
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    json_request_tls(addr, config, method, path, &headers, &body).await
+}
+
 /// [`json_request_tls`] trusting the CAs of the PEM bundle `ca_pem`, without a
 /// client certificate.
 pub async fn json_request_https(
