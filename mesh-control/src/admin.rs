@@ -793,29 +793,7 @@ async fn metrics(
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        with_rate_limits(shared.metrics.render(), shared.ca.as_deref()),
+        shared.metrics.render(),
     )
         .into_response()
-}
-
-/// The exposition with the CA's rate-limit counters added before its
-/// `# EOF` (the CA keeps them: it enforces the limits, for ADS too).
-fn with_rate_limits(mut text: String, ca: Option<&CertificateAuthority>) -> String {
-    let Some(ca) = ca else {
-        return text;
-    };
-    let (signing, tokens) = ca.throttled();
-    let eof = text.rfind("# EOF").unwrap_or(text.len());
-    let tail = text.split_off(eof);
-    text.push_str(
-        "# HELP mesh_control_rate_limited requests refused with 429 by a rate limit: \
-         certificate_signing (per identity), failed_token_attempts (per source address)\n\
-         # TYPE mesh_control_rate_limited counter\n",
-    );
-    text.push_str(&format!(
-        "mesh_control_rate_limited_total{{limit=\"certificate_signing\"}} {signing}\n\
-         mesh_control_rate_limited_total{{limit=\"failed_token_attempts\"}} {tokens}\n"
-    ));
-    text.push_str(&tail);
-    text
 }

@@ -12,8 +12,11 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -192,11 +195,45 @@ impl Counters {
     }
 
     /// The Prometheus text exposition (OpenMetrics flavour).
+    /// Adds `mesh_control_rate_limited_total{limit}` to the exposition, read
+    /// from `ca` at every scrape: the CA counts its refusals itself, since it
+    /// enforces the limits for ADS and the admin API alike.
+    pub(crate) fn report_rate_limits(
+        &mut self,
+        ca: std::sync::Arc<crate::ca::CertificateAuthority>,
+    ) {
+        self.registry.register_collector(Box::new(RateLimits(ca)));
+    }
+
     pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
+    }
+}
+
+/// The CA's rate-limit refusals, as a counter per limit.
+#[derive(Debug)]
+struct RateLimits(std::sync::Arc<crate::ca::CertificateAuthority>);
+
+impl Collector for RateLimits {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (signing, tokens) = self.0.throttled();
+        let mut metric = encoder.encode_descriptor(
+            "rate_limited",
+            "requests refused with 429 by a rate limit: certificate_signing (per identity), \
+             failed_token_attempts (per source address)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (limit, count) in [
+            ("certificate_signing", signing),
+            ("failed_token_attempts", tokens),
+        ] {
+            ConstCounter::new(count).encode(metric.encode_family(&[("limit", limit)])?)?;
+        }
+        Ok(())
     }
 }

@@ -412,6 +412,9 @@ impl ServerBuilder {
         shared.stale_after = self.stale_after;
         shared.set_registration_debounce(self.registration_debounce);
         shared.ca = self.ca.clone();
+        if let Some(ca) = &self.ca {
+            shared.metrics.report_rate_limits(ca.clone());
+        }
         #[cfg(feature = "etcd")]
         let replica = match &self.etcd {
             Some(etcd) => {
