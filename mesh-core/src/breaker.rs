@@ -31,19 +31,76 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::model::CircuitBreakers;
 
-/// Istio's name of `max_requests`.
-pub const MAX_REQUESTS: &str = "http2MaxRequests";
-/// Istio's name of `max_pending_requests`.
-pub const MAX_PENDING_REQUESTS: &str = "http1MaxPendingRequests";
-/// Istio's name of `max_connections`.
-pub const MAX_CONNECTIONS: &str = "maxConnections";
+/// A circuit-breaker limit of a cluster (Envoy `circuit_breakers.thresholds`).
+///
+/// Callers branch on the variant; [`Limit::as_str`] gives Istio's name (in
+/// messages), [`Limit::name`] a metric label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// `max_connections` (Istio `tcp.maxConnections`).
+    MaxConnections,
+    /// `max_pending_requests` (Istio `http.http1MaxPendingRequests`).
+    MaxPendingRequests,
+    /// `max_requests` (Istio `http.http2MaxRequests`).
+    MaxRequests,
+    /// `max_retries` (Istio `http.maxRetries`).
+    MaxRetries,
+}
+
+impl Limit {
+    /// Every limit, in the order of [`Limit::bit`].
+    pub const ALL: [Limit; 4] = [
+        Limit::MaxConnections,
+        Limit::MaxPendingRequests,
+        Limit::MaxRequests,
+        Limit::MaxRetries,
+    ];
+
+    /// Istio's name of the limit (`http2MaxRequests`, ...).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Limit::MaxConnections => "maxConnections",
+            Limit::MaxPendingRequests => "http1MaxPendingRequests",
+            Limit::MaxRequests => "http2MaxRequests",
+            Limit::MaxRetries => "maxRetries",
+        }
+    }
+
+    /// The metric label value (`max_requests`, ...), Envoy's field name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Limit::MaxConnections => "max_connections",
+            Limit::MaxPendingRequests => "max_pending_requests",
+            Limit::MaxRequests => "max_requests",
+            Limit::MaxRetries => "max_retries",
+        }
+    }
+
+    /// A distinct bit per limit, so a set of limits fits in a `u8`.
+    pub const fn bit(self) -> u8 {
+        match self {
+            Limit::MaxConnections => 1,
+            Limit::MaxPendingRequests => 2,
+            Limit::MaxRequests => 4,
+            Limit::MaxRetries => 8,
+        }
+    }
+}
+
+/// Istio's name ([`Limit::as_str`]).
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A limit was reached: the request fails at once (Envoy's `UO` flag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overflow {
-    /// Istio's name of the limit: [`MAX_REQUESTS`] or
-    /// [`MAX_PENDING_REQUESTS`].
-    pub limit: &'static str,
+    /// The limit: [`Limit::MaxRequests`] (from
+    /// [`CircuitBreaker::try_request`]) or [`Limit::MaxPendingRequests`]
+    /// (from [`CircuitBreaker::try_pend`]).
+    pub limit: Limit,
     /// Its configured value.
     pub value: u32,
 }
@@ -161,7 +218,7 @@ impl CircuitBreaker {
     }
 
     /// Counts one more request in flight, or fails at once with
-    /// [`MAX_REQUESTS`] when `limits.max_requests` are already in flight.
+    /// [`Limit::MaxRequests`] when `limits.max_requests` are already in flight.
     pub fn try_request(&self, limits: &CircuitBreakers) -> Result<RequestPermit, Overflow> {
         if take(&self.inner.requests, limits.max_requests) {
             Ok(RequestPermit {
@@ -171,14 +228,14 @@ impl CircuitBreaker {
         } else {
             self.inner.requests_overflow.fetch_add(1, Ordering::Relaxed);
             Err(Overflow {
-                limit: MAX_REQUESTS,
+                limit: Limit::MaxRequests,
                 value: limits.max_requests,
             })
         }
     }
 
     /// Counts one more request waiting for a connection, or fails at once
-    /// with [`MAX_PENDING_REQUESTS`] when `limits.max_pending_requests`
+    /// with [`Limit::MaxPendingRequests`] when `limits.max_pending_requests`
     /// already wait.
     pub fn try_pend(&self, limits: &CircuitBreakers) -> Result<PendingPermit, Overflow> {
         if take(&self.inner.pending, limits.max_pending_requests) {
@@ -189,7 +246,7 @@ impl CircuitBreaker {
         } else {
             self.inner.pending_overflow.fetch_add(1, Ordering::Relaxed);
             Err(Overflow {
-                limit: MAX_PENDING_REQUESTS,
+                limit: Limit::MaxPendingRequests,
                 value: limits.max_pending_requests,
             })
         }
@@ -270,7 +327,7 @@ mod tests {
         assert_eq!(
             overflow,
             Overflow {
-                limit: "http2MaxRequests",
+                limit: Limit::MaxRequests,
                 value: 2
             }
         );
@@ -296,7 +353,7 @@ mod tests {
         );
         let pending = b.try_pend(&l).unwrap();
         let overflow = b.try_pend(&l).unwrap_err();
-        assert_eq!(overflow.limit, MAX_PENDING_REQUESTS);
+        assert_eq!(overflow.limit, Limit::MaxPendingRequests);
         assert_eq!(b.budget_base(), 1);
         drop(pending);
         drop(c);

@@ -6,7 +6,8 @@
 //! machines the client stack drives: retry conditions, backoff and the retry
 //! budget ([`retry`]), circuit breaking ([`breaker`]), outlier detection
 //! ([`outlier`]), fault injection ([`fault`]), ring hash ([`ring_hash`]) and
-//! deadline headers ([`deadline`]).
+//! deadline headers ([`deadline`]); the request engine ([`engine`]) puts the
+//! per-request ones together, as one state machine per request.
 //!
 //! Nothing here does I/O or depends on a runtime: every decision takes its
 //! inputs (the snapshot, a random number, a counter, the current load)
@@ -15,6 +16,7 @@
 
 pub mod breaker;
 pub mod deadline;
+pub mod engine;
 mod error;
 pub mod fault;
 pub mod lb;

@@ -247,12 +247,60 @@ pub fn backoff_ceiling(policy: &RetryPolicy, retry: u32) -> Duration {
     }
 }
 
+/// Which limit bounds a cluster's concurrent retries (and refused one).
+///
+/// Callers branch on the variant; [`RetryLimit::as_str`] gives Istio's
+/// name (in messages), [`RetryLimit::name`] a metric label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetryLimit {
+    /// The cluster's retry budget (Istio `retryBudget`) had no room.
+    Budget,
+    /// The cluster's `max_retries` concurrent retries were in flight
+    /// (Istio `http.maxRetries`).
+    MaxRetries,
+}
+
+impl RetryLimit {
+    /// Every retry limit, in the order of [`RetryLimit::bit`].
+    pub const ALL: [RetryLimit; 2] = [RetryLimit::Budget, RetryLimit::MaxRetries];
+
+    /// Istio's name: `retryBudget` or `maxRetries`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RetryLimit::Budget => "retryBudget",
+            RetryLimit::MaxRetries => "maxRetries",
+        }
+    }
+
+    /// The metric label value: `retry_budget` or `max_retries`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            RetryLimit::Budget => "retry_budget",
+            RetryLimit::MaxRetries => "max_retries",
+        }
+    }
+
+    /// A distinct bit per limit, so a set of them fits in a `u8`.
+    pub const fn bit(self) -> u8 {
+        match self {
+            RetryLimit::Budget => 1,
+            RetryLimit::MaxRetries => 2,
+        }
+    }
+}
+
+/// Istio's name ([`RetryLimit::as_str`]).
+impl fmt::Display for RetryLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a retry was not allowed by the cluster's retry limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryRefusal {
-    /// The limit that refused it, with Istio's name: `"maxRetries"` or
-    /// `"retryBudget"`.
-    pub limit: &'static str,
+    /// The limit that refused it.
+    pub limit: RetryLimit,
     /// The value of the limit when it refused.
     pub value: u32,
 }
@@ -313,9 +361,9 @@ impl RetryLimiter {
     /// cluster has `active_requests` requests in flight or pending:
     /// `max_retries`, or with a budget `min(max_retries, max(⌊budget ×
     /// active_requests⌋, min_retry_concurrency))`.
-    pub fn limit(limits: &CircuitBreakers, active_requests: u32) -> (u32, &'static str) {
+    pub fn limit(limits: &CircuitBreakers, active_requests: u32) -> (u32, RetryLimit) {
         match &limits.retry_budget {
-            None => (limits.max_retries, "maxRetries"),
+            None => (limits.max_retries, RetryLimit::MaxRetries),
             Some(budget) => {
                 let share =
                     u64::from(budget.budget.per_million()) * u64::from(active_requests) / 1_000_000;
@@ -323,9 +371,9 @@ impl RetryLimiter {
                     .unwrap_or(u32::MAX)
                     .max(budget.min_retry_concurrency);
                 if limits.max_retries < by_budget {
-                    (limits.max_retries, "maxRetries")
+                    (limits.max_retries, RetryLimit::MaxRetries)
                 } else {
-                    (by_budget, "retryBudget")
+                    (by_budget, RetryLimit::Budget)
                 }
             }
         }
@@ -688,20 +736,20 @@ mod tests {
     #[test]
     fn the_budget_is_a_share_of_active_requests_with_a_floor() {
         let l = limits(u32::MAX, Some((20, 3)));
-        assert_eq!(RetryLimiter::limit(&l, 50), (10, "retryBudget"));
+        assert_eq!(RetryLimiter::limit(&l, 50), (10, RetryLimit::Budget));
         assert_eq!(
             RetryLimiter::limit(&l, 54),
-            (10, "retryBudget"),
+            (10, RetryLimit::Budget),
             "truncated"
         );
-        assert_eq!(RetryLimiter::limit(&l, 5), (3, "retryBudget"), "floor");
-        assert_eq!(RetryLimiter::limit(&l, 0), (3, "retryBudget"));
+        assert_eq!(RetryLimiter::limit(&l, 5), (3, RetryLimit::Budget), "floor");
+        assert_eq!(RetryLimiter::limit(&l, 0), (3, RetryLimit::Budget));
         // maxRetries still caps it.
         let l = limits(4, Some((20, 3)));
-        assert_eq!(RetryLimiter::limit(&l, 50), (4, "maxRetries"));
+        assert_eq!(RetryLimiter::limit(&l, 50), (4, RetryLimit::MaxRetries));
         assert_eq!(
             RetryLimiter::limit(&limits(7, None), 1000),
-            (7, "maxRetries")
+            (7, RetryLimit::MaxRetries)
         );
     }
 
@@ -715,7 +763,7 @@ mod tests {
         assert_eq!(
             refusal,
             RetryRefusal {
-                limit: "maxRetries",
+                limit: RetryLimit::MaxRetries,
                 value: 2
             }
         );

@@ -176,7 +176,7 @@ where
 {
     type Response = Response<ResponseBody<Incoming>>;
     type Error = Error;
-    type Future = mesh::ResponseFuture<crate::pool::ResponseFuture, Incoming>;
+    type Future = mesh::ResponseFuture<Pool<MeshBody<B>>, B, Incoming>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

@@ -6,6 +6,6 @@ mod request;
 mod response;
 
 pub use self::request::{DEFAULT_RETRY_BUFFER_LIMIT, MeshBody};
-pub(crate) use self::request::{Prepared, prepare};
+pub(crate) use self::request::{Kept, Prepared, Preparing};
 pub(crate) use self::response::BodyTimeout;
 pub use self::response::ResponseBody;

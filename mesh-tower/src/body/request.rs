@@ -22,7 +22,6 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -106,6 +105,13 @@ impl<B> MeshBody<B> {
 }
 
 impl Kept {
+    /// The empty body, shared: an empty request (a GET) is replayable at
+    /// the cost of a reference count, without an allocation.
+    pub(crate) fn empty() -> Arc<Kept> {
+        static EMPTY: std::sync::OnceLock<Arc<Kept>> = std::sync::OnceLock::new();
+        EMPTY.get_or_init(|| Arc::new(Kept::default())).clone()
+    }
+
     /// The body's length in bytes.
     pub(crate) fn len(&self) -> u64 {
         self.len
@@ -123,63 +129,107 @@ fn frame_to_bytes<D: Buf>(frame: Frame<D>) -> Frame<Bytes> {
 
 /// Reads what it can of `body` to decide whether it can be replayed (see
 /// the [module docs](self)). `keep` false: nothing is read.
-pub(crate) async fn prepare<B>(
-    mut body: B,
-    keep: bool,
-    limit: usize,
-) -> Result<Prepared<B>, BoxError>
+#[cfg(test)]
+pub(crate) async fn prepare<B>(body: B, keep: bool, limit: usize) -> Result<Prepared<B>, BoxError>
 where
     B: Body + Unpin,
     B::Error: Into<BoxError>,
 {
-    if !keep {
-        return Ok(Prepared::Once(MeshBody::new(body)));
+    match Preparing::start(body, keep, limit) {
+        Ok(prepared) => Ok(prepared),
+        Err(mut preparing) => std::future::poll_fn(|cx| preparing.poll(cx)).await,
     }
-    if body.is_end_stream() {
-        return Ok(Prepared::Kept(Arc::new(Kept::default())));
-    }
-    let limit = limit as u64;
-    let hint = body.size_hint();
-    if hint.lower() > limit {
-        return Ok(Prepared::Once(MeshBody::new(body)));
-    }
-    let known = hint.upper().is_some_and(|upper| upper <= limit);
-    let mut frames = VecDeque::new();
-    let mut len = 0u64;
-    loop {
-        let next = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
-            // A body that declared a size within the limit is waited for.
-            Poll::Pending if known => Poll::Pending,
-            Poll::Pending => Poll::Ready(None),
-            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+}
+
+/// A body being read ahead to decide whether it can be replayed (see the
+/// [module docs](self)): polled by the request engine's driver until it
+/// knows.
+pub(crate) struct Preparing<B> {
+    /// `None` once the answer was given.
+    body: Option<B>,
+    frames: VecDeque<Frame<Bytes>>,
+    len: u64,
+    limit: u64,
+    /// The body declared a size within the limit: it is waited for.
+    known: bool,
+}
+
+impl<B> Preparing<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// The answer when it needs no reading (`keep` false, an empty body,
+    /// one declared too big), else the reading to poll.
+    pub(crate) fn start(body: B, keep: bool, limit: usize) -> Result<Prepared<B>, Self> {
+        if !keep {
+            return Ok(Prepared::Once(MeshBody::new(body)));
+        }
+        if body.is_end_stream() {
+            return Ok(Prepared::Kept(Kept::empty()));
+        }
+        let limit = limit as u64;
+        let hint = body.size_hint();
+        if hint.lower() > limit {
+            return Ok(Prepared::Once(MeshBody::new(body)));
+        }
+        Err(Preparing {
+            known: hint.upper().is_some_and(|upper| upper <= limit),
+            body: Some(body),
+            frames: VecDeque::new(),
+            len: 0,
+            limit,
         })
-        .await;
-        match next {
-            // Not ready: stream from here.
-            None => break,
-            Some(None) => return Ok(Prepared::Kept(Arc::new(Kept::from_frames(frames, len)))),
-            Some(Some(Err(e))) => return Err(e.into()),
-            Some(Some(Ok(frame))) => {
-                let frame = frame_to_bytes(frame);
-                if let Some(data) = frame.data_ref() {
-                    len += data.len() as u64;
+    }
+
+    /// Reads the frames that are ready; ready with the answer once known.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Prepared<B>, BoxError>> {
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(Err("the request body was already prepared".into()));
+        };
+        loop {
+            match Pin::new(&mut *body).poll_frame(cx) {
+                // A body that declared a size within the limit is waited for.
+                Poll::Pending if self.known => return Poll::Pending,
+                // Not ready: stream from here.
+                Poll::Pending => break,
+                Poll::Ready(None) => return Poll::Ready(Ok(self.kept())),
+                Poll::Ready(Some(Err(e))) => {
+                    self.body = None;
+                    return Poll::Ready(Err(e.into()));
                 }
-                frames.push_back(frame);
-                if body.is_end_stream() {
-                    return Ok(Prepared::Kept(Arc::new(Kept::from_frames(frames, len))));
-                }
-                if len > limit {
-                    break;
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = frame_to_bytes(frame);
+                    if let Some(data) = frame.data_ref() {
+                        self.len += data.len() as u64;
+                    }
+                    self.frames.push_back(frame);
+                    if body.is_end_stream() {
+                        return Poll::Ready(Ok(self.kept()));
+                    }
+                    if self.len > self.limit {
+                        break;
+                    }
                 }
             }
         }
+        let rest = self
+            .body
+            .take()
+            .expect("the body is there until the answer");
+        Poll::Ready(Ok(Prepared::Once(MeshBody {
+            kind: Kind::Prefixed {
+                prefix: std::mem::take(&mut self.frames),
+                rest,
+            },
+        })))
     }
-    Ok(Prepared::Once(MeshBody {
-        kind: Kind::Prefixed {
-            prefix: frames,
-            rest: body,
-        },
-    }))
+
+    fn kept(&mut self) -> Prepared<B> {
+        self.body = None;
+        let frames = std::mem::take(&mut self.frames);
+        Prepared::Kept(Arc::new(Kept::from_frames(frames, self.len)))
+    }
 }
 
 impl Kept {

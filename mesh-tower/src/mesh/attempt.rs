@@ -32,8 +32,10 @@ pub(crate) struct Attempt {
     pub(crate) _retry: Option<RetryPermit>,
     /// The request's decision record (`None` without a telemetry layer).
     pub(crate) record: Option<DecisionRecord>,
-    /// This attempt's entry in the record, until its outcome is known.
-    pub(crate) guard: Option<AttemptGuard>,
+    /// This attempt's entry in the record, until its outcome is known
+    /// (boxed: it is large, and only there under telemetry, while the
+    /// attempt is moved with the response future of every request).
+    pub(crate) guard: Option<Box<AttemptGuard>>,
 }
 
 impl Attempt {
@@ -49,7 +51,7 @@ impl Attempt {
         let guard = record.map(|r| {
             let guard = r.attempt_started(active.address(), active.labels());
             guard.inject(headers);
-            guard
+            Box::new(guard)
         });
         Attempt {
             active,

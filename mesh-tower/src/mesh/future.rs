@@ -1,49 +1,82 @@
-//! The response future of [`Mesh`](super::Mesh).
+//! The response future of [`Mesh`](super::Mesh): the one driver of the
+//! request engine ([`mesh_core::engine`]).
+//!
+//! Every routed request, with or without a policy, runs the same loop:
+//! ask the [`Exchange`] what to do, do it (take a breaker slot, pick an
+//! endpoint, send an attempt through the inner service, ask the retry
+//! budget, answer), and hand the result back as the next event. The loop
+//! runs first inside `Mesh::call`, which sends the first attempt with the
+//! readied inner service itself; the future then only waits: for the
+//! attempt in flight, for the request body being read ahead, for a
+//! service to be ready for a retry, and for at most one timer, armed only
+//! when the engine asks for one ([`Exchange::next_timer`]).
+//!
+//! The whole state lives in the future, in one place: no box, no task, and
+//! the request head is kept for a retry only when a retry is possible.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
-use http::Response;
+use http::{HeaderValue, Request, Response};
+use mesh_core::breaker::{Limit, Overflow, RequestPermit};
+use mesh_core::engine::{Action, Event, Exchange, Local, Observer};
+use mesh_core::model::{AbortStatus, Name, RetryOn};
+use mesh_core::retry::{Outcome, RetryPermit, RetryRefusal};
 use pin_project_lite::pin_project;
+use rand::RngCore;
+use std::sync::Arc;
+use tokio::time::{Instant, Sleep};
+use tower::Service;
 
+use super::ATTEMPT_COUNT_NAME;
 use super::attempt::{
     Attempt, Finish, outcome_flags, outcome_of, outcome_of_error, overflow_message,
     status_in_trailers,
 };
-use super::service::{local, upstream_error};
-use crate::body::ResponseBody;
+use super::service::{Config, local as local_response, prepare_target, upstream_error};
+use crate::balance::{ActiveGuard, ClusterState};
+use crate::body::{BodyTimeout, Kept, MeshBody, Prepared, Preparing, ResponseBody};
+use crate::deadline::write_timeout_header;
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::local_reply::LocalReply;
 use crate::stats::MeshStats;
-use crate::telemetry::{BreakerLimit, ResponseFlags};
+use crate::telemetry::{DecisionRecord, ResponseFlags};
 
-type Boxed<RB> =
-    Pin<Box<dyn Future<Output = Result<Response<ResponseBody<RB>>, Error>> + Send + 'static>>;
+type Output<RB> = Result<Response<ResponseBody<RB>>, Error>;
+
+type Boxed<RB> = Pin<Box<dyn Future<Output = Output<RB>> + Send + 'static>>;
 
 pin_project! {
-    /// The future of a routed request. A request with nothing to retry,
-    /// time or inject is sent without boxing; the others run the full
-    /// request flow in a boxed future.
-    pub struct ResponseFuture<F, RB> {
+    /// The future of a request through [`Mesh`](super::Mesh): the driver
+    /// of its request engine (see the [module docs](self)), or the answer
+    /// when it was known at once, or (for a name whose configuration has
+    /// not arrived yet) a boxed wait that ends by running the driver.
+    pub struct ResponseFuture<S, B, RB>
+    where
+        S: Service<Request<MeshBody<B>>, Response = Response<RB>>,
+    {
         #[pin]
-        state: State<F, RB>,
+        kind: Kind<S, B, RB>,
     }
 }
 
 pin_project! {
-    #[project = StateProj]
-    enum State<F, RB> {
-        Sending {
+    #[project = KindProj]
+    enum Kind<S, B, RB>
+    where
+        S: Service<Request<MeshBody<B>>, Response = Response<RB>>,
+    {
+        Driving {
+            core: Core<S, B, RB>,
+            // The attempt in flight.
             #[pin]
-            future: F,
-            attempt: Option<Attempt>,
-            grpc: bool,
-            stats: MeshStats,
+            flight: Option<S::Future>,
         },
         Ready {
-            result: Option<Result<Response<ResponseBody<RB>>, Error>>,
+            result: Option<Output<RB>>,
         },
         Boxed {
             future: Boxed<RB>,
@@ -51,21 +84,224 @@ pin_project! {
     }
 }
 
-impl<F, RB> ResponseFuture<F, RB> {
-    pub(crate) fn sending(future: F, attempt: Attempt, grpc: bool, stats: MeshStats) -> Self {
-        ResponseFuture {
-            state: State::Sending {
-                future,
-                attempt: Some(attempt),
-                grpc,
-                stats,
-            },
+/// A routed request, ready for the engine: what routing decided.
+pub(crate) struct Routed {
+    pub(crate) exchange: Exchange,
+    pub(crate) state: Arc<ClusterState>,
+    pub(crate) route: Name,
+    /// The request's hash, for ring-hash clusters.
+    pub(crate) hash: Option<u64>,
+    /// The request's decision record (`None`: nothing is recorded).
+    pub(crate) record: Option<DecisionRecord>,
+    /// When the exchange's clock started, when it needs one from the start.
+    pub(crate) clock: Option<Instant>,
+    /// A gRPC request (local answers are gRPC statuses, deadlines go in
+    /// `grpc-timeout`).
+    pub(crate) grpc: bool,
+}
+
+/// The request body, as the engine goes.
+enum Payload<B> {
+    /// The caller's body, untouched (sent once as it is).
+    Raw(B),
+    /// Being read ahead ([`Action::PrepareBody`]) and not ready at once
+    /// (boxed: rare, and large).
+    Preparing(Box<Preparing<B>>),
+    /// Sent once, with what was read ahead.
+    Once(MeshBody<B>),
+    /// Kept whole: every attempt replays it.
+    Kept(Arc<Kept>),
+    /// Sent, not replayable.
+    Gone,
+}
+
+/// Where the result of the current attempt is.
+enum Result_<R> {
+    /// In flight (or none yet).
+    None,
+    /// Its response or error.
+    Got(Result<R, BoxError>),
+    /// Its per-try timeout fired.
+    TimedOut,
+}
+
+/// The unpinned state of a driven request.
+struct Core<S, B, RB>
+where
+    S: Service<Request<MeshBody<B>>, Response = Response<RB>>,
+{
+    exchange: Exchange,
+    state: Arc<ClusterState>,
+    route: Name,
+    hash: Option<u64>,
+    record: Option<DecisionRecord>,
+    stats: MeshStats,
+    config: Config,
+    grpc: bool,
+    /// The exchange's time zero; started lazily when nothing could time
+    /// out at first (see [`Exchange::needs_clock`]).
+    clock: Option<Instant>,
+    /// The timer `sleep` is armed for (since `clock`).
+    timer: Option<Duration>,
+    /// The one timer, made the first time the engine asks for one (and
+    /// reused after).
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The request head: moved into the last attempt, copied for others.
+    head: Option<http::request::Parts>,
+    body: Payload<B>,
+    /// A service of its own, for attempts sent after `call` returned.
+    svc: Option<S>,
+    /// Whether `svc` is ready for a call.
+    svc_ready: bool,
+    /// An attempt (its number and announced timeout) waiting for `svc`
+    /// to be ready.
+    unsent: Option<(u32, Option<Duration>)>,
+    /// The breaker slot taken for the next attempt.
+    slot: Option<RequestPermit>,
+    /// The endpoint picked for the next attempt.
+    picked: Option<ActiveGuard>,
+    /// The retry slot granted for the next attempt.
+    retry: Option<RetryPermit>,
+    /// The current attempt: its number, what it holds, its result.
+    number: u32,
+    attempt: Option<Attempt>,
+    result: Result_<Response<RB>>,
+    outcome: Outcome,
+    /// Its response has begun with a status still to come (trailers).
+    begun: bool,
+}
+
+/// A generator made on the first number asked for.
+struct LazyRng(Option<rand::rngs::ThreadRng>);
+
+impl LazyRng {
+    fn get(&mut self) -> &mut rand::rngs::ThreadRng {
+        self.0.get_or_insert_with(rand::rng)
+    }
+}
+
+impl RngCore for LazyRng {
+    fn next_u32(&mut self) -> u32 {
+        self.get().next_u32()
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.get().next_u64()
+    }
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        self.get().fill_bytes(dst)
+    }
+}
+
+/// The one observer of the engine's decisions: the mesh's counters and,
+/// under telemetry, the request's decision record.
+struct Notes<'a> {
+    stats: &'a MeshStats,
+    record: Option<&'a DecisionRecord>,
+    state: &'a ClusterState,
+}
+
+impl Observer for Notes<'_> {
+    fn fault_delay(&mut self, delay: Duration) {
+        self.stats.add_fault_delay();
+        if let Some(record) = self.record {
+            record.fault_delay(delay);
         }
     }
 
-    pub(crate) fn ready(result: Result<Response<ResponseBody<RB>>, Error>) -> Self {
+    fn fault_abort(&mut self, status: AbortStatus) {
+        self.stats.add_fault_abort();
+        if let Some(record) = self.record {
+            match status {
+                AbortStatus::Http(code) => record.fault_abort_http(
+                    http::StatusCode::from_u16(code)
+                        .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
+                ),
+                AbortStatus::Grpc(code) => record.fault_abort_grpc(code),
+            }
+        }
+    }
+
+    fn deadline_remaining(&mut self, remaining: Duration) {
+        if let Some(record) = self.record {
+            record.deadline_remaining(remaining);
+        }
+    }
+
+    fn deadline_passed(&mut self) {
+        self.stats.add_timeout();
+        if let Some(record) = self.record {
+            record.flag(ResponseFlags::DURATION_TIMEOUT);
+        }
+    }
+
+    fn timed_out(&mut self) {
+        self.stats.add_timeout();
+        if let Some(record) = self.record {
+            record.flag(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT);
+        }
+    }
+
+    fn retrying(&mut self, _attempt: u32, reason: RetryOn, backoff: Duration) {
+        self.stats.add_retry();
+        if let Some(record) = self.record {
+            record.retrying(reason, backoff);
+        }
+    }
+
+    fn retry_refused(&mut self, refusal: RetryRefusal) {
+        self.stats.add_retry_refused();
+        if let Some(record) = self.record {
+            record.retry_refused(refusal.limit);
+        }
+        tracing::debug!(cluster = %self.state.name(), %refusal, "retry refused");
+    }
+
+    fn retries_exhausted(&mut self) {
+        if let Some(record) = self.record {
+            record.retries_exhausted();
+        }
+    }
+
+    fn overflow(&mut self, overflow: Overflow) {
+        self.stats.add_overflow();
+        if let Some(record) = self.record {
+            record.breaker_overflow(overflow.limit);
+        }
+    }
+
+    fn no_endpoint(&mut self) {
+        if let Some(record) = self.record {
+            record.flag(ResponseFlags::NO_HEALTHY_UPSTREAM);
+            if self.state.ejected() > 0 {
+                record.outlier("all endpoints ejected", None);
+            }
+        }
+    }
+}
+
+/// Where the attempt future goes: the field of a future not pinned yet
+/// (inside `Mesh::call`), or the pinned one.
+enum Slot<'a, F> {
+    Unpinned(&'a mut Option<F>),
+    Pinned(Pin<&'a mut Option<F>>),
+}
+
+impl<F> Slot<'_, F> {
+    fn set(&mut self, value: Option<F>) {
+        match self {
+            Slot::Unpinned(slot) => **slot = value,
+            Slot::Pinned(slot) => slot.set(value),
+        }
+    }
+}
+
+impl<S, B, RB> ResponseFuture<S, B, RB>
+where
+    S: Service<Request<MeshBody<B>>, Response = Response<RB>>,
+{
+    pub(crate) fn ready(result: Output<RB>) -> Self {
         ResponseFuture {
-            state: State::Ready {
+            kind: Kind::Ready {
                 result: Some(result),
             },
         }
@@ -77,73 +313,657 @@ impl<F, RB> ResponseFuture<F, RB> {
 
     pub(crate) fn waiting(future: Boxed<RB>) -> Self {
         ResponseFuture {
-            state: State::Boxed { future },
+            kind: Kind::Boxed { future },
         }
     }
 }
 
-impl<F, E, RB> Future for ResponseFuture<F, RB>
+impl<S, B, RB> ResponseFuture<S, B, RB>
 where
-    F: Future<Output = Result<Response<RB>, E>>,
-    E: Into<BoxError>,
+    S: Service<Request<MeshBody<B>>, Response = Response<RB>> + Clone,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Unpin,
+    B::Error: Into<BoxError>,
     RB: http_body::Body,
 {
-    type Output = Result<Response<ResponseBody<RB>>, Error>;
+    /// Starts the engine of a routed request: everything it decides before
+    /// it must wait (the first attempt included, sent with `inner`, which
+    /// must be ready) happens here.
+    pub(crate) fn start(
+        routed: Routed,
+        req: Request<B>,
+        inner: &mut S,
+        stats: &MeshStats,
+        config: Config,
+    ) -> Self {
+        let grpc = routed.grpc;
+        let (head, body) = req.into_parts();
+        let core = Core {
+            exchange: routed.exchange,
+            state: routed.state,
+            route: routed.route,
+            hash: routed.hash,
+            record: routed.record,
+            stats: stats.clone(),
+            config,
+            grpc,
+            clock: routed.clock,
+            timer: None,
+            sleep: None,
+            head: Some(head),
+            body: Payload::Raw(body),
+            svc: None,
+            svc_ready: false,
+            unsent: None,
+            slot: None,
+            picked: None,
+            retry: None,
+            number: 0,
+            attempt: None,
+            result: Result_::None,
+            outcome: Outcome::Reset,
+            begun: false,
+        };
+        let mut this = ResponseFuture {
+            kind: Kind::Driving { core, flight: None },
+        };
+        // Run where the state will stay until the caller moves the future.
+        let Kind::Driving { core, flight } = &mut this.kind else {
+            return this;
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        let ran = core.run(
+            Event::Start,
+            &mut cx,
+            Some(inner),
+            &mut Slot::Unpinned(flight),
+        );
+        if let Poll::Ready(result) = ran {
+            return Self::ready(result);
+        }
+        if core.number == 0 {
+            // Nothing sent yet (a fault delay, a body still arriving): the
+            // readied service goes with the request; `inner` keeps a clone.
+            let clone = inner.clone();
+            core.svc = Some(std::mem::replace(inner, clone));
+            core.svc_ready = true;
+        } else if core.exchange.attempt_budget() > core.number {
+            // A retry may follow: it needs a service of its own.
+            core.svc = Some(inner.clone());
+        }
+        this
+    }
+}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Sending {
-                future,
-                attempt,
-                grpc,
-                stats,
-            } => {
-                let result = ready!(future.poll(cx));
-                let Some(mut attempt) = attempt.take() else {
-                    return Poll::Ready(Err(polled_after_completion()));
+impl<S, B, RB> Core<S, B, RB>
+where
+    S: Service<Request<MeshBody<B>>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Unpin,
+    B::Error: Into<BoxError>,
+    RB: http_body::Body,
+{
+    /// Time since the exchange started (zero until its clock starts).
+    fn now(&self) -> Duration {
+        self.clock.map_or(Duration::ZERO, |c| c.elapsed())
+    }
+
+    /// Runs the engine from `event` until it waits (`Pending`) or the
+    /// exchange ends. Attempts are sent with `inner` when given (inside
+    /// `Mesh::call`), else with the future's own service.
+    fn run(
+        &mut self,
+        mut event: Event,
+        cx: &mut Context<'_>,
+        mut inner: Option<&mut S>,
+        flight: &mut Slot<'_, S::Future>,
+    ) -> Poll<Output<RB>> {
+        let mut rng = LazyRng(None);
+        // One clock read per run: the steps of one run happen at once.
+        let now = self.now();
+        loop {
+            let action = {
+                let mut notes = Notes {
+                    stats: &self.stats,
+                    record: self.record.as_ref(),
+                    state: &self.state,
                 };
-                Poll::Ready(match result {
-                    Ok(response) => {
-                        let in_trailers = status_in_trailers(&response);
-                        if !in_trailers {
-                            attempt.report(&outcome_of(&response), stats);
-                        }
-                        let finish = Finish::new(attempt, &response, in_trailers, stats.clone());
-                        Ok(response.map(|body| ResponseBody::new(body, Some(finish), None)))
-                    }
-                    Err(e) => {
-                        let e: BoxError = e.into();
-                        if let Some(message) = overflow_message(&e) {
-                            stats.add_overflow();
-                            if let Some(record) = &attempt.record {
-                                record.breaker_overflow(BreakerLimit::MaxPendingRequests);
+                self.exchange
+                    .step(now, event, &mut notes, &mut || rng.next_u64())
+            };
+            event = match action {
+                Action::Wait => return Poll::Pending,
+                Action::PrepareBody { keep } => {
+                    let body = match std::mem::replace(&mut self.body, Payload::Gone) {
+                        Payload::Raw(body) => body,
+                        _ => return Poll::Ready(Err(already_sent())),
+                    };
+                    match Preparing::start(body, keep, self.config.retry_buffer_limit) {
+                        Ok(prepared) => self.prepared(prepared),
+                        Err(mut preparing) => match preparing.poll(cx) {
+                            Poll::Ready(Ok(prepared)) => self.prepared(prepared),
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(body_error(e))),
+                            Poll::Pending => {
+                                self.body = Payload::Preparing(Box::new(preparing));
+                                return Poll::Pending;
                             }
-                            attempt.failed(ResponseFlags::UPSTREAM_OVERFLOW, None);
-                            Ok(local(LocalReply::overflow(message), *grpc))
-                        } else {
-                            let outcome = outcome_of_error(&*e);
-                            attempt.report(&outcome, stats);
-                            attempt.failed(outcome_flags(&outcome), Some(&e));
-                            Err(upstream_error(e, &attempt.active))
+                        },
+                    }
+                }
+                Action::TakeSlot => {
+                    let limits = &self.state.cluster().circuit_breakers;
+                    match self.state.breaker().try_request(limits) {
+                        Ok(permit) => {
+                            self.slot = Some(permit);
+                            Event::SlotGranted
+                        }
+                        Err(overflow) => Event::Overflow(overflow),
+                    }
+                }
+                Action::Pick { spill } => {
+                    let tried = self.exchange.tried();
+                    let avoid = |i: usize| tried.contains(&i);
+                    let avoid: Option<&dyn Fn(usize) -> bool> =
+                        if tried.is_empty() { None } else { Some(&avoid) };
+                    match self.state.pick(self.hash, &mut rng, avoid, spill) {
+                        Some(active) => {
+                            let endpoint = active.index();
+                            self.picked = Some(active);
+                            Event::Picked { endpoint }
+                        }
+                        None => Event::NoEndpoint,
+                    }
+                }
+                Action::Send { attempt, timeout } => {
+                    match inner.as_deref_mut() {
+                        Some(inner) => {
+                            let req = match self.attempt_request(attempt, timeout) {
+                                Ok(req) => req,
+                                Err(e) => return Poll::Ready(Err(e)),
+                            };
+                            flight.set(Some(inner.call(req)));
+                        }
+                        None => {
+                            self.unsent = Some((attempt, timeout));
+                            match self.poll_send(cx, flight) {
+                                Poll::Ready(Ok(())) => {}
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                                Poll::Pending => return Poll::Pending,
+                            }
                         }
                     }
-                })
-            }
-            StateProj::Ready { result } => Poll::Ready(
-                result
-                    .take()
-                    .unwrap_or_else(|| Err(polled_after_completion())),
-            ),
-            StateProj::Boxed { future } => future.as_mut().poll(cx),
+                    Event::Done
+                }
+                Action::Cancel { .. } => {
+                    flight.set(None);
+                    self.unsent = None;
+                    self.slot = None;
+                    self.picked = None;
+                    if let Some(attempt) = &self.attempt {
+                        attempt.report(&Outcome::PerTryTimeout, &self.stats);
+                    }
+                    self.result = Result_::TimedOut;
+                    self.outcome = Outcome::PerTryTimeout;
+                    Event::Done
+                }
+                Action::Release { .. } => {
+                    if let Some(mut attempt) = self.attempt.take()
+                        && self.record.is_some()
+                    {
+                        match &self.result {
+                            Result_::Got(Ok(response)) => attempt.answered(
+                                response.status(),
+                                crate::grpc::grpc_status(response.headers()),
+                            ),
+                            Result_::Got(Err(e)) => {
+                                attempt.failed(outcome_flags(&self.outcome), Some(e))
+                            }
+                            Result_::TimedOut | Result_::None => {
+                                attempt.failed(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, None)
+                            }
+                        }
+                    }
+                    // This attempt's slots and its response go before the
+                    // backoff.
+                    self.result = Result_::None;
+                    Event::Done
+                }
+                Action::AskRetry { .. } => {
+                    // The attempt's own retry slot is given back before
+                    // asking for the next one.
+                    if let Some(attempt) = &mut self.attempt {
+                        drop(attempt._retry.take());
+                    }
+                    let limits = &self.state.cluster().circuit_breakers;
+                    match self
+                        .state
+                        .retries()
+                        .try_acquire(limits, self.state.breaker().budget_base())
+                    {
+                        Ok(permit) => {
+                            self.retry = Some(permit);
+                            Event::RetryGranted
+                        }
+                        Err(refusal) => Event::RetryRefused(refusal),
+                    }
+                }
+                Action::Answer(local) => {
+                    flight.set(None);
+                    return Poll::Ready(self.answer(local));
+                }
+                Action::Deliver { deadline, .. } => return Poll::Ready(self.deliver(deadline)),
+            };
         }
     }
+
+    fn prepared(&mut self, prepared: Prepared<B>) -> Event {
+        let replayable = match prepared {
+            Prepared::Kept(kept) => {
+                self.body = Payload::Kept(kept);
+                true
+            }
+            Prepared::Once(body) => {
+                self.body = Payload::Once(body);
+                false
+            }
+        };
+        Event::BodyReady { replayable }
+    }
+
+    /// Polls the body being read ahead.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, Error>> {
+        let Payload::Preparing(preparing) = &mut self.body else {
+            return Poll::Pending;
+        };
+        match preparing.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(prepared)) => Poll::Ready(Ok(self.prepared(prepared))),
+            Poll::Ready(Err(e)) => {
+                self.body = Payload::Gone;
+                Poll::Ready(Err(body_error(e)))
+            }
+        }
+    }
+
+    /// Sends the unsent attempt once the future's own service is ready.
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        flight: &mut Slot<'_, S::Future>,
+    ) -> Poll<Result<(), Error>> {
+        let Some(svc) = self.svc.as_mut() else {
+            return Poll::Ready(Err(Error::new(
+                ErrorKind::Upstream,
+                "no service for a retry",
+            )));
+        };
+        if !self.svc_ready {
+            match svc.poll_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Err(Error::from_boxed(
+                        e.into(),
+                        ErrorKind::Upstream,
+                        "the inner service failed",
+                    )));
+                }
+                Poll::Ready(Ok(())) => self.svc_ready = true,
+            }
+        }
+        if let Some((number, timeout)) = self.unsent.take() {
+            let req = self.attempt_request(number, timeout)?;
+            if let Some(svc) = self.svc.as_mut() {
+                self.svc_ready = false;
+                flight.set(Some(svc.call(req)));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The request of attempt `number`, with its slot, endpoint and entry
+    /// in the decision record.
+    fn attempt_request(
+        &mut self,
+        number: u32,
+        timeout: Option<Duration>,
+    ) -> Result<Request<MeshBody<B>>, Error> {
+        let body = match std::mem::replace(&mut self.body, Payload::Gone) {
+            Payload::Kept(kept) => {
+                let body = MeshBody::replay(&kept);
+                self.body = Payload::Kept(kept);
+                body
+            }
+            Payload::Raw(body) => MeshBody::new(body),
+            Payload::Once(body) => body,
+            Payload::Preparing(_) | Payload::Gone => return Err(already_sent()),
+        };
+        let last = number >= self.exchange.attempt_budget();
+        let mut req = match (last, &self.head) {
+            (false, Some(head)) => request_like(head, body),
+            _ => match self.head.take() {
+                Some(head) => Request::from_parts(head, body),
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidRequest,
+                        "the request was already sent",
+                    ));
+                }
+            },
+        };
+        req.headers_mut()
+            .insert(ATTEMPT_COUNT_NAME, attempt_count(number));
+        if let Some(timeout) = timeout {
+            write_timeout_header(req.headers_mut(), self.grpc, timeout);
+        }
+        let (Some(active), Some(slot)) = (self.picked.take(), self.slot.take()) else {
+            return Err(Error::new(
+                ErrorKind::Upstream,
+                "an attempt without an endpoint or a breaker slot",
+            ));
+        };
+        prepare_target(&mut req, &active, &self.state, &self.config)?;
+        self.number = number;
+        self.begun = false;
+        self.result = Result_::None;
+        self.attempt = Some(Attempt::start(
+            active,
+            slot,
+            self.retry.take(),
+            self.record.as_ref(),
+            req.headers_mut(),
+        ));
+        Ok(req)
+    }
+
+    /// The attempt in flight ended with `result`: reported to outlier
+    /// detection (unless its status is still to come), kept, and turned
+    /// into the engine's event.
+    fn landed(&mut self, result: Result<Response<RB>, S::Error>) -> Event {
+        let attempt = self.number;
+        match result {
+            Ok(response) => {
+                let begun = status_in_trailers(&response);
+                let outcome = outcome_of(&response);
+                if !begun && let Some(a) = &self.attempt {
+                    a.report(&outcome, &self.stats);
+                }
+                self.begun = begun;
+                self.outcome = outcome;
+                self.result = Result_::Got(Ok(response));
+                Event::Outcome {
+                    attempt,
+                    outcome,
+                    begun,
+                }
+            }
+            Err(e) => {
+                let e: BoxError = e.into();
+                if overflow_message(&e).is_some() {
+                    let overflow = overflow_of(&*e);
+                    self.result = Result_::Got(Err(e));
+                    return Event::PendingOverflow { attempt, overflow };
+                }
+                let outcome = outcome_of_error(&*e);
+                if let Some(a) = &self.attempt {
+                    a.report(&outcome, &self.stats);
+                }
+                self.outcome = outcome;
+                self.result = Result_::Got(Err(e));
+                Event::Outcome {
+                    attempt,
+                    outcome,
+                    begun: false,
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, local: Local) -> Output<RB> {
+        let reply = match local {
+            Local::FaultAbort(status) => LocalReply::fault_abort(status),
+            Local::Overflow {
+                overflow,
+                attempt: None,
+            } => LocalReply::overflow(format!("cluster {:?}: {overflow}", self.state.name())),
+            Local::Overflow {
+                overflow,
+                attempt: Some(_),
+            } => {
+                if let Some(attempt) = &mut self.attempt {
+                    attempt.failed(ResponseFlags::UPSTREAM_OVERFLOW, None);
+                }
+                let message = match &self.result {
+                    Result_::Got(Err(e)) => overflow_message(e),
+                    _ => None,
+                };
+                LocalReply::overflow(
+                    message
+                        .unwrap_or_else(|| format!("cluster {:?}: {overflow}", self.state.name())),
+                )
+            }
+            Local::DeadlinePassed => LocalReply::timeout(format!(
+                "the deadline of the request had passed before it was sent to cluster {:?}",
+                self.state.name()
+            )),
+            Local::Timeout { after } => LocalReply::timeout(format!(
+                "upstream request timeout: cluster {:?} did not answer within {after:?} \
+                 (route {:?})",
+                self.state.name(),
+                self.route
+            )),
+            Local::PerTryTimeout { after, .. } => {
+                let endpoint = match &mut self.attempt {
+                    Some(attempt) => {
+                        attempt.failed(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, None);
+                        attempt.active.address().to_string()
+                    }
+                    None => "?".to_owned(),
+                };
+                LocalReply::timeout(format!(
+                    "upstream request timeout: endpoint {endpoint} of cluster {:?} did not \
+                     answer within the per-try timeout of {after:?}",
+                    self.state.name()
+                ))
+            }
+            Local::NoEndpoint => return Err(no_eligible_endpoint(&self.state, &self.route)),
+        };
+        // What the attempt held (its slots) goes with the answer.
+        self.attempt = None;
+        self.result = Result_::None;
+        Ok(local_response(reply, self.grpc))
+    }
+
+    fn deliver(&mut self, deadline: Option<Duration>) -> Output<RB> {
+        let Some(mut attempt) = self.attempt.take() else {
+            return Err(polled_after_completion());
+        };
+        match std::mem::replace(&mut self.result, Result_::None) {
+            Result_::Got(Ok(response)) => {
+                let timeout = match (deadline, self.clock) {
+                    (Some(deadline), Some(clock)) => {
+                        let at = clock + deadline;
+                        // The request's timer, if it had one, runs on.
+                        let sleep = match self.sleep.take() {
+                            Some(mut sleep) => {
+                                sleep.as_mut().reset(at);
+                                sleep
+                            }
+                            None => Box::pin(tokio::time::sleep_until(at)),
+                        };
+                        Some(BodyTimeout {
+                            sleep,
+                            grpc: self.grpc,
+                            limit: deadline,
+                        })
+                    }
+                    _ => None,
+                };
+                let finish = Finish::new(attempt, &response, self.begun, self.stats.clone());
+                Ok(response.map(|body| ResponseBody::new(body, Some(finish), timeout)))
+            }
+            Result_::Got(Err(e)) => {
+                attempt.failed(outcome_flags(&self.outcome), Some(&e));
+                Err(upstream_error(e, &attempt.active))
+            }
+            Result_::TimedOut | Result_::None => Err(polled_after_completion()),
+        }
+    }
+}
+
+impl<S, B, RB> Future for ResponseFuture<S, B, RB>
+where
+    S: Service<Request<MeshBody<B>>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Unpin,
+    B::Error: Into<BoxError>,
+    RB: http_body::Body,
+{
+    type Output = Output<RB>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (core, mut flight) = match self.project().kind.project() {
+            KindProj::Driving { core, flight } => (core, flight),
+            KindProj::Ready { result } => {
+                return Poll::Ready(
+                    result
+                        .take()
+                        .unwrap_or_else(|| Err(polled_after_completion())),
+                );
+            }
+            KindProj::Boxed { future } => return future.as_mut().poll(cx),
+        };
+        loop {
+            if core.exchange.is_done() {
+                return Poll::Ready(Err(polled_after_completion()));
+            }
+            let event = 'event: {
+                // An attempt waiting for the service to be ready.
+                if core.unsent.is_some() {
+                    match core.poll_send(cx, &mut Slot::Pinned(flight.as_mut())) {
+                        Poll::Ready(Ok(())) => break 'event Some(Event::Done),
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => {}
+                    }
+                }
+                // The body being read ahead.
+                match core.poll_body(cx) {
+                    Poll::Ready(Ok(event)) => break 'event Some(event),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+                // The attempt in flight.
+                if let Some(future) = flight.as_mut().as_pin_mut()
+                    && let Poll::Ready(result) = future.poll(cx)
+                {
+                    flight.set(None);
+                    break 'event Some(core.landed(result));
+                }
+                // The one timer.
+                let want = core.exchange.next_timer();
+                if want != core.timer {
+                    core.timer = want;
+                    if let Some(t) = want {
+                        let clock = *core.clock.get_or_insert_with(Instant::now);
+                        let at = clock + t;
+                        match core.sleep.as_mut() {
+                            Some(sleep) => sleep.as_mut().reset(at),
+                            None => core.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+                        }
+                    }
+                }
+                if core.timer.is_some()
+                    && let Some(sleep) = core.sleep.as_mut()
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    core.timer = None;
+                    break 'event Some(Event::Timer);
+                }
+                None
+            };
+            let Some(event) = event else {
+                return Poll::Pending;
+            };
+            if let Poll::Ready(out) = core.run(event, cx, None, &mut Slot::Pinned(flight.as_mut()))
+            {
+                return Poll::Ready(out);
+            }
+        }
+    }
+}
+
+/// `x-envoy-attempt-count`, without formatting the usual numbers.
+fn attempt_count(n: u32) -> HeaderValue {
+    match n {
+        1 => HeaderValue::from_static("1"),
+        2 => HeaderValue::from_static("2"),
+        3 => HeaderValue::from_static("3"),
+        n => HeaderValue::from(n),
+    }
+}
+
+/// The limit of a pool overflow error (its source is the breaker's
+/// [`Overflow`]); the pending-requests limit if the chain does not say.
+fn overflow_of(e: &(dyn std::error::Error + 'static)) -> Overflow {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(overflow) = e.downcast_ref::<Overflow>() {
+            return *overflow;
+        }
+        next = e.source();
+    }
+    Overflow {
+        limit: Limit::MaxPendingRequests,
+        value: 0,
+    }
+}
+
+/// A copy of a request head with another body.
+fn request_like<T>(head: &http::request::Parts, body: T) -> Request<T> {
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers.clone();
+    *req.extensions_mut() = head.extensions.clone();
+    req
+}
+
+fn no_eligible_endpoint(state: &ClusterState, route: &Name) -> Error {
+    Error::new(
+        ErrorKind::NoEndpoints,
+        format!(
+            "cluster {:?} has no healthy endpoint: {} of {} ejected by outlier detection \
+             (route {route:?})",
+            state.name(),
+            state.ejected(),
+            state.len()
+        ),
+    )
+}
+
+fn body_error(e: BoxError) -> Error {
+    Error::new(
+        ErrorKind::InvalidRequest,
+        "reading the request body failed before sending it",
+    )
+    .with_source(e)
+}
+
+fn already_sent() -> Error {
+    Error::new(
+        ErrorKind::InvalidRequest,
+        "the request body was already sent and cannot be replayed",
+    )
 }
 
 fn polled_after_completion() -> Error {
     Error::new(ErrorKind::InvalidRequest, "future polled after completion")
 }
 
-impl<F, RB> fmt::Debug for ResponseFuture<F, RB> {
+impl<S, B, RB> fmt::Debug for ResponseFuture<S, B, RB>
+where
+    S: Service<Request<MeshBody<B>>, Response = Response<RB>>,
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }

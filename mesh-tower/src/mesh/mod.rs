@@ -75,8 +75,17 @@
 //! carries one (a request built from an incoming one, extensions copied),
 //! else the request has no key and lands at a random point of the ring.
 //!
-//! A request with no fault, timeout, deadline or retry policy takes a fast
-//! path: one attempt, no boxing, no body handling.
+//! The engine. Steps 3 to 8 are decided by one sans-io state machine per
+//! request, [`mesh_core::engine::Exchange`]; [`ResponseFuture`] is its one
+//! driver, for every request, with or without a policy: it performs what
+//! the engine asks (take a breaker slot, pick an endpoint, send an attempt,
+//! ask the retry budget, answer) and hands back what happened. The first
+//! attempt is sent inside `call` with the readied inner service; the future
+//! then only waits, without a box or a task, and arms a timer only when
+//! something can time out (a route timeout, a deadline, a per-try timeout,
+//! a backoff, a fault delay). What a retry needs (a copy of the request
+//! head, a clone of the inner service) is kept only when a retry is
+//! possible: a route that retries, and a body that can be replayed.
 //!
 //! Telemetry. Under [`ClientTelemetry`](crate::telemetry::ClientTelemetry)
 //! (feature `telemetry`), or below any layer of the application's own that

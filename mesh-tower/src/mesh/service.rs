@@ -8,10 +8,8 @@ use http::uri::{Authority, Parts, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::Body;
 use mesh_core::Snapshot;
-use mesh_core::breaker::Overflow;
-use mesh_core::fault;
-use mesh_core::model::{AbortStatus, LbPolicy, Listener, Name, RoutePolicy};
-use mesh_core::retry::{Outcome, RetryPermit, backoff, retry_reason};
+use mesh_core::engine::{Exchange, Start};
+use mesh_core::model::{LbPolicy, Listener};
 use mesh_core::ring_hash::request_hash;
 use mesh_core::route::RequestView;
 use mesh_core::snapshot::ListenerLookup;
@@ -19,22 +17,18 @@ use rand::Rng;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
-use super::attempt::{
-    Attempt, Finish, outcome_flags, outcome_of, outcome_of_error, overflow_message,
-    status_in_trailers,
-};
-use super::future::ResponseFuture;
-use super::{ATTEMPT_COUNT_NAME, MeshLayer, TargetEndpoint};
+use super::future::{ResponseFuture, Routed};
+use super::{MeshLayer, TargetEndpoint};
 use crate::balance::{ActiveGuard, ClusterState, ClusterStates};
-use crate::body::{BodyTimeout, MeshBody, Prepared, ResponseBody, prepare};
+use crate::body::{MeshBody, ResponseBody};
 use crate::connection::ConnectionInfo;
-use crate::deadline::{Deadline, grpc_timeout_header, write_timeout_header};
+use crate::deadline::{Deadline, grpc_timeout_header};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::local_reply::{LocalReply, is_grpc};
 use crate::pool::{ensure_authority_in_uri, no_authority};
 use crate::source::ConfigSource;
 use crate::stats::MeshStats;
-use crate::telemetry::{BreakerLimit, DecisionRecord, ResponseFlags, RetryRefusal};
+use crate::telemetry::DecisionRecord;
 
 /// The routing service built by [`MeshLayer`]: routes each request, then
 /// calls the inner service `S` with a `Request<MeshBody<B>>` once per
@@ -126,30 +120,6 @@ impl<S, Src> Mesh<S, Src> {
     }
 }
 
-/// A routing decision, made against one snapshot: the route and cluster of
-/// a request. The endpoint is picked per attempt.
-pub(crate) struct Plan {
-    state: Arc<ClusterState>,
-    route: Name,
-    /// The route's policy when it asks for work beyond one plain attempt
-    /// (fault, timeout, retries) or the request has a deadline; `None`
-    /// takes the fast path.
-    policy: Option<RoutePolicy>,
-    /// The request's hash, for ring-hash clusters.
-    hash: Option<u64>,
-    /// The request's decision record, when a telemetry layer is above
-    /// (`None`: nothing is recorded, at no cost).
-    record: Option<DecisionRecord>,
-}
-
-enum Decision {
-    Routed(Plan),
-    /// The cluster requires mTLS this client cannot do: a local reply.
-    Unusable(Arc<str>),
-    Wait(String),
-    Fail(Error),
-}
-
 impl<S, Src, B, RB> Service<Request<B>> for Mesh<S, Src>
 where
     S: Service<Request<MeshBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
@@ -162,7 +132,7 @@ where
 {
     type Response = Response<ResponseBody<RB>>;
     type Error = Error;
-    type Future = ResponseFuture<S::Future, RB>;
+    type Future = ResponseFuture<S, B, RB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(|e| {
@@ -171,48 +141,40 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let decision = {
+        // The routed case builds the response future right here: the
+        // engine's state is moved as little as possible.
+        let waiting = {
             let snapshot = self.shared.source.snapshot();
-            match authority_of(&req) {
-                None => Decision::Fail(no_authority()),
-                Some(authority) => match snapshot.listener_for(authority) {
-                    ListenerLookup::Found(listener) => {
-                        match self.shared.plan(&snapshot, listener, &req, authority) {
-                            Ok(plan) => match plan.state.unusable() {
-                                None => Decision::Routed(plan),
-                                Some(reason) => Decision::Unusable(reason.clone()),
-                            },
-                            Err(e) => Decision::Fail(e),
-                        }
+            let Some(authority) = authority_of(&req) else {
+                return ResponseFuture::failed(no_authority());
+            };
+            match snapshot.listener_for(authority) {
+                ListenerLookup::Found(listener) => {
+                    let routed = match self.shared.plan(&snapshot, listener, &req, authority) {
+                        Ok(routed) => routed,
+                        Err(e) => return ResponseFuture::failed(e),
+                    };
+                    if let Some(reason) = routed.state.unusable() {
+                        let reply = mtls_unavailable(reason, routed.grpc);
+                        return ResponseFuture::ready(Ok(reply));
                     }
-                    ListenerLookup::Missing => Decision::Fail(not_found(authority)),
-                    ListenerLookup::Unknown => Decision::Wait(authority.to_owned()),
-                },
+                    return ResponseFuture::start(
+                        routed,
+                        req,
+                        &mut self.inner,
+                        &self.shared.stats,
+                        self.shared.config,
+                    );
+                }
+                ListenerLookup::Missing => return ResponseFuture::failed(not_found(authority)),
+                ListenerLookup::Unknown => authority.to_owned(),
             }
         };
-        match decision {
-            Decision::Routed(plan) if plan.policy.is_none() => self.send_once(req, plan),
-            Decision::Routed(plan) => {
-                let inner = self.take_ready();
-                let shared = self.shared.clone();
-                // The flow's future itself, boxed where it is built: an
-                // `async` block around it would be moved into the box and
-                // then move the (large) flow future into itself when first
-                // polled.
-                ResponseFuture::waiting(Box::pin(shared.run(inner, req, plan)))
-            }
-            Decision::Fail(e) => ResponseFuture::failed(e),
-            Decision::Unusable(reason) => {
-                ResponseFuture::ready(Ok(mtls_unavailable(&reason, is_grpc(req.headers()))))
-            }
-            Decision::Wait(authority) => {
-                let inner = self.take_ready();
-                let shared = self.shared.clone();
-                ResponseFuture::waiting(Box::pin(async move {
-                    shared.send_after_wait(inner, req, authority).await
-                }))
-            }
-        }
+        let inner = self.take_ready();
+        let shared = self.shared.clone();
+        ResponseFuture::waiting(Box::pin(async move {
+            shared.send_after_wait(inner, req, waiting).await
+        }))
     }
 }
 
@@ -225,57 +187,6 @@ impl<S: Clone, Src> Mesh<S, Src> {
     }
 }
 
-impl<S, Src: ConfigSource> Mesh<S, Src> {
-    /// The fast path: one attempt, nothing to time, keep or retry. No
-    /// allocation beyond the inner service's.
-    fn send_once<B, RB>(&mut self, req: Request<B>, plan: Plan) -> ResponseFuture<S::Future, RB>
-    where
-        S: Service<Request<MeshBody<B>>, Response = Response<RB>>,
-    {
-        let grpc = is_grpc(req.headers());
-        let state = &plan.state;
-        let request = match state
-            .breaker()
-            .try_request(&state.cluster().circuit_breakers)
-        {
-            Ok(permit) => permit,
-            Err(overflow) => {
-                self.shared.stats.add_overflow();
-                if let Some(record) = &plan.record {
-                    record.breaker_overflow(breaker_limit(&overflow));
-                }
-                return ResponseFuture::ready(Ok(local(overflow_reply(state, overflow), grpc)));
-            }
-        };
-        let Some(active) = state.pick(plan.hash, &mut rand::rng(), None, false) else {
-            record_no_endpoint(plan.record.as_ref(), state);
-            return ResponseFuture::failed(no_eligible_endpoint(state, &plan.route));
-        };
-        let mut req = req.map(MeshBody::new);
-        req.headers_mut()
-            .insert(ATTEMPT_COUNT_NAME, HeaderValue::from_static("1"));
-        if let Err(e) = self.shared.prepare(&mut req, &active, state) {
-            return ResponseFuture::failed(e);
-        }
-        let attempt = Attempt::start(
-            active,
-            request,
-            None,
-            plan.record.as_ref(),
-            req.headers_mut(),
-        );
-        let future = self.inner.call(req);
-        ResponseFuture::sending(future, attempt, grpc, self.shared.stats.clone())
-    }
-}
-
-/// What one attempt came to.
-enum Tried<RB> {
-    Response(Response<RB>),
-    Failed(BoxError),
-    PerTryTimeout(Duration),
-}
-
 impl<Src: ConfigSource> Shared<Src> {
     /// Routes `req` against `listener`'s route table: the route, and once
     /// per request the weighted cluster (retries stay in it).
@@ -285,7 +196,7 @@ impl<Src: ConfigSource> Shared<Src> {
         listener: &Listener,
         req: &Request<B>,
         authority: &str,
-    ) -> Result<Plan, Error> {
+    ) -> Result<Routed, Error> {
         let view = RequestView::new(req.method(), req.uri(), req.headers(), authority);
         let resolved = snapshot
             .resolve(listener, &view, rand::rng().random())
@@ -324,390 +235,47 @@ impl<Src: ConfigSource> Shared<Src> {
             }
             _ => None,
         };
-        let needs_work = policy.fault.is_some()
-            || policy.timeout.is_some()
-            || retry_of(policy).is_some()
-            || req.extensions().get::<Deadline>().is_some();
         let record = req.extensions().get::<DecisionRecord>().cloned();
         if let Some(r) = &record {
             r.route(&snapshot.versions, &listener.name, &resolved.route.name);
             r.cluster(&cluster.name, cluster.lb_policy);
             r.timeouts(
                 policy.timeout,
-                retry_of(policy).and_then(|p| p.per_try_timeout),
+                policy
+                    .retry
+                    .as_ref()
+                    .filter(|r| r.num_retries > 0 && !r.retry_on.is_empty())
+                    .and_then(|p| p.per_try_timeout),
             );
         }
-        Ok(Plan {
+        // The caller's deadline: the `Deadline` extension or a gRPC
+        // `grpc-timeout`; the clock is read only when there is one.
+        let grpc = is_grpc(req.headers());
+        let extension = Deadline::from_request(req);
+        let now = (extension.is_some() || grpc).then(Instant::now);
+        let caller = now.and_then(|now| {
+            let header = grpc
+                .then(|| grpc_timeout_header(req.headers(), now))
+                .flatten();
+            let at = match (extension.map(|d| d.at()), header) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }?;
+            Some(at.saturating_duration_since(now))
+        });
+        let exchange = Exchange::new(policy, Start { deadline: caller });
+        let clock = exchange
+            .needs_clock()
+            .then(|| now.unwrap_or_else(Instant::now));
+        Ok(Routed {
+            exchange,
             state,
             route: resolved.route.name.clone(),
-            policy: needs_work.then(|| policy.clone()),
             hash,
             record,
+            clock,
+            grpc,
         })
-    }
-
-    /// Marks `req` with its target and, in rewrite mode, points its URI at it.
-    pub(crate) fn prepare<B>(
-        &self,
-        req: &mut Request<B>,
-        active: &ActiveGuard,
-        state: &ClusterState,
-    ) -> Result<(), Error> {
-        if self.config.rewrite_uri {
-            let endpoint = active.authority().cloned().ok_or_else(|| {
-                Error::new(
-                    ErrorKind::InvalidRequest,
-                    format!(
-                        "endpoint {} of cluster {:?} cannot be written as a URI authority",
-                        active.address(),
-                        state.name()
-                    ),
-                )
-            })?;
-            rewrite_to_endpoint(req, endpoint)?;
-        } else {
-            ensure_authority_in_uri(req)?;
-        }
-        req.extensions_mut()
-            .insert(TargetEndpoint::with_connections(
-                active.address(),
-                state.cluster().protocol,
-                state.name().clone(),
-                state.connections().clone(),
-            ));
-        Ok(())
-    }
-
-    /// The full request flow (see the [module docs](crate::mesh)): fault
-    /// injection, then the overall timeout / deadline around the attempts.
-    async fn run<S, B, RB>(
-        self,
-        inner: S,
-        req: Request<B>,
-        mut plan: Plan,
-    ) -> Result<Response<ResponseBody<RB>>, Error>
-    where
-        S: Service<Request<MeshBody<B>>, Response = Response<RB>> + Clone,
-        S::Error: Into<BoxError>,
-        B: Body + Unpin,
-        B::Error: Into<BoxError>,
-        RB: Body,
-    {
-        let policy = plan.policy.take().unwrap_or_default();
-        let grpc = is_grpc(req.headers());
-        if let Some(fault) = &policy.fault {
-            let decision = {
-                let mut rng = rand::rng();
-                fault::decide(fault, rng.random(), rng.random())
-            };
-            if let Some(delay) = decision.delay {
-                self.stats.add_fault_delay();
-                if let Some(record) = &plan.record {
-                    record.fault_delay(delay);
-                }
-                tokio::time::sleep(delay).await;
-            }
-            if let Some(status) = decision.abort {
-                self.stats.add_fault_abort();
-                if let Some(record) = &plan.record {
-                    match status {
-                        AbortStatus::Http(code) => record.fault_abort_http(
-                            http::StatusCode::from_u16(code)
-                                .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
-                        ),
-                        AbortStatus::Grpc(code) => record.fault_abort_grpc(code),
-                    }
-                }
-                return Ok(local(LocalReply::fault_abort(status), grpc));
-            }
-        }
-        let start = Instant::now();
-        // The caller's deadline: the `Deadline` extension or a gRPC
-        // `grpc-timeout`; the route timeout may end the request earlier.
-        let caller = [
-            Deadline::from_request(&req).map(|d| d.at()),
-            grpc.then(|| grpc_timeout_header(req.headers(), start))
-                .flatten(),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        let deadline = [policy.timeout.and_then(|t| start.checked_add(t)), caller]
-            .into_iter()
-            .flatten()
-            .min();
-        let Some(at) = deadline else {
-            return self.attempts(inner, req, &plan, &policy, grpc, None).await;
-        };
-        if let (Some(record), Some(caller)) = (&plan.record, caller) {
-            record.deadline_remaining(caller.saturating_duration_since(start));
-        }
-        if at <= start {
-            self.stats.add_timeout();
-            if let Some(record) = &plan.record {
-                record.flag(ResponseFlags::DURATION_TIMEOUT);
-            }
-            return Ok(local(
-                LocalReply::timeout(format!(
-                    "the deadline of the request had passed before it was sent to cluster {:?}",
-                    plan.state.name()
-                )),
-                grpc,
-            ));
-        }
-        let attempts = self.attempts(inner, req, &plan, &policy, grpc, Some((at, start)));
-        match tokio::time::timeout_at(at, attempts).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.stats.add_timeout();
-                if let Some(record) = &plan.record {
-                    record.flag(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT);
-                }
-                Ok(local(
-                    LocalReply::timeout(format!(
-                        "upstream request timeout: cluster {:?} did not answer within {:?} \
-                         (route {:?})",
-                        plan.state.name(),
-                        at.saturating_duration_since(start),
-                        plan.route
-                    )),
-                    grpc,
-                ))
-            }
-        }
-    }
-
-    /// The retry loop: each attempt takes a circuit-breaker slot, an
-    /// endpoint (an untried one if there is one), the per-try timeout; a
-    /// failure the policy names is retried after a backoff when the
-    /// cluster's retry budget allows.
-    async fn attempts<S, B, RB>(
-        &self,
-        inner: S,
-        req: Request<B>,
-        plan: &Plan,
-        policy: &RoutePolicy,
-        grpc: bool,
-        deadline: Option<(Instant, Instant)>,
-    ) -> Result<Response<ResponseBody<RB>>, Error>
-    where
-        S: Service<Request<MeshBody<B>>, Response = Response<RB>> + Clone,
-        S::Error: Into<BoxError>,
-        B: Body + Unpin,
-        B::Error: Into<BoxError>,
-        RB: Body,
-    {
-        let state = &plan.state;
-        let limits = &state.cluster().circuit_breakers;
-        let retry = retry_of(policy);
-        let (parts, body) = req.into_parts();
-        let prepared = prepare(body, retry.is_some(), self.config.retry_buffer_limit)
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::InvalidRequest,
-                    "reading the request body failed before sending it",
-                )
-                .with_source(e)
-            })?;
-        let (kept, mut once) = match prepared {
-            Prepared::Kept(kept) => (Some(kept), None),
-            Prepared::Once(body) => (None, Some(body)),
-        };
-        let attempts = match (&kept, retry) {
-            (Some(_), Some(retry)) => retry.num_retries.saturating_add(1),
-            _ => 1,
-        };
-        let template = (attempts > 1).then(|| inner.clone());
-        let mut first = Some(inner);
-        let mut parts = Some(parts);
-        let mut tried: Vec<usize> = Vec::new();
-        let mut retry_permit: Option<RetryPermit> = None;
-        let per_try = retry.and_then(|r| r.per_try_timeout);
-        let spill = retry.is_some_and(|r| r.retry_remote_localities);
-        let mut number = 1u32;
-        loop {
-            let last = number >= attempts;
-            let request = match state.breaker().try_request(limits) {
-                Ok(permit) => permit,
-                Err(overflow) => {
-                    self.stats.add_overflow();
-                    if let Some(record) = &plan.record {
-                        record.breaker_overflow(breaker_limit(&overflow));
-                    }
-                    return Ok(local(overflow_reply(state, overflow), grpc));
-                }
-            };
-            let picked = {
-                let mut rng = rand::rng();
-                let avoid = |i: usize| tried.contains(&i);
-                let avoid: Option<&dyn Fn(usize) -> bool> =
-                    if tried.is_empty() { None } else { Some(&avoid) };
-                state.pick(plan.hash, &mut rng, avoid, spill)
-            };
-            let Some(active) = picked else {
-                record_no_endpoint(plan.record.as_ref(), state);
-                return Err(no_eligible_endpoint(state, &plan.route));
-            };
-            let index = active.index();
-            let body = match (&kept, once.take()) {
-                (Some(kept), _) => MeshBody::replay(kept),
-                (None, Some(body)) => body,
-                (None, None) => {
-                    return Err(Error::new(
-                        ErrorKind::InvalidRequest,
-                        "the request body was already sent and cannot be replayed",
-                    ));
-                }
-            };
-            let mut req = match (last, &parts) {
-                (false, Some(head)) => request_like(head, body),
-                _ => match parts.take() {
-                    Some(head) => Request::from_parts(head, body),
-                    None => {
-                        return Err(Error::new(
-                            ErrorKind::InvalidRequest,
-                            "the request was already sent",
-                        ));
-                    }
-                },
-            };
-            req.headers_mut()
-                .insert(ATTEMPT_COUNT_NAME, HeaderValue::from(number));
-            let now = Instant::now();
-            let left = deadline.map(|(at, _)| at.saturating_duration_since(now));
-            if let Some(timeout) = min_some(left, per_try) {
-                write_timeout_header(req.headers_mut(), grpc, timeout);
-            }
-            self.prepare(&mut req, &active, state)?;
-            let mut attempt = Attempt::start(
-                active,
-                request,
-                retry_permit.take(),
-                plan.record.as_ref(),
-                req.headers_mut(),
-            );
-            let mut svc = match first.take() {
-                Some(svc) => svc,
-                None => match &template {
-                    Some(template) => template.clone().ready_oneshot().await.map_err(|e| {
-                        Error::from_boxed(e.into(), ErrorKind::Upstream, "the inner service failed")
-                    })?,
-                    None => {
-                        return Err(Error::new(ErrorKind::Upstream, "no service for a retry"));
-                    }
-                },
-            };
-            let call = svc.call(req);
-            let tried_now = match per_try {
-                Some(timeout) => match tokio::time::timeout(timeout, call).await {
-                    Ok(Ok(response)) => Tried::Response(response),
-                    Ok(Err(e)) => Tried::Failed(e.into()),
-                    Err(_) => Tried::PerTryTimeout(timeout),
-                },
-                None => match call.await {
-                    Ok(response) => Tried::Response(response),
-                    Err(e) => Tried::Failed(e.into()),
-                },
-            };
-            let outcome = match &tried_now {
-                Tried::Response(response) => outcome_of(response),
-                Tried::Failed(e) => match overflow_message(e) {
-                    Some(message) => {
-                        self.stats.add_overflow();
-                        if let Some(record) = &plan.record {
-                            record.breaker_overflow(BreakerLimit::MaxPendingRequests);
-                        }
-                        attempt.failed(ResponseFlags::UPSTREAM_OVERFLOW, None);
-                        return Ok(local(LocalReply::overflow(message), grpc));
-                    }
-                    None => outcome_of_error(&**e),
-                },
-                Tried::PerTryTimeout(_) => Outcome::PerTryTimeout,
-            };
-            let in_trailers = matches!(&tried_now, Tried::Response(r) if status_in_trailers(r));
-            if !in_trailers {
-                attempt.report(&outcome, &self.stats);
-            }
-            let reason = retry.and_then(|retry| Some((retry, retry_reason(retry, &outcome)?)));
-            if let Some((retry, reason)) = reason {
-                if last {
-                    if attempts > 1
-                        && let Some(record) = &plan.record
-                    {
-                        record.retries_exhausted();
-                    }
-                } else {
-                    // This attempt's own retry slot is given back before
-                    // asking for the next one.
-                    drop(attempt._retry.take());
-                    match state
-                        .retries()
-                        .try_acquire(limits, state.breaker().budget_base())
-                    {
-                        Ok(permit) => {
-                            self.stats.add_retry();
-                            let wait = backoff(retry, number, rand::rng().random());
-                            if plan.record.is_some() {
-                                end_attempt(&mut attempt, &tried_now, &outcome);
-                                if let Some(record) = &plan.record {
-                                    record.retrying(reason, wait);
-                                }
-                            }
-                            // Release this attempt's slots (and its response)
-                            // before waiting.
-                            drop(attempt);
-                            drop(tried_now);
-                            retry_permit = Some(permit);
-                            tried.push(index);
-                            if !wait.is_zero() {
-                                tokio::time::sleep(wait).await;
-                            }
-                            number += 1;
-                            continue;
-                        }
-                        Err(refusal) => {
-                            self.stats.add_retry_refused();
-                            if let Some(record) = &plan.record {
-                                record.retry_refused(retry_refusal(&refusal));
-                            }
-                            tracing::debug!(cluster = %state.name(), %refusal, "retry refused");
-                        }
-                    }
-                }
-            }
-            return match tried_now {
-                Tried::Response(response) => {
-                    let timeout = deadline.map(|(at, start)| BodyTimeout {
-                        sleep: Box::pin(tokio::time::sleep_until(at)),
-                        grpc,
-                        limit: at.saturating_duration_since(start),
-                    });
-                    let finish = Finish::new(attempt, &response, in_trailers, self.stats.clone());
-                    Ok(response.map(|body| ResponseBody::new(body, Some(finish), timeout)))
-                }
-                Tried::Failed(e) => {
-                    attempt.failed(outcome_flags(&outcome), Some(&e));
-                    Err(upstream_error(e, &attempt.active))
-                }
-                Tried::PerTryTimeout(timeout) => {
-                    self.stats.add_timeout();
-                    attempt.failed(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, None);
-                    if let Some(record) = &plan.record {
-                        record.flag(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT);
-                    }
-                    Ok(local(
-                        LocalReply::timeout(format!(
-                            "upstream request timeout: endpoint {} of cluster {:?} did not answer \
-                             within the per-try timeout of {timeout:?}",
-                            attempt.active.address(),
-                            state.name()
-                        )),
-                        grpc,
-                    ))
-                }
-            };
-        }
     }
 
     /// The slow path: wait for `authority`'s config, then route and send.
@@ -729,7 +297,7 @@ impl<Src: ConfigSource> Shared<Src> {
             self.source.wait_for_listener(&authority),
         )
         .await;
-        let plan = {
+        let routed = {
             let snapshot = self.source.snapshot();
             let lookup = snapshot.listener_for(&authority);
             match (waited, lookup) {
@@ -765,40 +333,14 @@ impl<Src: ConfigSource> Shared<Src> {
                 }
             }
         };
-        if let Some(reason) = plan.state.unusable() {
+        if let Some(reason) = routed.state.unusable() {
             return Ok(mtls_unavailable(reason, is_grpc(req.headers())));
         }
-        let inner = inner.ready_oneshot().await.map_err(|e| {
+        let mut inner = inner.ready_oneshot().await.map_err(|e| {
             Error::from_boxed(e.into(), ErrorKind::Upstream, "the inner service failed")
         })?;
-        self.run(inner, req, plan).await
+        ResponseFuture::start(routed, req, &mut inner, &self.stats, self.config).await
     }
-}
-
-/// The retry policy of a route, when it can retry at all.
-fn retry_of(policy: &RoutePolicy) -> Option<&mesh_core::model::RetryPolicy> {
-    policy
-        .retry
-        .as_ref()
-        .filter(|r| r.num_retries > 0 && !r.retry_on.is_empty())
-}
-
-fn min_some(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// A copy of a request head with another body.
-fn request_like<T>(head: &http::request::Parts, body: T) -> Request<T> {
-    let mut req = Request::new(body);
-    *req.method_mut() = head.method.clone();
-    *req.uri_mut() = head.uri.clone();
-    *req.version_mut() = head.version;
-    *req.headers_mut() = head.headers.clone();
-    *req.extensions_mut() = head.extensions.clone();
-    req
 }
 
 /// A response the mesh makes itself.
@@ -825,62 +367,36 @@ fn mtls_unavailable<RB>(reason: &str, grpc: bool) -> Response<ResponseBody<RB>> 
     response
 }
 
-/// Ends a retried attempt's entry in the decision record.
-fn end_attempt<RB>(attempt: &mut Attempt, tried: &Tried<RB>, outcome: &Outcome) {
-    match tried {
-        Tried::Response(response) => attempt.answered(
-            response.status(),
-            crate::grpc::grpc_status(response.headers()),
-        ),
-        Tried::Failed(e) => attempt.failed(outcome_flags(outcome), Some(e)),
-        Tried::PerTryTimeout(_) => attempt.failed(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, None),
-    }
-}
-
-/// The decision record's name of a circuit breaker limit.
-fn breaker_limit(overflow: &Overflow) -> BreakerLimit {
-    if overflow.limit == mesh_core::breaker::MAX_PENDING_REQUESTS {
-        BreakerLimit::MaxPendingRequests
+/// Marks `req` with its target and, in rewrite mode, points its URI at it.
+pub(crate) fn prepare_target<B>(
+    req: &mut Request<B>,
+    active: &ActiveGuard,
+    state: &ClusterState,
+    config: &Config,
+) -> Result<(), Error> {
+    if config.rewrite_uri {
+        let endpoint = active.authority().cloned().ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "endpoint {} of cluster {:?} cannot be written as a URI authority",
+                    active.address(),
+                    state.name()
+                ),
+            )
+        })?;
+        rewrite_to_endpoint(req, endpoint)?;
     } else {
-        BreakerLimit::MaxRequests
+        ensure_authority_in_uri(req)?;
     }
-}
-
-/// The decision record's name of the limit that refused a retry.
-fn retry_refusal(refusal: &mesh_core::retry::RetryRefusal) -> RetryRefusal {
-    if refusal.limit == "retryBudget" {
-        RetryRefusal::Budget
-    } else {
-        RetryRefusal::MaxRetries
-    }
-}
-
-/// Records that no endpoint could be picked (and why, when outlier
-/// detection ejected them).
-fn record_no_endpoint(record: Option<&DecisionRecord>, state: &ClusterState) {
-    if let Some(record) = record {
-        record.flag(ResponseFlags::NO_HEALTHY_UPSTREAM);
-        if state.ejected() > 0 {
-            record.outlier("all endpoints ejected", None);
-        }
-    }
-}
-
-fn overflow_reply(state: &ClusterState, overflow: Overflow) -> LocalReply {
-    LocalReply::overflow(format!("cluster {:?}: {overflow}", state.name()))
-}
-
-fn no_eligible_endpoint(state: &ClusterState, route: &Name) -> Error {
-    Error::new(
-        ErrorKind::NoEndpoints,
-        format!(
-            "cluster {:?} has no healthy endpoint: {} of {} ejected by outlier detection \
-             (route {route:?})",
-            state.name(),
-            state.ejected(),
-            state.len()
-        ),
-    )
+    req.extensions_mut()
+        .insert(TargetEndpoint::with_connections(
+            active.address(),
+            state.cluster().protocol,
+            state.name().clone(),
+            state.connections().clone(),
+        ));
+    Ok(())
 }
 
 /// The authority a request is addressed to: the URI's, else `Host`.
@@ -959,9 +475,11 @@ mod tests {
     use tokio_stream::wrappers::UnboundedReceiverStream;
     use tower::Layer;
 
+    use mesh_core::model::{AbortStatus, RoutePolicy};
+
     use super::*;
     use crate::source::StaticSource;
-    use crate::telemetry::AttemptOutcome;
+    use crate::telemetry::{AttemptOutcome, BreakerLimit};
 
     type Chunk = Result<Frame<Bytes>, Infallible>;
     type Body = StreamBody<UnboundedReceiverStream<Chunk>>;

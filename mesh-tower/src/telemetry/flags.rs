@@ -155,74 +155,14 @@ impl fmt::Debug for ResponseFlags {
     }
 }
 
-/// Why a retry was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RetryRefusal {
-    /// The cluster's retry budget (Istio `retryBudget`) had no room.
-    Budget,
-    /// The cluster's `max_retries` concurrent retries were in flight.
-    MaxRetries,
-}
+/// Why a retry was refused: the retry limit of mesh-core (the request
+/// engine decides in these terms), under the name telemetry has always
+/// used for it.
+pub use mesh_core::retry::RetryLimit as RetryRefusal;
 
-impl RetryRefusal {
-    pub(crate) const ALL: [RetryRefusal; 2] = [RetryRefusal::Budget, RetryRefusal::MaxRetries];
-
-    pub(crate) fn bit(self) -> u8 {
-        match self {
-            RetryRefusal::Budget => 1,
-            RetryRefusal::MaxRetries => 2,
-        }
-    }
-
-    /// The metric label value.
-    pub fn name(self) -> &'static str {
-        match self {
-            RetryRefusal::Budget => "retry_budget",
-            RetryRefusal::MaxRetries => "max_retries",
-        }
-    }
-}
-
-/// Which circuit breaker limit overflowed (Envoy `circuit_breakers`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BreakerLimit {
-    /// `max_connections` (Istio `tcp.maxConnections`).
-    MaxConnections,
-    /// `max_pending_requests` (Istio `http.http1MaxPendingRequests`).
-    MaxPendingRequests,
-    /// `max_requests` (Istio `http.http2MaxRequests`).
-    MaxRequests,
-    /// `max_retries` (Istio `http.maxRetries`).
-    MaxRetries,
-}
-
-impl BreakerLimit {
-    pub(crate) const ALL: [BreakerLimit; 4] = [
-        BreakerLimit::MaxConnections,
-        BreakerLimit::MaxPendingRequests,
-        BreakerLimit::MaxRequests,
-        BreakerLimit::MaxRetries,
-    ];
-
-    pub(crate) fn bit(self) -> u8 {
-        match self {
-            BreakerLimit::MaxConnections => 1,
-            BreakerLimit::MaxPendingRequests => 2,
-            BreakerLimit::MaxRequests => 4,
-            BreakerLimit::MaxRetries => 8,
-        }
-    }
-
-    /// The metric label value.
-    pub fn name(self) -> &'static str {
-        match self {
-            BreakerLimit::MaxConnections => "max_connections",
-            BreakerLimit::MaxPendingRequests => "max_pending_requests",
-            BreakerLimit::MaxRequests => "max_requests",
-            BreakerLimit::MaxRetries => "max_retries",
-        }
-    }
-}
+/// Which circuit breaker limit overflowed (Envoy `circuit_breakers`): the
+/// breaker limit of mesh-core, under telemetry's name for it.
+pub use mesh_core::breaker::Limit as BreakerLimit;
 
 #[cfg(test)]
 mod tests {
