@@ -5,15 +5,16 @@
 //! and writes the report):
 //!
 //! - **mesh-control**, embedded in a process of its own (the `mesh-control serve`
-//!   defaults: 10 ms file debounce, a multi-thread runtime), serving a config
-//!   directory with one service `catalog` (namespace `bench`, subsets v1/v2, a
-//!   weighted route);
+//!   defaults: a file debounce on the leading and the trailing edge with a 10 ms
+//!   window, a multi-thread runtime), serving a config directory with one service
+//!   `catalog` (namespace `bench`, subsets v1/v2, a weighted route);
 //! - **the clients process**: N `XdsClient`s, each with its own connection (as N
 //!   workloads would have), subscribed to `catalog`. It makes the changes itself,
 //!   so the start and the end of each measurement read the same clock:
 //!   - *file*: rewrite the YAML (write aside, rename, as editors do) with new route
-//!     weights; the clock starts when the rename returns, so inotify, the debounce,
-//!     the reload, the translation and the push are all inside;
+//!     weights; the clock starts when the rename returns, so inotify, the debounce
+//!     (a rename is read at once: the leading edge), the reload, the translation
+//!     and the push are all inside;
 //!   - *api*: register a new endpoint (`POST /v1/endpoints`); the clock starts when
 //!     the request is sent (mesh-control pushes the new endpoints before it answers
 //!     201, so timing from the answer would often give 0).
@@ -521,7 +522,7 @@ fn orchestrate() {
                         if kind == "api" {
                             "register endpoint (API)".to_owned()
                         } else {
-                            "route weights (YAML file, 10 ms debounce)".to_owned()
+                            "route weights (YAML file)".to_owned()
                         },
                         format!("{:.2}", get(kind, "p50_ms")),
                         format!("{:.2}", get(kind, "p99_ms")),
@@ -564,6 +565,7 @@ fn orchestrate() {
             "rounds_per_kind": rounds,
             "client_counts": counts,
             "debounce_ms": 10,
+            "debounce_edges": "leading (applied when clean) and trailing",
         },
         "levels": levels,
         "wall_secs": round1(started.elapsed().as_secs_f64()),

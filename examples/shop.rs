@@ -267,7 +267,7 @@ async fn run() -> Result<(), BoxError> {
     })
     .await?;
     println!(
-        "   applied by the frontend {:.1} ms after the file was written (10 ms debounce included)",
+        "   applied by the frontend {:.1} ms after the file was written (read when the save finished)",
         changed.elapsed().as_secs_f64() * 1e3
     );
     let before = (flaky.failures(), payment_stats.retries());

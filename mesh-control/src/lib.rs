@@ -33,6 +33,7 @@ pub mod ca;
 mod compat;
 pub mod config;
 mod csds;
+mod debounce;
 mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;

@@ -55,7 +55,9 @@ struct ServeArgs {
     /// configured.
     #[arg(long)]
     insecure_admin: bool,
-    /// Milliseconds to wait for more file changes before reloading.
+    /// The config watcher's debounce window in milliseconds: a finished save
+    /// is read at once; what changes after it is read once more when the
+    /// directory has been quiet this long.
     #[arg(long, default_value_t = 10)]
     debounce_ms: u64,
     /// Least milliseconds between two full translations asked for by

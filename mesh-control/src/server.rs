@@ -20,6 +20,7 @@ use crate::ads::Ads;
 use crate::ca::CertificateAuthority;
 use crate::ca::serving::ServingTls;
 use crate::config::{ConfigStore, MeshOptions};
+use crate::debounce::{Action, Change, Debounce, Input};
 use crate::persist::{LEASE_FLUSH, LocalDir, Store, Stored, Versions};
 use crate::registry::Registry;
 use crate::state::{Locked, Shared};
@@ -184,8 +185,15 @@ impl ServerBuilder {
         self
     }
 
-    /// How long to wait after a file change for more changes before
-    /// reloading (editors write files in several steps). Default 10 ms.
+    /// The config watcher's debounce window (default 10 ms). A save is
+    /// read at once, when the file is closed after writing or renamed into
+    /// place (the leading edge), and applied if that read is clean: no
+    /// problem that is not already standing, nothing removed. What changes
+    /// after it is read once more when the directory has been quiet this
+    /// long (the trailing edge), and so is a read that was not clean:
+    /// editors write files in several steps, so a problem is reported only
+    /// when the trailing read still finds it. Changes that never finish a
+    /// write (a deletion, a chmod) are read on the trailing edge only.
     pub fn debounce(mut self, debounce: Duration) -> Self {
         self.debounce = debounce;
         self
@@ -597,14 +605,41 @@ impl ServerBuilder {
 /// comparison is of one fingerprint per resource, taken as the documents
 /// are read.
 fn reload(shared: &Shared, dirs: &[PathBuf]) {
+    read_config(shared, dirs, |_| true);
+}
+
+/// Reads the config directories and judges the read
+/// ([`ConfigStore::trial`]); applies it as [`reload`] describes if
+/// `apply(clean)` says so, else leaves no trace of it (no log, no metric,
+/// nothing in `/status`). Read, judged and applied under one lock of the
+/// store, so what is applied is what was judged.
+fn read_config(shared: &Shared, dirs: &[PathBuf], apply: impl FnOnce(bool) -> bool) {
     if dirs.is_empty() {
         return;
     }
-    let diagnostics = shared.store.lock().read_dirs(dirs);
+    let registrations: Vec<_> = shared
+        .registry
+        .lock()
+        .registered()
+        .into_iter()
+        .map(|r| r.registration)
+        .collect();
+    let standing = shared.diagnostics.lock().0.clone();
+    let (diagnostics, resources_before) = {
+        let mut store = shared.store.lock();
+        let read = store.read(dirs);
+        let trial = store.trial(read, &registrations, &standing);
+        if !apply(trial.is_clean()) {
+            return;
+        }
+        let resources_before = store.versions();
+        (store.commit(trial), resources_before)
+    };
     shared.metrics.reloads.inc();
     shared.diagnostics.lock().0 = diagnostics.clone();
     let before = shared.served.borrow().version;
-    let changes = shared.rebuild();
+    shared.rebuild();
+    let changes = resources_before.changes_to(&shared.store.lock().versions());
     let after = shared.served.borrow().version;
     let rejected = shared.store.lock().rejections().to_vec();
     // A problem that is no rejection (a directory that cannot be read).
@@ -636,19 +671,22 @@ fn reload(shared: &Shared, dirs: &[PathBuf]) {
 }
 
 /// Watches every config directory (not its subdirectories, which are not
-/// read) and reloads them all once the changes settle.
+/// read) and reads them all: at once when a write finishes, applied if
+/// that read is clean, and once more when the changes settle for
+/// `debounce` (`debounce.rs` decides; this task does what it says).
 fn watch_dirs(
     dirs: Arc<[PathBuf]>,
     shared: Arc<Shared>,
     debounce: Duration,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Result<notify::RecommendedWatcher, Error> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Change)>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(e) = event
-            && !e.kind.is_access()
+            && let Some(change) = classify(&e)
         {
-            let _ = tx.send(());
+            // Stamped as it arrives: a read that starts later sees it.
+            let _ = tx.send((Instant::now(), change));
         }
     })
     .map_err(|e| Error::config(format!("cannot watch the config directories: {e}")))?;
@@ -658,21 +696,95 @@ fn watch_dirs(
             .map_err(|e| Error::config(format!("cannot watch {}: {e}", dir.display())))?;
     }
     tasks.push(tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            // Debounce: keep absorbing events until the directory is quiet.
-            loop {
-                match tokio::time::timeout(debounce, rx.recv()).await {
-                    Ok(Some(())) => continue,
-                    Ok(None) => return,
-                    Err(_) => break,
+        let mut machine = Debounce::new(debounce);
+        let mut timer: Option<tokio::time::Instant> = None;
+        loop {
+            let input = tokio::select! {
+                event = rx.recv() => match event {
+                    Some((at, change)) => Input::Fs { at, change },
+                    None => return,
+                },
+                () = sleep_until(timer) => {
+                    timer = None;
+                    Input::Timer
                 }
+            };
+            let mut actions = machine.step(input, Instant::now());
+            // A read gives its result to the machine before anything else;
+            // the machine's verdict (apply or hold) is taken under the same
+            // store lock as the read.
+            while let Some(edge) = follow(&actions, &mut timer) {
+                let (shared, dirs) = (shared.clone(), dirs.clone());
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut next = Vec::new();
+                    read_config(&shared, &dirs, |clean| {
+                        next = machine.step(Input::Read { clean }, Instant::now());
+                        next.contains(&Action::Apply)
+                    });
+                    (machine, next)
+                })
+                .await;
+                (machine, actions) = match read {
+                    Ok(done) => done,
+                    Err(e) => {
+                        tracing::error!(
+                            error = %e,
+                            ?edge,
+                            "reading the config directories failed: the next change is read"
+                        );
+                        timer = None;
+                        (Debounce::new(debounce), Vec::new())
+                    }
+                };
             }
-            let shared = shared.clone();
-            let dirs = dirs.clone();
-            let _ = tokio::task::spawn_blocking(move || reload(&shared, &dirs)).await;
         }
     }));
     Ok(watcher)
+}
+
+/// What a watcher event says, or `None` for one that changes nothing: a
+/// file opened, or closed after reading (mesh-control's own reads among
+/// them), or closed after writing when the config does not read it (an
+/// editor's temporary file, whose rename is what counts).
+fn classify(event: &notify::Event) -> Option<Change> {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => event
+            .paths
+            .iter()
+            .any(|p| crate::config::is_config_file(p))
+            .then_some(Change::Finished),
+        EventKind::Access(_) => None,
+        EventKind::Modify(ModifyKind::Name(_)) => Some(Change::Finished),
+        _ => Some(Change::Progress),
+    }
+}
+
+/// Arms `timer` as `actions` say; returns the read they ask for, if any
+/// (always their last action).
+fn follow(
+    actions: &[Action],
+    timer: &mut Option<tokio::time::Instant>,
+) -> Option<crate::debounce::Edge> {
+    let mut read = None;
+    for action in actions {
+        match *action {
+            Action::ArmTimer(at) => *timer = Some(tokio::time::Instant::from_std(at)),
+            Action::Read(edge) => read = Some(edge),
+            // Done under the store lock, by the read.
+            Action::Apply | Action::Hold => {}
+        }
+    }
+    read
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The IP SANs of the serving certificate: the listen addresses, with

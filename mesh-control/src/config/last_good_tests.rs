@@ -525,3 +525,113 @@ fn the_config_in_force_survives_a_restart_with_a_broken_edit_on_disk() {
     let problems = other.restore(&damaged);
     assert!(!problems.is_empty());
 }
+
+/// What the config watcher's leading read may find mid-save: a trial is
+/// clean (applied at once) only when applying it brings no problem that is
+/// not standing and removes nothing; anything else waits for the trailing
+/// read. Committing a trial does what reading and settling would.
+#[test]
+fn a_trial_is_clean_only_without_new_problems_or_removals() {
+    let half = vs("v1", 50, "v2", 50);
+    let half = &half[..half.len() / 2];
+    let broken_other = "apiVersion: networking.istio.io/v1\nkind: [\n";
+    // (what, a broken file standing before, files written (None: deleted),
+    // clean)
+    type Case<'a> = (&'a str, bool, &'a [(&'a str, Option<&'a str>)], bool);
+    let edit = vs("v1", 50, "v2", 50);
+    let undefined = vs("v1", 0, "v9", 100);
+    let ledger = SE_CATALOG.replace("catalog", "ledger");
+    let cases: &[Case<'_>] = &[
+        (
+            "a valid edit",
+            false,
+            &[("payment-vs.yaml", Some(&edit))],
+            true,
+        ),
+        ("nothing changed", false, &[], true),
+        (
+            "a new resource",
+            false,
+            &[("ledger.yaml", Some(&ledger))],
+            true,
+        ),
+        (
+            "a file truncated mid-save: a syntax error",
+            false,
+            &[("payment-vs.yaml", Some(half))],
+            false,
+        ),
+        (
+            "a file truncated to nothing: a removal",
+            false,
+            &[("catalog.yaml", Some(""))],
+            false,
+        ),
+        (
+            "a file deleted, its removal valid",
+            false,
+            &[("catalog.yaml", None)],
+            false,
+        ),
+        (
+            "an edit rejected between resources",
+            false,
+            &[("payment-vs.yaml", Some(&undefined))],
+            false,
+        ),
+        (
+            "a valid edit next to a problem standing before",
+            true,
+            &[("payment-vs.yaml", Some(&edit))],
+            true,
+        ),
+        (
+            "a new problem next to one standing",
+            true,
+            &[("payment-vs.yaml", Some(half))],
+            false,
+        ),
+    ];
+    for &(what, standing_problem, writes, clean) in cases {
+        let (_, d) = mesh();
+        write(&d, "catalog.yaml", SE_CATALOG);
+        if standing_problem {
+            write(&d, "other.yaml", broken_other);
+        }
+        let mut s = ConfigStore::new(MeshOptions::default());
+        let standing = s.read_dirs(&[d.path()]);
+        s.settle(&[]);
+        assert_eq!(
+            standing.is_empty(),
+            !standing_problem,
+            "{what}: {standing:?}"
+        );
+        for (file, text) in writes {
+            match text {
+                Some(text) => write(&d, file, text),
+                None => std::fs::remove_file(d.path().join(file)).unwrap(),
+            }
+        }
+        let before = s.versions();
+        let rejections = s.rejections().to_vec();
+        let trial = s.trial(s.read(&[d.path()]), &[], &standing);
+        assert_eq!(trial.is_clean(), clean, "{what}");
+        assert_eq!(s.versions(), before, "{what}: a trial changes nothing");
+        assert_eq!(
+            s.rejections(),
+            rejections,
+            "{what}: a trial changes nothing"
+        );
+
+        // Committed, the trial is what a read and a settle would make.
+        let mut expected = ConfigStore::new(MeshOptions::default());
+        expected.restore(&s.export());
+        expected.read_dirs(&[d.path()]);
+        expected.settle(&[]);
+        expected.settle(&[]);
+        s.commit(trial);
+        assert_eq!(s.versions(), expected.versions(), "{what}");
+        assert_eq!(s.rejections(), expected.rejections(), "{what}");
+        assert!(!s.settle(&[]), "{what}: nothing left to apply");
+    }
+}

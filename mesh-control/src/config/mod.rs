@@ -170,6 +170,7 @@ mod security_tests;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
@@ -445,6 +446,43 @@ struct Disk {
     documents: Vec<(Option<ResourceKey>, Diagnostic)>,
 }
 
+/// One read of the config directories, not applied yet
+/// ([`ConfigStore::read`]).
+#[derive(Debug)]
+pub(crate) struct Read {
+    /// What the files held and the position of each file; `None` when a
+    /// directory could not be read (what was read before stays).
+    found: Option<(Disk, BTreeMap<PathBuf, usize>)>,
+    /// The problems of the files themselves.
+    diagnostics: Vec<Diagnostic>,
+}
+
+/// A read and what applying it would do ([`ConfigStore::trial`]).
+#[derive(Debug)]
+pub(crate) struct Trial {
+    read: Read,
+    /// `None` when a directory could not be read.
+    settled: Option<Settled>,
+    clean: bool,
+}
+
+impl Trial {
+    /// Whether applying it brings no new problem and removes nothing.
+    pub(crate) fn is_clean(&self) -> bool {
+        self.clean
+    }
+}
+
+/// What one settle decided ([`ConfigStore::judge`]).
+#[derive(Debug)]
+struct Settled {
+    /// The resources in force after it; `None`: unchanged.
+    good: Option<BTreeMap<ResourceKey, Held>>,
+    rejections: Vec<Rejection>,
+    /// Whether the resources in force change.
+    changed: bool,
+}
+
 /// One resource as a file defines it.
 #[derive(Debug, Clone)]
 enum OnDisk {
@@ -701,6 +739,14 @@ impl ConfigStore {
     /// the moment. Returns the problems of the files themselves. If a
     /// directory cannot be read, what was read before stays.
     pub(crate) fn read_dirs(&mut self, dirs: &[impl AsRef<Path>]) -> Vec<Diagnostic> {
+        let read = self.read(dirs);
+        self.install(read)
+    }
+
+    /// Reads `dirs` as [`ConfigStore::read_dirs`] does, without keeping
+    /// what was read: [`ConfigStore::trial`] says what applying it would
+    /// do, [`ConfigStore::commit`] applies it.
+    pub(crate) fn read(&self, dirs: &[impl AsRef<Path>]) -> Read {
         let mut diagnostics = Vec::new();
         let mut files = Vec::new();
         for dir in distinct_dirs(dirs) {
@@ -714,7 +760,10 @@ impl ConfigStore {
             }
         }
         if !diagnostics.is_empty() {
-            return diagnostics;
+            return Read {
+                found: None,
+                diagnostics,
+            };
         }
         let file_order: BTreeMap<PathBuf, usize> = files
             .iter()
@@ -735,6 +784,68 @@ impl ConfigStore {
             })
             .collect();
         self.read_sources(file_order, sources)
+    }
+
+    /// Keeps what `read` found as what the files hold (unless a directory
+    /// could not be read: then what was read before stays); returns the
+    /// problems of the files.
+    fn install(&mut self, read: Read) -> Vec<Diagnostic> {
+        if let Some((disk, file_order)) = read.found {
+            self.disk = disk;
+            self.file_order = file_order;
+        }
+        read.diagnostics
+    }
+
+    /// What applying `read` would do, judged with `registrations` as
+    /// [`ConfigStore::settle`] would, without changing anything. The trial
+    /// is *clean* when applying it brings no problem that is not standing
+    /// already — every problem of the files is in `standing` (those of the
+    /// read last applied), every rejection is one in force now — and
+    /// removes no resource in force: then it can be applied before the
+    /// writes settle without ever showing a transient state of a file
+    /// being written (a truncated file looks like a removal; a half-written
+    /// one like a syntax error).
+    pub(crate) fn trial(
+        &self,
+        read: Read,
+        registrations: &[Registration],
+        standing: &[Diagnostic],
+    ) -> Trial {
+        let Some((disk, file_order)) = &read.found else {
+            return Trial {
+                read,
+                settled: None,
+                clean: false,
+            };
+        };
+        let settled = self.judge(disk, file_order, registrations);
+        let standing: BTreeSet<&Diagnostic> = standing.iter().collect();
+        let clean = read.diagnostics.iter().all(|d| standing.contains(d))
+            && settled
+                .rejections
+                .iter()
+                .all(|r| self.rejections.contains(r))
+            && settled
+                .good
+                .as_ref()
+                .is_none_or(|good| self.good.keys().all(|k| good.contains_key(k)));
+        Trial {
+            read,
+            settled: Some(settled),
+            clean,
+        }
+    }
+
+    /// Applies a [`ConfigStore::trial`] made under the same lock: what
+    /// [`ConfigStore::read_dirs`] and then [`ConfigStore::settle`] would
+    /// have done. Returns the problems of the files.
+    pub(crate) fn commit(&mut self, trial: Trial) -> Vec<Diagnostic> {
+        let diagnostics = self.install(trial.read);
+        if let Some(settled) = trial.settled {
+            self.keep(settled);
+        }
+        diagnostics
     }
 
     /// Reads documents kept elsewhere than in files (the resources replicas
@@ -759,16 +870,13 @@ impl ConfigStore {
                 text: at_line(d.line, &d.yaml).map(Arc::from),
             })
             .collect();
-        self.read_sources(file_order, sources)
+        let read = self.read_sources(file_order, sources);
+        self.install(read)
     }
 
     /// Reads `sources` as the files of the config, `file_order` giving the
     /// position of each file.
-    fn read_sources(
-        &mut self,
-        file_order: BTreeMap<PathBuf, usize>,
-        sources: Vec<Source>,
-    ) -> Vec<Diagnostic> {
+    fn read_sources(&self, file_order: BTreeMap<PathBuf, usize>, sources: Vec<Source>) -> Read {
         let mut diagnostics = Vec::new();
         let mut disk = Disk {
             read: true,
@@ -865,9 +973,10 @@ impl ConfigStore {
             }
             disk.resources.insert(key, on_disk);
         }
-        self.disk = disk;
-        self.file_order = file_order;
-        diagnostics
+        Read {
+            found: Some((disk, file_order)),
+            diagnostics,
+        }
     }
 
     /// Applies what can be applied of the last read to the resources in
@@ -878,15 +987,29 @@ impl ConfigStore {
     /// rest allows it. Returns whether the resources in force changed.
     /// Cheap when the files propose nothing new.
     pub(crate) fn settle(&mut self, registrations: &[Registration]) -> bool {
-        if !self.disk.read {
-            self.rejections.clear();
-            return false;
+        let settled = self.judge(&self.disk, &self.file_order, registrations);
+        self.keep(settled)
+    }
+
+    /// What [`ConfigStore::settle`] would decide with `disk` read, without
+    /// changing anything.
+    fn judge(
+        &self,
+        disk: &Disk,
+        file_order: &BTreeMap<PathBuf, usize>,
+        registrations: &[Registration],
+    ) -> Settled {
+        if !disk.read {
+            return Settled {
+                good: None,
+                rejections: Vec::new(),
+                changed: false,
+            };
         }
-        let mut changed = false;
         let mut changes: BTreeMap<ResourceKey, Change<Held>> = BTreeMap::new();
         let mut rejections = Vec::new();
         let mut moved = Vec::new();
-        for (key, on_disk) in &self.disk.resources {
+        for (key, on_disk) in &disk.resources {
             let kept = self.good.get(key);
             match on_disk {
                 OnDisk::Valid(held) => match kept {
@@ -921,10 +1044,10 @@ impl ConfigStore {
         }
         let mut explained = BTreeSet::new();
         for (key, held) in &self.good {
-            if self.disk.resources.contains_key(key) {
+            if disk.resources.contains_key(key) {
                 continue;
             }
-            match self.disk.unsure.get(&held.resource.meta.file) {
+            match disk.unsure.get(&held.resource.meta.file) {
                 Some((problem, _)) => {
                     explained.insert(held.resource.meta.file.clone());
                     rejections.push(Rejection {
@@ -941,7 +1064,7 @@ impl ConfigStore {
                 }
             }
         }
-        for (file, (problem, whole_file)) in &self.disk.unsure {
+        for (file, (problem, whole_file)) in &disk.unsure {
             if *whole_file && !explained.contains(file) {
                 rejections.push(Rejection {
                     resource: None,
@@ -953,7 +1076,7 @@ impl ConfigStore {
                 });
             }
         }
-        for (key, problem) in &self.disk.documents {
+        for (key, problem) in &disk.documents {
             rejections.push(Rejection {
                 resource: key.as_ref().map(resource_name),
                 change: if key.is_some() {
@@ -967,14 +1090,19 @@ impl ConfigStore {
                 kept: key.as_ref().and_then(|k| self.good.get(k)).map(Kept::of),
             });
         }
-        for (key, held) in moved {
-            self.good.insert(key, held);
-            changed = true;
-        }
+        // Resources whose content stayed but moved (file, lines) are
+        // updated in place, which is a change of what is persisted.
+        let changed = !moved.is_empty();
+        let base: Cow<'_, BTreeMap<ResourceKey, Held>> = if changed {
+            let mut good = self.good.clone();
+            good.extend(moved);
+            Cow::Owned(good)
+        } else {
+            Cow::Borrowed(&self.good)
+        };
 
         let options = &self.options;
-        let file_order = &self.file_order;
-        let outcome = last_good::settle(&self.good, &changes, |set, changed| {
+        let outcome = last_good::settle(&base, &changes, |set, changed| {
             // Unchanged resources first: where the first of two wins (a
             // host routed by two VirtualServices), the one in force wins
             // and the newcomer is the one rejected.
@@ -989,21 +1117,31 @@ impl ConfigStore {
             let Some(change) = changes.get(key) else {
                 continue;
             };
-            rejections.push(explain(key, change, self.good.get(key), refusal));
+            rejections.push(explain(key, change, base.get(key), refusal));
         }
-        if !outcome.accepted.is_empty() {
-            changed = true;
-        }
-        self.good = outcome.good;
+        let changed = changed || !outcome.accepted.is_empty();
         rejections.sort_by(|a, b| {
             (&a.file, a.line, &a.resource, a.change).cmp(&(&b.file, b.line, &b.resource, b.change))
         });
         rejections.dedup();
-        self.rejections = rejections;
-        if changed {
+        Settled {
+            good: Some(outcome.good),
+            rejections,
+            changed,
+        }
+    }
+
+    /// Puts what [`ConfigStore::judge`] decided in force; returns whether
+    /// the resources in force changed.
+    fn keep(&mut self, settled: Settled) -> bool {
+        if let Some(good) = settled.good {
+            self.good = good;
+        }
+        self.rejections = settled.rejections;
+        if settled.changed {
             self.generation += 1;
         }
-        changed
+        settled.changed
     }
 
     /// What the last [`ConfigStore::settle`] did not apply, by file and
@@ -1298,16 +1436,19 @@ fn distinct_dirs<P: AsRef<Path>>(dirs: &[P]) -> Vec<&Path> {
         .collect()
 }
 
+/// Whether `path` is named as a config file is: `*.yaml` or `*.yml`.
+pub(crate) fn is_config_file(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"))
+}
+
 /// The `*.yaml` / `*.yml` files directly in `dir`, by file name.
 pub(crate) fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let is_yaml = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
-        if is_yaml && path.is_file() {
+        if is_config_file(&path) && path.is_file() {
             files.push(path);
         }
     }
