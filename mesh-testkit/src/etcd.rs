@@ -113,6 +113,19 @@ impl EtcdProcess {
             child: None,
             starts: 0,
         };
+        // The ports were free when picked, but another test may bind one
+        // before etcd does: then etcd exits at once, and new ports are tried.
+        for _ in 1..5 {
+            match etcd.try_spawn().await {
+                Ok(()) => return etcd,
+                Err(log) if log.contains("address already in use") => {
+                    etcd.client_port = free_port();
+                    etcd.peer_port = free_port();
+                    let _ = std::fs::remove_dir_all(etcd.dir.join("data"));
+                }
+                Err(log) => panic!("etcd exited before serving clients; its log:\n{log}"),
+            }
+        }
         etcd.spawn_and_wait().await;
         etcd
     }
@@ -156,6 +169,17 @@ impl EtcdProcess {
     }
 
     async fn spawn_and_wait(&mut self) {
+        if let Err(log) = self.try_spawn().await {
+            panic!(
+                "etcd exited before serving clients on {}; its log:\n{log}",
+                self.endpoint()
+            );
+        }
+    }
+
+    /// Starts etcd and waits until it serves clients; `Err` with the tail
+    /// of its log when it exits first.
+    async fn try_spawn(&mut self) -> Result<(), String> {
         self.starts += 1;
         let log = self.log_path();
         let log_file =
@@ -203,15 +227,13 @@ impl EtcdProcess {
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             if text.contains(READY_LINE) {
-                return;
+                return Ok(());
             }
             if let Some(child) = &mut self.child
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!(
-                    "etcd exited ({status}) before serving clients on {client}; its log:\n{}",
-                    self.log_tail()
-                );
+                self.child = None;
+                return Err(format!("({status})\n{}", self.log_tail()));
             }
             if start.elapsed() > READY_WITHIN {
                 panic!(
