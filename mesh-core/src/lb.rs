@@ -466,7 +466,12 @@ impl EndpointSet {
         active: &impl Fn(usize) -> u32,
         filter: &PickFilter<'_>,
     ) -> Option<usize> {
-        let slot = self.pick_locality(tier, random())?;
+        // A random number is drawn only for a choice there is to make: a
+        // cluster of one locality, or of one endpoint, needs none.
+        let slot = self.pick_locality(tier, random)?;
+        if slot.len == 1 {
+            return Some(slot.start);
+        }
         Some(match policy {
             LbPolicy::RoundRobin => {
                 if slot.uniform {
@@ -478,9 +483,6 @@ impl EndpointSet {
             LbPolicy::Random | LbPolicy::RingHash { .. } => self.random_in(slot, random()),
             LbPolicy::LeastRequest => {
                 let a = self.random_in(slot, random());
-                if slot.len == 1 {
-                    return Some(a);
-                }
                 let mut b = self.random_in(slot, random());
                 if b == a {
                     // A second, distinct choice, uniform among the others.
@@ -543,12 +545,12 @@ impl EndpointSet {
         }
     }
 
-    fn pick_locality(&self, tier: &Tier, random: u64) -> Option<&Slot> {
+    fn pick_locality(&self, tier: &Tier, random: &mut impl FnMut() -> u64) -> Option<&Slot> {
         let slots = self.localities.get(tier.slots.clone())?;
         if slots.len() == 1 {
             return slots.first();
         }
-        let point = scale(random, tier.total);
+        let point = scale(random(), tier.total);
         let i = slots.partition_point(|s| s.cumulative_weight <= point);
         slots.get(i.min(slots.len().saturating_sub(1)))
     }

@@ -172,8 +172,17 @@ pub fn strip_port(authority: &str) -> &str {
             None => authority,
         };
     }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+    // The trailing digits, then a ':' before them (what `rsplit_once(':')`
+    // with an all-digit port finds, without searching the whole name for a
+    // colon it usually does not have).
+    let bytes = authority.as_bytes();
+    let digits = bytes
+        .iter()
+        .rev()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    match (bytes.len() - digits).checked_sub(1) {
+        Some(colon) if bytes[colon] == b':' => &authority[..colon],
         _ => authority,
     }
 }
@@ -423,5 +432,10 @@ mod tests {
         assert_eq!(strip_port("catalog"), "catalog");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("catalog:"), "catalog");
+        assert_eq!(strip_port("a:b:80"), "a:b");
+        assert_eq!(strip_port("a:8b"), "a:8b");
+        assert_eq!(strip_port("8080"), "8080");
+        assert_eq!(strip_port(":80"), "");
     }
 }

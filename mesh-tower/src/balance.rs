@@ -46,7 +46,16 @@ pub(crate) struct ClusterStates {
     map: ArcSwap<HashMap<Name, Arc<ClusterState>>>,
     /// The workload's certificates, for clusters that require mTLS.
     certificates: Option<CertStore>,
+    /// Bumped whenever the map changes: a [`StateCache`] filled before is
+    /// stale.
+    generation: AtomicU64,
 }
+
+/// The cluster state of a service's last request, with the map's
+/// generation then (see [`ClusterStates::get_cached`]). Each clone of a
+/// mesh service has its own.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StateCache(Option<(Arc<ClusterState>, u64)>);
 
 /// The state of one cluster, for one version of its config and endpoints.
 #[derive(Debug)]
@@ -81,6 +90,7 @@ impl ClusterStates {
         ClusterStates {
             map: ArcSwap::default(),
             certificates: Some(store),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -101,6 +111,33 @@ impl ClusterStates {
             return state.clone();
         }
         self.rebuild(snapshot, cluster, cla, local())
+    }
+
+    /// [`get`](Self::get), through `cache`, the state of the caller's
+    /// previous request: it is the answer when it is for the same `cluster`
+    /// and `cla` (by pointer; the state holds both, so their addresses
+    /// cannot be reused while it lives) and the map has not changed since
+    /// (no state was built or forgotten). Otherwise the map answers (a
+    /// hash of the cluster's name and an atomic load), and fills the cache.
+    pub(crate) fn get_cached(
+        &self,
+        cache: &mut StateCache,
+        snapshot: &Snapshot,
+        cluster: &Cluster,
+        cla: &ClusterLoadAssignment,
+        local: impl FnOnce() -> Option<Locality>,
+    ) -> Arc<ClusterState> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some((state, seen)) = &cache.0
+            && *seen == generation
+            && std::ptr::eq(Arc::as_ptr(&state.cla), cla)
+            && std::ptr::eq(Arc::as_ptr(&state.cluster), cluster)
+        {
+            return state.clone();
+        }
+        let state = self.get(snapshot, cluster, cla, local);
+        cache.0 = Some((state.clone(), generation));
+        state
     }
 
     #[cold]
@@ -150,6 +187,9 @@ impl ClusterStates {
             }
             map
         });
+        // After the new map is in place: a cache that sees the new
+        // generation also sees the new map.
+        self.generation.fetch_add(1, Ordering::Release);
         winner
     }
 
@@ -456,6 +496,34 @@ mod tests {
         let cluster = snap.clusters.get(name).unwrap();
         let cla = snap.endpoints.get(name).unwrap();
         states.get(snap, cluster, cla, || None)
+    }
+
+    #[test]
+    fn a_cached_state_is_the_maps_even_after_its_cluster_was_forgotten_and_added_again() {
+        let states = ClusterStates::default();
+        let with_a = snapshot(&[cla("a", &[1]), cla("b", &[2])], LbPolicy::RoundRobin);
+        let mut cache = StateCache::default();
+        let mut cached = |snap: &Snapshot, name: &str| {
+            let cluster = snap.clusters.get(name).unwrap();
+            let cla = snap.endpoints.get(name).unwrap();
+            states.get_cached(&mut cache, snap, cluster, cla, || None)
+        };
+        let first = cached(&with_a, "a");
+        assert!(Arc::ptr_eq(&first, &cached(&with_a, "a")));
+        assert!(Arc::ptr_eq(&first, &state(&states, &with_a, "a")));
+        // A snapshot without "a": building "b"'s state forgets "a"'s.
+        let without_a = snapshot(&[cla("b", &[3])], LbPolicy::RoundRobin);
+        state(&states, &without_a, "b");
+        // "a" comes back with the very same resources: the map builds its
+        // state afresh, and the cache answers with the map's, not its own.
+        let again = state(&states, &with_a, "a");
+        assert!(!Arc::ptr_eq(&first, &again));
+        let mut cached = |snap: &Snapshot, name: &str| {
+            let cluster = snap.clusters.get(name).unwrap();
+            let cla = snap.endpoints.get(name).unwrap();
+            states.get_cached(&mut cache, snap, cluster, cla, || None)
+        };
+        assert!(Arc::ptr_eq(&again, &cached(&with_a, "a")));
     }
 
     #[test]

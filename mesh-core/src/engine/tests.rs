@@ -790,3 +790,12 @@ fn limits_keep_istios_names_for_messages() {
     let bits: u8 = Limit::ALL.iter().map(|l| l.bit()).sum();
     assert_eq!(bits, 0b1111, "one distinct bit per limit");
 }
+
+#[test]
+fn endpoints_tried_past_the_inline_room_are_all_kept_in_order() {
+    let mut tried = super::Tried::default();
+    for endpoint in [7, 3, 9, 1, 4] {
+        tried.push(endpoint);
+    }
+    assert_eq!(tried.as_slice(), &[7, 3, 9, 1, 4]);
+}

@@ -917,15 +917,10 @@ fn overflow_of(e: &(dyn std::error::Error + 'static)) -> Overflow {
     }
 }
 
-/// A copy of a request head with another body.
+/// A copy of a request head with another body (cloned whole: building
+/// a default request and overwriting its fields drops the defaults).
 fn request_like<T>(head: &http::request::Parts, body: T) -> Request<T> {
-    let mut req = Request::new(body);
-    *req.method_mut() = head.method.clone();
-    *req.uri_mut() = head.uri.clone();
-    *req.version_mut() = head.version;
-    *req.headers_mut() = head.headers.clone();
-    *req.extensions_mut() = head.extensions.clone();
-    req
+    Request::from_parts(head.clone(), body)
 }
 
 fn no_eligible_endpoint(state: &ClusterState, route: &Name) -> Error {

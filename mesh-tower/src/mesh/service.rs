@@ -19,7 +19,7 @@ use tower::{Service, ServiceExt};
 
 use super::future::{ResponseFuture, Routed};
 use super::{MeshLayer, TargetEndpoint};
-use crate::balance::{ActiveGuard, ClusterState, ClusterStates};
+use crate::balance::{ActiveGuard, ClusterState, ClusterStates, StateCache};
 use crate::body::{MeshBody, ResponseBody};
 use crate::connection::ConnectionInfo;
 use crate::deadline::{Deadline, grpc_timeout_header};
@@ -36,6 +36,11 @@ use crate::telemetry::DecisionRecord;
 pub struct Mesh<S, Src> {
     inner: S,
     shared: Shared<Src>,
+    /// The cluster state of this service's last request: a request to the
+    /// same cluster and endpoints (by pointer) reuses it without looking
+    /// the cluster's name up in the shared map (see
+    /// [`ClusterStates::get_cached`]).
+    last: StateCache,
 }
 
 #[derive(Clone)]
@@ -67,6 +72,7 @@ impl<S: Clone, Src: Clone> Clone for Mesh<S, Src> {
         Mesh {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            last: self.last.clone(),
         }
     }
 }
@@ -90,13 +96,18 @@ impl<S, Src: ConfigSource> Mesh<S, Src> {
 
 impl<S, Src> Mesh<S, Src> {
     pub(crate) fn from_shared(inner: S, shared: Shared<Src>) -> Self {
-        Mesh { inner, shared }
+        Mesh {
+            inner,
+            shared,
+            last: StateCache::default(),
+        }
     }
 
     /// Presents `store`'s certificate to clusters that require mTLS (see
     /// [`MeshLayer::certificates`]); the cluster state starts afresh.
     pub(crate) fn set_certificates(&mut self, store: crate::tls::CertStore) {
         self.shared.states = Arc::new(ClusterStates::with_certificates(store));
+        self.last = StateCache::default();
     }
 
     /// The inner service.
@@ -150,7 +161,10 @@ where
             };
             match snapshot.listener_for(authority) {
                 ListenerLookup::Found(listener) => {
-                    let routed = match self.shared.plan(&snapshot, listener, &req, authority) {
+                    let planned =
+                        self.shared
+                            .plan(&snapshot, listener, &req, authority, &mut self.last);
+                    let routed = match planned {
                         Ok(routed) => routed,
                         Err(e) => return ResponseFuture::failed(e),
                     };
@@ -196,6 +210,7 @@ impl<Src: ConfigSource> Shared<Src> {
         listener: &Listener,
         req: &Request<B>,
         authority: &str,
+        last: &mut StateCache,
     ) -> Result<Routed, Error> {
         let view = RequestView::new(req.method(), req.uri(), req.headers(), authority);
         let resolved = snapshot
@@ -212,9 +227,11 @@ impl<Src: ConfigSource> Shared<Src> {
                 .with_source(e)
             })?;
         let cluster = resolved.cluster;
-        let state = self.states.get(snapshot, cluster, resolved.endpoints, || {
-            self.source.locality()
-        });
+        let state = self
+            .states
+            .get_cached(last, snapshot, cluster, resolved.endpoints, || {
+                self.source.locality()
+            });
         if state.len() == 0 {
             return Err(Error::new(
                 ErrorKind::NoEndpoints,
@@ -301,9 +318,13 @@ impl<Src: ConfigSource> Shared<Src> {
             let snapshot = self.source.snapshot();
             let lookup = snapshot.listener_for(&authority);
             match (waited, lookup) {
-                (_, ListenerLookup::Found(listener)) => {
-                    self.plan(&snapshot, listener, &req, &authority)?
-                }
+                (_, ListenerLookup::Found(listener)) => self.plan(
+                    &snapshot,
+                    listener,
+                    &req,
+                    &authority,
+                    &mut StateCache::default(),
+                )?,
                 (_, ListenerLookup::Missing) | (Ok(Ok(())), ListenerLookup::Unknown) => {
                     return Err(not_found(&authority));
                 }
