@@ -20,7 +20,9 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use proxyless::layers::telemetry::{ClientTelemetry, Identity, MetricsRegistry, Telemetry};
+use proxyless::layers::telemetry::{
+    ClientTelemetry, Identity, MetricsRegistry, Sampling, Telemetry,
+};
 use proxyless::mesh_core::model::{MtlsMode, Protocol};
 use proxyless::{
     Bootstrap, InboundPolicy, Registration, Security, ServerContext, ServerLayer,
@@ -441,6 +443,9 @@ fn telemetry(service: &str) -> Telemetry {
         .build();
     Telemetry::builder(identity)
         .tracer_provider(provider)
+        // The sampler of a bare provider cannot be read back: say it, so the
+        // layers skip parsing trace context nothing will record.
+        .sampling(Sampling::AlwaysOff)
         .metrics(&MetricsRegistry::new())
         .access_log(false)
         .build()

@@ -53,8 +53,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use mesh_core::Snapshot;
 use mesh_core::model::Name;
 use prost::Message;
@@ -62,12 +62,13 @@ use rand::Rng;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::bootstrap::{Bootstrap, XdsServer};
 use crate::error::{Error, ErrorKind};
-use crate::state::{AdsState, Readiness, ResourceReport, SyncStatus, readiness};
+use crate::state::{AdsState, RawConfig, Readiness, ResourceReport, SyncStatus, readiness};
 
 /// Largest ADS response accepted (tonic's default of 4 MiB is small for a big mesh).
 const MAX_MESSAGE_SIZE: usize = 64 << 20;
@@ -867,10 +868,11 @@ struct CacheFile {
     jobs: watch::Sender<Option<Arc<SaveJob>>>,
 }
 
-/// A config to write: the raw resources and the `changes` value they are.
+/// A config to write: the raw resources (shared with the state, not
+/// copied) and the `changes` value they are.
 struct SaveJob {
     version: u64,
-    responses: Vec<DiscoveryResponse>,
+    config: RawConfig,
 }
 
 /// Resolves when the start-up wait for a control server is over; never
@@ -1011,7 +1013,7 @@ impl Driver {
     ) -> Result<bool, Shutdown> {
         let (tx, rx) = mpsc::unbounded_channel();
         for req in self.state.on_connected() {
-            let _ = tx.send(req);
+            let _ = tx.send(Box::new(req));
         }
         let result = self.drive_stream(&mut client, &tx, rx, server).await;
         self.state.on_disconnected();
@@ -1021,16 +1023,15 @@ impl Driver {
     async fn drive_stream(
         &mut self,
         client: &mut AdsClient,
-        tx: &mpsc::UnboundedSender<
-            envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest,
-        >,
-        rx: mpsc::UnboundedReceiver<
-            envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest,
-        >,
+        tx: &mpsc::UnboundedSender<Box<DiscoveryRequest>>,
+        rx: mpsc::UnboundedReceiver<Box<DiscoveryRequest>>,
         server: &XdsServer,
     ) -> Result<bool, Shutdown> {
         let uri = server.server_uri();
-        let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx));
+        // Boxed in the channel: its blocks hold 32 slots of the item, and a
+        // request is over 500 bytes (two blocks of 17 KB for a stream's
+        // life, against 256 bytes each boxed).
+        let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx).map(|req| *req));
         // A `mesh_ca` workload authenticates with its join token (mesh-control
         // with a CA refuses anonymous streams). Over TLS only: over plaintext
         // the token would be readable on the wire, and a control server
@@ -1071,14 +1072,14 @@ impl Driver {
                 cmd = self.commands.recv() => {
                     self.on_command(cmd)?;
                     for req in self.state.pending_requests() {
-                        let _ = tx.send(req);
+                        let _ = tx.send(Box::new(req));
                     }
                 }
                 () = cache_due(self.cache_due) => {
                     self.load_cache();
                     // The cached listeners are subscribed on this stream too.
                     for req in self.state.pending_requests() {
-                        let _ = tx.send(req);
+                        let _ = tx.send(Box::new(req));
                     }
                 }
             }
@@ -1093,7 +1094,7 @@ impl Driver {
                             self.on_answered(uri);
                         }
                         for req in self.state.on_response(response) {
-                            let _ = tx.send(req);
+                            let _ = tx.send(Box::new(req));
                         }
                         self.publish();
                     }
@@ -1115,13 +1116,13 @@ impl Driver {
                 cmd = self.commands.recv() => {
                     self.on_command(cmd)?;
                     for req in self.state.pending_requests() {
-                        let _ = tx.send(req);
+                        let _ = tx.send(Box::new(req));
                     }
                 }
                 () = cache_due(self.cache_due) => {
                     self.load_cache();
                     for req in self.state.pending_requests() {
-                        let _ = tx.send(req);
+                        let _ = tx.send(Box::new(req));
                     }
                 }
             }
@@ -1162,7 +1163,7 @@ impl Driver {
             let version = *self.changes.borrow();
             cache.jobs.send_replace(Some(Arc::new(SaveJob {
                 version,
-                responses: self.state.cached_responses(),
+                config: self.state.raw_config(),
             })));
         }
     }
@@ -1257,8 +1258,14 @@ async fn write_cache(writer: CacheWriter, mut jobs: watch::Receiver<Option<Arc<S
         let (path, node_id) = (writer.path.clone(), writer.node_id.clone());
         let responses = job.clone();
         let prune = !pruned;
+        // The file's buffer is allocated here, on the runtime's thread, and
+        // filled on the blocking one: a config of a few hundred KB built
+        // there would grow that thread's own allocator arena, which stays
+        // resident after the write (and the pool may run the next write on
+        // another thread, with another arena).
+        let buffer = Vec::with_capacity(raw_cache_len(&node_id, &responses.config));
         let written = tokio::task::spawn_blocking(move || {
-            let written = save_cache(&path, &node_id, &responses.responses)?;
+            let written = save_raw_cache(&path, &node_id, &responses.config, buffer)?;
             if prune && let Some(dir) = path.parent() {
                 prune_stale_caches(dir, &path);
             }
@@ -1354,26 +1361,69 @@ struct CacheContents {
 /// node id (u32 length, UTF-8) and one length-delimited `DiscoveryResponse`
 /// per resource type. The length and checksum catch a truncated or damaged
 /// file that protobuf alone would half-read.
+#[cfg(test)]
 fn encode_cache(node_id: &str, written_at: SystemTime, responses: &[DiscoveryResponse]) -> Vec<u8> {
-    let mut payload = Vec::new();
+    let len = responses
+        .iter()
+        .map(|r| r.encoded_len())
+        .map(|n| prost::length_delimiter_len(n) + n)
+        .sum();
+    frame_cache(Vec::new(), node_id, written_at, len, |out| {
+        for r in responses {
+            let _ = r.encode_length_delimited(out);
+        }
+    })
+}
+
+/// [`encode_cache`] of the responses `config` stands for, without copying
+/// them, in `out` (cleared; [`raw_cache_len`] bytes are needed).
+fn encode_raw_cache(
+    node_id: &str,
+    written_at: SystemTime,
+    config: &RawConfig,
+    out: Vec<u8>,
+) -> Vec<u8> {
+    frame_cache(out, node_id, written_at, config.encoded_len(), |out| {
+        config.encode_length_delimited(out);
+    })
+}
+
+/// The size of the cache file of `config`.
+fn raw_cache_len(node_id: &str, config: &RawConfig) -> usize {
+    CACHE_HEADER_LEN + 4 + node_id.len() + config.encoded_len()
+}
+
+/// The cache file's bytes around responses of `len` bytes that `write`
+/// appends, in `out` (cleared) grown once to the final size: a config of a
+/// few hundred KB is not built twice, nor grown by doubling.
+fn frame_cache(
+    mut out: Vec<u8>,
+    node_id: &str,
+    written_at: SystemTime,
+    len: usize,
+    write: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
     let id = node_id.as_bytes();
-    payload.extend_from_slice(&u32::try_from(id.len()).unwrap_or(u32::MAX).to_be_bytes());
-    payload.extend_from_slice(id);
-    for r in responses {
-        payload.extend_from_slice(&r.encode_length_delimited_to_vec());
-    }
+    let payload_len = 4 + id.len() + len;
     let millis = written_at
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let mut checksum = Fnv::new();
-    checksum.write(&payload);
-    let mut out = Vec::with_capacity(CACHE_HEADER_LEN + payload.len());
+    out.clear();
+    out.reserve_exact(CACHE_HEADER_LEN + payload_len);
     out.extend_from_slice(CACHE_MAGIC);
     out.extend_from_slice(&CACHE_FORMAT.to_be_bytes());
     out.extend_from_slice(&millis.to_be_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-    out.extend_from_slice(&checksum.finish().to_be_bytes());
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(&(payload_len as u64).to_be_bytes());
+    // The checksum, written once the payload is there.
+    let checksum_at = out.len();
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&u32::try_from(id.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(id);
+    write(&mut out);
+    debug_assert_eq!(out.len(), CACHE_HEADER_LEN + payload_len);
+    let mut checksum = Fnv::new();
+    checksum.write(&out[CACHE_HEADER_LEN..]);
+    out[checksum_at..checksum_at + 8].copy_from_slice(&checksum.finish().to_be_bytes());
     out
 }
 
@@ -1473,19 +1523,37 @@ fn decode_cache(bytes: &[u8]) -> Result<CacheContents, String> {
 
 /// Writes the cache for `node_id` atomically (see [`write_private_file`]);
 /// returns when it was written.
+#[cfg(test)]
 fn save_cache(
     path: &Path,
     node_id: &str,
     responses: &[DiscoveryResponse],
 ) -> Result<SystemTime, Error> {
     let now = SystemTime::now();
-    write_private_file(path, &encode_cache(node_id, now, responses)).map_err(|e| {
+    write_cache_bytes(path, &encode_cache(node_id, now, responses))?;
+    Ok(now)
+}
+
+/// Writes `config` as the cache of `node_id` to `path`, encoded in
+/// `buffer`; when it was written.
+fn save_raw_cache(
+    path: &Path,
+    node_id: &str,
+    config: &RawConfig,
+    buffer: Vec<u8>,
+) -> Result<SystemTime, Error> {
+    let now = SystemTime::now();
+    write_cache_bytes(path, &encode_raw_cache(node_id, now, config, buffer))?;
+    Ok(now)
+}
+
+fn write_cache_bytes(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    write_private_file(path, bytes).map_err(|e| {
         Error::new(
             ErrorKind::Cache,
             format!("cannot write the xDS cache {}: {e}", path.display()),
         )
-    })?;
-    Ok(now)
+    })
 }
 
 /// Reads the cache of `node_id`; `None` when there is none. The error names
@@ -1605,6 +1673,42 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["xds.cache"]);
+    }
+
+    #[test]
+    fn the_cache_of_held_resources_is_the_cache_of_their_responses() {
+        use mesh_testkit::snapshot::xds::{cluster, listener};
+        let mut state = AdsState::new(
+            Bootstrap::builder("127.0.0.1:1", "n")
+                .build()
+                .unwrap()
+                .node(),
+        )
+        .keep_raw(true);
+        state.load_cached(vec![
+            DiscoveryResponse {
+                version_info: "1".into(),
+                type_url: mesh_core::xds::LISTENER_TYPE.into(),
+                resources: vec![listener("a", "rc-a")],
+                ..DiscoveryResponse::default()
+            },
+            DiscoveryResponse {
+                type_url: mesh_core::xds::CLUSTER_TYPE.into(),
+                resources: vec![cluster("c1", "c1")],
+                ..DiscoveryResponse::default()
+            },
+        ]);
+        let config = state.raw_config();
+        assert!(!config.is_empty());
+        let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        // A reused buffer holding something else: cleared first.
+        let bytes = encode_raw_cache("node-1", at, &config, vec![7; 3]);
+        assert_eq!(bytes, encode_cache("node-1", at, &state.cached_responses()));
+        assert_eq!(bytes.len(), raw_cache_len("node-1", &config));
+        let decoded = decode_cache(&bytes).unwrap();
+        assert_eq!(decoded.responses, state.cached_responses());
+        assert_eq!(decoded.node_id, "node-1");
+        assert_eq!(decoded.written_at, at);
     }
 
     #[cfg(unix)]

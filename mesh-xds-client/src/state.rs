@@ -54,6 +54,7 @@ use mesh_core::model::{
 };
 use mesh_core::snapshot::ListenerLookup;
 use mesh_core::xds::{self, Any, ResourceType};
+use prost::Message;
 
 /// google.rpc.Code INVALID_ARGUMENT, the code of a NACK's `error_detail`.
 const INVALID_ARGUMENT: i32 = 3;
@@ -114,6 +115,95 @@ pub struct RawResource {
     pub version: String,
     /// When its content or version last changed.
     pub updated: SystemTime,
+}
+
+/// The accepted resources of an [`AdsState`] in raw form, one response per
+/// type that has any ([`AdsState::raw_config`]). It shares the resources
+/// the state holds (an `Arc` each), so building one on every change copies
+/// no resource; [`RawConfig::encode_length_delimited`] writes the bytes of
+/// the [`DiscoveryResponse`]s of [`AdsState::cached_responses`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawConfig {
+    types: Vec<RawType>,
+}
+
+/// One resource type of a [`RawConfig`].
+#[derive(Debug, Clone, PartialEq)]
+struct RawType {
+    type_url: &'static str,
+    version: String,
+    resources: Vec<Arc<RawResource>>,
+}
+
+/// `DiscoveryResponse` fields, wire type 2 (length-delimited): the keys
+/// its derived encoding writes.
+const VERSION_INFO_KEY: u8 = 1 << 3 | 2;
+const RESOURCES_KEY: u8 = 2 << 3 | 2;
+const TYPE_URL_KEY: u8 = 4 << 3 | 2;
+
+/// The size of a length-delimited field of `len` bytes with a one-byte key.
+fn field_len(len: usize) -> usize {
+    1 + prost::length_delimiter_len(len) + len
+}
+
+fn put_field(key: u8, bytes: &[u8], out: &mut Vec<u8>) {
+    out.push(key);
+    // Writing to a `Vec` cannot run out of room.
+    let _ = prost::encode_length_delimiter(bytes.len(), out);
+    out.extend_from_slice(bytes);
+}
+
+impl RawType {
+    /// The size of its `DiscoveryResponse { version_info, resources, type_url }`.
+    fn body_len(&self) -> usize {
+        let version = if self.version.is_empty() {
+            0
+        } else {
+            field_len(self.version.len())
+        };
+        let resources: usize = self
+            .resources
+            .iter()
+            .map(|r| field_len(r.any.encoded_len()))
+            .sum();
+        version + resources + field_len(self.type_url.len())
+    }
+}
+
+impl RawConfig {
+    /// Whether it holds no resource.
+    pub fn is_empty(&self) -> bool {
+        self.types.is_empty()
+    }
+
+    /// The number of bytes [`RawConfig::encode_length_delimited`] writes.
+    pub fn encoded_len(&self) -> usize {
+        self.types
+            .iter()
+            .map(|t| {
+                let body = t.body_len();
+                prost::length_delimiter_len(body) + body
+            })
+            .sum()
+    }
+
+    /// Appends each type's response, length-delimited: the bytes of
+    /// `encode_length_delimited` of each of [`AdsState::cached_responses`]
+    /// (fields in tag order, empty strings left out, as prost writes them).
+    pub fn encode_length_delimited(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
+        for t in &self.types {
+            let _ = prost::encode_length_delimiter(t.body_len(), out);
+            if !t.version.is_empty() {
+                put_field(VERSION_INFO_KEY, t.version.as_bytes(), out);
+            }
+            for r in &t.resources {
+                out.push(RESOURCES_KEY);
+                let _ = r.any.encode_length_delimited(out);
+            }
+            put_field(TYPE_URL_KEY, t.type_url.as_bytes(), out);
+        }
+    }
 }
 
 /// A rejected update (NACK): of one resource, or of a whole response.
@@ -480,7 +570,8 @@ impl AdsState {
         let short = kind.short_name();
 
         let mut errors: Vec<String> = Vec::new();
-        let mut valid: Vec<(Name, Decoded, Any)> = Vec::new();
+        // `None`: the resource is the one held, byte for byte (see `held_name`).
+        let mut valid: Vec<(Name, Option<Decoded>, Any)> = Vec::new();
         let mut invalid: Vec<(Name, String, Any)> = Vec::new();
         let mut seen: BTreeSet<Name> = BTreeSet::new();
         let mut unnamed = false;
@@ -493,7 +584,11 @@ impl AdsState {
                 ));
                 continue;
             }
-            match decode(kind, &any) {
+            let decoded = match self.held_name(i, &any) {
+                Some(name) => Ok((name, None)),
+                None => decode(kind, &any).map(|(name, res)| (name, Some(res))),
+            };
+            match decoded {
                 Ok((name, res)) => {
                     if !seen.insert(name.clone()) {
                         errors.push(format!("{short} resource {name:?}: listed twice"));
@@ -592,6 +687,22 @@ impl AdsState {
         out
     }
 
+    /// The name of `any` when it is, byte for byte, the accepted version of
+    /// a resource held (with [`AdsState::keep_raw`]): decoding it again
+    /// would give the model held. A state-of-the-world server resends every
+    /// resource of a type when one changes (all 1,000 endpoints of ten
+    /// services for one new endpoint), so most of a response is skipped
+    /// this way: no decoding, no copy of the model to compare and drop.
+    fn held_name(&self, i: usize, any: &Any) -> Option<Name> {
+        if !self.keep_raw || self.raw[i].is_empty() {
+            return None;
+        }
+        // Held resources are keyed by their decoded name, which is field 1
+        // of each of the four messages: a hit is the same resource.
+        let (name, held) = self.raw[i].get_key_value(xds::resource_name(any)?.as_str())?;
+        (held.any == *any).then(|| name.clone())
+    }
+
     /// The names the server had seen when it sent this response.
     fn answered_names(&mut self, i: usize, seen: &BTreeSet<Name>) -> BTreeSet<Name> {
         let ts = &mut self.types[i];
@@ -629,25 +740,40 @@ impl AdsState {
     }
 
     /// Stores an accepted resource; `raw` is its received form, the
-    /// response's version and the time it arrived.
-    fn store(&mut self, i: usize, name: Name, res: Decoded, raw: Option<(Any, &str, SystemTime)>) {
+    /// response's version and the time it arrived. `res` is `None` for the
+    /// resource held, received again unchanged (`held_name`).
+    fn store(
+        &mut self,
+        i: usize,
+        name: Name,
+        res: Option<Decoded>,
+        raw: Option<(Any, &str, SystemTime)>,
+    ) {
         let changed = match res {
-            Decoded::Listener(l) => {
+            // The model is held: only what its arrival clears.
+            None => match TYPES[i] {
+                ResourceType::Listener => self.snapshot.missing_listeners.remove(&name),
+                ResourceType::Cluster => self.status.missing_clusters.remove(&name),
+                ResourceType::RouteConfig | ResourceType::Endpoints => false,
+            },
+            Some(Decoded::Listener(l)) => {
                 let gone = self.snapshot.missing_listeners.remove(&name);
                 let other = self.snapshot.server_listeners.remove(&name).is_some();
                 upsert(&mut self.snapshot.listeners, name.clone(), l) || gone || other
             }
-            Decoded::ServerListener(l) => {
+            Some(Decoded::ServerListener(l)) => {
                 let gone = self.snapshot.missing_listeners.remove(&name);
                 let other = self.snapshot.listeners.remove(&name).is_some();
                 upsert(&mut self.snapshot.server_listeners, name.clone(), l) || gone || other
             }
-            Decoded::RouteConfig(r) => upsert(&mut self.snapshot.route_configs, name.clone(), r),
-            Decoded::Cluster(c) => {
+            Some(Decoded::RouteConfig(r)) => {
+                upsert(&mut self.snapshot.route_configs, name.clone(), r)
+            }
+            Some(Decoded::Cluster(c)) => {
                 let gone = self.status.missing_clusters.remove(&name);
                 upsert(&mut self.snapshot.clusters, name.clone(), c) || gone
             }
-            Decoded::Endpoints(e) => upsert(&mut self.snapshot.endpoints, name.clone(), e),
+            Some(Decoded::Endpoints(e)) => upsert(&mut self.snapshot.endpoints, name.clone(), e),
         };
         let unrejected = self.status.rejected[i].remove(&name).is_some();
         self.rejections[i].remove(&name);
@@ -885,6 +1011,26 @@ impl AdsState {
             .collect()
     }
 
+    /// The accepted resources in raw form, sharing the copies this state
+    /// holds (needs [`AdsState::keep_raw`]): what the static-stability cache
+    /// writes, encoded as [`AdsState::cached_responses`] would be without
+    /// copying a resource.
+    pub fn raw_config(&self) -> RawConfig {
+        RawConfig {
+            types: TYPES
+                .iter()
+                .zip(self.raw.iter())
+                .zip(self.types.iter())
+                .filter(|((_, raw), _)| !raw.is_empty())
+                .map(|((t, raw), ts)| RawType {
+                    type_url: t.type_url(),
+                    version: ts.version.clone(),
+                    resources: raw.values().cloned().collect(),
+                })
+                .collect(),
+        }
+    }
+
     /// Loads resources saved by [`AdsState::cached_responses`] (static
     /// stability: the last good config when no control server answers).
     /// Cached listeners are subscribed; versions are not taken over, so the
@@ -911,7 +1057,7 @@ impl AdsState {
                 } else if !self.types[i].subscribed.contains(&name) {
                     continue;
                 }
-                self.store(i, name, res, Some((any, &version, now)));
+                self.store(i, name, Some(res), Some((any, &version, now)));
                 loaded += 1;
             }
             self.cascade(&mut out);

@@ -1032,6 +1032,55 @@ fn endpoint_labels_decode_sorted() {
 }
 
 #[test]
+fn endpoints_with_equal_labels_share_them() {
+    let endpoint = |last: u8, version: &str| Endpoint {
+        address: SocketAddr::from(([10, 0, 0, last], 8080)),
+        weight: 1,
+        labels: Arc::from([
+            (Name::from("app"), Name::from("catalog")),
+            (Name::from("version"), Name::from(version)),
+        ]),
+    };
+    let cla = ClusterLoadAssignment::new(
+        "outbound|80||catalog".into(),
+        vec![
+            LocalityEndpoints {
+                locality: Locality::default(),
+                weight: 1,
+                priority: 0,
+                endpoints: Arc::from([endpoint(1, "v1"), endpoint(2, "v2"), endpoint(3, "v1")]),
+            },
+            LocalityEndpoints {
+                locality: Locality {
+                    zone: "b".into(),
+                    ..Locality::default()
+                },
+                weight: 1,
+                priority: 0,
+                endpoints: Arc::from([endpoint(4, "v1")]),
+            },
+        ],
+    )
+    .unwrap();
+    let decoded = decode_endpoints(&encode_endpoints(&cla)).unwrap();
+    assert_eq!(decoded, cla);
+    let labels: Vec<&Arc<[(Name, Name)]>> = decoded
+        .localities
+        .iter()
+        .flat_map(|l| l.endpoints.iter())
+        .map(|e| &e.labels)
+        .collect();
+    // One set per distinct labels, across localities.
+    assert!(Arc::ptr_eq(labels[0], labels[2]));
+    assert!(Arc::ptr_eq(labels[0], labels[3]));
+    assert!(!Arc::ptr_eq(labels[0], labels[1]));
+    // And one name per distinct key or value, across sets.
+    assert!(Arc::ptr_eq(&labels[0][0].0, &labels[1][0].0));
+    assert!(Arc::ptr_eq(&labels[0][0].1, &labels[1][0].1));
+    assert_eq!(&*labels[1][1].1, "v2");
+}
+
+#[test]
 fn lb_policy_enum_least_request_decodes() {
     let mut proto = cluster_to_proto(&sample_cluster(LbPolicy::RoundRobin));
     proto.lb_policy = LbEnum::LeastRequest as i32;

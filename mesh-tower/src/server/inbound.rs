@@ -16,7 +16,7 @@ use mesh_xds_client::XdsClient;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-use crate::connection::ConnectionInfo;
+use crate::connection::{Authorized, ConnectionInfo, PolicyKey};
 use crate::error::{Error, ErrorKind};
 use crate::local_reply::LocalReply;
 use crate::telemetry::DecisionRecord;
@@ -56,6 +56,8 @@ struct Shared {
     /// The A36 listener name, for xDS policies.
     listener: Option<Name>,
     denied: AtomicU64,
+    /// What the [`Authorized`] decisions of this policy are known by.
+    key: PolicyKey,
     /// The task following xDS, ended when the last handle goes.
     task: Option<AbortHandle>,
 }
@@ -165,6 +167,7 @@ impl InboundPolicy {
                 status: watch::Sender::new(status),
                 listener,
                 denied: AtomicU64::new(0),
+                key: PolicyKey::default(),
                 task,
             }),
         }
@@ -419,70 +422,11 @@ impl fmt::Debug for InboundPolicy {
     }
 }
 
-/// A request's authorization decision: the request extension with which
-/// [`serve_with`](crate::serve::serve_with) (or a
-/// [`ServerLayer`](crate::ServerLayer) that authorized by itself) passes an
-/// allowed request on.
-///
-/// It says which [`InboundPolicy`] decided, with which policy and why, and
-/// what the dry-run policies would have decided. A `ServerLayer` records it
-/// on the request's [`DecisionRecord`] (span attributes, metrics, access
-/// log); a `ServerLayer` given the same policy
-/// ([`ServerLayer::inbound`](crate::ServerLayer::inbound)) takes it as the
-/// decision for this request instead of evaluating the policy again. It is
-/// never a switch: a layer whose policy did not make this decision
-/// authorizes by itself.
-///
-/// Only this crate makes one (there is no public constructor); an app
-/// that copies a request's extensions into another request passes the
-/// decision on along with the [`PeerIdentity`] it was made for.
-#[derive(Clone)]
-pub struct Authorized {
-    policy: InboundPolicy,
-    decided_by: Option<Name>,
-    reason: Reason,
-    dry_run: DryRun,
-}
-
 impl Authorized {
     /// Whether `policy` (the same instance, or a clone of it) made this
     /// decision.
     pub fn is_decided_by(&self, policy: &InboundPolicy) -> bool {
-        self.policy.same_as(policy)
-    }
-
-    /// The AuthorizationPolicy that allowed the request, as
-    /// `<namespace>/<name>`; `None` when no ALLOW policy applies.
-    pub fn policy(&self) -> Option<&Name> {
-        self.decided_by.as_ref()
-    }
-
-    /// Why the request was allowed.
-    pub fn reason(&self) -> Reason {
-        self.reason
-    }
-
-    /// What the dry-run policies would have decided (empty without any).
-    pub fn dry_run(&self) -> &DryRun {
-        &self.dry_run
-    }
-
-    /// Writes the decision on `record`.
-    pub(crate) fn record(&self, record: &DecisionRecord) {
-        record.authorization(true, self.decided_by.as_ref());
-        if !self.dry_run.is_empty() {
-            record.dry_run(&self.dry_run);
-        }
-    }
-}
-
-impl fmt::Debug for Authorized {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Authorized")
-            .field("policy", &self.decided_by)
-            .field("reason", &self.reason)
-            .field("dry_run", &self.dry_run)
-            .finish_non_exhaustive()
+        self.is_decided_under(&policy.shared.key)
     }
 }
 
@@ -639,12 +583,12 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Outcome 
         );
     }
     if decision.allowed {
-        return Outcome::Allowed(Some(Authorized {
-            policy: policy.clone(),
-            decided_by: decision.policy,
-            reason: decision.reason,
+        return Outcome::Allowed(Some(Authorized::new(
+            policy.shared.key.clone(),
+            decision.policy,
+            decision.reason,
             dry_run,
-        }));
+        )));
     }
     policy.shared.denied.fetch_add(1, Ordering::Relaxed);
     let named = match (&decision.policy, decision.reason) {

@@ -104,10 +104,11 @@ use std::sync::Arc;
 use mesh_core::model::Name;
 
 pub use self::future::ResponseFuture;
-pub use self::inbound::{Authorized, InboundConfig, InboundPolicy};
+pub use self::inbound::{InboundConfig, InboundPolicy};
 pub use self::layer::ServerLayer;
 pub(crate) use self::service::Guard;
 pub use self::service::Server;
+pub use crate::connection::Authorized;
 
 /// The response header naming the node that served a request, when
 /// [`ServerLayer::served_by_header`] is on.

@@ -3,9 +3,10 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Request, Response};
 use tower::Service;
 
-use super::inbound::{Authorized, Denial, Outcome, authorize};
+use super::inbound::{Denial, Outcome, authorize};
 use super::{InboundPolicy, ResponseFuture, ServerContext};
 use crate::body::ResponseBody;
+use crate::connection::Authorized;
 use crate::deadline::Deadline;
 use crate::local_reply::{LocalReply, is_grpc};
 #[cfg(feature = "telemetry")]
@@ -118,7 +119,7 @@ where
 /// a telemetry layer put one there.
 fn record<B>(decided: &Authorized, req: &Request<B>) {
     if let Some(record) = req.extensions().get::<DecisionRecord>() {
-        decided.record(record);
+        record.authorized(decided);
     }
 }
 

@@ -10,15 +10,20 @@ use http::{Request, Response};
 use http_body::Body;
 use opentelemetry::Context;
 use opentelemetry::KeyValue;
-use opentelemetry::trace::{Span as _, SpanBuilder, SpanKind, TraceContextExt as _, Tracer as _};
+use opentelemetry::trace::{
+    Span as _, SpanBuilder, SpanContext, SpanKind, TraceContextExt as _, TraceFlags, TraceState,
+    Tracer as _,
+};
+use opentelemetry_sdk::trace::{IdGenerator as _, RandomIdGenerator};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::Telemetry;
 use super::exchange::{
-    self, End, Exchange, Side, TelemetryBody, request_attributes, server_address, span_name,
+    self, Dialed, Exchange, Side, TelemetryBody, request_attributes, server_address, span_name,
 };
-use super::identity::{PEER_HEADER_NAME, strip_port};
+use super::identity::PEER_HEADER_NAME;
+use super::incoming::TraceMode;
 use super::propagation;
 use super::record::{DecisionRecord, Trace};
 
@@ -104,8 +109,15 @@ where
         let parent = req
             .extensions_mut()
             .remove::<Context>()
-            .unwrap_or_else(Context::current);
+            .unwrap_or_else(propagation::current_parent);
         let trace = match &t.tracer {
+            Some(_) if t.trace_mode == TraceMode::Forward => {
+                // Never sampled: the child span context the SDK would mint
+                // for an unsampled span, without a span (no sampler call).
+                let sc = unsampled_child(&parent);
+                propagation::inject(&sc, &parent, req.headers_mut());
+                None
+            }
             Some(tracer) => {
                 let span = tracer.build_with_context(
                     SpanBuilder::from_name("").with_kind(SpanKind::Client),
@@ -135,13 +147,19 @@ where
             req.headers_mut().insert(PEER_HEADER_NAME, peer.clone());
         }
         let access = t.access_log.then(|| exchange::access_info(&req, None));
-        let dialed = t.metrics.as_ref().and_then(|m| {
-            let host = match req.uri().host() {
-                Some(host) => host,
-                None => strip_port(req.headers().get(http::header::HOST)?.to_str().ok()?),
-            };
-            Some(m.istio().service_of_host(host))
-        });
+        // The service dialed names the destination only when the routing
+        // layer records no cluster (no mesh below, or it failed first): keep
+        // the authority (a reference count) and look it up at the end.
+        let dialed = match &t.metrics {
+            Some(_) => match req.uri().authority() {
+                Some(authority) => Dialed::Authority(authority.clone()),
+                None => match req.headers().get(http::header::HOST) {
+                    Some(host) => Dialed::Host(host.clone()),
+                    None => Dialed::Nothing,
+                },
+            },
+            None => Dialed::Nothing,
+        };
         let request_size_hint = req.body().size_hint().exact().unwrap_or(0);
         req.extensions_mut().insert(record.clone());
         let exchange = Exchange::new(
@@ -158,6 +176,31 @@ where
             exchange: Some(exchange),
         }
     }
+}
+
+/// The span context of an unsampled child of `parent`, as the SDK makes it
+/// for a span its sampler drops: the parent's trace (or a new one), a new
+/// span id, not sampled, the parent's trace state.
+fn unsampled_child(parent: &Context) -> SpanContext {
+    if parent.is_telemetry_suppressed() {
+        // What the SDK's tracer makes under a suppressed context.
+        return SpanContext::empty_context();
+    }
+    let ids = RandomIdGenerator::default();
+    let span = parent.span();
+    let psc = span.span_context();
+    let (trace_id, state) = if psc.is_valid() {
+        (psc.trace_id(), psc.trace_state().clone())
+    } else {
+        (ids.new_trace_id(), TraceState::default())
+    };
+    SpanContext::new(
+        trace_id,
+        ids.new_span_id(),
+        TraceFlags::default(),
+        false,
+        state,
+    )
 }
 
 fn client_attributes<B>(req: &Request<B>, grpc: bool) -> Vec<KeyValue> {
@@ -209,18 +252,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
-        Poll::Ready(match (result, this.exchange.take()) {
-            (Ok(response), Some(exchange)) => Ok(exchange::wrap_response(exchange, response)),
-            (Ok(response), None) => Ok(response.map(|b| TelemetryBody::new(b, None))),
-            (Err(e), Some(mut exchange)) => {
-                exchange.finish(End::Failed {
-                    flags: exchange::error_flags(&e),
-                    message: &e,
-                });
-                Err(e)
-            }
-            (Err(e), None) => Err(e),
-        })
+        Poll::Ready(exchange::complete(
+            this.exchange.take(),
+            result,
+            exchange::error_flags,
+        ))
     }
 }
 

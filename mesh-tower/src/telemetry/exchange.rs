@@ -11,12 +11,11 @@ use std::any::Any;
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Instant, SystemTime};
 
 use http::uri::Authority;
-use http::{HeaderMap, Method, Response, Version};
+use http::{Method, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Status, TraceContextExt as _};
@@ -25,7 +24,7 @@ use pin_project_lite::pin_project;
 use super::Telemetry;
 use super::access_log::{self, AccessInfo};
 use super::flags::ResponseFlags;
-use super::identity::{PEER_HEADER_NAME, PeerRef, ServiceLabels};
+use super::identity::{PEER_HEADER_NAME, PeerRef, strip_port};
 use super::metrics::{Observation, Reporter, RequestProtocol, Security};
 use super::record::DecisionRecord;
 use crate::error::{Error, ErrorKind};
@@ -40,12 +39,34 @@ const LOCAL_REPLY_HEADER: http::HeaderName =
 pub(crate) enum Side {
     /// The caller: the service named by the authority dialed is the
     /// destination when the routing layer recorded no cluster.
-    Client { dialed: Option<Arc<ServiceLabels>> },
+    Client { dialed: Dialed },
     /// The callee: the caller announced itself (or not) in a peer header.
     Server {
         source: Option<PeerRef>,
         answer_peer: bool,
     },
+}
+
+/// The name a client request was addressed to, kept as it came (looked up
+/// only when the routing layer recorded no cluster).
+pub(crate) enum Dialed {
+    /// The URI's authority.
+    Authority(Authority),
+    /// The `Host` header (a URI without authority).
+    Host(http::HeaderValue),
+    /// Neither, or no metrics.
+    Nothing,
+}
+
+impl Dialed {
+    /// The host dialed, without its port.
+    fn host(&self) -> Option<&str> {
+        match self {
+            Dialed::Authority(authority) => Some(authority.host()),
+            Dialed::Host(value) => Some(strip_port(value.to_str().ok()?)),
+            Dialed::Nothing => None,
+        }
+    }
 }
 
 /// How the request ended.
@@ -188,10 +209,12 @@ impl Exchange {
             let duration_ms = duration.as_secs_f64() * 1000.0;
             match &self.side {
                 Side::Client { dialed } => {
-                    let service = match (self.record.cluster_name(), dialed) {
-                        (Some(cluster), _) => istio.service_of_cluster(cluster),
-                        (None, Some(dialed)) => dialed.clone(),
-                        (None, None) => istio.unknown_service().clone(),
+                    let service = match self.record.cluster_name() {
+                        Some(cluster) => istio.service_of_cluster(cluster),
+                        None => match dialed.host() {
+                            Some(host) => istio.service_of_host(host),
+                            None => istio.unknown_service().clone(),
+                        },
                     };
                     let destination = match (&self.destination, self.record.last_attempt()) {
                         (Some(peer), _) => peer.clone(),
@@ -424,17 +447,38 @@ impl<B> fmt::Debug for TelemetryBody<B> {
     }
 }
 
-/// Wraps a response in telemetry: reads its head and ends the request at
-/// once when the body is empty.
-pub(crate) fn wrap_response<B: Body>(
-    mut exchange: Exchange,
-    mut response: Response<B>,
-) -> Response<TelemetryBody<B>> {
-    exchange.on_response(&mut response);
-    if response.body().is_end_stream() {
-        exchange.finish(End::Complete);
+/// What a response future under telemetry returns: the response wrapped
+/// (its head read, the request ended at once when the body is empty), or
+/// the error, reported with `flags_of` it. Inlined into the futures' `poll`
+/// so that the response (hundreds of bytes) is moved once, into the
+/// result, not through temporaries.
+#[inline(always)]
+pub(crate) fn complete<B: Body, E: fmt::Display>(
+    exchange: Option<Exchange>,
+    result: Result<Response<B>, E>,
+    flags_of: impl FnOnce(&E) -> ResponseFlags,
+) -> Result<Response<TelemetryBody<B>>, E> {
+    match result {
+        Ok(mut response) => {
+            let exchange = exchange.map(|mut exchange| {
+                exchange.on_response(&mut response);
+                if response.body().is_end_stream() {
+                    exchange.finish(End::Complete);
+                }
+                exchange
+            });
+            Ok(response.map(|body| TelemetryBody::new(body, exchange)))
+        }
+        Err(e) => {
+            if let Some(mut exchange) = exchange {
+                exchange.finish(End::Failed {
+                    flags: flags_of(&e),
+                    message: &e,
+                });
+            }
+            Err(e)
+        }
     }
-    response.map(|body| TelemetryBody::new(body, Some(exchange)))
 }
 
 /// What a request looked like, for the access log (captured only when the
@@ -527,11 +571,6 @@ pub(crate) fn request_attributes<B>(req: &http::Request<B>, grpc: bool) -> Vec<K
 pub(crate) fn server_address(authority: &Authority, https: bool) -> (String, i64) {
     let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
     (authority.host().to_owned(), i64::from(port))
-}
-
-/// A header map's value as text.
-pub(crate) fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 #[cfg(test)]

@@ -40,6 +40,18 @@
 //!   reports Istio metrics with `reporter="destination"` and an access log
 //!   line when the response body ends.
 //!
+//! What a request costs depends on what its [`Telemetry`] can record,
+//! decided once when it is built: without a tracer, or with a sampler that
+//! never samples ([`Sampling::AlwaysOff`]; see
+//! [`TelemetryBuilder::sampling`]), no span can be recorded, so the server
+//! side keeps the caller's trace headers unparsed and builds the context
+//! only if the handler makes a call that continues it (or asks with
+//! [`context_of`]); the request then carries no `opentelemetry::Context`
+//! extension, and the client side mints unsampled span contexts without
+//! the sampler. Trace context is still propagated: the mesh forwards it
+//! with sampling off. Istio's label sets are built once per series and
+//! reused (a bounded cache, see [`MetricsRegistry`]).
+//!
 //! There is no global state: a [`Telemetry`] (identity, optional tracer
 //! provider, optional [`MetricsRegistry`], access log switch) is passed to
 //! each layer, so three services in one process export three
@@ -86,7 +98,11 @@ mod client;
 #[cfg(feature = "telemetry")]
 mod exchange;
 #[cfg(feature = "telemetry")]
+mod histogram;
+#[cfg(feature = "telemetry")]
 mod identity;
+#[cfg(feature = "telemetry")]
+mod incoming;
 #[cfg(feature = "telemetry")]
 mod metrics;
 #[cfg(feature = "telemetry")]

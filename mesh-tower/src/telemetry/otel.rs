@@ -77,6 +77,17 @@ pub enum Sampling {
 }
 
 impl Sampling {
+    /// Whether no span is ever sampled, whatever the parent says:
+    /// `AlwaysOff`, or a trace id ratio of 0 (parent-based samplers follow
+    /// a sampled parent, so they can always sample).
+    pub fn never_samples(self) -> bool {
+        match self {
+            Sampling::AlwaysOff => true,
+            Sampling::TraceIdRatio(r) => r <= 0.0,
+            _ => false,
+        }
+    }
+
     /// The SDK sampler.
     pub fn sampler(self) -> Sampler {
         match self {

@@ -22,6 +22,7 @@
 //!   function. A B3 context without a sampling decision ("deferred") is
 //!   read as not sampled, as OpenTelemetry's Zipkin propagator reads it.
 
+use bytes::Bytes;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Request};
 use opentelemetry::Context;
 use opentelemetry::baggage::BaggageExt as _;
@@ -31,6 +32,9 @@ use opentelemetry::trace::{
 };
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_sdk::propagation::BaggagePropagator;
+
+use super::incoming;
+use super::record::DecisionRecord;
 
 /// The W3C trace context header.
 pub const TRACEPARENT: &str = "traceparent";
@@ -51,10 +55,7 @@ const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 /// The trace context of an incoming request: W3C (with baggage), else B3,
 /// else an empty context. The span context found is marked remote.
 pub fn extract(headers: &HeaderMap) -> Context {
-    let sc = headers
-        .get(TRACEPARENT_NAME)
-        .and_then(|v| parse_traceparent(v.as_bytes()))
-        .map(|sc| with_trace_state(sc, headers))
+    let sc = parse_w3c(headers.get(TRACEPARENT_NAME), headers.get(TRACESTATE_NAME))
         .or_else(|| extract_b3(headers));
     let mut cx = match sc {
         Some(sc) => Context::new().with_remote_span_context(sc),
@@ -64,6 +65,25 @@ pub fn extract(headers: &HeaderMap) -> Context {
         cx = BaggagePropagator::new().extract_with_context(&cx, &HeaderExtractor(headers));
     }
     cx
+}
+
+/// The W3C span context of a `traceparent` (with its `tracestate`, which
+/// is ignored when malformed), marked remote; `None` when absent or
+/// invalid.
+pub(crate) fn parse_w3c(
+    traceparent: Option<&HeaderValue>,
+    tracestate: Option<&HeaderValue>,
+) -> Option<SpanContext> {
+    let sc = parse_traceparent(traceparent?.as_bytes())?;
+    Some(with_trace_state(sc, tracestate))
+}
+
+/// `cx` with the baggage of a `baggage` header value (the SDK's
+/// `BaggagePropagator`, as [`extract`] reads it).
+pub(crate) fn with_baggage(cx: Context, baggage: &HeaderValue) -> Context {
+    let mut headers = HeaderMap::with_capacity(1);
+    headers.insert(BAGGAGE_NAME, baggage.clone());
+    BaggagePropagator::new().extract_with_context(&cx, &HeaderExtractor(&headers))
 }
 
 /// A W3C `traceparent` (what the SDK's `TraceContextPropagator` accepts,
@@ -119,8 +139,8 @@ fn parse_traceparent(v: &[u8]) -> Option<SpanContext> {
 }
 
 /// Adds the request's `tracestate` (ignored when malformed).
-fn with_trace_state(sc: SpanContext, headers: &HeaderMap) -> SpanContext {
-    let Some(state) = headers.get(TRACESTATE_NAME).and_then(|v| v.to_str().ok()) else {
+fn with_trace_state(sc: SpanContext, tracestate: Option<&HeaderValue>) -> SpanContext {
+    let Some(state) = tracestate.and_then(|v| v.to_str().ok()) else {
         return sc;
     };
     match state.parse::<TraceState>() {
@@ -144,11 +164,16 @@ pub(crate) fn inject_span_context(sc: &SpanContext, headers: &mut HeaderMap) {
     if !sc.is_valid() {
         return;
     }
-    if let Ok(value) = HeaderValue::from_bytes(&traceparent(sc)) {
+    // A request with no headers yet has no stale `tracestate` to remove.
+    let may_have_state = !headers.is_empty();
+    // Owned by the `Bytes` (one allocation, shared by the clones the
+    // client stack makes to replay the request), not copied into a buffer
+    // that its first clone would allocate again to share.
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from_owner(traceparent(sc))) {
         headers.insert(TRACEPARENT_NAME, value);
     }
     if *sc.trace_state() == TraceState::NONE {
-        if headers.contains_key(TRACESTATE_NAME) {
+        if may_have_state && headers.contains_key(TRACESTATE_NAME) {
             headers.remove(TRACESTATE_NAME);
         }
         return;
@@ -163,26 +188,42 @@ pub(crate) fn inject_span_context(sc: &SpanContext, headers: &mut HeaderMap) {
 
 /// `00-{trace id}-{span id}-{flags}`, lowercase hex.
 fn traceparent(sc: &SpanContext) -> [u8; 55] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [b'-'; 55];
     out[0] = b'0';
     out[1] = b'0';
-    let mut at = 3;
-    for b in sc.trace_id().to_bytes() {
-        out[at] = HEX[usize::from(b >> 4)];
-        out[at + 1] = HEX[usize::from(b & 0xf)];
-        at += 2;
+    let trace_id = u128::from_be_bytes(sc.trace_id().to_bytes());
+    out[3..19].copy_from_slice(&hex16((trace_id >> 64) as u64));
+    out[19..35].copy_from_slice(&hex16(trace_id as u64));
+    out[36..52].copy_from_slice(&hex16(u64::from_be_bytes(sc.span_id().to_bytes())));
+    out[53] = b'0';
+    out[54] = if sc.is_sampled() { b'1' } else { b'0' };
+    out
+}
+
+/// The 16 lowercase hex digits of `x`, eight bytes at a time: each nibble
+/// is spread into its own byte, then `0`-`9` and `a`-`f` are made at once
+/// (no loop per digit; the id is written for every outgoing request).
+fn hex16(x: u64) -> [u8; 16] {
+    /// Spreads the 8 nibbles of `x` into the 8 bytes of a u64, most
+    /// significant nibble first (in the lowest byte once stored big-endian).
+    fn spread(x: u32) -> u64 {
+        let x = u64::from(x);
+        let x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
+        let x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+        (x | (x << 4)) & 0x0f0f_0f0f_0f0f_0f0f
     }
-    at += 1;
-    for b in sc.span_id().to_bytes() {
-        out[at] = HEX[usize::from(b >> 4)];
-        out[at + 1] = HEX[usize::from(b & 0xf)];
-        at += 2;
+    /// Nibbles (one per byte) to ASCII lowercase hex.
+    fn ascii(n: u64) -> u64 {
+        // 0x06 added to each nibble carries into bit 4 exactly when it is
+        // 10 or more: those bytes get 'a' - '0' - 10 = 39 more.
+        let letters = ((n + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+        n + 0x3030_3030_3030_3030 + letters * 39
     }
-    at += 1;
-    let flags = sc.trace_flags().to_u8() & TraceFlags::SAMPLED.to_u8();
-    out[at] = HEX[usize::from(flags >> 4)];
-    out[at + 1] = HEX[usize::from(flags & 0xf)];
+    let high = ascii(spread((x >> 32) as u32)).to_be_bytes();
+    let low = ascii(spread(x as u32)).to_be_bytes();
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&high);
+    out[8..].copy_from_slice(&low);
     out
 }
 
@@ -293,8 +334,8 @@ impl<B> HasExtensions for Request<B> {
 /// task): there the context is not current.
 pub fn propagate<B>(incoming: &impl HasExtensions, outgoing: &mut Request<B>) {
     let extensions = incoming.extensions();
-    if let Some(cx) = extensions.get::<Context>() {
-        outgoing.extensions_mut().insert(cx.clone());
+    if let Some(cx) = kept_context(extensions) {
+        outgoing.extensions_mut().insert(cx);
     }
     if let Some(deadline) = extensions.get::<crate::Deadline>() {
         outgoing.extensions_mut().insert(*deadline);
@@ -303,12 +344,36 @@ pub fn propagate<B>(incoming: &impl HasExtensions, outgoing: &mut Request<B>) {
 
 /// The trace context of an incoming request (set by
 /// [`ServerTelemetry`](super::ServerTelemetry)), or an empty context.
+///
+/// When the server's telemetry cannot record spans (no tracer, or a
+/// sampler that never samples), the request carries its trace headers
+/// unparsed instead of an `opentelemetry::Context` extension (see
+/// [`Telemetry`](super::Telemetry)); this builds the context from them, as
+/// the application's own OpenTelemetry code should read it.
 pub fn context_of(incoming: &impl HasExtensions) -> Context {
-    incoming
-        .extensions()
-        .get::<Context>()
-        .cloned()
-        .unwrap_or_default()
+    kept_context(incoming.extensions()).unwrap_or_default()
+}
+
+/// The context `ServerTelemetry` kept on a request: its `Context`
+/// extension, or the one built from the trace headers its record kept.
+fn kept_context(extensions: &Extensions) -> Option<Context> {
+    if let Some(cx) = extensions.get::<Context>() {
+        return Some(cx.clone());
+    }
+    let incoming = extensions.get::<DecisionRecord>()?.incoming()?;
+    Some(incoming.context().clone())
+}
+
+/// The parent of a client call made without an explicit context: the
+/// current `opentelemetry::Context`, or, when that is empty, the trace of
+/// the request being served on this thread (kept unparsed by
+/// `ServerTelemetry`, see [`incoming`](super::incoming)).
+pub(crate) fn current_parent() -> Context {
+    let current = Context::current();
+    if current.has_active_span() || !current.baggage().is_empty() {
+        return current;
+    }
+    incoming::current().unwrap_or(current)
 }
 
 #[cfg(test)]
@@ -383,6 +448,19 @@ mod tests {
             &traceparent(&sc(true, TraceState::NONE))[..],
             b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         );
+    }
+
+    #[test]
+    fn ids_are_written_in_lowercase_hex() {
+        for x in [
+            0u64,
+            1,
+            0x0123_4567_89ab_cdef,
+            u64::MAX,
+            0xa0b1_c2d3_e4f5_0617,
+        ] {
+            assert_eq!(&hex16(x), format!("{x:016x}").as_bytes(), "{x:#x}");
+        }
     }
 
     #[test]

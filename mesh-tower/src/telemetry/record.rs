@@ -41,6 +41,7 @@ use mesh_core::rbac::DryRun;
 use mesh_core::snapshot::Versions;
 
 use super::flags::{BreakerLimit, ResponseFlags, RetryRefusal};
+use crate::connection::Authorized;
 
 #[cfg(feature = "telemetry")]
 mod span;
@@ -146,11 +147,10 @@ struct Inner {
     /// Present when the request's span is sampled (boxed: only sampled
     /// requests pay for it).
     trace: Option<Box<Trace>>,
-    versions: OnceLock<Versions>,
-    listener: OnceLock<Name>,
-    route: OnceLock<Name>,
-    cluster: OnceLock<Name>,
-    lb_policy: OnceLock<LbPolicy>,
+    /// Set-once facts are grouped by the call that sets them: each
+    /// `OnceLock` set costs a `Once` run (about 100 instructions).
+    routed: OnceLock<Routed>,
+    cluster: OnceLock<(Name, LbPolicy)>,
     route_timeout: Nanos,
     per_try_timeout: Nanos,
     deadline: Nanos,
@@ -173,6 +173,9 @@ struct Inner {
     first: OnceLock<Attempt>,
     /// Later attempts, allocated on the first retry.
     retried: OnceLock<Box<[OnceLock<Attempt>; MAX_RECORDED_ATTEMPTS - 1]>>,
+    /// The peer's SPIFFE ID, when known as the record was made (the server
+    /// side: no `OnceLock` to set per request).
+    principal: Option<Name>,
     peer_principal: OnceLock<Name>,
     /// The first decision that allowed the request, and the first that
     /// denied it: a denial wins, so a layer that denies after an outer one
@@ -181,9 +184,22 @@ struct Inner {
     denial: OnceLock<Authorization>,
     /// What the dry-run authorization policies would have decided.
     dry_run: OnceLock<DryRun>,
+    /// A server request's trace headers, kept unparsed when its telemetry
+    /// cannot record spans (see `incoming.rs`).
+    #[cfg(feature = "telemetry")]
+    incoming: Option<super::incoming::Incoming>,
 }
 
 const GRPC_ABORT: u32 = 1 << 31;
+
+/// What the routing layer decided, set in one call.
+struct Routed {
+    /// Read by the span attributes only (feature `telemetry`).
+    #[cfg_attr(not(feature = "telemetry"), allow(dead_code))]
+    versions: Versions,
+    listener: Name,
+    route: Name,
+}
 
 /// How many retry conditions [`RetryOn`] has.
 const RETRY_CONDITIONS: usize = RetryOn::NAMES.len();
@@ -249,14 +265,35 @@ impl DecisionRecord {
     }
 
     pub(crate) fn with_trace(trace: Option<Trace>) -> Self {
+        DecisionRecord::build(
+            trace,
+            None,
+            #[cfg(feature = "telemetry")]
+            None,
+        )
+    }
+
+    /// A server request's record: its span when sampled, the peer's
+    /// verified SPIFFE ID, and its trace headers when kept unparsed.
+    #[cfg(feature = "telemetry")]
+    pub(crate) fn server(
+        trace: Option<Trace>,
+        principal: Option<&Name>,
+        incoming: Option<super::incoming::Incoming>,
+    ) -> Self {
+        DecisionRecord::build(trace, principal.cloned(), incoming)
+    }
+
+    fn build(
+        trace: Option<Trace>,
+        principal: Option<Name>,
+        #[cfg(feature = "telemetry")] incoming: Option<super::incoming::Incoming>,
+    ) -> Self {
         DecisionRecord {
             inner: Arc::new(Inner {
                 trace: trace.map(Box::new),
-                versions: OnceLock::new(),
-                listener: OnceLock::new(),
-                route: OnceLock::new(),
+                routed: OnceLock::new(),
                 cluster: OnceLock::new(),
-                lb_policy: OnceLock::new(),
                 route_timeout: Nanos::unset(),
                 per_try_timeout: Nanos::unset(),
                 deadline: Nanos::unset(),
@@ -272,10 +309,13 @@ impl DecisionRecord {
                 request_bytes: AtomicU64::new(0),
                 first: OnceLock::new(),
                 retried: OnceLock::new(),
+                principal,
                 peer_principal: OnceLock::new(),
                 authorization: OnceLock::new(),
                 denial: OnceLock::new(),
                 dry_run: OnceLock::new(),
+                #[cfg(feature = "telemetry")]
+                incoming,
             }),
         }
     }
@@ -295,21 +335,32 @@ impl DecisionRecord {
         self.inner.trace.as_deref()
     }
 
+    /// The trace headers of a server request, kept unparsed.
+    #[cfg(feature = "telemetry")]
+    pub(crate) fn incoming(&self) -> Option<&super::incoming::Incoming> {
+        self.inner.incoming.as_ref()
+    }
+
     // ----- what the routing layer decided -----
 
     /// The route was chosen: the snapshot's versions, the listener (the
     /// name dialed) and the matched route's name.
     pub fn route(&self, versions: &Versions, listener: &Name, route: &Name) {
-        let _ = self.inner.versions.set(versions.clone());
-        let _ = self.inner.listener.set(listener.clone());
-        let _ = self.inner.route.set(route.clone());
+        if self.inner.routed.get().is_none() {
+            let _ = self.inner.routed.set(Routed {
+                versions: versions.clone(),
+                listener: listener.clone(),
+                route: route.clone(),
+            });
+        }
     }
 
     /// The cluster was picked (once per request: retries stay in it), with
     /// the balancer that picks its endpoints.
     pub fn cluster(&self, cluster: &Name, lb_policy: LbPolicy) {
-        let _ = self.inner.cluster.set(cluster.clone());
-        let _ = self.inner.lb_policy.set(lb_policy);
+        if self.inner.cluster.get().is_none() {
+            let _ = self.inner.cluster.set((cluster.clone(), lb_policy));
+        }
     }
 
     /// The route timeout and per-try timeout in force (`None`: none).
@@ -380,7 +431,7 @@ impl DecisionRecord {
         }
         let span = self
             .trace()
-            .map(|trace| trace.attempt_span(endpoint, index, self.inner.cluster.get()));
+            .map(|trace| trace.attempt_span(endpoint, index, self.cluster_name()));
         AttemptGuard {
             record: self.clone(),
             index,
@@ -461,7 +512,9 @@ impl DecisionRecord {
 
     /// The peer's verified SPIFFE ID (mTLS).
     pub fn peer_principal(&self, spiffe_id: &Name) {
-        let _ = self.inner.peer_principal.set(spiffe_id.clone());
+        if self.inner.principal.is_none() && self.inner.peer_principal.get().is_none() {
+            let _ = self.inner.peer_principal.set(spiffe_id.clone());
+        }
     }
 
     /// The authorization decision and the policy that made it. The first
@@ -477,6 +530,16 @@ impl DecisionRecord {
             allowed,
             policy: policy.cloned(),
         });
+    }
+
+    /// A decision made before this record's layer saw the request (an
+    /// [`Authorized`] extension): allowed, by its policy, with its dry-run
+    /// result.
+    pub(crate) fn authorized(&self, decided: &Authorized) {
+        self.authorization(true, decided.policy());
+        if !decided.dry_run().is_empty() {
+            self.dry_run(decided.dry_run());
+        }
     }
 
     /// What the dry-run authorization policies (`istio.io/dry-run`) would
@@ -556,22 +619,25 @@ impl DecisionRecord {
 
     /// The cluster picked, if any.
     pub fn cluster_name(&self) -> Option<&Name> {
-        self.inner.cluster.get()
+        self.inner.cluster.get().map(|(name, _)| name)
     }
 
     /// The matched route's name, if any.
     pub fn route_name(&self) -> Option<&Name> {
-        self.inner.route.get()
+        self.inner.routed.get().map(|r| &r.route)
     }
 
     /// The listener (the name dialed), if routed.
     pub fn listener_name(&self) -> Option<&Name> {
-        self.inner.listener.get()
+        self.inner.routed.get().map(|r| &r.listener)
     }
 
     /// The peer's SPIFFE ID, if verified.
     pub fn peer_principal_id(&self) -> Option<&Name> {
-        self.inner.peer_principal.get()
+        self.inner
+            .principal
+            .as_ref()
+            .or_else(|| self.inner.peer_principal.get())
     }
 
     /// The authorization decision, if one was made: whether the request

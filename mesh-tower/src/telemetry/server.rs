@@ -9,22 +9,21 @@ use std::time::Instant;
 use http::{Request, Response};
 use http_body::Body;
 use opentelemetry::KeyValue;
-use opentelemetry::context::{FutureExt as _, WithContext};
 use opentelemetry::trace::{Span as _, SpanBuilder, SpanKind, TraceContextExt as _, Tracer as _};
+use opentelemetry_sdk::trace::SdkTracer;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::Telemetry;
-use super::client::is_grpc;
 use super::exchange::{
     self, End, Exchange, Side, TelemetryBody, request_attributes, server_address, span_name,
 };
 use super::flags::ResponseFlags;
 use super::identity::PEER_HEADER_NAME;
+use super::incoming;
 use super::propagation;
 use super::record::{DecisionRecord, Trace};
-use crate::connection::ConnectionInfo;
-use crate::server::Authorized;
+use crate::connection::{Authorized, ConnectionInfo};
 use crate::tls::PeerIdentity;
 
 /// Puts [`ServerTelemetry`] over an application (see the
@@ -107,14 +106,49 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let (cx, exchange) = begin(&self.telemetry, &mut req);
+        let (scope, exchange) = begin(&self.telemetry, &mut req);
         let future = {
-            let _current = cx.clone().attach();
+            let _current = scope.enter(exchange.record());
             self.inner.call(req)
         };
         ServerResponseFuture {
-            inner: future.with_context(cx),
+            inner: future,
+            scope,
             exchange: Some(exchange),
+        }
+    }
+}
+
+/// What is current while the application runs: the trace context (an
+/// `opentelemetry::Context`, when spans may be recorded), or the request's
+/// record with its trace headers kept unparsed (see
+/// [`incoming`](super::incoming)), or nothing (no tracer, no trace headers).
+enum Scope {
+    Context(opentelemetry::Context),
+    Incoming,
+    Nothing,
+}
+
+/// The guard of [`Scope::enter`]: restores what was current when dropped.
+enum Entered {
+    Context { _guard: opentelemetry::ContextGuard },
+    Incoming { _guard: incoming::Entered },
+}
+
+impl Scope {
+    fn enter(&self, record: &DecisionRecord) -> Entered {
+        match self {
+            Scope::Context(cx) => Entered::Context {
+                _guard: cx.clone().attach(),
+            },
+            Scope::Incoming => Entered::Incoming {
+                _guard: incoming::enter(Some(record)),
+            },
+            // No trace to continue: not the one of a request served further
+            // out on this thread either.
+            Scope::Nothing => Entered::Incoming {
+                _guard: incoming::enter(None),
+            },
         }
     }
 }
@@ -123,72 +157,62 @@ where
 /// starts the SERVER span (when sampled), puts the trace context and a
 /// fresh [`DecisionRecord`] into the request's extensions (with the peer's
 /// principal, and the decision of an authorization made before, see
-/// [`Authorized`]), and returns the context and the exchange to finish when
-/// the response ends.
-fn begin<B: Body>(
-    telemetry: &Telemetry,
-    req: &mut Request<B>,
-) -> (opentelemetry::Context, Exchange) {
+/// [`Authorized`]), and returns what to make current while the application
+/// runs and the exchange to finish when the response ends.
+///
+/// When the telemetry cannot record spans (see
+/// [`TraceMode`](super::incoming::TraceMode)) the trace headers are kept on
+/// the record unparsed, and no `opentelemetry::Context` is built unless the
+/// application's calls need one.
+fn begin<B: Body>(telemetry: &Telemetry, req: &mut Request<B>) -> (Scope, Exchange) {
     let started = Instant::now();
     let t = telemetry.inner();
-    let grpc = is_grpc(req.headers());
-    let parent = propagation::extract(req.headers());
-    let announced = req.headers_mut().remove(PEER_HEADER_NAME);
+    let mut seen = incoming::scan(req.headers());
+    let grpc = seen.grpc;
+    // Istio's `source_principal`; the app and authorization read the
+    // `PeerIdentity` extension itself.
+    let principal = req
+        .extensions()
+        .get::<PeerIdentity>()
+        .map(|peer| peer.spiffe_id().uri());
+    let (scope, record) = if t.trace_mode.records() {
+        let (cx, trace) = start_span(t.tracer.as_ref(), req, grpc);
+        let record = DecisionRecord::server(trace, principal, None);
+        req.extensions_mut().insert(cx.clone());
+        (Scope::Context(cx), record)
+    } else {
+        let kept = seen.incoming(telemetry, req.headers());
+        let scope = if kept.is_some() {
+            Scope::Incoming
+        } else {
+            Scope::Nothing
+        };
+        (scope, DecisionRecord::server(None, principal, kept))
+    };
+    let announced = if seen.peer {
+        req.headers_mut().remove(PEER_HEADER_NAME)
+    } else {
+        None
+    };
     let source = match (&announced, &t.metrics) {
         (Some(value), Some(metrics)) => Some(metrics.istio().peer_from_header(value)),
         _ => None,
     };
-    let (cx, trace) = match &t.tracer {
-        Some(tracer) => {
-            let span = tracer.build_with_context(
-                SpanBuilder::from_name("").with_kind(SpanKind::Server),
-                &parent,
-            );
-            if span.is_recording() {
-                let name = span_name(req.method(), req.uri().path(), grpc);
-                let mut span = span;
-                span.update_name(name.clone());
-                span.set_attributes(server_attributes(req, grpc));
-                let cx = parent.with_span(span);
-                let trace = Trace {
-                    tracer: tracer.clone(),
-                    cx: cx.clone(),
-                    name,
-                };
-                (cx, Some(trace))
-            } else {
-                // Not sampled: children only need the span context
-                // (one allocation instead of boxing the span).
-                (
-                    parent.with_remote_span_context(span.span_context().clone()),
-                    None,
-                )
-            }
-        }
-        None => (parent, None),
-    };
-    let record = DecisionRecord::with_trace(trace);
-    if let Some(peer) = req.extensions().get::<PeerIdentity>() {
-        // Istio's `source_principal`; the app and authorization read
-        // the `PeerIdentity` extension itself.
-        record.peer_principal(peer.spiffe_id().uri());
-    }
     if let Some(authorized) = req.extensions().get::<Authorized>() {
         // `serve_with` authorized the request before it reached this layer:
         // its decision (and dry-run result) is this request's, whether or
         // not a `ServerLayer` below records it too.
-        authorized.record(&record);
+        record.authorized(authorized);
     }
-    let connection = req.extensions().get::<ConnectionInfo>().copied();
-    let access = t
-        .access_log
-        .then(|| exchange::access_info(req, connection.map(|c| c.peer_addr())));
-    let request_size_hint = req.body().size_hint().exact().unwrap_or_else(|| {
-        exchange::header_text(req.headers(), "content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+    let access = t.access_log.then(|| {
+        let connection = req.extensions().get::<ConnectionInfo>();
+        exchange::access_info(req, connection.map(|c| c.peer_addr()))
     });
-    req.extensions_mut().insert(cx.clone());
+    let request_size_hint = req
+        .body()
+        .size_hint()
+        .exact()
+        .unwrap_or_else(|| seen.content_length.unwrap_or(0));
     req.extensions_mut().insert(record.clone());
     let exchange = Exchange::new(
         telemetry.clone(),
@@ -202,7 +226,44 @@ fn begin<B: Body>(
         request_size_hint,
         access,
     );
-    (cx, exchange)
+    (scope, exchange)
+}
+
+/// Continues the caller's trace with a SERVER span (recorded when
+/// sampled): the context for the application, and the span side of the
+/// record when sampled.
+fn start_span<B>(
+    tracer: Option<&SdkTracer>,
+    req: &Request<B>,
+    grpc: bool,
+) -> (opentelemetry::Context, Option<Trace>) {
+    let parent = propagation::extract(req.headers());
+    let Some(tracer) = tracer else {
+        return (parent, None);
+    };
+    let span = tracer.build_with_context(
+        SpanBuilder::from_name("").with_kind(SpanKind::Server),
+        &parent,
+    );
+    if !span.is_recording() {
+        // Not sampled: children only need the span context
+        // (one allocation instead of boxing the span).
+        return (
+            parent.with_remote_span_context(span.span_context().clone()),
+            None,
+        );
+    }
+    let name = span_name(req.method(), req.uri().path(), grpc);
+    let mut span = span;
+    span.update_name(name.clone());
+    span.set_attributes(server_attributes(req, grpc));
+    let cx = parent.with_span(span);
+    let trace = Trace {
+        tracer: tracer.clone(),
+        cx: cx.clone(),
+        name,
+    };
+    (cx, Some(trace))
 }
 
 /// Reports a request that the server answers itself before any app (and
@@ -218,7 +279,7 @@ pub(crate) fn local_reply<B: Body>(
     head: &mut Response<()>,
     body: Option<&bytes::Bytes>,
 ) {
-    let (_cx, mut exchange) = begin(telemetry, &mut req);
+    let (_scope, mut exchange) = begin(telemetry, &mut req);
     drop(req);
     decide(exchange.record());
     exchange.on_response(head);
@@ -263,7 +324,8 @@ pin_project! {
     /// with the request's trace context current.
     pub struct ServerResponseFuture<F> {
         #[pin]
-        inner: WithContext<F>,
+        inner: F,
+        scope: Scope,
         exchange: Option<Exchange>,
     }
 }
@@ -278,19 +340,13 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = ready!(this.inner.poll(cx));
-        Poll::Ready(match (result, this.exchange.take()) {
-            (Ok(response), Some(exchange)) => Ok(exchange::wrap_response(exchange, response)),
-            (Ok(response), None) => Ok(response.map(|b| TelemetryBody::new(b, None))),
-            (Err(e), Some(mut exchange)) => {
-                exchange.finish(End::Failed {
-                    flags: ResponseFlags::empty(),
-                    message: &e,
-                });
-                Err(e)
-            }
-            (Err(e), None) => Err(e),
-        })
+        let result = {
+            let _current = this.exchange.as_ref().map(|e| this.scope.enter(e.record()));
+            ready!(this.inner.poll(cx))
+        };
+        Poll::Ready(exchange::complete(this.exchange.take(), result, |_| {
+            ResponseFlags::empty()
+        }))
     }
 }
 

@@ -8,8 +8,9 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 use super::identity::{Identity, PeerRef, ServiceLabels};
+use super::incoming::TraceMode;
 use super::metrics::MetricsRegistry;
-use super::otel::{self, OtelConfig};
+use super::otel::{self, OtelConfig, Sampling};
 use crate::error::Error;
 
 /// A service's telemetry settings, shared by its client and server layers:
@@ -27,6 +28,8 @@ pub(crate) struct Inner {
     pub(crate) peer_header: Option<HeaderValue>,
     pub(crate) provider: Option<SdkTracerProvider>,
     pub(crate) tracer: Option<SdkTracer>,
+    /// What the tracer can do, decided once here (see `incoming.rs`).
+    pub(crate) trace_mode: TraceMode,
     pub(crate) metrics: Option<MetricsRegistry>,
     pub(crate) access_log: bool,
 }
@@ -36,6 +39,7 @@ pub(crate) struct Inner {
 pub struct TelemetryBuilder {
     identity: Identity,
     provider: Option<SdkTracerProvider>,
+    sampling: Option<Sampling>,
     metrics: Option<MetricsRegistry>,
     access_log: bool,
     peer_metadata: bool,
@@ -48,6 +52,7 @@ impl Telemetry {
         TelemetryBuilder {
             identity,
             provider: None,
+            sampling: None,
             metrics: None,
             access_log: false,
             peer_metadata: true,
@@ -117,9 +122,40 @@ impl std::fmt::Debug for Telemetry {
 
 impl TelemetryBuilder {
     /// Exports spans through `provider` (build it with
-    /// [`Identity::resource`] as its resource).
+    /// [`Identity::resource`] as its resource). The layers assume it may
+    /// sample any request unless told otherwise with
+    /// [`TelemetryBuilder::sampling`].
     pub fn tracer_provider(mut self, provider: SdkTracerProvider) -> Self {
         self.provider = Some(provider);
+        self.sampling = None;
+        self
+    }
+
+    /// Tells the layers how the provider given to
+    /// [`TelemetryBuilder::tracer_provider`] samples ([`otel`](Self::otel)
+    /// and [`otel_env`](Self::otel_env) know it without this), so that they
+    /// skip per request what that sampling rules out.
+    ///
+    /// With a sampling that never samples ([`Sampling::AlwaysOff`], or a
+    /// ratio of 0) no span can be recorded, so the server side neither
+    /// parses the caller's trace context nor starts an unsampled span per
+    /// request: it keeps the trace headers as received and builds the
+    /// context only when the request's handler makes a call under
+    /// [`ClientTelemetry`](super::ClientTelemetry) (or asks for it with
+    /// [`context_of`](super::context_of) or [`propagate`](super::propagate)),
+    /// so the mesh still continues the trace. The request then carries no
+    /// `opentelemetry::Context` extension and none is current while the
+    /// handler runs: the application's own OpenTelemetry code reads the
+    /// context with [`context_of`](super::context_of). The client side
+    /// mints unsampled span contexts itself (random ids, the SDK's
+    /// generator) instead of asking the sampler.
+    ///
+    /// The provider must sample as declared: declaring `AlwaysOff` for one
+    /// that samples loses its server spans. Call it after
+    /// `tracer_provider`, which forgets what was declared for a previous
+    /// provider.
+    pub fn sampling(mut self, sampling: Sampling) -> Self {
+        self.sampling = Some(sampling);
         self
     }
 
@@ -134,6 +170,7 @@ impl TelemetryBuilder {
     pub fn otel(mut self, config: &OtelConfig) -> Result<Self, Error> {
         if let Some(provider) = config.tracer_provider(&self.identity)? {
             self.provider = Some(provider);
+            self.sampling = Some(config.sampling());
         }
         Ok(self)
     }
@@ -168,6 +205,11 @@ impl TelemetryBuilder {
                     .build(),
             )
         });
+        let trace_mode = match (&tracer, self.sampling) {
+            (None, _) => TraceMode::PassThrough,
+            (Some(_), Some(sampling)) if sampling.never_samples() => TraceMode::Forward,
+            (Some(_), _) => TraceMode::Record,
+        };
         let peer = self.identity.peer();
         let peer_header = self.peer_metadata.then(|| peer.to_header());
         Telemetry {
@@ -178,6 +220,7 @@ impl TelemetryBuilder {
                 identity: self.identity,
                 provider: self.provider,
                 tracer,
+                trace_mode,
                 metrics: self.metrics,
                 access_log: self.access_log,
             }),

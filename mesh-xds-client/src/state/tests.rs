@@ -534,6 +534,151 @@ fn a_resource_of_the_wrong_type_is_nacked() {
     assert!(msg.contains("envoy.config.cluster.v3.Cluster"), "{msg}");
 }
 
+/// An EDS resource named `name` that decoding rejects (a locality without
+/// a weight).
+fn bad_endpoints(name: &str) -> Any {
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        ClusterLoadAssignment, LocalityLbEndpoints,
+    };
+    let cla = ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![LocalityLbEndpoints {
+            locality: Some(Default::default()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Any {
+        type_url: xds::ENDPOINT_TYPE.into(),
+        value: cla.encode_to_vec(),
+    }
+}
+
+#[test]
+fn a_resource_sent_again_unchanged_keeps_its_model_and_takes_the_new_version() {
+    let mut s = synced();
+    let held = s.snapshot().endpoints["c1"].clone();
+    let entry = |s: &AdsState| {
+        s.resource_report()
+            .get(ResourceType::Endpoints, "c1")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(entry(&s).accepted.unwrap().version, "e1");
+    s.take_changes();
+
+    // The same bytes in a new version: the model held stays (the same
+    // allocation), the version moves on, and the response is ACKed.
+    let reqs = s.on_response(response(
+        ResourceType::Endpoints,
+        "e2",
+        "n5",
+        vec![endpoints("c1", 8080)],
+    ));
+    assert!(reqs[0].error_detail.is_none());
+    assert_eq!(reqs[0].version_info, "e2");
+    assert!(Arc::ptr_eq(&s.snapshot().endpoints["c1"], &held));
+    assert_eq!(entry(&s).accepted.unwrap().version, "e2");
+    let (snapshot, _) = s.take_changes().expect("the version changed");
+    assert_eq!(&*snapshot.versions.endpoints, "e2");
+
+    // Again in the same version: nothing to publish.
+    s.on_response(response(
+        ResourceType::Endpoints,
+        "e2",
+        "n6",
+        vec![endpoints("c1", 8080)],
+    ));
+    assert!(s.take_changes().is_none());
+
+    // A rejected update keeps the model held; the accepted bytes sent
+    // again clear the rejection.
+    let reqs = s.on_response(response(
+        ResourceType::Endpoints,
+        "e3",
+        "n7",
+        vec![bad_endpoints("c1")],
+    ));
+    assert!(reqs[0].error_detail.is_some());
+    assert_eq!(entry(&s).status, ResourceStatus::Nacked);
+    assert!(
+        s.status()
+            .rejection(ResourceType::Endpoints, "c1")
+            .is_some()
+    );
+    assert!(Arc::ptr_eq(&s.snapshot().endpoints["c1"], &held));
+    let reqs = s.on_response(response(
+        ResourceType::Endpoints,
+        "e4",
+        "n8",
+        vec![endpoints("c1", 8080)],
+    ));
+    assert!(reqs[0].error_detail.is_none());
+    assert_eq!(entry(&s).status, ResourceStatus::Acked);
+    assert!(
+        s.status()
+            .rejection(ResourceType::Endpoints, "c1")
+            .is_none()
+    );
+    assert!(Arc::ptr_eq(&s.snapshot().endpoints["c1"], &held));
+
+    // Changed bytes: a new model.
+    s.on_response(response(
+        ResourceType::Endpoints,
+        "e5",
+        "n9",
+        vec![endpoints("c1", 9090)],
+    ));
+    let now = &s.snapshot().endpoints["c1"];
+    assert!(!Arc::ptr_eq(now, &held));
+    assert_eq!(now.localities[0].endpoints[0].address.port(), 9090);
+}
+
+#[test]
+fn a_held_resource_listed_twice_is_still_nacked() {
+    let mut s = synced();
+    let reqs = s.on_response(response(
+        ResourceType::Endpoints,
+        "e2",
+        "n5",
+        vec![endpoints("c1", 8080), endpoints("c1", 8080)],
+    ));
+    let nack = reqs[0].error_detail.as_ref().expect("a NACK");
+    assert!(nack.message.contains("listed twice"), "{}", nack.message);
+}
+
+/// What the cache file holds: the responses, each length-delimited.
+fn length_delimited(responses: &[DiscoveryResponse]) -> Vec<u8> {
+    responses
+        .iter()
+        .flat_map(|r| r.encode_length_delimited_to_vec())
+        .collect()
+}
+
+#[test]
+fn the_raw_config_encodes_to_the_bytes_of_the_cached_responses() {
+    let s = synced();
+    let raw = s.raw_config();
+    let mut bytes = Vec::new();
+    raw.encode_length_delimited(&mut bytes);
+    assert_eq!(bytes, length_delimited(&s.cached_responses()));
+    assert_eq!(bytes.len(), raw.encoded_len());
+
+    // Versions are not taken over from a cache: empty strings are left out,
+    // as prost leaves them out.
+    let mut fresh = AdsState::new(node()).keep_raw(true);
+    fresh.load_cached(s.cached_responses());
+    let cached = fresh.cached_responses();
+    assert!(cached.iter().all(|r| r.version_info.is_empty()));
+    let mut bytes = Vec::new();
+    fresh.raw_config().encode_length_delimited(&mut bytes);
+    assert_eq!(bytes, length_delimited(&cached));
+
+    let nothing = AdsState::new(node()).keep_raw(true).raw_config();
+    assert!(nothing.is_empty());
+    assert_eq!(nothing.encoded_len(), 0);
+}
+
 #[test]
 fn the_cache_round_trips_accepted_resources() {
     let s = synced();

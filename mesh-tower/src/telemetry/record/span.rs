@@ -165,7 +165,7 @@ impl DecisionRecord {
     pub(crate) fn attributes(&self) -> Vec<KeyValue> {
         let i = &*self.inner;
         let mut out = Vec::with_capacity(16);
-        if let Some(v) = i.versions.get() {
+        if let Some(v) = i.routed.get().map(|r| &r.versions) {
             out.push(KeyValue::new(
                 "mesh.config.version.lds",
                 v.listeners.to_string(),
@@ -183,16 +183,12 @@ impl DecisionRecord {
                 v.endpoints.to_string(),
             ));
         }
-        if let Some(l) = i.listener.get() {
-            out.push(KeyValue::new("mesh.listener", l.to_string()));
+        if let Some(routed) = i.routed.get() {
+            out.push(KeyValue::new("mesh.listener", routed.listener.to_string()));
+            out.push(KeyValue::new("mesh.route", routed.route.to_string()));
         }
-        if let Some(r) = i.route.get() {
-            out.push(KeyValue::new("mesh.route", r.to_string()));
-        }
-        if let Some(c) = i.cluster.get() {
+        if let Some((c, p)) = i.cluster.get() {
             out.push(KeyValue::new("mesh.cluster", c.to_string()));
-        }
-        if let Some(p) = i.lb_policy.get() {
             out.push(KeyValue::new("mesh.lb_policy", lb_policy_name(p)));
         }
         if let Some(a) = self.last_attempt() {
@@ -226,7 +222,7 @@ impl DecisionRecord {
             }
             n => out.push(KeyValue::new("mesh.fault.abort_http_status", i64::from(n))),
         }
-        if let Some(p) = i.peer_principal.get() {
+        if let Some(p) = self.peer_principal_id() {
             out.push(KeyValue::new("mesh.peer.principal", p.to_string()));
         }
         if let Some(a) = i.denial.get().or_else(|| i.authorization.get()) {
