@@ -1283,20 +1283,22 @@ fn report_markdown(
         out.push_str("\nMemory added by joining a mesh of 1,000 endpoints and 100 routes:\n\n");
         match memory {
             Ok(m) => {
-                let get = |k: &str| m.get(k).cloned().unwrap_or(Value::Null);
-                out.push_str(&markdown_table(
-                    &[
-                        "listeners",
-                        "routes",
-                        "clusters",
-                        "endpoints",
-                        "RSS before MB",
-                        "RSS after MB",
-                        "RSS added MB",
-                        "heap (anon) added MB",
-                        "target",
-                    ],
-                    &[vec![
+                // The bench binary's probe, then the service-shaped binary's
+                // (examples/memory_probe.rs; see overhead/memory.rs).
+                let row = |binary: &str, m: &Value| {
+                    let get = |k: &str| m.get(k).cloned().unwrap_or(Value::Null);
+                    let added = |k: &str| {
+                        m.pointer(&format!("/added_mb/after/{k}"))
+                            .and_then(Value::as_f64)
+                            .map_or_else(|| "?".to_owned(), |v| format!("{v:.2}"))
+                    };
+                    if let Some(reason) = m.get("reason").and_then(Value::as_str) {
+                        let mut row = vec![binary.to_owned(), format!("not available: {reason}")];
+                        row.resize(12, String::new());
+                        return row;
+                    }
+                    vec![
+                        binary.to_owned(),
                         get("listeners").to_string(),
                         get("routes").to_string(),
                         get("clusters").to_string(),
@@ -1311,8 +1313,31 @@ fn report_markdown(
                         ),
                         get("rss_added_mb").to_string(),
                         get("anon_added_mb").to_string(),
+                        added("code"),
+                        added("rodata"),
                         "≤ 5 MB".into(),
-                    ]],
+                    ]
+                };
+                let mut rows = vec![row("bench", m)];
+                if let Some(service) = m.get("service_binary") {
+                    rows.push(row("service", service));
+                }
+                out.push_str(&markdown_table(
+                    &[
+                        "binary",
+                        "listeners",
+                        "routes",
+                        "clusters",
+                        "endpoints",
+                        "RSS before MB",
+                        "RSS after MB",
+                        "RSS added MB",
+                        "heap (anon) added MB",
+                        "code added MB",
+                        "rodata added MB",
+                        "target",
+                    ],
+                    &rows,
                 ));
             }
             Err(e) => {

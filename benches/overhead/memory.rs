@@ -1,8 +1,18 @@
 //! The memory probe: the RSS a process gains by joining a mesh of 1,000
-//! endpoints and 100 routes (its own role process, `memory-probe`).
+//! endpoints and 100 routes and calling each of its 10 services once.
 //!
-//! RSS is counted apart by what it is, from `/proc/self/status` and
-//! `/proc/self/smaps` before and after ([`MemSplit`]):
+//! The probe's code is `examples/memory_probe.rs`, run twice: inside this
+//! bench binary (the `memory-probe` role), and as the example's own binary,
+//! built by `cargo build [--release] --example memory_probe`. The bench
+//! binary also holds the load generator, the plain and TLS apps, the Envoy
+//! runner and the plots, whose code shares the 64 KiB windows the mesh's
+//! code faults in; the example is shaped as a service's binary is (the
+//! service and the mesh). Both figures are reported.
+//!
+//! The probe process runs no measuring code: it stops between steps and this
+//! process samples it, from `/proc/<pid>/status` and `/proc/<pid>/smaps`
+//! before the join, once synced and after the calls, counting RSS apart by
+//! what it is ([`MemSplit`]):
 //!
 //! - **heap**: anonymous memory (`RssAnon`): the allocator's arenas, thread
 //!   stacks, the binary's relocated data. Private to the process: this is
@@ -17,11 +27,16 @@
 //! - **other**: the rest (shared libraries, shared memory).
 //!
 //! `MESH_BENCH_MEMORY_PAGES=<file>` also writes the resident pages of the
-//! binary's executable mapping after the join, as file offsets (one hex
+//! binary's executable mapping after the calls, as file offsets (one hex
 //! offset a line; `<file>` with the extension `.before` has those of before
-//! the join; each with its `smaps` beside it, `.smaps` appended), to
-//! attribute code to symbols with `nm` (see BENCHMARKS.md, Memory). `MESH_BENCH_MEMORY_WRAP="heaptrack -o /tmp/probe"` runs the
-//! probe under a tool (its own memory then counts too).
+//! the join; each with its `smaps` beside it, `.smaps` appended; `<file>`
+//! with `-service` appended has the service binary's), to attribute code to
+//! symbols with `nm` (see BENCHMARKS.md, Memory).
+//! `MESH_BENCH_MEMORY_WRAP="heaptrack -o /tmp/probe"` runs each probe under
+//! a tool (for finding where memory goes, not for the figures).
+//! `MESH_BENCH_MEMORY_SERVICE=<path>` runs that build of the example as the
+//! service binary instead of building it (e.g. one built with a service's
+//! own profile: `opt-level = "s"`, LTO).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -29,7 +44,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::apps;
-use crate::common::{self, RoleProcess, markdown_table, round2, self_sample};
+use crate::common::{self, RoleProcess, markdown_table, round2};
 
 /// Services, routes per service and endpoints per service of the memory probe's mesh.
 const MEM_SERVICES: usize = 10;
@@ -62,14 +77,14 @@ struct MemSplit {
 }
 
 impl MemSplit {
-    /// This process now: `/proc/self/status` and `/proc/self/smaps`.
-    fn sample() -> Result<MemSplit, String> {
-        let status = std::fs::read_to_string("/proc/self/status")
-            .map_err(|e| format!("reading /proc/self/status: {e}"))?;
-        let smaps = std::fs::read_to_string("/proc/self/smaps")
-            .map_err(|e| format!("reading /proc/self/smaps: {e}"))?;
-        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        Ok(MemSplit::parse(&status, &smaps, &exe.to_string_lossy()))
+    /// Process `pid` now: `/proc/<pid>/status` and `/proc/<pid>/smaps`.
+    fn sample(pid: u32) -> Result<MemSplit, String> {
+        let read = |file: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+                .map_err(|e| format!("reading /proc/{pid}/{file}: {e}"))
+        };
+        let (status, smaps) = (read("status")?, read("smaps")?);
+        Ok(MemSplit::parse(&status, &smaps, &exe_of(pid)?))
     }
 
     /// The split from the text of `status` and `smaps`, for the binary at `exe`.
@@ -182,34 +197,42 @@ enum Kind {
     Other,
 }
 
-/// Writes [`resident_code_pages`] to `file`, one hex offset a line, and
-/// this process's `/proc/self/smaps` next to it (extension `smaps` added).
-fn write_resident_code_pages(file: &std::path::Path) -> Result<(), String> {
-    let text: String = resident_code_pages()?
+/// The path of the binary process `pid` runs (`/proc/<pid>/exe`), as its
+/// maps name it.
+fn exe_of(pid: u32) -> Result<String, String> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map_err(|e| format!("reading /proc/{pid}/exe: {e}"))?;
+    let exe = exe.to_string_lossy();
+    Ok(exe.strip_suffix(" (deleted)").unwrap_or(&exe).to_owned())
+}
+
+/// Writes [`resident_code_pages`] of process `pid` to `file`, one hex offset
+/// a line, and its `/proc/<pid>/smaps` next to it (extension `smaps` added).
+fn write_resident_code_pages(pid: u32, file: &std::path::Path) -> Result<(), String> {
+    let text: String = resident_code_pages(pid)?
         .iter()
         .map(|p| format!("{p:x}\n"))
         .collect();
     std::fs::write(file, text).map_err(|e| format!("writing {}: {e}", file.display()))?;
     let mut smaps_file = file.as_os_str().to_owned();
     smaps_file.push(".smaps");
-    std::fs::copy("/proc/self/smaps", &smaps_file)
+    std::fs::copy(format!("/proc/{pid}/smaps"), &smaps_file)
         .map(|_| ())
-        .map_err(|e| format!("copying /proc/self/smaps: {e}"))
+        .map_err(|e| format!("copying /proc/{pid}/smaps: {e}"))
 }
 
-/// The resident pages of this binary's executable mappings, as offsets in
-/// the file (from `/proc/self/maps` and the present bit of
-/// `/proc/self/pagemap`, which needs no privilege).
-fn resident_code_pages() -> Result<Vec<u64>, String> {
+/// The resident pages of the executable mappings of the binary process
+/// `pid` runs, as offsets in the file (from `/proc/<pid>/maps` and the
+/// present bit of `/proc/<pid>/pagemap`, which needs no privilege over a
+/// child of ours).
+fn resident_code_pages(pid: u32) -> Result<Vec<u64>, String> {
     use std::io::{Read, Seek, SeekFrom};
     const PAGE: u64 = 4096;
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let exe = exe.to_string_lossy();
-    let exe = exe.strip_suffix(" (deleted)").unwrap_or(&exe);
-    let maps = std::fs::read_to_string("/proc/self/maps")
-        .map_err(|e| format!("reading /proc/self/maps: {e}"))?;
-    let mut pagemap = std::fs::File::open("/proc/self/pagemap")
-        .map_err(|e| format!("opening /proc/self/pagemap: {e}"))?;
+    let exe = exe_of(pid)?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| format!("reading /proc/{pid}/maps: {e}"))?;
+    let mut pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+        .map_err(|e| format!("opening /proc/{pid}/pagemap: {e}"))?;
     let mut pages = Vec::new();
     for line in maps.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -229,7 +252,7 @@ fn resident_code_pages() -> Result<Vec<u64>, String> {
         pagemap
             .seek(SeekFrom::Start(start / PAGE * 8))
             .and_then(|_| pagemap.read_exact(&mut entries))
-            .map_err(|e| format!("reading /proc/self/pagemap: {e}"))?;
+            .map_err(|e| format!("reading /proc/{pid}/pagemap: {e}"))?;
         for (i, entry) in entries.chunks_exact(8).enumerate() {
             let bits = u64::from_le_bytes(entry.try_into().unwrap_or_default());
             if bits >> 63 == 1 {
@@ -283,112 +306,168 @@ fn memory_config() -> String {
     yaml
 }
 
-/// The memory-probe role: joins the mesh and reports RSS before and after.
+/// The probe's code: the example `memory_probe` (a service-shaped binary of
+/// its own), compiled here too for the bench binary's probe role.
+#[path = "../../examples/memory_probe.rs"]
+#[allow(dead_code)] // Its `main`: the role is `run`.
+mod service;
+
+/// The memory-probe role: the example's code inside the bench binary.
 pub(crate) fn memory_probe_main() -> ! {
-    use proxyless::{Bootstrap, Client, XdsClient};
-    use tower::ServiceExt;
-    common::exit_when_stdin_closes();
-    let rt = common::runtime(1);
-    let result: Result<Value, String> = rt.block_on(async {
-        // The process as an app is before it uses the mesh: runtime up, allocator warm.
-        tokio::task::yield_now().await;
-        let before = self_sample();
-        let before_split = MemSplit::sample()?;
-        let pages_file = std::env::var_os("MESH_BENCH_MEMORY_PAGES").map(std::path::PathBuf::from);
-        if let Some(file) = &pages_file {
-            write_resident_code_pages(&file.with_extension("before"))?;
-        }
-        let bootstrap = Bootstrap::from_env().map_err(|e| format!("bootstrap: {e}"))?;
-        let xds = XdsClient::start(bootstrap);
-        let client: Client = Client::new(xds.clone());
-        let synced = async {
-            for s in 0..MEM_SERVICES {
-                xds.wait_for_listener(&format!("mem-{s}"))
-                    .await
-                    .map_err(|e| format!("mem-{s}: {e}"))?;
-            }
-            let mut changes = xds.changes();
-            loop {
-                let endpoints: usize = xds
-                    .snapshot()
-                    .endpoints
-                    .values()
-                    .map(|c| c.endpoint_count())
-                    .sum();
-                if endpoints >= MEM_SERVICES * MEM_ENDPOINTS {
-                    return Ok::<_, String>(());
-                }
-                changes
-                    .changed()
-                    .await
-                    .map_err(|_| "the xDS client stopped".to_owned())?;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(60), synced)
-            .await
-            .map_err(|_| "the mesh config did not arrive within 60 s".to_owned())??;
-        let synced_sample = self_sample();
-        let synced_split = MemSplit::sample()?;
-        // One request per service: builds each cluster's balancing state (the
-        // endpoints refuse the connection at once).
-        for s in 0..MEM_SERVICES {
-            let req = http::Request::get(format!("http://mem-{s}/"))
-                .body(http_body_util::Full::default())
-                .map_err(|e| format!("request: {e}"))?;
-            let _ = tokio::time::timeout(Duration::from_secs(5), client.clone().oneshot(req)).await;
-        }
-        let after = self_sample();
-        let after_split = MemSplit::sample()?;
-        if let Some(file) = &pages_file {
-            write_resident_code_pages(file)?;
-        }
-        let snapshot = xds.snapshot();
-        let routes: usize = snapshot
-            .route_configs
-            .values()
-            .flat_map(|rc| rc.virtual_hosts.iter())
-            .map(|vh| vh.routes.len())
-            .sum();
-        let endpoints: usize = snapshot
-            .endpoints
-            .values()
-            .map(|c| c.endpoint_count())
-            .sum();
-        Ok(json!({
-            "before_rss_kib": before.rss_kib,
-            "before_anon_kib": before.anon_kib,
-            "synced_rss_kib": synced_sample.rss_kib,
-            "after_rss_kib": after.rss_kib,
-            "after_anon_kib": after.anon_kib,
-            "peak_rss_kib": after.hwm_kib,
-            "split": {
-                "before": before_split.to_json(),
-                "synced": synced_split.to_json(),
-                "after": after_split.to_json(),
-            },
-            // Snapshots published while joining (a control plane that pushes
-            // in steps makes more), and the last one the cache file holds
-            // (0: not written yet; the write runs off the measured path).
-            "xds_changes": *xds.changes().borrow(),
-            "cache_saved_version": xds.cache_status().saved_version,
-            "listeners": snapshot.listeners.len(),
-            "route_configs": snapshot.route_configs.len(),
-            "routes": routes,
-            "clusters": snapshot.clusters.len(),
-            "endpoints": endpoints,
-        }))
-    });
-    match result {
-        Ok(report) => {
-            common::announce_ready(report);
-            // Wait for the parent to close stdin.
-            std::thread::park();
-            std::process::exit(0)
-        }
+    match service::run() {
+        Ok(()) => std::process::exit(0),
         Err(e) => common::fail_role(e),
     }
 }
 
+/// Where the service-shaped probe is built: the example `memory_probe` of
+/// this bench binary's profile (`release` under `cargo bench`, `debug` under
+/// `cargo test`), built now by cargo (a no-op when fresh).
+/// `MESH_BENCH_MEMORY_SERVICE=<path>` runs that binary instead (one built
+/// already, or with a service's own release profile: `opt-level = "s"`, LTO).
+fn build_service_probe() -> Result<std::path::PathBuf, String> {
+    if let Some(path) = std::env::var_os("MESH_BENCH_MEMORY_SERVICE").filter(|p| !p.is_empty()) {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the bench binary: {e}"))?;
+    // <target dir>/<profile dir>/deps/overhead-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .ok_or_else(|| format!("{}: not in a cargo target directory", exe.display()))?;
+    let target_dir = profile_dir
+        .parent()
+        .ok_or_else(|| format!("{}: not in a cargo target directory", exe.display()))?;
+    let mut command =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command
+        .args([
+            "build",
+            "--quiet",
+            "--example",
+            "memory_probe",
+            "--manifest-path",
+        ])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("release") => {
+            command.arg("--release");
+        }
+        Some("debug") => {}
+        other => return Err(format!("unknown cargo profile directory {other:?}")),
+    }
+    println!("memory probe: building the service-shaped probe ({command:?})");
+    let status = command
+        .status()
+        .map_err(|e| format!("running {command:?}: {e}"))?;
+    if !status.success() {
+        return Err(format!("{command:?}: {status}"));
+    }
+    Ok(profile_dir.join("examples").join("memory_probe"))
+}
+
+/// Runs one probe process (`command`: the bench binary as the
+/// `memory-probe` role, or the example) through its steps (see
+/// `examples/memory_probe.rs`), sampling its memory from here while it
+/// waits between them, so that the probe runs no measuring code of its own.
+/// `pages_file`: where to write its resident code pages (`MESH_BENCH_MEMORY_PAGES`).
+fn run_probe(
+    name: &str,
+    mut command: std::process::Command,
+    bootstrap: &str,
+    pages_file: Option<&std::path::Path>,
+) -> Result<Value, String> {
+    command
+        .env(apps::BOOTSTRAP_ENV, bootstrap)
+        .env("MESH_PROBE_SERVICES", MEM_SERVICES.to_string())
+        .env(
+            "MESH_PROBE_ENDPOINTS",
+            (MEM_SERVICES * MEM_ENDPOINTS).to_string(),
+        );
+    let mut probe = RoleProcess::spawn(name, command)?;
+    let timeout = Duration::from_secs(90);
+    let started: Value = serde_json::from_str(&probe.wait_ready(timeout)?)
+        .map_err(|e| format!("{name}: first line: {e}"))?;
+    // Its own pid: not the wrapper's under `MESH_BENCH_MEMORY_WRAP`.
+    let pid = started
+        .get("pid")
+        .and_then(Value::as_u64)
+        .and_then(|p| u32::try_from(p).ok())
+        .ok_or_else(|| format!("{name} announced no pid: {started}"))?;
+    let sample = || common::proc_sample(pid).ok_or_else(|| format!("{name} is gone"));
+    let before = sample()?;
+    let before_split = MemSplit::sample(pid)?;
+    if let Some(file) = pages_file {
+        write_resident_code_pages(pid, &file.with_extension("before"))?;
+    }
+    probe.send_line("join")?;
+    probe.wait_ready(timeout)?;
+    let synced = sample()?;
+    let synced_split = MemSplit::sample(pid)?;
+    probe.send_line("call")?;
+    probe.wait_ready(timeout)?;
+    let after = sample()?;
+    let after_split = MemSplit::sample(pid)?;
+    if let Some(file) = pages_file {
+        write_resident_code_pages(pid, file)?;
+    }
+    probe.send_line("report")?;
+    let mut report: Value = serde_json::from_str(&probe.wait_ready(timeout)?)
+        .map_err(|e| format!("{name} report: {e}"))?;
+    probe.stop();
+    if let Some(obj) = report.as_object_mut() {
+        for (key, value) in [
+            ("before_rss_kib", json!(before.rss_kib)),
+            ("before_anon_kib", json!(before.anon_kib)),
+            ("synced_rss_kib", json!(synced.rss_kib)),
+            ("after_rss_kib", json!(after.rss_kib)),
+            ("after_anon_kib", json!(after.anon_kib)),
+            ("peak_rss_kib", json!(after.hwm_kib)),
+            (
+                "split",
+                json!({
+                    "before": before_split.to_json(),
+                    "synced": synced_split.to_json(),
+                    "after": after_split.to_json(),
+                }),
+            ),
+        ] {
+            obj.insert(key.to_owned(), value);
+        }
+    }
+    let kib = |k: &str| report.get(k).and_then(Value::as_u64).unwrap_or(0) as f64;
+    let added_mb = (kib("after_rss_kib") - kib("before_rss_kib")) / 1024.0;
+    let anon_mb = (kib("after_anon_kib") - kib("before_anon_kib")) / 1024.0;
+    let added = split_added(&report);
+    if let Some(obj) = report.as_object_mut() {
+        obj.insert("rss_added_mb".into(), json!(round2(added_mb)));
+        obj.insert("anon_added_mb".into(), json!(round2(anon_mb)));
+        obj.insert("target_mb".into(), json!(5.0));
+        obj.insert("added_mb".into(), added);
+    }
+    Ok(report)
+}
+
+/// A command running `program` under `MESH_BENCH_MEMORY_WRAP` when set (a
+/// tool such as `heaptrack -o /tmp/probe` or `valgrind --tool=massif`: for
+/// finding where the memory goes, not for the figures; the tool's own memory
+/// is not counted, the probe announces its own pid).
+fn probe_command(program: &std::path::Path) -> std::process::Command {
+    match std::env::var("MESH_BENCH_MEMORY_WRAP") {
+        Ok(wrap) if !wrap.trim().is_empty() => {
+            let mut words = wrap.split_whitespace();
+            let mut command = std::process::Command::new(words.next().unwrap_or_default());
+            command.args(words).arg(program);
+            command
+        }
+        _ => std::process::Command::new(program),
+    }
+}
+
+/// The memory row: the probe in the bench binary (the top-level keys) and in
+/// the service-shaped example binary (`service_binary`).
 pub(crate) fn measure_memory() -> Result<Value, String> {
     let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     std::fs::write(dir.path().join("mesh.yaml"), memory_config())
@@ -397,47 +476,67 @@ pub(crate) fn measure_memory() -> Result<Value, String> {
         "MESH_BENCH_CONFIG_DIR".to_owned(),
         dir.path().display().to_string(),
     )];
+    let service_probe = build_service_probe();
     let mut control = RoleProcess::spawn_role("mesh-control", "control", &[], &env)?;
     let (xds, admin) = common::parse_control_ready(&control.wait_ready(Duration::from_secs(60))?)?;
     let bootstrap = proxyless::control::bootstrap_json(xds, admin, "memory-probe", apps::NAMESPACE);
-    let mut probe = match std::env::var("MESH_BENCH_MEMORY_WRAP") {
-        // A tool to run the probe under (`heaptrack`, `valgrind --tool=massif`):
-        // for finding where the memory goes, not for the figures.
-        Ok(wrap) if !wrap.trim().is_empty() => {
-            let mut words = wrap.split_whitespace();
-            let mut command = std::process::Command::new(words.next().unwrap_or_default());
-            let exe = std::env::current_exe()
-                .map_err(|e| format!("cannot find the bench binary to re-execute: {e}"))?;
-            command
-                .args(words)
-                .arg(exe)
-                .env(common::ROLE_ENV, "memory-probe")
-                .env(apps::BOOTSTRAP_ENV, bootstrap);
-            RoleProcess::spawn("memory-probe", command)?
+    let pages_file = std::env::var_os("MESH_BENCH_MEMORY_PAGES").map(std::path::PathBuf::from);
+
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the bench binary to re-execute: {e}"))?;
+    let mut command = probe_command(&exe);
+    command.env(common::ROLE_ENV, "memory-probe");
+    let bench = run_probe("memory-probe", command, &bootstrap, pages_file.as_deref());
+
+    let service = service_probe.and_then(|program| {
+        let pages_file = pages_file.as_ref().map(|f| {
+            let mut f = f.clone().into_os_string();
+            f.push("-service");
+            std::path::PathBuf::from(f)
+        });
+        let mut report = run_probe(
+            "memory-probe (service binary)",
+            probe_command(&program),
+            &bootstrap,
+            pages_file.as_deref(),
+        )?;
+        if let Some(obj) = report.as_object_mut() {
+            obj.insert("binary".into(), json!(program.display().to_string()));
         }
-        _ => RoleProcess::spawn_role(
-            "memory-probe",
-            "memory-probe",
-            &[],
-            &[(apps::BOOTSTRAP_ENV.to_owned(), bootstrap)],
-        )?,
-    };
-    let report = probe.wait_ready(Duration::from_secs(90))?;
-    probe.stop();
+        Ok(report)
+    });
     control.stop();
-    let mut value: Value =
-        serde_json::from_str(&report).map_err(|e| format!("memory probe report: {e}"))?;
-    let kib = |k: &str| value.get(k).and_then(Value::as_u64).unwrap_or(0) as f64;
-    let added_mb = (kib("after_rss_kib") - kib("before_rss_kib")) / 1024.0;
-    let anon_mb = (kib("after_anon_kib") - kib("before_anon_kib")) / 1024.0;
-    let added = split_added(&value);
-    if let Some(obj) = value.as_object_mut() {
-        obj.insert("rss_added_mb".into(), json!(round2(added_mb)));
-        obj.insert("anon_added_mb".into(), json!(round2(anon_mb)));
-        obj.insert("target_mb".into(), json!(5.0));
-        obj.insert("added_mb".into(), added.clone());
+
+    let mut value = bench?;
+    if let Some(added) = value.get("added_mb") {
+        println!(
+            "{}",
+            split_table(
+                added,
+                "the bench binary (load generator, plain apps, Envoy runner, plots and the mesh)"
+            )
+        );
     }
-    println!("{}", split_table(&added));
+    match &service {
+        Ok(report) => {
+            if let Some(added) = report.get("added_mb") {
+                println!(
+                    "{}",
+                    split_table(
+                        added,
+                        "a service-shaped binary (examples/memory_probe.rs: the xDS client and the client stack)"
+                    )
+                );
+            }
+        }
+        Err(e) => common::loud(&format!("memory probe (service binary) failed: {e}")),
+    }
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert(
+            "service_binary".into(),
+            service.unwrap_or_else(|e| json!({ "available": false, "reason": e })),
+        );
+    }
     Ok(value)
 }
 
@@ -471,8 +570,8 @@ fn split_added(report: &Value) -> Value {
     json!({ "synced": phase("synced"), "after": phase("after") })
 }
 
-/// The split as a markdown table: one row per phase.
-fn split_table(added: &Value) -> String {
+/// The split as a markdown table for the probe in `binary`: one row per phase.
+fn split_table(added: &Value, binary: &str) -> String {
     let cell = |phase: &str, key: &str| {
         added
             .pointer(&format!("/{phase}/{key}"))
@@ -495,7 +594,7 @@ fn split_table(added: &Value) -> String {
         row
     };
     format!(
-        "Memory added, by kind (MB; heap is private to each process, code and rodata are the binary's pages shared by every process running it):\n\n{}",
+        "Memory added in {binary}, by kind (MB; heap is private to each process, code and rodata are the binary's pages shared by every process running it):\n\n{}",
         markdown_table(
             &[
                 "when",

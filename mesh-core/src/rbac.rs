@@ -291,14 +291,26 @@ impl Source {
             && self.not_ip_blocks.is_empty()
     }
 
+    fn reads_only_peer(&self) -> bool {
+        let Source {
+            principals: _,
+            not_principals: _,
+            namespaces: _,
+            not_namespaces: _,
+            ip_blocks,
+            not_ip_blocks,
+        } = self;
+        ip_blocks.is_empty() && not_ip_blocks.is_empty()
+    }
+
     /// Whether the request's source matches.
     pub fn matches(&self, attrs: &RequestAttributes<'_>) -> bool {
-        let principal = attrs.peer.map(SpiffeId::principal);
-        let namespace = attrs.peer.map(SpiffeId::namespace);
+        // Each attribute is read only by a field that is set.
+        let peer = attrs.peer;
         one_of(&self.principals, &self.not_principals, |p| {
-            principal.is_some_and(|v| p.matches(v))
+            peer.is_some_and(|v| p.matches(v.principal()))
         }) && one_of(&self.namespaces, &self.not_namespaces, |n| {
-            namespace.is_some_and(|v| n.matches(v))
+            peer.is_some_and(|v| n.matches(v.namespace()))
         }) && one_of(&self.ip_blocks, &self.not_ip_blocks, |b| {
             b.contains(attrs.source_ip)
         })
@@ -341,17 +353,42 @@ impl Operation {
             && self.not_paths.is_empty()
     }
 
+    fn reads_only_peer(&self) -> bool {
+        let Operation {
+            hosts,
+            not_hosts,
+            ports,
+            not_ports,
+            methods,
+            not_methods,
+            paths,
+            not_paths,
+        } = self;
+        hosts.is_empty()
+            && not_hosts.is_empty()
+            && ports.is_empty()
+            && not_ports.is_empty()
+            && methods.is_empty()
+            && not_methods.is_empty()
+            && paths.is_empty()
+            && not_paths.is_empty()
+    }
+
     /// Whether the request's operation matches.
     pub fn matches(&self, attrs: &RequestAttributes<'_>) -> bool {
-        let host = Some(attrs.host).filter(|h| !h.is_empty());
-        let path = attrs.path_without_query();
+        // Each attribute is read only by a field that is set (the path
+        // without its query is a search).
+        let host = attrs.host;
         one_of(&self.hosts, &self.not_hosts, |h| {
-            host.is_some_and(|v| h.matches_ignore_case(v))
+            !host.is_empty() && h.matches_ignore_case(host)
         }) && one_of(&self.ports, &self.not_ports, |p| {
             *p == attrs.destination_port
         }) && one_of(&self.methods, &self.not_methods, |m| {
             m.matches(attrs.method)
-        }) && one_of(&self.paths, &self.not_paths, |p| p.matches(path))
+        }) && (self.paths.is_empty() && self.not_paths.is_empty() || {
+            let path = attrs.path_without_query();
+            one_of(&self.paths, &self.not_paths, |p| p.matches(path))
+        })
     }
 }
 
@@ -488,6 +525,15 @@ impl Condition {
         }
     }
 
+    fn reads_only_peer(&self) -> bool {
+        match self {
+            Condition::SourcePrincipal(_) | Condition::SourceNamespace(_) => true,
+            Condition::RequestHeader { .. }
+            | Condition::SourceIp(_)
+            | Condition::DestinationPort(_) => false,
+        }
+    }
+
     /// Whether the request satisfies the condition.
     pub fn matches(&self, attrs: &RequestAttributes<'_>) -> bool {
         match self {
@@ -543,6 +589,15 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// See [`AuthorizationPolicy::reads_only_peer`]. Every field is named
+    /// (here and below), so a field added later must be classified here.
+    fn reads_only_peer(&self) -> bool {
+        let Rule { from, to, when } = self;
+        from.iter().all(Source::reads_only_peer)
+            && to.iter().all(Operation::reads_only_peer)
+            && when.iter().all(Condition::reads_only_peer)
+    }
+
     /// Whether the request matches this rule.
     pub fn matches(&self, attrs: &RequestAttributes<'_>) -> bool {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(attrs)))
@@ -652,6 +707,16 @@ impl AuthorizationPolicy {
     pub fn matches(&self, attrs: &RequestAttributes<'_>) -> bool {
         self.rules.iter().any(|r| r.matches(attrs))
     }
+
+    /// Whether matching reads nothing of a request but its peer identity
+    /// ([`RequestAttributes::peer`]): no rule has an ip block, an
+    /// operation, or a condition on anything but `source.principal` /
+    /// `source.namespace`. Then [`AuthorizationPolicy::matches`] (and
+    /// [`decide`] over such policies) gives the same answer for every
+    /// request with an equal peer identity, which a caller may remember.
+    pub fn reads_only_peer(&self) -> bool {
+        self.rules.iter().all(Rule::reads_only_peer)
+    }
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), Error> {
@@ -741,8 +806,14 @@ impl<'a> RequestAttributes<'a> {
             _ => {
                 let mut values = self.headers.get_all(name).iter();
                 let first = values.next()?;
-                let mut joined = String::from_utf8_lossy(first.as_bytes()).into_owned();
-                for v in values {
+                let first = String::from_utf8_lossy(first.as_bytes());
+                let Some(second) = values.next() else {
+                    // One value (the usual case): borrowed unless it is
+                    // not UTF-8, nothing allocated.
+                    return Some(first);
+                };
+                let mut joined = first.into_owned();
+                for v in std::iter::once(second).chain(values) {
                     joined.push(',');
                     joined.push_str(&String::from_utf8_lossy(v.as_bytes()));
                 }
@@ -788,47 +859,86 @@ pub struct Decision {
 /// Dry-run policies ([`AuthorizationPolicy::is_dry_run`]) are skipped: they
 /// never change a decision (see [`evaluate_dry_run`]).
 pub fn evaluate(policies: &[AuthorizationPolicy], attrs: &RequestAttributes<'_>) -> Decision {
-    let audit = policies
-        .iter()
-        .any(|p| !p.dry_run && p.action == Action::Audit && p.matches(attrs));
-    if let Some(deny) = policies
-        .iter()
-        .find(|p| !p.dry_run && p.action == Action::Deny && p.matches(attrs))
-    {
-        return Decision {
-            allowed: false,
-            policy: Some(deny.id.clone()),
-            audit,
-            reason: Reason::DeniedByPolicy,
-        };
+    decide(policies, attrs).to_decision(policies)
+}
+
+/// [`evaluate`]'s decision naming the deciding policy by its index in the
+/// policies instead of a copy of its id: what a caller deciding every
+/// request uses (no reference count touched, nothing allocated by the
+/// decision itself), keeping per-policy data of its own by index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// Whether the request may proceed.
+    pub allowed: bool,
+    /// The index of the deciding policy (the DENY policy that denied or
+    /// the ALLOW policy that allowed); `None` when no policy matched.
+    pub policy: Option<usize>,
+    /// Whether an AUDIT policy matched.
+    pub audit: bool,
+    /// Why.
+    pub reason: Reason,
+}
+
+impl Verdict {
+    /// The [`Decision`] this is, for the `policies` it was decided with.
+    pub fn to_decision(&self, policies: &[AuthorizationPolicy]) -> Decision {
+        Decision {
+            allowed: self.allowed,
+            policy: self
+                .policy
+                .and_then(|i| policies.get(i))
+                .map(|p| p.id.clone()),
+            audit: self.audit,
+            reason: self.reason,
+        }
     }
-    let mut allow_policies = policies
-        .iter()
-        .filter(|p| !p.dry_run && p.action == Action::Allow);
-    let Some(first) = allow_policies.next() else {
-        return Decision {
-            allowed: true,
-            policy: None,
-            audit,
-            reason: Reason::NoAllowPolicies,
-        };
+}
+
+/// [`evaluate`] without copying the deciding policy's id (see
+/// [`Verdict`]). One pass over `policies`: a policy is matched only when
+/// its result can still change the decision (an AUDIT policy until one
+/// matched, a DENY policy until one matched, an ALLOW policy until one
+/// matched and only while no DENY policy did), which gives the same
+/// decision as evaluating them all since matching has no side effects.
+pub fn decide(policies: &[AuthorizationPolicy], attrs: &RequestAttributes<'_>) -> Verdict {
+    let mut audit = false;
+    let mut deny = None;
+    let mut allow = None;
+    let mut any_allow = false;
+    for (i, p) in policies.iter().enumerate() {
+        if p.dry_run {
+            continue;
+        }
+        match p.action {
+            Action::Audit => {
+                if !audit && p.matches(attrs) {
+                    audit = true;
+                }
+            }
+            Action::Deny => {
+                if deny.is_none() && p.matches(attrs) {
+                    deny = Some(i);
+                }
+            }
+            Action::Allow => {
+                any_allow = true;
+                if deny.is_none() && allow.is_none() && p.matches(attrs) {
+                    allow = Some(i);
+                }
+            }
+        }
+    }
+    let (allowed, policy, reason) = match (deny, allow) {
+        (Some(deny), _) => (false, Some(deny), Reason::DeniedByPolicy),
+        (None, Some(allow)) => (true, Some(allow), Reason::AllowedByPolicy),
+        (None, None) if any_allow => (false, None, Reason::NoAllowPolicyMatched),
+        (None, None) => (true, None, Reason::NoAllowPolicies),
     };
-    match std::iter::once(first)
-        .chain(allow_policies)
-        .find(|p| p.matches(attrs))
-    {
-        Some(allow) => Decision {
-            allowed: true,
-            policy: Some(allow.id.clone()),
-            audit,
-            reason: Reason::AllowedByPolicy,
-        },
-        None => Decision {
-            allowed: false,
-            policy: None,
-            audit,
-            reason: Reason::NoAllowPolicyMatched,
-        },
+    Verdict {
+        allowed,
+        policy,
+        audit,
+        reason,
     }
 }
 

@@ -52,6 +52,12 @@ impl RouteConfig {
     /// as sent (`catalog:8080`, as gRPC matches its target) wins; otherwise
     /// the best match for the host without its port, or `None`.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        self.virtual_hosts.get(self.virtual_host_index(host)?)
+    }
+
+    /// The index in [`virtual_hosts`](RouteConfig::virtual_hosts) of the
+    /// virtual host that serves `host` (see [`virtual_host`](Self::virtual_host)).
+    pub fn virtual_host_index(&self, host: &str) -> Option<usize> {
         let bare = strip_port(host);
         if bare.len() != host.len()
             && let Some(vh) = self.best_virtual_host(host, true)
@@ -61,19 +67,19 @@ impl RouteConfig {
         self.best_virtual_host(bare, false)
     }
 
-    fn best_virtual_host(&self, host: &str, exact_only: bool) -> Option<&VirtualHost> {
-        let mut best: Option<(&VirtualHost, DomainScore)> = None;
-        for vh in self.virtual_hosts.iter() {
+    fn best_virtual_host(&self, host: &str, exact_only: bool) -> Option<usize> {
+        let mut best: Option<(usize, DomainScore)> = None;
+        for (i, vh) in self.virtual_hosts.iter().enumerate() {
             for d in vh.domains.iter() {
                 if let Some(score) = domain_score(d, host)
                     && (!exact_only || score.class == 3)
                     && best.as_ref().is_none_or(|(_, s)| score > *s)
                 {
-                    best = Some((vh, score));
+                    best = Some((i, score));
                 }
             }
         }
-        best.map(|(vh, _)| vh)
+        best.map(|(i, _)| i)
     }
 
     /// The first route of the matching virtual host that matches `req`.
@@ -85,7 +91,13 @@ impl RouteConfig {
 impl VirtualHost {
     /// The first route whose conditions all hold.
     pub fn find(&self, req: &RequestView<'_>) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matcher.matches(req))
+        self.routes.get(self.find_index(req)?)
+    }
+
+    /// The index in [`routes`](VirtualHost::routes) of the first route
+    /// whose conditions all hold.
+    pub fn find_index(&self, req: &RequestView<'_>) -> Option<usize> {
+        self.routes.iter().position(|r| r.matcher.matches(req))
     }
 }
 

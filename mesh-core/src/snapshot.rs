@@ -5,12 +5,15 @@
 //! through an atomic pointer. Requests read it without locks and resolve a
 //! destination with [`Snapshot::resolve`].
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Deref;
 use std::sync::Arc;
 
 use crate::Error;
 use crate::model::{
-    Cluster, ClusterLoadAssignment, Listener, Name, Route, RouteConfig, ServerListener,
+    Cluster, ClusterLoadAssignment, Listener, Name, Route, RouteConfig, RoutePolicy,
+    ServerListener, VirtualHost,
 };
 use crate::route::{RequestView, strip_port};
 
@@ -60,6 +63,58 @@ pub struct Resolved<'a> {
     pub cluster: &'a Cluster,
     /// Its endpoints.
     pub endpoints: &'a ClusterLoadAssignment,
+    /// The route's table (its virtual host's routes) and its index there,
+    /// for [`Resolved::route_handle`].
+    routes: &'a Arc<[Route]>,
+    index: usize,
+}
+
+impl Resolved<'_> {
+    /// The matched route as an owned handle (a reference count): what a
+    /// request that outlives the snapshot reads its route through.
+    pub fn route_handle(&self) -> RouteHandle {
+        RouteHandle {
+            routes: self.routes.clone(),
+            index: self.index,
+        }
+    }
+}
+
+/// A route of a snapshot, kept alive by its virtual host's route table:
+/// one reference count, where a copy of the route's policies would be
+/// most of a route's size (see [`Resolved::route_handle`]). It reads as
+/// the [`Route`], and lends its [`RoutePolicy`] (an
+/// [`engine::Exchange`](crate::engine::Exchange) holds one).
+#[derive(Debug, Clone)]
+pub struct RouteHandle {
+    routes: Arc<[Route]>,
+    /// In bounds (checked when made).
+    index: usize,
+}
+
+impl RouteHandle {
+    /// Route `index` of `routes` (a virtual host's table); `None` when
+    /// there is no such route.
+    pub fn new(routes: &Arc<[Route]>, index: usize) -> Option<Self> {
+        (index < routes.len()).then(|| RouteHandle {
+            routes: routes.clone(),
+            index,
+        })
+    }
+}
+
+impl Deref for RouteHandle {
+    type Target = Route;
+
+    fn deref(&self) -> &Route {
+        &self.routes[self.index]
+    }
+}
+
+impl Borrow<RoutePolicy> for RouteHandle {
+    fn borrow(&self) -> &RoutePolicy {
+        &self.policy
+    }
 }
 
 /// What [`Snapshot::listener_for`] found for an authority.
@@ -77,13 +132,7 @@ impl Snapshot {
     /// The listener for an authority: the exact name first (`catalog:8080`),
     /// then the host without its port (`catalog`).
     pub fn listener_for(&self, authority: &str) -> ListenerLookup<'_> {
-        if let Some(l) = self.listeners.get(authority) {
-            return ListenerLookup::Found(l);
-        }
-        let host = strip_port(authority);
-        if host.len() != authority.len()
-            && let Some(l) = self.listeners.get(host)
-        {
+        if let Some(l) = self.listener_handle(authority) {
             return ListenerLookup::Found(l);
         }
         if self.missing_listeners.contains(authority) {
@@ -91,6 +140,19 @@ impl Snapshot {
         } else {
             ListenerLookup::Unknown
         }
+    }
+
+    /// The listener [`listener_for`](Self::listener_for) finds, as the
+    /// map holds it (a caller can keep it past the snapshot).
+    pub fn listener_handle(&self, authority: &str) -> Option<&Arc<Listener>> {
+        if let Some(l) = self.listeners.get(authority) {
+            return Some(l);
+        }
+        let host = strip_port(authority);
+        if host.len() != authority.len() {
+            return self.listeners.get(host);
+        }
+        None
     }
 
     /// Routes a request: listener → route config → virtual host → first
@@ -102,6 +164,21 @@ impl Snapshot {
         req: &RequestView<'_>,
         random: u64,
     ) -> Result<Resolved<'a>, Error> {
+        let (rc, vh) = self.virtual_host_for(listener, req.authority)?;
+        let vh = &rc.virtual_hosts[vh];
+        let index = route_index(vh, req)?;
+        self.destination(listener, &vh.routes, index, || random)
+    }
+
+    /// The first steps of [`resolve`](Self::resolve): `listener`'s route
+    /// config and the index of its virtual host that serves `authority`.
+    /// They depend on the authority only, so a caller may keep them for
+    /// the next request to the same authority on the same snapshot.
+    pub fn virtual_host_for(
+        &self,
+        listener: &Listener,
+        authority: &str,
+    ) -> Result<(&Arc<RouteConfig>, usize), Error> {
         let rc = self
             .route_configs
             .get(&*listener.route_config_name)
@@ -111,19 +188,31 @@ impl Snapshot {
                     listener.name, listener.route_config_name
                 ))
             })?;
-        let vh = rc.virtual_host(req.authority).ok_or_else(|| {
+        let vh = rc.virtual_host_index(authority).ok_or_else(|| {
             Error::no_route(format!(
                 "route config {:?}: no virtual host for {:?}",
-                rc.name, req.authority
+                rc.name, authority
             ))
         })?;
-        let route = vh.find(req).ok_or_else(|| {
-            Error::no_route(format!(
-                "virtual host {:?}: no route matches {} {}",
-                vh.name, req.method, req.path
-            ))
-        })?;
-        let wc = route.action.pick(random);
+        Ok((rc, vh))
+    }
+
+    /// The last steps of [`resolve`](Self::resolve): route `index` of
+    /// `routes` (a virtual host's table, see [`route_index`]) → weighted
+    /// cluster → endpoints. `random` is asked for a number only when the
+    /// route has more than one destination.
+    pub fn destination<'a>(
+        &'a self,
+        listener: &'a Listener,
+        routes: &'a Arc<[Route]>,
+        index: usize,
+        random: impl FnOnce() -> u64,
+    ) -> Result<Resolved<'a>, Error> {
+        let route = &routes[index];
+        let wc = match route.action.clusters() {
+            [only] => only,
+            _ => route.action.pick(random()),
+        };
         let cluster = self.clusters.get(&*wc.name).ok_or_else(|| {
             Error::no_route(format!(
                 "route {:?}: cluster {:?} not received",
@@ -144,6 +233,8 @@ impl Snapshot {
             route,
             cluster,
             endpoints,
+            routes,
+            index,
         })
     }
 
@@ -172,4 +263,15 @@ impl Snapshot {
             .map(|c| c.eds_service_name.clone())
             .collect()
     }
+}
+
+/// The step of [`Snapshot::resolve`] between the virtual host and the
+/// destination: the index of the first route of `vh` that matches `req`.
+pub fn route_index(vh: &VirtualHost, req: &RequestView<'_>) -> Result<usize, Error> {
+    vh.find_index(req).ok_or_else(|| {
+        Error::no_route(format!(
+            "virtual host {:?}: no route matches {} {}",
+            vh.name, req.method, req.path
+        ))
+    })
 }

@@ -57,6 +57,20 @@ pub(crate) struct ClusterStates {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct StateCache(Option<(Arc<ClusterState>, u64)>);
 
+impl StateCache {
+    /// The cached state if the map is still at the `generation` it was
+    /// filled at (see [`ClusterStates::generation`]): the answer for a
+    /// request that would look up the same cluster and endpoints, which a
+    /// caller knows without looking them up (the same route of the same
+    /// snapshot).
+    pub(crate) fn fresh(&self, generation: u64) -> Option<&Arc<ClusterState>> {
+        match &self.0 {
+            Some((state, seen)) if *seen == generation => Some(state),
+            _ => None,
+        }
+    }
+}
+
 /// The state of one cluster, for one version of its config and endpoints.
 #[derive(Debug)]
 pub(crate) struct ClusterState {
@@ -138,6 +152,13 @@ impl ClusterStates {
         let state = self.get(snapshot, cluster, cla, local);
         cache.0 = Some((state.clone(), generation));
         state
+    }
+
+    /// The map's generation: a [`StateCache`] filled at this generation
+    /// holds what [`get_cached`](Self::get_cached) would answer for the
+    /// same cluster and endpoints (see [`StateCache::fresh`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     #[cold]
@@ -378,14 +399,12 @@ impl ClusterState {
                     .pick_with(policy, hash, &mut || rng.random(), counter, active, &filter)
             }
         }?;
-        let address = *self.set.addresses().get(index)?;
-        let authority = self.authorities.get(index).cloned().flatten();
+        // An index past the addresses would make the guard's address
+        // lookup panic: `active` is as long as the addresses.
         self.active.get(index)?.fetch_add(1, Ordering::Relaxed);
         Some(ActiveGuard {
             state: self.clone(),
             index,
-            address,
-            authority,
         })
     }
 
@@ -406,15 +425,16 @@ impl ClusterState {
 /// One request in flight to one endpoint; dropping it ends the count.
 #[derive(Debug)]
 pub(crate) struct ActiveGuard {
+    /// The endpoint's address and authority are read from the state by
+    /// index: the guard is two words, moved with every attempt and held by
+    /// every response body, and a pick clones nothing but the state.
     state: Arc<ClusterState>,
     index: usize,
-    address: SocketAddr,
-    authority: Option<Authority>,
 }
 
 impl ActiveGuard {
     pub(crate) fn address(&self) -> SocketAddr {
-        self.address
+        self.state.set.addresses()[self.index]
     }
 
     /// The endpoint's index in its cluster state.
@@ -425,7 +445,7 @@ impl ActiveGuard {
     /// The address as a URI authority (`None` only for an address a URI
     /// cannot carry, such as an IPv6 literal with a zone).
     pub(crate) fn authority(&self) -> Option<&Authority> {
-        self.authority.as_ref()
+        self.state.authorities.get(self.index)?.as_ref()
     }
 
     pub(crate) fn cluster_state(&self) -> &Arc<ClusterState> {

@@ -59,9 +59,11 @@ impl PolicyKey {
 }
 
 /// A request's authorization decision: the request extension with which
-/// [`serve_with`](crate::serve::serve_with) (or a
-/// [`ServerLayer`](crate::ServerLayer) that authorized by itself) passes an
-/// allowed request on.
+/// [`serve_with`](crate::serve::serve_with) passes an allowed request on;
+/// a [`ServerLayer`](crate::ServerLayer) passes the decision on (its own,
+/// or the one it was given) inside the request's
+/// [`ServerContext`](crate::ServerContext) instead, one extension for
+/// both. [`Authorized::of`] finds a request's decision wherever it is.
 ///
 /// It says which [`InboundPolicy`](crate::InboundPolicy) decided
 /// ([`Authorized::is_decided_by`]), with which policy and why, and what the
@@ -77,8 +79,16 @@ impl PolicyKey {
 /// that copies a request's extensions into another request passes the
 /// decision on along with the [`PeerIdentity`](crate::tls::PeerIdentity)
 /// it was made for.
+///
+/// Cheap to clone (an `Arc`): a policy keeps one per decision it can make
+/// without dry-run policies and hands out clones, so passing a decision on
+/// allocates nothing.
 #[derive(Clone)]
 pub struct Authorized {
+    inner: Arc<Decided>,
+}
+
+struct Decided {
     decider: PolicyKey,
     decided_by: Option<Name>,
     reason: Reason,
@@ -94,41 +104,43 @@ impl Authorized {
         dry_run: DryRun,
     ) -> Self {
         Authorized {
-            decider,
-            decided_by,
-            reason,
-            dry_run,
+            inner: Arc::new(Decided {
+                decider,
+                decided_by,
+                reason,
+                dry_run,
+            }),
         }
     }
 
     /// Whether the policy keyed `key` made this decision.
     pub(crate) fn is_decided_under(&self, key: &PolicyKey) -> bool {
-        self.decider.same(key)
+        self.inner.decider.same(key)
     }
 
     /// The AuthorizationPolicy that allowed the request, as
     /// `<namespace>/<name>`; `None` when no ALLOW policy applies.
     pub fn policy(&self) -> Option<&Name> {
-        self.decided_by.as_ref()
+        self.inner.decided_by.as_ref()
     }
 
     /// Why the request was allowed.
     pub fn reason(&self) -> Reason {
-        self.reason
+        self.inner.reason
     }
 
     /// What the dry-run policies would have decided (empty without any).
     pub fn dry_run(&self) -> &DryRun {
-        &self.dry_run
+        &self.inner.dry_run
     }
 }
 
 impl fmt::Debug for Authorized {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Authorized")
-            .field("policy", &self.decided_by)
-            .field("reason", &self.reason)
-            .field("dry_run", &self.dry_run)
+            .field("policy", &self.inner.decided_by)
+            .field("reason", &self.inner.reason)
+            .field("dry_run", &self.inner.dry_run)
             .finish_non_exhaustive()
     }
 }

@@ -136,9 +136,11 @@ impl Deadline {
 }
 
 /// The deadline headers as header names, built at compile time: looking up
-/// by `&str` would parse the name for every request.
-const GRPC_TIMEOUT_NAME: HeaderName = HeaderName::from_static(GRPC_TIMEOUT);
-const EXPECTED_RQ_TIMEOUT_MS_NAME: HeaderName = HeaderName::from_static(EXPECTED_RQ_TIMEOUT_MS);
+/// by `&str` would parse the name for every request. Statics, not
+/// constants: a constant is a new value at each use, made and dropped
+/// (a `Bytes`, dropped through its vtable) on every lookup.
+static GRPC_TIMEOUT_NAME: HeaderName = HeaderName::from_static(GRPC_TIMEOUT);
+static EXPECTED_RQ_TIMEOUT_MS_NAME: HeaderName = HeaderName::from_static(EXPECTED_RQ_TIMEOUT_MS);
 
 fn header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     headers.get(name)?.to_str().ok()
@@ -153,11 +155,15 @@ pub(crate) fn grpc_timeout_header(headers: &HeaderMap, now: Instant) -> Option<I
 
 /// Writes `timeout` into the deadline header of the request's kind.
 pub(crate) fn write_timeout_header(headers: &mut HeaderMap, grpc: bool, timeout: Duration) {
+    // Constants here: the header map takes the name by value.
     let (name, value) = if grpc {
-        (GRPC_TIMEOUT_NAME, format_grpc_timeout(timeout))
+        (
+            HeaderName::from_static(GRPC_TIMEOUT),
+            format_grpc_timeout(timeout),
+        )
     } else {
         (
-            EXPECTED_RQ_TIMEOUT_MS_NAME,
+            HeaderName::from_static(EXPECTED_RQ_TIMEOUT_MS),
             format_expected_rq_timeout_ms(timeout),
         )
     };

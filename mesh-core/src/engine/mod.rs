@@ -46,7 +46,7 @@
 //! let mut exchange = Exchange::new(&policy, Start::default());
 //! let now = Duration::ZERO;
 //! let mut random = || 0u64;
-//! let mut step = |x: &mut Exchange, e| x.step(now, e, &mut (), &mut random);
+//! let mut step = |x: &mut Exchange<&RoutePolicy>, e| x.step(now, e, &mut (), &mut random);
 //! assert_eq!(step(&mut exchange, Event::Start), Action::TakeSlot);
 //! assert_eq!(step(&mut exchange, Event::SlotGranted), Action::Pick { spill: false });
 //! assert_eq!(
@@ -59,6 +59,7 @@
 //! assert_eq!(step(&mut exchange, outcome), Action::Deliver { attempt: 1, deadline: None });
 //! ```
 
+use std::borrow::Borrow;
 use std::time::Duration;
 
 use crate::breaker::Overflow;
@@ -395,17 +396,23 @@ struct Retry {
 }
 
 /// The decisions of one request (see the [module docs](self)).
+///
+/// The route's policy is read through `P`, any [`Borrow`] of a
+/// [`RoutePolicy`]: a reference, or a handle that keeps the route alive
+/// (a driver's exchange outlives the snapshot it was routed with). It is
+/// not copied: the exchange is part of every request's state, which a
+/// driver moves around, and the policies are most of a route's size.
 #[derive(Debug, Clone)]
-pub struct Exchange {
-    /// The route's retry policy, when it can retry at all.
-    retry: Option<RetryPolicy>,
-    fault: Option<FaultPolicy>,
-    route_timeout: Option<Duration>,
+pub struct Exchange<P> {
+    /// The route's policy.
+    policy: P,
+    /// Whether the route can retry at all (a retry policy with retries
+    /// and conditions).
+    retries: bool,
     /// The caller's deadline, since the exchange started.
     caller: Option<Duration>,
     /// The overall deadline (route timeout or caller's), once known.
     deadline: Option<Duration>,
-    per_try: Option<Duration>,
     /// Attempts allowed (1 until the body is known replayable).
     budget: u32,
     /// Attempts started; the last one's number.
@@ -416,18 +423,17 @@ pub struct Exchange {
     phase: Phase,
 }
 
-impl Exchange {
+impl<P: Borrow<RoutePolicy>> Exchange<P> {
     /// An exchange on a route with `policy`.
-    pub fn new(policy: &RoutePolicy, start: Start) -> Self {
-        let retry = policy
+    pub fn new(policy: P, start: Start) -> Self {
+        let retries = policy
+            .borrow()
             .retry
             .as_ref()
-            .filter(|r| r.num_retries > 0 && !r.retry_on.is_empty());
+            .is_some_and(|r| r.num_retries > 0 && !r.retry_on.is_empty());
         Exchange {
-            per_try: retry.and_then(|r| r.per_try_timeout),
-            retry: retry.cloned(),
-            fault: policy.fault.clone(),
-            route_timeout: policy.timeout,
+            policy,
+            retries,
             caller: start.deadline,
             deadline: None,
             budget: 1,
@@ -443,16 +449,39 @@ impl Exchange {
     /// timer (a backoff), so a driver may start its clock then and pass
     /// [`Duration::ZERO`] until that moment.
     pub fn needs_clock(&self) -> bool {
-        self.fault.is_some()
-            || self.route_timeout.is_some()
+        let policy = self.policy.borrow();
+        policy.fault.is_some()
+            || policy.timeout.is_some()
             || self.caller.is_some()
-            || self.per_try.is_some()
+            || self.per_try().is_some()
+    }
+
+    /// The route's policy.
+    pub fn policy(&self) -> &P {
+        &self.policy
+    }
+
+    /// The route's retry policy, when it can retry at all.
+    fn retry(&self) -> Option<&RetryPolicy> {
+        if self.retries {
+            self.policy.borrow().retry.as_ref()
+        } else {
+            None
+        }
+    }
+
+    fn fault(&self) -> Option<&FaultPolicy> {
+        self.policy.borrow().fault.as_ref()
+    }
+
+    fn per_try(&self) -> Option<Duration> {
+        self.retry().and_then(|r| r.per_try_timeout)
     }
 
     /// Whether the route may retry this request at all (before the body is
     /// known): a driver keeps what a retry needs only then.
     pub fn may_retry(&self) -> bool {
-        self.retry.is_some()
+        self.retries
     }
 
     /// Attempts allowed: `num_retries + 1` once the body is known
@@ -532,18 +561,15 @@ impl Exchange {
                 }
             }
             (Phase::Body, Event::BodyReady { replayable }) => {
-                if replayable && let Some(retry) = &self.retry {
-                    self.budget = retry.num_retries.saturating_add(1);
+                if replayable && let Some(retries) = self.retry().map(|r| r.num_retries) {
+                    self.budget = retries.saturating_add(1);
                 }
                 self.take_slot()
             }
             (Phase::Slot, Event::SlotGranted) => {
                 self.phase = Phase::Pick;
                 Action::Pick {
-                    spill: self
-                        .retry
-                        .as_ref()
-                        .is_some_and(|r| r.retry_remote_localities),
+                    spill: self.retry().is_some_and(|r| r.retry_remote_localities),
                 }
             }
             (Phase::Slot, Event::Overflow(overflow)) => {
@@ -644,7 +670,7 @@ impl Exchange {
         observer: &mut impl Observer,
         entropy: &mut impl Entropy,
     ) -> Action {
-        if let Some(policy) = &self.fault {
+        if let Some(policy) = self.fault() {
             let decision = fault::decide(policy, entropy.random(), entropy.random());
             if let Some(delay) = decision.delay {
                 observer.fault_delay(delay);
@@ -666,7 +692,7 @@ impl Exchange {
 
     /// After the fault: the deadline, then the body or the first slot.
     fn begin(&mut self, now: Duration, observer: &mut impl Observer) -> Action {
-        let route = self.route_timeout.map(|t| now.saturating_add(t));
+        let route = self.policy.borrow().timeout.map(|t| now.saturating_add(t));
         self.deadline = match (route, self.caller) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -678,7 +704,7 @@ impl Exchange {
             observer.deadline_passed();
             return self.answer(Local::DeadlinePassed);
         }
-        if self.retry.is_some() {
+        if self.retries {
             self.phase = Phase::Body;
             return Action::PrepareBody { keep: true };
         }
@@ -694,9 +720,10 @@ impl Exchange {
         self.started += 1;
         let attempt = self.started;
         self.tried.push(endpoint);
-        let per_try_at = self.per_try.map(|t| now.saturating_add(t));
+        let per_try = self.per_try();
+        let per_try_at = per_try.map(|t| now.saturating_add(t));
         let left = self.deadline.map(|d| d.saturating_sub(now));
-        let timeout = match (left, self.per_try) {
+        let timeout = match (left, per_try) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -734,11 +761,11 @@ impl Exchange {
         entropy: &mut impl Entropy,
     ) -> Action {
         let timed_out = outcome == Outcome::PerTryTimeout;
-        let reason = match &self.retry {
+        let reason = match self.retry() {
             Some(policy) if !begun => retry::retry_reason(policy, &outcome),
             _ => None,
         };
-        let (Some(reason), Some(policy)) = (reason, &self.retry) else {
+        let (Some(reason), Some(policy)) = (reason, self.retry()) else {
             return self.finish(attempt, timed_out, now, observer);
         };
         if attempt >= self.budget {
@@ -782,7 +809,7 @@ impl Exchange {
             observer.timed_out();
             return self.answer(Local::PerTryTimeout {
                 attempt,
-                after: self.per_try.unwrap_or(now),
+                after: self.per_try().unwrap_or(now),
             });
         }
         self.phase = Phase::Done;

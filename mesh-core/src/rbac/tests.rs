@@ -778,3 +778,212 @@ fn attributes_of_an_http_request() {
         ""
     );
 }
+
+/// Istio's precedence written out as three passes (audit, DENY, ALLOW):
+/// what the one-pass [`decide`] must agree with.
+fn three_passes(policies: &[AuthorizationPolicy], attrs: &RequestAttributes<'_>) -> Decision {
+    let enforced = || policies.iter().filter(|p| !p.is_dry_run());
+    let audit = enforced().any(|p| p.action() == Action::Audit && p.matches(attrs));
+    if let Some(deny) = enforced().find(|p| p.action() == Action::Deny && p.matches(attrs)) {
+        return Decision {
+            allowed: false,
+            policy: Some(deny.id().clone()),
+            audit,
+            reason: Reason::DeniedByPolicy,
+        };
+    }
+    if !enforced().any(|p| p.action() == Action::Allow) {
+        return Decision {
+            allowed: true,
+            policy: None,
+            audit,
+            reason: Reason::NoAllowPolicies,
+        };
+    }
+    match enforced().find(|p| p.action() == Action::Allow && p.matches(attrs)) {
+        Some(allow) => Decision {
+            allowed: true,
+            policy: Some(allow.id().clone()),
+            audit,
+            reason: Reason::AllowedByPolicy,
+        },
+        None => Decision {
+            allowed: false,
+            policy: None,
+            audit,
+            reason: Reason::NoAllowPolicyMatched,
+        },
+    }
+}
+
+/// The one-pass evaluation decides as the three passes do, whatever the
+/// order of the policies (an ALLOW before the DENY that wins, an AUDIT
+/// after a DENY that matched), and names the deciding policy by index.
+#[test]
+fn one_pass_decides_as_istio_precedence() {
+    let from = |principal: &str| Rule {
+        from: vec![Source {
+            principals: sm(&[principal]),
+            ..Default::default()
+        }]
+        .into(),
+        ..Default::default()
+    };
+    let allow_sleep = policy("allow-sleep", Action::Allow, vec![from("*/sa/sleep")]);
+    let allow_admin = policy("allow-admin", Action::Allow, vec![path_rule("/admin*")]);
+    let deny_admin = policy("deny-admin", Action::Deny, vec![path_rule("/admin*")]);
+    let deny_bar = policy(
+        "deny-bar",
+        Action::Deny,
+        vec![Rule {
+            from: vec![Source {
+                namespaces: sm(&["bar"]),
+                ..Default::default()
+            }]
+            .into(),
+            ..Default::default()
+        }],
+    );
+    let audit_all = policy("audit-all", Action::Audit, vec![Rule::default()]);
+    let audit_ip = policy("audit-ip", Action::Audit, vec![path_rule("/ip")]);
+    let dry_deny_all =
+        policy("dry-deny-all", Action::Deny, vec![Rule::default()]).with_dry_run(true);
+    let sets: Vec<Vec<AuthorizationPolicy>> = vec![
+        vec![],
+        vec![allow_sleep.clone()],
+        vec![allow_sleep.clone(), deny_admin.clone()],
+        vec![deny_admin.clone(), allow_sleep.clone(), audit_all.clone()],
+        vec![allow_admin.clone(), deny_admin.clone(), audit_ip.clone()],
+        vec![deny_bar.clone(), deny_admin.clone(), audit_ip.clone()],
+        vec![
+            audit_ip.clone(),
+            deny_bar.clone(),
+            allow_sleep.clone(),
+            allow_admin,
+        ],
+        vec![dry_deny_all.clone(), allow_sleep.clone()],
+        vec![dry_deny_all, audit_all],
+    ];
+    let requests = [
+        req("GET", "/"),
+        req("GET", "/ip"),
+        req("GET", "/admin/x"),
+        req("GET", "/").from(SLEEP),
+        req("GET", "/admin/x").from(SLEEP),
+        req("GET", "/ip").from(BAR_NS),
+        req("GET", "/admin?x=1").from(FOO_NS),
+    ];
+    for (s, policies) in sets.iter().enumerate() {
+        for (r, request) in requests.iter().enumerate() {
+            let attrs = request.attrs();
+            let verdict = decide(policies, &attrs);
+            let expected = three_passes(policies, &attrs);
+            assert_eq!(evaluate(policies, &attrs), expected, "set {s}, request {r}");
+            assert_eq!(
+                verdict.to_decision(policies),
+                expected,
+                "set {s}, request {r}"
+            );
+            assert_eq!(
+                verdict.policy.map(|i| policies[i].id().clone()),
+                expected.policy,
+                "set {s}, request {r}"
+            );
+        }
+    }
+}
+
+/// A policy reads only the peer identity when no rule has an ip block, an
+/// operation or a request condition; then every request from one peer
+/// gets one decision, whatever else differs.
+#[test]
+fn policies_that_read_only_the_peer() {
+    let source = |s: Source| Rule {
+        from: vec![s].into(),
+        ..Default::default()
+    };
+    let principals = policy(
+        "principals",
+        Action::Allow,
+        vec![source(Source {
+            principals: sm(&["*/sa/sleep"]),
+            not_namespaces: sm(&["bar"]),
+            ..Default::default()
+        })],
+    );
+    let conditions = policy(
+        "conditions",
+        Action::Deny,
+        vec![Rule {
+            when: vec![
+                when("source.principal", &["cluster.local/ns/foo/*"], &[]),
+                when("source.namespace", &[], &["test"]),
+            ]
+            .into(),
+            ..Default::default()
+        }],
+    );
+    let everything = policy("everything", Action::Allow, vec![Rule::default()]);
+    let nothing = policy("nothing", Action::Allow, vec![]);
+    for p in [&principals, &conditions, &everything, &nothing] {
+        assert!(p.reads_only_peer(), "{}", p.id());
+    }
+    let ip = policy(
+        "ip",
+        Action::Allow,
+        vec![source(Source {
+            principals: sm(&["*"]),
+            not_ip_blocks: ips(&["10.0.0.0/8"]),
+            ..Default::default()
+        })],
+    );
+    let path = policy("path", Action::Allow, vec![path_rule("/admin*")]);
+    let header = policy(
+        "header",
+        Action::Deny,
+        vec![Rule {
+            when: vec![when("request.headers[x-user]", &["bob"], &[])].into(),
+            ..Default::default()
+        }],
+    );
+    let port = policy(
+        "port",
+        Action::Deny,
+        vec![Rule {
+            when: vec![when("destination.port", &["8080"], &[])].into(),
+            ..Default::default()
+        }],
+    );
+    let ips_when = policy(
+        "source-ip",
+        Action::Deny,
+        vec![Rule {
+            when: vec![when("source.ip", &["10.0.0.0/8"], &[])].into(),
+            ..Default::default()
+        }],
+    );
+    for p in [&ip, &path, &header, &port, &ips_when] {
+        assert!(!p.reads_only_peer(), "{}", p.id());
+    }
+    // Requests that differ in everything but the peer are decided alike.
+    let peer_only = [principals, conditions, everything, nothing];
+    for peer in [None, Some(SLEEP), Some(FOO_NS), Some(BAR_NS), Some(TEST_NS)] {
+        let requests = [
+            req("GET", "/"),
+            req("POST", "/admin?x=1")
+                .ip("192.168.1.1")
+                .host("other:9000")
+                .port(9000)
+                .header("x-user", "bob"),
+        ];
+        let decisions: Vec<Verdict> = requests
+            .into_iter()
+            .map(|r| match peer {
+                Some(peer) => r.from(peer),
+                None => r,
+            })
+            .map(|r| decide(&peer_only, &r.attrs()))
+            .collect();
+        assert_eq!(decisions[0], decisions[1], "peer {peer:?}");
+    }
+}

@@ -53,9 +53,11 @@ pin_project! {
             #[pin]
             body: B,
         },
+        // A local reply has no trailers: a timeout's gRPC status is
+        // returned as the frame it makes, not kept here (every response
+        // body would carry the room for a header map).
         Local {
             data: Option<Bytes>,
-            trailers: Option<HeaderMap>,
         },
     }
 }
@@ -88,7 +90,7 @@ impl<B: Body> ResponseBody<B> {
     fn inner_ended(&self) -> bool {
         match &self.inner {
             Inner::Upstream { body } => body.is_end_stream(),
-            Inner::Local { data, trailers } => data.is_none() && trailers.is_none(),
+            Inner::Local { data } => data.is_none(),
         }
     }
 }
@@ -99,7 +101,6 @@ impl<B> ResponseBody<B> {
         ResponseBody {
             inner: Inner::Local {
                 data: data.filter(|d| !d.is_empty()),
-                trailers: None,
             },
             finish: None,
             timeout: None,
@@ -135,12 +136,8 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         let body = match this.inner.as_mut().project() {
-            InnerProj::Local { data, trailers } => {
-                return Poll::Ready(match (data.take(), trailers.take()) {
-                    (Some(data), _) => Some(Ok(Frame::data(data))),
-                    (None, Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
-                    (None, None) => None,
-                });
+            InnerProj::Local { data } => {
+                return Poll::Ready(data.take().map(|data| Ok(Frame::data(data))));
             }
             InnerProj::Upstream { body } => body,
         };
@@ -157,10 +154,7 @@ where
                 );
                 *this.timeout = None;
                 // Forget the endpoint's stream (an HTTP/2 reset).
-                this.inner.set(Inner::Local {
-                    data: None,
-                    trailers: None,
-                });
+                this.inner.set(Inner::Local { data: None });
                 if let Some(mut finish) = this.finish.take() {
                     finish.timed_out();
                     finish.end();
@@ -208,7 +202,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream { body } => body.is_end_stream(),
-            Inner::Local { data, trailers } => data.is_none() && trailers.is_none(),
+            Inner::Local { data } => data.is_none(),
         }
     }
 

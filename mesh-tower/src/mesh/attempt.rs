@@ -33,9 +33,8 @@ pub(crate) struct Attempt {
     /// The request's decision record (`None` without a telemetry layer).
     pub(crate) record: Option<DecisionRecord>,
     /// This attempt's entry in the record, until its outcome is known
-    /// (boxed: it is large, and only there under telemetry, while the
-    /// attempt is moved with the response future of every request).
-    pub(crate) guard: Option<Box<AttemptGuard>>,
+    /// (three words: its span, boxed, exists only for sampled requests).
+    pub(crate) guard: Option<AttemptGuard>,
 }
 
 impl Attempt {
@@ -51,7 +50,7 @@ impl Attempt {
         let guard = record.map(|r| {
             let guard = r.attempt_started(active.address(), active.labels());
             guard.inject(headers);
-            Box::new(guard)
+            guard
         });
         Attempt {
             active,
@@ -139,9 +138,15 @@ pub(crate) struct Finish {
     stats: MeshStats,
     /// The response's status, for the attempt's record.
     status: StatusCode,
-    /// Its gRPC status, from the headers or, later, the trailers.
-    grpc_status: Option<i32>,
+    /// Its gRPC status, from the headers or, later, the trailers
+    /// ([`NO_GRPC_STATUS`] for none: an `Option<i32>` would take twice
+    /// the room in every response body).
+    grpc_status: i32,
 }
+
+/// [`Finish::grpc_status`] when there is none: a value no gRPC status
+/// takes (codes are 0 to 16).
+const NO_GRPC_STATUS: i32 = i32::MIN;
 
 impl Finish {
     pub(crate) fn new<B>(
@@ -151,9 +156,9 @@ impl Finish {
         stats: MeshStats,
     ) -> Self {
         let grpc_status = if attempt.guard.is_some() {
-            crate::grpc::grpc_status(response.headers())
+            crate::grpc::grpc_status(response.headers()).unwrap_or(NO_GRPC_STATUS)
         } else {
-            None
+            NO_GRPC_STATUS
         };
         Finish {
             attempt,
@@ -169,7 +174,7 @@ impl Finish {
         if self.attempt.guard.is_some()
             && let Some(code) = crate::grpc::grpc_status(trailers)
         {
-            self.grpc_status = Some(code);
+            self.grpc_status = code;
         }
         if !self.grpc_pending {
             return;
@@ -202,7 +207,8 @@ impl Finish {
 
     /// The response is over; dropping releases the slots.
     pub(crate) fn end(mut self) {
-        self.attempt.answered(self.status, self.grpc_status);
+        let grpc_status = (self.grpc_status != NO_GRPC_STATUS).then_some(self.grpc_status);
+        self.attempt.answered(self.status, grpc_status);
     }
 }
 

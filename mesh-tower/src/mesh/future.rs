@@ -16,15 +16,17 @@
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
 use mesh_core::breaker::{Limit, Overflow, RequestPermit};
-use mesh_core::engine::{Action, Event, Exchange, Local, Observer};
+use mesh_core::engine::{Action, Event, Exchange, Local, Observer, Start};
 use mesh_core::model::{AbortStatus, Name, RetryOn};
 use mesh_core::retry::{Outcome, RetryPermit, RetryRefusal};
+use mesh_core::snapshot::RouteHandle;
 use pin_project_lite::pin_project;
 use rand::RngCore;
 use std::sync::Arc;
@@ -84,17 +86,21 @@ pin_project! {
     }
 }
 
-/// A routed request, ready for the engine: what routing decided.
+/// A routed request, ready for the engine: what routing decided. Small
+/// (the exchange is made in the future's place, not moved there).
 pub(crate) struct Routed {
-    pub(crate) exchange: Exchange,
+    /// The route (its policy for the engine, its name for messages).
+    pub(crate) route: RouteHandle,
+    /// What the engine knows when the request starts.
+    pub(crate) start: Start,
+    /// When the caller's deadline was read (the exchange's clock starts
+    /// then, when it needs one from the start).
+    pub(crate) now: Option<Instant>,
     pub(crate) state: Arc<ClusterState>,
-    pub(crate) route: Name,
     /// The request's hash, for ring-hash clusters.
     pub(crate) hash: Option<u64>,
     /// The request's decision record (`None`: nothing is recorded).
     pub(crate) record: Option<DecisionRecord>,
-    /// When the exchange's clock started, when it needs one from the start.
-    pub(crate) clock: Option<Instant>,
     /// A gRPC request (local answers are gRPC statuses, deadlines go in
     /// `grpc-timeout`).
     pub(crate) grpc: bool,
@@ -125,14 +131,34 @@ enum Result_<R> {
     TimedOut,
 }
 
+/// The result of the attempt that just ended, while the engine decides
+/// what becomes of it (within one [`Core::run`]: every decision after an
+/// outcome is made at once), so the future does not carry room for a
+/// response while it waits.
+struct Landed<R> {
+    result: Result_<R>,
+    outcome: Outcome,
+    /// Its response has begun with a status still to come (trailers).
+    begun: bool,
+}
+
+impl<R> Landed<R> {
+    fn none() -> Self {
+        Landed {
+            result: Result_::None,
+            outcome: Outcome::Reset,
+            begun: false,
+        }
+    }
+}
+
 /// The unpinned state of a driven request.
 struct Core<S, B, RB>
 where
     S: Service<Request<MeshBody<B>>, Response = Response<RB>>,
 {
-    exchange: Exchange,
+    exchange: Exchange<RouteHandle>,
     state: Arc<ClusterState>,
-    route: Name,
     hash: Option<u64>,
     record: Option<DecisionRecord>,
     stats: MeshStats,
@@ -162,13 +188,10 @@ where
     picked: Option<ActiveGuard>,
     /// The retry slot granted for the next attempt.
     retry: Option<RetryPermit>,
-    /// The current attempt: its number, what it holds, its result.
+    /// The current attempt: its number, what it holds.
     number: u32,
     attempt: Option<Attempt>,
-    result: Result_<Response<RB>>,
-    outcome: Outcome,
-    /// Its response has begun with a status still to come (trailers).
-    begun: bool,
+    _response: PhantomData<fn() -> RB>,
 }
 
 /// A generator made on the first number asked for.
@@ -339,15 +362,14 @@ where
         let grpc = routed.grpc;
         let (head, body) = req.into_parts();
         let core = Core {
-            exchange: routed.exchange,
+            exchange: Exchange::new(routed.route, routed.start),
             state: routed.state,
-            route: routed.route,
             hash: routed.hash,
             record: routed.record,
             stats: stats.clone(),
             config,
             grpc,
-            clock: routed.clock,
+            clock: None,
             timer: None,
             sleep: None,
             head: Some(head),
@@ -360,26 +382,32 @@ where
             retry: None,
             number: 0,
             attempt: None,
-            result: Result_::None,
-            outcome: Outcome::Reset,
-            begun: false,
+            _response: PhantomData,
         };
         let mut this = ResponseFuture {
             kind: Kind::Driving { core, flight: None },
         };
-        // Run where the state will stay until the caller moves the future.
+        // Run where the state will stay until the caller moves the future;
+        // every path returns `this`, so it is built where it is returned.
         let Kind::Driving { core, flight } = &mut this.kind else {
             return this;
         };
+        if core.exchange.needs_clock() {
+            core.clock = Some(routed.now.unwrap_or_else(Instant::now));
+        }
         let mut cx = Context::from_waker(Waker::noop());
         let ran = core.run(
             Event::Start,
+            Landed::none(),
             &mut cx,
             Some(inner),
             &mut Slot::Unpinned(flight),
         );
         if let Poll::Ready(result) = ran {
-            return Self::ready(result);
+            this.kind = Kind::Ready {
+                result: Some(result),
+            };
+            return this;
         }
         if core.number == 0 {
             // Nothing sent yet (a fault delay, a body still arriving): the
@@ -414,6 +442,7 @@ where
     fn run(
         &mut self,
         mut event: Event,
+        mut landed: Landed<Response<RB>>,
         cx: &mut Context<'_>,
         mut inner: Option<&mut S>,
         flight: &mut Slot<'_, S::Future>,
@@ -476,13 +505,10 @@ where
                 }
                 Action::Send { attempt, timeout } => {
                     match inner.as_deref_mut() {
-                        Some(inner) => {
-                            let req = match self.attempt_request(attempt, timeout) {
-                                Ok(req) => req,
-                                Err(e) => return Poll::Ready(Err(e)),
-                            };
-                            flight.set(Some(inner.call(req)));
-                        }
+                        Some(inner) => match self.send_attempt(inner, attempt, timeout) {
+                            Ok(future) => flight.set(Some(future)),
+                            Err(e) => return Poll::Ready(Err(e)),
+                        },
                         None => {
                             self.unsent = Some((attempt, timeout));
                             match self.poll_send(cx, flight) {
@@ -502,21 +528,21 @@ where
                     if let Some(attempt) = &self.attempt {
                         attempt.report(&Outcome::PerTryTimeout, &self.stats);
                     }
-                    self.result = Result_::TimedOut;
-                    self.outcome = Outcome::PerTryTimeout;
+                    landed.result = Result_::TimedOut;
+                    landed.outcome = Outcome::PerTryTimeout;
                     Event::Done
                 }
                 Action::Release { .. } => {
                     if let Some(mut attempt) = self.attempt.take()
                         && self.record.is_some()
                     {
-                        match &self.result {
+                        match &landed.result {
                             Result_::Got(Ok(response)) => attempt.answered(
                                 response.status(),
                                 crate::grpc::grpc_status(response.headers()),
                             ),
                             Result_::Got(Err(e)) => {
-                                attempt.failed(outcome_flags(&self.outcome), Some(e))
+                                attempt.failed(outcome_flags(&landed.outcome), Some(e))
                             }
                             Result_::TimedOut | Result_::None => {
                                 attempt.failed(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, None)
@@ -525,7 +551,7 @@ where
                     }
                     // This attempt's slots and its response go before the
                     // backoff.
-                    self.result = Result_::None;
+                    landed.result = Result_::None;
                     Event::Done
                 }
                 Action::AskRetry { .. } => {
@@ -549,9 +575,11 @@ where
                 }
                 Action::Answer(local) => {
                     flight.set(None);
-                    return Poll::Ready(self.answer(local));
+                    return Poll::Ready(self.answer(local, landed.result));
                 }
-                Action::Deliver { deadline, .. } => return Poll::Ready(self.deliver(deadline)),
+                Action::Deliver { deadline, .. } => {
+                    return Poll::Ready(self.deliver(deadline, landed));
+                }
             };
         }
     }
@@ -610,23 +638,26 @@ where
                 Poll::Ready(Ok(())) => self.svc_ready = true,
             }
         }
-        if let Some((number, timeout)) = self.unsent.take() {
-            let req = self.attempt_request(number, timeout)?;
-            if let Some(svc) = self.svc.as_mut() {
-                self.svc_ready = false;
-                flight.set(Some(svc.call(req)));
-            }
+        if let Some((number, timeout)) = self.unsent.take()
+            && let Some(mut svc) = self.svc.take()
+        {
+            self.svc_ready = false;
+            let sent = self.send_attempt(&mut svc, number, timeout);
+            self.svc = Some(svc);
+            flight.set(Some(sent?));
         }
         Poll::Ready(Ok(()))
     }
 
-    /// The request of attempt `number`, with its slot, endpoint and entry
-    /// in the decision record.
-    fn attempt_request(
+    /// Sends attempt `number` with `svc` (ready): its request, with its
+    /// slot, endpoint and entry in the decision record, goes straight to
+    /// the service (not moved out first: it is large).
+    fn send_attempt(
         &mut self,
+        svc: &mut S,
         number: u32,
         timeout: Option<Duration>,
-    ) -> Result<Request<MeshBody<B>>, Error> {
+    ) -> Result<S::Future, Error> {
         let body = match std::mem::replace(&mut self.body, Payload::Gone) {
             Payload::Kept(kept) => {
                 let body = MeshBody::replay(&kept);
@@ -663,8 +694,6 @@ where
         };
         prepare_target(&mut req, &active, &self.state, &self.config)?;
         self.number = number;
-        self.begun = false;
-        self.result = Result_::None;
         self.attempt = Some(Attempt::start(
             active,
             slot,
@@ -672,13 +701,13 @@ where
             self.record.as_ref(),
             req.headers_mut(),
         ));
-        Ok(req)
+        Ok(svc.call(req))
     }
 
     /// The attempt in flight ended with `result`: reported to outlier
-    /// detection (unless its status is still to come), kept, and turned
-    /// into the engine's event.
-    fn landed(&mut self, result: Result<Response<RB>, S::Error>) -> Event {
+    /// detection (unless its status is still to come), and turned into the
+    /// engine's event and what [`run`](Self::run) keeps of it.
+    fn landed(&mut self, result: Result<Response<RB>, S::Error>) -> (Event, Landed<Response<RB>>) {
         let attempt = self.number;
         match result {
             Ok(response) => {
@@ -687,38 +716,53 @@ where
                 if !begun && let Some(a) = &self.attempt {
                     a.report(&outcome, &self.stats);
                 }
-                self.begun = begun;
-                self.outcome = outcome;
-                self.result = Result_::Got(Ok(response));
-                Event::Outcome {
+                let event = Event::Outcome {
                     attempt,
                     outcome,
                     begun,
-                }
+                };
+                let landed = Landed {
+                    result: Result_::Got(Ok(response)),
+                    outcome,
+                    begun,
+                };
+                (event, landed)
             }
             Err(e) => {
                 let e: BoxError = e.into();
                 if overflow_message(&e).is_some() {
                     let overflow = overflow_of(&*e);
-                    self.result = Result_::Got(Err(e));
-                    return Event::PendingOverflow { attempt, overflow };
+                    let landed = Landed {
+                        result: Result_::Got(Err(e)),
+                        ..Landed::none()
+                    };
+                    return (Event::PendingOverflow { attempt, overflow }, landed);
                 }
                 let outcome = outcome_of_error(&*e);
                 if let Some(a) = &self.attempt {
                     a.report(&outcome, &self.stats);
                 }
-                self.outcome = outcome;
-                self.result = Result_::Got(Err(e));
-                Event::Outcome {
+                let event = Event::Outcome {
                     attempt,
                     outcome,
                     begun: false,
-                }
+                };
+                let landed = Landed {
+                    result: Result_::Got(Err(e)),
+                    outcome,
+                    begun: false,
+                };
+                (event, landed)
             }
         }
     }
 
-    fn answer(&mut self, local: Local) -> Output<RB> {
+    /// The route's name, for messages.
+    fn route(&self) -> &Name {
+        &self.exchange.policy().name
+    }
+
+    fn answer(&mut self, local: Local, result: Result_<Response<RB>>) -> Output<RB> {
         let reply = match local {
             Local::FaultAbort(status) => LocalReply::fault_abort(status),
             Local::Overflow {
@@ -732,7 +776,7 @@ where
                 if let Some(attempt) = &mut self.attempt {
                     attempt.failed(ResponseFlags::UPSTREAM_OVERFLOW, None);
                 }
-                let message = match &self.result {
+                let message = match &result {
                     Result_::Got(Err(e)) => overflow_message(e),
                     _ => None,
                 };
@@ -749,7 +793,7 @@ where
                 "upstream request timeout: cluster {:?} did not answer within {after:?} \
                  (route {:?})",
                 self.state.name(),
-                self.route
+                self.route()
             )),
             Local::PerTryTimeout { after, .. } => {
                 let endpoint = match &mut self.attempt {
@@ -765,19 +809,20 @@ where
                     self.state.name()
                 ))
             }
-            Local::NoEndpoint => return Err(no_eligible_endpoint(&self.state, &self.route)),
+            Local::NoEndpoint => return Err(no_eligible_endpoint(&self.state, self.route())),
         };
-        // What the attempt held (its slots) goes with the answer.
+        // What the attempt held (its slots) goes with the answer, and so
+        // does its result.
         self.attempt = None;
-        self.result = Result_::None;
+        drop(result);
         Ok(local_response(reply, self.grpc))
     }
 
-    fn deliver(&mut self, deadline: Option<Duration>) -> Output<RB> {
+    fn deliver(&mut self, deadline: Option<Duration>, landed: Landed<Response<RB>>) -> Output<RB> {
         let Some(mut attempt) = self.attempt.take() else {
             return Err(polled_after_completion());
         };
-        match std::mem::replace(&mut self.result, Result_::None) {
+        match landed.result {
             Result_::Got(Ok(response)) => {
                 let timeout = match (deadline, self.clock) {
                     (Some(deadline), Some(clock)) => {
@@ -798,11 +843,11 @@ where
                     }
                     _ => None,
                 };
-                let finish = Finish::new(attempt, &response, self.begun, self.stats.clone());
+                let finish = Finish::new(attempt, &response, landed.begun, self.stats.clone());
                 Ok(response.map(|body| ResponseBody::new(body, Some(finish), timeout)))
             }
             Result_::Got(Err(e)) => {
-                attempt.failed(outcome_flags(&self.outcome), Some(&e));
+                attempt.failed(outcome_flags(&landed.outcome), Some(&e));
                 Err(upstream_error(e, &attempt.active))
             }
             Result_::TimedOut | Result_::None => Err(polled_after_completion()),
@@ -840,14 +885,14 @@ where
                 // An attempt waiting for the service to be ready.
                 if core.unsent.is_some() {
                     match core.poll_send(cx, &mut Slot::Pinned(flight.as_mut())) {
-                        Poll::Ready(Ok(())) => break 'event Some(Event::Done),
+                        Poll::Ready(Ok(())) => break 'event Some((Event::Done, Landed::none())),
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Pending => {}
                     }
                 }
                 // The body being read ahead.
                 match core.poll_body(cx) {
-                    Poll::Ready(Ok(event)) => break 'event Some(event),
+                    Poll::Ready(Ok(event)) => break 'event Some((event, Landed::none())),
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {}
                 }
@@ -876,14 +921,15 @@ where
                     && sleep.as_mut().poll(cx).is_ready()
                 {
                     core.timer = None;
-                    break 'event Some(Event::Timer);
+                    break 'event Some((Event::Timer, Landed::none()));
                 }
                 None
             };
-            let Some(event) = event else {
+            let Some((event, landed)) = event else {
                 return Poll::Pending;
             };
-            if let Poll::Ready(out) = core.run(event, cx, None, &mut Slot::Pinned(flight.as_mut()))
+            if let Poll::Ready(out) =
+                core.run(event, landed, cx, None, &mut Slot::Pinned(flight.as_mut()))
             {
                 return Poll::Ready(out);
             }

@@ -8,7 +8,7 @@ use http::uri::{Authority, Parts, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::Body;
 use mesh_core::Snapshot;
-use mesh_core::engine::{Exchange, Start};
+use mesh_core::engine::Start;
 use mesh_core::model::{LbPolicy, Listener};
 use mesh_core::ring_hash::request_hash;
 use mesh_core::route::RequestView;
@@ -29,6 +29,8 @@ use crate::pool::{ensure_authority_in_uri, no_authority};
 use crate::source::ConfigSource;
 use crate::stats::MeshStats;
 use crate::telemetry::DecisionRecord;
+use mesh_core::model::RouteConfig;
+use mesh_core::snapshot::{RouteHandle, route_index};
 
 /// The routing service built by [`MeshLayer`]: routes each request, then
 /// calls the inner service `S` with a `Request<MeshBody<B>>` once per
@@ -36,11 +38,50 @@ use crate::telemetry::DecisionRecord;
 pub struct Mesh<S, Src> {
     inner: S,
     shared: Shared<Src>,
-    /// The cluster state of this service's last request: a request to the
-    /// same cluster and endpoints (by pointer) reuses it without looking
-    /// the cluster's name up in the shared map (see
+    /// How this service's last request was routed (see [`LastRoute`]).
+    last: LastRoute,
+}
+
+/// How a service's last request was routed: a request to the same
+/// authority on the same snapshot reuses its listener and virtual host
+/// (no listener, route config or domain lookup), and one on the same
+/// single-destination route reuses its cluster state too (no cluster or
+/// endpoint lookup). Each clone of a mesh service has its own, cloned
+/// with it (reference counts). It keeps the snapshot it was filled from
+/// alive until the service's next request on a newer one, as its
+/// cluster state keeps that cluster's config.
+#[derive(Clone, Default)]
+pub(crate) struct LastRoute {
+    host: Option<Arc<HostRoute>>,
+    /// The index (in `host`'s virtual host) of the single-destination
+    /// route whose cluster state `states` holds.
+    route: Option<usize>,
+    /// The cluster state of the last request: a request to the same
+    /// cluster and endpoints (by pointer) reuses it without looking the
+    /// cluster's name up in the shared map (see
     /// [`ClusterStates::get_cached`]).
-    last: StateCache,
+    states: StateCache,
+}
+
+/// What routing found for an authority on a snapshot, before the request
+/// itself is matched.
+struct HostRoute {
+    /// Which snapshot (by pointer: held, so its address is not reused).
+    snapshot: Arc<Snapshot>,
+    authority: Box<str>,
+    listener: Arc<Listener>,
+    route_config: Arc<RouteConfig>,
+    /// The index of the virtual host serving the authority.
+    virtual_host: usize,
+}
+
+impl LastRoute {
+    /// Whether the last request was to `authority` on `snapshot`.
+    fn serves(&self, snapshot: &Arc<Snapshot>, authority: &str) -> bool {
+        self.host
+            .as_ref()
+            .is_some_and(|h| Arc::ptr_eq(&h.snapshot, snapshot) && *h.authority == *authority)
+    }
 }
 
 #[derive(Clone)]
@@ -99,7 +140,7 @@ impl<S, Src> Mesh<S, Src> {
         Mesh {
             inner,
             shared,
-            last: StateCache::default(),
+            last: LastRoute::default(),
         }
     }
 
@@ -107,7 +148,7 @@ impl<S, Src> Mesh<S, Src> {
     /// [`MeshLayer::certificates`]); the cluster state starts afresh.
     pub(crate) fn set_certificates(&mut self, store: crate::tls::CertStore) {
         self.shared.states = Arc::new(ClusterStates::with_certificates(store));
-        self.last = StateCache::default();
+        self.last = LastRoute::default();
     }
 
     /// The inner service.
@@ -159,11 +200,14 @@ where
             let Some(authority) = authority_of(&req) else {
                 return ResponseFuture::failed(no_authority());
             };
-            match snapshot.listener_for(authority) {
-                ListenerLookup::Found(listener) => {
-                    let planned =
-                        self.shared
-                            .plan(&snapshot, listener, &req, authority, &mut self.last);
+            let lookup = if self.last.serves(&snapshot, authority) {
+                None
+            } else {
+                Some(snapshot.listener_for(authority))
+            };
+            match lookup {
+                None | Some(ListenerLookup::Found(_)) => {
+                    let planned = self.shared.plan(&snapshot, &req, authority, &mut self.last);
                     let routed = match planned {
                         Ok(routed) => routed,
                         Err(e) => return ResponseFuture::failed(e),
@@ -180,8 +224,10 @@ where
                         self.shared.config,
                     );
                 }
-                ListenerLookup::Missing => return ResponseFuture::failed(not_found(authority)),
-                ListenerLookup::Unknown => authority.to_owned(),
+                Some(ListenerLookup::Missing) => {
+                    return ResponseFuture::failed(not_found(authority));
+                }
+                Some(ListenerLookup::Unknown) => authority.to_owned(),
             }
         };
         let inner = self.take_ready();
@@ -202,46 +248,98 @@ impl<S: Clone, Src> Mesh<S, Src> {
 }
 
 impl<Src: ConfigSource> Shared<Src> {
-    /// Routes `req` against `listener`'s route table: the route, and once
-    /// per request the weighted cluster (retries stay in it).
+    /// Routes `req`, whose authority has a listener in `snapshot`: the
+    /// route, and once per request the weighted cluster (retries stay in
+    /// it). What depends on the authority only comes from `last` when it
+    /// served this authority on this snapshot, and is kept there.
     pub(crate) fn plan<B>(
         &self,
-        snapshot: &Snapshot,
-        listener: &Listener,
+        snapshot: &Arc<Snapshot>,
         req: &Request<B>,
         authority: &str,
-        last: &mut StateCache,
+        last: &mut LastRoute,
     ) -> Result<Routed, Error> {
         let view = RequestView::new(req.method(), req.uri(), req.headers(), authority);
-        let resolved = snapshot
-            .resolve(listener, &view, rand::rng().random())
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::NoRoute,
-                    format!(
-                        "no route for {} {authority:?} {}",
-                        req.method(),
-                        req.uri().path()
-                    ),
-                )
-                .with_source(e)
-            })?;
-        let cluster = resolved.cluster;
-        let state = self
-            .states
-            .get_cached(last, snapshot, cluster, resolved.endpoints, || {
-                self.source.locality()
-            });
+        let no_route = |e: mesh_core::Error| {
+            Error::new(
+                ErrorKind::NoRoute,
+                format!(
+                    "no route for {} {authority:?} {}",
+                    req.method(),
+                    req.uri().path()
+                ),
+            )
+            .with_source(e)
+        };
+        if !last.serves(snapshot, authority) {
+            let Some(listener) = snapshot.listener_handle(authority) else {
+                return Err(not_found(authority));
+            };
+            let (route_config, virtual_host) = snapshot
+                .virtual_host_for(listener, authority)
+                .map_err(no_route)?;
+            *last = LastRoute {
+                host: Some(Arc::new(HostRoute {
+                    snapshot: Arc::clone(snapshot),
+                    authority: authority.into(),
+                    listener: listener.clone(),
+                    route_config: route_config.clone(),
+                    virtual_host,
+                })),
+                route: None,
+                states: std::mem::take(&mut last.states),
+            };
+        }
+        let LastRoute {
+            host: Some(host),
+            route: last_route,
+            states: cache,
+        } = last
+        else {
+            return Err(not_found(authority));
+        };
+        let listener = &*host.listener;
+        let vh = &host.route_config.virtual_hosts[host.virtual_host];
+        let index = route_index(vh, &view).map_err(no_route)?;
+        let Some(handle) = RouteHandle::new(&vh.routes, index) else {
+            return Err(not_found(authority));
+        };
+        // The same single-destination route of the same snapshot goes to
+        // the same cluster and endpoints: their state is the cached one
+        // while the shared map has not changed.
+        let cached = match *last_route {
+            Some(i) if i == index => cache.fresh(self.states.generation()).cloned(),
+            _ => None,
+        };
+        let route = &*handle;
+        let state = match cached {
+            Some(state) => state,
+            None => {
+                let resolved = snapshot
+                    .destination(listener, &vh.routes, index, || rand::rng().random())
+                    .map_err(no_route)?;
+                let state = self.states.get_cached(
+                    cache,
+                    snapshot,
+                    resolved.cluster,
+                    resolved.endpoints,
+                    || self.source.locality(),
+                );
+                *last_route = (route.action.clusters().len() == 1).then_some(index);
+                state
+            }
+        };
+        let cluster = state.cluster();
         if state.len() == 0 {
             return Err(Error::new(
                 ErrorKind::NoEndpoints,
                 format!(
                     "cluster {:?} has no endpoints (request to {authority:?}, route {:?})",
-                    cluster.name, resolved.route.name
+                    cluster.name, route.name
                 ),
             ));
         }
-        let policy = &resolved.route.policy;
+        let policy = &route.policy;
         let hash = match cluster.lb_policy {
             LbPolicy::RingHash { .. } if !policy.hash_policy.is_empty() => {
                 let source_ip = req
@@ -254,7 +352,7 @@ impl<Src: ConfigSource> Shared<Src> {
         };
         let record = req.extensions().get::<DecisionRecord>().cloned();
         if let Some(r) = &record {
-            r.route(&snapshot.versions, &listener.name, &resolved.route.name);
+            r.route(&snapshot.versions, &listener.name, &route.name);
             r.cluster(&cluster.name, cluster.lb_policy);
             r.timeouts(
                 policy.timeout,
@@ -280,17 +378,13 @@ impl<Src: ConfigSource> Shared<Src> {
             }?;
             Some(at.saturating_duration_since(now))
         });
-        let exchange = Exchange::new(policy, Start { deadline: caller });
-        let clock = exchange
-            .needs_clock()
-            .then(|| now.unwrap_or_else(Instant::now));
         Ok(Routed {
-            exchange,
+            route: handle,
+            start: Start { deadline: caller },
+            now,
             state,
-            route: resolved.route.name.clone(),
             hash,
             record,
-            clock,
             grpc,
         })
     }
@@ -318,13 +412,9 @@ impl<Src: ConfigSource> Shared<Src> {
             let snapshot = self.source.snapshot();
             let lookup = snapshot.listener_for(&authority);
             match (waited, lookup) {
-                (_, ListenerLookup::Found(listener)) => self.plan(
-                    &snapshot,
-                    listener,
-                    &req,
-                    &authority,
-                    &mut StateCache::default(),
-                )?,
+                (_, ListenerLookup::Found(_)) => {
+                    self.plan(&snapshot, &req, &authority, &mut LastRoute::default())?
+                }
                 (_, ListenerLookup::Missing) | (Ok(Ok(())), ListenerLookup::Unknown) => {
                     return Err(not_found(&authority));
                 }

@@ -4,18 +4,20 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::Request;
 use mesh_core::model::{MtlsMode, Name, ServerListener};
 use mesh_core::rbac::{self, AuthorizationPolicy, DryRun, Reason, RequestAttributes};
+use mesh_core::spiffe::SpiffeId;
 use mesh_core::xds::ResourceType;
 use mesh_xds_client::XdsClient;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+use super::ServerContext;
 use crate::connection::{Authorized, ConnectionInfo, PolicyKey};
 use crate::error::{Error, ErrorKind};
 use crate::local_reply::LocalReply;
@@ -81,7 +83,7 @@ enum Status {
 }
 
 /// The inbound policy at one moment (see [`InboundPolicy::current`]).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct InboundConfig {
     mode: MtlsMode,
     policies: Arc<[AuthorizationPolicy]>,
@@ -91,6 +93,15 @@ pub struct InboundConfig {
     listener: Option<Name>,
     version: u64,
     ready: bool,
+    /// The decisions this config can allow a request with when it has no
+    /// dry-run policies, made once per config so that an allowed request
+    /// is passed on with a clone (no allocation): entry `i` for the
+    /// enforced ALLOW policy at index `i` of `policies`, the last entry
+    /// for "no ALLOW policy applies".
+    allowed: Arc<[Option<Authorized>]>,
+    /// The decisions remembered per peer, when the policies read only the
+    /// peer (see [`PeerVerdicts`]).
+    peer_verdicts: Option<Arc<PeerVerdicts>>,
 }
 
 impl InboundConfig {
@@ -100,15 +111,50 @@ impl InboundConfig {
         listener: Option<Name>,
         version: u64,
         ready: bool,
+        key: &PolicyKey,
     ) -> Self {
+        let no_dry_run = DryRun::default;
+        let allowed = policies
+            .iter()
+            .map(|p| {
+                (p.action() == rbac::Action::Allow && !p.is_dry_run()).then(|| {
+                    Authorized::new(
+                        key.clone(),
+                        Some(p.id().clone()),
+                        Reason::AllowedByPolicy,
+                        no_dry_run(),
+                    )
+                })
+            })
+            .chain(std::iter::once(Some(Authorized::new(
+                key.clone(),
+                None,
+                Reason::NoAllowPolicies,
+                no_dry_run(),
+            ))))
+            .collect();
         InboundConfig {
             mode,
             dry_run: policies.iter().any(AuthorizationPolicy::is_dry_run),
+            peer_verdicts: PeerVerdicts::of(&policies),
             policies,
             listener,
             version,
             ready,
+            allowed,
         }
+    }
+
+    /// The decision made once for an allowed `verdict` (see
+    /// [`InboundConfig::allowed`]); `None` if it has none, which does not
+    /// happen for a verdict of this config's policies.
+    fn allowed(&self, verdict: &rbac::Verdict) -> Option<&Authorized> {
+        let index = match (verdict.reason, verdict.policy) {
+            (Reason::AllowedByPolicy, Some(i)) => i,
+            (Reason::NoAllowPolicies, None) => self.policies.len(),
+            _ => return None,
+        };
+        self.allowed.get(index)?.as_ref()
     }
 
     /// Whether any of the policies is in dry-run (`istio.io/dry-run`):
@@ -150,12 +196,14 @@ impl InboundPolicy {
     /// A policy the app sets: `mode` for connections, `policies` for
     /// requests (empty: every request is allowed).
     pub fn fixed(mode: MtlsMode, policies: Vec<AuthorizationPolicy>) -> Self {
-        let config = InboundConfig::new(mode, policies.into(), None, 1, true);
-        InboundPolicy::with(config, None, Status::Ready, None)
+        let key = PolicyKey::default();
+        let config = InboundConfig::new(mode, policies.into(), None, 1, true, &key);
+        InboundPolicy::with(config, key, None, Status::Ready, None)
     }
 
     fn with(
         config: InboundConfig,
+        key: PolicyKey,
         listener: Option<Name>,
         status: Status,
         task: Option<AbortHandle>,
@@ -167,7 +215,7 @@ impl InboundPolicy {
                 status: watch::Sender::new(status),
                 listener,
                 denied: AtomicU64::new(0),
-                key: PolicyKey::default(),
+                key,
                 task,
             }),
         }
@@ -206,12 +254,14 @@ impl InboundPolicy {
             .with_source(e)
         })?;
         let name = Name::from(name);
+        let key = PolicyKey::default();
         let pending = InboundConfig::new(
             MtlsMode::Strict,
             Arc::from([]),
             Some(name.clone()),
             0,
             false,
+            &key,
         );
         // The task needs the shared state and the state the task's handle:
         // build the state, then hand the task a weak reference.
@@ -219,6 +269,7 @@ impl InboundPolicy {
         let follower = runtime.spawn(follow(xds.clone(), name.clone(), weak_rx));
         let policy = InboundPolicy::with(
             pending,
+            key,
             Some(name.clone()),
             Status::Pending,
             Some(follower.abort_handle()),
@@ -265,6 +316,7 @@ impl InboundPolicy {
             self.shared.listener.clone(),
             version,
             ready,
+            &self.shared.key,
         )));
         self.shared.mode.send_if_modified(|m| {
             let changed = *m != mode;
@@ -409,6 +461,21 @@ async fn follow(xds: XdsClient, name: Name, shared: tokio::sync::oneshot::Receiv
     }
 }
 
+/// As `#[derive(Debug)]` printed it before the decisions made once were
+/// added (they say nothing the policies do not).
+impl fmt::Debug for InboundConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboundConfig")
+            .field("mode", &self.mode)
+            .field("policies", &self.policies)
+            .field("dry_run", &self.dry_run)
+            .field("listener", &self.listener)
+            .field("version", &self.version)
+            .field("ready", &self.ready)
+            .finish()
+    }
+}
+
 impl fmt::Debug for InboundPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let current = self.current();
@@ -428,6 +495,167 @@ impl Authorized {
     pub fn is_decided_by(&self, policy: &InboundPolicy) -> bool {
         self.is_decided_under(&policy.shared.key)
     }
+
+    /// The decision `req` was let in with: the one a
+    /// [`ServerLayer`](crate::ServerLayer) passed on in the request's
+    /// [`ServerContext`] (the innermost layer's, which carries on what it
+    /// was given), else the `Authorized` extension of
+    /// [`serve_with`](crate::serve::serve_with); `None` when no policy
+    /// decided the request.
+    pub fn of<B>(req: &Request<B>) -> Option<&Authorized> {
+        let extensions = req.extensions();
+        extensions
+            .get::<ServerContext>()
+            .and_then(ServerContext::authorized)
+            .or_else(|| extensions.get::<Authorized>())
+    }
+}
+
+/// A handle of an [`InboundPolicy`] that keeps the config it read last,
+/// for a service called with `&mut self` ([`Server`](super::Server)):
+/// reading the current config is then one relaxed atomic load and a
+/// pointer comparison (arc-swap's `Cache`) instead of a full `ArcSwap`
+/// load and guard. The config is still the current one for every request:
+/// a changed pointer is loaded again, and the kept `Arc` cannot be freed
+/// (and its address reused) while it is kept.
+#[derive(Clone)]
+pub(crate) struct CachedPolicy {
+    policy: InboundPolicy,
+    config: arc_swap::cache::Cache<Current, Arc<InboundConfig>>,
+}
+
+/// What the cache reads: the policy's `ArcSwap`.
+#[derive(Clone)]
+struct Current(Arc<Shared>);
+
+impl std::ops::Deref for Current {
+    type Target = ArcSwap<InboundConfig>;
+
+    fn deref(&self) -> &ArcSwap<InboundConfig> {
+        &self.0.current
+    }
+}
+
+impl CachedPolicy {
+    pub(crate) fn new(policy: InboundPolicy) -> Self {
+        let config = arc_swap::cache::Cache::new(Current(Arc::clone(&policy.shared)));
+        CachedPolicy { policy, config }
+    }
+
+    /// The policy.
+    pub(crate) fn policy(&self) -> &InboundPolicy {
+        &self.policy
+    }
+
+    /// The policy and its current config.
+    pub(crate) fn current(&mut self) -> (&InboundPolicy, &InboundConfig) {
+        (&self.policy, self.config.load())
+    }
+}
+
+impl fmt::Debug for CachedPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.policy.fmt(f)
+    }
+}
+
+/// The peer's address and the port the connection was accepted on, as the
+/// request's [`ConnectionInfo`] says.
+fn connection<B>(req: &Request<B>) -> (IpAddr, u16) {
+    match req.extensions().get::<ConnectionInfo>() {
+        Some(c) => (c.peer_addr().ip(), c.local_addr().port()),
+        // Not served by `serve`: no addresses (ip blocks and ports do not
+        // match).
+        None => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+    }
+}
+
+/// The decisions of a config whose policies read nothing of a request but
+/// its peer identity, remembered per peer: such a config decides every
+/// request of one peer alike ([`AuthorizationPolicy::reads_only_peer`]),
+/// so a request from a peer seen before costs a comparison of its SPIFFE
+/// ID instead of an evaluation. Only for configs without dry-run policies
+/// (their result is passed on per request); one per config, so a changed
+/// policy starts with none.
+///
+/// A fixed number of set-once slots, chosen by the SPIFFE ID: a slot keeps
+/// the first peer decided in it (a server's callers are a few service
+/// accounts), and a peer whose slot holds another is evaluated every time,
+/// as without the memo. Nothing is replaced, so nothing is allocated or
+/// freed per request, and a slot is read with one atomic load.
+struct PeerVerdicts {
+    slots: [OnceLock<(Option<Arc<str>>, rbac::Verdict)>; PEER_SLOTS],
+}
+
+/// How many peers a config remembers decisions for (at most).
+const PEER_SLOTS: usize = 32;
+
+impl PeerVerdicts {
+    /// A memo for `policies`, if they read only the peer and none is in
+    /// dry-run.
+    fn of(policies: &[AuthorizationPolicy]) -> Option<Arc<PeerVerdicts>> {
+        let memoizable = !policies.is_empty()
+            && policies
+                .iter()
+                .all(|p| !p.is_dry_run() && p.reads_only_peer());
+        memoizable.then(|| {
+            Arc::new(PeerVerdicts {
+                slots: std::array::from_fn(|_| OnceLock::new()),
+            })
+        })
+    }
+
+    /// The verdict for `peer`: the remembered one, else `decide()`'s
+    /// (remembered if its slot is free).
+    fn verdict(
+        &self,
+        peer: Option<&SpiffeId>,
+        decide: impl FnOnce() -> rbac::Verdict,
+    ) -> rbac::Verdict {
+        let slot = &self.slots[slot_of(peer)];
+        match slot.get() {
+            Some((seen, verdict)) => {
+                let same = match (seen, peer) {
+                    (Some(seen), Some(peer)) => {
+                        Arc::ptr_eq(seen, peer.uri()) || **seen == *peer.as_str()
+                    }
+                    (None, None) => true,
+                    _ => false,
+                };
+                if same { *verdict } else { decide() }
+            }
+            None => {
+                let verdict = decide();
+                let _ = slot.set((peer.map(|p| Arc::clone(p.uri())), verdict));
+                verdict
+            }
+        }
+    }
+}
+
+/// The slot of `peer`, from the ID's length and last bytes (the service
+/// account, what tells a server's callers apart). Any slot is correct:
+/// the ID in it is compared.
+#[inline]
+fn slot_of(peer: Option<&SpiffeId>) -> usize {
+    let Some(peer) = peer else { return 0 };
+    let uri = peer.as_str().as_bytes();
+    // A SPIFFE ID is longer than its `spiffe://` scheme: 8 bytes are there.
+    let tail = uri
+        .len()
+        .checked_sub(8)
+        .and_then(|start| uri.get(start..))
+        .and_then(|tail| <[u8; 8]>::try_from(tail).ok())
+        .map_or(0, u64::from_le_bytes);
+    let mixed = (tail ^ uri.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (mixed >> 58) as usize % PEER_SLOTS
+}
+
+impl fmt::Debug for PeerVerdicts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seen = self.slots.iter().filter(|s| s.get().is_some()).count();
+        f.debug_struct("PeerVerdicts").field("seen", &seen).finish()
+    }
 }
 
 /// What [`authorize`] decided.
@@ -436,8 +664,9 @@ pub(crate) enum Outcome {
     /// extensions (`None`: the config has no policies, so there was nothing
     /// to decide beyond the mTLS mode, and nothing to pass on).
     Allowed(Option<Authorized>),
-    /// Refuse it.
-    Denied(Denial),
+    /// Refuse it (boxed: the allowed outcome, every request's, stays a
+    /// pointer wide instead of being copied about at the size of a reply).
+    Denied(Box<Denial>),
 }
 
 /// A refused request: the reply, and what to record about it.
@@ -474,11 +703,17 @@ impl Refusal {
 /// naming the policy) and dry-run policies that would have denied.
 ///
 /// Cost when allowed: one atomic load, and without policies nothing more;
-/// with policies, what [`rbac::evaluate`] needs (header conditions may
-/// allocate) and the [`Authorized`] to pass on; dry-run policies are
-/// evaluated only when the config has some ([`InboundConfig::has_dry_run`]).
-pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Outcome {
-    let config = policy.current();
+/// with policies, what [`rbac::decide`] needs (nothing allocated, but for
+/// a header condition on a header sent several times) and a clone of the
+/// [`Authorized`] the config made once for the deciding policy; dry-run
+/// policies are evaluated only when the config has some
+/// ([`InboundConfig::has_dry_run`]), and then the decision passed on is
+/// made for the request (it carries the dry-run result).
+pub(crate) fn authorize<B>(
+    policy: &InboundPolicy,
+    config: &InboundConfig,
+    req: &Request<B>,
+) -> Outcome {
     let peer = req
         .extensions()
         .get::<PeerIdentity>()
@@ -491,7 +726,7 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Outcome 
             path = req.uri().path(),
             "request refused: the server listener has not arrived from the control server"
         );
-        return Outcome::Denied(Denial {
+        return Outcome::Denied(Box::new(Denial {
             reply: LocalReply::not_serving(format!(
                 "the server's inbound policy (xDS listener {listener}) has not arrived from the \
                  control server yet"
@@ -501,7 +736,7 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Outcome 
                 policy: None,
                 dry_run: DryRun::default(),
             },
-        });
+        }));
     }
     let record = req.extensions().get::<DecisionRecord>();
     if config.mode == MtlsMode::Strict && peer.is_none() {
@@ -514,7 +749,7 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Outcome 
             "request denied: mTLS mode STRICT and the connection has no verified client \
              certificate"
         );
-        return Outcome::Denied(Denial {
+        return Outcome::Denied(Box::new(Denial {
             reply: LocalReply::denied(
                 "RBAC: access denied (mTLS mode STRICT: the connection has no verified client \
                  certificate; serve the app with serve_with and certificates)"
@@ -525,22 +760,52 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Outcome 
                 policy: None,
                 dry_run: DryRun::default(),
             },
-        });
+        }));
     }
     if config.policies.is_empty() {
         return Outcome::Allowed(None);
     }
-    let connection = req.extensions().get::<ConnectionInfo>();
-    let (source_ip, port) = match connection {
-        Some(c) => (c.peer_addr().ip(), c.local_addr().port()),
-        // Not served by `serve`: no addresses (ip blocks and ports do not
-        // match).
-        None => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+    let attributes = || {
+        let (source_ip, port) = connection(req);
+        RequestAttributes::from_request(req, peer, source_ip, port)
     };
-    let attributes = RequestAttributes::from_request(req, peer, source_ip, port);
-    let decision = rbac::evaluate(&config.policies, &attributes);
-    let dry_run = if config.dry_run {
-        let dry_run = rbac::evaluate_dry_run(&config.policies, &attributes);
+    let (verdict, attributes) = match &config.peer_verdicts {
+        // The policies read only the peer: its decision, made once.
+        Some(memo) => (
+            memo.verdict(peer, || rbac::decide(&config.policies, &attributes())),
+            None,
+        ),
+        None => {
+            let attributes = attributes();
+            (
+                rbac::decide(&config.policies, &attributes),
+                Some(attributes),
+            )
+        }
+    };
+    let decided_by = verdict
+        .policy
+        .and_then(|i| config.policies.get(i))
+        .map(AuthorizationPolicy::id);
+    if verdict.allowed && !verdict.audit && !config.dry_run {
+        // The usual case, in short: allowed, nothing to log, no dry-run
+        // result to carry; the decision passed on is the config's own.
+        if let Some(record) = record {
+            record.authorization(true, decided_by);
+        }
+        let made_once = config.allowed(&verdict).cloned();
+        return Outcome::Allowed(Some(made_once.unwrap_or_else(|| {
+            Authorized::new(
+                policy.shared.key.clone(),
+                decided_by.cloned(),
+                verdict.reason,
+                DryRun::default(),
+            )
+        })));
+    }
+    // Dry-run policies are never memoized (`peer_verdicts` is `None`).
+    let dry_run = if let Some(attributes) = attributes.as_ref().filter(|_| config.dry_run) {
+        let dry_run = rbac::evaluate_dry_run(&config.policies, attributes);
         if dry_run.would_deny() {
             fn named(r: &Option<rbac::ShadowResult>) -> Option<&str> {
                 r.as_ref().filter(|r| !r.allowed).map(|r| {
@@ -552,11 +817,7 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Outcome 
             tracing::info!(
                 deny_policy = named(&dry_run.deny),
                 allow_policy = named(&dry_run.allow),
-                enforced = if decision.allowed {
-                    "allowed"
-                } else {
-                    "denied"
-                },
+                enforced = if verdict.allowed { "allowed" } else { "denied" },
                 peer = peer.map(|p| p.as_str()),
                 method = req.method().as_str(),
                 path = req.uri().path(),
@@ -568,30 +829,37 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Outcome 
         DryRun::default()
     };
     if let Some(record) = record {
-        record.authorization(decision.allowed, decision.policy.as_ref());
+        record.authorization(verdict.allowed, decided_by);
         if !dry_run.is_empty() {
             record.dry_run(&dry_run);
         }
     }
-    if decision.audit {
+    if verdict.audit {
         tracing::info!(
             peer = peer.map(|p| p.as_str()),
             method = req.method().as_str(),
             path = req.uri().path(),
-            allowed = decision.allowed,
+            allowed = verdict.allowed,
             "request matched an AUDIT authorization policy"
         );
     }
-    if decision.allowed {
-        return Outcome::Allowed(Some(Authorized::new(
-            policy.shared.key.clone(),
-            decision.policy,
-            decision.reason,
-            dry_run,
-        )));
+    if verdict.allowed {
+        let made_once = if dry_run.is_empty() {
+            config.allowed(&verdict).cloned()
+        } else {
+            None
+        };
+        return Outcome::Allowed(Some(made_once.unwrap_or_else(|| {
+            Authorized::new(
+                policy.shared.key.clone(),
+                decided_by.cloned(),
+                verdict.reason,
+                dry_run,
+            )
+        })));
     }
     policy.shared.denied.fetch_add(1, Ordering::Relaxed);
-    let named = match (&decision.policy, decision.reason) {
+    let named = match (decided_by, verdict.reason) {
         (Some(policy), _) => format!("policy {policy}"),
         (None, Reason::NoAllowPolicyMatched) => {
             let allow: Vec<&str> = config
@@ -605,19 +873,242 @@ pub(crate) fn authorize<B>(policy: &InboundPolicy, req: &Request<B>) -> Outcome 
         (None, _) => "denied".to_string(),
     };
     tracing::info!(
-        policy = decision.policy.as_deref(),
+        policy = decided_by.map(|p| &**p),
         peer = peer.map(|p| p.as_str()),
-        source = %source_ip,
+        source = %connection(req).0,
         method = req.method().as_str(),
         path = req.uri().path(),
         "request denied by authorization ({named})"
     );
-    Outcome::Denied(Denial {
+    Outcome::Denied(Box::new(Denial {
         reply: LocalReply::denied(format!("RBAC: access denied ({named})")),
         decision: Refusal {
             decided: true,
-            policy: decision.policy,
+            policy: decided_by.cloned(),
             dry_run,
         },
-    })
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http::{Response, StatusCode};
+    use mesh_core::rbac::{Action, Operation, Rule, Source, StringMatch};
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::ServerLayer;
+
+    fn peer(ns: &str, sa: &str) -> PeerIdentity {
+        PeerIdentity::new(SpiffeId::new("cluster.local", ns, sa).unwrap())
+    }
+
+    fn matches(list: &[&str]) -> Arc<[StringMatch]> {
+        list.iter()
+            .map(|s| StringMatch::parse(s).unwrap())
+            .collect()
+    }
+
+    /// ALLOW `*/sa/frontend`, DENY namespace `bar`: reads only the peer.
+    fn peer_policies() -> Vec<AuthorizationPolicy> {
+        let from = |source: Source| Rule {
+            from: vec![source].into(),
+            ..Rule::default()
+        };
+        vec![
+            AuthorizationPolicy::new(
+                "shop",
+                "allow-frontend",
+                Action::Allow,
+                vec![from(Source {
+                    principals: matches(&["*/sa/frontend"]),
+                    ..Source::default()
+                })],
+            )
+            .unwrap(),
+            AuthorizationPolicy::new(
+                "shop",
+                "deny-bar",
+                Action::Deny,
+                vec![from(Source {
+                    namespaces: matches(&["bar"]),
+                    ..Source::default()
+                })],
+            )
+            .unwrap(),
+        ]
+    }
+
+    fn request(peer: Option<&PeerIdentity>, path: &str) -> Request<()> {
+        let mut req = Request::get(path).body(()).unwrap();
+        if let Some(peer) = peer {
+            req.extensions_mut().insert(peer.clone());
+        }
+        req
+    }
+
+    /// Whether `authorize` lets `req` in, and with which policy.
+    fn outcome(policy: &InboundPolicy, req: &Request<()>) -> Option<Option<Name>> {
+        match authorize(policy, &policy.current(), req) {
+            Outcome::Allowed(authorized) => Some(authorized.and_then(|a| a.policy().cloned())),
+            Outcome::Denied(_) => None,
+        }
+    }
+
+    /// What the policies decide for `req`, evaluated from scratch.
+    fn evaluated(policies: &[AuthorizationPolicy], req: &Request<()>) -> Option<Option<Name>> {
+        let peer = req
+            .extensions()
+            .get::<PeerIdentity>()
+            .map(PeerIdentity::spiffe_id);
+        let attrs =
+            RequestAttributes::from_request(req, peer, IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+        let decision = rbac::evaluate(policies, &attrs);
+        decision.allowed.then_some(decision.policy)
+    }
+
+    /// Policies that read only the peer are decided once per peer, and
+    /// every request gets what evaluating it would give: peers seen before
+    /// and not, equal IDs in different allocations, no peer at all, and
+    /// more peers than the memo has slots.
+    #[test]
+    fn remembered_decisions_are_the_evaluated_ones() {
+        let policies = peer_policies();
+        let policy = InboundPolicy::fixed(MtlsMode::Permissive, policies.clone());
+        assert!(policy.current().peer_verdicts.is_some());
+        let mut peers: Vec<Option<PeerIdentity>> = vec![
+            Some(peer("shop", "frontend")),
+            Some(peer("bar", "frontend")),
+            Some(peer("shop", "backend")),
+            None,
+            // An equal ID parsed again: another allocation.
+            Some(peer("shop", "frontend")),
+        ];
+        peers.extend((0..2 * PEER_SLOTS).map(|i| Some(peer("shop", &format!("sa-{i}")))));
+        peers.extend((0..PEER_SLOTS).map(|i| Some(peer("ns", "frontend")).filter(|_| i > 0)));
+        for round in 0..3 {
+            for (i, p) in peers.iter().enumerate() {
+                let req = request(p.as_ref(), "/items");
+                assert_eq!(
+                    outcome(&policy, &req),
+                    evaluated(&policies, &req),
+                    "round {round}, peer {i}: {p:?}"
+                );
+            }
+        }
+        assert_eq!(
+            outcome(&policy, &request(Some(&peer("bar", "frontend")), "/")),
+            None
+        );
+        assert_eq!(
+            outcome(&policy, &request(Some(&peer("shop", "frontend")), "/")),
+            Some(Some("shop/allow-frontend".into()))
+        );
+    }
+
+    /// A changed policy is a new config with nothing remembered: the same
+    /// peer is decided by the new policies at once.
+    #[test]
+    fn a_changed_policy_forgets_what_it_decided() {
+        let policy = InboundPolicy::fixed(MtlsMode::Strict, peer_policies());
+        let frontend = peer("shop", "frontend");
+        assert!(outcome(&policy, &request(Some(&frontend), "/")).is_some());
+        let deny_frontend = AuthorizationPolicy::new(
+            "shop",
+            "deny-frontend",
+            Action::Deny,
+            vec![Rule {
+                from: vec![Source {
+                    principals: matches(&["*/sa/frontend"]),
+                    ..Source::default()
+                }]
+                .into(),
+                ..Rule::default()
+            }],
+        )
+        .unwrap();
+        policy.set(MtlsMode::Strict, vec![deny_frontend]);
+        assert_eq!(outcome(&policy, &request(Some(&frontend), "/")), None);
+        policy.set(MtlsMode::Strict, peer_policies());
+        assert!(outcome(&policy, &request(Some(&frontend), "/")).is_some());
+    }
+
+    /// Policies that read the request are evaluated for every request,
+    /// with nothing remembered: one peer, two paths, two decisions.
+    #[test]
+    fn policies_that_read_the_request_are_evaluated_per_request() {
+        let mut policies = peer_policies();
+        policies.push(
+            AuthorizationPolicy::new(
+                "shop",
+                "deny-admin",
+                Action::Deny,
+                vec![Rule {
+                    to: vec![Operation {
+                        paths: matches(&["/admin*"]),
+                        ..Operation::default()
+                    }]
+                    .into(),
+                    ..Rule::default()
+                }],
+            )
+            .unwrap(),
+        );
+        let policy = InboundPolicy::fixed(MtlsMode::Strict, policies);
+        assert!(policy.current().peer_verdicts.is_none());
+        let frontend = peer("shop", "frontend");
+        for _ in 0..2 {
+            assert!(outcome(&policy, &request(Some(&frontend), "/items")).is_some());
+            assert_eq!(outcome(&policy, &request(Some(&frontend), "/admin")), None);
+        }
+    }
+
+    /// The layer passes its decision on in the request's `ServerContext`
+    /// (one extension): the app reads it there or with `Authorized::of`,
+    /// an inner layer with the same policy takes it instead of deciding
+    /// again, and contexts compare by service, namespace and node alone.
+    #[tokio::test]
+    async fn the_decision_travels_in_the_server_context() {
+        let policy = InboundPolicy::fixed(MtlsMode::Strict, peer_policies());
+        let context = ServerContext::new("catalog", "shop", "catalog-1");
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let app = {
+            let seen = Arc::clone(&seen);
+            tower::service_fn(move |req: Request<()>| {
+                let ctx = req.extensions().get::<ServerContext>().cloned().unwrap();
+                let of = Authorized::of(&req).map(|a| a.policy().cloned());
+                seen.lock().unwrap().push((ctx, of));
+                async { Ok::<_, Infallible>(Response::new(String::new())) }
+            })
+        };
+        let layer = ServerLayer::new(context.clone()).inbound(policy.clone());
+        let svc = layer.layer(layer.layer(app));
+        let frontend = peer("shop", "frontend");
+        let response = svc
+            .clone()
+            .oneshot(request(Some(&frontend), "/"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let response = svc
+            .oneshot(request(Some(&peer("bar", "frontend")), "/"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        assert_eq!(policy.denied(), 1);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        let (ctx, of) = &seen[0];
+        assert_eq!(*ctx, context);
+        assert_eq!(context.authorized().map(|a| a.policy().cloned()), None);
+        let authorized = ctx.authorized().expect("the decision");
+        assert!(authorized.is_decided_by(&policy));
+        assert_eq!(
+            authorized.policy().map(|p| &**p),
+            Some("shop/allow-frontend")
+        );
+        assert_eq!(of.clone(), Some(Some("shop/allow-frontend".into())));
+    }
 }

@@ -12,7 +12,8 @@
 //! and logged too. Without the feature the stack is the same minus the
 //! span, at the same cost per request. This layer gives the
 //! application its place in the mesh: a [`ServerContext`] request
-//! extension (the service, namespace and node id,
+//! extension (the service, namespace and node id, and the request's
+//! authorization decision, [`ServerContext::authorized`];
 //! readable with axum's `Extension<ServerContext>` or tonic's
 //! `request.extensions()`), the request's [`Deadline`](crate::Deadline)
 //! (from `grpc-timeout`, else `x-envoy-expected-rq-timeout-ms`; see
@@ -54,8 +55,12 @@
 //! never turns a check off. A `ServerLayer` with a policy of its own
 //! ([`ServerLayer::inbound`]) uses the decision only when that same policy
 //! made it for this very request; otherwise (no `serve_with`, a different
-//! policy, a plain `serve`) it authorizes by itself. So a request reaches
-//! the app only if a check ran for it:
+//! policy, a plain `serve`) it authorizes by itself. Either way it passes
+//! the decision on inside the request's [`ServerContext`] (not as a second
+//! extension: each costs an allocation and a map insert, and a fourth
+//! makes the map grow); [`Authorized::of`] reads a request's decision
+//! wherever it is. So a request reaches the app only if a check ran for
+//! it:
 //!
 //! - routes merged after `.layer(...)`, nested routers, a second tonic
 //!   service, a layer built but never applied: `serve_with` checked them;
@@ -65,10 +70,17 @@
 //! policy, as before)? Because whether a layer wraps a given route is a
 //! property of how the app was assembled, not of the policy: a flag set by
 //! one wrapped route (or by building a layer) turned authorization off for
-//! every unwrapped one. A per-request extension answers the only question
+//! every unwrapped one. A per-request decision answers the only question
 //! that matters, "was *this* request checked?", and costs one extension
-//! insert per allowed request (none without policies); evaluating once
-//! also keeps `InboundPolicy::denied` and the logs exact.
+//! insert per request `serve_with` allows (none without policies), none
+//! in a `ServerLayer` (it rides in the context); evaluating once also
+//! keeps `InboundPolicy::denied` and the logs exact.
+//!
+//! A config whose policies read nothing of a request but its peer's
+//! identity (principals, namespaces; no ip blocks, operations or request
+//! conditions) and has no dry-run policy decides every request of one peer
+//! alike, so it remembers its decisions per peer (set-once slots, a SPIFFE
+//! ID comparison per request); any other config evaluates every request.
 //!
 //! Requests `serve_with` refuses never reach the app's
 //! [`ServerTelemetryLayer`](crate::telemetry::ServerTelemetryLayer): give
@@ -115,9 +127,19 @@ pub use crate::connection::Authorized;
 pub const SERVED_BY: &str = "x-proxyless-served-by";
 
 /// Who is serving: a request extension set by [`ServerLayer`].
-#[derive(Clone, PartialEq, Eq)]
+///
+/// On a request it also carries the authorization decision the request
+/// was let in with ([`ServerContext::authorized`]): the layer passes that
+/// on inside this one extension rather than as a second one, since every
+/// request extension costs an allocation, a map insert and a free, and a
+/// fourth makes the map grow. Two contexts are equal when they name the
+/// same service, namespace and node, whatever decision they carry.
+#[derive(Clone)]
 pub struct ServerContext {
     inner: Arc<ContextInner>,
+    /// The decision the request was let in with (`None` outside a
+    /// request, or when nothing was decided: no policy applies).
+    authorized: Option<Authorized>,
 }
 
 #[derive(PartialEq, Eq)]
@@ -140,6 +162,15 @@ impl ServerContext {
                 namespace: namespace.into(),
                 node_id: node_id.into(),
             }),
+            authorized: None,
+        }
+    }
+
+    /// This context on a request let in with `authorized`.
+    pub(crate) fn on_request(&self, authorized: Option<Authorized>) -> Self {
+        ServerContext {
+            inner: Arc::clone(&self.inner),
+            authorized,
         }
     }
 
@@ -157,7 +188,24 @@ impl ServerContext {
     pub fn node_id(&self) -> &str {
         &self.inner.node_id
     }
+
+    /// The authorization decision the request was let in with, whoever
+    /// made it ([`serve_with`](crate::serve::serve_with) or a
+    /// [`ServerLayer`] with a policy); `None` when no policy decided it
+    /// (none applies, or the context is not a request's). The same as
+    /// [`Authorized::of`] on the request.
+    pub fn authorized(&self) -> Option<&Authorized> {
+        self.authorized.as_ref()
+    }
 }
+
+impl PartialEq for ServerContext {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner) || self.inner == other.inner
+    }
+}
+
+impl Eq for ServerContext {}
 
 impl fmt::Debug for ServerContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

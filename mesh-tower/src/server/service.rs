@@ -3,7 +3,7 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Request, Response};
 use tower::Service;
 
-use super::inbound::{Denial, Outcome, authorize};
+use super::inbound::{CachedPolicy, Denial, Outcome, authorize};
 use super::{InboundPolicy, ResponseFuture, ServerContext};
 use crate::body::ResponseBody;
 use crate::connection::Authorized;
@@ -19,7 +19,7 @@ pub struct Server<S> {
     inner: S,
     context: ServerContext,
     served_by: Option<HeaderValue>,
-    inbound: Option<InboundPolicy>,
+    inbound: Option<CachedPolicy>,
 }
 
 impl<S> Server<S> {
@@ -33,7 +33,7 @@ impl<S> Server<S> {
             inner,
             context,
             served_by,
-            inbound,
+            inbound: inbound.map(CachedPolicy::new),
         }
     }
 
@@ -67,7 +67,6 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        req.extensions_mut().insert(self.context.clone());
         if let Some(deadline) = Deadline::from_headers(req.headers()) {
             if deadline.is_expired() {
                 // Nobody waits for the answer any more: do not run the app.
@@ -86,31 +85,41 @@ where
             }
             req.extensions_mut().insert(deadline);
         }
-        let decided = req.extensions().get::<Authorized>();
-        match (&self.inbound, decided) {
+        let decided = Authorized::of(&req);
+        let authorized = match (&mut self.inbound, decided) {
             // `serve_with` (or an outer layer) decided this request under
             // this very policy: record that decision, do not evaluate twice.
-            (Some(own), Some(decided)) if decided.is_decided_by(own) => {
+            (Some(own), Some(decided)) if decided.is_decided_by(own.policy()) => {
                 record(decided, &req);
+                Some(decided.clone())
             }
             // A policy of our own that nobody applied to this request yet:
             // decide it here (the layer alone, or under another policy).
-            (Some(own), _) => match authorize(own, &req) {
-                Outcome::Allowed(Some(authorized)) => {
-                    req.extensions_mut().insert(authorized);
+            (Some(own), _) => {
+                let (policy, config) = own.current();
+                match authorize(policy, config, &req) {
+                    Outcome::Allowed(Some(authorized)) => Some(authorized),
+                    Outcome::Allowed(None) => decided.cloned(),
+                    Outcome::Denied(denial) => {
+                        // `authorize` wrote the decision on the record.
+                        let Denial { reply, .. } = *denial;
+                        return ResponseFuture::local(
+                            reply.into_parts(is_grpc(req.headers())),
+                            self.served_by.clone(),
+                        );
+                    }
                 }
-                Outcome::Allowed(None) => {}
-                Outcome::Denied(Denial { reply, .. }) => {
-                    // `authorize` wrote the decision on the record.
-                    return ResponseFuture::local(
-                        reply.into_parts(is_grpc(req.headers())),
-                        self.served_by.clone(),
-                    );
-                }
-            },
-            (None, Some(decided)) => record(decided, &req),
-            (None, None) => {}
-        }
+            }
+            (None, Some(decided)) => {
+                record(decided, &req);
+                Some(decided.clone())
+            }
+            (None, None) => None,
+        };
+        // One extension for the context and the decision (see
+        // `ServerContext`), put on only once the request is let in.
+        req.extensions_mut()
+            .insert(self.context.on_request(authorized));
         ResponseFuture::new(self.inner.call(req), self.served_by.clone())
     }
 }
@@ -178,12 +187,12 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         if let Some(policy) = &self.policy {
-            match authorize(policy, &req) {
+            match authorize(policy, &policy.current(), &req) {
                 Outcome::Allowed(Some(authorized)) => {
                     req.extensions_mut().insert(authorized);
                 }
                 Outcome::Allowed(None) => {}
-                Outcome::Denied(denial) => return self.refuse(req, denial),
+                Outcome::Denied(denial) => return self.refuse(req, *denial),
             }
         }
         ResponseFuture::new(self.inner.call(req), None)

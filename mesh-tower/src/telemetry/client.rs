@@ -10,17 +10,14 @@ use http::{Request, Response};
 use http_body::Body;
 use opentelemetry::Context;
 use opentelemetry::KeyValue;
-use opentelemetry::trace::{
-    Span as _, SpanBuilder, SpanContext, SpanKind, TraceContextExt as _, TraceFlags, TraceState,
-    Tracer as _,
-};
-use opentelemetry_sdk::trace::{IdGenerator as _, RandomIdGenerator};
+use opentelemetry::trace::{Span as _, SpanBuilder, SpanKind, TraceContextExt as _, Tracer as _};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::Telemetry;
 use super::exchange::{
-    self, Dialed, Exchange, Side, TelemetryBody, request_attributes, server_address, span_name,
+    self, Dialed, Exchange, Side, Start, TelemetryBody, request_attributes, server_address,
+    span_name,
 };
 use super::identity::PEER_HEADER_NAME;
 use super::incoming::TraceMode;
@@ -106,19 +103,21 @@ where
         let started = Instant::now();
         let t = self.telemetry.inner();
         let grpc = is_grpc(req.headers());
-        let parent = req
-            .extensions_mut()
-            .remove::<Context>()
-            .unwrap_or_else(propagation::current_parent);
+        let explicit = req.extensions_mut().remove::<Context>();
         let trace = match &t.tracer {
             Some(_) if t.trace_mode == TraceMode::Forward => {
-                // Never sampled: the child span context the SDK would mint
-                // for an unsampled span, without a span (no sampler call).
-                let sc = unsampled_child(&parent);
-                propagation::inject(&sc, &parent, req.headers_mut());
+                // Never sampled: the trace headers of the child span
+                // context the SDK would mint for an unsampled span, written
+                // without a span (no sampler call) and without cloning the
+                // parent context.
+                match &explicit {
+                    Some(parent) => propagation::inject_unsampled_child(parent, req.headers_mut()),
+                    None => propagation::inject_unsampled_child_of_current(req.headers_mut()),
+                }
                 None
             }
             Some(tracer) => {
+                let parent = explicit.unwrap_or_else(propagation::current_parent);
                 let span = tracer.build_with_context(
                     SpanBuilder::from_name("").with_kind(SpanKind::Client),
                     &parent,
@@ -138,11 +137,11 @@ where
             }
             None => {
                 // No tracer of our own: pass the caller's context on.
+                let parent = explicit.unwrap_or_else(propagation::current_parent);
                 propagation::inject(parent.span().span_context(), &parent, req.headers_mut());
                 None
             }
         };
-        let record = DecisionRecord::with_trace(trace);
         if let Some(peer) = &t.peer_header {
             req.headers_mut().insert(PEER_HEADER_NAME, peer.clone());
         }
@@ -161,46 +160,24 @@ where
             None => Dialed::Nothing,
         };
         let request_size_hint = req.body().size_hint().exact().unwrap_or(0);
-        req.extensions_mut().insert(record.clone());
-        let exchange = Exchange::new(
-            self.telemetry.clone(),
-            record,
-            started,
-            Side::Client { dialed },
-            grpc,
-            request_size_hint,
-            access,
+        let record = DecisionRecord::client(
+            trace,
+            Start {
+                telemetry: self.telemetry.clone(),
+                started,
+                side: Side::Client { dialed },
+                grpc,
+                request_size_hint,
+                access,
+            },
         );
+        req.extensions_mut().insert(record.clone());
+        let exchange = Exchange::new(record);
         ClientResponseFuture {
             inner: self.inner.call(req),
             exchange: Some(exchange),
         }
     }
-}
-
-/// The span context of an unsampled child of `parent`, as the SDK makes it
-/// for a span its sampler drops: the parent's trace (or a new one), a new
-/// span id, not sampled, the parent's trace state.
-fn unsampled_child(parent: &Context) -> SpanContext {
-    if parent.is_telemetry_suppressed() {
-        // What the SDK's tracer makes under a suppressed context.
-        return SpanContext::empty_context();
-    }
-    let ids = RandomIdGenerator::default();
-    let span = parent.span();
-    let psc = span.span_context();
-    let (trace_id, state) = if psc.is_valid() {
-        (psc.trace_id(), psc.trace_state().clone())
-    } else {
-        (ids.new_trace_id(), TraceState::default())
-    };
-    SpanContext::new(
-        trace_id,
-        ids.new_span_id(),
-        TraceFlags::default(),
-        false,
-        state,
-    )
 }
 
 fn client_attributes<B>(req: &Request<B>, grpc: bool) -> Vec<KeyValue> {

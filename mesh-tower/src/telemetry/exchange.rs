@@ -82,47 +82,42 @@ pub(crate) enum End<'a> {
     Cancelled,
 }
 
-/// The state of one request until its response ends.
+/// What a request's telemetry knows from its start, kept in its
+/// [`DecisionRecord`]'s allocation (see [`Exchange`]).
+pub(crate) struct Start {
+    pub(crate) telemetry: Telemetry,
+    pub(crate) started: Instant,
+    pub(crate) side: Side,
+    pub(crate) grpc: bool,
+    pub(crate) request_size_hint: u64,
+    pub(crate) access: Option<Box<AccessInfo>>,
+}
+
+/// The state of one request until its response ends: the record (whose
+/// allocation holds the request's [`Start`] too) and what the response
+/// tells. A few words, moved with the response future and its body.
 pub(crate) struct Exchange {
-    telemetry: Telemetry,
     record: DecisionRecord,
-    started: Instant,
-    side: Side,
-    grpc: bool,
-    request_size_hint: u64,
     status: u16,
-    grpc_status: Option<i32>,
-    destination: Option<PeerRef>,
-    local_flags: ResponseFlags,
-    response_bytes: u64,
-    access: Option<Box<AccessInfo>>,
     done: bool,
+    local_flags: ResponseFlags,
+    grpc_status: Option<i32>,
+    response_bytes: u64,
+    destination: Option<PeerRef>,
 }
 
 impl Exchange {
-    pub(crate) fn new(
-        telemetry: Telemetry,
-        record: DecisionRecord,
-        started: Instant,
-        side: Side,
-        grpc: bool,
-        request_size_hint: u64,
-        access: Option<Box<AccessInfo>>,
-    ) -> Self {
+    /// The exchange of a request whose record holds its [`Start`] (see
+    /// `DecisionRecord::client` and `DecisionRecord::server`).
+    pub(crate) fn new(record: DecisionRecord) -> Self {
         Exchange {
-            telemetry,
             record,
-            started,
-            side,
-            grpc,
-            request_size_hint,
             status: 0,
-            grpc_status: None,
-            destination: None,
-            local_flags: ResponseFlags::empty(),
-            response_bytes: 0,
-            access,
             done: false,
+            local_flags: ResponseFlags::empty(),
+            grpc_status: None,
+            response_bytes: 0,
+            destination: None,
         }
     }
 
@@ -131,14 +126,18 @@ impl Exchange {
     /// replies; on the server, answers a mesh caller's announcement.
     pub(crate) fn on_response<B>(&mut self, response: &mut Response<B>) {
         self.status = response.status().as_u16();
+        let Some(start) = self.record.start() else {
+            return;
+        };
         let headers = response.headers_mut();
-        if self.grpc {
+        if start.grpc {
             self.grpc_status = grpc_status(headers);
         }
-        match &self.side {
-            Side::Client { .. } => {
+        match &start.side {
+            // A response without headers has neither to read.
+            Side::Client { .. } if !headers.is_empty() => {
                 if let Some(value) = headers.remove(PEER_HEADER_NAME)
-                    && let Some(metrics) = &self.telemetry.inner().metrics
+                    && let Some(metrics) = &start.telemetry.inner().metrics
                 {
                     self.destination = Some(metrics.istio().peer_from_header(&value));
                 }
@@ -146,8 +145,9 @@ impl Exchange {
                     self.local_flags |= local_reply_flags(cause.as_bytes());
                 }
             }
+            Side::Client { .. } => {}
             Side::Server { answer_peer, .. } => {
-                if *answer_peer && let Some(own) = &self.telemetry.inner().peer_header {
+                if *answer_peer && let Some(own) = &start.telemetry.inner().peer_header {
                     headers.insert(PEER_HEADER_NAME, own.clone());
                 }
             }
@@ -168,7 +168,7 @@ impl Exchange {
         if let Some(data) = frame.data_ref() {
             self.response_bytes += data.remaining() as u64;
         } else if let Some(trailers) = frame.trailers_ref()
-            && self.grpc
+            && self.record.start().is_some_and(|s| s.grpc)
             && let Some(code) = grpc_status(trailers)
         {
             self.grpc_status = Some(code);
@@ -180,7 +180,10 @@ impl Exchange {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let duration = self.started.elapsed();
+        let Some(start) = self.record.start() else {
+            return;
+        };
+        let duration = start.started.elapsed();
         let mut flags = self.record.flags() | self.local_flags;
         let mut error_message = None;
         match &end {
@@ -191,23 +194,23 @@ impl Exchange {
             }
             End::Cancelled => flags |= ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION,
         }
-        let request_bytes = self.record.request_bytes().max(self.request_size_hint);
-        self.end_span(flags, error_message.as_deref());
-        if let Some(metrics) = &self.telemetry.inner().metrics {
+        let request_bytes = self.record.request_bytes().max(start.request_size_hint);
+        self.end_span(start, flags, error_message.as_deref());
+        let inner = start.telemetry.inner();
+        if let Some(metrics) = &inner.metrics {
             let istio = metrics.istio();
-            let inner = self.telemetry.inner();
-            let protocol = if self.grpc {
+            let protocol = if start.grpc {
                 RequestProtocol::Grpc
             } else {
                 RequestProtocol::Http
             };
-            let grpc_status = if self.grpc {
+            let grpc_status = if start.grpc {
                 self.grpc_status.and_then(|c| u16::try_from(c).ok())
             } else {
                 None
             };
             let duration_ms = duration.as_secs_f64() * 1000.0;
-            match &self.side {
+            match &start.side {
                 Side::Client { dialed } => {
                     let service = match self.record.cluster_name() {
                         Some(cluster) => istio.service_of_cluster(cluster),
@@ -279,10 +282,10 @@ impl Exchange {
                 }
             }
         }
-        if let Some(access) = &self.access {
+        if let Some(access) = &start.access {
             access_log::write(&access_log::Line {
                 info: access,
-                outbound: matches!(self.side, Side::Client { .. }),
+                outbound: matches!(start.side, Side::Client { .. }),
                 record: &self.record,
                 response_code: self.status,
                 grpc_status: self.grpc_status,
@@ -294,7 +297,7 @@ impl Exchange {
         }
     }
 
-    fn end_span(&self, flags: ResponseFlags, error: Option<&str>) {
+    fn end_span(&self, start: &Start, flags: ResponseFlags, error: Option<&str>) {
         let Some(trace) = self.record.trace() else {
             return;
         };
@@ -313,7 +316,7 @@ impl Exchange {
             attributes.push(KeyValue::new("mesh.response_flags", flags.to_string()));
         }
         span.set_attributes(attributes);
-        let server = matches!(self.side, Side::Server { .. });
+        let server = matches!(start.side, Side::Server { .. });
         let failed = match self.grpc_status {
             // gRPC semantic conventions: a server span fails on the codes
             // that mean the server failed; a client span on any non-OK.
@@ -377,10 +380,6 @@ pin_project! {
 }
 
 impl<B> TelemetryBody<B> {
-    pub(crate) fn new(inner: B, exchange: Option<Exchange>) -> Self {
-        TelemetryBody { inner, exchange }
-    }
-
     /// The wrapped body.
     pub fn get_ref(&self) -> &B {
         &self.inner
@@ -467,7 +466,7 @@ pub(crate) fn complete<B: Body, E: fmt::Display>(
                 }
                 exchange
             });
-            Ok(response.map(|body| TelemetryBody::new(body, exchange)))
+            Ok(response.map(|inner| TelemetryBody { inner, exchange }))
         }
         Err(e) => {
             if let Some(mut exchange) = exchange {

@@ -223,6 +223,24 @@ impl Drop for Entered {
     }
 }
 
+/// Calls `f` with the trace context of the incoming request whose
+/// application runs on this thread, if it was kept unparsed (built now if
+/// needed); whether there was one.
+pub(crate) fn with_current(f: impl FnOnce(&Context)) -> bool {
+    let Some(record) = CURRENT.take() else {
+        return false;
+    };
+    let found = match record.incoming() {
+        Some(incoming) => {
+            f(incoming.context());
+            true
+        }
+        None => false,
+    };
+    CURRENT.set(Some(record));
+    found
+}
+
 /// The trace context of the incoming request whose application runs on
 /// this thread, if it was kept unparsed (built now if needed).
 pub(crate) fn current() -> Option<Context> {

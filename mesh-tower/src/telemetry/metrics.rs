@@ -374,9 +374,14 @@ impl IstioMetrics {
         // The series of the thread's previous request, compared field by
         // field (no key built, no hash, no lock); then the shared cache.
         let id = self.id();
-        let last = LAST_SERIES.with_borrow(|m| m.get(id, |key| key.is(o)));
-        if let Some(series) = last {
-            series.record(o);
+        let recorded = LAST_SERIES.with_borrow(|m| match m.find(id, |key| key.is(o)) {
+            Some(series) => {
+                series.record(o);
+                true
+            }
+            None => false,
+        });
+        if recorded {
             return;
         }
         let key = SeriesKey {
@@ -597,6 +602,14 @@ impl<K, V: Clone> Memo<K, V> {
     fn get(&self, id: usize, same: impl FnOnce(&K) -> bool) -> Option<V> {
         match &self.0 {
             Some((owner, key, value)) if *owner == id && same(key) => Some(value.clone()),
+            _ => None,
+        }
+    }
+
+    /// The value, by reference (no clone to make and drop).
+    fn find(&self, id: usize, same: impl FnOnce(&K) -> bool) -> Option<&V> {
+        match &self.0 {
+            Some((owner, key, value)) if *owner == id && same(key) => Some(value),
             _ => None,
         }
     }

@@ -32,6 +32,7 @@ use opentelemetry::trace::{
 };
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_sdk::propagation::BaggagePropagator;
+use opentelemetry_sdk::trace::{IdGenerator as _, RandomIdGenerator};
 
 use super::incoming;
 use super::record::DecisionRecord;
@@ -164,21 +165,94 @@ pub(crate) fn inject_span_context(sc: &SpanContext, headers: &mut HeaderMap) {
     if !sc.is_valid() {
         return;
     }
+    write_trace_headers(
+        sc.trace_id(),
+        sc.span_id(),
+        sc.is_sampled(),
+        sc.trace_state(),
+        headers,
+    );
+}
+
+/// Writes the trace headers of an unsampled child of `parent`: what
+/// [`inject`] writes for the span context the SDK mints for a span its
+/// sampler drops (the parent's trace, or a new one, a new span id, not
+/// sampled, the parent's trace state), without building that span context.
+pub(crate) fn inject_unsampled_child(parent: &Context, headers: &mut HeaderMap) {
+    // Under a suppressed context the SDK's tracer makes an invalid span
+    // context: no trace headers.
+    if !parent.is_telemetry_suppressed() {
+        let ids = RandomIdGenerator::default();
+        let span = parent.span();
+        let psc = span.span_context();
+        if psc.is_valid() {
+            let state = psc.trace_state();
+            write_trace_headers(psc.trace_id(), ids.new_span_id(), false, state, headers);
+        } else {
+            let trace_id = ids.new_trace_id();
+            write_trace_headers(
+                trace_id,
+                ids.new_span_id(),
+                false,
+                &TraceState::NONE,
+                headers,
+            );
+        }
+    }
+    if !parent.baggage().is_empty() {
+        BaggagePropagator::new().inject_context(parent, &mut HeaderInjector(headers));
+    }
+}
+
+/// [`inject_unsampled_child`] of the parent of a client call made without an
+/// explicit context (see [`current_parent`]), read in place: no context is
+/// cloned or built unless the request being served kept its trace headers
+/// unparsed.
+pub(crate) fn inject_unsampled_child_of_current(headers: &mut HeaderMap) {
+    // `Some(suppressed)`: the current context has no span and no baggage.
+    let bare = Context::map_current(|cx| {
+        if cx.has_active_span() || !cx.baggage().is_empty() {
+            inject_unsampled_child(cx, headers);
+            None
+        } else {
+            Some(cx.is_telemetry_suppressed())
+        }
+    });
+    if let Some(suppressed) = bare
+        && !incoming::with_current(|cx| inject_unsampled_child(cx, headers))
+        && !suppressed
+    {
+        // A new trace (an empty context is neither suppressed nor has
+        // baggage).
+        inject_unsampled_child(&Context::new(), headers);
+    }
+}
+
+/// Writes `traceparent` for these ids, and `tracestate` when `state` is not
+/// empty (removing a stale one otherwise).
+fn write_trace_headers(
+    trace_id: TraceId,
+    span_id: SpanId,
+    sampled: bool,
+    state: &TraceState,
+    headers: &mut HeaderMap,
+) {
     // A request with no headers yet has no stale `tracestate` to remove.
     let may_have_state = !headers.is_empty();
     // Owned by the `Bytes` (one allocation, shared by the clones the
     // client stack makes to replay the request), not copied into a buffer
     // that its first clone would allocate again to share.
-    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from_owner(traceparent(sc))) {
+    let value = traceparent(trace_id, span_id, sampled);
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from_owner(value)) {
         headers.insert(TRACEPARENT_NAME, value);
     }
-    if *sc.trace_state() == TraceState::NONE {
+    if *state == TraceState::NONE {
         if may_have_state && headers.contains_key(TRACESTATE_NAME) {
             headers.remove(TRACESTATE_NAME);
         }
         return;
     }
-    let state = sc.trace_state().header();
+    let state = state.header();
     if state.is_empty() {
         headers.remove(TRACESTATE_NAME);
     } else if let Ok(value) = HeaderValue::from_str(&state) {
@@ -187,16 +261,16 @@ pub(crate) fn inject_span_context(sc: &SpanContext, headers: &mut HeaderMap) {
 }
 
 /// `00-{trace id}-{span id}-{flags}`, lowercase hex.
-fn traceparent(sc: &SpanContext) -> [u8; 55] {
+fn traceparent(trace_id: TraceId, span_id: SpanId, sampled: bool) -> [u8; 55] {
     let mut out = [b'-'; 55];
     out[0] = b'0';
     out[1] = b'0';
-    let trace_id = u128::from_be_bytes(sc.trace_id().to_bytes());
+    let trace_id = u128::from_be_bytes(trace_id.to_bytes());
     out[3..19].copy_from_slice(&hex16((trace_id >> 64) as u64));
     out[19..35].copy_from_slice(&hex16(trace_id as u64));
-    out[36..52].copy_from_slice(&hex16(u64::from_be_bytes(sc.span_id().to_bytes())));
+    out[36..52].copy_from_slice(&hex16(u64::from_be_bytes(span_id.to_bytes())));
     out[53] = b'0';
-    out[54] = if sc.is_sampled() { b'1' } else { b'0' };
+    out[54] = if sampled { b'1' } else { b'0' };
     out
 }
 
@@ -444,8 +518,9 @@ mod tests {
             assert_eq!(ours[TRACEPARENT], sdk[TRACEPARENT]);
             assert_eq!(ours[TRACESTATE], sdk[TRACESTATE]);
         }
+        let sc = sc(true, TraceState::NONE);
         assert_eq!(
-            &traceparent(&sc(true, TraceState::NONE))[..],
+            &traceparent(sc.trace_id(), sc.span_id(), sc.is_sampled())[..],
             b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         );
     }

@@ -188,6 +188,11 @@ struct Inner {
     /// cannot record spans (see `incoming.rs`).
     #[cfg(feature = "telemetry")]
     incoming: Option<super::incoming::Incoming>,
+    /// What the telemetry layer that made the record knows from the
+    /// request's start (kept here: one allocation per request for both,
+    /// and the exchange moved with the response stays a few words).
+    #[cfg(feature = "telemetry")]
+    start: Option<super::exchange::Start>,
 }
 
 const GRPC_ABORT: u32 = 1 << 31;
@@ -232,7 +237,76 @@ impl Nanos {
 pub(crate) struct Attempt {
     pub(crate) endpoint: SocketAddr,
     pub(crate) labels: EndpointLabels,
-    pub(crate) outcome: OnceLock<AttemptOutcome>,
+    pub(crate) outcome: OutcomeCell,
+}
+
+/// How an attempt ended, set once: an [`AttemptOutcome`] packed into one
+/// atomic word (a store instead of a `OnceLock` run, about 100
+/// instructions, on every request under telemetry).
+#[derive(Debug, Default)]
+pub(crate) struct OutcomeCell {
+    bits: AtomicU64,
+    /// What [`OutcomeCell::get`] hands out by reference (tests only).
+    #[cfg(test)]
+    seen: OnceLock<AttemptOutcome>,
+}
+
+/// Tags of a packed outcome (bits 56..58); 0 means not set yet.
+const OUTCOME_RESPONSE: u64 = 1 << 56;
+const OUTCOME_FAILED: u64 = 2 << 56;
+const OUTCOME_TAG: u64 = 3 << 56;
+/// A `Response` with a gRPC status (its code in bits 0..32).
+const OUTCOME_GRPC: u64 = 1 << 48;
+
+impl OutcomeCell {
+    fn pack(outcome: AttemptOutcome) -> u64 {
+        match outcome {
+            AttemptOutcome::Response {
+                status,
+                grpc_status,
+            } => {
+                let grpc = grpc_status.map_or(0, |c| OUTCOME_GRPC | u64::from(c as u32));
+                OUTCOME_RESPONSE | (u64::from(status.as_u16()) << 32) | grpc
+            }
+            AttemptOutcome::Failed(flags) => OUTCOME_FAILED | u64::from(flags.bits()),
+        }
+    }
+
+    fn unpack(bits: u64) -> Option<AttemptOutcome> {
+        match bits & OUTCOME_TAG {
+            OUTCOME_RESPONSE => Some(AttemptOutcome::Response {
+                status: StatusCode::from_u16((bits >> 32) as u16).ok()?,
+                grpc_status: (bits & OUTCOME_GRPC != 0).then_some(bits as u32 as i32),
+            }),
+            OUTCOME_FAILED => Some(AttemptOutcome::Failed(ResponseFlags::from_bits(
+                bits as u32,
+            ))),
+            _ => None,
+        }
+    }
+
+    /// Sets the outcome unless one was set (the first one is kept).
+    fn set(&self, outcome: AttemptOutcome) {
+        let _ = self.bits.compare_exchange(
+            0,
+            Self::pack(outcome),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The outcome, once set.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn load(&self) -> Option<AttemptOutcome> {
+        Self::unpack(self.bits.load(Ordering::Relaxed))
+    }
+
+    /// The outcome by reference, once set (as `OnceLock::get` reads it).
+    #[cfg(test)]
+    pub(crate) fn get(&self) -> Option<&AttemptOutcome> {
+        let outcome = self.load()?;
+        Some(self.seen.get_or_init(|| outcome))
+    }
 }
 
 /// How an attempt ended.
@@ -270,24 +344,36 @@ impl DecisionRecord {
             None,
             #[cfg(feature = "telemetry")]
             None,
+            #[cfg(feature = "telemetry")]
+            None,
         )
     }
 
+    /// A client request's record: its span when sampled, and what the
+    /// telemetry layer knows from the start.
+    #[cfg(feature = "telemetry")]
+    pub(crate) fn client(trace: Option<Trace>, start: super::exchange::Start) -> Self {
+        DecisionRecord::build(trace, None, None, Some(start))
+    }
+
     /// A server request's record: its span when sampled, the peer's
-    /// verified SPIFFE ID, and its trace headers when kept unparsed.
+    /// verified SPIFFE ID, its trace headers when kept unparsed, and what
+    /// the telemetry layer knows from the start.
     #[cfg(feature = "telemetry")]
     pub(crate) fn server(
         trace: Option<Trace>,
         principal: Option<&Name>,
         incoming: Option<super::incoming::Incoming>,
+        start: super::exchange::Start,
     ) -> Self {
-        DecisionRecord::build(trace, principal.cloned(), incoming)
+        DecisionRecord::build(trace, principal.cloned(), incoming, Some(start))
     }
 
     fn build(
         trace: Option<Trace>,
         principal: Option<Name>,
         #[cfg(feature = "telemetry")] incoming: Option<super::incoming::Incoming>,
+        #[cfg(feature = "telemetry")] start: Option<super::exchange::Start>,
     ) -> Self {
         DecisionRecord {
             inner: Arc::new(Inner {
@@ -316,6 +402,8 @@ impl DecisionRecord {
                 dry_run: OnceLock::new(),
                 #[cfg(feature = "telemetry")]
                 incoming,
+                #[cfg(feature = "telemetry")]
+                start,
             }),
         }
     }
@@ -339,6 +427,12 @@ impl DecisionRecord {
     #[cfg(feature = "telemetry")]
     pub(crate) fn incoming(&self) -> Option<&super::incoming::Incoming> {
         self.inner.incoming.as_ref()
+    }
+
+    /// What the telemetry layer that made the record knew from the start.
+    #[cfg(feature = "telemetry")]
+    pub(crate) fn start(&self) -> Option<&super::exchange::Start> {
+        self.inner.start.as_ref()
     }
 
     // ----- what the routing layer decided -----
@@ -426,12 +520,12 @@ impl DecisionRecord {
             let _ = slot.set(Attempt {
                 endpoint,
                 labels: labels.clone(),
-                outcome: OnceLock::new(),
+                outcome: OutcomeCell::default(),
             });
         }
         let span = self
             .trace()
-            .map(|trace| trace.attempt_span(endpoint, index, self.cluster_name()));
+            .map(|trace| Box::new(trace.attempt_span(endpoint, index, self.cluster_name())));
         AttemptGuard {
             record: self.clone(),
             index,
@@ -724,8 +818,10 @@ impl std::fmt::Debug for DecisionRecord {
 pub struct AttemptGuard {
     record: DecisionRecord,
     index: u32,
-    /// The attempt's span, when the request is sampled.
-    span: Option<AttemptSpan>,
+    /// The attempt's span, when the request is sampled (boxed: the guard
+    /// of an unsampled request stays three words, cheap to move with the
+    /// attempt).
+    span: Option<Box<AttemptSpan>>,
     finished: bool,
 }
 
@@ -749,7 +845,7 @@ impl AttemptGuard {
         if let Some(slot) = self.record.slot(self.index as usize)
             && let Some(attempt) = slot.get()
         {
-            let _ = attempt.outcome.set(outcome);
+            attempt.outcome.set(outcome);
         }
         if let Some(span) = self.span.take() {
             span.end(outcome);

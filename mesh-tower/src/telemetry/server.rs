@@ -16,7 +16,7 @@ use tower::{Layer, Service};
 
 use super::Telemetry;
 use super::exchange::{
-    self, End, Exchange, Side, TelemetryBody, request_attributes, server_address, span_name,
+    self, End, Exchange, Side, Start, TelemetryBody, request_attributes, server_address, span_name,
 };
 use super::flags::ResponseFlags;
 use super::identity::PEER_HEADER_NAME;
@@ -169,26 +169,6 @@ fn begin<B: Body>(telemetry: &Telemetry, req: &mut Request<B>) -> (Scope, Exchan
     let t = telemetry.inner();
     let mut seen = incoming::scan(req.headers());
     let grpc = seen.grpc;
-    // Istio's `source_principal`; the app and authorization read the
-    // `PeerIdentity` extension itself.
-    let principal = req
-        .extensions()
-        .get::<PeerIdentity>()
-        .map(|peer| peer.spiffe_id().uri());
-    let (scope, record) = if t.trace_mode.records() {
-        let (cx, trace) = start_span(t.tracer.as_ref(), req, grpc);
-        let record = DecisionRecord::server(trace, principal, None);
-        req.extensions_mut().insert(cx.clone());
-        (Scope::Context(cx), record)
-    } else {
-        let kept = seen.incoming(telemetry, req.headers());
-        let scope = if kept.is_some() {
-            Scope::Incoming
-        } else {
-            Scope::Nothing
-        };
-        (scope, DecisionRecord::server(None, principal, kept))
-    };
     let announced = if seen.peer {
         req.headers_mut().remove(PEER_HEADER_NAME)
     } else {
@@ -198,12 +178,6 @@ fn begin<B: Body>(telemetry: &Telemetry, req: &mut Request<B>) -> (Scope, Exchan
         (Some(value), Some(metrics)) => Some(metrics.istio().peer_from_header(value)),
         _ => None,
     };
-    if let Some(authorized) = req.extensions().get::<Authorized>() {
-        // `serve_with` authorized the request before it reached this layer:
-        // its decision (and dry-run result) is this request's, whether or
-        // not a `ServerLayer` below records it too.
-        record.authorized(authorized);
-    }
     let access = t.access_log.then(|| {
         let connection = req.extensions().get::<ConnectionInfo>();
         exchange::access_info(req, connection.map(|c| c.peer_addr()))
@@ -213,20 +187,46 @@ fn begin<B: Body>(telemetry: &Telemetry, req: &mut Request<B>) -> (Scope, Exchan
         .size_hint()
         .exact()
         .unwrap_or_else(|| seen.content_length.unwrap_or(0));
-    req.extensions_mut().insert(record.clone());
-    let exchange = Exchange::new(
-        telemetry.clone(),
-        record,
+    let start = Start {
+        telemetry: telemetry.clone(),
         started,
-        Side::Server {
+        side: Side::Server {
             source,
             answer_peer: announced.is_some(),
         },
         grpc,
         request_size_hint,
         access,
-    );
-    (scope, exchange)
+    };
+    // Istio's `source_principal`; the app and authorization read the
+    // `PeerIdentity` extension itself.
+    let principal = req
+        .extensions()
+        .get::<PeerIdentity>()
+        .map(|peer| peer.spiffe_id().uri());
+    let (scope, record) = if t.trace_mode.records() {
+        let (cx, trace) = start_span(t.tracer.as_ref(), req, grpc);
+        let record = DecisionRecord::server(trace, principal, None, start);
+        req.extensions_mut().insert(cx.clone());
+        (Scope::Context(cx), record)
+    } else {
+        let kept = seen.incoming(telemetry, req.headers());
+        let scope = if kept.is_some() {
+            Scope::Incoming
+        } else {
+            Scope::Nothing
+        };
+        (scope, DecisionRecord::server(None, principal, kept, start))
+    };
+    if let Some(authorized) = Authorized::of(req) {
+        // `serve_with` (or a `ServerLayer` outside this one) authorized the
+        // request before it reached this layer: its decision (and dry-run
+        // result) is this request's, whether or not a `ServerLayer` below
+        // records it too.
+        record.authorized(authorized);
+    }
+    req.extensions_mut().insert(record.clone());
+    (scope, Exchange::new(record))
 }
 
 /// Continues the caller's trace with a SERVER span (recorded when
