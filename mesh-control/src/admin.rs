@@ -694,6 +694,9 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
             json!({
                 "node_id": c.node_id,
                 "namespace": c.workload.namespace,
+                // Its per-node view (namespace / labels the config depends
+                // on), or "shared": the one translation every client gets.
+                "view": c.view.as_ref().map_or_else(|| "shared".to_string(), |k| k.to_string()),
                 "user_agent": c.user_agent,
                 "kind": kind.as_str(),
                 "stale": stale,
@@ -742,6 +745,7 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
             "EDS": served.resources[3].len(),
         },
         "clients": clients,
+        "views": views_json(&served),
         "diagnostics": diagnostics,
         "rejected": rejected,
         "counters": {
@@ -766,6 +770,29 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
             })
         }),
         "shared": shared.shared_state.as_ref().map(|s| s.status()),
+    })
+}
+
+/// The per-node views of the config served: what they depend on, and
+/// those translated so far (with their own problems).
+fn views_json(served: &crate::state::Served) -> Value {
+    let Some(source) = &served.views.source else {
+        return json!({ "depends_on": Value::Null, "cached": 0, "keys": [] });
+    };
+    let deps = &source.dependencies;
+    let cached = served.views.cached();
+    let problems: BTreeSet<String> = cached
+        .iter()
+        .flat_map(|v| v.problems.iter().map(|d| format!("view {}: {d}", v.key)))
+        .collect();
+    json!({
+        "depends_on": {
+            "namespace": deps.namespace,
+            "labels": deps.labels,
+        },
+        "cached": cached.len(),
+        "keys": cached.iter().map(|v| v.key.to_string()).collect::<Vec<_>>(),
+        "problems": problems,
     })
 }
 

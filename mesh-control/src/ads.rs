@@ -22,6 +22,16 @@
 //! same SotW LDS response as the client listeners it subscribed to. A change
 //! of those policies, or of the registrations, is a new version.
 //!
+//! Per-node views (`exportTo`, `match.sourceLabels`, `match.sourceNamespace`,
+//! see `config`): each response is taken from the client's view, found for
+//! each config from its namespace and labels ([`caller_labels`]), so every
+//! client kind — this mesh's, gRPC proxyless, Envoy — is sent the routes and
+//! resources of its view only, filtered by the server before encoding:
+//! nothing of these fields is left for a client to ignore. A name its view
+//! hides (a ServiceEntry not exported to its namespace) gets a NOT_FOUND
+//! `resource_errors` entry saying which resource hides it and where. A
+//! config without these fields has one shared view, served as before.
+//!
 //! When the control server stops, every stream ends with `UNAVAILABLE`
 //! ("shutting down") after the GOAWAY of its connection: a status the client
 //! reads, not a reset, so that it reconnects at once (to another replica, or
@@ -76,7 +86,8 @@ use crate::ca::serving::PeerInfo;
 use crate::config::Workload;
 use crate::registry::Registered;
 use crate::state::{
-    ClientStatus, DeletedKept, NackInfo, NodeWorkload, Served, Shared, TypeStatus, type_index,
+    ClientStatus, DeletedKept, Lookup, NackInfo, NodeWorkload, Served, Shared, TypeStatus, View,
+    type_index,
 };
 
 /// The tonic service; cheap to clone.
@@ -313,6 +324,9 @@ struct AdsStream {
     peer: Option<SocketAddr>,
     /// The most names one subscription may hold.
     max_names: usize,
+    /// The view this client was served under the config of that version
+    /// (`None`: the shared resources), found once per version.
+    view: Option<(u64, Option<Arc<View>>)>,
 }
 
 const TYPES: [ResourceType; 4] = [
@@ -342,6 +356,7 @@ impl AdsStream {
             identity: None,
             peer: None,
             max_names: DEFAULT_MAX_NAMES_PER_SUBSCRIPTION,
+            view: None,
         }
     }
 
@@ -382,7 +397,11 @@ impl AdsStream {
         }
     }
 
-    async fn on_request(&mut self, req: DiscoveryRequest, served: &Served) -> Result<(), Status> {
+    async fn on_request(
+        &mut self,
+        req: DiscoveryRequest,
+        served: &Arc<Served>,
+    ) -> Result<(), Status> {
         if let Some(node) = &req.node {
             self.on_node(node)?;
         }
@@ -440,6 +459,8 @@ impl AdsStream {
         };
         self.grpc = crate::compat::ClientKind::from_user_agent(&node.user_agent_name)
             == crate::compat::ClientKind::Grpc;
+        // Its view follows what the node says about it.
+        self.view = None;
         let mut clients = self.shared.clients.lock();
         let status = clients.entry(self.id).or_insert_with(|| ClientStatus {
             connected_at: Some(SystemTime::now()),
@@ -498,9 +519,19 @@ impl AdsStream {
     /// Sends type `t` if what this client subscribed to differs from what it
     /// was last sent, or always when `force` (a subscription change must be
     /// answered even when nothing exists, so the client learns that).
-    async fn push(&mut self, t: ResourceType, served: &Served, force: bool) -> Result<(), Status> {
-        let resources = self.resources_for(t, served);
-        let resource_errors = self.missing(t, &resources, served);
+    async fn push(
+        &mut self,
+        t: ResourceType,
+        served: &Arc<Served>,
+        force: bool,
+    ) -> Result<(), Status> {
+        let view = self.view(served).await?;
+        let lookup = Lookup {
+            served,
+            view: view.as_deref(),
+        };
+        let resources = self.resources_for(t, lookup);
+        let resource_errors = self.missing(t, &resources, lookup);
         let i = type_index(t);
         if !force && self.types[i].sent.as_ref() == Some(&resources) {
             return Ok(());
@@ -546,6 +577,40 @@ impl AdsStream {
             .send(Ok(response))
             .await
             .map_err(|_| Status::cancelled("client went away"))
+    }
+
+    /// The view this client gets under `served` (`None`: the shared
+    /// resources): its key depends on its namespace and labels, which a
+    /// registration can change, so it is found again for each config. A
+    /// view not translated yet is translated on a blocking thread.
+    async fn view(&mut self, served: &Arc<Served>) -> Result<Option<Arc<View>>, Status> {
+        if let Some((version, view)) = &self.view
+            && *version == served.version
+        {
+            return Ok(view.clone());
+        }
+        let view = match served.view_key(&self.workload) {
+            None => None,
+            Some(key) => match served.views.get(&key) {
+                Some(view) => Some(view),
+                None => {
+                    let served = served.clone();
+                    let view = tokio::task::spawn_blocking(move || served.view(&key))
+                        .await
+                        .map_err(|e| {
+                            tracing::error!(client = self.id, error = %e, "translating a view failed");
+                            Status::internal("mesh-control failed to translate this workload's view")
+                        })?;
+                    Some(view)
+                }
+            },
+        };
+        let key = view.as_ref().map(|v| v.key.clone());
+        if let Some(status) = self.shared.clients.lock().get_mut(&self.id) {
+            status.view = key;
+        }
+        self.view = Some((served.version, view.clone()));
+        Ok(view)
     }
 
     /// The client ACKed the response `nonce` of type `t`: it holds what
@@ -613,7 +678,12 @@ impl AdsStream {
     /// grpc-go) that a name it never received does not exist: it waits out its
     /// 15 s timer. With `resource_errors` (xDS TP3, gRFC A88) it fails at once;
     /// clients that do not read the field ignore it.
-    fn missing(&self, t: ResourceType, resources: &[Any], served: &Served) -> Vec<ResourceError> {
+    fn missing(
+        &self,
+        t: ResourceType,
+        resources: &[Any],
+        lookup: Lookup<'_>,
+    ) -> Vec<ResourceError> {
         let names = &self.types[type_index(t)].names;
         if names.is_empty() {
             return Vec::new();
@@ -629,7 +699,12 @@ impl AdsStream {
                 }),
                 error_detail: Some(RpcStatus {
                     code: 5,
-                    message: if t == ResourceType::Cluster && file_tls(served, n) {
+                    message: if let Some(why) = self.hidden(n, lookup) {
+                        format!(
+                            "{} resource {n:?} does not exist for this client: {why}",
+                            t.short_name()
+                        )
+                    } else if t == ResourceType::Cluster && file_tls(lookup.snapshot(), n) {
                         format!(
                             "cluster {n:?} originates TLS with certificate files (DestinationRule \
                              tls SIMPLE / MUTUAL), which gRPC clients cannot load (gRFC A29 \
@@ -649,24 +724,35 @@ impl AdsStream {
             .collect()
     }
 
-    fn resources_for(&self, t: ResourceType, served: &Served) -> Vec<Any> {
+    /// Why `name` (or the qualified name of a short one) does not exist
+    /// for this client although it exists for other namespaces.
+    fn hidden<'a>(&self, name: &str, lookup: Lookup<'a>) -> Option<&'a str> {
+        lookup
+            .hidden(name)
+            .or_else(|| lookup.hidden(&self.qualified(name)?))
+    }
+
+    fn resources_for(&self, t: ResourceType, lookup: Lookup<'_>) -> Vec<Any> {
         let i = type_index(t);
-        let all = &served.resources[i];
         let names = &self.types[i].names;
         if names.is_empty() {
             // Wildcard subscription (Envoy style): everything of this type.
-            return all.values().cloned().collect();
+            return lookup.all(i);
         }
         names
             .iter()
-            .filter_map(|name| match all.get(name.as_str()) {
-                Some(_) if self.grpc && t == ResourceType::Cluster && file_tls(served, name) => {
+            .filter_map(|name| match lookup.get(i, name) {
+                Some(_)
+                    if self.grpc
+                        && t == ResourceType::Cluster
+                        && file_tls(lookup.snapshot(), name) =>
+                {
                     None
                 }
                 Some(any) => Some(any.clone()),
                 None if t == ResourceType::Listener => {
-                    self.server_listener(name, served).or_else(|| {
-                        self.short_listener(name, served)
+                    self.server_listener(name, lookup.served).or_else(|| {
+                        self.short_listener(name, lookup.snapshot())
                             .map(|l| xds::encode_listener(&l))
                     })
                 }
@@ -685,9 +771,9 @@ impl AdsStream {
             .map(|listener| xds::encode_server_listener(&listener))
     }
 
-    /// `catalog` / `catalog:80` asked by a client in namespace `shop` is
-    /// served as the listener `catalog.shop` / `catalog.shop:80`, renamed.
-    fn short_listener(&self, name: &str, served: &Served) -> Option<Listener> {
+    /// `catalog` / `catalog:80` asked by a client in namespace `shop`:
+    /// `catalog.shop` / `catalog.shop:80`; `None` for a name with a dot.
+    fn qualified(&self, name: &str) -> Option<String> {
         let (host, port) = match name.rsplit_once(':') {
             Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
             _ => (name, None),
@@ -695,11 +781,17 @@ impl AdsStream {
         if host.contains('.') || host.is_empty() {
             return None;
         }
-        let qualified = match port {
+        Some(match port {
             Some(p) => format!("{host}.{}:{p}", self.workload.namespace),
             None => format!("{host}.{}", self.workload.namespace),
-        };
-        let target = served.snapshot.listeners.get(qualified.as_str())?;
+        })
+    }
+
+    /// `catalog` / `catalog:80` asked by a client in namespace `shop` is
+    /// served as the listener `catalog.shop` / `catalog.shop:80`, renamed.
+    fn short_listener(&self, name: &str, snapshot: &mesh_core::Snapshot) -> Option<Listener> {
+        let qualified = self.qualified(name)?;
+        let target = snapshot.listeners.get(qualified.as_str())?;
         Some(Listener {
             name: name.into(),
             route_config_name: target.route_config_name.clone(),
@@ -726,8 +818,8 @@ const LISTENING_ADDRESS: &str = "xds.resource.listening_address=";
 
 /// Whether cluster `name` originates TLS with certificate files
 /// (DestinationRule SIMPLE / MUTUAL).
-fn file_tls(served: &Served, name: &str) -> bool {
-    served.snapshot.clusters.get(name).is_some_and(|c| {
+fn file_tls(snapshot: &mesh_core::Snapshot, name: &str) -> bool {
+    snapshot.clusters.get(name).is_some_and(|c| {
         c.tls.as_ref().is_some_and(|t| {
             !matches!(t.origination, mesh_core::model::TlsOrigination::IstioMutual)
         })
@@ -781,13 +873,7 @@ pub(crate) fn workload_labels(
     address: SocketAddr,
     node: &NodeWorkload,
 ) -> BTreeMap<String, String> {
-    let ours = |r: &&Registered| {
-        r.registration.namespace == node.namespace
-            && r.owner.as_ref().is_none_or(|owner| {
-                owner.namespace() == node.namespace
-                    && node.service_account.as_deref() == Some(owner.service_account())
-            })
-    };
+    let ours = |r: &&Registered| registered_by(r, node);
     let at_address = |r: &&Registered| {
         !address.ip().is_unspecified()
             && r.registration.address == address.ip()
@@ -812,6 +898,28 @@ pub(crate) fn workload_labels(
             .filter(by_node)
             .collect();
     }
+    merged_labels(served, node, found)
+}
+
+/// Whether `r` is one of the workload's own registrations: in its
+/// namespace and, when registration is authenticated, made by the identity
+/// the node names.
+fn registered_by(r: &Registered, node: &NodeWorkload) -> bool {
+    r.registration.namespace == node.namespace
+        && r.owner.as_ref().is_none_or(|owner| {
+            owner.namespace() == node.namespace
+                && node.service_account.as_deref() == Some(owner.service_account())
+        })
+}
+
+/// The labels of registrations `found` merged, the first service by name
+/// winning a conflict; none found: the node's `LABELS` over the labels of
+/// the WorkloadGroup its `node.cluster` names.
+fn merged_labels(
+    served: &Served,
+    node: &NodeWorkload,
+    mut found: Vec<&Registered>,
+) -> BTreeMap<String, String> {
     if found.is_empty() {
         return served
             .security
@@ -825,6 +933,26 @@ pub(crate) fn workload_labels(
         }
     }
     labels
+}
+
+/// The one label set of the workload `node` describes as a caller: what
+/// `match.sourceLabels` is matched against (its view key). As for its
+/// server listeners ([`workload_labels`]): the labels of the registrations
+/// made from this node (its id, any port; its namespace and identity), as
+/// its EDS endpoints carry them, or else its node's `LABELS` over its
+/// WorkloadGroup's.
+pub(crate) fn caller_labels(served: &Served, node: &NodeWorkload) -> BTreeMap<String, String> {
+    let found = if node.id.is_empty() {
+        Vec::new()
+    } else {
+        served
+            .registered
+            .iter()
+            .filter(|r| registered_by(r, node))
+            .filter(|r| r.node_id.as_deref() == Some(node.id.as_str()))
+            .collect()
+    };
+    merged_labels(served, node, found)
 }
 
 /// The `ip:port` of a server listener name, if `name` is one.
@@ -842,7 +970,7 @@ mod tests {
 
     use mesh_core::spiffe::SpiffeId;
 
-    use super::{listening_address, server_listener_for, workload_labels};
+    use super::{caller_labels, listening_address, server_listener_for, workload_labels};
     use crate::config::{ConfigStore, MeshOptions, Registration};
     use crate::registry::Registered;
     use crate::state::{NodeWorkload, Served};
@@ -1080,6 +1208,48 @@ spec:
         assert_eq!(
             workload_labels(&served, at("10.0.0.7:8080"), &node("c-1", "c-1", &[])),
             labels(&[("admin", "yes"), ("tier", "backend"), ("version", "v2")])
+        );
+    }
+
+    /// What `match.sourceLabels` sees of a caller (its view key).
+    #[test]
+    fn a_caller_s_labels_are_those_of_its_registrations_else_its_node_s() {
+        let served = served(vec![
+            registered(
+                "catalog",
+                "10.0.0.7:8080",
+                Some("catalog-1"),
+                None,
+                &[("version", "v2")],
+            ),
+            registered(
+                "catalog",
+                "10.0.0.8:8080",
+                Some("catalog-2"),
+                Some("spiffe://cluster.local/ns/shop/sa/catalog"),
+                &[("version", "v3")],
+            ),
+        ]);
+        assert_eq!(
+            caller_labels(
+                &served,
+                &node("catalog-1", "catalog-1", &[("version", "v1")])
+            ),
+            labels(&[("tier", "backend"), ("version", "v2")]),
+            "its registration's labels (over the group's), whatever the port"
+        );
+        assert_eq!(
+            caller_labels(&served, &node("web-1", "catalog", &[("version", "v1")])),
+            labels(&[("tier", "backend"), ("version", "v1")]),
+            "no registration: its node's labels over its cluster's group"
+        );
+        assert_eq!(
+            caller_labels(
+                &served,
+                &node("catalog-2", "catalog-2", &[("version", "v1")])
+            ),
+            labels(&[("version", "v1")]),
+            "another identity's registration cannot choose its labels"
         );
     }
 

@@ -132,6 +132,31 @@ pub(crate) fn grpc_ignored(
                     ));
                 }
             }
+            if let Some(traffic) = &route.policy.traffic {
+                if traffic.answer.is_some() {
+                    out.insert(format!(
+                        "{at}: a redirect / direct response: gRPC clients fail every RPC this \
+                         route matches with UNAVAILABLE (gRFC A28 follows only routes to clusters)"
+                    ));
+                }
+                if !traffic.headers.is_empty() || traffic.destinations.iter().any(|d| !d.is_empty())
+                {
+                    out.insert(format!(
+                        "{at}: header changes ignored (gRFC A28 has no header changes)"
+                    ));
+                }
+                if !traffic.rewrite.is_empty() {
+                    out.insert(format!(
+                        "{at}: rewrite ignored (gRFC A28 has no rewrites): gRPC clients send the \
+                         original path and authority"
+                    ));
+                }
+                if !traffic.mirrors.is_empty() {
+                    out.insert(format!(
+                        "{at}: mirroring ignored (gRFC A28 has no request mirroring)"
+                    ));
+                }
+            }
             for policy in route.policy.hash_policy.iter() {
                 let kind = match policy {
                     HashPolicy::Header(_) => continue,
@@ -212,6 +237,9 @@ pub(crate) fn grpc_ignored(
                 p.id()
             ));
         }
+        if listener.rate_limit.is_some() {
+            out.insert(format!("{at}: {RATE_LIMIT}"));
+        }
     }
     out.into_iter().collect()
 }
@@ -222,6 +250,7 @@ const AUDIT: &str = "is ignored by gRPC servers (it is served as RBAC action LOG
 /// reads it in `config/auth.rs`).
 const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 const DRY_RUN: &str = "are ignored by gRPC servers (gRFC A41 reads an RBAC filter's rules only): they enforce nothing, as intended, but report nothing either (no dry-run span attributes, metrics or logs); only this mesh's servers report what a dry-run policy would have done";
+const RATE_LIMIT: &str = "the local rate limit (EnvoyFilter envoy.filters.http.local_ratelimit) is ignored by gRPC: gRPC has no local_ratelimit filter, so the filter is served with is_optional: true and its per-route config wrapped in FilterConfig { is_optional: true } (gRFC A39), which gRPC skips instead of NACKing the listener; only this mesh's servers (ServerLayer) enforce it";
 const CREDENTIALS: &str = "gRPC enforces it only on servers built with xDS server credentials (with insecure credentials they serve plaintext and skip the mTLS requirement)";
 
 /// What gRPC servers ignore of the PeerAuthentication and
@@ -256,6 +285,12 @@ pub(crate) fn grpc_security_ignored(
         {
             out.insert(format!("{at}: STRICT: {CREDENTIALS}"));
         }
+    }
+    for f in policies.rate_limit_filters() {
+        out.insert(format!(
+            "EnvoyFilter {}/{}: {RATE_LIMIT}",
+            f.namespace, f.name
+        ));
     }
     for a in policies.authorization_policies() {
         if a.policy.action() == Action::Audit {
@@ -479,6 +514,11 @@ impl Walk {
                 }
             }
             "PeerAuthentication" => notes.peer_authentication(doc),
+            "EnvoyFilter" => {
+                if let Some(patches) = doc.get("spec.configPatches") {
+                    notes.note(patches.line, "configPatches", RATE_LIMIT);
+                }
+            }
             "AuthorizationPolicy" => {
                 notes.walk.uses_mtls = true;
                 if let Some(action) = doc.get("spec.action")
@@ -510,6 +550,7 @@ impl Notes<'_> {
     fn virtual_service(&mut self, doc: Look<'_, '_>) {
         let http = doc.get("spec.http").map(|h| h.items()).unwrap_or_default();
         for (i, route) in http.into_iter().enumerate() {
+            self.traffic(i, &route);
             let Some(retries) = route.get("retries") else {
                 self.walk.default_retry_on += 1;
                 continue;
@@ -555,6 +596,60 @@ impl Notes<'_> {
                     a.line,
                     &format!("http[{i}].retries.attempts"),
                     format!("{n} retries are clamped to 4 by gRPC clients (gRFC A44: at most 5 attempts)"),
+                );
+            }
+        }
+    }
+
+    /// What gRPC does with a route's header changes, rewrites and local
+    /// answers: gRFC A28 has none of them.
+    fn traffic(&mut self, i: usize, route: &Look<'_, '_>) {
+        if let Some(h) = route.get("headers") {
+            self.note(
+                h.line,
+                &format!("http[{i}].headers"),
+                "ignored by gRPC clients (gRFC A28 has no header changes)",
+            );
+        }
+        for (j, d) in route
+            .get("route")
+            .map(|r| r.items())
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(h) = d.get("headers") {
+                self.note(
+                    h.line,
+                    &format!("http[{i}].route[{j}].headers"),
+                    "ignored by gRPC clients (gRFC A28 has no header changes)",
+                );
+            }
+        }
+        if let Some(r) = route.get("rewrite") {
+            self.note(
+                r.line,
+                &format!("http[{i}].rewrite"),
+                "ignored by gRPC clients (gRFC A28 has no rewrites): they send the \
+                 original path and authority",
+            );
+        }
+        for key in ["mirror", "mirrors"] {
+            if let Some(m) = route.get(key) {
+                self.note(
+                    m.line,
+                    &format!("http[{i}].{key}"),
+                    "ignored by gRPC clients (gRFC A28 has no request mirroring)",
+                );
+            }
+        }
+        for key in ["redirect", "directResponse"] {
+            if let Some(a) = route.get(key) {
+                self.note(
+                    a.line,
+                    &format!("http[{i}].{key}"),
+                    "gRPC clients fail every RPC this route matches with UNAVAILABLE \
+                     (gRFC A28 follows only routes to clusters)",
                 );
             }
         }
@@ -857,6 +952,7 @@ mod tests {
                     policy("deny-all", Action::Deny, true),
                 ]
                 .into(),
+                rate_limit: None,
             }),
         );
         let found = grpc_ignored(&snapshot, None, None);

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use mesh_control::ca::CertificateAuthority;
-use mesh_control::config::{MeshOptions, check_dirs};
+use mesh_control::config::{MeshOptions, check_dirs, check_notes};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -629,6 +629,14 @@ fn check(dirs: &[PathBuf], for_client: Option<&str>, domain_suffix: String) -> E
             eprintln!("--for {other:?}: the only client kind with known gaps is `grpc`");
             return ExitCode::FAILURE;
         }
+    }
+    for note in check_notes(dirs) {
+        println!(
+            "{}:{}: note: {}",
+            note.file.display(),
+            note.line,
+            note.message
+        );
     }
     let diagnostics = check_dirs(dirs, &options);
     for d in &diagnostics {

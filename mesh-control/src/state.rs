@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -32,7 +32,9 @@ use mesh_core::xds::{self, Any, ResourceType};
 use tokio::sync::watch;
 
 use crate::ca::CertificateAuthority;
-use crate::config::{ConfigChanges, ConfigStore, Diagnostic, Rejection, SecurityPolicies};
+use crate::config::{
+    ConfigChanges, ConfigStore, Diagnostic, Rejection, SecurityPolicies, ViewKey, ViewSource,
+};
 use crate::metrics::Counters;
 use crate::persist::{SharedState, Store, Versions};
 use crate::registry::{Registered, Registry};
@@ -94,6 +96,246 @@ pub(crate) struct Served {
     /// them): a server listener is resolved with the labels of the
     /// registration at its address.
     pub(crate) registered: Arc<[Registered]>,
+    /// The per-node views of this config (`exportTo`, `sourceLabels`,
+    /// `sourceNamespace`); none when it has no such field.
+    pub(crate) views: Views,
+}
+
+/// How many views one published config caches. A client whose view would
+/// be one more (workloads claiming ever new label values) gets its view
+/// translated for each response instead of cached: memory stays bounded.
+pub(crate) const MAX_CACHED_VIEWS: usize = 1024;
+
+/// The per-node views of one published config (see "Per-node views" in
+/// `config`): translated when a client first needs one (or, for the views
+/// of the clients connected, by the rebuild that publishes the config),
+/// cached by [`ViewKey`] until the next config.
+///
+/// The filtering is done here, before encoding, for every client kind:
+/// gRPC proxyless clients and Envoy are sent only the routes and resources
+/// of their view, exactly like this mesh's client, so there is nothing in
+/// `exportTo` or the source conditions that they ignore.
+#[derive(Debug, Default)]
+pub(crate) struct Views {
+    /// What views are translated from; `None`: every client gets the
+    /// shared resources.
+    pub(crate) source: Option<ViewSource>,
+    /// The shared translation's problems (a view reports only its own).
+    shared_problems: BTreeSet<Diagnostic>,
+    /// One cell per key: concurrent first users of a view translate it once.
+    cache: Locked<BTreeMap<ViewKey, Arc<OnceLock<Arc<View>>>>>,
+}
+
+impl Views {
+    /// The views of a config translated from `source`, whose shared
+    /// translation found `problems`.
+    pub(crate) fn new(source: Option<ViewSource>, problems: &[Diagnostic]) -> Self {
+        Views {
+            shared_problems: match source {
+                Some(_) => problems.iter().cloned().collect(),
+                None => BTreeSet::new(),
+            },
+            source,
+            cache: Locked::default(),
+        }
+    }
+
+    /// The views cached so far.
+    pub(crate) fn cached(&self) -> Vec<Arc<View>> {
+        self.cache
+            .lock()
+            .values()
+            .filter_map(|cell| cell.get().cloned())
+            .collect()
+    }
+
+    /// The view `key`, if translated already.
+    pub(crate) fn get(&self, key: &ViewKey) -> Option<Arc<View>> {
+        self.cache
+            .lock()
+            .get(key)
+            .and_then(|cell| cell.get().cloned())
+    }
+}
+
+/// One per-node view of a published config: its translation, encoded where
+/// it differs from the shared one.
+#[derive(Debug)]
+pub(crate) struct View {
+    pub(crate) key: ViewKey,
+    /// The view's model (sharing the shared snapshot's values where equal).
+    pub(crate) snapshot: Snapshot,
+    /// Per type, the resources that differ from [`Served::resources`]:
+    /// `Some`, this view's encoding; `None`, absent from this view.
+    pub(crate) differs: [BTreeMap<String, Option<Any>>; 4],
+    /// Names that exist for other namespaces only, with why.
+    pub(crate) hidden: BTreeMap<String, String>,
+    /// Problems of this view only (not of the shared translation).
+    pub(crate) problems: Vec<Diagnostic>,
+}
+
+/// The resources one client is served: the shared ones, through its view
+/// when it has one.
+#[derive(Clone, Copy)]
+pub(crate) struct Lookup<'a> {
+    pub(crate) served: &'a Served,
+    pub(crate) view: Option<&'a View>,
+}
+
+impl<'a> Lookup<'a> {
+    /// The encoded resource `name` of type index `i`.
+    pub(crate) fn get(&self, i: usize, name: &str) -> Option<&'a Any> {
+        if let Some(view) = self.view
+            && let Some(differs) = view.differs[i].get(name)
+        {
+            return differs.as_ref();
+        }
+        self.served.resources[i].get(name)
+    }
+
+    /// Every resource of type index `i` (a wildcard subscription).
+    pub(crate) fn all(&self, i: usize) -> Vec<Any> {
+        let shared = &self.served.resources[i];
+        match self.view {
+            None => shared.values().cloned().collect(),
+            Some(view) => {
+                let differs = &view.differs[i];
+                let mut all: BTreeMap<&str, &Any> = shared
+                    .iter()
+                    .filter(|(name, _)| !differs.contains_key(name.as_str()))
+                    .map(|(name, any)| (name.as_str(), any))
+                    .collect();
+                all.extend(
+                    differs
+                        .iter()
+                        .filter_map(|(name, any)| Some((name.as_str(), any.as_ref()?))),
+                );
+                all.into_values().cloned().collect()
+            }
+        }
+    }
+
+    /// The model served to this client.
+    pub(crate) fn snapshot(&self) -> &'a Snapshot {
+        match self.view {
+            Some(view) => &view.snapshot,
+            None => &self.served.snapshot,
+        }
+    }
+
+    /// Why `name` does not exist for this client although it exists for
+    /// others (`exportTo`).
+    pub(crate) fn hidden(&self, name: &str) -> Option<&'a str> {
+        self.view?.hidden.get(name).map(String::as_str)
+    }
+}
+
+impl Served {
+    /// The view key of the workload `node` describes under this config;
+    /// `None`: the shared resources. Its labels (when some `sourceLabels`
+    /// needs them) are those of its registrations, else its node's
+    /// `LABELS` over its WorkloadGroup's ([`crate::ads::caller_labels`]).
+    pub(crate) fn view_key(&self, node: &NodeWorkload) -> Option<ViewKey> {
+        let deps = &self.views.source.as_ref()?.dependencies;
+        let labels = if deps.labels.is_empty() {
+            BTreeMap::new()
+        } else {
+            crate::ads::caller_labels(self, node)
+        };
+        deps.key(&node.namespace, &labels)
+    }
+
+    /// The view `key` of this config, translated on first use (blocking:
+    /// a full translation). Past [`MAX_CACHED_VIEWS`] a new key is
+    /// translated each time and not kept.
+    pub(crate) fn view(&self, key: &ViewKey) -> Arc<View> {
+        let cell = {
+            let mut cache = self.views.cache.lock();
+            match cache.get(key) {
+                Some(cell) => Some(cell.clone()),
+                None if cache.len() < MAX_CACHED_VIEWS => Some(
+                    cache
+                        .entry(key.clone())
+                        .or_insert_with(|| Arc::new(OnceLock::new()))
+                        .clone(),
+                ),
+                None => None,
+            }
+        };
+        match cell {
+            Some(cell) => cell
+                .get_or_init(|| Arc::new(self.translate_view(key)))
+                .clone(),
+            None => Arc::new(self.translate_view(key)),
+        }
+    }
+
+    fn translate_view(&self, key: &ViewKey) -> View {
+        let Some(source) = &self.views.source else {
+            // No views: the shared translation.
+            return View {
+                key: key.clone(),
+                snapshot: self.snapshot.clone(),
+                differs: Default::default(),
+                hidden: BTreeMap::new(),
+                problems: Vec::new(),
+            };
+        };
+        let t = source.translate(key);
+        let mut snapshot = t.snapshot;
+        let base = &self.snapshot;
+        let differs = [
+            diff(&mut snapshot.listeners, &base.listeners, |l| {
+                xds::encode_listener(l)
+            }),
+            diff(&mut snapshot.route_configs, &base.route_configs, |rc| {
+                xds::encode_route_config(rc)
+            }),
+            diff(&mut snapshot.clusters, &base.clusters, |c| {
+                xds::encode_cluster(c)
+            }),
+            diff(&mut snapshot.endpoints, &base.endpoints, |e| {
+                xds::encode_endpoints(e)
+            }),
+        ];
+        let problems = t
+            .diagnostics
+            .into_iter()
+            .filter(|d| !self.views.shared_problems.contains(d))
+            .collect();
+        View {
+            key: key.clone(),
+            snapshot,
+            differs,
+            hidden: t.hidden,
+            problems,
+        }
+    }
+}
+
+/// The resources of `view` that differ from `shared`, encoded (`None`:
+/// absent from the view); the equal ones are replaced by the shared value,
+/// so that a view holds only its differences.
+fn diff<T: PartialEq>(
+    view: &mut BTreeMap<mesh_core::model::Name, Arc<T>>,
+    shared: &BTreeMap<mesh_core::model::Name, Arc<T>>,
+    encode: impl Fn(&T) -> Any,
+) -> BTreeMap<String, Option<Any>> {
+    let mut differs = BTreeMap::new();
+    for (name, value) in view.iter_mut() {
+        match shared.get(name) {
+            Some(s) if s == value => *value = s.clone(),
+            _ => {
+                differs.insert(name.to_string(), Some(encode(value)));
+            }
+        }
+    }
+    for name in shared.keys() {
+        if !view.contains_key(name) {
+            differs.insert(name.to_string(), None);
+        }
+    }
+    differs
 }
 
 /// What a client's xDS node says about its workload: who it is, and the
@@ -164,6 +406,8 @@ pub(crate) struct ClientStatus {
     /// Listeners and clusters it accepted that were deleted since, while it
     /// still subscribes to them (`/status` shows them for gRPC clients).
     pub(crate) deleted_but_kept: Vec<DeletedKept>,
+    /// The view it was last served (`None`: the shared resources).
+    pub(crate) view: Option<ViewKey>,
 }
 
 /// A listener or cluster a client was sent and accepted that the server
@@ -464,9 +708,17 @@ impl Shared {
             }
             let registrations: Vec<_> = registered.iter().map(|r| r.registration.clone()).collect();
             let (snapshot, diagnostics) = store.snapshot(&registrations);
+            let views = store.view_source(&registrations);
             let rejections = store.rejections().to_vec();
-            (snapshot, diagnostics, security, changes, rejections)
+            (
+                snapshot,
+                (diagnostics, views),
+                security,
+                changes,
+                rejections,
+            )
         };
+        let (diagnostics, view_source) = diagnostics;
         // The config in force is on disk before it is served: a restart
         // never serves less than what clients were sent.
         self.write_config();
@@ -486,6 +738,7 @@ impl Shared {
             && current.resources == resources
             && current.security == security
             && current.registered == registered
+            && current.views.source == view_source
         {
             return changes;
         }
@@ -493,14 +746,35 @@ impl Shared {
         self.metrics
             .config_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));
-        self.served.send_replace(Arc::new(Served {
+        let views = Views::new(view_source, &self.diagnostics.lock().1);
+        let served = Served {
             version,
             published_at: Some(Instant::now()),
             snapshot,
             resources,
             security,
             registered,
-        }));
+            views,
+        };
+        // The views of the clients connected are ready before they are
+        // pushed to (a new client's view is translated when it asks).
+        if served.views.source.is_some() {
+            let workloads: Vec<NodeWorkload> = self
+                .clients
+                .lock()
+                .values()
+                .filter(|c| c.node.is_some())
+                .map(|c| c.workload.clone())
+                .collect();
+            let keys: BTreeSet<ViewKey> = workloads
+                .iter()
+                .filter_map(|w| served.view_key(w))
+                .collect();
+            for key in &keys {
+                served.view(key);
+            }
+        }
+        self.served.send_replace(Arc::new(served));
         changes
     }
 
@@ -672,6 +946,86 @@ mod tests {
         let mut shared = Shared::new(ConfigStore::new(MeshOptions::default()));
         shared.set_registration_debounce(debounce);
         Arc::new(shared)
+    }
+
+    /// A published config with `yaml` (no registrations), as the rebuild
+    /// publishes it.
+    fn published(yaml: &str) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mesh.yaml"), yaml).unwrap();
+        let mut store = ConfigStore::new(MeshOptions::default());
+        assert!(store.load_dir(dir.path()).is_empty());
+        let (snapshot, diagnostics) = store.snapshot(&[]);
+        Served {
+            version: 1,
+            resources: encode_all(&snapshot),
+            snapshot,
+            views: Views::new(store.view_source(&[]), &diagnostics),
+            ..Served::default()
+        }
+    }
+
+    fn workload(namespace: &str) -> NodeWorkload {
+        NodeWorkload {
+            id: format!("{namespace}-1"),
+            namespace: namespace.into(),
+            ..NodeWorkload::default()
+        }
+    }
+
+    const CATALOG: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: catalog, namespace: shop}
+spec:
+  hosts: [catalog]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.0.0.1}]
+";
+
+    /// A view holds only its differences from the shared resources, and is
+    /// translated once per key.
+    #[test]
+    fn a_view_serves_the_shared_resources_but_its_differences() {
+        let shared = published(CATALOG);
+        assert!(shared.views.source.is_none());
+        assert_eq!(shared.view_key(&workload("web")), None, "one shared view");
+
+        let served = published(&CATALOG.replace("  endpoints", "  exportTo: ['.']\n  endpoints"));
+        assert_eq!(
+            served.resources, shared.resources,
+            "the shared translation holds everything"
+        );
+        let web = served.view_key(&workload("web")).unwrap();
+        let view = served.view(&web);
+        assert!(Arc::ptr_eq(&view, &served.view(&web)), "cached");
+        let lookup = Lookup {
+            served: &served,
+            view: Some(&view),
+        };
+        assert!(lookup.get(0, "catalog.shop").is_none());
+        assert!(
+            lookup
+                .hidden("catalog.shop")
+                .is_some_and(|why| why.contains("not exported to namespace \"web\""))
+        );
+        assert!(lookup.all(0).is_empty() && lookup.all(2).is_empty());
+
+        let shop = served.view_key(&workload("shop")).unwrap();
+        let view = served.view(&shop);
+        assert!(
+            view.differs.iter().all(BTreeMap::is_empty),
+            "its own namespace sees what everyone would: nothing of its own"
+        );
+        let lookup = Lookup {
+            served: &served,
+            view: Some(&view),
+        };
+        assert_eq!(
+            lookup.get(0, "catalog.shop"),
+            served.resources[0].get("catalog.shop")
+        );
+        assert_eq!(lookup.all(0).len(), served.resources[0].len());
+        assert_eq!(served.views.cached().len(), 2);
     }
 
     /// A registration waiting for its rebuild is answered when the server

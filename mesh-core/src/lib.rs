@@ -23,6 +23,7 @@ pub mod lb;
 pub mod model;
 mod name;
 pub mod outlier;
+pub mod ratelimit;
 pub mod rbac;
 #[cfg(feature = "xds")]
 pub mod rbac_xds;
@@ -31,6 +32,7 @@ pub mod ring_hash;
 pub mod route;
 pub mod snapshot;
 pub mod spiffe;
+pub mod traffic;
 #[cfg(feature = "xds")]
 pub mod xds;
 

@@ -83,6 +83,10 @@ pub struct RoutePolicy {
     /// How to compute the hash of a request for ring-hash clusters; the
     /// first policy that yields a key wins (Envoy semantics).
     pub hash_policy: Arc<[HashPolicy]>,
+    /// Header changes, rewrites, mirrors, or an answer instead of a
+    /// cluster ([`crate::traffic`]); `None` for a route that only routes
+    /// (one pointer to check per request).
+    pub traffic: Option<Arc<crate::traffic::Traffic>>,
 }
 
 /// Istio `retries` / Envoy `RetryPolicy` (gRFC A44 for gRPC clients).
@@ -481,6 +485,21 @@ impl WeightedClusters {
         }
     }
 
+    /// No destination: the action of a route that answers itself (a
+    /// redirect or a direct response, see [`crate::traffic`]). Routing
+    /// must not pick from it.
+    pub fn none() -> Self {
+        WeightedClusters {
+            clusters: Arc::from([]),
+            total: 0,
+        }
+    }
+
+    /// Whether there is no destination (see [`WeightedClusters::none`]).
+    pub fn is_none(&self) -> bool {
+        self.clusters.is_empty()
+    }
+
     /// The destinations in order.
     pub fn clusters(&self) -> &[WeightedCluster] {
         &self.clusters
@@ -493,26 +512,33 @@ impl WeightedClusters {
 
     /// Picks a destination: `random` is a uniformly random `u64`; the pick is
     /// `clusters[i]` with probability `weight[i] / total`. No allocation.
+    /// Panics on [`WeightedClusters::none`]: routing checks
+    /// [`is_none`](Self::is_none) first.
     pub fn pick(&self, random: u64) -> &WeightedCluster {
+        &self.clusters[self.pick_index(random)]
+    }
+
+    /// The index in [`clusters`](Self::clusters) of [`pick`](Self::pick)'s
+    /// destination (0 for [`WeightedClusters::none`]).
+    pub fn pick_index(&self, random: u64) -> usize {
         if self.total == 0 {
-            return &self.clusters[0];
+            return 0;
         }
         // Multiply-shift maps a uniform u64 onto [0, total) without modulo bias
         // worth measuring (total < 2^40 in any sane config).
         let mut point = ((u128::from(random) * u128::from(self.total)) >> 64) as u64;
-        for c in self.clusters.iter() {
+        for (i, c) in self.clusters.iter().enumerate() {
             let w = u64::from(c.weight);
             if point < w {
-                return c;
+                return i;
             }
             point -= w;
         }
         // Unreachable by construction; the last positive-weight cluster is a safe answer.
         self.clusters
             .iter()
-            .rev()
-            .find(|c| c.weight > 0)
-            .unwrap_or(&self.clusters[0])
+            .rposition(|c| c.weight > 0)
+            .unwrap_or(0)
     }
 }
 
@@ -713,6 +739,10 @@ pub struct ServerListener {
     /// [`crate::rbac::evaluate`] (DENY, then ALLOW, then AUDIT). Empty
     /// allows every request.
     pub policies: Arc<[crate::rbac::AuthorizationPolicy]>,
+    /// The local rate limit of the server's requests (an EnvoyFilter's
+    /// `local_ratelimit` for the workload; see [`crate::ratelimit`]);
+    /// `None`: none.
+    pub rate_limit: Option<Arc<crate::ratelimit::RateLimitConfig>>,
 }
 
 /// Envoy `circuit_breakers` thresholds (default priority), from Istio's

@@ -63,6 +63,9 @@ pub struct Resolved<'a> {
     pub cluster: &'a Cluster,
     /// Its endpoints.
     pub endpoints: &'a ClusterLoadAssignment,
+    /// The index of the picked destination among the route's weighted
+    /// clusters (destination-level header rules are by index).
+    pub destination: usize,
     /// The route's table (its virtual host's routes) and its index there,
     /// for [`Resolved::route_handle`].
     routes: &'a Arc<[Route]>,
@@ -209,10 +212,18 @@ impl Snapshot {
         random: impl FnOnce() -> u64,
     ) -> Result<Resolved<'a>, Error> {
         let route = &routes[index];
-        let wc = match route.action.clusters() {
-            [only] => only,
-            _ => route.action.pick(random()),
+        if route.action.is_none() {
+            return Err(Error::no_route(format!(
+                "route {:?} answers requests itself (a redirect or a direct response): \
+                 it has no destination",
+                route.name
+            )));
+        }
+        let destination = match route.action.clusters() {
+            [_] => 0,
+            _ => route.action.pick_index(random()),
         };
+        let wc = &route.action.clusters()[destination];
         let cluster = self.clusters.get(&*wc.name).ok_or_else(|| {
             Error::no_route(format!(
                 "route {:?}: cluster {:?} not received",
@@ -233,6 +244,7 @@ impl Snapshot {
             route,
             cluster,
             endpoints,
+            destination,
             routes,
             index,
         })
@@ -252,7 +264,14 @@ impl Snapshot {
             .values()
             .flat_map(|rc| rc.virtual_hosts.iter())
             .flat_map(|vh| vh.routes.iter())
-            .flat_map(|r| r.action.clusters().iter().map(|c| c.name.clone()))
+            .flat_map(|r| {
+                let mirrors = r.policy.traffic.iter().flat_map(|t| t.mirrors.iter());
+                r.action
+                    .clusters()
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .chain(mirrors.map(|m| m.cluster.clone()))
+            })
             .collect()
     }
 

@@ -84,6 +84,7 @@ mod grpc;
 pub mod local_reply;
 pub mod mesh;
 pub mod pool;
+pub mod ratelimit;
 pub mod serve;
 pub mod server;
 mod source;

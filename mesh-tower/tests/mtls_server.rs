@@ -930,6 +930,7 @@ fn server_listener(
         address,
         mtls,
         policies: policies.into(),
+        rate_limit: None,
     })
 }
 

@@ -144,13 +144,41 @@
 //! - An endpoint address seen twice in one cluster is kept once (the first).
 //! - A DestinationRule for a host nothing declares is reported; it takes
 //!   effect as soon as the host appears.
+//!
+//! # Per-node views
+//!
+//! Three things make the config differ from one workload to another:
+//! `exportTo` on a VirtualService, DestinationRule or ServiceEntry (`.` its
+//! own namespace, `*` every namespace, `~` none, or namespace names; the
+//! default is every namespace), and `match[].sourceLabels` /
+//! `match[].sourceNamespace` of a VirtualService route. A resource not
+//! exported to a workload's namespace does not exist for it: a
+//! ServiceEntry's hosts are unknown (asking for one is NOT_FOUND saying
+//! why), a VirtualService does not route it (it gets the routing it would
+//! have without it), a DestinationRule does not apply (default cluster
+//! policy, no subsets). A `match[]` entry whose source conditions a caller
+//! does not meet is not in its routes at all, as Istio generates routes per
+//! proxy (Envoy has no source-label matcher).
+//!
+//! The server applies all of this before encoding, per *view*: a
+//! translation for the workloads that share a [`ViewKey`], which holds only
+//! the node attributes the config in force depends on ([`ViewDependencies`]:
+//! the namespace if some resource is namespace-sensitive, and the values of
+//! the label keys some `sourceLabels` names). Every kind of client (this
+//! mesh's, gRPC proxyless, Envoy) therefore gets the same filtered config and
+//! nothing is left for it to ignore. A config that uses none of these fields
+//! has no dependencies: every workload gets the one shared translation.
+//! Two VirtualServices (or DestinationRules, or ServiceEntries) for one host
+//! conflict only when some namespace sees both.
 
 mod auth;
+mod envoy_filter;
 mod last_good;
 mod names;
 mod policy;
 mod resources;
 mod security;
+mod traffic;
 mod translate;
 mod yaml;
 
@@ -169,6 +197,8 @@ mod resilience_tests;
 mod security_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod views_tests;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -181,7 +211,7 @@ use mesh_core::Snapshot;
 use mesh_core::model::{Locality, Protocol};
 
 use last_good::{Change, Refusal};
-use resources::{Resource, ResourceKey};
+use resources::{ExportTo, HttpMatch, Meta, Resource, ResourceKey, Spec};
 
 use crate::persist::{StoredConfig, StoredResource};
 
@@ -1436,6 +1466,92 @@ fn distinct_dirs<P: AsRef<Path>>(dirs: &[P]) -> Vec<&Path> {
         .collect()
 }
 
+/// What `mesh-control check` notes without calling it a problem: parts of
+/// the files that are read and deliberately ignored, at their lines. Today
+/// that is a top-level `status`, which `kubectl get -o yaml` exports: the
+/// API server writes it, it configures nothing.
+pub fn check_notes(dirs: &[impl AsRef<Path>]) -> Vec<Diagnostic> {
+    let mut notes = Vec::new();
+    for dir in dirs {
+        let Ok(files) = list_files(dir.as_ref()) else {
+            continue;
+        };
+        for file in files {
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            let Ok(docs) = yaml::parse_documents(&text) else {
+                continue;
+            };
+            for doc in &docs {
+                let doc = Look::document(doc);
+                let mut note = |line: usize, message: String| {
+                    notes.push(Diagnostic {
+                        file: file.clone(),
+                        line,
+                        message,
+                    })
+                };
+                if let Some(status) = doc.get("status") {
+                    note(
+                        status.line,
+                        "top-level 'status' ignored: the Kubernetes API server writes it \
+                         (kubectl get -o yaml), it configures nothing"
+                            .to_string(),
+                    );
+                }
+                if doc.get("kind").and_then(|k| k.text()).as_deref() == Some("DestinationRule") {
+                    let subsets = doc
+                        .get("spec.subsets")
+                        .map(|s| s.items())
+                        .unwrap_or_default();
+                    let policies = doc
+                        .get("spec.trafficPolicy")
+                        .into_iter()
+                        .chain(subsets.iter().filter_map(|s| s.get("trafficPolicy")));
+                    for policy in policies {
+                        for (what, text) in consistent_hash_notes(policy) {
+                            note(what, text);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    notes
+}
+
+/// What this mesh's client accepts of a `trafficPolicy`'s consistent hash
+/// but does not do as Envoy does (until it does): `httpCookie.ttl` (Envoy
+/// makes the cookie when the request has none) and `useSourceIp` (the
+/// caller's address is known only to requests that carry their connection).
+fn consistent_hash_notes(policy: Look<'_, '_>) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let Some(hash) = policy.get("loadBalancer.consistentHash") else {
+        return out;
+    };
+    if let Some(ttl) = hash.get("httpCookie.ttl") {
+        out.push((
+            ttl.line,
+            "consistentHash.httpCookie.ttl: the client does not generate the cookie as \
+             Envoy does when ttl is set; a request without the cookie gets a random endpoint"
+                .to_string(),
+        ));
+    }
+    if let Some(ip) = hash.get("useSourceIp")
+        && ip.boolean() == Some(true)
+    {
+        out.push((
+            ip.line,
+            "consistentHash.useSourceIp: the client hashes a source address only for a \
+             request that carries a ConnectionInfo extension (the app copies the incoming \
+             request's into its outgoing one); other requests get a random endpoint"
+                .to_string(),
+        ));
+    }
+    out
+}
+
 /// Whether `path` is named as a config file is: `*.yaml` or `*.yml`.
 pub(crate) fn is_config_file(path: &Path) -> bool {
     path.extension()
@@ -1454,6 +1570,221 @@ pub(crate) fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
     Ok(files)
+}
+
+/// The node attributes a config's per-node views depend on (see "Per-node
+/// views" above). Empty: one shared translation for every workload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ViewDependencies {
+    /// Some resource's `exportTo` is not every namespace, or some route has
+    /// a `sourceNamespace`.
+    pub(crate) namespace: bool,
+    /// The labels some `sourceLabels` names: each key with the values
+    /// named for it. Matching is by equality, so a value no selector names
+    /// is as good as no label: the key keeps only named values.
+    pub(crate) labels: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl ViewDependencies {
+    /// What `resources` depend on.
+    pub(crate) fn of<'r>(resources: impl IntoIterator<Item = &'r Resource>) -> Self {
+        let mut deps = ViewDependencies::default();
+        let restricted = |e: &ExportTo| !matches!(e, ExportTo::All);
+        for r in resources {
+            match &r.spec {
+                Spec::VirtualService(vs) => {
+                    deps.namespace |= restricted(&vs.export_to);
+                    for m in vs.http.iter().flat_map(|h| &h.matches) {
+                        deps.namespace |= m.source_namespace.is_some();
+                        for (k, v) in &m.source_labels {
+                            deps.labels.entry(k.clone()).or_default().insert(v.clone());
+                        }
+                    }
+                }
+                Spec::DestinationRule(dr) => deps.namespace |= restricted(&dr.export_to),
+                Spec::ServiceEntry(se) => deps.namespace |= restricted(&se.export_to),
+                _ => {}
+            }
+        }
+        deps
+    }
+
+    /// Whether every workload gets the same config.
+    pub(crate) fn is_empty(&self) -> bool {
+        !self.namespace && self.labels.is_empty()
+    }
+
+    /// The view of a workload of `namespace` with `labels`; `None`: the
+    /// shared translation (nothing depends on the workload).
+    pub(crate) fn key(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<ViewKey> {
+        if self.is_empty() {
+            return None;
+        }
+        Some(ViewKey {
+            namespace: self.namespace.then(|| namespace.to_owned()),
+            labels: self
+                .labels
+                .iter()
+                .filter_map(|(k, named)| {
+                    let v = labels.get(k)?;
+                    named.contains(v).then(|| (k.clone(), v.clone()))
+                })
+                .collect(),
+        })
+    }
+}
+
+/// What one per-node view is for: the node attributes the config depends
+/// on, and only those ([`ViewDependencies::key`]), so that workloads that
+/// differ in nothing else share one view. General on purpose: whatever
+/// else selects workloads (a Sidecar's namespace and `workloadSelector`)
+/// adds its namespace and label keys to the dependencies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct ViewKey {
+    /// The workload's namespace, when the config depends on it.
+    pub(crate) namespace: Option<String>,
+    /// The workload's labels that some selector of the config names, key
+    /// and value (a label with a value no selector names is absent: it
+    /// selects nothing).
+    pub(crate) labels: BTreeMap<String, String>,
+}
+
+impl fmt::Display for ViewKey {
+    /// `namespace=shop labels={version=canary}` (`labels={}` when the
+    /// workload has none of the labels the config names).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(ns) = &self.namespace {
+            write!(f, "namespace={ns} ")?;
+        }
+        f.write_str("labels={")?;
+        for (i, (k, v)) in self.labels.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{k}={v}")?;
+        }
+        f.write_str("}")
+    }
+}
+
+/// Who a translation is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Audience<'k> {
+    /// Every workload: every resource and route, whatever its `exportTo`
+    /// and source conditions (the shared translation, and what changes are
+    /// judged by).
+    Everyone,
+    /// The workloads of one view.
+    View(&'k ViewKey),
+}
+
+impl<'k> Audience<'k> {
+    /// The namespace of this audience that a resource (`meta`) exported to
+    /// `export_to` is hidden from, if it is.
+    pub(crate) fn hidden_from(self, meta: &Meta, export_to: &ExportTo) -> Option<&'k str> {
+        match self {
+            Audience::Everyone => None,
+            Audience::View(key) => {
+                let ns = key.namespace.as_deref()?;
+                (!export_to.exports_to(&meta.namespace, ns)).then_some(ns)
+            }
+        }
+    }
+
+    /// Whether the callers of this audience meet the source conditions of
+    /// `m` (`sourceNamespace`, `sourceLabels`).
+    pub(crate) fn admits(self, m: &HttpMatch) -> bool {
+        match self {
+            Audience::Everyone => true,
+            Audience::View(key) => {
+                m.source_namespace
+                    .as_ref()
+                    .is_none_or(|ns| key.namespace.as_ref() == Some(ns))
+                    && m.source_labels
+                        .iter()
+                        .all(|(k, v)| key.labels.get(k) == Some(v))
+            }
+        }
+    }
+}
+
+/// What the views of one published config are translated from: a copy of
+/// the resources in force and the registrations, so that a view is
+/// translated when a workload first needs it, from the config it was
+/// published with.
+#[derive(Debug, Default)]
+pub(crate) struct ViewSource {
+    options: MeshOptions,
+    /// In file order.
+    resources: Vec<Resource>,
+    registrations: Vec<Registration>,
+    /// What the views depend on (never empty: no views otherwise).
+    pub(crate) dependencies: ViewDependencies,
+    /// The fingerprints of `resources`: two sources with the same
+    /// fingerprints, registrations and options translate alike.
+    versions: ResourceVersions,
+}
+
+impl PartialEq for ViewSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.versions == other.versions
+            && self.registrations == other.registrations
+            && self.options == other.options
+            && self.dependencies == other.dependencies
+    }
+}
+
+/// A view's translation.
+#[derive(Debug, Default)]
+pub(crate) struct ViewTranslation {
+    pub(crate) snapshot: Snapshot,
+    /// Its problems (a VirtualService exported to the view routing to a
+    /// subset of a DestinationRule that is not is left out of it).
+    pub(crate) diagnostics: Vec<Diagnostic>,
+    /// Names that exist for other namespaces only, with why.
+    pub(crate) hidden: BTreeMap<String, String>,
+}
+
+impl ViewSource {
+    /// Translates the view `key`.
+    pub(crate) fn translate(&self, key: &ViewKey) -> ViewTranslation {
+        let resources: Vec<&Resource> = self.resources.iter().collect();
+        let t = translate::translate_for(
+            &self.options,
+            &resources,
+            &self.registrations,
+            Audience::View(key),
+        );
+        ViewTranslation {
+            snapshot: t.snapshot,
+            diagnostics: t.diagnostics,
+            hidden: t.hidden,
+        }
+    }
+}
+
+impl ConfigStore {
+    /// What the views of the config in force (with `registrations`) are
+    /// translated from; `None` when it has no per-node views (every
+    /// workload gets [`ConfigStore::snapshot`]).
+    pub(crate) fn view_source(&self, registrations: &[Registration]) -> Option<ViewSource> {
+        let ordered = self.ordered();
+        let dependencies = ViewDependencies::of(ordered.iter().copied());
+        if dependencies.is_empty() {
+            return None;
+        }
+        Some(ViewSource {
+            options: self.options.clone(),
+            resources: ordered.into_iter().cloned().collect(),
+            registrations: registrations.to_vec(),
+            dependencies,
+            versions: self.versions(),
+        })
+    }
 }
 
 /// Offline validation for `mesh-control check DIR`: [`check_dirs`] with one

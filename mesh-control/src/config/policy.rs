@@ -76,7 +76,7 @@ use super::yaml::{Field, Fields, Sink};
 
 /// The smallest value a duration field accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Floor {
+pub(crate) enum Floor {
     /// `0s` is allowed (and usually means "disabled").
     Zero,
     /// At least `1ms` (Istio: "MUST be >=1ms").
@@ -153,7 +153,11 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, &'static str> {
 }
 
 /// Reads a duration field; problems are reported at the value's line.
-fn duration(sink: &mut Sink<'_>, field: Field<'_, '_, '_>, floor: Floor) -> Option<Duration> {
+pub(crate) fn duration(
+    sink: &mut Sink<'_>,
+    field: Field<'_, '_, '_>,
+    floor: Floor,
+) -> Option<Duration> {
     let text = match &field.node.data {
         YamlData::Value(Scalar::String(s)) => s.to_string(),
         YamlData::Value(Scalar::Integer(0)) => "0".to_string(),
@@ -214,7 +218,10 @@ fn present_of<'f, 'n, 'a>(f: &'f Fields<'n, 'a>, keys: &[&str]) -> Vec<Field<'f,
 }
 
 /// Istio's `Percent` (`{value: 20}`): a fraction; absent means 0%.
-fn percentage(sink: &mut Sink<'_>, field: Option<Field<'_, '_, '_>>) -> Option<Fraction> {
+pub(crate) fn percentage(
+    sink: &mut Sink<'_>,
+    field: Option<Field<'_, '_, '_>>,
+) -> Option<Fraction> {
     let Some(field) = field else {
         return Some(Fraction::default());
     };

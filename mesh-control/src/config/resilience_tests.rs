@@ -135,6 +135,7 @@ fn timeout_retries_and_fault_translate_to_the_route() {
             }),
         }),
         hash_policy: Arc::from([]),
+        traffic: None,
     };
     assert_eq!(routes(&snap)[0].policy, want);
 }
@@ -858,24 +859,12 @@ fn invalid_destination_rule_values_point_at_their_line() {
 #[test]
 fn still_unsupported_fields_are_rejected_with_their_path() {
     let vs_cases = [
-        ("    mirror: {host: catalog}\n", "mirror", "http[0].mirror"),
-        (
-            "    mirrorPercentage: {value: 5}\n",
-            "mirrorPercentage",
-            "http[0].mirrorPercentage",
-        ),
+        ("    delegate: {name: x}\n", "delegate", "http[0].delegate"),
         (
             "    corsPolicy: {allowMethods: [GET]}\n",
             "corsPolicy",
             "http[0].corsPolicy",
         ),
-        (
-            "    headers: {request: {set: {a: b}}}\n",
-            "headers",
-            "http[0].headers",
-        ),
-        ("    rewrite: {uri: /}\n", "rewrite", "http[0].rewrite"),
-        ("    redirect: {uri: /}\n", "redirect", "http[0].redirect"),
         (
             "    fault:\n      delay:\n        exponentialDelay: 1s\n        fixedDelay: 1s\n",
             "exponentialDelay",

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mesh_core::model::{
-    HeaderMatch, Locality, PathMatch, Pattern, Protocol, QueryParamMatch, RetryPolicy, RoutePolicy,
-    ValueMatch,
+    Fraction, HeaderMatch, Locality, PathMatch, Pattern, Protocol, QueryParamMatch, RetryPolicy,
+    RoutePolicy, ValueMatch,
 };
 
 use mesh_core::spiffe::SpiffeId;
@@ -25,7 +25,9 @@ use mesh_core::spiffe::SpiffeId;
 use super::Diagnostic;
 use super::auth;
 use super::policy::{self, TrafficPolicy, is_header_name_byte};
+use super::traffic;
 use super::yaml::{Field, Fields, Look, Node, Sink, Spanned, join, line_of};
+use mesh_core::traffic::{HeaderRules, LocalAnswer, Traffic};
 
 /// The API versions accepted for the networking kinds (Istio serves the same schema under each).
 const NETWORKING_API_VERSIONS: [&str; 3] = [
@@ -37,11 +39,15 @@ const NETWORKING_API_VERSIONS: [&str; 3] = [
 /// The API versions accepted for PeerAuthentication and AuthorizationPolicy.
 const SECURITY_API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
+/// The API versions accepted for EnvoyFilter (Istio serves it under
+/// v1alpha3; v1 for the newer API).
+const ENVOY_FILTER_API_VERSIONS: [&str; 2] =
+    ["networking.istio.io/v1alpha3", "networking.istio.io/v1"];
+
 /// Istio kinds this mesh does not implement yet (anything else is unknown).
-const UNSUPPORTED_KINDS: [&str; 8] = [
+const UNSUPPORTED_KINDS: [&str; 7] = [
     "Gateway",
     "Sidecar",
-    "EnvoyFilter",
     "ProxyConfig",
     "RequestAuthentication",
     "Telemetry",
@@ -59,6 +65,8 @@ pub(crate) enum Kind {
     WorkloadGroup,
     PeerAuthentication,
     AuthorizationPolicy,
+    /// Only for the local rate limit filter (see `envoy_filter`).
+    EnvoyFilter,
 }
 
 impl Kind {
@@ -71,6 +79,7 @@ impl Kind {
             "WorkloadGroup" => Kind::WorkloadGroup,
             "PeerAuthentication" => Kind::PeerAuthentication,
             "AuthorizationPolicy" => Kind::AuthorizationPolicy,
+            "EnvoyFilter" => Kind::EnvoyFilter,
             _ => return None,
         })
     }
@@ -79,6 +88,7 @@ impl Kind {
     fn api_versions(self) -> &'static [&'static str] {
         match self {
             Kind::PeerAuthentication | Kind::AuthorizationPolicy => &SECURITY_API_VERSIONS,
+            Kind::EnvoyFilter => &ENVOY_FILTER_API_VERSIONS,
             _ => &NETWORKING_API_VERSIONS,
         }
     }
@@ -94,6 +104,7 @@ impl fmt::Display for Kind {
             Kind::WorkloadGroup => "WorkloadGroup",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::EnvoyFilter => "EnvoyFilter",
         })
     }
 }
@@ -157,6 +168,7 @@ pub(crate) enum Spec {
     WorkloadGroup(WorkloadGroup),
     PeerAuthentication(auth::PeerAuthentication),
     AuthorizationPolicy(auth::AuthorizationPolicy),
+    EnvoyFilter(super::envoy_filter::EnvoyFilter),
 }
 
 /// `WorkloadGroup.spec`: what the workloads registering for the service
@@ -176,6 +188,96 @@ pub(crate) struct VirtualService {
     /// Hosts as written (lower-cased), resolved at translation.
     pub(crate) hosts: Vec<Spanned<String>>,
     pub(crate) http: Vec<HttpRoute>,
+    /// `exportTo`: the namespaces whose workloads it routes.
+    pub(crate) export_to: ExportTo,
+}
+
+/// `exportTo` of a VirtualService, DestinationRule or ServiceEntry: the
+/// namespaces whose workloads see the resource (Istio's visibility). For a
+/// workload of any other namespace the resource does not exist: a
+/// ServiceEntry's hosts are unknown to it, a VirtualService does not route
+/// it, a DestinationRule's policy and subsets do not apply to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ExportTo {
+    /// `*`, an empty list or no `exportTo` at all: every namespace.
+    All,
+    /// `.` (the resource's own namespace) and namespace names; `~` alone
+    /// is the empty set (no namespace sees it).
+    Namespaces {
+        own: bool,
+        names: BTreeSet<String>,
+        /// Line of `exportTo`, for messages.
+        line: usize,
+    },
+}
+
+impl ExportTo {
+    /// Whether a workload of `namespace` sees a resource of namespace `own_namespace`.
+    pub(crate) fn exports_to(&self, own_namespace: &str, namespace: &str) -> bool {
+        match self {
+            ExportTo::All => true,
+            ExportTo::Namespaces { own, names, .. } => {
+                (*own && own_namespace == namespace) || names.contains(namespace)
+            }
+        }
+    }
+
+    /// Whether some namespace sees both this resource (of `own_namespace`)
+    /// and `other` (of `other_namespace`).
+    pub(crate) fn overlaps(
+        &self,
+        own_namespace: &str,
+        other: &ExportTo,
+        other_namespace: &str,
+    ) -> bool {
+        match (
+            self.resolved(own_namespace),
+            other.resolved(other_namespace),
+        ) {
+            (None, None) => true,
+            (None, Some(set)) | (Some(set), None) => !set.is_empty(),
+            (Some(a), Some(b)) => !a.is_disjoint(&b),
+        }
+    }
+
+    /// The namespaces it names, `.` resolved; `None` for every namespace.
+    fn resolved<'a>(&'a self, own_namespace: &'a str) -> Option<BTreeSet<&'a str>> {
+        match self {
+            ExportTo::All => None,
+            ExportTo::Namespaces { own, names, .. } => {
+                let mut set: BTreeSet<&str> = names.iter().map(String::as_str).collect();
+                if *own {
+                    set.insert(own_namespace);
+                }
+                Some(set)
+            }
+        }
+    }
+
+    /// The namespaces as a sentence part (`namespaces a, b`, `no namespace`).
+    pub(crate) fn describe(&self, own_namespace: &str) -> String {
+        match self.resolved(own_namespace) {
+            None => "every namespace".to_string(),
+            Some(set) if set.is_empty() => "no namespace (exportTo: ~)".to_string(),
+            Some(set) => {
+                let list: Vec<&str> = set.into_iter().collect();
+                let word = if list.len() == 1 {
+                    "namespace"
+                } else {
+                    "namespaces"
+                };
+                format!("{word} {}", list.join(", "))
+            }
+        }
+    }
+
+    /// The line of `exportTo`, when set to something else than every namespace.
+    pub(crate) fn line(&self) -> Option<usize> {
+        match self {
+            ExportTo::All => None,
+            ExportTo::Namespaces { line, .. } => Some(*line),
+        }
+    }
 }
 
 /// One `http[]` entry.
@@ -184,10 +286,16 @@ pub(crate) struct HttpRoute {
     pub(crate) name: Option<String>,
     /// ORed conditions; empty means "every request".
     pub(crate) matches: Vec<HttpMatch>,
+    /// The destinations (empty when the route answers itself: `traffic.answer`).
     pub(crate) route: Vec<Destination>,
     /// Timeout, retries and fault injection; the hash policy is added at
     /// translation, from the DestinationRule of the first destination.
     pub(crate) policy: RoutePolicy,
+    /// Route-level `headers`, `rewrite`, and `redirect` / `directResponse`;
+    /// destination-level headers are on each [`Destination`].
+    pub(crate) traffic: Traffic,
+    /// Where copies of the requests go (`mirror`, `mirrors`).
+    pub(crate) mirrors: Vec<Mirror>,
     pub(crate) line: usize,
 }
 
@@ -199,6 +307,12 @@ pub(crate) struct HttpMatch {
     pub(crate) query_params: Vec<QueryParamMatch>,
     /// `match.port`: the route applies only to this port of the host.
     pub(crate) port: Option<Spanned<u16>>,
+    /// `match.sourceLabels`: the route exists only for calling workloads
+    /// with all these labels (applied per node view, before encoding).
+    pub(crate) source_labels: BTreeMap<String, String>,
+    /// `match.sourceNamespace`: the route exists only for calling
+    /// workloads of this namespace (per node view, like `source_labels`).
+    pub(crate) source_namespace: Option<String>,
 }
 
 /// One `route[]` entry.
@@ -210,8 +324,18 @@ pub(crate) struct Destination {
     pub(crate) port: Option<Spanned<u16>>,
     /// Relative weight (0 when absent).
     pub(crate) weight: u32,
+    /// The destination's `headers`.
+    pub(crate) headers: HeaderRules,
     /// Line of the destination, for problems about it as a whole.
     pub(crate) line: usize,
+}
+
+/// A mirror of a route: its destination (weight and headers unused) and
+/// the share of requests copied there.
+#[derive(Debug, Clone)]
+pub(crate) struct Mirror {
+    pub(crate) destination: Destination,
+    pub(crate) fraction: Fraction,
 }
 
 /// `DestinationRule.spec`.
@@ -220,6 +344,8 @@ pub(crate) struct DestinationRule {
     pub(crate) host: Spanned<String>,
     pub(crate) policy: TrafficPolicy,
     pub(crate) subsets: Vec<Subset>,
+    /// `exportTo`: the namespaces whose workloads it applies to.
+    pub(crate) export_to: ExportTo,
 }
 
 /// One `subsets[]` entry.
@@ -242,6 +368,8 @@ pub(crate) struct ServiceEntry {
     pub(crate) selector: Option<BTreeMap<String, String>>,
     /// `subjectAltNames`: SPIFFE IDs the service's servers may present.
     pub(crate) subject_alt_names: Vec<SpiffeId>,
+    /// `exportTo`: the namespaces whose workloads know its hosts.
+    pub(crate) export_to: ExportTo,
 }
 
 /// One `ports[]` entry of a ServiceEntry.
@@ -290,8 +418,10 @@ pub(crate) fn parse_document(file: &Path, doc: usize, node: &Node<'_>) -> Parsed
         &mut sink,
         node,
         "",
-        &["apiVersion", "kind", "metadata", "spec"],
-        &["status"],
+        // `status`: written by the API server (`kubectl get -o yaml`
+        // exports it); it describes, it does not configure.
+        &["apiVersion", "kind", "metadata", "spec", "status"],
+        &[],
     ) else {
         parsed.diagnostics = sink.into_diagnostics();
         return parsed;
@@ -309,7 +439,7 @@ pub(crate) fn parse_document(file: &Path, doc: usize, node: &Node<'_>) -> Parsed
                     sink.error(
                         k.line,
                         format!(
-                            "unknown kind '{}' (expected VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, WorkloadGroup, PeerAuthentication or AuthorizationPolicy)",
+                            "unknown kind '{}' (expected VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, WorkloadGroup, PeerAuthentication, AuthorizationPolicy or EnvoyFilter)",
                             k.value
                         ),
                     );
@@ -385,6 +515,9 @@ pub(crate) fn parse_document(file: &Path, doc: usize, node: &Node<'_>) -> Parsed
             auth::parse_authorization_policy(&mut sink, s, ns, name, dry_run)
                 .map(Spec::AuthorizationPolicy)
         }
+        Kind::EnvoyFilter => {
+            super::envoy_filter::parse_envoy_filter(&mut sink, s).map(Spec::EnvoyFilter)
+        }
     });
     if sink.count() == 0
         && let (Some(meta), Some(spec)) = (meta, spec)
@@ -405,13 +538,46 @@ fn parse_metadata(
     let m = Fields::of(
         sink,
         field,
-        &["name", "namespace", "labels", "annotations"],
-        &[],
+        &[
+            "name",
+            "namespace",
+            "labels",
+            "annotations",
+            // What `kubectl get -o yaml` adds: the API server's bookkeeping,
+            // which changes nothing here (accepted and ignored).
+            "uid",
+            "resourceVersion",
+            "generation",
+            "creationTimestamp",
+            "managedFields",
+            "selfLink",
+        ],
+        &["finalizers", "ownerReferences", "deletionTimestamp"],
     )?;
-    // Labels and annotations do not change routing; they are checked for shape only.
-    for key in ["labels", "annotations"] {
-        if let Some(f) = m.get(key) {
-            f.string_map(sink);
+    // Labels do not change routing; they are checked for shape only.
+    if let Some(f) = m.get("labels") {
+        f.string_map(sink);
+    }
+    // An annotation in one of Istio's domains may change what Istio does
+    // with the resource: honored (`istio.io/dry-run` on an
+    // AuthorizationPolicy) or reported, never silently ignored. Others
+    // (kubectl's, Helm's, a team's own) change nothing.
+    if let Some(f) = m.get("annotations")
+        && f.string_map(sink).is_some()
+    {
+        for e in f.entries(sink).unwrap_or_default() {
+            let istio = e.key.starts_with("istio.io/") || e.key.contains(".istio.io/");
+            let honored = e.key == auth::DRY_RUN_ANNOTATION && kind == Kind::AuthorizationPolicy;
+            if istio && !honored {
+                sink.error(
+                    e.line,
+                    format!(
+                        "annotation '{}' is not supported yet: it changes what Istio does \
+                         with a {kind}, and this mesh would ignore it",
+                        e.key
+                    ),
+                );
+            }
         }
     }
     let namespace = match m.get("namespace") {
@@ -542,11 +708,12 @@ fn parse_virtual_service(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option
         sink,
         spec.node,
         "",
-        &["hosts", "http"],
-        &["gateways", "tls", "tcp", "exportTo"],
+        &["hosts", "http", "exportTo"],
+        &["gateways", "tls", "tcp"],
     )?;
     f.line = spec.key_line;
     let hosts = parse_hosts(sink, &f);
+    let export_to = parse_export_to(sink, &f);
     let http = match f.get("http") {
         Some(field) => {
             let items = field.list(sink)?;
@@ -569,6 +736,67 @@ fn parse_virtual_service(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option
     Some(VirtualService {
         hosts: hosts?,
         http,
+        export_to: export_to?,
+    })
+}
+
+/// `exportTo` (Istio's visibility): `.` (the resource's namespace), `*`
+/// (every namespace, the default, also for an empty list), `~` (none) or
+/// namespace names. `*` and `~` stand alone; a value listed twice or that
+/// is no namespace name is an error at its line.
+fn parse_export_to(sink: &mut Sink<'_>, f: &Fields<'_, '_>) -> Option<ExportTo> {
+    let Some(field) = f.get("exportTo") else {
+        return Some(ExportTo::All);
+    };
+    let items = field.string_list(sink)?;
+    let before = sink.count();
+    let mut own = false;
+    let mut all = false;
+    let mut none = false;
+    let mut names = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    for (path, value) in &items {
+        let v = value.value.as_str();
+        if !seen.insert(v) {
+            sink.error(value.line, format!("'{path}': '{v}' is listed twice"));
+            continue;
+        }
+        match v {
+            "." => own = true,
+            "*" => all = true,
+            "~" => none = true,
+            name if is_dns_label(name) => {
+                names.insert(name.to_string());
+            }
+            _ => sink.error(
+                value.line,
+                format!(
+                    "'{path}': '{v}' is not a namespace name (expected '.', '*', '~' or a DNS \
+                     label: lower-case letters, digits and '-')"
+                ),
+            ),
+        }
+    }
+    if (all || none) && items.len() > 1 {
+        sink.error(
+            field.key_line,
+            format!(
+                "'{}': '{}' must be the only value",
+                field.path,
+                if all { "*" } else { "~" }
+            ),
+        );
+    }
+    if sink.count() != before {
+        return None;
+    }
+    if all || items.is_empty() {
+        return Some(ExportTo::All);
+    }
+    Some(ExportTo::Namespaces {
+        own,
+        names,
+        line: field.key_line,
     })
 }
 
@@ -577,20 +805,23 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
         sink,
         node,
         path,
-        &["name", "match", "route", "timeout", "retries", "fault"],
         &[
+            "name",
+            "match",
+            "route",
+            "timeout",
+            "retries",
+            "fault",
+            "headers",
+            "rewrite",
             "redirect",
             "directResponse",
-            "delegate",
-            "rewrite",
             "mirror",
             "mirrors",
             "mirrorPercentage",
             "mirrorPercent",
-            "mirror_percent",
-            "corsPolicy",
-            "headers",
         ],
+        &["delegate", "mirror_percent", "corsPolicy"],
     )?;
     let name = f.get("name").and_then(|n| n.string(sink)).map(|s| s.value);
     let policy = RoutePolicy {
@@ -604,12 +835,82 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
         },
         fault: f.get("fault").and_then(|x| policy::parse_fault(sink, x)),
         hash_policy: Arc::from([]),
+        // Set at translation from `HttpRoute::traffic` (destinations and
+        // mirrors become cluster names there).
+        traffic: None,
     };
     let mut matches = Vec::new();
     if let Some(m) = f.get("match") {
         for (p, n) in m.list(sink)? {
             matches.push(parse_match(sink, &p, n));
         }
+    }
+    let matches: Vec<HttpMatch> = matches.into_iter().collect::<Option<_>>()?;
+    let before = sink.count();
+    let answer = match (f.get("redirect"), f.get("directResponse")) {
+        (Some(_), Some(direct)) => {
+            sink.error(
+                direct.key_line,
+                format!("'{path}': only one of redirect or directResponse may be set"),
+            );
+            None
+        }
+        (Some(r), None) => traffic::parse_redirect(sink, r).map(LocalAnswer::Redirect),
+        (None, Some(d)) => traffic::parse_direct_response(sink, d).map(LocalAnswer::Direct),
+        (None, None) => None,
+    };
+    let headers = f
+        .get("headers")
+        .and_then(|h| traffic::parse_headers(sink, h))
+        .unwrap_or_default();
+    let mirrors = parse_mirrors(sink, &f);
+    // Parsed and translated, but this mesh's client does not send mirrors
+    // yet: refused rather than served and dropped.
+    for key in ["mirror", "mirrors"] {
+        if let Some(m) = f.get(key) {
+            sink.error(
+                m.key_line,
+                format!("field '{}' is not supported yet", m.path),
+            );
+        }
+    }
+    let paths: Vec<&PathMatch> = matches.iter().map(|m| &m.path).collect();
+    let rewrite = f
+        .get("rewrite")
+        .and_then(|r| traffic::parse_rewrite(sink, r, &paths))
+        .unwrap_or_default();
+    if sink.count() != before {
+        return None;
+    }
+    let answers = f.get("redirect").or(f.get("directResponse"));
+    if let Some(answers) = answers {
+        for other in [
+            "route", "rewrite", "mirror", "mirrors", "timeout", "retries", "fault",
+        ] {
+            if let Some(o) = f.get(other) {
+                sink.error(
+                    o.key_line,
+                    format!(
+                        "'{}' cannot be set with '{}': the route answers itself",
+                        o.path, answers.path
+                    ),
+                );
+                return None;
+            }
+        }
+        return Some(HttpRoute {
+            name,
+            matches,
+            route: Vec::new(),
+            policy,
+            traffic: Traffic {
+                headers,
+                answer,
+                ..Traffic::default()
+            },
+            mirrors: Vec::new(),
+            line: line_of(node),
+        });
     }
     let route_field = f.require(sink, "route")?;
     let items = route_field.list(sink)?;
@@ -625,7 +926,6 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
         .map(|(p, n)| parse_destination(sink, p, n))
         .collect();
     let route: Vec<Destination> = route.into_iter().collect::<Option<_>>()?;
-    let matches: Vec<HttpMatch> = matches.into_iter().collect::<Option<_>>()?;
     if route.len() > 1 && route.iter().all(|d| d.weight == 0) {
         sink.error(
             route_field.key_line,
@@ -636,11 +936,24 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
         );
         return None;
     }
+    let destinations: Arc<[HeaderRules]> = if route.iter().all(|d| d.headers.is_empty()) {
+        Arc::from([])
+    } else {
+        route.iter().map(|d| d.headers.clone()).collect()
+    };
     Some(HttpRoute {
         name,
         matches,
         route,
         policy,
+        traffic: Traffic {
+            headers,
+            destinations,
+            rewrite,
+            answer: None,
+            mirrors: Arc::from([]),
+        },
+        mirrors,
         line: line_of(node),
     })
 }
@@ -660,15 +973,10 @@ fn parse_match(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<HttpM
             "queryParams",
             "port",
             "ignoreUriCase",
-        ],
-        &[
-            "scheme",
-            "authority",
             "sourceLabels",
-            "gateways",
             "sourceNamespace",
-            "statPrefix",
         ],
+        &["scheme", "authority", "gateways", "statPrefix"],
     )?;
     // `name` only labels the match in Istio's generated config: nothing to honor.
     if let Some(n) = f.get("name") {
@@ -737,11 +1045,39 @@ fn parse_match(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<HttpM
             line: p.line(),
         })
     });
+    // The caller's conditions: Envoy has no matcher for them, so (as
+    // Istio does) each node's view holds only the routes they admit.
+    let source_labels = match f.get("sourceLabels") {
+        Some(l) => {
+            let labels = l.string_map(sink).unwrap_or_default();
+            if labels.keys().any(String::is_empty) {
+                sink.error(l.line(), format!("'{}': empty label name", l.path));
+            }
+            labels
+        }
+        None => BTreeMap::new(),
+    };
+    let source_namespace = f.get("sourceNamespace").and_then(|n| {
+        let ns = n.string(sink)?;
+        if !is_dns_label(&ns.value) {
+            sink.error(
+                ns.line,
+                format!(
+                    "'{}': '{}' is not a namespace name (lower-case letters, digits and '-')",
+                    n.path, ns.value
+                ),
+            );
+            return None;
+        }
+        Some(ns.value)
+    });
     (sink.count() == before).then_some(HttpMatch {
         path: path_match,
         headers,
         query_params,
         port,
+        source_labels,
+        source_namespace,
     })
 }
 
@@ -798,7 +1134,11 @@ fn parse_string_match(
 
 fn parse_destination(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<Destination> {
     let before = sink.count();
-    let f = Fields::read(sink, node, path, &["destination", "weight"], &["headers"])?;
+    let f = Fields::read(sink, node, path, &["destination", "weight", "headers"], &[])?;
+    let headers = f
+        .get("headers")
+        .and_then(|h| traffic::parse_headers(sink, h))
+        .unwrap_or_default();
     let weight = match f.get("weight") {
         Some(w) => match w.integer(sink) {
             Some(n) if n < 0 => {
@@ -823,7 +1163,22 @@ fn parse_destination(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option
         None => Some(0),
     };
     let d = f.require(sink, "destination")?;
-    let d = Fields::of(sink, d, &["host", "subset", "port"], &[])?;
+    let target = parse_target(sink, d);
+    if sink.count() != before {
+        return None;
+    }
+    Some(Destination {
+        weight: weight?,
+        headers,
+        ..target?
+    })
+}
+
+/// A `destination: {host, subset, port}` (of a route or a mirror): weight 0,
+/// no headers.
+fn parse_target(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Destination> {
+    let before = sink.count();
+    let d = Fields::of(sink, field, &["host", "subset", "port"], &[])?;
     let host = d.require(sink, "host").and_then(|h| parse_host(sink, h));
     let subset = d.get("subset").and_then(|s| {
         let s = s.string(sink)?;
@@ -849,9 +1204,90 @@ fn parse_destination(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option
         host: host?,
         subset,
         port,
-        weight: weight?,
+        weight: 0,
+        headers: HeaderRules::default(),
         line: d.line,
     })
+}
+
+/// `mirror` + `mirrorPercentage` (or the older `mirrorPercent`), or
+/// `mirrors: [{destination, percentage}]`: where copies of a route's
+/// requests go, and which share of them (100% when not said).
+fn parse_mirrors(sink: &mut Sink<'_>, f: &Fields<'_, '_>) -> Vec<Mirror> {
+    let before = sink.count();
+    let percentage = |sink: &mut Sink<'_>, field: Option<Field<'_, '_, '_>>| match field {
+        None => Some(Fraction::ALL),
+        Some(p) => policy::percentage(sink, Some(p)),
+    };
+    let mut out = Vec::new();
+    match (f.get("mirror"), f.get("mirrors")) {
+        (Some(_), Some(mirrors)) => sink.error(
+            mirrors.key_line,
+            format!("'{}': only one of mirror or mirrors may be set", f.path),
+        ),
+        (Some(mirror), None) => {
+            let share = match (f.get("mirrorPercentage"), f.get("mirrorPercent")) {
+                (Some(_), Some(old)) => {
+                    sink.error(
+                        old.key_line,
+                        format!(
+                            "'{}': only one of mirrorPercentage or mirrorPercent may be set",
+                            f.path
+                        ),
+                    );
+                    None
+                }
+                (Some(p), None) => percentage(sink, Some(p)),
+                (None, Some(old)) => old
+                    .integer_in(sink, 0, 100, "a whole percentage")
+                    .and_then(|n| Fraction::from_percent(n as f64)),
+                (None, None) => Some(Fraction::ALL),
+            };
+            if let (Some(destination), Some(fraction)) = (parse_target(sink, mirror), share) {
+                out.push(Mirror {
+                    destination,
+                    fraction,
+                });
+            }
+        }
+        (None, Some(mirrors)) => {
+            for other in ["mirrorPercentage", "mirrorPercent"] {
+                if let Some(o) = f.get(other) {
+                    sink.error(
+                        o.key_line,
+                        format!("'{}' goes with 'mirror'; with 'mirrors' each entry has its own 'percentage'", o.path),
+                    );
+                }
+            }
+            for (path, node) in mirrors.list(sink).unwrap_or_default() {
+                let Some(m) = Fields::read(sink, node, &path, &["destination", "percentage"], &[])
+                else {
+                    continue;
+                };
+                let destination = m
+                    .require(sink, "destination")
+                    .and_then(|d| parse_target(sink, d));
+                let fraction = percentage(sink, m.get("percentage"));
+                if let (Some(destination), Some(fraction)) = (destination, fraction) {
+                    out.push(Mirror {
+                        destination,
+                        fraction,
+                    });
+                }
+            }
+        }
+        (None, None) => {
+            for other in ["mirrorPercentage", "mirrorPercent"] {
+                if let Some(o) = f.get(other) {
+                    sink.error(o.key_line, format!("'{}' needs 'mirror'", o.path));
+                }
+            }
+        }
+    }
+    if sink.count() != before {
+        out.clear();
+    }
+    out
 }
 
 /// Subset names become part of cluster names (`outbound|80|v1|host`).
@@ -881,11 +1317,12 @@ fn parse_destination_rule(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Optio
         sink,
         spec.node,
         "",
-        &["host", "trafficPolicy", "subsets"],
-        &["exportTo", "workloadSelector"],
+        &["host", "trafficPolicy", "subsets", "exportTo"],
+        &["workloadSelector"],
     )?;
     f.line = spec.key_line;
     let host = f.require(sink, "host").and_then(|h| parse_host(sink, h));
+    let export_to = parse_export_to(sink, &f);
     let policy = f
         .get("trafficPolicy")
         .and_then(|t| policy::parse_traffic_policy(sink, t))
@@ -936,6 +1373,7 @@ fn parse_destination_rule(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Optio
         host: host?,
         policy,
         subsets,
+        export_to: export_to?,
     })
 }
 
@@ -953,11 +1391,13 @@ fn parse_service_entry(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<S
             "resolution",
             "location",
             "subjectAltNames",
+            "exportTo",
         ],
-        &["addresses", "exportTo"],
+        &["addresses"],
     )?;
     f.line = spec.key_line;
     let hosts = parse_hosts(sink, &f);
+    let export_to = parse_export_to(sink, &f);
     if let Some(r) = f.get("resolution").and_then(|r| r.string(sink)) {
         match r.value.as_str() {
             "STATIC" => {}
@@ -1085,6 +1525,7 @@ fn parse_service_entry(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<S
         endpoints,
         selector,
         subject_alt_names,
+        export_to: export_to?,
     })
 }
 

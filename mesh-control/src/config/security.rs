@@ -24,6 +24,21 @@
 //! then ALLOW, then AUDIT, root namespace before others, then by namespace
 //! and name, so the DENY policy a decision names is predictable.
 //!
+//! # EnvoyFilter (local rate limits)
+//!
+//! An EnvoyFilter applies to a workload as Istio applies one: in the root
+//! namespace without a `workloadSelector`, every workload of the mesh; with
+//! one, the workloads (of any namespace) whose labels match; in another
+//! namespace, that namespace's workloads (those matching its selector, if
+//! any). Root-namespace filters come first, then by namespace and name
+//! (Istio: creation time). Of their `SIDECAR_INBOUND` patches, the first
+//! `HTTP_FILTER` is the server listener's filter; every `HTTP_ROUTE` patch
+//! whose virtual host is `inbound|http|<port>` of the listener's port (or
+//! any) and whose route is any or Istio's inbound route `default` is merged
+//! into its route, in order (a later config replaces an earlier one,
+//! `rate_limits` append, as a proto MERGE does). Route patches without a
+//! filter limit nothing, as in Envoy.
+//!
 //! # Workload labels
 //!
 //! A workload has one label set, used both for DestinationRule subsets (the
@@ -55,7 +70,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_core::model::{MtlsMode, ServerListener};
-use mesh_core::rbac::{Action, AuthorizationPolicy};
+use mesh_core::ratelimit::{Action, LocalRateLimit, RateLimitConfig};
+use mesh_core::rbac::{Action as RbacAction, AuthorizationPolicy};
 use mesh_core::spiffe::SpiffeId;
 
 use super::names::{cluster_local, resolve_host};
@@ -94,6 +110,29 @@ pub(crate) struct Authz {
     pub(crate) policy: AuthorizationPolicy,
 }
 
+/// The inbound local rate limit patches of one EnvoyFilter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RateLimitFilter {
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) selector: Option<BTreeMap<String, String>>,
+    /// Its first `HTTP_FILTER` patch's config.
+    pub(crate) filter: Option<LocalRateLimit>,
+    pub(crate) routes: Vec<RoutePatch>,
+}
+
+/// One inbound `HTTP_ROUTE` patch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RoutePatch {
+    pub(crate) port: Option<u16>,
+    pub(crate) route: Option<String>,
+    pub(crate) config: Option<LocalRateLimit>,
+    pub(crate) rate_limits: Vec<Arc<[Action]>>,
+}
+
+/// Istio's name of the route of an inbound virtual host.
+const INBOUND_ROUTE: &str = "default";
+
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Inner {
     root_namespace: String,
@@ -105,6 +144,9 @@ struct Inner {
     authz: Vec<Authz>,
     /// WorkloadGroup `metadata.labels` by (namespace, name).
     groups: BTreeMap<(String, String), Labels>,
+    /// EnvoyFilters with inbound patches, root namespace first, then by
+    /// namespace and name.
+    rate_limits: Vec<RateLimitFilter>,
 }
 
 /// The security resources of a config, resolved for lookups per workload.
@@ -137,7 +179,52 @@ impl SecurityPolicies {
             address,
             mtls: self.mode(workload.namespace, workload.labels, address.port()),
             policies: self.policies(workload.namespace, workload.labels),
+            rate_limit: self.rate_limit(workload.namespace, workload.labels, address.port()),
         }
+    }
+
+    /// The local rate limit of the server of a workload with `labels` in
+    /// `namespace` listening on `port` (see the module docs): `None` when
+    /// no EnvoyFilter inserts the filter for it.
+    pub fn rate_limit(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        port: u16,
+    ) -> Option<Arc<RateLimitConfig>> {
+        let root = self.inner.root_namespace.as_str();
+        let mut filter = None;
+        let mut route = None;
+        let mut rate_limits = Vec::new();
+        let applies = |f: &&RateLimitFilter| match &f.selector {
+            Some(s) => (f.namespace == root || f.namespace == namespace) && selects(s, labels),
+            None => f.namespace == root || f.namespace == namespace,
+        };
+        for f in self.inner.rate_limits.iter().filter(applies) {
+            if filter.is_none() {
+                filter = f.filter.clone();
+            }
+            for r in &f.routes {
+                let port_matches = r.port.is_none_or(|p| p == port);
+                let route_matches = r.route.as_deref().is_none_or(|n| n == INBOUND_ROUTE);
+                if port_matches && route_matches {
+                    if let Some(c) = &r.config {
+                        route = Some(c.clone());
+                    }
+                    rate_limits.extend(r.rate_limits.iter().cloned());
+                }
+            }
+        }
+        Some(Arc::new(RateLimitConfig {
+            filter: filter?,
+            route,
+            rate_limits: rate_limits.into(),
+        }))
+    }
+
+    /// The EnvoyFilters with inbound local rate limit patches.
+    pub(crate) fn rate_limit_filters(&self) -> &[RateLimitFilter] {
+        &self.inner.rate_limits
     }
 
     /// The PeerAuthentication mode of `port` of a workload with `labels` in
@@ -271,12 +358,51 @@ fn group_of(service: &str, namespace: &str, suffix: &str) -> (String, String) {
     )
 }
 
-fn action_rank(a: Action) -> u8 {
+fn action_rank(a: RbacAction) -> u8 {
     match a {
-        Action::Deny => 0,
-        Action::Allow => 1,
-        Action::Audit => 2,
+        RbacAction::Deny => 0,
+        RbacAction::Allow => 1,
+        RbacAction::Audit => 2,
     }
+}
+
+/// The inbound patches of an EnvoyFilter (`None`: it has none).
+fn rate_limit_filter(meta: &Meta, f: &super::envoy_filter::EnvoyFilter) -> Option<RateLimitFilter> {
+    use super::envoy_filter::{Context, Patch};
+    let mut filter = None;
+    let mut routes = Vec::new();
+    for p in &f.patches {
+        match p {
+            Patch::Filter {
+                context: Context::Inbound,
+                config,
+                ..
+            } => {
+                filter.get_or_insert_with(|| config.clone());
+            }
+            Patch::Route {
+                context: Context::Inbound,
+                port,
+                route,
+                config,
+                rate_limits,
+                ..
+            } => routes.push(RoutePatch {
+                port: *port,
+                route: route.clone(),
+                config: config.clone(),
+                rate_limits: rate_limits.clone(),
+            }),
+            _ => {}
+        }
+    }
+    (filter.is_some() || !routes.is_empty()).then(|| RateLimitFilter {
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone(),
+        selector: f.selector.clone(),
+        filter,
+        routes,
+    })
 }
 
 pub(super) fn resolve(options: &MeshOptions, resources: &[&Resource]) -> SecurityPolicies {
@@ -284,8 +410,10 @@ pub(super) fn resolve(options: &MeshOptions, resources: &[&Resource]) -> Securit
     let mut peers = Vec::new();
     let mut authz = Vec::new();
     let mut groups = BTreeMap::new();
+    let mut rate_limits = Vec::new();
     for r in resources {
         match &r.spec {
+            Spec::EnvoyFilter(f) => rate_limits.extend(rate_limit_filter(&r.meta, f)),
             Spec::WorkloadGroup(g) => {
                 groups.insert(
                     (r.meta.namespace.clone(), r.meta.name.clone()),
@@ -307,6 +435,10 @@ pub(super) fn resolve(options: &MeshOptions, resources: &[&Resource]) -> Securit
         }
     }
     peers.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    rate_limits.sort_by(|a: &RateLimitFilter, b: &RateLimitFilter| {
+        let key = |f: &RateLimitFilter| (f.namespace != root, f.namespace.clone(), f.name.clone());
+        key(a).cmp(&key(b))
+    });
     authz.sort_by(|a, b| {
         let key = |x: &Authz| {
             let ns = x.policy.namespace().to_string();
@@ -326,6 +458,7 @@ pub(super) fn resolve(options: &MeshOptions, resources: &[&Resource]) -> Securit
             peers,
             authz,
             groups,
+            rate_limits,
         }),
     }
 }
@@ -345,6 +478,49 @@ pub(super) fn check(resources: &[&Resource]) -> Vec<Diagnostic> {
         }
     }
     let mut out = Vec::new();
+    for r in resources {
+        let Spec::EnvoyFilter(f) = &r.spec else {
+            continue;
+        };
+        use super::envoy_filter::{Context, Patch};
+        let mut filters = f.patches.iter().filter_map(|p| match p {
+            Patch::Filter {
+                context: Context::Inbound,
+                line,
+                ..
+            } => Some(*line),
+            _ => None,
+        });
+        for p in &f.patches {
+            if let Patch::Route {
+                context: Context::Inbound,
+                route: Some(name),
+                line,
+                ..
+            } = p
+                && name != INBOUND_ROUTE
+            {
+                out.push(r.meta.diagnostic(
+                    *line,
+                    format!(
+                        "route name {name:?} matches no inbound route (Istio names the route of \
+                         an inbound virtual host {INBOUND_ROUTE:?}); this patch applies to nothing"
+                    ),
+                ));
+            }
+        }
+        let first = filters.next();
+        for line in filters {
+            out.push(r.meta.diagnostic(
+                line,
+                format!(
+                    "a second SIDECAR_INBOUND HTTP_FILTER patch for the local rate limit; only the \
+                     first (line {}) applies (put the limits in one filter, or per route)",
+                    first.unwrap_or_default()
+                ),
+            ));
+        }
+    }
     for metas in wide.values_mut() {
         metas.sort_by(|a, b| a.name.cmp(&b.name));
         if let [first, rest @ ..] = metas.as_slice() {

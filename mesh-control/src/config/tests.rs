@@ -321,18 +321,18 @@ spec:
   - route:
     - destination:
         host: catalog
-    mirror:
-      host: catalog
+    delegate:
+      name: catalog
 "
     );
     let diags = check(&text);
     assert_one(&diags, 25, "");
     assert_eq!(
         diags[0].message,
-        "VirtualService shop/catalog: field 'http[0].mirror' is not supported yet"
+        "VirtualService shop/catalog: field 'http[0].delegate' is not supported yet"
     );
     assert!(diags[0].to_string().ends_with(
-        "a.yaml:25: VirtualService shop/catalog: field 'http[0].mirror' is not supported yet"
+        "a.yaml:25: VirtualService shop/catalog: field 'http[0].delegate' is not supported yet"
     ));
 }
 
@@ -692,9 +692,9 @@ fn other_rejected_values() {
         ),
         (
             "  resolution: STATIC\n",
-            "  resolution: STATIC\n  exportTo: ['.']\n",
+            "  resolution: STATIC\n  addresses: ['10.9.9.9']\n",
             13,
-            "field 'exportTo' is not supported yet",
+            "field 'addresses' is not supported yet",
         ),
     ];
     for (from, to, line, needle) in cases {
@@ -1387,10 +1387,13 @@ spec:
     write(
         &d,
         "c.yaml",
-        &vs_good.replace("subset: v2}}]", "subset: v1}}]\n    rewrite: {uri: /v1}"),
+        &vs_good.replace(
+            "subset: v2}}]",
+            "subset: v1}}]\n    corsPolicy: {allowOrigins: []}",
+        ),
     );
     let diags = s.load_dir(d.path());
-    assert_one(&diags, 8, "field 'http[0].rewrite' is not supported yet");
+    assert_one(&diags, 8, "field 'http[0].corsPolicy' is not supported yet");
     assert_eq!(routes(&s), v2);
 
     // A syntax error keeps every resource of the file.

@@ -20,6 +20,7 @@
 //! are gone; then a VirtualService is left out whole, and its hosts get the
 //! default route, rather than routing half of what the user wrote.
 
+use mesh_core::traffic::{HeaderRules, Mirror, Traffic};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,10 +36,10 @@ use mesh_core::spiffe::SpiffeId;
 use super::names::{cluster_local, resolve_host};
 use super::policy::{ClientTls, ClientTlsMode, TrafficPolicy};
 use super::resources::{
-    DestinationRule, Meta, Resource, ResourceKey, Spec, VirtualService, Workload,
+    DestinationRule, ExportTo, Meta, Resource, ResourceKey, Spec, VirtualService, Workload,
 };
 use super::security::{self, Identities, SecurityPolicies};
-use super::{Diagnostic, MeshOptions, Registration, ServiceInfo};
+use super::{Audience, Diagnostic, MeshOptions, Registration, ServiceInfo};
 
 /// The cluster name of a service port or one of its subsets.
 pub(crate) fn cluster_name(port: u16, subset: &str, fqdn: &str) -> String {
@@ -77,6 +78,8 @@ struct Service {
     members: Vec<Member>,
     /// The ServiceEntry and the line of its `ports`; `None` when implicit.
     declared_by: Option<(Meta, usize)>,
+    /// The ServiceEntry's `exportTo` (an implicit service: every namespace).
+    export_to: ExportTo,
 }
 
 impl Service {
@@ -126,10 +129,15 @@ fn collect_services(
     options: &MeshOptions,
     resources: &[&Resource],
     registrations: &[Registration],
+    audience: Audience<'_>,
     problems: &mut Problems,
+    hidden: &mut BTreeMap<String, String>,
 ) -> BTreeMap<String, Service> {
     let suffix = options.domain_suffix.as_str();
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
+    // Hosts of ServiceEntries this audience does not see: their
+    // registrations are hidden with them.
+    let mut hidden_hosts: BTreeSet<String> = BTreeSet::new();
     let workload_entries: Vec<(&Meta, &Workload)> = resources
         .iter()
         .filter_map(|r| match &r.spec {
@@ -141,6 +149,34 @@ fn collect_services(
         let Spec::ServiceEntry(se) = &r.spec else {
             continue;
         };
+        if let Some(namespace) = audience.hidden_from(&r.meta, &se.export_to) {
+            for host in &se.hosts {
+                let fqdn = resolve_host(&host.value, &r.meta.namespace, suffix);
+                let why = format!(
+                    "not exported to namespace {namespace:?} by ServiceEntry {}/{} at {} \
+                     (exportTo{}: {})",
+                    r.meta.namespace,
+                    r.meta.name,
+                    r.meta.location(),
+                    se.export_to
+                        .line()
+                        .map(|l| format!(" at line {l}"))
+                        .unwrap_or_default(),
+                    se.export_to.describe(&r.meta.namespace)
+                );
+                let local = cluster_local(&fqdn, suffix);
+                for (i, p) in se.ports.iter().enumerate() {
+                    for name in dial_names(&fqdn, local, p.number, i == 0) {
+                        hidden.entry(name).or_insert_with(|| why.clone());
+                    }
+                    hidden
+                        .entry(cluster_name(p.number, "", &fqdn))
+                        .or_insert_with(|| why.clone());
+                }
+                hidden_hosts.insert(fqdn);
+            }
+            continue;
+        }
         let ports: Vec<Port> = se
             .ports
             .iter()
@@ -185,6 +221,18 @@ fn collect_services(
         for host in &se.hosts {
             let fqdn = resolve_host(&host.value, &r.meta.namespace, suffix);
             if let Some(existing) = services.get(&fqdn) {
+                // Two declarations for disjoint sets of namespaces are no
+                // conflict: no workload sees both (each view has its own).
+                let other_ns = existing
+                    .declared_by
+                    .as_ref()
+                    .map_or("", |(m, _)| m.namespace.as_str());
+                if !existing
+                    .export_to
+                    .overlaps(other_ns, &se.export_to, &r.meta.namespace)
+                {
+                    continue;
+                }
                 let by = existing
                     .declared_by
                     .as_ref()
@@ -212,6 +260,7 @@ fn collect_services(
                     ports: ports.clone(),
                     members: members.clone(),
                     declared_by: Some((r.meta.clone(), se.ports_line)),
+                    export_to: se.export_to.clone(),
                 },
             );
         }
@@ -220,6 +269,9 @@ fn collect_services(
     let identities = Identities::new(options, resources);
     for reg in registrations {
         let fqdn = resolve_host(&reg.service, &reg.namespace, suffix);
+        if hidden_hosts.contains(&fqdn) && !services.contains_key(&fqdn) {
+            continue;
+        }
         let service_ns = cluster_local(&fqdn, suffix)
             .map(|(_, ns)| ns)
             .unwrap_or(&reg.namespace);
@@ -289,6 +341,7 @@ fn collect_services(
                         }],
                         members: vec![member(port)],
                         declared_by: None,
+                        export_to: ExportTo::All,
                     },
                 );
             }
@@ -304,20 +357,58 @@ fn collect_services(
     services
 }
 
-/// The DestinationRule of each host: the first one (in file order) wins.
+/// The DestinationRules of each host the audience sees: the first one (in
+/// file order) applies. Another is kept only when no namespace sees both
+/// (`exportTo`): it is the one of other views, and its subsets exist for
+/// the VirtualServices checked without a view.
+#[derive(Default)]
+struct Rules<'r> {
+    first: BTreeMap<String, (&'r Meta, &'r DestinationRule)>,
+    others: BTreeMap<String, Vec<&'r DestinationRule>>,
+}
+
+impl<'r> Rules<'r> {
+    /// The rule that applies to `fqdn`.
+    fn get(&self, fqdn: &str) -> Option<&(&'r Meta, &'r DestinationRule)> {
+        self.first.get(fqdn)
+    }
+
+    /// Whether some rule of `fqdn` defines `subset`.
+    fn defines(&self, fqdn: &str, subset: &str) -> bool {
+        let defines = |r: &DestinationRule| r.subsets.iter().any(|x| x.name.value == subset);
+        self.first.get(fqdn).is_some_and(|(_, r)| defines(r))
+            || self
+                .others
+                .get(fqdn)
+                .is_some_and(|rs| rs.iter().any(|r| defines(r)))
+    }
+}
+
+/// The DestinationRules of each host (see [`Rules`]).
 fn collect_rules<'r>(
     options: &MeshOptions,
     resources: &[&'r Resource],
     services: &BTreeMap<String, Service>,
+    audience: Audience<'_>,
     problems: &mut Problems,
-) -> BTreeMap<String, (&'r Meta, &'r DestinationRule)> {
-    let mut rules: BTreeMap<String, (&Meta, &DestinationRule)> = BTreeMap::new();
+) -> Rules<'r> {
+    let mut rules = Rules::default();
     for r in resources {
         let Spec::DestinationRule(dr) = &r.spec else {
             continue;
         };
+        if audience.hidden_from(&r.meta, &dr.export_to).is_some() {
+            continue;
+        }
         let fqdn = resolve_host(&dr.host.value, &r.meta.namespace, &options.domain_suffix);
-        if let Some((first, _)) = rules.get(&fqdn) {
+        if let Some((first, first_rule)) = rules.first.get(&fqdn) {
+            if !first_rule
+                .export_to
+                .overlaps(&first.namespace, &dr.export_to, &r.meta.namespace)
+            {
+                rules.others.entry(fqdn).or_default().push(dr);
+                continue;
+            }
             problems.of(
                 &r.meta,
                 r.meta.diagnostic(
@@ -339,7 +430,7 @@ fn collect_rules<'r>(
                 r.meta.diagnostic(dr.host.line, unknown_host(&fqdn)),
             );
         }
-        rules.insert(fqdn, (&r.meta, dr));
+        rules.first.insert(fqdn, (&r.meta, dr));
     }
     rules
 }
@@ -362,11 +453,7 @@ fn cluster_policy(rule: Option<&DestinationRule>, subset: &str) -> TrafficPolicy
 
 /// The consistent-hash key of requests sent to `subset` of `fqdn`, from its
 /// DestinationRule (Envoy carries it on the route, Istio puts it there).
-fn hash_policy_for(
-    rules: &BTreeMap<String, (&Meta, &DestinationRule)>,
-    fqdn: &str,
-    subset: &str,
-) -> Arc<[HashPolicy]> {
+fn hash_policy_for(rules: &Rules<'_>, fqdn: &str, subset: &str) -> Arc<[HashPolicy]> {
     let rule = rules.get(fqdn).map(|(_, r)| *r);
     match cluster_policy(rule, subset).hash_policy() {
         Some(h) => Arc::from([h.clone()]),
@@ -379,13 +466,15 @@ type RouteTable = BTreeMap<(String, u16), Vec<Route>>;
 
 /// Checks a VirtualService against the services and rules and, when it has no
 /// problem, translates its routes for each port of each of its hosts.
+#[allow(clippy::too_many_arguments)]
 fn translate_virtual_service(
     options: &MeshOptions,
     meta: &Meta,
     vs: &VirtualService,
     hosts: &[String],
     services: &BTreeMap<String, Service>,
-    rules: &BTreeMap<String, (&Meta, &DestinationRule)>,
+    rules: &Rules<'_>,
+    audience: Audience<'_>,
     problems: &mut Vec<Diagnostic>,
 ) -> RouteTable {
     let suffix = options.domain_suffix.as_str();
@@ -415,6 +504,7 @@ fn translate_virtual_service(
             }
             if let Some(s) = &d.subset {
                 let message = match rules.get(&fqdn) {
+                    _ if rules.defines(&fqdn, &s.value) => None,
                     None => Some(format!(
                         "'{path}.subset': subset '{}' is not defined: no DestinationRule for host '{fqdn}'",
                         s.value
@@ -462,22 +552,36 @@ fn translate_virtual_service(
             continue;
         };
         for port in &svc.ports {
-            let routes = routes_for_port(options, meta, vs, port.number, services, rules, problems);
+            let routes = routes_for_port(
+                options,
+                meta,
+                vs,
+                port.number,
+                services,
+                rules,
+                audience,
+                problems,
+            );
             table.insert((fqdn.clone(), port.number), routes);
         }
     }
     table
 }
 
-/// The routes of `vs` that apply to `port` of its hosts, in order. A route
+/// The routes of `vs` that apply to `port` of its hosts, in order, for
+/// the callers of `audience`: a `match[]` entry whose `sourceLabels` or
+/// `sourceNamespace` the audience's callers do not have is left out (a
+/// route with none left is), as Istio generates routes per proxy. A route
 /// gets the hash policy of its first destination's cluster.
+#[allow(clippy::too_many_arguments)]
 fn routes_for_port(
     options: &MeshOptions,
     meta: &Meta,
     vs: &VirtualService,
     port: u16,
     services: &BTreeMap<String, Service>,
-    rules: &BTreeMap<String, (&Meta, &DestinationRule)>,
+    rules: &Rules<'_>,
+    audience: Audience<'_>,
     problems: &mut Vec<Diagnostic>,
 ) -> Vec<Route> {
     let mut routes = Vec::new();
@@ -488,6 +592,7 @@ fn routes_for_port(
             http.matches
                 .iter()
                 .filter(|m| m.port.as_ref().is_none_or(|p| p.value == port))
+                .filter(|m| audience.admits(m))
                 .map(|m| RouteMatch {
                     path: m.path.clone(),
                     headers: m.headers.clone().into(),
@@ -499,6 +604,8 @@ fn routes_for_port(
             continue;
         }
         let mut clusters = Vec::new();
+        // The destination-level header rules of the clusters kept, in order.
+        let mut destination_rules = Vec::new();
         let mut hash_policy: Arc<[HashPolicy]> = Arc::from([]);
         for (j, d) in http.route.iter().enumerate() {
             let fqdn = resolve_host(&d.host.value, &meta.namespace, &options.domain_suffix);
@@ -528,8 +635,48 @@ fn routes_for_port(
                 name: Name::from(cluster_name(dest_port, subset, &fqdn)),
                 weight: d.weight,
             });
+            destination_rules.push(d.headers.clone());
         }
+        let mut mirrors = Vec::new();
+        for (j, m) in http.mirrors.iter().enumerate() {
+            let d = &m.destination;
+            let what = if http.mirrors.len() == 1 && j == 0 {
+                format!("http[{i}].mirror")
+            } else {
+                format!("http[{i}].mirrors[{j}].destination")
+            };
+            let fqdn = resolve_host(&d.host.value, &meta.namespace, &options.domain_suffix);
+            let Some(svc) = services.get(&fqdn) else {
+                problems.push(meta.diagnostic(
+                    d.host.line,
+                    format!("'{what}.host': {}", unknown_host(&fqdn)),
+                ));
+                continue;
+            };
+            let mirror_port = match (&d.port, svc.ports.as_slice()) {
+                (Some(p), _) => p.value,
+                (None, [only]) => only.number,
+                (None, _) if svc.has_port(port) => port,
+                (None, _) => {
+                    problems.push(meta.diagnostic(
+                        d.line,
+                        format!(
+                            "'{what}': host '{fqdn}' has several ports ({}) and none is {port}; set 'port.number'",
+                            svc.port_list()
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            let subset = d.subset.as_ref().map(|s| s.value.as_str()).unwrap_or("");
+            mirrors.push(Mirror {
+                cluster: Name::from(cluster_name(mirror_port, subset, &fqdn)),
+                fraction: m.fraction,
+            });
+        }
+        let answers = http.traffic.answer.is_some();
         let action = match clusters.as_slice() {
+            [] if answers => WeightedClusters::none(),
             [] => continue,
             [one] => WeightedClusters::single(one.name.clone()),
             _ => match WeightedClusters::new(clusters) {
@@ -544,9 +691,28 @@ fn routes_for_port(
             Some(n) => Name::from(n.as_str()),
             None => Name::from(format!("{}.{i}", meta.name)),
         };
-        let policy = RoutePolicy {
-            hash_policy,
-            ..http.policy.clone()
+        let traffic = Traffic {
+            destinations: if destination_rules.iter().all(HeaderRules::is_empty) {
+                Arc::from([])
+            } else {
+                destination_rules.into()
+            },
+            mirrors: mirrors.into(),
+            ..http.traffic.clone()
+        };
+        let traffic = (!traffic.is_empty()).then(|| Arc::new(traffic));
+        let policy = if answers {
+            // A route that answers itself: nothing else of a policy applies.
+            RoutePolicy {
+                traffic,
+                ..RoutePolicy::default()
+            }
+        } else {
+            RoutePolicy {
+                hash_policy,
+                traffic,
+                ..http.policy.clone()
+            }
         };
         for matcher in matchers {
             routes.push(Route {
@@ -569,18 +735,60 @@ pub(crate) struct Translation {
     /// change must not add to (see `last_good`). A registration's problem
     /// (a port its ServiceEntry lacks) is in `diagnostics` only.
     pub(crate) invalid: BTreeMap<ResourceKey, Vec<Diagnostic>>,
+    /// For a view: the names of listeners, route configs and clusters that
+    /// exist for other namespaces only (`exportTo`), with why, for the
+    /// NOT_FOUND a client asking for one gets.
+    pub(crate) hidden: BTreeMap<String, String>,
 }
 
-/// Translates `resources` (in file order) and `registrations`.
+/// The names an app dials for port `port` of `fqdn` (`local`: its short
+/// name and namespace when cluster-local): its listeners.
+fn dial_names(fqdn: &str, local: Option<(&str, &str)>, port: u16, is_default: bool) -> Vec<String> {
+    let mut names = vec![format!("{fqdn}:{port}")];
+    if is_default {
+        names.push(fqdn.to_string());
+    }
+    if let Some((name, ns)) = local {
+        names.push(format!("{name}.{ns}:{port}"));
+        if is_default {
+            names.push(format!("{name}.{ns}"));
+        }
+    }
+    names
+}
+
+/// Translates `resources` (in file order) and `registrations` for every
+/// workload: every resource and route, whatever its `exportTo` and source
+/// conditions (the shared translation, and what changes are judged by).
 pub(crate) fn translate(
     options: &MeshOptions,
     resources: &[&Resource],
     registrations: &[Registration],
 ) -> Translation {
+    translate_for(options, resources, registrations, Audience::Everyone)
+}
+
+/// Translates `resources` and `registrations` for `audience`: with a view,
+/// only the resources exported to its namespace, and only the routes
+/// whose source conditions its callers meet.
+pub(crate) fn translate_for(
+    options: &MeshOptions,
+    resources: &[&Resource],
+    registrations: &[Registration],
+    audience: Audience<'_>,
+) -> Translation {
     let suffix = options.domain_suffix.as_str();
     let mut found = Problems::default();
-    let services = collect_services(options, resources, registrations, &mut found);
-    let rules = collect_rules(options, resources, &services, &mut found);
+    let mut hidden = BTreeMap::new();
+    let services = collect_services(
+        options,
+        resources,
+        registrations,
+        audience,
+        &mut found,
+        &mut hidden,
+    );
+    let rules = collect_rules(options, resources, &services, audience, &mut found);
     // security.rs reports at the line of the resource it ignores (its
     // `metadata.name`): that is how its problems are attributed.
     for d in security::check(resources) {
@@ -595,18 +803,27 @@ pub(crate) fn translate(
     let security = security::resolve(options, resources);
     let identities = Identities::new(options, resources);
 
-    // VirtualServices, in file order: the first to name a host routes it.
-    let mut claims: BTreeMap<String, &Meta> = BTreeMap::new();
+    // VirtualServices, in file order: the first to name a host routes it
+    // (for the namespaces it is exported to: two exported to disjoint sets
+    // of namespaces are no conflict, each routes its own).
+    let mut claims: BTreeMap<String, Vec<(&Meta, &ExportTo)>> = BTreeMap::new();
     let mut routed = RouteTable::new();
     for r in resources {
         let Spec::VirtualService(vs) = &r.spec else {
             continue;
         };
+        if audience.hidden_from(&r.meta, &vs.export_to).is_some() {
+            continue;
+        }
         let mut problems = Vec::new();
         let mut hosts = Vec::new();
         for h in &vs.hosts {
             let fqdn = resolve_host(&h.value, &r.meta.namespace, suffix);
-            if let Some(first) = claims.get(&fqdn) {
+            let earlier = claims.get(&fqdn).and_then(|c| {
+                c.iter()
+                    .find(|(m, e)| e.overlaps(&m.namespace, &vs.export_to, &r.meta.namespace))
+            });
+            if let Some((first, _)) = earlier {
                 problems.push(r.meta.diagnostic(
                     h.line,
                     format!(
@@ -618,7 +835,10 @@ pub(crate) fn translate(
                 ));
                 continue;
             }
-            claims.insert(fqdn.clone(), &r.meta);
+            claims
+                .entry(fqdn.clone())
+                .or_default()
+                .push((&r.meta, &vs.export_to));
             if services.contains_key(&fqdn) {
                 hosts.push(fqdn);
             } else {
@@ -632,10 +852,13 @@ pub(crate) fn translate(
             &hosts,
             &services,
             &rules,
+            audience,
             &mut problems,
         );
         if problems.is_empty() {
-            routed.extend(table);
+            for (key, routes) in table {
+                routed.entry(key).or_insert(routes);
+            }
         } else {
             for d in problems {
                 found.of(&r.meta, d);
@@ -656,17 +879,14 @@ pub(crate) fn translate(
             let is_default = p == default_port;
             let rc_name = Name::from(format!("{fqdn}:{p}"));
 
-            let mut listener_names = vec![format!("{fqdn}:{p}")];
+            let listener_names = dial_names(fqdn, local, p, is_default);
             let mut domains = Vec::new();
             if is_default {
-                listener_names.push(fqdn.to_string());
                 domains.push(fqdn.to_string());
             }
             domains.push(format!("{fqdn}:{p}"));
             if let Some((name, ns)) = local {
-                listener_names.push(format!("{name}.{ns}:{p}"));
                 if is_default {
-                    listener_names.push(format!("{name}.{ns}"));
                     domains.push(format!("{name}.{ns}"));
                 }
                 domains.push(format!("{name}.{ns}:{p}"));
@@ -793,10 +1013,17 @@ pub(crate) fn translate(
     } = found;
     diagnostics.sort();
     diagnostics.dedup();
+    // A name another ServiceEntry of the same host provides to this view
+    // is not hidden.
+    hidden.retain(|name, _| {
+        !snapshot.listeners.contains_key(name.as_str())
+            && !snapshot.clusters.contains_key(name.as_str())
+    });
     Translation {
         snapshot,
         diagnostics,
         invalid,
+        hidden,
     }
 }
 
@@ -870,7 +1097,14 @@ pub(crate) fn services(
 ) -> Vec<ServiceInfo> {
     let suffix = options.domain_suffix.as_str();
     let mut ignored = Problems::default();
-    let services = collect_services(options, resources, registrations, &mut ignored);
+    let services = collect_services(
+        options,
+        resources,
+        registrations,
+        Audience::Everyone,
+        &mut ignored,
+        &mut BTreeMap::new(),
+    );
     services
         .values()
         .map(|svc| {

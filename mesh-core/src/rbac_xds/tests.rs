@@ -679,6 +679,7 @@ fn server_listeners_carry_dry_run_policies_as_shadow_rules() {
             dry("allow-frontend", Action::Allow),
         ]
         .into(),
+        rate_limit: None,
     };
     let back = decode_server_listener(&encode_server_listener(&listener)).unwrap();
     assert_eq!(back, listener);

@@ -163,12 +163,14 @@ mod cluster;
 mod cluster_policy;
 mod endpoints;
 mod listener;
+mod ratelimit;
 mod route_policy;
 mod routes;
 mod server_listener;
 #[cfg(test)]
 mod tests;
 mod tls;
+mod traffic;
 mod wire;
 
 /// The `google.protobuf.Any` of envoy-types: what `DiscoveryResponse.resources` holds.

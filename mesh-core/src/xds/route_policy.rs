@@ -219,6 +219,7 @@ pub(crate) fn policy_from_proto(
         retry,
         fault,
         hash_policy,
+        traffic: None,
     })
 }
 

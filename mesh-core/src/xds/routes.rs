@@ -19,12 +19,13 @@ use envoy_types::pb::google::protobuf::UInt32Value;
 use super::route_policy::{
     per_filter_config, policy_from_proto, policy_to_action, virtual_host_retry,
 };
+use super::traffic::{traffic_from_proto, traffic_to_proto};
 use super::{At, Decoded, FieldError, ResourceType, missing, named, reject_if, required_name};
 use crate::Error;
 use crate::model::RetryPolicy;
 use crate::model::{
     HeaderMatch, Name, PathMatch, Pattern, QueryParamMatch, Route, RouteConfig, RouteMatch,
-    ValueMatch, VirtualHost, WeightedCluster, WeightedClusters,
+    RoutePolicy, ValueMatch, VirtualHost, WeightedCluster, WeightedClusters,
 };
 
 /// The proto for a route configuration.
@@ -55,13 +56,17 @@ fn route_to_proto(route: &Route) -> RouteProto {
         ..Default::default()
     };
     policy_to_action(&route.policy, &mut action);
-    RouteProto {
+    let mut proto = RouteProto {
         name: route.name.to_string(),
         r#match: Some(match_to_proto(&route.matcher)),
         action: Some(Action::Route(action)),
         typed_per_filter_config: per_filter_config(&route.policy),
         ..Default::default()
+    };
+    if let Some(traffic) = &route.policy.traffic {
+        traffic_to_proto(traffic, &mut proto);
     }
+    proto
 }
 
 fn cluster_specifier(action: &WeightedClusters) -> ClusterSpecifier {
@@ -250,32 +255,33 @@ fn virtual_host_from_proto(vh: &VirtualHostProto) -> Decoded<VirtualHost> {
 }
 
 fn route_from_proto(r: &RouteProto, vh_retry: Option<&RetryPolicy>) -> Decoded<Route> {
-    reject_if(
-        !r.request_headers_to_add.is_empty(),
-        "request_headers_to_add",
-    )?;
-    reject_if(
-        !r.request_headers_to_remove.is_empty(),
-        "request_headers_to_remove",
-    )?;
-    reject_if(
-        !r.response_headers_to_add.is_empty(),
-        "response_headers_to_add",
-    )?;
-    reject_if(
-        !r.response_headers_to_remove.is_empty(),
-        "response_headers_to_remove",
-    )?;
     reject_if(!r.route_specifiers.is_empty(), "route_specifiers")?;
     let matcher =
         match_from_proto(r.r#match.as_ref().ok_or_else(|| missing("match"))?).at("match")?;
+    let traffic = traffic_from_proto(r, &matcher.path)?;
     let (action, policy) = match &r.action {
         Some(Action::Route(action)) => (
             route_action_from_proto(action).at("route")?,
-            policy_from_proto(r, action, vh_retry)?,
+            RoutePolicy {
+                traffic,
+                ..policy_from_proto(r, action, vh_retry)?
+            },
         ),
-        Some(Action::Redirect(_)) => return Err(unsupported_action("redirect")),
-        Some(Action::DirectResponse(_)) => return Err(unsupported_action("direct_response")),
+        // A route that answers itself: no destination, and nothing of a
+        // policy applies (a fault on it is refused, not dropped).
+        Some(Action::Redirect(_) | Action::DirectResponse(_)) => {
+            reject_if(
+                !r.typed_per_filter_config.is_empty(),
+                "typed_per_filter_config",
+            )?;
+            (
+                WeightedClusters::none(),
+                RoutePolicy {
+                    traffic,
+                    ..RoutePolicy::default()
+                },
+            )
+        }
         Some(Action::FilterAction(_)) => return Err(unsupported_action("filter_action")),
         Some(Action::NonForwardingAction(_)) => {
             return Err(unsupported_action("non_forwarding_action"));
@@ -295,16 +301,8 @@ fn unsupported_action(field: &'static str) -> FieldError {
 }
 
 fn route_action_from_proto(a: &RouteAction) -> Decoded<WeightedClusters> {
+    // Rewrites and mirrors are the route's traffic rules (`traffic` module).
     reject_if(a.metadata_match.is_some(), "metadata_match")?;
-    reject_if(!a.prefix_rewrite.is_empty(), "prefix_rewrite")?;
-    reject_if(a.regex_rewrite.is_some(), "regex_rewrite")?;
-    reject_if(a.path_rewrite_policy.is_some(), "path_rewrite_policy")?;
-    reject_if(!a.path_rewrite.is_empty(), "path_rewrite")?;
-    reject_if(a.host_rewrite_specifier.is_some(), "host_rewrite_specifier")?;
-    reject_if(
-        !a.request_mirror_policies.is_empty(),
-        "request_mirror_policies",
-    )?;
     match &a.cluster_specifier {
         Some(ClusterSpecifier::Cluster(name)) => {
             Ok(WeightedClusters::single(required_name(name, "cluster")?))
@@ -335,26 +333,20 @@ fn weighted_clusters_from_proto(wc: &WcProto) -> Decoded<WeightedClusters> {
         "random_value_specifier",
     )?;
     let mut clusters = Vec::with_capacity(wc.clusters.len());
+    // The one destination of a route with destination-level header rules
+    // travels as a one-entry `weighted_clusters` (a `cluster` has nowhere to
+    // carry them); its weight means nothing, and decodes as 0, as a lone
+    // `cluster` does, so that a decoded route encodes and decodes to itself.
+    let lone_with_rules = matches!(wc.clusters.as_slice(), [c] if
+        !c.request_headers_to_add.is_empty()
+            || !c.request_headers_to_remove.is_empty()
+            || !c.response_headers_to_add.is_empty()
+            || !c.response_headers_to_remove.is_empty());
     for (i, c) in wc.clusters.iter().enumerate() {
         let cluster = (|| {
             reject_if(!c.cluster_header.is_empty(), "cluster_header")?;
             reject_if(c.metadata_match.is_some(), "metadata_match")?;
-            reject_if(
-                !c.request_headers_to_add.is_empty(),
-                "request_headers_to_add",
-            )?;
-            reject_if(
-                !c.request_headers_to_remove.is_empty(),
-                "request_headers_to_remove",
-            )?;
-            reject_if(
-                !c.response_headers_to_add.is_empty(),
-                "response_headers_to_add",
-            )?;
-            reject_if(
-                !c.response_headers_to_remove.is_empty(),
-                "response_headers_to_remove",
-            )?;
+            // Header rules: the route's traffic rules (`traffic` module).
             reject_if(
                 !c.typed_per_filter_config.is_empty(),
                 "typed_per_filter_config",
@@ -363,14 +355,22 @@ fn weighted_clusters_from_proto(wc: &WcProto) -> Decoded<WeightedClusters> {
             Ok::<_, FieldError>(WeightedCluster {
                 name: required_name(&c.name, "name")?,
                 // An unset weight is 0, as in proto3.
-                weight: c.weight.as_ref().map_or(0, |w| w.value),
+                weight: if lone_with_rules {
+                    0
+                } else {
+                    c.weight.as_ref().map_or(0, |w| w.value)
+                },
             })
         })()
         .at_index("clusters", i)?;
         clusters.push(cluster);
     }
     if let Some(total) = &wc.total_weight {
-        let sum: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
+        let sum: u64 = wc
+            .clusters
+            .iter()
+            .map(|c| u64::from(c.weight.as_ref().map_or(0, |w| w.value)))
+            .sum();
         if u64::from(total.value) != sum {
             return Err(FieldError::invalid(format!(
                 "{} is not the sum of the weights ({sum})",

@@ -20,18 +20,26 @@
 //!   whose HTTP filters are the RBAC filters (DENY, ALLOW, LOG) then the
 //!   router; dry-run policies are those filters' `shadow_rules`, and a
 //!   filter with only dry-run policies has no `rules` (see
-//!   [`crate::rbac_xds`]).
+//!   [`crate::rbac_xds`]);
+//! - with a local rate limit ([`ServerListener::rate_limit`]), the
+//!   `local_ratelimit` filter first (`is_optional: true`: gRPC servers
+//!   ignore it), and on the route its per-route config wrapped in
+//!   `FilterConfig { is_optional: true }`, and the `rate_limits` on the
+//!   virtual host (the route is non-forwarding: it has no `RouteAction`)
+//!   (gRFC A39; see [`super::ratelimit`]).
 //!
 //! Decoding accepts that shape and what is equivalent to it (the older
 //! A29 TLS fields, chains in either order, a `default_filter_chain`, more
 //! routes as long as every one is non-forwarding and every virtual host
 //! serves every path), and rejects the rest with a field error: routes
-//! that forward or answer directly, RDS, per-route filter configs, filter
+//! that forward or answer directly, RDS, per-route filter configs other
+//! than `local_ratelimit` (and routes that limit differently), filter
 //! chain matches on anything but the transport protocol, other network or
 //! HTTP filters, chains whose policies differ, and TLS settings a
 //! PeerAuthentication mode cannot express.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{
     Address, SocketAddress, TrafficDirection, address, socket_address::PortSpecifier,
@@ -53,12 +61,17 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTl
 use prost::Name as _;
 
 use super::listener::{ROUTER_FILTER_NAME, for_each_http_filter};
+use super::ratelimit::{
+    LOCAL_RATELIMIT_FILTER_NAME, is_local_rate_limit, local_rate_limit_filter,
+    local_rate_limit_from_any, rate_limit_from_route, rate_limit_to_route,
+};
 use super::tls::{Transport, downstream_from_proto, downstream_to_proto, transport_from_proto};
 use super::{
     At, Decoded, FieldError, ResourceType, missing, named, pack, required_name, type_name, unpack,
 };
 use crate::Error;
 use crate::model::{MtlsMode, ServerListener};
+use crate::ratelimit::{LocalRateLimit, RateLimitConfig};
 use crate::rbac::AuthorizationPolicy;
 use crate::rbac_xds::{
     RBAC_FILTER_NAME, rbac_filters_from_proto, rbac_filters_to_proto, rbac_from_filter_config,
@@ -111,19 +124,38 @@ pub fn server_listener_to_proto(listener: &ServerListener) -> ListenerProto {
 
 fn hcm_filter(listener: &ServerListener, port: u16) -> Filter {
     let route_name = format!("inbound|{port}");
-    let mut http_filters: Vec<HttpFilter> = rbac_filters_to_proto(&listener.policies)
+    // Istio's task inserts the rate limit filter first (INSERT_BEFORE).
+    let mut http_filters: Vec<HttpFilter> = listener
+        .rate_limit
         .iter()
-        .map(|rbac| HttpFilter {
-            name: RBAC_FILTER_NAME.to_string(),
-            config_type: Some(ConfigType::TypedConfig(rbac_http_filter_config(rbac))),
-            ..Default::default()
-        })
+        .map(|r| local_rate_limit_filter(&r.filter))
         .collect();
+    http_filters.extend(
+        rbac_filters_to_proto(&listener.policies)
+            .iter()
+            .map(|rbac| HttpFilter {
+                name: RBAC_FILTER_NAME.to_string(),
+                config_type: Some(ConfigType::TypedConfig(rbac_http_filter_config(rbac))),
+                ..Default::default()
+            }),
+    );
     http_filters.push(HttpFilter {
         name: ROUTER_FILTER_NAME.to_string(),
         config_type: Some(ConfigType::TypedConfig(pack(&Router::default()))),
         ..Default::default()
     });
+    let mut route = Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(PathSpecifier::Prefix("/".to_string())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::NonForwardingAction(NonForwardingAction {})),
+        ..Default::default()
+    };
+    let mut vh_rate_limits = Vec::new();
+    if let Some(r) = &listener.rate_limit {
+        rate_limit_to_route(r, &mut route.typed_per_filter_config, &mut vh_rate_limits);
+    }
     let hcm = HttpConnectionManager {
         stat_prefix: route_name.clone(),
         route_specifier: Some(RouteSpecifier::RouteConfig(RouteConfiguration {
@@ -131,14 +163,8 @@ fn hcm_filter(listener: &ServerListener, port: u16) -> Filter {
             virtual_hosts: vec![VirtualHost {
                 name: format!("inbound|http|{port}"),
                 domains: vec!["*".to_string()],
-                routes: vec![Route {
-                    r#match: Some(RouteMatch {
-                        path_specifier: Some(PathSpecifier::Prefix("/".to_string())),
-                        ..Default::default()
-                    }),
-                    action: Some(route::Action::NonForwardingAction(NonForwardingAction {})),
-                    ..Default::default()
-                }],
+                routes: vec![route],
+                rate_limits: vh_rate_limits,
                 ..Default::default()
             }],
             ..Default::default()
@@ -174,6 +200,7 @@ struct Chain {
     /// `None`: plaintext; `Some(require_client_certificate)`: TLS.
     tls: Option<bool>,
     policies: Vec<AuthorizationPolicy>,
+    rate_limit: Option<RateLimitConfig>,
     /// Where it is, for errors (`filter_chains[1]`).
     at: String,
 }
@@ -224,11 +251,19 @@ fn server_fields(proto: &ListenerProto) -> Decoded<ServerListener> {
         ))
         .at(other.at.clone()));
     }
+    if let Some(other) = rest.iter().find(|c| c.rate_limit != first.rate_limit) {
+        return Err(FieldError::unsupported(format!(
+            "its local rate limit differs from that of {}: every filter chain must limit alike",
+            first.at
+        ))
+        .at(other.at.clone()));
+    }
     Ok(ServerListener {
         name,
         address,
         mtls,
         policies: first.policies.clone().into(),
+        rate_limit: first.rate_limit.clone().map(Arc::new),
     })
 }
 
@@ -347,11 +382,12 @@ fn chain_from_proto(c: &FilterChain, port: u16, at: String) -> Decoded<Chain> {
         ))
         .at("filters"));
     };
-    let policies = hcm_policies(filter).at_index("filters", 0)?;
+    let (policies, rate_limit) = hcm_policies(filter).at_index("filters", 0)?;
     Ok(Chain {
         protocol,
         tls,
         policies,
+        rate_limit,
         at,
     })
 }
@@ -406,9 +442,9 @@ fn match_from_proto(m: &FilterChainMatch, port: u16) -> Decoded<String> {
     }
 }
 
-/// The policies of the chain's HCM, which must serve every request
-/// locally (non-forwarding routes that match everything).
-fn hcm_policies(f: &Filter) -> Decoded<Vec<AuthorizationPolicy>> {
+/// The policies and the rate limit of the chain's HCM, which must serve
+/// every request locally (non-forwarding routes that match everything).
+fn hcm_policies(f: &Filter) -> Decoded<(Vec<AuthorizationPolicy>, Option<RateLimitConfig>)> {
     let any = match &f.config_type {
         Some(filter::ConfigType::TypedConfig(any)) => any,
         Some(filter::ConfigType::ConfigDiscovery(_)) => {
@@ -427,9 +463,10 @@ fn hcm_policies(f: &Filter) -> Decoded<Vec<AuthorizationPolicy>> {
         .at("typed_config"));
     }
     let hcm: HttpConnectionManager = unpack(any).at("typed_config")?;
-    match &hcm.route_specifier {
+    let rc = match &hcm.route_specifier {
         Some(RouteSpecifier::RouteConfig(rc)) => {
-            check_routes(rc).at("route_config").at("typed_config")?
+            check_routes(rc).at("route_config").at("typed_config")?;
+            rc
         }
         Some(RouteSpecifier::Rds(_)) => {
             return Err(FieldError::unsupported(
@@ -444,8 +481,42 @@ fn hcm_policies(f: &Filter) -> Decoded<Vec<AuthorizationPolicy>> {
                 .at("typed_config"));
         }
         None => return Err(missing("route_config").at("typed_config")),
+    };
+    let (policies, filter) = policies_from_filters(&hcm.http_filters).at("typed_config")?;
+    let rate_limit = route_rate_limit(rc, filter.as_ref().map(|(n, c)| (n.as_str(), c)))
+        .at("route_config")
+        .at("typed_config")?;
+    Ok((policies, rate_limit))
+}
+
+/// The rate limit the routes say, with the listener's `filter`: every
+/// route must say the same (the model limits the server's requests alike).
+fn route_rate_limit(
+    rc: &RouteConfiguration,
+    filter: Option<(&str, &LocalRateLimit)>,
+) -> Decoded<Option<RateLimitConfig>> {
+    let mut first: Option<(Option<RateLimitConfig>, String)> = None;
+    for (v, vh) in rc.virtual_hosts.iter().enumerate() {
+        for (r, route) in vh.routes.iter().enumerate() {
+            let limit =
+                rate_limit_from_route(filter, &route.typed_per_filter_config, &vh.rate_limits)
+                    .at_index("routes", r)
+                    .at_index("virtual_hosts", v)?;
+            match &first {
+                None => first = Some((limit, format!("virtual_hosts[{v}].routes[{r}]"))),
+                Some((seen, at)) if *seen != limit => {
+                    return Err(FieldError::unsupported(format!(
+                        "its local rate limit differs from that of {at}: every route of a \
+                         server listener must limit alike"
+                    ))
+                    .at_index("routes", r)
+                    .at_index("virtual_hosts", v));
+                }
+                Some(_) => {}
+            }
+        }
     }
-    policies_from_filters(&hcm.http_filters).at("typed_config")
+    Ok(first.and_then(|(limit, _)| limit))
 }
 
 /// Every route must be non-forwarding (the server handles the request),
@@ -503,7 +574,10 @@ fn check_virtual_host(vh: &VirtualHost) -> Decoded<()> {
 
 fn check_route(route: &Route) -> Decoded<()> {
     super::reject_if(
-        !route.typed_per_filter_config.is_empty(),
+        route
+            .typed_per_filter_config
+            .keys()
+            .any(|k| k != LOCAL_RATELIMIT_FILTER_NAME),
         "typed_per_filter_config",
     )?;
     match &route.action {
@@ -531,17 +605,40 @@ fn matches_everything(m: &RouteMatch) -> bool {
         && m.filter_state.is_empty()
 }
 
-/// RBAC filters then the router; the RBAC messages are read in DENY,
+/// RBAC filters (and at most one `local_ratelimit`, returned with its
+/// name) then the router; the RBAC messages are read in DENY,
 /// ALLOW, LOG order, each action's `rules` before its `shadow_rules` (the
 /// dry-run policies; the result of a request does not depend on the order
 /// of the filters, only the evaluation order does). Two ALLOW filters
 /// would require a request to match both, which the model cannot say: a
 /// second ALLOW `rules` (or a second ALLOW `shadow_rules`) is refused.
-fn policies_from_filters(filters: &[HttpFilter]) -> Decoded<Vec<AuthorizationPolicy>> {
+type FilterPolicies = (Vec<AuthorizationPolicy>, Option<(String, LocalRateLimit)>);
+
+fn policies_from_filters(filters: &[HttpFilter]) -> Decoded<FilterPolicies> {
     let mut rbacs = Vec::new();
     let mut allow_at: Option<usize> = None;
     let mut shadow_allow_at: Option<usize> = None;
+    let mut rate_limit: Option<(String, LocalRateLimit)> = None;
     for_each_http_filter(filters, |i, f, any| {
+        if is_local_rate_limit(any) {
+            if rate_limit.is_some() {
+                return Err(FieldError::unsupported(
+                    "a second local_ratelimit filter is not supported",
+                )
+                .at_index("http_filters", i));
+            }
+            // A disabled filter limits only where a route enables it
+            // with a config of its own.
+            let config = if f.disabled {
+                LocalRateLimit::inert()
+            } else {
+                local_rate_limit_from_any(any)
+                    .at("typed_config")
+                    .at_index("http_filters", i)?
+            };
+            rate_limit = Some((f.name.clone(), config));
+            return Ok(());
+        }
         if type_name(&any.type_url) != type_name(crate::rbac_xds::RBAC_FILTER_TYPE) {
             if f.is_optional {
                 return Ok(());
@@ -590,5 +687,8 @@ fn policies_from_filters(filters: &[HttpFilter]) -> Decoded<Vec<AuthorizationPol
         rbacs.push(filter);
         Ok(())
     })?;
-    rbac_filters_from_proto(&rbacs).at("http_filters")
+    Ok((
+        rbac_filters_from_proto(&rbacs).at("http_filters")?,
+        rate_limit,
+    ))
 }

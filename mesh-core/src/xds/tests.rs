@@ -222,6 +222,7 @@ fn route_policy() -> impl Strategy<Value = RoutePolicy> {
             retry,
             fault,
             hash_policy: hash_policy.into(),
+            traffic: None,
         })
 }
 
@@ -897,17 +898,30 @@ fn invalid_regex_is_named() {
 #[test]
 fn non_route_actions_are_unsupported() {
     let mut proto = route_config_to_proto(&sample_route_config());
-    route_proto_mut(&mut proto).action = Some(Action::DirectResponse(DirectResponseAction {
-        status: 200,
-        ..Default::default()
-    }));
+    route_proto_mut(&mut proto).action = Some(Action::NonForwardingAction(Default::default()));
     let err = route_config_from_proto(&proto).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported);
     assert!(
         err.to_string()
-            .contains("virtual_hosts[0].routes[0].direct_response"),
+            .contains("virtual_hosts[0].routes[0].non_forwarding_action"),
         "{err}"
     );
+    // A direct response is a route that answers itself.
+    route_proto_mut(&mut proto).action = Some(Action::DirectResponse(DirectResponseAction {
+        status: 200,
+        ..Default::default()
+    }));
+    let rc = route_config_from_proto(&proto).expect("a direct response decodes");
+    let route = &rc.virtual_hosts[0].routes[0];
+    assert!(route.action.is_none());
+    assert!(matches!(
+        route
+            .policy
+            .traffic
+            .as_ref()
+            .and_then(|t| t.answer.as_ref()),
+        Some(crate::traffic::LocalAnswer::Direct(_))
+    ));
 }
 
 #[test]
@@ -2428,6 +2442,7 @@ mod zero_trust {
             address: "10.0.0.7:8080".parse().unwrap(),
             mtls,
             policies: policies.into(),
+            rate_limit: None,
         }
     }
 

@@ -104,6 +104,9 @@ pub(crate) struct Routed {
     /// A gRPC request (local answers are gRPC statuses, deadlines go in
     /// `grpc-timeout`).
     pub(crate) grpc: bool,
+    /// The index of the destination picked among the route's weighted
+    /// clusters (its header rules apply to the response).
+    pub(crate) destination: usize,
 }
 
 /// The request body, as the engine goes.
@@ -164,6 +167,8 @@ where
     stats: MeshStats,
     config: Config,
     grpc: bool,
+    /// [`Routed::destination`].
+    destination: usize,
     /// The exchange's time zero; started lazily when nothing could time
     /// out at first (see [`Exchange::needs_clock`]).
     clock: Option<Instant>,
@@ -369,6 +374,7 @@ where
             stats: stats.clone(),
             config,
             grpc,
+            destination: routed.destination,
             clock: None,
             timer: None,
             sleep: None,
@@ -823,7 +829,10 @@ where
             return Err(polled_after_completion());
         };
         match landed.result {
-            Result_::Got(Ok(response)) => {
+            Result_::Got(Ok(mut response)) => {
+                if let Some(traffic) = &self.exchange.policy().policy.traffic {
+                    traffic.apply_response_headers(Some(self.destination), response.headers_mut());
+                }
                 let timeout = match (deadline, self.clock) {
                     (Some(deadline), Some(clock)) => {
                         let at = clock + deadline;

@@ -123,6 +123,7 @@ mod attempt;
 mod future;
 mod layer;
 mod service;
+mod traffic;
 
 pub(crate) use self::attempt::Finish;
 pub use self::future::ResponseFuture;

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use super::future::{ResponseFuture, Routed};
+use super::traffic;
 use super::{MeshLayer, TargetEndpoint};
 use crate::balance::{ActiveGuard, ClusterState, ClusterStates, StateCache};
 use crate::body::{MeshBody, ResponseBody};
@@ -31,6 +32,7 @@ use crate::stats::MeshStats;
 use crate::telemetry::DecisionRecord;
 use mesh_core::model::RouteConfig;
 use mesh_core::snapshot::{RouteHandle, route_index};
+use mesh_core::traffic::Traffic;
 
 /// The routing service built by [`MeshLayer`]: routes each request, then
 /// calls the inner service `S` with a `Request<MeshBody<B>>` once per
@@ -192,7 +194,7 @@ where
         })
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // The routed case builds the response future right here: the
         // engine's state is moved as little as possible.
         let waiting = {
@@ -209,9 +211,15 @@ where
                 None | Some(ListenerLookup::Found(_)) => {
                     let planned = self.shared.plan(&snapshot, &req, authority, &mut self.last);
                     let routed = match planned {
-                        Ok(routed) => routed,
+                        Ok(Planned::Route(routed)) => routed,
+                        Ok(Planned::Answer(route)) => {
+                            return ResponseFuture::ready(Ok(answer(&route, &req)));
+                        }
                         Err(e) => return ResponseFuture::failed(e),
                     };
+                    if let Err(e) = apply_traffic(&routed, &mut req) {
+                        return ResponseFuture::failed(e);
+                    }
                     if let Some(reason) = routed.state.unusable() {
                         let reply = mtls_unavailable(reason, routed.grpc);
                         return ResponseFuture::ready(Ok(reply));
@@ -258,7 +266,7 @@ impl<Src: ConfigSource> Shared<Src> {
         req: &Request<B>,
         authority: &str,
         last: &mut LastRoute,
-    ) -> Result<Routed, Error> {
+    ) -> Result<Planned, Error> {
         let view = RequestView::new(req.method(), req.uri(), req.headers(), authority);
         let no_route = |e: mesh_core::Error| {
             Error::new(
@@ -304,6 +312,14 @@ impl<Src: ConfigSource> Shared<Src> {
         let Some(handle) = RouteHandle::new(&vh.routes, index) else {
             return Err(not_found(authority));
         };
+        if handle
+            .policy
+            .traffic
+            .as_ref()
+            .is_some_and(|t| t.answer.is_some())
+        {
+            return Ok(Planned::Answer(handle));
+        }
         // The same single-destination route of the same snapshot goes to
         // the same cluster and endpoints: their state is the cached one
         // while the shared map has not changed.
@@ -312,12 +328,14 @@ impl<Src: ConfigSource> Shared<Src> {
             _ => None,
         };
         let route = &*handle;
+        let mut destination = 0;
         let state = match cached {
             Some(state) => state,
             None => {
                 let resolved = snapshot
                     .destination(listener, &vh.routes, index, || rand::rng().random())
                     .map_err(no_route)?;
+                destination = resolved.destination;
                 let state = self.states.get_cached(
                     cache,
                     snapshot,
@@ -378,7 +396,7 @@ impl<Src: ConfigSource> Shared<Src> {
             }?;
             Some(at.saturating_duration_since(now))
         });
-        Ok(Routed {
+        Ok(Planned::Route(Routed {
             route: handle,
             start: Start { deadline: caller },
             now,
@@ -386,14 +404,15 @@ impl<Src: ConfigSource> Shared<Src> {
             hash,
             record,
             grpc,
-        })
+            destination,
+        }))
     }
 
     /// The slow path: wait for `authority`'s config, then route and send.
     async fn send_after_wait<S, B, RB>(
         self,
         inner: S,
-        req: Request<B>,
+        mut req: Request<B>,
         authority: String,
     ) -> Result<Response<ResponseBody<RB>>, Error>
     where
@@ -413,7 +432,10 @@ impl<Src: ConfigSource> Shared<Src> {
             let lookup = snapshot.listener_for(&authority);
             match (waited, lookup) {
                 (_, ListenerLookup::Found(_)) => {
-                    self.plan(&snapshot, &req, &authority, &mut LastRoute::default())?
+                    match self.plan(&snapshot, &req, &authority, &mut LastRoute::default())? {
+                        Planned::Route(routed) => routed,
+                        Planned::Answer(route) => return Ok(answer(&route, &req)),
+                    }
                 }
                 (_, ListenerLookup::Missing) | (Ok(Ok(())), ListenerLookup::Unknown) => {
                     return Err(not_found(&authority));
@@ -444,6 +466,7 @@ impl<Src: ConfigSource> Shared<Src> {
                 }
             }
         };
+        apply_traffic(&routed, &mut req)?;
         if let Some(reason) = routed.state.unusable() {
             return Ok(mtls_unavailable(reason, is_grpc(req.headers())));
         }
@@ -451,6 +474,47 @@ impl<Src: ConfigSource> Shared<Src> {
             Error::from_boxed(e.into(), ErrorKind::Upstream, "the inner service failed")
         })?;
         ResponseFuture::start(routed, req, &mut inner, &self.stats, self.config).await
+    }
+}
+
+/// What routing decided for a request.
+pub(crate) enum Planned {
+    /// Send it to a cluster.
+    Route(Routed),
+    /// The route answers itself (a redirect or a direct response).
+    Answer(RouteHandle),
+}
+
+/// The answer of a route that answers itself (see [`Planned::Answer`]).
+fn answer<B, RB>(route: &RouteHandle, req: &Request<B>) -> Response<ResponseBody<RB>> {
+    match route.policy.traffic.as_deref() {
+        Some(
+            traffic @ Traffic {
+                answer: Some(answer),
+                ..
+            },
+        ) => traffic::local_answer(answer, traffic, req),
+        // `Planned::Answer` is made only for a route with an answer.
+        _ => local(
+            LocalReply {
+                cause: crate::local_reply::Cause::FaultAbort,
+                http: http::StatusCode::INTERNAL_SERVER_ERROR,
+                grpc: Some(crate::local_reply::code::INTERNAL),
+                message: format!("route {:?} has no answer", route.name),
+            },
+            is_grpc(req.headers()),
+        ),
+    }
+}
+
+/// Applies the request side of the route's traffic rules (header changes,
+/// rewrites) to the request before the engine sends it.
+fn apply_traffic<B>(routed: &Routed, req: &mut Request<B>) -> Result<(), Error> {
+    match &routed.route.policy.traffic {
+        Some(t) => {
+            traffic::apply_to_request(t, routed.destination, &routed.route.matcher.path, req)
+        }
+        None => Ok(()),
     }
 }
 

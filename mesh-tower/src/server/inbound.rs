@@ -10,6 +10,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::Request;
 use mesh_core::model::{MtlsMode, Name, ServerListener};
+use mesh_core::ratelimit::RateLimitConfig;
 use mesh_core::rbac::{self, AuthorizationPolicy, DryRun, Reason, RequestAttributes};
 use mesh_core::spiffe::SpiffeId;
 use mesh_core::xds::ResourceType;
@@ -21,6 +22,7 @@ use super::ServerContext;
 use crate::connection::{Authorized, ConnectionInfo, PolicyKey};
 use crate::error::{Error, ErrorKind};
 use crate::local_reply::LocalReply;
+use crate::ratelimit::{Limiter, carry_over};
 use crate::telemetry::DecisionRecord;
 use crate::tls::PeerIdentity;
 
@@ -102,6 +104,9 @@ pub struct InboundConfig {
     /// The decisions remembered per peer, when the policies read only the
     /// peer (see [`PeerVerdicts`]).
     peer_verdicts: Option<Arc<PeerVerdicts>>,
+    /// The local rate limit and its buckets (`None`: none, or one that can
+    /// never limit), carried over from the previous config when unchanged.
+    rate_limit: Option<Arc<Limiter>>,
 }
 
 impl InboundConfig {
@@ -112,6 +117,7 @@ impl InboundConfig {
         version: u64,
         ready: bool,
         key: &PolicyKey,
+        rate_limit: Option<Arc<Limiter>>,
     ) -> Self {
         let no_dry_run = DryRun::default;
         let allowed = policies
@@ -142,7 +148,14 @@ impl InboundConfig {
             version,
             ready,
             allowed,
+            rate_limit,
         }
+    }
+
+    /// The local rate limit requests are checked against (see
+    /// [`crate::ratelimit`]), if any.
+    pub fn rate_limit(&self) -> Option<&Arc<Limiter>> {
+        self.rate_limit.as_ref()
     }
 
     /// The decision made once for an allowed `verdict` (see
@@ -197,7 +210,7 @@ impl InboundPolicy {
     /// requests (empty: every request is allowed).
     pub fn fixed(mode: MtlsMode, policies: Vec<AuthorizationPolicy>) -> Self {
         let key = PolicyKey::default();
-        let config = InboundConfig::new(mode, policies.into(), None, 1, true, &key);
+        let config = InboundConfig::new(mode, policies.into(), None, 1, true, &key, None);
         InboundPolicy::with(config, key, None, Status::Ready, None)
     }
 
@@ -262,6 +275,7 @@ impl InboundPolicy {
             0,
             false,
             &key,
+            None,
         );
         // The task needs the shared state and the state the task's handle:
         // build the state, then hand the task a weak reference.
@@ -305,11 +319,41 @@ impl InboundPolicy {
     /// On an xDS policy the next update from the control server replaces
     /// this again.
     pub fn set(&self, mode: MtlsMode, policies: Vec<AuthorizationPolicy>) {
-        self.store(mode, policies.into(), true);
+        let rate_limit = self.rate_limit_config();
+        self.store(mode, policies.into(), rate_limit.as_ref(), true);
     }
 
-    fn store(&self, mode: MtlsMode, policies: Arc<[AuthorizationPolicy]>, ready: bool) {
-        let version = self.shared.current.load().version + 1;
+    /// Replaces the local rate limit (`None`: none); the mode and the
+    /// policies stay. A config equal to the current one keeps its buckets.
+    /// On an xDS policy the next update from the control server replaces
+    /// this again.
+    pub fn set_rate_limit(&self, rate_limit: Option<Arc<RateLimitConfig>>) {
+        let current = self.shared.current.load_full();
+        self.store(
+            current.mode,
+            Arc::clone(&current.policies),
+            rate_limit.as_ref(),
+            current.ready,
+        );
+    }
+
+    /// The current rate limit config.
+    fn rate_limit_config(&self) -> Option<Arc<RateLimitConfig>> {
+        let current = self.shared.current.load();
+        current.rate_limit.as_ref().map(|l| Arc::clone(l.config()))
+    }
+
+    fn store(
+        &self,
+        mode: MtlsMode,
+        policies: Arc<[AuthorizationPolicy]>,
+        rate_limit: Option<&Arc<RateLimitConfig>>,
+        ready: bool,
+    ) {
+        let current = self.shared.current.load();
+        let version = current.version + 1;
+        let rate_limit = carry_over(current.rate_limit.as_ref(), rate_limit);
+        drop(current);
         self.shared.current.store(Arc::new(InboundConfig::new(
             mode,
             policies,
@@ -317,6 +361,7 @@ impl InboundPolicy {
             version,
             ready,
             &self.shared.key,
+            rate_limit,
         )));
         self.shared.mode.send_if_modified(|m| {
             let changed = *m != mode;
@@ -390,15 +435,27 @@ impl InboundPolicy {
     /// Applies the xDS listener, if it changed.
     fn apply(&self, listener: &ServerListener) {
         let current = self.shared.current.load();
+        let same_limit = match (&current.rate_limit, &listener.rate_limit) {
+            (Some(l), Some(c)) => **l.config() == **c,
+            // A config that can never limit has no limiter.
+            (None, c) => c.as_ref().is_none_or(|c| c.is_inert()),
+            (Some(_), None) => false,
+        };
         if current.ready
             && current.mode == listener.mtls
             && (Arc::ptr_eq(&current.policies, &listener.policies)
                 || current.policies == listener.policies)
+            && same_limit
         {
             return;
         }
         drop(current);
-        self.store(listener.mtls, listener.policies.clone(), true);
+        self.store(
+            listener.mtls,
+            listener.policies.clone(),
+            listener.rate_limit.as_ref(),
+            true,
+        );
         self.shared.status.send_if_modified(|s| {
             let changed = *s != Status::Ready;
             *s = Status::Ready;
@@ -408,6 +465,7 @@ impl InboundPolicy {
             listener = %listener.name,
             mode = %listener.mtls,
             policies = listener.policies.len(),
+            rate_limited = listener.rate_limit.is_some(),
             "inbound policy updated"
         );
     }

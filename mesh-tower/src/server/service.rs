@@ -9,6 +9,7 @@ use crate::body::ResponseBody;
 use crate::connection::Authorized;
 use crate::deadline::Deadline;
 use crate::local_reply::{LocalReply, is_grpc};
+use crate::ratelimit::Verdict;
 #[cfg(feature = "telemetry")]
 use crate::telemetry::Telemetry;
 use crate::telemetry::{DecisionRecord, ResponseFlags};
@@ -84,6 +85,17 @@ where
                 );
             }
             req.extensions_mut().insert(deadline);
+        }
+        // The local rate limit, before authorization: Istio's task inserts
+        // the filter first. Nothing runs without a limit.
+        if let Some(own) = &mut self.inbound
+            && let Some(limiter) = own.current().1.rate_limit()
+            && limiter.check(&req) == Verdict::Refused
+        {
+            if let Some(record) = req.extensions().get::<DecisionRecord>() {
+                record.flag(ResponseFlags::RATE_LIMITED);
+            }
+            return ResponseFuture::local(limiter.refusal(req.headers()), self.served_by.clone());
         }
         let decided = Authorized::of(&req);
         let authorized = match (&mut self.inbound, decided) {

@@ -56,9 +56,12 @@ impl ResponseFlags {
     pub const UPSTREAM_PROTOCOL_ERROR: ResponseFlags = ResponseFlags(1 << 15);
     /// `NC`: the configuration for the target was not found or did not arrive.
     pub const NO_CLUSTER_FOUND: ResponseFlags = ResponseFlags(1 << 16);
+    /// `RL`: a local rate limit refused the request (Envoy's
+    /// `local_ratelimit` filter).
+    pub const RATE_LIMITED: ResponseFlags = ResponseFlags(1 << 17);
 
     /// Every flag with its short name, in Envoy's order.
-    pub const NAMES: [(&'static str, ResponseFlags); 17] = [
+    pub const NAMES: [(&'static str, ResponseFlags); 18] = [
         ("UH", Self::NO_HEALTHY_UPSTREAM),
         ("UT", Self::UPSTREAM_REQUEST_TIMEOUT),
         ("LR", Self::LOCAL_RESET),
@@ -69,6 +72,7 @@ impl ResponseFlags {
         ("NR", Self::NO_ROUTE_FOUND),
         ("DI", Self::DELAY_INJECTED),
         ("FI", Self::FAULT_INJECTED),
+        ("RL", Self::RATE_LIMITED),
         ("DC", Self::DOWNSTREAM_CONNECTION_TERMINATION),
         ("URX", Self::UPSTREAM_RETRY_LIMIT_EXCEEDED),
         ("DPE", Self::DOWNSTREAM_PROTOCOL_ERROR),
@@ -178,6 +182,12 @@ mod tests {
             Some(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT)
         );
         assert_eq!(ResponseFlags::from_bits(f.bits()), f);
-        assert_eq!(ResponseFlags::from_bits(u32::MAX).names().count(), 17);
+        assert_eq!(ResponseFlags::from_bits(u32::MAX).names().count(), 18);
+        let rl = ResponseFlags::RATE_LIMITED | ResponseFlags::FAULT_INJECTED;
+        assert_eq!(rl.to_string(), "FI,RL", "Envoy's order");
+        assert_eq!(
+            ResponseFlags::from_name("RL"),
+            Some(ResponseFlags::RATE_LIMITED)
+        );
     }
 }

@@ -733,6 +733,7 @@ fn server_model(mtls: mesh_core::model::MtlsMode) -> ServerListener {
         address: "10.0.0.7:8080".parse().unwrap(),
         mtls,
         policies: vec![deny].into(),
+        rate_limit: None,
     }
 }
 
