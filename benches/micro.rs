@@ -12,7 +12,10 @@
 //!   against the bare inner service, both over an instant in-process service and
 //!   over a real hyper HTTP/2 connection on an in-memory transport
 //!   (`tokio::io::duplex`). The difference of each pair is what the layer costs
-//!   per call.
+//!   per call. `client_stack/instant/mirror/*`: the caller's latency on a route
+//!   without a mirror and on one mirrored at 100% (Istio `mirror`): each call is
+//!   timed alone, and the copies' tasks run between calls, off the clock (the
+//!   caller never waits for them).
 //! - `server_authorization`: one call through [`ServerLayer`] with a verified peer
 //!   identity on the request (what `serve_with` puts there after an mTLS
 //!   handshake): without an inbound policy, with `InboundPolicy::fixed(STRICT, one
@@ -525,7 +528,75 @@ fn client_stack(c: &mut Criterion) {
     group.bench_function("h2_in_memory/mesh_layer", |b| {
         b.iter_custom(|iters| time_calls(&rt, &mut meshed, &uri, iters))
     });
+    // The caller's latency with and without a mirror (same timing for both).
+    let mut plain = layer().layer(Instant1k);
+    group.bench_function("instant/mirror/none", |b| {
+        b.iter_custom(|iters| time_calls_apart(&rt, &mut plain, &uri, iters))
+    });
+    let mut mirrored = MeshLayer::new(StaticSource::new(stack_snapshot_mirrored()))
+        .rewrite_uri(false)
+        .layer(Instant1k);
+    group.bench_function("instant/mirror/100pct", |b| {
+        b.iter_custom(|iters| time_calls_apart(&rt, &mut mirrored, &uri, iters))
+    });
+    let stats = mirrored.stats();
+    assert!(
+        stats.mirrors_sent() > 0 && stats.mirrors_overflowed() == 0,
+        "the copies were sent: {stats:?}"
+    );
     group.finish();
+}
+
+/// [`stack_snapshot`] with the route mirrored in full to cluster `m` (one
+/// endpoint): what Istio `mirror` + `mirrorPercentage: 100` gives.
+fn stack_snapshot_mirrored() -> Snapshot {
+    use proxyless::mesh_core::model::Fraction;
+    use proxyless::mesh_core::traffic::{Mirror, Traffic};
+    let traffic = Traffic {
+        mirrors: Arc::from([Mirror {
+            cluster: Arc::from("m"),
+            fraction: Fraction::ALL,
+        }]),
+        ..Traffic::default()
+    };
+    let mut s = stack_snapshot_with(RoutePolicy {
+        traffic: Some(Arc::new(traffic)),
+        ..Default::default()
+    });
+    s.clusters
+        .insert(Arc::from("m"), Arc::new(Cluster::new("m", Protocol::Http2)));
+    s.endpoints.insert(Arc::from("m"), Arc::new(cla("m", 1, 1)));
+    s
+}
+
+/// Times `iters` sequential calls of `svc`, each alone (request to response
+/// body end); between calls, untimed, the runtime runs the tasks the calls
+/// spawned (mirrored copies).
+fn time_calls_apart<S, RB>(
+    rt: &tokio::runtime::Runtime,
+    svc: &mut S,
+    uri: &Uri,
+    iters: u64,
+) -> Duration
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<RB>>,
+    S::Error: std::fmt::Debug,
+    RB: hyper::body::Body,
+    RB::Error: std::fmt::Debug,
+{
+    rt.block_on(async {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            let start = Instant::now();
+            let ready = svc.ready().await.expect("ready");
+            let response = ready.call(request(uri)).await.expect("a response");
+            let body = response.into_body().collect().await.expect("a body");
+            black_box(body);
+            total += start.elapsed();
+            tokio::task::yield_now().await;
+        }
+        total
+    })
 }
 
 /// Inserts the verified peer identity `serve_with` would, then calls `inner`.

@@ -83,6 +83,7 @@ mod error;
 mod grpc;
 pub mod local_reply;
 pub mod mesh;
+mod mirror;
 pub mod pool;
 pub mod ratelimit;
 pub mod serve;

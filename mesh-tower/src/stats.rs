@@ -29,6 +29,10 @@ struct Counters {
     timeouts: AtomicU64,
     faults_delayed: AtomicU64,
     faults_aborted: AtomicU64,
+    mirrors_sent: AtomicU64,
+    mirrors_overflowed: AtomicU64,
+    mirrors_skipped: AtomicU64,
+    mirrors_failed: AtomicU64,
 }
 
 macro_rules! counters {
@@ -74,4 +78,17 @@ counters! {
         "Requests delayed by fault injection.";
     faults_aborted, add_fault_abort,
         "Requests aborted by fault injection.";
+    mirrors_sent, add_mirror_sent,
+        "Copies of requests sent to a mirror cluster (Istio `mirror` / `mirrors`; Envoy's \
+         shadowing): their responses are discarded.";
+    mirrors_overflowed, add_mirror_overflow,
+        "Copies not sent because as many copies as allowed were already in flight \
+         ([`MeshLayer::mirror_in_flight`](crate::MeshLayer::mirror_in_flight)).";
+    mirrors_skipped, add_mirror_skipped,
+        "Copies not sent because the request's body was bigger than \
+         [`MeshLayer::mirror_body_limit`](crate::MeshLayer::mirror_body_limit) or still being \
+         produced when the request was sent.";
+    mirrors_failed, add_mirror_failed,
+        "Copies that got no response (no endpoint in the mirror cluster, its circuit breaker \
+         full, connection failure, reset, timeout); the caller never sees these.";
 }

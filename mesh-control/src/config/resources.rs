@@ -864,16 +864,6 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
         .and_then(|h| traffic::parse_headers(sink, h))
         .unwrap_or_default();
     let mirrors = parse_mirrors(sink, &f);
-    // Parsed and translated, but this mesh's client does not send mirrors
-    // yet: refused rather than served and dropped.
-    for key in ["mirror", "mirrors"] {
-        if let Some(m) = f.get(key) {
-            sink.error(
-                m.key_line,
-                format!("field '{}' is not supported yet", m.path),
-            );
-        }
-    }
     let paths: Vec<&PathMatch> = matches.iter().map(|m| &m.path).collect();
     let rewrite = f
         .get("rewrite")

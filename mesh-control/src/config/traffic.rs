@@ -363,6 +363,16 @@ spec:
       headers:
         request:
           set: {x-dest: v1}
+    mirror: {host: catalog, subset: v2}
+    mirrorPercentage: {value: 12.5}
+  - match:
+    - uri: {prefix: /m}
+    mirrors:
+    - destination: {host: catalog, subset: v1}
+      percentage: {value: 50}
+    - destination: {host: catalog, subset: v2}
+    route:
+    - destination: {host: catalog}
   - match:
     - uri: {regex: /r/.*}
     rewrite:
@@ -453,10 +463,11 @@ spec:
         );
         rejected_at(
             "mirror: {host: catalog}
+    mirrors: [{destination: {host: catalog}}]
     route:
     - destination: {host: catalog}",
-            "mirror:",
-            "field 'http[0].mirror' is not supported yet",
+            "mirrors:",
+            "only one of mirror or mirrors",
         );
         rejected_at(
             "mirrorPercentage: {value: 5}

@@ -93,7 +93,9 @@ impl Attempt {
     }
 }
 
-fn report(
+/// Reports an attempt's (or a mirrored copy's) result to its cluster's
+/// outlier detection, counting an ejection it causes.
+pub(crate) fn report(
     active: &ActiveGuard,
     class: ResultClass,
     stats: &MeshStats,

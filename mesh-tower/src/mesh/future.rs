@@ -38,6 +38,7 @@ use super::attempt::{
     Attempt, Finish, outcome_flags, outcome_of, outcome_of_error, overflow_message,
     status_in_trailers,
 };
+use super::mirror::{Launch, Mirroring, Targets, Ticket};
 use super::service::{Config, local as local_response, prepare_target, upstream_error};
 use crate::balance::{ActiveGuard, ClusterState};
 use crate::body::{BodyTimeout, Kept, MeshBody, Prepared, Preparing, ResponseBody};
@@ -107,6 +108,9 @@ pub(crate) struct Routed {
     /// The index of the destination picked among the route's weighted
     /// clusters (its header rules apply to the response).
     pub(crate) destination: usize,
+    /// The mirror clusters this request is copied to (see
+    /// [`crate::mesh::mirror`]); `None` for almost every request.
+    pub(crate) mirrors: Option<Box<Targets>>,
 }
 
 /// The request body, as the engine goes.
@@ -196,6 +200,9 @@ where
     /// The current attempt: its number, what it holds.
     number: u32,
     attempt: Option<Attempt>,
+    /// The copies to send with the first attempt (`None` unless the
+    /// route mirrors this request).
+    mirror: Option<Box<Mirroring<S, B>>>,
     _response: PhantomData<fn() -> RB>,
 }
 
@@ -363,8 +370,17 @@ where
         inner: &mut S,
         stats: &MeshStats,
         config: Config,
+        launch: Launch<S, B>,
     ) -> Self {
         let grpc = routed.grpc;
+        let mirror = routed.mirrors.map(|targets| {
+            Box::new(Mirroring {
+                targets,
+                svc: inner.clone(),
+                launch,
+                reading: false,
+            })
+        });
         let (head, body) = req.into_parts();
         let core = Core {
             exchange: Exchange::new(routed.route, routed.start),
@@ -388,6 +404,7 @@ where
             retry: None,
             number: 0,
             attempt: None,
+            mirror,
             _response: PhantomData,
         };
         let mut this = ResponseFuture {
@@ -473,7 +490,16 @@ where
                         Payload::Raw(body) => body,
                         _ => return Poll::Ready(Err(already_sent())),
                     };
-                    match Preparing::start(body, keep, self.config.retry_buffer_limit) {
+                    // Copies need the body too: it is kept up to the larger
+                    // limit, replayed by retries only within theirs.
+                    let limit = match &self.mirror {
+                        Some(m) => self
+                            .config
+                            .retry_buffer_limit
+                            .max(m.targets.mirrors.body_limit()),
+                        None => self.config.retry_buffer_limit,
+                    };
+                    match Preparing::start(body, keep, limit) {
                         Ok(prepared) => self.prepared(prepared),
                         Err(mut preparing) => match preparing.poll(cx) {
                             Poll::Ready(Ok(prepared)) => self.prepared(prepared),
@@ -486,14 +512,16 @@ where
                     }
                 }
                 Action::TakeSlot => {
-                    let limits = &self.state.cluster().circuit_breakers;
-                    match self.state.breaker().try_request(limits) {
-                        Ok(permit) => {
-                            self.slot = Some(permit);
-                            Event::SlotGranted
+                    // A route with mirrors that does not retry: its body is
+                    // read ahead for the copies before the first slot.
+                    if self.mirror.is_some() && matches!(self.body, Payload::Raw(_)) {
+                        match self.read_for_mirrors(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => return Poll::Pending,
                         }
-                        Err(overflow) => Event::Overflow(overflow),
                     }
+                    self.take_slot()
                 }
                 Action::Pick { spill } => {
                     let tried = self.exchange.tried();
@@ -590,8 +618,121 @@ where
         }
     }
 
+    /// The engine's breaker slot for the next attempt.
+    #[inline]
+    fn take_slot(&mut self) -> Event {
+        let limits = &self.state.cluster().circuit_breakers;
+        match self.state.breaker().try_request(limits) {
+            Ok(permit) => {
+                self.slot = Some(permit);
+                Event::SlotGranted
+            }
+            Err(overflow) => Event::Overflow(overflow),
+        }
+    }
+
+    /// Starts reading the body ahead for the copies (a route that does not
+    /// retry, so the engine did not ask for it); pending while a body that
+    /// declared a size within the limit arrives (the slot is taken then,
+    /// see [`poll_body`](Self::poll_body)).
+    #[cold]
+    fn read_for_mirrors(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let (Some(mirror), Payload::Raw(_)) = (self.mirror.as_mut(), &self.body) else {
+            return Poll::Ready(Ok(()));
+        };
+        let limit = mirror.targets.mirrors.body_limit();
+        let Payload::Raw(body) = std::mem::replace(&mut self.body, Payload::Gone) else {
+            return Poll::Ready(Err(already_sent()));
+        };
+        match Preparing::start(body, true, limit) {
+            Ok(prepared) => self.body = payload(prepared),
+            Err(mut preparing) => match preparing.poll(cx) {
+                Poll::Ready(Ok(prepared)) => self.body = payload(prepared),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(body_error(e))),
+                Poll::Pending => {
+                    self.body = Payload::Preparing(Box::new(preparing));
+                    mirror.reading = true;
+                    return Poll::Pending;
+                }
+            },
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends the copies of the request (its first attempt is being sent):
+    /// the head as it is now (after the route's rules, before the
+    /// attempt's own headers), the kept body. What cannot be sent is
+    /// counted; nothing here fails the request.
+    #[cold]
+    fn send_mirrors(&mut self, mirror: Mirroring<S, B>) {
+        let Mirroring {
+            targets,
+            svc,
+            launch,
+            ..
+        } = mirror;
+        let stats = &self.stats;
+        let kept = match &self.body {
+            Payload::Kept(kept) if kept.len() <= targets.mirrors.body_limit() as u64 => kept,
+            _ => {
+                for _ in &targets.clusters {
+                    stats.add_mirror_skipped();
+                }
+                return;
+            }
+        };
+        let Some(head) = &self.head else {
+            return;
+        };
+        let mut rng = rand::rng();
+        for state in &targets.clusters {
+            let Some(in_flight) = targets.mirrors.try_acquire() else {
+                stats.add_mirror_overflow();
+                continue;
+            };
+            let limits = &state.cluster().circuit_breakers;
+            let Ok(slot) = state.breaker().try_request(limits) else {
+                stats.add_mirror_failed();
+                tracing::debug!(cluster = %state.name(), "mirror refused by the circuit breaker");
+                continue;
+            };
+            let Some(active) = state.pick(None, &mut rng, None, false) else {
+                stats.add_mirror_failed();
+                tracing::debug!(cluster = %state.name(), "no endpoint for a mirrored request");
+                continue;
+            };
+            let mut req = request_like(head, MeshBody::replay(kept));
+            // The copy is no part of the caller's decision record.
+            req.extensions_mut().remove::<DecisionRecord>();
+            let prepared = super::mirror::shadow(&mut req)
+                .and_then(|()| prepare_target(&mut req, &active, state, &self.config));
+            if let Err(e) = prepared {
+                stats.add_mirror_failed();
+                tracing::debug!(cluster = %state.name(), error = %e, "cannot mirror the request");
+                continue;
+            }
+            let ticket = Ticket {
+                _in_flight: in_flight,
+                active,
+                _slot: slot,
+                stats: stats.clone(),
+                timeout: targets.timeout,
+            };
+            if launch(&svc, req, ticket) {
+                stats.add_mirror_sent();
+            } else {
+                stats.add_mirror_failed();
+            }
+        }
+    }
+
     fn prepared(&mut self, prepared: Prepared<B>) -> Event {
         let replayable = match prepared {
+            // Kept for copies beyond the retry limit: sent once.
+            Prepared::Kept(kept) if kept.len() > self.config.retry_buffer_limit as u64 => {
+                self.body = Payload::Kept(kept);
+                false
+            }
             Prepared::Kept(kept) => {
                 self.body = Payload::Kept(kept);
                 true
@@ -611,7 +752,15 @@ where
         };
         match preparing.poll(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(prepared)) => Poll::Ready(Ok(self.prepared(prepared))),
+            Poll::Ready(Ok(prepared)) => match self.mirror.as_mut() {
+                // Read for the copies: the engine waits for its slot.
+                Some(mirror) if mirror.reading => {
+                    mirror.reading = false;
+                    self.body = payload(prepared);
+                    Poll::Ready(Ok(self.take_slot()))
+                }
+                _ => Poll::Ready(Ok(self.prepared(prepared))),
+            },
             Poll::Ready(Err(e)) => {
                 self.body = Payload::Gone;
                 Poll::Ready(Err(body_error(e)))
@@ -664,6 +813,11 @@ where
         number: u32,
         timeout: Option<Duration>,
     ) -> Result<S::Future, Error> {
+        if self.mirror.is_some()
+            && let Some(mirror) = self.mirror.take()
+        {
+            self.send_mirrors(*mirror);
+        }
         let body = match std::mem::replace(&mut self.body, Payload::Gone) {
             Payload::Kept(kept) => {
                 let body = MeshBody::replay(&kept);
@@ -943,6 +1097,14 @@ where
                 return Poll::Ready(out);
             }
         }
+    }
+}
+
+/// The payload of a prepared body.
+fn payload<B>(prepared: Prepared<B>) -> Payload<B> {
+    match prepared {
+        Prepared::Kept(kept) => Payload::Kept(kept),
+        Prepared::Once(body) => Payload::Once(body),
     }
 }
 

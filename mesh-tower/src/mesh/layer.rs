@@ -4,6 +4,7 @@ use std::time::Duration;
 use tower::Layer;
 
 use super::Mesh;
+use super::mirror::Mirrors;
 use super::service::{Config, Shared};
 use crate::balance::ClusterStates;
 use crate::body::DEFAULT_RETRY_BUFFER_LIMIT;
@@ -36,6 +37,7 @@ impl<Src: ConfigSource> MeshLayer<Src> {
                     retry_buffer_limit: DEFAULT_RETRY_BUFFER_LIMIT,
                 },
                 stats: MeshStats::default(),
+                mirrors: Mirrors::default(),
             },
         }
     }
@@ -63,6 +65,28 @@ impl<Src: ConfigSource> MeshLayer<Src> {
     /// [`MeshBody`](crate::MeshBody)). `0` keeps only empty bodies.
     pub fn retry_buffer_limit(mut self, bytes: usize) -> Self {
         self.shared.config.retry_buffer_limit = bytes;
+        self
+    }
+
+    /// The most mirrored copies (Istio `mirror` / `mirrors`) in flight at
+    /// once, for every service this layer builds (64 by default): a copy
+    /// over the cap is not sent and is counted in
+    /// [`MeshStats::mirrors_overflowed`], so a slow mirror cannot pile up
+    /// tasks and memory. `0` sends no copies. Call it before building
+    /// services: the count starts afresh.
+    pub fn mirror_in_flight(mut self, copies: usize) -> Self {
+        self.shared.mirrors = self.shared.mirrors.with_in_flight(copies);
+        self
+    }
+
+    /// The largest request body copied to a mirror (64 KiB by default):
+    /// a request of a route with mirrors has its body read ahead (as for
+    /// a retry), and a bigger one, or one still being produced when the
+    /// request is sent, goes to the route's cluster only (counted in
+    /// [`MeshStats::mirrors_skipped`]). Requests without a body are always
+    /// copied. Call it before building services.
+    pub fn mirror_body_limit(mut self, bytes: usize) -> Self {
+        self.shared.mirrors = self.shared.mirrors.with_body_limit(bytes);
         self
     }
 

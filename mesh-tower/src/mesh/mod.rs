@@ -122,10 +122,14 @@
 mod attempt;
 mod future;
 mod layer;
+// The mirroring machinery has a folder of its own (a folder per
+// middleware); the driver reaches it as `super::mirror`.
+pub(crate) use crate::mirror;
 mod service;
 mod traffic;
 
 pub(crate) use self::attempt::Finish;
+pub(crate) use self::attempt::{outcome_of, outcome_of_error, report};
 pub use self::future::ResponseFuture;
 pub use self::layer::MeshLayer;
 pub use self::service::Mesh;

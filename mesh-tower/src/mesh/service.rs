@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use super::future::{ResponseFuture, Routed};
+use super::mirror::{self, MIRROR_TIMEOUT, Mirrors, Targets};
 use super::traffic;
 use super::{MeshLayer, TargetEndpoint};
 use crate::balance::{ActiveGuard, ClusterState, ClusterStates, StateCache};
@@ -92,6 +93,8 @@ pub(crate) struct Shared<Src> {
     pub(crate) states: Arc<ClusterStates>,
     pub(crate) config: Config,
     pub(crate) stats: MeshStats,
+    /// The mirroring limits and the copies in flight.
+    pub(crate) mirrors: Mirrors,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +109,7 @@ impl<Src> fmt::Debug for Shared<Src> {
         f.debug_struct("Shared")
             .field("config", &self.config)
             .field("stats", &self.stats)
+            .field("mirrors", &self.mirrors)
             .finish_non_exhaustive()
     }
 }
@@ -230,6 +234,7 @@ where
                         &mut self.inner,
                         &self.shared.stats,
                         self.shared.config,
+                        mirror::launch::<S, B, RB>,
                     );
                 }
                 Some(ListenerLookup::Missing) => {
@@ -368,6 +373,11 @@ impl<Src: ConfigSource> Shared<Src> {
             }
             _ => None,
         };
+        // Mirrors: one `Option` check for a route without traffic rules.
+        let mirrors = match &policy.traffic {
+            Some(t) if !t.mirrors.is_empty() => self.mirror_targets(snapshot, t, policy.timeout),
+            _ => None,
+        };
         let record = req.extensions().get::<DecisionRecord>().cloned();
         if let Some(r) = &record {
             r.route(&snapshot.versions, &listener.name, &route.name);
@@ -405,6 +415,52 @@ impl<Src: ConfigSource> Shared<Src> {
             record,
             grpc,
             destination,
+            mirrors,
+        }))
+    }
+
+    /// The mirror clusters whose share this request falls in (one draw
+    /// per mirror), with their state; `None` when there is none. A mirror
+    /// cluster the snapshot lacks is counted as a failed copy.
+    #[cold]
+    fn mirror_targets(
+        &self,
+        snapshot: &Snapshot,
+        traffic: &Traffic,
+        timeout: Option<Duration>,
+    ) -> Option<Box<Targets>> {
+        let mut rng = rand::rng();
+        let mut clusters = Vec::new();
+        for m in traffic.mirrors.iter() {
+            if !m.fraction.hit(rng.random()) {
+                continue;
+            }
+            match (
+                snapshot.clusters.get(&*m.cluster),
+                snapshot.endpoints.get(&*m.cluster),
+            ) {
+                (Some(cluster), Some(cla)) => {
+                    clusters.push(
+                        self.states
+                            .get(snapshot, cluster, cla, || self.source.locality()),
+                    );
+                }
+                _ => {
+                    self.stats.add_mirror_failed();
+                    tracing::debug!(cluster = %m.cluster, "mirror cluster not in the configuration");
+                }
+            }
+        }
+        if clusters.is_empty() {
+            return None;
+        }
+        let timeout = timeout
+            .filter(|t| !t.is_zero())
+            .map_or(MIRROR_TIMEOUT, |t| t.min(MIRROR_TIMEOUT));
+        Some(Box::new(Targets {
+            clusters,
+            timeout,
+            mirrors: self.mirrors.clone(),
         }))
     }
 
@@ -416,11 +472,12 @@ impl<Src: ConfigSource> Shared<Src> {
         authority: String,
     ) -> Result<Response<ResponseBody<RB>>, Error>
     where
-        S: Service<Request<MeshBody<B>>, Response = Response<RB>> + Clone,
+        S: Service<Request<MeshBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
         S::Error: Into<BoxError>,
-        B: Body + Unpin,
+        S::Future: Send + 'static,
+        B: Body + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
-        RB: Body,
+        RB: Body + Send + 'static,
     {
         let waited = tokio::time::timeout(
             self.config.listener_timeout,
@@ -473,7 +530,8 @@ impl<Src: ConfigSource> Shared<Src> {
         let mut inner = inner.ready_oneshot().await.map_err(|e| {
             Error::from_boxed(e.into(), ErrorKind::Upstream, "the inner service failed")
         })?;
-        ResponseFuture::start(routed, req, &mut inner, &self.stats, self.config).await
+        let launch: mirror::Launch<S, B> = mirror::launch::<S, B, RB>;
+        ResponseFuture::start(routed, req, &mut inner, &self.stats, self.config, launch).await
     }
 }
 
@@ -1146,5 +1204,293 @@ mod tests {
             .unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(inner.seen.lock().unwrap()[0].1, None);
+    }
+
+    /// Mirroring, through an inner service that records every request
+    /// (cluster, `Host`, URI, a header, body) and keeps the responses to
+    /// the mirror cluster open until the test lets them go.
+    mod mirrors {
+        use std::future::Future;
+        use std::pin::Pin;
+
+        use mesh_core::model::Fraction;
+        use mesh_core::traffic::{HeaderOps, HeaderRules, Mirror, header_name, header_value};
+
+        use super::*;
+
+        #[derive(Debug, Clone, PartialEq)]
+        struct Copy {
+            cluster: String,
+            host: Option<HeaderValue>,
+            uri: Uri,
+            tag: Option<HeaderValue>,
+            attempt: Option<HeaderValue>,
+            body: Bytes,
+        }
+
+        #[derive(Clone, Default)]
+        struct Copies {
+            seen: Arc<Mutex<Vec<Copy>>>,
+            open: Arc<Mutex<Vec<mpsc::UnboundedSender<Chunk>>>>,
+        }
+
+        impl Copies {
+            fn to(&self, cluster: &str) -> Vec<Copy> {
+                let seen = self.seen.lock().unwrap();
+                seen.iter()
+                    .filter(|c| c.cluster == cluster)
+                    .cloned()
+                    .collect()
+            }
+        }
+
+        type Boxed = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+        impl<B> Service<Request<MeshBody<B>>> for Copies
+        where
+            B: http_body::Body + Unpin + Send + 'static,
+            B::Data: Send,
+            B::Error: Into<BoxError>,
+        {
+            type Response = Response<Body>;
+            type Error = Infallible;
+            type Future = Boxed;
+
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+                Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, req: Request<MeshBody<B>>) -> Self::Future {
+                let this = self.clone();
+                Box::pin(async move {
+                    let (head, body) = req.into_parts();
+                    let target = head.extensions.get::<TargetEndpoint>().cloned().unwrap();
+                    let body = body
+                        .collect()
+                        .await
+                        .map(|c| c.to_bytes())
+                        .unwrap_or_default();
+                    let cluster = target.cluster().to_owned();
+                    this.seen.lock().unwrap().push(Copy {
+                        cluster: cluster.clone(),
+                        host: head.headers.get(HOST).cloned(),
+                        uri: head.uri.clone(),
+                        tag: head.headers.get("x-tag").cloned(),
+                        attempt: head.headers.get(crate::mesh::ATTEMPT_COUNT).cloned(),
+                        body,
+                    });
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"x"))));
+                    if cluster == "m" {
+                        this.open.lock().unwrap().push(tx);
+                    }
+                    Ok(Response::new(StreamBody::new(
+                        UnboundedReceiverStream::new(rx),
+                    )))
+                })
+            }
+        }
+
+        /// `svc` routed to cluster `c` (endpoint :1), copied to cluster
+        /// `m` (endpoint :2) for `fraction` of requests, the route setting
+        /// `x-tag: routed`.
+        fn mirrored(fraction: Fraction) -> Snapshot {
+            let traffic = Traffic {
+                headers: HeaderRules {
+                    request: HeaderOps {
+                        set: Arc::from([(
+                            header_name("x-tag").unwrap(),
+                            header_value("x-tag", "routed").unwrap(),
+                        )]),
+                        ..HeaderOps::default()
+                    },
+                    response: HeaderOps::default(),
+                },
+                mirrors: Arc::from([Mirror {
+                    cluster: "m".into(),
+                    fraction,
+                }]),
+                ..Traffic::default()
+            };
+            let policy = RoutePolicy {
+                traffic: Some(Arc::new(traffic)),
+                ..RoutePolicy::default()
+            };
+            let mut s = snapshot(&[1], policy);
+            let other = snapshot(&[2], RoutePolicy::default());
+            let cla = ClusterLoadAssignment::new(
+                "m".into(),
+                other.endpoints.get("c").unwrap().localities.to_vec(),
+            )
+            .unwrap();
+            s.clusters
+                .insert("m".into(), Arc::new(Cluster::new("m", Protocol::Http1)));
+            s.endpoints.insert("m".into(), Arc::new(cla));
+            s
+        }
+
+        async fn call<B>(mesh: &mut Mesh<Copies, StaticSource>, req: Request<B>) -> Bytes
+        where
+            B: http_body::Body + Unpin + Send + 'static,
+            B::Data: Send,
+            B::Error: Into<BoxError>,
+        {
+            ServiceExt::<Request<B>>::ready(mesh).await.unwrap();
+            let response = mesh.call(req).await.unwrap();
+            response.into_body().collect().await.unwrap().to_bytes()
+        }
+
+        /// Lets the copies' tasks run until `n` requests reached `m`.
+        async fn copies_reach(inner: &Copies, n: usize) {
+            for _ in 0..1000 {
+                if inner.to("m").len() >= n {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            panic!("{} copies, not {n}", inner.to("m").len());
+        }
+
+        #[tokio::test]
+        async fn the_copy_is_the_routed_request_with_the_shadow_host() {
+            let inner = Copies::default();
+            let layer = MeshLayer::new(StaticSource::new(mirrored(Fraction::ALL)));
+            let stats = layer.stats().clone();
+            let mut mesh = layer.layer(inner.clone());
+            let req = Request::post("http://svc:80/items?x=1")
+                .body(Full::new(Bytes::from_static(b"order")))
+                .unwrap();
+            // The caller's response does not wait for the copy's, which
+            // stays open.
+            assert_eq!(&call(&mut mesh, req).await[..], b"x");
+            copies_reach(&inner, 1).await;
+            let sent = inner.to("c").pop().unwrap();
+            let copy = inner.to("m").pop().unwrap();
+            assert_eq!(sent.host.unwrap(), "svc:80");
+            assert_eq!(copy.host.unwrap(), "svc-shadow:80");
+            assert_eq!(copy.uri, "http://127.0.0.1:2/items?x=1");
+            assert_eq!(
+                copy.tag.unwrap(),
+                "routed",
+                "after the route's header changes"
+            );
+            assert_eq!(copy.attempt, None, "no attempt header on a copy");
+            assert_eq!(&copy.body[..], b"order");
+            assert_eq!(&sent.body[..], b"order");
+            assert_eq!(stats.mirrors_sent(), 1);
+            // Its place under the cap is held until its response ends.
+            assert_eq!(mesh.shared.mirrors.in_flight(), 1);
+            inner.open.lock().unwrap().clear();
+            for _ in 0..100 {
+                if mesh.shared.mirrors.in_flight() == 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(mesh.shared.mirrors.in_flight(), 0);
+            assert_eq!(
+                (
+                    stats.mirrors_overflowed(),
+                    stats.mirrors_skipped(),
+                    stats.mirrors_failed()
+                ),
+                (0, 0, 0)
+            );
+        }
+
+        #[tokio::test]
+        async fn copies_over_the_cap_are_counted_not_sent() {
+            let inner = Copies::default();
+            let layer =
+                MeshLayer::new(StaticSource::new(mirrored(Fraction::ALL))).mirror_in_flight(2);
+            let stats = layer.stats().clone();
+            let mut mesh = layer.layer(inner.clone());
+            for _ in 0..5 {
+                let req = Request::get("http://svc/")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                call(&mut mesh, req).await;
+                copies_reach(&inner, inner.to("m").len().min(2)).await;
+            }
+            copies_reach(&inner, 2).await;
+            assert_eq!(inner.to("c").len(), 5, "every caller request is sent");
+            assert_eq!(inner.to("m").len(), 2);
+            assert_eq!((stats.mirrors_sent(), stats.mirrors_overflowed()), (2, 3));
+            // Once they end, copies are sent again.
+            inner.open.lock().unwrap().clear();
+            for _ in 0..100 {
+                if mesh.shared.mirrors.in_flight() == 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            let req = Request::get("http://svc/")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            call(&mut mesh, req).await;
+            copies_reach(&inner, 3).await;
+            assert_eq!(stats.mirrors_sent(), 3);
+        }
+
+        #[tokio::test]
+        async fn a_big_or_streaming_body_is_not_copied() {
+            let inner = Copies::default();
+            let layer =
+                MeshLayer::new(StaticSource::new(mirrored(Fraction::ALL))).mirror_body_limit(4);
+            let stats = layer.stats().clone();
+            let mut mesh = layer.layer(inner.clone());
+            let big = Request::post("http://svc/")
+                .body(Full::new(Bytes::from_static(b"too big")))
+                .unwrap();
+            call(&mut mesh, big).await;
+            assert_eq!(stats.mirrors_skipped(), 1);
+            // A body still being produced when the request is sent.
+            let (tx, rx) = mpsc::unbounded_channel::<Chunk>();
+            tx.send(Ok(Frame::data(Bytes::from_static(b"a")))).unwrap();
+            let streaming = Request::post("http://svc/")
+                .body(StreamBody::new(UnboundedReceiverStream::new(rx)))
+                .unwrap();
+            ServiceExt::<Request<Body>>::ready(&mut mesh).await.unwrap();
+            let response = mesh.call(streaming);
+            drop(tx);
+            response.await.unwrap().into_body().collect().await.unwrap();
+            assert_eq!(stats.mirrors_skipped(), 2);
+            // A small one is.
+            let small = Request::post("http://svc/")
+                .body(Full::new(Bytes::from_static(b"ok")))
+                .unwrap();
+            call(&mut mesh, small).await;
+            copies_reach(&inner, 1).await;
+            assert_eq!(&inner.to("m")[0].body[..], b"ok");
+            // The caller's bodies all arrived whole.
+            let bodies: Vec<Bytes> = inner.to("c").into_iter().map(|c| c.body).collect();
+            assert_eq!(bodies, [&b"too big"[..], b"a", b"ok"]);
+            assert_eq!((stats.mirrors_sent(), stats.mirrors_skipped()), (1, 2));
+        }
+
+        #[tokio::test]
+        async fn no_share_no_copy_and_a_missing_cluster_is_a_failed_copy() {
+            let inner = Copies::default();
+            let layer = MeshLayer::new(StaticSource::new(mirrored(Fraction::from_per_million(0))));
+            let stats = layer.stats().clone();
+            let mut mesh = layer.layer(inner.clone());
+            let req = Request::get("http://svc/")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            call(&mut mesh, req).await;
+            assert_eq!(stats.mirrors_sent(), 0);
+
+            let mut s = mirrored(Fraction::ALL);
+            s.clusters.remove("m");
+            let layer = MeshLayer::new(StaticSource::new(s));
+            let stats = layer.stats().clone();
+            let mut mesh = layer.layer(inner.clone());
+            let req = Request::get("http://svc/")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            assert_eq!(&call(&mut mesh, req).await[..], b"x");
+            assert_eq!((stats.mirrors_sent(), stats.mirrors_failed()), (0, 1));
+            assert!(inner.to("m").is_empty());
+        }
     }
 }
