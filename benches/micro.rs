@@ -104,6 +104,7 @@ fn virtual_host(v: usize) -> VirtualHost {
                     ),
                     headers: Arc::from([]),
                     query_params: Arc::from([]),
+                    ignore_case: false,
                 }
             } else {
                 RouteMatch {
@@ -114,6 +115,7 @@ fn virtual_host(v: usize) -> VirtualHost {
                         invert: false,
                     }]),
                     query_params: Arc::from([]),
+                    ignore_case: false,
                 }
             };
             Route {

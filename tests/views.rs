@@ -274,6 +274,11 @@ async fn a_service_entry_exported_to_its_namespace_is_not_found_from_another() {
         .expect_err("catalog is not exported to web");
     assert_eq!(err.kind(), proxyless::ErrorKind::NotFound, "{err}");
     assert!(err.to_string().contains("catalog.shop"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("not exported to namespace \"web\" by ServiceEntry shop/catalog"),
+        "the caller's error says why: {err}"
+    );
 
     // The server says why, in the response's resource_errors (what gRPC
     // clients with A88 data error handling read).

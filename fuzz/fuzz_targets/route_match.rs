@@ -109,6 +109,7 @@ fn route(i: usize, spec: &RouteSpec) -> Option<Route> {
             path,
             headers: headers?.into(),
             query_params: query_params?.into(),
+            ignore_case: false,
         },
         action,
         policy: Default::default(),
@@ -153,6 +154,7 @@ fuzz_target!(|input: Input| {
     let req = RequestView {
         method: &input.method,
         authority: &input.authority,
+        scheme: "http",
         path: &input.path,
         query: input.query.as_deref(),
         headers: &headers,

@@ -1058,6 +1058,7 @@ spec:
             namespace: "shop".into(),
             service_account: None,
             labels: labels(node_labels),
+            locality: Default::default(),
         }
     }
 

@@ -157,6 +157,21 @@ pub(crate) fn grpc_ignored(
                     ));
                 }
             }
+            for h in route.matcher.headers.iter() {
+                if let Some(key) = h
+                    .name
+                    .strip_prefix(':')
+                    .filter(|n| *n == "authority" || *n == "scheme")
+                {
+                    out.insert(format!("{at}: a {}", SCHEME_AUTHORITY.replace("{}", key)));
+                }
+            }
+            if route.matcher.ignore_case {
+                out.insert(format!("{at}: ignoreUriCase {IGNORE_CASE}"));
+            }
+            if route.policy.rate_limit.is_some() {
+                out.insert(format!("{at}: {RATE_LIMIT}"));
+            }
             for policy in route.policy.hash_policy.iter() {
                 let kind = match policy {
                     HashPolicy::Header(_) => continue,
@@ -193,16 +208,10 @@ pub(crate) fn grpc_ignored(
                 "{at}: connectionPool limits other than http2MaxRequests (and retryBudget) ignored (gRFC A32 reads max_requests only)"
             ));
         }
-        if cluster.connection != ConnectionSettings::default() {
-            out.insert(format!(
-                "{at}: connectTimeout / idleTimeout / maxRequestsPerConnection ignored"
-            ));
+        if let Some(ignored) = connection_ignored(&cluster.connection) {
+            out.insert(format!("{at}: {ignored}"));
         }
-        if cluster.locality_failover {
-            out.insert(format!(
-                "{at}: localityLbSetting failover is a proxyless extension; gRPC clients ignore it"
-            ));
-        }
+        out.extend(locality_findings(&at, cluster));
         if let Some(TlsOrigination::Files(files)) = cluster.tls.as_ref().map(|t| &t.origination) {
             out.insert(format!(
                 "{at}: DestinationRule tls mode {} (certificate files) cannot be used by gRPC \
@@ -240,8 +249,55 @@ pub(crate) fn grpc_ignored(
         if listener.rate_limit.is_some() {
             out.insert(format!("{at}: {RATE_LIMIT}"));
         }
+        if listener.cors.iter().any(|r| r.policy.is_some()) {
+            out.insert(format!("{at}: {CORS}"));
+        }
     }
     out.into_iter().collect()
+}
+
+/// VirtualService `corsPolicy` on a gRPC server, and for gRPC clients.
+const CORS: &str = "the CORS policy (VirtualService corsPolicy) is ignored by gRPC servers: gRPC has no cors filter, so it is served with is_optional: true and each route's CorsPolicy wrapped in FilterConfig { is_optional: true } (gRFC A39), which gRPC skips instead of NACKing the listener; preflights reach the gRPC server's handlers unanswered. Only this mesh's servers (ServerLayer, serve_with) answer them";
+
+/// What gRPC clients ignore of a cluster's connection settings: all of
+/// them (grpc-core reads none of `connect_timeout`, the upstream
+/// `common_http_protocol_options`, `upstream_connection_options` or the
+/// cluster's `http2_protocol_options`; it always speaks HTTP/2, so an
+/// h2UpgradePolicy changes nothing for it). `None` when none is set.
+fn connection_ignored(c: &ConnectionSettings) -> Option<String> {
+    if *c == ConnectionSettings::default() {
+        return None;
+    }
+    let fields = [
+        (c.connect_timeout.is_some(), "connectTimeout"),
+        (c.idle_timeout.is_some(), "idleTimeout"),
+        (
+            c.max_requests_per_connection.is_some(),
+            "maxRequestsPerConnection",
+        ),
+        (c.tcp_keepalive.is_some(), "tcpKeepalive"),
+        (c.max_connection_duration.is_some(), "maxConnectionDuration"),
+        (c.max_concurrent_streams.is_some(), "maxConcurrentStreams"),
+    ];
+    let set: Vec<&str> = fields
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| *name)
+        .collect();
+    let mut out = Vec::new();
+    if !set.is_empty() {
+        out.push(format!(
+            "{} ignored (gRPC clients read none of a cluster's connection settings)",
+            set.join(" / ")
+        ));
+    }
+    if c.h2_upgrade {
+        out.push(
+            "h2UpgradePolicy UPGRADE changes nothing for gRPC clients (they always speak HTTP/2)"
+                .to_string(),
+        );
+    }
+    Some(out.join("; "))
 }
 
 const PERMISSIVE: &str = "PERMISSIVE cannot be served to gRPC servers: they match filter chains on raw_buffer only, so they serve the plaintext chain and accept no mTLS (gRFC A36); use STRICT or DISABLE for gRPC servers";
@@ -250,7 +306,16 @@ const AUDIT: &str = "is ignored by gRPC servers (it is served as RBAC action LOG
 /// reads it in `config/auth.rs`).
 const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 const DRY_RUN: &str = "are ignored by gRPC servers (gRFC A41 reads an RBAC filter's rules only): they enforce nothing, as intended, but report nothing either (no dry-run span attributes, metrics or logs); only this mesh's servers report what a dry-run policy would have done";
-const RATE_LIMIT: &str = "the local rate limit (EnvoyFilter envoy.filters.http.local_ratelimit) is ignored by gRPC: gRPC has no local_ratelimit filter, so the filter is served with is_optional: true and its per-route config wrapped in FilterConfig { is_optional: true } (gRFC A39), which gRPC skips instead of NACKing the listener; only this mesh's servers (ServerLayer) enforce it";
+const RATE_LIMIT: &str = "the local rate limit (EnvoyFilter envoy.filters.http.local_ratelimit) is ignored by gRPC: gRPC has no local_ratelimit filter, so the filter is served with is_optional: true and its per-route config wrapped in FilterConfig { is_optional: true } (gRFC A39), which gRPC skips instead of NACKing the listener; only this mesh's servers (ServerLayer, SIDECAR_INBOUND) and clients (MeshLayer, SIDECAR_OUTBOUND) enforce it";
+/// `match.authority` / `match.scheme` (`{}`: which), served as header
+/// matchers on the pseudo-headers, as Istio writes them. gRFC A28 matches
+/// headers against the call's metadata; the implementations read (C-core's
+/// `RpcMatchContext`, grpc-go's composite matcher) skip `-bin` headers,
+/// answer `content-type` with `application/grpc`, and have no
+/// pseudo-headers in that metadata.
+const SCHEME_AUTHORITY: &str = "served as a header matcher on :{} (as Istio does); gRPC clients match headers against the call's metadata, which holds no :authority or :scheme pseudo-header (gRFC A28), so for them the condition does not hold as in Envoy and the route is skipped";
+/// `match.ignoreUriCase`, served as `case_sensitive: false`.
+const IGNORE_CASE: &str = "served as case_sensitive: false; current gRPC clients honor it (case-insensitive prefix and path matchers), but gRPC releases that implement the original gRFC A28 text NACK case_sensitive: false, which rejects the whole RouteConfiguration";
 const CREDENTIALS: &str = "gRPC enforces it only on servers built with xDS server credentials (with insecure credentials they serve plaintext and skip the mTLS requirement)";
 
 /// What gRPC servers ignore of the PeerAuthentication and
@@ -551,6 +616,8 @@ impl Notes<'_> {
         let http = doc.get("spec.http").map(|h| h.items()).unwrap_or_default();
         for (i, route) in http.into_iter().enumerate() {
             self.traffic(i, &route);
+            self.matches(i, &route);
+            self.cors(i, &route);
             let Some(retries) = route.get("retries") else {
                 self.walk.default_retry_on += 1;
                 continue;
@@ -655,6 +722,40 @@ impl Notes<'_> {
         }
     }
 
+    /// `corsPolicy`: enforced by the servers of the hosts, which gRPC
+    /// servers do not (see [`CORS`]); clients never read it.
+    fn cors(&mut self, i: usize, route: &Look<'_, '_>) {
+        if let Some(c) = route.get("corsPolicy") {
+            self.note(
+                c.line,
+                &format!("http[{i}].corsPolicy"),
+                "enforced by the servers of the hosts (ServerLayer); gRPC servers ignore it \
+                 (no cors filter; served with is_optional: true, gRFC A39), and gRPC clients \
+                 never read it (browsers do, on the server's answers)",
+            );
+        }
+    }
+
+    /// What gRPC does with a route's `match[]` conditions that Envoy reads
+    /// from the request line (see [`SCHEME_AUTHORITY`], [`IGNORE_CASE`]).
+    fn matches(&mut self, i: usize, route: &Look<'_, '_>) {
+        let entries = route.get("match").map(|m| m.items()).unwrap_or_default();
+        for (k, m) in entries.into_iter().enumerate() {
+            for key in ["authority", "scheme"] {
+                if let Some(f) = m.get(key) {
+                    let path = format!("http[{i}].match[{k}].{key}");
+                    self.note(f.line, &path, SCHEME_AUTHORITY.replace("{}", key));
+                }
+            }
+            if let Some(f) = m.get("ignoreUriCase")
+                && f.boolean() == Some(true)
+            {
+                let path = format!("http[{i}].match[{k}].ignoreUriCase");
+                self.note(f.line, &path, IGNORE_CASE);
+            }
+        }
+    }
+
     /// A DestinationRule's (`subset` `""`) or one subset's `trafficPolicy`.
     fn traffic_policy(&mut self, path: &str, fqdn: &str, subset: &str, p: Look<'_, '_>) {
         let scope = (fqdn.to_string(), subset.to_string());
@@ -686,7 +787,20 @@ impl Notes<'_> {
                 );
             }
         }
+        let explicit = ["distribute", "failover", "failoverPriority"]
+            .into_iter()
+            .find_map(|k| {
+                p.get(&format!("loadBalancer.localityLbSetting.{k}"))
+                    .map(|f| (k, f))
+            });
+        for (line, field, text) in locality_notes(p, explicit) {
+            self.note(line, &at(&field), text);
+        }
         let locality = p.get("loadBalancer.localityLbSetting.enabled");
+        let locality = match explicit {
+            Some((_, f)) => Some(f),
+            None => locality,
+        };
         if let Some(enabled) = locality.filter(|e| e.boolean() == Some(true)) {
             self.note(
                 enabled.line,
@@ -750,10 +864,27 @@ impl Notes<'_> {
             "connectionPool.tcp.connectTimeout",
             "connectionPool.http.idleTimeout",
             "connectionPool.http.maxRequestsPerConnection",
+            "connectionPool.tcp.tcpKeepalive",
+            "connectionPool.tcp.maxConnectionDuration",
+            "connectionPool.tcp.idleTimeout",
+            "connectionPool.http.maxConcurrentStreams",
         ] {
             if let Some(f) = p.get(field) {
                 self.note(f.line, &at(field), "ignored by gRPC clients");
             }
+        }
+        if let Some(f) = p.get("connectionPool.http.h2UpgradePolicy") {
+            self.note(
+                f.line,
+                &at("connectionPool.http.h2UpgradePolicy"),
+                "changes nothing for gRPC clients (they always speak HTTP/2)",
+            );
+        }
+        // Each port's settings, noted the same way (the port's clusters
+        // take them instead of the top-level ones).
+        let ports = p.get("portLevelSettings").map(|l| l.items());
+        for (k, entry) in ports.unwrap_or_default().into_iter().enumerate() {
+            self.traffic_policy(&at(&format!("portLevelSettings[{k}]")), fqdn, subset, entry);
         }
         if let Some(tls) = p.get("tls") {
             self.walk.tls.insert(scope);
@@ -809,6 +940,64 @@ impl Notes<'_> {
             }
         }
     }
+}
+
+/// `check --for grpc` notes of a `trafficPolicy`'s explicit locality
+/// settings (served per caller as EDS weights / priorities, which gRPC
+/// honors, with a difference in when it fails over) and of its warmup.
+fn locality_notes(
+    p: Look<'_, '_>,
+    explicit: Option<(&str, Look<'_, '_>)>,
+) -> Vec<(usize, String, &'static str)> {
+    let mut out = Vec::new();
+    match explicit {
+        Some(("distribute", f)) => out.push((
+            f.line,
+            "loadBalancer.localityLbSetting.distribute".to_string(),
+            "served as per-caller EDS locality weights, which gRPC clients honor (gRFC A52)",
+        )),
+        Some((key, f)) => out.push((
+            f.line,
+            format!("loadBalancer.localityLbSetting.{key}"),
+            "served as per-caller EDS priorities, which gRPC clients honor; gRPC moves to the \
+             next priority only when every endpoint of a priority is unreachable (its outlier \
+             detection ignores consecutive 5xx)",
+        )),
+        None => {}
+    }
+    if let Some(w) = p.get("loadBalancer.warmupDurationSecs") {
+        out.push((
+            w.line,
+            "loadBalancer.warmupDurationSecs".to_string(),
+            "ignored by gRPC clients (no slow start)",
+        ));
+    }
+    out
+}
+
+/// What gRPC clients make of a cluster's locality and warmup settings.
+/// Istio's explicit `localityLbSetting` (`distribute`, `failover`,
+/// `failoverPriority`) is served as per-node EDS locality weights and
+/// priorities, which gRPC honors (gRFC A52 `wrr_locality`, the priority
+/// policy), so it needs no finding; what remains is the client-side
+/// ordering of Istio's default (outlier detection without explicit
+/// settings) and slow start.
+fn locality_findings(at: &str, cluster: &mesh_core::model::Cluster) -> Vec<String> {
+    let mut out = Vec::new();
+    if cluster.locality_failover {
+        out.push(format!(
+            "{at}: locality failover by the caller's own locality (Istio's default with \
+             outlierDetection and no explicit localityLbSetting) is a proxyless extension; gRPC \
+             clients ignore it (explicit distribute / failover / failoverPriority are served as \
+             EDS weights and priorities, which gRPC honors)"
+        ));
+    }
+    if cluster.slow_start.is_some() {
+        out.push(format!(
+            "{at}: warmupDurationSecs (slow_start_config) ignored: gRPC clients have no slow start"
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -895,6 +1084,73 @@ mod tests {
     }
 
     #[test]
+    fn client_rate_limits_and_request_line_matches_are_reported_per_route() {
+        use mesh_core::model::{HeaderMatch, ValueMatch};
+        use mesh_core::ratelimit::{LocalRateLimit, RateLimitConfig};
+        let route = |name: &str, matcher: RouteMatch, limited: bool| Route {
+            name: name.into(),
+            matcher,
+            action: WeightedClusters::single("outbound|80||catalog"),
+            policy: RoutePolicy {
+                rate_limit: limited.then(|| {
+                    Arc::new(RateLimitConfig {
+                        filter: LocalRateLimit::inert(),
+                        route: Some(LocalRateLimit::inert()),
+                        rate_limits: Arc::from([]),
+                    })
+                }),
+                ..RoutePolicy::default()
+            },
+        };
+        let scheme = RouteMatch {
+            headers: Arc::from([HeaderMatch {
+                name: ":scheme".into(),
+                value: ValueMatch::Exact("https".into()),
+                invert: false,
+            }]),
+            ..RouteMatch::any()
+        };
+        let folded = RouteMatch {
+            ignore_case: true,
+            ..RouteMatch::any()
+        };
+        let mut snapshot = Snapshot::default();
+        snapshot.route_configs.insert(
+            "catalog:80".into(),
+            Arc::new(RouteConfig {
+                name: "catalog:80".into(),
+                virtual_hosts: Arc::from([VirtualHost {
+                    name: "catalog:80".into(),
+                    domains: Arc::from(["catalog".into()]),
+                    routes: Arc::from([
+                        route("limited", RouteMatch::any(), true),
+                        route("tls-only", scheme, false),
+                        route("folded", folded, false),
+                        route("plain", RouteMatch::any(), false),
+                    ]),
+                }]),
+            }),
+        );
+        let found = grpc_ignored(&snapshot, None, None);
+        let about = |name: &str| -> Vec<&String> {
+            found
+                .iter()
+                .filter(|f| f.starts_with(&format!("route {name:?}")))
+                .collect()
+        };
+        assert!(
+            about("limited")[0].contains("SIDECAR_OUTBOUND"),
+            "{found:#?}"
+        );
+        assert!(about("tls-only")[0].contains(":scheme"), "{found:#?}");
+        assert!(
+            about("folded")[0].contains("case_sensitive: false"),
+            "{found:#?}"
+        );
+        assert!(about("plain").is_empty(), "{found:#?}");
+    }
+
+    #[test]
     fn file_based_client_tls_is_reported_as_nacked_by_grpc() {
         use mesh_core::model::{FileTls, UpstreamTls};
         let mut snapshot = Snapshot::default();
@@ -953,6 +1209,7 @@ mod tests {
                 ]
                 .into(),
                 rate_limit: None,
+                cors: Default::default(),
             }),
         );
         let found = grpc_ignored(&snapshot, None, None);

@@ -237,12 +237,12 @@ impl Served {
     /// `LABELS` over its WorkloadGroup's ([`crate::ads::caller_labels`]).
     pub(crate) fn view_key(&self, node: &NodeWorkload) -> Option<ViewKey> {
         let deps = &self.views.source.as_ref()?.dependencies;
-        let labels = if deps.labels.is_empty() {
+        let labels = if deps.labels.is_empty() && deps.priority_labels.is_empty() {
             BTreeMap::new()
         } else {
             crate::ads::caller_labels(self, node)
         };
-        deps.key(&node.namespace, &labels)
+        deps.key_at(&node.namespace, &labels, &node.locality)
     }
 
     /// The view `key` of this config, translated on first use (blocking:
@@ -353,6 +353,9 @@ pub(crate) struct NodeWorkload {
     pub(crate) service_account: Option<String>,
     /// `node.metadata.LABELS` (string values only).
     pub(crate) labels: BTreeMap<String, String>,
+    /// `node.locality` (empty strings where absent): what Istio's
+    /// `localityLbSetting` `from` and failover compare with.
+    pub(crate) locality: mesh_core::model::Locality,
 }
 
 impl NodeWorkload {
@@ -385,6 +388,15 @@ impl NodeWorkload {
             namespace: string("NAMESPACE").unwrap_or_else(|| "default".into()),
             service_account: string("SERVICE_ACCOUNT"),
             labels,
+            locality: node
+                .locality
+                .as_ref()
+                .map(|l| mesh_core::model::Locality {
+                    region: l.region.as_str().into(),
+                    zone: l.zone.as_str().into(),
+                    sub_zone: l.sub_zone.as_str().into(),
+                })
+                .unwrap_or_default(),
         }
     }
 }

@@ -38,6 +38,22 @@
 //! eligible endpoints were all tried is left for the next tier that has an
 //! untried one.
 //!
+//! Istio's explicit `localityLbSetting` (`distribute`, `failover`,
+//! `failoverPriority`) reaches this client as the control server computed
+//! it for the caller: locality weights and EDS priorities, which
+//! [`EndpointSet::new_for`] takes as given (the cluster then has
+//! `locality_failover` off, so no client-side ordering is added).
+//!
+//! Slow start (Istio `warmupDurationSecs`, Envoy `slow_start_config` with
+//! its default aggression 1.0 and minimum weight 10%): an endpoint added
+//! after the cluster was first seen weighs
+//! [`slow_start_factor`] of its weight until its window has passed.
+//! [`EndpointSet::pick_warming`] gets that by rejection: a pick of an
+//! endpoint with factor `f` stands with probability `f`, otherwise the
+//! pick is redone (at most [`SLOW_START_ATTEMPTS`] times), so shares are
+//! proportional to weight × factor. Only round robin and least request
+//! have slow start, as in Envoy.
+//!
 //! Ring hash picks walk the ring from the request's hash and take the
 //! first entry whose endpoint is in the tier, eligible and untried; that
 //! is where the key would land if the skipped endpoints were not on the
@@ -141,6 +157,24 @@ impl std::fmt::Debug for PickFilter<'_> {
             .field("spill", &self.spill)
             .finish_non_exhaustive()
     }
+}
+
+/// How many picks [`EndpointSet::pick_warming`] makes at most before it
+/// keeps the last one.
+pub const SLOW_START_ATTEMPTS: u64 = 32;
+
+/// Envoy's default minimum weight of an endpoint in slow start (10%).
+pub const SLOW_START_MIN_FACTOR: f64 = 0.1;
+
+/// The share of its weight an endpoint `age` old gets in a slow start
+/// `window` (Envoy's formula with aggression 1.0: `max(age, 1s) / window`,
+/// at least 10%, 1 once the window has passed).
+pub fn slow_start_factor(age: std::time::Duration, window: std::time::Duration) -> f64 {
+    if age >= window || window.is_zero() {
+        return 1.0;
+    }
+    let age = age.max(std::time::Duration::from_secs(1));
+    (age.as_secs_f64() / window.as_secs_f64()).clamp(SLOW_START_MIN_FACTOR, 1.0)
 }
 
 /// How close an endpoint's locality is to the client's (Istio's
@@ -381,6 +415,48 @@ impl EndpointSet {
             }
         }
         avoided
+    }
+
+    /// [`EndpointSet::pick_with`] with slow start: `factor(i)` is endpoint
+    /// `i`'s [`slow_start_factor`] (1 for an endpoint out of its window); a
+    /// pick stands with that probability and is redone otherwise, up to
+    /// [`SLOW_START_ATTEMPTS`] picks (then the last one stands). Round
+    /// robin picks at random (by weight) meanwhile: a counter's fixed
+    /// cycle would make a redo land on the next endpoint instead of one
+    /// drawn by weight, which gives a warming endpoint less than its share.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pick_warming(
+        &self,
+        policy: LbPolicy,
+        hash: Option<u64>,
+        random: &mut impl FnMut() -> u64,
+        counter: u64,
+        active: impl Fn(usize) -> u32,
+        filter: &PickFilter<'_>,
+        factor: &dyn Fn(usize) -> f64,
+    ) -> Option<usize> {
+        let policy = match policy {
+            LbPolicy::RoundRobin => LbPolicy::Random,
+            other => other,
+        };
+        let mut last = None;
+        for attempt in 0..SLOW_START_ATTEMPTS {
+            let i = self.pick_with(
+                policy,
+                hash,
+                random,
+                counter.wrapping_add(attempt),
+                &active,
+                filter,
+            )?;
+            let f = factor(i);
+            // Accept with probability f: a uniform u64 below f × 2^64.
+            if f >= 1.0 || (random() as f64) < f * 18_446_744_073_709_551_616.0 {
+                return Some(i);
+            }
+            last = Some(i);
+        }
+        last
     }
 
     fn ring_in_tier(
@@ -969,6 +1045,110 @@ mod tests {
         // Without a key, picks spread over the ring.
         let got = picked_ports(&set, policy, &PickFilter::ALL, 1_000);
         assert_eq!(got.len(), 10);
+    }
+
+    #[test]
+    fn slow_start_ramps_linearly_from_ten_percent() {
+        use std::time::Duration;
+        let w = Duration::from_secs(100);
+        let s = Duration::from_secs;
+        assert_eq!(slow_start_factor(s(0), w), 0.1);
+        assert_eq!(slow_start_factor(s(5), w), 0.1);
+        assert_eq!(slow_start_factor(s(25), w), 0.25);
+        assert_eq!(slow_start_factor(s(50), w), 0.5);
+        assert_eq!(slow_start_factor(s(100), w), 1.0);
+        assert_eq!(slow_start_factor(s(1_000), w), 1.0);
+        assert_eq!(slow_start_factor(s(0), Duration::ZERO), 1.0);
+    }
+
+    #[test]
+    fn a_warming_endpoint_gets_its_factor_of_the_share() {
+        // Endpoint 1 at factor 0.25 beside one out of its window: it gets
+        // 0.25 / 1.25 = 20% of the picks (z = 4.5), for both policies with
+        // slow start; without it, half.
+        let set = EndpointSet::new(&cla(&[(1, 0, &[(1, 1), (2, 1)])]));
+        let factor = |i: usize| if i == 1 { 0.25 } else { 1.0 };
+        let n = 20_000u64;
+        for policy in [LbPolicy::RoundRobin, LbPolicy::LeastRequest] {
+            let mut rng = StdRng::seed_from_u64(5);
+            let mut warm = 0u64;
+            for c in 0..n {
+                let i = set
+                    .pick_warming(
+                        policy,
+                        None,
+                        &mut || rng.random(),
+                        c,
+                        |_| 0,
+                        &PickFilter::ALL,
+                        &factor,
+                    )
+                    .unwrap();
+                warm += (i == 1) as u64;
+            }
+            let p = 0.2;
+            let sd = (n as f64 * p * (1.0 - p)).sqrt();
+            assert!(
+                (warm as f64 - n as f64 * p).abs() < 4.5 * sd,
+                "{policy:?}: {warm} of {n}"
+            );
+        }
+        // Every endpoint warming alike: the shares stay even.
+        let mut rng = StdRng::seed_from_u64(6);
+        let mut first = 0u64;
+        for c in 0..n {
+            let i = set
+                .pick_warming(
+                    LbPolicy::LeastRequest,
+                    None,
+                    &mut || rng.random(),
+                    c,
+                    |_| 0,
+                    &PickFilter::ALL,
+                    &|_| 0.1,
+                )
+                .unwrap();
+            first += (i == 0) as u64;
+        }
+        let sd = (n as f64 * 0.25).sqrt();
+        assert!((first as f64 - n as f64 / 2.0).abs() < 4.5 * sd, "{first}");
+    }
+
+    #[test]
+    fn server_computed_priorities_are_tiers_as_given() {
+        // What the control server sends for failover from r1 to r2: the
+        // caller's zone 0, its region 1, r2 2, r3 3. The client keeps them
+        // (failover off: no ordering of its own on top).
+        let cla = placed(&[
+            ("r3", "a", "", 3, &[40]),
+            ("r1", "z1", "", 0, &[10]),
+            ("r2", "a", "", 2, &[30]),
+            ("r1", "z2", "", 1, &[20]),
+        ]);
+        let set = EndpointSet::new_for(&cla, Some(&local("r1", "z1", "")), false);
+        assert_eq!(set.tier_count(), 4);
+        let down = std::cell::RefCell::new(Vec::<u16>::new());
+        let eligible = |i: usize| !down.borrow().contains(&set.address(i).port());
+        let filter = PickFilter {
+            eligible: &eligible,
+            ..PickFilter::ALL
+        };
+        for (ejected, want) in [
+            (vec![], 10),
+            (vec![10], 20),
+            (vec![10, 20], 30),
+            (vec![10, 20, 30], 40),
+        ] {
+            *down.borrow_mut() = ejected.clone();
+            for policy in POLICIES {
+                let got = picked_ports(&set, policy, &filter, 200);
+                assert_eq!(
+                    got.keys().copied().collect::<Vec<_>>(),
+                    [want],
+                    "{policy:?}"
+                );
+            }
+        }
     }
 
     #[test]

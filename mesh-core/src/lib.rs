@@ -15,11 +15,13 @@
 //! control server and the client stack.
 
 pub mod breaker;
+pub mod cors;
 pub mod deadline;
 pub mod engine;
 mod error;
 pub mod fault;
 pub mod lb;
+pub mod locality;
 pub mod model;
 mod name;
 pub mod outlier;

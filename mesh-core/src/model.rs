@@ -87,6 +87,10 @@ pub struct RoutePolicy {
     /// cluster ([`crate::traffic`]); `None` for a route that only routes
     /// (one pointer to check per request).
     pub traffic: Option<Arc<crate::traffic::Traffic>>,
+    /// The local rate limit of the route's requests on the client side (an
+    /// EnvoyFilter's `SIDECAR_OUTBOUND` patches for the calling workload,
+    /// served as the route's `typed_per_filter_config`); `None`: none.
+    pub rate_limit: Option<Arc<crate::ratelimit::RateLimitConfig>>,
 }
 
 /// Istio `retries` / Envoy `RetryPolicy` (gRFC A44 for gRPC clients).
@@ -333,6 +337,10 @@ pub struct RouteMatch {
     pub headers: Arc<[HeaderMatch]>,
     /// Query parameter conditions.
     pub query_params: Arc<[QueryParamMatch]>,
+    /// Match prefix and exact paths ignoring ASCII case (Istio
+    /// `ignoreUriCase`, Envoy `case_sensitive: false`); regexes are not
+    /// affected, as in Envoy.
+    pub ignore_case: bool,
 }
 
 impl RouteMatch {
@@ -342,6 +350,7 @@ impl RouteMatch {
             path: PathMatch::Prefix(Arc::from("/")),
             headers: Arc::from([]),
             query_params: Arc::from([]),
+            ignore_case: false,
         }
     }
 }
@@ -598,6 +607,10 @@ pub struct Cluster {
     /// Prefer the client's own locality and fail over to others only when it
     /// has no healthy endpoint (Istio `localityLbSetting.enabled`).
     pub locality_failover: bool,
+    /// Slow start: a new endpoint's share ramps up over this window (Istio
+    /// `loadBalancer.warmupDurationSecs`; Envoy `slow_start_config`
+    /// of round robin and least request). `None` = off.
+    pub slow_start: Option<Duration>,
     /// TLS to the endpoints (DestinationRule `trafficPolicy.tls`
     /// ISTIO_MUTUAL, SIMPLE or MUTUAL; gRFC A29 `UpstreamTlsContext`);
     /// `None` = plaintext.
@@ -743,6 +756,9 @@ pub struct ServerListener {
     /// `local_ratelimit` for the workload; see [`crate::ratelimit`]);
     /// `None`: none.
     pub rate_limit: Option<Arc<crate::ratelimit::RateLimitConfig>>,
+    /// The VirtualService `corsPolicy` routes of the services the server
+    /// backs, in match order (see [`crate::cors`]); empty: no CORS.
+    pub cors: Arc<[crate::cors::CorsRoute]>,
 }
 
 /// Envoy `circuit_breakers` thresholds (default priority), from Istio's
@@ -814,9 +830,44 @@ pub struct ConnectionSettings {
     /// TCP connect timeout (Istio default 10 s when `None`).
     pub connect_timeout: Option<Duration>,
     /// Close a connection idle this long (`None` = Envoy's 1 h default).
+    /// Istio's `http.idleTimeout`, else `tcp.idleTimeout` (both are
+    /// Envoy's `common_http_protocol_options.idle_timeout`).
     pub idle_timeout: Option<Duration>,
     /// Close a connection after this many requests (`None` = unlimited).
     pub max_requests_per_connection: Option<u32>,
+    /// TCP keepalive probes on each connection (Istio
+    /// `connectionPool.tcp.tcpKeepalive`; Envoy
+    /// `upstream_connection_options.tcp_keepalive`); `None` = the OS default.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    /// Drain a connection this long after it was opened: it takes no new
+    /// request and closes once its requests are done, so that load spreads
+    /// to new endpoints (Istio `connectionPool.tcp.maxConnectionDuration`;
+    /// Envoy `common_http_protocol_options.max_connection_duration`).
+    pub max_connection_duration: Option<Duration>,
+    /// At most this many concurrent streams on one HTTP/2 connection; more
+    /// open another connection to the same endpoint (Istio
+    /// `connectionPool.http.maxConcurrentStreams`; Envoy
+    /// `http2_protocol_options.max_concurrent_streams`). HTTP/2 clusters
+    /// (and upgraded ones) only: Istio does not set it on HTTP/1.1 ones, and
+    /// it is not encoded there.
+    pub max_concurrent_streams: Option<u32>,
+    /// Speak HTTP/2 to a service declared HTTP/1.1 (Istio
+    /// `connectionPool.http.h2UpgradePolicy: UPGRADE`; Envoy: the cluster's
+    /// explicit `http2_protocol_options`). `protocol` stays HTTP/1.1.
+    pub h2_upgrade: bool,
+}
+
+/// TCP keepalive settings (Istio `TcpKeepalive`; Envoy `TcpKeepalive`,
+/// which counts time and interval in whole seconds): `SO_KEEPALIVE` on,
+/// and a field left `None` keeps the OS default for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct TcpKeepalive {
+    /// Unanswered probes before the connection is dropped (`TCP_KEEPCNT`).
+    pub probes: Option<u32>,
+    /// Idle time before the first probe (`TCP_KEEPIDLE`).
+    pub time: Option<Duration>,
+    /// Time between probes (`TCP_KEEPINTVL`).
+    pub interval: Option<Duration>,
 }
 
 impl Cluster {
@@ -833,6 +884,7 @@ impl Cluster {
             outlier_detection: None,
             connection: ConnectionSettings::default(),
             locality_failover: false,
+            slow_start: None,
             tls: None,
         }
     }

@@ -273,15 +273,16 @@ impl LocalRateLimit {
     ) -> Option<(Option<usize>, &TokenBucket)> {
         if !self.descriptors.is_empty() {
             for actions in rate_limits {
-                let Some(entries) = descriptor_of(actions, req) else {
+                // Compared entry by entry, nothing collected: no allocation
+                // per request (an action's entry is cheap to make again).
+                if actions.iter().any(|a| entry_of(a, req).is_none()) {
                     continue;
-                };
+                }
                 if let Some((i, d)) = self.descriptors.iter().enumerate().find(|(_, d)| {
-                    d.entries.len() == entries.len()
-                        && d.entries
-                            .iter()
-                            .zip(&entries)
-                            .all(|((k, v), (ek, ev))| **k == **ek && **v == **ev)
+                    d.entries.len() == actions.len()
+                        && d.entries.iter().zip(actions.iter()).all(|((k, v), a)| {
+                            entry_of(a, req).is_some_and(|(ek, ev)| **k == *ek && **v == *ev)
+                        })
                 }) {
                     return Some((Some(i), &d.bucket));
                 }
@@ -291,37 +292,28 @@ impl LocalRateLimit {
     }
 }
 
-/// The descriptor one `rate_limits` entry produces for `req`, or `None`
-/// when one of its actions produces nothing.
-fn descriptor_of<'a>(
-    actions: &'a [Action],
+/// The descriptor entry one action produces for `req`, or `None` when it
+/// produces none (then its `rate_limits` entry makes no descriptor).
+fn entry_of<'a>(
+    action: &'a Action,
     req: &crate::route::RequestView<'a>,
-) -> Option<Vec<(&'a str, std::borrow::Cow<'a, str>)>> {
-    let mut out = Vec::with_capacity(actions.len());
-    for action in actions {
-        match action {
-            Action::HeaderValueMatch {
-                key,
-                value,
-                headers,
-                expect_match,
-            } => {
-                let all = headers.iter().all(|h| h.matches(req));
-                if all != *expect_match {
-                    return None;
-                }
-                out.push((&**key, std::borrow::Cow::Borrowed(&**value)));
-            }
-            Action::RequestHeaders { header, key } => {
-                let value = req.headers.get(&**header)?.to_str().ok()?;
-                out.push((&**key, std::borrow::Cow::Borrowed(value)));
-            }
-            Action::GenericKey { key, value } => {
-                out.push((&**key, std::borrow::Cow::Borrowed(&**value)));
-            }
+) -> Option<(&'a str, &'a str)> {
+    match action {
+        Action::HeaderValueMatch {
+            key,
+            value,
+            headers,
+            expect_match,
+        } => {
+            let all = headers.iter().all(|h| h.matches(req));
+            (all == *expect_match).then_some((&**key, &**value))
         }
+        Action::RequestHeaders { header, key } => {
+            let value = req.headers.get(&**header)?.to_str().ok()?;
+            Some((&**key, value))
+        }
+        Action::GenericKey { key, value } => Some((&**key, &**value)),
     }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -451,6 +443,7 @@ mod tests {
         let view = |path| crate::route::RequestView {
             method: "GET",
             authority: "shop",
+            scheme: "http",
             path,
             query: None,
             headers: &headers,

@@ -5,6 +5,13 @@
 //! then `*`), then the first route of that host whose every condition holds
 //! wins, which is Istio's "first match wins" over `http[]`. Nothing here
 //! allocates: the request is seen through [`RequestView`].
+//!
+//! As in Envoy, a route with `case_sensitive: false` (Istio's
+//! `ignoreUriCase`) compares prefix and exact paths ignoring ASCII case (a
+//! regex as written), and the pseudo-headers `:authority` (the `Host`
+//! header of an HTTP/1 request in origin form), `:scheme` (`http` when the
+//! request line has none), `:method` and `:path` are matched like headers
+//! (Istio's `match.authority`, `match.scheme`, `match.method`).
 
 use http::HeaderMap;
 
@@ -20,6 +27,10 @@ pub struct RequestView<'a> {
     pub method: &'a str,
     /// The authority as sent (`catalog:8080`), used for `:authority` matches.
     pub authority: &'a str,
+    /// The scheme (`http`, `https`), used for `:scheme` matches: the URI's,
+    /// else `http` (what Envoy sets on a plaintext HTTP/1 request, whose
+    /// request line carries no scheme).
+    pub scheme: &'a str,
     /// The path without the query string.
     pub path: &'a str,
     /// The raw query string, without `?`.
@@ -40,6 +51,7 @@ impl<'a> RequestView<'a> {
         RequestView {
             method: method.as_str(),
             authority,
+            scheme: uri.scheme_str().unwrap_or("http"),
             path: uri.path(),
             query: uri.query(),
             headers,
@@ -104,14 +116,22 @@ impl VirtualHost {
 impl RouteMatch {
     /// Whether every condition holds for `req`.
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
-        path_matches(&self.path, req.path)
+        path_matches(&self.path, req.path, self.ignore_case)
             && self.headers.iter().all(|h| h.matches(req))
             && self.query_params.iter().all(|q| q.matches(req.query))
     }
 }
 
-fn path_matches(m: &PathMatch, path: &str) -> bool {
+/// Envoy's path match: with `ignore_case` (`case_sensitive: false`),
+/// prefix and exact paths compare ASCII letters case-insensitively (bytes,
+/// no allocation); a regex is matched as written.
+fn path_matches(m: &PathMatch, path: &str, ignore_case: bool) -> bool {
     match m {
+        PathMatch::Prefix(p) if ignore_case => path
+            .as_bytes()
+            .get(..p.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(p.as_bytes())),
+        PathMatch::Exact(p) if ignore_case => path.eq_ignore_ascii_case(p),
         PathMatch::Prefix(p) => path.starts_with(&**p),
         PathMatch::Exact(p) => path == &**p,
         PathMatch::Regex(re) => re.is_match(path),
@@ -119,14 +139,16 @@ fn path_matches(m: &PathMatch, path: &str) -> bool {
 }
 
 impl HeaderMatch {
-    /// Whether this condition holds. Pseudo-headers `:method`, `:authority`
-    /// and `:path` read the request line, as in Envoy. Several values of one
+    /// Whether this condition holds. Pseudo-headers `:method`, `:authority`,
+    /// `:scheme` and `:path` read the request line, as in Envoy (for
+    /// HTTP/1, `:authority` is the `Host` header). Several values of one
     /// header are matched joined by `,`, as Envoy does.
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
         let result = match &*self.name {
             ":method" => self.value.matches(Some(req.method)),
             ":authority" | "host" => self.value.matches(Some(req.authority)),
             ":path" => self.value.matches(Some(req.path)),
+            ":scheme" => self.value.matches(Some(req.scheme)),
             name => {
                 let mut values = req.headers.get_all(name).iter();
                 match (values.next(), values.next()) {
@@ -280,6 +302,7 @@ mod tests {
         RequestView {
             method,
             authority: "catalog",
+            scheme: "http",
             path,
             query,
             headers,
@@ -367,13 +390,75 @@ mod tests {
     #[test]
     fn path_kinds() {
         let h = HeaderMap::new();
-        assert!(path_matches(&PathMatch::Exact("/a".into()), "/a"));
-        assert!(!path_matches(&PathMatch::Exact("/a".into()), "/a/"));
-        assert!(path_matches(&PathMatch::Prefix("/a".into()), "/ab"));
+        assert!(path_matches(&PathMatch::Exact("/a".into()), "/a", false));
+        assert!(!path_matches(&PathMatch::Exact("/a".into()), "/a/", false));
+        assert!(path_matches(&PathMatch::Prefix("/a".into()), "/ab", false));
         let re = PathMatch::Regex(Pattern::new("/items/[0-9]+").unwrap());
-        assert!(path_matches(&re, "/items/42"));
-        assert!(!path_matches(&re, "/items/42/x"), "regex is a full match");
+        assert!(path_matches(&re, "/items/42", false));
+        assert!(
+            !path_matches(&re, "/items/42/x", false),
+            "regex is a full match"
+        );
         assert!(RouteMatch::any().matches(&req("GET", "/anything", None, &h)));
+    }
+
+    #[test]
+    fn ignore_case_folds_prefix_and_exact_paths_only() {
+        let prefix = PathMatch::Prefix("/Catalog/".into());
+        assert!(!path_matches(&prefix, "/catalog/items", false));
+        assert!(path_matches(&prefix, "/catalog/items", true));
+        assert!(path_matches(&prefix, "/CATALOG/items", true));
+        assert!(
+            !path_matches(&prefix, "/catalo", true),
+            "shorter than the prefix"
+        );
+        // A multi-byte character where the prefix ends: no panic, no match.
+        assert!(!path_matches(&PathMatch::Prefix("/a".into()), "/é", true));
+        let exact = PathMatch::Exact("/Health".into());
+        assert!(path_matches(&exact, "/HEALTH", true));
+        assert!(!path_matches(&exact, "/HEALTH", false));
+        assert!(!path_matches(&exact, "/healthz", true));
+        // Envoy: case_sensitive does not apply to safe_regex.
+        let re = PathMatch::Regex(Pattern::new("/items").unwrap());
+        assert!(!path_matches(&re, "/ITEMS", true));
+        let h = HeaderMap::new();
+        let m = RouteMatch {
+            path: prefix,
+            ignore_case: true,
+            ..RouteMatch::any()
+        };
+        assert!(m.matches(&req("GET", "/CaTaLoG/x", None, &h)));
+    }
+
+    #[test]
+    fn authority_and_scheme_are_pseudo_headers() {
+        let h = HeaderMap::new();
+        let uri: http::Uri = "https://catalog.shop:8443/x".parse().unwrap();
+        let method = http::Method::GET;
+        let tls = RequestView::new(&method, &uri, &h, "catalog.shop:8443");
+        assert_eq!(tls.scheme, "https");
+        let origin_form: http::Uri = "/x".parse().unwrap();
+        let plain = RequestView::new(&method, &origin_form, &h, "catalog.shop");
+        assert_eq!(plain.scheme, "http", "no scheme in the request line: http");
+        let scheme = header(":scheme", ValueMatch::Exact("https".into()), false);
+        assert!(scheme.matches(&tls));
+        assert!(!scheme.matches(&plain));
+        let authority = header(
+            ":authority",
+            ValueMatch::Prefix("catalog.shop".into()),
+            false,
+        );
+        assert!(authority.matches(&tls) && authority.matches(&plain));
+        let exact = header(
+            ":authority",
+            ValueMatch::Exact("catalog.shop".into()),
+            false,
+        );
+        assert!(
+            !exact.matches(&tls),
+            "the authority is matched as sent, port included"
+        );
+        assert!(exact.matches(&plain));
     }
 
     #[test]

@@ -36,6 +36,7 @@ fn suffix_domain_against_a_non_ascii_host_does_not_panic() {
     let req = RequestView {
         method: "GET",
         authority: host,
+        scheme: "http",
         path: "/",
         query: None,
         headers: &headers,

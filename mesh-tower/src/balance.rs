@@ -30,8 +30,10 @@ use arc_swap::ArcSwap;
 use http::uri::Authority;
 use mesh_core::Snapshot;
 use mesh_core::breaker::CircuitBreaker;
-use mesh_core::lb::{EndpointSet, PickFilter};
-use mesh_core::model::{Cluster, ClusterLoadAssignment, Locality, Name, TlsOrigination};
+use mesh_core::lb::{EndpointSet, PickFilter, slow_start_factor};
+use mesh_core::model::{
+    Cluster, ClusterLoadAssignment, LbPolicy, Locality, Name, Protocol, TlsOrigination,
+};
 use mesh_core::outlier::{Ejection, OutlierDetector, ResultClass};
 use mesh_core::retry::RetryLimiter;
 use rand::Rng;
@@ -88,6 +90,14 @@ pub(crate) struct ClusterState {
     active: Box<[AtomicU32]>,
     /// The round-robin counter.
     next: AtomicU64,
+    /// Slow start: when each endpoint was first seen, aligned with the
+    /// addresses; `None` for endpoints of the cluster's first assignment
+    /// (they start together: a ramp would change no share).
+    born: Box<[Option<Instant>]>,
+    /// Until when some endpoint is in its slow start window (`None`: none
+    /// is, or the cluster has no slow start): picks before it go through
+    /// [`EndpointSet::pick_warming`].
+    warm_until: Option<Instant>,
     outlier: Option<OutlierDetector>,
     breaker: CircuitBreaker,
     retries: RetryLimiter,
@@ -252,6 +262,31 @@ impl ClusterState {
             })
             .collect();
         let now = Instant::now();
+        let born: Box<[Option<Instant>]> = match old {
+            None => set.addresses().iter().map(|_| None).collect(),
+            Some(old) => {
+                let before: HashMap<SocketAddr, Option<Instant>> = old
+                    .set
+                    .addresses()
+                    .iter()
+                    .copied()
+                    .zip(old.born.iter().copied())
+                    .collect();
+                set.addresses()
+                    .iter()
+                    .map(|a| before.get(a).copied().unwrap_or(Some(now)))
+                    .collect()
+            }
+        };
+        let warm_until = match (cluster.slow_start, cluster.lb_policy) {
+            (Some(window), LbPolicy::RoundRobin | LbPolicy::LeastRequest) => born
+                .iter()
+                .flatten()
+                .max()
+                .and_then(|latest| latest.checked_add(window))
+                .filter(|until| *until > now),
+            _ => None,
+        };
         let outlier = cluster.outlier_detection.as_ref().map(|config| {
             match old.and_then(|o| o.outlier.as_ref()) {
                 Some(previous) => previous.rebuild(config, set.addresses(), now),
@@ -266,7 +301,13 @@ impl ClusterState {
             (Some(upstream), store)
                 if store.is_some() || upstream.origination != TlsOrigination::IstioMutual =>
             {
-                match ClusterTls::new(store, upstream, cluster.protocol) {
+                // An upgraded HTTP/1.1 cluster speaks h2: its ALPN must say so.
+                let protocol = if cluster.connection.h2_upgrade {
+                    Protocol::Http2
+                } else {
+                    cluster.protocol
+                };
+                match ClusterTls::new(store, upstream, protocol) {
                     Ok(tls) => (Some(tls), None),
                     Err(e) => (
                         None,
@@ -299,6 +340,8 @@ impl ClusterState {
         }));
         ClusterState {
             next: AtomicU64::new(old.map_or(0, |o| o.next.load(Ordering::Relaxed))),
+            born,
+            warm_until,
             cluster,
             cla,
             set,
@@ -372,6 +415,12 @@ impl ClusterState {
             _ => 0,
         };
         let active = |i: usize| self.in_flight(i);
+        if let Some(until) = self.warm_until {
+            let now = Instant::now();
+            if now < until {
+                return self.pick_warming(hash, rng, avoid, spill, counter, now);
+            }
+        }
         let index = match (&self.outlier, avoid) {
             (None, None) => self.set.pick_with(
                 policy,
@@ -401,6 +450,50 @@ impl ClusterState {
         }?;
         // An index past the addresses would make the guard's address
         // lookup panic: `active` is as long as the addresses.
+        self.active.get(index)?.fetch_add(1, Ordering::Relaxed);
+        Some(ActiveGuard {
+            state: self.clone(),
+            index,
+        })
+    }
+
+    /// [`pick`](Self::pick) while some endpoint is in its slow start
+    /// window (rare: the allocation-free fast path is `pick`'s).
+    fn pick_warming(
+        self: &Arc<Self>,
+        hash: Option<u64>,
+        rng: &mut impl Rng,
+        avoid: Option<&dyn Fn(usize) -> bool>,
+        spill: bool,
+        counter: u64,
+        now: Instant,
+    ) -> Option<ActiveGuard> {
+        let window = self.cluster.slow_start?;
+        let never = |_: usize| false;
+        let eligible_all = |_: usize| true;
+        let ejections = self.outlier.as_ref().map(|o| o.eligible(now));
+        let eligible: &dyn Fn(usize) -> bool = match &ejections {
+            Some(e) => e,
+            None => &eligible_all,
+        };
+        let filter = PickFilter {
+            eligible,
+            avoid: avoid.unwrap_or(&never),
+            spill,
+        };
+        let factor = |i: usize| match self.born.get(i).copied().flatten() {
+            Some(born) => slow_start_factor(now.saturating_duration_since(born), window),
+            None => 1.0,
+        };
+        let index = self.set.pick_warming(
+            self.cluster.lb_policy,
+            hash,
+            &mut || rng.random(),
+            counter,
+            |i| self.in_flight(i),
+            &filter,
+            &factor,
+        )?;
         self.active.get(index)?.fetch_add(1, Ordering::Relaxed);
         Some(ActiveGuard {
             state: self.clone(),
@@ -472,7 +565,7 @@ impl Drop for ActiveGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_core::model::{Endpoint, LbPolicy, LocalityEndpoints, Protocol};
+    use mesh_core::model::{Endpoint, LbPolicy, LocalityEndpoints};
 
     fn cla(name: &str, ports: &[u16]) -> Arc<ClusterLoadAssignment> {
         let endpoints = ports

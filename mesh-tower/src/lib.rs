@@ -78,6 +78,7 @@ mod balance;
 mod body;
 mod client;
 mod connection;
+mod cors;
 pub mod deadline;
 mod error;
 mod grpc;

@@ -931,6 +931,7 @@ fn server_listener(
         mtls,
         policies: policies.into(),
         rate_limit: None,
+        cors: Default::default(),
     })
 }
 

@@ -1138,6 +1138,7 @@ async fn traffic_stays_in_the_local_zone_and_fails_over_when_it_is_down() {
             "svc",
             Cluster {
                 locality_failover: true,
+                slow_start: None,
                 tls: None,
                 outlier_detection: Some(OutlierDetection {
                     consecutive_5xx: None,

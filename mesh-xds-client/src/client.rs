@@ -745,13 +745,20 @@ impl XdsClient {
             };
             match ready {
                 Readiness::Ready => return Ok(()),
-                Readiness::Missing => {
+                Readiness::Missing(why) => {
+                    let server = self.server_description();
                     return Err(Error::new(
                         ErrorKind::NotFound,
-                        format!(
-                            "xDS listener {name:?} does not exist on the control server ({})",
-                            self.server_description()
-                        ),
+                        match why {
+                            Some(why) => format!(
+                                "xDS listener {name:?} does not exist on the control server \
+                                 ({server}): {why}"
+                            ),
+                            None => format!(
+                                "xDS listener {name:?} does not exist on the control server \
+                                 ({server})"
+                            ),
+                        },
                     ));
                 }
                 Readiness::Rejected(why) => {

@@ -58,6 +58,8 @@ use prost::Message;
 
 /// google.rpc.Code INVALID_ARGUMENT, the code of a NACK's `error_detail`.
 const INVALID_ARGUMENT: i32 = 3;
+/// `google.rpc.Code.NOT_FOUND`.
+const NOT_FOUND: i32 = 5;
 /// Bound on remembered unanswered subscription changes per type.
 const MAX_UNANSWERED: usize = 32;
 
@@ -83,12 +85,22 @@ fn index(t: ResourceType) -> usize {
 pub struct SyncStatus {
     missing_clusters: BTreeSet<Name>,
     rejected: [BTreeMap<Name, Arc<str>>; 4],
+    /// Why the server says a missing listener or cluster does not exist:
+    /// the message of its NOT_FOUND `resource_errors` entry (xDS TP3,
+    /// gRFC A88), e.g. which `exportTo` hides it.
+    absent_why: [BTreeMap<Name, Arc<str>>; 4],
 }
 
 impl SyncStatus {
     /// Whether the last CDS response said this subscribed cluster does not exist.
     pub fn is_cluster_missing(&self, name: &str) -> bool {
         self.missing_clusters.contains(name)
+    }
+
+    /// Why the server said the resource does not exist, when it said why
+    /// (its `resource_errors` entry's message).
+    pub fn absence(&self, kind: ResourceType, name: &str) -> Option<&str> {
+        self.absent_why[index(kind)].get(name).map(|s| &**s)
     }
 
     /// Why the resource was rejected (NACKed), if its last version was.
@@ -305,8 +317,9 @@ pub enum Readiness {
     /// endpoints) are present; clusters the server said do not exist or
     /// rejected count as settled.
     Ready,
-    /// The control server said the listener does not exist.
-    Missing,
+    /// The control server said the listener does not exist, and why when
+    /// it said (its `resource_errors` message).
+    Missing(Option<String>),
     /// The listener or its route config was rejected and no valid version exists.
     Rejected(String),
     /// Still waiting for the server.
@@ -320,7 +333,13 @@ pub fn readiness(snapshot: &Snapshot, status: &SyncStatus, name: &str) -> Readin
         return Readiness::Ready;
     }
     let listener = match snapshot.listener_for(name) {
-        ListenerLookup::Missing => return Readiness::Missing,
+        ListenerLookup::Missing => {
+            return Readiness::Missing(
+                status
+                    .absence(ResourceType::Listener, name)
+                    .map(str::to_owned),
+            );
+        }
         ListenerLookup::Unknown => {
             return match status.rejection(ResourceType::Listener, name) {
                 Some(why) => Readiness::Rejected(why.to_owned()),
@@ -382,7 +401,8 @@ enum Decoded {
     Listener(Listener),
     ServerListener(ServerListener),
     RouteConfig(RouteConfig),
-    Cluster(Cluster),
+    // Boxed: a cluster is several times the size of the other variants.
+    Cluster(Box<Cluster>),
     Endpoints(ClusterLoadAssignment),
 }
 
@@ -398,7 +418,7 @@ fn decode(kind: ResourceType, any: &Any) -> Result<(Name, Decoded), mesh_core::E
         }
         ResourceType::Cluster => {
             let c = xds::decode_cluster(any)?;
-            (c.name.clone(), Decoded::Cluster(c))
+            (c.name.clone(), Decoded::Cluster(Box::new(c)))
         }
         ResourceType::Endpoints => {
             let e = xds::decode_endpoints(any)?;
@@ -553,7 +573,7 @@ impl AdsState {
     /// as `last_updated` and a rejection's `last_update_attempt`).
     pub fn on_response_at(
         &mut self,
-        resp: DiscoveryResponse,
+        mut resp: DiscoveryResponse,
         now: SystemTime,
     ) -> Vec<DiscoveryRequest> {
         let Some(kind) = ResourceType::from_type_url(&resp.type_url) else {
@@ -568,6 +588,17 @@ impl AdsState {
         self.received = true;
         self.types[i].nonce = resp.nonce.clone();
         let short = kind.short_name();
+        // NOT_FOUND entries (xDS TP3, gRFC A88): the server says these do
+        // not exist, and why. Other codes are not acted on.
+        let told_absent: BTreeMap<Name, Arc<str>> = std::mem::take(&mut resp.resource_errors)
+            .into_iter()
+            .filter_map(|e| {
+                let status = e.error_detail?;
+                let name = e.resource_name?.name;
+                (status.code == NOT_FOUND && self.types[i].subscribed.contains(name.as_str()))
+                    .then(|| (Name::from(name), Arc::from(status.message)))
+            })
+            .collect();
 
         let mut errors: Vec<String> = Vec::new();
         // `None`: the resource is the one held, byte for byte (see `held_name`).
@@ -635,16 +666,21 @@ impl AdsState {
             }
         }
         // SotW: a subscribed LDS/CDS name the server knew of and left out does
-        // not exist. With an unnamed bad resource, absence proves nothing.
-        if matches!(kind, ResourceType::Listener | ResourceType::Cluster) && !unnamed {
+        // not exist. With an unnamed bad resource, absence proves nothing,
+        // unless the server said so in a `resource_errors` entry.
+        if matches!(kind, ResourceType::Listener | ResourceType::Cluster) {
             let absent: Vec<Name> = self.types[i]
                 .subscribed
                 .iter()
-                .filter(|n| known.contains(*n) && !seen.contains(*n))
+                .filter(|n| {
+                    !seen.contains(*n)
+                        && ((known.contains(*n) && !unnamed) || told_absent.contains_key(*n))
+                })
                 .cloned()
                 .collect();
             for name in absent {
-                self.on_absent(kind, name);
+                let why = told_absent.get(&name).cloned();
+                self.on_absent(kind, name, why);
             }
         }
 
@@ -771,11 +807,12 @@ impl AdsState {
             }
             Some(Decoded::Cluster(c)) => {
                 let gone = self.status.missing_clusters.remove(&name);
-                upsert(&mut self.snapshot.clusters, name.clone(), c) || gone
+                upsert(&mut self.snapshot.clusters, name.clone(), *c) || gone
             }
             Some(Decoded::Endpoints(e)) => upsert(&mut self.snapshot.endpoints, name.clone(), e),
         };
         let unrejected = self.status.rejected[i].remove(&name).is_some();
+        self.status.absent_why[i].remove(&name);
         self.rejections[i].remove(&name);
         if self.keep_raw
             && let Some((any, version, now)) = raw
@@ -798,7 +835,7 @@ impl AdsState {
         self.changed |= changed || unrejected;
     }
 
-    fn on_absent(&mut self, kind: ResourceType, name: Name) {
+    fn on_absent(&mut self, kind: ResourceType, name: Name, why: Option<Arc<str>>) {
         let i = index(kind);
         let present = match kind {
             ResourceType::Listener => {
@@ -818,6 +855,11 @@ impl AdsState {
         self.raw[i].remove(&name);
         self.rejections[i].remove(&name);
         self.status.rejected[i].remove(&name);
+        let why_changed = match why {
+            Some(why) => self.status.absent_why[i].insert(name.clone(), why.clone()) != Some(why),
+            None => self.status.absent_why[i].remove(&name).is_some(),
+        };
+        self.changed |= why_changed;
         let newly_missing = match kind {
             ResourceType::Listener => {
                 self.snapshot.listeners.remove(&name);
@@ -874,6 +916,7 @@ impl AdsState {
             }
             ResourceType::Listener => {}
         }
+        self.status.absent_why[i].retain(|k, _| names.contains(k));
         let n = self.status.rejected[i].len();
         self.status.rejected[i].retain(|k, _| names.contains(k));
         self.changed |= n != self.status.rejected[i].len();

@@ -11,6 +11,24 @@
 //!   name, whose value sets `typed_per_filter_config` for the filter (same
 //!   wrapping) and, for descriptors, the route's `rate_limits`.
 //!
+//! **Client side (`SIDECAR_OUTBOUND`).** The same two patches in the
+//! outbound context limit the calls the selected workloads *make*: the
+//! `HTTP_FILTER` patch's config (when it has a bucket) every outbound route
+//! of the caller, an `HTTP_ROUTE` patch the routes of the virtual host it
+//! names by Istio's outbound name `<fqdn>:<port>`
+//! (`reviews.shop.svc.cluster.local:9080`; no name: every virtual host),
+//! optionally one route by name (`http[].name`, or `default` for a
+//! service without a VirtualService). [`Outbound`] resolves them per
+//! caller: the caller is chosen by the EnvoyFilter's namespace (the root
+//! namespace: every namespace) and `workloadSelector`, so an outbound
+//! limit makes the config differ per node ([`view_dependencies`]); each
+//! limited route of the caller's [`RouteConfig`]s carries its config (in
+//! its `typed_per_filter_config`, wrapped for gRPC) and this mesh's
+//! client enforces it; gRPC clients ignore it (`check --for grpc` says so). A vhost name that names no outbound virtual host of the
+//! config is an error at its line (Istio would silently apply nothing).
+//!
+//! [`RouteConfig`]: mesh_core::model::RouteConfig
+//!
 //! Anything else an EnvoyFilter can say is refused at its line: an
 //! EnvoyFilter that this mesh half-applied would be worse than one it
 //! refused. The config's fields are Envoy's, in Envoy's snake_case
@@ -22,7 +40,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mesh_core::model::{Fraction, HeaderMatch, Name, Pattern, ValueMatch};
-use mesh_core::ratelimit::{Action, Descriptor, LocalRateLimit, Refusal, TokenBucket};
+use mesh_core::ratelimit::{
+    Action, Descriptor, LocalRateLimit, RateLimitConfig, Refusal, TokenBucket,
+};
 use mesh_core::traffic::{HeaderOps, header_name, header_value};
 
 use super::policy::{Floor, duration};
@@ -72,6 +92,8 @@ pub(crate) enum Patch {
         context: Context,
         /// From Istio's vhost name `inbound|http|<port>` (`None`: any).
         port: Option<u16>,
+        /// Outbound: Istio's vhost name `<fqdn>:<port>` (`None`: any).
+        vhost: Option<String>,
         /// `route.name` (`None`: `action: ANY`, every route).
         route: Option<String>,
         config: Option<LocalRateLimit>,
@@ -168,9 +190,9 @@ fn parse_patch(sink: &mut Sink<'_>, item: Field<'_, '_, '_>) -> Option<Patch> {
         "HTTP_ROUTE" => {
             let m = Fields::of(sink, m, &["context", "routeConfiguration"], &["proxy"])?;
             let context = context(sink, &m)?;
-            let (port, route) = match m.get("routeConfiguration") {
-                Some(rc) => parse_route_match(sink, rc)?,
-                None => (None, None),
+            let (port, vhost, route) = match m.get("routeConfiguration") {
+                Some(rc) => parse_route_match(sink, rc, context)?,
+                None => (None, None, None),
             };
             let p = Fields::of(sink, patch, &["operation", "value"], &[])?;
             let op = p.require(sink, "operation")?.string(sink)?;
@@ -236,6 +258,7 @@ fn parse_patch(sink: &mut Sink<'_>, item: Field<'_, '_, '_>) -> Option<Patch> {
             Some(Patch::Route {
                 context,
                 port,
+                vhost,
                 route,
                 config,
                 rate_limits,
@@ -259,18 +282,7 @@ fn context(sink: &mut Sink<'_>, m: &Fields<'_, '_>) -> Option<Context> {
     let c = m.require(sink, "context")?.string(sink)?;
     match c.value.as_str() {
         "SIDECAR_INBOUND" => Some(Context::Inbound),
-        "SIDECAR_OUTBOUND" => {
-            // The model and the client's enforcement exist, but the control
-            // server does not yet resolve outbound patches into the client
-            // routes of the selected workloads: refuse rather than ignore.
-            sink.error(
-                c.line,
-                "EnvoyFilter: SIDECAR_OUTBOUND local rate limits are not applied yet \
-                 (client routes are not resolved per workload); use SIDECAR_INBOUND on the \
-                 server's workload",
-            );
-            Some(Context::Outbound)
-        }
+        "SIDECAR_OUTBOUND" => Some(Context::Outbound),
         other => {
             sink.error(
                 c.line,
@@ -294,7 +306,24 @@ fn check_hcm_match(sink: &mut Sink<'_>, l: Field<'_, '_, '_>) -> Option<()> {
     let Some(filter) = fc.get("filter") else {
         return Some(());
     };
-    let filter = Fields::of(sink, filter, &["name"], &["subFilter"])?;
+    let filter = Fields::of(sink, filter, &["name", "subFilter"], &[])?;
+    // `subFilter: {name: envoy.filters.http.router}` (INSERT_BEFORE the
+    // router, as many guides write it) is where the filter goes anyway.
+    if let Some(s) = filter.get("subFilter") {
+        let s = Fields::of(sink, s, &["name"], &[])?;
+        let n = s.require(sink, "name")?.string(sink)?;
+        if n.value != "envoy.filters.http.router" {
+            sink.error(
+                n.line,
+                format!(
+                    "EnvoyFilter: the local rate limit filter can only be placed relative to \
+                     envoy.filters.http.router, not {:?}",
+                    n.value
+                ),
+            );
+            return None;
+        }
+    }
     let name = filter.require(sink, "name")?.string(sink)?;
     if name.value != "envoy.filters.network.http_connection_manager" {
         sink.error(
@@ -310,11 +339,14 @@ fn check_hcm_match(sink: &mut Sink<'_>, l: Field<'_, '_, '_>) -> Option<()> {
     Some(())
 }
 
-/// `routeConfiguration: {vhost: {name: "inbound|http|9080", route: {action: ANY | name}}}`.
+/// `routeConfiguration: {vhost: {name: "inbound|http|9080", route: {action: ANY | name}}}`
+/// (outbound: `name: "<fqdn>:<port>"`): the inbound port, the outbound
+/// vhost name and the route name.
 fn parse_route_match(
     sink: &mut Sink<'_>,
     rc: Field<'_, '_, '_>,
-) -> Option<(Option<u16>, Option<String>)> {
+    context: Context,
+) -> Option<(Option<u16>, Option<String>, Option<String>)> {
     let rc = Fields::of(
         sink,
         rc,
@@ -322,10 +354,31 @@ fn parse_route_match(
         &["portNumber", "portName", "gateway", "name"],
     )?;
     let Some(vhost) = rc.get("vhost") else {
-        return Some((None, None));
+        return Some((None, None, None));
     };
     let vhost = Fields::of(sink, vhost, &["name", "route"], &["domainName"])?;
+    let mut outbound_name = None;
     let port = match vhost.get("name") {
+        Some(n) if context == Context::Outbound => {
+            let n = n.string(sink)?;
+            let valid = n
+                .value
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                sink.error(
+                    n.line,
+                    format!(
+                        "EnvoyFilter: vhost name {:?} is not Istio's outbound name \
+                         `<fqdn>:<port>` (e.g. reviews.default.svc.cluster.local:9080)",
+                        n.value
+                    ),
+                );
+                return None;
+            }
+            outbound_name = Some(n.value);
+            None
+        }
         Some(n) => {
             let n = n.string(sink)?;
             let port = n
@@ -370,7 +423,7 @@ fn parse_route_match(
         }
         None => None,
     };
-    Some((port, route))
+    Some((port, outbound_name, route))
 }
 
 /// A `typed_config`: the TypedStruct wrapper with `type_url` and `value`, or
@@ -830,6 +883,221 @@ fn parse_header_matcher(sink: &mut Sink<'_>, item: Field<'_, '_, '_>) -> Option<
     })
 }
 
+/// What an EnvoyFilter's outbound patches make the config depend on: the
+/// caller's namespace (an EnvoyFilter applies to its own namespace's
+/// workloads, or to every namespace's from the root namespace, which is not
+/// known here: the namespace is always a dependency) and the labels of its
+/// `workloadSelector`. Called by [`super::ViewDependencies::of`].
+pub(crate) fn view_dependencies(deps: &mut super::ViewDependencies, f: &EnvoyFilter) {
+    let outbound = f.patches.iter().any(|p| {
+        matches!(
+            p,
+            Patch::Filter {
+                context: Context::Outbound,
+                ..
+            } | Patch::Route {
+                context: Context::Outbound,
+                ..
+            }
+        )
+    });
+    if !outbound {
+        return;
+    }
+    deps.namespace = true;
+    for (k, v) in f.selector.iter().flatten() {
+        deps.labels.entry(k.clone()).or_default().insert(v.clone());
+    }
+}
+
+/// The outbound (client-side) local rate limits of a config, for one
+/// audience: the EnvoyFilters whose `SIDECAR_OUTBOUND` patches apply to
+/// its callers, root namespace first, then by namespace and name (see the
+/// [module docs](self)).
+pub(crate) struct Outbound<'r> {
+    filters: Vec<OutboundFilter<'r>>,
+}
+
+struct OutboundFilter<'r> {
+    meta: &'r super::resources::Meta,
+    /// The first outbound `HTTP_FILTER` patch's config.
+    filter: Option<&'r LocalRateLimit>,
+    /// `(vhost, route, config, rate_limits, line)` of each outbound
+    /// `HTTP_ROUTE` patch.
+    routes: Vec<OutboundRoute<'r>>,
+}
+
+struct OutboundRoute<'r> {
+    vhost: Option<&'r str>,
+    route: Option<&'r str>,
+    config: Option<&'r LocalRateLimit>,
+    rate_limits: &'r [Arc<[Action]>],
+    line: usize,
+}
+
+impl<'r> Outbound<'r> {
+    /// The outbound patches of `resources` that apply to the callers of
+    /// `audience`: every workload ([`super::Audience::Everyone`]) only
+    /// when the EnvoyFilter is in the root namespace without a selector.
+    pub(crate) fn new(
+        root_namespace: &str,
+        resources: &[&'r super::resources::Resource],
+        audience: super::Audience<'_>,
+    ) -> Self {
+        Self::collect(root_namespace, resources, |root, meta, f| match audience {
+            super::Audience::Everyone => root && f.selector.is_none(),
+            super::Audience::View(key) => {
+                (root || key.namespace.as_deref() == Some(meta.namespace.as_str()))
+                    && f.selector
+                        .iter()
+                        .flatten()
+                        .all(|(k, v)| key.labels.get(k) == Some(v))
+            }
+        })
+    }
+
+    /// Every outbound patch, whoever it selects (for [`Outbound::unmatched`]).
+    pub(crate) fn all(root_namespace: &str, resources: &[&'r super::resources::Resource]) -> Self {
+        Self::collect(root_namespace, resources, |_, _, _| true)
+    }
+
+    fn collect(
+        root_namespace: &str,
+        resources: &[&'r super::resources::Resource],
+        applies: impl Fn(bool, &super::resources::Meta, &EnvoyFilter) -> bool,
+    ) -> Self {
+        let mut filters = Vec::new();
+        for r in resources {
+            let super::resources::Spec::EnvoyFilter(f) = &r.spec else {
+                continue;
+            };
+            if !applies(r.meta.namespace == root_namespace, &r.meta, f) {
+                continue;
+            }
+            let mut filter = None;
+            let mut routes = Vec::new();
+            for p in &f.patches {
+                match p {
+                    Patch::Filter {
+                        context: Context::Outbound,
+                        config,
+                        ..
+                    } => {
+                        filter.get_or_insert(config);
+                    }
+                    Patch::Route {
+                        context: Context::Outbound,
+                        vhost,
+                        route,
+                        config,
+                        rate_limits,
+                        line,
+                        ..
+                    } => routes.push(OutboundRoute {
+                        vhost: vhost.as_deref(),
+                        route: route.as_deref(),
+                        config: config.as_ref(),
+                        rate_limits,
+                        line: *line,
+                    }),
+                    _ => {}
+                }
+            }
+            if filter.is_some() || !routes.is_empty() {
+                filters.push(OutboundFilter {
+                    meta: &r.meta,
+                    filter,
+                    routes,
+                });
+            }
+        }
+        filters.sort_by(|a, b| {
+            let key = |f: &OutboundFilter<'_>| {
+                (
+                    f.meta.namespace != root_namespace,
+                    f.meta.namespace.clone(),
+                    f.meta.name.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        Outbound { filters }
+    }
+
+    /// Whether no outbound patch applies.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    /// The limit of the route `route` of the outbound virtual host `vhost`
+    /// (`<fqdn>:<port>`), as its xDS carries it: the config it is limited
+    /// by (the last matching route patch's, else the first filter's) as
+    /// the route's, and the `rate_limits` of the matching route patches.
+    /// `None`: no filter patch applies (a route config without the filter
+    /// limits nothing, as in Envoy), or the config can never limit.
+    pub(crate) fn for_route(&self, vhost: &str, route: &str) -> Option<Arc<RateLimitConfig>> {
+        let mut filter = None;
+        let mut route_config = None;
+        let mut rate_limits = Vec::new();
+        for f in &self.filters {
+            if filter.is_none() {
+                filter = f.filter;
+            }
+            for r in &f.routes {
+                if r.vhost.is_none_or(|v| v == vhost) && r.route.is_none_or(|n| n == route) {
+                    if let Some(c) = r.config {
+                        route_config = Some(c);
+                    }
+                    rate_limits.extend(r.rate_limits.iter().cloned());
+                }
+            }
+        }
+        let effective = route_config.or(filter)?;
+        filter?;
+        let config = RateLimitConfig {
+            // The client's listener has the filter with a config that
+            // limits nothing: the route carries the config in force.
+            filter: LocalRateLimit::inert(),
+            route: Some(effective.clone()),
+            rate_limits: rate_limits.into(),
+        };
+        (!config.is_inert()).then(|| Arc::new(config))
+    }
+
+    /// The route patches whose vhost name is no virtual host of `vhosts`:
+    /// each an error at its line (it would apply to nothing).
+    pub(crate) fn unmatched(
+        &self,
+        vhosts: &std::collections::BTreeSet<String>,
+    ) -> Vec<(&'r super::resources::Meta, super::Diagnostic)> {
+        let mut out = Vec::new();
+        for f in &self.filters {
+            for r in &f.routes {
+                if let Some(v) = r.vhost
+                    && !vhosts.contains(v)
+                {
+                    out.push((
+                        f.meta,
+                        f.meta.diagnostic(
+                            r.line,
+                            format!(
+                                "vhost {v:?} names no outbound virtual host of this mesh \
+                                 (Istio's names are <fqdn>:<port> of a service's port, e.g. \
+                                 {:?}); this patch applies to nothing",
+                                vhosts.iter().next().map_or(
+                                    "reviews.default.svc.cluster.local:9080",
+                                    String::as_str
+                                )
+                            ),
+                        ),
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -1186,15 +1454,225 @@ spec:
         );
     }
 
+    /// The client side, in the shape of Istio's task and the guides that
+    /// limit calls on the caller's sidecar: the filter on the outbound HCM
+    /// (INSERT_BEFORE the router) and the config of one outbound virtual
+    /// host, named `<fqdn>:<port>`.
+    pub(crate) const ISTIO_OUTBOUND: &str = r#"apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata:
+  name: filter-local-ratelimit-client
+  namespace: istio-system
+spec:
+  workloadSelector:
+    labels:
+      app: productpage
+  configPatches:
+    - applyTo: HTTP_FILTER
+      match:
+        context: SIDECAR_OUTBOUND
+        listener:
+          filterChain:
+            filter:
+              name: "envoy.filters.network.http_connection_manager"
+              subFilter:
+                name: "envoy.filters.http.router"
+      patch:
+        operation: INSERT_BEFORE
+        value:
+          name: envoy.filters.http.local_ratelimit
+          typed_config:
+            "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+            type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+            value:
+              stat_prefix: http_local_rate_limiter
+    - applyTo: HTTP_ROUTE
+      match:
+        context: SIDECAR_OUTBOUND
+        routeConfiguration:
+          vhost:
+            name: "reviews.shop.svc.cluster.local:9080"
+            route:
+              action: ANY
+      patch:
+        operation: MERGE
+        value:
+          typed_per_filter_config:
+            envoy.filters.http.local_ratelimit:
+              "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+              type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+              value:
+                stat_prefix: http_local_rate_limiter
+                token_bucket:
+                  max_tokens: 10
+                  tokens_per_fill: 10
+                  fill_interval: 60s
+                filter_enabled:
+                  runtime_key: local_rate_limit_enabled
+                  default_value:
+                    numerator: 100
+                    denominator: HUNDRED
+                filter_enforced:
+                  runtime_key: local_rate_limit_enforced
+                  default_value:
+                    numerator: 100
+                    denominator: HUNDRED
+                response_headers_to_add:
+                  - append_action: APPEND_IF_EXISTS_OR_ADD
+                    header:
+                      key: x-local-rate-limit
+                      value: 'true'
+"#;
+
+    /// Two services the EnvoyFilter's callers dial.
+    const SERVICES: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings.shop.svc.cluster.local]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.2}]
+";
+
+    /// The limit of the default route of `rc` in the view of a workload of
+    /// `ns` with `labels`.
+    fn client_limit(
+        files: &[(&str, &str)],
+        ns: &str,
+        labels: &[(&str, &str)],
+        rc: &str,
+    ) -> Option<Arc<RateLimitConfig>> {
+        let (store, _d) = super::super::tests::store(files);
+        let source = store.view_source(&[]).expect("outbound limits make views");
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let key = source.dependencies.key(ns, &labels).expect("a view key");
+        let view = source.translate(&key);
+        assert!(view.diagnostics.is_empty(), "{:#?}", view.diagnostics);
+        let rc = view
+            .snapshot
+            .route_configs
+            .get(rc)
+            .expect("the route config");
+        rc.virtual_hosts[0].routes[0].policy.rate_limit.clone()
+    }
+
     #[test]
-    fn outbound_patches_are_refused_until_clients_resolve_them() {
-        let outbound = ISTIO_FILTER.replace("SIDECAR_INBOUND", "SIDECAR_OUTBOUND");
-        let problems = parse(&outbound).unwrap_err();
+    fn istio_s_outbound_shape_loads_unchanged() {
+        let f = parse(ISTIO_OUTBOUND).expect("loads");
+        let [
+            Patch::Filter {
+                context: Context::Outbound,
+                config: filter,
+                ..
+            },
+            Patch::Route {
+                context: Context::Outbound,
+                vhost: Some(vhost),
+                port: None,
+                route: None,
+                config: Some(config),
+                ..
+            },
+        ] = f.patches.as_slice()
+        else {
+            panic!("an outbound filter and route patch: {:?}", f.patches)
+        };
+        assert!(filter.bucket.is_none());
+        assert_eq!(vhost, "reviews.shop.svc.cluster.local:9080");
+        assert_eq!(
+            config.bucket,
+            Some(TokenBucket::new(10, 10, Duration::from_secs(60)).unwrap())
+        );
+        // An inbound-style name in the outbound context is refused at its line.
+        let inbound_name =
+            ISTIO_OUTBOUND.replace("reviews.shop.svc.cluster.local:9080", "inbound|http|9080");
+        let problems = parse(&inbound_name).unwrap_err();
         assert!(
             problems
                 .iter()
-                .any(|p| p.starts_with("13: ") && p.contains("not applied yet")),
+                .any(|p| p.starts_with("34: ") && p.contains("outbound name")),
             "{problems:?}"
+        );
+        let other_sub = ISTIO_OUTBOUND.replace(
+            "name: \"envoy.filters.http.router\"",
+            "name: \"envoy.filters.http.fault\"",
+        );
+        assert!(parse(&other_sub).is_err());
+    }
+
+    #[test]
+    fn outbound_limits_apply_to_the_selected_callers_routes_to_the_named_host() {
+        let files = [("svc.yaml", SERVICES), ("rl.yaml", ISTIO_OUTBOUND)];
+        let reviews = "reviews.shop.svc.cluster.local:9080";
+        let ratings = "ratings.shop.svc.cluster.local:9080";
+        let limited = client_limit(&files, "shop", &[("app", "productpage")], reviews)
+            .expect("productpage's calls to reviews are limited");
+        assert_eq!(
+            limited.effective().bucket,
+            Some(TokenBucket::new(10, 10, Duration::from_secs(60)).unwrap())
+        );
+        assert!(
+            limited.filter.bucket.is_none(),
+            "the route carries the config"
+        );
+        // Its calls to another host, and other callers' calls: not limited.
+        assert_eq!(
+            client_limit(&files, "shop", &[("app", "productpage")], ratings),
+            None
+        );
+        assert_eq!(
+            client_limit(&files, "shop", &[("app", "reviews")], reviews),
+            None
+        );
+        assert_eq!(client_limit(&files, "other", &[], reviews), None);
+        // In a namespace other than the root one: that namespace's callers.
+        let in_web = ISTIO_OUTBOUND
+            .replace("namespace: istio-system", "namespace: web")
+            .replace(
+                "  workloadSelector:\n    labels:\n      app: productpage\n",
+                "",
+            );
+        let files = [("svc.yaml", SERVICES), ("rl.yaml", in_web.as_str())];
+        assert!(client_limit(&files, "web", &[], reviews).is_some());
+        assert_eq!(client_limit(&files, "shop", &[], reviews), None);
+        // A filter with a bucket and no route patch: every outbound route.
+        let everything = ISTIO_FILTER.replace("SIDECAR_INBOUND", "SIDECAR_OUTBOUND");
+        let files = [("svc.yaml", SERVICES), ("rl.yaml", everything.as_str())];
+        for rc in [reviews, ratings] {
+            let c = client_limit(&files, "shop", &[("app", "productpage")], rc).expect("limited");
+            assert_eq!(
+                c.effective().bucket,
+                Some(TokenBucket::new(4, 4, Duration::from_secs(60)).unwrap())
+            );
+        }
+    }
+
+    #[test]
+    fn an_outbound_vhost_that_names_no_service_is_an_error_at_its_line() {
+        let typo = ISTIO_OUTBOUND.replace(
+            "reviews.shop.svc.cluster.local:9080",
+            "reviews.shop.svc.cluster.local:8080",
+        );
+        let d = super::super::tests::dir(&[("svc.yaml", SERVICES), ("rl.yaml", typo.as_str())]);
+        let problems = super::super::check_dir(d.path(), &super::super::MeshOptions::default());
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.line == 29 && p.message.contains("names no outbound virtual host")),
+            "{problems:#?}"
         );
     }
 }

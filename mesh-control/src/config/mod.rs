@@ -29,8 +29,8 @@
 //! Resources follow the Istio reference
 //! (<https://istio.io/latest/docs/reference/config/networking/>,
 //! <https://istio.io/latest/docs/reference/config/security/>) for the
-//! fields this mesh implements; a field it does not implement yet (`mirror`,
-//! `rewrite`, `corsPolicy`, `portLevelSettings`, ...) is an error, as is an
+//! fields this mesh implements; a field it does not implement yet (`delegate`,
+//! `tunnel`, `proxyProtocol`, ...) is an error, as is an
 //! unknown field: config is rejected, never silently ignored. In particular
 //! the AuthorizationPolicy features a proxyless server cannot enforce — the
 //! CUSTOM action, request authentication (`requestPrincipals`,
@@ -147,7 +147,7 @@
 //!
 //! # Per-node views
 //!
-//! Three things make the config differ from one workload to another:
+//! Four things make the config differ from one workload to another:
 //! `exportTo` on a VirtualService, DestinationRule or ServiceEntry (`.` its
 //! own namespace, `*` every namespace, `~` none, or namespace names; the
 //! default is every namespace), and `match[].sourceLabels` /
@@ -158,13 +158,18 @@
 //! have without it), a DestinationRule does not apply (default cluster
 //! policy, no subsets). A `match[]` entry whose source conditions a caller
 //! does not meet is not in its routes at all, as Istio generates routes per
-//! proxy (Envoy has no source-label matcher).
+//! proxy (Envoy has no source-label matcher). The fourth is a
+//! DestinationRule's `localityLbSetting` `distribute`, `failover` or
+//! `failoverPriority`: the caller's `node.locality` (and the labels
+//! `failoverPriority` names) decide its EDS locality weights and priorities,
+//! which Istio also computes per proxy (see `locality.rs`).
 //!
 //! The server applies all of this before encoding, per *view*: a
 //! translation for the workloads that share a [`ViewKey`], which holds only
 //! the node attributes the config in force depends on ([`ViewDependencies`]:
-//! the namespace if some resource is namespace-sensitive, and the values of
-//! the label keys some `sourceLabels` names). Every kind of client (this
+//! the namespace if some resource is namespace-sensitive, the values of
+//! the label keys some `sourceLabels` or `failoverPriority` names, and the
+//! locality when a locality setting needs it). Every kind of client (this
 //! mesh's, gRPC proxyless, Envoy) therefore gets the same filtered config and
 //! nothing is left for it to ignore. A config that uses none of these fields
 //! has no dependencies: every workload gets the one shared translation.
@@ -172,8 +177,10 @@
 //! conflict only when some namespace sees both.
 
 mod auth;
+mod cors;
 mod envoy_filter;
 mod last_good;
+mod locality;
 mod names;
 mod policy;
 mod resources;
@@ -187,6 +194,8 @@ pub use security::{SecurityPolicies, Workload};
 pub(crate) use names::resolve_host;
 pub(crate) use yaml::{Look, parse_documents};
 
+#[cfg(test)]
+mod connection_tests;
 #[cfg(test)]
 mod documents_tests;
 #[cfg(test)]
@@ -1500,6 +1509,11 @@ pub fn check_notes(dirs: &[impl AsRef<Path>]) -> Vec<Diagnostic> {
                             .to_string(),
                     );
                 }
+                if doc.get("kind").and_then(|k| k.text()).as_deref() == Some("VirtualService") {
+                    for (line, text) in cors::notes(doc) {
+                        note(line, text);
+                    }
+                }
                 if doc.get("kind").and_then(|k| k.text()).as_deref() == Some("DestinationRule") {
                     let subsets = doc
                         .get("spec.subsets")
@@ -1509,8 +1523,12 @@ pub fn check_notes(dirs: &[impl AsRef<Path>]) -> Vec<Diagnostic> {
                         .get("spec.trafficPolicy")
                         .into_iter()
                         .chain(subsets.iter().filter_map(|s| s.get("trafficPolicy")));
+                    let top = doc.get("spec.trafficPolicy");
                     for policy in policies {
                         for (what, text) in consistent_hash_notes(policy) {
+                            note(what, text);
+                        }
+                        for (what, text) in locality::notes(policy, top) {
                             note(what, text);
                         }
                     }
@@ -1583,6 +1601,12 @@ pub(crate) struct ViewDependencies {
     /// named for it. Matching is by equality, so a value no selector names
     /// is as good as no label: the key keeps only named values.
     pub(crate) labels: BTreeMap<String, BTreeSet<String>>,
+    /// Some DestinationRule has `localityLbSetting` `distribute`,
+    /// `failover` or `failoverPriority` (computed per caller locality, as
+    /// Istio does; see `locality.rs`).
+    pub(crate) locality: bool,
+    /// The labels some `failoverPriority` compares: any value counts.
+    pub(crate) priority_labels: BTreeSet<String>,
 }
 
 impl ViewDependencies {
@@ -1601,8 +1625,23 @@ impl ViewDependencies {
                         }
                     }
                 }
-                Spec::DestinationRule(dr) => deps.namespace |= restricted(&dr.export_to),
+                Spec::DestinationRule(dr) => {
+                    deps.namespace |= restricted(&dr.export_to);
+                    // The rule's, its subsets' and their portLevelSettings.
+                    let policies = std::iter::once(&dr.policy)
+                        .chain(dr.subsets.iter().map(|s| &s.policy))
+                        .flat_map(|p| {
+                            std::iter::once(p).chain(p.port_level.iter().map(|l| &l.policy))
+                        });
+                    for setting in policies.filter_map(locality::setting_of) {
+                        deps.locality = true;
+                        deps.priority_labels
+                            .extend(setting.caller_label_keys().map(str::to_owned));
+                    }
+                }
                 Spec::ServiceEntry(se) => deps.namespace |= restricted(&se.export_to),
+                // Client-side (SIDECAR_OUTBOUND) local rate limits.
+                Spec::EnvoyFilter(f) => envoy_filter::view_dependencies(&mut deps, f),
                 _ => {}
             }
         }
@@ -1611,29 +1650,51 @@ impl ViewDependencies {
 
     /// Whether every workload gets the same config.
     pub(crate) fn is_empty(&self) -> bool {
-        !self.namespace && self.labels.is_empty()
+        !self.namespace
+            && self.labels.is_empty()
+            && !self.locality
+            && self.priority_labels.is_empty()
     }
 
     /// The view of a workload of `namespace` with `labels`; `None`: the
     /// shared translation (nothing depends on the workload).
+    #[cfg(test)]
     pub(crate) fn key(
         &self,
         namespace: &str,
         labels: &BTreeMap<String, String>,
     ) -> Option<ViewKey> {
+        self.key_at(namespace, labels, &mesh_core::model::Locality::default())
+    }
+
+    /// [`ViewDependencies::key`] of a workload at `locality` (its
+    /// `node.locality`).
+    pub(crate) fn key_at(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        locality: &mesh_core::model::Locality,
+    ) -> Option<ViewKey> {
         if self.is_empty() {
             return None;
         }
+        let mut key_labels: BTreeMap<String, String> = self
+            .labels
+            .iter()
+            .filter_map(|(k, named)| {
+                let v = labels.get(k)?;
+                named.contains(v).then(|| (k.clone(), v.clone()))
+            })
+            .collect();
+        for k in &self.priority_labels {
+            if let Some(v) = labels.get(k) {
+                key_labels.insert(k.clone(), v.clone());
+            }
+        }
         Some(ViewKey {
             namespace: self.namespace.then(|| namespace.to_owned()),
-            labels: self
-                .labels
-                .iter()
-                .filter_map(|(k, named)| {
-                    let v = labels.get(k)?;
-                    named.contains(v).then(|| (k.clone(), v.clone()))
-                })
-                .collect(),
+            labels: key_labels,
+            locality: self.locality.then(|| locality.clone()),
         })
     }
 }
@@ -1649,8 +1710,12 @@ pub(crate) struct ViewKey {
     pub(crate) namespace: Option<String>,
     /// The workload's labels that some selector of the config names, key
     /// and value (a label with a value no selector names is absent: it
-    /// selects nothing).
+    /// selects nothing). With `failoverPriority`, also the values of the
+    /// labels it compares, whatever they are.
     pub(crate) labels: BTreeMap<String, String>,
+    /// The workload's `node.locality`, when some locality setting depends
+    /// on it.
+    pub(crate) locality: Option<mesh_core::model::Locality>,
 }
 
 impl fmt::Display for ViewKey {
@@ -1667,7 +1732,11 @@ impl fmt::Display for ViewKey {
             }
             write!(f, "{k}={v}")?;
         }
-        f.write_str("}")
+        f.write_str("}")?;
+        if let Some(l) = &self.locality {
+            write!(f, " locality={}/{}/{}", l.region, l.zone, l.sub_zone)?;
+        }
+        Ok(())
     }
 }
 

@@ -4,8 +4,10 @@
 //! VirtualService `http[]` (<https://istio.io/latest/docs/reference/config/networking/virtual-service/>):
 //! `timeout`, `retries` and `fault`. DestinationRule `trafficPolicy`
 //! (<https://istio.io/latest/docs/reference/config/networking/destination-rule/>):
-//! `loadBalancer` (`simple`, `consistentHash`, `localityLbSetting.enabled`),
-//! `connectionPool`, `outlierDetection` and `retryBudget` (Istio 1.27).
+//! `loadBalancer` (`simple`, `consistentHash`, `localityLbSetting` and
+//! `warmupDurationSecs`, the last two read in `locality.rs`),
+//! `connectionPool`, `outlierDetection`, `retryBudget` (Istio 1.27) and
+//! `portLevelSettings`.
 //!
 //! # Istio semantics kept
 //!
@@ -29,6 +31,26 @@
 //!   time (`loadBalancer`, `connectionPool`, `outlierDetection`,
 //!   `retryBudget`, `tls`), each replaced whole, as Istio's
 //!   `MergeTrafficPolicy` does.
+//! - `portLevelSettings`: the entry for a port replaces `loadBalancer`,
+//!   `connectionPool`, `outlierDetection` and `tls` whole for that port's
+//!   clusters, a field it leaves out taking the default, not the top-level
+//!   value (Istio's `GetPortLevelTrafficPolicy`); a subset's policy then
+//!   merges over that, and a subset's own entry for the port replaces the
+//!   four fields whole again (`MergeSubsetTrafficPolicy`). `retryBudget` is
+//!   not a port-level field and stays. `port.number` is required and a port
+//!   may appear once (Istio's validation).
+//! - `connectionPool`: `http.idleTimeout`, else `tcp.idleTimeout`, is the
+//!   idle timeout (Istio's `applyConnectionPool`); `tcp.tcpKeepalive`
+//!   turns `SO_KEEPALIVE` on (its `probes`, `time`, `interval` replace the
+//!   OS defaults); `tcp.maxConnectionDuration` drains connections that old;
+//!   `http.h2UpgradePolicy: UPGRADE` makes an HTTP/1.1 port speak HTTP/2
+//!   (DEFAULT follows Istio's mesh default, no upgrade);
+//!   `http.maxConcurrentStreams` caps the streams of each HTTP/2
+//!   connection and, as in Istio, applies to HTTP/2 clusters only —
+//!   upgraded ones included, unlike Istio, whose `applyConnectionPool`
+//!   runs before `applyH2Upgrade` and so leaves an upgraded cluster
+//!   without it. `useClientProtocol` and `http2KeepAlive` are not
+//!   supported yet.
 //! - `tls.mode` defaults to `DISABLE`, as in Istio. `ISTIO_MUTUAL` uses the
 //!   mesh's own certificates (`subjectAltNames` are SPIFFE IDs); `SIMPLE`
 //!   and `MUTUAL` use PEM files on the client (`caCertificates`,
@@ -56,6 +78,8 @@
 //!
 //! - `connectionPool` numbers must be positive: Istio reads 0 as "unset",
 //!   which looks like "none allowed"; leave the field out instead.
+//! - `tcpKeepalive.time` and `interval` must be whole seconds (Envoy counts
+//!   them in seconds; Istio truncates silently).
 //! - Durations have millisecond precision, as Istio validates them, and are
 //!   written as Go/Istio duration strings (`1s`, `100ms`, `1.5s`, `2m`,
 //!   `1h`, `1m30s`).
@@ -66,6 +90,7 @@ use std::time::Duration;
 use mesh_core::model::{
     AbortStatus, ClientCertificateFiles, Cluster, FaultAbort, FaultDelay, FaultPolicy, FileTls,
     Fraction, HashPolicy, LbPolicy, Name, OutlierDetection, RetryBudget, RetryOn, RetryPolicy,
+    TcpKeepalive,
 };
 use mesh_core::spiffe::SpiffeId;
 use saphyr::{Scalar, YamlData};
@@ -525,11 +550,23 @@ pub(crate) fn parse_fault(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Opti
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct TrafficPolicy {
     pub(crate) load_balancer: Option<LoadBalancer>,
-    pub(crate) connection_pool: Option<ConnectionPool>,
+    /// Boxed: most rules set none, and it would make every resource bigger.
+    pub(crate) connection_pool: Option<Box<ConnectionPool>>,
     pub(crate) outlier_detection: Option<OutlierDetection>,
     pub(crate) retry_budget: Option<RetryBudget>,
     /// `tls`: `None` when not set (auto mTLS decides, see `translate.rs`).
     pub(crate) tls: Option<ClientTls>,
+    /// `portLevelSettings`, each port once.
+    pub(crate) port_level: Vec<PortPolicy>,
+}
+
+/// One `portLevelSettings` entry: `loadBalancer`, `connectionPool`,
+/// `outlierDetection` and `tls` for one port of the service (in `policy`;
+/// its `retry_budget` and `port_level` stay empty).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PortPolicy {
+    pub(crate) port: u16,
+    pub(crate) policy: TrafficPolicy,
 }
 
 /// `trafficPolicy.tls`: how clients secure connections to the service.
@@ -564,6 +601,12 @@ pub(crate) struct LoadBalancer {
     pub(crate) hash: Option<HashPolicy>,
     /// `localityLbSetting.enabled`.
     pub(crate) locality_enabled: Option<bool>,
+    /// `localityLbSetting` `distribute` / `failover` / `failoverPriority`
+    /// (see `locality.rs`); `None` when none is set.
+    /// Boxed: rare, and every DestinationRule would be bigger.
+    pub(crate) locality: Option<Box<super::locality::LocalitySetting>>,
+    /// `warmupDurationSecs`: slow start for new endpoints.
+    pub(crate) warmup: Option<Duration>,
 }
 
 /// `trafficPolicy.connectionPool`; `None` = Istio's default (no limit).
@@ -575,7 +618,21 @@ pub(crate) struct ConnectionPool {
     pub(crate) max_requests: Option<u32>,
     pub(crate) max_retries: Option<u32>,
     pub(crate) max_requests_per_connection: Option<u32>,
+    /// `http.idleTimeout`.
     pub(crate) idle_timeout: Option<Duration>,
+    /// `tcp.idleTimeout`: the idle timeout when `http.idleTimeout` is not
+    /// set (Istio's `applyConnectionPool`; both are Envoy's
+    /// `common_http_protocol_options.idle_timeout`).
+    pub(crate) tcp_idle_timeout: Option<Duration>,
+    /// `tcp.tcpKeepalive`.
+    pub(crate) tcp_keepalive: Option<TcpKeepalive>,
+    /// `tcp.maxConnectionDuration`.
+    pub(crate) max_connection_duration: Option<Duration>,
+    /// `http.maxConcurrentStreams`.
+    pub(crate) max_concurrent_streams: Option<u32>,
+    /// `http.h2UpgradePolicy`: `Some(true)` for UPGRADE, `Some(false)` for
+    /// DO_NOT_UPGRADE, `None` for DEFAULT (Istio's mesh default: no upgrade).
+    pub(crate) h2_upgrade: Option<bool>,
 }
 
 impl TrafficPolicy {
@@ -600,6 +657,52 @@ impl TrafficPolicy {
                 .clone()
                 .or_else(|| self.retry_budget.clone()),
             tls: subset.tls.clone().or_else(|| self.tls.clone()),
+            port_level: Vec::new(),
+        }
+    }
+
+    /// The policy for the clusters of `port`: its `portLevelSettings` entry
+    /// replaces `loadBalancer`, `connectionPool`, `outlierDetection` and
+    /// `tls` whole — a field the entry leaves out takes the default, not
+    /// the top-level value (Istio's `GetPortLevelTrafficPolicy`: "port
+    /// level policies do not inherit"); `retryBudget` (not a port-level
+    /// field) stays. Whether an entry matched comes second.
+    pub(crate) fn at_port(&self, port: u16) -> (TrafficPolicy, bool) {
+        match self.port_level.iter().find(|p| p.port == port) {
+            Some(p) => (
+                TrafficPolicy {
+                    retry_budget: self.retry_budget.clone(),
+                    port_level: Vec::new(),
+                    ..p.policy.clone()
+                },
+                true,
+            ),
+            None => (
+                TrafficPolicy {
+                    port_level: Vec::new(),
+                    ..self.clone()
+                },
+                false,
+            ),
+        }
+    }
+
+    /// The policy of the cluster of `port` and `subset` (`None`: the whole
+    /// service), as Istio's `MergeSubsetTrafficPolicy`: the rule's policy
+    /// for the port, with the subset's for the port over it; a subset with
+    /// an entry for the port replaces the four port-level fields whole.
+    pub(crate) fn for_cluster(&self, subset: Option<&TrafficPolicy>, port: u16) -> TrafficPolicy {
+        let (rule, _) = self.at_port(port);
+        let Some(subset) = subset else {
+            return rule;
+        };
+        let (subset, port_level) = subset.at_port(port);
+        if !port_level {
+            return rule.merged(&subset);
+        }
+        TrafficPolicy {
+            retry_budget: subset.retry_budget.clone().or(rule.retry_budget),
+            ..subset
         }
     }
 
@@ -627,9 +730,19 @@ impl TrafficPolicy {
                     *slot = v;
                 }
             }
-            cluster.connection.connect_timeout = cp.connect_timeout;
-            cluster.connection.idle_timeout = cp.idle_timeout;
-            cluster.connection.max_requests_per_connection = cp.max_requests_per_connection;
+            let c = &mut cluster.connection;
+            c.connect_timeout = cp.connect_timeout;
+            c.idle_timeout = cp.idle_timeout.or(cp.tcp_idle_timeout);
+            c.max_requests_per_connection = cp.max_requests_per_connection;
+            c.tcp_keepalive = cp.tcp_keepalive;
+            c.max_connection_duration = cp.max_connection_duration;
+            // UPGRADE makes an HTTP/1.1 cluster speak HTTP/2; DO_NOT_UPGRADE
+            // leaves a declared HTTP/2 port HTTP/2, as in Istio.
+            c.h2_upgrade = cp.h2_upgrade == Some(true) && !cluster.protocol.is_http2();
+            // Istio sets it on HTTP/2 clusters only.
+            if cluster.protocol.is_http2() || c.h2_upgrade {
+                c.max_concurrent_streams = cp.max_concurrent_streams;
+            }
         }
         cluster.circuit_breakers.retry_budget = self.retry_budget.clone();
         cluster.outlier_detection = self.outlier_detection.clone();
@@ -657,24 +770,88 @@ pub(crate) fn parse_traffic_policy(
             "outlierDetection",
             "retryBudget",
             "tls",
+            "portLevelSettings",
         ],
-        &["portLevelSettings", "tunnel", "proxyProtocol"],
+        &["tunnel", "proxyProtocol"],
     )?;
+    let policy = parse_policy_fields(sink, &t);
+    let retry_budget = t
+        .get("retryBudget")
+        .and_then(|f| parse_retry_budget(sink, f));
+    let port_level = match t.get("portLevelSettings") {
+        Some(f) => parse_port_level(sink, f)?,
+        None => Vec::new(),
+    };
     Some(TrafficPolicy {
+        retry_budget,
+        port_level,
+        ..policy
+    })
+}
+
+/// `portLevelSettings`: each entry's `port.number` (required, each port
+/// once, as Istio's validation says) and its four policy fields.
+fn parse_port_level(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Vec<PortPolicy>> {
+    let before = sink.count();
+    let mut out: Vec<PortPolicy> = Vec::new();
+    let mut lines: Vec<usize> = Vec::new();
+    for (path, node) in field.list(sink)? {
+        let Some(entry) = Fields::read(
+            sink,
+            node,
+            &path,
+            &[
+                "port",
+                "loadBalancer",
+                "connectionPool",
+                "outlierDetection",
+                "tls",
+            ],
+            &[],
+        ) else {
+            continue;
+        };
+        let port = entry.require(sink, "port").and_then(|p| {
+            let p = Fields::of(sink, p, &["number"], &[])?;
+            let number = p.require(sink, "number")?;
+            number.port(sink).map(|n| (n, number.line()))
+        });
+        let policy = parse_policy_fields(sink, &entry);
+        let Some((port, line)) = port else { continue };
+        if let Some(i) = out.iter().position(|p| p.port == port) {
+            sink.error(
+                line,
+                format!(
+                    "'{path}.port.number': port {port} already has settings at line {}; \
+                     each port may appear once in portLevelSettings",
+                    lines[i]
+                ),
+            );
+            continue;
+        }
+        out.push(PortPolicy { port, policy });
+        lines.push(line);
+    }
+    (sink.count() == before).then_some(out)
+}
+
+/// The fields a `trafficPolicy` shares with a `portLevelSettings` entry.
+fn parse_policy_fields(sink: &mut Sink<'_>, t: &Fields<'_, '_>) -> TrafficPolicy {
+    TrafficPolicy {
         load_balancer: t
             .get("loadBalancer")
             .and_then(|f| parse_load_balancer(sink, f)),
         connection_pool: t
             .get("connectionPool")
-            .and_then(|f| parse_connection_pool(sink, f)),
+            .and_then(|f| parse_connection_pool(sink, f))
+            .map(Box::new),
         outlier_detection: t
             .get("outlierDetection")
             .and_then(|f| parse_outlier_detection(sink, f)),
-        retry_budget: t
-            .get("retryBudget")
-            .and_then(|f| parse_retry_budget(sink, f)),
+        retry_budget: None,
         tls: t.get("tls").and_then(|f| parse_client_tls(sink, f)),
-    })
+        port_level: Vec::new(),
+    }
 }
 
 /// `trafficPolicy.tls` (Istio's `ClientTLSSettings`). `mode` defaults to
@@ -920,18 +1097,21 @@ fn parse_load_balancer(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<
     let lb = Fields::of(
         sink,
         field,
-        &["simple", "consistentHash", "localityLbSetting"],
-        &["warmupDurationSecs", "warmup", "zoneAwareLbSetting"],
+        &[
+            "simple",
+            "consistentHash",
+            "localityLbSetting",
+            "warmupDurationSecs",
+        ],
+        &["warmup", "zoneAwareLbSetting"],
     )?;
-    let locality_enabled = lb.get("localityLbSetting").and_then(|l| {
-        let l = Fields::of(
-            sink,
-            l,
-            &["enabled"],
-            &["distribute", "failover", "failoverPriority"],
-        )?;
-        l.get("enabled").and_then(|e| e.boolean(sink))
-    });
+    let (locality_enabled, locality) = lb
+        .get("localityLbSetting")
+        .and_then(|l| super::locality::parse(sink, l))
+        .unwrap_or_default();
+    let warmup = lb
+        .get("warmupDurationSecs")
+        .and_then(|w| super::locality::parse_warmup(sink, w));
     let (policy, hash) = match present_of(&lb, &["simple", "consistentHash"]).as_slice() {
         [] => (LbPolicy::LeastRequest, None),
         [one] if key_of(one) == "simple" => (parse_simple(sink, *one)?, None),
@@ -954,6 +1134,8 @@ fn parse_load_balancer(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<
         policy,
         hash,
         locality_enabled,
+        locality,
+        warmup,
     })
 }
 
@@ -1150,13 +1332,28 @@ fn parse_connection_pool(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Optio
         && let Some(t) = Fields::of(
             sink,
             tcp,
-            &["maxConnections", "connectTimeout"],
-            &["tcpKeepalive", "maxConnectionDuration", "idleTimeout"],
+            &[
+                "maxConnections",
+                "connectTimeout",
+                "tcpKeepalive",
+                "maxConnectionDuration",
+                "idleTimeout",
+            ],
+            &[],
         )
     {
         pool.max_connections = t.get("maxConnections").and_then(|f| limit(sink, f));
         pool.connect_timeout = t
             .get("connectTimeout")
+            .and_then(|f| duration(sink, f, Floor::OneMs));
+        pool.tcp_keepalive = t
+            .get("tcpKeepalive")
+            .and_then(|f| parse_tcp_keepalive(sink, f));
+        pool.max_connection_duration = t
+            .get("maxConnectionDuration")
+            .and_then(|f| duration(sink, f, Floor::OneMs));
+        pool.tcp_idle_timeout = t
+            .get("idleTimeout")
             .and_then(|f| duration(sink, f, Floor::OneMs));
     }
     if let Some(http) = cp.get("http")
@@ -1169,13 +1366,10 @@ fn parse_connection_pool(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Optio
                 "maxRetries",
                 "maxRequestsPerConnection",
                 "idleTimeout",
-            ],
-            &[
                 "h2UpgradePolicy",
-                "useClientProtocol",
                 "maxConcurrentStreams",
-                "http2KeepAlive",
             ],
+            &["useClientProtocol", "http2KeepAlive"],
         )
     {
         pool.max_pending_requests = h
@@ -1189,8 +1383,69 @@ fn parse_connection_pool(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Optio
         pool.idle_timeout = h
             .get("idleTimeout")
             .and_then(|f| duration(sink, f, Floor::OneMs));
+        // Istio's field is an int32, and Envoy's HTTP/2 option at most 2^31 - 1.
+        pool.max_concurrent_streams = h.get("maxConcurrentStreams").and_then(|f| {
+            f.integer_in(
+                sink,
+                1,
+                i64::from(i32::MAX),
+                "leave the field out for no limit",
+            )
+            .and_then(|n| u32::try_from(n).ok())
+        });
+        pool.h2_upgrade = h.get("h2UpgradePolicy").and_then(|f| {
+            let v = f.string(sink)?;
+            match v.value.as_str() {
+                "DEFAULT" => None,
+                "DO_NOT_UPGRADE" => Some(false),
+                "UPGRADE" => Some(true),
+                other => {
+                    sink.error(
+                        v.line,
+                        format!(
+                            "'{}': unknown policy '{other}' (DEFAULT, DO_NOT_UPGRADE or UPGRADE)",
+                            f.path
+                        ),
+                    );
+                    None
+                }
+            }
+        });
     }
     Some(pool)
+}
+
+/// `tcp.tcpKeepalive`: `SO_KEEPALIVE` on; `probes`, `time` and `interval`
+/// replace the OS defaults. Stricter than Istio, which truncates to
+/// seconds: `time` and `interval` must be whole seconds, at least 1s
+/// (Envoy counts them in seconds), and `probes` positive.
+fn parse_tcp_keepalive(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<TcpKeepalive> {
+    let k = Fields::of(sink, field, &["probes", "time", "interval"], &[])?;
+    let before = sink.count();
+    let probes = k.get("probes").and_then(|f| limit(sink, f));
+    let seconds = |sink: &mut Sink<'_>, key: &str| {
+        let f = k.get(key)?;
+        let d = duration(sink, f, Floor::OneMs)?;
+        if d.subsec_nanos() != 0 || d.is_zero() {
+            sink.error(
+                f.line(),
+                format!(
+                    "'{}' must be a whole number of seconds, at least 1s (Envoy counts \
+                     keepalive times in seconds)",
+                    f.path
+                ),
+            );
+            return None;
+        }
+        Some(d)
+    };
+    let time = seconds(sink, "time");
+    let interval = seconds(sink, "interval");
+    (sink.count() == before).then_some(TcpKeepalive {
+        probes,
+        time,
+        interval,
+    })
 }
 
 fn parse_outlier_detection(

@@ -136,6 +136,7 @@ fn timeout_retries_and_fault_translate_to_the_route() {
         }),
         hash_policy: Arc::from([]),
         traffic: None,
+        rate_limit: None,
     };
     assert_eq!(routes(&snap)[0].policy, want);
 }
@@ -370,8 +371,10 @@ fn traffic_policy_translates_to_the_cluster() {
             connect_timeout: Some(Duration::from_millis(250)),
             idle_timeout: Some(Duration::from_secs(90)),
             max_requests_per_connection: Some(100),
+            ..ConnectionSettings::default()
         },
         locality_failover: true,
+        slow_start: None,
         tls: None,
         ..Cluster::new(name, mesh_core::model::Protocol::Http1)
     };
@@ -861,11 +864,6 @@ fn still_unsupported_fields_are_rejected_with_their_path() {
     let vs_cases = [
         ("    delegate: {name: x}\n", "delegate", "http[0].delegate"),
         (
-            "    corsPolicy: {allowMethods: [GET]}\n",
-            "corsPolicy",
-            "http[0].corsPolicy",
-        ),
-        (
             "    fault:\n      delay:\n        exponentialDelay: 1s\n        fixedDelay: 1s\n",
             "exponentialDelay",
             "http[0].fault.delay.exponentialDelay",
@@ -898,24 +896,14 @@ fn still_unsupported_fields_are_rejected_with_their_path() {
             format!("{tp}.tls.caCrl"),
         ),
         (
-            "    portLevelSettings: []\n",
-            "portLevelSettings",
-            format!("{tp}.portLevelSettings"),
-        ),
-        (
             "    proxyProtocol: {}\n",
             "proxyProtocol",
             format!("{tp}.proxyProtocol"),
         ),
         (
-            "    loadBalancer:\n      localityLbSetting:\n        distribute: []\n",
-            "distribute",
-            format!("{tp}.loadBalancer.localityLbSetting.distribute"),
-        ),
-        (
-            "    loadBalancer:\n      localityLbSetting:\n        failoverPriority: [a]\n",
-            "failoverPriority",
-            format!("{tp}.loadBalancer.localityLbSetting.failoverPriority"),
+            "    loadBalancer:\n      warmup:\n        duration: 60s\n",
+            "warmup",
+            format!("{tp}.loadBalancer.warmup"),
         ),
         (
             "    loadBalancer:\n      consistentHash:\n        useSourceIp: true\n        maglev: {tableSize: 7}\n",
@@ -928,14 +916,9 @@ fn still_unsupported_fields_are_rejected_with_their_path() {
             format!("{tp}.loadBalancer.consistentHash.httpCookie.attributes"),
         ),
         (
-            "    connectionPool:\n      tcp:\n        tcpKeepalive: {probes: 1}\n",
-            "tcpKeepalive",
-            format!("{tp}.connectionPool.tcp.tcpKeepalive"),
-        ),
-        (
-            "    connectionPool:\n      http:\n        h2UpgradePolicy: UPGRADE\n",
-            "h2UpgradePolicy",
-            format!("{tp}.connectionPool.http.h2UpgradePolicy"),
+            "    connectionPool:\n      http:\n        useClientProtocol: true\n",
+            "useClientProtocol",
+            format!("{tp}.connectionPool.http.useClientProtocol"),
         ),
         (
             "    outlierDetection:\n      consecutiveErrors: 3\n",

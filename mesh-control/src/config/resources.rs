@@ -296,6 +296,9 @@ pub(crate) struct HttpRoute {
     pub(crate) traffic: Traffic,
     /// Where copies of the requests go (`mirror`, `mirrors`).
     pub(crate) mirrors: Vec<Mirror>,
+    /// `corsPolicy`, enforced by the servers of the hosts (see
+    /// `super::cors` and `super::security`).
+    pub(crate) cors: Option<Arc<mesh_core::cors::CorsPolicy>>,
     pub(crate) line: usize,
 }
 
@@ -303,6 +306,8 @@ pub(crate) struct HttpRoute {
 #[derive(Debug, Clone)]
 pub(crate) struct HttpMatch {
     pub(crate) path: PathMatch,
+    /// `match.ignoreUriCase` (Envoy `case_sensitive: false`).
+    pub(crate) ignore_uri_case: bool,
     pub(crate) headers: Vec<HeaderMatch>,
     pub(crate) query_params: Vec<QueryParamMatch>,
     /// `match.port`: the route applies only to this port of the host.
@@ -820,9 +825,13 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
             "mirrors",
             "mirrorPercentage",
             "mirrorPercent",
+            "corsPolicy",
         ],
-        &["delegate", "mirror_percent", "corsPolicy"],
+        &["delegate", "mirror_percent"],
     )?;
+    let cors = f
+        .get("corsPolicy")
+        .and_then(|c| super::cors::parse_cors_policy(sink, c));
     let name = f.get("name").and_then(|n| n.string(sink)).map(|s| s.value);
     let policy = RoutePolicy {
         timeout: f
@@ -838,6 +847,8 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
         // Set at translation from `HttpRoute::traffic` (destinations and
         // mirrors become cluster names there).
         traffic: None,
+        // Set at translation from outbound EnvoyFilters (per caller).
+        rate_limit: None,
     };
     let mut matches = Vec::new();
     if let Some(m) = f.get("match") {
@@ -899,6 +910,7 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
                 ..Traffic::default()
             },
             mirrors: Vec::new(),
+            cors,
             line: line_of(node),
         });
     }
@@ -944,6 +956,7 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
             mirrors: Arc::from([]),
         },
         mirrors,
+        cors,
         line: line_of(node),
     })
 }
@@ -965,18 +978,21 @@ fn parse_match(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<HttpM
             "ignoreUriCase",
             "sourceLabels",
             "sourceNamespace",
+            "scheme",
+            "authority",
         ],
-        &["scheme", "authority", "gateways", "statPrefix"],
+        &["gateways", "statPrefix"],
     )?;
     // `name` only labels the match in Istio's generated config: nothing to honor.
     if let Some(n) = f.get("name") {
         n.string(sink);
     }
-    if let Some(i) = f.get("ignoreUriCase")
-        && i.boolean(sink) == Some(true)
-    {
-        sink.error(i.line(), format!("'{}: true' is not supported yet", i.path));
-    }
+    // Envoy's `case_sensitive: false`, as Istio translates it: exact and
+    // prefix URIs only (a regex is matched as written, in Istio and Envoy).
+    let ignore_uri_case = match f.get("ignoreUriCase") {
+        Some(i) => i.boolean(sink).unwrap_or(false),
+        None => false,
+    };
     let path_match = match f.get("uri") {
         Some(u) => match parse_string_match(sink, u, false)? {
             ValueMatch::Exact(s) => PathMatch::Exact(s),
@@ -1005,14 +1021,22 @@ fn parse_match(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<HttpM
             }
         }
     }
-    if let Some(m) = f.get("method")
-        && let Some(value) = parse_string_match(sink, m, false)
-    {
-        headers.push(HeaderMatch {
-            name: Arc::from(":method"),
-            value,
-            invert: false,
-        });
+    // `method`, `authority` and `scheme` are header matchers on Envoy's
+    // pseudo-headers, as Istio writes them.
+    for (key, pseudo) in [
+        ("method", ":method"),
+        ("authority", ":authority"),
+        ("scheme", ":scheme"),
+    ] {
+        if let Some(m) = f.get(key)
+            && let Some(value) = parse_string_match(sink, m, false)
+        {
+            headers.push(HeaderMatch {
+                name: Arc::from(pseudo),
+                value,
+                invert: false,
+            });
+        }
     }
     let mut query_params = Vec::new();
     if let Some(q) = f.get("queryParams") {
@@ -1063,6 +1087,7 @@ fn parse_match(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<HttpM
     });
     (sink.count() == before).then_some(HttpMatch {
         path: path_match,
+        ignore_uri_case,
         headers,
         query_params,
         port,

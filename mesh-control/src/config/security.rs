@@ -39,6 +39,13 @@
 //! `rate_limits` append, as a proto MERGE does). Route patches without a
 //! filter limit nothing, as in Envoy.
 //!
+//! # VirtualService `corsPolicy`
+//!
+//! The CORS routes of a server listener are those of the VirtualServices
+//! whose hosts the workload backs (by ServiceEntry `workloadSelector`, the
+//! WorkloadGroup named like the service, or the `app` label), for its
+//! port; see [`super::cors::CorsServices`].
+//!
 //! # Workload labels
 //!
 //! A workload has one label set, used both for DestinationRule subsets (the
@@ -147,6 +154,8 @@ struct Inner {
     /// EnvoyFilters with inbound patches, root namespace first, then by
     /// namespace and name.
     rate_limits: Vec<RateLimitFilter>,
+    /// The VirtualService `corsPolicy` routes, by the hosts they are for.
+    cors: super::cors::CorsServices,
 }
 
 /// The security resources of a config, resolved for lookups per workload.
@@ -180,7 +189,20 @@ impl SecurityPolicies {
             mtls: self.mode(workload.namespace, workload.labels, address.port()),
             policies: self.policies(workload.namespace, workload.labels),
             rate_limit: self.rate_limit(workload.namespace, workload.labels, address.port()),
+            cors: self.cors(workload.namespace, workload.labels, address.port()),
         }
+    }
+
+    /// The CORS routes of the server of a workload with `labels` in
+    /// `namespace` listening on `port` (see the module docs): empty when
+    /// no VirtualService `corsPolicy` applies to it.
+    pub fn cors(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        port: u16,
+    ) -> Arc<[mesh_core::cors::CorsRoute]> {
+        self.inner.cors.for_workload(namespace, labels, port)
     }
 
     /// The local rate limit of the server of a workload with `labels` in
@@ -459,6 +481,7 @@ pub(super) fn resolve(options: &MeshOptions, resources: &[&Resource]) -> Securit
             authz,
             groups,
             rate_limits,
+            cors: super::cors::CorsServices::resolve(&options.domain_suffix, resources),
         }),
     }
 }

@@ -377,10 +377,6 @@ spec:
 fn unsupported_traffic_policy_fields() {
     let cases = [
         (
-            "    portLevelSettings:\n    - port: {number: 80}\n",
-            "trafficPolicy.portLevelSettings",
-        ),
-        (
             "    tunnel: {targetHost: x, targetPort: 1}\n",
             "trafficPolicy.tunnel",
         ),
@@ -389,8 +385,8 @@ fn unsupported_traffic_policy_fields() {
             "trafficPolicy.tls.caCrl",
         ),
         (
-            "    loadBalancer:\n      warmupDurationSecs: 10s\n",
-            "trafficPolicy.loadBalancer.warmupDurationSecs",
+            "    loadBalancer:\n      warmup: {duration: 10s}\n",
+            "trafficPolicy.loadBalancer.warmup",
         ),
     ];
     for (policy, path) in cases {
@@ -888,6 +884,7 @@ spec:
             },
         ]
         .into(),
+        ignore_case: false,
     };
     assert_eq!(routes[0].matcher, want);
     assert_eq!(
@@ -1387,13 +1384,10 @@ spec:
     write(
         &d,
         "c.yaml",
-        &vs_good.replace(
-            "subset: v2}}]",
-            "subset: v1}}]\n    corsPolicy: {allowOrigins: []}",
-        ),
+        &vs_good.replace("subset: v2}}]", "subset: v1}}]\n    delegate: {name: x}"),
     );
     let diags = s.load_dir(d.path());
-    assert_one(&diags, 8, "field 'http[0].corsPolicy' is not supported yet");
+    assert_one(&diags, 8, "field 'http[0].delegate' is not supported yet");
     assert_eq!(routes(&s), v2);
 
     // A syntax error keeps every resource of the file.

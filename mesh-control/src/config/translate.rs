@@ -435,27 +435,27 @@ fn collect_rules<'r>(
     rules
 }
 
-/// The traffic policy of the cluster for `subset` (`""` for the whole
-/// service): the rule's, with the subset's merged over it.
-fn cluster_policy(rule: Option<&DestinationRule>, subset: &str) -> TrafficPolicy {
+/// The traffic policy of the cluster of `port` for `subset` (`""` for the
+/// whole service): the rule's, with the subset's merged over it, each with
+/// its `portLevelSettings` for `port` applied first (see
+/// [`TrafficPolicy::for_cluster`]).
+fn cluster_policy(rule: Option<&DestinationRule>, subset: &str, port: u16) -> TrafficPolicy {
     let Some(rule) = rule else {
         return TrafficPolicy::default();
     };
-    match rule
+    let subset = rule
         .subsets
         .iter()
-        .find(|s| !subset.is_empty() && s.name.value == subset)
-    {
-        Some(s) => rule.policy.merged(&s.policy),
-        None => rule.policy.clone(),
-    }
+        .find(|s| !subset.is_empty() && s.name.value == subset);
+    rule.policy.for_cluster(subset.map(|s| &s.policy), port)
 }
 
-/// The consistent-hash key of requests sent to `subset` of `fqdn`, from its
-/// DestinationRule (Envoy carries it on the route, Istio puts it there).
-fn hash_policy_for(rules: &Rules<'_>, fqdn: &str, subset: &str) -> Arc<[HashPolicy]> {
+/// The consistent-hash key of requests sent to `subset` of `fqdn` on
+/// `port`, from its DestinationRule (Envoy carries it on the route, Istio
+/// puts it there, port-level settings included).
+fn hash_policy_for(rules: &Rules<'_>, fqdn: &str, subset: &str, port: u16) -> Arc<[HashPolicy]> {
     let rule = rules.get(fqdn).map(|(_, r)| *r);
-    match cluster_policy(rule, subset).hash_policy() {
+    match cluster_policy(rule, subset, port).hash_policy() {
         Some(h) => Arc::from([h.clone()]),
         None => Arc::from([]),
     }
@@ -597,6 +597,7 @@ fn routes_for_port(
                     path: m.path.clone(),
                     headers: m.headers.clone().into(),
                     query_params: m.query_params.clone().into(),
+                    ignore_case: m.ignore_uri_case,
                 })
                 .collect()
         };
@@ -629,7 +630,7 @@ fn routes_for_port(
             };
             let subset = d.subset.as_ref().map(|s| s.value.as_str()).unwrap_or("");
             if clusters.is_empty() {
-                hash_policy = hash_policy_for(rules, &fqdn, subset);
+                hash_policy = hash_policy_for(rules, &fqdn, subset, dest_port);
             }
             clusters.push(WeightedCluster {
                 name: Name::from(cluster_name(dest_port, subset, &fqdn)),
@@ -802,6 +803,9 @@ pub(crate) fn translate_for(
     }
     let security = security::resolve(options, resources);
     let identities = Identities::new(options, resources);
+    // Client-side local rate limits (EnvoyFilter SIDECAR_OUTBOUND) of this
+    // audience's callers, set on their routes below.
+    let outbound = super::envoy_filter::Outbound::new(&options.root_namespace, resources, audience);
 
     // VirtualServices, in file order: the first to name a host routes it
     // (for the namespaces it is exported to: two exported to disjoint sets
@@ -917,11 +921,22 @@ pub(crate) fn translate_for(
                     action: WeightedClusters::single(base.as_str()),
                     policy: RoutePolicy {
                         retry: Some(RetryPolicy::istio_default()),
-                        hash_policy: hash_policy_for(&rules, fqdn, ""),
+                        hash_policy: hash_policy_for(&rules, fqdn, "", p),
                         ..RoutePolicy::default()
                     },
                 }],
             };
+            let mut routes = routes;
+            if !outbound.is_empty() {
+                // Not on a route that answers itself: Envoy's filter would
+                // limit it, but the model keeps such routes policy-free.
+                for r in routes
+                    .iter_mut()
+                    .filter(|r| r.policy.traffic.as_ref().is_none_or(|t| t.answer.is_none()))
+                {
+                    r.policy.rate_limit = outbound.for_route(&rc_name, &r.name);
+                }
+            }
             snapshot.route_configs.insert(
                 rc_name.clone(),
                 Arc::new(RouteConfig {
@@ -944,6 +959,7 @@ pub(crate) fn translate_for(
                     let name = Name::from(name);
                     let mut cluster = Cluster::new(name.clone(), port.protocol);
                     policy.apply(&mut cluster);
+                    super::locality::adjust_cluster(&policy, &mut cluster);
                     let selected: Vec<&Member> = members
                         .iter()
                         .filter(|m| labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)))
@@ -993,18 +1009,35 @@ pub(crate) fn translate_for(
                     snapshot.clusters.insert(name.clone(), Arc::new(cluster));
                     snapshot.endpoints.insert(
                         name.clone(),
-                        Arc::new(load_assignment(name, selected.into_iter())),
+                        Arc::new(super::locality::for_view(
+                            load_assignment(name, selected.into_iter()),
+                            &policy,
+                            audience,
+                        )),
                     );
                 };
-            add_cluster(base, "", cluster_policy(rule, ""), &BTreeMap::new());
+            add_cluster(base, "", cluster_policy(rule, "", p), &BTreeMap::new());
             for subset in rule.map(|r| r.subsets.as_slice()).unwrap_or_default() {
                 add_cluster(
                     cluster_name(p, &subset.name.value, fqdn),
                     &subset.name.value,
-                    cluster_policy(rule, &subset.name.value),
+                    cluster_policy(rule, &subset.name.value, p),
                     &subset.labels,
                 );
             }
+        }
+    }
+    // An outbound route patch naming no virtual host applies to nothing:
+    // judged once, on the translation for everyone.
+    if matches!(audience, Audience::Everyone) {
+        let vhosts: BTreeSet<String> = snapshot
+            .route_configs
+            .keys()
+            .map(|n| n.to_string())
+            .collect();
+        let all = super::envoy_filter::Outbound::all(&options.root_namespace, resources);
+        for (meta, d) in all.unmatched(&vhosts) {
+            found.of(meta, d);
         }
     }
     let Problems {

@@ -680,6 +680,7 @@ fn server_listeners_carry_dry_run_policies_as_shadow_rules() {
         ]
         .into(),
         rate_limit: None,
+        cors: Default::default(),
     };
     let back = decode_server_listener(&encode_server_listener(&listener)).unwrap();
     assert_eq!(back, listener);

@@ -38,7 +38,7 @@ use prost::Name as _;
 
 use super::cluster_policy::{
     breakers_from_proto, breakers_to_proto, common_http_to_proto, connection_from_proto,
-    outlier_from_proto, outlier_to_proto,
+    keepalive_from_proto, keepalive_to_proto, outlier_from_proto, outlier_to_proto,
 };
 use super::tls::Transport;
 use super::{
@@ -81,13 +81,20 @@ const KNOWN_UNSUPPORTED_POLICIES: &[&str] = &[
 /// connection settings and, with `tls`, the A29 `UpstreamTlsContext`.
 pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
     let (lb_policy, lb_config, load_balancing_policy) = match cluster.lb_policy {
-        LbPolicy::RoundRobin => (LbEnum::RoundRobin, None, None),
+        LbPolicy::RoundRobin => (
+            LbEnum::RoundRobin,
+            super::slow_start::round_robin_lb_config(cluster.slow_start),
+            None,
+        ),
         LbPolicy::LeastRequest => (
             LbEnum::RoundRobin,
             None,
             Some(wrr_locality(typed_policy(
                 LEAST_REQUEST_NAME,
-                pack(&LeastRequest::default()),
+                pack(&LeastRequest {
+                    slow_start_config: super::slow_start::typed(cluster.slow_start),
+                    ..LeastRequest::default()
+                }),
             ))),
         ),
         LbPolicy::Random => (
@@ -110,8 +117,17 @@ pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
             None,
         ),
     };
-    let protocol_config = if cluster.protocol.is_http2() {
-        ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())
+    // HTTP/2 for HTTP/2 and gRPC clusters, and for HTTP/1.1 ones upgraded
+    // (Istio's `h2UpgradePolicy: UPGRADE`, which our metadata's protocol
+    // still calls http1); `max_concurrent_streams` only there, as Istio.
+    let protocol_config = if cluster.protocol.is_http2() || cluster.connection.h2_upgrade {
+        ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions {
+            max_concurrent_streams: cluster
+                .connection
+                .max_concurrent_streams
+                .map(|value| UInt32Value { value }),
+            ..Default::default()
+        })
     } else {
         ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default())
     };
@@ -156,6 +172,7 @@ pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
         lb_config,
         load_balancing_policy,
         connect_timeout: cluster.connection.connect_timeout.map(duration_to_proto),
+        upstream_connection_options: keepalive_to_proto(&cluster.connection),
         circuit_breakers: Some(breakers_to_proto(&cluster.circuit_breakers)),
         outlier_detection,
         transport_socket: cluster.tls.as_ref().map(super::tls::upstream_to_proto),
@@ -295,6 +312,13 @@ fn cluster_fields(c: &ClusterProto) -> Decoded<Cluster> {
             .at("common_http_protocol_options")?,
     };
     connection.connect_timeout = opt_positive(c.connect_timeout.as_ref(), "connect_timeout")?;
+    connection.tcp_keepalive = keepalive_from_proto(c.upstream_connection_options.as_ref())
+        .at("upstream_connection_options")?;
+    let http2 = http2_options(c, options.as_ref());
+    connection.h2_upgrade = protocol == Protocol::Http1 && http2.is_some();
+    connection.max_concurrent_streams = http2
+        .and_then(|o| o.max_concurrent_streams)
+        .map(|v| v.value);
     if connection.max_requests_per_connection.is_none() {
         connection.max_requests_per_connection = c.max_requests_per_connection.map(|v| v.value);
     }
@@ -313,6 +337,7 @@ fn cluster_fields(c: &ClusterProto) -> Decoded<Cluster> {
         outlier_detection,
         connection,
         locality_failover: locality_failover_from_proto(c)?,
+        slow_start: super::slow_start::from_proto(c)?,
         tls,
         ..Cluster::new(name, protocol)
     })
@@ -556,6 +581,24 @@ fn locality_failover_from_proto(c: &ClusterProto) -> Decoded<bool> {
         Some(Some(Kind::BoolValue(b))) => Ok(*b),
         Some(_) => Err(FieldError::invalid("not a bool")
             .at("metadata.filter_metadata[\"proxyless\"].locality_failover")),
+    }
+}
+
+/// The HTTP/2 options the cluster speaks with, if it speaks HTTP/2: the
+/// upstream options' explicit HTTP/2 config, else the old cluster field.
+/// An HTTP/1.1 cluster (by our metadata) with them is upgraded (Istio's
+/// `h2UpgradePolicy: UPGRADE`).
+#[allow(deprecated)] // the old `http2_protocol_options` field
+fn http2_options<'c>(
+    c: &'c ClusterProto,
+    options: Option<&'c HttpProtocolOptions>,
+) -> Option<&'c Http2ProtocolOptions> {
+    match options.and_then(|o| o.upstream_protocol_options.as_ref()) {
+        Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+            protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(h2)),
+        })) => Some(h2),
+        Some(_) => None,
+        None => c.http2_protocol_options.as_ref(),
     }
 }
 

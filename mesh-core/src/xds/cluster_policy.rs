@@ -12,19 +12,26 @@
 //!   ejection whenever that is set); the minimum healthy share is
 //!   `common_lb_config.healthy_panic_threshold`, as Istio maps
 //!   `minHealthPercent`.
-//! - Connections: `connect_timeout`, and the idle timeout and requests per
-//!   connection in the upstream `HttpProtocolOptions`'
-//!   `common_http_protocol_options`.
+//! - Connections: `connect_timeout`; the idle timeout, requests per
+//!   connection and maximum connection duration in the upstream
+//!   `HttpProtocolOptions`' `common_http_protocol_options` (Istio writes
+//!   `http.idleTimeout`, else `tcp.idleTimeout`, to `idle_timeout`, and
+//!   `tcp.maxConnectionDuration` to `max_connection_duration`); TCP
+//!   keepalive in `upstream_connection_options.tcp_keepalive` (Envoy counts
+//!   its time and interval in whole seconds; an empty message turns
+//!   `SO_KEEPALIVE` on with the OS defaults, as Istio's does);
+//!   `http.maxConcurrentStreams` in the HTTP/2 protocol options (encoded by
+//!   the cluster module, which owns the protocol choice).
 
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
-    CircuitBreakers as BreakersProto, OutlierDetection as OutlierProto,
+    CircuitBreakers as BreakersProto, OutlierDetection as OutlierProto, UpstreamConnectionOptions,
     circuit_breakers::{Thresholds, thresholds::RetryBudget as BudgetProto},
     cluster::CommonLbConfig,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    HttpProtocolOptions as CommonHttpOptions, RoutingPriority,
+    HttpProtocolOptions as CommonHttpOptions, RoutingPriority, TcpKeepalive as KeepaliveProto,
 };
 use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::UInt32Value;
@@ -33,7 +40,9 @@ use super::{
     At, Decoded, FieldError, duration_to_proto, opt_duration, positive_duration, reject_if,
     whole_percent,
 };
-use crate::model::{CircuitBreakers, ConnectionSettings, Fraction, OutlierDetection, RetryBudget};
+use crate::model::{
+    CircuitBreakers, ConnectionSettings, Fraction, OutlierDetection, RetryBudget, TcpKeepalive,
+};
 
 /// Envoy's default for each of the first three limits.
 const ENVOY_DEFAULT_LIMIT: u32 = 1024;
@@ -114,14 +123,61 @@ pub(crate) fn outlier_to_proto(o: &OutlierDetection) -> (OutlierProto, CommonLbC
 
 /// `common_http_protocol_options`, when the model sets any of its fields.
 pub(crate) fn common_http_to_proto(c: &ConnectionSettings) -> Option<CommonHttpOptions> {
-    if c.idle_timeout.is_none() && c.max_requests_per_connection.is_none() {
+    if c.idle_timeout.is_none()
+        && c.max_requests_per_connection.is_none()
+        && c.max_connection_duration.is_none()
+    {
         return None;
     }
     Some(CommonHttpOptions {
         idle_timeout: c.idle_timeout.map(duration_to_proto),
         max_requests_per_connection: c.max_requests_per_connection.and_then(value),
+        max_connection_duration: c.max_connection_duration.map(duration_to_proto),
         ..Default::default()
     })
+}
+
+/// Whole seconds, as Envoy's keepalive fields count them (saturating).
+fn whole_seconds(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+/// `upstream_connection_options { tcp_keepalive }`, when keepalive is on.
+pub(crate) fn keepalive_to_proto(c: &ConnectionSettings) -> Option<UpstreamConnectionOptions> {
+    let k = c.tcp_keepalive?;
+    Some(UpstreamConnectionOptions {
+        tcp_keepalive: Some(KeepaliveProto {
+            keepalive_probes: k.probes.and_then(value),
+            keepalive_time: k.time.map(whole_seconds).and_then(value),
+            keepalive_interval: k.interval.map(whole_seconds).and_then(value),
+        }),
+        ..Default::default()
+    })
+}
+
+/// TCP keepalive from `upstream_connection_options` (`None`: off). Zero
+/// probes, time or interval are invalid (Envoy's validation). The other
+/// options (the interface name in metadata, happy eyeballs) do not change
+/// what a client with one address per endpoint does and are ignored.
+pub(crate) fn keepalive_from_proto(
+    o: Option<&UpstreamConnectionOptions>,
+) -> Decoded<Option<TcpKeepalive>> {
+    let Some(k) = o.and_then(|o| o.tcp_keepalive.as_ref()) else {
+        return Ok(None);
+    };
+    let positive = |v: Option<UInt32Value>, field: &'static str| match v {
+        Some(UInt32Value { value: 0 }) => Err(FieldError::invalid("must be positive")
+            .at(field)
+            .at("tcp_keepalive")),
+        other => Ok(other.map(|v| v.value)),
+    };
+    Ok(Some(TcpKeepalive {
+        probes: positive(k.keepalive_probes, "keepalive_probes")?,
+        time: positive(k.keepalive_time, "keepalive_time")?
+            .map(|s| Duration::from_secs(u64::from(s))),
+        interval: positive(k.keepalive_interval, "keepalive_interval")?
+            .map(|s| Duration::from_secs(u64::from(s))),
+    }))
 }
 
 // ---------------------------------------------------------------------------
@@ -334,10 +390,10 @@ pub(crate) fn outlier_from_proto(
     })
 }
 
-/// The model's idle timeout and requests per connection from the common
-/// HTTP options (`connect_timeout` is the cluster's, decoded by the
-/// caller). Limits the model cannot honor (a maximum connection or stream
-/// duration) are unsupported; `max_headers_count`,
+/// The model's idle timeout, requests per connection and maximum
+/// connection duration from the common HTTP options (`connect_timeout` is
+/// the cluster's, decoded by the caller; zero durations mean "none", as in
+/// Envoy). A cluster-wide maximum stream duration is unsupported; `max_headers_count`,
 /// `max_response_headers_kb` and `headers_with_underscores_action` concern
 /// header validation, not routing, and are ignored.
 pub(crate) fn connection_from_proto(
@@ -346,17 +402,11 @@ pub(crate) fn connection_from_proto(
     let Some(common) = common else {
         return Ok(ConnectionSettings::default());
     };
-    if opt_duration(
+    let max_connection_duration = opt_duration(
         common.max_connection_duration.as_ref(),
         "max_connection_duration",
     )?
-    .is_some_and(|d| !d.is_zero())
-    {
-        return Err(
-            FieldError::unsupported("a maximum connection duration is not supported")
-                .at("max_connection_duration"),
-        );
-    }
+    .filter(|d| !d.is_zero());
     if opt_duration(common.max_stream_duration.as_ref(), "max_stream_duration")?
         .is_some_and(|d| !d.is_zero())
     {
@@ -369,5 +419,144 @@ pub(crate) fn connection_from_proto(
         connect_timeout: None,
         idle_timeout: opt_duration(common.idle_timeout.as_ref(), "idle_timeout")?,
         max_requests_per_connection: common.max_requests_per_connection.map(|v| v.value),
+        max_connection_duration,
+        ..ConnectionSettings::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster as ClusterProto;
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+        HttpProtocolOptions,
+        http_protocol_options::{
+            ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+        },
+    };
+    use prost::Message;
+
+    use super::super::cluster::HTTP_PROTOCOL_OPTIONS_KEY;
+    use super::super::{cluster_from_proto, cluster_to_proto, decode_cluster, encode_cluster};
+    use crate::model::{Cluster, ConnectionSettings, Protocol, TcpKeepalive};
+
+    fn options(proto: &ClusterProto) -> HttpProtocolOptions {
+        HttpProtocolOptions::decode(
+            proto.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS_KEY]
+                .value
+                .as_slice(),
+        )
+        .unwrap()
+    }
+
+    fn h2(options: &HttpProtocolOptions) -> Option<u32> {
+        match &options.upstream_protocol_options {
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(h2)),
+            })) => Some(h2.max_concurrent_streams.map_or(0, |v| v.value)),
+            _ => None,
+        }
+    }
+
+    fn round_trip(c: &Cluster) -> ClusterProto {
+        let any = encode_cluster(c);
+        assert_eq!(decode_cluster(&any).unwrap(), *c);
+        cluster_to_proto(c)
+    }
+
+    #[test]
+    fn connection_options_are_in_envoys_shape_and_round_trip() {
+        let c = Cluster {
+            connection: ConnectionSettings {
+                tcp_keepalive: Some(TcpKeepalive {
+                    probes: Some(3),
+                    time: Some(Duration::from_secs(7200)),
+                    interval: Some(Duration::from_secs(75)),
+                }),
+                max_connection_duration: Some(Duration::from_millis(300)),
+                max_concurrent_streams: Some(2),
+                idle_timeout: Some(Duration::from_secs(5)),
+                ..ConnectionSettings::default()
+            },
+            ..Cluster::new("outbound|80||a.ns.svc.cluster.local", Protocol::Grpc)
+        };
+        let proto = round_trip(&c);
+        let k = proto
+            .upstream_connection_options
+            .as_ref()
+            .and_then(|o| o.tcp_keepalive.as_ref())
+            .unwrap();
+        assert_eq!(k.keepalive_probes.map(|v| v.value), Some(3));
+        assert_eq!(k.keepalive_time.map(|v| v.value), Some(7200));
+        assert_eq!(k.keepalive_interval.map(|v| v.value), Some(75));
+        let o = options(&proto);
+        let common = o.common_http_protocol_options.as_ref().unwrap();
+        assert_eq!(
+            common.max_connection_duration.map(|d| (d.seconds, d.nanos)),
+            Some((0, 300_000_000))
+        );
+        assert_eq!(h2(&o), Some(2));
+    }
+
+    #[test]
+    fn keepalive_with_os_defaults_is_an_empty_message() {
+        let c = Cluster {
+            connection: ConnectionSettings {
+                tcp_keepalive: Some(TcpKeepalive::default()),
+                ..ConnectionSettings::default()
+            },
+            ..Cluster::new("c", Protocol::Http1)
+        };
+        let proto = round_trip(&c);
+        let k = proto.upstream_connection_options.unwrap().tcp_keepalive;
+        assert_eq!(k, Some(Default::default()));
+        // Off: no options at all.
+        let off = cluster_to_proto(&Cluster::new("c", Protocol::Http1));
+        assert_eq!(off.upstream_connection_options, None);
+    }
+
+    #[test]
+    fn an_upgraded_http1_cluster_speaks_http2_and_stays_http1_by_metadata() {
+        let c = Cluster {
+            connection: ConnectionSettings {
+                h2_upgrade: true,
+                max_concurrent_streams: Some(10),
+                ..ConnectionSettings::default()
+            },
+            ..Cluster::new("c", Protocol::Http1)
+        };
+        let proto = round_trip(&c);
+        assert_eq!(h2(&options(&proto)), Some(10));
+        // Without our metadata (as Istio sends it), the cluster is HTTP/2.
+        let mut istio = proto.clone();
+        istio.metadata = None;
+        let decoded = cluster_from_proto(&istio).unwrap();
+        assert_eq!(decoded.protocol, Protocol::Http2);
+        assert!(!decoded.connection.h2_upgrade);
+        assert_eq!(decoded.connection.max_concurrent_streams, Some(10));
+        // Not upgraded: HTTP/1.1 options.
+        let plain = cluster_to_proto(&Cluster::new("c", Protocol::Http1));
+        assert_eq!(h2(&options(&plain)), None);
+    }
+
+    #[test]
+    fn zero_keepalive_values_are_rejected_with_the_field() {
+        let c = Cluster {
+            connection: ConnectionSettings {
+                tcp_keepalive: Some(TcpKeepalive {
+                    probes: Some(0),
+                    ..TcpKeepalive::default()
+                }),
+                ..ConnectionSettings::default()
+            },
+            ..Cluster::new("c", Protocol::Http1)
+        };
+        let err = cluster_from_proto(&cluster_to_proto(&c)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("upstream_connection_options.tcp_keepalive.keepalive_probes"),
+            "{err}"
+        );
+    }
 }

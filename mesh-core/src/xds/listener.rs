@@ -6,6 +6,12 @@
 //! injects nothing by itself, and routes that carry a fault say so in their
 //! `typed_per_filter_config["envoy.filters.http.fault"]`, which Envoy and
 //! gRPC (A33) apply only when the filter is in the chain.
+//!
+//! So is Envoy's local rate limit filter, with a config that limits
+//! nothing and `is_optional: true` (gRPC knows no such filter and ignores
+//! it instead of NACKing the Listener, gRFC A39): a route limited on the
+//! client side carries its config in its `typed_per_filter_config`, which
+//! replaces the filter's for its requests (see the `route_policy` module).
 
 use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener as ListenerProto};
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
@@ -41,6 +47,7 @@ pub fn listener_to_proto(listener: &Listener) -> ListenerProto {
                 config_type: Some(ConfigType::TypedConfig(pack(&HttpFault::default()))),
                 ..Default::default()
             },
+            super::ratelimit::local_rate_limit_filter(&crate::ratelimit::LocalRateLimit::inert()),
             HttpFilter {
                 name: ROUTER_FILTER_NAME.to_string(),
                 config_type: Some(ConfigType::TypedConfig(pack(&Router::default()))),

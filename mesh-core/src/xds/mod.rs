@@ -161,12 +161,14 @@ use crate::{Error, ErrorKind};
 
 mod cluster;
 mod cluster_policy;
+mod cors;
 mod endpoints;
 mod listener;
 mod ratelimit;
 mod route_policy;
 mod routes;
 mod server_listener;
+mod slow_start;
 #[cfg(test)]
 mod tests;
 mod tls;

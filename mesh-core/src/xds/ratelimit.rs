@@ -688,6 +688,72 @@ mod tests {
         );
     }
 
+    /// A client route limited on the client side (an outbound EnvoyFilter):
+    /// the config in the route's `typed_per_filter_config`, wrapped for
+    /// gRPC, the actions in `RouteAction.rate_limits`, through a whole
+    /// RouteConfiguration and back.
+    #[test]
+    fn client_routes_round_trip_through_rds() {
+        use crate::model::{Route, RouteConfig, RouteMatch, RoutePolicy, VirtualHost};
+        use crate::xds::{route_config_from_proto, route_config_to_proto};
+        use envoy_types::pb::envoy::config::route::v3::route::Action as RouteActionKind;
+        let limited = RateLimitConfig {
+            filter: LocalRateLimit::inert(),
+            route: Some(sample()),
+            rate_limits: actions(),
+        };
+        let route = |name: &str, rate_limit: Option<RateLimitConfig>| Route {
+            name: name.into(),
+            matcher: RouteMatch::any(),
+            action: crate::model::WeightedClusters::single("outbound|80||catalog"),
+            policy: RoutePolicy {
+                rate_limit: rate_limit.map(Arc::new),
+                ..RoutePolicy::default()
+            },
+        };
+        let rc = RouteConfig {
+            name: "catalog:80".into(),
+            virtual_hosts: Arc::from([VirtualHost {
+                name: "catalog:80".into(),
+                domains: Arc::from([Name::from("catalog")]),
+                routes: Arc::from([route("limited", Some(limited)), route("free", None)]),
+            }]),
+        };
+        let proto = route_config_to_proto(&rc);
+        let limited_proto = &proto.virtual_hosts[0].routes[0];
+        let wrapped = &limited_proto.typed_per_filter_config[LOCAL_RATELIMIT_FILTER_NAME];
+        let wrapper: FilterConfig = unpack(wrapped).unwrap();
+        assert!(wrapper.is_optional, "gRPC must not NACK the route config");
+        let Some(RouteActionKind::Route(action)) = &limited_proto.action else {
+            panic!("a route action")
+        };
+        assert_eq!(action.rate_limits.len(), 1);
+        assert!(
+            proto.virtual_hosts[0].routes[1]
+                .typed_per_filter_config
+                .is_empty()
+        );
+        assert_eq!(route_config_from_proto(&proto).unwrap(), rc);
+        // Envoy's bare per-route form decodes too.
+        let mut bare = proto.clone();
+        bare.virtual_hosts[0].routes[0]
+            .typed_per_filter_config
+            .insert(
+                LOCAL_RATELIMIT_FILTER_NAME.to_string(),
+                pack(&local_rate_limit_to_proto(&sample())),
+            );
+        assert_eq!(route_config_from_proto(&bare).unwrap(), rc);
+        // A bad per-route config is an error naming the field.
+        let mut bad = proto.clone();
+        let mut p = local_rate_limit_to_proto(&sample());
+        p.local_rate_limit_per_downstream_connection = true;
+        bad.virtual_hosts[0].routes[0]
+            .typed_per_filter_config
+            .insert(LOCAL_RATELIMIT_FILTER_NAME.to_string(), pack(&p));
+        let err = route_config_from_proto(&bad).unwrap_err().to_string();
+        assert!(err.contains("typed_per_filter_config"), "{err}");
+    }
+
     #[test]
     fn what_cannot_be_honored_is_refused() {
         let mut p = local_rate_limit_to_proto(&sample());
@@ -738,6 +804,7 @@ mod tests {
                 route: Some(sample()),
                 rate_limits: actions(),
             })),
+            cors: Default::default(),
         };
         let any = super::super::encode_server_listener(&listener);
         let proto: Listener = unpack(&any).unwrap();

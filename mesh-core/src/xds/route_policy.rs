@@ -18,6 +18,14 @@
 //! - Hash policies: `RouteAction.hash_policy`, every policy but the last
 //!   `terminal`, so that the first one that yields a key decides (the
 //!   model's rule; without `terminal` Envoy would combine the hashes).
+//! - Client-side local rate limit: the route's whole config (the one its
+//!   requests are limited by) in
+//!   `typed_per_filter_config["envoy.filters.http.local_ratelimit"]`,
+//!   wrapped in `FilterConfig { is_optional: true }` (gRFC A39: gRPC
+//!   ignores it instead of NACKing the RouteConfiguration), and its
+//!   descriptors' actions in `RouteAction.rate_limits`; the listener always
+//!   has the filter with a config that limits nothing (see the listener
+//!   module), which a route's config replaces as in Envoy.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,6 +53,8 @@ use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::Previou
 use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
 use envoy_types::pb::google::protobuf::{Duration as DurationProto, UInt32Value};
 use prost::Name as _;
+
+use super::ratelimit::LOCAL_RATELIMIT_FILTER_NAME;
 
 use super::{
     Any, At, Decoded, FieldError, duration_to_proto, fraction_from_proto, fraction_to_proto,
@@ -94,16 +104,25 @@ pub(crate) fn policy_to_action(policy: &RoutePolicy, action: &mut RouteAction) {
         .enumerate()
         .map(|(i, h)| hash_to_proto(h, i < last))
         .collect();
+    if let Some(r) = &policy.rate_limit {
+        action.rate_limits = super::ratelimit::rate_limits_to_proto(&r.rate_limits);
+    }
 }
 
-/// The route's `typed_per_filter_config`: the fault, if any.
+/// The route's `typed_per_filter_config`: the fault and the local rate
+/// limit (the config its requests are limited by), if any.
 pub(crate) fn per_filter_config(policy: &RoutePolicy) -> HashMap<String, Any> {
-    policy
+    let fault = policy
         .fault
         .as_ref()
-        .map(|f| (FAULT_FILTER_NAME.to_string(), pack(&fault_to_proto(f))))
-        .into_iter()
-        .collect()
+        .map(|f| (FAULT_FILTER_NAME.to_string(), pack(&fault_to_proto(f))));
+    let rate_limit = policy.rate_limit.as_ref().map(|r| {
+        (
+            LOCAL_RATELIMIT_FILTER_NAME.to_string(),
+            super::ratelimit::per_route_config(r.effective()),
+        )
+    });
+    fault.into_iter().chain(rate_limit).collect()
 }
 
 fn retry_to_proto(r: &RetryPolicy) -> RetryProto {
@@ -214,13 +233,40 @@ pub(crate) fn policy_from_proto(
 ) -> Decoded<RoutePolicy> {
     let fault = fault_from_per_filter_config(&route.typed_per_filter_config)?;
     let (timeout, retry, hash_policy) = action_policy(action, vh_retry).at("route")?;
+    let rate_limit = rate_limit_from_proto(route, action)?;
     Ok(RoutePolicy {
         timeout,
         retry,
         fault,
         hash_policy,
         traffic: None,
+        rate_limit,
     })
+}
+
+/// The route's client-side local rate limit: its per-route config of the
+/// `local_ratelimit` filter (wrapped or bare) replaces the listener's
+/// filter, whose client config limits nothing; `rate_limits` alone (no
+/// per-route config) limit nothing here, as the listener's filter has no
+/// descriptors.
+fn rate_limit_from_proto(
+    route: &RouteProto,
+    action: &RouteAction,
+) -> Decoded<Option<Arc<crate::ratelimit::RateLimitConfig>>> {
+    if !route
+        .typed_per_filter_config
+        .contains_key(LOCAL_RATELIMIT_FILTER_NAME)
+    {
+        return Ok(None);
+    }
+    let inert = crate::ratelimit::LocalRateLimit::inert();
+    let rate_limits = super::ratelimit::rate_limits_from_proto(&action.rate_limits).at("route")?;
+    let config = super::ratelimit::rate_limit_from_route(
+        Some((LOCAL_RATELIMIT_FILTER_NAME, &inert)),
+        &route.typed_per_filter_config,
+        &[],
+    )?;
+    Ok(config.map(|c| Arc::new(crate::ratelimit::RateLimitConfig { rate_limits, ..c })))
 }
 
 type ActionPolicy = (Option<Duration>, Option<RetryPolicy>, Arc<[HashPolicy]>);
@@ -523,6 +569,9 @@ fn fault_from_per_filter_config(map: &HashMap<String, Any>) -> Decoded<Option<Fa
     keys.sort_unstable();
     let mut fault = None;
     for key in keys {
+        if key == LOCAL_RATELIMIT_FILTER_NAME {
+            continue; // `rate_limit_from_proto`'s
+        }
         let Some(any) = map.get(key) else { continue };
         let at = |e: FieldError| e.at(format!("typed_per_filter_config[{key:?}]"));
         let found = per_filter_fault(any).map_err(at)?;

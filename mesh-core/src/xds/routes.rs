@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatcher, StringMatcher, string_matcher::MatchPattern,
 };
-use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 
 use super::route_policy::{
     per_filter_config, policy_from_proto, policy_to_action, virtual_host_retry,
@@ -86,7 +86,7 @@ fn cluster_specifier(action: &WeightedClusters) -> ClusterSpecifier {
     }
 }
 
-fn match_to_proto(m: &RouteMatch) -> RouteMatchProto {
+pub(super) fn match_to_proto(m: &RouteMatch) -> RouteMatchProto {
     RouteMatchProto {
         path_specifier: Some(match &m.path {
             PathMatch::Prefix(p) => PathSpecifier::Prefix(p.to_string()),
@@ -117,6 +117,9 @@ fn match_to_proto(m: &RouteMatch) -> RouteMatchProto {
                 }),
             })
             .collect(),
+        // Envoy's default is case-sensitive: written only when it is not,
+        // so that routes without `ignoreUriCase` encode as before.
+        case_sensitive: m.ignore_case.then_some(BoolValue { value: false }),
         ..Default::default()
     }
 }
@@ -382,13 +385,10 @@ fn weighted_clusters_from_proto(wc: &WcProto) -> Decoded<WeightedClusters> {
     WeightedClusters::new(clusters).map_err(FieldError::from)
 }
 
-fn match_from_proto(m: &RouteMatchProto) -> Decoded<RouteMatch> {
-    if m.case_sensitive.as_ref().is_some_and(|c| !c.value) {
-        return Err(
-            FieldError::unsupported("case-insensitive path matching is not supported")
-                .at("case_sensitive"),
-        );
-    }
+pub(super) fn match_from_proto(m: &RouteMatchProto) -> Decoded<RouteMatch> {
+    // `case_sensitive: false` (Istio's `ignoreUriCase`): prefix and exact
+    // paths ignore ASCII case; Envoy does not apply it to `safe_regex`.
+    let ignore_case = m.case_sensitive.as_ref().is_some_and(|c| !c.value);
     reject_if(m.runtime_fraction.is_some(), "runtime_fraction")?;
     reject_if(!m.cookies.is_empty(), "cookies")?;
     reject_if(m.grpc.is_some(), "grpc")?;
@@ -440,6 +440,7 @@ fn match_from_proto(m: &RouteMatchProto) -> Decoded<RouteMatch> {
         path,
         headers: headers.into(),
         query_params: query_params.into(),
+        ignore_case,
     })
 }
 

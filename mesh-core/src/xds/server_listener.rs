@@ -26,14 +26,22 @@
 //!   ignore it), and on the route its per-route config wrapped in
 //!   `FilterConfig { is_optional: true }`, and the `rate_limits` on the
 //!   virtual host (the route is non-forwarding: it has no `RouteAction`)
-//!   (gRFC A39; see [`super::ratelimit`]).
+//!   (gRFC A39; see [`super::ratelimit`]);
+//! - with CORS routes ([`ServerListener::cors`]), the `cors` filter first
+//!   of all (`is_optional: true`), as in Istio's inbound chain where CORS
+//!   runs before rate limiting and RBAC, and one non-forwarding route per
+//!   [`crate::cors::CorsRoute`] before the catch-all, with its match and
+//!   its `CorsPolicy` in `typed_per_filter_config` wrapped in
+//!   `FilterConfig { is_optional: true }` (see [`super::cors`]); the
+//!   rate limit's per-route config is on every route alike.
 //!
 //! Decoding accepts that shape and what is equivalent to it (the older
 //! A29 TLS fields, chains in either order, a `default_filter_chain`, more
 //! routes as long as every one is non-forwarding and every virtual host
 //! serves every path), and rejects the rest with a field error: routes
 //! that forward or answer directly, RDS, per-route filter configs other
-//! than `local_ratelimit` (and routes that limit differently), filter
+//! than `local_ratelimit` and `cors` (and routes that limit differently,
+//! CORS policies outside the `*` virtual host or without the filter), filter
 //! chain matches on anything but the transport protocol, other network or
 //! HTTP filters, chains whose policies differ, and TLS settings a
 //! PeerAuthentication mode cannot express.
@@ -60,6 +68,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
 use prost::Name as _;
 
+use super::cors::{CORS_FILTER_NAME, cors_filter, cors_from_route, cors_to_route, is_cors_filter};
 use super::listener::{ROUTER_FILTER_NAME, for_each_http_filter};
 use super::ratelimit::{
     LOCAL_RATELIMIT_FILTER_NAME, is_local_rate_limit, local_rate_limit_filter,
@@ -70,6 +79,7 @@ use super::{
     At, Decoded, FieldError, ResourceType, missing, named, pack, required_name, type_name, unpack,
 };
 use crate::Error;
+use crate::cors::CorsRoute;
 use crate::model::{MtlsMode, ServerListener};
 use crate::ratelimit::{LocalRateLimit, RateLimitConfig};
 use crate::rbac::AuthorizationPolicy;
@@ -124,12 +134,18 @@ pub fn server_listener_to_proto(listener: &ServerListener) -> ListenerProto {
 
 fn hcm_filter(listener: &ServerListener, port: u16) -> Filter {
     let route_name = format!("inbound|{port}");
-    // Istio's task inserts the rate limit filter first (INSERT_BEFORE).
-    let mut http_filters: Vec<HttpFilter> = listener
-        .rate_limit
-        .iter()
-        .map(|r| local_rate_limit_filter(&r.filter))
-        .collect();
+    // CORS first, as in Istio's inbound chain; then the rate limit, which
+    // Istio's task inserts before the others (INSERT_BEFORE).
+    let mut http_filters: Vec<HttpFilter> = Vec::new();
+    if !listener.cors.is_empty() {
+        http_filters.push(cors_filter());
+    }
+    http_filters.extend(
+        listener
+            .rate_limit
+            .iter()
+            .map(|r| local_rate_limit_filter(&r.filter)),
+    );
     http_filters.extend(
         rbac_filters_to_proto(&listener.policies)
             .iter()
@@ -156,6 +172,24 @@ fn hcm_filter(listener: &ServerListener, port: u16) -> Filter {
     if let Some(r) = &listener.rate_limit {
         rate_limit_to_route(r, &mut route.typed_per_filter_config, &mut vh_rate_limits);
     }
+    let mut routes: Vec<Route> = listener
+        .cors
+        .iter()
+        .map(|c| {
+            let mut r = Route {
+                r#match: Some(super::routes::match_to_proto(&c.matcher)),
+                action: Some(route::Action::NonForwardingAction(NonForwardingAction {})),
+                // The rate limit's per-route config, alike on every route.
+                typed_per_filter_config: route.typed_per_filter_config.clone(),
+                ..Default::default()
+            };
+            if let Some(p) = &c.policy {
+                cors_to_route(p, &mut r.typed_per_filter_config);
+            }
+            r
+        })
+        .collect();
+    routes.push(route);
     let hcm = HttpConnectionManager {
         stat_prefix: route_name.clone(),
         route_specifier: Some(RouteSpecifier::RouteConfig(RouteConfiguration {
@@ -163,7 +197,7 @@ fn hcm_filter(listener: &ServerListener, port: u16) -> Filter {
             virtual_hosts: vec![VirtualHost {
                 name: format!("inbound|http|{port}"),
                 domains: vec!["*".to_string()],
-                routes: vec![route],
+                routes,
                 rate_limits: vh_rate_limits,
                 ..Default::default()
             }],
@@ -201,6 +235,7 @@ struct Chain {
     tls: Option<bool>,
     policies: Vec<AuthorizationPolicy>,
     rate_limit: Option<RateLimitConfig>,
+    cors: Vec<CorsRoute>,
     /// Where it is, for errors (`filter_chains[1]`).
     at: String,
 }
@@ -258,12 +293,20 @@ fn server_fields(proto: &ListenerProto) -> Decoded<ServerListener> {
         ))
         .at(other.at.clone()));
     }
+    if let Some(other) = rest.iter().find(|c| c.cors != first.cors) {
+        return Err(FieldError::unsupported(format!(
+            "its CORS routes differ from those of {}: every filter chain must answer alike",
+            first.at
+        ))
+        .at(other.at.clone()));
+    }
     Ok(ServerListener {
         name,
         address,
         mtls,
         policies: first.policies.clone().into(),
         rate_limit: first.rate_limit.clone().map(Arc::new),
+        cors: first.cors.clone().into(),
     })
 }
 
@@ -382,12 +425,13 @@ fn chain_from_proto(c: &FilterChain, port: u16, at: String) -> Decoded<Chain> {
         ))
         .at("filters"));
     };
-    let (policies, rate_limit) = hcm_policies(filter).at_index("filters", 0)?;
+    let (policies, rate_limit, cors) = hcm_policies(filter).at_index("filters", 0)?;
     Ok(Chain {
         protocol,
         tls,
         policies,
         rate_limit,
+        cors,
         at,
     })
 }
@@ -442,9 +486,17 @@ fn match_from_proto(m: &FilterChainMatch, port: u16) -> Decoded<String> {
     }
 }
 
-/// The policies and the rate limit of the chain's HCM, which must serve
-/// every request locally (non-forwarding routes that match everything).
-fn hcm_policies(f: &Filter) -> Decoded<(Vec<AuthorizationPolicy>, Option<RateLimitConfig>)> {
+/// What a chain's HCM says: its policies, rate limit and CORS routes.
+type HcmPolicies = (
+    Vec<AuthorizationPolicy>,
+    Option<RateLimitConfig>,
+    Vec<CorsRoute>,
+);
+
+/// The policies, the rate limit and the CORS routes of the chain's HCM,
+/// which must serve every request locally (non-forwarding routes that
+/// match everything).
+fn hcm_policies(f: &Filter) -> Decoded<HcmPolicies> {
     let any = match &f.config_type {
         Some(filter::ConfigType::TypedConfig(any)) => any,
         Some(filter::ConfigType::ConfigDiscovery(_)) => {
@@ -482,11 +534,71 @@ fn hcm_policies(f: &Filter) -> Decoded<(Vec<AuthorizationPolicy>, Option<RateLim
         }
         None => return Err(missing("route_config").at("typed_config")),
     };
-    let (policies, filter) = policies_from_filters(&hcm.http_filters).at("typed_config")?;
+    let (policies, filter, has_cors) =
+        policies_from_filters(&hcm.http_filters).at("typed_config")?;
     let rate_limit = route_rate_limit(rc, filter.as_ref().map(|(n, c)| (n.as_str(), c)))
         .at("route_config")
         .at("typed_config")?;
-    Ok((policies, rate_limit))
+    let cors = cors_routes(rc, has_cors)
+        .at("route_config")
+        .at("typed_config")?;
+    Ok((policies, rate_limit, cors))
+}
+
+/// The CORS routes: those of the virtual host serving every authority
+/// (`*`), in order, up to the last one with a policy; a policy anywhere
+/// else, or without the `cors` filter in the HCM, would do something the
+/// model cannot say (or nothing at all, in Envoy) and is refused.
+fn cors_routes(rc: &RouteConfiguration, has_filter: bool) -> Decoded<Vec<CorsRoute>> {
+    let star = rc
+        .virtual_hosts
+        .iter()
+        .position(|vh| vh.domains.iter().any(|d| d == "*"));
+    let mut routes = Vec::new();
+    for (v, vh) in rc.virtual_hosts.iter().enumerate() {
+        for (r, route) in vh.routes.iter().enumerate() {
+            let policy = cors_from_route(&route.typed_per_filter_config)
+                .at("typed_per_filter_config")
+                .at_index("routes", r)
+                .at_index("virtual_hosts", v)?;
+            if policy.is_some() && !has_filter {
+                return Err(FieldError::unsupported(format!(
+                    "a {CORS_FILTER_NAME} policy on a route whose listener has no such filter: \
+                     it would do nothing"
+                ))
+                .at("typed_per_filter_config")
+                .at_index("routes", r)
+                .at_index("virtual_hosts", v));
+            }
+            if Some(v) != star {
+                if policy.is_some() {
+                    return Err(FieldError::unsupported(
+                        "CORS policies are supported only in the virtual host with domains [\"*\"]",
+                    )
+                    .at("typed_per_filter_config")
+                    .at_index("routes", r)
+                    .at_index("virtual_hosts", v));
+                }
+                continue;
+            }
+            let matcher = match &route.r#match {
+                Some(m) => super::routes::match_from_proto(m)
+                    .at("match")
+                    .at_index("routes", r)
+                    .at_index("virtual_hosts", v)?,
+                None => {
+                    return Err(missing("match")
+                        .at_index("routes", r)
+                        .at_index("virtual_hosts", v));
+                }
+            };
+            routes.push(CorsRoute { matcher, policy });
+        }
+    }
+    while routes.last().is_some_and(|r| r.policy.is_none()) {
+        routes.pop();
+    }
+    Ok(routes)
 }
 
 /// The rate limit the routes say, with the listener's `filter`: every
@@ -577,7 +689,7 @@ fn check_route(route: &Route) -> Decoded<()> {
         route
             .typed_per_filter_config
             .keys()
-            .any(|k| k != LOCAL_RATELIMIT_FILTER_NAME),
+            .any(|k| k != LOCAL_RATELIMIT_FILTER_NAME && k != CORS_FILTER_NAME),
         "typed_per_filter_config",
     )?;
     match &route.action {
@@ -612,14 +724,32 @@ fn matches_everything(m: &RouteMatch) -> bool {
 /// of the filters, only the evaluation order does). Two ALLOW filters
 /// would require a request to match both, which the model cannot say: a
 /// second ALLOW `rules` (or a second ALLOW `shadow_rules`) is refused.
-type FilterPolicies = (Vec<AuthorizationPolicy>, Option<(String, LocalRateLimit)>);
+type FilterPolicies = (
+    Vec<AuthorizationPolicy>,
+    Option<(String, LocalRateLimit)>,
+    bool,
+);
 
 fn policies_from_filters(filters: &[HttpFilter]) -> Decoded<FilterPolicies> {
     let mut rbacs = Vec::new();
     let mut allow_at: Option<usize> = None;
     let mut shadow_allow_at: Option<usize> = None;
     let mut rate_limit: Option<(String, LocalRateLimit)> = None;
+    let mut cors = false;
     for_each_http_filter(filters, |i, f, any| {
+        if is_cors_filter(any) {
+            if f.name != CORS_FILTER_NAME {
+                // Per-route policies are keyed by the filter's name.
+                return Err(FieldError::unsupported(format!(
+                    "the cors filter must be named {CORS_FILTER_NAME:?} (its per-route policies \
+                     are keyed by that name)"
+                ))
+                .at("name")
+                .at_index("http_filters", i));
+            }
+            cors = !f.disabled;
+            return Ok(());
+        }
         if is_local_rate_limit(any) {
             if rate_limit.is_some() {
                 return Err(FieldError::unsupported(
@@ -690,5 +820,6 @@ fn policies_from_filters(filters: &[HttpFilter]) -> Decoded<FilterPolicies> {
     Ok((
         rbac_filters_from_proto(&rbacs).at("http_filters")?,
         rate_limit,
+        cors,
     ))
 }

@@ -112,11 +112,13 @@ fn route_match() -> impl Strategy<Value = RouteMatch> {
         path_match(),
         vec(header_match(), 0..3),
         vec(query_param_match(), 0..3),
+        any::<bool>(),
     )
-        .prop_map(|(path, headers, query_params)| RouteMatch {
+        .prop_map(|(path, headers, query_params, ignore_case)| RouteMatch {
             path,
             headers: headers.into(),
             query_params: query_params.into(),
+            ignore_case,
         })
 }
 
@@ -223,6 +225,7 @@ fn route_policy() -> impl Strategy<Value = RoutePolicy> {
             fault,
             hash_policy: hash_policy.into(),
             traffic: None,
+            rate_limit: None,
         })
 }
 
@@ -336,14 +339,42 @@ fn connection_settings() -> impl Strategy<Value = ConnectionSettings> {
         proptest::option::of(millis()),
         proptest::option::of(millis()),
         proptest::option::of(prop_oneof![Just(u32::MAX), 1u32..1_000]),
+        // TCP keepalive (whole seconds, as Envoy counts them) and the
+        // maximum connection duration: valid for every protocol.
+        proptest::option::of((
+            proptest::option::of(1u32..10),
+            proptest::option::of(1u64..100_000),
+            proptest::option::of(1u64..1_000),
+        )),
+        proptest::option::of(millis()),
     )
         .prop_map(
-            |(connect_timeout, idle_timeout, max_requests_per_connection)| ConnectionSettings {
-                connect_timeout,
-                idle_timeout,
-                max_requests_per_connection,
+            |(connect_timeout, idle_timeout, max_requests_per_connection, keepalive, max_age)| {
+                ConnectionSettings {
+                    connect_timeout,
+                    idle_timeout,
+                    max_requests_per_connection,
+                    tcp_keepalive: keepalive.map(|(probes, time, interval)| {
+                        mesh_core_keepalive(probes, time, interval)
+                    }),
+                    max_connection_duration: max_age,
+                    ..ConnectionSettings::default()
+                }
             },
         )
+}
+
+/// A [`crate::model::TcpKeepalive`] with times in seconds.
+fn mesh_core_keepalive(
+    probes: Option<u32>,
+    time: Option<u64>,
+    interval: Option<u64>,
+) -> crate::model::TcpKeepalive {
+    crate::model::TcpKeepalive {
+        probes,
+        time: time.map(Duration::from_secs),
+        interval: interval.map(Duration::from_secs),
+    }
 }
 
 fn cluster() -> impl Strategy<Value = Cluster> {
@@ -577,6 +608,7 @@ fn sample_route_config() -> RouteConfig {
                         invert: false,
                     }]),
                     query_params: Arc::from([]),
+                    ignore_case: false,
                 },
                 action: WeightedClusters::single("outbound|80||catalog"),
                 policy: Default::default(),
@@ -1508,8 +1540,15 @@ fn listener_filters_are_fault_then_router() {
     let names: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(
         names,
-        ["envoy.filters.http.fault", "envoy.filters.http.router"]
+        [
+            "envoy.filters.http.fault",
+            "envoy.filters.http.local_ratelimit",
+            "envoy.filters.http.router"
+        ]
     );
+    // The rate limit filter limits nothing by itself (routes carry their
+    // limits) and is optional, so gRPC ignores it (gRFC A39).
+    assert!(hcm.http_filters[1].is_optional);
     let Some(ConfigType::TypedConfig(fault)) = &hcm.http_filters[0].config_type else {
         panic!("fault filter without typed_config");
     };
@@ -1526,10 +1565,10 @@ fn listener_filters_are_fault_then_router() {
         listener_from_proto(&proto)
     };
     // [router] alone is accepted, as before.
-    assert!(with_filters(vec![hcm.http_filters[1].clone()]).is_ok());
+    assert!(with_filters(vec![hcm.http_filters[2].clone()]).is_ok());
     // [router, fault] is not.
     let err = with_filters(vec![
-        hcm.http_filters[1].clone(),
+        hcm.http_filters[2].clone(),
         hcm.http_filters[0].clone(),
     ])
     .unwrap_err();
@@ -1546,7 +1585,7 @@ fn listener_filters_are_fault_then_router() {
         ..Default::default()
     };
     wide.config_type = Some(ConfigType::TypedConfig(pack(&noisy)));
-    let err = with_filters(vec![wide, hcm.http_filters[1].clone()]).unwrap_err();
+    let err = with_filters(vec![wide, hcm.http_filters[2].clone()]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported);
     assert!(
         err.to_string()
@@ -1821,8 +1860,10 @@ fn connection_settings_and_locality_failover_are_encoded() {
             connect_timeout: Some(Duration::from_millis(250)),
             idle_timeout: Some(Duration::from_secs(30)),
             max_requests_per_connection: Some(100),
+            ..ConnectionSettings::default()
         },
         locality_failover: true,
+        slow_start: None,
         tls: None,
         ..sample_cluster(LbPolicy::RoundRobin)
     };
@@ -2443,6 +2484,7 @@ mod zero_trust {
             mtls,
             policies: policies.into(),
             rate_limit: None,
+            cors: Default::default(),
         }
     }
 

@@ -38,6 +38,7 @@ impl<Src: ConfigSource> MeshLayer<Src> {
                 },
                 stats: MeshStats::default(),
                 mirrors: Mirrors::default(),
+                limiters: Arc::default(),
             },
         }
     }

@@ -95,6 +95,8 @@ pub(crate) struct Shared<Src> {
     pub(crate) stats: MeshStats,
     /// The mirroring limits and the copies in flight.
     pub(crate) mirrors: Mirrors,
+    /// The limiters of routes with a client-side local rate limit.
+    pub(crate) limiters: Arc<crate::ratelimit::RouteLimiters>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -221,6 +223,9 @@ where
                         }
                         Err(e) => return ResponseFuture::failed(e),
                     };
+                    if let Some(refused) = self.shared.rate_limited(&routed, &req) {
+                        return ResponseFuture::ready(Ok(refused));
+                    }
                     if let Err(e) = apply_traffic(&routed, &mut req) {
                         return ResponseFuture::failed(e);
                     }
@@ -419,6 +424,37 @@ impl<Src: ConfigSource> Shared<Src> {
         }))
     }
 
+    /// The refusal of a request its route's client-side local rate limit
+    /// refuses (Envoy's answer, flag `RL`); `None`, after one pointer
+    /// check, for a route without a limit. Checked before the route's
+    /// header changes, as Envoy's filter runs before the router.
+    fn rate_limited<B, RB>(
+        &self,
+        routed: &Routed,
+        req: &Request<B>,
+    ) -> Option<Response<ResponseBody<RB>>> {
+        let config = routed.route.policy.rate_limit.as_ref()?;
+        self.refuse(config, routed.record.as_ref(), req)
+    }
+
+    #[cold]
+    fn refuse<B, RB>(
+        &self,
+        config: &Arc<mesh_core::ratelimit::RateLimitConfig>,
+        record: Option<&DecisionRecord>,
+        req: &Request<B>,
+    ) -> Option<Response<ResponseBody<RB>>> {
+        let limiter = self.limiters.get(config);
+        if limiter.check(req) != crate::ratelimit::Verdict::Refused {
+            return None;
+        }
+        if let Some(r) = record {
+            r.flag(crate::telemetry::ResponseFlags::RATE_LIMITED);
+        }
+        let (head, body) = limiter.refusal(req.headers());
+        Some(head.map(|()| ResponseBody::local(body)))
+    }
+
     /// The mirror clusters whose share this request falls in (one draw
     /// per mirror), with their state; `None` when there is none. A mirror
     /// cluster the snapshot lacks is counted as a failed copy.
@@ -494,11 +530,15 @@ impl<Src: ConfigSource> Shared<Src> {
                         Planned::Answer(route) => return Ok(answer(&route, &req)),
                     }
                 }
+                // The xDS client's error carries why the server says so
+                // (`exportTo`, in its `resource_errors` entry).
+                (Ok(Err(e)), ListenerLookup::Missing | ListenerLookup::Unknown)
+                    if is_not_found(&*e) =>
+                {
+                    return Err(not_found(&authority).with_source(e));
+                }
                 (_, ListenerLookup::Missing) | (Ok(Ok(())), ListenerLookup::Unknown) => {
                     return Err(not_found(&authority));
-                }
-                (Ok(Err(e)), ListenerLookup::Unknown) if is_not_found(&*e) => {
-                    return Err(not_found(&authority).with_source(e));
                 }
                 (Ok(Err(e)), ListenerLookup::Unknown) => {
                     return Err(Error::new(
@@ -523,6 +563,9 @@ impl<Src: ConfigSource> Shared<Src> {
                 }
             }
         };
+        if let Some(refused) = self.rate_limited(&routed, &req) {
+            return Ok(refused);
+        }
         apply_traffic(&routed, &mut req)?;
         if let Some(reason) = routed.state.unusable() {
             return Ok(mtls_unavailable(reason, is_grpc(req.headers())));

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::HOST;
 use http::uri::{Parts, PathAndQuery};
@@ -30,10 +30,12 @@ pub(super) struct Host<B> {
     addr: SocketAddr,
     /// The origin of `last_used` stamps.
     epoch: Instant,
-    http2: ArcSwapOption<Http2Conn<B>>,
+    /// The HTTP/2 connections taking requests: one, unless the cluster's
+    /// `maxConcurrentStreams` made more (see [`Host::open_http2`]).
+    http2: ArcSwap<Vec<Arc<Http2Conn<B>>>>,
     dialing: tokio::sync::Mutex<()>,
-    /// HTTP/2 dial attempts so far, to tell a request that waited on another
-    /// request's failed dial.
+    /// HTTP/2 dials that failed so far, to tell a request that waited on
+    /// another request's failed dial.
     dials: AtomicU64,
     idle: Mutex<Vec<Idle<B>>>,
     /// Connections open or being dialed.
@@ -51,6 +53,21 @@ struct Http2Conn<B> {
     requests: AtomicU32,
     /// When it last took a request (millis since the host's epoch).
     last_used: AtomicU64,
+    /// Requests in flight on it (counted when the cluster limits them:
+    /// `maxConcurrentStreams`), from sending until the response head.
+    streams: AtomicU32,
+}
+
+/// A stream slot taken on an HTTP/2 connection (`maxConcurrentStreams`),
+/// given back when the request has its response head or failed.
+pub(super) struct StreamSlot<B>(Option<Arc<Http2Conn<B>>>);
+
+impl<B> Drop for StreamSlot<B> {
+    fn drop(&mut self) {
+        if let Some(conn) = &self.0 {
+            conn.streams.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 struct Idle<B> {
@@ -79,7 +96,7 @@ impl<B> Host<B> {
         Host {
             addr,
             epoch: Instant::now(),
-            http2: ArcSwapOption::empty(),
+            http2: ArcSwap::default(),
             dialing: tokio::sync::Mutex::new(()),
             dials: AtomicU64::new(0),
             idle: Mutex::new(Vec::new()),
@@ -91,11 +108,7 @@ impl<B> Host<B> {
 
     /// Whether any connection to this endpoint is open.
     pub(super) fn is_alive(&self) -> bool {
-        let http2 = self
-            .http2
-            .load()
-            .as_ref()
-            .is_some_and(|c| !c.sender.is_closed());
+        let http2 = self.http2.load().iter().any(|c| !c.sender.is_closed());
         http2 || self.open.load(Ordering::Acquire) > 0
     }
 
@@ -104,35 +117,76 @@ impl<B> Host<B> {
         self.open.load(Ordering::Acquire)
     }
 
-    /// The shared HTTP/2 connection, if open and willing to take one more
-    /// request (it is retired once it carried `max_requests`).
+    /// A shared HTTP/2 connection that is open and willing to take one
+    /// more request: it is retired once it carried `max_requests`, and with
+    /// `max_streams` one with that many requests in flight is passed over
+    /// (a request none takes dials another connection to the endpoint).
+    /// No allocation: a load, and atomics on the connection.
     fn open_http2(
         &self,
-        max_requests: Option<u32>,
+        limits: Http2Limits,
         track_idle: bool,
-    ) -> Option<http2::SendRequest<B>> {
-        let current = self.http2.load();
-        let conn = current.as_ref()?;
-        if conn.sender.is_closed() {
-            return None;
+    ) -> Option<(http2::SendRequest<B>, StreamSlot<B>)> {
+        let conns = self.http2.load();
+        for conn in conns.iter() {
+            if conn.sender.is_closed() {
+                continue;
+            }
+            let slot = match limits.max_streams {
+                Some(max) => {
+                    let taken =
+                        conn.streams
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                                (n < max).then_some(n + 1)
+                            });
+                    if taken.is_err() {
+                        continue;
+                    }
+                    StreamSlot(Some(conn.clone()))
+                }
+                None => StreamSlot(None),
+            };
+            if let Some(max) = limits.max_requests
+                && conn.requests.fetch_add(1, Ordering::AcqRel) >= max
+            {
+                self.retire_http2(conn);
+                continue;
+            }
+            if track_idle {
+                conn.last_used
+                    .store(millis_since(self.epoch), Ordering::Relaxed);
+            }
+            return Some((http2::SendRequest::clone(&conn.sender), slot));
         }
-        if let Some(max) = max_requests
-            && conn.requests.fetch_add(1, Ordering::AcqRel) >= max
-        {
-            self.retire_http2(conn);
-            return None;
-        }
-        if track_idle {
-            conn.last_used
-                .store(millis_since(self.epoch), Ordering::Relaxed);
-        }
-        Some(http2::SendRequest::clone(&conn.sender))
+        None
     }
 
-    /// Takes `conn` out of service: new requests dial a fresh connection;
-    /// this one closes once its streams are done.
+    /// Takes `conn` out of service: new requests go to another connection
+    /// or dial a fresh one; this one closes once its streams are done.
     fn retire_http2(&self, conn: &Arc<Http2Conn<B>>) {
-        self.http2.compare_and_swap(conn, None::<Arc<Http2Conn<B>>>);
+        if !self.http2.load().iter().any(|c| Arc::ptr_eq(c, conn)) {
+            return;
+        }
+        self.http2.rcu(|conns| {
+            conns
+                .iter()
+                .filter(|c| !Arc::ptr_eq(c, conn) && !c.sender.is_closed())
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+
+    /// Adds a freshly dialed connection to those taking requests (dropping
+    /// closed ones).
+    fn add_http2(&self, conn: &Arc<Http2Conn<B>>) {
+        self.http2.rcu(|conns| {
+            conns
+                .iter()
+                .filter(|c| !c.sender.is_closed())
+                .cloned()
+                .chain(std::iter::once(conn.clone()))
+                .collect::<Vec<_>>()
+        });
     }
 
     fn idle_http1(&self, idle_timeout: Option<Duration>) -> Option<Http1Lease<B>> {
@@ -182,7 +236,13 @@ impl<B> Host<B> {
             });
         }
         self.freed.notify_one();
-        if let Some(timeout) = policy.idle_timeout
+        // An entry idle for the shorter of the two is either idle too long
+        // or past its age (it has been open at least that long).
+        let reap_every = match (policy.idle_timeout, policy.max_age) {
+            (Some(idle), Some(age)) => Some(idle.min(age)),
+            (idle, age) => idle.or(age),
+        };
+        if let Some(timeout) = reap_every
             && !self.reaping.swap(true, Ordering::AcqRel)
         {
             tokio::spawn(reap_idle(Arc::downgrade(self), timeout));
@@ -195,10 +255,22 @@ impl<B> Host<B> {
     }
 }
 
+/// The limits of a cluster's HTTP/2 connections.
+#[derive(Debug, Clone, Copy)]
+struct Http2Limits {
+    /// `maxRequestsPerConnection`.
+    max_requests: Option<u32>,
+    /// `maxConcurrentStreams`.
+    max_streams: Option<u32>,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct IdlePolicy {
     max_requests: Option<u32>,
     idle_timeout: Option<Duration>,
+    /// `tcp.maxConnectionDuration`: idle connections are reaped at this
+    /// pace too, so that an idle one does not outlive its age by much.
+    max_age: Option<Duration>,
     max_idle: usize,
 }
 
@@ -252,18 +324,19 @@ where
         policy: Option<&ConnectionPolicy>,
     ) -> Result<Response<Incoming>, Error> {
         prepare_http2(&mut req)?;
-        let mut sender = self.http2_sender(target, config, policy).await?;
-        match sender.try_send_request(req).await {
+        let (mut sender, slot) = self.http2_sender(target, config, policy).await?;
+        let sent = sender.try_send_request(req).await;
+        drop(slot);
+        match sent {
             Ok(response) => Ok(response),
             Err(mut e) => match e.take_message() {
                 // The connection closed before taking the request: send it
                 // once more on a fresh connection.
                 Some(req) => {
-                    let mut sender = self.http2_sender(target, config, policy).await?;
-                    sender
-                        .send_request(req)
-                        .await
-                        .map_err(|e| upstream(target, e))
+                    let (mut sender, slot) = self.http2_sender(target, config, policy).await?;
+                    let sent = sender.send_request(req).await;
+                    drop(slot);
+                    sent.map_err(|e| upstream(target, e))
                 }
                 None => Err(upstream(target, e.into_error())),
             },
@@ -275,11 +348,14 @@ where
         target: &TargetEndpoint,
         config: PoolConfig,
         policy: Option<&ConnectionPolicy>,
-    ) -> Result<http2::SendRequest<B>, Error> {
+    ) -> Result<(http2::SendRequest<B>, StreamSlot<B>), Error> {
         let settings = policy.map(|p| &p.settings);
-        let max_requests = settings.and_then(|s| s.max_requests_per_connection);
+        let limits = Http2Limits {
+            max_requests: settings.and_then(|s| s.max_requests_per_connection),
+            max_streams: settings.and_then(|s| s.max_concurrent_streams),
+        };
         let idle_timeout = settings.and_then(|s| s.idle_timeout);
-        if let Some(sender) = self.open_http2(max_requests, idle_timeout.is_some()) {
+        if let Some(sender) = self.open_http2(limits, idle_timeout.is_some()) {
             return Ok(sender);
         }
         // Waiting for a connection being dialed: a pending request.
@@ -293,7 +369,7 @@ where
         };
         let attempts = self.dials.load(Ordering::Acquire);
         let _dialing = self.dialing.lock().await;
-        if let Some(sender) = self.open_http2(max_requests, idle_timeout.is_some()) {
+        if let Some(sender) = self.open_http2(limits, idle_timeout.is_some()) {
             return Ok(sender);
         }
         if self.dials.load(Ordering::Acquire) != attempts {
@@ -309,26 +385,37 @@ where
                 ),
             ));
         }
-        self.dials.fetch_add(1, Ordering::AcqRel);
         // One connection per endpoint: dialed even past maxConnections, as
         // Envoy does for an endpoint without any connection.
         let permit = policy.and_then(|p| p.breaker.try_connect(&p.limits));
-        let io = self.connect(target, config, policy).await?;
-        match policy.and_then(|p| p.tls.as_ref()) {
-            None => {
-                self.start_http2(io, target, config, permit, idle_timeout, None)
-                    .await
-            }
-            Some(tls) => {
-                let (io, expires) = self.handshake_tls(io, tls, target, config, policy).await?;
-                self.start_http2(io, target, config, permit, idle_timeout, Some(expires))
-                    .await
+        let dialed = async {
+            let io = self.connect(target, config, policy).await?;
+            let max_age = max_age(policy);
+            match policy.and_then(|p| p.tls.as_ref()) {
+                None => {
+                    self.start_http2(io, target, config, permit, idle_timeout, max_age, limits)
+                        .await
+                }
+                Some(tls) => {
+                    let (io, expires) = self.handshake_tls(io, tls, target, config, policy).await?;
+                    let expires = Some(max_age.map_or(expires, |at| at.min(expires)));
+                    self.start_http2(io, target, config, permit, idle_timeout, expires, limits)
+                        .await
+                }
             }
         }
+        .await;
+        if dialed.is_err() {
+            self.dials.fetch_add(1, Ordering::AcqRel);
+        }
+        dialed
     }
 
     /// The HTTP/2 handshake over a dialed connection (plaintext or TLS);
-    /// the connection becomes the endpoint's shared one.
+    /// the connection joins the endpoint's shared ones (it takes the
+    /// request that dialed it, counted against the limits) and is retired
+    /// at `expires` (certificate expiry, maximum connection duration).
+    #[allow(clippy::too_many_arguments)]
     async fn start_http2<IO>(
         self: &Arc<Self>,
         io: IO,
@@ -337,7 +424,8 @@ where
         permit: Option<ConnectionPermit>,
         idle_timeout: Option<Duration>,
         expires: Option<Instant>,
-    ) -> Result<http2::SendRequest<B>, Error>
+        limits: Http2Limits,
+    ) -> Result<(http2::SendRequest<B>, StreamSlot<B>), Error>
     where
         IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -360,8 +448,10 @@ where
             sender: sender.clone(),
             requests: AtomicU32::new(1),
             last_used: AtomicU64::new(millis_since(self.epoch)),
+            streams: AtomicU32::new(u32::from(limits.max_streams.is_some())),
         });
-        self.http2.store(Some(conn.clone()));
+        self.add_http2(&conn);
+        let slot = StreamSlot(limits.max_streams.is_some().then(|| conn.clone()));
         let host = self.clone();
         let watched = Arc::downgrade(&conn);
         drop(conn);
@@ -382,9 +472,10 @@ where
                     };
                     let expiry = async {
                         match expires {
-                            // Retired when its certificates expire: new
-                            // requests dial a connection with the current
-                            // certificate; this one finishes its streams.
+                            // Retired when its certificates expire (or at
+                            // its maximum duration): new requests dial a
+                            // connection with the current certificate; this
+                            // one finishes its streams.
                             Some(at) => {
                                 tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
                                 if let Some(conn) = watched.upgrade() {
@@ -406,7 +497,7 @@ where
             }
             host.connection_closed();
         });
-        Ok(sender)
+        Ok((sender, slot))
     }
 
     pub(super) async fn send_http1(
@@ -421,6 +512,7 @@ where
         let idle_policy = IdlePolicy {
             max_requests: settings.and_then(|s| s.max_requests_per_connection),
             idle_timeout: settings.and_then(|s| s.idle_timeout),
+            max_age: settings.and_then(|s| s.max_connection_duration),
             max_idle: config.max_idle_per_host,
         };
         let mut last = None;
@@ -512,10 +604,15 @@ where
         permit: Option<ConnectionPermit>,
     ) -> Result<Http1Lease<B>, Error> {
         let io = self.connect(target, config, policy).await?;
+        // Past its maximum duration a connection takes no new request: it
+        // is dropped (closed) when its response has been read, or when an
+        // idle one is next looked at.
+        let max_age = max_age(policy);
         let (sender, expires) = match policy.and_then(|p| p.tls.as_ref()) {
-            None => (self.start_http1(io, target, permit).await?, None),
+            None => (self.start_http1(io, target, permit).await?, max_age),
             Some(tls) => {
                 let (io, expires) = self.handshake_tls(io, tls, target, config, policy).await?;
+                let expires = max_age.map_or(expires, |at| at.min(expires));
                 (self.start_http1(io, target, permit).await?, Some(expires))
             }
         };
@@ -565,8 +662,13 @@ where
         let timeout = connect_timeout(config, policy);
         self.open.fetch_add(1, Ordering::AcqRel);
         let result = connect(target, timeout).await;
-        if result.is_err() {
-            self.connection_closed();
+        match &result {
+            Ok(io) => {
+                if let Some(keepalive) = policy.and_then(|p| p.settings.tcp_keepalive) {
+                    set_keepalive(io.inner(), keepalive);
+                }
+            }
+            Err(_) => self.connection_closed(),
         }
         result
     }
@@ -668,6 +770,59 @@ impl<B> Host<B> {
 /// How long before its certificates expire a connection is retired (at
 /// most a quarter of what is left).
 const RETIRE_MARGIN: Duration = Duration::from_secs(1);
+
+/// When a connection dialed now reaches the cluster's maximum connection
+/// duration (`tcp.maxConnectionDuration`), if it has one.
+fn max_age(policy: Option<&ConnectionPolicy>) -> Option<Instant> {
+    policy
+        .and_then(|p| p.settings.max_connection_duration)
+        .map(|d| Instant::now() + d)
+}
+
+/// TCP keepalive on a dialed socket (Istio `tcp.tcpKeepalive`, as Envoy's
+/// `upstream_connection_options.tcp_keepalive`): `SO_KEEPALIVE` on, and the
+/// idle time (`TCP_KEEPIDLE`), probe interval (`TCP_KEEPINTVL`) and probe
+/// count (`TCP_KEEPCNT`) the cluster sets; the others keep the OS default.
+/// Once per connection. A platform refusing an option keeps its default
+/// (logged): the connection is still usable.
+fn set_keepalive(stream: &TcpStream, k: mesh_core::model::TcpKeepalive) {
+    let socket = socket2::SockRef::from(stream);
+    let result = if k.time.is_none() && k.interval.is_none() && k.probes.is_none() {
+        socket.set_keepalive(true)
+    } else {
+        let mut params = socket2::TcpKeepalive::new();
+        if let Some(time) = k.time {
+            params = params.with_time(time);
+        }
+        #[cfg(any(
+            target_os = "linux",
+            target_os = "android",
+            target_os = "macos",
+            target_os = "ios",
+            target_os = "freebsd",
+            target_os = "netbsd",
+            windows
+        ))]
+        if let Some(interval) = k.interval {
+            params = params.with_interval(interval);
+        }
+        #[cfg(any(
+            target_os = "linux",
+            target_os = "android",
+            target_os = "macos",
+            target_os = "ios",
+            target_os = "freebsd",
+            target_os = "netbsd"
+        ))]
+        if let Some(probes) = k.probes {
+            params = params.with_retries(probes);
+        }
+        socket.set_tcp_keepalive(&params)
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "cannot set TCP keepalive on an upstream connection");
+    }
+}
 
 fn connect_timeout(config: PoolConfig, policy: Option<&ConnectionPolicy>) -> Duration {
     policy

@@ -30,11 +30,12 @@
 //! settings and retired when the server's (or the client's) certificate
 //! expires.
 //!
-//! - HTTP/2 (clusters of protocol `HTTP2` / `GRPC`): one shared connection
-//!   per endpoint, multiplexing every request, as gRPC's subchannels do;
-//!   re-dialed when it closes (GOAWAY, reset). Getting it is a lock-free
-//!   load; a request the closed connection never took is re-sent once on a
-//!   fresh one.
+//! - HTTP/2 (clusters of protocol `HTTP2` / `GRPC`, and HTTP/1.1 ones with
+//!   `http.h2UpgradePolicy: UPGRADE`, spoken with prior knowledge as
+//!   Envoy's upgraded clusters do): one shared connection per endpoint,
+//!   multiplexing every request, as gRPC's subchannels do; re-dialed when
+//!   it closes (GOAWAY, reset). Getting it is a lock-free load; a request
+//!   the closed connection never took is re-sent once on a fresh one.
 //! - HTTP/1.1: a small stack of idle connections per endpoint (a short
 //!   critical section under an uncontended mutex); a connection returns to
 //!   it when its response has been read to the end.
@@ -57,8 +58,29 @@
 //!   many requests takes no more (HTTP/1.1: it is closed after its
 //!   response; HTTP/2: the next request dials a fresh one while the old one
 //!   finishes its streams).
-//! - `http.idleTimeout`: a connection without requests that long is closed
-//!   (HTTP/2: once its streams are done).
+//! - `http.idleTimeout` (else `tcp.idleTimeout`): a connection without
+//!   requests that long is closed (HTTP/2: once its streams are done).
+//! - `tcp.tcpKeepalive`: `SO_KEEPALIVE` and the probe idle time, interval
+//!   and count on each dialed socket (socket2), once per connection.
+//! - `tcp.maxConnectionDuration`: a connection that old takes no new
+//!   request. HTTP/2: a timer (the connection task's own) retires it, and it
+//!   closes once its streams are done; HTTP/1.1: it is closed when its
+//!   response has been read, or when it is next taken from the idle stack
+//!   (an idle one is not closed at the very moment it ages out; the idle
+//!   timeout closes it if set). The same mechanism as the retirement of
+//!   mTLS connections at certificate expiry: no timer per request.
+//! - `http.maxConcurrentStreams`: each HTTP/2 connection takes at most that
+//!   many requests at once; a request none of an endpoint's connections
+//!   can take dials another connection to it (dials are serialized per
+//!   endpoint, so a burst opens one connection per `maxConcurrentStreams`
+//!   requests). A request holds its slot from sending until its response
+//!   head arrives (a streaming response's body is not counted). Like an
+//!   endpoint's first HTTP/2 connection, the extra ones take a
+//!   `tcp.maxConnections` permit when one is free and are dialed even when
+//!   none is (Envoy would queue the request instead). The
+//!   endpoint's connections are a copy-on-write list: taking one is a load
+//!   and an atomic update, allocation-free; adding or retiring one copies
+//!   the list.
 //!
 //! The response future is boxed, as hyper-util's `Client`'s is.
 
@@ -386,7 +408,9 @@ where
             ))));
         };
         let policy = target.connections().map(|c| c.0.clone());
-        let http2 = target.protocol().is_http2();
+        // HTTP/2 clusters, and HTTP/1.1 ones upgraded (h2UpgradePolicy).
+        let http2 = target.protocol().is_http2()
+            || policy.as_deref().is_some_and(|p| p.settings.h2_upgrade);
         let tls = policy
             .as_deref()
             .and_then(|p| p.tls.as_ref())

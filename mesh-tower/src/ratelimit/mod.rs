@@ -18,7 +18,15 @@
 //! `UNAVAILABLE` (or `RESOURCE_EXHAUSTED` with
 //! `rate_limited_as_resource_exhausted`). Under telemetry the response
 //! carries the response flag `RL` (metrics' `response_flags`, the access
-//! log), as Envoy's does.
+//! log), as Envoy's does, and is counted in
+//! `proxyless_rate_limited_total{direction}` (`inbound`: refused by the
+//! server stack, `outbound`: by the client stack before any connection;
+//! Envoy's `<stat_prefix>.http_local_rate_limit.enforced`).
+//!
+//! On the client side ([`MeshLayer`](crate::MeshLayer)) each limited route
+//! has its limiter ([`RouteLimiters`]); the limit is checked once the route
+//! is chosen, before the request's header changes, and a refused request
+//! never reaches a connection.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +40,9 @@ use mesh_core::ratelimit::{LocalRateLimit, Packed, RateLimitConfig, Refusal, Tok
 use mesh_core::route::RequestView;
 
 use crate::local_reply::{LOCAL_REPLY_HEADER, insert_grpc_status, is_grpc};
+
+mod client;
+pub(crate) use client::RouteLimiters;
 
 /// Envoy's header on a response its rate limit filter refused.
 pub const RATE_LIMITED_HEADER: &str = "x-envoy-ratelimited";

@@ -6,6 +6,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::{HeaderValue, Response};
+use mesh_core::cors::Annotation;
 use pin_project_lite::pin_project;
 
 use super::SERVED_BY;
@@ -19,6 +20,9 @@ pin_project! {
         #[pin]
         state: State<F>,
         served_by: Option<HeaderValue>,
+        // The CORS headers of an allowed cross-origin request (boxed: the
+        // future of every other request stays one word larger, not six).
+        cors: Option<Box<Annotation>>,
     }
 }
 
@@ -41,7 +45,15 @@ impl<F> ResponseFuture<F> {
         ResponseFuture {
             state: State::App { inner },
             served_by,
+            cors: None,
         }
+    }
+
+    /// Adds `annotation`'s CORS headers to the response (see
+    /// [`crate::cors`]).
+    pub(crate) fn with_cors(mut self, annotation: Option<Annotation>) -> Self {
+        self.cors = annotation.map(Box::new);
+        self
     }
 
     pub(crate) fn local(
@@ -51,6 +63,7 @@ impl<F> ResponseFuture<F> {
         ResponseFuture {
             state: State::Local { reply: Some(reply) },
             served_by,
+            cors: None,
         }
     }
 }
@@ -75,6 +88,9 @@ where
         };
         if let Some(value) = this.served_by.take() {
             response.headers_mut().insert(SERVED_BY, value);
+        }
+        if let Some(annotation) = this.cors.take() {
+            (*annotation).apply(response.headers_mut());
         }
         Poll::Ready(Ok(response))
     }

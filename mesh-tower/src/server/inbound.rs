@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::Request;
+use mesh_core::cors::CorsRoute;
 use mesh_core::model::{MtlsMode, Name, ServerListener};
 use mesh_core::ratelimit::RateLimitConfig;
 use mesh_core::rbac::{self, AuthorizationPolicy, DryRun, Reason, RequestAttributes};
@@ -107,6 +108,8 @@ pub struct InboundConfig {
     /// The local rate limit and its buckets (`None`: none, or one that can
     /// never limit), carried over from the previous config when unchanged.
     rate_limit: Option<Arc<Limiter>>,
+    /// The CORS routes (see the `cors` module docs); empty: no CORS.
+    cors: Arc<[CorsRoute]>,
 }
 
 impl InboundConfig {
@@ -149,7 +152,14 @@ impl InboundConfig {
             ready,
             allowed,
             rate_limit,
+            cors: Arc::from([]),
         }
+    }
+
+    /// The CORS routes requests are answered by (see the `cors` module docs);
+    /// empty when no VirtualService `corsPolicy` applies.
+    pub fn cors(&self) -> &Arc<[CorsRoute]> {
+        &self.cors
     }
 
     /// The local rate limit requests are checked against (see
@@ -320,7 +330,23 @@ impl InboundPolicy {
     /// this again.
     pub fn set(&self, mode: MtlsMode, policies: Vec<AuthorizationPolicy>) {
         let rate_limit = self.rate_limit_config();
-        self.store(mode, policies.into(), rate_limit.as_ref(), true);
+        let cors = Arc::clone(&self.shared.current.load().cors);
+        self.store(mode, policies.into(), rate_limit.as_ref(), cors, true);
+    }
+
+    /// Replaces the CORS routes (empty: no CORS; see the `cors` module docs); the
+    /// rest stays. On an xDS policy the next update from the control
+    /// server replaces this again.
+    pub fn set_cors(&self, cors: Vec<CorsRoute>) {
+        let current = self.shared.current.load_full();
+        let rate_limit = self.rate_limit_config();
+        self.store(
+            current.mode,
+            Arc::clone(&current.policies),
+            rate_limit.as_ref(),
+            cors.into(),
+            current.ready,
+        );
     }
 
     /// Replaces the local rate limit (`None`: none); the mode and the
@@ -333,6 +359,7 @@ impl InboundPolicy {
             current.mode,
             Arc::clone(&current.policies),
             rate_limit.as_ref(),
+            Arc::clone(&current.cors),
             current.ready,
         );
     }
@@ -348,13 +375,14 @@ impl InboundPolicy {
         mode: MtlsMode,
         policies: Arc<[AuthorizationPolicy]>,
         rate_limit: Option<&Arc<RateLimitConfig>>,
+        cors: Arc<[CorsRoute]>,
         ready: bool,
     ) {
         let current = self.shared.current.load();
         let version = current.version + 1;
         let rate_limit = carry_over(current.rate_limit.as_ref(), rate_limit);
         drop(current);
-        self.shared.current.store(Arc::new(InboundConfig::new(
+        let mut config = InboundConfig::new(
             mode,
             policies,
             self.shared.listener.clone(),
@@ -362,7 +390,9 @@ impl InboundPolicy {
             ready,
             &self.shared.key,
             rate_limit,
-        )));
+        );
+        config.cors = cors;
+        self.shared.current.store(Arc::new(config));
         self.shared.mode.send_if_modified(|m| {
             let changed = *m != mode;
             *m = mode;
@@ -446,6 +476,7 @@ impl InboundPolicy {
             && (Arc::ptr_eq(&current.policies, &listener.policies)
                 || current.policies == listener.policies)
             && same_limit
+            && (Arc::ptr_eq(&current.cors, &listener.cors) || current.cors == listener.cors)
         {
             return;
         }
@@ -454,6 +485,7 @@ impl InboundPolicy {
             listener.mtls,
             listener.policies.clone(),
             listener.rate_limit.as_ref(),
+            listener.cors.clone(),
             true,
         );
         self.shared.status.send_if_modified(|s| {
@@ -466,6 +498,7 @@ impl InboundPolicy {
             mode = %listener.mtls,
             policies = listener.policies.len(),
             rate_limited = listener.rate_limit.is_some(),
+            cors_routes = listener.cors.len(),
             "inbound policy updated"
         );
     }

@@ -2,7 +2,12 @@
 //! before the application.
 //!
 //! The order (docs/ARCHITECTURE.md) is TLS accept → peer identity →
-//! telemetry span → deadline → authorization → the app. TLS and the peer
+//! telemetry span → deadline → CORS → local rate limit → authorization →
+//! the app. CORS comes first of the policies, as Istio's inbound HTTP
+//! filter chain puts the `cors` filter before `local_ratelimit` and RBAC:
+//! a browser's preflight from an allowed origin (VirtualService
+//! `corsPolicy`) is answered by the layer and reaches neither the limiter,
+//! the authorization policies nor the app (see `crate::cors`). TLS and the peer
 //! identity are [`serve_with`](crate::serve::serve_with)'s (a
 //! [`PeerIdentity`](crate::tls::PeerIdentity) request extension on mTLS
 //! connections); the telemetry span (feature `telemetry`) is

@@ -1,6 +1,7 @@
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response};
+use mesh_core::cors::Decision;
 use tower::Service;
 
 use super::inbound::{CachedPolicy, Denial, Outcome, authorize};
@@ -86,6 +87,24 @@ where
             }
             req.extensions_mut().insert(deadline);
         }
+        // CORS first, as Istio's inbound chain runs the cors filter before
+        // the rate limit and RBAC: a preflight from an allowed origin is
+        // answered here; an allowed request's response (the app's, or a
+        // refusal below) gets the CORS headers. Without CORS routes, or
+        // without an `Origin` header, this costs at most one lookup.
+        let cors = match &mut self.inbound {
+            Some(own) => match crate::cors::decide(own.current().1.cors(), &req) {
+                Decision::Pass => None,
+                Decision::Annotate(annotation) => Some(annotation),
+                Decision::Preflight(headers) => {
+                    return ResponseFuture::local(
+                        crate::cors::preflight_reply(headers),
+                        self.served_by.clone(),
+                    );
+                }
+            },
+            None => None,
+        };
         // The local rate limit, before authorization: Istio's task inserts
         // the filter first. Nothing runs without a limit.
         if let Some(own) = &mut self.inbound
@@ -95,7 +114,8 @@ where
             if let Some(record) = req.extensions().get::<DecisionRecord>() {
                 record.flag(ResponseFlags::RATE_LIMITED);
             }
-            return ResponseFuture::local(limiter.refusal(req.headers()), self.served_by.clone());
+            return ResponseFuture::local(limiter.refusal(req.headers()), self.served_by.clone())
+                .with_cors(cors);
         }
         let decided = Authorized::of(&req);
         let authorized = match (&mut self.inbound, decided) {
@@ -118,7 +138,8 @@ where
                         return ResponseFuture::local(
                             reply.into_parts(is_grpc(req.headers())),
                             self.served_by.clone(),
-                        );
+                        )
+                        .with_cors(cors);
                     }
                 }
             }
@@ -132,7 +153,7 @@ where
         // `ServerContext`), put on only once the request is let in.
         req.extensions_mut()
             .insert(self.context.on_request(authorized));
-        ResponseFuture::new(self.inner.call(req), self.served_by.clone())
+        ResponseFuture::new(self.inner.call(req), self.served_by.clone()).with_cors(cors)
     }
 }
 
@@ -198,16 +219,28 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let mut cors = None;
         if let Some(policy) = &self.policy {
-            match authorize(policy, &policy.current(), &req) {
+            let config = policy.current();
+            // CORS before authorization, as in the `ServerLayer` (see
+            // `crate::cors`): a browser's preflight carries no
+            // credentials, and is answered here, not refused.
+            match crate::cors::decide(config.cors(), &req) {
+                Decision::Pass => {}
+                Decision::Annotate(annotation) => cors = Some(annotation),
+                Decision::Preflight(headers) => {
+                    return ResponseFuture::local(crate::cors::preflight_reply(headers), None);
+                }
+            }
+            match authorize(policy, &config, &req) {
                 Outcome::Allowed(Some(authorized)) => {
                     req.extensions_mut().insert(authorized);
                 }
                 Outcome::Allowed(None) => {}
-                Outcome::Denied(denial) => return self.refuse(req, *denial),
+                Outcome::Denied(denial) => return self.refuse(req, *denial).with_cors(cors),
             }
         }
-        ResponseFuture::new(self.inner.call(req), None)
+        ResponseFuture::new(self.inner.call(req), None).with_cors(cors)
     }
 }
 

@@ -798,6 +798,7 @@ impl EncodeLabelValue for PolicyLabel {
 /// | `proxyless_timeouts_total` | `cluster_name` | response flag `UT` |
 /// | `proxyless_faults_injected_total` | `cluster_name`, `kind` (`delay`, `abort`) | flags `DI`, `FI` |
 /// | `proxyless_deadline_drops_total` | `direction` (`outbound`, `inbound`) | flag `DT` |
+/// | `proxyless_rate_limited_total` | `direction` (`outbound`: the client stack, `inbound`: the server stack) | flag `RL` |
 /// | `mesh_authz_dry_run_total` | `action` (`allow`, `deny`), `result` (`allowed`, `denied`), `policy` (`<ns>/<name>` of the matching dry-run policy, `""` when none matched) | [`DecisionRecord::dry_run`] |
 ///
 /// [`DecisionRecord`]: super::DecisionRecord
@@ -812,6 +813,13 @@ impl EncodeLabelValue for PolicyLabel {
 /// per action that has dry-run policies, on the server that evaluated them.
 /// Its name is part of the mesh's interface (dashboards and the
 /// control-plane tests read it), so it keeps its `mesh_` prefix.
+///
+/// The rate limit counter is Envoy's local rate limit statistic
+/// `<stat_prefix>.http_local_rate_limit.enforced`: requests a local rate
+/// limit refused (answered 429 / UNAVAILABLE or RESOURCE_EXHAUSTED, flag
+/// `RL`), per side. Requests over the limit but let through
+/// (`filter_enforced` below 100%, Envoy's `rate_limited` minus `enforced`)
+/// are not in it.
 #[derive(Debug, Clone)]
 pub(crate) struct MeshMetrics {
     retries: Family<ReasonLabels, Counter>,
@@ -822,6 +830,7 @@ pub(crate) struct MeshMetrics {
     faults: Family<KindLabels, Counter>,
     deadline_drops: Family<DirectionLabels, Counter>,
     dry_run: Family<DryRunLabels, Counter>,
+    rate_limited: Family<DirectionLabels, Counter>,
 }
 
 impl MeshMetrics {
@@ -835,6 +844,7 @@ impl MeshMetrics {
             faults: Family::default(),
             deadline_drops: Family::default(),
             dry_run: Family::default(),
+            rate_limited: Family::default(),
         };
         registry.register(
             "proxyless_retries",
@@ -870,6 +880,13 @@ impl MeshMetrics {
             "proxyless_deadline_drops",
             "Requests dropped because their deadline had passed (flag DT)",
             m.deadline_drops.clone(),
+        );
+        registry.register(
+            "proxyless_rate_limited",
+            "Requests refused by a local rate limit (EnvoyFilter local_ratelimit; flag RL), by \
+             direction: outbound (the client stack, before any connection) or inbound (the \
+             server stack)",
+            m.rate_limited.clone(),
         );
         registry.register(
             "mesh_authz_dry_run",
@@ -942,12 +959,18 @@ impl MeshMetrics {
         if flags.contains(ResponseFlags::DURATION_TIMEOUT) {
             self.deadline_drop("outbound");
         }
+        if flags.contains(ResponseFlags::RATE_LIMITED) {
+            self.rate_limited("outbound");
+        }
     }
 
     /// Counts what the server stack did to one request.
     pub(crate) fn server_request(&self, flags: ResponseFlags) {
         if flags.contains(ResponseFlags::DURATION_TIMEOUT) {
             self.deadline_drop("inbound");
+        }
+        if flags.contains(ResponseFlags::RATE_LIMITED) {
+            self.rate_limited("inbound");
         }
     }
 
@@ -964,6 +987,12 @@ impl MeshMetrics {
                     .inc();
             }
         }
+    }
+
+    fn rate_limited(&self, direction: &'static str) {
+        self.rate_limited
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
     }
 
     fn deadline_drop(&self, direction: &'static str) {
@@ -1339,11 +1368,14 @@ mod tests {
         record.fault_abort_http(http::StatusCode::SERVICE_UNAVAILABLE);
         let flags = record.flags()
             | ResponseFlags::UPSTREAM_REQUEST_TIMEOUT
-            | ResponseFlags::DURATION_TIMEOUT;
+            | ResponseFlags::DURATION_TIMEOUT
+            | ResponseFlags::RATE_LIMITED;
         registry.mesh().client_request(&cluster, &record, flags);
         registry
             .mesh()
             .server_request(ResponseFlags::DURATION_TIMEOUT);
+        registry.mesh().server_request(ResponseFlags::RATE_LIMITED);
+        registry.mesh().server_request(ResponseFlags::RATE_LIMITED);
         let text = registry.render();
         let c = "cluster_name=\"outbound|80||catalog.shop.svc.cluster.local\"";
         for expected in [
@@ -1355,6 +1387,8 @@ mod tests {
             format!("proxyless_faults_injected_total{{{c},kind=\"abort\"}} 1"),
             "proxyless_deadline_drops_total{direction=\"outbound\"} 1".to_owned(),
             "proxyless_deadline_drops_total{direction=\"inbound\"} 1".to_owned(),
+            "proxyless_rate_limited_total{direction=\"outbound\"} 1".to_owned(),
+            "proxyless_rate_limited_total{direction=\"inbound\"} 2".to_owned(),
         ] {
             assert!(text.contains(&expected), "missing {expected}\n{text}");
         }

@@ -295,6 +295,55 @@ fn an_undecodable_resource_is_named_by_position_and_blocks_deletion() {
 }
 
 #[test]
+fn a_not_found_resource_error_says_why_the_listener_is_missing() {
+    use envoy_types::pb::envoy::service::discovery::v3::{ResourceError, ResourceName};
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+    let error = |name: &str, code: i32, message: &str| ResourceError {
+        resource_name: Some(ResourceName {
+            name: name.to_owned(),
+            ..ResourceName::default()
+        }),
+        error_detail: Some(RpcStatus {
+            code,
+            message: message.to_owned(),
+            ..RpcStatus::default()
+        }),
+    };
+    let mut s = AdsState::new(node());
+    s.subscribe("hidden");
+    s.subscribe("other");
+    s.on_connected();
+    // A response with an unnamed bad resource proves nothing by absence,
+    // but an explicit NOT_FOUND entry does; another code is not acted on.
+    let garbage = Any {
+        type_url: xds::LISTENER_TYPE.to_owned(),
+        value: vec![0xff, 0xff, 0xff],
+    };
+    let mut resp = response(ResourceType::Listener, "l1", "n1", vec![garbage]);
+    resp.resource_errors = vec![
+        error("hidden", 5, "not exported to namespace \"web\""),
+        error("other", 14, "try later"),
+    ];
+    s.on_response(resp);
+    assert_eq!(
+        readiness(s.snapshot(), s.status(), "hidden"),
+        Readiness::Missing(Some("not exported to namespace \"web\"".to_owned()))
+    );
+    assert_eq!(
+        readiness(s.snapshot(), s.status(), "other"),
+        Readiness::Pending
+    );
+    // It appears: the reason goes with the absence.
+    s.on_response(response(
+        ResourceType::Listener,
+        "l2",
+        "n2",
+        vec![listener("hidden", "rc")],
+    ));
+    assert_eq!(s.status().absence(ResourceType::Listener, "hidden"), None);
+}
+
+#[test]
 fn a_listener_left_out_of_an_lds_response_is_missing_at_once() {
     let mut s = AdsState::new(node());
     s.subscribe("a");
@@ -309,7 +358,7 @@ fn a_listener_left_out_of_an_lds_response_is_missing_at_once() {
     assert!(s.snapshot().missing_listeners.contains("nope"));
     assert_eq!(
         readiness(s.snapshot(), s.status(), "nope"),
-        Readiness::Missing
+        Readiness::Missing(None)
     );
     assert_eq!(readiness(s.snapshot(), s.status(), "a"), Readiness::Pending);
     // It appears later: no longer missing.
@@ -734,6 +783,7 @@ fn server_model(mtls: mesh_core::model::MtlsMode) -> ServerListener {
         mtls,
         policies: vec![deny].into(),
         rate_limit: None,
+        cors: Default::default(),
     }
 }
 
@@ -827,7 +877,7 @@ fn a_server_listener_left_out_is_missing_and_a_bad_one_is_nacked() {
     assert!(s.snapshot().missing_listeners.contains(SERVER));
     assert_eq!(
         readiness(s.snapshot(), s.status(), SERVER),
-        Readiness::Missing
+        Readiness::Missing(None)
     );
     assert_eq!(
         s.resource_report()
