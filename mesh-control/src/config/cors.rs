@@ -16,11 +16,11 @@ use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Method};
 use mesh_core::cors::{CorsPolicy, CorsRoute};
-use mesh_core::model::{Pattern, RouteMatch, ValueMatch};
+use mesh_core::model::{RouteMatch, ValueMatch};
 
 use super::names::{cluster_local, resolve_host};
 use super::policy::{Floor, duration};
-use super::resources::{Resource, Spec, VirtualService};
+use super::resources::{Resource, Spec, VirtualService, parse_string_match};
 use super::yaml::{Field, Fields, Look, Sink};
 
 /// `corsPolicy: {...}`; `None` (reported at its lines) when anything in it
@@ -62,7 +62,7 @@ pub(crate) fn parse_cors_policy(
                 key_line: super::yaml::line_of(node),
                 node,
             };
-            if let Some(m) = origin_match(sink, item) {
+            if let Some(m) = parse_string_match(sink, item, false) {
                 allow_origins.push(m);
             }
         }
@@ -128,45 +128,6 @@ pub(crate) fn parse_cors_policy(
         allow_credentials,
         forward_not_matching_preflights,
     }))
-}
-
-/// One `allowOrigins[]` entry: Istio's `StringMatch` (exactly one of
-/// `exact`, `prefix`, `regex`).
-fn origin_match(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<ValueMatch> {
-    let before = sink.count();
-    let f = Fields::of(sink, field, &["exact", "prefix", "regex"], &[])?;
-    let mut set = f.present();
-    let Some(first) = set.next() else {
-        if sink.count() == before {
-            sink.error(
-                field.key_line,
-                format!("'{}' needs one of exact, prefix or regex", field.path),
-            );
-        }
-        return None;
-    };
-    if let Some(second) = set.next() {
-        sink.error(
-            second.key_line,
-            format!(
-                "'{}': only one of exact, prefix or regex may be set",
-                field.path
-            ),
-        );
-        return None;
-    }
-    let value = first.string(sink)?;
-    match first.path.rsplit('.').next() {
-        Some("exact") => Some(ValueMatch::Exact(Arc::from(value.value))),
-        Some("prefix") => Some(ValueMatch::Prefix(Arc::from(value.value))),
-        _ => match Pattern::new(&value.value) {
-            Ok(p) => Some(ValueMatch::Regex(p)),
-            Err(e) => {
-                sink.error(value.line, format!("'{}': {e}", first.path));
-                None
-            }
-        },
-    }
 }
 
 /// A list of strings joined by `,` (as Istio writes it for Envoy), each

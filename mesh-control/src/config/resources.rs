@@ -1098,7 +1098,7 @@ fn parse_match(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<HttpM
 
 /// Istio's `StringMatch`: one of `exact`, `prefix`, `regex`. An empty mapping
 /// means "present" where Istio allows it (headers, query parameters).
-fn parse_string_match(
+pub(super) fn parse_string_match(
     sink: &mut Sink<'_>,
     field: Field<'_, '_, '_>,
     empty_means_present: bool,
