@@ -41,29 +41,34 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn new(inner: F, served_by: Option<HeaderValue>) -> Self {
+    /// The app's response future `inner`; the response gets `served_by`
+    /// and `cors`'s CORS headers (see [`crate::cors`]). Both are given
+    /// here rather than set afterwards: a builder step moves the whole
+    /// future (the app's included) once more per request.
+    #[inline]
+    pub(crate) fn new(
+        inner: F,
+        served_by: Option<HeaderValue>,
+        cors: Option<Box<Annotation>>,
+    ) -> Self {
         ResponseFuture {
             state: State::App { inner },
             served_by,
-            cors: None,
+            cors,
         }
     }
 
-    /// Adds `annotation`'s CORS headers to the response (see
-    /// [`crate::cors`]).
-    pub(crate) fn with_cors(mut self, annotation: Option<Annotation>) -> Self {
-        self.cors = annotation.map(Box::new);
-        self
-    }
-
+    /// The server stack's own answer `reply`, with `served_by` and `cors`
+    /// as in [`ResponseFuture::new`].
     pub(crate) fn local(
         reply: (Response<()>, Option<Bytes>),
         served_by: Option<HeaderValue>,
+        cors: Option<Box<Annotation>>,
     ) -> Self {
         ResponseFuture {
             state: State::Local { reply: Some(reply) },
             served_by,
-            cors: None,
+            cors,
         }
     }
 }

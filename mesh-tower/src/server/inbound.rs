@@ -633,11 +633,6 @@ impl CachedPolicy {
         CachedPolicy { policy, config }
     }
 
-    /// The policy.
-    pub(crate) fn policy(&self) -> &InboundPolicy {
-        &self.policy
-    }
-
     /// The policy and its current config.
     pub(crate) fn current(&mut self) -> (&InboundPolicy, &InboundConfig) {
         (&self.policy, self.config.load())

@@ -83,77 +83,83 @@ where
                 return ResponseFuture::local(
                     reply.into_parts(is_grpc(req.headers())),
                     self.served_by.clone(),
+                    None,
                 );
             }
             req.extensions_mut().insert(deadline);
         }
+        let Some(own) = &mut self.inbound else {
+            // No policy of this layer's: a decision made before it (by
+            // `serve_with`) is still recorded and passed on.
+            let authorized = Authorized::of(&req).cloned();
+            if let Some(decided) = &authorized {
+                record(decided, &req);
+            }
+            req.extensions_mut()
+                .insert(self.context.on_request(authorized));
+            return ResponseFuture::new(self.inner.call(req), self.served_by.clone(), None);
+        };
+        // The config is loaded once per request: every stage below decides
+        // under the same one.
+        let (policy, config) = own.current();
         // CORS first, as Istio's inbound chain runs the cors filter before
         // the rate limit and RBAC: a preflight from an allowed origin is
         // answered here; an allowed request's response (the app's, or a
         // refusal below) gets the CORS headers. Without CORS routes, or
         // without an `Origin` header, this costs at most one lookup.
-        let cors = match &mut self.inbound {
-            Some(own) => match crate::cors::decide(own.current().1.cors(), &req) {
-                Decision::Pass => None,
-                Decision::Annotate(annotation) => Some(annotation),
-                Decision::Preflight(headers) => {
-                    return ResponseFuture::local(
-                        crate::cors::preflight_reply(headers),
-                        self.served_by.clone(),
-                    );
-                }
-            },
-            None => None,
+        let cors = match crate::cors::decide(config.cors(), &req) {
+            Decision::Pass => None,
+            Decision::Annotate(annotation) => Some(Box::new(annotation)),
+            Decision::Preflight(headers) => {
+                return ResponseFuture::local(
+                    crate::cors::preflight_reply(headers),
+                    self.served_by.clone(),
+                    None,
+                );
+            }
         };
         // The local rate limit, before authorization: Istio's task inserts
         // the filter first. Nothing runs without a limit.
-        if let Some(own) = &mut self.inbound
-            && let Some(limiter) = own.current().1.rate_limit()
+        if let Some(limiter) = config.rate_limit()
             && limiter.check(&req) == Verdict::Refused
         {
             if let Some(record) = req.extensions().get::<DecisionRecord>() {
                 record.flag(ResponseFlags::RATE_LIMITED);
             }
-            return ResponseFuture::local(limiter.refusal(req.headers()), self.served_by.clone())
-                .with_cors(cors);
+            return ResponseFuture::local(
+                limiter.refusal(req.headers()),
+                self.served_by.clone(),
+                cors,
+            );
         }
-        let decided = Authorized::of(&req);
-        let authorized = match (&mut self.inbound, decided) {
+        let authorized = match Authorized::of(&req) {
             // `serve_with` (or an outer layer) decided this request under
             // this very policy: record that decision, do not evaluate twice.
-            (Some(own), Some(decided)) if decided.is_decided_by(own.policy()) => {
+            Some(decided) if decided.is_decided_by(policy) => {
                 record(decided, &req);
                 Some(decided.clone())
             }
             // A policy of our own that nobody applied to this request yet:
             // decide it here (the layer alone, or under another policy).
-            (Some(own), _) => {
-                let (policy, config) = own.current();
-                match authorize(policy, config, &req) {
-                    Outcome::Allowed(Some(authorized)) => Some(authorized),
-                    Outcome::Allowed(None) => decided.cloned(),
-                    Outcome::Denied(denial) => {
-                        // `authorize` wrote the decision on the record.
-                        let Denial { reply, .. } = *denial;
-                        return ResponseFuture::local(
-                            reply.into_parts(is_grpc(req.headers())),
-                            self.served_by.clone(),
-                        )
-                        .with_cors(cors);
-                    }
+            decided => match authorize(policy, config, &req) {
+                Outcome::Allowed(Some(authorized)) => Some(authorized),
+                Outcome::Allowed(None) => decided.cloned(),
+                Outcome::Denied(denial) => {
+                    // `authorize` wrote the decision on the record.
+                    let Denial { reply, .. } = *denial;
+                    return ResponseFuture::local(
+                        reply.into_parts(is_grpc(req.headers())),
+                        self.served_by.clone(),
+                        cors,
+                    );
                 }
-            }
-            (None, Some(decided)) => {
-                record(decided, &req);
-                Some(decided.clone())
-            }
-            (None, None) => None,
+            },
         };
         // One extension for the context and the decision (see
         // `ServerContext`), put on only once the request is let in.
         req.extensions_mut()
             .insert(self.context.on_request(authorized));
-        ResponseFuture::new(self.inner.call(req), self.served_by.clone()).with_cors(cors)
+        ResponseFuture::new(self.inner.call(req), self.served_by.clone(), cors)
     }
 }
 
@@ -227,9 +233,13 @@ where
             // credentials, and is answered here, not refused.
             match crate::cors::decide(config.cors(), &req) {
                 Decision::Pass => {}
-                Decision::Annotate(annotation) => cors = Some(annotation),
+                Decision::Annotate(annotation) => cors = Some(Box::new(annotation)),
                 Decision::Preflight(headers) => {
-                    return ResponseFuture::local(crate::cors::preflight_reply(headers), None);
+                    return ResponseFuture::local(
+                        crate::cors::preflight_reply(headers),
+                        None,
+                        None,
+                    );
                 }
             }
             match authorize(policy, &config, &req) {
@@ -237,16 +247,21 @@ where
                     req.extensions_mut().insert(authorized);
                 }
                 Outcome::Allowed(None) => {}
-                Outcome::Denied(denial) => return self.refuse(req, *denial).with_cors(cors),
+                Outcome::Denied(denial) => return self.refuse(req, *denial, cors),
             }
         }
-        ResponseFuture::new(self.inner.call(req), None).with_cors(cors)
+        ResponseFuture::new(self.inner.call(req), None, cors)
     }
 }
 
 impl<S> Guard<S> {
     /// The local reply refusing `req`, reported under the telemetry, if any.
-    fn refuse<B, F>(&self, req: Request<B>, denial: Denial) -> ResponseFuture<F>
+    fn refuse<B, F>(
+        &self,
+        req: Request<B>,
+        denial: Denial,
+        cors: Option<Box<mesh_core::cors::Annotation>>,
+    ) -> ResponseFuture<F>
     where
         B: http_body::Body,
     {
@@ -265,6 +280,6 @@ impl<S> Guard<S> {
         }
         #[cfg(not(feature = "telemetry"))]
         let _ = (req, decision);
-        ResponseFuture::local((head, body), None)
+        ResponseFuture::local((head, body), None, cors)
     }
 }
