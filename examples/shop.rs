@@ -50,6 +50,29 @@
 //! attempt (the flaky payment instance's retries show up there). Without it
 //! nothing is exported. Istio's standard metrics of all services are served
 //! on an ephemeral port (printed at the end with a sample).
+//!
+//! ```text
+//! cargo run --example shop -- --serve      # or SHOP_SERVE=1
+//! ```
+//!
+//! keeps the shop running for dashboards: after the services start it
+//! prints one line for scrapers,
+//!
+//! ```text
+//! SHOP-READY metrics=http://127.0.0.1:P/metrics control-metrics=https://127.0.0.1:Q/metrics control-ca=FILE control-token-file=FILE control-server-name=localhost
+//! ```
+//!
+//! (mesh-control's `/metrics` is on its TLS admin port and needs a
+//! credential: `--serve` gives its CA a read-only operator token, written
+//! to `control-token-file`, to send as `Authorization: Bearer`), then sends
+//! 20 checkouts a second (every tenth as a beta user; the flaky payment
+//! instance's retries come with them) and, once a second, the intruder's
+//! denied calls and a few "chaos" checkouts that the copy of the config
+//! routes to fault injection, tight timeouts, a tightly limited subset with
+//! outlier detection, or that arrive with their deadline passed, so every
+//! panel of `docs/grafana/proxyless-mesh.json` has data. It stops cleanly
+//! (exit 0) on SIGINT, SIGTERM or when stdin closes (so run it with stdin
+//! open: not `< /dev/null`). tests/dashboards.rs runs Prometheus against it.
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, RandomState};
@@ -65,7 +88,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use proxyless::control::BootstrapSpec;
 use proxyless::control::ServerHandle;
-use proxyless::control::ca::{CertificateAuthority, JoinTokens};
+use proxyless::control::ca::{CertificateAuthority, JoinTokens, OperatorTokens};
 use proxyless::layers::MeshStats;
 use proxyless::telemetry::{Identity, MetricsRegistry, Telemetry};
 use proxyless::{
@@ -113,6 +136,10 @@ async fn run() -> Result<(), BoxError> {
             }
         }
     }
+    let serve = serve_mode();
+    if serve {
+        add_chaos_routes(&config.path().join("shop.yaml"))?;
+    }
     let mut join = JoinTokens::new();
     let mut tokens = BTreeMap::new();
     for account in ACCOUNTS {
@@ -120,9 +147,20 @@ async fn run() -> Result<(), BoxError> {
         join.insert(token.clone(), NAMESPACE, account)?;
         tokens.insert(account, token);
     }
-    let ca = CertificateAuthority::builder(TRUST_DOMAIN)
-        .join_tokens(join)
-        .build()?;
+    let mut ca = CertificateAuthority::builder(TRUST_DOMAIN).join_tokens(join);
+    // --serve: a read-only operator token, so that a Prometheus outside the
+    // mesh can scrape mesh-control's /metrics (TLS; reads need credentials).
+    let operator = if serve {
+        let dir = tempfile::tempdir()?;
+        let token = random_token("operator");
+        let file = dir.path().join("operator-token");
+        std::fs::write(&file, format!("{token}\n"))?;
+        ca = ca.operator_tokens(OperatorTokens::from_text(&token)?);
+        Some((dir, file))
+    } else {
+        None
+    };
+    let ca = ca.build()?;
     let control = proxyless::control::Server::builder()
         .config_dir(config.path())
         .ca(ca)
@@ -235,6 +273,9 @@ async fn run() -> Result<(), BoxError> {
     .await?;
     // The frontend subscribes on first use; warm it with one call.
     checkout(&shopper, None).await?;
+    if let Some((_dir, token_file)) = &operator {
+        return serve_until_stopped(mesh, services, metrics, shopper, token_file).await;
+    }
 
     println!("\n== canary: catalog 90/10, payment 70/30 ({CHECKOUTS} checkouts)");
     let before = (flaky.failures(), payment_stats.retries());
@@ -676,7 +717,9 @@ impl Services {
         let identity = Identity::from_bootstrap(bootstrap, service)
             .with_workload(format!("{service}-{version}"))
             .with_label("app", service)
-            .with_version(version);
+            .with_version(version)
+            // Istio's source_principal / destination_principal of its own side.
+            .with_principal(spiffe(service));
         let telemetry = Telemetry::builder(identity)
             .otel_env()?
             .metrics(&self.registry)
@@ -840,8 +883,12 @@ async fn catalog(
     let listener = listen().await?;
     let inbound = InboundPolicy::from_xds(&workload.xds, listener.local_addr()?)?;
     let peers = Arc::clone(&services.peers);
-    let items = move |peer: Option<Extension<PeerIdentity>>| async move {
+    let items = move |peer: Option<Extension<PeerIdentity>>, headers: HeaderMap| async move {
         peers.record("catalog", peer.as_ref().map(|Extension(p)| p));
+        // --serve's slow shoppers: slower than their route's per-try timeout.
+        if headers.get("x-user").is_some_and(|u| u == "chaos-slow") {
+            tokio::time::sleep(CHAOS_SLOW).await;
+        }
         version
     };
     let app = axum::Router::new()
@@ -1144,4 +1191,263 @@ async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> Result<(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     Ok(())
+}
+
+/// Whether the shop keeps running (`--serve` or `SHOP_SERVE=1`).
+fn serve_mode() -> bool {
+    std::env::args().skip(1).any(|a| a == "--serve")
+        || std::env::var("SHOP_SERVE").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Checkouts per second in `--serve` mode.
+const SERVE_RATE: u64 = 20;
+
+/// `--serve`: prints one `SHOP-READY` line naming every endpoint to scrape,
+/// then keeps a steady load (`SERVE_RATE` checkouts a second, every tenth
+/// as a beta user, the flaky payment instance's retries included, and an
+/// intruder's denied calls once a second) so that every dashboard panel
+/// has data, until SIGINT, SIGTERM or the end of stdin; then stops
+/// cleanly. Failed checkouts are counted and reported, not fatal: a
+/// dashboard should show them.
+async fn serve_until_stopped(
+    mesh: Mesh,
+    mut services: Services,
+    metrics: proxyless::telemetry::MetricsServer,
+    shopper: Client,
+    token_file: &Path,
+) -> Result<(), BoxError> {
+    let intruder = mesh.workload("intruder", "intruder").await?;
+    let bundle = mesh
+        .control
+        .trust_bundle_file()
+        .ok_or("mesh-control runs without its CA")?;
+    // One line, `key=value` pairs, for tests and scripts to parse.
+    println!(
+        "SHOP-READY metrics=http://{}/metrics control-metrics=https://{}/metrics \
+         control-ca={} control-token-file={} control-server-name=localhost",
+        metrics.local_addr(),
+        mesh.control.admin_addr(),
+        bundle.display(),
+        token_file.display()
+    );
+    println!(
+        "serving: {SERVE_RATE} checkouts/s (every 10th as a beta user); once a second an \
+         intruder's calls and {} chaos checkouts (faults, timeouts, overflows, a passed \
+         deadline); until SIGINT, SIGTERM or the end of stdin",
+        CHAOS_BURST + 3
+    );
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let chaos = Arc::new(AtomicU64::new(0));
+    let mut load = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / SERVE_RATE));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stop = std::pin::pin!(stopped());
+    let mut n: u64 = 0;
+    let reason = loop {
+        tokio::select! {
+            reason = &mut stop => break reason,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        let client = shopper.clone();
+        let (ok, failed) = (Arc::clone(&ok), Arc::clone(&failed));
+        let user = n.is_multiple_of(10).then_some("beta");
+        load.spawn(async move {
+            match checkout(&client, user).await {
+                Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                        eprintln!("   first failed checkout: {e}");
+                    }
+                    0
+                }
+            };
+        });
+        if n.is_multiple_of(SERVE_RATE) {
+            // What the mesh's own panels count (faults, timeouts, retries
+            // refused, breaker overflows, deadline drops): see
+            // `add_chaos_routes`. These checkouts fail by design.
+            for user in std::iter::repeat_n("chaos-slow", CHAOS_BURST).chain([
+                "chaos-fault",
+                "chaos-fault",
+                "chaos-deadline",
+            ]) {
+                let shopper = shopper.clone();
+                let chaos = Arc::clone(&chaos);
+                load.spawn(async move {
+                    if chaos_checkout(&shopper, user).await {
+                        chaos.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+            // The intruder's denied calls: 403 and PERMISSION_DENIED on the dashboards.
+            if let Err(e) = Denials::attempt(&intruder).await {
+                eprintln!("   intruder's calls failed to run: {e}");
+            }
+        }
+        // Reap finished checkouts so the set stays small.
+        while load.try_join_next().is_some() {}
+    };
+    println!("{reason}: stopping");
+    while load.join_next().await.is_some() {}
+    println!(
+        "served {} checkouts, {} failed; {} chaos checkouts failed as configured",
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        chaos.load(Ordering::Relaxed)
+    );
+    services.workloads.push(("intruder".into(), intruder));
+    for s in services.serving.drain(..) {
+        s.shutdown().await?;
+    }
+    metrics.shutdown().await;
+    let flushes = services.telemetry.iter().map(Telemetry::shutdown);
+    for result in futures_util::future::join_all(flushes).await {
+        if let Err(e) = result {
+            eprintln!("   exporting spans failed: {e}");
+        }
+    }
+    mesh.control.shutdown().await;
+    Ok(())
+}
+
+/// Resolves when the process is told to stop: SIGINT, SIGTERM, or stdin
+/// at its end (a test or a script that holds the pipe closes it); returns
+/// which.
+async fn stopped() -> &'static str {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // A plain thread: a blocking read on stdin must not hold up the
+    // runtime's shutdown.
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 256];
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = tx.send(());
+    });
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = terminate => "SIGTERM",
+        _ = rx => "stdin closed",
+    }
+}
+
+/// How long catalog takes to answer a `chaos-slow` shopper: longer than
+/// that route's per-try timeout.
+const CHAOS_SLOW: Duration = Duration::from_millis(30);
+/// `chaos-slow` checkouts sent at once each second: more than the `chaos`
+/// subset's `http2MaxRequests` and `maxRetries`.
+const CHAOS_BURST: usize = 6;
+
+/// `--serve` only: routes for shoppers named `chaos-*` in catalog's
+/// VirtualService (before the beta users' route), and a `chaos` subset
+/// with tight circuit breakers, so that every panel of the mesh's own
+/// dashboard (docs/grafana/proxyless-mesh.json) has data:
+///
+/// - `chaos-fault`: half aborted (503, flag FI), half delayed 1 ms (DI);
+/// - `chaos-slow` (catalog sleeps [`CHAOS_SLOW`] for them): a 10 ms
+///   per-try timeout, 2 retries, a 60 ms route timeout (UT); sent in bursts
+///   to the `chaos` subset (`http2MaxRequests: 2`, `maxRetries: 1`):
+///   breaker overflows (UO) and retries refused (`max_retries`); two
+///   failures in a row eject the subset's endpoint for a second (outlier
+///   detection).
+///
+/// `chaos-deadline` needs no route: its checkout arrives with a deadline
+/// already passed (flag DT, inbound).
+fn add_chaos_routes(shop_yaml: &Path) -> Result<(), BoxError> {
+    const ROUTES: &str = "  http:
+  - name: chaos-fault
+    match:
+    - headers:
+        x-user:
+          exact: chaos-fault
+    fault:
+      abort:
+        percentage:
+          value: 50
+        httpStatus: 503
+      delay:
+        percentage:
+          value: 50
+        fixedDelay: 1ms
+    route:
+    - destination:
+        host: catalog
+        subset: v1
+  - name: chaos-slow
+    match:
+    - headers:
+        x-user:
+          exact: chaos-slow
+    timeout: 60ms
+    retries:
+      attempts: 2
+      perTryTimeout: 10ms
+      retryOn: 5xx
+    route:
+    - destination:
+        host: catalog
+        subset: chaos
+  - name: beta-users
+";
+    const SUBSET: &str = "  - name: v2
+    labels:
+      version: v2
+  - name: chaos
+    labels:
+      version: v1
+    trafficPolicy:
+      connectionPool:
+        http:
+          http2MaxRequests: 2
+          maxRetries: 1
+      outlierDetection:
+        consecutive5xxErrors: 2
+        interval: 1s
+        baseEjectionTime: 1s
+        maxEjectionPercent: 100
+";
+    let yaml = std::fs::read_to_string(shop_yaml)?;
+    // The first subset list and the first `http:` route list are catalog's.
+    let (Some(routes), Some(subset)) = (
+        yaml.find("  http:\n  - name: beta-users\n"),
+        yaml.find("  - name: v2\n    labels:\n      version: v2\n"),
+    ) else {
+        return Err(format!("{}: catalog's routes or subsets moved", shop_yaml.display()).into());
+    };
+    let routes_end = routes + "  http:\n  - name: beta-users\n".len();
+    let subset_end = subset + "  - name: v2\n    labels:\n      version: v2\n".len();
+    let mut out = String::with_capacity(yaml.len() + ROUTES.len() + SUBSET.len());
+    out.push_str(&yaml[..subset]);
+    out.push_str(SUBSET);
+    out.push_str(&yaml[subset_end..routes]);
+    out.push_str(ROUTES);
+    out.push_str(&yaml[routes_end..]);
+    std::fs::write(shop_yaml, out)?;
+    Ok(())
+}
+
+/// One checkout of a `chaos-*` shopper (`chaos-deadline`: with a deadline
+/// already passed); whether it failed.
+async fn chaos_checkout(shopper: &Client, user: &str) -> bool {
+    let mut req = http::Request::get("http://frontend/checkout").header("x-user", user);
+    if user == "chaos-deadline" {
+        req = req.header("x-envoy-expected-rq-timeout-ms", "0");
+    }
+    let Ok(req) = req.body(Full::new(Bytes::new())) else {
+        return true;
+    };
+    match shopper.clone().oneshot(req).await {
+        Ok(resp) => !resp.status().is_success(),
+        Err(_) => true,
+    }
 }

@@ -5,8 +5,19 @@
 //! text; and they compare the label set with [`ISTIO_STANDARD_LABELS`], written here
 //! (and [`ISTIO_STANDARD_SAMPLES`]), written here from Istio's documentation rather
 //! than taken from the code under test, so a label dropped there is caught.
+//!
+//! [`PrometheusServer`]: a real Prometheus scraping real `/metrics` endpoints
+//! and answering PromQL over its HTTP API, for tests that check what a
+//! dashboard's queries return (tests/dashboards.rs) rather than what one
+//! scrape holds.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Istio's standard metric labels, as the Istio documentation lists them
 /// (<https://istio.io/latest/docs/reference/config/metrics/#labels>), in that order.
@@ -130,9 +141,333 @@ pub fn total(samples: &[Sample], name: &str, filter: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// One scrape job of a [`PrometheusServer`]: a `/metrics` URL, plaintext or
+/// HTTPS (verified against a CA file, optionally with a bearer token, as
+/// mesh-control's admin port wants).
+#[derive(Debug, Clone)]
+pub struct ScrapeJob {
+    name: String,
+    scheme: String,
+    target: String,
+    path: String,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+    bearer_token_file: Option<PathBuf>,
+}
+
+impl ScrapeJob {
+    /// The job `name` scraping `url` (`http://127.0.0.1:9090/metrics` or
+    /// `https://...`); panics on a URL that is not `scheme://host:port/path`.
+    pub fn new(name: &str, url: &str) -> ScrapeJob {
+        let (scheme, rest) = url
+            .split_once("://")
+            .unwrap_or_else(|| panic!("scrape URL without a scheme: {url}"));
+        let (target, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/metrics"),
+        };
+        ScrapeJob {
+            name: name.to_owned(),
+            scheme: scheme.to_owned(),
+            target: target.to_owned(),
+            path: path.to_owned(),
+            ca_file: None,
+            server_name: None,
+            bearer_token_file: None,
+        }
+    }
+
+    /// Verifies the server's certificate against `ca_file`, for the name
+    /// `server_name` (what its certificate holds, `localhost` say).
+    pub fn tls(mut self, ca_file: &Path, server_name: &str) -> ScrapeJob {
+        self.ca_file = Some(ca_file.to_path_buf());
+        self.server_name = Some(server_name.to_owned());
+        self
+    }
+
+    /// Sends `Authorization: Bearer <the file's content>`.
+    pub fn bearer_token_file(mut self, path: &Path) -> ScrapeJob {
+        self.bearer_token_file = Some(path.to_path_buf());
+        self
+    }
+
+    fn yaml(&self) -> String {
+        // Values are JSON strings: valid YAML scalars, whatever they hold.
+        let q = |s: &str| serde_json::Value::from(s).to_string();
+        let mut out = format!(
+            "  - job_name: {}\n    scheme: {}\n    metrics_path: {}\n    static_configs:\n      - targets: [{}]\n",
+            q(&self.name),
+            q(&self.scheme),
+            q(&self.path),
+            q(&self.target)
+        );
+        if let Some(ca) = &self.ca_file {
+            out += &format!(
+                "    tls_config:\n      ca_file: {}\n",
+                q(&ca.display().to_string())
+            );
+            if let Some(name) = &self.server_name {
+                out += &format!("      server_name: {}\n", q(name));
+            }
+        }
+        if let Some(token) = &self.bearer_token_file {
+            out += &format!(
+                "    authorization:\n      type: Bearer\n      credentials_file: {}\n",
+                q(&token.display().to_string())
+            );
+        }
+        out
+    }
+}
+
+/// A real Prometheus server (Debian's `prometheus`, installed by
+/// [`crate::install::ensure_deb`] when missing) on a free loopback port,
+/// scraping [`ScrapeJob`]s at a fixed interval into a fresh TSDB directory;
+/// queried over its HTTP API like Grafana does. Killed, and its directory
+/// removed, on drop.
+#[derive(Debug)]
+pub struct PrometheusServer {
+    child: Option<Child>,
+    dir: PathBuf,
+    addr: SocketAddr,
+}
+
+/// How long Prometheus may take to answer `/-/ready`.
+const PROMETHEUS_READY_WITHIN: Duration = Duration::from_secs(30);
+
+impl PrometheusServer {
+    /// The `prometheus` binary, installed from Debian's `prometheus` when it
+    /// is not on PATH (without root: a panic naming the command to run).
+    /// Blocks: call it in `spawn_blocking` from async code.
+    pub fn binary() -> PathBuf {
+        crate::install::ensure_deb(&["prometheus"], "prometheus").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts Prometheus scraping `jobs` every `interval` (also its rule
+    /// evaluation interval and scrape timeout), and waits until it is ready.
+    pub async fn start(jobs: &[ScrapeJob], interval: Duration) -> PrometheusServer {
+        let binary = tokio::task::spawn_blocking(PrometheusServer::binary)
+            .await
+            .unwrap_or_else(|e| panic!("installing prometheus: {e}"));
+        let secs = format!("{}ms", interval.as_millis().max(1));
+        let mut config = format!(
+            "global:\n  scrape_interval: {secs}\n  scrape_timeout: {secs}\n  evaluation_interval: {secs}\nscrape_configs:\n"
+        );
+        for job in jobs {
+            config += &job.yaml();
+        }
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let dir = fresh_dir();
+            let config_file = dir.join("prometheus.yml");
+            std::fs::write(&config_file, &config)
+                .unwrap_or_else(|e| panic!("writing {}: {e}", config_file.display()));
+            let log = dir.join("prometheus.log");
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let log_file =
+                File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+            let stderr = log_file
+                .try_clone()
+                .unwrap_or_else(|e| panic!("opening {}: {e}", log.display()));
+            let child = Command::new(&binary)
+                .arg(format!("--config.file={}", config_file.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log_file))
+                .stderr(Stdio::from(stderr))
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+            let mut server = PrometheusServer {
+                child: Some(child),
+                dir,
+                addr,
+            };
+            match server.wait_ready().await {
+                Ok(()) => return server,
+                // Another process took the free port first: a new one.
+                Err(tail) if tail.contains("address already in use") => last_log = tail,
+                Err(tail) => panic!("prometheus exited before it was ready; its log:\n{tail}"),
+            }
+        }
+        panic!("prometheus found no free port in 5 tries; its log:\n{last_log}");
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                let (status, _) = crate::http::get_text(self.addr, "/-/ready").await;
+                if status == 200 {
+                    return Ok(());
+                }
+            }
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(format!("({status})\n{}", self.log_tail()));
+            }
+            if start.elapsed() > PROMETHEUS_READY_WITHIN {
+                panic!(
+                    "prometheus was not ready within {PROMETHEUS_READY_WITHIN:?}; its log:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Its HTTP address (the API and the web UI).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `GET /api/v1/<path_and_query>`: the `data` of a `success` answer, or
+    /// what went wrong (status, `error`, the body).
+    pub async fn api(&self, path_and_query: &str) -> Result<serde_json::Value, String> {
+        let (status, body) =
+            crate::http::get_text(self.addr, &format!("/api/v1/{path_and_query}")).await;
+        let json: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| format!("HTTP {status}, not JSON ({e}): {body}"))?;
+        if status != 200 || json["status"] != "success" {
+            return Err(format!(
+                "HTTP {status}: {} {}",
+                json["errorType"].as_str().unwrap_or(""),
+                json["error"].as_str().unwrap_or(&body)
+            ));
+        }
+        Ok(json["data"].clone())
+    }
+
+    /// Evaluates `promql` now (`/api/v1/query`): the series of its result
+    /// (each `{"metric": {...}, "value": [t, "v"]}`; a scalar or string
+    /// result as one element), or Prometheus's error (a parse error, say).
+    pub async fn query(&self, promql: &str) -> Result<Vec<serde_json::Value>, String> {
+        let data = self
+            .api(&format!("query?query={}", percent_encode(promql)))
+            .await?;
+        Ok(match data["resultType"].as_str() {
+            Some("vector") | Some("matrix") => {
+                data["result"].as_array().cloned().unwrap_or_default()
+            }
+            _ => vec![data["result"].clone()],
+        })
+    }
+
+    /// The scrape targets as Prometheus sees them: (job, health, last
+    /// error) each, health being `up`, `down` or `unknown`.
+    pub async fn targets(&self) -> Result<Vec<(String, String, String)>, String> {
+        let data = self.api("targets?state=active").await?;
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+        Ok(data["activeTargets"]
+            .as_array()
+            .map(|ts| {
+                ts.iter()
+                    .map(|t| {
+                        (
+                            text(&t["labels"]["job"]),
+                            text(&t["health"]),
+                            text(&t["lastError"]),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// The last lines Prometheus logged, for failure messages.
+    pub fn log_tail(&self) -> String {
+        tail(&self.dir.join("prometheus.log"))
+    }
+
+    /// Kills Prometheus (SIGKILL) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `text` percent-encoded for a URL's query (everything but RFC 3986's
+/// unreserved characters).
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out += &format!("%{b:02X}");
+        }
+    }
+    out
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("binding a free loopback port: {e}"))
+        .port()
+}
+
+/// A new, empty directory under the system's temporary directory.
+fn fresh_dir() -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!(
+        "proxyless-prometheus-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    dir
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrape_jobs_and_queries_are_written_as_prometheus_reads_them() {
+        let plain = ScrapeJob::new("shop", "http://127.0.0.1:9100/metrics").yaml();
+        assert!(plain.contains("scheme: \"http\""), "{plain}");
+        assert!(plain.contains("targets: [\"127.0.0.1:9100\"]"), "{plain}");
+        assert!(plain.contains("metrics_path: \"/metrics\""), "{plain}");
+        assert!(!plain.contains("tls_config"), "{plain}");
+        let tls = ScrapeJob::new("control", "https://127.0.0.1:15014/stats")
+            .tls(Path::new("/tmp/ca.pem"), "localhost")
+            .bearer_token_file(Path::new("/tmp/token"))
+            .yaml();
+        assert!(tls.contains("metrics_path: \"/stats\""), "{tls}");
+        assert!(
+            tls.contains("ca_file: \"/tmp/ca.pem\"\n      server_name: \"localhost\""),
+            "{tls}"
+        );
+        assert!(tls.contains("credentials_file: \"/tmp/token\""), "{tls}");
+        assert_eq!(
+            percent_encode("sum(rate(x{a=~\"b|c\"}[1m])) / 2"),
+            "sum%28rate%28x%7Ba%3D~%22b%7Cc%22%7D%5B1m%5D%29%29%20%2F%202"
+        );
+    }
 
     #[test]
     fn samples_and_totals() {
