@@ -29,6 +29,9 @@
 //! Settings: `MESH_BENCH_ROUNDS` (changes of each kind per N, default 10),
 //! `MESH_BENCH_CLIENTS` (comma-separated N, default `1,100,1000`; smoke `1,10`),
 //! `MESH_BENCH_SMOKE=1`. Writes `target/bench/propagation.json` and a markdown table.
+//!
+//! Then the Sidecar scoping row (see `sidecar_row` below; `MESH_BENCH_SIDECAR=0`
+//! skips it, `=only` runs it alone): `target/bench/propagation-sidecar.json`.
 
 mod common;
 
@@ -497,6 +500,9 @@ fn orchestrate() {
         common::fd_limit()
     );
     let started = Instant::now();
+    if sidecar_mode() == "only" {
+        std::process::exit(if run_sidecar_row(rounds) { 0 } else { 1 });
+    }
     let mut levels = Vec::new();
     let mut rows = Vec::new();
     for &n in &counts {
@@ -592,7 +598,251 @@ fn orchestrate() {
         "propagation bench done in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    if levels.iter().any(|l| l.get("error").is_some()) {
+    let sidecar_ok = sidecar_mode() == "skip" || run_sidecar_row(rounds);
+    if levels.iter().any(|l| l.get("error").is_some()) || !sidecar_ok {
         std::process::exit(1);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Sidecar scoping row (issue 16): 1,000 services; `SIDECAR_WORKLOADS` workloads,
+// each scoped by a Sidecar (workloadSelector `app: w<k>`) to 10 of them, against
+// the same mesh without Sidecars. Per workload: the bytes of LDS+RDS+CDS+EDS it
+// is sent subscribing to everything (wildcard, as Envoy does: the most a
+// workload can hold), and the time from a config change (an endpoint of a
+// service every one of them sees, rewritten in the YAML and reloaded) to its
+// EDS update, read off the wire by raw ADS clients in this process (one clock).
+// mesh-control is embedded here too; `MESH_BENCH_SIDECAR=0` skips the row.
+
+/// Services in the Sidecar row.
+const SIDECAR_SERVICES: usize = 1000;
+/// Hosts each workload's Sidecar admits.
+const SIDECAR_SCOPE: usize = 10;
+/// Workloads (raw ADS clients, each its own view when scoped).
+const SIDECAR_WORKLOADS: usize = 10;
+
+/// The 1,000 services; service 0's endpoint is `10.9.0.<round>`; with
+/// `scoped`, one Sidecar per workload admitting service 0 and 9 more.
+fn sidecar_yaml(round: usize, scoped: bool) -> String {
+    let mut yaml = String::new();
+    for i in 0..SIDECAR_SERVICES {
+        let address = if i == 0 {
+            format!("10.9.0.{}", round % 250 + 1)
+        } else {
+            format!("10.1.{}.{}", i / 250, i % 250 + 1)
+        };
+        yaml.push_str(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: s{i}, namespace: {NAMESPACE}}}
+spec:
+  hosts: [s{i}]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: {address}}}]
+---
+"
+        ));
+    }
+    if scoped {
+        for w in 0..SIDECAR_WORKLOADS {
+            let mut hosts = vec![format!("'./s0.{NAMESPACE}.svc.cluster.local'")];
+            for j in 1..SIDECAR_SCOPE {
+                let s = (w * SIDECAR_SCOPE + j) % SIDECAR_SERVICES;
+                hosts.push(format!("'./s{s}.{NAMESPACE}.svc.cluster.local'"));
+            }
+            yaml.push_str(&format!(
+                "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: w{w}, namespace: {NAMESPACE}}}
+spec:
+  workloadSelector: {{labels: {{app: w{w}}}}}
+  egress: [{{hosts: [{}]}}]
+---
+",
+                hosts.join(", ")
+            ));
+        }
+    }
+    yaml
+}
+
+/// A raw ADS client of workload `w` subscribed to every resource of each
+/// type; returns it with the bytes of its first response of each type.
+async fn sidecar_workload(
+    xds: SocketAddr,
+    w: usize,
+) -> Result<(mesh_testkit::ads::AdsClient, [usize; 4]), String> {
+    use prost::Message;
+    let node = mesh_testkit::ads::node(&format!("w{w}"))
+        .namespace(NAMESPACE)
+        .labels(&[("app", &format!("w{w}"))])
+        .build();
+    let mut ads = mesh_testkit::ads::AdsClient::connect(xds, node).await;
+    use proxyless::mesh_core::xds as x;
+    let types = [
+        x::LISTENER_TYPE,
+        x::ROUTE_CONFIG_TYPE,
+        x::CLUSTER_TYPE,
+        x::ENDPOINT_TYPE,
+    ];
+    let mut bytes = [0usize; 4];
+    for t in types {
+        ads.subscribe(t, &[]).await;
+    }
+    let mut seen = 0;
+    while seen < 4 {
+        let r = ads.try_recv(Duration::from_secs(60)).await?;
+        ads.send(&r.type_url, &[], &r.version_info, &r.nonce, None)
+            .await;
+        if let Some(i) = types.iter().position(|t| *t == r.type_url)
+            && bytes[i] == 0
+        {
+            bytes[i] = r.encoded_len();
+            seen += 1;
+        }
+    }
+    Ok((ads, bytes))
+}
+
+/// One side of the row (with or without Sidecars).
+fn sidecar_side(scoped: bool, rounds: usize) -> Result<Value, String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+        write_config(dir.path(), &sidecar_yaml(0, scoped))?;
+        let server = mesh_control::Server::builder()
+            .config_dir(dir.path())
+            .debounce(Duration::from_secs(3600))
+            .start()
+            .await
+            .map_err(|e| format!("mesh-control: {e}"))?;
+        let diagnostics = &server.status()["diagnostics"];
+        if diagnostics.as_array().is_some_and(|d| !d.is_empty()) {
+            return Err(format!("the row's YAML has problems: {diagnostics}"));
+        }
+        let mut workloads = Vec::new();
+        let mut sizes = Vec::new();
+        for w in 0..SIDECAR_WORKLOADS {
+            let (ads, bytes) = sidecar_workload(server.xds_addr(), w).await?;
+            sizes.push(bytes);
+            workloads.push(ads);
+        }
+        let mut delays = Vec::new();
+        for round in 1..=rounds {
+            let needle = format!("10.9.0.{}", round % 250 + 1);
+            write_config(dir.path(), &sidecar_yaml(round, scoped))?;
+            let start = Instant::now();
+            server.reload();
+            for ads in &mut workloads {
+                loop {
+                    let r = ads.try_recv(Duration::from_secs(60)).await?;
+                    ads.send(&r.type_url, &[], &r.version_info, &r.nonce, None)
+                        .await;
+                    let updated = r.type_url == proxyless::mesh_core::xds::ENDPOINT_TYPE
+                        && r.resources.iter().any(|a| {
+                            a.value
+                                .windows(needle.len())
+                                .any(|w| w == needle.as_bytes())
+                        });
+                    if updated {
+                        delays.push(start.elapsed().as_nanos() as u64);
+                        break;
+                    }
+                }
+            }
+        }
+        let delays = Percentiles::from_nanos(&mut delays);
+        let per_type = |i: usize| sizes.iter().map(|s| s[i]).sum::<usize>() / sizes.len().max(1);
+        Ok(json!({
+            "scoped": scoped,
+            "bytes_per_workload": {
+                "lds": per_type(0), "rds": per_type(1), "cds": per_type(2), "eds": per_type(3),
+                "total": (0..4).map(per_type).sum::<usize>(),
+            },
+            "change_to_eds_ms": {
+                "p50": round2(delays.p50 / 1000.0),
+                "max": round2(delays.max / 1000.0),
+                "samples": delays.count,
+            },
+        }))
+    })
+}
+
+/// The Sidecar row: both sides, as JSON and table rows.
+fn sidecar_row(rounds: usize) -> (Value, Vec<Vec<String>>) {
+    let mut sides = Vec::new();
+    let mut rows = Vec::new();
+    for scoped in [false, true] {
+        let what = if scoped {
+            format!("scoped to {SIDECAR_SCOPE} by a Sidecar")
+        } else {
+            "no Sidecar (sees all)".to_owned()
+        };
+        match sidecar_side(scoped, rounds) {
+            Ok(v) => {
+                let b = &v["bytes_per_workload"];
+                rows.push(vec![
+                    format!("{SIDECAR_SERVICES} services, {SIDECAR_WORKLOADS} workloads"),
+                    what,
+                    format!("{}", b["total"]),
+                    format!("{} / {} / {} / {}", b["lds"], b["rds"], b["cds"], b["eds"]),
+                    format!("{}", v["change_to_eds_ms"]["p50"]),
+                    format!("{}", v["change_to_eds_ms"]["max"]),
+                ]);
+                sides.push(v);
+            }
+            Err(e) => {
+                loud(&format!("sidecar row ({what}): FAILED: {e}"));
+                rows.push(vec![what, format!("**failed: {e}**")]);
+                sides.push(json!({"scoped": scoped, "error": e}));
+            }
+        }
+    }
+    (json!(sides), rows)
+}
+
+/// `MESH_BENCH_SIDECAR=0` skips the Sidecar row; `=only` runs it alone.
+fn sidecar_mode() -> &'static str {
+    match std::env::var("MESH_BENCH_SIDECAR").as_deref() {
+        Ok("0") => "skip",
+        Ok("only") => "only",
+        _ => "run",
+    }
+}
+
+/// Runs the Sidecar row, prints its table and writes
+/// `target/bench/propagation-sidecar.json`; false when a side failed.
+fn run_sidecar_row(rounds: usize) -> bool {
+    println!(
+        "sidecar scoping: {SIDECAR_SERVICES} services, {SIDECAR_WORKLOADS} workloads, \
+         {rounds} changes"
+    );
+    let (value, rows) = sidecar_row(rounds);
+    let ok = value
+        .as_array()
+        .is_some_and(|s| s.iter().all(|v| v.get("error").is_none()));
+    let out = common::out_dir();
+    common::write_json(
+        &out.join("propagation-sidecar.json"),
+        &json!({"bench": "propagation-sidecar", "machine": common::machine(), "sides": value}),
+    );
+    let table = markdown_table(
+        &[
+            "mesh",
+            "workload",
+            "bytes sent (LDS+RDS+CDS+EDS)",
+            "LDS / RDS / CDS / EDS",
+            "change → EDS p50 ms",
+            "max ms",
+        ],
+        &rows,
+    );
+    println!("\n{table}");
+    let _ = std::fs::write(out.join("propagation-sidecar.md"), &table);
+    ok
 }

@@ -211,6 +211,7 @@ async fn run() -> Result<(), BoxError> {
         workloads: Vec::new(),
         inbound: Vec::new(),
         peers: Arc::new(Peers::default()),
+        graph: Vec::new(),
     };
     let mut catalog_addr = None;
     for version in ["v1", "v2"] {
@@ -702,6 +703,10 @@ struct Services {
     /// Every server's inbound policy, by service.
     inbound: Vec<(&'static str, InboundPolicy)>,
     peers: Arc<Peers>,
+    /// Each server's push of its outbound edges to mesh-control's service
+    /// graph (`/v1/graph`, shown at `/ui`), with its registration's
+    /// credentials; dropping one stops it.
+    graph: Vec<proxyless::telemetry::GraphPush>,
 }
 
 impl Services {
@@ -758,6 +763,11 @@ impl Services {
             Some(telemetry) => security.telemetry(telemetry.clone()),
             None => security,
         };
+        // Its calls out (frontend's to catalog and payment) feed the graph.
+        self.graph.push(self.registry.push_graph(
+            &registration,
+            proxyless::telemetry::GraphSource::new(NAMESPACE, service),
+        )?);
         let serving = proxyless::serve_with(listener, registration, app, security).await?;
         let addr = serving.local_addr();
         self.serving.push(serving);

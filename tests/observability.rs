@@ -796,12 +796,14 @@ async fn metrics_count_the_workload_exactly_with_istios_names_and_labels() {
             ],
             n(MISSING),
         ),
-        // frontend → catalog, as both sides report it.
+        // frontend → catalog, as both sides report it (plaintext: the client
+        // verified no server identity).
         (
             vec![
                 ("reporter", "source"),
                 ("source_workload", "frontend"),
                 ("destination_service_name", "catalog"),
+                ("destination_principal", "unknown"),
                 ("response_code", "200"),
             ],
             n(CHECKOUTS),

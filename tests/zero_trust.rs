@@ -18,6 +18,7 @@ use mesh_control::ServerHandle;
 use mesh_control::ca::{CertificateAuthority, JoinTokens};
 use mesh_testkit::wait::eventually_ok_async;
 use proxyless::control::BootstrapSpec;
+use proxyless::telemetry::{Identity, MetricsRegistry, Telemetry};
 use proxyless::{
     Bootstrap, Client, InboundPolicy, PeerIdentity, Registration, Security, ServerLayer, Serving,
     WorkloadCertificates, XdsClient,
@@ -265,6 +266,43 @@ async fn strict_mtls_and_authorization_from_istio_yaml() {
         body,
         format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/frontend {serial}"),
         "catalog must see the frontend's identity and its current certificate"
+    );
+
+    // The frontend's own metrics (reporter="source") name the server by the
+    // SPIFFE ID the client verified in the handshake, as Istio's sidecar does:
+    // what the Workload dashboard's "Outgoing Requests By Destination" selects
+    // (`destination_principal=~"spiffe.*"`). Two calls: the second goes out on
+    // the pooled connection, which keeps the identity it was verified with.
+    let registry = MetricsRegistry::new();
+    let telemetry = Telemetry::builder(Identity::from_bootstrap(&frontend.bootstrap, "frontend"))
+        .metrics(&registry)
+        .build();
+    let traced = frontend.client().with_telemetry(telemetry);
+    for _ in 0..2 {
+        let request = http::Request::get("http://catalog/items")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let response = traced
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("traced frontend → catalog");
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.expect("body");
+    }
+    let scrape = registry.render();
+    let sourced: Vec<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"source\""))
+        .collect();
+    let catalog_id = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/catalog");
+    assert!(
+        matches!(sourced.as_slice(), [line] if line.contains(&format!("destination_principal=\"{catalog_id}\""))
+            && line.contains("destination_service_name=\"catalog\"")
+            && line.ends_with(" 2")),
+        "the frontend's two calls must be one series naming catalog's verified identity \
+         {catalog_id}:\n{}",
+        sourced.join("\n")
     );
 
     // A valid mesh identity that no ALLOW policy names: 403 from the policy.

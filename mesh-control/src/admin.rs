@@ -72,6 +72,15 @@ use crate::registry::{
 
 use crate::state::Shared;
 
+/// The service graph's endpoints (a child: it shares the credential checks).
+#[path = "graph.rs"]
+pub(crate) mod graph;
+
+/// The operator's web page at `/ui` and `/v1/routes` (a child: it shares
+/// the credential checks).
+#[path = "ui/mod.rs"]
+pub(crate) mod ui;
+
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/status", get(status))
@@ -82,6 +91,13 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/endpoints/{lease_id}", put(renew).delete(deregister))
         .route("/v1/certificates", post(certificates))
         .route("/v1/trust-bundle", get(trust_bundle))
+        // The service graph (graph.rs): workloads' summaries in, the graph out.
+        .route(
+            "/v1/graph/summaries",
+            post(graph::push).layer(axum::extract::DefaultBodyLimit::max(graph::MAX_BODY)),
+        )
+        .route("/v1/graph", get(graph::get))
+        .merge(ui::router())
         .with_state(shared)
 }
 
@@ -193,8 +209,9 @@ fn caller(
 
 /// Whether the caller may read the mesh's state (`/status`,
 /// `/v1/services`, `/metrics`): anyone without a CA; with one, a client
-/// certificate from the mesh CA (the TLS layer verified it), a join token
-/// or an operator token. `Err` is the 401 (429) to answer.
+/// certificate from the mesh CA (the TLS layer verified it), a join token,
+/// an operator token, or the session cookie of an operator logged in to the
+/// web page (`/ui/login`, ui/mod.rs). `Err` is the 401 (429) to answer.
 fn reader(shared: &Shared, headers: &HeaderMap, peer: &PeerInfo) -> Result<(), Refusal> {
     let Some(ca) = &shared.ca else {
         return Ok(());
@@ -205,6 +222,8 @@ fn reader(shared: &Shared, headers: &HeaderMap, peer: &PeerInfo) -> Result<(), R
             Err(e) => Err(token_refusal("reading the mesh's state", e)),
         },
         None if peer.identity.is_some() => Ok(()),
+        // The web page's session cookie (ui/mod.rs: an operator's login).
+        None if ui::has_session(shared, headers) => Ok(()),
         None => Err(Refusal::new(
             StatusCode::UNAUTHORIZED,
             "this control server runs a CA: reading the mesh's state needs credentials, a \
@@ -666,6 +685,22 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
                     }
                     ignored
                 }
+                ClientKind::Envoy
+                    if served.gateways.selecting(&c.workload.labels).next().is_some() =>
+                {
+                    crate::compat::gateway_ignored(
+                        served.gateways.selecting(&c.workload.labels),
+                        &served.snapshot,
+                        Some(c.workload.locality != mesh_core::model::Locality::default()),
+                        Some(shared.ca.is_some()),
+                    )
+                }
+                ClientKind::Envoy => crate::compat::envoy_ignored(
+                    &served.snapshot,
+                    Some(&served.security),
+                    Some(c.workload.locality != mesh_core::model::Locality::default()),
+                    Some(shared.ca.is_some()),
+                ),
                 _ => Vec::new(),
             };
             // Stale: a response it has not acknowledged (nor rejected) for a while.
@@ -676,16 +711,23 @@ pub(crate) fn status_json(shared: &Shared) -> Value {
             });
             // Only gRPC clients keep what was deleted (A53 / A88); this
             // mesh's client and Envoy drop it, as SotW says.
+            // Its view says why a name is gone for it (a Sidecar that
+            // narrowed what it is sent, an exportTo).
+            let view = c.view.as_ref().and_then(|k| served.views.get(k));
             let deleted: Vec<Value> = match kind {
                 ClientKind::Grpc => c
                     .deleted_but_kept
                     .iter()
                     .map(|d| {
-                        json!({
+                        let mut entry = json!({
                             "type": d.type_name,
                             "name": d.name,
                             "deleted_at_version": d.deleted_at_version,
-                        })
+                        });
+                        if let Some(why) = view.as_ref().and_then(|v| v.hidden.get(&d.name)) {
+                            entry["hidden_by"] = json!(why);
+                        }
+                        entry
                     })
                     .collect(),
                 _ => Vec::new(),

@@ -315,6 +315,10 @@ struct AdsStream {
     /// only certificate provider instances), so such clusters are left out
     /// of its responses and only routes to them fail.
     grpc: bool,
+    /// Which dialect it is served (see `crate::dialect`), from its user agent.
+    kind: crate::compat::ClientKind,
+    /// SDS secrets asked for on this stream (Envoy; see `crate::sds`).
+    sds: crate::sds::SdsStream,
     types: [TypeState; 4],
     nonce: u64,
     /// Who authenticated the stream (with a CA): the node's namespace and
@@ -351,6 +355,8 @@ impl AdsStream {
                 ..NodeWorkload::default()
             },
             grpc: false,
+            kind: crate::compat::ClientKind::Unknown,
+            sds: crate::sds::SdsStream::default(),
             types: Default::default(),
             nonce: 0,
             identity: None,
@@ -382,6 +388,16 @@ impl AdsStream {
                     Some(Err(status)) => return Err(status),
                     None => return Ok(()),
                 },
+                () = crate::sds::until(self.sds.due()) => {
+                    let response = self.sds.renew(
+                        self.shared.ca.as_deref(),
+                        self.identity.as_ref(),
+                        self.id,
+                    );
+                    if let Some(response) = response {
+                        self.send_sds(response).await?;
+                    }
+                }
                 changed = served_rx.changed() => {
                     if changed.is_err() {
                         return Err(Status::unavailable("control server shutting down"));
@@ -422,6 +438,21 @@ impl AdsStream {
                 self.max_names
             )));
         }
+        if req.type_url == crate::dialect::SECRET_TYPE {
+            if self.sds.answers_latest(&req) {
+                self.record_ack_or_nack(crate::sds::STATUS_NAME, &req);
+            }
+            let response = self.sds.on_request(
+                &req,
+                self.shared.ca.as_deref(),
+                self.identity.as_ref(),
+                self.id,
+            );
+            if let Some(response) = response {
+                self.send_sds(response).await?;
+            }
+            return Ok(());
+        }
         let Some(t) = ResourceType::from_type_url(&req.type_url) else {
             tracing::warn!(client = self.id, type_url = %req.type_url, "request for a type this server does not serve");
             return Ok(());
@@ -430,7 +461,7 @@ impl AdsStream {
         let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
         let names_changed = !self.types[i].subscribed || names != self.types[i].names;
         if !req.response_nonce.is_empty() && req.response_nonce == self.types[i].nonce {
-            self.record_ack_or_nack(t, &req);
+            self.record_ack_or_nack(t.short_name(), &req);
         }
         if !req.response_nonce.is_empty() && req.error_detail.is_none() {
             self.held_acked(t, &req.response_nonce);
@@ -457,8 +488,8 @@ impl AdsStream {
                 );
             })?,
         };
-        self.grpc = crate::compat::ClientKind::from_user_agent(&node.user_agent_name)
-            == crate::compat::ClientKind::Grpc;
+        self.kind = crate::compat::ClientKind::from_user_agent(&node.user_agent_name);
+        self.grpc = self.kind == crate::compat::ClientKind::Grpc;
         // Its view follows what the node says about it.
         self.view = None;
         let mut clients = self.shared.clients.lock();
@@ -479,18 +510,20 @@ impl AdsStream {
         Ok(())
     }
 
-    fn record_ack_or_nack(&mut self, t: ResourceType, req: &DiscoveryRequest) {
+    /// Records an ACK or NACK of the latest response of the type named
+    /// `type_name` (`LDS` … `EDS`, `SDS`) in the client's status.
+    fn record_ack_or_nack(&mut self, type_name: &str, req: &DiscoveryRequest) {
         match &req.error_detail {
             Some(err) => {
                 tracing::warn!(
                     client = self.id,
-                    r#type = t.short_name(),
+                    r#type = type_name,
                     nonce = %req.response_nonce,
                     error = %err.message,
                     "client NACKed a response"
                 );
                 self.shared.metrics.nacks.inc();
-                self.update_status(t, |s, _| {
+                self.update_type_status(type_name, |s| {
                     // The nonce is that of the latest response: its version
                     // is the one rejected; version_info is the last accepted.
                     s.last_nack = Some(NackInfo {
@@ -502,18 +535,45 @@ impl AdsStream {
                     s.acked_version = req.version_info.clone();
                 });
             }
-            None => self.update_status(t, |s, _| s.acked_version = req.version_info.clone()),
+            None => {
+                self.update_type_status(type_name, |s| s.acked_version = req.version_info.clone())
+            }
         }
     }
 
     fn update_status(&self, t: ResourceType, f: impl FnOnce(&mut TypeStatus, &TypeState)) {
+        let state = &self.types[type_index(t)];
+        self.update_type_status(t.short_name(), |s| f(s, state));
+    }
+
+    /// Updates the client's status of the type named `type_name`.
+    fn update_type_status(&self, type_name: &str, f: impl FnOnce(&mut TypeStatus)) {
         let mut clients = self.shared.clients.lock();
         let status = clients.entry(self.id).or_insert_with(|| ClientStatus {
             connected_at: Some(SystemTime::now()),
             ..ClientStatus::default()
         });
-        let ts = status.types.entry(t.short_name().to_string()).or_default();
-        f(ts, &self.types[type_index(t)]);
+        f(status.types.entry(type_name.to_string()).or_default());
+    }
+
+    /// Sends an SDS response, recording it in the client's status as a
+    /// push of the other types is (`/status`, CSDS; private keys
+    /// redacted).
+    async fn send_sds(&mut self, response: DiscoveryResponse) -> Result<(), Status> {
+        let subscribed: Vec<String> = self.sds.names().cloned().collect();
+        let sent: Arc<[Any]> = Arc::from(crate::sds::redacted(&response.resources));
+        let version = response.version_info.clone();
+        self.update_type_status(crate::sds::STATUS_NAME, |s| {
+            s.subscribed = subscribed;
+            s.sent_version = version;
+            s.last_push = Some(Instant::now());
+            s.last_push_wall = Some(SystemTime::now());
+            s.sent_resources = sent;
+        });
+        self.tx
+            .send(Ok(response))
+            .await
+            .map_err(|_| Status::cancelled("client went away"))
     }
 
     /// Sends type `t` if what this client subscribed to differs from what it
@@ -732,7 +792,26 @@ impl AdsStream {
             .or_else(|| lookup.hidden(&self.qualified(name)?))
     }
 
+    /// What this client is sent of type `t`, in its dialect (see
+    /// `crate::dialect`).
     fn resources_for(&self, t: ResourceType, lookup: Lookup<'_>) -> Vec<Any> {
+        let names = &self.types[type_index(t)].names;
+        match self.kind {
+            crate::compat::ClientKind::Envoy => {
+                crate::dialect::envoy::resources(t, names, lookup, &self.workload)
+            }
+            crate::compat::ClientKind::Grpc => {
+                let mut resources = self.shared_resources(t, lookup);
+                crate::dialect::grpc::adapt(t, &mut resources, lookup);
+                resources
+            }
+            _ => self.shared_resources(t, lookup),
+        }
+    }
+
+    /// The shared resources of type `t` this client subscribes to (the
+    /// dialect of gRPC clients and of this mesh's).
+    fn shared_resources(&self, t: ResourceType, lookup: Lookup<'_>) -> Vec<Any> {
         let i = type_index(t);
         let names = &self.types[i].names;
         if names.is_empty() {
@@ -1059,6 +1138,7 @@ spec:
             service_account: None,
             labels: labels(node_labels),
             locality: Default::default(),
+            outbound_port: None,
         }
     }
 

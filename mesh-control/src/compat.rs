@@ -214,12 +214,13 @@ pub(crate) fn grpc_ignored(
         out.extend(locality_findings(&at, cluster));
         if let Some(TlsOrigination::Files(files)) = cluster.tls.as_ref().map(|t| &t.origination) {
             out.insert(format!(
-                "{at}: DestinationRule tls mode {} (certificate files) cannot be used by gRPC \
+                "{at}: DestinationRule tls mode {} ({}) cannot be used by gRPC \
                  clients: gRFC A29 supports only certificate provider instances, so mesh-control \
                  leaves the cluster out of their CDS (a whole CDS update would be NACKed) and \
                  routes to it fail (use ISTIO_MUTUAL with the bootstrap's certificate_providers for \
                  gRPC clients)",
-                files.mode()
+                files.mode(),
+                grpc_file_tls_what(files)
             ));
         }
         if cluster.lb_policy == LbPolicy::LeastRequest {
@@ -413,6 +414,21 @@ pub struct GrpcReport {
     pub defaults: Vec<String>,
 }
 
+/// How a SIMPLE / MUTUAL cluster's certificates are named in gRPC findings:
+/// files, or (SIMPLE without `caCertificates`) the system's roots, which
+/// gRPC reads only with gRFC A82, behind an environment variable.
+fn grpc_file_tls_what(files: &mesh_core::model::FileTls) -> &'static str {
+    if files.ca_certificates.is_none() && files.client_certificate.is_none() {
+        SYSTEM_ROOTS_FOR_GRPC
+    } else {
+        "certificate files"
+    }
+}
+
+/// SIMPLE with the system's roots, for gRPC findings.
+const SYSTEM_ROOTS_FOR_GRPC: &str = "the system's roots: gRFC A82 system_root_certs, which gRPC \
+     reads only with GRPC_EXPERIMENTAL_XDS_SYSTEM_ROOT_CERTS set, and not with A29 alone";
+
 /// The [`GrpcReport`] of the config `store` holds (read from its files),
 /// `snapshot` being its translation (the defaults are counted there).
 pub(crate) fn grpc_report(store: &ConfigStore, snapshot: &Snapshot) -> GrpcReport {
@@ -579,6 +595,12 @@ impl Walk {
                 }
             }
             "PeerAuthentication" => notes.peer_authentication(doc),
+            // What gRPC clients keep when a Sidecar narrows (see `config::sidecar`).
+            "Sidecar" => {
+                if let Some(egress) = doc.get("spec.egress") {
+                    notes.note(egress.line, "egress", crate::config::SIDECAR_GRPC_KEEPS);
+                }
+            }
             "EnvoyFilter" => {
                 if let Some(patches) = doc.get("spec.configPatches") {
                     notes.note(patches.line, "configPatches", RATE_LIMIT);
@@ -894,11 +916,18 @@ impl Notes<'_> {
                     mode.map_or(tls.line, |m| m.line),
                     &at("tls.mode"),
                     format!(
-                        "{files} (certificate files) cannot be used by gRPC clients: gRFC A29 \
+                        "{files} ({}) cannot be used by gRPC clients: gRFC A29 \
                          supports only certificate provider instances, so mesh-control leaves \
                          the cluster out of their CDS (a whole CDS update would be NACKed) and \
                          routes to it fail (use ISTIO_MUTUAL with the bootstrap's \
-                         certificate_providers for gRPC clients)"
+                         certificate_providers for gRPC clients)",
+                        if tls.get("caCertificates").is_none()
+                            && tls.get("clientCertificate").is_none()
+                        {
+                            SYSTEM_ROOTS_FOR_GRPC
+                        } else {
+                            "certificate files"
+                        }
                     ),
                 ),
                 Some("ISTIO_MUTUAL") => {
@@ -998,6 +1027,263 @@ fn locality_findings(at: &str, cluster: &mesh_core::model::Cluster) -> Vec<Strin
         ));
     }
     out
+}
+
+/// What an Envoy sidecar does not honor, or cannot use, of what it is
+/// served (in Envoy's dialect, `crate::dialect::envoy`), one sentence per
+/// finding, stable order. Envoy implements everything the mesh writes
+/// (routes, retries, faults, rate limits, circuit breakers, outlier
+/// detection, slow start, locality weights and priorities), so what is
+/// left is where a sidecar's position differs from an in-process client's:
+///
+/// - a consistent hash on the source IP hashes the app's loopback
+///   connection to its sidecar, so all of a workload's requests hash alike;
+/// - Istio's default locality failover is served as EDS priorities from
+///   the node's locality, and an Envoy whose bootstrap names none gets one
+///   priority (`locality_known`: whether it names one; `None`: offline,
+///   said as a condition);
+/// - ISTIO_MUTUAL clusters load the certificate and trust bundle over SDS,
+///   which mesh-control serves only when it runs a CA (`sds`: whether it
+///   does; `None`: offline, said as a condition);
+/// - PeerAuthentication and AuthorizationPolicy (`policies`) apply to a
+///   server's inbound traffic, which does not pass through an Envoy
+///   sidecar of this mesh (it is served an outbound listener only).
+pub(crate) fn envoy_ignored(
+    snapshot: &Snapshot,
+    policies: Option<&SecurityPolicies>,
+    locality_known: Option<bool>,
+    sds: Option<bool>,
+) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    for (name, rc) in &snapshot.route_configs {
+        for route in rc.virtual_hosts.iter().flat_map(|vh| vh.routes.iter()) {
+            if route
+                .policy
+                .hash_policy
+                .iter()
+                .any(|p| matches!(p, HashPolicy::SourceIp))
+            {
+                out.insert(format!(
+                    "route {:?} of {name:?}: consistentHash useSourceIp hashes the source of the \
+                     request Envoy receives, the app's own loopback connection to its sidecar: \
+                     every request of one workload hashes alike (use a header or cookie key)",
+                    route.name
+                ));
+            }
+        }
+    }
+    let failover = snapshot
+        .clusters
+        .values()
+        .filter(|c| c.locality_failover)
+        .count();
+    if failover > 0 && locality_known != Some(true) {
+        let which = match locality_known {
+            Some(_) => "this Envoy's bootstrap names none",
+            None => "an Envoy whose bootstrap names none",
+        };
+        out.insert(format!(
+            "locality failover: {failover} cluster(s) fail over by locality (Istio's default \
+             with outlierDetection), served to Envoy as EDS priorities from its node.locality; \
+             {which} (envoy-bootstrap --locality) gets every locality as one priority"
+        ));
+    }
+    if sds != Some(true) {
+        for (name, cluster) in &snapshot.clusters {
+            if cluster
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.origination == TlsOrigination::IstioMutual)
+            {
+                out.insert(format!(
+                    "cluster {name:?}: ISTIO_MUTUAL: Envoy loads its certificate and the trust \
+                     bundle over SDS (secrets \"default\" and \"ROOTCA\"), which mesh-control \
+                     serves only when it runs a CA (serve --ca-dir{}); without one Envoy waits \
+                     for them (SDS's initial fetch timeout, 15 s) and then fails every request \
+                     to the cluster",
+                    if sds.is_some() {
+                        ", which it does not"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+    }
+    if let Some(policies) = policies
+        && (!policies.peers().is_empty() || !policies.authorization_policies().is_empty())
+    {
+        out.insert(
+            "inbound: PeerAuthentication and AuthorizationPolicy apply to a server's inbound \
+             requests, which do not pass through an Envoy sidecar of this mesh (it is served \
+             one outbound listener); the server enforces them itself (this mesh's ServerLayer, \
+             or gRPC xDS server credentials)"
+                .to_string(),
+        );
+    }
+    out.into_iter().collect()
+}
+
+/// The finding for `http[route]` of VirtualService `vs` (`ns/name`, at
+/// `at`, file:line) bound to Gateway `gateway`: its `match[]` has
+/// `sourceLabels` or `sourceNamespace`. A gateway's routes are translated
+/// once for every gateway node (the audience of the shared translation),
+/// so these conditions are not evaluated: the match applies to every
+/// request through the gateway. Istio evaluates them against the gateway
+/// proxy's own labels and namespace.
+pub(crate) fn gateway_source_match(gateway: &str, vs: &str, route: usize, at: &str) -> String {
+    format!(
+        "VirtualService {vs} http[{route}] ({at}), bound to Gateway {gateway}: match          sourceLabels / sourceNamespace are not evaluated for a gateway; the match applies to          every request it receives (Istio matches them against the gateway's own labels and          namespace)"
+    )
+}
+
+/// What an Envoy gateway node selected by `gateways` does not honor: its
+/// Gateways' findings (`gateway_source_match`), and of what
+/// [`envoy_ignored`] says, what concerns the clusters its routes name
+/// (ISTIO_MUTUAL without SDS, locality failover without a locality). A
+/// sidecar's findings (its loopback source IP, inbound policies) are not
+/// a gateway's.
+pub(crate) fn gateway_ignored<'a>(
+    gateways: impl IntoIterator<Item = &'a crate::config::TranslatedGateway>,
+    snapshot: &Snapshot,
+    locality_known: Option<bool>,
+    sds: Option<bool>,
+) -> Vec<String> {
+    let mut out = BTreeSet::new();
+    let mut clusters = Snapshot::default();
+    for g in gateways {
+        out.extend(g.ignored.iter().cloned());
+        for name in &g.clusters {
+            if let Some((k, c)) = snapshot.clusters.get_key_value(name.as_str()) {
+                clusters.clusters.insert(k.clone(), c.clone());
+            }
+        }
+    }
+    out.extend(envoy_ignored(&clusters, None, locality_known, sds));
+    out.into_iter().collect()
+}
+
+/// What `mesh-control check --for envoy` reports about a config: what an
+/// Envoy sidecar would not honor ([`envoy_ignored`]), the SDS and locality
+/// conditions stated as requirements (offline, neither is known).
+pub(crate) fn envoy_report(store: &ConfigStore, snapshot: &Snapshot) -> Vec<String> {
+    envoy_ignored(snapshot, Some(&store.security()), None, None)
+}
+
+#[cfg(test)]
+mod envoy_tests {
+    use std::sync::Arc;
+
+    use mesh_core::model::{
+        Cluster, HashPolicy, Protocol, Route, RouteConfig, RouteMatch, RoutePolicy, UpstreamTls,
+        VirtualHost, WeightedClusters,
+    };
+
+    use super::*;
+
+    #[test]
+    fn reports_what_an_envoy_sidecar_cannot_honor() {
+        let mut snapshot = Snapshot::default();
+        let mut cluster = Cluster::new("outbound|80||catalog", Protocol::Http1);
+        cluster.locality_failover = true;
+        cluster.tls = Some(UpstreamTls::default());
+        snapshot
+            .clusters
+            .insert(cluster.name.clone(), Arc::new(cluster));
+        let route = Route {
+            name: "sticky".into(),
+            matcher: RouteMatch::any(),
+            action: WeightedClusters::single("outbound|80||catalog"),
+            policy: RoutePolicy {
+                hash_policy: Arc::from([HashPolicy::SourceIp]),
+                ..RoutePolicy::default()
+            },
+        };
+        snapshot.route_configs.insert(
+            "catalog:80".into(),
+            Arc::new(RouteConfig {
+                name: "catalog:80".into(),
+                virtual_hosts: Arc::from([VirtualHost {
+                    name: "catalog:80".into(),
+                    domains: Arc::from(["catalog:80".into()]),
+                    routes: Arc::from([route]),
+                }]),
+            }),
+        );
+        let all = envoy_ignored(&snapshot, None, Some(false), Some(false));
+        assert_eq!(all.len(), 3, "{all:#?}");
+        assert!(all.iter().any(|f| f.contains("useSourceIp")));
+        assert!(
+            all.iter()
+                .any(|f| f.contains("this Envoy's bootstrap names none"))
+        );
+        assert!(all.iter().any(|f| f.contains("which it does not")));
+        let offline = envoy_ignored(&snapshot, None, None, None);
+        assert!(
+            offline
+                .iter()
+                .any(|f| f.contains("an Envoy whose bootstrap"))
+        );
+        assert!(all.iter().any(|f| f.contains("SDS")));
+        // With a locality and a CA, only the source-IP hash is left.
+        let left = envoy_ignored(&snapshot, None, Some(true), Some(true));
+        assert_eq!(left.len(), 1, "{left:#?}");
+        assert!(envoy_ignored(&Snapshot::default(), None, None, None).is_empty());
+    }
+
+    /// `check --for envoy`: read from the YAML, the conditions stated as
+    /// requirements, inbound policies included.
+    #[test]
+    fn the_offline_report_states_what_an_envoy_sidecar_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("mesh.yaml"),
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: catalog, namespace: shop}
+spec:
+  hosts: [catalog]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.0.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: catalog, namespace: shop}
+spec:
+  host: catalog
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3}
+    tls: {mode: ISTIO_MUTUAL}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec:
+  mtls: {mode: STRICT}
+",
+        )
+        .unwrap();
+        let mut store = ConfigStore::new(crate::config::MeshOptions::default());
+        assert!(store.load_dir(dir.path()).is_empty());
+        let (snapshot, _) = store.snapshot(&[]);
+        let report = envoy_report(&store, &snapshot);
+        assert!(
+            report
+                .iter()
+                .any(|f| f.contains("an Envoy whose bootstrap")),
+            "{report:#?}"
+        );
+        assert!(
+            report.iter().any(|f| f.contains("ISTIO_MUTUAL")
+                && f.contains("only when it runs a CA")
+                && !f.contains("which it does not")),
+            "{report:#?}"
+        );
+        assert!(
+            report.iter().any(|f| f.starts_with("inbound:")),
+            "{report:#?}"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -1159,7 +1445,7 @@ mod tests {
         cluster.tls = Some(UpstreamTls {
             sni: "api.example.com".into(),
             origination: TlsOrigination::Files(FileTls {
-                ca_certificates: "/etc/ca.pem".into(),
+                ca_certificates: Some("/etc/ca.pem".into()),
                 subject_alt_names: Arc::from([]),
                 client_certificate: None,
             }),
@@ -1181,6 +1467,23 @@ mod tests {
         assert!(
             !security.iter().any(|f| f.contains("clusters with mTLS")),
             "{security:#?}"
+        );
+        // SIMPLE with the system's roots: left out too, and said so.
+        let mut cluster = (*snapshot.clusters["ext"]).clone();
+        if let Some(TlsOrigination::Files(files)) = cluster.tls.as_mut().map(|t| &mut t.origination)
+        {
+            files.ca_certificates = None;
+        }
+        snapshot.clusters.insert("ext".into(), Arc::new(cluster));
+        let found = grpc_ignored(&snapshot, None, None);
+        assert!(
+            found[0].starts_with(
+                "cluster \"ext\": DestinationRule tls mode SIMPLE (the system's roots: gRFC A82 \
+                 system_root_certs, which gRPC reads only with \
+                 GRPC_EXPERIMENTAL_XDS_SYSTEM_ROOT_CERTS set"
+            ),
+            "{}",
+            found[0]
         );
     }
 

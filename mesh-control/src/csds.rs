@@ -116,8 +116,13 @@ pub(crate) fn client_status(shared: &Shared, req: &ClientStatusRequest) -> Clien
         .filter(|c| wanted.is_empty() || wanted.contains(&c.node_id))
         .map(|c| {
             let mut generic = Vec::new();
-            for t in ResourceType::ALL {
-                let Some(s) = c.types.get(t.short_name()) else {
+            // The four xDS types, then SDS (private keys redacted).
+            let types = ResourceType::ALL
+                .map(|t| (t.short_name(), t.type_url()))
+                .into_iter()
+                .chain([(crate::sds::STATUS_NAME, crate::dialect::SECRET_TYPE)]);
+            for (short_name, type_url) in types {
+                let Some(s) = c.types.get(short_name) else {
                     continue;
                 };
                 let nacked = s.nacked_latest();
@@ -131,8 +136,10 @@ pub(crate) fn client_status(shared: &Shared, req: &ClientStatusRequest) -> Clien
                 };
                 for any in s.sent_resources.iter() {
                     generic.push(GenericXdsConfig {
-                        type_url: t.type_url().to_string(),
-                        name: xds::resource_name(any).unwrap_or_default(),
+                        type_url: type_url.to_string(),
+                        name: xds::resource_name(any)
+                            .or_else(|| crate::sds::secret_name(any))
+                            .unwrap_or_default(),
                         version_info: s.sent_version.clone(),
                         xds_config: (!req.exclude_resource_contents).then(|| any.clone()),
                         last_updated: s.last_push_wall.map(timestamp),

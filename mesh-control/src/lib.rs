@@ -34,6 +34,9 @@ mod compat;
 pub mod config;
 mod csds;
 mod debounce;
+mod dialect;
+mod dns;
+pub mod envoy_bootstrap;
 mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
@@ -42,6 +45,7 @@ mod persist;
 mod registry;
 #[cfg(feature = "etcd")]
 pub mod replica;
+mod sds;
 mod server;
 mod state;
 
@@ -82,6 +86,20 @@ pub fn grpc_report(
     let _ = store.load_dirs(dirs);
     let (snapshot, _) = store.snapshot(&[]);
     compat::grpc_report(&store, &snapshot)
+}
+
+/// What `mesh-control check --for envoy DIR...` reports: what an Envoy
+/// sidecar (`mesh-control envoy-bootstrap`) would not honor of the config
+/// in `dirs`, one sentence per finding, including what it needs from its
+/// bootstrap (a locality) and from mesh-control (a CA, for SDS).
+pub fn envoy_report(
+    dirs: &[impl AsRef<std::path::Path>],
+    options: &config::MeshOptions,
+) -> Vec<String> {
+    let mut store = config::ConfigStore::new(options.clone());
+    let _ = store.load_dirs(dirs);
+    let (snapshot, _) = store.snapshot(&[]);
+    compat::envoy_report(&store, &snapshot)
 }
 
 #[doc(hidden)]

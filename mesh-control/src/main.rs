@@ -64,6 +64,11 @@ struct ServeArgs {
     /// registrations: a storm of registrations shares translations.
     #[arg(long, default_value_t = 20)]
     registration_debounce_ms: u64,
+    /// The DNS server (ip:port) through which the hosts of DNS
+    /// ServiceEntries (`resolution: DNS`) are resolved for gRPC clients,
+    /// which are served them as EDS. Default: the system's resolv.conf.
+    #[arg(long, value_name = "IP:PORT")]
+    dns_server: Option<std::net::SocketAddr>,
     /// Domain suffix of short service names.
     #[arg(long, default_value = "svc.cluster.local")]
     domain_suffix: String,
@@ -267,7 +272,8 @@ enum Command {
         dirs: Vec<PathBuf>,
         /// Also report what a kind of client ignores (`grpc`): of what the
         /// YAML says, at `file:line`; then, separately, the mesh's defaults
-        /// that such clients handle differently.
+        /// that such clients handle differently. `envoy`: what an Envoy
+        /// sidecar (envoy-bootstrap) would not honor, one line each.
         #[arg(long = "for", value_name = "CLIENT")]
         for_client: Option<String>,
         /// Domain suffix of short service names.
@@ -294,6 +300,182 @@ enum Command {
         #[arg(long, value_name = "FILE", requires = "ca_file")]
         token_file: Option<PathBuf>,
     },
+    /// Print a stock Envoy's bootstrap (JSON; run `envoy -c FILE.json`)
+    /// that makes it a sidecar of this mesh: its node (id, namespace,
+    /// labels, outbound port) and an ADS stream to mesh-control. The app
+    /// then sends plain HTTP to 127.0.0.1:<outbound-port>; the Host header
+    /// picks the service.
+    EnvoyBootstrap {
+        /// `node.id`: the name of this Envoy (unique per instance).
+        node_id: String,
+        /// The workload's namespace (`node.metadata.NAMESPACE`).
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// A workload label, `key=value` (repeatable; `node.metadata.LABELS`).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// `node.cluster` (default: the `app` label, else the node id).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// The port of the outbound listener on 127.0.0.1.
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        /// mesh-control's ADS address (host:port).
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds: String,
+        /// A token sent as `authorization: Bearer` on the ADS stream (the
+        /// first token in the file; the bootstrap then holds it).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Verify mesh-control's certificate against these PEM roots (TLS);
+        /// without it, plaintext.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// Envoy's admin port on 127.0.0.1 (0: any).
+        #[arg(long, default_value_t = 15000)]
+        admin_port: u16,
+        /// `node.locality`: `region/zone/sub_zone` (for locality-aware
+        /// balancing and failover).
+        #[arg(long)]
+        locality: Option<String>,
+    },
+    /// Print a stock Envoy's bootstrap (JSON; run `envoy -c FILE.json`)
+    /// that makes it an ingress gateway: the Istio `Gateway`s whose
+    /// selector matches its labels (`istio=ingressgateway` by default) give
+    /// it listeners, and the VirtualServices bound to them its routes. With
+    /// a CA, pass the gateway's join token: it gets its mesh certificate
+    /// over SDS and speaks mTLS to the services.
+    GatewayBootstrap {
+        /// `node.id`: the name of this gateway instance.
+        name: String,
+        /// The gateway's namespace (`node.metadata.NAMESPACE`).
+        #[arg(long, default_value = "istio-system")]
+        namespace: String,
+        /// A label, `key=value` (repeatable); default `istio=ingressgateway`.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// mesh-control's ADS address (host:port).
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds: String,
+        /// The gateway's join token (the first token in the file), sent as
+        /// `authorization: Bearer` on the ADS stream: the bootstrap then
+        /// holds it.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Verify mesh-control's certificate against these PEM roots (TLS);
+        /// without it, plaintext.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// Envoy's admin port on 127.0.0.1 (0: any).
+        #[arg(long, default_value_t = 15000)]
+        admin_port: u16,
+    },
+}
+
+/// `mesh-control gateway-bootstrap`: ENVOY's bootstrap with a gateway's
+/// node (no outbound listener port; `istio=ingressgateway` unless told).
+fn gateway_bootstrap(
+    name: String,
+    namespace: String,
+    labels: Vec<String>,
+    xds: String,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    admin_port: u16,
+) -> ExitCode {
+    use mesh_control::envoy_bootstrap::{EnvoyBootstrapOptions, envoy_bootstrap};
+    let mut options = EnvoyBootstrapOptions::new(name.clone(), namespace);
+    for label in &labels {
+        let Some((key, value)) = label.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+            eprintln!("mesh-control: --label {label:?}: expected key=value");
+            return ExitCode::FAILURE;
+        };
+        options.labels.insert(key.to_string(), value.to_string());
+    }
+    if options.labels.is_empty() {
+        options
+            .labels
+            .insert("istio".to_string(), "ingressgateway".to_string());
+    }
+    options.cluster = Some(name);
+    options.xds = xds;
+    options.ca_file = ca_file;
+    options.admin_port = admin_port;
+    if let Some(file) = &token_file {
+        match read_token_file(file) {
+            Ok(token) => options.token = Some(token),
+            Err(e) => {
+                eprintln!("mesh-control: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match envoy_bootstrap(&options) {
+        Ok(json) => {
+            use std::io::Write as _;
+            let text = serde_json::to_string_pretty(&json).unwrap_or_else(|_| json.to_string());
+            // A closed stdout (`| head`) is no error of the bootstrap's.
+            let _ = writeln!(std::io::stdout(), "{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mesh-control: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `mesh-control envoy-bootstrap`: the bootstrap on stdout, or why not.
+#[allow(clippy::too_many_arguments)] // the subcommand's flags, one by one
+fn envoy_bootstrap(
+    node_id: String,
+    namespace: String,
+    labels: Vec<String>,
+    cluster: Option<String>,
+    outbound_port: u16,
+    xds: String,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    admin_port: u16,
+    locality: Option<String>,
+) -> ExitCode {
+    use mesh_control::envoy_bootstrap::{EnvoyBootstrapOptions, envoy_bootstrap};
+    let mut options = EnvoyBootstrapOptions::new(node_id, namespace);
+    for label in &labels {
+        let Some((key, value)) = label.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+            eprintln!("mesh-control: --label {label:?}: expected key=value");
+            return ExitCode::FAILURE;
+        };
+        options.labels.insert(key.to_string(), value.to_string());
+    }
+    options.cluster = cluster;
+    options.outbound_port = Some(outbound_port);
+    options.xds = xds;
+    options.ca_file = ca_file;
+    options.admin_port = admin_port;
+    options.locality = locality;
+    if let Some(file) = &token_file {
+        match read_token_file(file) {
+            Ok(token) => options.token = Some(token),
+            Err(e) => {
+                eprintln!("mesh-control: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match envoy_bootstrap(&options) {
+        Ok(json) => {
+            use std::io::Write as _;
+            let text = serde_json::to_string_pretty(&json).unwrap_or_else(|_| json.to_string());
+            // A closed stdout (`| head`) is no error of the bootstrap's.
+            let _ = writeln!(std::io::stdout(), "{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mesh-control: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `24h`, `30m`, `90s`, `2d` or plain seconds.
@@ -334,6 +516,7 @@ fn main() -> ExitCode {
                 insecure_admin,
                 debounce_ms,
                 registration_debounce_ms,
+                dns_server,
                 domain_suffix,
                 root_namespace,
                 ca_dir,
@@ -377,6 +560,9 @@ fn main() -> ExitCode {
                     .debounce(Duration::from_millis(debounce_ms))
                     .registration_debounce(Duration::from_millis(registration_debounce_ms))
                     .options(options);
+                if let Some(server) = dns_server {
+                    builder = builder.dns_server(server);
+                }
                 #[cfg(feature = "etcd")]
                 let replica = etcd.client().await?;
                 #[cfg(feature = "etcd")]
@@ -499,6 +685,40 @@ fn main() -> ExitCode {
             eprintln!("mesh-control: apply: {NO_ETCD}");
             ExitCode::FAILURE
         }
+        Command::EnvoyBootstrap {
+            node_id,
+            namespace,
+            labels,
+            cluster,
+            outbound_port,
+            xds,
+            token_file,
+            ca_file,
+            admin_port,
+            locality,
+        } => envoy_bootstrap(
+            node_id,
+            namespace,
+            labels,
+            cluster,
+            outbound_port,
+            xds,
+            token_file,
+            ca_file,
+            admin_port,
+            locality,
+        ),
+        Command::GatewayBootstrap {
+            name,
+            namespace,
+            labels,
+            xds,
+            token_file,
+            ca_file,
+            admin_port,
+        } => gateway_bootstrap(
+            name, namespace, labels, xds, token_file, ca_file, admin_port,
+        ),
         Command::Status {
             admin,
             json,
@@ -625,8 +845,13 @@ fn check(dirs: &[PathBuf], for_client: Option<&str>, domain_suffix: String) -> E
                 }
             }
         }
+        Some("envoy") => {
+            for finding in mesh_control::envoy_report(dirs, &options) {
+                println!("envoy: {finding}");
+            }
+        }
         Some(other) => {
-            eprintln!("--for {other:?}: the only client kind with known gaps is `grpc`");
+            eprintln!("--for {other:?}: the client kinds with known gaps are `grpc` and `envoy`");
             return ExitCode::FAILURE;
         }
     }

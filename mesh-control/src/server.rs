@@ -44,6 +44,7 @@ impl Server {
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             debounce: Duration::from_millis(10),
             registration_debounce: crate::state::REGISTRATION_DEBOUNCE,
+            dns_server: None,
             lease_check: Duration::from_millis(100),
             stale_after: Duration::from_secs(5),
             options: MeshOptions::default(),
@@ -72,6 +73,9 @@ pub struct ServerBuilder {
     admin_addr: SocketAddr,
     debounce: Duration,
     registration_debounce: Duration,
+    /// The DNS server DNS clusters are resolved through (`None`: the
+    /// system's).
+    dns_server: Option<SocketAddr>,
     lease_check: Duration,
     stale_after: Duration,
     options: MeshOptions,
@@ -208,6 +212,15 @@ impl ServerBuilder {
     /// longer for its 201. Zero still coalesces (one translation at a time).
     pub fn registration_debounce(mut self, debounce: Duration) -> Self {
         self.registration_debounce = debounce;
+        self
+    }
+
+    /// The DNS server through which the names of DNS clusters (ServiceEntry
+    /// `resolution: DNS`) are resolved for the gRPC clients, which are
+    /// served them as EDS (see `dns.rs`). Default: the system's
+    /// (`/etc/resolv.conf`).
+    pub fn dns_server(mut self, server: SocketAddr) -> Self {
+        self.dns_server = Some(server);
         self
     }
 
@@ -567,6 +580,12 @@ impl ServerBuilder {
                 }
             }
         }));
+
+        // DNS clusters, resolved for the gRPC clients (crate::dns).
+        tasks.push(tokio::spawn(crate::dns::run(
+            shared.clone(),
+            self.dns_server,
+        )));
 
         // Renewals are written in batches, at most every LEASE_FLUSH.
         if shared.persistence.is_some() {

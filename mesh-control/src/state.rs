@@ -99,6 +99,9 @@ pub(crate) struct Served {
     /// The per-node views of this config (`exportTo`, `sourceLabels`,
     /// `sourceNamespace`); none when it has no such field.
     pub(crate) views: Views,
+    /// Istio Gateways and the VirtualServices bound to them, served to
+    /// gateway nodes only (see `crate::dialect::gateway`).
+    pub(crate) gateways: Arc<crate::config::GatewayConfig>,
 }
 
 /// How many views one published config caches. A client whose view would
@@ -242,7 +245,9 @@ impl Served {
         } else {
             crate::ads::caller_labels(self, node)
         };
-        deps.key_at(&node.namespace, &labels, &node.locality)
+        let mut key = deps.key_at(&node.namespace, &labels, &node.locality)?;
+        key.gateway = self.gateways.selecting(&node.labels).next().is_some();
+        Some(key)
     }
 
     /// The view `key` of this config, translated on first use (blocking:
@@ -281,8 +286,9 @@ impl Served {
                 problems: Vec::new(),
             };
         };
-        let t = source.translate(key);
+        let t = source.translate_over(key, Some(&self.snapshot));
         let mut snapshot = t.snapshot;
+        crate::dns::carry_over(&mut snapshot, &self.snapshot);
         let base = &self.snapshot;
         let differs = [
             diff(&mut snapshot.listeners, &base.listeners, |l| {
@@ -356,6 +362,10 @@ pub(crate) struct NodeWorkload {
     /// `node.locality` (empty strings where absent): what Istio's
     /// `localityLbSetting` `from` and failover compare with.
     pub(crate) locality: mesh_core::model::Locality,
+    /// `node.metadata.PROXYLESS_OUTBOUND_PORT` (a string or a number): the
+    /// port of an Envoy sidecar's outbound listener (see
+    /// `crate::dialect::envoy`); `None`: absent or not a port.
+    pub(crate) outbound_port: Option<u16>,
 }
 
 impl NodeWorkload {
@@ -397,6 +407,13 @@ impl NodeWorkload {
                     sub_zone: l.sub_zone.as_str().into(),
                 })
                 .unwrap_or_default(),
+            outbound_port: match field(crate::dialect::envoy::OUTBOUND_PORT_KEY) {
+                Some(Kind::StringValue(s)) => s.trim().parse().ok(),
+                Some(Kind::NumberValue(n)) if n.fract() == 0.0 && (1.0..=65535.0).contains(n) => {
+                    Some(*n as u16)
+                }
+                _ => None,
+            },
         }
     }
 }
@@ -477,6 +494,9 @@ pub(crate) struct NackInfo {
 /// Everything the tasks of one control server share.
 pub(crate) struct Shared {
     pub(crate) served: watch::Sender<Arc<Served>>,
+    /// The DNS clusters' latest answers (`crate::dns`), added to each
+    /// rebuild's snapshot for the gRPC clients.
+    pub(crate) dns: crate::dns::Answers,
     pub(crate) clients: Locked<BTreeMap<u64, ClientStatus>>,
     pub(crate) store: Locked<ConfigStore>,
     pub(crate) registry: Locked<Registry>,
@@ -527,6 +547,11 @@ pub(crate) struct Shared {
     /// that began after that ticket was taken has been published (or the
     /// rebuilds were given up: a panic, the server stopping).
     covered: watch::Sender<u64>,
+    /// The service graph: workloads' summaries over the last minutes
+    /// (`graph.rs`).
+    pub(crate) graph: crate::admin::graph::GraphStore,
+    /// The web page's login sessions (`ui/mod.rs`).
+    pub(crate) ui_sessions: crate::admin::ui::Sessions,
 }
 
 /// Ends a [`Shared::run_rebuilds`] task that did not finish its work:
@@ -588,6 +613,9 @@ impl Shared {
             registration_debounce: REGISTRATION_DEBOUNCE,
             batch: Locked::default(),
             covered: watch::channel(0).0,
+            graph: Default::default(),
+            ui_sessions: Default::default(),
+            dns: crate::dns::Answers::default(),
         }
         .with_metrics()
     }
@@ -719,18 +747,20 @@ impl Shared {
                 r.registration.labels = security.registered_labels(&r.registration);
             }
             let registrations: Vec<_> = registered.iter().map(|r| r.registration.clone()).collect();
-            let (snapshot, diagnostics) = store.snapshot(&registrations);
+            let (mut snapshot, diagnostics) = store.snapshot(&registrations);
+            self.dns.fill(&mut snapshot);
             let views = store.view_source(&registrations);
+            let gateways = store.gateways(&registrations);
             let rejections = store.rejections().to_vec();
             (
                 snapshot,
-                (diagnostics, views),
+                (diagnostics, views, gateways),
                 security,
                 changes,
                 rejections,
             )
         };
-        let (diagnostics, view_source) = diagnostics;
+        let (diagnostics, view_source, gateways) = diagnostics;
         // The config in force is on disk before it is served: a restart
         // never serves less than what clients were sent.
         self.write_config();
@@ -751,6 +781,7 @@ impl Shared {
             && current.security == security
             && current.registered == registered
             && current.views.source == view_source
+            && *current.gateways == gateways
         {
             return changes;
         }
@@ -767,6 +798,7 @@ impl Shared {
             security,
             registered,
             views,
+            gateways: Arc::new(gateways),
         };
         // The views of the clients connected are ready before they are
         // pushed to (a new client's view is translated when it asks).

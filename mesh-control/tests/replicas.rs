@@ -408,7 +408,7 @@ async fn an_apply_reaches_the_clients_of_every_replica_with_one_version() {
     // An invalid config writes nothing and says where it is wrong.
     cluster.write(
         "vs.yaml",
-        &vs(50, 50).replace("  http:\n", "  gateways: [mesh]\n  http:\n"),
+        &vs(50, 50).replace("  http:\n", "  tcp: []\n  http:\n"),
     );
     cluster.write("broken.yaml", "kind: [unclosed\n");
     let out = cluster.apply();

@@ -17,9 +17,11 @@
 pub mod breaker;
 pub mod cors;
 pub mod deadline;
+pub mod dns;
 pub mod engine;
 mod error;
 pub mod fault;
+pub mod graph;
 pub mod lb;
 pub mod locality;
 pub mod model;

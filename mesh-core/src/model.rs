@@ -615,6 +615,58 @@ pub struct Cluster {
     /// ISTIO_MUTUAL, SIMPLE or MUTUAL; gRFC A29 `UpstreamTlsContext`);
     /// `None` = plaintext.
     pub tls: Option<UpstreamTls>,
+    /// How its endpoints are found: EDS (the default), or DNS names the
+    /// client resolves itself (ServiceEntry `resolution: DNS`).
+    pub discovery: Discovery,
+}
+
+/// How a cluster's endpoints are found.
+///
+/// With [`Discovery::Dns`] the cluster names hosts, not addresses: each
+/// client resolves them itself (Envoy's STRICT_DNS / LOGICAL_DNS; the
+/// encoded shape is the cluster's `load_assignment` of hostnames, see
+/// `xds::cluster`), and each A/AAAA record of a strict cluster is one
+/// endpoint. gRPC clients know no STRICT_DNS (gRFC A37): mesh-control
+/// resolves the names for them and serves the answer as EDS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Discovery {
+    /// Endpoints from EDS (the cluster's `eds_service_name`).
+    #[default]
+    Eds,
+    /// Endpoints from resolving host names (ServiceEntry `resolution:
+    /// DNS` or `DNS_ROUND_ROBIN`).
+    Dns(DnsDiscovery),
+}
+
+impl Discovery {
+    /// The DNS settings, for a DNS cluster.
+    pub fn dns(&self) -> Option<&DnsDiscovery> {
+        match self {
+            Discovery::Eds => None,
+            Discovery::Dns(dns) => Some(dns),
+        }
+    }
+}
+
+/// The names a DNS cluster resolves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsDiscovery {
+    /// The hosts and the port each endpoint is reached on (a ServiceEntry's
+    /// hosts, or its `endpoints[].address` names, with the `targetPort`).
+    pub hosts: Arc<[DnsHost]>,
+    /// Istio's `DNS_ROUND_ROBIN` (Envoy's LOGICAL_DNS): only the first
+    /// address of each answer is used, for new connections, instead of
+    /// every address being an endpoint (STRICT_DNS).
+    pub logical: bool,
+}
+
+/// One name of a DNS cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DnsHost {
+    /// The DNS name (`api.example.com`).
+    pub name: Name,
+    /// The port each of its addresses is reached on.
+    pub port: u16,
 }
 
 /// How a client secures connections to a cluster's endpoints. By default
@@ -623,7 +675,10 @@ pub struct Cluster {
 /// certificate verified against the mesh trust bundle and its SPIFFE ID
 /// against `server_identities`. With certificate files
 /// ([`TlsOrigination::Files`], Istio's SIMPLE and MUTUAL): TLS to servers
-/// outside the mesh's identity system, verified like any TLS client does.
+/// outside the mesh's identity system (an external API: egress TLS
+/// origination, the app calling `http://api.example.com`), verified like
+/// any TLS client does: the chain against a CA file or the system's roots,
+/// the name against the SNI or the configured SANs. Never unverified.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpstreamTls {
     /// The SPIFFE IDs the cluster's servers may present (A29
@@ -652,21 +707,24 @@ pub enum TlsOrigination {
     IstioMutual,
     /// SIMPLE (no client certificate) or MUTUAL (with one): PEM files on
     /// the client's filesystem, as Istio's sidecar reads them, re-read when
-    /// they change.
+    /// they change; without a CA file, the system's roots.
     Files(FileTls),
 }
 
 /// TLS from files (Istio's SIMPLE and MUTUAL modes; Envoy's
 /// `tls_certificates` / `validation_context.trusted_ca` with `filename`s).
-/// The server's chain must verify against `ca_certificates`; its name
-/// must be one of `subject_alt_names` (DNS or URI SANs, exact; any one
-/// matching is enough) or, when that is empty, valid for the SNI. Verifying
-/// against the system's roots is not supported (no root store is built
-/// in), so `ca_certificates` is required.
+/// The server's chain must verify against `ca_certificates`, or, when
+/// none is given, against the system's roots (the client machine's trust
+/// store, as Istio's sidecar uses it for SIMPLE without `caCertificates`);
+/// its name must be one of `subject_alt_names` (DNS or URI SANs, exact;
+/// any one matching is enough) or, when that is empty, valid for the SNI.
+/// The server is always verified: no CA file means the system's roots,
+/// never "anything goes" (Istio's `insecureSkipVerify` is refused).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FileTls {
-    /// The trusted roots (PEM file; Istio `caCertificates`).
-    pub ca_certificates: Name,
+    /// The trusted roots (PEM file; Istio `caCertificates`); `None`: the
+    /// system's roots (Envoy's `validation_context.system_root_certs`).
+    pub ca_certificates: Option<Name>,
     /// The names the server's certificate may carry (Istio
     /// `subjectAltNames`); empty checks it against the SNI.
     pub subject_alt_names: Arc<[Name]>,
@@ -886,6 +944,7 @@ impl Cluster {
             locality_failover: false,
             slow_start: None,
             tls: None,
+            discovery: Discovery::Eds,
         }
     }
 }

@@ -279,6 +279,8 @@ impl Snapshot {
     pub fn referenced_endpoints(&self) -> BTreeSet<Name> {
         self.clusters
             .values()
+            // A DNS cluster's endpoints are resolved, not subscribed to.
+            .filter(|c| c.discovery == crate::model::Discovery::Eds)
             .map(|c| c.eds_service_name.clone())
             .collect()
     }

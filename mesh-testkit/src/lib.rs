@@ -13,7 +13,8 @@
 //! - [`snapshot`]: hand-built mesh-core snapshots, and the same resources as xDS.
 //! - [`http`]: one HTTP/1.1 request to an admin API, plaintext or TLS.
 //! - [`logs`]: an in-memory sink for log lines.
-//! - [`prometheus`]: samples of a `/metrics` scrape, and Istio's standard labels.
+//! - [`prometheus`]: samples of a `/metrics` scrape, Istio's standard labels, and a
+//!   real Prometheus server to run PromQL against.
 //! - [`stats`]: binomial assertions for random behaviour.
 //! - [`etcd`]: a real etcd process on loopback ports (the replica tests), plaintext
 //!   or TLS with client certificates.
@@ -27,6 +28,7 @@
 //! copy of its types. Helpers needing their types stay in their test crates.
 
 pub mod ads;
+pub mod dns;
 pub mod envoy;
 pub mod etcd;
 pub mod http;

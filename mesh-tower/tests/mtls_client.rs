@@ -25,6 +25,7 @@ use mesh_core::Snapshot;
 use mesh_core::model::{Cluster, Locality, Protocol, RoutePolicy, UpstreamTls};
 use mesh_core::spiffe::SpiffeId;
 use mesh_tower::local_reply::LOCAL_REPLY_HEADER;
+use mesh_tower::telemetry::DecisionRecord;
 use mesh_tower::tls::{
     ALPN_H2_HTTP11, CertStore, Credentials, MeshAcceptor, MeshCaConfig, WorkloadCertificates,
 };
@@ -251,6 +252,60 @@ async fn a_client_with_certificates_reaches_mtls_clusters_and_plaintext_ones() {
     let response = get(&client, "http://legacy/").await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.body(), "plaintext");
+}
+
+/// The pool hands each attempt the server identity it verified on the
+/// connection (what the client's metrics report as `destination_principal`):
+/// HTTP/1.1 and HTTP/2, on a fresh and on a pooled connection; none over
+/// plaintext.
+#[tokio::test]
+async fn each_attempt_records_the_server_identity_its_connection_verified() {
+    let ca = TestCa::new("mesh root");
+    let h1 = mtls_server(&ca, CATALOG).await;
+    let h2 = mtls_server(&ca, CATALOG).await;
+    let mut snap = snapshot(
+        "catalog",
+        mtls_cluster(Protocol::Http1, &[CATALOG]),
+        h1.addr,
+    );
+    add_one_service(
+        &mut snap,
+        "catalog-grpc",
+        mtls_cluster(Protocol::Http2, &[]),
+        RoutePolicy::default(),
+        &[(h2.addr, Locality::default())],
+    );
+    add_plaintext_legacy(&mut snap).await;
+    let client = Client::new(StaticSource::new(snap)).with_certificates(store(&ca, FRONTEND));
+
+    for (uri, want) in [
+        ("http://catalog/items", Some(CATALOG)),
+        ("http://catalog-grpc/items", Some(CATALOG)),
+        ("http://legacy/", None),
+    ] {
+        for connection in ["fresh", "pooled"] {
+            let record = DecisionRecord::new();
+            let mut request = Request::get(uri).body(Full::default()).unwrap();
+            request.extensions_mut().insert(record.clone());
+            let response = within(uri, client.clone().oneshot(request)).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{uri}");
+            within("the body", response.into_body().collect())
+                .await
+                .unwrap();
+            assert_eq!(record.attempts(), 1, "{uri}");
+            assert_eq!(
+                record.upstream_principal_id().map(|p| &**p),
+                want,
+                "{uri} on a {connection} connection"
+            );
+        }
+    }
+    assert_eq!(
+        h1.serials.lock().unwrap().len(),
+        1,
+        "one HTTP/1.1 connection"
+    );
+    assert_eq!(h2.serials.lock().unwrap().len(), 1, "one HTTP/2 connection");
 }
 
 #[tokio::test]

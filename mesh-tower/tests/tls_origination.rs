@@ -100,7 +100,7 @@ fn file_cluster(protocol: Protocol, sni: &str, files: FileTls) -> Cluster {
 
 fn simple(ca_file: &Name, sans: &[&str]) -> FileTls {
     FileTls {
-        ca_certificates: ca_file.clone(),
+        ca_certificates: Some(ca_file.clone()),
         subject_alt_names: sans.iter().map(|s| Name::from(*s)).collect(),
         client_certificate: None,
     }

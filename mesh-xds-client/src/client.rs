@@ -122,6 +122,9 @@ pub struct ClientOptions {
     cache: CacheChoice,
     cache_wait: Duration,
     lookup: Option<Lookup>,
+    /// The DNS server for DNS clusters (`None`: the environment's
+    /// `PROXYLESS_DNS_SERVER`, else the system's).
+    dns_server: Option<std::net::SocketAddr>,
 }
 
 /// Where the cache goes, as the options say.
@@ -158,6 +161,7 @@ impl Default for ClientOptions {
             cache: CacheChoice::Resolve,
             cache_wait: DEFAULT_CACHE_WAIT,
             lookup: None,
+            dns_server: None,
         }
     }
 }
@@ -225,6 +229,32 @@ impl ClientOptions {
     ) -> Self {
         self.lookup = Some(Lookup(Arc::new(lookup)));
         self
+    }
+
+    /// The DNS server DNS clusters (ServiceEntry `resolution: DNS`) are
+    /// resolved through, over the environment's `PROXYLESS_DNS_SERVER`
+    /// (`ip:port` or `ip`) and the system's configuration.
+    pub fn dns_server(mut self, server: std::net::SocketAddr) -> Self {
+        self.dns_server = Some(server);
+        self
+    }
+
+    /// The DNS server these options choose (`None`: the system's); a
+    /// malformed `PROXYLESS_DNS_SERVER` is reported and ignored.
+    fn resolve_dns_server(&self) -> Option<std::net::SocketAddr> {
+        if self.dns_server.is_some() {
+            return self.dns_server;
+        }
+        let value = match &self.lookup {
+            Some(lookup) => (lookup.0)(crate::dns::DNS_SERVER_ENV_VAR),
+            None => std::env::var(crate::dns::DNS_SERVER_ENV_VAR).ok(),
+        }?;
+        if value.trim().is_empty() {
+            return None;
+        }
+        crate::dns::parse_server(&value)
+            .inspect_err(|e| tracing::warn!("{e}: the system's DNS servers are used"))
+            .ok()
     }
 
     /// The cache file these options choose for `bootstrap`.
@@ -547,8 +577,11 @@ struct Inner {
 }
 
 /// What the task publishes and handles read.
-struct Published {
-    snapshot: ArcSwap<Snapshot>,
+pub(crate) struct Published {
+    pub(crate) snapshot: ArcSwap<Snapshot>,
+    /// The snapshot's halves: the ADS driver's and the DNS answers
+    /// (`crate::dns`); every snapshot is stored through it.
+    pub(crate) dns: crate::dns::Overlay,
     status: ArcSwap<SyncStatus>,
     /// Per-resource status and raw forms, for CSDS and the config dump.
     report: ArcSwap<ResourceReport>,
@@ -613,6 +646,7 @@ impl XdsClient {
         let published = Arc::new(Published {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             status: ArcSwap::from_pointee(SyncStatus::default()),
+            dns: crate::dns::Overlay::default(),
             report: ArcSwap::from_pointee(state.resource_report()),
             last_error: Mutex::new(None),
             server: Mutex::new(None),
@@ -645,6 +679,15 @@ impl XdsClient {
         );
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
         let (changes_tx, changes_rx) = watch::channel(0u64);
+        let changes_tx = Arc::new(changes_tx);
+        tokio::spawn(crate::dns::run(
+            options.resolve_dns_server(),
+            crate::dns::Target {
+                snapshot: Arc::downgrade(&published),
+                changes: Arc::downgrade(&changes_tx),
+            },
+            changes_rx.clone(),
+        ));
         let cache_due = cache.as_ref().map(|_| Instant::now() + options.cache_wait);
         let driver = Driver {
             state,
@@ -858,7 +901,7 @@ struct Driver {
     bootstrap: Bootstrap,
     options: ClientOptions,
     published: Arc<Published>,
-    changes: watch::Sender<u64>,
+    changes: Arc<watch::Sender<u64>>,
     commands: mpsc::UnboundedReceiver<Command>,
     node_id: String,
     cache: Option<CacheFile>,
@@ -1160,7 +1203,9 @@ impl Driver {
             .report
             .store(Arc::new(self.state.resource_report()));
         self.published.status.store(status);
-        self.published.snapshot.store(snapshot);
+        self.published
+            .dns
+            .publish(&self.published.snapshot, snapshot);
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
         // Only config a control server sent is written: the cache's own
         // config is on disk already.
@@ -1224,7 +1269,9 @@ impl Driver {
                 .report
                 .store(Arc::new(self.state.resource_report()));
             self.published.status.store(status);
-            self.published.snapshot.store(snapshot);
+            self.published
+                .dns
+                .publish(&self.published.snapshot, snapshot);
             self.changes.send_modify(|v| *v = v.wrapping_add(1));
         }
     }

@@ -36,6 +36,7 @@
 pub mod bootstrap;
 mod client;
 mod csds;
+mod dns;
 mod dump;
 mod error;
 pub mod state;
@@ -44,6 +45,7 @@ mod tls;
 pub use bootstrap::{Bootstrap, BootstrapBuilder, ChannelTls, XdsServer};
 pub use client::{CacheStatus, ClientOptions, WeakXdsClient, XdsClient};
 pub use csds::CsdsService;
+pub use dns::DNS_SERVER_ENV_VAR;
 pub use error::{Error, ErrorKind};
 
 pub mod cache {

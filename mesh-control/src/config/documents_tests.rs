@@ -95,9 +95,7 @@ fn exported_documents_read_back_as_the_files_they_came_from() {
     // A document changed by other means than apply: rejected at the line
     // of the file it says it came from, the version in force kept.
     let mut edited = documents.clone();
-    edited[0].yaml = edited[0]
-        .yaml
-        .replace("  http:\n", "  gateways: [mesh]\n  http:\n");
+    edited[0].yaml = edited[0].yaml.replace("  http:\n", "  tcp: []\n  http:\n");
     let mut store = stored;
     let problems = store.read_documents(&edited);
     assert_eq!(problems.len(), 1, "{problems:#?}");

@@ -378,7 +378,7 @@ fn deleting_a_file_removes_its_resources_unless_another_needs_them() {
 fn an_invalid_new_resource_is_left_out_and_the_rest_applies() {
     let (mut s, d) = mesh();
     let unsupported = format!(
-        "{SE_CATALOG}  addresses: ['10.9.9.9']\n---\n{}",
+        "{SE_CATALOG}  addresses: ['10.9.9.x']\n---\n{}",
         vs("v1", 50, "v2", 50).replace("name: payment,", "name: other,")
     );
     write(&d, "z.yaml", &unsupported);

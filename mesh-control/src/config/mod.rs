@@ -53,7 +53,8 @@
 //! `trafficPolicy.tls.mode: ISTIO_MUTUAL` (a subset's `tls` replaces the
 //! rule's; `DISABLE` turns it off; `SIMPLE` and `MUTUAL` originate TLS with
 //! certificate files read by the client, [`mesh_core::model::FileTls`],
-//! verified against `caCertificates` for `subjectAltNames` or the SNI, which
+//! verified against `caCertificates`, else the system's roots, for
+//! `subjectAltNames` or the SNI, which
 //! is `sni` or the service host), or, when `tls` is not set, by Istio's auto mTLS: when the
 //! destination namespace is STRICT (its namespace-wide PeerAuthentication,
 //! else the mesh-wide one) or every endpoint of the cluster is STRICT by its
@@ -130,8 +131,16 @@
 //!
 //! # Smaller rules
 //!
-//! - A ServiceEntry without `resolution` is `STATIC` (the only one
-//!   implemented; Istio's default, `NONE`, is passthrough); a port without
+//! - A ServiceEntry without `resolution` is `STATIC` (Istio's default,
+//!   `NONE`, is passthrough to the address the application dialed, which an
+//!   in-process client dialing by name does not have: here `NONE` needs
+//!   `addresses`, which become the endpoints). `DNS` / `DNS_ROUND_ROBIN`
+//!   make DNS clusters that each client resolves (mesh-control resolves
+//!   them for gRPC clients: `crate::dns`); `addresses` are otherwise
+//!   accepted and unused (virtual IPs serve traffic capture).
+//!   `location: MESH_EXTERNAL` turns auto mTLS off for the host; a port of
+//!   protocol `HTTPS` or `TLS` has the client originate TLS (SNI the host,
+//!   system roots) unless a DestinationRule sets `tls`. A port without
 //!   `protocol` takes it from its name as Istio does (`grpc-*`, `http2-*`),
 //!   else HTTP/1.
 //! - An empty header or query-parameter match (`x-user: {}`) means "present".
@@ -175,16 +184,25 @@
 //! has no dependencies: every workload gets the one shared translation.
 //! Two VirtualServices (or DestinationRules, or ServiceEntries) for one host
 //! conflict only when some namespace sees both.
+//!
+//! An Istio `Sidecar` narrows a view further: the Sidecar that applies to
+//! the workload (its `workloadSelector`, else its namespace's, else the root
+//! namespace's) keeps only the hosts its `egress[].hosts` admit; the others'
+//! names are hidden, NOT_FOUND naming the Sidecar at its line. Its namespace
+//! and selector labels join the view dependencies (see `sidecar.rs`).
 
 mod auth;
 mod cors;
 mod envoy_filter;
+mod gateway;
+pub(crate) use gateway::{GatewayConfig, ServerTls, TranslatedGateway};
 mod last_good;
 mod locality;
 mod names;
 mod policy;
 mod resources;
 mod security;
+mod sidecar;
 mod traffic;
 mod translate;
 mod yaml;
@@ -192,12 +210,15 @@ mod yaml;
 pub use security::{SecurityPolicies, Workload};
 
 pub(crate) use names::resolve_host;
+pub(crate) use sidecar::GRPC_KEEPS as SIDECAR_GRPC_KEEPS;
 pub(crate) use yaml::{Look, parse_documents};
 
 #[cfg(test)]
 mod connection_tests;
 #[cfg(test)]
 mod documents_tests;
+#[cfg(test)]
+mod egress_tests;
 #[cfg(test)]
 mod last_good_tests;
 #[cfg(test)]
@@ -1365,6 +1386,12 @@ impl ConfigStore {
         (t.snapshot, t.diagnostics)
     }
 
+    /// The Gateways in force and the VirtualServices bound to them,
+    /// translated for gateway nodes (see `gateway`).
+    pub(crate) fn gateways(&self, registrations: &[Registration]) -> GatewayConfig {
+        translate::translate_gateways(&self.options, &self.ordered(), registrations)
+    }
+
     /// The PeerAuthentication and AuthorizationPolicy resources, ready to
     /// be resolved for one workload's server listener (gRFC A36).
     pub fn security(&self) -> SecurityPolicies {
@@ -1509,6 +1536,11 @@ pub fn check_notes(dirs: &[impl AsRef<Path>]) -> Vec<Diagnostic> {
                             .to_string(),
                     );
                 }
+                if doc.get("kind").and_then(|k| k.text()).as_deref() == Some("Sidecar") {
+                    for (line, text) in sidecar::notes(doc) {
+                        note(line, text);
+                    }
+                }
                 if doc.get("kind").and_then(|k| k.text()).as_deref() == Some("VirtualService") {
                     for (line, text) in cors::notes(doc) {
                         note(line, text);
@@ -1529,6 +1561,9 @@ pub fn check_notes(dirs: &[impl AsRef<Path>]) -> Vec<Diagnostic> {
                             note(what, text);
                         }
                         for (what, text) in locality::notes(policy, top) {
+                            note(what, text);
+                        }
+                        for (what, text) in policy::client_tls_notes(policy) {
                             note(what, text);
                         }
                     }
@@ -1642,6 +1677,14 @@ impl ViewDependencies {
                 Spec::ServiceEntry(se) => deps.namespace |= restricted(&se.export_to),
                 // Client-side (SIDECAR_OUTBOUND) local rate limits.
                 Spec::EnvoyFilter(f) => envoy_filter::view_dependencies(&mut deps, f),
+                // Which Sidecar applies depends on the namespace (and `./`
+                // means it) and on the labels its selector names.
+                Spec::Sidecar(s) => {
+                    deps.namespace = true;
+                    for (k, v) in s.selector.iter().flatten() {
+                        deps.labels.entry(k.clone()).or_default().insert(v.clone());
+                    }
+                }
                 _ => {}
             }
         }
@@ -1695,6 +1738,7 @@ impl ViewDependencies {
             namespace: self.namespace.then(|| namespace.to_owned()),
             labels: key_labels,
             locality: self.locality.then(|| locality.clone()),
+            gateway: false,
         })
     }
 }
@@ -1716,6 +1760,11 @@ pub(crate) struct ViewKey {
     /// The workload's `node.locality`, when some locality setting depends
     /// on it.
     pub(crate) locality: Option<mesh_core::model::Locality>,
+    /// The node is an ingress gateway (a `Gateway` selects it): no
+    /// `Sidecar` applies to it, as in Istio, where Sidecars scope sidecars
+    /// only (a root-namespace Sidecar would otherwise hide every service
+    /// from the gateway in `istio-system`).
+    pub(crate) gateway: bool,
 }
 
 impl fmt::Display for ViewKey {
@@ -1796,6 +1845,10 @@ pub(crate) struct ViewSource {
     /// The fingerprints of `resources`: two sources with the same
     /// fingerprints, registrations and options translate alike.
     versions: ResourceVersions,
+    /// The names of each service host in the translation for everyone,
+    /// built on first use when some Sidecar scopes a view: what a view
+    /// names as hidden without translating the hosts its Sidecar hides.
+    sidecar_names: std::sync::OnceLock<sidecar::HostNames>,
 }
 
 impl PartialEq for ViewSource {
@@ -1820,19 +1873,70 @@ pub(crate) struct ViewTranslation {
 
 impl ViewSource {
     /// Translates the view `key`.
+    #[cfg(test)]
     pub(crate) fn translate(&self, key: &ViewKey) -> ViewTranslation {
-        let resources: Vec<&Resource> = self.resources.iter().collect();
+        self.translate_over(key, None)
+    }
+
+    /// Translates the view `key`; `shared` is the translation for every
+    /// workload of the same config when the caller has it (the names a
+    /// Sidecar hides are read off it rather than translated again).
+    pub(crate) fn translate_over(
+        &self,
+        key: &ViewKey,
+        shared: Option<&Snapshot>,
+    ) -> ViewTranslation {
+        let all: Vec<&Resource> = self.resources.iter().collect();
+        // The Sidecar of these workloads, if any: it drops the
+        // VirtualServices it does not import before translating, and the
+        // services it hides after (see `sidecar.rs`).
+        let (scope, mut problems) = sidecar::Scope::of_view(&self.options, &all, key);
+        let Some(scope) = scope else {
+            let t = translate::translate_for(
+                &self.options,
+                &all,
+                &self.registrations,
+                Audience::View(key),
+            );
+            return ViewTranslation {
+                snapshot: t.snapshot,
+                diagnostics: t.diagnostics,
+                hidden: t.hidden,
+            };
+        };
+        let namespaces = sidecar::HostNamespaces::new(&self.options, &all, &self.registrations);
+        let imported: Vec<&Resource> = all
+            .iter()
+            .copied()
+            .filter(|r| scope.imports(&self.options, r))
+            .collect();
+        let (resources, registrations) =
+            scope.prune(&self.options, &imported, &self.registrations, &namespaces);
         let t = translate::translate_for(
             &self.options,
             &resources,
-            &self.registrations,
+            &registrations,
             Audience::View(key),
         );
-        ViewTranslation {
+        let mut view = ViewTranslation {
             snapshot: t.snapshot,
             diagnostics: t.diagnostics,
             hidden: t.hidden,
-        }
+        };
+        scope.narrow(&namespaces, &mut view.snapshot, &mut view.hidden);
+        let names = self.sidecar_names.get_or_init(|| match shared {
+            Some(shared) => sidecar::HostNames::of(shared),
+            None => {
+                let everyone = translate::translate(&self.options, &all, &self.registrations);
+                sidecar::HostNames::of(&everyone.snapshot)
+            }
+        });
+        scope.hide_untranslated(names, &namespaces, &view.snapshot, &mut view.hidden);
+        problems.extend(scope.hidden_destinations(&self.options, &imported, &namespaces));
+        view.diagnostics.extend(problems);
+        view.diagnostics.sort();
+        view.diagnostics.dedup();
+        view
     }
 }
 
@@ -1852,6 +1956,7 @@ impl ConfigStore {
             registrations: registrations.to_vec(),
             dependencies,
             versions: self.versions(),
+            sidecar_names: std::sync::OnceLock::new(),
         })
     }
 }
@@ -1870,6 +1975,8 @@ pub fn check_dirs(dirs: &[impl AsRef<Path>], options: &MeshOptions) -> Vec<Diagn
     let mut store = ConfigStore::new(options.clone());
     let mut diagnostics = store.load_dirs(dirs);
     diagnostics.extend(store.snapshot(&[]).1);
+    // Routes whose destination a Sidecar hides from workloads sent them.
+    diagnostics.extend(sidecar::hidden_destinations(options, &store.ordered()));
     diagnostics.sort();
     diagnostics.dedup();
     diagnostics

@@ -55,10 +55,11 @@
 //!   mesh's own certificates (`subjectAltNames` are SPIFFE IDs); `SIMPLE`
 //!   and `MUTUAL` use PEM files on the client (`caCertificates`,
 //!   `clientCertificate`, `privateKey`; `subjectAltNames` are DNS names or
-//!   URIs). Stricter than Istio: `caCertificates` is required (no system
-//!   roots), file fields a mode does not use are errors, `credentialName`
-//!   (Kubernetes secrets), `insecureSkipVerify: true` and `caCrl` are
-//!   reported as not supported.
+//!   URIs). Without `caCertificates` the server is verified against the
+//!   system's roots of the client's machine, as Istio's sidecar does
+//!   (`check` notes it). Stricter than Istio: file fields a mode does not
+//!   use are errors, `credentialName` (Kubernetes secrets),
+//!   `insecureSkipVerify: true` and `caCrl` are reported as not supported.
 //! - `outlierDetection`: `consecutive5xxErrors` defaults to 5 (0 disables
 //!   it), `consecutiveGatewayErrors` is off unless set, `interval` 10 s,
 //!   `baseEjectionTime` 30 s, `maxEjectionPercent` 10 (0 means the default,
@@ -95,7 +96,7 @@ use mesh_core::model::{
 use mesh_core::spiffe::SpiffeId;
 use saphyr::{Scalar, YamlData};
 
-use super::yaml::{Field, Fields, Sink};
+use super::yaml::{Field, Fields, Look, Sink};
 
 // ------------------------------------------------------------------ durations
 
@@ -1033,23 +1034,10 @@ fn parse_client_tls(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Cli
         }
     }
     // With credentialName (reported above), the files it stands for are
-    // not asked for too.
+    // not asked for too. Without caCertificates, SIMPLE and MUTUAL verify
+    // the server against the system's roots (as Istio does; `check` notes
+    // it, see `client_tls_notes`): never "do not verify".
     let credential = f.get("credentialName").is_some();
-    if files && f.get("caCertificates").is_none() && !credential {
-        sink.error(
-            mode_line,
-            format!(
-                "'{}': mode {} needs 'caCertificates' (a PEM file of the CAs that sign the \
-                 server's certificate): verifying against the system's roots is not supported",
-                f.path,
-                if mode == Mode::Simple {
-                    "SIMPLE"
-                } else {
-                    "MUTUAL"
-                }
-            ),
-        );
-    }
     if mode == Mode::Mutual && !credential {
         for (what, present) in [
             ("clientCertificate", client_certificate.is_some()),
@@ -1076,7 +1064,7 @@ fn parse_client_tls(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Cli
             subject_alt_names: spiffe_ids,
         },
         Mode::Simple | Mode::Mutual => ClientTlsMode::Files(Box::new(FileTls {
-            ca_certificates: ca_certificates?.0,
+            ca_certificates: ca_certificates.map(|(ca, _)| ca),
             subject_alt_names: names.into(),
             client_certificate: match (client_certificate, private_key) {
                 (Some((chain, _)), Some((key, _))) => Some(ClientCertificateFiles {
@@ -1091,6 +1079,45 @@ fn parse_client_tls(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Cli
         mode,
         sni: sni.map(|(s, _)| s),
     })
+}
+
+/// What `check` notes about the `tls` of one `trafficPolicy` (and of its
+/// `portLevelSettings`): SIMPLE / MUTUAL without `caCertificates` verify
+/// the server against the system's roots of each client's machine, which
+/// the YAML does not show and a private CA is not in.
+pub(crate) fn client_tls_notes(policy: Look<'_, '_>) -> Vec<(usize, String)> {
+    let ports = policy
+        .get("portLevelSettings")
+        .map(|p| p.items())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for tls in std::iter::once(policy)
+        .chain(ports)
+        .filter_map(|p| p.get("tls"))
+    {
+        let Some(mode) = tls.get("mode") else {
+            continue;
+        };
+        let name = match mode.text().as_deref() {
+            Some("SIMPLE") => "SIMPLE",
+            Some("MUTUAL") => "MUTUAL",
+            _ => continue,
+        };
+        if tls.get("caCertificates").is_some() || tls.get("credentialName").is_some() {
+            continue;
+        }
+        out.push((
+            mode.line,
+            format!(
+                "tls.mode {name} without caCertificates: the server's certificate is verified \
+                 against the system's roots of each client's machine (the OS trust store: \
+                 SSL_CERT_FILE, else {}; Envoy is given that file), as a public API's \
+                 certificate is; a server with a private CA needs caCertificates",
+                mesh_core::xds::SYSTEM_CA_BUNDLE
+            ),
+        ));
+    }
+    out
 }
 
 fn parse_load_balancer(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<LoadBalancer> {

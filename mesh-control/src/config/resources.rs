@@ -45,9 +45,7 @@ const ENVOY_FILTER_API_VERSIONS: [&str; 2] =
     ["networking.istio.io/v1alpha3", "networking.istio.io/v1"];
 
 /// Istio kinds this mesh does not implement yet (anything else is unknown).
-const UNSUPPORTED_KINDS: [&str; 7] = [
-    "Gateway",
-    "Sidecar",
+const UNSUPPORTED_KINDS: [&str; 5] = [
     "ProxyConfig",
     "RequestAuthentication",
     "Telemetry",
@@ -67,6 +65,10 @@ pub(crate) enum Kind {
     AuthorizationPolicy,
     /// Only for the local rate limit filter (see `envoy_filter`).
     EnvoyFilter,
+    /// An ingress gateway served to Envoy nodes (see `gateway`).
+    Gateway,
+    /// What a workload is sent and may subscribe to (see `sidecar`).
+    Sidecar,
 }
 
 impl Kind {
@@ -80,6 +82,8 @@ impl Kind {
             "PeerAuthentication" => Kind::PeerAuthentication,
             "AuthorizationPolicy" => Kind::AuthorizationPolicy,
             "EnvoyFilter" => Kind::EnvoyFilter,
+            "Gateway" => Kind::Gateway,
+            "Sidecar" => Kind::Sidecar,
             _ => return None,
         })
     }
@@ -105,6 +109,8 @@ impl fmt::Display for Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::EnvoyFilter => "EnvoyFilter",
+            Kind::Gateway => "Gateway",
+            Kind::Sidecar => "Sidecar",
         })
     }
 }
@@ -169,6 +175,8 @@ pub(crate) enum Spec {
     PeerAuthentication(auth::PeerAuthentication),
     AuthorizationPolicy(auth::AuthorizationPolicy),
     EnvoyFilter(super::envoy_filter::EnvoyFilter),
+    Gateway(super::gateway::Gateway),
+    Sidecar(super::sidecar::Sidecar),
 }
 
 /// `WorkloadGroup.spec`: what the workloads registering for the service
@@ -190,6 +198,9 @@ pub(crate) struct VirtualService {
     pub(crate) http: Vec<HttpRoute>,
     /// `exportTo`: the namespaces whose workloads it routes.
     pub(crate) export_to: ExportTo,
+    /// `gateways`: `mesh` and Gateways (`name` in its namespace, or
+    /// `namespace/name`) it is bound to; empty: the mesh only (as in Istio).
+    pub(crate) gateways: Vec<Spanned<String>>,
 }
 
 /// `exportTo` of a VirtualService, DestinationRule or ServiceEntry: the
@@ -375,6 +386,38 @@ pub(crate) struct ServiceEntry {
     pub(crate) subject_alt_names: Vec<SpiffeId>,
     /// `exportTo`: the namespaces whose workloads know its hosts.
     pub(crate) export_to: ExportTo,
+    /// `resolution` (default STATIC here; see `config`'s "Smaller rules").
+    pub(crate) resolution: Resolution,
+    /// `location: MESH_EXTERNAL`: its endpoints are outside the mesh's
+    /// identity system, so auto mTLS never applies to them.
+    pub(crate) mesh_external: bool,
+    /// `endpoints` of a `resolution: DNS` entry: names (or IPs) each client
+    /// resolves, instead of the hosts.
+    pub(crate) dns_endpoints: Vec<DnsEndpoint>,
+}
+
+/// One `endpoints[]` entry of a `resolution: DNS` ServiceEntry.
+#[derive(Debug, Clone)]
+pub(crate) struct DnsEndpoint {
+    /// The DNS name (or IP) to resolve.
+    pub(crate) address: String,
+    /// Port name → port, as in a workload's `ports`.
+    pub(crate) ports: BTreeMap<String, u16>,
+}
+
+/// A ServiceEntry's `resolution`.
+///
+/// `NONE` is Istio's passthrough: the sidecar forwards to the address the
+/// application dialed. An in-process client is dialed by name, so there
+/// is no such address: here `NONE` needs `addresses` (plain IPs, not
+/// CIDRs), and those are the endpoints (on each port's `targetPort`, else
+/// its number). `DNS` / `DNS_ROUND_ROBIN` resolve each host (STRICT_DNS /
+/// LOGICAL_DNS clusters: `mesh_core::model::Discovery::Dns`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Resolution {
+    Static,
+    Dns { round_robin: bool },
+    None { addresses: Vec<IpAddr> },
 }
 
 /// One `ports[]` entry of a ServiceEntry.
@@ -384,6 +427,11 @@ pub(crate) struct ServicePort {
     pub(crate) name: Option<String>,
     pub(crate) protocol: Protocol,
     pub(crate) target_port: Option<u16>,
+    /// `protocol: HTTPS` or `TLS`: the endpoints speak TLS, and the
+    /// in-process client is the TLS client (it originates TLS, SNI the
+    /// host, verified against the system roots, unless a DestinationRule
+    /// says otherwise); HTTP/1.1 inside.
+    pub(crate) tls: bool,
 }
 
 /// A workload: a `WorkloadEntry.spec` or a `ServiceEntry.endpoints[]` entry.
@@ -523,6 +571,8 @@ pub(crate) fn parse_document(file: &Path, doc: usize, node: &Node<'_>) -> Parsed
         Kind::EnvoyFilter => {
             super::envoy_filter::parse_envoy_filter(&mut sink, s).map(Spec::EnvoyFilter)
         }
+        Kind::Gateway => super::gateway::parse_gateway(&mut sink, s).map(Spec::Gateway),
+        Kind::Sidecar => super::sidecar::parse_sidecar(&mut sink, s).map(Spec::Sidecar),
     });
     if sink.count() == 0
         && let (Some(meta), Some(spec)) = (meta, spec)
@@ -713,12 +763,13 @@ fn parse_virtual_service(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option
         sink,
         spec.node,
         "",
-        &["hosts", "http", "exportTo"],
-        &["gateways", "tls", "tcp"],
+        &["hosts", "http", "exportTo", "gateways"],
+        &["tls", "tcp"],
     )?;
     f.line = spec.key_line;
     let hosts = parse_hosts(sink, &f);
     let export_to = parse_export_to(sink, &f);
+    let gateways = parse_gateways(sink, &f);
     let http = match f.get("http") {
         Some(field) => {
             let items = field.list(sink)?;
@@ -742,7 +793,43 @@ fn parse_virtual_service(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option
         hosts: hosts?,
         http,
         export_to: export_to?,
+        gateways: gateways?,
     })
+}
+
+/// VirtualService `gateways`: `mesh`, `name` or `namespace/name`, each once.
+fn parse_gateways(sink: &mut Sink<'_>, f: &Fields<'_, '_>) -> Option<Vec<Spanned<String>>> {
+    let Some(field) = f.get("gateways") else {
+        return Some(Vec::new());
+    };
+    let items = field.string_list(sink)?;
+    let before = sink.count();
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    let mut out: Vec<Spanned<String>> = Vec::new();
+    for (path, g) in items {
+        let ok = match g.value.split_once('/') {
+            Some((ns, name)) => name_ok(ns) && name_ok(name),
+            None => name_ok(&g.value),
+        };
+        if !ok {
+            sink.error(
+                g.line,
+                format!(
+                    "'{path}': '{}' is not 'mesh', a Gateway name or 'namespace/name'",
+                    g.value
+                ),
+            );
+        } else if out.iter().any(|x| x.value == g.value) {
+            sink.error(g.line, format!("'{path}': '{}' is listed twice", g.value));
+        } else {
+            out.push(g);
+        }
+    }
+    (sink.count() == before).then_some(out)
 }
 
 /// `exportTo` (Istio's visibility): `.` (the resource's namespace), `*`
@@ -1407,38 +1494,106 @@ fn parse_service_entry(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<S
             "location",
             "subjectAltNames",
             "exportTo",
+            "addresses",
         ],
-        &["addresses"],
+        &[],
     )?;
     f.line = spec.key_line;
     let hosts = parse_hosts(sink, &f);
     let export_to = parse_export_to(sink, &f);
+    // `addresses`: IPs or CIDRs. Istio's virtual IPs, for traffic capture
+    // (which an in-process client does not do): only NONE uses them.
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    let mut cidrs: Vec<Spanned<String>> = Vec::new();
+    if let Some(a) = f.get("addresses") {
+        for (path, address) in a.string_list(sink).unwrap_or_default() {
+            let (ip, prefix) = match address.value.split_once('/') {
+                Some((ip, prefix)) => (ip, Some(prefix)),
+                None => (address.value.as_str(), None),
+            };
+            let ip_ok = ip.parse::<IpAddr>();
+            let prefix_ok = match (&ip_ok, prefix) {
+                (_, None) => true,
+                (Ok(ip), Some(p)) => p
+                    .parse::<u8>()
+                    .is_ok_and(|p| p <= if ip.is_ipv4() { 32 } else { 128 }),
+                (Err(_), Some(_)) => false,
+            };
+            match ip_ok {
+                Ok(ip) if prefix_ok => match prefix {
+                    None => addresses.push(ip),
+                    Some(_) => cidrs.push(address.clone()),
+                },
+                _ => sink.error(
+                    address.line,
+                    format!(
+                        "'{path}': '{}' is not an IP address or CIDR block",
+                        address.value
+                    ),
+                ),
+            }
+        }
+    }
+    let mut resolution = Resolution::Static;
     if let Some(r) = f.get("resolution").and_then(|r| r.string(sink)) {
         match r.value.as_str() {
             "STATIC" => {}
-            "NONE" | "DNS" | "DNS_ROUND_ROBIN" => sink.error(
-                r.line,
-                format!(
-                    "'resolution: {}' is not supported yet (only STATIC)",
-                    r.value
-                ),
-            ),
+            "DNS" => resolution = Resolution::Dns { round_robin: false },
+            "DNS_ROUND_ROBIN" => resolution = Resolution::Dns { round_robin: true },
+            "NONE" => {
+                if let Some(cidr) = cidrs.first() {
+                    sink.error(
+                        cidr.line,
+                        format!(
+                            "'resolution: NONE' calls the 'addresses' themselves (this mesh's \
+                             client is dialed by name, so there is no original destination to \
+                             pass through to): '{}' is a CIDR block, give single IPs",
+                            cidr.value
+                        ),
+                    );
+                } else if addresses.is_empty() {
+                    sink.error(
+                        r.line,
+                        "'resolution: NONE' passes traffic through to the address the \
+                         application dialed, and this mesh's client is dialed by name: there is \
+                         no such address. List the IPs to call in 'addresses', or use \
+                         'resolution: DNS' (the hosts resolved) or STATIC (with endpoints)",
+                    );
+                }
+                resolution = Resolution::None {
+                    addresses: addresses.clone(),
+                };
+            }
             other => sink.error(
                 r.line,
-                format!("unknown resolution '{other}' (expected STATIC)"),
+                format!(
+                    "unknown resolution '{other}' (expected STATIC, DNS, DNS_ROUND_ROBIN or NONE)"
+                ),
             ),
         }
     }
+    if let Resolution::Dns { .. } = resolution
+        && let Some(hosts) = &hosts
+    {
+        for host in hosts.iter().filter(|h| h.value.contains('*')) {
+            sink.error(
+                host.line,
+                format!(
+                    "host '{}': a wildcard host cannot be resolved ('resolution: DNS' needs \
+                     plain names; Istio refuses it too)",
+                    host.value
+                ),
+            );
+        }
+    }
+    let mut mesh_external = false;
     if let Some(l) = f.get("location").and_then(|l| l.string(sink)) {
         match l.value.as_str() {
             "MESH_INTERNAL" => {}
-            "MESH_EXTERNAL" => sink.error(
-                l.line,
-                "'location: MESH_EXTERNAL' is not supported yet (only MESH_INTERNAL)",
-            ),
+            "MESH_EXTERNAL" => mesh_external = true,
             other => sink.error(
                 l.line,
-                format!("unknown location '{other}' (expected MESH_INTERNAL)"),
+                format!("unknown location '{other}' (expected MESH_INTERNAL or MESH_EXTERNAL)"),
             ),
         }
     }
@@ -1477,7 +1632,34 @@ fn parse_service_entry(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<S
     }
     let port_names: BTreeSet<&str> = ports.iter().filter_map(|p| p.name.as_deref()).collect();
     let mut endpoints = Vec::new();
+    let mut dns_endpoints = Vec::new();
     if let Some(e) = f.get("endpoints") {
+        match resolution {
+            Resolution::Static => {}
+            Resolution::Dns { .. } => {
+                for (path, node) in e.list(sink).unwrap_or_default() {
+                    if let Some(ep) = parse_dns_endpoint(sink, &path, node, &port_names) {
+                        dns_endpoints.push(ep);
+                    }
+                }
+            }
+            Resolution::None { .. } => sink.error(
+                e.key_line,
+                "'endpoints' with 'resolution: NONE': the 'addresses' are called instead",
+            ),
+        }
+    }
+    if let Some(ws) = f.get("workloadSelector")
+        && resolution != Resolution::Static
+    {
+        sink.error(
+            ws.key_line,
+            "'workloadSelector' needs 'resolution: STATIC' (selected workloads are addresses)",
+        );
+    }
+    if let Some(e) = f.get("endpoints")
+        && resolution == Resolution::Static
+    {
         for (path, node) in e.list(sink).unwrap_or_default() {
             let Some(wf) = Fields::read(sink, node, &path, &WORKLOAD_FIELDS, &WORKLOAD_UNSUPPORTED)
             else {
@@ -1541,6 +1723,76 @@ fn parse_service_entry(sink: &mut Sink<'_>, spec: Field<'_, '_, '_>) -> Option<S
         selector,
         subject_alt_names,
         export_to: export_to?,
+        resolution,
+        mesh_external,
+        dns_endpoints,
+    })
+}
+
+/// One `endpoints[]` entry of a `resolution: DNS` ServiceEntry: an
+/// `address` that is a DNS name (or an IP) and its `ports`. What
+/// balances between endpoints (`locality`, `weight`) and what selects them
+/// (`labels`) is not carried by a DNS cluster here: reported, not ignored.
+fn parse_dns_endpoint(
+    sink: &mut Sink<'_>,
+    path: &str,
+    node: &Node<'_>,
+    port_names: &BTreeSet<&str>,
+) -> Option<DnsEndpoint> {
+    let before = sink.count();
+    let f = Fields::read(
+        sink,
+        node,
+        path,
+        &["address", "ports"],
+        &["labels", "locality", "weight", "serviceAccount", "network"],
+    )?;
+    let address = f.require(sink, "address").and_then(|a| {
+        let s = a.string(sink)?;
+        let name_ok = !s.value.is_empty()
+            && s.value.len() <= 253
+            && s.value.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if name_ok || s.value.parse::<IpAddr>().is_ok() {
+            Some(s.value)
+        } else {
+            sink.error(
+                s.line,
+                format!(
+                    "'{}': '{}' is not a DNS name or an IP address",
+                    a.path, s.value
+                ),
+            );
+            None
+        }
+    });
+    let mut ports = BTreeMap::new();
+    if let Some(p) = f.get("ports") {
+        for e in p.entries(sink).unwrap_or_default() {
+            if !port_names.contains(e.key.as_str()) {
+                sink.error(
+                    e.line,
+                    format!(
+                        "'{}': the ServiceEntry has no port named '{}'",
+                        e.path, e.key
+                    ),
+                );
+            } else if let Some(n) = e.field().port(sink) {
+                ports.insert(e.key.clone(), n);
+            }
+        }
+    }
+    if sink.count() != before {
+        return None;
+    }
+    Some(DnsEndpoint {
+        address: address?,
+        ports,
     })
 }
 
@@ -1555,18 +1807,22 @@ fn parse_service_port(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Optio
     )?;
     let number = f.require(sink, "number").and_then(|n| n.port(sink));
     let name = f.get("name").and_then(|n| n.string(sink)).map(|s| s.value);
+    let mut tls = false;
     let protocol = match f.get("protocol") {
         Some(p) => p
             .string(sink)
+            .inspect(|s| tls = matches!(s.value.to_ascii_uppercase().as_str(), "HTTPS" | "TLS"))
             .and_then(|s| match s.value.to_ascii_uppercase().as_str() {
                 "HTTP" => Some(Protocol::Http1),
                 "HTTP2" => Some(Protocol::Http2),
                 "GRPC" => Some(Protocol::Grpc),
-                "HTTPS" | "TCP" | "TLS" | "UDP" | "MONGO" | "REDIS" | "MYSQL" | "GRPC-WEB" => {
+                // TLS to the endpoints, originated by the client: below.
+                "HTTPS" | "TLS" => Some(Protocol::Http1),
+                "TCP" | "UDP" | "MONGO" | "REDIS" | "MYSQL" | "GRPC-WEB" => {
                     sink.error(
                         s.line,
                         format!(
-                            "'{}: {}' is not supported yet (HTTP, HTTP2 or GRPC)",
+                            "'{}: {}' is not supported yet (HTTP, HTTP2, GRPC, HTTPS or TLS)",
                             p.path, s.value
                         ),
                     );
@@ -1576,7 +1832,7 @@ fn parse_service_port(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Optio
                     sink.error(
                         s.line,
                         format!(
-                            "'{}': unknown protocol '{}' (expected HTTP, HTTP2 or GRPC)",
+                            "'{}': unknown protocol '{}' (expected HTTP, HTTP2, GRPC, HTTPS or TLS)",
                             p.path, s.value
                         ),
                     );
@@ -1586,6 +1842,18 @@ fn parse_service_port(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Optio
         // Istio's protocol selection by port name (`grpc-api`, `http2`, ...).
         None => Some(protocol_from_port_name(name.as_deref().unwrap_or(""))),
     };
+    // Istio's selection by port name (`https-api`, `tls`) too.
+    tls |= f.get("protocol").is_none()
+        && matches!(
+            name.as_deref()
+                .unwrap_or("")
+                .split('-')
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase()
+                .as_str(),
+            "https" | "tls"
+        );
     let target_port = f.get("targetPort").and_then(|t| t.port(sink));
     if sink.count() != before {
         return None;
@@ -1595,6 +1863,7 @@ fn parse_service_port(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Optio
         name,
         protocol: protocol?,
         target_port,
+        tls,
     })
 }
 

@@ -1168,11 +1168,11 @@ fn client_tls_problems_point_at_their_line() {
             "'trafficPolicy.tls.privateKey' is not used with 'mode: SIMPLE'",
         ),
         (
-            "      mode: SIMPLE\n",
-            "SIMPLE",
-            "'trafficPolicy.tls': mode SIMPLE needs 'caCertificates' (a PEM file of the CAs \
-             that sign the server's certificate): verifying against the system's roots is not \
-             supported",
+            // No caCertificates is fine (the system's roots); the rest of
+            // the settings are still checked.
+            "      mode: SIMPLE\n      clientCertificate: /c.pem\n",
+            "clientCertificate",
+            "'trafficPolicy.tls.clientCertificate' is not used with 'mode: SIMPLE'",
         ),
         (
             "      mode: MUTUAL\n      caCertificates: /ca.pem\n      privateKey: /k.pem\n",
@@ -1237,7 +1237,7 @@ fn simple_and_mutual_give_clusters_file_tls_with_the_host_as_sni() {
     assert!(simple.server_identities.is_empty());
     let f = files(&simple);
     assert_eq!(f.mode(), "SIMPLE");
-    assert_eq!(&*f.ca_certificates, "/etc/certs/ca.pem");
+    assert_eq!(f.ca_certificates.as_deref(), Some("/etc/certs/ca.pem"));
     assert!(f.subject_alt_names.is_empty());
     assert_eq!(f.client_certificate, None);
     // Subsets inherit the rule's tls, or override it.
@@ -1267,6 +1267,43 @@ fn simple_and_mutual_give_clusters_file_tls_with_the_host_as_sni() {
         ("pa.yaml", strict.as_str()),
     ];
     assert_eq!(files(&cluster_tls(&text, "").unwrap()).mode(), "SIMPLE");
+}
+
+#[test]
+fn simple_and_mutual_without_ca_certificates_verify_against_the_system_roots() {
+    let dr = dr_tls(
+        "      mode: SIMPLE\n      sni: api.example.com\n",
+        "        mode: MUTUAL\n        clientCertificate: /c.pem\n        privateKey: /k.pem\n",
+    );
+    let text = [("se.yaml", SE_CATALOG), ("dr.yaml", dr.as_str())];
+    assert!(check(&format!("{SE_CATALOG}---\n{dr}")).is_empty());
+    let simple = cluster_tls(&text, "").expect("SIMPLE");
+    assert_eq!(&*simple.sni, "api.example.com");
+    let f = files(&simple);
+    assert_eq!((f.mode(), f.ca_certificates.as_ref()), ("SIMPLE", None));
+    let mutual = cluster_tls(&text, "v1").expect("MUTUAL");
+    let f = files(&mutual);
+    assert_eq!((f.mode(), f.ca_certificates.as_ref()), ("MUTUAL", None));
+    // `check` says so, at each mode's line (the rule's and the subset's);
+    // a rule with a CA file gets no such note.
+    let d = super::tests::dir(&[("dr.yaml", dr.as_str())]);
+    let notes = check_notes(&[d.path()]);
+    let lines: Vec<usize> = notes.iter().map(|n| n.line).collect();
+    assert_eq!(lines, [8, 15], "{notes:#?}");
+    assert!(
+        notes[0].message.starts_with(
+            "tls.mode SIMPLE without caCertificates: the server's certificate is verified \
+             against the system's roots of each client's machine"
+        ),
+        "{notes:#?}"
+    );
+    assert!(
+        notes[1].message.starts_with("tls.mode MUTUAL"),
+        "{notes:#?}"
+    );
+    let with_ca = dr_tls("      mode: SIMPLE\n      caCertificates: /ca.pem\n", "");
+    let d = super::tests::dir(&[("dr.yaml", with_ca.as_str())]);
+    assert!(check_notes(&[d.path()]).is_empty());
 }
 
 #[test]

@@ -273,9 +273,10 @@ fn unknown_and_unsupported_kinds_and_api_versions() {
         "apiVersion: networking.istio.io/v1\nkind: VirtualServise\nmetadata: {name: x}\nspec: {}\n",
     );
     assert_one(&diags, 2, "unknown kind 'VirtualServise'");
-    let diags =
-        check("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: x}\nspec: {}\n");
-    assert_one(&diags, 2, "kind 'Gateway' is not supported yet");
+    let diags = check(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: x}\nspec: {}\n",
+    );
+    assert_one(&diags, 2, "kind 'Telemetry' is not supported yet");
     let text = SE_CATALOG.replace("networking.istio.io/v1\n", "networking.istio.io/v2\n");
     assert_one(
         &check(&text),
@@ -664,9 +665,9 @@ fn other_rejected_values() {
     let cases: &[(&str, &str, usize, &str)] = &[
         (
             "resolution: STATIC",
-            "resolution: DNS",
+            "resolution: DNS_SOMETIMES",
             12,
-            "'resolution: DNS' is not supported yet",
+            "unknown resolution 'DNS_SOMETIMES'",
         ),
         (
             "protocol: HTTP",
@@ -688,9 +689,9 @@ fn other_rejected_values() {
         ),
         (
             "  resolution: STATIC\n",
-            "  resolution: STATIC\n  addresses: ['10.9.9.9']\n",
+            "  resolution: STATIC\n  addresses: ['10.9.9.x']\n",
             13,
-            "field 'addresses' is not supported yet",
+            "'10.9.9.x' is not an IP address or CIDR block",
         ),
     ];
     for (from, to, line, needle) in cases {
@@ -1444,11 +1445,11 @@ spec:
 fn diagnostics_are_sorted_by_file_then_line() {
     let bad = SE_CATALOG.replace(
         "resolution: STATIC",
-        "resolution: DNS\n  addresses: [1.2.3.4]",
+        "resolution: DNS_SOMETIMES\n  addresses: [1.2.3.x]",
     );
     let d = dir(&[
         ("b.yaml", &bad),
-        ("a.yaml", "kind: Nope\n---\nkind: Gateway\n"),
+        ("a.yaml", "kind: Nope\n---\nkind: Telemetry\n"),
     ]);
     let diags = check_dir(d.path(), &MeshOptions::default());
     let got: Vec<(String, usize)> = diags

@@ -27,16 +27,18 @@ use std::sync::Arc;
 
 use mesh_core::Snapshot;
 use mesh_core::model::{
-    Cluster, ClusterLoadAssignment, Endpoint, FileTls, HashPolicy, Listener, Locality,
-    LocalityEndpoints, MtlsMode, Name, Protocol, RetryPolicy, Route, RouteConfig, RouteMatch,
-    RoutePolicy, TlsOrigination, UpstreamTls, VirtualHost, WeightedCluster, WeightedClusters,
+    Cluster, ClusterLoadAssignment, Discovery, DnsDiscovery, DnsHost, Endpoint, FileTls,
+    HashPolicy, Listener, Locality, LocalityEndpoints, MtlsMode, Name, Protocol, RetryPolicy,
+    Route, RouteConfig, RouteMatch, RoutePolicy, TlsOrigination, UpstreamTls, VirtualHost,
+    WeightedCluster, WeightedClusters,
 };
 use mesh_core::spiffe::SpiffeId;
 
 use super::names::{cluster_local, resolve_host};
 use super::policy::{ClientTls, ClientTlsMode, TrafficPolicy};
 use super::resources::{
-    DestinationRule, ExportTo, Meta, Resource, ResourceKey, Spec, VirtualService, Workload,
+    DestinationRule, DnsEndpoint, ExportTo, Meta, Resolution, Resource, ResourceKey, Spec,
+    VirtualService, Workload,
 };
 use super::security::{self, Identities, SecurityPolicies};
 use super::{Audience, Diagnostic, MeshOptions, Registration, ServiceInfo};
@@ -53,6 +55,8 @@ struct Port {
     name: Option<String>,
     protocol: Protocol,
     target_port: Option<u16>,
+    /// `protocol: HTTPS` / `TLS`: the client originates TLS to it.
+    tls: bool,
 }
 
 /// One endpoint of one port of a service.
@@ -80,6 +84,15 @@ struct Service {
     declared_by: Option<(Meta, usize)>,
     /// The ServiceEntry's `exportTo` (an implicit service: every namespace).
     export_to: ExportTo,
+    /// `resolution: DNS` (`Some(false)`) or `DNS_ROUND_ROBIN`
+    /// (`Some(true)`): the host is resolved by each client, its clusters
+    /// are DNS clusters and its members unused.
+    dns: Option<bool>,
+    /// The `endpoints` of a DNS entry (names to resolve instead of the
+    /// host).
+    dns_endpoints: Vec<DnsEndpoint>,
+    /// `location: MESH_EXTERNAL`: no auto mTLS to it.
+    external: bool,
 }
 
 impl Service {
@@ -185,6 +198,7 @@ fn collect_services(
                 name: p.name.clone(),
                 protocol: p.protocol,
                 target_port: p.target_port,
+                tls: p.tls,
             })
             .collect();
         let mut workloads: Vec<&Workload> = se.endpoints.iter().collect();
@@ -218,6 +232,26 @@ fn collect_services(
                 });
             }
         }
+        // `resolution: NONE`: the addresses are the endpoints (see
+        // `resources::Resolution`).
+        if let Resolution::None { addresses } = &se.resolution {
+            for ip in addresses {
+                for p in &ports {
+                    members.push(Member {
+                        port: p.number,
+                        address: SocketAddr::new(*ip, p.target_port.unwrap_or(p.number)),
+                        labels: BTreeMap::new(),
+                        locality: Locality::default(),
+                        weight: 1,
+                        namespace: r.meta.namespace.clone(),
+                    });
+                }
+            }
+        }
+        let dns = match se.resolution {
+            Resolution::Dns { round_robin } => Some(round_robin),
+            _ => None,
+        };
         for host in &se.hosts {
             let fqdn = resolve_host(&host.value, &r.meta.namespace, suffix);
             if let Some(existing) = services.get(&fqdn) {
@@ -261,6 +295,9 @@ fn collect_services(
                     members: members.clone(),
                     declared_by: Some((r.meta.clone(), se.ports_line)),
                     export_to: se.export_to.clone(),
+                    dns,
+                    dns_endpoints: se.dns_endpoints.clone(),
+                    external: se.mesh_external,
                 },
             );
         }
@@ -318,6 +355,7 @@ fn collect_services(
                         name: None,
                         protocol: reg.protocol.unwrap_or(Protocol::Http1),
                         target_port: None,
+                        tls: false,
                     });
                 }
                 svc.members.push(member(port));
@@ -338,10 +376,14 @@ fn collect_services(
                             name: None,
                             protocol: reg.protocol.unwrap_or(Protocol::Http1),
                             target_port: None,
+                            tls: false,
                         }],
                         members: vec![member(port)],
                         declared_by: None,
                         export_to: ExportTo::All,
+                        dns: None,
+                        dns_endpoints: Vec::new(),
+                        external: false,
                     },
                 );
             }
@@ -727,6 +769,49 @@ fn routes_for_port(
     routes
 }
 
+/// Translates the Gateways of `resources` and the VirtualServices bound to
+/// them (see `gateway`): nothing to do, and no translation, without a
+/// Gateway. Problems are the shared translation's (`translate`).
+pub(crate) fn translate_gateways(
+    options: &MeshOptions,
+    resources: &[&Resource],
+    registrations: &[Registration],
+) -> super::gateway::GatewayConfig {
+    if !resources.iter().any(|r| matches!(r.spec, Spec::Gateway(_))) {
+        return super::gateway::GatewayConfig::default();
+    }
+    let mut found = Problems::default();
+    let mut hidden = BTreeMap::new();
+    let audience = Audience::Everyone;
+    let services = collect_services(
+        options,
+        resources,
+        registrations,
+        audience,
+        &mut found,
+        &mut hidden,
+    );
+    let rules = collect_rules(options, resources, &services, audience, &mut found);
+    super::gateway::translate(resources, |meta, vs, port| {
+        let mut problems = Vec::new();
+        let routes = routes_for_port(
+            options,
+            meta,
+            vs,
+            port,
+            &services,
+            &rules,
+            audience,
+            &mut problems,
+        );
+        if problems.is_empty() {
+            routes
+        } else {
+            Vec::new()
+        }
+    })
+}
+
 /// The result of a translation.
 pub(crate) struct Translation {
     pub(crate) snapshot: Snapshot,
@@ -801,6 +886,14 @@ pub(crate) fn translate_for(
             None => found.other(d),
         }
     }
+    // VirtualServices naming a Gateway the config lacks.
+    for (i, d) in super::gateway::check(resources) {
+        found.of(&resources[i].meta, d);
+    }
+    // A second Sidecar for the same workloads (the earlier one applies).
+    for (meta, d) in super::sidecar::check(resources) {
+        found.of(meta, d);
+    }
     let security = security::resolve(options, resources);
     let identities = Identities::new(options, resources);
     // Client-side local rate limits (EnvoyFilter SIDECAR_OUTBOUND) of this
@@ -820,6 +913,32 @@ pub(crate) fn translate_for(
             continue;
         }
         let mut problems = Vec::new();
+        if !super::gateway::binds_mesh(vs) {
+            // Bound to gateways only: served to gateway nodes (see
+            // `translate_gateways`), never to the mesh's workloads; its
+            // destinations are still checked here (a `match.port` is a
+            // gateway port there, not a service's).
+            let mut destinations = vs.clone();
+            for http in &mut destinations.http {
+                for m in &mut http.matches {
+                    m.port = None;
+                }
+            }
+            translate_virtual_service(
+                options,
+                &r.meta,
+                &destinations,
+                &[],
+                &services,
+                &rules,
+                audience,
+                &mut problems,
+            );
+            for d in problems {
+                found.of(&r.meta, d);
+            }
+            continue;
+        }
         let mut hosts = Vec::new();
         for h in &vs.hosts {
             let fqdn = resolve_host(&h.value, &r.meta.namespace, suffix);
@@ -845,7 +964,9 @@ pub(crate) fn translate_for(
                 .push((&r.meta, &vs.export_to));
             if services.contains_key(&fqdn) {
                 hosts.push(fqdn);
-            } else {
+            } else if vs.gateways.len() < 2 {
+                // Bound to the mesh and gateways: a host the mesh does not
+                // know is one of the gateways' (an outside name).
                 problems.push(r.meta.diagnostic(h.line, unknown_host(&fqdn)));
             }
         }
@@ -960,15 +1081,36 @@ pub(crate) fn translate_for(
                     let mut cluster = Cluster::new(name.clone(), port.protocol);
                     policy.apply(&mut cluster);
                     super::locality::adjust_cluster(&policy, &mut cluster);
+                    // `resolution: DNS`: each client resolves the host.
+                    if let Some(round_robin) = svc.dns {
+                        cluster.discovery = Discovery::Dns(dns_discovery(svc, port, round_robin));
+                    }
+                    // An HTTPS / TLS port: the client originates TLS
+                    // (system roots, SNI the host) unless the rule says how.
+                    if port.tls && policy.tls.is_none() {
+                        cluster.tls = Some(UpstreamTls {
+                            server_identities: Arc::from([]),
+                            sni: Name::from(fqdn),
+                            origination: TlsOrigination::Files(FileTls {
+                                ca_certificates: None,
+                                subject_alt_names: Arc::from([]),
+                                client_certificate: None,
+                            }),
+                        });
+                    }
                     let selected: Vec<&Member> = members
                         .iter()
                         .filter(|m| labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)))
                         .copied()
                         .collect();
                     // ISTIO_MUTUAL (explicit, or auto mTLS): its SANs and SNI.
+                    // Never to MESH_EXTERNAL hosts (outside the mesh's
+                    // identities) nor to TLS ports (their own TLS).
                     let istio_mutual = match policy.tls.as_ref() {
-                        None => auto_mtls(&security, &svc.namespace, &selected)
-                            .then_some((&[][..], None)),
+                        None => (!svc.external
+                            && !port.tls
+                            && auto_mtls(&security, &svc.namespace, &selected))
+                        .then_some((&[][..], None)),
                         Some(ClientTls { mode, sni }) => match mode {
                             ClientTlsMode::Disable => None,
                             ClientTlsMode::IstioMutual { subject_alt_names } => {
@@ -1006,7 +1148,12 @@ pub(crate) fn translate_for(
                             origination: TlsOrigination::IstioMutual,
                         });
                     }
+                    let dns = cluster.discovery != Discovery::Eds;
                     snapshot.clusters.insert(name.clone(), Arc::new(cluster));
+                    // A DNS cluster's endpoints are resolved, not assigned.
+                    if dns {
+                        return;
+                    }
                     snapshot.endpoints.insert(
                         name.clone(),
                         Arc::new(super::locality::for_view(
@@ -1057,6 +1204,41 @@ pub(crate) fn translate_for(
         diagnostics,
         invalid,
         hidden,
+    }
+}
+
+/// What a port of a `resolution: DNS` service resolves: its `endpoints`
+/// (each on its own port for this port's name, else the `targetPort`,
+/// else the port), or the host itself. `DNS_ROUND_ROBIN` is a LOGICAL_DNS
+/// cluster, which has one endpoint (Envoy's rule): of several, the first,
+/// as Istio does.
+fn dns_discovery(svc: &Service, port: &Port, round_robin: bool) -> DnsDiscovery {
+    let default_port = port.target_port.unwrap_or(port.number);
+    let mut hosts: Vec<DnsHost> = if svc.dns_endpoints.is_empty() {
+        vec![DnsHost {
+            name: Name::from(svc.fqdn.as_str()),
+            port: default_port,
+        }]
+    } else {
+        svc.dns_endpoints
+            .iter()
+            .map(|e| DnsHost {
+                name: Name::from(e.address.as_str()),
+                port: port
+                    .name
+                    .as_ref()
+                    .and_then(|n| e.ports.get(n).copied())
+                    .unwrap_or(default_port),
+            })
+            .collect()
+    };
+    hosts.dedup();
+    if round_robin {
+        hosts.truncate(1);
+    }
+    DnsDiscovery {
+        hosts: hosts.into(),
+        logical: round_robin,
     }
 }
 

@@ -1,5 +1,5 @@
-//! CDS: EDS clusters, their load-balancing policy (gRFC A27, A42, A48, A52)
-//! and upstream protocol. Circuit breakers, outlier detection and
+//! CDS: EDS clusters (and DNS ones: the `cluster_dns` module), their
+//! load-balancing policy (gRFC A27, A42, A48, A52) and upstream protocol. Circuit breakers, outlier detection and
 //! connection settings are in the `cluster_policy` module.
 //!
 //! Ring hash is the `lb_policy: RING_HASH` enum with `ring_hash_lb_config
@@ -161,7 +161,7 @@ pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
             },
         );
     }
-    ClusterProto {
+    let mut proto = ClusterProto {
         name: cluster.name.to_string(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
         eds_cluster_config: Some(EdsClusterConfig {
@@ -189,7 +189,11 @@ pub fn cluster_to_proto(cluster: &Cluster) -> ClusterProto {
             ..Default::default()
         }),
         ..Default::default()
+    };
+    if let Some(dns) = cluster.discovery.dns() {
+        super::cluster_dns::dns_to_proto(&mut proto, dns);
     }
+    proto
 }
 
 /// Our metadata's name of a protocol.
@@ -243,37 +247,50 @@ pub fn cluster_from_proto(proto: &ClusterProto) -> Result<Cluster, Error> {
 #[allow(deprecated)] // common_http_protocol_options, max_requests_per_connection: read as fallbacks
 fn cluster_fields(c: &ClusterProto) -> Decoded<Cluster> {
     let name = required_name(&c.name, "name")?;
-    match &c.cluster_discovery_type {
-        Some(ClusterDiscoveryType::Type(t)) if *t == DiscoveryType::Eds as i32 => {}
+    const ONLY: &str = "only EDS, STRICT_DNS and LOGICAL_DNS";
+    let dns = match &c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) if *t == DiscoveryType::Eds as i32 => None,
+        Some(ClusterDiscoveryType::Type(t)) if *t == DiscoveryType::StrictDns as i32 => Some(false),
+        Some(ClusterDiscoveryType::Type(t)) if *t == DiscoveryType::LogicalDns as i32 => Some(true),
         Some(ClusterDiscoveryType::Type(t)) => {
             let kind = DiscoveryType::try_from(*t).map_or("unknown", |d| d.as_str_name());
             return Err(FieldError::unsupported(format!(
-                "{kind} clusters are not supported: only EDS"
+                "{kind} clusters are not supported: {ONLY}"
             ))
             .at("type"));
         }
         Some(ClusterDiscoveryType::ClusterType(custom)) => {
             return Err(FieldError::unsupported(format!(
-                "custom cluster type {:?} is not supported: only EDS",
+                "custom cluster type {:?} is not supported: {ONLY}",
                 custom.name
             ))
             .at("cluster_type"));
         }
         None => {
-            return Err(
-                FieldError::unsupported("STATIC clusters are not supported: only EDS").at("type"),
-            );
+            return Err(FieldError::unsupported(format!(
+                "STATIC clusters are not supported: {ONLY}"
+            ))
+            .at("type"));
         }
-    }
-    let eds = c
-        .eds_cluster_config
-        .as_ref()
-        .ok_or_else(|| missing("eds_cluster_config"))?;
-    check_config_source(eds.eds_config.as_ref()).at("eds_cluster_config.eds_config")?;
-    let eds_service_name = if eds.service_name.is_empty() {
-        name.clone()
-    } else {
-        eds.service_name.as_str().into()
+    };
+    let (eds_service_name, discovery) = match dns {
+        Some(logical) => (
+            name.clone(),
+            super::cluster_dns::dns_from_proto(c, logical)?,
+        ),
+        None => {
+            let eds = c
+                .eds_cluster_config
+                .as_ref()
+                .ok_or_else(|| missing("eds_cluster_config"))?;
+            check_config_source(eds.eds_config.as_ref()).at("eds_cluster_config.eds_config")?;
+            let eds_service_name = if eds.service_name.is_empty() {
+                name.clone()
+            } else {
+                eds.service_name.as_str().into()
+            };
+            (eds_service_name, crate::model::Discovery::Eds)
+        }
     };
     reject_if(c.lb_subset_config.is_some(), "lb_subset_config")?;
     reject_if(
@@ -339,6 +356,7 @@ fn cluster_fields(c: &ClusterProto) -> Decoded<Cluster> {
         locality_failover: locality_failover_from_proto(c)?,
         slow_start: super::slow_start::from_proto(c)?,
         tls,
+        discovery,
         ..Cluster::new(name, protocol)
     })
 }

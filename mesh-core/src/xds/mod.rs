@@ -76,8 +76,11 @@
 //! `is_optional`), subset load balancing, upstream TLS other than A29 mTLS
 //! with the `mesh` certificate provider and exact SPIFFE ID matchers, lb
 //! policies other
-//! than round robin / least request / random / ring hash, non-EDS clusters,
-//! hostnames in endpoints (no DNS resolution yet), drop overloads; and for
+//! than round robin / least request / random / ring hash, clusters other
+//! than EDS, STRICT_DNS and LOGICAL_DNS, DNS clusters with their own DNS
+//! resolver settings or a LOGICAL_DNS cluster of several endpoints (see
+//! `cluster_dns`), hostnames in EDS endpoints (names are resolved only for
+//! DNS clusters), drop overloads; and for
 //! resilience: `retry_on` names outside [`RetryOn::NAMES`](crate::model::RetryOn::NAMES),
 //! retry host predicates other than `previous_hosts`, retry priorities
 //! other than `previous_priorities`, retriable headers, rate-limited
@@ -160,6 +163,7 @@ use crate::model::{
 use crate::{Error, ErrorKind};
 
 mod cluster;
+mod cluster_dns;
 mod cluster_policy;
 mod cors;
 mod endpoints;
@@ -186,7 +190,8 @@ pub use server_listener::{
     is_server_listener, server_listener_from_proto, server_listener_to_proto,
 };
 pub use tls::{
-    IDENTITY_CERTIFICATE_NAME, MESH_PROVIDER_INSTANCE, ROOT_CERTIFICATE_NAME, TLS_TRANSPORT_SOCKET,
+    IDENTITY_CERTIFICATE_NAME, MESH_PROVIDER_INSTANCE, ROOT_CERTIFICATE_NAME, SYSTEM_CA_BUNDLE,
+    TLS_TRANSPORT_SOCKET,
 };
 
 /// LDS type URL.

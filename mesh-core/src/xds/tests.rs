@@ -438,7 +438,7 @@ fn upstream_tls() -> impl Strategy<Value = UpstreamTls> {
         });
     // SIMPLE / MUTUAL: an SNI or SANs (or both) to check the name against.
     let files = (
-        "/[a-z/]{1,20}\\.pem",
+        proptest::option::of("/[a-z/]{1,20}\\.pem"),
         vec(
             prop_oneof!["[a-z]{1,8}\\.example\\.com", "spiffe://[a-z]{1,8}/x"],
             0..3,
@@ -453,7 +453,7 @@ fn upstream_tls() -> impl Strategy<Value = UpstreamTls> {
                 server_identities: Arc::from([]),
                 sni: if keep_sni { sni.into() } else { "".into() },
                 origination: TlsOrigination::Files(FileTls {
-                    ca_certificates: ca.into(),
+                    ca_certificates: ca.map(Name::from),
                     subject_alt_names: sans.into_iter().map(Name::from).collect(),
                     client_certificate: client.map(|(chain, key)| ClientCertificateFiles {
                         certificate_chain: chain.into(),
@@ -1224,12 +1224,13 @@ fn non_eds_clusters_are_unsupported() {
         ClusterDiscoveryType, DiscoveryType,
     };
     let mut proto = cluster_to_proto(&sample_cluster(LbPolicy::RoundRobin));
-    proto.cluster_discovery_type =
-        Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
+    proto.cluster_discovery_type = Some(ClusterDiscoveryType::Type(
+        DiscoveryType::OriginalDst as i32,
+    ));
     let err = cluster_from_proto(&proto).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported);
     assert!(
-        err.to_string().contains("type: STRICT_DNS clusters"),
+        err.to_string().contains("type: ORIGINAL_DST clusters"),
         "{err}"
     );
 }
@@ -2085,7 +2086,7 @@ mod zero_trust {
                 server_identities: Arc::from([]),
                 sni: "api.example.com".into(),
                 origination: TlsOrigination::Files(FileTls {
-                    ca_certificates: "/etc/certs/ca.pem".into(),
+                    ca_certificates: Some("/etc/certs/ca.pem".into()),
                     subject_alt_names: sans.iter().map(|s| Name::from(*s)).collect(),
                     client_certificate: mutual.then(|| ClientCertificateFiles {
                         certificate_chain: "/etc/certs/client.pem".into(),
@@ -2188,10 +2189,12 @@ mod zero_trust {
                 format!("{at}tls_certificate_provider_instance: missing"),
             ),
             (
+                // A client certificate but no roots at all (neither a CA
+                // file nor system_root_certs): Envoy would not verify.
                 file_error(true, &|c| validation_mut(c).trusted_ca = None),
-                ErrorKind::Unsupported,
+                ErrorKind::InvalidConfig,
                 format!(
-                    "{at}validation_context.trusted_ca: missing: verifying against the system's roots is not supported"
+                    "{at}validation_context.trusted_ca: missing: the server's certificate must be verified"
                 ),
             ),
             (

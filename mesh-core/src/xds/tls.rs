@@ -30,11 +30,38 @@
 //! `certificate_chain` / `private_key` by `filename` (MUTUAL only) and
 //! `validation_context { trusted_ca { filename }, match_subject_alt_names }`
 //! (exact DNS names or URIs). A context with neither certificate provider
-//! instance but `tls_certificates` or a `trusted_ca` is read that way; a
-//! file context without `trusted_ca` (system roots) is rejected, as is one
-//! with neither SANs nor an `sni` (nothing to check the server's name
-//! against). gRPC clients do not read this shape (A29 supports certificate
-//! provider instances only) and NACK it.
+//! instance but `tls_certificates`, a `trusted_ca` or `system_root_certs`
+//! is read that way; one with neither SANs nor an `sni` (nothing to check
+//! the server's name against) is rejected.
+//!
+//! Without a CA file (SIMPLE / MUTUAL with no `caCertificates`: the
+//! system's roots) the validation context carries both
+//! `system_root_certs {}` and `trusted_ca { filename:
+//! "/etc/ssl/certs/ca-certificates.crt" }` ([`SYSTEM_CA_BUNDLE`]), because
+//! each reader understands only one of them:
+//!
+//! - Envoy does not implement `system_root_certs` (it is
+//!   `not-implemented-hide` in the API) and, given a validation context
+//!   with no `trusted_ca`, does not verify the server's chain at all. So
+//!   the system bundle is named as a file, as Istio's agent resolves its
+//!   `file-root:system` secret and Envoy Gateway its system trust store:
+//!   the Debian / Ubuntu / Alpine path of Envoy's own images. On a host
+//!   without that file Envoy rejects the cluster: it fails closed.
+//! - gRPC (gRFC A82) uses the system roots when `system_root_certs` is set
+//!   and `ca_certificate_provider_instance` is not; it does not read
+//!   `trusted_ca`.
+//! - This decoder reads `system_root_certs` as "the system's roots"
+//!   ([`FileTls::ca_certificates`] `None`), whatever `trusted_ca` says
+//!   next to it: the file is Envoy's stand-in for the same roots, named
+//!   by the control plane for a machine it does not see, while the client
+//!   loads its own machine's store. A context with neither `trusted_ca`
+//!   nor `system_root_certs` is rejected (that would be Envoy's "no
+//!   verification"), so "no CA file" never decodes to "do not verify".
+//!
+//! gRPC clients still do not get file clusters at all (A29 cannot read
+//! certificate files, and A82 is behind an environment variable): the ADS
+//! server leaves them out of gRPC clients' CDS (see `mesh-control`'s
+//! `compat`).
 
 use std::sync::Arc;
 
@@ -45,8 +72,9 @@ use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBu
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateProviderPluginInstance, CertificateValidationContext, CommonTlsContext,
     DownstreamTlsContext, TlsCertificate, UpstreamTlsContext,
-    certificate_validation_context::TrustChainVerification,
-    common_tls_context::ValidationContextType, subject_alt_name_matcher::SanType,
+    certificate_validation_context::{SystemRootCerts, TrustChainVerification},
+    common_tls_context::ValidationContextType,
+    subject_alt_name_matcher::SanType,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::BoolValue;
@@ -67,6 +95,12 @@ pub const MESH_PROVIDER_INSTANCE: &str = "mesh";
 pub const IDENTITY_CERTIFICATE_NAME: &str = "default";
 /// The `certificate_name` of the trust bundle (Istio's name).
 pub const ROOT_CERTIFICATE_NAME: &str = "ROOTCA";
+/// The system CA bundle named as Envoy's `trusted_ca` when a SIMPLE /
+/// MUTUAL context verifies against the system's roots (next to
+/// `system_root_certs`, which Envoy does not implement; see the module
+/// docs): the path of Debian, Ubuntu and Alpine, the bases of Envoy's
+/// images, and what Istio's agent finds first.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// What a transport socket asks for.
 pub(crate) enum Transport<T> {
@@ -155,7 +189,14 @@ fn files_to_proto(files: &FileTls) -> CommonTlsContext {
             .collect(),
         validation_context_type: Some(ValidationContextType::ValidationContext(
             CertificateValidationContext {
-                trusted_ca: Some(file(&files.ca_certificates)),
+                trusted_ca: Some(match &files.ca_certificates {
+                    Some(ca) => file(ca),
+                    None => file(&Name::from(SYSTEM_CA_BUNDLE)),
+                }),
+                system_root_certs: files
+                    .ca_certificates
+                    .is_none()
+                    .then_some(SystemRootCerts {}),
                 match_subject_alt_names: files
                     .subject_alt_names
                     .iter()
@@ -234,15 +275,17 @@ pub(crate) fn upstream_from_proto(context: &UpstreamTlsContext) -> Decoded<Upstr
 }
 
 /// Whether a context is the file shape (SIMPLE / MUTUAL): no certificate
-/// provider instance for the own certificate, and certificate files or a
-/// `trusted_ca`. Anything else is read as A29 (and gets its errors).
+/// provider instance for the own certificate, and certificate files, a
+/// `trusted_ca` or `system_root_certs`. Anything else is read as A29 (and
+/// gets its errors).
 #[allow(deprecated)] // the older A29 field is part of the test
 fn is_file_based(c: &CommonTlsContext) -> bool {
     let instances = c.tls_certificate_provider_instance.is_some()
         || c.tls_certificate_certificate_provider_instance.is_some();
     let trusted_ca = matches!(
         &c.validation_context_type,
-        Some(ValidationContextType::ValidationContext(v)) if v.trusted_ca.is_some()
+        Some(ValidationContextType::ValidationContext(v))
+            if v.trusted_ca.is_some() || v.system_root_certs.is_some()
     );
     !instances && (!c.tls_certificates.is_empty() || trusted_ca)
 }
@@ -269,7 +312,8 @@ fn reject_other_certificate_sources(c: &CommonTlsContext) -> Decoded<()> {
 }
 
 /// The files of a SIMPLE / MUTUAL context: at most one client certificate
-/// (both files by `filename`), the trusted CA by `filename`, exact SANs.
+/// (both files by `filename`), the trusted CA by `filename` or the
+/// system's roots, exact SANs.
 #[allow(deprecated)] // match_subject_alt_names: what Envoy and gRPC read
 fn files_from_proto(c: &CommonTlsContext) -> Decoded<FileTls> {
     reject_other_certificate_sources(c)?;
@@ -288,15 +332,15 @@ fn files_from_proto(c: &CommonTlsContext) -> Decoded<FileTls> {
         Some(ValidationContextType::ValidationContext(v)) => v,
         Some(_) => {
             return Err(FieldError::unsupported(
-                "with certificate files, only a validation_context with a trusted_ca file is \
-                 supported",
+                "with certificate files, only a validation_context with a trusted_ca file or \
+                 system_root_certs is supported",
             )
             .at("validation_context_type"));
         }
         None => {
             return Err(FieldError::unsupported(
                 "missing: the server's certificate must be verified (set trusted_ca to a CA \
-                 file; skipping verification is not supported)",
+                 file, or system_root_certs; skipping verification is not supported)",
             )
             .at("validation_context"));
         }
@@ -344,13 +388,26 @@ fn files_validation_from_proto(
         v.ca_certificate_provider_instance.is_some(),
         "ca_certificate_provider_instance",
     )?;
-    if v.trusted_ca.is_none() {
-        return Err(FieldError::unsupported(
-            "missing: verifying against the system's roots is not supported: name a CA file",
-        )
-        .at("trusted_ca"));
-    }
-    let ca_certificates = filename(v.trusted_ca.as_ref()).at("trusted_ca")?;
+    // `system_root_certs` wins over `trusted_ca`: next to it, the file is
+    // Envoy's stand-in for the system's roots (see the module docs).
+    let ca_certificates = match (&v.system_root_certs, &v.trusted_ca) {
+        (Some(SystemRootCerts {}), Some(ca)) => {
+            // Still a file name Envoy can read, or Envoy would NACK what
+            // this reads as valid.
+            filename(Some(ca)).at("trusted_ca")?;
+            None
+        }
+        (Some(SystemRootCerts {}), None) => None,
+        (None, Some(ca)) => Some(filename(Some(ca)).at("trusted_ca")?),
+        (None, None) => {
+            return Err(FieldError::invalid(
+                "missing: the server's certificate must be verified: set trusted_ca to a CA \
+                 file, or system_root_certs (with trusted_ca naming the system bundle for \
+                 Envoy, which does not implement system_root_certs and would not verify)",
+            )
+            .at("trusted_ca"));
+        }
+    };
     reject_validation_extras(v)?;
     let subject_alt_names = sans_from_proto(
         v,
@@ -509,6 +566,7 @@ fn validation_from_proto(
         }
     }
     reject_if(v.trusted_ca.is_some(), "trusted_ca")?;
+    reject_if(v.system_root_certs.is_some(), "system_root_certs")?;
     reject_validation_extras(v)?;
     sans_from_proto(v, &[SanType::Uri], "URI (SPIFFE IDs)", san_from_proto)
 }
@@ -551,7 +609,6 @@ fn sans_from_proto<T>(
 /// What neither validation form supports: anything that changes how a
 /// chain is checked besides its roots and SANs.
 fn reject_validation_extras(v: &CertificateValidationContext) -> Decoded<()> {
-    reject_if(v.system_root_certs.is_some(), "system_root_certs")?;
     reject_if(v.watched_directory.is_some(), "watched_directory")?;
     reject_if(
         !v.verify_certificate_spki.is_empty(),
@@ -609,5 +666,150 @@ fn check_instance(name: &str) -> Decoded<()> {
              {MESH_PROVIDER_INSTANCE:?} (the bootstrap's certificate_providers.mesh)"
         ))
         .at("instance_name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The shape of SIMPLE / MUTUAL with the system's roots, both ways
+    //! (the CA-file shape and its errors are tested in `xds/tests.rs`).
+
+    use super::*;
+
+    fn simple(ca: Option<&str>) -> UpstreamTls {
+        UpstreamTls {
+            server_identities: Arc::from([]),
+            sni: "api.example.com".into(),
+            origination: TlsOrigination::Files(FileTls {
+                ca_certificates: ca.map(Name::from),
+                subject_alt_names: Arc::from([]),
+                client_certificate: None,
+            }),
+        }
+    }
+
+    fn context(tls: &UpstreamTls) -> UpstreamTlsContext {
+        match transport_from_proto::<UpstreamTlsContext>(Some(&upstream_to_proto(tls))) {
+            Ok(Transport::Tls(c)) => c,
+            _ => panic!("not a TLS transport socket"),
+        }
+    }
+
+    fn validation(c: &mut UpstreamTlsContext) -> &mut CertificateValidationContext {
+        match c
+            .common_tls_context
+            .as_mut()
+            .and_then(|c| c.validation_context_type.as_mut())
+        {
+            Some(ValidationContextType::ValidationContext(v)) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The decoding error, as the public error prints it.
+    fn error(c: &UpstreamTlsContext) -> String {
+        upstream_from_proto(c)
+            .unwrap_err()
+            .into_error(super::super::ResourceType::Cluster, Some("x"))
+            .to_string()
+    }
+
+    fn trusted_ca(v: &CertificateValidationContext) -> Option<&str> {
+        match v.trusted_ca.as_ref().and_then(|d| d.specifier.as_ref()) {
+            Some(Specifier::Filename(f)) => Some(f),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn system_roots_name_the_bundle_for_envoy_and_system_root_certs_for_grpc_and_us() {
+        let tls = simple(None);
+        let mut c = context(&tls);
+        let v = validation(&mut c);
+        // Envoy: a file it reads (it ignores system_root_certs and would
+        // not verify at all without a trusted_ca).
+        assert_eq!(trusted_ca(v), Some(SYSTEM_CA_BUNDLE));
+        // gRPC (A82) and this decoder: the system's roots.
+        assert_eq!(v.system_root_certs, Some(SystemRootCerts {}));
+        assert_eq!(v.ca_certificate_provider_instance, None);
+        assert_eq!(upstream_from_proto(&c).unwrap(), tls);
+        // A CA file: no system_root_certs, and it round-trips as a file,
+        // even when it is the system bundle's path.
+        for ca in ["/etc/certs/ca.pem", SYSTEM_CA_BUNDLE] {
+            let tls = simple(Some(ca));
+            let mut c = context(&tls);
+            let v = validation(&mut c);
+            assert_eq!(trusted_ca(v), Some(ca));
+            assert_eq!(v.system_root_certs, None);
+            assert_eq!(upstream_from_proto(&c).unwrap(), tls);
+        }
+    }
+
+    #[test]
+    fn system_root_certs_win_over_trusted_ca_and_read_alone() {
+        let mut c = context(&simple(None));
+        // Another control plane's guess at the bundle: still the system's
+        // roots of the client's own machine.
+        validation(&mut c).trusted_ca = Some(DataSource {
+            specifier: Some(Specifier::Filename(
+                "/etc/pki/tls/certs/ca-bundle.crt".into(),
+            )),
+            ..Default::default()
+        });
+        assert_eq!(upstream_from_proto(&c).unwrap(), simple(None));
+        // gRPC's form: system_root_certs alone.
+        validation(&mut c).trusted_ca = None;
+        assert_eq!(upstream_from_proto(&c).unwrap(), simple(None));
+        // Next to system_root_certs, trusted_ca must still be a file Envoy
+        // can read (inline bytes are not).
+        validation(&mut c).trusted_ca = Some(DataSource {
+            specifier: Some(Specifier::InlineString("PEM".into())),
+            ..Default::default()
+        });
+        let e = error(&c);
+        assert!(e.contains("trusted_ca"), "{e}");
+    }
+
+    #[test]
+    fn no_roots_at_all_is_never_read_as_no_verification() {
+        let mut c = context(&simple(None));
+        let v = validation(&mut c);
+        v.trusted_ca = None;
+        v.system_root_certs = None;
+        // Neither roots nor a client certificate: not the file shape at
+        // all, so A29's rules refuse it.
+        let e = error(&c);
+        assert!(e.contains("tls_certificate_provider_instance"), "{e}");
+        // With a client certificate (MUTUAL): refused, naming the roots.
+        let mut mutual = simple(None);
+        if let TlsOrigination::Files(f) = &mut mutual.origination {
+            f.client_certificate = Some(ClientCertificateFiles {
+                certificate_chain: "/c.pem".into(),
+                private_key: "/c.key".into(),
+            });
+        }
+        let mut c = context(&mutual);
+        assert_eq!(upstream_from_proto(&c).unwrap(), mutual);
+        let v = validation(&mut c);
+        v.trusted_ca = None;
+        v.system_root_certs = None;
+        let e = error(&c);
+        assert!(
+            e.contains("trusted_ca: missing: the server's certificate must be verified"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn system_root_certs_are_refused_with_the_mesh_instance() {
+        // ISTIO_MUTUAL verifies against the mesh trust bundle only.
+        let mesh = UpstreamTls {
+            sni: "outbound_.80_._.a".into(),
+            ..UpstreamTls::default()
+        };
+        let mut c = context(&mesh);
+        validation(&mut c).system_root_certs = Some(SystemRootCerts {});
+        let e = error(&c);
+        assert!(e.contains("system_root_certs"), "{e}");
     }
 }

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::breaker::{ConnectionPermit, Overflow};
+use mesh_core::model::Name;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_rustls::client::TlsStream;
@@ -21,6 +22,8 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::{ClusterTls, ConnectionPolicy, Connector, PoolConfig, TargetEndpoint};
 use crate::error::{BoxError, Error, ErrorKind};
+use crate::telemetry::DecisionRecord;
+use crate::tls::spiffe_id_of;
 
 /// How many HTTP/1.1 connections a request tries when they turn out to be
 /// closed before taking it.
@@ -56,7 +59,13 @@ struct Http2Conn<B> {
     /// Requests in flight on it (counted when the cluster limits them:
     /// `maxConcurrentStreams`), from sending until the response head.
     streams: AtomicU32,
+    /// The server's verified SPIFFE ID (TLS), read once at the handshake.
+    principal: Option<Name>,
 }
+
+/// What a request takes to go out on an HTTP/2 connection: its sender,
+/// its stream slot, and the server's verified SPIFFE ID (TLS).
+type Http2Sender<B> = (http2::SendRequest<B>, StreamSlot<B>, Option<Name>);
 
 /// A stream slot taken on an HTTP/2 connection (`maxConcurrentStreams`),
 /// given back when the request has its response head or failed.
@@ -77,14 +86,18 @@ struct Idle<B> {
     since: Instant,
     /// When its certificates expire (mTLS); it is not used after.
     expires: Option<Instant>,
+    /// The server's verified SPIFFE ID (TLS).
+    principal: Option<Name>,
 }
 
 /// An HTTP/1.1 connection handed to a request: the sender, how many
-/// requests it will have carried, when its certificates expire (mTLS).
+/// requests it will have carried, when its certificates expire (mTLS),
+/// the server's verified SPIFFE ID (TLS).
 struct Http1Lease<B> {
     sender: http1::SendRequest<B>,
     uses: u32,
     expires: Option<Instant>,
+    principal: Option<Name>,
 }
 
 fn millis_since(epoch: Instant) -> u64 {
@@ -122,11 +135,7 @@ impl<B> Host<B> {
     /// `max_streams` one with that many requests in flight is passed over
     /// (a request none takes dials another connection to the endpoint).
     /// No allocation: a load, and atomics on the connection.
-    fn open_http2(
-        &self,
-        limits: Http2Limits,
-        track_idle: bool,
-    ) -> Option<(http2::SendRequest<B>, StreamSlot<B>)> {
+    fn open_http2(&self, limits: Http2Limits, track_idle: bool) -> Option<Http2Sender<B>> {
         let conns = self.http2.load();
         for conn in conns.iter() {
             if conn.sender.is_closed() {
@@ -156,7 +165,11 @@ impl<B> Host<B> {
                 conn.last_used
                     .store(millis_since(self.epoch), Ordering::Relaxed);
             }
-            return Some((http2::SendRequest::clone(&conn.sender), slot));
+            return Some((
+                http2::SendRequest::clone(&conn.sender),
+                slot,
+                conn.principal.clone(),
+            ));
         }
         None
     }
@@ -199,6 +212,7 @@ impl<B> Host<B> {
                     sender: entry.sender,
                     uses: entry.uses,
                     expires: entry.expires,
+                    principal: entry.principal,
                 });
             }
         }
@@ -216,6 +230,7 @@ impl<B> Host<B> {
             sender,
             uses,
             expires,
+            principal,
         } = lease;
         if policy.max_requests.is_some_and(|max| uses >= max)
             || sender.is_closed()
@@ -233,6 +248,7 @@ impl<B> Host<B> {
                 uses,
                 since: Instant::now(),
                 expires,
+                principal,
             });
         }
         self.freed.notify_one();
@@ -324,7 +340,8 @@ where
         policy: Option<&ConnectionPolicy>,
     ) -> Result<Response<Incoming>, Error> {
         prepare_http2(&mut req)?;
-        let (mut sender, slot) = self.http2_sender(target, config, policy).await?;
+        let (mut sender, slot, principal) = self.http2_sender(target, config, policy).await?;
+        note_principal(&req, principal);
         let sent = sender.try_send_request(req).await;
         drop(slot);
         match sent {
@@ -333,7 +350,9 @@ where
                 // The connection closed before taking the request: send it
                 // once more on a fresh connection.
                 Some(req) => {
-                    let (mut sender, slot) = self.http2_sender(target, config, policy).await?;
+                    let (mut sender, slot, principal) =
+                        self.http2_sender(target, config, policy).await?;
+                    note_principal(&req, principal);
                     let sent = sender.send_request(req).await;
                     drop(slot);
                     sent.map_err(|e| upstream(target, e))
@@ -348,7 +367,7 @@ where
         target: &TargetEndpoint,
         config: PoolConfig,
         policy: Option<&ConnectionPolicy>,
-    ) -> Result<(http2::SendRequest<B>, StreamSlot<B>), Error> {
+    ) -> Result<Http2Sender<B>, Error> {
         let settings = policy.map(|p| &p.settings);
         let limits = Http2Limits {
             max_requests: settings.and_then(|s| s.max_requests_per_connection),
@@ -393,13 +412,18 @@ where
             let max_age = max_age(policy);
             match policy.and_then(|p| p.tls.as_ref()) {
                 None => {
-                    self.start_http2(io, target, config, permit, idle_timeout, max_age, limits)
+                    let at = (idle_timeout, max_age);
+                    self.start_http2(io, target, config, permit, at, limits, None)
                         .await
                 }
                 Some(tls) => {
-                    let (io, expires) = self.handshake_tls(io, tls, target, config, policy).await?;
-                    let expires = Some(max_age.map_or(expires, |at| at.min(expires)));
-                    self.start_http2(io, target, config, permit, idle_timeout, expires, limits)
+                    let (io, expires, principal) =
+                        self.handshake_tls(io, tls, target, config, policy).await?;
+                    let at = (
+                        idle_timeout,
+                        Some(max_age.map_or(expires, |at| at.min(expires))),
+                    );
+                    self.start_http2(io, target, config, permit, at, limits, principal)
                         .await
                 }
             }
@@ -414,7 +438,8 @@ where
     /// The HTTP/2 handshake over a dialed connection (plaintext or TLS);
     /// the connection joins the endpoint's shared ones (it takes the
     /// request that dialed it, counted against the limits) and is retired
-    /// at `expires` (certificate expiry, maximum connection duration).
+    /// at `expires` (certificate expiry, maximum connection duration);
+    /// `principal` is the server's verified SPIFFE ID (TLS).
     #[allow(clippy::too_many_arguments)]
     async fn start_http2<IO>(
         self: &Arc<Self>,
@@ -422,10 +447,10 @@ where
         target: &TargetEndpoint,
         config: PoolConfig,
         permit: Option<ConnectionPermit>,
-        idle_timeout: Option<Duration>,
-        expires: Option<Instant>,
+        (idle_timeout, expires): (Option<Duration>, Option<Instant>),
         limits: Http2Limits,
-    ) -> Result<(http2::SendRequest<B>, StreamSlot<B>), Error>
+        principal: Option<Name>,
+    ) -> Result<Http2Sender<B>, Error>
     where
         IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -449,6 +474,7 @@ where
             requests: AtomicU32::new(1),
             last_used: AtomicU64::new(millis_since(self.epoch)),
             streams: AtomicU32::new(u32::from(limits.max_streams.is_some())),
+            principal: principal.clone(),
         });
         self.add_http2(&conn);
         let slot = StreamSlot(limits.max_streams.is_some().then(|| conn.clone()));
@@ -497,7 +523,7 @@ where
             }
             host.connection_closed();
         });
-        Ok((sender, slot))
+        Ok((sender, slot, principal))
     }
 
     pub(super) async fn send_http1(
@@ -520,6 +546,9 @@ where
             let mut lease = self
                 .http1_sender(target, config, policy, idle_policy)
                 .await?;
+            if let Some(principal) = &lease.principal {
+                note_principal(&req, Some(principal.clone()));
+            }
             let sent = lease.sender.try_send_request(req);
             // Back to the idle stack once this response has been read.
             let host = self.clone();
@@ -608,18 +637,24 @@ where
         // is dropped (closed) when its response has been read, or when an
         // idle one is next looked at.
         let max_age = max_age(policy);
-        let (sender, expires) = match policy.and_then(|p| p.tls.as_ref()) {
-            None => (self.start_http1(io, target, permit).await?, max_age),
+        let (sender, expires, principal) = match policy.and_then(|p| p.tls.as_ref()) {
+            None => (self.start_http1(io, target, permit).await?, max_age, None),
             Some(tls) => {
-                let (io, expires) = self.handshake_tls(io, tls, target, config, policy).await?;
+                let (io, expires, principal) =
+                    self.handshake_tls(io, tls, target, config, policy).await?;
                 let expires = max_age.map_or(expires, |at| at.min(expires));
-                (self.start_http1(io, target, permit).await?, Some(expires))
+                (
+                    self.start_http1(io, target, permit).await?,
+                    Some(expires),
+                    principal,
+                )
             }
         };
         Ok(Http1Lease {
             sender,
             uses: 1,
             expires,
+            principal,
         })
     }
 
@@ -676,8 +711,10 @@ where
 
 impl<B> Host<B> {
     /// The TLS handshake over a dialed connection (bounded by the connect
-    /// timeout too, as Envoy's covers the TLS handshake): the stream and
-    /// when the certificates it was established with expire. On failure
+    /// timeout too, as Envoy's covers the TLS handshake): the stream, when
+    /// the certificates it was established with expire, and the server's
+    /// verified SPIFFE ID (what the client's metrics report as
+    /// `destination_principal`; read here once per connection). On failure
     /// the connection is counted closed.
     async fn handshake_tls(
         &self,
@@ -686,7 +723,7 @@ impl<B> Host<B> {
         target: &TargetEndpoint,
         config: PoolConfig,
         policy: Option<&ConnectionPolicy>,
-    ) -> Result<(TokioIo<TlsStream<TcpStream>>, Instant), Error> {
+    ) -> Result<(TokioIo<TlsStream<TcpStream>>, Instant, Option<Name>), Error> {
         let timeout = connect_timeout(config, policy);
         let ip;
         let server_name = match &tls.sni {
@@ -703,42 +740,58 @@ impl<B> Host<B> {
                     // Read before the handshake: a rotation during it can
                     // only make the certificate used later-expiring than this.
                     let client_expiry = store.not_after();
-                    let (stream, _peer) = connector.connect(server_name, tcp).await?;
-                    Ok((stream, Some(client_expiry)))
+                    // The identity the connector verified against the
+                    // cluster's allowed ones: kept, not parsed again.
+                    let (stream, peer) = connector.connect(server_name, tcp).await?;
+                    let principal = Name::from(peer.spiffe_id().as_str());
+                    Ok::<_, Error>((stream, Some(client_expiry), Some(principal)))
                 }
-                Connector::Files(connector) => connector.connect(server_name, tcp).await,
+                Connector::Files(connector) => {
+                    let (stream, client_expiry) = connector.connect(server_name, tcp).await?;
+                    // SIMPLE / MUTUAL: a verified server certificate's
+                    // SPIFFE ID, when it has one (Envoy reports the URI SAN).
+                    let principal = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .and_then(|leaf| spiffe_id_of(leaf).ok())
+                        .map(|id| Name::from(id.as_str()));
+                    Ok((stream, client_expiry, principal))
+                }
             }
         };
-        let (stream, client_expiry) = match tokio::time::timeout(timeout, handshake).await {
-            Ok(Ok(connected)) => connected,
-            Ok(Err(e)) => {
-                self.connection_closed();
-                return Err(Error::new(
-                    ErrorKind::Connect,
-                    format!(
-                        "{} handshake with endpoint {} of cluster {:?} failed",
-                        tls.mode(),
-                        target.addr(),
-                        target.cluster()
-                    ),
-                )
-                .with_source(e));
-            }
-            Err(_) => {
-                self.connection_closed();
-                return Err(Error::new(
-                    ErrorKind::Connect,
-                    format!(
-                        "the {} handshake with endpoint {} of cluster {:?} timed out after \
+        let (stream, client_expiry, principal) =
+            match tokio::time::timeout(timeout, handshake).await {
+                Ok(Ok(connected)) => connected,
+                Ok(Err(e)) => {
+                    self.connection_closed();
+                    return Err(Error::new(
+                        ErrorKind::Connect,
+                        format!(
+                            "{} handshake with endpoint {} of cluster {:?} failed",
+                            tls.mode(),
+                            target.addr(),
+                            target.cluster()
+                        ),
+                    )
+                    .with_source(e));
+                }
+                Err(_) => {
+                    self.connection_closed();
+                    return Err(Error::new(
+                        ErrorKind::Connect,
+                        format!(
+                            "the {} handshake with endpoint {} of cluster {:?} timed out after \
                          {timeout:?}",
-                        tls.mode(),
-                        target.addr(),
-                        target.cluster()
-                    ),
-                )
-                .with_source(std::io::Error::from(std::io::ErrorKind::TimedOut)));
-            }
-        };
+                            tls.mode(),
+                            target.addr(),
+                            target.cluster()
+                        ),
+                    )
+                    .with_source(std::io::Error::from(std::io::ErrorKind::TimedOut)));
+                }
+            };
         let server_expiry = stream
             .get_ref()
             .1
@@ -763,7 +816,19 @@ impl<B> Host<B> {
             // not parse): a day, re-dialed and re-verified then.
             None => Duration::from_secs(24 * 3600),
         };
-        Ok((TokioIo::new(stream), Instant::now() + left))
+        Ok((TokioIo::new(stream), Instant::now() + left, principal))
+    }
+}
+
+/// Hands the server's verified SPIFFE ID (TLS) to the request's decision
+/// record, for the attempt under way (a telemetry layer above made one):
+/// the client's `destination_principal`. An extension lookup and a
+/// reference count; nothing for plaintext.
+fn note_principal<B>(req: &Request<B>, principal: Option<Name>) {
+    if let Some(principal) = principal
+        && let Some(record) = req.extensions().get::<DecisionRecord>()
+    {
+        record.upstream_principal(principal);
     }
 }
 

@@ -24,8 +24,18 @@
 //! the current certificate, so a rotation reaches them without touching
 //! live ones. Plaintext clusters take exactly the path they took before.
 //!
+//! The server's verified SPIFFE ID (the one the connector checked against
+//! the cluster's identities; for SIMPLE / MUTUAL, the server certificate's
+//! URI SAN when it is one) is kept with the connection, read once at the
+//! handshake. Each request sent on it hands it, a reference count, to the
+//! attempt under way in the request's
+//! [`DecisionRecord`](crate::telemetry::DecisionRecord) when a telemetry
+//! layer made one: the client's Istio metrics report it as
+//! `destination_principal`, as Envoy reports its upstream peer's URI SAN.
+//!
 //! TLS from files (Istio's SIMPLE and MUTUAL, [`FileTlsConnector`]
-//! (crate::tls::FileTlsConnector)): the same, with the cluster's CA file,
+//! (crate::tls::FileTlsConnector)): the same, with the cluster's CA file
+//! (or the system's roots),
 //! names and (MUTUAL) client certificate; connections are keyed by those
 //! settings and retired when the server's (or the client's) certificate
 //! expires.

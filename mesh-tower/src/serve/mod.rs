@@ -81,8 +81,10 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
+use self::registration::RegisterFailure;
 pub use self::registration::Registration;
-use self::registration::{Admin, RegisterFailure};
+// The admin API's client, also used by the graph push (telemetry/graph_push.rs).
+pub(crate) use self::registration::Admin;
 // Defined below both the server stack and the client stack, which read it;
 // re-exported here, where `serve` sets it.
 pub use crate::connection::ConnectionInfo;

@@ -387,6 +387,13 @@ impl Admin {
         })
     }
 
+    /// The HTTP client, for other calls to the same admin API with the
+    /// same credentials (the graph push, `telemetry/graph_push.rs`).
+    #[cfg(feature = "telemetry")]
+    pub(crate) fn client(&self) -> &AdminClient {
+        &self.client
+    }
+
     /// Also trusts the trust bundle `store` holds, so heartbeats still
     /// verify mesh-control after a root rotation.
     pub(crate) fn trusting(self, store: &crate::tls::CertStore) -> Self {

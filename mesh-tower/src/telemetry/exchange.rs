@@ -219,7 +219,8 @@ impl Exchange {
                             None => istio.unknown_service().clone(),
                         },
                     };
-                    let destination = match (&self.destination, self.record.last_attempt()) {
+                    let attempt = self.record.last_attempt();
+                    let destination = match (&self.destination, attempt) {
                         (Some(peer), _) => peer.clone(),
                         (None, Some(attempt)) => {
                             istio.peer_from_endpoint(&service, &attempt.labels)
@@ -237,7 +238,12 @@ impl Exchange {
                         source: &inner.peer,
                         source_principal: own_principal,
                         destination: &destination,
-                        destination_principal: self.record.peer_principal_id(),
+                        // The server's SPIFFE ID the pool verified on the
+                        // last attempt's connection (mTLS), as Envoy reports
+                        // the upstream peer certificate's URI SAN.
+                        destination_principal: attempt
+                            .and_then(|a| a.principal.get())
+                            .or_else(|| self.record.peer_principal_id()),
                         service: &service,
                         protocol,
                         response_code: self.status,

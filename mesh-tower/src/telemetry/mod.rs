@@ -98,6 +98,8 @@ mod client;
 #[cfg(feature = "telemetry")]
 mod exchange;
 #[cfg(feature = "telemetry")]
+mod graph_push;
+#[cfg(feature = "telemetry")]
 mod histogram;
 #[cfg(feature = "telemetry")]
 mod identity;
@@ -127,6 +129,8 @@ pub use self::access_log::ACCESS_LOG_TARGET;
 pub use self::client::{ClientResponseFuture, ClientTelemetry, ClientTelemetryLayer};
 #[cfg(feature = "telemetry")]
 pub use self::exchange::TelemetryBody;
+#[cfg(feature = "telemetry")]
+pub use self::graph_push::{GraphPush, GraphSource};
 #[cfg(feature = "telemetry")]
 pub use self::identity::{Identity, PEER_HEADER};
 #[cfg(feature = "telemetry")]

@@ -238,6 +238,9 @@ pub(crate) struct Attempt {
     pub(crate) endpoint: SocketAddr,
     pub(crate) labels: EndpointLabels,
     pub(crate) outcome: OutcomeCell,
+    /// The server's verified SPIFFE ID on the connection the attempt was
+    /// sent on (mTLS; set by the connection pool, a reference count).
+    pub(crate) principal: OnceLock<Name>,
 }
 
 /// How an attempt ended, set once: an [`AttemptOutcome`] packed into one
@@ -521,6 +524,7 @@ impl DecisionRecord {
                 endpoint,
                 labels: labels.clone(),
                 outcome: OutcomeCell::default(),
+                principal: OnceLock::new(),
             });
         }
         let span = self
@@ -531,6 +535,17 @@ impl DecisionRecord {
             index,
             span,
             finished: false,
+        }
+    }
+
+    /// The server's verified SPIFFE ID (mTLS) on the connection the attempt
+    /// under way (the latest started) is sent on: the client side's
+    /// `destination_principal`. The connection pool calls it with the
+    /// identity it verified once per connection (a reference count per
+    /// request, no parse); the first call per attempt wins.
+    pub fn upstream_principal(&self, spiffe_id: Name) {
+        if let Some(attempt) = self.last_attempt() {
+            let _ = attempt.principal.set(spiffe_id);
         }
     }
 
@@ -732,6 +747,13 @@ impl DecisionRecord {
             .principal
             .as_ref()
             .or_else(|| self.inner.peer_principal.get())
+    }
+
+    /// The server's verified SPIFFE ID on the latest attempt's connection
+    /// (see [`upstream_principal`](Self::upstream_principal)); `None`
+    /// without an attempt, or over plaintext.
+    pub fn upstream_principal_id(&self) -> Option<&Name> {
+        self.last_attempt()?.principal.get()
     }
 
     /// The authorization decision, if one was made: whether the request

@@ -31,7 +31,8 @@
 //! - [`FileTlsConnector`]: Istio's SIMPLE and MUTUAL modes (DestinationRule
 //!   `tls` with `caCertificates`, `clientCertificate`, `privateKey` files):
 //!   TLS to servers outside the mesh's identities, verified against the CA
-//!   file for the SNI or the configured SANs, files re-read when changed.
+//!   file (without one, the operating system's roots) for the SNI or the
+//!   configured SANs, files re-read when changed.
 //! - [`WorkloadCertificates`]: the bootstrap's `mesh` certificate provider
 //!   made live: `file_watcher` files, or `mesh_ca` (a key generated here, a
 //!   CSR to mesh-control's CA, renewal at half-life).

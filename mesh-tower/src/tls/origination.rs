@@ -2,12 +2,31 @@
 //! `tls.mode` SIMPLE and MUTUAL ([`FileTls`]), for servers outside the
 //! mesh's identity system (an external API, a database with its own CA).
 //!
-//! The server's chain must verify against the `caCertificates` roots (with
-//! the `serverAuth` usage, as webpki checks it); its name must be one of
-//! the `subjectAltNames` (a DNS SAN, with `*.` wildcards in the
-//! certificate, or a URI SAN, exactly; any one is enough), or, when none
-//! are configured, valid for the SNI (webpki's hostname check). MUTUAL
-//! presents the `clientCertificate` chain with its `privateKey`.
+//! The server's chain must verify against the `caCertificates` roots, or,
+//! without `caCertificates`, against the system's roots (with the
+//! `serverAuth` usage, as webpki checks it); its name must be one of the
+//! `subjectAltNames` (a DNS SAN, with `*.` wildcards in the certificate,
+//! or a URI SAN, exactly; any one is enough), or, when none are
+//! configured, valid for the SNI (webpki's hostname check). MUTUAL
+//! presents the `clientCertificate` chain with its `privateKey`. A failed
+//! check says which one failed and why (`UnknownIssuer`: not signed by
+//! the trusted roots; `NotValidForName`: not for this name), in the
+//! caller's error and in the telemetry of the request (`UF`, the span's
+//! status message).
+//!
+//! The system's roots are the operating system's trust store, read with
+//! `rustls-native-certs`: `SSL_CERT_FILE` / `SSL_CERT_DIR` when set, else
+//! the distribution's bundle (`/etc/ssl/certs/ca-certificates.crt` and the
+//! other paths OpenSSL probes), the keychain on macOS, the system store on
+//! Windows. That, not a bundle compiled into the binary (`webpki-roots`),
+//! because it is what Istio's sidecar verifies against (its agent's
+//! `file-root:system`, the same file) and what an operator expects: a
+//! corporate CA added with `update-ca-certificates` is trusted, a root the
+//! distribution distrusts is not, and a CA update reaches every program by
+//! the OS's package updates rather than by rebuilding this one. The store
+//! is read once per process, on the first connection that needs it (some
+//! hundred certificates, milliseconds); a store with no usable certificate
+//! fails the connection with the reason (never "verify nothing").
 //!
 //! The files are read by this process (paths on its filesystem, as Istio's
 //! sidecar reads them) when the first connection needs them and again
@@ -19,7 +38,7 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
@@ -30,7 +49,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::{CertificateError, ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -108,11 +127,49 @@ impl FileTlsConnector {
                 "{server_name:?} is not a DNS name or IP address: {e}"
             ))
         })?;
-        let stream =
-            loaded.connector.connect(name, io).await.map_err(|e| {
-                tls(format!("TLS handshake with {server_name} failed")).with_source(e)
-            })?;
+        let stream = loaded
+            .connector
+            .connect(name, io)
+            .await
+            .map_err(|e| self.handshake_error(server_name, e))?;
         Ok((stream, loaded.client_not_after))
+    }
+
+    /// A failed handshake, saying which check failed: the chain (not
+    /// signed by the roots in use) or the name (not for the SNI or the
+    /// `subjectAltNames`); rustls' own words follow as the source.
+    fn handshake_error(&self, server_name: &str, e: std::io::Error) -> Error {
+        let files = &self.inner.files;
+        let rustls = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        let why = match rustls {
+            Some(rustls::Error::InvalidCertificate(cert)) => match cert {
+                CertificateError::UnknownIssuer => Some(format!(
+                    "the server's certificate is not signed by {} (UnknownIssuer)",
+                    match &files.ca_certificates {
+                        Some(ca) => format!("a CA of caCertificates {ca}"),
+                        None => "a root of the system's trust store (no caCertificates given)"
+                            .to_string(),
+                    }
+                )),
+                CertificateError::NotValidForName
+                | CertificateError::NotValidForNameContext { .. } => Some(format!(
+                    "the server's certificate is not valid for {server_name:?}, the SNI it \
+                     was verified against (NotValidForName)"
+                )),
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    Some("the server's certificate has expired (Expired)".to_string())
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let message = match why {
+            Some(why) => format!("TLS handshake with {server_name} failed: {why}"),
+            None => format!("TLS handshake with {server_name} failed"),
+        };
+        tls(message).with_source(e)
     }
 
     /// The config for the files as they are now: the loaded one when no
@@ -160,7 +217,7 @@ impl FileTlsConnector {
 
 impl Inner {
     fn paths(&self) -> impl Iterator<Item = &Name> {
-        std::iter::once(&self.files.ca_certificates).chain(
+        self.files.ca_certificates.iter().chain(
             self.files
                 .client_certificate
                 .iter()
@@ -179,32 +236,12 @@ impl Inner {
 
     fn load(&self, stamps: Stamps) -> Result<Loaded, Error> {
         let files = &self.files;
-        let ca_pem = read(&files.ca_certificates, "caCertificates")?;
-        let mut roots = RootCertStore::empty();
-        let mut count = 0;
-        for cert in CertificateDer::pem_slice_iter(&ca_pem) {
-            let cert = cert.map_err(|e| {
-                tls(format!(
-                    "caCertificates {}: not PEM certificates: {e}",
-                    files.ca_certificates
-                ))
-            })?;
-            roots.add(cert).map_err(|e| {
-                tls(format!(
-                    "caCertificates {}: not a usable CA certificate: {e}",
-                    files.ca_certificates
-                ))
-            })?;
-            count += 1;
-        }
-        if count == 0 {
-            return Err(tls(format!(
-                "caCertificates {}: no PEM certificate in the file",
-                files.ca_certificates
-            )));
-        }
+        let roots = match &files.ca_certificates {
+            Some(ca) => Arc::new(ca_file_roots(ca)?),
+            None => system_roots()?,
+        };
         let verifier = FileServerVerifier {
-            roots: Arc::new(roots),
+            roots,
             subject_alt_names: files.subject_alt_names.clone(),
             provider: self.provider.clone(),
         };
@@ -258,6 +295,62 @@ impl Inner {
             client_not_after,
         })
     }
+}
+
+/// The roots of a `caCertificates` file: every PEM certificate in it, at
+/// least one.
+fn ca_file_roots(ca: &Name) -> Result<RootCertStore, Error> {
+    let ca_pem = read(ca, "caCertificates")?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca_pem) {
+        let cert =
+            cert.map_err(|e| tls(format!("caCertificates {ca}: not PEM certificates: {e}")))?;
+        roots.add(cert).map_err(|e| {
+            tls(format!(
+                "caCertificates {ca}: not a usable CA certificate: {e}"
+            ))
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(tls(format!(
+            "caCertificates {ca}: no PEM certificate in the file"
+        )));
+    }
+    Ok(roots)
+}
+
+/// The operating system's roots (see the [module docs](self)), read once
+/// per process: a failed read is not kept, so the next connection tries
+/// again (a bundle being installed).
+fn system_roots() -> Result<Arc<RootCertStore>, Error> {
+    static ROOTS: Mutex<Option<Arc<RootCertStore>>> = Mutex::new(None);
+    let mut cached = ROOTS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(roots) = &*cached {
+        return Ok(roots.clone());
+    }
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+        return Err(tls(format!(
+            "no caCertificates given and no usable root certificate in the system's trust \
+             store ({ignored} unusable; {}): install the CA bundle (Debian: apt-get install \
+             ca-certificates), point SSL_CERT_FILE at one, or set caCertificates",
+            if errors.is_empty() {
+                "nothing found".to_string()
+            } else {
+                errors.join("; ")
+            }
+        )));
+    }
+    for e in &found.errors {
+        tracing::debug!(error = %e, "system trust store: a source could not be read");
+    }
+    tracing::debug!(added, ignored, "TLS origination: loaded the system's roots");
+    let roots = Arc::new(roots);
+    *cached = Some(roots.clone());
+    Ok(roots)
 }
 
 fn read(path: &Name, field: &str) -> Result<Vec<u8>, Error> {
