@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds every fuzz target once (one crate, one target directory: fuzz/target)
-# and runs each for FUZZ_SECONDS seconds (default 25; 11 targets take under
+# and runs each for FUZZ_SECONDS seconds (default 25; 12 targets take under
 # 5 minutes together), starting from its committed seeds (fuzz/seeds/TARGET)
 # plus what earlier runs on this machine found (fuzz/target/corpus/TARGET,
 # not committed). Fails if any target crashes, leaks past the RSS limit or
