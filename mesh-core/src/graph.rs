@@ -1155,7 +1155,7 @@ mod tests {
         assert!(bytes > 1_000 * config.slots * size_of::<Slot>());
     }
 
-    /// What mesh-control spends on one push of 100 edges (parse, check,
+    /// Prints what mesh-control spends on one push of 100 edges (parse, check,
     /// record), and so the share of a core 1,000 edges pushed every 5 s
     /// take (10 pushes of 100 per 5 s). Measured in whatever profile the
     /// test runs in (debug is the slow, conservative one).
@@ -1200,7 +1200,9 @@ mod tests {
             per_push.as_nanos(),
             share * 100.0
         );
-        assert!(share < 0.01, "{:.3}% of a core", share * 100.0);
+        // Printed, not asserted: wall-clock time on a shared machine is no
+        // test (the instruction count is the figure to gate on; see
+        // BENCHMARKS.md).
         let start = std::time::Instant::now();
         let g = w.graph(rounds * 500);
         println!(
