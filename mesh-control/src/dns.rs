@@ -26,21 +26,14 @@
 //! dns_server`, else the system's (`/etc/resolv.conf`).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use mesh_core::Snapshot;
-use mesh_core::dns::{Resolutions, dns_clusters};
 use mesh_core::model::{ClusterLoadAssignment, Name};
+use mesh_dns::DnsRounds;
 
 use crate::state::{Locked, Shared};
-
-/// How long one lookup may take before it counts as failed.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The latest answers, as assignments by EDS name.
 #[derive(Debug, Default)]
@@ -95,113 +88,24 @@ pub(crate) fn carry_over(view: &mut Snapshot, base: &Snapshot) {
     }
 }
 
-/// A resolver asking `server`, else the system's configuration.
-fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
-    let mut builder = match server {
-        Some(addr) => {
-            let mut udp = ConnectionConfig::udp();
-            udp.port = addr.port();
-            let mut tcp = ConnectionConfig::tcp();
-            tcp.port = addr.port();
-            let config = ResolverConfig::from_parts(
-                None,
-                Vec::new(),
-                vec![NameServerConfig::new(addr.ip(), true, vec![udp, tcp])],
-            );
-            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-        }
-        None => TokioResolver::builder_tokio()
-            .map_err(|e| format!("cannot read the system's DNS configuration: {e}"))?,
-    };
-    builder.options_mut().timeout = LOOKUP_TIMEOUT;
-    builder
-        .build()
-        .map_err(|e| format!("cannot build the DNS resolver: {e}"))
-}
-
-/// One lookup: the addresses and how long they live; a name that does
-/// not exist is an empty answer, not an error.
-async fn lookup(
-    resolver: &TokioResolver,
-    name: &str,
-) -> Result<(Vec<IpAddr>, Option<Duration>), String> {
-    let fqdn = if name.ends_with('.') {
-        name.to_owned()
-    } else {
-        format!("{name}.")
-    };
-    match tokio::time::timeout(LOOKUP_TIMEOUT * 2, resolver.lookup_ip(fqdn.as_str())).await {
-        Err(_) => Err(format!(
-            "resolving {name}: no answer within {:?}",
-            LOOKUP_TIMEOUT * 2
-        )),
-        Ok(Ok(answer)) => {
-            let ttl = answer
-                .valid_until()
-                .checked_duration_since(Instant::now())
-                .unwrap_or_default();
-            Ok((answer.iter().collect(), Some(ttl)))
-        }
-        Ok(Err(e)) if e.is_no_records_found() => Ok((Vec::new(), None)),
-        Ok(Err(e)) => Err(format!("resolving {name}: {e}")),
-    }
-}
-
 /// The resolver task: runs until the server stops.
 pub(crate) async fn run(shared: Arc<Shared>, server: Option<SocketAddr>) {
     let mut served = shared.served.subscribe();
     let mut stop = shared.stop.subscribe();
-    let mut resolver: Option<TokioResolver> = None;
-    let mut names = Resolutions::default();
+    let mut rounds = DnsRounds::new(server, "gRPC clients");
     loop {
         let snapshot = served.borrow_and_update().clone();
-        let (clusters, wanted) = dns_clusters(snapshot.snapshot.clusters.values().map(|c| &**c));
+        let resolved = rounds
+            .round(snapshot.snapshot.clusters.values().map(|c| &**c))
+            .await;
         drop(snapshot);
-        names.want(&wanted, Instant::now());
-        if !wanted.is_empty() {
-            if resolver.is_none() {
-                match self::resolver(server) {
-                    Ok(r) => resolver = Some(r),
-                    Err(e) => tracing::warn!("DNS clusters are not resolved for gRPC clients: {e}"),
-                }
-            }
-            if let Some(r) = &resolver {
-                // The schedule, not the cache, decides when to ask again.
-                r.clear_cache();
-                for name in names.due(Instant::now()) {
-                    match lookup(r, &name).await {
-                        Ok((addresses, ttl)) => {
-                            names.answered(&name, addresses, ttl, Instant::now());
-                        }
-                        Err(e) => {
-                            tracing::warn!("{e}: its endpoints stay as they were");
-                            names.failed(&name, Instant::now());
-                        }
-                    }
-                }
-            }
-        }
-        let resolved: BTreeMap<Name, Arc<ClusterLoadAssignment>> = clusters
-            .iter()
-            .map(|(eds, dns)| (eds.clone(), Arc::new(names.assignment(eds.clone(), dns))))
-            .collect();
         if shared.dns.set(resolved) {
             shared.rebuild_soon().await;
             // The rebuild we asked for is not news.
             served.borrow_and_update();
         }
-        let wake = match names.next_due() {
-            Some(at) if resolver.is_some() => Some(tokio::time::Instant::from_std(at)),
-            Some(_) => Some(tokio::time::Instant::now() + Duration::from_secs(5)),
-            None => None,
-        };
         tokio::select! {
-            () = async {
-                match wake {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            } => {}
+            () = rounds.sleep() => {}
             changed = served.changed() => if changed.is_err() {
                 return;
             },

@@ -24,21 +24,15 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
-use hickory_resolver::{TokioResolver, net::runtime::TokioRuntimeProvider};
 use mesh_core::Snapshot;
-use mesh_core::dns::{Resolutions, dns_clusters};
 use mesh_core::model::{ClusterLoadAssignment, Name};
+use mesh_dns::DnsRounds;
 use tokio::sync::watch;
 
 /// The environment variable naming the DNS server (`ip:port` or `ip`).
 pub const DNS_SERVER_ENV_VAR: &str = "PROXYLESS_DNS_SERVER";
-
-/// How long one lookup may take before it counts as failed.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The published snapshot's two halves (see the module docs).
 #[derive(Debug, Default)]
@@ -111,31 +105,6 @@ impl Overlay {
     }
 }
 
-/// A resolver asking `server`, else the system's configuration.
-pub(crate) fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
-    let mut builder = match server {
-        Some(addr) => {
-            let mut udp = ConnectionConfig::udp();
-            udp.port = addr.port();
-            let mut tcp = ConnectionConfig::tcp();
-            tcp.port = addr.port();
-            let config = ResolverConfig::from_parts(
-                None,
-                Vec::new(),
-                vec![NameServerConfig::new(addr.ip(), true, vec![udp, tcp])],
-            );
-            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-        }
-        None => TokioResolver::builder_tokio()
-            .map_err(|e| format!("cannot read the system's DNS configuration: {e}"))?,
-    };
-    let options: &mut ResolverOpts = builder.options_mut();
-    options.timeout = LOOKUP_TIMEOUT;
-    builder
-        .build()
-        .map_err(|e| format!("cannot build the DNS resolver: {e}"))
-}
-
 /// `ip:port` or `ip` (port 53).
 pub(crate) fn parse_server(value: &str) -> Result<SocketAddr, String> {
     let value = value.trim();
@@ -143,35 +112,6 @@ pub(crate) fn parse_server(value: &str) -> Result<SocketAddr, String> {
         .parse::<SocketAddr>()
         .or_else(|_| value.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
         .map_err(|_| format!("{DNS_SERVER_ENV_VAR}={value:?}: expected ip:port or ip"))
-}
-
-/// One lookup: the addresses and how long they live; a name that does
-/// not exist is an empty answer, not an error.
-pub(crate) async fn lookup(
-    resolver: &TokioResolver,
-    name: &str,
-) -> Result<(Vec<IpAddr>, Option<Duration>), String> {
-    // A trailing dot: the name is absolute, no search domains are tried.
-    let fqdn = if name.ends_with('.') {
-        name.to_owned()
-    } else {
-        format!("{name}.")
-    };
-    match tokio::time::timeout(LOOKUP_TIMEOUT * 2, resolver.lookup_ip(fqdn.as_str())).await {
-        Err(_) => Err(format!(
-            "resolving {name}: no answer within {:?}",
-            LOOKUP_TIMEOUT * 2
-        )),
-        Ok(Ok(answer)) => {
-            let ttl = answer
-                .valid_until()
-                .checked_duration_since(Instant::now())
-                .unwrap_or_default();
-            Ok((answer.iter().collect(), Some(ttl)))
-        }
-        Ok(Err(e)) if e.is_no_records_found() => Ok((Vec::new(), None)),
-        Ok(Err(e)) => Err(format!("resolving {name}: {e}")),
-    }
 }
 
 /// What the DNS task publishes through.
@@ -187,43 +127,13 @@ pub(crate) async fn run(
     target: Target,
     mut changes: watch::Receiver<u64>,
 ) {
-    let mut resolver: Option<TokioResolver> = None;
-    let mut names = Resolutions::default();
+    let mut rounds = DnsRounds::new(server, "this workload");
     loop {
         let Some(published) = target.snapshot.upgrade() else {
             return;
         };
         let base = published.dns.base();
-        let (clusters, wanted) = dns_clusters(base.clusters.values().map(|c| &**c));
-        names.want(&wanted, Instant::now());
-        if !wanted.is_empty() {
-            if resolver.is_none() {
-                match self::resolver(server) {
-                    Ok(r) => resolver = Some(r),
-                    Err(e) => tracing::warn!("DNS clusters are not resolved: {e}"),
-                }
-            }
-            if let Some(r) = &resolver {
-                // Each round asks afresh: the schedule, not the cache,
-                // decides when an answer is stale.
-                r.clear_cache();
-                for name in names.due(Instant::now()) {
-                    match lookup(r, &name).await {
-                        Ok((addresses, ttl)) => {
-                            names.answered(&name, addresses, ttl, Instant::now());
-                        }
-                        Err(e) => {
-                            tracing::warn!("{e}: its endpoints stay as they were");
-                            names.failed(&name, Instant::now());
-                        }
-                    }
-                }
-            }
-        }
-        let resolved: BTreeMap<Name, Arc<ClusterLoadAssignment>> = clusters
-            .iter()
-            .map(|(eds, dns)| (eds.clone(), Arc::new(names.assignment(eds.clone(), dns))))
-            .collect();
+        let resolved = rounds.round(base.clusters.values().map(|c| &**c)).await;
         if published.dns.set_resolved(&published.snapshot, resolved) {
             if let Some(sender) = target.changes.upgrade() {
                 sender.send_modify(|v| *v = v.wrapping_add(1));
@@ -232,20 +142,8 @@ pub(crate) async fn run(
             changes.borrow_and_update();
         }
         drop(published);
-        let wake = match names.next_due() {
-            Some(at) if resolver.is_some() => Some(tokio::time::Instant::from_std(at)),
-            // No resolver: tried again in 5 s (or at the next change).
-            Some(_) => Some(tokio::time::Instant::now() + Duration::from_secs(5)),
-            // No DNS cluster: nothing to do until the config changes.
-            None => None,
-        };
         tokio::select! {
-            () = async {
-                match wake {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            } => {}
+            () = rounds.sleep() => {}
             changed = changes.changed() => if changed.is_err() {
                 return;
             },
