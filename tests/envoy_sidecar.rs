@@ -31,42 +31,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use mesh_control::envoy_bootstrap::{EnvoyBootstrapOptions, envoy_bootstrap};
+use mesh_testkit::http::named_backend;
 use mesh_testkit::stats::assert_split;
 
 /// Requests per measured split.
 const N: u64 = 2_000;
-
-/// A backend answering every request with `name`.
-async fn backend(name: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let service = hyper::service::service_fn(
-                move |_req: Request<hyper::body::Incoming>| async move {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                        Bytes::from_static(name.as_bytes()),
-                    )))
-                },
-            );
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-            });
-        }
-    });
-    addr
-}
 
 /// catalog in `shop` with endpoints v1 and v2, their subsets, and a
 /// VirtualService sending `v1` percent to v1 and the rest to v2.
@@ -381,8 +352,8 @@ async fn control(yaml: &str) -> (mesh_control::ServerHandle, tempfile::TempDir) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stock_envoy_sidecar_follows_a_weighted_split_and_its_changes() {
-    let v1 = backend("v1").await;
-    let v2 = backend("v2").await;
+    let v1 = named_backend("v1").await;
+    let v2 = named_backend("v2").await;
     let (server, dir) = control(&catalog(v1, v2, 70)).await;
     let envoy = start_envoy(&server, "envoy-split", None).await;
 
@@ -454,8 +425,8 @@ spec:
 /// them 50/50 without locality weighting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_envoy_sidecar_weighs_localities_as_distribute_says() {
-    let a = backend("r1").await;
-    let b = backend("r2").await;
+    let a = named_backend("r1").await;
+    let b = named_backend("r2").await;
     let policy = "    loadBalancer:
       simple: ROUND_ROBIN
       localityLbSetting:
@@ -477,8 +448,8 @@ async fn an_envoy_sidecar_weighs_localities_as_distribute_says() {
 /// Envoy in r2/z2 sends everything to r2, one in r1/z1 everything to r1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_envoy_sidecar_stays_in_its_locality_by_default() {
-    let a = backend("r1").await;
-    let b = backend("r2").await;
+    let a = named_backend("r1").await;
+    let b = named_backend("r2").await;
     let policy =
         "    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}
 ";
@@ -499,8 +470,8 @@ async fn an_envoy_sidecar_stays_in_its_locality_by_default() {
 /// matching the faulty route get Envoy's 418, the others reach v1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_envoy_sidecar_injects_a_routes_fault() {
-    let v1 = backend("v1").await;
-    let v2 = backend("v2").await;
+    let v1 = named_backend("v1").await;
+    let v2 = named_backend("v2").await;
     let yaml = catalog(v1, v2, 100).replace(
         "  http:\n  - route:",
         "  http:
@@ -536,8 +507,8 @@ async fn an_envoy_sidecar_injects_a_routes_fault() {
 /// serves no secret, which `/status` says for this client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_istio_mutual_cluster_is_accepted_by_envoy_with_sds() {
-    let v1 = backend("v1").await;
-    let v2 = backend("v2").await;
+    let v1 = named_backend("v1").await;
+    let v2 = named_backend("v2").await;
     let yaml = catalog(v1, v2, 100).replace(
         "  host: catalog\n  subsets:",
         "  host: catalog\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n  subsets:",

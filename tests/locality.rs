@@ -18,40 +18,11 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use mesh_control::BootstrapSpec;
+use mesh_testkit::http::named_backend;
 use proxyless::{Bootstrap, Client, XdsClient};
 use tower::ServiceExt;
 
 const DEADLINE: Duration = Duration::from_secs(10);
-
-/// A backend answering every request with `name`.
-async fn backend(name: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let service = hyper::service::service_fn(
-                move |_req: Request<hyper::body::Incoming>| async move {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                        Bytes::from_static(name.as_bytes()),
-                    )))
-                },
-            );
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-            });
-        }
-    });
-    addr
-}
 
 /// An address nothing listens on (connections are refused).
 async fn dead() -> SocketAddr {
@@ -165,9 +136,9 @@ fn share(count: usize, n: usize, p: f64, what: &str, all: &BTreeMap<String, usiz
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distribute_sends_a_callers_share_to_each_locality() {
-    let z1 = backend("r1/z1").await;
-    let z2 = backend("r1/z2").await;
-    let r2 = backend("r2/z3").await;
+    let z1 = named_backend("r1/z1").await;
+    let z2 = named_backend("r1/z2").await;
+    let r2 = named_backend("r2/z3").await;
     let yaml = catalog(
         &[(z1, "r1/z1"), (z2, "r1/z2"), (r2, "r2/z3")],
         "    loadBalancer:
@@ -216,8 +187,8 @@ async fn distribute_sends_a_callers_share_to_each_locality() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_goes_to_the_named_region_when_the_local_one_is_down() {
     let (z1, z2) = (dead().await, dead().await);
-    let r2 = backend("r2").await;
-    let r3 = backend("r3").await;
+    let r2 = named_backend("r2").await;
+    let r3 = named_backend("r3").await;
     let yaml = catalog(
         &[(z1, "r1/z1"), (z2, "r1/z2"), (r2, "r2/z3"), (r3, "r3/z4")],
         "    loadBalancer:
@@ -247,8 +218,8 @@ async fn failover_goes_to_the_named_region_when_the_local_one_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_endpoint_warms_up_over_warmup_duration() {
-    let old = backend("old").await;
-    let new = backend("new").await;
+    let old = named_backend("old").await;
+    let new = named_backend("new").await;
     // 600 s: for its first 60 s the new endpoint weighs Envoy's minimum,
     // 10% of the old one's, so it gets 1/11 of the calls meanwhile.
     let policy = "    loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 600s}\n";

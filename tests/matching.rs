@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
+use mesh_testkit::http::named_backend;
 use proxyless::{Bootstrap, Client, XdsClient};
 use tower::ServiceExt;
 
@@ -20,23 +21,10 @@ const AUTHORITY: &str = include_str!("../examples/istio-docs/match-authority.yam
 const SCHEME: &str = include_str!("../examples/istio-docs/match-scheme.yaml");
 const FQDN: &str = "ratings.prod.svc.cluster.local";
 
-/// A backend answering `name` to every request.
-async fn backend(name: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = axum::Router::new().fallback(move || async move { name });
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    addr
-}
-
 /// The example `doc` with its ServiceEntry given the two backends as the
 /// endpoints of v1 and v2; mesh-control on it and a client in `prod`.
 async fn mesh(doc: &str) -> (mesh_control::ServerHandle, XdsClient, tempfile::TempDir) {
-    let (v1, v2) = (backend("v1").await, backend("v2").await);
+    let (v1, v2) = (named_backend("v1").await, named_backend("v2").await);
     let endpoint = |a: SocketAddr, version: &str| {
         format!(
             "  - address: {}\n    ports: {{http: {}}}\n    labels: {{version: {version}}}\n",

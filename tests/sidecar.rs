@@ -20,40 +20,11 @@ use http_body_util::{BodyExt, Full};
 use mesh_control::BootstrapSpec;
 use mesh_core::xds;
 use mesh_testkit::ads::{AdsClient, node};
+use mesh_testkit::http::named_backend;
 use mesh_testkit::wait::{DEADLINE, eventually_ok, eventually_ok_async};
 use proxyless::{Bootstrap, Client, XdsClient};
 use serde_json::Value;
 use tower::ServiceExt;
-
-/// A backend answering every request with `name`.
-async fn backend(name: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let service = hyper::service::service_fn(
-                move |_req: Request<hyper::body::Incoming>| async move {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                        Bytes::from_static(name.as_bytes()),
-                    )))
-                },
-            );
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-            });
-        }
-    });
-    addr
-}
 
 /// A ServiceEntry `name` in `namespace` for `host` on port 80, served by `at`.
 fn service(namespace: &str, name: &str, host: &str, at: SocketAddr) -> String {
@@ -109,10 +80,15 @@ struct Mesh {
 impl Mesh {
     async fn start(hosts: &str) -> Mesh {
         let services = [
-            service("shop", "catalog", "catalog", backend("catalog").await),
-            service("shop", "ledger", "ledger", backend("ledger").await),
-            service("billing", "payments", "payments", backend("payments").await),
-            service("ext", "api", "api.example.com", backend("api").await),
+            service("shop", "catalog", "catalog", named_backend("catalog").await),
+            service("shop", "ledger", "ledger", named_backend("ledger").await),
+            service(
+                "billing",
+                "payments",
+                "payments",
+                named_backend("payments").await,
+            ),
+            service("ext", "api", "api.example.com", named_backend("api").await),
         ]
         .concat();
         let dir = tempfile::tempdir().expect("tempdir");

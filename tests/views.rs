@@ -18,42 +18,13 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use mesh_control::BootstrapSpec;
+use mesh_testkit::http::named_backend;
 use proxyless::{Bootstrap, Client, XdsClient};
 use tower::ServiceExt;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 const CALLS: usize = 20;
 const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-
-/// A backend answering every request with `name`.
-async fn backend(name: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let service = hyper::service::service_fn(
-                move |_req: Request<hyper::body::Incoming>| async move {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                        Bytes::from_static(name.as_bytes()),
-                    )))
-                },
-            );
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-            });
-        }
-    });
-    addr
-}
 
 /// catalog in `shop` (port 80) with endpoints `v1` and `v2` (labelled so), a
 /// DestinationRule with those subsets, then `rest` (more documents).
@@ -169,7 +140,7 @@ fn view_of(status: &serde_json::Value, id: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_labels_send_canary_callers_to_v2_and_the_others_to_v1() {
-    let (v1, v2) = (backend("v1").await, backend("v2").await);
+    let (v1, v2) = (named_backend("v1").await, named_backend("v2").await);
     let yaml = catalog(v1, v2, "", &split_by("{sourceLabels: {version: canary}}"));
     let (server, _dir) = control(&yaml).await;
     let canary = client(
@@ -210,7 +181,7 @@ async fn source_labels_send_canary_callers_to_v2_and_the_others_to_v1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_namespace_sends_callers_of_a_to_v2_and_of_b_to_v1() {
-    let (v1, v2) = (backend("v1").await, backend("v2").await);
+    let (v1, v2) = (named_backend("v1").await, named_backend("v2").await);
     let yaml = catalog(v1, v2, "", &split_by("{sourceNamespace: a}"));
     let (server, _dir) = control(&yaml).await;
     let in_a = client(&server, &BootstrapSpec::new("caller-a", "a"));
@@ -225,7 +196,7 @@ async fn source_namespace_sends_callers_of_a_to_v2_and_of_b_to_v1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_without_views_serves_one_shared_translation() {
-    let (v1, v2) = (backend("v1").await, backend("v2").await);
+    let (v1, v2) = (named_backend("v1").await, named_backend("v2").await);
     let yaml = catalog(
         v1,
         v2,
@@ -254,7 +225,7 @@ async fn a_config_without_views_serves_one_shared_translation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_entry_exported_to_its_namespace_is_not_found_from_another() {
-    let (v1, v2) = (backend("v1").await, backend("v2").await);
+    let (v1, v2) = (named_backend("v1").await, named_backend("v2").await);
     let yaml = catalog(v1, v2, "  exportTo: ['.']\n", "");
     let (server, _dir) = control(&yaml).await;
 

@@ -174,6 +174,39 @@ pub async fn get_text(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// A backend on a free loopback port answering `name` (status 200, the name
+/// as the body) to every request, over HTTP/1.1 and HTTP/2 cleartext: the
+/// endpoint of a subset in routing tests, which count who answered. Runs
+/// until the test's runtime ends.
+pub async fn named_backend(name: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port for a backend");
+    let addr = listener.local_addr().expect("the backend's address");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let service = hyper::service::service_fn(
+                move |_req: http::Request<hyper::body::Incoming>| async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        Bytes::from_static(name.as_bytes()),
+                    )))
+                },
+            );
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
 #[cfg(test)]
 mod tests {
     use axum::Router;

@@ -35,12 +35,12 @@ use axum::body::Body;
 use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper::body::Incoming;
 use mesh_xds_client::{CsdsService, XdsClient};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tower::ServiceExt;
 
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
+use crate::operator_port::{self, Running};
 #[cfg(feature = "telemetry")]
 use crate::telemetry::MetricsRegistry;
 
@@ -197,71 +197,33 @@ async fn fallback(req: Request<Body>) -> Response {
 
 /// A running admin endpoint; stops when dropped or shut down.
 #[derive(Debug)]
-pub struct AdminServer {
-    local_addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
+pub struct AdminServer(Running);
 
 impl AdminServer {
     /// The address it listens on (the port chosen for port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.0.local_addr()
     }
 
     /// Stops accepting, lets open requests finish (a CSDS stream ends with
     /// its client), and waits for the server task to end.
-    pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for AdminServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+    pub async fn shutdown(self) {
+        self.0.shutdown().await;
     }
 }
 
 /// Serves `endpoints` on `addr` (HTTP/1.1 and HTTP/2 cleartext):
 /// `/debug/mesh/config`, `/metrics` and CSDS. Use port 0 for any free port
-/// and read it from [`AdminServer::local_addr`].
+/// and read it from [`AdminServer::local_addr`]. The port has limits:
+/// 64 connections, 10 s for a request head (the `operator_port` module).
 pub async fn serve_admin(
     addr: SocketAddr,
     endpoints: AdminEndpoints,
 ) -> Result<AdminServer, Error> {
-    let listener = TcpListener::bind(addr).await.map_err(|e| {
-        Error::new(
-            ErrorKind::Io,
-            format!("cannot listen for the admin endpoint on {addr}"),
-        )
-        .with_source(e)
-    })?;
-    let local_addr = listener.local_addr().map_err(|e| {
-        Error::new(ErrorKind::Io, "cannot read the admin listener's address").with_source(e)
-    })?;
-    let (stop, stopped) = oneshot::channel::<()>();
     let app = endpoints.router();
-    let task = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stopped.await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::warn!(error = %e, "the admin endpoint stopped");
-        }
-    });
-    Ok(AdminServer {
-        local_addr,
-        stop: Some(stop),
-        task: Some(task),
+    operator_port::serve(addr, "the admin endpoint", move |req: Request<Incoming>| {
+        app.clone().oneshot(req)
     })
+    .await
+    .map(AdminServer)
 }

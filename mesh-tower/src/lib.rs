@@ -85,6 +85,8 @@ mod grpc;
 pub mod local_reply;
 pub mod mesh;
 mod mirror;
+#[cfg(any(feature = "admin", feature = "telemetry"))]
+mod operator_port;
 pub mod pool;
 pub mod ratelimit;
 pub mod serve;

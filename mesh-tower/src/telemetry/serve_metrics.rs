@@ -14,96 +14,42 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use super::MetricsRegistry;
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
+use crate::operator_port::{self, Running};
 
 /// The content type of the OpenMetrics text format.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// A running `/metrics` endpoint; stops when dropped or shut down.
 #[derive(Debug)]
-pub struct MetricsServer {
-    local_addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
+pub struct MetricsServer(Running);
 
 impl MetricsServer {
     /// The address it listens on (the port chosen for port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.0.local_addr()
     }
 
-    /// Stops listening and waits for the accept loop to end.
-    pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+    /// Stops listening and waits for the open connections to end.
+    pub async fn shutdown(self) {
+        self.0.shutdown().await;
     }
 }
 
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-/// Serves `registry` at `http://<addr>/metrics` (HTTP/1.1 and HTTP/2).
+/// Serves `registry` at `http://<addr>/metrics` (HTTP/1.1 and HTTP/2), with
+/// the operator ports' limits (64 connections, 10 s for a request head).
 pub async fn serve_metrics(
     addr: SocketAddr,
     registry: MetricsRegistry,
 ) -> Result<MetricsServer, Error> {
-    let listener = TcpListener::bind(addr).await.map_err(|e| {
-        Error::new(
-            ErrorKind::Io,
-            format!("cannot listen for /metrics on {addr}"),
-        )
-        .with_source(e)
-    })?;
-    let local_addr = listener.local_addr().map_err(|e| {
-        Error::new(ErrorKind::Io, "cannot read the /metrics listener's address").with_source(e)
-    })?;
-    let (stop, mut stopped) = oneshot::channel();
-    let task = tokio::spawn(async move {
-        loop {
-            let (stream, _) = tokio::select! {
-                _ = &mut stopped => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "metrics accept failed");
-                        continue;
-                    }
-                },
-            };
-            let registry = registry.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let registry = registry.clone();
-                    async move { Ok::<_, Infallible>(answer(&req, &registry)) }
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(MetricsServer {
-        local_addr,
-        stop: Some(stop),
-        task: Some(task),
+    operator_port::serve(addr, "/metrics", move |req: Request<Incoming>| {
+        let response = answer(&req, &registry);
+        async move { Ok::<_, Infallible>(response) }
     })
+    .await
+    .map(MetricsServer)
 }
 
 fn answer<B>(req: &Request<B>, registry: &MetricsRegistry) -> Response<Full<Bytes>> {
