@@ -321,13 +321,22 @@ fn merge_virtual_hosts(hosts: Vec<(Vec<u8>, VirtualHostDomains)>, namespace: &st
             n += 1;
             name = format!("{}#{n}", vh.name);
         }
-        if kept.len() == vh.domains.len() && name == vh.name {
-            out.push(raw.clone());
+        let mut bytes = if kept.len() == vh.domains.len() && name == vh.name {
+            raw.clone()
         } else if let Ok(mut proto) = VirtualHostProto::decode(raw.as_slice()) {
             proto.domains = kept;
             proto.name = name.clone();
-            out.push(proto.encode_to_vec());
-        }
+            proto.encode_to_vec()
+        } else {
+            continue;
+        };
+        // `include_request_attempt_count: true` (field 14, varint 1), as
+        // Istio sets on every outbound virtual host: Envoy then sends
+        // `x-envoy-attempt-count` on each attempt, as our client and the
+        // upstream's retry accounting expect. Appended to the encoded
+        // message: a later scalar field wins when protobuf merges.
+        bytes.extend_from_slice(&[14 << 3, 1]);
+        out.push(bytes);
         names.insert(name);
     }
     out
@@ -745,6 +754,12 @@ spec:
             );
             // Routes came along.
             assert!(rc.virtual_hosts.iter().all(|vh| !vh.routes.is_empty()));
+            assert!(
+                rc.virtual_hosts
+                    .iter()
+                    .all(|vh| vh.include_request_attempt_count),
+                "Envoy is told to send x-envoy-attempt-count, as Istio does"
+            );
         }
         // The same config, the same bytes.
         let a = served_to(ResourceType::RouteConfig, &served, &node("shop", None));

@@ -234,6 +234,43 @@ fn rows() -> Vec<Row> {
             tried: vec![0, 1],
         },
         Row {
+            name: "a body held whole from the start (a GET): no body step, retries allowed",
+            policy: retrying(retries(1, Duration::ZERO)),
+            start: Start {
+                replayable: true,
+                ..Start::default()
+            },
+            random: u64::MAX,
+            script: [
+                vec![line(0, Event::Start, Action::TakeSlot, None)],
+                attempt(0, 1, 0, None, None, None).into(),
+                vec![
+                    line(
+                        1,
+                        outcome(1, Outcome::http(503)),
+                        Action::AskRetry { attempt: 1 },
+                        None,
+                    ),
+                    line(1, Event::RetryGranted, Action::Release { attempt: 1 }, None),
+                    line(1, Event::Done, Action::TakeSlot, None),
+                ],
+                attempt(1, 2, 1, None, None, None).into(),
+                // The budget (1 retry) is used up: the last 503 is delivered.
+                vec![line(
+                    2,
+                    outcome(2, Outcome::http(503)),
+                    deliver(2, None),
+                    None,
+                )],
+            ]
+            .concat(),
+            notes: vec![
+                Note::Retrying(1, RetryOn::RETRIABLE_STATUS_CODES, ms(0)),
+                Note::RetriesExhausted,
+            ],
+            tried: vec![0, 1],
+        },
+        Row {
             name: "per-try timeout, then a retry after a backoff timer",
             policy: retrying(RetryPolicy {
                 per_try_timeout: Some(ms(100)),
@@ -622,6 +659,7 @@ fn rows() -> Vec<Row> {
             policy: retrying(retries(2, Duration::ZERO)),
             start: Start {
                 deadline: Some(Duration::ZERO),
+                ..Start::default()
             },
             random: 0,
             script: vec![line(
@@ -641,6 +679,7 @@ fn rows() -> Vec<Row> {
             },
             start: Start {
                 deadline: Some(ms(80)),
+                ..Start::default()
             },
             random: 0,
             script: [
@@ -750,6 +789,7 @@ fn the_clock_is_needed_only_when_something_can_time_out() {
     assert!(Exchange::new(&timed, start).needs_clock());
     let deadline = Start {
         deadline: Some(ms(1)),
+        ..Start::default()
     };
     assert!(Exchange::new(&RoutePolicy::default(), deadline).needs_clock());
 }
@@ -798,4 +838,66 @@ fn endpoints_tried_past_the_inline_room_are_all_kept_in_order() {
         tried.push(endpoint);
     }
     assert_eq!(tried.as_slice(), &[7, 3, 9, 1, 4]);
+}
+
+#[test]
+fn the_success_shortcut_agrees_with_every_retry_condition() {
+    // Istio's default, every condition at once, and a route that retries
+    // a 2xx by naming it.
+    let all = RetryPolicy {
+        retry_on: RetryOn::FIVE_XX
+            | RetryOn::GATEWAY_ERROR
+            | RetryOn::RETRIABLE_4XX
+            | RetryOn::RESET
+            | RetryOn::CONNECT_FAILURE
+            | RetryOn::REFUSED_STREAM
+            | RetryOn::CANCELLED
+            | RetryOn::DEADLINE_EXCEEDED
+            | RetryOn::INTERNAL
+            | RetryOn::RESOURCE_EXHAUSTED
+            | RetryOn::UNAVAILABLE,
+        ..RetryPolicy::istio_default()
+    };
+    let names_204 = RetryPolicy {
+        retriable_status_codes: std::sync::Arc::from([503u16, 204]),
+        ..RetryPolicy::istio_default()
+    };
+    let grpc = [
+        None,
+        Some(grpc_status::OK),
+        Some(grpc_status::CANCELLED),
+        Some(grpc_status::UNAVAILABLE),
+        Some(grpc_status::INTERNAL),
+    ];
+    for policy in [RetryPolicy::istio_default(), all, names_204] {
+        for http in 100..=599 {
+            for grpc in grpc {
+                let outcome = Outcome::Status { http, grpc };
+                if settled(&policy, &outcome) {
+                    assert_eq!(
+                        retry::retry_reason(&policy, &outcome),
+                        None,
+                        "{outcome:?} under {:?}",
+                        policy.retry_on
+                    );
+                }
+            }
+        }
+        for outcome in [
+            Outcome::ConnectFailure,
+            Outcome::RefusedStream,
+            Outcome::Reset,
+            Outcome::PerTryTimeout,
+        ] {
+            assert!(!settled(&policy, &outcome));
+        }
+    }
+    // The named 2xx is retried; the others and a 200 are settled.
+    let names_204 = RetryPolicy {
+        retriable_status_codes: std::sync::Arc::from([204u16]),
+        ..RetryPolicy::istio_default()
+    };
+    assert!(!settled(&names_204, &Outcome::http(204)));
+    assert!(settled(&names_204, &Outcome::http(200)));
+    assert!(settled(&RetryPolicy::istio_default(), &Outcome::http(200)));
 }

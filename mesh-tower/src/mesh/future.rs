@@ -181,7 +181,10 @@ where
     /// The one timer, made the first time the engine asks for one (and
     /// reused after).
     sleep: Option<Pin<Box<Sleep>>>,
-    /// The request head: moved into the last attempt, copied for others.
+    /// The request head: each attempt is sent the head held here, and
+    /// one that another attempt may follow leaves a copy in its place
+    /// (the caller's own head goes to the first attempt, with the room
+    /// its header and extension maps have for the attempt's additions).
     head: Option<http::request::Parts>,
     body: Payload<B>,
     /// A service of its own, for attempts sent after `call` returned.
@@ -382,39 +385,56 @@ where
             })
         });
         let (head, body) = req.into_parts();
-        let core = Core {
-            exchange: Exchange::new(routed.route, routed.start),
-            state: routed.state,
-            hash: routed.hash,
-            record: routed.record,
-            stats: stats.clone(),
-            config,
-            grpc,
-            destination: routed.destination,
-            clock: None,
-            timer: None,
-            sleep: None,
-            head: Some(head),
-            body: Payload::Raw(body),
-            svc: None,
-            svc_ready: false,
-            unsent: None,
-            slot: None,
-            picked: None,
-            retry: None,
-            number: 0,
-            attempt: None,
-            mirror,
-            _response: PhantomData,
-        };
+        // A body already whole (an empty one) needs no reading ahead: a
+        // route that retries replays it from the start (set below, once
+        // the exchange says it may retry).
+        let replayable = body.is_end_stream();
+        // The state is written where the future is (not built aside and
+        // moved in: it is most of the future's size).
         let mut this = ResponseFuture {
-            kind: Kind::Driving { core, flight: None },
+            kind: Kind::Driving {
+                core: Core {
+                    exchange: Exchange::new(
+                        routed.route,
+                        Start {
+                            replayable,
+                            ..routed.start
+                        },
+                    ),
+                    state: routed.state,
+                    hash: routed.hash,
+                    record: routed.record,
+                    stats: stats.clone(),
+                    config,
+                    grpc,
+                    destination: routed.destination,
+                    clock: None,
+                    timer: None,
+                    sleep: None,
+                    head: Some(head),
+                    body: Payload::Raw(body),
+                    svc: None,
+                    svc_ready: false,
+                    unsent: None,
+                    slot: None,
+                    picked: None,
+                    retry: None,
+                    number: 0,
+                    attempt: None,
+                    mirror,
+                    _response: PhantomData,
+                },
+                flight: None,
+            },
         };
         // Run where the state will stay until the caller moves the future;
         // every path returns `this`, so it is built where it is returned.
         let Kind::Driving { core, flight } = &mut this.kind else {
             return this;
         };
+        if replayable && core.exchange.may_retry() {
+            core.body = Payload::Kept(Kept::empty());
+        }
         if core.exchange.needs_clock() {
             core.clock = Some(routed.now.unwrap_or_else(Instant::now));
         }
@@ -828,19 +848,30 @@ where
             Payload::Once(body) => body,
             Payload::Preparing(_) | Payload::Gone => return Err(already_sent()),
         };
-        let last = number >= self.exchange.attempt_budget();
-        let mut req = match (last, &self.head) {
-            (false, Some(head)) => request_like(head, body),
-            _ => match self.head.take() {
-                Some(head) => Request::from_parts(head, body),
-                None => {
-                    return Err(Error::new(
-                        ErrorKind::InvalidRequest,
-                        "the request was already sent",
-                    ));
-                }
-            },
+        // Taken and sent in one expression: the head is large, and a
+        // branch between the two costs a move.
+        let mut req = match self.head.take() {
+            Some(head) => Request::from_parts(head, body),
+            None => {
+                return Err(Error::new(
+                    ErrorKind::InvalidRequest,
+                    "the request was already sent",
+                ));
+            }
         };
+        // Another attempt may follow: it gets a copy, made before this
+        // attempt's own headers and target are added (sending the head
+        // held and keeping the copy sends the caller's own head first,
+        // whose maps have room for those additions).
+        if number < self.exchange.attempt_budget() {
+            self.head = Some(copy_head(
+                req.method(),
+                req.uri(),
+                req.version(),
+                req.headers(),
+                req.extensions(),
+            ));
+        }
         req.headers_mut()
             .insert(ATTEMPT_COUNT_NAME, attempt_count(number));
         if let Some(timeout) = timeout {
@@ -1134,10 +1165,40 @@ fn overflow_of(e: &(dyn std::error::Error + 'static)) -> Overflow {
     }
 }
 
-/// A copy of a request head with another body (cloned whole: building
-/// a default request and overwriting its fields drops the defaults).
+/// A copy of a request head with another body.
 fn request_like<T>(head: &http::request::Parts, body: T) -> Request<T> {
-    Request::from_parts(head.clone(), body)
+    let copy = copy_head(
+        &head.method,
+        &head.uri,
+        head.version,
+        &head.headers,
+        &head.extensions,
+    );
+    Request::from_parts(copy, body)
+}
+
+/// A copy of a request head, field by field: an empty header map or
+/// extension map is not cloned (a clone of an empty `HeaderMap` still
+/// walks its vectors), so a bare request's copy costs its URI's
+/// reference counts.
+fn copy_head(
+    method: &http::Method,
+    uri: &http::Uri,
+    version: http::Version,
+    headers: &http::HeaderMap,
+    extensions: &http::Extensions,
+) -> http::request::Parts {
+    let (mut copy, ()) = Request::new(()).into_parts();
+    copy.method = method.clone();
+    copy.uri = uri.clone();
+    copy.version = version;
+    if !headers.is_empty() {
+        copy.headers = headers.clone();
+    }
+    if !extensions.is_empty() {
+        copy.extensions = extensions.clone();
+    }
+    copy
 }
 
 fn no_eligible_endpoint(state: &ClusterState, route: &Name) -> Error {

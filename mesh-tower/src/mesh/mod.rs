@@ -33,7 +33,9 @@
 //!    counted in [`MeshStats::retries_refused`](crate::MeshStats)). A gRPC
 //!    status that arrives in trailers after a `200` is not retried (the
 //!    response has begun), as in Envoy. Every attempt carries
-//!    `x-envoy-attempt-count: <n>`, as Envoy's does.
+//!    `x-envoy-attempt-count: <n>`, the first one included, as Envoy's
+//!    router does with `include_request_attempt_count`, which Istio sets
+//!    on every virtual host it generates (with or without retries).
 //! 6. **Per-try timeout** (`perTryTimeout`), until the response head.
 //! 7. **Circuit breaker** (Istio `connectionPool`): `http2MaxRequests`
 //!    active requests per cluster (every attempt counts, until its response

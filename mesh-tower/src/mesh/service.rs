@@ -413,7 +413,12 @@ impl<Src: ConfigSource> Shared<Src> {
         });
         Ok(Planned::Route(Routed {
             route: handle,
-            start: Start { deadline: caller },
+            // Whether the body is whole is read where the body is taken
+            // apart (`ResponseFuture::start`).
+            start: Start {
+                deadline: caller,
+                replayable: false,
+            },
             now,
             state,
             hash,
