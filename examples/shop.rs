@@ -65,9 +65,10 @@
 //! (mesh-control's `/metrics` is on its TLS admin port and needs a
 //! credential: `--serve` gives its CA a read-only operator token, written
 //! to `control-token-file`, to send as `Authorization: Bearer`), then sends
-//! 20 checkouts a second (every tenth as a beta user; the flaky payment
-//! instance's retries come with them) and, once a second, the intruder's
-//! denied calls and a few "chaos" checkouts that the copy of the config
+//! 20 checkouts a second (ordinary shoppers, so catalog v2 gets the
+//! configured 10%; the flaky payment instance's retries come with them)
+//! and, once a second, the intruder's denied calls and a few "chaos"
+//! checkouts that the copy of the config
 //! routes to fault injection, tight timeouts, a tightly limited subset with
 //! outlier detection, or that arrive with their deadline passed, so every
 //! panel of `docs/grafana/proxyless-mesh.json` has data. It stops cleanly
@@ -161,11 +162,15 @@ async fn run() -> Result<(), BoxError> {
         None
     };
     let ca = ca.build()?;
-    let control = proxyless::control::Server::builder()
+    let mut control = proxyless::control::Server::builder()
         .config_dir(config.path())
-        .ca(ca)
-        .start()
-        .await?;
+        .ca(ca);
+    // `--prometheus URL`: the graph page reads a Prometheus that scrapes
+    // the shop instead of the pushed summaries (tests/ui_prometheus.rs).
+    if let Some(url) = prometheus_arg()? {
+        control = control.prometheus(url);
+    }
+    let control = control.start().await?;
     println!(
         "mesh-control: xDS on {}, admin on {} (TLS; config: {} + {})",
         control.xds_addr(),
@@ -706,7 +711,10 @@ struct Services {
     /// Each server's push of its outbound edges to mesh-control's service
     /// graph (`/v1/graph`, shown at `/ui`), with its registration's
     /// credentials; dropping one stops it.
-    graph: Vec<proxyless::telemetry::GraphPush>,
+    /// One push per workload name, with the name it pushes (two instances
+    /// of one workload, payment v1 and its flaky twin, share their series
+    /// in the registry: one push sends them).
+    graph: Vec<(String, proxyless::telemetry::GraphPush)>,
 }
 
 impl Services {
@@ -763,11 +771,19 @@ impl Services {
             Some(telemetry) => security.telemetry(telemetry.clone()),
             None => security,
         };
-        // Its calls out (frontend's to catalog and payment) feed the graph.
-        self.graph.push(self.registry.push_graph(
-            &registration,
-            proxyless::telemetry::GraphSource::new(NAMESPACE, service),
-        )?);
+        // Its calls out (frontend's to catalog and payment) and its denials
+        // feed the graph. The registry is shared by every workload of the
+        // demo, so each pushes only the series of its own workload name.
+        let name = match self.telemetry.last() {
+            Some(telemetry) => telemetry.identity().workload().to_owned(),
+            None => service.to_owned(),
+        };
+        if !self.graph.iter().any(|(pushing, _)| *pushing == name) {
+            let source =
+                proxyless::telemetry::GraphSource::new(NAMESPACE, service).workload(name.clone());
+            let push = self.registry.push_graph(&registration, source)?;
+            self.graph.push((name, push));
+        }
         let serving = proxyless::serve_with(listener, registration, app, security).await?;
         let addr = serving.local_addr();
         self.serving.push(serving);
@@ -1203,22 +1219,48 @@ async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> Result<(
     Ok(())
 }
 
+/// `--prometheus URL` (or `--prometheus=URL`): the Prometheus mesh-control
+/// reads the service graph from; `None` without it.
+fn prometheus_arg() -> Result<Option<String>, BoxError> {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if let Some(url) = arg.strip_prefix("--prometheus=") {
+            return Ok(Some(url.to_owned()));
+        }
+        if arg == "--prometheus" {
+            return match args.next() {
+                Some(url) if !url.starts_with("--") => Ok(Some(url)),
+                _ => Err("--prometheus needs a URL: --prometheus http://127.0.0.1:9090".into()),
+            };
+        }
+    }
+    Ok(None)
+}
+
 /// Whether the shop keeps running (`--serve` or `SHOP_SERVE=1`).
 fn serve_mode() -> bool {
     std::env::args().skip(1).any(|a| a == "--serve")
         || std::env::var("SHOP_SERVE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
-/// Checkouts per second in `--serve` mode.
+/// Checkouts per second in `--serve` mode, all as ordinary shoppers (no
+/// beta users): the frontend's calls to catalog then follow the default
+/// route's 90/10 split alone, so the page's observed share of v2 is the
+/// configured 10% (tests/ui_browser.rs asserts it). Besides them, once a
+/// second, `CHAOS_BURST` + 3 chaos checkouts (see `add_chaos_routes`).
 const SERVE_RATE: u64 = 20;
 
 /// `--serve`: prints one `SHOP-READY` line naming every endpoint to scrape,
-/// then keeps a steady load (`SERVE_RATE` checkouts a second, every tenth
-/// as a beta user, the flaky payment instance's retries included, and an
-/// intruder's denied calls once a second) so that every dashboard panel
+/// then keeps a steady load (`SERVE_RATE` checkouts a second, the flaky
+/// payment instance's retries included, and an intruder's denied calls
+/// and the chaos checkouts once a second) so that every dashboard panel
 /// has data, until SIGINT, SIGTERM or the end of stdin; then stops
 /// cleanly. Failed checkouts are counted and reported, not fatal: a
 /// dashboard should show them.
+///
+/// No beta users here: they always go to catalog v2 and would skew v2's
+/// share away from the configured 10% the page shows beside it (the
+/// demo's non-serve run proves beta routing).
 async fn serve_until_stopped(
     mesh: Mesh,
     mut services: Services,
@@ -1241,7 +1283,7 @@ async fn serve_until_stopped(
         token_file.display()
     );
     println!(
-        "serving: {SERVE_RATE} checkouts/s (every 10th as a beta user); once a second an \
+        "serving: {SERVE_RATE} checkouts/s; once a second an \
          intruder's calls and {} chaos checkouts (faults, timeouts, overflows, a passed \
          deadline); until SIGINT, SIGTERM or the end of stdin",
         CHAOS_BURST + 3
@@ -1262,9 +1304,8 @@ async fn serve_until_stopped(
         n += 1;
         let client = shopper.clone();
         let (ok, failed) = (Arc::clone(&ok), Arc::clone(&failed));
-        let user = n.is_multiple_of(10).then_some("beta");
         load.spawn(async move {
-            match checkout(&client, user).await {
+            match checkout(&client, None).await {
                 Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                 Err(e) => {
                     if failed.fetch_add(1, Ordering::Relaxed) == 0 {

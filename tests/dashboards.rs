@@ -6,7 +6,7 @@
 //! The queries are in `tests/fixtures/dashboard-queries.tsv` (its header says
 //! how it is laid out and where each query comes from). The test starts
 //! `examples/shop.rs` in `--serve` mode (a steady load of checkouts: canary
-//! splits, beta users, the flaky payment instance's retries, an intruder's
+//! splits, the flaky payment instance's retries, an intruder's
 //! denied calls and the chaos shoppers that make faults, timeouts, breaker
 //! overflows and a passed deadline), a Prometheus (Debian's `prometheus`,
 //! installed as root, otherwise the test fails with the apt command) scraping

@@ -2,7 +2,7 @@
 //! summary, issue 17), as mesh-control reads it: `Summary` from JSON, then
 //! its validation (whose error is the 400 message); an accepted summary is
 //! recorded into a small window twice (the second time past its slots, so
-//! rings wrap and edges are evicted) and the graph is computed from it, as
+//! rings wrap and edges and denials are evicted) and the graph is computed from it, as
 //! `GET /v1/graph` does: none of it may panic, overflow or divide by zero.
 #![no_main]
 
@@ -18,8 +18,11 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut window = GraphWindow::new(WindowConfig {
         max_edges: 4,
+        max_denials: 2,
         ..WindowConfig::default()
     });
+    // A workload's own denials: the attribution check must not panic either.
+    let _ = summary.foreign_denial("shop");
     window.record(&summary, 1_000);
     let _ = window.graph(1_000);
     let later = window.config().window_ms().saturating_add(2_000);

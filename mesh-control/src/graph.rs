@@ -9,15 +9,17 @@
 //! naming both (a workload cannot invent traffic for another one). Limits,
 //! each a 4xx saying which: the body ([`MAX_BODY`], 413), the edges of one
 //! summary ([`SummaryLimits`], 400), one summary per second per identity
-//! (per address without a CA; 429 with `Retry-After`). The window behind
+//! and address (per address without a CA; 429 with `Retry-After`). The window behind
 //! it is bounded ([`mesh_core::graph::WindowConfig`]: 5,000 edges of 5
 //! minutes).
 //!
 //! `GET /v1/graph` is a read of the mesh's state, like `/status`: with a
 //! CA it needs a client certificate, a join token or an operator token.
 //! Each edge carries its observed share of its source's requests to that
-//! service (`observed_share`); the configured share (route weights) is not
-//! in this answer yet: the UI can read it from the served routes.
+//! service (`observed_share`) and the share its routes configure
+//! (`configured_share`). Denials (`denials`) are checked like edges, on
+//! the namespace only: a workload reports the denials of its own
+//! namespace (a SPIFFE ID names no workload).
 //!
 //! The module is a child of `admin.rs` (it shares its credential checks).
 
@@ -116,7 +118,12 @@ fn sender(
     }
 }
 
-/// `POST /v1/graph/summaries`.
+/// `POST /v1/graph/summaries`. Edges must name the caller as their
+/// source (namespace and service account), denials the caller's namespace
+/// as the denying workload's ([`Summary::foreign_denial`]: a workload name
+/// is not part of an identity, so within its namespace a workload is
+/// trusted to name itself, as for an edge's `source_workload`); 403
+/// otherwise.
 pub(super) async fn push(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): Peer,
@@ -168,8 +175,24 @@ pub(super) async fn push(
             ),
         );
     }
+    if let Some(id) = &identity
+        && let Some((i, claimed)) = summary.foreign_denial(id.namespace())
+    {
+        tracing::warn!(%id, claimed, "graph summary refused: another namespace's denials");
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "denial {i} claims a workload of namespace {claimed}, but the caller is {id} \
+                 (namespace {}): a workload reports its own denials only",
+                id.namespace()
+            ),
+        );
+    }
+    // Per identity and address: the replicas of one service account on
+    // other hosts are other senders (a deployment's pods share their
+    // identity); two on one host take turns (they move their phase on 429).
     let sender = match &identity {
-        Some(id) => id.as_str().to_owned(),
+        Some(id) => format!("{id} from {}", peer.addr.ip()),
         None => peer.addr.ip().to_string(),
     };
     let now = graph.now_ms();
@@ -192,21 +215,63 @@ pub(super) async fn push(
     drop(state);
     (
         StatusCode::ACCEPTED,
-        axum::Json(json!({ "accepted": summary.edges.len(), "edges": edges })),
+        axum::Json(json!({
+            "accepted": summary.edges.len(),
+            "edges": edges,
+            "denials": summary.denials.len(),
+        })),
     )
         .into_response()
 }
 
-/// `GET /v1/graph`: nodes and edges over the window.
+/// `GET /v1/graph`: nodes and edges over the window. With a Prometheus
+/// configured (`--prometheus`), read from it (`graph_prom.rs`; a 502 naming
+/// Prometheus' message when it fails), unless `?source=window` asks for the
+/// embedded window; `?source=prometheus` insists on Prometheus (400
+/// without one). The answer's `X-Graph-Source` header says which it is.
 pub(super) async fn get(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): Peer,
     headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Response {
     if let Err(refusal) = reader(&shared, &headers, &peer) {
         return refusal.into_response();
     }
-    let now = shared.graph.now_ms();
-    let graph = shared.graph.lock().0.graph(now);
-    axum::Json(graph).into_response()
+    let prometheus = match query.get("source").map(String::as_str) {
+        None => shared.prometheus.as_ref(),
+        Some("window") => None,
+        Some("prometheus") => match &shared.prometheus {
+            Some(p) => Some(p),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "source=prometheus: this server reads no Prometheus (serve --prometheus URL)",
+                );
+            }
+        },
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("source={other:?}: expected `window` or `prometheus`"),
+            );
+        }
+    };
+    let (mut graph, source) = match prometheus {
+        Some(p) => match p.graph().await {
+            Ok(graph) => (graph, "prometheus"),
+            Err(message) => return error(StatusCode::BAD_GATEWAY, message),
+        },
+        None => {
+            let now = shared.graph.now_ms();
+            (shared.graph.lock().0.graph(now), "window")
+        }
+    };
+    super::ui::fill_configured_shares(&shared, &mut graph);
+    let mut response = axum::Json(graph).into_response();
+    response.headers_mut().insert(
+        "x-graph-source",
+        axum::http::HeaderValue::from_static(source),
+    );
+    response
 }

@@ -40,6 +40,8 @@ pub mod envoy_bootstrap;
 mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+/// The service graph read from Prometheus (`serve --prometheus URL`).
+mod graph_prom;
 mod metrics;
 mod persist;
 mod registry;

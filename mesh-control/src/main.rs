@@ -144,6 +144,13 @@ struct ServeArgs {
     /// e.g. /var/lib/mesh-control/data. Not with --etcd: etcd keeps all of it.
     #[arg(long, value_name = "DIR", conflicts_with = "etcd")]
     data_dir: Option<PathBuf>,
+    /// Read the service graph (`GET /v1/graph`, the `/ui` page) from this
+    /// Prometheus (`http://host:9090`), as Kiali does: Istio's metrics,
+    /// `reporter="source"`, scraped from the workloads. Without it the
+    /// graph is the window of the summaries workloads push (still answered
+    /// by `GET /v1/graph?source=window`). Checked at start: http:// only.
+    #[arg(long, value_name = "URL", value_parser = parse_prometheus_url)]
+    prometheus: Option<String>,
     #[command(flatten)]
     etcd: EtcdArgs,
     /// With --etcd and --join-tokens: the replicas share one CA root, kept
@@ -479,6 +486,23 @@ fn envoy_bootstrap(
 }
 
 /// `24h`, `30m`, `90s`, `2d` or plain seconds.
+/// `--prometheus`: an http:// URL (the server checks it again at start).
+fn parse_prometheus_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("not a URL ({e}); expected http://host:port"))?;
+    match uri.scheme_str() {
+        Some("http") if uri.host().is_some_and(|h| !h.is_empty()) => Ok(s.to_owned()),
+        Some("http") => Err("no host; expected http://host:port".to_owned()),
+        Some("https") => Err(
+            "https is not supported (no trust store to verify Prometheus' certificate); \
+             give its plain http:// address"
+                .to_owned(),
+        ),
+        _ => Err("expected an http:// URL, e.g. http://127.0.0.1:9090".to_owned()),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
@@ -531,6 +555,7 @@ fn main() -> ExitCode {
                 trust_bundle_file,
                 tls_dns_names,
                 data_dir,
+                prometheus,
                 etcd,
                 #[cfg(feature = "etcd")]
                 ca_key_encryption_key,
@@ -562,6 +587,9 @@ fn main() -> ExitCode {
                     .options(options);
                 if let Some(server) = dns_server {
                     builder = builder.dns_server(server);
+                }
+                if let Some(url) = prometheus {
+                    builder = builder.prometheus(url);
                 }
                 #[cfg(feature = "etcd")]
                 let replica = etcd.client().await?;

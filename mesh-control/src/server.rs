@@ -53,6 +53,7 @@ impl Server {
             tls_dns_names: Vec::new(),
             data_dir: None,
             insecure_admin: false,
+            prometheus: None,
             admin_max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
             admin_header_timeout: DEFAULT_ADMIN_HEADER_TIMEOUT,
             ads_max_concurrent_streams: DEFAULT_ADS_MAX_CONCURRENT_STREAMS,
@@ -84,6 +85,8 @@ pub struct ServerBuilder {
     tls_dns_names: Vec<String>,
     data_dir: Option<PathBuf>,
     insecure_admin: bool,
+    /// The Prometheus the graph is read from (`--prometheus`).
+    prometheus: Option<String>,
     admin_max_connections: usize,
     admin_header_timeout: Duration,
     ads_max_concurrent_streams: u32,
@@ -251,6 +254,19 @@ impl ServerBuilder {
     /// domain becomes the CA's.
     pub fn ca(mut self, ca: impl Into<Arc<CertificateAuthority>>) -> Self {
         self.ca = Some(ca.into());
+        self
+    }
+
+    /// Reads the service graph (`GET /v1/graph`, the `/ui` page) from the
+    /// Prometheus at `url` (`http://host:port`, a path prefix allowed), as
+    /// Kiali does: Istio's metrics with `reporter="source"`, scraped from
+    /// the workloads, over the same 5 minutes as the embedded window
+    /// (which keeps taking summaries: `GET /v1/graph?source=window`
+    /// answers it). For a mesh whose workloads a Prometheus already
+    /// scrapes, at a scale past one process' window. A URL that is not
+    /// `http://` fails [`ServerBuilder::start`] with the reason.
+    pub fn prometheus(mut self, url: impl Into<String>) -> Self {
+        self.prometheus = Some(url.into());
         self
     }
 
@@ -433,6 +449,10 @@ impl ServerBuilder {
         shared.stale_after = self.stale_after;
         shared.set_registration_debounce(self.registration_debounce);
         shared.ca = self.ca.clone();
+        if let Some(url) = &self.prometheus {
+            shared.prometheus =
+                Some(crate::graph_prom::PromGraph::new(url).map_err(Error::config)?);
+        }
         if let Some(ca) = &self.ca {
             shared.metrics.report_rate_limits(ca.clone());
         }

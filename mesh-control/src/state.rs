@@ -552,6 +552,9 @@ pub(crate) struct Shared {
     pub(crate) graph: crate::admin::graph::GraphStore,
     /// The web page's login sessions (`ui/mod.rs`).
     pub(crate) ui_sessions: crate::admin::ui::Sessions,
+    /// The Prometheus `GET /v1/graph` reads the graph from, if one is
+    /// configured (`graph_prom.rs`); else the graph is the window above.
+    pub(crate) prometheus: Option<crate::graph_prom::PromGraph>,
 }
 
 /// Ends a [`Shared::run_rebuilds`] task that did not finish its work:
@@ -615,6 +618,7 @@ impl Shared {
             covered: watch::channel(0).0,
             graph: Default::default(),
             ui_sessions: Default::default(),
+            prometheus: None,
             dns: crate::dns::Answers::default(),
         }
         .with_metrics()

@@ -42,6 +42,16 @@
 //! `a_summary_of_100_edges_stays_small` test prints the figure): every 5 s,
 //! 6 KB/s per workload, nothing next to its traffic.
 //!
+//! **Denials.** A summary also carries the requests this workload's
+//! authorization denied in the interval ([`DenialDelta`]), per deciding
+//! policy (`<namespace>/<name>` of the DENY policy, `""` when no ALLOW
+//! policy matched or STRICT mTLS refused a plaintext caller), caller
+//! principal and denying workload: the inbound side, so the sender is the
+//! destination. They come from the workload's `mesh_authz_denied_total`
+//! counter, diffed like the edges. mesh-control takes a workload's own
+//! denials only ([`Summary::foreign_denial`]): the denying namespace must
+//! be the sender's verified one.
+//!
 //! # The window: [`GraphWindow`]
 //!
 //! mesh-control keeps, per edge, a ring of the last [`WindowConfig::slots`]
@@ -60,6 +70,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+pub mod prometheus;
+
 /// Istio's duration buckets, in milliseconds (Envoy's default histogram
 /// buckets): the upper bounds of [`EdgeDelta::latency_ms`]' buckets, then
 /// `+Inf`.
@@ -77,6 +89,13 @@ pub const PUSH_INTERVAL: u64 = 5_000;
 /// The longest name (namespace, service account, workload, version,
 /// service host) an edge may carry: a DNS name's length.
 pub const MAX_NAME: usize = 253;
+
+/// The longest caller principal a denial may carry: a SPIFFE ID's limit
+/// (2,048 bytes, the SPIFFE-ID specification's URI length).
+pub const MAX_PRINCIPAL: usize = 2_048;
+
+/// The longest policy a denial may name: `<namespace>/<name>`.
+pub const MAX_POLICY: usize = 2 * MAX_NAME + 1;
 
 /// One edge: who sent, to which service and version, how.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -130,6 +149,28 @@ pub struct Summary {
     pub interval_ms: u64,
     /// The edges with traffic in the interval.
     pub edges: Vec<EdgeDelta>,
+    /// Requests this workload's authorization denied in the interval, per
+    /// policy and caller (inbound: the sender is the destination).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denials: Vec<DenialDelta>,
+}
+
+/// Requests one workload denied during one interval, for one policy and
+/// one caller.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DenialDelta {
+    /// The policy that denied: `<namespace>/<name>` of the DENY policy that
+    /// matched, or `""` when no ALLOW policy matched (default deny).
+    pub policy: String,
+    /// The caller's principal (SPIFFE ID); `""` for a plaintext caller.
+    #[serde(default)]
+    pub source_principal: String,
+    /// The denying workload's namespace: the sender's own.
+    pub destination_namespace: String,
+    /// The denying workload's name.
+    pub destination_workload: String,
+    /// Requests denied in the interval.
+    pub count: u64,
 }
 
 /// What one summary may hold.
@@ -139,6 +180,8 @@ pub struct SummaryLimits {
     pub max_edges: usize,
     /// The longest interval a summary may cover, in milliseconds.
     pub max_interval_ms: u64,
+    /// Denials per summary (one per policy, caller and workload).
+    pub max_denials: usize,
 }
 
 impl Default for SummaryLimits {
@@ -146,6 +189,7 @@ impl Default for SummaryLimits {
         SummaryLimits {
             max_edges: 1_000,
             max_interval_ms: 10 * 60 * 1_000,
+            max_denials: 1_000,
         }
     }
 }
@@ -154,7 +198,9 @@ impl Summary {
     /// Why this summary cannot be taken, if it cannot: too many edges, an
     /// interval out of range, an empty or overlong name, more errors than
     /// requests, a histogram with more buckets than [`BUCKETS`] or counting
-    /// more requests than the edge has. The message names the edge.
+    /// more requests than the edge has; too many denials, or a denial
+    /// without its workload or with an overlong name. The message names
+    /// the edge or denial.
     pub fn validate(&self, limits: &SummaryLimits) -> Result<(), String> {
         if self.edges.len() > limits.max_edges {
             return Err(format!(
@@ -162,6 +208,39 @@ impl Summary {
                 self.edges.len(),
                 limits.max_edges
             ));
+        }
+        if self.denials.len() > limits.max_denials {
+            return Err(format!(
+                "{} denials in one summary; at most {} are taken",
+                self.denials.len(),
+                limits.max_denials
+            ));
+        }
+        for (i, d) in self.denials.iter().enumerate() {
+            // (field, value, may be empty, longest)
+            for (field, value, optional, max) in [
+                ("policy", &d.policy, true, MAX_POLICY),
+                ("source_principal", &d.source_principal, true, MAX_PRINCIPAL),
+                (
+                    "destination_namespace",
+                    &d.destination_namespace,
+                    false,
+                    MAX_NAME,
+                ),
+                (
+                    "destination_workload",
+                    &d.destination_workload,
+                    false,
+                    MAX_NAME,
+                ),
+            ] {
+                if (value.is_empty() && !optional) || value.len() > max {
+                    let least = if optional { 0 } else { 1 };
+                    return Err(format!(
+                        "denial {i}: {field} must be {least} to {max} characters"
+                    ));
+                }
+            }
         }
         if self.interval_ms == 0 || self.interval_ms > limits.max_interval_ms {
             return Err(format!(
@@ -240,6 +319,33 @@ impl Summary {
                 })
         })
     }
+
+    /// The first denial made by a workload outside `namespace`: its index
+    /// and its claimed namespace. A workload reports only its own denials,
+    /// and the namespace is what its verified identity (a SPIFFE ID
+    /// `ns/<namespace>/sa/<account>`) says of where it runs. The denying
+    /// workload's name is not checked (an identity's service account is
+    /// not a workload name, as an edge's `source_workload` is not checked
+    /// either): a workload can misname its denials within its own
+    /// namespace only.
+    pub fn foreign_denial(&self, namespace: &str) -> Option<(usize, String)> {
+        self.denials
+            .iter()
+            .position(|d| d.destination_namespace != namespace)
+            .map(|i| (i, self.denials[i].destination_namespace.clone()))
+    }
+}
+
+impl DenialDelta {
+    /// Its identity, without the count.
+    pub fn key(&self) -> DenialKey {
+        DenialKey {
+            policy: self.policy.clone(),
+            source_principal: self.source_principal.clone(),
+            destination_namespace: self.destination_namespace.clone(),
+            destination_workload: self.destination_workload.clone(),
+        }
+    }
 }
 
 /// How the window is shaped.
@@ -252,15 +358,20 @@ pub struct WindowConfig {
     /// The most edges kept; a new one beyond evicts the least recently
     /// updated.
     pub max_edges: usize,
+    /// The most denials (policy, caller, denying workload) kept, likewise;
+    /// a bound of their own, so that a burst of denials never evicts an
+    /// edge, nor the reverse.
+    pub max_denials: usize,
 }
 
 impl Default for WindowConfig {
-    /// 30 slots of 10 s (5 minutes), at most 5,000 edges.
+    /// 30 slots of 10 s (5 minutes), at most 5,000 edges and 1,000 denials.
     fn default() -> Self {
         WindowConfig {
             slot_ms: 10_000,
             slots: 30,
             max_edges: 5_000,
+            max_denials: 1_000,
         }
     }
 }
@@ -309,6 +420,17 @@ struct Ring {
     updated_ms: u64,
 }
 
+/// One denial's ring: per slot, the slot's index and the requests denied
+/// in it (saturating, as [`Slot`]'s counts).
+#[derive(Debug, Clone)]
+struct DenialRing {
+    /// Grows to `slots` at most; slot `i` lives at `i % slots`.
+    slots: Vec<(u64, u32)>,
+    /// When it was last counted (ms): eviction, and the denial's
+    /// `last_seen_seconds_ago`.
+    updated_ms: u64,
+}
+
 /// What the window says about one edge.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EdgeStats {
@@ -332,6 +454,37 @@ pub struct EdgeStats {
     /// destination service (all versions, protocols and mTLS modes): the
     /// observed traffic split, 0 to 1.
     pub observed_share: f64,
+    /// The share the served routes give this edge's destination version
+    /// (the weights of the service's default route; 0 to 1), filled in by
+    /// mesh-control from its config; `None` when no route names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configured_share: Option<f64>,
+}
+
+/// Authorization denials over the window, per policy, caller and denying
+/// workload.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DenialStats {
+    /// What was denied, by whom.
+    #[serde(flatten)]
+    pub key: DenialKey,
+    /// Requests denied in the window.
+    pub count: u64,
+    /// Seconds since the latest summary that counted one.
+    pub last_seen_seconds_ago: f64,
+}
+
+/// A denial's identity: [`DenialDelta`] without its count.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DenialKey {
+    /// `<namespace>/<name>` of the denying policy, `""` for default deny.
+    pub policy: String,
+    /// The caller's principal; `""` for a plaintext caller.
+    pub source_principal: String,
+    /// The denying workload's namespace.
+    pub destination_namespace: String,
+    /// The denying workload's name.
+    pub destination_workload: String,
 }
 
 /// A node of the graph: a workload that sent, or a service that was sent
@@ -355,6 +508,9 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     /// Edges with requests in the window, sorted by key.
     pub edges: Vec<EdgeStats>,
+    /// Authorization denials in the window, most first.
+    #[serde(default)]
+    pub denials: Vec<DenialStats>,
 }
 
 /// The last few minutes of every edge, bounded ([`WindowConfig`]).
@@ -362,6 +518,7 @@ pub struct Graph {
 pub struct GraphWindow {
     config: WindowConfig,
     edges: HashMap<EdgeKey, Ring>,
+    denials: HashMap<DenialKey, DenialRing>,
     evicted: u64,
 }
 
@@ -373,10 +530,12 @@ impl GraphWindow {
             slot_ms: config.slot_ms.max(1),
             slots: config.slots.max(1),
             max_edges: config.max_edges.max(1),
+            max_denials: config.max_denials.max(1),
         };
         GraphWindow {
             config,
             edges: HashMap::new(),
+            denials: HashMap::new(),
             evicted: 0,
         }
     }
@@ -391,12 +550,18 @@ impl GraphWindow {
         self.edges.len()
     }
 
-    /// Whether it holds no edge.
-    pub fn is_empty(&self) -> bool {
-        self.edges.is_empty()
+    /// How many denials (policy, caller, denying workload) it holds.
+    pub fn denial_count(&self) -> usize {
+        self.denials.len()
     }
 
-    /// How many edges were evicted to make room since it was made.
+    /// Whether it holds no edge and no denial.
+    pub fn is_empty(&self) -> bool {
+        self.edges.is_empty() && self.denials.is_empty()
+    }
+
+    /// How many edges and denials were evicted to make room since it was
+    /// made.
     pub fn evicted(&self) -> u64 {
         self.evicted
     }
@@ -441,6 +606,48 @@ impl GraphWindow {
             }
             slot.add(delta);
         }
+        for denial in summary.denials.iter().filter(|d| d.count > 0) {
+            let key = denial.key();
+            if !self.denials.contains_key(&key) {
+                if self.denials.len() >= self.config.max_denials {
+                    self.evict_one_denial();
+                }
+                self.denials.insert(
+                    key.clone(),
+                    DenialRing {
+                        slots: Vec::new(),
+                        updated_ms: now_ms,
+                    },
+                );
+            }
+            let Some(ring) = self.denials.get_mut(&key) else {
+                continue;
+            };
+            ring.updated_ms = now_ms;
+            let at = (index % slots as u64) as usize;
+            if ring.slots.len() < slots && at >= ring.slots.len() {
+                ring.slots.resize(at + 1, (0, 0));
+            }
+            let slot = &mut ring.slots[at];
+            if slot.0 != index {
+                *slot = (index, 0);
+            }
+            let count = u32::try_from(denial.count).unwrap_or(u32::MAX);
+            slot.1 = slot.1.saturating_add(count);
+        }
+    }
+
+    /// Drops the least recently counted denial.
+    fn evict_one_denial(&mut self) {
+        let oldest = self
+            .denials
+            .iter()
+            .min_by(|a, b| (a.1.updated_ms, a.0).cmp(&(b.1.updated_ms, b.0)))
+            .map(|(k, _)| k.clone());
+        if let Some(key) = oldest {
+            self.denials.remove(&key);
+            self.evicted += 1;
+        }
     }
 
     /// Drops the least recently updated edge.
@@ -456,17 +663,33 @@ impl GraphWindow {
         }
     }
 
-    /// Drops the edges not updated for a whole window.
+    /// Drops the edges and denials not updated for a whole window.
     pub fn expire(&mut self, now_ms: u64) {
         let window = self.config.window_ms();
         self.edges
+            .retain(|_, ring| now_ms.saturating_sub(ring.updated_ms) < window);
+        self.denials
             .retain(|_, ring| now_ms.saturating_sub(ring.updated_ms) < window);
     }
 
     /// The bytes this window holds, counted: per edge, its slots' capacity
     /// times a slot's size, its key's strings' capacity, plus the map's
-    /// table (its capacity times a key and a ring, and a control byte).
+    /// table (its capacity times a key and a ring, and a control byte);
+    /// and the same for the denials.
     pub fn bytes(&self) -> usize {
+        let denial_table =
+            self.denials.capacity() * (size_of::<DenialKey>() + size_of::<DenialRing>() + 1);
+        let per_denial: usize = self
+            .denials
+            .iter()
+            .map(|(k, ring)| {
+                ring.slots.capacity() * size_of::<(u64, u32)>()
+                    + k.policy.capacity()
+                    + k.source_principal.capacity()
+                    + k.destination_namespace.capacity()
+                    + k.destination_workload.capacity()
+            })
+            .sum();
         let table = self.edges.capacity() * (size_of::<EdgeKey>() + size_of::<Ring>() + 1);
         let per_edge: usize = self
             .edges
@@ -487,7 +710,7 @@ impl GraphWindow {
                     .sum::<usize>()
             })
             .sum();
-        size_of::<Self>() + table + per_edge
+        size_of::<Self>() + table + per_edge + denial_table + per_denial
     }
 
     /// The graph as of `now_ms`: every edge with requests in the window.
@@ -535,8 +758,53 @@ impl GraphWindow {
                 p50_ms: quantile(0.5, &latency),
                 p99_ms: quantile(0.99, &latency),
                 observed_share: 0.0,
+                configured_share: None,
             });
         }
+        let mut graph = Graph::from_edges(window as f64 / 1000.0, edges);
+        graph.denials = self.denial_stats(now_ms, oldest..=index);
+        graph
+    }
+
+    /// The denials counted in the slots `counted`, as of `now_ms`: most
+    /// first, then by key.
+    fn denial_stats(
+        &self,
+        now_ms: u64,
+        counted: std::ops::RangeInclusive<u64>,
+    ) -> Vec<DenialStats> {
+        let mut denials: Vec<DenialStats> = self
+            .denials
+            .iter()
+            .filter_map(|(key, ring)| {
+                let count: u64 = ring
+                    .slots
+                    .iter()
+                    .filter(|(index, _)| counted.contains(index))
+                    .map(|(_, n)| u64::from(*n))
+                    .sum();
+                (count > 0).then(|| DenialStats {
+                    key: key.clone(),
+                    count,
+                    last_seen_seconds_ago: now_ms.saturating_sub(ring.updated_ms) as f64 / 1000.0,
+                })
+            })
+            .collect();
+        denials.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.key.cmp(&b.key)));
+        denials
+    }
+}
+
+impl Graph {
+    /// The graph of `edges` over a window of `window_seconds`: the edges
+    /// sorted by key, each with its observed share of its source
+    /// workload's requests to the same destination service, and the nodes
+    /// they name (workloads with their versions, services with the
+    /// versions that answered); no denials. Both sources of the graph use
+    /// it, the embedded window ([`GraphWindow::graph`]) and Prometheus
+    /// ([`prometheus::graph`]), so that they agree on what a node and a
+    /// share are.
+    pub fn from_edges(window_seconds: f64, mut edges: Vec<EdgeStats>) -> Graph {
         edges.sort_by(|a, b| a.key.cmp(&b.key));
         // Observed split: per (source workload, destination service).
         let mut totals: BTreeMap<(&str, &str, &str), u64> = BTreeMap::new();
@@ -595,9 +863,10 @@ impl GraphWindow {
             })
             .collect();
         Graph {
-            window_seconds: window as f64 / 1000.0,
+            window_seconds,
             nodes,
             edges,
+            denials: Vec::new(),
         }
     }
 }
@@ -660,6 +929,7 @@ pub struct EdgeTotals {
 #[derive(Debug, Clone, Default)]
 pub struct Differ {
     last: HashMap<EdgeKey, EdgeTotals>,
+    last_denials: HashMap<DenialKey, u64>,
 }
 
 impl Differ {
@@ -713,7 +983,35 @@ impl Differ {
         Summary {
             interval_ms: interval_ms.max(1),
             edges,
+            denials: Vec::new(),
         }
+    }
+
+    /// The denials counted since the previous call's totals, from
+    /// `current` (cumulative denied requests per policy, caller and
+    /// denying workload); unchanged ones are left out, and a total lower
+    /// than before (the counter was reset) counts from zero again.
+    /// Remembers `current` for the next call. Sorted by key.
+    pub fn diff_denials(&mut self, current: HashMap<DenialKey, u64>) -> Vec<DenialDelta> {
+        let mut denials: Vec<DenialDelta> = current
+            .iter()
+            .filter_map(|(key, &now)| {
+                let count = match self.last_denials.get(key) {
+                    Some(&then) if then <= now => now - then,
+                    _ => now,
+                };
+                (count > 0).then(|| DenialDelta {
+                    policy: key.policy.clone(),
+                    source_principal: key.source_principal.clone(),
+                    destination_namespace: key.destination_namespace.clone(),
+                    destination_workload: key.destination_workload.clone(),
+                    count,
+                })
+            })
+            .collect();
+        denials.sort();
+        self.last_denials = current;
+        denials
     }
 }
 
@@ -799,6 +1097,7 @@ mod tests {
         Summary {
             interval_ms: PUSH_INTERVAL,
             edges,
+            denials: vec![],
         }
     }
 
@@ -840,6 +1139,7 @@ mod tests {
         let limits = SummaryLimits {
             max_edges: 2,
             max_interval_ms: 60_000,
+            max_denials: 2,
         };
         let table: Vec<(Summary, Option<&str>)> = vec![
             (summary(vec![ok.clone()]), None),
@@ -848,6 +1148,7 @@ mod tests {
                 Summary {
                     interval_ms: 0,
                     edges: vec![],
+                    denials: vec![],
                 },
                 Some("interval_ms 0"),
             ),
@@ -910,6 +1211,248 @@ mod tests {
                 (Err(e), Some(want)) => assert!(e.contains(want), "{e:?} lacks {want:?}"),
                 (got, want) => panic!("{got:?}, expected {want:?}"),
             }
+        }
+    }
+
+    fn denial(policy: &str, principal: &str, workload: &str, count: u64) -> DenialDelta {
+        DenialDelta {
+            policy: policy.into(),
+            source_principal: principal.into(),
+            destination_namespace: "shop".into(),
+            destination_workload: workload.into(),
+            count,
+        }
+    }
+
+    fn with_denials(denials: Vec<DenialDelta>) -> Summary {
+        Summary {
+            interval_ms: PUSH_INTERVAL,
+            edges: vec![],
+            denials,
+        }
+    }
+
+    const INTRUDER: &str = "spiffe://cluster.local/ns/shop/sa/intruder";
+
+    #[test]
+    fn denials_are_validated_like_edges() {
+        let ok = denial("shop/deny-x", INTRUDER, "catalog-v1", 3);
+        let limits = SummaryLimits {
+            max_denials: 2,
+            ..SummaryLimits::default()
+        };
+        let table: Vec<(Summary, Option<&str>)> = vec![
+            (with_denials(vec![ok.clone()]), None),
+            // Default deny from a plaintext caller: both may be empty.
+            (with_denials(vec![denial("", "", "catalog-v1", 1)]), None),
+            (
+                with_denials(vec![ok.clone(); 3]),
+                Some("3 denials in one summary; at most 2"),
+            ),
+            (
+                with_denials(vec![ok.clone(), denial("shop/deny-x", INTRUDER, "", 1)]),
+                Some("denial 1: destination_workload must be 1 to 253"),
+            ),
+            (
+                with_denials(vec![DenialDelta {
+                    destination_namespace: String::new(),
+                    ..ok.clone()
+                }]),
+                Some("denial 0: destination_namespace must be 1"),
+            ),
+            (
+                with_denials(vec![DenialDelta {
+                    source_principal: "s".repeat(MAX_PRINCIPAL + 1),
+                    ..ok.clone()
+                }]),
+                Some("denial 0: source_principal must be 0 to 2048"),
+            ),
+            (
+                with_denials(vec![DenialDelta {
+                    policy: "p".repeat(MAX_POLICY + 1),
+                    ..ok.clone()
+                }]),
+                Some("denial 0: policy must be 0 to 507"),
+            ),
+        ];
+        for (s, expected) in table {
+            match (s.validate(&limits), expected) {
+                (Ok(()), None) => {}
+                (Err(e), Some(want)) => assert!(e.contains(want), "{e:?} lacks {want:?}"),
+                (got, want) => panic!("{got:?}, expected {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_denial_of_another_namespace_is_named() {
+        let mut theirs = denial("admin/deny-x", INTRUDER, "vault", 1);
+        theirs.destination_namespace = "admin".into();
+        let ours = denial("shop/deny-x", INTRUDER, "catalog-v1", 1);
+        // (denials, sender's namespace, expected)
+        type Row = (Vec<DenialDelta>, &'static str, Option<(usize, String)>);
+        let table: Vec<Row> = vec![
+            (vec![], "shop", None),
+            (vec![ours.clone()], "shop", None),
+            (
+                vec![ours.clone(), theirs.clone()],
+                "shop",
+                Some((1, "admin".into())),
+            ),
+            (vec![ours.clone()], "admin", Some((0, "shop".into()))),
+        ];
+        for (denials, namespace, expected) in table {
+            assert_eq!(
+                with_denials(denials.clone()).foreign_denial(namespace),
+                expected,
+                "{denials:?} from {namespace}"
+            );
+        }
+    }
+
+    #[test]
+    fn denials_are_counted_over_the_window_most_first() {
+        let mut w = GraphWindow::new(WindowConfig::default());
+        let t0 = 1_000_000;
+        // Every 5 s for a minute: 2 by deny-x from the intruder; default
+        // deny of a plaintext caller once, at the start.
+        for i in 0..12u64 {
+            let mut denials = vec![denial("shop/deny-x", INTRUDER, "catalog-v1", 2)];
+            if i == 0 {
+                denials.push(denial("", "", "catalog-v1", 1));
+            }
+            w.record(&with_denials(denials), t0 + i * PUSH_INTERVAL);
+        }
+        let now = t0 + 11 * PUSH_INTERVAL + 2_500;
+        let g = w.graph(now);
+        assert!(g.edges.is_empty());
+        let got: Vec<_> = g
+            .denials
+            .iter()
+            .map(|d| {
+                (
+                    d.key.policy.as_str(),
+                    d.key.source_principal.as_str(),
+                    d.key.destination_workload.as_str(),
+                    d.count,
+                    d.last_seen_seconds_ago,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("shop/deny-x", INTRUDER, "catalog-v1", 24, 2.5),
+                ("", "", "catalog-v1", 1, 57.5),
+            ]
+        );
+        // The JSON the UI reads.
+        let json = serde_json::to_value(&g.denials[0]).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "policy": "shop/deny-x",
+                "source_principal": INTRUDER,
+                "destination_namespace": "shop",
+                "destination_workload": "catalog-v1",
+                "count": 24,
+                "last_seen_seconds_ago": 2.5,
+            })
+        );
+        // Past the window: gone from the graph, then from memory.
+        let later = now + w.config().window_ms();
+        assert!(w.graph(later).denials.is_empty());
+        w.expire(later);
+        assert!(w.is_empty());
+        assert_eq!(w.denial_count(), 0);
+    }
+
+    #[test]
+    fn denials_beyond_their_cap_evict_the_least_recent_and_never_an_edge() {
+        let mut w = GraphWindow::new(WindowConfig {
+            max_edges: 1,
+            max_denials: 2,
+            ..WindowConfig::default()
+        });
+        w.record(&summary(vec![delta(key("a", "x", "v1"), 1, 0, &[])]), 1_000);
+        let principal = |n: usize| format!("spiffe://cluster.local/ns/shop/sa/caller-{n}");
+        for (n, at) in [(0, 2_000), (1, 3_000), (0, 4_000), (2, 5_000)] {
+            w.record(
+                &with_denials(vec![denial("shop/deny-x", &principal(n), "catalog-v1", 1)]),
+                at,
+            );
+        }
+        assert_eq!((w.len(), w.denial_count(), w.evicted()), (1, 2, 1));
+        let callers: Vec<_> = w
+            .graph(5_000)
+            .denials
+            .into_iter()
+            .map(|d| d.key.source_principal)
+            .collect();
+        // caller-0 (2 denials) first, then caller-2; caller-1 was evicted.
+        assert_eq!(callers, [principal(0), principal(2)]);
+    }
+
+    #[test]
+    fn denials_count_in_the_windows_bytes() {
+        let mut w = GraphWindow::new(WindowConfig::default());
+        let empty = w.bytes();
+        let denials: Vec<DenialDelta> = (0..1_000)
+            .map(|i| {
+                denial(
+                    "shop/deny-x",
+                    &format!("spiffe://cluster.local/ns/shop/sa/caller-{i}"),
+                    "catalog-v1",
+                    1,
+                )
+            })
+            .collect();
+        for t in 0..60u64 {
+            w.record(&with_denials(denials.clone()), t * 10_000);
+        }
+        assert_eq!(w.denial_count(), 1_000);
+        let bytes = w.bytes() - empty;
+        println!("graph window: 1000 denials x 30 slots = {bytes} bytes");
+        // 30 slots of 16 B and ~70 B of names: under 1 KiB a denial.
+        assert!(bytes > 1_000 * 30 * 16, "{bytes}");
+        assert!(bytes < 1_000 * 1_024, "{bytes}");
+    }
+
+    #[test]
+    fn the_differ_sends_the_denials_that_grew() {
+        let k = |policy: &str| DenialKey {
+            policy: policy.into(),
+            source_principal: INTRUDER.into(),
+            destination_namespace: "shop".into(),
+            destination_workload: "catalog-v1".into(),
+        };
+        let mut differ = Differ::default();
+        // (totals of x, totals of y, expected counts sent for (x, y))
+        type Step = (u64, Option<u64>, (Option<u64>, Option<u64>));
+        let steps: &[Step] = &[
+            (3, None, (Some(3), None)),
+            // x unchanged, y appears.
+            (3, Some(2), (None, Some(2))),
+            (7, Some(2), (Some(4), None)),
+            // x reset (the workload restarted): from zero.
+            (1, Some(2), (Some(1), None)),
+        ];
+        for (i, (x, y, (want_x, want_y))) in steps.iter().enumerate() {
+            let mut current = HashMap::new();
+            current.insert(k("shop/deny-x"), *x);
+            if let Some(y) = y {
+                current.insert(k("shop/deny-y"), *y);
+            }
+            let sent = differ.diff_denials(current);
+            let count = |policy: &str| sent.iter().find(|d| d.policy == policy).map(|d| d.count);
+            assert_eq!(
+                (count("shop/deny-x"), count("shop/deny-y")),
+                (*want_x, *want_y),
+                "step {i}"
+            );
+            with_denials(sent)
+                .validate(&SummaryLimits::default())
+                .unwrap();
         }
     }
 
@@ -977,6 +1520,7 @@ mod tests {
             slot_ms: 10_000,
             slots: 30,
             max_edges: 10,
+            max_denials: 10,
         };
         let mut w = GraphWindow::new(config);
         // 10 requests every 5 s for 10 minutes: 2 rps, whatever the age.
@@ -997,6 +1541,7 @@ mod tests {
             slot_ms: 10_000,
             slots: 30,
             max_edges: 2,
+            max_denials: 10,
         });
         w.record(&summary(vec![delta(key("a", "x", "v1"), 1, 0, &[])]), 1_000);
         w.record(&summary(vec![delta(key("a", "y", "v1"), 1, 0, &[])]), 2_000);

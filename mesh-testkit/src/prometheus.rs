@@ -153,9 +153,32 @@ pub struct ScrapeJob {
     ca_file: Option<PathBuf>,
     server_name: Option<String>,
     bearer_token_file: Option<PathBuf>,
+    /// Targets read from this file (`file_sd_configs`) instead of `target`.
+    targets_file: Option<PathBuf>,
 }
 
 impl ScrapeJob {
+    /// The job `name` scraping `scheme://<each target>/<path>` for the
+    /// targets listed in `targets_file` ([`write_targets`]), which
+    /// Prometheus watches: so it can start before what it scrapes, and be
+    /// told the addresses (ephemeral ports) later. The file is created
+    /// empty if it does not exist.
+    pub fn file_sd(name: &str, scheme: &str, path: &str, targets_file: &Path) -> ScrapeJob {
+        if !targets_file.exists() {
+            write_targets(targets_file, &[]);
+        }
+        ScrapeJob {
+            name: name.to_owned(),
+            scheme: scheme.to_owned(),
+            target: String::new(),
+            path: path.to_owned(),
+            ca_file: None,
+            server_name: None,
+            bearer_token_file: None,
+            targets_file: Some(targets_file.to_path_buf()),
+        }
+    }
+
     /// The job `name` scraping `url` (`http://127.0.0.1:9090/metrics` or
     /// `https://...`); panics on a URL that is not `scheme://host:port/path`.
     pub fn new(name: &str, url: &str) -> ScrapeJob {
@@ -174,6 +197,7 @@ impl ScrapeJob {
             ca_file: None,
             server_name: None,
             bearer_token_file: None,
+            targets_file: None,
         }
     }
 
@@ -195,12 +219,26 @@ impl ScrapeJob {
         // Values are JSON strings: valid YAML scalars, whatever they hold.
         let q = |s: &str| serde_json::Value::from(s).to_string();
         let mut out = format!(
-            "  - job_name: {}\n    scheme: {}\n    metrics_path: {}\n    static_configs:\n      - targets: [{}]\n",
+            "  - job_name: {}\n    scheme: {}\n    metrics_path: {}\n",
             q(&self.name),
             q(&self.scheme),
             q(&self.path),
-            q(&self.target)
         );
+        match &self.targets_file {
+            // Watched (inotify), and read again every second besides.
+            Some(file) => {
+                out += &format!(
+                    "    file_sd_configs:\n      - files: [{}]\n        refresh_interval: 1s\n",
+                    q(&file.display().to_string())
+                )
+            }
+            None => {
+                out += &format!(
+                    "    static_configs:\n      - targets: [{}]\n",
+                    q(&self.target)
+                )
+            }
+        }
         if let Some(ca) = &self.ca_file {
             out += &format!(
                 "    tls_config:\n      ca_file: {}\n",
@@ -218,6 +256,22 @@ impl ScrapeJob {
         }
         out
     }
+}
+
+/// Writes `targets` (`host:port` each) to a [`ScrapeJob::file_sd`] job's
+/// file, atomically (a copy renamed over it: Prometheus never reads half a
+/// file).
+pub fn write_targets(targets_file: &Path, targets: &[&str]) {
+    let json = serde_json::json!([{ "targets": targets }]).to_string();
+    let tmp = targets_file.with_extension("tmp");
+    std::fs::write(&tmp, json).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, targets_file).unwrap_or_else(|e| {
+        panic!(
+            "renaming {} to {}: {e}",
+            tmp.display(),
+            targets_file.display()
+        )
+    });
 }
 
 /// A real Prometheus server (Debian's `prometheus`, installed by
@@ -463,6 +517,24 @@ mod tests {
             "{tls}"
         );
         assert!(tls.contains("credentials_file: \"/tmp/token\""), "{tls}");
+        let dir = fresh_dir();
+        let file = dir.join("targets.json");
+        let sd = ScrapeJob::file_sd("shop", "http", "/metrics", &file).yaml();
+        assert!(
+            sd.contains(&format!("files: [\"{}\"]", file.display())),
+            "{sd}"
+        );
+        assert!(!sd.contains("static_configs"), "{sd}");
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            r#"[{"targets":[]}]"#
+        );
+        write_targets(&file, &["127.0.0.1:9100"]);
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            r#"[{"targets":["127.0.0.1:9100"]}]"#
+        );
+        let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(
             percent_encode("sum(rate(x{a=~\"b|c\"}[1m])) / 2"),
             "sum%28rate%28x%7Ba%3D~%22b%7Cc%22%7D%5B1m%5D%29%29%20%2F%202"

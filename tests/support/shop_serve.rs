@@ -75,8 +75,14 @@ pub(crate) struct Shop {
 
 impl Shop {
     pub(crate) fn start() -> Shop {
+        Shop::start_with(&[])
+    }
+
+    /// The shop in `--serve` mode with more arguments (`--prometheus URL`).
+    pub(crate) fn start_with(args: &[&str]) -> Shop {
         let mut child = Command::new(shop_binary())
             .arg("--serve")
+            .args(args)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .stdin(Stdio::piped())

@@ -3,7 +3,8 @@ Playwright's executable_path) for tests/ui_browser.rs, and prints one JSON
 line of what it saw; the Rust test asserts on it.
 
 Environment: ORIGIN (https://127.0.0.1:PORT), TOKEN_FILE, CA (the control
-server's CA bundle), CHROMIUM, SHOTS (a directory for screenshots).
+server's CA bundle), CHROMIUM, SHOTS (a directory for screenshots),
+MIN_CALLS (answered frontend -> catalog calls to wait for).
 """
 import json
 import os
@@ -32,6 +33,11 @@ with socket.create_connection((host, port), timeout=10) as raw:
 # The truth to compare the table with: /status read with the operator token.
 def status_with_token():
     request = urllib.request.Request(origin + "/status", headers={"Authorization": "Bearer " + token})
+    with urllib.request.urlopen(request, context=tls_ip, timeout=10) as answer:
+        return json.load(answer)
+
+def graph_with_token():
+    request = urllib.request.Request(origin + "/v1/graph", headers={"Authorization": "Bearer " + token})
     with urllib.request.urlopen(request, context=tls_ip, timeout=10) as answer:
         return json.load(answer)
 
@@ -107,40 +113,82 @@ with sync_playwright() as p:
     shot(page, "2-config-sync")
 
     # The graph: frontend -> catalog v1 and v2 (traffic reported every 5 s),
-    # with enough calls in the window for the split to be measured: 600
-    # calls put one standard deviation of a 19% share at 1.6%.
+    # with MIN_CALLS answered calls in the window for the split to be
+    # measured (tests/ui_browser.rs derives its tolerance from them). The
+    # page sums an edge over the identities that pushed it: when several
+    # pushed the same edge (`senders`, read from /v1/graph with the token),
+    # its count is that many times the calls.
+    min_calls = int(os.environ.get("MIN_CALLS", "1000"))
+    senders = set()
+    deadline = time.time() + 60
+    while not senders and time.time() < deadline:
+        for e in graph_with_token()["edges"]:
+            if e["source_workload"].startswith("frontend") and e["destination_service"].startswith("catalog."):
+                senders.add(e["source_service_account"])
+        if not senders:
+            time.sleep(1)
+    result["frontend_catalog_senders"] = sorted(senders)
+    wanted = min_calls * max(1, len(senders))
     try:
         page.wait_for_function(
-            """() => { const e = [...document.querySelectorAll('#graph g.edge')]
+            """n => { const e = [...document.querySelectorAll('#graph g.edge')]
                          .filter(g => g.dataset.source.startsWith('shop/frontend')
                                    && g.dataset.service.startsWith('catalog.')
                                    && (g.dataset.version === 'v1' || g.dataset.version === 'v2'));
                        return new Set(e.map(g => g.dataset.version)).size == 2
-                         && e.reduce((n, g) => n + Number(g.dataset.requests), 0) >= 600; }""",
-            timeout=60000)
+                         && e.reduce((n, g) => n + Number(g.dataset.requests), 0) >= n; }""",
+            arg=wanted, timeout=180000)
     except PlaywrightTimeout:
         result["errors"].append(
-            "the graph did not show 600 calls from frontend to catalog v1 and v2 within 60 s")
+            "the graph did not show %d calls from frontend to catalog v1 and v2 within 180 s" % wanted)
     result["graph_nodes"] = page.eval_on_selector_all(
         "#graph g.service, #graph g.workload",
         "gs => gs.map(g => ({cls: g.getAttribute('class'), id: g.dataset.id, "
         "versions: [...g.querySelectorAll('g.version')].map(v => v.dataset.version)}))")
     result["graph_edges"] = page.eval_on_selector_all(
         "#graph g.edge",
-        "gs => gs.map(g => ({source: g.dataset.source, service: g.dataset.service, "
-        "version: g.dataset.version, share: parseFloat(g.dataset.share), "
-        "requests: Number(g.dataset.requests), label: g.textContent}))")
+        "gs => gs.map(g => ({source: g.dataset.source, source_version: g.dataset.sourceVersion, "
+        "service: g.dataset.service, version: g.dataset.version, share: parseFloat(g.dataset.share), "
+        "answered_share: g.dataset.answeredShare === '' ? null : parseFloat(g.dataset.answeredShare), "
+        "configured_share: g.dataset.configuredShare === '' ? null : parseFloat(g.dataset.configuredShare), "
+        "mtls: g.dataset.mtls, requests: Number(g.dataset.requests), label: g.dataset.label, "
+        "title: g.querySelector('title').textContent}))")
+    result["graph_locks"] = page.locator("#graph g.lock").count()
     shot(page, "3-graph")
 
     catalog = page.locator("#graph g.service[data-id^='catalog.']")
     if catalog.count() > 0:
         catalog.first.click()
         try:
-            page.wait_for_selector("#routes pre.route", timeout=10000)
+            page.wait_for_selector("#routes li.route", timeout=10000)
         except PlaywrightTimeout:
             result["errors"].append("clicking catalog showed no routes within 10 s")
         result["routes_text"] = page.locator("#routes").inner_text()
+        result["routes"] = page.eval_on_selector_all(
+            "#routes li.route",
+            """rs => rs.map(r => ({name: r.dataset.route,
+                  match: r.querySelector('.match').textContent,
+                  destinations: [...r.querySelectorAll('li.dest')].map(d => ({
+                    cluster: d.dataset.cluster, version: d.dataset.version,
+                    percent: parseFloat(d.dataset.percent),
+                    live_rps: d.dataset.liveRps === '' ? null : parseFloat(d.dataset.liveRps),
+                    text: d.textContent}))}))""")
         shot(page, "4-catalog-routes")
+
+    # The denials table: the intruder's calls are denied every second and
+    # reported with the next summaries (up to 30 s).
+    try:
+        page.wait_for_selector("#denials tbody tr[data-policy]", timeout=30000)
+    except PlaywrightTimeout:
+        pass  # tests/ui_browser.rs says what is missing
+    result["denials"] = page.eval_on_selector_all(
+        "#denials tbody tr",
+        """rs => rs.map(r => ({policy: r.dataset.policy ?? null,
+              count: Number(r.dataset.count || 0),
+              text: r.textContent}))""")
+    result["denials_policy_cells"] = page.eval_on_selector_all(
+        "#denials td.policy", "cs => cs.map(c => c.textContent)")
+    shot(page, "5-denials")
 
     # Refreshes in place: the data changes, the page is not reloaded.
     before = page.evaluate("document.body.dataset.refreshed")

@@ -1,6 +1,11 @@
-//! The operator's web page (issue 17): `GET /ui` on the admin port, a
-//! config-sync table read from `/status` and the service graph read from
-//! `/v1/graph`, refreshed every 2 s with `fetch()`.
+//! The operator's web page (issue 17): `GET /ui` on the admin port, with
+//! the service graph read from `/v1/graph` (workloads and services with
+//! their versions as sub-nodes; per edge rps, error rate, p50 / p99,
+//! observed vs configured share, retries and an mTLS padlock), the routing
+//! of a clicked service with each destination's live traffic, the recent
+//! authorization denials by policy (`/v1/graph`'s `denials`), and the
+//! config-sync table read from `/status`, refreshed every 2 s with
+//! `fetch()`.
 //!
 //! The page is three files embedded in the binary with `include_str!`
 //! (`index.html`, `app.js`, `app.css`): it works offline, from no CDN, and
@@ -28,8 +33,13 @@
 //! framing, no referrer, no caching.
 //!
 //! `GET /v1/routes?service=HOST` answers the routing rules served for a
-//! service (its virtual hosts' routes: match and weighted destinations),
-//! which the page shows when a service node is clicked.
+//! service (its virtual hosts' routes: match and weighted destinations,
+//! each with the version of its endpoints), which the page shows when a
+//! service node is clicked, each destination with the live traffic the
+//! graph has for its version. Workload metrics carry no route name, so
+//! live traffic is per destination version, not per rule: the panel says
+//! so. `GET /v1/graph` carries each edge's configured share
+//! ([`fill_configured_shares`]).
 //!
 //! The module is a child of `admin.rs` (it shares its credential checks).
 
@@ -344,16 +354,10 @@ async fn routes(
     };
     let service = query.service;
     let served = shared.served.borrow().clone();
-    let names_service = |domain: &str| {
-        domain == service
-            || domain
-                .strip_prefix(service.as_str())
-                .is_some_and(|rest| rest.starts_with(':'))
-    };
     let mut found = Vec::new();
     for (name, config) in &served.snapshot.route_configs {
         for vhost in config.virtual_hosts.iter() {
-            if !vhost.domains.iter().any(|d| names_service(d)) {
+            if !vhost.domains.iter().any(|d| names_service(d, &service)) {
                 continue;
             }
             let routes: Vec<_> = vhost
@@ -380,6 +384,9 @@ async fn routes(
                             "weight": c.weight,
                             // A single destination takes everything (its weight may be 0).
                             "percent": if total == 0 { 100.0 } else { f64::from(c.weight) * 100.0 / total as f64 },
+                            // The endpoints' version, for the page to put the
+                            // graph's live traffic beside it (null: several).
+                            "version": cluster_version(&served.snapshot, &c.name),
                         })).collect::<Vec<_>>(),
                     })
                 })
@@ -395,6 +402,155 @@ async fn routes(
     // first of each is enough for the page.
     found.dedup_by(|a, b| a["virtual_host"] == b["virtual_host"] && a["routes"] == b["routes"]);
     axum::Json(json!({ "service": service, "virtual_hosts": found })).into_response()
+}
+
+/// Fills in each edge's `configured_share`: the share of its source's calls
+/// to the destination service that the served routes give the edge's
+/// destination version (GET /v1/graph, so the page can put "configured
+/// 10%" beside the observed share).
+///
+/// How, per destination service:
+/// - the routes are those of the first virtual host (in route-config name
+///   order) whose domains name the service, in the shared snapshot served
+///   to every client (a per-node view, from `sourceLabels` or a Sidecar,
+///   is not looked at: the graph's edge does not say which view its source
+///   had);
+/// - of them, the **default route**: the last route without a header or
+///   query-parameter condition (Istio's catch-all `http[]` entry, after
+///   the matched ones such as beta users). It is what plain traffic gets,
+///   so it is the split the observed share is compared with; a matched
+///   route's users are a subset whose size the config does not say;
+/// - each weighted cluster (`outbound|80|v2|catalog...`) maps to the
+///   `version` label of the endpoints its DestinationRule subset selected
+///   (the labels are on the cluster's EDS endpoints in the snapshot, so
+///   a subset named `canary` with `version: v2` counts as v2); a cluster
+///   without endpoints falls back to its subset name as the version; a
+///   cluster whose endpoints carry several versions (no subset) splits by
+///   load balancing, not by config, and attributes no share;
+/// - `configured_share` = the weights of the version's clusters / the
+///   route's total weight (a single destination takes everything). A
+///   version the route gives nothing gets 0, unless some weight went to a
+///   cluster of several versions (then it is unknown: `None`).
+///
+/// `None` when no served route names the service, for edges with no
+/// endpoint version (`unknown`: no endpoint answered), and when the
+/// default route has no destination.
+pub(super) fn fill_configured_shares(shared: &Shared, graph: &mut mesh_core::graph::Graph) {
+    let served = shared.served.borrow().clone();
+    configured_shares(&served.snapshot, graph);
+}
+
+/// A default route's split by destination version: version → share, and
+/// whether every weight went to one version (then a version not listed
+/// gets 0).
+type Split = (HashMap<String, f64>, bool);
+
+/// [`fill_configured_shares`] against one snapshot.
+fn configured_shares(snapshot: &mesh_core::Snapshot, graph: &mut mesh_core::graph::Graph) {
+    // Per service host: version → share, and whether unlisted versions are
+    // known to get 0.
+    let mut splits: HashMap<String, Option<Split>> = HashMap::new();
+    for edge in &mut graph.edges {
+        let version = edge.key.destination_version.as_str();
+        if version.is_empty() || version == "unknown" {
+            edge.configured_share = None;
+            continue;
+        }
+        let split = splits
+            .entry(edge.key.destination_service.clone())
+            .or_insert_with(|| default_split(snapshot, &edge.key.destination_service));
+        edge.configured_share = split.as_ref().and_then(|(shares, complete)| {
+            shares
+                .get(version)
+                .copied()
+                .or(if *complete { Some(0.0) } else { None })
+        });
+    }
+}
+
+/// Whether a virtual host's `domain` names `service` (the host, or the
+/// host with a port).
+fn names_service(domain: &str, service: &str) -> bool {
+    domain == service
+        || domain
+            .strip_prefix(service)
+            .is_some_and(|rest| rest.starts_with(':'))
+}
+
+/// The split of `service`'s default route by destination version (see
+/// [`fill_configured_shares`]): version → share, and whether every weight
+/// was attributed to one version.
+fn default_split(snapshot: &mesh_core::Snapshot, service: &str) -> Option<Split> {
+    let route = snapshot
+        .route_configs
+        .values()
+        .flat_map(|config| config.virtual_hosts.iter())
+        .filter(|vhost| vhost.domains.iter().any(|d| names_service(d, service)))
+        .find_map(|vhost| {
+            vhost
+                .routes
+                .iter()
+                .rev()
+                .find(|r| r.matcher.headers.is_empty() && r.matcher.query_params.is_empty())
+        })?;
+    let clusters = route.action.clusters();
+    if clusters.is_empty() {
+        return None;
+    }
+    let total = route.action.total_weight();
+    let mut shares: HashMap<String, f64> = HashMap::new();
+    let mut complete = true;
+    for cluster in clusters {
+        // A single destination takes everything (its weight may be 0).
+        let share = if total == 0 {
+            1.0
+        } else {
+            f64::from(cluster.weight) / total as f64
+        };
+        match cluster_version(snapshot, &cluster.name) {
+            Some(version) => *shares.entry(version).or_default() += share,
+            None => complete = false,
+        }
+    }
+    Some((shares, complete))
+}
+
+/// The one version a cluster's endpoints carry (`version` label), else its
+/// subset name (`outbound|80|v2|host`) when it has no endpoints; `None`
+/// for a cluster of several versions or without a subset.
+fn cluster_version(snapshot: &mesh_core::Snapshot, name: &str) -> Option<String> {
+    let subset = name.split('|').nth(2).filter(|s| !s.is_empty());
+    let eds = snapshot
+        .clusters
+        .get(name)
+        .map_or(name, |c| c.eds_service_name.as_ref());
+    let mut versions = std::collections::BTreeSet::new();
+    let mut unlabelled = false;
+    for locality in snapshot
+        .endpoints
+        .get(eds)
+        .map(|a| a.localities.iter())
+        .into_iter()
+        .flatten()
+    {
+        for endpoint in locality.endpoints.iter() {
+            match endpoint
+                .labels
+                .iter()
+                .find(|(k, _)| k.as_ref() == "version")
+            {
+                Some((_, v)) => {
+                    versions.insert(v.to_string());
+                }
+                None => unlabelled = true,
+            }
+        }
+    }
+    match (versions.len(), unlabelled) {
+        (0, _) => subset.map(str::to_owned),
+        (1, false) => versions.pop_first(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -426,6 +582,139 @@ mod tests {
         let last = sessions.create();
         sessions.remove(&last);
         assert!(!sessions.valid(&last));
+    }
+
+    /// catalog: v1 and v2 endpoints; subsets v1, v2 and `canary` (which
+    /// selects version v2: the version comes from the endpoints, not the
+    /// subset's name); beta users to v2, everyone else 90/10.
+    const CANARY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: catalog, namespace: shop}
+spec:
+  hosts: [catalog.shop.svc.cluster.local]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+  - {address: 10.0.0.1, labels: {version: v1}}
+  - {address: 10.0.0.2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: catalog, namespace: shop}
+spec:
+  host: catalog.shop.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: canary, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: catalog, namespace: shop}
+spec:
+  hosts: [catalog.shop.svc.cluster.local]
+  http:
+  - name: beta-users
+    match: [{headers: {x-user: {exact: beta}}}]
+    route: [{destination: {host: catalog.shop.svc.cluster.local, subset: canary}}]
+  - name: canary-split
+    route:
+    - {destination: {host: catalog.shop.svc.cluster.local, subset: v1}, weight: 90}
+    - {destination: {host: catalog.shop.svc.cluster.local, subset: canary}, weight: 10}
+";
+
+    fn snapshot_of(yaml: &str) -> mesh_core::Snapshot {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mesh.yaml"), yaml).unwrap();
+        let mut store = crate::config::ConfigStore::new(crate::config::MeshOptions::default());
+        let problems = store.load_dir(dir.path());
+        assert!(problems.is_empty(), "{problems:?}");
+        store.snapshot(&[]).0
+    }
+
+    fn graph_to(service: &str, versions: &[&str]) -> mesh_core::graph::Graph {
+        use mesh_core::graph::{EdgeDelta, EdgeKey, GraphWindow, Summary, WindowConfig};
+        let mut window = GraphWindow::new(WindowConfig::default());
+        let edges = versions
+            .iter()
+            .map(|v| EdgeDelta {
+                key: EdgeKey {
+                    source_namespace: "shop".into(),
+                    source_service_account: "frontend".into(),
+                    source_workload: "frontend".into(),
+                    source_version: "v1".into(),
+                    destination_service: service.into(),
+                    destination_version: (*v).into(),
+                    protocol: "http".into(),
+                    mtls: true,
+                },
+                requests: 10,
+                errors: 0,
+                retries: 0,
+                latency_ms: vec![],
+            })
+            .collect();
+        let summary = Summary {
+            interval_ms: 5_000,
+            edges,
+            denials: vec![],
+        };
+        window.record(&summary, 5_000);
+        window.graph(5_000)
+    }
+
+    fn shares(graph: &mesh_core::graph::Graph) -> Vec<(String, Option<f64>)> {
+        graph
+            .edges
+            .iter()
+            .map(|e| (e.key.destination_version.clone(), e.configured_share))
+            .collect()
+    }
+
+    /// The default route's weights, per endpoint version: v1 90%, v2 10%
+    /// (its subset is named `canary`), a version the route never sends to
+    /// 0, and no figure for calls no endpoint answered.
+    #[test]
+    fn configured_shares_are_the_default_routes_weights_per_version() {
+        let snapshot = snapshot_of(CANARY);
+        let mut graph = graph_to(
+            "catalog.shop.svc.cluster.local",
+            &["unknown", "v1", "v2", "v3"],
+        );
+        configured_shares(&snapshot, &mut graph);
+        let got = shares(&graph);
+        assert_eq!(got.len(), 4, "{got:?}");
+        for (version, share) in got {
+            let expected = match version.as_str() {
+                "v1" => Some(0.9),
+                "v2" => Some(0.1),
+                "v3" => Some(0.0),
+                _ => None,
+            };
+            match (share, expected) {
+                (Some(s), Some(e)) => assert!((s - e).abs() < 1e-9, "{version}: {s} vs {e}"),
+                (s, e) => assert_eq!(s, e, "{version}"),
+            }
+        }
+    }
+
+    /// No route names the service: no configured share; a route to the
+    /// service with no subset (its endpoints of two versions) attributes
+    /// none either.
+    #[test]
+    fn no_configured_share_without_a_versioned_route() {
+        let snapshot = snapshot_of(CANARY);
+        let mut graph = graph_to("payment.shop.svc.cluster.local", &["v1"]);
+        configured_shares(&snapshot, &mut graph);
+        assert_eq!(shares(&graph), vec![("v1".to_owned(), None)]);
+
+        let plain = CANARY.split("---").next().unwrap();
+        let snapshot = snapshot_of(plain);
+        let mut graph = graph_to("catalog.shop.svc.cluster.local", &["v1", "v2"]);
+        configured_shares(&snapshot, &mut graph);
+        assert_eq!(
+            shares(&graph),
+            vec![("v1".to_owned(), None), ("v2".to_owned(), None)]
+        );
     }
 
     #[test]

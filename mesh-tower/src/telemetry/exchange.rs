@@ -265,6 +265,10 @@ impl Exchange {
                     let source = source.as_ref().unwrap_or_else(|| istio.unknown_peer());
                     let own_principal = inner.identity.principal_name();
                     let peer_principal = self.record.peer_principal_id();
+                    // One branch for an allowed request.
+                    if let Some(policy) = self.record.denied_by() {
+                        metrics.mesh().denied(policy, peer_principal, &inner.peer);
+                    }
                     istio.observe(&Observation {
                         reporter: Reporter::Destination,
                         source,

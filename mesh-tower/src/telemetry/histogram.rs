@@ -73,6 +73,13 @@ impl AtomicHistogram {
         }
     }
 
+    /// The count of each bucket alone (not cumulative), one per bound and
+    /// then `+Inf`: what the service graph's push reads, without encoding
+    /// the histogram as text and parsing it back.
+    pub(crate) fn bucket_counts(&self) -> impl Iterator<Item = u64> + '_ {
+        self.inner.counts.iter().map(|c| c.load(Ordering::Relaxed))
+    }
+
     /// The buckets as prometheus-client's encoder takes them (upper bound,
     /// count in that bucket alone), the count, and the sum.
     fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {

@@ -321,6 +321,27 @@ pub(crate) struct IstioMetrics {
     unknown_service: Arc<ServiceLabels>,
 }
 
+/// One cached Istio series as [`IstioMetrics::for_each_series`] shows it:
+/// its labels as the interned values they are rendered from, and its
+/// counts.
+pub(crate) struct SeriesView<'a> {
+    pub(crate) reporter: Reporter,
+    pub(crate) source: &'a Peer,
+    pub(crate) destination: &'a Peer,
+    pub(crate) service: &'a ServiceLabels,
+    /// `None` renders as `unknown`.
+    pub(crate) destination_principal: Option<&'a Name>,
+    pub(crate) protocol: RequestProtocol,
+    pub(crate) response_code: u16,
+    pub(crate) grpc_status: Option<u16>,
+    pub(crate) security: Security,
+    /// `istio_requests_total`.
+    pub(crate) requests: u64,
+    /// `istio_request_duration_milliseconds` (buckets of
+    /// [`DURATION_BUCKETS_MS`]).
+    pub(crate) duration: &'a AtomicHistogram,
+}
+
 fn duration_histogram() -> AtomicHistogram {
     AtomicHistogram::new(&DURATION_BUCKETS_MS)
 }
@@ -426,6 +447,40 @@ impl IstioMetrics {
             drop(map);
             series.record(o);
         }
+    }
+
+    /// Calls `f` with every cached series and returns `true`; or, when the
+    /// cache is full, calls nothing and returns `false`. The service
+    /// graph's push reads the edges' totals here instead of rendering every
+    /// family as text and parsing it back (a thousandth of the cost). It is
+    /// only complete while the cache has room: series are never evicted, so
+    /// below [`SERIES_CACHE_LIMIT`] every series ever counted is in it, but
+    /// once it is full new series live in the families alone (the caller
+    /// then reads the rendered families). Holds the cache's read lock for
+    /// the walk: requests of cached series do not take it, a request of a
+    /// new series waits for the walk (microseconds per hundred series).
+    pub(crate) fn for_each_series(&self, mut f: impl FnMut(&SeriesView<'_>)) -> bool {
+        let map = self.series.read().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= SERIES_CACHE_LIMIT {
+            return false;
+        }
+        for (key, series) in map.iter() {
+            let (source, destination, service) = &series._pinned;
+            f(&SeriesView {
+                reporter: key.reporter,
+                source,
+                destination,
+                service,
+                destination_principal: key.destination_principal.as_ref(),
+                protocol: key.protocol,
+                response_code: key.response_code,
+                grpc_status: key.grpc_status,
+                security: key.security,
+                requests: series.requests.get(),
+                duration: &series.duration,
+            });
+        }
+        true
     }
 
     /// How many series are cached.
@@ -785,6 +840,17 @@ impl EncodeLabelValue for PolicyLabel {
     }
 }
 
+/// `mesh_authz_denied_total`'s labels: the deciding policy, the caller and
+/// the denying workload (this one).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DeniedLabels {
+    policy: PolicyLabel,
+    /// The caller's SPIFFE ID; `""` without a verified one (plaintext).
+    source_principal: PolicyLabel,
+    destination_workload: Name,
+    destination_workload_namespace: Name,
+}
+
 /// The mesh's own counters, derived from each request's
 /// [`DecisionRecord`] when its response ends (so the layers that decide
 /// only fill the record):
@@ -800,6 +866,7 @@ impl EncodeLabelValue for PolicyLabel {
 /// | `proxyless_deadline_drops_total` | `direction` (`outbound`, `inbound`) | flag `DT` |
 /// | `proxyless_rate_limited_total` | `direction` (`outbound`: the client stack, `inbound`: the server stack) | flag `RL` |
 /// | `mesh_authz_dry_run_total` | `action` (`allow`, `deny`), `result` (`allowed`, `denied`), `policy` (`<ns>/<name>` of the matching dry-run policy, `""` when none matched) | [`DecisionRecord::dry_run`] |
+/// | `mesh_authz_denied_total` | `policy` (`<ns>/<name>` of the DENY policy, `""` for default deny), `source_principal` (caller's SPIFFE ID, `""` when plaintext), `destination_workload`, `destination_workload_namespace` | [`DecisionRecord::authorization`] denied |
 ///
 /// [`DecisionRecord`]: super::DecisionRecord
 /// [`DecisionRecord::retrying`]: super::DecisionRecord::retrying
@@ -807,12 +874,20 @@ impl EncodeLabelValue for PolicyLabel {
 /// [`DecisionRecord::breaker_overflow`]: super::DecisionRecord::breaker_overflow
 /// [`DecisionRecord::outlier_ejected`]: super::DecisionRecord::outlier_ejected
 /// [`DecisionRecord::dry_run`]: super::DecisionRecord::dry_run
+/// [`DecisionRecord::authorization`]: super::DecisionRecord::authorization
 ///
 /// The dry-run counter (Envoy's RBAC `shadow_allowed` / `shadow_denied`
 /// statistics, with the policy as a label) goes up once per request and
 /// per action that has dry-run policies, on the server that evaluated them.
 /// Its name is part of the mesh's interface (dashboards and the
 /// control-plane tests read it), so it keeps its `mesh_` prefix.
+///
+/// The denial counter (Envoy's RBAC `denied` statistic, with the policy
+/// and the caller as labels) goes up once per request the server's
+/// authorization refused; it is what the service graph's "recent
+/// authorization denials" read (pushed to mesh-control, or queried from
+/// Prometheus). Its cardinality is bounded by the policies times the
+/// verified callers: plaintext callers all count as `""`.
 ///
 /// The rate limit counter is Envoy's local rate limit statistic
 /// `<stat_prefix>.http_local_rate_limit.enforced`: requests a local rate
@@ -831,6 +906,7 @@ pub(crate) struct MeshMetrics {
     deadline_drops: Family<DirectionLabels, Counter>,
     dry_run: Family<DryRunLabels, Counter>,
     rate_limited: Family<DirectionLabels, Counter>,
+    denied: Family<DeniedLabels, Counter>,
 }
 
 impl MeshMetrics {
@@ -845,6 +921,7 @@ impl MeshMetrics {
             deadline_drops: Family::default(),
             dry_run: Family::default(),
             rate_limited: Family::default(),
+            denied: Family::default(),
         };
         registry.register(
             "proxyless_retries",
@@ -893,6 +970,12 @@ impl MeshMetrics {
             "What dry-run authorization policies (istio.io/dry-run) would have decided, by \
              action, result and matching policy; never enforced",
             m.dry_run.clone(),
+        );
+        registry.register(
+            "mesh_authz_denied",
+            "Requests this workload's authorization denied (403 / PERMISSION_DENIED), by deciding \
+             policy (\"\" for default deny), caller principal and denying workload",
+            m.denied.clone(),
         );
         m
     }
@@ -987,6 +1070,43 @@ impl MeshMetrics {
                     .inc();
             }
         }
+    }
+
+    /// Counts one request this workload's authorization denied: by the
+    /// policy that decided (`None`: default deny, or STRICT mTLS without a
+    /// client certificate), from `source_principal` (`None`: plaintext),
+    /// at `own`, the denying workload. Called only for a denial, so an
+    /// allowed request never reaches it.
+    pub(crate) fn denied(
+        &self,
+        policy: Option<&Name>,
+        source_principal: Option<&Name>,
+        own: &Peer,
+    ) {
+        self.denied
+            .get_or_create(&DeniedLabels {
+                policy: PolicyLabel(policy.cloned()),
+                source_principal: PolicyLabel(source_principal.cloned()),
+                destination_workload: own.workload.clone(),
+                destination_workload_namespace: own.namespace.clone(),
+            })
+            .inc();
+    }
+
+    /// `proxyless_retries_total` and `mesh_authz_denied_total` alone, in the
+    /// text format: what the service graph's push reads besides the Istio
+    /// series. A family cannot be walked, but encoding two small ones (per
+    /// cluster and reason; per policy and caller) costs a few lines instead
+    /// of the whole registry's thousands.
+    pub(crate) fn render_graph_families(&self) -> String {
+        let mut registry = Registry::default();
+        registry.register("proxyless_retries", "", self.retries.clone());
+        registry.register("mesh_authz_denied", "", self.denied.clone());
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode_registry(&mut out, &registry).is_err() {
+            tracing::warn!("encoding the retry and denial counters failed");
+        }
+        out
     }
 
     fn rate_limited(&self, direction: &'static str) {

@@ -768,6 +768,13 @@ impl DecisionRecord {
             .map(|a| (a.allowed, a.policy.as_ref()))
     }
 
+    /// If the request was denied by authorization: the deciding policy
+    /// (`None` for default deny, or STRICT mTLS without a verified peer).
+    /// One atomic load when it was not.
+    pub(crate) fn denied_by(&self) -> Option<Option<&Name>> {
+        self.inner.denial.get().map(|d| d.policy.as_ref())
+    }
+
     /// What the dry-run authorization policies would have decided, if the
     /// request was evaluated under any.
     pub fn dry_run_result(&self) -> Option<&DryRun> {
