@@ -221,9 +221,12 @@ pub async fn serve_admin(
     endpoints: AdminEndpoints,
 ) -> Result<AdminServer, Error> {
     let app = endpoints.router();
-    operator_port::serve(addr, "the admin endpoint", move |req: Request<Incoming>| {
-        app.clone().oneshot(req)
-    })
+    operator_port::serve(
+        addr,
+        "the admin endpoint",
+        operator_port::HEADER_TIMEOUT,
+        move |req: Request<Incoming>| app.clone().oneshot(req),
+    )
     .await
     .map(AdminServer)
 }

@@ -82,25 +82,10 @@ impl Drop for Running {
 }
 
 /// Binds `addr` and serves `answer` on every connection (HTTP/1.1 and
-/// HTTP/2 cleartext) within the limits above; `what` names the port in
-/// errors and logs ("the admin endpoint", "/metrics").
+/// HTTP/2 cleartext) within the limits above, a request head within
+/// `header_timeout` ([`HEADER_TIMEOUT`] but in tests); `what` names the
+/// port in errors and logs ("the admin endpoint", "/metrics").
 pub(crate) async fn serve<F, Fut, B>(
-    addr: SocketAddr,
-    what: &'static str,
-    answer: F,
-) -> Result<Running, Error>
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    serve_with_header_timeout(addr, what, HEADER_TIMEOUT, answer).await
-}
-
-/// [`serve`] with another request-head timeout (tests).
-async fn serve_with_header_timeout<F, Fut, B>(
     addr: SocketAddr,
     what: &'static str,
     header_timeout: Duration,
@@ -213,9 +198,14 @@ mod tests {
 
     #[tokio::test]
     async fn connections_beyond_the_bound_are_closed_and_the_port_recovers() {
-        let port = serve(([127, 0, 0, 1], 0).into(), "test port", hello)
-            .await
-            .unwrap();
+        let port = serve(
+            ([127, 0, 0, 1], 0).into(),
+            "test port",
+            HEADER_TIMEOUT,
+            hello,
+        )
+        .await
+        .unwrap();
         let addr = port.local_addr();
         // MAX_CONNECTIONS idle connections hold every slot.
         let mut idle = Vec::new();
@@ -243,10 +233,9 @@ mod tests {
     #[tokio::test]
     async fn a_request_head_that_never_arrives_is_closed() {
         let timeout = Duration::from_millis(300);
-        let port =
-            serve_with_header_timeout(([127, 0, 0, 1], 0).into(), "test port", timeout, hello)
-                .await
-                .unwrap();
+        let port = serve(([127, 0, 0, 1], 0).into(), "test port", timeout, hello)
+            .await
+            .unwrap();
         let mut slow = TcpStream::connect(port.local_addr()).await.unwrap();
         slow.write_all(b"GET / HTTP/1.1\r\nhost:").await.unwrap();
         let mut out = Vec::new();

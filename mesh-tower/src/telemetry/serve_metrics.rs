@@ -44,10 +44,15 @@ pub async fn serve_metrics(
     addr: SocketAddr,
     registry: MetricsRegistry,
 ) -> Result<MetricsServer, Error> {
-    operator_port::serve(addr, "/metrics", move |req: Request<Incoming>| {
-        let response = answer(&req, &registry);
-        async move { Ok::<_, Infallible>(response) }
-    })
+    operator_port::serve(
+        addr,
+        "/metrics",
+        operator_port::HEADER_TIMEOUT,
+        move |req: Request<Incoming>| {
+            let response = answer(&req, &registry);
+            async move { Ok::<_, Infallible>(response) }
+        },
+    )
     .await
     .map(MetricsServer)
 }
