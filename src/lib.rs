@@ -70,8 +70,8 @@ pub use mesh_tower::telemetry::{ClientTelemetryLayer, ServerTelemetryLayer, Tele
 pub use mesh_tower::tls::{CertStore, PeerIdentity, WorkloadCertificates};
 pub use mesh_tower::{
     Authorized, ConfigSource, ConnectionInfo, Error, ErrorKind, InboundConfig, InboundPolicy,
-    MeshLayer, Registration, ResponseBody, Security, ServerContext, ServerLayer, Serving,
-    TargetEndpoint, grpc_status, serve, serve_with,
+    MeshLayer, Registration, ResponseBody, Security, ServerBody, ServerContext, ServerLayer,
+    Serving, TargetEndpoint, grpc_status, serve, serve_with,
 };
 pub use mesh_tower::{Deadline, MeshStats};
 pub use mesh_xds_client::{Bootstrap, XdsClient};

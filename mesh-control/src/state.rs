@@ -39,6 +39,8 @@ use crate::metrics::Counters;
 use crate::persist::{SharedState, Store, Versions};
 use crate::registry::{Registered, Registry};
 
+pub(crate) mod labels;
+
 /// The default minimum interval between the starts of two rebuilds asked
 /// for by registrations ([`Shared::rebuild_soon`]).
 ///
@@ -237,13 +239,13 @@ impl Served {
     /// The view key of the workload `node` describes under this config;
     /// `None`: the shared resources. Its labels (when some `sourceLabels`
     /// needs them) are those of its registrations, else its node's
-    /// `LABELS` over its WorkloadGroup's ([`crate::ads::caller_labels`]).
+    /// `LABELS` over its WorkloadGroup's ([`labels::caller_labels`]).
     pub(crate) fn view_key(&self, node: &NodeWorkload) -> Option<ViewKey> {
         let deps = &self.views.source.as_ref()?.dependencies;
         let labels = if deps.labels.is_empty() && deps.priority_labels.is_empty() {
             BTreeMap::new()
         } else {
-            crate::ads::caller_labels(self, node)
+            labels::caller_labels(self, node)
         };
         let mut key = deps.key_at(&node.namespace, &labels, &node.locality)?;
         key.gateway = self.gateways.selecting(&node.labels).next().is_some();

@@ -503,19 +503,32 @@ async fn a_broken_edit_on_disk_at_restart_serves_the_last_good_config() {
             .is_some_and(|at| at.ends_with("vs.yaml:3")),
         "{first}"
     );
-    assert!(
-        control
+    // mesh-control stores the rejection (what /status shows) before it logs
+    // it: the line may land a moment after /status has it.
+    eventually_ok("the rejection logged at WARN", DEADLINE, || {
+        if control
             .logs()
-            .contains("change rejected, its last good version"),
-        "logged at WARN"
-    );
-    let (code, metrics) = get_text(control.admin, "/metrics").await;
-    assert_eq!(code, 200);
-    assert!(
-        metrics.contains("mesh_control_config_rejected_resources 1")
-            && metrics.contains("mesh_control_config_rejections_total 1"),
-        "{metrics}"
-    );
+            .contains("change rejected, its last good version")
+        {
+            Ok(())
+        } else {
+            Err(control.logs())
+        }
+    })
+    .await;
+    // Counted where it is logged (after /status has it).
+    eventually_ok_async("the rejection counted", DEADLINE, || async {
+        let (code, metrics) = get_text(control.admin, "/metrics").await;
+        assert_eq!(code, 200);
+        if metrics.contains("mesh_control_config_rejected_resources 1")
+            && metrics.contains("mesh_control_config_rejections_total 1")
+        {
+            Ok(())
+        } else {
+            Err(metrics)
+        }
+    })
+    .await;
 
     // Killed, and restarted with the broken edit still on disk.
     control.kill();

@@ -120,6 +120,22 @@ impl RouteMatch {
             && self.headers.iter().all(|h| h.matches(req))
             && self.query_params.iter().all(|q| q.matches(req.query))
     }
+
+    /// Whether the path alone decides this matcher (no header or query
+    /// parameter condition): then [`matches_path`](Self::matches_path)
+    /// answers what [`matches`](Self::matches) would. A caller can check
+    /// a route like Istio's catch-all (`prefix: /`) without building a
+    /// [`RequestView`].
+    pub fn is_path_only(&self) -> bool {
+        self.headers.is_empty() && self.query_params.is_empty()
+    }
+
+    /// Whether the path condition holds for `path` (without its query
+    /// string); the whole match for a [path-only](Self::is_path_only)
+    /// matcher.
+    pub fn matches_path(&self, path: &str) -> bool {
+        path_matches(&self.path, path, self.ignore_case)
+    }
 }
 
 /// Envoy's path match: with `ignore_case` (`case_sensitive: false`),
@@ -385,6 +401,42 @@ mod tests {
             &*host.find(&req("GET", "/api/x", None, &h)).unwrap().name,
             "api"
         );
+    }
+
+    /// A path-only matcher's `matches_path` agrees with `matches`; a
+    /// matcher with a header or query condition is not path-only.
+    #[test]
+    fn path_only_matchers_agree_with_the_full_match() {
+        let h = HeaderMap::new();
+        let folded = RouteMatch {
+            path: PathMatch::Prefix("/Api".into()),
+            ignore_case: true,
+            ..RouteMatch::any()
+        };
+        for m in [RouteMatch::any(), folded] {
+            assert!(m.is_path_only());
+            for path in ["/", "/api/x", "/API", "/other", "*"] {
+                assert_eq!(
+                    m.matches_path(path),
+                    m.matches(&req("GET", path, None, &h)),
+                    "{path}"
+                );
+            }
+        }
+        let with_header = RouteMatch {
+            headers: vec![header("x-user", ValueMatch::Exact("beta".into()), false)].into(),
+            ..RouteMatch::any()
+        };
+        assert!(!with_header.is_path_only());
+        let with_query = RouteMatch {
+            query_params: vec![QueryParamMatch {
+                name: "v".into(),
+                value: ValueMatch::Present(true),
+            }]
+            .into(),
+            ..RouteMatch::any()
+        };
+        assert!(!with_query.is_path_only());
     }
 
     #[test]

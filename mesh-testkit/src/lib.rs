@@ -22,6 +22,8 @@
 //! - [`yaml`]: Istio YAML fixtures shared by test crates.
 //! - [`install`]: Debian packages and Python venvs the tests need, installed under
 //!   a lock, never skipped.
+//! - [`layering`]: the module graph of a crate's source (imports, not doc links),
+//!   its two-module cycles and references, for `tests/layering.rs`.
 //!
 //! Depends on mesh-core only: mesh-tower, mesh-xds-client and mesh-control
 //! dev-depend on this crate, and a dependency on any of them would build a second
@@ -33,6 +35,7 @@ pub mod envoy;
 pub mod etcd;
 pub mod http;
 pub mod install;
+pub mod layering;
 pub mod logs;
 pub mod otlp;
 pub mod pki;

@@ -38,7 +38,7 @@ use mesh_core::outlier::{Ejection, OutlierDetector, ResultClass};
 use mesh_core::retry::RetryLimiter;
 use rand::Rng;
 
-use crate::pool::{ClusterConnections, ClusterTls, ConnectionPolicy};
+use crate::pool::{ClusterConnections, ClusterTls, ConnectionPolicy, TargetCluster};
 use crate::telemetry::EndpointLabels;
 use crate::tls::CertStore;
 
@@ -332,11 +332,15 @@ impl ClusterState {
                 ))),
             ),
         };
-        let connections = ClusterConnections(Arc::new(ConnectionPolicy {
-            breaker: breaker.clone(),
-            limits: cluster.circuit_breakers.clone(),
-            settings: cluster.connection.clone(),
-            tls,
+        let connections = ClusterConnections(Arc::new(TargetCluster {
+            name: cluster.name.clone(),
+            protocol: cluster.protocol,
+            policy: Some(ConnectionPolicy {
+                breaker: breaker.clone(),
+                limits: cluster.circuit_breakers.clone(),
+                settings: cluster.connection.clone(),
+                tls,
+            }),
         }));
         ClusterState {
             next: AtomicU64::new(old.map_or(0, |o| o.next.load(Ordering::Relaxed))),

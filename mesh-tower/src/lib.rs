@@ -104,6 +104,8 @@ pub use grpc::grpc_status;
 pub use mesh::{Mesh, MeshLayer, TargetEndpoint};
 pub use pool::Pool;
 pub use serve::{ConnectionInfo, Registration, Security, Serving, serve, serve_with};
-pub use server::{Authorized, InboundConfig, InboundPolicy, ServerContext, ServerLayer};
+pub use server::{
+    Authorized, InboundConfig, InboundPolicy, ServerBody, ServerContext, ServerLayer,
+};
 pub use source::{ConfigSource, StaticSource};
 pub use stats::MeshStats;

@@ -24,6 +24,21 @@ pub trait ConfigSource: Clone + Send + Sync + 'static {
     /// The current snapshot; a lock-free load.
     fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>>;
 
+    /// The pointer this source publishes its snapshots through, when it
+    /// has one of its own (`None`, the default: the mesh layer calls
+    /// [`snapshot`](Self::snapshot) on every request).
+    ///
+    /// Why: with it, each clone of a [`Mesh`](crate::Mesh) keeps the
+    /// snapshot it last read ([`arc_swap::Cache`]) and checks per request
+    /// whether the pointer still points at it (one relaxed atomic load and
+    /// a compare), instead of a full `arc_swap` load and guard release
+    /// (about 55 instructions per request). A newly published snapshot is
+    /// seen by the next request as with `snapshot`; the old one is held by
+    /// each clone until its next request (as its last route holds it).
+    fn snapshot_cell(&self) -> Option<Arc<ArcSwap<Snapshot>>> {
+        None
+    }
+
     /// Resolves once a listener named `name` (and everything it refers to)
     /// is in the snapshot, or fails when the source knows it does not exist.
     /// Callers bound the wait with their own timeout.
@@ -50,6 +65,10 @@ impl ConfigSource for Arc<ArcSwap<Snapshot>> {
         self.load()
     }
 
+    fn snapshot_cell(&self) -> Option<Arc<ArcSwap<Snapshot>>> {
+        Some(Arc::clone(self))
+    }
+
     fn wait_for_listener(&self, _name: &str) -> impl Future<Output = Result<(), BoxError>> + Send {
         std::future::ready(Ok(()))
     }
@@ -58,6 +77,10 @@ impl ConfigSource for Arc<ArcSwap<Snapshot>> {
 impl ConfigSource for mesh_xds_client::XdsClient {
     fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         mesh_xds_client::XdsClient::snapshot(self)
+    }
+
+    fn snapshot_cell(&self) -> Option<Arc<ArcSwap<Snapshot>>> {
+        Some(mesh_xds_client::XdsClient::snapshot_cell(self))
     }
 
     fn wait_for_listener(&self, name: &str) -> impl Future<Output = Result<(), BoxError>> + Send {
@@ -131,6 +154,10 @@ impl StaticSource {
 impl ConfigSource for StaticSource {
     fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.snapshot.load()
+    }
+
+    fn snapshot_cell(&self) -> Option<Arc<ArcSwap<Snapshot>>> {
+        Some(Arc::clone(&self.snapshot))
     }
 
     fn locality(&self) -> Option<Locality> {

@@ -578,7 +578,9 @@ struct Inner {
 
 /// What the task publishes and handles read.
 pub(crate) struct Published {
-    pub(crate) snapshot: ArcSwap<Snapshot>,
+    /// Shared with the routing layers that cache it per service clone
+    /// ([`XdsClient::snapshot_cell`]).
+    pub(crate) snapshot: Arc<ArcSwap<Snapshot>>,
     /// The snapshot's halves: the ADS driver's and the DNS answers
     /// (`crate::dns`); every snapshot is stored through it.
     pub(crate) dns: crate::dns::Overlay,
@@ -644,7 +646,7 @@ impl XdsClient {
         }
         let cache_file = options.resolve_cache_file(&bootstrap);
         let published = Arc::new(Published {
-            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             status: ArcSwap::from_pointee(SyncStatus::default()),
             dns: crate::dns::Overlay::default(),
             report: ArcSwap::from_pointee(state.resource_report()),
@@ -739,6 +741,14 @@ impl XdsClient {
     /// The current snapshot: one lock-free atomic load.
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.inner.published.snapshot.load()
+    }
+
+    /// The cell the snapshot is published into, for a reader that keeps
+    /// an `arc_swap::Cache` of it: a request then checks one pointer
+    /// instead of a full load (mesh-tower's routing layer does, per
+    /// service clone; about 50 instructions per request less).
+    pub fn snapshot_cell(&self) -> Arc<ArcSwap<Snapshot>> {
+        Arc::clone(&self.inner.published.snapshot)
     }
 
     /// Missing clusters and rejected resources, published with each snapshot.

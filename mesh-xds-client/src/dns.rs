@@ -128,22 +128,34 @@ pub(crate) async fn run(
     mut changes: watch::Receiver<u64>,
 ) {
     let mut rounds = DnsRounds::new(server, "this workload");
+    // Whether the last round had DNS clusters. A config without any (the
+    // usual mesh: EDS clusters only) runs no round at all, so that a
+    // process that has no use for the resolver does not run (and fault in)
+    // its code on every config change; one more round after the last DNS
+    // cluster went away clears its endpoints.
+    let mut active = false;
     loop {
         let Some(published) = target.snapshot.upgrade() else {
             return;
         };
         let base = published.dns.base();
-        let resolved = rounds.round(base.clusters.values().map(|c| &**c)).await;
-        if published.dns.set_resolved(&published.snapshot, resolved) {
-            if let Some(sender) = target.changes.upgrade() {
-                sender.send_modify(|v| *v = v.wrapping_add(1));
+        let wanted = base.clusters.values().any(|c| c.discovery.dns().is_some());
+        if wanted || active {
+            active = wanted;
+            let resolved = rounds.round(base.clusters.values().map(|c| &**c)).await;
+            if published.dns.set_resolved(&published.snapshot, resolved) {
+                if let Some(sender) = target.changes.upgrade() {
+                    sender.send_modify(|v| *v = v.wrapping_add(1));
+                }
+                // Our own bump is not news.
+                changes.borrow_and_update();
             }
-            // Our own bump is not news.
-            changes.borrow_and_update();
         }
         drop(published);
         tokio::select! {
-            () = rounds.sleep() => {}
+            // Nothing is due without DNS clusters (the round just run
+            // forgot every name).
+            () = rounds.sleep(), if active => {}
             changed = changes.changed() => if changed.is_err() {
                 return;
             },

@@ -5,7 +5,8 @@
 //! proxy (istiod's `ApplyLocalityLoadBalancer`), and so does this server:
 //! the caller's locality (its ADS `node.locality`) and, for
 //! `failoverPriority`, the labels it names become per-node view
-//! dependencies (see "Per-node views" in `config`), and [`for_view`]
+//! dependencies (see "Per-node views" in `config`), and
+//! [`locality_for_view`](super::translate::locality_for_view)
 //! rewrites a view's ClusterLoadAssignments by Istio's rules, implemented
 //! in [`mesh_core::locality`]
 //! (`distribute` sets locality weights for the callers it is `from`;
@@ -22,19 +23,19 @@
 //! with outlier detection is turned off for clusters whose rule says any of
 //! this.
 //!
+//! This module reads the settings; `translate.rs` applies them and
+//! `policy.rs` holds them (`TrafficPolicy::locality_setting`): as `policy`
+//! imports this module, this module does not import `policy` back (issue
+//! 14: no two-module cycles).
+//!
 //! `warmupDurationSecs` becomes [`mesh_core::model::Cluster::slow_start`]
 //! for the round-robin and least-request policies (Istio sets Envoy's
 //! `slow_start_config` for these only; with another policy `check` notes it
 //! is ignored).
 
-use std::time::Duration;
-
 pub(crate) use mesh_core::locality::LocalityLbSetting as LocalitySetting;
-use mesh_core::locality::{self, Distribute, Failover, REGION_LABEL, SUBZONE_LABEL, ZONE_LABEL};
-use mesh_core::model::{Cluster, ClusterLoadAssignment, LbPolicy};
+use mesh_core::locality::{Distribute, Failover, REGION_LABEL, SUBZONE_LABEL, ZONE_LABEL};
 
-use super::Audience;
-use super::policy::TrafficPolicy;
 use super::yaml::{Field, Fields, Look, Sink};
 
 /// `localityLbSetting`: `enabled` and the rest (`None` when empty).
@@ -192,51 +193,6 @@ fn check_locality(sink: &mut Sink<'_>, line: usize, path: &str, value: &str) {
     }
 }
 
-/// The locality settings a cluster with `policy` follows, if any.
-pub(crate) fn setting_of(policy: &TrafficPolicy) -> Option<&LocalitySetting> {
-    let lb = policy.load_balancer.as_ref()?;
-    if lb.locality_enabled == Some(false) {
-        return None;
-    }
-    lb.locality.as_deref()
-}
-
-/// Cluster fields from the locality and warmup settings: the client's own
-/// locality ordering off when the server computes the priorities, and slow
-/// start.
-pub(crate) fn adjust_cluster(policy: &TrafficPolicy, cluster: &mut Cluster) {
-    if setting_of(policy).is_some() {
-        cluster.locality_failover = false;
-    }
-    if let Some(lb) = &policy.load_balancer
-        && matches!(lb.policy, LbPolicy::RoundRobin | LbPolicy::LeastRequest)
-    {
-        cluster.slow_start = lb.warmup;
-    }
-}
-
-/// `cla` as the callers of `audience` get it under `policy` (see the
-/// module docs); unchanged for the shared translation.
-pub(crate) fn for_view(
-    cla: ClusterLoadAssignment,
-    policy: &TrafficPolicy,
-    audience: Audience<'_>,
-) -> ClusterLoadAssignment {
-    let Audience::View(key) = audience else {
-        return cla;
-    };
-    let Some(setting) = setting_of(policy) else {
-        return cla;
-    };
-    let Some(local) = &key.locality else {
-        return cla;
-    };
-    let failover = policy.outlier_detection.is_some();
-    let labels = locality::caller_labels(local, &key.labels);
-    let localities = locality::apply(&cla.localities, setting, failover, local, &labels);
-    ClusterLoadAssignment::new(cla.cluster_name.clone(), localities).unwrap_or(cla)
-}
-
 /// What `check` notes about one `trafficPolicy` (`policy`) of a
 /// DestinationRule whose top-level policy is `top`: failover without
 /// outlier detection (Istio applies no failover then; istioctl warns), and
@@ -274,11 +230,6 @@ pub(crate) fn notes(policy: Look<'_, '_>, top: Option<Look<'_, '_>>) -> Vec<(usi
         ));
     }
     out
-}
-
-/// Reads `warmupDurationSecs` (a duration of at least 1ms).
-pub(crate) fn parse_warmup(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Duration> {
-    super::policy::duration(sink, field, super::policy::Floor::OneMs)
 }
 
 #[cfg(test)]

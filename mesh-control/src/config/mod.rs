@@ -193,9 +193,13 @@
 
 mod auth;
 mod cors;
+mod cors_policy;
 mod envoy_filter;
+mod envoy_filter_outbound;
 mod gateway;
-pub(crate) use gateway::{GatewayConfig, ServerTls, TranslatedGateway};
+mod gateway_spec;
+pub(crate) use gateway::{GatewayConfig, TranslatedGateway};
+pub(crate) use gateway_spec::ServerTls;
 mod last_good;
 mod locality;
 mod names;
@@ -203,6 +207,7 @@ mod policy;
 mod resources;
 mod security;
 mod sidecar;
+mod sidecar_spec;
 mod traffic;
 mod translate;
 mod yaml;
@@ -1668,7 +1673,7 @@ impl ViewDependencies {
                         .flat_map(|p| {
                             std::iter::once(p).chain(p.port_level.iter().map(|l| &l.policy))
                         });
-                    for setting in policies.filter_map(locality::setting_of) {
+                    for setting in policies.filter_map(policy::TrafficPolicy::locality_setting) {
                         deps.locality = true;
                         deps.priority_labels
                             .extend(setting.caller_label_keys().map(str::to_owned));

@@ -90,8 +90,8 @@ use std::time::Duration;
 
 use mesh_core::model::{
     AbortStatus, ClientCertificateFiles, Cluster, FaultAbort, FaultDelay, FaultPolicy, FileTls,
-    Fraction, HashPolicy, LbPolicy, Name, OutlierDetection, RetryBudget, RetryOn, RetryPolicy,
-    TcpKeepalive,
+    Fraction, HashPolicy, LbPolicy, Name, OutlierDetection, Pattern, RetryBudget, RetryOn,
+    RetryPolicy, TcpKeepalive, ValueMatch,
 };
 use mesh_core::spiffe::SpiffeId;
 use saphyr::{Scalar, YamlData};
@@ -176,6 +176,11 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, &'static str> {
     }
     let nanos = u64::try_from(nanos).map_err(|_| "it is too large")?;
     Ok(Duration::from_nanos(nanos))
+}
+
+/// Reads `warmupDurationSecs` (a duration of at least 1ms).
+fn parse_warmup(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<Duration> {
+    duration(sink, field, Floor::OneMs)
 }
 
 /// Reads a duration field; problems are reported at the value's line.
@@ -637,6 +642,29 @@ pub(crate) struct ConnectionPool {
 }
 
 impl TrafficPolicy {
+    /// The locality settings a cluster with this policy follows, if any.
+    pub(crate) fn locality_setting(&self) -> Option<&super::locality::LocalitySetting> {
+        let lb = self.load_balancer.as_ref()?;
+        if lb.locality_enabled == Some(false) {
+            return None;
+        }
+        lb.locality.as_deref()
+    }
+
+    /// Cluster fields from the locality and warmup settings: the client's
+    /// own locality ordering off when the server computes the priorities,
+    /// and slow start.
+    pub(crate) fn apply_locality(&self, cluster: &mut Cluster) {
+        if self.locality_setting().is_some() {
+            cluster.locality_failover = false;
+        }
+        if let Some(lb) = &self.load_balancer
+            && matches!(lb.policy, LbPolicy::RoundRobin | LbPolicy::LeastRequest)
+        {
+            cluster.slow_start = lb.warmup;
+        }
+    }
+
     /// `subset` over `self`, one top-level field at a time (Istio's
     /// `MergeTrafficPolicy`: a field the subset sets replaces the rule's whole).
     pub(crate) fn merged(&self, subset: &TrafficPolicy) -> TrafficPolicy {
@@ -1138,7 +1166,7 @@ fn parse_load_balancer(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<
         .unwrap_or_default();
     let warmup = lb
         .get("warmupDurationSecs")
-        .and_then(|w| super::locality::parse_warmup(sink, w));
+        .and_then(|w| parse_warmup(sink, w));
     let (policy, hash) = match present_of(&lb, &["simple", "consistentHash"]).as_slice() {
         [] => (LbPolicy::LeastRequest, None),
         [one] if key_of(one) == "simple" => (parse_simple(sink, *one)?, None),
@@ -1570,6 +1598,60 @@ fn parse_retry_budget(sink: &mut Sink<'_>, field: Field<'_, '_, '_>) -> Option<R
         budget: budget?,
         min_retry_concurrency: min_retry_concurrency?,
     })
+}
+
+/// Istio's `StringMatch`: one of `exact`, `prefix`, `regex`. An empty mapping
+/// means "present" where Istio allows it (headers, query parameters).
+///
+/// Here, below `resources` and `cors_policy` (both read StringMatches), so
+/// that imports run one way.
+pub(crate) fn parse_string_match(
+    sink: &mut Sink<'_>,
+    field: Field<'_, '_, '_>,
+    empty_means_present: bool,
+) -> Option<ValueMatch> {
+    if empty_means_present && field.node.data.is_null() {
+        return Some(ValueMatch::Present(true));
+    }
+    let before = sink.count();
+    let f = Fields::of(sink, field, &["exact", "prefix", "regex"], &[])?;
+    let mut set = f.present();
+    let Some(first) = set.next() else {
+        if empty_means_present {
+            return Some(ValueMatch::Present(true));
+        }
+        if sink.count() != before {
+            // A typo'd kind was reported as an unknown field: say it once.
+            return None;
+        }
+        sink.error(
+            field.key_line,
+            format!("'{}' needs one of exact, prefix or regex", field.path),
+        );
+        return None;
+    };
+    if let Some(second) = set.next() {
+        sink.error(
+            second.key_line,
+            format!(
+                "'{}': only one of exact, prefix or regex may be set",
+                field.path
+            ),
+        );
+        return None;
+    }
+    let value = first.string(sink)?;
+    match first.path.rsplit('.').next() {
+        Some("exact") => Some(ValueMatch::Exact(Arc::from(value.value))),
+        Some("prefix") => Some(ValueMatch::Prefix(Arc::from(value.value))),
+        _ => match Pattern::new(&value.value) {
+            Ok(p) => Some(ValueMatch::Regex(p)),
+            Err(e) => {
+                sink.error(value.line, format!("'{}': {e}", first.path));
+                None
+            }
+        },
+    }
 }
 
 /// RFC 9110 token characters (`tchar`), plus `:` for pseudo-headers.

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mesh_core::model::{
-    Fraction, HeaderMatch, Locality, PathMatch, Pattern, Protocol, QueryParamMatch, RetryPolicy,
+    Fraction, HeaderMatch, Locality, PathMatch, Protocol, QueryParamMatch, RetryPolicy,
     RoutePolicy, ValueMatch,
 };
 
@@ -24,7 +24,7 @@ use mesh_core::spiffe::SpiffeId;
 
 use super::Diagnostic;
 use super::auth;
-use super::policy::{self, TrafficPolicy, is_header_name_byte};
+use super::policy::{self, TrafficPolicy, is_header_name_byte, parse_string_match};
 use super::traffic;
 use super::yaml::{Field, Fields, Look, Node, Sink, Spanned, join, line_of};
 use mesh_core::traffic::{HeaderRules, LocalAnswer, Traffic};
@@ -175,8 +175,8 @@ pub(crate) enum Spec {
     PeerAuthentication(auth::PeerAuthentication),
     AuthorizationPolicy(auth::AuthorizationPolicy),
     EnvoyFilter(super::envoy_filter::EnvoyFilter),
-    Gateway(super::gateway::Gateway),
-    Sidecar(super::sidecar::Sidecar),
+    Gateway(super::gateway_spec::Gateway),
+    Sidecar(super::sidecar_spec::Sidecar),
 }
 
 /// `WorkloadGroup.spec`: what the workloads registering for the service
@@ -571,8 +571,8 @@ pub(crate) fn parse_document(file: &Path, doc: usize, node: &Node<'_>) -> Parsed
         Kind::EnvoyFilter => {
             super::envoy_filter::parse_envoy_filter(&mut sink, s).map(Spec::EnvoyFilter)
         }
-        Kind::Gateway => super::gateway::parse_gateway(&mut sink, s).map(Spec::Gateway),
-        Kind::Sidecar => super::sidecar::parse_sidecar(&mut sink, s).map(Spec::Sidecar),
+        Kind::Gateway => super::gateway_spec::parse_gateway(&mut sink, s).map(Spec::Gateway),
+        Kind::Sidecar => super::sidecar_spec::parse_sidecar(&mut sink, s).map(Spec::Sidecar),
     });
     if sink.count() == 0
         && let (Some(meta), Some(spec)) = (meta, spec)
@@ -918,7 +918,7 @@ fn parse_http_route(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<
     )?;
     let cors = f
         .get("corsPolicy")
-        .and_then(|c| super::cors::parse_cors_policy(sink, c));
+        .and_then(|c| super::cors_policy::parse_cors_policy(sink, c));
     let name = f.get("name").and_then(|n| n.string(sink)).map(|s| s.value);
     let policy = RoutePolicy {
         timeout: f
@@ -1181,57 +1181,6 @@ fn parse_match(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<HttpM
         source_labels,
         source_namespace,
     })
-}
-
-/// Istio's `StringMatch`: one of `exact`, `prefix`, `regex`. An empty mapping
-/// means "present" where Istio allows it (headers, query parameters).
-pub(super) fn parse_string_match(
-    sink: &mut Sink<'_>,
-    field: Field<'_, '_, '_>,
-    empty_means_present: bool,
-) -> Option<ValueMatch> {
-    if empty_means_present && field.node.data.is_null() {
-        return Some(ValueMatch::Present(true));
-    }
-    let before = sink.count();
-    let f = Fields::of(sink, field, &["exact", "prefix", "regex"], &[])?;
-    let mut set = f.present();
-    let Some(first) = set.next() else {
-        if empty_means_present {
-            return Some(ValueMatch::Present(true));
-        }
-        if sink.count() != before {
-            // A typo'd kind was reported as an unknown field: say it once.
-            return None;
-        }
-        sink.error(
-            field.key_line,
-            format!("'{}' needs one of exact, prefix or regex", field.path),
-        );
-        return None;
-    };
-    if let Some(second) = set.next() {
-        sink.error(
-            second.key_line,
-            format!(
-                "'{}': only one of exact, prefix or regex may be set",
-                field.path
-            ),
-        );
-        return None;
-    }
-    let value = first.string(sink)?;
-    match first.path.rsplit('.').next() {
-        Some("exact") => Some(ValueMatch::Exact(Arc::from(value.value))),
-        Some("prefix") => Some(ValueMatch::Prefix(Arc::from(value.value))),
-        _ => match Pattern::new(&value.value) {
-            Ok(p) => Some(ValueMatch::Regex(p)),
-            Err(e) => {
-                sink.error(value.line, format!("'{}': {e}", first.path));
-                None
-            }
-        },
-    }
 }
 
 fn parse_destination(sink: &mut Sink<'_>, path: &str, node: &Node<'_>) -> Option<Destination> {

@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
+use super::super::sidecar_spec::{DnsName, HostNamespace, egress_host};
 use super::super::tests::{assert_one, check, dir};
 use super::super::*;
-use super::{DnsName, HostNamespace};
 
 /// Services `catalog` in `shop`, `payments` in `billing`, `api.example.com`
 /// (declared in `ext`) and a VirtualService in `shop` routing catalog's
@@ -86,7 +86,7 @@ fn sidecar(namespace: &str, name: &str, body: &str) -> String {
 
 #[test]
 fn egress_hosts_admit_by_namespace_and_name() {
-    let parse = |s: &str| super::egress_host(s).unwrap();
+    let parse = |s: &str| egress_host(s).unwrap();
     assert_eq!(parse("*/*").namespace, HostNamespace::Any);
     assert_eq!(parse("./*").namespace, HostNamespace::Own);
     assert_eq!(parse("~/*").namespace, HostNamespace::Nothing);
@@ -108,7 +108,7 @@ fn egress_hosts_admit_by_namespace_and_name() {
         "Shop/*",
         "*/",
     ] {
-        assert!(super::egress_host(bad).is_err(), "{bad} must be refused");
+        assert!(egress_host(bad).is_err(), "{bad} must be refused");
     }
 }
 

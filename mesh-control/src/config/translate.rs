@@ -898,7 +898,8 @@ pub(crate) fn translate_for(
     let identities = Identities::new(options, resources);
     // Client-side local rate limits (EnvoyFilter SIDECAR_OUTBOUND) of this
     // audience's callers, set on their routes below.
-    let outbound = super::envoy_filter::Outbound::new(&options.root_namespace, resources, audience);
+    let outbound =
+        super::envoy_filter_outbound::Outbound::new(&options.root_namespace, resources, audience);
 
     // VirtualServices, in file order: the first to name a host routes it
     // (for the namespaces it is exported to: two exported to disjoint sets
@@ -1080,7 +1081,7 @@ pub(crate) fn translate_for(
                     let name = Name::from(name);
                     let mut cluster = Cluster::new(name.clone(), port.protocol);
                     policy.apply(&mut cluster);
-                    super::locality::adjust_cluster(&policy, &mut cluster);
+                    policy.apply_locality(&mut cluster);
                     // `resolution: DNS`: each client resolves the host.
                     if let Some(round_robin) = svc.dns {
                         cluster.discovery = Discovery::Dns(dns_discovery(svc, port, round_robin));
@@ -1156,7 +1157,7 @@ pub(crate) fn translate_for(
                     }
                     snapshot.endpoints.insert(
                         name.clone(),
-                        Arc::new(super::locality::for_view(
+                        Arc::new(locality_for_view(
                             load_assignment(name, selected.into_iter()),
                             &policy,
                             audience,
@@ -1182,7 +1183,7 @@ pub(crate) fn translate_for(
             .keys()
             .map(|n| n.to_string())
             .collect();
-        let all = super::envoy_filter::Outbound::all(&options.root_namespace, resources);
+        let all = super::envoy_filter_outbound::Outbound::all(&options.root_namespace, resources);
         for (meta, d) in all.unmatched(&vhosts) {
             found.of(meta, d);
         }
@@ -1347,4 +1348,26 @@ pub(crate) fn services(
             }
         })
         .collect()
+}
+
+/// `cla` as the callers of `audience` get it under `policy` (see
+/// `locality.rs`); unchanged for the shared translation.
+pub(crate) fn locality_for_view(
+    cla: ClusterLoadAssignment,
+    policy: &TrafficPolicy,
+    audience: Audience<'_>,
+) -> ClusterLoadAssignment {
+    let Audience::View(key) = audience else {
+        return cla;
+    };
+    let Some(setting) = policy.locality_setting() else {
+        return cla;
+    };
+    let Some(local) = &key.locality else {
+        return cla;
+    };
+    let failover = policy.outlier_detection.is_some();
+    let labels = mesh_core::locality::caller_labels(local, &key.labels);
+    let localities = mesh_core::locality::apply(&cla.localities, setting, failover, local, &labels);
+    ClusterLoadAssignment::new(cla.cluster_name.clone(), localities).unwrap_or(cla)
 }

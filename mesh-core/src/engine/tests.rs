@@ -759,6 +759,51 @@ fn every_row_produces_its_actions_timers_and_notes() {
     }
 }
 
+/// The direct transitions a driver uses for the answers it gives right
+/// after the action (`slot_granted`, `picked`, `sent`) decide exactly what
+/// `step` does with those events: every row again, through them.
+#[test]
+fn the_direct_transitions_match_step() {
+    for row in rows() {
+        let mut exchange = Exchange::new(&row.policy, row.start);
+        let mut notes = Notes::default();
+        let mut random = || row.random;
+        for (i, l) in row.script.iter().enumerate() {
+            let action = match l.event {
+                Event::SlotGranted => exchange.slot_granted(),
+                Event::Picked { endpoint } => exchange.picked(ms(l.at), endpoint),
+                Event::Done if matches!(exchange.phase, Phase::Sending { .. }) => exchange.sent(),
+                event => exchange.step(ms(l.at), event, &mut notes, &mut random),
+            };
+            assert_eq!(
+                action, l.then,
+                "{}: line {i} ({:?} at {} ms)",
+                row.name, l.event, l.at
+            );
+            assert_eq!(
+                exchange.next_timer(),
+                l.timer.map(ms),
+                "{}: timer",
+                row.name
+            );
+        }
+        assert_eq!(notes.0, row.notes, "{}: notes", row.name);
+        assert_eq!(exchange.tried(), row.tried, "{}: endpoints tried", row.name);
+    }
+    // Out of turn they change nothing, as `step` does.
+    let policy = RoutePolicy::default();
+    let mut exchange = Exchange::new(&policy, Start::default());
+    assert_eq!(exchange.slot_granted(), Action::Wait);
+    assert_eq!(exchange.picked(ms(0), 1), Action::Wait);
+    assert_eq!(exchange.sent(), Action::Wait);
+    assert!(exchange.tried().is_empty());
+    let start = exchange.step(ms(0), Event::Start, &mut (), &mut || 0);
+    assert_eq!(start, Action::TakeSlot);
+    assert_eq!(exchange.picked(ms(0), 1), Action::Wait);
+    assert_eq!(exchange.sent(), Action::Wait);
+    assert_eq!(exchange.slot_granted(), PICK);
+}
+
 #[test]
 fn the_attempt_budget_needs_a_replayable_body() {
     let policy = retrying(retries(4, Duration::ZERO));

@@ -31,6 +31,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::error::BoxError;
+use crate::pool::{CarriesTarget, TargetEndpoint};
 
 /// The default size limit of a request body kept for retries.
 pub const DEFAULT_RETRY_BUFFER_LIMIT: usize = 64 * 1024;
@@ -44,6 +45,10 @@ pub const DEFAULT_RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 /// Data frames are [`Bytes`]; errors are boxed.
 pub struct MeshBody<B> {
     kind: Kind<B>,
+    /// Where the mesh sends this request, set for each attempt: carried
+    /// here rather than in the request's extensions, where it cost three
+    /// allocations and a hash insert per request (see [`CarriesTarget`]).
+    target: Option<TargetEndpoint>,
 }
 
 enum Kind<B> {
@@ -84,6 +89,7 @@ impl<B> MeshBody<B> {
     pub fn new(body: B) -> Self {
         MeshBody {
             kind: Kind::Stream(body),
+            target: None,
         }
     }
 
@@ -94,6 +100,7 @@ impl<B> MeshBody<B> {
                 next: 0,
                 trailers_sent: false,
             },
+            target: None,
         }
     }
 
@@ -101,6 +108,18 @@ impl<B> MeshBody<B> {
     /// be retried), rather than the caller's body streamed through.
     pub fn is_replay(&self) -> bool {
         matches!(self.kind, Kind::Replay { .. })
+    }
+
+    /// Names the endpoint this request goes to (the mesh layer, for each
+    /// attempt); read with [`TargetEndpoint::of`].
+    pub(crate) fn set_target(&mut self, target: TargetEndpoint) {
+        self.target = Some(target);
+    }
+}
+
+impl<B> CarriesTarget for MeshBody<B> {
+    fn target(&self) -> Option<&TargetEndpoint> {
+        self.target.as_ref()
     }
 }
 
@@ -222,6 +241,7 @@ where
                 prefix: std::mem::take(&mut self.frames),
                 rest,
             },
+            target: None,
         })))
     }
 

@@ -42,7 +42,11 @@ pin_project! {
         #[pin]
         inner: Inner<B>,
         finish: Option<Finish>,
-        timeout: Option<BodyTimeout>,
+        // Boxed: a route timeout still running while the body streams is
+        // rare (most routes have none), and inline its 32 bytes were
+        // copied with every move of every response (the body went from 160
+        // to 136 bytes; each move past 128 bytes is a `memcpy` call).
+        timeout: Option<Box<BodyTimeout>>,
     }
 }
 
@@ -70,7 +74,11 @@ pub(crate) struct BodyTimeout {
 }
 
 impl<B: Body> ResponseBody<B> {
-    pub(crate) fn new(body: B, finish: Option<Finish>, timeout: Option<BodyTimeout>) -> Self {
+    // Inline: once per response, in the request's future, which moves the
+    // body it builds straight into the response (out of line it was a call
+    // of 33 instructions, and one more move).
+    #[inline]
+    pub(crate) fn new(body: B, finish: Option<Finish>, timeout: Option<Box<BodyTimeout>>) -> Self {
         let mut this = ResponseBody {
             inner: Inner::Upstream { body },
             finish,
@@ -141,43 +149,34 @@ where
             }
             InnerProj::Upstream { body } => body,
         };
-        let polled = body.poll_frame(cx);
-        let frame = match (polled, this.timeout.as_mut()) {
-            (Poll::Ready(frame), _) => frame,
-            (Poll::Pending, None) => return Poll::Pending,
-            (Poll::Pending, Some(timeout)) => {
-                ready!(timeout.sleep.as_mut().poll(cx));
-                let grpc = timeout.grpc;
-                let message = format!(
-                    "the route timeout of {:?} expired while the response streamed",
-                    timeout.limit
-                );
-                *this.timeout = None;
-                // Forget the endpoint's stream (an HTTP/2 reset).
-                this.inner.set(Inner::Local { data: None });
-                if let Some(mut finish) = this.finish.take() {
-                    finish.timed_out();
-                    finish.end();
+        let frame = match body.poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => match this.timeout.as_mut() {
+                None => return Poll::Pending,
+                Some(timeout) => {
+                    ready!(timeout.sleep.as_mut().poll(cx));
+                    return Poll::Ready(Some(expire(this.inner, this.timeout, this.finish)));
                 }
-                return Poll::Ready(Some(if grpc {
-                    let mut trailers = HeaderMap::new();
-                    insert_grpc_status(&mut trailers, code::DEADLINE_EXCEEDED, &message);
-                    Ok(Frame::trailers(trailers))
-                } else {
-                    Err(Box::new(Error::new(ErrorKind::Timeout, message)))
-                }));
-            }
+            },
         };
+        // The common case, a data frame with more to come, goes straight
+        // back: only the end of the response (or trailers) has work to do.
+        if let Some(Ok(f)) = &frame
+            && f.is_data()
+            && !upstream_ended(this.inner.as_ref().get_ref())
+        {
+            return Poll::Ready(frame.map(|f| {
+                f.map(|frame| frame.map_data(|mut d| d.copy_to_bytes(d.remaining())))
+                    .map_err(Into::into)
+            }));
+        }
         let ended = match &frame {
             Some(Ok(frame)) => {
                 if let (Some(trailers), Some(finish)) = (frame.trailers_ref(), this.finish.as_mut())
                 {
                     finish.trailers(trailers);
                 }
-                match this.inner.as_ref().get_ref() {
-                    Inner::Upstream { body } => body.is_end_stream(),
-                    Inner::Local { .. } => true,
-                }
+                upstream_ended(this.inner.as_ref().get_ref())
             }
             None => true,
             Some(Err(_)) => {
@@ -213,6 +212,46 @@ where
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
+    }
+}
+
+/// Whether the endpoint's stream is over (a local body, here, was just
+/// replaced after a timeout: over too).
+fn upstream_ended<B: Body>(inner: &Inner<B>) -> bool {
+    match inner {
+        Inner::Upstream { body } => body.is_end_stream(),
+        Inner::Local { .. } => true,
+    }
+}
+
+/// The route timeout expired while the body streamed: the endpoint's
+/// stream is dropped, the attempt finished as timed out, and the caller
+/// gets `grpc-status: 4` in trailers (gRPC) or a body error. Out of line:
+/// [`ResponseBody::poll_frame`]'s common path stays short.
+#[cold]
+#[inline(never)]
+fn expire<B>(
+    mut inner: Pin<&mut Inner<B>>,
+    timeout: &mut Option<Box<BodyTimeout>>,
+    finish: &mut Option<Finish>,
+) -> Result<Frame<Bytes>, BoxError> {
+    let (grpc, limit) = match timeout.take() {
+        Some(t) => (t.grpc, t.limit),
+        None => (false, Duration::ZERO),
+    };
+    let message = format!("the route timeout of {limit:?} expired while the response streamed");
+    // Forget the endpoint's stream (an HTTP/2 reset).
+    inner.set(Inner::Local { data: None });
+    if let Some(mut finish) = finish.take() {
+        finish.timed_out();
+        finish.end();
+    }
+    if grpc {
+        let mut trailers = HeaderMap::new();
+        insert_grpc_status(&mut trailers, code::DEADLINE_EXCEEDED, &message);
+        Ok(Frame::trailers(trailers))
+    } else {
+        Err(Box::new(Error::new(ErrorKind::Timeout, message)))
     }
 }
 

@@ -222,9 +222,22 @@ pub(crate) fn grpc_code(headers: &http::HeaderMap) -> Option<u32> {
 /// The outcome of a response head: its HTTP status and, for a
 /// Trailers-Only gRPC response, its gRPC status.
 pub(crate) fn outcome_of<B>(response: &Response<B>) -> Outcome {
+    outcome_of_request(response, true)
+}
+
+/// [`outcome_of`] for a request known to be gRPC (`grpc`) or not: the
+/// `grpc-status` of a non-gRPC request's response is not looked up (a
+/// header-map lookup, ≈ 53 instructions, on every response). The gRPC
+/// retry conditions and outlier detection's gRPC mapping are about gRPC
+/// calls; a plain HTTP request's outcome is its HTTP status.
+pub(crate) fn outcome_of_request<B>(response: &Response<B>, grpc: bool) -> Outcome {
     Outcome::Status {
         http: response.status().as_u16(),
-        grpc: grpc_code(response.headers()),
+        grpc: if grpc {
+            grpc_code(response.headers())
+        } else {
+            None
+        },
     }
 }
 
@@ -303,5 +316,21 @@ mod tests {
             .body(http_body_util::Full::new(bytes::Bytes::from_static(b"x")))
             .unwrap();
         assert!(status_in_trailers(&streaming));
+    }
+
+    #[test]
+    fn only_a_grpc_request_reads_the_grpc_status_of_its_response() {
+        let response = Response::builder()
+            .header("grpc-status", "14")
+            .body(())
+            .unwrap();
+        assert_eq!(outcome_of_request(&response, true), Outcome::grpc(14));
+        assert_eq!(
+            outcome_of_request(&response, false),
+            Outcome::Status {
+                http: 200,
+                grpc: None
+            }
+        );
     }
 }

@@ -29,6 +29,7 @@ impl<Src: ConfigSource> MeshLayer<Src> {
     pub fn new(source: Src) -> Self {
         MeshLayer {
             shared: Shared {
+                snapshot_cell: source.snapshot_cell(),
                 source,
                 states: Arc::new(ClusterStates::default()),
                 config: Config {
@@ -52,8 +53,10 @@ impl<Src: ConfigSource> MeshLayer<Src> {
 
     /// `true` (default): rewrite the URI to `http://<endpoint>/...` and keep
     /// the original authority in `Host`, for inner services that dial the
-    /// URI. `false`: keep the URI; the inner service must dial
-    /// [`TargetEndpoint`](super::TargetEndpoint) (as [`Pool`](crate::Pool) does).
+    /// URI. `false`: keep the URI; the inner service must dial the
+    /// request's target, found with
+    /// [`TargetEndpoint::of`](super::TargetEndpoint::of) (as
+    /// [`Pool`](crate::Pool) does).
     pub fn rewrite_uri(mut self, rewrite: bool) -> Self {
         self.shared.config.rewrite_uri = rewrite;
         self

@@ -51,9 +51,9 @@
 //!    locality failover. Every attempt's result is reported to outlier
 //!    detection (Istio `outlierDetection`).
 //! 9. **Connection**: the request goes to the inner service with a
-//!    [`TargetEndpoint`] extension saying where it must go (the
-//!    [`Pool`](crate::Pool) dials it with the cluster's connection
-//!    settings).
+//!    [`TargetEndpoint`] saying where it must go, found with
+//!    [`TargetEndpoint::of`] (the [`Pool`](crate::Pool) dials it with the
+//!    cluster's connection settings).
 //!
 //! Errors. Failures the mesh decides for a request that could be sent
 //! (breaker overflow, fault abort, timeout) are **responses**, as a sidecar
@@ -118,7 +118,8 @@
 //!   works as the inner service. Over HTTP/2 such a client sends the
 //!   endpoint address as `:authority` and the service name as `host`.
 //! - **keep** (what [`MeshClient`](crate::MeshClient) uses): the URI is left
-//!   as written and the inner service dials [`TargetEndpoint::addr`]; the
+//!   as written and the inner service dials the [`TargetEndpoint::addr`]
+//!   of [`TargetEndpoint::of`] the request; the
 //!   endpoint sees the original `:authority` (HTTP/2) or `Host` (HTTP/1.1).
 
 mod attempt;

@@ -13,7 +13,7 @@
 //! different server identities, are different pool entries.
 //!
 //! mTLS (clusters with `tls`, Istio ISTIO_MUTUAL; gRFC A29): the pool runs
-//! the TLS handshake with [`MeshConnector`](crate::tls::MeshConnector) over
+//! the TLS handshake with [`MeshConnector`] over
 //! the TCP connection, presenting the workload's certificate and checking
 //! the server's SPIFFE ID against the cluster's identities; ALPN `h2` for
 //! HTTP/2 clusters, `http/1.1` for HTTP/1.1 ones; SNI from the cluster,
@@ -119,13 +119,16 @@ use mesh_core::model::{
 use tower::Service;
 
 use self::host::Host;
-pub use self::target::TargetEndpoint;
+pub(crate) use self::target::TargetCluster;
+pub use self::target::{CarriesTarget, TargetEndpoint};
 use crate::error::{BoxError, Error, ErrorKind};
 use crate::tls::{CertStore, FileTlsConnector, MeshConnector, ServerIdentities};
 
-/// The connection pool: a `tower::Service` sending each request to the
-/// [`TargetEndpoint`] in its extensions (see the [module docs](self)).
-/// Cheap to clone; clones share the connections.
+/// The connection pool: a `tower::Service` sending each request to its
+/// [`TargetEndpoint`] (see [`TargetEndpoint::of`] and the
+/// [module docs](self)): a request body of another type than
+/// [`MeshBody`](crate::MeshBody) must implement [`CarriesTarget`]. Cheap
+/// to clone; clones share the connections.
 pub struct Pool<B> {
     hosts: Arc<Hosts<B>>,
     config: PoolConfig,
@@ -138,10 +141,10 @@ pub(crate) struct PoolConfig {
     pub(crate) http2_keep_alive: Option<Duration>,
 }
 
-/// A cluster's connection limits and settings, put on each request by the
-/// mesh layer for the pool.
+/// A cluster's name, protocol, connection limits and settings, put on each
+/// request by the mesh layer for the pool (in its [`TargetEndpoint`]).
 #[derive(Debug, Clone)]
-pub(crate) struct ClusterConnections(pub(crate) Arc<ConnectionPolicy>);
+pub(crate) struct ClusterConnections(pub(crate) Arc<TargetCluster>);
 
 /// What a cluster says about its connections.
 #[derive(Debug)]
@@ -398,7 +401,7 @@ impl<B> fmt::Debug for Pool<B> {
 
 impl<B> Service<Request<B>> for Pool<B>
 where
-    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B: http_body::Body<Data = Bytes> + CarriesTarget + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     type Response = Response<Incoming>;
@@ -410,31 +413,27 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some(target) = req.extensions().get::<TargetEndpoint>().cloned() else {
+        let Some(target) = TargetEndpoint::of(&req).cloned() else {
             return ResponseFuture::new(std::future::ready(Err(Error::new(
                 ErrorKind::InvalidRequest,
                 "the request has no TargetEndpoint: put the pool under the mesh layer \
                  (MeshLayer::new(source).rewrite_uri(false))",
             ))));
         };
-        let policy = target.connections().map(|c| c.0.clone());
+        let policy = target.connections();
         // HTTP/2 clusters, and HTTP/1.1 ones upgraded (h2UpgradePolicy).
-        let http2 = target.protocol().is_http2()
-            || policy.as_deref().is_some_and(|p| p.settings.h2_upgrade);
-        let tls = policy
-            .as_deref()
-            .and_then(|p| p.tls.as_ref())
-            .map(|t| &t.key);
+        let http2 = target.protocol().is_http2() || policy.is_some_and(|p| p.settings.h2_upgrade);
+        let tls = policy.and_then(|p| p.tls.as_ref()).map(|t| &t.key);
         let host = self.host(&target, http2, tls);
         let config = self.config;
         if http2 {
             ResponseFuture::new(async move {
-                host.send_http2(req, &target, config, policy.as_deref())
+                host.send_http2(req, &target, config, target.connections())
                     .await
             })
         } else {
             ResponseFuture::new(async move {
-                host.send_http1(req, &target, config, policy.as_deref())
+                host.send_http1(req, &target, config, target.connections())
                     .await
             })
         }
@@ -475,10 +474,19 @@ impl fmt::Debug for ResponseFuture {
 ///
 /// Here rather than in the mesh layer, which calls it too when it keeps the
 /// URI: the pool is the lower of the two.
+///
+/// Inlined check, out-of-line rebuild: a request with an authority (every
+/// client request of the fast path) pays a branch, not a call.
+#[inline]
 pub(crate) fn ensure_authority_in_uri<B>(req: &mut Request<B>) -> Result<(), Error> {
     if req.uri().authority().is_some() {
         return Ok(());
     }
+    authority_from_host(req)
+}
+
+#[cold]
+fn authority_from_host<B>(req: &mut Request<B>) -> Result<(), Error> {
     let host = req
         .headers()
         .get(HOST)

@@ -365,6 +365,29 @@ impl RegisterFailure {
     }
 }
 
+// Written here, not in `telemetry/graph_push.rs`: it takes a
+// `Registration`, and telemetry sits below `serve` (it must not import it).
+#[cfg(feature = "telemetry")]
+impl crate::telemetry::MetricsRegistry {
+    /// Starts pushing this registry's outbound edges to mesh-control's
+    /// admin API (the one `registration` registers with, with its
+    /// credentials) every 5 s, as `source`. Must run inside a tokio
+    /// runtime. A failed push is logged and the next one carries its
+    /// requests too (the deltas are taken from what was sent).
+    pub fn push_graph(
+        &self,
+        registration: &Registration,
+        source: crate::telemetry::GraphSource,
+    ) -> Result<crate::telemetry::GraphPush, Error> {
+        let client = Admin::new(registration.admin())?.client().clone();
+        Ok(self.push_graph_to(
+            client,
+            source,
+            Duration::from_millis(mesh_core::graph::PUSH_INTERVAL),
+        ))
+    }
+}
+
 /// A client of mesh-control's admin API.
 #[derive(Debug, Clone)]
 pub(crate) struct Admin {

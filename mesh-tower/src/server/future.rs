@@ -9,8 +9,7 @@ use http::{HeaderValue, Response};
 use mesh_core::cors::Annotation;
 use pin_project_lite::pin_project;
 
-use super::SERVED_BY;
-use crate::body::ResponseBody;
+use super::{SERVED_BY, ServerBody};
 
 pin_project! {
     /// The app's response future, adding the server stack's response
@@ -78,17 +77,15 @@ where
     F: Future<Output = Result<Response<RB>, E>>,
     RB: http_body::Body,
 {
-    type Output = Result<Response<ResponseBody<RB>>, E>;
+    type Output = Result<Response<ServerBody<RB>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = match this.state.project() {
-            StateProj::App { inner } => {
-                ready!(inner.poll(cx))?.map(|body| ResponseBody::new(body, None, None))
-            }
+            StateProj::App { inner } => ready!(inner.poll(cx))?.map(ServerBody::app),
             StateProj::Local { reply } => match reply.take() {
-                Some((head, body)) => head.map(|()| ResponseBody::local(body)),
-                None => Response::new(ResponseBody::local(None)),
+                Some((head, body)) => head.map(|()| ServerBody::local(body)),
+                None => Response::new(ServerBody::local(None)),
             },
         };
         if let Some(value) = this.served_by.take() {

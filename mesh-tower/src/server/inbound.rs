@@ -609,10 +609,77 @@ impl Authorized {
 /// load and guard. The config is still the current one for every request:
 /// a changed pointer is loaded again, and the kept `Arc` cannot be freed
 /// (and its address reused) while it is kept.
+///
+/// It also remembers the last decision it allowed a request with, when
+/// that decision can be given again to the same peer under the same config
+/// (see [`Remembered`]): a service is called with `&mut self` and is
+/// usually cloned per connection, so this is a per-connection memo whose
+/// hit costs two pointer comparisons, with no hashing and no atomic
+/// read-modify-write beyond the decision's clone.
 #[derive(Clone)]
 pub(crate) struct CachedPolicy {
     policy: InboundPolicy,
     config: arc_swap::cache::Cache<Current, Arc<InboundConfig>>,
+    last: Option<Remembered>,
+}
+
+/// An allowed decision a [`CachedPolicy`] gives again without evaluating:
+/// the config's policies read only the peer and none is in dry-run or
+/// AUDIT (the config's own [`PeerVerdicts`] memo exists, and the verdict
+/// took the short path of [`authorize`]), so every request of this peer
+/// under this config is decided alike, records the same thing on its
+/// [`DecisionRecord`] and logs nothing. A different peer or config
+/// evaluates as before (and may take the place).
+#[derive(Clone)]
+pub(crate) struct Remembered {
+    /// The deciding config, kept alive so that its address cannot be
+    /// reused by a later config: a pointer comparison tells them apart.
+    config: Arc<InboundConfig>,
+    /// The peer's SPIFFE ID (the `Arc` its connection's
+    /// [`PeerIdentity`] holds, compared by address first).
+    peer: Arc<str>,
+    authorized: Authorized,
+}
+
+/// A [`CachedPolicy`] read for one request: the policy, its current
+/// config, and the remembered decision.
+pub(crate) struct Loaded<'a> {
+    pub(crate) policy: &'a InboundPolicy,
+    pub(crate) config: &'a Arc<InboundConfig>,
+    last: &'a mut Option<Remembered>,
+}
+
+impl Loaded<'_> {
+    /// The remembered decision, if it applies to `req` (its peer is the
+    /// remembered one, under the current config), recorded on the request's
+    /// [`DecisionRecord`] exactly as [`authorize`]'s short path records it
+    /// (allowed, the deciding policy, no dry-run result). It is the very
+    /// decision `authorize` would make now, and the one any check of this
+    /// policy under this config made for the request before (the config's
+    /// decisions are made once, [`InboundConfig::allowed`]): the services
+    /// ask this first, before looking for such an earlier decision (two
+    /// type-map lookups that miss on most requests).
+    pub(crate) fn remembered<B>(&self, req: &Request<B>) -> Option<Authorized> {
+        let last = self.last.as_ref()?;
+        let extensions = req.extensions();
+        if !Arc::ptr_eq(&last.config, self.config) {
+            return None;
+        }
+        let peer = extensions.get::<PeerIdentity>()?.spiffe_id();
+        if !(Arc::ptr_eq(&last.peer, peer.uri()) || *last.peer == *peer.as_str()) {
+            return None;
+        }
+        if let Some(record) = extensions.get::<DecisionRecord>() {
+            record.authorized(&last.authorized);
+        }
+        Some(last.authorized.clone())
+    }
+
+    /// [`authorize`]s `req`, remembering the decision if it can be given
+    /// again (see [`Remembered`]).
+    pub(crate) fn authorize<B>(self, req: &Request<B>) -> Outcome {
+        authorize(self.policy, self.config, req, Some(self.last))
+    }
 }
 
 /// What the cache reads: the policy's `ArcSwap`.
@@ -630,12 +697,20 @@ impl std::ops::Deref for Current {
 impl CachedPolicy {
     pub(crate) fn new(policy: InboundPolicy) -> Self {
         let config = arc_swap::cache::Cache::new(Current(Arc::clone(&policy.shared)));
-        CachedPolicy { policy, config }
+        CachedPolicy {
+            policy,
+            config,
+            last: None,
+        }
     }
 
-    /// The policy and its current config.
-    pub(crate) fn current(&mut self) -> (&InboundPolicy, &InboundConfig) {
-        (&self.policy, self.config.load())
+    /// The policy, its current config and the remembered decision.
+    pub(crate) fn current(&mut self) -> Loaded<'_> {
+        Loaded {
+            policy: &self.policy,
+            config: self.config.load(),
+            last: &mut self.last,
+        }
     }
 }
 
@@ -795,10 +870,14 @@ impl Refusal {
 /// policies are evaluated only when the config has some
 /// ([`InboundConfig::has_dry_run`]), and then the decision passed on is
 /// made for the request (it carries the dry-run result).
+///
+/// A decision that every request of this peer under this config gets
+/// alike (see [`Remembered`]) is put in `remember`, if given.
 pub(crate) fn authorize<B>(
     policy: &InboundPolicy,
-    config: &InboundConfig,
+    config: &Arc<InboundConfig>,
     req: &Request<B>,
+    remember: Option<&mut Option<Remembered>>,
 ) -> Outcome {
     let peer = req
         .extensions()
@@ -880,14 +959,24 @@ pub(crate) fn authorize<B>(
             record.authorization(true, decided_by);
         }
         let made_once = config.allowed(&verdict).cloned();
-        return Outcome::Allowed(Some(made_once.unwrap_or_else(|| {
+        let authorized = made_once.unwrap_or_else(|| {
             Authorized::new(
                 policy.shared.key.clone(),
                 decided_by.cloned(),
                 verdict.reason,
                 DryRun::default(),
             )
-        })));
+        });
+        // Peer-only policies without dry-run (the memo exists): this
+        // peer's next requests under this config are decided alike.
+        if let (Some(remember), Some(peer), Some(_)) = (remember, peer, &config.peer_verdicts) {
+            *remember = Some(Remembered {
+                config: Arc::clone(config),
+                peer: Arc::clone(peer.uri()),
+                authorized: authorized.clone(),
+            });
+        }
+        return Outcome::Allowed(Some(authorized));
     }
     // Dry-run policies are never memoized (`peer_verdicts` is `None`).
     let dry_run = if let Some(attributes) = attributes.as_ref().filter(|_| config.dry_run) {
@@ -1037,7 +1126,7 @@ mod tests {
 
     /// Whether `authorize` lets `req` in, and with which policy.
     fn outcome(policy: &InboundPolicy, req: &Request<()>) -> Option<Option<Name>> {
-        match authorize(policy, &policy.current(), req) {
+        match authorize(policy, &policy.current(), req, None) {
             Outcome::Allowed(authorized) => Some(authorized.and_then(|a| a.policy().cloned())),
             Outcome::Denied(_) => None,
         }
@@ -1196,5 +1285,53 @@ mod tests {
             Some("shop/allow-frontend")
         );
         assert_eq!(of.clone(), Some(Some("shop/allow-frontend".into())));
+    }
+
+    /// The decision a service remembers for its last allowed peer (see
+    /// `CachedPolicy`) is given only to that peer (an equal ID in another
+    /// allocation included), only under the config that made it: another
+    /// peer is evaluated, and a changed policy decides at once.
+    #[tokio::test]
+    async fn a_remembered_decision_serves_one_peer_under_one_config() {
+        use tower::Service as _;
+        let policy = InboundPolicy::fixed(MtlsMode::Strict, peer_policies());
+        let app = tower::service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        });
+        let mut svc = ServerLayer::new(ServerContext::new("catalog", "shop", "catalog-1"))
+            .inbound(policy.clone())
+            .layer(app);
+        let mut status = async |peer: &PeerIdentity| {
+            let response = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(request(Some(peer), "/"))
+                .await
+                .unwrap();
+            response.status()
+        };
+        let frontend = peer("shop", "frontend");
+        assert_eq!(status(&frontend).await, StatusCode::OK);
+        // Remembered now: the same peer, and an equal ID elsewhere.
+        assert_eq!(status(&frontend).await, StatusCode::OK);
+        assert_eq!(status(&peer("shop", "frontend")).await, StatusCode::OK);
+        // Another peer is decided by the policies, not by the memo.
+        assert_eq!(
+            status(&peer("bar", "frontend")).await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            status(&peer("shop", "backend")).await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(status(&frontend).await, StatusCode::OK);
+        // A policy denying the remembered peer applies to its next request.
+        let deny_all =
+            AuthorizationPolicy::new("shop", "deny-all", Action::Deny, vec![Rule::default()])
+                .unwrap();
+        policy.set(MtlsMode::Strict, vec![deny_all]);
+        assert_eq!(status(&frontend).await, StatusCode::FORBIDDEN);
+        assert_eq!(policy.denied(), 3);
     }
 }

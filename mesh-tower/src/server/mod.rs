@@ -34,7 +34,9 @@
 //! the metrics and the access log). The deadline is not enforced on a
 //! running app: the app reads it and passes it on (a gRPC server built with tonic's own transport
 //! enforces `grpc-timeout` itself). Responses are wrapped in
-//! [`ResponseBody`](crate::ResponseBody) so the layer can answer itself.
+//! [`ServerBody`] so the layer can answer itself (not in the client's
+//! [`ResponseBody`](crate::ResponseBody), four times larger with what only
+//! a client's response needs).
 //!
 //! Authorization: Istio's AuthorizationPolicy semantics
 //! ([`mesh_core::rbac`]) on the peer's SPIFFE ID, source address, host,
@@ -86,6 +88,11 @@
 //! conditions) and has no dry-run policy decides every request of one peer
 //! alike, so it remembers its decisions per peer (set-once slots, a SPIFFE
 //! ID comparison per request); any other config evaluates every request.
+//! On top of that, each `ServerLayer` service and `serve_with`'s check (a
+//! service, cloned per connection) keeps the last such decision it allowed:
+//! the next request of that peer under that config gets it for two pointer
+//! comparisons, without evaluating or looking for an earlier decision (it
+//! is the one any check of this policy made under this config).
 //!
 //! Requests `serve_with` refuses never reach the app's
 //! [`ServerTelemetryLayer`](crate::telemetry::ServerTelemetryLayer): give
@@ -110,6 +117,7 @@
 //! [`serve`](crate::serve()) adds a [`ConnectionInfo`](crate::serve::ConnectionInfo)
 //! extension (peer and local address) before this layer runs.
 
+mod body;
 mod future;
 mod inbound;
 mod layer;
@@ -120,6 +128,7 @@ use std::sync::Arc;
 
 use mesh_core::model::Name;
 
+pub use self::body::ServerBody;
 pub use self::future::ResponseFuture;
 pub use self::inbound::{InboundConfig, InboundPolicy};
 pub use self::layer::ServerLayer;

@@ -4,9 +4,8 @@ use http::{HeaderValue, Request, Response};
 use mesh_core::cors::Decision;
 use tower::Service;
 
-use super::inbound::{CachedPolicy, Denial, Outcome, authorize};
-use super::{InboundPolicy, ResponseFuture, ServerContext};
-use crate::body::ResponseBody;
+use super::inbound::{CachedPolicy, Denial, Outcome};
+use super::{InboundPolicy, ResponseFuture, ServerBody, ServerContext};
 use crate::connection::Authorized;
 use crate::deadline::Deadline;
 use crate::local_reply::{LocalReply, is_grpc};
@@ -60,7 +59,7 @@ where
     S: Service<Request<B>, Response = Response<RB>>,
     RB: http_body::Body,
 {
-    type Response = Response<ResponseBody<RB>>;
+    type Response = Response<ServerBody<RB>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
@@ -69,8 +68,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if let Some(deadline) = Deadline::from_headers(req.headers()) {
-            if deadline.is_expired() {
+        // One clock read: expired on arrival means a timeout of zero.
+        if let Some((deadline, expired)) = Deadline::arriving(req.headers()) {
+            if expired {
                 // Nobody waits for the answer any more: do not run the app.
                 if let Some(record) = req.extensions().get::<DecisionRecord>() {
                     record.flag(ResponseFlags::DURATION_TIMEOUT);
@@ -101,7 +101,8 @@ where
         };
         // The config is loaded once per request: every stage below decides
         // under the same one.
-        let (policy, config) = own.current();
+        let loaded = own.current();
+        let (policy, config) = (loaded.policy, loaded.config);
         // CORS first, as Istio's inbound chain runs the cors filter before
         // the rate limit and RBAC: a preflight from an allowed origin is
         // answered here; an allowed request's response (the app's, or a
@@ -132,27 +133,35 @@ where
                 cors,
             );
         }
-        let authorized = match Authorized::of(&req) {
-            // `serve_with` (or an outer layer) decided this request under
-            // this very policy: record that decision, do not evaluate twice.
-            Some(decided) if decided.is_decided_by(policy) => {
-                record(decided, &req);
-                Some(decided.clone())
-            }
-            // A policy of our own that nobody applied to this request yet:
-            // decide it here (the layer alone, or under another policy).
-            decided => match authorize(policy, config, &req) {
-                Outcome::Allowed(Some(authorized)) => Some(authorized),
-                Outcome::Allowed(None) => decided.cloned(),
-                Outcome::Denied(denial) => {
-                    // `authorize` wrote the decision on the record.
-                    let Denial { reply, .. } = *denial;
-                    return ResponseFuture::local(
-                        reply.into_parts(is_grpc(req.headers())),
-                        self.served_by.clone(),
-                        cors,
-                    );
+        // This peer's decision under this config, remembered (see
+        // `CachedPolicy`), comes first: it is what deciding again, or an
+        // earlier check under this policy and config, gives (recorded by
+        // `remembered`), and it spares looking for such a check.
+        let remembered = loaded.remembered(&req);
+        let authorized = match remembered {
+            Some(remembered) => Some(remembered),
+            None => match Authorized::of(&req) {
+                // `serve_with` (or an outer layer) decided this request under
+                // this very policy: record that decision, do not evaluate twice.
+                Some(decided) if decided.is_decided_by(policy) => {
+                    record(decided, &req);
+                    Some(decided.clone())
                 }
+                // A policy of our own that nobody applied to this request yet:
+                // decide it here (the layer alone, or under another policy).
+                decided => match loaded.authorize(&req) {
+                    Outcome::Allowed(Some(authorized)) => Some(authorized),
+                    Outcome::Allowed(None) => decided.cloned(),
+                    Outcome::Denied(denial) => {
+                        // `authorize` wrote the decision on the record.
+                        let Denial { reply, .. } = *denial;
+                        return ResponseFuture::local(
+                            reply.into_parts(is_grpc(req.headers())),
+                            self.served_by.clone(),
+                            cors,
+                        );
+                    }
+                },
             },
         };
         // One extension for the context and the decision (see
@@ -187,7 +196,9 @@ fn record<B>(decided: &Authorized, req: &Request<B>) {
 #[derive(Debug, Clone)]
 pub(crate) struct Guard<S> {
     inner: S,
-    policy: Option<InboundPolicy>,
+    /// The policy, its config cached and its last decision remembered
+    /// (see `CachedPolicy`: `Guard` is cloned per connection).
+    policy: Option<CachedPolicy>,
     #[cfg(feature = "telemetry")]
     telemetry: Option<Telemetry>,
 }
@@ -196,7 +207,7 @@ impl<S> Guard<S> {
     pub(crate) fn new(inner: S, policy: Option<InboundPolicy>) -> Self {
         Guard {
             inner,
-            policy,
+            policy: policy.map(CachedPolicy::new),
             #[cfg(feature = "telemetry")]
             telemetry: None,
         }
@@ -216,7 +227,7 @@ where
     B: http_body::Body,
     RB: http_body::Body,
 {
-    type Response = Response<ResponseBody<RB>>;
+    type Response = Response<ServerBody<RB>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
@@ -226,8 +237,9 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let mut cors = None;
-        if let Some(policy) = &self.policy {
-            let config = policy.current();
+        if let Some(policy) = &mut self.policy {
+            let loaded = policy.current();
+            let config = loaded.config;
             // CORS before authorization, as in the `ServerLayer` (see
             // `crate::cors`): a browser's preflight carries no
             // credentials, and is answered here, not refused.
@@ -242,7 +254,12 @@ where
                     );
                 }
             }
-            match authorize(policy, &config, &req) {
+            // The remembered decision first (see `CachedPolicy`).
+            let outcome = match loaded.remembered(&req) {
+                Some(remembered) => Outcome::Allowed(Some(remembered)),
+                None => loaded.authorize(&req),
+            };
+            match outcome {
                 Outcome::Allowed(Some(authorized)) => {
                     req.extensions_mut().insert(authorized);
                 }

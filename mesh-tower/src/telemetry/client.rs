@@ -103,7 +103,12 @@ where
         let started = Instant::now();
         let t = self.telemetry.inner();
         let grpc = is_grpc(req.headers());
-        let explicit = req.extensions_mut().remove::<Context>();
+        // Most calls carry no extensions: skip the type-map lookup then.
+        let explicit = if req.extensions().is_empty() {
+            None
+        } else {
+            req.extensions_mut().remove::<Context>()
+        };
         let trace = match &t.tracer {
             Some(_) if t.trace_mode == TraceMode::Forward => {
                 // Never sampled: the trace headers of the child span
@@ -204,9 +209,12 @@ fn authority_of<B>(req: &Request<B>) -> Option<http::uri::Authority> {
 
 /// Whether a request is gRPC (by its `content-type`, as Envoy decides).
 pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    // A request without headers (common: the trace headers are added
+    // after this) skips hashing the name for a lookup in an empty map.
+    !headers.is_empty()
+        && headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 pin_project! {

@@ -212,20 +212,31 @@ impl Exchange {
             let duration_ms = duration.as_secs_f64() * 1000.0;
             match &start.side {
                 Side::Client { dialed } => {
-                    let service = match self.record.cluster_name() {
-                        Some(cluster) => istio.service_of_cluster(cluster),
-                        None => match dialed.host() {
-                            Some(host) => istio.service_of_host(host),
-                            None => istio.unknown_service().clone(),
-                        },
-                    };
                     let attempt = self.record.last_attempt();
-                    let destination = match (&self.destination, attempt) {
-                        (Some(peer), _) => peer.clone(),
-                        (None, Some(attempt)) => {
-                            istio.peer_from_endpoint(&service, &attempt.labels)
+                    let cluster = self.record.cluster_name();
+                    let (service, destination) = match (cluster, &self.destination, attempt) {
+                        // The usual request (routed, answered without a peer
+                        // header): both from one memo lookup.
+                        (Some(cluster), None, Some(attempt)) => {
+                            istio.destination_of_endpoint(cluster, &attempt.labels)
                         }
-                        (None, None) => istio.unknown_peer().clone(),
+                        _ => {
+                            let service = match cluster {
+                                Some(cluster) => istio.service_of_cluster(cluster),
+                                None => match dialed.host() {
+                                    Some(host) => istio.service_of_host(host),
+                                    None => istio.unknown_service().clone(),
+                                },
+                            };
+                            let destination = match (&self.destination, attempt) {
+                                (Some(peer), _) => peer.clone(),
+                                (None, Some(attempt)) => {
+                                    istio.peer_from_endpoint(&service, &attempt.labels)
+                                }
+                                (None, None) => istio.unknown_peer().clone(),
+                            };
+                            (service, destination)
+                        }
                     };
                     if !flags.is_empty() || self.record.is_eventful() {
                         let unknown = mesh_core::model::Name::from(super::identity::UNKNOWN);

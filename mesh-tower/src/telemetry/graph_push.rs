@@ -26,10 +26,11 @@
 //! read is tested against).
 //!
 //! It speaks to the admin API with the client and credentials of the
-//! workload's [`Registration`] (https verified with the control plane's
-//! CA, and the join token), so mesh-control attributes the edges to the
-//! workload's identity: the [`GraphSource`] must be that identity's
-//! namespace and service account, or every summary is refused (403).
+//! workload's [`Registration`](crate::serve::Registration) (https verified
+//! with the control plane's CA, and the join token), so mesh-control
+//! attributes the edges to the workload's identity: the [`GraphSource`]
+//! must be that identity's namespace and service account, or every summary
+//! is refused (403).
 //!
 //! Retries are counted per cluster, not per edge: a destination service's
 //! retries are reported on one of its edges (the first in key order).
@@ -50,13 +51,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
-use mesh_core::graph::{
-    BUCKETS, DURATION_BUCKETS_MS, DenialKey, Differ, EdgeKey, EdgeTotals, PUSH_INTERVAL,
-};
+use mesh_core::graph::{BUCKETS, DURATION_BUCKETS_MS, DenialKey, Differ, EdgeKey, EdgeTotals};
 
 use super::metrics::{MetricsRegistry, Reporter, RequestProtocol, Security};
-use crate::error::Error;
-use crate::serve::Registration;
 use crate::tls::AdminClient;
 
 /// Who this workload is, as its summaries name it: the namespace and
@@ -108,23 +105,10 @@ impl Drop for GraphPush {
 }
 
 impl MetricsRegistry {
-    /// Starts pushing this registry's outbound edges to mesh-control's
-    /// admin API (the one `registration` registers with, with its
-    /// credentials) every 5 s, as `source`. Must run inside a tokio
-    /// runtime. A failed push is logged and the next one carries its
-    /// requests too (the deltas are taken from what was sent).
-    pub fn push_graph(
-        &self,
-        registration: &Registration,
-        source: GraphSource,
-    ) -> Result<GraphPush, Error> {
-        let client = crate::serve::Admin::new(registration.admin())?
-            .client()
-            .clone();
-        Ok(self.push_graph_to(client, source, Duration::from_millis(PUSH_INTERVAL)))
-    }
-
-    fn push_graph_to(
+    /// The push loop of [`MetricsRegistry::push_graph`] (written in
+    /// `serve/registration.rs`, beside the [`crate::serve::Registration`]
+    /// it takes: telemetry sits below `serve` and does not import it).
+    pub(crate) fn push_graph_to(
         &self,
         client: AdminClient,
         source: GraphSource,

@@ -595,10 +595,43 @@ impl IstioMetrics {
             .unwrap_or_else(|| self.unknown_peer.clone())
     }
 
+    /// The destination of a client request routed to `cluster` and
+    /// answered by an endpoint with `labels`: its service and its peer,
+    /// what [`service_of_cluster`](Self::service_of_cluster) then
+    /// [`peer_from_endpoint`](Self::peer_from_endpoint) return, from one
+    /// memo of the thread's previous request (both keys compared by
+    /// address first) instead of two: the usual request goes where the one
+    /// before it went.
+    pub(crate) fn destination_of_endpoint(
+        &self,
+        cluster: &Name,
+        labels: &EndpointLabels,
+    ) -> (Arc<ServiceLabels>, PeerRef) {
+        let id = self.id();
+        let same = |(c, l): &(Name, EndpointLabels)| {
+            Arc::ptr_eq(l, labels) && (Arc::ptr_eq(c, cluster) || c == cluster)
+        };
+        if let Some(found) = LAST_DESTINATION.with_borrow(|m| m.get(id, same)) {
+            return found;
+        }
+        let service = self.service_of_cluster(cluster);
+        let peer = self.peer_from_endpoint(&service, labels);
+        LAST_DESTINATION.with_borrow_mut(|m| {
+            m.set(
+                id,
+                (cluster.clone(), labels.clone()),
+                (service.clone(), peer.clone()),
+            );
+        });
+        (service, peer)
+    }
+
     /// The service behind a cluster name.
     pub(crate) fn service_of_cluster(&self, cluster: &Name) -> Arc<ServiceLabels> {
         let id = self.id();
-        if let Some(s) = LAST_CLUSTER.with_borrow(|m| m.get(id, |k| k == cluster)) {
+        if let Some(s) =
+            LAST_CLUSTER.with_borrow(|m| m.get(id, |k| Arc::ptr_eq(k, cluster) || k == cluster))
+        {
             return s;
         }
         let service = self.intern_cluster(cluster);
@@ -674,10 +707,16 @@ impl<K, V: Clone> Memo<K, V> {
     }
 }
 
+/// [`IstioMetrics::destination_of_endpoint`]'s memo: (cluster, endpoint
+/// labels) to (service, peer).
+type DestinationMemo = Memo<(Name, EndpointLabels), (Arc<ServiceLabels>, PeerRef)>;
+
 thread_local! {
     static LAST_SERIES: RefCell<Memo<SeriesKey, Arc<Series>>> = const { RefCell::new(Memo(None)) };
     static LAST_PEER: RefCell<Memo<HeaderValue, PeerRef>> = const { RefCell::new(Memo(None)) };
     static LAST_CLUSTER: RefCell<Memo<Name, Arc<ServiceLabels>>> =
+        const { RefCell::new(Memo(None)) };
+    static LAST_DESTINATION: RefCell<DestinationMemo> =
         const { RefCell::new(Memo(None)) };
     static LAST_ENDPOINT: RefCell<Memo<(Arc<ServiceLabels>, EndpointLabels), PeerRef>> =
         const { RefCell::new(Memo(None)) };
@@ -1456,6 +1495,48 @@ mod tests {
         // Cached series keep counting.
         observe(m, &src, &dst, &svc, 200);
         assert_eq!(count(200), [3]);
+    }
+
+    /// The one-memo destination is what the two lookups give, for the
+    /// request before (memo hit) and for a new cluster or new labels
+    /// (misses), across two registries on one thread.
+    #[test]
+    fn a_destination_is_its_service_and_endpoint_peer() {
+        let one = MetricsRegistry::new();
+        let two = MetricsRegistry::new();
+        let v1: EndpointLabels = Arc::from([
+            ("app".into(), "catalog".into()),
+            ("version".into(), "v1".into()),
+        ]);
+        let v2: EndpointLabels = Arc::from([
+            ("app".into(), "catalog".into()),
+            ("version".into(), "v2".into()),
+        ]);
+        let a: Name = "outbound|80||catalog.shop.svc.cluster.local".into();
+        let b: Name = "outbound|80||reviews.shop.svc.cluster.local".into();
+        let cases = [
+            (&one, &a, &v1),
+            (&one, &a, &v1),
+            (&one, &b, &v1),
+            (&one, &b, &v2),
+            (&two, &b, &v2),
+            (&one, &b, &v2),
+        ];
+        for (registry, cluster, labels) in cases {
+            let m = registry.istio();
+            let (service, peer) = m.destination_of_endpoint(cluster, labels);
+            let expected = m.service_of_cluster(cluster);
+            assert!(Arc::ptr_eq(&service, &expected), "{cluster}");
+            assert!(
+                Arc::ptr_eq(&peer, &m.peer_from_endpoint(&expected, labels)),
+                "{cluster}"
+            );
+        }
+        // A cluster name equal by value (another allocation) is the same.
+        let again: Name = String::from(&*a).into();
+        let m = one.istio();
+        let (service, _) = m.destination_of_endpoint(&again, &v1);
+        assert!(Arc::ptr_eq(&service, &m.service_of_cluster(&a)));
     }
 
     #[test]

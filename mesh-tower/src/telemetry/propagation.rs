@@ -222,9 +222,20 @@ pub(crate) fn inject_unsampled_child_of_current(headers: &mut HeaderMap) {
         && !incoming::with_current(|cx| inject_unsampled_child(cx, headers))
         && !suppressed
     {
-        // A new trace (an empty context is neither suppressed nor has
-        // baggage).
-        inject_unsampled_child(&Context::new(), headers);
+        // A new trace: what `inject_unsampled_child(&Context::new(), ..)`
+        // writes (an empty context is not suppressed, has no valid span and
+        // no baggage), without building that context and asking it again
+        // for its span and its baggage (a type-map lookup each): this is
+        // the path of every call made outside a served request.
+        let ids = RandomIdGenerator::default();
+        let trace_id = ids.new_trace_id();
+        write_trace_headers(
+            trace_id,
+            ids.new_span_id(),
+            false,
+            &TraceState::NONE,
+            headers,
+        );
     }
 }
 
@@ -588,6 +599,27 @@ mod tests {
         assert!(!sc.is_sampled());
         h.insert("x-b3-flags", "1".parse().unwrap());
         assert!(extract_b3(&h).unwrap().is_sampled());
+    }
+
+    /// A call made outside any served request and any context starts a
+    /// new trace: a valid unsampled `traceparent` with fresh ids per call,
+    /// and neither `tracestate` (a stale one is removed) nor `baggage`.
+    #[test]
+    fn a_call_without_a_context_starts_a_new_unsampled_trace() {
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let mut h = HeaderMap::new();
+            h.insert(TRACESTATE, "stale=1".parse().unwrap());
+            inject_unsampled_child_of_current(&mut h);
+            let sc = parse_traceparent(h[TRACEPARENT].as_bytes()).expect("a valid traceparent");
+            assert!(!sc.is_sampled());
+            assert!(h[TRACEPARENT].as_bytes().ends_with(b"-00"));
+            assert!(!h.contains_key(TRACESTATE));
+            assert!(!h.contains_key(BAGGAGE));
+            seen.push((sc.trace_id(), sc.span_id()));
+        }
+        assert_ne!(seen[0].0, seen[1].0, "a new trace per call");
+        assert_ne!(seen[0].1, seen[1].1);
     }
 
     #[test]

@@ -204,6 +204,10 @@ struct Routed {
     versions: Versions,
     listener: Name,
     route: Name,
+    /// The cluster and its balancer when given with the route
+    /// ([`DecisionRecord::routed`]: one set-once cell, one `Once` run of
+    /// about 100 instructions, instead of two).
+    cluster: Option<(Name, LbPolicy)>,
 }
 
 /// How many retry conditions [`RetryOn`] has.
@@ -444,20 +448,70 @@ impl DecisionRecord {
     /// name dialed) and the matched route's name.
     pub fn route(&self, versions: &Versions, listener: &Name, route: &Name) {
         if self.inner.routed.get().is_none() {
-            let _ = self.inner.routed.set(Routed {
-                versions: versions.clone(),
-                listener: listener.clone(),
-                route: route.clone(),
-            });
+            let _ = self
+                .inner
+                .routed
+                .set(self.routed_value(versions, listener, route, None));
+        }
+    }
+
+    /// [`route`](Self::route) and [`cluster`](Self::cluster) in one call,
+    /// as the routing layer decides them: one set-once cell written instead
+    /// of two (a `Once` run, about 100 instructions, less per request).
+    /// The first value of each fact is kept, as with the separate calls.
+    pub fn routed(
+        &self,
+        versions: &Versions,
+        listener: &Name,
+        route: &Name,
+        cluster: &Name,
+        lb_policy: LbPolicy,
+    ) {
+        if self.inner.routed.get().is_none() && self.inner.cluster.get().is_none() {
+            let value = self.routed_value(versions, listener, route, Some((cluster, lb_policy)));
+            if self.inner.routed.set(value).is_ok() {
+                return;
+            }
+        }
+        // A route or a cluster was already recorded (separate calls came
+        // first): each keeps its first value.
+        self.route(versions, listener, route);
+        self.cluster(cluster, lb_policy);
+    }
+
+    /// What `route` / `routed` record (inlined: it only gathers clones).
+    #[inline]
+    fn routed_value(
+        &self,
+        versions: &Versions,
+        listener: &Name,
+        route: &Name,
+        cluster: Option<(&Name, LbPolicy)>,
+    ) -> Routed {
+        Routed {
+            versions: versions.clone(),
+            listener: listener.clone(),
+            route: route.clone(),
+            cluster: cluster.map(|(name, policy)| (name.clone(), policy)),
         }
     }
 
     /// The cluster was picked (once per request: retries stay in it), with
     /// the balancer that picks its endpoints.
     pub fn cluster(&self, cluster: &Name, lb_policy: LbPolicy) {
-        if self.inner.cluster.get().is_none() {
+        if self.picked().is_none() {
             let _ = self.inner.cluster.set((cluster.clone(), lb_policy));
         }
+    }
+
+    /// The cluster and its balancer, from whichever call recorded it
+    /// (a separate [`cluster`](Self::cluster) call can only have come
+    /// first when both cells hold one: it is checked first).
+    fn picked(&self) -> Option<&(Name, LbPolicy)> {
+        self.inner
+            .cluster
+            .get()
+            .or_else(|| self.inner.routed.get()?.cluster.as_ref())
     }
 
     /// The route timeout and per-try timeout in force (`None`: none).
@@ -728,7 +782,7 @@ impl DecisionRecord {
 
     /// The cluster picked, if any.
     pub fn cluster_name(&self) -> Option<&Name> {
-        self.inner.cluster.get().map(|(name, _)| name)
+        self.picked().map(|(name, _)| name)
     }
 
     /// The matched route's name, if any.
@@ -770,7 +824,8 @@ impl DecisionRecord {
 
     /// If the request was denied by authorization: the deciding policy
     /// (`None` for default deny, or STRICT mTLS without a verified peer).
-    /// One atomic load when it was not.
+    /// One atomic load when it was not. Read by the metrics only.
+    #[cfg(feature = "telemetry")]
     pub(crate) fn denied_by(&self) -> Option<Option<&Name>> {
         self.inner.denial.get().map(|d| d.policy.as_ref())
     }
@@ -965,6 +1020,42 @@ mod tests {
         );
         #[cfg(feature = "telemetry")]
         assert!(record.is_eventful());
+    }
+
+    /// `routed` records what `route` and `cluster` record, and keeps the
+    /// first value of each fact whichever call came first.
+    #[test]
+    fn route_and_cluster_in_one_call_keep_the_first_values() {
+        let versions = Versions::default();
+        let (listener, route): (Name, Name) = ("catalog:80".into(), "default".into());
+        let (a, b): (Name, Name) = ("outbound|80||a".into(), "outbound|80||b".into());
+
+        let record = DecisionRecord::new();
+        record.routed(&versions, &listener, &route, &a, LbPolicy::RoundRobin);
+        record.routed(
+            &versions,
+            &"other".into(),
+            &"other".into(),
+            &b,
+            LbPolicy::Random,
+        );
+        record.cluster(&b, LbPolicy::Random);
+        assert_eq!(record.route_name(), Some(&route));
+        assert_eq!(record.listener_name(), Some(&listener));
+        assert_eq!(record.cluster_name(), Some(&a));
+        assert_eq!(record.picked().map(|(_, p)| *p), Some(LbPolicy::RoundRobin));
+
+        // A separate call first: its value stays, the other fact is added.
+        let record = DecisionRecord::new();
+        record.cluster(&b, LbPolicy::Random);
+        record.routed(&versions, &listener, &route, &a, LbPolicy::RoundRobin);
+        assert_eq!(record.cluster_name(), Some(&b));
+        assert_eq!(record.route_name(), Some(&route));
+        let record = DecisionRecord::new();
+        record.route(&versions, &listener, &"first".into());
+        record.routed(&versions, &listener, &route, &a, LbPolicy::RoundRobin);
+        assert_eq!(record.route_name().map(|r| &**r), Some("first"));
+        assert_eq!(record.cluster_name(), Some(&a));
     }
 
     #[test]

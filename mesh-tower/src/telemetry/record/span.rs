@@ -187,7 +187,7 @@ impl DecisionRecord {
             out.push(KeyValue::new("mesh.listener", routed.listener.to_string()));
             out.push(KeyValue::new("mesh.route", routed.route.to_string()));
         }
-        if let Some((c, p)) = i.cluster.get() {
+        if let Some((c, p)) = self.picked() {
             out.push(KeyValue::new("mesh.cluster", c.to_string()));
             out.push(KeyValue::new("mesh.lb_policy", lb_policy_name(p)));
         }
