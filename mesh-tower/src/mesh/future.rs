@@ -1425,12 +1425,10 @@ mod tests {
         }
     }
 
+    /// The routing tests' snapshot (one route to cluster `c`, endpoints on
+    /// ports 1-3) with Istio's default retries and no backoff.
     fn retrying_snapshot() -> mesh_core::Snapshot {
-        use mesh_core::model::{
-            Cluster, ClusterLoadAssignment, Endpoint, Listener, LocalityEndpoints, Protocol,
-            RetryPolicy, Route, RouteConfig, RouteMatch, RoutePolicy, VirtualHost,
-            WeightedClusters,
-        };
+        use mesh_core::model::{RetryPolicy, RoutePolicy};
         let policy = RoutePolicy {
             retry: Some(RetryPolicy {
                 backoff_base: Duration::ZERO,
@@ -1439,53 +1437,7 @@ mod tests {
             }),
             ..RoutePolicy::default()
         };
-        let mut s = mesh_core::Snapshot::default();
-        s.listeners.insert(
-            "svc".into(),
-            Arc::new(Listener {
-                name: "svc".into(),
-                route_config_name: "svc:80".into(),
-            }),
-        );
-        s.route_configs.insert(
-            "svc:80".into(),
-            Arc::new(RouteConfig {
-                name: "svc:80".into(),
-                virtual_hosts: vec![VirtualHost {
-                    name: "svc:80".into(),
-                    domains: vec!["svc".into()].into(),
-                    routes: vec![Route {
-                        name: "all".into(),
-                        matcher: RouteMatch::any(),
-                        action: WeightedClusters::single("c"),
-                        policy,
-                    }]
-                    .into(),
-                }]
-                .into(),
-            }),
-        );
-        s.clusters
-            .insert("c".into(), Arc::new(Cluster::new("c", Protocol::Http1)));
-        let endpoints = [1, 2, 3]
-            .map(|port| Endpoint {
-                address: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-                weight: 1,
-                labels: Arc::from([]),
-            })
-            .to_vec();
-        let cla = ClusterLoadAssignment::new(
-            "c".into(),
-            vec![LocalityEndpoints {
-                locality: Default::default(),
-                weight: 1,
-                priority: 0,
-                endpoints: endpoints.into(),
-            }],
-        )
-        .unwrap();
-        s.endpoints.insert("c".into(), Arc::new(cla));
-        s
+        super::super::service::tests::snapshot(&[1, 2, 3], policy)
     }
 
     /// The head kept for a retry is copied without the decision record

@@ -809,7 +809,7 @@ fn rewrite_to_endpoint<B>(req: &mut Request<B>, endpoint: Authority) -> Result<(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::convert::Infallible;
     use std::net::SocketAddr;
     use std::sync::Mutex;
@@ -840,7 +840,7 @@ mod tests {
         Option<HeaderValue>,
     );
 
-    fn snapshot(ports: &[u16], policy: RoutePolicy) -> Snapshot {
+    pub(crate) fn snapshot(ports: &[u16], policy: RoutePolicy) -> Snapshot {
         let mut s = Snapshot::default();
         s.listeners.insert(
             "svc".into(),
