@@ -189,14 +189,7 @@ pub(crate) fn inject_unsampled_child(parent: &Context, headers: &mut HeaderMap) 
             let state = psc.trace_state();
             write_trace_headers(psc.trace_id(), ids.new_span_id(), false, state, headers);
         } else {
-            let trace_id = ids.new_trace_id();
-            write_trace_headers(
-                trace_id,
-                ids.new_span_id(),
-                false,
-                &TraceState::NONE,
-                headers,
-            );
+            write_new_trace(&ids, headers);
         }
     }
     if !parent.baggage().is_empty() {
@@ -227,16 +220,21 @@ pub(crate) fn inject_unsampled_child_of_current(headers: &mut HeaderMap) {
         // no baggage), without building that context and asking it again
         // for its span and its baggage (a type-map lookup each): this is
         // the path of every call made outside a served request.
-        let ids = RandomIdGenerator::default();
-        let trace_id = ids.new_trace_id();
-        write_trace_headers(
-            trace_id,
-            ids.new_span_id(),
-            false,
-            &TraceState::NONE,
-            headers,
-        );
+        write_new_trace(&RandomIdGenerator::default(), headers);
     }
+}
+
+/// The unsampled headers of a new trace: a fresh trace id and span id, no
+/// trace state (the trace id is drawn first, as the SDK does).
+fn write_new_trace(ids: &RandomIdGenerator, headers: &mut HeaderMap) {
+    let trace_id = ids.new_trace_id();
+    write_trace_headers(
+        trace_id,
+        ids.new_span_id(),
+        false,
+        &TraceState::NONE,
+        headers,
+    );
 }
 
 /// Writes `traceparent` for these ids, and `tracestate` when `state` is not
